@@ -1,0 +1,176 @@
+"""Envoy's gRPC ext_authz v3 (`envoy.service.auth.v3.Authorization/Check`) on grpc.aio.
+
+Maps a CheckRequest to the core `Request` and the core `Decision` to a CheckResponse. Answers are
+serialized once and cached (per key for allows, per reason for fixed denials); per-request parts such as
+rate-limit headers are appended as a second serialized message, which protobuf merges on parse (repeated
+fields concatenate), so the common answer costs no message building at all.
+
+Denials use the gRPC-level status Envoy expects inside CheckResponse (UNAUTHENTICATED, PERMISSION_DENIED,
+RESOURCE_EXHAUSTED ...) with a DeniedHttpResponse carrying the HTTP status, headers and JSON body. Transport
+errors (the RPC itself failing) are left to Envoy's `failure_mode_allow`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+from google.rpc import code_pb2, status_pb2
+
+from nexus_authz.core.model import Decision, KeyRecord, Reason, Request
+from nexus_authz.engine import Engine
+
+log = logging.getLogger("nexus_authz.grpc")
+
+SERVICE = "envoy.service.auth.v3.Authorization"
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_GRPC_CODE = {
+    400: code_pb2.INVALID_ARGUMENT,
+    401: code_pb2.UNAUTHENTICATED,
+    403: code_pb2.PERMISSION_DENIED,
+    429: code_pb2.RESOURCE_EXHAUSTED,
+    503: code_pb2.UNAVAILABLE,
+}
+
+
+def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE
+    )
+
+
+def request_from_check(check: external_auth_pb2.CheckRequest) -> Request:
+    """The core request for a CheckRequest. Never raises: missing parts become empty values."""
+    http = check.attributes.request.http
+    if http.headers:
+        headers = dict(http.headers)
+    else:
+        # `encode_raw_headers: true` sends header_map with raw bytes instead of the string map.
+        headers = {}
+        for hv in http.header_map.headers:
+            value = hv.raw_value.decode("latin-1") if hv.raw_value else hv.value
+            key = hv.key.lower()
+            headers[key] = value if key not in headers else headers[key] + ", " + value
+    body = http.raw_body or (http.body.encode("utf-8", "surrogateescape") if http.body else b"")
+    truncated = headers.get("x-envoy-auth-partial-body") == "true"
+    address = check.attributes.source.address.socket_address.address
+    return Request(
+        method=http.method or "GET",
+        path=http.path or "/",
+        headers=headers,
+        body=body,
+        body_truncated=truncated,
+        request_id=http.id or headers.get("x-request-id", ""),
+        client_address=address,
+    )
+
+
+def _metadata(key: KeyRecord) -> struct_pb2.Struct:
+    """Dynamic metadata for later filters (e.g. Envoy's ratelimit filter keyed on the key id)."""
+    md = struct_pb2.Struct()
+    md.update({"key_id": key.key_id, "tenant": key.tenant, "plan": key.plan or ""})
+    return md
+
+
+def allow_response(key: KeyRecord) -> external_auth_pb2.CheckResponse:
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.OK),
+        ok_response=external_auth_pb2.OkHttpResponse(
+            headers=[_header(k, v) for k, v in key.upstream_headers],
+            headers_to_remove=list(key.remove_headers),
+        ),
+        dynamic_metadata=_metadata(key),
+    )
+
+
+def deny_response(decision: Decision) -> external_auth_pb2.CheckResponse:
+    headers = [_header("content-type", "application/json"), _header("x-nexus-reason", decision.reason.value)]
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=_GRPC_CODE.get(decision.status, code_pb2.PERMISSION_DENIED)),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=decision.status),
+            headers=headers,
+            body=decision.body.decode("utf-8", "replace"),
+        ),
+    )
+
+
+def extra_headers(decision: Decision) -> bytes:
+    """Serialized CheckResponse holding only this decision's per-request client headers."""
+    headers = [_header(k, v) for k, v in decision.response_headers]
+    if decision.allowed:
+        msg = external_auth_pb2.CheckResponse(
+            ok_response=external_auth_pb2.OkHttpResponse(response_headers_to_add=headers)
+        )
+    else:
+        msg = external_auth_pb2.CheckResponse(
+            denied_response=external_auth_pb2.DeniedHttpResponse(headers=headers)
+        )
+    return msg.SerializeToString()
+
+
+class AuthorizationService:
+    """The Authorization service; `handler()` returns the grpc generic handler to register."""
+
+    __slots__ = ("_allow_cache", "_allow_snapshot", "_deny_cache", "engine")
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._allow_cache: dict[KeyRecord, bytes] = {}
+        self._allow_snapshot: object = None
+        self._deny_cache: dict[Decision, bytes] = {}
+
+    def decide(self, check: external_auth_pb2.CheckRequest) -> tuple[Decision, bytes]:
+        """The decision and the serialized CheckResponse for it."""
+        decision = self.engine.check(request_from_check(check))
+        return decision, self.serialize(decision)
+
+    def serialize(self, decision: Decision) -> bytes:
+        if decision.allowed and decision.key is not None:
+            snapshot = self.engine.snapshot
+            if snapshot is not self._allow_snapshot:
+                self._allow_cache = {}
+                self._allow_snapshot = snapshot
+            base = self._allow_cache.get(decision.key)
+            if base is None:
+                base = allow_response(decision.key).SerializeToString()
+                self._allow_cache[decision.key] = base
+        else:
+            base = self._deny_cache.get(decision)
+            if base is None:
+                base = deny_response(decision).SerializeToString()
+                if len(self._deny_cache) < 256:
+                    self._deny_cache[decision] = base
+        if decision.response_headers:
+            return base + extra_headers(decision)
+        return base
+
+    async def check(self, check: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            return self.decide(check)[1]
+        except Exception:
+            log.exception("internal error in gRPC Check")
+            self.engine.count(Reason.UNAVAILABLE)
+            # Let Envoy's failure_mode_allow decide, exactly as for a transport failure.
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            raise  # unreachable: abort raises
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Check": grpc.unary_unary_rpc_method_handler(
+                    self.check,
+                    request_deserializer=external_auth_pb2.CheckRequest.FromString,
+                    response_serializer=_passthrough,
+                )
+            },
+        )
+
+
+def _passthrough(data: bytes) -> bytes:
+    return data

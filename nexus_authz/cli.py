@@ -1,0 +1,228 @@
+"""The `nexus-authz` command.
+
+Exit codes: 0 success, 1 runtime failure (e.g. a port in use), 2 invalid configuration or usage.
+Errors are one clear line on stderr, never a traceback (a traceback means a bug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+
+from nexus_authz.core import keys as keys_mod
+from nexus_authz.core.errors import ConfigError
+
+DEFAULT_CONFIG = "nexus.yaml"
+
+
+def _config_path(args: argparse.Namespace) -> str:
+    return args.config or os.environ.get("NEXUS_CONFIG") or DEFAULT_CONFIG
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"nexus-authz: error: {message}", file=sys.stderr)
+    return code
+
+
+# -- serve -------------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from nexus_authz import server
+    from nexus_authz.engine import Engine
+    from nexus_authz.logs import setup_logging
+    from nexus_authz.settings import load_settings
+
+    try:
+        settings = load_settings(_config_path(args))
+        if args.log_level:
+            from dataclasses import replace
+
+            settings = replace(settings, log_level=args.log_level)
+        setup_logging(settings.log_level, settings.log_format)
+        engine = Engine.from_settings(settings)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    try:
+        return server.run(settings, engine)
+    except server.StartupError as exc:
+        return _fail(str(exc), 1)
+    except KeyboardInterrupt:
+        return 0
+
+
+# -- check-config ------------------------------------------------------------------------------------
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from nexus_authz.engine import Engine
+    from nexus_authz.settings import load_settings
+
+    path = _config_path(args)
+    try:
+        settings = load_settings(path)
+        engine = Engine.from_settings(settings)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    snap = engine.snapshot
+    now = time.time()
+    expired = sum(1 for k in snap.by_id.values() if k.expires_at is not None and k.expires_at <= now)
+    disabled = sum(1 for k in snap.by_id.values() if k.disabled)
+    print(f"ok: {path}")
+    print(f"  key file: {snap.source} ({len(snap)} keys, {disabled} disabled, {expired} expired)")
+    print(f"  plans: {', '.join(sorted(settings.policy.plans)) or 'none'}")
+    print(f"  credentials: {', '.join(sorted(settings.policy.credentials)) or 'none'}")
+    return 0
+
+
+# -- keys ----------------------------------------------------------------------------------------------
+def _pepper_for_cli(args: argparse.Namespace) -> bytes:
+    """The pepper from the config's `keys.pepper` if a config is given or present, else NEXUS_KEY_PEPPER."""
+    from nexus_authz.engine import resolve_pepper
+    from nexus_authz.settings import Settings, load_settings
+
+    path = _config_path(args)
+    if args.config or os.environ.get("NEXUS_CONFIG") or os.path.exists(path):
+        return resolve_pepper(load_settings(path))
+    return resolve_pepper(Settings(config_path="(no config file)", base_dir=os.getcwd()))
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    try:
+        pepper = _pepper_for_cli(args)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    secret = keys_mod.generate_secret()
+    entry = [f"  - id: {args.id}", f'    hash: "{keys_mod.format_hash(pepper, secret)}"']
+    if args.tenant:
+        entry.append(f"    tenant: {args.tenant}")
+    if args.plan:
+        entry.append(f"    plan: {args.plan}")
+    if args.models:
+        entry.append("    models: [" + ", ".join(f'"{m}"' for m in args.models) + "]")
+    if args.expires:
+        entry.append(f'    expires_at: "{args.expires}"')
+    print(f"secret: {secret}")
+    print("# Give the secret to the client now: it is not stored anywhere and cannot be shown again.")
+    print("# Add this entry under `keys:` in the key file (it holds only a keyed hash of the secret):")
+    print("\n".join(entry))
+    return 0
+
+
+def cmd_keys_hash(args: argparse.Namespace) -> int:
+    try:
+        pepper = _pepper_for_cli(args)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    secret = getpass.getpass("key: ") if sys.stdin.isatty() else sys.stdin.readline().strip()
+    if not secret:
+        return _fail("no key given on standard input")
+    print(keys_mod.format_hash(pepper, secret))
+    return 0
+
+
+def cmd_keys_pepper(args: argparse.Namespace) -> int:
+    print(keys_mod.generate_pepper())
+    return 0
+
+
+# -- demo --------------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nexus_authz.demo.runner import run_demo
+
+    return run_demo(port=args.port, smoke=args.smoke, envoy_config=args.envoy_config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nexus-authz",
+        description=textwrap.dedent(
+            """\
+            nexus-authz: the policy engine of the Nexus LLM gateway. It runs next to Envoy (or nginx) and
+            decides for every request who is calling (virtual API keys), how much they may use (request and
+            token limits) and what it cost (usage from the provider's response)."""
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "-c",
+            "--config",
+            help=f"config file (default: $NEXUS_CONFIG, else ./{DEFAULT_CONFIG})",
+        )
+
+    p = sub.add_parser(
+        "serve",
+        help="run the service",
+        description="Serve the HTTP fast path (Unix socket), the admin endpoints and the gRPC services "
+        "until SIGTERM/SIGINT, then drain and exit 0. SIGHUP reloads the key file.",
+    )
+    add_config(p)
+    p.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), help="override logging.level"
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "check-config",
+        help="validate the config and key files",
+        description="Load the config file, the key file and every secret they reference, as `serve` would, "
+        "and report the first problem with its file, line and field. Exit 0 when all is well, 2 if not.",
+    )
+    add_config(p)
+    p.set_defaults(func=cmd_check_config)
+
+    keys = sub.add_parser("keys", help="create keys and hashes", description="Create keys and key hashes.")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND")
+    p = keys_sub.add_parser(
+        "generate",
+        help="create a new client key",
+        description="Print a new client key (once) and the key-file entry holding only its keyed hash. "
+        "The pepper comes from the config's keys.pepper, or NEXUS_KEY_PEPPER without a config.",
+    )
+    add_config(p)
+    p.add_argument("--id", required=True, help="the key's id (shown in logs, metrics and the ledger)")
+    p.add_argument("--tenant", help="tenant the key belongs to")
+    p.add_argument("--plan", help="plan name from the config")
+    p.add_argument("--models", nargs="*", help="allowed model globs, e.g. 'gpt-4o*'")
+    p.add_argument("--expires", help="expiry, ISO 8601 (e.g. 2027-01-31T00:00:00Z)")
+    p.set_defaults(func=cmd_keys_generate)
+    p = keys_sub.add_parser(
+        "hash", help="hash an existing key", description="Read a key on standard input and print its hash."
+    )
+    add_config(p)
+    p.set_defaults(func=cmd_keys_hash)
+    p = keys_sub.add_parser(
+        "pepper", help="create a new pepper", description="Print a new random pepper for keys.pepper."
+    )
+    p.set_defaults(func=cmd_keys_pepper)
+    keys.set_defaults(func=lambda a: (keys.print_help(), 2)[1])
+
+    p = sub.add_parser(
+        "demo",
+        help="run Envoy + nexus-authz + a mock OpenAI upstream",
+        description="Start a mock OpenAI-compatible upstream, nexus-authz with a generated demo key, and "
+        "Envoy in front of both; print the demo key, the gateway URL and a curl command; stop all of it on "
+        "Ctrl-C.",
+    )
+    p.add_argument("--port", type=int, default=10000, help="gateway port (default 10000; 0 picks a free one)")
+    p.add_argument("--envoy-config", help="Envoy config to use (default: envoy/envoy.yaml of this checkout)")
+    p.add_argument("--smoke", action="store_true", help="send a few requests through the gateway and exit")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Policy configuration: plans, prices, credentials, and the key file, parsed into immutable values.
+
+This module owns the *meaning* of the policy sections of `nexus.yaml` and of the key file. It reads text,
+never files or the environment: secret references (`value_env`, `value_file`) are resolved by the
+composition root and handed back in as values. Every error names the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from nexus_authz.core import keys as keys_mod
+from nexus_authz.core.errors import ConfigError
+from nexus_authz.core.keys import KEY_HEADERS, KeySnapshot
+from nexus_authz.core.model import Credential, KeyRecord
+from nexus_authz.core.yamlsrc import Fields, load_yaml
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+_HEADER_VALUE = re.compile(r"^[\x20-\x7e\t]*$")
+_RESERVED_HEADERS = frozenset({"host", ":authority", ":path", ":method", "content-length", "x-nexus-key-id"})
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRef:
+    """Where a secret comes from. Exactly one of env / file / value is set; `value` is discouraged."""
+
+    env: str | None = None
+    file: str | None = None
+    value: str | None = field(default=None, repr=False)
+
+    def describe(self) -> str:
+        if self.env:
+            return f"environment variable {self.env}"
+        if self.file:
+            return f"file {self.file}"
+        return "inline value"
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialSpec:
+    """An upstream credential by name: the header it goes in and where its secret comes from."""
+
+    name: str
+    header: str
+    scheme: str
+    secret: SecretRef
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    name: str
+    limits: tuple[object, ...] = ()
+    models: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per million tokens."""
+
+    input: float
+    cached_input: float
+    output: float
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySet:
+    """The policy sections of the config file."""
+
+    credentials: Mapping[str, CredentialSpec] = field(default_factory=dict)
+    default_credential: str | None = None
+    plans: Mapping[str, Plan] = field(default_factory=dict)
+    prices: tuple[tuple[str, Price], ...] = ()
+    source: str = ""
+
+
+def parse_secret_ref(f: Fields, *, what: str) -> SecretRef:
+    present = [name for name in ("value_env", "value_file", "value") if f.has(name)]
+    if len(present) != 1:
+        f.fail(None, f"{what} needs exactly one of value_env, value_file or value")
+    name = present[0]
+    text = f.str(name)
+    if name == "value_env":
+        return SecretRef(env=text)
+    if name == "value_file":
+        return SecretRef(file=text)
+    return SecretRef(value=text)
+
+
+def parse_credentials(f: Fields) -> dict[str, CredentialSpec]:
+    out: dict[str, CredentialSpec] = {}
+    for name in f.names():
+        if not _ID.match(name):
+            f.fail(name, "credential names are letters, digits and . _ : @ / -")
+        c = f.mapping(name)
+        header = c.str("header", "authorization").lower()
+        if not _HEADER_NAME.match(header) or header in _RESERVED_HEADERS:
+            c.fail("header", f"{header!r} cannot carry a credential")
+        default_scheme = "Bearer" if header == "authorization" else ""
+        scheme = str(c.raw("scheme", default_scheme) or "")
+        secret = parse_secret_ref(c, what="a credential")
+        c.done()
+        out[name] = CredentialSpec(name=name, header=header, scheme=scheme, secret=secret)
+    f.done()
+    return out
+
+
+def parse_prices(f: Fields) -> tuple[tuple[str, Price], ...]:
+    """`prices: {"gpt-4o*": {input: 2.5, cached_input: 1.25, output: 10}}`, USD per million tokens.
+
+    Order matters: the first glob that matches a model prices it, so put specific patterns first.
+    """
+    out: list[tuple[str, Price]] = []
+    for pattern in f.names():
+        p = f.mapping(pattern)
+        input_price = p.number("input")
+        price = Price(
+            input=input_price,
+            cached_input=p.number("cached_input", input_price),
+            output=p.number("output"),
+        )
+        p.done()
+        out.append((pattern, price))
+    f.done()
+    return tuple(out)
+
+
+def _parse_limits(f: Fields, name: str) -> tuple[object, ...]:
+    if not f.has(name):
+        f.raw(name, None)
+        return ()
+    from nexus_authz.core.limits import parse_limits
+
+    return tuple(parse_limits(f.raw(name), source=f.where(name), field=f.path(name)))
+
+
+def parse_plans(f: Fields) -> dict[str, Plan]:
+    out: dict[str, Plan] = {}
+    for name in f.names():
+        if not _ID.match(name):
+            f.fail(name, "plan names are letters, digits and . _ : @ / -")
+        p = f.mapping(name)
+        plan = Plan(name=name, limits=_parse_limits(p, "limits"), models=p.str_list("models"))
+        p.done()
+        out[name] = plan
+    f.done()
+    return out
+
+
+def parse_policy(root: Fields) -> PolicySet:
+    """Reads the `credentials`, `default_credential`, `plans` and `prices` sections of the config."""
+    credentials = parse_credentials(root.mapping("credentials"))
+    default_credential = root.str("default_credential", None)
+    if default_credential is not None and default_credential not in credentials:
+        root.fail("default_credential", f"no credential named {default_credential!r} under credentials")
+    return PolicySet(
+        credentials=credentials,
+        default_credential=default_credential,
+        plans=parse_plans(root.mapping("plans")),
+        prices=parse_prices(root.mapping("prices")),
+        source=root.source,
+    )
+
+
+def credential_value(spec: CredentialSpec, secret: str) -> Credential:
+    """The header value injected upstream, checked so a bad secret cannot split headers."""
+    secret = secret.strip()
+    if not secret or not _HEADER_VALUE.match(secret):
+        raise ConfigError(
+            f"credential {spec.name!r}: the secret from {spec.secret.describe()} is empty or contains "
+            "characters not allowed in an HTTP header",
+            field=f"credentials.{spec.name}",
+        )
+    value = f"{spec.scheme} {secret}" if spec.scheme else secret
+    return Credential(name=spec.name, header=spec.header, value=value)
+
+
+def parse_timestamp(value: object) -> float | None:
+    """ISO 8601 (`2027-01-31`, `2027-01-31T12:00:00Z`, offsets allowed; naive means UTC) or epoch seconds."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def parse_key_file(
+    text: str,
+    source: str,
+    *,
+    policy: PolicySet,
+    credentials: Mapping[str, Credential],
+    pepper: bytes,
+    loaded_at: float,
+    limit_resolver: Callable[[Plan | None, tuple[object, ...]], tuple[object, ...]] | None = None,
+) -> KeySnapshot:
+    """Parse and validate a whole key file into a snapshot; any error rejects the whole file.
+
+    All-or-nothing on purpose: a half-loaded key file could silently revoke or un-limit keys, so the
+    server keeps the last good snapshot instead and reports the error.
+    """
+    doc = load_yaml(text, source)
+    root = Fields(doc, source, "")
+    records: list[tuple[bytes, KeyRecord]] = []
+    ids: set[str] = set()
+    digests: set[bytes] = set()
+    for _, item, path in root.items("keys"):
+        f = Fields(item, source, path)
+        key_id = f.str("id")
+        if not _ID.match(key_id):
+            f.fail("id", "key ids are 1-128 letters, digits and . _ : @ / -, starting with a letter or digit")
+        if key_id in ids:
+            f.fail("id", f"duplicate key id {key_id!r}")
+        ids.add(key_id)
+        hash_text = f.str("hash")
+        key_digest = keys_mod.parse_hash(hash_text)
+        if key_digest is None:
+            f.fail(
+                "hash", f"expected '{keys_mod.HASH_SCHEME}:' and 64 hex digits (see `nexus-authz keys hash`)"
+            )
+        if key_digest in digests:
+            f.fail("hash", "the same key hash appears twice")
+        digests.add(key_digest)
+        tenant = f.str("tenant", "default")
+        plan_name = f.str("plan", None)
+        plan: Plan | None = None
+        if plan_name is not None:
+            plan = policy.plans.get(plan_name)
+            if plan is None:
+                known = ", ".join(sorted(policy.plans)) or "none defined"
+                f.fail("plan", f"no plan named {plan_name!r} (plans: {known})")
+        expires_at = None
+        if f.has("expires_at"):
+            expires_at = parse_timestamp(f.raw("expires_at"))
+            if expires_at is None:
+                f.fail("expires_at", "expected an ISO 8601 timestamp such as 2027-01-31T00:00:00Z")
+        disabled = f.bool("disabled", False)
+        models = f.str_list("models") or (plan.models if plan else ())
+        paths = f.str_list("paths")
+        for p in paths:
+            if not p.startswith("/"):
+                f.fail("paths", f"path patterns start with '/': {p!r}")
+        cred_name = f.str("credential", policy.default_credential)
+        credential = None
+        if cred_name is not None:
+            credential = credentials.get(cred_name)
+            if credential is None:
+                f.fail("credential", f"no credential named {cred_name!r} under credentials in the config")
+        metadata_raw = f.mapping("metadata")
+        metadata = {k: metadata_raw.str(k) for k in metadata_raw.names()}
+        own_limits = _parse_limits(f, "limits")
+        f.done()
+        if limit_resolver is not None:
+            limits = limit_resolver(plan, own_limits)
+        else:
+            limits = (plan.limits if plan else ()) + own_limits
+        records.append(
+            (
+                key_digest,
+                KeyRecord(
+                    key_id=key_id,
+                    tenant=tenant,
+                    plan=plan_name,
+                    expires_at=expires_at,
+                    disabled=disabled,
+                    models=models,
+                    paths=paths,
+                    credential=credential,
+                    metadata=metadata,
+                    upstream_headers=_upstream_headers(key_id, tenant, credential),
+                    remove_headers=_remove_headers(credential),
+                    limits=limits,
+                ),
+            )
+        )
+    root.done()
+    version = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return keys_mod.build_snapshot(
+        records, pepper=pepper, source=source, version=version, loaded_at=loaded_at
+    )
+
+
+def _upstream_headers(key_id: str, tenant: str, credential: Credential | None) -> tuple[tuple[str, str], ...]:
+    headers = [("x-nexus-key-id", key_id), ("x-nexus-tenant", tenant)]
+    if credential is not None:
+        headers.append((credential.header, credential.value))
+    return tuple(headers)
+
+
+def _remove_headers(credential: Credential | None) -> tuple[str, ...]:
+    """Every header a client key can arrive in, except the one the credential overwrites."""
+    keep = credential.header if credential is not None else None
+    return tuple(h for h in KEY_HEADERS if h != keep)

@@ -1,0 +1,143 @@
+"""Virtual API keys: extraction from a request, keyed hashing, and the immutable lookup snapshot.
+
+Keys are stored only as HMAC-SHA256 digests under a secret pepper, so a leaked key file does not allow
+offline guessing. A lookup is one HMAC (a single C call, ~0.5 µs) plus one dict probe in a snapshot that is
+never mutated: a reload builds a new snapshot and the server swaps one reference, so readers never lock.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import hmac
+import re
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from nexus_authz.core.model import KeyRecord
+
+HASH_SCHEME = "hmac-sha256"
+SECRET_PREFIX = "nx-"
+# Real keys are ~46 characters; anything far longer is not a key, and we refuse to hash megabytes.
+MAX_KEY_LENGTH = 512
+KEY_HEADERS = ("authorization", "x-api-key", "api-key")
+
+_KEY_CHARS = re.compile(r"^[\x21-\x7e]+$")
+
+
+def extract_key(headers: Mapping[str, str]) -> str | None:
+    """The client's key from `Authorization: Bearer`, `x-api-key` or `api-key` (first present wins).
+
+    Returns None when no header carries a plausible key (absent, empty, wrong scheme, too long, or with
+    characters no key has); the caller answers 401 without hashing junk.
+    """
+    value = headers.get("authorization")
+    if value is not None:
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() == "bearer":
+            return _plausible(token.strip())
+    value = headers.get("x-api-key")
+    if value is None:
+        value = headers.get("api-key")
+    if value is None:
+        return None
+    return _plausible(value.strip())
+
+
+def _plausible(token: str) -> str | None:
+    if not token or len(token) > MAX_KEY_LENGTH or not _KEY_CHARS.match(token):
+        return None
+    return token
+
+
+def digest(pepper: bytes, secret: str) -> bytes:
+    """The keyed digest a key file stores (as hex) and the snapshot is indexed by."""
+    return hmac.digest(pepper, secret.encode("utf-8", "surrogateescape"), "sha256")
+
+
+def format_hash(pepper: bytes, secret: str) -> str:
+    return f"{HASH_SCHEME}:{digest(pepper, secret).hex()}"
+
+
+def parse_hash(text: str) -> bytes | None:
+    """`hmac-sha256:<64 hex>` -> raw digest, or None if it is not in that form."""
+    scheme, sep, hexdigest = text.partition(":")
+    if not sep or scheme != HASH_SCHEME or len(hexdigest) != 64:
+        return None
+    try:
+        return bytes.fromhex(hexdigest)
+    except ValueError:
+        return None
+
+
+def generate_secret(token_bytes: Callable[[int], bytes] = secrets.token_bytes) -> str:
+    """A new client key: `nx-` and 32 random bytes in URL-safe base64 (256 bits of entropy)."""
+    return SECRET_PREFIX + base64.urlsafe_b64encode(token_bytes(32)).rstrip(b"=").decode("ascii")
+
+
+def generate_pepper(token_bytes: Callable[[int], bytes] = secrets.token_bytes) -> str:
+    return base64.urlsafe_b64encode(token_bytes(32)).rstrip(b"=").decode("ascii")
+
+
+def compile_globs(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
+    """One regex for a list of shell-style globs (`gpt-4o*`, `claude-3-?-*`); None means "anything"."""
+    if not patterns or "*" in patterns:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+@dataclass(frozen=True, slots=True)
+class KeySnapshot:
+    """Every key of one version of the key file, indexed for the hot path. Never mutated."""
+
+    by_digest: Mapping[bytes, KeyRecord]
+    by_id: Mapping[str, KeyRecord]
+    pepper: bytes = field(repr=False)
+    source: str
+    version: str
+    loaded_at: float
+    model_rules: Mapping[str, re.Pattern[str] | None] = field(repr=False, default_factory=dict)
+    path_rules: Mapping[str, re.Pattern[str] | None] = field(repr=False, default_factory=dict)
+
+    def lookup(self, secret: str) -> KeyRecord | None:
+        return self.by_digest.get(digest(self.pepper, secret))
+
+    def model_allowed(self, key: KeyRecord, model: str) -> bool:
+        rule = self.model_rules.get(key.key_id)
+        return rule is None or rule.fullmatch(model) is not None
+
+    def path_allowed(self, key: KeyRecord, path: str) -> bool:
+        rule = self.path_rules.get(key.key_id)
+        return rule is None or rule.fullmatch(path) is not None
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+
+def build_snapshot(
+    records: list[tuple[bytes, KeyRecord]], *, pepper: bytes, source: str, version: str, loaded_at: float
+) -> KeySnapshot:
+    """Index validated records. Duplicate ids and digests were rejected by the key-file parser."""
+    by_digest: dict[bytes, KeyRecord] = {}
+    by_id: dict[str, KeyRecord] = {}
+    model_rules: dict[str, re.Pattern[str] | None] = {}
+    path_rules: dict[str, re.Pattern[str] | None] = {}
+    for key_digest, record in records:
+        by_digest[key_digest] = record
+        by_id[record.key_id] = record
+        model_rules[record.key_id] = compile_globs(record.models)
+        path_rules[record.key_id] = compile_globs(record.paths)
+    return KeySnapshot(
+        by_digest=by_digest,
+        by_id=by_id,
+        pepper=pepper,
+        source=source,
+        version=version,
+        loaded_at=loaded_at,
+        model_rules=model_rules,
+        path_rules=path_rules,
+    )
+
+
+EMPTY_SNAPSHOT = KeySnapshot(by_digest={}, by_id={}, pepper=b"", source="", version="", loaded_at=0.0)

@@ -1,0 +1,104 @@
+"""Plain data the decision core takes and returns.
+
+Everything here is frozen and slotted: adapters build a `CheckRequest`-like `Request`, the core returns a
+`Decision`, and neither side can mutate what the other holds. Records that carry secrets (the upstream
+credential) keep them out of `repr()` so a stray log line cannot leak them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    """Why a decision came out the way it did: the label of the decisions metric and the error code."""
+
+    OK = "ok"
+    MISSING_KEY = "missing_key"
+    UNKNOWN_KEY = "unknown_key"
+    EXPIRED_KEY = "expired_key"
+    DISABLED_KEY = "disabled_key"
+    MODEL_NOT_ALLOWED = "model_not_allowed"
+    PATH_NOT_ALLOWED = "path_not_allowed"
+    RATE_LIMITED = "rate_limited"
+    QUOTA_EXCEEDED = "quota_exceeded"
+    CONCURRENCY_LIMITED = "concurrency_limited"
+    AUTH_THROTTLED = "auth_throttled"
+    BAD_REQUEST = "bad_request"
+    UNAVAILABLE = "unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request to decide on, already translated from its wire protocol.
+
+    `headers` has lower-case names. `body` is what the proxy forwarded (possibly empty, possibly cut at the
+    proxy's buffer limit, in which case `body_truncated` is true). `path` is the client's original path.
+    """
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    body: bytes = b""
+    body_truncated: bool = False
+    request_id: str = ""
+    client_address: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """The upstream provider credential injected in place of the client's key.
+
+    `header` is the header the provider expects (`authorization` for OpenAI, `x-api-key` for Anthropic);
+    `value` is the full header value, e.g. `Bearer sk-...`. Never printed.
+    """
+
+    name: str
+    header: str
+    value: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class KeyRecord:
+    """One virtual API key of the key snapshot, with everything the hot path needs precomputed.
+
+    Identity semantics (eq=False): adapters cache wire bytes per record, and a new snapshot means new
+    records, so an identity hash is both correct and O(1).
+    """
+
+    key_id: str
+    tenant: str
+    plan: str | None
+    expires_at: float | None
+    disabled: bool
+    models: tuple[str, ...]
+    paths: tuple[str, ...]
+    credential: Credential | None
+    metadata: Mapping[str, str]
+    # What an allowed request adds to / removes from the upstream request (credential included).
+    upstream_headers: tuple[tuple[str, str], ...] = field(repr=False)
+    remove_headers: tuple[str, ...]
+    limits: tuple[object, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Decision:
+    """The answer for one request.
+
+    `upstream_headers` are set (overwriting) on the request sent upstream and `remove_headers` removed
+    from it; `response_headers` go to the client (rate-limit headers on every answer, `retry-after` on a
+    429); a denial carries its JSON `body`.
+    """
+
+    allowed: bool
+    status: int
+    reason: Reason
+    key: KeyRecord | None = None
+    model: str | None = None
+    upstream_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    remove_headers: tuple[str, ...] = ()
+    response_headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+    message: str = ""

@@ -1,0 +1,207 @@
+"""Composition root: builds the engine and the adapters, runs them on one uvloop loop, drains on SIGTERM.
+
+Listeners (all on one event loop, all calling the same engine):
+  - the HTTP fast path (Envoy http_service / nginx auth_request) on a Unix socket and optionally TCP;
+  - the operations endpoints (/healthz, /readyz, /metrics) on the admin TCP address;
+  - grpc.aio: Envoy's Authorization service, grpc.health.v1 and server reflection.
+Shutdown (SIGTERM or SIGINT): readiness goes false and gRPC health NOT_SERVING, listeners stop accepting,
+in-flight requests finish (up to `server.shutdown_grace`), keep-alive connections are closed, and the
+process exits 0. SIGHUP reloads the key file at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from nexus_authz.adapters import envoy_authz, http_authz
+from nexus_authz.engine import Engine
+from nexus_authz.metrics import make_registry, render
+from nexus_authz.settings import Settings
+
+log = logging.getLogger("nexus_authz.server")
+
+GRPC_SERVICES = (envoy_authz.SERVICE,)
+
+
+class StartupError(Exception):
+    """A listener could not be opened (address in use, permission denied...)."""
+
+
+@dataclass
+class Server:
+    settings: Settings
+    engine: Engine
+    servers: list[asyncio.AbstractServer] = field(default_factory=list)
+    grpc_server: grpc.aio.Server | None = None
+    health: health.HealthServicer | None = None
+    apps: list[http_authz.HttpApp] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    draining: bool = False
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    addresses: dict[str, str] = field(default_factory=dict)
+    grpc_port: int = 0
+
+    # -- readiness --------------------------------------------------------------------------------
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        status = self.engine.key_status()
+        if not status.loaded:
+            return False, "no key snapshot loaded"
+        if status.last_error:
+            # Still serving the last good snapshot, but the file on disk is broken: say so.
+            return False, "key file rejected; serving the previous snapshot"
+        return True, "ok"
+
+    # -- start ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        s = self.settings
+        engine = self.engine
+        registry = make_registry(engine, ready=self.readiness)
+        fast = http_authz.HttpApp(engine, max_header_bytes=s.max_header_bytes, max_body=s.max_body_bytes)
+        self.apps.append(fast)
+        try:
+            if s.http_socket:
+                self.servers.append(await http_authz.serve_unix(fast, s.http_socket, s.http_socket_mode))
+                self.addresses["http_socket"] = s.http_socket
+            if s.http_tcp:
+                self.servers.append(await http_authz.serve_tcp(fast, s.http_tcp.host, s.http_tcp.port))
+                self.addresses["http_tcp"] = str(s.http_tcp)
+            if s.admin:
+                admin = http_authz.HttpApp(
+                    engine,
+                    max_header_bytes=s.max_header_bytes,
+                    max_body=0,
+                    admin=True,
+                    readiness=self.readiness,
+                    metrics_text=lambda: render(registry),
+                )
+                self.apps.append(admin)
+                self.servers.append(await http_authz.serve_tcp(admin, s.admin.host, s.admin.port))
+                self.addresses["admin"] = str(s.admin)
+        except OSError as exc:
+            raise StartupError(f"cannot open a listener: {exc.strerror or exc}") from None
+        if s.grpc:
+            await self._start_grpc(s.grpc)
+        self.tasks.append(asyncio.create_task(self._reload_loop(), name="key-reload"))
+        self.tasks.append(asyncio.create_task(self._idle_loop(), name="idle-sweep"))
+
+    async def _start_grpc(self, address: str) -> None:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", self.settings.max_body_bytes + 64 * 1024),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ]
+        )
+        server.add_generic_rpc_handlers((envoy_authz.AuthorizationService(self.engine).handler(),))
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (
+            *GRPC_SERVICES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, server)
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise StartupError(f"cannot listen for gRPC on {address}: {exc}") from None
+        if port == 0 and not address.startswith("unix:"):
+            raise StartupError(f"cannot listen for gRPC on {address}")
+        self.grpc_port = port
+        await server.start()
+        self.grpc_server = server
+        self.addresses["grpc"] = address
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def _set_health(self, status: int) -> None:
+        if self.health is None:
+            return
+        ready = status == health_pb2.HealthCheckResponse.SERVING
+        self.health.set("", status)
+        for name in GRPC_SERVICES:
+            self.health.set(name, status if ready else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    # -- background ---------------------------------------------------------------------------------
+    async def _reload_loop(self) -> None:
+        interval = self.settings.reload_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.engine.reload_keys()
+            except Exception:  # a bug must not stop reloads forever
+                log.exception("key reload failed")
+
+    async def _idle_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = self.settings.idle_timeout
+        while True:
+            await asyncio.sleep(min(30.0, timeout / 2))
+            for app in self.apps:
+                http_authz.close_idle(app, timeout, loop.time())
+
+    # -- stop -------------------------------------------------------------------------------------------
+    async def drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        grace = self.settings.shutdown_grace
+        log.info("draining", extra={"grace_seconds": grace})
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        for srv in self.servers:
+            srv.close()
+        for task in self.tasks:
+            task.cancel()
+        stops = []
+        if self.grpc_server is not None:
+            stops.append(self.grpc_server.stop(grace))
+        # The HTTP handlers are synchronous, so between two events no request is half done: an open
+        # keep-alive connection is idle and can be closed now.
+        for app in self.apps:
+            for conn in list(app.connections):
+                conn.close_if_idle()
+        if stops:
+            await asyncio.gather(*stops, return_exceptions=True)
+        for srv in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(srv.wait_closed(), timeout=grace)
+        if self.settings.http_socket:
+            with contextlib.suppress(OSError):
+                os.unlink(self.settings.http_socket)
+        self.stopped.set()
+
+
+async def serve(settings: Settings, engine: Engine) -> int:
+    loop = asyncio.get_running_loop()
+    server = Server(settings, engine)
+    await server.start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: engine.reload_keys(force=True))
+    status = engine.key_status()
+    log.info(
+        "nexus-authz serving",
+        extra={**server.addresses, "keys": status.keys, "keys_version": status.version, "pid": os.getpid()},
+    )
+    await stop.wait()
+    await server.drain()
+    log.info("stopped")
+    return 0
+
+
+def run(settings: Settings, engine: Engine) -> int:
+    import uvloop
+
+    return uvloop.run(serve(settings, engine))

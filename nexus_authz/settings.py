@@ -1,0 +1,220 @@
+"""Server settings: one frozen `Settings` from the config file and NEXUS_* environment variables.
+
+This is the only module that reads the environment and secret files. The policy sections of the same
+file are handed to `core.config.parse_policy`; everything else (where to listen, where the key file is,
+logging, the ledger) is read here. Relative paths are relative to the config file's directory.
+
+Environment variables override the file (handy in containers):
+  NEXUS_CONFIG         path of the config file (when --config is not given)
+  NEXUS_KEY_PEPPER     the key-hash pepper (the default source of `keys.pepper`)
+  NEXUS_KEYS_FILE      keys.file
+  NEXUS_HTTP_SOCKET    listen.http_socket ("" disables it)
+  NEXUS_HTTP_TCP       listen.http_tcp    (host:port, "" disables it)
+  NEXUS_GRPC_LISTEN    listen.grpc        (host:port or unix:/path, "" disables it)
+  NEXUS_ADMIN_LISTEN   listen.admin       (host:port, "" disables it)
+  NEXUS_LOG_LEVEL      logging.level
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from nexus_authz.core.config import PolicySet, SecretRef, parse_policy, parse_secret_ref
+from nexus_authz.core.errors import ConfigError
+from nexus_authz.core.yamlsrc import Fields, load_yaml
+
+DEFAULT_SOCKET = "/tmp/nexus-authz/authz.sock"
+DEFAULT_PEPPER_ENV = "NEXUS_KEY_PEPPER"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    config_path: str
+    base_dir: str
+    # listeners
+    http_socket: str | None = DEFAULT_SOCKET
+    http_socket_mode: int = 0o660
+    http_tcp: HostPort | None = None
+    grpc: str | None = "127.0.0.1:9001"
+    admin: HostPort | None = HostPort("127.0.0.1", 9090)
+    # limits on what a client may send to the fast path
+    max_header_bytes: int = 64 * 1024
+    max_body_bytes: int = 1024 * 1024
+    idle_timeout: float = 300.0
+    # keys
+    keys_file: str = "keys.yaml"
+    pepper: SecretRef = field(default=SecretRef(env=DEFAULT_PEPPER_ENV), repr=False)
+    reload_interval: float = 1.0
+    # operations
+    log_level: str = "info"
+    log_format: str = "json"
+    shutdown_grace: float = 10.0
+    policy: PolicySet = field(default_factory=PolicySet)
+
+
+def parse_host_port(text: str, *, what: str) -> HostPort:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"expected host:port, got {text!r}", field=what)
+    host = host.strip("[]") or "127.0.0.1"
+    return HostPort(host, int(port))
+
+
+def load_settings(path: str, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate the config file; every problem is a ConfigError naming file, line and field."""
+    environ = os.environ if environ is None else environ
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config file not found", source=path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file: {exc}", source=path) from None
+    return parse_settings(text, path, environ)
+
+
+def parse_settings(text: str, path: str, environ: Mapping[str, str]) -> Settings:
+    root = Fields(load_yaml(text, path), path, "")
+    base_dir = str(Path(path).resolve().parent)
+    s = Settings(config_path=str(Path(path).resolve()), base_dir=base_dir)
+
+    listen = root.mapping("listen")
+    http_socket = listen.str("http_socket", DEFAULT_SOCKET) if listen.has("http_socket") else DEFAULT_SOCKET
+    if listen.has("http_socket_mode"):
+        mode_text = str(listen.raw("http_socket_mode"))
+        try:
+            socket_mode = int(mode_text, 8)
+        except ValueError:
+            listen.fail("http_socket_mode", f"expected an octal mode such as '0660', got {mode_text!r}")
+    else:
+        socket_mode = s.http_socket_mode
+    http_tcp = _host_port(listen, "http_tcp", None)
+    grpc = listen.str("grpc", s.grpc) if listen.has("grpc") else s.grpc
+    if "grpc" in listen.names() and listen.raw("grpc", None) is None:
+        grpc = None
+    admin = _host_port(listen, "admin", s.admin)
+    if "http_socket" in listen.names() and listen.raw("http_socket", None) is None:
+        http_socket = None
+    listen.done()
+
+    limits = root.mapping("http")
+    max_header_bytes = limits.int("max_header_bytes", s.max_header_bytes, minimum=1024)
+    max_body_bytes = limits.int("max_body_bytes", s.max_body_bytes, minimum=0)
+    idle_timeout = limits.duration("idle_timeout", s.idle_timeout, minimum=1.0)
+    limits.done()
+
+    keys = root.mapping("keys")
+    keys_file = keys.str("file", s.keys_file)
+    pepper = s.pepper
+    if keys.has("pepper"):
+        pepper_fields = keys.mapping("pepper")
+        pepper = parse_secret_ref(pepper_fields, what="keys.pepper")
+        pepper_fields.done()
+    reload_interval = keys.duration("reload_interval", s.reload_interval, minimum=0.05)
+    keys.done()
+
+    logging_f = root.mapping("logging")
+    log_level = logging_f.choice("level", LOG_LEVELS, s.log_level)
+    log_format = logging_f.choice("format", ("json", "text"), s.log_format)
+    logging_f.done()
+
+    server = root.mapping("server")
+    shutdown_grace = server.duration("shutdown_grace", s.shutdown_grace)
+    server.done()
+
+    policy = parse_policy(root)
+    root.done()
+
+    s = replace(
+        s,
+        http_socket=http_socket,
+        http_socket_mode=socket_mode,
+        http_tcp=http_tcp,
+        grpc=grpc,
+        admin=admin,
+        max_header_bytes=max_header_bytes,
+        max_body_bytes=max_body_bytes,
+        idle_timeout=idle_timeout,
+        keys_file=keys_file,
+        pepper=pepper,
+        reload_interval=reload_interval,
+        log_level=log_level,
+        log_format=log_format,
+        shutdown_grace=shutdown_grace,
+        policy=policy,
+    )
+    return _apply_environment(s, environ)
+
+
+def _host_port(f: Fields, name: str, default: HostPort | None) -> HostPort | None:
+    if name in f.names() and f.raw(name, None) is None:
+        return None
+    if not f.has(name):
+        return default
+    text = f.str(name)
+    try:
+        return parse_host_port(text, what=f.path(name))
+    except ConfigError as exc:
+        f.fail(name, exc.detail)
+
+
+def _apply_environment(s: Settings, environ: Mapping[str, str]) -> Settings:
+    def opt(name: str) -> str | None:
+        value = environ.get(name)
+        return None if value is None else value.strip()
+
+    changes: dict[str, object] = {}
+    if (v := opt("NEXUS_HTTP_SOCKET")) is not None:
+        changes["http_socket"] = v or None
+    if (v := opt("NEXUS_HTTP_TCP")) is not None:
+        changes["http_tcp"] = parse_host_port(v, what="NEXUS_HTTP_TCP") if v else None
+    if (v := opt("NEXUS_GRPC_LISTEN")) is not None:
+        changes["grpc"] = v or None
+    if (v := opt("NEXUS_ADMIN_LISTEN")) is not None:
+        changes["admin"] = parse_host_port(v, what="NEXUS_ADMIN_LISTEN") if v else None
+    if v := opt("NEXUS_KEYS_FILE"):
+        changes["keys_file"] = v
+    if v := opt("NEXUS_LOG_LEVEL"):
+        if v.lower() not in LOG_LEVELS:
+            raise ConfigError(f"must be one of {', '.join(LOG_LEVELS)}; got {v!r}", field="NEXUS_LOG_LEVEL")
+        changes["log_level"] = v.lower()
+    return replace(s, **changes) if changes else s  # type: ignore[arg-type]
+
+
+def resolve_path(s: Settings, path: str) -> str:
+    return str(Path(s.base_dir, path)) if not os.path.isabs(path) else path
+
+
+def resolve_secret(
+    ref: SecretRef, *, base_dir: str, what: str, environ: Mapping[str, str] | None = None
+) -> str:
+    """The secret's value. Errors say where it was looked for, never what it is."""
+    environ = os.environ if environ is None else environ
+    if ref.value is not None:
+        return ref.value
+    if ref.env is not None:
+        value = environ.get(ref.env)
+        if not value:
+            raise ConfigError(f"environment variable {ref.env} is not set or empty", field=what)
+        return value
+    assert ref.file is not None
+    path = ref.file if os.path.isabs(ref.file) else os.path.join(base_dir, ref.file)
+    try:
+        value = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read secret file {path}: {exc.strerror}", field=what) from None
+    if not value:
+        raise ConfigError(f"secret file {path} is empty", field=what)
+    return value

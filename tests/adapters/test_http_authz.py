@@ -1,0 +1,258 @@
+"""The HTTP fast path over a real Unix socket, in-process: Envoy http_service and nginx auth_request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import httptools
+import pytest
+
+from nexus_authz.adapters import envoy_authz, http_authz
+from nexus_authz.engine import Engine
+from tests.adapters.conftest import ALICE, BOB
+from tests.adapters.test_envoy_authz import check_request
+
+
+class Response:
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.body = b""
+        self.done = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode().lower()] = value.decode()
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
+def parse_responses(data: bytes) -> list[Response]:
+    """Split a byte stream into responses (keep-alive, several per connection)."""
+    out: list[Response] = []
+    while data:
+        resp = Response()
+        parser = httptools.HttpResponseParser(resp)
+        # feed byte by byte up to the end of one message
+        for i in range(len(data)):
+            parser.feed_data(data[i : i + 1])
+            if resp.done:
+                resp.status = parser.get_status_code()
+                out.append(resp)
+                data = data[i + 1 :]
+                break
+        else:
+            raise AssertionError(f"incomplete response: {data[:200]!r}")
+    return out
+
+
+def http_request(
+    path: str,
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+    method: str = "POST",
+    close: bool = False,
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "host: nexus"]
+    for k, v in (headers or {}).items():
+        lines.append(f"{k}: {v}")
+    if body or method == "POST":
+        lines.append(f"content-length: {len(body)}")
+    if close:
+        lines.append("connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+async def _exchange(
+    engine: Engine, sock: Path, payload: bytes, *, admin: bool = False, max_body: int = 1 << 20
+) -> bytes:
+    app = http_authz.HttpApp(
+        engine,
+        max_header_bytes=8 * 1024,
+        max_body=max_body,
+        admin=admin,
+        readiness=lambda: (True, "ok"),
+        metrics_text=lambda: b"nexus_authz_test 1\n",
+    )
+    server = await http_authz.serve_unix(app, str(sock), 0o600)
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+        data = await asyncio.wait_for(reader.read(), timeout=5)
+        writer.close()
+        return data
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def exchange(engine: Engine, tmp_path: Path, payload: bytes, **kw: object) -> list[Response]:
+    return parse_responses(asyncio.run(_exchange(engine, tmp_path / "t.sock", payload, **kw)))  # type: ignore[arg-type]
+
+
+def test_allow_over_ext_authz_prefix(engine: Engine, tmp_path: Path) -> None:
+    (resp,) = exchange(
+        engine,
+        tmp_path,
+        http_request(
+            "/ext_authz/v1/chat/completions",
+            {"authorization": f"Bearer {ALICE.secret}", "x-request-id": "r1"},
+            b'{"model":"gpt-4o-mini"}',
+        ),
+    )
+    assert resp.status == 200
+    assert resp.headers["x-nexus-key-id"] == "alice" and resp.headers["x-nexus-tenant"] == "acme"
+    assert resp.headers["authorization"] == "Bearer sk-upstream-test-credential"
+    assert resp.headers["x-envoy-auth-headers-to-remove"] == "x-api-key, api-key"
+    assert resp.body == b""
+
+
+def test_keep_alive_pipelining_in_order(engine: Engine, tmp_path: Path) -> None:
+    payload = b"".join(
+        [
+            http_request("/ext_authz/v1/models", {"x-api-key": ALICE.secret}, method="GET"),
+            http_request("/ext_authz/v1/models", {"x-api-key": BOB.secret}, method="GET"),
+            http_request("/ext_authz/v1/chat/completions", {"x-api-key": ALICE.secret}, b'{"model":"o1"}'),
+            http_request("/ext_authz/v1/models", {}, method="GET", close=True),
+        ]
+    )
+    responses = exchange(engine, tmp_path, payload)
+    assert [r.status for r in responses] == [200, 401, 403, 401]
+    assert json.loads(responses[1].body)["error"]["code"] == "revoked_api_key"
+    assert json.loads(responses[2].body)["error"]["code"] == "model_not_allowed"
+    assert responses[2].headers["content-type"] == "application/json"
+    assert responses[3].headers.get("connection") == "close"
+
+
+def test_partial_body_marker(engine: Engine, tmp_path: Path) -> None:
+    body = b'{"messages":[{"content":"' + b"x" * 500
+    (resp,) = exchange(
+        engine,
+        tmp_path,
+        http_request(
+            "/ext_authz/v1/chat/completions",
+            {"x-api-key": ALICE.secret, "x-envoy-auth-partial-body": "true"},
+            body,
+        ),
+    )
+    assert resp.status == 403 and b"could not be read" in resp.body
+
+
+@pytest.mark.parametrize(
+    ("payload", "status"),
+    [
+        (b"NOT HTTP AT ALL\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nbad header line\r\n\r\n", 400),
+        (b"GET /x HTTP/1.1\r\nhost: a\r\nx-big: " + b"a" * 9000 + b"\r\n\r\n", 431),
+        (b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n", 414),
+    ],
+)
+def test_malformed_http_is_answered_and_closed(
+    engine: Engine, tmp_path: Path, payload: bytes, status: int
+) -> None:
+    (resp,) = exchange(engine, tmp_path, payload)
+    assert resp.status == status and resp.headers.get("connection") == "close"
+
+
+def test_upgrade_is_decided_then_closed(engine: Engine, tmp_path: Path) -> None:
+    payload = b"GET /x HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nrandom bytes"
+    (resp,) = exchange(engine, tmp_path, payload)  # exactly one answer, then EOF
+    assert resp.status == 401
+
+
+def test_body_limit(engine: Engine, tmp_path: Path) -> None:
+    (resp,) = exchange(
+        engine,
+        tmp_path,
+        http_request("/ext_authz/v1/chat/completions", {"x-api-key": ALICE.secret}, b"x" * 2000),
+        max_body=1000,
+    )
+    assert resp.status == 413
+
+
+def test_many_headers(engine: Engine, tmp_path: Path) -> None:
+    headers = {f"x-h{i}": "v" for i in range(http_authz.MAX_HEADERS + 5)}
+    (resp,) = exchange(engine, tmp_path, http_request("/ext_authz/", headers, method="GET"))
+    assert resp.status == 431
+
+
+def test_non_utf8_headers_are_a_decision(engine: Engine, tmp_path: Path) -> None:
+    payload = b"GET /ext_authz/v1/models HTTP/1.1\r\nx-api-key: \xff\xfe\x80\r\nx-junk: \xc3\x28\r\n\r\n"
+    (resp,) = exchange(engine, tmp_path, payload)
+    assert resp.status == 401
+
+
+def test_nginx_auth_request(engine: Engine, tmp_path: Path) -> None:
+    ok, denied = exchange(
+        engine,
+        tmp_path,
+        http_request(
+            "/v1/nginx/auth",
+            {"x-api-key": ALICE.secret, "x-original-uri": "/v1/models", "x-original-method": "GET"},
+            method="GET",
+        )
+        + http_request("/v1/nginx/auth", {"x-api-key": "nx-unknown-key-0123456"}, method="GET"),
+    )
+    assert ok.status == 204 and ok.headers["x-nexus-key-id"] == "alice"
+    assert ok.headers["authorization"] == "Bearer sk-upstream-test-credential"
+    assert denied.status == 401 and json.loads(denied.body)["error"]["code"] == "invalid_api_key"
+
+
+def test_admin_routes_only_on_admin_listener(engine: Engine, tmp_path: Path) -> None:
+    health, ready, metrics = exchange(
+        engine,
+        tmp_path,
+        http_request("/healthz", method="GET")
+        + http_request("/readyz", method="GET")
+        + http_request("/metrics", method="GET"),
+        admin=True,
+    )
+    assert health.status == 200 and ready.status == 200 and json.loads(ready.body)["ready"] is True
+    assert metrics.body == b"nexus_authz_test 1\n"
+    # On the fast-path listener the same path is just a request to decide on (no key -> 401).
+    (resp,) = exchange(engine, tmp_path, http_request("/healthz", method="GET"))
+    assert resp.status == 401
+
+
+MATRIX = [
+    ({"authorization": f"Bearer {ALICE.secret}"}, b'{"model":"gpt-4o"}'),
+    ({"x-api-key": ALICE.secret}, b'{"model":"o1"}'),
+    ({"x-api-key": ALICE.secret}, b"junk"),
+    ({"api-key": BOB.secret}, b""),
+    ({"authorization": "Basic abc"}, b""),
+    ({}, b""),
+]
+
+
+@pytest.mark.parametrize(("headers", "body"), MATRIX)
+def test_http_and_grpc_decide_the_same(
+    engine: Engine, tmp_path: Path, headers: dict[str, str], body: bytes
+) -> None:
+    (http_resp,) = exchange(engine, tmp_path, http_request("/ext_authz/v1/chat/completions", headers, body))
+    decision, _ = envoy_authz.AuthorizationService(engine).decide(check_request(headers, body))
+    assert http_resp.status == decision.status
+    if decision.allowed:
+        assert http_resp.headers["x-nexus-key-id"] == decision.key.key_id  # type: ignore[union-attr]
+    else:
+        assert http_resp.body == decision.body
+
+
+def test_readiness_reflects_a_broken_key_file(engine: Engine, tmp_path: Path) -> None:
+    from nexus_authz.server import Server
+
+    server = Server(replace(engine.settings), engine)
+    assert server.readiness() == (True, "ok")
+    (tmp_path / "keys.yaml").write_text("keys: [")
+    assert not engine.reload_keys(force=True)
+    ready, detail = server.readiness()
+    assert not ready and "previous snapshot" in detail
+    # the last good snapshot still answers
+    assert engine.snapshot.lookup(ALICE.secret) is not None

@@ -1,0 +1,66 @@
+"""Shared builders for tests: configs and key files written the way an operator would write them."""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nexus_authz.core import keys as keys_mod
+
+PEPPER = "test-pepper-0123456789abcdef"
+
+
+@dataclass
+class KeySpec:
+    id: str
+    secret: str = ""
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.secret:
+            self.secret = f"nx-test-{self.id}-0123456789abcdefghij"
+
+
+def key_entry(spec: KeySpec, pepper: str = PEPPER) -> str:
+    lines = [f"  - id: {spec.id}", f'    hash: "{keys_mod.format_hash(pepper.encode(), spec.secret)}"']
+    for name, value in spec.extra.items():
+        lines.append(f"    {name}: {_yaml(value)}")
+    return "\n".join(lines)
+
+
+def key_file(*specs: KeySpec, pepper: str = PEPPER) -> str:
+    return "keys:\n" + "\n".join(key_entry(s, pepper) for s in specs) + "\n"
+
+
+def _yaml(value: object) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+def write_config(
+    directory: Path,
+    *specs: KeySpec,
+    extra: str = "",
+    socket: str | None = None,
+    grpc: str | None = None,
+    admin: str | None = None,
+    pepper: str = PEPPER,
+) -> Path:
+    """A nexus.yaml + keys.yaml pair in `directory`; returns the config path."""
+    (directory / "keys.yaml").write_text(key_file(*specs, pepper=pepper))
+    listen = [
+        f"  http_socket: {socket or directory / 'authz.sock'}",
+        f"  grpc: {grpc}" if grpc else "  grpc: null",
+        f"  admin: {admin}" if admin else "  admin: null",
+    ]
+    text = (
+        "listen:\n" + "\n".join(listen) + "\n"
+        "keys:\n  file: keys.yaml\n  pepper:\n    value: " + pepper + "\n  reload_interval: 50ms\n"
+        "credentials:\n  openai:\n    value: sk-upstream-test-credential\n"
+        "default_credential: openai\n" + textwrap.dedent(extra)
+    )
+    path = directory / "nexus.yaml"
+    path.write_text(text)
+    return path

@@ -1,0 +1,195 @@
+"""The decision core: every outcome of `Policy.authorize`, with an injected clock."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nexus_authz.core.config import PolicySet, parse_key_file, parse_timestamp
+from nexus_authz.core.model import Credential, Reason, Request
+from nexus_authz.core.policy import Policy, find_model
+from tests.helpers import PEPPER, KeySpec, key_file
+
+CRED = {"openai": Credential(name="openai", header="authorization", value="Bearer sk-up")}
+EXPIRY = "2030-01-01T00:00:00Z"
+NOW = parse_timestamp("2029-06-01T00:00:00Z")
+assert NOW is not None
+
+ALICE = KeySpec(
+    "alice", extra={"tenant": "acme", "models": ["gpt-4o*", "text-embedding-*"], "credential": "openai"}
+)
+OPEN = KeySpec("open", extra={"expires_at": EXPIRY})
+GONE = KeySpec("gone", extra={"disabled": True})
+PATHS = KeySpec("paths", extra={"paths": ["/v1/chat/*", "/v1/models"]})
+
+SNAP = parse_key_file(
+    key_file(ALICE, OPEN, GONE, PATHS),
+    "keys.yaml",
+    policy=PolicySet(),
+    credentials=CRED,
+    pepper=PEPPER.encode(),
+    loaded_at=0.0,
+)
+POLICY = Policy()
+
+
+def req(
+    key: str | None = None, body: object = None, path: str = "/v1/chat/completions", **headers: str
+) -> Request:
+    h = {k.replace("_", "-"): v for k, v in headers.items()}
+    if key is not None:
+        h["authorization"] = f"Bearer {key}"
+    raw = body if isinstance(body, bytes) else (json.dumps(body).encode() if body is not None else b"")
+    return Request(method="POST", path=path, headers=h, body=raw)
+
+
+def decide(r: Request, now: float = NOW):  # type: ignore[no-untyped-def]
+    return POLICY.authorize(r, SNAP, now)
+
+
+def test_allowed_with_credential_swap() -> None:
+    d = decide(req(ALICE.secret, {"model": "gpt-4o-mini", "messages": []}))
+    assert d.allowed and d.status == 200 and d.reason is Reason.OK
+    assert d.key is not None and d.key.key_id == "alice" and d.model == "gpt-4o-mini"
+    assert dict(d.upstream_headers) == {
+        "x-nexus-key-id": "alice",
+        "x-nexus-tenant": "acme",
+        "authorization": "Bearer sk-up",
+    }
+    assert set(d.remove_headers) == {"x-api-key", "api-key"}
+
+
+@pytest.mark.parametrize(
+    ("request_", "reason", "status"),
+    [
+        (req(None), Reason.MISSING_KEY, 401),
+        (req("nx-unknown-0123456789"), Reason.UNKNOWN_KEY, 401),
+        (req(GONE.secret), Reason.DISABLED_KEY, 401),
+        (req(ALICE.secret, {"model": "gpt-3.5-turbo"}), Reason.MODEL_NOT_ALLOWED, 403),
+        (req(ALICE.secret, b"this is not json"), Reason.BAD_REQUEST, 400),
+        (req(ALICE.secret, {"messages": []}), Reason.MODEL_NOT_ALLOWED, 403),
+        (req(ALICE.secret, {"model": 42}), Reason.MODEL_NOT_ALLOWED, 403),
+        (req(PATHS.secret, path="/v1/embeddings"), Reason.PATH_NOT_ALLOWED, 403),
+    ],
+)
+def test_denials(request_: Request, reason: Reason, status: int) -> None:
+    d = decide(request_)
+    assert not d.allowed and d.reason is reason and d.status == status
+    error = json.loads(d.body)["error"]
+    assert error["message"] and error["type"] and error["code"]
+    assert d.upstream_headers == ()
+
+
+def test_expiry_uses_the_injected_clock() -> None:
+    expiry = parse_timestamp(EXPIRY)
+    assert expiry is not None
+    assert decide(req(OPEN.secret), now=expiry - 0.001).allowed
+    d = decide(req(OPEN.secret), now=expiry)
+    assert d.reason is Reason.EXPIRED_KEY and d.status == 401
+
+
+def test_key_in_other_headers() -> None:
+    r = Request(method="GET", path="/v1/models", headers={"x-api-key": OPEN.secret})
+    assert decide(r).allowed
+    r = Request(method="GET", path="/v1/models", headers={"api-key": OPEN.secret})
+    assert decide(r).allowed
+
+
+def test_unrestricted_key_ignores_the_body() -> None:
+    assert decide(req(OPEN.secret, b"\xff\xfe binary junk")).allowed
+    assert decide(req(OPEN.secret, {"model": "anything"})).model is None
+
+
+def test_restricted_key_without_body_is_allowed() -> None:
+    # GET /v1/models and the like carry no model: the model rule does not apply.
+    assert decide(
+        Request(method="GET", path="/v1/models", headers={"authorization": f"Bearer {ALICE.secret}"})
+    ).allowed
+
+
+def test_truncated_body_without_visible_model_is_denied() -> None:
+    body = b'{"messages": [{"role": "user", "content": "' + b"x" * 1000
+    r = Request(
+        method="POST",
+        path="/v1/chat/completions",
+        headers={"authorization": f"Bearer {ALICE.secret}"},
+        body=body,
+        body_truncated=True,
+    )
+    d = decide(r)
+    assert (
+        d.reason is Reason.MODEL_NOT_ALLOWED and "could not be read" in json.loads(d.body)["error"]["message"]
+    )
+    # ...but a model at the front of a truncated body is enough.
+    r2 = Request(
+        method="POST",
+        path="/v1/chat/completions",
+        headers={"authorization": f"Bearer {ALICE.secret}"},
+        body=b'{"model": "gpt-4o", "messages": [{"content": "' + b"x" * 1000,
+        body_truncated=True,
+    )
+    assert decide(r2).allowed
+
+
+def test_paths_with_query_strings() -> None:
+    assert decide(req(PATHS.secret, path="/v1/models?limit=5")).allowed
+    assert decide(req(PATHS.secret, path="/v1/chat/completions")).allowed
+
+
+@pytest.mark.parametrize(
+    ("body", "model"),
+    [
+        (b'{"model":"gpt-4o","messages":[]}', "gpt-4o"),
+        (b'{ "model" : "gpt-4o" }', "gpt-4o"),
+        (b'{"messages":[{"content":"say \\"model\\": \\"x\\""}],"model":"gpt-4o"}', "gpt-4o"),
+        # A nested "model" key: ambiguous for the regex, so the JSON parser decides.
+        (b'{"tools":[{"model":"evil"}],"model":"gpt-4o"}', "gpt-4o"),
+        # One nested "model" and no top-level one: checked as the model (the upstream rejects the
+        # request for lack of a model), so the rule is never skipped.
+        (b'{"tools":[{"model":"evil"}]}', "evil"),
+        # An escaped key spells "model" for a JSON parser but not for the regex: parsed as JSON.
+        (b'{"mod\\u0065l":"o1","tools":[{"model":"gpt-4o"}]}', "o1"),
+        # Duplicate top-level keys: JSON semantics (the last one) like the upstream's parser.
+        (b'{"model":"gpt-4o","model":"o1"}', "o1"),
+        (b'{"model":"gpt-\\u0034o"}', "gpt-4o"),
+        (b"[1,2]", None),
+        (b"", None),
+    ],
+)
+def test_find_model(body: bytes, model: str | None) -> None:
+    assert find_model(body, "application/json")[0] == model
+
+
+def test_find_model_multipart() -> None:
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF....\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--b--\r\n'
+    )
+    assert find_model(body, "multipart/form-data; boundary=b") == ("whisper-1", True)
+
+
+def test_deeply_nested_body_is_a_decision() -> None:
+    body = b"[" * 100_000 + b"]" * 100_000
+    d = decide(req(ALICE.secret, body))
+    assert d.reason is Reason.BAD_REQUEST
+
+
+@settings(max_examples=300)
+@given(
+    headers=st.dictionaries(
+        st.sampled_from(["authorization", "x-api-key", "api-key", "content-type", "x-junk"]),
+        st.text(max_size=80) | st.sampled_from([f"Bearer {ALICE.secret}", ALICE.secret, "Bearer "]),
+    ),
+    body=st.binary(max_size=300) | st.sampled_from([b'{"model":"gpt-4o"}', b'{"model":', b"{" * 50]),
+    path=st.text(max_size=40),
+    truncated=st.booleans(),
+)
+def test_any_input_is_a_decision(headers: dict[str, str], body: bytes, path: str, truncated: bool) -> None:
+    d = decide(Request(method="POST", path=path, headers=headers, body=body, body_truncated=truncated))
+    assert d.status in (200, 400, 401, 403)
+    assert d.allowed == (d.status == 200)
+    if not d.allowed:
+        assert json.loads(d.body)["error"]["code"]
