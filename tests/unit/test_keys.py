@@ -82,3 +82,11 @@ def test_generate_secret_uses_injected_randomness() -> None:
 def test_globs(patterns: tuple[str, ...], model: str, allowed: bool) -> None:
     rule = keys.compile_globs(patterns)
     assert (rule is None or rule.fullmatch(model) is not None) is allowed
+
+
+@given(st.binary(max_size=200), st.text(max_size=100))
+def test_key_hasher_is_hmac_sha256(pepper: bytes, secret: str) -> None:
+    import hmac
+
+    expected = hmac.digest(pepper, secret.encode("utf-8", "surrogateescape"), "sha256")
+    assert keys.KeyHasher(pepper)(secret) == expected == keys.digest(pepper, secret)
