@@ -1,0 +1,150 @@
+"""A real stack for end-to-end tests: mock upstream (thread) + nexus-authz (process) + Envoy (process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nexus_authz import envoy_config
+from nexus_authz.demo import mock_upstream, procs
+from tests.helpers import PEPPER, KeySpec, write_config
+
+REPO = Path(__file__).resolve().parents[2]
+ENVOY_HTTP = REPO / "envoy" / "envoy.yaml"
+ENVOY_GRPC = REPO / "envoy" / "envoy-grpc.yaml"
+
+
+@dataclass
+class HttpResult:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> dict:  # type: ignore[type-arg]
+        return json.loads(self.body)
+
+
+def http(
+    method: str,
+    url: str,
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+    timeout: float = 10,
+) -> HttpResult:
+    req = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return HttpResult(resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read())
+    except urllib.error.HTTPError as err:
+        return HttpResult(err.code, {k.lower(): v for k, v in err.headers.items()}, err.read())
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    mode: str = "http"  # "http" (ext_authz http_service over the Unix socket) or "grpc"
+    keys: tuple[KeySpec, ...] = ()
+    extra_config: str = ""
+    envoy_template: Path | None = None
+    envoy_render: dict[str, object] = field(default_factory=dict)
+    mock: mock_upstream.MockUpstreamThread | None = None
+    nexus: subprocess.Popen[bytes] | None = None
+    envoy: subprocess.Popen[bytes] | None = None
+    gateway: str = ""
+    admin: str = ""
+    grpc_port: int = 0
+    config_path: Path | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.workdir / "authz.sock"
+
+    def start(self) -> Stack:
+        self.mock = mock_upstream.start_in_thread(always_usage=False)
+        self.start_nexus()
+        self.start_envoy()
+        return self
+
+    def start_nexus(self) -> None:
+        admin_port = procs.free_port()
+        self.grpc_port = procs.free_port()
+        self.config_path = write_config(
+            self.workdir,
+            *self.keys,
+            extra=self.extra_config,
+            socket=str(self.socket),
+            grpc=f"127.0.0.1:{self.grpc_port}",
+            admin=f"127.0.0.1:{admin_port}",
+        )
+        self.admin = f"http://127.0.0.1:{admin_port}"
+        log = open(self.workdir / "nexus.log", "ab")  # noqa: SIM115
+        env = {**os.environ, "NEXUS_KEY_PEPPER": PEPPER}
+        self.nexus = subprocess.Popen(
+            [sys.executable, "-m", "nexus_authz.cli", "serve", "-c", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        log.close()
+        procs.wait_http_ready(f"{self.admin}/readyz", timeout=20)
+
+    def start_envoy(self) -> None:
+        assert self.mock is not None
+        template = self.envoy_template or (ENVOY_HTTP if self.mode == "http" else ENVOY_GRPC)
+        port, admin_port = procs.free_port(), procs.free_port()
+        addresses: dict[str, object] = {"upstream": f"127.0.0.1:{self.mock.port}"}
+        if self.mode == "http":
+            addresses["authz_socket"] = str(self.socket)
+        else:
+            addresses["authz_grpc"] = f"127.0.0.1:{self.grpc_port}"
+        rendered = envoy_config.render(
+            template,
+            listen_port=port,
+            admin_port=admin_port,
+            **addresses,
+            **self.envoy_render,  # type: ignore[arg-type]
+        )
+        self.envoy = procs.start_envoy(
+            rendered, admin_port=admin_port, workdir=self.workdir, log_path=self.workdir / "envoy.log"
+        )
+        procs.wait_envoy_ready(admin_port, timeout=30)
+        self.gateway = f"http://127.0.0.1:{port}"
+
+    def stop_nexus(self) -> int | None:
+        if self.nexus is None:
+            return None
+        code = procs.stop_process(self.nexus, timeout=15)
+        self.nexus = None
+        return code
+
+    def stop(self) -> None:
+        if self.envoy is not None:
+            procs.stop_process(self.envoy, timeout=10)
+            self.envoy = None
+        self.stop_nexus()
+        if self.mock is not None:
+            self.mock.stop()
+            self.mock = None
+
+    def nexus_log(self) -> str:
+        path = self.workdir / "nexus.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def post(self, path: str, body: object, key: str | None = None, **headers: str) -> HttpResult:
+        h = {"content-type": "application/json", **{k.replace("_", "-"): v for k, v in headers.items()}}
+        if key is not None:
+            h["authorization"] = f"Bearer {key}"
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return http("POST", self.gateway + path, h, raw)
+
+    def get(self, path: str, key: str | None = None, **headers: str) -> HttpResult:
+        h = {k.replace("_", "-"): v for k, v in headers.items()}
+        if key is not None:
+            h["authorization"] = f"Bearer {key}"
+        return http("GET", self.gateway + path, h)
