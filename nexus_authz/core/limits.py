@@ -1,0 +1,781 @@
+"""Limit maths: the limit specs of a key, their YAML form, and the algorithms, on plain numbers.
+
+This module owns what a limit *means*. The counter stores (memory now; Redis/Lua and Envoy's ratelimit
+service later) keep the state and call these functions, so every backend makes the same decision; the
+state of a window is therefore a few plain numbers (two doubles, an array of doubles, an integer), which a
+Lua script can mirror.
+
+Algorithms and their exact guarantees (admissions at Check time, in units of cost):
+
+* GCRA (generic cell rate algorithm; a token bucket of capacity `burst` refilled at rate r = limit/period,
+  kept as its theoretical arrival time). Default for second/minute/hour windows, burst defaults to the
+  limit. Guarantee: **at most burst + r*t admitted in any interval of length t** (closed, between any two
+  arrivals). It is also the greedy optimum: a request is admitted exactly when admitting it keeps that
+  bound for every interval ending now, so nothing that fits is refused. State: two doubles, the debt and
+  the time it was taken (tat = since + debt; see the GCRA section for why not one epoch-sized float).
+* Slotted sliding window (N slots of width period/N; default 24 hourly slots for a day, 30 daily slots for
+  a month, 60 for a minute or hour, 10 for a second). Default for day/month windows and for USD budgets,
+  because a budget must not be spendable twice within one period, which a bucket with burst = limit allows.
+  Guarantee: **at most the limit in any N consecutive slots**; hence at most the limit in any interval
+  shorter than period*(N-1)/N, and, because the window moves a slot at a time, at most 2*limit in the
+  worst case over a full period (a clock-aligned fixed window allows 2*limit within two instants).
+  It admits exactly when the N-slot window ending at the current slot has room, so nothing that fits is
+  refused. State: N + 3 doubles (`[fresh_at, last_slot, total, counts...]`).
+* Concurrency ("gauge"): requests in flight; admitted while in_flight + 1 <= limit; released at settle.
+
+No clock-aligned fixed windows. Costs are integers (requests 1, tokens the reserved estimate, USD in
+micro-dollars, concurrency 1). A request whose cost exceeds a window's capacity (burst, or the limit of a
+sliding window) can never fit: it is refused with `retry_after = inf`.
+
+Atomicity: one Check evaluates all windows of the key (key-level and matching key+model ones) and is
+admitted only if every enforced window fits; then it charges them all; a refused request charges nothing.
+Shadow windows never refuse. A shadow window is charged only when it would have admitted the request on
+its own, so its counter holds exactly what it would hold if it were enforced: its violations count the
+requests enforcement would refuse, and switching it to enforced changes nothing abruptly. (Charging it
+on every admitted request instead would saturate it under overload and overstate the violations.)
+
+Reserve then settle: at Check the estimate is charged; at settle the difference is applied *then*, never
+retroactively: a refund gives capacity back now (GCRA: the debt shrinks, but never below zero, like
+tokens put back in a bucket capped at its burst; sliding: taken from the slot the reservation was charged
+in, if that slot is still in the window, else there is nothing left to give back), an extra charge is
+taken now and may push a window over its limit, which then delays the next request.
+
+Arithmetic is IEEE double, as in Lua, on small numbers (debts, counts, time differences), never by
+accumulating into epoch-sized times. The guarantees are exact in real arithmetic, except that GCRA
+admission tolerates rounding noise of 1e-9 of the burst (so: at most burst*(1 + 1e-9) + r*t). Slot
+boundaries are defined as `slot * width` (one float product). `retry_after` is exact: a request sent
+retry_after later fits, one sent noticeably earlier does not (the caller's clock still rounds now +
+retry_after to its own resolution, so headers round up to whole seconds).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from enum import StrEnum
+from fnmatch import translate
+from typing import Any, Final
+
+from nexus_authz.core.errors import ConfigError
+
+__all__ = [
+    "ALLOWED_UNITS",
+    "CONCURRENCY_RETRY_AFTER",
+    "DEFAULT_SLOTS",
+    "MAX_LIMIT",
+    "MAX_SLOTS",
+    "PERIODS",
+    "AcquireResult",
+    "Algorithm",
+    "Kind",
+    "LimitSpec",
+    "WindowStatus",
+    "applicable",
+    "gauge_adjust",
+    "gauge_take",
+    "gcra_adjust",
+    "gcra_is_fresh",
+    "gcra_take",
+    "make_limit",
+    "new_result",
+    "new_status",
+    "parse_limits",
+    "sliding_charge",
+    "sliding_is_fresh",
+    "sliding_new",
+    "sliding_refund",
+    "sliding_take",
+    "sliding_used",
+    "slot_of",
+]
+
+
+class Kind(StrEnum):
+    """What a window counts. Values are the YAML keys."""
+
+    REQUESTS = "requests"
+    TOKENS = "tokens"
+    USD = "usd"
+    CONCURRENCY = "concurrent"
+
+
+class Algorithm(StrEnum):
+    GCRA = "gcra"
+    SLIDING = "sliding"
+    GAUGE = "gauge"  # concurrency: a count of requests in flight
+
+
+PERIODS: Final[dict[str, float]] = {
+    "second": 1.0,
+    "minute": 60.0,
+    "hour": 3600.0,
+    "day": 86400.0,
+    "month": 30 * 86400.0,
+}
+ALLOWED_UNITS: Final[dict[Kind, tuple[str, ...]]] = {
+    Kind.REQUESTS: ("second", "minute", "hour", "day"),
+    Kind.TOKENS: ("minute", "hour", "day", "month"),
+    Kind.USD: ("day", "month"),
+}
+DEFAULT_SLOTS: Final[dict[str, int]] = {"second": 10, "minute": 60, "hour": 60, "day": 24, "month": 30}
+_Fail = Callable[[str], ConfigError]
+_SLIDING_BY_DEFAULT: Final = frozenset({"day", "month"})
+MIN_SLOTS: Final = 2  # one slot would be a clock-aligned fixed window
+MAX_SLOTS: Final = 1440  # 8 bytes each per active key: a minute-slotted day is the most we allow
+MAX_LIMIT: Final = 10**15  # every count stays an exact integer in a double (2**53), here and in Lua
+CONCURRENCY_RETRY_AFTER: Final = 1.0  # when a slot frees is unknowable; a hint for the client
+_INF: Final = math.inf
+_RELATIVE_NOISE: Final = 1e-9  # GCRA admission tolerates this fraction of the burst as rounding noise
+_NAME_RE: Final = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]{1,128}$")  # printable ASCII, no space, '"' or '\'
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSpec:
+    """One limit of a key: immutable, shared by every request of every key on the same plan.
+
+    `limit` is in units of cost (micro-dollars for USD); `period` in seconds (0 for concurrency). The
+    derived fields are computed once here so that the hot path does no division.
+    """
+
+    kind: Kind
+    limit: int
+    period: float
+    burst: int
+    algorithm: Algorithm
+    slots: int
+    shadow: bool
+    model: str | None
+    name: str
+    interval: float = field(init=False, repr=False, compare=False)  # GCRA: seconds per unit (1/rate)
+    tolerance: float = field(init=False, repr=False, compare=False)  # GCRA: tau = burst * interval
+    max_debt: float = field(init=False, repr=False, compare=False)  # GCRA: tau plus rounding noise
+    slot_width: float = field(init=False, repr=False, compare=False)  # sliding: period / slots
+    _model_re: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or not 0 < self.limit <= MAX_LIMIT:
+            raise ValueError(f"limit must be an integer in 1..{MAX_LIMIT}, got {self.limit!r}")
+        if self.algorithm is Algorithm.GAUGE:
+            if self.kind is not Kind.CONCURRENCY or self.period != 0:
+                raise ValueError("the gauge algorithm is for concurrency limits, which have no period")
+        elif self.kind is Kind.CONCURRENCY or not (self.period > 0 and math.isfinite(self.period)):
+            raise ValueError("a rate or budget limit needs a positive period and gcra or sliding")
+        if self.algorithm is Algorithm.GCRA and not 0 < self.burst <= MAX_LIMIT:
+            raise ValueError(f"burst must be in 1..{MAX_LIMIT}, got {self.burst!r}")
+        if self.algorithm is Algorithm.SLIDING and not MIN_SLOTS <= self.slots <= MAX_SLOTS:
+            raise ValueError(f"slots must be in {MIN_SLOTS}..{MAX_SLOTS}, got {self.slots!r}")
+        if not _NAME_RE.match(self.name):
+            raise ValueError(f"name must be 1-128 printable ASCII characters without quotes: {self.name!r}")
+        setattr_ = object.__setattr__
+        interval = self.period / self.limit if self.period else 0.0
+        setattr_(self, "interval", interval)
+        setattr_(self, "tolerance", self.burst * interval)
+        setattr_(self, "max_debt", self.burst * interval * (1.0 + _RELATIVE_NOISE) + 1e-12)
+        setattr_(self, "slot_width", self.period / self.slots if self.slots else 0.0)
+        setattr_(self, "_model_re", re.compile(translate(self.model)) if self.model is not None else None)
+        fields = (self.kind, self.limit, self.period, self.burst, self.algorithm, self.slots, self.shadow)
+        setattr_(self, "_hash", hash((*fields, self.model, self.name)))
+
+    def __hash__(self) -> int:
+        """Cached: specs key per-spec caches (header fragments, per-model selections) on the hot path."""
+        return self._hash
+
+    @property
+    def enforced(self) -> bool:
+        return not self.shadow
+
+    @property
+    def capacity(self) -> int:
+        """The largest cost that can ever fit: requests above it are refused with retry_after = inf."""
+        return self.burst if self.algorithm is Algorithm.GCRA else self.limit
+
+    def applies_to(self, model: str | None) -> bool:
+        """A key-level limit applies to every request; a per-model one when the model matches its glob."""
+        pattern = self._model_re
+        if pattern is None:
+            return True
+        return model is not None and pattern.match(model) is not None
+
+
+def make_limit(
+    kind: Kind | str,
+    limit: int,
+    per: str | None = None,
+    *,
+    burst: int | None = None,
+    algorithm: Algorithm | str | None = None,
+    slots: int | None = None,
+    shadow: bool = False,
+    model: str | None = None,
+    name: str | None = None,
+) -> LimitSpec:
+    """Builds a spec with the documented defaults (also for tests and code, not only YAML).
+
+    Raises ValueError on an invalid combination; `parse_limits` reports the same problems as ConfigErrors
+    that name the field.
+    """
+    kind = Kind(kind)
+    if kind is Kind.CONCURRENCY:
+        if per is not None or burst is not None or slots is not None or algorithm not in (None, "gauge"):
+            raise ValueError("a concurrency limit takes no period, burst, slots or algorithm")
+        base = "concurrent"
+        return LimitSpec(
+            kind=kind,
+            limit=limit,
+            period=0.0,
+            burst=limit,
+            algorithm=Algorithm.GAUGE,
+            slots=0,
+            shadow=shadow,
+            model=model,
+            name=name or _default_name(base, model, shadow),
+        )
+    if per not in ALLOWED_UNITS[kind]:
+        raise ValueError(f"unit {per!r} is not allowed for {kind} ({', '.join(ALLOWED_UNITS[kind])})")
+    if algorithm is None:
+        algorithm = Algorithm.SLIDING if (kind is Kind.USD or per in _SLIDING_BY_DEFAULT) else Algorithm.GCRA
+    algorithm = Algorithm(algorithm)
+    if algorithm is Algorithm.GAUGE:
+        raise ValueError("the gauge algorithm is for concurrency limits")
+    if algorithm is Algorithm.GCRA:
+        if slots is not None:
+            raise ValueError("slots applies to the sliding algorithm only")
+        resolved_burst, resolved_slots = (limit if burst is None else burst), 0
+    else:
+        if burst is not None:
+            raise ValueError("burst applies to the gcra algorithm only")
+        resolved_burst, resolved_slots = limit, (DEFAULT_SLOTS[per] if slots is None else slots)
+    return LimitSpec(
+        kind=kind,
+        limit=limit,
+        period=PERIODS[per],
+        burst=resolved_burst,
+        algorithm=algorithm,
+        slots=resolved_slots,
+        shadow=shadow,
+        model=model,
+        name=name or _default_name(f"{kind}/{per}", model, shadow),
+    )
+
+
+def _default_name(base: str, model: str | None, shadow: bool) -> str:
+    name = base if model is None else f"{base}@{model}"
+    if shadow:
+        name += ":shadow"  # so that an enforced limit and its shadow trial can sit side by side
+    return "".join(c if _NAME_RE.match(c) else "_" for c in name)[:128]
+
+
+def applicable(specs: Sequence[LimitSpec], model: str | None) -> tuple[int, ...]:
+    """Indices of the specs that apply to a request for `model` (cache per (limits, model) if hot)."""
+    return tuple(i for i, spec in enumerate(specs) if spec.applies_to(model))
+
+
+# -- statuses ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WindowStatus:
+    """One window's answer to one request, in the window's units.
+
+    `remaining`: what still fits now (after this request's charge if it was charged). `reset_after`:
+    seconds until the window is back to its initial state (0 for concurrency). `retry_after`: seconds
+    until this request's cost would fit (0 if it fits now; inf if it never can; a hint for concurrency).
+    `allowed`: this window alone would admit the request (for a shadow window: "would have admitted").
+    """
+
+    spec: LimitSpec
+    limit: int
+    remaining: int
+    reset_after: float
+    retry_after: float
+    allowed: bool
+
+
+_SETTERS: Final[tuple[Any, ...]] = tuple(
+    getattr(WindowStatus, name).__set__
+    for name in ("spec", "limit", "remaining", "reset_after", "retry_after", "allowed")
+)
+_S_SPEC, _S_LIMIT, _S_REMAINING, _S_RESET, _S_RETRY, _S_ALLOWED = _SETTERS
+_new_object = object.__new__
+
+
+def new_status(
+    spec: LimitSpec, remaining: int, reset_after: float, retry_after: float, allowed: bool
+) -> WindowStatus:
+    """The hot path's constructor: the same frozen object as `WindowStatus(...)`, at half the cost.
+
+    A frozen dataclass's generated __init__ goes through object.__setattr__ per field (about 1 µs for six);
+    setting the slots directly is the same operation without the lookups.
+    """
+    status: WindowStatus = _new_object(WindowStatus)
+    _S_SPEC(status, spec)
+    _S_LIMIT(status, spec.limit)
+    _S_REMAINING(status, remaining)
+    _S_RESET(status, reset_after)
+    _S_RETRY(status, retry_after)
+    _S_ALLOWED(status, allowed)
+    return status
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireResult:
+    """The answer of a counter store to one Check.
+
+    `allowed`: every enforced window fits (so all of them were charged). `statuses`: one per spec, in
+    order. `uncharged`: bit i is set when window i was *not* charged: every window of a denied request,
+    and a shadow window that would have refused an admitted one (see `charged`).
+    """
+
+    allowed: bool
+    statuses: tuple[WindowStatus, ...]
+    uncharged: int = 0
+
+    def charged(self, index: int) -> bool:
+        return not (self.uncharged >> index) & 1
+
+    @property
+    def denied_by(self) -> tuple[WindowStatus, ...]:
+        """The enforced windows that refused the request (empty when allowed)."""
+        return tuple(s for s in self.statuses if not s.allowed and not s.spec.shadow)
+
+    @property
+    def shadow_violations(self) -> tuple[WindowStatus, ...]:
+        """Shadow windows that would have refused the request: for metrics, never for the decision."""
+        return tuple(s for s in self.statuses if not s.allowed and s.spec.shadow)
+
+
+_R_SETTERS: Final[tuple[Any, ...]] = tuple(
+    getattr(AcquireResult, name).__set__ for name in ("allowed", "statuses", "uncharged")
+)
+_R_ALLOWED, _R_STATUSES, _R_UNCHARGED = _R_SETTERS
+
+
+def new_result(allowed: bool, statuses: tuple[WindowStatus, ...], uncharged: int) -> AcquireResult:
+    """The hot path's constructor for `AcquireResult` (see `new_status`)."""
+    result: AcquireResult = _new_object(AcquireResult)
+    _R_ALLOWED(result, allowed)
+    _R_STATUSES(result, statuses)
+    _R_UNCHARGED(result, uncharged)
+    return result
+
+
+# -- GCRA ----------------------------------------------------------------------------------------------
+# State: the theoretical arrival time, held exactly as tat = since + debt: `debt` (seconds of emission
+# still owed) as of time `since`. One epoch-sized float would round every charge to ulp(now) (2.4e-7 s
+# today); within a burst those errors add up and flip decisions that sit exactly on the boundary (a burst
+# of 3 at 5/s admitted 2). As a pair, every operation is on small numbers (now - since is exact).
+# A window is fresh when its debt has drained (debt <= now - since): it then behaves exactly like a
+# window never used, so it can be dropped (exact eviction). The memory store packs the pair in a complex.
+
+
+def gcra_take(
+    debt: float, since: float, now: float, spec: LimitSpec, cost: int
+) -> tuple[bool, float, int, float, float]:
+    """-> (allowed, new_debt, remaining, reset_after, retry_after); pure.
+
+    Admit iff debt(now) + cost*T <= tau, where debt(now) = max(debt - (now - since), 0). When allowed the
+    new state is (new_debt, now) and the figures are after the charge; when refused, `new_debt` is the
+    current debt (storing it with `now` changes nothing) and the figures describe the window as it is.
+    """
+    interval = spec.interval
+    if debt > 0:
+        elapsed = now - since
+        if elapsed > 0:  # a clock that stepped back drains nothing
+            debt = debt - elapsed if debt > elapsed else 0.0
+    new_debt = debt + cost * interval
+    admit = spec.max_debt
+    if new_debt <= admit:
+        return True, new_debt, int((admit - new_debt) / interval), new_debt, 0.0
+    free = admit - debt
+    remaining = int(free / interval) if free > 0 else 0
+    # retry_after later the debt has drained by exactly that much: the same request then fits
+    retry_after = new_debt - spec.tolerance if cost <= spec.burst else _INF
+    return False, debt, remaining, debt, retry_after
+
+
+def gcra_adjust(debt: float, since: float, now: float, spec: LimitSpec, delta: int) -> float:
+    """Apply a settle difference now -> the new debt as of `now`. An extra charge may overdraw (the next
+    request waits); a refund never goes below fresh (capacity comes back capped at the burst)."""
+    if debt > 0:
+        elapsed = now - since
+        if elapsed > 0:
+            debt = debt - elapsed if debt > elapsed else 0.0
+    debt += delta * spec.interval
+    return debt if debt > 0 else 0.0
+
+
+def gcra_is_fresh(debt: float, since: float, now: float) -> bool:
+    return debt <= now - since
+
+
+# -- slotted sliding window --------------------------------------------------------------------------
+# State: array('d', [fresh_at, last_slot, total, c_0 .. c_{N-1}]). Slot s covers [s*w, (s+1)*w) and is
+# kept at index 3 + s % N; `last_slot` is the newest slot written, `total` the sum of the N stored
+# counts, and `fresh_at` = (last_slot + N) * w, the time by which every count has left the window.
+# Reads never modify the array; `sliding_charge` / `sliding_refund` first roll it to the current slot.
+
+_FRESH, _LAST, _TOTAL, _BASE = 0, 1, 2, 3
+
+
+def slot_of(now: float, width: float) -> int:
+    """The largest s with s*width <= now (boundaries are float products, as everywhere here)."""
+    slot = now // width  # a float holding an integer: float products, no int conversions
+    if slot * width > now:
+        return int(slot) - 1
+    if (slot + 1.0) * width <= now:
+        return int(slot) + 1
+    return int(slot)
+
+
+def sliding_new(spec: LimitSpec) -> array[float]:
+    return array("d", bytes(8 * (spec.slots + _BASE)))
+
+
+def sliding_used(state: array[float] | None, now: float, spec: LimitSpec) -> float:
+    """What the window ending at the current slot holds; pure."""
+    if state is None or state[_TOTAL] <= 0:
+        return 0.0
+    n = spec.slots
+    cur = slot_of(now, spec.slot_width)
+    last = int(state[_LAST])
+    return _used(state, cur if cur > last else last, last, n)
+
+
+def _used(state: array[float], top: int, last: int, n: int) -> float:
+    gap = top - last
+    if gap == 0:
+        return state[_TOTAL]
+    if gap >= n:
+        return 0.0
+    used = state[_TOTAL]
+    for s in range(last - n + 1, top - n + 1):  # the stored slots that have left the window since
+        used -= state[_BASE + s % n]
+    return used
+
+
+def sliding_take(
+    state: array[float] | None, now: float, spec: LimitSpec, cost: int
+) -> tuple[bool, array[float] | None, int, float, float]:
+    """-> (allowed, state, remaining, reset_after, retry_after), the shape of `gcra_take`; pure.
+
+    Admit iff the N slots ending at the current slot hold at most limit - cost. `state` is returned
+    unchanged: the caller commits an admitted request with `sliding_charge(state, ...)`.
+    """
+    n = spec.slots
+    width = spec.slot_width
+    limit = spec.limit
+    cur = slot_of(now, width)
+    if state is None or state[_TOTAL] <= 0:  # all counts zero: the same as a window never used
+        if cost <= limit:
+            return True, state, limit - cost, ((cur + n) * width - now) if cost else 0.0, 0.0
+        return False, state, limit, 0.0, _INF
+    last = int(state[_LAST])
+    if cur == last:  # the common case: still in the newest slot written
+        top = cur
+        used = state[_TOTAL]
+    else:
+        top = cur if cur > last else last  # a clock that stepped back keeps counting the newer slots
+        used = _used(state, top, last, n)
+    if used + cost <= limit:
+        reset_after = ((top + n) * width - now) if cost else _reset_after(state, top, last, n, width, now)
+        return True, state, int(limit - used - cost), reset_after, 0.0
+    remaining = int(limit - used) if used < limit else 0
+    reset_after = _reset_after(state, top, last, n, width, now)
+    if cost > limit:
+        return False, state, remaining, reset_after, _INF
+    excess = used + cost - limit
+    freed = 0.0
+    for s in range(top - n + 1, last + 1):  # oldest first: slot s leaves at (s + n) * w
+        freed += state[_BASE + s % n]
+        if freed >= excess:
+            return False, state, remaining, reset_after, (s + n) * width - now
+    return False, state, remaining, reset_after, _INF  # unreachable while cost <= limit
+
+
+def _reset_after(state: array[float], top: int, last: int, n: int, width: float, now: float) -> float:
+    """Until the newest non-empty slot in the window has left it."""
+    for s in range(last, top - n, -1):
+        if state[_BASE + s % n] > 0:
+            return (s + n) * width - now
+    return 0.0
+
+
+def _roll(state: array[float], cur: int, n: int) -> int:
+    last = int(state[_LAST])
+    if cur <= last:
+        return last
+    if cur - last >= n:
+        for i in range(_BASE, _BASE + n):
+            state[i] = 0.0
+        state[_TOTAL] = 0.0
+    else:
+        total = state[_TOTAL]
+        for s in range(last + 1, cur + 1):
+            i = _BASE + s % n
+            total -= state[i]
+            state[i] = 0.0
+        state[_TOTAL] = total
+    state[_LAST] = cur
+    return cur
+
+
+def sliding_charge(state: array[float] | None, now: float, spec: LimitSpec, amount: int) -> array[float]:
+    """Add `amount` (>= 0) to the current slot; modifies `state` in place (or makes one) and returns it."""
+    n = spec.slots
+    width = spec.slot_width
+    cur = slot_of(now, width)
+    if state is None:
+        state = sliding_new(spec)
+        state[_LAST] = top = cur
+    elif state[_TOTAL] <= 0:  # empty: re-anchor at now, exactly as a new window would be
+        state[_LAST] = top = cur
+    elif cur == state[_LAST]:  # the common case: still in the newest slot written
+        top = cur
+    else:
+        top = _roll(state, cur, n)
+    state[_BASE + top % n] += amount
+    state[_TOTAL] += amount
+    state[_FRESH] = (top + n) * width
+    return state
+
+
+def sliding_refund(
+    state: array[float], now: float, spec: LimitSpec, amount: int, charged_at: float | None = None
+) -> None:
+    """Give back up to `amount` (> 0) in place.
+
+    With `charged_at` (when the reservation was charged) this is exact: it comes out of that slot, if the
+    slot is still in the window (otherwise the charge has already left it and there is nothing to give
+    back). Without it, it comes out of the newest slots first, exact when the charge is in the current
+    slot, and never more than the window holds.
+    """
+    if state[_TOTAL] <= 0:
+        return
+    n = spec.slots
+    width = spec.slot_width
+    top = _roll(state, slot_of(now, width), n)
+    left = float(amount)
+    if charged_at is not None:
+        s = slot_of(charged_at, width)
+        if top - n < s <= top:
+            i = _BASE + s % n
+            take = left if left < state[i] else state[i]
+            state[i] -= take
+            state[_TOTAL] -= take
+        return
+    for s in range(top, top - n, -1):
+        i = _BASE + s % n
+        take = left if left < state[i] else state[i]
+        if take > 0:
+            state[i] -= take
+            state[_TOTAL] -= take
+            left -= take
+            if left <= 0:
+                return
+
+
+def sliding_is_fresh(state: array[float], now: float) -> bool:
+    """Every count has left the window, or nothing is counted: either way, the same as a window never
+    used (an empty window is re-anchored at the current slot by its next charge), so it can be dropped."""
+    return now >= state[_FRESH] or state[_TOTAL] <= 0.0
+
+
+# -- concurrency ------------------------------------------------------------------------------------------
+
+
+def gauge_take(in_flight: int, spec: LimitSpec, cost: int) -> tuple[bool, int, int, float, float]:
+    """-> (allowed, new_in_flight, remaining, reset_after, retry_after), the shape of `gcra_take`."""
+    new = in_flight + cost
+    limit = spec.limit
+    if new <= limit:
+        return True, new, limit - new, 0.0, 0.0
+    retry_after = CONCURRENCY_RETRY_AFTER if cost <= limit else _INF
+    return False, in_flight, limit - in_flight if in_flight < limit else 0, 0.0, retry_after
+
+
+def gauge_adjust(in_flight: int, delta: int) -> int:
+    new = in_flight + delta
+    return new if new > 0 else 0
+
+
+# -- YAML ------------------------------------------------------------------------------------------------
+
+_KIND_KEYS: Final = tuple(k.value for k in Kind)
+_FIELDS: Final = frozenset(_KIND_KEYS) | {"per", "burst", "algorithm", "slots", "shadow", "model", "name"}
+_FIELD_LIST: Final = ", ".join(sorted(_FIELDS))
+
+
+def parse_limits(raw: object, *, source: str, field: str) -> tuple[LimitSpec, ...]:
+    """Validate the `limits:` list of a plan or key.
+
+    Each entry has exactly one of requests/tokens/usd/concurrent, and optionally per, burst, algorithm,
+    slots, shadow, model, name. Errors name the field, e.g.
+    `nexus.yaml:14: plans.free.limits[2].per: unknown unit 'fortnight' (expected second, minute, ...)`.
+    Names must be unique within the list: they label metrics and the RateLimit headers.
+    """
+    if raw is None:
+        return ()
+    if not isinstance(raw, list | tuple):
+        raise ConfigError(f"expected a list of limits, got {_describe(raw)}", source=source, field=field)
+    file_source = _strip_line(source)
+    item_lines: list[int] | None = getattr(raw, "lines", None)
+    specs: list[LimitSpec] = []
+    names: dict[str, int] = {}
+    for i, entry in enumerate(raw):
+        where = f"{field}[{i}]"
+        entry_source = f"{file_source}:{item_lines[i]}" if item_lines and i < len(item_lines) else source
+        spec = _parse_entry(entry, file_source, entry_source, where)
+        if spec.name in names:
+            raise ConfigError(
+                f"duplicate limit name {spec.name!r} (also {field}[{names[spec.name]}]); "
+                "give one of them a `name:`",
+                source=entry_source,
+                field=f"{where}.name",
+            )
+        names[spec.name] = i
+        specs.append(spec)
+    return tuple(specs)
+
+
+def _strip_line(source: str) -> str:
+    head, sep, tail = source.rpartition(":")
+    return head if sep and tail.isdigit() and head else source
+
+
+def _parse_entry(entry: object, file_source: str, entry_source: str, where: str) -> LimitSpec:
+    if not isinstance(entry, dict):
+        raise ConfigError(
+            f"expected a mapping such as {{requests: 60, per: minute}}, got {_describe(entry)}",
+            source=entry_source,
+            field=where,
+        )
+    key_lines: dict[str, int] = getattr(entry, "lines", {})
+
+    def fail(key: str | None, message: str) -> ConfigError:
+        line = key_lines.get(key) if key is not None else None
+        return ConfigError(
+            message,
+            source=f"{file_source}:{line}" if line else entry_source,
+            field=f"{where}.{key}" if key is not None else where,
+        )
+
+    for key in entry:
+        if key not in _FIELDS:
+            raise fail(str(key), f"unknown field (expected one of: {_FIELD_LIST})")
+    present = [k for k in _KIND_KEYS if entry.get(k) is not None]
+    if not present:
+        raise fail(None, "needs exactly one of requests, tokens, usd, concurrent")
+    if len(present) > 1:
+        raise fail(
+            present[1],
+            f"a limit has one of requests, tokens, usd, concurrent; this one also has {present[0]!r}",
+        )
+    kind = Kind(present[0])
+    if kind is Kind.USD:
+        limit = _micro_usd(entry[kind.value], lambda m: fail(kind.value, m))
+    else:
+        limit = _positive_int(entry[kind.value], lambda m: fail(kind.value, m))
+
+    per = entry.get("per")
+    if kind is Kind.CONCURRENCY:
+        for key in ("per", "burst", "slots", "algorithm"):
+            if entry.get(key) is not None:
+                raise fail(key, "does not apply to a concurrency limit (it counts requests in flight)")
+    else:
+        allowed = ALLOWED_UNITS[kind]
+        if per is None:
+            raise fail("per", f"is required ({', '.join(allowed)})")
+        if not isinstance(per, str) or per not in PERIODS:
+            raise fail("per", f"unknown unit {per!r} (expected {', '.join(allowed)})")
+        if per not in allowed:
+            raise fail(
+                "per", f"unit {per!r} is not available for {kind} limits (expected {', '.join(allowed)})"
+            )
+
+    algorithm = entry.get("algorithm")
+    if algorithm is not None and algorithm not in ("gcra", "sliding"):
+        raise fail("algorithm", f"unknown algorithm {algorithm!r} (expected gcra or sliding)")
+    burst = entry.get("burst")
+    if burst is not None:
+        burst = _positive_int(burst, lambda m: fail("burst", m))
+    slots = entry.get("slots")
+    if slots is not None:
+        slots = _positive_int(slots, lambda m: fail("slots", m))
+        if not MIN_SLOTS <= slots <= MAX_SLOTS:
+            raise fail("slots", f"must be between {MIN_SLOTS} and {MAX_SLOTS}, got {slots}")
+    if kind is not Kind.CONCURRENCY:
+        resolved = algorithm or ("sliding" if (kind is Kind.USD or per in _SLIDING_BY_DEFAULT) else "gcra")
+        if burst is not None and resolved != "gcra":
+            raise fail("burst", "applies to algorithm gcra only (this limit uses sliding)")
+        if slots is not None and resolved != "sliding":
+            raise fail("slots", "applies to algorithm sliding only (this limit uses gcra)")
+    shadow = entry.get("shadow", False)
+    if shadow is None:
+        shadow = False
+    if not isinstance(shadow, bool):
+        raise fail("shadow", f"expected true or false, got {_describe(shadow)}")
+    model = entry.get("model")
+    if model is not None and (not isinstance(model, str) or not model.strip()):
+        raise fail("model", f'expected a model name or glob such as "gpt-4*", got {_describe(model)}')
+    name = entry.get("name")
+    if name is not None and (not isinstance(name, str) or not _NAME_RE.match(name)):
+        raise fail("name", "expected 1-128 printable ASCII characters without spaces or quotes")
+    try:
+        return make_limit(
+            kind,
+            limit,
+            per,
+            burst=burst,
+            algorithm=algorithm,
+            slots=slots,
+            shadow=shadow,
+            model=model.strip() if model is not None else None,
+            name=name,
+        )
+    except ValueError as exc:  # anything the checks above did not word better
+        raise fail(None, str(exc)) from None
+
+
+def _positive_int(value: object, fail: _Fail) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise fail(f"expected a positive integer, got {_describe(value)}")
+    if not 0 < value <= MAX_LIMIT:
+        raise fail(f"must be between 1 and {MAX_LIMIT}, got {value}")
+    return value
+
+
+def _micro_usd(value: object, fail: _Fail) -> int:
+    """USD -> integer micro-dollars, rounded half up (floats via their shortest repr: 5.1 is 5100000)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise fail(f"expected an amount in USD such as 5.00, got {_describe(value)}")
+    try:
+        amount = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise fail(f"expected an amount in USD such as 5.00, got {_describe(value)}") from None
+    if not amount.is_finite() or amount <= 0:
+        raise fail(f"must be a positive amount, got {value!r}")
+    micros = int((amount * 1_000_000).to_integral_value(rounding=ROUND_HALF_UP))
+    if not 0 < micros <= MAX_LIMIT:
+        raise fail(f"must be between 0.000001 and {MAX_LIMIT // 1_000_000}, got {value!r}")
+    return micros
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, str):
+        return f"the string {value!r}" if len(value) < 60 else "a long string"
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    return type(value).__name__

@@ -1,0 +1,153 @@
+"""Rate-limit response headers from window statuses: OpenAI-compatible and IETF, plus retry-after.
+
+Clients act on these, so they describe only *enforced* windows (a shadow limit is invisible to them):
+
+* OpenAI: `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, for each kind the most restrictive
+  window (smallest remaining; ties go to the longer reset). Reset is a Go-style duration as OpenAI sends
+  it ("20ms", "1s", "6m0s", "1h2m3.5s"), rounded up to the millisecond.
+* IETF draft-ietf-httpapi-ratelimit-headers (-11): `ratelimit-policy` lists every enforced window as a
+  structured-field string item with `q` (quota) and `w` (window, integer seconds), and `ratelimit` its
+  current state with `r` (remaining) and `t` (seconds until the window is back to full). The quota unit
+  `qu` is omitted for requests (the default), "concurrent-requests" for concurrency (no window), and
+  "tokens" / "usd-micros" for token and budget windows: those units are not in the draft's registry yet,
+  so a strict client may ignore those items rather than misread them as requests.
+* `retry-after` on a denial only: integer seconds, rounded up, at least 1: the time until every refusing
+  window has room for this request. A request that can never fit (larger than a window's capacity) gets
+  none: no wait would help, and a client would only retry in vain.
+
+Header names are lowercase (HTTP/2, Envoy). No enforced windows: no headers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Final
+
+from nexus_authz.core.limits import Kind, LimitSpec, WindowStatus
+
+__all__ = ["openai_duration", "rate_limit_headers", "sf_string"]
+
+_UNITS: Final[dict[Kind, str | None]] = {
+    Kind.REQUESTS: None,
+    Kind.TOKENS: "tokens",
+    Kind.USD: "usd-micros",
+    Kind.CONCURRENCY: "concurrent-requests",
+}
+_OPENAI: Final[dict[Kind, tuple[str, str, str]]] = {
+    Kind.REQUESTS: (
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+    ),
+    Kind.TOKENS: ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"),
+}
+
+
+def rate_limit_headers(statuses: Sequence[WindowStatus], *, denied: bool) -> list[tuple[str, str]]:
+    """Headers for one answer (allocation-light: per-spec fragments are built once and cached)."""
+    policies: list[str] = []
+    current: list[str] = []
+    requests: WindowStatus | None = None
+    tokens: WindowStatus | None = None
+    refused = False
+    wait = 0.0
+    for s in statuses:
+        spec = s.spec
+        if spec.shadow:
+            continue
+        parts = _PARTS.get(spec)
+        if parts is None:
+            parts = _parts(spec)
+        policies.append(parts[0])
+        if parts[2]:
+            current.append(f"{parts[1]}{s.remaining};t={_ceil_seconds(s.reset_after, 0)}")
+        else:
+            current.append(f"{parts[1]}{s.remaining}")
+        kind = spec.kind
+        if kind is _REQUESTS:
+            if requests is None or _tighter(s, requests):
+                requests = s
+        elif kind is _TOKENS and (tokens is None or _tighter(s, tokens)):
+            tokens = s
+        if not s.allowed:
+            refused = True
+            if s.retry_after > wait:
+                wait = s.retry_after
+    if not policies:
+        return []
+    headers: list[tuple[str, str]] = []
+    if requests is not None:
+        headers.append(("x-ratelimit-limit-requests", str(requests.limit)))
+        headers.append(("x-ratelimit-remaining-requests", str(requests.remaining)))
+        headers.append(("x-ratelimit-reset-requests", openai_duration(requests.reset_after)))
+    if tokens is not None:
+        headers.append(("x-ratelimit-limit-tokens", str(tokens.limit)))
+        headers.append(("x-ratelimit-remaining-tokens", str(tokens.remaining)))
+        headers.append(("x-ratelimit-reset-tokens", openai_duration(tokens.reset_after)))
+    headers.append(("ratelimit-policy", ", ".join(policies)))
+    headers.append(("ratelimit", ", ".join(current)))
+    if denied and refused and wait != _INF:
+        headers.append(("retry-after", str(_ceil_seconds(wait, 1))))
+    return headers
+
+
+_REQUESTS, _TOKENS = Kind.REQUESTS, Kind.TOKENS
+_INF: Final = math.inf
+_PARTS: dict[LimitSpec, tuple[str, str, bool]] = {}
+_MAX_CACHED: Final = 65_536  # distinct specs; a config reload makes new ones, so the cache is bounded
+
+
+def _parts(spec: LimitSpec) -> tuple[str, str, bool]:
+    """(RateLimit-Policy item, RateLimit item prefix up to "r=", has a window) for one spec."""
+    name = sf_string(spec.name)
+    unit = _UNITS[spec.kind]
+    unit_param = f';qu="{unit}"' if unit else ""
+    windowed = spec.kind is not Kind.CONCURRENCY
+    window_param = f";w={int(spec.period)}" if windowed else ""
+    parts = (f"{name};q={spec.limit}{unit_param}{window_param}", f"{name};r=", windowed)
+    if len(_PARTS) >= _MAX_CACHED:
+        _PARTS.clear()
+    _PARTS[spec] = parts
+    return parts
+
+
+def _tighter(a: WindowStatus, b: WindowStatus) -> bool:
+    return a.remaining < b.remaining or (a.remaining == b.remaining and a.reset_after > b.reset_after)
+
+
+def _ceil_seconds(seconds: float, minimum: int) -> int:
+    # a nanosecond of float noise (2.0000000001) must not add a second
+    value = math.ceil(seconds - 1e-9)
+    return value if value > minimum else minimum
+
+
+def openai_duration(seconds: float) -> str:
+    """Go's time.Duration format at millisecond precision, rounded up: 0.02 -> "20ms", 360 -> "6m0s"."""
+    if seconds <= 0:
+        return "0s"
+    ms = math.ceil(seconds * 1000.0 - 1e-6)  # 0.02 * 1000 is 20.000000000000004: still 20 ms
+    if ms < 1000:
+        return f"{ms}ms" if ms > 0 else "0s"
+    if ms < 60_000:
+        secs, millis = divmod(ms, 1000)
+        return f"{secs}.{millis:03d}".rstrip("0") + "s" if millis else f"{secs}s"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs, millis = divmod(rest, 1000)
+    text = f"{secs}.{millis:03d}".rstrip("0") + "s" if millis else f"{secs}s"
+    return f"{hours}h{minutes}m{text}" if hours else f"{minutes}m{text}"
+
+
+def sf_string(value: str) -> str:
+    """An RFC 9651 sf-string: quotes and backslashes escaped, anything outside printable ASCII as '?'."""
+    out = ['"']
+    for ch in value:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif " " <= ch <= "~":
+            out.append(ch)
+        else:
+            out.append("?")
+    out.append('"')
+    return "".join(out)

@@ -1,0 +1,184 @@
+"""The reservation book: what each in-flight request reserved at Check, until its usage settles it.
+
+At Check a token or USD window is charged an *estimate* (prompt estimate + max_tokens) and a concurrency
+window one slot. The book remembers, per request id, which counters were charged how much, so that
+`settle` can turn the real usage into per-window differences (refund or extra charge) and release the
+concurrency slot. The store applies them (`stores.base.apply_settlements`); this module is pure: time
+comes in as `now`, and it returns data.
+
+Expiry: a reservation not settled within `ttl` expires. Its concurrency slots are released (the request
+is gone or its usage report was lost; holding the slot would lock the key out), but its estimate *stays
+charged*: the upstream most likely served the request, the estimate is an upper bound of what it could
+cost (max_tokens caps the completion), and refunding on silence would let a client that drops its
+connection before the usage arrives spend without being counted. Usage that arrives after expiry finds
+no reservation (`settle` returns None) and changes nothing.
+
+Bounded: at most `max_entries` reservations. When full, the oldest one is expired early (same rule as
+above) to make room, and counted. Expiry order is FIFO: one TTL for the book and a monotonic clock mean
+insertion order is expiry order, so expiry pops from the front of an ordered dict, never scans.
+A request id that is reserved again (ids come from the edge and could repeat) expires the earlier one.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from nexus_authz.core.limits import Kind, LimitSpec
+
+__all__ = ["ReservationBook", "Settlement"]
+
+_REQUESTS, _TOKENS, _USD, _CONCURRENCY = Kind.REQUESTS, Kind.TOKENS, Kind.USD, Kind.CONCURRENCY
+_NEEDS_SETTLE = frozenset({_TOKENS, _USD, _CONCURRENCY})
+_NONE: tuple[Settlement, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """Differences to apply to counters: `store.adjust(counter_ids, specs, deltas, now, charged_at)`.
+
+    `expired` is True when produced by expiry or early eviction rather than by a usage report.
+    """
+
+    request_id: str
+    counter_ids: tuple[str, ...]
+    specs: tuple[LimitSpec, ...]
+    deltas: tuple[int, ...]
+    charged_at: float
+    expired: bool = False
+
+
+# An entry: (counter_ids, specs, costs, uncharged mask, charged_at, expires_at). A tuple is the smallest.
+_Entry = tuple[tuple[str, ...], tuple[LimitSpec, ...], tuple[int, ...], int, float, float]
+
+
+class ReservationBook:
+    __slots__ = ("_entries", "_expire_per_call", "_max", "_ttl", "evicted", "expired", "replaced", "settled")
+
+    def __init__(self, *, ttl: float, max_entries: int, expire_per_call: int = 4) -> None:
+        if ttl <= 0 or max_entries <= 0:
+            raise ValueError("ttl and max_entries must be positive")
+        self._ttl = ttl
+        self._max = max_entries
+        self._expire_per_call = expire_per_call
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self.settled = 0
+        self.expired = 0
+        self.evicted = 0  # expired early because the book was full
+        self.replaced = 0  # expired early because the same request id was reserved again
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._entries
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "pending": len(self._entries),
+            "settled": self.settled,
+            "expired": self.expired,
+            "evicted": self.evicted,
+            "replaced": self.replaced,
+        }
+
+    def reserve(
+        self,
+        request_id: str,
+        counter_ids: Sequence[str],
+        specs: Sequence[LimitSpec],
+        costs: Sequence[int],
+        now: float,
+        uncharged: int = 0,
+    ) -> tuple[Settlement, ...]:
+        """Record what an admitted request was charged (`uncharged`: AcquireResult.uncharged).
+
+        Returns settlements the caller must apply now: reservations that expired meanwhile (a few per
+        call), one displaced by a full book, or an earlier one under the same id. Usually empty.
+        A request that only hit request-count windows needs no settling and is not recorded.
+        """
+        out: list[Settlement] | None = None
+        entries = self._entries
+        if entries:
+            out = self._expire(now, self._expire_per_call)
+        if not any(spec.kind in _NEEDS_SETTLE and not (uncharged >> i) & 1 for i, spec in enumerate(specs)):
+            return tuple(out) if out else _NONE
+        old = entries.pop(request_id, None)
+        if old is not None:
+            self.replaced += 1
+            out = out or []
+            out.append(_expiry(request_id, old))
+        elif len(entries) >= self._max:
+            oldest_id, oldest = entries.popitem(last=False)
+            self.evicted += 1
+            out = out or []
+            out.append(_expiry(oldest_id, oldest))
+        entries[request_id] = (
+            tuple(counter_ids),
+            tuple(specs),
+            tuple(costs),
+            uncharged,
+            now,
+            now + self._ttl,
+        )
+        return tuple(out) if out else _NONE
+
+    def settle(
+        self, request_id: str, now: float, *, tokens: int | None = None, usd_micros: int | None = None
+    ) -> Settlement | None:
+        """The real usage of a request: per-window differences (estimate -> actual) and slot releases.
+
+        `tokens` / `usd_micros` None: keep the estimate for those windows. Unknown or expired id: None.
+        """
+        entry = self._entries.pop(request_id, None)
+        if entry is None:
+            return None
+        self.settled += 1
+        counter_ids, specs, costs, uncharged, charged_at, _ = entry
+        deltas: list[int] = []
+        for i, spec in enumerate(specs):
+            kind = spec.kind
+            if (uncharged >> i) & 1 or kind is _REQUESTS:
+                deltas.append(0)
+            elif kind is _CONCURRENCY:
+                deltas.append(-costs[i])
+            elif kind is _TOKENS:
+                deltas.append(0 if tokens is None else tokens - costs[i])
+            else:
+                deltas.append(0 if usd_micros is None else usd_micros - costs[i])
+        return Settlement(request_id, counter_ids, specs, tuple(deltas), charged_at)
+
+    def expire(self, now: float, max_items: int | None = None) -> list[Settlement]:
+        """Expire due reservations, oldest first (all of them by default). For a periodic timer."""
+        return self._expire(now, len(self._entries) if max_items is None else max_items)
+
+    def _expire(self, now: float, budget: int) -> list[Settlement]:
+        entries = self._entries
+        out: list[Settlement] = []
+        while budget > 0 and entries:
+            request_id = next(iter(entries))
+            entry = entries[request_id]
+            if entry[5] > now:
+                break
+            del entries[request_id]
+            self.expired += 1
+            out.append(_expiry(request_id, entry))
+            budget -= 1
+        return out
+
+    def next_expiry(self) -> float | None:
+        """When the oldest reservation expires (for scheduling a timer)."""
+        for entry in self._entries.values():
+            return entry[5]
+        return None
+
+
+def _expiry(request_id: str, entry: _Entry) -> Settlement:
+    """Release concurrency, keep every estimate charged."""
+    counter_ids, specs, costs, uncharged, charged_at, _ = entry
+    deltas = tuple(
+        -costs[i] if spec.kind is _CONCURRENCY and not (uncharged >> i) & 1 else 0
+        for i, spec in enumerate(specs)
+    )
+    return Settlement(request_id, counter_ids, specs, deltas, charged_at, expired=True)

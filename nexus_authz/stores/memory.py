@@ -1,0 +1,252 @@
+"""MemoryCounterStore: the embedded default counter store, exact on one replica.
+
+State is one OrderedDict from counter id to the algorithm's plain state: for GCRA a complex number
+(the smallest Python object holding two doubles: debt + since*1j, 32 bytes), for a sliding window an
+array of doubles, for concurrency an int. See benchmarks/bench_limits.py for bytes per client.
+
+Eviction is exact and never scans: a window whose state is equivalent to a fresh one (GCRA debt drained, a
+sliding window with nothing left in it, nothing in flight) behaves exactly like an absent one, so it can
+be dropped with no effect on any decision. A write that leaves a window fresh deletes it; otherwise every
+call looks at `sweep_per_call` entries at the cold end of the LRU order (each write moves its window to
+the hot end), drops them if fresh and rotates them to the hot end if not, so idle windows go within about
+len/sweep_per_call calls. `sweep()` does the same in bulk for a periodic timer.
+
+Time must not go backwards across calls for eviction to stay exact (a window dropped as drained cannot
+come back if the clock steps back); the decisions themselves tolerate it (nothing drains backwards).
+Not thread-safe by design: the server calls it from one event loop, so each call is atomic.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from nexus_authz.core.limits import (
+    AcquireResult,
+    Algorithm,
+    LimitSpec,
+    WindowStatus,
+    gauge_adjust,
+    gauge_take,
+    gcra_adjust,
+    gcra_take,
+    new_result,
+    new_status,
+    sliding_charge,
+    sliding_is_fresh,
+    sliding_refund,
+    sliding_take,
+)
+
+__all__ = ["MemoryCounterStore"]
+
+_GCRA = Algorithm.GCRA
+_SLIDING = Algorithm.SLIDING
+_State = complex | int | array  # type: ignore[type-arg]
+_Outcome = tuple[bool, Any, int, float, float]  # (allowed, new state, remaining, reset, retry)
+
+
+def _sliding_state(state: object, spec: LimitSpec) -> array[float] | None:
+    """The stored array if it belongs to this spec's shape; anything else counts as fresh."""
+    if state.__class__ is array and len(state) == spec.slots + 3:
+        return state
+    return None
+
+
+def _take(state: object, spec: LimitSpec, cost: int, now: float) -> _Outcome:
+    algorithm = spec.algorithm
+    if algorithm is _GCRA:
+        if state.__class__ is complex:
+            return gcra_take(state.real, state.imag, now, spec, cost)
+        return gcra_take(0.0, now, now, spec, cost)
+    if algorithm is _SLIDING:
+        return sliding_take(_sliding_state(state, spec), now, spec, cost)
+    return gauge_take(state if state.__class__ is int else 0, spec, cost)
+
+
+def _is_fresh(state: object, now: float) -> bool:
+    if state.__class__ is complex:
+        return state.real <= now - state.imag
+    if state.__class__ is array:
+        return sliding_is_fresh(state, now)
+    return not state
+
+
+class MemoryCounterStore:
+    """The in-process CounterStore. `sweep_per_call`: cold entries examined per acquire (0: only sweep())."""
+
+    __slots__ = ("_evicted", "_states", "_sweep_per_call")
+
+    def __init__(self, *, sweep_per_call: int = 1) -> None:
+        self._states: OrderedDict[str, _State] = OrderedDict()
+        self._sweep_per_call = sweep_per_call
+        self._evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def stats(self) -> dict[str, int]:
+        return {"counters": len(self._states), "evicted": self._evicted}
+
+    # -- the hot path --------------------------------------------------------------------------------
+
+    def acquire(
+        self, counter_ids: Sequence[str], specs: Sequence[LimitSpec], costs: Sequence[int], now: float
+    ) -> AcquireResult:
+        states = self._states
+        get = states.get
+        outcomes: list[_Outcome] = []
+        allowed = True
+        for i, spec in enumerate(specs):  # decide every window first; nothing is written yet
+            state = get(counter_ids[i])
+            algorithm = spec.algorithm
+            if algorithm is _GCRA:
+                if state.__class__ is complex:
+                    out: _Outcome = gcra_take(state.real, state.imag, now, spec, costs[i])
+                else:
+                    out = gcra_take(0.0, now, now, spec, costs[i])
+            elif algorithm is _SLIDING:
+                out = sliding_take(_sliding_state(state, spec), now, spec, costs[i])
+            else:
+                out = gauge_take(state if state.__class__ is int else 0, spec, costs[i])
+            if not out[0] and not spec.shadow:
+                allowed = False
+            outcomes.append(out)
+        if allowed:  # commit every enforced window, and each shadow one that fits
+            touch = states.move_to_end
+            statuses: list[WindowStatus] = []
+            uncharged = 0
+            for i, spec in enumerate(specs):
+                fits, new_state, remaining, reset_after, retry_after = outcomes[i]
+                if fits:
+                    cid = counter_ids[i]
+                    algorithm = spec.algorithm
+                    if algorithm is _GCRA:
+                        if new_state:  # debt left: keep it, anchored now
+                            states[cid] = complex(new_state, now)
+                            touch(cid)
+                        else:  # fresh (a zero cost on an idle window): nothing worth keeping
+                            states.pop(cid, None)
+                    elif algorithm is _SLIDING:
+                        cost = costs[i]
+                        if cost:
+                            states[cid] = sliding_charge(new_state, now, spec, cost)
+                            touch(cid)
+                    elif new_state:
+                        states[cid] = new_state
+                        touch(cid)
+                    else:
+                        states.pop(cid, None)
+                else:  # a shadow window that would have refused: charged only as if it were enforced
+                    uncharged |= 1 << i
+                statuses.append(new_status(spec, remaining, reset_after, retry_after, fits))
+            result = new_result(True, tuple(statuses), uncharged)
+        else:
+            denied = self._denied_statuses(counter_ids, specs, outcomes, now)
+            result = new_result(False, denied, (1 << len(specs)) - 1)
+        if self._sweep_per_call:
+            self._sweep(now, self._sweep_per_call)
+        return result
+
+    def _denied_statuses(
+        self, counter_ids: Sequence[str], specs: Sequence[LimitSpec], outcomes: list[_Outcome], now: float
+    ) -> tuple[WindowStatus, ...]:
+        """Nothing is charged, so windows that would have fitted report their figures as they are."""
+        get = self._states.get
+        statuses: list[WindowStatus] = []
+        for i, spec in enumerate(specs):
+            out = outcomes[i]
+            if out[0]:
+                out = _take(get(counter_ids[i]), spec, 0, now)
+                statuses.append(new_status(spec, out[2], out[3], out[4], True))
+            else:
+                statuses.append(new_status(spec, out[2], out[3], out[4], False))
+        return tuple(statuses)
+
+    # -- settle, dry run -------------------------------------------------------------------------------
+
+    def adjust(
+        self,
+        counter_ids: Sequence[str],
+        specs: Sequence[LimitSpec],
+        deltas: Sequence[int],
+        now: float,
+        charged_at: float | None = None,
+    ) -> None:
+        states = self._states
+        for i, spec in enumerate(specs):
+            delta = deltas[i]
+            if not delta:
+                continue
+            cid = counter_ids[i]
+            state = states.get(cid)
+            algorithm = spec.algorithm
+            if algorithm is _GCRA:
+                if state.__class__ is complex:
+                    debt = gcra_adjust(state.real, state.imag, now, spec, delta)
+                else:
+                    debt = gcra_adjust(0.0, now, now, spec, delta)
+                if debt:
+                    states[cid] = complex(debt, now)
+                    states.move_to_end(cid)
+                else:
+                    states.pop(cid, None)
+            elif algorithm is _SLIDING:
+                window = _sliding_state(state, spec)
+                if delta > 0:
+                    states[cid] = sliding_charge(window, now, spec, delta)
+                    states.move_to_end(cid)
+                elif window is not None:
+                    sliding_refund(window, now, spec, -delta, charged_at)
+                    if sliding_is_fresh(window, now):
+                        del states[cid]
+            else:
+                in_flight = gauge_adjust(state if state.__class__ is int else 0, delta)
+                if in_flight:
+                    states[cid] = in_flight
+                    states.move_to_end(cid)
+                else:
+                    states.pop(cid, None)
+
+    def peek(
+        self,
+        counter_ids: Sequence[str],
+        specs: Sequence[LimitSpec],
+        now: float,
+        costs: Sequence[int] | None = None,
+    ) -> tuple[WindowStatus, ...]:
+        get = self._states.get
+        outcomes = [
+            _take(get(counter_ids[i]), spec, costs[i] if costs is not None else 0, now)
+            for i, spec in enumerate(specs)
+        ]
+        if all(out[0] or spec.shadow for out, spec in zip(outcomes, specs, strict=True)):
+            return tuple(
+                new_status(spec, o[2], o[3], o[4], o[0]) for o, spec in zip(outcomes, specs, strict=True)
+            )
+        return self._denied_statuses(counter_ids, specs, outcomes, now)
+
+    # -- eviction ------------------------------------------------------------------------------------------
+
+    def _sweep(self, now: float, budget: int) -> int:
+        states = self._states
+        if budget > len(states):
+            budget = len(states)
+        evicted = 0
+        rotate = states.move_to_end
+        while budget > 0:
+            cid = next(iter(states))  # the cold end; O(1) on an OrderedDict (a linked list)
+            if _is_fresh(states[cid], now):
+                del states[cid]
+                evicted += 1
+            else:  # still counting: relinked at the hot end (no rehash), looked at again after the rest
+                rotate(cid)
+            budget -= 1
+        self._evicted += evicted
+        return evicted
+
+    def sweep(self, now: float, max_items: int | None = None) -> int:
+        """Examine up to `max_items` cold entries (default: all, once); drop the fresh ones. For a timer."""
+        return self._sweep(now, len(self._states) if max_items is None else max_items)

@@ -1,0 +1,410 @@
+"""The CounterStore contract: one suite, every backend.
+
+To add a backend, add one line to BACKENDS (a factory taking pytest's request, so it can pull in fixtures
+such as a redis-server on a free port). Every test below then runs against it, including a differential
+property test against `ReferenceStore`, the plainest possible reading of the semantics.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nexus_authz.core.limits import (
+    AcquireResult,
+    Algorithm,
+    LimitSpec,
+    WindowStatus,
+    gauge_adjust,
+    gauge_take,
+    gcra_adjust,
+    gcra_take,
+    make_limit,
+    sliding_charge,
+    sliding_refund,
+    sliding_take,
+)
+from nexus_authz.core.reservations import ReservationBook
+from nexus_authz.stores.base import CounterStore, apply_settlements
+from nexus_authz.stores.memory import MemoryCounterStore
+
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest], CounterStore]] = {
+    "memory": lambda request: MemoryCounterStore(),
+}
+
+NOW = 1_700_002_800.0  # an hour boundary, so sliding figures are round
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def make_store(request: pytest.FixtureRequest) -> Callable[[], CounterStore]:
+    factory = BACKENDS[request.param]
+    return lambda: factory(request)
+
+
+@pytest.fixture
+def store(make_store: Callable[[], CounterStore]) -> CounterStore:
+    return make_store()
+
+
+def ids_for(key: str, specs: Sequence[LimitSpec]) -> tuple[str, ...]:
+    return tuple(f"{key}\x00{s.name}" for s in specs)
+
+
+def figures(statuses: Sequence[WindowStatus]) -> list[tuple[int, float, float, bool]]:
+    return [(s.remaining, s.reset_after, s.retry_after, s.allowed) for s in statuses]
+
+
+# -- basics -----------------------------------------------------------------------------------------------
+
+
+def test_a_key_without_limits_is_allowed_with_no_statuses(store: CounterStore) -> None:
+    result = store.acquire((), (), (), NOW)
+    assert result.allowed and result.statuses == () and result.uncharged == 0
+    assert store.peek((), (), NOW) == ()
+
+
+def test_is_a_counter_store(store: CounterStore) -> None:
+    assert isinstance(store, CounterStore)
+
+
+def test_requests_per_minute(store: CounterStore) -> None:
+    specs = (make_limit("requests", 3, "minute"),)
+    ids = ids_for("alice", specs)
+    assert [store.acquire(ids, specs, (1,), NOW).statuses[0].remaining for _ in range(3)] == [2, 1, 0]
+    denied = store.acquire(ids, specs, (1,), NOW)
+    assert not denied.allowed
+    assert figures(denied.statuses) == [(0, 60.0, 20.0, False)]
+    assert denied.denied_by == denied.statuses
+    assert not store.acquire(ids, specs, (1,), NOW + 19.9).allowed
+    assert store.acquire(ids, specs, (1,), NOW + 20).allowed
+
+
+def test_a_usd_budget_per_day_is_a_sliding_window(store: CounterStore) -> None:
+    specs = (make_limit("usd", 1_000_000, "day"),)  # $1.00
+    ids = ids_for("alice", specs)
+    assert store.acquire(ids, specs, (700_000,), NOW).allowed
+    assert store.acquire(ids, specs, (300_000,), NOW + 3600).allowed
+    denied = store.acquire(ids, specs, (1,), NOW + 7200)
+    assert figures(denied.statuses) == [(0, 86400 + 3600 - 7200, 86400 - 7200, False)]
+    assert store.acquire(ids, specs, (700_000,), NOW + 86400).allowed  # the first hour left the window
+
+
+def test_concurrency_until_released(store: CounterStore) -> None:
+    specs = (make_limit("concurrent", 2),)
+    ids = ids_for("alice", specs)
+    assert store.acquire(ids, specs, (1,), NOW).allowed
+    assert store.acquire(ids, specs, (1,), NOW).allowed
+    denied = store.acquire(ids, specs, (1,), NOW + 100)
+    assert figures(denied.statuses) == [(0, 0.0, 1.0, False)]
+    store.adjust(ids, specs, (-1,), NOW + 100)
+    assert store.acquire(ids, specs, (1,), NOW + 100).allowed
+    store.adjust(ids, specs, (-5,), NOW + 100)  # over-release clamps at zero
+    assert store.peek(ids, specs, NOW + 100)[0].remaining == 2
+
+
+def test_a_cost_beyond_capacity_never_fits_and_charges_nothing(store: CounterStore) -> None:
+    specs = (make_limit("tokens", 1000, "minute"), make_limit("tokens", 5000, "day"))
+    ids = ids_for("alice", specs)
+    result = store.acquire(ids, specs, (1001, 1001), NOW)
+    assert not result.allowed
+    assert result.statuses[0].retry_after == math.inf and result.statuses[1].allowed
+    assert figures(store.peek(ids, specs, NOW)) == [(1000, 0.0, 0.0, True), (5000, 0.0, 0.0, True)]
+
+
+def test_counters_are_independent(store: CounterStore) -> None:
+    specs = (make_limit("requests", 1, "minute"),)
+    assert store.acquire(ids_for("alice", specs), specs, (1,), NOW).allowed
+    assert store.acquire(ids_for("bob", specs), specs, (1,), NOW).allowed
+    assert not store.acquire(ids_for("alice", specs), specs, (1,), NOW).allowed
+
+
+# -- atomicity and shadow ---------------------------------------------------------------------------------
+
+
+def test_a_denial_consumes_nothing_in_any_window(store: CounterStore) -> None:
+    rpm = make_limit("requests", 10, "minute")
+    tpm = make_limit("tokens", 1000, "minute")
+    tpd = make_limit("tokens", 5000, "day")
+    conc = make_limit("concurrent", 3)
+    specs = (rpm, tpm, tpd, conc)
+    ids = ids_for("alice", specs)
+    assert store.acquire(ids, specs, (1, 900, 900, 1), NOW).allowed
+    before = store.peek(ids, specs, NOW + 1)
+    denied = store.acquire(ids, specs, (1, 200, 200, 1), NOW + 1)  # tokens/minute refuses
+    assert not denied.allowed and denied.uncharged == 0b1111
+    assert [s.spec for s in denied.denied_by] == [tpm]
+    # the windows that would have fitted report themselves as they are, not as if charged
+    assert [denied.statuses[i] for i in (0, 2, 3)] == [before[i] for i in (0, 2, 3)]
+    assert denied.statuses[0].remaining == 9 and denied.statuses[3].remaining == 2
+    assert denied.statuses[1].remaining == before[1].remaining and denied.statuses[1].retry_after > 0
+    assert store.peek(ids, specs, NOW + 1) == before
+    for _ in range(5):
+        store.acquire(ids, specs, (1, 200, 200, 1), NOW + 1)
+    assert store.peek(ids, specs, NOW + 1) == before
+
+
+def test_shadow_limits_are_reported_never_enforced_and_charged_as_if_enforced(store: CounterStore) -> None:
+    real = make_limit("requests", 100, "minute")
+    trial = make_limit("requests", 2, "minute", shadow=True)
+    specs = (real, trial)
+    ids = ids_for("alice", specs)
+    results = [store.acquire(ids, specs, (1, 1), NOW) for _ in range(4)]
+    assert all(r.allowed for r in results)
+    assert [r.statuses[1].allowed for r in results] == [True, True, False, False]
+    assert [r.uncharged for r in results] == [0, 0, 0b10, 0b10]
+    assert [r.statuses[0].remaining for r in results] == [99, 98, 97, 96]
+    assert results[2].shadow_violations == (results[2].statuses[1],) and results[2].denied_by == ()
+    # the shadow window holds what it would hold if enforced: 2, not 4
+    assert store.peek(ids, specs, NOW)[1].remaining == 0
+    assert store.peek(ids, specs, NOW + 30)[1].remaining == 1
+
+
+def test_a_shadow_window_alone_never_denies(store: CounterStore) -> None:
+    specs = (make_limit("tokens", 10, "minute", shadow=True),)
+    ids = ids_for("alice", specs)
+    result = store.acquire(ids, specs, (50,), NOW)
+    assert result.allowed and not result.statuses[0].allowed and result.uncharged == 1
+
+
+# -- settle -----------------------------------------------------------------------------------------------
+
+
+def test_adjust_refunds_and_charges_extra_now(store: CounterStore) -> None:
+    tpm = make_limit("tokens", 1000, "minute")
+    tpd = make_limit("tokens", 5000, "day")
+    specs = (tpm, tpd)
+    ids = ids_for("alice", specs)
+    assert store.acquire(ids, specs, (800, 800), NOW).allowed
+    store.adjust(ids, specs, (-600, -600), NOW + 60, charged_at=NOW)
+    assert [s.remaining for s in store.peek(ids, specs, NOW + 60)] == [1000, 4800]
+    store.adjust(ids, specs, (+1500, +1500), NOW + 60, charged_at=NOW)  # more than the whole minute
+    peek = store.peek(ids, specs, NOW + 60, (1, 1))
+    assert not peek[0].allowed and peek[0].remaining == 0
+    assert peek[0].retry_after == pytest.approx(30.06)  # 1500 tokens at 60 ms each, minus the 60 s burst
+    assert peek[1].allowed and peek[1].remaining == 3300  # as it is: the request as a whole is refused
+
+
+def test_a_sliding_refund_comes_out_of_the_slot_it_was_charged_in(store: CounterStore) -> None:
+    specs = (make_limit("tokens", 5000, "day"),)
+    ids = ids_for("alice", specs)
+    store.acquire(ids, specs, (3000,), NOW)
+    store.acquire(ids, specs, (1000,), NOW + 3600)
+    store.adjust(ids, specs, (-2500,), NOW + 3700, charged_at=NOW)
+    assert store.peek(ids, specs, NOW + 3700)[0].remaining == 3500
+    assert store.peek(ids, specs, NOW + 86400)[0].remaining == 4000  # the 500 left, the 1000 stays
+
+
+def test_peek_is_a_dry_run_of_acquire(make_store: Callable[[], CounterStore]) -> None:
+    specs = (make_limit("requests", 5, "minute"), make_limit("tokens", 100, "minute"))
+    ids = ids_for("alice", specs)
+    dry_run, real = make_store(), make_store()
+    for s in (dry_run, real):
+        s.acquire(ids, specs, (1, 60), NOW)
+    for costs in [(1, 30), (1, 50), (9, 10), (1, 10)]:
+        dry = dry_run.peek(ids, specs, NOW + 1, costs)
+        assert dry == dry_run.peek(ids, specs, NOW + 1, costs)  # changes nothing
+        result = real.acquire(ids, specs, costs, NOW + 1)
+        assert dry == result.statuses
+        if result.allowed:  # keep the two in step
+            dry_run.acquire(ids, specs, costs, NOW + 1)
+
+
+def test_the_reserve_settle_cycle(store: CounterStore) -> None:
+    specs = (
+        make_limit("requests", 100, "minute"),
+        make_limit("tokens", 1000, "minute"),
+        make_limit("concurrent", 1),
+    )
+    ids = ids_for("alice", specs)
+    book = ReservationBook(ttl=300, max_entries=100)
+    result = store.acquire(ids, specs, (1, 900, 1), NOW)
+    assert result.allowed
+    assert book.reserve("req-1", ids, specs, (1, 900, 1), NOW, result.uncharged) == ()
+    assert not store.acquire(ids, specs, (1, 10, 1), NOW + 1).allowed  # one in flight
+    settlement = book.settle("req-1", NOW + 2, tokens=120)
+    assert settlement is not None and settlement.deltas == (0, -780, -1)
+    apply_settlements(store, [settlement], NOW + 2)
+    statuses = store.peek(ids, specs, NOW + 2)
+    # requests: drained again; tokens: 900 at 60 ms each, 2 s drained, 780 back: 86.7 owed; the slot free
+    assert [s.remaining for s in statuses] == [100, 913, 1]
+
+
+# -- differential: every backend behaves like the reference reading of the semantics -------------------------
+
+
+class ReferenceStore:
+    """The semantics with nothing clever: plain dict, no eviction, copy-then-commit."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, Any] = {}
+
+    def _take(self, cid: str, spec: LimitSpec, cost: int, now: float) -> tuple[Any, ...]:
+        state = self.states.get(cid)
+        if spec.algorithm is Algorithm.GCRA:
+            debt, since = state if state is not None else (0.0, now)
+            return gcra_take(debt, since, now, spec, cost)
+        if spec.algorithm is Algorithm.SLIDING:
+            return sliding_take(state, now, spec, cost)
+        return gauge_take(state or 0, spec, cost)
+
+    def acquire(
+        self, ids: Sequence[str], specs: Sequence[LimitSpec], costs: Sequence[int], now: float
+    ) -> AcquireResult:
+        outs = [self._take(c, s, k, now) for c, s, k in zip(ids, specs, costs, strict=True)]
+        allowed = all(o[0] or s.shadow for o, s in zip(outs, specs, strict=True))
+        statuses = []
+        uncharged = 0
+        for i, (cid, spec, cost, out) in enumerate(zip(ids, specs, costs, outs, strict=True)):
+            if allowed and out[0]:
+                if spec.algorithm is Algorithm.GCRA:
+                    self.states[cid] = (out[1], now)
+                elif spec.algorithm is Algorithm.SLIDING:
+                    if cost:
+                        self.states[cid] = sliding_charge(self.states.get(cid), now, spec, cost)
+                else:
+                    self.states[cid] = out[1]
+            else:
+                uncharged |= 1 << i
+            if not allowed and out[0]:
+                out = self._take(cid, spec, 0, now)
+            statuses.append(WindowStatus(spec, spec.limit, out[2], out[3], out[4], out[0]))
+        return AcquireResult(allowed, tuple(statuses), uncharged)
+
+    def adjust(
+        self,
+        ids: Sequence[str],
+        specs: Sequence[LimitSpec],
+        deltas: Sequence[int],
+        now: float,
+        charged_at: float | None = None,
+    ) -> None:
+        for cid, spec, delta in zip(ids, specs, deltas, strict=True):
+            if not delta:
+                continue
+            state = self.states.get(cid)
+            if spec.algorithm is Algorithm.GCRA:
+                debt, since = state if state is not None else (0.0, now)
+                self.states[cid] = (gcra_adjust(debt, since, now, spec, delta), now)
+            elif spec.algorithm is Algorithm.SLIDING:
+                if delta > 0:
+                    self.states[cid] = sliding_charge(state, now, spec, delta)
+                elif state is not None:
+                    sliding_refund(state, now, spec, -delta, charged_at)
+            else:
+                self.states[cid] = gauge_adjust(state or 0, delta)
+
+    def peek(
+        self, ids: Sequence[str], specs: Sequence[LimitSpec], now: float, costs: Sequence[int] | None = None
+    ) -> tuple[WindowStatus, ...]:
+        saved = {k: (array("d", v) if isinstance(v, array) else v) for k, v in self.states.items()}
+        try:
+            return self.acquire(ids, specs, costs or [0] * len(specs), now).statuses
+        finally:
+            self.states = saved
+
+
+SPEC_POOL = (
+    make_limit("requests", 3, "second", burst=2),
+    make_limit("requests", 20, "minute"),
+    make_limit("tokens", 50, "minute"),
+    make_limit("tokens", 120, "day", slots=6),
+    make_limit("tokens", 30, "minute", algorithm="sliding", slots=4),
+    make_limit("usd", 80, "day", slots=3),
+    make_limit("concurrent", 2),
+    make_limit("tokens", 20, "minute", shadow=True),
+    make_limit("requests", 4, "minute", algorithm="sliding", slots=3, shadow=True),
+)
+
+op = st.one_of(
+    st.tuples(st.just("acquire"), st.integers(0, 2), st.lists(st.integers(0, 40), min_size=9, max_size=9)),
+    st.tuples(st.just("adjust"), st.integers(0, 2), st.lists(st.integers(-40, 40), min_size=9, max_size=9)),
+    st.tuples(st.just("peek"), st.integers(0, 2), st.lists(st.integers(0, 40), min_size=9, max_size=9)),
+)
+gaps = st.one_of(st.integers(0, 64), st.integers(0, 64 * 30), st.integers(0, 64 * 20_000))  # 1/64 s units
+ops = st.lists(st.tuples(gaps, st.sets(st.integers(0, 8), min_size=1), op), max_size=40)
+
+
+def run_ops(store: Any, steps: list[Any]) -> list[Any]:
+    """Apply the steps; returns every answer. Gaps are on a 1/64 s grid, from 0 to ~3.5 days."""
+    now = NOW
+    answers: list[Any] = []
+    for gap, chosen, (kind, key, numbers) in steps:
+        now += gap / 64
+        picked = sorted(chosen)
+        specs = tuple(SPEC_POOL[i] for i in picked)
+        ids = tuple(f"k{key}\x00{i}" for i in picked)
+        values = tuple(numbers[i] for i in picked)
+        if kind == "acquire":
+            costs = tuple(
+                1 if s.kind in ("requests", "concurrent") else v for s, v in zip(specs, values, strict=True)
+            )
+            r = store.acquire(ids, specs, costs, now)
+            answers.append((r.allowed, r.uncharged, figures(r.statuses)))
+        elif kind == "adjust":
+            store.adjust(ids, specs, values, now, charged_at=now - (gap / 64) / 2)
+        else:
+            answers.append(figures(store.peek(ids, specs, now, values)))
+    return answers
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=ops)
+def test_behaves_like_the_reference(make_store: Callable[[], CounterStore], steps: list[Any]) -> None:
+    assert run_ops(make_store(), steps) == run_ops(ReferenceStore(), steps)
+
+
+# -- memory only: exact eviction ----------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=ops)
+def test_memory_eviction_is_exact(steps: list[Any]) -> None:
+    """A store that drops every fresh window at every call answers exactly like one that keeps them."""
+
+    class EagerlySwept(MemoryCounterStore):
+        def acquire(self, *args: Any) -> AcquireResult:
+            self.sweep(args[-1])
+            return super().acquire(*args)
+
+        def peek(self, ids: Any, specs: Any, now: float, costs: Any = None) -> tuple[WindowStatus, ...]:
+            self.sweep(now)
+            return super().peek(ids, specs, now, costs)
+
+    keeper = MemoryCounterStore(sweep_per_call=0)
+    sweeper = EagerlySwept(sweep_per_call=10**6)
+    assert run_ops(sweeper, steps) == run_ops(keeper, steps)
+    assert len(sweeper) <= len(keeper)
+
+
+def test_memory_idle_windows_are_evicted_a_few_per_call() -> None:
+    store = MemoryCounterStore(sweep_per_call=1)
+    specs = (make_limit("requests", 10, "minute"), make_limit("tokens", 100, "day"))
+    for k in range(500):
+        store.acquire(ids_for(f"k{k}", specs), specs, (1, 1), NOW)
+    assert len(store) == 1000
+    # an hour later the minute windows are fresh, the day windows are not
+    hot = ids_for("hot", specs[:1])
+    for i in range(100):
+        store.acquire(hot, specs[:1], (1,), NOW + 3600 + i)
+    evicted = store.stats()["evicted"]
+    assert 0 < evicted <= 100  # at most one entry examined per call: no scan
+    store.sweep(NOW + 3600 + 100)
+    assert len(store) == 501  # the 500 day windows and the hot key; nothing else
+    store.sweep(NOW + 2 * 86400)
+    assert len(store) == 0 and store.stats() == {"counters": 0, "evicted": 1001}
+
+
+def test_memory_a_window_that_changed_shape_starts_fresh() -> None:
+    store = MemoryCounterStore()
+    old = make_limit("tokens", 100, "day", slots=24)
+    new = make_limit("tokens", 100, "day", slots=12)
+    store.acquire(("k",), (old,), (100,), NOW)
+    assert store.peek(("k",), (new,), NOW)[0].remaining == 100
+    gcra = make_limit("tokens", 100, "day", algorithm="gcra")
+    assert store.acquire(("k",), (gcra,), (100,), NOW).allowed
