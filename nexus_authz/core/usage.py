@@ -1,0 +1,698 @@
+"""Token usage from LLM responses: OpenAI (chat, completions, embeddings, Responses) and Anthropic.
+
+The settle half of token accounting. A response is either one JSON document or a Server-Sent Events
+stream; the usage record is in the document, in the last OpenAI chunk (`stream_options.include_usage`),
+in `response.completed` (Responses) or split over `message_start` and the cumulative `message_delta`
+(Anthropic). A stream cut off before its record is charged the prompt hint plus the completion counted
+from the content deltas seen.
+
+`StreamUsage` is the one parser (`usage_from_body` feeds it a whole body), so buffered and streamed
+responses give identical results, whatever the chunking (short of the hard limits below). It is built
+to cost little per response (issue 9): `feed` only appends bytes; complete events are processed in
+windows of up to 128 KiB with a few C-level scans, never a json.loads per chunk: only `"usage": {...}`
+objects are decoded, and content deltas are extracted only from windows that must be discarded before
+the stream has shown its usage record, or at the end when it never did. Hard limits: an event longer
+than 1 MiB and a JSON body longer than 8 MiB keep only their last 64 KiB (where usage records sit),
+decompression stops at 64 MiB (zip bombs), content kept for counting stops at 4 MiB (the rest is
+estimated from its length), and no input raises. Pure: the same parser can run behind ext_proc or any
+cheaper transport.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from nexus_authz.core.body import loads_bounded
+from nexus_authz.core.tokens import estimate_tokens
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "MAX_BODY_BYTES",
+    "MAX_DECODED_BYTES",
+    "MAX_EVENT_BYTES",
+    "StreamUsage",
+    "Usage",
+    "UsageSource",
+    "usage_from_body",
+]
+
+UsageSource = Literal["provider", "estimated", "none"]
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens a response consumed, normalised across providers.
+
+    `prompt_tokens` always means all input tokens: for Anthropic, whose `input_tokens` excludes cache
+    traffic, it is input_tokens + cache_read_input_tokens + cache_creation_input_tokens.
+    `cached_prompt_tokens` (cache reads) and `cache_write_tokens` (Anthropic cache creation, OpenAI
+    `cache_write_tokens` where reported) are subsets of it, priced differently. `completion_tokens`
+    includes `reasoning_tokens`. `source` says how much to trust it: "provider" is the upstream's own
+    record, "estimated" was counted from what the stream showed (cut off, or never sent a record),
+    "none" means an error response or nothing usable: charge nothing or the configured minimum.
+    """
+
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    cache_write_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    source: UsageSource = "provider"
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+# --------------------------------------------------------------------------------------------------
+# Limits
+# --------------------------------------------------------------------------------------------------
+
+MAX_EVENT_BYTES: Final = 1 << 20  # an SSE event longer than this keeps only its last _EVENT_TAIL bytes
+_EVENT_TAIL: Final = 64 << 10
+MAX_BODY_BYTES: Final = 8 << 20  # a JSON body longer than this keeps only its tail
+MAX_DECODED_BYTES: Final = 64 << 20  # decompressed bytes per response; then decoding stops
+_DECODE_STEP: Final = 256 << 10  # decompress in steps so a bomb never materialises at once
+_MAX_CONTENT_BYTES: Final = 4 << 20  # raw delta text kept for counting; beyond, only its length
+DEFAULT_WINDOW: Final = 128 << 10
+_MAX_TOKENS: Final = 1 << 40  # larger "token counts" in a usage record are nonsense: read as 0
+_USAGE_SPAN: Final = 16 << 10  # a usage object is a few hundred bytes; never decode more than this
+
+# --------------------------------------------------------------------------------------------------
+# Usage records
+# --------------------------------------------------------------------------------------------------
+
+
+def _count(value: object) -> int:
+    if type(value) is int:
+        return value if 0 <= value <= _MAX_TOKENS else 0
+    if type(value) is float and value.is_integer() and 0 <= value <= _MAX_TOKENS:
+        return int(value)
+    return 0
+
+
+def _sub(record: dict[str, object], key: str) -> dict[str, object]:
+    value = record.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _openai_usage(record: dict[str, object]) -> Usage | None:
+    """A chat/completions/embeddings or Responses usage record, or None when it is neither."""
+    if "prompt_tokens" in record or "completion_tokens" in record:
+        prompt = _count(record.get("prompt_tokens"))
+        completion = _count(record.get("completion_tokens"))
+        prompt_details = _sub(record, "prompt_tokens_details")
+        completion_details = _sub(record, "completion_tokens_details")
+    elif "input_tokens_details" in record or "output_tokens_details" in record or "total_tokens" in record:
+        prompt = _count(record.get("input_tokens"))
+        completion = _count(record.get("output_tokens"))
+        prompt_details = _sub(record, "input_tokens_details")
+        completion_details = _sub(record, "output_tokens_details")
+    else:
+        return None
+    cached = min(_count(prompt_details.get("cached_tokens")), prompt)
+    return Usage(
+        prompt_tokens=prompt,
+        cached_prompt_tokens=cached,
+        cache_write_tokens=min(_count(prompt_details.get("cache_write_tokens")), prompt - cached),
+        completion_tokens=completion,
+        reasoning_tokens=min(_count(completion_details.get("reasoning_tokens")), completion),
+    )
+
+
+_ANTHROPIC_FIELDS: Final = (
+    "input_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+    "output_tokens",
+)
+
+
+def _is_anthropic(record: dict[str, object]) -> bool:
+    return any(key in record for key in _ANTHROPIC_FIELDS)
+
+
+def _anthropic_usage(fields: dict[str, int], source: UsageSource = "provider") -> Usage:
+    read = fields.get("cache_read_input_tokens", 0)
+    write = fields.get("cache_creation_input_tokens", 0)
+    return Usage(
+        prompt_tokens=fields.get("input_tokens", 0) + read + write,
+        cached_prompt_tokens=read,
+        cache_write_tokens=write,
+        completion_tokens=fields.get("output_tokens", 0),
+        source=source,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Byte patterns
+# --------------------------------------------------------------------------------------------------
+
+_WS: Final = rb"[ \t\r\n]*"
+_STRING_BODY: Final = rb'([^"\\]*(?:\\.[^"\\]*)*)"'
+# A usage object (not `"usage": null`): a quoted key cannot occur inside a JSON string unescaped.
+_USAGE_OBJECT: Final = re.compile(rb'"usage"' + _WS + rb":" + _WS + rb"\{")
+# Error events, found with substring checks (a regex without a literal prefix scans at ~60 MB/s):
+# Anthropic `{"type": "error", ...}` / `event: error`, Responses `error` and `response.failed`, an
+# OpenAI `data: {"error": {...}}`. Quoted markers only match structure, never text inside strings.
+_ERROR_MARKERS: Final = (
+    b'"type":"error"',
+    b'"type": "error"',
+    b'"response.failed"',
+    b"event: error\n",
+    b"event:error\n",
+    b'data: {"error":',
+    b'data: {"error" :',
+    b'data:{"error":',
+)
+
+
+def _content_pattern(*keys: str) -> re.Pattern[bytes]:
+    names = "|".join(keys).encode()
+    return re.compile(rb'"(?:' + names + rb')"' + _WS + rb":" + _WS + rb'"' + _STRING_BODY, re.DOTALL)
+
+
+# Which string fields of a stream are generated content, per format. Each regex matches only keys
+# (structure), never text inside strings, since quotes there are escaped.
+_OPENAI, _ANTHROPIC, _RESPONSES, _UNKNOWN = 1, 2, 3, 0
+_CONTENT: Final = {
+    # chat deltas (content, tool-call arguments, refusal; reasoning as some compatible servers send it)
+    # and legacy completions (choices[].text)
+    _OPENAI: _content_pattern("content", "arguments", "refusal", "reasoning_content", "reasoning", "text"),
+    # content_block_delta: text_delta.text, input_json_delta.partial_json, thinking_delta.thinking
+    _ANTHROPIC: _content_pattern("text", "partial_json", "thinking"),
+    # response.*.delta events carry their text in "delta"; the *.done events repeat it as "text",
+    # which must not count twice
+    _RESPONSES: _content_pattern("delta"),
+    _UNKNOWN: _content_pattern(
+        "content", "arguments", "refusal", "text", "partial_json", "thinking", "delta"
+    ),
+}
+_KIND_MARKERS: Final = (
+    (b'"response.', _RESPONSES),  # "type":"response.created" ...
+    (b'"message_start"', _ANTHROPIC),
+    (b'"content_block_', _ANTHROPIC),
+    (b'"chat.completion', _OPENAI),
+    (b'"text_completion"', _OPENAI),
+    (b'"choices"', _OPENAI),
+)
+
+_decoder = json.JSONDecoder()
+_lenient = json.JSONDecoder(strict=False)  # content strings may carry raw control characters
+
+# --------------------------------------------------------------------------------------------------
+# The parser
+# --------------------------------------------------------------------------------------------------
+
+_SNIFF, _SSE, _JSON = 0, 1, 2
+# A body is an event stream once a line starts with an SSE field (a comment-only stream counts: the
+# upstream accepted the request and was cut off before its first event).
+_SSE_FIELDS: Final = (b"data:", b"event:", b":", b"id:", b"retry:")
+_SSE_LINES: Final = (b"\ndata:", b"\nevent:", b"\n:")
+
+
+class StreamUsage:
+    """Incremental usage extraction from a response body, fed chunks split at any byte.
+
+    `feed` as Envoy delivers body chunks, `finish` at end of stream (or when the stream was cut off);
+    `finish` is idempotent and later `feed`s are ignored. `content_type` ("text/event-stream" or a JSON
+    type) only settles the rare body that does not announce itself; otherwise the first non-blank byte
+    decides (`{` or `[`: a JSON document, anything else: SSE). `count_tokens` counts the completion of
+    a stream without a usage record (default: the fast estimate; pass tokens.count_tokens for an exact
+    count, in an executor for large texts). After finish, `saw_error`, `limited` (a hard limit cut
+    something) and `undecodable` (an unsupported content-encoding: the result is only the prompt hint,
+    and the adapter should charge the reservation instead) qualify the result.
+    """
+
+    __slots__ = (
+        "_anthropic",
+        "_anthropic_final",
+        "_blind_bytes",
+        "_buf",
+        "_content",
+        "_content_bytes",
+        "_count_tokens",
+        "_decoded",
+        "_decoder",
+        "_deflate_head",
+        "_final",
+        "_kind",
+        "_last_window",
+        "_mode",
+        "_next_drain",
+        "_prompt_hint",
+        "_result",
+        "_saw_sse",
+        "_total",
+        "_trimmed",
+        "_window",
+        "limited",
+        "saw_error",
+        "undecodable",
+    )
+
+    def __init__(
+        self,
+        *,
+        content_encoding: str | None = None,
+        prompt_tokens_hint: int = 0,
+        count_tokens: Callable[[str], int] | None = None,
+        content_type: str | None = None,
+        window: int = DEFAULT_WINDOW,
+    ) -> None:
+        self._buf = bytearray()
+        self._window = max(64, int(window))
+        self._next_drain = self._window
+        self._prompt_hint = max(0, int(prompt_tokens_hint))
+        self._count_tokens = count_tokens
+        self._mode = _SNIFF
+        ctype = (content_type or "").lower()
+        if "event-stream" in ctype:
+            self._mode = _SSE
+        elif "json" in ctype:
+            self._mode = _JSON
+        self._kind = _UNKNOWN
+        self._final: Usage | None = None
+        self._anthropic: dict[str, int] = {}
+        self._anthropic_final = False
+        self._content: list[bytes] = []
+        self._content_bytes = 0
+        self._blind_bytes = 0  # bytes dropped unseen (trimmed events, content over the cap)
+        self._last_window = b""
+        self._saw_sse = False
+        self._trimmed = False
+        self._total = 0
+        self._decoded = 0
+        self._result: Usage | None = None
+        self.saw_error = False
+        self.limited = False
+        self.undecodable = False
+        self._decoder: zlib._Decompress | None = None
+        self._deflate_head: bytes | None = None
+        encoding = (content_encoding or "").strip().lower()
+        if encoding in ("gzip", "x-gzip"):
+            self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        elif encoding == "deflate":
+            self._deflate_head = b""  # zlib-wrapped or raw: decided by the first two bytes
+        elif encoding not in ("", "identity"):
+            self.undecodable = True
+
+    # -- input --------------------------------------------------------------------------------------
+
+    def feed(self, chunk: bytes) -> None:
+        """Take the next body chunk (any split point); never raises."""
+        if self._result is not None or not chunk or self.undecodable:
+            return
+        try:
+            if self._decoder is None and self._deflate_head is None:
+                self._total += len(chunk)
+                self._buf += chunk
+                if len(self._buf) >= self._next_drain:
+                    self._drain(final=False)
+            else:
+                self._decode(bytes(chunk))
+        except Exception:  # a parser bug must never fail a response: stop parsing, say so
+            self.limited = True
+            self.undecodable = True
+
+    def _decode(self, chunk: bytes) -> None:
+        if self._deflate_head is not None:
+            head = self._deflate_head + chunk
+            if len(head) < 2:
+                self._deflate_head = head
+                return
+            zlib_wrapped = (head[0] & 0x0F) == 8 and ((head[0] << 8) | head[1]) % 31 == 0
+            self._decoder = zlib.decompressobj(zlib.MAX_WBITS if zlib_wrapped else -zlib.MAX_WBITS)
+            self._deflate_head = None
+            chunk = head
+        decoder = self._decoder
+        if decoder is None:
+            return
+        data = chunk
+        while data:
+            budget = MAX_DECODED_BYTES - self._decoded
+            if budget <= 0:
+                self.limited = True
+                self._decoder = None
+                self.undecodable = True
+                return
+            try:
+                out = decoder.decompress(data, min(_DECODE_STEP, budget))
+            except zlib.error:
+                self.limited = True
+                self._decoder = None
+                self.undecodable = True
+                return
+            self._decoded += len(out)
+            if out:
+                self._ingest(out)
+            data = decoder.unconsumed_tail
+
+    def _ingest(self, data: bytes) -> None:
+        self._total += len(data)
+        self._buf += data
+        if len(self._buf) >= self._next_drain:
+            self._drain(final=False)
+
+    # -- processing -----------------------------------------------------------------------------------
+
+    def _sniff(self) -> None:
+        """Decide JSON or SSE from the first non-blank byte; blank bytes before it are dropped."""
+        body = self._buf.lstrip(b" \t\r\n\xef\xbb\xbf")  # whitespace and a UTF-8 BOM
+        self._buf = body
+        if body:
+            self._mode = _JSON if body[0] in (0x7B, 0x5B) else _SSE  # "{" or "["
+
+    def _drain(self, *, final: bool) -> None:
+        if self._mode == _SNIFF:
+            self._sniff()
+            if self._mode == _SNIFF:  # blank so far (and dropped)
+                self._next_drain = self._window
+                return
+        if self._mode == _JSON:
+            self._trim_json()
+            self._next_drain = len(self._buf) + self._window
+            return
+        buf = self._buf
+        hold = b""
+        if b"\r" in buf:
+            if not final and buf.endswith(b"\r"):
+                hold = b"\r"  # may be the first half of a CRLF split across chunks
+                del buf[-1:]
+            data = bytes(buf).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        else:
+            data = bytes(buf)
+        if final:
+            cut = len(data)
+        else:
+            cut = data.rfind(b"\n\n") + 2
+            if cut < 2:  # no complete event yet
+                if len(data) > MAX_EVENT_BYTES:
+                    self._blind_bytes += len(data) - _EVENT_TAIL
+                    data = data[-_EVENT_TAIL:]
+                    self.limited = True
+                self._buf = bytearray(data + hold)
+                self._next_drain = len(self._buf) + self._window
+                return
+        window = data[:cut]
+        self._buf = bytearray(data[cut:] + hold)
+        self._next_drain = len(self._buf) + self._window
+        self._process(window, final=final)
+
+    def _trim_json(self) -> None:
+        if len(self._buf) > MAX_BODY_BYTES:  # keep the tail, where every provider puts its usage
+            self._blind_bytes += len(self._buf) - _EVENT_TAIL
+            del self._buf[:-_EVENT_TAIL]
+            self._trimmed = True
+            self.limited = True
+
+    def _process(self, window: bytes, *, final: bool) -> None:
+        # Every scan here costs ~0.5-1 µs per KB, so each runs only while its answer can matter.
+        if not self._saw_sse and (window.startswith(_SSE_FIELDS) or any(f in window for f in _SSE_LINES)):
+            self._saw_sse = True
+        if self._kind == _UNKNOWN:
+            head = window[:4096]  # the first event names the format
+            for marker, kind in _KIND_MARKERS:
+                if marker in head:
+                    self._kind = kind
+                    break
+        self._take_usages(window)
+        if self._final is not None or (self._anthropic_final and self._anthropic):
+            return  # the record settles it: errors and content no longer matter
+        if final:
+            self._last_window = window  # finish() reads it only if still needed
+        else:
+            self._scan_unsettled(window)
+
+    def _scan_unsettled(self, window: bytes) -> None:
+        """Error events and content deltas of a window that must be read before the usage record."""
+        if not self.saw_error and b"error" in window and any(m in window for m in _ERROR_MARKERS):
+            self.saw_error = True
+        self._extract_content(window)
+
+    def _take_usages(self, window: bytes) -> None:
+        """Decode the usage objects of a window: the last one of each event, at most _USAGE_SPAN long.
+
+        One per event is all any provider sends; taking only the last keeps an event stuffed with
+        `"usage":{` (garbage, hostile) linear: each event's end is searched for once.
+        """
+        pending: tuple[int, int] | None = None
+        event_end = -1
+        for match in _USAGE_OBJECT.finditer(window):
+            key = match.start()
+            if key >= event_end:
+                if pending is not None:
+                    self._take_usage(window, pending[0], pending[1], event_end)
+                event_end = window.find(b"\n\n", key)
+                if event_end < 0:
+                    event_end = len(window)
+            pending = (key, match.end() - 1)
+        if pending is not None:
+            self._take_usage(window, pending[0], pending[1], event_end)
+
+    def _take_usage(self, window: bytes, key: int, brace: int, end: int) -> None:
+        text = window[brace : min(end, brace + _USAGE_SPAN)]
+        if b"\ndata:" in text:  # the JSON continues on another data line: rebuild the event's data
+            text = b"\n".join(
+                line[5:].removeprefix(b" ") if line.startswith(b"data:") else line
+                for line in text.split(b"\n")
+            )
+        try:
+            record, _ = _decoder.raw_decode(text.decode("utf-8", "replace"))
+        except (ValueError, RecursionError):
+            return
+        if not isinstance(record, dict):
+            return
+        usage = _openai_usage(record)
+        if usage is not None:
+            self._final = usage
+            return
+        if _is_anthropic(record):
+            start = window.rfind(b"\n\n", 0, key)
+            header = window[start + 1 if start >= 0 else 0 : key]
+            for name in _ANTHROPIC_FIELDS:
+                if name in record:
+                    self._anthropic[name] = _count(record[name])
+            if b'"message_start"' not in header:
+                self._anthropic_final = True  # message_delta: cumulative counts, the latest wins
+
+    def _extract_content(self, window: bytes) -> None:
+        if self._content_bytes >= _MAX_CONTENT_BYTES:
+            self._blind_bytes += len(window) // 4  # content is a fraction of the event bytes
+            self.limited = True
+            return
+        found = _CONTENT[self._kind].findall(window)
+        self._content += found
+        self._content_bytes += sum(map(len, found))
+        if self._content_bytes >= _MAX_CONTENT_BYTES:
+            self.limited = True
+
+    # -- result ---------------------------------------------------------------------------------------
+
+    def finish(self) -> Usage:
+        """The usage of the whole response; idempotent, never raises."""
+        if self._result is None:
+            try:
+                self._result = self._finish()
+            except Exception:  # defensive: a bug must not fail the response; charge the hint
+                self.limited = True
+                self._result = Usage(prompt_tokens=self._prompt_hint, source="estimated")
+            self._buf = bytearray()
+            self._content = []
+            self._last_window = b""
+        return self._result
+
+    def _finish(self) -> Usage:
+        if self._deflate_head:  # fewer than two bytes of a deflate body
+            self.undecodable = True
+        if self._decoder is not None:
+            try:
+                tail = self._decoder.flush()
+            except zlib.error:
+                tail = b""
+                self.undecodable = True
+            self._decoder = None
+            if tail:
+                self._ingest(tail[: max(0, MAX_DECODED_BYTES - self._decoded)])
+        if self.undecodable and self._total == 0:
+            return Usage(prompt_tokens=self._prompt_hint, source="estimated")
+        if self._mode == _SNIFF:
+            self._sniff()
+            if self._mode == _SNIFF:  # nothing but blank bytes: a stream cut off before its first event
+                return Usage(prompt_tokens=self._prompt_hint, source="estimated")
+        if self._mode == _JSON:
+            return self._finish_json()
+        self._drain(final=True)
+        if self._final is not None:
+            return self._final
+        if self._anthropic_final and self._anthropic:
+            return _anthropic_usage(self._anthropic)
+        completion = self._counted_completion()
+        if self._anthropic:  # message_start seen: the prompt is exact, the completion is not
+            partial = _anthropic_usage(self._anthropic, "estimated")
+            return Usage(
+                prompt_tokens=partial.prompt_tokens,
+                cached_prompt_tokens=partial.cached_prompt_tokens,
+                cache_write_tokens=partial.cache_write_tokens,
+                completion_tokens=max(completion, partial.completion_tokens),
+                source="estimated",
+            )
+        if self._total and not self._saw_sse:
+            return Usage(source="none")  # not an event stream: an HTML error page, garbage
+        if self.saw_error and completion == 0:
+            return Usage(source="none")
+        return Usage(prompt_tokens=self._prompt_hint, completion_tokens=completion, source="estimated")
+
+    def _counted_completion(self) -> int:
+        if self._last_window:
+            self._scan_unsettled(self._last_window)
+        total = round(self._blind_bytes / 4)
+        if not self._content:
+            return total
+        joined = b'["' + b'","'.join(self._content) + b'"]'
+        try:
+            parts = _lenient.decode(joined.decode("utf-8", "replace"))
+        except (ValueError, RecursionError):
+            parts = []
+            for literal in self._content:
+                try:
+                    parts.append(_lenient.decode('"' + literal.decode("utf-8", "replace") + '"'))
+                except (ValueError, RecursionError):
+                    total += round(len(literal) / 4)
+        text = "".join(part for part in parts if isinstance(part, str))
+        counter = self._count_tokens or estimate_tokens
+        try:
+            return total + max(0, int(counter(text)))
+        except Exception:  # a caller-supplied counter failed: fall back to the estimate
+            return total + estimate_tokens(text)
+
+    def _finish_json(self) -> Usage:
+        self._trim_json()
+        body = bytes(self._buf)
+        if not self._trimmed:
+            obj = loads_bounded(body, MAX_BODY_BYTES)
+            if obj is None:
+                return Usage(source="none")  # malformed, truncated or too deep
+            return self._usage_from_document(obj)
+        # Too large to keep whole: the usage record sits at the end of every provider's document.
+        matches = list(_USAGE_OBJECT.finditer(body))
+        last = matches[-1] if matches else None
+        if last is not None:
+            try:
+                start = last.end() - 1
+                text = body[start : start + _USAGE_SPAN].decode("utf-8", "replace")
+                record, _ = _decoder.raw_decode(text)
+            except (ValueError, RecursionError):
+                record = None
+            if isinstance(record, dict):
+                usage = _openai_usage(record)
+                if usage is not None:
+                    return usage
+                if _is_anthropic(record):
+                    return _anthropic_usage({k: _count(record[k]) for k in _ANTHROPIC_FIELDS if k in record})
+        completion = round(self._blind_bytes / 4) + estimate_tokens(body)
+        return Usage(prompt_tokens=self._prompt_hint, completion_tokens=completion, source="estimated")
+
+    def _usage_from_document(self, obj: object) -> Usage:
+        if not isinstance(obj, dict):
+            return Usage(source="none")
+        if isinstance(obj.get("error"), dict) or obj.get("type") == "error":
+            self.saw_error = True
+            return Usage(source="none")
+        record = obj.get("usage")
+        if not isinstance(record, dict) and isinstance(obj.get("response"), dict):
+            record = obj["response"].get("usage")  # a Responses event object posted as a document
+        if isinstance(record, dict):
+            usage = _openai_usage(record)
+            if usage is not None:
+                return usage
+            if _is_anthropic(record):
+                return _anthropic_usage({k: _count(record[k]) for k in _ANTHROPIC_FIELDS if k in record})
+        if obj.get("status") == "failed":
+            self.saw_error = True
+            return Usage(source="none")
+        text = _document_text(obj)
+        if not text:
+            return Usage(source="none")
+        counter = self._count_tokens or estimate_tokens
+        try:
+            completion = max(0, int(counter(text)))
+        except Exception:
+            completion = estimate_tokens(text)
+        return Usage(prompt_tokens=self._prompt_hint, completion_tokens=completion, source="estimated")
+
+
+def _document_text(obj: dict[str, object]) -> str:
+    """The generated text of a response document without a usage record (chat, completions,
+    Responses, Anthropic), for an estimate."""
+    parts: list[str] = []
+    choices = obj.get("choices")
+    if isinstance(choices, list):
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            if isinstance(choice.get("text"), str):
+                parts.append(choice["text"])
+            message = choice.get("message")
+            if isinstance(message, dict):
+                for key in ("content", "refusal", "reasoning_content"):
+                    if isinstance(message.get(key), str):
+                        parts.append(message[key])
+                calls = message.get("tool_calls")
+                for call in calls if isinstance(calls, list) else ():
+                    fn = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                        parts.append(fn["arguments"])
+    blocks = obj.get("content") if obj.get("type") == "message" else None
+    for block in blocks if isinstance(blocks, list) else ():
+        if isinstance(block, dict):
+            for key in ("text", "thinking"):
+                if isinstance(block.get(key), str):
+                    parts.append(block[key])
+            if isinstance(block.get("input"), dict):
+                parts.append(json.dumps(block["input"]))
+    output = obj.get("output") if obj.get("object") == "response" else None
+    for item in output if isinstance(output, list) else ():
+        if not isinstance(item, dict):
+            continue
+        if isinstance(item.get("arguments"), str):
+            parts.append(item["arguments"])
+        content = item.get("content")
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+    return "".join(parts)
+
+
+def usage_from_body(
+    body: bytes,
+    *,
+    content_type: str | None,
+    content_encoding: str | None,
+    prompt_tokens_hint: int = 0,
+    count_tokens: Callable[[str], int] | None = None,
+) -> Usage:
+    """The usage of a complete response body (JSON or SSE, gzip/deflate decoded); never raises.
+
+    Identical to feeding the same bytes to StreamUsage in any split (short of the hard limits, which
+    bound the stream's buffers but not a body already in memory). A malformed JSON document, or a body
+    that is neither JSON nor an event stream, gives Usage(source="none").
+    """
+    if not isinstance(body, bytes | bytearray | memoryview):
+        return Usage(source="none")
+    parser = StreamUsage(
+        content_encoding=content_encoding,
+        prompt_tokens_hint=prompt_tokens_hint,
+        count_tokens=count_tokens,
+        content_type=content_type,
+        # The whole body is here: read it as one final window, so content is extracted only if the
+        # body turns out to have no usage record.
+        window=len(body) + 1,
+    )
+    parser.feed(body)
+    return parser.finish()
