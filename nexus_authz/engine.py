@@ -19,9 +19,13 @@ from pathlib import Path
 from nexus_authz.core.config import credential_value, parse_key_file
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.keys import EMPTY_SNAPSHOT, KeySnapshot
+from nexus_authz.core.limits import new_result
 from nexus_authz.core.model import Credential, Decision, Reason, Request
 from nexus_authz.core.policy import Policy
+from nexus_authz.core.reservations import ReservationBook
 from nexus_authz.settings import Settings, resolve_path, resolve_secret
+from nexus_authz.stores.base import apply_settlements
+from nexus_authz.stores.memory import MemoryCounterStore
 
 log = logging.getLogger("nexus_authz.keys")
 
@@ -108,6 +112,8 @@ class Engine:
 
     __slots__ = (
         "_credentials",
+        "book",
+        "counters",
         "_key_path",
         "_last_error",
         "_last_error_at",
@@ -129,8 +135,11 @@ class Engine:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
-        self.policy = Policy()
+        self.policy = Policy(settings.policy)
         self.clock = clock
+        self.counters = MemoryCounterStore()
+        reservations = settings.policy.reservations
+        self.book = ReservationBook(ttl=reservations.ttl, max_entries=reservations.max_pending)
         self.snapshot: KeySnapshot = EMPTY_SNAPSHOT
         self.decisions: dict[Reason, int] = dict.fromkeys(Reason, 0)
         self._pepper = pepper
@@ -155,9 +164,36 @@ class Engine:
 
     # -- the hot path -------------------------------------------------------------------------------
     def check(self, request: Request) -> Decision:
-        decision = self.policy.authorize(request, self.snapshot, self.clock())
+        decision = self.policy.authorize(request, self.snapshot, self.clock(), self.counters, self.book)
         self.decisions[decision.reason] += 1
         return decision
+
+    def dry_run(self, request: Request) -> Decision:
+        """The decision `check` would make, without charging or reserving anything."""
+        now = self.clock()
+        admission = self.policy.admit(request, self.snapshot, now)
+        if isinstance(admission, Decision):
+            return admission
+        statuses = self.counters.peek(admission.counter_ids, admission.specs, now, admission.costs)
+        allowed = all(s.allowed or s.spec.shadow for s in statuses)
+        return self.policy.conclude(admission, new_result(allowed, statuses, 0 if allowed else -1), now)
+
+    def settle(self, request_id: str, *, tokens: int | None, usd_micros: int | None) -> bool:
+        """Replace a request's reserved estimate with its real usage; False if nothing was reserved."""
+        now = self.clock()
+        settlement = self.book.settle(request_id, now, tokens=tokens, usd_micros=usd_micros)
+        if settlement is None:
+            return False
+        apply_settlements(self.counters, (settlement,), now)
+        return True
+
+    def maintain(self) -> None:
+        """Periodic upkeep off the hot path: expire reservations, drop drained counters."""
+        now = self.clock()
+        expired = self.book.expire(now)
+        if expired:
+            apply_settlements(self.counters, expired, now)
+        self.counters.sweep(now, 10_000)
 
     def count(self, reason: Reason) -> None:
         self.decisions[reason] += 1

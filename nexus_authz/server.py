@@ -94,6 +94,7 @@ class Server:
             await self._start_grpc(s.grpc)
         self.tasks.append(asyncio.create_task(self._reload_loop(), name="key-reload"))
         self.tasks.append(asyncio.create_task(self._idle_loop(), name="idle-sweep"))
+        self.tasks.append(asyncio.create_task(self._maintenance_loop(), name="maintenance"))
 
     async def _start_grpc(self, address: str) -> None:
         server = grpc.aio.server(
@@ -142,6 +143,14 @@ class Server:
                 self.engine.reload_keys()
             except Exception:  # a bug must not stop reloads forever
                 log.exception("key reload failed")
+
+    async def _maintenance_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.engine.maintain()
+            except Exception:
+                log.exception("maintenance failed")
 
     async def _idle_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -22,6 +22,7 @@ from nexus_authz.core.tokens import IMAGE_TOKENS, estimate_tokens
 
 __all__ = [
     "MAX_PARSE_BYTES",
+    "find_model",
     "PARSE_BELOW",
     "SAMPLE_ABOVE",
     "RequestFacts",
@@ -419,3 +420,36 @@ def inject_include_usage(body: bytes) -> bytes | None:
         return body[: start + 1] + _INCLUDE_USAGE + body[start + 1 :]
     obj["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+# `"model": "..."` anywhere in a JSON text; used only when it occurs exactly once (see `find_model`).
+_MODEL_RE = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){0,256})"')
+_MULTIPART_MODEL_RE = re.compile(rb'name="model"\r\n(?:[^\r\n]*\r\n)*\r\n([^\r\n]{1,256})\r\n')
+_LETTER_ESCAPE_RE = re.compile(rb"\\u00[4-7][0-9a-fA-F]")
+
+
+def find_model(body: bytes, content_type: str) -> tuple[str | None, bool]:
+    """The requested model, and whether the body was understood at all.
+
+    Cheap on the hot path: a regex over the bytes finds `"model": "..."` (~5x faster than json.loads).
+    The body is parsed as JSON (bounded in size) whenever that could be wrong: zero or several matches
+    (a nested `"model"` key, duplicate keys), an escaped value, or an ASCII letter written as a `\\u00XX`
+    escape anywhere (which could spell a top-level `"model"` key the regex cannot see). A single nested
+    `"model"` with no top-level one is taken as the model: the request then fails upstream for lack of a
+    model, and the rule was checked against a value the client chose, so nothing is let through unchecked.
+    """
+    if content_type.startswith("multipart/form-data"):
+        match = _MULTIPART_MODEL_RE.search(body)
+        return (match.group(1).decode("utf-8", "replace").strip(), True) if match else (None, False)
+    matches = _MODEL_RE.findall(body)
+    if (
+        len(matches) == 1
+        and b"\\" not in matches[0]
+        and (b"\\u00" not in body or not _LETTER_ESCAPE_RE.search(body))
+    ):
+        return matches[0].decode("utf-8", "replace"), True
+    doc = loads_bounded(body)
+    if not isinstance(doc, dict):
+        return None, False
+    model = doc.get("model")
+    return (model if isinstance(model, str) else None), True

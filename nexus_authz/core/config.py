@@ -7,15 +7,17 @@ composition root and handed back in as values. Every error names the file, the l
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from nexus_authz.core import keys as keys_mod
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.keys import KEY_HEADERS, KeySnapshot
+from nexus_authz.core.limits import Kind, LimitSpec, parse_limits
 from nexus_authz.core.model import Credential, KeyRecord
 from nexus_authz.core.yamlsrc import Fields, load_yaml
 
@@ -54,7 +56,7 @@ class CredentialSpec:
 @dataclass(frozen=True, slots=True)
 class Plan:
     name: str
-    limits: tuple[object, ...] = ()
+    limits: tuple[LimitSpec, ...] = ()
     models: tuple[str, ...] = ()
 
 
@@ -68,6 +70,15 @@ class Price:
 
 
 @dataclass(frozen=True, slots=True)
+class ReservationSettings:
+    """Reserve-then-settle for token and USD windows (see core/reservations.py)."""
+
+    default_max_tokens: int = 4096  # completion tokens reserved when a request sets no max_tokens
+    ttl: float = 600.0  # an unsettled reservation expires (estimate kept, concurrency released)
+    max_pending: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
 class PolicySet:
     """The policy sections of the config file."""
 
@@ -75,6 +86,8 @@ class PolicySet:
     default_credential: str | None = None
     plans: Mapping[str, Plan] = field(default_factory=dict)
     prices: tuple[tuple[str, Price], ...] = ()
+    reservations: ReservationSettings = field(default_factory=ReservationSettings)
+    shadow_mode: bool = False  # every limit computed and counted, none enforced
     source: str = ""
 
 
@@ -129,13 +142,26 @@ def parse_prices(f: Fields) -> tuple[tuple[str, Price], ...]:
     return tuple(out)
 
 
-def _parse_limits(f: Fields, name: str) -> tuple[object, ...]:
+def _parse_limits(f: Fields, name: str) -> tuple[LimitSpec, ...]:
     if not f.has(name):
         f.raw(name, None)
         return ()
-    from nexus_authz.core.limits import parse_limits
+    return parse_limits(f.raw(name), source=f.where(name), field=f.path(name))
 
-    return tuple(parse_limits(f.raw(name), source=f.where(name), field=f.path(name)))
+
+def _uses_usd(limits: tuple[LimitSpec, ...]) -> bool:
+    return any(spec.kind is Kind.USD for spec in limits)
+
+
+def parse_reservations(f: Fields) -> ReservationSettings:
+    d = ReservationSettings()
+    out = ReservationSettings(
+        default_max_tokens=f.int("default_max_tokens", d.default_max_tokens, minimum=1),
+        ttl=f.duration("ttl", d.ttl, minimum=1.0),
+        max_pending=f.int("max_pending", d.max_pending, minimum=1),
+    )
+    f.done()
+    return out
 
 
 def parse_plans(f: Fields) -> dict[str, Plan]:
@@ -157,13 +183,30 @@ def parse_policy(root: Fields) -> PolicySet:
     default_credential = root.str("default_credential", None)
     if default_credential is not None and default_credential not in credentials:
         root.fail("default_credential", f"no credential named {default_credential!r} under credentials")
+    plans = parse_plans(root.mapping("plans"))
+    prices = parse_prices(root.mapping("prices"))
+    if not prices:
+        for plan in plans.values():
+            if _uses_usd(plan.limits):
+                root.fail("prices", f"plan {plan.name!r} has a usd limit, which needs a prices table")
     return PolicySet(
         credentials=credentials,
         default_credential=default_credential,
-        plans=parse_plans(root.mapping("plans")),
-        prices=parse_prices(root.mapping("prices")),
+        plans=plans,
+        prices=prices,
+        reservations=parse_reservations(root.mapping("reservations")),
+        shadow_mode=root.bool("shadow_mode", False),
         source=root.source,
     )
+
+
+def key_limits(plan: Plan | None, own: tuple[LimitSpec, ...], *, shadow_mode: bool) -> tuple[LimitSpec, ...]:
+    """A key's limits: its plan's, with the key's own added; an own limit replaces the plan's of that name."""
+    own_names = {spec.name for spec in own}
+    limits = tuple(s for s in (plan.limits if plan else ()) if s.name not in own_names) + own
+    if shadow_mode:
+        limits = tuple(s if s.shadow else dataclasses.replace(s, shadow=True) for s in limits)
+    return limits
 
 
 def credential_value(spec: CredentialSpec, secret: str) -> Credential:
@@ -204,7 +247,6 @@ def parse_key_file(
     credentials: Mapping[str, Credential],
     pepper: bytes,
     loaded_at: float,
-    limit_resolver: Callable[[Plan | None, tuple[object, ...]], tuple[object, ...]] | None = None,
 ) -> KeySnapshot:
     """Parse and validate a whole key file into a snapshot; any error rejects the whole file.
 
@@ -261,11 +303,10 @@ def parse_key_file(
         metadata_raw = f.mapping("metadata")
         metadata = {k: metadata_raw.str(k) for k in metadata_raw.names()}
         own_limits = _parse_limits(f, "limits")
+        if _uses_usd(own_limits) and not policy.prices:
+            f.fail("limits", "a usd limit needs a prices table in the config")
         f.done()
-        if limit_resolver is not None:
-            limits = limit_resolver(plan, own_limits)
-        else:
-            limits = (plan.limits if plan else ()) + own_limits
+        limits = key_limits(plan, own_limits, shadow_mode=policy.shadow_mode)
         records.append(
             (
                 key_digest,
@@ -282,6 +323,8 @@ def parse_key_file(
                     upstream_headers=_upstream_headers(key_id, tenant, credential),
                     remove_headers=_remove_headers(credential),
                     limits=limits,
+                    counter_ids=tuple(f"{key_id}\x00{spec.name}" for spec in limits),
+                    needs_facts=any(s.kind in (Kind.TOKENS, Kind.USD) or s.model is not None for s in limits),
                 ),
             )
         )

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from nexus_authz.core.limits import LimitSpec
+
 
 class Reason(StrEnum):
     """Why a decision came out the way it did: the label of the decisions metric and the error code."""
@@ -80,7 +82,11 @@ class KeyRecord:
     # What an allowed request adds to / removes from the upstream request (credential included).
     upstream_headers: tuple[tuple[str, str], ...] = field(repr=False)
     remove_headers: tuple[str, ...]
-    limits: tuple[object, ...] = ()
+    # Every limit of the key (plan and own), and the counter id of each, built once per snapshot.
+    limits: tuple[LimitSpec, ...] = ()
+    counter_ids: tuple[str, ...] = ()
+    # The Check must read the body: token or USD windows need an estimate, per-model windows the model.
+    needs_facts: bool = False
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -9,10 +9,21 @@ common answers allocate almost nothing.
 from __future__ import annotations
 
 import json
-import re
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from nexus_authz.core.body import RequestFacts, find_model, loads_bounded, request_facts
+from nexus_authz.core.config import PolicySet
 from nexus_authz.core.keys import KeySnapshot, extract_key
+from nexus_authz.core.limits import AcquireResult, Kind, LimitSpec, applicable
 from nexus_authz.core.model import Decision, KeyRecord, Reason, Request
+from nexus_authz.core.pricing import PriceTable
+from nexus_authz.core.ratelimit_headers import rate_limit_headers
+from nexus_authz.core.reservations import ReservationBook
+
+if TYPE_CHECKING:  # the store protocol lives with the stores; the core only calls it
+    from nexus_authz.stores.base import CounterStore
 
 # OpenAI's error shapes, so SDKs raise the matching exception (AuthenticationError, PermissionDeniedError,
 # RateLimitError, BadRequestError) and show the message.
@@ -84,52 +95,64 @@ _DENIALS: dict[Reason, Decision] = {
     for reason, (status, _, _, msg) in _ERRORS.items()
 }
 
-# `"model": "..."` anywhere in a JSON text; used only when it occurs exactly once (see `find_model`).
-_MODEL_RE = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){0,256})"')
-_MULTIPART_MODEL_RE = re.compile(rb'name="model"\r\n(?:[^\r\n]*\r\n)*\r\n([^\r\n]{1,256})\r\n')
-_LETTER_ESCAPE_RE = re.compile(rb"\\u00[4-7][0-9a-fA-F]")
-_MAX_JSON_FALLBACK = 1 << 20
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A request that passed authentication and the key's rules, with what its limits must be charged.
 
-def find_model(body: bytes, content_type: str) -> tuple[str | None, bool]:
-    """The requested model, and whether the body was understood at all.
-
-    Cheap on the hot path: a regex over the bytes finds `"model": "..."` (~5x faster than json.loads).
-    The body is parsed as JSON (bounded in size) whenever that could be wrong: zero or several matches
-    (a nested `"model"` key, duplicate keys), an escaped value, or an ASCII letter written as a `\\u00XX`
-    escape anywhere (which could spell a top-level `"model"` key the regex cannot see). A single nested
-    `"model"` with no top-level one is taken as the model: the request then fails upstream for lack of a
-    model, and the rule was checked against a value the client chose, so nothing is let through unchecked.
+    The half-way point between `Policy.admit` and `Policy.conclude`: a local counter store answers at
+    once, a remote one (Redis) is awaited in between, and both finish with the same `conclude`.
     """
-    if content_type.startswith("multipart/form-data"):
-        match = _MULTIPART_MODEL_RE.search(body)
-        return (match.group(1).decode("utf-8", "replace").strip(), True) if match else (None, False)
-    matches = _MODEL_RE.findall(body)
-    if (
-        len(matches) == 1
-        and b"\\" not in matches[0]
-        and (b"\\u00" not in body or not _LETTER_ESCAPE_RE.search(body))
-    ):
-        return matches[0].decode("utf-8", "replace"), True
-    if len(body) > _MAX_JSON_FALLBACK:
-        return None, False
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError):
-        return None, False
-    if not isinstance(doc, dict):
-        return None, False
-    model = doc.get("model")
-    return (model if isinstance(model, str) else None), True
+
+    key: KeyRecord
+    model: str | None
+    counter_ids: tuple[str, ...]
+    specs: tuple[LimitSpec, ...]
+    costs: tuple[int, ...]
+    request_id: str
 
 
 class Policy:
-    """Authentication and authorisation rules. Stateless between calls; safe to share."""
+    """The rules: who may call, which model and path, and what their limits are charged.
 
-    __slots__ = ()
+    Holds only configuration (prices, reservation defaults) and small bounded caches; the key snapshot,
+    the counters and the reservation book come in per call, so one Policy serves every transport.
+    """
 
-    def authorize(self, request: Request, snapshot: KeySnapshot, now: float) -> Decision:
-        """Decide on `request`. Never raises for anything a client can send."""
+    __slots__ = ("_default_max_tokens", "_selection", "prices")
+
+    def __init__(self, policy: PolicySet | None = None) -> None:
+        policy = policy or PolicySet()
+        self.prices = PriceTable(policy.prices)
+        self._default_max_tokens = policy.reservations.default_max_tokens
+        # (key, model) -> the key's windows that apply to that model: per-model globs are matched once.
+        self._selection: dict[
+            tuple[KeyRecord, str | None], tuple[tuple[str, ...], tuple[LimitSpec, ...]]
+        ] = {}
+
+    # -- the whole decision, for a local (synchronous) counter store ----------------------------------
+    def authorize(
+        self,
+        request: Request,
+        snapshot: KeySnapshot,
+        now: float,
+        counters: CounterStore | None = None,
+        book: ReservationBook | None = None,
+    ) -> Decision:
+        """Decide on `request`. Never raises for anything a client can send.
+
+        Without `counters`, limits are not evaluated (authentication and rules only: a dry run).
+        """
+        admission = self.admit(request, snapshot, now)
+        if isinstance(admission, Decision):
+            return admission
+        if counters is None or not admission.specs:
+            return _allow(admission.key, admission.model)
+        result = counters.acquire(admission.counter_ids, admission.specs, admission.costs, now)
+        return self.conclude(admission, result, now, counters, book)
+
+    # -- step 1: who, and what it costs ---------------------------------------------------------------
+    def admit(self, request: Request, snapshot: KeySnapshot, now: float) -> Decision | Admission:
         secret = extract_key(request.headers)
         if secret is None:
             return _DENIALS[Reason.MISSING_KEY]
@@ -142,21 +165,134 @@ class Policy:
             return _DENIALS[Reason.EXPIRED_KEY]
         if key.paths and not snapshot.path_allowed(key, request.path.partition("?")[0]):
             return _DENIALS[Reason.PATH_NOT_ALLOWED]
-        model = None
-        if request.body and key.models:
-            model, understood = find_model(request.body, request.headers.get("content-type", ""))
-            if model is None:
+        model: str | None = None
+        facts: RequestFacts | None = None
+        body = request.body
+        if body and (key.models or key.needs_facts):
+            content_type = request.headers.get("content-type", "")
+            if key.needs_facts and not content_type.startswith("multipart/"):
+                facts = request_facts(body, estimate_prompt=True)
+                model = facts.model
+                understood = model is not None or isinstance(loads_bounded(body), dict)
+            else:
+                model, understood = find_model(body, content_type)
+            if model is None and key.models:
                 if request.body_truncated or understood:
-                    # A restricted key must name an allowed model we can see; we do not let a body
-                    # too large to inspect, or one without a model, through unchecked.
+                    # A restricted key must name an allowed model we can see; a body too large to
+                    # inspect, or one without a model, does not get through unchecked.
                     return _deny(Reason.MODEL_NOT_ALLOWED, "The model could not be read from the request.")
                 return _DENIALS[Reason.BAD_REQUEST]
-            if not snapshot.model_allowed(key, model):
-                return _DENIALS[Reason.MODEL_NOT_ALLOWED]
-        return _allow(key, model)
+        if model is not None and key.models and not snapshot.model_allowed(key, model):
+            return _DENIALS[Reason.MODEL_NOT_ALLOWED]
+        if not key.limits:
+            return _allow(key, model)
+        counter_ids, specs = self._windows(key, model)
+        return Admission(
+            key=key,
+            model=model,
+            counter_ids=counter_ids,
+            specs=specs,
+            costs=self._costs(specs, model, facts),
+            request_id=request.request_id,
+        )
+
+    def _windows(self, key: KeyRecord, model: str | None) -> tuple[tuple[str, ...], tuple[LimitSpec, ...]]:
+        selection = self._selection.get((key, model))
+        if selection is None:
+            picked = applicable(key.limits, model)
+            selection = (tuple(key.counter_ids[i] for i in picked), tuple(key.limits[i] for i in picked))
+            if len(self._selection) >= _SELECTION_CACHE:
+                self._selection.clear()  # model names are client-chosen: keep the cache bounded
+            self._selection[(key, model)] = selection
+        return selection
+
+    def _costs(
+        self, specs: tuple[LimitSpec, ...], model: str | None, facts: RequestFacts | None
+    ) -> tuple[int, ...]:
+        """What each window is charged now: 1 request, the token estimate, its price, 1 slot."""
+        tokens = usd = 0
+        for spec in specs:
+            if spec.kind is Kind.TOKENS or spec.kind is Kind.USD:
+                prompt = facts.prompt_tokens if facts is not None else 0
+                n = facts.n if facts is not None and facts.n > 0 else 1
+                max_tokens = facts.max_tokens if facts is not None and facts.max_tokens else None
+                completion = (max_tokens or self._default_max_tokens) * n
+                tokens = prompt + completion
+                usd = self.prices.cost(model, prompt, 0, completion) if self.prices else 0
+                break
+        return tuple(
+            tokens if spec.kind is Kind.TOKENS else usd if spec.kind is Kind.USD else 1 for spec in specs
+        )
+
+    # -- step 2: the counters' answer -> the decision ---------------------------------------------------
+    def conclude(
+        self,
+        admission: Admission,
+        result: AcquireResult,
+        now: float,
+        counters: CounterStore | None = None,
+        book: ReservationBook | None = None,
+    ) -> Decision:
+        headers = tuple(rate_limit_headers(result.statuses, denied=not result.allowed))
+        if not result.allowed:
+            return _limited(result, headers)
+        if book is not None and admission.request_id:
+            for settlement in book.reserve(
+                admission.request_id,
+                admission.counter_ids,
+                admission.specs,
+                admission.costs,
+                now,
+                result.uncharged,
+            ):
+                if counters is not None:
+                    counters.adjust(
+                        settlement.counter_ids,
+                        settlement.specs,
+                        settlement.deltas,
+                        now,
+                        settlement.charged_at,
+                    )
+        return _allow(admission.key, admission.model, headers)
 
 
-def _allow(key: KeyRecord, model: str | None) -> Decision:
+_SELECTION_CACHE = 65536
+
+
+def _limited(result: AcquireResult, headers: tuple[tuple[str, str], ...]) -> Decision:
+    """The 429 for a refused request: the first refusing window names the reason."""
+    denied = result.denied_by
+    first = denied[0] if denied else None
+    kind = first.spec.kind if first is not None else Kind.REQUESTS
+    if kind is Kind.USD:
+        reason = Reason.QUOTA_EXCEEDED
+    elif kind is Kind.CONCURRENCY:
+        reason = Reason.CONCURRENCY_LIMITED
+    else:
+        reason = Reason.RATE_LIMITED
+    if first is not None and first.retry_after == math.inf:
+        message = (
+            f"This request can never fit the limit {first.spec.name!r} ({first.spec.capacity}); "
+            "lower max_tokens or the prompt size."
+        )
+    elif first is not None:
+        message = (
+            f"Rate limit reached for {first.spec.name!r}: limit {first.limit}, remaining {first.remaining}."
+        )
+    else:
+        message = _ERRORS[reason][3]
+    status = error_status(reason)
+    return Decision(
+        allowed=False,
+        status=status,
+        reason=reason,
+        response_headers=headers,
+        body=error_body(reason, message),
+        message=message,
+    )
+
+
+def _allow(key: KeyRecord, model: str | None, headers: tuple[tuple[str, str], ...] = ()) -> Decision:
     return Decision(
         allowed=True,
         status=200,
@@ -165,6 +301,7 @@ def _allow(key: KeyRecord, model: str | None) -> Decision:
         model=model,
         upstream_headers=key.upstream_headers,
         remove_headers=key.remove_headers,
+        response_headers=headers,
     )
 
 

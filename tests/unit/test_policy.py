@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nexus_authz.core.body import find_model
 from nexus_authz.core.config import PolicySet, parse_key_file, parse_timestamp
 from nexus_authz.core.model import Credential, Reason, Request
-from nexus_authz.core.policy import Policy, find_model
+from nexus_authz.core.policy import Policy
 from tests.helpers import PEPPER, KeySpec, key_file
 
 CRED = {"openai": Credential(name="openai", header="authorization", value="Bearer sk-up")}
