@@ -20,11 +20,13 @@ from nexus_authz.core.config import credential_value, parse_key_file
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.keys import EMPTY_SNAPSHOT, KeySnapshot
 from nexus_authz.core.limits import new_result
-from nexus_authz.core.model import Credential, Decision, Reason, Request
+from nexus_authz.core.model import Credential, Decision, InFlight, Reason, Request
 from nexus_authz.core.policy import Policy
 from nexus_authz.core.reservations import ReservationBook
+from nexus_authz.core.usage import Usage
 from nexus_authz.settings import Settings, resolve_path, resolve_secret
 from nexus_authz.stores.base import apply_settlements
+from nexus_authz.stores.ledger import Ledger, MemoryLedger, SQLiteLedger, UsageRecord
 from nexus_authz.stores.memory import MemoryCounterStore
 
 log = logging.getLogger("nexus_authz.keys")
@@ -48,6 +50,21 @@ class KeyStatus:
     loaded_at: float
     last_error: str | None
     last_error_at: float | None
+
+
+def make_ledger(settings: Settings, clock: Callable[[], float]) -> Ledger | None:
+    ls = settings.ledger
+    if ls.backend == "none":
+        return None
+    if ls.backend == "memory":
+        return MemoryLedger(clock=clock)
+    return SQLiteLedger(
+        resolve_path(settings, ls.path),
+        flush_interval=ls.flush_interval,
+        batch_size=ls.batch_size,
+        max_pending=ls.max_pending,
+        clock=clock,
+    )
 
 
 def file_stamp(path: str) -> FileStamp | None:
@@ -112,8 +129,11 @@ class Engine:
 
     __slots__ = (
         "_credentials",
+        "accounted",
         "book",
         "counters",
+        "ledger",
+        "usage_tokens",
         "_key_path",
         "_last_error",
         "_last_error_at",
@@ -135,11 +155,15 @@ class Engine:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
-        self.policy = Policy(settings.policy)
+        self.policy = Policy(settings.policy, track=settings.accounting.enabled)
         self.clock = clock
         self.counters = MemoryCounterStore()
         reservations = settings.policy.reservations
         self.book = ReservationBook(ttl=reservations.ttl, max_entries=reservations.max_pending)
+        self.ledger: Ledger | None = make_ledger(settings, clock)
+        # Accounting counters for metrics: responses by source, tokens by (model, kind).
+        self.accounted: dict[str, int] = {"provider": 0, "estimated": 0, "none": 0, "unmatched": 0}
+        self.usage_tokens: dict[tuple[str, str], int] = {}
         self.snapshot: KeySnapshot = EMPTY_SNAPSHOT
         self.decisions: dict[Reason, int] = dict.fromkeys(Reason, 0)
         self._pepper = pepper
@@ -186,6 +210,70 @@ class Engine:
             return False
         apply_settlements(self.counters, (settlement,), now)
         return True
+
+    def prompt_hint(self, request_id: str) -> int:
+        context = self.book.context(request_id)
+        return context.prompt_tokens if isinstance(context, InFlight) else 0
+
+    def account(
+        self,
+        request_id: str,
+        usage: Usage,
+        *,
+        response_model: str | None = None,
+        key_id: str | None = None,
+        tenant: str | None = None,
+        keep_estimate: bool = False,
+    ) -> None:
+        """A response's usage: settle its reservation and record it in the ledger.
+
+        `keep_estimate`: the usage could not be read (an unsupported content-encoding): the reserved
+        estimate stays charged. An error response (source "none") is charged
+        `accounting.error_charge_tokens` (0 by default: the provider bills nothing for it). `key_id` and
+        `tenant` (from the request's x-nexus-* headers) are used when no reservation is known.
+        """
+        context = self.book.context(request_id) if request_id else None
+        if isinstance(context, InFlight):
+            key_id, tenant, model = context.key_id, context.tenant, context.model or response_model
+        else:
+            model = response_model
+            self.accounted["unmatched"] += 1
+        self.accounted[usage.source] += 1
+        prices = self.policy.prices
+        if usage.source == "none":
+            prompt, cached, completion = self.settings.accounting.error_charge_tokens, 0, 0
+        else:
+            prompt, cached, completion = (
+                usage.prompt_tokens,
+                usage.cached_prompt_tokens,
+                usage.completion_tokens,
+            )
+        tokens = prompt + completion
+        cost = prices.cost(model, prompt, cached, completion) if prices else 0
+        if isinstance(context, InFlight):
+            if keep_estimate:
+                self.settle(request_id, tokens=None, usd_micros=None)
+            else:
+                self.settle(request_id, tokens=tokens, usd_micros=cost)
+        model_label = model or "unknown"
+        counts = self.usage_tokens
+        for kind, n in (("prompt", prompt), ("cached_prompt", cached), ("completion", completion)):
+            if n:
+                counts[(model_label, kind)] = counts.get((model_label, kind), 0) + n
+        if self.ledger is not None and key_id:
+            self.ledger.record(
+                UsageRecord(
+                    key_id=key_id,
+                    tenant=tenant or "",
+                    model=model_label,
+                    ts=self.clock(),
+                    prompt_tokens=prompt,
+                    cached_prompt_tokens=cached,
+                    completion_tokens=completion,
+                    reasoning_tokens=usage.reasoning_tokens,
+                    cost_micro_usd=cost,
+                )
+            )
 
     def maintain(self) -> None:
         """Periodic upkeep off the hot path: expire reservations, drop drained counters."""

@@ -34,6 +34,7 @@ __all__ = [
 LISTENER = "ingress"
 AUTHZ_CLUSTER = "nexus_authz"
 AUTHZ_GRPC_CLUSTER = "nexus_authz_grpc"
+EXTPROC_CLUSTER = "nexus_extproc"
 UPSTREAM_CLUSTER = "llm_upstream"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 ADMIN = "admin"
@@ -72,6 +73,7 @@ def render(
     upstream: Address | None = None,
     authz_socket: Address | None = None,
     authz_grpc: Address | None = None,
+    extproc: Address | None = None,
     clusters: Mapping[str, Address] | None = None,
     failure_mode_allow: bool | None = None,
     authz_timeout: float | None = None,
@@ -81,7 +83,8 @@ def render(
     ``listen_port``/``listen_host`` edit listener ``ingress``; ``admin_port`` the admin address;
     ``upstream`` cluster ``llm_upstream`` (an ``https://`` URL also adds TLS with SNI and a DNS cluster
     type for a host name); ``authz_socket`` cluster ``nexus_authz`` (a socket path or host:port);
-    ``authz_grpc`` cluster ``nexus_authz_grpc``; ``clusters`` any other cluster by name (later filters:
+    ``authz_grpc`` cluster ``nexus_authz_grpc``; ``extproc`` cluster ``nexus_extproc`` (token accounting,
+    nexus-authz's gRPC address); ``clusters`` any other cluster by name (later filters:
     ext_proc, ratelimit). ``failure_mode_allow`` and ``authz_timeout`` (seconds) edit every ext_authz
     filter of the listener. Anything asked for that the config lacks raises EnvoyConfigError naming it.
     """
@@ -104,6 +107,8 @@ def render(
         edits[AUTHZ_CLUSTER] = authz_socket
     if authz_grpc is not None:
         edits[AUTHZ_GRPC_CLUSTER] = authz_grpc
+    if extproc is not None:
+        edits[EXTPROC_CLUSTER] = extproc
     edits.update(clusters or {})
     for name, address in edits.items():
         _set_cluster_address(_cluster(doc, name), name, address)

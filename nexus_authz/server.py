@@ -22,14 +22,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from nexus_authz.adapters import envoy_authz, http_authz
+from nexus_authz.adapters import envoy_authz, envoy_extproc, http_authz
+from nexus_authz.core import tokens
 from nexus_authz.engine import Engine
 from nexus_authz.metrics import make_registry, render
 from nexus_authz.settings import Settings
 
 log = logging.getLogger("nexus_authz.server")
 
-GRPC_SERVICES = (envoy_authz.SERVICE,)
+GRPC_SERVICES = (envoy_authz.SERVICE, envoy_extproc.SERVICE)
 
 
 class StartupError(Exception):
@@ -66,6 +67,14 @@ class Server:
     async def start(self) -> None:
         s = self.settings
         engine = self.engine
+        if engine.ledger is not None:
+            try:
+                await engine.ledger.start()
+            except Exception as exc:
+                raise StartupError(f"cannot open the usage ledger: {exc}") from None
+        if s.accounting.enabled and s.accounting.exact_cutoff_count:
+            # Load the tokenizer now, off the loop, rather than on the first cut-off stream.
+            asyncio.get_running_loop().run_in_executor(None, tokens.warm_up)
         registry = make_registry(engine, ready=self.readiness)
         fast = http_authz.HttpApp(engine, max_header_bytes=s.max_header_bytes, max_body=s.max_body_bytes)
         self.apps.append(fast)
@@ -105,7 +114,12 @@ class Server:
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ]
         )
-        server.add_generic_rpc_handlers((envoy_authz.AuthorizationService(self.engine).handler(),))
+        server.add_generic_rpc_handlers(
+            (
+                envoy_authz.AuthorizationService(self.engine).handler(),
+                envoy_extproc.ExternalProcessorService(self.engine).handler(),
+            )
+        )
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (
@@ -180,11 +194,26 @@ class Server:
         for app in self.apps:
             for conn in list(app.connections):
                 conn.close_if_idle()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         if stops:
             await asyncio.gather(*stops, return_exceptions=True)
+        grpc_done = loop.time()
+        if self.engine.ledger is not None:
+            # After the gRPC drain: the last responses' usage has been accounted. Nothing is lost.
+            await self.engine.ledger.close()
+        ledger_done = loop.time()
         for srv in self.servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(srv.wait_closed(), timeout=grace)
+        log.debug(
+            "drained",
+            extra={
+                "grpc_seconds": round(grpc_done - started, 3),
+                "ledger_seconds": round(ledger_done - grpc_done, 3),
+                "listeners_seconds": round(loop.time() - ledger_done, 3),
+            },
+        )
         if self.settings.http_socket:
             with contextlib.suppress(OSError):
                 os.unlink(self.settings.http_socket)

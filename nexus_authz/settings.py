@@ -41,6 +41,27 @@ class HostPort:
 
 
 @dataclass(frozen=True, slots=True)
+class LedgerSettings:
+    """Where usage records go: SQLite (default), memory (tests, no persistence) or nowhere."""
+
+    backend: str = "sqlite"
+    path: str = "usage.sqlite3"
+    flush_interval: float = 1.0
+    batch_size: int = 1000
+    max_pending: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class AccountingSettings:
+    """Usage from responses (Envoy ext_proc): settle reservations, feed the ledger."""
+
+    enabled: bool = True
+    error_charge_tokens: int = 0  # tokens charged for an upstream error response (no usage record)
+    exact_cutoff_count: bool = True  # count a cut-off stream's completion with tiktoken (in a thread)
+    inject_include_usage: bool = False  # ask OpenAI streams for their usage chunk (needs a waiting ext_proc)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     config_path: str
     base_dir: str
@@ -62,6 +83,8 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"
     shutdown_grace: float = 10.0
+    ledger: LedgerSettings = field(default_factory=LedgerSettings)
+    accounting: AccountingSettings = field(default_factory=AccountingSettings)
     policy: PolicySet = field(default_factory=PolicySet)
 
 
@@ -134,6 +157,27 @@ def parse_settings(text: str, path: str, environ: Mapping[str, str]) -> Settings
     shutdown_grace = server.duration("shutdown_grace", s.shutdown_grace)
     server.done()
 
+    lf = root.mapping("ledger")
+    ld = LedgerSettings()
+    ledger = LedgerSettings(
+        backend=lf.choice("backend", ("sqlite", "memory", "none"), ld.backend),
+        path=lf.str("path", ld.path),
+        flush_interval=lf.duration("flush_interval", ld.flush_interval, minimum=0.01),
+        batch_size=lf.int("batch_size", ld.batch_size, minimum=1),
+        max_pending=lf.int("max_pending", ld.max_pending, minimum=1),
+    )
+    lf.done()
+
+    af = root.mapping("accounting")
+    ad = AccountingSettings()
+    accounting = AccountingSettings(
+        enabled=af.bool("enabled", ad.enabled),
+        error_charge_tokens=af.int("error_charge_tokens", ad.error_charge_tokens, minimum=0),
+        exact_cutoff_count=af.bool("exact_cutoff_count", ad.exact_cutoff_count),
+        inject_include_usage=af.bool("inject_include_usage", ad.inject_include_usage),
+    )
+    af.done()
+
     policy = parse_policy(root)
     root.done()
 
@@ -153,6 +197,8 @@ def parse_settings(text: str, path: str, environ: Mapping[str, str]) -> Settings
         log_level=log_level,
         log_format=log_format,
         shutdown_grace=shutdown_grace,
+        ledger=ledger,
+        accounting=accounting,
         policy=policy,
     )
     return _apply_environment(s, environ)

@@ -64,7 +64,9 @@ def request_from_check(check: external_auth_pb2.CheckRequest) -> Request:
         headers=headers,
         body=body,
         body_truncated=truncated,
-        request_id=http.id or headers.get("x-request-id", ""),
+        # x-request-id, not http.id (Envoy's stream id): ext_proc sees x-request-id, and the reservation
+        # made here must be found there.
+        request_id=headers.get("x-request-id") or http.id,
         client_address=address,
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 from nexus_authz.core.limits import LimitSpec
 
@@ -108,3 +109,17 @@ class Decision:
     response_headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
     message: str = ""
+
+
+class InFlight(NamedTuple):
+    """What an admitted request's usage is accounted against when its response arrives.
+
+    A NamedTuple: built once per admitted request when accounting is on, so it must be cheap.
+    `model` is the model the request named, if the Check read it (else the response's model is used);
+    `prompt_tokens` the Check's estimate, charged for a stream cut off before it said anything.
+    """
+
+    key_id: str
+    tenant: str
+    model: str | None
+    prompt_tokens: int

@@ -17,7 +17,7 @@ from nexus_authz.core.body import RequestFacts, find_model, loads_bounded, reque
 from nexus_authz.core.config import PolicySet
 from nexus_authz.core.keys import KeySnapshot, extract_key
 from nexus_authz.core.limits import AcquireResult, Kind, LimitSpec, applicable
-from nexus_authz.core.model import Decision, KeyRecord, Reason, Request
+from nexus_authz.core.model import Decision, InFlight, KeyRecord, Reason, Request
 from nexus_authz.core.pricing import PriceTable
 from nexus_authz.core.ratelimit_headers import rate_limit_headers
 from nexus_authz.core.reservations import ReservationBook
@@ -110,6 +110,7 @@ class Admission:
     specs: tuple[LimitSpec, ...]
     costs: tuple[int, ...]
     request_id: str
+    prompt_tokens: int = 0
 
 
 class Policy:
@@ -119,10 +120,13 @@ class Policy:
     the counters and the reservation book come in per call, so one Policy serves every transport.
     """
 
-    __slots__ = ("_default_max_tokens", "_selection", "prices")
+    __slots__ = ("_default_max_tokens", "_selection", "prices", "track")
 
-    def __init__(self, policy: PolicySet | None = None) -> None:
+    def __init__(self, policy: PolicySet | None = None, *, track: bool = False) -> None:
+        """`track`: remember every admitted request (key, model, prompt estimate) in the reservation book
+        until its usage is accounted, not only those whose windows need settling."""
         policy = policy or PolicySet()
+        self.track = track
         self.prices = PriceTable(policy.prices)
         self._default_max_tokens = policy.reservations.default_max_tokens
         # (key, model) -> the key's windows that apply to that model: per-model globs are matched once.
@@ -146,7 +150,10 @@ class Policy:
         admission = self.admit(request, snapshot, now)
         if isinstance(admission, Decision):
             return admission
-        if counters is None or not admission.specs:
+        if counters is None:
+            return _allow(admission.key, admission.model)
+        if not admission.specs:
+            self._reserve(admission, 0, now, counters, book)
             return _allow(admission.key, admission.model)
         result = counters.acquire(admission.counter_ids, admission.specs, admission.costs, now)
         return self.conclude(admission, result, now, counters, book)
@@ -185,7 +192,9 @@ class Policy:
         if model is not None and key.models and not snapshot.model_allowed(key, model):
             return _DENIALS[Reason.MODEL_NOT_ALLOWED]
         if not key.limits:
-            return _allow(key, model)
+            if not self.track:
+                return _allow(key, model)
+            return Admission(key, model, (), (), (), request.request_id, facts.prompt_tokens if facts else 0)
         counter_ids, specs = self._windows(key, model)
         return Admission(
             key=key,
@@ -194,6 +203,7 @@ class Policy:
             specs=specs,
             costs=self._costs(specs, model, facts),
             request_id=request.request_id,
+            prompt_tokens=facts.prompt_tokens if facts else 0,
         )
 
     def _windows(self, key: KeyRecord, model: str | None) -> tuple[tuple[str, ...], tuple[LimitSpec, ...]]:
@@ -236,24 +246,37 @@ class Policy:
         headers = tuple(rate_limit_headers(result.statuses, denied=not result.allowed))
         if not result.allowed:
             return _limited(result, headers)
-        if book is not None and admission.request_id:
-            for settlement in book.reserve(
-                admission.request_id,
-                admission.counter_ids,
-                admission.specs,
-                admission.costs,
-                now,
-                result.uncharged,
-            ):
-                if counters is not None:
-                    counters.adjust(
-                        settlement.counter_ids,
-                        settlement.specs,
-                        settlement.deltas,
-                        now,
-                        settlement.charged_at,
-                    )
+        self._reserve(admission, result.uncharged, now, counters, book)
         return _allow(admission.key, admission.model, headers)
+
+    def _reserve(
+        self,
+        admission: Admission,
+        uncharged: int,
+        now: float,
+        counters: CounterStore | None,
+        book: ReservationBook | None,
+    ) -> None:
+        """Remember what the request reserved (and, when tracking, who it was) until it is settled."""
+        if book is None or not admission.request_id:
+            return
+        key = admission.key
+        context = (
+            InFlight(key.key_id, key.tenant, admission.model, admission.prompt_tokens) if self.track else None
+        )
+        for settlement in book.reserve(
+            admission.request_id,
+            admission.counter_ids,
+            admission.specs,
+            admission.costs,
+            now,
+            uncharged,
+            context=context,
+        ):
+            if counters is not None:  # reservations that expired meanwhile or were displaced
+                counters.adjust(
+                    settlement.counter_ids, settlement.specs, settlement.deltas, now, settlement.charged_at
+                )
 
 
 _SELECTION_CACHE = 65536

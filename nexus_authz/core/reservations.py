@@ -47,10 +47,12 @@ class Settlement:
     deltas: tuple[int, ...]
     charged_at: float
     expired: bool = False
+    context: object = None  # what the caller attached at reserve time (e.g. key, model, prompt estimate)
 
 
-# An entry: (counter_ids, specs, costs, uncharged mask, charged_at, expires_at). A tuple is the smallest.
-_Entry = tuple[tuple[str, ...], tuple[LimitSpec, ...], tuple[int, ...], int, float, float]
+# An entry: (counter_ids, specs, costs, uncharged mask, charged_at, expires_at, context). A tuple is the
+# smallest.
+_Entry = tuple[tuple[str, ...], tuple[LimitSpec, ...], tuple[int, ...], int, float, float, object]
 
 
 class ReservationBook:
@@ -91,18 +93,22 @@ class ReservationBook:
         costs: Sequence[int],
         now: float,
         uncharged: int = 0,
+        context: object = None,
     ) -> tuple[Settlement, ...]:
         """Record what an admitted request was charged (`uncharged`: AcquireResult.uncharged).
 
         Returns settlements the caller must apply now: reservations that expired meanwhile (a few per
         call), one displaced by a full book, or an earlier one under the same id. Usually empty.
-        A request that only hit request-count windows needs no settling and is not recorded.
+        A request that only hit request-count windows needs no settling and is not recorded, unless it
+        carries a `context` (the caller wants it back at settle time, e.g. to account its usage).
         """
         out: list[Settlement] | None = None
         entries = self._entries
         if entries:
             out = self._expire(now, self._expire_per_call)
-        if not any(spec.kind in _NEEDS_SETTLE and not (uncharged >> i) & 1 for i, spec in enumerate(specs)):
+        if context is None and not any(
+            spec.kind in _NEEDS_SETTLE and not (uncharged >> i) & 1 for i, spec in enumerate(specs)
+        ):
             return tuple(out) if out else _NONE
         old = entries.pop(request_id, None)
         if old is not None:
@@ -121,8 +127,14 @@ class ReservationBook:
             uncharged,
             now,
             now + self._ttl,
+            context,
         )
         return tuple(out) if out else _NONE
+
+    def context(self, request_id: str) -> object:
+        """The context attached at reserve time (None if unknown, expired or attached none)."""
+        entry = self._entries.get(request_id)
+        return entry[6] if entry is not None else None
 
     def settle(
         self, request_id: str, now: float, *, tokens: int | None = None, usd_micros: int | None = None
@@ -135,7 +147,7 @@ class ReservationBook:
         if entry is None:
             return None
         self.settled += 1
-        counter_ids, specs, costs, uncharged, charged_at, _ = entry
+        counter_ids, specs, costs, uncharged, charged_at, _, context = entry
         deltas: list[int] = []
         for i, spec in enumerate(specs):
             kind = spec.kind
@@ -147,7 +159,7 @@ class ReservationBook:
                 deltas.append(0 if tokens is None else tokens - costs[i])
             else:
                 deltas.append(0 if usd_micros is None else usd_micros - costs[i])
-        return Settlement(request_id, counter_ids, specs, tuple(deltas), charged_at)
+        return Settlement(request_id, counter_ids, specs, tuple(deltas), charged_at, context=context)
 
     def expire(self, now: float, max_items: int | None = None) -> list[Settlement]:
         """Expire due reservations, oldest first (all of them by default). For a periodic timer."""
@@ -176,9 +188,9 @@ class ReservationBook:
 
 def _expiry(request_id: str, entry: _Entry) -> Settlement:
     """Release concurrency, keep every estimate charged."""
-    counter_ids, specs, costs, uncharged, charged_at, _ = entry
+    counter_ids, specs, costs, uncharged, charged_at, _, context = entry
     deltas = tuple(
         -costs[i] if spec.kind is _CONCURRENCY and not (uncharged >> i) & 1 else 0
         for i, spec in enumerate(specs)
     )
-    return Settlement(request_id, counter_ids, specs, deltas, charged_at, expired=True)
+    return Settlement(request_id, counter_ids, specs, deltas, charged_at, expired=True, context=context)

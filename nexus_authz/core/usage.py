@@ -82,6 +82,9 @@ _MAX_CONTENT_BYTES: Final = 4 << 20  # raw delta text kept for counting; beyond,
 DEFAULT_WINDOW: Final = 128 << 10
 _MAX_TOKENS: Final = 1 << 40  # larger "token counts" in a usage record are nonsense: read as 0
 _USAGE_SPAN: Final = 16 << 10  # a usage object is a few hundred bytes; never decode more than this
+_MODEL_SCAN_BYTES: Final = 8 << 10  # the response's model is looked for in its first bytes only
+_MODEL_TAIL: Final = 240  # a "model" field is shorter than this: carried over between chunks
+_MODEL_FIELD: Final = re.compile(rb'"model"[ \t\r\n]*:[ \t\r\n]*"([^"\\]{1,200})"')
 
 # --------------------------------------------------------------------------------------------------
 # Usage records
@@ -251,7 +254,10 @@ class StreamUsage:
         "_total",
         "_trimmed",
         "_window",
+        "_model_budget",
+        "_model_tail",
         "limited",
+        "model",
         "saw_error",
         "undecodable",
     )
@@ -292,6 +298,11 @@ class StreamUsage:
         self.saw_error = False
         self.limited = False
         self.undecodable = False
+        # The model the upstream says it served: the first `"model": "..."` of the response (every
+        # provider names it in its first event or near the top of its document).
+        self.model: str | None = None
+        self._model_budget = _MODEL_SCAN_BYTES
+        self._model_tail = b""
         self._decoder: zlib._Decompress | None = None
         self._deflate_head: bytes | None = None
         encoding = (content_encoding or "").strip().lower()
@@ -302,6 +313,26 @@ class StreamUsage:
         elif encoding not in ("", "identity"):
             self.undecodable = True
 
+    # -- for the adapter ---------------------------------------------------------------------------------
+
+    @property
+    def has_usage_record(self) -> bool:
+        """A usage record has been seen so far (finish() will not need to count anything)."""
+        return self._final is not None or (self._anthropic_final and bool(self._anthropic))
+
+    @property
+    def bytes_seen(self) -> int:
+        """Body bytes fed so far (decoded): an upper bound of the text an exact count at finish() reads."""
+        return self._total
+
+    @property
+    def count_tokens(self) -> Callable[[str], int] | None:
+        return self._count_tokens
+
+    @count_tokens.setter
+    def count_tokens(self, counter: Callable[[str], int] | None) -> None:
+        self._count_tokens = counter
+
     # -- input --------------------------------------------------------------------------------------
 
     def feed(self, chunk: bytes) -> None:
@@ -310,6 +341,8 @@ class StreamUsage:
             return
         try:
             if self._decoder is None and self._deflate_head is None:
+                if self._model_budget > 0:
+                    self._find_model(chunk)
                 self._total += len(chunk)
                 self._buf += chunk
                 if len(self._buf) >= self._next_drain:
@@ -353,7 +386,21 @@ class StreamUsage:
                 self._ingest(out)
             data = decoder.unconsumed_tail
 
+    def _find_model(self, data: bytes) -> None:
+        # Searched in the previous chunk's tail too, so a field split across chunks is still found.
+        text = self._model_tail + data[: self._model_budget]
+        match = _MODEL_FIELD.search(text)
+        if match is not None:
+            self.model = match.group(1).decode("utf-8", "replace")
+            self._model_budget = 0
+            self._model_tail = b""
+        else:
+            self._model_budget -= len(data)
+            self._model_tail = text[-_MODEL_TAIL:]
+
     def _ingest(self, data: bytes) -> None:
+        if self._model_budget > 0:
+            self._find_model(data)
         self._total += len(data)
         self._buf += data
         if len(self._buf) >= self._next_drain:

@@ -98,7 +98,10 @@ class Stack:
         assert self.mock is not None
         template = self.envoy_template or (ENVOY_HTTP if self.mode == "http" else ENVOY_GRPC)
         port, admin_port = procs.free_port(), procs.free_port()
-        addresses: dict[str, object] = {"upstream": f"127.0.0.1:{self.mock.port}"}
+        addresses: dict[str, object] = {
+            "upstream": f"127.0.0.1:{self.mock.port}",
+            "extproc": f"127.0.0.1:{self.grpc_port}",
+        }
         if self.mode == "http":
             addresses["authz_socket"] = str(self.socket)
         else:

@@ -198,7 +198,7 @@ def test_render_any_cluster_by_name() -> None:
     [
         (HTTP_CONFIG, {"authz_grpc": 9001}, "no cluster named 'nexus_authz_grpc'"),
         (GRPC_CONFIG, {"authz_socket": "/tmp/a.sock"}, "no cluster named 'nexus_authz'"),
-        (HTTP_CONFIG, {"clusters": {"nexus_extproc": 9003}}, "no cluster named 'nexus_extproc'"),
+        (HTTP_CONFIG, {"clusters": {"nexus_ratelimit": 9003}}, "no cluster named 'nexus_ratelimit'"),
         (HTTP_CONFIG, {"listen_port": 0}, "invalid port"),
         (HTTP_CONFIG, {"upstream": "no-port"}, "invalid address"),
         (HTTP_CONFIG, {"upstream": "ftp://x"}, "invalid upstream URL"),

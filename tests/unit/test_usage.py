@@ -533,3 +533,28 @@ def test_event_stuffed_with_usage_keys_stays_linear() -> None:
     assert streamed(stuffed, list(range(0, len(stuffed), 65_536)), window=1 << 20).finish() == Usage(
         prompt_tokens=1, completion_tokens=2
     )
+
+
+def test_response_model_is_read_from_the_first_bytes() -> None:
+    import re
+
+    from nexus_authz.core.usage import StreamUsage
+
+    names = [
+        "openai_chat.json",
+        "openai_chat_stream_usage.sse",
+        "anthropic_stream.sse",
+        "anthropic_message.json",
+        "openai_responses.json",
+        "openai_responses_stream.sse",
+    ]
+    for name in names:
+        data = (FIXTURES / name).read_bytes()
+        first = re.search(rb'"model"\s*:\s*"([^"\\]{1,200})"', data)
+        assert first is not None, name
+        for step in (1, 7, len(data)):  # split anywhere, even inside the field
+            parser = StreamUsage()
+            for i in range(0, len(data), step):
+                parser.feed(data[i : i + step])
+            parser.finish()
+            assert parser.model == first.group(1).decode(), (name, step)
