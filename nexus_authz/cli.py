@@ -127,6 +127,22 @@ def cmd_keys_pepper(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- usage -------------------------------------------------------------------------------------------
+def cmd_usage(args: argparse.Namespace) -> int:
+    from nexus_authz import cli_usage
+    from nexus_authz.settings import load_settings, resolve_path
+
+    if not args.db:
+        try:
+            settings = load_settings(_config_path(args))
+        except ConfigError as exc:
+            return _fail(f"{exc} (or give the ledger file with --db)")
+        if settings.ledger.backend != "sqlite":
+            return _fail(f"the config's ledger backend is {settings.ledger.backend!r}: no file to read")
+        args.db = resolve_path(settings, settings.ledger.path)
+    return cli_usage.cmd_usage(args)
+
+
 # -- demo --------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from nexus_authz.demo.runner import run_demo
@@ -200,6 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_keys_pepper)
     keys.set_defaults(func=lambda a: (keys.print_help(), 2)[1])
+
+    p = sub.add_parser(
+        "usage",
+        help="token usage and cost from the ledger",
+        description="Read the usage ledger (SQLite; safe while the server runs) and print requests, tokens "
+        "and cost per key and model, e.g. `nexus-authz usage --key team-a --since 24h`.",
+    )
+    add_config(p)
+    from nexus_authz import cli_usage
+
+    cli_usage.add_arguments(p)
+    p.set_defaults(func=cmd_usage)
 
     p = sub.add_parser(
         "demo",

@@ -165,7 +165,7 @@ def _group_by_arg(text: str) -> tuple[str, ...]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `nexus-authz usage` (reading the ledger file)."""
-    p.add_argument("--db", required=True, help="the ledger's SQLite file (ledger.path in the config)")
+    p.add_argument("--db", help="the ledger's SQLite file (default: ledger.path of the config file)")
     p.add_argument("--key", dest="key_id", help="only this key id")
     p.add_argument("--tenant", help="only this tenant")
     p.add_argument("--model", help="only this model")
