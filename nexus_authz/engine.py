@@ -141,6 +141,7 @@ class Engine:
         "_stamp",
         "clock",
         "decisions",
+        "failures",
         "policy",
         "settings",
         "snapshot",
@@ -158,6 +159,7 @@ class Engine:
         self.policy = Policy(settings.policy, track=settings.accounting.enabled)
         self.clock = clock
         self.counters = MemoryCounterStore()
+        self.failures = MemoryCounterStore()  # invalid keys per client address: always local
         reservations = settings.policy.reservations
         self.book = ReservationBook(ttl=reservations.ttl, max_entries=reservations.max_pending)
         self.ledger: Ledger | None = make_ledger(settings, clock)
@@ -188,7 +190,9 @@ class Engine:
 
     # -- the hot path -------------------------------------------------------------------------------
     def check(self, request: Request) -> Decision:
-        decision = self.policy.authorize(request, self.snapshot, self.clock(), self.counters, self.book)
+        decision = self.policy.authorize(
+            request, self.snapshot, self.clock(), self.counters, self.book, self.failures
+        )
         self.decisions[decision.reason] += 1
         return decision
 
@@ -282,6 +286,7 @@ class Engine:
         if expired:
             apply_settlements(self.counters, expired, now)
         self.counters.sweep(now, 10_000)
+        self.failures.sweep(now, 10_000)
 
     def count(self, reason: Reason) -> None:
         self.decisions[reason] += 1

@@ -79,6 +79,14 @@ class ReservationSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthFailureSettings:
+    """Brute-force protection: invalid keys per client address before the address is refused for a while."""
+
+    limit: int = 30  # 0 disables
+    per: str = "minute"
+
+
+@dataclass(frozen=True, slots=True)
 class PolicySet:
     """The policy sections of the config file."""
 
@@ -88,6 +96,7 @@ class PolicySet:
     prices: tuple[tuple[str, Price], ...] = ()
     reservations: ReservationSettings = field(default_factory=ReservationSettings)
     shadow_mode: bool = False  # every limit computed and counted, none enforced
+    auth_failures: AuthFailureSettings = field(default_factory=AuthFailureSettings)
     source: str = ""
 
 
@@ -196,8 +205,19 @@ def parse_policy(root: Fields) -> PolicySet:
         prices=prices,
         reservations=parse_reservations(root.mapping("reservations")),
         shadow_mode=root.bool("shadow_mode", False),
+        auth_failures=parse_auth_failures(root.mapping("auth_failures")),
         source=root.source,
     )
+
+
+def parse_auth_failures(f: Fields) -> AuthFailureSettings:
+    d = AuthFailureSettings()
+    out = AuthFailureSettings(
+        limit=f.int("limit", d.limit, minimum=0),
+        per=f.choice("per", ("second", "minute", "hour"), d.per),
+    )
+    f.done()
+    return out
 
 
 def key_limits(plan: Plan | None, own: tuple[LimitSpec, ...], *, shadow_mode: bool) -> tuple[LimitSpec, ...]:

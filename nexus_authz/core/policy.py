@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from nexus_authz.core.body import RequestFacts, find_model, loads_bounded, request_facts
 from nexus_authz.core.config import PolicySet
 from nexus_authz.core.keys import KeySnapshot, extract_key
-from nexus_authz.core.limits import AcquireResult, Kind, LimitSpec, applicable
+from nexus_authz.core.limits import AcquireResult, Kind, LimitSpec, applicable, make_limit
 from nexus_authz.core.model import Decision, InFlight, KeyRecord, Reason, Request
 from nexus_authz.core.pricing import PriceTable
 from nexus_authz.core.ratelimit_headers import rate_limit_headers
@@ -24,6 +24,7 @@ from nexus_authz.core.reservations import ReservationBook
 
 if TYPE_CHECKING:  # the store protocol lives with the stores; the core only calls it
     from nexus_authz.stores.base import CounterStore
+    from nexus_authz.stores.memory import MemoryCounterStore
 
 # OpenAI's error shapes, so SDKs raise the matching exception (AuthenticationError, PermissionDeniedError,
 # RateLimitError, BadRequestError) and show the message.
@@ -120,7 +121,7 @@ class Policy:
     the counters and the reservation book come in per call, so one Policy serves every transport.
     """
 
-    __slots__ = ("_default_max_tokens", "_selection", "prices", "track")
+    __slots__ = ("_auth_spec", "_default_max_tokens", "_selection", "prices", "track")
 
     def __init__(self, policy: PolicySet | None = None, *, track: bool = False) -> None:
         """`track`: remember every admitted request (key, model, prompt estimate) in the reservation book
@@ -128,6 +129,12 @@ class Policy:
         policy = policy or PolicySet()
         self.track = track
         self.prices = PriceTable(policy.prices)
+        throttle = policy.auth_failures
+        self._auth_spec = (
+            make_limit(Kind.REQUESTS, throttle.limit, throttle.per, name="auth-failures")
+            if throttle.limit
+            else None
+        )
         self._default_max_tokens = policy.reservations.default_max_tokens
         # (key, model) -> the key's windows that apply to that model: per-model globs are matched once.
         self._selection: dict[
@@ -142,12 +149,14 @@ class Policy:
         now: float,
         counters: CounterStore | None = None,
         book: ReservationBook | None = None,
+        failures: MemoryCounterStore | None = None,
     ) -> Decision:
         """Decide on `request`. Never raises for anything a client can send.
 
         Without `counters`, limits are not evaluated (authentication and rules only: a dry run).
+        `failures` counts invalid keys per client address (brute-force protection; always local).
         """
-        admission = self.admit(request, snapshot, now)
+        admission = self.admit(request, snapshot, now, failures)
         if isinstance(admission, Decision):
             return admission
         if counters is None:
@@ -159,12 +168,23 @@ class Policy:
         return self.conclude(admission, result, now, counters, book)
 
     # -- step 1: who, and what it costs ---------------------------------------------------------------
-    def admit(self, request: Request, snapshot: KeySnapshot, now: float) -> Decision | Admission:
+    def admit(
+        self, request: Request, snapshot: KeySnapshot, now: float, failures: MemoryCounterStore | None = None
+    ) -> Decision | Admission:
         secret = extract_key(request.headers)
         if secret is None:
             return _DENIALS[Reason.MISSING_KEY]
+        failure_id = None
+        if failures is not None and self._auth_spec is not None and request.client_address:
+            failure_id = "\x01auth\x00" + request.client_address
+            if failure_id in failures:  # this address failed before: is it refused for now?
+                (status,) = failures.peek((failure_id,), (self._auth_spec,), now, (1,))
+                if not status.allowed:
+                    return _throttled(status.retry_after)
         key = snapshot.lookup(secret)
         if key is None:
+            if failure_id is not None and failures is not None:
+                failures.acquire((failure_id,), (self._auth_spec,), (1,), now)  # type: ignore[arg-type]
             return _DENIALS[Reason.UNKNOWN_KEY]
         if key.disabled:
             return _DENIALS[Reason.DISABLED_KEY]
@@ -280,6 +300,21 @@ class Policy:
 
 
 _SELECTION_CACHE = 65536
+
+
+def _throttled(retry_after: float) -> Decision:
+    """Too many invalid keys from this address: refused before any key is looked up, so a guesser learns
+    nothing until the window has room again."""
+    seconds = max(1, math.ceil(retry_after)) if retry_after != math.inf else 60
+    base = _DENIALS[Reason.AUTH_THROTTLED]
+    return Decision(
+        allowed=False,
+        status=base.status,
+        reason=base.reason,
+        response_headers=(("retry-after", str(seconds)),),
+        body=base.body,
+        message=base.message,
+    )
 
 
 def _limited(result: AcquireResult, headers: tuple[tuple[str, str], ...]) -> Decision:

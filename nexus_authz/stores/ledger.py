@@ -638,7 +638,7 @@ class SQLiteLedger:
         try:
             conn.isolation_level = None
             conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            mode = self._set_wal(conn)
             if (not mode or str(mode[0]).lower() != "wal") and not self._warned_journal:
                 self._warned_journal = True
                 log.warning("usage ledger %s is not in WAL mode (journal_mode=%s)", self.path, mode)
@@ -660,6 +660,18 @@ class SQLiteLedger:
             conn.close()
             raise
         return conn
+
+    def _set_wal(self, conn: sqlite3.Connection) -> object:
+        """`PRAGMA journal_mode = WAL`, retried: SQLite does not apply the busy timeout to it, so two
+        processes opening a new ledger at once see an immediate "database is locked" (seen in tests)."""
+        deadline = time.monotonic() + max(self._busy_ms / 1000, 0.1)
+        while True:
+            try:
+                return conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
 
     def _open_quietly(self) -> None:
         """Open at start so a bad path shows up in stats and logs at once; never fatal (retried)."""

@@ -87,6 +87,10 @@ class MemoryCounterStore:
     def __len__(self) -> int:
         return len(self._states)
 
+    def __contains__(self, counter_id: object) -> bool:
+        """A counter with state (not fresh): cheaper than a peek when most ids have none."""
+        return counter_id in self._states
+
     def stats(self) -> dict[str, int]:
         return {"counters": len(self._states), "evicted": self._evicted}
 

@@ -233,3 +233,24 @@ def test_usd_limits_need_prices() -> None:
         parse_key_file(
             key_file(key), "keys.yaml", policy=no_prices, credentials=CRED, pepper=b"p" * 16, loaded_at=0
         )
+
+
+def test_failed_keys_throttle_the_address() -> None:
+    w = World(POLICY_YAML + "auth_failures: {limit: 3, per: minute}\n")
+    failures = MemoryCounterStore()
+
+    def attempt(key: str, address: str = "203.0.113.7") -> Decision:
+        req = Request("GET", "/v1/models", {"authorization": f"Bearer {key}"}, client_address=address)
+        return w.policy.authorize(req, w.snapshot, w.now, w.counters, w.book, failures)
+
+    for i in range(3):
+        assert attempt(f"nx-guess-{i}-0000000000").reason is Reason.UNKNOWN_KEY
+    throttled = attempt("nx-guess-3-0000000000")
+    assert throttled.status == 429 and throttled.reason is Reason.AUTH_THROTTLED
+    assert int(dict(throttled.response_headers)["retry-after"]) >= 1
+    # Even a valid key is refused from that address for now: no oracle for a guesser.
+    assert attempt(SMALL.secret).reason is Reason.AUTH_THROTTLED
+    # Other addresses are unaffected, and valid requests never count as failures.
+    assert attempt(SMALL.secret, "198.51.100.1").allowed
+    w.now += 20  # 3/minute: one failure drains every 20 s
+    assert attempt(SMALL.secret).allowed
