@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from nexus_authz.core import keys as keys_mod
 from nexus_authz.core.errors import ConfigError
@@ -278,6 +280,22 @@ def parse_key_file(
     records: list[tuple[bytes, KeyRecord]] = []
     ids: set[str] = set()
     digests: set[bytes] = set()
+    # 100,000 keys mostly repeat a few tenants, plans, model lists and limit sets: keep one object of
+    # each (a few hundred bytes per key saved; see benchmarks/bench_memory.py).
+    shared: dict[object, object] = {}
+
+    def share(value: _T) -> _T:
+        return shared.setdefault(value, value)  # type: ignore[return-value]
+
+    needs_facts_cache: dict[tuple[LimitSpec, ...], bool] = {}
+
+    def needs_facts(limits: tuple[LimitSpec, ...]) -> bool:
+        known = needs_facts_cache.get(limits)
+        if known is None:
+            known = any(s.kind in (Kind.TOKENS, Kind.USD) or s.model is not None for s in limits)
+            needs_facts_cache[limits] = known
+        return known
+
     for _, item, path in root.items("keys"):
         f = Fields(item, source, path)
         key_id = f.str("id")
@@ -295,8 +313,10 @@ def parse_key_file(
         if key_digest in digests:
             f.fail("hash", "the same key hash appears twice")
         digests.add(key_digest)
-        tenant = f.str("tenant", "default")
+        tenant = share(f.str("tenant", "default"))
         plan_name = f.str("plan", None)
+        if plan_name is not None:
+            plan_name = share(plan_name)
         plan: Plan | None = None
         if plan_name is not None:
             plan = policy.plans.get(plan_name)
@@ -309,8 +329,8 @@ def parse_key_file(
             if expires_at is None:
                 f.fail("expires_at", "expected an ISO 8601 timestamp such as 2027-01-31T00:00:00Z")
         disabled = f.bool("disabled", False)
-        models = f.str_list("models") or (plan.models if plan else ())
-        paths = f.str_list("paths")
+        models = share(f.str_list("models") or (plan.models if plan else ()))
+        paths = share(f.str_list("paths"))
         for p in paths:
             if not p.startswith("/"):
                 f.fail("paths", f"path patterns start with '/': {p!r}")
@@ -326,7 +346,7 @@ def parse_key_file(
         if _uses_usd(own_limits) and not policy.prices:
             f.fail("limits", "a usd limit needs a prices table in the config")
         f.done()
-        limits = key_limits(plan, own_limits, shadow_mode=policy.shadow_mode)
+        limits = share(key_limits(plan, own_limits, shadow_mode=policy.shadow_mode))
         records.append(
             (
                 key_digest,
@@ -339,12 +359,14 @@ def parse_key_file(
                     models=models,
                     paths=paths,
                     credential=credential,
-                    metadata=metadata,
-                    upstream_headers=_upstream_headers(key_id, tenant, credential),
-                    remove_headers=_remove_headers(credential),
+                    metadata=metadata or _NO_METADATA,
+                    upstream_headers=tuple(share(h) for h in _upstream_headers(key_id, tenant, credential)),
+                    remove_headers=share(_remove_headers(credential)),
                     limits=limits,
                     counter_ids=tuple(f"{key_id}\x00{spec.name}" for spec in limits),
-                    needs_facts=any(s.kind in (Kind.TOKENS, Kind.USD) or s.model is not None for s in limits),
+                    needs_facts=needs_facts(limits),
+                    model_rule=keys_mod.compile_globs(models),
+                    path_rule=keys_mod.compile_globs(paths),
                 ),
             )
         )
@@ -353,6 +375,10 @@ def parse_key_file(
     return keys_mod.build_snapshot(
         records, pepper=pepper, source=source, version=version, loaded_at=loaded_at
     )
+
+
+_NO_METADATA: Mapping[str, str] = types.MappingProxyType({})
+_T = TypeVar("_T")
 
 
 def _upstream_headers(key_id: str, tenant: str, credential: Credential | None) -> tuple[tuple[str, str], ...]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import functools
 import hashlib
 import hmac
 import re
@@ -104,6 +105,7 @@ def generate_pepper(token_bytes: Callable[[int], bytes] = secrets.token_bytes) -
     return base64.urlsafe_b64encode(token_bytes(32)).rstrip(b"=").decode("ascii")
 
 
+@functools.lru_cache(maxsize=4096)
 def compile_globs(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
     """One regex for a list of shell-style globs (`gpt-4o*`, `claude-3-?-*`); None means "anything"."""
     if not patterns or "*" in patterns:
@@ -121,20 +123,20 @@ class KeySnapshot:
     source: str
     version: str
     loaded_at: float
-    model_rules: Mapping[str, re.Pattern[str] | None] = field(repr=False, default_factory=dict)
-    path_rules: Mapping[str, re.Pattern[str] | None] = field(repr=False, default_factory=dict)
 
     hasher: KeyHasher = field(repr=False, default_factory=lambda: KeyHasher(b""))
 
     def lookup(self, secret: str) -> KeyRecord | None:
         return self.by_digest.get(self.hasher(secret))
 
-    def model_allowed(self, key: KeyRecord, model: str) -> bool:
-        rule = self.model_rules.get(key.key_id)
+    @staticmethod
+    def model_allowed(key: KeyRecord, model: str) -> bool:
+        rule = key.model_rule
         return rule is None or rule.fullmatch(model) is not None
 
-    def path_allowed(self, key: KeyRecord, path: str) -> bool:
-        rule = self.path_rules.get(key.key_id)
+    @staticmethod
+    def path_allowed(key: KeyRecord, path: str) -> bool:
+        rule = key.path_rule
         return rule is None or rule.fullmatch(path) is not None
 
     def __len__(self) -> int:
@@ -147,13 +149,9 @@ def build_snapshot(
     """Index validated records. Duplicate ids and digests were rejected by the key-file parser."""
     by_digest: dict[bytes, KeyRecord] = {}
     by_id: dict[str, KeyRecord] = {}
-    model_rules: dict[str, re.Pattern[str] | None] = {}
-    path_rules: dict[str, re.Pattern[str] | None] = {}
     for key_digest, record in records:
         by_digest[key_digest] = record
         by_id[record.key_id] = record
-        model_rules[record.key_id] = compile_globs(record.models)
-        path_rules[record.key_id] = compile_globs(record.paths)
     return KeySnapshot(
         by_digest=by_digest,
         by_id=by_id,
@@ -161,8 +159,6 @@ def build_snapshot(
         source=source,
         version=version,
         loaded_at=loaded_at,
-        model_rules=model_rules,
-        path_rules=path_rules,
         hasher=KeyHasher(pepper),
     )
 

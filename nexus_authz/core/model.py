@@ -7,6 +7,7 @@ credential) keep them out of `repr()` so a stray log line cannot leak them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -88,6 +89,9 @@ class KeyRecord:
     counter_ids: tuple[str, ...] = ()
     # The Check must read the body: token or USD windows need an estimate, per-model windows the model.
     needs_facts: bool = False
+    # `models` and `paths` compiled (shared between keys with the same lists); None: anything goes.
+    model_rule: re.Pattern[str] | None = field(default=None, repr=False)
+    path_rule: re.Pattern[str] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -123,3 +127,68 @@ class InFlight(NamedTuple):
     tenant: str
     model: str | None
     prompt_tokens: int
+
+
+# -- hot-path constructors -----------------------------------------------------------------------------
+# A frozen dataclass's generated __init__ sets each field through object.__setattr__ (about 0.15 µs a
+# field); setting the slots through their descriptors builds the identical frozen object in a fraction of
+# that. Used for the two objects every request creates; everything else uses the normal constructors.
+_new = object.__new__
+_REQUEST_SLOTS = tuple(
+    getattr(Request, name).__set__
+    for name in ("method", "path", "headers", "body", "body_truncated", "request_id", "client_address")
+)
+_DECISION_SLOTS = tuple(
+    getattr(Decision, name).__set__
+    for name in (
+        "allowed",
+        "status",
+        "reason",
+        "key",
+        "model",
+        "upstream_headers",
+        "remove_headers",
+        "response_headers",
+        "body",
+        "message",
+    )
+)
+
+
+def new_request(
+    method: str,
+    path: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    body_truncated: bool,
+    request_id: str,
+    client_address: str,
+) -> Request:
+    """`Request(...)` with every field given, built faster (see above)."""
+    request: Request = _new(Request)
+    s0, s1, s2, s3, s4, s5, s6 = _REQUEST_SLOTS
+    s0(request, method)
+    s1(request, path)
+    s2(request, headers)
+    s3(request, body)
+    s4(request, body_truncated)
+    s5(request, request_id)
+    s6(request, client_address)
+    return request
+
+
+def new_allow(key: KeyRecord, model: str | None, response_headers: tuple[tuple[str, str], ...]) -> Decision:
+    """The Decision admitting a request for `key`, built faster (see above)."""
+    decision: Decision = _new(Decision)
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = _DECISION_SLOTS
+    s0(decision, True)
+    s1(decision, 200)
+    s2(decision, Reason.OK)
+    s3(decision, key)
+    s4(decision, model)
+    s5(decision, key.upstream_headers)
+    s6(decision, key.remove_headers)
+    s7(decision, response_headers)
+    s8(decision, b"")
+    s9(decision, "")
+    return decision

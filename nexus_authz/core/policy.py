@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from nexus_authz.core.body import RequestFacts, find_model, loads_bounded, request_facts
 from nexus_authz.core.config import PolicySet
 from nexus_authz.core.keys import KeySnapshot, extract_key
 from nexus_authz.core.limits import AcquireResult, Kind, LimitSpec, applicable, make_limit
-from nexus_authz.core.model import Decision, InFlight, KeyRecord, Reason, Request
+from nexus_authz.core.model import Decision, InFlight, KeyRecord, Reason, Request, new_allow
 from nexus_authz.core.pricing import PriceTable
 from nexus_authz.core.ratelimit_headers import rate_limit_headers
 from nexus_authz.core.reservations import ReservationBook
@@ -97,12 +96,12 @@ _DENIALS: dict[Reason, Decision] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Admission:
+class Admission(NamedTuple):
     """A request that passed authentication and the key's rules, with what its limits must be charged.
 
     The half-way point between `Policy.admit` and `Policy.conclude`: a local counter store answers at
     once, a remote one (Redis) is awaited in between, and both finish with the same `conclude`.
+    A NamedTuple: immutable and built in C (one per admitted request).
     """
 
     key: KeyRecord
@@ -162,7 +161,11 @@ class Policy:
         if counters is None:
             return _allow(admission.key, admission.model)
         if not admission.specs:
-            self._reserve(admission, 0, now, counters, book)
+            if book is not None and admission.request_id:  # tracking only: nothing to reserve
+                key = admission.key
+                context = InFlight(key.key_id, key.tenant, admission.model, admission.prompt_tokens)
+                for settlement in book.track(admission.request_id, context, now):
+                    counters.adjust(settlement.counter_ids, settlement.specs, settlement.deltas, now)
             return _allow(admission.key, admission.model)
         result = counters.acquire(admission.counter_ids, admission.specs, admission.costs, now)
         return self.conclude(admission, result, now, counters, book)
@@ -177,7 +180,7 @@ class Policy:
         failure_id = None
         if failures is not None and self._auth_spec is not None and request.client_address:
             failure_id = "\x01auth\x00" + request.client_address
-            if failure_id in failures:  # this address failed before: is it refused for now?
+            if failures and failure_id in failures:  # this address failed before: is it refused now?
                 (status,) = failures.peek((failure_id,), (self._auth_spec,), now, (1,))
                 if not status.allowed:
                     return _throttled(status.retry_after)
@@ -351,16 +354,7 @@ def _limited(result: AcquireResult, headers: tuple[tuple[str, str], ...]) -> Dec
 
 
 def _allow(key: KeyRecord, model: str | None, headers: tuple[tuple[str, str], ...] = ()) -> Decision:
-    return Decision(
-        allowed=True,
-        status=200,
-        reason=Reason.OK,
-        key=key,
-        model=model,
-        upstream_headers=key.upstream_headers,
-        remove_headers=key.remove_headers,
-        response_headers=headers,
-    )
+    return new_allow(key, model, headers)
 
 
 def _deny(reason: Reason, message: str) -> Decision:

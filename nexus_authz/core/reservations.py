@@ -131,6 +131,24 @@ class ReservationBook:
         )
         return tuple(out) if out else _NONE
 
+    def track(self, request_id: str, context: object, now: float) -> tuple[Settlement, ...]:
+        """Remember an admitted request that charged nothing to settle (no token, USD or concurrency
+        window) until its usage is accounted: `reserve` without windows, on the per-request fast path."""
+        entries = self._entries
+        out: list[Settlement] | None = self._expire(now, self._expire_per_call) if entries else None
+        old = entries.pop(request_id, None)
+        if old is not None:
+            self.replaced += 1
+            out = out or []
+            out.append(_expiry(request_id, old))
+        elif len(entries) >= self._max:
+            oldest_id, oldest = entries.popitem(last=False)
+            self.evicted += 1
+            out = out or []
+            out.append(_expiry(oldest_id, oldest))
+        entries[request_id] = ((), (), (), 0, now, now + self._ttl, context)
+        return tuple(out) if out else _NONE
+
     def context(self, request_id: str) -> object:
         """The context attached at reserve time (None if unknown, expired or attached none)."""
         entry = self._entries.get(request_id)

@@ -71,7 +71,7 @@ def test_version_changes_with_content() -> None:
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
-        ("keys: [", "keys.yaml:1: invalid YAML"),
+        ("keys: [\n", "keys.yaml:2: invalid YAML"),
         ("keys:\n  - id: a\n", "keys.yaml:2: keys[0].hash: is required"),
         ("keys:\n  - id: a\n    hash: nope\n", "keys.yaml:3: keys[0].hash: expected 'hmac-sha256:'"),
         ("keys:\n  - id: 'bad id!'\n", "keys[0].id: key ids are"),

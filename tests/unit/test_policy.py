@@ -194,3 +194,25 @@ def test_any_input_is_a_decision(headers: dict[str, str], body: bytes, path: str
     assert d.allowed == (d.status == 200)
     if not d.allowed:
         assert json.loads(d.body)["error"]["code"]
+
+
+def test_fast_constructors_build_the_same_objects() -> None:
+    from nexus_authz.core.model import Decision, new_allow, new_request
+
+    key = SNAP.by_id["alice"]
+    assert new_request("GET", "/p", {"a": "b"}, b"x", True, "id", "1.2.3.4") == Request(
+        "GET", "/p", {"a": "b"}, b"x", True, "id", "1.2.3.4"
+    )
+    fast = new_allow(key, "m", (("h", "v"),))
+    slow = Decision(
+        allowed=True,
+        status=200,
+        reason=Reason.OK,
+        key=key,
+        model="m",
+        upstream_headers=key.upstream_headers,
+        remove_headers=key.remove_headers,
+        response_headers=(("h", "v"),),
+    )
+    fields = [f for f in Decision.__slots__ if not f.startswith("__")]
+    assert [getattr(fast, f) for f in fields] == [getattr(slow, f) for f in fields]

@@ -155,3 +155,17 @@ def test_a_denied_request_is_never_reserved_so_nothing_is_released_twice() -> No
     store = MemoryCounterStore()
     specs, ids = (CONC, TOK), ("c", "t")
     assert store.acquire(ids, specs, (1, 2000), NOW).uncharged == 0b11
+
+
+def test_track_remembers_a_context_without_windows() -> None:
+    from nexus_authz.core.reservations import ReservationBook
+
+    book = ReservationBook(ttl=10.0, max_entries=2)
+    assert book.track("a", ("ctx-a",), 0.0) == ()
+    assert book.context("a") == ("ctx-a",)
+    book.track("b", "ctx-b", 1.0)
+    (evicted,) = book.track("c", "ctx-c", 2.0)  # full: the oldest goes, with nothing to give back
+    assert evicted.request_id == "a" and evicted.deltas == () and evicted.expired
+    settled = book.settle("b", 3.0, tokens=5)
+    assert settled is not None and settled.context == "ctx-b" and settled.deltas == ()
+    assert [s.request_id for s in book.expire(20.0)] == ["c"]
