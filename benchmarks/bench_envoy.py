@@ -6,14 +6,18 @@ evenly spaced arrivals (benchmarks/harness.py), interleaved A,B,C,A,B,C,... with
 CPU read from /proc over the measured window only. Built-in scenarios:
 
   envoy     Envoy alone: envoy/envoy.yaml with the filters that call nexus-authz removed (structurally,
-            here): ext_authz, and ext_proc (token accounting) when the template has it
-  http-uds  Envoy + nexus-authz, HTTP ext_authz over the Unix socket (envoy/envoy.yaml as it is: the default)
+            here): ext_authz, and token accounting (the Lua usage tap and the gRPC access log, or ext_proc)
+  http-uds  Envoy + nexus-authz, HTTP ext_authz over the Unix socket (envoy/envoy.yaml as it is: the
+            default, token accounting by the Lua usage tap + gRPC access log)
   grpc      Envoy + nexus-authz, gRPC ext_authz (envoy/envoy-grpc.yaml as it is)
 
-A template's ext_proc cluster (``nexus_extproc``) is pointed at the scenario's nexus-authz. More scenarios on
-request (``--scenarios``), to see where the fast path's CPU goes:
+A template's accounting clusters (``nexus_als``, ``nexus_extproc``) are pointed at the scenario's
+nexus-authz. More scenarios on request (``--scenarios``), to see where the fast path's CPU goes:
 
-  http-uds-noacct  http-uds without token accounting (no ext_proc filter, ``accounting.enabled: false``)
+  http-uds-noacct  http-uds without token accounting (no Lua/access log, ``accounting.enabled: false``)
+  http-uds-extproc http-uds with accounting over ext_proc instead (envoy/envoy-extproc.yaml)
+  http-uds-stream, http-uds-stream-extproc, envoy-stream
+                   the same with a streamed reply (SSE with the usage chunk, ~20 events)
   http-uds-nogrpc  as http-uds-noacct, and nexus-authz's gRPC server disabled (``listen.grpc: null``)
   bare-uds         as http-uds-noacct, with an empty asyncio + uvloop + httptools handler instead of
                    nexus-authz (answers 200 to everything: the floor for HTTP ext_authz from Python)
@@ -82,6 +86,7 @@ from nexus_authz.demo import procs  # noqa: E402
 
 ENVOY_HTTP = REPO / "envoy" / "envoy.yaml"
 ENVOY_GRPC = REPO / "envoy" / "envoy-grpc.yaml"
+ENVOY_EXTPROC = REPO / "envoy" / "envoy-extproc.yaml"  # accounting over ext_proc instead of Lua + ALS
 RESULTS = REPO / "benchmarks" / "results"
 PATH = "/v1/chat/completions"
 BODY = json.dumps(
@@ -90,6 +95,21 @@ BODY = json.dumps(
 ).encode()
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 EXTPROC_CLUSTER = "nexus_extproc"  # token accounting's gRPC cluster, in templates that have it
+LUA_FILTER = "envoy.filters.http.lua"  # the usage tap of the default accounting path
+ALS_LOGGER = "envoy.access_loggers.http_grpc"  # ... and its access log (an HCM access_log entry)
+ALS_CLUSTER = "nexus_als"
+# everything token accounting adds to a template, on either path
+ACCOUNTING = (EXT_PROC_FILTER, LUA_FILTER, ALS_LOGGER)
+STREAM_BODY = json.dumps(
+    {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "max_tokens": 16,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    },
+    separators=(",", ":"),
+).encode()
 PEPPER = "bench-pepper-" + "0123456789abcdef" * 2
 DEFAULT_KEY_FIELDS: Mapping[str, object] = {"tenant": "bench", "models": ["gpt-4o*"]}
 
@@ -174,10 +194,21 @@ def chat_request(secret: str) -> bytes:
     )
 
 
+def stream_request(secret: str) -> bytes:
+    """The streamed variant: SSE with the usage chunk (the mock answers ~20 events in one write)."""
+    return harness.build_request(
+        "POST",
+        PATH,
+        host="127.0.0.1",
+        headers={"authorization": f"Bearer {secret}", "content-type": "application/json"},
+        body=STREAM_BODY,
+    )
+
+
 SCENARIOS: dict[str, Scenario] = {
     # Envoy alone: every filter that talks to nexus-authz removed (ext_authz; ext_proc when the template
     # has token accounting), so the difference to it is everything nexus-authz costs a request.
-    "envoy": Scenario("envoy", ENVOY_HTTP, "none", remove_filters=(EXT_PROC_FILTER,)),
+    "envoy": Scenario("envoy", ENVOY_HTTP, "none", remove_filters=ACCOUNTING),
     "http-uds": Scenario("http-uds", ENVOY_HTTP, "http", NexusSpec()),
     "grpc": Scenario("grpc", ENVOY_GRPC, "grpc", NexusSpec()),
     # not run by default: where the HTTP fast path's CPU goes
@@ -186,17 +217,25 @@ SCENARIOS: dict[str, Scenario] = {
         ENVOY_HTTP,
         "http",
         NexusSpec(config_extra="accounting:\n  enabled: false\n"),
-        remove_filters=(EXT_PROC_FILTER,),
+        remove_filters=ACCOUNTING,
     ),
     "http-uds-nogrpc": Scenario(
         "http-uds-nogrpc",
         ENVOY_HTTP,
         "http",
         NexusSpec(grpc=False, config_extra="accounting:\n  enabled: false\n"),
-        remove_filters=(EXT_PROC_FILTER,),
+        remove_filters=ACCOUNTING,
     ),
-    "bare-uds": Scenario(
-        "bare-uds", ENVOY_HTTP, "http", NexusSpec(server="bare"), remove_filters=(EXT_PROC_FILTER,)
+    "bare-uds": Scenario("bare-uds", ENVOY_HTTP, "http", NexusSpec(server="bare"), remove_filters=ACCOUNTING),
+    # token accounting, issue 9 section 2: http-uds is the default path (Lua usage tap + gRPC access log);
+    # the same request with accounting over ext_proc (envoy-extproc.yaml), and both for a streamed reply
+    "http-uds-extproc": Scenario("http-uds-extproc", ENVOY_EXTPROC, "http", NexusSpec()),
+    "http-uds-stream": Scenario("http-uds-stream", ENVOY_HTTP, "http", NexusSpec(), request=stream_request),
+    "http-uds-stream-extproc": Scenario(
+        "http-uds-stream-extproc", ENVOY_EXTPROC, "http", NexusSpec(), request=stream_request
+    ),
+    "envoy-stream": Scenario(
+        "envoy-stream", ENVOY_HTTP, "none", remove_filters=ACCOUNTING, request=stream_request
     ),
 }
 DEFAULT_SCENARIOS = ("envoy", "http-uds", "grpc")
@@ -204,7 +243,8 @@ BASELINE = "envoy"
 
 
 def remove_http_filters(doc: dict[str, Any], names: Sequence[str]) -> set[str]:
-    """Drop the named HTTP filters of listener ``ingress``; return the names that were there."""
+    """Drop the named HTTP filters (and access loggers) of listener ``ingress``; return the names that
+    were there."""
     removed: set[str] = set()
     for listener in doc.get("static_resources", {}).get("listeners") or []:
         if listener.get("name") != envoy_config.LISTENER:
@@ -217,6 +257,12 @@ def remove_http_filters(doc: dict[str, Any], names: Sequence[str]) -> set[str]:
                     continue
                 removed.update(f.get("name") for f in filters if f.get("name") in names)
                 hcm["http_filters"] = [f for f in filters if f.get("name") not in names]
+                logs = hcm.get("access_log")
+                if isinstance(logs, list):
+                    removed.update(x.get("name") for x in logs if x.get("name") in names)
+                    hcm["access_log"] = [x for x in logs if x.get("name") not in names]
+                    if not hcm["access_log"]:
+                        del hcm["access_log"]
     return removed
 
 
@@ -380,6 +426,11 @@ def render_envoy(scenario: Scenario, info: StackInfo, listen_port: int, admin_po
             addresses["clusters"] = {EXTPROC_CLUSTER: f"127.0.0.1:{info.nexus_grpc_port}"}
         else:  # nothing would answer: a failing ext_proc stream per request is not the product's cost
             drop.add(EXT_PROC_FILTER)
+    if _has_cluster(envoy_config.load(scenario.template), ALS_CLUSTER):
+        if info.nexus_grpc_port:
+            addresses.setdefault("clusters", {})[ALS_CLUSTER] = f"127.0.0.1:{info.nexus_grpc_port}"
+        else:
+            drop.update((LUA_FILTER, ALS_LOGGER))
     text = envoy_config.render(scenario.template, listen_port=listen_port, admin_port=admin_port, **addresses)
     doc = yaml.safe_load(text)
     removed = remove_http_filters(doc, sorted(drop))

@@ -132,6 +132,10 @@ def cmd_usage(args: argparse.Namespace) -> int:
     from nexus_authz import cli_usage
     from nexus_authz.settings import load_settings, resolve_path
 
+    if args.server:  # ask a running server's policy API instead of reading the file
+        from nexus_authz import cli_remote
+
+        return cli_remote.cmd_usage(args)
     if not args.db:
         try:
             settings = load_settings(_config_path(args))
@@ -191,7 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(p)
     p.set_defaults(func=cmd_check_config)
 
-    keys = sub.add_parser("keys", help="create keys and hashes", description="Create keys and key hashes.")
+    keys = sub.add_parser(
+        "keys",
+        help="create keys and hashes; list a server's keys",
+        description="Create keys and key hashes; list and show the keys of a running server.",
+    )
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND")
     p = keys_sub.add_parser(
         "generate",
@@ -216,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_keys_pepper)
     keys.set_defaults(func=lambda a: (keys.print_help(), 2)[1])
+    from nexus_authz import cli_remote
+
+    cli_remote.add_commands(sub, keys_sub, add_config)  # keys list|show, limits, check (policy API)
 
     p = sub.add_parser(
         "usage",
@@ -227,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nexus_authz import cli_usage
 
     cli_usage.add_arguments(p)
+    cli_remote.add_server_arguments(p, json_flag=False, usage=True)
     p.set_defaults(func=cmd_usage)
 
     p = sub.add_parser(

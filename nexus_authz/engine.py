@@ -9,6 +9,7 @@ path never touches a Prometheus label.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -24,6 +25,7 @@ from nexus_authz.core.model import Credential, Decision, InFlight, Reason, Reque
 from nexus_authz.core.policy import Policy
 from nexus_authz.core.reservations import ReservationBook
 from nexus_authz.core.usage import Usage
+from nexus_authz.latency import LatencyHistogram
 from nexus_authz.settings import Settings, resolve_path, resolve_secret
 from nexus_authz.stores.base import apply_settlements
 from nexus_authz.stores.ledger import Ledger, MemoryLedger, SQLiteLedger, UsageRecord
@@ -50,6 +52,9 @@ class KeyStatus:
     loaded_at: float
     last_error: str | None
     last_error_at: float | None
+
+
+_RELOAD = object()  # a stamp no file has: the next poll reloads
 
 
 def make_ledger(settings: Settings, clock: Callable[[], float]) -> Ledger | None:
@@ -131,6 +136,7 @@ class Engine:
         "_credentials",
         "accounted",
         "book",
+        "check_latency",
         "counters",
         "ledger",
         "usage_tokens",
@@ -168,6 +174,7 @@ class Engine:
         self.usage_tokens: dict[tuple[str, str], int] = {}
         self.snapshot: KeySnapshot = EMPTY_SNAPSHOT
         self.decisions: dict[Reason, int] = dict.fromkeys(Reason, 0)
+        self.check_latency = LatencyHistogram()  # seconds per check(), read by the metrics collector
         self._pepper = pepper
         self._credentials = credentials
         self._key_path = resolve_path(settings, settings.keys_file)
@@ -186,14 +193,17 @@ class Engine:
             settings, pepper=engine._pepper, credentials=engine._credentials, now=clock()
         )
         engine._stamp = stamp
+        gc.freeze()  # the snapshot lives until the next reload: keep the cyclic GC off its objects
         return engine
 
     # -- the hot path -------------------------------------------------------------------------------
     def check(self, request: Request) -> Decision:
+        started = time.perf_counter()
         decision = self.policy.authorize(
             request, self.snapshot, self.clock(), self.counters, self.book, self.failures
         )
         self.decisions[decision.reason] += 1
+        self.check_latency.observe(time.perf_counter() - started)
         return decision
 
     def dry_run(self, request: Request) -> Decision:
@@ -292,43 +302,66 @@ class Engine:
         self.decisions[reason] += 1
 
     # -- key reloads ------------------------------------------------------------------------------------
-    def reload_keys(self, *, force: bool = False) -> bool:
-        """Load the key file if it changed. Returns True if a new snapshot is in force.
-
-        A broken, truncated or deleted file keeps the last good snapshot and logs one error per change of
-        the file (not one per poll), naming the file and the field.
-        """
+    def keys_changed(self) -> FileStamp | None | bool:
+        """The key file's new stamp if it changed since the last load (a stat, cheap), else False."""
         stamp = file_stamp(self._key_path)
-        if not force and stamp == self._stamp:
-            return False
-        self._stamp = stamp
+        return False if stamp == self._stamp else stamp
+
+    def load_keys(self) -> KeySnapshot | ConfigError:
+        """Read and parse the key file. Thread-safe and side-effect free: the server runs it off the
+        event loop (a 100,000-key file takes seconds to parse) and installs the result on the loop."""
         try:
-            snapshot = read_key_snapshot(
+            return read_key_snapshot(
                 self.settings, pepper=self._pepper, credentials=self._credentials, now=self.clock()
             )
         except ConfigError as exc:
-            self._last_error = str(exc)
+            return exc
+
+    def install_keys(self, result: KeySnapshot | ConfigError, stamp: FileStamp | None) -> bool:
+        """Put a loaded snapshot in force (one reference swap), or keep the last good one and log why.
+
+        A broken, truncated or deleted file logs one error per change of the file (not one per poll),
+        naming the file and the field. Returns True if a new snapshot is in force.
+        """
+        self._stamp = stamp
+        if isinstance(result, ConfigError):
+            self._last_error = str(result)
             self._last_error_at = self.clock()
             log.error(
                 "key file rejected; the previous keys stay in force",
-                extra={"error": str(exc), "keys_version": self.snapshot.version, "keys": len(self.snapshot)},
+                extra={
+                    "error": str(result),
+                    "keys_version": self.snapshot.version,
+                    "keys": len(self.snapshot),
+                },
             )
             return False
-        if snapshot.version == self.snapshot.version:
-            return False
-        previous = self.snapshot
-        self.snapshot = snapshot
         self._last_error = None
         self._last_error_at = None
+        if result.version == self.snapshot.version:
+            return False
+        previous = self.snapshot
+        self.snapshot = result
+        # The snapshot lives until the next reload: keep the cyclic GC from rescanning its objects.
+        gc.freeze()
         log.info(
             "key file loaded",
-            extra={
-                "keys": len(snapshot),
-                "keys_version": snapshot.version,
-                "previous_version": previous.version,
-            },
+            extra={"keys": len(result), "keys_version": result.version, "previous_version": previous.version},
         )
         return True
+
+    def request_reload(self) -> None:
+        """Make the next poll reload the key file even if it looks unchanged (SIGHUP)."""
+        self._stamp = _RELOAD  # type: ignore[assignment]
+
+    def reload_keys(self, *, force: bool = False) -> bool:
+        """Load the key file if it changed (or always, with `force`), on the calling thread."""
+        stamp = self.keys_changed()
+        if stamp is False:
+            if not force:
+                return False
+            stamp = self._stamp
+        return self.install_keys(self.load_keys(), stamp)  # type: ignore[arg-type]
 
     def key_status(self) -> KeyStatus:
         snap = self.snapshot

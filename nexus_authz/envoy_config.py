@@ -19,11 +19,14 @@ import yaml
 
 __all__ = [
     "ADMIN",
+    "ALS_CLUSTER",
     "AUTHZ_CLUSTER",
     "AUTHZ_GRPC_CLUSTER",
     "EnvoyConfigError",
+    "ENVOY_DIR",
     "EXT_AUTHZ_FILTER",
     "LISTENER",
+    "LUA_FILTER",
     "UPSTREAM_CLUSTER",
     "Address",
     "load",
@@ -35,8 +38,12 @@ LISTENER = "ingress"
 AUTHZ_CLUSTER = "nexus_authz"
 AUTHZ_GRPC_CLUSTER = "nexus_authz_grpc"
 EXTPROC_CLUSTER = "nexus_extproc"
+ALS_CLUSTER = "nexus_als"  # token accounting's gRPC access-log stream (Lua usage tap + ALS)
 UPSTREAM_CLUSTER = "llm_upstream"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+LUA_FILTER = "envoy.filters.http.lua"
+#: Where the shipped configs and the Lua sources they name live (a source checkout's ``envoy/``).
+ENVOY_DIR = Path(__file__).resolve().parents[1] / "envoy"
 ADMIN = "admin"
 _HCM_FILTER = "envoy.filters.network.http_connection_manager"
 
@@ -74,6 +81,7 @@ def render(
     authz_socket: Address | None = None,
     authz_grpc: Address | None = None,
     extproc: Address | None = None,
+    als: Address | None = None,
     clusters: Mapping[str, Address] | None = None,
     failure_mode_allow: bool | None = None,
     authz_timeout: float | None = None,
@@ -83,12 +91,20 @@ def render(
     ``listen_port``/``listen_host`` edit listener ``ingress``; ``admin_port`` the admin address;
     ``upstream`` cluster ``llm_upstream`` (an ``https://`` URL also adds TLS with SNI and a DNS cluster
     type for a host name); ``authz_socket`` cluster ``nexus_authz`` (a socket path or host:port);
-    ``authz_grpc`` cluster ``nexus_authz_grpc``; ``extproc`` cluster ``nexus_extproc`` (token accounting,
-    nexus-authz's gRPC address); ``clusters`` any other cluster by name (later filters:
+    ``authz_grpc`` cluster ``nexus_authz_grpc``; ``extproc`` cluster ``nexus_extproc`` and ``als``
+    cluster ``nexus_als`` (token accounting over ext_proc, or over the Lua usage tap and the gRPC access
+    log: nexus-authz's gRPC address); ``clusters`` any other cluster by name (later filters:
     ext_proc, ratelimit). ``failure_mode_allow`` and ``authz_timeout`` (seconds) edit every ext_authz
     filter of the listener. Anything asked for that the config lacks raises EnvoyConfigError naming it.
+
+    Lua filters whose source is a relative ``filename`` (``envoy.yaml`` names ``nexus-usage.lua``, which
+    Envoy would resolve against its working directory) get the file's text inlined, read next to the
+    config file (next to ``envoy/`` when the config is given as text), so the rendered config runs from
+    anywhere.
     """
     doc = load(path_or_text)
+    is_path = isinstance(path_or_text, os.PathLike) or "\n" not in path_or_text
+    _inline_lua_sources(doc, Path(path_or_text).resolve().parent if is_path else ENVOY_DIR)
     if listen_port is not None or listen_host is not None:
         sock = _socket_address(_listener(doc, LISTENER).get("address"), f"listener {LISTENER!r}")
         if listen_host is not None:
@@ -109,6 +125,8 @@ def render(
         edits[AUTHZ_GRPC_CLUSTER] = authz_grpc
     if extproc is not None:
         edits[EXTPROC_CLUSTER] = extproc
+    if als is not None:
+        edits[ALS_CLUSTER] = als
     edits.update(clusters or {})
     for name, address in edits.items():
         _set_cluster_address(_cluster(doc, name), name, address)
@@ -236,6 +254,28 @@ def _set_cluster_address(cluster: dict[str, Any], name: str, address: Address) -
     elif isinstance(address, str) and address.startswith("http://"):
         # Only an explicit scheme decides TLS; other address forms keep what the config says.
         cluster.pop("transport_socket", None)
+
+
+def _inline_lua_sources(doc: dict[str, Any], base: Path) -> None:
+    for cfg in _http_filters(doc, LUA_FILTER):
+        sources = [cfg.get("default_source_code")]
+        named = cfg.get("source_codes")
+        if isinstance(named, dict):
+            sources.extend(named.values())
+        for source in sources:
+            if not isinstance(source, dict) or not isinstance(source.get("filename"), str):
+                continue
+            name = source["filename"]
+            if Path(name).is_absolute():
+                continue
+            try:
+                text = (base / name).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise EnvoyConfigError(
+                    f"Lua source {name!r} not found next to the config ({base}): {exc}"
+                ) from None
+            source.pop("filename")
+            source["inline_string"] = text
 
 
 def _set_authz_timeout(cfg: dict[str, Any], seconds: float) -> None:

@@ -1,37 +1,273 @@
 """Prometheus metrics, read from plain in-process counters at scrape time.
 
-The hot path only increments ints in dicts the engine owns; this collector turns them into metric
-families when Prometheus scrapes. No label lookup, lock or allocation happens per request, and nothing
-needs flushing: the scrape is the batch.
+The hot path only increments ints in dicts and lists the engine owns (decisions by reason, the Check
+latency histogram's buckets, tokens by model); this collector turns them into metric families when
+Prometheus scrapes. No label lookup, lock or allocation happens per request, and nothing needs flushing:
+the scrape is the batch. Everything else (ledger, counter store, reservations, key snapshot, readiness,
+the policy API's calls) is read from the objects that own it, also at scrape time.
+
+Metric names and what they mean are listed in README.md ("Metrics"). Labels are bounded: reasons and
+outcomes are enums, models come from the key configuration's traffic (tokens by model) and API methods
+from the proto.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from nexus_authz.core.model import Reason
-from nexus_authz.engine import Engine
+from nexus_authz.core.limits import Kind
+from nexus_authz.core.model import InFlight, Reason
+from nexus_authz.core.reservations import ReservationBook
+
+if TYPE_CHECKING:
+    from nexus_authz.engine import Engine
+
+__all__ = ["EngineCollector", "ReservationEntry", "make_registry", "render", "reservation_entries"]
+
+ReservationEntry = tuple[tuple[str, ...], tuple[Any, ...], tuple[int, ...], int, float, float, object]
+# A scrape runs on the event loop: cap the walk over reservations (each ~0.2 µs) so a book filled by
+# responses that never report usage cannot stall decisions for long. Beyond it the gauge is a lower bound.
+MAX_RESERVATIONS_SCANNED = 10_000
+MAX_MODEL_LABELS = 100
+
+
+def reservation_entries(book: ReservationBook) -> Iterable[ReservationEntry]:
+    """Every reservation in flight, oldest first; iterate it without awaiting (the loop mutates the book).
+
+    The one place that reads ReservationBook's private table (the book offers no iterator yet); an entry
+    is (counter_ids, specs, costs, uncharged mask, charged_at, expires_at, context).
+    """
+    entries: Mapping[str, ReservationEntry] = getattr(book, "_entries", {})
+    return entries.values()
+
+
+def _reserved_tokens_by_model(book: ReservationBook) -> tuple[dict[str, int], bool]:
+    """Token estimates held by in-flight reservations, per model; and whether the walk was cut short."""
+    out: dict[str, int] = {}
+    entries = reservation_entries(book)
+    for scanned, (_ids, specs, costs, uncharged, _at, _expires, context) in enumerate(entries):
+        if scanned >= MAX_RESERVATIONS_SCANNED:
+            return out, True
+        for i, spec in enumerate(specs):
+            if spec.kind is Kind.TOKENS and not (uncharged >> i) & 1:
+                model = context.model if isinstance(context, InFlight) and context.model else "unknown"
+                out[model] = out.get(model, 0) + costs[i]
+                break  # every token window of a request holds the same estimate: count it once
+    return out, False
+
+
+def _bounded_models(counts: Mapping[tuple[str, ...], int]) -> dict[tuple[str, ...], int]:
+    """At most MAX_MODEL_LABELS models as labels; the rest summed as "other".
+
+    Model names come from requests and responses; a client sending many made-up names must not create a
+    series each. The first models seen keep their labels (dict order is insertion order, so the set is
+    stable and every series stays monotonic).
+    """
+    out: dict[tuple[str, ...], int] = {}
+    models: set[str] = set()
+    for key, n in list(counts.items()):
+        model = key[0]
+        if model not in models:
+            if len(models) >= MAX_MODEL_LABELS:
+                key = ("other", *key[1:])
+            else:
+                models.add(model)
+        out[key] = out.get(key, 0) + n
+    return out
 
 
 class EngineCollector(Collector):
-    def __init__(self, engine: Engine, *, ready: Callable[[], tuple[bool, str]] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        ready: Callable[[], tuple[bool, str]] | None = None,
+        api_calls: Mapping[tuple[str, str], int] | None = None,
+    ) -> None:
         self.engine = engine
         self.ready = ready
+        self.api_calls = api_calls
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         engine = self.engine
+        yield from self._decisions(engine)
+        yield from self._accounting(engine)
+        yield from self._stores(engine)
+        yield from self._keys(engine)
+        if self.api_calls is not None:
+            calls = CounterMetricFamily(
+                "nexus_authz_api_requests",
+                "Policy API calls by method and gRPC status code (UNAUTHENTICATED: a missing or wrong "
+                "token).",
+                labels=["method", "code"],
+            )
+            for (method, code), n in sorted(self.api_calls.items()):
+                calls.add_metric([method, code], n)
+            yield calls
+        if self.ready is not None:
+            yield GaugeMetricFamily(
+                "nexus_authz_ready", "1 when the service is ready.", value=float(self.ready()[0])
+            )
+
+    # -- decisions -------------------------------------------------------------------------------------
+    @staticmethod
+    def _decisions(engine: Engine) -> Iterator[Metric]:
         decisions = CounterMetricFamily(
             "nexus_authz_decisions", "Check decisions by result and reason.", labels=["result", "reason"]
         )
-        for reason, count in engine.decisions.items():
+        for reason, count in list(engine.decisions.items()):
             decisions.add_metric(["allow" if reason is Reason.OK else "deny", reason.value], count)
         yield decisions
+        latency = getattr(engine, "check_latency", None)
+        if latency is not None:
+            buckets, total, _ = latency.cumulative()
+            yield HistogramMetricFamily(
+                "nexus_authz_check_duration_seconds",
+                "Time to decide one Check in the engine (key lookup, rules, limits), in seconds.",
+                buckets=buckets,
+                sum_value=total,
+            )
 
+    # -- tokens and accounting -------------------------------------------------------------------------
+    @staticmethod
+    def _accounting(engine: Engine) -> Iterator[Metric]:
+        used = CounterMetricFamily(
+            "nexus_authz_tokens_used",
+            "Tokens used according to responses (the provider's usage, or the estimate for a cut-off "
+            "stream), by model and kind (prompt, cached_prompt, completion).",
+            labels=["model", "kind"],
+        )
+        for (model, kind), n in sorted(_bounded_models(engine.usage_tokens).items()):
+            used.add_metric([model, kind], n)
+        yield used
+
+        reserved, truncated = _reserved_tokens_by_model(engine.book)
+        family = GaugeMetricFamily(
+            "nexus_authz_tokens_reserved",
+            "Token estimates held now by in-flight reservations (charged at Check, not yet settled), "
+            "by model.",
+            labels=["model"],
+        )
+        for (model,), n in sorted(_bounded_models({(m,): n for m, n in reserved.items()}).items()):
+            family.add_metric([model], n)
+        yield family
+        yield GaugeMetricFamily(
+            "nexus_authz_tokens_reserved_truncated",
+            f"1 when more than {MAX_RESERVATIONS_SCANNED} reservations were in flight at the scrape and "
+            "nexus_authz_tokens_reserved counts only the oldest of them.",
+            value=float(truncated),
+        )
+
+        accounted = dict(engine.accounted)
+        responses = CounterMetricFamily(
+            "nexus_authz_accounted_responses",
+            "Responses accounted, by where the usage came from: provider (the response's usage), estimated "
+            "(a stream cut off before its usage), none (an error response without usage).",
+            labels=["source"],
+        )
+        for source in ("provider", "estimated", "none"):
+            responses.add_metric([source], accounted.get(source, 0))
+        yield responses
+        yield CounterMetricFamily(
+            "nexus_authz_accounted_unmatched",
+            "Responses accounted without a reservation (expired, evicted, or the request was not seen).",
+            value=accounted.get("unmatched", 0),
+        )
+
+        stats = engine.book.stats()
+        yield GaugeMetricFamily(
+            "nexus_authz_reservations_in_flight",
+            "Requests admitted whose usage has not been settled yet.",
+            value=stats["pending"],
+        )
+        outcomes = CounterMetricFamily(
+            "nexus_authz_reservations",
+            "Reservations ended, by outcome: settled (usage arrived), expired (none within the ttl), evicted "
+            "(the book was full), replaced (the same request id was reserved again).",
+            labels=["outcome"],
+        )
+        for outcome in ("settled", "expired", "evicted", "replaced"):
+            outcomes.add_metric([outcome], stats[outcome])
+        yield outcomes
+
+    # -- stores ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _stores(engine: Engine) -> Iterator[Metric]:
+        size = GaugeMetricFamily(
+            "nexus_authz_counters",
+            "Limit counters held in the counter store (idle ones are dropped).",
+            labels=["store"],
+        )
+        evicted = CounterMetricFamily(
+            "nexus_authz_counters_evicted", "Idle counters dropped from the counter store.", labels=["store"]
+        )
+        for name, store in (
+            ("limits", engine.counters),
+            ("auth_failures", getattr(engine, "failures", None)),
+        ):
+            if store is None:
+                continue
+            stats = store.stats()
+            size.add_metric([name], stats.get("counters", len(store)))
+            evicted.add_metric([name], stats.get("evicted", 0))
+        yield size
+        yield evicted
+
+        up = GaugeMetricFamily(
+            "nexus_authz_store_up",
+            "1 when a store answers: limits (the counter store) and ledger (its last write succeeded).",
+            labels=["store"],
+        )
+        up.add_metric(["limits"], 1.0)  # the in-process store cannot be unreachable
+        ls = engine.ledger.stats() if engine.ledger is not None else None
+        if ls is not None:
+            up.add_metric(["ledger"], 0.0 if ls.consecutive_failures else 1.0)
+        yield up
+        if ls is None:
+            return
+        yield GaugeMetricFamily(
+            "nexus_authz_ledger_flush_lag_seconds",
+            "How far the ledger's store is behind: seconds since the oldest record not yet written (0 when "
+            "nothing is pending).",
+            value=ls.flush_lag,
+        )
+        yield GaugeMetricFamily(
+            "nexus_authz_ledger_pending_rows",
+            "Aggregated usage rows held in memory, not yet written.",
+            value=ls.pending_rows,
+        )
+        for name, help_text, value in (
+            ("nexus_authz_ledger_records", "Usage records received by the ledger.", ls.recorded_records),
+            ("nexus_authz_ledger_flushed_rows", "Rows written to the ledger's store.", ls.flushed_rows),
+            ("nexus_authz_ledger_flushes", "Successful ledger flushes.", ls.flushes),
+            ("nexus_authz_ledger_failed_flushes", "Ledger flushes that failed (retried).", ls.failed_flushes),
+            (
+                "nexus_authz_ledger_dropped_records",
+                "Usage records dropped because the ledger's buffer was full or the ledger closed.",
+                ls.dropped_records,
+            ),
+        ):
+            yield CounterMetricFamily(name, help_text, value=value)
+        yield GaugeMetricFamily(
+            "nexus_authz_ledger_consecutive_failures",
+            "Ledger flushes failed in a row (0 when the last one succeeded).",
+            value=ls.consecutive_failures,
+        )
+        yield GaugeMetricFamily(
+            "nexus_authz_ledger_last_flush_duration_seconds",
+            "Duration of the last ledger flush.",
+            value=ls.last_flush_duration,
+        )
+
+    # -- keys --------------------------------------------------------------------------------------------
+    @staticmethod
+    def _keys(engine: Engine) -> Iterator[Metric]:
         status = engine.key_status()
         yield GaugeMetricFamily("nexus_authz_keys", "Keys in the snapshot in force.", value=status.keys)
         age = time.time() - status.loaded_at if status.loaded else 0.0
@@ -45,17 +281,16 @@ class EngineCollector(Collector):
             "1 when the key file on disk was rejected and an older snapshot is in force.",
             value=1.0 if status.last_error else 0.0,
         )
-        if self.ready is not None:
-            yield GaugeMetricFamily(
-                "nexus_authz_ready", "1 when the service is ready.", value=float(self.ready()[0])
-            )
 
 
 def make_registry(
-    engine: Engine, *, ready: Callable[[], tuple[bool, str]] | None = None
+    engine: Engine,
+    *,
+    ready: Callable[[], tuple[bool, str]] | None = None,
+    api_calls: Mapping[tuple[str, str], int] | None = None,
 ) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(EngineCollector(engine, ready=ready))
+    registry.register(EngineCollector(engine, ready=ready, api_calls=api_calls))
     return registry
 
 

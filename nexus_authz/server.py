@@ -3,7 +3,10 @@
 Listeners (all on one event loop, all calling the same engine):
   - the HTTP fast path (Envoy http_service / nginx auth_request) on a Unix socket and optionally TCP;
   - the operations endpoints (/healthz, /readyz, /metrics) on the admin TCP address;
-  - grpc.aio: Envoy's Authorization service, grpc.health.v1 and server reflection.
+  - grpc.aio: Envoy's Authorization service, grpc.health.v1 and server reflection;
+  - the policy query API (its own grpc.aio server on `listen.api`, with health and reflection), started
+    only when an admin token is configured.
+gRPC health follows readiness, per service, within a second of it changing.
 Shutdown (SIGTERM or SIGINT): readiness goes false and gRPC health NOT_SERVING, listeners stop accepting,
 in-flight requests finish (up to `server.shutdown_grace`), keep-alive connections are closed, and the
 process exits 0. SIGHUP reloads the key file at once.
@@ -22,15 +25,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from nexus_authz.adapters import envoy_authz, envoy_extproc, http_authz
+from nexus_authz.adapters import envoy_als, envoy_authz, envoy_extproc, envoy_rls, http_authz, policy_api
 from nexus_authz.core import tokens
+from nexus_authz.core.errors import ConfigError
 from nexus_authz.engine import Engine
 from nexus_authz.metrics import make_registry, render
 from nexus_authz.settings import Settings
 
 log = logging.getLogger("nexus_authz.server")
 
-GRPC_SERVICES = (envoy_authz.SERVICE, envoy_extproc.SERVICE)
+GRPC_SERVICES = (envoy_authz.SERVICE, envoy_extproc.SERVICE, envoy_als.SERVICE)
 
 
 class StartupError(Exception):
@@ -50,6 +54,15 @@ class Server:
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     addresses: dict[str, str] = field(default_factory=dict)
     grpc_port: int = 0
+    api: policy_api.ApiServer | None = None
+    api_calls: dict[tuple[str, str], int] = field(default_factory=dict)
+    serving: bool | None = None
+    ratelimit: envoy_rls.RateLimitService | None = None
+    als: envoy_als.AccessLogService | None = None
+
+    @property
+    def grpc_services(self) -> tuple[str, ...]:
+        return (*GRPC_SERVICES, envoy_rls.SERVICE) if self.ratelimit is not None else GRPC_SERVICES
 
     # -- readiness --------------------------------------------------------------------------------
     def readiness(self) -> tuple[bool, str]:
@@ -75,7 +88,7 @@ class Server:
         if s.accounting.enabled and s.accounting.exact_cutoff_count:
             # Load the tokenizer now, off the loop, rather than on the first cut-off stream.
             asyncio.get_running_loop().run_in_executor(None, tokens.warm_up)
-        registry = make_registry(engine, ready=self.readiness)
+        registry = make_registry(engine, ready=self.readiness, api_calls=self.api_calls)
         fast = http_authz.HttpApp(engine, max_header_bytes=s.max_header_bytes, max_body=s.max_body_bytes)
         self.apps.append(fast)
         try:
@@ -99,8 +112,23 @@ class Server:
                 self.addresses["admin"] = str(s.admin)
         except OSError as exc:
             raise StartupError(f"cannot open a listener: {exc.strerror or exc}") from None
+        if s.ratelimit.enabled:  # Envoy's RateLimitService (issue 7), on the gRPC listener
+            if not s.grpc:
+                raise StartupError("ratelimit needs listen.grpc (Envoy's ratelimit filter speaks gRPC)")
+            try:
+                identity = envoy_rls.engine_identity(engine)
+                self.ratelimit = envoy_rls.RateLimitService.from_settings(
+                    s.ratelimit, engine.counters, clock=engine.clock, identity=identity
+                )
+            except ConfigError as exc:
+                raise StartupError(str(exc)) from None
+            reload = self.ratelimit.source.run(s.ratelimit.reload_interval)
+            self.tasks.append(asyncio.create_task(reload, name="ratelimit-reload"))
         if s.grpc:
             await self._start_grpc(s.grpc)
+        if s.api:
+            await self._start_api(s.api)
+        self.tasks.append(asyncio.create_task(self._health_loop(), name="health"))
         self.tasks.append(asyncio.create_task(self._reload_loop(), name="key-reload"))
         self.tasks.append(asyncio.create_task(self._idle_loop(), name="idle-sweep"))
         self.tasks.append(asyncio.create_task(self._maintenance_loop(), name="maintenance"))
@@ -109,7 +137,11 @@ class Server:
         server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 0),
-                ("grpc.max_receive_message_length", self.settings.max_body_bytes + 64 * 1024),
+                # ext_authz bodies, and the access-log batches of token accounting (envoy_als)
+                (
+                    "grpc.max_receive_message_length",
+                    max(self.settings.max_body_bytes + 64 * 1024, envoy_als.MAX_MESSAGE_BYTES),
+                ),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ]
@@ -118,12 +150,14 @@ class Server:
             (
                 envoy_authz.AuthorizationService(self.engine).handler(),
                 envoy_extproc.ExternalProcessorService(self.engine).handler(),
+                self._access_log_service().handler(),
+                *((self.ratelimit.handler(),) if self.ratelimit is not None else ()),
             )
         )
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (
-            *GRPC_SERVICES,
+            *self.grpc_services,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         )
@@ -140,21 +174,63 @@ class Server:
         self.addresses["grpc"] = address
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
+    def _access_log_service(self) -> envoy_als.AccessLogService:
+        self.als = envoy_als.AccessLogService(self.engine)
+        return self.als
+
+    async def _start_api(self, address: str) -> None:
+        try:
+            token = policy_api.resolve_admin_token(self.settings)
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from None
+        if token is None:
+            log.info(
+                "policy API disabled: no admin token (set NEXUS_ADMIN_TOKEN or api.admin_token)",
+                extra={"listen": address},
+            )
+            return
+        try:
+            self.api = await policy_api.start_api_server(self.engine, address, token, calls=self.api_calls)
+        except RuntimeError as exc:
+            raise StartupError(f"cannot listen for the policy API on {address}: {exc}") from None
+        self.addresses["api"] = self.api.address
+
     def _set_health(self, status: int) -> None:
+        ready = status == health_pb2.HealthCheckResponse.SERVING
+        self.serving = ready
+        if self.api is not None:
+            self.api.set_serving(ready)
         if self.health is None:
             return
-        ready = status == health_pb2.HealthCheckResponse.SERVING
         self.health.set("", status)
-        for name in GRPC_SERVICES:
+        for name in self.grpc_services:
             self.health.set(name, status if ready else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     # -- background ---------------------------------------------------------------------------------
+    async def _health_loop(self) -> None:
+        """gRPC health follows readiness (key snapshot in force, file accepted, not draining)."""
+        while True:
+            await asyncio.sleep(1.0)
+            ready = self.readiness()[0]
+            if ready != self.serving and not self.draining:
+                self._set_health(
+                    health_pb2.HealthCheckResponse.SERVING
+                    if ready
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+
     async def _reload_loop(self) -> None:
         interval = self.settings.reload_interval
+        loop = asyncio.get_running_loop()
+        engine = self.engine
         while True:
             await asyncio.sleep(interval)
             try:
-                self.engine.reload_keys()
+                stamp = engine.keys_changed()
+                if stamp is not False:
+                    # Parsing runs in a worker thread: the loop keeps answering with the old snapshot.
+                    result = await loop.run_in_executor(None, engine.load_keys)
+                    engine.install_keys(result, stamp)  # type: ignore[arg-type]
             except Exception:  # a bug must not stop reloads forever
                 log.exception("key reload failed")
 
@@ -186,9 +262,13 @@ class Server:
             srv.close()
         for task in self.tasks:
             task.cancel()
+        if self.als is not None:  # token accounting's last access-log batches, while gRPC still accepts
+            await self.als.drain(grace)
         stops = []
         if self.grpc_server is not None:
             stops.append(self.grpc_server.stop(grace))
+        if self.api is not None:
+            stops.append(self.api.stop(grace))
         # The HTTP handlers are synchronous, so between two events no request is half done: an open
         # keep-alive connection is idle and can be closed now.
         for app in self.apps:
@@ -227,7 +307,7 @@ async def serve(settings: Settings, engine: Engine) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: engine.reload_keys(force=True))
+    loop.add_signal_handler(signal.SIGHUP, engine.request_reload)  # picked up by the next poll
     status = engine.key_status()
     log.info(
         "nexus-authz serving",

@@ -12,6 +12,8 @@ Environment variables override the file (handy in containers):
   NEXUS_HTTP_TCP       listen.http_tcp    (host:port, "" disables it)
   NEXUS_GRPC_LISTEN    listen.grpc        (host:port or unix:/path, "" disables it)
   NEXUS_ADMIN_LISTEN   listen.admin       (host:port, "" disables it)
+  NEXUS_API_LISTEN     listen.api         (the policy query API: host:port or unix:/path, "" disables it)
+  NEXUS_ADMIN_TOKEN    the policy API's admin token (the default source of `api.admin_token`)
   NEXUS_LOG_LEVEL      logging.level
 """
 
@@ -24,10 +26,13 @@ from pathlib import Path
 
 from nexus_authz.core.config import PolicySet, SecretRef, parse_policy, parse_secret_ref
 from nexus_authz.core.errors import ConfigError
+from nexus_authz.core.rls import RlsSettings, parse_rls_settings
 from nexus_authz.core.yamlsrc import Fields, load_yaml
 
 DEFAULT_SOCKET = "/tmp/nexus-authz/authz.sock"
 DEFAULT_PEPPER_ENV = "NEXUS_KEY_PEPPER"
+DEFAULT_API_LISTEN = "127.0.0.1:9002"
+DEFAULT_ADMIN_TOKEN_ENV = "NEXUS_ADMIN_TOKEN"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -62,6 +67,18 @@ class AccountingSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiSettings:
+    """The policy query API (`api:`): the bearer admin token its callers must send.
+
+    Without `api.admin_token` in the file the token comes from NEXUS_ADMIN_TOKEN, and when that is unset
+    the API stays off (never open without a token); a token configured in the file must resolve.
+    """
+
+    admin_token: SecretRef = field(default=SecretRef(env=DEFAULT_ADMIN_TOKEN_ENV), repr=False)
+    admin_token_configured: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     config_path: str
     base_dir: str
@@ -71,6 +88,7 @@ class Settings:
     http_tcp: HostPort | None = None
     grpc: str | None = "127.0.0.1:9001"
     admin: HostPort | None = HostPort("127.0.0.1", 9090)
+    api: str | None = DEFAULT_API_LISTEN  # the policy query API (its own gRPC server)
     # limits on what a client may send to the fast path
     max_header_bytes: int = 64 * 1024
     max_body_bytes: int = 1024 * 1024
@@ -85,6 +103,8 @@ class Settings:
     shutdown_grace: float = 10.0
     ledger: LedgerSettings = field(default_factory=LedgerSettings)
     accounting: AccountingSettings = field(default_factory=AccountingSettings)
+    api_auth: ApiSettings = field(default_factory=ApiSettings)
+    ratelimit: RlsSettings = field(default_factory=RlsSettings)  # Envoy RLS (issue 7)
     policy: PolicySet = field(default_factory=PolicySet)
 
 
@@ -130,6 +150,9 @@ def parse_settings(text: str, path: str, environ: Mapping[str, str]) -> Settings
     admin = _host_port(listen, "admin", s.admin)
     if "http_socket" in listen.names() and listen.raw("http_socket", None) is None:
         http_socket = None
+    api_listen = listen.str("api", s.api) if listen.has("api") else s.api
+    if "api" in listen.names() and listen.raw("api", None) is None:
+        api_listen = None
     listen.done()
 
     limits = root.mapping("http")
@@ -178,6 +201,17 @@ def parse_settings(text: str, path: str, environ: Mapping[str, str]) -> Settings
     )
     af.done()
 
+    apif = root.mapping("api")
+    api_auth = ApiSettings()
+    if apif.has("admin_token"):
+        token_fields = apif.mapping("admin_token")
+        api_auth = ApiSettings(
+            admin_token=parse_secret_ref(token_fields, what="api.admin_token"), admin_token_configured=True
+        )
+        token_fields.done()
+    apif.done()
+
+    ratelimit = parse_rls_settings(root.mapping("ratelimit"))
     policy = parse_policy(root)
     root.done()
 
@@ -199,6 +233,9 @@ def parse_settings(text: str, path: str, environ: Mapping[str, str]) -> Settings
         shutdown_grace=shutdown_grace,
         ledger=ledger,
         accounting=accounting,
+        ratelimit=ratelimit,
+        api=api_listen,
+        api_auth=api_auth,
         policy=policy,
     )
     return _apply_environment(s, environ)
@@ -230,6 +267,8 @@ def _apply_environment(s: Settings, environ: Mapping[str, str]) -> Settings:
         changes["grpc"] = v or None
     if (v := opt("NEXUS_ADMIN_LISTEN")) is not None:
         changes["admin"] = parse_host_port(v, what="NEXUS_ADMIN_LISTEN") if v else None
+    if (v := opt("NEXUS_API_LISTEN")) is not None:
+        changes["api"] = v or None
     if v := opt("NEXUS_KEYS_FILE"):
         changes["keys_file"] = v
     if v := opt("NEXUS_LOG_LEVEL"):

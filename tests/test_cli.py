@@ -77,7 +77,9 @@ def test_usage_reads_the_ledger(tmp_path: Path, capsys) -> None:  # type: ignore
 
     path = write_config(tmp_path, KeySpec("a"), extra="ledger:\n  path: ledger.db\n")
     ledger = SQLiteLedger(str(tmp_path / "ledger.db"))
-    ledger.record(UsageRecord("team-a", "acme", "gpt-4o", time.time(), prompt_tokens=100, completion_tokens=20))
+    ledger.record(
+        UsageRecord("team-a", "acme", "gpt-4o", time.time(), prompt_tokens=100, completion_tokens=20)
+    )
     assert ledger.flush_now()
     assert main(["usage", "-c", str(path), "--key", "team-a", "--since", "1h"]) == 0
     table = capsys.readouterr().out

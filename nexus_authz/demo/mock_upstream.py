@@ -27,6 +27,13 @@ prompt tokens = max(1, ceil(len(compact JSON of the prompt) / 4)) where the prom
 Per-request test knobs (request headers): ``x-mock-delay-ms`` (before the response),
 ``x-mock-chunk-delay-ms`` (between SSE events), ``x-mock-status`` (answer this error status with an
 API-shaped error body), ``x-mock-cut-after`` (close the connection after N SSE events, mid-stream).
+
+Fixture replay (token-accounting conformance through a real proxy), when the mock runs with a fixtures
+directory (``MockOptions.fixtures_dir``, ``--fixtures-dir``): ``x-mock-fixture: NAME`` answers any POST
+with that file of the directory as the body (``.sse``: text/event-stream, otherwise application/json;
+status 200 or ``x-mock-status``), sent in HTTP chunks of ``x-mock-chunk-bytes`` bytes (default: one
+chunk), ``x-mock-content-encoding: gzip|deflate`` compressing it first (the chunks then split the
+compressed bytes); ``x-mock-chunk-delay-ms`` and ``x-mock-cut-after`` (N chunks) apply to those chunks.
 """
 
 from __future__ import annotations
@@ -34,15 +41,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gzip
 import json
 import math
 import signal
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, cast
 
 import httptools
@@ -93,6 +103,7 @@ class MockOptions:
     chunk_delay_ms: float = 0.0  # between SSE events
     record_limit: int = 1000  # recorded requests kept (0: record nothing, e.g. in benchmarks)
     max_body_bytes: int = 8 * 1024 * 1024
+    fixtures_dir: str | None = None  # files x-mock-fixture may name (None: fixture replay off)
 
 
 # --- deterministic usage ----------------------------------------------------------------------------------
@@ -158,6 +169,7 @@ class _Reply:
     delay: float = 0.0
     chunk_delay: float = 0.0
     cut_after: int | None = None
+    encoding: str | None = None  # content-encoding of body / events (fixture replay)
 
 
 def _error_body(api: str, status: int, message: str, param: str | None = None) -> bytes:
@@ -515,7 +527,7 @@ class _Connection(asyncio.Protocol):
             if reply.events is None:
                 transport.write(_serialize(reply, keep_alive))
             else:
-                transport.write(_head(reply.status, reply.content_type, None, keep_alive))
+                transport.write(_head(reply.status, reply.content_type, None, keep_alive, reply.encoding))
                 for sent, event in enumerate(reply.events):
                     if reply.cut_after is not None and sent >= reply.cut_after:
                         transport.abort()
@@ -540,7 +552,9 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
 
 
-def _head(status: int, content_type: str, length: int | None, keep_alive: bool) -> bytes:
+def _head(
+    status: int, content_type: str, length: int | None, keep_alive: bool, encoding: str | None = None
+) -> bytes:
     try:
         phrase = HTTPStatus(status).phrase
     except ValueError:
@@ -548,6 +562,8 @@ def _head(status: int, content_type: str, length: int | None, keep_alive: bool) 
     framing = f"content-length: {length}" if length is not None else "transfer-encoding: chunked"
     extra = "" if keep_alive else "connection: close\r\n"
     sse = "cache-control: no-cache\r\n" if length is None else ""
+    if encoding:
+        extra += f"content-encoding: {encoding}\r\n"
     return (
         f"HTTP/1.1 {status} {phrase}\r\ncontent-type: {content_type}\r\n{framing}\r\n{sse}{extra}\r\n"
     ).encode("latin-1")
@@ -555,9 +571,12 @@ def _head(status: int, content_type: str, length: int | None, keep_alive: bool) 
 
 def _serialize(reply: _Reply, keep_alive: bool) -> bytes:
     if reply.events is None:
-        return _head(reply.status, reply.content_type, len(reply.body), keep_alive) + reply.body
+        return (
+            _head(reply.status, reply.content_type, len(reply.body), keep_alive, reply.encoding) + reply.body
+        )
     chunks = b"".join(b"%x\r\n%b\r\n" % (len(event), event) for event in reply.events)
-    return _head(reply.status, reply.content_type, None, keep_alive) + chunks + b"0\r\n\r\n"
+    head = _head(reply.status, reply.content_type, None, keep_alive, reply.encoding)
+    return head + chunks + b"0\r\n\r\n"
 
 
 def _header_number(headers: dict[str, str], name: str) -> float | None:
@@ -611,6 +630,29 @@ def _handle(state: _State, method: str, url: str, header_list: list[tuple[str, s
 _KNOBS = frozenset({"x-mock-delay-ms", "x-mock-chunk-delay-ms", "x-mock-cut-after"})
 
 
+def _fixture(directory: str, headers: dict[str, str]) -> _Reply:
+    """Replay a recorded response body from `directory`, chunked and optionally compressed."""
+    name = headers["x-mock-fixture"].strip()
+    path = Path(directory) / name
+    if "/" in name or "\\" in name or name.startswith(".") or not path.is_file():
+        return _Reply(404, _JSON, _error_body("chat", 404, f"unknown fixture {name!r}"))
+    body = path.read_bytes()
+    encoding = headers.get("x-mock-content-encoding", "").strip().lower() or None
+    if encoding in ("gzip", "x-gzip"):
+        body = gzip.compress(body)
+    elif encoding == "deflate":
+        body = zlib.compress(body)
+    elif encoding is not None:
+        return _Reply(400, _JSON, _error_body("chat", 400, f"unsupported encoding {encoding!r}"))
+    forced = _header_number(headers, "x-mock-status")
+    status = int(forced) if forced is not None and 200 <= forced < 600 else 200
+    size = _header_number(headers, "x-mock-chunk-bytes")
+    step = max(1, int(size)) if size is not None else max(1, len(body))
+    chunks = [body[i : i + step] for i in range(0, len(body), step)] or [b""]
+    content_type = _SSE if name.endswith(".sse") else _JSON
+    return _Reply(status, content_type, events=[c for c in chunks if c], encoding=encoding)
+
+
 def _route(state: _State, method: str, path: str, headers: dict[str, str], body: bytes) -> _Reply:
     opts = state.options
     delay, chunk_delay = opts.delay_ms / 1000, opts.chunk_delay_ms / 1000
@@ -620,6 +662,8 @@ def _route(state: _State, method: str, path: str, headers: dict[str, str], body:
         reply = _models()
         reply.delay = delay
         return reply
+    if "x-mock-fixture" in headers and opts.fixtures_dir and method == "POST":
+        return _fixture(opts.fixtures_dir, headers)
     api = _API_OF_PATH.get(path)
     if api is None:
         return _Reply(404, _JSON, _error_body("chat", 404, f"unknown path {path}"))
@@ -798,12 +842,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--delay-ms", type=float, default=0.0, help="delay before each response")
     parser.add_argument("--chunk-delay-ms", type=float, default=0.0, help="delay between SSE events")
     parser.add_argument("--record-limit", type=int, default=1000, help="requests kept for /__mock__/requests")
+    parser.add_argument(
+        "--fixtures-dir", default=None, help="directory of response bodies x-mock-fixture replays"
+    )
     args = parser.parse_args(argv)
     options = MockOptions(
         always_usage=args.always_usage,
         delay_ms=args.delay_ms,
         chunk_delay_ms=args.chunk_delay_ms,
         record_limit=args.record_limit,
+        fixtures_dir=args.fixtures_dir,
     )
 
     async def run() -> None:

@@ -18,6 +18,7 @@ from tests.helpers import PEPPER, KeySpec, write_config
 REPO = Path(__file__).resolve().parents[2]
 ENVOY_HTTP = REPO / "envoy" / "envoy.yaml"
 ENVOY_GRPC = REPO / "envoy" / "envoy-grpc.yaml"
+ENVOY_EXTPROC = REPO / "envoy" / "envoy-extproc.yaml"  # HTTP ext_authz + accounting over ext_proc
 
 
 @dataclass
@@ -49,10 +50,14 @@ def http(
 class Stack:
     workdir: Path
     mode: str = "http"  # "http" (ext_authz http_service over the Unix socket) or "grpc"
+    # token accounting: "als" (Lua usage tap + gRPC access log, the default configs) or "extproc"
+    # (envoy-extproc.yaml; HTTP mode only)
+    accounting: str = "als"
     keys: tuple[KeySpec, ...] = ()
     extra_config: str = ""
     envoy_template: Path | None = None
     envoy_render: dict[str, object] = field(default_factory=dict)
+    mock_options: dict[str, object] = field(default_factory=dict)  # MockOptions fields
     mock: mock_upstream.MockUpstreamThread | None = None
     nexus: subprocess.Popen[bytes] | None = None
     envoy: subprocess.Popen[bytes] | None = None
@@ -66,7 +71,7 @@ class Stack:
         return self.workdir / "authz.sock"
 
     def start(self) -> Stack:
-        self.mock = mock_upstream.start_in_thread(always_usage=False)
+        self.mock = mock_upstream.start_in_thread(**{"always_usage": False, **self.mock_options})
         self.start_nexus()
         self.start_envoy()
         return self
@@ -96,12 +101,20 @@ class Stack:
 
     def start_envoy(self) -> None:
         assert self.mock is not None
-        template = self.envoy_template or (ENVOY_HTTP if self.mode == "http" else ENVOY_GRPC)
+        if self.envoy_template is not None:
+            template = self.envoy_template
+        elif self.accounting == "extproc":
+            assert self.mode == "http", "the ext_proc variant ships for HTTP ext_authz only"
+            template = ENVOY_EXTPROC
+        else:
+            template = ENVOY_HTTP if self.mode == "http" else ENVOY_GRPC
         port, admin_port = procs.free_port(), procs.free_port()
-        addresses: dict[str, object] = {
-            "upstream": f"127.0.0.1:{self.mock.port}",
-            "extproc": f"127.0.0.1:{self.grpc_port}",
-        }
+        addresses: dict[str, object] = {"upstream": f"127.0.0.1:{self.mock.port}"}
+        clusters = {c.get("name") for c in envoy_config.load(template)["static_resources"]["clusters"]}
+        if envoy_config.EXTPROC_CLUSTER in clusters:
+            addresses["extproc"] = f"127.0.0.1:{self.grpc_port}"
+        if envoy_config.ALS_CLUSTER in clusters:
+            addresses["als"] = f"127.0.0.1:{self.grpc_port}"
         if self.mode == "http":
             addresses["authz_socket"] = str(self.socket)
         else:

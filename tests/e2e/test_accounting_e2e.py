@@ -1,4 +1,5 @@
-"""Token accounting through the real Envoy: ext_proc reads the upstream's usage, settles, feeds the ledger."""
+"""Token accounting through the real Envoy (Lua usage tap + gRPC access log by default, or ext_proc): the
+upstream's usage settles the reservation and feeds the ledger."""
 
 from __future__ import annotations
 
@@ -37,10 +38,13 @@ ERROR_KEY = KeySpec("error", extra={"plan": "metered"})
 KEYS = (CHAT_KEY, STREAM_KEY, CLAUDE_KEY, SETTLE_KEY, CUT_KEY, ERROR_KEY)
 
 
-@pytest.fixture(params=["http", "grpc"], scope="module")
+# (ext_authz transport, accounting path): the default configs (Lua usage tap + gRPC access log) and the
+# ext_proc variant (envoy/envoy-extproc.yaml)
+@pytest.fixture(params=[("http", "als"), ("grpc", "als"), ("http", "extproc")], ids="-".join, scope="module")
 def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     workdir = Path(tempfile.mkdtemp(prefix="nx-acct-"))
-    s = Stack(workdir=workdir, mode=request.param, keys=KEYS, extra_config=CONFIG)
+    mode, accounting = request.param
+    s = Stack(workdir=workdir, mode=mode, accounting=accounting, keys=KEYS, extra_config=CONFIG)
     try:
         s.start()
         yield s

@@ -55,7 +55,7 @@ GRPC_CONFIG = ENVOY_DIR / "envoy-grpc.yaml"
 CHAT = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
 
 
-def validate(config_text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+def validate(config_text: str, tmp_path: Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "config.yaml"
     path.write_text(config_text)
     return subprocess.run(
@@ -63,6 +63,7 @@ def validate(config_text: str, tmp_path: Path) -> subprocess.CompletedProcess[st
         capture_output=True,
         text=True,
         timeout=30,
+        cwd=cwd,
     )
 
 
@@ -89,7 +90,8 @@ def test_envoy_dir_has_both_configs() -> None:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_config_validates(path: Path, tmp_path: Path) -> None:
-    result = validate(path.read_text(), tmp_path)
+    # as documented: Envoy runs in envoy/, where the Lua sources the configs name (nexus-usage.lua) live
+    result = validate(path.read_text(), tmp_path, cwd=ENVOY_DIR)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout
 
@@ -121,9 +123,18 @@ def test_rendered_config_validates(path: Path, upstream: str, tmp_path: Path) ->
 
 
 def test_render_without_changes_keeps_the_document() -> None:
-    assert yaml.safe_load(render(HTTP_CONFIG)) == load(HTTP_CONFIG)
-    assert yaml.safe_load(render(HTTP_CONFIG.read_text())) == load(HTTP_CONFIG)  # text as well as a path
-    assert yaml.safe_load(render(str(HTTP_CONFIG))) == load(HTTP_CONFIG)
+    # (but for the Lua source file, which render() always inlines)
+    expected = load(ENVOY_DIR / "envoy-extproc.yaml")
+    assert yaml.safe_load(render(ENVOY_DIR / "envoy-extproc.yaml")) == expected
+    inlined = load(HTTP_CONFIG)
+    hcm = inlined["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    (lua,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.lua"]
+    lua["typed_config"]["default_source_code"] = {
+        "inline_string": (ENVOY_DIR / "nexus-usage.lua").read_text()
+    }
+    assert yaml.safe_load(render(HTTP_CONFIG)) == inlined
+    assert yaml.safe_load(render(HTTP_CONFIG.read_text())) == inlined  # text as well as a path
+    assert yaml.safe_load(render(str(HTTP_CONFIG))) == inlined
 
 
 def test_render_changes_listener_admin_and_clusters() -> None:
@@ -217,6 +228,47 @@ def test_render_error_names_a_missing_listener() -> None:
 
 
 # --- process helpers --------------------------------------------------------------------------------------
+
+
+def test_render_inlines_the_lua_usage_tap_and_points_the_access_log_at_nexus(tmp_path: Path) -> None:
+    for config in (HTTP_CONFIG, GRPC_CONFIG):
+        doc = yaml.safe_load(render(config, als="127.0.0.1:19001"))
+        assert endpoint_address(clusters_of(doc)["nexus_als"]) == {
+            "socket_address": {"address": "127.0.0.1", "port_value": 19001}
+        }
+        hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        names = [f["name"] for f in hcm["http_filters"]]
+        # after ext_authz (it sees admitted requests only), before the router
+        assert names.index("envoy.filters.http.lua") == names.index("envoy.filters.http.ext_authz") + 1
+        assert "envoy.filters.http.ext_proc" not in names
+        (lua,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.lua"]
+        source = lua["typed_config"]["default_source_code"]
+        assert source == {"inline_string": (ENVOY_DIR / "nexus-usage.lua").read_text()}
+        (log,) = hcm["access_log"]
+        assert (
+            log["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == "nexus_als"
+        )
+        assert log["filter"]["header_filter"]["header"]["name"] == "x-nexus-key-id"
+    # given as text, the Lua source is read from envoy/; runs from any directory
+    text = render(HTTP_CONFIG.read_text(), listen_port=free_port(), admin_port=free_port())
+    result = validate(text, tmp_path, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_render_names_a_missing_lua_source(tmp_path: Path) -> None:
+    (tmp_path / "envoy.yaml").write_text(HTTP_CONFIG.read_text())
+    with pytest.raises(EnvoyConfigError, match="nexus-usage.lua"):
+        render(tmp_path / "envoy.yaml")
+
+
+def test_extproc_variant_keeps_the_ext_proc_path() -> None:
+    doc = yaml.safe_load(render(ENVOY_DIR / "envoy-extproc.yaml", extproc="127.0.0.1:19002"))
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    names = [f["name"] for f in hcm["http_filters"]]
+    assert "envoy.filters.http.ext_proc" in names and "envoy.filters.http.lua" not in names
+    assert "access_log" not in hcm
+    with pytest.raises(EnvoyConfigError, match="nexus_als"):
+        render(ENVOY_DIR / "envoy-extproc.yaml", als="127.0.0.1:19002")
 
 
 def test_find_envoy_explains_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

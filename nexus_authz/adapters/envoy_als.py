@@ -1,0 +1,306 @@
+"""Envoy's gRPC access log service (`envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs`):
+token accounting from batched access-log entries, the cheap path of issue 9.
+
+The default Envoy configs put a Lua filter (envoy/nexus-usage.lua) on the response path that keeps only
+the bytes a response's usage needs (the SSE events carrying a usage record, or the body when there is
+none) in the dynamic metadata namespace `nexus.usage`, and a gRPC access logger that sends, per request,
+the request id, the identity ext_authz set (x-nexus-key-id, x-nexus-tenant), the response's status,
+content type and encoding, and that metadata. Envoy keeps one long-lived stream open and batches many
+entries per message, so a request costs nexus-authz one protobuf entry instead of the ext_proc path's
+four or more gRPC messages.
+
+Each entry becomes the call the ext_proc adapter makes at the end of a response: the bytes go through
+the core's usage parser (StreamUsage, the single source of truth of the usage semantics) and
+`engine.account(...)` settles the reservation and feeds the ledger. Entries without x-nexus-key-id
+(requests nexus-authz did not admit) are ignored. What the Lua filter sends (see its header):
+
+  u.k = "sse"   selected SSE events (or a long stream's head and tail): parsed as an event stream
+  u.k = "body"  the whole body as received: parsed with the response's content type and encoding
+  u.k = "tail"  the end of a long non-SSE body: its last usage record, else the reserved estimate stays
+  u.k = "over"  a compressed body over the Lua cap: unreadable, the reserved estimate stays
+  u.x           bytes dropped unseen over the cap: the completion counted from what was kept is
+                extrapolated over them
+  p1, p2, ...   no `u`: the stream was cut off; the chunks seen so far, in order
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import logging
+import math
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import grpc
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2
+
+from nexus_authz.core.tokens import EXECUTOR_THRESHOLD_CHARS, count_tokens
+from nexus_authz.core.usage import StreamUsage, Usage
+from nexus_authz.engine import Engine
+
+log = logging.getLogger("nexus_authz.als")
+
+__all__ = [
+    "METADATA_NAMESPACE",
+    "MAX_MESSAGE_BYTES",
+    "SERVICE",
+    "AccessLogService",
+    "Snippet",
+    "conclude",
+    "parser_for",
+    "snippet_of",
+    "usage_of",
+]
+
+SERVICE: Final = "envoy.service.accesslog.v3.AccessLogService"
+METADATA_NAMESPACE: Final = "nexus.usage"
+#: The largest StreamAccessLogsMessage nexus-authz must accept: Envoy flushes once its buffer exceeds
+#: buffer_size_bytes, so a message is that buffer plus one entry, and an entry carries up to the Lua
+#: filter's 1 MiB cap in base64 (1.33 MiB) plus its headers.
+MAX_MESSAGE_BYTES: Final = 4 << 20
+_EVENT_STREAM: Final = "text/event-stream"
+_EMPTY_RESPONSE: Final = als_pb2.StreamAccessLogsResponse()
+_YIELD_EVERY: Final = 8  # entries accounted between two yields to the event loop
+
+
+@dataclass(frozen=True, slots=True)
+class Snippet:
+    """What the Lua filter kept of one response, decoded: how to parse it, and the bytes."""
+
+    kind: str  # "sse", "body", "tail", "over", "partial" (cut off), "none" (no body / no Lua)
+    data: bytes = b""
+    skipped: int = 0  # body bytes dropped unseen over the Lua cap
+
+
+def _b64(value: Any) -> bytes:
+    try:
+        return binascii.a2b_base64(value.string_value)
+    except (binascii.Error, ValueError):
+        return b""
+
+
+def _piece_index(name: str) -> int:
+    return int(name[1:]) if name[1:].isdigit() else -1
+
+
+def snippet_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> Snippet:
+    """Decode the `nexus.usage` metadata of an access-log entry; never raises on what Envoy sends."""
+    filter_metadata = entry.common_properties.metadata.filter_metadata
+    if METADATA_NAMESPACE not in filter_metadata:
+        return Snippet("none")
+    fields = filter_metadata[METADATA_NAMESPACE].fields
+    if "u" in fields:
+        record = fields["u"].struct_value.fields
+        kind = record["k"].string_value if "k" in record else ""
+        data = _b64(record["b"]) if "b" in record else b""
+        skipped = int(record["x"].number_value) if "x" in record else 0
+        if kind not in ("sse", "body", "tail", "over"):
+            return Snippet("none")
+        return Snippet(kind, data, max(0, skipped))
+    pieces = sorted(
+        (index, value)
+        for name, value in fields.items()
+        if name.startswith("p") and (index := _piece_index(name)) > 0 and value.HasField("string_value")
+    )
+    skipped = int(fields["x"].number_value) if "x" in fields else 0
+    if not pieces:
+        return Snippet("none", b"", max(0, skipped))
+    return Snippet("partial", b"".join(_b64(value) for _, value in pieces), max(0, skipped))
+
+
+def parser_for(
+    snippet: Snippet, *, content_type: str | None, content_encoding: str | None, prompt_tokens_hint: int
+) -> StreamUsage | None:
+    """The core parser, fed with what the Lua filter kept; None when nothing is readable ("over")."""
+    if snippet.kind == "over":
+        return None
+    if snippet.kind in ("sse", "tail"):  # selected events, or a body's end: decoded text by then
+        content_type, content_encoding = _EVENT_STREAM, None
+    parser = StreamUsage(
+        content_type=content_type, content_encoding=content_encoding, prompt_tokens_hint=prompt_tokens_hint
+    )
+    if snippet.data:
+        parser.feed(snippet.data)
+    return parser
+
+
+def conclude(
+    snippet: Snippet, parser: StreamUsage | None, usage: Usage | None, prompt_tokens_hint: int
+) -> tuple[Usage, str | None, bool]:
+    """(usage, the response's model, keep_estimate) from the parser's result, as engine.account wants.
+
+    keep_estimate: the usage could not be read (a compressed body over the Lua cap, an undecodable
+    encoding, the tail of a long body without a usage record): the reserved estimate stays charged.
+    Bytes the Lua filter dropped over its cap extrapolate a counted completion.
+    """
+    if parser is None or usage is None:
+        return Usage(prompt_tokens=prompt_tokens_hint, source="estimated"), None, True
+    keep_estimate = parser.undecodable or (snippet.kind == "tail" and usage.source != "provider")
+    if snippet.skipped and usage.source == "estimated" and parser.bytes_seen:
+        extra = round(usage.completion_tokens * snippet.skipped / parser.bytes_seen)
+        usage = Usage(
+            prompt_tokens=usage.prompt_tokens,
+            cached_prompt_tokens=usage.cached_prompt_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
+            completion_tokens=usage.completion_tokens + extra,
+            reasoning_tokens=usage.reasoning_tokens,
+            source="estimated",
+        )
+    return usage, parser.model, keep_estimate
+
+
+def usage_of(
+    snippet: Snippet,
+    *,
+    content_type: str | None,
+    content_encoding: str | None,
+    prompt_tokens_hint: int = 0,
+    count_tokens: Callable[[str], int] | None = None,
+) -> tuple[Usage, str | None, bool]:
+    """Synchronously what the service accounts for a snippet: (usage, model, keep_estimate)."""
+    parser = parser_for(
+        snippet,
+        content_type=content_type,
+        content_encoding=content_encoding,
+        prompt_tokens_hint=prompt_tokens_hint,
+    )
+    if parser is not None:
+        parser.count_tokens = count_tokens
+    return conclude(snippet, parser, parser.finish() if parser is not None else None, prompt_tokens_hint)
+
+
+class AccessLogService:
+    """Accounts every admitted request's response from Envoy's access-log stream."""
+
+    __slots__ = ("_exact", "_last_batch", "_quiet", "_streams", "engine", "entries", "ignored", "messages")
+
+    def __init__(self, engine: Engine, *, quiet: float = 0.5) -> None:
+        self.engine = engine
+        self._exact = engine.settings.accounting.exact_cutoff_count
+        self._quiet = quiet
+        # open streams: a future that ends the stream -> loop time of its last message (inf: busy)
+        self._streams: dict[asyncio.Future[None], float] = {}
+        self._last_batch = 0.0  # loop time the last batch was accounted
+        self.messages = 0
+        self.entries = 0  # accounted
+        self.ignored = 0  # not admitted by nexus-authz (no x-nexus-key-id), or not HTTP
+
+    async def stream_access_logs(
+        self, requests: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext
+    ) -> als_pb2.StreamAccessLogsResponse:
+        loop = asyncio.get_running_loop()
+        stop: asyncio.Future[None] = loop.create_future()
+        self._streams[stop] = loop.time()
+        try:
+            while True:
+                # context.read() rather than `async for`, so that drain() can end the stream between
+                # two batches: Envoy never ends it.
+                read = asyncio.ensure_future(context.read())
+                await asyncio.wait((read, stop), return_when=asyncio.FIRST_COMPLETED)
+                if not read.done():
+                    read.cancel()
+                    break
+                message = read.result()
+                if message is grpc.aio.EOF:
+                    break
+                self._streams[stop] = math.inf  # busy: drain() must not end it mid-batch
+                self.messages += 1
+                for i, entry in enumerate(message.http_logs.log_entry, 1):
+                    try:
+                        await self.account(entry)
+                    except Exception:  # one bad entry must not lose the rest of the batch
+                        log.exception("accounting failed", extra={"request_id": entry.request.request_id})
+                    if not i % _YIELD_EVERY:
+                        # a batch holds up to ~50 entries (~25 µs each): let queued Checks run meanwhile
+                        await asyncio.sleep(0)
+                self._streams[stop] = self._last_batch = loop.time()
+        finally:
+            self._streams.pop(stop, None)
+        return _EMPTY_RESPONSE
+
+    async def account(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
+        """One access-log entry: the usage of its response, settled and recorded."""
+        request = entry.request
+        headers = request.request_headers
+        key_id = headers.get("x-nexus-key-id")
+        if not key_id:
+            self.ignored += 1
+            return
+        response = entry.response
+        response_headers = response.response_headers
+        snippet = snippet_of(entry)
+        request_id = request.request_id
+        hint = self.engine.prompt_hint(request_id)
+        parser = parser_for(
+            snippet,
+            content_type=response_headers.get("content-type"),
+            content_encoding=response_headers.get("content-encoding"),
+            prompt_tokens_hint=hint,
+        )
+        usage = await self._usage(parser) if parser is not None else None
+        usage, model, keep_estimate = conclude(snippet, parser, usage, hint)
+        self.entries += 1
+        self.engine.account(
+            request_id,
+            usage,
+            response_model=model,
+            key_id=key_id,
+            tenant=headers.get("x-nexus-tenant") or None,
+            keep_estimate=keep_estimate,
+        )
+
+    async def _usage(self, parser: StreamUsage) -> Usage:
+        """As the ext_proc adapter: a response without a usage record is counted exactly, large ones off
+        the event loop."""
+        if not self._exact or parser.has_usage_record:
+            return parser.finish()
+        parser.count_tokens = count_tokens
+        if parser.bytes_seen >= EXECUTOR_THRESHOLD_CHARS:
+            return await asyncio.get_running_loop().run_in_executor(None, parser.finish)
+        return parser.finish()
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait until Envoy has sent what nexus-authz still expects, or `timeout`; then end the streams.
+
+        Call it before the gRPC server stops accepting calls: Envoy opens its access-log stream lazily
+        (at its first flush) and reopens it after an error, and never ends it, so a graceful stop would
+        otherwise either refuse the last batches or wait the whole grace period. Done when every admitted
+        request has been accounted (the reservation book holds none: their responses, however long,
+        have finished and arrived; not waited for when no access-log stream was ever seen, e.g. behind
+        nginx) and nothing arrived for `quiet` seconds since the later of the last batch and the start of
+        the drain (longer than Envoy's buffer_flush_interval, so a batch buffered at SIGTERM arrives).
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + timeout
+        while True:
+            now = loop.time()
+            busy = any(last == math.inf for last in self._streams.values())
+            pending = self.messages > 0 and len(self.engine.book) > 0
+            quiet = now - max(started, self._last_batch) >= self._quiet
+            if now >= deadline or (quiet and not busy and not pending):
+                break
+            await asyncio.sleep(0.05)
+        for stop in list(self._streams):
+            self._streams.pop(stop, None)
+            if not stop.done():
+                stop.set_result(None)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "StreamAccessLogs": grpc.stream_unary_rpc_method_handler(
+                    self.stream_access_logs,
+                    request_deserializer=als_pb2.StreamAccessLogsMessage.FromString,
+                    response_serializer=als_pb2.StreamAccessLogsResponse.SerializeToString,
+                )
+            },
+        )

@@ -1,0 +1,848 @@
+"""envoyproxy/ratelimit-compatible rate limiting: the config format, descriptor matching, and the answer.
+
+Users of Envoy's `ratelimit` filter already describe their limits in envoyproxy/ratelimit's YAML (a
+`domain`, nested `descriptors` with `key`, optional `value`, `rate_limit`). This module reads that format
+unchanged and decides with the product's own limit maths (nexus_authz.core.limits) and counter stores,
+so the same files work with better algorithms, per-key identity and the Redis store. It owns three pure
+steps, with the store call (sync or awaited) left to the adapter in between:
+
+1. `parse_rls_config(files)`: a directory's worth of YAML texts -> an immutable `RlsConfig`. Errors
+   name file, line and path (`config/api.yaml:7: descriptors[0].rate_limit.unit: unknown unit ...`).
+2. `RlsConfig.plan(domain, descriptors, hits_addend)`: which rule each request descriptor matches and
+   what to charge (counter ids, specs, costs), after `replaces`, `unlimited` and `hits_addend`.
+3. `answer(plan, statuses, allowed)`: per-descriptor statuses (current limit, remaining, time until
+   reset), the overall code (OVER_LIMIT if any enforced descriptor is over), headers and a JSON body.
+
+Matching follows envoyproxy/ratelimit: a request descriptor's entries walk the nested lists level by
+level; at each level the most specific entry wins (exact key+value, then the first `value: prefix*`
+wildcard in file order, then the key-only entry, the "default value" for any value); a limit applies
+only at the depth equal to the number of entries; there is no backtracking. Unknown domains and
+descriptors that match nothing are OK with no limit. Counters are per domain, unit and the request's
+actual entries (so a key-only or wildcard rule gives each distinct value its own counter), as upstream.
+
+Where we deliberately differ (better, documented in README): no clock-aligned fixed windows (units map
+onto GCRA or a slotted sliding window, see UNITS); one request's descriptors are charged all or none and a
+refused request charges nothing (upstream increments every matched counter, even when refused);
+OVER_LIMIT statuses report the true remaining figure instead of 0; `requests_per_unit` must be written
+(upstream silently reads a missing one as 0, which refuses everything).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Final
+
+from nexus_authz.core.errors import ConfigError
+from nexus_authz.core.limits import Algorithm, Kind, LimitSpec, WindowStatus
+from nexus_authz.core.model import Reason
+from nexus_authz.core.policy import error_body
+from nexus_authz.core.ratelimit_headers import rate_limit_headers
+from nexus_authz.core.yamlsrc import Fields, load_yaml
+
+__all__ = [
+    "IDENTITY_KEY",
+    "PLAN_KEY",
+    "TENANT_KEY",
+    "UNITS",
+    "UNIT_CODES",
+    "UNLIMITED_REMAINING",
+    "DescriptorPlan",
+    "DescriptorStatus",
+    "Outcome",
+    "RateLimitRule",
+    "RequestDescriptor",
+    "RlsAnswer",
+    "RlsConfig",
+    "RlsPlan",
+    "RlsSettings",
+    "answer",
+    "parse_rls_config",
+    "request_descriptor",
+    "parse_rls_settings",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class UnitMapping:
+    """How one envoyproxy/ratelimit unit maps onto the product's algorithms."""
+
+    period: float
+    algorithm: Algorithm
+    slots: int  # sliding windows only
+
+
+# GCRA with burst = requests_per_unit for short units: at most rpu + (rpu/period)*t in any interval t
+# (upstream's fixed window allows 2*rpu within an instant at a window boundary). Slotted sliding windows
+# for day and longer, so a daily/monthly quota cannot be spent twice within one period: at most rpu in
+# any `slots` consecutive slots. Day and month are what make_limit gives; week and year are beyond its
+# units for requests, so the specs are built directly with the same guarantee.
+UNITS: Final[dict[str, UnitMapping]] = {
+    "second": UnitMapping(1.0, Algorithm.GCRA, 0),
+    "minute": UnitMapping(60.0, Algorithm.GCRA, 0),
+    "hour": UnitMapping(3600.0, Algorithm.GCRA, 0),
+    "day": UnitMapping(86400.0, Algorithm.SLIDING, 24),  # hourly slots
+    "week": UnitMapping(7 * 86400.0, Algorithm.SLIDING, 28),  # 6-hour slots
+    "month": UnitMapping(30 * 86400.0, Algorithm.SLIDING, 30),  # daily slots (upstream: 30 days too)
+    "year": UnitMapping(365 * 86400.0, Algorithm.SLIDING, 73),  # 5-day slots (upstream: 365 days)
+}
+#: envoy.service.ratelimit.v3.RateLimitResponse.RateLimit.Unit numbers (kept here so core needs no protobuf).
+UNIT_CODES: Final[dict[str, int]] = {
+    "second": 1,
+    "minute": 2,
+    "hour": 3,
+    "day": 4,
+    "month": 5,
+    "year": 6,
+    "week": 7,
+}
+UNIT_NAMES: Final[dict[int, str]] = {code: name for name, code in UNIT_CODES.items()}
+_UNIT_LIST: Final = "second, minute, hour, day, week, month or year"
+MAX_REQUESTS_PER_UNIT: Final = 2**32 - 1  # uint32 in the protocol
+UNLIMITED_REMAINING: Final = 2**32 - 1  # what upstream reports for an unlimited descriptor
+COST_CAP: Final = 2**53  # hits beyond any capacity are refused anyway; keep the maths in exact doubles
+
+#: Entry keys tied to the API key's identity. Envoy's ratelimit filter reads `x-nexus-key-id` (set by
+#: ext_authz, never by clients: the Envoy configs strip it) as `nexus_key_id`. An entry `nexus_plan` or
+#: `nexus_tenant` in the same descriptor gets its value from nexus's key snapshot (Envoy sends any
+#: placeholder, e.g. a generic_key), so plans can be enforced by Envoy's filter too.
+IDENTITY_KEY: Final = "nexus_key_id"
+PLAN_KEY: Final = "nexus_plan"
+TENANT_KEY: Final = "nexus_tenant"
+_IDENTITY_DERIVED: Final = frozenset({PLAN_KEY, TENANT_KEY})
+Identity = Callable[[str], tuple[str, str | None] | None]  # key id -> (tenant, plan), None if unknown
+
+
+# -- the config -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitRule:
+    """One `rate_limit` block (or a request's own limit override), shared by every request matching it.
+
+    `spec` is None for an unlimited rule and for `requests_per_unit: 0` (refuses every hit, never
+    counts). `path` is upstream's stats key (`domain.key_value.subkey`), `source` where it was written.
+    """
+
+    domain: str
+    path: str
+    value: str  # the descriptor's configured value: "" for a key-only entry, "prefix*" for a wildcard
+    name: str | None
+    unit: str | None
+    requests_per_unit: int
+    unlimited: bool
+    shadow: bool
+    replaces: frozenset[str]
+    detailed_metric: bool
+    spec: LimitSpec | None
+    source: str
+    id_prefix: str = field(repr=False)  # counter ids: domain and unit, the request's entries follow
+
+    @property
+    def blocks(self) -> bool:
+        return not self.unlimited and self.spec is None
+
+
+@dataclass(frozen=True, slots=True)
+class _Node:
+    key: str
+    value: str
+    rule: RateLimitRule | None
+    children: _Level | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Level:
+    """One descriptor list: exact (key, value) entries, `prefix*` wildcards per key, key-only entries."""
+
+    exact: Mapping[tuple[str, str], _Node]
+    wildcards: Mapping[str, tuple[tuple[str, _Node], ...]]
+    any_value: Mapping[str, _Node]
+
+
+@dataclass(frozen=True, slots=True)
+class RlsConfig:
+    """Every domain of one version of the config directory. Never mutated; replaced whole on reload."""
+
+    domains: Mapping[str, _Level]
+    rules: tuple[RateLimitRule, ...]
+    sources: tuple[str, ...]
+    version: str
+    warnings: tuple[str, ...] = ()
+    _overrides: dict[tuple[str, int, str], RateLimitRule] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def lookup(self, domain: str, entries: Sequence[tuple[str, str]]) -> RateLimitRule | None:
+        """The rule a descriptor's entries select (None: no limit), as upstream's GetLimit."""
+        level = self.domains.get(domain)
+        if level is None or not entries:
+            return None
+        return _walk(level, entries)
+
+    def plan(
+        self,
+        domain: str,
+        descriptors: Sequence[RequestDescriptor],
+        hits_addend: int = 0,
+        identity: Identity | None = None,
+    ) -> RlsPlan:
+        """What one ShouldRateLimit must charge. `hits_addend` is the request's (0 means 1); a descriptor's
+        own `hits_addend` wins when set, even 0 (check only, charge nothing)."""
+        root = self.domains.get(domain)
+        if root is None:
+            return RlsPlan(domain, False, (_NO_MATCH,) * len(descriptors), (), (), (), False)
+        default_cost = hits_addend if hits_addend > 0 else 1
+        matched: list[tuple[RateLimitRule | None, tuple[tuple[str, str], ...], int]] = []
+        replacing: set[str] = set()
+        for d in descriptors:
+            entries = d.entries
+            if identity is not None and len(entries) > 1:
+                entries = _with_identity(entries, identity)
+            cost = default_cost if d.hits_addend is None else d.hits_addend
+            if cost > COST_CAP:
+                cost = COST_CAP
+            if d.override is not None:
+                rule: RateLimitRule | None = self._override(domain, d.override[0], d.override[1])
+            else:
+                rule = _walk(root, entries) if entries else None
+            if rule is not None and rule.replaces:
+                replacing |= rule.replaces
+            matched.append((rule, entries, cost))
+        plans: list[DescriptorPlan] = []
+        windows: dict[str, int] = {}
+        ids: list[str] = []
+        specs: list[LimitSpec] = []
+        costs: list[int] = []
+        blocked = False
+        for rule, entries, cost in matched:
+            if rule is None:
+                plans.append(_NO_MATCH)
+                continue
+            stat_key = rule.path
+            if rule.detailed_metric and entries and entries[-1][1] != rule.value:
+                stat_key += "_" + entries[-1][1]  # a value the config does not list: in the key too
+            if rule.name is not None and rule.name in replacing:
+                plans.append(_plan(Outcome.REPLACED, rule, -1, cost, stat_key))
+            elif rule.unlimited:
+                plans.append(_plan(Outcome.UNLIMITED, rule, -1, cost, stat_key))
+            elif rule.spec is None:
+                if cost > 0 and not rule.shadow:
+                    blocked = True
+                plans.append(_plan(Outcome.BLOCKED, rule, -1, cost, stat_key))
+            else:
+                cid = rule.id_prefix + _encode_entries(entries)
+                index = windows.get(cid)
+                if index is None:
+                    index = windows[cid] = len(ids)
+                    ids.append(cid)
+                    specs.append(rule.spec)
+                    costs.append(cost)
+                else:  # two descriptors, one counter (same rule, same values): charge it once, in full
+                    costs[index] = min(costs[index] + cost, COST_CAP)
+                plans.append(_plan(Outcome.LIMITED, rule, index, cost, stat_key))
+        return RlsPlan(domain, True, tuple(plans), tuple(ids), tuple(specs), tuple(costs), blocked)
+
+    def _override(self, domain: str, requests_per_unit: int, unit: str) -> RateLimitRule | None:
+        """A limit the request carries itself (Envoy's `limit` override): no shadow, no name."""
+        if unit not in UNITS:
+            return None
+        cache_key = (domain, requests_per_unit, unit)
+        rule = self._overrides.get(cache_key)
+        if rule is None:
+            path = f"{domain}.override"
+            rule = _make_rule(
+                domain=domain,
+                path=path,
+                value="",
+                name=None,
+                unit=unit,
+                requests_per_unit=min(requests_per_unit, MAX_REQUESTS_PER_UNIT),
+                unlimited=False,
+                shadow=False,
+                replaces=frozenset(),
+                detailed_metric=False,
+                source="request",
+                override=True,
+            )
+            if len(self._overrides) >= 4096:
+                self._overrides.clear()
+            self._overrides[cache_key] = rule
+        return rule
+
+
+def _walk(level: _Level, entries: Sequence[tuple[str, str]]) -> RateLimitRule | None:
+    last = len(entries) - 1
+    current: _Level | None = level
+    for i, (key, value) in enumerate(entries):
+        if current is None:
+            return None
+        node = current.exact.get((key, value))
+        if node is None:
+            wildcards = current.wildcards.get(key)
+            if wildcards is not None:
+                for prefix, candidate in wildcards:
+                    if value.startswith(prefix):
+                        node = candidate
+                        break
+            if node is None:
+                node = current.any_value.get(key)
+                if node is None:
+                    return None
+        if i == last:
+            return node.rule
+        current = node.children
+    return None
+
+
+def _with_identity(entries: tuple[tuple[str, str], ...], identity: Identity) -> tuple[tuple[str, str], ...]:
+    key_id: str | None = None
+    derived = False
+    for key, value in entries:
+        if key == IDENTITY_KEY:
+            key_id = value
+        elif key in _IDENTITY_DERIVED:
+            derived = True
+    if key_id is None or not derived:
+        return entries
+    facts = identity(key_id)
+    tenant, plan = facts if facts is not None else ("", None)
+    return tuple(
+        (key, plan or "") if key == PLAN_KEY else (key, tenant) if key == TENANT_KEY else (key, value)
+        for key, value in entries
+    )
+
+
+def _encode_entries(entries: Sequence[tuple[str, str]]) -> str:
+    # Length-prefixed, so no key or value (whatever bytes it holds) can make two descriptors collide.
+    if len(entries) == 1:
+        ((k, v),) = entries
+        return f"{len(k)}:{k}{len(v)}:{v}"
+    return "".join([f"{len(k)}:{k}{len(v)}:{v}" for k, v in entries])
+
+
+# -- the plan and the answer ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDescriptor:
+    """One descriptor of a RateLimitRequest, as plain data: entries, its own hits_addend (None when
+    unset) and Envoy's per-descriptor limit override as (requests_per_unit, unit name)."""
+
+    entries: tuple[tuple[str, str], ...]
+    hits_addend: int | None = None
+    override: tuple[int, str] | None = None
+
+
+class Outcome(IntEnum):
+    NO_MATCH = 0  # no rule (or the domain is unknown): OK, no limit
+    LIMITED = 1  # a counted window
+    UNLIMITED = 2  # `unlimited: true`: OK, remaining = 2^32 - 1, nothing counted
+    REPLACED = 3  # another matched rule `replaces` this one's name: not evaluated, nothing counted
+    BLOCKED = 4  # `requests_per_unit: 0`: over limit for any hit, nothing counted
+
+
+@dataclass(frozen=True, slots=True)
+class DescriptorPlan:
+    outcome: Outcome
+    rule: RateLimitRule | None
+    window: int  # index into the plan's windows (LIMITED only), else -1
+    cost: int
+    stat_key: str  # upstream's stats key (with the value for `detailed_metric`)
+
+
+_NO_MATCH: Final = DescriptorPlan(Outcome.NO_MATCH, None, -1, 0, "")
+
+
+@dataclass(frozen=True, slots=True)
+class RlsPlan:
+    """What to ask the store: `store.acquire(counter_ids, specs, costs, now)`; if `blocked` (an enforced
+    `requests_per_unit: 0` rule was hit), nothing may be charged: `store.peek(counter_ids, specs, now)`."""
+
+    domain: str
+    known_domain: bool
+    descriptors: tuple[DescriptorPlan, ...]
+    counter_ids: tuple[str, ...]
+    specs: tuple[LimitSpec, ...]
+    costs: tuple[int, ...]
+    blocked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DescriptorStatus:
+    """One entry of RateLimitResponse.statuses. `rule` gives current_limit (absent when None);
+    `reset_seconds` is duration_until_reset, rounded up to whole seconds."""
+
+    over_limit: bool
+    rule: RateLimitRule | None
+    remaining: int
+    reset_seconds: int
+    shadow_violation: bool = False  # a shadow rule that would have refused
+
+
+_OK_NO_LIMIT: Final = DescriptorStatus(False, None, 0, 0)
+_OK_UNLIMITED: Final = DescriptorStatus(False, None, UNLIMITED_REMAINING, 0)
+
+# Hot-path constructors: the same frozen objects as calling the classes, at about half the cost (a frozen
+# dataclass's __init__ goes through object.__setattr__ per field; see limits.new_status).
+_new = object.__new__
+_RD = tuple(getattr(RequestDescriptor, n).__set__ for n in ("entries", "hits_addend", "override"))
+_DP = tuple(getattr(DescriptorPlan, n).__set__ for n in ("outcome", "rule", "window", "cost", "stat_key"))
+_DS = tuple(
+    getattr(DescriptorStatus, n).__set__
+    for n in ("over_limit", "rule", "remaining", "reset_seconds", "shadow_violation")
+)
+
+
+def request_descriptor(
+    entries: tuple[tuple[str, str], ...], hits_addend: int | None, override: tuple[int, str] | None
+) -> RequestDescriptor:
+    d: RequestDescriptor = _new(RequestDescriptor)
+    _RD[0](d, entries)
+    _RD[1](d, hits_addend)
+    _RD[2](d, override)
+    return d
+
+
+def _plan(
+    outcome: Outcome, rule: RateLimitRule | None, window: int, cost: int, stat_key: str
+) -> DescriptorPlan:
+    p: DescriptorPlan = _new(DescriptorPlan)
+    _DP[0](p, outcome)
+    _DP[1](p, rule)
+    _DP[2](p, window)
+    _DP[3](p, cost)
+    _DP[4](p, stat_key)
+    return p
+
+
+def _status(
+    over_limit: bool, rule: RateLimitRule | None, remaining: int, reset_seconds: int, shadow: bool
+) -> DescriptorStatus:
+    st: DescriptorStatus = _new(DescriptorStatus)
+    _DS[0](st, over_limit)
+    _DS[1](st, rule)
+    _DS[2](st, remaining)
+    _DS[3](st, reset_seconds)
+    _DS[4](st, shadow)
+    return st
+
+
+@dataclass(frozen=True, slots=True)
+class RlsAnswer:
+    over_limit: bool  # overall_code OVER_LIMIT (never true in global shadow mode)
+    statuses: tuple[DescriptorStatus, ...]
+    headers: tuple[tuple[str, str], ...]  # response_headers_to_add
+    body: bytes  # an OpenAI-style error for a 429 (b"" when allowed)
+    shadow_overridden: bool = False  # global shadow mode turned an OVER_LIMIT into OK
+
+
+_HEADER_NAMES: Final = frozenset({"ratelimit", "ratelimit-policy", "retry-after"})
+
+
+def answer(
+    plan: RlsPlan,
+    statuses: Sequence[WindowStatus],
+    allowed: bool,
+    *,
+    shadow_mode: bool = False,
+    headers: bool = True,
+) -> RlsAnswer:
+    """Build the response from the store's statuses (one per plan window, in order).
+
+    `allowed` is the store's verdict (AcquireResult.allowed). For a blocked plan pass the statuses of
+    `peek` without costs: each window then reports what fits now, and is over when its cost does not.
+    `headers`: IETF `RateLimit`/`RateLimit-Policy` of the enforced windows, and `retry-after` on a 429.
+    """
+    out: list[DescriptorStatus] = []
+    over = False
+    refusing: list[str] = []
+    for dp in plan.descriptors:
+        outcome = dp.outcome
+        if outcome is Outcome.LIMITED:
+            rule = dp.rule
+            assert rule is not None
+            ws = statuses[dp.window]
+            refused = plan.costs[dp.window] > ws.remaining if plan.blocked else not ws.allowed
+            is_over = refused and not rule.shadow
+            if is_over:
+                over = True
+                refusing.append(ws.spec.name)
+            out.append(
+                _status(
+                    is_over,
+                    rule,
+                    _uint32(ws.remaining),
+                    _ceil_seconds(ws.reset_after),
+                    refused and rule.shadow,
+                )
+            )
+        elif outcome is Outcome.NO_MATCH or outcome is Outcome.REPLACED:
+            out.append(_OK_NO_LIMIT)
+        elif outcome is Outcome.UNLIMITED:
+            out.append(_OK_UNLIMITED)
+        else:  # BLOCKED
+            rule = dp.rule
+            assert rule is not None and rule.unit is not None
+            refused = dp.cost > 0
+            is_over = refused and not rule.shadow
+            if is_over:
+                over = True
+                refusing.append(rule.name or rule.path)
+            period = _ceil_seconds(UNITS[rule.unit].period)
+            out.append(_status(is_over, rule, 0, period, refused and rule.shadow))
+    denied = over and not shadow_mode
+    hs: list[tuple[str, str]] = []
+    if headers and statuses:
+        hs = [h for h in rate_limit_headers(statuses, denied=denied) if h[0] in _HEADER_NAMES]
+    body = b""
+    if denied:
+        retry = next((v for k, v in hs if k == "retry-after"), None)
+        if retry is None and not plan.blocked:
+            retry = _retry_after(statuses)
+        names = ", ".join(dict.fromkeys(refusing))
+        message = f"Rate limit reached for {names}."
+        if retry is not None:
+            message += f" Please retry after {retry} seconds."
+        body = error_body(Reason.RATE_LIMITED, message)
+    return RlsAnswer(denied, tuple(out), tuple(hs), body, over and shadow_mode)
+
+
+def _retry_after(statuses: Sequence[WindowStatus]) -> str | None:
+    wait = 0.0
+    for s in statuses:
+        if not s.allowed and not s.spec.shadow:
+            wait = max(wait, s.retry_after)
+    return None if wait == math.inf else str(max(1, math.ceil(wait - 1e-9)))
+
+
+def _uint32(value: int) -> int:
+    return 0 if value < 0 else value if value < UNLIMITED_REMAINING else UNLIMITED_REMAINING
+
+
+def _ceil_seconds(seconds: float) -> int:
+    if not seconds > 0 or seconds == math.inf:
+        return 0
+    return max(0, math.ceil(seconds - 1e-9))
+
+
+# -- parsing ----------------------------------------------------------------------------------------------
+
+_NAME_OK: Final = frozenset(chr(c) for c in range(0x21, 0x7F)) - {'"', "\\"}
+
+
+def _spec_name(text: str) -> str:
+    """A LimitSpec name (the RateLimit header's policy name): printable ASCII, no quotes, <= 128."""
+    name = "".join(c if c in _NAME_OK else "_" for c in text)[:128]
+    return name or "rls"
+
+
+def _make_rule(
+    *,
+    domain: str,
+    path: str,
+    value: str,
+    name: str | None,
+    unit: str | None,
+    requests_per_unit: int,
+    unlimited: bool,
+    shadow: bool,
+    replaces: frozenset[str],
+    detailed_metric: bool,
+    source: str,
+    override: bool = False,
+) -> RateLimitRule:
+    spec: LimitSpec | None = None
+    if not unlimited and unit is not None and requests_per_unit > 0:
+        mapping = UNITS[unit]
+        spec = LimitSpec(
+            kind=Kind.REQUESTS,
+            limit=requests_per_unit,
+            period=mapping.period,
+            burst=requests_per_unit,
+            algorithm=mapping.algorithm,
+            slots=mapping.slots,
+            shadow=shadow,
+            model=None,
+            name=_spec_name(name or path),
+        )
+    marker = f"o{requests_per_unit}" if override else ""
+    prefix = f"rls\x00{len(domain)}:{domain}{unit or ''}{marker}\x00"
+    return RateLimitRule(
+        domain=domain,
+        path=path,
+        value=value,
+        name=name,
+        unit=unit,
+        requests_per_unit=requests_per_unit,
+        unlimited=unlimited,
+        shadow=shadow,
+        replaces=replaces,
+        detailed_metric=detailed_metric,
+        spec=spec,
+        source=source,
+        id_prefix=prefix,
+    )
+
+
+class _LevelBuilder:
+    __slots__ = ("any_value", "exact", "origin", "wildcards")
+
+    def __init__(self) -> None:
+        self.exact: dict[tuple[str, str], _NodeBuilder] = {}
+        self.wildcards: dict[str, list[tuple[str, _NodeBuilder]]] = {}
+        self.any_value: dict[str, _NodeBuilder] = {}
+        self.origin: dict[tuple[str, str], str] = {}  # (key, value) -> where it was written
+
+    def freeze(self) -> _Level:
+        return _Level(
+            exact={k: n.freeze() for k, n in self.exact.items()},
+            wildcards={k: tuple((p, n.freeze()) for p, n in ws) for k, ws in self.wildcards.items()},
+            any_value={k: n.freeze() for k, n in self.any_value.items()},
+        )
+
+
+class _NodeBuilder:
+    __slots__ = ("children", "key", "rule", "value")
+
+    def __init__(self, key: str, value: str, rule: RateLimitRule | None) -> None:
+        self.key = key
+        self.value = value
+        self.rule = rule
+        self.children: _LevelBuilder | None = None
+
+    def freeze(self) -> _Node:
+        children = self.children.freeze() if self.children is not None else None
+        return _Node(self.key, self.value, self.rule, children)
+
+
+def parse_rls_config(
+    files: Iterable[tuple[str, str]],
+    *,
+    domains: Collection[str] = (),
+    merge_domains: bool = False,
+) -> RlsConfig:
+    """Parse (source name, YAML text) pairs, in the order given, into one config.
+
+    `domains`: when not empty, only these domains are kept (every file is still validated).
+    `merge_domains`: several files may add to one domain (upstream's MERGE_DOMAIN_CONFIG); otherwise a
+    domain defined twice is an error naming both files. Raises ConfigError naming file, line and path.
+    """
+    files = list(files)
+    roots: dict[str, _LevelBuilder] = {}
+    domain_source: dict[str, str] = {}
+    rules: list[RateLimitRule] = []
+    sources: list[str] = []
+    digest = hashlib.sha256()
+    for source, text in files:
+        sources.append(source)
+        digest.update(f"{len(source)}:{source}{len(text)}:".encode())
+        digest.update(text.encode("utf-8", "surrogateescape"))
+        data = load_yaml(text, source)
+        if data is None:
+            raise ConfigError("the file is empty; expected `domain:` and `descriptors:`", source=source)
+        root = Fields(data, source, "")
+        domain = root.str("domain")
+        if domain in roots:
+            if not merge_domains:
+                root.fail(
+                    "domain",
+                    f"duplicate domain {domain!r} (also in {domain_source[domain]}); "
+                    "give each file its own domain or enable ratelimit.merge_domains",
+                )
+            level = roots[domain]
+        else:
+            level = roots[domain] = _LevelBuilder()
+            domain_source[domain] = source
+        _load_descriptors(root, "descriptors", level, domain, domain, rules)
+        root.done()
+    keep = set(domains)
+    names = {r.name for r in rules if r.name is not None}
+    warnings = tuple(
+        f"{r.source}: rate_limit.replaces: no rate_limit is named {target!r}; nothing is replaced"
+        for r in rules
+        for target in sorted(r.replaces)
+        if target not in names
+    )
+    return RlsConfig(
+        domains={d: b.freeze() for d, b in roots.items() if not keep or d in keep},
+        rules=tuple(r for r in rules if not keep or r.domain in keep),
+        sources=tuple(sources),
+        version=digest.hexdigest()[:16],
+        warnings=warnings,
+    )
+
+
+def _load_descriptors(
+    parent: Fields,
+    name: str,
+    level: _LevelBuilder,
+    domain: str,
+    parent_path: str,
+    rules: list[RateLimitRule],
+) -> None:
+    for _i, item, where in parent.items(name):
+        f = Fields(item, parent.source, where)
+        key = f.str("key")
+        value = _value(f)
+        final = f"{key}_{value}" if value else key
+        path = f"{parent_path}.{final}"
+        origin_key = (key, value)
+        if origin_key in level.origin:
+            f.fail(
+                "value" if value else "key",
+                f"duplicate descriptor {final!r} (also {level.origin[origin_key]})",
+            )
+        level.origin[origin_key] = f"{f.where()}: {where}"
+        shadow = f.bool("shadow_mode", False)
+        detailed = f.bool("detailed_metric", False)
+        rule: RateLimitRule | None = None
+        if f.has("rate_limit"):
+            rule = _rule(f.mapping("rate_limit"), f, domain, path, value, shadow, detailed)
+            rules.append(rule)
+        elif "rate_limit" in f.names():
+            f.raw("rate_limit", None)  # `rate_limit:` left empty: no limit, as upstream
+        node = _NodeBuilder(key, value, rule)
+        if f.has("descriptors"):
+            node.children = _LevelBuilder()
+            _load_descriptors(f, "descriptors", node.children, domain, path, rules)
+        else:
+            f.raw("descriptors", None)
+        f.done()
+        if not value:
+            level.any_value[key] = node
+        elif value.endswith("*"):
+            level.wildcards.setdefault(key, []).append((value[:-1], node))
+        else:
+            level.exact[(key, value)] = node
+
+
+def _value(f: Fields) -> str:
+    raw = f.raw("value", None)
+    if raw is None:
+        return ""
+    if isinstance(raw, bool):  # YAML reads `value: true` as a boolean; upstream (Go) as the string
+        return "true" if raw else "false"
+    if isinstance(raw, str | int | float):
+        return str(raw)
+    f.fail("value", "expected a string")
+
+
+def _rule(
+    f: Fields, descriptor: Fields, domain: str, path: str, value: str, shadow: bool, detailed: bool
+) -> RateLimitRule:
+    unlimited = f.bool("unlimited", False)
+    unit_raw = f.raw("unit", None)
+    unit: str | None = None
+    if unit_raw is not None:
+        if not isinstance(unit_raw, str) or unit_raw.strip().lower() not in UNITS:
+            f.fail("unit", f"unknown unit {unit_raw!r} (expected {_UNIT_LIST})")
+        unit = unit_raw.strip().lower()
+    if unlimited:
+        if unit is not None:
+            f.fail("unit", "must not be set when unlimited is true (an unlimited rule has no unit)")
+        rpu = f.int("requests_per_unit", 0)  # accepted and ignored, as upstream
+    else:
+        if unit is None:
+            f.fail("unit", f"is required ({_UNIT_LIST}), or set unlimited: true")
+        if not f.has("requests_per_unit"):
+            f.fail(
+                "requests_per_unit",
+                "is required (0 refuses every request; upstream reads a missing value as 0)",
+            )
+        rpu = f.int("requests_per_unit", minimum=0)
+        if rpu > MAX_REQUESTS_PER_UNIT:
+            f.fail("requests_per_unit", f"must be at most {MAX_REQUESTS_PER_UNIT} (uint32), got {rpu}")
+    name: str | None = f.str("name", None)
+    replaces: set[str] = set()
+    for _j, item, where in f.items("replaces"):
+        r = Fields(item, f.source, where)
+        target = r.str("name", None)
+        if target is None:
+            r.fail("name", "is required: the name of the rate_limit this one replaces")
+        if target == name:
+            r.fail("name", f"a rate_limit cannot replace itself ({target!r})")
+        r.done()
+        replaces.add(target)
+    f.done()
+    return _make_rule(
+        domain=domain,
+        path=path,
+        value=value,
+        name=name,
+        unit=unit,
+        requests_per_unit=rpu,
+        unlimited=unlimited,
+        shadow=shadow,
+        replaces=frozenset(replaces),
+        detailed_metric=detailed,
+        source=descriptor.where("rate_limit"),
+    )
+
+
+# -- settings -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RlsSettings:
+    """The `ratelimit:` section of nexus.yaml. `config_dir` None: the service is not offered."""
+
+    config_dir: str | None = None
+    reload_interval: float = 1.0
+    response_headers: bool = True
+    error_body: bool = True
+    domains: tuple[str, ...] = ()
+    merge_domains: bool = False
+    shadow_mode: bool = False
+    identity: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.config_dir is not None
+
+
+def parse_rls_settings(f: Fields) -> RlsSettings:
+    """Read the `ratelimit:` mapping (pass `root.mapping("ratelimit")`); calls `f.done()`.
+
+    ```yaml
+    ratelimit:
+      config_dir: ratelimit/        # envoyproxy/ratelimit YAML files (*.yaml, *.yml), hot-reloaded
+      enabled: true                 # false keeps the section but does not offer the service
+      reload_interval: 1s
+      response_headers: true        # RateLimit / RateLimit-Policy (+ retry-after on a 429)
+      error_body: true              # OpenAI-style JSON body on a 429 (raw_body)
+      domains: [nexus]              # only these domains (default: every domain in the directory)
+      merge_domains: false          # several files may add to one domain
+      shadow_mode: false            # compute and count everything, never answer OVER_LIMIT
+      identity: true                # fill nexus_plan / nexus_tenant entries from nexus_key_id
+    ```
+    A relative `config_dir` is relative to the config file's directory.
+    """
+    d = RlsSettings()
+    if not f.names():  # no `ratelimit:` section (or an empty one): the service is off
+        return d
+    enabled = f.bool("enabled", True)
+    config_dir: str | None = f.str("config_dir", None)
+    if config_dir is None and enabled:
+        f.fail("config_dir", "is required (the directory of envoyproxy/ratelimit YAML files)")
+    if config_dir is not None and not os.path.isabs(config_dir):
+        config_dir = os.path.join(os.path.dirname(f.source), config_dir)
+    settings = RlsSettings(
+        config_dir=config_dir if enabled else None,
+        reload_interval=f.duration("reload_interval", d.reload_interval, minimum=0.05),
+        response_headers=f.bool("response_headers", d.response_headers),
+        error_body=f.bool("error_body", d.error_body),
+        domains=f.str_list("domains"),
+        merge_domains=f.bool("merge_domains", d.merge_domains),
+        shadow_mode=f.bool("shadow_mode", d.shadow_mode),
+        identity=f.bool("identity", d.identity),
+    )
+    f.done()
+    return settings
