@@ -7,7 +7,8 @@ against ~140 µs for aiohttp and ~470 µs for grpc.aio (see the performance issu
 
 Routes, on every listener of this protocol:
   /ext_authz/<original path>   Envoy http_service with `path_prefix: /ext_authz` (the default config)
-  /v1/nginx/auth               nginx auth_request (original method/URI in X-Original-Method/-URI)
+  /v1/nginx/auth               nginx auth_request (original method/URI in X-Original-Method/-URI;
+                               a denial is 401/403 with the real status and body in x-nexus-* headers)
   /healthz, /readyz, /metrics  operations (only where `admin` is enabled for the listener)
   anything else                treated as an ext_authz check of that path (Envoy without a path prefix)
 
@@ -24,7 +25,9 @@ from collections.abc import Callable
 
 import httptools
 
-from nexus_authz.core.model import Decision, KeyRecord, Reason, Request
+from nexus_authz.core.keys import KEY_HEADERS
+from nexus_authz.core.model import Decision, KeyRecord, Reason, Request, new_request
+from nexus_authz.core.policy import denial
 from nexus_authz.engine import Engine
 
 log = logging.getLogger("nexus_authz.http")
@@ -32,6 +35,22 @@ log = logging.getLogger("nexus_authz.http")
 EXT_AUTHZ_PREFIX = "/ext_authz"
 NGINX_PATH = "/v1/nginx/auth"
 MAX_HEADERS = 128
+# The request headers a decision can read (keys, body type, ids, addresses, partial-body flag, nginx's
+# original request line). Others are counted against the limits and otherwise ignored.
+_KEEP: dict[bytes, str] = {
+    name.encode(): name
+    for name in (
+        *KEY_HEADERS,
+        "content-type",
+        "content-encoding",
+        "x-request-id",
+        "x-forwarded-for",
+        "x-real-ip",
+        "x-envoy-auth-partial-body",
+        "x-original-uri",
+        "x-original-method",
+    )
+}
 MAX_URL = 16 * 1024
 
 _REASONS = {
@@ -194,6 +213,7 @@ class AuthzProtocol(asyncio.Protocol):
         "_body_size",
         "_closing",
         "_header_bytes",
+        "_header_count",
         "_headers",
         "_paused",
         "_parser",
@@ -209,6 +229,7 @@ class AuthzProtocol(asyncio.Protocol):
         self._url = b""
         self._headers: dict[str, str] = {}
         self._header_bytes = 0
+        self._header_count = 0
         self._body: list[bytes] = []
         self._body_size = 0
         self._closing = False
@@ -256,6 +277,7 @@ class AuthzProtocol(asyncio.Protocol):
         self._url = b""
         self._headers = {}
         self._header_bytes = 0
+        self._header_count = 0
         self._body = []
         self._body_size = 0
 
@@ -265,12 +287,19 @@ class AuthzProtocol(asyncio.Protocol):
             self._fail(_URL_TOO_LONG)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Called once per header from C: only the headers a decision reads are decoded and kept (Envoy
+        # also sends its own x-envoy-* and the client's host and length, which nothing here needs).
         self._header_bytes += len(name) + len(value) + 4
-        headers = self._headers
-        if self._header_bytes > self._app.max_header_bytes or len(headers) >= MAX_HEADERS:
+        self._header_count += 1
+        if self._header_bytes > self._app.max_header_bytes or self._header_count > MAX_HEADERS:
             self._fail(_HEADERS_TOO_LARGE)
             return
-        key = name.decode("latin-1").lower()
+        key = _KEEP.get(name)  # Envoy sends lower-case names: one probe
+        if key is None:
+            key = _KEEP.get(name.lower())  # nginx keeps the client's case
+            if key is None:
+                return
+        headers = self._headers
         text = value.decode("latin-1")
         previous = headers.get(key)
         headers[key] = text if previous is None else previous + ", " + text
@@ -321,16 +350,11 @@ class AuthzProtocol(asyncio.Protocol):
             return _ADMIN_PATHS[url](app)
         else:
             path = url
-        method = self._parser.get_method().decode("latin-1")
-        truncated = "x-envoy-auth-partial-body" in headers and headers["x-envoy-auth-partial-body"] == "true"
-        request = Request(
-            method=method,
-            path=path,
-            headers=headers,
-            body=body,
-            body_truncated=truncated,
-            request_id=headers.get("x-request-id", ""),
-            client_address=_client_address(headers),
+        raw_method = self._parser.get_method()
+        method = _METHODS.get(raw_method) or raw_method.decode("latin-1")
+        truncated = headers.get("x-envoy-auth-partial-body") == "true"
+        request = new_request(
+            method, path, headers, body, truncated, headers.get("x-request-id", ""), _client_address(headers)
         )
         decision = app.engine.check(request)
         return app.response(decision, nginx=False, close=close)
@@ -346,7 +370,9 @@ class AuthzProtocol(asyncio.Protocol):
             client_address=headers.get("x-real-ip", "") or _client_address(headers),
         )
         decision = app.engine.check(request)
-        return app.response(decision, nginx=True, close=close)
+        if decision.allowed:
+            return app.response(decision, nginx=True, close=close)
+        return nginx_denial(decision, close=close)
 
     def _fail(self, response: bytes) -> None:
         self._closing = True
@@ -359,6 +385,52 @@ class AuthzProtocol(asyncio.Protocol):
         if self._transport is not None and not self._closing:
             self._closing = True
             self._transport.close()
+
+
+# nginx's auth_request passes on 2xx, 401 and 403 only; any other status from the subrequest becomes a
+# bare 500. So a denial is answered as 401 (unknown/expired/revoked key) or 403 (everything else) with
+# the real status in `x-nexus-status` and the JSON error in `x-nexus-error`; deploy/nginx/nginx.conf
+# reads both with auth_request_set and its `error_page 401 403 = @nexus_denied` location answers the
+# client with the original status, body, retry-after and rate-limit headers. The subrequest's own body
+# is empty: nginx discards it anyway, and a non-empty body makes nginx close the keep-alive connection.
+_NGINX_DENY_CACHE: dict[Reason, bytes] = {}
+_HEADER_UNSAFE = bytes(range(32)) + b"\x7f"
+
+
+def nginx_denial(decision: Decision, *, close: bool) -> bytes:
+    """The auth_request answer for a denial: 401 or 403, the real status and body in x-nexus-* headers."""
+    # Only the policy's fixed denials (one object per reason) are cached; the others carry a message or
+    # headers of their own.
+    cacheable = not close and not decision.response_headers and _fixed_denial(decision)
+    if cacheable:
+        cached = _NGINX_DENY_CACHE.get(decision.reason)
+        if cached is not None:
+            return cached
+    # The body is compact ASCII JSON; dropping control bytes keeps a header value that cannot split.
+    error = decision.body.translate(None, _HEADER_UNSAFE)
+    out = b"".join(
+        (
+            _status_line(401 if decision.status == 401 else 403),
+            b"x-nexus-reason: %s\r\n" % decision.reason.value.encode(),
+            b"x-nexus-status: %d\r\n" % decision.status,
+            b"x-nexus-error: %s\r\n" % error,
+            _header_block(decision.response_headers) if decision.response_headers else b"",
+            b"connection: close\r\ncontent-length: 0\r\n\r\n" if close else b"content-length: 0\r\n\r\n",
+        )
+    )
+    if cacheable:
+        _NGINX_DENY_CACHE[decision.reason] = out
+    return out
+
+
+def _fixed_denial(decision: Decision) -> bool:
+    try:
+        return denial(decision.reason) is decision
+    except KeyError:
+        return False
+
+
+_METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")}
 
 
 def _client_address(headers: dict[str, str]) -> str:

@@ -12,8 +12,12 @@ import pytest
 
 from nexus_authz.adapters import envoy_authz, http_authz
 from nexus_authz.engine import Engine
+from nexus_authz.settings import load_settings
 from tests.adapters.conftest import ALICE, BOB
 from tests.adapters.test_envoy_authz import check_request
+from tests.helpers import KeySpec, write_config
+
+CAROL = KeySpec("carol", extra={"paths": ["/v1/chat/*"]})
 
 
 class Response:
@@ -203,7 +207,68 @@ def test_nginx_auth_request(engine: Engine, tmp_path: Path) -> None:
     )
     assert ok.status == 204 and ok.headers["x-nexus-key-id"] == "alice"
     assert ok.headers["authorization"] == "Bearer sk-upstream-test-credential"
-    assert denied.status == 401 and json.loads(denied.body)["error"]["code"] == "invalid_api_key"
+    assert "x-envoy-auth-headers-to-remove" not in ok.headers and ok.body == b""
+    # A denial's JSON travels in a header: nginx discards the subrequest's body.
+    assert denied.status == 401 and denied.headers["x-nexus-status"] == "401" and denied.body == b""
+    assert json.loads(denied.headers["x-nexus-error"])["error"]["code"] == "invalid_api_key"
+
+
+def _nginx_check(key: str, uri: str = "/v1/chat/completions", close: bool = False) -> bytes:
+    headers = {"x-api-key": key, "x-original-uri": uri, "x-original-method": "POST"}
+    return http_request("/v1/nginx/auth", headers, method="GET", close=close)
+
+
+def _engine(directory: Path, *keys: KeySpec) -> Engine:
+    directory.mkdir()
+    return Engine.from_settings(load_settings(str(write_config(directory, *keys))))
+
+
+def test_nginx_maps_every_denial_to_401_or_403_with_the_real_status(tmp_path: Path) -> None:
+    # auth_request turns any status but 2xx/401/403 into a 500, so 429/400/403 all arrive as 401 or 403.
+    engine = _engine(tmp_path / "cfg", BOB, CAROL)
+    revoked, bad_path, missing = exchange(
+        engine,
+        tmp_path,
+        _nginx_check(BOB.secret)
+        + _nginx_check(CAROL.secret, uri="/v1/embeddings")
+        + http_request("/v1/nginx/auth", {"x-original-uri": "/v1/models"}, method="GET", close=True),
+    )
+    assert (revoked.status, revoked.headers["x-nexus-status"]) == (401, "401")
+    assert json.loads(revoked.headers["x-nexus-error"])["error"]["code"] == "revoked_api_key"
+    assert (bad_path.status, bad_path.headers["x-nexus-status"]) == (403, "403")
+    assert bad_path.headers["x-nexus-reason"] == "path_not_allowed"
+    assert missing.status == 401 and missing.headers["connection"] == "close"
+    assert json.loads(missing.headers["x-nexus-error"])["error"]["code"] == "missing_api_key"
+
+
+def test_nginx_rate_limited_is_403_carrying_429_and_retry_after(tmp_path: Path) -> None:
+    limited = KeySpec("limited", extra={"limits": [{"requests": 2, "per": "minute"}]})
+    engine = _engine(tmp_path / "cfg", limited)
+    responses = exchange(engine, tmp_path, b"".join(_nginx_check(limited.secret) for _ in range(3)))
+    assert [r.status for r in responses] == [204, 204, 403]
+    assert responses[0].headers["x-ratelimit-remaining-requests"] == "1"
+    denied = responses[2]
+    assert denied.headers["x-nexus-status"] == "429" and denied.headers["x-nexus-reason"] == "rate_limited"
+    assert 1 <= int(denied.headers["retry-after"]) <= 60
+    assert denied.headers["x-ratelimit-remaining-requests"] == "0" and "ratelimit" in denied.headers
+    error = json.loads(denied.headers["x-nexus-error"])["error"]
+    assert error["type"] == "rate_limit_exceeded" and "limit 2" in error["message"]
+    assert denied.body == b""
+
+
+def test_nginx_denial_header_cannot_split() -> None:
+    from nexus_authz.core.model import Decision, Reason
+    from nexus_authz.core.policy import denial
+
+    decision = Decision(
+        allowed=False, status=429, reason=Reason.RATE_LIMITED, body=b'{"error":"a\r\nx-evil: 1"}'
+    )
+    raw = http_authz.nginx_denial(decision, close=False)
+    (resp,) = parse_responses(raw)
+    assert "x-evil" not in resp.headers and resp.headers["x-nexus-error"] == '{"error":"ax-evil: 1"}'
+    # the policy's fixed denials are cached per reason, built once
+    fixed = denial(Reason.UNKNOWN_KEY)
+    assert http_authz.nginx_denial(fixed, close=False) is http_authz.nginx_denial(fixed, close=False)
 
 
 def test_admin_routes_only_on_admin_listener(engine: Engine, tmp_path: Path) -> None:
