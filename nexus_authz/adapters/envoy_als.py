@@ -29,7 +29,7 @@ import asyncio
 import binascii
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -210,7 +210,9 @@ class AccessLogService:
                 self.messages += 1
                 for i, entry in enumerate(message.http_logs.log_entry, 1):
                     try:
-                        await self.account(entry)
+                        pending = self.account_now(entry)
+                        if pending is not None:  # a long text to count exactly: off the event loop
+                            await pending
                     except Exception:  # one bad entry must not lose the rest of the batch
                         log.exception("accounting failed", extra={"request_id": entry.request.request_id})
                     if not i % _YIELD_EVERY:
@@ -223,6 +225,14 @@ class AccessLogService:
 
     async def account(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
         """One access-log entry: the usage of its response, settled and recorded."""
+        pending = self.account_now(entry)
+        if pending is not None:
+            await pending
+
+    def account_now(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> Awaitable[None] | None:
+        """`account`, synchronously when it can be (nearly always: no coroutine per entry); returns an
+        awaitable only when the response has no usage record and its text is long enough to be counted
+        exactly in a worker thread."""
         request = entry.request
         headers = request.request_headers
         key_id = headers.get("x-nexus-key-id")
@@ -240,27 +250,44 @@ class AccessLogService:
             content_encoding=response_headers.get("content-encoding"),
             prompt_tokens_hint=hint,
         )
-        usage = await self._usage(parser) if parser is not None else None
+        tenant = headers.get("x-nexus-tenant") or None
+        if parser is not None and self._exact and not parser.has_usage_record:
+            # As the ext_proc adapter: a response without a usage record is counted exactly.
+            parser.count_tokens = count_tokens
+            if parser.bytes_seen >= EXECUTOR_THRESHOLD_CHARS:
+                return self._account_later(snippet, parser, request_id, hint, key_id, tenant)
+        self._conclude(
+            snippet, parser, parser.finish() if parser is not None else None, request_id, hint, key_id, tenant
+        )
+        return None
+
+    async def _account_later(
+        self,
+        snippet: Snippet,
+        parser: StreamUsage,
+        request_id: str,
+        hint: int,
+        key_id: str,
+        tenant: str | None,
+    ) -> None:
+        usage = await asyncio.get_running_loop().run_in_executor(None, parser.finish)
+        self._conclude(snippet, parser, usage, request_id, hint, key_id, tenant)
+
+    def _conclude(
+        self,
+        snippet: Snippet,
+        parser: StreamUsage | None,
+        usage: Usage | None,
+        request_id: str,
+        hint: int,
+        key_id: str,
+        tenant: str | None,
+    ) -> None:
         usage, model, keep_estimate = conclude(snippet, parser, usage, hint)
         self.entries += 1
         self.engine.account(
-            request_id,
-            usage,
-            response_model=model,
-            key_id=key_id,
-            tenant=headers.get("x-nexus-tenant") or None,
-            keep_estimate=keep_estimate,
+            request_id, usage, response_model=model, key_id=key_id, tenant=tenant, keep_estimate=keep_estimate
         )
-
-    async def _usage(self, parser: StreamUsage) -> Usage:
-        """As the ext_proc adapter: a response without a usage record is counted exactly, large ones off
-        the event loop."""
-        if not self._exact or parser.has_usage_record:
-            return parser.finish()
-        parser.count_tokens = count_tokens
-        if parser.bytes_seen >= EXECUTOR_THRESHOLD_CHARS:
-            return await asyncio.get_running_loop().run_in_executor(None, parser.finish)
-        return parser.finish()
 
     @property
     def open_streams(self) -> int:
