@@ -21,6 +21,9 @@ nexus-authz. More scenarios on request (``--scenarios``), to see where the fast 
   http-uds-nogrpc  as http-uds-noacct, and nexus-authz's gRPC server disabled (``listen.grpc: null``)
   bare-uds         as http-uds-noacct, with an empty asyncio + uvloop + httptools handler instead of
                    nexus-authz (answers 200 to everything: the floor for HTTP ext_authz from Python)
+  http-uds-limits, grpc-limits, http-uds-limits-noacct, http-uds-limits-10k
+                   with limits on (``LIMITS_CONFIG``: requests and tokens per minute, tokens per day),
+                   the configuration benchmarks/run_all.py reports against the targets
 
 Every request is the same ``POST /v1/chat/completions`` with a small JSON body naming a model and a valid
 key; ``--keys N`` spreads the requests round-robin over N distinct keys. http-uds and grpc talk to one
@@ -70,7 +73,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 
@@ -112,18 +115,52 @@ STREAM_BODY = json.dumps(
 ).encode()
 PEPPER = "bench-pepper-" + "0123456789abcdef" * 2
 DEFAULT_KEY_FIELDS: Mapping[str, object] = {"tenant": "bench", "models": ["gpt-4o*"]}
+BENCH_PLAN = "bench"
+
+
+def limits_config(requests_per_minute: int, tokens_per_minute: int, tokens_per_day: int) -> str:
+    """nexus.yaml lines for the benchmark's plan: the limits an LLM API usually has (OpenAI's RPM, TPM and
+    TPD): two GCRA windows (requests and tokens per minute) and a sliding window of 24 hourly slots
+    (tokens per day), every key on it. Tokens are reserved at Check and settled from the response."""
+    return (
+        f"plans:\n  {BENCH_PLAN}:\n    limits:\n"
+        f"      - {{requests: {requests_per_minute}, per: minute}}\n"
+        f"      - {{tokens: {tokens_per_minute}, per: minute}}\n"
+        f"      - {{tokens: {tokens_per_day}, per: day}}\n"
+    )
+
+
+# "Every feature of the default config on" (the performance issue's targets): limits + token accounting.
+# The limits are far above what one key sends in a run (1,000 req/s for minutes, plus wrk's maximum), so
+# nothing is refused; the windows are still checked, charged, reserved and settled on every request.
+LIMITS_CONFIG = limits_config(10**9, 10**12, 10**14)
+LIMITS_KEY_FIELDS: Mapping[str, object] = {**DEFAULT_KEY_FIELDS, "plan": BENCH_PLAN}
+NO_ACCOUNTING = "accounting:\n  enabled: false\n"
 
 __all__ = [
     "ENVOY_GRPC",
     "ENVOY_HTTP",
+    "LIMITS_CONFIG",
+    "LIMITS_KEY_FIELDS",
     "SCENARIOS",
+    "EnvoyRun",
     "NexusSpec",
     "Scenario",
     "StackInfo",
     "chat_request",
+    "key_file",
+    "limits_config",
+    "machine_info",
+    "busy_cores",
+    "machine_cpu",
     "main",
+    "nexus_config",
+    "parse_args",
     "remove_http_filters",
     "run",
+    "run_scenarios",
+    "start_nexus",
+    "wait_quiet",
 ]
 
 
@@ -237,6 +274,22 @@ SCENARIOS: dict[str, Scenario] = {
     "envoy-stream": Scenario(
         "envoy-stream", ENVOY_HTTP, "none", remove_filters=ACCOUNTING, request=stream_request
     ),
+    # the default config with limits on (LIMITS_CONFIG; run_all.py's scenarios): both transports share one
+    # nexus-authz, as in production; without accounting; and 10,000 keys round-robin
+    "http-uds-limits": Scenario(
+        "http-uds-limits", ENVOY_HTTP, "http", NexusSpec(LIMITS_CONFIG, LIMITS_KEY_FIELDS)
+    ),
+    "grpc-limits": Scenario("grpc-limits", ENVOY_GRPC, "grpc", NexusSpec(LIMITS_CONFIG, LIMITS_KEY_FIELDS)),
+    "http-uds-limits-noacct": Scenario(
+        "http-uds-limits-noacct",
+        ENVOY_HTTP,
+        "http",
+        NexusSpec(LIMITS_CONFIG + NO_ACCOUNTING, LIMITS_KEY_FIELDS),
+        remove_filters=ACCOUNTING,
+    ),
+    "http-uds-limits-10k": Scenario(
+        "http-uds-limits-10k", ENVOY_HTTP, "http", NexusSpec(LIMITS_CONFIG, LIMITS_KEY_FIELDS, keys=10_000)
+    ),
 }
 DEFAULT_SCENARIOS = ("envoy", "http-uds", "grpc")
 BASELINE = "envoy"
@@ -284,6 +337,7 @@ class NexusProc:
     socket: str
     grpc_port: int
     secrets: list[str]
+    admin_port: int = 0  # /metrics, /readyz (0: the bare server has none)
 
 
 @dataclass
@@ -296,13 +350,28 @@ class EnvoyProc:
     filters: list[str]  # the HTTP filter chain Envoy runs, for the record
 
 
-def _key_file(secrets_: Sequence[str], fields: Mapping[str, object]) -> str:
-    pepper = PEPPER.encode()
+def key_file(secrets_: Sequence[str], fields: Mapping[str, object], pepper: str = PEPPER) -> str:
+    """The key file's YAML text for these secrets (ids ``bench-<i>``), written directly: 100,000 keys take
+    ~0.3 s (KeyHasher's precomputed pads; a YAML library would take seconds)."""
+    hasher = keys_mod.KeyHasher(pepper.encode())
     extra = "".join(f"    {k}: {json.dumps(v)}\n" for k, v in fields.items())
-    lines = ["keys:\n"]
-    for i, secret in enumerate(secrets_):
-        lines.append(f"  - id: bench-{i}\n    hash: {keys_mod.format_hash(pepper, secret)}\n{extra}")
-    return "".join(lines)
+    scheme = keys_mod.HASH_SCHEME
+    return "keys:\n" + "".join(
+        f"  - id: bench-{i}\n    hash: {scheme}:{hasher(secret).hex()}\n{extra}"
+        for i, secret in enumerate(secrets_)
+    )
+
+
+def nexus_config(socket_path: str, *, grpc: str = "null", admin: str = "null", extra: str = "") -> str:
+    """nexus.yaml for a benchmark: the key file ``keys.yaml`` next to it, the bench pepper, one upstream
+    credential, and ``extra`` (limits, accounting, ledger ...) appended."""
+    return (
+        f"listen:\n  http_socket: {socket_path}\n"
+        f"  grpc: {grpc}\n  admin: {admin}\n"
+        f"keys:\n  file: keys.yaml\n  pepper:\n    value: {PEPPER}\n"
+        "credentials:\n  openai:\n    value: sk-upstream-bench-credential\n"
+        "default_credential: openai\n" + extra
+    )
 
 
 def start_nexus(spec: NexusSpec, workdir: Path, n_keys: int) -> NexusProc:
@@ -320,16 +389,10 @@ def start_nexus(spec: NexusSpec, workdir: Path, n_keys: int) -> NexusProc:
             )
         procs.wait_unix_socket(socket_path, timeout=20)
         return NexusProc(spec, workdir, bare, socket_path, 0, key_secrets)
-    (workdir / "keys.yaml").write_text(_key_file(key_secrets, spec.key_fields))
+    (workdir / "keys.yaml").write_text(key_file(key_secrets, spec.key_fields))
     grpc_port, admin_port = procs.free_port(), procs.free_port()
     grpc = f"127.0.0.1:{grpc_port}" if spec.grpc else "null"
-    config = (
-        f"listen:\n  http_socket: {socket_path}\n"
-        f"  grpc: {grpc}\n  admin: 127.0.0.1:{admin_port}\n"
-        f"keys:\n  file: keys.yaml\n  pepper:\n    value: {PEPPER}\n"
-        "credentials:\n  openai:\n    value: sk-upstream-bench-credential\n"
-        "default_credential: openai\n" + spec.config_extra
-    )
+    config = nexus_config(socket_path, grpc=grpc, admin=f"127.0.0.1:{admin_port}", extra=spec.config_extra)
     (workdir / "nexus.yaml").write_text(config)
     with open(workdir / "nexus.log", "ab") as log:
         process = subprocess.Popen(
@@ -346,7 +409,9 @@ def start_nexus(spec: NexusSpec, workdir: Path, n_keys: int) -> NexusProc:
         procs.stop_process(process)
         tail = (workdir / "nexus.log").read_text(errors="replace")[-2000:]
         raise procs.ProcessError(f"nexus-authz did not start: {exc}\n{tail}") from None
-    return NexusProc(spec, workdir, process, socket_path, grpc_port if spec.grpc else 0, key_secrets)
+    return NexusProc(
+        spec, workdir, process, socket_path, grpc_port if spec.grpc else 0, key_secrets, admin_port
+    )
 
 
 _BARE_OK = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
@@ -564,6 +629,43 @@ def tree_state() -> str:
     return f"{head or 'unknown'}" + (f" + uncommitted changes in {changed} tracked files" if changed else "")
 
 
+def machine_cpu() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_cores(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Cores busy on average between two ``machine_cpu`` samples, whoever used them (the machine is
+    shared: compared with the stack's own CPU, this shows how much other work ran during a round)."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total * (os.cpu_count() or 1) if total > 0 else math.nan
+
+
+def wait_quiet(
+    pids: Sequence[int], *, cores: float = 0.05, window: float = 0.25, timeout: float = 15.0
+) -> float:
+    """Wait until the processes together use under ``cores`` over a ``window``; seconds waited (bounded
+    by ``timeout``). Processes that have exited are ignored."""
+    alive = [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+    if not alive:
+        return 0.0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        stats = harness.ProcStats(alive)
+        stats.start()
+        time.sleep(window)
+        try:
+            d = stats.stop()
+        except FileNotFoundError:
+            return time.monotonic() - t0
+        if d.sched_cpu_s / d.wall_s < cores:
+            break
+    return time.monotonic() - t0
+
+
 def _round_metrics(res: harness.LoadResult, has_nexus: bool) -> dict[str, Any]:
     m: dict[str, Any] = dict(res.metrics())
     if not has_nexus and "nexus_cpu_us_per_req" in m:
@@ -578,30 +680,34 @@ def _round_metrics(res: harness.LoadResult, has_nexus: bool) -> dict[str, Any]:
     return m
 
 
-def run(args: argparse.Namespace) -> int:
-    names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SCENARIOS]
-    if unknown:
-        print(f"unknown scenario(s) {unknown}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
-        return 2
-    scenarios = [SCENARIOS[n] for n in names]
-    info = machine_info()
-    per_run = args.warmup + args.duration
-    estimate = args.rounds * len(scenarios) * (per_run + 1.5) + 10
-    if args.max_rps:
-        estimate += len(scenarios) * (args.max_rps_duration + 2)
-    print(f"# nexus-authz through Envoy: {info['date']}\n")
-    print(f"- machine: {info['nproc']} CPUs, {info['model_name']}, Linux {info['kernel']}")
-    print(f"- Envoy {info['envoy']}, --concurrency {args.envoy_concurrency}; Python {info['python']}")
-    print(f"- command: `{info['command']}`; tree: {info['tree']}")
-    print(
-        f"- load: {args.rate:g} req/s open loop from {args.procs} single-connection processes, "
-        f"{args.warmup:g} s warm-up + {args.duration:g} s measured, {args.rounds} interleaved round(s); "
-        f"{args.keys} distinct key(s) round-robin; POST {PATH} ({len(BODY)} B JSON body)"
-    )
-    print(f"- load average at start: {' '.join(f'{x:.2f}' for x in info['loadavg_start'])}")
-    print(f"- expected duration: ~{estimate:.0f} s", flush=True)
+@dataclass
+class EnvoyRun:
+    """What one interleaved run measured: what ``run`` prints and writes, and what run_all.py reports."""
 
+    info: dict[str, Any]
+    inter: harness.InterleaveResult
+    raw: dict[str, list[harness.LoadResult]]
+    max_rps: dict[str, dict[str, Any]]
+    rows: list[dict[str, Any]]
+    filters: dict[str, list[str]]  # the HTTP filter chain each scenario's Envoy ran
+    elapsed: float  # seconds of the interleaved rounds
+
+
+def run_scenarios(
+    scenarios: Sequence[Scenario],
+    args: argparse.Namespace,
+    info: Mapping[str, Any],
+    *,
+    out: TextIO | None = None,
+    max_rps_for: Sequence[str] | None = None,
+) -> EnvoyRun:
+    """Start the stack (mock upstream, one nexus-authz per distinct NexusSpec, one Envoy per scenario),
+    check each scenario answers as it claims, run the interleaved rounds (and, with ``args.max_rps``, the
+    closed-loop maximum of the scenarios in ``max_rps_for``, default all), stop everything.
+
+    ``args`` is what ``parse_args`` returns. The stack's description goes to ``out`` (stdout by default),
+    progress to stderr."""
+    out = out or sys.stdout
     tmp = Path(tempfile.mkdtemp(prefix="nexus-bench-envoy-"))
     processes: list[subprocess.Popen[bytes]] = []
     try:
@@ -639,18 +745,25 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"- `{env.scenario.name}`: {env.scenario.template.relative_to(REPO)}, HTTP filters: "
                 f"{', '.join(env.filters)}"
-                + (f"; nexus-authz #{list(nexus_by_group.values()).index(env.nexus)}" if env.nexus else "")
+                + (f"; nexus-authz #{list(nexus_by_group.values()).index(env.nexus)}" if env.nexus else ""),
+                file=out,
             )
-        print(flush=True)
+        print(file=out, flush=True)
 
         raw: dict[str, list[harness.LoadResult]] = {sc.name: [] for sc in scenarios}
 
+        stack_pids = [p.pid for p in processes]
+
         def scenario_fn(env: EnvoyProc) -> Callable[[], Mapping[str, Any]]:
             def fn() -> Mapping[str, Any]:
+                # a scenario that fell behind (the gRPC path near its limit) must not leave its backlog
+                # to the next one: wait until the whole stack is idle
+                waited = wait_quiet(stack_pids)
                 measure: dict[str, int] = {"envoy": env.process.pid, "upstream": mock.pid}
                 watched = env.nexus or any_nexus
                 if watched is not None:
                     measure["nexus"] = watched.process.pid
+                busy0 = machine_cpu()
                 res = harness.run_open_loop(
                     ("127.0.0.1", env.port),
                     rate=args.rate,
@@ -660,8 +773,12 @@ def run(args: argparse.Namespace) -> int:
                     request_bytes=env.requests,
                     measure_pids=measure,
                 )
+                busy1 = machine_cpu()
                 raw[env.scenario.name].append(res)
-                return _round_metrics(res, env.nexus is not None)
+                m = _round_metrics(res, env.nexus is not None)
+                m["settle_wait_s"] = waited
+                m["machine_busy_cores"] = busy_cores(busy0, busy1)
+                return m
 
             return fn
 
@@ -672,60 +789,92 @@ def run(args: argparse.Namespace) -> int:
         max_rps: dict[str, dict[str, Any]] = {}
         if args.max_rps:
             for name, env in envoys.items():
-                print(f"[max rps] {name}", file=sys.stderr, flush=True)
-                max_rps[name] = measure_max_rps(env, args)
+                if max_rps_for is None or name in max_rps_for:
+                    print(f"[max rps] {name}", file=sys.stderr, flush=True)
+                    max_rps[name] = measure_max_rps(env, args)
 
-        rows = summary_rows(inter, max_rps)
-        print(
-            f"## {args.rate:g} req/s through Envoy, medians of {args.rounds} interleaved round(s) "
-            f"({elapsed:.0f} s)\n"
-        )
-        print_summary(rows, bool(max_rps))
-        print("\nper round (same figures before taking medians):\n")
-        print_rounds(inter)
-        lg = [r.loadgen_cpu_us_per_request for rs in raw.values() for r in rs]
-        idle = [m["nexus_idle_cpu_pct"] for m in inter.runs.get(BASELINE, []) if "nexus_idle_cpu_pct" in m]
-        print(
-            f"\n- added latency = scenario minus `{BASELINE}` in the same round, median over rounds; "
-            "CPU µs/request = utime+stime from /proc/PID/stat over the measured window / requests sent"
-        )
-        print(f"- load generator CPU: {statistics.median(lg):.0f} µs/request (all its processes)")
-        if idle:
-            print(
-                f"- nexus-authz idle CPU during `{BASELINE}` rounds: {statistics.median(idle):.2f}% of a core"
-            )
-        print(f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-
-        series = {
-            f"{name} (p50 {statistics.median(r.percentile(50) for r in rs) / 1000:.2f} ms)": sorted(
-                v for r in rs for v in r.latencies_us
-            )
-            for name, rs in raw.items()
-        }
-        plot_path = Path(args.plot)
-        plot_path.parent.mkdir(parents=True, exist_ok=True)
-        if harness.plot_latency(
-            series,
-            plot_path,
-            title=f"through Envoy at {args.rate:g} req/s, {args.rounds} rounds pooled ({info['date'][:10]})",
-        ):
-            print(f"- latency plot: {plot_path}")
-        json_path = Path(args.json or RESULTS / f"envoy-{dt.datetime.now():%Y%m%d-%H%M%S}.json")
-        json_path.parent.mkdir(parents=True, exist_ok=True)
         filters = {name: env.filters for name, env in envoys.items()}
-        write_json(json_path, info, args, inter, raw, max_rps, rows, filters)
-        print(f"- raw results: {json_path}")
-        failures = [r["scenario"] for r in rows if r.get("errors") or r.get("non_2xx")]
-        if failures:
-            print(f"\nWARNING: errors or non-2xx answers in {', '.join(failures)} (see the JSON)")
+        return EnvoyRun(dict(info), inter, raw, max_rps, summary_rows(inter, max_rps), filters, elapsed)
     finally:
         for process in reversed(processes):
             procs.stop_process(process, timeout=10)
         if args.keep:
-            print(f"- work directory kept: {tmp}")
+            print(f"- work directory kept: {tmp}", file=out)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        print(f"unknown scenario(s) {unknown}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
+        return 2
+    scenarios = [SCENARIOS[n] for n in names]
+    info = machine_info()
+    per_run = args.warmup + args.duration
+    estimate = args.rounds * len(scenarios) * (per_run + 1.5) + 10
+    if args.max_rps:
+        estimate += len(scenarios) * (args.max_rps_duration + 2)
+    print(f"# nexus-authz through Envoy: {info['date']}\n")
+    print(f"- machine: {info['nproc']} CPUs, {info['model_name']}, Linux {info['kernel']}")
+    print(f"- Envoy {info['envoy']}, --concurrency {args.envoy_concurrency}; Python {info['python']}")
+    print(f"- command: `{info['command']}`; tree: {info['tree']}")
+    print(
+        f"- load: {args.rate:g} req/s open loop from {args.procs} single-connection processes, "
+        f"{args.warmup:g} s warm-up + {args.duration:g} s measured, {args.rounds} interleaved round(s); "
+        f"{args.keys} distinct key(s) round-robin; POST {PATH} ({len(BODY)} B JSON body)"
+    )
+    print(f"- load average at start: {' '.join(f'{x:.2f}' for x in info['loadavg_start'])}")
+    print(f"- expected duration: ~{estimate:.0f} s", flush=True)
+
+    res = run_scenarios(scenarios, args, info)
+    inter, raw, max_rps, rows = res.inter, res.raw, res.max_rps, res.rows
+    print(
+        f"## {args.rate:g} req/s through Envoy, medians of {args.rounds} interleaved round(s) "
+        f"({res.elapsed:.0f} s)\n"
+    )
+    print_summary(rows, bool(max_rps))
+    print("\nper round (same figures before taking medians):\n")
+    print_rounds(inter)
+    lg = [r.loadgen_cpu_us_per_request for rs in raw.values() for r in rs]
+    idle = [m["nexus_idle_cpu_pct"] for m in inter.runs.get(BASELINE, []) if "nexus_idle_cpu_pct" in m]
+    print(
+        f"\n- added latency = scenario minus `{BASELINE}` in the same round, median over rounds; "
+        "CPU µs/request = utime+stime from /proc/PID/stat over the measured window / requests sent"
+    )
+    print(f"- load generator CPU: {statistics.median(lg):.0f} µs/request (all its processes)")
+    if idle:
+        print(f"- nexus-authz idle CPU during `{BASELINE}` rounds: {statistics.median(idle):.2f}% of a core")
+    print(f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+    plot_path = Path(args.plot)
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    if harness.plot_latency(
+        latency_series(raw),
+        plot_path,
+        title=f"through Envoy at {args.rate:g} req/s, {args.rounds} rounds pooled ({info['date'][:10]})",
+    ):
+        print(f"- latency plot: {plot_path}")
+    json_path = Path(args.json or RESULTS / f"envoy-{dt.datetime.now():%Y%m%d-%H%M%S}.json")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(json_path, info, args, inter, raw, max_rps, rows, res.filters)
+    print(f"- raw results: {json_path}")
+    failures = [r["scenario"] for r in rows if r.get("errors") or r.get("non_2xx")]
+    if failures:
+        print(f"\nWARNING: errors or non-2xx answers in {', '.join(failures)} (see the JSON)")
     return 0
+
+
+def latency_series(raw: Mapping[str, Sequence[harness.LoadResult]]) -> dict[str, list[float]]:
+    """Every round's latencies pooled per scenario, labelled with the median p50, for ``plot_latency``."""
+    return {
+        f"{name} (p50 {statistics.median(r.percentile(50) for r in rs) / 1000:.2f} ms)": sorted(
+            v for r in rs for v in r.latencies_us
+        )
+        for name, rs in raw.items()
+        if rs
+    }
 
 
 def measure_max_rps(env: EnvoyProc, args: argparse.Namespace) -> dict[str, Any]:
@@ -901,7 +1050,8 @@ def write_json(
     path.write_text(json.dumps(clean(doc), indent=1))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line (run_all.py builds its settings with ``parse_args`` too)."""
     ap = argparse.ArgumentParser(
         description=(__doc__ or "").split("\n", 1)[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -926,12 +1076,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", default="", help="raw results (default benchmarks/results/envoy-<time>.json)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
     ap.add_argument("--serve-bare", metavar="SOCKET", help=argparse.SUPPRESS)  # the bare-uds server
+    return ap
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = parser()
     args = ap.parse_args(argv)
+    if not args.serve_bare and (
+        args.rounds < 1 or args.duration <= 0 or args.rate <= 0 or args.keys < 1 or args.procs < 1
+    ):
+        ap.error("need --rounds >= 1, --duration > 0, --rate > 0, --keys >= 1, --procs >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.serve_bare:
         serve_bare(args.serve_bare)
         return 0
-    if args.rounds < 1 or args.duration <= 0 or args.rate <= 0 or args.keys < 1 or args.procs < 1:
-        ap.error("need --rounds >= 1, --duration > 0, --rate > 0, --keys >= 1, --procs >= 1")
     return run(args)
 
 

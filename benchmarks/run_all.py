@@ -1,0 +1,510 @@
+"""The benchmark suite in one command: every figure of the performance issue next to its target.
+
+    .venv/bin/python benchmarks/run_all.py            # ~6 minutes
+    .venv/bin/python benchmarks/run_all.py --quick    # ~2.5 minutes: 1 round, shorter runs, no breakdown
+
+Prints one markdown table (figure, measured, target, PASS/MISS), writes a PNG latency plot and a JSON file
+of every raw result under benchmarks/results/. What runs, one part after the other (never two at once):
+
+1. Through a real Envoy (bench_envoy.py), one interleaved run at 1,000 requests/s open loop (evenly spaced
+   arrivals), rounds A,B,C,...,A,B,C,... with medians across rounds: Envoy alone; HTTP ext_authz over the
+   Unix socket with the default config (limits on: bench_envoy.LIMITS_CONFIG, requests and tokens per
+   minute and tokens per day; token accounting on: Envoy's Lua usage tap + gRPC access log, the SQLite
+   ledger); gRPC ext_authz with the same config; HTTP without accounting (so its cost shows); HTTP with
+   10,000 keys round-robin. Added latency is each round's difference to Envoy alone; nexus-authz CPU per
+   request comes from /proc over the measured window. Then the closed-loop maximum per path (wrk).
+2. Memory per client (bench_memory.py): RSS of a real nexus-authz with 10,000 and 100,000 keys, before
+   and after one request from every key, with an in-process count of the bytes in use as a cross-check.
+3. In-process (bench_alloc.py): µs per decision, per settlement, and Python allocations per decision in
+   steady state (allocations counted by an allocator hook; net blocks retained, by the hook and by
+   tracemalloc, per 10,000 decisions with their settlements).
+
+The machine is shared and noisy: the run interleaves and takes medians, and the load average at start and
+end is printed with the table. Every part is bounded in time, and the whole run by ``--timeout``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO))
+
+import bench_alloc  # noqa: E402
+import bench_envoy as be  # noqa: E402
+import bench_memory  # noqa: E402
+import harness  # noqa: E402
+
+__all__ = [
+    "SCENARIOS",
+    "TARGETS",
+    "Target",
+    "judge",
+    "main",
+    "other_cores",
+    "render_table",
+    "suite_rows",
+]
+
+RESULTS = REPO / "benchmarks" / "results"
+
+# the scenarios of the interleaved run, and how the table names them
+BASELINE = "envoy"
+DEFAULT = "http-uds-limits"
+GRPC = "grpc-limits"
+NOACCT = "http-uds-limits-noacct"
+MANY_KEYS = "http-uds-limits-10k"
+# in the order of each round: the gRPC path, the one most likely to fall behind, last
+SCENARIOS: dict[str, str] = {
+    BASELINE: "Envoy alone",
+    DEFAULT: "HTTP/UDS, limits + accounting (default)",
+    NOACCT: "HTTP/UDS, limits, no accounting",
+    MANY_KEYS: "HTTP/UDS, default, 10,000 keys",
+    GRPC: "gRPC, limits + accounting",
+}
+MAX_RPS_FOR = (BASELINE, DEFAULT, GRPC, NOACCT)
+MEMORY_KEYS = (10_000, 100_000)
+NET_BLOCKS_NOISE = 10  # per 10,000 decisions: CPython's free lists make a steady state wobble by a few
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A figure's target from the performance issue: ``value <= limit`` passes."""
+
+    text: str  # as the table shows it
+    limit: float
+
+
+TARGETS: dict[str, Target] = {
+    "added_p50_ms": Target("≤ 0.25 ms", 0.25),
+    "added_p99_ms": Target("≤ 1 ms", 1.0),
+    "nexus_cpu_us": Target("≤ 50 µs", 50.0),
+    "bytes_per_active_client": Target("≤ 512 B", 512.0),
+    "errors_10k": Target("0", 0.0),
+    "net_blocks_per_10k": Target(f"0 (±{NET_BLOCKS_NOISE}: free-list noise)", float(NET_BLOCKS_NOISE)),
+}
+
+
+def _nan(value: Any) -> bool:
+    return not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value)
+
+
+def judge(value: float | None, target: Target) -> str:
+    """PASS when the measured value is within the target, MISS when not, n/a when nothing was measured."""
+    if value is None or _nan(value):
+        return "n/a"
+    return "PASS" if value <= target.limit else "MISS"
+
+
+# --------------------------------------------------------------------------------------------------
+# the table (pure: dicts in, rows out)
+# --------------------------------------------------------------------------------------------------
+
+
+def _ms(us: Any, sign: bool = True) -> str:
+    return "-" if _nan(us) else (f"{us / 1000:+.3f} ms" if sign else f"{us / 1000:.3f} ms")
+
+
+def _per_1000(v: Any) -> float | None:
+    return None if _nan(v) else float(v) / 1000
+
+
+def _num(v: Any, unit: str = "", fmt: str = ",.0f") -> str:
+    return "-" if _nan(v) else f"{v:{fmt}}{unit}"
+
+
+def suite_rows(
+    envoy: Mapping[str, Mapping[str, Any]] | None,
+    memory: Sequence[Mapping[str, Any]] | None,
+    alloc: Mapping[str, Any] | None,
+) -> list[dict[str, str]]:
+    """The table's rows (figure, measured, target, result) from the parts' results: ``envoy`` is
+    bench_envoy's summary row per scenario name, ``memory`` bench_memory's ``MemoryResult.as_dict()``
+    per key count, ``alloc`` bench_alloc's ``AllocResult.as_dict()``. A part that did not run is None."""
+    rows: list[dict[str, str]] = []
+
+    def row(figure: str, measured: str, target: Target | None = None, value: float | None = None) -> None:
+        rows.append(
+            {
+                "figure": figure,
+                "measured": measured,
+                "target": target.text if target else "",
+                "result": judge(value, target) if target else "",
+            }
+        )
+
+    if envoy is not None:
+        d = envoy.get(DEFAULT, {})
+        name = SCENARIOS[DEFAULT]
+        p50, p99, cpu = d.get("added_p50_us"), d.get("added_p99_us"), d.get("nexus_cpu_us_per_req")
+        row(f"{name}: added p50", _ms(p50), TARGETS["added_p50_ms"], _per_1000(p50))
+        row(f"{name}: added p99", _ms(p99), TARGETS["added_p99_ms"], _per_1000(p99))
+        row(f"{name}: nexus-authz CPU per request", _num(cpu, " µs"), TARGETS["nexus_cpu_us"], cpu)
+        for key in (GRPC, NOACCT):
+            if key in envoy:
+                e = envoy[key]
+                row(
+                    f"{SCENARIOS[key]}: added p50 / p99, nexus-authz CPU",
+                    f"{_ms(e.get('added_p50_us'))} / {_ms(e.get('added_p99_us'))}, "
+                    f"{_num(e.get('nexus_cpu_us_per_req'), ' µs')}",
+                )
+        if NOACCT in envoy and not _nan(cpu):
+            acct = cpu - envoy[NOACCT].get("nexus_cpu_us_per_req", math.nan)
+            row(
+                "token accounting's share of nexus-authz CPU (default minus no accounting)", _num(acct, " µs")
+            )
+        if MANY_KEYS in envoy:
+            k = envoy[MANY_KEYS]
+            errors = k.get("errors", math.nan) + k.get("non_2xx", math.nan)
+            row(
+                f"{SCENARIOS[MANY_KEYS]} at 1,000 req/s: errors + non-2xx (all rounds)",
+                _num(errors, "", ",.0f") + f" of {_num(k.get('sent_total'), '', ',.0f')}",
+                TARGETS["errors_10k"],
+                errors,
+            )
+            row(
+                f"{SCENARIOS[MANY_KEYS]}: added p50 / p99, nexus-authz CPU",
+                f"{_ms(k.get('added_p50_us'))} / {_ms(k.get('added_p99_us'))}, "
+                f"{_num(k.get('nexus_cpu_us_per_req'), ' µs')}",
+            )
+        for key in MAX_RPS_FOR:
+            if key in envoy and not _nan(envoy[key].get("max_rps")):
+                e = envoy[key]
+                cores = e.get("max_rps_nexus_cores")
+                extra = "" if _nan(cores) else f" (nexus-authz {cores:.2f} cores)"
+                row(f"max req/s, {SCENARIOS[key]}", _num(e["max_rps"], "/s") + extra)
+
+    for m in memory or ():
+        keys = m["keys"]
+        heap = m.get("heap") or {}
+        judged = m.get("per_active_client_judged")
+        measured = (
+            f"{_num(judged, ' B')} (RSS {_num(m.get('per_active_client'), ' B')}, "
+            f"in use {_num(heap.get('per_active_client'), ' B')})"
+        )
+        if keys == max(MEMORY_KEYS):
+            row(
+                f"memory per active client, {keys:,} keys",
+                measured,
+                TARGETS["bytes_per_active_client"],
+                judged,
+            )
+        else:
+            row(f"memory per active client, {keys:,} keys", measured)
+        row(
+            f"key snapshot per key, {keys:,} keys (RSS; objects in use)",
+            f"{_num(m.get('snapshot_per_key'), ' B')}; {_num(heap.get('snapshot_per_key'), ' B')}",
+        )
+
+    if alloc is not None:
+        row("core decision in-process (Engine.check, limits on)", _num(alloc.get("check_us"), " µs", ".1f"))
+        row(
+            "fast path in-process (parse + decide + answer) / accounting per response",
+            f"{_num(alloc.get('decision_us'), ' µs', '.1f')} / {_num(alloc.get('account_us'), ' µs', '.1f')}",
+        )
+        allocs = alloc.get("allocs_per_decision")
+        row(
+            "Python allocations per decision / per settlement (steady state)",
+            f"{_num(allocs, '', '.1f')} / {_num(alloc.get('allocs_per_account'), '', '.1f')}"
+            if allocs is not None
+            else "n/a (no C compiler for the counting hook)",
+        )
+        exact = alloc.get("net_blocks_per_10k")
+        traced = alloc.get("tracemalloc_net_blocks_per_10k")
+        judged = traced if exact is None else exact
+        row(
+            "net blocks retained per 10,000 decisions (allocator count; tracemalloc)",
+            f"{_num(exact, '', '+,.0f')}; {_num(traced, '', '+,.1f')}",
+            TARGETS["net_blocks_per_10k"],
+            None if judged is None or _nan(judged) else abs(judged),
+        )
+    return rows
+
+
+def other_cores(rounds: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[float]:
+    """Per round, roughly how many cores other work on the machine used: the machine's busy cores
+    during the run minus what the run's own processes used (load generators, Envoy, the mock upstream,
+    the nexus-authz measured). Rounds without the machine figure are skipped."""
+    own_keys = (
+        "loadgen_cpu_us_per_req",
+        "envoy_cpu_us_per_req",
+        "upstream_cpu_us_per_req",
+        "nexus_cpu_us_per_req",
+    )
+    out = []
+    for runs in rounds.values():
+        for m in runs:
+            busy, rps = m.get("machine_busy_cores"), m.get("achieved_rps")
+            if _nan(busy) or _nan(rps):
+                continue
+            own = sum(m[k] for k in own_keys if not _nan(m.get(k))) * rps / 1e6
+            own += 0.0 if _nan(m.get("nexus_idle_cpu_pct")) else m["nexus_idle_cpu_pct"] / 100
+            out.append(busy - own)
+    return out
+
+
+def render_table(rows: Sequence[Mapping[str, str]]) -> str:
+    """The markdown table (no printing)."""
+    return harness.print_table(
+        rows,
+        [("figure", "figure"), ("measured", "measured"), ("target", "target"), ("result", "result")],
+        quiet=True,
+    )
+
+
+def misses(rows: Sequence[Mapping[str, str]]) -> list[str]:
+    return [r["figure"] for r in rows if r["result"] == "MISS"]
+
+
+# --------------------------------------------------------------------------------------------------
+# running the parts
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How long each part runs (default and --quick)."""
+
+    rounds: int
+    duration: float
+    warmup: float
+    max_rps_duration: float
+    alloc_batches: int
+    memory_sites: tuple[int, ...]  # key counts broken down by source line (tracemalloc: slow)
+    timeout: float  # the whole run
+
+
+DEFAULT_PLAN = Plan(3, 10.0, 2.0, 5.0, 5, (10_000,), 1200.0)
+QUICK_PLAN = Plan(1, 5.0, 1.0, 3.0, 3, (), 420.0)
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_envoy(plan: Plan, info: Mapping[str, Any]) -> tuple[be.EnvoyRun, argparse.Namespace]:
+    args = be.parse_args(
+        [
+            "--scenarios",
+            ",".join(SCENARIOS),
+            "--rounds",
+            str(plan.rounds),
+            "--duration",
+            str(plan.duration),
+            "--warmup",
+            str(plan.warmup),
+            "--max-rps",
+            "--max-rps-duration",
+            str(plan.max_rps_duration),
+        ]
+    )
+    with open(os.devnull, "w") as quiet:  # the stack's description goes to the JSON, not the table
+        res = be.run_scenarios(
+            [be.SCENARIOS[n] for n in SCENARIOS], args, info, out=quiet, max_rps_for=MAX_RPS_FOR
+        )
+    return res, args
+
+
+def envoy_summary(res: be.EnvoyRun) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for r in res.rows:
+        row = dict(r)
+        row["sent_total"] = sum(x.sent for x in res.raw.get(r["scenario"], []))
+        out[r["scenario"]] = row
+    return out
+
+
+def write_plot(res: be.EnvoyRun, path: Path, rate: float, rounds: int, date: str) -> bool:
+    series = be.latency_series({SCENARIOS[name]: rs for name, rs in res.raw.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    title = f"latency through Envoy, {rate:g} req/s open loop, {rounds} round(s) pooled ({date})"
+    if not harness.plot_latency(series, path, title=title):
+        return False
+    _shrink_png(path)
+    return True
+
+
+def _shrink_png(path: Path) -> None:
+    """A palette PNG is a third of the size, small enough to commit next to the README."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return
+    with Image.open(path) as img:
+        small = img.convert("RGB").quantize(colors=64, method=Image.Quantize.MEDIANCUT)
+    small.save(path, optimize=True)
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_clean(x) for x in v]
+    return v
+
+
+def _alarm(seconds: float) -> None:
+    def expired(signum: int, frame: object) -> None:
+        raise TimeoutError(f"the suite ran over --timeout {seconds:g} s")
+
+    signal.signal(signal.SIGALRM, expired)
+    signal.alarm(max(1, int(seconds)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n", 1)[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="1 round, shorter runs, no per-line memory breakdown"
+    )
+    ap.add_argument("--rounds", type=int, help="interleaved rounds through Envoy (default 3; quick 1)")
+    ap.add_argument("--duration", type=float, help="measured seconds per scenario and round (10; quick 5)")
+    ap.add_argument(
+        "--only", default="envoy,memory,alloc", help="comma list of the parts to run: envoy, memory, alloc"
+    )
+    ap.add_argument(
+        "--plot", default="", help="PNG latency plot (default benchmarks/results/suite-<time>.png)"
+    )
+    ap.add_argument("--json", default="", help="raw results (default benchmarks/results/suite-<time>.json)")
+    ap.add_argument("--timeout", type=float, help="bound on the whole run, s (default 1200; quick 420)")
+    args = ap.parse_args(argv)
+    plan = QUICK_PLAN if args.quick else DEFAULT_PLAN
+    plan = Plan(
+        args.rounds or plan.rounds,
+        args.duration or plan.duration,
+        plan.warmup,
+        plan.max_rps_duration,
+        plan.alloc_batches,
+        plan.memory_sites,
+        args.timeout or plan.timeout,
+    )
+    parts = {p.strip() for p in args.only.split(",") if p.strip()}
+    if not parts or parts - {"envoy", "memory", "alloc"} or plan.rounds < 1 or plan.duration <= 0:
+        ap.error("--only takes envoy, memory, alloc; --rounds >= 1; --duration > 0")
+    stamp = f"{dt.datetime.now():%Y%m%d-%H%M%S}"
+    plot_path = Path(args.plot or RESULTS / f"suite-{stamp}.png")
+    json_path = Path(args.json or RESULTS / f"suite-{stamp}.json")
+
+    info = be.machine_info()
+    _alarm(plan.timeout)
+    started = time.monotonic()
+    envoy_res: be.EnvoyRun | None = None
+    envoy_args: argparse.Namespace | None = None
+    memory: list[bench_memory.MemoryResult] | None = None
+    alloc: bench_alloc.AllocResult | None = None
+    try:
+        if "envoy" in parts:
+            _log(f"[suite] through Envoy: {len(SCENARIOS)} scenarios x {plan.rounds} round(s)")
+            envoy_res, envoy_args = run_envoy(plan, info)
+        if "memory" in parts:
+            _log("[suite] memory per client")
+            memory = bench_memory.measure(MEMORY_KEYS, sites_for=plan.memory_sites, log=_log)
+        if "alloc" in parts:
+            _log("[suite] in-process fast path: µs and allocations per decision")
+            alloc = bench_alloc.measure(plan.alloc_batches, log=_log)
+    finally:
+        signal.alarm(0)
+    elapsed = time.monotonic() - started
+
+    envoy = envoy_summary(envoy_res) if envoy_res is not None else None
+    rows = suite_rows(
+        envoy,
+        [m.as_dict() for m in memory] if memory is not None else None,
+        alloc.as_dict() if alloc is not None else None,
+    )
+    loadavg_end = os.getloadavg()
+
+    print(f"# nexus-authz benchmark suite: {info['date']}\n")
+    print(f"- machine: {info['nproc']} CPUs, {info['model_name']}, Linux {info['kernel']}; shared and noisy")
+    print(f"- Envoy {info['envoy']} (--concurrency 1); Python {info['python']}")
+    print(f"- command: `{info['command']}`; tree: {info['tree']}")
+    print(
+        "- through Envoy: 1,000 req/s open loop (evenly spaced arrivals, 4 single-connection processes), "
+        f"{plan.warmup:g} s warm-up + {plan.duration:g} s measured per scenario, {plan.rounds} interleaved "
+        f"round(s), medians; added = scenario minus Envoy alone in the same round; max req/s: wrk, "
+        f"16 connections, {plan.max_rps_duration:g} s, one key"
+    )
+    print(
+        "- config: limits on (per key: requests/minute and tokens/minute GCRA, tokens/day 24-slot sliding "
+        "window), token accounting on (Lua usage tap + gRPC access log, SQLite ledger)"
+    )
+    others = other_cores(envoy_res.inter.runs) if envoy_res is not None else []
+    noise = (
+        f"; other work used ~{statistics.median(others):.2f} cores during the Envoy rounds (median; "
+        f"max {max(others):.2f}) of the {info['nproc']}"
+        if others
+        else ""
+    )
+    print(
+        f"- load average: {' '.join(f'{x:.2f}' for x in info['loadavg_start'])} at start, "
+        f"{' '.join(f'{x:.2f}' for x in loadavg_end)} at end{noise}; {elapsed:.0f} s\n"
+    )
+    print(render_table(rows))
+    missed = misses(rows)
+    print(f"\n{len(missed)} target(s) missed" + (f": {'; '.join(missed)}" if missed else ""))
+    for m in memory or ():
+        if m.traced is not None and m.traced.sites:
+            sites = "; ".join(m.traced.sites)
+            print(f"- per active client at {m.keys:,} keys, by source line (tracemalloc): {sites}")
+    if alloc is not None and alloc.growth_sites and abs(alloc.net_blocks) > NET_BLOCKS_NOISE:
+        print(f"- allocation growth (tracemalloc): {'; '.join(alloc.growth_sites)}")
+
+    if (
+        envoy_res is not None
+        and envoy_args is not None
+        and write_plot(envoy_res, plot_path, envoy_args.rate, plan.rounds, info["date"][:10])
+    ):
+        print(f"- latency plot: {plot_path}")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    doc: dict[str, Any] = {
+        "machine": info,
+        "loadavg_end": loadavg_end,
+        "other_cores_per_round": others,
+        "elapsed_s": elapsed,
+        "plan": vars(args) | {"plan": plan.__class__.__name__, **_plan_dict(plan)},
+        "table": rows,
+        "envoy": None
+        if envoy_res is None
+        else {
+            "summary": envoy,
+            "rounds": envoy_res.inter.runs,
+            "filters": envoy_res.filters,
+            "nexus_config": {n: _config_extra(be.SCENARIOS[n]) for n in SCENARIOS},
+            "latencies_us": {
+                n: [[round(v, 1) for v in r.latencies_us] for r in rs] for n, rs in envoy_res.raw.items()
+            },
+        },
+        "memory": [m.as_dict() for m in memory] if memory is not None else None,
+        "alloc": alloc.as_dict() if alloc is not None else None,
+    }
+    json_path.write_text(json.dumps(_clean(doc), indent=1, default=str))
+    print(f"- raw results: {json_path}")
+    return 0
+
+
+def _config_extra(scenario: be.Scenario) -> str | None:
+    return scenario.nexus.config_extra if scenario.nexus is not None else None
+
+
+def _plan_dict(plan: Plan) -> dict[str, Any]:
+    return {k: getattr(plan, k) for k in plan.__slots__}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

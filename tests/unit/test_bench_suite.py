@@ -1,0 +1,333 @@
+"""The benchmark suite's own logic (benchmarks/run_all.py and its parts), without generating load.
+
+What is checked: the PASS/MISS judgement and the table built from the parts' results, the per-client
+arithmetic of the memory benchmark, the allocation counts' bookkeeping, that the benchmark configs and
+requests are what nexus-authz accepts (in-process, a handful of requests), and the measuring tools on
+known inputs (the allocation hook, the allocator byte count, the pipelined client against a stub server).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import bench_alloc  # type: ignore[import-not-found]  # noqa: E402
+import bench_envoy as be  # type: ignore[import-not-found]  # noqa: E402
+import bench_memory  # type: ignore[import-not-found]  # noqa: E402
+import run_all  # type: ignore[import-not-found]  # noqa: E402
+
+from nexus_authz.core.limits import Algorithm, Kind  # noqa: E402
+from nexus_authz.engine import Engine  # noqa: E402
+from nexus_authz.settings import load_settings  # noqa: E402
+
+# --------------------------------------------------------------------------------------------------
+# judging and the table
+# --------------------------------------------------------------------------------------------------
+
+
+def test_judge_passes_within_the_target_inclusive() -> None:
+    t = run_all.Target("≤ 1 ms", 1.0)
+    assert run_all.judge(0.4, t) == "PASS"
+    assert run_all.judge(1.0, t) == "PASS"  # the target is inclusive
+    assert run_all.judge(1.0001, t) == "MISS"
+    assert run_all.judge(-3.0, t) == "PASS"  # e.g. a negative added latency on a noisy round
+    assert run_all.judge(None, t) == "n/a"
+    assert run_all.judge(math.nan, t) == "n/a"
+
+
+def _envoy(**overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {
+        "envoy": {"p50_us": 380.0, "max_rps": 10_000.0, "errors": 0, "non_2xx": 0},
+        "http-uds-limits": {
+            "added_p50_us": 200.0,
+            "added_p99_us": 1500.0,
+            "nexus_cpu_us_per_req": 45.0,
+            "max_rps": 3000.0,
+            "max_rps_nexus_cores": 0.5,
+            "errors": 0,
+            "non_2xx": 0,
+        },
+        "grpc-limits": {"added_p50_us": 900.0, "added_p99_us": 3000.0, "nexus_cpu_us_per_req": 600.0},
+        "http-uds-limits-noacct": {
+            "added_p50_us": 150.0,
+            "added_p99_us": 800.0,
+            "nexus_cpu_us_per_req": 30.0,
+        },
+        "http-uds-limits-10k": {
+            "added_p50_us": 220.0,
+            "added_p99_us": 900.0,
+            "nexus_cpu_us_per_req": 50.0,
+            "errors": 0,
+            "non_2xx": 0,
+            "sent_total": 30_000,
+        },
+    }
+    for name, values in overrides.items():
+        rows[name.replace("_", "-")] = {**rows[name.replace("_", "-")], **values}
+    return rows
+
+
+def _memory(keys: int, rss: float, in_use: float) -> dict[str, Any]:
+    return {
+        "keys": keys,
+        "per_active_client": rss,
+        "per_active_client_judged": max(rss, in_use),
+        "snapshot_per_key": 4000.0,
+        "heap": {"per_active_client": in_use, "snapshot_per_key": 900.0},
+    }
+
+
+def _alloc(exact: float | None = 0.0, traced: float = 3.0) -> dict[str, Any]:
+    return {
+        "check_us": 30.0,
+        "decision_us": 40.0,
+        "account_us": 8.0,
+        "allocs_per_decision": 220.0,
+        "allocs_per_account": 29.0,
+        "net_blocks_per_10k": exact,
+        "tracemalloc_net_blocks_per_10k": traced,
+    }
+
+
+def _result(rows: list[dict[str, str]], start: str) -> tuple[str, str]:
+    (row,) = [r for r in rows if r["figure"].startswith(start)]
+    return row["measured"], row["result"]
+
+
+def test_rows_judge_each_target_of_the_issue() -> None:
+    rows = run_all.suite_rows(
+        _envoy(), [_memory(10_000, 0.0, 1400.0), _memory(100_000, 0.0, 480.0)], _alloc()
+    )
+    default = run_all.SCENARIOS["http-uds-limits"]
+    assert _result(rows, f"{default}: added p50") == ("+0.200 ms", "PASS")
+    assert _result(rows, f"{default}: added p99") == ("+1.500 ms", "MISS")
+    assert _result(rows, f"{default}: nexus-authz CPU") == ("45 µs", "PASS")
+    assert _result(rows, "HTTP/UDS, default, 10,000 keys at") == ("0 of 30,000", "PASS")
+    # memory: judged at 100,000 keys only, on the larger of RSS and bytes in use
+    assert _result(rows, "memory per active client, 100,000") == ("480 B (RSS 0 B, in use 480 B)", "PASS")
+    assert _result(rows, "memory per active client, 10,000")[1] == ""
+    assert _result(rows, "net blocks retained")[1] == "PASS"
+    # accounting's cost is the difference between the paths with and without it
+    assert _result(rows, "token accounting's share") == ("15 µs", "")
+    # reference rows carry no target
+    for r in rows:
+        if r["figure"].startswith(("gRPC", "max req/s", "core decision", "key snapshot")):
+            assert r["target"] == "" and r["result"] == ""
+
+
+def test_errors_in_the_10k_run_and_allocation_growth_are_misses() -> None:
+    rows = run_all.suite_rows(
+        _envoy(http_uds_limits_10k={"errors": 2, "non_2xx": 1}),
+        [_memory(100_000, 900.0, 700.0)],
+        _alloc(exact=-40.0),
+    )
+    assert _result(rows, "HTTP/UDS, default, 10,000 keys at") == ("3 of 30,000", "MISS")
+    assert _result(rows, "memory per active client, 100,000") == ("900 B (RSS 900 B, in use 700 B)", "MISS")
+    assert _result(rows, "net blocks retained") == ("-40; +3.0", "MISS")  # shrinking counts too: |net|
+    assert len(run_all.misses(rows)) == 4  # + the default path's added p99
+
+
+def test_tracemalloc_decides_when_there_is_no_exact_count() -> None:
+    rows = run_all.suite_rows(None, None, _alloc(exact=None, traced=25.0) | {"allocs_per_decision": None})
+    assert _result(rows, "net blocks retained") == ("-; +25.0", "MISS")
+    assert _result(rows, "Python allocations")[0].startswith("n/a")
+
+
+def test_parts_that_did_not_run_leave_no_rows_and_missing_figures_are_not_passes() -> None:
+    assert run_all.suite_rows(None, None, None) == []
+    rows = run_all.suite_rows({"envoy": {}}, None, None)  # the default scenario failed to report
+    assert {r["result"] for r in rows} == {"n/a"}
+
+
+def test_table_is_markdown_with_one_line_per_row() -> None:
+    rows = run_all.suite_rows(_envoy(), None, None)
+    text = run_all.render_table(rows)
+    lines = text.splitlines()
+    assert lines[0].startswith("| figure") and "| result" in lines[0]
+    assert set(lines[1]) <= {"|", "-", ":"}
+    assert len(lines) == 2 + len(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# the parts' arithmetic
+# --------------------------------------------------------------------------------------------------
+
+
+def test_memory_per_client_figures() -> None:
+    heap = bench_memory.HeapResult(10_000, "allocator", 900.0, 1400.0, 1.0)
+    r = bench_memory.MemoryResult(
+        keys=10_000,
+        baseline_rss=90_000_000,
+        snapshot_rss=130_000_000,
+        active_rss=130_999_900,
+        hwm=140_000_000,
+        start_s=1.0,
+        send_s=1.0,
+        live_windows=30_000,
+        statuses={200: 9_999},
+        heap=heap,
+    )
+    assert r.snapshot_per_key == 4000.0
+    assert r.active == 9_999  # key 0 was the warm-up's: its state predates the snapshot figure
+    assert r.per_active_client == pytest.approx(100.0)
+    assert r.per_active_client_judged == 1400.0  # RSS reused freed memory; the objects say more
+    assert r.windows_live_fraction == 1.0
+    assert r.errors == 0
+    d = r.as_dict()
+    assert d["heap"]["method"] == "allocator" and d["statuses"] == {"200": 9_999}
+
+
+def test_alloc_counts_and_which_net_figure_is_judged() -> None:
+    assert bench_alloc.Counts(allocs=10, reallocs=2, frees=7).net == 3
+    fields = dict.fromkeys(bench_alloc.AllocResult.__dataclass_fields__, 0.0) | {
+        "batches": 1,
+        "growth_sites": [],
+    }
+    exact = bench_alloc.AllocResult(
+        **fields | {"net_blocks_per_10k": 2.0, "tracemalloc_net_blocks_per_10k": 9.0}
+    )
+    assert exact.net_blocks == 2.0
+    traced = bench_alloc.AllocResult(
+        **fields | {"net_blocks_per_10k": None, "tracemalloc_net_blocks_per_10k": 9.0}
+    )
+    assert traced.net_blocks == 9.0
+
+
+# --------------------------------------------------------------------------------------------------
+# the configs and requests are what nexus-authz accepts
+# --------------------------------------------------------------------------------------------------
+
+
+def _engine(directory: Path, extra: str, secrets: list[str]) -> Engine:
+    (directory / "keys.yaml").write_text(be.key_file(secrets, be.LIMITS_KEY_FIELDS))
+    path = directory / "nexus.yaml"
+    path.write_text(be.nexus_config(str(directory / "authz.sock"), extra=extra))
+    return Engine.from_settings(load_settings(str(path)))
+
+
+@pytest.mark.parametrize("extra", [be.LIMITS_CONFIG, bench_memory.MEMORY_CONFIG], ids=["bench", "memory"])
+def test_benchmark_configs_give_every_key_the_three_windows(tmp_path: Path, extra: str) -> None:
+    secrets = ["nx-bench-a-0000001", "nx-bench-b-0000002"]
+    engine = _engine(tmp_path, extra, secrets)
+    for i, secret in enumerate(secrets):
+        key = engine.snapshot.lookup(secret)
+        assert key is not None and key.key_id == f"bench-{i}"
+        kinds = [(s.kind, s.algorithm) for s in key.limits]
+        assert kinds == [
+            (Kind.REQUESTS, Algorithm.GCRA),
+            (Kind.TOKENS, Algorithm.GCRA),
+            (Kind.TOKENS, Algorithm.SLIDING),
+        ]
+        assert len(key.limits) == bench_memory.WINDOWS_PER_KEY
+
+
+def test_the_requests_the_benchmarks_send_are_allowed(tmp_path: Path) -> None:
+    fp = bench_alloc.build_fastpath(tmp_path / "bench", 2)
+    fp.proto.data_received(bench_alloc.ext_authz_request(fp.secrets[1], "req-1"))
+    assert fp.sink.last.startswith(b"HTTP/1.1 200")
+    fp.engine.account("req-1", bench_alloc.USAGE)  # settles the reservation the request made
+    assert fp.engine.accounted["unmatched"] == 0
+    mem = bench_alloc.build_fastpath(tmp_path / "memory", 2, config_extra=bench_memory.MEMORY_CONFIG)
+    mem.proto.data_received(bench_memory.authz_request(mem.secrets[1]))
+    assert mem.sink.last.startswith(b"HTTP/1.1 200")
+    assert len(mem.engine.book) == 0  # no request id: nothing waits for a settlement that never comes
+
+
+# --------------------------------------------------------------------------------------------------
+# the measuring tools on known inputs
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="needs a C compiler")
+def test_allocation_hook_counts_blocks(tmp_path: Path) -> None:
+    counter = bench_alloc.AllocCounter.load(tmp_path)
+    assert counter is not None
+    assert counter.count(lambda: None) == bench_alloc.Counts(0, 0, 0)
+    kept: list[object] = []
+    c = counter.count(lambda: kept.extend([object() for _ in range(100)]))
+    assert c.allocs >= 100 and c.net >= 100  # 100 objects still alive, plus the list's storage
+    c = counter.count(lambda: [object() for _ in range(100)])
+    assert c.allocs >= 100 and c.net == 0  # made and dropped
+
+
+def test_allocator_bytes_sees_live_objects() -> None:
+    before = bench_memory.allocator_bytes()
+    if before is None:
+        pytest.skip("no pymalloc statistics or mallinfo2 here")
+    kept = [bytearray(100) for _ in range(2000)]
+    after = bench_memory.allocator_bytes()
+    assert after is not None and after - before >= 2000 * 100
+    del kept
+
+
+def test_pipelined_client_counts_every_answer(tmp_path: Path) -> None:
+    path = str(tmp_path / "stub.sock")
+    answers = [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 5\r\n\r\nslow!",
+    ]
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            buf, n = b"", 0
+            while True:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                buf += chunk
+                while b"\r\n\r\n" in buf:  # the requests here have no body
+                    _, buf = buf.split(b"\r\n\r\n", 1)
+                    conn.sendall(answers[n % 2])
+                    n += 1
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        request = be.harness.build_request("GET", "/x")
+        statuses = bench_memory.send_pipelined(path, [request] * 7, depth=3, timeout=10)
+    finally:
+        thread.join(timeout=5)
+        server.close()
+        os.unlink(path)
+    assert statuses == {200: 4, 429: 3}
+
+
+def test_other_work_on_the_machine_is_busy_cores_minus_the_runs_own() -> None:
+    rounds = {
+        "envoy": [
+            {
+                "machine_busy_cores": 0.9,
+                "achieved_rps": 1000.0,
+                "loadgen_cpu_us_per_req": 100.0,
+                "envoy_cpu_us_per_req": 200.0,
+                "upstream_cpu_us_per_req": 100.0,
+                "nexus_idle_cpu_pct": 10.0,
+            },
+        ],
+        "http-uds-limits": [
+            {
+                "machine_busy_cores": 1.5,
+                "achieved_rps": 1000.0,
+                "loadgen_cpu_us_per_req": 100.0,
+                "envoy_cpu_us_per_req": 400.0,
+                "upstream_cpu_us_per_req": 100.0,
+                "nexus_cpu_us_per_req": 200.0,
+            },
+            {"achieved_rps": 1000.0},  # a round from before the machine was sampled: skipped
+        ],
+    }
+    assert run_all.other_cores(rounds) == pytest.approx([0.4, 0.7])
