@@ -122,6 +122,45 @@ def cmd_keys_hash(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    """Revoke a key on every replica at once, through Redis (distributed mode)."""
+    import asyncio
+
+    from nexus_authz.settings import load_settings
+    from nexus_authz.stores.redis import make_client, redis_password
+    from nexus_authz.stores.redis_revocations import RevocationChannel
+
+    try:
+        settings = load_settings(_config_path(args))
+    except ConfigError as exc:
+        return _fail(str(exc))
+    rs = settings.counters.redis
+    if settings.counters.backend != "redis" or rs is None:
+        return _fail(
+            "keys revoke needs counters.backend: redis (distributed mode); without Redis, set "
+            "`disabled: true` on the key in the key file: every server reloads it within keys.reload_interval"
+        )
+
+    async def publish() -> int:
+        client = make_client(
+            rs, password=redis_password(rs, base_dir=settings.base_dir), base_dir=settings.base_dir
+        )
+        try:
+            return await RevocationChannel(client, key_prefix=rs.key_prefix).publish(args.id)
+        finally:
+            await client.aclose()
+
+    try:
+        heard = asyncio.run(publish())
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except Exception as exc:  # redis errors: unreachable, auth, ...
+        return _fail(f"cannot reach Redis at {rs.url}: {exc}", 1)
+    print(f"revoked {args.id}: {heard} server(s) notified now; the others read it when they (re)connect")
+    print("Also set `disabled: true` on it in the key file, so it stays revoked if Redis is ever reset.")
+    return 0
+
+
 def cmd_keys_pepper(args: argparse.Namespace) -> int:
     print(keys_mod.generate_pepper())
     return 0
@@ -219,6 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config(p)
     p.set_defaults(func=cmd_keys_hash)
+    p = keys_sub.add_parser(
+        "revoke",
+        help="revoke a key on every replica now (Redis)",
+        description="Publish a revocation through Redis (counters.backend: redis): every nexus-authz "
+        "sharing that Redis answers 401 for the key within a second, until restarted without it in the "
+        "revocation set.",
+    )
+    add_config(p)
+    p.add_argument("id", help="the key id to revoke")
+    p.set_defaults(func=cmd_keys_revoke)
     p = keys_sub.add_parser(
         "pepper", help="create a new pepper", description="Print a new random pepper for keys.pepper."
     )

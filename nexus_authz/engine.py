@@ -13,23 +13,25 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nexus_authz.core.config import credential_value, parse_key_file
 from nexus_authz.core.errors import ConfigError
-from nexus_authz.core.keys import EMPTY_SNAPSHOT, KeySnapshot
-from nexus_authz.core.limits import new_result
-from nexus_authz.core.model import Credential, Decision, InFlight, Reason, Request
-from nexus_authz.core.policy import Policy
-from nexus_authz.core.reservations import ReservationBook
+from nexus_authz.core.keys import EMPTY_SNAPSHOT, KeySnapshot, with_revoked
+from nexus_authz.core.limits import LimitSpec, WindowStatus, new_result
+from nexus_authz.core.model import Credential, Decision, InFlight, Reason, Request, new_allow
+from nexus_authz.core.policy import Admission, Policy, unavailable
+from nexus_authz.core.reservations import ReservationBook, Settlement
 from nexus_authz.core.usage import Usage
 from nexus_authz.latency import LatencyHistogram
 from nexus_authz.settings import Settings, resolve_path, resolve_secret
 from nexus_authz.stores.base import apply_settlements
 from nexus_authz.stores.ledger import Ledger, MemoryLedger, SQLiteLedger, UsageRecord
 from nexus_authz.stores.memory import MemoryCounterStore
+from nexus_authz.stores.redis import RedisStore, Unavailable, open_redis_store
 
 log = logging.getLogger("nexus_authz.keys")
 
@@ -55,6 +57,15 @@ class KeyStatus:
 
 
 _RELOAD = object()  # a stamp no file has: the next poll reloads
+
+
+class _SoonAdjuster:
+    """A counter store facade whose `adjust` queues the change for Redis instead of awaiting it."""
+
+    __slots__ = ("adjust",)
+
+    def __init__(self, remote: RedisStore) -> None:
+        self.adjust = remote.adjust_soon
 
 
 def make_ledger(settings: Settings, clock: Callable[[], float]) -> Ledger | None:
@@ -148,6 +159,8 @@ class Engine:
         "clock",
         "decisions",
         "failures",
+        "remote",
+        "revoked",
         "policy",
         "settings",
         "snapshot",
@@ -164,8 +177,19 @@ class Engine:
         self.settings = settings
         self.policy = Policy(settings.policy, track=settings.accounting.enabled)
         self.clock = clock
-        self.counters = MemoryCounterStore()
+        # The limit counters: in this process, or in Redis shared by every replica (distributed mode).
+        self.remote: RedisStore | None = None
+        self.counters: Any = MemoryCounterStore()
+        if settings.counters.backend == "redis" and settings.counters.redis is not None:
+            self.remote = open_redis_store(
+                settings.counters.redis,
+                base_dir=settings.base_dir,
+                gauge_ttl=settings.policy.reservations.ttl + 30,
+                name="counters",
+            )
+            self.counters = self.remote
         self.failures = MemoryCounterStore()  # invalid keys per client address: always local
+        self.revoked: frozenset[str] = frozenset()  # key ids revoked through Redis, over the key file
         reservations = settings.policy.reservations
         self.book = ReservationBook(ttl=reservations.ttl, max_entries=reservations.max_pending)
         self.ledger: Ledger | None = make_ledger(settings, clock)
@@ -206,13 +230,84 @@ class Engine:
         self.check_latency.observe(time.perf_counter() - started)
         return decision
 
-    def dry_run(self, request: Request) -> Decision:
-        """The decision `check` would make, without charging or reserving anything."""
+    def check_fast(self, request: Request) -> Decision | Awaitable[Decision]:
+        """`check` for any counter store: the Decision at once when it can be made without waiting (the
+        memory store; Redis's batched mode; a request refused before any limit), else an awaitable.
+
+        Adapters call this and await only when they get an awaitable, so the common case costs no
+        coroutine."""
+        remote = self.remote
+        if remote is None:
+            return self.check(request)
+        started = time.perf_counter()
         now = self.clock()
-        admission = self.policy.admit(request, self.snapshot, now)
+        admission = self.policy.admit(request, self.snapshot, now, self.failures)
+        if isinstance(admission, Decision):
+            return self._counted(admission, started)
+        if not admission.specs:
+            self._track(admission, now)
+            return self._counted(new_allow(admission.key, admission.model, ()), started)
+        result = remote.acquire_nowait(admission.counter_ids, admission.specs, admission.costs, now)
+        if result is None:
+            return self._check_remote(admission, now, started)
+        return self._counted(self.policy.conclude(admission, result, now, self._adjuster, self.book), started)
+
+    async def _check_remote(self, admission: Admission, now: float, started: float) -> Decision:
+        assert self.remote is not None
+        result = await self.remote.acquire(admission.counter_ids, admission.specs, admission.costs, now)
+        if isinstance(result, Unavailable):  # fail_closed and Redis is away: 503, retry soon
+            return self._counted(unavailable(result.retry_after), started)
+        return self._counted(self.policy.conclude(admission, result, now, self._adjuster, self.book), started)
+
+    def _counted(self, decision: Decision, started: float) -> Decision:
+        self.decisions[decision.reason] += 1
+        self.check_latency.observe(time.perf_counter() - started)
+        return decision
+
+    def _track(self, admission: Admission, now: float) -> None:
+        if not admission.request_id or not self.policy.track:
+            return
+        key = admission.key
+        context = InFlight(key.key_id, key.tenant, admission.model, admission.prompt_tokens)
+        self._apply(self.book.track(admission.request_id, context, now), now)
+
+    @property
+    def _adjuster(self) -> Any:
+        """What Policy.conclude calls to give back displaced reservations: never blocks."""
+        return self.counters if self.remote is None else _SoonAdjuster(self.remote)
+
+    def _apply(self, settlements: Iterable[Settlement], now: float) -> None:
+        if self.remote is None:
+            apply_settlements(self.counters, settlements, now)
+            return
+        for s in settlements:  # queued for Redis: never awaited on the caller's path
+            self.remote.adjust_soon(s.counter_ids, s.specs, s.deltas, now, s.charged_at)
+
+    async def peek(
+        self,
+        counter_ids: Sequence[str],
+        specs: Sequence[LimitSpec],
+        now: float,
+        costs: Sequence[int] | None = None,
+    ) -> tuple[WindowStatus, ...] | None:
+        """Window statuses without charging anything; None when the (remote) store cannot answer."""
+        if self.remote is None:
+            return self.counters.peek(counter_ids, specs, now, costs)  # type: ignore[no-any-return]
+        result = await self.remote.peek(counter_ids, specs, now, costs)
+        return None if isinstance(result, Unavailable) else result
+
+    async def dry_run(self, request: Request, snapshot: KeySnapshot | None = None) -> Decision:
+        """The decision `check` would make (against `snapshot`, default the one in force), charging and
+        reserving nothing."""
+        now = self.clock()
+        admission = self.policy.admit(request, snapshot or self.snapshot, now)
         if isinstance(admission, Decision):
             return admission
-        statuses = self.counters.peek(admission.counter_ids, admission.specs, now, admission.costs)
+        if not admission.specs:
+            return new_allow(admission.key, admission.model, ())
+        statuses = await self.peek(admission.counter_ids, admission.specs, now, admission.costs)
+        if statuses is None:
+            return unavailable(1.0)
         allowed = all(s.allowed or s.spec.shadow for s in statuses)
         return self.policy.conclude(admission, new_result(allowed, statuses, 0 if allowed else -1), now)
 
@@ -222,8 +317,16 @@ class Engine:
         settlement = self.book.settle(request_id, now, tokens=tokens, usd_micros=usd_micros)
         if settlement is None:
             return False
-        apply_settlements(self.counters, (settlement,), now)
+        self._apply((settlement,), now)
         return True
+
+    def revoke(self, key_ids: frozenset[str]) -> None:
+        """Revocations published through Redis (every replica within a second): those keys answer 401
+        from now on, whatever the key file says, until un-revoked. One snapshot swap."""
+        self.revoked = self.revoked | key_ids
+        self.snapshot = with_revoked(self.snapshot, self.revoked)
+        if key_ids:
+            log.info("keys revoked", extra={"revoked": len(key_ids)})
 
     def prompt_hint(self, request_id: str) -> int:
         context = self.book.context(request_id)
@@ -294,7 +397,7 @@ class Engine:
         now = self.clock()
         expired = self.book.expire(now)
         if expired:
-            apply_settlements(self.counters, expired, now)
+            self._apply(expired, now)
         self.counters.sweep(now, 10_000)
         self.failures.sweep(now, 10_000)
 
@@ -341,7 +444,7 @@ class Engine:
         if result.version == self.snapshot.version:
             return False
         previous = self.snapshot
-        self.snapshot = result
+        self.snapshot = with_revoked(result, self.revoked) if self.revoked else result
         # The snapshot lives until the next reload: keep the cyclic GC from rescanning its objects.
         gc.freeze()
         log.info(

@@ -214,7 +214,7 @@ class EngineCollector(Collector):
             if store is None:
                 continue
             stats = store.stats()
-            size.add_metric([name], stats.get("counters", len(store)))
+            size.add_metric([name], stats.get("counters", stats.get("local_counters", 0)))
             evicted.add_metric([name], stats.get("evicted", 0))
         yield size
         yield evicted
@@ -224,11 +224,16 @@ class EngineCollector(Collector):
             "1 when a store answers: limits (the counter store) and ledger (its last write succeeded).",
             labels=["store"],
         )
-        up.add_metric(["limits"], 1.0)  # the in-process store cannot be unreachable
+        remote = getattr(engine, "remote", None)
+        health = remote.health() if remote is not None else None
+        # The in-process store cannot be unreachable; Redis is up unless its breaker says it is down.
+        up.add_metric(["limits"], 1.0 if health is None or health.state != "down" else 0.0)
         ls = engine.ledger.stats() if engine.ledger is not None else None
         if ls is not None:
             up.add_metric(["ledger"], 0.0 if ls.consecutive_failures else 1.0)
         yield up
+        if health is not None:
+            yield from _redis_metrics(health)
         if ls is None:
             return
         yield GaugeMetricFamily(
@@ -296,3 +301,47 @@ def make_registry(
 
 def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
+
+
+def _redis_metrics(health: Any) -> Iterator[Metric]:
+    """Distributed mode: which state the Redis counter store is in, and what its calls cost."""
+    state = GaugeMetricFamily(
+        "nexus_authz_redis_state", "1 for the Redis counter store's current state.", labels=["state"]
+    )
+    for name in ("ok", "degraded", "down"):
+        state.add_metric([name], 1.0 if health.state == name else 0.0)
+    yield state
+    breaker = GaugeMetricFamily(
+        "nexus_authz_redis_breaker", "1 for the circuit breaker's current state.", labels=["state"]
+    )
+    for name in ("closed", "open", "half_open"):
+        breaker.add_metric([name], 1.0 if str(health.breaker).replace("-", "_") == name else 0.0)
+    yield breaker
+    for name, help_text, value in (
+        ("nexus_authz_redis_calls", "Calls made to Redis.", health.calls),
+        ("nexus_authz_redis_pipelines", "Pipelines (round trips) sent to Redis.", health.pipelines),
+        ("nexus_authz_redis_failures", "Redis calls that failed.", health.failures),
+        ("nexus_authz_redis_timeouts", "Redis calls that timed out.", health.timeouts),
+        (
+            "nexus_authz_redis_fallbacks",
+            "Decisions made with local limits while Redis was away (fail_open).",
+            health.fallbacks,
+        ),
+        (
+            "nexus_authz_redis_unavailable",
+            "Decisions answered 503 while Redis was away (fail_closed).",
+            health.unavailable,
+        ),
+        (
+            "nexus_authz_redis_queue_dropped",
+            "Counter changes dropped because the write-behind queue was full.",
+            health.queue_dropped,
+        ),
+    ):
+        yield CounterMetricFamily(name, help_text, value=value)
+    yield GaugeMetricFamily(
+        "nexus_authz_redis_queue", "Counter changes waiting to be written to Redis.", value=health.queue
+    )
+    yield GaugeMetricFamily(
+        "nexus_authz_redis_latency_milliseconds", "Recent Redis round-trip latency.", value=health.latency_ms
+    )

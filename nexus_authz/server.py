@@ -8,8 +8,9 @@ Listeners (all on one event loop, all calling the same engine):
     only when an admin token is configured.
 gRPC health follows readiness, per service, within a second of it changing.
 Shutdown (SIGTERM or SIGINT): readiness goes false and gRPC health NOT_SERVING, listeners stop accepting,
-in-flight requests finish (up to `server.shutdown_grace`), keep-alive connections are closed, and the
-process exits 0. SIGHUP reloads the key file at once.
+in-flight requests finish (up to `server.shutdown_grace`), keep-alive connections are closed (one
+carrying a request after answering it, with `connection: close`), the ledger flushes, and the process
+exits 0. SIGHUP reloads the key file at once.
 """
 
 from __future__ import annotations
@@ -31,10 +32,15 @@ from nexus_authz.core.errors import ConfigError
 from nexus_authz.engine import Engine
 from nexus_authz.metrics import make_registry, render
 from nexus_authz.settings import Settings
+from nexus_authz.stores.redis import make_client, redis_password
+from nexus_authz.stores.redis_revocations import RevocationChannel
 
 log = logging.getLogger("nexus_authz.server")
 
 GRPC_SERVICES = (envoy_authz.SERVICE, envoy_extproc.SERVICE, envoy_als.SERVICE)
+# On SIGTERM an HTTP connection that has carried no request for this long is closed (one that does is
+# closed by the answer); a request a peer sends at that very moment is lost: stop the proxy first.
+HTTP_DRAIN_IDLE = 0.5
 
 
 class StartupError(Exception):
@@ -54,6 +60,7 @@ class Server:
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     addresses: dict[str, str] = field(default_factory=dict)
     grpc_port: int = 0
+    revocations: RevocationChannel | None = None
     api: policy_api.ApiServer | None = None
     api_calls: dict[tuple[str, str], int] = field(default_factory=dict)
     serving: bool | None = None
@@ -74,7 +81,25 @@ class Server:
         if status.last_error:
             # Still serving the last good snapshot, but the file on disk is broken: say so.
             return False, "key file rejected; serving the previous snapshot"
+        remote = self.engine.remote
+        if remote is not None and not remote.health().ready:
+            return False, f"counter store (Redis) {remote.health().state}"
         return True, "ok"
+
+    async def _start_revocations(self) -> None:
+        """Revocations published through Redis reach this replica within a second (issue 5)."""
+        rs = self.settings.counters.redis
+        assert rs is not None
+        try:
+            client = make_client(
+                rs,
+                password=redis_password(rs, base_dir=self.settings.base_dir),
+                base_dir=self.settings.base_dir,
+            )
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from None
+        self.revocations = RevocationChannel(client, key_prefix=rs.key_prefix, on_revoked=self.engine.revoke)
+        await self.revocations.start()
 
     # -- start ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -85,6 +110,9 @@ class Server:
                 await engine.ledger.start()
             except Exception as exc:
                 raise StartupError(f"cannot open the usage ledger: {exc}") from None
+        if engine.remote is not None:
+            await engine.remote.start()  # connects lazily: an unreachable Redis is a state, not a crash
+            await self._start_revocations()
         if s.accounting.enabled and s.accounting.exact_cutoff_count:
             # Load the tokenizer now, off the loop, rather than on the first cut-off stream.
             asyncio.get_running_loop().run_in_executor(None, tokens.warm_up)
@@ -260,6 +288,9 @@ class Server:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         for srv in self.servers:
             srv.close()
+        # HTTP keep-alive connections: requests already sent are answered (with `connection: close`),
+        # idle connections closed; meanwhile the gRPC side and the ledger drain.
+        http = asyncio.create_task(http_authz.drain(self.apps, idle=HTTP_DRAIN_IDLE, grace=grace))
         for task in self.tasks:
             task.cancel()
         if self.als is not None:  # token accounting's last access-log batches, while gRPC still accepts
@@ -269,11 +300,6 @@ class Server:
             stops.append(self.grpc_server.stop(grace))
         if self.api is not None:
             stops.append(self.api.stop(grace))
-        # The HTTP handlers are synchronous, so between two events no request is half done: an open
-        # keep-alive connection is idle and can be closed now.
-        for app in self.apps:
-            for conn in list(app.connections):
-                conn.close_if_idle()
         loop = asyncio.get_running_loop()
         started = loop.time()
         if stops:
@@ -282,7 +308,12 @@ class Server:
         if self.engine.ledger is not None:
             # After the gRPC drain: the last responses' usage has been accounted. Nothing is lost.
             await self.engine.ledger.close()
+        if self.revocations is not None:
+            await self.revocations.close()
+        if self.engine.remote is not None:
+            await self.engine.remote.close()  # flushes queued counter changes to Redis
         ledger_done = loop.time()
+        await http
         for srv in self.servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(srv.wait_closed(), timeout=grace)
@@ -303,11 +334,12 @@ class Server:
 async def serve(settings: Settings, engine: Engine) -> int:
     loop = asyncio.get_running_loop()
     server = Server(settings, engine)
-    await server.start()
     stop = asyncio.Event()
+    # Before the listeners open: a SIGTERM while they do is a graceful stop right after, not a kill.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, engine.request_reload)  # picked up by the next poll
+    await server.start()
     status = engine.key_status()
     log.info(
         "nexus-authz serving",

@@ -28,6 +28,7 @@ from nexus_authz.core.config import PolicySet, SecretRef, parse_policy, parse_se
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.rls import RlsSettings, parse_rls_settings
 from nexus_authz.core.yamlsrc import Fields, load_yaml
+from nexus_authz.stores.redis import RedisSettings, parse_redis_settings
 
 DEFAULT_SOCKET = "/tmp/nexus-authz/authz.sock"
 DEFAULT_PEPPER_ENV = "NEXUS_KEY_PEPPER"
@@ -79,6 +80,14 @@ class ApiSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CounterSettings:
+    """Where limit counters live: in this process (exact on one replica) or in Redis (shared)."""
+
+    backend: str = "memory"
+    redis: RedisSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     config_path: str
     base_dir: str
@@ -102,6 +111,7 @@ class Settings:
     log_format: str = "json"
     shutdown_grace: float = 10.0
     ledger: LedgerSettings = field(default_factory=LedgerSettings)
+    counters: CounterSettings = field(default_factory=CounterSettings)
     accounting: AccountingSettings = field(default_factory=AccountingSettings)
     api_auth: ApiSettings = field(default_factory=ApiSettings)
     ratelimit: RlsSettings = field(default_factory=RlsSettings)  # Envoy RLS (issue 7)
@@ -180,6 +190,14 @@ def parse_settings(text: str, path: str, environ: Mapping[str, str]) -> Settings
     shutdown_grace = server.duration("shutdown_grace", s.shutdown_grace)
     server.done()
 
+    cf = root.mapping("counters")
+    backend = cf.choice("backend", ("memory", "redis"), "memory")
+    redis_settings = parse_redis_settings(cf.mapping("redis")) if backend == "redis" else None
+    if backend == "memory" and cf.has("redis"):
+        cf.fail("redis", "set counters.backend: redis to use it")
+    cf.done()
+    counters = CounterSettings(backend=backend, redis=redis_settings)
+
     lf = root.mapping("ledger")
     ld = LedgerSettings()
     ledger = LedgerSettings(
@@ -232,6 +250,7 @@ def parse_settings(text: str, path: str, environ: Mapping[str, str]) -> Settings
         log_format=log_format,
         shutdown_grace=shutdown_grace,
         ledger=ledger,
+        counters=counters,
         accounting=accounting,
         ratelimit=ratelimit,
         api=api_listen,

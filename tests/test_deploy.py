@@ -22,7 +22,6 @@ import pytest
 import yaml
 
 from nexus_authz import cli
-from nexus_authz.core.errors import ConfigError
 from nexus_authz.demo import procs
 from nexus_authz.engine import Engine
 from nexus_authz.settings import load_settings
@@ -115,28 +114,12 @@ def test_nexus_configs_pass_check_config(
         monkeypatch.delenv(var, raising=False)
     for var, value in env.items():
         monkeypatch.setenv(var, value)
-    pending_redis = False
-    try:
-        load_settings(str(path))
-    except ConfigError as exc:
-        # `counters:` (distributed mode over Redis) is being implemented in another change; until it
-        # lands, check everything else and report an expected failure.
-        if "counters" not in str(exc):
-            raise
-        pending_redis = True
-        text = path.read_text()
-        stripped = re.sub(r"(?m)^counters:\n(?:[ #].*\n|\n)*", "", text)
-        assert "counters" not in yaml.safe_load(stripped)
-        if "NEXUS_KEYS_FILE" not in env:
-            monkeypatch.setenv("NEXUS_KEYS_FILE", str(path.parent / yaml.safe_load(text)["keys"]["file"]))
-        path = tmp_path / "nexus.yaml"
-        path.write_text(stripped)
+    settings = load_settings(str(path))
+    assert settings.counters.backend == "redis" and settings.counters.redis is not None  # distributed mode
     assert cli.main(["check-config", "-c", str(path)]) == 0, capsys.readouterr().err
-    engine = Engine.from_settings(load_settings(str(path)))
+    engine = Engine.from_settings(settings)
     demo = engine.snapshot.lookup(DEMO_KEY)
     assert demo is not None and demo.key_id == "demo"
-    if pending_redis:
-        pytest.xfail("counters.backend: redis is not in this tree yet; the rest of the config is valid")
 
 
 # -- docker compose and the Dockerfile -----------------------------------------------------------------

@@ -82,6 +82,13 @@ def _b64(value: Any) -> bytes:
         return b""
 
 
+def _byte_count(value: Any) -> int:
+    """A byte count from a metadata number: the Lua filter sends a non-negative integer; anything else
+    (a string, NaN, an infinity, a negative or absurd value) reads as 0 rather than raising."""
+    n = value.number_value
+    return int(n) if 0 < n < 2**53 else 0
+
+
 def _piece_index(name: str) -> int:
     return int(name[1:]) if name[1:].isdigit() else -1
 
@@ -96,7 +103,7 @@ def snippet_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> Snippet:
         record = fields["u"].struct_value.fields
         kind = record["k"].string_value if "k" in record else ""
         data = _b64(record["b"]) if "b" in record else b""
-        skipped = int(record["x"].number_value) if "x" in record else 0
+        skipped = _byte_count(record["x"]) if "x" in record else 0
         if kind not in ("sse", "body", "tail", "over"):
             return Snippet("none")
         return Snippet(kind, data, max(0, skipped))
@@ -105,7 +112,7 @@ def snippet_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> Snippet:
         for name, value in fields.items()
         if name.startswith("p") and (index := _piece_index(name)) > 0 and value.HasField("string_value")
     )
-    skipped = int(fields["x"].number_value) if "x" in fields else 0
+    skipped = _byte_count(fields["x"]) if "x" in fields else 0
     if not pieces:
         return Snippet("none", b"", max(0, skipped))
     return Snippet("partial", b"".join(_b64(value) for _, value in pieces), max(0, skipped))
@@ -251,11 +258,13 @@ class AccessLogService:
             prompt_tokens_hint=hint,
         )
         tenant = headers.get("x-nexus-tenant") or None
-        if parser is not None and self._exact and not parser.has_usage_record:
-            # As the ext_proc adapter: a response without a usage record is counted exactly.
-            parser.count_tokens = count_tokens
-            if parser.bytes_seen >= EXECUTOR_THRESHOLD_CHARS:
-                return self._account_later(snippet, parser, request_id, hint, key_id, tenant)
+        # As the ext_proc adapter: a response without a usage record is counted exactly.
+        if (
+            parser is not None
+            and self._exact
+            and parser.count_exactly(count_tokens, EXECUTOR_THRESHOLD_CHARS)
+        ):
+            return self._account_later(snippet, parser, request_id, hint, key_id, tenant)
         self._conclude(
             snippet, parser, parser.finish() if parser is not None else None, request_id, hint, key_id, tenant
         )

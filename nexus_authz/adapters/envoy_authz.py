@@ -153,7 +153,10 @@ class AuthorizationService:
 
     async def check(self, check: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext) -> bytes:
         try:
-            return self.decide(check)[1]
+            decision = self.engine.check_fast(request_from_check(check))
+            if decision.__class__ is not Decision:  # waits for the counter store (Redis)
+                decision = await decision  # type: ignore[misc]
+            return self.serialize(decision)  # type: ignore[arg-type]
         except Exception:
             log.exception("internal error in gRPC Check")
             self.engine.count(Reason.UNAVAILABLE)

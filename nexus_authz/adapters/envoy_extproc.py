@@ -181,10 +181,7 @@ class ExternalProcessorService:
 
     async def _usage(self, parser: StreamUsage) -> Usage:
         """The parser's result; a cut-off stream's completion is counted exactly, off the event loop."""
-        if not self._exact or parser.has_usage_record:
-            return parser.finish()
-        parser.count_tokens = count_tokens
-        if parser.bytes_seen >= EXECUTOR_THRESHOLD_CHARS:
+        if self._exact and parser.count_exactly(count_tokens, EXECUTOR_THRESHOLD_CHARS):
             return await asyncio.get_running_loop().run_in_executor(None, parser.finish)
         return parser.finish()
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable
 
 import httptools
 
@@ -52,6 +53,7 @@ _KEEP: dict[bytes, str] = {
     )
 }
 MAX_URL = 16 * 1024
+LINGER = 2.0  # seconds a connection closed after an answer still reads (and discards) what the peer sends
 
 _REASONS = {
     200: b"OK",
@@ -100,6 +102,7 @@ def _error_json(status: int, code: str, message: str) -> bytes:
     )
 
 
+_INTERNAL_ERROR = _simple_response(500, _error_json(500, "internal_error", "Internal error."), close=True)
 _PARSE_ERROR = _simple_response(
     400, _error_json(400, "malformed_http", "Malformed HTTP request."), close=True
 )
@@ -122,6 +125,7 @@ class HttpApp:
         "_deny_cache",
         "admin",
         "connections",
+        "draining",
         "engine",
         "loop",
         "max_body",
@@ -147,6 +151,7 @@ class HttpApp:
         self.readiness = readiness
         self.metrics_text = metrics_text
         self.connections: set[AuthzProtocol] = set()
+        self.draining = False  # shutting down: every answer closes its connection
         self._allow_cache: dict[KeyRecord, tuple[bytes, bytes]] = {}
         self._allow_snapshot: object = None
         self._deny_cache: dict[Decision, bytes] = {}
@@ -212,9 +217,13 @@ class AuthzProtocol(asyncio.Protocol):
         "_body",
         "_body_size",
         "_closing",
+        "_head_bytes",
         "_header_bytes",
         "_header_count",
+        "_outbox",
         "_headers",
+        "_in_head",
+        "_in_message",
         "_paused",
         "_parser",
         "_transport",
@@ -230,6 +239,10 @@ class AuthzProtocol(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._header_bytes = 0
         self._header_count = 0
+        self._outbox: deque[tuple[bytes | asyncio.Future[bytes], bool]] | None = None
+        self._in_message = False  # a request has begun and is not complete
+        self._in_head = False  # a request has begun and its header block has not ended
+        self._head_bytes = 0  # bytes received for that header block (-1: it began in the current read)
         self._body: list[bytes] = []
         self._body_size = 0
         self._closing = False
@@ -256,10 +269,21 @@ class AuthzProtocol(asyncio.Protocol):
             # The request was answered; what follows is not HTTP/1.1 we speak, so hang up.
             self._closing = True
             if self._transport is not None:
-                self._transport.close()
+                self._hang_up(self._transport)
         except httptools.HttpParserError:
             if not self._closing:
                 self._fail(_PARSE_ERROR)
+            return
+        if self._in_head and not self._closing:
+            # httptools buffers a header until it ends, so on_header's limits come too late for one header
+            # (or a URL) that never ends: count the raw bytes of an unfinished head, read by read (the read
+            # it began in is not counted: it may hold earlier pipelined requests).
+            if self._head_bytes < 0:
+                self._head_bytes = 0
+            else:
+                self._head_bytes += len(data)
+                if self._head_bytes > self._app.max_header_bytes + MAX_URL + 1024:
+                    self._fail(_HEADERS_TOO_LARGE)
 
     def pause_writing(self) -> None:
         # The peer is not reading its answers: stop reading its requests until it catches up.
@@ -278,8 +302,14 @@ class AuthzProtocol(asyncio.Protocol):
         self._headers = {}
         self._header_bytes = 0
         self._header_count = 0
+        self._in_message = True
+        self._in_head = True
+        self._head_bytes = -1
         self._body = []
         self._body_size = 0
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -305,6 +335,8 @@ class AuthzProtocol(asyncio.Protocol):
         headers[key] = text if previous is None else previous + ", " + text
 
     def on_body(self, body: bytes) -> None:
+        if self._closing:  # refused already; httptools parses the rest of the read
+            return
         self._body_size += len(body)
         if self._body_size > self._app.max_body:
             self._fail(_BODY_TOO_LARGE)
@@ -312,31 +344,80 @@ class AuthzProtocol(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         if self._closing:
             return
         transport = self._transport
         if transport is None:
             return
         app = self._app
-        keep_alive = self._parser.should_keep_alive()
+        keep_alive = self._parser.should_keep_alive() and not app.draining
         url = self._url.decode("latin-1")
         try:
             out = self._route(url, not keep_alive)
         except Exception:  # a bug: answer 500 for this request, keep serving the others
             log.exception("internal error in the HTTP check")
             app.engine.count(Reason.UNAVAILABLE)
-            out = _simple_response(500, _error_json(500, "internal_error", "Internal error."), close=True)
+            out = _INTERNAL_ERROR
             keep_alive = False
+        if out.__class__ is not bytes or self._outbox:
+            # The answer waits for the counter store (Redis), or an earlier one does: answers leave in
+            # request order (HTTP/1.1 pipelining), from the outbox.
+            self._queue(out, keep_alive)  # type: ignore[arg-type]
+            return
         transport.write(out)
         if not keep_alive:
             self._closing = True
-            transport.close()
+            self._hang_up(transport)
         loop = app.loop
         if loop is not None:
             self.last_active = loop.time()
 
+    def _queue(self, out: bytes | Awaitable[bytes], keep_alive: bool) -> None:
+        outbox = self._outbox
+        if outbox is None:
+            outbox = self._outbox = deque()
+        if out.__class__ is not bytes:
+            task = asyncio.ensure_future(out)  # type: ignore[arg-type]
+            task.add_done_callback(self._flush_outbox)
+            outbox.append((task, keep_alive))
+        else:
+            outbox.append((out, keep_alive))  # type: ignore[arg-type]
+            self._flush_outbox()
+
+    def _flush_outbox(self, _: object = None) -> None:
+        outbox = self._outbox
+        while outbox:
+            out, keep_alive = outbox[0]
+            if out.__class__ is not bytes:
+                if not out.done():  # type: ignore[union-attr]
+                    return
+                try:
+                    out = out.result()  # type: ignore[union-attr]
+                except Exception:
+                    log.exception("internal error in the HTTP check")
+                    self._app.engine.count(Reason.UNAVAILABLE)
+                    out, keep_alive = _INTERNAL_ERROR, False
+            outbox.popleft()
+            transport = self._transport
+            if transport is None or self._closing:
+                outbox.clear()
+                return
+            transport.write(out)  # type: ignore[arg-type]
+            if not keep_alive:
+                self._closing = True
+                outbox.clear()
+                self._hang_up(transport)
+                return
+
+    async def _answer_later(self, pending: Awaitable[Decision], *, nginx: bool, close: bool) -> bytes:
+        decision = await pending
+        if nginx and not decision.allowed:
+            return nginx_denial(decision, close=close)
+        return self._app.response(decision, nginx=nginx, close=close)
+
     # -- routing ------------------------------------------------------------------------------------
-    def _route(self, url: str, close: bool) -> bytes:
+    def _route(self, url: str, close: bool) -> bytes | Awaitable[bytes]:
         app = self._app
         headers = self._headers
         body = b"".join(self._body) if self._body else b""
@@ -356,10 +437,12 @@ class AuthzProtocol(asyncio.Protocol):
         request = new_request(
             method, path, headers, body, truncated, headers.get("x-request-id", ""), _client_address(headers)
         )
-        decision = app.engine.check(request)
-        return app.response(decision, nginx=False, close=close)
+        decision = app.engine.check_fast(request)
+        if decision.__class__ is not Decision:
+            return self._answer_later(decision, nginx=False, close=close)  # type: ignore[arg-type]
+        return app.response(decision, nginx=False, close=close)  # type: ignore[arg-type]
 
-    def _nginx(self, headers: dict[str, str], close: bool) -> bytes:
+    def _nginx(self, headers: dict[str, str], close: bool) -> bytes | Awaitable[bytes]:
         # nginx's auth_request subrequest carries no body; the original URI and method come in headers.
         app = self._app
         request = Request(
@@ -369,20 +452,40 @@ class AuthzProtocol(asyncio.Protocol):
             request_id=headers.get("x-request-id", ""),
             client_address=headers.get("x-real-ip", "") or _client_address(headers),
         )
-        decision = app.engine.check(request)
-        if decision.allowed:
-            return app.response(decision, nginx=True, close=close)
-        return nginx_denial(decision, close=close)
+        decision = app.engine.check_fast(request)
+        if decision.__class__ is not Decision:
+            return self._answer_later(decision, nginx=True, close=close)  # type: ignore[arg-type]
+        if decision.allowed:  # type: ignore[union-attr]
+            return app.response(decision, nginx=True, close=close)  # type: ignore[arg-type]
+        return nginx_denial(decision, close=close)  # type: ignore[arg-type]
 
     def _fail(self, response: bytes) -> None:
+        # Once only: httptools keeps calling back for the rest of the read (more headers over the limit...).
+        if self._closing:
+            return
         self._closing = True
         transport = self._transport
         if transport is not None:
             transport.write(response)
-            transport.close()
+            self._hang_up(transport)
 
-    def close_if_idle(self) -> None:
-        if self._transport is not None and not self._closing:
+    def _hang_up(self, transport: asyncio.Transport) -> None:
+        """Close after a last answer, lingering: stop writing now (the peer reads the answer, then EOF)
+        and stop reading LINGER seconds later (what arrives meanwhile is discarded). Closing at once
+        would make the kernel reset a connection the peer is still writing the rest of its request to,
+        and the peer would lose the answer (413, 431, ...) already sent."""
+        loop = self._app.loop
+        if loop is None or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        loop.call_later(LINGER, transport.close)
+
+    def close_if_idle(self, *, between_requests: bool = False) -> None:
+        """Close the connection (idle sweep); with `between_requests`, only if no request is partly
+        received or waiting for its answer (a shutdown answers those first)."""
+        busy = self._in_message or bool(self._outbox)
+        if self._transport is not None and not self._closing and not (between_requests and busy):
             self._closing = True
             self._transport.close()
 
@@ -487,6 +590,31 @@ async def serve_tcp(app: HttpApp, host: str, port: int) -> asyncio.AbstractServe
     loop = asyncio.get_running_loop()
     app.loop = loop
     return await loop.create_server(app.protocol, host, port, backlog=1024, reuse_address=True)
+
+
+async def drain(apps: list[HttpApp], *, idle: float, grace: float) -> None:
+    """Shut the connections of these listeners down without cutting a request off.
+
+    From now on every answer carries `connection: close` and ends its connection (so a request already
+    sent on a keep-alive connection, even one still unread in the socket's buffer, is answered, and its
+    peer stops reusing the connection). Connections with no request for `idle` seconds are closed then,
+    between requests; a request still arriving at `grace` is cut off.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    for app in apps:
+        app.draining = True
+    await asyncio.sleep(min(idle, grace))
+    while loop.time() < deadline:
+        open_connections = [conn for app in apps for conn in app.connections]
+        if not open_connections:
+            return
+        for conn in open_connections:
+            conn.close_if_idle(between_requests=True)
+        await asyncio.sleep(0.05)
+    for app in apps:
+        for conn in list(app.connections):
+            conn.close_if_idle()
 
 
 def close_idle(app: HttpApp, idle_timeout: float, now: float) -> int:

@@ -39,7 +39,7 @@ from nexus_authz._gen.nexus.authz.v1 import policy_pb2_grpc as pb_grpc
 from nexus_authz.core import keys as keys_mod
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.keys import KEY_HEADERS, KeySnapshot
-from nexus_authz.core.limits import Algorithm, Kind, LimitSpec, new_result
+from nexus_authz.core.limits import Algorithm, Kind, LimitSpec
 from nexus_authz.core.model import Decision, InFlight, KeyRecord, Request
 from nexus_authz.engine import Engine
 from nexus_authz.logs import scrub
@@ -286,17 +286,6 @@ def _as_key(record: KeyRecord, snapshot: KeySnapshot) -> tuple[KeySnapshot, str]
     return one, secret
 
 
-def dry_run_as(engine: Engine, request: Request, snapshot: KeySnapshot) -> Decision:
-    """`Engine.dry_run` against another snapshot (the same steps: admit, peek, conclude; nothing charged)."""
-    now = engine.clock()
-    admission = engine.policy.admit(request, snapshot, now)
-    if isinstance(admission, Decision):
-        return admission
-    statuses = engine.counters.peek(admission.counter_ids, admission.specs, now, admission.costs)
-    allowed = all(s.allowed or s.spec.shadow for s in statuses)
-    return engine.policy.conclude(admission, new_result(allowed, statuses, 0 if allowed else -1), now)
-
-
 def _reserved(key: KeyRecord, entries: Iterable[_Entry]) -> tuple[dict[str, int], int]:
     """Per counter id, what this key's in-flight reservations hold; and how many there are."""
     mine = set(key.counter_ids)
@@ -481,7 +470,9 @@ class PolicyApi(pb_grpc.PolicyServiceServicer):
         engine = self.engine
         key = self._key(request.key_id)
         now = engine.clock()
-        statuses = engine.counters.peek(key.counter_ids, key.limits, now) if key.limits else ()
+        statuses = await engine.peek(key.counter_ids, key.limits, now) if key.limits else ()
+        if statuses is None:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, "the counter store (Redis) is unavailable")
         # Entries are immutable tuples: copy the table here, walk it in a thread when it is large, so a
         # book full of unsettled reservations does not stall decisions on the loop.
         entries = list(reservation_entries(engine.book))
@@ -565,7 +556,7 @@ class PolicyApi(pb_grpc.PolicyServiceServicer):
         engine = self.engine
         req = check_request(request, max_body=engine.settings.max_body_bytes)
         if not request.key_id:
-            return check_response(engine.dry_run(req))
+            return check_response(await engine.dry_run(req))
         if any(h in req.headers for h in KEY_HEADERS):
             raise ApiError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -579,7 +570,7 @@ class PolicyApi(pb_grpc.PolicyServiceServicer):
             headers={**req.headers, "authorization": f"Bearer {secret}"},
             body=req.body,
         )
-        return check_response(dry_run_as(engine, as_key, snapshot))
+        return check_response(await engine.dry_run(as_key, snapshot))
 
 
 # -- the listener ---------------------------------------------------------------------------------------

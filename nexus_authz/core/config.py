@@ -276,6 +276,10 @@ def parse_key_file(
     server keeps the last good snapshot instead and reports the error.
     """
     doc = load_yaml(text, source)
+    if doc is None:
+        # What a reader sees between a writer's truncate and its write (or a file emptied by mistake):
+        # read as "no keys" it would revoke every key at once. A file without keys says `keys: []`.
+        raise ConfigError("the key file is empty (a file without keys says `keys: []`)", source=source)
     root = Fields(doc, source, "")
     records: list[tuple[bytes, KeyRecord]] = []
     ids: set[str] = set()
@@ -314,6 +318,10 @@ def parse_key_file(
             f.fail("hash", "the same key hash appears twice")
         digests.add(key_digest)
         tenant = share(f.str("tenant", "default"))
+        if not tenant or len(tenant) > 256 or not _HEADER_VALUE.match(tenant):
+            # Sent upstream as the x-nexus-tenant header: a line break would inject headers into the
+            # answer to the proxy, a character outside Latin-1 would fail every allowed answer.
+            f.fail("tenant", "tenants are 1-256 printable ASCII characters (sent as x-nexus-tenant)")
         plan_name = f.str("plan", None)
         if plan_name is not None:
             plan_name = share(plan_name)

@@ -8,6 +8,7 @@ never mutated: a reload builds a new snapshot and the server swaps one reference
 from __future__ import annotations
 
 import base64
+import dataclasses
 import fnmatch
 import functools
 import hashlib
@@ -161,6 +162,23 @@ def build_snapshot(
         loaded_at=loaded_at,
         hasher=KeyHasher(pepper),
     )
+
+
+def with_revoked(snapshot: KeySnapshot, key_ids: frozenset[str]) -> KeySnapshot:
+    """The snapshot with these keys disabled (revocations that arrive between key-file versions).
+
+    Copy on write: a new snapshot with new records for the revoked keys, everything else shared; the
+    caller swaps one reference, as for a reload."""
+    if not key_ids or not any(k in snapshot.by_id and not snapshot.by_id[k].disabled for k in key_ids):
+        return snapshot
+    by_digest = dict(snapshot.by_digest)
+    by_id = dict(snapshot.by_id)
+    for key_digest, record in snapshot.by_digest.items():
+        if record.key_id in key_ids and not record.disabled:
+            revoked = dataclasses.replace(record, disabled=True)
+            by_digest[key_digest] = revoked
+            by_id[record.key_id] = revoked
+    return dataclasses.replace(snapshot, by_digest=by_digest, by_id=by_id)
 
 
 EMPTY_SNAPSHOT = KeySnapshot(by_digest={}, by_id={}, pepper=b"", source="", version="", loaded_at=0.0)

@@ -201,7 +201,7 @@ class Policy:
         if body and (key.models or key.needs_facts):
             content_type = request.headers.get("content-type", "")
             if key.needs_facts and not content_type.startswith("multipart/"):
-                facts = request_facts(body, estimate_prompt=True)
+                facts = request_facts(body, estimate_prompt=True, precise=False)
                 model = facts.model
                 understood = model is not None or isinstance(loads_bounded(body), dict)
             else:
@@ -303,6 +303,20 @@ class Policy:
 
 
 _SELECTION_CACHE = 65536
+
+
+def unavailable(retry_after: float) -> Decision:
+    """503: the counter store cannot decide and the failure policy is fail_closed. Over Envoy's HTTP
+    ext_authz any 5xx is an error, which the shipped configs answer with their own JSON 503 (fail closed)."""
+    base = _DENIALS[Reason.UNAVAILABLE]
+    return Decision(
+        allowed=False,
+        status=base.status,
+        reason=base.reason,
+        response_headers=(("retry-after", str(max(1, math.ceil(retry_after)))),),
+        body=base.body,
+        message=base.message,
+    )
 
 
 def _throttled(retry_after: float) -> Decision:

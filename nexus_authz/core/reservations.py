@@ -110,32 +110,21 @@ class ReservationBook:
             spec.kind in _NEEDS_SETTLE and not (uncharged >> i) & 1 for i, spec in enumerate(specs)
         ):
             return tuple(out) if out else _NONE
-        old = entries.pop(request_id, None)
-        if old is not None:
-            self.replaced += 1
-            out = out or []
-            out.append(_expiry(request_id, old))
-        elif len(entries) >= self._max:
-            oldest_id, oldest = entries.popitem(last=False)
-            self.evicted += 1
-            out = out or []
-            out.append(_expiry(oldest_id, oldest))
-        entries[request_id] = (
-            tuple(counter_ids),
-            tuple(specs),
-            tuple(costs),
-            uncharged,
-            now,
-            now + self._ttl,
-            context,
+        return self._insert(
+            request_id,
+            (tuple(counter_ids), tuple(specs), tuple(costs), uncharged, now, now + self._ttl, context),
+            out,
         )
-        return tuple(out) if out else _NONE
 
     def track(self, request_id: str, context: object, now: float) -> tuple[Settlement, ...]:
         """Remember an admitted request that charged nothing to settle (no token, USD or concurrency
         window) until its usage is accounted: `reserve` without windows, on the per-request fast path."""
+        out = self._expire(now, self._expire_per_call) if self._entries else None
+        return self._insert(request_id, ((), (), (), 0, now, now + self._ttl, context), out)
+
+    def _insert(self, request_id: str, entry: _Entry, out: list[Settlement] | None) -> tuple[Settlement, ...]:
+        """Add an entry; an earlier one under the same id, or the oldest when full, expires early."""
         entries = self._entries
-        out: list[Settlement] | None = self._expire(now, self._expire_per_call) if entries else None
         old = entries.pop(request_id, None)
         if old is not None:
             self.replaced += 1
@@ -146,7 +135,7 @@ class ReservationBook:
             self.evicted += 1
             out = out or []
             out.append(_expiry(oldest_id, oldest))
-        entries[request_id] = ((), (), (), 0, now, now + self._ttl, context)
+        entries[request_id] = entry
         return tuple(out) if out else _NONE
 
     def context(self, request_id: str) -> object:

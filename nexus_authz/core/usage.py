@@ -325,6 +325,17 @@ class StreamUsage:
         """Body bytes fed so far (decoded): an upper bound of the text an exact count at finish() reads."""
         return self._total
 
+    def count_exactly(self, counter: Callable[[str], int], threshold: int) -> bool:
+        """Count a completion without a usage record with `counter` (e.g. tiktoken) at finish().
+
+        Returns True when that count may read `threshold` bytes or more, so the caller should run
+        finish() in a worker thread (an exact count of a long text takes milliseconds). A response with
+        a usage record needs no counting: False, nothing changes."""
+        if self.has_usage_record:
+            return False
+        self._count_tokens = counter
+        return self._total >= threshold
+
     @property
     def count_tokens(self) -> Callable[[str], int] | None:
         return self._count_tokens

@@ -36,6 +36,8 @@ from nexus_authz.stores.memory import MemoryCounterStore
 
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest], CounterStore]] = {
     "memory": lambda request: MemoryCounterStore(),
+    "redis-exact": lambda request: request.getfixturevalue("redis_contract_store")("exact"),
+    "redis-batched": lambda request: request.getfixturevalue("redis_contract_store")("batched"),
 }
 
 NOW = 1_700_002_800.0  # an hour boundary, so sliding figures are round
