@@ -9,15 +9,12 @@ tests never see each other's counters. `RedisServer` can also be started private
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import itertools
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -35,13 +32,8 @@ from nexus_authz.stores.redis import (
 )
 
 REDIS_SERVER = shutil.which("redis-server")
+SETPRIV = shutil.which("setpriv")
 _prefixes = itertools.count()
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the test process dies (a killed pytest leaves no redis-server)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -65,8 +57,13 @@ class RedisServer:
     def start(self, *extra: str) -> None:
         assert REDIS_SERVER is not None
         self.directory.mkdir(parents=True, exist_ok=True)
+        # Dies with the test process (a killed pytest leaves no redis-server): setpriv sets the parent-
+        # death signal and execs redis-server. Not a preexec_fn: forking with a Python callback while
+        # gRPC's threads run can fail in the child before exec (seen: redis-server never started).
+        wrapper = [SETPRIV, "--pdeathsig", "TERM"] if SETPRIV else []
         self.proc = subprocess.Popen(
             [
+                *wrapper,
                 REDIS_SERVER,
                 "--port",
                 str(self.port),
@@ -84,13 +81,14 @@ class RedisServer:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                log = self.directory / "redis.log"
                 raise RuntimeError(
-                    f"redis-server exited: {(self.directory / 'redis.log').read_text()[-2000:]}"
+                    f"redis-server exited ({self.proc.returncode}): "
+                    f"{(log.read_text() if log.exists() else '(no log)')[-2000:]}"
                 )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
