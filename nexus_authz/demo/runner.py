@@ -74,7 +74,13 @@ def write_demo_files(workdir: Path, *, grpc_port: int, admin_port: int) -> tuple
                 value_file: upstream.key
             default_credential: openai
             plans:
-              demo: {{}}
+              demo:
+                limits:
+                  - {{requests: 60, per: minute}}
+                  - {{tokens: 100000, per: minute}}
+            prices:
+              "gpt-4o-mini*": {{input: 0.15, cached_input: 0.075, output: 0.6}}
+              "*": {{input: 2.5, output: 10}}
             logging:
               level: info
             """
