@@ -36,6 +36,7 @@ log = logging.getLogger("nexus_authz.http")
 EXT_AUTHZ_PREFIX = "/ext_authz"
 NGINX_PATH = "/v1/nginx/auth"
 MAX_HEADERS = 128
+_ALLOW_CACHE = 4096  # keys whose allow answers are kept ready
 # The request headers a decision can read (keys, body type, ids, addresses, partial-body flag, nginx's
 # original request line). Others are counted against the limits and otherwise ignored.
 _KEEP: dict[bytes, str] = {
@@ -175,6 +176,10 @@ class HttpApp:
                 _status_line(200) + upstream + remove,
                 _status_line(204) + upstream,
             )
+            if len(self._allow_cache) >= _ALLOW_CACHE:
+                # Bounded: with 100,000 active keys the cache would cost ~370 B a client; the hottest
+                # keys come straight back, a cold one costs one header block (~1 µs).
+                self._allow_cache.clear()
             self._allow_cache[key] = parts
         return parts
 

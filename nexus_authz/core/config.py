@@ -373,6 +373,7 @@ def parse_key_file(
                     limits=limits,
                     counter_ids=tuple(f"{key_id}\x00{spec.name}" for spec in limits),
                     needs_facts=needs_facts(limits),
+                    model_scoped=any(spec.model is not None for spec in limits),
                     model_rule=keys_mod.compile_globs(models),
                     path_rule=keys_mod.compile_globs(paths),
                 ),

@@ -89,6 +89,7 @@ class KeyRecord:
     counter_ids: tuple[str, ...] = ()
     # The Check must read the body: token or USD windows need an estimate, per-model windows the model.
     needs_facts: bool = False
+    model_scoped: bool = False  # some window applies to some models only (limits with `model:`)
     # `models` and `paths` compiled (shared between keys with the same lists); None: anything goes.
     model_rule: re.Pattern[str] | None = field(default=None, repr=False)
     path_rule: re.Pattern[str] | None = field(default=None, repr=False)

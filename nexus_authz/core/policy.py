@@ -230,6 +230,8 @@ class Policy:
         )
 
     def _windows(self, key: KeyRecord, model: str | None) -> tuple[tuple[str, ...], tuple[LimitSpec, ...]]:
+        if not key.model_scoped:  # every window applies to every request: nothing to select or cache
+            return key.counter_ids, key.limits
         selection = self._selection.get((key, model))
         if selection is None:
             picked = applicable(key.limits, model)
