@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 
 from nexus_authz.stores.ledger import DEFAULT_GROUP_BY, GROUP_FIELDS, UsageRow, query_db
 
-__all__ = ["add_arguments", "cmd_usage", "main", "parse_time", "read_usage", "rows_to_json", "usage_table"]
+__all__ = ["add_arguments", "cmd_usage", "main", "parse_time", "rows_to_json", "usage_table"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -52,22 +52,6 @@ def parse_time(text: str, now: float) -> float:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
-
-
-def read_usage(
-    db_path: str,
-    *,
-    key_id: str | None = None,
-    tenant: str | None = None,
-    model: str | None = None,
-    since: float | None = None,
-    until: float | None = None,
-    group_by: Sequence[str] = DEFAULT_GROUP_BY,
-) -> list[UsageRow]:
-    """Rows from the ledger file (read-only). FileNotFoundError if there is none."""
-    return query_db(
-        db_path, key_id=key_id, tenant=tenant, model=model, since=since, until=until, group_by=group_by
-    )
 
 
 def _usd(micro: int) -> str:
@@ -190,7 +174,7 @@ def cmd_usage(args: argparse.Namespace, *, now: float | None = None) -> int:
     try:
         since = parse_time(args.since, now) if args.since else None
         until = parse_time(args.until, now) if args.until else None
-        rows = read_usage(
+        rows = query_db(
             args.db,
             key_id=args.key_id,
             tenant=args.tenant,
