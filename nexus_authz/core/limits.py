@@ -61,6 +61,7 @@ from fnmatch import translate
 from typing import Any, Final
 
 from nexus_authz.core.errors import ConfigError
+from nexus_authz.core.yamlsrc import describe
 
 __all__ = [
     "ALLOWED_UNITS",
@@ -621,7 +622,7 @@ def parse_limits(raw: object, *, source: str, field: str) -> tuple[LimitSpec, ..
     if raw is None:
         return ()
     if not isinstance(raw, list | tuple):
-        raise ConfigError(f"expected a list of limits, got {_describe(raw)}", source=source, field=field)
+        raise ConfigError(f"expected a list of limits, got {describe(raw)}", source=source, field=field)
     file_source = _strip_line(source)
     item_lines: list[int] | None = getattr(raw, "lines", None)
     specs: list[LimitSpec] = []
@@ -650,7 +651,7 @@ def _strip_line(source: str) -> str:
 def _parse_entry(entry: object, file_source: str, entry_source: str, where: str) -> LimitSpec:
     if not isinstance(entry, dict):
         raise ConfigError(
-            f"expected a mapping such as {{requests: 60, per: minute}}, got {_describe(entry)}",
+            f"expected a mapping such as {{requests: 60, per: minute}}, got {describe(entry)}",
             source=entry_source,
             field=where,
         )
@@ -718,10 +719,10 @@ def _parse_entry(entry: object, file_source: str, entry_source: str, where: str)
     if shadow is None:
         shadow = False
     if not isinstance(shadow, bool):
-        raise fail("shadow", f"expected true or false, got {_describe(shadow)}")
+        raise fail("shadow", f"expected true or false, got {describe(shadow)}")
     model = entry.get("model")
     if model is not None and (not isinstance(model, str) or not model.strip()):
-        raise fail("model", f'expected a model name or glob such as "gpt-4*", got {_describe(model)}')
+        raise fail("model", f'expected a model name or glob such as "gpt-4*", got {describe(model)}')
     name = entry.get("name")
     if name is not None and (not isinstance(name, str) or not _NAME_RE.match(name)):
         raise fail("name", "expected 1-128 printable ASCII characters without spaces or quotes")
@@ -743,7 +744,7 @@ def _parse_entry(entry: object, file_source: str, entry_source: str, where: str)
 
 def _positive_int(value: object, fail: _Fail) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise fail(f"expected a positive integer, got {_describe(value)}")
+        raise fail(f"expected a positive integer, got {describe(value)}")
     if not 0 < value <= MAX_LIMIT:
         raise fail(f"must be between 1 and {MAX_LIMIT}, got {value}")
     return value
@@ -752,30 +753,14 @@ def _positive_int(value: object, fail: _Fail) -> int:
 def _micro_usd(value: object, fail: _Fail) -> int:
     """USD -> integer micro-dollars, rounded half up (floats via their shortest repr: 5.1 is 5100000)."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise fail(f"expected an amount in USD such as 5.00, got {_describe(value)}")
+        raise fail(f"expected an amount in USD such as 5.00, got {describe(value)}")
     try:
         amount = Decimal(str(value).strip())
     except InvalidOperation:
-        raise fail(f"expected an amount in USD such as 5.00, got {_describe(value)}") from None
+        raise fail(f"expected an amount in USD such as 5.00, got {describe(value)}") from None
     if not amount.is_finite() or amount <= 0:
         raise fail(f"must be a positive amount, got {value!r}")
     micros = int((amount * 1_000_000).to_integral_value(rounding=ROUND_HALF_UP))
     if not 0 < micros <= MAX_LIMIT:
         raise fail(f"must be between 0.000001 and {MAX_LIMIT // 1_000_000}, got {value!r}")
     return micros
-
-
-def _describe(value: object) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list | tuple):
-        return "a list"
-    if isinstance(value, str):
-        return f"the string {value!r}" if len(value) < 60 else "a long string"
-    if isinstance(value, int | float):
-        return f"the number {value!r}"
-    return type(value).__name__

@@ -352,12 +352,7 @@ class StreamUsage:
             return
         try:
             if self._decoder is None and self._deflate_head is None:
-                if self._model_budget > 0:
-                    self._find_model(chunk)
-                self._total += len(chunk)
-                self._buf += chunk
-                if len(self._buf) >= self._next_drain:
-                    self._drain(final=False)
+                self._ingest(chunk)
             else:
                 self._decode(bytes(chunk))
         except Exception:  # a parser bug must never fail a response: stop parsing, say so

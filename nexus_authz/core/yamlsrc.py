@@ -155,7 +155,7 @@ class Fields:
         if data is None:
             data = LineDict()
         if not isinstance(data, dict):
-            raise ConfigError(f"expected a mapping, got {_kind(data)}", source=source, field=path or None)
+            raise ConfigError(f"expected a mapping, got {describe(data)}", source=source, field=path or None)
         self._data: dict[str, Any] = data
         self._seen: set[str] = set()
 
@@ -191,7 +191,7 @@ class Fields:
         if value is default and default is not _MISSING:
             return value
         if isinstance(value, bool) or not isinstance(value, str | int | float):
-            self.fail(name, f"expected a string, got {_kind(value)}")
+            self.fail(name, f"expected a string, got {describe(value)}")
         text = str(value).strip()
         if not text:
             self.fail(name, "must not be empty")
@@ -200,7 +200,7 @@ class Fields:
     def bool(self, name: str, default: bool = False) -> bool:
         value = self.raw(name, default)
         if not isinstance(value, bool):
-            self.fail(name, f"expected true or false, got {_kind(value)}")
+            self.fail(name, f"expected true or false, got {describe(value)}")
         return value
 
     def int(self, name: str, default: Any = _MISSING, *, minimum: int = 0) -> Any:
@@ -208,7 +208,7 @@ class Fields:
         if value is default and default is not _MISSING:
             return value
         if isinstance(value, bool) or not isinstance(value, int):
-            self.fail(name, f"expected an integer, got {_kind(value)}")
+            self.fail(name, f"expected an integer, got {describe(value)}")
         if value < minimum:
             self.fail(name, f"must be at least {minimum}, got {value}")
         return value
@@ -218,7 +218,7 @@ class Fields:
         if value is default and default is not _MISSING:
             return value
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            self.fail(name, f"expected a number, got {_kind(value)}")
+            self.fail(name, f"expected a number, got {describe(value)}")
         if value < minimum:
             self.fail(name, f"must be at least {minimum}, got {value}")
         return float(value)
@@ -249,11 +249,11 @@ class Fields:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list):
-            self.fail(name, f"expected a list of strings, got {_kind(value)}")
+            self.fail(name, f"expected a list of strings, got {describe(value)}")
         out: list[str] = []
         for i, item in enumerate(value):
             if isinstance(item, bool) or not isinstance(item, str | int | float) or not str(item).strip():
-                self.fail(name, f"item {i} must be a non-empty string, got {_kind(item)}")
+                self.fail(name, f"item {i} must be a non-empty string, got {describe(item)}")
             out.append(str(item).strip())
         return tuple(out)
 
@@ -266,7 +266,7 @@ class Fields:
         if value is None:
             return
         if not isinstance(value, list):
-            self.fail(name, f"expected a list, got {_kind(value)}")
+            self.fail(name, f"expected a list, got {describe(value)}")
         for i, item in enumerate(value):
             yield i, item, f"{self.path(name)}[{i}]"
 
@@ -280,14 +280,15 @@ class Fields:
                 self.fail(name, "unknown field")
 
 
-def _kind(value: object) -> str:
+def describe(value: object) -> str:
+    """A value as an error message names it: "the string 'x'", "a mapping", "the number 3"..."""
     if value is None:
         return "nothing"
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, dict):
         return "a mapping"
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return "a list"
     if isinstance(value, int | float):
         return f"the number {value!r}"
