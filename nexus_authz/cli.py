@@ -38,12 +38,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         settings = load_settings(_config_path(args))
+        # The engine runs with the file's settings: a reload compares the file with them, and must not
+        # report --log-level as a change of logging.level.
+        engine_settings = settings
         if args.log_level:
             from dataclasses import replace
 
             settings = replace(settings, log_level=args.log_level)
         setup_logging(settings.log_level, settings.log_format)
-        engine = Engine.from_settings(settings)
+        engine = Engine.from_settings(engine_settings)
     except ConfigError as exc:
         return _fail(str(exc))
     try:
@@ -217,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the service",
         description="Serve the HTTP fast path (Unix socket), the admin endpoints and the gRPC services "
-        "until SIGTERM/SIGINT, then drain and exit 0. SIGHUP reloads the key file.",
+        "until SIGTERM/SIGINT, then drain and exit 0. SIGHUP reloads the config file (policy sections, "
+        "key file, pepper; other changes are logged and need a restart) and the key file.",
     )
     add_config(p)
     p.add_argument(
