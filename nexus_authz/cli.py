@@ -248,7 +248,8 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
         )
     except (envoy_config.EnvoyConfigError, OSError) as exc:
         return _fail(str(exc))
-    sources = f"mode={args.mode}, upstream={args.upstream or 'as shipped'}, authz={authz}, grpc={grpc_address}"
+    upstream = args.upstream or "as shipped"
+    sources = f"mode={args.mode}, upstream={upstream}, authz={authz}, grpc={grpc_address}"
     sys.stdout.write(f"# Rendered by `nexus-authz envoy-config` from {template}: {sources}.\n{text}")
     return 0
 
@@ -368,7 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
         "https://api.openai.com > envoy.yaml && envoy -c envoy.yaml`.",
     )
     add_config(p)
-    p.add_argument("--mode", choices=("http", "grpc"), default="http", help="ext_authz over HTTP (default) or gRPC")
+    p.add_argument(
+        "--mode", choices=("http", "grpc"), default="http", help="ext_authz over HTTP (default) or gRPC"
+    )
     p.add_argument(
         "--upstream",
         help="the LLM provider: https://api.openai.com (TLS with SNI, validated against the system CAs), "
@@ -376,10 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--listen", help="Envoy's listener, host:port (default 127.0.0.1:10000)")
     p.add_argument("--admin-port", type=int, help="Envoy's admin port on 127.0.0.1 (default 9901)")
-    p.add_argument("--authz", help="nexus-authz's HTTP fast path: a socket path or host:port (default: the config's)")
-    p.add_argument("--grpc", help="nexus-authz's gRPC address: host:port or unix:/path (default: the config's)")
-    p.add_argument("--ca-file", help="CA bundle for an https upstream (default /etc/ssl/certs/ca-certificates.crt)")
-    p.add_argument("--from", dest="template", help="the Envoy config to start from (default: the shipped one)")
+    p.add_argument("--authz", help="nexus-authz's HTTP fast path: socket path or host:port (default: config)")
+    p.add_argument("--grpc", help="nexus-authz's gRPC address: host:port or unix:/path (default: config's)")
+    p.add_argument("--ca-file", help="CA bundle for an https upstream (default: the system's)")
+    p.add_argument("--from", dest="template", help="the Envoy config to start from (default: shipped one)")
     p.set_defaults(func=cmd_envoy_config)
 
     p = sub.add_parser(

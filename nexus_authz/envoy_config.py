@@ -100,7 +100,8 @@ def render(
     cluster ``nexus_als`` (token accounting over ext_proc, or over the Lua usage tap and the gRPC access
     log: nexus-authz's gRPC address); ``clusters`` any other cluster by name (later filters:
     ext_proc, ratelimit). An ``https://`` address is validated against ``ca_file`` (the system's CA
-    bundle by default), with SNI and the certificate's name taken from the host. ``failure_mode_allow`` and ``authz_timeout`` (seconds) edit every ext_authz
+    bundle by default), with SNI and the certificate's name taken from the host. ``failure_mode_allow``
+    and ``authz_timeout`` (seconds) edit every ext_authz
     filter of the listener. Anything asked for that the config lacks raises EnvoyConfigError naming it.
 
     Lua filters whose source is a relative ``filename`` (``envoy.yaml`` names ``nexus-usage.lua``, which

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from nexus_authz.demo import procs
 from tests.helpers import KeySpec
-from tests.test_faults import check, get, ready, serve, stop, wait_for, workdir  # noqa: F401
+from tests.test_faults import Served, check, get, ready, serve, stop, wait_for, workdir  # noqa: F401
 
 ALICE = KeySpec("alice", extra={"plan": "small"})
 BOB = KeySpec("bob", extra={"plan": "steady"})
@@ -37,8 +37,8 @@ def _config(workdir: Path) -> Path:
     return workdir / "nexus.yaml"
 
 
-def _records(served: object, msg_start: str) -> list[dict[str, object]]:
-    return [r for r in served.records() if str(r.get("msg", "")).startswith(msg_start)]  # type: ignore[attr-defined]
+def _records(served: Served, msg_start: str) -> list[dict[str, object]]:
+    return [r for r in served.records() if str(r.get("msg", "")).startswith(msg_start)]
 
 
 def _rewrite_same_stamp(path: Path, old: str, new: str) -> None:

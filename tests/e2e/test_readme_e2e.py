@@ -35,7 +35,8 @@ CHAT = b'{"model":"o1-mini","messages":[{"role":"user","content":"Hi"}]}'
 
 
 def block(name: str) -> str:
-    found = re.findall(rf"<!-- readme-test: {re.escape(name)} -->\n```\w*\n(.*?)\n```", README.read_text(), re.S)
+    pattern = rf"<!-- readme-test: {re.escape(name)} -->\n```\w*\n(.*?)\n```"
+    found = re.findall(pattern, README.read_text(), re.S)
     assert len(found) == 1, f"README.md has {len(found)} blocks marked readme-test: {name}"
     return found[0] + "\n"
 
@@ -133,11 +134,13 @@ def test_envoy_config_snippet_renders_what_envoy_accepts(workdir: Path) -> None:
     assert endpoint["endpoint"]["address"] == {"pipe": {"path": DEFAULT_SOCKET}}  # the nexus.yaml's
     upstream = clusters["llm_upstream"]
     (endpoint,) = upstream["load_assignment"]["endpoints"][0]["lb_endpoints"]
-    assert endpoint["endpoint"]["address"]["socket_address"] == {"address": "api.openai.com", "port_value": 443}
+    address = endpoint["endpoint"]["address"]["socket_address"]
+    assert address == {"address": "api.openai.com", "port_value": 443}
     tls = upstream["transport_socket"]["typed_config"]
     assert tls["sni"] == "api.openai.com"
     assert tls["common_tls_context"]["validation_context"]["trusted_ca"]["filename"].startswith("/etc/ssl/")
-    options = upstream["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    protocol = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    options = upstream["typed_extension_protocol_options"][protocol]
     assert options["upstream_http_protocol_options"] == {"auto_sni": True, "auto_san_validation": True}
     elsewhere = workdir / "elsewhere"
     elsewhere.mkdir()
@@ -181,7 +184,8 @@ def test_envoy_config_carries_traffic(mode: str, workdir: Path) -> None:
         envoy = procs.start_envoy(out.stdout, admin_port=admin, workdir=workdir / "run", log_path=log)
         procs.wait_envoy_ready(admin, timeout=30, process=envoy, log_path=log)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        ok = http("POST", url, {"authorization": f"Bearer {key.secret}", "content-type": "application/json"}, CHAT)
+        json_type = {"content-type": "application/json"}
+        ok = http("POST", url, {"authorization": f"Bearer {key.secret}", **json_type}, CHAT)
         assert ok.status == 200, ok.body
         assert stack.mock.requests()[-1]["headers"]["authorization"] == "Bearer sk-upstream-test-credential"
         bad = http("POST", url, {"authorization": "Bearer nx-wrong-0123456789abcdef"}, CHAT)
@@ -242,7 +246,8 @@ def test_nginx_recipe_as_written(workdir: Path) -> None:
         assert wrong.status == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
         # What the README says nginx cannot do: the key allows gpt-4o* only, but nginx sends no body,
         # so a request for another model is not refused.
-        other = http("POST", base + "/v1/chat/completions", {**headers, "content-type": "application/json"}, CHAT)
+        json_type = {"content-type": "application/json"}
+        other = http("POST", base + "/v1/chat/completions", {**headers, **json_type}, CHAT)
         assert other.status == 200, other.body
     finally:
         _stop_group(shell)
