@@ -38,12 +38,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         settings = load_settings(_config_path(args))
+        # The engine runs with the file's settings: a reload compares the file with them, and must not
+        # report --log-level as a change of logging.level.
+        engine_settings = settings
         if args.log_level:
             from dataclasses import replace
 
             settings = replace(settings, log_level=args.log_level)
         setup_logging(settings.log_level, settings.log_format)
-        engine = Engine.from_settings(settings)
+        engine = Engine.from_settings(engine_settings)
     except ConfigError as exc:
         return _fail(str(exc))
     try:
@@ -186,6 +189,71 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return cli_usage.cmd_usage(args)
 
 
+# -- envoy-config ------------------------------------------------------------------------------------
+def _envoy_template(mode: str) -> str:
+    """The shipped config of this mode: envoy/ of the checkout this package runs from, or /app/envoy."""
+    from pathlib import Path
+
+    from nexus_authz.envoy_config import ENVOY_DIR, TEMPLATES
+
+    for base in (ENVOY_DIR, Path("/app/envoy")):
+        if (base / TEMPLATES[mode]).is_file():
+            return str(base / TEMPLATES[mode])
+    raise FileNotFoundError(f"envoy/{TEMPLATES[mode]} not found; give the config to start from with --from")
+
+
+def cmd_envoy_config(args: argparse.Namespace) -> int:
+    """Print a ready Envoy config: the shipped one with the upstream, listener and nexus-authz's
+    addresses filled in (from nexus.yaml unless given), the Lua usage tap inlined."""
+    from pathlib import Path
+
+    from nexus_authz import envoy_config
+    from nexus_authz.settings import Settings, load_settings
+
+    path = _config_path(args)
+    try:
+        if args.config or os.environ.get("NEXUS_CONFIG") or os.path.exists(path):
+            settings = load_settings(path)
+        else:  # no config: nexus-authz's defaults
+            settings = Settings(config_path="(no config file)", base_dir=os.getcwd())
+    except ConfigError as exc:
+        return _fail(str(exc))
+    authz = args.authz or settings.http_socket or (str(settings.http_tcp) if settings.http_tcp else None)
+    grpc_address = args.grpc or settings.grpc
+    if grpc_address is None:
+        return _fail("nexus-authz's gRPC listener is off (listen.grpc: null): Envoy needs it; give --grpc")
+    if args.mode == "http" and authz is None:
+        return _fail("no HTTP fast path (listen.http_socket and listen.http_tcp are off); give --authz")
+    listen_host, listen_port = None, None
+    if args.listen:
+        host, sep, port = args.listen.rpartition(":")
+        if not sep or not port.isdigit():
+            return _fail(f"--listen: expected host:port, got {args.listen!r}", 2)
+        listen_host, listen_port = host.strip("[]") or "0.0.0.0", int(port)
+    try:
+        template = args.template or _envoy_template(args.mode)
+        options: dict[str, object] = {"als": grpc_address}
+        if args.mode == "http":
+            options["authz_socket"] = authz
+        else:
+            options["authz_grpc"] = grpc_address
+        text = envoy_config.render(
+            Path(template),
+            listen_host=listen_host,
+            listen_port=listen_port,
+            admin_port=args.admin_port,
+            upstream=args.upstream,
+            ca_file=args.ca_file or envoy_config.SYSTEM_CA_FILE,
+            **options,  # type: ignore[arg-type]
+        )
+    except (envoy_config.EnvoyConfigError, OSError) as exc:
+        return _fail(str(exc))
+    upstream = args.upstream or "as shipped"
+    sources = f"mode={args.mode}, upstream={upstream}, authz={authz}, grpc={grpc_address}"
+    sys.stdout.write(f"# Rendered by `nexus-authz envoy-config` from {template}: {sources}.\n{text}")
+    return 0
+
+
 # -- demo --------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from nexus_authz.demo.runner import run_demo
@@ -217,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the service",
         description="Serve the HTTP fast path (Unix socket), the admin endpoints and the gRPC services "
-        "until SIGTERM/SIGINT, then drain and exit 0. SIGHUP reloads the key file.",
+        "until SIGTERM/SIGINT, then drain and exit 0. SIGHUP reloads the config file (policy sections, "
+        "key file, pepper; other changes are logged and need a restart) and the key file.",
     )
     add_config(p)
     p.add_argument(
@@ -289,6 +358,32 @@ def build_parser() -> argparse.ArgumentParser:
     cli_usage.add_arguments(p)
     cli_remote.add_server_arguments(p, json_flag=False, usage=True)
     p.set_defaults(func=cmd_usage)
+
+    p = sub.add_parser(
+        "envoy-config",
+        help="print a ready Envoy config for your upstream and nexus-authz",
+        description="Print the shipped Envoy config (envoy/envoy.yaml, or envoy/envoy-grpc.yaml with "
+        "--mode grpc) with nexus-authz's addresses taken from the config file (listen.http_socket, "
+        "listen.grpc) unless given, the upstream and the listener filled in, and the Lua usage tap "
+        "inlined, so Envoy runs it from any directory: `nexus-authz envoy-config -c nexus.yaml --upstream "
+        "https://api.openai.com > envoy.yaml && envoy -c envoy.yaml`.",
+    )
+    add_config(p)
+    p.add_argument(
+        "--mode", choices=("http", "grpc"), default="http", help="ext_authz over HTTP (default) or gRPC"
+    )
+    p.add_argument(
+        "--upstream",
+        help="the LLM provider: https://api.openai.com (TLS with SNI, validated against the system CAs), "
+        "http://host:port or host:port (default: the shipped 127.0.0.1:8000)",
+    )
+    p.add_argument("--listen", help="Envoy's listener, host:port (default 127.0.0.1:10000)")
+    p.add_argument("--admin-port", type=int, help="Envoy's admin port on 127.0.0.1 (default 9901)")
+    p.add_argument("--authz", help="nexus-authz's HTTP fast path: socket path or host:port (default: config)")
+    p.add_argument("--grpc", help="nexus-authz's gRPC address: host:port or unix:/path (default: config's)")
+    p.add_argument("--ca-file", help="CA bundle for an https upstream (default: the system's)")
+    p.add_argument("--from", dest="template", help="the Envoy config to start from (default: shipped one)")
+    p.set_defaults(func=cmd_envoy_config)
 
     p = sub.add_parser(
         "demo",

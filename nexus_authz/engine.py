@@ -26,23 +26,16 @@ from nexus_authz.core.model import Credential, Decision, InFlight, Reason, Reque
 from nexus_authz.core.policy import Admission, Policy, unavailable
 from nexus_authz.core.reservations import ReservationBook, Settlement
 from nexus_authz.core.usage import Usage
+from nexus_authz.filesource import FileSource, FileStamp, SourceStatus, file_stamp
 from nexus_authz.latency import LatencyHistogram
-from nexus_authz.settings import Settings, resolve_path, resolve_secret
+from nexus_authz.settings import Settings, load_settings, reload_settings, resolve_path, resolve_secret
 from nexus_authz.stores.base import apply_settlements
 from nexus_authz.stores.ledger import Ledger, MemoryLedger, SQLiteLedger, UsageRecord
 from nexus_authz.stores.memory import MemoryCounterStore
 from nexus_authz.stores.redis import RedisStore, Unavailable, open_redis_store
 
 log = logging.getLogger("nexus_authz.keys")
-
-
-@dataclass(frozen=True, slots=True)
-class FileStamp:
-    """What identifies one version of the key file without reading it (checked every reload interval)."""
-
-    mtime_ns: int
-    size: int
-    inode: int
+config_log = logging.getLogger("nexus_authz.config")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +50,19 @@ class KeyStatus:
 
 
 _RELOAD = object()  # a stamp no file has: the next poll reloads
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigUpdate:
+    """A changed config file, loaded and checked off the loop, ready to put in force in one step."""
+
+    settings: Settings  # what to run with: the new reloadable fields, the running value of the rest
+    restart: tuple[str, ...]  # changed fields that need a restart (not applied)
+    changed: tuple[str, ...]  # changed fields that take effect
+    pepper: bytes
+    credentials: Mapping[str, Credential]
+    snapshot: KeySnapshot  # the key file read against the new policy
+    key_stamp: FileStamp | None
 
 
 class _SoonAdjuster:
@@ -81,14 +87,6 @@ def make_ledger(settings: Settings, clock: Callable[[], float]) -> Ledger | None
         max_pending=ls.max_pending,
         clock=clock,
     )
-
-
-def file_stamp(path: str) -> FileStamp | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return FileStamp(st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def resolve_credentials(
@@ -146,6 +144,7 @@ class Engine:
     __slots__ = (
         "_credentials",
         "accounted",
+        "config",
         "book",
         "check_latency",
         "counters",
@@ -205,6 +204,12 @@ class Engine:
         self._stamp: FileStamp | None = None
         self._last_error: str | None = None
         self._last_error_at: float | None = None
+        # nexus.yaml, reloaded like the key file (SIGHUP, or a changed stamp at the next poll)
+        self.config: FileSource[ConfigUpdate] | None = (
+            FileSource(settings.config_path, self._load_config, clock=clock)
+            if os.path.isfile(settings.config_path)
+            else None
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings, *, clock: Callable[[], float] = time.time) -> Engine:
@@ -454,8 +459,11 @@ class Engine:
         return True
 
     def request_reload(self) -> None:
-        """Make the next poll reload the key file even if it looks unchanged (SIGHUP)."""
+        """Make the next poll reload the config file and the key file even if they look unchanged
+        (SIGHUP)."""
         self._stamp = _RELOAD  # type: ignore[assignment]
+        if self.config is not None:
+            self.config.request_reload()
 
     def reload_keys(self, *, force: bool = False) -> bool:
         """Load the key file if it changed (or always, with `force`), on the calling thread."""
@@ -477,3 +485,71 @@ class Engine:
             last_error=self._last_error,
             last_error_at=self._last_error_at,
         )
+
+    # -- config file reloads ------------------------------------------------------------------------------
+    def _load_config(self) -> ConfigUpdate:
+        """Read nexus.yaml and everything a new policy needs (secrets, the key file read against it).
+        Side-effect free and run off the loop; any problem is a ConfigError and nothing changes."""
+        assert self.config is not None
+        settings, restart, changed = reload_settings(self.settings, load_settings(self.config.path))
+        pepper = resolve_pepper(settings)
+        credentials = resolve_credentials(settings)
+        key_stamp = file_stamp(resolve_path(settings, settings.keys_file))
+        snapshot = read_key_snapshot(settings, pepper=pepper, credentials=credentials, now=self.clock())
+        return ConfigUpdate(settings, restart, changed, pepper, credentials, snapshot, key_stamp)
+
+    def install_config(self, result: ConfigUpdate | ConfigError, stamp: FileStamp | None) -> bool:
+        """Put a reloaded config in force (a new Policy, credentials and key snapshot; the limit counters,
+        reservations and stores stay, so a limit that did not change keeps its state), or keep the last
+        good config and log why. Each changed field that needs a restart is logged by name, once per
+        reload, and keeps its running value. Returns True if the new config is in force."""
+        assert self.config is not None
+        path = self.config.path
+        update = self.config.install(result, stamp)
+        if update is None:
+            config_log.error(
+                "config file rejected; the previous config stays in force",
+                extra={"config": path, "error": str(result)},
+            )
+            return False
+        for name in update.restart:
+            config_log.warning(
+                f"config field {name} changed but needs a restart; the running value stays",
+                extra={"config": path, "field": name},
+            )
+        self.settings = update.settings
+        self.policy = Policy(update.settings.policy, track=update.settings.accounting.enabled)
+        self._pepper = update.pepper
+        self._credentials = update.credentials
+        self._key_path = resolve_path(update.settings, update.settings.keys_file)
+        self._stamp = update.key_stamp
+        self._last_error = None
+        self._last_error_at = None
+        snapshot = update.snapshot
+        self.snapshot = with_revoked(snapshot, self.revoked) if self.revoked else snapshot
+        gc.freeze()
+        config_log.info(
+            "config file reloaded",
+            extra={
+                "config": path,
+                "changed": ", ".join(update.changed),
+                "not_applied": ", ".join(update.restart),
+                "keys": len(snapshot),
+                "keys_version": snapshot.version,
+            },
+        )
+        return True
+
+    def reload_config(self, *, force: bool = False) -> bool:
+        """Load nexus.yaml if it changed (or always, with `force`), on the calling thread."""
+        if self.config is None:
+            return False
+        stamp = self.config.changed()
+        if stamp is False:
+            if not force:
+                return False
+            stamp = self.config.stamp
+        return self.install_config(self.config.load(), stamp)  # type: ignore[arg-type]
+
+    def config_status(self) -> SourceStatus | None:
+        return None if self.config is None else self.config.status()

@@ -45,6 +45,10 @@ LUA_FILTER = "envoy.filters.http.lua"
 #: Where the shipped configs and the Lua sources they name live (a source checkout's ``envoy/``).
 ENVOY_DIR = Path(__file__).resolve().parents[1] / "envoy"
 ADMIN = "admin"
+#: The system's CA bundle (Debian/Ubuntu, and what the image has): an https upstream is validated against it.
+SYSTEM_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
+#: The shipped config of each ext_authz mode.
+TEMPLATES = {"http": "envoy.yaml", "grpc": "envoy-grpc.yaml"}
 _HCM_FILTER = "envoy.filters.network.http_connection_manager"
 
 #: An address: ``"/path/to.sock"`` or ``"unix:/path"`` (a Unix socket), ``"host:port"``,
@@ -85,6 +89,7 @@ def render(
     clusters: Mapping[str, Address] | None = None,
     failure_mode_allow: bool | None = None,
     authz_timeout: float | None = None,
+    ca_file: str = SYSTEM_CA_FILE,
 ) -> str:
     """Return the config as YAML text with the named addresses and settings changed.
 
@@ -94,7 +99,9 @@ def render(
     ``authz_grpc`` cluster ``nexus_authz_grpc``; ``extproc`` cluster ``nexus_extproc`` and ``als``
     cluster ``nexus_als`` (token accounting over ext_proc, or over the Lua usage tap and the gRPC access
     log: nexus-authz's gRPC address); ``clusters`` any other cluster by name (later filters:
-    ext_proc, ratelimit). ``failure_mode_allow`` and ``authz_timeout`` (seconds) edit every ext_authz
+    ext_proc, ratelimit). An ``https://`` address is validated against ``ca_file`` (the system's CA
+    bundle by default), with SNI and the certificate's name taken from the host. ``failure_mode_allow``
+    and ``authz_timeout`` (seconds) edit every ext_authz
     filter of the listener. Anything asked for that the config lacks raises EnvoyConfigError naming it.
 
     Lua filters whose source is a relative ``filename`` (``envoy.yaml`` names ``nexus-usage.lua``, which
@@ -129,7 +136,7 @@ def render(
         edits[ALS_CLUSTER] = als
     edits.update(clusters or {})
     for name, address in edits.items():
-        _set_cluster_address(_cluster(doc, name), name, address)
+        _set_cluster_address(_cluster(doc, name), name, address, ca_file)
     if failure_mode_allow is not None or authz_timeout is not None:
         filters = list(_http_filters(doc, EXT_AUTHZ_FILTER))
         if not filters:
@@ -226,7 +233,9 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _set_cluster_address(cluster: dict[str, Any], name: str, address: Address) -> None:
+def _set_cluster_address(
+    cluster: dict[str, Any], name: str, address: Address, ca_file: str = SYSTEM_CA_FILE
+) -> None:
     envoy_address, sni = _parse_address(address)
     cluster["load_assignment"] = {
         "cluster_name": name,
@@ -246,10 +255,16 @@ def _set_cluster_address(cluster: dict[str, Any], name: str, address: Address) -
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
                 "sni": sni,
-                "common_tls_context": {
-                    "validation_context": {"trusted_ca": {"filename": "/etc/ssl/certs/ca-certificates.crt"}}
-                },
+                "common_tls_context": {"validation_context": {"trusted_ca": {"filename": ca_file}}},
             },
+        }
+        # SNI from the request's (rewritten) host, and the certificate checked against that name.
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "upstream_http_protocol_options": {"auto_sni": True, "auto_san_validation": True},
+                "explicit_http_config": {"http_protocol_options": {}},
+            }
         }
     elif isinstance(address, str) and address.startswith("http://"):
         # Only an explicit scheme decides TLS; other address forms keep what the config says.

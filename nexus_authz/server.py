@@ -10,7 +10,8 @@ gRPC health follows readiness, per service, within a second of it changing.
 Shutdown (SIGTERM or SIGINT): readiness goes false and gRPC health NOT_SERVING, listeners stop accepting,
 in-flight requests finish (up to `server.shutdown_grace`), keep-alive connections are closed (one
 carrying a request after answering it, with `connection: close`), the ledger flushes, and the process
-exits 0. SIGHUP reloads the key file at once.
+exits 0. SIGHUP reloads the config file and the key file at once (the config's policy sections, key
+file and pepper take effect; a changed listener or store setting is logged by name and needs a restart).
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ class Server:
         if status.last_error:
             # Still serving the last good snapshot, but the file on disk is broken: say so.
             return False, "key file rejected; serving the previous snapshot"
+        config = self.engine.config_status()
+        if config is not None and config.last_error:
+            return False, "config file rejected; serving the previous config"
         remote = self.engine.remote
         if remote is not None and not remote.health().ready:
             return False, f"counter store (Redis) {remote.health().state}"
@@ -253,6 +257,14 @@ class Server:
         engine = self.engine
         while True:
             await asyncio.sleep(interval)
+            try:
+                config = engine.config
+                if config is not None and (config_stamp := config.changed()) is not False:
+                    # nexus.yaml first: a new config reads the key file itself, against its policy.
+                    loaded = await loop.run_in_executor(None, config.load)
+                    engine.install_config(loaded, config_stamp)  # type: ignore[arg-type]
+            except Exception:  # a bug must not stop reloads forever
+                log.exception("config reload failed")
             try:
                 stamp = engine.keys_changed()
                 if stamp is not False:

@@ -322,3 +322,82 @@ def resolve_secret(
     if not value:
         raise ConfigError(f"secret file {path} is empty", field=what)
     return value
+
+
+# -- reloading the config file -------------------------------------------------------------------------------
+#: Settings a running server cannot change without a restart (listeners are bound, stores opened, logging
+#: set up), by attribute, with the config field that sets it. A reload keeps their running values.
+RESTART_FIELDS: Mapping[str, str] = {
+    "http_socket": "listen.http_socket",
+    "http_socket_mode": "listen.http_socket_mode",
+    "http_tcp": "listen.http_tcp",
+    "grpc": "listen.grpc",
+    "admin": "listen.admin",
+    "api": "listen.api",
+    "max_header_bytes": "http.max_header_bytes",
+    "max_body_bytes": "http.max_body_bytes",
+    "idle_timeout": "http.idle_timeout",
+    "reload_interval": "keys.reload_interval",
+    "log_level": "logging.level",
+    "log_format": "logging.format",
+    "shutdown_grace": "server.shutdown_grace",
+    "ledger": "ledger",
+    "counters": "counters",
+    "accounting": "accounting",
+    "api_auth": "api.admin_token",
+    "ratelimit": "ratelimit",
+}
+#: The reloadable settings (every policy section, the key file and its pepper), by config field.
+RELOADABLE_FIELDS: Mapping[str, str] = {
+    "keys.file": "keys_file",
+    "keys.pepper": "pepper",
+    "credentials": "policy.credentials",
+    "default_credential": "policy.default_credential",
+    "plans": "policy.plans",
+    "prices": "policy.prices",
+    "reservations.default_max_tokens": "policy.reservations.default_max_tokens",
+    "shadow_mode": "policy.shadow_mode",
+    "auth_failures": "policy.auth_failures",
+}
+
+
+def _get(obj: object, dotted: str) -> object:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _differences(name: str, old: object, new: object) -> list[str]:
+    if old == new:
+        return []
+    names = getattr(old, "__dataclass_fields__", None)  # a section (ledger, counters...): which field
+    if names is None or type(old) is not type(new) or "." in name:
+        return [name]
+    return [f for n in names for f in _differences(f"{name}.{n}", getattr(old, n), getattr(new, n))]
+
+
+def reload_settings(running: Settings, new: Settings) -> tuple[Settings, tuple[str, ...], tuple[str, ...]]:
+    """What a server running with `running` puts in force when its config file now says `new`.
+
+    Returns (the settings to run with, the changed fields that need a restart and keep their running
+    values, the changed fields that take effect). Policy sections, `keys.file` and `keys.pepper` reload;
+    listeners, stores, logging and the other server settings need a restart (RESTART_FIELDS), as do
+    `reservations.ttl` and `reservations.max_pending` (the reservation book is sized at start)."""
+    restart: list[str] = []
+    for attr, name in RESTART_FIELDS.items():
+        restart += _differences(name, getattr(running, attr), getattr(new, attr))
+    old_res, new_res = running.policy.reservations, new.policy.reservations
+    for name in ("ttl", "max_pending"):
+        if getattr(old_res, name) != getattr(new_res, name):
+            restart.append(f"reservations.{name}")
+    reservations = replace(new_res, ttl=old_res.ttl, max_pending=old_res.max_pending)
+    merged = replace(
+        running,
+        keys_file=new.keys_file,
+        pepper=new.pepper,
+        policy=replace(new.policy, reservations=reservations),
+    )
+    changed = tuple(
+        name for name, attr in RELOADABLE_FIELDS.items() if _get(running, attr) != _get(merged, attr)
+    )
+    return merged, tuple(restart), changed

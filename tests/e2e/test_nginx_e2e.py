@@ -1,8 +1,9 @@
 """nginx `auth_request` through the real nginx: deploy/nginx/nginx.conf, nexus-authz and the mock upstream.
 
 nginx runs from a private prefix (its own pid file, temp directories and log) on a free port, with the
-config rendered from deploy/nginx/ by `nexus_authz.nginx_config`; nexus-authz is a process on a Unix
-socket (the Envoy stack's `Stack.start_nexus`), the mock upstream a thread.
+config rendered from deploy/nginx/ by `nexus_authz.nginx_config`; nexus-authz is a process (the Envoy
+stack's `Stack.start_nexus`) that nginx reaches over its TCP fast path on the loopback, as the README's
+recipe does (so it works as root too: no `user` directive), the mock upstream a thread.
 """
 
 from __future__ import annotations
@@ -70,11 +71,9 @@ def start_nginx(workdir: Path, *, authz: str, upstream: str) -> Nginx:
             worker_processes=1,
         )
     )
-    # As root the workers would drop to `nobody`, which cannot reach a socket in a private temp dir.
-    directives = "daemon off; user root;" if os.geteuid() == 0 else "daemon off;"
     with open(workdir / "nginx.log", "ab") as log:
         process = subprocess.Popen(
-            [NGINX, "-p", str(workdir), "-c", str(conf), "-g", directives],
+            [NGINX, "-p", str(workdir), "-c", str(conf), "-g", "daemon off;"],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -118,10 +117,13 @@ def ngx() -> Iterator[NginxStack]:
     nginx: Nginx | None = None
     try:
         stack.mock = mock_upstream.start_in_thread(always_usage=False)
-        stack.start_nexus()
-        nginx = start_nginx(
-            workdir / "nginx", authz=str(stack.socket), upstream=f"127.0.0.1:{stack.mock.port}"
-        )
+        authz = f"127.0.0.1:{procs.free_port()}"
+        os.environ["NEXUS_HTTP_TCP"] = authz  # what the recipe sets; read by start_nexus's process
+        try:
+            stack.start_nexus()
+        finally:
+            del os.environ["NEXUS_HTTP_TCP"]
+        nginx = start_nginx(workdir / "nginx", authz=authz, upstream=f"127.0.0.1:{stack.mock.port}")
         yield NginxStack(stack, nginx)
     finally:
         if nginx is not None:
