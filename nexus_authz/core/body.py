@@ -158,18 +158,18 @@ AMBIGUOUS: Final = "The request body has too many nested request keys to be chec
 NOT_UTF8: Final = "The request body must be JSON encoded as UTF-8 (no byte-order mark)."
 
 
-def _scan(body: bytes) -> tuple[dict[bytes, int] | str, list[tuple[int, int]]]:
+def _scan(body: bytes, complete: bool = True) -> tuple[dict[bytes, int] | str, list[tuple[int, int]]]:
     """Value offsets of the top-level fact keys (or why they cannot be trusted) and the blob spans.
 
     A key counts when its opening quote is unescaped: in valid JSON that quote starts a string, and a
-    string followed by a colon is a key. Its depth is the previous candidate's plus the brackets in
-    between (outside strings), so the whole scan reads each byte once and works on a prefix too (a body
-    cut by the proxy). A fact key twice at depth 1 is a duplicate: the answer is the problem, not a guess.
+    string followed by a colon is a key. Depths are counted incrementally between candidates, from the
+    front for those in the first half and, in a `complete` body (not cut by the proxy), from the back
+    for the others: each byte is read at most once, and usually only the few around the keys. A fact
+    key twice at depth 1 is a duplicate: the answer is the problem, not a guess.
     """
-    found: dict[bytes, int] = {}
     blobs: list[tuple[int, int]] = []
-    candidates = matches = 0
-    prev = depth = 0  # the depth at body[prev], which is outside any string
+    candidates: list[tuple[bytes, int, int]] = []
+    matches = 0
     for m in _KEY.finditer(body):
         matches += 1
         if matches > _MAX_MATCHES:
@@ -183,16 +183,32 @@ def _scan(body: bytes) -> tuple[dict[bytes, int] | str, list[tuple[int, int]]]:
         pos = m.start()
         if _escaped(body, pos):
             continue
-        candidates += 1
-        if candidates > _MAX_CANDIDATES:
+        if len(candidates) == _MAX_CANDIDATES:
             return AMBIGUOUS, blobs
+        candidates.append((name, pos, m.end()))
+    half = len(body) // 2 if complete else len(body)
+    depths: list[int] = []
+    prev = depth = 0  # the depth at body[prev], which is outside any string
+    for _, pos, _ in candidates:
+        if pos > half:
+            break
         depth += _net_depth(body[prev:pos])
         prev = pos
-        if depth != 1:
+        depths.append(depth)
+    tail: list[int] = []
+    prev, depth = len(body), 0
+    for _, pos, _ in reversed(candidates[len(depths) :]):
+        depth -= _net_depth(body[pos:prev])
+        prev = pos
+        tail.append(depth)
+    depths.extend(reversed(tail))
+    found: dict[bytes, int] = {}
+    for (name, _, end), at in zip(candidates, depths, strict=True):
+        if at != 1:
             continue
         if name in found:
             return DUPLICATE_KEY, blobs
-        found[name] = m.end()
+        found[name] = end
     return found, blobs
 
 
@@ -395,11 +411,11 @@ def _facts_fields(body: bytes, truncated: bool) -> _Read:
         fields, problem = _strict_fields(text if text is not None else body.decode("ascii"))
         blobs = _scan(body)[1] if (b"base64," in body or b'"data"' in body) else []
         return _Read(fields, blobs, problem, fields is not None or problem is not None)
-    found, blobs = _scan(body)
+    found, blobs = _scan(body, complete=not truncated)
     if isinstance(found, str):
         return _Read(None, blobs, found, True)
     # A key spelled with escapes (`"mod\\u0065l"`) is invisible to the scan: only a parse can see it.
-    escaped_key = b"\\u00" in body and _LETTER_ESCAPE_RE.search(body) is not None
+    escaped_key = b"\\" in body and _LETTER_ESCAPE_RE.search(body) is not None
     fields = None if escaped_key else _fields(body, found)
     if fields is None and not truncated:
         if len(body) > MAX_PARSE_BYTES:
