@@ -57,6 +57,10 @@ def request_from_check(check: external_auth_pb2.CheckRequest) -> Request:
             headers[key] = value if key not in headers else headers[key] + ", " + value
     body = http.raw_body or (http.body.encode("utf-8", "surrogateescape") if http.body else b"")
     truncated = headers.get("x-envoy-auth-partial-body") == "true"
+    # The client's Content-Length (Envoy's `size`, -1 when unknown), which a cut body no longer shows.
+    headers.pop("x-nexus-content-length", None)
+    if http.size > 0:
+        headers["x-nexus-content-length"] = str(http.size)
     address = check.attributes.source.address.socket_address.address
     return Request(
         method=http.method or "GET",

@@ -37,8 +37,9 @@ EXT_AUTHZ_PREFIX = "/ext_authz"
 NGINX_PATH = "/v1/nginx/auth"
 MAX_HEADERS = 128
 _ALLOW_CACHE = 4096  # keys whose allow answers are kept ready
-# The request headers a decision can read (keys, body type, ids, addresses, partial-body flag, nginx's
-# original request line). Others are counted against the limits and otherwise ignored.
+# The request headers a decision can read (keys, body type, ids, addresses, partial-body flag, the
+# client's Content-Length as Envoy declares it, nginx's original request line). Others are counted
+# against the limits and otherwise ignored.
 _KEEP: dict[bytes, str] = {
     name.encode(): name
     for name in (
@@ -49,6 +50,7 @@ _KEEP: dict[bytes, str] = {
         "x-forwarded-for",
         "x-real-ip",
         "x-envoy-auth-partial-body",
+        "x-nexus-content-length",
         "x-original-uri",
         "x-original-method",
     )

@@ -13,17 +13,19 @@ Also the shared bounded-JSON helper the response side (usage.py) uses.
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import re
-from dataclasses import dataclass
-from typing import Final
+from dataclasses import dataclass, field
+from typing import Final, NamedTuple
 
 from nexus_authz.core.tokens import IMAGE_TOKENS, estimate_tokens
 
 __all__ = [
     "MAX_PARSE_BYTES",
-    "find_model",
+    "is_multipart",
+    "multipart_model",
     "PARSE_BELOW",
     "SAMPLE_ABOVE",
     "RequestFacts",
@@ -79,6 +81,10 @@ class RequestFacts:
     include_usage: bool = False
     n: int = 1
     prompt_tokens: int = 0
+    # Set when the body must be refused rather than read (the strict reading, see `request_facts`): a
+    # duplicate top-level key, an encoding other than UTF-8, or a body too ambiguous to check cheaply.
+    problem: str | None = None
+    is_object: bool = field(default=False, compare=False)  # the body is (or, cut, begins as) a JSON object
 
 
 def _escaped(body: bytes, quote: int) -> bool:
@@ -118,7 +124,11 @@ _KEY: Final = re.compile(
     rb'|data|url|image_url|file_data)"[ \t\r\n]*:[ \t\r\n]*'
 )
 _BLOB_KEYS: Final = frozenset((b"data", b"url", b"image_url", b"file_data"))
-_MAX_CANDIDATES: Final = 8
+# The scan's work is bounded: at most _MAX_MATCHES regex matches of any key are looked at, and at most
+# _MAX_CANDIDATES of them may be fact keys (unescaped); a body beyond either is refused as ambiguous
+# (no real request nests that many). Depths are counted incrementally, each byte once.
+_MAX_CANDIDATES: Final = 64
+_MAX_MATCHES: Final = 512
 _B64_RUN: Final = re.compile(rb"[A-Za-z0-9+/=\\]*")
 _BLOB_MIN: Final = 256
 
@@ -143,36 +153,62 @@ def _blob_at(body: bytes, pos: int) -> tuple[int, int] | None:
     return pos, end
 
 
-def _scan(body: bytes) -> tuple[dict[bytes, int] | None, list[tuple[int, int]]]:
-    """Value offsets of the top-level scalar keys (None when ambiguous) and the base64 blob spans."""
-    found: dict[bytes, int] | None = {}
+DUPLICATE_KEY: Final = "The request body has a duplicate top-level key; send each key once."
+AMBIGUOUS: Final = "The request body has too many nested request keys to be checked."
+NOT_UTF8: Final = "The request body must be JSON encoded as UTF-8 (no byte-order mark)."
+
+
+def _scan(body: bytes, complete: bool = True) -> tuple[dict[bytes, int] | str, list[tuple[int, int]]]:
+    """Value offsets of the top-level fact keys (or why they cannot be trusted) and the blob spans.
+
+    A key counts when its opening quote is unescaped: in valid JSON that quote starts a string, and a
+    string followed by a colon is a key. Depths are counted incrementally between candidates, from the
+    front for those in the first half and, in a `complete` body (not cut by the proxy), from the back
+    for the others: each byte is read at most once, and usually only the few around the keys. A fact
+    key twice at depth 1 is a duplicate: the answer is the problem, not a guess.
+    """
     blobs: list[tuple[int, int]] = []
-    candidates = 0
-    half = len(body) // 2
+    candidates: list[tuple[bytes, int, int]] = []
+    matches = 0
     for m in _KEY.finditer(body):
+        matches += 1
+        if matches > _MAX_MATCHES:
+            return AMBIGUOUS, blobs
         name = m.group(1)
         if name in _BLOB_KEYS:
             span = _blob_at(body, m.end())
             if span is not None:
                 blobs.append(span)
             continue
-        if found is None:
-            continue
         pos = m.start()
         if _escaped(body, pos):
             continue
-        candidates += 1
-        if candidates > _MAX_CANDIDATES:
-            found = None
-            continue
-        # Top level <=> depth 1 at the key: count on whichever side of it is shorter.
-        depth = _net_depth(body[:pos]) if pos <= half else -_net_depth(body[pos:])
-        if depth != 1:
+        if len(candidates) == _MAX_CANDIDATES:
+            return AMBIGUOUS, blobs
+        candidates.append((name, pos, m.end()))
+    half = len(body) // 2 if complete else len(body)
+    depths: list[int] = []
+    prev = depth = 0  # the depth at body[prev], which is outside any string
+    for _, pos, _ in candidates:
+        if pos > half:
+            break
+        depth += _net_depth(body[prev:pos])
+        prev = pos
+        depths.append(depth)
+    tail: list[int] = []
+    prev, depth = len(body), 0
+    for _, pos, _ in reversed(candidates[len(depths) :]):
+        depth -= _net_depth(body[pos:prev])
+        prev = pos
+        tail.append(depth)
+    depths.extend(reversed(tail))
+    found: dict[bytes, int] = {}
+    for (name, _, end), at in zip(candidates, depths, strict=True):
+        if at != 1:
             continue
         if name in found:
-            found = None  # a duplicate key: let the parser decide which one wins
-            continue
-        found[name] = m.end()
+            return DUPLICATE_KEY, blobs
+        found[name] = end
     return found, blobs
 
 
@@ -315,30 +351,100 @@ def _prompt_estimate(body: bytes, blobs: list[tuple[int, int]]) -> int:
 PARSE_BELOW: Final = 16 << 10
 
 
-def _facts_fields(body: bytes) -> tuple[dict[str, object] | None, list[tuple[int, int]]]:
-    """The top-level fact keys present (None: not a JSON object) and the base64 blob spans."""
-    if len(body) <= PARSE_BELOW:
-        obj = loads_bounded(body)
+class _Members(list):  # type: ignore[type-arg]
+    """A JSON object as the parser saw it: its (key, value) pairs in order, duplicates kept."""
+
+    __slots__ = ()
+
+
+# object_pairs_hook is a type: the C parser calls it without a Python frame (~25% over a plain parse).
+_STRICT: Final = json.JSONDecoder(object_pairs_hook=_Members)
+_FACT_KEY_SET: Final = frozenset(_FACT_KEYS)
+_LETTER_ESCAPE_RE: Final = re.compile(rb"\\u00[4-7][0-9a-fA-F]")
+
+
+def _strict_fields(text: str) -> tuple[dict[str, object] | None, str | None]:
+    """The fact keys of a whole JSON text parsed strictly: (None, None) when it is not a JSON object,
+    (None, problem) when a top-level key appears twice (however it is spelled: `mod\\u0065l`)."""
+    try:
+        top = _STRICT.decode(text)
+    except (ValueError, RecursionError):
+        return None, None
+    if not isinstance(top, _Members):
+        return None, None
+    if len({k for k, _ in top}) != len(top):
+        return None, DUPLICATE_KEY
+    fields: dict[str, object] = {}
+    for k, v in top:
+        if k in _FACT_KEY_SET:
+            fields[k] = dict(v) if isinstance(v, _Members) else v
+    return fields, None
+
+
+class _Read(NamedTuple):
+    fields: dict[str, object] | None  # the top-level fact keys present; None: none could be read
+    blobs: list[tuple[int, int]]
+    problem: str | None
+    is_object: bool
+
+
+def _facts_fields(body: bytes, truncated: bool) -> _Read:
+    """The strict reading: the body is UTF-8 JSON whose top-level keys appear once, or it is refused.
+
+    UTF-16/32 (which Python's json.loads(bytes) would decode) always holds a NUL byte in a JSON text;
+    invalid UTF-8 and a byte-order mark are refused too. A body cut by the proxy is read up to the cut.
+    """
+    if b"\x00" in body:
+        return _Read(None, [], NOT_UTF8, False)
+    text: str | None = None
+    if not body.isascii():
+        if body.startswith(b"\xef\xbb\xbf"):
+            return _Read(None, [], NOT_UTF8, False)
+        try:  # a cut body may end inside a character: final=False leaves that one undecoded
+            text = codecs.utf_8_decode(body, "strict", not truncated)[0]
+        except UnicodeDecodeError:
+            return _Read(None, [], NOT_UTF8, False)
+    if body.lstrip()[:1] != b"{":
         blobs = _scan(body)[1] if (b"base64," in body or b'"data"' in body) else []
-        if not isinstance(obj, dict):
-            return None, blobs
-        return {k: obj[k] for k in _FACT_KEYS if k in obj}, blobs
-    found, blobs = _scan(body)
-    fields = _fields(body, found) if body.lstrip()[:1] == b"{" else None
-    if fields is None:
-        obj = loads_bounded(body)
-        if isinstance(obj, dict):
-            fields = {k: obj[k] for k in _FACT_KEYS if k in obj}
-    return fields, blobs
+        return _Read(None, blobs, None, False)
+    if not truncated and len(body) <= PARSE_BELOW:
+        fields, problem = _strict_fields(text if text is not None else body.decode("ascii"))
+        blobs = _scan(body)[1] if (b"base64," in body or b'"data"' in body) else []
+        return _Read(fields, blobs, problem, fields is not None or problem is not None)
+    found, blobs = _scan(body, complete=not truncated)
+    if isinstance(found, str):
+        return _Read(None, blobs, found, True)
+    # A key spelled with escapes (`"mod\\u0065l"`) is invisible to the scan: only a parse can see it.
+    escaped_key = b"\\" in body and _LETTER_ESCAPE_RE.search(body) is not None
+    fields = None if escaped_key else _fields(body, found)
+    if fields is None and not truncated:
+        if len(body) > MAX_PARSE_BYTES:
+            return _Read(None, blobs, AMBIGUOUS, True)
+        fields, problem = _strict_fields(text if text is not None else body.decode("ascii"))
+        return _Read(fields, blobs, problem, fields is not None or problem is not None)
+    if fields is None:  # cut: only what the scan could read (the caller treats it as unproven)
+        fields = {}
+        for name, pos in found.items():
+            value = _scalar(body, pos)
+            if value is not _UNPARSED:
+                fields[name.decode()] = value
+    return _Read(fields, blobs, None, True)
 
 
-def request_facts(body: bytes, *, estimate_prompt: bool = True, precise: bool = True) -> RequestFacts:
+def request_facts(
+    body: bytes, *, estimate_prompt: bool = True, precise: bool = True, truncated: bool = False
+) -> RequestFacts:
     """Model, token cap, streaming flags, choice count and a prompt estimate; never raises.
 
-    Bodies up to PARSE_BELOW are parsed (a few µs); larger ones are scanned for the keys (one regex
-    pass, ~0.4 µs per KB) and parsed only when the scan is unsure. The estimate is sampled above
-    SAMPLE_ABOVE bytes; pass estimate_prompt=False when no token limit needs it. An empty, non-JSON or
-    non-object body gives RequestFacts() with only the prompt estimate set.
+    The strict reading (one for every size): the body must be UTF-8 JSON (a NUL byte, invalid UTF-8 or a
+    byte-order mark sets `problem`), and a top-level key appearing twice, however spelled, sets
+    `problem` instead of guessing which one the upstream's parser keeps. Bodies up to PARSE_BELOW are
+    parsed (a few µs); larger ones are scanned for the keys (one regex pass, ~0.4 µs per KB, at most
+    _MAX_MATCHES matches) and parsed only when the scan is unsure or a key is spelled with escapes.
+    `truncated`: the body is a prefix (the proxy cut it); the facts are then what the prefix shows, which
+    proves nothing about what follows the cut (the caller decides what to do with that). The estimate is
+    sampled above SAMPLE_ABOVE bytes; pass estimate_prompt=False when no token limit needs it. An empty,
+    non-JSON or non-object body gives RequestFacts() with only the prompt estimate set.
 
     `precise=False` (the Check's reservation) estimates an ASCII body at QUICK_TOKENS_PER_BYTE: a
     byte count instead of ~10 µs per KB of byte-class passes, within about ±30% of the exact count on
@@ -348,7 +454,7 @@ def request_facts(body: bytes, *, estimate_prompt: bool = True, precise: bool = 
     if not isinstance(body, bytes | bytearray | memoryview):
         return RequestFacts()
     body = bytes(body)
-    fields, blobs = _facts_fields(body)
+    fields, blobs, problem, is_object = _facts_fields(body, truncated) if body else _Read(None, [], None, False)
     if not estimate_prompt or not body:
         prompt = 0
     elif not precise and not blobs and body.isascii():
@@ -356,7 +462,7 @@ def request_facts(body: bytes, *, estimate_prompt: bool = True, precise: bool = 
     else:
         prompt = _prompt_estimate(body, blobs)
     if fields is None:
-        return RequestFacts(prompt_tokens=prompt)
+        return RequestFacts(prompt_tokens=prompt, problem=problem, is_object=is_object)
     model = fields.get("model")
     caps = [v for v in (_int_or_none(fields.get(k)) for k in _CAP_KEYS) if v is not None]
     options = fields.get("stream_options")
@@ -368,6 +474,7 @@ def request_facts(body: bytes, *, estimate_prompt: bool = True, precise: bool = 
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
         n=n if n is not None and 1 <= n <= 128 else 1,
         prompt_tokens=prompt,
+        is_object=True,
     )
 
 
@@ -410,7 +517,8 @@ def inject_include_usage(body: bytes) -> bytes | None:
     if body[start : start + 1] != b"{":
         return None
     if len(body) > PARSE_BELOW:
-        fields = _fields(body, _scan(body)[0])
+        found = _scan(body)[0]
+        fields = _fields(body, found if isinstance(found, dict) else None)
         if fields is not None:
             if fields.get("stream") is not True:
                 return None
@@ -438,36 +546,94 @@ def inject_include_usage(body: bytes) -> bytes | None:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-# `"model": "..."` anywhere in a JSON text; used only when it occurs exactly once (see `find_model`).
-_MODEL_RE = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){0,256})"')
-# The part's other header lines are bounded (a part has one or two): with `(?:[^\r\n]*\r\n)*` every
-# `name="model"` in a body of such lines scanned to the end of the body, quadratic (a 1 MiB body: minutes).
-_MULTIPART_MODEL_RE = re.compile(rb'name="model"\r\n(?:[^\r\n]{0,1024}\r\n){0,8}\r\n([^\r\n]{1,256})\r\n')
-_LETTER_ESCAPE_RE = re.compile(rb"\\u00[4-7][0-9a-fA-F]")
+_MAX_PARTS: Final = 256
+_MAX_PART_HEAD: Final = 4096
+_BOUNDARY_PARAM: Final = re.compile(r';\s*boundary\s*=\s*(?:"([^"]{1,70})"|([^";\s]{1,70}))', re.IGNORECASE)
 
 
-def find_model(body: bytes, content_type: str) -> tuple[str | None, bool]:
-    """The requested model, and whether the body was understood at all.
+def is_multipart(content_type: str) -> bool:
+    """multipart/form-data, in any letter case (media types are case-insensitive)."""
+    return content_type.partition(";")[0].strip().lower() == "multipart/form-data"
 
-    Cheap on the hot path: a regex over the bytes finds `"model": "..."` (~5x faster than json.loads).
-    The body is parsed as JSON (bounded in size) whenever that could be wrong: zero or several matches
-    (a nested `"model"` key, duplicate keys), an escaped value, or an ASCII letter written as a `\\u00XX`
-    escape anywhere (which could spell a top-level `"model"` key the regex cannot see). A single nested
-    `"model"` with no top-level one is taken as the model: the request then fails upstream for lack of a
-    model, and the rule was checked against a value the client chose, so nothing is let through unchecked.
+
+def _disposition_name(value: bytes) -> bytes | str | None:
+    """The `name` parameter of a form-data Content-Disposition (a problem string if it is ambiguous)."""
+    kind, _, rest = value.partition(b";")
+    if kind.strip().lower() != b"form-data":
+        return None
+    name: bytes | None = None
+    for param in rest.split(b";"):
+        key, eq, raw = param.partition(b"=")
+        key = key.strip().lower()
+        if key == b"name*":  # RFC 2231/5987 spelling: parsers disagree on it
+            return "A multipart part names itself with name*=; use name=."
+        if key != b"name" or not eq:
+            continue
+        if name is not None:
+            return "A multipart part has two names."
+        raw = raw.strip()
+        if raw[:1] == b'"':
+            if len(raw) < 2 or raw[-1:] != b'"' or b"\\" in raw:
+                return "A multipart part name is not a plain quoted string."
+            raw = raw[1:-1]
+        name = raw
+    return name
+
+
+def multipart_model(body: bytes, content_type: str, *, truncated: bool = False) -> tuple[str | None, str | None]:
+    """The `model` form field of a multipart/form-data body, parsed by its structure: (model, problem).
+
+    Parts are delimited by the boundary of the content type; a part is the model field when its
+    Content-Disposition's `name` parameter is exactly `model` (not `filename="model"`). Two model parts,
+    a part name the parsers could read differently, a model that is not UTF-8, or more than _MAX_PARTS
+    parts are problems (the request is refused). A cut body gives what precedes the cut: a model part
+    could still follow, so the caller must not take that as proved.
     """
-    if content_type.startswith("multipart/form-data"):
-        match = _MULTIPART_MODEL_RE.search(body)
-        return (match.group(1).decode("utf-8", "replace").strip(), True) if match else (None, False)
-    matches = _MODEL_RE.findall(body)
-    if (
-        len(matches) == 1
-        and b"\\" not in matches[0]
-        and (b"\\u00" not in body or not _LETTER_ESCAPE_RE.search(body))
-    ):
-        return matches[0].decode("utf-8", "replace"), True
-    doc = loads_bounded(body)
-    if not isinstance(doc, dict):
-        return None, False
-    model = doc.get("model")
-    return (model if isinstance(model, str) else None), True
+    m = _BOUNDARY_PARAM.search(content_type)
+    if m is None:
+        return None, "A multipart/form-data body needs a boundary parameter."
+    delimiter = b"--" + (m.group(1) or m.group(2)).encode("latin-1")
+    if body.startswith(delimiter):
+        pos = 0
+    else:
+        pos = body.find(b"\r\n" + delimiter)
+        if pos < 0:
+            return None, None if truncated else "The multipart body has no parts."
+        pos += 2
+    model: str | None = None
+    for _ in range(_MAX_PARTS + 1):
+        pos += len(delimiter)
+        if body.startswith(b"--", pos):  # the close delimiter
+            return model, None
+        eol = body.find(b"\r\n", pos, pos + 256)
+        if eol < 0 or body[pos:eol].strip(b" \t"):
+            return model, None if truncated else "Malformed multipart delimiter."
+        # The part's headers end at an empty line (at once for a part without headers).
+        head_end = body.find(b"\r\n\r\n", eol, eol + _MAX_PART_HEAD)
+        following = body.find(b"\r\n" + delimiter, eol + 2)
+        if head_end < 0 or 0 <= following < head_end:
+            if truncated and following < 0:
+                return model, None
+            return None, "Malformed multipart part headers."
+        name: bytes | str | None = None
+        for line in body[eol + 2 : head_end].split(b"\r\n"):
+            header, colon, value = line.partition(b":")
+            if colon and header.strip().lower() == b"content-disposition":
+                if name is not None:
+                    return None, "A multipart part has two Content-Disposition headers."
+                name = _disposition_name(value) or b""
+        if isinstance(name, str):
+            return None, name
+        if name == b"model":
+            if model is not None:
+                return None, "The multipart body has two model fields; send one."
+            if following < 0:  # the value runs into the cut (or the body ends without a close)
+                return None, None if truncated else "The multipart body is not terminated."
+            try:
+                model = body[head_end + 4 : following].decode("utf-8")
+            except UnicodeDecodeError:
+                return None, NOT_UTF8
+        if following < 0:
+            return model, None if truncated else "The multipart body is not terminated."
+        pos = following + 2
+    return None, "The multipart body has too many parts to be checked."

@@ -31,6 +31,7 @@ class Reason(StrEnum):
     CONCURRENCY_LIMITED = "concurrency_limited"
     AUTH_THROTTLED = "auth_throttled"
     BAD_REQUEST = "bad_request"
+    BODY_TOO_LARGE = "body_too_large"
     UNAVAILABLE = "unavailable"
 
 

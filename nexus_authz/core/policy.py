@@ -8,11 +8,13 @@ common answers allocate almost nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
-from nexus_authz.core.body import RequestFacts, find_model, loads_bounded, request_facts
+from nexus_authz.core.body import RequestFacts, is_multipart, multipart_model, request_facts
 from nexus_authz.core.config import PolicySet
 from nexus_authz.core.keys import KeySnapshot, extract_key
 from nexus_authz.core.limits import AcquireResult, Kind, LimitSpec, applicable, make_limit
@@ -54,6 +56,12 @@ _ERRORS: dict[Reason, tuple[int, str, str, str]] = {
         "invalid_request_error",
         "invalid_request_body",
         "The request body must be JSON with a 'model' field.",
+    ),
+    Reason.BODY_TOO_LARGE: (
+        413,
+        "invalid_request_error",
+        "request_too_large",
+        "The request body is larger than the policy check can read for this API key.",
     ),
     Reason.RATE_LIMITED: (429, "rate_limit_exceeded", "rate_limit_exceeded", "Rate limit reached."),
     Reason.CONCURRENCY_LIMITED: (
@@ -120,7 +128,7 @@ class Policy:
     the counters and the reservation book come in per call, so one Policy serves every transport.
     """
 
-    __slots__ = ("_auth_spec", "_default_max_tokens", "_selection", "prices", "track")
+    __slots__ = ("_auth_spec", "_default_max_tokens", "_denial_spec", "_selection", "prices", "track")
 
     def __init__(self, policy: PolicySet | None = None, *, track: bool = False) -> None:
         """`track`: remember every admitted request (key, model, prompt estimate) in the reservation book
@@ -131,6 +139,13 @@ class Policy:
         throttle = policy.auth_failures
         self._auth_spec = (
             make_limit(Kind.REQUESTS, throttle.limit, throttle.per, name="auth-failures")
+            if throttle.limit
+            else None
+        )
+        # Requests refused for their body (400/403/413) count per key with the same allowance: beyond
+        # it the key's requests with a body are refused (429) before the body is read.
+        self._denial_spec = (
+            make_limit(Kind.REQUESTS, throttle.limit, throttle.per, name="rejected-bodies")
             if throttle.limit
             else None
         )
@@ -197,23 +212,23 @@ class Policy:
             return _DENIALS[Reason.PATH_NOT_ALLOWED]
         model: str | None = None
         facts: RequestFacts | None = None
-        body = request.body
-        if body and (key.models or key.needs_facts):
-            content_type = request.headers.get("content-type", "")
-            if key.needs_facts and not content_type.startswith("multipart/"):
-                facts = request_facts(body, estimate_prompt=True, precise=False)
-                model = facts.model
-                understood = model is not None or isinstance(loads_bounded(body), dict)
-            else:
-                model, understood = find_model(body, content_type)
-            if model is None and key.models:
-                if request.body_truncated or understood:
-                    # A restricted key must name an allowed model we can see; a body too large to
-                    # inspect, or one without a model, does not get through unchecked.
-                    return _deny(Reason.MODEL_NOT_ALLOWED, "The model could not be read from the request.")
-                return _DENIALS[Reason.BAD_REQUEST]
-        if model is not None and key.models and not snapshot.model_allowed(key, model):
-            return _DENIALS[Reason.MODEL_NOT_ALLOWED]
+        if request.body and (key.models or key.needs_facts):
+            denial_id = None
+            if failures is not None and self._denial_spec is not None:
+                denial_id = "\x01denied\x00" + key.key_id
+                if failures and denial_id in failures:  # this key was refused before: is it throttled?
+                    (status,) = failures.peek((denial_id,), (self._denial_spec,), now, (1,))
+                    if not status.allowed:
+                        return _too_many_refusals(status.retry_after)
+            read = self._read_body(request, key)
+            if read.__class__ is tuple:
+                model, facts = read  # type: ignore[misc]
+                if model is not None and key.models and not snapshot.model_allowed(key, model):
+                    read = _DENIALS[Reason.MODEL_NOT_ALLOWED]
+            if read.__class__ is not tuple:
+                if denial_id is not None and failures is not None:
+                    failures.acquire((denial_id,), (self._denial_spec,), (1,), now)  # type: ignore[arg-type]
+                return read  # type: ignore[return-value]
         if not key.limits:
             if not self.track:
                 return _allow(key, model)
@@ -228,6 +243,55 @@ class Policy:
             request_id=request.request_id,
             prompt_tokens=facts.prompt_tokens if facts else 0,
         )
+
+    def _read_body(self, request: Request, key: KeyRecord) -> Decision | tuple[str | None, RequestFacts | None]:
+        """The model and facts of the body (the strict reading), or the refusal.
+
+        The model decided on must be the one the upstream will use: a body that could say otherwise
+        (a duplicate top-level key, not UTF-8, compressed, or cut by the proxy before its end, where a
+        later duplicate could follow) is refused wherever the model matters (an allow-list, USD prices,
+        per-model windows). A cut body on a key whose windows do not depend on the model is admitted
+        with a reservation for the whole body (its declared length) and the default completion.
+        """
+        headers = request.headers
+        body = request.body
+        truncated = request.body_truncated
+        encoding = headers.get("content-encoding", "")
+        if encoding and encoding.strip().lower() != "identity":
+            return _deny(
+                Reason.BAD_REQUEST,
+                "Requests of this API key are checked by their body, which must not be compressed "
+                "(content-encoding).",
+            )
+        if truncated and (key.models or key.model_scoped or _priced(key)):
+            return _too_large(len(body))
+        content_type = headers.get("content-type", "")
+        facts: RequestFacts | None = None
+        if is_multipart(content_type):
+            model, problem = multipart_model(body, content_type, truncated=truncated)
+            understood = model is not None
+        else:
+            facts = request_facts(body, estimate_prompt=key.needs_facts, precise=False, truncated=truncated)
+            model, problem, understood = facts.model, facts.problem, facts.is_object
+        if problem is not None:
+            return _deny(Reason.BAD_REQUEST, problem)
+        if truncated:
+            # Nothing after the cut is proved: not the model (a duplicate may follow; the usage is then
+            # priced at the model the upstream reports), not max_tokens or n, not the prompt's size.
+            declared = _declared_size(headers)
+            if declared <= len(body):
+                return _too_large(len(body))
+            if facts is not None:
+                prompt = facts.prompt_tokens + math.ceil((declared - len(body)) * UNSEEN_TOKENS_PER_BYTE)
+                cap = max(facts.max_tokens or 0, self._default_max_tokens)
+                facts = dataclasses.replace(facts, model=None, max_tokens=cap, prompt_tokens=prompt)
+            return None, facts
+        if model is None and key.models:
+            if understood:
+                # A restricted key must name an allowed model at the top level of the body.
+                return _deny(Reason.MODEL_NOT_ALLOWED, "The model could not be read from the request.")
+            return _DENIALS[Reason.BAD_REQUEST]
+        return model, facts
 
     def _windows(self, key: KeyRecord, model: str | None) -> tuple[tuple[str, ...], tuple[LimitSpec, ...]]:
         if not key.model_scoped:  # every window applies to every request: nothing to select or cache
@@ -302,6 +366,47 @@ class Policy:
                 counters.adjust(
                     settlement.counter_ids, settlement.specs, settlement.deltas, now, settlement.charged_at
                 )
+
+
+# A cut body's unseen bytes are reserved at this many tokens a byte: twice the usual density of text
+# and JSON (~0.25), more than any script but the densest (accented Latin-1 runs, emoji); base64 images
+# are over-reserved (the settle gives it back).
+UNSEEN_TOKENS_PER_BYTE = 0.5
+
+
+def _priced(key: KeyRecord) -> bool:
+    return any(spec.kind is Kind.USD for spec in key.limits)
+
+
+def _declared_size(headers: Mapping[str, str]) -> int:
+    """The client's Content-Length as the proxy declares it (`x-nexus-content-length`; -1: unknown)."""
+    raw = headers.get("x-nexus-content-length", "").strip()
+    return int(raw) if raw.isdigit() and len(raw) <= 15 else -1
+
+
+def _too_large(forwarded: int) -> Decision:
+    """413 for a body cut by the proxy where the whole body must be read (or its size is unknown)."""
+    message = (
+        f"The request body is larger than the {forwarded} bytes the gateway's policy check reads; "
+        "requests of this API key (restricted to models, priced, or with token limits and no "
+        "Content-Length) must fit in that size."
+    )
+    return _deny(Reason.BODY_TOO_LARGE, message)
+
+
+def _too_many_refusals(retry_after: float) -> Decision:
+    """429: this key's requests were refused for their body too often; refused now before reading it."""
+    seconds = max(1, math.ceil(retry_after)) if retry_after != math.inf else 60
+    message = "Too many requests of this API key were refused for their body; retry later."
+    status = error_status(Reason.RATE_LIMITED)
+    return Decision(
+        allowed=False,
+        status=status,
+        reason=Reason.RATE_LIMITED,
+        response_headers=(("retry-after", str(seconds)),),
+        body=error_body(Reason.RATE_LIMITED, message),
+        message=message,
+    )
 
 
 _SELECTION_CACHE = 65536

@@ -35,7 +35,7 @@ with atheris.instrument_imports(include=["nexus_authz"]):
     from nexus_authz.adapters.envoy_authz import AuthorizationService
     from nexus_authz.adapters.envoy_extproc import ExternalProcessorService
     from nexus_authz.adapters.envoy_rls import RateLimitService, RlsConfigSource, engine_identity
-    from nexus_authz.core.body import find_model, inject_include_usage, request_facts
+    from nexus_authz.core.body import inject_include_usage, multipart_model, request_facts
     from nexus_authz.core.usage import StreamUsage
     from nexus_authz.engine import Engine
     from nexus_authz.settings import load_settings
@@ -185,8 +185,9 @@ def body_target() -> Callable[[bytes], None]:
     def one(data: bytes) -> None:
         facts = request_facts(data)
         assert facts.prompt_tokens >= 0
-        find_model(data, "application/json")
-        find_model(data, "multipart/form-data; boundary=b")
+        request_facts(data, truncated=True)
+        multipart_model(data, "multipart/form-data; boundary=b")
+        multipart_model(data, "multipart/form-data; boundary=b", truncated=True)
         inject_include_usage(data)
 
     return one

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nexus_authz.core.body import find_model, inject_include_usage, request_facts
+from nexus_authz.core.body import inject_include_usage, multipart_model, request_facts
 from nexus_authz.core.usage import StreamUsage, Usage, usage_from_body
 from tests.fuzz._strategies import split_at
 from tests.fuzz._support import fuzz_settings, time_bound
@@ -71,12 +71,13 @@ PREFIXES = [b"", b"{", b'{"model":"gpt-4o",', b"data: ", b'{"messages":[', b"--b
 
 
 def _request_parsers(body: bytes) -> None:
-    facts = request_facts(body)
-    assert facts.prompt_tokens >= 0 and 1 <= facts.n <= 128
-    for ctype in ("application/json", "multipart/form-data; boundary=b"):
-        model, understood = find_model(body, ctype)
+    for truncated in (False, True):
+        facts = request_facts(body, truncated=truncated)
+        assert facts.prompt_tokens >= 0 and 1 <= facts.n <= 128
+        assert facts.problem is None or facts.model is None
+        model, problem = multipart_model(body, "multipart/form-data; boundary=b", truncated=truncated)
         assert model is None or isinstance(model, str)
-        assert isinstance(understood, bool)
+        assert problem is None or isinstance(problem, str)
     rewritten = inject_include_usage(body)
     assert rewritten is None or isinstance(rewritten, bytes)
 

@@ -117,13 +117,11 @@ def test_scan_path_with_nested_decoys_only() -> None:
     assert facts_without_estimate(body) == RequestFacts()
 
 
-def test_duplicate_top_level_key_follows_the_parser() -> None:
-    body = (
-        b'{"model":"cheap","messages":[{"role":"user","content":"'
-        + PAD.encode()
-        + b'"}],"model":"expensive"}'
-    )
-    assert facts_without_estimate(body).model == json.loads(body)["model"] == "expensive"
+def test_duplicate_top_level_key_is_a_problem_not_a_guess() -> None:
+    for pad in ("", PAD):
+        body = b'{"model":"cheap","messages":[{"role":"user","content":"' + pad.encode() + b'"}],"model":"x"}'
+        facts = facts_without_estimate(body)
+        assert facts.model is None and facts.problem == body_mod.DUPLICATE_KEY
 
 
 def test_caps_take_the_largest_and_ignore_nonsense() -> None:

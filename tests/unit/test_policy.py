@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nexus_authz.core.body import find_model
+from nexus_authz.core.body import multipart_model, request_facts
 from nexus_authz.core.config import PolicySet, parse_key_file, parse_timestamp
 from nexus_authz.core.model import Credential, Reason, Request
 from nexus_authz.core.policy import Policy
@@ -111,28 +111,25 @@ def test_restricted_key_without_body_is_allowed() -> None:
     ).allowed
 
 
-def test_truncated_body_without_visible_model_is_denied() -> None:
-    body = b'{"messages": [{"role": "user", "content": "' + b"x" * 1000
-    r = Request(
-        method="POST",
-        path="/v1/chat/completions",
-        headers={"authorization": f"Bearer {ALICE.secret}"},
-        body=body,
-        body_truncated=True,
-    )
-    d = decide(r)
-    assert (
-        d.reason is Reason.MODEL_NOT_ALLOWED and "could not be read" in json.loads(d.body)["error"]["message"]
-    )
-    # ...but a model at the front of a truncated body is enough.
-    r2 = Request(
-        method="POST",
-        path="/v1/chat/completions",
-        headers={"authorization": f"Bearer {ALICE.secret}"},
-        body=b'{"model": "gpt-4o", "messages": [{"content": "' + b"x" * 1000,
-        body_truncated=True,
-    )
-    assert decide(r2).allowed
+def test_truncated_body_of_a_restricted_key_is_refused() -> None:
+    # A cut body proves nothing about its top-level model: a duplicate "model" could follow the cut, so
+    # even a model at the front is not enough (issue 13, item 2b/c).
+    for body in (
+        b'{"messages": [{"role": "user", "content": "' + b"x" * 1000,
+        b'{"model": "gpt-4o", "messages": [{"content": "' + b"x" * 1000,
+        b'{"metadata": {"model": "gpt-4o"}, "messages": [{"content": "' + b"x" * 1000,
+    ):
+        r = Request(
+            method="POST",
+            path="/v1/chat/completions",
+            headers={"authorization": f"Bearer {ALICE.secret}"},
+            body=body,
+            body_truncated=True,
+        )
+        d = decide(r)
+        assert d.status == 413 and d.reason is Reason.BODY_TOO_LARGE
+        error = json.loads(d.body)["error"]
+        assert error["code"] == "request_too_large" and f"{len(body)} bytes" in error["message"]
 
 
 def test_paths_with_query_strings() -> None:
@@ -146,30 +143,25 @@ def test_paths_with_query_strings() -> None:
         (b'{"model":"gpt-4o","messages":[]}', "gpt-4o"),
         (b'{ "model" : "gpt-4o" }', "gpt-4o"),
         (b'{"messages":[{"content":"say \\"model\\": \\"x\\""}],"model":"gpt-4o"}', "gpt-4o"),
-        # A nested "model" key: ambiguous for the regex, so the JSON parser decides.
         (b'{"tools":[{"model":"evil"}],"model":"gpt-4o"}', "gpt-4o"),
-        # One nested "model" and no top-level one: checked as the model (the upstream rejects the
-        # request for lack of a model), so the rule is never skipped.
-        (b'{"tools":[{"model":"evil"}]}', "evil"),
-        # An escaped key spells "model" for a JSON parser but not for the regex: parsed as JSON.
+        # Only the top level counts: a nested "model" alone is no model.
+        (b'{"tools":[{"model":"evil"}]}', None),
         (b'{"mod\\u0065l":"o1","tools":[{"model":"gpt-4o"}]}', "o1"),
-        # Duplicate top-level keys: JSON semantics (the last one) like the upstream's parser.
-        (b'{"model":"gpt-4o","model":"o1"}', "o1"),
         (b'{"model":"gpt-\\u0034o"}', "gpt-4o"),
         (b"[1,2]", None),
         (b"", None),
     ],
 )
-def test_find_model(body: bytes, model: str | None) -> None:
-    assert find_model(body, "application/json")[0] == model
+def test_model_of_a_json_body(body: bytes, model: str | None) -> None:
+    assert request_facts(body, estimate_prompt=False).model == model
 
 
-def test_find_model_multipart() -> None:
+def test_multipart_model() -> None:
     body = (
         b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF....\r\n'
         b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--b--\r\n'
     )
-    assert find_model(body, "multipart/form-data; boundary=b") == ("whisper-1", True)
+    assert multipart_model(body, "multipart/form-data; boundary=b") == ("whisper-1", None)
 
 
 def test_deeply_nested_body_is_a_decision() -> None:
@@ -190,7 +182,7 @@ def test_deeply_nested_body_is_a_decision() -> None:
 )
 def test_any_input_is_a_decision(headers: dict[str, str], body: bytes, path: str, truncated: bool) -> None:
     d = decide(Request(method="POST", path=path, headers=headers, body=body, body_truncated=truncated))
-    assert d.status in (200, 400, 401, 403)
+    assert d.status in (200, 400, 401, 403, 413)
     assert d.allowed == (d.status == 200)
     if not d.allowed:
         assert json.loads(d.body)["error"]["code"]
