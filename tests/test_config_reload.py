@@ -41,6 +41,14 @@ def _records(served: Served, msg_start: str) -> list[dict[str, object]]:
     return [r for r in served.records() if str(r.get("msg", "")).startswith(msg_start)]
 
 
+def _replace(path: Path, text: str) -> None:
+    """Write the new version beside it and rename it over (as config management does): a poll never sees
+    a half-written file, so each change is one reload or one rejection."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _rewrite_same_stamp(path: Path, old: str, new: str) -> None:
     """Change the file in place keeping its size and mtime (and inode): only SIGHUP can notice."""
     st = path.stat()
@@ -89,7 +97,7 @@ def test_a_broken_config_keeps_the_last_good_one_and_readyz_says_so(workdir: Pat
                 (good + "plans: [\n", str(config)),
             )
         ):
-            config.write_text(broken)
+            _replace(config, broken)
             wait_for("readyz 503", lambda: ready(served)[0] == 503)
             assert ready(served)[1] == {
                 "ready": False,
@@ -99,11 +107,11 @@ def test_a_broken_config_keeps_the_last_good_one_and_readyz_says_so(workdir: Pat
             assert rejected["config"] == str(config) and reason in str(rejected["error"]), rejected
             # the previous config answers: plan small still allows 2 per minute
             assert [check(served, fresh[2 * i].secret) for _ in range(3)] == [200, 200, 429]
-            config.write_text(good.replace("{requests: 2,", "{requests: 3,"))  # fixed, and changed
+            _replace(config, good.replace("{requests: 2,", "{requests: 3,"))  # fixed, and changed
             wait_for("readyz 200 again", lambda: ready(served)[0] == 200)
             assert [check(served, fresh[2 * i + 1].secret) for _ in range(4)] == [200, 200, 200, 429]
             reloads = len(_records(served, "config file reloaded"))
-            config.write_text(good)
+            _replace(config, good)
             wait_for("the good file back", lambda: len(_records(served, "config file reloaded")) > reloads)
         assert len(_records(served, "config file rejected")) == 2  # once per change, not per poll
     finally:
@@ -120,7 +128,7 @@ def test_a_changed_listener_is_logged_by_name_and_not_rebound(workdir: Path) -> 
         changed = text.replace(f"admin: 127.0.0.1:{old_admin}", f"admin: 127.0.0.1:{new_admin}")
         changed = changed.replace("{requests: 2, per: minute}", "{requests: 4, per: minute}")
         assert changed.count(str(new_admin)) == 1
-        config.write_text(changed)
+        _replace(config, changed)
         wait_for("the reload logged", lambda: _records(served, "config file reloaded"))
         warnings = _records(served, "config field")
         assert [w["field"] for w in warnings] == ["listen.admin"], warnings
