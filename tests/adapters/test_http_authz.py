@@ -411,3 +411,23 @@ def test_readiness_reflects_a_broken_key_file(engine: Engine, tmp_path: Path) ->
     assert not ready and "previous snapshot" in detail
     # the last good snapshot still answers
     assert engine.snapshot.lookup(ALICE.secret) is not None
+
+
+@pytest.mark.parametrize(
+    ("address", "private"),
+    [
+        ("unix:/run/nexus-authz/grpc.sock", True),
+        ("127.0.0.1:9001", True),
+        ("127.0.0.2:9001", True),
+        ("[::1]:9001", True),
+        ("localhost:9001", True),
+        ("0.0.0.0:9001", False),
+        ("[::]:9001", False),
+        ("10.0.0.5:9191", False),
+        ("nexus.internal:9191", False),
+    ],
+)
+def test_check_listeners_off_loopback_are_flagged(address: str, private: bool) -> None:
+    from nexus_authz.server import private_address
+
+    assert private_address(address) is private
