@@ -273,7 +273,8 @@ def test_manifests_validate_against_the_kubernetes_schemas() -> None:
     _, objects = _kustomize()
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == sorted(
-        ["Deployment", "Deployment", "Service", "Service", "PodDisruptionBudget", "NetworkPolicy", "NetworkPolicy"]
+        ["Deployment", "Deployment", "Service", "Service", "PodDisruptionBudget"]
+        + ["NetworkPolicy", "NetworkPolicy"]
         + ["ConfigMap", "ConfigMap", "Secret"]
     )
     for obj in objects:

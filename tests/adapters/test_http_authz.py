@@ -320,8 +320,9 @@ def test_admin_listener_answers_no_checks(
 def test_admin_listener_does_not_feed_the_auth_throttle(engine: Engine, tmp_path: Path) -> None:
     # Issue 13.1: bad keys sent to the admin port "from" an address (x-forwarded-for) locked that address
     # out of the real gateway.
+    victim = {"x-forwarded-for": "198.51.100.4"}
     bad = b"".join(
-        http_request("/ext_authz/v1/models", {"x-api-key": f"nx-wrong-{i:04d}", "x-forwarded-for": "198.51.100.4"}, method="GET")
+        http_request("/ext_authz/v1/models", {"x-api-key": f"nx-wrong-{i:04d}", **victim}, method="GET")
         for i in range(40)
     )
     raw = asyncio.run(_exchange(engine, tmp_path / "t.sock", bad, admin=True))
@@ -329,7 +330,7 @@ def test_admin_listener_does_not_feed_the_auth_throttle(engine: Engine, tmp_path
     (resp,) = exchange(
         engine,
         tmp_path,
-        http_request("/ext_authz/v1/models", {"x-api-key": ALICE.secret, "x-forwarded-for": "198.51.100.4"}, method="GET"),
+        http_request("/ext_authz/v1/models", {"x-api-key": ALICE.secret, **victim}, method="GET"),
     )
     assert resp.status == 200
 

@@ -159,7 +159,8 @@ def test_shipped_configs_refuse_encoded_slashes_and_let_nexus_replace_every_key_
         assert hcm["normalize_path"] is True and hcm["merge_slashes"] is True
         assert hcm["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
         for f in hcm["http_filters"]:  # issue 13.5: a credential in any key header replaces the client's
-            service = f["typed_config"].get("http_service") if f["name"] == "envoy.filters.http.ext_authz" else None
+            authz = f["name"] == "envoy.filters.http.ext_authz"
+            service = f["typed_config"].get("http_service") if authz else None
             if service is not None:
                 patterns = service["authorization_response"]["allowed_upstream_headers"]["patterns"]
                 assert set(KEY_HEADERS) <= {p.get("exact") for p in patterns}

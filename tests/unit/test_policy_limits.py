@@ -282,7 +282,8 @@ def test_a_guesser_does_not_lock_out_keys_already_in_use_from_its_address() -> N
     assert attempt(BUDGET.secret).reason is Reason.AUTH_THROTTLED  # never seen from this address
     assert attempt(GPT4.secret).reason is Reason.AUTH_THROTTLED
     # A dry run (no failure store) neither consults nor teaches the allowance.
-    dry = Request("GET", "/v1/models", {"authorization": f"Bearer {GPT4.secret}"}, client_address="203.0.113.7")
+    headers = {"authorization": f"Bearer {GPT4.secret}"}
+    dry = Request("GET", "/v1/models", headers, client_address="203.0.113.7")
     assert w.policy.authorize(dry, w.snapshot, w.now).allowed
     assert attempt(GPT4.secret).reason is Reason.AUTH_THROTTLED
     # The allowance lapses when the key has not been used from the address for KNOWN_KEY_TTL.
