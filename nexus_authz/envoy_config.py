@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from nexus_authz.core.keys import KEY_HEADERS
+
 __all__ = [
     "ADMIN",
     "ALS_CLUSTER",
@@ -90,6 +92,7 @@ def render(
     failure_mode_allow: bool | None = None,
     authz_timeout: float | None = None,
     ca_file: str = SYSTEM_CA_FILE,
+    credential_headers: tuple[str, ...] = (),
 ) -> str:
     """Return the config as YAML text with the named addresses and settings changed.
 
@@ -103,6 +106,12 @@ def render(
     bundle by default), with SNI and the certificate's name taken from the host. ``failure_mode_allow``
     and ``authz_timeout`` (seconds) edit every ext_authz
     filter of the listener. Anything asked for that the config lacks raises EnvoyConfigError naming it.
+
+    Every HTTP-service ext_authz filter of the listener lets nexus-authz set every header a client key
+    can arrive in (``authorization``, ``x-api-key``, ``api-key``) and the ``credential_headers`` given
+    (the ``credentials.X.header`` of nexus-authz's config) on the upstream request: Envoy silently drops
+    a header its ``allowed_upstream_headers`` does not name, and the client's own key would then go
+    upstream in place of the credential (issue 13.5). The gRPC ext_authz applies nexus's headers as sent.
 
     Lua filters whose source is a relative ``filename`` (``envoy.yaml`` names ``nexus-usage.lua``, which
     Envoy would resolve against its working directory) get the file's text inlined, read next to the
@@ -137,6 +146,8 @@ def render(
     edits.update(clusters or {})
     for name, address in edits.items():
         _set_cluster_address(_cluster(doc, name), name, address, ca_file)
+    for cfg in _http_filters(doc, EXT_AUTHZ_FILTER):
+        _allow_upstream_headers(cfg, (*KEY_HEADERS, *credential_headers))
     if failure_mode_allow is not None or authz_timeout is not None:
         filters = list(_http_filters(doc, EXT_AUTHZ_FILTER))
         if not filters:
@@ -291,6 +302,23 @@ def _inline_lua_sources(doc: dict[str, Any], base: Path) -> None:
                 ) from None
             source.pop("filename")
             source["inline_string"] = text
+
+
+def _allow_upstream_headers(cfg: dict[str, Any], names: tuple[str, ...]) -> None:
+    service = cfg.get("http_service")
+    if not isinstance(service, dict):
+        return
+    response = service.setdefault("authorization_response", {})
+    allowed = response.setdefault("allowed_upstream_headers", {})
+    patterns = allowed.setdefault("patterns", [])
+    if not isinstance(patterns, list):
+        raise EnvoyConfigError(f"{EXT_AUTHZ_FILTER}: allowed_upstream_headers.patterns is not a list")
+    present = {p.get("exact", "").lower() for p in patterns if isinstance(p, dict)}
+    for name in names:
+        name = name.lower()
+        if name not in present:
+            patterns.append({"exact": name})
+            present.add(name)
 
 
 def _set_authz_timeout(cfg: dict[str, Any], seconds: float) -> None:

@@ -2,7 +2,9 @@
 
 Listeners (all on one event loop, all calling the same engine):
   - the HTTP fast path (Envoy http_service / nginx auth_request) on a Unix socket and optionally TCP;
-  - the operations endpoints (/healthz, /readyz, /metrics) on the admin TCP address;
+  - the operations endpoints (/healthz, /readyz, /metrics) on the admin TCP address, and nothing else
+    there: an allowed check carries the provider credential, so only the proxy's listeners (the fast
+    path, gRPC) answer checks, and a warning is logged when one of those is not private;
   - grpc.aio: Envoy's Authorization service, grpc.health.v1 and server reflection;
   - the policy query API (its own grpc.aio server on `listen.api`, with health and reflection), started
     only when an admin token is configured.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -42,6 +45,17 @@ GRPC_SERVICES = (envoy_authz.SERVICE, envoy_extproc.SERVICE, envoy_als.SERVICE)
 # On SIGTERM an HTTP connection that has carried no request for this long is closed (one that does is
 # closed by the answer); a request a peer sends at that very moment is lost: stop the proxy first.
 HTTP_DRAIN_IDLE = 0.5
+
+
+def private_address(address: str) -> bool:
+    """A Unix socket or a loopback address: where the listeners that answer checks belong (issue 13.1)."""
+    if address.startswith(("unix:", "/")):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class StartupError(Exception):
@@ -158,6 +172,13 @@ class Server:
             self.tasks.append(asyncio.create_task(reload, name="ratelimit-reload"))
         if s.grpc:
             await self._start_grpc(s.grpc)
+        for name, address in (("listen.http_tcp", s.http_tcp and str(s.http_tcp)), ("listen.grpc", s.grpc)):
+            if address and not private_address(address):
+                log.warning(
+                    "this listener answers policy checks with the provider credential: keep it on loopback "
+                    "or a Unix socket, reachable by the proxy only (SECURITY.md)",
+                    extra={"listener": name, "address": address},
+                )
         if s.api:
             await self._start_api(s.api)
         self.tasks.append(asyncio.create_task(self._health_loop(), name="health"))

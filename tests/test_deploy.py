@@ -273,7 +273,8 @@ def test_manifests_validate_against_the_kubernetes_schemas() -> None:
     _, objects = _kustomize()
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == sorted(
-        ["Deployment", "Deployment", "Service", "Service", "PodDisruptionBudget", "NetworkPolicy"]
+        ["Deployment", "Deployment", "Service", "Service", "PodDisruptionBudget"]
+        + ["NetworkPolicy", "NetworkPolicy"]
         + ["ConfigMap", "ConfigMap", "Secret"]
     )
     for obj in objects:
@@ -296,7 +297,7 @@ def test_kubectl_kustomize_output_validates() -> None:
     result = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     objects = [d for d in yaml.safe_load_all(result.stdout) if d]
-    assert len(objects) == 9
+    assert len(objects) == 10
     for obj in objects:
         _validate(obj)
 
@@ -404,3 +405,57 @@ def test_manifests_reference_only_what_exists() -> None:
         budget["spec"]["selector"]["matchLabels"].items()
         <= by_kind["Deployment"]["llm-gateway"]["spec"]["template"]["metadata"]["labels"].items()
     )
+
+
+def _listens_privately(address: str | None) -> bool:
+    """A Unix socket or a loopback address (the listeners that answer checks with the credential)."""
+    if not address:
+        return True
+    if address.startswith("unix:") or address.startswith("/"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    return host in ("127.0.0.1", "::1", "localhost")
+
+
+@pytest.mark.parametrize("path", [REPO / "deploy" / "compose" / "nexus.yaml", K8S / "nexus.yaml"])
+def test_deployed_check_listeners_are_private(path: Path) -> None:
+    # Issue 13.1: every listener that answers checks (and so hands out the provider credential) is a Unix
+    # socket on the volume Envoy shares, or loopback; only the admin listener may face the pod network.
+    listen = yaml.safe_load(path.read_text())["listen"]
+    assert listen["http_socket"].startswith("/run/nexus-authz/")
+    assert _listens_privately(listen.get("http_tcp")) and _listens_privately(listen.get("grpc"))
+    if path.parent.name == "compose":  # nothing scrapes metrics there: the HEALTHCHECK runs in-container
+        assert _listens_privately(listen["admin"])
+
+
+def test_only_the_gateway_port_is_exposed_and_a_network_policy_guards_the_pods() -> None:
+    _, objects = _kustomize()
+    gateway = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "llm-gateway")
+    pod = gateway["spec"]["template"]
+    containers = {c["name"]: c for c in pod["spec"]["containers"]}
+    admin = {(p["name"], p["containerPort"]) for p in containers["nexus-authz"]["ports"]}
+    assert admin == {("admin", 9090)}
+    envoy_ports = {p["name"] for p in containers["envoy"]["ports"]}
+    # No Service publishes the admin port (by name or number), nor anything but Envoy's port of the gateway.
+    for service in (o for o in objects if o["kind"] == "Service"):
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] not in ("admin", 9090), service["metadata"]["name"]
+            assert port["port"] != 9090
+        if service["metadata"]["name"] == "llm-gateway":
+            assert {p["targetPort"] for p in service["spec"]["ports"]} <= envoy_ports
+    # A NetworkPolicy selects the gateway pods: Envoy's port, and the admin port from monitoring only.
+    (policy,) = [
+        o
+        for o in objects
+        if o["kind"] == "NetworkPolicy"
+        and o["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    ]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    rules = policy["spec"]["ingress"]
+    by_port = {port["port"]: rule for rule in rules for port in rule["ports"]}
+    assert set(by_port) == {"http", "admin"} and all(len(rule["ports"]) == 1 for rule in rules)
+    (source,) = by_port["admin"]["from"]
+    assert set(source) == {"namespaceSelector"} and source["namespaceSelector"]["matchLabels"]
+    # Prometheus scrapes the pod IP on the admin port, where the probes go too.
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "9090" and annotations["prometheus.io/path"] == "/metrics"

@@ -5,12 +5,17 @@ answers are assembled from cached byte strings (the allow header block of each k
 each fixed denial). Measured on this machine, this costs ~40 µs of Python CPU per request behind Envoy
 against ~140 µs for aiohttp and ~470 µs for grpc.aio (see the performance issue and benchmarks/).
 
-Routes, on every listener of this protocol:
+Routes of the proxy listeners (the Unix socket, `listen.http_tcp`):
   /ext_authz/<original path>   Envoy http_service with `path_prefix: /ext_authz` (the default config)
   /v1/nginx/auth               nginx auth_request (original method/URI in X-Original-Method/-URI;
                                a denial is 401/403 with the real status and body in x-nexus-* headers)
-  /healthz, /readyz, /metrics  operations (only where `admin` is enabled for the listener)
   anything else                treated as an ext_authz check of that path (Envoy without a path prefix)
+The admin listener (`admin` set) answers /healthz, /readyz and /metrics and 404 to everything else: it
+never decides a check (an allowed check carries the provider credential), never reads a key, never feeds
+the brute-force throttle, and never believes an x-forwarded-for (issue 13).
+
+A response to HEAD carries the header block of the answer (content-length included) and no body bytes:
+a body there would be read by the proxy as the start of the next answer on the keep-alive connection.
 
 Limits: header block, header count, URL and body sizes are capped; a request over a cap gets 413/431/414
 and the connection is closed. Malformed HTTP gets 400 and a close. Everything a client sends through the
@@ -367,6 +372,8 @@ class AuthzProtocol(asyncio.Protocol):
             app.engine.count(Reason.UNAVAILABLE)
             out = _INTERNAL_ERROR
             keep_alive = False
+        if self._parser.get_method() == b"HEAD":  # the answer's header block only, no body bytes
+            out = _head_answer(out) if out.__class__ is bytes else _head_later(out)  # type: ignore[arg-type]
         if out.__class__ is not bytes or self._outbox:
             # The answer waits for the counter store (Redis), or an earlier one does: answers leave in
             # request order (HTTP/1.1 pipelining), from the outbox.
@@ -426,6 +433,9 @@ class AuthzProtocol(asyncio.Protocol):
     # -- routing ------------------------------------------------------------------------------------
     def _route(self, url: str, close: bool) -> bytes | Awaitable[bytes]:
         app = self._app
+        if app.admin:  # health and metrics only: never a check (issue 13.1)
+            handler = _ADMIN_PATHS.get(url.partition("?")[0])
+            return _NOT_FOUND if handler is None else handler(app)
         headers = self._headers
         body = b"".join(self._body) if self._body else b""
         if url.startswith(EXT_AUTHZ_PREFIX):
@@ -434,8 +444,6 @@ class AuthzProtocol(asyncio.Protocol):
                 path = "/" + path
         elif url == NGINX_PATH or url.startswith(NGINX_PATH + "?"):
             return self._nginx(headers, close)
-        elif app.admin and url in _ADMIN_PATHS:
-            return _ADMIN_PATHS[url](app)
         else:
             path = url
         raw_method = self._parser.get_method()
@@ -538,6 +546,16 @@ def _fixed_denial(decision: Decision) -> bool:
         return denial(decision.reason) is decision
     except KeyError:
         return False
+
+
+def _head_answer(out: bytes) -> bytes:
+    """The answer to a HEAD request: its header block (with the would-be body's content-length)."""
+    end = out.find(b"\r\n\r\n")
+    return out if end < 0 else out[: end + 4]
+
+
+async def _head_later(pending: Awaitable[bytes]) -> bytes:
+    return _head_answer(await pending)
 
 
 _METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")}

@@ -27,6 +27,8 @@ MAX_KEY_LENGTH = 512
 KEY_HEADERS = ("authorization", "x-api-key", "api-key")
 
 _KEY_CHARS = re.compile(r"^[\x21-\x7e]+$")
+# Encoded separators, dots, percent signs and NUL (any case), backslashes, and `.`/`..` segments.
+_AMBIGUOUS_PATH = re.compile(r"%(?:2[ef5]|5c|00)|\\|(?:^|/)\.\.?(?:/|$)", re.IGNORECASE)
 
 
 def extract_key(headers: Mapping[str, str]) -> str | None:
@@ -137,8 +139,12 @@ class KeySnapshot:
 
     @staticmethod
     def path_allowed(key: KeyRecord, path: str) -> bool:
+        """`path` (without its query) matches the key's path scopes. A path an upstream could resolve
+        elsewhere than it reads (encoded `/`, `\\`, `.`, `%` or NUL, a backslash, a dot-segment) never
+        does: a scope's `*` spans `/`, so `/v1/chat/..%2fmessages` would match `/v1/chat/*` (issue 13.10),
+        and a proxy in front may forward such paths as they came."""
         rule = key.path_rule
-        return rule is None or rule.fullmatch(path) is not None
+        return rule is None or (_AMBIGUOUS_PATH.search(path) is None and rule.fullmatch(path) is not None)
 
     def __len__(self) -> int:
         return len(self.by_id)

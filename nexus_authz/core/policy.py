@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from nexus_authz.core.body import RequestFacts, is_multipart, multipart_model, request_facts
 from nexus_authz.core.config import PolicySet
 from nexus_authz.core.keys import KeySnapshot, extract_key
+from nexus_authz.core.known import KnownKeys
 from nexus_authz.core.limits import AcquireResult, Kind, LimitSpec, applicable, make_limit
 from nexus_authz.core.model import Decision, InFlight, KeyRecord, Reason, Request, new_allow
 from nexus_authz.core.pricing import PriceTable
@@ -124,11 +125,20 @@ class Admission(NamedTuple):
 class Policy:
     """The rules: who may call, which model and path, and what their limits are charged.
 
-    Holds only configuration (prices, reservation defaults) and small bounded caches; the key snapshot,
+    Holds only configuration (prices, reservation defaults), small bounded caches and the brute-force
+    throttle's bounded allowance (`KnownKeys`); the key snapshot,
     the counters and the reservation book come in per call, so one Policy serves every transport.
     """
 
-    __slots__ = ("_auth_spec", "_default_max_tokens", "_denial_spec", "_selection", "prices", "track")
+    __slots__ = (
+        "_auth_spec",
+        "_default_max_tokens",
+        "_denial_spec",
+        "_known",
+        "_selection",
+        "prices",
+        "track",
+    )
 
     def __init__(self, policy: PolicySet | None = None, *, track: bool = False) -> None:
         """`track`: remember every admitted request (key, model, prompt estimate) in the reservation book
@@ -149,6 +159,7 @@ class Policy:
             if throttle.limit
             else None
         )
+        self._known = KnownKeys()  # keys a throttled address still serves (issue 13.11)
         self._default_max_tokens = policy.reservations.default_max_tokens
         # (key, model) -> the key's windows that apply to that model: per-model globs are matched once.
         self._selection: dict[
@@ -193,13 +204,20 @@ class Policy:
         if secret is None:
             return _DENIALS[Reason.MISSING_KEY]
         failure_id = None
+        throttled = None
         if failures is not None and self._auth_spec is not None and request.client_address:
             failure_id = "\x01auth\x00" + request.client_address
             if failures and failure_id in failures:  # this address failed before: is it refused now?
                 (status,) = failures.peek((failure_id,), (self._auth_spec,), now, (1,))
                 if not status.allowed:
-                    return _throttled(status.retry_after)
+                    throttled = _throttled(status.retry_after)
         key = snapshot.lookup(secret)
+        if throttled is not None and (
+            key is None or not self._known.known(request.client_address, key.key_id, now)
+        ):
+            # Only keys that authenticated from this address before get through: any other key, valid
+            # or not, gets this same answer, so a guess that hits is not revealed.
+            return throttled
         if key is None:
             if failure_id is not None and failures is not None:
                 failures.acquire((failure_id,), (self._auth_spec,), (1,), now)  # type: ignore[arg-type]
@@ -208,6 +226,8 @@ class Policy:
             return _DENIALS[Reason.DISABLED_KEY]
         if key.expires_at is not None and now >= key.expires_at:
             return _DENIALS[Reason.EXPIRED_KEY]
+        if failure_id is not None:
+            self._known.note(request.client_address, key.key_id, now)
         if key.paths and not snapshot.path_allowed(key, request.path.partition("?")[0]):
             return _DENIALS[Reason.PATH_NOT_ALLOWED]
         model: str | None = None

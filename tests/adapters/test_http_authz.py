@@ -288,6 +288,97 @@ def test_admin_routes_only_on_admin_listener(engine: Engine, tmp_path: Path) -> 
     assert resp.status == 401
 
 
+ADMIN_PROBES = [
+    ("POST", "/ext_authz/v1/chat/completions", b'{"model":"gpt-4o"}'),
+    ("GET", "/ext_authz/v1/models", b""),
+    ("GET", "/v1/models", b""),
+    ("GET", "/v1/nginx/auth", b""),
+    ("GET", "/", b""),
+    ("GET", "/healthz/../ext_authz/v1/models", b""),
+    ("GET", "/metrics/x", b""),
+    ("HEAD", "/ext_authz/v1/models", b""),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ADMIN_PROBES)
+@pytest.mark.parametrize("header", ["authorization", "x-api-key", "api-key"])
+def test_admin_listener_answers_no_checks(
+    engine: Engine, tmp_path: Path, method: str, path: str, body: bytes, header: str
+) -> None:
+    # Issue 13.1: the admin listener treated every other path as an ext_authz check and answered a valid
+    # key with the provider credential. It serves /healthz, /readyz and /metrics only.
+    value = f"Bearer {ALICE.secret}" if header == "authorization" else ALICE.secret
+    headers = {header: value, "x-forwarded-for": "203.0.113.7", "x-original-uri": "/v1/models"}
+    if body:
+        headers["content-type"] = "application/json"
+    raw = asyncio.run(
+        _exchange(engine, tmp_path / "t.sock", http_request(path, headers, body, method=method), admin=True)
+    )
+    assert b"sk-upstream-test-credential" not in raw and b"x-nexus-key-id" not in raw
+    assert raw.startswith(b"HTTP/1.1 404 ") or raw.startswith(b"HTTP/1.1 413 "), raw[:200]
+
+
+def test_admin_listener_does_not_feed_the_auth_throttle(engine: Engine, tmp_path: Path) -> None:
+    # Issue 13.1: bad keys sent to the admin port "from" an address (x-forwarded-for) locked that address
+    # out of the real gateway.
+    victim = {"x-forwarded-for": "198.51.100.4"}
+    bad = b"".join(
+        http_request("/ext_authz/v1/models", {"x-api-key": f"nx-wrong-{i:04d}", **victim}, method="GET")
+        for i in range(40)
+    )
+    raw = asyncio.run(_exchange(engine, tmp_path / "t.sock", bad, admin=True))
+    assert raw.count(b"HTTP/1.1 404 ") == 40
+    (resp,) = exchange(
+        engine,
+        tmp_path,
+        http_request("/ext_authz/v1/models", {"x-api-key": ALICE.secret, **victim}, method="GET"),
+    )
+    assert resp.status == 200
+
+
+def _raw_heads(engine: Engine, tmp_path: Path, payload: bytes, **kw: object) -> list[bytes]:
+    """Responses to HEAD requests, split by their header blocks: a HEAD answer has no body, so each
+    answer must end at its blank line and the next one start right after it."""
+    raw = asyncio.run(_exchange(engine, tmp_path / "t.sock", payload, **kw))  # type: ignore[arg-type]
+    parts = raw.split(b"\r\n\r\n")
+    assert parts[-1] == b"", f"bytes after the last header block: {parts[-1][:200]!r}"
+    for part in parts[:-1]:
+        assert part.startswith(b"HTTP/1.1 "), f"a body where an answer should start: {part[:200]!r}"
+    return [p + b"\r\n\r\n" for p in parts[:-1]]
+
+
+def test_head_denials_carry_no_body_on_a_keep_alive_connection(engine: Engine, tmp_path: Path) -> None:
+    # Issue 13.9: a denial to a HEAD check carried its JSON body; Envoy took those bytes for the start of
+    # the next answer on the connection (upstream_cx_protocol_error).
+    payload = (
+        http_request("/ext_authz/v1/models", {"x-api-key": "nx-wrong-key-000000"}, method="HEAD")
+        + http_request("/ext_authz/v1/models", {}, method="HEAD")
+        + http_request("/ext_authz/v1/models", {"x-api-key": BOB.secret}, method="HEAD")
+        + http_request("/ext_authz/v1/models", {"x-api-key": ALICE.secret}, method="HEAD")
+        + http_request("/ext_authz/v1/models", {"x-api-key": "nx-wrong-key-000000"}, method="GET")
+    )
+    raw = asyncio.run(_exchange(engine, tmp_path / "t.sock", payload))
+    heads, _, last = raw.rpartition(b"HTTP/1.1 401 ")
+    answers = _raw_heads(engine, tmp_path, payload[: payload.rindex(b"GET ")])
+    assert [a[:12] for a in answers] == [b"HTTP/1.1 401", b"HTTP/1.1 401", b"HTTP/1.1 401", b"HTTP/1.1 200"]
+    # the would-be body's length, no body bytes
+    first = answers[0].decode()
+    assert "x-nexus-reason: unknown_key" in first and "content-length: 0" not in first
+    # the GET after them on the same connection still gets its body
+    assert heads.count(b"HTTP/1.1 ") == 4 and b"invalid_api_key" in last
+
+
+def test_head_on_admin_paths_carries_no_body(engine: Engine, tmp_path: Path) -> None:
+    answers = _raw_heads(
+        engine,
+        tmp_path,
+        http_request("/healthz", method="HEAD") + http_request("/metrics", method="HEAD")
+        + http_request("/nope", method="HEAD"),
+        admin=True,
+    )
+    assert [a[:12] for a in answers] == [b"HTTP/1.1 200", b"HTTP/1.1 200", b"HTTP/1.1 404"]
+
+
 MATRIX = [
     ({"authorization": f"Bearer {ALICE.secret}"}, b'{"model":"gpt-4o"}'),
     ({"x-api-key": ALICE.secret}, b'{"model":"o1"}'),
@@ -322,3 +413,23 @@ def test_readiness_reflects_a_broken_key_file(engine: Engine, tmp_path: Path) ->
     assert not ready and "previous snapshot" in detail
     # the last good snapshot still answers
     assert engine.snapshot.lookup(ALICE.secret) is not None
+
+
+@pytest.mark.parametrize(
+    ("address", "private"),
+    [
+        ("unix:/run/nexus-authz/grpc.sock", True),
+        ("127.0.0.1:9001", True),
+        ("127.0.0.2:9001", True),
+        ("[::1]:9001", True),
+        ("localhost:9001", True),
+        ("0.0.0.0:9001", False),
+        ("[::]:9001", False),
+        ("10.0.0.5:9191", False),
+        ("nexus.internal:9191", False),
+    ],
+)
+def test_check_listeners_off_loopback_are_flagged(address: str, private: bool) -> None:
+    from nexus_authz.server import private_address
+
+    assert private_address(address) is private

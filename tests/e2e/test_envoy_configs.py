@@ -137,6 +137,54 @@ def test_render_without_changes_keeps_the_document() -> None:
     assert yaml.safe_load(render(str(HTTP_CONFIG))) == inlined
 
 
+SHIPPED = [*CONFIGS, *sorted((ENVOY_DIR.parent / "deploy").glob("*/envoy.yaml"))]
+
+
+def _hcms(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        f["typed_config"]
+        for listener in doc["static_resources"]["listeners"]
+        for chain in listener["filter_chains"]
+        for f in chain["filters"]
+        if f["name"] == "envoy.filters.network.http_connection_manager"
+    ]
+
+
+@pytest.mark.parametrize("config", SHIPPED, ids=lambda p: str(p.relative_to(ENVOY_DIR.parent)))
+def test_shipped_configs_refuse_encoded_slashes_and_let_nexus_replace_every_key_header(config: Path) -> None:
+    from nexus_authz.core.keys import KEY_HEADERS
+
+    doc = load(config)
+    for hcm in _hcms(doc):  # issue 13.10
+        assert hcm["normalize_path"] is True and hcm["merge_slashes"] is True
+        assert hcm["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
+        for f in hcm["http_filters"]:  # issue 13.5: a credential in any key header replaces the client's
+            authz = f["name"] == "envoy.filters.http.ext_authz"
+            service = f["typed_config"].get("http_service") if authz else None
+            if service is not None:
+                patterns = service["authorization_response"]["allowed_upstream_headers"]["patterns"]
+                assert set(KEY_HEADERS) <= {p.get("exact") for p in patterns}
+
+
+def test_render_lets_nexus_set_every_key_header_and_the_credential_headers() -> None:
+    doc = load(HTTP_CONFIG)
+    hcm = _hcms(doc)[0]
+    (authz,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_authz"]
+    patterns = authz["typed_config"]["http_service"]["authorization_response"]["allowed_upstream_headers"]
+    patterns["patterns"] = [p for p in patterns["patterns"] if p.get("exact") not in ("api-key", "x-api-key")]
+    out = yaml.safe_load(render(yaml.safe_dump(doc), credential_headers=("X-Goog-Api-Key",)))
+    (authz,) = [f for f in _hcms(out)[0]["http_filters"] if f["name"] == "envoy.filters.http.ext_authz"]
+    names = [
+        p.get("exact")
+        for p in authz["typed_config"]["http_service"]["authorization_response"]["allowed_upstream_headers"][
+            "patterns"
+        ]
+    ]
+    assert sorted(names) == sorted(
+        ["x-nexus-key-id", "x-nexus-tenant", "authorization", "x-api-key", "api-key", "x-goog-api-key"]
+    )
+
+
 def test_render_changes_listener_admin_and_clusters() -> None:
     doc = yaml.safe_load(
         render(

@@ -138,6 +138,35 @@ def test_paths_with_query_strings() -> None:
 
 
 @pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/chat/..%2fmessages",  # issue 13.10: `*` spans `/`, the upstream decodes %2f
+        "/v1/chat/..%2Fembeddings",
+        "/v1/chat/%5c..%5cembeddings",
+        "/v1/chat/%5C..%5Cembeddings",
+        "/v1/chat/%2e%2e/embeddings",
+        "/v1/chat/%2E%2E%2Fembeddings",
+        "/v1/chat/%252fembeddings",  # decoded twice somewhere
+        "/v1/chat/x%00",
+        "/v1/chat/../embeddings",
+        "/v1/chat/./../embeddings",
+        "/v1/chat/completions/..",
+        "/v1/chat/x\\..\\embeddings",
+    ],
+)
+def test_path_scopes_refuse_encoded_separators_and_dot_segments(path: str) -> None:
+    # nexus stays safe behind a proxy that forwards paths without decoding or normalising them.
+    d = decide(req(PATHS.secret, path=path))
+    assert not d.allowed and d.reason is Reason.PATH_NOT_ALLOWED and d.status == 403
+    assert decide(req(OPEN.secret, path=path)).allowed  # keys without path scopes: the path is not ours
+
+
+def test_path_scopes_still_allow_plain_paths() -> None:
+    for path in ("/v1/chat/completions", "/v1/chat/completions?x=%2f..%5c", "/v1/chat/a.b", "/v1/chat/..x"):
+        assert decide(req(PATHS.secret, path=path)).allowed, path
+
+
+@pytest.mark.parametrize(
     ("body", "model"),
     [
         (b'{"model":"gpt-4o","messages":[]}', "gpt-4o"),

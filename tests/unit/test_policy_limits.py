@@ -254,3 +254,39 @@ def test_failed_keys_throttle_the_address() -> None:
     assert attempt(SMALL.secret, "198.51.100.1").allowed
     w.now += 20  # 3/minute: one failure drains every 20 s
     assert attempt(SMALL.secret).allowed
+
+
+def test_a_guesser_does_not_lock_out_keys_already_in_use_from_its_address() -> None:
+    # Issue 13.11: one guesser behind a shared egress (NAT, proxy) locked every valid key behind the same
+    # address out. Keys that authenticated from the address recently still get in while it is throttled;
+    # every other key, valid or not, still gets 429, so a guess that hits is not revealed.
+    from nexus_authz.core.known import KNOWN_KEY_TTL
+
+    w = World(POLICY_YAML + "auth_failures: {limit: 3, per: minute}\n")
+    failures = MemoryCounterStore()
+
+    def attempt(key: str, address: str = "203.0.113.7") -> Decision:
+        req = Request("GET", "/v1/models", {"authorization": f"Bearer {key}"}, client_address=address)
+        return w.policy.authorize(req, w.snapshot, w.now, w.counters, w.book, failures)
+
+    def guess(n: int) -> None:
+        for i in range(n):
+            assert attempt(f"nx-guess-{w.n}-{i}-000000").reason in (Reason.UNKNOWN_KEY, Reason.AUTH_THROTTLED)
+        w.n += 1
+
+    assert attempt(SMALL.secret).allowed  # in use from the shared address before the guessing
+    assert attempt(BUDGET.secret, "198.51.100.1").allowed  # in use, but from elsewhere
+    guess(10)
+    assert attempt("nx-guess-final-00000000").reason is Reason.AUTH_THROTTLED
+    assert attempt(SMALL.secret).allowed  # not locked out
+    assert attempt(BUDGET.secret).reason is Reason.AUTH_THROTTLED  # never seen from this address
+    assert attempt(GPT4.secret).reason is Reason.AUTH_THROTTLED
+    # A dry run (no failure store) neither consults nor teaches the allowance.
+    headers = {"authorization": f"Bearer {GPT4.secret}"}
+    dry = Request("GET", "/v1/models", headers, client_address="203.0.113.7")
+    assert w.policy.authorize(dry, w.snapshot, w.now).allowed
+    assert attempt(GPT4.secret).reason is Reason.AUTH_THROTTLED
+    # The allowance lapses when the key has not been used from the address for KNOWN_KEY_TTL.
+    w.now += KNOWN_KEY_TTL + 1
+    guess(10)
+    assert attempt(SMALL.secret).reason is Reason.AUTH_THROTTLED

@@ -1,0 +1,39 @@
+"""Which keys authenticated from which client address recently: the brute-force throttle's allowance.
+
+The throttle (`auth_failures`) refuses an address that sent too many unknown keys. Refusing every key from
+it would let one guesser behind a shared egress (a NAT, a corporate proxy) lock out everyone behind the
+same address (issue 13.11). Refusing only unknown keys would not stop guessing: a throttled guesser would
+still learn which guess hits (200 instead of 429). So a throttled address keeps serving exactly the keys
+that authenticated from it within KNOWN_KEY_TTL, before or during the throttling; every other key, valid or
+not, gets the same 429 as before, and a guess is still answered with nothing but 429.
+"""
+
+from __future__ import annotations
+
+KNOWN_KEY_TTL = 24 * 3600.0  # seconds a key stays known to an address after its last success from it
+MAX_KNOWN = 65536  # (address, key) pairs remembered, least recently used dropped first (~10 MB at most)
+
+
+class KnownKeys:
+    """(client address, key id) -> last time the key authenticated from that address. Bounded (LRU)."""
+
+    __slots__ = ("_seen", "max_entries", "ttl")
+
+    def __init__(self, ttl: float = KNOWN_KEY_TTL, max_entries: int = MAX_KNOWN) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._seen: dict[tuple[str, str], float] = {}
+
+    def note(self, address: str, key_id: str, now: float) -> None:
+        seen = self._seen
+        pair = (address, key_id)
+        if seen.pop(pair, None) is None and len(seen) >= self.max_entries:
+            del seen[next(iter(seen))]  # the least recently used pair
+        seen[pair] = now
+
+    def known(self, address: str, key_id: str, now: float) -> bool:
+        last = self._seen.get((address, key_id))
+        return last is not None and now - last < self.ttl
+
+    def __len__(self) -> int:
+        return len(self._seen)
