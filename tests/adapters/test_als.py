@@ -201,6 +201,22 @@ def test_lua_keeps_only_usage_events_of_a_stream_with_a_final_record(lua: Any) -
     assert len(kept) < len(body) / 3
 
 
+@pytest.mark.parametrize("data_only", [False, True])
+def test_lua_fake_usage_in_an_echoed_event_is_not_a_final_record(lua: Any, data_only: bool) -> None:
+    # issue 13: response.created echoes the request's tools, which may hold a `"usage": {...}` object with
+    # token counts. A stream that ends without response.completed must keep its content deltas, or it
+    # would be charged only the prompt estimate.
+    body = (FIXTURES / "openai_responses_stream_echoed_usage.sse").read_bytes()
+    body = b"".join(e + b"\n\n" for e in body.split(b"\n\n") if e and b"response.completed" not in e)
+    if data_only:
+        body = b"".join(line + b"\n" for line in body.split(b"\n")[:-1] if not line.startswith(b"event:"))
+    meta, finished = run_lua(lua, body, range(0, len(body), 300), content_type="text/event-stream")
+    assert finished
+    usage, _ = accounted(meta, "text/event-stream")
+    assert usage == whole(body, "text/event-stream")
+    assert usage.source == "estimated" and usage.completion_tokens > 5
+
+
 def test_lua_crlf_stream(lua: Any) -> None:
     body = (FIXTURES / "openai_chat_stream_usage.sse").read_bytes().replace(b"\n", b"\r\n")
     meta, _ = run_lua(lua, body, range(1, len(body), 7), content_type="text/event-stream")
