@@ -356,8 +356,8 @@ class Engine:
         `keep_estimate`: the usage is incomplete (the response was cut off before its usage record, by
         the client or the upstream) or could not be read (an unsupported content-encoding): the limits
         keep the larger of the reserved estimate and `usage` (SECURITY.md: a client that drops its
-        connection keeps its estimate charged); the ledger records `usage`. An error response (source "none") is charged
-        `accounting.error_charge_tokens` (0 by default: the provider bills nothing for it).
+        connection keeps its estimate charged); the ledger records `usage`. An error response (source
+        "none") is charged `accounting.error_charge_tokens` (0 by default: the provider bills nothing).
 
         Only requests nexus-authz admitted are accounted, under the key, tenant and model it admitted
         them with (its reservation book, or its record of reservations that expired unsettled), never an

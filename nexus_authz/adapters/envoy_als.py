@@ -250,7 +250,7 @@ class AccessLogService:
         request = entry.request
         if not request.request_headers.get("x-nexus-key-id"):  # a filter only: never the identity
             self.ignored += 1
-            return
+            return None
         response = entry.response
         response_headers = response.response_headers
         snippet = snippet_of(entry)

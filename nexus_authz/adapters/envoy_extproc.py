@@ -2,9 +2,10 @@
 
 One bidirectional stream per HTTP request. From the request headers we take the request id (Envoy's
 `x-request-id`, the same id the Check saw, so it finds the reservation and the identity nexus-authz
-admitted the request with: no x-nexus-* header is trusted). From the response headers the status, content type and encoding; then every body chunk goes to the
-core's incremental usage parser, and at the end of the stream (or when the stream is cut off) the usage
-is accounted: the reservation settled with the real numbers, the ledger fed.
+admitted the request with: no x-nexus-* header is trusted). From the response headers the status,
+content type and encoding; then every body chunk goes to the core's incremental usage parser, and at
+the end of the stream (or when the stream is cut off) the usage is accounted: the reservation settled
+with the real numbers, the ledger fed.
 
 The shipped Envoy configs use `observability_mode: true`: Envoy sends and moves on, never waiting for us,
 so accounting adds no latency and cannot break a response. In that mode we send nothing back. With a
@@ -104,7 +105,9 @@ class ExternalProcessorService:
             if not exchange.done and (exchange.parser is not None or exchange.request_id):
                 exchange.done = True
                 if exchange.parser is None:
-                    exchange.parser = StreamUsage(prompt_tokens_hint=self.engine.prompt_hint(exchange.request_id))
+                    exchange.parser = StreamUsage(
+                        prompt_tokens_hint=self.engine.prompt_hint(exchange.request_id)
+                    )
                 await self._finish(exchange, cut=True)
 
     def _on_message(

@@ -168,7 +168,9 @@ _USAGE_OBJECT: Final = re.compile(rb'"usage"' + _WS + rb":" + _WS + rb"\{")
 # An event is named by its `event:` line, else by the "type" its data starts with; the record is the
 # `usage` member of the object at depth 1 (the event's data) or 2 (data.response / data.message).
 _EVENT_NAME: Final = re.compile(rb"(?:^|\n)event:[ \t]*([^\s]{1,64})")
-_DATA_TYPE: Final = re.compile(rb'(?:^|\n)data:[ \t]*\{' + _WS + rb'"type"' + _WS + rb":" + _WS + rb'"([^"\\]{1,64})"')
+_DATA_TYPE: Final = re.compile(
+    rb"(?:^|\n)data:[ \t]*\{" + _WS + rb'"type"' + _WS + rb":" + _WS + rb'"([^"\\]{1,64})"'
+)
 _RESPONSES_FINAL: Final = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
 _HEAD_BYTES: Final = 512  # an event's name is in its first bytes
 _CANDIDATES: Final = 4  # usage objects of one event tried, from its end (a record is its event's last)
@@ -239,6 +241,7 @@ def _record_at(segment: bytes, depth: int) -> dict[str, object] | None:
     except (ValueError, RecursionError):
         return None
     return record
+
 
 # --------------------------------------------------------------------------------------------------
 # The parser

@@ -498,7 +498,9 @@ def test_an_entry_nexus_did_not_admit_adds_no_ledger_row(ledgered: tuple[Engine,
     # admitted is accounted, under the identity nexus admitted it with.
     engine, _ = ledgered
     chat = (FIXTURES / "openai_chat.json").read_bytes()
-    forged = entry_with(body_meta(chat), content_type="application/json", key_id="metered", request_id="never")
+    forged = entry_with(
+        body_meta(chat), content_type="application/json", key_id="metered", request_id="never"
+    )
     service = AccessLogService(engine)
     stream(service, message(forged))
     assert _rows(engine) == []
@@ -509,7 +511,9 @@ def test_an_entry_nexus_did_not_admit_adds_no_ledger_row(ledgered: tuple[Engine,
     assert _rows(engine) == [("metered", "default", 1)]
 
 
-def test_usage_arriving_after_its_reservation_expired_is_still_ledgered(ledgered: tuple[Engine, _Clock]) -> None:
+def test_usage_arriving_after_its_reservation_expired_is_still_ledgered(
+    ledgered: tuple[Engine, _Clock],
+) -> None:
     engine, clock = ledgered
     _metered_check(engine, "slow")
     clock.now += 61  # a stream longer than the reservation ttl

@@ -224,7 +224,9 @@ def test_client_that_hangs_up_keeps_its_reservation_charged(stack: Stack, when: 
     if when == "mid_stream":
         seen = _hang_up(stack, {**body, "stream": True}, key, 0.5, x_mock_chunk_delay_ms="150")
         assert b"200 OK" in seen and b"data: " in seen  # the stream had started
-        reserve = request_facts(json.dumps({**body, "stream": True}).encode(), precise=False).prompt_tokens + 2000
+        reserve = (
+            request_facts(json.dumps({**body, "stream": True}).encode(), precise=False).prompt_tokens + 2000
+        )
     else:
         assert _hang_up(stack, body, key, 0.5, x_mock_delay_ms="1500") == b""
     (row,) = ledger_rows(stack, key.id, expect_requests=1)  # accounted (settled) by now

@@ -583,7 +583,9 @@ def _sse(*events: tuple[str | None, dict[str, object]]) -> bytes:
 def test_cut_responses_stream_echoing_a_fake_usage_is_not_charged_the_fake() -> None:
     # A request's tools are echoed in response.created: a client-chosen `"usage": {...}` object there is
     # no usage record; cut before response.completed, the stream is charged what it showed.
-    events = [e for e in _events("openai_responses_stream_echoed_usage.sse") if b"response.completed" not in e]
+    events = [
+        e for e in _events("openai_responses_stream_echoed_usage.sse") if b"response.completed" not in e
+    ]
     body = b"".join(events)
     assert one_shot(body) == estimated(RESPONSES_TEXT)
     assert streamed(body, list(range(0, len(body), 50)), window=64).finish() == estimated(RESPONSES_TEXT)
@@ -614,7 +616,11 @@ def test_chat_usage_is_read_from_the_top_level_only() -> None:
     }
     body = _sse((None, chunk), (None, nested))
     assert one_shot(body) == estimated("hi you there")
-    final = {"object": "chat.completion.chunk", "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4}}
+    final = {
+        "object": "chat.completion.chunk",
+        "choices": [],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 4},
+    }
     assert one_shot(body + _sse((None, final))) == Usage(prompt_tokens=9, completion_tokens=4)
 
 
@@ -623,17 +629,30 @@ def test_anthropic_usage_is_read_from_message_start_and_message_delta_only() -> 
         "type": "message_start",
         "message": {"type": "message", "content": [], "usage": {"input_tokens": 30, "output_tokens": 1}},
     }
-    tool = {"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "input": {"usage": FAKE}}}
-    delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "abc def"}, "usage": FAKE}
+    tool = {
+        "type": "content_block_start",
+        "index": 0,
+        "content_block": {"type": "tool_use", "input": {"usage": FAKE}},
+    }
+    delta = {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "text_delta", "text": "abc def"},
+        "usage": FAKE,
+    }
     body = _sse(("message_start", start), ("content_block_start", tool), ("content_block_delta", delta))
-    assert one_shot(body) == Usage(prompt_tokens=30, completion_tokens=count_tokens("abc def"), source="estimated")
+    assert one_shot(body) == Usage(
+        prompt_tokens=30, completion_tokens=count_tokens("abc def"), source="estimated"
+    )
     fake_final = {"type": "message_delta", "delta": {"stop_reason": None}, "x": {"usage": FAKE}}
     assert one_shot(body + _sse(("message_delta", fake_final))).source == "estimated"
     real = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 12}}
     assert one_shot(body + _sse(("message_delta", real))) == Usage(prompt_tokens=30, completion_tokens=12)
     # a usage object nested in message_start's content is not the message's usage
     fake_start = {"type": "message_start", "message": {"content": [{"input": {"usage": FAKE}}]}}
-    assert one_shot(_sse(("message_start", fake_start), ("content_block_delta", delta))) == estimated("abc def")
+    assert one_shot(_sse(("message_start", fake_start), ("content_block_delta", delta))) == estimated(
+        "abc def"
+    )
 
 
 def test_json_usage_is_read_from_the_top_level_only() -> None:
