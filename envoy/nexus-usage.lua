@@ -35,8 +35,25 @@ local MAX_KEEP = 1048576 -- body bytes kept for nexus-authz
 local TAIL = 65536 -- over the cap, the last bytes kept: usage records sit at the end
 local HEAD = MAX_KEEP - TAIL
 
-local find, sub, gsub, lower = string.find, string.sub, string.gsub, string.lower
+local find, sub, gsub, lower, match = string.find, string.sub, string.gsub, string.lower, string.match
 local concat = table.concat
+
+-- Events whose usage object is a final record (usage.py reads it only there, at its place). Any other
+-- named event (Responses' response.created echoes the request's tools, which may hold a client-chosen
+-- `"usage": {...}`) is not; an event without a name (OpenAI chat/completions chunks) is, if it counts
+-- tokens.
+local FINAL = {
+  ["response.completed"] = true,
+  ["response.incomplete"] = true,
+  ["response.failed"] = true,
+  ["message_delta"] = true,
+}
+
+-- An event's name: its `event:` line, else the "type" its data starts with (as usage.py reads it).
+local function event_name(event)
+  local e = "\n" .. event
+  return match(e, "\nevent:[ \t]*([^%s]+)") or match(e, '\ndata:[ \t]*{%s*"type"%s*:%s*"([^"\\]+)"')
+end
 
 -- Append to `out` the complete events of `s` that carry a usage object; return the new count and
 -- whether one of them is a final record (not Anthropic's message_start, which only has input usage).
@@ -65,7 +82,8 @@ local function usage_events(s, out, n)
       end
       n = n + 1
       out[n] = event
-      if not find(event, '"message_start"', 1, true) and find(event, '_tokens"', 1, true) then
+      local name = event_name(event)
+      if (name and FINAL[name]) or (not name and find(event, '_tokens"', 1, true)) then
         final = true
       end
     end

@@ -193,7 +193,13 @@ class Engine:
         self.book = ReservationBook(ttl=reservations.ttl, max_entries=reservations.max_pending)
         self.ledger: Ledger | None = make_ledger(settings, clock)
         # Accounting counters for metrics: responses by source, tokens by (model, kind).
-        self.accounted: dict[str, int] = {"provider": 0, "estimated": 0, "none": 0, "unmatched": 0}
+        self.accounted: dict[str, int] = {
+            "provider": 0,
+            "estimated": 0,
+            "none": 0,
+            "unmatched": 0,  # accounted after its reservation expired (ledger only, nothing to settle)
+            "unadmitted": 0,  # dropped: nexus-authz admitted no request with that id
+        }
         self.usage_tokens: dict[tuple[str, str], int] = {}
         self.snapshot: KeySnapshot = EMPTY_SNAPSHOT
         self.decisions: dict[Reason, int] = dict.fromkeys(Reason, 0)
@@ -316,10 +322,15 @@ class Engine:
         allowed = all(s.allowed or s.spec.shadow for s in statuses)
         return self.policy.conclude(admission, new_result(allowed, statuses, 0 if allowed else -1), now)
 
-    def settle(self, request_id: str, *, tokens: int | None, usd_micros: int | None) -> bool:
-        """Replace a request's reserved estimate with its real usage; False if nothing was reserved."""
+    def settle(
+        self, request_id: str, *, tokens: int | None, usd_micros: int | None, at_least_reserved: bool = False
+    ) -> bool:
+        """Replace a request's reserved estimate with its real usage (`at_least_reserved`: with the larger
+        of the two); False if nothing was reserved."""
         now = self.clock()
-        settlement = self.book.settle(request_id, now, tokens=tokens, usd_micros=usd_micros)
+        settlement = self.book.settle(
+            request_id, now, tokens=tokens, usd_micros=usd_micros, at_least_reserved=at_least_reserved
+        )
         if settlement is None:
             return False
         self._apply((settlement,), now)
@@ -343,23 +354,32 @@ class Engine:
         usage: Usage,
         *,
         response_model: str | None = None,
-        key_id: str | None = None,
-        tenant: str | None = None,
         keep_estimate: bool = False,
     ) -> None:
         """A response's usage: settle its reservation and record it in the ledger.
 
-        `keep_estimate`: the usage could not be read (an unsupported content-encoding): the reserved
-        estimate stays charged. An error response (source "none") is charged
-        `accounting.error_charge_tokens` (0 by default: the provider bills nothing for it). `key_id` and
-        `tenant` (from the request's x-nexus-* headers) are used when no reservation is known.
+        `keep_estimate`: the usage is incomplete (the response was cut off before its usage record, by
+        the client or the upstream) or could not be read (an unsupported content-encoding): the limits
+        keep the larger of the reserved estimate and `usage` (SECURITY.md: a client that drops its
+        connection keeps its estimate charged); the ledger records `usage`. An error response (source
+        "none") is charged `accounting.error_charge_tokens` (0 by default: the provider bills nothing).
+
+        Only requests nexus-authz admitted are accounted, under the key, tenant and model it admitted
+        them with (its reservation book, or its record of reservations that expired unsettled), never an
+        identity the proxy's log entry carries: a request the proxy refused before stripping the client's
+        x-nexus-* headers would otherwise land in the ledger under any key. Others are counted
+        (`accounted["unadmitted"]`) and dropped.
         """
         context = self.book.context(request_id) if request_id else None
-        if isinstance(context, InFlight):
-            key_id, tenant, model = context.key_id, context.tenant, context.model or response_model
-        else:
-            model = response_model
+        live = isinstance(context, InFlight)
+        if not live:
+            context = self.book.retired(request_id) if request_id else None
+            if not isinstance(context, InFlight):
+                self.accounted["unadmitted"] += 1
+                return
             self.accounted["unmatched"] += 1
+        assert isinstance(context, InFlight)
+        key_id, tenant, model = context.key_id, context.tenant, context.model or response_model
         self.accounted[usage.source] += 1
         prices = self.policy.prices
         if usage.source == "none":
@@ -372,9 +392,9 @@ class Engine:
             )
         tokens = prompt + completion
         cost = prices.cost(model, prompt, cached, completion) if prices else 0
-        if isinstance(context, InFlight):
+        if live:
             if keep_estimate:
-                self.settle(request_id, tokens=None, usd_micros=None)
+                self.settle(request_id, tokens=tokens, usd_micros=cost, at_least_reserved=True)
             else:
                 self.settle(request_id, tokens=tokens, usd_micros=cost)
         model_label = model or "unknown"
@@ -382,7 +402,7 @@ class Engine:
         for kind, n in (("prompt", prompt), ("cached_prompt", cached), ("completion", completion)):
             if n:
                 counts[(model_label, kind)] = counts.get((model_label, kind), 0) + n
-        if self.ledger is not None and key_id:
+        if self.ledger is not None:
             self.ledger.record(
                 UsageRecord(
                     key_id=key_id,

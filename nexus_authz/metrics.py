@@ -176,8 +176,15 @@ class EngineCollector(Collector):
         yield responses
         yield CounterMetricFamily(
             "nexus_authz_accounted_unmatched",
-            "Responses accounted without a reservation (expired, evicted, or the request was not seen).",
+            "Responses accounted after their reservation ended unsettled (expired, evicted or replaced): "
+            "recorded in the ledger, nothing left to settle.",
             value=accounted.get("unmatched", 0),
+        )
+        yield CounterMetricFamily(
+            "nexus_authz_accounted_unadmitted",
+            "Responses dropped unaccounted: nexus-authz admitted no request with their id (e.g. requests "
+            "the proxy refused before stripping client-sent x-nexus-* headers), or knows it no longer.",
+            value=accounted.get("unadmitted", 0),
         )
 
         stats = engine.book.stats()

@@ -134,12 +134,13 @@ def workdir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def check(served: Served, secret: str) -> int:
+def check(served: Served, secret: str, request_id: str | None = None) -> int:
     """One Check over the Unix socket, as Envoy sends it; the answer's status."""
     body = b'{"model":"gpt-4o","messages":[]}'
     head = (
         "POST /ext_authz/v1/chat/completions HTTP/1.1\r\nhost: nexus\r\n"
-        f"authorization: Bearer {secret}\r\ncontent-type: application/json\r\n"
+        + (f"x-request-id: {request_id}\r\n" if request_id else "")
+        + f"authorization: Bearer {secret}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -328,11 +329,19 @@ async def _connection(path: str, index: int, stats: LoadStats, sigterm: asyncio.
             writer.close()
 
 
-def _access_log(n: int) -> als_pb2.StreamAccessLogsMessage:
-    """A batch of `n` access-log entries as Envoy's Lua usage tap and gRPC logger send them."""
+def _admit(served: Served, request_ids: range, prefix: str) -> None:
+    """Checks that admit these request ids: only what nexus-authz admitted is accounted."""
+    for i in request_ids:
+        assert check(served, ALICE.secret, f"{prefix}{i}") == 200
+
+
+def _access_log(n: int, start: int = 0) -> als_pb2.StreamAccessLogsMessage:
+    """A batch of `n` access-log entries as Envoy's Lua usage tap and gRPC logger send them (request ids
+    acct-<start>...)."""
     message = als_pb2.StreamAccessLogsMessage()
-    for _ in range(n):
+    for i in range(start, start + n):
         entry = message.http_logs.log_entry.add()
+        entry.request.request_id = f"acct-{i}"
         entry.request.request_headers["x-nexus-key-id"] = "alice"
         entry.request.request_headers["x-nexus-tenant"] = "acme"
         entry.response.response_headers["content-type"] = "application/json"
@@ -357,6 +366,7 @@ def test_sigterm_under_load_answers_every_request_and_flushes(workdir: Path) -> 
     served = serve(workdir, ALICE, BOB, extra=TERM_CONFIG)
     stats = LoadStats()
     batches, per_batch = 10, 50
+    _admit(served, range(batches * per_batch), "acct-")
 
     async def main() -> None:
         sigterm = asyncio.Event()
@@ -374,8 +384,8 @@ def test_sigterm_under_load_answers_every_request_and_flushes(workdir: Path) -> 
                     yield m
 
             call = stream(messages())
-            for _ in range(batches):
-                queue.put_nowait(_access_log(per_batch))
+            for b in range(batches):
+                queue.put_nowait(_access_log(per_batch, b * per_batch))
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(
                 None,
@@ -430,6 +440,7 @@ def _distinct_rows(n: int, start: int) -> als_pb2.StreamAccessLogsMessage:
     message = als_pb2.StreamAccessLogsMessage()
     for i in range(start, start + n):
         entry = message.http_logs.log_entry.add()
+        entry.request.request_id = f"row-{i}"
         entry.request.request_headers["x-nexus-key-id"] = "alice"
         entry.response.response_headers["content-type"] = "application/json"
         body = b'{"model":"m-%d","usage":{"prompt_tokens":1,"completion_tokens":1}}' % i
@@ -491,6 +502,8 @@ def test_a_failing_ledger_buffers_then_drops_and_counts(
     served = serve(workdir, ALICE, extra=LEDGER_CONFIG)
     db = workdir / "usage.sqlite3"
     try:
+        for ids in (range(5), range(100, 120), range(200, 250)):
+            _admit(served, ids, "row-")
         _send_logs(served, _distinct_rows(5, 0))
         wait_for("the first rows written", lambda: sum(r.requests for r in query_db(db)) == 5)
         assert metrics(served)['nexus_authz_store_up{store="ledger"}'] == 1

@@ -81,6 +81,7 @@ def test_metrics_after_decisions(tmp_path: Path) -> None:
     assert not engine.check(request(KEY.secret, "o1", "y")).allowed
     engine.account("ok-0", Usage(prompt_tokens=12, completion_tokens=30, source="provider"))
     engine.account("ok-1", Usage(source="none"))
+    engine.account("never-admitted", Usage(prompt_tokens=1, completion_tokens=1, source="provider"))
 
     m = samples(scrape(engine))
 
@@ -104,6 +105,7 @@ def test_metrics_after_decisions(tmp_path: Path) -> None:
     assert value("nexus_authz_tokens_used_total", model="gpt-4o", kind="completion") == 30
     assert value("nexus_authz_accounted_responses_total", source="provider") == 1
     assert value("nexus_authz_accounted_responses_total", source="none") == 1
+    assert value("nexus_authz_accounted_unadmitted_total") == 1  # dropped, not in the counts above
     assert value("nexus_authz_reservations_in_flight") == 1  # ok-2 has no response yet
     assert value("nexus_authz_reservations_total", outcome="settled") == 2
     assert value("nexus_authz_tokens_reserved", model="gpt-4o") > 100  # prompt estimate + max_tokens

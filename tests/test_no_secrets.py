@@ -29,6 +29,7 @@ from nexus_authz._gen.nexus.authz.v1 import policy_pb2_grpc as pb_grpc
 from nexus_authz.adapters.envoy_als import METADATA_NAMESPACE
 from nexus_authz.core import keys as keys_mod
 from nexus_authz.core.config import SecretRef
+from nexus_authz.core.model import InFlight
 from nexus_authz.core.usage import Usage
 from nexus_authz.demo.procs import free_port
 from nexus_authz.engine import Engine
@@ -169,6 +170,9 @@ def test_no_secret_anywhere(tmp_path: Path, debug_log: io.StringIO) -> None:
             )
             assert len(seen) == 3
             engine.account("req-0", Usage(prompt_tokens=5, completion_tokens=7, source="provider"))
+            # only what nexus admitted is accounted: the access-log and ext_proc requests below too
+            for request_id in ("req-1", "req-2", "req-4"):
+                engine.book.track(request_id, InFlight("scanned", "acme", "gpt-4o", 0), engine.clock())
 
             async with grpc.aio.insecure_channel(server.addresses["api"]) as channel:
                 stub = pb_grpc.PolicyServiceStub(channel)

@@ -12,7 +12,10 @@ four or more gRPC messages.
 Each entry becomes the call the ext_proc adapter makes at the end of a response: the bytes go through
 the core's usage parser (StreamUsage, the single source of truth of the usage semantics) and
 `engine.account(...)` settles the reservation and feeds the ledger. Entries without x-nexus-key-id
-(requests nexus-authz did not admit) are ignored. What the Lua filter sends (see its header):
+(requests nexus-authz did not admit) are ignored early; the header only filters: the identity an entry is
+accounted under comes from nexus-authz's own admission record, found by request id (Envoy logs requests
+it refused before its header_mutation filter ran with the client's own x-nexus-* headers, so they are
+never trusted). What the Lua filter sends (see its header):
 
   u.k = "sse"   selected SSE events (or a long stream's head and tail): parsed as an event stream
   u.k = "body"  the whole body as received: parsed with the response's content type and encoding
@@ -139,13 +142,17 @@ def conclude(
 ) -> tuple[Usage, str | None, bool]:
     """(usage, the response's model, keep_estimate) from the parser's result, as engine.account wants.
 
-    keep_estimate: the usage could not be read (a compressed body over the Lua cap, an undecodable
-    encoding, the tail of a long body without a usage record): the reserved estimate stays charged.
+    keep_estimate: the usage is incomplete or could not be read (a compressed body over the Lua cap, an
+    undecodable encoding, the tail of a long body without a usage record; a response that did not end
+    normally: the Lua tap left only its checkpoints ("partial") or nothing ("none": the client went
+    away before or during the response) without a usage record): the reserved estimate stays charged.
     Bytes the Lua filter dropped over its cap extrapolate a counted completion.
     """
     if parser is None or usage is None:
         return Usage(prompt_tokens=prompt_tokens_hint, source="estimated"), None, True
-    keep_estimate = parser.undecodable or (snippet.kind == "tail" and usage.source != "provider")
+    keep_estimate = parser.undecodable or (
+        snippet.kind in ("tail", "partial", "none") and usage.source != "provider"
+    )
     if snippet.skipped and usage.source == "estimated" and parser.bytes_seen:
         extra = round(usage.completion_tokens * snippet.skipped / parser.bytes_seen)
         usage = Usage(
@@ -241,11 +248,9 @@ class AccessLogService:
         awaitable only when the response has no usage record and its text is long enough to be counted
         exactly in a worker thread."""
         request = entry.request
-        headers = request.request_headers
-        key_id = headers.get("x-nexus-key-id")
-        if not key_id:
+        if not request.request_headers.get("x-nexus-key-id"):  # a filter only: never the identity
             self.ignored += 1
-            return
+            return None
         response = entry.response
         response_headers = response.response_headers
         snippet = snippet_of(entry)
@@ -257,17 +262,14 @@ class AccessLogService:
             content_encoding=response_headers.get("content-encoding"),
             prompt_tokens_hint=hint,
         )
-        tenant = headers.get("x-nexus-tenant") or None
         # As the ext_proc adapter: a response without a usage record is counted exactly.
         if (
             parser is not None
             and self._exact
             and parser.count_exactly(count_tokens, EXECUTOR_THRESHOLD_CHARS)
         ):
-            return self._account_later(snippet, parser, request_id, hint, key_id, tenant)
-        self._conclude(
-            snippet, parser, parser.finish() if parser is not None else None, request_id, hint, key_id, tenant
-        )
+            return self._account_later(snippet, parser, request_id, hint)
+        self._conclude(snippet, parser, parser.finish() if parser is not None else None, request_id, hint)
         return None
 
     async def _account_later(
@@ -276,11 +278,9 @@ class AccessLogService:
         parser: StreamUsage,
         request_id: str,
         hint: int,
-        key_id: str,
-        tenant: str | None,
     ) -> None:
         usage = await asyncio.get_running_loop().run_in_executor(None, parser.finish)
-        self._conclude(snippet, parser, usage, request_id, hint, key_id, tenant)
+        self._conclude(snippet, parser, usage, request_id, hint)
 
     def _conclude(
         self,
@@ -289,14 +289,10 @@ class AccessLogService:
         usage: Usage | None,
         request_id: str,
         hint: int,
-        key_id: str,
-        tenant: str | None,
     ) -> None:
         usage, model, keep_estimate = conclude(snippet, parser, usage, hint)
         self.entries += 1
-        self.engine.account(
-            request_id, usage, response_model=model, key_id=key_id, tenant=tenant, keep_estimate=keep_estimate
-        )
+        self.engine.account(request_id, usage, response_model=model, keep_estimate=keep_estimate)
 
     @property
     def open_streams(self) -> int:

@@ -1,11 +1,11 @@
 """Envoy's ext_proc v3 (`envoy.service.ext_proc.v3.ExternalProcessor/Process`): usage from responses.
 
 One bidirectional stream per HTTP request. From the request headers we take the request id (Envoy's
-`x-request-id`, the same id the Check saw, so it finds the reservation) and the identity ext_authz set
-(`x-nexus-key-id`, `x-nexus-tenant`: clients cannot forge them, the Envoy config strips them on the way
-in). From the response headers the status, content type and encoding; then every body chunk goes to the
-core's incremental usage parser, and at the end of the stream (or when the stream is cut off) the usage
-is accounted: the reservation settled with the real numbers, the ledger fed.
+`x-request-id`, the same id the Check saw, so it finds the reservation and the identity nexus-authz
+admitted the request with: no x-nexus-* header is trusted). From the response headers the status,
+content type and encoding; then every body chunk goes to the core's incremental usage parser, and at
+the end of the stream (or when the stream is cut off) the usage is accounted: the reservation settled
+with the real numbers, the ledger fed.
 
 The shipped Envoy configs use `observability_mode: true`: Envoy sends and moves on, never waiting for us,
 so accounting adds no latency and cannot break a response. In that mode we send nothing back. With a
@@ -47,9 +47,7 @@ _CONTINUE = {
     "request_trailers": _CONTINUE_REQUEST_TRAILERS,
     "response_trailers": _CONTINUE_RESPONSE_TRAILERS,
 }
-_WANTED = frozenset(
-    {"x-request-id", "x-nexus-key-id", "x-nexus-tenant", ":status", "content-type", "content-encoding"}
-)
+_WANTED = frozenset({"x-request-id", ":status", "content-type", "content-encoding"})
 
 
 def _headers(message: ep.HttpHeaders) -> dict[str, str]:
@@ -64,12 +62,10 @@ def _headers(message: ep.HttpHeaders) -> dict[str, str]:
 class Exchange:
     """The state of one request/response pair while its stream is open."""
 
-    __slots__ = ("done", "key_id", "parser", "request_id", "status", "tenant")
+    __slots__ = ("done", "parser", "request_id", "status")
 
     def __init__(self) -> None:
         self.request_id = ""
-        self.key_id: str | None = None
-        self.tenant: str | None = None
         self.status = 0
         self.parser: StreamUsage | None = None
         self.done = False
@@ -103,10 +99,16 @@ class ExternalProcessorService:
                     # delaying a graceful shutdown by as much.
                     break
         finally:
-            # The stream ended without end_of_stream: the client went away or the upstream cut off.
-            if not exchange.done and exchange.parser is not None:
+            # The stream ended without end_of_stream: the client went away or the upstream cut off
+            # (before the response started, too: no parser yet). Without a usage record, the
+            # reservation's estimate stays charged (SECURITY.md).
+            if not exchange.done and (exchange.parser is not None or exchange.request_id):
                 exchange.done = True
-                await self._finish(exchange)
+                if exchange.parser is None:
+                    exchange.parser = StreamUsage(
+                        prompt_tokens_hint=self.engine.prompt_hint(exchange.request_id)
+                    )
+                await self._finish(exchange, cut=True)
 
     def _on_message(
         self, ex: Exchange, kind: str | None, message: ep.ProcessingRequest
@@ -123,8 +125,6 @@ class ExternalProcessorService:
         if kind == "request_headers":
             headers = _headers(message.request_headers)
             ex.request_id = headers.get("x-request-id", "")
-            ex.key_id = headers.get("x-nexus-key-id")
-            ex.tenant = headers.get("x-nexus-tenant")
             return None
         if kind == "response_headers":
             headers = _headers(message.response_headers)
@@ -161,7 +161,7 @@ class ExternalProcessorService:
         )
         return ep.ProcessingResponse(request_body=ep.BodyResponse(response=mutation))
 
-    async def _finish(self, ex: Exchange) -> None:
+    async def _finish(self, ex: Exchange, *, cut: bool = False) -> None:
         parser = ex.parser
         if parser is None:
             return
@@ -172,9 +172,7 @@ class ExternalProcessorService:
                 ex.request_id,
                 usage,
                 response_model=parser.model,
-                key_id=ex.key_id,
-                tenant=ex.tenant,
-                keep_estimate=parser.undecodable,
+                keep_estimate=parser.undecodable or (cut and usage.source != "provider"),
             )
         except Exception:  # accounting must never take the stream (or the server) down
             log.exception("accounting failed", extra={"request_id": ex.request_id})

@@ -191,7 +191,13 @@ class Policy:
                 key = admission.key
                 context = InFlight(key.key_id, key.tenant, admission.model, admission.prompt_tokens)
                 for settlement in book.track(admission.request_id, context, now):
-                    counters.adjust(settlement.counter_ids, settlement.specs, settlement.deltas, now)
+                    counters.adjust(
+                        settlement.counter_ids,
+                        settlement.specs,
+                        settlement.deltas,
+                        now,
+                        settlement.charged_at,
+                    )
             return _allow(admission.key, admission.model)
         result = counters.acquire(admission.counter_ids, admission.specs, admission.costs, now)
         return self.conclude(admission, result, now, counters, book)

@@ -17,6 +17,11 @@ Bounded: at most `max_entries` reservations. When full, the oldest one is expire
 above) to make room, and counted. Expiry order is FIFO: one TTL for the book and a monotonic clock mean
 insertion order is expiry order, so expiry pops from the front of an ordered dict, never scans.
 A request id that is reserved again (ids come from the edge and could repeat) expires the earlier one.
+
+Retired contexts: a reservation that expires (or is evicted or replaced) with a context keeps that context
+in a small FIFO record (`retired_max` entries), so usage that arrives late (a stream longer than the ttl)
+is still accounted under the identity nexus admitted it with (`retired`), never one the response's log
+entry claims (issue 13).
 """
 
 from __future__ import annotations
@@ -56,15 +61,30 @@ _Entry = tuple[tuple[str, ...], tuple[LimitSpec, ...], tuple[int, ...], int, flo
 
 
 class ReservationBook:
-    __slots__ = ("_entries", "_expire_per_call", "_max", "_ttl", "evicted", "expired", "replaced", "settled")
+    __slots__ = (
+        "_entries",
+        "_expire_per_call",
+        "_max",
+        "_retired",
+        "_retired_max",
+        "_ttl",
+        "evicted",
+        "expired",
+        "replaced",
+        "settled",
+    )
 
-    def __init__(self, *, ttl: float, max_entries: int, expire_per_call: int = 4) -> None:
+    def __init__(
+        self, *, ttl: float, max_entries: int, expire_per_call: int = 4, retired_max: int = 16384
+    ) -> None:
         if ttl <= 0 or max_entries <= 0:
             raise ValueError("ttl and max_entries must be positive")
         self._ttl = ttl
         self._max = max_entries
         self._expire_per_call = expire_per_call
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._retired: OrderedDict[str, object] = OrderedDict()  # request id -> context, oldest first
+        self._retired_max = max(0, retired_max)
         self.settled = 0
         self.expired = 0
         self.evicted = 0  # expired early because the book was full
@@ -129,12 +149,12 @@ class ReservationBook:
         if old is not None:
             self.replaced += 1
             out = out or []
-            out.append(_expiry(request_id, old))
+            out.append(self._retire(request_id, old))
         elif len(entries) >= self._max:
             oldest_id, oldest = entries.popitem(last=False)
             self.evicted += 1
             out = out or []
-            out.append(_expiry(oldest_id, oldest))
+            out.append(self._retire(oldest_id, oldest))
         entries[request_id] = entry
         return tuple(out) if out else _NONE
 
@@ -143,12 +163,34 @@ class ReservationBook:
         entry = self._entries.get(request_id)
         return entry[6] if entry is not None else None
 
+    def retired(self, request_id: str) -> object:
+        """The context of a reservation that expired, was evicted or replaced without being settled,
+        once (it is forgotten here); None if unknown, already taken or pushed out of the record."""
+        return self._retired.pop(request_id, None)
+
+    def _retire(self, request_id: str, entry: _Entry) -> Settlement:
+        context = entry[6]
+        if context is not None and self._retired_max:
+            retired = self._retired
+            retired[request_id] = context
+            if len(retired) > self._retired_max:
+                retired.popitem(last=False)
+        return _expiry(request_id, entry)
+
     def settle(
-        self, request_id: str, now: float, *, tokens: int | None = None, usd_micros: int | None = None
+        self,
+        request_id: str,
+        now: float,
+        *,
+        tokens: int | None = None,
+        usd_micros: int | None = None,
+        at_least_reserved: bool = False,
     ) -> Settlement | None:
         """The real usage of a request: per-window differences (estimate -> actual) and slot releases.
 
-        `tokens` / `usd_micros` None: keep the estimate for those windows. Unknown or expired id: None.
+        `tokens` / `usd_micros` None: keep the estimate for those windows. `at_least_reserved`: the usage
+        is a lower bound (a response cut off before its usage record): charge the larger of it and the
+        estimate, never refund. Unknown or expired id: None.
         """
         entry = self._entries.pop(request_id, None)
         if entry is None:
@@ -162,10 +204,10 @@ class ReservationBook:
                 deltas.append(0)
             elif kind is _CONCURRENCY:
                 deltas.append(-costs[i])
-            elif kind is _TOKENS:
-                deltas.append(0 if tokens is None else tokens - costs[i])
             else:
-                deltas.append(0 if usd_micros is None else usd_micros - costs[i])
+                actual = tokens if kind is _TOKENS else usd_micros
+                delta = 0 if actual is None else actual - costs[i]
+                deltas.append(max(0, delta) if at_least_reserved else delta)
         return Settlement(request_id, counter_ids, specs, tuple(deltas), charged_at, context=context)
 
     def expire(self, now: float, max_items: int | None = None) -> list[Settlement]:
@@ -182,7 +224,7 @@ class ReservationBook:
                 break
             del entries[request_id]
             self.expired += 1
-            out.append(_expiry(request_id, entry))
+            out.append(self._retire(request_id, entry))
             budget -= 1
         return out
 

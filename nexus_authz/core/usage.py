@@ -4,7 +4,10 @@ The settle half of token accounting. A response is either one JSON document or a
 stream; the usage record is in the document, in the last OpenAI chunk (`stream_options.include_usage`),
 in `response.completed` (Responses) or split over `message_start` and the cumulative `message_delta`
 (Anthropic). A stream cut off before its record is charged the prompt hint plus the completion counted
-from the content deltas seen.
+from the content deltas seen. A usage object counts only at its provider's place (a document's top level;
+a chat chunk's top level; `response` of response.completed/incomplete/failed; `message` of
+message_start; message_delta's top level): one anywhere else (e.g. the request's tools echoed in
+response.created) is content, never a record.
 
 `StreamUsage` is the one parser (`usage_from_body` feeds it a whole body), so buffered and streamed
 responses give identical results, whatever the chunking (short of the hard limits below). It is built
@@ -160,6 +163,18 @@ _WS: Final = rb"[ \t\r\n]*"
 _STRING_BODY: Final = rb'([^"\\]*(?:\\.[^"\\]*)*)"'
 # A usage object (not `"usage": null`): a quoted key cannot occur inside a JSON string unescaped.
 _USAGE_OBJECT: Final = re.compile(rb'"usage"' + _WS + rb":" + _WS + rb"\{")
+# Where each provider puts its usage record (issue 13: a `"usage": {...}` anywhere else, e.g. in the
+# request's tools echoed by Responses' response.created, is client-chosen content, never a record).
+# An event is named by its `event:` line, else by the "type" its data starts with; the record is the
+# `usage` member of the object at depth 1 (the event's data) or 2 (data.response / data.message).
+_EVENT_NAME: Final = re.compile(rb"(?:^|\n)event:[ \t]*([^\s]{1,64})")
+_DATA_TYPE: Final = re.compile(
+    rb"(?:^|\n)data:[ \t]*\{" + _WS + rb'"type"' + _WS + rb":" + _WS + rb'"([^"\\]{1,64})"'
+)
+_RESPONSES_FINAL: Final = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
+_HEAD_BYTES: Final = 512  # an event's name is in its first bytes
+_CANDIDATES: Final = 4  # usage objects of one event tried, from its end (a record is its event's last)
+_CLOSE: Final = {1: '{"_":0', 2: '{"_":{"_":0'}  # + what follows a usage object at that depth: valid JSON
 # Error events, found with substring checks (a regex without a literal prefix scans at ~60 MB/s):
 # Anthropic `{"type": "error", ...}` / `event: error`, Responses `error` and `response.failed`, an
 # OpenAI `data: {"error": {...}}`. Quoted markers only match structure, never text inside strings.
@@ -208,6 +223,26 @@ _KIND_MARKERS: Final = (
 _decoder = json.JSONDecoder()
 _lenient = json.JSONDecoder(strict=False)  # content strings may carry raw control characters
 
+
+def _record_at(segment: bytes, depth: int) -> dict[str, object] | None:
+    """The usage object `segment` starts with (its `{`), if it is a member of the object at `depth`:
+    what follows it (up to the end of the event or document) must close exactly `depth` objects."""
+    if b"\n" in segment:  # the JSON continues on other data lines: rebuild it (other fields dropped)
+        lines = segment.split(b"\n")
+        segment = b"\n".join(
+            [lines[0]] + [line[5:].removeprefix(b" ") for line in lines[1:] if line.startswith(b"data:")]
+        )
+    text = segment.decode("utf-8", "replace")
+    try:
+        record, end = _decoder.raw_decode(text[:_USAGE_SPAN])
+        if not isinstance(record, dict):
+            return None
+        _decoder.decode(_CLOSE[depth] + text[end:])
+    except (ValueError, RecursionError):
+        return None
+    return record
+
+
 # --------------------------------------------------------------------------------------------------
 # The parser
 # --------------------------------------------------------------------------------------------------
@@ -240,6 +275,7 @@ class StreamUsage:
         "_content",
         "_content_bytes",
         "_count_tokens",
+        "_cut_head",
         "_decoded",
         "_decoder",
         "_deflate_head",
@@ -292,6 +328,7 @@ class StreamUsage:
         self._last_window = b""
         self._saw_sse = False
         self._trimmed = False
+        self._cut_head: bytes | None = None  # the first bytes of an event cut to its tail (its name)
         self._total = 0
         self._decoded = 0
         self._result: Usage | None = None
@@ -446,6 +483,10 @@ class StreamUsage:
             cut = data.rfind(b"\n\n") + 2
             if cut < 2:  # no complete event yet
                 if len(data) > MAX_EVENT_BYTES:
+                    if self._cut_head is None:
+                        self._cut_head = head = data[:_HEAD_BYTES]
+                        if head.lstrip(b"\n").startswith(_SSE_FIELDS):
+                            self._saw_sse = True
                     self._blind_bytes += len(data) - _EVENT_TAIL
                     data = data[-_EVENT_TAIL:]
                     self.limited = True
@@ -475,6 +516,7 @@ class StreamUsage:
                     self._kind = kind
                     break
         self._take_usages(window)
+        self._cut_head = None
         if self._final is not None or (self._anthropic_final and self._anthropic):
             return  # the record settles it: errors and content no longer matter
         if final:
@@ -489,50 +531,63 @@ class StreamUsage:
         self._extract_content(window)
 
     def _take_usages(self, window: bytes) -> None:
-        """Decode the usage objects of a window: the last one of each event, at most _USAGE_SPAN long.
+        """The usage records of a window's events: per event, the usage object where its provider puts
+        it (see _EVENT_NAME); the last few candidates of each event are tried, from its end.
 
-        One per event is all any provider sends; taking only the last keeps an event stuffed with
-        `"usage":{` (garbage, hostile) linear: each event's end is searched for once.
+        Linear however many `"usage":{` an event holds (garbage, hostile): each event's end is searched
+        for once, and at most _CANDIDATES objects per event are decoded.
         """
-        pending: tuple[int, int] | None = None
+        keys: list[int] = []
         event_end = -1
         for match in _USAGE_OBJECT.finditer(window):
             key = match.start()
             if key >= event_end:
-                if pending is not None:
-                    self._take_usage(window, pending[0], pending[1], event_end)
+                if keys:
+                    self._take_usage(window, keys, event_end)
+                    keys = []
                 event_end = window.find(b"\n\n", key)
                 if event_end < 0:
                     event_end = len(window)
-            pending = (key, match.end() - 1)
-        if pending is not None:
-            self._take_usage(window, pending[0], pending[1], event_end)
+            if len(keys) == _CANDIDATES:
+                del keys[0]
+            keys.append(match.end() - 1)
+        if keys:
+            self._take_usage(window, keys, event_end)
 
-    def _take_usage(self, window: bytes, key: int, brace: int, end: int) -> None:
-        text = window[brace : min(end, brace + _USAGE_SPAN)]
-        if b"\ndata:" in text:  # the JSON continues on another data line: rebuild the event's data
-            text = b"\n".join(
-                line[5:].removeprefix(b" ") if line.startswith(b"data:") else line
-                for line in text.split(b"\n")
-            )
-        try:
-            record, _ = _decoder.raw_decode(text.decode("utf-8", "replace"))
-        except (ValueError, RecursionError):
-            return
-        if not isinstance(record, dict):
-            return
-        usage = _openai_usage(record)
-        if usage is not None:
-            self._final = usage
-            return
-        if _is_anthropic(record):
-            start = window.rfind(b"\n\n", 0, key)
-            header = window[start + 1 if start >= 0 else 0 : key]
-            for name in _ANTHROPIC_FIELDS:
-                if name in record:
-                    self._anthropic[name] = _count(record[name])
-            if b'"message_start"' not in header:
+    def _take_usage(self, window: bytes, braces: list[int], end: int) -> None:
+        start = window.rfind(b"\n\n", 0, braces[0]) + 2
+        if start < 2:  # the window's first event: its head may have been cut off (an event over the limit)
+            start = 0
+            head = self._cut_head if self._cut_head is not None else window[:_HEAD_BYTES]
+        else:
+            head = window[start : start + _HEAD_BYTES]
+        match = _EVENT_NAME.search(head) or _DATA_TYPE.search(head)
+        name = match.group(1) if match is not None else None
+        if name is None or name == b"message_delta":
+            depth = 1  # OpenAI chat/completions chunks (no type), Anthropic's message_delta
+        elif name in _RESPONSES_FINAL or name == b"message_start":
+            depth = 2  # data.response.usage, data.message.usage
+        else:
+            return  # no other event carries a usage record
+        for brace in reversed(braces):
+            record = _record_at(window[brace:end], depth)
+            if record is None:
+                continue
+            if name is None or name in _RESPONSES_FINAL:
+                usage = _openai_usage(record)
+                if usage is not None:
+                    self._final = usage
+                    return
+                if name is not None:
+                    continue
+            if not _is_anthropic(record):
+                continue
+            for field in _ANTHROPIC_FIELDS:
+                if field in record:
+                    self._anthropic[field] = _count(record[field])
+            if name != b"message_start":
                 self._anthropic_final = True  # message_delta: cumulative counts, the latest wins
+            return
 
     def _extract_content(self, window: bytes) -> None:
         if self._content_bytes >= _MAX_CONTENT_BYTES:
@@ -632,22 +687,18 @@ class StreamUsage:
             if obj is None:
                 return Usage(source="none")  # malformed, truncated or too deep
             return self._usage_from_document(obj)
-        # Too large to keep whole: the usage record sits at the end of every provider's document.
+        # Too large to keep whole: the usage record sits at the end of every provider's document, a
+        # member of the top-level object (what follows it closes exactly one object).
         matches = list(_USAGE_OBJECT.finditer(body))
-        last = matches[-1] if matches else None
-        if last is not None:
-            try:
-                start = last.end() - 1
-                text = body[start : start + _USAGE_SPAN].decode("utf-8", "replace")
-                record, _ = _decoder.raw_decode(text)
-            except (ValueError, RecursionError):
-                record = None
-            if isinstance(record, dict):
-                usage = _openai_usage(record)
-                if usage is not None:
-                    return usage
-                if _is_anthropic(record):
-                    return _anthropic_usage({k: _count(record[k]) for k in _ANTHROPIC_FIELDS if k in record})
+        for match in reversed(matches[-_CANDIDATES:]):
+            record = _record_at(body[match.end() - 1 :], 1)
+            if record is None:
+                continue
+            usage = _openai_usage(record)
+            if usage is not None:
+                return usage
+            if _is_anthropic(record):
+                return _anthropic_usage({k: _count(record[k]) for k in _ANTHROPIC_FIELDS if k in record})
         completion = round(self._blind_bytes / 4) + estimate_tokens(body)
         return Usage(prompt_tokens=self._prompt_hint, completion_tokens=completion, source="estimated")
 
@@ -658,8 +709,13 @@ class StreamUsage:
             self.saw_error = True
             return Usage(source="none")
         record = obj.get("usage")
-        if not isinstance(record, dict) and isinstance(obj.get("response"), dict):
-            record = obj["response"].get("usage")  # a Responses event object posted as a document
+        if (
+            not isinstance(record, dict)
+            and isinstance(obj.get("response"), dict)
+            and isinstance(obj.get("type"), str)
+            and obj["type"].encode() in _RESPONSES_FINAL
+        ):
+            record = obj["response"].get("usage")  # a final Responses event posted as a document
         if isinstance(record, dict):
             usage = _openai_usage(record)
             if usage is not None:

@@ -201,6 +201,22 @@ def test_lua_keeps_only_usage_events_of_a_stream_with_a_final_record(lua: Any) -
     assert len(kept) < len(body) / 3
 
 
+@pytest.mark.parametrize("data_only", [False, True])
+def test_lua_fake_usage_in_an_echoed_event_is_not_a_final_record(lua: Any, data_only: bool) -> None:
+    # issue 13: response.created echoes the request's tools, which may hold a `"usage": {...}` object with
+    # token counts. A stream that ends without response.completed must keep its content deltas, or it
+    # would be charged only the prompt estimate.
+    body = (FIXTURES / "openai_responses_stream_echoed_usage.sse").read_bytes()
+    body = b"".join(e + b"\n\n" for e in body.split(b"\n\n") if e and b"response.completed" not in e)
+    if data_only:
+        body = b"".join(line + b"\n" for line in body.split(b"\n")[:-1] if not line.startswith(b"event:"))
+    meta, finished = run_lua(lua, body, range(0, len(body), 300), content_type="text/event-stream")
+    assert finished
+    usage, _ = accounted(meta, "text/event-stream")
+    assert usage == whole(body, "text/event-stream")
+    assert usage.source == "estimated" and usage.completion_tokens > 5
+
+
 def test_lua_crlf_stream(lua: Any) -> None:
     body = (FIXTURES / "openai_chat_stream_usage.sse").read_bytes().replace(b"\n", b"\r\n")
     meta, _ = run_lua(lua, body, range(1, len(body), 7), content_type="text/event-stream")
@@ -372,12 +388,7 @@ def test_batched_entries_are_accounted_and_unadmitted_ones_ignored(engine: Engin
     assert [a[0] for a, _ in calls] == ["r1", "r3"]
     (_, usage1), kw1 = calls[0]
     assert usage1 == Usage(prompt_tokens=19, completion_tokens=10)
-    assert kw1 == {
-        "response_model": "gpt-4o-2024-08-06",
-        "key_id": "alice",
-        "tenant": "acme",
-        "keep_estimate": False,
-    }
+    assert kw1 == {"response_model": "gpt-4o-2024-08-06", "keep_estimate": False}  # no identity: nexus's own
     assert calls[1][0][1] == Usage(prompt_tokens=472 + 2048, cached_prompt_tokens=2048, completion_tokens=89)
 
 
@@ -404,6 +415,115 @@ def test_settles_the_reservation_with_the_real_usage(metered_engine: Engine) -> 
     )
     assert metered_engine.prompt_hint("req-9") == 0  # settled: the reservation is gone
     assert metered_engine.accounted["estimated"] == 1
+
+
+def _metered_check(engine: Engine, request_id: str) -> int:
+    """Admit a 2,000-token request; the tokens the day window has left after it."""
+    from nexus_authz.core.model import Request
+
+    body = json.dumps(
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000}
+    ).encode()
+    decision = engine.check(
+        Request(
+            method="POST",
+            path="/v1/chat/completions",
+            headers={"authorization": f"Bearer {METERED.secret}"},
+            body=body,
+            request_id=request_id,
+        )
+    )
+    assert decision.allowed
+    return int(dict(decision.response_headers)["x-ratelimit-remaining-tokens"])
+
+
+@pytest.mark.parametrize("response", ["cut_stream", "no_response", "cut_json"])
+def test_a_response_cut_off_keeps_its_reservation_charged(metered_engine: Engine, response: str) -> None:
+    # issue 13 item 4: the client hangs up (or the upstream resets) before the usage record: the
+    # reservation's estimate stays charged, never only the prompt estimate plus what was counted.
+    left = _metered_check(metered_engine, "cut-1")
+    reserved = 1_000_000 - left
+    assert reserved > 2000
+    if response == "cut_stream":  # the Lua tap's checkpoints of a stream reset mid-way
+        cut = (FIXTURES / "openai_chat_stream_no_usage.sse").read_bytes()[:1500]
+        meta: dict[str, Any] | None = {
+            f"p{i + 1}": base64.b64encode(cut[i * 500 : (i + 1) * 500]).decode() for i in range(3)
+        }
+        entry = entry_with(meta, content_type="text/event-stream", key_id="metered", request_id="cut-1")
+    else:  # gone before the response started, or during a JSON body (the tap checkpoints streams only)
+        entry = entry_with(None, key_id="metered", request_id="cut-1")
+        if response == "no_response":
+            entry.response.ClearField("response_code")
+        else:
+            entry.response.response_headers["content-type"] = "application/json"
+        entry.common_properties.response_flags.downstream_connection_termination = True
+    stream(AccessLogService(metered_engine), message(entry))
+    assert metered_engine.prompt_hint("cut-1") == 0  # settled: concurrency slots would be released
+    assert _metered_check(metered_engine, "cut-2") == left - reserved  # the first one's estimate stays
+
+
+def test_a_complete_response_still_settles_to_its_usage(metered_engine: Engine) -> None:
+    left = _metered_check(metered_engine, "ok-1")
+    chat = (FIXTURES / "openai_chat.json").read_bytes()
+    entry = entry_with(body_meta(chat), content_type="application/json", key_id="metered", request_id="ok-1")
+    stream(AccessLogService(metered_engine), message(entry))
+    reserved = 1_000_000 - left
+    assert _metered_check(metered_engine, "ok-2") == 1_000_000 - 29 - reserved
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def ledgered(tmp_path: Path) -> tuple[Engine, _Clock]:
+    extra = CONFIG + "ledger: {backend: memory}\nreservations: {ttl: 60s}\n"
+    path = write_config(tmp_path, ALICE, METERED, extra=extra)
+    clock = _Clock()
+    return Engine.from_settings(load_settings(str(path)), clock=clock), clock
+
+
+def _rows(engine: Engine) -> list[tuple[str, str, int]]:
+    assert engine.ledger is not None
+    return [(r.key_id, r.tenant, r.requests) for r in engine.ledger.query(group_by=("key_id", "tenant"))]
+
+
+def test_an_entry_nexus_did_not_admit_adds_no_ledger_row(ledgered: tuple[Engine, _Clock]) -> None:
+    # issue 13 item 8: Envoy rejects some requests before its header_mutation filter (a path with %00)
+    # and still logs them, with the client's own x-nexus-key-id / x-nexus-tenant. Only what nexus
+    # admitted is accounted, under the identity nexus admitted it with.
+    engine, _ = ledgered
+    chat = (FIXTURES / "openai_chat.json").read_bytes()
+    forged = entry_with(
+        body_meta(chat), content_type="application/json", key_id="metered", request_id="never"
+    )
+    service = AccessLogService(engine)
+    stream(service, message(forged))
+    assert _rows(engine) == []
+    assert engine.accounted["unadmitted"] == 1
+    _metered_check(engine, "real")
+    spoofed = entry_with(body_meta(chat), content_type="application/json", key_id="alice", request_id="real")
+    stream(service, message(spoofed))  # the headers say alice; nexus admitted "metered"
+    assert _rows(engine) == [("metered", "default", 1)]
+
+
+def test_usage_arriving_after_its_reservation_expired_is_still_ledgered(
+    ledgered: tuple[Engine, _Clock],
+) -> None:
+    engine, clock = ledgered
+    _metered_check(engine, "slow")
+    clock.now += 61  # a stream longer than the reservation ttl
+    engine.maintain()
+    assert engine.prompt_hint("slow") == 0  # expired
+    chat = (FIXTURES / "openai_chat.json").read_bytes()
+    entry = entry_with(body_meta(chat), content_type="application/json", key_id="alice", request_id="slow")
+    stream(AccessLogService(engine), message(entry, entry))  # a duplicate entry is not counted twice
+    assert _rows(engine) == [("metered", "default", 1)]
+    assert (engine.accounted["unmatched"], engine.accounted["unadmitted"]) == (1, 1)
 
 
 def test_a_bad_entry_does_not_lose_the_batch(engine: Engine) -> None:

@@ -349,7 +349,10 @@ def test_usage_from_the_ledger(engine: Engine) -> None:
         engine.check(client_request(LIMITED, chat(model), request_id=f"u{i}"))
         engine.account(f"u{i}", Usage(prompt_tokens=prompt, completion_tokens=10, source="provider"))
     engine.clock.now += 7200  # type: ignore[attr-defined]
-    engine.account("late", Usage(prompt_tokens=1, completion_tokens=1, source="provider"), key_id="open")
+    from nexus_authz.core.model import InFlight
+
+    engine.book.track("late", InFlight("open", "acme", None, 0), engine.clock())  # admitted, no model read
+    engine.account("late", Usage(prompt_tokens=1, completion_tokens=1, source="provider"))
 
     async def body(api: Api) -> None:
         usage = await api.call("GetUsage", pb.GetUsageRequest())

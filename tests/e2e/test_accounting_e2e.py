@@ -35,7 +35,23 @@ CLAUDE_KEY = KeySpec("claude", extra={"credential": "openai"})
 SETTLE_KEY = KeySpec("settle", extra={"plan": "metered"})
 CUT_KEY = KeySpec("cut")
 ERROR_KEY = KeySpec("error", extra={"plan": "metered"})
-KEYS = (CHAT_KEY, STREAM_KEY, CLAUDE_KEY, SETTLE_KEY, CUT_KEY, ERROR_KEY)
+GONE_KEYS = {
+    "mid_stream": KeySpec("gone-stream", extra={"plan": "metered"}),
+    "before_response": KeySpec("gone-early", extra={"plan": "metered"}),
+}
+VICTIM_KEY = KeySpec("victim", extra={"tenant": "victim-co"})
+BARRIER_KEY = KeySpec("barrier")
+KEYS = (
+    CHAT_KEY,
+    STREAM_KEY,
+    CLAUDE_KEY,
+    SETTLE_KEY,
+    CUT_KEY,
+    ERROR_KEY,
+    *GONE_KEYS.values(),
+    VICTIM_KEY,
+    BARRIER_KEY,
+)
 
 
 # (ext_authz transport, accounting path): the default configs (Lua usage tap + gRPC access log) and the
@@ -168,3 +184,72 @@ def test_stream_cut_off_is_charged_what_was_seen(stack: Stack) -> None:
     (row,) = ledger_rows(stack, "cut", expect_requests=1)
     # role chunk + 4 content tokens seen before the cut: some completion tokens, charged from content
     assert 1 <= row.completion_tokens <= 8
+
+
+def _hang_up(stack: Stack, body: dict[str, object], key: KeySpec, after: float, **headers: str) -> bytes:
+    """Send a request and drop the connection `after` seconds later (as `curl -m`); the bytes read."""
+    import socket
+
+    raw = json.dumps(body).encode()
+    port = int(stack.gateway.rsplit(":", 1)[1])
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n"
+        f"authorization: Bearer {key.secret}\r\ncontent-length: {len(raw)}\r\n"
+        + "".join(f"{k.replace('_', '-')}: {v}\r\n" for k, v in headers.items())
+        + "\r\n"
+    )
+    seen = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=after) as sock:
+        sock.sendall(head.encode() + raw)
+        deadline = time.monotonic() + after
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                data = sock.recv(65536)
+                if not data:
+                    break
+                seen += data
+        except TimeoutError:
+            pass
+    return seen
+
+
+@pytest.mark.parametrize("when", sorted(GONE_KEYS))
+def test_client_that_hangs_up_keeps_its_reservation_charged(stack: Stack, when: str) -> None:
+    # issue 13 item 4: a 2,000-token reservation dropped with `curl -m 0.5` must stay charged (SECURITY.md),
+    # not shrink to the prompt estimate plus what the stream showed before the client left.
+    key = GONE_KEYS[when]
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "long"}], "max_tokens": 2000}
+    reserve = request_facts(json.dumps(body).encode(), precise=False).prompt_tokens + 2000
+    if when == "mid_stream":
+        seen = _hang_up(stack, {**body, "stream": True}, key, 0.5, x_mock_chunk_delay_ms="150")
+        assert b"200 OK" in seen and b"data: " in seen  # the stream had started
+        reserve = (
+            request_facts(json.dumps({**body, "stream": True}).encode(), precise=False).prompt_tokens + 2000
+        )
+    else:
+        assert _hang_up(stack, body, key, 0.5, x_mock_delay_ms="1500") == b""
+    (row,) = ledger_rows(stack, key.id, expect_requests=1)  # accounted (settled) by now
+    assert row.completion_tokens < 20  # the ledger records what was seen...
+    probe = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10}
+    resp = stack.post("/v1/chat/completions", probe, key=key.secret)
+    assert resp.status == 200
+    probe_reserve = request_facts(json.dumps(probe).encode(), precise=False).prompt_tokens + 10
+    # ...and the limits keep the whole first reservation (the window is sliding: nothing refills here)
+    assert int(resp.headers["x-ratelimit-remaining-tokens"]) == 100000 - reserve - probe_reserve
+
+
+def test_a_request_envoy_refuses_early_adds_no_ledger_row(stack: Stack) -> None:
+    # issue 13 item 8: Envoy refuses a path with %00 before its header_mutation filter runs, and still
+    # logs the request with the client's own x-nexus-key-id / x-nexus-tenant. nexus-authz never admitted
+    # it: no ledger row, under any key.
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}
+    forged = {"x_nexus_key_id": VICTIM_KEY.id, "x_nexus_tenant": "victim-co"}
+    for path in ("/v1/chat/completions%00", "/v1/%00/completions"):
+        resp = stack.post(path, body, key=CHAT_KEY.secret, **forged)
+        assert resp.status == 400, (path, resp.status)
+    # a normal request after them: once it is in the ledger, so would they be (one stream, in order)
+    assert stack.post("/v1/chat/completions", body, key=BARRIER_KEY.secret, **forged).status == 200
+    ledger_rows(stack, BARRIER_KEY.id, expect_requests=1)
+    assert query_db(stack.workdir / "usage.sqlite3", key_id=VICTIM_KEY.id) == []
+    assert query_db(stack.workdir / "usage.sqlite3", tenant="victim-co") == []

@@ -130,12 +130,23 @@ async def _drive(
 
 def _expected_replies(messages: list[ep.ProcessingRequest]) -> tuple[list[str], bool]:
     """The reply kinds the adapter owes (one per waiting message, until the response ended), and whether
-    the response is accounted (its headers arrived before the end)."""
+    the response is accounted (its headers arrived before the end, or the stream ended early with a
+    request id: a response cut off before it started keeps its reservation)."""
     kinds: list[str] = []
     parser = done = False
+    request_id = ""
     for m in messages:
         kind = m.WhichOneof("request")
-        if kind == "response_headers":
+        if kind == "request_headers":
+            request_id = next(
+                (
+                    h.raw_value.decode("latin-1") if h.raw_value else h.value
+                    for h in m.request_headers.headers.headers
+                    if h.key.lower() == "x-request-id"
+                ),
+                "",
+            )
+        elif kind == "response_headers":
             parser = parser or not done
             done = done or m.response_headers.end_of_stream
         elif kind == "response_body" and parser and m.response_body.end_of_stream:
@@ -144,11 +155,12 @@ def _expected_replies(messages: list[ep.ProcessingRequest]) -> tuple[list[str], 
             kinds.append(kind)
         if done and parser:
             break
-    return kinds, parser
+    return kinds, parser or (not done and request_id != "")
 
 
 def _responses(engine: Engine) -> int:
-    """Responses accounted so far (by source; "unmatched" counts some of them again)."""
+    """Responses accounted so far (by source, or dropped as not admitted; "unmatched" counts some of them
+    again)."""
     return sum(n for source, n in engine.accounted.items() if source != "unmatched")
 
 

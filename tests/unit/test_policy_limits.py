@@ -290,3 +290,37 @@ def test_a_guesser_does_not_lock_out_keys_already_in_use_from_its_address() -> N
     w.now += KNOWN_KEY_TTL + 1
     guess(10)
     assert attempt(SMALL.secret).reason is Reason.AUTH_THROTTLED
+
+
+class _RecordingCounters(MemoryCounterStore):
+    """The memory store, remembering the time each adjustment says its amount was charged at."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.charged_at: list[float | None] = []
+
+    def adjust(self, counter_ids, specs, deltas, now, charged_at=None):  # type: ignore[no-untyped-def]
+        if any(deltas):
+            self.charged_at.append(charged_at)
+        super().adjust(counter_ids, specs, deltas, now, charged_at)
+
+
+def test_tracking_only_path_settles_expired_reservations_against_the_slot_charged() -> None:
+    # issue 14: the tracking-only path (a key without limits, accounting on) applied the reservations it
+    # expired without their charge time, so a sliding window would refund its newest slot.
+    open_key = KeySpec("open")
+    w = World()
+    w.snapshot = parse_key_file(
+        key_file(SMALL, BUDGET, GPT4, CONC, SHADOW, open_key),
+        "keys.yaml",
+        policy=w.policy_set,
+        credentials=CRED,
+        pepper=PEPPER.encode(),
+        loaded_at=0.0,
+    )
+    w.policy = Policy(w.policy_set, track=True)
+    w.counters = _RecordingCounters()
+    assert w.check(CONC, chat(), request_id="early").allowed  # charged at T0
+    w.now += 61  # past the book's ttl: the next admission expires it
+    assert w.check(open_key, chat(), request_id="late").allowed  # nothing to reserve: tracking only
+    assert w.counters.charged_at == [T0]

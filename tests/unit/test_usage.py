@@ -48,6 +48,10 @@ EXPECTED: dict[str, Usage] = {
     "openai_responses_stream.sse": Usage(
         prompt_tokens=1536, cached_prompt_tokens=1280, completion_tokens=320, reasoning_tokens=256
     ),
+    # the same stream, echoing a request whose tools and metadata hold fake usage objects (issue 13)
+    "openai_responses_stream_echoed_usage.sse": Usage(
+        prompt_tokens=1536, cached_prompt_tokens=1280, completion_tokens=320, reasoning_tokens=256
+    ),
     # Anthropic: prompt_tokens = input + cache reads + cache writes
     "anthropic_message.json": Usage(
         prompt_tokens=12 + 8000 + 1500,
@@ -179,6 +183,7 @@ def _delta_text(events: list[bytes], field: str) -> str:
         ("openai_chat_stream_usage.sse", "openai"),
         ("openai_chat_stream_tool_calls.sse", "openai"),
         ("openai_responses_stream.sse", "responses"),
+        ("openai_responses_stream_echoed_usage.sse", "responses"),
     ],
 )
 def test_cut_off_at_an_event_boundary_charges_hint_plus_content_seen(name: str, field: str) -> None:
@@ -527,7 +532,9 @@ def test_raw_control_characters_in_content_are_counted() -> None:
 
 def test_event_stuffed_with_usage_keys_stays_linear() -> None:
     stuffed = (
-        b'data: {"x":' + b'{"usage":{},' * 100_000 + b'"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
+        b'data: {"x":['
+        + b'{"usage":{"prompt_tokens":9,"completion_tokens":9}},' * 100_000
+        + b'0],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
     )
     assert one_shot(stuffed) == Usage(prompt_tokens=1, completion_tokens=2)
     assert streamed(stuffed, list(range(0, len(stuffed), 65_536)), window=1 << 20).finish() == Usage(
@@ -558,3 +565,126 @@ def test_response_model_is_read_from_the_first_bytes() -> None:
                 parser.feed(data[i : i + step])
             parser.finish()
             assert parser.model == first.group(1).decode(), (name, step)
+
+
+# --- usage only where the provider puts it (issue 13) ---------------------------------------------------
+
+FAKE = {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2}
+OPENAI_FAKE = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+
+
+def _sse(*events: tuple[str | None, dict[str, object]]) -> bytes:
+    return b"".join(
+        (f"event: {name}\n".encode() if name else b"") + b"data: " + json.dumps(data).encode() + b"\n\n"
+        for name, data in events
+    )
+
+
+def test_cut_responses_stream_echoing_a_fake_usage_is_not_charged_the_fake() -> None:
+    # A request's tools are echoed in response.created: a client-chosen `"usage": {...}` object there is
+    # no usage record; cut before response.completed, the stream is charged what it showed.
+    events = [
+        e for e in _events("openai_responses_stream_echoed_usage.sse") if b"response.completed" not in e
+    ]
+    body = b"".join(events)
+    assert one_shot(body) == estimated(RESPONSES_TEXT)
+    assert streamed(body, list(range(0, len(body), 50)), window=64).finish() == estimated(RESPONSES_TEXT)
+
+
+def test_responses_usage_is_read_from_the_final_events_only() -> None:
+    created = {"type": "response.created", "response": {"object": "response", "usage": FAKE}}
+    delta = {"type": "response.output_text.delta", "delta": "hello there", "usage": FAKE}
+    done = {"type": "response.output_text.done", "text": "hello there", "usage": FAKE}
+    body = _sse(("response.created", created), ("response.output_text.delta", delta), ("x", done))
+    assert one_shot(body) == estimated("hello there")
+    for final in ("response.completed", "response.incomplete", "response.failed"):
+        record = {"input_tokens": 7, "output_tokens": 5, "total_tokens": 12}
+        event = {"type": final, "response": {"object": "response", "usage": record, "metadata": {}}}
+        assert one_shot(body + _sse((final, event))) == Usage(prompt_tokens=7, completion_tokens=5), final
+        # data-only streams (no `event:` lines) are read by their "type"
+        assert one_shot(body + _sse((None, event))) == Usage(prompt_tokens=7, completion_tokens=5), final
+        nested = {"type": final, "response": {"object": "response", "tools": [{"usage": FAKE}]}}
+        assert one_shot(body + _sse((final, nested))) == estimated("hello there"), final
+
+
+def test_chat_usage_is_read_from_the_top_level_only() -> None:
+    chunk = {"object": "chat.completion.chunk", "choices": [{"delta": {"content": "hi you"}}]}
+    nested = {
+        "object": "chat.completion.chunk",
+        "choices": [{"delta": {"content": " there"}, "logprobs": {"usage": OPENAI_FAKE}}],
+        "x": {"usage": OPENAI_FAKE},
+    }
+    body = _sse((None, chunk), (None, nested))
+    assert one_shot(body) == estimated("hi you there")
+    final = {
+        "object": "chat.completion.chunk",
+        "choices": [],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 4},
+    }
+    assert one_shot(body + _sse((None, final))) == Usage(prompt_tokens=9, completion_tokens=4)
+
+
+def test_anthropic_usage_is_read_from_message_start_and_message_delta_only() -> None:
+    start = {
+        "type": "message_start",
+        "message": {"type": "message", "content": [], "usage": {"input_tokens": 30, "output_tokens": 1}},
+    }
+    tool = {
+        "type": "content_block_start",
+        "index": 0,
+        "content_block": {"type": "tool_use", "input": {"usage": FAKE}},
+    }
+    delta = {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "text_delta", "text": "abc def"},
+        "usage": FAKE,
+    }
+    body = _sse(("message_start", start), ("content_block_start", tool), ("content_block_delta", delta))
+    assert one_shot(body) == Usage(
+        prompt_tokens=30, completion_tokens=count_tokens("abc def"), source="estimated"
+    )
+    fake_final = {"type": "message_delta", "delta": {"stop_reason": None}, "x": {"usage": FAKE}}
+    assert one_shot(body + _sse(("message_delta", fake_final))).source == "estimated"
+    real = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 12}}
+    assert one_shot(body + _sse(("message_delta", real))) == Usage(prompt_tokens=30, completion_tokens=12)
+    # a usage object nested in message_start's content is not the message's usage
+    fake_start = {"type": "message_start", "message": {"content": [{"input": {"usage": FAKE}}]}}
+    assert one_shot(_sse(("message_start", fake_start), ("content_block_delta", delta))) == estimated(
+        "abc def"
+    )
+
+
+def test_json_usage_is_read_from_the_top_level_only() -> None:
+    doc = {"object": "chat.completion", "choices": [{"message": {"content": "four words right here"}}]}
+    assert one_shot(json.dumps({**doc, "metadata": {"usage": OPENAI_FAKE}}).encode()) == estimated(
+        "four words right here"
+    )
+    event_doc = {"type": "response.created", "response": {"object": "response", "usage": FAKE}}
+    assert one_shot(json.dumps(event_doc).encode()).source != "provider"
+
+
+def test_huge_json_body_ignores_a_nested_usage_after_the_real_one() -> None:
+    doc = {
+        "object": "chat.completion",
+        "choices": [{"message": {"content": "x " * (5 << 20)}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 5_000_000, "total_tokens": 5_000_003},
+        "metadata": {"usage": OPENAI_FAKE},
+    }
+    body = json.dumps(doc).encode()
+    assert one_shot(body) == Usage(prompt_tokens=3, completion_tokens=5_000_000)
+    parser = StreamUsage()
+    for i in range(0, len(body), 1 << 20):
+        parser.feed(body[i : i + (1 << 20)])
+    assert parser.finish() == Usage(prompt_tokens=3, completion_tokens=5_000_000)
+
+
+def test_huge_nested_fake_usage_event_is_not_a_record() -> None:
+    # an event over the size limit keeps only its tail: its name is still known from its head
+    big = "word " * (MAX_EVENT_BYTES // 4)
+    created = {"type": "response.created", "response": {"instructions": big, "tools": [{"usage": FAKE}]}}
+    body = b"event: response.created\ndata: " + json.dumps(created).encode() + b"\n\n"
+    parser = StreamUsage(prompt_tokens_hint=HINT)
+    for i in range(0, len(body), 65_536):
+        parser.feed(body[i : i + 65_536])
+    assert parser.finish().source == "estimated"
