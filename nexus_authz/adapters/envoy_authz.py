@@ -32,6 +32,7 @@ _GRPC_CODE = {
     400: code_pb2.INVALID_ARGUMENT,
     401: code_pb2.UNAUTHENTICATED,
     403: code_pb2.PERMISSION_DENIED,
+    413: code_pb2.INVALID_ARGUMENT,  # a body the policy cannot read whole (cut at the proxy's buffer)
     429: code_pb2.RESOURCE_EXHAUSTED,
     503: code_pb2.UNAVAILABLE,
 }
