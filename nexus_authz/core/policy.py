@@ -8,6 +8,7 @@ common answers allocate almost nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import TYPE_CHECKING, NamedTuple
@@ -90,10 +91,51 @@ def error_status(reason: Reason) -> int:
     return _ERRORS[reason][0]
 
 
+# Anthropic's error shape for denials on Anthropic API paths (/v1/messages...): its SDK maps the status,
+# but clients reading the body expect {"type": "error", "error": {"type", "message"}} with these types.
+_ANTHROPIC_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+}
+
+
+def is_anthropic_path(path: str) -> bool:
+    """Anthropic's Messages API (and its count_tokens / batches) and the legacy Text Completions."""
+    path = path.partition("?")[0]
+    return path.startswith("/v1/messages") or path == "/v1/complete"
+
+
+def anthropic_error_body(status: int, message: str) -> bytes:
+    etype = _ANTHROPIC_TYPES.get(status, "api_error")
+    return json.dumps(
+        {"type": "error", "error": {"type": etype, "message": message}}, separators=(",", ":")
+    ).encode()
+
+
+_ANTHROPIC_DENIALS: dict[Decision, Decision] = {}
+
+
+def anthropic_shaped(decision: Decision) -> Decision:
+    """The same denial with Anthropic's body (cached for the fixed denials)."""
+    if decision.allowed:
+        return decision
+    shaped = _ANTHROPIC_DENIALS.get(decision)
+    if shaped is None:
+        shaped = dataclasses.replace(decision, body=anthropic_error_body(decision.status, decision.message))
+        if decision in _FIXED:
+            _ANTHROPIC_DENIALS[decision] = shaped
+    return shaped
+
+
 _DENIALS: dict[Reason, Decision] = {
     reason: Decision(allowed=False, status=status, reason=reason, body=error_body(reason), message=msg)
     for reason, (status, _, _, msg) in _ERRORS.items()
 }
+_FIXED = frozenset(_DENIALS.values())
 
 
 class Admission(NamedTuple):
@@ -111,6 +153,7 @@ class Admission(NamedTuple):
     costs: tuple[int, ...]
     request_id: str
     prompt_tokens: int = 0
+    anthropic: bool = False  # an Anthropic API path: denials get Anthropic's error body
 
 
 class Policy:
@@ -174,6 +217,14 @@ class Policy:
     def admit(
         self, request: Request, snapshot: KeySnapshot, now: float, failures: MemoryCounterStore | None = None
     ) -> Decision | Admission:
+        admission = self._admit(request, snapshot, now, failures)
+        if admission.__class__ is Decision and not admission.allowed and is_anthropic_path(request.path):  # type: ignore[union-attr]
+            return anthropic_shaped(admission)  # type: ignore[arg-type]
+        return admission
+
+    def _admit(
+        self, request: Request, snapshot: KeySnapshot, now: float, failures: MemoryCounterStore | None = None
+    ) -> Decision | Admission:
         secret = extract_key(request.headers)
         if secret is None:
             return _DENIALS[Reason.MISSING_KEY]
@@ -227,6 +278,7 @@ class Policy:
             costs=self._costs(specs, model, facts),
             request_id=request.request_id,
             prompt_tokens=facts.prompt_tokens if facts else 0,
+            anthropic=is_anthropic_path(request.path),
         )
 
     def _windows(self, key: KeyRecord, model: str | None) -> tuple[tuple[str, ...], tuple[LimitSpec, ...]]:
@@ -270,7 +322,8 @@ class Policy:
     ) -> Decision:
         headers = tuple(rate_limit_headers(result.statuses, denied=not result.allowed))
         if not result.allowed:
-            return _limited(result, headers)
+            limited = _limited(result, headers)
+            return anthropic_shaped(limited) if admission.anthropic else limited
         self._reserve(admission, result.uncharged, now, counters, book)
         return _allow(admission.key, admission.model, headers)
 
