@@ -275,7 +275,7 @@ class Policy:
             model=model,
             counter_ids=counter_ids,
             specs=specs,
-            costs=self._costs(specs, model, facts),
+            costs=self._costs(specs, model, facts, generates(request)),
             request_id=request.request_id,
             prompt_tokens=facts.prompt_tokens if facts else 0,
             anthropic=is_anthropic_path(request.path),
@@ -294,16 +294,22 @@ class Policy:
         return selection
 
     def _costs(
-        self, specs: tuple[LimitSpec, ...], model: str | None, facts: RequestFacts | None
+        self,
+        specs: tuple[LimitSpec, ...],
+        model: str | None,
+        facts: RequestFacts | None,
+        completes: bool = True,
     ) -> tuple[int, ...]:
-        """What each window is charged now: 1 request, the token estimate, its price, 1 slot."""
+        """What each window is charged now: 1 request, the token estimate, its price, 1 slot.
+
+        `completes` False (see `generates`): the prompt estimate only, no completion reserved."""
         tokens = usd = 0
         for spec in specs:
             if spec.kind is Kind.TOKENS or spec.kind is Kind.USD:
                 prompt = facts.prompt_tokens if facts is not None else 0
                 n = facts.n if facts is not None and facts.n > 0 else 1
                 max_tokens = facts.max_tokens if facts is not None and facts.max_tokens else None
-                completion = (max_tokens or self._default_max_tokens) * n
+                completion = (max_tokens or self._default_max_tokens) * n if completes else 0
                 tokens = prompt + completion
                 usd = self.prices.cost(model, prompt, 0, completion) if self.prices else 0
                 break
@@ -358,6 +364,22 @@ class Policy:
 
 
 _SELECTION_CACHE = 65536
+
+# POST endpoints that consume prompt tokens at most and generate none (OpenAI's embeddings and
+# moderations, Anthropic's count_tokens, file uploads): matched on the path's end, so prefixed and
+# Azure-style deployment paths (/openai/deployments/x/embeddings) match too.
+_NON_GENERATING = ("/embeddings", "/moderations", "/count_tokens", "/files", "/uploads")
+
+
+def generates(request: Request) -> bool:
+    """Whether the request can generate completion tokens, so a token window must reserve
+    max_tokens (or default_max_tokens) for it. GETs (/v1/models, retrieving a response or a file),
+    DELETEs and the endpoints above generate nothing: reserving 4,096 tokens for each would hold a
+    token budget for nothing until it settles."""
+    if request.method != "POST":
+        return False
+    path = request.path.partition("?")[0].rstrip("/")
+    return not path.endswith(_NON_GENERATING)
 
 
 def unavailable(retry_after: float) -> Decision:

@@ -30,13 +30,14 @@ plans:
 FIVE = KeySpec("five", extra={"plan": "five"})
 SDK = KeySpec("sdk", extra={"plan": "five"})
 BURST = KeySpec("burst", extra={"plan": "burst"})
+TOKENS = KeySpec("tokens", extra={"limits": [{"tokens": 100000, "per": "day"}]})
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 20}
 
 
 @pytest.fixture(params=["http", "grpc"], scope="module")
 def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     workdir = Path(tempfile.mkdtemp(prefix="nx-lim-"))
-    s = Stack(workdir=workdir, mode=request.param, keys=(FIVE, SDK, BURST), extra_config=LIMITS)
+    s = Stack(workdir=workdir, mode=request.param, keys=(FIVE, SDK, BURST, TOKENS), extra_config=LIMITS)
     try:
         s.start()
         yield s
@@ -111,3 +112,14 @@ def test_concurrent_checks_admit_exactly_the_limit(stack: Stack) -> None:
     statuses = asyncio.run(run(stack, 100))
     assert statuses.count(200) == 20
     assert statuses.count(429) == 80
+
+
+def test_requests_that_generate_nothing_reserve_no_completion_tokens(stack: Stack) -> None:
+    """Issue 18 item 5: GET /v1/models generates nothing: it must not hold default_max_tokens."""
+    remaining = []
+    for _ in range(3):
+        resp = stack.get("/v1/models", key=TOKENS.secret)
+        assert resp.status == 200, resp.body
+        remaining.append(int(resp.headers["x-ratelimit-remaining-tokens"]))
+    assert remaining == [100000] * 3, remaining
+
