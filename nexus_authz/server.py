@@ -179,6 +179,7 @@ class Server:
                 envoy_authz.AuthorizationService(self.engine).handler(),
                 envoy_extproc.ExternalProcessorService(self.engine).handler(),
                 self._access_log_service().handler(),
+                envoy_authz.release_handler(self.engine),
                 *((self.ratelimit.handler(),) if self.ratelimit is not None else ()),
             )
         )

@@ -331,6 +331,8 @@ class Policy:
             limited = _limited(result, headers)
             return anthropic_shaped(limited) if admission.anthropic else limited
         self._reserve(admission, result.uncharged, now, counters, book)
+        if book is not None and admission.request_id and book.holds_slot(admission.specs, result.uncharged):
+            return new_allow(admission.key, admission.model, headers, admission.request_id)
         return _allow(admission.key, admission.model, headers)
 
     def _reserve(
