@@ -28,7 +28,14 @@ from nexus_authz.core.reservations import ReservationBook
 if TYPE_CHECKING:
     from nexus_authz.engine import Engine
 
-__all__ = ["EngineCollector", "RlsCollector", "ReservationEntry", "make_registry", "render", "reservation_entries"]
+__all__ = [
+    "EngineCollector",
+    "RlsCollector",
+    "ReservationEntry",
+    "make_registry",
+    "render",
+    "reservation_entries",
+]
 
 ReservationEntry = tuple[tuple[str, ...], tuple[Any, ...], tuple[int, ...], int, float, float, object]
 # A scrape runs on the event loop: cap the walk over reservations (each ~0.2 µs) so a book filled by
@@ -313,9 +320,15 @@ class RlsCollector(Collector):
         families = {
             name: CounterMetricFamily(f"nexus_authz_ratelimit_rule_{name}", help_text, labels=["rule"])
             for name, help_text in (
-                ("hits", "Hits (hits_addend summed) per rule, by upstream's stats key (domain.key_value...)."),
+                (
+                    "hits",
+                    "Hits (hits_addend summed) per rule, by upstream's stats key (domain.key_value...).",
+                ),
                 ("over_limit", "Descriptors answered OVER_LIMIT per rule."),
-                ("shadow_mode", "Descriptors over a shadow_mode rule's limit (counted, not refused) per rule."),
+                (
+                    "shadow_mode",
+                    "Descriptors over a shadow_mode rule's limit (counted, not refused) per rule.",
+                ),
                 ("within_limit", "Descriptors answered within the limit per rule."),
             )
         }

@@ -212,4 +212,3 @@ def release_handler(engine: Engine) -> grpc.GenericRpcHandler:
             )
         },
     )
-

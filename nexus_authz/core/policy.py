@@ -218,8 +218,8 @@ class Policy:
         self, request: Request, snapshot: KeySnapshot, now: float, failures: MemoryCounterStore | None = None
     ) -> Decision | Admission:
         admission = self._admit(request, snapshot, now, failures)
-        if admission.__class__ is Decision and not admission.allowed and is_anthropic_path(request.path):  # type: ignore[union-attr]
-            return anthropic_shaped(admission)  # type: ignore[arg-type]
+        if isinstance(admission, Decision) and not admission.allowed and is_anthropic_path(request.path):
+            return anthropic_shaped(admission)
         return admission
 
     def _admit(

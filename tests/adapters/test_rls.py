@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, generate_latest
 import pytest
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import wrappers_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, generate_latest
 
 from nexus_authz.adapters.envoy_rls import (
     SERVICE,
@@ -541,7 +541,11 @@ def test_statistics_are_exported_at_scrape_time(tmp_path: Path) -> None:
         "  - key: tier\n    shadow_mode: true\n    rate_limit: {unit: minute, requests_per_unit: 1}\n",
     )
     svc = service(directory, clock=Clock())
-    call(svc, *(request(key("alice")) for _ in range(2)), *(request(descriptor(("tier", "x"))) for _ in range(3)))
+    call(
+        svc,
+        *(request(key("alice")) for _ in range(2)),
+        *(request(descriptor(("tier", "x"))) for _ in range(3)),
+    )
     write(directory, "a.yaml", "domain: nexus\ndescriptors:\n  - key: k\n    rate_limit: {unit: fortnight}\n")
     assert svc.source.reload() is False
     registry = CollectorRegistry(auto_describe=False)

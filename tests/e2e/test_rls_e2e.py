@@ -173,7 +173,11 @@ def test_the_service_statistics_are_on_metrics(stack: Stack) -> None:
     from tests.e2e.stack import http
 
     text = http("GET", stack.admin + "/metrics").body.decode()
-    over = [line for line in text.splitlines() if line.startswith('nexus_authz_ratelimit_calls_total{result="over_limit"}')]
+    over = [
+        line
+        for line in text.splitlines()
+        if line.startswith('nexus_authz_ratelimit_calls_total{result="over_limit"}')
+    ]
     assert over and float(over[0].split()[-1]) >= 1, over
     assert 'nexus_authz_ratelimit_rule_hits_total{rule="nexus.nexus_key_id"}' in text
     assert 'nexus_authz_ratelimit_config_reloads_total{outcome="rejected"}' in text

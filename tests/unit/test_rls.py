@@ -535,6 +535,7 @@ def test_share_threshold_without_a_wildcard_is_refused_as_upstream() -> None:
     ],
 )
 def test_upstream_fields_nexus_does_not_implement_are_refused_by_name(field: str, message: str) -> None:
-    text = f"domain: x\ndescriptors:\n  - key: k\n    {field}\n    rate_limit: {{unit: second, requests_per_unit: 1}}\n"
+    rule = "rate_limit: {unit: second, requests_per_unit: 1}"
+    text = f"domain: x\ndescriptors:\n  - key: k\n    {field}\n    {rule}\n"
     with pytest.raises(ConfigError, match=message):
         config(text)
