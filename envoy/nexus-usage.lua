@@ -135,6 +135,43 @@ local function summary(head, tail, skipped, sse, encoded, over)
   return "body", head, 0
 end
 
+-- Early release of a concurrency slot. nexus-authz marks an admitted request that holds a `concurrent:`
+-- slot with its request id in ext_authz's dynamic metadata (`x-nexus-release`: a response header of
+-- the HTTP service picked by dynamic_metadata_from_headers, or CheckResponse.dynamic_metadata over
+-- gRPC). The access log settles it too, but in batches up to buffer_flush_interval after the client has
+-- the whole response, so a client sending one request at a time would find its own slot still held.
+-- A synchronous call here, after the last body chunk and before Envoy passes it on, frees the slot
+-- before the client can see the end of the response. Requests without a slot pay nothing.
+local AUTHZ_NS = "envoy.filters.http.ext_authz"
+local RELEASE_TIMEOUT_MS = 200
+
+local function release_slot(handle)
+  local authz = handle:streamInfo():dynamicMetadata():get(AUTHZ_NS)
+  local id = authz and authz["x-nexus-release"]
+  if not id or id == "" then
+    return
+  end
+  if authz["key_id"] then -- gRPC ext_authz (its metadata has key_id): a unary call, framed here
+    local n = #id
+    local frame = string.char(0, math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256,
+      math.floor(n / 256) % 256, n % 256) .. id
+    handle:httpCall("nexus_als", {
+      [":method"] = "POST",
+      [":path"] = "/nexus.authz.v1.Slots/Release",
+      [":authority"] = "nexus-authz",
+      ["content-type"] = "application/grpc",
+      ["te"] = "trailers",
+    }, frame, RELEASE_TIMEOUT_MS)
+  else -- HTTP ext_authz: the same Unix socket, an HTTP/1.1 keep-alive connection
+    handle:httpCall("nexus_authz", {
+      [":method"] = "POST",
+      [":path"] = "/_nexus/release",
+      [":authority"] = "nexus-authz",
+      ["x-nexus-release"] = "1",
+    }, id, RELEASE_TIMEOUT_MS)
+  end
+end
+
 function envoy_on_response(handle)
   local headers = handle:headers()
   local ctype = lower(headers:get("content-type") or "")
@@ -145,8 +182,20 @@ function envoy_on_response(handle)
   local head, nhead, hbytes = {}, 0, 0
   local tail, t0, t1, tbytes = {}, 1, 0, 0
   local skipped, over = 0, false
+  -- With a content-length the client has the whole response with the last body byte (the end of
+  -- stream may follow as an empty chunk): release on that chunk, which Envoy holds until the call
+  -- returns. Otherwise (chunked, HTTP/2, no body) release at the end of stream, below.
+  local length = tonumber(headers:get("content-length") or "")
+  local seen, released = 0, false
   for chunk in handle:bodyChunks() do
     local size = chunk:length()
+    if length and not released then
+      seen = seen + size
+      if seen >= length then
+        released = true
+        release_slot(handle)
+      end
+    end
     if size > 0 then
       local data = chunk:getBytes(0, size)
       if not over and hbytes + size <= HEAD then
@@ -173,7 +222,11 @@ function envoy_on_response(handle)
       end
     end
   end
-  -- The response ended normally (a reset never gets here: nexus-authz then reads `p`).
+  -- The response ended normally (a reset never gets here: nexus-authz then reads `p`, and the access
+  -- log releases the slot). Free the slot first: Envoy holds the last chunk until this returns.
+  if not released then
+    release_slot(handle)
+  end
   local tailtext = ""
   if over then
     tailtext = concat(tail, "", t0, t1)

@@ -336,6 +336,15 @@ class Engine:
         self._apply((settlement,), now)
         return True
 
+    def release(self, request_id: str) -> bool:
+        """Free a request's concurrency slot now: its response has ended (the proxy says so before
+        the client has the last bytes); the usage settles the rest later. False if it held none."""
+        settlement = self.book.release(request_id)
+        if settlement is None:
+            return False
+        self._apply((settlement,), self.clock())
+        return True
+
     def revoke(self, key_ids: frozenset[str]) -> None:
         """Revocations published through Redis (every replica within a second): those keys answer 401
         from now on, whatever the key file says, until un-revoked. One snapshot swap."""

@@ -28,7 +28,14 @@ from nexus_authz.core.reservations import ReservationBook
 if TYPE_CHECKING:
     from nexus_authz.engine import Engine
 
-__all__ = ["EngineCollector", "ReservationEntry", "make_registry", "render", "reservation_entries"]
+__all__ = [
+    "EngineCollector",
+    "RlsCollector",
+    "ReservationEntry",
+    "make_registry",
+    "render",
+    "reservation_entries",
+]
 
 ReservationEntry = tuple[tuple[str, ...], tuple[Any, ...], tuple[int, ...], int, float, float, object]
 # A scrape runs on the event loop: cap the walk over reservations (each ~0.2 µs) so a book filled by
@@ -292,6 +299,68 @@ class EngineCollector(Collector):
             "nexus_authz_key_file_error",
             "1 when the key file on disk was rejected and an older snapshot is in force.",
             value=1.0 if status.last_error else 0.0,
+        )
+
+
+class RlsCollector(Collector):
+    """Envoy's RateLimitService (`ratelimit:`): its plain counters, read at scrape time.
+
+    `service` is an envoy_rls.RateLimitService: `counts` (calls by result), `rule_stats` (upstream's
+    per-rule stats by stats key: hits, over limit, shadow-mode hits, within limit; bounded by the
+    service) and its config source's reload counts and status.
+    """
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        service = self.service
+        calls = CounterMetricFamily(
+            "nexus_authz_ratelimit_calls",
+            "ShouldRateLimit calls by result: ok, over_limit, shadow_overridden (global shadow mode turned "
+            "an OVER_LIMIT into OK), unknown_domain, store_unavailable, error.",
+            labels=["result"],
+        )
+        for result, n in sorted(service.counts.items()):
+            calls.add_metric([result], n)
+        yield calls
+        families = {
+            name: CounterMetricFamily(f"nexus_authz_ratelimit_rule_{name}", help_text, labels=["rule"])
+            for name, help_text in (
+                (
+                    "hits",
+                    "Hits (hits_addend summed) per rule, by upstream's stats key (domain.key_value...).",
+                ),
+                ("over_limit", "Descriptors answered OVER_LIMIT per rule."),
+                (
+                    "shadow_mode",
+                    "Descriptors over a shadow_mode rule's limit (counted, not refused) per rule.",
+                ),
+                ("within_limit", "Descriptors answered within the limit per rule."),
+            )
+        }
+        for rule, row in sorted(list(service.rule_stats.items())):
+            for family, n in zip(families.values(), row, strict=True):
+                family.add_metric([rule], n)
+        yield from families.values()
+        source = service.source
+        reloads = CounterMetricFamily(
+            "nexus_authz_ratelimit_config_reloads",
+            "Config directory reloads after the first load, by outcome: loaded (a new config in force), "
+            "rejected (invalid: the previous config stays; the log says why).",
+            labels=["outcome"],
+        )
+        for outcome, n in sorted(source.reloads.items()):
+            reloads.add_metric([outcome], n)
+        yield reloads
+        status = source.status()
+        yield GaugeMetricFamily(
+            "nexus_authz_ratelimit_config_error",
+            "1 when the config directory on disk was rejected and an older config is in force.",
+            value=1.0 if status.last_error else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "nexus_authz_ratelimit_rules", "Rate limit rules in the config in force.", value=status.rules
         )
 
 

@@ -34,7 +34,7 @@ from nexus_authz.adapters import envoy_als, envoy_authz, envoy_extproc, envoy_rl
 from nexus_authz.core import tokens
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.engine import Engine
-from nexus_authz.metrics import make_registry, render
+from nexus_authz.metrics import RlsCollector, make_registry, render
 from nexus_authz.settings import Settings
 from nexus_authz.stores.redis import make_client, redis_password
 from nexus_authz.stores.redis_revocations import RevocationChannel
@@ -168,6 +168,7 @@ class Server:
                 )
             except ConfigError as exc:
                 raise StartupError(str(exc)) from None
+            registry.register(RlsCollector(self.ratelimit))  # its statistics, read at scrape time
             reload = self.ratelimit.source.run(s.ratelimit.reload_interval)
             self.tasks.append(asyncio.create_task(reload, name="ratelimit-reload"))
         if s.grpc:
@@ -204,6 +205,7 @@ class Server:
                 envoy_authz.AuthorizationService(self.engine).handler(),
                 envoy_extproc.ExternalProcessorService(self.engine).handler(),
                 self._access_log_service().handler(),
+                envoy_authz.release_handler(self.engine),
                 *((self.ratelimit.handler(),) if self.ratelimit is not None else ()),
             )
         )

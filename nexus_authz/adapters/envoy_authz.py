@@ -106,6 +106,14 @@ def deny_response(decision: Decision) -> external_auth_pb2.CheckResponse:
     )
 
 
+def _release_metadata(request_id: str) -> bytes:
+    """A serialized CheckResponse holding only dynamic_metadata {"x-nexus-release": request_id}; appended
+    to the cached allow bytes, protobuf merges it into the allow's metadata."""
+    md = struct_pb2.Struct()
+    md.update({"x-nexus-release": request_id})
+    return external_auth_pb2.CheckResponse(dynamic_metadata=md).SerializeToString()
+
+
 def extra_headers(decision: Decision) -> bytes:
     """Serialized CheckResponse holding only this decision's per-request client headers."""
     headers = [_header(k, v) for k, v in decision.response_headers]
@@ -152,6 +160,8 @@ class AuthorizationService:
                 base = deny_response(decision).SerializeToString()
                 if len(self._deny_cache) < 256:
                     self._deny_cache[decision] = base
+        if decision.release:  # merged into dynamic_metadata: the Lua tap releases the slot at the end
+            base += _release_metadata(decision.release)
         if decision.response_headers:
             return base + extra_headers(decision)
         return base
@@ -184,3 +194,26 @@ class AuthorizationService:
 
 def _passthrough(data: bytes) -> bytes:
     return data
+
+
+# -- early release of a concurrency slot (gRPC mode) -----------------------------------------------------
+RELEASE_SERVICE = "nexus.authz.v1.Slots"
+
+
+def release_handler(engine: Engine) -> grpc.GenericRpcHandler:
+    """`/nexus.authz.v1.Slots/Release`: the Lua usage tap, as a response ends, frees the request's
+    concurrency slot (the request id is the raw message; the answer is empty). In gRPC mode Envoy has
+    no HTTP route to nexus-authz, so the tap frames this call itself over the access-log cluster."""
+
+    async def release(request_id: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        engine.release(request_id.decode("latin-1"))
+        return b""
+
+    return grpc.method_handlers_generic_handler(
+        RELEASE_SERVICE,
+        {
+            "Release": grpc.unary_unary_rpc_method_handler(
+                release, request_deserializer=_passthrough, response_serializer=_passthrough
+            )
+        },
+    )

@@ -132,6 +132,7 @@ class RlsConfigSource:
         "_stamp",
         "config",
         "directory",
+        "reloads",
     )
 
     def __init__(
@@ -151,6 +152,8 @@ class RlsConfigSource:
         self._loaded_at = 0.0
         self._last_error: str | None = None
         self._last_error_at: float | None = None
+        # For metrics (read at scrape time): configs put in force after the first, and rejected ones.
+        self.reloads: dict[str, int] = {"loaded": 0, "rejected": 0}
 
     def load(self) -> rls.RlsConfig:
         """The first load (startup): raises ConfigError instead of keeping anything."""
@@ -169,6 +172,7 @@ class RlsConfigSource:
         try:
             config = read_config(self.directory, domains=self._domains, merge_domains=self._merge)
         except ConfigError as exc:
+            self.reloads["rejected"] += 1
             self._last_error = str(exc)
             self._last_error_at = self._clock()
             previous = self.config
@@ -185,6 +189,7 @@ class RlsConfigSource:
             self._last_error_at = None
             return False
         self._install(config, stamp)
+        self.reloads["loaded"] += 1
         return True
 
     def _install(self, config: rls.RlsConfig, stamp: _Stamp | None) -> None:

@@ -39,6 +39,10 @@ from nexus_authz.engine import Engine
 log = logging.getLogger("nexus_authz.http")
 
 EXT_AUTHZ_PREFIX = "/ext_authz"
+# The Lua usage tap's early release of a concurrency slot (POST, header `x-nexus-release: 1`, the request
+# id as the body); see envoy/nexus-usage.lua and ReservationBook.release.
+RELEASE_PATH = "/_nexus/release"
+_RELEASED = b"HTTP/1.1 204 No Content\r\n\r\n"
 NGINX_PATH = "/v1/nginx/auth"
 MAX_HEADERS = 128
 _ALLOW_CACHE = 4096  # keys whose allow answers are kept ready
@@ -58,6 +62,7 @@ _KEEP: dict[bytes, str] = {
         "x-nexus-content-length",
         "x-original-uri",
         "x-original-method",
+        "x-nexus-release",
     )
 }
 MAX_URL = 16 * 1024
@@ -195,7 +200,11 @@ class HttpApp:
         tail = b"connection: close\r\ncontent-length: 0\r\n\r\n" if close else b"content-length: 0\r\n\r\n"
         if decision.allowed and decision.key is not None:
             ext_authz, nginx_block = self.allow_parts(decision.key)
-            return (nginx_block if nginx else ext_authz) + extra + tail
+            if nginx:
+                return nginx_block + extra + tail
+            if decision.release:  # Envoy puts it in dynamic metadata for the Lua tap (not forwarded)
+                extra += b"x-nexus-release: %s\r\n" % decision.release.encode("latin-1")
+            return ext_authz + extra + tail
         if not extra and not close:
             cached = self._deny_cache.get(decision)
             if cached is None:
@@ -438,6 +447,8 @@ class AuthzProtocol(asyncio.Protocol):
             return _NOT_FOUND if handler is None else handler(app)
         headers = self._headers
         body = b"".join(self._body) if self._body else b""
+        if url == RELEASE_PATH and headers.get("x-nexus-release") == "1":
+            return self._release(body)
         if url.startswith(EXT_AUTHZ_PREFIX):
             path = url[len(EXT_AUTHZ_PREFIX) :] or "/"
             if path[0] != "/":
@@ -456,6 +467,13 @@ class AuthzProtocol(asyncio.Protocol):
         if decision.__class__ is not Decision:
             return self._answer_later(decision, nginx=False, close=close)  # type: ignore[arg-type]
         return app.response(decision, nginx=False, close=close)  # type: ignore[arg-type]
+
+    def _release(self, body: bytes) -> bytes:
+        # The Lua usage tap, as the response ends: free the request's concurrency slot. 204, never 200:
+        # if a client ever reached this path through an ext_authz without a path prefix, Envoy would
+        # take the answer as a denial, not as an admission.
+        self._app.engine.release(body.decode("latin-1"))
+        return _RELEASED
 
     def _nginx(self, headers: dict[str, str], close: bool) -> bytes | Awaitable[bytes]:
         # nginx's auth_request subrequest carries no body; the original URI and method come in headers.

@@ -115,6 +115,9 @@ class Decision:
     response_headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
     message: str = ""
+    # An admitted request holding a concurrency slot: its request id, for the proxy to release the slot
+    # when the response ends (envoy/nexus-usage.lua); "" otherwise.
+    release: str = ""
 
 
 class InFlight(NamedTuple):
@@ -153,6 +156,7 @@ _DECISION_SLOTS = tuple(
         "response_headers",
         "body",
         "message",
+        "release",
     )
 )
 
@@ -179,10 +183,12 @@ def new_request(
     return request
 
 
-def new_allow(key: KeyRecord, model: str | None, response_headers: tuple[tuple[str, str], ...]) -> Decision:
+def new_allow(
+    key: KeyRecord, model: str | None, response_headers: tuple[tuple[str, str], ...], release: str = ""
+) -> Decision:
     """The Decision admitting a request for `key`, built faster (see above)."""
     decision: Decision = _new(Decision)
-    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = _DECISION_SLOTS
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10 = _DECISION_SLOTS
     s0(decision, True)
     s1(decision, 200)
     s2(decision, Reason.OK)
@@ -193,4 +199,5 @@ def new_allow(key: KeyRecord, model: str | None, response_headers: tuple[tuple[s
     s7(decision, response_headers)
     s8(decision, b"")
     s9(decision, "")
+    s10(decision, release)
     return decision

@@ -99,10 +99,51 @@ def error_status(reason: Reason) -> int:
     return _ERRORS[reason][0]
 
 
+# Anthropic's error shape for denials on Anthropic API paths (/v1/messages...): its SDK maps the status,
+# but clients reading the body expect {"type": "error", "error": {"type", "message"}} with these types.
+_ANTHROPIC_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+}
+
+
+def is_anthropic_path(path: str) -> bool:
+    """Anthropic's Messages API (and its count_tokens / batches) and the legacy Text Completions."""
+    path = path.partition("?")[0]
+    return path.startswith("/v1/messages") or path == "/v1/complete"
+
+
+def anthropic_error_body(status: int, message: str) -> bytes:
+    etype = _ANTHROPIC_TYPES.get(status, "api_error")
+    return json.dumps(
+        {"type": "error", "error": {"type": etype, "message": message}}, separators=(",", ":")
+    ).encode()
+
+
+_ANTHROPIC_DENIALS: dict[Decision, Decision] = {}
+
+
+def anthropic_shaped(decision: Decision) -> Decision:
+    """The same denial with Anthropic's body (cached for the fixed denials)."""
+    if decision.allowed:
+        return decision
+    shaped = _ANTHROPIC_DENIALS.get(decision)
+    if shaped is None:
+        shaped = dataclasses.replace(decision, body=anthropic_error_body(decision.status, decision.message))
+        if decision in _FIXED:
+            _ANTHROPIC_DENIALS[decision] = shaped
+    return shaped
+
+
 _DENIALS: dict[Reason, Decision] = {
     reason: Decision(allowed=False, status=status, reason=reason, body=error_body(reason), message=msg)
     for reason, (status, _, _, msg) in _ERRORS.items()
 }
+_FIXED = frozenset(_DENIALS.values())
 
 
 class Admission(NamedTuple):
@@ -120,6 +161,7 @@ class Admission(NamedTuple):
     costs: tuple[int, ...]
     request_id: str
     prompt_tokens: int = 0
+    anthropic: bool = False  # an Anthropic API path: denials get Anthropic's error body
 
 
 class Policy:
@@ -206,6 +248,14 @@ class Policy:
     def admit(
         self, request: Request, snapshot: KeySnapshot, now: float, failures: MemoryCounterStore | None = None
     ) -> Decision | Admission:
+        admission = self._admit(request, snapshot, now, failures)
+        if isinstance(admission, Decision) and not admission.allowed and is_anthropic_path(request.path):
+            return anthropic_shaped(admission)
+        return admission
+
+    def _admit(
+        self, request: Request, snapshot: KeySnapshot, now: float, failures: MemoryCounterStore | None = None
+    ) -> Decision | Admission:
         secret = extract_key(request.headers)
         if secret is None:
             return _DENIALS[Reason.MISSING_KEY]
@@ -265,9 +315,10 @@ class Policy:
             model=model,
             counter_ids=counter_ids,
             specs=specs,
-            costs=self._costs(specs, model, facts),
+            costs=self._costs(specs, model, facts, generates(request)),
             request_id=request.request_id,
             prompt_tokens=facts.prompt_tokens if facts else 0,
+            anthropic=is_anthropic_path(request.path),
         )
 
     def _read_body(self, request: Request, key: KeyRecord) -> Decision | tuple[str | None, RequestFacts | None]:
@@ -332,16 +383,22 @@ class Policy:
         return selection
 
     def _costs(
-        self, specs: tuple[LimitSpec, ...], model: str | None, facts: RequestFacts | None
+        self,
+        specs: tuple[LimitSpec, ...],
+        model: str | None,
+        facts: RequestFacts | None,
+        completes: bool = True,
     ) -> tuple[int, ...]:
-        """What each window is charged now: 1 request, the token estimate, its price, 1 slot."""
+        """What each window is charged now: 1 request, the token estimate, its price, 1 slot.
+
+        `completes` False (see `generates`): the prompt estimate only, no completion reserved."""
         tokens = usd = 0
         for spec in specs:
             if spec.kind is Kind.TOKENS or spec.kind is Kind.USD:
                 prompt = facts.prompt_tokens if facts is not None else 0
                 n = facts.n if facts is not None and facts.n > 0 else 1
                 max_tokens = facts.max_tokens if facts is not None and facts.max_tokens else None
-                completion = (max_tokens or self._default_max_tokens) * n
+                completion = (max_tokens or self._default_max_tokens) * n if completes else 0
                 tokens = prompt + completion
                 usd = self.prices.cost(model, prompt, 0, completion) if self.prices else 0
                 break
@@ -360,8 +417,11 @@ class Policy:
     ) -> Decision:
         headers = tuple(rate_limit_headers(result.statuses, denied=not result.allowed))
         if not result.allowed:
-            return _limited(result, headers)
+            limited = _limited(result, headers)
+            return anthropic_shaped(limited) if admission.anthropic else limited
         self._reserve(admission, result.uncharged, now, counters, book)
+        if book is not None and admission.request_id and book.holds_slot(admission.specs, result.uncharged):
+            return new_allow(admission.key, admission.model, headers, admission.request_id)
         return _allow(admission.key, admission.model, headers)
 
     def _reserve(
@@ -436,6 +496,22 @@ def _too_many_refusals(retry_after: float) -> Decision:
 
 
 _SELECTION_CACHE = 65536
+
+# POST endpoints that consume prompt tokens at most and generate none (OpenAI's embeddings and
+# moderations, Anthropic's count_tokens, file uploads): matched on the path's end, so prefixed and
+# Azure-style deployment paths (/openai/deployments/x/embeddings) match too.
+_NON_GENERATING = ("/embeddings", "/moderations", "/count_tokens", "/files", "/uploads")
+
+
+def generates(request: Request) -> bool:
+    """Whether the request can generate completion tokens, so a token window must reserve
+    max_tokens (or default_max_tokens) for it. GETs (/v1/models, retrieving a response or a file),
+    DELETEs and the endpoints above generate nothing: reserving 4,096 tokens for each would hold a
+    token budget for nothing until it settles."""
+    if request.method != "POST":
+        return False
+    path = request.path.partition("?")[0].rstrip("/")
+    return not path.endswith(_NON_GENERATING)
 
 
 def unavailable(retry_after: float) -> Decision:

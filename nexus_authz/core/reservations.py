@@ -210,6 +210,35 @@ class ReservationBook:
                 deltas.append(max(0, delta) if at_least_reserved else delta)
         return Settlement(request_id, counter_ids, specs, tuple(deltas), charged_at, context=context)
 
+    def release(self, request_id: str) -> Settlement | None:
+        """Free a request's concurrency slots now (its response has ended), keeping the rest of the
+        reservation until its usage settles it. None if unknown or it holds no slot (already released).
+
+        The response's usage reaches nexus-authz in Envoy's batched access log, up to
+        buffer_flush_interval after the client has the whole response; a client that sends its next
+        request at once would find its slot still held. The Envoy configs' Lua tap calls this before
+        the last bytes of the response go to the client (see envoy/nexus-usage.lua)."""
+        entry = self._entries.get(request_id)
+        if entry is None:
+            return None
+        counter_ids, specs, costs, uncharged, charged_at, expires_at, context = entry
+        deltas: list[int] = []
+        released = uncharged
+        for i, spec in enumerate(specs):
+            if spec.kind is _CONCURRENCY and not (uncharged >> i) & 1:
+                deltas.append(-costs[i])
+                released |= 1 << i  # settle and expiry must not release it again
+            else:
+                deltas.append(0)
+        if released == uncharged:
+            return None
+        self._entries[request_id] = (counter_ids, specs, costs, released, charged_at, expires_at, context)
+        return Settlement(request_id, counter_ids, specs, tuple(deltas), charged_at, context=context)
+
+    def holds_slot(self, specs: Sequence[LimitSpec], uncharged: int) -> bool:
+        """Whether a reservation with these windows holds a concurrency slot (worth an early release)."""
+        return any(spec.kind is _CONCURRENCY and not (uncharged >> i) & 1 for i, spec in enumerate(specs))
+
     def expire(self, now: float, max_items: int | None = None) -> list[Settlement]:
         """Expire due reservations, oldest first (all of them by default). For a periodic timer."""
         return self._expire(now, len(self._entries) if max_items is None else max_items)

@@ -14,11 +14,14 @@ steps, with the store call (sync or awaited) left to the adapter in between:
    reset), the overall code (OVER_LIMIT if any enforced descriptor is over), headers and a JSON body.
 
 Matching follows envoyproxy/ratelimit: a request descriptor's entries walk the nested lists level by
-level; at each level the most specific entry wins (exact key+value, then the first `value: prefix*`
-wildcard in file order, then the key-only entry, the "default value" for any value); a limit applies
+level; at each level the most specific entry wins (exact key+value, then the first wildcard value in file
+order, `*` anywhere and any number of times, each matching zero or more characters, then the key-only
+entry, the "default value" for any value); a limit applies
 only at the depth equal to the number of entries; there is no backtracking. Unknown domains and
 descriptors that match nothing are OK with no limit. Counters are per domain, unit and the request's
-actual entries (so a key-only or wildcard rule gives each distinct value its own counter), as upstream.
+actual entries (so a key-only or wildcard rule gives each distinct value its own counter, unless the
+wildcard sets `share_threshold: true`: then all its matching values share one counter), as upstream.
+`quota_mode` and `metadata` are refused by name; `value_to_metric` is accepted (upstream: statsd names).
 
 Where we deliberately differ (better, documented in README): no clock-aligned fixed windows (units map
 onto GCRA or a slotted sliding window, see UNITS); one request's descriptors are charged all or none and a
@@ -153,14 +156,16 @@ class _Node:
     value: str
     rule: RateLimitRule | None
     children: _Level | None
+    share: bool = False  # share_threshold: every value matching this wildcard counts in one counter
 
 
 @dataclass(frozen=True, slots=True)
 class _Level:
-    """One descriptor list: exact (key, value) entries, `prefix*` wildcards per key, key-only entries."""
+    """One descriptor list: exact (key, value) entries, wildcards per key (the value split at each `*`,
+    in file order), key-only entries."""
 
     exact: Mapping[tuple[str, str], _Node]
-    wildcards: Mapping[str, tuple[tuple[str, _Node], ...]]
+    wildcards: Mapping[str, tuple[tuple[tuple[str, ...], _Node], ...]]
     any_value: Mapping[str, _Node]
 
 
@@ -185,7 +190,7 @@ class RlsConfig:
         level = self.domains.get(domain)
         if level is None or not entries:
             return None
-        return _walk(level, entries)
+        return _walk(level, entries)[0]
 
     def plan(
         self,
@@ -212,7 +217,11 @@ class RlsConfig:
             if d.override is not None:
                 rule: RateLimitRule | None = self._override(domain, d.override[0], d.override[1])
             else:
-                rule = _walk(root, entries) if entries else None
+                rule, shared = _walk(root, entries) if entries else (None, None)
+                if shared is not None:  # share_threshold: the wildcard stands for the matched values
+                    entries = tuple(
+                        (k, shared[i]) if i in shared else (k, v) for i, (k, v) in enumerate(entries)
+                    )
             if rule is not None and rule.replaces:
                 replacing |= rule.replaces
             matched.append((rule, entries, cost))
@@ -278,28 +287,60 @@ class RlsConfig:
         return rule
 
 
-def _walk(level: _Level, entries: Sequence[tuple[str, str]]) -> RateLimitRule | None:
+_NOT_FOUND: Final = (None, None)
+
+
+def _walk(
+    level: _Level, entries: Sequence[tuple[str, str]]
+) -> tuple[RateLimitRule | None, dict[int, str] | None]:
+    """The rule the entries select, and for share_threshold wildcards matched on the way, entry index ->
+    the configured pattern (the counter's value for that entry), else None."""
     last = len(entries) - 1
     current: _Level | None = level
+    shared: dict[int, str] | None = None
     for i, (key, value) in enumerate(entries):
         if current is None:
-            return None
+            return _NOT_FOUND
         node = current.exact.get((key, value))
         if node is None:
             wildcards = current.wildcards.get(key)
             if wildcards is not None:
-                for prefix, candidate in wildcards:
-                    if value.startswith(prefix):
+                for parts, candidate in wildcards:
+                    if _glob_match(parts, value):
                         node = candidate
+                        if candidate.share:
+                            if shared is None:
+                                shared = {}
+                            shared[i] = candidate.value
                         break
             if node is None:
                 node = current.any_value.get(key)
                 if node is None:
-                    return None
+                    return _NOT_FOUND
         if i == last:
-            return node.rule
+            return node.rule, shared
         current = node.children
-    return None
+    return _NOT_FOUND
+
+
+def _glob_match(parts: tuple[str, ...], value: str) -> bool:
+    """`value` against a pattern split at its `*`s (each matches zero or more characters), as upstream's
+    wildcardMatch: the first part is a prefix, the last a suffix, the middle ones found in order."""
+    first, last = parts[0], parts[-1]
+    if not value.startswith(first) or not value.endswith(last):
+        return False
+    if len(value) < sum(map(len, parts)):
+        return False
+    if len(parts) == 2:
+        return True
+    rest = value[len(first) : len(value) - len(last)]
+    pos = 0
+    for part in parts[1:-1]:
+        found = rest.find(part, pos)
+        if found < 0:
+            return False
+        pos = found + len(part)
+    return True
 
 
 def _with_identity(entries: tuple[tuple[str, str], ...], identity: Identity) -> tuple[tuple[str, str], ...]:
@@ -597,7 +638,7 @@ class _LevelBuilder:
 
     def __init__(self) -> None:
         self.exact: dict[tuple[str, str], _NodeBuilder] = {}
-        self.wildcards: dict[str, list[tuple[str, _NodeBuilder]]] = {}
+        self.wildcards: dict[str, list[tuple[tuple[str, ...], _NodeBuilder]]] = {}
         self.any_value: dict[str, _NodeBuilder] = {}
         self.origin: dict[tuple[str, str], str] = {}  # (key, value) -> where it was written
 
@@ -610,17 +651,18 @@ class _LevelBuilder:
 
 
 class _NodeBuilder:
-    __slots__ = ("children", "key", "rule", "value")
+    __slots__ = ("children", "key", "rule", "share", "value")
 
-    def __init__(self, key: str, value: str, rule: RateLimitRule | None) -> None:
+    def __init__(self, key: str, value: str, rule: RateLimitRule | None, share: bool = False) -> None:
         self.key = key
         self.value = value
         self.rule = rule
+        self.share = share
         self.children: _LevelBuilder | None = None
 
     def freeze(self) -> _Node:
         children = self.children.freeze() if self.children is not None else None
-        return _Node(self.key, self.value, self.rule, children)
+        return _Node(self.key, self.value, self.rule, children, self.share)
 
 
 def parse_rls_config(
@@ -701,15 +743,26 @@ def _load_descriptors(
                 f"duplicate descriptor {final!r} (also {level.origin[origin_key]})",
             )
         level.origin[origin_key] = f"{f.where()}: {where}"
+        for unsupported, why in _UNSUPPORTED.items():
+            if unsupported in f.names():
+                f.fail(unsupported, why)
         shadow = f.bool("shadow_mode", False)
         detailed = f.bool("detailed_metric", False)
+        f.bool("value_to_metric", False)  # upstream: only its statsd names; nexus labels rules by path
+        share = f.bool("share_threshold", False)
+        if share and "*" not in value:
+            f.fail(
+                "share_threshold",
+                "share_threshold can only be used with a wildcard value (containing '*'), "
+                f"got {value!r}, as upstream",
+            )
         rule: RateLimitRule | None = None
         if f.has("rate_limit"):
             rule = _rule(f.mapping("rate_limit"), f, domain, path, value, shadow, detailed)
             rules.append(rule)
         elif "rate_limit" in f.names():
             f.raw("rate_limit", None)  # `rate_limit:` left empty: no limit, as upstream
-        node = _NodeBuilder(key, value, rule)
+        node = _NodeBuilder(key, value, rule, share)
         if f.has("descriptors"):
             node.children = _LevelBuilder()
             _load_descriptors(f, "descriptors", node.children, domain, path, rules)
@@ -718,10 +771,19 @@ def _load_descriptors(
         f.done()
         if not value:
             level.any_value[key] = node
-        elif value.endswith("*"):
-            level.wildcards.setdefault(key, []).append((value[:-1], node))
+        elif "*" in value:
+            level.wildcards.setdefault(key, []).append((tuple(value.split("*")), node))
         else:
             level.exact[(key, value)] = node
+
+
+# Fields of current envoyproxy/ratelimit that nexus-authz refuses by name rather than ignore silently.
+_UNSUPPORTED: Final = {
+    "quota_mode": "quota_mode is not supported by nexus-authz (upstream: an over-limit quota rule answers "
+    "OK and only counts); use shadow_mode for count-only rules, or nexus.yaml limits for quotas",
+    "metadata": "metadata is not supported by nexus-authz (upstream returns it in the descriptor's "
+    "status); remove it",
+}
 
 
 def _value(f: Fields) -> str:

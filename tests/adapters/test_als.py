@@ -68,7 +68,8 @@ return function(headers, chunks, delivered, b64)
   function handle:base64Escape(s) return b64(s) end
   function handle:streamInfo()
     return { dynamicMetadata = function()
-      return { set = function(_, ns, k, v)
+      return { get = function(_, ns) return nil end, -- no ext_authz metadata: no slot to release
+               set = function(_, ns, k, v)
         assert(ns == "nexus.usage")
         if v == nil then meta[k] = NULL else meta[k] = v end
       end }

@@ -22,6 +22,7 @@ from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import wrappers_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, generate_latest
 
 from nexus_authz.adapters.envoy_rls import (
     SERVICE,
@@ -523,3 +524,37 @@ def test_the_server_offers_the_service_with_health(engine: Engine, cfg_dir: Path
         response.statuses[0].current_limit.requests_per_unit == 3
         and response.statuses[0].limit_remaining == 2
     )
+
+
+def test_statistics_are_exported_at_scrape_time(tmp_path: Path) -> None:
+    """Issue 18 item 10: counts, per-rule stats (shadow-mode hits included) and rejected reloads reach
+    /metrics through RlsCollector."""
+    from nexus_authz.metrics import RlsCollector
+
+    directory = tmp_path / "rls"
+    directory.mkdir()
+    write(
+        directory,
+        "a.yaml",
+        "domain: nexus\ndescriptors:\n"
+        "  - key: nexus_key_id\n    rate_limit: {unit: minute, requests_per_unit: 1}\n"
+        "  - key: tier\n    shadow_mode: true\n    rate_limit: {unit: minute, requests_per_unit: 1}\n",
+    )
+    svc = service(directory, clock=Clock())
+    call(
+        svc,
+        *(request(key("alice")) for _ in range(2)),
+        *(request(descriptor(("tier", "x"))) for _ in range(3)),
+    )
+    write(directory, "a.yaml", "domain: nexus\ndescriptors:\n  - key: k\n    rate_limit: {unit: fortnight}\n")
+    assert svc.source.reload() is False
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RlsCollector(svc))
+    text = generate_latest(registry).decode()
+    assert 'nexus_authz_ratelimit_calls_total{result="over_limit"} 1.0' in text
+    assert 'nexus_authz_ratelimit_calls_total{result="ok"} 4.0' in text
+    assert 'nexus_authz_ratelimit_rule_hits_total{rule="nexus.nexus_key_id"} 2.0' in text
+    assert 'nexus_authz_ratelimit_rule_over_limit_total{rule="nexus.nexus_key_id"} 1.0' in text
+    assert 'nexus_authz_ratelimit_rule_shadow_mode_total{rule="nexus.tier"} 2.0' in text
+    assert 'nexus_authz_ratelimit_config_reloads_total{outcome="rejected"} 1.0' in text
+    assert "nexus_authz_ratelimit_config_error 1.0" in text

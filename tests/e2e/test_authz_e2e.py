@@ -81,6 +81,38 @@ def test_non_json_body_with_restricted_key(stack: Stack) -> None:
     assert resp.status == 400 and resp.json()["error"]["code"] == "invalid_request_body"
 
 
+def test_restricted_key_json_body_without_model_gets_403(stack: Stack) -> None:
+    """Issue 18 item 9: a restricted key whose JSON body names no model is a permission question (403
+    model_not_allowed), not a malformed request; README's decision table says the same."""
+    resp = stack.post("/v1/chat/completions", {"messages": CHAT["messages"]}, key=ALICE.secret)
+    assert resp.status == 403, resp.body
+    assert resp.json()["error"]["code"] == "model_not_allowed"
+
+
+@pytest.mark.parametrize(
+    ("key", "body", "status", "etype"),
+    [
+        (None, CHAT, 401, "authentication_error"),
+        ("nx-not-a-real-key-000000", CHAT, 401, "authentication_error"),
+        ("alice", {**CHAT, "model": "o1-preview"}, 403, "permission_error"),
+        ("alice", b"not json at all", 400, "invalid_request_error"),
+    ],
+)
+def test_anthropic_paths_get_anthropic_error_bodies(
+    stack: Stack, key: str | None, body: object, status: int, etype: str
+) -> None:
+    """Issue 18 item 14: a denial on /v1/messages has Anthropic's shape
+    ({"type": "error", "error": {"type", "message"}}); OpenAI paths keep OpenAI's."""
+    secret = ALICE.secret if key == "alice" else key
+    resp = stack.post("/v1/messages", body, key=secret)
+    assert resp.status == status, resp.body
+    assert resp.headers["content-type"] == "application/json"
+    doc = resp.json()
+    assert doc["type"] == "error" and doc["error"]["type"] == etype and doc["error"]["message"]
+    openai_shape = stack.post("/v1/chat/completions", body, key=secret).json()
+    assert "type" not in openai_shape and openai_shape["error"]["code"]
+
+
 def test_nexus_down_means_503_from_envoy(stack: Stack) -> None:
     # Last test of the module: stops nexus-authz. The shipped configs fail closed with 503.
     assert stack.stop_nexus() == 0

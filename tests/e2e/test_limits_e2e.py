@@ -30,13 +30,14 @@ plans:
 FIVE = KeySpec("five", extra={"plan": "five"})
 SDK = KeySpec("sdk", extra={"plan": "five"})
 BURST = KeySpec("burst", extra={"plan": "burst"})
+TOKENS = KeySpec("tokens", extra={"limits": [{"tokens": 100000, "per": "day"}]})
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 20}
 
 
 @pytest.fixture(params=["http", "grpc"], scope="module")
 def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     workdir = Path(tempfile.mkdtemp(prefix="nx-lim-"))
-    s = Stack(workdir=workdir, mode=request.param, keys=(FIVE, SDK, BURST), extra_config=LIMITS)
+    s = Stack(workdir=workdir, mode=request.param, keys=(FIVE, SDK, BURST, TOKENS), extra_config=LIMITS)
     try:
         s.start()
         yield s
@@ -111,3 +112,45 @@ def test_concurrent_checks_admit_exactly_the_limit(stack: Stack) -> None:
     statuses = asyncio.run(run(stack, 100))
     assert statuses.count(200) == 20
     assert statuses.count(429) == 80
+
+
+def test_requests_that_generate_nothing_reserve_no_completion_tokens(stack: Stack) -> None:
+    """Issue 18 item 5: GET /v1/models generates nothing: it must not hold default_max_tokens."""
+    remaining = []
+    for _ in range(3):
+        resp = stack.get("/v1/models", key=TOKENS.secret)
+        assert resp.status == 200, resp.body
+        remaining.append(int(resp.headers["x-ratelimit-remaining-tokens"]))
+    assert remaining == [100000] * 3, remaining
+
+
+# -- issue 18 item 3: a one-at-a-time client never gets a concurrency 429 -----------------------------
+
+ONE_AT_A_TIME = KeySpec("one-at-a-time", extra={"limits": [{"concurrent": 1}]})
+
+
+@pytest.fixture(params=["http", "grpc"], scope="module")
+def solo_stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    workdir = Path(tempfile.mkdtemp(prefix="nx-solo-"))
+    s = Stack(workdir=workdir, mode=request.param, keys=(ONE_AT_A_TIME,))
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_concurrent_one_admits_back_to_back_requests(solo_stack: Stack, stream: bool) -> None:
+    """`concurrent: 1` and a client that waits for each response before sending the next: every request
+    is admitted. The slot must be free by the time the client has the whole response, not when the
+    batched access log arrives (up to buffer_flush_interval later)."""
+    body = {**CHAT, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    statuses = []
+    for _ in range(20):
+        resp = solo_stack.post("/v1/chat/completions", body, key=ONE_AT_A_TIME.secret)
+        statuses.append(resp.status)
+    assert statuses == [200] * 20, statuses

@@ -166,3 +166,19 @@ def test_config_changes_apply_without_a_restart(stack: Stack) -> None:
         time.sleep(0.1)
     assert "descriptors[0].rate_limit.unit: unknown unit 'fortnight'" in stack.nexus_log()
     assert chat(stack, DAVE).status == 429  # still limited by the previous config
+
+
+def test_the_service_statistics_are_on_metrics(stack: Stack) -> None:
+    """Issue 18 item 10: after the calls above (429s, a rejected reload), /metrics shows them."""
+    from tests.e2e.stack import http
+
+    text = http("GET", stack.admin + "/metrics").body.decode()
+    over = [
+        line
+        for line in text.splitlines()
+        if line.startswith('nexus_authz_ratelimit_calls_total{result="over_limit"}')
+    ]
+    assert over and float(over[0].split()[-1]) >= 1, over
+    assert 'nexus_authz_ratelimit_rule_hits_total{rule="nexus.nexus_key_id"}' in text
+    assert 'nexus_authz_ratelimit_config_reloads_total{outcome="rejected"}' in text
+    assert "nexus_authz_ratelimit_config_error 1.0" in text

@@ -64,12 +64,19 @@ class World:
         self.now = T0
         self.n = 0
 
-    def check(self, key: KeySpec, body: object | None = None, request_id: str | None = None) -> Decision:
+    def check(
+        self,
+        key: KeySpec,
+        body: object | None = None,
+        request_id: str | None = None,
+        method: str = "POST",
+        path: str = "/v1/chat/completions",
+    ) -> Decision:
         self.n += 1
         raw = json.dumps(body).encode() if body is not None else b""
         req = Request(
-            "POST",
-            "/v1/chat/completions",
+            method,
+            path,
             {"authorization": f"Bearer {key.secret}", "content-type": "application/json"},
             raw,
             request_id=request_id or f"r{self.n}",
@@ -136,6 +143,26 @@ def test_default_max_tokens_reserved_when_absent() -> None:
     d = w.check(SMALL, body)
     used = 1000 - int(dict(d.response_headers)["x-ratelimit-remaining-tokens"])
     assert 100 <= used < 130  # default_max_tokens: 100, plus a small prompt
+
+
+def test_non_generating_requests_reserve_no_completion() -> None:
+    """Issue 18 item 5: GETs and embeddings-like endpoints reserve the prompt estimate at most."""
+    w = World()
+    for method, path, body in (
+        ("GET", "/v1/models", None),
+        ("GET", "/v1/responses/resp_1?x=1", None),
+        ("POST", "/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"}),
+        ("POST", "/openai/deployments/e/embeddings/", {"model": "e", "input": "hi"}),
+        ("POST", "/v1/messages/count_tokens", {"model": "claude", "messages": []}),
+    ):
+        w.now += 60  # the plan's 3 requests/minute
+        d = w.check(SMALL, body, method=method, path=path)
+        assert d.allowed, (path, d)
+        used = 1000 - int(dict(d.response_headers)["x-ratelimit-remaining-tokens"])
+        assert used < 30, (path, used)  # a prompt estimate of a few tokens, no default_max_tokens
+    w.now += 60
+    d = w.check(SMALL, {"model": "m", "prompt": "hi"}, path="/v1/completions")
+    assert 1000 - int(dict(d.response_headers)["x-ratelimit-remaining-tokens"]) >= 100
 
 
 def test_per_model_window() -> None:

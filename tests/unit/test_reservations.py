@@ -169,3 +169,20 @@ def test_track_remembers_a_context_without_windows() -> None:
     settled = book.settle("b", 3.0, tokens=5)
     assert settled is not None and settled.context == "ctx-b" and settled.deltas == ()
     assert [s.request_id for s in book.expire(20.0)] == ["c"]
+
+
+def test_release_frees_the_slot_once_and_keeps_the_estimate() -> None:
+    """Issue 18 item 3: the proxy releases a concurrency slot as the response ends; the usage that
+    arrives later settles the tokens and must not release the slot a second time."""
+    from nexus_authz.core.limits import Kind, make_limit
+
+    conc = make_limit(Kind.CONCURRENCY, 1, None, name="concurrent")
+    tokens = make_limit(Kind.TOKENS, 1000, "minute", name="tokens")
+    book = ReservationBook(ttl=60.0, max_entries=10)
+    book.reserve("r1", ("c", "t"), (conc, tokens), (1, 500), 0.0)
+    assert book.holds_slot((conc, tokens), 0) and not book.holds_slot((tokens,), 0)
+    released = book.release("r1")
+    assert released is not None and released.deltas == (-1, 0)
+    assert book.release("r1") is None and book.release("unknown") is None
+    settled = book.settle("r1", 1.0, tokens=100)
+    assert settled is not None and settled.deltas == (0, -400)

@@ -470,3 +470,72 @@ def test_a_refused_request_changes_no_counter(steps: list[tuple[str, int, bool, 
             assert [s.remaining for s in after] == [s.remaining for s in before]
         for status in answer.statuses:
             assert 0 <= status.remaining <= rls.UNLIMITED_REMAINING
+
+
+# -- issue 18 item 13: current envoyproxy/ratelimit configs ---------------------------------------------
+
+UPSTREAM_NOW = """
+domain: api
+descriptors:
+  - key: path
+    value: /api/*/action
+    rate_limit: {unit: minute, requests_per_unit: 2}
+  - key: path
+    value: /v*/x/*/y*
+    rate_limit: {unit: minute, requests_per_unit: 4}
+  - key: files
+    value: files/*
+    share_threshold: true
+    rate_limit: {unit: hour, requests_per_unit: 3}
+  - key: route
+    value: api/*
+    share_threshold: true
+    descriptors:
+      - key: method
+        rate_limit: {unit: hour, requests_per_unit: 2}
+"""
+
+
+def test_a_wildcard_anywhere_in_the_value_as_upstream() -> None:
+    """Upstream: each `*` matches zero or more characters, anywhere in the value, several allowed."""
+    cfg = config(UPSTREAM_NOW)
+    rule = cfg.lookup("api", [("path", "/api/123/action")])
+    assert rule is not None and rule.requests_per_unit == 2
+    assert cfg.lookup("api", [("path", "/api//action")]) is not None  # zero characters
+    assert cfg.lookup("api", [("path", "/api/123/other")]) is None
+    assert cfg.lookup("api", [("path", "/api/*/action/more")]) is None  # the suffix is anchored
+    multi = cfg.lookup("api", [("path", "/v1/x/abc/y")])
+    assert multi is not None and multi.requests_per_unit == 4
+    assert cfg.lookup("api", [("path", "/v1/x/abc/z")]) is None
+    limiter = Limiter(cfg)
+    assert limiter.admitted("api", d("path=/api/1/action"), n=4) == 2
+    assert limiter.admitted("api", d("path=/api/2/action"), n=4) == 2  # each value its own counter
+
+
+def test_share_threshold_shares_one_counter_among_matching_values() -> None:
+    limiter = Limiter(config(UPSTREAM_NOW))
+    assert limiter.admitted("api", d("files=files/a.pdf"), n=2) == 2
+    assert limiter.admitted("api", d("files=files/b.csv"), n=2) == 1  # 3 an hour, shared
+    # ...also when the limit is deeper than the shared wildcard (upstream tracks it by entry index).
+    assert limiter.admitted("api", d("route=api/a", "method=GET"), n=1) == 1
+    assert limiter.admitted("api", d("route=api/b", "method=GET"), n=2) == 1
+    assert limiter.admitted("api", d("route=api/b", "method=POST"), n=2) == 2  # another method value
+
+
+def test_share_threshold_without_a_wildcard_is_refused_as_upstream() -> None:
+    with pytest.raises(ConfigError, match="share_threshold can only be used with a wildcard value"):
+        config("domain: x\ndescriptors:\n  - key: k\n    value: v\n    share_threshold: true\n")
+
+
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        ("quota_mode: true", "quota_mode is not supported"),
+        ("metadata: {a: b}", "metadata is not supported"),
+    ],
+)
+def test_upstream_fields_nexus_does_not_implement_are_refused_by_name(field: str, message: str) -> None:
+    rule = "rate_limit: {unit: second, requests_per_unit: 1}"
+    text = f"domain: x\ndescriptors:\n  - key: k\n    {field}\n    {rule}\n"
+    with pytest.raises(ConfigError, match=message):
+        config(text)
