@@ -63,7 +63,7 @@ def first(short_tmp: Path) -> Iterator[tuple[Path, Path, subprocess.Popen[bytes]
         procs.stop_process(proc, timeout=15)
 
 
-# -- item 1: a second serve ------------------------------------------------------------------------------
+# -- item 1: a second serve ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("same_admin_port", [False, True])
 def test_second_serve_leaves_the_running_socket_alone(
     first: tuple[Path, Path, subprocess.Popen[bytes]], short_tmp: Path, same_admin_port: bool
@@ -108,7 +108,9 @@ def test_stale_socket_is_replaced(short_tmp: Path) -> None:
     assert not (short_tmp / "authz.sock").exists()  # our own socket is removed on shutdown
 
 
-def test_shutdown_leaves_a_socket_that_replaced_ours(first: tuple[Path, Path, subprocess.Popen[bytes]]) -> None:
+def test_shutdown_leaves_a_socket_that_replaced_ours(
+    first: tuple[Path, Path, subprocess.Popen[bytes]],
+) -> None:
     _, sock, proc = first
     os.rename(sock, sock.with_name("old.sock"))
     newer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -122,7 +124,7 @@ def test_shutdown_leaves_a_socket_that_replaced_ours(first: tuple[Path, Path, su
         newer.close()
 
 
-# -- item 7: /readyz with Redis stopped --------------------------------------------------------------------------
+# -- item 7: /readyz with Redis stopped ----------------------------------------------------------------------
 @pytest.mark.parametrize("failure_mode", ["fail_open", "fail_closed"])
 def test_readyz_with_redis_stopped(short_tmp: Path, failure_mode: str) -> None:
     import json
@@ -166,3 +168,118 @@ def test_readyz_with_redis_stopped(short_tmp: Path, failure_mode: str) -> None:
         if nexus is not None:
             assert nexus.stop() == 0
         redis.stop()
+
+
+# -- item 2 and 14: the demo ---------------------------------------------------------------------------------
+class DemoProc:
+    def __init__(self, port: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nexus_authz.cli", "demo", "--port", str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=os.environ,
+        )
+        self.lines: list[str] = []
+
+    def wait_started(self, timeout: float = 60) -> None:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"demo exited: {self.proc.wait()} {self.proc.stderr.read()}")  # type: ignore[union-attr]
+            self.lines.append(line)
+            if line.startswith("(metrics:"):
+                return
+        raise AssertionError(self.lines)
+
+    def stop(self) -> tuple[int | None, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=30)
+        return self.proc.returncode, out
+
+
+def _demo(port: int) -> subprocess.CompletedProcess[str]:
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "nexus_authz.cli", "demo", "--port", str(port), "--smoke"],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+        timeout=60,
+    )
+    assert time.monotonic() - started < 15, "the demo took its time to say the port is taken"
+    return result
+
+
+def test_second_demo_on_a_busy_port_fails_fast() -> None:
+    port = procs.free_port()
+    first = DemoProc(port)
+    try:
+        first.wait_started()
+        second = _demo(port)
+        assert second.returncode == 1, second.stdout
+        assert f"port {port}" in second.stderr and "gateway:" not in second.stdout
+    finally:
+        first.stop()
+
+
+def test_demo_on_a_port_held_by_another_program_fails_fast() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        result = _demo(port)
+    assert result.returncode == 1 and f"port {port}" in result.stderr
+
+
+def test_demo_keeps_the_logs_it_printed() -> None:
+    demo = DemoProc(procs.free_port())
+    try:
+        demo.wait_started()
+        match = re.search(r"logs in (\S+);", demo.lines[-1])
+        assert match, demo.lines
+        logs = Path(match.group(1))
+    finally:
+        code, out = demo.stop()
+    assert code == 0
+    try:
+        assert logs.is_dir() and {"nexus-authz.log", "envoy.log", "mock-upstream.log"} <= {
+            p.name for p in logs.iterdir()
+        }
+        assert "nexus-authz serving" in (logs / "nexus-authz.log").read_text()
+        assert {p.suffix for p in logs.iterdir()} == {".log"}  # the key file and credential are gone
+        assert f"logs kept in {logs}" in out
+    finally:
+        import shutil
+
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "name", ["envoy.yaml", "envoy-extproc.yaml", "envoy-grpc.yaml", "envoy-ratelimit.yaml"]
+)
+def test_shipped_envoy_configs_do_not_share_their_port(name: str, short_tmp: Path) -> None:
+    """Two Envoys on one shipped config and port: the second fails at start-up instead of splitting the
+    first one's connections (enable_reuse_port: false)."""
+    from nexus_authz import envoy_config
+
+    port = procs.free_port()
+    envoys = []
+    try:
+        for i in range(2):
+            admin = procs.free_port()
+            rendered = envoy_config.render(envoy_config.ENVOY_DIR / name, listen_port=port, admin_port=admin)
+            log = short_tmp / f"envoy{i}.log"
+            proc = procs.start_envoy(rendered, admin_port=admin, workdir=short_tmp / f"e{i}", log_path=log)
+            envoys.append(proc)
+            if i == 0:
+                procs.wait_envoy_ready(admin, timeout=30, process=proc, log_path=log)
+        assert envoys[1].wait(timeout=15) != 0
+        assert "address already in use" in (short_tmp / "envoy1.log").read_text().lower()
+        assert envoys[0].poll() is None
+    finally:
+        for proc in envoys:
+            procs.stop_process(proc)
