@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import os
+import re
 import sys
 import textwrap
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from nexus_authz.core import keys as keys_mod
 from nexus_authz.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from nexus_authz.core.model import Credential
+    from nexus_authz.settings import Settings
 
 DEFAULT_CONFIG = "nexus.yaml"
 
@@ -47,10 +54,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             settings = replace(settings, log_level=args.log_level)
         setup_logging(settings.log_level, settings.log_format)
         engine = Engine.from_settings(engine_settings)
+        validated = server.validate(settings, engine)  # what check-config runs too
     except ConfigError as exc:
         return _fail(str(exc))
     try:
-        return server.run(settings, engine)
+        return server.run(settings, engine, validated)
     except server.StartupError as exc:
         return _fail(str(exc), 1)
     except KeyboardInterrupt:
@@ -60,12 +68,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # -- check-config ------------------------------------------------------------------------------------
 def cmd_check_config(args: argparse.Namespace) -> int:
     from nexus_authz.engine import Engine
+    from nexus_authz.server import validate
     from nexus_authz.settings import load_settings
 
     path = _config_path(args)
     try:
+        # exactly serve's start-up validation, without opening any socket
         settings = load_settings(path)
         engine = Engine.from_settings(settings)
+        validate(settings, engine)
     except ConfigError as exc:
         return _fail(str(exc))
     snap = engine.snapshot
@@ -80,32 +91,126 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 # -- keys ----------------------------------------------------------------------------------------------
-def _pepper_for_cli(args: argparse.Namespace) -> bytes:
-    """The pepper from the config's `keys.pepper` if a config is given or present, else NEXUS_KEY_PEPPER."""
-    from nexus_authz.engine import resolve_pepper
-    from nexus_authz.settings import Settings, load_settings
+def _settings_for_cli(args: argparse.Namespace) -> Settings | None:
+    """The config's settings if a config is given or present, else None."""
+    from nexus_authz.settings import load_settings
 
     path = _config_path(args)
     if args.config or os.environ.get("NEXUS_CONFIG") or os.path.exists(path):
-        return resolve_pepper(load_settings(path))
-    return resolve_pepper(Settings(config_path="(no config file)", base_dir=os.getcwd()))
+        return load_settings(path)
+    return None
 
 
-def cmd_keys_generate(args: argparse.Namespace) -> int:
+def _pepper_for_cli(args: argparse.Namespace) -> bytes:
+    """The pepper from the config's `keys.pepper` if a config is given or present, else NEXUS_KEY_PEPPER."""
+    from nexus_authz.engine import resolve_pepper
+    from nexus_authz.settings import Settings
+
+    settings = _settings_for_cli(args)
+    if settings is None:
+        settings = Settings(config_path="(no config file)", base_dir=os.getcwd())
+    return resolve_pepper(settings)
+
+
+_LIMIT_SHORTHAND = re.compile(r"^(requests|tokens|usd|concurrent)=(\d+(?:\.\d+)?)(?:/(\w+))?$")
+
+
+def _limit_arg(text: str) -> dict[str, object]:
+    """--limit: `KIND=N[/PER]` (requests=60/minute, usd=5/month, concurrent=4) or a key-file limit
+    mapping such as '{requests: 10, per: minute, model: "gpt-4*"}'. Checked later, as the key file is."""
+    import yaml
+
+    text = text.strip()
+    m = _LIMIT_SHORTHAND.match(text)
+    if m:
+        kind, amount, per = m.groups()
+        limit: dict[str, object] = {kind: float(amount) if "." in amount else int(amount)}
+        if per:
+            limit["per"] = per
+        return limit
     try:
-        pepper = _pepper_for_cli(args)
-    except ConfigError as exc:
-        return _fail(str(exc))
-    secret = keys_mod.generate_secret()
-    entry = [f"  - id: {args.id}", f'    hash: "{keys_mod.format_hash(pepper, secret)}"']
+        value = yaml.safe_load(text) if text.startswith("{") else None
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected KIND=N[/PER] (e.g. requests=60/minute) or a mapping such as "
+            f"'{{tokens: 100000, per: day}}', got {text!r}"
+        )
+    return value
+
+
+def _key_entry(args: argparse.Namespace, key_hash: str) -> list[str]:
+    """The key-file entry for `keys generate` (JSON values are valid YAML and need no escaping rules)."""
+    entry = [f"  - id: {args.id}", f'    hash: "{key_hash}"']
     if args.tenant:
         entry.append(f"    tenant: {args.tenant}")
     if args.plan:
         entry.append(f"    plan: {args.plan}")
     if args.models:
-        entry.append("    models: [" + ", ".join(f'"{m}"' for m in args.models) + "]")
+        entry.append("    models: [" + ", ".join(json.dumps(m) for m in args.models) + "]")
+    if args.paths:
+        entry.append("    paths: [" + ", ".join(json.dumps(p) for p in args.paths) + "]")
+    if args.credential:
+        entry.append(f"    credential: {args.credential}")
+    if args.limits:
+        entry.append("    limits:")
+        entry.extend(f"      - {json.dumps(limit)}" for limit in args.limits)
     if args.expires:
         entry.append(f'    expires_at: "{args.expires}"')
+    return entry
+
+
+def _check_entry(
+    args: argparse.Namespace, entry: list[str], settings: Settings | None, pepper: bytes
+) -> list[str]:
+    """Parse the entry as the server parses a key file (ConfigError if it would refuse it), against the
+    config's plans, credentials and prices when there is a config; without one, returns what could not
+    be checked (the plan and credential it names, usd limits needing prices)."""
+    from nexus_authz.core.config import Plan, PolicySet, Price, parse_key_file
+
+    unchecked: list[str] = []
+    if settings is not None:
+        policy = settings.policy
+        credentials = _any_credentials(settings)
+    else:  # assume what the entry names exists, and say so
+        unchecked += [f"plan {args.plan!r}"] if args.plan else []
+        unchecked += [f"credential {args.credential!r}"] if args.credential else []
+        if any("usd" in limit for limit in args.limits or ()):
+            unchecked.append("usd limits (they need a prices table)")
+        policy = PolicySet(
+            plans={args.plan: Plan(args.plan)} if args.plan else {}, prices=(("*", Price(1, 1, 1)),)
+        )
+        credentials = {args.credential: _placeholder(args.credential)} if args.credential else {}
+    parse_key_file(
+        "keys:\n" + "\n".join(entry) + "\n",
+        "(the generated entry)",
+        policy=policy,
+        credentials=credentials,
+        pepper=pepper,
+        loaded_at=time.time(),
+    )
+    return unchecked
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings_for_cli(args)
+        pepper = _pepper_for_cli(args)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    secret = keys_mod.generate_secret()
+    entry = _key_entry(args, keys_mod.format_hash(pepper, secret))
+    try:
+        unchecked = _check_entry(args, entry, settings, pepper)
+    except ConfigError as exc:
+        return _fail(f"the key would be refused: {exc}")
+    if unchecked:
+        print(
+            f"nexus-authz: warning: no config file (-c, $NEXUS_CONFIG or ./{DEFAULT_CONFIG}), so "
+            f"{', '.join(unchecked)} could not be checked; `nexus-authz check-config` will",
+            file=sys.stderr,
+        )
     print(f"secret: {secret}")
     print("# Give the secret to the client now: it is not stored anywhere and cannot be shown again.")
     print("# Add this entry under `keys:` in the key file (it holds only a keyed hash of the secret):")
@@ -143,6 +248,29 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
             "keys revoke needs counters.backend: redis (distributed mode); without Redis, set "
             "`disabled: true` on the key in the key file: every server reloads it within keys.reload_interval"
         )
+    # A typo must not look like a success: check the id against the config's key file when it can be read
+    # (refused, exit 2, unless --force: e.g. a key only other replicas' key files hold); when it cannot,
+    # say so and publish anyway (revoking is urgent; the key file is not needed for it).
+    from nexus_authz.engine import read_key_snapshot, resolve_pepper
+    from nexus_authz.settings import resolve_path
+
+    key_file = resolve_path(settings, settings.keys_file)
+    try:
+        pepper = resolve_pepper(settings)
+        known = read_key_snapshot(
+            settings, pepper=pepper, credentials=_any_credentials(settings), now=time.time()
+        )
+    except ConfigError as exc:
+        print(
+            f"nexus-authz: warning: cannot check the key id against the key file ({exc}); publishing anyway",
+            file=sys.stderr,
+        )
+    else:
+        if args.id not in known.by_id and not args.force:
+            return _fail(
+                f"no key with id {args.id!r} in the key file {key_file}; nothing revoked (check the id, or "
+                "pass --force to publish the revocation anyway)"
+            )
 
     async def publish() -> int:
         client = make_client(
@@ -162,6 +290,18 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     print(f"revoked {args.id}: {heard} server(s) notified now; the others read it when they (re)connect")
     print("Also set `disabled: true` on it in the key file, so it stays revoked if Redis is ever reset.")
     return 0
+
+
+def _placeholder(name: str) -> Credential:
+    from nexus_authz.core.model import Credential
+
+    return Credential(name, "authorization", "unchecked")
+
+
+def _any_credentials(settings: Settings) -> dict[str, Credential]:
+    """Placeholders for the config's credentials: checking a key file needs their names, not their secrets
+    (which may live only where the server runs)."""
+    return {name: _placeholder(name) for name in settings.policy.credentials}
 
 
 def cmd_keys_pepper(args: argparse.Namespace) -> int:
@@ -261,6 +401,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(port=args.port, smoke=args.smoke, envoy_config=args.envoy_config)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nexus-authz")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nexus-authz",
@@ -272,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"nexus-authz {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def add_config(p: argparse.ArgumentParser) -> None:
@@ -313,13 +463,29 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="create a new client key",
         description="Print a new client key (once) and the key-file entry holding only its keyed hash. "
-        "The pepper comes from the config's keys.pepper, or NEXUS_KEY_PEPPER without a config.",
+        "The pepper comes from the config's keys.pepper, or NEXUS_KEY_PEPPER without a config. The entry "
+        "is checked as the server checks a key file (plan, credential, limits, paths) and refused with "
+        "exit 2 if it would be refused; without a config, names it cannot check are warned about.",
     )
     add_config(p)
     p.add_argument("--id", required=True, help="the key's id (shown in logs, metrics and the ledger)")
     p.add_argument("--tenant", help="tenant the key belongs to")
     p.add_argument("--plan", help="plan name from the config")
     p.add_argument("--models", nargs="*", help="allowed model globs, e.g. 'gpt-4o*'")
+    p.add_argument("--paths", nargs="*", help="allowed path globs, e.g. '/v1/chat/*' (default: any path)")
+    p.add_argument(
+        "--credential", help="upstream credential name from the config (default: default_credential)"
+    )
+    p.add_argument(
+        "--limit",
+        dest="limits",
+        action="append",
+        type=_limit_arg,
+        metavar="LIMIT",
+        help="a limit of the key's own (repeatable), added to its plan's: KIND=N[/PER] such as "
+        "requests=60/minute, tokens=100000/day, usd=5/month, concurrent=4, or a key-file mapping such as "
+        "'{requests: 10, per: minute, model: \"gpt-4*\"}'",
+    )
     p.add_argument("--expires", help="expiry, ISO 8601 (e.g. 2027-01-31T00:00:00Z)")
     p.set_defaults(func=cmd_keys_generate)
     p = keys_sub.add_parser(
@@ -332,10 +498,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="revoke a key on every replica now (Redis)",
         description="Publish a revocation through Redis (counters.backend: redis): every nexus-authz "
         "sharing that Redis answers 401 for the key within a second, until restarted without it in the "
-        "revocation set.",
+        "revocation set. An id that is not in the config's key file is refused (exit 2) unless --force; "
+        "when the key file cannot be read, a warning says so and the revocation is published.",
     )
     add_config(p)
     p.add_argument("id", help="the key id to revoke")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="publish even when the id is not in the config's key file (exit 2 without it)",
+    )
     p.set_defaults(func=cmd_keys_revoke)
     p = keys_sub.add_parser(
         "pepper", help="create a new pepper", description="Print a new random pepper for keys.pepper."

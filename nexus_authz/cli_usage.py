@@ -135,15 +135,19 @@ def rows_to_json(rows: Sequence[UsageRow]) -> str:
     return json.dumps({"rows": [asdict(r) for r in rows]}, indent=2)
 
 
+# What --by accepts, in the words of both its help and its errors (`key` is the ledger's key_id).
+BY_NAMES = "key, tenant, model and at most one of minute, hour, day"
+
+
 def _group_by_arg(text: str) -> tuple[str, ...]:
     fields = tuple(f.strip() for f in text.split(",") if f.strip())
     aliases = {"key": "key_id"}
     fields = tuple(aliases.get(f, f) for f in fields)
     for f in fields:
         if f not in GROUP_FIELDS:
-            raise argparse.ArgumentTypeError(
-                f"unknown field {f!r}: expected a comma-separated list of {', '.join(GROUP_FIELDS)}"
-            )
+            raise argparse.ArgumentTypeError(f"unknown field {f!r}: expected {BY_NAMES}, comma-separated")
+    if sum(f in _PERIOD_FORMAT for f in fields) > 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {BY_NAMES}, comma-separated")
     return fields
 
 
@@ -162,8 +166,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         dest="group_by",
         type=_group_by_arg,
         default=DEFAULT_GROUP_BY,
-        help="group by these fields, comma-separated: key, tenant, model and one of minute, hour, day "
-        "(default: key,model)",
+        help=f"group by these fields, comma-separated: {BY_NAMES} (default: key,model)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 

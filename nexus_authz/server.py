@@ -38,6 +38,7 @@ from nexus_authz.metrics import RlsCollector, make_registry, render
 from nexus_authz.settings import Settings
 from nexus_authz.stores.redis import make_client, redis_password
 from nexus_authz.stores.redis_revocations import RevocationChannel
+from nexus_authz.unixsock import UnixSocketError, identity, unlink_if_ours
 
 log = logging.getLogger("nexus_authz.server")
 
@@ -63,6 +64,41 @@ class StartupError(Exception):
 
 
 @dataclass
+class Validated:
+    """What start-up validation built from the configuration, for `Server.start` to use."""
+
+    ratelimit: envoy_rls.RateLimitService | None = None
+    admin_token: str | None = None
+
+
+def validate(settings: Settings, engine: Engine) -> Validated:
+    """Every check of the configuration that `serve` makes before it opens anything; `check-config` runs
+    exactly this (after `Engine.from_settings`), so both accept and refuse the same files. Reads files
+    (the rate limit service's config directory, secret files) but opens no socket and no connection.
+    Raises ConfigError."""
+    out = Validated()
+    if settings.ratelimit.enabled:  # Envoy's RateLimitService (issue 7), on the gRPC listener
+        if not settings.grpc:
+            raise ConfigError(
+                "ratelimit needs listen.grpc (Envoy's ratelimit filter speaks gRPC)",
+                source=settings.config_path,
+                field="listen.grpc",
+            )
+        out.ratelimit = envoy_rls.RateLimitService.from_settings(
+            settings.ratelimit,
+            engine.counters,
+            clock=engine.clock,
+            identity=envoy_rls.engine_identity(engine),
+        )
+    if settings.api:
+        out.admin_token = policy_api.resolve_admin_token(settings)
+    rs = settings.counters.redis
+    if rs is not None:
+        redis_password(rs, base_dir=settings.base_dir)  # the revocation channel's client needs it too
+    return out
+
+
+@dataclass
 class Server:
     settings: Settings
     engine: Engine
@@ -81,6 +117,8 @@ class Server:
     serving: bool | None = None
     ratelimit: envoy_rls.RateLimitService | None = None
     als: envoy_als.AccessLogService | None = None
+    validated: Validated | None = None  # from validate(); start() runs it when not given
+    socket_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file we bound
 
     @property
     def grpc_services(self) -> tuple[str, ...]:
@@ -100,8 +138,14 @@ class Server:
         if config is not None and config.last_error:
             return False, "config file rejected; serving the previous config"
         remote = self.engine.remote
-        if remote is not None and not remote.health().ready:
-            return False, f"counter store (Redis) {remote.health().state}"
+        if remote is not None:
+            health = remote.health()
+            if not health.ready:  # fail_closed: every limited check answers 503, so take no traffic
+                return False, f"counter store (Redis) {health.state}"
+            if health.state == "degraded":
+                # fail_open: this replica still decides, with local limits, which is what fail_open asks
+                # for; turning unready would take every replica out at once for a shared Redis outage.
+                return True, "degraded: counter store (Redis) unreachable, deciding with local limits"
         return True, "ok"
 
     async def _start_revocations(self) -> None:
@@ -123,6 +167,11 @@ class Server:
     async def start(self) -> None:
         s = self.settings
         engine = self.engine
+        if self.validated is None:
+            try:
+                self.validated = validate(s, engine)
+            except ConfigError as exc:
+                raise StartupError(str(exc)) from None
         if engine.ledger is not None:
             try:
                 await engine.ledger.start()
@@ -138,9 +187,7 @@ class Server:
         fast = http_authz.HttpApp(engine, max_header_bytes=s.max_header_bytes, max_body=s.max_body_bytes)
         self.apps.append(fast)
         try:
-            if s.http_socket:
-                self.servers.append(await http_authz.serve_unix(fast, s.http_socket, s.http_socket_mode))
-                self.addresses["http_socket"] = s.http_socket
+            # TCP ports first: a second `serve` on the same ports fails before it goes near the socket path
             if s.http_tcp:
                 self.servers.append(await http_authz.serve_tcp(fast, s.http_tcp.host, s.http_tcp.port))
                 self.addresses["http_tcp"] = str(s.http_tcp)
@@ -156,18 +203,16 @@ class Server:
                 self.apps.append(admin)
                 self.servers.append(await http_authz.serve_tcp(admin, s.admin.host, s.admin.port))
                 self.addresses["admin"] = str(s.admin)
+            if s.http_socket:
+                self.servers.append(await http_authz.serve_unix(fast, s.http_socket, s.http_socket_mode))
+                self.socket_id = identity(s.http_socket)
+                self.addresses["http_socket"] = s.http_socket
+        except UnixSocketError as exc:
+            raise StartupError(str(exc)) from None
         except OSError as exc:
             raise StartupError(f"cannot open a listener: {exc.strerror or exc}") from None
-        if s.ratelimit.enabled:  # Envoy's RateLimitService (issue 7), on the gRPC listener
-            if not s.grpc:
-                raise StartupError("ratelimit needs listen.grpc (Envoy's ratelimit filter speaks gRPC)")
-            try:
-                identity = envoy_rls.engine_identity(engine)
-                self.ratelimit = envoy_rls.RateLimitService.from_settings(
-                    s.ratelimit, engine.counters, clock=engine.clock, identity=identity
-                )
-            except ConfigError as exc:
-                raise StartupError(str(exc)) from None
+        if self.validated.ratelimit is not None:
+            self.ratelimit = self.validated.ratelimit
             registry.register(RlsCollector(self.ratelimit))  # its statistics, read at scrape time
             reload = self.ratelimit.source.run(s.ratelimit.reload_interval)
             self.tasks.append(asyncio.create_task(reload, name="ratelimit-reload"))
@@ -234,10 +279,8 @@ class Server:
         return self.als
 
     async def _start_api(self, address: str) -> None:
-        try:
-            token = policy_api.resolve_admin_token(self.settings)
-        except ConfigError as exc:
-            raise StartupError(str(exc)) from None
+        assert self.validated is not None
+        token = self.validated.admin_token
         if token is None:
             log.info(
                 "policy API disabled: no admin token (set NEXUS_ADMIN_TOKEN or api.admin_token)",
@@ -360,21 +403,36 @@ class Server:
                 "listeners_seconds": round(loop.time() - ledger_done, 3),
             },
         )
-        if self.settings.http_socket:
-            with contextlib.suppress(OSError):
-                os.unlink(self.settings.http_socket)
+        self._unlink_socket()
         self.stopped.set()
 
+    def _unlink_socket(self) -> None:
+        """Remove our socket file, but never one that has replaced it since (another server's)."""
+        if self.settings.http_socket:
+            with contextlib.suppress(OSError):
+                unlink_if_ours(self.settings.http_socket, self.socket_id)
+            self.socket_id = None
 
-async def serve(settings: Settings, engine: Engine) -> int:
+    def abort(self) -> None:
+        """After a failed start: close what was opened, so a refused `serve` leaves nothing behind."""
+        for srv in self.servers:
+            srv.close()
+        self._unlink_socket()
+
+
+async def serve(settings: Settings, engine: Engine, validated: Validated | None = None) -> int:
     loop = asyncio.get_running_loop()
-    server = Server(settings, engine)
+    server = Server(settings, engine, validated=validated)
     stop = asyncio.Event()
     # Before the listeners open: a SIGTERM while they do is a graceful stop right after, not a kill.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, engine.request_reload)  # picked up by the next poll
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        server.abort()
+        raise
     status = engine.key_status()
     log.info(
         "nexus-authz serving",
@@ -386,7 +444,7 @@ async def serve(settings: Settings, engine: Engine) -> int:
     return 0
 
 
-def run(settings: Settings, engine: Engine) -> int:
+def run(settings: Settings, engine: Engine, validated: Validated | None = None) -> int:
     import uvloop
 
-    return uvloop.run(serve(settings, engine))
+    return uvloop.run(serve(settings, engine, validated))

