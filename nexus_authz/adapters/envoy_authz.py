@@ -58,10 +58,13 @@ def request_from_check(check: external_auth_pb2.CheckRequest) -> Request:
             headers[key] = value if key not in headers else headers[key] + ", " + value
     body = http.raw_body or (http.body.encode("utf-8", "surrogateescape") if http.body else b"")
     truncated = headers.get("x-envoy-auth-partial-body") == "true"
-    # The client's Content-Length (Envoy's `size`, -1 when unknown), which a cut body no longer shows.
+    # The client's Content-Length, which a cut body no longer shows: the header itself (the shipped
+    # config allows it through). Not `http.size`: that is what Envoy had buffered when it asked, which
+    # varies from one request to the next; without the header a cut body's length is unknown.
     headers.pop("x-nexus-content-length", None)
-    if http.size > 0:
-        headers["x-nexus-content-length"] = str(http.size)
+    declared = headers.get("content-length")
+    if declared is not None:
+        headers["x-nexus-content-length"] = declared
     address = check.attributes.source.address.socket_address.address
     return Request(
         method=http.method or "GET",

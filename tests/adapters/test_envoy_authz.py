@@ -143,3 +143,16 @@ def test_server_health_and_reflection(engine: Engine) -> None:
     status, names = asyncio.run(run())
     assert status == health_pb2.HealthCheckResponse.SERVING
     assert "envoy.service.auth.v3.Authorization" in names and "grpc.health.v1.Health" in names
+
+
+def test_a_cut_body_is_measured_by_the_clients_content_length_not_envoys_size() -> None:
+    # Envoy's `size` is what it had buffered when it asked (seen: 425,984 to 1,176,576 for one 2 MB
+    # body), so a cut body reserved by it came out small and random; the client's content-length is the
+    # body's real length, and a forged x-nexus-content-length is dropped.
+    cut = b"x" * 1024
+    headers = {"content-length": "2000000", "x-envoy-auth-partial-body": "true", "x-nexus-content-length": "1"}
+    req = check_request(headers, cut)
+    req.attributes.request.http.size = 425984
+    assert request_from_check(req).headers["x-nexus-content-length"] == "2000000"
+    del req.attributes.request.http.headers["content-length"]
+    assert "x-nexus-content-length" not in request_from_check(req).headers  # unknown: a cut body gets 413
