@@ -135,6 +135,14 @@ def limits_config(requests_per_minute: int, tokens_per_minute: int, tokens_per_d
 # nothing is refused; the windows are still checked, charged, reserved and settled on every request.
 LIMITS_CONFIG = limits_config(10**9, 10**12, 10**14)
 LIMITS_KEY_FIELDS: Mapping[str, object] = {**DEFAULT_KEY_FIELDS, "plan": BENCH_PLAN}
+# The performance issue's configuration (issue 15): the limits above plus a USD budget, a concurrency
+# limit and a price for the model, so every kind of window is checked, charged and settled.
+ISSUE15_CONFIG = (
+    LIMITS_CONFIG
+    + "      - {usd: 1000000000, per: month}\n"
+    + "      - {concurrent: 100000}\n"
+    + 'prices:\n  "gpt-4o*": {input: 2.5, cached_input: 1.25, output: 10}\n'
+)
 NO_ACCOUNTING = "accounting:\n  enabled: false\n"
 
 __all__ = [
@@ -289,6 +297,17 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "http-uds-limits-10k": Scenario(
         "http-uds-limits-10k", ENVOY_HTTP, "http", NexusSpec(LIMITS_CONFIG, LIMITS_KEY_FIELDS, keys=10_000)
+    ),
+    # issue 15's configuration (ISSUE15_CONFIG), with and without accounting
+    "http-uds-issue15": Scenario(
+        "http-uds-issue15", ENVOY_HTTP, "http", NexusSpec(ISSUE15_CONFIG, LIMITS_KEY_FIELDS)
+    ),
+    "http-uds-issue15-noacct": Scenario(
+        "http-uds-issue15-noacct",
+        ENVOY_HTTP,
+        "http",
+        NexusSpec(ISSUE15_CONFIG + NO_ACCOUNTING, LIMITS_KEY_FIELDS),
+        remove_filters=ACCOUNTING,
     ),
 }
 DEFAULT_SCENARIOS = ("envoy", "http-uds", "grpc")
