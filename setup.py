@@ -10,8 +10,7 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-# module -> Cython source (the first one, the HTTP/1.1 framing, comes next)
-SOURCES: dict[str, str] = {}
+SOURCES = {"nexus_authz.native._http1": "nexus_authz/native/_http1.pyx"}
 
 
 class OptionalBuildExt(build_ext):
@@ -52,7 +51,9 @@ def extensions() -> list:
     try:
         return cythonize(exts, compiler_directives={"language_level": "3"}, quiet=True)
     except Exception as exc:  # noqa: BLE001 - a Cython error must not fail the install either
-        print(f"WARNING: nexus-authz: cythonize failed ({exc}); the pure-Python path will run", file=sys.stderr)
+        print(
+            f"WARNING: nexus-authz: cythonize failed ({exc}); the pure-Python path will run", file=sys.stderr
+        )
         return []
 
 

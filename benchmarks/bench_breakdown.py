@@ -13,8 +13,8 @@ Each iteration uses its own x-request-id (the check's bytes and the access-log e
 the clock starts) and every reservation is settled by its entry, so the state stays steady. Each piece is
 timed on its own, in batches of --n; the figure is the median over --batches batches of the mean µs per
 request, in CPU time of this thread (time.thread_time_ns: time preempted by the machine's other work is
-not counted; for the nested pieces, timed call by call, the cost of reading the clock is subtracted). Pieces that nest are marked (⊂): they are part
-of the line above them, shown to say where that line's time goes.
+not counted; for the nested pieces, timed call by call, the cost of reading the clock is subtracted).
+Pieces that nest are marked (⊂): they are part of the line above them, shown to say where its time goes.
 
 What this cannot show (see profile_envoy.py for it, through the real Envoy): the event loop's wake-ups and
 the two system calls per request (~30 µs of the empty handler's floor), grpc.aio's per-message handling of
@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 import bench_envoy as be  # noqa: E402
 from envoy.service.accesslog.v3 import als_pb2  # noqa: E402
 
+from nexus_authz import native  # noqa: E402
 from nexus_authz.adapters import envoy_als, http_authz  # noqa: E402
 from nexus_authz.core import body as body_mod  # noqa: E402
 from nexus_authz.core.model import new_request  # noqa: E402
@@ -138,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="nexus-breakdown-"))
     engine = build_engine(tmp, fx)
     settings = engine.settings
-    app = http_authz.HttpApp(engine, max_header_bytes=settings.max_header_bytes, max_body=settings.max_body_bytes)
+    app = http_authz.HttpApp(
+        engine, max_header_bytes=settings.max_header_bytes, max_body=settings.max_body_bytes
+    )
     als = envoy_als.AccessLogService(engine)
     template = als_pb2.StreamAccessLogsMessage.FromString(fx.als_first).http_logs.log_entry[0]
     batch_msg = als_pb2.StreamAccessLogsMessage.FromString(fx.als_batch)
@@ -184,6 +187,24 @@ def main(argv: list[str] | None = None) -> int:
         return (timer() - t0) / n / 1000
 
     results["http framing: httptools + per-header callbacks"] = batches(nb, framing_httptools)
+    if native.http1 is not None:
+
+        def framing_compiled() -> float:
+            parser = native.http1.RequestParser(
+                Nothing(),
+                app.max_header_bytes,
+                app.max_body,
+                http_authz.MAX_URL,
+                http_authz.MAX_HEADERS,
+                http_authz._KEEP,
+            )
+            feed = parser.feed
+            t0 = timer()
+            for data in checks:
+                feed(data)
+            return (timer() - t0) / n / 1000
+
+        results["http framing: compiled (nexus_authz.native._http1)"] = batches(nb, framing_compiled)
 
     # -- HTTP: Request, key, body facts ----------------------------------------------------------------------
     def request_building() -> float:
@@ -261,18 +282,29 @@ def main(argv: list[str] | None = None) -> int:
                 feed(data)
             took = (timer() - t0) / n / 1000
             gc.callbacks.remove(on_gc)
-            results.setdefault(f"gc during {cls.__name__} (⊂ the line above)", 0.0)
-            results[f"gc during {cls.__name__} (⊂ the line above)"] = max(
-                results[f"gc during {cls.__name__} (⊂ the line above)"], gc_time[0] / n / 1000
+            results.setdefault(f"gc during {cls.__name__} (⊂ its whole HTTP check below)", 0.0)
+            results[f"gc during {cls.__name__} (⊂ its whole HTTP check below)"] = max(
+                results[f"gc during {cls.__name__} (⊂ its whole HTTP check below)"], gc_time[0] / n / 1000
             )
             settle_all()
             return took
 
         return run
 
-    results["whole HTTP check, httptools protocol (data_received)"] = batches(nb, whole(http_authz.AuthzProtocol))
+    # the two protocols batch by batch, alternately (the machine's state drifts; neither goes first always)
+    protocols: list[tuple[str, type]] = [("httptools protocol", http_authz.AuthzProtocol)]
+    if native.http1 is not None:
+        from nexus_authz.adapters.http_native import CompiledAuthzProtocol
 
-    # -- access log: per entry ---------------------------------------------------------------------------------
+        protocols.append(("compiled framing", CompiledAuthzProtocol))
+    runs: dict[str, list[float]] = {name: [] for name, _ in protocols}
+    for i in range(nb):
+        for name, cls in protocols[i % 2 :] + protocols[: i % 2]:
+            runs[name].append(whole(cls)())
+    for name, _ in protocols:
+        results[f"whole HTTP check, {name} (data_received)"] = statistics.median(runs[name])
+
+    # -- access log: per entry ---------------------------------------------------------------------------
     def als_parse() -> float:
         parse = als_pb2.StreamAccessLogsMessage.FromString
         raw = fx.als_batch
@@ -317,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     results["ALS entry: AccessLogService.account_now (usage from the body + Engine.account)"] = batches(
         nb, als_entry
     )
-    results["  ⊂ Engine.account (settle the windows, the ledger's aggregate)"] = statistics.median(account_runs)
+    results["  ⊂ Engine.account (settle the windows, the ledger's aggregate)"] = statistics.median(
+        account_runs
+    )
 
     # the entry's pieces, outside Engine.account
     def entry_pieces() -> float:
@@ -346,28 +380,38 @@ def main(argv: list[str] | None = None) -> int:
         piece_runs["  ⊂ protobuf field access + the Lua tap's snippet (snippet_of: metadata, base64)"].append(
             t_snip / n / 1000
         )
-        piece_runs["  ⊂ usage parser fed the body (parser_for: StreamUsage.feed, JSON)"].append(t_parse / n / 1000)
+        piece_runs["  ⊂ usage parser fed the body (parser_for: StreamUsage.feed, JSON)"].append(
+            t_parse / n / 1000
+        )
         piece_runs["  ⊂ usage parser finish + conclude"].append(t_finish / n / 1000)
         return (t_snip + t_parse + t_finish) / n / 1000
 
-    piece_runs: dict[str, list[float]] = {k: [] for k in (
-        "  ⊂ protobuf field access + the Lua tap's snippet (snippet_of: metadata, base64)",
-        "  ⊂ usage parser fed the body (parser_for: StreamUsage.feed, JSON)",
-        "  ⊂ usage parser finish + conclude",
-    )}
+    piece_runs: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "  ⊂ protobuf field access + the Lua tap's snippet (snippet_of: metadata, base64)",
+            "  ⊂ usage parser fed the body (parser_for: StreamUsage.feed, JSON)",
+            "  ⊂ usage parser finish + conclude",
+        )
+    }
     batches(nb, entry_pieces)
     for name, runs in piece_runs.items():
         results[name] = statistics.median(runs)
 
-    print(f"# nexus-authz per-request CPU, in-process, from Envoy's recorded bytes ({time.strftime('%Y-%m-%d %H:%M')})\n")
-    print(f"- Python {sys.version.split()[0]}; load average {os.getloadavg()[0]:.2f}")
-    print(f"- fixtures: {fx.meta['envoy'].split()[-1]} ({fx.meta['envoy_config']}); check {len(fx.check)} B; "
-          f"{args.batches} batches × {n} requests, medians\n")
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    print(f"# nexus-authz per-request CPU, in-process, from Envoy's recorded bytes ({stamp})\n")
+    print(
+        f"- fast path: {native.PATH}; Python {sys.version.split()[0]}; load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"- fixtures: {fx.meta['envoy'].split()[-1]} ({fx.meta['envoy_config']}); check {len(fx.check)} B; "
+        f"{args.batches} batches × {n} requests, medians\n"
+    )
     print("| piece | µs/request |\n|---|---|")
     for name, us in results.items():
         print(f"| {name} | {us:.2f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"us_per_request": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"path": native.PATH, "us_per_request": results}, indent=2))
     return 0
 
 

@@ -139,7 +139,10 @@ def main() -> int:
             time.sleep(0.1)
         time.sleep(0.5)
         if set(statuses) != {200} or not recorder.http_reads or len(recorder.als_messages) <= first_batch:
-            print(f"capture failed: statuses {statuses}, {len(recorder.als_messages)} ALS messages", file=sys.stderr)
+            print(
+                f"capture failed: statuses {statuses}, {len(recorder.als_messages)} ALS messages",
+                file=sys.stderr,
+            )
             print((tmp / "envoy.log").read_text()[-3000:], file=sys.stderr)
             return 1
     finally:

@@ -42,7 +42,10 @@ import harness  # noqa: E402
 PIECES: tuple[tuple[str, str], ...] = (
     ("gc", r"gc_collect|collect_generation|gcmodule\.c|deduce_unreachable|visit_"),
     ("syscalls: read/write/sendmsg", r"^(write|read|writev|sendmsg|recvmsg|__libc_write|__libc_read) \("),
-    ("http: framing (httptools + its callbacks)", r"llhttp|httptools|AuthzProtocol\.(on_header|on_url|on_body|on_message_begin|on_headers_complete|data_received)"),
+    (
+        "http: framing (httptools + its callbacks)",
+        r"llhttp|httptools|AuthzProtocol\.(on_header|on_url|on_body|on_message_begin|on_headers_complete|data_received)",
+    ),
     ("http: framing (compiled)", r"_http1|RequestParser|CompiledAuthzProtocol"),
     ("http: Request building", r"new_request|core/model\.py"),
     ("http: key hash + lookup", r"core/keys\.py|_hashopenssl|libcrypto|hmac\.py|_blake2"),
@@ -128,8 +131,10 @@ def report(name: str, raw: Path | None, cpu: Mapping[str, float], requests: int,
     print(f"| **all** | **{total_cpu * 1e6 / max(requests, 1):.1f}** |")
     if not rows:
         return {"cpu_s": dict(cpu), "requests": requests}
-    print(f"\nmain thread: {main_us:.1f} µs/request; idle samples (in epoll/futex): "
-          f"{100 * pieces.get('idle (waiting)', 0) / total:.0f}%, left out of the shares below\n")
+    print(
+        f"\nmain thread: {main_us:.1f} µs/request; idle samples (in epoll/futex): "
+        f"{100 * pieces.get('idle (waiting)', 0) / total:.0f}%, left out of the shares below\n"
+    )
     print("| piece (main thread) | share of busy samples | ≈ CPU µs/request |\n|---|---|---|")
     for piece, count in sorted(pieces.items(), key=lambda kv: -kv[1]):
         if piece != "idle (waiting)":
@@ -184,7 +189,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             cpu0.update(thread_cpu(nexus))
             if args.no_spy:
                 return
-            cmd = [py_spy, "record", "-p", str(nexus), "-r", str(args.spy_rate), "-d", str(int(args.duration))]
+            cmd = [
+                py_spy,
+                "record",
+                "-p",
+                str(nexus),
+                "-r",
+                str(args.spy_rate),
+                "-d",
+                str(int(args.duration)),
+            ]
             cmd += ["--format", "raw", "-o", str(raw), "--threads"]
             # --native pauses the process for each sample (py-spy cannot unwind C stacks otherwise): the
             # process's own CPU time is barely affected, its latency is

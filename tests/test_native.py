@@ -29,7 +29,9 @@ def _path_in_subprocess(pure: str | None) -> str:
 
 def test_pure_forces_the_python_path() -> None:
     assert _path_in_subprocess("1") == "python"
-    expected = "compiled" if native.http1 is not None or native.WHY_PURE.startswith(native.PURE_ENV) else "python"
+    expected = (
+        "compiled" if native.http1 is not None or native.WHY_PURE.startswith(native.PURE_ENV) else "python"
+    )
     assert _path_in_subprocess(None) == expected
     assert _path_in_subprocess("0") == expected
 

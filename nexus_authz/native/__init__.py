@@ -12,6 +12,7 @@ Compiled so far: `_http1`, the HTTP/1.1 framing of the ext_authz / auth_request 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from types import ModuleType
@@ -25,10 +26,10 @@ def _load() -> tuple[ModuleType | None, str]:
     if os.environ.get(PURE_ENV, "") not in ("", "0"):
         return None, f"{PURE_ENV} is set"
     try:
-        from nexus_authz.native import _http1
+        module = importlib.import_module("nexus_authz.native._http1")
     except ImportError as exc:
-        return None, f"not built ({exc})"
-    return _http1, ""
+        return None, f"the extension is not built ({exc})"
+    return module, ""
 
 
 http1, WHY_PURE = _load()
