@@ -69,13 +69,19 @@ def recording(cls: type) -> type:
 
 
 def run(
-    engine: Engine, cls: type, chunks: list[bytes], *, max_header_bytes: int, max_body: int
+    engine: Engine,
+    cls: type,
+    chunks: list[bytes],
+    *,
+    max_header_bytes: int,
+    max_body: int,
+    admin: bool = False,
 ) -> tuple[bytes, bool, Counter[object], list[object], int]:
     """One connection of `cls` fed `chunks`: (bytes written, closed, decisions counted, requests handed
     over, fallbacks)."""
     reset(engine)
     before = Counter(engine.decisions)
-    app = http_authz.HttpApp(engine, max_header_bytes=max_header_bytes, max_body=max_body)
+    app = http_authz.HttpApp(engine, max_header_bytes=max_header_bytes, max_body=max_body, admin=admin)
     protocol = recording(cls)(app)
     protocol.seen = []
     transport = FakeTransport()
@@ -96,9 +102,14 @@ def run(
 
 
 def same_output(
-    engine: Engine, chunks: list[bytes], *, max_header_bytes: int = 64 * 1024, max_body: int = 1 << 20
+    engine: Engine,
+    chunks: list[bytes],
+    *,
+    max_header_bytes: int = 64 * 1024,
+    max_body: int = 1 << 20,
+    admin: bool = False,
 ) -> int:
-    limits = {"max_header_bytes": max_header_bytes, "max_body": max_body}
+    limits = {"max_header_bytes": max_header_bytes, "max_body": max_body, "admin": admin}
     with no_bugs_logged():
         pure = run(engine, http_authz.AuthzProtocol, chunks, **limits)
         compiled = run(engine, CompiledAuthzProtocol, chunks, **limits)
@@ -258,11 +269,16 @@ def near_subset_stream(draw: st.DrawFn) -> bytes:
 
 
 @fuzz_settings(300)
-@given(data=near_subset_stream(), seed=st.integers(0, 2**32), pieces=st.integers(0, 12))
+@given(
+    data=near_subset_stream(),
+    seed=st.integers(0, 2**32),
+    pieces=st.integers(0, 12),
+    admin=st.integers(0, 5).map(lambda n: n == 0),  # now and then the admin listener's routes
+)
 def test_streams_near_the_subset_give_identical_bytes(
-    engine: Engine, data: bytes, seed: int, pieces: int
+    engine: Engine, data: bytes, seed: int, pieces: int, admin: bool
 ) -> None:
-    fallbacks = same_output(engine, cuts(data, random.Random(seed), pieces))
+    fallbacks = same_output(engine, cuts(data, random.Random(seed), pieces), admin=admin)
     event("fell back" if fallbacks else "compiled only")
 
 
