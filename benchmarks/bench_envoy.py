@@ -135,6 +135,14 @@ def limits_config(requests_per_minute: int, tokens_per_minute: int, tokens_per_d
 # nothing is refused; the windows are still checked, charged, reserved and settled on every request.
 LIMITS_CONFIG = limits_config(10**9, 10**12, 10**14)
 LIMITS_KEY_FIELDS: Mapping[str, object] = {**DEFAULT_KEY_FIELDS, "plan": BENCH_PLAN}
+# The performance issue's configuration (issue 15): the limits above plus a USD budget, a concurrency
+# limit and a price for the model, so every kind of window is checked, charged and settled.
+ISSUE15_CONFIG = (
+    LIMITS_CONFIG
+    + "      - {usd: 1000000000, per: month}\n"
+    + "      - {concurrent: 100000}\n"
+    + 'prices:\n  "gpt-4o*": {input: 2.5, cached_input: 1.25, output: 10}\n'
+)
 NO_ACCOUNTING = "accounting:\n  enabled: false\n"
 
 __all__ = [
@@ -180,6 +188,9 @@ class NexusSpec:
     # "nexus", or "bare": instead of nexus-authz, an empty asyncio Protocol on uvloop + httptools that
     # answers every request 200 (the performance issue's floor for HTTP ext_authz from Python)
     server: str = "nexus"
+    # environment variables of the process (e.g. NEXUS_AUTHZ_PURE=1; BARE_NATIVE=1 makes the bare
+    # server parse with the compiled framing of nexus_authz/native/ instead of httptools)
+    env: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.server not in ("nexus", "bare"):
@@ -187,7 +198,14 @@ class NexusSpec:
 
     def group(self, default_keys: int) -> str:
         return json.dumps(
-            [self.config_extra, dict(self.key_fields), self.keys or default_keys, self.grpc, self.server],
+            [
+                self.config_extra,
+                dict(self.key_fields),
+                self.keys or default_keys,
+                self.grpc,
+                self.server,
+                list(self.env),
+            ],
             sort_keys=True,
             default=str,
         )
@@ -290,6 +308,31 @@ SCENARIOS: dict[str, Scenario] = {
     "http-uds-limits-10k": Scenario(
         "http-uds-limits-10k", ENVOY_HTTP, "http", NexusSpec(LIMITS_CONFIG, LIMITS_KEY_FIELDS, keys=10_000)
     ),
+    # the floor with the compiled framing (nexus_authz/native/_http1) instead of httptools
+    "bare-uds-native": Scenario(
+        "bare-uds-native",
+        ENVOY_HTTP,
+        "http",
+        NexusSpec(server="bare", env=(("BARE_NATIVE", "1"),)),
+        remove_filters=ACCOUNTING,
+    ),
+    # issue 15's configuration (ISSUE15_CONFIG), with and without accounting; -pure: NEXUS_AUTHZ_PURE=1
+    "http-uds-issue15-pure": Scenario(
+        "http-uds-issue15-pure",
+        ENVOY_HTTP,
+        "http",
+        NexusSpec(ISSUE15_CONFIG, LIMITS_KEY_FIELDS, env=(("NEXUS_AUTHZ_PURE", "1"),)),
+    ),
+    "http-uds-issue15": Scenario(
+        "http-uds-issue15", ENVOY_HTTP, "http", NexusSpec(ISSUE15_CONFIG, LIMITS_KEY_FIELDS)
+    ),
+    "http-uds-issue15-noacct": Scenario(
+        "http-uds-issue15-noacct",
+        ENVOY_HTTP,
+        "http",
+        NexusSpec(ISSUE15_CONFIG + NO_ACCOUNTING, LIMITS_KEY_FIELDS),
+        remove_filters=ACCOUNTING,
+    ),
 }
 DEFAULT_SCENARIOS = ("envoy", "http-uds", "grpc")
 BASELINE = "envoy"
@@ -379,6 +422,7 @@ def start_nexus(spec: NexusSpec, workdir: Path, n_keys: int) -> NexusProc:
     token = secrets.token_hex(8)
     key_secrets = [f"nx-bench-{token}-{i:07d}" for i in range(n_keys)]
     socket_path = str(workdir / "authz.sock")
+    env = {**os.environ, **dict(spec.env)}
     if spec.server == "bare":
         with open(workdir / "bare.log", "ab") as log:
             bare = subprocess.Popen(
@@ -386,6 +430,7 @@ def start_nexus(spec: NexusSpec, workdir: Path, n_keys: int) -> NexusProc:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env=env,
             )
         procs.wait_unix_socket(socket_path, timeout=20)
         return NexusProc(spec, workdir, bare, socket_path, 0, key_secrets)
@@ -401,6 +446,7 @@ def start_nexus(spec: NexusSpec, workdir: Path, n_keys: int) -> NexusProc:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
+            env=env,
         )
     try:
         procs.wait_http_ready(f"http://127.0.0.1:{admin_port}/readyz", timeout=60, process=process)
@@ -441,11 +487,30 @@ def serve_bare(socket_path: str) -> None:
         def on_message_complete(self) -> None:
             self.transport.write(_BARE_OK)
 
+    class BareNative(asyncio.Protocol):
+        """The same with the compiled framing (nexus_authz/native/_http1): no Python call per header."""
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            from nexus_authz.native import _http1
+
+            self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+            self._closing = self._in_message = False
+            self.parser = _http1.RequestParser(self, 65536, 1 << 20, 16 * 1024, 128, {})
+
+        def data_received(self, data: bytes) -> None:
+            if self.parser.feed(data):  # outside the subset the compiled parser takes: hang up
+                self.transport.close()
+
+        def on_message_complete(self) -> None:
+            self.transport.write(_BARE_OK)
+
+    protocol = BareNative if os.environ.get("BARE_NATIVE") == "1" else Bare
+
     async def run() -> None:
         loop = asyncio.get_running_loop()
         if os.path.exists(socket_path):
             os.unlink(socket_path)
-        server = await loop.create_unix_server(Bare, socket_path, backlog=1024)
+        server = await loop.create_unix_server(protocol, socket_path, backlog=1024)
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from nexus_authz import native
 from nexus_authz.core.limits import Kind
 from nexus_authz.core.model import InFlight, Reason
 from nexus_authz.core.reservations import ReservationBook
@@ -121,6 +122,7 @@ class EngineCollector(Collector):
             yield GaugeMetricFamily(
                 "nexus_authz_ready", "1 when the service is ready.", value=float(self.ready()[0])
             )
+        yield _native_path()
 
     # -- decisions -------------------------------------------------------------------------------------
     @staticmethod
@@ -362,6 +364,17 @@ class RlsCollector(Collector):
         yield GaugeMetricFamily(
             "nexus_authz_ratelimit_rules", "Rate limit rules in the config in force.", value=status.rules
         )
+
+
+def _native_path() -> Metric:
+    """Which fast path runs: the compiled extension (nexus_authz/native/) or the pure-Python fallback."""
+    gauge = GaugeMetricFamily(
+        "nexus_authz_native_path",
+        'The fast path that runs: path="compiled" (the C extension built) or "python" (pure fallback).',
+        labels=["path"],
+    )
+    gauge.add_metric([native.PATH], 1.0)
+    return gauge
 
 
 def make_registry(

@@ -30,6 +30,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from nexus_authz import native
 from nexus_authz.adapters import envoy_als, envoy_authz, envoy_extproc, envoy_rls, http_authz, policy_api
 from nexus_authz.core import tokens
 from nexus_authz.core.errors import ConfigError
@@ -184,6 +185,7 @@ class Server:
             # Load the tokenizer now, off the loop, rather than on the first cut-off stream.
             asyncio.get_running_loop().run_in_executor(None, tokens.warm_up)
         registry = make_registry(engine, ready=self.readiness, api_calls=self.api_calls)
+        native.announce()  # one log line: the compiled fast path or the pure-Python one
         fast = http_authz.HttpApp(engine, max_header_bytes=s.max_header_bytes, max_body=s.max_body_bytes)
         self.apps.append(fast)
         try:

@@ -129,6 +129,19 @@ _BODY_TOO_LARGE = _simple_response(
 _NOT_FOUND = _simple_response(404, _error_json(404, "not_found", "Not found."))
 
 
+# The protocol class of the listeners: the compiled HTTP/1.1 framing when it built (adapters/http_native.py,
+# nexus_authz/native/), else AuthzProtocol below; chosen at the first connection (tests may set it).
+PROTOCOL: type[AuthzProtocol] | None = None
+
+
+def _select_protocol() -> type[AuthzProtocol]:
+    global PROTOCOL
+    from nexus_authz.adapters.http_native import protocol_class
+
+    PROTOCOL = protocol_class()
+    return PROTOCOL
+
+
 class HttpApp:
     """What every connection of one listener shares: the engine, limits, caches, and admin handlers."""
 
@@ -171,7 +184,7 @@ class HttpApp:
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def protocol(self) -> AuthzProtocol:
-        return AuthzProtocol(self)
+        return (PROTOCOL or _select_protocol())(self)
 
     # -- response assembly ------------------------------------------------------------------------
     def allow_parts(self, key: KeyRecord) -> tuple[bytes, bytes]:

@@ -7,6 +7,7 @@ import pytest
 from nexus_authz.engine import Engine
 from nexus_authz.settings import load_settings
 from tests.helpers import KeySpec, write_config
+from tests.native_params import http_framing  # noqa: F401  (a fixture)
 
 ALICE = KeySpec("alice", extra={"tenant": "acme", "models": ["gpt-4o*"]})
 BOB = KeySpec("bob", extra={"disabled": True})

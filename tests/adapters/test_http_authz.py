@@ -17,6 +17,8 @@ from tests.adapters.conftest import ALICE, BOB
 from tests.adapters.test_envoy_authz import check_request
 from tests.helpers import KeySpec, write_config
 
+pytestmark = pytest.mark.usefixtures("http_framing")  # both framings: httptools and the compiled one
+
 CAROL = KeySpec("carol", extra={"paths": ["/v1/chat/*"]})
 
 

@@ -4,7 +4,9 @@ tests: `python -m tests.fuzz.atheris_targets TARGET [libFuzzer flags]`, e.g. `-r
 inputs in CI. An input fails the target when the surface raises, answers something undefined (the same
 checks as the Hypothesis tests) or logs a caught bug.
 
-Targets: http (fast-path byte streams, split where the input says), check (CheckRequest bytes), rls
+Targets: http (fast-path byte streams, split where the input says), http-native (the same streams through
+the httptools protocol and the compiled framing of nexus_authz/native/: byte-identical output), check
+(CheckRequest bytes), rls
 (RateLimitRequest bytes), extproc (a ProcessingRequest stream), als (an HTTPAccessLogEntry), usage (a
 response body, streamed), body (a request body).
 """
@@ -20,6 +22,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import atheris
 
@@ -48,11 +51,11 @@ _bugs = BugLog()
 logging.getLogger("nexus_authz").addHandler(_bugs)
 
 
-def _engine() -> Engine:
+def _engine(**kwargs: Any) -> Engine:
     # libFuzzer ends the process without Python's cleanup: the caller may name a directory it removes
     directory = Path(os.environ.get("NEXUS_ATHERIS_DIR") or tempfile.mkdtemp(prefix="nx-atheris-"))
     directory.mkdir(parents=True, exist_ok=True)
-    return Engine.from_settings(load_settings(str(write_fuzz_config(directory))))
+    return Engine.from_settings(load_settings(str(write_fuzz_config(directory))), **kwargs)
 
 
 def _no_bugs() -> None:
@@ -80,6 +83,32 @@ def http_target() -> Callable[[bytes], None]:
         answers, _ = feed(engine, _chunks(data))
         for answer in answers:
             check_answer(answer)
+        _no_bugs()
+
+    return one
+
+
+def http_native_target() -> Callable[[bytes], None]:
+    from nexus_authz import native
+
+    if native.http1 is None:
+        sys.exit(f"http-native: the compiled framing is not loaded ({native.WHY_PURE})")
+    from nexus_authz.adapters.http_native import CompiledAuthzProtocol
+
+    engine = _engine(clock=lambda: 1_750_000_000.0)  # a fixed clock: both runs answer alike
+
+    def one(data: bytes) -> None:
+        chunks = _chunks(data)
+        outputs = []
+        for cls in (http_authz.AuthzProtocol, CompiledAuthzProtocol):
+            reset(engine)
+            http_authz.PROTOCOL = cls
+            answers, transport = feed(engine, chunks)
+            for answer in answers:
+                check_answer(answer)
+            outputs.append((bytes(transport.data), transport.closed))
+        if outputs[0] != outputs[1]:
+            raise AssertionError(f"the framings differ: {outputs[0]!r} != {outputs[1]!r}")
         _no_bugs()
 
     return one
@@ -200,7 +229,7 @@ def seeds(target: str) -> list[bytes]:
 
     chat = b'{"model":"gpt-4o","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}'
     bodies = [p.read_bytes() for p in sorted((FIXTURES / "usage").iterdir())]
-    if target == "http":
+    if target in ("http", "http-native"):
         return [
             b"\x03POST /ext_authz/v1/chat/completions HTTP/1.1\r\nauthorization: Bearer %s\r\n"
             b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (s.encode(), len(chat), chat)
@@ -254,6 +283,7 @@ def seeds(target: str) -> list[bytes]:
 
 TARGETS: dict[str, Callable[[], Callable[[bytes], None]]] = {
     "http": http_target,
+    "http-native": http_native_target,
     "check": check_target,
     "rls": rls_target,
     "extproc": extproc_target,

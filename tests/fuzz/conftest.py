@@ -5,6 +5,7 @@ import pytest
 from nexus_authz.engine import Engine
 from nexus_authz.settings import load_settings
 from tests.fuzz._support import write_fuzz_config
+from tests.native_params import http_framing  # noqa: F401  (a fixture)
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,10 @@ from tests.fuzz._support import (
     time_bound,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Generating overly large repr"),
+    pytest.mark.usefixtures("http_framing"),  # both framings: httptools and the compiled one
+]
 
 
 # -- building hostile streams ---------------------------------------------------------------------------

@@ -1,0 +1,419 @@
+"""Where a request's CPU goes inside nexus-authz, piece by piece, from the bytes the real Envoy sends.
+
+    .venv/bin/python benchmarks/bench_breakdown.py [--batches 7] [--n 2000] [--json PATH]
+
+In-process, no sockets: the inputs are recordings of a real Envoy 1.40 run with the shipped envoy.yaml
+(benchmarks/fixtures/, made by capture_fixtures.py): one HTTP ext_authz check request exactly as Envoy
+wrote it, and StreamAccessLogsMessages of its gRPC access log (one with 1 entry, one batch). The engine is
+configured as the performance issue's benchmark (bench_envoy.ISSUE15_CONFIG: requests/min, tokens/min,
+tokens/day, USD/month, concurrency, a price; accounting on; the SQLite ledger, its writer not started so
+records aggregate in memory as between two flushes).
+
+Each iteration uses its own x-request-id (the check's bytes and the access-log entry are rewritten before
+the clock starts) and every reservation is settled by its entry, so the state stays steady. Each piece is
+timed on its own, in batches of --n; the figure is the median over --batches batches of the mean µs per
+request, in CPU time of this thread (time.thread_time_ns: time preempted by the machine's other work is
+not counted; for the nested pieces, timed call by call, the cost of reading the clock is subtracted).
+Pieces that nest are marked (⊂): they are part of the line above them, shown to say where its time goes.
+
+What this cannot show (see profile_envoy.py for it, through the real Envoy): the event loop's wake-ups and
+the two system calls per request (~30 µs of the empty handler's floor), grpc.aio's per-message handling of
+the access-log stream, and the ledger writer's thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO))
+
+import bench_envoy as be  # noqa: E402
+from envoy.service.accesslog.v3 import als_pb2  # noqa: E402
+
+from nexus_authz import native  # noqa: E402
+from nexus_authz.adapters import envoy_als, http_authz  # noqa: E402
+from nexus_authz.core import body as body_mod  # noqa: E402
+from nexus_authz.core.model import new_request  # noqa: E402
+from nexus_authz.engine import Engine  # noqa: E402
+from nexus_authz.settings import load_settings  # noqa: E402
+
+FIXTURES = REPO / "benchmarks" / "fixtures"
+
+
+class Sink:
+    """The transport a protocol writes to: keeps nothing."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def can_write_eof(self) -> bool:
+        return False
+
+
+class Fixtures:
+    def __init__(self) -> None:
+        meta = json.loads((FIXTURES / "fixtures.json").read_text())
+        self.secret: str = meta["secret"]
+        self.check = (FIXTURES / "envoy_ext_authz_check.http").read_bytes()
+        self.als_first = (FIXTURES / "envoy_als_message_1.bin").read_bytes()
+        self.als_batch = (FIXTURES / "envoy_als_message_batch.bin").read_bytes()
+        head = self.check.split(b"\r\n\r\n", 1)[0]
+        line = next(x for x in head.split(b"\r\n") if x.lower().startswith(b"x-request-id:"))
+        self.request_id = line.split(b":", 1)[1].strip().decode()
+        self.meta = meta
+
+    def with_request_id(self, i: int) -> tuple[bytes, str]:
+        rid = f"{i:08x}-0000-4000-8000-000000000000"
+        assert len(rid) == len(self.request_id)
+        return self.check.replace(self.request_id.encode(), rid.encode(), 1), rid
+
+
+def build_engine(workdir: Path, fx: Fixtures) -> Engine:
+    (workdir / "keys.yaml").write_text(be.key_file([fx.secret], be.LIMITS_KEY_FIELDS))
+    path = workdir / "nexus.yaml"
+    path.write_text(be.nexus_config(str(workdir / "authz.sock"), extra=be.ISSUE15_CONFIG))
+    return Engine.from_settings(load_settings(str(path)))
+
+
+class Quiet(http_authz.AuthzProtocol):
+    """The httptools protocol with routing cut off: what parsing alone costs (its callbacks included)."""
+
+    __slots__ = ()
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+
+
+class Nothing:
+    """What the compiled parser hands a request to, when only the parse is timed."""
+
+    _closing = False
+    _in_message = False
+    _url = b""
+    _headers: dict[str, str] = {}
+    _body: list[bytes] = []
+
+    def on_message_complete(self) -> None:
+        pass
+
+
+def _pair_cost(timer: Callable[[], int], n: int = 2000) -> float:
+    """ns between two consecutive timer reads (the overhead of timing one call)."""
+    t0 = timer()
+    for _ in range(n):
+        timer()
+    return (timer() - t0) / n
+
+
+def batches(n_batches: int, run: Callable[[], float]) -> float:
+    """Median over batches of `run()` (each returns µs per request)."""
+    return statistics.median(run() for _ in range(n_batches))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
+    ap.add_argument("--batches", type=int, default=7)
+    ap.add_argument("--n", type=int, default=2000, help="requests per batch")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args(argv)
+    n, nb = args.n, args.batches
+    fx = Fixtures()
+    tmp = Path(tempfile.mkdtemp(prefix="nexus-breakdown-"))
+    engine = build_engine(tmp, fx)
+    settings = engine.settings
+    app = http_authz.HttpApp(
+        engine, max_header_bytes=settings.max_header_bytes, max_body=settings.max_body_bytes
+    )
+    als = envoy_als.AccessLogService(engine)
+    template = als_pb2.StreamAccessLogsMessage.FromString(fx.als_first).http_logs.log_entry[0]
+    batch_msg = als_pb2.StreamAccessLogsMessage.FromString(fx.als_batch)
+    batch_entries = len(batch_msg.http_logs.log_entry)
+
+    # per-iteration inputs, built before any clock starts
+    checks: list[bytes] = []
+    entries = []
+    rids: list[str] = []
+    for i in range(n):
+        data, rid = fx.with_request_id(i)
+        checks.append(data)
+        rids.append(rid)
+        entry = type(template)()
+        entry.CopyFrom(template)
+        entry.request.request_id = rid
+        entries.append(entry)
+
+    # the parsed request (what the protocol hands the engine), from the real bytes
+    parsed = Quiet(app)
+    parsed.connection_made(Sink())  # type: ignore[arg-type]
+    parsed.data_received(fx.check)
+    headers, url, body = dict(parsed._headers), parsed._url.decode(), b"".join(parsed._body)
+    path = url[len(http_authz.EXT_AUTHZ_PREFIX) :]
+
+    def settle_all() -> None:
+        for entry in entries:
+            als.account_now(entry)
+
+    results: dict[str, float] = {}
+    # CPU time of this thread: on a shared machine, time spent preempted is not counted
+    timer = time.thread_time_ns
+    pair = min(_pair_cost(timer) for _ in range(5))  # what one timer call costs, for timed nested calls
+
+    # -- HTTP: framing -------------------------------------------------------------------------------------
+    def framing_httptools() -> float:
+        proto = Quiet(app)
+        proto.connection_made(Sink())  # type: ignore[arg-type]
+        feed = proto.data_received
+        t0 = timer()
+        for data in checks:
+            feed(data)
+        return (timer() - t0) / n / 1000
+
+    results["http framing: httptools + per-header callbacks"] = batches(nb, framing_httptools)
+    if native.http1 is not None:
+
+        def framing_compiled() -> float:
+            parser = native.http1.RequestParser(
+                Nothing(),
+                app.max_header_bytes,
+                app.max_body,
+                http_authz.MAX_URL,
+                http_authz.MAX_HEADERS,
+                http_authz._KEEP,
+            )
+            feed = parser.feed
+            t0 = timer()
+            for data in checks:
+                feed(data)
+            return (timer() - t0) / n / 1000
+
+        results["http framing: compiled (nexus_authz.native._http1)"] = batches(nb, framing_compiled)
+
+    # -- HTTP: Request, key, body facts ----------------------------------------------------------------------
+    def request_building() -> float:
+        t0 = timer()
+        for rid in rids:
+            new_request("POST", path, headers, body, False, rid, "192.0.2.2")
+        return (timer() - t0) / n / 1000
+
+    results["Request building (new_request)"] = batches(nb, request_building)
+    snapshot = engine.snapshot
+
+    def key_lookup() -> float:
+        lookup, secret = snapshot.lookup, fx.secret
+        t0 = timer()
+        for _ in range(n):
+            lookup(secret)
+        return (timer() - t0) / n / 1000
+
+    results["key hash + lookup (KeySnapshot.lookup)"] = batches(nb, key_lookup)
+
+    def body_facts() -> float:
+        facts = body_mod.request_facts
+        t0 = timer()
+        for _ in range(n):
+            facts(body)
+        return (timer() - t0) / n / 1000
+
+    results["body facts (core.body.request_facts)"] = batches(nb, body_facts)
+
+    # -- HTTP: the decision and the answer (each settled afterwards, untimed) -----------------------------
+    requests = [new_request("POST", path, headers, body, False, rid, "192.0.2.2") for rid in rids]
+    decisions: list[Any] = []
+
+    def decision() -> float:
+        decisions.clear()
+        check = engine.check_fast
+        t0 = timer()
+        for request in requests:
+            decisions.append(check(request))
+        took = (timer() - t0) / n / 1000
+        settle_all()
+        return took
+
+    results["decision (Engine.check_fast: key, facts, windows, reservation)"] = batches(nb, decision)
+    assert all(d.allowed for d in decisions), decisions[0]
+
+    def answer() -> float:
+        response = app.response
+        t0 = timer()
+        for d in decisions:
+            response(d, nginx=False, close=False)
+        return (timer() - t0) / n / 1000
+
+    results["answer building (HttpApp.response)"] = batches(nb, answer)
+
+    # -- HTTP: the whole data_received, per protocol -------------------------------------------------------
+    gc_time = [0]
+    gc_started = [0]
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            gc_started[0] = timer()
+        else:
+            gc_time[0] += timer() - gc_started[0]
+
+    def whole(cls: type) -> Callable[[], float]:
+        def run() -> float:
+            proto = cls(app)
+            proto.connection_made(Sink())  # type: ignore[arg-type]
+            feed = proto.data_received
+            gc.callbacks.append(on_gc)
+            gc_time[0] = 0
+            t0 = timer()
+            for data in checks:
+                feed(data)
+            took = (timer() - t0) / n / 1000
+            gc.callbacks.remove(on_gc)
+            results.setdefault(f"gc during {cls.__name__} (⊂ its whole HTTP check below)", 0.0)
+            results[f"gc during {cls.__name__} (⊂ its whole HTTP check below)"] = max(
+                results[f"gc during {cls.__name__} (⊂ its whole HTTP check below)"], gc_time[0] / n / 1000
+            )
+            settle_all()
+            return took
+
+        return run
+
+    # the two protocols batch by batch, alternately (the machine's state drifts; neither goes first always)
+    protocols: list[tuple[str, type]] = [("httptools protocol", http_authz.AuthzProtocol)]
+    if native.http1 is not None:
+        from nexus_authz.adapters.http_native import CompiledAuthzProtocol
+
+        protocols.append(("compiled framing", CompiledAuthzProtocol))
+    runs: dict[str, list[float]] = {name: [] for name, _ in protocols}
+    for i in range(nb):
+        for name, cls in protocols[i % 2 :] + protocols[: i % 2]:
+            runs[name].append(whole(cls)())
+    for name, _ in protocols:
+        results[f"whole HTTP check, {name} (data_received)"] = statistics.median(runs[name])
+
+    # -- access log: per entry ---------------------------------------------------------------------------
+    def als_parse() -> float:
+        parse = als_pb2.StreamAccessLogsMessage.FromString
+        raw = fx.als_batch
+        reps = max(1, n // batch_entries)
+        t0 = timer()
+        for _ in range(reps):
+            parse(raw)
+        return (timer() - t0) / (reps * batch_entries) / 1000
+
+    results[f"ALS protobuf parse, per entry (batch of {batch_entries})"] = batches(nb, als_parse)
+
+    account_time = [0]
+
+    class TimedEngine:
+        """The engine, with Engine.account timed (the service calls prompt_hint and account)."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(engine, name)
+
+        def account(self, *a: Any, **kw: Any) -> None:
+            t0 = timer()
+            engine.account(*a, **kw)
+            account_time[0] += timer() - t0 - pair
+
+    def als_entry() -> float:
+        check = engine.check_fast
+        for request in requests:  # reservations to settle, untimed
+            check(request)
+        als.engine = TimedEngine()  # type: ignore[assignment]
+        account_time[0] = 0
+        account_now = als.account_now
+        t0 = timer()
+        for entry in entries:
+            account_now(entry)
+        took = (timer() - t0) / n / 1000
+        als.engine = engine
+        account_runs.append(account_time[0] / n / 1000)
+        return took
+
+    account_runs: list[float] = []
+
+    results["ALS entry: AccessLogService.account_now (usage from the body + Engine.account)"] = batches(
+        nb, als_entry
+    )
+    results["  ⊂ Engine.account (settle the windows, the ledger's aggregate)"] = statistics.median(
+        account_runs
+    )
+
+    # the entry's pieces, outside Engine.account
+    def entry_pieces() -> float:
+        snippet_of, parser_for, conclude = envoy_als.snippet_of, envoy_als.parser_for, envoy_als.conclude
+        t_snip = t_parse = t_finish = 0
+        for entry in entries:
+            t0 = timer()
+            headers = entry.request.request_headers
+            response_headers = entry.response.response_headers
+            snippet = snippet_of(entry)
+            t1 = timer()
+            parser = parser_for(
+                snippet,
+                content_type=response_headers.get("content-type"),
+                content_encoding=response_headers.get("content-encoding"),
+                prompt_tokens_hint=0,
+            )
+            t2 = timer()
+            usage = parser.finish() if parser is not None else None
+            conclude(snippet, parser, usage, 0)
+            t3 = timer()
+            t_snip += t1 - t0 - pair
+            t_parse += t2 - t1 - pair
+            t_finish += t3 - t2 - pair
+            del headers
+        piece_runs["  ⊂ protobuf field access + the Lua tap's snippet (snippet_of: metadata, base64)"].append(
+            t_snip / n / 1000
+        )
+        piece_runs["  ⊂ usage parser fed the body (parser_for: StreamUsage.feed, JSON)"].append(
+            t_parse / n / 1000
+        )
+        piece_runs["  ⊂ usage parser finish + conclude"].append(t_finish / n / 1000)
+        return (t_snip + t_parse + t_finish) / n / 1000
+
+    piece_runs: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "  ⊂ protobuf field access + the Lua tap's snippet (snippet_of: metadata, base64)",
+            "  ⊂ usage parser fed the body (parser_for: StreamUsage.feed, JSON)",
+            "  ⊂ usage parser finish + conclude",
+        )
+    }
+    batches(nb, entry_pieces)
+    for name, runs in piece_runs.items():
+        results[name] = statistics.median(runs)
+
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    print(f"# nexus-authz per-request CPU, in-process, from Envoy's recorded bytes ({stamp})\n")
+    print(
+        f"- fast path: {native.PATH}; Python {sys.version.split()[0]}; load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"- fixtures: {fx.meta['envoy'].split()[-1]} ({fx.meta['envoy_config']}); check {len(fx.check)} B; "
+        f"{args.batches} batches × {n} requests, medians\n"
+    )
+    print("| piece | µs/request |\n|---|---|")
+    for name, us in results.items():
+        print(f"| {name} | {us:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"path": native.PATH, "us_per_request": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

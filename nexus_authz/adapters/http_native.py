@@ -1,0 +1,53 @@
+"""The ext_authz / auth_request protocol with its HTTP/1.1 framing compiled (nexus_authz/native/_http1).
+
+`CompiledAuthzProtocol` is `http_authz.AuthzProtocol` with another `data_received`: the compiled parser
+scans each read and hands every complete request straight to the shared `on_message_complete` (routing,
+decision and answer are the httptools protocol's own code), with no Python call per header. A request it
+does not take (anything outside the subset Envoy and nginx send, or over a limit) is replayed, from its
+first byte and with the same read boundaries, through the httptools parser of the same protocol, which
+answers it as it always has; the connection comes back to the compiled parser between requests. So both
+protocols write the same bytes for any byte stream, however it is split (tests/adapters/test_http_native.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nexus_authz import native
+from nexus_authz.adapters.http_authz import _KEEP, MAX_HEADERS, MAX_URL, AuthzProtocol, HttpApp
+
+
+class CompiledAuthzProtocol(AuthzProtocol):
+    __slots__ = ("_fast", "_slow")
+
+    def __init__(self, app: HttpApp) -> None:
+        super().__init__(app)
+        self._slow = self._parser  # httptools: the requests the compiled parser does not take
+        assert native.http1 is not None
+        self._fast: Any = native.http1.RequestParser(
+            self, app.max_header_bytes, app.max_body, MAX_URL, MAX_HEADERS, _KEEP
+        )
+        self._parser = self._fast  # what on_message_complete/_route read the method and keep-alive from
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        fast: Any = self._fast  # the compiled parser (stubs: native/_http1.pyi)
+        if self._parser is fast:
+            if not fast.feed(data):
+                return
+            # not in the subset: the httptools path takes this request, read by read as it came
+            self._parser = self._slow
+            for chunk in fast.take_replay():
+                AuthzProtocol.data_received(self, chunk)
+                if self._closing:
+                    return
+        else:
+            AuthzProtocol.data_received(self, data)
+        if not self._in_message and not self._closing:
+            self._parser = fast  # between requests: back to the compiled parser
+
+
+def protocol_class() -> type[AuthzProtocol]:
+    """The protocol the listeners use: compiled framing when it built (and NEXUS_AUTHZ_PURE is unset)."""
+    return CompiledAuthzProtocol if native.http1 is not None else AuthzProtocol
