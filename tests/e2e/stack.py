@@ -108,7 +108,20 @@ class Stack:
             template = ENVOY_EXTPROC
         else:
             template = ENVOY_HTTP if self.mode == "http" else ENVOY_GRPC
-        port, admin_port = procs.free_port(), procs.free_port()
+        # A port free_port() found can be taken by another process before Envoy binds it (the shipped
+        # configs refuse to share a port): Envoy then exits, and a second pair of ports is tried.
+        for attempt in range(3):
+            port, admin_port = procs.free_port(), procs.free_port()
+            try:
+                self._start_envoy_on(template, port, admin_port)
+                break
+            except procs.ProcessError:
+                if self.envoy is not None and self.envoy.poll() is None or attempt == 2:
+                    raise
+        self.gateway = f"http://127.0.0.1:{port}"
+
+    def _start_envoy_on(self, template: Path, port: int, admin_port: int) -> None:
+        assert self.mock is not None
         addresses: dict[str, object] = {"upstream": f"127.0.0.1:{self.mock.port}"}
         clusters = {c.get("name") for c in envoy_config.load(template)["static_resources"]["clusters"]}
         if envoy_config.EXTPROC_CLUSTER in clusters:
@@ -129,8 +142,8 @@ class Stack:
         self.envoy = procs.start_envoy(
             rendered, admin_port=admin_port, workdir=self.workdir, log_path=self.workdir / "envoy.log"
         )
-        procs.wait_envoy_ready(admin_port, timeout=30)
-        self.gateway = f"http://127.0.0.1:{port}"
+        log_path = self.workdir / "envoy.log"
+        procs.wait_envoy_ready(admin_port, timeout=30, process=self.envoy, log_path=log_path)
 
     def stop_nexus(self) -> int | None:
         if self.nexus is None:
