@@ -226,6 +226,10 @@ SPOOFED = {
     "x-nexus-key-id": BETA.id,
     "x-nexus-tenant": str(BETA.extra["tenant"]),
     "x-request-id": "client-chosen-request-id-q7z",
+    # every other x-nexus-* header is nexus-authz's too: dropped by the shipped configs
+    "x-nexus-release": "client-chosen-release-zz9",
+    "x-nexus-content-length": "12345",
+    "x-nexus-anything": "client-chosen-zz9",
 }
 
 
@@ -243,6 +247,8 @@ def test_client_identity_headers_and_request_id_never_reach_the_upstream(stack: 
     assert "client-chosen" not in h.get("x-request-id", ""), h
     assert h.get("x-request-id"), "Envoy sets its own request id"
     assert BETA.id not in repr(h) and "tn-narwhal" not in repr(h), h
+    assert "zz9" not in repr(h) and "12345" not in repr(h), h  # no client x-nexus-* reaches the upstream
+    assert {name for name in h if name.startswith("x-nexus-")} == {"x-nexus-key-id", "x-nexus-tenant"}, h
 
 
 @pytest.mark.parametrize(
