@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nexus_authz import cli_usage
+from nexus_authz.cli import usage as cli_usage
 from nexus_authz.stores.ledger import (
     Ledger,
     MemoryLedger,
