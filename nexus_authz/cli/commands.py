@@ -334,7 +334,7 @@ def _envoy_template(mode: str) -> str:
     """The shipped config of this mode: envoy/ of the checkout this package runs from, or /app/envoy."""
     from pathlib import Path
 
-    from nexus_authz.envoy_config import ENVOY_DIR, TEMPLATES
+    from nexus_authz.render.envoy import ENVOY_DIR, TEMPLATES
 
     for base in (ENVOY_DIR, Path("/app/envoy")):
         if (base / TEMPLATES[mode]).is_file():
@@ -347,7 +347,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     addresses filled in (from nexus.yaml unless given), the Lua usage tap inlined."""
     from pathlib import Path
 
-    from nexus_authz import envoy_config
+    from nexus_authz.render import envoy as envoy_config
     from nexus_authz.settings import Settings, load_settings
 
     path = _config_path(args)
