@@ -6,9 +6,9 @@ Prometheus scrapes. No label lookup, lock or allocation happens per request, and
 the scrape is the batch. Everything else (ledger, counter store, reservations, key snapshot, readiness,
 the policy API's calls) is read from the objects that own it, also at scrape time.
 
-Metric names and what they mean are listed in README.md ("Metrics"). Labels are bounded: reasons and
-outcomes are enums, models come from the key configuration's traffic (tokens by model) and API methods
-from the proto.
+Metric names and what they mean are listed in docs/api.md ("Policy API, CLI and metrics"). Labels are
+bounded: reasons and outcomes are enums, models come from the key configuration's traffic (tokens by
+model) and API methods from the proto.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ actual entries (so a key-only or wildcard rule gives each distinct value its own
 wildcard sets `share_threshold: true`: then all its matching values share one counter), as upstream.
 `quota_mode` and `metadata` are refused by name; `value_to_metric` is accepted (upstream: statsd names).
 
-Where we deliberately differ (better, documented in README): no clock-aligned fixed windows (units map
+Where we deliberately differ (better; docs/ratelimit-service.md): no clock-aligned fixed windows (units map
 onto GCRA or a slotted sliding window, see UNITS); one request's descriptors are charged all or none and a
 refused request charges nothing (upstream increments every matched counter, even when refused);
 OVER_LIMIT statuses report the true remaining figure instead of 0; `requests_per_unit` must be written
