@@ -83,9 +83,9 @@ sys.path.insert(0, str(REPO))
 
 import harness  # noqa: E402
 
-from nexus_authz import envoy_config  # noqa: E402
 from nexus_authz.core import keys as keys_mod  # noqa: E402
 from nexus_authz.demo import procs  # noqa: E402
+from nexus_authz.render import envoy as envoy_config  # noqa: E402
 
 ENVOY_HTTP = REPO / "envoy" / "envoy.yaml"
 ENVOY_GRPC = REPO / "envoy" / "envoy-grpc.yaml"

@@ -1,7 +1,7 @@
 """Write the Envoy configs of the deployments from envoy/envoy.yaml: `python deploy/render.py [--check]`.
 
 envoy/envoy.yaml stays the one documented source; docker compose and Kubernetes need it with other
-addresses, which `nexus_authz.envoy_config.render()` changes by listener and cluster name:
+addresses, which `nexus_authz.render.envoy.render()` changes by listener and cluster name:
 
   deploy/compose/envoy.yaml     listen 0.0.0.0:10000; upstream `mock-upstream:8000` (the compose service,
                                 resolved by DNS); nexus-authz over the Unix sockets of the shared volume
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from nexus_authz import envoy_config  # noqa: E402
+from nexus_authz.render import envoy as envoy_config  # noqa: E402
 
 SOURCE = ROOT / "envoy" / "envoy.yaml"
 SOCKET_DIR = "/run/nexus-authz"

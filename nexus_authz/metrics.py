@@ -6,9 +6,9 @@ Prometheus scrapes. No label lookup, lock or allocation happens per request, and
 the scrape is the batch. Everything else (ledger, counter store, reservations, key snapshot, readiness,
 the policy API's calls) is read from the objects that own it, also at scrape time.
 
-Metric names and what they mean are listed in README.md ("Metrics"). Labels are bounded: reasons and
-outcomes are enums, models come from the key configuration's traffic (tokens by model) and API methods
-from the proto.
+Metric names and what they mean are listed in docs/api.md ("Policy API, CLI and metrics"). Labels are
+bounded: reasons and outcomes are enums, models come from the key configuration's traffic (tokens by
+model) and API methods from the proto.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from nexus_authz import native
 from nexus_authz.core.limits import Kind
 from nexus_authz.core.model import InFlight, Reason
-from nexus_authz.core.reservations import ReservationBook
+from nexus_authz.core.reservations import ReservationBook, ReservationEntry
 
 if TYPE_CHECKING:
     from nexus_authz.engine import Engine
@@ -38,7 +38,6 @@ __all__ = [
     "reservation_entries",
 ]
 
-ReservationEntry = tuple[tuple[str, ...], tuple[Any, ...], tuple[int, ...], int, float, float, object]
 # A scrape runs on the event loop: cap the walk over reservations (each ~0.2 µs) so a book filled by
 # responses that never report usage cannot stall decisions for long. Beyond it the gauge is a lower bound.
 MAX_RESERVATIONS_SCANNED = 10_000
@@ -46,13 +45,9 @@ MAX_MODEL_LABELS = 100
 
 
 def reservation_entries(book: ReservationBook) -> Iterable[ReservationEntry]:
-    """Every reservation in flight, oldest first; iterate it without awaiting (the loop mutates the book).
-
-    The one place that reads ReservationBook's private table (the book offers no iterator yet); an entry
-    is (counter_ids, specs, costs, uncharged mask, charged_at, expires_at, context).
-    """
-    entries: Mapping[str, ReservationEntry] = getattr(book, "_entries", {})
-    return entries.values()
+    """Every reservation in flight, oldest first (`ReservationBook.entries`); iterate it without awaiting
+    (the loop mutates the book)."""
+    return book.entries()
 
 
 def _reserved_tokens_by_model(book: ReservationBook) -> tuple[dict[str, int], bool]:

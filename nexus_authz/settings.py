@@ -324,6 +324,35 @@ def resolve_secret(
     return value
 
 
+MIN_TOKEN_LENGTH = 16
+"""The shortest admin token the policy API accepts."""
+
+
+def resolve_admin_token(settings: Settings, environ: Mapping[str, str] | None = None) -> str | None:
+    """The admin token, or None when none is configured (the API then stays off).
+
+    A token named in the config file (`api.admin_token`) must resolve, and every token must be at least
+    MIN_TOKEN_LENGTH characters: ConfigError otherwise (the message never contains the value).
+    """
+    api = settings.api_auth
+    try:
+        token = resolve_secret(
+            api.admin_token, base_dir=settings.base_dir, what="api.admin_token", environ=environ
+        ).strip()
+    except ConfigError:
+        if api.admin_token_configured:
+            raise
+        return None
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(
+            f"the admin token from {api.admin_token.describe()} must be at least {MIN_TOKEN_LENGTH} "
+            "characters",
+            source=settings.config_path,
+            field="api.admin_token",
+        )
+    return token
+
+
 # -- reloading the config file -------------------------------------------------------------------------------
 #: Settings a running server cannot change without a restart (listeners are bound, stores opened, logging
 #: set up), by attribute, with the config field that sets it. A reload keeps their running values.

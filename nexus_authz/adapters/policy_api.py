@@ -25,7 +25,7 @@ import logging
 import secrets
 import time
 from bisect import bisect_right
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -37,7 +37,6 @@ from grpc_reflection.v1alpha import reflection
 from nexus_authz._gen.nexus.authz.v1 import policy_pb2 as pb
 from nexus_authz._gen.nexus.authz.v1 import policy_pb2_grpc as pb_grpc
 from nexus_authz.core import keys as keys_mod
-from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.keys import KEY_HEADERS, KeySnapshot
 from nexus_authz.core.limits import Algorithm, Kind, LimitSpec
 from nexus_authz.core.model import Decision, InFlight, KeyRecord, Request
@@ -45,7 +44,7 @@ from nexus_authz.engine import Engine
 from nexus_authz.logs import scrub
 from nexus_authz.metrics import ReservationEntry as _Entry
 from nexus_authz.metrics import reservation_entries
-from nexus_authz.settings import Settings, resolve_secret
+from nexus_authz.settings import resolve_admin_token
 from nexus_authz.stores.ledger import UsageRow
 
 __all__ = [
@@ -60,7 +59,6 @@ __all__ = [
 log = logging.getLogger("nexus_authz.api")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["PolicyService"].full_name
-MIN_TOKEN_LENGTH = 16
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 MAX_USAGE_ROWS = 20_000  # ~2 MB of answer; more means the question should be narrower
@@ -89,31 +87,6 @@ _GROUP = {
 }
 _SETTLED_KINDS = frozenset({Kind.TOKENS, Kind.USD, Kind.CONCURRENCY})
 _SCAN_INLINE = 2000  # reservations walked on the event loop; more are walked in a worker thread
-
-
-def resolve_admin_token(settings: Settings, environ: Mapping[str, str] | None = None) -> str | None:
-    """The admin token, or None when none is configured (the API then stays off).
-
-    A token named in the config file (`api.admin_token`) must resolve, and every token must be at least
-    MIN_TOKEN_LENGTH characters: ConfigError otherwise (the message never contains the value).
-    """
-    api = settings.api_auth
-    try:
-        token = resolve_secret(
-            api.admin_token, base_dir=settings.base_dir, what="api.admin_token", environ=environ
-        ).strip()
-    except ConfigError:
-        if api.admin_token_configured:
-            raise
-        return None
-    if len(token) < MIN_TOKEN_LENGTH:
-        raise ConfigError(
-            f"the admin token from {api.admin_token.describe()} must be at least {MIN_TOKEN_LENGTH} "
-            "characters",
-            source=settings.config_path,
-            field="api.admin_token",
-        )
-    return token
 
 
 class ApiError(Exception):

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
-from nexus_authz.core.tokens import IMAGE_TOKENS, estimate_tokens
+from nexus_authz.core.tokens import SAMPLE_ABOVE, prompt_estimate
 
 __all__ = [
     "MAX_PARSE_BYTES",
@@ -289,63 +289,6 @@ def _int_or_none(value: object) -> int | None:
     return None
 
 
-# Above this size the prompt estimate reads evenly spaced samples instead of the whole body: the
-# estimate runs at ~100 MB/s, and a reservation does not need better than the sampling error.
-SAMPLE_ABOVE: Final = 8 << 10
-_SAMPLES: Final = 8
-_SAMPLE_BYTES: Final = 512
-
-
-# JSON escapes would be estimated as the ASCII they are spelled with: `\u6771` as five letters and
-# digits instead of one ideograph (clients that escape non-ASCII send CJK at 6 bytes a character), `\t`
-# as a backslash and a word. \u escapes are cut out and charged what a non-ASCII character costs on
-# average; the common short escapes are corrected by count (measured on the corpus: a `\t` estimates
-# 1.3 tokens more than a tab, `\n` 0.25 more than a newline, `\"` 0.12 more than a quote).
-_UNICODE_ESCAPE: Final = re.compile(rb"\\u[0-9a-fA-F]{4}")
-_ESCAPED_CHAR_TOKENS: Final = 1.1
-_SHORT_ESCAPES: Final = ((b"\\n", 0.25), (b"\\t", 1.3), (b'\\"', 0.12))
-
-
-def _unescaped_estimate(text: bytes) -> float:
-    if b"\\" not in text:
-        return estimate_tokens(text)
-    text, escapes = _UNICODE_ESCAPE.subn(b"", text)
-    estimate = estimate_tokens(text) + escapes * _ESCAPED_CHAR_TOKENS
-    for escape, excess in _SHORT_ESCAPES:
-        estimate -= excess * text.count(escape)
-    return max(estimate, 0.0)
-
-
-# JSON structure is not prompt: `{"role": "user", "content": "..."}` estimates ~7 tokens more than the
-# per-message overhead the models charge, and the request's own keys (model, stream, ...) ~20.
-_PER_MESSAGE_SYNTAX: Final = 7
-_REQUEST_SYNTAX: Final = 20
-
-
-def _prompt_estimate(body: bytes, blobs: list[tuple[int, int]]) -> int:
-    extra = 0
-    text = body
-    if blobs:
-        parts: list[bytes] = []
-        pos = 0
-        for start, end in blobs:
-            if start < pos:
-                continue
-            parts.append(body[pos:start])
-            pos = end
-            extra += IMAGE_TOKENS
-        parts.append(body[pos:])
-        text = b"".join(parts)
-    if len(text) <= SAMPLE_ABOVE:
-        estimate = round(_unescaped_estimate(text))
-    else:
-        step = len(text) // _SAMPLES
-        sample = b"".join(text[i * step : i * step + _SAMPLE_BYTES] for i in range(_SAMPLES))
-        estimate = round(_unescaped_estimate(sample) * len(text) / len(sample))
-    syntax = _REQUEST_SYNTAX + _PER_MESSAGE_SYNTAX * text.count(b'"role"')
-    return extra + max(estimate - syntax, (estimate + 1) // 2)
-
-
 # Below this size json.loads (~3 µs + 1.4 µs per KB) beats the scan; above it the scan reads only the
 # keys and the parse is skipped unless the scan is unsure.
 PARSE_BELOW: Final = 16 << 10
@@ -460,7 +403,7 @@ def request_facts(
     elif not precise and not blobs and body.isascii():
         prompt = math.ceil(len(body) * QUICK_TOKENS_PER_BYTE)
     else:
-        prompt = _prompt_estimate(body, blobs)
+        prompt = prompt_estimate(body, blobs)
     if fields is None:
         return RequestFacts(prompt_tokens=prompt, problem=problem, is_object=is_object)
     model = fields.get("model")

@@ -27,12 +27,12 @@ entry claims (issue 13).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Sequence, ValuesView
 from dataclasses import dataclass
 
 from nexus_authz.core.limits import Kind, LimitSpec
 
-__all__ = ["ReservationBook", "Settlement"]
+__all__ = ["ReservationBook", "ReservationEntry", "Settlement"]
 
 _REQUESTS, _TOKENS, _USD, _CONCURRENCY = Kind.REQUESTS, Kind.TOKENS, Kind.USD, Kind.CONCURRENCY
 _NEEDS_SETTLE = frozenset({_TOKENS, _USD, _CONCURRENCY})
@@ -55,9 +55,11 @@ class Settlement:
     context: object = None  # what the caller attached at reserve time (e.g. key, model, prompt estimate)
 
 
-# An entry: (counter_ids, specs, costs, uncharged mask, charged_at, expires_at, context). A tuple is the
-# smallest.
-_Entry = tuple[tuple[str, ...], tuple[LimitSpec, ...], tuple[int, ...], int, float, float, object]
+ReservationEntry = tuple[tuple[str, ...], tuple[LimitSpec, ...], tuple[int, ...], int, float, float, object]
+"""One reservation in flight: (counter_ids, specs, costs, uncharged mask, charged_at, expires_at, context).
+Bit i of the mask is set when window i was not charged (a shadow window that would have refused). A plain
+tuple: the smallest, and the cheapest to build on the Check path."""
+_Entry = ReservationEntry
 
 
 class ReservationBook:
@@ -95,6 +97,11 @@ class ReservationBook:
 
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._entries
+
+    def entries(self) -> ValuesView[ReservationEntry]:
+        """Every reservation in flight, oldest first (for metrics and the policy API). A live view of the
+        book: iterate it without yielding to the event loop, or copy it (`list(...)`) to keep it."""
+        return self._entries.values()
 
     def stats(self) -> dict[str, int]:
         return {

@@ -9,6 +9,8 @@ process (about 0.25 s: call `warm_up()` at start-up to keep that off the first r
 Exact counting runs at roughly 12 MB/s on one core and releases the GIL, so an adapter should run it in a
 thread executor for texts of `EXECUTOR_THRESHOLD_CHARS` or more (about 0.7 ms of CPU); below that the
 executor hop costs more than it saves. Neither function raises on any input.
+
+Also `prompt_estimate`, the estimate of a JSON request body's prompt that core/body.py reserves.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ __all__ = [
     "EXECUTOR_THRESHOLD_CHARS",
     "IMAGE_TOKENS",
     "count_chat_prompt",
+    "SAMPLE_ABOVE",
     "count_tokens",
     "estimate_tokens",
+    "prompt_estimate",
     "warm_up",
 ]
 
@@ -253,3 +257,63 @@ def count_chat_prompt(messages: Iterable[Mapping[str, object]]) -> int:
             if key == "name":
                 total += _TOKENS_PER_NAME
     return total + _REPLY_PRIMING
+
+
+# -- the prompt estimate of a request body ----------------------------------------------------------
+# Above this size the prompt estimate reads evenly spaced samples instead of the whole body: the
+# estimate runs at ~100 MB/s, and a reservation does not need better than the sampling error.
+SAMPLE_ABOVE: Final = 8 << 10
+_SAMPLES: Final = 8
+_SAMPLE_BYTES: Final = 512
+
+
+# JSON escapes would be estimated as the ASCII they are spelled with: `\u6771` as five letters and
+# digits instead of one ideograph (clients that escape non-ASCII send CJK at 6 bytes a character), `\t`
+# as a backslash and a word. \u escapes are cut out and charged what a non-ASCII character costs on
+# average; the common short escapes are corrected by count (measured on the corpus: a `\t` estimates
+# 1.3 tokens more than a tab, `\n` 0.25 more than a newline, `\"` 0.12 more than a quote).
+_UNICODE_ESCAPE: Final = re.compile(rb"\\u[0-9a-fA-F]{4}")
+_ESCAPED_CHAR_TOKENS: Final = 1.1
+_SHORT_ESCAPES: Final = ((b"\\n", 0.25), (b"\\t", 1.3), (b'\\"', 0.12))
+
+
+def _unescaped_estimate(text: bytes) -> float:
+    if b"\\" not in text:
+        return estimate_tokens(text)
+    text, escapes = _UNICODE_ESCAPE.subn(b"", text)
+    estimate = estimate_tokens(text) + escapes * _ESCAPED_CHAR_TOKENS
+    for escape, excess in _SHORT_ESCAPES:
+        estimate -= excess * text.count(escape)
+    return max(estimate, 0.0)
+
+
+# JSON structure is not prompt: `{"role": "user", "content": "..."}` estimates ~7 tokens more than the
+# per-message overhead the models charge, and the request's own keys (model, stream, ...) ~20.
+_PER_MESSAGE_SYNTAX: Final = 7
+_REQUEST_SYNTAX: Final = 20
+
+
+def prompt_estimate(body: bytes, blobs: list[tuple[int, int]]) -> int:
+    """The fast prompt estimate of a JSON request body (core/body.py's `request_facts`): its text without
+    the base64 blobs at `blobs` (each charged IMAGE_TOKENS), JSON escapes and syntax corrected."""
+    extra = 0
+    text = body
+    if blobs:
+        parts: list[bytes] = []
+        pos = 0
+        for start, end in blobs:
+            if start < pos:
+                continue
+            parts.append(body[pos:start])
+            pos = end
+            extra += IMAGE_TOKENS
+        parts.append(body[pos:])
+        text = b"".join(parts)
+    if len(text) <= SAMPLE_ABOVE:
+        estimate = round(_unescaped_estimate(text))
+    else:
+        step = len(text) // _SAMPLES
+        sample = b"".join(text[i * step : i * step + _SAMPLE_BYTES] for i in range(_SAMPLES))
+        estimate = round(_unescaped_estimate(sample) * len(text) / len(sample))
+    syntax = _REQUEST_SYNTAX + _PER_MESSAGE_SYNTAX * text.count(b'"role"')
+    return extra + max(estimate - syntax, (estimate + 1) // 2)

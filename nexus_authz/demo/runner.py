@@ -25,9 +25,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nexus_authz import envoy_config as envoy_cfg
 from nexus_authz.core import keys as keys_mod
 from nexus_authz.demo import procs
+from nexus_authz.render import envoy as envoy_cfg
 
 DEMO_KEY_ID = "demo"
 DEMO_UPSTREAM_CREDENTIAL = "sk-demo-upstream-credential"

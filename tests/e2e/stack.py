@@ -11,8 +11,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nexus_authz import envoy_config
 from nexus_authz.demo import mock_upstream, procs
+from nexus_authz.render import envoy as envoy_config
 from tests.helpers import PEPPER, KeySpec, write_config
 
 REPO = Path(__file__).resolve().parents[2]

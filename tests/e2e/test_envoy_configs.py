@@ -37,7 +37,7 @@ from nexus_authz.demo.procs import (
     stop_process,
     wait_envoy_ready,
 )
-from nexus_authz.envoy_config import (
+from nexus_authz.render.envoy import (
     AUTHZ_CLUSTER,
     AUTHZ_GRPC_CLUSTER,
     UPSTREAM_CLUSTER,

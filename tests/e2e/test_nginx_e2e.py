@@ -1,7 +1,7 @@
 """nginx `auth_request` through the real nginx: deploy/nginx/nginx.conf, nexus-authz and the mock upstream.
 
 nginx runs from a private prefix (its own pid file, temp directories and log) on a free port, with the
-config rendered from deploy/nginx/ by `nexus_authz.nginx_config`; nexus-authz is a process (the Envoy
+config rendered from deploy/nginx/ by `nexus_authz.render.nginx`; nexus-authz is a process (the Envoy
 stack's `Stack.start_nexus`) that nginx reaches over its TCP fast path on the loopback, as the README's
 recipe does (so it works as root too: no `user` directive), the mock upstream a thread.
 """
@@ -21,8 +21,8 @@ from typing import Any
 import openai
 import pytest
 
-from nexus_authz import nginx_config
 from nexus_authz.demo import mock_upstream, procs
+from nexus_authz.render import nginx as nginx_config
 from tests.e2e.stack import REPO, HttpResult, Stack, http
 from tests.helpers import KeySpec
 

@@ -264,7 +264,7 @@ def test_demo_keeps_the_logs_it_printed() -> None:
 def test_shipped_envoy_configs_do_not_share_their_port(name: str, short_tmp: Path) -> None:
     """Two Envoys on one shipped config and port: the second fails at start-up instead of splitting the
     first one's connections (enable_reuse_port: false)."""
-    from nexus_authz import envoy_config
+    from nexus_authz.render import envoy as envoy_config
 
     port = procs.free_port()
     envoys = []

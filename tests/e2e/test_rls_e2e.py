@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from nexus_authz import envoy_config
 from nexus_authz.demo import mock_upstream
+from nexus_authz.render import envoy as envoy_config
 from tests.e2e.stack import REPO, HttpResult, Stack
 from tests.helpers import KeySpec
 

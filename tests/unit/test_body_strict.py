@@ -236,7 +236,7 @@ def test_cut_body_reserves_its_declared_length_on_a_token_key() -> None:
     first = world.check(TOKENS, forwarded, truncated=True, x_nexus_content_length="600000")
     second = world.check(TOKENS, forwarded, truncated=True, x_nexus_content_length="600000")
     assert first.allowed and second.status == 429
-    (entry,) = world.book._entries.values()  # type: ignore[attr-defined]
+    (entry,) = world.book.entries()
     assert entry[2][0] >= (600_000 - 262144) * UNSEEN_TOKENS_PER_BYTE + 1000
 
 
@@ -252,7 +252,7 @@ def test_max_tokens_from_a_cut_body_is_not_trusted_below_the_default() -> None:
     world = World()
     forwarded = big_chat(300_000, max_tokens=1)[:262144]
     assert world.check(TOKENS, forwarded, truncated=True, x_nexus_content_length="300000").allowed
-    (entry,) = world.book._entries.values()  # type: ignore[attr-defined]
+    (entry,) = world.book.entries()
     prompt = 262144 // 4 + (300_000 - 262144) // 2
     assert entry[2][0] >= prompt + 1000  # the default completion (1000), not 1
 

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nexus_authz.core.config import parse_limits
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.limits import (
     PERIODS,
@@ -30,7 +31,6 @@ from nexus_authz.core.limits import (
     gcra_is_fresh,
     gcra_take,
     make_limit,
-    parse_limits,
     sliding_charge,
     sliding_is_fresh,
     sliding_refund,

@@ -57,6 +57,21 @@ def test_requests_only_needs_no_reservation() -> None:
     assert len(b) == 0 and b.settle("r1", NOW) is None
 
 
+def test_entries_is_the_public_read_of_what_is_in_flight_oldest_first() -> None:
+    """Metrics and the policy API read the book through `entries()` (no private table)."""
+    b = book()
+    b.reserve("r1", ("a", "b"), (TOK, SHADOW), (500, 500), NOW, uncharged=0b10, context="first")
+    b.reserve("r2", IDS, SPECS, (1, 700, 700, 30_000, 1), NOW + 1)
+    view = b.entries()
+    assert list(view) == [
+        (("a", "b"), (TOK, SHADOW), (500, 500), 0b10, NOW, NOW + 60.0, "first"),
+        (IDS, SPECS, (1, 700, 700, 30_000, 1), 0, NOW + 1, NOW + 61.0, None),
+    ]
+    b.settle("r1", NOW + 2, tokens=10)
+    assert [entry[0] for entry in view] == [IDS]  # a live view of the book
+    assert len(view) == len(b) == 1
+
+
 def test_expiry_releases_concurrency_keeps_estimates_and_is_fifo() -> None:
     b = book(ttl=10)
     b.reserve("r1", IDS, SPECS, (1, 700, 700, 30_000, 1), NOW)

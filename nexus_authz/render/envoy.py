@@ -45,7 +45,7 @@ UPSTREAM_CLUSTER = "llm_upstream"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 LUA_FILTER = "envoy.filters.http.lua"
 #: Where the shipped configs and the Lua sources they name live (a source checkout's ``envoy/``).
-ENVOY_DIR = Path(__file__).resolve().parents[1] / "envoy"
+ENVOY_DIR = Path(__file__).resolve().parents[2] / "envoy"
 ADMIN = "admin"
 #: The system's CA bundle (Debian/Ubuntu, and what the image has): an https upstream is validated against it.
 SYSTEM_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"

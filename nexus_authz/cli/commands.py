@@ -311,11 +311,11 @@ def cmd_keys_pepper(args: argparse.Namespace) -> int:
 
 # -- usage -------------------------------------------------------------------------------------------
 def cmd_usage(args: argparse.Namespace) -> int:
-    from nexus_authz import cli_usage
+    from nexus_authz.cli import usage as cli_usage
     from nexus_authz.settings import load_settings, resolve_path
 
     if args.server:  # ask a running server's policy API instead of reading the file
-        from nexus_authz import cli_remote
+        from nexus_authz.cli import remote as cli_remote
 
         return cli_remote.cmd_usage(args)
     if not args.db:
@@ -334,7 +334,7 @@ def _envoy_template(mode: str) -> str:
     """The shipped config of this mode: envoy/ of the checkout this package runs from, or /app/envoy."""
     from pathlib import Path
 
-    from nexus_authz.envoy_config import ENVOY_DIR, TEMPLATES
+    from nexus_authz.render.envoy import ENVOY_DIR, TEMPLATES
 
     for base in (ENVOY_DIR, Path("/app/envoy")):
         if (base / TEMPLATES[mode]).is_file():
@@ -347,7 +347,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     addresses filled in (from nexus.yaml unless given), the Lua usage tap inlined."""
     from pathlib import Path
 
-    from nexus_authz import envoy_config
+    from nexus_authz.render import envoy as envoy_config
     from nexus_authz.settings import Settings, load_settings
 
     path = _config_path(args)
@@ -514,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_keys_pepper)
     keys.set_defaults(func=lambda a: (keys.print_help(), 2)[1])
-    from nexus_authz import cli_remote
+    from nexus_authz.cli import remote as cli_remote
 
     cli_remote.add_commands(sub, keys_sub, add_config)  # keys list|show, limits, check (policy API)
 
@@ -525,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and cost per key and model, e.g. `nexus-authz usage --key team-a --since 24h`.",
     )
     add_config(p)
-    from nexus_authz import cli_usage
+    from nexus_authz.cli import usage as cli_usage
 
     cli_usage.add_arguments(p)
     cli_remote.add_server_arguments(p, json_flag=False, usage=True)

@@ -1,12 +1,6 @@
-"""The usage ledger: what each key used and cost, per model and minute, kept for reporting and GetUsage.
+"""The SQLite ledger (the default): batches in memory, one writer thread, one SQLite file.
 
-Records are aggregated in memory (one dict keyed by (key_id, tenant, model, minute)) and written in
-batches, because a row per request would cost a disk write per request and the ledger only ever
-answers per-minute questions. `SQLiteLedger` persists to one SQLite file (WAL, upserts that add, so
-several flushes of one minute and several processes sharing the file add up); `MemoryLedger` keeps
-the same aggregation in memory for tests and `ledger: {backend: memory}`.
-
-Threading model of SQLiteLedger (the part to get right):
+Threading model (the part to get right):
 - The *owner thread* is the event loop thread. `record()`, `flush_now()`, `start()` and `close()` run
   only there (or, without a loop, in one thread of the caller's choosing). `record()` is a dict update
   and nothing else: no lock, no I/O, no await.
@@ -42,274 +36,17 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Protocol, runtime_checkable
 
-__all__ = [
-    "DEFAULT_GROUP_BY",
-    "GROUP_FIELDS",
-    "Ledger",
-    "LedgerStats",
-    "MemoryLedger",
-    "SQLiteLedger",
-    "UsageRecord",
-    "UsageRow",
-    "query_db",
-]
+from nexus_authz.stores.ledger import aggregate
+from nexus_authz.stores.ledger.aggregate import N_SUMS, RECORDS, Key, Table
+from nexus_authz.stores.ledger.query import SCHEMA, SCHEMA_VERSION, UPSERT, check_group_by, query_db
+from nexus_authz.stores.ledger.types import DEFAULT_GROUP_BY, LedgerStats, UsageRecord, UsageRow
 
 log = logging.getLogger("nexus_authz.ledger")
 
-GROUP_FIELDS = ("key_id", "tenant", "model", "minute", "hour", "day")
-"""What `query(group_by=...)` accepts; at most one of minute/hour/day (UTC buckets)."""
-DEFAULT_GROUP_BY = ("key_id", "model")
-_PERIODS = {"minute": 60, "hour": 3600, "day": 86400}
-
-# One aggregated row in memory: [requests, prompt, cached prompt, completion, reasoning, cost, records].
-# A list (not a dataclass) so the hot path updates it in place with no allocation.
-_Key = tuple[str, str, str, int]
-_Row = list[int]
-_Table = dict[_Key, _Row]
-_N_SUMS = 6
-_RECORDS = 6
-
-
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
-    """One request's usage. Token counts are plain ints (the core's Usage is mapped by the caller)."""
-
-    key_id: str
-    tenant: str
-    model: str
-    ts: float
-    requests: int = 1
-    prompt_tokens: int = 0
-    cached_prompt_tokens: int = 0
-    completion_tokens: int = 0
-    reasoning_tokens: int = 0
-    cost_micro_usd: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class UsageRow:
-    """An aggregate over the ledger. A field not in `group_by` is None; `period` is the start (epoch
-    seconds, UTC) of the minute/hour/day bucket when grouped by time. `first_minute`/`last_minute` are
-    the first and last minutes with usage in the group."""
-
-    key_id: str | None
-    tenant: str | None
-    model: str | None
-    period: int | None
-    requests: int
-    prompt_tokens: int
-    cached_prompt_tokens: int
-    completion_tokens: int
-    reasoning_tokens: int
-    cost_micro_usd: int
-    first_minute: int
-    last_minute: int
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerStats:
-    """Plain figures for metrics and readiness. `pending_rows` counts rows held in memory and not yet
-    persisted (including a batch being written); `flush_lag` is how far the store is behind: seconds
-    since the last successful flush while anything is pending, else 0."""
-
-    recorded_records: int
-    pending_rows: int
-    flushed_rows: int
-    flushed_records: int
-    flushes: int
-    failed_flushes: int
-    consecutive_failures: int
-    dropped_records: int
-    last_flush_at: float | None
-    last_flush_duration: float
-    last_error: str | None
-    flush_lag: float
-
-
-@runtime_checkable
-class Ledger(Protocol):
-    def record(self, rec: UsageRecord) -> None:
-        """Add one request's usage. Owner (event loop) thread only; never blocks, never raises for a
-        full buffer (the record is counted as dropped instead)."""
-        ...
-
-    async def start(self) -> None:
-        """Start the periodic flush on the running loop."""
-        ...
-
-    async def close(self) -> None:
-        """Final flush (SIGTERM path), then release the store. Records after close are dropped."""
-        ...
-
-    def flush_now(self) -> bool:
-        """Write everything pending, blocking the caller (tests, CLI). True if nothing is left over."""
-        ...
-
-    def query(
-        self,
-        *,
-        key_id: str | None = None,
-        tenant: str | None = None,
-        model: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        group_by: Sequence[str] = DEFAULT_GROUP_BY,
-    ) -> list[UsageRow]:
-        """Aggregates of what the store holds, for minutes starting in [since, until)."""
-        ...
-
-    async def aquery(
-        self,
-        *,
-        key_id: str | None = None,
-        tenant: str | None = None,
-        model: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        group_by: Sequence[str] = DEFAULT_GROUP_BY,
-    ) -> list[UsageRow]:
-        """`query` without blocking the event loop."""
-        ...
-
-    def stats(self) -> LedgerStats: ...
-
-
-# -- shared helpers ------------------------------------------------------------------------------------
-def _merge(dst: _Table, src: _Table) -> None:
-    """Add src's rows into dst (src is consumed; both are owned by the calling thread)."""
-    for key, row in src.items():
-        have = dst.get(key)
-        if have is None:
-            dst[key] = row
-        else:
-            for i in range(_N_SUMS + 1):
-                have[i] += row[i]
-
-
-def _check_group_by(group_by: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(group_by, str):
-        group_by = (group_by,)
-    fields = tuple(group_by)
-    unknown = [f for f in fields if f not in GROUP_FIELDS]
-    if unknown:
-        raise ValueError(f"unknown group_by field(s) {unknown}; expected some of {GROUP_FIELDS}")
-    if len(set(fields)) != len(fields):
-        raise ValueError(f"group_by has a repeated field: {fields}")
-    if sum(1 for f in fields if f in _PERIODS) > 1:
-        raise ValueError("group_by takes at most one of minute, hour, day")
-    return fields
-
-
-def _minute_floor(ts: float) -> int:
-    return int(ts - ts % 60)
-
-
-def _query_table(
-    items: list[tuple[_Key, _Row]],
-    *,
-    key_id: str | None,
-    tenant: str | None,
-    model: str | None,
-    since: float | None,
-    until: float | None,
-    group_by: Sequence[str],
-) -> list[UsageRow]:
-    """The in-memory twin of `query_db`'s SQL (the contract tests check they agree)."""
-    fields = _check_group_by(group_by)
-    period = next((_PERIODS[f] for f in fields if f in _PERIODS), None)
-    lo = _minute_floor(since) if since is not None else None
-    groups: dict[tuple[str | int, ...], list[int]] = {}
-    for (k_id, k_tenant, k_model, minute), row in items:
-        if key_id is not None and k_id != key_id:
-            continue
-        if tenant is not None and k_tenant != tenant:
-            continue
-        if model is not None and k_model != model:
-            continue
-        if lo is not None and minute < lo:
-            continue
-        if until is not None and minute >= until:
-            continue
-        values: dict[str, str | int] = {"key_id": k_id, "tenant": k_tenant, "model": k_model}
-        if period is not None:
-            values["period"] = minute - minute % period
-        gkey = tuple(values[f if f not in _PERIODS else "period"] for f in fields)
-        acc = groups.get(gkey)
-        if acc is None:
-            groups[gkey] = [*row[:_N_SUMS], minute, minute]
-        else:
-            for i in range(_N_SUMS):
-                acc[i] += row[i]
-            acc[_N_SUMS] = min(acc[_N_SUMS], minute)
-            acc[_N_SUMS + 1] = max(acc[_N_SUMS + 1], minute)
-    out = []
-    for gkey in sorted(groups):  # each position holds one type; str order = SQLite's BINARY order
-        named = dict(zip(fields, gkey, strict=True))
-        p = next((named[f] for f in fields if f in _PERIODS), None)
-        out.append(_make_row(named, p, groups[gkey]))
-    return out
-
-
-def _make_row(named: Mapping[str, object], period: object, sums: Sequence[int]) -> UsageRow:
-    return UsageRow(
-        key_id=_opt_str(named.get("key_id")),
-        tenant=_opt_str(named.get("tenant")),
-        model=_opt_str(named.get("model")),
-        period=None if period is None else int(period),  # type: ignore[call-overload]
-        requests=int(sums[0]),
-        prompt_tokens=int(sums[1]),
-        cached_prompt_tokens=int(sums[2]),
-        completion_tokens=int(sums[3]),
-        reasoning_tokens=int(sums[4]),
-        cost_micro_usd=int(sums[5]),
-        first_minute=int(sums[6]),
-        last_minute=int(sums[7]),
-    )
-
-
-def _opt_str(value: object) -> str | None:
-    return None if value is None else str(value)
-
-
-# -- SQLite schema and reads ---------------------------------------------------------------------------
-SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS usage (
-    key_id               TEXT    NOT NULL,
-    tenant               TEXT    NOT NULL,
-    model                TEXT    NOT NULL,
-    minute               INTEGER NOT NULL,  -- epoch seconds (UTC) of the minute's start
-    requests             INTEGER NOT NULL DEFAULT 0,
-    prompt_tokens        INTEGER NOT NULL DEFAULT 0,
-    cached_prompt_tokens INTEGER NOT NULL DEFAULT 0,
-    completion_tokens    INTEGER NOT NULL DEFAULT 0,
-    reasoning_tokens     INTEGER NOT NULL DEFAULT 0,
-    cost_micro_usd       INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (key_id, tenant, model, minute)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS usage_by_minute ON usage (minute);
-CREATE INDEX IF NOT EXISTS usage_by_tenant ON usage (tenant, minute);
-"""
-_SUM_COLUMNS = (
-    "requests",
-    "prompt_tokens",
-    "cached_prompt_tokens",
-    "completion_tokens",
-    "reasoning_tokens",
-    "cost_micro_usd",
-)
-_UPSERT = (
-    "INSERT INTO usage (key_id, tenant, model, minute, "
-    + ", ".join(_SUM_COLUMNS)
-    + ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key_id, tenant, model, minute) DO UPDATE SET "
-    + ", ".join(f"{c} = {c} + excluded.{c}" for c in _SUM_COLUMNS)
-)
 _TRANSIENT = (sqlite3.OperationalError,)
 # Errors that belong to a row rather than to the store (a caller passed a non-int, a sum overflowed):
 # retrying the batch would fail forever, so such rows are isolated and dropped (counted, logged).
@@ -321,71 +58,6 @@ _ROW_ERRORS = (
     OverflowError,
     TypeError,
 )
-
-
-def _open_readonly(path: str) -> sqlite3.Connection:
-    uri = Path(path).resolve().as_uri() + "?mode=ro"
-    return sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
-
-
-def query_db(
-    path: str | os.PathLike[str],
-    *,
-    key_id: str | None = None,
-    tenant: str | None = None,
-    model: str | None = None,
-    since: float | None = None,
-    until: float | None = None,
-    group_by: Sequence[str] = DEFAULT_GROUP_BY,
-) -> list[UsageRow]:
-    """Aggregates straight from a ledger file, read-only, from any thread or process (WAL lets this
-    run while a server writes). A minute counts if it starts in [floor_minute(since), until).
-    Raises FileNotFoundError if there is no file; a file with no ledger table yields []."""
-    fields = _check_group_by(group_by)
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no ledger database at {path}")
-    columns: list[str] = []
-    for f in fields:
-        columns.append(f if f not in _PERIODS else f"minute - minute % {_PERIODS[f]}")
-    where: list[str] = []
-    params: list[object] = []
-    for column, value in (("key_id", key_id), ("tenant", tenant), ("model", model)):
-        if value is not None:
-            where.append(f"{column} = ?")
-            params.append(value)
-    if since is not None:
-        where.append("minute >= ?")
-        params.append(_minute_floor(since))
-    if until is not None:
-        where.append("minute < ?")
-        params.append(until)
-    sql = (
-        "SELECT "
-        + ", ".join([*columns, *(f"SUM({c})" for c in _SUM_COLUMNS), "MIN(minute)", "MAX(minute)"])
-        + " FROM usage"
-        + (" WHERE " + " AND ".join(where) if where else "")
-        + (" GROUP BY " + ", ".join(columns) + " ORDER BY " + ", ".join(columns) if columns else "")
-    )
-    conn = _open_readonly(path)
-    try:
-        exists = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'usage'"
-        ).fetchone()
-        if exists is None:
-            return []
-        result = conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
-    out = []
-    n = len(fields)
-    for raw in result:
-        if raw[n] is None:  # no GROUP BY and nothing matched: one row of NULLs
-            continue
-        named = dict(zip(fields, raw[:n], strict=True))
-        p = next((named[f] for f in fields if f in _PERIODS), None)
-        out.append(_make_row(named, p, raw[n:]))
-    return out
 
 
 def _default_connect(path: str) -> sqlite3.Connection:
@@ -429,7 +101,7 @@ class SQLiteLedger:
         self._connect = connect or _default_connect
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-ledger-writer")
         # owner (loop) thread state
-        self._pending: _Table = {}
+        self._pending: Table = {}
         self._inflight_rows = 0  # rows swapped out and handed to the writer, not yet answered
         self._recorded = 0
         self._dropped = 0
@@ -443,7 +115,7 @@ class SQLiteLedger:
         self._held_first: float | None = None  # arrival of the oldest swapped-out, unpersisted record
         # writer thread state (the owner reads the ints below as hints, never the dict)
         self._conn: sqlite3.Connection | None = None
-        self._carry: _Table = {}
+        self._carry: Table = {}
         self._carry_rows = 0
         self._consecutive_failures = 0
         self._warned_journal = False
@@ -460,36 +132,19 @@ class SQLiteLedger:
 
     # -- hot path (owner thread) ----------------------------------------------------------------------
     def record(self, rec: UsageRecord) -> None:
-        ts = rec.ts
-        key = (rec.key_id, rec.tenant, rec.model, int(ts - ts % 60))
-        pending = self._pending
-        row = pending.get(key)
-        if row is not None and not self._closed:
-            row[0] += rec.requests
-            row[1] += rec.prompt_tokens
-            row[2] += rec.cached_prompt_tokens
-            row[3] += rec.completion_tokens
-            row[4] += rec.reasoning_tokens
-            row[5] += rec.cost_micro_usd
-            row[6] += 1
-            self._recorded += 1
-            return
-        n = len(pending)
-        if self._closed or n + self._inflight_rows + self._carry_rows >= self._max_pending:
+        if self._closed:
             self._drop(1)
+            return
+        pending = self._pending
+        n = len(pending)
+        if not aggregate.add(pending, rec, n + self._inflight_rows + self._carry_rows < self._max_pending):
+            self._drop(1)
+            return
+        self._recorded += 1
+        if len(pending) == n:  # added into a row it had
             return
         if n == 0:
             self._pending_first = self._clock()
-        pending[key] = [
-            rec.requests,
-            rec.prompt_tokens,
-            rec.cached_prompt_tokens,
-            rec.completion_tokens,
-            rec.reasoning_tokens,
-            rec.cost_micro_usd,
-            1,
-        ]
-        self._recorded += 1
         if n + 1 >= self._batch_size and self._wake is not None and self._consecutive_failures == 0:
             self._wake.set()
 
@@ -510,7 +165,7 @@ class SQLiteLedger:
                 )
 
     # -- flushing (owner thread side) -----------------------------------------------------------------
-    def _swap(self) -> tuple[_Table, float | None]:
+    def _swap(self) -> tuple[Table, float | None]:
         batch, first = self._pending, self._pending_first
         self._pending, self._pending_first = {}, None
         self._inflight_rows += len(batch)
@@ -620,7 +275,7 @@ class SQLiteLedger:
         # No await between the last check and this: a record() after it is counted as dropped.
         self._closed = True
         lost = await loop.run_in_executor(self._executor, self._shutdown_writer)
-        lost += sum(row[_RECORDS] for row in self._pending.values())
+        lost += aggregate.records(self._pending)
         self._pending = {}
         if lost:
             self._dropped += lost
@@ -653,9 +308,7 @@ class SQLiteLedger:
             ).fetchone()
             if has_table is None:
                 # one transaction, so a second process creating it at the same time is harmless
-                conn.executescript(
-                    f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-                )
+                conn.executescript(f"BEGIN IMMEDIATE;{SCHEMA}PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
         except BaseException:
             conn.close()
             raise
@@ -687,13 +340,13 @@ class SQLiteLedger:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
 
-    def _write(self, batch: _Table) -> _Outcome:
+    def _write(self, batch: Table) -> _Outcome:
         """Merge the swapped-out batch into the carry and write it in one transaction."""
         carry = self._carry
         if carry:
             if len(carry) < len(batch):
                 carry, batch = batch, carry
-            _merge(carry, batch)
+            aggregate.merge(carry, batch)
             batch = carry
         self._carry = batch
         self._carry_rows = len(batch)
@@ -720,7 +373,7 @@ class SQLiteLedger:
             return self._note_failure(exc, time.perf_counter() - started, len(batch))
         duration = time.perf_counter() - started
         rows = len(batch)
-        records = sum(row[_RECORDS] for row in batch.values())
+        records = aggregate.records(batch)
         self._carry = {}
         self._carry_rows = 0
         recovered = self._consecutive_failures
@@ -736,33 +389,33 @@ class SQLiteLedger:
         return _Outcome(True, 0)
 
     @staticmethod
-    def _params(batch: _Table) -> list[tuple[object, ...]]:
-        return [(*key, *row[:_N_SUMS]) for key, row in batch.items()]
+    def _params(batch: Table) -> list[tuple[object, ...]]:
+        return [(*key, *row[:N_SUMS]) for key, row in batch.items()]
 
-    def _upsert(self, conn: sqlite3.Connection, batch: _Table) -> None:
+    def _upsert(self, conn: sqlite3.Connection, batch: Table) -> None:
         params = self._params(batch)
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany(_UPSERT, params)
+            conn.executemany(UPSERT, params)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
 
-    def _write_rows_one_by_one(self, batch: _Table) -> int:
+    def _write_rows_one_by_one(self, batch: Table) -> int:
         """A batch with a bad row (a bug upstream): write the good rows, drop and count the bad ones.
         Returns the number of records dropped, or -1 if the store itself failed meanwhile."""
         conn = self._conn
         if conn is None:
             return -1
-        bad: list[_Key] = []
+        bad: list[Key] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for key, row in batch.items():
                 conn.execute("SAVEPOINT one")
                 try:
-                    conn.execute(_UPSERT, (*key, *row[:_N_SUMS]))
+                    conn.execute(UPSERT, (*key, *row[:N_SUMS]))
                 except _ROW_ERRORS:
                     conn.execute("ROLLBACK TO one")
                     bad.append(key)
@@ -777,7 +430,7 @@ class SQLiteLedger:
             return 0
         dropped = 0
         for key in bad:
-            dropped += batch.pop(key)[_RECORDS]
+            dropped += batch.pop(key)[RECORDS]
         log.error(
             "usage ledger dropped %d rows it could not store (a bug upstream), e.g. key_id=%s model=%s",
             len(bad),
@@ -809,7 +462,7 @@ class SQLiteLedger:
 
     def _shutdown_writer(self) -> int:
         """Close the connection; return the records still in the carry (lost: the store kept failing)."""
-        lost = sum(row[_RECORDS] for row in self._carry.values())
+        lost = aggregate.records(self._carry)
         self._carry = {}
         self._carry_rows = 0
         self._discard_conn()
@@ -839,7 +492,7 @@ class SQLiteLedger:
                 group_by=group_by,
             )
         except FileNotFoundError:
-            _check_group_by(group_by)
+            check_group_by(group_by)
             return []
 
     async def aquery(
@@ -884,108 +537,3 @@ class SQLiteLedger:
         if pending and firsts:
             stats = replace(stats, flush_lag=max(0.0, self._clock() - min(firsts)))
         return stats
-
-
-# -- memory ledger -------------------------------------------------------------------------------------
-class MemoryLedger:
-    """The same aggregation with no persistence: records are visible to `query` at once. Bounded by
-    `max_rows` distinct (key, tenant, model, minute) rows; past it records are dropped and counted.
-    Owner-thread only, like SQLiteLedger's `record` (and `query` here too: it reads the live dict)."""
-
-    def __init__(self, *, max_rows: int = 1_000_000, clock: Callable[[], float] = time.time) -> None:
-        self._table: _Table = {}
-        self._max_rows = max_rows
-        self._clock = clock
-        self._recorded = 0
-        self._dropped = 0
-        self._closed = False
-        self._warned = False
-
-    def record(self, rec: UsageRecord) -> None:
-        ts = rec.ts
-        key = (rec.key_id, rec.tenant, rec.model, int(ts - ts % 60))
-        row = self._table.get(key)
-        if self._closed or (row is None and len(self._table) >= self._max_rows):
-            self._dropped += 1
-            if not self._warned:
-                self._warned = True
-                log.warning("memory usage ledger full or closed; dropping usage records (counted)")
-            return
-        if row is None:
-            self._table[key] = [
-                rec.requests,
-                rec.prompt_tokens,
-                rec.cached_prompt_tokens,
-                rec.completion_tokens,
-                rec.reasoning_tokens,
-                rec.cost_micro_usd,
-                1,
-            ]
-        else:
-            row[0] += rec.requests
-            row[1] += rec.prompt_tokens
-            row[2] += rec.cached_prompt_tokens
-            row[3] += rec.completion_tokens
-            row[4] += rec.reasoning_tokens
-            row[5] += rec.cost_micro_usd
-            row[6] += 1
-        self._recorded += 1
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        self._closed = True
-
-    def flush_now(self) -> bool:
-        return True
-
-    def query(
-        self,
-        *,
-        key_id: str | None = None,
-        tenant: str | None = None,
-        model: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        group_by: Sequence[str] = DEFAULT_GROUP_BY,
-    ) -> list[UsageRow]:
-        return _query_table(
-            list(self._table.items()),
-            key_id=key_id,
-            tenant=tenant,
-            model=model,
-            since=since,
-            until=until,
-            group_by=group_by,
-        )
-
-    async def aquery(
-        self,
-        *,
-        key_id: str | None = None,
-        tenant: str | None = None,
-        model: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        group_by: Sequence[str] = DEFAULT_GROUP_BY,
-    ) -> list[UsageRow]:
-        return self.query(
-            key_id=key_id, tenant=tenant, model=model, since=since, until=until, group_by=group_by
-        )
-
-    def stats(self) -> LedgerStats:
-        return LedgerStats(
-            recorded_records=self._recorded,
-            pending_rows=0,
-            flushed_rows=len(self._table),
-            flushed_records=self._recorded,
-            flushes=0,
-            failed_flushes=0,
-            consecutive_failures=0,
-            dropped_records=self._dropped,
-            last_flush_at=None,
-            last_flush_duration=0.0,
-            last_error=None,
-            flush_lag=0.0,
-        )

@@ -11,8 +11,8 @@ Tables by default, `--json` for scripts (proto3 JSON with the proto's field name
 on stderr: exit 1 for a server that is down, a refused token or a missing key; 2 for bad arguments.
 `check` exits 0 when the request would be allowed and 3 when it would be denied.
 
-The CLI is registered by cli.py (`add_commands`, `add_server_arguments`); grpc is imported only when a
-command runs, so `nexus-authz --help` stays fast.
+The CLI is registered by cli/commands.py (`add_commands`, `add_server_arguments`); grpc is imported only
+when a command runs, so `nexus-authz --help` stays fast.
 """
 
 from __future__ import annotations
@@ -179,8 +179,8 @@ def resolve_target(args: argparse.Namespace, *, server_from_config: bool = True)
         if settings is None:
             settings = _config_settings(args)
         if settings is not None and settings.api_auth.admin_token_configured:
-            from nexus_authz.adapters.policy_api import resolve_admin_token
             from nexus_authz.core.errors import ConfigError
+            from nexus_authz.settings import resolve_admin_token
 
             try:
                 token = resolve_admin_token(settings)
@@ -489,8 +489,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 # -- usage -------------------------------------------------------------------------------------------------
 def cmd_usage(args: argparse.Namespace, *, now: float | None = None) -> int:
     """`usage --server`: the same table / JSON as the ledger-file mode, from GetUsage."""
-    from nexus_authz import cli_usage
     from nexus_authz._gen.nexus.authz.v1 import policy_pb2 as pb
+    from nexus_authz.cli import usage as cli_usage
     from nexus_authz.stores.ledger import UsageRow
 
     groups = {

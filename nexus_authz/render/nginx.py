@@ -1,14 +1,14 @@
 """Rendering of ``deploy/nginx/nginx.conf`` for a concrete set of addresses and paths.
 
 The file in ``deploy/nginx/`` is the documented, tested example; the end-to-end tests (and anyone with
-another layout) need it on other ports, socket paths and writable directories. Like ``envoy_config``,
+another layout) need it on other ports, socket paths and writable directories. Like ``render.envoy``,
 ``render()`` changes directives found by name, never by a blind text replace: the ``server`` of the
 upstream blocks ``nexus_authz`` and ``llm_upstream``, the one ``listen`` directive, and the main-level
 ``worker_processes``/``pid``/``error_log``, the ``access_log`` and the ``*_temp_path`` directives. Each
 must occur exactly once (commented-out lines do not count), so a renamed block or a second ``listen``
 fails loudly instead of being silently missed.
 
-From the command line: ``python -m nexus_authz.nginx_config deploy/nginx/nginx.conf --listen 8080
+From the command line: ``python -m nexus_authz.render.nginx deploy/nginx/nginx.conf --listen 8080
 --authz /tmp/nexus-authz/authz.sock --upstream 127.0.0.1:8000 --runtime-dir /tmp/nginx-nexus`` prints it.
 """
 
@@ -160,7 +160,7 @@ def _server_value(address: str, *, allow_unix: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m nexus_authz.nginx_config", description="Print an nginx config with addresses changed."
+        prog="python -m nexus_authz.render.nginx", description="Print an nginx config with addresses changed."
     )
     parser.add_argument("config", help="the config to start from, e.g. deploy/nginx/nginx.conf")
     parser.add_argument("--listen", help="listen address (host:port, or a port on 127.0.0.1)")
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             access_log=args.access_log,
         )
     except (NginxConfigError, OSError) as exc:
-        print(f"nginx_config: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     sys.stdout.write(text)
     return 0

@@ -1,0 +1,62 @@
+"""The per key/tenant/model/minute aggregation, written once for both ledgers (SQLite buffers its
+pending batch in such a table, the memory ledger keeps its whole state in one).
+
+A row is a list, not a dataclass, so the hot path updates it in place with no allocation:
+[requests, prompt, cached prompt, completion, reasoning, cost, records]."""
+
+from __future__ import annotations
+
+from nexus_authz.stores.ledger.types import UsageRecord
+
+Key = tuple[str, str, str, int]
+"""(key_id, tenant, model, minute): the minute is the epoch second (UTC) of the minute's start."""
+Row = list[int]
+Table = dict[Key, Row]
+N_SUMS = 6
+"""Row[:N_SUMS] are the sums the store keeps; Row[RECORDS] counts the records added into the row."""
+RECORDS = 6
+
+
+def add(table: Table, rec: UsageRecord, new_row: bool) -> bool:
+    """Add `rec` into its row of `table`. A record that needs a row the table lacks is added only if
+    `new_row` (the caller's bound); False means it was not added (the caller counts it as dropped)."""
+    ts = rec.ts
+    key = (rec.key_id, rec.tenant, rec.model, int(ts - ts % 60))
+    row = table.get(key)
+    if row is None:
+        if not new_row:
+            return False
+        table[key] = [
+            rec.requests,
+            rec.prompt_tokens,
+            rec.cached_prompt_tokens,
+            rec.completion_tokens,
+            rec.reasoning_tokens,
+            rec.cost_micro_usd,
+            1,
+        ]
+        return True
+    row[0] += rec.requests
+    row[1] += rec.prompt_tokens
+    row[2] += rec.cached_prompt_tokens
+    row[3] += rec.completion_tokens
+    row[4] += rec.reasoning_tokens
+    row[5] += rec.cost_micro_usd
+    row[6] += 1
+    return True
+
+
+def merge(dst: Table, src: Table) -> None:
+    """Add src's rows into dst (src is consumed; both are owned by the calling thread)."""
+    for key, row in src.items():
+        have = dst.get(key)
+        if have is None:
+            dst[key] = row
+        else:
+            for i in range(N_SUMS + 1):
+                have[i] += row[i]
+
+
+def records(table: Table) -> int:
+    """How many usage records the table's rows hold."""
+    return sum(row[RECORDS] for row in table.values())
