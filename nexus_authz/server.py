@@ -37,7 +37,7 @@ from nexus_authz.engine import Engine
 from nexus_authz.metrics import RlsCollector, make_registry, render
 from nexus_authz.settings import Settings
 from nexus_authz.stores.redis import make_client, redis_password
-from nexus_authz.stores.redis_revocations import RevocationChannel
+from nexus_authz.stores.redis.revocations import RevocationChannel
 from nexus_authz.unixsock import UnixSocketError, identity, unlink_if_ours
 
 log = logging.getLogger("nexus_authz.server")

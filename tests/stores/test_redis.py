@@ -40,7 +40,7 @@ from nexus_authz.stores.redis import (
     parse_redis_settings,
     redis_password,
 )
-from nexus_authz.stores.redis_link import Breaker, RedisUnavailable
+from nexus_authz.stores.redis.link import Breaker, RedisUnavailable
 from tests.stores.conftest import (
     RedisServer,
     SyncRedisStore,

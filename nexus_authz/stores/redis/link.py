@@ -26,7 +26,7 @@ from typing import Any, Final
 
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from nexus_authz.stores.redis_lua import SCRIPT, SCRIPT_SHA
+from nexus_authz.stores.redis.lua import SCRIPT, SCRIPT_SHA
 
 __all__ = ["Breaker", "Health", "RedisLink", "RedisUnavailable", "Unavailable"]
 
