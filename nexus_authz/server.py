@@ -86,7 +86,7 @@ def validate(settings: Settings, engine: Engine) -> Validated:
             )
         out.ratelimit = envoy_rls.RateLimitService.from_settings(
             settings.ratelimit,
-            engine.counters,
+            engine.decider,
             clock=engine.clock,
             identity=envoy_rls.engine_identity(engine),
         )

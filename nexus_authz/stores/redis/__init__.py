@@ -39,7 +39,8 @@ Failures (`failure_mode`): a per-call timeout, then a circuit breaker (`link`). 
 decides with local limits while Redis is away: every replica enforces the limits on its own traffic
 (so up to N times the global limit), its changes go to the bounded write-behind queue, and they are
 reconciled when Redis answers again (before any later call on the same connection). `fail_closed`
-answers `Unavailable` (the caller answers 503); settle differences are still queued, never lost.
+raises `StoreUnavailable` (`core.ports`; the caller answers 503); settle differences are still queued,
+never lost.
 A call that timed out may still have been applied by Redis; its fallback charge is then counted twice
 (conservative). `health()` gives the state (ok / degraded / down) for metrics and readiness, and each
 change of state is logged once.
@@ -60,7 +61,7 @@ from typing import Any
 
 from nexus_authz.stores.redis.batched import BatchedRedisStore
 from nexus_authz.stores.redis.exact import ExactRedisStore
-from nexus_authz.stores.redis.link import Health, Unavailable
+from nexus_authz.stores.redis.link import Health
 from nexus_authz.stores.redis.revocations import RevocationChannel
 from nexus_authz.stores.redis.settings import (
     RedisSettings,
@@ -78,7 +79,6 @@ __all__ = [
     "RedisStore",
     "RevocationChannel",
     "TlsFiles",
-    "Unavailable",
     "make_client",
     "open_redis_store",
     "parse_redis_settings",

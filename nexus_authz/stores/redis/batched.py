@@ -11,7 +11,8 @@ from typing import Any, Final
 from cachetools import TLRUCache, TTLCache
 
 from nexus_authz.core.limits import AcquireResult, LimitSpec, WindowStatus
-from nexus_authz.stores.redis.link import CLOSED, RedisUnavailable, Unavailable
+from nexus_authz.core.ports import StoreUnavailable
+from nexus_authz.stores.redis.link import CLOSED
 from nexus_authz.stores.redis.settings import RedisSettings
 from nexus_authz.stores.redis.store import MAX_TRACKED, _FEntry, _RedisStore
 from nexus_authz.stores.redis.wire import unpack_state
@@ -82,14 +83,14 @@ class BatchedRedisStore(_RedisStore):
 
     async def acquire(
         self, counter_ids: Sequence[str], specs: Sequence[LimitSpec], costs: Sequence[int], now: float
-    ) -> AcquireResult | Unavailable:
+    ) -> AcquireResult:
         result = self.acquire_nowait(counter_ids, specs, costs, now)
         if result is not None:
             return result
         if not await self._pull(counter_ids, specs):
             if not self._fail_open:
                 self.unavailable += 1
-                return Unavailable(f"redis unavailable: {self._link.last_error or 'circuit breaker open'}")
+                raise self._unavailable()
             self.fallbacks += 1
         return self._decide(counter_ids, specs, costs, now)
 
@@ -113,7 +114,7 @@ class BatchedRedisStore(_RedisStore):
             try:
                 await self._link.wait_all(futures)
                 ok = True
-            except RedisUnavailable:
+            except StoreUnavailable:
                 pass
         if not ok and self._fail_open:
             for cid, _ in missing:
@@ -174,11 +175,11 @@ class BatchedRedisStore(_RedisStore):
         specs: Sequence[LimitSpec],
         now: float,
         costs: Sequence[int] | None = None,
-    ) -> tuple[WindowStatus, ...] | Unavailable:
+    ) -> tuple[WindowStatus, ...]:
         if not self._ready(counter_ids) or self._breaker.state != CLOSED:
             ok = await self._pull(counter_ids, specs)
             if not ok and not self._fail_open:
-                return Unavailable(f"redis unavailable: {self._link.last_error or 'circuit breaker open'}")
+                raise self._unavailable()
         return self._local.peek(counter_ids, specs, now, costs)
 
     # -- the flush: changes out, global state back ---------------------------------------------------------

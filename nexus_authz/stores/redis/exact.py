@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nexus_authz.core.limits import AcquireResult, LimitSpec, WindowStatus
-from nexus_authz.stores.redis.link import RedisUnavailable, Unavailable
+from nexus_authz.core.ports import StoreUnavailable
 from nexus_authz.stores.redis.settings import RedisSettings
 from nexus_authz.stores.redis.store import _EMPTY, _no_base, _RedisStore, log
 from nexus_authz.stores.redis.wire import decode_acquire, decode_statuses, segment
@@ -25,7 +25,7 @@ class ExactRedisStore(_RedisStore):
     # -- decisions ---------------------------------------------------------------------------------------
     async def acquire(
         self, counter_ids: Sequence[str], specs: Sequence[LimitSpec], costs: Sequence[int], now: float
-    ) -> AcquireResult | Unavailable:
+    ) -> AcquireResult:
         if not specs:
             return _EMPTY
         if not self._breaker.would_allow():
@@ -33,7 +33,7 @@ class ExactRedisStore(_RedisStore):
         keys = self._keys_of(counter_ids)
         try:
             reply = await self._link.request(keys, segment(b"A", now, None, specs, costs))
-        except RedisUnavailable:
+        except StoreUnavailable:
             return self._fallback_acquire(counter_ids, specs, costs, now)
         return decode_acquire(specs, reply)
 
@@ -45,17 +45,15 @@ class ExactRedisStore(_RedisStore):
         if not specs:
             return _EMPTY
         if self._fail_open and not self._breaker.would_allow():
-            result = self._fallback_acquire(counter_ids, specs, costs, now)
-            assert not isinstance(result, Unavailable)
-            return result
+            return self._fallback_acquire(counter_ids, specs, costs, now)
         return None
 
     def _fallback_acquire(
         self, counter_ids: Sequence[str], specs: Sequence[LimitSpec], costs: Sequence[int], now: float
-    ) -> AcquireResult | Unavailable:
+    ) -> AcquireResult:
         if not self._fail_open:
             self.unavailable += 1
-            return Unavailable(f"redis unavailable: {self._link.last_error or 'circuit breaker open'}")
+            raise self._unavailable()
         self.fallbacks += 1
         result = self._local.acquire(counter_ids, specs, costs, now)
         if result.allowed:
@@ -78,7 +76,7 @@ class ExactRedisStore(_RedisStore):
         keys = self._keys_of(counter_ids)
         try:
             await self._link.request(keys, segment(b"J", now, charged_at, specs, deltas))
-        except RedisUnavailable:
+        except StoreUnavailable:
             self._fallback_adjust(counter_ids, specs, deltas, now, charged_at)
 
     def adjust_nowait(
@@ -114,7 +112,7 @@ class ExactRedisStore(_RedisStore):
         specs: Sequence[LimitSpec],
         now: float,
         costs: Sequence[int] | None = None,
-    ) -> tuple[WindowStatus, ...] | Unavailable:
+    ) -> tuple[WindowStatus, ...]:
         if not specs:
             return ()
         values = costs if costs is not None else [0] * len(specs)
@@ -123,10 +121,10 @@ class ExactRedisStore(_RedisStore):
             try:
                 reply = await self._link.request(keys, segment(b"P", now, None, specs, values))
                 return decode_statuses(specs, reply)
-            except RedisUnavailable:
+            except StoreUnavailable:
                 pass
         if not self._fail_open:
-            return Unavailable(f"redis unavailable: {self._link.last_error or 'circuit breaker open'}")
+            raise self._unavailable()
         return self._local.peek(counter_ids, specs, now, costs)
 
     # -- reconciliation: the queue goes out ahead of the next pipeline -----------------------------------

@@ -12,8 +12,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from nexus_authz.core.limits import AcquireResult, LimitSpec, new_result
-from nexus_authz.stores.redis.link import CLOSED, Breaker, Health, RedisLink, RedisUnavailable
+from nexus_authz.core.limits import AcquireResult, LimitSpec, WindowStatus, new_result
+from nexus_authz.core.ports import StoreUnavailable
+from nexus_authz.stores.redis.link import CLOSED, Breaker, Health, RedisLink
 from nexus_authz.stores.redis.settings import RedisSettings, make_client
 from nexus_authz.stores.redis.wire import pack_state, spec_arg
 from nexus_authz.stores.redis.writebehind import LocalView, Pending, WriteBehind
@@ -199,12 +200,12 @@ class _RedisStore:
                 await self._ticker
             self._ticker = None
         if len(self._wb):
-            with contextlib.suppress(RedisUnavailable):
+            with contextlib.suppress(StoreUnavailable):
                 await self.flush()
         await self._link.close()
 
     async def flush(self) -> None:
-        """Send what is pending now and wait for it (tests, shutdown). Raises RedisUnavailable."""
+        """Send what is pending now and wait for it (tests, shutdown). Raises StoreUnavailable."""
         self._due()
         await self._link.request([], [b"J", b"0.0", b"", b"0"])  # a no-op request: the barrier
 
@@ -331,6 +332,24 @@ class _RedisStore:
         charged_at: float | None = None,
     ) -> None:
         raise NotImplementedError
+
+    def peek_nowait(
+        self,
+        counter_ids: Sequence[str],
+        specs: Sequence[LimitSpec],
+        now: float,
+        costs: Sequence[int] | None = None,
+    ) -> tuple[WindowStatus, ...] | None:
+        """A peek always asks Redis (or, when it is away, decides as `peek` does): await `peek`."""
+        return None
+
+    def _unavailable(self) -> StoreUnavailable:
+        """What `acquire` / `peek` raise when they cannot decide (fail_closed, Redis away)."""
+        return StoreUnavailable(f"redis unavailable: {self._link.last_error or 'circuit breaker open'}")
+
+    def __len__(self) -> int:
+        """Counters held locally (the batched view, or the fallback's while Redis is away)."""
+        return len(self._local)
 
     def sweep(self, now: float, max_items: int | None = None) -> int:
         """Drop drained local counters (the engine's periodic upkeep, as for the memory store)."""
