@@ -32,6 +32,8 @@ from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2  # noqa: E402
 from envoy.service.ratelimit.v3 import rls_pb2  # noqa: E402
 
 from nexus_authz.adapters.envoy_rls import RateLimitService, RlsConfigSource  # noqa: E402
+from nexus_authz.decide import Decider  # noqa: E402
+from nexus_authz.stores.base import LocalCounters  # noqa: E402
 from nexus_authz.stores.memory import MemoryCounterStore  # noqa: E402
 
 DESCRIPTOR_COUNTS = (1, 3, 10)
@@ -64,7 +66,7 @@ def requests(n: int) -> list[bytes]:
 def service(directory: Path) -> RateLimitService:
     source = RlsConfigSource(str(directory))
     source.load()
-    return RateLimitService(source, MemoryCounterStore())
+    return RateLimitService(source, Decider(LocalCounters(MemoryCounterStore())))
 
 
 def pct(values: list[float], q: float) -> float:

@@ -1,8 +1,10 @@
 """The running policy: the current key snapshot, the policy, the clock and the decision counters.
 
-Every adapter holds one `Engine` and calls `check()`. The snapshot is replaced whole by `reload_keys()`
-(one reference assignment, so a concurrent reader sees the old or the new snapshot, never a mix); a file
-that fails to parse leaves the last good snapshot in force and is reported through `key_status`.
+Every adapter holds one `Engine` and calls `check_fast()` (or `dry_run()`), which hand the request to
+the one decision driver (`nexus_authz.decide.Decider`) with the policy and snapshot in force. The
+snapshot is replaced whole by `reload_keys()` (one reference assignment, so a concurrent reader sees the
+old or the new snapshot, never a mix); a file that fails to parse leaves the last good snapshot in force
+and is reported through `key_status`.
 Decision counts are plain ints in a dict; the metrics collector reads them at scrape time, so the hot
 path never touches a Prometheus label.
 """
@@ -13,7 +15,7 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,18 +23,19 @@ from typing import Any
 from nexus_authz.core.config import credential_value, parse_key_file
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.keys import EMPTY_SNAPSHOT, KeySnapshot, with_revoked
-from nexus_authz.core.limits import LimitSpec, WindowStatus, new_result
-from nexus_authz.core.model import Credential, Decision, InFlight, Reason, Request, new_allow
-from nexus_authz.core.policy import Admission, Policy, unavailable
+from nexus_authz.core.limits import LimitSpec, WindowStatus
+from nexus_authz.core.model import Credential, Decision, InFlight, Reason, Request
+from nexus_authz.core.policy import Policy
 from nexus_authz.core.reservations import ReservationBook, Settlement
 from nexus_authz.core.usage import Usage
+from nexus_authz.decide import Decider
 from nexus_authz.filesource import FileSource, FileStamp, SourceStatus, file_stamp
 from nexus_authz.latency import LatencyHistogram
 from nexus_authz.settings import Settings, load_settings, reload_settings, resolve_path, resolve_secret
-from nexus_authz.stores.base import apply_settlements
+from nexus_authz.stores.base import LocalCounters
 from nexus_authz.stores.ledger import Ledger, MemoryLedger, SQLiteLedger, UsageRecord
 from nexus_authz.stores.memory import MemoryCounterStore
-from nexus_authz.stores.redis import RedisStore, Unavailable, open_redis_store
+from nexus_authz.stores.redis import RedisStore, open_redis_store
 
 log = logging.getLogger("nexus_authz.keys")
 config_log = logging.getLogger("nexus_authz.config")
@@ -63,15 +66,6 @@ class ConfigUpdate:
     credentials: Mapping[str, Credential]
     snapshot: KeySnapshot  # the key file read against the new policy
     key_stamp: FileStamp | None
-
-
-class _SoonAdjuster:
-    """A counter store facade whose `adjust` queues the change for Redis instead of awaiting it."""
-
-    __slots__ = ("adjust",)
-
-    def __init__(self, remote: RedisStore) -> None:
-        self.adjust = remote.adjust_soon
 
 
 def make_ledger(settings: Settings, clock: Callable[[], float]) -> Ledger | None:
@@ -148,6 +142,7 @@ class Engine:
         "book",
         "check_latency",
         "counters",
+        "decider",
         "ledger",
         "usage_tokens",
         "_key_path",
@@ -155,7 +150,7 @@ class Engine:
         "_last_error_at",
         "_pepper",
         "_stamp",
-        "clock",
+        "_clock",
         "decisions",
         "failures",
         "remote",
@@ -175,7 +170,7 @@ class Engine:
     ) -> None:
         self.settings = settings
         self.policy = Policy(settings.policy, track=settings.accounting.enabled)
-        self.clock = clock
+        self._clock = clock
         # The limit counters: in this process, or in Redis shared by every replica (distributed mode).
         self.remote: RedisStore | None = None
         self.counters: Any = MemoryCounterStore()
@@ -192,6 +187,17 @@ class Engine:
         reservations = settings.policy.reservations
         self.book = ReservationBook(ttl=reservations.ttl, max_entries=reservations.max_pending)
         self.ledger: Ledger | None = make_ledger(settings, clock)
+        self.decisions: dict[Reason, int] = dict.fromkeys(Reason, 0)
+        self.check_latency = LatencyHistogram()  # seconds per check(), read by the metrics collector
+        # The one decision driver, against the store behind the async port (the memory store wrapped).
+        self.decider = Decider(
+            self.remote if self.remote is not None else LocalCounters(self.counters),
+            book=self.book,
+            failures=self.failures,
+            clock=clock,
+            decisions=self.decisions,
+            latency=self.check_latency,
+        )
         # Accounting counters for metrics: responses by source, tokens by (model, kind).
         self.accounted: dict[str, int] = {
             "provider": 0,
@@ -202,8 +208,6 @@ class Engine:
         }
         self.usage_tokens: dict[tuple[str, str], int] = {}
         self.snapshot: KeySnapshot = EMPTY_SNAPSHOT
-        self.decisions: dict[Reason, int] = dict.fromkeys(Reason, 0)
-        self.check_latency = LatencyHistogram()  # seconds per check(), read by the metrics collector
         self._pepper = pepper
         self._credentials = credentials
         self._key_path = resolve_path(settings, settings.keys_file)
@@ -231,68 +235,37 @@ class Engine:
         gc.freeze()  # the snapshot lives until the next reload: keep the cyclic GC off its objects
         return engine
 
-    # -- the hot path -------------------------------------------------------------------------------
-    def check(self, request: Request) -> Decision:
-        started = time.perf_counter()
-        decision = self.policy.authorize(
-            request, self.snapshot, self.clock(), self.counters, self.book, self.failures
-        )
-        self.decisions[decision.reason] += 1
-        self.check_latency.observe(time.perf_counter() - started)
-        return decision
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self._clock
 
+    @clock.setter
+    def clock(self, clock: Callable[[], float]) -> None:
+        """A new clock (tests) is the decision driver's too."""
+        self._clock = clock
+        self.decider.clock = clock
+
+    # -- the hot path -------------------------------------------------------------------------------
     def check_fast(self, request: Request) -> Decision | Awaitable[Decision]:
-        """`check` for any counter store: the Decision at once when it can be made without waiting (the
-        memory store; Redis's batched mode; a request refused before any limit), else an awaitable.
+        """The decision, at once when it can be made without waiting (the memory store; Redis's batched
+        mode; a request refused before any limit), else an awaitable (see `Decider.check`).
 
         Adapters call this and await only when they get an awaitable, so the common case costs no
         coroutine."""
-        remote = self.remote
-        if remote is None:
-            return self.check(request)
-        started = time.perf_counter()
-        now = self.clock()
-        admission = self.policy.admit(request, self.snapshot, now, self.failures)
-        if isinstance(admission, Decision):
-            return self._counted(admission, started)
-        if not admission.specs:
-            self._track(admission, now)
-            return self._counted(new_allow(admission.key, admission.model, ()), started)
-        result = remote.acquire_nowait(admission.counter_ids, admission.specs, admission.costs, now)
-        if result is None:
-            return self._check_remote(admission, now, started)
-        return self._counted(self.policy.conclude(admission, result, now, self._adjuster, self.book), started)
+        return self.decider.check(self.policy, self.snapshot, request)
 
-    async def _check_remote(self, admission: Admission, now: float, started: float) -> Decision:
-        assert self.remote is not None
-        result = await self.remote.acquire(admission.counter_ids, admission.specs, admission.costs, now)
-        if isinstance(result, Unavailable):  # fail_closed and Redis is away: 503, retry soon
-            return self._counted(unavailable(result.retry_after), started)
-        return self._counted(self.policy.conclude(admission, result, now, self._adjuster, self.book), started)
-
-    def _counted(self, decision: Decision, started: float) -> Decision:
-        self.decisions[decision.reason] += 1
-        self.check_latency.observe(time.perf_counter() - started)
+    def check(self, request: Request) -> Decision:
+        """`check_fast` for callers that cannot await (tests, benchmarks): the counter store must answer
+        without waiting (the memory store)."""
+        decision = self.decider.check(self.policy, self.snapshot, request)
+        if decision.__class__ is not Decision:
+            if isinstance(decision, Coroutine):
+                decision.close()
+            raise RuntimeError("this counter store must be awaited: use Engine.check_fast")
         return decision
 
-    def _track(self, admission: Admission, now: float) -> None:
-        if not admission.request_id or not self.policy.track:
-            return
-        key = admission.key
-        context = InFlight(key.key_id, key.tenant, admission.model, admission.prompt_tokens)
-        self._apply(self.book.track(admission.request_id, context, now), now)
-
-    @property
-    def _adjuster(self) -> Any:
-        """What Policy.conclude calls to give back displaced reservations: never blocks."""
-        return self.counters if self.remote is None else _SoonAdjuster(self.remote)
-
     def _apply(self, settlements: Iterable[Settlement], now: float) -> None:
-        if self.remote is None:
-            apply_settlements(self.counters, settlements, now)
-            return
-        for s in settlements:  # queued for Redis: never awaited on the caller's path
-            self.remote.adjust_soon(s.counter_ids, s.specs, s.deltas, now, s.charged_at)
+        self.decider.apply(settlements, now)
 
     async def peek(
         self,
@@ -302,25 +275,12 @@ class Engine:
         costs: Sequence[int] | None = None,
     ) -> tuple[WindowStatus, ...] | None:
         """Window statuses without charging anything; None when the (remote) store cannot answer."""
-        if self.remote is None:
-            return self.counters.peek(counter_ids, specs, now, costs)  # type: ignore[no-any-return]
-        result = await self.remote.peek(counter_ids, specs, now, costs)
-        return None if isinstance(result, Unavailable) else result
+        return await self.decider.peek(counter_ids, specs, now, costs)
 
     async def dry_run(self, request: Request, snapshot: KeySnapshot | None = None) -> Decision:
         """The decision `check` would make (against `snapshot`, default the one in force), charging and
         reserving nothing."""
-        now = self.clock()
-        admission = self.policy.admit(request, snapshot or self.snapshot, now)
-        if isinstance(admission, Decision):
-            return admission
-        if not admission.specs:
-            return new_allow(admission.key, admission.model, ())
-        statuses = await self.peek(admission.counter_ids, admission.specs, now, admission.costs)
-        if statuses is None:
-            return unavailable(1.0)
-        allowed = all(s.allowed or s.spec.shadow for s in statuses)
-        return self.policy.conclude(admission, new_result(allowed, statuses, 0 if allowed else -1), now)
+        return await self.decider.dry_run(self.policy, snapshot or self.snapshot, request)
 
     def settle(
         self, request_id: str, *, tokens: int | None, usd_micros: int | None, at_least_reserved: bool = False

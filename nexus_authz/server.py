@@ -38,7 +38,7 @@ from nexus_authz.engine import Engine
 from nexus_authz.metrics import RlsCollector, make_registry, render
 from nexus_authz.settings import Settings
 from nexus_authz.stores.redis import make_client, redis_password
-from nexus_authz.stores.redis_revocations import RevocationChannel
+from nexus_authz.stores.redis.revocations import RevocationChannel
 from nexus_authz.unixsock import UnixSocketError, identity, unlink_if_ours
 
 log = logging.getLogger("nexus_authz.server")
@@ -87,7 +87,7 @@ def validate(settings: Settings, engine: Engine) -> Validated:
             )
         out.ratelimit = envoy_rls.RateLimitService.from_settings(
             settings.ratelimit,
-            engine.counters,
+            engine.decider,
             clock=engine.clock,
             identity=envoy_rls.engine_identity(engine),
         )

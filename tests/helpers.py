@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nexus_authz.core import keys as keys_mod
+from nexus_authz.core.keys import KeySnapshot
+from nexus_authz.core.model import Decision, Request
+from nexus_authz.core.policy import Policy
+from nexus_authz.core.ports import CounterStore
+from nexus_authz.core.reservations import ReservationBook
+from nexus_authz.decide import Decider
+from nexus_authz.stores.base import LocalCounters
+from nexus_authz.stores.memory import MemoryCounterStore
 
 PEPPER = "test-pepper-0123456789abcdef"
 
@@ -64,3 +73,27 @@ def write_config(
     path = directory / "nexus.yaml"
     path.write_text(text)
     return path
+
+
+def decide_local(
+    policy: Policy,
+    snapshot: KeySnapshot,
+    request: Request,
+    now: float,
+    counters: CounterStore | None = None,
+    book: ReservationBook | None = None,
+    failures: CounterStore | None = None,
+) -> Decision:
+    """One decision through the decision driver with a local (memory) counter store, at `now`."""
+    store = LocalCounters(counters if counters is not None else MemoryCounterStore())
+    decision = Decider(store, book=book, failures=failures, clock=lambda: now).check(
+        policy, snapshot, request
+    )
+    assert isinstance(decision, Decision), "a local store answers without waiting"
+    return decision
+
+
+def dry_run_local(policy: Policy, snapshot: KeySnapshot, request: Request, now: float) -> Decision:
+    """The driver's dry run (charges, reserves and counts nothing) against an empty memory store."""
+    driver = Decider(LocalCounters(MemoryCounterStore()), clock=lambda: now)
+    return asyncio.run(driver.dry_run(policy, snapshot, request))

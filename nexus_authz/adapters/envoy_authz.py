@@ -21,6 +21,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
+from nexus_authz.adapters.answers import ALLOW_CACHE, DENY_CACHE, AnswerCache
 from nexus_authz.core.model import Decision, KeyRecord, Reason, Request
 from nexus_authz.engine import Engine
 
@@ -134,13 +135,12 @@ def extra_headers(decision: Decision) -> bytes:
 class AuthorizationService:
     """The Authorization service; `handler()` returns the grpc generic handler to register."""
 
-    __slots__ = ("_allow_cache", "_allow_snapshot", "_deny_cache", "engine")
+    __slots__ = ("_allow_cache", "_deny_cache", "engine")
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._allow_cache: dict[KeyRecord, bytes] = {}
-        self._allow_snapshot: object = None
-        self._deny_cache: dict[Decision, bytes] = {}
+        self._allow_cache: AnswerCache[bytes] = AnswerCache(ALLOW_CACHE)  # bounded, as HTTP's
+        self._deny_cache: AnswerCache[bytes] = AnswerCache(DENY_CACHE)
 
     def decide(self, check: external_auth_pb2.CheckRequest) -> tuple[Decision, bytes]:
         """The decision and the serialized CheckResponse for it."""
@@ -149,20 +149,15 @@ class AuthorizationService:
 
     def serialize(self, decision: Decision) -> bytes:
         if decision.allowed and decision.key is not None:
-            snapshot = self.engine.snapshot
-            if snapshot is not self._allow_snapshot:
-                self._allow_cache = {}
-                self._allow_snapshot = snapshot
-            base = self._allow_cache.get(decision.key)
+            base = self._allow_cache.get(decision.key, self.engine.snapshot)
             if base is None:
                 base = allow_response(decision.key).SerializeToString()
-                self._allow_cache[decision.key] = base
+                self._allow_cache.put(decision.key, base)
         else:
             base = self._deny_cache.get(decision)
             if base is None:
                 base = deny_response(decision).SerializeToString()
-                if len(self._deny_cache) < 256:
-                    self._deny_cache[decision] = base
+                self._deny_cache.put(decision, base)
         if decision.release:  # merged into dynamic_metadata: the Lua tap releases the slot at the end
             base += _release_metadata(decision.release)
         if decision.response_headers:

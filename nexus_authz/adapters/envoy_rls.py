@@ -2,11 +2,12 @@
 
 Envoy's `ratelimit` HTTP filter sends one RateLimitRequest per HTTP request (a domain and the descriptors
 its actions produced); this adapter maps it to plain data, lets the core (`nexus_authz.core.rls`) match
-it against the envoyproxy/ratelimit-format config and plan the charge, calls the counter store (the same
-store as the rest of the product: the in-process memory store, or an async one such as Redis, awaited),
-and maps the core's answer back to a RateLimitResponse with per-descriptor statuses, optional IETF
-`RateLimit`/`RateLimit-Policy` headers (`response_headers_to_add`) and, on OVER_LIMIT, an OpenAI-style
-JSON body (`raw_body` + `content-type`; Envoy sends it with its 429).
+it against the envoyproxy/ratelimit-format config and plan the charge, charges the counter store through
+the one decision driver (`nexus_authz.decide.Decider`: the same store as the rest of the product, the
+in-process memory store or Redis; awaited only when the store must wait), and maps the core's answer
+back to a RateLimitResponse with per-descriptor statuses, optional IETF `RateLimit`/`RateLimit-Policy`
+headers (`response_headers_to_add`) and, on OVER_LIMIT, an OpenAI-style JSON body (`raw_body` +
+`content-type`; Envoy sends it with its 429).
 
 It also owns the config directory: `RlsConfigSource` reads every `*.yaml`/`*.yml` file (dotfiles
 skipped, symlinks followed: a Kubernetes ConfigMap volume works), and `reload()` polls the files' stamps
@@ -17,8 +18,8 @@ Identity: Envoy's filter reads `x-nexus-key-id` (set by ext_authz; clients canno
 configs strip it) as descriptor key `nexus_key_id`; entries `nexus_plan` / `nexus_tenant` in the same
 descriptor are filled in from nexus's key snapshot (see core.rls), so plans are enforceable here too.
 
-Failures: a store that is unavailable (an async store returning something other than an AcquireResult,
-or raising) and bugs abort the RPC (UNAVAILABLE / INTERNAL), so Envoy's `failure_mode_deny` decides,
+Failures: a store that cannot answer (`StoreUnavailable`) and bugs abort the RPC (UNAVAILABLE /
+INTERNAL), so Envoy's `failure_mode_deny` decides,
 exactly as for a transport failure. Bad input is never an exception: an unknown domain, an empty
 descriptor list or an unknown override unit are answered OK without a limit.
 """
@@ -26,14 +27,13 @@ descriptor list or an unknown override unit are answered OK without a limit.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -42,6 +42,10 @@ from envoy.service.ratelimit.v3 import rls_pb2
 from nexus_authz.core import rls
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.limits import AcquireResult, WindowStatus
+from nexus_authz.core.ports import StoreUnavailable
+
+if TYPE_CHECKING:
+    from nexus_authz.decide import Decider
 
 log = logging.getLogger("nexus_authz.ratelimit")
 
@@ -240,10 +244,6 @@ class RlsConfigSource:
 # -- the service ---------------------------------------------------------------------------------------
 
 
-class StoreUnavailableError(Exception):
-    """The counter store could not answer (a remote store down); Envoy's failure_mode_deny decides."""
-
-
 def _descriptors(request: rls_pb2.RateLimitRequest) -> list[rls.RequestDescriptor]:
     make = rls.request_descriptor
     out = []
@@ -367,15 +367,14 @@ _CONTENT_TYPE_JSON = _field(0x0A, b"content-type") + _field(0x12, b"application/
 class RateLimitService:
     """The RateLimitService; `handler()` returns the grpc generic handler to register.
 
-    `store`: a CounterStore (sync, e.g. MemoryCounterStore: shared with the engine, so one sweep serves
-    both; counter ids start with "rls\\0" and cannot clash with the engine's) or an async one with the
-    same methods (awaited). `identity`: key id -> (tenant, plan), see `engine_identity`.
+    `driver`: the decision driver over the counter store (the engine's `decider`: one store and one
+    sweep serve both; counter ids start with "rls\\0" and cannot clash with the engine's).
+    `identity`: key id -> (tenant, plan), see `engine_identity`.
     """
 
     __slots__ = (
-        "_async",
-        "_nowait",
         "clock",
+        "driver",
         "counts",
         "error_body",
         "identity",
@@ -383,13 +382,12 @@ class RateLimitService:
         "rule_stats",
         "shadow_mode",
         "source",
-        "store",
     )
 
     def __init__(
         self,
         source: RlsConfigSource,
-        store: Any,
+        driver: Decider,
         *,
         clock: Callable[[], float] = time.time,
         identity: rls.Identity | None = None,
@@ -398,11 +396,7 @@ class RateLimitService:
         shadow_mode: bool = False,
     ) -> None:
         self.source = source
-        self.store = store
-        self._async = inspect.iscoroutinefunction(getattr(type(store), "acquire", None))
-        self._nowait: Callable[..., AcquireResult | None] | None = (
-            getattr(store, "acquire_nowait", None) if self._async else None
-        )
+        self.driver = driver
         self.clock = clock
         self.identity = identity
         self.response_headers = response_headers
@@ -424,7 +418,7 @@ class RateLimitService:
     def from_settings(
         cls,
         settings: rls.RlsSettings,
-        store: Any,
+        driver: Decider,
         *,
         clock: Callable[[], float] = time.time,
         identity: rls.Identity | None = None,
@@ -438,7 +432,7 @@ class RateLimitService:
         source.load()
         return cls(
             source,
-            store,
+            driver,
             clock=clock,
             identity=identity if settings.identity else None,
             response_headers=settings.response_headers,
@@ -461,8 +455,9 @@ class RateLimitService:
         self._count(plan, answer)
         return encode_response(answer, error_body=self.error_body)
 
-    def decide(self, request: rls_pb2.RateLimitRequest) -> bytes:
-        """The whole decision with a synchronous store (the memory store; tests, benchmarks)."""
+    def decide(self, request: rls_pb2.RateLimitRequest) -> bytes | Awaitable[bytes]:
+        """The serialized response: at once when the store answers without waiting (the memory store),
+        else an awaitable. Raises `StoreUnavailable` when the store cannot answer."""
         plan = self.plan(request)
         if plan is None:
             self.counts["ok"] += 1
@@ -470,52 +465,21 @@ class RateLimitService:
         if not plan.specs and not plan.blocked:
             return self.conclude(plan, (), True)
         now = self.clock()
-        statuses: Sequence[WindowStatus] = ()
-        result: object = None
-        try:
-            if plan.blocked:  # nothing may be charged: read what each window holds now
-                statuses = self.store.peek(plan.counter_ids, plan.specs, now)
-            else:
-                result = self.store.acquire(plan.counter_ids, plan.specs, plan.costs, now)
-        except Exception as exc:
-            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
-        if plan.blocked:
+        if plan.blocked:  # nothing may be charged: read what each window holds now
+            statuses = self.driver.read(plan.counter_ids, plan.specs, now)
+            if statuses.__class__ is not tuple:
+                return self._read_later(plan, statuses)  # type: ignore[arg-type]
             return self.conclude(plan, statuses, False)
-        return self._concluded(plan, result)
+        result = self.driver.charge(plan.counter_ids, plan.specs, plan.costs, now)
+        if result.__class__ is not AcquireResult:
+            return self._charge_later(plan, result)  # type: ignore[arg-type]
+        return self.conclude(plan, result.statuses, result.allowed)
 
-    async def decide_async(self, request: rls_pb2.RateLimitRequest) -> bytes:
-        """The same with an async store (Redis): the store calls are the only awaits."""
-        plan = self.plan(request)
-        if plan is None:
-            self.counts["ok"] += 1
-            return _EMPTY_OK
-        if not plan.specs and not plan.blocked:
-            return self.conclude(plan, (), True)
-        now = self.clock()
-        statuses: Sequence[WindowStatus] = ()
-        result: object = None
-        store = self.store
-        try:
-            if plan.blocked:
-                statuses = await store.peek(plan.counter_ids, plan.specs, now)
-            else:
-                # A store that can answer locally (the Redis store's batched mode, or exact mode while
-                # Redis is away and failing open) does so without an await; otherwise the await is here.
-                nowait = self._nowait
-                result = nowait(plan.counter_ids, plan.specs, plan.costs, now) if nowait else None
-                if result is None:
-                    result = await store.acquire(plan.counter_ids, plan.specs, plan.costs, now)
-        except Exception as exc:  # a remote store's connection error, timeout...
-            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
-        if plan.blocked:
-            if not isinstance(statuses, tuple):  # e.g. the Redis store's Unavailable
-                raise StoreUnavailableError(repr(statuses))
-            return self.conclude(plan, statuses, False)
-        return self._concluded(plan, result)
+    async def _read_later(self, plan: rls.RlsPlan, pending: Awaitable[tuple[WindowStatus, ...]]) -> bytes:
+        return self.conclude(plan, await pending, False)
 
-    def _concluded(self, plan: rls.RlsPlan, result: object) -> bytes:
-        if not isinstance(result, AcquireResult):  # e.g. the Redis store's Unavailable
-            raise StoreUnavailableError(repr(result))
+    async def _charge_later(self, plan: rls.RlsPlan, pending: Awaitable[AcquireResult]) -> bytes:
+        result = await pending
         return self.conclude(plan, result.statuses, result.allowed)
 
     def _count(self, plan: rls.RlsPlan, answer: rls.RlsAnswer) -> None:
@@ -551,10 +515,11 @@ class RateLimitService:
         self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
     ) -> bytes:
         try:
-            if self._async:
-                return await self.decide_async(request)
-            return self.decide(request)
-        except StoreUnavailableError as exc:
+            out = self.decide(request)
+            if out.__class__ is not bytes:  # waits for the counter store (Redis)
+                out = await out  # type: ignore[misc]
+            return out
+        except StoreUnavailable as exc:
             self.counts["store_unavailable"] += 1
             log.warning("counter store unavailable for ShouldRateLimit", extra={"error": str(exc)})
             await context.abort(grpc.StatusCode.UNAVAILABLE, "counter store unavailable")

@@ -31,9 +31,14 @@ from collections.abc import Awaitable, Callable
 
 import httptools
 
+from nexus_authz.adapters.answers import ALLOW_CACHE, DENY_CACHE, AnswerCache, nginx_denial
+from nexus_authz.adapters.answers import error_json as _error_json
+from nexus_authz.adapters.answers import head_answer as _head_answer
+from nexus_authz.adapters.answers import header_block as _header_block
+from nexus_authz.adapters.answers import simple_response as _simple_response
+from nexus_authz.adapters.answers import status_line as _status_line
 from nexus_authz.core.keys import KEY_HEADERS
 from nexus_authz.core.model import Decision, KeyRecord, Reason, Request, new_request
-from nexus_authz.core.policy import denial
 from nexus_authz.engine import Engine
 
 log = logging.getLogger("nexus_authz.http")
@@ -45,7 +50,6 @@ RELEASE_PATH = "/_nexus/release"
 _RELEASED = b"HTTP/1.1 204 No Content\r\n\r\n"
 NGINX_PATH = "/v1/nginx/auth"
 MAX_HEADERS = 128
-_ALLOW_CACHE = 4096  # keys whose allow answers are kept ready
 # The request headers a decision can read (keys, body type, ids, addresses, partial-body flag, the
 # client's Content-Length as Envoy declares it, nginx's original request line). Others are counted
 # against the limits and otherwise ignored.
@@ -67,53 +71,6 @@ _KEEP: dict[bytes, str] = {
 }
 MAX_URL = 16 * 1024
 LINGER = 2.0  # seconds a connection closed after an answer still reads (and discards) what the peer sends
-
-_REASONS = {
-    200: b"OK",
-    204: b"No Content",
-    400: b"Bad Request",
-    401: b"Unauthorized",
-    403: b"Forbidden",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    413: b"Payload Too Large",
-    414: b"URI Too Long",
-    429: b"Too Many Requests",
-    431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error",
-    503: b"Service Unavailable",
-}
-
-
-def _status_line(status: int) -> bytes:
-    return b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))
-
-
-def _header_block(headers: tuple[tuple[str, str], ...] | list[tuple[str, str]]) -> bytes:
-    return b"".join(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")) for k, v in headers)
-
-
-def _simple_response(
-    status: int, body: bytes, content_type: bytes = b"application/json", close: bool = False
-) -> bytes:
-    return b"".join(
-        (
-            _status_line(status),
-            b"content-type: " + content_type + b"\r\n",
-            b"content-length: %d\r\n" % len(body),
-            b"connection: close\r\n" if close else b"",
-            b"\r\n",
-            body,
-        )
-    )
-
-
-def _error_json(status: int, code: str, message: str) -> bytes:
-    return b'{"error":{"message":"%s","type":"invalid_request_error","param":null,"code":"%s"}}' % (
-        message.encode(),
-        code.encode(),
-    )
-
 
 _INTERNAL_ERROR = _simple_response(500, _error_json(500, "internal_error", "Internal error."), close=True)
 _PARSE_ERROR = _simple_response(
@@ -147,7 +104,6 @@ class HttpApp:
 
     __slots__ = (
         "_allow_cache",
-        "_allow_snapshot",
         "_deny_cache",
         "admin",
         "connections",
@@ -178,9 +134,8 @@ class HttpApp:
         self.metrics_text = metrics_text
         self.connections: set[AuthzProtocol] = set()
         self.draining = False  # shutting down: every answer closes its connection
-        self._allow_cache: dict[KeyRecord, tuple[bytes, bytes]] = {}
-        self._allow_snapshot: object = None
-        self._deny_cache: dict[Decision, bytes] = {}
+        self._allow_cache: AnswerCache[tuple[bytes, bytes]] = AnswerCache(ALLOW_CACHE)
+        self._deny_cache: AnswerCache[bytes] = AnswerCache(DENY_CACHE)
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def protocol(self) -> AuthzProtocol:
@@ -189,11 +144,7 @@ class HttpApp:
     # -- response assembly ------------------------------------------------------------------------
     def allow_parts(self, key: KeyRecord) -> tuple[bytes, bytes]:
         """(ext_authz 200 header block, nginx 204 header block) for `key`, cached per snapshot."""
-        snapshot = self.engine.snapshot
-        if snapshot is not self._allow_snapshot:
-            self._allow_cache = {}
-            self._allow_snapshot = snapshot
-        parts = self._allow_cache.get(key)
+        parts = self._allow_cache.get(key, self.engine.snapshot)
         if parts is None:
             upstream = _header_block(key.upstream_headers)
             remove = b"x-envoy-auth-headers-to-remove: %s\r\n" % ", ".join(key.remove_headers).encode()
@@ -201,11 +152,7 @@ class HttpApp:
                 _status_line(200) + upstream + remove,
                 _status_line(204) + upstream,
             )
-            if len(self._allow_cache) >= _ALLOW_CACHE:
-                # Bounded: with 100,000 active keys the cache would cost ~370 B a client; the hottest
-                # keys come straight back, a cold one costs one header block (~1 µs).
-                self._allow_cache.clear()
-            self._allow_cache[key] = parts
+            self._allow_cache.put(key, parts)  # bounded (answers.AnswerCache)
         return parts
 
     def response(self, decision: Decision, *, nginx: bool, close: bool) -> bytes:
@@ -222,8 +169,7 @@ class HttpApp:
             cached = self._deny_cache.get(decision)
             if cached is None:
                 cached = self._denial(decision, b"", close=False)
-                if len(self._deny_cache) < 256:
-                    self._deny_cache[decision] = cached
+                self._deny_cache.put(decision, cached)
             return cached
         return self._denial(decision, extra, close=close)
 
@@ -534,55 +480,6 @@ class AuthzProtocol(asyncio.Protocol):
         if self._transport is not None and not self._closing and not (between_requests and busy):
             self._closing = True
             self._transport.close()
-
-
-# nginx's auth_request passes on 2xx, 401 and 403 only; any other status from the subrequest becomes a
-# bare 500. So a denial is answered as 401 (unknown/expired/revoked key) or 403 (everything else) with
-# the real status in `x-nexus-status` and the JSON error in `x-nexus-error`; deploy/nginx/nginx.conf
-# reads both with auth_request_set and its `error_page 401 403 = @nexus_denied` location answers the
-# client with the original status, body, retry-after and rate-limit headers. The subrequest's own body
-# is empty: nginx discards it anyway, and a non-empty body makes nginx close the keep-alive connection.
-_NGINX_DENY_CACHE: dict[Reason, bytes] = {}
-_HEADER_UNSAFE = bytes(range(32)) + b"\x7f"
-
-
-def nginx_denial(decision: Decision, *, close: bool) -> bytes:
-    """The auth_request answer for a denial: 401 or 403, the real status and body in x-nexus-* headers."""
-    # Only the policy's fixed denials (one object per reason) are cached; the others carry a message or
-    # headers of their own.
-    cacheable = not close and not decision.response_headers and _fixed_denial(decision)
-    if cacheable:
-        cached = _NGINX_DENY_CACHE.get(decision.reason)
-        if cached is not None:
-            return cached
-    # The body is compact ASCII JSON; dropping control bytes keeps a header value that cannot split.
-    error = decision.body.translate(None, _HEADER_UNSAFE)
-    out = b"".join(
-        (
-            _status_line(401 if decision.status == 401 else 403),
-            b"x-nexus-reason: %s\r\n" % decision.reason.value.encode(),
-            b"x-nexus-status: %d\r\n" % decision.status,
-            b"x-nexus-error: %s\r\n" % error,
-            _header_block(decision.response_headers) if decision.response_headers else b"",
-            b"connection: close\r\ncontent-length: 0\r\n\r\n" if close else b"content-length: 0\r\n\r\n",
-        )
-    )
-    if cacheable:
-        _NGINX_DENY_CACHE[decision.reason] = out
-    return out
-
-
-def _fixed_denial(decision: Decision) -> bool:
-    try:
-        return denial(decision.reason) is decision
-    except KeyError:
-        return False
-
-
-def _head_answer(out: bytes) -> bytes:
-    """The answer to a HEAD request: its header block (with the would-be body's content-length)."""
-    end = out.find(b"\r\n\r\n")
-    return out if end < 0 else out[: end + 4]
 
 
 async def _head_later(pending: Awaitable[bytes]) -> bytes:

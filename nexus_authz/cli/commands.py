@@ -236,7 +236,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
     from nexus_authz.settings import load_settings
     from nexus_authz.stores.redis import make_client, redis_password
-    from nexus_authz.stores.redis_revocations import RevocationChannel
+    from nexus_authz.stores.redis.revocations import RevocationChannel
 
     try:
         settings = load_settings(_config_path(args))

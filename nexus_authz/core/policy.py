@@ -1,9 +1,12 @@
 """The decision: who is calling, may they call this, and what the answer looks like.
 
-`Policy.authorize` is the one entry point every transport uses (HTTP ext_authz, gRPC ext_authz, nginx
-auth_request, the query API's dry run). It is pure: the key snapshot and the time come in, a `Decision`
-comes out. Denials are built from cached parts (the JSON body of each reason is rendered once), so the
-common answers allocate almost nothing.
+Pure: the key snapshot, the time and the counters' answer come in, a `Decision` comes out.
+`Policy.admit` says who is calling and what each window must be charged; `Policy.conclude` turns the
+counter store's answer into the decision and says which reservations to give back. The one driver that
+does the store's I/O in between, for every transport (HTTP ext_authz, gRPC ext_authz, nginx
+auth_request, the rate limit service, the policy API's dry run), is `nexus_authz.decide.Decider`.
+Denials are built from cached parts (the JSON body of each reason is rendered once), so the common
+answers allocate almost nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from nexus_authz.core.body import RequestFacts, is_multipart, multipart_model, request_facts
 from nexus_authz.core.config import PolicySet
@@ -20,13 +23,10 @@ from nexus_authz.core.keys import KeySnapshot, extract_key
 from nexus_authz.core.known import KnownKeys
 from nexus_authz.core.limits import AcquireResult, Kind, LimitSpec, applicable, make_limit
 from nexus_authz.core.model import Decision, InFlight, KeyRecord, Reason, Request, new_allow
+from nexus_authz.core.ports import Adjust, CounterStore
 from nexus_authz.core.pricing import PriceTable
 from nexus_authz.core.ratelimit_headers import rate_limit_headers
-from nexus_authz.core.reservations import ReservationBook
-
-if TYPE_CHECKING:  # the store protocol lives with the stores; the core only calls it
-    from nexus_authz.stores.base import CounterStore
-    from nexus_authz.stores.memory import MemoryCounterStore
+from nexus_authz.core.reservations import ReservationBook, settle_with
 
 # OpenAI's error shapes, so SDKs raise the matching exception (AuthenticationError, PermissionDeniedError,
 # RateLimitError, BadRequestError) and show the message.
@@ -208,45 +208,9 @@ class Policy:
             tuple[KeyRecord, str | None], tuple[tuple[str, ...], tuple[LimitSpec, ...]]
         ] = {}
 
-    # -- the whole decision, for a local (synchronous) counter store ----------------------------------
-    def authorize(
-        self,
-        request: Request,
-        snapshot: KeySnapshot,
-        now: float,
-        counters: CounterStore | None = None,
-        book: ReservationBook | None = None,
-        failures: MemoryCounterStore | None = None,
-    ) -> Decision:
-        """Decide on `request`. Never raises for anything a client can send.
-
-        Without `counters`, limits are not evaluated (authentication and rules only: a dry run).
-        `failures` counts invalid keys per client address (brute-force protection; always local).
-        """
-        admission = self.admit(request, snapshot, now, failures)
-        if isinstance(admission, Decision):
-            return admission
-        if counters is None:
-            return _allow(admission.key, admission.model)
-        if not admission.specs:
-            if book is not None and admission.request_id:  # tracking only: nothing to reserve
-                key = admission.key
-                context = InFlight(key.key_id, key.tenant, admission.model, admission.prompt_tokens)
-                for settlement in book.track(admission.request_id, context, now):
-                    counters.adjust(
-                        settlement.counter_ids,
-                        settlement.specs,
-                        settlement.deltas,
-                        now,
-                        settlement.charged_at,
-                    )
-            return _allow(admission.key, admission.model)
-        result = counters.acquire(admission.counter_ids, admission.specs, admission.costs, now)
-        return self.conclude(admission, result, now, counters, book)
-
     # -- step 1: who, and what it costs ---------------------------------------------------------------
     def admit(
-        self, request: Request, snapshot: KeySnapshot, now: float, failures: MemoryCounterStore | None = None
+        self, request: Request, snapshot: KeySnapshot, now: float, failures: CounterStore | None = None
     ) -> Decision | Admission:
         admission = self._admit(request, snapshot, now, failures)
         if isinstance(admission, Decision) and not admission.allowed and is_anthropic_path(request.path):
@@ -254,7 +218,7 @@ class Policy:
         return admission
 
     def _admit(
-        self, request: Request, snapshot: KeySnapshot, now: float, failures: MemoryCounterStore | None = None
+        self, request: Request, snapshot: KeySnapshot, now: float, failures: CounterStore | None = None
     ) -> Decision | Admission:
         secret = extract_key(request.headers)
         if secret is None:
@@ -321,7 +285,9 @@ class Policy:
             anthropic=is_anthropic_path(request.path),
         )
 
-    def _read_body(self, request: Request, key: KeyRecord) -> Decision | tuple[str | None, RequestFacts | None]:
+    def _read_body(
+        self, request: Request, key: KeyRecord
+    ) -> Decision | tuple[str | None, RequestFacts | None]:
         """The model and facts of the body (the strict reading), or the refusal.
 
         The model decided on must be the one the upstream will use: a body that could say otherwise
@@ -412,14 +378,17 @@ class Policy:
         admission: Admission,
         result: AcquireResult,
         now: float,
-        counters: CounterStore | None = None,
+        adjust: Adjust | None = None,
         book: ReservationBook | None = None,
     ) -> Decision:
+        """The decision for the counters' answer; an admitted request's reservation goes in `book`, and
+        the reservations it displaced (expired meanwhile, evicted) are given back through `adjust` (the
+        store's non-blocking adjust). Without `book`, nothing is reserved (a dry run)."""
         headers = tuple(rate_limit_headers(result.statuses, denied=not result.allowed))
         if not result.allowed:
             limited = _limited(result, headers)
             return anthropic_shaped(limited) if admission.anthropic else limited
-        self._reserve(admission, result.uncharged, now, counters, book)
+        self._reserve(admission, result.uncharged, now, adjust, book)
         if book is not None and admission.request_id and book.holds_slot(admission.specs, result.uncharged):
             return new_allow(admission.key, admission.model, headers, admission.request_id)
         return _allow(admission.key, admission.model, headers)
@@ -429,7 +398,7 @@ class Policy:
         admission: Admission,
         uncharged: int,
         now: float,
-        counters: CounterStore | None,
+        adjust: Adjust | None,
         book: ReservationBook | None,
     ) -> None:
         """Remember what the request reserved (and, when tracking, who it was) until it is settled."""
@@ -439,7 +408,7 @@ class Policy:
         context = (
             InFlight(key.key_id, key.tenant, admission.model, admission.prompt_tokens) if self.track else None
         )
-        for settlement in book.reserve(
+        displaced = book.reserve(
             admission.request_id,
             admission.counter_ids,
             admission.specs,
@@ -447,11 +416,9 @@ class Policy:
             now,
             uncharged,
             context=context,
-        ):
-            if counters is not None:  # reservations that expired meanwhile or were displaced
-                counters.adjust(
-                    settlement.counter_ids, settlement.specs, settlement.deltas, now, settlement.charged_at
-                )
+        )
+        if displaced and adjust is not None:  # reservations that expired meanwhile or were displaced
+            settle_with(adjust, displaced, now)
 
 
 # A cut body's unseen bytes are reserved at this many tokens a byte: twice the usual density of text

@@ -3,8 +3,9 @@
 At Check a token or USD window is charged an *estimate* (prompt estimate + max_tokens) and a concurrency
 window one slot. The book remembers, per request id, which counters were charged how much, so that
 `settle` can turn the real usage into per-window differences (refund or extra charge) and release the
-concurrency slot. The store applies them (`stores.base.apply_settlements`); this module is pure: time
-comes in as `now`, and it returns data.
+concurrency slot. `settle_with` applies them through a store's `adjust` (the one settle loop: the
+decision driver and the memory store use it); the book itself is pure: time comes in as `now`, and it
+returns data.
 
 Expiry: a reservation not settled within `ttl` expires. Its concurrency slots are released (the request
 is gone or its usage report was lost; holding the slot would lock the key out), but its estimate *stays
@@ -27,12 +28,13 @@ entry claims (issue 13).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence, ValuesView
+from collections.abc import Iterable, Sequence, ValuesView
 from dataclasses import dataclass
 
 from nexus_authz.core.limits import Kind, LimitSpec
+from nexus_authz.core.ports import Adjust
 
-__all__ = ["ReservationBook", "ReservationEntry", "Settlement"]
+__all__ = ["ReservationBook", "ReservationEntry", "Settlement", "settle_with"]
 
 _REQUESTS, _TOKENS, _USD, _CONCURRENCY = Kind.REQUESTS, Kind.TOKENS, Kind.USD, Kind.CONCURRENCY
 _NEEDS_SETTLE = frozenset({_TOKENS, _USD, _CONCURRENCY})
@@ -279,3 +281,11 @@ def _expiry(request_id: str, entry: _Entry) -> Settlement:
         for i, spec in enumerate(specs)
     )
     return Settlement(request_id, counter_ids, specs, deltas, charged_at, expired=True, context=context)
+
+
+def settle_with(adjust: Adjust, settlements: Iterable[Settlement], now: float) -> None:
+    """Apply what the book returned (settle, release, expiry, early eviction) through a store's `adjust`
+    (a sync store's `adjust`, an async one's `adjust_soon`), each at the time its reservation was
+    charged, so a sliding window refunds the slot that was charged."""
+    for s in settlements:
+        adjust(s.counter_ids, s.specs, s.deltas, now, s.charged_at)

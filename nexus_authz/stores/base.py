@@ -1,41 +1,70 @@
-"""The counter-store seam: the one interface every limit backend implements (memory now, Redis later).
+"""The counter-store seam, store side: the sync port re-exported, and the memory store behind the async
+port.
 
-The decision logic lives in `nexus_authz.core.limits`; a store only keeps state and applies those
-functions atomically for one Check. This keeps the algorithms in one place, lets one contract suite
-(tests/stores/test_counter_contract.py) run against every backend, and keeps the API synchronous and
-allocation-light for the embedded store (a remote store adds async twins of these methods).
-
-Counter ids are opaque strings built by the caller (e.g. f"{key_id}\\x00{limit_name}"): the store never
-parses them. Ids within one call must be distinct. If a limit changes shape on reload (algorithm, slots),
-its state no longer matches and is treated as fresh; include something that identifies the spec in the
-id if a changed limit should start from zero on purpose.
+The ports themselves are declared in the core (`nexus_authz.core.ports`): `CounterStore` (sync, the
+memory store) and `AsyncCounterStore` (nowait-first, the Redis stores). `LocalCounters` puts a sync store
+behind the async port, so the decision driver (`nexus_authz.decide`) has one path for every store: every
+nowait call of a local store answers, and no coroutine is made. The decision logic lives in
+`nexus_authz.core.limits`; a store only keeps state and applies those functions atomically for one
+Check, so one contract suite (tests/stores/test_counter_contract.py) runs against every backend.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol, runtime_checkable
 
 from nexus_authz.core.limits import AcquireResult, LimitSpec, WindowStatus
-from nexus_authz.core.reservations import Settlement
+from nexus_authz.core.ports import AsyncCounterStore, CounterStore, StoreHealth
+from nexus_authz.core.reservations import Settlement, settle_with
 
-__all__ = ["AcquireResult", "CounterStore", "apply_settlements"]
+__all__ = ["AcquireResult", "AsyncCounterStore", "CounterStore", "LocalCounters", "apply_settlements"]
 
 
-@runtime_checkable
-class CounterStore(Protocol):
-    def acquire(
+class LocalCounters:
+    """A synchronous `CounterStore` as an `AsyncCounterStore`: every nowait call answers at once.
+
+    The nowait methods are the store's own bound methods (no extra frame on the hot path); the async
+    twins exist for the port's sake and never wait."""
+
+    __slots__ = ("acquire_nowait", "adjust_soon", "peek_nowait", "store", "sweep", "stats")
+
+    def __init__(self, store: CounterStore) -> None:
+        self.store = store
+        self.acquire_nowait = store.acquire
+        self.peek_nowait = store.peek
+        self.adjust_soon = store.adjust
+        self.sweep = store.sweep
+        self.stats = store.stats
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    async def acquire(
         self, counter_ids: Sequence[str], specs: Sequence[LimitSpec], costs: Sequence[int], now: float
     ) -> AcquireResult:
-        """Evaluate every window of one request and charge all of them or none.
+        return self.store.acquire(counter_ids, specs, costs, now)
 
-        Allowed iff every enforced window fits its cost. Then each enforced window is charged, and each
-        shadow window too if it would have admitted the request on its own (so a shadow counter is what
-        the limit would hold if it were enforced). A denied request charges nothing.
-        """
-        ...
+    async def peek(
+        self,
+        counter_ids: Sequence[str],
+        specs: Sequence[LimitSpec],
+        now: float,
+        costs: Sequence[int] | None = None,
+    ) -> tuple[WindowStatus, ...]:
+        return self.store.peek(counter_ids, specs, now, costs)
 
-    def adjust(
+    def adjust_nowait(
+        self,
+        counter_ids: Sequence[str],
+        specs: Sequence[LimitSpec],
+        deltas: Sequence[int],
+        now: float,
+        charged_at: float | None = None,
+    ) -> bool:
+        self.store.adjust(counter_ids, specs, deltas, now, charged_at)
+        return True
+
+    async def adjust(
         self,
         counter_ids: Sequence[str],
         specs: Sequence[LimitSpec],
@@ -43,31 +72,18 @@ class CounterStore(Protocol):
         now: float,
         charged_at: float | None = None,
     ) -> None:
-        """Apply settle differences now: positive charges extra (may overdraw), negative refunds or
-        releases (never below empty). `charged_at` is when the reservation was charged, so a sliding
-        window refunds the right slot."""
-        ...
+        self.store.adjust(counter_ids, specs, deltas, now, charged_at)
 
-    def peek(
-        self,
-        counter_ids: Sequence[str],
-        specs: Sequence[LimitSpec],
-        now: float,
-        costs: Sequence[int] | None = None,
-    ) -> tuple[WindowStatus, ...]:
-        """What `acquire` would answer, changing nothing (dry runs, the query API). No costs: zero each."""
-        ...
+    def health(self) -> StoreHealth | None:
+        return None  # in this process: never unreachable
 
-    def __len__(self) -> int:
-        """Counters currently holding state (for metrics)."""
-        ...
+    async def start(self) -> None:
+        return None
 
-    def stats(self) -> dict[str, int]:
-        """Plain counters for metrics, e.g. {"counters": ..., "evicted": ...}."""
-        ...
+    async def close(self) -> None:
+        return None
 
 
 def apply_settlements(store: CounterStore, settlements: Iterable[Settlement], now: float) -> None:
-    """Apply what a ReservationBook returned (settle, expiry, early eviction) to the store."""
-    for s in settlements:
-        store.adjust(s.counter_ids, s.specs, s.deltas, now, s.charged_at)
+    """Apply what a ReservationBook returned (settle, expiry, early eviction) to a sync store."""
+    settle_with(store.adjust, settlements, now)

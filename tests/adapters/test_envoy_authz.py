@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import grpc
+import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from nexus_authz.adapters.answers import ALLOW_CACHE
 from nexus_authz.adapters.envoy_authz import AuthorizationService, request_from_check
-from nexus_authz.core.model import Reason
+from nexus_authz.adapters.http_authz import HttpApp
+from nexus_authz.core.model import Reason, new_allow
 from nexus_authz.engine import Engine
 from nexus_authz.server import Server
 from tests.adapters.conftest import ALICE, BOB
@@ -150,9 +154,38 @@ def test_a_cut_body_is_measured_by_the_clients_content_length_not_envoys_size() 
     # body), so a cut body reserved by it came out small and random; the client's content-length is the
     # body's real length, and a forged x-nexus-content-length is dropped.
     cut = b"x" * 1024
-    headers = {"content-length": "2000000", "x-envoy-auth-partial-body": "true", "x-nexus-content-length": "1"}
+    headers = {
+        "content-length": "2000000",
+        "x-envoy-auth-partial-body": "true",
+        "x-nexus-content-length": "1",
+    }
     req = check_request(headers, cut)
     req.attributes.request.http.size = 425984
     assert request_from_check(req).headers["x-nexus-content-length"] == "2000000"
     del req.attributes.request.http.headers["content-length"]
     assert "x-nexus-content-length" not in request_from_check(req).headers  # unknown: a cut body gets 413
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_the_allow_answer_cache_is_bounded_on_both_transports(engine: Engine, transport: str) -> None:
+    # issue 14: the HTTP adapter kept at most 4,096 allow answers, the gRPC adapter one per key record
+    # ever seen (100,000 active keys: ~40 MB per snapshot). One bounded cache class serves both now.
+    record = engine.snapshot.by_id["alice"]
+    records = [
+        dataclasses.replace(record, key_id=f"k{i}", upstream_headers=(("x-nexus-key-id", f"k{i}"),))
+        for i in range(ALLOW_CACHE + 10)
+    ]
+    if transport == "grpc":
+        service = AuthorizationService(engine)
+        for r in records:
+            answer = external_auth_pb2.CheckResponse.FromString(service.serialize(new_allow(r, None, ())))
+            assert answer.dynamic_metadata.fields["key_id"].string_value == r.key_id
+        cache = service._allow_cache
+    else:
+        app = HttpApp(engine, max_header_bytes=8192, max_body=0)
+        for r in records:
+            assert b"x-nexus-key-id: %s\r\n" % r.key_id.encode() in app.response(
+                new_allow(r, None, ()), nginx=False, close=False
+            )
+        cache = app._allow_cache
+    assert 0 < len(cache) <= ALLOW_CACHE

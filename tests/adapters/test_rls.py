@@ -35,9 +35,12 @@ from nexus_authz.adapters.envoy_rls import (
 from nexus_authz.core import rls
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.limits import AcquireResult, LimitSpec, WindowStatus
+from nexus_authz.core.ports import StoreUnavailable
 from nexus_authz.core.rls import RlsSettings
+from nexus_authz.decide import Decider
 from nexus_authz.engine import Engine
 from nexus_authz.server import Server
+from nexus_authz.stores.base import LocalCounters
 from nexus_authz.stores.memory import MemoryCounterStore
 
 Response = rls_pb2.RateLimitResponse
@@ -94,9 +97,11 @@ def write(directory: Path, name: str, text: str) -> Path:
 
 
 def service(directory: Path, store: object | None = None, **kwargs: object) -> RateLimitService:
+    """The service over `store` (an AsyncCounterStore; default: a memory store behind the async port)."""
     source = RlsConfigSource(str(directory))
     source.load()
-    return RateLimitService(source, store if store is not None else MemoryCounterStore(), **kwargs)  # type: ignore[arg-type]
+    port = store if store is not None else LocalCounters(MemoryCounterStore())
+    return RateLimitService(source, Decider(port), **kwargs)  # type: ignore[arg-type]
 
 
 async def _serve_and_call(
@@ -278,7 +283,8 @@ def test_the_hand_encoding_is_the_protobuf_message(tmp_path: Path) -> None:
 
 
 class AsyncStore:
-    """An async store (the Redis store's shape) over the memory store."""
+    """An async store (the Redis store's shape: core.ports.AsyncCounterStore) over the memory store, which
+    always waits."""
 
     def __init__(self, fail: str | None = None) -> None:
         self.inner = MemoryCounterStore()
@@ -291,10 +297,20 @@ class AsyncStore:
         self.calls += 1
         await asyncio.sleep(0)
         if self.fail == "unavailable":
-            return object()  # e.g. an `Unavailable` marker
+            raise StoreUnavailable("redis is down")
         if self.fail == "raise":
-            raise ConnectionError("redis is down")
+            raise ConnectionError("a store that lets its client's error out")  # a bug in that store
         return self.inner.acquire(ids, specs, costs, now)
+
+    def acquire_nowait(
+        self, ids: Sequence[str], specs: Sequence[LimitSpec], costs: Sequence[int], now: float
+    ) -> AcquireResult | None:
+        return None
+
+    def peek_nowait(
+        self, ids: Sequence[str], specs: Sequence[LimitSpec], now: float, costs: Sequence[int] | None = None
+    ) -> tuple[WindowStatus, ...] | None:
+        return None
 
     async def peek(
         self, ids: Sequence[str], specs: Sequence[LimitSpec], now: float, costs: Sequence[int] | None = None
@@ -311,13 +327,23 @@ def test_an_async_store_is_awaited(cfg_dir: Path) -> None:
     assert store.calls == 3
 
 
-@pytest.mark.parametrize("fail", ["unavailable", "raise"])
-def test_a_store_that_cannot_answer_fails_the_rpc_for_failure_mode_deny(cfg_dir: Path, fail: str) -> None:
+@pytest.mark.parametrize(
+    ("fail", "code", "counted"),
+    [
+        ("unavailable", grpc.StatusCode.UNAVAILABLE, "store_unavailable"),
+        ("raise", grpc.StatusCode.INTERNAL, "error"),
+    ],
+)
+def test_a_store_that_cannot_answer_fails_the_rpc_for_failure_mode_deny(
+    cfg_dir: Path, fail: str, code: grpc.StatusCode, counted: str
+) -> None:
+    # StoreUnavailable is the store saying it cannot answer; any other exception is a bug (INTERNAL).
+    # Either way the RPC fails and Envoy's failure_mode_deny decides.
     svc = service(cfg_dir, AsyncStore(fail), clock=Clock())
     failed, unlimited = call(svc, request(key("alice")), request(descriptor(("ldap", "x"))))
-    assert failed == grpc.StatusCode.UNAVAILABLE
+    assert failed == code
     assert unlimited.overall_code == Response.OK  # no store call needed: still answered
-    assert svc.counts["store_unavailable"] == 1
+    assert svc.counts[counted] == 1
 
 
 def test_a_bug_is_an_internal_error_not_a_crash(cfg_dir: Path) -> None:
@@ -325,7 +351,7 @@ def test_a_bug_is_an_internal_error_not_a_crash(cfg_dir: Path) -> None:
         def acquire(self, *args: object) -> AcquireResult:  # type: ignore[override]
             return AcquireResult(True, ())  # fewer statuses than windows: a bug in a store
 
-    svc = service(cfg_dir, Broken(), clock=Clock())
+    svc = service(cfg_dir, LocalCounters(Broken()), clock=Clock())
     (result,) = call(svc, request(key("alice")))
     assert result == grpc.StatusCode.INTERNAL and svc.counts["error"] == 1
 
@@ -357,7 +383,7 @@ def test_a_local_answer_is_used_without_an_await(cfg_dir: Path) -> None:
 def test_a_peek_that_cannot_answer_fails_the_rpc(cfg_dir: Path) -> None:
     class PeekDown(AsyncStore):
         async def peek(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
-            return object()
+            raise StoreUnavailable("redis is down")
 
     svc = service(cfg_dir, PeekDown(), clock=Clock())
     (result,) = call(svc, request(descriptor(("blocked", "x"))))
@@ -481,15 +507,14 @@ def test_configmap_style_symlink_swaps_are_seen(tmp_path: Path) -> None:
 
 
 def test_startup_errors_are_config_errors(tmp_path: Path) -> None:
+    driver = Decider(LocalCounters(MemoryCounterStore()))
     with pytest.raises(ConfigError, match="ratelimit config directory not found"):
-        RateLimitService.from_settings(
-            RlsSettings(config_dir=str(tmp_path / "missing")), MemoryCounterStore()
-        )
+        RateLimitService.from_settings(RlsSettings(config_dir=str(tmp_path / "missing")), driver)
     (tmp_path / "bad.yaml").write_text("domain: x\ndescriptors: {}\n")
     with pytest.raises(ConfigError, match=r"bad.yaml:2: descriptors: expected a list"):
-        RateLimitService.from_settings(RlsSettings(config_dir=str(tmp_path)), MemoryCounterStore())
+        RateLimitService.from_settings(RlsSettings(config_dir=str(tmp_path)), driver)
     with pytest.raises(ConfigError, match="config_dir is not set"):
-        RateLimitService.from_settings(RlsSettings(), MemoryCounterStore())
+        RateLimitService.from_settings(RlsSettings(), driver)
 
 
 # -- inside the server ---------------------------------------------------------------------------------
@@ -507,7 +532,7 @@ def test_the_server_offers_the_service_with_health(engine: Engine, cfg_dir: Path
         server = Server(settings, engine)
         await server.start()
         try:
-            assert server.ratelimit is not None and server.ratelimit.store is engine.counters
+            assert server.ratelimit is not None and server.ratelimit.driver is engine.decider
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
                 health = health_pb2_grpc.HealthStub(channel)
                 status = (await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))).status

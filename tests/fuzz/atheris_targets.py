@@ -40,8 +40,10 @@ with atheris.instrument_imports(include=["nexus_authz"]):
     from nexus_authz.adapters.envoy_rls import RateLimitService, RlsConfigSource, engine_identity
     from nexus_authz.core.body import inject_include_usage, multipart_model, request_facts
     from nexus_authz.core.usage import StreamUsage
+    from nexus_authz.decide import Decider
     from nexus_authz.engine import Engine
     from nexus_authz.settings import load_settings
+    from nexus_authz.stores.base import LocalCounters
     from nexus_authz.stores.memory import MemoryCounterStore
 
 from tests.fuzz._support import BugLog, check_answer, check_error_json, feed, reset, write_fuzz_config
@@ -139,7 +141,9 @@ def rls_target() -> Callable[[bytes], None]:
     engine = _engine()
     source = RlsConfigSource(str(FIXTURES / "rls" / "valid"))
     source.load()
-    service = RateLimitService(source, MemoryCounterStore(), identity=engine_identity(engine))
+    service = RateLimitService(
+        source, Decider(LocalCounters(MemoryCounterStore())), identity=engine_identity(engine)
+    )
 
     def one(data: bytes) -> None:
         try:

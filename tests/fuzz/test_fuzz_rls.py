@@ -19,7 +19,9 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from nexus_authz.adapters.envoy_rls import RateLimitService, RlsConfigSource, engine_identity
+from nexus_authz.decide import Decider
 from nexus_authz.engine import Engine
+from nexus_authz.stores.base import LocalCounters
 from nexus_authz.stores.memory import MemoryCounterStore
 from tests.fuzz._support import check_error_json, fuzz_settings, no_bugs_logged, time_bound
 
@@ -77,7 +79,7 @@ def services(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> list[R
         out.append(
             RateLimitService(
                 source,
-                MemoryCounterStore(),
+                Decider(LocalCounters(MemoryCounterStore())),
                 identity=engine_identity(engine),
                 response_headers=headers,
                 shadow_mode=shadow,

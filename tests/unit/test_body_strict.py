@@ -15,7 +15,7 @@ from nexus_authz.core.policy import UNSEEN_TOKENS_PER_BYTE, Policy
 from nexus_authz.core.reservations import ReservationBook
 from nexus_authz.core.yamlsrc import Fields, load_yaml
 from nexus_authz.stores.memory import MemoryCounterStore
-from tests.helpers import PEPPER, KeySpec, key_file
+from tests.helpers import PEPPER, KeySpec, decide_local, key_file
 
 POLICY_YAML = """
 plans:
@@ -76,7 +76,7 @@ class World:
         h = {"authorization": f"Bearer {key.secret}", "content-type": content_type}
         h.update({k.replace("_", "-"): v for k, v in headers.items()})
         req = Request("POST", "/v1/chat/completions", h, body, truncated, f"r{self.n}", "192.0.2.7")
-        return self.policy.authorize(req, self.snapshot, T0, self.counters, self.book, self.failures)
+        return decide_local(self.policy, self.snapshot, req, T0, self.counters, self.book, self.failures)
 
 
 def escaped_duplicate(pad: str) -> bytes:

@@ -12,7 +12,7 @@ from nexus_authz.core.body import multipart_model, request_facts
 from nexus_authz.core.config import PolicySet, parse_key_file, parse_timestamp
 from nexus_authz.core.model import Credential, Reason, Request
 from nexus_authz.core.policy import Policy
-from tests.helpers import PEPPER, KeySpec, key_file
+from tests.helpers import PEPPER, KeySpec, decide_local, key_file
 
 CRED = {"openai": Credential(name="openai", header="authorization", value="Bearer sk-up")}
 EXPIRY = "2030-01-01T00:00:00Z"
@@ -48,7 +48,7 @@ def req(
 
 
 def decide(r: Request, now: float = NOW):  # type: ignore[no-untyped-def]
-    return POLICY.authorize(r, SNAP, now)
+    return decide_local(POLICY, SNAP, r, now)
 
 
 def test_allowed_with_credential_swap() -> None:

@@ -11,7 +11,7 @@ from nexus_authz.core.reservations import ReservationBook
 from nexus_authz.core.yamlsrc import Fields, load_yaml
 from nexus_authz.stores.base import apply_settlements
 from nexus_authz.stores.memory import MemoryCounterStore
-from tests.helpers import PEPPER, KeySpec, key_file
+from tests.helpers import PEPPER, KeySpec, decide_local, dry_run_local, key_file
 
 POLICY_YAML = """
 plans:
@@ -81,7 +81,7 @@ class World:
             raw,
             request_id=request_id or f"r{self.n}",
         )
-        return self.policy.authorize(req, self.snapshot, self.now, self.counters, self.book)
+        return decide_local(self.policy, self.snapshot, req, self.now, self.counters, self.book)
 
     def settle(self, request_id: str, tokens: int | None = None, usd: int | None = None) -> None:
         s = self.book.settle(request_id, self.now, tokens=tokens, usd_micros=usd)
@@ -268,7 +268,7 @@ def test_failed_keys_throttle_the_address() -> None:
 
     def attempt(key: str, address: str = "203.0.113.7") -> Decision:
         req = Request("GET", "/v1/models", {"authorization": f"Bearer {key}"}, client_address=address)
-        return w.policy.authorize(req, w.snapshot, w.now, w.counters, w.book, failures)
+        return decide_local(w.policy, w.snapshot, req, w.now, w.counters, w.book, failures)
 
     for i in range(3):
         assert attempt(f"nx-guess-{i}-0000000000").reason is Reason.UNKNOWN_KEY
@@ -294,7 +294,7 @@ def test_a_guesser_does_not_lock_out_keys_already_in_use_from_its_address() -> N
 
     def attempt(key: str, address: str = "203.0.113.7") -> Decision:
         req = Request("GET", "/v1/models", {"authorization": f"Bearer {key}"}, client_address=address)
-        return w.policy.authorize(req, w.snapshot, w.now, w.counters, w.book, failures)
+        return decide_local(w.policy, w.snapshot, req, w.now, w.counters, w.book, failures)
 
     def guess(n: int) -> None:
         for i in range(n):
@@ -311,7 +311,7 @@ def test_a_guesser_does_not_lock_out_keys_already_in_use_from_its_address() -> N
     # A dry run (no failure store) neither consults nor teaches the allowance.
     headers = {"authorization": f"Bearer {GPT4.secret}"}
     dry = Request("GET", "/v1/models", headers, client_address="203.0.113.7")
-    assert w.policy.authorize(dry, w.snapshot, w.now).allowed
+    assert dry_run_local(w.policy, w.snapshot, dry, w.now).allowed
     assert attempt(GPT4.secret).reason is Reason.AUTH_THROTTLED
     # The allowance lapses when the key has not been used from the address for KNOWN_KEY_TTL.
     w.now += KNOWN_KEY_TTL + 1

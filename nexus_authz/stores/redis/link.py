@@ -8,7 +8,8 @@ reconciliation is sent ahead of the calls that follow it).
 
 Failures are a defined behaviour, not a hang: a pipeline that does not complete within `timeout` is
 abandoned (the connection is dropped, so no late reply can be mistaken for the next one) and its
-callers get `RedisUnavailable`; a caller also stops waiting after `timeout`, whatever is ahead of it.
+callers get `StoreUnavailable` (transient); a caller also stops waiting after `timeout`, whatever is
+ahead of it.
 The breaker opens after `failures` consecutive failed pipelines: then calls fail at once without
 touching the network, for `reset` seconds; then one pipeline is let through as a probe (half-open):
 success closes the breaker, failure opens it again. Each change of state is logged once.
@@ -26,30 +27,16 @@ from typing import Any, Final
 
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from nexus_authz.stores.redis_lua import SCRIPT, SCRIPT_SHA
+from nexus_authz.core.ports import StoreUnavailable
+from nexus_authz.stores.redis.lua import SCRIPT, SCRIPT_SHA
 
-__all__ = ["Breaker", "Health", "RedisLink", "RedisUnavailable", "Unavailable"]
+__all__ = ["Breaker", "Health", "RedisLink"]
 
 log = logging.getLogger("nexus_authz.redis")
 
 CLOSED: Final = "closed"
 OPEN: Final = "open"
 HALF_OPEN: Final = "half_open"
-
-
-class RedisUnavailable(Exception):
-    """A call did not reach Redis or got no answer in time (internal; stores turn it into a policy)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Unavailable:
-    """A decision could not be made: Redis is unreachable and the failure mode is `fail_closed`.
-
-    The caller answers 503 (Envoy: a 5xx that `failure_mode_allow` does not turn into an allow).
-    """
-
-    reason: str
-    retry_after: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +61,7 @@ class Health:
     timeouts: int  # callers that stopped waiting
     rejected: int  # calls refused by the open breaker without touching the network
     fallbacks: int  # decisions made locally because Redis was away (fail_open)
-    unavailable: int  # decisions answered Unavailable (fail_closed)
+    unavailable: int  # decisions refused with StoreUnavailable (fail_closed)
     latency_ms: float  # moving average of the pipeline round trip
     latency_max_ms: float  # largest round trip since start
 
@@ -220,7 +207,7 @@ class RedisLink:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
-        _fail_all(self._queue, RedisUnavailable("store closed"))
+        _fail_all(self._queue, StoreUnavailable("store closed", transient=False))
         self._queue.clear()
         await self._drop_connection()
         with contextlib.suppress(RedisError, OSError):
@@ -235,19 +222,19 @@ class RedisLink:
         on_reply: Callable[[Any], None] | None = None,
     ) -> asyncio.Future[Any]:
         """Queue a request ("M") or a whole call ("C"); the future resolves to its reply or raises
-        RedisUnavailable. `on_reply` runs as the reply lands, before anything else is sent or decided
+        StoreUnavailable. `on_reply` runs as the reply lands, before anything else is sent or decided
         (even if the caller stopped waiting): state pulled back must be applied before the next flush."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         if self._closed:
-            fut.set_exception(RedisUnavailable("store closed"))
+            fut.set_exception(StoreUnavailable("store closed", transient=False))
             return fut
         self._queue.append((kind, keys, args, fut, on_reply, loop.time() + self.timeout))
         self.kick()
         return fut
 
     async def request(self, keys: Sequence[bytes], segment: Sequence[bytes]) -> bytes:
-        """One request, answered within `timeout` or RedisUnavailable.
+        """One request, answered within `timeout` or StoreUnavailable.
 
         The deadline needs no timer per call: the send loop fails what waited in the queue past it, and
         bounds each pipeline by the deadline of the oldest call in it (so by every caller's own)."""
@@ -322,7 +309,7 @@ class RedisLink:
                         continue
                     if item[5] <= now:  # waited its whole timeout behind earlier pipelines
                         self.timeouts += 1
-                        fut.set_exception(RedisUnavailable(f"no answer within {self.timeout * 1000:.0f} ms"))
+                        fut.set_exception(StoreUnavailable(f"no answer within {self.timeout * 1000:.0f} ms"))
                         continue
                     live.append(item)
                 batch = live
@@ -330,7 +317,7 @@ class RedisLink:
                     continue
                 if not self.breaker.allow():
                     self.rejected += len(batch)
-                    _fail_all(batch, RedisUnavailable(f"circuit breaker {self.breaker.state}"))
+                    _fail_all(batch, StoreUnavailable(f"circuit breaker {self.breaker.state}"))
                     if self.after_send is not None and front is not None:
                         self.after_send(front[1], None, False)
                     return
@@ -344,12 +331,12 @@ class RedisLink:
                 try:
                     replies = await asyncio.wait_for(self._pipeline(calls), budget)
                 except Exception as exc:
-                    if not isinstance(exc, TimeoutError | RedisError | OSError | RedisUnavailable):
+                    if not isinstance(exc, TimeoutError | RedisError | OSError | StoreUnavailable):
                         # a bug, not Redis: say so loudly, but let the callers fall back like for an outage
                         log.exception("redis counter store: unexpected error", extra={"store": self.name})
                     await self._drop_connection()
                     self._failed(exc)
-                    _fail_all(batch, RedisUnavailable(_describe(exc, self.timeout)))
+                    _fail_all(batch, StoreUnavailable(_describe(exc, self.timeout)))
                     if self.after_send is not None and front is not None:
                         self.after_send(front[1], None, self._wrote)
                     if not self._queue:
@@ -393,7 +380,7 @@ class RedisLink:
             if isinstance(reply, ResponseError):
                 # NOAUTH, LOADING, READONLY, OOM, BUSY, MOVED...: Redis cannot serve us right now. (A bug
                 # in the script would land here too: it shows as the health's last_error.)
-                raise RedisUnavailable(f"redis error: {reply}")
+                raise StoreUnavailable(f"redis error: {reply}")
         return replies
 
     async def _send(self, calls: _Calls) -> list[Any]:
@@ -466,7 +453,7 @@ class _Group:
         return self.keys, [*head, b"%d" % self.count, b"%d" % len(self.specs), *self.specs, *self.args]
 
 
-def _fail_all(batch: list[_Item], error: RedisUnavailable) -> None:
+def _fail_all(batch: list[_Item], error: StoreUnavailable) -> None:
     for item in batch:
         fut = item[3]
         if not fut.done():

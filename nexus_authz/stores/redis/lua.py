@@ -15,47 +15,27 @@ counts as fresh (as in the memory store). Every write sets a TTL (the time until
 plus a margin for clock skew; gauges: `gauge_ttl`), so idle counters expire and Redis never grows
 without bound. A write that leaves a window fresh deletes the key.
 
-Time is the caller's `now` (see `stores.redis` for why). The one deliberate difference from the
+Time is the caller's `now` (see the `stores.redis` package for why). The one deliberate difference from the
 memory store: a GCRA anchor never moves backwards (`since = max(since, now)`), so that a replica whose
 clock is behind cannot make another replica drain the same debt twice; on one monotonic clock this
 changes nothing.
 
 Calls (ARGV[1]): M evaluates a list of requests, each all or nothing (A acquire, P peek, J adjust), and
-answers one string per request: the link sends every decision of an event-loop iteration as one call,
-so the script's fixed cost (tens of microseconds) is paid once per batch, not per decision. F is the
-write-behind flush: per counter, replace the state if its version is unchanged or apply the deltas,
-and pull states back. The argument layouts are documented above each part of the script.
+answers one string per request (`wire` encodes and decodes them): the link sends every decision of an
+event-loop iteration as one call, so the script's fixed cost (tens of microseconds) is paid once per
+batch, not per decision. F is the write-behind flush: per counter, replace the state if its version is
+unchanged or apply the deltas, and pull states back. The argument layouts are documented above each
+part of the script.
 """
 
 from __future__ import annotations
 
 import hashlib
-import struct
-import sys
-from array import array
-from collections.abc import Sequence
-from typing import Any, Final
+from typing import Final
 
-from nexus_authz.core.limits import (
-    CONCURRENCY_RETRY_AFTER,
-    AcquireResult,
-    Algorithm,
-    LimitSpec,
-    WindowStatus,
-    new_result,
-    new_status,
-)
+from nexus_authz.core.limits import CONCURRENCY_RETRY_AFTER
 
-__all__ = [
-    "SCRIPT",
-    "SCRIPT_SHA",
-    "decode_acquire",
-    "decode_statuses",
-    "pack_state",
-    "segment",
-    "spec_arg",
-    "unpack_state",
-]
+__all__ = ["SCRIPT", "SCRIPT_SHA"]
 
 SCRIPT: Final = r"""
 local floor = math.floor
@@ -559,101 +539,3 @@ return redis.error_reply('nexus: unknown op ' .. tostring(op))
 """.replace("__CONC_RETRY__", repr(float(CONCURRENCY_RETRY_AFTER)))
 
 SCRIPT_SHA: Final = hashlib.sha1(SCRIPT.encode()).hexdigest()
-
-_ALGO: Final = {Algorithm.GCRA: "g", Algorithm.SLIDING: "s", Algorithm.GAUGE: "c"}
-_SPEC_ARGS: dict[LimitSpec, bytes] = {}
-
-
-def spec_arg(spec: LimitSpec) -> bytes:
-    """A spec as the script reads it (derived doubles included, so Lua uses Python's exact values)."""
-    arg = _SPEC_ARGS.get(spec)
-    if arg is None:
-        text = (
-            f"{_ALGO[spec.algorithm]} {spec.limit} {spec.interval!r} {spec.max_debt!r} {spec.tolerance!r} "
-            f"{spec.burst} {spec.slots} {spec.slot_width!r} {1 if spec.shadow else 0}"
-        )
-        arg = text.encode()
-        if len(_SPEC_ARGS) > 100_000:  # specs come from config reloads: keep the cache bounded
-            _SPEC_ARGS.clear()
-        _SPEC_ARGS[spec] = arg
-    return arg
-
-
-def segment(
-    op: bytes, now: float, charged_at: float | None, specs: Sequence[LimitSpec], values: Sequence[int]
-) -> list[bytes]:
-    """One request's part of an M call: op (A acquire, P peek, J adjust), now, charged_at, windows, then
-    (spec, cost or delta) per window."""
-    seg = [
-        op,
-        repr(now).encode(),
-        b"" if charged_at is None else repr(charged_at).encode(),
-        b"%d" % len(specs),
-    ]
-    for spec, value in zip(specs, values, strict=True):
-        seg.append(spec_arg(spec))
-        seg.append(b"%d" % value)
-    return seg
-
-
-def _statuses(specs: Sequence[LimitSpec], parts: list[bytes]) -> tuple[WindowStatus, ...]:
-    out: list[WindowStatus] = []
-    j = 2
-    for spec in specs:
-        out.append(
-            new_status(spec, int(parts[j]), float(parts[j + 1]), float(parts[j + 2]), parts[j + 3] == b"1")
-        )
-        j += 4
-    return tuple(out)
-
-
-def decode_statuses(specs: Sequence[LimitSpec], reply: bytes) -> tuple[WindowStatus, ...]:
-    return _statuses(specs, reply.split(b" "))
-
-
-def decode_acquire(specs: Sequence[LimitSpec], reply: bytes) -> AcquireResult:
-    """A reply string: allowed, uncharged, then (remaining, reset_after, retry_after, allowed) per window."""
-    parts = reply.split(b" ")
-    return new_result(parts[0] == b"1", _statuses(specs, parts), int(parts[1]))
-
-
-# -- states as bytes: the local view of the write-behind mode <-> Redis ---------------------------------
-
-_BIG_ENDIAN: Final = sys.byteorder == "big"
-_GCRA_PACK: Final = struct.Struct("<dd")
-_GAUGE_PACK: Final = struct.Struct("<d")
-
-
-def pack_state(state: Any) -> bytes:
-    """A memory-store state (complex GCRA pair, sliding array, gauge int, None) as the script stores it,
-    without the version."""
-    if state is None:
-        return b""
-    if state.__class__ is complex:
-        return _GCRA_PACK.pack(state.real, state.imag)
-    if state.__class__ is array:
-        if _BIG_ENDIAN:
-            copy = array("d", state)
-            copy.byteswap()
-            return copy.tobytes()
-        return bytes(state.tobytes())
-    return _GAUGE_PACK.pack(float(state))
-
-
-def unpack_state(raw: bytes) -> object:
-    """The memory-store form of a state read back (no version), by its shape: the memory store keeps
-    whatever was written last and reads a state of another shape as fresh; so does the local view."""
-    n = len(raw)
-    if n == 16:
-        debt, since = _GCRA_PACK.unpack(raw)
-        return complex(debt, since) if debt else None
-    if n == 8:
-        (x,) = _GAUGE_PACK.unpack(raw)
-        return int(x) or None
-    if n >= 40 and n % 8 == 0:
-        state = array("d")
-        state.frombytes(raw)
-        if _BIG_ENDIAN:
-            state.byteswap()
-        return state
-    return None
