@@ -179,8 +179,8 @@ def resolve_target(args: argparse.Namespace, *, server_from_config: bool = True)
         if settings is None:
             settings = _config_settings(args)
         if settings is not None and settings.api_auth.admin_token_configured:
-            from nexus_authz.adapters.policy_api import resolve_admin_token
             from nexus_authz.core.errors import ConfigError
+            from nexus_authz.settings import resolve_admin_token
 
             try:
                 token = resolve_admin_token(settings)

@@ -56,16 +56,14 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
 from cachetools import TLRUCache, TTLCache
 
-from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.limits import AcquireResult, LimitSpec, WindowStatus, new_result
 from nexus_authz.core.yamlsrc import Fields
 from nexus_authz.stores.redis_link import (
@@ -99,7 +97,6 @@ __all__ = [
     "make_client",
     "open_redis_store",
     "parse_redis_settings",
-    "redis_password",
 ]
 
 log = logging.getLogger("nexus_authz.redis")
@@ -236,33 +233,6 @@ def _check_url(f: Fields, url: str) -> None:
     db = parts.path.strip("/")
     if db and not db.isdigit():
         f.fail("url", f"the path is a database number, got {db!r}")
-
-
-def redis_password(
-    settings: RedisSettings, *, base_dir: str = ".", environ: Mapping[str, str] | None = None
-) -> str | None:
-    """Resolve `password_env` / `password_file`. Errors say where the password was looked for only."""
-    environ = os.environ if environ is None else environ
-    if settings.password_env is not None:
-        value = environ.get(settings.password_env)
-        if not value:
-            raise ConfigError(
-                f"environment variable {settings.password_env} is not set or empty",
-                field="counters.redis.password_env",
-            )
-        return value
-    if settings.password_file is not None:
-        path = _resolve(base_dir, settings.password_file)
-        try:
-            value = Path(path).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read {path}: {exc.strerror}", field="counters.redis.password_file"
-            ) from None
-        if not value:
-            raise ConfigError(f"{path} is empty", field="counters.redis.password_file")
-        return value
-    return None
 
 
 def _resolve(base_dir: str, path: str) -> str:
@@ -1008,13 +978,13 @@ RedisStore = ExactRedisStore | BatchedRedisStore
 def open_redis_store(
     settings: RedisSettings,
     *,
+    password: str | None = None,
     base_dir: str = ".",
-    environ: Mapping[str, str] | None = None,
     client: Any = None,
     gauge_ttl: float = 330.0,
     name: str | None = None,
 ) -> RedisStore:
-    """The store for `settings.mode` (not started: `await store.start()`). Resolves the password."""
-    password = None if client is not None else redis_password(settings, base_dir=base_dir, environ=environ)
+    """The store for `settings.mode` (not started: `await store.start()`). The password comes resolved
+    (settings.redis_password): this module reads no environment and no secret file."""
     cls = BatchedRedisStore if settings.mode == "batched" else ExactRedisStore
     return cls(settings, client=client, password=password, base_dir=base_dir, gauge_ttl=gauge_ttl, name=name)
