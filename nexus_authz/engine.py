@@ -9,6 +9,7 @@ path never touches a Prometheus label.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nexus_authz.core import accounting
 from nexus_authz.core.config import parse_key_file
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.keys import EMPTY_SNAPSHOT, KeySnapshot, with_revoked
@@ -25,7 +27,8 @@ from nexus_authz.core.limits import LimitSpec, WindowStatus, new_result
 from nexus_authz.core.model import Credential, Decision, InFlight, Reason, Request, new_allow
 from nexus_authz.core.policy import Admission, Policy, unavailable
 from nexus_authz.core.reservations import ReservationBook, Settlement
-from nexus_authz.core.usage import Usage
+from nexus_authz.core.tokens import count_tokens
+from nexus_authz.core.usage import StreamUsage, Usage
 from nexus_authz.filesource import FileSource, SourceStatus, Stamp, file_stamp
 from nexus_authz.latency import LatencyHistogram
 from nexus_authz.settings import (
@@ -313,6 +316,43 @@ class Engine:
         context = self.book.context(request_id)
         return context.prompt_tokens if isinstance(context, InFlight) else 0
 
+    def account_response(
+        self, request_id: str, parser: StreamUsage | None, end: accounting.ResponseEnd, prompt_hint: int
+    ) -> Awaitable[None] | None:
+        """A response as an accounting transport saw it (`parser`: its body fed to the usage parser;
+        None when nothing of it was readable), concluded by the core (core.accounting) and accounted.
+
+        Synchronous when it can be (nearly always: no coroutine per response); returns an awaitable
+        only when a response without a usage record must have its completion counted exactly
+        (accounting.exact_cutoff_count) and its text is long enough to count in a worker thread: the
+        one place that count runs off the event loop."""
+        if parser is not None and accounting.needs_exact_count(
+            parser, exact=self.settings.accounting.exact_cutoff_count, counter=count_tokens
+        ):
+            return self._account_counted(request_id, parser, end, prompt_hint)
+        self._account_parsed(
+            request_id, parser, parser.finish() if parser is not None else None, end, prompt_hint
+        )
+        return None
+
+    async def _account_counted(
+        self, request_id: str, parser: StreamUsage, end: accounting.ResponseEnd, prompt_hint: int
+    ) -> None:
+        usage = await asyncio.get_running_loop().run_in_executor(None, parser.finish)
+        self._account_parsed(request_id, parser, usage, end, prompt_hint)
+
+    def _account_parsed(
+        self,
+        request_id: str,
+        parser: StreamUsage | None,
+        usage: Usage | None,
+        end: accounting.ResponseEnd,
+        prompt_hint: int,
+    ) -> None:
+        concluded, keep_estimate = accounting.conclude_usage(end, parser, usage, prompt_hint)
+        model = parser.model if parser is not None and usage is not None and end.readable else None
+        self.account(request_id, concluded, response_model=model, keep_estimate=keep_estimate)
+
     def account(
         self,
         request_id: str,
@@ -323,11 +363,9 @@ class Engine:
     ) -> None:
         """A response's usage: settle its reservation and record it in the ledger.
 
-        `keep_estimate`: the usage is incomplete (the response was cut off before its usage record, by
-        the client or the upstream) or could not be read (an unsupported content-encoding): the limits
-        keep the larger of the reserved estimate and `usage` (SECURITY.md: a client that drops its
-        connection keeps its estimate charged); the ledger records `usage`. An error response (source
-        "none") is charged `accounting.error_charge_tokens` (0 by default: the provider bills nothing).
+        `keep_estimate`: the usage is incomplete or could not be read (core.accounting.conclude_usage):
+        the limits keep the larger of the reserved estimate and `usage`; the ledger records `usage`.
+        What it charges is core.accounting.charge's answer.
 
         Only requests nexus-authz admitted are accounted, under the key, tenant and model it admitted
         them with (its reservation book, or its record of reservations that expired unsettled), never an
@@ -344,41 +382,42 @@ class Engine:
                 return
             self.accounted["unmatched"] += 1
         assert isinstance(context, InFlight)
-        key_id, tenant, model = context.key_id, context.tenant, context.model or response_model
         self.accounted[usage.source] += 1
-        prices = self.policy.prices
-        if usage.source == "none":
-            prompt, cached, completion = self.settings.accounting.error_charge_tokens, 0, 0
-        else:
-            prompt, cached, completion = (
-                usage.prompt_tokens,
-                usage.cached_prompt_tokens,
-                usage.completion_tokens,
-            )
-        tokens = prompt + completion
-        cost = prices.cost(model, prompt, cached, completion) if prices else 0
+        c = accounting.charge(
+            context,
+            usage,
+            keep_estimate=keep_estimate,
+            response_model=response_model,
+            prices=self.policy.prices,
+            error_charge_tokens=self.settings.accounting.error_charge_tokens,
+        )
         if live:
-            if keep_estimate:
-                self.settle(request_id, tokens=tokens, usd_micros=cost, at_least_reserved=True)
-            else:
-                self.settle(request_id, tokens=tokens, usd_micros=cost)
-        model_label = model or "unknown"
+            self.settle(
+                request_id,
+                tokens=c.tokens,
+                usd_micros=c.cost_micro_usd,
+                at_least_reserved=c.at_least_reserved,
+            )
         counts = self.usage_tokens
-        for kind, n in (("prompt", prompt), ("cached_prompt", cached), ("completion", completion)):
+        for kind, n in (
+            ("prompt", c.prompt_tokens),
+            ("cached_prompt", c.cached_prompt_tokens),
+            ("completion", c.completion_tokens),
+        ):
             if n:
-                counts[(model_label, kind)] = counts.get((model_label, kind), 0) + n
+                counts[(c.model, kind)] = counts.get((c.model, kind), 0) + n
         if self.ledger is not None:
             self.ledger.record(
                 UsageRecord(
-                    key_id=key_id,
-                    tenant=tenant or "",
-                    model=model_label,
+                    key_id=c.key_id,
+                    tenant=c.tenant,
+                    model=c.model,
                     ts=self.clock(),
-                    prompt_tokens=prompt,
-                    cached_prompt_tokens=cached,
-                    completion_tokens=completion,
-                    reasoning_tokens=usage.reasoning_tokens,
-                    cost_micro_usd=cost,
+                    prompt_tokens=c.prompt_tokens,
+                    cached_prompt_tokens=c.cached_prompt_tokens,
+                    completion_tokens=c.completion_tokens,
+                    reasoning_tokens=c.reasoning_tokens,
+                    cost_micro_usd=c.cost_micro_usd,
                 )
             )
 
