@@ -11,6 +11,7 @@ path never touches a Prometheus label.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -20,22 +21,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nexus_authz.core.config import credential_value, parse_key_file
+from nexus_authz.core import accounting
+from nexus_authz.core.config import parse_key_file
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.keys import EMPTY_SNAPSHOT, KeySnapshot, with_revoked
 from nexus_authz.core.limits import LimitSpec, WindowStatus
 from nexus_authz.core.model import Credential, Decision, InFlight, Reason, Request
 from nexus_authz.core.policy import Policy
 from nexus_authz.core.reservations import ReservationBook, Settlement
-from nexus_authz.core.usage import Usage
+from nexus_authz.core.tokens import count_tokens
+from nexus_authz.core.usage import StreamUsage, Usage
 from nexus_authz.decide import Decider
-from nexus_authz.filesource import FileSource, FileStamp, SourceStatus, file_stamp
+from nexus_authz.filesource import FileSource, SourceStatus, Stamp, file_stamp
 from nexus_authz.latency import LatencyHistogram
-from nexus_authz.settings import Settings, load_settings, reload_settings, resolve_path, resolve_secret
+from nexus_authz.settings import (
+    Settings,
+    load_settings,
+    reload_settings,
+    resolve_credentials,
+    resolve_path,
+    resolve_pepper,
+)
 from nexus_authz.stores.base import LocalCounters
-from nexus_authz.stores.ledger import Ledger, MemoryLedger, SQLiteLedger, UsageRecord
+from nexus_authz.stores.ledger import Ledger, UsageRecord
 from nexus_authz.stores.memory import MemoryCounterStore
-from nexus_authz.stores.redis import RedisStore, open_redis_store
+from nexus_authz.stores.redis import RedisStore
 
 log = logging.getLogger("nexus_authz.keys")
 config_log = logging.getLogger("nexus_authz.config")
@@ -52,9 +62,6 @@ class KeyStatus:
     last_error_at: float | None
 
 
-_RELOAD = object()  # a stamp no file has: the next poll reloads
-
-
 @dataclass(frozen=True, slots=True)
 class ConfigUpdate:
     """A changed config file, loaded and checked off the loop, ready to put in force in one step."""
@@ -65,56 +72,7 @@ class ConfigUpdate:
     pepper: bytes
     credentials: Mapping[str, Credential]
     snapshot: KeySnapshot  # the key file read against the new policy
-    key_stamp: FileStamp | None
-
-
-def make_ledger(settings: Settings, clock: Callable[[], float]) -> Ledger | None:
-    ls = settings.ledger
-    if ls.backend == "none":
-        return None
-    if ls.backend == "memory":
-        return MemoryLedger(clock=clock)
-    return SQLiteLedger(
-        resolve_path(settings, ls.path),
-        flush_interval=ls.flush_interval,
-        batch_size=ls.batch_size,
-        max_pending=ls.max_pending,
-        clock=clock,
-    )
-
-
-def resolve_credentials(
-    settings: Settings, environ: Mapping[str, str] | None = None
-) -> dict[str, Credential]:
-    return {
-        name: credential_value(
-            spec,
-            resolve_secret(
-                spec.secret, base_dir=settings.base_dir, what=f"credentials.{name}", environ=environ
-            ),
-        )
-        for name, spec in settings.policy.credentials.items()
-    }
-
-
-def resolve_pepper(settings: Settings, environ: Mapping[str, str] | None = None) -> bytes:
-    try:
-        pepper = resolve_secret(
-            settings.pepper, base_dir=settings.base_dir, what="keys.pepper", environ=environ
-        )
-    except ConfigError as exc:
-        raise ConfigError(
-            f"{exc.detail}; the key-hash pepper is required (generate one with `nexus-authz keys pepper`)",
-            source=settings.config_path,
-            field="keys.pepper",
-        ) from None
-    if len(pepper) < 16:
-        raise ConfigError(
-            "the key-hash pepper must be at least 16 characters",
-            source=settings.config_path,
-            field="keys.pepper",
-        )
-    return pepper.encode()
+    key_stamp: Stamp
 
 
 def read_key_snapshot(
@@ -133,7 +91,12 @@ def read_key_snapshot(
 
 
 class Engine:
-    """Decides requests against the current snapshot and counts what it decided."""
+    """Decides requests against the current snapshot and counts what it decided.
+
+    It receives what it uses, built once by the composition root (`nexus_authz.app.build_engine`): the
+    counter store (and, in distributed mode, the same store as `remote`), the ledger, the secrets the
+    key file is read with, the clock. It reloads the key file and the config file itself (file sources
+    of its own: what they load is its policy)."""
 
     __slots__ = (
         "_credentials",
@@ -143,13 +106,10 @@ class Engine:
         "check_latency",
         "counters",
         "decider",
+        "keys",
         "ledger",
         "usage_tokens",
-        "_key_path",
-        "_last_error",
-        "_last_error_at",
         "_pepper",
-        "_stamp",
         "_clock",
         "decisions",
         "failures",
@@ -166,27 +126,33 @@ class Engine:
         *,
         pepper: bytes,
         credentials: Mapping[str, Credential],
+        counters: Any = None,
+        remote: RedisStore | None = None,
+        ledger: Ledger | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.policy = Policy(settings.policy, track=settings.accounting.enabled)
         self._clock = clock
-        # The limit counters: in this process, or in Redis shared by every replica (distributed mode).
-        self.remote: RedisStore | None = None
-        self.counters: Any = MemoryCounterStore()
-        if settings.counters.backend == "redis" and settings.counters.redis is not None:
-            self.remote = open_redis_store(
-                settings.counters.redis,
-                base_dir=settings.base_dir,
-                gauge_ttl=settings.policy.reservations.ttl + 30,
-                name="counters",
-            )
-            self.counters = self.remote
+        # The limit counters: in this process, or in Redis shared by every replica (distributed mode:
+        # `remote` is that store, and `counters` too).
+        self.remote = remote
+        self.counters: Any = counters if counters is not None else remote or MemoryCounterStore()
         self.failures = MemoryCounterStore()  # invalid keys per client address: always local
         self.revoked: frozenset[str] = frozenset()  # key ids revoked through Redis, over the key file
         reservations = settings.policy.reservations
         self.book = ReservationBook(ttl=reservations.ttl, max_entries=reservations.max_pending)
-        self.ledger: Ledger | None = make_ledger(settings, clock)
+        self.ledger = ledger
+        # Accounting counters for metrics: responses by source, tokens by (model, kind).
+        self.accounted: dict[str, int] = {
+            "provider": 0,
+            "estimated": 0,
+            "none": 0,
+            "unmatched": 0,  # accounted after its reservation expired (ledger only, nothing to settle)
+            "unadmitted": 0,  # dropped: nexus-authz admitted no request with that id
+        }
+        self.usage_tokens: dict[tuple[str, str], int] = {}
+        self.snapshot: KeySnapshot = EMPTY_SNAPSHOT
         self.decisions: dict[Reason, int] = dict.fromkeys(Reason, 0)
         self.check_latency = LatencyHistogram()  # seconds per check(), read by the metrics collector
         # The one decision driver, against the store behind the async port (the memory store wrapped).
@@ -198,22 +164,13 @@ class Engine:
             decisions=self.decisions,
             latency=self.check_latency,
         )
-        # Accounting counters for metrics: responses by source, tokens by (model, kind).
-        self.accounted: dict[str, int] = {
-            "provider": 0,
-            "estimated": 0,
-            "none": 0,
-            "unmatched": 0,  # accounted after its reservation expired (ledger only, nothing to settle)
-            "unadmitted": 0,  # dropped: nexus-authz admitted no request with that id
-        }
-        self.usage_tokens: dict[tuple[str, str], int] = {}
-        self.snapshot: KeySnapshot = EMPTY_SNAPSHOT
         self._pepper = pepper
         self._credentials = credentials
-        self._key_path = resolve_path(settings, settings.keys_file)
-        self._stamp: FileStamp | None = None
-        self._last_error: str | None = None
-        self._last_error_at: float | None = None
+        # The key file, reloaded when its stamp changes (nothing loaded until `load_first_keys`)
+        self.keys: FileSource[KeySnapshot] = FileSource(
+            resolve_path(settings, settings.keys_file), self._read_keys, clock=clock
+        )
+        self.keys.request_reload()
         # nexus.yaml, reloaded like the key file (SIGHUP, or a changed stamp at the next poll)
         self.config: FileSource[ConfigUpdate] | None = (
             FileSource(settings.config_path, self._load_config, clock=clock)
@@ -223,17 +180,19 @@ class Engine:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, clock: Callable[[], float] = time.time) -> Engine:
-        """Build an engine with its first snapshot; raises ConfigError if anything is wrong (startup)."""
-        engine = cls(
-            settings, pepper=resolve_pepper(settings), credentials=resolve_credentials(settings), clock=clock
-        )
-        stamp = file_stamp(engine._key_path)
-        engine.snapshot = read_key_snapshot(
-            settings, pepper=engine._pepper, credentials=engine._credentials, now=clock()
-        )
-        engine._stamp = stamp
+        """Build an engine with its stores and first snapshot (the composition root's
+        `build_engine`); raises ConfigError if anything is wrong (startup)."""
+        from nexus_authz.app import build_engine  # the root imports this module
+
+        return build_engine(settings, clock=clock)
+
+    def load_first_keys(self) -> None:
+        """The first load of the key file (startup): raises ConfigError instead of keeping anything."""
+        stamp = self.keys.current_stamp()
+        snapshot = self._read_keys()
+        self.keys.install(snapshot, stamp)
+        self.snapshot = with_revoked(snapshot, self.revoked) if self.revoked else snapshot
         gc.freeze()  # the snapshot lives until the next reload: keep the cyclic GC off its objects
-        return engine
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -317,6 +276,43 @@ class Engine:
         context = self.book.context(request_id)
         return context.prompt_tokens if isinstance(context, InFlight) else 0
 
+    def account_response(
+        self, request_id: str, parser: StreamUsage | None, end: accounting.ResponseEnd, prompt_hint: int
+    ) -> Awaitable[None] | None:
+        """A response as an accounting transport saw it (`parser`: its body fed to the usage parser;
+        None when nothing of it was readable), concluded by the core (core.accounting) and accounted.
+
+        Synchronous when it can be (nearly always: no coroutine per response); returns an awaitable
+        only when a response without a usage record must have its completion counted exactly
+        (accounting.exact_cutoff_count) and its text is long enough to count in a worker thread: the
+        one place that count runs off the event loop."""
+        if parser is not None and accounting.needs_exact_count(
+            parser, exact=self.settings.accounting.exact_cutoff_count, counter=count_tokens
+        ):
+            return self._account_counted(request_id, parser, end, prompt_hint)
+        self._account_parsed(
+            request_id, parser, parser.finish() if parser is not None else None, end, prompt_hint
+        )
+        return None
+
+    async def _account_counted(
+        self, request_id: str, parser: StreamUsage, end: accounting.ResponseEnd, prompt_hint: int
+    ) -> None:
+        usage = await asyncio.get_running_loop().run_in_executor(None, parser.finish)
+        self._account_parsed(request_id, parser, usage, end, prompt_hint)
+
+    def _account_parsed(
+        self,
+        request_id: str,
+        parser: StreamUsage | None,
+        usage: Usage | None,
+        end: accounting.ResponseEnd,
+        prompt_hint: int,
+    ) -> None:
+        concluded, keep_estimate = accounting.conclude_usage(end, parser, usage, prompt_hint)
+        model = parser.model if parser is not None and usage is not None and end.readable else None
+        self.account(request_id, concluded, response_model=model, keep_estimate=keep_estimate)
+
     def account(
         self,
         request_id: str,
@@ -327,11 +323,9 @@ class Engine:
     ) -> None:
         """A response's usage: settle its reservation and record it in the ledger.
 
-        `keep_estimate`: the usage is incomplete (the response was cut off before its usage record, by
-        the client or the upstream) or could not be read (an unsupported content-encoding): the limits
-        keep the larger of the reserved estimate and `usage` (SECURITY.md: a client that drops its
-        connection keeps its estimate charged); the ledger records `usage`. An error response (source
-        "none") is charged `accounting.error_charge_tokens` (0 by default: the provider bills nothing).
+        `keep_estimate`: the usage is incomplete or could not be read (core.accounting.conclude_usage):
+        the limits keep the larger of the reserved estimate and `usage`; the ledger records `usage`.
+        What it charges is core.accounting.charge's answer.
 
         Only requests nexus-authz admitted are accounted, under the key, tenant and model it admitted
         them with (its reservation book, or its record of reservations that expired unsettled), never an
@@ -348,41 +342,42 @@ class Engine:
                 return
             self.accounted["unmatched"] += 1
         assert isinstance(context, InFlight)
-        key_id, tenant, model = context.key_id, context.tenant, context.model or response_model
         self.accounted[usage.source] += 1
-        prices = self.policy.prices
-        if usage.source == "none":
-            prompt, cached, completion = self.settings.accounting.error_charge_tokens, 0, 0
-        else:
-            prompt, cached, completion = (
-                usage.prompt_tokens,
-                usage.cached_prompt_tokens,
-                usage.completion_tokens,
-            )
-        tokens = prompt + completion
-        cost = prices.cost(model, prompt, cached, completion) if prices else 0
+        c = accounting.charge(
+            context,
+            usage,
+            keep_estimate=keep_estimate,
+            response_model=response_model,
+            prices=self.policy.prices,
+            error_charge_tokens=self.settings.accounting.error_charge_tokens,
+        )
         if live:
-            if keep_estimate:
-                self.settle(request_id, tokens=tokens, usd_micros=cost, at_least_reserved=True)
-            else:
-                self.settle(request_id, tokens=tokens, usd_micros=cost)
-        model_label = model or "unknown"
+            self.settle(
+                request_id,
+                tokens=c.tokens,
+                usd_micros=c.cost_micro_usd,
+                at_least_reserved=c.at_least_reserved,
+            )
         counts = self.usage_tokens
-        for kind, n in (("prompt", prompt), ("cached_prompt", cached), ("completion", completion)):
+        for kind, n in (
+            ("prompt", c.prompt_tokens),
+            ("cached_prompt", c.cached_prompt_tokens),
+            ("completion", c.completion_tokens),
+        ):
             if n:
-                counts[(model_label, kind)] = counts.get((model_label, kind), 0) + n
+                counts[(c.model, kind)] = counts.get((c.model, kind), 0) + n
         if self.ledger is not None:
             self.ledger.record(
                 UsageRecord(
-                    key_id=key_id,
-                    tenant=tenant or "",
-                    model=model_label,
+                    key_id=c.key_id,
+                    tenant=c.tenant,
+                    model=c.model,
                     ts=self.clock(),
-                    prompt_tokens=prompt,
-                    cached_prompt_tokens=cached,
-                    completion_tokens=completion,
-                    reasoning_tokens=usage.reasoning_tokens,
-                    cost_micro_usd=cost,
+                    prompt_tokens=c.prompt_tokens,
+                    cached_prompt_tokens=c.cached_prompt_tokens,
+                    completion_tokens=c.completion_tokens,
+                    reasoning_tokens=c.reasoning_tokens,
+                    cost_micro_usd=c.cost_micro_usd,
                 )
             )
 
@@ -399,31 +394,22 @@ class Engine:
         self.decisions[reason] += 1
 
     # -- key reloads ------------------------------------------------------------------------------------
-    def keys_changed(self) -> FileStamp | None | bool:
-        """The key file's new stamp if it changed since the last load (a stat, cheap), else False."""
-        stamp = file_stamp(self._key_path)
-        return False if stamp == self._stamp else stamp
+    def _read_keys(self) -> KeySnapshot:
+        """Read and parse the key file against the policy in force (the key source's loader). Thread-safe
+        and side-effect free: the server runs it off the event loop (a 100,000-key file takes seconds to
+        parse) and installs the result on the loop. Raises ConfigError."""
+        return read_key_snapshot(
+            self.settings, pepper=self._pepper, credentials=self._credentials, now=self.clock()
+        )
 
-    def load_keys(self) -> KeySnapshot | ConfigError:
-        """Read and parse the key file. Thread-safe and side-effect free: the server runs it off the
-        event loop (a 100,000-key file takes seconds to parse) and installs the result on the loop."""
-        try:
-            return read_key_snapshot(
-                self.settings, pepper=self._pepper, credentials=self._credentials, now=self.clock()
-            )
-        except ConfigError as exc:
-            return exc
-
-    def install_keys(self, result: KeySnapshot | ConfigError, stamp: FileStamp | None) -> bool:
+    def install_keys(self, result: KeySnapshot | ConfigError, stamp: Stamp) -> bool:
         """Put a loaded snapshot in force (one reference swap), or keep the last good one and log why.
 
         A broken, truncated or deleted file logs one error per change of the file (not one per poll),
         naming the file and the field. Returns True if a new snapshot is in force.
         """
-        self._stamp = stamp
-        if isinstance(result, ConfigError):
-            self._last_error = str(result)
-            self._last_error_at = self.clock()
+        loaded = self.keys.install(result, stamp)
+        if loaded is None:
             log.error(
                 "key file rejected; the previous keys stay in force",
                 extra={
@@ -433,46 +419,61 @@ class Engine:
                 },
             )
             return False
-        self._last_error = None
-        self._last_error_at = None
-        if result.version == self.snapshot.version:
+        if loaded.version == self.snapshot.version:
             return False
         previous = self.snapshot
-        self.snapshot = with_revoked(result, self.revoked) if self.revoked else result
+        self.snapshot = with_revoked(loaded, self.revoked) if self.revoked else loaded
         # The snapshot lives until the next reload: keep the cyclic GC from rescanning its objects.
         gc.freeze()
         log.info(
             "key file loaded",
-            extra={"keys": len(result), "keys_version": result.version, "previous_version": previous.version},
+            extra={"keys": len(loaded), "keys_version": loaded.version, "previous_version": previous.version},
         )
         return True
 
     def request_reload(self) -> None:
         """Make the next poll reload the config file and the key file even if they look unchanged
         (SIGHUP)."""
-        self._stamp = _RELOAD  # type: ignore[assignment]
+        self.keys.request_reload()
         if self.config is not None:
             self.config.request_reload()
 
     def reload_keys(self, *, force: bool = False) -> bool:
         """Load the key file if it changed (or always, with `force`), on the calling thread."""
-        stamp = self.keys_changed()
-        if stamp is False:
-            if not force:
-                return False
-            stamp = self._stamp
-        return self.install_keys(self.load_keys(), stamp)  # type: ignore[arg-type]
+        return self.keys.poll(self.install_keys, force=force)
+
+    async def reload_off_loop(self) -> None:
+        """One poll of the reloaded files from the event loop (the server's reload loop): nexus.yaml
+        first (a new config reads the key file itself, against its policy), then the key file; each
+        loads in a worker thread while the loop keeps answering with the versions in force."""
+        try:
+            if self.config is not None:
+                await self.config.poll_off_loop(self.install_config)
+        except Exception:  # a bug must not stop reloads forever
+            config_log.exception("config reload failed")
+        try:
+            await self.keys.poll_off_loop(self.install_keys)
+        except Exception:  # a bug must not stop reloads forever
+            log.exception("key reload failed")
+
+    def sources(self) -> tuple[tuple[str, str, SourceStatus], ...]:
+        """The reloaded files' statuses, for readiness: (what, what stays in force on an error, status)."""
+        out = [("key file", "snapshot", self.keys.status())]
+        if self.config is not None:
+            out.append(("config file", "config", self.config.status()))
+        return tuple(out)
 
     def key_status(self) -> KeyStatus:
         snap = self.snapshot
+        source = self.keys.status()
         return KeyStatus(
             loaded=snap is not EMPTY_SNAPSHOT,
             source=snap.source,
             version=snap.version,
             keys=len(snap),
             loaded_at=snap.loaded_at,
-            last_error=self._last_error,
-            last_error_at=self._last_error_at,
+            last_error=source.last_error,
+            last_error_at=source.last_error_at,
         )
 
     # -- config file reloads ------------------------------------------------------------------------------
@@ -487,7 +488,7 @@ class Engine:
         snapshot = read_key_snapshot(settings, pepper=pepper, credentials=credentials, now=self.clock())
         return ConfigUpdate(settings, restart, changed, pepper, credentials, snapshot, key_stamp)
 
-    def install_config(self, result: ConfigUpdate | ConfigError, stamp: FileStamp | None) -> bool:
+    def install_config(self, result: ConfigUpdate | ConfigError, stamp: Stamp) -> bool:
         """Put a reloaded config in force (a new Policy, credentials and key snapshot; the limit counters,
         reservations and stores stay, so a limit that did not change keeps its state), or keep the last
         good config and log why. Each changed field that needs a restart is logged by name, once per
@@ -510,11 +511,14 @@ class Engine:
         self.policy = Policy(update.settings.policy, track=update.settings.accounting.enabled)
         self._pepper = update.pepper
         self._credentials = update.credentials
-        self._key_path = resolve_path(update.settings, update.settings.keys_file)
-        self._stamp = update.key_stamp
-        self._last_error = None
-        self._last_error_at = None
         snapshot = update.snapshot
+        self.keys = FileSource(
+            resolve_path(update.settings, update.settings.keys_file),
+            self._read_keys,
+            stamp=update.key_stamp,
+            clock=self.clock,
+        )
+        self.keys.install(snapshot, update.key_stamp)
         self.snapshot = with_revoked(snapshot, self.revoked) if self.revoked else snapshot
         gc.freeze()
         config_log.info(
@@ -531,14 +535,4 @@ class Engine:
 
     def reload_config(self, *, force: bool = False) -> bool:
         """Load nexus.yaml if it changed (or always, with `force`), on the calling thread."""
-        if self.config is None:
-            return False
-        stamp = self.config.changed()
-        if stamp is False:
-            if not force:
-                return False
-            stamp = self.config.stamp
-        return self.install_config(self.config.load(), stamp)  # type: ignore[arg-type]
-
-    def config_status(self) -> SourceStatus | None:
-        return None if self.config is None else self.config.status()
+        return self.config is not None and self.config.poll(self.install_config, force=force)

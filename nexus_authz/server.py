@@ -1,4 +1,5 @@
-"""Composition root: builds the engine and the adapters, runs them on one uvloop loop, drains on SIGTERM.
+"""The run loop: starts what the composition root (`nexus_authz.app`) builds, on one uvloop loop, and
+drains it on SIGTERM.
 
 Listeners (all on one event loop, all calling the same engine):
   - the HTTP fast path (Envoy http_service / nginx auth_request) on a Unix socket and optionally TCP;
@@ -27,23 +28,32 @@ import signal
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
-from nexus_authz import native
-from nexus_authz.adapters import envoy_als, envoy_authz, envoy_extproc, envoy_rls, http_authz, policy_api
+from nexus_authz import app, native
+from nexus_authz.adapters import envoy_als, envoy_rls, http_authz
+from nexus_authz.app import GRPC_SERVICES, StartupError, Validated, validate
 from nexus_authz.core import tokens
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.engine import Engine
 from nexus_authz.metrics import RlsCollector, make_registry, render
 from nexus_authz.settings import Settings
-from nexus_authz.stores.redis import make_client, redis_password
 from nexus_authz.stores.redis.revocations import RevocationChannel
 from nexus_authz.unixsock import UnixSocketError, identity, unlink_if_ours
 
+__all__ = [
+    "GRPC_SERVICES",
+    "Server",
+    "StartupError",
+    "Validated",
+    "private_address",
+    "run",
+    "serve",
+    "validate",
+]
+
 log = logging.getLogger("nexus_authz.server")
 
-GRPC_SERVICES = (envoy_authz.SERVICE, envoy_extproc.SERVICE, envoy_als.SERVICE)
 # On SIGTERM an HTTP connection that has carried no request for this long is closed (one that does is
 # closed by the answer); a request a peer sends at that very moment is lost: stop the proxy first.
 HTTP_DRAIN_IDLE = 0.5
@@ -60,45 +70,6 @@ def private_address(address: str) -> bool:
         return host == "localhost"
 
 
-class StartupError(Exception):
-    """A listener could not be opened (address in use, permission denied...)."""
-
-
-@dataclass
-class Validated:
-    """What start-up validation built from the configuration, for `Server.start` to use."""
-
-    ratelimit: envoy_rls.RateLimitService | None = None
-    admin_token: str | None = None
-
-
-def validate(settings: Settings, engine: Engine) -> Validated:
-    """Every check of the configuration that `serve` makes before it opens anything; `check-config` runs
-    exactly this (after `Engine.from_settings`), so both accept and refuse the same files. Reads files
-    (the rate limit service's config directory, secret files) but opens no socket and no connection.
-    Raises ConfigError."""
-    out = Validated()
-    if settings.ratelimit.enabled:  # Envoy's RateLimitService (issue 7), on the gRPC listener
-        if not settings.grpc:
-            raise ConfigError(
-                "ratelimit needs listen.grpc (Envoy's ratelimit filter speaks gRPC)",
-                source=settings.config_path,
-                field="listen.grpc",
-            )
-        out.ratelimit = envoy_rls.RateLimitService.from_settings(
-            settings.ratelimit,
-            engine.decider,
-            clock=engine.clock,
-            identity=envoy_rls.engine_identity(engine),
-        )
-    if settings.api:
-        out.admin_token = policy_api.resolve_admin_token(settings)
-    rs = settings.counters.redis
-    if rs is not None:
-        redis_password(rs, base_dir=settings.base_dir)  # the revocation channel's client needs it too
-    return out
-
-
 @dataclass
 class Server:
     settings: Settings
@@ -113,7 +84,7 @@ class Server:
     addresses: dict[str, str] = field(default_factory=dict)
     grpc_port: int = 0
     revocations: RevocationChannel | None = None
-    api: policy_api.ApiServer | None = None
+    api: app.ApiServer | None = None
     api_calls: dict[tuple[str, str], int] = field(default_factory=dict)
     serving: bool | None = None
     ratelimit: envoy_rls.RateLimitService | None = None
@@ -129,15 +100,12 @@ class Server:
     def readiness(self) -> tuple[bool, str]:
         if self.draining:
             return False, "draining"
-        status = self.engine.key_status()
-        if not status.loaded:
+        if not self.engine.key_status().loaded:
             return False, "no key snapshot loaded"
-        if status.last_error:
-            # Still serving the last good snapshot, but the file on disk is broken: say so.
-            return False, "key file rejected; serving the previous snapshot"
-        config = self.engine.config_status()
-        if config is not None and config.last_error:
-            return False, "config file rejected; serving the previous config"
+        for what, kept, source in self.engine.sources():
+            if source.last_error:
+                # Still serving the last good version, but the file on disk is broken: say so.
+                return False, f"{what} rejected; serving the previous {kept}"
         remote = self.engine.remote
         if remote is not None:
             health = remote.health()
@@ -148,21 +116,6 @@ class Server:
                 # for; turning unready would take every replica out at once for a shared Redis outage.
                 return True, "degraded: counter store (Redis) unreachable, deciding with local limits"
         return True, "ok"
-
-    async def _start_revocations(self) -> None:
-        """Revocations published through Redis reach this replica within a second (issue 5)."""
-        rs = self.settings.counters.redis
-        assert rs is not None
-        try:
-            client = make_client(
-                rs,
-                password=redis_password(rs, base_dir=self.settings.base_dir),
-                base_dir=self.settings.base_dir,
-            )
-        except ConfigError as exc:
-            raise StartupError(str(exc)) from None
-        self.revocations = RevocationChannel(client, key_prefix=rs.key_prefix, on_revoked=self.engine.revoke)
-        await self.revocations.start()
 
     # -- start ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -180,7 +133,8 @@ class Server:
                 raise StartupError(f"cannot open the usage ledger: {exc}") from None
         if engine.remote is not None:
             await engine.remote.start()  # connects lazily: an unreachable Redis is a state, not a crash
-            await self._start_revocations()
+            self.revocations = app.revocation_channel(s, engine)
+            await self.revocations.start()
         if s.accounting.enabled and s.accounting.exact_cutoff_count:
             # Load the tokenizer now, off the loop, rather than on the first cut-off stream.
             asyncio.get_running_loop().run_in_executor(None, tokens.warm_up)
@@ -235,50 +189,12 @@ class Server:
         self.tasks.append(asyncio.create_task(self._maintenance_loop(), name="maintenance"))
 
     async def _start_grpc(self, address: str) -> None:
-        server = grpc.aio.server(
-            options=[
-                ("grpc.so_reuseport", 0),
-                # ext_authz bodies, and the access-log batches of token accounting (envoy_als)
-                (
-                    "grpc.max_receive_message_length",
-                    max(self.settings.max_body_bytes + 64 * 1024, envoy_als.MAX_MESSAGE_BYTES),
-                ),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ]
-        )
-        server.add_generic_rpc_handlers(
-            (
-                envoy_authz.AuthorizationService(self.engine).handler(),
-                envoy_extproc.ExternalProcessorService(self.engine).handler(),
-                self._access_log_service().handler(),
-                envoy_authz.release_handler(self.engine),
-                *((self.ratelimit.handler(),) if self.ratelimit is not None else ()),
-            )
-        )
-        self.health = health.HealthServicer(experimental_non_blocking=True)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = (
-            *self.grpc_services,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        )
-        reflection.enable_server_reflection(names, server)
-        try:
-            port = server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise StartupError(f"cannot listen for gRPC on {address}: {exc}") from None
-        if port == 0 and not address.startswith("unix:"):
-            raise StartupError(f"cannot listen for gRPC on {address}")
-        self.grpc_port = port
-        await server.start()
-        self.grpc_server = server
+        built = app.grpc_server(self.settings, self.engine, address, ratelimit=self.ratelimit)
+        self.als, self.health, self.grpc_port = built.als, built.health, built.port
+        await built.server.start()
+        self.grpc_server = built.server
         self.addresses["grpc"] = address
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
-
-    def _access_log_service(self) -> envoy_als.AccessLogService:
-        self.als = envoy_als.AccessLogService(self.engine)
-        return self.als
 
     async def _start_api(self, address: str) -> None:
         assert self.validated is not None
@@ -289,10 +205,7 @@ class Server:
                 extra={"listen": address},
             )
             return
-        try:
-            self.api = await policy_api.start_api_server(self.engine, address, token, calls=self.api_calls)
-        except RuntimeError as exc:
-            raise StartupError(f"cannot listen for the policy API on {address}: {exc}") from None
+        self.api = await app.start_api_server(self.engine, address, token, calls=self.api_calls)
         self.addresses["api"] = self.api.address
 
     def _set_health(self, status: int) -> None:
@@ -321,26 +234,9 @@ class Server:
 
     async def _reload_loop(self) -> None:
         interval = self.settings.reload_interval
-        loop = asyncio.get_running_loop()
-        engine = self.engine
         while True:
             await asyncio.sleep(interval)
-            try:
-                config = engine.config
-                if config is not None and (config_stamp := config.changed()) is not False:
-                    # nexus.yaml first: a new config reads the key file itself, against its policy.
-                    loaded = await loop.run_in_executor(None, config.load)
-                    engine.install_config(loaded, config_stamp)  # type: ignore[arg-type]
-            except Exception:  # a bug must not stop reloads forever
-                log.exception("config reload failed")
-            try:
-                stamp = engine.keys_changed()
-                if stamp is not False:
-                    # Parsing runs in a worker thread: the loop keeps answering with the old snapshot.
-                    result = await loop.run_in_executor(None, engine.load_keys)
-                    engine.install_keys(result, stamp)  # type: ignore[arg-type]
-            except Exception:  # a bug must not stop reloads forever
-                log.exception("key reload failed")
+            await self.engine.reload_off_loop()
 
     async def _maintenance_loop(self) -> None:
         while True:
@@ -355,8 +251,8 @@ class Server:
         timeout = self.settings.idle_timeout
         while True:
             await asyncio.sleep(min(30.0, timeout / 2))
-            for app in self.apps:
-                http_authz.close_idle(app, timeout, loop.time())
+            for http_app in self.apps:
+                http_authz.close_idle(http_app, timeout, loop.time())
 
     # -- stop -------------------------------------------------------------------------------------------
     async def drain(self) -> None:

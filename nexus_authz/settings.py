@@ -24,8 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from nexus_authz.core.config import PolicySet, SecretRef, parse_policy, parse_secret_ref
+from nexus_authz.core.config import PolicySet, SecretRef, credential_value, parse_policy, parse_secret_ref
 from nexus_authz.core.errors import ConfigError
+from nexus_authz.core.model import Credential
 from nexus_authz.core.rls import RlsSettings, parse_rls_settings
 from nexus_authz.core.yamlsrc import Fields, load_yaml
 from nexus_authz.stores.redis import RedisSettings, parse_redis_settings
@@ -299,6 +300,71 @@ def _apply_environment(s: Settings, environ: Mapping[str, str]) -> Settings:
 
 def resolve_path(s: Settings, path: str) -> str:
     return str(Path(s.base_dir, path)) if not os.path.isabs(path) else path
+
+
+def resolve_credentials(
+    settings: Settings, environ: Mapping[str, str] | None = None
+) -> dict[str, Credential]:
+    """Every named provider credential with its value (ConfigError names the one that cannot resolve)."""
+    return {
+        name: credential_value(
+            spec,
+            resolve_secret(
+                spec.secret, base_dir=settings.base_dir, what=f"credentials.{name}", environ=environ
+            ),
+        )
+        for name, spec in settings.policy.credentials.items()
+    }
+
+
+def resolve_pepper(settings: Settings, environ: Mapping[str, str] | None = None) -> bytes:
+    """The key-hash pepper (at least 16 characters), as bytes."""
+    try:
+        pepper = resolve_secret(
+            settings.pepper, base_dir=settings.base_dir, what="keys.pepper", environ=environ
+        )
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{exc.detail}; the key-hash pepper is required (generate one with `nexus-authz keys pepper`)",
+            source=settings.config_path,
+            field="keys.pepper",
+        ) from None
+    if len(pepper) < 16:
+        raise ConfigError(
+            "the key-hash pepper must be at least 16 characters",
+            source=settings.config_path,
+            field="keys.pepper",
+        )
+    return pepper.encode()
+
+
+def redis_password(
+    settings: RedisSettings, *, base_dir: str = ".", environ: Mapping[str, str] | None = None
+) -> str | None:
+    """Resolve `password_env` / `password_file` of a Redis store's settings (None: no password).
+    Errors say where the password was looked for only."""
+    environ = os.environ if environ is None else environ
+    if settings.password_env is not None:
+        value = environ.get(settings.password_env)
+        if not value:
+            raise ConfigError(
+                f"environment variable {settings.password_env} is not set or empty",
+                field="counters.redis.password_env",
+            )
+        return value
+    if settings.password_file is not None:
+        path = settings.password_file
+        path = path if os.path.isabs(path) else os.path.join(base_dir, path)
+        try:
+            value = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read {path}: {exc.strerror}", field="counters.redis.password_file"
+            ) from None
+        if not value:
+            raise ConfigError(f"{path} is empty", field="counters.redis.password_file")
+        return value
+    return None
 
 
 def resolve_secret(

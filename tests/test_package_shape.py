@@ -8,13 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "nexus_authz"
 MAX_LINES = 600
 # Modules other parts of issue 14 are splitting; remove each as it gets under MAX_LINES.
-STILL_LONG = {
-    "core/usage.py",
-    "adapters/policy_api.py",
-    "adapters/http_authz.py",
-    "stores/redis.py",
-    "stores/redis_lua.py",
-}
+STILL_LONG: set[str] = set()  # every module is under the bound now; add one here only with a reason
 
 
 def _modules(under: Path) -> list[Path]:

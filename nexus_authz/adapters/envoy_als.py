@@ -10,8 +10,10 @@ entries per message, so a request costs nexus-authz one protobuf entry instead o
 four or more gRPC messages.
 
 Each entry becomes the call the ext_proc adapter makes at the end of a response: the bytes go through
-the core's usage parser (StreamUsage, the single source of truth of the usage semantics) and
-`engine.account(...)` settles the reservation and feeds the ledger. Entries without x-nexus-key-id
+the core's usage parser (StreamUsage, the single source of truth of the usage semantics), this adapter
+says how the response ended (`end_of`: the wire's facts, nothing more), and `engine.account_response`
+concludes the usage in the core (core.accounting: keep the estimate or not, extrapolation, the exact
+count off the loop), settles the reservation and feeds the ledger. Entries without x-nexus-key-id
 (requests nexus-authz did not admit) are ignored early; the header only filters: the identity an entry is
 accounted under comes from nexus-authz's own admission record, found by request id (Envoy logs requests
 it refused before its header_mutation filter ran with the client's own x-nexus-* headers, so they are
@@ -40,7 +42,7 @@ import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 
-from nexus_authz.core.tokens import EXECUTOR_THRESHOLD_CHARS, count_tokens
+from nexus_authz.core.accounting import ResponseEnd, conclude_usage
 from nexus_authz.core.usage import StreamUsage, Usage
 from nexus_authz.engine import Engine
 
@@ -52,7 +54,7 @@ __all__ = [
     "SERVICE",
     "AccessLogService",
     "Snippet",
-    "conclude",
+    "end_of",
     "parser_for",
     "snippet_of",
     "usage_of",
@@ -137,33 +139,14 @@ def parser_for(
     return parser
 
 
-def conclude(
-    snippet: Snippet, parser: StreamUsage | None, usage: Usage | None, prompt_tokens_hint: int
-) -> tuple[Usage, str | None, bool]:
-    """(usage, the response's model, keep_estimate) from the parser's result, as engine.account wants.
-
-    keep_estimate: the usage is incomplete or could not be read (a compressed body over the Lua cap, an
-    undecodable encoding, the tail of a long body without a usage record; a response that did not end
-    normally: the Lua tap left only its checkpoints ("partial") or nothing ("none": the client went
-    away before or during the response) without a usage record): the reserved estimate stays charged.
-    Bytes the Lua filter dropped over its cap extrapolate a counted completion.
-    """
-    if parser is None or usage is None:
-        return Usage(prompt_tokens=prompt_tokens_hint, source="estimated"), None, True
-    keep_estimate = parser.undecodable or (
-        snippet.kind in ("tail", "partial", "none") and usage.source != "provider"
+def end_of(snippet: Snippet) -> ResponseEnd:
+    """How the response ended, as the Lua tap's record says: whole ("sse": its events, "body": all of
+    it), only partly seen ("tail": a long body's end), cut off ("partial": its checkpoints; "none": the
+    client went away before or during the response), or unreadable ("over": compressed over the cap).
+    Bytes dropped over the cap are `skipped`."""
+    return ResponseEnd(
+        complete=snippet.kind in ("sse", "body"), readable=snippet.kind != "over", skipped=snippet.skipped
     )
-    if snippet.skipped and usage.source == "estimated" and parser.bytes_seen:
-        extra = round(usage.completion_tokens * snippet.skipped / parser.bytes_seen)
-        usage = Usage(
-            prompt_tokens=usage.prompt_tokens,
-            cached_prompt_tokens=usage.cached_prompt_tokens,
-            cache_write_tokens=usage.cache_write_tokens,
-            completion_tokens=usage.completion_tokens + extra,
-            reasoning_tokens=usage.reasoning_tokens,
-            source="estimated",
-        )
-    return usage, parser.model, keep_estimate
 
 
 def usage_of(
@@ -181,19 +164,21 @@ def usage_of(
         content_encoding=content_encoding,
         prompt_tokens_hint=prompt_tokens_hint,
     )
-    if parser is not None:
-        parser.count_tokens = count_tokens
-    return conclude(snippet, parser, parser.finish() if parser is not None else None, prompt_tokens_hint)
+    if parser is None:
+        usage, keep_estimate = conclude_usage(end_of(snippet), None, None, prompt_tokens_hint)
+        return usage, None, keep_estimate
+    parser.count_tokens = count_tokens
+    usage, keep_estimate = conclude_usage(end_of(snippet), parser, parser.finish(), prompt_tokens_hint)
+    return usage, parser.model, keep_estimate
 
 
 class AccessLogService:
     """Accounts every admitted request's response from Envoy's access-log stream."""
 
-    __slots__ = ("_exact", "_last_batch", "_quiet", "_streams", "engine", "entries", "ignored", "messages")
+    __slots__ = ("_last_batch", "_quiet", "_streams", "engine", "entries", "ignored", "messages")
 
     def __init__(self, engine: Engine, *, quiet: float = 0.5) -> None:
         self.engine = engine
-        self._exact = engine.settings.accounting.exact_cutoff_count
         self._quiet = quiet
         # open streams: a future that ends the stream -> loop time of its last message (inf: busy)
         self._streams: dict[asyncio.Future[None], float] = {}
@@ -262,37 +247,8 @@ class AccessLogService:
             content_encoding=response_headers.get("content-encoding"),
             prompt_tokens_hint=hint,
         )
-        # As the ext_proc adapter: a response without a usage record is counted exactly.
-        if (
-            parser is not None
-            and self._exact
-            and parser.count_exactly(count_tokens, EXECUTOR_THRESHOLD_CHARS)
-        ):
-            return self._account_later(snippet, parser, request_id, hint)
-        self._conclude(snippet, parser, parser.finish() if parser is not None else None, request_id, hint)
-        return None
-
-    async def _account_later(
-        self,
-        snippet: Snippet,
-        parser: StreamUsage,
-        request_id: str,
-        hint: int,
-    ) -> None:
-        usage = await asyncio.get_running_loop().run_in_executor(None, parser.finish)
-        self._conclude(snippet, parser, usage, request_id, hint)
-
-    def _conclude(
-        self,
-        snippet: Snippet,
-        parser: StreamUsage | None,
-        usage: Usage | None,
-        request_id: str,
-        hint: int,
-    ) -> None:
-        usage, model, keep_estimate = conclude(snippet, parser, usage, hint)
         self.entries += 1
-        self.engine.account(request_id, usage, response_model=model, keep_estimate=keep_estimate)
+        return self.engine.account_response(request_id, parser, end_of(snippet), hint)
 
     @property
     def open_streams(self) -> int:

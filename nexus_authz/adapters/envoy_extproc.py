@@ -4,8 +4,9 @@ One bidirectional stream per HTTP request. From the request headers we take the 
 `x-request-id`, the same id the Check saw, so it finds the reservation and the identity nexus-authz
 admitted the request with: no x-nexus-* header is trusted). From the response headers the status,
 content type and encoding; then every body chunk goes to the core's incremental usage parser, and at
-the end of the stream (or when the stream is cut off) the usage is accounted: the reservation settled
-with the real numbers, the ledger fed.
+the end of the stream (or when the stream is cut off) the usage is accounted through
+`engine.account_response` (the core concludes it: core.accounting): the reservation settled with the
+real numbers, the ledger fed. This adapter only says whether the response ended or was cut off.
 
 The shipped Envoy configs use `observability_mode: true`: Envoy sends and moves on, never waiting for us,
 so accounting adds no latency and cannot break a response. In that mode we send nothing back. With a
@@ -16,7 +17,6 @@ rewrite OpenAI streaming requests to ask for the usage chunk (`accounting.inject
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -24,9 +24,9 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
+from nexus_authz.core.accounting import ResponseEnd
 from nexus_authz.core.body import inject_include_usage
-from nexus_authz.core.tokens import EXECUTOR_THRESHOLD_CHARS, count_tokens
-from nexus_authz.core.usage import StreamUsage, Usage
+from nexus_authz.core.usage import StreamUsage
 from nexus_authz.engine import Engine
 
 log = logging.getLogger("nexus_authz.extproc")
@@ -47,6 +47,8 @@ _CONTINUE = {
     "request_trailers": _CONTINUE_REQUEST_TRAILERS,
     "response_trailers": _CONTINUE_RESPONSE_TRAILERS,
 }
+_COMPLETE = ResponseEnd(complete=True)
+_CUT_OFF = ResponseEnd(complete=False)
 _WANTED = frozenset({"x-request-id", ":status", "content-type", "content-encoding"})
 
 
@@ -72,11 +74,10 @@ class Exchange:
 
 
 class ExternalProcessorService:
-    __slots__ = ("_exact", "_inject", "engine", "streams")
+    __slots__ = ("_inject", "engine", "streams")
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._exact = engine.settings.accounting.exact_cutoff_count
         self._inject = engine.settings.accounting.inject_include_usage
         self.streams = 0
 
@@ -167,21 +168,14 @@ class ExternalProcessorService:
             return
         ex.parser = None
         try:
-            usage = await self._usage(parser)
-            self.engine.account(
-                ex.request_id,
-                usage,
-                response_model=parser.model,
-                keep_estimate=parser.undecodable or (cut and usage.source != "provider"),
+            hint = self.engine.prompt_hint(ex.request_id)
+            pending = self.engine.account_response(
+                ex.request_id, parser, _CUT_OFF if cut else _COMPLETE, hint
             )
+            if pending is not None:  # a long text to count exactly: off the event loop
+                await pending
         except Exception:  # accounting must never take the stream (or the server) down
             log.exception("accounting failed", extra={"request_id": ex.request_id})
-
-    async def _usage(self, parser: StreamUsage) -> Usage:
-        """The parser's result; a cut-off stream's completion is counted exactly, off the event loop."""
-        if self._exact and parser.count_exactly(count_tokens, EXECUTOR_THRESHOLD_CHARS):
-            return await asyncio.get_running_loop().run_in_executor(None, parser.finish)
-        return parser.finish()
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(

@@ -11,8 +11,9 @@ headers (`response_headers_to_add`) and, on OVER_LIMIT, an OpenAI-style JSON bod
 
 It also owns the config directory: `RlsConfigSource` reads every `*.yaml`/`*.yml` file (dotfiles
 skipped, symlinks followed: a Kubernetes ConfigMap volume works), and `reload()` polls the files' stamps
-the way the engine polls the key file. A change is parsed whole; a broken file keeps the previous config
-in force and logs one error naming file, line and path (once per change on disk, not once per poll).
+through the same FileSource as the key file and nexus.yaml (nexus_authz.filesource). A change is parsed
+whole; a broken file keeps the previous config in force and logs one error naming file, line and path
+(once per change on disk, not once per poll).
 
 Identity: Envoy's filter reads `x-nexus-key-id` (set by ext_authz; clients cannot forge it, the Envoy
 configs strip it) as descriptor key `nexus_key_id`; entries `nexus_plan` / `nexus_tenant` in the same
@@ -43,6 +44,7 @@ from nexus_authz.core import rls
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.limits import AcquireResult, WindowStatus
 from nexus_authz.core.ports import StoreUnavailable
+from nexus_authz.filesource import FileSource, Stamp
 
 if TYPE_CHECKING:
     from nexus_authz.decide import Decider
@@ -124,20 +126,10 @@ def read_config(directory: str, *, domains: Sequence[str] = (), merge_domains: b
 
 
 class RlsConfigSource:
-    """The config in force (`config`, replaced whole by one reference swap) and its reloads."""
+    """The config in force (`config`, replaced whole by one reference swap) and its reloads: a
+    FileSource over the directory (its stamp: every config file's stamp), like the key file's."""
 
-    __slots__ = (
-        "_clock",
-        "_domains",
-        "_last_error",
-        "_last_error_at",
-        "_loaded_at",
-        "_merge",
-        "_stamp",
-        "config",
-        "directory",
-        "reloads",
-    )
+    __slots__ = ("_domains", "_merge", "config", "directory", "file", "reloads")
 
     def __init__(
         self,
@@ -150,59 +142,53 @@ class RlsConfigSource:
         self.directory = directory
         self._domains = tuple(domains)
         self._merge = merge_domains
-        self._clock = clock
         self.config: rls.RlsConfig | None = None
-        self._stamp: _Stamp | None = None
-        self._loaded_at = 0.0
-        self._last_error: str | None = None
-        self._last_error_at: float | None = None
+        self.file: FileSource[rls.RlsConfig] = FileSource(
+            directory, self._read, clock=clock, stamp_of=directory_stamp
+        )
+        self.file.request_reload()  # nothing loaded yet
         # For metrics (read at scrape time): configs put in force after the first, and rejected ones.
         self.reloads: dict[str, int] = {"loaded": 0, "rejected": 0}
 
+    def _read(self) -> rls.RlsConfig:
+        return read_config(self.directory, domains=self._domains, merge_domains=self._merge)
+
     def load(self) -> rls.RlsConfig:
         """The first load (startup): raises ConfigError instead of keeping anything."""
-        stamp = directory_stamp(self.directory)
-        config = read_config(self.directory, domains=self._domains, merge_domains=self._merge)
-        self._install(config, stamp)
+        stamp = self.file.current_stamp()
+        config = self._read()
+        self.file.install(config, stamp)
+        self._swap(config)
         return config
 
     def reload(self, *, force: bool = False) -> bool:
         """Load the directory if it changed. True if a new config is in force; a broken one is logged
         once and the previous config stays."""
-        stamp = directory_stamp(self.directory)
-        if not force and stamp == self._stamp:
-            return False
-        self._stamp = stamp
-        try:
-            config = read_config(self.directory, domains=self._domains, merge_domains=self._merge)
-        except ConfigError as exc:
+        return self.file.poll(self.install, force=force)
+
+    def install(self, result: rls.RlsConfig | ConfigError, stamp: Stamp) -> bool:
+        """Put a loaded config in force, or keep the previous one and log why (once per change)."""
+        config = self.file.install(result, stamp)
+        if config is None:
             self.reloads["rejected"] += 1
-            self._last_error = str(exc)
-            self._last_error_at = self._clock()
             previous = self.config
             log.error(
                 "ratelimit config rejected; the previous config stays in force",
                 extra={
-                    "error": str(exc),
+                    "error": str(result),
                     "ratelimit_version": previous.version if previous is not None else "",
                 },
             )
             return False
         if self.config is not None and config.version == self.config.version:
-            self._last_error = None
-            self._last_error_at = None
             return False
-        self._install(config, stamp)
+        self._swap(config)
         self.reloads["loaded"] += 1
         return True
 
-    def _install(self, config: rls.RlsConfig, stamp: _Stamp | None) -> None:
+    def _swap(self, config: rls.RlsConfig) -> None:
         previous = self.config
         self.config = config
-        self._stamp = stamp
-        self._loaded_at = self._clock()
-        self._last_error = None
-        self._last_error_at = None
         log.info(
             "ratelimit config loaded",
             extra={
@@ -219,6 +205,7 @@ class RlsConfigSource:
 
     def status(self) -> RlsStatus:
         config = self.config
+        source = self.file.status()
         return RlsStatus(
             loaded=config is not None,
             directory=self.directory,
@@ -226,17 +213,18 @@ class RlsConfigSource:
             files=len(config.sources) if config is not None else 0,
             domains=len(config.domains) if config is not None else 0,
             rules=len(config.rules) if config is not None else 0,
-            loaded_at=self._loaded_at,
-            last_error=self._last_error,
-            last_error_at=self._last_error_at,
+            loaded_at=source.loaded_at,
+            last_error=source.last_error,
+            last_error_at=source.last_error_at,
         )
 
     async def run(self, interval: float) -> None:
-        """Poll forever (a task the server creates and cancels on drain)."""
+        """Poll forever (a task the server creates and cancels on drain); a changed directory is read
+        and parsed in a worker thread, like the key file."""
         while True:
             await asyncio.sleep(interval)
             try:
-                self.reload()
+                await self.file.poll_off_loop(self.install)
             except Exception:  # a bug must not stop reloads forever
                 log.exception("ratelimit config reload failed")
 

@@ -3,8 +3,9 @@
 It maps the engine's state to messages and nothing else: keys from the snapshot in force, window
 figures from the counter store's `peek`, reservations from the reservation book, usage from the ledger
 (`aquery`, off the event loop), and dry-run decisions from `Engine.dry_run`, which charges and counts
-nothing. It answers on its own listener (`listen.api`), apart from the Envoy-facing services, with its
-own grpc.health.v1 and reflection so `grpcurl` works against it.
+nothing. It answers on its own listener (`listen.api`, built by the composition root: app.start_api_server),
+apart from the Envoy-facing services, with its own grpc.health.v1 and reflection so `grpcurl` works
+against it.
 
 Every PolicyService call must carry `authorization: Bearer <admin token>`; the token is compared in
 constant time (both sides hashed first, so not even its length leaks) and a missing or wrong one gets
@@ -26,13 +27,10 @@ import secrets
 import time
 from bisect import bisect_right
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from nexus_authz._gen.nexus.authz.v1 import policy_pb2 as pb
 from nexus_authz._gen.nexus.authz.v1 import policy_pb2_grpc as pb_grpc
@@ -49,11 +47,9 @@ from nexus_authz.stores.ledger import UsageRow
 
 __all__ = [
     "SERVICE",
-    "ApiServer",
     "PolicyApi",
     "check_request",
     "resolve_admin_token",
-    "start_api_server",
 ]
 
 log = logging.getLogger("nexus_authz.api")
@@ -544,53 +540,3 @@ class PolicyApi(pb_grpc.PolicyServiceServicer):
             body=req.body,
         )
         return check_response(await engine.dry_run(as_key, snapshot))
-
-
-# -- the listener ---------------------------------------------------------------------------------------
-@dataclass
-class ApiServer:
-    """The running API listener: its grpc.aio server, health servicer and bound address."""
-
-    server: grpc.aio.Server
-    health: health.HealthServicer
-    servicer: PolicyApi
-    address: str
-
-    def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        self.health.set("", status)
-        self.health.set(SERVICE, status)
-
-    async def stop(self, grace: float | None) -> None:
-        self.set_serving(False)
-        await self.server.stop(grace)
-
-
-async def start_api_server(
-    engine: Engine,
-    address: str,
-    admin_token: str,
-    *,
-    calls: MutableMapping[tuple[str, str], int] | None = None,
-) -> ApiServer:
-    """Listen on `address` (host:port, port 0 picks one; or unix:/path). OSError/RuntimeError if it cannot."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    servicer = PolicyApi(engine, admin_token, calls=calls)
-    pb_grpc.add_PolicyServiceServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(address)
-    if port == 0 and not address.startswith("unix:"):
-        raise RuntimeError(f"cannot listen on {address}")
-    bound = address
-    if not address.startswith("unix:"):
-        host = address.rpartition(":")[0]
-        bound = f"{host}:{port}"
-    await server.start()
-    api = ApiServer(server=server, health=health_servicer, servicer=servicer, address=bound)
-    api.set_serving(True)
-    return api

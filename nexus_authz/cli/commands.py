@@ -103,8 +103,7 @@ def _settings_for_cli(args: argparse.Namespace) -> Settings | None:
 
 def _pepper_for_cli(args: argparse.Namespace) -> bytes:
     """The pepper from the config's `keys.pepper` if a config is given or present, else NEXUS_KEY_PEPPER."""
-    from nexus_authz.engine import resolve_pepper
-    from nexus_authz.settings import Settings
+    from nexus_authz.settings import Settings, resolve_pepper
 
     settings = _settings_for_cli(args)
     if settings is None:
@@ -234,8 +233,8 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     """Revoke a key on every replica at once, through Redis (distributed mode)."""
     import asyncio
 
-    from nexus_authz.settings import load_settings
-    from nexus_authz.stores.redis import make_client, redis_password
+    from nexus_authz.settings import load_settings, redis_password
+    from nexus_authz.stores.redis import make_client
     from nexus_authz.stores.redis.revocations import RevocationChannel
 
     try:
@@ -251,8 +250,8 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     # A typo must not look like a success: check the id against the config's key file when it can be read
     # (refused, exit 2, unless --force: e.g. a key only other replicas' key files hold); when it cannot,
     # say so and publish anyway (revoking is urgent; the key file is not needed for it).
-    from nexus_authz.engine import read_key_snapshot, resolve_pepper
-    from nexus_authz.settings import resolve_path
+    from nexus_authz.engine import read_key_snapshot
+    from nexus_authz.settings import resolve_path, resolve_pepper
 
     key_file = resolve_path(settings, settings.keys_file)
     try:

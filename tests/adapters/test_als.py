@@ -364,6 +364,11 @@ class Recorder:
     def prompt_hint(self, request_id: str) -> int:
         return 0
 
+    # the engine's own conclusion of a response (core.accounting), ending in the recorded account()
+    account_response = Engine.account_response
+    _account_counted = Engine._account_counted
+    _account_parsed = Engine._account_parsed
+
     def account(self, *args: Any, **kwargs: Any) -> None:
         if args[0] == self.fail_on:
             raise RuntimeError("boom")

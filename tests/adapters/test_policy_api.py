@@ -14,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from nexus_authz import app
 from nexus_authz._gen.nexus.authz.v1 import policy_pb2 as pb
 from nexus_authz._gen.nexus.authz.v1 import policy_pb2_grpc as pb_grpc
 from nexus_authz.adapters import policy_api
@@ -80,7 +81,7 @@ class Api:
 
 @asynccontextmanager
 async def serving(engine: Engine) -> AsyncIterator[Api]:
-    server = await policy_api.start_api_server(engine, "127.0.0.1:0", TOKEN)
+    server = await app.start_api_server(engine, "127.0.0.1:0", TOKEN)
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
             yield Api(pb_grpc.PolicyServiceStub(channel), channel, server.servicer)

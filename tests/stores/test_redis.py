@@ -29,6 +29,7 @@ from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.limits import AcquireResult, LimitSpec, make_limit
 from nexus_authz.core.ports import StoreUnavailable
 from nexus_authz.core.yamlsrc import Fields, load_yaml
+from nexus_authz.settings import redis_password
 from nexus_authz.stores.memory import MemoryCounterStore
 from nexus_authz.stores.redis import (
     BatchedRedisStore,
@@ -38,7 +39,6 @@ from nexus_authz.stores.redis import (
     make_client,
     open_redis_store,
     parse_redis_settings,
-    redis_password,
 )
 from nexus_authz.stores.redis.link import Breaker
 from tests.stores.conftest import (
@@ -775,15 +775,14 @@ def test_a_password_protected_redis(redis_server_factory: Callable[[], RedisServ
     server.start("--requirepass", "s3cret-pw")
 
     async def main() -> None:
-        good = open_redis_store(redis_settings(server, password_env="RPW"), environ={"RPW": "s3cret-pw"})
+        rs = redis_settings(server, password_env="RPW")
+        good = open_redis_store(rs, password=redis_password(rs, environ={"RPW": "s3cret-pw"}))
         await good.start()
         assert (await good.acquire(("k\x00a",), SPECS[:1], (1,), NOW)).allowed  # type: ignore[union-attr]
         assert good.health().state == "ok"
         await good.close()
-        bad = open_redis_store(
-            redis_settings(server, password_env="RPW", failure_mode="fail_closed", breaker_failures=1),
-            environ={"RPW": "wrong"},
-        )
+        rs = redis_settings(server, password_env="RPW", failure_mode="fail_closed", breaker_failures=1)
+        bad = open_redis_store(rs, password=redis_password(rs, environ={"RPW": "wrong"}))
         await bad.start()
         with pytest.raises(StoreUnavailable):
             await bad.acquire(("k\x00a",), SPECS[:1], (1,), NOW)

@@ -56,7 +56,6 @@ and the queue of changes for Redis), `revocations` (the revocation channel).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from nexus_authz.stores.redis.batched import BatchedRedisStore
@@ -68,7 +67,6 @@ from nexus_authz.stores.redis.settings import (
     TlsFiles,
     make_client,
     parse_redis_settings,
-    redis_password,
 )
 
 __all__ = [
@@ -82,7 +80,6 @@ __all__ = [
     "make_client",
     "open_redis_store",
     "parse_redis_settings",
-    "redis_password",
 ]
 
 RedisStore = ExactRedisStore | BatchedRedisStore
@@ -91,13 +88,13 @@ RedisStore = ExactRedisStore | BatchedRedisStore
 def open_redis_store(
     settings: RedisSettings,
     *,
+    password: str | None = None,
     base_dir: str = ".",
-    environ: Mapping[str, str] | None = None,
     client: Any = None,
     gauge_ttl: float = 330.0,
     name: str | None = None,
 ) -> RedisStore:
-    """The store for `settings.mode` (not started: `await store.start()`). Resolves the password."""
-    password = None if client is not None else redis_password(settings, base_dir=base_dir, environ=environ)
+    """The store for `settings.mode` (not started: `await store.start()`). The password comes resolved
+    (settings.redis_password): this package reads no environment and no secret file."""
     cls = BatchedRedisStore if settings.mode == "batched" else ExactRedisStore
     return cls(settings, client=client, password=password, base_dir=base_dir, gauge_ttl=gauge_ttl, name=name)

@@ -7,13 +7,10 @@ The password is given by reference only (`password_env` / `password_file`) and r
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.yamlsrc import Fields
 
 __all__ = [
@@ -23,7 +20,6 @@ __all__ = [
     "TlsFiles",
     "make_client",
     "parse_redis_settings",
-    "redis_password",
 ]
 
 MODES: Final = ("exact", "batched")
@@ -149,31 +145,6 @@ def _check_url(f: Fields, url: str) -> None:
         f.fail("url", f"the path is a database number, got {db!r}")
 
 
-def redis_password(
-    settings: RedisSettings, *, base_dir: str = ".", environ: Mapping[str, str] | None = None
-) -> str | None:
-    """Resolve `password_env` / `password_file`. Errors say where the password was looked for only."""
-    environ = os.environ if environ is None else environ
-    if settings.password_env is not None:
-        value = environ.get(settings.password_env)
-        if not value:
-            raise ConfigError(
-                f"environment variable {settings.password_env} is not set or empty",
-                field="counters.redis.password_env",
-            )
-        return value
-    if settings.password_file is not None:
-        path = _resolve(base_dir, settings.password_file)
-        try:
-            value = Path(path).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read {path}: {exc.strerror}", field="counters.redis.password_file"
-            ) from None
-        if not value:
-            raise ConfigError(f"{path} is empty", field="counters.redis.password_file")
-        return value
-    return None
 
 
 def _resolve(base_dir: str, path: str) -> str:
