@@ -23,9 +23,10 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.rpc import code_pb2
 
+from nexus_authz import app as app_root
 from nexus_authz._gen.nexus.authz.v1 import policy_pb2 as pb
 from nexus_authz._gen.nexus.authz.v1 import policy_pb2_grpc as pb_grpc
-from nexus_authz.adapters import http_authz, policy_api
+from nexus_authz.adapters import http_authz
 from nexus_authz.adapters.envoy_authz import AuthorizationService
 from nexus_authz.adapters.envoy_rls import RateLimitService, RlsConfigSource, engine_identity
 from nexus_authz.engine import Engine
@@ -155,7 +156,7 @@ async def run_sequence(engine: Engine, transport: str) -> list[tuple[int, str]]:
     """The sequence through `transport`, dry runs through the policy API; the decisions in order."""
     if engine.remote is not None:
         await engine.remote.start()
-    api = await policy_api.start_api_server(engine, "127.0.0.1:0", TOKEN)
+    api = await app_root.start_api_server(engine, "127.0.0.1:0", TOKEN)
     closers: list[Callable[[], Awaitable[object]]] = [lambda: api.server.stop(None)]
     try:
         if transport == "http":
