@@ -186,8 +186,9 @@ class EngineCollector(Collector):
         )
         yield CounterMetricFamily(
             "nexus_authz_accounted_unadmitted",
-            "Responses dropped unaccounted: nexus-authz admitted no request with their id (e.g. requests "
-            "the proxy refused before its own identity headers replaced the client's), or knows it no longer.",
+            "Responses dropped unaccounted: nexus-authz admitted no request with their id (e.g. "
+            "requests the proxy refused before its own identity headers replaced the client's), or "
+            "knows it no longer.",
             value=accounted.get("unadmitted", 0),
         )
 

@@ -13,8 +13,9 @@ gRPC health follows readiness, per service, within a second of it changing.
 Shutdown (SIGTERM or SIGINT): readiness goes false and gRPC health NOT_SERVING, listeners stop accepting,
 in-flight requests finish (up to `server.shutdown_grace`), keep-alive connections are closed (one
 carrying a request after answering it, with `connection: close`), the ledger flushes, and the process
-exits 0. SIGHUP reloads the config file and the key file at once (the config's policy sections, key
-file and pepper take effect; a changed listener or store setting is logged by name and needs a restart).
+exits 0. SIGHUP makes the next poll (`keys.reload_interval`, 1 s by default) reload the config file and
+the key file even when they look unchanged (the config's policy sections, key file and pepper take
+effect; a changed listener or store setting is logged by name and needs a restart).
 """
 
 from __future__ import annotations

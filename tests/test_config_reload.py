@@ -112,7 +112,10 @@ def test_a_broken_config_keeps_the_last_good_one_and_readyz_says_so(workdir: Pat
             assert [check(served, fresh[2 * i + 1].secret) for _ in range(4)] == [200, 200, 200, 429]
             reloads = len(_records(served, "config file reloaded"))
             _replace(config, good)
-            wait_for("the good file back", lambda: len(_records(served, "config file reloaded")) > reloads)
+            wait_for(
+                "the good file back",
+                lambda reloads=reloads: len(_records(served, "config file reloaded")) > reloads,
+            )
         assert len(_records(served, "config file rejected")) == 2  # once per change, not per poll
     finally:
         assert stop(served) == 0

@@ -397,7 +397,9 @@ def request_facts(
     if not isinstance(body, bytes | bytearray | memoryview):
         return RequestFacts()
     body = bytes(body)
-    fields, blobs, problem, is_object = _facts_fields(body, truncated) if body else _Read(None, [], None, False)
+    fields, blobs, problem, is_object = (
+        _facts_fields(body, truncated) if body else _Read(None, [], None, False)
+    )
     if not estimate_prompt or not body:
         prompt = 0
     elif not precise and not blobs and body.isascii():
@@ -523,7 +525,9 @@ def _disposition_name(value: bytes) -> bytes | str | None:
     return name
 
 
-def multipart_model(body: bytes, content_type: str, *, truncated: bool = False) -> tuple[str | None, str | None]:
+def multipart_model(
+    body: bytes, content_type: str, *, truncated: bool = False
+) -> tuple[str | None, str | None]:
     """The `model` form field of a multipart/form-data body, parsed by its structure: (model, problem).
 
     Parts are delimited by the boundary of the content type; a part is the model field when its

@@ -262,7 +262,7 @@ class Policy:
                         return _too_many_refusals(status.retry_after)
             read = self._read_body(request, key)
             if read.__class__ is tuple:
-                model, facts = read  # type: ignore[misc]
+                model, facts = read
                 if model is not None and key.models and not snapshot.model_allowed(key, model):
                     read = _DENIALS[Reason.MODEL_NOT_ALLOWED]
             if read.__class__ is not tuple:

@@ -8,6 +8,7 @@ typo that would leave a limit unenforced.
 
 from __future__ import annotations
 
+import builtins
 import gc
 import math
 import re
@@ -46,7 +47,7 @@ class LineList(list[Any]):
 _Base: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-class _Loader(_Base):  # type: ignore[misc, valid-type]
+class _Loader(_Base):  # type: ignore[misc]
     pass
 
 
@@ -149,7 +150,7 @@ class Fields:
 
     __slots__ = ("_data", "_path", "_seen", "source")
 
-    def __init__(self, data: object, source: str, path: str) -> None:
+    def __init__(self, data: object, source: builtins.str, path: builtins.str) -> None:
         self.source = source
         self._path = path
         if data is None:
@@ -160,25 +161,25 @@ class Fields:
         self._seen: set[str] = set()
 
     # -- locating -----------------------------------------------------------------------------------
-    def where(self, name: str | None = None) -> str:
+    def where(self, name: builtins.str | None = None) -> builtins.str:
         lines = getattr(self._data, "lines", {})
         line = lines.get(name) if name is not None else None
         if line is None:  # a missing field: point at the mapping that lacks it
             line = getattr(self._data, "line", 0)
         return f"{self.source}:{line}" if line else self.source
 
-    def path(self, name: str) -> str:
+    def path(self, name: builtins.str) -> builtins.str:
         return f"{self._path}.{name}" if self._path else name
 
-    def fail(self, name: str | None, message: str) -> NoReturn:
+    def fail(self, name: builtins.str | None, message: builtins.str) -> NoReturn:
         field = self.path(name) if name is not None else (self._path or None)
         raise ConfigError(message, source=self.where(name), field=field)
 
     # -- access ---------------------------------------------------------------------------------------
-    def has(self, name: str) -> bool:
+    def has(self, name: builtins.str) -> bool:
         return name in self._data and self._data[name] is not None
 
-    def raw(self, name: str, default: Any = _MISSING) -> Any:
+    def raw(self, name: builtins.str, default: Any = _MISSING) -> Any:
         self._seen.add(name)
         if name not in self._data or self._data[name] is None:
             if default is _MISSING:
@@ -186,7 +187,7 @@ class Fields:
             return default
         return self._data[name]
 
-    def str(self, name: str, default: Any = _MISSING) -> Any:
+    def str(self, name: builtins.str, default: Any = _MISSING) -> Any:
         value = self.raw(name, default)
         if value is default and default is not _MISSING:
             return value
@@ -197,13 +198,13 @@ class Fields:
             self.fail(name, "must not be empty")
         return text
 
-    def bool(self, name: str, default: bool = False) -> bool:
+    def bool(self, name: builtins.str, default: bool = False) -> bool:
         value = self.raw(name, default)
         if not isinstance(value, bool):
             self.fail(name, f"expected true or false, got {describe(value)}")
         return value
 
-    def int(self, name: str, default: Any = _MISSING, *, minimum: int = 0) -> Any:
+    def int(self, name: builtins.str, default: Any = _MISSING, *, minimum: builtins.int = 0) -> Any:
         value = self.raw(name, default)
         if value is default and default is not _MISSING:
             return value
@@ -213,7 +214,7 @@ class Fields:
             self.fail(name, f"must be at least {minimum}, got {value}")
         return value
 
-    def number(self, name: str, default: Any = _MISSING, *, minimum: float = 0.0) -> Any:
+    def number(self, name: builtins.str, default: Any = _MISSING, *, minimum: float = 0.0) -> Any:
         value = self.raw(name, default)
         if value is default and default is not _MISSING:
             return value
@@ -223,7 +224,7 @@ class Fields:
             self.fail(name, f"must be at least {minimum}, got {value}")
         return float(value)
 
-    def duration(self, name: str, default: Any = _MISSING, *, minimum: float = 0.0) -> Any:
+    def duration(self, name: builtins.str, default: Any = _MISSING, *, minimum: float = 0.0) -> Any:
         value = self.raw(name, default)
         if value is default and default is not _MISSING:
             return value
@@ -234,7 +235,7 @@ class Fields:
             self.fail(name, f"must be at least {minimum}s, got {value!r}")
         return seconds
 
-    def choice(self, name: str, choices: tuple[str, ...], default: Any = _MISSING) -> Any:
+    def choice(self, name: builtins.str, choices: tuple[builtins.str, ...], default: Any = _MISSING) -> Any:
         value = self.str(name, default)
         if value is default and default is not _MISSING:
             return value
@@ -242,7 +243,9 @@ class Fields:
             self.fail(name, f"must be one of {', '.join(choices)}; got {value!r}")
         return value
 
-    def str_list(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+    def str_list(
+        self, name: builtins.str, default: tuple[builtins.str, ...] = ()
+    ) -> tuple[builtins.str, ...]:
         value = self.raw(name, None)
         if value is None:
             return default
@@ -250,17 +253,17 @@ class Fields:
             value = [value]
         if not isinstance(value, list):
             self.fail(name, f"expected a list of strings, got {describe(value)}")
-        out: list[str] = []
+        out: list[builtins.str] = []
         for i, item in enumerate(value):
             if isinstance(item, bool) or not isinstance(item, str | int | float) or not str(item).strip():
                 self.fail(name, f"item {i} must be a non-empty string, got {describe(item)}")
             out.append(str(item).strip())
         return tuple(out)
 
-    def mapping(self, name: str) -> Fields:
+    def mapping(self, name: builtins.str) -> Fields:
         return Fields(self.raw(name, None), self.source, self.path(name))
 
-    def items(self, name: str) -> Iterator[tuple[int, object, str]]:
+    def items(self, name: builtins.str) -> Iterator[tuple[builtins.int, object, builtins.str]]:
         """Yields (index, item, field path) of a list field; a missing field is an empty list."""
         value = self.raw(name, None)
         if value is None:
@@ -270,7 +273,7 @@ class Fields:
         for i, item in enumerate(value):
             yield i, item, f"{self.path(name)}[{i}]"
 
-    def names(self) -> list[str]:
+    def names(self) -> list[builtins.str]:
         return list(self._data)
 
     def done(self) -> None:

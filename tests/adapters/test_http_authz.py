@@ -374,7 +374,8 @@ def test_head_on_admin_paths_carries_no_body(engine: Engine, tmp_path: Path) -> 
     answers = _raw_heads(
         engine,
         tmp_path,
-        http_request("/healthz", method="HEAD") + http_request("/metrics", method="HEAD")
+        http_request("/healthz", method="HEAD")
+        + http_request("/metrics", method="HEAD")
         + http_request("/nope", method="HEAD"),
         admin=True,
     )

@@ -92,7 +92,9 @@ TRICKS = {
     "utf16": (utf16_trick(), "application/json"),
     # 2e: filename="model" before the real model field; capitals in the media type
     "multipart-filename": (
-        multipart(('form-data; name="file"; filename="model"', b"gpt-4o"), ('form-data; name="model"', b"o3")),
+        multipart(
+            ('form-data; name="file"; filename="model"', b"gpt-4o"), ('form-data; name="model"', b"o3")
+        ),
         "Multipart/Form-Data; boundary=XyZ",
     ),
     "multipart-duplicate": (

@@ -1,9 +1,10 @@
 """The README's copy-and-paste snippets, run as written (issue 18, items 11 and 12).
 
-Blocks meant to be copied are marked `<!-- readme-test: NAME -->` in README.md or docs/*.md. Substitutions are only
-those a parallel test run needs (free ports and private paths for the fixed 8000/9191/8080, `/tmp/...`,
-the admin and gRPC ports) and the venv's location (`.venv/bin/`); each substituted text is asserted to be
-in the block, so a README change cannot make a substitution silently miss.
+Blocks meant to be copied are marked `<!-- readme-test: NAME -->` in README.md or docs/*.md.
+Substitutions are only those a parallel test run needs (free ports and private paths for the fixed
+8000/9191/8080, `/tmp/...`, the admin and gRPC ports) and the venv's location (`.venv/bin/`); each
+substituted text is asserted to be in the block, so a README change cannot make a substitution silently
+miss.
 """
 
 from __future__ import annotations

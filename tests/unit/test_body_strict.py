@@ -125,7 +125,16 @@ def test_duplicate_top_level_model_is_refused(pad: str, key: KeySpec, make) -> N
         b'{"model":"gpt-4o","x":"\xc3\x28"}',
         b'{"model":"gpt-4o","x":"' + PAD.encode() + b'\xe9"}',
     ],
-    ids=["utf16-trick", "utf16le-bom", "utf16be-bom", "utf32", "utf32le", "utf8-bom", "bad-utf8", "bad-utf8-big"],
+    ids=[
+        "utf16-trick",
+        "utf16le-bom",
+        "utf16be-bom",
+        "utf32",
+        "utf32le",
+        "utf8-bom",
+        "bad-utf8",
+        "bad-utf8-big",
+    ],
 )
 @pytest.mark.parametrize("key", [RESTRICTED, PRICED], ids=lambda k: k.id)
 def test_json_that_is_not_utf8_is_refused(body: bytes, key: KeySpec) -> None:
@@ -278,7 +287,11 @@ def test_pathological_body_is_decided_with_bounded_work(monkeypatch: pytest.Monk
     parsed: list[int] = []
     real_decode = body_mod._STRICT.decode
     monkeypatch.setattr(body_mod, "_KEY", CountingKey())
-    monkeypatch.setattr(body_mod, "_STRICT", type("S", (), {"decode": lambda self, t: parsed.append(len(t)) or real_decode(t)})())
+    monkeypatch.setattr(
+        body_mod,
+        "_STRICT",
+        type("S", (), {"decode": lambda self, t: parsed.append(len(t)) or real_decode(t)})(),
+    )
     d = World().check(RESTRICTED, body)
     assert d.status == 400 and "too many nested" in json.loads(d.body)["error"]["message"]
     assert matches <= body_mod._MAX_CANDIDATES + 1

@@ -145,8 +145,6 @@ def _check_url(f: Fields, url: str) -> None:
         f.fail("url", f"the path is a database number, got {db!r}")
 
 
-
-
 def _resolve(base_dir: str, path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(base_dir, path)
 
