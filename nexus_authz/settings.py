@@ -15,6 +15,8 @@ Environment variables override the file (handy in containers):
   NEXUS_API_LISTEN     listen.api         (the policy query API: host:port or unix:/path, "" disables it)
   NEXUS_ADMIN_TOKEN    the policy API's admin token (the default source of `api.admin_token`)
   NEXUS_LOG_LEVEL      logging.level
+and, for the command line's client commands (`cli_environment`):
+  NEXUS_API_ADDR       the policy API a client command talks to (when --server is not given)
 """
 
 from __future__ import annotations
@@ -117,6 +119,25 @@ class Settings:
     api_auth: ApiSettings = field(default_factory=ApiSettings)
     ratelimit: RlsSettings = field(default_factory=RlsSettings)  # Envoy RLS (issue 7)
     policy: PolicySet = field(default_factory=PolicySet)
+
+
+@dataclass(frozen=True, slots=True)
+class CliEnvironment:
+    """What the command line takes from the environment when its options do not say."""
+
+    config: str | None  # NEXUS_CONFIG
+    api_address: str | None  # NEXUS_API_ADDR
+    admin_token: str | None  # NEXUS_ADMIN_TOKEN
+
+
+def cli_environment(environ: Mapping[str, str] | None = None) -> CliEnvironment:
+    """The command line's environment variables (empty counts as unset), read here like every other."""
+    environ = os.environ if environ is None else environ
+    return CliEnvironment(
+        config=environ.get("NEXUS_CONFIG") or None,
+        api_address=environ.get("NEXUS_API_ADDR") or None,
+        admin_token=environ.get(DEFAULT_ADMIN_TOKEN_ENV) or None,
+    )
 
 
 def parse_host_port(text: str, *, what: str) -> HostPort:

@@ -24,11 +24,19 @@ if TYPE_CHECKING:
     from nexus_authz.core.model import Credential
     from nexus_authz.settings import Settings
 
+
+def _env_config() -> str | None:
+    """NEXUS_CONFIG, as settings.py reads it (imported late: the command line starts light)."""
+    from nexus_authz.settings import cli_environment
+
+    return cli_environment().config
+
+
 DEFAULT_CONFIG = "nexus.yaml"
 
 
 def _config_path(args: argparse.Namespace) -> str:
-    return args.config or os.environ.get("NEXUS_CONFIG") or DEFAULT_CONFIG
+    return args.config or _env_config() or DEFAULT_CONFIG
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -96,7 +104,7 @@ def _settings_for_cli(args: argparse.Namespace) -> Settings | None:
     from nexus_authz.settings import load_settings
 
     path = _config_path(args)
-    if args.config or os.environ.get("NEXUS_CONFIG") or os.path.exists(path):
+    if args.config or _env_config() or os.path.exists(path):
         return load_settings(path)
     return None
 
@@ -351,7 +359,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
 
     path = _config_path(args)
     try:
-        if args.config or os.environ.get("NEXUS_CONFIG") or os.path.exists(path):
+        if args.config or _env_config() or os.path.exists(path):
             settings = load_settings(path)
         else:  # no config: nexus-authz's defaults
             settings = Settings(config_path="(no config file)", base_dir=os.getcwd())

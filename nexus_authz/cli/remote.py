@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "DEFAULT_SERVER",
@@ -37,6 +37,19 @@ __all__ = [
     "cmd_limits",
     "cmd_usage",
 ]
+
+
+if TYPE_CHECKING:
+    from nexus_authz.settings import CliEnvironment
+
+
+def _env() -> CliEnvironment:
+    """NEXUS_CONFIG, NEXUS_API_ADDR, NEXUS_ADMIN_TOKEN, as settings.py reads them (imported late: the
+    command line starts without loading the server's modules)."""
+    from nexus_authz.settings import cli_environment
+
+    return cli_environment()
+
 
 DEFAULT_SERVER = "127.0.0.1:9002"
 DEFAULT_TIMEOUT = 10.0
@@ -156,7 +169,7 @@ def _config_settings(args: argparse.Namespace) -> Any:
     from nexus_authz.core.errors import ConfigError
     from nexus_authz.settings import load_settings
 
-    path = getattr(args, "config", None) or os.environ.get("NEXUS_CONFIG")
+    path = getattr(args, "config", None) or _env().config
     if not path:
         path = "nexus.yaml" if os.path.exists("nexus.yaml") else None
     if path is None:
@@ -169,12 +182,12 @@ def _config_settings(args: argparse.Namespace) -> Any:
 
 def resolve_target(args: argparse.Namespace, *, server_from_config: bool = True) -> Target:
     settings = None
-    server = args.server or os.environ.get("NEXUS_API_ADDR")
+    server = args.server or _env().api_address
     if not server and server_from_config:
         settings = _config_settings(args)
         if settings is not None and settings.api:
             server = settings.api
-    token = args.token or os.environ.get("NEXUS_ADMIN_TOKEN")
+    token = args.token or _env().admin_token
     if not token:
         if settings is None:
             settings = _config_settings(args)
