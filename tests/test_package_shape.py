@@ -50,3 +50,22 @@ def test_the_config_renderers_and_the_ledger_need_nothing_from_the_running_serve
             if name.startswith(("nexus_authz.engine", "nexus_authz.server", "nexus_authz.adapters"))
         )
         assert wrong == [], f"{path.relative_to(PACKAGE)} imports {wrong}"
+
+
+# settings.py reads the environment for everything else; the compiled-path switch is read at import,
+# before any settings exist; the demo builds its child processes' environment.
+ENVIRONMENT_READERS = {"settings.py", "native/__init__.py", "demo/runner.py"}
+
+
+def test_only_settings_reads_the_environment() -> None:
+    readers = set()
+    for path in _modules(PACKAGE):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in ("environ", "getenv", "environb")
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "os"
+            ):
+                readers.add(str(path.relative_to(PACKAGE)))
+    assert readers == ENVIRONMENT_READERS
