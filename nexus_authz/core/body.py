@@ -338,14 +338,19 @@ def _strict_fields(text: str) -> tuple[dict[str, object] | None, str | None]:
 _Read = tuple[dict[str, object] | None, list[tuple[int, int]], str | None, bool]
 
 
+def _blob_spans(body: bytes) -> list[tuple[int, int]]:
+    """The base64 blobs of a body (none without a blob marker, or in a body shorter than one blob)."""
+    if len(body) <= _BLOB_MIN or (b"base64," not in body and b'"data"' not in body):
+        return []
+    return _scan(body)[1]
+
+
 def _facts_fields(body: bytes, truncated: bool) -> _Read:
     """The strict reading: the body is UTF-8 JSON whose top-level keys appear once, or it is refused.
 
     UTF-16/32 (which Python's json.loads(bytes) would decode) always holds a NUL byte in a JSON text;
     invalid UTF-8 and a byte-order mark are refused too. A body cut by the proxy is read up to the cut.
     """
-    if b"\x00" in body:
-        return (None, [], NOT_UTF8, False)
     text: str | None = None
     if not body.isascii():
         if body.startswith(b"\xef\xbb\xbf"):
@@ -354,13 +359,19 @@ def _facts_fields(body: bytes, truncated: bool) -> _Read:
             text = codecs.utf_8_decode(body, "strict", not truncated)[0]
         except UnicodeDecodeError:
             return (None, [], NOT_UTF8, False)
+    # A NUL byte (UTF-16/32) is looked for only where the strict parse has not already excluded it: a
+    # JSON text that parses holds no raw control character.
     if body[:1] != b"{" and body.lstrip()[:1] != b"{":
-        blobs = _scan(body)[1] if (b"base64," in body or b'"data"' in body) else []
-        return (None, blobs, None, False)
+        if b"\x00" in body:
+            return (None, [], NOT_UTF8, False)
+        return (None, _blob_spans(body), None, False)
     if not truncated and len(body) <= PARSE_BELOW:
         fields, problem = _strict_fields(text if text is not None else body.decode("ascii"))
-        blobs = _scan(body)[1] if (b"base64," in body or b'"data"' in body) else []
-        return (fields, blobs, problem, fields is not None or problem is not None)
+        if fields is None and problem is None and b"\x00" in body:
+            return (None, [], NOT_UTF8, False)
+        return (fields, _blob_spans(body), problem, fields is not None or problem is not None)
+    if b"\x00" in body:
+        return (None, [], NOT_UTF8, False)
     found, blobs = _scan(body, complete=not truncated)
     if isinstance(found, str):
         return (None, blobs, found, True)
@@ -534,6 +545,8 @@ _BOUNDARY_PARAM: Final = re.compile(r';\s*boundary\s*=\s*(?:"([^"]{1,70})"|([^";
 
 def is_multipart(content_type: str) -> bool:
     """multipart/form-data, in any letter case (media types are case-insensitive)."""
+    if len(content_type) < 19:  # shorter than the name itself (lower() never shortens: application/json)
+        return False
     return content_type.partition(";")[0].strip().lower() == "multipart/form-data"
 
 
