@@ -12,6 +12,7 @@ from __future__ import annotations
 
 KNOWN_KEY_TTL = 24 * 3600.0  # seconds a key stays known to an address after its last success from it
 MAX_KNOWN = 65536  # (address, key) pairs remembered, least recently used dropped first (~10 MB at most)
+REFRESH_AFTER = 60.0  # seconds: a pair noted more recently than this is not refreshed (see `note`)
 
 
 class KnownKeys:
@@ -25,8 +26,18 @@ class KnownKeys:
         self._seen: dict[tuple[str, str], float] = {}
 
     def note(self, address: str, key_id: str, now: float) -> None:
+        """The key authenticated from the address at `now` (called on every successful auth).
+
+        A pair already noted less than REFRESH_AFTER ago is left as it is (one dict look-up instead of
+        a pop and an insert per request): its TTL and its place in the LRU order then count from that
+        earlier note, so a key stays known for between KNOWN_KEY_TTL - REFRESH_AFTER and KNOWN_KEY_TTL
+        after its last success, never longer.
+        """
         seen = self._seen
         pair = (address, key_id)
+        last = seen.get(pair)
+        if last is not None and last <= now < last + REFRESH_AFTER:
+            return
         if seen.pop(pair, None) is None and len(seen) >= self.max_entries:
             del seen[next(iter(seen))]  # the least recently used pair
         seen[pair] = now

@@ -319,6 +319,29 @@ def test_a_guesser_does_not_lock_out_keys_already_in_use_from_its_address() -> N
     assert attempt(SMALL.secret).reason is Reason.AUTH_THROTTLED
 
 
+def test_known_keys_refresh_at_most_once_a_minute_and_stay_bounded() -> None:
+    from nexus_authz.core.known import KNOWN_KEY_TTL, REFRESH_AFTER, KnownKeys
+
+    known = KnownKeys(max_entries=2)
+    known.note("a", "k", 1000.0)
+    known.note("a", "k", 1000.0 + REFRESH_AFTER - 1)  # within the minute: not refreshed
+    assert known.known("a", "k", 1000.0 + KNOWN_KEY_TTL - 1)
+    assert not known.known("a", "k", 1000.0 + KNOWN_KEY_TTL)  # counts from the first note
+    assert not known.known("a", "other", 1000.0) and not known.known("b", "k", 1000.0)
+    known.note("a", "k", 1000.0 + REFRESH_AFTER)  # a minute later: refreshed
+    assert known.known("a", "k", 1000.0 + REFRESH_AFTER + KNOWN_KEY_TTL - 1)
+    assert not known.known("a", "k", 1000.0 + REFRESH_AFTER + KNOWN_KEY_TTL)
+    known.note("a", "k", 500.0)  # a clock that went back is taken as it is
+    assert not known.known("a", "k", 500.0 + KNOWN_KEY_TTL)
+    # Bounded: the least recently refreshed pair goes first.
+    known.note("b", "k", 2000.0)
+    known.note("a", "k", 2000.0)  # refreshes a (noted at 500): b is now the oldest
+    known.note("c", "k", 2001.0)
+    assert len(known) == 2
+    assert known.known("a", "k", 2001.0) and known.known("c", "k", 2001.0)
+    assert not known.known("b", "k", 2001.0)
+
+
 class _RecordingCounters(MemoryCounterStore):
     """The memory store, remembering the time each adjustment says its amount was charged at."""
 
