@@ -35,3 +35,8 @@ class BadRequest(NexusError):
     """The client's request cannot be interpreted (e.g. a body that is not the JSON it claims to be)."""
 
     status = 400
+
+
+# The strict body reading's refusal of a body that is not UTF-8 (JSON bodies in core.body, a multipart
+# model field in core.multipart).
+NOT_UTF8 = "The request body must be JSON encoded as UTF-8 (no byte-order mark)."
