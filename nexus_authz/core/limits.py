@@ -143,6 +143,8 @@ class LimitSpec:
     shadow: bool
     model: str | None
     name: str
+    # Whose limit this is: "key" (the key's own or its plan's), "group" or "tenant" (shared by keys).
+    level: str = "key"
     interval: float = field(init=False, repr=False, compare=False)  # GCRA: seconds per unit (1/rate)
     tolerance: float = field(init=False, repr=False, compare=False)  # GCRA: tau = burst * interval
     max_debt: float = field(init=False, repr=False, compare=False)  # GCRA: tau plus rounding noise
@@ -172,7 +174,7 @@ class LimitSpec:
         setattr_(self, "slot_width", self.period / self.slots if self.slots else 0.0)
         setattr_(self, "_model_re", re.compile(translate(self.model)) if self.model is not None else None)
         fields = (self.kind, self.limit, self.period, self.burst, self.algorithm, self.slots, self.shadow)
-        setattr_(self, "_hash", hash((*fields, self.model, self.name)))
+        setattr_(self, "_hash", hash((*fields, self.model, self.name, self.level)))
 
     def __hash__(self) -> int:
         """Cached: specs key per-spec caches (header fragments, per-model selections) on the hot path."""

@@ -94,6 +94,7 @@ class KeyRecord:
     # `models` and `paths` compiled (shared between keys with the same lists); None: anything goes.
     model_rule: re.Pattern[str] | None = field(default=None, repr=False)
     path_rule: re.Pattern[str] | None = field(default=None, repr=False)
+    group: str = ""  # the key's group (team/project) within its tenant; "" when it has none
 
 
 @dataclass(frozen=True, slots=True, eq=False)
