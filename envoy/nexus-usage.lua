@@ -140,8 +140,10 @@ end
 -- the HTTP service picked by dynamic_metadata_from_headers, or CheckResponse.dynamic_metadata over
 -- gRPC). The access log settles it too, but in batches up to buffer_flush_interval after the client has
 -- the whole response, so a client sending one request at a time would find its own slot still held.
--- A synchronous call here, after the last body chunk and before Envoy passes it on, frees the slot
--- before the client can see the end of the response. Requests without a slot pay nothing.
+-- A call here, sent as the last body chunk passes and not waited for (asynchronous: the response is
+-- not delayed), frees the slot about when the client sees the end of the response; a next request
+-- that still arrives first waits for it in nexus-authz (decide.SLOT_WAIT). Requests without a slot pay
+-- nothing.
 local AUTHZ_NS = "envoy.filters.http.ext_authz"
 local RELEASE_TIMEOUT_MS = 200
 
@@ -161,14 +163,14 @@ local function release_slot(handle)
       [":authority"] = "nexus-authz",
       ["content-type"] = "application/grpc",
       ["te"] = "trailers",
-    }, frame, RELEASE_TIMEOUT_MS)
+    }, frame, RELEASE_TIMEOUT_MS, true)
   else -- HTTP ext_authz: the same Unix socket, an HTTP/1.1 keep-alive connection
     handle:httpCall("nexus_authz", {
       [":method"] = "POST",
       [":path"] = "/_nexus/release",
       [":authority"] = "nexus-authz",
       ["x-nexus-release"] = "1",
-    }, id, RELEASE_TIMEOUT_MS)
+    }, id, RELEASE_TIMEOUT_MS, true)
   end
 end
 

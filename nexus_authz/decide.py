@@ -18,6 +18,7 @@ Retry-After, the rate limit service fails the RPC (Envoy's `failure_mode_deny` d
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
@@ -29,7 +30,14 @@ from nexus_authz.core.ports import AsyncCounterStore, CounterStore, StoreUnavail
 from nexus_authz.core.reservations import ReservationBook, Settlement, settle_with
 from nexus_authz.latency import LatencyHistogram
 
-__all__ = ["Decider"]
+__all__ = ["SLOT_WAIT", "Decider"]
+
+# How long a request refused only for a concurrency slot waits for one to be released before its 429.
+# The proxy releases a slot as the last bytes of a response pass (envoy/nexus-usage.lua, a call it does
+# not wait for, so the response is not delayed); a client that sends its next request the moment it has
+# the previous response can get here before that release: the wait makes back-to-back requests on
+# `concurrent: 1` exact. Only refusals wait; admissions never do.
+SLOT_WAIT = 0.02
 
 
 class Decider:
@@ -39,7 +47,7 @@ class Decider:
     `failures`: the local store counting invalid keys per address (brute-force protection).
     """
 
-    __slots__ = ("book", "clock", "decisions", "failures", "latency", "store")
+    __slots__ = ("_slot_freed", "book", "clock", "decisions", "failures", "latency", "store")
 
     def __init__(
         self,
@@ -57,14 +65,16 @@ class Decider:
         self.clock = clock
         self.decisions: dict[Reason, int] = decisions if decisions is not None else dict.fromkeys(Reason, 0)
         self.latency = latency if latency is not None else LatencyHistogram()
+        self._slot_freed: asyncio.Future[None] | None = None  # set only while a refused request waits
 
     # -- ext_authz: the whole decision ---------------------------------------------------------------
     def check(
-        self, policy: Policy, snapshot: KeySnapshot, request: Request
+        self, policy: Policy, snapshot: KeySnapshot, request: Request, *, wait: bool = True
     ) -> Decision | Awaitable[Decision]:
         """The decision, at once whenever it can be made without waiting (a request refused before any
         limit, the memory store, Redis's batched mode), else an awaitable. Callers test
-        `result.__class__ is Decision` and await only otherwise."""
+        `result.__class__ is Decision` and await only otherwise. `wait` False: a concurrency refusal is
+        final at once (no SLOT_WAIT; for callers that cannot await)."""
         started = time.perf_counter()
         now = self.clock()
         admission = policy.admit(request, snapshot, now, self.failures)
@@ -81,7 +91,10 @@ class Decider:
         result = store.acquire_nowait(admission.counter_ids, admission.specs, admission.costs, now)
         if result is None:
             return self._check_later(policy, admission, now, started)
-        return self._counted(policy.conclude(admission, result, now, store.adjust_soon, self.book), started)
+        decision = policy.conclude(admission, result, now, store.adjust_soon, self.book)
+        if decision.reason is Reason.CONCURRENCY_LIMITED and wait and self.book is not None:
+            return self._wait_for_slot(policy, admission, decision, started)
+        return self._counted(decision, started)
 
     async def _check_later(
         self, policy: Policy, admission: Admission, now: float, started: float
@@ -91,7 +104,47 @@ class Decider:
             result = await store.acquire(admission.counter_ids, admission.specs, admission.costs, now)
         except StoreUnavailable as exc:  # fail_closed and the store is away: 503, retry soon
             return self._counted(unavailable(exc.retry_after), started)
-        return self._counted(policy.conclude(admission, result, now, store.adjust_soon, self.book), started)
+        decision = policy.conclude(admission, result, now, store.adjust_soon, self.book)
+        if decision.reason is Reason.CONCURRENCY_LIMITED and self.book is not None:
+            return await self._wait_for_slot(policy, admission, decision, started)
+        return self._counted(decision, started)
+
+    async def _wait_for_slot(
+        self, policy: Policy, admission: Admission, refused: Decision, started: float
+    ) -> Decision:
+        """A request refused for a concurrency slot only: try again whenever a slot is released, for up to
+        SLOT_WAIT; the refusal stands if none frees in time (or the store cannot answer)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SLOT_WAIT
+        store = self.store
+        decision = refused
+        while (remaining := deadline - loop.time()) > 0:
+            freed = self._slot_freed
+            if freed is None:
+                freed = self._slot_freed = loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(freed), remaining)
+            except TimeoutError:
+                break
+            now = self.clock()
+            try:
+                result = store.acquire_nowait(admission.counter_ids, admission.specs, admission.costs, now)
+                if result is None:
+                    result = await store.acquire(admission.counter_ids, admission.specs, admission.costs, now)
+            except StoreUnavailable:
+                break
+            decision = policy.conclude(admission, result, now, store.adjust_soon, self.book)
+            if decision.reason is not Reason.CONCURRENCY_LIMITED:
+                break
+        return self._counted(decision, started)
+
+    def slot_freed(self) -> None:
+        """A concurrency slot was released: wake the requests waiting for one (none, nearly always)."""
+        freed = self._slot_freed
+        if freed is not None:
+            self._slot_freed = None
+            if not freed.done():
+                freed.set_result(None)
 
     def _counted(self, decision: Decision, started: float) -> Decision:
         self.decisions[decision.reason] += 1
@@ -154,3 +207,5 @@ class Decider:
         """Apply what the reservation book returned (settle, release, expiry): never waits (a remote
         store queues the change)."""
         settle_with(self.store.adjust_soon, settlements, now)
+        if self._slot_freed is not None:  # a request waits for a concurrency slot: this may free one
+            self.slot_freed()
