@@ -102,7 +102,8 @@ def _held(key: KeyRecord, entries: Iterable[ReservationEntry]) -> tuple[dict[str
         if isinstance(context, InFlight):
             own = context.key_id == key.key_id
         else:
-            own = bool(counter_ids) and counter_ids[0] in mine and specs[0].level == "key"
+            # without tracking, a request is this key's when it charged one of the key's own counters
+            own = any(c in mine and s.level == "key" for c, s in zip(counter_ids, specs, strict=False))
         in_flight += own
         for i, cid in enumerate(counter_ids):
             if cid in mine and specs[i].kind in _SETTLED_KINDS and not (uncharged >> i) & 1:

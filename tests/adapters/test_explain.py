@@ -7,6 +7,7 @@ so the real counters are shared and charged by real decisions."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import math
@@ -19,9 +20,12 @@ from nexus_authz._gen.nexus.authz.v1 import policy_pb2 as pb
 from nexus_authz.adapters.explain import binding_index
 from nexus_authz.core import keys as keys_mod
 from nexus_authz.core.limits import LimitSpec, make_limit, new_status
+from nexus_authz.core.model import Decision
 from nexus_authz.engine import Engine
 from nexus_authz.settings import load_settings
-from tests.adapters.test_policy_api import NOW, Api, Clock, client_request, run
+from tests.adapters.test_policy_api import NOW, Api, Clock, client_request, run, serving
+from tests.adapters.test_transports_x_stores import LIMITED as X_LIMITED
+from tests.adapters.test_transports_x_stores import STORES, body, make_engine, redis  # noqa: F401
 from tests.helpers import PEPPER, KeySpec, write_config
 
 CONFIG = """
@@ -278,3 +282,38 @@ def test_binding_ranks() -> None:
     assert binding_index(specs, [0, 1, 5, 0], [1, 1, 1, 1], [1, 1, 100, 1], refused) == 2  # type: ignore[arg-type]
     # a limit that does not apply (None) or costs nothing never binds; nothing left: None
     assert binding_index(specs, [0, 1, 5, 0], [1, 1, 1, 1], [1, 1, 0, 1], [None, None, ok[2], ok[3]]) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_explain_on_every_store(store: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The same answers from the memory store and Redis (exact and batched): its peek is awaited."""
+    redis_server = request.getfixturevalue("redis") if store != "memory" else None
+    engine = make_engine(tmp_path / store, store, redis_server)
+    question = pb.ExplainRequest(key_id="limited", model="gpt-4o")
+
+    async def check(request_id: str) -> bool:
+        decision = engine.check_fast(client_request(X_LIMITED, body("gpt-4o"), request_id=request_id))
+        return (decision if isinstance(decision, Decision) else await decision).allowed
+
+    async def main() -> None:
+        if engine.remote is not None:
+            await engine.remote.start()
+        try:
+            async with serving(engine) as api:
+                assert await check("e1")
+                answer = await api.call("Explain", question)
+                (window,) = answer.levels[0].limits
+                assert (window.used, window.remaining, window.binding, window.headroom) == (1, 1, True, 1.0)
+                assert answer.decision.allowed and answer.binding == "requests/minute"
+                again = await api.call("Explain", question)  # the explain before charged nothing
+                assert again.levels[0].limits[0].used == 1
+                assert await check("e2")
+                answer = await api.call("Explain", question)
+                (window,) = answer.levels[0].limits
+                assert (window.used, window.remaining, window.would_refuse) == (2, 0, True)
+                assert answer.decision.http_status == 429 and window.retry_after.ToNanoseconds() > 0
+        finally:
+            if engine.remote is not None:
+                await engine.remote.close()
+
+    asyncio.run(main())
