@@ -111,6 +111,7 @@ TARGETS: dict[str, Target] = {
     "errors_10k": Target("0", 0.0),
     "net_blocks_per_10k": Target(f"0 (±{NET_BLOCKS_NOISE}: free-list noise)", float(NET_BLOCKS_NOISE)),
     "allocs_per_decision": Target("≤ 5 (compiled path)", 5.0),
+    "loop_over_200us": Target("≤ 200 µs (none over)", 0.0),
     "rss_10k_mb": Target("≤ 100 MB", 100.0),
     "direct_shortfall": Target("≥ 30,000/s", 0.0),  # judged as 30,000 - measured <= 0
     "throughput_shortfall": Target(f"≥ {THROUGHPUT_SHARE:.0%} of the empty handler's", 0.0),
@@ -198,6 +199,15 @@ def _envoy_rows(envoy: Mapping[str, Mapping[str, Any]], row: Any) -> None:
         row(f"{many}: added p50", _ms(k50), TARGETS["added_p50_ms"], _per_1000(k50))
         row(f"{many}: added p99", _ms(k99), P99_TARGET, result=_p99_result(k99, empty.get("added_p99_us")))
         row(f"{many}: nexus-authz CPU per request", _num(k.get("nexus_cpu_us_per_req"), " µs"))
+    if not _nan(d.get("loop_callbacks")):
+        over, longest = d.get("loop_over_200us", math.nan), d.get("loop_longest_le_us", math.nan)
+        row(
+            f"{name}: longest callback on nexus-authz's event loop (all rounds)",
+            f"≤ {_num(longest, ' µs')} bucket; {_num(over)} of {_num(d['loop_callbacks'])} callbacks "
+            "over 200 µs",
+            TARGETS["loop_over_200us"],
+            over,
+        )
     _envoy_pieces(envoy, row)
     for key in MAX_RPS_FOR:
         if key in envoy and not _nan(envoy[key].get("max_rps")):

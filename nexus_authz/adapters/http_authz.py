@@ -28,6 +28,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from time import perf_counter
 
 import httptools
 
@@ -40,6 +41,7 @@ from nexus_authz.adapters.answers import status_line as _status_line
 from nexus_authz.core.keys import KEY_HEADERS
 from nexus_authz.core.model import Decision, KeyRecord, Reason, Request, new_request
 from nexus_authz.engine import Engine
+from nexus_authz.latency import LOOP_BUSY
 
 log = logging.getLogger("nexus_authz.http")
 
@@ -47,6 +49,7 @@ EXT_AUTHZ_PREFIX = "/ext_authz"
 # The Lua usage tap's early release of a concurrency slot (POST, header `x-nexus-release: 1`, the request
 # id as the body); see envoy/nexus-usage.lua and ReservationBook.release.
 RELEASE_PATH = "/_nexus/release"
+_BUSY = LOOP_BUSY.http  # how long each read holds the event loop (framing, decision, answer)
 _RELEASED = b"HTTP/1.1 204 No Content\r\n\r\n"
 NGINX_PATH = "/v1/nginx/auth"
 MAX_HEADERS = 128
@@ -241,6 +244,11 @@ class AuthzProtocol(asyncio.Protocol):
         self._transport = None
 
     def data_received(self, data: bytes) -> None:
+        started = perf_counter()
+        self._feed(data)
+        _BUSY.observe(perf_counter() - started)
+
+    def _feed(self, data: bytes) -> None:
         if self._closing:
             return
         try:

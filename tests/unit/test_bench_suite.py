@@ -68,6 +68,9 @@ def _envoy(**overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "envoy_cpu_us_per_req": 520.0,
             "max_rps": 3000.0,
             "max_rps_nexus_cores": 0.5,
+            "loop_callbacks": 30_000.0,
+            "loop_over_200us": 0.0,
+            "loop_longest_le_us": 200.0,
             "errors": 0,
             "non_2xx": 0,
         },
@@ -131,6 +134,10 @@ def test_rows_judge_each_target_of_the_issue() -> None:
     # 1.5 ms is over 1 ms but within 0.3 ms of the empty handler's 1.3 ms in the same rounds
     assert _result(rows, f"{default}: added p99") == ("+1.500 ms", "PASS")
     assert _result(rows, f"{default}: nexus-authz CPU") == ("45 µs", "PASS")
+    assert _result(rows, f"{default}: longest callback") == (
+        "≤ 200 µs bucket; 0 of 30,000 callbacks over 200 µs",
+        "PASS",
+    )
     many = run_all.SCENARIOS["http-uds-issue15-10k"]
     assert _result(rows, f"{many} at") == ("0 of 30,000", "PASS")
     assert _result(rows, f"{many}: added p50") == ("+0.220 ms", "PASS")
@@ -168,7 +175,7 @@ def test_p99_misses_when_over_1_ms_and_beyond_the_empty_handlers_slack() -> None
 
 def test_errors_in_the_10k_run_and_allocation_growth_are_misses() -> None:
     rows = run_all.suite_rows(
-        _envoy(http_uds_issue15_10k={"errors": 2, "non_2xx": 1}),
+        _envoy(http_uds_issue15_10k={"errors": 2, "non_2xx": 1}, http_uds_issue15={"loop_over_200us": 3.0}),
         [_memory(100_000, 900.0, 700.0)],
         _alloc(exact=-40.0) | {"allocs_per_decision": 213.0},
         {"checks_per_s": 11_000.0, "connections": 32},
@@ -179,7 +186,7 @@ def test_errors_in_the_10k_run_and_allocation_growth_are_misses() -> None:
     assert _result(rows, "net blocks retained") == ("-40; +3.0", "MISS")  # shrinking counts too: |net|
     assert _result(rows, "Python allocations")[1] == "MISS"
     assert _result(rows, "checks/s driven directly")[1] == "MISS"
-    assert len(run_all.misses(rows)) == 6  # + the throughput share
+    assert len(run_all.misses(rows)) == 7  # + the throughput share and the 3 long callbacks
 
 
 def test_tracemalloc_decides_when_there_is_no_exact_count() -> None:
@@ -376,3 +383,17 @@ def test_other_work_on_the_machine_is_busy_cores_minus_the_runs_own() -> None:
         ],
     }
     assert run_all.other_cores(rounds) == pytest.approx([0.4, 0.7])
+
+
+def test_loop_busy_figures_are_deltas_of_the_cumulative_histogram() -> None:
+    inf = math.inf
+    before = {"http": {1e-05: 1.0, 0.0002: 5.0, 0.0005: 6.0, inf: 6.0}}
+    after = {
+        "http": {1e-05: 3.0, 0.0002: 10.0, 0.0005: 12.0, inf: 12.0},
+        "gc": {1e-05: 0.0, 0.0002: 4.0, 0.0005: 4.0, inf: 4.0},  # a source new since `before`
+    }
+    f = be.loop_busy_figures(before, after)
+    assert f["loop_callbacks"] == 10.0  # 6 reads + 4 collections in the window
+    assert f["loop_over_200us"] == 1.0  # one read between 200 and 500 µs
+    assert f["loop_longest_le_us"] == 500.0
+    assert f["loop_by_source"]["gc"] == {"callbacks": 4.0, "over_200us": 0.0, "longest_le_us": 200.0}
