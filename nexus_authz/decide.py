@@ -136,7 +136,9 @@ class Decider:
         store = self.store
         plan = self._plan(policy, admission, request, result)
         if plan is None:
-            return self._counted(policy.conclude(admission, result, now, store.adjust_soon, self.book), started)
+            return self._counted(
+                policy.conclude(admission, result, now, store.adjust_soon, self.book), started
+            )
         lowered_admission = admission._replace(costs=plan.costs)
         second = store.acquire_nowait(admission.counter_ids, admission.specs, plan.costs, now)
         if second is None:

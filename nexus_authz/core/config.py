@@ -419,7 +419,16 @@ def _remove_headers(credential: Credential | None) -> tuple[str, ...]:
 # -- the `limits:` list of a plan or key (what a limit means: core/limits.py) --------------------------
 _Fail = Callable[[str], ConfigError]
 _KIND_KEYS: Final = tuple(k.value for k in Kind)
-_FIELDS: Final = frozenset(_KIND_KEYS) | {"per", "burst", "algorithm", "slots", "shadow", "model", "name", "clamp"}
+_FIELDS: Final = frozenset(_KIND_KEYS) | {
+    "per",
+    "burst",
+    "algorithm",
+    "slots",
+    "shadow",
+    "model",
+    "name",
+    "clamp",
+}
 _FIELD_LIST: Final = ", ".join(sorted(_FIELDS))
 
 

@@ -21,7 +21,9 @@ from tests.helpers import KeySpec
 
 BUDGET = 30
 CAPPED = KeySpec("capped", extra={"limits": [{"tokens": BUDGET, "per": "day", "clamp": {"min_tokens": 2}}]})
-UNCAPPED = KeySpec("uncapped", extra={"limits": [{"tokens": BUDGET, "per": "day", "clamp": {"min_tokens": 2}}]})
+UNCAPPED = KeySpec(
+    "uncapped", extra={"limits": [{"tokens": BUDGET, "per": "day", "clamp": {"min_tokens": 2}}]}
+)
 ROOMY = KeySpec("roomy", extra={"limits": [{"tokens": 100000, "per": "day", "clamp": True}]})
 HI = [{"role": "user", "content": "hi"}]
 
@@ -77,7 +79,9 @@ def test_a_body_without_a_cap_gets_max_completion_tokens(stack: Stack) -> None:
     completion = client.chat.completions.create(model="gpt-4o-mini", messages=HI)  # type: ignore[arg-type]
     body, _ = _last_body(stack)
     assert "max_tokens" not in body and 2 <= body["max_completion_tokens"] < BUDGET
-    assert completion.usage is not None and completion.usage.completion_tokens == body["max_completion_tokens"]
+    assert (
+        completion.usage is not None and completion.usage.completion_tokens == body["max_completion_tokens"]
+    )
     # a roomy budget: the reserved default is written, so the completion is bounded by its reservation
     roomy = openai.OpenAI(api_key=ROOMY.secret, base_url=stack.gateway + "/v1", max_retries=0)
     roomy.responses.create(model="gpt-4o-mini", input="hi")
@@ -90,13 +94,19 @@ def test_a_tenant_cannot_steer_the_rewrite(stack: Stack) -> None:
     raw = json.dumps({"model": "gpt-4o-mini", "messages": HI, "max_tokens": 10}).encode()
     # the metadata and capability headers sent by the client are dropped before ext_authz
     resp = stack.post(
-        "/v1/chat/completions", raw, key=ROOMY.secret, x_nexus_clamp=f"{len(raw)};0:1:[", x_nexus_rewrite="lua"
+        "/v1/chat/completions",
+        raw,
+        key=ROOMY.secret,
+        x_nexus_clamp=f"{len(raw)};0:1:[",
+        x_nexus_rewrite="lua",
     )
     assert resp.status == 200, resp.body
     body, headers = _last_body(stack)
     assert body["max_tokens"] == 10 and not any(h.lower().startswith("x-nexus-rewrite") for h in headers)
     # the field twice: refused (which one the upstream would keep is not ours to guess), never forwarded
-    twice = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"max_tokens":5,"max_tokens":900}'
+    twice = (
+        b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"max_tokens":5,"max_tokens":900}'
+    )
     assert stack.post("/v1/chat/completions", twice, key=CAPPED.secret).status == 400
     # a body Envoy cuts (over ext_authz's 256 KiB): never clamped (its end is unseen), refused
     huge = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 300_000}], "max_tokens": 5}

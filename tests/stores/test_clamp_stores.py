@@ -68,7 +68,10 @@ def test_memory_and_exact_redis_never_reserve_past_the_budget(
         exact = open_store(redis_settings(redis_server, mode="exact"))
         await exact.start()
         try:
-            return [await _offer(memory, engine, 50), await _offer(Decider(exact, clock=lambda: NOW), engine, 50)]
+            return [
+                await _offer(memory, engine, 50),
+                await _offer(Decider(exact, clock=lambda: NOW), engine, 50),
+            ]
         finally:
             await exact.close()
 

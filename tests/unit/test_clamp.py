@@ -32,7 +32,11 @@ def engine_for(tmp_path: Path) -> Engine:
 
 
 def request(
-    key: KeySpec, body: dict[str, object] | bytes, path: str = "/v1/chat/completions", *, rid: str = "",
+    key: KeySpec,
+    body: dict[str, object] | bytes,
+    path: str = "/v1/chat/completions",
+    *,
+    rid: str = "",
     rewriter: str | None = "lua",
 ) -> Request:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -99,7 +103,11 @@ def test_clamp_is_configured_per_tokens_or_usd_limit() -> None:
         ),
         ("/v1/chat/completions", {"model": "m"}, {"max_completion_tokens": 50}),
         ("/v1/chat/completions", {"model": "m", "max_tokens": None}, {"max_tokens": 50}),
-        ("/openai/deployments/x/chat/completions?api-version=1", {"model": "m"}, {"max_completion_tokens": 50}),
+        (
+            "/openai/deployments/x/chat/completions?api-version=1",
+            {"model": "m"},
+            {"max_completion_tokens": 50},
+        ),
         ("/v1/completions", {"model": "m", "max_tokens": 900.0}, {"max_tokens": 50}),
         ("/v1/responses", {"model": "m", "max_output_tokens": 900}, {"max_output_tokens": 50}),
         ("/v1/responses", {"model": "m", "input": "x"}, {"max_output_tokens": 50}),
@@ -253,6 +261,8 @@ def test_without_clamping_an_uncapped_completion_overshoots_by_what_it_exceeds(t
     reserved = engine.prompt_hint("o1") + engine.policy.default_max_tokens
     assert engine.settle("o1", tokens=reserved + 700, usd_micros=None)  # 700 more than reserved
     statuses = engine.decider.store.peek_nowait(
-        decision.key.counter_ids, decision.key.limits, 1_000_000.0  # type: ignore[union-attr]
+        decision.key.counter_ids,
+        decision.key.limits,
+        1_000_000.0,  # type: ignore[union-attr]
     )
     assert statuses is not None and statuses[0].remaining == 5000 - reserved - 700
