@@ -19,9 +19,11 @@ Retry-After, the rate limit service fails the RPC (Envoy's `failure_mode_deny` d
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
+from nexus_authz.core.clamp import Clamp, clamps, default_cap, lowered
 from nexus_authz.core.keys import KeySnapshot
 from nexus_authz.core.limits import AcquireResult, LimitSpec, WindowStatus, new_result
 from nexus_authz.core.model import Decision, InFlight, Reason, Request, new_allow
@@ -90,21 +92,34 @@ class Decider:
         store = self.store
         result = store.acquire_nowait(admission.counter_ids, admission.specs, admission.costs, now)
         if result is None:
-            return self._check_later(policy, admission, now, started)
+            return self._check_later(policy, admission, now, started, request)
+        if not result.allowed and clamps(admission.specs):  # a smaller completion may fit (core.clamp)
+            return self._clamp(policy, admission, request, result, now, started)
         decision = policy.conclude(admission, result, now, store.adjust_soon, self.book)
+        if admission.uncapped and decision.allowed and clamps(admission.specs):
+            decision = _capped(decision, request, policy)
         if decision.reason is Reason.CONCURRENCY_LIMITED and wait and self.book is not None:
             return self._wait_for_slot(policy, admission, decision, started)
         return self._counted(decision, started)
 
     async def _check_later(
-        self, policy: Policy, admission: Admission, now: float, started: float
+        self, policy: Policy, admission: Admission, now: float, started: float, request: Request
     ) -> Decision:
         store = self.store
         try:
             result = await store.acquire(admission.counter_ids, admission.specs, admission.costs, now)
+            if not result.allowed and clamps(admission.specs):
+                plan = self._plan(policy, admission, request, result)
+                if plan is not None:
+                    lowered = admission._replace(costs=plan.costs)
+                    second = await store.acquire(lowered.counter_ids, lowered.specs, plan.costs, now)
+                    decision = policy.conclude(lowered, second, now, store.adjust_soon, self.book)
+                    return self._counted(_with_clamp(decision, plan), started)
         except StoreUnavailable as exc:  # fail_closed and the store is away: 503, retry soon
             return self._counted(unavailable(exc.retry_after), started)
         decision = policy.conclude(admission, result, now, store.adjust_soon, self.book)
+        if admission.uncapped and decision.allowed and clamps(admission.specs):
+            decision = _capped(decision, request, policy)
         if decision.reason is Reason.CONCURRENCY_LIMITED and self.book is not None:
             return await self._wait_for_slot(policy, admission, decision, started)
         return self._counted(decision, started)
@@ -145,6 +160,53 @@ class Decider:
             self._slot_freed = None
             if not freed.done():
                 freed.set_result(None)
+
+    # -- clamping (core/clamp.py): only after a refusal ------------------------------------------------
+    @staticmethod
+    def _plan(policy: Policy, admission: Admission, request: Request, result: AcquireResult) -> Clamp | None:
+        return lowered(
+            request,
+            result,
+            admission.specs,
+            admission.costs,
+            admission.model,
+            policy.prices,
+            policy.default_max_tokens,
+        )
+
+    def _clamp(
+        self,
+        policy: Policy,
+        admission: Admission,
+        request: Request,
+        result: AcquireResult,
+        now: float,
+        started: float,
+    ) -> Decision | Awaitable[Decision]:
+        """A refused request, admitted with a lowered completion cap when one fits (one more acquire)."""
+        store = self.store
+        plan = self._plan(policy, admission, request, result)
+        if plan is None:
+            return self._counted(
+                policy.conclude(admission, result, now, store.adjust_soon, self.book), started
+            )
+        lowered_admission = admission._replace(costs=plan.costs)
+        second = store.acquire_nowait(admission.counter_ids, admission.specs, plan.costs, now)
+        if second is None:
+            return self._clamp_later(policy, lowered_admission, plan, now, started)
+        decision = policy.conclude(lowered_admission, second, now, store.adjust_soon, self.book)
+        return self._counted(_with_clamp(decision, plan), started)
+
+    async def _clamp_later(
+        self, policy: Policy, admission: Admission, plan: Clamp, now: float, started: float
+    ) -> Decision:
+        store = self.store
+        try:
+            result = await store.acquire(admission.counter_ids, admission.specs, plan.costs, now)
+        except StoreUnavailable as exc:
+            return self._counted(unavailable(exc.retry_after), started)
+        decision = policy.conclude(admission, result, now, store.adjust_soon, self.book)
+        return self._counted(_with_clamp(decision, plan), started)
 
     def _counted(self, decision: Decision, started: float) -> Decision:
         self.decisions[decision.reason] += 1
@@ -209,3 +271,17 @@ class Decider:
         settle_with(self.store.adjust_soon, settlements, now)
         if self._slot_freed is not None:  # a request waits for a concurrency slot: this may free one
             self.slot_freed()
+
+
+def _with_clamp(decision: Decision, plan: Clamp) -> Decision:
+    """The admitted decision carrying the body splices for the proxy (a refusal is returned as is)."""
+    if not decision.allowed or not plan.rewrite:
+        return decision
+    return dataclasses.replace(decision, clamp=plan.rewrite)
+
+
+def _capped(decision: Decision, request: Request, policy: Policy) -> Decision:
+    """An admitted uncapped request on a clamping key: the reserved default cap written upstream too
+    (as is when the proxy cannot rewrite, e.g. nginx: see docs/limits.md)."""
+    rewrite = default_cap(request, policy.default_max_tokens)
+    return dataclasses.replace(decision, clamp=rewrite) if rewrite else decision

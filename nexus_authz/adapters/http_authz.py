@@ -70,6 +70,7 @@ _KEEP: dict[bytes, str] = {
         "x-original-uri",
         "x-original-method",
         "x-nexus-release",
+        "x-nexus-rewrite",  # Envoy's ext_authz says its Lua filter applies clamps (core/clamp.py)
     )
 }
 MAX_URL = 16 * 1024
@@ -167,6 +168,8 @@ class HttpApp:
                 return nginx_block + extra + tail
             if decision.release:  # Envoy puts it in dynamic metadata for the Lua tap (not forwarded)
                 extra += b"x-nexus-release: %s\r\n" % decision.release.encode("latin-1")
+            if decision.clamp:  # the same: the Lua filter lowers the body's completion cap
+                extra += b"x-nexus-clamp: %s\r\n" % decision.clamp.encode("latin-1")
             return ext_authz + extra + tail
         if not extra and not close:
             cached = self._deny_cache.get(decision)
@@ -444,6 +447,8 @@ class AuthzProtocol(asyncio.Protocol):
 
     def _nginx(self, headers: dict[str, str], close: bool) -> bytes | Awaitable[bytes]:
         # nginx's auth_request subrequest carries no body; the original URI and method come in headers.
+        # nginx cannot rewrite a body: whatever says otherwise came from the client.
+        headers.pop("x-nexus-rewrite", None)
         app = self._app
         request = Request(
             method=headers.get("x-original-method", "GET"),

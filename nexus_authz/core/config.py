@@ -30,6 +30,7 @@ from nexus_authz.core.limits import (
     SLIDING_BY_DEFAULT,
     Kind,
     LimitSpec,
+    clamp_minimum,
     make_limit,
 )
 from nexus_authz.core.model import Credential, KeyRecord
@@ -418,7 +419,16 @@ def _remove_headers(credential: Credential | None) -> tuple[str, ...]:
 # -- the `limits:` list of a plan or key (what a limit means: core/limits.py) --------------------------
 _Fail = Callable[[str], ConfigError]
 _KIND_KEYS: Final = tuple(k.value for k in Kind)
-_FIELDS: Final = frozenset(_KIND_KEYS) | {"per", "burst", "algorithm", "slots", "shadow", "model", "name"}
+_FIELDS: Final = frozenset(_KIND_KEYS) | {
+    "per",
+    "burst",
+    "algorithm",
+    "slots",
+    "shadow",
+    "model",
+    "name",
+    "clamp",
+}
 _FIELD_LIST: Final = ", ".join(sorted(_FIELDS))
 
 
@@ -538,6 +548,10 @@ def _parse_entry(entry: object, file_source: str, entry_source: str, where: str)
     if name is not None and (not isinstance(name, str) or not NAME_RE.match(name)):
         raise fail("name", "expected 1-128 printable ASCII characters without spaces or quotes")
     try:
+        clamp = clamp_minimum(entry.get("clamp"), kind)
+    except ValueError as exc:
+        raise fail("clamp", str(exc)) from None
+    try:
         return make_limit(
             kind,
             limit,
@@ -548,6 +562,7 @@ def _parse_entry(entry: object, file_source: str, entry_source: str, where: str)
             shadow=shadow,
             model=model.strip() if model is not None else None,
             name=name,
+            clamp=clamp,
         )
     except ValueError as exc:  # anything the checks above did not word better
         raise fail(None, str(exc)) from None

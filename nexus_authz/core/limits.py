@@ -72,6 +72,7 @@ __all__ = [
     "LimitSpec",
     "WindowStatus",
     "applicable",
+    "clamp_minimum",
     "gauge_adjust",
     "gauge_take",
     "gcra_adjust",
@@ -145,6 +146,9 @@ class LimitSpec:
     name: str
     # Whose limit this is: "key" (the key's own or its plan's), "group" or "tenant" (shared by keys).
     level: str = "key"
+    # Clamping (core/clamp.py): 0 off; else a request this window cannot fit is admitted with its
+    # completion cap lowered to what fits, if at least this many completion tokens do (tokens, USD only).
+    clamp: int = 0
     interval: float = field(init=False, repr=False, compare=False)  # GCRA: seconds per unit (1/rate)
     tolerance: float = field(init=False, repr=False, compare=False)  # GCRA: tau = burst * interval
     max_debt: float = field(init=False, repr=False, compare=False)  # GCRA: tau plus rounding noise
@@ -164,6 +168,8 @@ class LimitSpec:
             raise ValueError(f"burst must be in 1..{MAX_LIMIT}, got {self.burst!r}")
         if self.algorithm is Algorithm.SLIDING and not MIN_SLOTS <= self.slots <= MAX_SLOTS:
             raise ValueError(f"slots must be in {MIN_SLOTS}..{MAX_SLOTS}, got {self.slots!r}")
+        if self.clamp and (self.kind not in (Kind.TOKENS, Kind.USD) or not 0 < self.clamp <= MAX_LIMIT):
+            raise ValueError("clamp applies to tokens and usd limits, with a minimum of 1 or more tokens")
         if not NAME_RE.match(self.name):
             raise ValueError(f"name must be 1-128 printable ASCII characters without quotes: {self.name!r}")
         setattr_ = object.__setattr__
@@ -174,7 +180,7 @@ class LimitSpec:
         setattr_(self, "slot_width", self.period / self.slots if self.slots else 0.0)
         setattr_(self, "_model_re", re.compile(translate(self.model)) if self.model is not None else None)
         fields = (self.kind, self.limit, self.period, self.burst, self.algorithm, self.slots, self.shadow)
-        setattr_(self, "_hash", hash((*fields, self.model, self.name, self.level)))
+        setattr_(self, "_hash", hash((*fields, self.model, self.name, self.level, self.clamp)))
 
     def __hash__(self) -> int:
         """Cached: specs key per-spec caches (header fragments, per-model selections) on the hot path."""
@@ -208,6 +214,7 @@ def make_limit(
     shadow: bool = False,
     model: str | None = None,
     name: str | None = None,
+    clamp: int = 0,
 ) -> LimitSpec:
     """Builds a spec with the documented defaults (also for tests and code, not only YAML).
 
@@ -255,7 +262,31 @@ def make_limit(
         shadow=shadow,
         model=model,
         name=name or _default_name(f"{kind}/{per}", model, shadow),
+        clamp=clamp,
     )
+
+
+CLAMP_MIN_TOKENS: Final = 16  # `clamp: true`: the smallest completion worth admitting
+
+
+def clamp_minimum(value: object, kind: Kind) -> int:
+    """A limit's `clamp:` field -> its minimum completion (0: off). `true` (minimum CLAMP_MIN_TOKENS),
+    `{min_tokens: N}`, or false/absent. ValueError names what is wrong."""
+    if value is None or value is False:
+        return 0
+    if kind not in (Kind.TOKENS, Kind.USD):
+        raise ValueError("applies to tokens and usd limits only (it lowers the completion cap)")
+    if value is True:
+        return CLAMP_MIN_TOKENS
+    if isinstance(value, dict):
+        for k in value:
+            if k != "min_tokens":
+                raise ValueError(f"unknown field {k!r} (expected min_tokens)")
+        minimum = value.get("min_tokens", CLAMP_MIN_TOKENS)
+        if isinstance(minimum, int) and not isinstance(minimum, bool) and 0 < minimum <= MAX_LIMIT:
+            return minimum
+        raise ValueError(f"min_tokens must be a positive integer, got {minimum!r}")
+    raise ValueError(f"expected true, false or {{min_tokens: N}}, got {value!r}")
 
 
 def _default_name(base: str, model: str | None, shadow: bool) -> str:
