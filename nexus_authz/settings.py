@@ -473,6 +473,7 @@ RELOADABLE_FIELDS: Mapping[str, str] = {
     "prices": "policy.prices",
     "reservations.default_max_tokens": "policy.reservations.default_max_tokens",
     "shadow_mode": "policy.shadow_mode",
+    "timezone": "policy.timezone",
     "auth_failures": "policy.auth_failures",
 }
 

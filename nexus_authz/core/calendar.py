@@ -40,6 +40,7 @@ __all__ = [
     "calendar_refund",
     "calendar_take",
     "parse_calendar",
+    "zone_problem",
 ]
 
 CALENDAR_UNITS: Final = ("day", "month")
@@ -188,6 +189,15 @@ def calendar_refund(
     if charged_at is not None and charged_at < state[_START]:  # charged in an earlier period
         return
     state[_USED] = used - amount if amount < used else 0.0
+
+
+def zone_problem(name: object) -> str | None:
+    """Why `name` is not a usable time zone (None if it is one)."""
+    try:
+        _zone(name)  # type: ignore[arg-type]
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 # -- config: the calendar fields of a limit (core/config.py's `_parse_entry`) -------------------------------

@@ -35,6 +35,7 @@ import hashlib
 from typing import Final
 
 from nexus_authz.core.limits import CONCURRENCY_RETRY_AFTER
+from nexus_authz.stores.redis.lua_calendar import CALENDAR_LUA
 
 __all__ = ["SCRIPT", "SCRIPT_SHA"]
 
@@ -283,45 +284,7 @@ local function sliding_is_fresh(st, t)
   return t >= st[1] or st[3] <= 0.0
 end
 
--- -- calendar period ----------------------------------------------------------------------------------
--- state: {end, start, used}; counted when start >= the period's start (core/calendar.py)
-local function calendar_take(st, t, sp, cost)
-  local start, e, limit = sp.ps, sp.pe, sp.limit
-  local used = 0.0
-  if st ~= nil and st[2] >= start and st[3] > 0 then
-    used = st[3]
-    e = st[1]
-  end
-  if used + cost <= limit then
-    local ra = 0.0
-    if used + cost > 0 then ra = e - t end
-    return true, floor(limit - used - cost), ra, 0.0
-  end
-  local remaining = 0
-  if used < limit then remaining = floor(limit - used) end
-  local ra = 0.0
-  if used > 0 then ra = e - t end
-  local retry = INF
-  if cost <= limit then retry = e - t end
-  return false, remaining, ra, retry
-end
-
-local function calendar_charge(st, sp, amount)
-  if st == nil then return {sp.pe, sp.ps, amount} end
-  if st[2] >= sp.ps and st[3] > 0 then
-    st[3] = st[3] + amount
-  else
-    st[1], st[2], st[3] = sp.pe, sp.ps, amount
-  end
-  return st
-end
-
-local function calendar_refund(st, sp, amount, at)
-  local used = st[3]
-  if used <= 0 or st[2] < sp.ps then return end
-  if at ~= nil and at < st[2] then return end
-  if amount < used then st[3] = used - amount else st[3] = 0.0 end
-end
+__CALENDAR__
 
 -- -- concurrency ------------------------------------------------------------------------------------
 local function gauge_take(x, sp, cost)
@@ -608,6 +571,6 @@ if op == 'F' then
 end
 
 return redis.error_reply('nexus: unknown op ' .. tostring(op))
-""".replace("__CONC_RETRY__", repr(float(CONCURRENCY_RETRY_AFTER)))
+""".replace("__CONC_RETRY__", repr(float(CONCURRENCY_RETRY_AFTER))).replace("__CALENDAR__", CALENDAR_LUA)
 
 SCRIPT_SHA: Final = hashlib.sha1(SCRIPT.encode()).hexdigest()
