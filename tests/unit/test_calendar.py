@@ -215,3 +215,21 @@ def test_a_spent_calendar_month_is_insufficient_quota_until_the_next_month_begin
     assert "t=7201" in headers["ratelimit"]
     assert check(month_end, n + 1).allowed  # July: a fresh budget
     assert isinstance(PolicySet().timezone, str) and PolicySet().timezone == "UTC"
+
+
+def test_the_test_clock_is_off_by_default_and_follows_its_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    from nexus_authz.testclock import FileClock
+
+    assert parse_settings("{}\n", "nexus.yaml", {}).test_clock_file is None
+    path = tmp_path / "clock"
+    assert parse_settings("{}\n", "nexus.yaml", {"NEXUS_TEST_CLOCK_FILE": str(path)}).test_clock_file == str(
+        path
+    )
+    clock = FileClock(str(path))
+    assert abs(clock() - time.time()) < 1  # no file yet: no shift
+    path.write_text("86400")
+    assert abs(clock() - time.time() - 86400) < 1
+    path.write_text("-3600.5")
+    assert abs(clock() - time.time() + 3600.5) < 1
