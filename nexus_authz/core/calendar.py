@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from array import array
 from collections.abc import Callable
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -99,18 +99,20 @@ class Calendar:
         return start, end
 
 
-def _midnight(day: date, tz: ZoneInfo) -> float:
+def _midnight(day: date, tz: tzinfo) -> float:
     """The first instant of `day` in `tz`. Local midnight may not exist (a DST gap at 00:00): fold=0
     then reads it with the offset before the gap, which is exactly the instant the day begins."""
     return datetime(day.year, day.month, day.day, tzinfo=tz).timestamp()
 
 
-def _zone(name: str) -> ZoneInfo:
+def _zone(name: str) -> tzinfo:
     if not isinstance(name, str) or not name or name != name.strip():
         raise ValueError(f"unknown time zone {name!r} (expected an IANA name such as Europe/Berlin or UTC)")
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):
+        if name == DEFAULT_TIMEZONE:  # no time zone data installed (a slim image): UTC needs none
+            return UTC
         raise ValueError(
             f"unknown time zone {name!r} (expected an IANA name such as Europe/Berlin or UTC)"
         ) from None
