@@ -73,6 +73,7 @@ _ALGORITHM = {
     Algorithm.GCRA: pb.LIMIT_ALGORITHM_GCRA,
     Algorithm.SLIDING: pb.LIMIT_ALGORITHM_SLIDING,
     Algorithm.GAUGE: pb.LIMIT_ALGORITHM_GAUGE,
+    Algorithm.CALENDAR: pb.LIMIT_ALGORITHM_CALENDAR,
 }
 _GROUP = {
     pb.USAGE_GROUP_KEY: "key_id",

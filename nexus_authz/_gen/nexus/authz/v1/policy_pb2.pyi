@@ -32,6 +32,7 @@ class LimitAlgorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LIMIT_ALGORITHM_GCRA: _ClassVar[LimitAlgorithm]
     LIMIT_ALGORITHM_SLIDING: _ClassVar[LimitAlgorithm]
     LIMIT_ALGORITHM_GAUGE: _ClassVar[LimitAlgorithm]
+    LIMIT_ALGORITHM_CALENDAR: _ClassVar[LimitAlgorithm]
 
 class UsageGroup(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -55,6 +56,7 @@ LIMIT_ALGORITHM_UNSPECIFIED: LimitAlgorithm
 LIMIT_ALGORITHM_GCRA: LimitAlgorithm
 LIMIT_ALGORITHM_SLIDING: LimitAlgorithm
 LIMIT_ALGORITHM_GAUGE: LimitAlgorithm
+LIMIT_ALGORITHM_CALENDAR: LimitAlgorithm
 USAGE_GROUP_UNSPECIFIED: UsageGroup
 USAGE_GROUP_KEY: UsageGroup
 USAGE_GROUP_TENANT: UsageGroup
