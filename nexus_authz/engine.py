@@ -150,6 +150,7 @@ class Engine:
             "none": 0,
             "unmatched": 0,  # accounted after its reservation expired (ledger only, nothing to settle)
             "unadmitted": 0,  # dropped: nexus-authz admitted no request with that id
+            "duplicate": 0,  # dropped: that request id's usage was accounted already (a repeated report)
         }
         self.usage_tokens: dict[tuple[str, str], int] = {}
         self.snapshot: KeySnapshot = EMPTY_SNAPSHOT
@@ -331,14 +332,15 @@ class Engine:
         them with (its reservation book, or its record of reservations that expired unsettled), never an
         identity the proxy's log entry carries: a request the proxy refused before stripping the client's
         x-nexus-* headers would otherwise land in the ledger under any key. Others are counted
-        (`accounted["unadmitted"]`) and dropped.
+        (`accounted["unadmitted"]`) and dropped, and so is a repeated report of a request already
+        accounted (`accounted["duplicate"]`: settlement is idempotent per request id).
         """
         context = self.book.context(request_id) if request_id else None
         live = isinstance(context, InFlight)
         if not live:
             context = self.book.retired(request_id) if request_id else None
             if not isinstance(context, InFlight):
-                self.accounted["unadmitted"] += 1
+                self.accounted["duplicate" if self.book.was_settled(request_id) else "unadmitted"] += 1
                 return
             self.accounted["unmatched"] += 1
         assert isinstance(context, InFlight)

@@ -529,7 +529,7 @@ def test_usage_arriving_after_its_reservation_expired_is_still_ledgered(
     entry = entry_with(body_meta(chat), content_type="application/json", key_id="alice", request_id="slow")
     stream(AccessLogService(engine), message(entry, entry))  # a duplicate entry is not counted twice
     assert _rows(engine) == [("metered", "default", 1)]
-    assert (engine.accounted["unmatched"], engine.accounted["unadmitted"]) == (1, 1)
+    assert (engine.accounted["unmatched"], engine.accounted["duplicate"]) == (1, 1)
 
 
 def test_a_bad_entry_does_not_lose_the_batch(engine: Engine) -> None:
