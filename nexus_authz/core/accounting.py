@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from nexus_authz.core.model import InFlight
 from nexus_authz.core.pricing import PriceTable
+from nexus_authz.core.prompt_later import prompt_tokens
 from nexus_authz.core.tokens import EXECUTOR_THRESHOLD_CHARS
 from nexus_authz.core.usage import StreamUsage, Usage
 
@@ -120,6 +121,8 @@ def charge(
         prompt, cached, completion = error_charge_tokens, 0, 0
     else:
         prompt, cached, completion = usage.prompt_tokens, usage.cached_prompt_tokens, usage.completion_tokens
+        if usage.source == "estimated" and not prompt and context.body is not None:
+            prompt = prompt_tokens(context)  # the Check did not estimate it (no token limit needed it)
     cost = prices.cost(model, prompt, cached, completion) if prices else 0
     return Charge(
         key_id=context.key_id,

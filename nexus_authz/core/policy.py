@@ -25,6 +25,7 @@ from nexus_authz.core.limits import AcquireResult, Kind, LimitSpec, applicable, 
 from nexus_authz.core.model import Decision, InFlight, KeyRecord, Reason, Request, new_allow
 from nexus_authz.core.ports import Adjust, CounterStore
 from nexus_authz.core.pricing import PriceTable
+from nexus_authz.core.prompt_later import deferred
 from nexus_authz.core.ratelimit_headers import rate_limit_headers
 from nexus_authz.core.reservations import ReservationBook, settle_with
 
@@ -162,6 +163,7 @@ class Admission(NamedTuple):
     request_id: str
     prompt_tokens: int = 0
     anthropic: bool = False  # an Anthropic API path: denials get Anthropic's error body
+    body: bytes | None = None  # tracked, no estimate at Check: kept to estimate it later (prompt_later)
 
 
 class Policy:
@@ -269,10 +271,14 @@ class Policy:
                 if denial_id is not None and failures is not None:
                     failures.acquire((denial_id,), (self._denial_spec,), (1,), now)  # type: ignore[arg-type]
                 return read  # type: ignore[return-value]
+        prompt = facts.prompt_tokens if facts else 0
+        kept = None
+        if self.track:
+            prompt, kept = deferred(request, key.needs_facts, prompt)
         if not key.limits:
             if not self.track:
                 return _allow(key, model)
-            return Admission(key, model, (), (), (), request.request_id, facts.prompt_tokens if facts else 0)
+            return Admission(key, model, (), (), (), request.request_id, prompt, body=kept)
         counter_ids, specs = self._windows(key, model)
         return Admission(
             key=key,
@@ -281,8 +287,9 @@ class Policy:
             specs=specs,
             costs=self._costs(specs, model, facts, generates(request)),
             request_id=request.request_id,
-            prompt_tokens=facts.prompt_tokens if facts else 0,
+            prompt_tokens=prompt,
             anthropic=is_anthropic_path(request.path),
+            body=kept,
         )
 
     def _read_body(
@@ -406,7 +413,9 @@ class Policy:
             return
         key = admission.key
         context = (
-            InFlight(key.key_id, key.tenant, admission.model, admission.prompt_tokens) if self.track else None
+            InFlight(key.key_id, key.tenant, admission.model, admission.prompt_tokens, admission.body)
+            if self.track
+            else None
         )
         displaced = book.reserve(
             admission.request_id,
