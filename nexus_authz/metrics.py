@@ -198,6 +198,16 @@ class EngineCollector(Collector):
             value=accounted.get("duplicate", 0),
         )
 
+        unpriced = CounterMetricFamily(
+            "nexus_authz_unpriced_requests",
+            "Requests for a model no price matches, by the unpriced policy in force and what happened: "
+            "refused (at Check), or charged highest / default / zero (at accounting).",
+            labels=["policy", "outcome"],
+        )
+        for (policy, outcome), n in sorted(getattr(engine, "unpriced", {}).items()):
+            unpriced.add_metric([policy, outcome], n)
+        yield unpriced
+
         stats = engine.book.stats()
         yield GaugeMetricFamily(
             "nexus_authz_reservations_in_flight",

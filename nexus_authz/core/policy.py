@@ -24,6 +24,7 @@ from nexus_authz.core.known import KnownKeys
 from nexus_authz.core.limits import AcquireResult, Kind, LimitSpec, applicable, make_limit
 from nexus_authz.core.model import Decision, InFlight, KeyRecord, Reason, Request, new_allow
 from nexus_authz.core.ports import Adjust, CounterStore
+from nexus_authz.core.price_policy import unpriced_message
 from nexus_authz.core.pricing import PriceTable
 from nexus_authz.core.prompt_later import deferred
 from nexus_authz.core.ratelimit_headers import rate_limit_headers
@@ -184,12 +185,19 @@ class Policy:
         "track",
     )
 
-    def __init__(self, policy: PolicySet | None = None, *, track: bool = False) -> None:
+    def __init__(
+        self,
+        policy: PolicySet | None = None,
+        *,
+        track: bool = False,
+        unpriced_counts: dict[tuple[str, str], int] | None = None,
+    ) -> None:
         """`track`: remember every admitted request (key, model, prompt estimate) in the reservation book
-        until its usage is accounted, not only those whose windows need settling."""
+        until its usage is accounted, not only those whose windows need settling. `unpriced_counts`: where
+        the price table counts unpriced requests (the engine's, so they survive a reload)."""
         policy = policy or PolicySet()
         self.track = track
-        self.prices = PriceTable(policy.prices)
+        self.prices = PriceTable(policy.prices, policy.unpriced, unpriced_counts)
         throttle = policy.auth_failures
         self._auth_spec = (
             make_limit(Kind.REQUESTS, throttle.limit, throttle.per, name="auth-failures")
@@ -267,6 +275,8 @@ class Policy:
                 model, facts = read
                 if model is not None and key.models and not snapshot.model_allowed(key, model):
                     read = _DENIALS[Reason.MODEL_NOT_ALLOWED]
+                elif model is not None and self.prices.refuse and self.prices.refuses(model):
+                    read = _deny(Reason.MODEL_NOT_ALLOWED, unpriced_message(model))
             if read.__class__ is not tuple:
                 if denial_id is not None and failures is not None:
                     failures.acquire((denial_id,), (self._denial_spec,), (1,), now)  # type: ignore[arg-type]

@@ -394,7 +394,7 @@ def test_batched_entries_are_accounted_and_unadmitted_ones_ignored(engine: Engin
     assert [a[0] for a, _ in calls] == ["r1", "r3"]
     (_, usage1), kw1 = calls[0]
     assert usage1 == Usage(prompt_tokens=19, completion_tokens=10)
-    assert kw1 == {"response_model": "gpt-4o-2024-08-06", "keep_estimate": False}  # no identity: nexus's own
+    assert kw1 == {"response_model": "gpt-4o-2024-08-06", "keep_estimate": False, "unread": False}
     assert calls[1][0][1] == Usage(prompt_tokens=472 + 2048, cached_prompt_tokens=2048, completion_tokens=89)
 
 

@@ -102,7 +102,7 @@ async def _drive(service: ExternalProcessorService, messages: list[ep.Processing
         for m in messages:
             yield m
 
-    async for _ in service.process(requests(), None):  # type: ignore[arg-type]
+    async for _ in service.process(requests(), None):
         pass
 
 

@@ -111,6 +111,8 @@ def test_json_response_usage_lands_in_the_ledger(stack: Stack) -> None:
     assert (row.prompt_tokens, row.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
     expected_cost = usage["prompt_tokens"] * 2.5 + usage["completion_tokens"] * 10
     assert row.cost_micro_usd == pytest.approx(expected_cost, abs=1)
+    (origin,) = query_db(stack.workdir / "usage.sqlite3", key_id="chat", group_by=("source", "price_rule"))
+    assert (origin.source, origin.price_rule) == ("reported", "gpt-4o*")  # issue 16 item 6
 
 
 def test_streaming_response_usage_lands_in_the_ledger(stack: Stack) -> None:
@@ -193,6 +195,8 @@ def test_a_stream_without_usage_records_the_prompt_on_any_key(stack: Stack) -> N
         assert resp.status == 200 and b'"usage"' not in resp.body
         (row,) = ledger_rows(stack, key.id, expect_requests=1)
         recorded.append((row.prompt_tokens, row.completion_tokens > 0))
+        (origin,) = query_db(stack.workdir / "usage.sqlite3", key_id=key.id, group_by=("source",))
+        assert origin.source == "counted"
     assert recorded == [(prompt, True), (prompt, True)]
 
 
