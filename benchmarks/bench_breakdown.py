@@ -45,6 +45,7 @@ from envoy.service.accesslog.v3 import als_pb2  # noqa: E402
 from nexus_authz import native  # noqa: E402
 from nexus_authz.adapters import envoy_als, http_authz  # noqa: E402
 from nexus_authz.core import body as body_mod  # noqa: E402
+from nexus_authz.core.accounting import conclude_usage  # noqa: E402
 from nexus_authz.core.model import new_request  # noqa: E402
 from nexus_authz.engine import Engine  # noqa: E402
 from nexus_authz.settings import load_settings  # noqa: E402
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # the entry's pieces, outside Engine.account
     def entry_pieces() -> float:
-        snippet_of, parser_for, conclude = envoy_als.snippet_of, envoy_als.parser_for, envoy_als.conclude
+        snippet_of, parser_for, end_of = envoy_als.snippet_of, envoy_als.parser_for, envoy_als.end_of
         t_snip = t_parse = t_finish = 0
         for entry in entries:
             t0 = timer()
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             t2 = timer()
             usage = parser.finish() if parser is not None else None
-            conclude(snippet, parser, usage, 0)
+            conclude_usage(end_of(snippet), parser, usage, 0)
             t3 = timer()
             t_snip += t1 - t0 - pair
             t_parse += t2 - t1 - pair

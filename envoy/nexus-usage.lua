@@ -140,8 +140,10 @@ end
 -- the HTTP service picked by dynamic_metadata_from_headers, or CheckResponse.dynamic_metadata over
 -- gRPC). The access log settles it too, but in batches up to buffer_flush_interval after the client has
 -- the whole response, so a client sending one request at a time would find its own slot still held.
--- A synchronous call here, after the last body chunk and before Envoy passes it on, frees the slot
--- before the client can see the end of the response. Requests without a slot pay nothing.
+-- A call here, sent as the last body chunk passes and not waited for (asynchronous: the response is
+-- not delayed), frees the slot about when the client sees the end of the response; a next request
+-- that still arrives first waits for it in nexus-authz (decide.SLOT_WAIT). Requests without a slot pay
+-- nothing.
 local AUTHZ_NS = "envoy.filters.http.ext_authz"
 local RELEASE_TIMEOUT_MS = 200
 
@@ -161,14 +163,14 @@ local function release_slot(handle)
       [":authority"] = "nexus-authz",
       ["content-type"] = "application/grpc",
       ["te"] = "trailers",
-    }, frame, RELEASE_TIMEOUT_MS)
+    }, frame, RELEASE_TIMEOUT_MS, true)
   else -- HTTP ext_authz: the same Unix socket, an HTTP/1.1 keep-alive connection
     handle:httpCall("nexus_authz", {
       [":method"] = "POST",
       [":path"] = "/_nexus/release",
       [":authority"] = "nexus-authz",
       ["x-nexus-release"] = "1",
-    }, id, RELEASE_TIMEOUT_MS)
+    }, id, RELEASE_TIMEOUT_MS, true)
   end
 end
 
@@ -249,5 +251,57 @@ function envoy_on_response(handle)
     for i = 1, nhead do -- a merge cannot delete a key: null the checkpoints, so they are not shipped
       meta:set(NS, "p" .. i, nil)
     end
+  end
+end
+
+-- Clamping (nexus_authz/core/clamp.py), request path. nexus-authz admitted a request on a budget that
+-- only a shorter completion fits, with its completion cap lowered: ext_authz's dynamic metadata holds
+-- `x-nexus-clamp` = "<body length>;<offset>:<count>:<text>;..." (byte splices of the body nexus read,
+-- offsets 0-based and ascending). The body is buffered (only for such requests; ext_authz had already
+-- buffered it whole: nexus never clamps a cut body), spliced and its content-length set. A body that is
+-- not the one nexus read (another length, splices out of order) is refused here with 503: the request
+-- never reaches the upstream with its original cap. Every other request pays one metadata look-up.
+local CLAMP_KEY = "x-nexus-clamp"
+local CLAMP_FAILED = '{"error":{"message":"The gateway could not apply the completion cap.",'
+  .. '"type":"server_error","param":null,"code":"clamp_failed"}}'
+
+local function clamp_failed(handle)
+  handle:respond({ [":status"] = "503", ["content-type"] = "application/json", ["retry-after"] = "1" },
+    CLAMP_FAILED)
+end
+
+function envoy_on_request(handle)
+  local authz = handle:streamInfo():dynamicMetadata():get(AUTHZ_NS)
+  local plan = authz and authz[CLAMP_KEY]
+  if not plan then
+    return
+  end
+  local length, splices = match(plan, "^(%d+);(.+)$")
+  local body = handle:body()
+  local size = body and body:length() or 0
+  if not length or tonumber(length) ~= size then
+    return clamp_failed(handle)
+  end
+  local data = body:getBytes(0, size)
+  local out, n, pos = {}, 0, 0 -- pos: bytes of `data` already copied
+  for off, count, text in string.gmatch(splices, "(%d+):(%d+):([^;]*)") do
+    off, count = tonumber(off), tonumber(count)
+    if off < pos or off + count > size then
+      return clamp_failed(handle)
+    end
+    out[n + 1] = sub(data, pos + 1, off)
+    out[n + 2] = text
+    n = n + 2
+    pos = off + count
+  end
+  if n == 0 then
+    return clamp_failed(handle)
+  end
+  out[n + 1] = sub(data, pos + 1)
+  local new = concat(out)
+  body:setBytes(new)
+  local headers = handle:headers()
+  if headers:get("content-length") then
+    headers:replace("content-length", tostring(#new))
   end
 end

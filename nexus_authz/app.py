@@ -15,6 +15,7 @@ entry point gets the same wiring.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -96,6 +97,8 @@ def open_counter_store(settings: Settings) -> RedisStore | None:
 
 def build_engine(settings: Settings, *, clock: Callable[[], float] = time.time) -> Engine:
     """The engine with its stores, ledger and first key snapshot; ConfigError if anything is wrong."""
+    if settings.test_clock_file and clock is time.time:
+        clock = test_clock(settings.test_clock_file)
     pepper = resolve_pepper(settings)
     credentials = resolve_credentials(settings)
     remote = open_counter_store(settings)
@@ -110,6 +113,14 @@ def build_engine(settings: Settings, *, clock: Callable[[], float] = time.time) 
     )
     engine.load_first_keys()
     return engine
+
+
+def test_clock(path: str) -> Callable[[], float]:
+    """NEXUS_TEST_CLOCK_FILE: the wall clock shifted by the seconds in `path`, for end-to-end tests."""
+    from nexus_authz.testclock import FileClock
+
+    logging.getLogger("nexus_authz").warning("test clock in use (NEXUS_TEST_CLOCK_FILE): for tests only")
+    return FileClock(path)
 
 
 # -- start-up validation ------------------------------------------------------------------------------------

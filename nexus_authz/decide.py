@@ -18,9 +18,12 @@ Retry-After, the rate limit service fails the RPC (Envoy's `failure_mode_deny` d
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
+from nexus_authz.core.clamp import Clamp, clamps, default_cap, lowered
 from nexus_authz.core.keys import KeySnapshot
 from nexus_authz.core.limits import AcquireResult, LimitSpec, WindowStatus, new_result
 from nexus_authz.core.model import Decision, InFlight, Reason, Request, new_allow
@@ -29,7 +32,14 @@ from nexus_authz.core.ports import AsyncCounterStore, CounterStore, StoreUnavail
 from nexus_authz.core.reservations import ReservationBook, Settlement, settle_with
 from nexus_authz.latency import LatencyHistogram
 
-__all__ = ["Decider"]
+__all__ = ["SLOT_WAIT", "Decider"]
+
+# How long a request refused only for a concurrency slot waits for one to be released before its 429.
+# The proxy releases a slot as the last bytes of a response pass (envoy/nexus-usage.lua, a call it does
+# not wait for, so the response is not delayed); a client that sends its next request the moment it has
+# the previous response can get here before that release: the wait makes back-to-back requests on
+# `concurrent: 1` exact. Only refusals wait; admissions never do.
+SLOT_WAIT = 0.02
 
 
 class Decider:
@@ -39,7 +49,7 @@ class Decider:
     `failures`: the local store counting invalid keys per address (brute-force protection).
     """
 
-    __slots__ = ("book", "clock", "decisions", "failures", "latency", "store")
+    __slots__ = ("_slot_freed", "book", "clock", "decisions", "failures", "latency", "store")
 
     def __init__(
         self,
@@ -57,14 +67,16 @@ class Decider:
         self.clock = clock
         self.decisions: dict[Reason, int] = decisions if decisions is not None else dict.fromkeys(Reason, 0)
         self.latency = latency if latency is not None else LatencyHistogram()
+        self._slot_freed: asyncio.Future[None] | None = None  # set only while a refused request waits
 
     # -- ext_authz: the whole decision ---------------------------------------------------------------
     def check(
-        self, policy: Policy, snapshot: KeySnapshot, request: Request
+        self, policy: Policy, snapshot: KeySnapshot, request: Request, *, wait: bool = True
     ) -> Decision | Awaitable[Decision]:
         """The decision, at once whenever it can be made without waiting (a request refused before any
         limit, the memory store, Redis's batched mode), else an awaitable. Callers test
-        `result.__class__ is Decision` and await only otherwise."""
+        `result.__class__ is Decision` and await only otherwise. `wait` False: a concurrency refusal is
+        final at once (no SLOT_WAIT; for callers that cannot await)."""
         started = time.perf_counter()
         now = self.clock()
         admission = policy.admit(request, snapshot, now, self.failures)
@@ -82,18 +94,121 @@ class Decider:
         store = self.store
         result = store.acquire_nowait(admission.counter_ids, admission.specs, admission.costs, now)
         if result is None:
-            return self._check_later(policy, admission, now, started)
-        return self._counted(policy.conclude(admission, result, now, store.adjust_soon, self.book), started)
+            return self._check_later(policy, admission, now, started, request)
+        if not result.allowed and clamps(admission.specs):  # a smaller completion may fit (core.clamp)
+            return self._clamp(policy, admission, request, result, now, started)
+        decision = policy.conclude(admission, result, now, store.adjust_soon, self.book)
+        if admission.uncapped and decision.allowed and clamps(admission.specs):
+            decision = _capped(decision, request, policy)
+        if decision.reason is Reason.CONCURRENCY_LIMITED and wait and self.book is not None:
+            return self._wait_for_slot(policy, admission, decision, started)
+        return self._counted(decision, started)
 
     async def _check_later(
-        self, policy: Policy, admission: Admission, now: float, started: float
+        self, policy: Policy, admission: Admission, now: float, started: float, request: Request
     ) -> Decision:
         store = self.store
         try:
             result = await store.acquire(admission.counter_ids, admission.specs, admission.costs, now)
+            if not result.allowed and clamps(admission.specs):
+                plan = self._plan(policy, admission, request, result)
+                if plan is not None:
+                    lowered = admission._replace(costs=plan.costs)
+                    second = await store.acquire(lowered.counter_ids, lowered.specs, plan.costs, now)
+                    decision = policy.conclude(lowered, second, now, store.adjust_soon, self.book)
+                    return self._counted(_with_clamp(decision, plan), started)
         except StoreUnavailable as exc:  # fail_closed and the store is away: 503, retry soon
             return self._counted(unavailable(exc.retry_after), started)
-        return self._counted(policy.conclude(admission, result, now, store.adjust_soon, self.book), started)
+        decision = policy.conclude(admission, result, now, store.adjust_soon, self.book)
+        if admission.uncapped and decision.allowed and clamps(admission.specs):
+            decision = _capped(decision, request, policy)
+        if decision.reason is Reason.CONCURRENCY_LIMITED and self.book is not None:
+            return await self._wait_for_slot(policy, admission, decision, started)
+        return self._counted(decision, started)
+
+    async def _wait_for_slot(
+        self, policy: Policy, admission: Admission, refused: Decision, started: float
+    ) -> Decision:
+        """A request refused for a concurrency slot only: try again whenever a slot is released, for up to
+        SLOT_WAIT; the refusal stands if none frees in time (or the store cannot answer)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SLOT_WAIT
+        store = self.store
+        decision = refused
+        while (remaining := deadline - loop.time()) > 0:
+            freed = self._slot_freed
+            if freed is None:
+                freed = self._slot_freed = loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(freed), remaining)
+            except TimeoutError:
+                break
+            now = self.clock()
+            try:
+                result = store.acquire_nowait(admission.counter_ids, admission.specs, admission.costs, now)
+                if result is None:
+                    result = await store.acquire(admission.counter_ids, admission.specs, admission.costs, now)
+            except StoreUnavailable:
+                break
+            decision = policy.conclude(admission, result, now, store.adjust_soon, self.book)
+            if decision.reason is not Reason.CONCURRENCY_LIMITED:
+                break
+        return self._counted(decision, started)
+
+    def slot_freed(self) -> None:
+        """A concurrency slot was released: wake the requests waiting for one (none, nearly always)."""
+        freed = self._slot_freed
+        if freed is not None:
+            self._slot_freed = None
+            if not freed.done():
+                freed.set_result(None)
+
+    # -- clamping (core/clamp.py): only after a refusal ------------------------------------------------
+    @staticmethod
+    def _plan(policy: Policy, admission: Admission, request: Request, result: AcquireResult) -> Clamp | None:
+        return lowered(
+            request,
+            result,
+            admission.specs,
+            admission.costs,
+            admission.model,
+            policy.prices,
+            policy.default_max_tokens,
+        )
+
+    def _clamp(
+        self,
+        policy: Policy,
+        admission: Admission,
+        request: Request,
+        result: AcquireResult,
+        now: float,
+        started: float,
+    ) -> Decision | Awaitable[Decision]:
+        """A refused request, admitted with a lowered completion cap when one fits (one more acquire)."""
+        store = self.store
+        plan = self._plan(policy, admission, request, result)
+        if plan is None:
+            return self._counted(
+                policy.conclude(admission, result, now, store.adjust_soon, self.book), started
+            )
+        lowered_admission = admission._replace(costs=plan.costs)
+        second = store.acquire_nowait(admission.counter_ids, admission.specs, plan.costs, now)
+        if second is None:
+            return self._clamp_later(policy, lowered_admission, plan, now, started)
+        decision = policy.conclude(lowered_admission, second, now, store.adjust_soon, self.book)
+        return self._counted(_with_clamp(decision, plan), started)
+
+    async def _clamp_later(
+        self, policy: Policy, admission: Admission, plan: Clamp, now: float, started: float
+    ) -> Decision:
+        store = self.store
+        try:
+            result = await store.acquire(admission.counter_ids, admission.specs, plan.costs, now)
+        except StoreUnavailable as exc:
+            return self._counted(unavailable(exc.retry_after), started)
+        decision = policy.conclude(admission, result, now, store.adjust_soon, self.book)
+        return self._counted(_with_clamp(decision, plan), started)
 
     def _counted(self, decision: Decision, started: float) -> Decision:
         self.decisions[decision.reason] += 1
@@ -156,3 +271,19 @@ class Decider:
         """Apply what the reservation book returned (settle, release, expiry): never waits (a remote
         store queues the change)."""
         settle_with(self.store.adjust_soon, settlements, now)
+        if self._slot_freed is not None:  # a request waits for a concurrency slot: this may free one
+            self.slot_freed()
+
+
+def _with_clamp(decision: Decision, plan: Clamp) -> Decision:
+    """The admitted decision carrying the body splices for the proxy (a refusal is returned as is)."""
+    if not decision.allowed or not plan.rewrite:
+        return decision
+    return dataclasses.replace(decision, clamp=plan.rewrite)
+
+
+def _capped(decision: Decision, request: Request, policy: Policy) -> Decision:
+    """An admitted uncapped request on a clamping key: the reserved default cap written upstream too
+    (as is when the proxy cannot rewrite, e.g. nginx: see docs/limits.md)."""
+    rewrite = default_cap(request, policy.default_max_tokens)
+    return dataclasses.replace(decision, clamp=rewrite) if rewrite else decision

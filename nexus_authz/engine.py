@@ -221,7 +221,7 @@ class Engine:
     def check(self, request: Request) -> Decision:
         """`check_fast` for callers that cannot await (tests, benchmarks): the counter store must answer
         without waiting (the memory store)."""
-        decision = self.decider.check(self.policy, self.snapshot, request)
+        decision = self.decider.check(self.policy, self.snapshot, request, wait=False)
         if decision.__class__ is not Decision:
             if isinstance(decision, Coroutine):
                 decision.close()

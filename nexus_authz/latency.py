@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Sequence
+from time import perf_counter
 
-__all__ = ["CHECK_BUCKETS", "LatencyHistogram"]
+__all__ = ["BUSY_BUCKETS", "CHECK_BUCKETS", "LOOP_BUSY", "LatencyHistogram", "LoopBusy"]
 
 # Seconds. A local decision takes a few µs; the upper buckets catch a stalled loop or a remote store.
 CHECK_BUCKETS: tuple[float, ...] = (
@@ -60,6 +61,55 @@ class LatencyHistogram:
             total += n
             buckets.append((bound, total))
         return buckets, self.sum, total
+
+
+# Seconds one callback holds the event loop: the performance target is 200 µs, the top buckets catch a
+# stall.
+BUSY_BUCKETS: tuple[float, ...] = (
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.0002,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.05,
+    0.1,
+    1.0,
+)
+
+
+class LoopBusy:
+    """How long the event loop was held, per source, one observation per callback: each read of the
+    HTTP listeners (ext_authz: framing, decision and answer; the admin one), each slice of an
+    access-log batch between two yields, each pass of the cyclic garbage collector (`gc_callback`,
+    installed by the server).
+    Exported as `nexus_authz_loop_busy_seconds{source}`; benchmarks/run_all.py judges its maximum."""
+
+    __slots__ = ("_gc_started", "access_log", "gc", "http")
+
+    def __init__(self) -> None:
+        self.http = LatencyHistogram(BUSY_BUCKETS)
+        self.access_log = LatencyHistogram(BUSY_BUCKETS)
+        self.gc = LatencyHistogram(BUSY_BUCKETS)
+        self._gc_started = 0.0
+
+    def sources(self) -> tuple[tuple[str, LatencyHistogram], ...]:
+        return (("http", self.http), ("access_log", self.access_log), ("gc", self.gc))
+
+    def gc_callback(self, phase: str, info: dict[str, int]) -> None:
+        """For `gc.callbacks`: times each collection (start to stop)."""
+        if phase == "start":
+            self._gc_started = perf_counter()
+        elif self._gc_started:
+            self.gc.observe(perf_counter() - self._gc_started)
+            self._gc_started = 0.0
+
+
+LOOP_BUSY = LoopBusy()  # the process's one event loop (the server runs one)
 
 
 def _le(bound: float) -> str:

@@ -25,6 +25,7 @@ from nexus_authz import native
 from nexus_authz.core.limits import Kind
 from nexus_authz.core.model import InFlight, Reason
 from nexus_authz.core.reservations import ReservationBook, ReservationEntry
+from nexus_authz.latency import LOOP_BUSY
 
 if TYPE_CHECKING:
     from nexus_authz.engine import Engine
@@ -137,6 +138,17 @@ class EngineCollector(Collector):
                 buckets=buckets,
                 sum_value=total,
             )
+        busy = HistogramMetricFamily(
+            "nexus_authz_loop_busy_seconds",
+            "How long one callback held the event loop, in seconds, by source: a read of an HTTP "
+            "listener (ext_authz: framing, decision, answer; admin), a slice of an access-log batch, "
+            "a garbage collection.",
+            labels=["source"],
+        )
+        for source, histogram in LOOP_BUSY.sources():
+            buckets, total, _ = histogram.cumulative()
+            busy.add_metric([source], buckets, total)
+        yield busy
 
     # -- tokens and accounting -------------------------------------------------------------------------
     @staticmethod

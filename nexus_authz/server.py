@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import os
@@ -37,6 +38,7 @@ from nexus_authz.app import GRPC_SERVICES, StartupError, Validated, validate
 from nexus_authz.core import tokens
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.engine import Engine
+from nexus_authz.latency import LOOP_BUSY
 from nexus_authz.metrics import RlsCollector, make_registry, render
 from nexus_authz.settings import Settings
 from nexus_authz.stores.redis.revocations import RevocationChannel
@@ -337,7 +339,11 @@ async def serve(settings: Settings, engine: Engine, validated: Validated | None 
         "nexus-authz serving",
         extra={**server.addresses, "keys": status.keys, "keys_version": status.version, "pid": os.getpid()},
     )
-    await stop.wait()
+    gc.callbacks.append(LOOP_BUSY.gc_callback)  # every collection's pause: nexus_authz_loop_busy_seconds
+    try:
+        await stop.wait()
+    finally:
+        gc.callbacks.remove(LOOP_BUSY.gc_callback)
     await server.drain()
     log.info("stopped")
     return 0

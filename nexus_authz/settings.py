@@ -15,6 +15,8 @@ Environment variables override the file (handy in containers):
   NEXUS_API_LISTEN     listen.api         (the policy query API: host:port or unix:/path, "" disables it)
   NEXUS_ADMIN_TOKEN    the policy API's admin token (the default source of `api.admin_token`)
   NEXUS_LOG_LEVEL      logging.level
+  NEXUS_TEST_CLOCK_FILE  FOR TESTS ONLY, never set by default: shift the server's clock by the seconds in
+                       this file (nexus_authz/testclock.py; the e2e tests move a month boundary with it)
 and, for the command line's client commands (`cli_environment`):
   NEXUS_API_ADDR       the policy API a client command talks to (when --server is not given)
 """
@@ -118,6 +120,7 @@ class Settings:
     accounting: AccountingSettings = field(default_factory=AccountingSettings)
     api_auth: ApiSettings = field(default_factory=ApiSettings)
     ratelimit: RlsSettings = field(default_factory=RlsSettings)  # Envoy RLS (issue 7)
+    test_clock_file: str | None = None  # NEXUS_TEST_CLOCK_FILE: tests only (nexus_authz/testclock.py)
     policy: PolicySet = field(default_factory=PolicySet)
 
 
@@ -316,6 +319,8 @@ def _apply_environment(s: Settings, environ: Mapping[str, str]) -> Settings:
         if v.lower() not in LOG_LEVELS:
             raise ConfigError(f"must be one of {', '.join(LOG_LEVELS)}; got {v!r}", field="NEXUS_LOG_LEVEL")
         changes["log_level"] = v.lower()
+    if v := opt("NEXUS_TEST_CLOCK_FILE"):
+        changes["test_clock_file"] = v
     return replace(s, **changes) if changes else s  # type: ignore[arg-type]
 
 
@@ -474,6 +479,7 @@ RELOADABLE_FIELDS: Mapping[str, str] = {
     "unpriced": "policy.unpriced",
     "reservations.default_max_tokens": "policy.reservations.default_max_tokens",
     "shadow_mode": "policy.shadow_mode",
+    "timezone": "policy.timezone",
     "auth_failures": "policy.auth_failures",
 }
 

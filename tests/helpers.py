@@ -84,10 +84,11 @@ def decide_local(
     book: ReservationBook | None = None,
     failures: CounterStore | None = None,
 ) -> Decision:
-    """One decision through the decision driver with a local (memory) counter store, at `now`."""
+    """One decision through the decision driver with a local (memory) counter store, at `now` (a
+    concurrency refusal is final at once: no wait for a release)."""
     store = LocalCounters(counters if counters is not None else MemoryCounterStore())
     decision = Decider(store, book=book, failures=failures, clock=lambda: now).check(
-        policy, snapshot, request
+        policy, snapshot, request, wait=False
     )
     assert isinstance(decision, Decision), "a local store answers without waiting"
     return decision

@@ -94,7 +94,9 @@ def test_metrics_after_decisions(tmp_path: Path) -> None:
     # the histogram counted every check, cumulatively, and its sum is a plausible time
     assert value("nexus_authz_check_duration_seconds_count") == 5
     buckets = sorted(
-        (float(dict(labels)["le"]), v) for (name, labels), v in m.items() if name.endswith("_seconds_bucket")
+        (float(dict(labels)["le"]), v)
+        for (name, labels), v in m.items()
+        if name == "nexus_authz_check_duration_seconds_bucket"
     )
     assert buckets[-1] == (math.inf, 5) and all(
         a[1] <= b[1] for a, b in zip(buckets, buckets[1:], strict=False)
@@ -142,3 +144,27 @@ def test_model_labels_are_bounded() -> None:
     assert len(models) == metrics.MAX_MODEL_LABELS + 1 and "other" in models
     assert bounded[("other", "prompt")] == 50 and bounded[("m0", "prompt")] == 1
     assert sum(bounded.values()) == sum(counts.values())
+
+
+def test_loop_busy_counts_http_reads_and_garbage_collections(tmp_path: Path) -> None:
+    """nexus_authz_loop_busy_seconds: one observation per read of an HTTP listener (the metrics scrape
+    on the admin listener is one) and per garbage collection while the callback is installed."""
+    import gc
+
+    from nexus_authz.latency import LOOP_BUSY
+
+    engine = Engine.from_settings(load_settings(str(write_config(tmp_path, KeySpec("plain")))))
+    before_http, before_gc = sum(LOOP_BUSY.http.counts), sum(LOOP_BUSY.gc.counts)
+    gc.callbacks.append(LOOP_BUSY.gc_callback)
+    try:
+        gc.collect()
+        gc.collect()
+    finally:
+        gc.callbacks.remove(LOOP_BUSY.gc_callback)
+    assert sum(LOOP_BUSY.gc.counts) == before_gc + 2
+    m = samples(scrape(engine))
+    assert m[("nexus_authz_loop_busy_seconds_count", (("source", "gc"),))] == before_gc + 2
+    assert m[("nexus_authz_loop_busy_seconds_count", (("source", "http"),))] >= before_http
+    # the scrape's own read is counted once it is done
+    assert sum(LOOP_BUSY.http.counts) >= before_http + 1
+    assert ("nexus_authz_loop_busy_seconds_bucket", (("le", "0.0002"), ("source", "access_log"))) in m

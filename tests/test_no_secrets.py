@@ -185,6 +185,7 @@ def test_no_secret_anywhere(tmp_path: Path, debug_log: io.StringIO) -> None:
                     ("Check", pb.CheckRequest(headers={"authorization": f"Bearer {KEY.secret}"}, body=chat)),
                     ("Check", pb.CheckRequest(headers={"x-api-key": KEY.secret}, body=b"{}")),
                     ("Check", pb.CheckRequest(key_id="scanned", body=chat)),
+                    ("Explain", pb.ExplainRequest(key_id="scanned", model="gpt-4o", total_tokens=10)),
                 ):
                     answer = await getattr(stub, method)(request, metadata=good)
                     seen.append(answer.SerializeToString())

@@ -36,6 +36,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any, Final
 
 import grpc
@@ -45,6 +46,7 @@ from envoy.service.accesslog.v3 import als_pb2
 from nexus_authz.core.accounting import ResponseEnd, conclude_usage
 from nexus_authz.core.usage import StreamUsage, Usage
 from nexus_authz.engine import Engine
+from nexus_authz.latency import LOOP_BUSY
 
 log = logging.getLogger("nexus_authz.als")
 
@@ -68,7 +70,10 @@ METADATA_NAMESPACE: Final = "nexus.usage"
 MAX_MESSAGE_BYTES: Final = 4 << 20
 _EVENT_STREAM: Final = "text/event-stream"
 _EMPTY_RESPONSE: Final = als_pb2.StreamAccessLogsResponse()
-_YIELD_EVERY: Final = 8  # entries accounted between two yields to the event loop
+# Seconds of accounting between two yields to the event loop: a slice ends with the first entry that
+# brings it past this (an entry takes ~25 µs), so a batch never holds the loop much over 100 µs.
+_SLICE: Final = 0.0001
+_BUSY = LOOP_BUSY.access_log  # how long each slice of a batch holds the event loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,16 +212,22 @@ class AccessLogService:
                     break
                 self._streams[stop] = math.inf  # busy: drain() must not end it mid-batch
                 self.messages += 1
-                for i, entry in enumerate(message.http_logs.log_entry, 1):
+                started = perf_counter()  # each slice of the batch between two yields is one observation
+                for entry in message.http_logs.log_entry:
                     try:
                         pending = self.account_now(entry)
                         if pending is not None:  # a long text to count exactly: off the event loop
+                            _BUSY.observe(perf_counter() - started)
                             await pending
+                            started = perf_counter()
                     except Exception:  # one bad entry must not lose the rest of the batch
                         log.exception("accounting failed", extra={"request_id": entry.request.request_id})
-                    if not i % _YIELD_EVERY:
+                    if perf_counter() - started >= _SLICE:
                         # a batch holds up to ~50 entries (~25 µs each): let queued Checks run meanwhile
+                        _BUSY.observe(perf_counter() - started)
                         await asyncio.sleep(0)
+                        started = perf_counter()
+                _BUSY.observe(perf_counter() - started)
                 self._streams[stop] = self._last_batch = loop.time()
         finally:
             self._streams.pop(stop, None)

@@ -63,6 +63,12 @@ def request_from_check(check: external_auth_pb2.CheckRequest) -> Request:
     # config allows it through). Not `http.size`: that is what Envoy had buffered when it asked, which
     # varies from one request to the next; without the header a cut body's length is unknown.
     headers.pop("x-nexus-content-length", None)
+    # The Lua filter applies clamps (core/clamp.py): the config says so in the vhost's context
+    # extensions, never a client header.
+    headers.pop("x-nexus-rewrite", None)
+    rewriter = check.attributes.context_extensions.get("x-nexus-rewrite")
+    if rewriter:
+        headers["x-nexus-rewrite"] = rewriter
     declared = headers.get("content-length")
     if declared is not None:
         headers["x-nexus-content-length"] = declared
@@ -110,11 +116,11 @@ def deny_response(decision: Decision) -> external_auth_pb2.CheckResponse:
     )
 
 
-def _release_metadata(request_id: str) -> bytes:
-    """A serialized CheckResponse holding only dynamic_metadata {"x-nexus-release": request_id}; appended
-    to the cached allow bytes, protobuf merges it into the allow's metadata."""
+def _release_metadata(request_id: str, name: str = "x-nexus-release") -> bytes:
+    """A serialized CheckResponse holding only dynamic_metadata {name: request_id}; appended to the
+    cached allow bytes, protobuf merges it into the allow's metadata (also `x-nexus-clamp`)."""
     md = struct_pb2.Struct()
-    md.update({"x-nexus-release": request_id})
+    md.update({name: request_id})
     return external_auth_pb2.CheckResponse(dynamic_metadata=md).SerializeToString()
 
 
@@ -160,6 +166,8 @@ class AuthorizationService:
                 self._deny_cache.put(decision, base)
         if decision.release:  # merged into dynamic_metadata: the Lua tap releases the slot at the end
             base += _release_metadata(decision.release)
+        if decision.clamp:  # the Lua filter lowers the body's completion cap (core/clamp.py)
+            base += _release_metadata(decision.clamp, "x-nexus-clamp")
         if decision.response_headers:
             return base + extra_headers(decision)
         return base

@@ -28,6 +28,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from time import perf_counter
 
 import httptools
 
@@ -40,6 +41,7 @@ from nexus_authz.adapters.answers import status_line as _status_line
 from nexus_authz.core.keys import KEY_HEADERS
 from nexus_authz.core.model import Decision, KeyRecord, Reason, Request, new_request
 from nexus_authz.engine import Engine
+from nexus_authz.latency import LOOP_BUSY
 
 log = logging.getLogger("nexus_authz.http")
 
@@ -47,6 +49,7 @@ EXT_AUTHZ_PREFIX = "/ext_authz"
 # The Lua usage tap's early release of a concurrency slot (POST, header `x-nexus-release: 1`, the request
 # id as the body); see envoy/nexus-usage.lua and ReservationBook.release.
 RELEASE_PATH = "/_nexus/release"
+_BUSY = LOOP_BUSY.http  # how long each read holds the event loop (framing, decision, answer)
 _RELEASED = b"HTTP/1.1 204 No Content\r\n\r\n"
 NGINX_PATH = "/v1/nginx/auth"
 MAX_HEADERS = 128
@@ -67,6 +70,7 @@ _KEEP: dict[bytes, str] = {
         "x-original-uri",
         "x-original-method",
         "x-nexus-release",
+        "x-nexus-rewrite",  # Envoy's ext_authz says its Lua filter applies clamps (core/clamp.py)
     )
 }
 MAX_URL = 16 * 1024
@@ -164,6 +168,8 @@ class HttpApp:
                 return nginx_block + extra + tail
             if decision.release:  # Envoy puts it in dynamic metadata for the Lua tap (not forwarded)
                 extra += b"x-nexus-release: %s\r\n" % decision.release.encode("latin-1")
+            if decision.clamp:  # the same: the Lua filter lowers the body's completion cap
+                extra += b"x-nexus-clamp: %s\r\n" % decision.clamp.encode("latin-1")
             return ext_authz + extra + tail
         if not extra and not close:
             cached = self._deny_cache.get(decision)
@@ -241,6 +247,11 @@ class AuthzProtocol(asyncio.Protocol):
         self._transport = None
 
     def data_received(self, data: bytes) -> None:
+        started = perf_counter()
+        self._feed(data)
+        _BUSY.observe(perf_counter() - started)
+
+    def _feed(self, data: bytes) -> None:
         if self._closing:
             return
         try:
@@ -436,6 +447,8 @@ class AuthzProtocol(asyncio.Protocol):
 
     def _nginx(self, headers: dict[str, str], close: bool) -> bytes | Awaitable[bytes]:
         # nginx's auth_request subrequest carries no body; the original URI and method come in headers.
+        # nginx cannot rewrite a body: whatever says otherwise came from the client.
+        headers.pop("x-nexus-rewrite", None)
         app = self._app
         request = Request(
             method=headers.get("x-original-method", "GET"),

@@ -11,10 +11,14 @@ protocols write the same bytes for any byte stream, however it is split (tests/a
 
 from __future__ import annotations
 
+from time import perf_counter
 from typing import Any
 
 from nexus_authz import native
 from nexus_authz.adapters.http_authz import _KEEP, MAX_HEADERS, MAX_URL, AuthzProtocol, HttpApp
+from nexus_authz.latency import LOOP_BUSY
+
+_BUSY = LOOP_BUSY.http
 
 
 class CompiledAuthzProtocol(AuthzProtocol):
@@ -30,6 +34,11 @@ class CompiledAuthzProtocol(AuthzProtocol):
         self._parser = self._fast  # what on_message_complete/_route read the method and keep-alive from
 
     def data_received(self, data: bytes) -> None:
+        started = perf_counter()
+        self._received(data)
+        _BUSY.observe(perf_counter() - started)
+
+    def _received(self, data: bytes) -> None:
         if self._closing:
             return
         fast: Any = self._fast  # the compiled parser (stubs: native/_http1.pyi)
@@ -39,11 +48,11 @@ class CompiledAuthzProtocol(AuthzProtocol):
             # not in the subset: the httptools path takes this request, read by read as it came
             self._parser = self._slow
             for chunk in fast.take_replay():
-                AuthzProtocol.data_received(self, chunk)
+                AuthzProtocol._feed(self, chunk)
                 if self._closing:
                     return
         else:
-            AuthzProtocol.data_received(self, data)
+            AuthzProtocol._feed(self, data)
         if not self._in_message and not self._closing:
             self._parser = fast  # between requests: back to the compiled parser
 

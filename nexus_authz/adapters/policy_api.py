@@ -3,9 +3,10 @@
 It maps the engine's state to messages and nothing else: keys from the snapshot in force, window
 figures from the counter store's `peek`, reservations from the reservation book, usage from the ledger
 (`aquery`, off the event loop), and dry-run decisions from `Engine.dry_run`, which charges and counts
-nothing. It answers on its own listener (`listen.api`, built by the composition root: app.start_api_server),
-apart from the Envoy-facing services, with its own grpc.health.v1 and reflection so `grpcurl` works
-against it.
+nothing; `Explain` (a key's limits at every level, which binds, a hypothetical request's dry run) is in
+adapters/explain.py. It answers on its own listener (`listen.api`, built by the composition root:
+app.start_api_server), apart from the Envoy-facing services, with its own grpc.health.v1 and reflection
+so `grpcurl` works against it.
 
 Every PolicyService call must carry `authorization: Bearer <admin token>`; the token is compared in
 constant time (both sides hashed first, so not even its length leaks) and a missing or wrong one gets
@@ -72,6 +73,7 @@ _ALGORITHM = {
     Algorithm.GCRA: pb.LIMIT_ALGORITHM_GCRA,
     Algorithm.SLIDING: pb.LIMIT_ALGORITHM_SLIDING,
     Algorithm.GAUGE: pb.LIMIT_ALGORITHM_GAUGE,
+    Algorithm.CALENDAR: pb.LIMIT_ALGORITHM_CALENDAR,
 }
 _GROUP = {
     pb.USAGE_GROUP_KEY: "key_id",
@@ -546,3 +548,11 @@ class PolicyApi(pb_grpc.PolicyServiceServicer):
             body=req.body,
         )
         return check_response(await engine.dry_run(as_key, snapshot))
+
+    @_rpc
+    async def Explain(
+        self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExplainResponse:
+        from nexus_authz.adapters.explain import explain  # it imports this module's helpers
+
+        return await explain(self.engine, self._key(request.key_id), request)

@@ -525,9 +525,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_keys_pepper)
     keys.set_defaults(func=lambda a: (keys.print_help(), 2)[1])
+    from nexus_authz.cli import explain as cli_explain
     from nexus_authz.cli import remote as cli_remote
 
     cli_remote.add_commands(sub, keys_sub, add_config)  # keys list|show, limits, check (policy API)
+    cli_explain.add_command(sub, add_config)  # explain (policy API)
 
     p = sub.add_parser(
         "usage",

@@ -18,6 +18,7 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Final, TypeVar
 
 from nexus_authz.core import keys as keys_mod
+from nexus_authz.core.calendar import DEFAULT_TIMEZONE, parse_calendar, zone_problem
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.keys import KEY_HEADERS, KeySnapshot
 from nexus_authz.core.limits import (
@@ -30,6 +31,7 @@ from nexus_authz.core.limits import (
     SLIDING_BY_DEFAULT,
     Kind,
     LimitSpec,
+    clamp_minimum,
     make_limit,
 )
 from nexus_authz.core.model import Credential, KeyRecord
@@ -114,6 +116,7 @@ class PolicySet:
     shadow_mode: bool = False  # every limit computed and counted, none enforced
     auth_failures: AuthFailureSettings = field(default_factory=AuthFailureSettings)
     source: str = ""
+    timezone: str = DEFAULT_TIMEZONE  # of calendar limits that name none (core/calendar.py)
 
 
 def parse_secret_ref(f: Fields, *, what: str) -> SecretRef:
@@ -167,11 +170,11 @@ def parse_prices(f: Fields) -> tuple[tuple[str, Price], ...]:
     return tuple(out)
 
 
-def _parse_limits(f: Fields, name: str) -> tuple[LimitSpec, ...]:
+def _parse_limits(f: Fields, name: str, timezone: str) -> tuple[LimitSpec, ...]:
     if not f.has(name):
         f.raw(name, None)
         return ()
-    return parse_limits(f.raw(name), source=f.where(name), field=f.path(name))
+    return parse_limits(f.raw(name), source=f.where(name), field=f.path(name), timezone=timezone)
 
 
 def _uses_usd(limits: tuple[LimitSpec, ...]) -> bool:
@@ -189,13 +192,13 @@ def parse_reservations(f: Fields) -> ReservationSettings:
     return out
 
 
-def parse_plans(f: Fields) -> dict[str, Plan]:
+def parse_plans(f: Fields, timezone: str = DEFAULT_TIMEZONE) -> dict[str, Plan]:
     out: dict[str, Plan] = {}
     for name in f.names():
         if not _ID.match(name):
             f.fail(name, "plan names are letters, digits and . _ : @ / -")
         p = f.mapping(name)
-        plan = Plan(name=name, limits=_parse_limits(p, "limits"), models=p.str_list("models"))
+        plan = Plan(name=name, limits=_parse_limits(p, "limits", timezone), models=p.str_list("models"))
         p.done()
         out[name] = plan
     f.done()
@@ -208,7 +211,10 @@ def parse_policy(root: Fields) -> PolicySet:
     default_credential = root.str("default_credential", None)
     if default_credential is not None and default_credential not in credentials:
         root.fail("default_credential", f"no credential named {default_credential!r} under credentials")
-    plans = parse_plans(root.mapping("plans"))
+    timezone = root.str("timezone", DEFAULT_TIMEZONE)
+    if problem := zone_problem(timezone):
+        root.fail("timezone", problem)
+    plans = parse_plans(root.mapping("plans"), timezone)
     prices = parse_prices(root.mapping("prices"))
     if not prices:
         for plan in plans.values():
@@ -224,6 +230,7 @@ def parse_policy(root: Fields) -> PolicySet:
         shadow_mode=root.bool("shadow_mode", False),
         auth_failures=parse_auth_failures(root.mapping("auth_failures")),
         source=root.source,
+        timezone=timezone,
     )
 
 
@@ -365,7 +372,7 @@ def parse_key_file(
                 f.fail("credential", f"no credential named {cred_name!r} under credentials in the config")
         metadata_raw = f.mapping("metadata")
         metadata = {k: metadata_raw.str(k) for k in metadata_raw.names()}
-        own_limits = _parse_limits(f, "limits")
+        own_limits = _parse_limits(f, "limits", policy.timezone)
         if _uses_usd(own_limits) and not policy.prices:
             f.fail("limits", "a usd limit needs a prices table in the config")
         f.done()
@@ -421,15 +428,16 @@ def _remove_headers(credential: Credential | None) -> tuple[str, ...]:
 # -- the `limits:` list of a plan or key (what a limit means: core/limits.py) --------------------------
 _Fail = Callable[[str], ConfigError]
 _KIND_KEYS: Final = tuple(k.value for k in Kind)
-_FIELDS: Final = frozenset(_KIND_KEYS) | {"per", "burst", "algorithm", "slots", "shadow", "model", "name"}
+_LIMIT_FIELDS: Final = {"per", "burst", "algorithm", "slots", "shadow", "model", "name", "clamp"}
+_FIELDS: Final = frozenset(_KIND_KEYS) | _LIMIT_FIELDS | {"calendar", "timezone"}
 _FIELD_LIST: Final = ", ".join(sorted(_FIELDS))
 
 
-def parse_limits(raw: object, *, source: str, field: str) -> tuple[LimitSpec, ...]:
+def parse_limits(raw: object, *, source: str, field: str, timezone: str = "UTC") -> tuple[LimitSpec, ...]:
     """Validate the `limits:` list of a plan or key.
 
     Each entry has exactly one of requests/tokens/usd/concurrent, and optionally per, burst, algorithm,
-    slots, shadow, model, name. Errors name the field, e.g.
+    slots, shadow, model, name, calendar, timezone (core/calendar.py; the argument: its default). Errors:
     `nexus.yaml:14: plans.free.limits[2].per: unknown unit 'fortnight' (expected second, minute, ...)`.
     Names must be unique within the list: they label metrics and the RateLimit headers.
     """
@@ -444,7 +452,7 @@ def parse_limits(raw: object, *, source: str, field: str) -> tuple[LimitSpec, ..
     for i, entry in enumerate(raw):
         where = f"{field}[{i}]"
         entry_source = f"{file_source}:{item_lines[i]}" if item_lines and i < len(item_lines) else source
-        spec = _parse_entry(entry, file_source, entry_source, where)
+        spec = _parse_entry(entry, file_source, entry_source, where, timezone)
         if spec.name in names:
             raise ConfigError(
                 f"duplicate limit name {spec.name!r} (also {field}[{names[spec.name]}]); "
@@ -462,7 +470,7 @@ def _strip_line(source: str) -> str:
     return head if sep and tail.isdigit() and head else source
 
 
-def _parse_entry(entry: object, file_source: str, entry_source: str, where: str) -> LimitSpec:
+def _parse_entry(entry: object, file_source: str, entry_source: str, where: str, zone: str) -> LimitSpec:
     if not isinstance(entry, dict):
         raise ConfigError(
             f"expected a mapping such as {{requests: 60, per: minute}}, got {describe(entry)}",
@@ -512,6 +520,7 @@ def _parse_entry(entry: object, file_source: str, entry_source: str, where: str)
                 "per", f"unit {per!r} is not available for {kind} limits (expected {', '.join(allowed)})"
             )
 
+    calendar = parse_calendar(entry, kind.value, per, zone, fail)
     algorithm = entry.get("algorithm")
     if algorithm is not None and algorithm not in ("gcra", "sliding"):
         raise fail("algorithm", f"unknown algorithm {algorithm!r} (expected gcra or sliding)")
@@ -523,7 +532,7 @@ def _parse_entry(entry: object, file_source: str, entry_source: str, where: str)
         slots = _positive_int(slots, lambda m: fail("slots", m))
         if not MIN_SLOTS <= slots <= MAX_SLOTS:
             raise fail("slots", f"must be between {MIN_SLOTS} and {MAX_SLOTS}, got {slots}")
-    if kind is not Kind.CONCURRENCY:
+    if kind is not Kind.CONCURRENCY and calendar is None:
         resolved = algorithm or ("sliding" if (kind is Kind.USD or per in SLIDING_BY_DEFAULT) else "gcra")
         if burst is not None and resolved != "gcra":
             raise fail("burst", "applies to algorithm gcra only (this limit uses sliding)")
@@ -541,6 +550,10 @@ def _parse_entry(entry: object, file_source: str, entry_source: str, where: str)
     if name is not None and (not isinstance(name, str) or not NAME_RE.match(name)):
         raise fail("name", "expected 1-128 printable ASCII characters without spaces or quotes")
     try:
+        clamp = clamp_minimum(entry.get("clamp"), kind)
+    except ValueError as exc:
+        raise fail("clamp", str(exc)) from None
+    try:
         return make_limit(
             kind,
             limit,
@@ -551,6 +564,9 @@ def _parse_entry(entry: object, file_source: str, entry_source: str, where: str)
             shadow=shadow,
             model=model.strip() if model is not None else None,
             name=name,
+            clamp=clamp,
+            calendar=calendar is not None,
+            timezone=calendar.zone if calendar is not None else zone,
         )
     except ValueError as exc:  # anything the checks above did not word better
         raise fail(None, str(exc)) from None

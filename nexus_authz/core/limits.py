@@ -23,10 +23,14 @@ Algorithms and their exact guarantees (admissions at Check time, in units of cos
   It admits exactly when the N-slot window ending at the current slot has room, so nothing that fits is
   refused. State: N + 3 doubles (`[fresh_at, last_slot, total, counts...]`).
 * Concurrency ("gauge"): requests in flight; admitted while in_flight + 1 <= limit; released at settle.
+* Calendar (opt-in, `calendar: true` on a day or month): a fixed window from the start of the day or month
+  in an IANA zone to the start of the next, DST-correct; at most the limit within one period
+  (core/calendar.py has the algorithm and its guarantee).
 
-No clock-aligned fixed windows. Costs are integers (requests 1, tokens the reserved estimate, USD in
-micro-dollars, concurrency 1). A request whose cost exceeds a window's capacity (burst, or the limit of a
-sliding window) can never fit: it is refused with `retry_after = inf`.
+No clock-aligned fixed windows other than the calendar periods asked for. Costs are integers (requests 1,
+tokens the reserved estimate, USD in micro-dollars, concurrency 1). A request whose cost exceeds a
+window's capacity (burst, or the limit of a sliding window) can never fit: it is refused with
+`retry_after = inf`.
 
 Atomicity: one Check evaluates all windows of the key (key-level and matching key+model ones) and is
 admitted only if every enforced window fits; then it charges them all; a refused request charges nothing.
@@ -59,6 +63,8 @@ from enum import StrEnum
 from fnmatch import translate
 from typing import Any, Final
 
+from nexus_authz.core.calendar import DEFAULT_TIMEZONE, Calendar, calendar_of
+
 __all__ = [
     "ALLOWED_UNITS",
     "CONCURRENCY_RETRY_AFTER",
@@ -72,6 +78,7 @@ __all__ = [
     "LimitSpec",
     "WindowStatus",
     "applicable",
+    "clamp_minimum",
     "gauge_adjust",
     "gauge_take",
     "gcra_adjust",
@@ -103,6 +110,7 @@ class Algorithm(StrEnum):
     GCRA = "gcra"
     SLIDING = "sliding"
     GAUGE = "gauge"  # concurrency: a count of requests in flight
+    CALENDAR = "calendar"  # a calendar day or month in a time zone (core/calendar.py)
 
 
 PERIODS: Final[dict[str, float]] = {
@@ -145,6 +153,10 @@ class LimitSpec:
     name: str
     # Whose limit this is: "key" (the key's own or its plan's), "group" or "tenant" (shared by keys).
     level: str = "key"
+    # Clamping (core/clamp.py): 0 off; else a request this window cannot fit is admitted with its
+    # completion cap lowered to what fits, if at least this many completion tokens do (tokens, USD only).
+    clamp: int = 0
+    calendar: Calendar | None = None  # the CALENDAR algorithm's unit and zone (and its cached period)
     interval: float = field(init=False, repr=False, compare=False)  # GCRA: seconds per unit (1/rate)
     tolerance: float = field(init=False, repr=False, compare=False)  # GCRA: tau = burst * interval
     max_debt: float = field(init=False, repr=False, compare=False)  # GCRA: tau plus rounding noise
@@ -162,8 +174,12 @@ class LimitSpec:
             raise ValueError("a rate or budget limit needs a positive period and gcra or sliding")
         if self.algorithm is Algorithm.GCRA and not 0 < self.burst <= MAX_LIMIT:
             raise ValueError(f"burst must be in 1..{MAX_LIMIT}, got {self.burst!r}")
+        if (self.algorithm is Algorithm.CALENDAR) is (self.calendar is None):
+            raise ValueError("a calendar limit, and only one, has a calendar period")
         if self.algorithm is Algorithm.SLIDING and not MIN_SLOTS <= self.slots <= MAX_SLOTS:
             raise ValueError(f"slots must be in {MIN_SLOTS}..{MAX_SLOTS}, got {self.slots!r}")
+        if self.clamp and (self.kind not in (Kind.TOKENS, Kind.USD) or not 0 < self.clamp <= MAX_LIMIT):
+            raise ValueError("clamp applies to tokens and usd limits, with a minimum of 1 or more tokens")
         if not NAME_RE.match(self.name):
             raise ValueError(f"name must be 1-128 printable ASCII characters without quotes: {self.name!r}")
         setattr_ = object.__setattr__
@@ -174,7 +190,7 @@ class LimitSpec:
         setattr_(self, "slot_width", self.period / self.slots if self.slots else 0.0)
         setattr_(self, "_model_re", re.compile(translate(self.model)) if self.model is not None else None)
         fields = (self.kind, self.limit, self.period, self.burst, self.algorithm, self.slots, self.shadow)
-        setattr_(self, "_hash", hash((*fields, self.model, self.name, self.level)))
+        setattr_(self, "_hash", hash((*fields, self.model, self.name, self.level, self.clamp)))
 
     def __hash__(self) -> int:
         """Cached: specs key per-spec caches (header fragments, per-model selections) on the hot path."""
@@ -208,6 +224,9 @@ def make_limit(
     shadow: bool = False,
     model: str | None = None,
     name: str | None = None,
+    clamp: int = 0,
+    calendar: bool = False,
+    timezone: str = DEFAULT_TIMEZONE,
 ) -> LimitSpec:
     """Builds a spec with the documented defaults (also for tests and code, not only YAML).
 
@@ -218,6 +237,8 @@ def make_limit(
     if kind is Kind.CONCURRENCY:
         if per is not None or burst is not None or slots is not None or algorithm not in (None, "gauge"):
             raise ValueError("a concurrency limit takes no period, burst, slots or algorithm")
+        if calendar:
+            raise ValueError("a concurrency limit has no calendar period")
         base = "concurrent"
         return LimitSpec(
             kind=kind,
@@ -232,6 +253,23 @@ def make_limit(
         )
     if per not in ALLOWED_UNITS[kind]:
         raise ValueError(f"unit {per!r} is not allowed for {kind} ({', '.join(ALLOWED_UNITS[kind])})")
+    if calendar or algorithm in (Algorithm.CALENDAR, "calendar"):
+        if burst is not None or slots is not None or algorithm not in (None, "calendar"):
+            raise ValueError("a calendar limit takes no burst, slots or other algorithm")
+        period = calendar_of(per, timezone)  # ValueError: not a day or month, unknown zone
+        return LimitSpec(
+            kind=kind,
+            limit=limit,
+            period=PERIODS[per],
+            burst=limit,
+            algorithm=Algorithm.CALENDAR,
+            slots=0,
+            shadow=shadow,
+            model=model,
+            name=name or _default_name(f"{kind}/calendar-{per}", model, shadow),
+            clamp=clamp,
+            calendar=period,
+        )
     if algorithm is None:
         algorithm = Algorithm.SLIDING if (kind is Kind.USD or per in SLIDING_BY_DEFAULT) else Algorithm.GCRA
     algorithm = Algorithm(algorithm)
@@ -255,7 +293,31 @@ def make_limit(
         shadow=shadow,
         model=model,
         name=name or _default_name(f"{kind}/{per}", model, shadow),
+        clamp=clamp,
     )
+
+
+CLAMP_MIN_TOKENS: Final = 16  # `clamp: true`: the smallest completion worth admitting
+
+
+def clamp_minimum(value: object, kind: Kind) -> int:
+    """A limit's `clamp:` field -> its minimum completion (0: off). `true` (minimum CLAMP_MIN_TOKENS),
+    `{min_tokens: N}`, or false/absent. ValueError names what is wrong."""
+    if value is None or value is False:
+        return 0
+    if kind not in (Kind.TOKENS, Kind.USD):
+        raise ValueError("applies to tokens and usd limits only (it lowers the completion cap)")
+    if value is True:
+        return CLAMP_MIN_TOKENS
+    if isinstance(value, dict):
+        for k in value:
+            if k != "min_tokens":
+                raise ValueError(f"unknown field {k!r} (expected min_tokens)")
+        minimum = value.get("min_tokens", CLAMP_MIN_TOKENS)
+        if isinstance(minimum, int) and not isinstance(minimum, bool) and 0 < minimum <= MAX_LIMIT:
+            return minimum
+        raise ValueError(f"min_tokens must be a positive integer, got {minimum!r}")
+    raise ValueError(f"expected true, false or {{min_tokens: N}}, got {value!r}")
 
 
 def _default_name(base: str, model: str | None, shadow: bool) -> str:

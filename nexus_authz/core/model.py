@@ -119,6 +119,9 @@ class Decision:
     # An admitted request holding a concurrency slot: its request id, for the proxy to release the slot
     # when the response ends (envoy/nexus-usage.lua); "" otherwise.
     release: str = ""
+    # An admitted request whose completion cap the proxy must lower (core/clamp.py): the body splices
+    # for the Lua filter (x-nexus-clamp in ext_authz's dynamic metadata); "" otherwise.
+    clamp: str = ""
 
 
 class InFlight(NamedTuple):
@@ -159,6 +162,7 @@ _DECISION_SLOTS = tuple(
         "body",
         "message",
         "release",
+        "clamp",
     )
 )
 
@@ -190,7 +194,7 @@ def new_allow(
 ) -> Decision:
     """The Decision admitting a request for `key`, built faster (see above)."""
     decision: Decision = _new(Decision)
-    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10 = _DECISION_SLOTS
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11 = _DECISION_SLOTS
     s0(decision, True)
     s1(decision, 200)
     s2(decision, Reason.OK)
@@ -202,4 +206,5 @@ def new_allow(
     s8(decision, b"")
     s9(decision, "")
     s10(decision, release)
+    s11(decision, "")
     return decision

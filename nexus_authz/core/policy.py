@@ -164,6 +164,7 @@ class Admission(NamedTuple):
     request_id: str
     prompt_tokens: int = 0
     anthropic: bool = False  # an Anthropic API path: denials get Anthropic's error body
+    uncapped: bool = False  # a generating request whose body sets no completion cap (core/clamp.py)
     body: bytes | None = None  # tracked, no estimate at Check: kept to estimate it later (prompt_later)
 
 
@@ -217,6 +218,11 @@ class Policy:
         self._selection: dict[
             tuple[KeyRecord, str | None], tuple[tuple[str, ...], tuple[LimitSpec, ...]]
         ] = {}
+
+    @property
+    def default_max_tokens(self) -> int:
+        """The completion reserved for a request that sets no cap (`reservations.default_max_tokens`)."""
+        return self._default_max_tokens
 
     # -- step 1: who, and what it costs ---------------------------------------------------------------
     def admit(
@@ -299,6 +305,7 @@ class Policy:
             request_id=request.request_id,
             prompt_tokens=prompt,
             anthropic=is_anthropic_path(request.path),
+            uncapped=facts is not None and facts.max_tokens is None and facts.is_object,
             body=kept,
         )
 

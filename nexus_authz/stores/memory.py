@@ -2,7 +2,8 @@
 
 State is one OrderedDict from counter id to the algorithm's plain state: for GCRA a complex number
 (the smallest Python object holding two doubles: debt + since*1j, 32 bytes), for a sliding window an
-array of doubles, for concurrency an int. See benchmarks/bench_limits.py for bytes per client.
+array of doubles, for a calendar period an array of three ([end, start, used]), for concurrency an
+int. See benchmarks/bench_limits.py for bytes per client.
 
 Eviction is exact and never scans: a window whose state is equivalent to a fresh one (GCRA debt drained, a
 sliding window with nothing left in it, nothing in flight) behaves exactly like an absent one, so it can
@@ -23,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+from nexus_authz.core.calendar import calendar_charge, calendar_refund, calendar_take
 from nexus_authz.core.limits import (
     AcquireResult,
     Algorithm,
@@ -44,6 +46,7 @@ __all__ = ["MemoryCounterStore"]
 
 _GCRA = Algorithm.GCRA
 _SLIDING = Algorithm.SLIDING
+_CALENDAR = Algorithm.CALENDAR
 _State = complex | int | array  # type: ignore[type-arg]
 _Outcome = tuple[bool, Any, int, float, float]  # (allowed, new state, remaining, reset, retry)
 
@@ -51,6 +54,13 @@ _Outcome = tuple[bool, Any, int, float, float]  # (allowed, new state, remaining
 def _sliding_state(state: object, spec: LimitSpec) -> array[float] | None:
     """The stored array if it belongs to this spec's shape; anything else counts as fresh."""
     if state.__class__ is array and len(state) == spec.slots + 3:
+        return state
+    return None
+
+
+def _calendar_state(state: object) -> array[float] | None:
+    """The stored array if it is a calendar window's ([end, start, used]); anything else counts as fresh."""
+    if state.__class__ is array and len(state) == 3:
         return state
     return None
 
@@ -63,6 +73,8 @@ def _take(state: object, spec: LimitSpec, cost: int, now: float) -> _Outcome:
         return gcra_take(0.0, now, now, spec, cost)
     if algorithm is _SLIDING:
         return sliding_take(_sliding_state(state, spec), now, spec, cost)
+    if algorithm is _CALENDAR:
+        return calendar_take(_calendar_state(state), now, spec, cost)
     return gauge_take(state if state.__class__ is int else 0, spec, cost)
 
 
@@ -113,6 +125,8 @@ class MemoryCounterStore:
                     out = gcra_take(0.0, now, now, spec, costs[i])
             elif algorithm is _SLIDING:
                 out = sliding_take(_sliding_state(state, spec), now, spec, costs[i])
+            elif algorithm is _CALENDAR:
+                out = calendar_take(_calendar_state(state), now, spec, costs[i])
             else:
                 out = gauge_take(state if state.__class__ is int else 0, spec, costs[i])
             if not out[0] and not spec.shadow:
@@ -137,6 +151,11 @@ class MemoryCounterStore:
                         cost = costs[i]
                         if cost:
                             states[cid] = sliding_charge(new_state, now, spec, cost)
+                            touch(cid)
+                    elif algorithm is _CALENDAR:
+                        cost = costs[i]
+                        if cost:
+                            states[cid] = calendar_charge(new_state, now, spec, cost)
                             touch(cid)
                     elif new_state:
                         states[cid] = new_state
@@ -205,6 +224,15 @@ class MemoryCounterStore:
                 elif window is not None:
                     sliding_refund(window, now, spec, -delta, charged_at)
                     if sliding_is_fresh(window, now):
+                        del states[cid]
+            elif algorithm is _CALENDAR:
+                period = _calendar_state(state)
+                if delta > 0:
+                    states[cid] = calendar_charge(period, now, spec, delta)
+                    states.move_to_end(cid)
+                elif period is not None:
+                    calendar_refund(period, now, spec, -delta, charged_at)
+                    if sliding_is_fresh(period, now):  # [end, start, used]: fresh as a sliding window is
                         del states[cid]
             else:
                 in_flight = gauge_adjust(state if state.__class__ is int else 0, delta)

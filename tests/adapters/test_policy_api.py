@@ -117,10 +117,13 @@ CALLS: list[tuple[str, object]] = [
     ("GetLimitStatus", pb.GetLimitStatusRequest(key_id="limited")),
     ("GetUsage", pb.GetUsageRequest()),
     ("Check", pb.CheckRequest(key_id="limited")),
+    ("Explain", pb.ExplainRequest(key_id="limited")),
 ]
 
 
 def test_every_method_needs_the_admin_token(engine: Engine) -> None:
+    assert {m for m, _ in CALLS} == set(pb.DESCRIPTOR.services_by_name["PolicyService"].methods_by_name)
+
     async def body(api: Api) -> None:
         for method, request in CALLS:
             for token in (None, "", "wrong-token-0123456789abcdef", TOKEN + "x", TOKEN[:-1]):

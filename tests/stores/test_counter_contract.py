@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nexus_authz.core.calendar import calendar_charge, calendar_refund, calendar_take
 from nexus_authz.core.limits import (
     AcquireResult,
     Algorithm,
@@ -237,6 +238,65 @@ def test_the_reserve_settle_cycle(store: CounterStore) -> None:
     assert [s.remaining for s in statuses] == [100, 913, 1]
 
 
+# -- calendar periods ---------------------------------------------------------------------------------------
+BERLIN_FEB_1 = 1_706_742_000.0  # 2024-02-01 00:00 Europe/Berlin (2024-01-31 23:00 UTC)
+BERLIN_MAR_1 = 1_709_247_600.0  # 2024-03-01 00:00 Europe/Berlin
+
+
+def test_a_calendar_month_resets_at_its_start_in_its_zone(store: CounterStore) -> None:
+    specs = (make_limit("usd", 1_000_000, "month", calendar=True, timezone="Europe/Berlin"),)
+    ids = ids_for("alice", specs)
+    t = BERLIN_FEB_1 - 1800  # 2024-01-31 23:30 in Berlin, 22:30 UTC: still January there
+    assert figures(store.acquire(ids, specs, (700_000,), t).statuses) == [(300_000, 1800.0, 0.0, True)]
+    denied = store.acquire(ids, specs, (400_000,), t + 1000)
+    assert figures(denied.statuses) == [(300_000, 800.0, 800.0, False)]  # retry at the month's start
+    assert not store.acquire(ids, specs, (400_000,), BERLIN_FEB_1 - 0.001).allowed
+    result = store.acquire(ids, specs, (400_000,), BERLIN_FEB_1)  # February: a fresh budget
+    assert figures(result.statuses) == [(600_000, BERLIN_MAR_1 - BERLIN_FEB_1, 0.0, True)]
+    assert store.peek(ids, specs, BERLIN_MAR_1 - 1)[0].remaining == 600_000
+    assert figures(store.peek(ids, specs, BERLIN_MAR_1)) == [(1_000_000, 0.0, 0.0, True)]
+
+
+def test_a_calendar_refund_only_within_the_period_it_was_charged_in(store: CounterStore) -> None:
+    specs = (make_limit("tokens", 1000, "month", calendar=True, timezone="Europe/Berlin"),)
+    ids = ids_for("alice", specs)
+    t = BERLIN_FEB_1 - 600
+    assert store.acquire(ids, specs, (800,), t).allowed
+    store.adjust(ids, specs, (-300,), t + 60, charged_at=t)  # same period: given back
+    assert store.peek(ids, specs, t + 60)[0].remaining == 500
+    assert store.acquire(ids, specs, (400,), t + 120).allowed  # 900 used in January
+    assert store.acquire(ids, specs, (600,), BERLIN_FEB_1 + 10).allowed  # February
+    # a January reservation settled in February: its period is over, nothing comes back to February
+    store.adjust(ids, specs, (-400,), BERLIN_FEB_1 + 20, charged_at=t + 120)
+    assert store.peek(ids, specs, BERLIN_FEB_1 + 20)[0].remaining == 400
+    # an extra charge is taken now, in the current period
+    store.adjust(ids, specs, (+100,), BERLIN_FEB_1 + 30, charged_at=t + 120)
+    assert store.peek(ids, specs, BERLIN_FEB_1 + 30)[0].remaining == 300
+    store.adjust(ids, specs, (-5000,), BERLIN_FEB_1 + 40, charged_at=BERLIN_FEB_1 + 10)  # never below 0
+    assert figures(store.peek(ids, specs, BERLIN_FEB_1 + 40)) == [(1000, 0.0, 0.0, True)]
+
+
+@pytest.mark.parametrize(
+    ("local_midnight", "hours"),
+    [
+        (1_710_046_800.0, 23),  # 2024-03-10 00:00 America/New_York: clocks go forward, a 23-hour day
+        (1_730_606_400.0, 25),  # 2024-11-03 00:00 America/New_York: clocks go back, a 25-hour day
+    ],
+)
+def test_a_calendar_day_across_dst_lasts_23_or_25_hours(
+    store: CounterStore, local_midnight: float, hours: int
+) -> None:
+    specs = (make_limit("requests", 2, "day", calendar=True, timezone="America/New_York"),)
+    ids = ids_for("alice", specs)
+    assert figures(store.acquire(ids, specs, (1,), local_midnight).statuses) == [
+        (1, hours * 3600.0, 0.0, True)
+    ]
+    assert store.acquire(ids, specs, (1,), local_midnight + 3 * 3600).allowed  # past the change of clocks
+    last = local_midnight + hours * 3600 - 1
+    assert figures(store.acquire(ids, specs, (1,), last).statuses) == [(0, 1.0, 1.0, False)]
+    assert store.acquire(ids, specs, (1,), last + 1).allowed  # the next local midnight
+
+
 # -- differential: every backend behaves like the reference reading of the semantics -------------------------
 
 
@@ -253,6 +313,8 @@ class ReferenceStore:
             return gcra_take(debt, since, now, spec, cost)
         if spec.algorithm is Algorithm.SLIDING:
             return sliding_take(state, now, spec, cost)
+        if spec.algorithm is Algorithm.CALENDAR:
+            return calendar_take(state, now, spec, cost)
         return gauge_take(state or 0, spec, cost)
 
     def acquire(
@@ -269,6 +331,9 @@ class ReferenceStore:
                 elif spec.algorithm is Algorithm.SLIDING:
                     if cost:
                         self.states[cid] = sliding_charge(self.states.get(cid), now, spec, cost)
+                elif spec.algorithm is Algorithm.CALENDAR:
+                    if cost:
+                        self.states[cid] = calendar_charge(self.states.get(cid), now, spec, cost)
                 else:
                     self.states[cid] = out[1]
             else:
@@ -298,6 +363,11 @@ class ReferenceStore:
                     self.states[cid] = sliding_charge(state, now, spec, delta)
                 elif state is not None:
                     sliding_refund(state, now, spec, -delta, charged_at)
+            elif spec.algorithm is Algorithm.CALENDAR:
+                if delta > 0:
+                    self.states[cid] = calendar_charge(state, now, spec, delta)
+                elif state is not None:
+                    calendar_refund(state, now, spec, -delta, charged_at)
             else:
                 self.states[cid] = gauge_adjust(state or 0, delta)
 
@@ -321,15 +391,16 @@ SPEC_POOL = (
     make_limit("concurrent", 2),
     make_limit("tokens", 20, "minute", shadow=True),
     make_limit("requests", 4, "minute", algorithm="sliding", slots=3, shadow=True),
+    make_limit("tokens", 90, "day", calendar=True, timezone="America/New_York"),  # midnight: NOW + 6 h
 )
-
+_N = len(SPEC_POOL)
 op = st.one_of(
-    st.tuples(st.just("acquire"), st.integers(0, 2), st.lists(st.integers(0, 40), min_size=9, max_size=9)),
-    st.tuples(st.just("adjust"), st.integers(0, 2), st.lists(st.integers(-40, 40), min_size=9, max_size=9)),
-    st.tuples(st.just("peek"), st.integers(0, 2), st.lists(st.integers(0, 40), min_size=9, max_size=9)),
+    st.tuples(st.just("acquire"), st.integers(0, 2), st.lists(st.integers(0, 40), min_size=_N, max_size=_N)),
+    st.tuples(st.just("adjust"), st.integers(0, 2), st.lists(st.integers(-40, 40), min_size=_N, max_size=_N)),
+    st.tuples(st.just("peek"), st.integers(0, 2), st.lists(st.integers(0, 40), min_size=_N, max_size=_N)),
 )
 gaps = st.one_of(st.integers(0, 64), st.integers(0, 64 * 30), st.integers(0, 64 * 20_000))  # 1/64 s units
-ops = st.lists(st.tuples(gaps, st.sets(st.integers(0, 8), min_size=1), op), max_size=40)
+ops = st.lists(st.tuples(gaps, st.sets(st.integers(0, _N - 1), min_size=1), op), max_size=40)
 
 
 def run_ops(store: Any, steps: list[Any]) -> list[Any]:

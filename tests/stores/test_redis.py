@@ -83,12 +83,16 @@ POOL = (
     make_limit("concurrent", 2),
     make_limit("tokens", 20, "minute", shadow=True),
     make_limit("requests", 4, "minute", algorithm="sliding", slots=3, shadow=True),
+    make_limit("tokens", 200, "day", calendar=True, timezone="America/New_York"),
+    make_limit("usd", 400, "month", calendar=True, timezone="Pacific/Chatham"),
 )
 # the same names with another shape: a reloaded limit must read the old state as fresh, as in memory
 RESHAPED = {
     1: make_limit("requests", 7, "minute", algorithm="sliding", slots=6, name=POOL[1].name),
     4: make_limit("tokens", 120, "day", slots=4, name=POOL[4].name),
     9: make_limit("tokens", 9, "minute", name=POOL[9].name),
+    12: make_limit("tokens", 200, "day", slots=4, name=POOL[12].name),
+    13: make_limit("usd", 400, "day", calendar=True, timezone="Asia/Kolkata", name=POOL[13].name),
 }
 
 step = st.tuples(

@@ -2,18 +2,19 @@
 
 `core.limits` keeps every window's state as a few plain doubles precisely so that this script can
 mirror it line by line: GCRA (debt, since), the slotted sliding window (fresh_at, last_slot, total,
-counts...), the concurrency gauge (in flight). Each function below is the Lua twin of the Python
-function of the same name and does the same IEEE double operations in the same order, so the statuses
-are bit-for-bit those of `MemoryCounterStore` (tests/stores/test_redis.py checks it with hypothesis).
-Numbers go in as `repr(float)` (shortest round-trip text, parsed by strtod) and come back as `%.17g`
-strings, so no value is rounded on the way.
+counts...), the concurrency gauge (in flight), the calendar period (end, start, used; the period's bounds
+come with the spec, computed in Python for the request's `now`: the script needs no time zone data).
+Each function below is the Lua twin of the Python function of the same name and does the same IEEE double
+operations in the same order, so the statuses are bit-for-bit those of `MemoryCounterStore`
+(tests/stores/test_redis.py checks it with hypothesis). Numbers go in as `repr(float)` (shortest round-
+trip text, parsed by strtod) and come back as `%.17g` strings, so no value is rounded on the way.
 
-Storage: one Redis string per counter, the state packed as little-endian doubles followed by a
-version (a double counting the writes; 0 when the key is absent): GCRA 24 bytes, gauge 16 bytes,
-sliding 8*(slots + 4) bytes, so the length says which algorithm wrote it; a state of another shape
-counts as fresh (as in the memory store). Every write sets a TTL (the time until the window is fresh,
-plus a margin for clock skew; gauges: `gauge_ttl`), so idle counters expire and Redis never grows
-without bound. A write that leaves a window fresh deletes the key.
+Storage: one Redis string per counter, the state packed as little-endian doubles followed by a version (a
+double counting the writes; 0 when the key is absent): GCRA 24 bytes, gauge 16 bytes, calendar 32 bytes,
+sliding 8*(slots + 4) bytes, so the length says which algorithm wrote it; a state of another shape counts
+as fresh (as in the memory store). Every write sets a TTL (the time until the window is fresh, plus a
+margin for clock skew; gauges: `gauge_ttl`), so idle counters expire and Redis never grows without bound.
+A write that leaves a window fresh deletes the key.
 
 Time is the caller's `now` (see the `stores.redis` package for why). The one deliberate difference from the
 memory store: a GCRA anchor never moves backwards (`since = max(since, now)`), so that a replica whose
@@ -34,6 +35,7 @@ import hashlib
 from typing import Final
 
 from nexus_authz.core.limits import CONCURRENCY_RETRY_AFTER
+from nexus_authz.stores.redis.lua_calendar import CALENDAR_LUA
 
 __all__ = ["SCRIPT", "SCRIPT_SHA"]
 
@@ -51,11 +53,17 @@ local now = 0.0  -- set per request
 local function g(x) return fmt('%.17g', x) end
 
 local function parse_spec(s)
-  local a, limit, interval, maxd, tol, burst, n, w, shadow = string.match(s,
-    '^(%a) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%d)$')
-  return {a = a, limit = tonumber(limit), interval = tonumber(interval), max_debt = tonumber(maxd),
-          tol = tonumber(tol), burst = tonumber(burst), n = tonumber(n), w = tonumber(w),
-          shadow = (shadow == '1')}
+  local a, limit, interval, maxd, tol, burst, n, w, shadow, rest = string.match(s,
+    '^(%a) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%d)(.*)$')
+  local sp = {a = a, limit = tonumber(limit), interval = tonumber(interval), max_debt = tonumber(maxd),
+              tol = tonumber(tol), burst = tonumber(burst), n = tonumber(n), w = tonumber(w),
+              shadow = (shadow == '1')}
+  if a == 'k' then
+    -- a calendar period: its bounds [ps, pe) for the request's now
+    local ps, pe = string.match(rest, '^ (%S+) (%S+)$')
+    sp.ps, sp.pe = tonumber(ps), tonumber(pe)
+  end
+  return sp
 end
 
 local formats = {}
@@ -81,6 +89,11 @@ local function decode(raw, sp)
       t[sp.n + 5] = nil
       t[sp.n + 4] = nil
       return t, v
+    end
+  elseif sp.a == 'k' then
+    if len == 32 then
+      local e, s, u, v = struct.unpack('<dddd', raw)
+      return {e, s, u}, v
     end
   elseif len == 16 then
     local x, v = struct.unpack('<dd', raw)
@@ -271,6 +284,8 @@ local function sliding_is_fresh(st, t)
   return t >= st[1] or st[3] <= 0.0
 end
 
+__CALENDAR__
+
 -- -- concurrency ------------------------------------------------------------------------------------
 local function gauge_take(x, sp, cost)
   local new = x + cost
@@ -306,6 +321,11 @@ local function save(key, sp, st, v, t)
       st[sp.n + 4] = nil
       return v + 1
     end
+  elseif sp.a == 'k' then
+    if st ~= nil and not sliding_is_fresh(st, t) then
+      redis.call('SET', key, struct.pack('<dddd', st[1], st[2], st[3], v + 1), 'PX', ttl_ms(st[1] - t))
+      return v + 1
+    end
   else
     if st ~= nil and st ~= 0 then
       redis.call('SET', key, struct.pack('<dd', st, v + 1), 'PX', gauge_ttl)
@@ -325,7 +345,8 @@ local function save_packed(key, packed, v)
     if d ~= 0 and d > now - s then ttl = ttl_ms(s + d - now) end
   elseif len == 8 then
     if struct.unpack('<d', packed) ~= 0 then ttl = gauge_ttl end
-  elseif len >= 40 then
+  elseif len == 24 or len >= 40 then
+    -- a calendar period's {end, start, used} or a sliding window's {fresh_at, last_slot, total, ...}
     local fresh_at, last, total = struct.unpack('<ddd', packed)
     if not (now >= fresh_at or total <= 0.0) then ttl = ttl_ms(fresh_at - now) end
   end
@@ -348,6 +369,9 @@ local function take(st, sp, cost, t)
   elseif sp.a == 's' then
     local ok, rem, ra, retry = sliding_take(st, t, sp, cost)
     return ok, st, rem, ra, retry
+  elseif sp.a == 'k' then
+    local ok, rem, ra, retry = calendar_take(st, t, sp, cost)
+    return ok, st, rem, ra, retry
   end
   local ok, x, rem, ra, retry = gauge_take(st or 0, sp, cost)
   return ok, x, rem, ra, retry
@@ -364,6 +388,13 @@ local function adjust_one(sp, st, delta, t, at)
   elseif sp.a == 's' then
     if delta > 0 then return sliding_charge(st, t, sp, delta) end
     if st ~= nil then sliding_refund(st, t, sp, -delta, at) end
+    return st
+  elseif sp.a == 'k' then
+    -- the spec's period is that of the request (M) or of the batch's newest change (F): a change from an
+    -- older period has nothing left to change
+    if t < sp.ps then return st end
+    if delta > 0 then return calendar_charge(st, sp, delta) end
+    if st ~= nil then calendar_refund(st, sp, -delta, at) end
     return st
   end
   local x = (st or 0) + delta
@@ -392,7 +423,7 @@ local function request(rop, k0, a0, nw, at)
       if delta ~= 0 then
         local st, v = load(key, sp)
         -- a refund to a sliding window with nothing in it changes nothing (the key may hold another shape)
-        if not (sp.a == 's' and delta < 0 and st == nil) then
+        if not ((sp.a == 's' or sp.a == 'k') and delta < 0 and st == nil) then
           save(key, sp, adjust_one(sp, st, delta, now, at), v, now)
         end
       end
@@ -421,6 +452,10 @@ local function request(rop, k0, a0, nw, at)
           if sp.a == 's' then
             if costs[i] ~= 0 then
               save(KEYS[k0 + i], sp, sliding_charge(sts[i], now, sp, costs[i]), vers[i], now)
+            end
+          elseif sp.a == 'k' then
+            if costs[i] ~= 0 then
+              save(KEYS[k0 + i], sp, calendar_charge(sts[i], sp, costs[i]), vers[i], now)
             end
           else
             save(KEYS[k0 + i], sp, o[2], vers[i], now)
@@ -522,7 +557,7 @@ if op == 'F' then
         if cap ~= nil and sp.a == 'g' and amount * sp.interval > cap then
           amount = cap / sp.interval
         end
-        if not (sp.a == 's' and amount < 0 and st == nil) then
+        if not ((sp.a == 's' or sp.a == 'k') and amount < 0 and st == nil) then
           st = adjust_one(sp, st, amount, t, cat)
         end
       end
@@ -536,6 +571,6 @@ if op == 'F' then
 end
 
 return redis.error_reply('nexus: unknown op ' .. tostring(op))
-""".replace("__CONC_RETRY__", repr(float(CONCURRENCY_RETRY_AFTER)))
+""".replace("__CONC_RETRY__", repr(float(CONCURRENCY_RETRY_AFTER))).replace("__CALENDAR__", CALENDAR_LUA)
 
 SCRIPT_SHA: Final = hashlib.sha1(SCRIPT.encode()).hexdigest()

@@ -126,7 +126,14 @@ class _RedisStore:
                 for cid, spec, mode, base, packed, cap, flat in chunk:
                     keys.append(self._key(cid))
                     args.extend(
-                        (spec_arg(spec), mode, repr(base).encode(), packed, cap, b"%d" % (len(flat) // 3))
+                        (
+                            spec_arg(spec, now),
+                            mode,
+                            repr(base).encode(),
+                            packed,
+                            cap,
+                            b"%d" % (len(flat) // 3),
+                        ),
                     )
                     args.extend(flat)
                 if token is not None:

@@ -13,13 +13,27 @@ from nexus_authz.core.limits import AcquireResult, Algorithm, LimitSpec, WindowS
 
 __all__ = ["decode_acquire", "decode_statuses", "pack_state", "segment", "spec_arg", "unpack_state"]
 
-_ALGO: Final = {Algorithm.GCRA: "g", Algorithm.SLIDING: "s", Algorithm.GAUGE: "c"}
+_ALGO: Final = {Algorithm.GCRA: "g", Algorithm.SLIDING: "s", Algorithm.GAUGE: "c", Algorithm.CALENDAR: "k"}
+_CALENDAR: Final = Algorithm.CALENDAR
 _SPEC_ARGS: dict[LimitSpec, bytes] = {}
 
 
-def spec_arg(spec: LimitSpec) -> bytes:
-    """A spec as the script reads it (derived doubles included, so Lua uses Python's exact values)."""
+def spec_arg(spec: LimitSpec, now: float = 0.0) -> bytes:
+    """A spec as the script reads it (derived doubles included, so Lua uses Python's exact values); a
+    calendar spec with the bounds of `now`'s period appended (the script has no time zone database)."""
     arg = _SPEC_ARGS.get(spec)
+    if spec.algorithm is _CALENDAR:
+        return _spec_text(spec, arg) + period_arg(spec, now)
+    return _spec_text(spec, arg)
+
+
+def period_arg(spec: LimitSpec, now: float) -> bytes:
+    assert spec.calendar is not None
+    start, end = spec.calendar.period(now)
+    return b" %r %r" % (start, end)
+
+
+def _spec_text(spec: LimitSpec, arg: bytes | None) -> bytes:
     if arg is None:
         text = (
             f"{_ALGO[spec.algorithm]} {spec.limit} {spec.interval!r} {spec.max_debt!r} {spec.tolerance!r} "
@@ -44,7 +58,10 @@ def segment(
         b"%d" % len(specs),
     ]
     for spec, value in zip(specs, values, strict=True):
-        seg.append(spec_arg(spec))
+        arg = _SPEC_ARGS.get(spec)
+        if arg is None or spec.algorithm is _CALENDAR:
+            arg = spec_arg(spec, now)
+        seg.append(arg)
         seg.append(b"%d" % value)
     return seg
 
@@ -103,7 +120,7 @@ def unpack_state(raw: bytes) -> object:
     if n == 8:
         (x,) = _GAUGE_PACK.unpack(raw)
         return int(x) or None
-    if n >= 40 and n % 8 == 0:
+    if n == 24 or (n >= 40 and n % 8 == 0):  # a calendar period's [end, start, used] or a sliding window
         state = array("d")
         state.frombytes(raw)
         if _BIG_ENDIAN:

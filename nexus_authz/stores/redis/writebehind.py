@@ -7,7 +7,8 @@ only serves while Redis is away (fail_open: "local limits").
 
 `WriteBehind` remembers what this replica changed and Redis has not seen yet, per counter, as a few
 coalesced deltas: GCRA and gauges one net amount (with the time of the last change), sliding windows one
-amount per slot charged (and per slot refunded), so a minute of traffic on one key is a handful of
+amount per slot charged (and per slot refunded), calendar periods one per period charged (and
+refunded), so a minute of traffic on one key is a handful of
 entries, not one per request. Bounded: at most `max_queue` entries in all; past that, changes to counters
 that have no entry yet are dropped and counted (they never reach Redis; the local decision stands).
 
@@ -26,6 +27,7 @@ import math
 from array import array
 from typing import Any
 
+from nexus_authz.core.calendar import calendar_charge, calendar_refund
 from nexus_authz.core.limits import (
     Algorithm,
     LimitSpec,
@@ -41,6 +43,7 @@ __all__ = ["LocalView", "Pending", "WriteBehind", "merge_deltas"]
 
 _GCRA = Algorithm.GCRA
 _SLIDING = Algorithm.SLIDING
+_CALENDAR = Algorithm.CALENDAR
 _NAN = math.nan
 MAX_IN_DOUBT = 8
 
@@ -152,6 +155,14 @@ class WriteBehind:
                 fine, coarse = ("r", slot, charged_slot), ("r", charged_slot)
         elif algorithm is _GCRA:
             fine, coarse = (at, amount > 0), "g"  # same instant and sign: no clamp in between
+        elif algorithm is _CALENDAR:  # charges of one period add up; so do refunds of one period
+            assert spec.calendar is not None
+            period = spec.calendar.period(at)[0]
+            if amount > 0:
+                fine = coarse = ("k", period)
+            else:
+                charged = None if charged_at is None else spec.calendar.period(charged_at)[0]
+                fine = coarse = ("r", period, charged)
         else:
             fine, coarse = amount > 0, "q"
         full = self.size + self.doubt_size >= self.max_queue
@@ -246,6 +257,13 @@ def merge_deltas(state: Any, spec: LimitSpec, entry: Pending, carry: float) -> A
                 debt, since = 0.0, at
             debt = gcra_adjust(debt, since, at, spec, amount)  # type: ignore[arg-type]
             state = complex(debt, since if since > at else at) if debt else None
+        elif algorithm is _CALENDAR:
+            period = state if state.__class__ is array and len(state) == 3 else None
+            if amount > 0:
+                state = calendar_charge(period, at, spec, int(amount))
+            elif period is not None:
+                refund_at = None if charged_at != charged_at else charged_at
+                calendar_refund(period, at, spec, int(-amount), refund_at)
         elif algorithm is _SLIDING:
             window = state if state.__class__ is array and len(state) == spec.slots + 3 else None
             if amount > 0:

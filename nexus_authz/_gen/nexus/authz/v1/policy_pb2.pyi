@@ -32,6 +32,7 @@ class LimitAlgorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LIMIT_ALGORITHM_GCRA: _ClassVar[LimitAlgorithm]
     LIMIT_ALGORITHM_SLIDING: _ClassVar[LimitAlgorithm]
     LIMIT_ALGORITHM_GAUGE: _ClassVar[LimitAlgorithm]
+    LIMIT_ALGORITHM_CALENDAR: _ClassVar[LimitAlgorithm]
 
 class UsageGroup(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -57,6 +58,7 @@ LIMIT_ALGORITHM_UNSPECIFIED: LimitAlgorithm
 LIMIT_ALGORITHM_GCRA: LimitAlgorithm
 LIMIT_ALGORITHM_SLIDING: LimitAlgorithm
 LIMIT_ALGORITHM_GAUGE: LimitAlgorithm
+LIMIT_ALGORITHM_CALENDAR: LimitAlgorithm
 USAGE_GROUP_UNSPECIFIED: UsageGroup
 USAGE_GROUP_KEY: UsageGroup
 USAGE_GROUP_TENANT: UsageGroup
@@ -332,3 +334,103 @@ class CheckResponse(_message.Message):
     credential: str
     error_body: str
     def __init__(self, allowed: _Optional[bool] = ..., http_status: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., key_id: _Optional[str] = ..., tenant: _Optional[str] = ..., model: _Optional[str] = ..., response_headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., upstream_headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., removed_headers: _Optional[_Iterable[str]] = ..., credential: _Optional[str] = ..., error_body: _Optional[str] = ...) -> None: ...
+
+class ExplainRequest(_message.Message):
+    __slots__ = ("key_id", "model", "prompt_tokens", "completion_tokens", "total_tokens")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    def __init__(self, key_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
+
+class LimitExplanation(_message.Message):
+    __slots__ = ("name", "level", "kind", "limit", "capacity", "used", "remaining", "reset_after", "reset_at", "reserved", "shadow", "model", "period", "algorithm", "applies", "cost", "headroom", "would_refuse", "retry_after", "never_fits", "binding")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    RESET_AFTER_FIELD_NUMBER: _ClassVar[int]
+    RESET_AT_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    APPLIES_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    HEADROOM_FIELD_NUMBER: _ClassVar[int]
+    WOULD_REFUSE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_FIELD_NUMBER: _ClassVar[int]
+    NEVER_FITS_FIELD_NUMBER: _ClassVar[int]
+    BINDING_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    level: str
+    kind: LimitKind
+    limit: int
+    capacity: int
+    used: int
+    remaining: int
+    reset_after: _duration_pb2.Duration
+    reset_at: _timestamp_pb2.Timestamp
+    reserved: int
+    shadow: bool
+    model: str
+    period: _duration_pb2.Duration
+    algorithm: LimitAlgorithm
+    applies: bool
+    cost: int
+    headroom: float
+    would_refuse: bool
+    retry_after: _duration_pb2.Duration
+    never_fits: bool
+    binding: bool
+    def __init__(self, name: _Optional[str] = ..., level: _Optional[str] = ..., kind: _Optional[_Union[LimitKind, str]] = ..., limit: _Optional[int] = ..., capacity: _Optional[int] = ..., used: _Optional[int] = ..., remaining: _Optional[int] = ..., reset_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reset_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reserved: _Optional[int] = ..., shadow: _Optional[bool] = ..., model: _Optional[str] = ..., period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., algorithm: _Optional[_Union[LimitAlgorithm, str]] = ..., applies: _Optional[bool] = ..., cost: _Optional[int] = ..., headroom: _Optional[float] = ..., would_refuse: _Optional[bool] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., never_fits: _Optional[bool] = ..., binding: _Optional[bool] = ...) -> None: ...
+
+class LevelExplanation(_message.Message):
+    __slots__ = ("level", "limits")
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    level: str
+    limits: _containers.RepeatedCompositeFieldContainer[LimitExplanation]
+    def __init__(self, level: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[LimitExplanation, _Mapping]]] = ...) -> None: ...
+
+class ExplainResponse(_message.Message):
+    __slots__ = ("key_id", "tenant", "group", "model", "prompt_tokens", "completion_tokens", "total_tokens", "cost_micro_usd", "levels", "binding", "binding_level", "decision", "reservations_in_flight", "as_of")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COST_MICRO_USD_FIELD_NUMBER: _ClassVar[int]
+    LEVELS_FIELD_NUMBER: _ClassVar[int]
+    BINDING_FIELD_NUMBER: _ClassVar[int]
+    BINDING_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    RESERVATIONS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    tenant: str
+    group: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_micro_usd: int
+    levels: _containers.RepeatedCompositeFieldContainer[LevelExplanation]
+    binding: str
+    binding_level: str
+    decision: CheckResponse
+    reservations_in_flight: int
+    as_of: _timestamp_pb2.Timestamp
+    def __init__(self, key_id: _Optional[str] = ..., tenant: _Optional[str] = ..., group: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., cost_micro_usd: _Optional[int] = ..., levels: _Optional[_Iterable[_Union[LevelExplanation, _Mapping]]] = ..., binding: _Optional[str] = ..., binding_level: _Optional[str] = ..., decision: _Optional[_Union[CheckResponse, _Mapping]] = ..., reservations_in_flight: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

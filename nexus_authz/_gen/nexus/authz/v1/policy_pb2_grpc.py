@@ -5,7 +5,7 @@ import warnings
 
 from nexus_authz._gen.nexus.authz.v1 import policy_pb2 as nexus_dot_authz_dot_v1_dot_policy__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -61,6 +61,11 @@ class PolicyServiceStub:
                 request_serializer=nexus_dot_authz_dot_v1_dot_policy__pb2.CheckRequest.SerializeToString,
                 response_deserializer=nexus_dot_authz_dot_v1_dot_policy__pb2.CheckResponse.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/nexus.authz.v1.PolicyService/Explain',
+                request_serializer=nexus_dot_authz_dot_v1_dot_policy__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=nexus_dot_authz_dot_v1_dot_policy__pb2.ExplainResponse.FromString,
+                _registered_method=True)
 
 
 class PolicyServiceServicer:
@@ -105,6 +110,15 @@ class PolicyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """Every limit that applies to a key (and a model) at every level (key, group, tenant): used, remaining,
+        reset, what in-flight reservations hold, which limit binds now, and which would refuse a hypothetical
+        request of a given token count (a dry run: nothing is charged, reserved or counted).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +146,11 @@ def add_PolicyServiceServicer_to_server(servicer, server):
                     servicer.Check,
                     request_deserializer=nexus_dot_authz_dot_v1_dot_policy__pb2.CheckRequest.FromString,
                     response_serializer=nexus_dot_authz_dot_v1_dot_policy__pb2.CheckResponse.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=nexus_dot_authz_dot_v1_dot_policy__pb2.ExplainRequest.FromString,
+                    response_serializer=nexus_dot_authz_dot_v1_dot_policy__pb2.ExplainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +290,33 @@ class PolicyService:
             '/nexus.authz.v1.PolicyService/Check',
             nexus_dot_authz_dot_v1_dot_policy__pb2.CheckRequest.SerializeToString,
             nexus_dot_authz_dot_v1_dot_policy__pb2.CheckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.authz.v1.PolicyService/Explain',
+            nexus_dot_authz_dot_v1_dot_policy__pb2.ExplainRequest.SerializeToString,
+            nexus_dot_authz_dot_v1_dot_policy__pb2.ExplainResponse.FromString,
             options,
             channel_credentials,
             insecure,
