@@ -86,7 +86,9 @@ class Decider:
             book = self.book
             if book is not None and admission.request_id and policy.track:
                 key = admission.key
-                context = InFlight(key.key_id, key.tenant, admission.model, admission.prompt_tokens)
+                context = InFlight(
+                    key.key_id, key.tenant, admission.model, admission.prompt_tokens, admission.body
+                )
                 settle_with(self.store.adjust_soon, book.track(admission.request_id, context, now), now)
             return self._counted(new_allow(admission.key, admission.model, ()), started)
         store = self.store

@@ -111,6 +111,7 @@ class Engine:
         "usage_tokens",
         "_pepper",
         "_clock",
+        "unpriced",
         "decisions",
         "failures",
         "remote",
@@ -132,7 +133,10 @@ class Engine:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
-        self.policy = Policy(settings.policy, track=settings.accounting.enabled)
+        self.unpriced: dict[tuple[str, str], int] = {}  # (policy, outcome) -> requests no price matched
+        self.policy = Policy(
+            settings.policy, track=settings.accounting.enabled, unpriced_counts=self.unpriced
+        )
         self._clock = clock
         # The limit counters: in this process, or in Redis shared by every replica (distributed mode:
         # `remote` is that store, and `counters` too).
@@ -150,6 +154,7 @@ class Engine:
             "none": 0,
             "unmatched": 0,  # accounted after its reservation expired (ledger only, nothing to settle)
             "unadmitted": 0,  # dropped: nexus-authz admitted no request with that id
+            "duplicate": 0,  # dropped: that request id's usage was accounted already (a repeated report)
         }
         self.usage_tokens: dict[tuple[str, str], int] = {}
         self.snapshot: KeySnapshot = EMPTY_SNAPSHOT
@@ -310,8 +315,10 @@ class Engine:
         prompt_hint: int,
     ) -> None:
         concluded, keep_estimate = accounting.conclude_usage(end, parser, usage, prompt_hint)
-        model = parser.model if parser is not None and usage is not None and end.readable else None
-        self.account(request_id, concluded, response_model=model, keep_estimate=keep_estimate)
+        read = parser is not None and usage is not None and end.readable
+        model = parser.model if read and parser is not None else None
+        unread = not read or (parser is not None and parser.undecodable)
+        self.account(request_id, concluded, response_model=model, keep_estimate=keep_estimate, unread=unread)
 
     def account(
         self,
@@ -320,6 +327,7 @@ class Engine:
         *,
         response_model: str | None = None,
         keep_estimate: bool = False,
+        unread: bool = False,
     ) -> None:
         """A response's usage: settle its reservation and record it in the ledger.
 
@@ -331,14 +339,15 @@ class Engine:
         them with (its reservation book, or its record of reservations that expired unsettled), never an
         identity the proxy's log entry carries: a request the proxy refused before stripping the client's
         x-nexus-* headers would otherwise land in the ledger under any key. Others are counted
-        (`accounted["unadmitted"]`) and dropped.
+        (`accounted["unadmitted"]`) and dropped, and so is a repeated report of a request already
+        accounted (`accounted["duplicate"]`: settlement is idempotent per request id).
         """
         context = self.book.context(request_id) if request_id else None
         live = isinstance(context, InFlight)
         if not live:
             context = self.book.retired(request_id) if request_id else None
             if not isinstance(context, InFlight):
-                self.accounted["unadmitted"] += 1
+                self.accounted["duplicate" if self.book.was_settled(request_id) else "unadmitted"] += 1
                 return
             self.accounted["unmatched"] += 1
         assert isinstance(context, InFlight)
@@ -350,6 +359,7 @@ class Engine:
             response_model=response_model,
             prices=self.policy.prices,
             error_charge_tokens=self.settings.accounting.error_charge_tokens,
+            unread=unread,
         )
         if live:
             self.settle(
@@ -378,6 +388,8 @@ class Engine:
                     completion_tokens=c.completion_tokens,
                     reasoning_tokens=c.reasoning_tokens,
                     cost_micro_usd=c.cost_micro_usd,
+                    source=c.source,
+                    price_rule=c.price_rule,
                 )
             )
 
@@ -508,7 +520,9 @@ class Engine:
                 extra={"config": path, "field": name},
             )
         self.settings = update.settings
-        self.policy = Policy(update.settings.policy, track=update.settings.accounting.enabled)
+        self.policy = Policy(
+            update.settings.policy, track=update.settings.accounting.enabled, unpriced_counts=self.unpriced
+        )
         self._pepper = update.pepper
         self._credentials = update.credentials
         snapshot = update.snapshot

@@ -203,6 +203,22 @@ class EngineCollector(Collector):
             "knows it no longer.",
             value=accounted.get("unadmitted", 0),
         )
+        yield CounterMetricFamily(
+            "nexus_authz_accounted_duplicate",
+            "Responses dropped as repeats: their request id's usage was accounted already (Envoy's access "
+            "log resending an entry, a repeated ext_proc stream); settlement charges each request once.",
+            value=accounted.get("duplicate", 0),
+        )
+
+        unpriced = CounterMetricFamily(
+            "nexus_authz_unpriced_requests",
+            "Requests for a model no price matches, by the unpriced policy in force and what happened: "
+            "refused (at Check), or charged highest / default / zero (at accounting).",
+            labels=["policy", "outcome"],
+        )
+        for (policy, outcome), n in sorted(getattr(engine, "unpriced", {}).items()):
+            unpriced.add_metric([policy, outcome], n)
+        yield unpriced
 
         stats = engine.book.stats()
         yield GaugeMetricFamily(
@@ -219,6 +235,16 @@ class EngineCollector(Collector):
         for outcome in ("settled", "expired", "evicted", "replaced"):
             outcomes.add_metric([outcome], stats[outcome])
         yield outcomes
+        memory = GaugeMetricFamily(
+            "nexus_authz_reservation_ids",
+            "Request ids the reservation book remembers beyond those in flight (both bounded): settled "
+            "(accounted: a repeat is dropped as a duplicate), retired (ended unsettled: late usage is "
+            "still accounted under its admitted identity).",
+            labels=["record"],
+        )
+        memory.add_metric(["settled"], stats["settled_ids"])
+        memory.add_metric(["retired"], stats["retired_ids"])
+        yield memory
 
     # -- stores ----------------------------------------------------------------------------------------
     @staticmethod

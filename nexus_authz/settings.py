@@ -476,6 +476,7 @@ RELOADABLE_FIELDS: Mapping[str, str] = {
     "default_credential": "policy.default_credential",
     "plans": "policy.plans",
     "prices": "policy.prices",
+    "unpriced": "policy.unpriced",
     "reservations.default_max_tokens": "policy.reservations.default_max_tokens",
     "shadow_mode": "policy.shadow_mode",
     "timezone": "policy.timezone",

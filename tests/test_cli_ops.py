@@ -201,6 +201,6 @@ def test_usage_by_names_agree_between_help_and_errors(tmp_path: Path, capsys) ->
         assert exit_info.value.code == 2
         error = " ".join(capsys.readouterr().err.split())
         # the error lists exactly the names the help lists
-        names = "key, tenant, model and at most one of minute, hour, day"
+        names = "key, tenant, model, source, price_rule and at most one of minute, hour, day"
         assert names in help_text and names in error, (help_text, error)
         assert "key_id" not in error and "group_by" not in error

@@ -82,6 +82,8 @@ _GROUP = {
     pb.USAGE_GROUP_MINUTE: "minute",
     pb.USAGE_GROUP_HOUR: "hour",
     pb.USAGE_GROUP_DAY: "day",
+    pb.USAGE_GROUP_SOURCE: "source",
+    pb.USAGE_GROUP_PRICE_RULE: "price_rule",
 }
 _SETTLED_KINDS = frozenset({Kind.TOKENS, Kind.USD, Kind.CONCURRENCY})
 _SCAN_INLINE = 2000  # reservations walked on the event loop; more are walked in a worker thread
@@ -180,6 +182,10 @@ def usage_row_message(row: UsageRow) -> pb.UsageRow:
         msg.model = row.model
     if row.period is not None:
         msg.period_start.CopyFrom(_timestamp(row.period))
+    if row.source is not None:
+        msg.source = row.source
+    if row.price_rule is not None:
+        msg.price_rule = row.price_rule
     return msg
 
 

@@ -75,6 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # -- check-config ------------------------------------------------------------------------------------
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from nexus_authz.core.price_policy import unpriced_warnings
     from nexus_authz.engine import Engine
     from nexus_authz.server import validate
     from nexus_authz.settings import load_settings
@@ -95,6 +96,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  key file: {snap.source} ({len(snap)} keys, {disabled} disabled, {expired} expired)")
     print(f"  plans: {', '.join(sorted(settings.policy.plans)) or 'none'}")
     print(f"  credentials: {', '.join(sorted(settings.policy.credentials)) or 'none'}")
+    prices, unpriced = [glob for glob, _ in settings.policy.prices], settings.policy.unpriced.policy
+    for line in unpriced_warnings(((k.key_id, k.models) for k in snap.by_id.values()), prices, unpriced):
+        print(f"  warning: {line}")
     return 0
 
 

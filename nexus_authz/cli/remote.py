@@ -513,6 +513,8 @@ def cmd_usage(args: argparse.Namespace, *, now: float | None = None) -> int:
         "minute": pb.USAGE_GROUP_MINUTE,
         "hour": pb.USAGE_GROUP_HOUR,
         "day": pb.USAGE_GROUP_DAY,
+        "source": pb.USAGE_GROUP_SOURCE,
+        "price_rule": pb.USAGE_GROUP_PRICE_RULE,
     }
 
     def body(target: Target) -> int:
@@ -547,6 +549,8 @@ def cmd_usage(args: argparse.Namespace, *, now: float | None = None) -> int:
                 cost_micro_usd=r.cost_micro_usd,
                 first_minute=r.first_minute.seconds,
                 last_minute=r.last_minute.seconds,
+                source=r.source if r.HasField("source") else None,
+                price_rule=r.price_rule if r.HasField("price_rule") else None,
             )
             for r in answer.rows
         ]

@@ -80,7 +80,11 @@ def usage_table(rows: Sequence[UsageRow], *, group_by: Sequence[str] | None = No
     """A plain-text table: one column per grouping field, then the sums, and a TOTAL line when there
     is more than one row. Grouping columns come from `group_by`, else from the fields the rows set."""
     if group_by is None:
-        group_by = [f for f in ("key_id", "tenant", "model") if any(getattr(r, f) is not None for r in rows)]
+        group_by = [
+            f
+            for f in ("key_id", "tenant", "model", "source", "price_rule")
+            if any(getattr(r, f) is not None for r in rows)
+        ]
         if any(r.period is not None for r in rows):
             group_by.insert(0, "minute")
     unit = next((f for f in group_by if f in _PERIOD_FORMAT), None)
@@ -89,7 +93,9 @@ def usage_table(rows: Sequence[UsageRow], *, group_by: Sequence[str] | None = No
         if f in _PERIOD_FORMAT:
             group_cols.append(((f.upper() + " (UTC)"), lambda r: _period_text(r, unit)))
         else:
-            group_cols.append(({"key_id": "KEY"}.get(f, f.upper()), _field_getter(f)))
+            group_cols.append(
+                ({"key_id": "KEY", "price_rule": "PRICE RULE"}.get(f, f.upper()), _field_getter(f))
+            )
     sum_cols: list[tuple[str, Callable[[UsageRow], str]]] = [
         ("REQUESTS", lambda r: _int(r.requests)),
         ("PROMPT", lambda r: _int(r.prompt_tokens)),
@@ -136,7 +142,7 @@ def rows_to_json(rows: Sequence[UsageRow]) -> str:
 
 
 # What --by accepts, in the words of both its help and its errors (`key` is the ledger's key_id).
-BY_NAMES = "key, tenant, model and at most one of minute, hour, day"
+BY_NAMES = "key, tenant, model, source, price_rule and at most one of minute, hour, day"
 
 
 def _group_by_arg(text: str) -> tuple[str, ...]:

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 
 from nexus_authz.core.model import InFlight
 from nexus_authz.core.pricing import PriceTable
+from nexus_authz.core.prompt_later import prompt_tokens
 from nexus_authz.core.tokens import EXECUTOR_THRESHOLD_CHARS
 from nexus_authz.core.usage import StreamUsage, Usage
 
-__all__ = ["Charge", "ResponseEnd", "charge", "conclude_usage", "needs_exact_count"]
+__all__ = ["Charge", "ResponseEnd", "charge", "conclude_usage", "ledger_source", "needs_exact_count"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,8 @@ class Charge:
     reasoning_tokens: int
     cost_micro_usd: int
     at_least_reserved: bool  # settle with the larger of the reservation and this usage
+    source: str = "reported"  # where the usage came from (ledger_source)
+    price_rule: str = ""  # the price glob that priced it, "unpriced:<policy>", or "" (no price table)
 
     @property
     def tokens(self) -> int:
@@ -111,16 +114,19 @@ def charge(
     response_model: str | None,
     prices: PriceTable | None,
     error_charge_tokens: int,
+    unread: bool = False,
 ) -> Charge:
     """The charge of `usage` for the request admitted as `context`. An error response (source "none")
     is charged `error_charge_tokens` (accounting.error_charge_tokens: 0 by default, the provider bills
-    nothing)."""
+    nothing). `unread`: nothing of the response could be read (the usage is the Check's estimate)."""
     model = context.model or response_model
     if usage.source == "none":
         prompt, cached, completion = error_charge_tokens, 0, 0
     else:
         prompt, cached, completion = usage.prompt_tokens, usage.cached_prompt_tokens, usage.completion_tokens
-    cost = prices.cost(model, prompt, cached, completion) if prices else 0
+        if usage.source == "estimated" and not prompt and context.body is not None:
+            prompt = prompt_tokens(context)  # the Check did not estimate it (no token limit needed it)
+    cost, rule = prices.charge(model, prompt, cached, completion) if prices else (0, "")
     return Charge(
         key_id=context.key_id,
         tenant=context.tenant or "",
@@ -131,4 +137,17 @@ def charge(
         reasoning_tokens=usage.reasoning_tokens,
         cost_micro_usd=cost,
         at_least_reserved=keep_estimate,
+        source=ledger_source(usage, unread=unread),
+        price_rule=rule,
     )
+
+
+def ledger_source(usage: Usage, *, unread: bool) -> str:
+    """Where a ledger row's usage came from: `reported` (the provider's usage record), `counted` (the
+    completion counted from the response's content, the prompt estimated), `estimated` (nothing of the
+    response was readable: the Check's estimate), `none` (an error response without usage)."""
+    if usage.source == "provider":
+        return "reported"
+    if usage.source == "none":
+        return "none"
+    return "estimated" if unread else "counted"

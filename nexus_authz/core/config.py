@@ -35,6 +35,7 @@ from nexus_authz.core.limits import (
     make_limit,
 )
 from nexus_authz.core.model import Credential, KeyRecord
+from nexus_authz.core.price_policy import UnpricedPolicy, parse_unpriced
 from nexus_authz.core.yamlsrc import Fields, describe, load_yaml
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
@@ -110,6 +111,7 @@ class PolicySet:
     default_credential: str | None = None
     plans: Mapping[str, Plan] = field(default_factory=dict)
     prices: tuple[tuple[str, Price], ...] = ()
+    unpriced: UnpricedPolicy = field(default_factory=UnpricedPolicy)  # a model no price matches
     reservations: ReservationSettings = field(default_factory=ReservationSettings)
     shadow_mode: bool = False  # every limit computed and counted, none enforced
     auth_failures: AuthFailureSettings = field(default_factory=AuthFailureSettings)
@@ -223,6 +225,7 @@ def parse_policy(root: Fields) -> PolicySet:
         default_credential=default_credential,
         plans=plans,
         prices=prices,
+        unpriced=parse_unpriced(root.mapping("unpriced")),
         reservations=parse_reservations(root.mapping("reservations")),
         shadow_mode=root.bool("shadow_mode", False),
         auth_failures=parse_auth_failures(root.mapping("auth_failures")),

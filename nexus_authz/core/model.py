@@ -136,6 +136,7 @@ class InFlight(NamedTuple):
     tenant: str
     model: str | None
     prompt_tokens: int
+    body: bytes | None = None  # kept for a prompt estimate made at accounting time (core.prompt_later)
 
 
 # -- hot-path constructors -----------------------------------------------------------------------------

@@ -24,7 +24,9 @@ from nexus_authz.core.known import KnownKeys
 from nexus_authz.core.limits import AcquireResult, Kind, LimitSpec, applicable, make_limit
 from nexus_authz.core.model import Decision, InFlight, KeyRecord, Reason, Request, new_allow
 from nexus_authz.core.ports import Adjust, CounterStore
+from nexus_authz.core.price_policy import unpriced_message
 from nexus_authz.core.pricing import PriceTable
+from nexus_authz.core.prompt_later import deferred
 from nexus_authz.core.ratelimit_headers import rate_limit_headers
 from nexus_authz.core.reservations import ReservationBook, settle_with
 
@@ -163,6 +165,7 @@ class Admission(NamedTuple):
     prompt_tokens: int = 0
     anthropic: bool = False  # an Anthropic API path: denials get Anthropic's error body
     uncapped: bool = False  # a generating request whose body sets no completion cap (core/clamp.py)
+    body: bytes | None = None  # tracked, no estimate at Check: kept to estimate it later (prompt_later)
 
 
 class Policy:
@@ -183,12 +186,19 @@ class Policy:
         "track",
     )
 
-    def __init__(self, policy: PolicySet | None = None, *, track: bool = False) -> None:
+    def __init__(
+        self,
+        policy: PolicySet | None = None,
+        *,
+        track: bool = False,
+        unpriced_counts: dict[tuple[str, str], int] | None = None,
+    ) -> None:
         """`track`: remember every admitted request (key, model, prompt estimate) in the reservation book
-        until its usage is accounted, not only those whose windows need settling."""
+        until its usage is accounted, not only those whose windows need settling. `unpriced_counts`: where
+        the price table counts unpriced requests (the engine's, so they survive a reload)."""
         policy = policy or PolicySet()
         self.track = track
-        self.prices = PriceTable(policy.prices)
+        self.prices = PriceTable(policy.prices, policy.unpriced, unpriced_counts)
         throttle = policy.auth_failures
         self._auth_spec = (
             make_limit(Kind.REQUESTS, throttle.limit, throttle.per, name="auth-failures")
@@ -271,14 +281,20 @@ class Policy:
                 model, facts = read
                 if model is not None and key.models and not snapshot.model_allowed(key, model):
                     read = _DENIALS[Reason.MODEL_NOT_ALLOWED]
+                elif model is not None and self.prices.refuse and self.prices.refuses(model):
+                    read = _deny(Reason.MODEL_NOT_ALLOWED, unpriced_message(model))
             if read.__class__ is not tuple:
                 if denial_id is not None and failures is not None:
                     failures.acquire((denial_id,), (self._denial_spec,), (1,), now)  # type: ignore[arg-type]
                 return read  # type: ignore[return-value]
+        prompt = facts.prompt_tokens if facts else 0
+        kept = None
+        if self.track:
+            prompt, kept = deferred(request, key.needs_facts, prompt)
         if not key.limits:
             if not self.track:
                 return _allow(key, model)
-            return Admission(key, model, (), (), (), request.request_id, facts.prompt_tokens if facts else 0)
+            return Admission(key, model, (), (), (), request.request_id, prompt, body=kept)
         counter_ids, specs = self._windows(key, model)
         return Admission(
             key=key,
@@ -287,9 +303,10 @@ class Policy:
             specs=specs,
             costs=self._costs(specs, model, facts, generates(request)),
             request_id=request.request_id,
-            prompt_tokens=facts.prompt_tokens if facts else 0,
+            prompt_tokens=prompt,
             anthropic=is_anthropic_path(request.path),
             uncapped=facts is not None and facts.max_tokens is None and facts.is_object,
+            body=kept,
         )
 
     def _read_body(
@@ -413,7 +430,9 @@ class Policy:
             return
         key = admission.key
         context = (
-            InFlight(key.key_id, key.tenant, admission.model, admission.prompt_tokens) if self.track else None
+            InFlight(key.key_id, key.tenant, admission.model, admission.prompt_tokens, admission.body)
+            if self.track
+            else None
         )
         displaced = book.reserve(
             admission.request_id,

@@ -23,6 +23,13 @@ Retired contexts: a reservation that expires (or is evicted or replaced) with a 
 in a small FIFO record (`retired_max` entries), so usage that arrives late (a stream longer than the ttl)
 is still accounted under the identity nexus admitted it with (`retired`), never one the response's log
 entry claims (issue 13).
+
+Settled ids: settlement is idempotent per request id (issue 16). A request id whose usage was accounted
+(`settle`, or `retired` handing out a late context) goes into a bounded FIFO record (`settled_max`
+entries); a second report for it (Envoy's access log service resending a batch, a repeated ext_proc
+stream) finds neither a reservation nor a retired context, and `was_settled` tells the caller it is a
+duplicate rather than a request nexus never admitted. Either way nothing is charged twice: the
+reservation and the retired context are taken once. The record only names what a repeat is.
 """
 
 from __future__ import annotations
@@ -71,6 +78,8 @@ class ReservationBook:
         "_max",
         "_retired",
         "_retired_max",
+        "_settled",
+        "_settled_max",
         "_ttl",
         "evicted",
         "expired",
@@ -79,7 +88,13 @@ class ReservationBook:
     )
 
     def __init__(
-        self, *, ttl: float, max_entries: int, expire_per_call: int = 4, retired_max: int = 16384
+        self,
+        *,
+        ttl: float,
+        max_entries: int,
+        expire_per_call: int = 4,
+        retired_max: int = 16384,
+        settled_max: int = 65536,
     ) -> None:
         if ttl <= 0 or max_entries <= 0:
             raise ValueError("ttl and max_entries must be positive")
@@ -89,6 +104,8 @@ class ReservationBook:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._retired: OrderedDict[str, object] = OrderedDict()  # request id -> context, oldest first
         self._retired_max = max(0, retired_max)
+        self._settled: OrderedDict[str, None] = OrderedDict()  # request ids accounted, oldest first
+        self._settled_max = max(0, settled_max)
         self.settled = 0
         self.expired = 0
         self.evicted = 0  # expired early because the book was full
@@ -112,6 +129,8 @@ class ReservationBook:
             "expired": self.expired,
             "evicted": self.evicted,
             "replaced": self.replaced,
+            "retired_ids": len(self._retired),
+            "settled_ids": len(self._settled),
         }
 
     def reserve(
@@ -174,8 +193,25 @@ class ReservationBook:
 
     def retired(self, request_id: str) -> object:
         """The context of a reservation that expired, was evicted or replaced without being settled,
-        once (it is forgotten here); None if unknown, already taken or pushed out of the record."""
-        return self._retired.pop(request_id, None)
+        once (it is forgotten here, and remembered as settled); None if unknown, already taken or pushed
+        out of the record."""
+        context = self._retired.pop(request_id, None)
+        if context is not None:
+            self._mark_settled(request_id)
+        return context
+
+    def was_settled(self, request_id: str) -> bool:
+        """Whether this request id's usage was accounted already (among the last `settled_max`): a
+        repeated report of it is a duplicate, to drop."""
+        return request_id in self._settled
+
+    def _mark_settled(self, request_id: str) -> None:
+        if self._settled_max:
+            settled = self._settled
+            settled[request_id] = None
+            settled.move_to_end(request_id)
+            if len(settled) > self._settled_max:
+                settled.popitem(last=False)
 
     def _retire(self, request_id: str, entry: _Entry) -> Settlement:
         context = entry[6]
@@ -205,6 +241,7 @@ class ReservationBook:
         if entry is None:
             return None
         self.settled += 1
+        self._mark_settled(request_id)
         counter_ids, specs, costs, uncharged, charged_at, _, context = entry
         deltas: list[int] = []
         for i, spec in enumerate(specs):

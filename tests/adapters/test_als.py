@@ -394,7 +394,7 @@ def test_batched_entries_are_accounted_and_unadmitted_ones_ignored(engine: Engin
     assert [a[0] for a, _ in calls] == ["r1", "r3"]
     (_, usage1), kw1 = calls[0]
     assert usage1 == Usage(prompt_tokens=19, completion_tokens=10)
-    assert kw1 == {"response_model": "gpt-4o-2024-08-06", "keep_estimate": False}  # no identity: nexus's own
+    assert kw1 == {"response_model": "gpt-4o-2024-08-06", "keep_estimate": False, "unread": False}
     assert calls[1][0][1] == Usage(prompt_tokens=472 + 2048, cached_prompt_tokens=2048, completion_tokens=89)
 
 
@@ -529,7 +529,7 @@ def test_usage_arriving_after_its_reservation_expired_is_still_ledgered(
     entry = entry_with(body_meta(chat), content_type="application/json", key_id="alice", request_id="slow")
     stream(AccessLogService(engine), message(entry, entry))  # a duplicate entry is not counted twice
     assert _rows(engine) == [("metered", "default", 1)]
-    assert (engine.accounted["unmatched"], engine.accounted["unadmitted"]) == (1, 1)
+    assert (engine.accounted["unmatched"], engine.accounted["duplicate"]) == (1, 1)
 
 
 def test_a_bad_entry_does_not_lose_the_batch(engine: Engine) -> None:

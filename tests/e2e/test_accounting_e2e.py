@@ -41,7 +41,9 @@ GONE_KEYS = {
 }
 VICTIM_KEY = KeySpec("victim", extra={"tenant": "victim-co"})
 BARRIER_KEY = KeySpec("barrier")
+NO_USAGE_KEYS = (KeySpec("bare"), KeySpec("bare-metered", extra={"plan": "metered"}))
 KEYS = (
+    *NO_USAGE_KEYS,
     CHAT_KEY,
     STREAM_KEY,
     CLAUDE_KEY,
@@ -109,6 +111,8 @@ def test_json_response_usage_lands_in_the_ledger(stack: Stack) -> None:
     assert (row.prompt_tokens, row.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
     expected_cost = usage["prompt_tokens"] * 2.5 + usage["completion_tokens"] * 10
     assert row.cost_micro_usd == pytest.approx(expected_cost, abs=1)
+    (origin,) = query_db(stack.workdir / "usage.sqlite3", key_id="chat", group_by=("source", "price_rule"))
+    assert (origin.source, origin.price_rule) == ("reported", "gpt-4o*")  # issue 16 item 6
 
 
 def test_streaming_response_usage_lands_in_the_ledger(stack: Stack) -> None:
@@ -173,6 +177,27 @@ def test_error_response_is_charged_nothing(stack: Stack) -> None:
     # the failed request's reservation was released: only this one is reserved now
     reserve = request_facts(json.dumps(body).encode(), precise=False).prompt_tokens + 1000
     assert int(ok.headers["x-ratelimit-remaining-tokens"]) == 100000 - reserve
+
+
+def test_a_stream_without_usage_records_the_prompt_on_any_key(stack: Stack) -> None:
+    # issue 16 item 7: a stream without a usage record (no include_usage) is charged the prompt estimate
+    # plus the completion counted; a key without token limits once recorded 0 prompt tokens.
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "No usage, please"}],
+        "stream": True,
+    }
+    prompt = request_facts(json.dumps(body).encode(), precise=False).prompt_tokens
+    assert prompt > 0
+    recorded = []
+    for key in NO_USAGE_KEYS:
+        resp = stack.post("/v1/chat/completions", body, key=key.secret)
+        assert resp.status == 200 and b'"usage"' not in resp.body
+        (row,) = ledger_rows(stack, key.id, expect_requests=1)
+        recorded.append((row.prompt_tokens, row.completion_tokens > 0))
+        (origin,) = query_db(stack.workdir / "usage.sqlite3", key_id=key.id, group_by=("source",))
+        assert origin.source == "counted"
+    assert recorded == [(prompt, True), (prompt, True)]
 
 
 def test_stream_cut_off_is_charged_what_was_seen(stack: Stack) -> None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from nexus_authz.stores.ledger.types import UsageRecord
 
-Key = tuple[str, str, str, int]
-"""(key_id, tenant, model, minute): the minute is the epoch second (UTC) of the minute's start."""
+Key = tuple[str, str, str, int, str, str]
+"""(key_id, tenant, model, minute, source, price_rule): the minute is the epoch second (UTC) of the
+minute's start; source and price_rule: UsageRecord's."""
 Row = list[int]
 Table = dict[Key, Row]
 N_SUMS = 6
@@ -21,7 +22,7 @@ def add(table: Table, rec: UsageRecord, new_row: bool) -> bool:
     """Add `rec` into its row of `table`. A record that needs a row the table lacks is added only if
     `new_row` (the caller's bound); False means it was not added (the caller counts it as dropped)."""
     ts = rec.ts
-    key = (rec.key_id, rec.tenant, rec.model, int(ts - ts % 60))
+    key = (rec.key_id, rec.tenant, rec.model, int(ts - ts % 60), rec.source, rec.price_rule)
     row = table.get(key)
     if row is None:
         if not new_row:

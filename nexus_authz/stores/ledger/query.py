@@ -46,7 +46,7 @@ def query_table(
     period = next((PERIODS[f] for f in fields if f in PERIODS), None)
     lo = minute_floor(since) if since is not None else None
     groups: dict[tuple[str | int, ...], list[int]] = {}
-    for (k_id, k_tenant, k_model, minute), row in items:
+    for (k_id, k_tenant, k_model, minute, k_source, k_rule), row in items:
         if key_id is not None and k_id != key_id:
             continue
         if tenant is not None and k_tenant != tenant:
@@ -57,7 +57,13 @@ def query_table(
             continue
         if until is not None and minute >= until:
             continue
-        values: dict[str, str | int] = {"key_id": k_id, "tenant": k_tenant, "model": k_model}
+        values: dict[str, str | int] = {
+            "key_id": k_id,
+            "tenant": k_tenant,
+            "model": k_model,
+            "source": k_source,
+            "price_rule": k_rule,
+        }
         if period is not None:
             values["period"] = minute - minute % period
         gkey = tuple(values[f if f not in PERIODS else "period"] for f in fields)
@@ -91,6 +97,8 @@ def _make_row(named: Mapping[str, object], period: object, sums: Sequence[int]) 
         cost_micro_usd=int(sums[5]),
         first_minute=int(sums[6]),
         last_minute=int(sums[7]),
+        source=_opt_str(named.get("source")),
+        price_rule=_opt_str(named.get("price_rule")),
     )
 
 
@@ -99,24 +107,29 @@ def _opt_str(value: object) -> str | None:
 
 
 # -- the SQLite schema and reads ----------------------------------------------------------------------
-SCHEMA_VERSION = 1
-SCHEMA = """
+SCHEMA_VERSION = 2  # 2: source and price_rule (issue 16); a schema-1 file is migrated (MIGRATE_1_TO_2)
+TABLE = """
 CREATE TABLE IF NOT EXISTS usage (
     key_id               TEXT    NOT NULL,
     tenant               TEXT    NOT NULL,
     model                TEXT    NOT NULL,
     minute               INTEGER NOT NULL,  -- epoch seconds (UTC) of the minute's start
+    source               TEXT    NOT NULL DEFAULT '',  -- reported | counted | estimated | none
+    price_rule           TEXT    NOT NULL DEFAULT '',  -- the prices glob, or unpriced:<policy>
     requests             INTEGER NOT NULL DEFAULT 0,
     prompt_tokens        INTEGER NOT NULL DEFAULT 0,
     cached_prompt_tokens INTEGER NOT NULL DEFAULT 0,
     completion_tokens    INTEGER NOT NULL DEFAULT 0,
     reasoning_tokens     INTEGER NOT NULL DEFAULT 0,
     cost_micro_usd       INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (key_id, tenant, model, minute)
+    PRIMARY KEY (key_id, tenant, model, minute, source, price_rule)
 ) WITHOUT ROWID;
+"""
+INDEXES = """
 CREATE INDEX IF NOT EXISTS usage_by_minute ON usage (minute);
 CREATE INDEX IF NOT EXISTS usage_by_tenant ON usage (tenant, minute);
 """
+SCHEMA = TABLE + INDEXES
 SUM_COLUMNS = (
     "requests",
     "prompt_tokens",
@@ -125,12 +138,44 @@ SUM_COLUMNS = (
     "reasoning_tokens",
     "cost_micro_usd",
 )
+_KEY_COLUMNS = "key_id, tenant, model, minute, source, price_rule"
 UPSERT = (
-    "INSERT INTO usage (key_id, tenant, model, minute, "
+    f"INSERT INTO usage ({_KEY_COLUMNS}, "
     + ", ".join(SUM_COLUMNS)
-    + ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key_id, tenant, model, minute) DO UPDATE SET "
+    + f") VALUES ({', '.join('?' * 12)}) ON CONFLICT ({_KEY_COLUMNS}) DO UPDATE SET "
     + ", ".join(f"{c} = {c} + excluded.{c}" for c in SUM_COLUMNS)
 )
+# A schema-1 ledger (no source, price_rule: its rows get ""), rebuilt in one transaction: the primary
+# key changes, which SQLite's ALTER TABLE cannot do.
+MIGRATE_1_TO_2 = (
+    "ALTER TABLE usage RENAME TO usage_v1",
+    TABLE,
+    "INSERT INTO usage (key_id, tenant, model, minute, "
+    + ", ".join(SUM_COLUMNS)
+    + ") SELECT key_id, tenant, model, minute, "
+    + ", ".join(SUM_COLUMNS)
+    + " FROM usage_v1",
+    "DROP TABLE usage_v1",
+    *(s.strip() for s in INDEXES.strip().split(";") if s.strip()),
+)
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring an older ledger file to SCHEMA_VERSION in one transaction (a second process migrating at
+    the same time waits, then finds it done). Its rows keep their sums; source and price_rule are ""."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            have = {row[1] for row in conn.execute("PRAGMA table_info(usage)")}
+            if "source" not in have:
+                for statement in MIGRATE_1_TO_2:
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _open_readonly(path: str) -> sqlite3.Connection:
@@ -155,9 +200,6 @@ def query_db(
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no ledger database at {path}")
-    columns: list[str] = []
-    for f in fields:
-        columns.append(f if f not in PERIODS else f"minute - minute % {PERIODS[f]}")
     where: list[str] = []
     params: list[object] = []
     for column, value in (("key_id", key_id), ("tenant", tenant), ("model", model)):
@@ -170,13 +212,6 @@ def query_db(
     if until is not None:
         where.append("minute < ?")
         params.append(until)
-    sql = (
-        "SELECT "
-        + ", ".join([*columns, *(f"SUM({c})" for c in SUM_COLUMNS), "MIN(minute)", "MAX(minute)"])
-        + " FROM usage"
-        + (" WHERE " + " AND ".join(where) if where else "")
-        + (" GROUP BY " + ", ".join(columns) + " ORDER BY " + ", ".join(columns) if columns else "")
-    )
     conn = _open_readonly(path)
     try:
         exists = conn.execute(
@@ -184,6 +219,20 @@ def query_db(
         ).fetchone()
         if exists is None:
             return []
+        have = {row[1] for row in conn.execute("PRAGMA table_info(usage)")}
+        columns: list[str] = []
+        for f in fields:
+            if f in PERIODS:
+                columns.append(f"minute - minute % {PERIODS[f]}")
+            else:  # a schema-1 file no writer has migrated yet has no source, price_rule: read as ""
+                columns.append(f if f in have else "''")
+        sql = (
+            "SELECT "
+            + ", ".join([*columns, *(f"SUM({c})" for c in SUM_COLUMNS), "MIN(minute)", "MAX(minute)"])
+            + " FROM usage"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + (" GROUP BY " + ", ".join(columns) + " ORDER BY " + ", ".join(columns) if columns else "")
+        )
         result = conn.execute(sql, params).fetchall()
     finally:
         conn.close()

@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 
 from nexus_authz.stores.ledger import aggregate
 from nexus_authz.stores.ledger.aggregate import N_SUMS, RECORDS, Key, Table
-from nexus_authz.stores.ledger.query import SCHEMA, SCHEMA_VERSION, UPSERT, check_group_by, query_db
+from nexus_authz.stores.ledger.query import SCHEMA, SCHEMA_VERSION, UPSERT, check_group_by, migrate, query_db
 from nexus_authz.stores.ledger.types import DEFAULT_GROUP_BY, LedgerStats, UsageRecord, UsageRow
 
 log = logging.getLogger("nexus_authz.ledger")
@@ -309,6 +309,8 @@ class SQLiteLedger:
             if has_table is None:
                 # one transaction, so a second process creating it at the same time is harmless
                 conn.executescript(f"BEGIN IMMEDIATE;{SCHEMA}PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            elif version < SCHEMA_VERSION:
+                migrate(conn)
         except BaseException:
             conn.close()
             raise

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-GROUP_FIELDS = ("key_id", "tenant", "model", "minute", "hour", "day")
+GROUP_FIELDS = ("key_id", "tenant", "model", "source", "price_rule", "minute", "hour", "day")
 """What `query(group_by=...)` accepts; at most one of minute/hour/day (UTC buckets)."""
 DEFAULT_GROUP_BY = ("key_id", "model")
 PERIODS = {"minute": 60, "hour": 3600, "day": 86400}
@@ -27,6 +27,10 @@ class UsageRecord:
     completion_tokens: int = 0
     reasoning_tokens: int = 0
     cost_micro_usd: int = 0
+    # Where the usage came from (reported / counted / estimated / none: core.accounting.ledger_source)
+    # and the price rule that priced it (a prices glob, "unpriced:<policy>", "" without a price table).
+    source: str = ""
+    price_rule: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +51,8 @@ class UsageRow:
     cost_micro_usd: int
     first_minute: int
     last_minute: int
+    source: str | None = None  # "" in rows written before the ledger recorded it (schema 1)
+    price_rule: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

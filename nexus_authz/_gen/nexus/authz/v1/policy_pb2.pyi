@@ -43,6 +43,8 @@ class UsageGroup(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     USAGE_GROUP_MINUTE: _ClassVar[UsageGroup]
     USAGE_GROUP_HOUR: _ClassVar[UsageGroup]
     USAGE_GROUP_DAY: _ClassVar[UsageGroup]
+    USAGE_GROUP_SOURCE: _ClassVar[UsageGroup]
+    USAGE_GROUP_PRICE_RULE: _ClassVar[UsageGroup]
 KEY_STATE_UNSPECIFIED: KeyState
 KEY_STATE_ACTIVE: KeyState
 KEY_STATE_DISABLED: KeyState
@@ -64,6 +66,8 @@ USAGE_GROUP_MODEL: UsageGroup
 USAGE_GROUP_MINUTE: UsageGroup
 USAGE_GROUP_HOUR: UsageGroup
 USAGE_GROUP_DAY: UsageGroup
+USAGE_GROUP_SOURCE: UsageGroup
+USAGE_GROUP_PRICE_RULE: UsageGroup
 
 class Key(_message.Message):
     __slots__ = ("id", "tenant", "plan", "state", "expires_at", "models", "paths", "credential", "metadata", "limits")
@@ -231,7 +235,7 @@ class GetUsageRequest(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., tenant: _Optional[str] = ..., model: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_by: _Optional[_Iterable[_Union[UsageGroup, str]]] = ...) -> None: ...
 
 class UsageRow(_message.Message):
-    __slots__ = ("key_id", "tenant", "model", "period_start", "requests", "prompt_tokens", "cached_prompt_tokens", "completion_tokens", "reasoning_tokens", "cost_micro_usd", "first_minute", "last_minute")
+    __slots__ = ("key_id", "tenant", "model", "period_start", "requests", "prompt_tokens", "cached_prompt_tokens", "completion_tokens", "reasoning_tokens", "cost_micro_usd", "first_minute", "last_minute", "source", "price_rule")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +248,8 @@ class UsageRow(_message.Message):
     COST_MICRO_USD_FIELD_NUMBER: _ClassVar[int]
     FIRST_MINUTE_FIELD_NUMBER: _ClassVar[int]
     LAST_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PRICE_RULE_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     tenant: str
     model: str
@@ -256,7 +262,9 @@ class UsageRow(_message.Message):
     cost_micro_usd: int
     first_minute: _timestamp_pb2.Timestamp
     last_minute: _timestamp_pb2.Timestamp
-    def __init__(self, key_id: _Optional[str] = ..., tenant: _Optional[str] = ..., model: _Optional[str] = ..., period_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ..., cost_micro_usd: _Optional[int] = ..., first_minute: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_minute: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    source: str
+    price_rule: str
+    def __init__(self, key_id: _Optional[str] = ..., tenant: _Optional[str] = ..., model: _Optional[str] = ..., period_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ..., cost_micro_usd: _Optional[int] = ..., first_minute: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_minute: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., price_rule: _Optional[str] = ...) -> None: ...
 
 class GetUsageResponse(_message.Message):
     __slots__ = ("rows", "total", "ledger_lag", "pending_rows")
