@@ -22,7 +22,7 @@ from nexus_authz.core.multipart import is_multipart
 
 __all__ = ["KEEP_BODY_BYTES", "deferred", "prompt_tokens"]
 
-KEEP_BODY_BYTES: Final = 32 << 10
+KEEP_BODY_BYTES: Final = 8 << 10  # 100,000 requests in flight (the book's bound) hold at most ~800 MB
 
 
 def deferred(request: Request, needs_facts: bool, estimated: int) -> tuple[int, bytes | None]:
