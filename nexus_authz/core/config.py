@@ -19,6 +19,7 @@ from typing import Final, TypeVar
 
 from nexus_authz.core import keys as keys_mod
 from nexus_authz.core.errors import ConfigError
+from nexus_authz.core.hierarchy import Tenant, level_limits, parse_tenants, resolve_group
 from nexus_authz.core.keys import KEY_HEADERS, KeySnapshot
 from nexus_authz.core.limits import (
     ALLOWED_UNITS,
@@ -112,6 +113,7 @@ class PolicySet:
     shadow_mode: bool = False  # every limit computed and counted, none enforced
     auth_failures: AuthFailureSettings = field(default_factory=AuthFailureSettings)
     source: str = ""
+    tenants: Mapping[str, Tenant] = field(default_factory=dict)  # the budget hierarchy (core/hierarchy)
 
 
 def parse_secret_ref(f: Fields, *, what: str) -> SecretRef:
@@ -212,15 +214,18 @@ def parse_policy(root: Fields) -> PolicySet:
         for plan in plans.values():
             if _uses_usd(plan.limits):
                 root.fail("prices", f"plan {plan.name!r} has a usd limit, which needs a prices table")
+    shadow_mode = root.bool("shadow_mode", False)
+    tenants = parse_tenants(root.mapping("tenants"), priced=bool(prices), shadow_mode=shadow_mode)
     return PolicySet(
         credentials=credentials,
         default_credential=default_credential,
         plans=plans,
         prices=prices,
         reservations=parse_reservations(root.mapping("reservations")),
-        shadow_mode=root.bool("shadow_mode", False),
+        shadow_mode=shadow_mode,
         auth_failures=parse_auth_failures(root.mapping("auth_failures")),
         source=root.source,
+        tenants=tenants,
     )
 
 
@@ -334,6 +339,7 @@ def parse_key_file(
             # Sent upstream as the x-nexus-tenant header: a line break would inject headers into the
             # answer to the proxy, a character outside Latin-1 would fail every allowed answer.
             f.fail("tenant", "tenants are 1-256 printable ASCII characters (sent as x-nexus-tenant)")
+        group = share(resolve_group(f, policy.tenants, tenant))
         plan_name = f.str("plan", None)
         if plan_name is not None:
             plan_name = share(plan_name)
@@ -366,7 +372,11 @@ def parse_key_file(
         if _uses_usd(own_limits) and not policy.prices:
             f.fail("limits", "a usd limit needs a prices table in the config")
         f.done()
-        limits = share(key_limits(plan, own_limits, shadow_mode=policy.shadow_mode))
+        own = share(key_limits(plan, own_limits, shadow_mode=policy.shadow_mode))
+        limits, counter_ids = level_limits(
+            policy.tenants, tenant, group, own, tuple(f"{key_id}\x00{spec.name}" for spec in own)
+        )
+        limits = share(limits)
         records.append(
             (
                 key_digest,
@@ -383,11 +393,12 @@ def parse_key_file(
                     upstream_headers=tuple(share(h) for h in _upstream_headers(key_id, tenant, credential)),
                     remove_headers=share(_remove_headers(credential)),
                     limits=limits,
-                    counter_ids=tuple(f"{key_id}\x00{spec.name}" for spec in limits),
+                    counter_ids=counter_ids,
                     needs_facts=needs_facts(limits),
                     model_scoped=any(spec.model is not None for spec in limits),
                     model_rule=keys_mod.compile_globs(models),
                     path_rule=keys_mod.compile_globs(paths),
+                    group=group,
                 ),
             )
         )
