@@ -178,8 +178,7 @@ def test_a_reload_of_either_file_rebuilds_the_hierarchy_keeping_the_tenants_wind
         # the key file: a new key of that group shares the spent tenant window from its first request
         dave = KeySpec("dave", extra={"tenant": "acme", "group": "ml"})
         loads = len(_records(served, "key file loaded"))
-        _replace(workdir / "keys.yaml", key_file(alice, bob, dave))
-        served.process.send_signal(signal.SIGHUP)
+        _replace(workdir / "keys.yaml", key_file(alice, bob, dave))  # the poll's reload (its new stamp)
         wait_for("the key file reloaded", lambda: len(_records(served, "key file loaded")) > loads)
         assert check(served, dave.secret) == 429
     finally:
