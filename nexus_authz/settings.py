@@ -256,6 +256,9 @@ def parse_settings(text: str, path: str, environ: Mapping[str, str]) -> Settings
 
     ratelimit = parse_rls_settings(root.mapping("ratelimit"))
     policy = parse_policy(root)
+    if redis_settings is not None and redis_settings.cluster and policy.tenants:
+        # A decision is one single-slot script call; a tenant's windows live in another slot than its keys'.
+        root.fail("tenants", "tenant and group limits are not available with counters.redis.cluster: true")
     root.done()
 
     s = replace(
@@ -481,6 +484,7 @@ RELOADABLE_FIELDS: Mapping[str, str] = {
     "shadow_mode": "policy.shadow_mode",
     "timezone": "policy.timezone",
     "auth_failures": "policy.auth_failures",
+    "tenants": "policy.tenants",
 }
 
 

@@ -148,3 +148,38 @@ def test_a_changed_listener_is_logged_by_name_and_not_rebound(workdir: Path) -> 
         assert [check(served, ALICE.secret) for _ in range(5)] == [200, 200, 200, 200, 429]
     finally:
         assert stop(served) == 0
+
+
+TENANTS = """\
+tenants:
+  acme:
+    limits:
+      - {requests: 3, per: minute}
+"""
+
+
+def test_a_reload_of_either_file_rebuilds_the_hierarchy_keeping_the_tenants_window(workdir: Path) -> None:
+    from tests.helpers import key_file
+
+    alice, bob = KeySpec("alice", extra={"tenant": "acme"}), KeySpec("bob", extra={"tenant": "acme"})
+    served = serve(workdir, alice, bob, extra=PLANS + TENANTS)
+    try:
+        assert [check(served, alice.secret) for _ in range(2)] == [200, 200]
+        # nexus.yaml: acme gains a group (the tenant's limit unchanged): its window keeps its 2 requests
+        grouped = (
+            TENANTS + "    groups:\n      ml:\n        limits:\n          - {requests: 9, per: minute}\n"
+        )
+        before = len(_records(served, "config file reloaded"))
+        _replace(_config(workdir), _config(workdir).read_text().replace(TENANTS, grouped))
+        served.process.send_signal(signal.SIGHUP)
+        wait_for("the reload logged", lambda: len(_records(served, "config file reloaded")) > before)
+        assert _records(served, "config file reloaded")[-1]["changed"] == "tenants"
+        assert [check(served, bob.secret) for _ in range(2)] == [200, 429]  # one left, for every key
+        # the key file: a new key of that group shares the spent tenant window from its first request
+        dave = KeySpec("dave", extra={"tenant": "acme", "group": "ml"})
+        loads = len(_records(served, "key file loaded"))
+        _replace(workdir / "keys.yaml", key_file(alice, bob, dave))  # the poll's reload (its new stamp)
+        wait_for("the key file reloaded", lambda: len(_records(served, "key file loaded")) > loads)
+        assert check(served, dave.secret) == 429
+    finally:
+        assert stop(served) == 0

@@ -121,6 +121,7 @@ def limit_message(spec: LimitSpec) -> pb.Limit:
         slots=spec.slots,
         shadow=spec.shadow,
         model=spec.model or "",
+        level=spec.level,
     )
     if spec.period:
         msg.period.CopyFrom(_duration(spec.period))
@@ -463,7 +464,7 @@ class PolicyApi(pb_grpc.PolicyServiceServicer):
             capacity = spec.capacity
             remaining = max(0, min(status.remaining, capacity))
             window = pb.WindowStatus(
-                name=spec.name,
+                name=spec.name if spec.level == "key" else f"{spec.level}:{spec.name}",
                 kind=_KIND[spec.kind],
                 limit=spec.limit,
                 capacity=capacity,

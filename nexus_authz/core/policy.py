@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 from nexus_authz.core.body import RequestFacts, is_multipart, multipart_model, request_facts
 from nexus_authz.core.config import PolicySet
+from nexus_authz.core.hierarchy import owner_of
 from nexus_authz.core.keys import KeySnapshot, extract_key
 from nexus_authz.core.known import KnownKeys
 from nexus_authz.core.limits import AcquireResult, Kind, LimitSpec, applicable, make_limit
@@ -410,7 +411,7 @@ class Policy:
         store's non-blocking adjust). Without `book`, nothing is reserved (a dry run)."""
         headers = tuple(rate_limit_headers(result.statuses, denied=not result.allowed))
         if not result.allowed:
-            limited = _limited(result, headers)
+            limited = _limited(result, headers, admission.key)
             return anthropic_shaped(limited) if admission.anthropic else limited
         self._reserve(admission, result.uncharged, now, adjust, book)
         if book is not None and admission.request_id and book.holds_slot(admission.specs, result.uncharged):
@@ -536,10 +537,13 @@ def _throttled(retry_after: float) -> Decision:
     )
 
 
-def _limited(result: AcquireResult, headers: tuple[tuple[str, str], ...]) -> Decision:
-    """The 429 for a refused request: the first refusing window names the reason."""
-    denied = result.denied_by
-    first = denied[0] if denied else None
+def _limited(result: AcquireResult, headers: tuple[tuple[str, str], ...], key: KeyRecord) -> Decision:
+    """The 429 for a refused request, named after the binding window: of the refusing ones, the one
+    that refuses longest (largest retry_after; the first on a tie), at whatever level it is."""
+    first = None
+    for status in result.denied_by:
+        if first is None or status.retry_after > first.retry_after:
+            first = status
     kind = first.spec.kind if first is not None else Kind.REQUESTS
     if kind is Kind.USD:
         reason = Reason.QUOTA_EXCEEDED
@@ -547,26 +551,46 @@ def _limited(result: AcquireResult, headers: tuple[tuple[str, str], ...]) -> Dec
         reason = Reason.CONCURRENCY_LIMITED
     else:
         reason = Reason.RATE_LIMITED
-    if first is not None and first.retry_after == math.inf:
-        message = (
-            f"This request can never fit the limit {first.spec.name!r} ({first.spec.capacity}); "
-            "lower max_tokens or the prompt size."
-        )
-    elif first is not None:
-        message = (
-            f"Rate limit reached for {first.spec.name!r}: limit {first.limit}, remaining {first.remaining}."
-        )
+    owner = "" if first is None or first.spec.level == "key" else owner_of(key, first.spec.level) + ": "
+    if first is not None and reason is Reason.QUOTA_EXCEEDED and first.retry_after != math.inf:
+        body, message = _quota_denial(first.spec, owner or "this API key: ")
     else:
-        message = _ERRORS[reason][3]
-    status = error_status(reason)
+        if first is not None and first.retry_after == math.inf:
+            message = (
+                f"This request can never fit the limit {owner}{first.spec.name!r} ({first.spec.capacity}); "
+                "lower max_tokens or the prompt size."
+            )
+        elif first is not None:
+            message = (
+                f"Rate limit reached for {owner}{first.spec.name!r}: limit {first.limit}, "
+                f"remaining {first.remaining}."
+            )
+        else:
+            message = _ERRORS[reason][3]
+        body = error_body(reason, message)
     return Decision(
         allowed=False,
-        status=status,
+        status=error_status(reason),
         reason=reason,
         response_headers=headers,
-        body=error_body(reason, message),
+        body=body,
         message=message,
     )
+
+
+_QUOTA_DENIALS: dict[tuple[LimitSpec, str], tuple[bytes, str]] = {}
+
+
+def _quota_denial(spec: LimitSpec, owner: str) -> tuple[bytes, str]:
+    """An exhausted budget's body and message: the same for every refusal of that window (cached)."""
+    cached = _QUOTA_DENIALS.get((spec, owner))
+    if cached is None:
+        message = f"You exceeded your current quota (budget) for {owner}{spec.name}."
+        cached = (error_body(Reason.QUOTA_EXCEEDED, message), message)
+        if len(_QUOTA_DENIALS) >= _SELECTION_CACHE:
+            _QUOTA_DENIALS.clear()  # one entry per (window, tenant or group): bounded anyway by reloads
+        _QUOTA_DENIALS[(spec, owner)] = cached
+    return cached
 
 
 def _allow(key: KeyRecord, model: str | None, headers: tuple[tuple[str, str], ...] = ()) -> Decision:

@@ -15,6 +15,10 @@ Clients act on these, so they describe only *enforced* windows (a shadow limit i
   window has room for this request. A request that can never fit (larger than a window's capacity) gets
   none: no wait would help, and a client would only retry in vain.
 
+The windows of every level are described (a key's own, its group's and its tenant's, see
+core/hierarchy.py): the OpenAI headers show the tightest of them, `retry-after` waits for the binding one,
+and the IETF items of a group's or tenant's window are named `group:<name>` / `tenant:<name>`.
+
 Header names are lowercase (HTTP/2, Envoy). No enforced windows: no headers.
 """
 
@@ -100,7 +104,9 @@ _MAX_CACHED: Final = 65_536  # distinct specs; a config reload makes new ones, s
 
 def _parts(spec: LimitSpec) -> tuple[str, str, bool]:
     """(RateLimit-Policy item, RateLimit item prefix up to "r=", has a window) for one spec."""
-    name = sf_string(spec.name)
+    # a tenant's or group's window is named with its level ("tenant:usd/month"): a key may have a
+    # window of the same name of its own
+    name = sf_string(spec.name if spec.level == "key" else f"{spec.level}:{spec.name}")
     unit = _UNITS[spec.kind]
     unit_param = f';qu="{unit}"' if unit else ""
     windowed = spec.kind is not Kind.CONCURRENCY

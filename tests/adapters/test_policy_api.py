@@ -641,3 +641,33 @@ def test_listen_api_setting(tmp_path: Path) -> None:
         parse_settings(base + "api:\n  admin_token: {}\n", path, {})
     with pytest.raises(ConfigError, match="api"):
         parse_settings(base + "api:\n  token: x\n", path, {})
+
+
+# -- the budget hierarchy ------------------------------------------------------------------------------------
+def test_key_and_limit_status_show_each_limit_with_its_level(tmp_path: Path) -> None:
+    tenants = PLAN + (
+        "tenants:\n  acme:\n    limits:\n      - {requests: 50, per: minute}\n"
+        "    groups:\n      ml:\n        limits:\n          - {requests: 20, per: minute}\n"
+    )
+    member = KeySpec("member", extra={"tenant": "acme", "group": "ml", "plan": "standard"})
+    path = write_config(tmp_path, LIMITED, OPEN, member, extra=tenants)
+    engine = Engine.from_settings(load_settings(str(path)), clock=Clock(NOW))
+    for key in (OPEN, OPEN, LIMITED, member):  # three requests of other keys in acme's window
+        assert engine.check(client_request(key, chat())).allowed
+
+    async def body(api: Api) -> None:
+        key = await api.call("GetKey", pb.GetKeyRequest(key_id="member"))
+        assert [(limit.level, limit.name) for limit in key.key.limits] == [
+            ("key", "requests/minute"),
+            ("key", "tokens/minute"),
+            ("key", "concurrent"),
+            ("key", "requests/day@gpt-4*:shadow"),
+            ("group", "requests/minute"),
+            ("tenant", "requests/minute"),
+        ]
+        status = await api.call("GetLimitStatus", pb.GetLimitStatusRequest(key_id="member"))
+        used = {w.name: w.used for w in status.windows}
+        assert used["requests/minute"] == 1 and used["group:requests/minute"] == 1
+        assert used["tenant:requests/minute"] == 4  # shared by every key of the tenant
+
+    run(engine, body)

@@ -101,6 +101,20 @@ def test_minimal_config_passes_check_config_as_written(workdir: Path, name: str)
     assert out.stdout.startswith("ok: nexus.yaml") and "(1 keys" in out.stdout
 
 
+def test_tenants_block_passes_check_config_and_a_keys_group_is_checked(workdir: Path) -> None:
+    (workdir / "nexus.yaml").write_text(block("tenants"))
+    generate_key(workdir)  # tenant acme
+    keys = workdir / "keys.yaml"
+    keys.write_text(keys.read_text() + "    group: research\n")
+    out = cli("check-config", "-c", "nexus.yaml", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    keys.write_text(keys.read_text().replace("group: research", "group: sales"))
+    out = cli("check-config", "-c", "nexus.yaml", cwd=workdir)
+    assert out.returncode != 0
+    assert "keys[0].group: tenant 'acme' has no group 'sales' (groups: research)" in out.stderr + out.stdout
+    assert "Traceback" not in out.stderr
+
+
 def test_defaults_agree_everywhere() -> None:
     """One socket path and one gRPC address: nexus-authz's defaults, the README's config, the shipped
     Envoy configs and the nginx config."""

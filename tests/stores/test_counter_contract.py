@@ -152,6 +152,34 @@ def test_a_denial_consumes_nothing_in_any_window(store: CounterStore) -> None:
     assert store.peek(ids, specs, NOW + 1) == before
 
 
+def test_tenant_and_group_windows_are_shared_and_charged_all_or_nothing(store: CounterStore) -> None:
+    """The budget hierarchy (core/hierarchy.py): a tenant's and a group's windows have one counter id for
+    every key; a request charges its key's windows and the shared ones in one step, or none of them."""
+    import dataclasses
+
+    from nexus_authz.core.hierarchy import group_counter_id, tenant_counter_id
+
+    own = make_limit("requests", 10, "minute")
+    group = dataclasses.replace(make_limit("requests", 3, "minute"), level="group")
+    budget = dataclasses.replace(make_limit("usd", 1_000_000, "month"), level="tenant")
+    specs = (own, group, budget)
+    shared = (group_counter_id("acme", "ml", group.name), tenant_counter_id("acme", budget.name))
+
+    def ids(key: str) -> tuple[str, ...]:
+        return (f"{key}\x00{own.name}", *shared)
+
+    assert store.acquire(ids("k1"), specs, (1, 1, 600_000), NOW).allowed
+    after_k1 = store.peek(ids("k2"), specs, NOW)
+    assert [s.remaining for s in after_k1] == [10, 2, 400_000]  # k2's own window is untouched
+    denied = store.acquire(ids("k2"), specs, (1, 1, 500_000), NOW)  # the tenant's budget refuses k2
+    assert not denied.allowed and [s.spec for s in denied.denied_by] == [budget]
+    assert denied.uncharged == 0b111 and store.peek(ids("k2"), specs, NOW) == after_k1  # nothing charged
+    assert store.acquire(ids("k2"), specs, (1, 1, 400_000), NOW).allowed
+    assert [s.remaining for s in store.peek(ids("k3"), specs, NOW)] == [10, 1, 0]
+    store.adjust((shared[1],), (budget,), (-300_000,), NOW)  # a settlement's refund reaches every key
+    assert [s.remaining for s in store.peek(ids("k1"), specs, NOW)] == [9, 1, 300_000]
+
+
 def test_shadow_limits_are_reported_never_enforced_and_charged_as_if_enforced(store: CounterStore) -> None:
     real = make_limit("requests", 100, "minute")
     trial = make_limit("requests", 2, "minute", shadow=True)

@@ -101,7 +101,7 @@ class Key(_message.Message):
     def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., plan: _Optional[str] = ..., state: _Optional[_Union[KeyState, str]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ..., paths: _Optional[_Iterable[str]] = ..., credential: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., limits: _Optional[_Iterable[_Union[Limit, _Mapping]]] = ...) -> None: ...
 
 class Limit(_message.Message):
-    __slots__ = ("name", "kind", "limit", "period", "algorithm", "capacity", "slots", "shadow", "model")
+    __slots__ = ("name", "kind", "limit", "period", "algorithm", "capacity", "slots", "shadow", "model", "level")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,7 @@ class Limit(_message.Message):
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     SHADOW_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: LimitKind
     limit: int
@@ -120,7 +121,8 @@ class Limit(_message.Message):
     slots: int
     shadow: bool
     model: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[LimitKind, str]] = ..., limit: _Optional[int] = ..., period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., algorithm: _Optional[_Union[LimitAlgorithm, str]] = ..., capacity: _Optional[int] = ..., slots: _Optional[int] = ..., shadow: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
+    level: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[LimitKind, str]] = ..., limit: _Optional[int] = ..., period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., algorithm: _Optional[_Union[LimitAlgorithm, str]] = ..., capacity: _Optional[int] = ..., slots: _Optional[int] = ..., shadow: _Optional[bool] = ..., model: _Optional[str] = ..., level: _Optional[str] = ...) -> None: ...
 
 class SnapshotInfo(_message.Message):
     __slots__ = ("version", "loaded_at", "keys", "file_error")
