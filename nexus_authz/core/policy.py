@@ -12,13 +12,20 @@ answers allocate almost nothing.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from typing import NamedTuple
 
 from nexus_authz.core.body import RequestFacts, is_multipart, multipart_model, request_facts
 from nexus_authz.core.config import PolicySet
+from nexus_authz.core.denials import DENIALS as _DENIALS
+from nexus_authz.core.denials import ERRORS as _ERRORS
+from nexus_authz.core.denials import (
+    anthropic_shaped,
+    error_body,
+    error_status,
+    is_anthropic_path,
+)
 from nexus_authz.core.hierarchy import owner_of
 from nexus_authz.core.keys import KeySnapshot, extract_key
 from nexus_authz.core.known import KnownKeys
@@ -30,123 +37,6 @@ from nexus_authz.core.pricing import PriceTable
 from nexus_authz.core.prompt_later import deferred
 from nexus_authz.core.ratelimit_headers import rate_limit_headers
 from nexus_authz.core.reservations import ReservationBook, settle_with
-
-# OpenAI's error shapes, so SDKs raise the matching exception (AuthenticationError, PermissionDeniedError,
-# RateLimitError, BadRequestError) and show the message.
-_ERRORS: dict[Reason, tuple[int, str, str, str]] = {
-    Reason.MISSING_KEY: (
-        401,
-        "invalid_request_error",
-        "missing_api_key",
-        "You didn't provide an API key. Send it as 'Authorization: Bearer KEY' or in an 'x-api-key' header.",
-    ),
-    Reason.UNKNOWN_KEY: (401, "invalid_request_error", "invalid_api_key", "Incorrect API key provided."),
-    Reason.EXPIRED_KEY: (401, "invalid_request_error", "expired_api_key", "This API key has expired."),
-    Reason.DISABLED_KEY: (401, "invalid_request_error", "revoked_api_key", "This API key has been revoked."),
-    Reason.MODEL_NOT_ALLOWED: (
-        403,
-        "permission_error",
-        "model_not_allowed",
-        "This API key is not allowed to use the requested model.",
-    ),
-    Reason.PATH_NOT_ALLOWED: (
-        403,
-        "permission_error",
-        "path_not_allowed",
-        "This API key is not allowed to call this endpoint.",
-    ),
-    Reason.BAD_REQUEST: (
-        400,
-        "invalid_request_error",
-        "invalid_request_body",
-        "The request body must be JSON with a 'model' field.",
-    ),
-    Reason.BODY_TOO_LARGE: (
-        413,
-        "invalid_request_error",
-        "request_too_large",
-        "The request body is larger than the policy check can read for this API key.",
-    ),
-    Reason.RATE_LIMITED: (429, "rate_limit_exceeded", "rate_limit_exceeded", "Rate limit reached."),
-    Reason.CONCURRENCY_LIMITED: (
-        429,
-        "rate_limit_exceeded",
-        "concurrency_limit_exceeded",
-        "Too many requests in flight for this API key.",
-    ),
-    Reason.QUOTA_EXCEEDED: (
-        429,
-        "insufficient_quota",
-        "insufficient_quota",
-        "You exceeded your current quota (budget) for this API key.",
-    ),
-    Reason.AUTH_THROTTLED: (
-        429,
-        "rate_limit_exceeded",
-        "too_many_failed_auth_attempts",
-        "Too many requests with invalid API keys from this address.",
-    ),
-    Reason.UNAVAILABLE: (503, "server_error", "policy_unavailable", "The policy service is unavailable."),
-}
-
-
-def error_body(reason: Reason, message: str | None = None) -> bytes:
-    status, etype, code, default_message = _ERRORS[reason]
-    return json.dumps(
-        {"error": {"message": message or default_message, "type": etype, "param": None, "code": code}},
-        separators=(",", ":"),
-    ).encode()
-
-
-def error_status(reason: Reason) -> int:
-    return _ERRORS[reason][0]
-
-
-# Anthropic's error shape for denials on Anthropic API paths (/v1/messages...): its SDK maps the status,
-# but clients reading the body expect {"type": "error", "error": {"type", "message"}} with these types.
-_ANTHROPIC_TYPES: dict[int, str] = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-}
-
-
-def is_anthropic_path(path: str) -> bool:
-    """Anthropic's Messages API (and its count_tokens / batches) and the legacy Text Completions."""
-    path = path.partition("?")[0]
-    return path.startswith("/v1/messages") or path == "/v1/complete"
-
-
-def anthropic_error_body(status: int, message: str) -> bytes:
-    etype = _ANTHROPIC_TYPES.get(status, "api_error")
-    return json.dumps(
-        {"type": "error", "error": {"type": etype, "message": message}}, separators=(",", ":")
-    ).encode()
-
-
-_ANTHROPIC_DENIALS: dict[Decision, Decision] = {}
-
-
-def anthropic_shaped(decision: Decision) -> Decision:
-    """The same denial with Anthropic's body (cached for the fixed denials)."""
-    if decision.allowed:
-        return decision
-    shaped = _ANTHROPIC_DENIALS.get(decision)
-    if shaped is None:
-        shaped = dataclasses.replace(decision, body=anthropic_error_body(decision.status, decision.message))
-        if decision in _FIXED:
-            _ANTHROPIC_DENIALS[decision] = shaped
-    return shaped
-
-
-_DENIALS: dict[Reason, Decision] = {
-    reason: Decision(allowed=False, status=status, reason=reason, body=error_body(reason), message=msg)
-    for reason, (status, _, _, msg) in _ERRORS.items()
-}
-_FIXED = frozenset(_DENIALS.values())
 
 
 class Admission(NamedTuple):

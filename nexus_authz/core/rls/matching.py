@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Final
 
+from nexus_authz.core.denials import error_body
 from nexus_authz.core.limits import Algorithm, Kind, LimitSpec, WindowStatus
 from nexus_authz.core.model import Reason
-from nexus_authz.core.policy import error_body
 from nexus_authz.core.ratelimit_headers import rate_limit_headers
 
 __all__ = [
