@@ -226,14 +226,18 @@ def main(argv: list[str] | None = None) -> int:
 
     results["key hash + lookup (KeySnapshot.lookup)"] = batches(nb, key_lookup)
 
-    def body_facts() -> float:
-        facts = body_mod.request_facts
+    def body_facts(facts: Callable[..., Any] = body_mod.request_facts) -> float:
         t0 = timer()
         for _ in range(n):
-            facts(body)
+            facts(body, precise=False)  # as the Check reads it
         return (timer() - t0) / n / 1000
 
-    results["body facts (core.body.request_facts)"] = batches(nb, body_facts)
+    results["body facts (core.body.request_facts, the reference)"] = batches(nb, body_facts)
+    if native.body is not None:
+        compiled_facts = native.body.request_facts
+        results["body facts: compiled (nexus_authz.native._body)"] = batches(
+            nb, lambda: body_facts(compiled_facts)
+        )
 
     # -- HTTP: the decision and the answer (each settled afterwards, untimed) -----------------------------
     requests = [new_request("POST", path, headers, body, False, rid, "192.0.2.2") for rid in rids]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nexus_authz import native  # noqa: F401 - loading it installs the compiled body reading (native/)
 from nexus_authz.core import accounting
 from nexus_authz.core.config import parse_key_file
 from nexus_authz.core.errors import ConfigError

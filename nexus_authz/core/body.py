@@ -17,6 +17,7 @@ import codecs
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -35,6 +36,7 @@ __all__ = [
     "RequestFacts",
     "inject_include_usage",
     "loads_bounded",
+    "read_facts",
     "request_facts",
 ]
 
@@ -455,6 +457,12 @@ def request_facts(
     stream = get("stream") is True
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     return _object_facts(model, cap, stream, include_usage, n, prompt)
+
+
+# What the policy calls: request_facts above (the reference), or its compiled equivalent (nexus_authz/native/
+# _body.pyx: the same RequestFacts for every input), which nexus_authz.native installs here when it loads;
+# the core imports nothing from native/.
+read_facts: Callable[..., RequestFacts] = request_facts
 
 
 # The facts of a readable JSON object, by value: most requests repeat a few shapes (model, cap, flags),

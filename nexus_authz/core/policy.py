@@ -16,7 +16,8 @@ import math
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from nexus_authz.core.body import RequestFacts, is_multipart, multipart_model, request_facts
+from nexus_authz.core import body as body_facts
+from nexus_authz.core.body import RequestFacts, is_multipart, multipart_model
 from nexus_authz.core.config import PolicySet
 from nexus_authz.core.denials import DENIALS as _DENIALS
 from nexus_authz.core.denials import ERRORS as _ERRORS
@@ -229,7 +230,9 @@ class Policy:
             model, problem = multipart_model(body, content_type, truncated=truncated)
             understood = model is not None
         else:
-            facts = request_facts(body, estimate_prompt=key.needs_facts, precise=False, truncated=truncated)
+            facts = body_facts.read_facts(  # the compiled reading when it loaded (nexus_authz/native/)
+                body, estimate_prompt=key.needs_facts, precise=False, truncated=truncated
+            )
             model, problem, understood = facts.model, facts.problem, facts.is_object
         if problem is not None:
             return _deny(Reason.BAD_REQUEST, problem)

@@ -4,10 +4,13 @@ The package's setuptools build compiles the Cython modules here (setup.py; `pip 
 in place). When the compiler or Cython was missing, or the build failed, the install still succeeded and
 the pure-Python path runs: the same answers, more CPU. `NEXUS_AUTHZ_PURE=1` forces the pure path (tests
 and comparisons). `PATH` says which one runs ("compiled" or "python"); start-up logs it once
-(`announce`) and /metrics exports it as `nexus_authz_native_path{path="..."} 1`.
+(`announce`) and /metrics exports it as `nexus_authz_native_path{path="..."} 1`. The modules load together
+or not at all (one missing means a broken build: the whole pure path runs, and PATH says so).
 
 Compiled so far: `_http1`, the HTTP/1.1 framing of the ext_authz / auth_request listener
-(adapters/http_native.py puts it in front of the httptools protocol of adapters/http_authz.py).
+(adapters/http_native.py puts it in front of the httptools protocol of adapters/http_authz.py), and
+`_body`, the request body's facts (core.body.request_facts' equivalent, installed as `core.body.read_facts`,
+which the policy calls; the composition root, engine.py, imports this package so every engine uses it).
 """
 
 from __future__ import annotations
@@ -17,28 +20,37 @@ import logging
 import os
 from types import ModuleType
 
+from nexus_authz.core import body as _core_body
+
 log = logging.getLogger("nexus_authz.native")
 
 PURE_ENV = "NEXUS_AUTHZ_PURE"
+MODULES = ("_http1", "_body")
 
 
-def _load() -> tuple[ModuleType | None, str]:
+def _load() -> tuple[dict[str, ModuleType], str]:
     if os.environ.get(PURE_ENV, "") not in ("", "0"):
-        return None, f"{PURE_ENV} is set"
-    try:
-        module = importlib.import_module("nexus_authz.native._http1")
-    except ImportError as exc:
-        return None, f"the extension is not built ({exc})"
-    return module, ""
+        return {}, f"{PURE_ENV} is set"
+    loaded = {}
+    for name in MODULES:
+        try:
+            loaded[name] = importlib.import_module(f"nexus_authz.native.{name}")
+        except ImportError as exc:
+            return {}, f"the extension is not built ({exc})"
+    return loaded, ""
 
 
-http1, WHY_PURE = _load()
-PATH = "compiled" if http1 is not None else "python"
+_modules, WHY_PURE = _load()
+http1: ModuleType | None = _modules.get("_http1")
+body: ModuleType | None = _modules.get("_body")
+PATH = "compiled" if _modules else "python"
+if body is not None:
+    _core_body.read_facts = body.request_facts
 
 
 def announce() -> None:
     """The start-up log line saying which path runs."""
-    if http1 is not None:
-        log.info("compiled fast path: HTTP/1.1 framing in C", extra={"native_path": PATH})
+    if _modules:
+        log.info("compiled fast path: HTTP/1.1 framing and body facts in C", extra={"native_path": PATH})
     else:
         log.info("pure-Python fast path: " + WHY_PURE, extra={"native_path": PATH})

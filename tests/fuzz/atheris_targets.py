@@ -8,7 +8,9 @@ Targets: http (fast-path byte streams, split where the input says), http-native 
 the httptools protocol and the compiled framing of nexus_authz/native/: byte-identical output), check
 (CheckRequest bytes), rls
 (RateLimitRequest bytes), extproc (a ProcessingRequest stream), als (an HTTPAccessLogEntry), usage (a
-response body, streamed), body (a request body).
+response body, streamed), body (a request body), body-native (a request body read by the reference and by
+the compiled reader of nexus_authz/native/_body: identical RequestFacts; the C code itself is not
+coverage-instrumented, the mutations come from the Python side's coverage and the seeds).
 """
 
 from __future__ import annotations
@@ -226,6 +228,26 @@ def body_target() -> Callable[[bytes], None]:
     return one
 
 
+def body_native_target() -> Callable[[bytes], None]:
+    from nexus_authz import native
+
+    if native.body is None:
+        sys.exit(f"the compiled body reading is not loaded ({native.WHY_PURE})")
+    compiled = native.body.request_facts
+
+    def same(data: bytes, **kw: bool) -> None:
+        want, got = request_facts(data, **kw), compiled(data, **kw)
+        assert (want, want.is_object) == (got, got.is_object), (data[:200], kw, want, got)
+
+    def one(data: bytes) -> None:
+        same(data)
+        same(data, precise=False)
+        same(data, estimate_prompt=False)
+        same(data, truncated=True)
+
+    return one
+
+
 def seeds(target: str) -> list[bytes]:
     """A starting corpus for `target`: well-formed inputs the fuzzer mutates (protobuf targets find
     little from random bytes alone, which rarely decode)."""
@@ -282,7 +304,15 @@ def seeds(target: str) -> list[bytes]:
         return out
     if target == "usage":
         return [b"\x00\x00" + body for body in bodies] + [b"\x01\x03" + body for body in bodies]
-    return [chat, b'{"model":"gpt-4o","stream":true,"messages":[],"pad":"' + b"x" * 17000 + b'"}']
+    out = [chat, b'{"model":"gpt-4o","stream":true,"messages":[],"pad":"' + b"x" * 17000 + b'"}']
+    if target == "body-native":
+        out += [
+            b' {"model" : "o3", "n":2, "stream":true, "stream_options":{"include_usage":true},'
+            b' "max_tokens":-0}\n',
+            b'{"model":"a","mod\\u0065l":"b","max_completion_tokens":8.0,"x":[1e5,{"model":null}]}',
+            '{"model":"caf\u00e9 \u6771","messages":[{"role":"user","content":"\\ud800 \\"x\\""}]}'.encode(),
+        ]
+    return out
 
 
 TARGETS: dict[str, Callable[[], Callable[[bytes], None]]] = {
@@ -294,6 +324,7 @@ TARGETS: dict[str, Callable[[], Callable[[bytes], None]]] = {
     "als": als_target,
     "usage": usage_target,
     "body": body_target,
+    "body-native": body_native_target,
 }
 
 

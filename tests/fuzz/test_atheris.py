@@ -20,16 +20,16 @@ atheris = pytest.importorskip("atheris")
 
 REPO = Path(__file__).resolve().parents[2]
 RUNS = int(os.environ.get("NEXUS_FUZZ_ATHERIS", "3000") or 3000)
-TARGETS = ("http", "http-native", "check", "rls", "extproc", "als", "usage", "body")
+TARGETS = ("http", "http-native", "check", "rls", "extproc", "als", "usage", "body", "body-native")
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_atheris_target(target: str, tmp_path: Path) -> None:
-    if target == "http-native":
+    if target in ("http-native", "body-native"):
         from nexus_authz import native
 
         if native.http1 is None and os.environ.get(native.PURE_ENV, "") not in ("", "0"):
-            pytest.skip("NEXUS_AUTHZ_PURE is set: the compiled framing is not loaded")
+            pytest.skip("NEXUS_AUTHZ_PURE is set: the compiled path is not loaded")
     from tests.fuzz.atheris_targets import seeds
 
     corpus = tmp_path / "corpus"

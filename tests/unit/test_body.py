@@ -20,6 +20,8 @@ from nexus_authz.core.body import (
 )
 from nexus_authz.core.tokens import IMAGE_TOKENS, estimate_tokens
 
+pytestmark = pytest.mark.usefixtures("body_reading")  # both body readings: tests/native_params.py
+
 PAD = "All work and no play makes Jack a dull boy. " * ((PARSE_BELOW // 44) + 10)  # forces the scan path
 
 

@@ -17,6 +17,8 @@ from nexus_authz.core.yamlsrc import Fields, load_yaml
 from nexus_authz.stores.memory import MemoryCounterStore
 from tests.helpers import PEPPER, KeySpec, decide_local, key_file
 
+pytestmark = pytest.mark.usefixtures("body_reading")  # both body readings: tests/native_params.py
+
 POLICY_YAML = """
 plans:
   usd:

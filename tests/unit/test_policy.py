@@ -14,6 +14,8 @@ from nexus_authz.core.model import Credential, Reason, Request
 from nexus_authz.core.policy import Policy
 from tests.helpers import PEPPER, KeySpec, decide_local, key_file
 
+pytestmark = pytest.mark.usefixtures("body_reading")  # both body readings: tests/native_params.py
+
 CRED = {"openai": Credential(name="openai", header="authorization", value="Bearer sk-up")}
 EXPIRY = "2030-01-01T00:00:00Z"
 NOW = parse_timestamp("2029-06-01T00:00:00Z")

@@ -1,0 +1,466 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""The request body's facts in C (see nexus_authz/native/): `request_facts`, the compiled equivalent of
+nexus_authz.core.body.request_facts, which stays the reference and answers whatever this one does not.
+
+One pass over the body validates it as JSON and reads the top-level fact keys on the way, with no Python
+object built for what it skips. It answers only for the usual body: complete (not cut), at most PARSE_BELOW
+bytes, UTF-8, one JSON object whose grammar is the strict subset of what Python's json accepts (no NaN or
+Infinity, depth at most MAX_DEPTH, numbers of at most MAX_NUMBER characters), whose top-level keys are all
+distinct and spelled without escapes, and whose fact values need no decoding of escapes or floats. Any
+other body (invalid, duplicate keys, an escaped key, not UTF-8, NUL, cut, larger, a float max_tokens ...)
+is handed to the pure reading, which answers it, refusals included: this reader can never be more lenient
+than the reference (tests/test_native_body.py checks both give the same RequestFacts on generated bodies).
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.math cimport ceil
+from libc.string cimport memcmp
+
+from nexus_authz.core import body as _core_body
+from nexus_authz.core.tokens import prompt_estimate as _prompt_estimate
+
+# Bound at import: the reference, even if a test or the composition root later rebinds the module's names.
+_python_request_facts = _core_body.request_facts
+_object_facts = _core_body._object_facts
+_blob_spans = _core_body._blob_spans
+
+cdef Py_ssize_t PARSE_BELOW = _core_body.PARSE_BELOW
+cdef Py_ssize_t BLOB_MIN = _core_body._BLOB_MIN
+cdef double QUICK_TOKENS_PER_BYTE = _core_body.QUICK_TOKENS_PER_BYTE
+
+cdef enum:
+    MAX_DEPTH = 64  # far below the interpreter's recursion limit, which json's own bound depends on
+    MAX_TOP_KEYS = 64
+    MAX_NUMBER = 64  # characters: far below the int-conversion limit (4,300 digits) json enforces
+    MAX_INT_DIGITS = 18  # fits a long long
+
+# What a value was (or FAIL: hand the body to the reference).
+cdef enum:
+    FAIL = -1
+    V_STR = 0
+    V_TRUE
+    V_FALSE
+    V_NULL
+    V_INT
+    V_FLOAT
+    V_OBJ
+    V_ARR
+
+# The top-level fact keys.
+cdef enum:
+    K_OTHER = 0
+    K_MODEL
+    K_MAX_TOKENS
+    K_MAX_COMPLETION_TOKENS
+    K_MAX_OUTPUT_TOKENS
+    K_STREAM
+    K_STREAM_OPTIONS
+    K_N
+
+cdef bint PLAIN[256]  # string bytes with nothing to check: 0x20..0x7f except '"' and '\'
+cdef bint HEX[256]
+cdef bint SHORT_ESCAPE[256]  # after a backslash: " \ / b f n r t
+cdef int _c
+for _c in range(256):
+    PLAIN[_c] = 0x20 <= _c < 0x80 and _c != 0x22 and _c != 0x5C
+    HEX[_c] = (48 <= _c <= 57) or (65 <= _c <= 70) or (97 <= _c <= 102)
+    SHORT_ESCAPE[_c] = _c in b'"\\/bfnrt'
+
+
+cdef struct Reader:
+    const unsigned char* p
+    Py_ssize_t n
+    Py_ssize_t i
+    bint non_ascii
+    # the last string read: its contents p[s_start:s_end], and whether it holds an escape
+    Py_ssize_t s_start
+    Py_ssize_t s_end
+    bint esc
+    # the last number read, when an integer: its value (when int_big is false: at most MAX_INT_DIGITS digits)
+    long long int_value
+    bint int_neg
+    bint int_big
+    # stream_options.include_usage (the last one: dict() keeps the last of a nested duplicate)
+    bint include_usage
+
+
+cdef inline bint is_ws(unsigned char c) noexcept nogil:
+    return c == 0x20 or c == 0x0A or c == 0x0D or c == 0x09
+
+
+cdef inline void skip_ws(Reader* r) noexcept nogil:
+    while r.i < r.n and is_ws(r.p[r.i]):
+        r.i += 1
+
+
+cdef inline bint cont(unsigned char c) noexcept nogil:
+    return 0x80 <= c <= 0xBF
+
+
+cdef inline Py_ssize_t utf8_len(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """The length of the strict UTF-8 sequence at p[i] (what Python's decoder accepts), 0 if invalid."""
+    cdef unsigned char c = p[i], c1, lo, hi
+    if 0xC2 <= c <= 0xDF:
+        return 2 if i + 1 < n and cont(p[i + 1]) else 0
+    if 0xE0 <= c <= 0xEF:
+        if i + 2 >= n:
+            return 0
+        c1 = p[i + 1]
+        lo = 0xA0 if c == 0xE0 else 0x80
+        hi = 0x9F if c == 0xED else 0xBF  # no surrogates
+        return 3 if lo <= c1 <= hi and cont(p[i + 2]) else 0
+    if 0xF0 <= c <= 0xF4:
+        if i + 3 >= n:
+            return 0
+        c1 = p[i + 1]
+        lo = 0x90 if c == 0xF0 else 0x80
+        hi = 0x8F if c == 0xF4 else 0xBF  # at most U+10FFFF
+        return 4 if lo <= c1 <= hi and cont(p[i + 2]) and cont(p[i + 3]) else 0
+    return 0
+
+
+cdef int scan_string(Reader* r) noexcept nogil:
+    """The string whose opening quote is at r.i (json's strict rules: no control character, the escapes
+    json knows, \\u and four hex digits). 0, or FAIL."""
+    cdef const unsigned char* p = r.p
+    cdef Py_ssize_t i = r.i + 1, n = r.n, k
+    cdef unsigned char c
+    r.esc = False
+    r.s_start = i
+    while i < n:
+        c = p[i]
+        if PLAIN[c]:
+            i += 1
+        elif c == 0x22:
+            r.s_end = i
+            r.i = i + 1
+            return 0
+        elif c == 0x5C:
+            r.esc = True
+            if i + 1 >= n:
+                return FAIL
+            c = p[i + 1]
+            if c == 0x75:  # \uXXXX (a lone surrogate too: json accepts it)
+                if i + 5 >= n or not (HEX[p[i + 2]] and HEX[p[i + 3]] and HEX[p[i + 4]] and HEX[p[i + 5]]):
+                    return FAIL
+                i += 6
+            elif SHORT_ESCAPE[c]:
+                i += 2
+            else:
+                return FAIL
+        elif c < 0x20:
+            return FAIL
+        else:
+            k = utf8_len(p, i, n)
+            if k == 0:
+                return FAIL
+            r.non_ascii = True
+            i += k
+    return FAIL
+
+
+cdef inline bint digit(unsigned char c) noexcept nogil:
+    return 0x30 <= c <= 0x39
+
+
+cdef int scan_number(Reader* r) noexcept nogil:
+    """json's number grammar: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][-+]?[0-9]+)?. V_INT (r.int_value set, or
+    r.int_big beyond MAX_INT_DIGITS digits), V_FLOAT, or FAIL."""
+    cdef const unsigned char* p = r.p
+    cdef Py_ssize_t i = r.i, n = r.n, start = r.i, int_start, int_end, j
+    cdef int kind = V_INT
+    cdef long long v = 0
+    cdef bint neg = False
+    if p[i] == 0x2D:
+        neg = True
+        i += 1
+    if i >= n:
+        return FAIL
+    int_start = i
+    if p[i] == 0x30:
+        i += 1
+    elif digit(p[i]):
+        while i < n and digit(p[i]):
+            i += 1
+    else:
+        return FAIL
+    int_end = i
+    if i < n and p[i] == 0x2E:
+        i += 1
+        if i >= n or not digit(p[i]):
+            return FAIL
+        while i < n and digit(p[i]):
+            i += 1
+        kind = V_FLOAT
+    if i < n and (p[i] == 0x65 or p[i] == 0x45):
+        i += 1
+        if i < n and (p[i] == 0x2B or p[i] == 0x2D):
+            i += 1
+        if i >= n or not digit(p[i]):
+            return FAIL
+        while i < n and digit(p[i]):
+            i += 1
+        kind = V_FLOAT
+    if i - start > MAX_NUMBER:
+        return FAIL
+    if kind == V_INT:
+        r.int_neg = neg
+        r.int_big = int_end - int_start > MAX_INT_DIGITS
+        if not r.int_big:
+            for j in range(int_start, int_end):
+                v = v * 10 + (p[j] - 0x30)
+        r.int_value = v
+    r.i = i
+    return kind
+
+
+cdef inline bint literal(Reader* r, const char* word, Py_ssize_t k) noexcept nogil:
+    if r.i + k <= r.n and memcmp(r.p + r.i, word, k) == 0:
+        r.i += k
+        return True
+    return False
+
+
+cdef int parse_value(Reader* r, int depth) noexcept nogil:
+    """The value at r.i (no leading whitespace), r.i moved past it. Its kind, or FAIL."""
+    cdef unsigned char c
+    if r.i >= r.n:
+        return FAIL
+    c = r.p[r.i]
+    if c == 0x22:
+        return V_STR if scan_string(r) == 0 else FAIL
+    if c == 0x7B:
+        return parse_object(r, depth + 1, False)
+    if c == 0x5B:
+        return parse_array(r, depth + 1)
+    if c == 0x74:
+        return V_TRUE if literal(r, "true", 4) else FAIL
+    if c == 0x66:
+        return V_FALSE if literal(r, "false", 5) else FAIL
+    if c == 0x6E:
+        return V_NULL if literal(r, "null", 4) else FAIL
+    if c == 0x2D or digit(c):
+        return scan_number(r)
+    return FAIL  # NaN, Infinity, -Infinity (json takes them) and anything json refuses
+
+
+cdef int parse_array(Reader* r, int depth) noexcept nogil:
+    if depth > MAX_DEPTH:
+        return FAIL
+    r.i += 1
+    skip_ws(r)
+    if r.i < r.n and r.p[r.i] == 0x5D:
+        r.i += 1
+        return V_ARR
+    while True:
+        if parse_value(r, depth) == FAIL:
+            return FAIL
+        skip_ws(r)
+        if r.i >= r.n:
+            return FAIL
+        r.i += 1
+        if r.p[r.i - 1] == 0x5D:
+            return V_ARR
+        if r.p[r.i - 1] != 0x2C:
+            return FAIL
+        skip_ws(r)
+
+
+cdef int parse_object(Reader* r, int depth, bint options) noexcept nogil:
+    """An object below the top level; `options`: it is stream_options (its include_usage is read)."""
+    cdef Py_ssize_t key_start, key_len
+    cdef bint key_esc
+    cdef int kind
+    if depth > MAX_DEPTH:
+        return FAIL
+    r.i += 1
+    skip_ws(r)
+    if r.i < r.n and r.p[r.i] == 0x7D:
+        r.i += 1
+        return V_OBJ
+    while True:
+        if r.i >= r.n or r.p[r.i] != 0x22 or scan_string(r) == FAIL:
+            return FAIL
+        key_start = r.s_start
+        key_len = r.s_end - r.s_start
+        key_esc = r.esc
+        skip_ws(r)
+        if r.i >= r.n or r.p[r.i] != 0x3A:
+            return FAIL
+        r.i += 1
+        skip_ws(r)
+        kind = parse_value(r, depth)
+        if kind == FAIL:
+            return FAIL
+        if options:
+            if key_esc:  # an escaped spelling of include_usage: the reference decodes it
+                return FAIL
+            if key_len == 13 and memcmp(r.p + key_start, b"include_usage", 13) == 0:
+                r.include_usage = kind == V_TRUE
+        skip_ws(r)
+        if r.i >= r.n:
+            return FAIL
+        r.i += 1
+        if r.p[r.i - 1] == 0x7D:
+            return V_OBJ
+        if r.p[r.i - 1] != 0x2C:
+            return FAIL
+        skip_ws(r)
+
+
+cdef inline bint key_is(const unsigned char* p, Py_ssize_t n, const char* name, Py_ssize_t k) noexcept nogil:
+    return n == k and memcmp(p, name, k) == 0
+
+
+cdef int fact_key(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    if n == 5 and memcmp(p, b"model", 5) == 0:
+        return K_MODEL
+    if n == 1 and p[0] == 0x6E:
+        return K_N
+    if key_is(p, n, "stream", 6):
+        return K_STREAM
+    if key_is(p, n, "max_tokens", 10):
+        return K_MAX_TOKENS
+    if key_is(p, n, "stream_options", 14):
+        return K_STREAM_OPTIONS
+    if key_is(p, n, "max_completion_tokens", 21):
+        return K_MAX_COMPLETION_TOKENS
+    if key_is(p, n, "max_output_tokens", 17):
+        return K_MAX_OUTPUT_TOKENS
+    return K_OTHER
+
+
+cdef struct Facts:
+    Py_ssize_t model_start  # -1: no string model
+    Py_ssize_t model_end
+    long long cap  # -1: none
+    long long n  # -1: none
+    bint stream
+    bint include_usage
+
+
+cdef inline long long int_or_none(Reader* r, int kind) noexcept nogil:
+    """core.body._int_or_none of an integer value: the value, -1 for None (negative, not an integer)."""
+    if kind != V_INT:
+        return -1
+    if r.int_neg and r.int_value != 0:
+        return -1
+    return r.int_value
+
+
+cdef int read_top(Reader* r, Facts* f) noexcept nogil:
+    """The whole body: one object, top-level keys distinct and unescaped. 0, or FAIL."""
+    cdef Py_ssize_t key_start[MAX_TOP_KEYS]
+    cdef Py_ssize_t key_len[MAX_TOP_KEYS]
+    cdef int nkeys = 0, j, kind, which
+    cdef Py_ssize_t ks, kl
+    cdef long long v
+    skip_ws(r)
+    if r.i >= r.n or r.p[r.i] != 0x7B:
+        return FAIL
+    r.i += 1
+    skip_ws(r)
+    if r.i < r.n and r.p[r.i] == 0x7D:
+        r.i += 1
+    else:
+        while True:
+            if r.i >= r.n or r.p[r.i] != 0x22 or scan_string(r) == FAIL or r.esc:
+                return FAIL  # an escaped top-level key (`mod\u0065l`): the reference decodes it
+            ks = r.s_start
+            kl = r.s_end - r.s_start
+            for j in range(nkeys):  # a duplicate: the reference refuses it
+                if key_len[j] == kl and memcmp(r.p + key_start[j], r.p + ks, kl) == 0:
+                    return FAIL
+            if nkeys == MAX_TOP_KEYS:
+                return FAIL
+            key_start[nkeys] = ks
+            key_len[nkeys] = kl
+            nkeys += 1
+            skip_ws(r)
+            if r.i >= r.n or r.p[r.i] != 0x3A:
+                return FAIL
+            r.i += 1
+            skip_ws(r)
+            which = fact_key(r.p + ks, kl)
+            if which == K_STREAM_OPTIONS and r.i < r.n and r.p[r.i] == 0x7B:
+                r.include_usage = False
+                kind = parse_object(r, 2, True)
+                f.include_usage = r.include_usage
+            else:
+                kind = parse_value(r, 1)
+            if kind == FAIL:
+                return FAIL
+            if which == K_MODEL:
+                if kind == V_STR:
+                    if r.esc:
+                        return FAIL  # an escaped model: the reference decodes it
+                    f.model_start = r.s_start
+                    f.model_end = r.s_end
+            elif which == K_MAX_TOKENS or which == K_MAX_COMPLETION_TOKENS or which == K_MAX_OUTPUT_TOKENS:
+                if kind == V_FLOAT or (kind == V_INT and r.int_big):
+                    return FAIL  # the reference reads floats (an integral float counts) and big numbers
+                v = int_or_none(r, kind)
+                if v > f.cap:
+                    f.cap = v
+            elif which == K_N:
+                if kind == V_FLOAT or (kind == V_INT and r.int_big):
+                    return FAIL
+                f.n = int_or_none(r, kind)
+            elif which == K_STREAM:
+                f.stream = kind == V_TRUE
+            skip_ws(r)
+            if r.i >= r.n:
+                return FAIL
+            r.i += 1
+            if r.p[r.i - 1] == 0x7D:
+                break
+            if r.p[r.i - 1] != 0x2C:
+                return FAIL
+            skip_ws(r)
+    skip_ws(r)
+    return 0 if r.i == r.n else FAIL  # anything after the object: json's "Extra data"
+
+
+def request_facts(body, *, bint estimate_prompt=True, bint precise=True, bint truncated=False):
+    """nexus_authz.core.body.request_facts, the same RequestFacts for every input (see the module)."""
+    cdef Reader r
+    cdef Facts f
+    cdef Py_ssize_t n
+    cdef object model, cap, blobs
+    cdef long long prompt, count
+    if type(body) is not bytes or truncated:
+        return _python_request_facts(
+            body, estimate_prompt=estimate_prompt, precise=precise, truncated=truncated
+        )
+    n = PyBytes_GET_SIZE(body)
+    if n == 0 or n > PARSE_BELOW:
+        return _python_request_facts(body, estimate_prompt=estimate_prompt, precise=precise)
+    r.p = <const unsigned char*>PyBytes_AS_STRING(body)
+    r.n = n
+    r.i = 0
+    r.non_ascii = False
+    r.esc = False
+    r.include_usage = False
+    f.model_start = -1
+    f.model_end = -1
+    f.cap = -1
+    f.n = -1
+    f.stream = False
+    f.include_usage = False
+    if read_top(&r, &f) == FAIL:
+        return _python_request_facts(body, estimate_prompt=estimate_prompt, precise=precise)
+    if not estimate_prompt:
+        prompt = 0
+    else:
+        blobs = _blob_spans(body) if n > BLOB_MIN else None
+        if not precise and not blobs and not r.non_ascii:
+            prompt = <long long>ceil(n * QUICK_TOKENS_PER_BYTE)
+        else:
+            prompt = _prompt_estimate(body, blobs if blobs is not None else [])
+    model = None
+    if f.model_start >= 0:
+        model = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(body) + f.model_start, f.model_end - f.model_start, NULL)
+    cap = f.cap if f.cap >= 0 else None
+    count = f.n if 1 <= f.n <= 128 else 1
+    return _object_facts(model, cap, f.stream, f.include_usage, count, prompt)
