@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+from nexus_authz import native
 from nexus_authz.core.limits import (
     AcquireResult,
     Algorithm,
@@ -254,3 +255,10 @@ class MemoryCounterStore:
     def sweep(self, now: float, max_items: int | None = None) -> int:
         """Examine up to `max_items` cold entries (default: all, once); drop the fresh ones. For a timer."""
         return self._sweep(now, len(self._states) if max_items is None else max_items)
+
+
+# The compiled acquire (nexus_authz/native/_windows.pyx) when it built, unless NEXUS_AUTHZ_PURE=1: the same
+# state, decisions and objects; it hands any spec it does not know to `acquire_python`, the reference.
+acquire_python = MemoryCounterStore.acquire
+if native.windows is not None:
+    MemoryCounterStore.acquire = native.windows.install(acquire_python, _is_fresh)  # type: ignore[method-assign]
