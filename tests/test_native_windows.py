@@ -1,7 +1,7 @@
-"""The compiled acquire of the memory store (nexus_authz/native/_windows.pyx) against the pure-Python one
-(stores/memory.py `acquire_python`, on core/windows.py): the same statuses, results and store state, bit for
-bit, on random specs, costs, times and interleavings of acquire / adjust / peek / sweep; and the pure path
-for whatever the compiled one does not know."""
+"""The compiled acquire and adjust of the memory store (nexus_authz/native/_windows.pyx) against the
+pure-Python ones (stores/memory.py `acquire_python` / `adjust_python`, on core/windows.py): the same
+statuses, results and store state, bit for bit, on random specs, costs, times and interleavings of
+acquire / adjust / peek / sweep; and the pure path for whatever the compiled one does not know."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from nexus_authz import native
 from nexus_authz.core import windows
 from nexus_authz.core.limits import LimitSpec, WindowStatus, make_limit
 from nexus_authz.stores import memory
-from nexus_authz.stores.memory import MemoryCounterStore, acquire_python
+from nexus_authz.stores.memory import MemoryCounterStore, acquire_python, adjust_python
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,11 @@ def call_st(draw: st.DrawFn) -> tuple[Any, ...]:
     return op, ids, specs, tuple(draw(cost_st) for _ in range(n)), draw(step_st), None
 
 
-def run(store: MemoryCounterStore, acquire: Any, start: float, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
+PURE = (acquire_python, adjust_python)
+
+
+def run(store: MemoryCounterStore, path: Any, start: float, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
+    acquire, adjust = path
     now = start
     trace: list[Any] = []
     for op, ids, specs, numbers, step, extra in calls:
@@ -137,7 +141,7 @@ def run(store: MemoryCounterStore, acquire: Any, start: float, calls: Sequence[t
             trace.append(result_bits(store.peek(ids, specs, now)))
         elif op == "adjust":
             charged_at = None if extra is None else now - extra
-            store.adjust(ids, specs, numbers, now, charged_at)
+            adjust(store, ids, specs, numbers, now, charged_at)
         else:
             trace.append(store.sweep(now, extra))
         trace.append(state_bits(store))
@@ -147,8 +151,8 @@ def run(store: MemoryCounterStore, acquire: Any, start: float, calls: Sequence[t
 @settings(max_examples=400, deadline=None)
 @given(start=start_st, sweep=st.integers(0, 3), calls=st.lists(call_st(), max_size=30))
 def test_compiled_acquire_is_the_pure_one(compiled: Any, start: float, sweep: int, calls: list[Any]) -> None:
-    pure = run(MemoryCounterStore(sweep_per_call=sweep), acquire_python, start, calls)
-    fast = run(MemoryCounterStore(sweep_per_call=sweep), compiled.acquire, start, calls)
+    pure = run(MemoryCounterStore(sweep_per_call=sweep), PURE, start, calls)
+    fast = run(MemoryCounterStore(sweep_per_call=sweep), (compiled.acquire, compiled.adjust), start, calls)
     assert fast == pure
 
 
@@ -166,9 +170,8 @@ def test_a_busy_key_decides_the_same(
     cost = tuple(costs[i % len(costs)] for i in range(len(specs)))
     calls = [("acquire", ids, tuple(specs), cost, step, None) for step in steps]
     start = 1_700_002_800.0
-    assert run(MemoryCounterStore(), compiled.acquire, start, calls) == run(
-        MemoryCounterStore(), acquire_python, start, calls
-    )
+    fast = (compiled.acquire, compiled.adjust)
+    assert run(MemoryCounterStore(), fast, start, calls) == run(MemoryCounterStore(), PURE, start, calls)
 
 
 @settings(max_examples=3000, deadline=None)
@@ -188,22 +191,27 @@ def test_slot_numbers_are_pythons(compiled: Any, now: float, width: float) -> No
 
 @pytest.fixture
 def fallbacks(compiled: Any) -> Iterator[list[Any]]:
-    """Calls the compiled acquire handed to the pure one."""
+    """Calls the compiled acquire and adjust handed to the pure ones."""
     seen: list[Any] = []
 
-    def spy(store: Any, ids: Any, specs: Any, costs: Any, now: Any) -> Any:
+    def acquire_spy(store: Any, ids: Any, specs: Any, costs: Any, now: Any) -> Any:
         seen.append(specs)
         return acquire_python(store, ids, specs, costs, now)
 
-    compiled.install(spy, memory._is_fresh)
+    def adjust_spy(store: Any, ids: Any, specs: Any, deltas: Any, now: Any, charged_at: Any = None) -> Any:
+        seen.append(("adjust", specs))
+        return adjust_python(store, ids, specs, deltas, now, charged_at)
+
+    compiled.install(acquire_spy, adjust_spy, memory._is_fresh)
     try:
         yield seen
     finally:
-        compiled.install(acquire_python, memory._is_fresh)
+        compiled.install(acquire_python, adjust_python, memory._is_fresh)
 
 
-def test_the_compiled_acquire_runs_by_default(compiled: Any) -> None:
+def test_the_compiled_acquire_and_adjust_run_by_default(compiled: Any) -> None:
     assert MemoryCounterStore.acquire is compiled.acquire
+    assert MemoryCounterStore.adjust is compiled.adjust
     assert native.WHY_PURE_WINDOWS == ""
 
 
@@ -216,6 +224,10 @@ def test_an_unknown_algorithm_takes_the_pure_path(fallbacks: list[Any]) -> None:
     assert fallbacks == []
     store.acquire(("a", "b"), (known, odd), (1, 1), 1000.0)
     assert fallbacks == [(known, odd)]
+    store.adjust(("a",), (known,), (-1,), 1001.0)
+    assert len(fallbacks) == 1
+    store.adjust(("a", "b"), (known, odd), (-1, 0), 1001.0)
+    assert fallbacks[1] == ("adjust", (known, odd))
 
 
 @pytest.mark.parametrize(
@@ -233,6 +245,16 @@ def test_a_stored_array_of_another_type_takes_the_pure_path(fallbacks: list[Any]
     store = MemoryCounterStore()
     store._states["a"] = array("f", bytes(4 * (spec.slots + 3)))
     store.acquire(("a",), (spec,), (1,), 1000.0)
+    store.adjust(("a",), (spec,), (-1,), 1000.0)
+    assert len(fallbacks) == 2
+
+
+@pytest.mark.parametrize("deltas, now, charged_at", [((2**63,), 1000.0, None), ((-1,), 1000.0, 1e16)])
+def test_adjust_out_of_range_takes_the_pure_path(
+    fallbacks: list[Any], deltas: Any, now: float, charged_at: Any
+) -> None:
+    spec = make_limit("tokens", 1000, "day")
+    MemoryCounterStore().adjust(("a",), (spec,), deltas, now, charged_at)
     assert len(fallbacks) == 1
 
 
@@ -241,3 +263,30 @@ def test_more_windows_than_the_c_arrays_hold_take_the_pure_path(fallbacks: list[
     store = MemoryCounterStore()
     result = store.acquire(tuple(s.name for s in specs), specs, (1,) * 65, 1000.0)
     assert result.allowed and len(fallbacks) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    specs=st.lists(spec_st, min_size=1, max_size=5),
+    rounds=st.lists(
+        st.tuples(
+            st.sampled_from([1, 2, 10, 500]),  # reserved
+            st.sampled_from([-500, -10, -1, 0, 1, 10]),  # settle difference
+            st.sampled_from([0.0, 0.01, 0.4, 2.0, 1800.0, 3599.0, 86400.0]),  # until the settle
+            st.booleans(),  # with charged_at
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+)
+def test_reserve_then_settle_is_the_same(compiled: Any, specs: list[LimitSpec], rounds: list[Any]) -> None:
+    """The engine's pattern: acquire the estimate, settle the difference later (exactly, or newest first)."""
+    ids = tuple(f"k\x00{i}" for i in range(len(specs)))
+    plan = tuple(specs)
+    calls: list[Any] = []
+    for reserved, delta, delay, exact in rounds:
+        calls.append(("acquire", ids, plan, (reserved,) * len(plan), 1.0, None))
+        calls.append(("adjust", ids, plan, (delta,) * len(plan), delay, delay if exact else None))
+    start = 1_700_002_800.0
+    fast = (compiled.acquire, compiled.adjust)
+    assert run(MemoryCounterStore(), fast, start, calls) == run(MemoryCounterStore(), PURE, start, calls)

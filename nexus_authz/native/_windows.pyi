@@ -4,8 +4,20 @@ from typing import Any
 
 from nexus_authz.core.limits import AcquireResult, LimitSpec
 
-def install(py_acquire: Callable[..., AcquireResult], py_is_fresh: Callable[[object, float], bool]) -> Any: ...
+def install(
+    py_acquire: Callable[..., AcquireResult],
+    py_adjust: Callable[..., None],
+    py_is_fresh: Callable[[object, float], bool],
+) -> tuple[Any, Any]: ...
 def acquire(
     self: Any, counter_ids: Sequence[str], specs: Sequence[LimitSpec], costs: Sequence[int], now: float
 ) -> AcquireResult: ...
 def slot_of(now: float, width: float) -> int: ...
+def adjust(
+    self: Any,
+    counter_ids: Sequence[str],
+    specs: Sequence[LimitSpec],
+    deltas: Sequence[int],
+    now: float,
+    charged_at: float | None = None,
+) -> None: ...

@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
-"""The memory counter store's hot path in C: `acquire` of stores/memory.py's MemoryCounterStore.
+"""The memory counter store's hot path in C: `acquire` and `adjust` of stores/memory.py's MemoryCounterStore.
 
 The same state, in the same OrderedDict, as the pure-Python store (GCRA: complex(debt, since); sliding:
 array('d') [fresh_at, last_slot, total, counts...]; gauge: int; move_to_end on each write), so everything
@@ -20,7 +20,7 @@ tests (tests/test_native_windows.py) run both on random specs, costs, times and 
 from cpython.array cimport array, clone
 from cpython.complex cimport PyComplex_FromDoubles
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_FromDouble
-from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_FromLongLong, PyLong_FromUnsignedLongLong
+from cpython.long cimport PyLong_AsLongLong, PyLong_AsLongLongAndOverflow, PyLong_FromLongLong, PyLong_FromUnsignedLongLong
 from cpython.object cimport PyObject, PyObject_IsTrue
 from cpython.ref cimport Py_INCREF, Py_XDECREF, Py_XINCREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
@@ -128,16 +128,18 @@ cdef inline void _put(object obj, Py_ssize_t offset, object value):
 
 # the pure-Python methods this module stands in for (set by stores/memory.py through `install`)
 cdef object _py_acquire = None
+cdef object _py_adjust = None
 cdef object _py_is_fresh = None
 
 
-def install(py_acquire, py_is_fresh):
-    """Register the pure-Python acquire (the fallback) and `_is_fresh` (for state types this module does
-    not know); returns the compiled `acquire`, to be set as MemoryCounterStore.acquire."""
-    global _py_acquire, _py_is_fresh
+def install(py_acquire, py_adjust, py_is_fresh):
+    """Register the pure-Python acquire and adjust (the fallbacks) and `_is_fresh` (for state types this
+    module does not know); returns the compiled (acquire, adjust), to be set on MemoryCounterStore."""
+    global _py_acquire, _py_adjust, _py_is_fresh
     _py_acquire = py_acquire
+    _py_adjust = py_adjust
     _py_is_fresh = py_is_fresh
-    return acquire
+    return acquire, adjust
 
 
 # -- the window maths (core/windows.py, operation for operation) -----------------------------------------
@@ -626,3 +628,123 @@ cdef inline object _sliding_state_object(object state, Spec* spec):
     if type(state) is ARRAY and Py_SIZE(state) == spec.slots + _BASE:
         return state
     return None
+
+
+# -- adjust (settle differences) ---------------------------------------------------------------------------
+
+cdef void _sliding_refund(double* st, double now, Spec* spec, long long amount, bint exact, double charged_at):
+    """windows.sliding_refund in place (`exact`: a charged_at was given)."""
+    cdef long long n = spec.slots, top, s = 0, cur = 0, i
+    cdef double width = spec.width, left, take
+    if st[_TOTAL] <= 0:
+        return
+    _slot_of(now, width, &cur)  # in range: checked before anything was written
+    top = _roll(st, cur, n)
+    left = <double>amount
+    if exact:
+        _slot_of(charged_at, width, &s)
+        if top - n < s <= top:
+            i = _BASE + _mod(s, n)
+            take = left if left < st[i] else st[i]
+            st[i] -= take
+            st[_TOTAL] -= take
+        return
+    s = top
+    while s > top - n:
+        i = _BASE + _mod(s, n)
+        take = left if left < st[i] else st[i]
+        if take > 0:
+            st[i] -= take
+            st[_TOTAL] -= take
+            left -= take
+            if left <= 0:
+                return
+        s -= 1
+
+
+cdef inline bint _in_range(object t):
+    return (PyFloat_CheckExact(t) or PyLong_CheckExact(t)) and -TIME_RANGE < <double>t < TIME_RANGE
+
+
+def adjust(self, counter_ids, specs, deltas, now, charged_at=None):
+    """MemoryCounterStore.adjust (see stores/memory.py): apply settle differences now, window by window."""
+    cdef Spec spec_c[MAX_WINDOWS]
+    cdef long long delta_c[MAX_WINDOWS]
+    cdef Py_ssize_t n, i
+    cdef double t, at = 0.0, debt, elapsed
+    cdef long long slot, in_flight
+    cdef int fallback = 0, overflow = 0
+    cdef bint exact = charged_at is not None
+    cdef Spec* sp
+    cdef double* st
+    if not _in_range(now) or (exact and not _in_range(charged_at)):
+        return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
+    t = now
+    if exact:
+        at = charged_at
+    n = len(specs)
+    states = self._states
+    if n > MAX_WINDOWS or type(states) is not ODICT:
+        return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
+    for i in range(n):  # everything this code cannot do exactly goes to the pure path before any write
+        sp = &spec_c[i]
+        if _read_spec(specs[i], sp):
+            return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
+        delta = deltas[i]
+        if not PyLong_CheckExact(delta):
+            return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
+        delta_c[i] = PyLong_AsLongLongAndOverflow(delta, &overflow)
+        if overflow or not (-MAX_COST <= delta_c[i] <= MAX_COST):
+            return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
+        if not delta_c[i]:
+            continue
+        found = PyDict_GetItemWithError(states, counter_ids[i])
+        state = <object>found if found != NULL else None
+        if sp.algorithm == A_SLIDING:
+            _sliding_doubles(state, sp, &fallback)
+            if fallback or _slot_of(t, sp.width, &slot) or (exact and _slot_of(at, sp.width, &slot)):
+                return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
+        elif sp.algorithm == A_GAUGE and PyLong_CheckExact(state):
+            in_flight = PyLong_AsLongLongAndOverflow(state, &overflow)
+            if overflow or not (-MAX_COST <= in_flight <= MAX_COST):
+                return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
+    for i in range(n):
+        if not delta_c[i]:
+            continue
+        sp = &spec_c[i]
+        cid = counter_ids[i]
+        found = PyDict_GetItemWithError(states, cid)
+        state = <object>found if found != NULL else None
+        if sp.algorithm == A_GCRA:
+            if PyComplex_CheckExact(state):
+                debt = PyComplex_RealAsDouble(state)
+                if debt > 0:
+                    elapsed = t - PyComplex_ImagAsDouble(state)
+                    if elapsed > 0:
+                        debt = debt - elapsed if debt > elapsed else 0.0
+            else:
+                debt = 0.0
+            debt += <double>delta_c[i] * sp.interval
+            if debt > 0:
+                states[cid] = PyComplex_FromDoubles(debt, t)
+                states.move_to_end(cid)
+            else:
+                states.pop(cid, None)
+        elif sp.algorithm == A_SLIDING:
+            window = _sliding_state_object(state, sp)
+            if delta_c[i] > 0:
+                states[cid] = _sliding_charge(window, t, sp, delta_c[i])
+                states.move_to_end(cid)
+            elif window is not None:
+                st = (<array>window).data.as_doubles
+                _sliding_refund(st, t, sp, -delta_c[i], exact, at)
+                if t >= st[_FRESH] or st[_TOTAL] <= 0.0:
+                    del states[cid]
+        else:
+            in_flight = PyLong_AsLongLong(state) if PyLong_CheckExact(state) else 0
+            in_flight += delta_c[i]
+            if in_flight > 0:
+                states[cid] = PyLong_FromLongLong(in_flight)
+                states.move_to_end(cid)
+            else:
+                states.pop(cid, None)

@@ -257,8 +257,12 @@ class MemoryCounterStore:
         return self._sweep(now, len(self._states) if max_items is None else max_items)
 
 
-# The compiled acquire (nexus_authz/native/_windows.pyx) when it built, unless NEXUS_AUTHZ_PURE=1: the same
-# state, decisions and objects; it hands any spec it does not know to `acquire_python`, the reference.
+# The compiled acquire and adjust (nexus_authz/native/_windows.pyx) when they built, unless
+# NEXUS_AUTHZ_PURE=1: the same state, decisions and objects; they hand any spec they do not know to the
+# pure-Python methods below, the reference.
 acquire_python = MemoryCounterStore.acquire
+adjust_python = MemoryCounterStore.adjust
 if native.windows is not None:
-    MemoryCounterStore.acquire = native.windows.install(acquire_python, _is_fresh)  # type: ignore[method-assign]
+    MemoryCounterStore.acquire, MemoryCounterStore.adjust = native.windows.install(  # type: ignore[method-assign]
+        acquire_python, adjust_python, _is_fresh
+    )
