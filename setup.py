@@ -13,6 +13,7 @@ from setuptools.command.build_ext import build_ext
 SOURCES = {
     "nexus_authz.native._http1": "nexus_authz/native/_http1.pyx",
     "nexus_authz.native._body": "nexus_authz/native/_body.pyx",
+    "nexus_authz.native._windows": "nexus_authz/native/_windows.pyx",
 }
 
 
@@ -50,7 +51,9 @@ def extensions() -> list:
         return []
     from setuptools import Extension
 
-    exts = [Extension(name, [src], extra_compile_args=["-O2"]) for name, src in SOURCES.items()]
+    # -ffp-contract=off: no fused multiply-add, so C doubles round as Python's floats do (_windows.pyx)
+    flags = ["-O2", "-ffp-contract=off"]
+    exts = [Extension(name, [src], extra_compile_args=flags) for name, src in SOURCES.items()]
     try:
         return cythonize(exts, compiler_directives={"language_level": "3"}, quiet=True)
     except Exception as exc:  # noqa: BLE001 - a Cython error must not fail the install either

@@ -8,9 +8,11 @@ and comparisons). `PATH` says which one runs ("compiled" or "python"); start-up 
 or not at all (one missing means a broken build: the whole pure path runs, and PATH says so).
 
 Compiled so far: `_http1`, the HTTP/1.1 framing of the ext_authz / auth_request listener
-(adapters/http_native.py puts it in front of the httptools protocol of adapters/http_authz.py), and
+(adapters/http_native.py puts it in front of the httptools protocol of adapters/http_authz.py);
 `_body`, the request body's facts (core.body.request_facts' equivalent, installed as `core.body.read_facts`,
-which the policy calls; the composition root, engine.py, imports this package so every engine uses it).
+which the policy calls; the composition root, engine.py, imports this package so every engine uses it);
+`_windows`, the memory counter store's acquire and adjust (stores/memory.py installs them on
+MemoryCounterStore).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from nexus_authz.core import body as _core_body
 log = logging.getLogger("nexus_authz.native")
 
 PURE_ENV = "NEXUS_AUTHZ_PURE"
-MODULES = ("_http1", "_body")
+MODULES = ("_http1", "_body", "_windows")
 
 
 def _load() -> tuple[dict[str, ModuleType], str]:
@@ -43,6 +45,8 @@ def _load() -> tuple[dict[str, ModuleType], str]:
 _modules, WHY_PURE = _load()
 http1: ModuleType | None = _modules.get("_http1")
 body: ModuleType | None = _modules.get("_body")
+windows: ModuleType | None = _modules.get("_windows")
+WHY_PURE_WINDOWS = WHY_PURE  # the modules load together or not at all
 PATH = "compiled" if _modules else "python"
 if body is not None:
     _core_body.read_facts = body.request_facts
@@ -51,6 +55,9 @@ if body is not None:
 def announce() -> None:
     """The start-up log line saying which path runs."""
     if _modules:
-        log.info("compiled fast path: HTTP/1.1 framing and body facts in C", extra={"native_path": PATH})
+        log.info(
+            "compiled fast path: HTTP/1.1 framing, body facts and counter windows in C",
+            extra={"native_path": PATH},
+        )
     else:
         log.info("pure-Python fast path: " + WHY_PURE, extra={"native_path": PATH})

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nexus_authz.core.calendar import calendar_charge, calendar_refund, calendar_take
+from nexus_authz import native
 from nexus_authz.core.limits import (
     AcquireResult,
     Algorithm,
@@ -282,3 +283,14 @@ class MemoryCounterStore:
     def sweep(self, now: float, max_items: int | None = None) -> int:
         """Examine up to `max_items` cold entries (default: all, once); drop the fresh ones. For a timer."""
         return self._sweep(now, len(self._states) if max_items is None else max_items)
+
+
+# The compiled acquire and adjust (nexus_authz/native/_windows.pyx) when they built, unless
+# NEXUS_AUTHZ_PURE=1: the same state, decisions and objects; they hand any spec they do not know to the
+# pure-Python methods below, the reference.
+acquire_python = MemoryCounterStore.acquire
+adjust_python = MemoryCounterStore.adjust
+if native.windows is not None:
+    MemoryCounterStore.acquire, MemoryCounterStore.adjust = native.windows.install(  # type: ignore[method-assign]
+        acquire_python, adjust_python, _is_fresh
+    )

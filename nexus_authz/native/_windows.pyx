@@ -1,0 +1,750 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""The memory counter store's hot path in C: `acquire` and `adjust` of stores/memory.py's MemoryCounterStore.
+
+The same state, in the same OrderedDict, as the pure-Python store (GCRA: complex(debt, since); sliding:
+array('d') [fresh_at, last_slot, total, counts...]; gauge: int; move_to_end on each write), so everything
+else that reads or writes that state (peek, adjust, the sweep, the Redis write-behind's LocalView) keeps
+working on the same objects. The same decisions and the same WindowStatus / AcquireResult objects, with
+bit-for-bit the same floats: every formula below is core/windows.py's, in the same operation order, on IEEE
+doubles (x86-64 SSE2; setup.py builds with -ffp-contract=off so no multiply-add is fused). Python's float
+floor division (`now // width`) is reproduced exactly (`_floor_div`).
+
+Anything this code does not know takes the pure-Python acquire for the whole call, before anything is
+written: a spec whose algorithm is not GCRA / SLIDING / GAUGE (e.g. one added later), a spec that is not
+exactly a LimitSpec, more than MAX_WINDOWS windows, a cost that is not a plain int in 0..2**62, a time or a
+stored number outside the range where C integers and doubles behave as Python's ints and floats do here,
+a stored array that is not of doubles. The pure path (core/windows.py) is the reference: the differential
+tests (tests/test_native_windows.py) run both on random specs, costs, times and interleavings.
+"""
+
+from cpython.array cimport array, clone
+from cpython.complex cimport PyComplex_FromDoubles
+from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_FromDouble
+from cpython.long cimport PyLong_AsLongLong, PyLong_AsLongLongAndOverflow, PyLong_FromLongLong, PyLong_FromUnsignedLongLong
+from cpython.object cimport PyObject, PyObject_IsTrue
+from cpython.ref cimport Py_INCREF, Py_XDECREF, Py_XINCREF
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from libc.math cimport copysign, floor, fmod, INFINITY
+
+from array import array as _array_type
+from collections import OrderedDict as _OrderedDict
+
+from nexus_authz.core.limits import AcquireResult, Algorithm, LimitSpec, WindowStatus
+from nexus_authz.core.windows import CONCURRENCY_RETRY_AFTER
+
+
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDef:
+        const char* name
+        int type
+        Py_ssize_t offset
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef* d_member
+    ctypedef struct PyTypeObject:
+        void* tp_alloc
+    PyObject* PyDict_GetItemWithError(object d, object key) except? NULL
+    object PyType_GenericAlloc(PyTypeObject* t, Py_ssize_t nitems)
+    bint PyComplex_CheckExact(object o)
+    bint PyLong_CheckExact(object o)
+    bint PyFloat_CheckExact(object o)
+    double PyComplex_RealAsDouble(object o)
+    double PyComplex_ImagAsDouble(object o)
+    Py_ssize_t Py_SIZE(object o)
+
+
+cdef enum:
+    MAX_WINDOWS = 64
+    A_GCRA = 0
+    A_SLIDING = 1
+    A_GAUGE = 2
+    FALLBACK = 1
+
+cdef enum:
+    _FRESH = 0
+    _LAST = 1
+    _TOTAL = 2
+    _BASE = 3
+
+cdef long long MAX_COST = 1LL << 62  # costs and counts: sums and differences stay inside an int64
+cdef double TIME_RANGE = 1e15  # |now|: below 2**53, so an int time converts exactly
+cdef double SLOT_RANGE = 4e15  # slot numbers: below 2**53, so they compare with doubles exactly
+
+cdef object GCRA = Algorithm.GCRA
+cdef object SLIDING = Algorithm.SLIDING
+cdef object GAUGE = Algorithm.GAUGE
+cdef double RETRY_CONCURRENCY = CONCURRENCY_RETRY_AFTER
+cdef type SPEC = LimitSpec
+cdef type STATUS = WindowStatus
+cdef type RESULT = AcquireResult
+cdef type ARRAY = _array_type
+cdef type ODICT = _OrderedDict
+cdef array DOUBLES = _array_type("d")
+
+
+cdef Py_ssize_t _offset(type cls, str name) except -1:
+    """Where a __slots__ field lives in instances of `cls` (its member descriptor's offset)."""
+    descr = cls.__dict__[name]
+    if type(descr).__name__ != "member_descriptor":
+        raise TypeError(f"{cls.__name__}.{name} is not a slot")
+    return (<PyMemberDescrObject*>descr).d_member.offset
+
+
+# LimitSpec fields, read straight from the frozen dataclass's slots
+cdef Py_ssize_t O_ALGORITHM = _offset(LimitSpec, "algorithm")
+cdef Py_ssize_t O_SHADOW = _offset(LimitSpec, "shadow")
+cdef Py_ssize_t O_LIMIT = _offset(LimitSpec, "limit")
+cdef Py_ssize_t O_BURST = _offset(LimitSpec, "burst")
+cdef Py_ssize_t O_SLOTS = _offset(LimitSpec, "slots")
+cdef Py_ssize_t O_INTERVAL = _offset(LimitSpec, "interval")
+cdef Py_ssize_t O_TOLERANCE = _offset(LimitSpec, "tolerance")
+cdef Py_ssize_t O_MAX_DEBT = _offset(LimitSpec, "max_debt")
+cdef Py_ssize_t O_SLOT_WIDTH = _offset(LimitSpec, "slot_width")
+# WindowStatus / AcquireResult fields, written as new_status / new_result write them
+cdef Py_ssize_t O_S_SPEC = _offset(WindowStatus, "spec")
+cdef Py_ssize_t O_S_LIMIT = _offset(WindowStatus, "limit")
+cdef Py_ssize_t O_S_REMAINING = _offset(WindowStatus, "remaining")
+cdef Py_ssize_t O_S_RESET = _offset(WindowStatus, "reset_after")
+cdef Py_ssize_t O_S_RETRY = _offset(WindowStatus, "retry_after")
+cdef Py_ssize_t O_S_ALLOWED = _offset(WindowStatus, "allowed")
+cdef Py_ssize_t O_R_ALLOWED = _offset(AcquireResult, "allowed")
+cdef Py_ssize_t O_R_STATUSES = _offset(AcquireResult, "statuses")
+cdef Py_ssize_t O_R_UNCHARGED = _offset(AcquireResult, "uncharged")
+if (<PyTypeObject*>WindowStatus).tp_alloc != (<PyTypeObject*>object).tp_alloc:
+    raise ImportError("WindowStatus has its own allocator")  # object.__new__ would not be tp_alloc alone
+if (<PyTypeObject*>AcquireResult).tp_alloc != (<PyTypeObject*>object).tp_alloc:
+    raise ImportError("AcquireResult has its own allocator")
+
+
+cdef inline PyObject* _get(object obj, Py_ssize_t offset):
+    """A slot's value, borrowed (NULL if unset)."""
+    return (<PyObject**>((<char*><PyObject*>obj) + offset))[0]
+
+
+cdef inline void _put(object obj, Py_ssize_t offset, object value):
+    """Set an unset slot of a new object (what the member descriptor's __set__ does on it)."""
+    Py_INCREF(value)
+    (<PyObject**>((<char*><PyObject*>obj) + offset))[0] = <PyObject*>value
+
+
+# the pure-Python methods this module stands in for (set by stores/memory.py through `install`)
+cdef object _py_acquire = None
+cdef object _py_adjust = None
+cdef object _py_is_fresh = None
+
+
+def install(py_acquire, py_adjust, py_is_fresh):
+    """Register the pure-Python acquire and adjust (the fallbacks) and `_is_fresh` (for state types this
+    module does not know); returns the compiled (acquire, adjust), to be set on MemoryCounterStore."""
+    global _py_acquire, _py_adjust, _py_is_fresh
+    _py_acquire = py_acquire
+    _py_adjust = py_adjust
+    _py_is_fresh = py_is_fresh
+    return acquire, adjust
+
+
+# -- the window maths (core/windows.py, operation for operation) -----------------------------------------
+
+cdef struct Spec:
+    int algorithm
+    bint shadow
+    long long limit
+    long long burst
+    long long slots
+    double interval
+    double tolerance
+    double max_debt
+    double width
+    PyObject* obj  # the LimitSpec (borrowed from the caller's sequence, which holds it)
+
+
+cdef struct Outcome:
+    bint fits
+    double debt  # GCRA: the new debt (or the current one when refused)
+    long long in_flight  # gauge: the new count (or the current one when refused)
+    long long remaining
+    double reset_after
+    double retry_after
+
+
+cdef inline double _floor_div(double vx, double wx):
+    """Python's float floor division (floatobject.c, _float_div_mod), for wx > 0."""
+    cdef double mod = fmod(vx, wx)
+    cdef double div = (vx - mod) / wx
+    cdef double floordiv
+    if mod:
+        if (wx < 0) != (mod < 0):
+            mod += wx
+            div -= 1.0
+    if div:
+        floordiv = floor(div)
+        if div - floordiv > 0.5:
+            floordiv += 1.0
+    else:
+        floordiv = copysign(0.0, vx / wx)
+    return floordiv
+
+
+cdef inline int _slot_of(double now, double width, long long* out):
+    """windows.slot_of; returns FALLBACK when the slot number would not fit an int64."""
+    cdef double slot = _floor_div(now, width)
+    if not (-SLOT_RANGE < slot < SLOT_RANGE):
+        return FALLBACK
+    if slot * width > now:
+        out[0] = <long long>slot - 1
+    elif (slot + 1.0) * width <= now:
+        out[0] = <long long>slot + 1
+    else:
+        out[0] = <long long>slot
+    return 0
+
+
+def slot_of(double now, double width):
+    """windows.slot_of, as computed here (for the differential tests)."""
+    cdef long long slot
+    if not width > 0 or _slot_of(now, width, &slot):
+        raise ValueError("out of range")
+    return slot
+
+
+cdef inline long long _mod(long long s, long long n):
+    """Python's s % n for n > 0."""
+    cdef long long r = s % n
+    return r + n if r < 0 else r
+
+
+cdef inline void _gcra_take(double debt, double since, double now, Spec* spec, long long cost, Outcome* o):
+    cdef double interval = spec.interval, elapsed, new_debt, admit, free
+    if debt > 0:
+        elapsed = now - since
+        if elapsed > 0:
+            debt = debt - elapsed if debt > elapsed else 0.0
+    new_debt = debt + <double>cost * interval
+    admit = spec.max_debt
+    if new_debt <= admit:
+        o.fits = True
+        o.debt = new_debt
+        o.remaining = <long long>((admit - new_debt) / interval)
+        o.reset_after = new_debt
+        o.retry_after = 0.0
+        return
+    free = admit - debt
+    o.fits = False
+    o.debt = debt
+    o.remaining = <long long>(free / interval) if free > 0 else 0
+    o.reset_after = debt
+    o.retry_after = new_debt - spec.tolerance if cost <= spec.burst else INFINITY
+
+
+cdef inline double _used(double* st, long long top, long long last, long long n):
+    cdef long long gap = top - last, s
+    cdef double used
+    if gap == 0:
+        return st[_TOTAL]
+    if gap >= n:
+        return 0.0
+    used = st[_TOTAL]
+    for s in range(last - n + 1, top - n + 1):
+        used -= st[_BASE + _mod(s, n)]
+    return used
+
+
+cdef inline double _reset_after(double* st, long long top, long long last, long long n, double width,
+                                double now):
+    cdef long long s = last
+    while s > top - n:
+        if st[_BASE + _mod(s, n)] > 0:
+            return <double>(s + n) * width - now
+        s -= 1
+    return 0.0
+
+
+cdef inline int _sliding_take(double* st, double now, Spec* spec, long long cost, Outcome* o):
+    """windows.sliding_take on a state's doubles (NULL: none). FALLBACK when the slot is out of range."""
+    cdef long long n = spec.slots, limit = spec.limit, cur, last, top, s
+    cdef double width = spec.width, used, excess, freed
+    if _slot_of(now, width, &cur):
+        return FALLBACK
+    if st == NULL or st[_TOTAL] <= 0:
+        if cost <= limit:
+            o.fits = True
+            o.remaining = limit - cost
+            o.reset_after = (<double>(cur + n) * width - now) if cost else 0.0
+            o.retry_after = 0.0
+        else:
+            o.fits = False
+            o.remaining = limit
+            o.reset_after = 0.0
+            o.retry_after = INFINITY
+        return 0
+    last = <long long>st[_LAST]
+    if cur == last:
+        top = cur
+        used = st[_TOTAL]
+    else:
+        top = cur if cur > last else last
+        used = _used(st, top, last, n)
+    if used + <double>cost <= <double>limit:
+        o.fits = True
+        o.remaining = <long long>(<double>limit - used - <double>cost)
+        o.reset_after = (<double>(top + n) * width - now) if cost else _reset_after(st, top, last, n, width, now)
+        o.retry_after = 0.0
+        return 0
+    o.fits = False
+    o.remaining = <long long>(<double>limit - used) if used < <double>limit else 0
+    o.reset_after = _reset_after(st, top, last, n, width, now)
+    if cost > limit:
+        o.retry_after = INFINITY
+        return 0
+    excess = used + <double>cost - <double>limit
+    freed = 0.0
+    for s in range(top - n + 1, last + 1):
+        freed += st[_BASE + _mod(s, n)]
+        if freed >= excess:
+            o.retry_after = <double>(s + n) * width - now
+            return 0
+    o.retry_after = INFINITY
+    return 0
+
+
+cdef inline long long _roll(double* st, long long cur, long long n):
+    cdef long long last = <long long>st[_LAST], s, i
+    cdef double total
+    if cur <= last:
+        return last
+    if cur - last >= n:
+        for i in range(_BASE, _BASE + n):
+            st[i] = 0.0
+        st[_TOTAL] = 0.0
+    else:
+        total = st[_TOTAL]
+        for s in range(last + 1, cur + 1):
+            i = _BASE + _mod(s, n)
+            total -= st[i]
+            st[i] = 0.0
+        st[_TOTAL] = total
+    st[_LAST] = <double>cur
+    return cur
+
+
+cdef object _sliding_charge(object state, double now, Spec* spec, long long amount):
+    """windows.sliding_charge: in place on `state` (an array of the spec's shape) or on a new array."""
+    cdef long long n = spec.slots, cur = 0, top
+    cdef double width = spec.width
+    cdef double* st
+    cdef array arr
+    _slot_of(now, width, &cur)  # in range: the take before it checked the same (now, width)
+    if state is None:
+        arr = clone(DOUBLES, n + _BASE, True)
+        st = arr.data.as_doubles
+        st[_LAST] = <double>cur
+        top = cur
+    else:
+        arr = <array>state
+        st = arr.data.as_doubles
+        if st[_TOTAL] <= 0:
+            st[_LAST] = <double>cur
+            top = cur
+        elif <double>cur == st[_LAST]:
+            top = cur
+        else:
+            top = _roll(st, cur, n)
+    st[_BASE + _mod(top, n)] += <double>amount
+    st[_TOTAL] += <double>amount
+    st[_FRESH] = <double>(top + n) * width
+    return arr
+
+
+# -- reading the inputs -------------------------------------------------------------------------------------
+
+cdef int _read_spec(object spec, Spec* out):
+    """FALLBACK for anything but a LimitSpec of a known algorithm with numbers in range."""
+    cdef PyObject* algorithm
+    cdef int overflow = 0
+    if type(spec) is not SPEC:
+        return FALLBACK
+    if (_get(spec, O_ALGORITHM) == NULL or _get(spec, O_SHADOW) == NULL or _get(spec, O_LIMIT) == NULL
+            or _get(spec, O_BURST) == NULL or _get(spec, O_SLOTS) == NULL or _get(spec, O_INTERVAL) == NULL
+            or _get(spec, O_TOLERANCE) == NULL or _get(spec, O_MAX_DEBT) == NULL
+            or _get(spec, O_SLOT_WIDTH) == NULL):
+        return FALLBACK  # a field not set (never, for a constructed LimitSpec)
+    algorithm = _get(spec, O_ALGORITHM)
+    if algorithm == <PyObject*>GCRA:
+        out.algorithm = A_GCRA
+    elif algorithm == <PyObject*>SLIDING:
+        out.algorithm = A_SLIDING
+    elif algorithm == <PyObject*>GAUGE:
+        out.algorithm = A_GAUGE
+    else:
+        return FALLBACK  # an algorithm this code does not know: the pure path decides
+    out.obj = <PyObject*>spec
+    out.shadow = PyObject_IsTrue(<object>_get(spec, O_SHADOW))
+    out.limit = PyLong_AsLongLongAndOverflow(<object>_get(spec, O_LIMIT), &overflow)
+    if overflow or not (0 < out.limit <= MAX_COST):
+        return FALLBACK
+    out.burst = PyLong_AsLongLongAndOverflow(<object>_get(spec, O_BURST), &overflow)
+    if overflow or not (0 <= out.burst <= MAX_COST):
+        return FALLBACK
+    out.slots = PyLong_AsLongLongAndOverflow(<object>_get(spec, O_SLOTS), &overflow)
+    if overflow or not (0 <= out.slots <= 1 << 20):
+        return FALLBACK
+    out.interval = _float(_get(spec, O_INTERVAL))
+    out.tolerance = _float(_get(spec, O_TOLERANCE))
+    out.max_debt = _float(_get(spec, O_MAX_DEBT))
+    out.width = _float(_get(spec, O_SLOT_WIDTH))
+    if out.algorithm == A_GCRA and not out.interval > 0:
+        return FALLBACK  # Python would divide by zero
+    if out.algorithm == A_SLIDING and not (out.width > 0 and out.slots > 0):
+        return FALLBACK
+    return 0
+
+
+cdef inline double _float(PyObject* value):
+    if PyFloat_CheckExact(<object>value):
+        return PyFloat_AS_DOUBLE(<object>value)
+    return 0.0 / 0.0  # not a float: NaN fails every range check above
+
+
+cdef inline int _cost(object cost, long long* out):
+    cdef int overflow = 0
+    if not PyLong_CheckExact(cost):
+        return FALLBACK
+    out[0] = PyLong_AsLongLongAndOverflow(cost, &overflow)
+    if overflow or not (0 <= out[0] <= MAX_COST):
+        return FALLBACK
+    return 0
+
+
+cdef inline double* _sliding_doubles(object state, Spec* spec, int* fallback):
+    """memory._sliding_state: the stored doubles if the state is an array of this spec's shape, else NULL
+    (fresh). Sets *fallback for an array this code cannot read as Python would (not of doubles, or a
+    last-slot number out of range)."""
+    cdef array arr
+    cdef double last
+    if type(state) is not ARRAY:
+        return NULL
+    arr = <array>state
+    if Py_SIZE(arr) != spec.slots + _BASE:
+        return NULL
+    if arr.ob_descr.typecode != b"d":
+        fallback[0] = FALLBACK
+        return NULL
+    last = arr.data.as_doubles[_LAST]
+    if not (-SLOT_RANGE < last < SLOT_RANGE):
+        fallback[0] = FALLBACK
+        return NULL
+    return arr.data.as_doubles
+
+
+cdef int _take(object state, Spec* spec, long long cost, double now, Outcome* o):
+    """memory._take on C numbers; FALLBACK when the state is one this code cannot read exactly."""
+    cdef int fallback = 0, overflow = 0
+    cdef double* st
+    cdef long long in_flight, new
+    if spec.algorithm == A_GCRA:
+        if PyComplex_CheckExact(state):
+            _gcra_take(PyComplex_RealAsDouble(state), PyComplex_ImagAsDouble(state), now, spec, cost, o)
+        else:
+            _gcra_take(0.0, now, now, spec, cost, o)
+        return 0
+    if spec.algorithm == A_SLIDING:
+        st = _sliding_doubles(state, spec, &fallback)
+        if fallback:
+            return FALLBACK
+        return _sliding_take(st, now, spec, cost, o)
+    in_flight = 0
+    if PyLong_CheckExact(state):
+        in_flight = PyLong_AsLongLongAndOverflow(state, &overflow)
+        if overflow or not (-MAX_COST <= in_flight <= MAX_COST):
+            return FALLBACK
+    new = in_flight + cost
+    if new <= spec.limit:
+        o.fits = True
+        o.in_flight = new
+        o.remaining = spec.limit - new
+    else:
+        o.fits = False
+        o.in_flight = in_flight
+        o.remaining = spec.limit - in_flight if in_flight < spec.limit else 0
+        o.retry_after = RETRY_CONCURRENCY if cost <= spec.limit else INFINITY
+        o.reset_after = 0.0
+        return 0
+    o.reset_after = 0.0
+    o.retry_after = 0.0
+    return 0
+
+
+# -- the answer objects -------------------------------------------------------------------------------------
+
+cdef object _status(Spec* spec, long long remaining, double reset_after, double retry_after, bint fits):
+    """limits.new_status."""
+    status = PyType_GenericAlloc(<PyTypeObject*>STATUS, 0)
+    _put(status, O_S_SPEC, <object>spec.obj)
+    _put(status, O_S_LIMIT, <object>_get(<object>spec.obj, O_LIMIT))
+    _put(status, O_S_REMAINING, PyLong_FromLongLong(remaining))
+    _put(status, O_S_RESET, PyFloat_FromDouble(reset_after))
+    _put(status, O_S_RETRY, PyFloat_FromDouble(retry_after))
+    _put(status, O_S_ALLOWED, True if fits else False)
+    return status
+
+
+cdef object _result(bint allowed, tuple statuses, unsigned long long uncharged):
+    """limits.new_result."""
+    result = PyType_GenericAlloc(<PyTypeObject*>RESULT, 0)
+    _put(result, O_R_ALLOWED, True if allowed else False)
+    _put(result, O_R_STATUSES, statuses)
+    _put(result, O_R_UNCHARGED, PyLong_FromUnsignedLongLong(uncharged))
+    return result
+
+
+# -- eviction (MemoryCounterStore._sweep) --------------------------------------------------------------------
+
+cdef bint _is_fresh(object state, double now) except -1:
+    cdef array arr
+    if PyComplex_CheckExact(state):
+        return PyComplex_RealAsDouble(state) <= now - PyComplex_ImagAsDouble(state)
+    if type(state) is ARRAY:
+        arr = <array>state
+        if arr.ob_descr.typecode == b"d" and Py_SIZE(arr) >= _BASE:
+            return now >= arr.data.as_doubles[_FRESH] or arr.data.as_doubles[_TOTAL] <= 0.0
+    elif PyLong_CheckExact(state):
+        return not state
+    return _py_is_fresh(state, now)  # a state type this code does not know
+
+
+cdef long long _sweep(object states, double now, long long budget) except -1:
+    cdef long long evicted = 0, size = len(states)
+    if budget > size:
+        budget = size
+    while budget > 0:
+        cid = next(iter(states))
+        if _is_fresh(states[cid], now):
+            del states[cid]
+            evicted += 1
+        else:
+            states.move_to_end(cid)
+        budget -= 1
+    return evicted
+
+
+# -- acquire ---------------------------------------------------------------------------------------------
+
+def acquire(self, counter_ids, specs, costs, now):
+    """MemoryCounterStore.acquire (see stores/memory.py): decide every window, then charge them all or none."""
+    cdef Spec spec_c[MAX_WINDOWS]
+    cdef Outcome out[MAX_WINDOWS]
+    cdef long long cost_c[MAX_WINDOWS]
+    cdef PyObject* kept[MAX_WINDOWS]  # each window's state as read (strong references)
+    cdef Py_ssize_t n, i, taken = 0
+    cdef double t
+    cdef bint allowed = True
+    cdef unsigned long long uncharged = 0
+    cdef Spec* sp
+    cdef PyObject* found
+    cdef long long sweep_budget
+    if not (PyFloat_CheckExact(now) or PyLong_CheckExact(now)):
+        return _py_acquire(self, counter_ids, specs, costs, now)
+    t = now
+    n = len(specs)
+    if n > MAX_WINDOWS or not (-TIME_RANGE < t < TIME_RANGE):
+        return _py_acquire(self, counter_ids, specs, costs, now)
+    states = self._states
+    if type(states) is not ODICT:
+        return _py_acquire(self, counter_ids, specs, costs, now)
+    try:
+        for i in range(n):  # decide every window first; nothing is written yet
+            sp = &spec_c[i]
+            if _read_spec(specs[i], sp) or _cost(costs[i], &cost_c[i]):
+                return _py_acquire(self, counter_ids, specs, costs, now)
+            found = PyDict_GetItemWithError(states, counter_ids[i])  # dict.get: OrderedDict inherits it
+            state = <object>found if found != NULL else None
+            Py_XINCREF(<PyObject*>state)
+            kept[i] = <PyObject*>state
+            taken = i + 1
+            if _take(state, sp, cost_c[i], t, &out[i]):
+                return _py_acquire(self, counter_ids, specs, costs, now)
+            if not out[i].fits and not sp.shadow:
+                allowed = False
+        statuses = PyTuple_New(n)
+        if allowed:  # commit every enforced window, and each shadow one that fits
+            touch = states.move_to_end
+            for i in range(n):
+                sp = &spec_c[i]
+                if out[i].fits:
+                    cid = counter_ids[i]
+                    if sp.algorithm == A_GCRA:
+                        if out[i].debt:
+                            states[cid] = PyComplex_FromDoubles(out[i].debt, t)
+                            touch(cid)
+                        else:
+                            states.pop(cid, None)
+                    elif sp.algorithm == A_SLIDING:
+                        if cost_c[i]:
+                            states[cid] = _sliding_charge(
+                                _sliding_state_object(<object>kept[i], sp), t, sp, cost_c[i]
+                            )
+                            touch(cid)
+                    elif out[i].in_flight:
+                        states[cid] = PyLong_FromLongLong(out[i].in_flight)
+                        touch(cid)
+                    else:
+                        states.pop(cid, None)
+                else:
+                    uncharged |= (<unsigned long long>1) << i
+                status = _status(sp, out[i].remaining, out[i].reset_after, out[i].retry_after, out[i].fits)
+                Py_INCREF(status)
+                PyTuple_SET_ITEM(statuses, i, status)
+            result = _result(True, statuses, uncharged)
+        else:  # nothing is charged: windows that would have fitted report their figures as they are
+            for i in range(n):
+                sp = &spec_c[i]
+                if out[i].fits:
+                    _take(<object>kept[i], sp, 0, t, &out[i])
+                    status = _status(sp, out[i].remaining, out[i].reset_after, out[i].retry_after, True)
+                else:
+                    status = _status(sp, out[i].remaining, out[i].reset_after, out[i].retry_after, False)
+                Py_INCREF(status)
+                PyTuple_SET_ITEM(statuses, i, status)
+            result = _result(False, statuses, _all_bits(n))
+    finally:
+        for i in range(taken):
+            Py_XDECREF(kept[i])
+    sweep_per_call = self._sweep_per_call
+    if sweep_per_call:
+        sweep_budget = sweep_per_call
+        evicted = _sweep(states, t, sweep_budget)
+        self._evicted += evicted
+    return result
+
+
+cdef inline unsigned long long _all_bits(Py_ssize_t n):
+    """(1 << n) - 1, for n <= 64."""
+    if n >= 64:
+        return <unsigned long long>0xFFFFFFFFFFFFFFFF
+    return ((<unsigned long long>1) << n) - 1
+
+
+cdef inline object _sliding_state_object(object state, Spec* spec):
+    """memory._sliding_state: the array itself, or None."""
+    if type(state) is ARRAY and Py_SIZE(state) == spec.slots + _BASE:
+        return state
+    return None
+
+
+# -- adjust (settle differences) ---------------------------------------------------------------------------
+
+cdef void _sliding_refund(double* st, double now, Spec* spec, long long amount, bint exact, double charged_at):
+    """windows.sliding_refund in place (`exact`: a charged_at was given)."""
+    cdef long long n = spec.slots, top, s = 0, cur = 0, i
+    cdef double width = spec.width, left, take
+    if st[_TOTAL] <= 0:
+        return
+    _slot_of(now, width, &cur)  # in range: checked before anything was written
+    top = _roll(st, cur, n)
+    left = <double>amount
+    if exact:
+        _slot_of(charged_at, width, &s)
+        if top - n < s <= top:
+            i = _BASE + _mod(s, n)
+            take = left if left < st[i] else st[i]
+            st[i] -= take
+            st[_TOTAL] -= take
+        return
+    s = top
+    while s > top - n:
+        i = _BASE + _mod(s, n)
+        take = left if left < st[i] else st[i]
+        if take > 0:
+            st[i] -= take
+            st[_TOTAL] -= take
+            left -= take
+            if left <= 0:
+                return
+        s -= 1
+
+
+cdef inline bint _in_range(object t):
+    return (PyFloat_CheckExact(t) or PyLong_CheckExact(t)) and -TIME_RANGE < <double>t < TIME_RANGE
+
+
+def adjust(self, counter_ids, specs, deltas, now, charged_at=None):
+    """MemoryCounterStore.adjust (see stores/memory.py): apply settle differences now, window by window."""
+    cdef Spec spec_c[MAX_WINDOWS]
+    cdef long long delta_c[MAX_WINDOWS]
+    cdef Py_ssize_t n, i
+    cdef double t, at = 0.0, debt, elapsed
+    cdef long long slot, in_flight
+    cdef int fallback = 0, overflow = 0
+    cdef bint exact = charged_at is not None
+    cdef Spec* sp
+    cdef double* st
+    if not _in_range(now) or (exact and not _in_range(charged_at)):
+        return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
+    t = now
+    if exact:
+        at = charged_at
+    n = len(specs)
+    states = self._states
+    if n > MAX_WINDOWS or type(states) is not ODICT:
+        return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
+    for i in range(n):  # everything this code cannot do exactly goes to the pure path before any write
+        sp = &spec_c[i]
+        if _read_spec(specs[i], sp):
+            return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
+        delta = deltas[i]
+        if not PyLong_CheckExact(delta):
+            return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
+        delta_c[i] = PyLong_AsLongLongAndOverflow(delta, &overflow)
+        if overflow or not (-MAX_COST <= delta_c[i] <= MAX_COST):
+            return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
+        if not delta_c[i]:
+            continue
+        found = PyDict_GetItemWithError(states, counter_ids[i])
+        state = <object>found if found != NULL else None
+        if sp.algorithm == A_SLIDING:
+            _sliding_doubles(state, sp, &fallback)
+            if fallback or _slot_of(t, sp.width, &slot) or (exact and _slot_of(at, sp.width, &slot)):
+                return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
+        elif sp.algorithm == A_GAUGE and PyLong_CheckExact(state):
+            in_flight = PyLong_AsLongLongAndOverflow(state, &overflow)
+            if overflow or not (-MAX_COST <= in_flight <= MAX_COST):
+                return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
+    for i in range(n):
+        if not delta_c[i]:
+            continue
+        sp = &spec_c[i]
+        cid = counter_ids[i]
+        found = PyDict_GetItemWithError(states, cid)
+        state = <object>found if found != NULL else None
+        if sp.algorithm == A_GCRA:
+            if PyComplex_CheckExact(state):
+                debt = PyComplex_RealAsDouble(state)
+                if debt > 0:
+                    elapsed = t - PyComplex_ImagAsDouble(state)
+                    if elapsed > 0:
+                        debt = debt - elapsed if debt > elapsed else 0.0
+            else:
+                debt = 0.0
+            debt += <double>delta_c[i] * sp.interval
+            if debt > 0:
+                states[cid] = PyComplex_FromDoubles(debt, t)
+                states.move_to_end(cid)
+            else:
+                states.pop(cid, None)
+        elif sp.algorithm == A_SLIDING:
+            window = _sliding_state_object(state, sp)
+            if delta_c[i] > 0:
+                states[cid] = _sliding_charge(window, t, sp, delta_c[i])
+                states.move_to_end(cid)
+            elif window is not None:
+                st = (<array>window).data.as_doubles
+                _sliding_refund(st, t, sp, -delta_c[i], exact, at)
+                if t >= st[_FRESH] or st[_TOTAL] <= 0.0:
+                    del states[cid]
+        else:
+            in_flight = PyLong_AsLongLong(state) if PyLong_CheckExact(state) else 0
+            in_flight += delta_c[i]
+            if in_flight > 0:
+                states[cid] = PyLong_FromLongLong(in_flight)
+                states.move_to_end(cid)
+            else:
+                states.pop(cid, None)

@@ -1,0 +1,292 @@
+"""The compiled acquire and adjust of the memory store (nexus_authz/native/_windows.pyx) against the
+pure-Python ones (stores/memory.py `acquire_python` / `adjust_python`, on core/windows.py): the same
+statuses, results and store state, bit for bit, on random specs, costs, times and interleavings of
+acquire / adjust / peek / sweep; and the pure path for whatever the compiled one does not know."""
+
+from __future__ import annotations
+
+import math
+import os
+from array import array
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nexus_authz import native
+from nexus_authz.core import windows
+from nexus_authz.core.limits import LimitSpec, WindowStatus, make_limit
+from nexus_authz.stores import memory
+from nexus_authz.stores.memory import MemoryCounterStore, acquire_python, adjust_python
+
+
+@pytest.fixture(scope="module")
+def compiled() -> Any:
+    if native.windows is None:
+        if os.environ.get(native.PURE_ENV, "") not in ("", "0"):
+            pytest.skip("NEXUS_AUTHZ_PURE is set: the compiled windows are not loaded")
+        why = native.WHY_PURE_WINDOWS
+        pytest.fail(f"the compiled windows did not build or load ({why}): pip install -e .")
+    return native.windows
+
+
+# -- exact comparison ----------------------------------------------------------------------------------------
+
+
+def _f(x: float) -> str:
+    return x.hex() if isinstance(x, float) else repr(x)  # hex: -0.0 and 0.0 differ, as bits do
+
+
+def status_bits(s: WindowStatus) -> tuple[Any, ...]:
+    return (s.spec, s.limit, type(s.remaining), s.remaining, _f(s.reset_after), _f(s.retry_after), s.allowed)
+
+
+def result_bits(r: Any) -> Any:
+    if isinstance(r, tuple):  # peek
+        return tuple(status_bits(s) for s in r)
+    statuses = tuple(status_bits(s) for s in r.statuses)
+    return (type(r).__name__, r.allowed, type(r.uncharged), r.uncharged, statuses)
+
+
+def state_bits(store: MemoryCounterStore) -> list[Any]:
+    out: list[Any] = []
+    for cid, state in store._states.items():
+        if isinstance(state, complex):
+            out.append((cid, "gcra", _f(state.real), _f(state.imag)))
+        elif isinstance(state, array):
+            out.append((cid, state.typecode, tuple(_f(x) for x in state)))
+        else:
+            out.append((cid, type(state).__name__, state))
+    return out + [("evicted", store._evicted)]
+
+
+# -- strategies ----------------------------------------------------------------------------------------------
+
+gcra = st.builds(
+    lambda kind, limit, per, burst, shadow: make_limit(
+        kind, limit, per, algorithm="gcra", burst=burst, shadow=shadow
+    ),
+    st.sampled_from(["requests", "tokens"]),
+    st.sampled_from([1, 2, 3, 5, 7, 10, 60, 1000, 10**9, 10**15]),
+    st.sampled_from(["minute", "hour", "day"]),
+    st.none() | st.sampled_from([1, 2, 3, 4, 10, 1000, 10**15]),
+    st.booleans(),
+)
+sliding = st.builds(
+    lambda kind, limit, per, slots, shadow: make_limit(
+        kind, limit, per, algorithm="sliding", slots=slots, shadow=shadow
+    ),
+    st.sampled_from(["tokens", "usd"]),
+    st.sampled_from([1, 2, 3, 5, 10, 100, 1000, 10**12, 10**15]),
+    st.sampled_from(["day", "month"]),
+    st.none() | st.integers(2, 61),
+    st.booleans(),
+)
+gauge = st.builds(
+    lambda limit, shadow: make_limit("concurrent", limit, shadow=shadow),
+    st.sampled_from([1, 2, 3, 10, 100000]),
+    st.booleans(),
+)
+second = st.builds(  # small periods and slot widths: many slot boundaries within a few steps
+    lambda limit, sliding, shadow: make_limit(
+        "requests", limit, "second", algorithm="sliding" if sliding else "gcra", shadow=shadow
+    ),
+    st.sampled_from([1, 2, 3, 7, 10]),
+    st.booleans(),
+    st.booleans(),
+)
+spec_st = st.one_of(gcra, sliding, gauge, second)
+cid_st = st.sampled_from(["a", "b", "c", "d"])  # few ids: windows share them, and specs change shape
+cost_st = st.sampled_from([0, 1, 2, 3, 5, 100, 999, 10**6]) | st.integers(0, 2**40)
+step_st = st.one_of(
+    st.just(0.0),
+    st.sampled_from([1e-9, 0.001, 0.1, 0.5, 1.0, 3.0, 60.0, 3600.0, 86400.0, 40 * 86400.0]),
+    st.floats(0, 100, allow_nan=False),
+    st.floats(-2, 0, allow_nan=False),  # jitter: a clock that steps back
+)
+start_st = st.sampled_from([1_700_002_800.0, 1_700_000_000.123, 0.0, 59.99, -3600.5, 12345]) | st.floats(
+    -1e9, 1e10, allow_nan=False
+)
+
+
+@st.composite
+def call_st(draw: st.DrawFn) -> tuple[Any, ...]:
+    n = draw(st.integers(0, 6))
+    specs = tuple(draw(spec_st) for _ in range(n))
+    ids = tuple(draw(cid_st) for _ in range(n))
+    op = draw(st.sampled_from(["acquire"] * 5 + ["adjust", "peek", "sweep"]))
+    if op == "adjust":
+        amounts: tuple[int, ...] = tuple(draw(st.integers(-(10**6), 10**6) | cost_st) for _ in range(n))
+        charged_back = draw(st.none() | st.floats(0, 7200, allow_nan=False))
+        return op, ids, specs, amounts, draw(step_st), charged_back
+    if op == "sweep":
+        return op, ids, specs, (), draw(step_st), draw(st.none() | st.integers(0, 5))
+    return op, ids, specs, tuple(draw(cost_st) for _ in range(n)), draw(step_st), None
+
+
+PURE = (acquire_python, adjust_python)
+
+
+def run(store: MemoryCounterStore, path: Any, start: float, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
+    acquire, adjust = path
+    now = start
+    trace: list[Any] = []
+    for op, ids, specs, numbers, step, extra in calls:
+        now += step
+        if op == "acquire":
+            trace.append(result_bits(acquire(store, ids, specs, numbers, now)))
+        elif op == "peek":
+            trace.append(result_bits(store.peek(ids, specs, now)))
+        elif op == "adjust":
+            charged_at = None if extra is None else now - extra
+            adjust(store, ids, specs, numbers, now, charged_at)
+        else:
+            trace.append(store.sweep(now, extra))
+        trace.append(state_bits(store))
+    return trace
+
+
+@settings(max_examples=400, deadline=None)
+@given(start=start_st, sweep=st.integers(0, 3), calls=st.lists(call_st(), max_size=30))
+def test_compiled_acquire_is_the_pure_one(compiled: Any, start: float, sweep: int, calls: list[Any]) -> None:
+    pure = run(MemoryCounterStore(sweep_per_call=sweep), PURE, start, calls)
+    fast = run(MemoryCounterStore(sweep_per_call=sweep), (compiled.acquire, compiled.adjust), start, calls)
+    assert fast == pure
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    specs=st.lists(spec_st, min_size=1, max_size=5),
+    costs=st.lists(st.sampled_from([0, 1, 1, 1, 2, 50]), min_size=1, max_size=5),
+    steps=st.lists(st.sampled_from([0.0, 0.001, 0.05, 0.3, 1.0, 7.0, 3599.0]), min_size=1, max_size=60),
+)
+def test_a_busy_key_decides_the_same(
+    compiled: Any, specs: list[LimitSpec], costs: list[int], steps: list[float]
+) -> None:
+    """One key hammered with the same plan: long runs of admissions up to the limits and refusals."""
+    ids = tuple(f"k\x00{i}" for i in range(len(specs)))
+    cost = tuple(costs[i % len(costs)] for i in range(len(specs)))
+    calls = [("acquire", ids, tuple(specs), cost, step, None) for step in steps]
+    start = 1_700_002_800.0
+    fast = (compiled.acquire, compiled.adjust)
+    assert run(MemoryCounterStore(), fast, start, calls) == run(MemoryCounterStore(), PURE, start, calls)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    now=st.floats(-1e12, 1e12, allow_nan=False) | st.integers(-(10**9), 10**9).map(float),
+    width=st.sampled_from([0.1, 1.0, 60.0, 3600.0, 86400.0 / 24, 30 * 86400.0 / 30, 86400 / 7, 60 / 61])
+    | st.floats(1e-3, 1e7),
+)
+def test_slot_numbers_are_pythons(compiled: Any, now: float, width: float) -> None:
+    """Python's float floor division reproduced in C, and slot_of on top of it, including at boundaries."""
+    for t in (now, math.nextafter(now, math.inf), math.nextafter(now, -math.inf), round(now / width) * width):
+        assert compiled.slot_of(t, width) == windows.slot_of(t, width)
+
+
+# -- what the compiled path does not know goes to the pure one -----------------------------------------------
+
+
+@pytest.fixture
+def fallbacks(compiled: Any) -> Iterator[list[Any]]:
+    """Calls the compiled acquire and adjust handed to the pure ones."""
+    seen: list[Any] = []
+
+    def acquire_spy(store: Any, ids: Any, specs: Any, costs: Any, now: Any) -> Any:
+        seen.append(specs)
+        return acquire_python(store, ids, specs, costs, now)
+
+    def adjust_spy(store: Any, ids: Any, specs: Any, deltas: Any, now: Any, charged_at: Any = None) -> Any:
+        seen.append(("adjust", specs))
+        return adjust_python(store, ids, specs, deltas, now, charged_at)
+
+    compiled.install(acquire_spy, adjust_spy, memory._is_fresh)
+    try:
+        yield seen
+    finally:
+        compiled.install(acquire_python, adjust_python, memory._is_fresh)
+
+
+def test_the_compiled_acquire_and_adjust_run_by_default(compiled: Any) -> None:
+    assert MemoryCounterStore.acquire is compiled.acquire
+    assert MemoryCounterStore.adjust is compiled.adjust
+    assert native.WHY_PURE_WINDOWS == ""
+
+
+def test_an_unknown_algorithm_takes_the_pure_path(fallbacks: list[Any]) -> None:
+    known = make_limit("requests", 5, "minute")
+    odd = make_limit("tokens", 1000, "day")
+    object.__setattr__(odd, "algorithm", "calendar")  # a window kind added later, unknown to the C code
+    store = MemoryCounterStore()
+    store.acquire(("a",), (known,), (1,), 1000.0)
+    assert fallbacks == []
+    store.acquire(("a", "b"), (known, odd), (1, 1), 1000.0)
+    assert fallbacks == [(known, odd)]
+    store.adjust(("a",), (known,), (-1,), 1001.0)
+    assert len(fallbacks) == 1
+    store.adjust(("a", "b"), (known, odd), (-1, 0), 1001.0)
+    assert fallbacks[1] == ("adjust", (known, odd))
+
+
+@pytest.mark.parametrize(
+    "costs, now",
+    [((-1,), 1000.0), ((2**62 + 1,), 1000.0), ((1.0,), 1000.0), ((True,), 1000.0), ((1,), 1e16)],
+)
+def test_numbers_out_of_range_take_the_pure_path(fallbacks: list[Any], costs: Any, now: float) -> None:
+    spec = make_limit("tokens", 1000, "day")
+    MemoryCounterStore().acquire(("a",), (spec,), costs, now)
+    assert len(fallbacks) == 1
+
+
+def test_a_stored_array_of_another_type_takes_the_pure_path(fallbacks: list[Any]) -> None:
+    spec = make_limit("tokens", 1000, "day")
+    store = MemoryCounterStore()
+    store._states["a"] = array("f", bytes(4 * (spec.slots + 3)))
+    store.acquire(("a",), (spec,), (1,), 1000.0)
+    store.adjust(("a",), (spec,), (-1,), 1000.0)
+    assert len(fallbacks) == 2
+
+
+@pytest.mark.parametrize("deltas, now, charged_at", [((2**63,), 1000.0, None), ((-1,), 1000.0, 1e16)])
+def test_adjust_out_of_range_takes_the_pure_path(
+    fallbacks: list[Any], deltas: Any, now: float, charged_at: Any
+) -> None:
+    spec = make_limit("tokens", 1000, "day")
+    MemoryCounterStore().adjust(("a",), (spec,), deltas, now, charged_at)
+    assert len(fallbacks) == 1
+
+
+def test_more_windows_than_the_c_arrays_hold_take_the_pure_path(fallbacks: list[Any]) -> None:
+    specs = tuple(make_limit("requests", 5, "minute", name=f"r{i}") for i in range(65))
+    store = MemoryCounterStore()
+    result = store.acquire(tuple(s.name for s in specs), specs, (1,) * 65, 1000.0)
+    assert result.allowed and len(fallbacks) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    specs=st.lists(spec_st, min_size=1, max_size=5),
+    rounds=st.lists(
+        st.tuples(
+            st.sampled_from([1, 2, 10, 500]),  # reserved
+            st.sampled_from([-500, -10, -1, 0, 1, 10]),  # settle difference
+            st.sampled_from([0.0, 0.01, 0.4, 2.0, 1800.0, 3599.0, 86400.0]),  # until the settle
+            st.booleans(),  # with charged_at
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+)
+def test_reserve_then_settle_is_the_same(compiled: Any, specs: list[LimitSpec], rounds: list[Any]) -> None:
+    """The engine's pattern: acquire the estimate, settle the difference later (exactly, or newest first)."""
+    ids = tuple(f"k\x00{i}" for i in range(len(specs)))
+    plan = tuple(specs)
+    calls: list[Any] = []
+    for reserved, delta, delay, exact in rounds:
+        calls.append(("acquire", ids, plan, (reserved,) * len(plan), 1.0, None))
+        calls.append(("adjust", ids, plan, (delta,) * len(plan), delay, delay if exact else None))
+    start = 1_700_002_800.0
+    fast = (compiled.acquire, compiled.adjust)
+    assert run(MemoryCounterStore(), fast, start, calls) == run(MemoryCounterStore(), PURE, start, calls)
