@@ -24,8 +24,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from nexus_authz.core.calendar import calendar_charge, calendar_refund, calendar_take
 from nexus_authz import native
+from nexus_authz.core.calendar import calendar_charge, calendar_refund, calendar_take
 from nexus_authz.core.limits import (
     AcquireResult,
     Algorithm,
