@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from nexus_authz._gen.nexus.authz.v1 import policy_pb2_grpc
-from nexus_authz.adapters import envoy_als, envoy_authz, envoy_extproc, envoy_rls, policy_api
+from nexus_authz.adapters import envoy_als, envoy_authz, envoy_extproc, envoy_rls, key_admin, policy_api
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.engine import Engine
 from nexus_authz.runtime_keys import RuntimeKeys
@@ -288,7 +288,8 @@ async def start_api_server(
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     servicer = policy_api.PolicyApi(engine, admin_token, calls=calls)
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, server)
-    health_servicer = add_health(server, (policy_api.SERVICE,))
+    key_admin.add_to_server(server, servicer)  # runtime keys (issue 17), same token
+    health_servicer = add_health(server, (policy_api.SERVICE, key_admin.SERVICE))
     port = _listen(server, address, "the policy API")
     bound = address
     if not address.startswith("unix:"):

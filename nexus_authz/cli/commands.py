@@ -524,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nexus_authz.cli import remote as cli_remote
 
     cli_remote.add_commands(sub, keys_sub, add_config)  # keys list|show, limits, check (policy API)
+    from nexus_authz.cli import keys_admin
+
+    keys_admin.add_commands(keys_sub, add_config)  # keys create|rotate|update|restore (issue 17)
 
     p = sub.add_parser(
         "usage",
