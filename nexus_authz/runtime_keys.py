@@ -65,6 +65,7 @@ class RuntimeKeys:
         self._poll_interval = poll_interval
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._shared: dict[object, object] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -77,6 +78,10 @@ class RuntimeKeys:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="runtime-keys")
 
     async def close(self) -> None:
+        # The flag too, not only the cancellation: 3.11's wait_for can swallow a cancellation that
+        # arrives as the event it waits for is set, and the loop would then run on.
+        self._closing = True
+        self._wake.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -89,10 +94,12 @@ class RuntimeKeys:
         self._wake.set()
 
     async def _loop(self) -> None:
-        while True:
+        while not self._closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_interval)
             self._wake.clear()
+            if self._closing:
+                return
             try:
                 await self.sync()
             except asyncio.CancelledError:
