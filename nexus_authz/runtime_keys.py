@@ -144,6 +144,21 @@ class RuntimeKeys:
             self._shared.clear()
         return self._shared.setdefault(value, value)
 
+    def _compact(self, key: RuntimeKey) -> RuntimeKey:
+        """The key as kept in memory, its repeated values (tenant, plan, lists, limits) shared."""
+        share = self._share
+        return dataclasses.replace(
+            key,
+            tenant=share(key.tenant),
+            group=share(key.group),
+            plan=share(key.plan),
+            models=share(key.models),
+            paths=share(key.paths),
+            limits=share(key.limits),
+            metadata=share(key.metadata),
+            credential=share(key.credential),
+        )
+
     def _pairs(self, key: RuntimeKey, policy: PolicySet, credentials: Mapping[str, Credential]) -> rk.Pairs:
         return rk.key_records(key, policy=policy, credentials=credentials, share=self._share)
 
@@ -191,7 +206,7 @@ class RuntimeKeys:
                 log.error("runtime key not put in force", extra={"key_id": key.key_id, "error": str(exc)})
                 pairs = None
             batch.append((key.key_id, rk.digests(old) if old is not None else (), pairs))
-            self.keys[key.key_id] = key
+            self.keys[key.key_id] = self._compact(key)
         if not batch:
             return
         version = max(self.synced, max(k.version for k in changed))

@@ -18,6 +18,7 @@ from nexus_authz.core.model import Reason, Request
 from nexus_authz.core.runtime_keys import KeyChanges, KeySpec
 from nexus_authz.engine import Engine
 from nexus_authz.runtime_keys import RuntimeKeys
+from nexus_authz.server import Server
 from nexus_authz.settings import load_settings
 from nexus_authz.stores.keys import StoreConflict
 from nexus_authz.stores.keys.redis import RedisKeyStore
@@ -84,6 +85,12 @@ def test_the_store_checks_versions(redis_server: RedisServer) -> None:
         top, changed = await store.changed_since(0)
         assert top == v2 and [k.key_id for k in changed] == ["a"]
         assert await store.changed_since(v2) == (v2, [])
+        many = [rk.create(KeySpec(key_id=f"m{i}"), key_hash=bytes([i + 2]) * 32, now=3.0) for i in range(3)]
+        assert await store.put_many(many) == v2 + 3
+        top, changed = await store.changed_since(v2)
+        assert top == v2 + 3 and [k.key_id for k in changed] == ["m0", "m1", "m2"]
+        with pytest.raises(StoreConflict):
+            await store.put_many(many[:1])
         await client.aclose()
 
     asyncio.run(scenario())
@@ -162,6 +169,16 @@ def test_a_missed_message_is_caught_up_by_version_and_an_outage_keeps_the_keys(
             state, detail = b.runtime.state()
             assert state == "degraded" and "runtime key store (redis) unreachable" in detail
             assert b.status(secret) is Reason.OK
+            # readiness says so and stays ready (every replica keeps the same last keys)
+            server_b = Server(b.engine.settings, b.engine, runtime=b.runtime)
+            ready, why = server_b.readiness()
+            assert ready and why.startswith("degraded: runtime key store (redis) unreachable")
+            # a replica that never loaded the runtime keys is not ready: it would refuse valid keys
+            late = Replica(config, server.url, prefix)
+            await late.runtime.start(first_load_timeout=0.5)
+            ready, why = Server(late.engine.settings, late.engine, runtime=late.runtime).readiness()
+            assert not ready and "runtime keys not loaded yet" in why
+            await late.close()
         finally:
             await a.close()
             await b.close()

@@ -129,7 +129,7 @@ class RedisKeyStore:
         for start in range(0, len(keys), _BATCH):
             pipe = self._client.pipeline(transaction=False)
             for key in keys[start : start + _BATCH]:
-                self._put(
+                await self._put(  # queued on the pipeline (sent by execute)
                     keys=[self._key(key.key_id), self._version_key, self._changes_key],
                     args=["", encode(key), key.key_id, self.channel],
                     client=pipe,
