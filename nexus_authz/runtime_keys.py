@@ -18,6 +18,7 @@ changed entries rebuilt, then one reference swap). Each change is one log line a
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import logging
@@ -66,6 +67,7 @@ class RuntimeKeys:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._sorted: list[str] | None = None  # the ids in order, for paging (None: to sort again)
         self._shared: dict[object, object] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -206,6 +208,8 @@ class RuntimeKeys:
                 log.error("runtime key not put in force", extra={"key_id": key.key_id, "error": str(exc)})
                 pairs = None
             batch.append((key.key_id, rk.digests(old) if old is not None else (), pairs))
+            if key.key_id not in self.keys:
+                self._sorted = None
             self.keys[key.key_id] = self._compact(key)
         if not batch:
             return
@@ -297,7 +301,18 @@ class RuntimeKeys:
         now = self._clock()
         return self._done("restore", await self._modify("restore", key_id, lambda k: rk.restore(k, now=now)))
 
-    def list(self, tenant: str = "") -> list[RuntimeKey]:
-        return sorted(
-            (k for k in self.keys.values() if not tenant or k.tenant == tenant), key=lambda k: k.key_id
-        )
+    def page(self, tenant: str = "", after: str = "", size: int = 1000) -> tuple[list[RuntimeKey], bool]:
+        """Up to `size` keys (of `tenant`) by id after `after`, and whether more follow. The ids are
+        sorted once per change of the keys, not per page."""
+        if self._sorted is None:
+            self._sorted = sorted(self.keys)
+        ids = self._sorted
+        out: list[RuntimeKey] = []
+        for i in range(bisect.bisect_right(ids, after) if after else 0, len(ids)):
+            key = self.keys[ids[i]]
+            if tenant and key.tenant != tenant:
+                continue
+            if len(out) == size:
+                return out, True
+            out.append(key)
+        return out, False

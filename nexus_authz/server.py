@@ -123,7 +123,10 @@ class Server:
             if health.state == "degraded":
                 # fail_open: this replica still decides, with local limits, which is what fail_open asks
                 # for; turning unready would take every replica out at once for a shared Redis outage.
-                return True, "degraded: counter store (Redis) unreachable, deciding with local limits"
+                detail = "degraded: counter store (Redis) unreachable, deciding with local limits"
+                if runtime_detail:
+                    detail += "; " + runtime_detail.removeprefix("degraded: ")
+                return True, detail
         return True, runtime_detail or "ok"
 
     # -- start ------------------------------------------------------------------------------------

@@ -181,15 +181,11 @@ class KeyAdminApi(pb_grpc.KeyAdminServiceServicer):
         if not 0 < size <= MAX_PAGE_SIZE:
             raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"page_size: 1 to {MAX_PAGE_SIZE}")
         runtime = self.runtime
-        keys = runtime.list(request.tenant)
-        after = request.page_token
-        if after:
-            keys = [k for k in keys if k.key_id > after]
-        page = keys[:size]
+        page, more = runtime.page(request.tenant, request.page_token, size)
         now = self._now()
         return pb.ListRuntimeKeysResponse(
             keys=[key_message(k, now) for k in page],
-            next_page_token=page[-1].key_id if len(keys) > size else "",
+            next_page_token=page[-1].key_id if more else "",
             version=runtime.synced,
         )
 

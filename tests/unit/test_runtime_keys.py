@@ -228,3 +228,18 @@ def test_merge_refuses_an_id_in_both() -> None:
     snap = rk.dataclasses.replace(EMPTY_SNAPSHOT, by_id={"a": object()}, source="keys.yaml")  # type: ignore[dict-item]
     with pytest.raises(ConfigError, match="'a' is both in the key file and a runtime key"):
         rk.merge(snap, {"a": ()}, runtime_version=1)
+
+
+def test_listing_pages_by_id(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
+    _, runtime = start(tmp_path, loop, Clock())
+    for i in (3, 1, 2, 5, 4):
+        loop.run_until_complete(runtime.create(KeySpec(key_id=f"k{i}", tenant="odd" if i % 2 else "even")))
+    first, more = runtime.page(size=2)
+    assert [k.key_id for k in first] == ["k1", "k2"] and more
+    rest, more = runtime.page(after="k2", size=10)
+    assert [k.key_id for k in rest] == ["k3", "k4", "k5"] and not more
+    odd, more = runtime.page(tenant="odd", after="k1", size=1)
+    assert [k.key_id for k in odd] == ["k3"] and more
+    loop.run_until_complete(runtime.create(KeySpec(key_id="k0")))
+    assert runtime.page(size=1)[0][0].key_id == "k0"  # a new key is in the order at once
+    loop.run_until_complete(runtime.store.close())
