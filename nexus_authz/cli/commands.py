@@ -276,7 +276,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
         if args.id not in known.by_id and not args.force:
             return _fail(
                 f"no key with id {args.id!r} in the key file {key_file}; nothing revoked (check the id, or "
-                "pass --force to publish the revocation anyway)"
+                "pass --force to publish the revocation anyway; a runtime key: `keys revoke --runtime`)"
             )
 
     async def publish() -> int:

@@ -71,7 +71,8 @@ def config(tmp_path: Path) -> Path:
 def test_the_store_checks_versions(redis_server: RedisServer) -> None:
     async def scenario() -> None:
         client = aioredis.Redis.from_url(redis_server.url)
-        store = RedisKeyStore(client, key_prefix=unique_prefix("ks"))
+        prefix = unique_prefix("ks")
+        store = RedisKeyStore(client, key_prefix=prefix)
         key = rk.create(KeySpec(key_id="a"), key_hash=b"\x01" * 32, now=1.0)
         v1 = await store.put(key, expected=None)
         with pytest.raises(StoreConflict, match="exists already"):
@@ -91,6 +92,11 @@ def test_the_store_checks_versions(redis_server: RedisServer) -> None:
         assert top == v2 + 3 and [k.key_id for k in changed] == ["m0", "m1", "m2"]
         with pytest.raises(StoreConflict):
             await store.put_many(many[:1])
+        # a record that cannot be read is skipped (and logged), the others still load
+        await client.hset(f"{prefix}{{rtkeys}}:k:bad", mapping={"v": 99, "d": "not json"})
+        await client.zadd(f"{prefix}{{rtkeys}}:changes", {"bad": 99})
+        top, changed = await store.changed_since(0)
+        assert top == 99 and sorted(k.key_id for k in changed) == ["a", "m0", "m1", "m2"]
         await client.aclose()
 
     asyncio.run(scenario())

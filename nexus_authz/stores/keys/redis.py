@@ -103,7 +103,10 @@ class RedisKeyStore:
             for (_, score), (v, d) in zip(chunk, await pipe.execute(), strict=True):
                 top = max(top, int(score))
                 if v is not None and d is not None:
-                    out.append(decode(d, int(v)))
+                    try:
+                        out.append(decode(d, int(v)))
+                    except ValueError as exc:  # one bad record must not stop every other key
+                        log.error("runtime key record unreadable; skipped", extra={"error": str(exc)})
         return top, out
 
     async def get(self, key_id: str) -> RuntimeKey | None:

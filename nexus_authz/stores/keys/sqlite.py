@@ -12,6 +12,7 @@ from a read-only directory).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,8 @@ from nexus_authz.core.runtime_keys import RuntimeKey, decode, encode
 from nexus_authz.stores.keys import StoreConflict
 
 __all__ = ["SQLiteKeyStore"]
+
+log = logging.getLogger("nexus_authz.keys")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runtime_keys (
@@ -74,7 +77,13 @@ class SQLiteKeyStore:
         rows = db.execute(
             "SELECT version, data FROM runtime_keys WHERE version > ? ORDER BY version", (version,)
         ).fetchall()
-        return (int(rows[-1][0]) if rows else version), [decode(data, v) for v, data in rows]
+        keys = []
+        for v, data in rows:
+            try:
+                keys.append(decode(data, v))
+            except ValueError as exc:  # one bad record must not stop every other key
+                log.error("runtime key record unreadable; skipped", extra={"error": str(exc)})
+        return (int(rows[-1][0]) if rows else version), keys
 
     async def changed_since(self, version: int) -> tuple[int, list[RuntimeKey]]:
         return await self._run(self._changed_since, version)
