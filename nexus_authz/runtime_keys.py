@@ -10,8 +10,10 @@
 - the engine asks `merge` for every new key-file or config snapshot (an id in both is a config error).
 
 Everything runs on the event loop except the store's I/O, which the stores run off it. A change is put
-in force with `core.runtime_keys.apply_changes` (one copy of the snapshot's maps per batch, only the
-changed entries rebuilt, then one reference swap). Each change is one log line and one count
+in force with `core.runtime_keys.apply_changes`: only the changed entries are built; the first change
+after a key-file or config snapshot copies its maps (the file's snapshot is never changed), later ones
+change those copies where they are (O(changed keys), not O(keys)); then one reference swap to a new
+KeySnapshot object. Each change is one log line and one count
 (`nexus_authz_key_changes_total{op}`), never a secret or a hash.
 """
 
@@ -67,6 +69,7 @@ class RuntimeKeys:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._owned: tuple[object, object] = (None, None)  # the snapshot maps changed in place
         self._sorted: list[str] | None = None  # the ids in order, for paging (None: to sort again)
         self._shared: dict[object, object] = {}
 
@@ -214,7 +217,12 @@ class RuntimeKeys:
         if not batch:
             return
         version = max(self.synced, max(k.version for k in changed))
-        new = rk.apply_changes(snapshot, batch, runtime_version=version)
+        # The maps are changed in place when they are ours (made by an earlier change here, never shared
+        # with the key file's snapshot or another holder): O(changed keys), not O(keys). Safe because the
+        # hot path reads them on this same event loop thread, never across an await.
+        owned = snapshot.by_digest is self._owned[0] and snapshot.by_id is self._owned[1]
+        new = rk.apply_changes(snapshot, batch, runtime_version=version, in_place=owned)
+        self._owned = (new.by_digest, new.by_id)
         revoked = engine.revoked
         if revoked and any(key_id in revoked for key_id, _, _ in batch):
             new = with_revoked(new, revoked)

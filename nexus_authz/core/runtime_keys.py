@@ -14,9 +14,10 @@ records into the `KeyRecord`s of the one `KeySnapshot` the hot path reads.
 - Sources combine: file keys are read-only to the API; an id in both the key file and the runtime store
   is a configuration error (`merge` raises ConfigError naming the ids; the key file or config reload is
   rejected and the last good snapshot stays in force), and the API refuses to create an id the file has.
-- `apply_changes` updates a snapshot for a batch of changed runtime keys without rebuilding it: the two
-  maps are copied (a C-level copy, no per-key Python work) and only the changed entries rebuilt; the
-  result is a new immutable snapshot swapped in by one assignment, like a reload.
+- `apply_changes` updates a snapshot for a batch of changed runtime keys without rebuilding it: only the
+  changed entries are built, into copies of the two maps (O(keys), a C-level copy) or, for a caller that
+  owns the maps (runtime_keys.RuntimeKeys), into the maps themselves (O(changed keys)); either way the
+  result is a new KeySnapshot object swapped in by one assignment, like a reload.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -436,26 +437,42 @@ def digests(key: RuntimeKey) -> tuple[bytes, ...]:
 
 def apply_changes(
     snapshot: KeySnapshot,
-    changes: Iterable[tuple[str, tuple[bytes, ...], Pairs | None]],
+    changes: Sequence[tuple[str, tuple[bytes, ...], Pairs | None]],
     *,
     runtime_version: int,
+    in_place: bool = False,
 ) -> KeySnapshot:
     """`snapshot` with runtime keys changed: each change is (key id, the hashes it has in `snapshot`
-    (empty for a new key), its new entries or None to drop it). One copy of the two maps per batch,
-    whatever the batch's size. ConfigError (nothing applied) if a new key would take a file key's id."""
-    by_digest = dict(snapshot.by_digest)
-    by_id = dict(snapshot.by_id)
+    (empty for a new key), its new entries or None to drop it). A new KeySnapshot object; its two maps
+    are copies (one copy per batch, whatever its size: O(keys)), or with `in_place` the snapshot's own
+    maps, changed where they are (O(changed keys): for a caller that owns those maps and applies on the
+    one thread that reads them). ConfigError if a new key would take a file key's id or hash, checked
+    before anything changes."""
+    changed = {key_id for key_id, _, _ in changes}
     for key_id, old, new in changes:
-        if old:
-            for digest in old:
-                by_digest.pop(digest, None)
-            by_id.pop(key_id, None)
-        elif key_id in by_id:
+        if not old and key_id in snapshot.by_id:
             raise ConfigError(
                 f"runtime key {key_id!r} has the id of a key in the key file", source=snapshot.source
             )
+        for digest, _ in new or ():
+            other = snapshot.by_digest.get(digest)
+            if other is not None and other.key_id not in changed:
+                raise ConfigError(
+                    f"runtime key {key_id!r} has the same hash as key {other.key_id!r}",
+                    source=snapshot.source,
+                )
+    by_digest = snapshot.by_digest if in_place else dict(snapshot.by_digest)
+    by_id = snapshot.by_id if in_place else dict(snapshot.by_id)
+    assert isinstance(by_digest, dict) and isinstance(by_id, dict)
+    for key_id, old, new in changes:
+        for digest in old:
+            by_digest.pop(digest, None)
+        if old:
+            by_id.pop(key_id, None)
         if new is not None:
-            _add(by_digest, by_id, key_id, new, snapshot)
+            for digest, record in new:
+                by_digest[digest] = record
+            by_id[key_id] = new[0][1]
     return dataclasses.replace(
         snapshot, by_digest=by_digest, by_id=by_id, version=_version(snapshot, runtime_version)
     )

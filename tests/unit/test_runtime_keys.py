@@ -162,7 +162,22 @@ def test_a_change_updates_the_snapshot_without_rebuilding_it(
     assert after is not before and len(after) == len(before) + 1  # a new snapshot, swapped
     file_record = before.by_id["filekey"]
     assert after.by_id["filekey"] is file_record  # the other entries are shared, not rebuilt
-    assert before.by_id.keys() == {"filekey"}  # the old snapshot was not mutated
+    assert before.by_id.keys() == {"filekey"}  # the key file's snapshot was not changed: its maps copied
+    # from then on the maps are this replica's own: a change is applied where they are, O(changed keys)
+    _, secret = loop.run_until_complete(runtime.create(KeySpec(key_id="rt2")))
+    third = engine.snapshot
+    assert third is not after and third.by_digest is after.by_digest and third.by_id is after.by_id
+    assert third.version != after.version and len(third) == 3
+    assert engine.check(chat(secret)).allowed
+    # a key-file reload merges into new maps, which are copied again at the next change
+    (tmp_path / "keys.yaml").write_text(key_file(FILE_KEY, FileKey("other")))
+    assert engine.reload_keys(force=True)
+    reloaded = engine.snapshot
+    assert len(reloaded) == 4 and engine.check(chat(secret)).allowed
+    loop.run_until_complete(runtime.revoke("rt2"))
+    assert engine.snapshot.by_digest is not reloaded.by_digest
+    assert reloaded.by_id["rt2"].disabled is False  # the reload's snapshot was not changed
+    assert engine.check(chat(secret)).reason == Reason.DISABLED_KEY
     loop.run_until_complete(runtime.store.close())
 
 
