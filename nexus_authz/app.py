@@ -25,9 +25,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from nexus_authz._gen.nexus.authz.v1 import policy_pb2_grpc
-from nexus_authz.adapters import envoy_als, envoy_authz, envoy_extproc, envoy_rls, policy_api
+from nexus_authz.adapters import envoy_als, envoy_authz, envoy_extproc, envoy_rls, key_admin, policy_api
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.engine import Engine
+from nexus_authz.runtime_keys import RuntimeKeys
 from nexus_authz.settings import (
     Settings,
     redis_password,
@@ -53,6 +54,7 @@ __all__ = [
     "make_ledger",
     "open_counter_store",
     "revocation_channel",
+    "runtime_keys",
     "start_api_server",
     "validate",
 ]
@@ -172,6 +174,33 @@ def revocation_channel(settings: Settings, engine: Engine) -> RevocationChannel:
     return RevocationChannel(client, key_prefix=rs.key_prefix, on_revoked=engine.revoke)
 
 
+def runtime_keys(settings: Settings, engine: Engine) -> RuntimeKeys | None:
+    """The runtime key store (issue 17), not started: Redis in distributed mode, else SQLite beside the
+    ledger; None with `keys.runtime: none`."""
+    kind = settings.runtime_keys
+    rs = settings.counters.redis
+    if kind == "none":
+        return None
+    if kind == "redis" or (kind == "auto" and rs is not None):
+        from nexus_authz.stores.keys.redis import RedisKeyStore
+
+        assert rs is not None
+        try:
+            client = make_client(
+                rs, password=redis_password(rs, base_dir=settings.base_dir), base_dir=settings.base_dir
+            )
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from None
+        store = RedisKeyStore(client, key_prefix=rs.key_prefix)
+        runtime = RuntimeKeys(engine, store, poll_interval=5.0, clock=engine.clock)
+        store.on_change = runtime.notify
+        return runtime
+    from nexus_authz.stores.keys.sqlite import SQLiteKeyStore
+
+    store_path = resolve_path(settings, settings.runtime_keys_path)
+    return RuntimeKeys(engine, SQLiteKeyStore(store_path), poll_interval=1.0, clock=engine.clock)
+
+
 # -- the gRPC servers ---------------------------------------------------------------------------------------
 def add_health(server: grpc.aio.Server, services: Iterable[str]) -> health.HealthServicer:
     """grpc.health.v1 and server reflection for `services` (and themselves): one setup for both gRPC
@@ -270,7 +299,8 @@ async def start_api_server(
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     servicer = policy_api.PolicyApi(engine, admin_token, calls=calls)
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, server)
-    health_servicer = add_health(server, (policy_api.SERVICE,))
+    key_admin.add_to_server(server, servicer)  # runtime keys (issue 17), same token
+    health_servicer = add_health(server, (policy_api.SERVICE, key_admin.SERVICE))
     port = _listen(server, address, "the policy API")
     bound = address
     if not address.startswith("unix:"):

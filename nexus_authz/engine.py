@@ -30,6 +30,7 @@ from nexus_authz.core.limits import LimitSpec, WindowStatus
 from nexus_authz.core.model import Credential, Decision, InFlight, Reason, Request
 from nexus_authz.core.policy import Policy
 from nexus_authz.core.reservations import ReservationBook, Settlement
+from nexus_authz.core.runtime_keys import file_version
 from nexus_authz.core.tokens import count_tokens
 from nexus_authz.core.usage import StreamUsage, Usage
 from nexus_authz.decide import Decider
@@ -117,6 +118,7 @@ class Engine:
         "failures",
         "remote",
         "revoked",
+        "runtime",
         "policy",
         "settings",
         "snapshot",
@@ -145,6 +147,8 @@ class Engine:
         self.counters: Any = counters if counters is not None else remote or MemoryCounterStore()
         self.failures = MemoryCounterStore()  # invalid keys per client address: always local
         self.revoked: frozenset[str] = frozenset()  # key ids revoked through Redis, over the key file
+        # Keys managed at runtime (runtime_keys.RuntimeKeys, set by the server): merged into every snapshot.
+        self.runtime: Any = None
         reservations = settings.policy.reservations
         self.book = ReservationBook(ttl=reservations.ttl, max_entries=reservations.max_pending)
         self.ledger = ledger
@@ -197,12 +201,27 @@ class Engine:
         stamp = self.keys.current_stamp()
         snapshot = self._read_keys()
         self.keys.install(snapshot, stamp)
-        self.snapshot = with_revoked(snapshot, self.revoked) if self.revoked else snapshot
+        self.snapshot = self._in_force(snapshot)
         gc.freeze()  # the snapshot lives until the next reload: keep the cyclic GC off its objects
 
     @property
     def clock(self) -> Callable[[], float]:
         return self._clock
+
+    @property
+    def credentials(self) -> Mapping[str, Credential]:
+        return self._credentials
+
+    def _in_force(
+        self, snapshot: KeySnapshot, settings: Settings | None = None, credentials: Any = None
+    ) -> KeySnapshot:
+        """A key-file snapshot with the runtime keys merged in (ConfigError if they conflict) and the
+        Redis revocations applied: what the hot path reads."""
+        if self.runtime is not None:
+            snapshot = self.runtime.merge(
+                snapshot, (settings or self.settings).policy, credentials or self._credentials
+            )
+        return with_revoked(snapshot, self.revoked) if self.revoked else snapshot
 
     @clock.setter
     def clock(self, clock: Callable[[], float]) -> None:
@@ -421,6 +440,14 @@ class Engine:
         A broken, truncated or deleted file logs one error per change of the file (not one per poll),
         naming the file and the field. Returns True if a new snapshot is in force.
         """
+        merged = None
+        if not isinstance(result, ConfigError) and file_version(result.version) != file_version(
+            self.snapshot.version
+        ):
+            try:
+                merged = self._in_force(result)
+            except ConfigError as exc:
+                result = exc
         loaded = self.keys.install(result, stamp)
         if loaded is None:
             log.error(
@@ -432,10 +459,10 @@ class Engine:
                 },
             )
             return False
-        if loaded.version == self.snapshot.version:
+        if merged is None:
             return False
         previous = self.snapshot
-        self.snapshot = with_revoked(loaded, self.revoked) if self.revoked else loaded
+        self.snapshot = merged
         # The snapshot lives until the next reload: keep the cyclic GC from rescanning its objects.
         gc.freeze()
         log.info(
@@ -508,8 +535,14 @@ class Engine:
         reload, and keeps its running value. Returns True if the new config is in force."""
         assert self.config is not None
         path = self.config.path
+        merged = None
+        if not isinstance(result, ConfigError):
+            try:
+                merged = self._in_force(result.snapshot, result.settings, result.credentials)
+            except ConfigError as exc:
+                result = exc
         update = self.config.install(result, stamp)
-        if update is None:
+        if update is None or merged is None:
             config_log.error(
                 "config file rejected; the previous config stays in force",
                 extra={"config": path, "error": str(result)},
@@ -534,7 +567,7 @@ class Engine:
             clock=self.clock,
         )
         self.keys.install(snapshot, update.key_stamp)
-        self.snapshot = with_revoked(snapshot, self.revoked) if self.revoked else snapshot
+        self.snapshot = merged
         gc.freeze()
         config_log.info(
             "config file reloaded",

@@ -114,6 +114,16 @@ class EngineCollector(Collector):
             for (method, code), n in sorted(self.api_calls.items()):
                 calls.add_metric([method, code], n)
             yield calls
+        runtime = engine.runtime
+        if runtime is not None:  # keys managed at runtime (issue 17)
+            changes = CounterMetricFamily(
+                "nexus_authz_key_changes",
+                "Runtime key changes made through this replica's API, by operation.",
+                labels=["op"],
+            )
+            for op, n in runtime.changes.items():
+                changes.add_metric([op], n)
+            yield changes
         if self.ready is not None:
             yield GaugeMetricFamily(
                 "nexus_authz_ready", "1 when the service is ready.", value=float(self.ready()[0])

@@ -40,6 +40,7 @@ from nexus_authz.core.errors import ConfigError
 from nexus_authz.engine import Engine
 from nexus_authz.latency import LOOP_BUSY
 from nexus_authz.metrics import RlsCollector, make_registry, render
+from nexus_authz.runtime_keys import RuntimeKeys
 from nexus_authz.settings import Settings
 from nexus_authz.stores.redis.revocations import RevocationChannel
 from nexus_authz.unixsock import UnixSocketError, identity, unlink_if_ours
@@ -87,6 +88,7 @@ class Server:
     addresses: dict[str, str] = field(default_factory=dict)
     grpc_port: int = 0
     revocations: RevocationChannel | None = None
+    runtime: RuntimeKeys | None = None  # keys managed at runtime (issue 17)
     api: app.ApiServer | None = None
     api_calls: dict[tuple[str, str], int] = field(default_factory=dict)
     serving: bool | None = None
@@ -109,6 +111,12 @@ class Server:
             if source.last_error:
                 # Still serving the last good version, but the file on disk is broken: say so.
                 return False, f"{what} rejected; serving the previous {kept}"
+        runtime_detail = None
+        if self.runtime is not None:
+            state, runtime_detail = self.runtime.state()
+            if state == "loading":  # a replica that does not know the runtime keys would refuse them
+                return False, runtime_detail
+            runtime_detail = runtime_detail if state == "degraded" else None
         remote = self.engine.remote
         if remote is not None:
             health = remote.health()
@@ -117,8 +125,11 @@ class Server:
             if health.state == "degraded":
                 # fail_open: this replica still decides, with local limits, which is what fail_open asks
                 # for; turning unready would take every replica out at once for a shared Redis outage.
-                return True, "degraded: counter store (Redis) unreachable, deciding with local limits"
-        return True, "ok"
+                detail = "degraded: counter store (Redis) unreachable, deciding with local limits"
+                if runtime_detail:
+                    detail += "; " + runtime_detail.removeprefix("degraded: ")
+                return True, detail
+        return True, runtime_detail or "ok"
 
     # -- start ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -138,6 +149,10 @@ class Server:
             await engine.remote.start()  # connects lazily: an unreachable Redis is a state, not a crash
             self.revocations = app.revocation_channel(s, engine)
             await self.revocations.start()
+        self.runtime = app.runtime_keys(s, engine)
+        if self.runtime is not None:
+            engine.runtime = self.runtime
+            await self.runtime.start()
         if s.accounting.enabled and s.accounting.exact_cutoff_count:
             # Load the tokenizer now, off the loop, rather than on the first cut-off stream.
             asyncio.get_running_loop().run_in_executor(None, tokens.warm_up)
@@ -289,6 +304,8 @@ class Server:
             await self.engine.ledger.close()
         if self.revocations is not None:
             await self.revocations.close()
+        if self.runtime is not None:
+            await self.runtime.close()
         if self.engine.remote is not None:
             await self.engine.remote.close()  # flushes queued counter changes to Redis
         ledger_done = loop.time()

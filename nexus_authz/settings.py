@@ -111,6 +111,9 @@ class Settings:
     keys_file: str = "keys.yaml"
     pepper: SecretRef = field(default=SecretRef(env=DEFAULT_PEPPER_ENV), repr=False)
     reload_interval: float = 1.0
+    # keys managed at runtime (issue 17): auto = redis in distributed mode, else sqlite; none: off
+    runtime_keys: str = "auto"
+    runtime_keys_path: str = "runtime-keys.sqlite3"
     # operations
     log_level: str = "info"
     log_format: str = "json"
@@ -204,6 +207,8 @@ def parse_settings(text: str, path: str, environ: Mapping[str, str]) -> Settings
         pepper = parse_secret_ref(pepper_fields, what="keys.pepper")
         pepper_fields.done()
     reload_interval = keys.duration("reload_interval", s.reload_interval, minimum=0.05)
+    runtime_keys = keys.choice("runtime", ("auto", "sqlite", "redis", "none"), s.runtime_keys)
+    runtime_keys_path = keys.str("runtime_path", s.runtime_keys_path)
     keys.done()
 
     logging_f = root.mapping("logging")
@@ -222,6 +227,12 @@ def parse_settings(text: str, path: str, environ: Mapping[str, str]) -> Settings
         cf.fail("redis", "set counters.backend: redis to use it")
     cf.done()
     counters = CounterSettings(backend=backend, redis=redis_settings)
+    if runtime_keys == "redis" and backend != "redis":
+        raise ConfigError(
+            "runtime keys in Redis need counters.backend: redis (its connection is used)",
+            source=path,
+            field="keys.runtime",
+        )
 
     lf = root.mapping("ledger")
     ld = LedgerSettings()
@@ -274,6 +285,8 @@ def parse_settings(text: str, path: str, environ: Mapping[str, str]) -> Settings
         keys_file=keys_file,
         pepper=pepper,
         reload_interval=reload_interval,
+        runtime_keys=runtime_keys,
+        runtime_keys_path=runtime_keys_path,
         log_level=log_level,
         log_format=log_format,
         shutdown_grace=shutdown_grace,
@@ -462,6 +475,8 @@ RESTART_FIELDS: Mapping[str, str] = {
     "max_body_bytes": "http.max_body_bytes",
     "idle_timeout": "http.idle_timeout",
     "reload_interval": "keys.reload_interval",
+    "runtime_keys": "keys.runtime",
+    "runtime_keys_path": "keys.runtime_path",
     "log_level": "logging.level",
     "log_format": "logging.format",
     "shutdown_grace": "server.shutdown_grace",

@@ -280,7 +280,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
         if args.id not in known.by_id and not args.force:
             return _fail(
                 f"no key with id {args.id!r} in the key file {key_file}; nothing revoked (check the id, or "
-                "pass --force to publish the revocation anyway)"
+                "pass --force to publish the revocation anyway; a runtime key: `keys revoke --runtime`)"
             )
 
     async def publish() -> int:
@@ -530,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_remote.add_commands(sub, keys_sub, add_config)  # keys list|show, limits, check (policy API)
     cli_explain.add_command(sub, add_config)  # explain (policy API)
+    from nexus_authz.cli import keys_admin
+
+    keys_admin.add_commands(keys_sub, add_config)  # keys create|rotate|update|restore (issue 17)
 
     p = sub.add_parser(
         "usage",

@@ -155,7 +155,7 @@ def test_readyz_with_redis_stopped(short_tmp: Path, failure_mode: str) -> None:
         while time.monotonic() < deadline:  # the breaker opens on failed calls: make some
             asyncio.run(one_check(nexus.socket, OPEN_LIMITED))
             status, body = readyz()
-            if body["detail"] != "ok":
+            if "counter store" in str(body["detail"]):  # (the runtime key store may say so first)
                 break
             time.sleep(0.1)
         if failure_mode == "fail_open":  # still serving, on local limits: ready, and says it is degraded
