@@ -39,11 +39,11 @@ from nexus_authz.core.config import (
     _upstream_headers,
     _uses_usd,
     key_limits,
-    parse_limits,
 )
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.keys import KeySnapshot
 from nexus_authz.core.limits import Kind, LimitSpec
+from nexus_authz.core.limits_yaml import parse_limits
 from nexus_authz.core.model import Credential, KeyRecord
 
 __all__ = [
