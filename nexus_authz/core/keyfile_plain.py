@@ -84,10 +84,17 @@ class _Entries(LineList):
         self._pos = pos  # offset of the first entry's line
         self._start_line = line_no  # its number
         self._indent = indent
-        self._root = root
+        self._root: LineDict | None = root
         self.line = line_no
 
     def __iter__(self) -> Iterator[Any]:
+        try:
+            yield from self._read()
+        finally:  # the root holds this list: drop the way back (and the text), or the pair is a cycle
+            self._root = None
+            self._text = ""
+
+    def _read(self) -> Iterator[Any]:
         prefix = " " * self._indent + "- "
         inner = " " * (self._indent + 2)
         n_prefix = len(prefix)
@@ -168,9 +175,10 @@ class _Entries(LineList):
     def _rest(self, index: int) -> Iterator[Any]:
         """From entry `index` on, YAML's reading of the whole file (and the root's other fields)."""
         doc = load_yaml(self._text, self._source)
+        root = self._root
+        assert root is not None, "the key list is read once"
         if not isinstance(doc, LineDict) or not isinstance(doc.get("keys"), list):  # pragma: no cover
             raise ConfigError("the key file is not a mapping with a `keys` list", source=self._source)
-        root = self._root
         for name, value in doc.items():
             if name != "keys":
                 root[name] = value
