@@ -23,6 +23,7 @@ that entry on; a file that does not start this way is not taken at all (`None`).
 
 from __future__ import annotations
 
+import gc
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -88,11 +89,17 @@ class _Entries(LineList):
         self.line = line_no
 
     def __iter__(self) -> Iterator[Any]:
+        # The cyclic GC paused while the entries are read and turned into records, as `load_yaml` does
+        # while it parses (1,000,000 keys: millions of new objects, each burst a collection scanning them).
+        was_enabled = gc.isenabled()
+        gc.disable()
         try:
             yield from self._read()
         finally:  # the root holds this list: drop the way back (and the text), or the pair is a cycle
             self._root = None
             self._text = ""
+            if was_enabled:
+                gc.enable()
 
     def _read(self) -> Iterator[Any]:
         prefix = " " * self._indent + "- "
