@@ -102,17 +102,73 @@ class _Entries(LineList):
                 gc.enable()
 
     def _read(self) -> Iterator[Any]:
+        """Entries written one field a line with nothing between them, matched whole (the shape a
+        generated file has); from the first other entry on, line by line (`_by_line`)."""
+        text = self._text
+        prefix = " " * self._indent + "- "
+        inner = " " * (self._indent + 2)
+        whole = re.compile(
+            rf"{prefix}([a-z_]+): ({_SCALAR}|{_FLOW})\n((?:{inner}[a-z_]+: (?:{_SCALAR}|{_FLOW})\n)*)"
+        ).match
+        fields = re.compile(rf"{inner}([a-z_]+): ({_SCALAR}|{_FLOW})\n").findall
+        pos = self._pos
+        line_no = self._start_line
+        end_of_text = len(text)
+        done = 0
+        while pos < end_of_text:
+            match = whole(text, pos)
+            if match is None:
+                break
+            end = match.end()
+            if end < end_of_text and not text.startswith(prefix, end):
+                break  # a blank or comment line, a deeper line...: maybe more of this entry
+            entry = LineDict()
+            entry.line = line_no
+            for name, raw in ((match.group(1), match.group(2)), *fields(match.group(3))):
+                if name in entry:
+                    break
+                if raw[0] == "[":
+                    flow = LineList()
+                    flow.line = line_no
+                    for item_match in _FLOW_ITEMS.finditer(raw, 1):
+                        scalar = _scalar(item_match.group(0))
+                        if scalar is None:
+                            break
+                        flow.append(scalar)
+                        flow.lines.append(line_no)
+                    else:
+                        entry[name] = flow
+                        entry.lines[name] = line_no
+                        line_no += 1
+                        continue
+                    break
+                scalar = _scalar(raw)
+                if scalar is None:
+                    break
+                entry[name] = scalar
+                entry.lines[name] = line_no
+                line_no += 1
+            else:
+                yield entry
+                done += 1
+                pos = end
+                continue
+            line_no = entry.line
+            break
+        yield from self._by_line(pos, line_no, done)
+
+    def _by_line(self, pos: int, first_line: int, done: int) -> Iterator[Any]:
+        """The entries from offset `pos` (line `first_line`) on, `done` handed over already."""
         prefix = " " * self._indent + "- "
         inner = " " * (self._indent + 2)
         n_prefix = len(prefix)
         n_inner = len(inner)
         field_match = _FIELD.match
-        done = 0  # entries handed over
         entry: LineDict | None = None
         items: LineList | None = None  # an open block list (the value of `items_name`)
         items_name = ""
         items_indent = 0
-        for line_no, line in _lines(self._text, self._pos, self._start_line - 1):
+        for line_no, line in _lines(self._text, pos, first_line - 1):
             if items is not None:
                 stripped = line.lstrip(" ")
                 indent = len(line) - len(stripped)

@@ -36,6 +36,8 @@ def _read(load: Any, text: str) -> Any:
 
 PLAIN = [
     f"keys:\n  - id: a\n    hash: {H}\n",
+    "keys:\n"
+    + "".join(f'  - id: k{i}\n    hash: {H}\n    tenant: "t"\n    models: ["m*"]\n' for i in range(5)),
     f"keys:\n- id: a\n  hash: {H}\n- id: b\n  hash: {H}\n  plan: pro",
     f"# generated\n\nkeys:\n  # first\n  - id: a-1.x@y/z\n    hash: \"{H}\"\n\n    tenant: 't e'\n"
     "    models: [\"gpt-4o*\", claude-3, 'x']\n    plan: pro\n  - id: b\n    models: []\n",
@@ -64,6 +66,14 @@ FALLBACK = [  # not the plain shape somewhere: YAML's reading from there on
     "keys:\n  - id: a\n  - id: b\n    models:\n    - 1.5\n",
     "keys:\n  - id: a\r\n  - id: b\r\n",
     "keys:\n  - id: a\n  - id: b\n    tenant: x:\n",
+    # after entries read whole (one field a line, nothing between): each way out of that path
+    "keys:\n  - id: a\n    tenant: t\n  # c\n    hash: h\n  - id: b\n    hash: h\n",
+    "keys:\n  - id: a\n    tenant: t\n    tenant: u\n  - id: b\n",
+    "keys:\n  - id: a\n    tenant: t\n  - id: b\n    tenant: yes\n  - id: c\n",
+    "keys:\n  - id: a\n    models: [a, b]\n  - id: b\n    models: [a, Off]\n  - id: c\n",
+    "keys:\n  - id: a\n    tenant: t\n      x: y\n  - id: b\n",
+    "keys:\n  - id: a\n    tenant: t\n\n  - id: b\n    tenant: t\n",
+    "keys:\n  - id: a\n    tenant: t\n  - id: b\n    models:\n    - x\n  - id: c\n    tenant: t\n",
 ]
 
 NOT_TAKEN = [
