@@ -308,10 +308,19 @@ class HeapResult:
 
     keys: int
     method: str  # "allocator" (pymalloc + malloc bytes in use) or "tracemalloc"
-    snapshot_per_key: float  # the parsed key file, as kept (the parser's garbage excluded)
+    snapshot_per_key: float  # the key's own entry: the parsed key file as kept (no parser garbage, imports
+    # or the benchmark's secrets)
     per_active_client: float  # kept after one request from each key
     seconds: float
     sites: list[str] = field(default_factory=list)  # tracemalloc: where the per-client bytes are
+    # per active client, measured apart by releasing each piece after the requests (see `_pieces`):
+    limiter: float = math.nan  # the limit windows' state (the counter store)
+    bookkeeping: float = math.nan  # the auth throttle's known keys, the reservation book, answer caches
+
+    @property
+    def issue_figure(self) -> float:
+        """What the issue bounds at 512 B: the key's own entry plus what its first request kept."""
+        return self.snapshot_per_key + self.per_active_client
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -385,11 +394,15 @@ def heap_per_client(n: int, *, trace: bool = False) -> HeapResult:
     t_start = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="nexus-bench-heap-"))
     try:
+        # a 1-key fast path first: the modules it imports and its fixed caches are not per key
+        bench_alloc.build_fastpath(tmp / "warm", 1, config_extra=MEMORY_CONFIG)
         if method == "tracemalloc":
             tracemalloc.start(1)
         base = in_use()
         fp = bench_alloc.build_fastpath(tmp, n, config_extra=MEMORY_CONFIG)
-        snapshot_bytes = in_use() - base
+        # less the benchmark's own list of the plaintext secrets (the server keeps none)
+        secrets_bytes = sys.getsizeof(fp.secrets) + sum(sys.getsizeof(s) for s in fp.secrets)
+        snapshot_bytes = in_use() - base - secrets_bytes
         warm = authz_request(fp.secrets[0])
         for _ in range(WARMUP_REQUESTS):
             fp.proto.data_received(warm)
@@ -403,6 +416,7 @@ def heap_per_client(n: int, *, trace: bool = False) -> HeapResult:
             raise RuntimeError(f"a key's first request was refused: {fp.sink.last[:200]!r}")
         kept = in_use() - before_bytes
         after = tracemalloc.take_snapshot() if method == "tracemalloc" else None
+        limiter, bookkeeping = _pieces(fp, in_use)
     finally:
         tracemalloc.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -416,7 +430,34 @@ def heap_per_client(n: int, *, trace: bool = False) -> HeapResult:
                 if where.startswith(str(REPO)):
                     where = str(Path(where).relative_to(REPO))
                 sites.append(f"{where}:{frame.lineno}: {d.size_diff / active:,.0f} B")
-    return HeapResult(n, method, snapshot_bytes / n, kept / active, time.monotonic() - t_start, sites)
+    return HeapResult(
+        n,
+        method,
+        snapshot_bytes / n,
+        kept / active,
+        time.monotonic() - t_start,
+        sites,
+        limiter=limiter / active,
+        bookkeeping=bookkeeping / active,
+    )
+
+
+def _pieces(fp: Any, in_use: Callable[[], int]) -> tuple[int, int]:
+    """(limiter, bookkeeping) bytes, each measured by releasing it: the counter store's window states
+    first, then the per-client bookkeeping (the auth throttle's known (address, key) pairs, the
+    reservation book's entries and retired contexts, the bounded answer caches)."""
+    engine = fp.engine
+    before = in_use()
+    engine.counters._states.clear()
+    after_limiter = in_use()
+    engine.policy._known._seen.clear()
+    book = engine.book
+    book._entries.clear()
+    book._retired.clear()
+    fp.app._allow_cache._entries = {}
+    fp.app._deny_cache._entries = {}
+    after_bookkeeping = in_use()
+    return before - after_limiter, after_limiter - after_bookkeeping
 
 
 def heap_in_subprocess(n: int, *, trace: bool = False, timeout: float = 300.0) -> HeapResult:
@@ -445,6 +486,9 @@ def print_results(results: Sequence[MemoryResult]) -> None:
             "heap_active": r.heap.per_active_client if r.heap else math.nan,
             "heap_key": r.heap.snapshot_per_key if r.heap else math.nan,
             "traced_active": r.traced.per_active_client if r.traced else math.nan,
+            "limiter": r.heap.limiter if r.heap else math.nan,
+            "bookkeeping": r.heap.bookkeeping if r.heap else math.nan,
+            "issue": r.heap.issue_figure if r.heap else math.nan,
             "total": r.total_per_client,
             "live": f"{r.live_windows} ({100 * r.windows_live_fraction:.0f}%)",
             "start": r.start_s,
@@ -465,6 +509,9 @@ def print_results(results: Sequence[MemoryResult]) -> None:
             ("heap_key", "in use B/key"),
             ("heap_active", "in use B per active client"),
             ("traced_active", "tracemalloc B per active client"),
+            ("limiter", "of which limiter B"),
+            ("bookkeeping", "of which bookkeeping B"),
+            ("issue", "key entry + active client B (target 512)"),
             ("total", "total B/client"),
             ("live", "live windows"),
             ("start", "start s"),
@@ -476,6 +523,9 @@ def print_results(results: Sequence[MemoryResult]) -> None:
             "heap_active": lambda v: "-" if math.isnan(v) else f"{v:,.0f}",
             "heap_key": lambda v: "-" if math.isnan(v) else f"{v:,.0f}",
             "traced_active": lambda v: "-" if math.isnan(v) else f"{v:,.0f}",
+            "limiter": lambda v: "-" if math.isnan(v) else f"{v:,.0f}",
+            "bookkeeping": lambda v: "-" if math.isnan(v) else f"{v:,.0f}",
+            "issue": lambda v: "-" if math.isnan(v) else f"{v:,.0f}",
             "total": lambda v: f"{v:,.0f}",
             "start": lambda v: f"{v:.1f}",
         },

@@ -320,11 +320,19 @@ class Engine:
         )
         return None
 
-    async def _account_counted(
+    def _account_counted(
         self, request_id: str, parser: StreamUsage, end: accounting.ResponseEnd, prompt_hint: int
-    ) -> None:
-        usage = await asyncio.get_running_loop().run_in_executor(None, parser.finish)
-        self._account_parsed(request_id, parser, usage, end, prompt_hint)
+    ) -> Awaitable[None]:
+        """The count in a worker thread, then the accounting on the loop, to the end even when the
+        caller stops waiting (an ext_proc stream torn down by a client that hung up): it awaits a shield."""
+        counted = asyncio.get_running_loop().run_in_executor(None, parser.finish)
+
+        def account(done: asyncio.Future[Usage]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                self._account_parsed(request_id, parser, done.result(), end, prompt_hint)
+
+        counted.add_done_callback(account)
+        return asyncio.shield(counted)  # type: ignore[arg-type]  # awaited for its end, not its value
 
     def _account_parsed(
         self,

@@ -35,7 +35,6 @@ from grpc_health.v1 import health, health_pb2
 from nexus_authz import app, native
 from nexus_authz.adapters import envoy_als, envoy_rls, http_authz
 from nexus_authz.app import GRPC_SERVICES, StartupError, Validated, validate
-from nexus_authz.core import tokens
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.engine import Engine
 from nexus_authz.latency import LOOP_BUSY
@@ -153,9 +152,6 @@ class Server:
         if self.runtime is not None:
             engine.runtime = self.runtime
             await self.runtime.start()
-        if s.accounting.enabled and s.accounting.exact_cutoff_count:
-            # Load the tokenizer now, off the loop, rather than on the first cut-off stream.
-            asyncio.get_running_loop().run_in_executor(None, tokens.warm_up)
         registry = make_registry(engine, ready=self.readiness, api_calls=self.api_calls)
         native.announce()  # one log line: the compiled fast path or the pure-Python one
         fast = http_authz.HttpApp(engine, max_header_bytes=s.max_header_bytes, max_body=s.max_body_bytes)

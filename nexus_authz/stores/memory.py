@@ -2,8 +2,9 @@
 
 State is one OrderedDict from counter id to the algorithm's plain state: for GCRA a complex number
 (the smallest Python object holding two doubles: debt + since*1j, 32 bytes), for a sliding window an
-array of doubles, for a calendar period an array of three ([end, start, used]), for concurrency an
-int. See benchmarks/bench_limits.py for bytes per client.
+array of doubles (one slot's worth until a second slot is charged), for a calendar period an array of
+three ([end, start, used]), for concurrency an int. See benchmarks/bench_limits.py and bench_memory.py
+for bytes per client.
 
 Eviction is exact and never scans: a window whose state is equivalent to a fresh one (GCRA debt drained, a
 sliding window with nothing left in it, nothing in flight) behaves exactly like an absent one, so it can
@@ -53,8 +54,11 @@ _Outcome = tuple[bool, Any, int, float, float]  # (allowed, new state, remaining
 
 
 def _sliding_state(state: object, spec: LimitSpec) -> array[float] | None:
-    """The stored array if it belongs to this spec's shape; anything else counts as fresh."""
-    if state.__class__ is array and len(state) == spec.slots + 3:
+    """The stored array if it belongs to this spec's shape (or is the one-slot form, which fits any: see
+    core/windows.py); anything else counts as fresh."""
+    if state.__class__ is array and (
+        len(state) == spec.slots + 3 or (len(state) == 5 and state[4] == -spec.slots)
+    ):
         return state
     return None
 
@@ -91,6 +95,9 @@ class MemoryCounterStore:
     """The in-process CounterStore. `sweep_per_call`: cold entries examined per acquire (0: only sweep())."""
 
     __slots__ = ("_evicted", "_states", "_sweep_per_call")
+    # New sliding windows start in the one-slot form (core/windows.py: 104 bytes instead of 280 for 24
+    # slots, widened when a second slot is charged). Off where states are exported as the full arrays.
+    _compact = True
 
     def __init__(self, *, sweep_per_call: int = 1) -> None:
         self._states: OrderedDict[str, _State] = OrderedDict()
@@ -151,7 +158,7 @@ class MemoryCounterStore:
                     elif algorithm is _SLIDING:
                         cost = costs[i]
                         if cost:
-                            states[cid] = sliding_charge(new_state, now, spec, cost)
+                            states[cid] = sliding_charge(new_state, now, spec, cost, self._compact)
                             touch(cid)
                     elif algorithm is _CALENDAR:
                         cost = costs[i]
@@ -220,7 +227,7 @@ class MemoryCounterStore:
             elif algorithm is _SLIDING:
                 window = _sliding_state(state, spec)
                 if delta > 0:
-                    states[cid] = sliding_charge(window, now, spec, delta)
+                    states[cid] = sliding_charge(window, now, spec, delta, self._compact)
                     states.move_to_end(cid)
                 elif window is not None:
                     sliding_refund(window, now, spec, -delta, charged_at)

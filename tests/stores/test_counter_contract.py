@@ -509,3 +509,31 @@ def test_memory_a_window_that_changed_shape_starts_fresh() -> None:
     assert store.peek(("k",), (new,), NOW)[0].remaining == 100
     gcra = make_limit("tokens", 100, "day", algorithm="gcra")
     assert store.acquire(("k",), (gcra,), (100,), NOW).allowed
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=ops)
+def test_memory_one_slot_windows_answer_like_full_ones(steps: list[Any]) -> None:
+    """Sliding windows kept in the one-slot form until a second slot is charged (core/windows.py) give
+    the same answers as windows kept in the full form from the start."""
+
+    class Full(MemoryCounterStore):
+        _compact = False
+
+    assert run_ops(MemoryCounterStore(), steps) == run_ops(Full(), steps)
+
+
+def test_memory_a_sliding_window_stays_small_until_a_second_slot_is_charged() -> None:
+    store = MemoryCounterStore()
+    spec = make_limit("tokens", 1000, "day", slots=24)  # hourly slots
+    ids = ("k\x00day",)
+    store.acquire(ids, (spec,), (10,), NOW)
+    store.adjust(ids, (spec,), (-4,), NOW + 1, charged_at=NOW)  # a refund keeps the one-slot form
+    store.acquire(ids, (spec,), (10,), NOW + 60)
+    state = store._states[ids[0]]
+    assert isinstance(state, array) and len(state) == 5  # not 3 + 24 doubles
+    assert store.peek(ids, (spec,), NOW + 61)[0].remaining == 1000 - 16
+    store.acquire(ids, (spec,), (10,), NOW + 3 * 3600)  # another slot: the full form
+    assert len(store._states[ids[0]]) == 27
+    assert store.peek(ids, (spec,), NOW + 3 * 3600)[0].remaining == 1000 - 26
+    assert store.peek(ids, (spec,), NOW + 25 * 3600)[0].remaining == 1000 - 10  # the first slot left

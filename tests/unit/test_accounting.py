@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from nexus_authz.core.accounting import ResponseEnd, charge, conclude_usage, needs_exact_count
 from nexus_authz.core.model import InFlight
 from nexus_authz.core.pricing import PriceTable
@@ -64,6 +66,21 @@ def test_an_exact_count_is_asked_only_without_a_record_and_only_when_configured(
     parser = StreamUsage(content_type="text/event-stream", window=64)  # the record is read as it arrives
     parser.feed(RECORD)
     assert not needs_exact_count(parser, exact=True, counter=counter, threshold=1)
+
+
+def test_tiktokens_first_count_runs_off_the_loop_since_it_loads_the_encoding(monkeypatch: Any) -> None:
+    """The server no longer loads the encoding at start (~40 MB of RSS a process that never counts
+    exactly would carry): the first exact count loads it, so it goes to the worker thread, however short."""
+    from nexus_authz.core import tokens
+
+    monkeypatch.setattr(tokens, "_encoding", None)
+    parser = StreamUsage(content_type="text/event-stream")
+    parser.feed(NO_RECORD)  # far below the worker threshold
+    assert needs_exact_count(parser, exact=True, counter=tokens.count_tokens)
+    assert parser.finish().completion_tokens > 0 and tokens.encoding_loaded()
+    parser = StreamUsage(content_type="text/event-stream")
+    parser.feed(NO_RECORD)
+    assert not needs_exact_count(parser, exact=True, counter=tokens.count_tokens)  # loaded: on the loop
 
 
 def test_the_charge_is_under_the_admitted_identity_and_an_error_costs_the_configured_minimum() -> None:

@@ -342,6 +342,18 @@ def test_known_keys_refresh_at_most_once_a_minute_and_stay_bounded() -> None:
     assert not known.known("b", "k", 2001.0)
 
 
+def test_known_keys_keep_one_address_string_per_address() -> None:
+    """Each request parses its own address string: the pairs of one address share one (bench_memory's
+    bookkeeping bytes per client)."""
+    from nexus_authz.core.known import KnownKeys
+
+    known = KnownKeys()
+    for i in range(3):
+        known.note("".join(["192.0.2.", "7"]), f"k{i}", 1000.0)  # a new equal string each time
+    addresses = {id(address) for address, _ in known._seen}
+    assert len(addresses) == 1 and known.known("192.0.2.7", "k2", 1000.0)
+
+
 class _RecordingCounters(MemoryCounterStore):
     """The memory store, remembering the time each adjustment says its amount was charged at."""
 

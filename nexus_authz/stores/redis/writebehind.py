@@ -52,6 +52,7 @@ class LocalView(MemoryCounterStore):
     """The memory store with access to one counter's raw state (the write-behind imports/exports it)."""
 
     __slots__ = ()
+    _compact = False  # states go to Redis as they are: sliding windows in the full form (wire.pack_state)
 
     def state(self, cid: str) -> object:
         return self._states.get(cid)
