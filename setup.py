@@ -10,7 +10,10 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-SOURCES = {"nexus_authz.native._http1": "nexus_authz/native/_http1.pyx"}
+SOURCES = {
+    "nexus_authz.native._http1": "nexus_authz/native/_http1.pyx",
+    "nexus_authz.native._usage": "nexus_authz/native/_usage.pyx",
+}
 
 
 class OptionalBuildExt(build_ext):
