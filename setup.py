@@ -14,6 +14,7 @@ SOURCES = {
     "nexus_authz.native._http1": "nexus_authz/native/_http1.pyx",
     "nexus_authz.native._body": "nexus_authz/native/_body.pyx",
     "nexus_authz.native._windows": "nexus_authz/native/_windows.pyx",
+    "nexus_authz.native._usage": "nexus_authz/native/_usage.pyx",
 }
 
 

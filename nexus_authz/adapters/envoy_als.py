@@ -43,6 +43,7 @@ import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 
+from nexus_authz.adapters import als_fast
 from nexus_authz.core.accounting import ResponseEnd, conclude_usage
 from nexus_authz.core.usage import StreamUsage, Usage
 from nexus_authz.engine import Engine
@@ -247,16 +248,27 @@ class AccessLogService:
         if not request.request_headers.get("x-nexus-key-id"):  # a filter only: never the identity
             self.ignored += 1
             return None
-        response = entry.response
-        response_headers = response.response_headers
-        snippet = snippet_of(entry)
+        response_headers = entry.response.response_headers
         request_id = request.request_id
+        content_type = response_headers.get("content-type")
+        content_encoding = response_headers.get("content-encoding")
+        fields = als_fast.snippet_fields(entry)  # the compiled scans (als_fast) when they built
+        if fields is None:
+            snippet = snippet_of(entry)
+        else:
+            if fields[0] == "body" and not fields[2]:  # a whole body: its usage record, if it has one
+                found = als_fast.body_usage(fields[1], content_type, content_encoding)
+                if found is not None:
+                    self.entries += 1
+                    # what account_response concludes for a whole body with a usage record
+                    self.engine.account(
+                        request_id, found[0], response_model=found[1], keep_estimate=False, unread=False
+                    )
+                    return None
+            snippet = Snippet(*fields)
         hint = self.engine.prompt_hint(request_id)
         parser = parser_for(
-            snippet,
-            content_type=response_headers.get("content-type"),
-            content_encoding=response_headers.get("content-encoding"),
-            prompt_tokens_hint=hint,
+            snippet, content_type=content_type, content_encoding=content_encoding, prompt_tokens_hint=hint
         )
         self.entries += 1
         return self.engine.account_response(request_id, parser, end_of(snippet), hint)

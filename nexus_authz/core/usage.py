@@ -23,7 +23,6 @@ or any cheaper transport.
 
 from __future__ import annotations
 
-import re
 import zlib
 from collections.abc import Callable
 from typing import Final
@@ -39,6 +38,8 @@ from nexus_authz.core.usage_records import (
     _EVENT_NAME,
     _HEAD_BYTES,
     _KIND_MARKERS,
+    _MODEL_FIELD,
+    _MODEL_SCAN_BYTES,
     _RESPONSES_FINAL,
     _UNKNOWN,
     _USAGE_OBJECT,
@@ -51,6 +52,8 @@ from nexus_authz.core.usage_records import (
     _lenient,
     _openai_usage,
     _record_at,
+    document_usage,
+    record_usage,
 )
 
 __all__ = [
@@ -60,6 +63,7 @@ __all__ = [
     "MAX_EVENT_BYTES",
     "StreamUsage",
     "Usage",
+    "document_usage",
     "UsageSource",
     "usage_from_body",
 ]
@@ -72,9 +76,7 @@ MAX_DECODED_BYTES: Final = 64 << 20  # decompressed bytes per response; then dec
 _DECODE_STEP: Final = 256 << 10  # decompress in steps so a bomb never materialises at once
 _MAX_CONTENT_BYTES: Final = 4 << 20  # raw delta text kept for counting; beyond, only its length
 DEFAULT_WINDOW: Final = 128 << 10
-_MODEL_SCAN_BYTES: Final = 8 << 10  # the response's model is looked for in its first bytes only
 _MODEL_TAIL: Final = 240  # a "model" field is shorter than this: carried over between chunks
-_MODEL_FIELD: Final = re.compile(rb'"model"[ \t\r\n]*:[ \t\r\n]*"([^"\\]{1,200})"')
 
 # --------------------------------------------------------------------------------------------------
 # The parser
@@ -394,7 +396,10 @@ class StreamUsage:
             head = self._cut_head if self._cut_head is not None else window[:_HEAD_BYTES]
         else:
             head = window[start : start + _HEAD_BYTES]
-        match = _EVENT_NAME.search(head) or _DATA_TYPE.search(head)
+        # each regex only where its literal is (a search that starts with an alternation scans slowly)
+        match = (_EVENT_NAME.search(head) if b"event:" in head else None) or (
+            _DATA_TYPE.search(head) if b'"type"' in head else None
+        )
         name = match.group(1) if match is not None else None
         if name is None or name == b"message_delta":
             depth = 1  # OpenAI chat/completions chunks (no type), Anthropic's message_delta
@@ -527,11 +532,9 @@ class StreamUsage:
             record = _record_at(body[match.end() - 1 :], 1)
             if record is None:
                 continue
-            usage = _openai_usage(record)
+            usage = record_usage(record)
             if usage is not None:
                 return usage
-            if _is_anthropic(record):
-                return _anthropic_usage({k: _count(record[k]) for k in _ANTHROPIC_FIELDS if k in record})
         completion = round(self._blind_bytes / 4) + estimate_tokens(body)
         return Usage(prompt_tokens=self._prompt_hint, completion_tokens=completion, source="estimated")
 
@@ -550,11 +553,9 @@ class StreamUsage:
         ):
             record = obj["response"].get("usage")  # a final Responses event posted as a document
         if isinstance(record, dict):
-            usage = _openai_usage(record)
+            usage = record_usage(record)
             if usage is not None:
                 return usage
-            if _is_anthropic(record):
-                return _anthropic_usage({k: _count(record[k]) for k in _ANTHROPIC_FIELDS if k in record})
         if obj.get("status") == "failed":
             self.saw_error = True
             return Usage(source="none")

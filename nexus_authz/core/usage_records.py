@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Final, Literal
 
-__all__ = ["Usage", "UsageSource"]
+__all__ = ["Usage", "UsageSource", "document_usage", "record_usage"]
 
 
 UsageSource = Literal["provider", "estimated", "none"]
@@ -104,6 +104,17 @@ def _is_anthropic(record: dict[str, object]) -> bool:
     return any(key in record for key in _ANTHROPIC_FIELDS)
 
 
+def record_usage(record: dict[str, object]) -> Usage | None:
+    """A provider's usage object at its place (a document's top level): OpenAI's or Responses', else
+    Anthropic's; None when it is neither (the document is then read for text to estimate)."""
+    usage = _openai_usage(record)
+    if usage is not None:
+        return usage
+    if _is_anthropic(record):
+        return _anthropic_usage({k: _count(record[k]) for k in _ANTHROPIC_FIELDS if k in record})
+    return None
+
+
 def _anthropic_usage(fields: dict[str, int], source: UsageSource = "provider") -> Usage:
     read = fields.get("cache_read_input_tokens", 0)
     write = fields.get("cache_creation_input_tokens", 0)
@@ -135,6 +146,8 @@ _DATA_TYPE: Final = re.compile(
 _RESPONSES_FINAL: Final = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
 _HEAD_BYTES: Final = 512  # an event's name is in its first bytes
 _CANDIDATES: Final = 4  # usage objects of one event tried, from its end (a record is its event's last)
+_MODEL_SCAN_BYTES: Final = 8 << 10  # the response's model is looked for in its first bytes only
+_MODEL_FIELD: Final = re.compile(rb'"model"[ \t\r\n]*:[ \t\r\n]*"([^"\\]{1,200})"')
 _CLOSE: Final = {1: '{"_":0', 2: '{"_":{"_":0'}  # + what follows a usage object at that depth: valid JSON
 # Error events, found with substring checks (a regex without a literal prefix scans at ~60 MB/s):
 # Anthropic `{"type": "error", ...}` / `event: error`, Responses `error` and `response.failed`, an
@@ -244,3 +257,19 @@ def _document_text(obj: dict[str, object]) -> str:
             if isinstance(part, dict) and isinstance(part.get("text"), str):
                 parts.append(part["text"])
     return "".join(parts)
+
+
+def document_usage(body: bytes, start: int, end: int) -> tuple[Usage, str | None] | None:
+    """(usage, model) of a whole JSON document (no content-encoding) whose top-level `"usage"` object is
+    body[start:end], as StreamUsage reads the same body, for an accelerator that found that object and
+    checked that the document is one valid JSON object with no top-level error (native/_usage.pyx
+    `usage_span`); None when the object is no usage record (StreamUsage must read the document)."""
+    try:
+        record, _ = _decoder.raw_decode(body[start:end].decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    usage = record_usage(record) if isinstance(record, dict) else None
+    if usage is None:
+        return None
+    match = _MODEL_FIELD.search(body, 0, _MODEL_SCAN_BYTES)  # StreamUsage._find_model, one chunk
+    return usage, match.group(1).decode("utf-8", "replace") if match is not None else None

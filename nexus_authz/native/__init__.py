@@ -12,7 +12,9 @@ Compiled so far: `_http1`, the HTTP/1.1 framing of the ext_authz / auth_request 
 `_body`, the request body's facts (core.body.request_facts' equivalent, installed as `core.body.read_facts`,
 which the policy calls; the composition root, engine.py, imports this package so every engine uses it);
 `_windows`, the memory counter store's acquire and adjust (stores/memory.py installs them on
-MemoryCounterStore).
+MemoryCounterStore);
+`_usage`, the access-log entry's scans (adapters/als_fast.py: the Lua tap's record and a JSON body's usage
+object).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from nexus_authz.core import body as _core_body
 log = logging.getLogger("nexus_authz.native")
 
 PURE_ENV = "NEXUS_AUTHZ_PURE"
-MODULES = ("_http1", "_body", "_windows")
+MODULES = ("_http1", "_body", "_windows", "_usage")
 
 
 def _load() -> tuple[dict[str, ModuleType], str]:
@@ -46,7 +48,8 @@ _modules, WHY_PURE = _load()
 http1: ModuleType | None = _modules.get("_http1")
 body: ModuleType | None = _modules.get("_body")
 windows: ModuleType | None = _modules.get("_windows")
-WHY_PURE_WINDOWS = WHY_PURE  # the modules load together or not at all
+usage: ModuleType | None = _modules.get("_usage")  # the access-log entry's scans (adapters/als_fast.py)
+WHY_PURE_WINDOWS = WHY_PURE_USAGE = WHY_PURE  # the modules load together or not at all
 PATH = "compiled" if _modules else "python"
 if body is not None:
     _core_body.read_facts = body.request_facts
@@ -56,7 +59,7 @@ def announce() -> None:
     """The start-up log line saying which path runs."""
     if _modules:
         log.info(
-            "compiled fast path: HTTP/1.1 framing, body facts and counter windows in C",
+            "compiled fast path: HTTP/1.1 framing, body facts, counter windows and access-log scans in C",
             extra={"native_path": PATH},
         )
     else:

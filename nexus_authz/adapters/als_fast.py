@@ -1,0 +1,54 @@
+"""The access-log entry's common case through the compiled scans (nexus_authz/native/_usage.pyx), when
+they built: the Lua tap's record read from the serialized metadata in one pass instead of a walk of
+protobuf Struct objects, and a whole JSON body's usage object found by a validating scan instead of a
+json.loads of the document. An accelerator of the pure path's rules, never a second source of truth:
+the record is interpreted by the core's readers (core/usage_records.document_usage), and every input the
+scans are not sure of (a cut-off stream's pieces, a malformed or unusual document, an error document, no
+usage record, SSE, a compressed body ...) goes the pure way (adapters/envoy_als.py snippet_of and
+core/usage.py StreamUsage), which gives the same result for every input
+(tests/adapters/test_als_fast.py, a differential test over generated entries and bodies).
+`NEXUS_AUTHZ_PURE=1` (native/) or `SCAN = None` (tests) runs only the pure path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.data.accesslog.v3 import accesslog_pb2
+
+from nexus_authz import native
+from nexus_authz.core.usage import MAX_BODY_BYTES
+from nexus_authz.core.usage_records import Usage, document_usage
+
+__all__ = ["SCAN", "body_usage", "snippet_fields"]
+
+SCAN: Any = native.usage  # the compiled module (native/_usage.pyx), or None: the pure path only
+
+
+def snippet_fields(entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[str, bytes, int] | None:
+    """(kind, data, skipped) of the entry's `nexus.usage` record, as envoy_als.snippet_of reads it; None
+    when snippet_of must read it (or the scans did not build)."""
+    scan = SCAN
+    if scan is None:
+        return None
+    result: tuple[str, bytes, int] | None = scan.usage_snippet(
+        entry.common_properties.metadata.SerializeToString()
+    )
+    return result
+
+
+def body_usage(
+    data: bytes, content_type: str | None, content_encoding: str | None
+) -> tuple[Usage, str | None] | None:
+    """(usage, model) of a whole response body ("body" snippet) that is a JSON document with a usage
+    record, as StreamUsage reads it; None when StreamUsage must read it."""
+    scan = SCAN
+    if (
+        scan is None
+        or len(data) > MAX_BODY_BYTES
+        or (content_encoding and content_encoding.strip().lower() not in ("", "identity"))
+        or (content_type and "event-stream" in content_type.lower())
+    ):
+        return None
+    span = scan.usage_span(data)
+    return None if span is None else document_usage(data, span[0], span[1])

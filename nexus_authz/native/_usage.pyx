@@ -1,0 +1,506 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""The access-log entry's scans in C (see nexus_authz/native/ and adapters/als_fast.py): an accelerator of
+the pure path's rules, never a second source of truth.
+
+- `usage_snippet(metadata)`: the `nexus.usage` record the Lua tap left, read from the serialized
+  `config.core.v3.Metadata` of an access-log entry (one SerializeToString instead of a walk of protobuf
+  Struct objects), with its base64 decoded. The same answer as adapters/envoy_als.snippet_of for the
+  "u" record; None (the caller runs snippet_of) for anything else: a cut-off stream's pieces, a value
+  of an unexpected shape, base64 that is not canonical.
+- `usage_span(body)`: where the top-level `"usage"` object of a whole JSON document is, after checking
+  that the document is one valid JSON object (strict RFC 8259, UTF-8), as json.loads would read it.
+  None whenever the answer could differ from the core's reading of the document (core/usage.py
+  `StreamUsage._finish_json`): not an object, malformed, NaN/Infinity, nested deeper than MAX_DEPTH,
+  a top-level key with escapes, an `"error"` object or `"type": "error"`, no `"usage"` object. The
+  caller then decodes only the usage object and interprets it with the core's record readers.
+
+Both are bounded (linear in their input, no allocation but the result) and never raise on any input.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.string cimport memcmp, memcpy
+
+cdef enum:
+    MAX_DEPTH = 200  # deeper documents go to the pure path (json.loads' own recursion limit is ~1000)
+
+cdef signed char B64[256]
+cdef bint HEX[256]
+cdef int _i
+for _i in range(256):
+    B64[_i] = -1
+    HEX[_i] = (48 <= _i <= 57) or (65 <= _i <= 70) or (97 <= _i <= 102)
+_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+for _i in range(64):
+    B64[<unsigned char>_ALPHABET[_i]] = _i
+
+
+# -- protobuf wire format ------------------------------------------------------------------------------
+
+cdef inline Py_ssize_t _varint(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, unsigned long long* out):
+    """Read a varint at s[i]; the index after it, or -1."""
+    cdef unsigned long long v = 0
+    cdef int shift = 0
+    while i < n and shift < 64:
+        v |= (<unsigned long long>(s[i] & 0x7F)) << shift
+        if not s[i] & 0x80:
+            out[0] = v
+            return i + 1
+        i += 1
+        shift += 7
+    return -1
+
+
+cdef inline Py_ssize_t _skip(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, unsigned long long wire):
+    """Skip a field's value of wire type `wire` at s[i]; the index after it, or -1."""
+    cdef unsigned long long v
+    if wire == 0:
+        return _varint(s, i, n, &v)
+    if wire == 1:
+        return i + 8 if i + 8 <= n else -1
+    if wire == 5:
+        return i + 4 if i + 4 <= n else -1
+    if wire == 2:
+        i = _varint(s, i, n, &v)
+        if i < 0 or v > <unsigned long long>(n - i):
+            return -1
+        return i + <Py_ssize_t>v
+    return -1  # groups: never in these messages
+
+
+cdef struct Span:
+    Py_ssize_t start
+    Py_ssize_t end
+
+
+cdef int _map_entry(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Span* key, Span* value):
+    """A map entry message s[i:n] (key = field 1, string; value = field 2, message): their spans
+    (value end < 0: absent). 0, or -1 when malformed."""
+    cdef unsigned long long tag, length
+    key.start = key.end = 0
+    value.start = value.end = -1
+    while i < n:
+        i = _varint(s, i, n, &tag)
+        if i < 0:
+            return -1
+        if (tag >> 3) in (1, 2) and (tag & 7) == 2:
+            i = _varint(s, i, n, &length)
+            if i < 0 or length > <unsigned long long>(n - i):
+                return -1
+            if tag >> 3 == 1:
+                key.start = i
+                key.end = i + <Py_ssize_t>length
+            else:
+                value.start = i
+                value.end = i + <Py_ssize_t>length
+            i += <Py_ssize_t>length
+        else:
+            i = _skip(s, i, n, tag & 7)
+            if i < 0:
+                return -1
+    return 0
+
+
+cdef inline bint _is(const unsigned char* s, Span span, const char* word, Py_ssize_t length):
+    return span.end - span.start == length and memcmp(s + span.start, word, length) == 0
+
+
+cdef int _struct_field(const unsigned char* s, Span struct, const char* name, Py_ssize_t length, Span* out):
+    """The Value of `name` in the Struct message at `struct` (the last entry wins, as protobuf maps
+    do). 1 found, 0 absent, -1 malformed."""
+    cdef Py_ssize_t i = struct.start
+    cdef unsigned long long tag, size
+    cdef Span key, value
+    cdef int found = 0
+    while i < struct.end:
+        i = _varint(s, i, struct.end, &tag)
+        if i < 0:
+            return -1
+        if tag == ((1 << 3) | 2):  # fields: map<string, Value>
+            i = _varint(s, i, struct.end, &size)
+            if i < 0 or size > <unsigned long long>(struct.end - i):
+                return -1
+            if _map_entry(s, i, i + <Py_ssize_t>size, &key, &value) < 0:
+                return -1
+            i += <Py_ssize_t>size
+            if _is(s, key, name, length):
+                found = 1
+                if value.end < 0:  # an entry without a value: an empty Value
+                    value.start = value.end = i
+                out[0] = value
+        else:
+            i = _skip(s, i, struct.end, tag & 7)
+            if i < 0:
+                return -1
+    return found
+
+
+cdef int _value_kind(const unsigned char* s, Span value, Span* payload, double* number):
+    """The one field set in the Value message at `value`: 2 number_value, 3 string_value, 5 struct_value,
+    0 none or another kind; -1 malformed or more than one (the caller falls back)."""
+    cdef Py_ssize_t i = value.start
+    cdef unsigned long long tag, size
+    cdef int kind = 0, seen = 0
+    while i < value.end:
+        i = _varint(s, i, value.end, &tag)
+        if i < 0:
+            return -1
+        seen += 1
+        if tag == ((2 << 3) | 1):
+            if i + 8 > value.end:
+                return -1
+            memcpy(number, s + i, 8)  # little-endian double (x86-64, aarch64)
+            kind = 2
+            i += 8
+        elif tag == ((3 << 3) | 2) or tag == ((5 << 3) | 2):
+            i = _varint(s, i, value.end, &size)
+            if i < 0 or size > <unsigned long long>(value.end - i):
+                return -1
+            payload.start = i
+            payload.end = i + <Py_ssize_t>size
+            kind = <int>(tag >> 3)
+            i += <Py_ssize_t>size
+        else:
+            kind = 0
+            i = _skip(s, i, value.end, tag & 7)
+            if i < 0:
+                return -1
+    return -1 if seen > 1 else kind
+
+
+cdef object _b64decode(const unsigned char* s, Span span):
+    """Canonical base64 (the alphabet, padded to a multiple of 4 with at most two '='): its bytes, as
+    binascii.a2b_base64 decodes them; None otherwise (the caller falls back to the lenient decoder)."""
+    cdef Py_ssize_t n = span.end - span.start, pad = 0, i = 0, o = 0
+    cdef const unsigned char* p = s + span.start
+    cdef int a, b, c, d
+    cdef unsigned char* w
+    if n == 0:
+        return b""
+    if n % 4:
+        return None
+    if p[n - 1] == 61:  # '='
+        pad = 2 if p[n - 2] == 61 else 1
+    out = PyBytes_FromStringAndSize(NULL, n // 4 * 3 - pad)
+    w = <unsigned char*>PyBytes_AS_STRING(out)
+    while i < n - 4:
+        a = B64[p[i]]
+        b = B64[p[i + 1]]
+        c = B64[p[i + 2]]
+        d = B64[p[i + 3]]
+        if (a | b | c | d) < 0:
+            return None
+        w[o] = <unsigned char>((a << 2) | (b >> 4))
+        w[o + 1] = <unsigned char>(((b & 15) << 4) | (c >> 2))
+        w[o + 2] = <unsigned char>(((c & 3) << 6) | d)
+        o += 3
+        i += 4
+    a = B64[p[i]]
+    b = B64[p[i + 1]]
+    c = B64[p[i + 2]] if pad < 2 else 0
+    d = B64[p[i + 3]] if pad < 1 else 0
+    if (a | b | c | d) < 0:
+        return None
+    w[o] = <unsigned char>((a << 2) | (b >> 4))
+    if pad < 2:
+        w[o + 1] = <unsigned char>(((b & 15) << 4) | (c >> 2))
+    if pad < 1:
+        w[o + 2] = <unsigned char>(((c & 3) << 6) | d)
+    return out
+
+
+cdef object _kind_name(const unsigned char* s, Span span):
+    if _is(s, span, b"body", 4):
+        return "body"
+    if _is(s, span, b"sse", 3):
+        return "sse"
+    if _is(s, span, b"tail", 4):
+        return "tail"
+    if _is(s, span, b"over", 4):
+        return "over"
+    return None
+
+
+def usage_snippet(bytes metadata):
+    """(kind, data, skipped) of the Lua tap's record in a serialized Metadata, as snippet_of reads it:
+    ("none", b"", 0) without the `nexus.usage` namespace or with an unknown kind; None when snippet_of
+    must read it (no "u" record, an unexpected value shape, non-canonical base64)."""
+    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(metadata)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(metadata), i = 0
+    cdef unsigned long long tag, size
+    cdef Span key, value, ns, field, payload, record, kind_span, data_span
+    cdef double number = 0.0
+    cdef int found = 0, kind
+    cdef object data
+    cdef long long skipped = 0
+    ns.start = ns.end = 0
+    while i < n:  # Metadata.filter_metadata: map<string, Struct> (field 1)
+        i = _varint(s, i, n, &tag)
+        if i < 0:
+            return None
+        if tag == ((1 << 3) | 2):
+            i = _varint(s, i, n, &size)
+            if i < 0 or size > <unsigned long long>(n - i):
+                return None
+            if _map_entry(s, i, i + <Py_ssize_t>size, &key, &value) < 0:
+                return None
+            i += <Py_ssize_t>size
+            if _is(s, key, b"nexus.usage", 11):
+                found = 1
+                ns = value
+                if value.end < 0:  # no value: an empty Struct
+                    ns.start = ns.end = 0
+        else:
+            i = _skip(s, i, n, tag & 7)
+            if i < 0:
+                return None
+    if not found:
+        return ("none", b"", 0)
+    found = _struct_field(s, ns, b"u", 1, &field)
+    if found <= 0:
+        return None  # malformed, or a cut-off stream's pieces: snippet_of reads them
+    kind = _value_kind(s, field, &record, &number)
+    if kind != 5:
+        return None
+    # the record's fields: k (string), b (base64 string), x (number)
+    found = _struct_field(s, record, b"k", 1, &field)
+    if found < 0:
+        return None
+    kind_span.start = kind_span.end = 0
+    if found:
+        kind = _value_kind(s, field, &kind_span, &number)
+        if kind < 0:
+            return None
+        if kind != 3:
+            kind_span.start = kind_span.end = 0
+    name = _kind_name(s, kind_span)
+    found = _struct_field(s, record, b"b", 1, &field)
+    if found < 0:
+        return None
+    data = b""
+    if found:
+        kind = _value_kind(s, field, &data_span, &number)
+        if kind < 0:
+            return None
+        if kind == 3:
+            data = _b64decode(s, data_span)
+            if data is None:
+                return None
+    found = _struct_field(s, record, b"x", 1, &field)
+    if found < 0:
+        return None
+    if found:
+        number = 0.0
+        kind = _value_kind(s, field, &payload, &number)
+        if kind < 0:
+            return None
+        if kind == 2 and 0 < number < 9007199254740992.0:  # 2**53, as envoy_als._byte_count
+            skipped = <long long>number
+    if name is None:
+        return ("none", b"", 0)
+    return (name, data, skipped)
+
+
+# -- JSON ----------------------------------------------------------------------------------------------
+
+cdef inline Py_ssize_t _ws(const unsigned char* s, Py_ssize_t i, Py_ssize_t n):
+    while i < n and (s[i] == 32 or s[i] == 10 or s[i] == 13 or s[i] == 9):
+        i += 1
+    return i
+
+
+cdef inline bint _cont(const unsigned char* s, Py_ssize_t i, Py_ssize_t n):
+    return i < n and (s[i] & 0xC0) == 0x80
+
+
+cdef Py_ssize_t _string(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, bint* escaped):
+    """A JSON string at s[i] == '"': the index after its closing quote, or -1 (invalid for json.loads
+    with strict=True after a strict UTF-8 decode: control characters, bad escapes, bad UTF-8)."""
+    cdef unsigned char c
+    i += 1
+    while i < n:
+        c = s[i]
+        if c == 34:  # '"'
+            return i + 1
+        if c == 92:  # '\\'
+            escaped[0] = True
+            if i + 1 >= n:
+                return -1
+            c = s[i + 1]
+            if c == 117:  # 'u'
+                if i + 6 > n or not (HEX[s[i + 2]] and HEX[s[i + 3]] and HEX[s[i + 4]] and HEX[s[i + 5]]):
+                    return -1
+                i += 6
+            elif c in b'"\\/bfnrt':
+                i += 2
+            else:
+                return -1
+        elif c < 0x20:
+            return -1
+        elif c < 0x80:
+            i += 1
+        elif 0xC2 <= c <= 0xDF:
+            if not _cont(s, i + 1, n):
+                return -1
+            i += 2
+        elif 0xE0 <= c <= 0xEF:
+            if not (_cont(s, i + 1, n) and _cont(s, i + 2, n)):
+                return -1
+            if (c == 0xE0 and s[i + 1] < 0xA0) or (c == 0xED and s[i + 1] > 0x9F):
+                return -1  # overlong, or a surrogate
+            i += 3
+        elif 0xF0 <= c <= 0xF4:
+            if not (_cont(s, i + 1, n) and _cont(s, i + 2, n) and _cont(s, i + 3, n)):
+                return -1
+            if (c == 0xF0 and s[i + 1] < 0x90) or (c == 0xF4 and s[i + 1] > 0x8F):
+                return -1
+            i += 4
+        else:
+            return -1
+    return -1
+
+
+cdef inline Py_ssize_t _digits(const unsigned char* s, Py_ssize_t i, Py_ssize_t n):
+    while i < n and 48 <= s[i] <= 57:
+        i += 1
+    return i
+
+
+cdef Py_ssize_t _number(const unsigned char* s, Py_ssize_t i, Py_ssize_t n):
+    cdef Py_ssize_t j
+    if s[i] == 45:  # '-'
+        i += 1
+    if i >= n:
+        return -1
+    if s[i] == 48:
+        i += 1
+    elif 49 <= s[i] <= 57:
+        i = _digits(s, i + 1, n)
+    else:
+        return -1  # -Infinity among others: the pure path decides
+    if i < n and s[i] == 46:  # '.'
+        j = _digits(s, i + 1, n)
+        if j == i + 1:
+            return -1
+        i = j
+    if i < n and (s[i] == 101 or s[i] == 69):  # 'e' 'E'
+        i += 1
+        if i < n and (s[i] == 43 or s[i] == 45):
+            i += 1
+        j = _digits(s, i, n)
+        if j == i:
+            return -1
+        i = j
+    return i
+
+
+cdef Py_ssize_t _value(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int depth):
+    """One JSON value at s[i] (no leading whitespace): the index after it, or -1."""
+    cdef unsigned char c
+    cdef bint escaped = False
+    if i >= n:
+        return -1
+    c = s[i]
+    if c == 34:
+        return _string(s, i, n, &escaped)
+    if c == 123 or c == 91:  # '{' '['
+        if depth >= MAX_DEPTH:
+            return -1
+        i = _ws(s, i + 1, n)
+        if i < n and s[i] == c + 2:  # '}' ']'
+            return i + 1
+        while True:
+            if c == 123:
+                if i >= n or s[i] != 34:
+                    return -1
+                i = _string(s, i, n, &escaped)
+                if i < 0:
+                    return -1
+                i = _ws(s, i, n)
+                if i >= n or s[i] != 58:  # ':'
+                    return -1
+                i = _ws(s, i + 1, n)
+            i = _value(s, i, n, depth + 1)
+            if i < 0:
+                return -1
+            i = _ws(s, i, n)
+            if i >= n:
+                return -1
+            if s[i] == 44:  # ','
+                i = _ws(s, i + 1, n)
+            elif s[i] == c + 2:
+                return i + 1
+            else:
+                return -1
+    if c == 116:
+        return i + 4 if i + 4 <= n and memcmp(s + i, b"true", 4) == 0 else -1
+    if c == 102:
+        return i + 5 if i + 5 <= n and memcmp(s + i, b"false", 5) == 0 else -1
+    if c == 110:
+        return i + 4 if i + 4 <= n and memcmp(s + i, b"null", 4) == 0 else -1
+    return _number(s, i, n)
+
+
+cdef inline bint memchr_backslash(const unsigned char* s, Py_ssize_t start, Py_ssize_t end):
+    while start < end:
+        if s[start] == 92:
+            return True
+        start += 1
+    return False
+
+
+def usage_span(bytes body not None):
+    """(start, end) of the top-level `"usage"` object of the JSON document `body` (the last one, as
+    json.loads keeps it), when `body` is one valid JSON object with leading whitespace at most, no
+    top-level key holding an escape, no top-level `"error"` object and no `"type": "error"`; else None."""
+    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(body)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(body), i, key_start, key_end, v
+    cdef Py_ssize_t usage_start = -1, usage_end = -1
+    cdef bint escaped = False, error_object = False, type_error = False
+    i = _ws(s, 0, n)
+    if i >= n or s[i] != 123:
+        return None
+    i = _ws(s, i + 1, n)
+    if i < n and s[i] == 125:
+        return None  # {}: nothing to find
+    while True:
+        if i >= n or s[i] != 34:
+            return None
+        key_start = i + 1
+        i = _string(s, i, n, &escaped)
+        if i < 0 or escaped:
+            return None
+        key_end = i - 1
+        i = _ws(s, i, n)
+        if i >= n or s[i] != 58:
+            return None
+        v = _ws(s, i + 1, n)
+        i = _value(s, v, n, 1)
+        if i < 0:
+            return None
+        if key_end - key_start == 5 and memcmp(s + key_start, b"usage", 5) == 0:
+            if s[v] == 123:
+                usage_start, usage_end = v, i
+            else:
+                usage_start = usage_end = -1
+        elif key_end - key_start == 5 and memcmp(s + key_start, b"error", 5) == 0:
+            error_object = s[v] == 123  # obj["error"] is a dict: an error document
+        elif key_end - key_start == 4 and memcmp(s + key_start, b"type", 4) == 0:
+            # "error" (or a string with escapes, which might decode to it): the pure path decides
+            type_error = s[v] == 34 and (
+                (i - v == 7 and memcmp(s + v, b'"error"', 7) == 0) or memchr_backslash(s, v, i)
+            )
+        i = _ws(s, i, n)
+        if i >= n:
+            return None
+        if s[i] == 44:
+            i = _ws(s, i + 1, n)
+        elif s[i] == 125:
+            i += 1
+            break
+        else:
+            return None
+    if _ws(s, i, n) != n:
+        return None  # extra data after the document
+    if usage_start < 0 or error_object or type_error:
+        return None
+    return (usage_start, usage_end)

@@ -1,0 +1,337 @@
+"""The access-log entry's compiled scans (adapters/als_fast.py, nexus_authz/native/_usage.pyx) against the
+pure path they accelerate: for every input where they answer, the same snippet as envoy_als.snippet_of
+and the same (usage, model) as the core parser StreamUsage fed the whole body; and they do answer for the
+common case (a provider's JSON document with its usage record, a canonical Lua record), so that these
+tests cannot pass with scans that never answer."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any
+
+import pytest
+from envoy.data.accesslog.v3 import accesslog_pb2
+from google.protobuf import struct_pb2
+from hypothesis import event, given
+from hypothesis import strategies as st
+
+from nexus_authz import native
+from nexus_authz.adapters import als_fast
+from nexus_authz.adapters.envoy_als import METADATA_NAMESPACE, snippet_of
+from nexus_authz.core.usage import StreamUsage
+from tests.fuzz._strategies import USAGE_FIXTURES
+from tests.fuzz._support import fuzz_settings
+
+
+@pytest.fixture(autouse=True)
+def _compiled() -> None:
+    if native.usage is None:
+        if os.environ.get(native.PURE_ENV, "") not in ("", "0"):
+            pytest.skip("NEXUS_AUTHZ_PURE is set: the compiled scans are not loaded")
+        pytest.fail(f"the compiled scans did not build or load ({native.WHY_PURE_USAGE}): pip install -e .")
+
+
+def pure(body: bytes, content_type: str | None, encoding: str | None) -> tuple[Any, str | None]:
+    parser = StreamUsage(content_type=content_type, content_encoding=encoding, prompt_tokens_hint=7)
+    parser.feed(body)
+    return parser.finish(), parser.model
+
+
+# -- generated documents ------------------------------------------------------------------------------------
+
+counts = (
+    st.integers(0, 5000)
+    | st.sampled_from([-1, 2**40, 2**40 + 1, 2**70, 0.0, 3.0, 2.5, -0.0, 1e300, True, None, "12", [], {}])
+    | st.floats(allow_nan=False)
+)
+DETAILS = ["cached_tokens", "cache_write_tokens", "reasoning_tokens", "audio_tokens"]
+details = st.dictionaries(st.sampled_from(DETAILS), counts, max_size=3) | counts
+
+
+@st.composite
+def usage_records(draw: st.DrawFn) -> dict[str, object] | object:
+    shape = draw(st.integers(0, 4))
+    if shape == 0:  # chat / completions / embeddings
+        names = ["prompt_tokens", "completion_tokens", "total_tokens"]
+        subs = ["prompt_tokens_details", "completion_tokens_details"]
+    elif shape == 1:  # Responses
+        names = ["input_tokens", "output_tokens", "total_tokens"]
+        subs = ["input_tokens_details", "output_tokens_details"]
+    elif shape == 2:  # Anthropic
+        names = ["input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"]
+        subs = ["server_tool_use"]
+    elif shape == 3:  # something else
+        names, subs = ["tokens", "requests"], ["details"]
+    else:
+        return draw(st.none() | st.integers() | st.text(max_size=5) | st.lists(st.integers(), max_size=2))
+    record: dict[str, object] = {}
+    for name in draw(st.lists(st.sampled_from(names), max_size=4)):
+        record[name] = draw(counts)
+    for name in draw(st.lists(st.sampled_from(subs), max_size=2)):
+        record[name] = draw(details)
+    return record
+
+
+texts = st.text(st.characters(blacklist_categories=["Cs"]), max_size=12) | st.sampled_from(
+    ['a"b', "a\\b", "é", "\u2028", "\U0001f600", "\x00", "\x7f", "\ud800"]
+)
+plain_values = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | texts
+)
+values = st.recursive(
+    plain_values,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
+    max_leaves=8,
+)
+KEYS = ["id", "object", "model", "choices", "content", "usage", "error", "type", "response", "status", "x"]
+
+
+def dumps(value: object, draw: st.DrawFn) -> bytes:
+    text = json.dumps(
+        value, ensure_ascii=draw(st.booleans()), separators=draw(st.sampled_from([(",", ":"), (", ", ": ")]))
+    )
+    return text.encode("utf-8", "surrogatepass")
+
+
+@st.composite
+def members(draw: st.DrawFn) -> bytes:
+    key = draw(st.sampled_from(KEYS) | texts)
+    if key == "usage":
+        value: object = draw(usage_records())
+    elif key == "error":
+        value = draw(st.sampled_from([{"message": "x"}, None, "x", {}]) | values)
+    elif key == "type":
+        value = draw(st.sampled_from(["error", "message", "response.completed", "chat.completion"]) | values)
+    elif key == "model":
+        value = draw(st.sampled_from(["gpt-4o-mini", "claude-3-5", 'a"b', "x" * 300]) | values)
+    elif key == "response":
+        value = {"usage": draw(usage_records()), "model": "gpt-4o"}
+    else:
+        value = draw(values)
+    raw_key = dumps(key, draw)
+    if draw(st.integers(0, 30)) == 0:  # a key spelled with escapes
+        raw_key = raw_key.replace(b"u", b"\\u0075")
+    colon = draw(st.sampled_from([b":", b" : ", b":\n"]))
+    raw = dumps(value, draw)
+    if draw(st.integers(0, 40)) == 0:  # number tokens json.loads reads differently, or not at all
+        raw = draw(
+            st.sampled_from([b"NaN", b"Infinity", b"-Infinity", b"-0", b"1e5", b"1.5E-3", b"01", b"1.", b"-"])
+        )
+    return raw_key + colon + raw
+
+
+@st.composite
+def documents(draw: st.DrawFn) -> bytes:
+    parts = draw(st.lists(members(), max_size=6))
+    if draw(st.integers(0, 3)):  # usually a record somewhere, sometimes twice
+        parts.insert(draw(st.integers(0, len(parts))), b'"usage":' + dumps(draw(usage_records()), draw))
+    sep = draw(st.sampled_from([b",", b", ", b",\n  "]))
+    body = b"{" + sep.join(parts) + b"}"
+    mutation = draw(st.integers(0, 20))
+    if mutation == 0:
+        body = body[: draw(st.integers(0, len(body)))]
+    elif mutation == 1 and body:
+        i = draw(st.integers(0, len(body) - 1))
+        body = body[:i] + draw(st.binary(min_size=1, max_size=2)) + body[i + 1 :]
+    elif mutation == 2:
+        body = draw(st.sampled_from([b" ", b"\r\n", b"\xef\xbb\xbf", b"\t\n", b"x", b"[", b"\x00"])) + body
+    elif mutation == 3:
+        body = body + draw(st.sampled_from([b" ", b"\n", b"}", b"{}", b"x", b"\n\n", b"\x00"]))
+    elif mutation == 4:
+        body = b'{"wrap":' + body + b"}"
+    elif mutation == 5:
+        body = b"[" + body + b"]"
+    elif mutation == 6:  # deep nesting inside a member
+        depth = draw(st.integers(150, 1200))
+        body = b'{"deep":' + b"[" * depth + b"]" * depth + b"," + body[1:]
+    return body
+
+
+@st.composite
+def provider_documents(draw: st.DrawFn) -> bytes:
+    """Documents as providers send them (chat, Responses, Anthropic), with random counts and text."""
+    text = draw(texts)
+    shape = draw(st.integers(0, 2))
+    doc: dict[str, object]
+    if shape == 0:
+        doc = {"id": "chatcmpl-1", "object": "chat.completion", "model": draw(texts | st.just("gpt-4o-mini"))}
+        doc["choices"] = [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+        ]
+    elif shape == 1:
+        doc = {"id": "resp_1", "object": "response", "status": "completed", "model": "gpt-4.1"}
+        doc["output"] = [{"type": "message", "content": [{"type": "output_text", "text": text}]}]
+    else:
+        doc = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4"}
+        doc["content"] = [{"type": "text", "text": text}]
+    doc["usage"] = draw(usage_records())
+    errors = draw(st.integers(0, 9))
+    if errors == 0:  # an error document that also carries usage: no record (the pure path says so)
+        doc["type"] = draw(st.sampled_from(["error", "errors"]))
+    elif errors == 1:
+        doc["error"] = draw(st.sampled_from([{"message": "overloaded"}, {}, None, "x", []]))
+    body = dumps(doc, draw)
+    if draw(st.integers(0, 5)) == 0:
+        body = body[:-1] + b',"usage":' + dumps(draw(usage_records()), draw) + b"}"
+    if draw(st.integers(0, 5)) == 0:
+        body = json.dumps(doc, indent=draw(st.sampled_from([1, "\t"]))).encode()
+    if draw(st.integers(0, 5)) == 0:
+        body = body.replace(b'"error"', b'"\\u0065rror"')  # the same document, an escape in "error"
+    return body
+
+
+content_types = st.sampled_from(
+    [
+        None,
+        "application/json",
+        "application/json; charset=utf-8",
+        "text/event-stream",
+        "TEXT/EVENT-STREAM",
+        "text/plain",
+        "",
+    ]
+)
+encodings = st.sampled_from([None, None, "", "identity", " Identity ", "gzip", "br", "deflate"])
+
+
+@fuzz_settings(1000, deadline=None)
+@given(body=documents() | provider_documents(), content_type=content_types, encoding=encodings)
+def test_a_json_body_gives_the_core_parsers_usage_and_model(
+    body: bytes, content_type: str | None, encoding: str | None
+) -> None:
+    fast = als_fast.body_usage(body, content_type, encoding)
+    event("fast" if fast is not None else "pure")
+    if fast is not None:
+        assert fast == pure(body, content_type, encoding)
+
+
+@pytest.mark.parametrize("name", sorted(USAGE_FIXTURES))
+@pytest.mark.parametrize("content_type", ["application/json", None])
+def test_provider_documents_take_the_fast_path(name: str, content_type: str | None) -> None:
+    body = USAGE_FIXTURES[name]
+    fast = als_fast.body_usage(body, content_type, None)
+    reference = pure(body, content_type, None)
+    if name.endswith(".json") and "error" not in name:  # a document with its usage record
+        assert fast == reference and reference[0].source == "provider"
+    else:  # an error document, or an event stream: the pure path reads it
+        assert fast is None
+    pretty = (
+        json.dumps(json.loads(body), indent=2, ensure_ascii=False).encode() if name.endswith(".json") else b""
+    )
+    if pretty and "error" not in name:
+        assert als_fast.body_usage(pretty, content_type, None) == pure(pretty, content_type, None)
+
+
+# -- the Lua tap's record -----------------------------------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+base64_texts = st.builds(lambda b: _b64(b), st.binary(max_size=64)) | st.sampled_from(
+    [
+        "",
+        "=",
+        "==",
+        "A",
+        "AA",
+        "AA=",
+        "AA==",
+        "AAA=",
+        "AAAA",
+        "A===",
+        "AB=C",
+        "AA==AA==",
+        " QUFB",
+        "QU FB",
+        "QUFB\n",
+        "QUFB-_",
+        "QUF",
+        "QUFBé",
+        "Zm9v!",
+        "Zm9vYg",
+        "Zm9vYh==",
+        "Zm9vYmF=",
+        "////",
+        "++++",
+    ]
+)
+numbers = (
+    st.sampled_from([0.0, -1.0, 1.5, 2.0**53, 2.0**53 - 1, 1e300, float("nan"), float("inf"), 7.0])
+    | st.floats()
+)
+values_any = (
+    st.none() | st.booleans() | numbers | st.text(max_size=6) | st.lists(st.integers(0, 3), max_size=2)
+)
+
+
+@st.composite
+def metadata(draw: st.DrawFn) -> dict[str, object] | None:
+    shape = draw(st.integers(0, 9))
+    if shape == 0:
+        return None
+    if shape == 1:  # a cut-off stream's pieces
+        return {f"p{i}": draw(base64_texts) for i in range(1, draw(st.integers(1, 3)) + 1)}
+    record: dict[str, object] = {}
+    if draw(st.integers(0, 6)):
+        record["k"] = draw(st.sampled_from(["body", "sse", "tail", "over", "", "Body", "bodyx"]) | values_any)
+    if draw(st.integers(0, 6)):
+        record["b"] = draw(base64_texts | values_any) if draw(st.integers(0, 4)) else draw(base64_texts)
+    if draw(st.booleans()):
+        record["x"] = draw(numbers | values_any)
+    for junk in draw(st.lists(st.sampled_from(["q", "kk", "b2", ""]), max_size=2)):
+        record[junk] = draw(values_any)
+    meta: dict[str, object] = {"u": record if draw(st.integers(0, 9)) else draw(values_any)}
+    if draw(st.integers(0, 4)) == 0:
+        meta["p1"] = draw(base64_texts | values_any)
+    if draw(st.integers(0, 4)) == 0:
+        meta["x"] = draw(numbers)
+    return meta
+
+
+def entry_with(meta: dict[str, object] | None, other: bool) -> accesslog_pb2.HTTPAccessLogEntry:
+    entry = accesslog_pb2.HTTPAccessLogEntry()
+    entry.request.request_id = "r"
+    if other:  # another filter's metadata beside the tap's
+        entry.common_properties.metadata.filter_metadata["envoy.lb"].update({"u": "x", "k": 1})
+    if meta is not None:
+        struct = struct_pb2.Struct()
+        struct.update(meta)
+        entry.common_properties.metadata.filter_metadata[METADATA_NAMESPACE].CopyFrom(struct)
+    return entry
+
+
+@fuzz_settings(600, deadline=None)
+@given(meta=metadata(), other=st.booleans())
+def test_the_lua_record_reads_as_snippet_of_reads_it(meta: dict[str, object] | None, other: bool) -> None:
+    entry = entry_with(meta, other)
+    fields = als_fast.snippet_fields(entry)
+    event("fast" if fields is not None else "pure")
+    if fields is not None:
+        reference = snippet_of(entry)
+        assert fields == (reference.kind, reference.data, reference.skipped)
+
+
+@pytest.mark.parametrize("kind", ["body", "sse", "tail", "over"])
+@pytest.mark.parametrize("data", [b"", b"x", b"xy", b"xyz", bytes(range(256)) * 3])
+@pytest.mark.parametrize("skipped", [None, 0.0, 12.0, 1e20])
+def test_a_canonical_record_takes_the_fast_path(kind: str, data: bytes, skipped: float | None) -> None:
+    record: dict[str, object] = {"k": kind, "b": _b64(data)}
+    if skipped is not None:
+        record["x"] = skipped
+    entry = entry_with({"u": record, "p1": None}, other=True)
+    reference = snippet_of(entry)
+    assert als_fast.snippet_fields(entry) == (reference.kind, reference.data, reference.skipped)
+    assert reference.data == (data if kind != "over" or data else b"") and reference.kind == kind
+    assert als_fast.snippet_fields(entry_with(None, other=True)) == ("none", b"", 0)
+
+
+def test_the_pure_switch_turns_the_scans_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    body = USAGE_FIXTURES["openai_chat.json"]
+    assert als_fast.body_usage(body, "application/json", None) is not None
+    monkeypatch.setattr(als_fast, "SCAN", None)
+    assert als_fast.body_usage(body, "application/json", None) is None
+    assert als_fast.snippet_fields(entry_with({"u": {"k": "body", "b": _b64(body)}}, other=False)) is None
