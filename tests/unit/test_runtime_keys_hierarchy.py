@@ -50,7 +50,7 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 class World:
     def __init__(self, tmp: Path, loop: asyncio.AbstractEventLoop, tenants: str = TENANTS) -> None:
-        self.tmp, self.loop, self.n = tmp, loop, 0
+        self.tmp, self.loop, self.n, self.closed = tmp, loop, 0, False
         self.config = write_config(
             tmp, FILE_ACME, FILE_RESEARCH, FILE_OTHER, extra="ledger:\n  backend: memory\n" + tenants
         )
@@ -73,7 +73,9 @@ class World:
         )
 
     def close(self) -> None:
-        self.loop.run_until_complete(self.runtime.store.close())
+        if not self.closed:
+            self.closed = True
+            self.loop.run_until_complete(self.runtime.store.close())
 
 
 @pytest.fixture
@@ -216,3 +218,18 @@ def test_a_reload_dropping_a_runtime_keys_group_is_rejected_and_the_last_config_
     assert world.engine.reload_config(force=True)
     assert world.engine.sources()[1][2].last_error is None
     assert world.check(secret).allowed
+
+
+def test_a_restart_loads_the_group_from_the_store_with_its_windows(
+    world: World, tmp_path: Path, loop: asyncio.AbstractEventLoop
+) -> None:
+    world.create(key_id="rt1", tenant="acme", group="research")
+    expected = world.engine.snapshot.by_id["rt1"].counter_ids
+    world.close()
+    again = World(tmp_path, loop)  # the same config and SQLite file, a new engine
+    try:
+        record = again.engine.snapshot.by_id["rt1"]
+        assert record.group == "research" and record.counter_ids == expected
+        assert group_counter_id("acme", "research", "requests/minute") in expected
+    finally:
+        again.close()
