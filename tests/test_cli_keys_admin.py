@@ -22,6 +22,15 @@ from tests.test_cli_remote import _authz, _wait_serving
 
 TOKEN = "keys-admin-token-0123456789abcdef"
 FILE_KEY = KeySpec("from-file")
+# acme has no limits of its own; its group research allows 2 requests a minute (issue 16's hierarchy)
+TENANTS = """
+tenants:
+  acme:
+    groups:
+      research:
+        limits:
+          - {requests: 2, per: minute}
+"""
 BODY = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
@@ -30,7 +39,7 @@ class Server:
         self.tmp = tmp
         self.admin_port = procs.free_port()
         path = write_config(
-            tmp, FILE_KEY, extra="ledger:\n  backend: none\n", admin=f"127.0.0.1:{self.admin_port}"
+            tmp, FILE_KEY, extra="ledger:\n  backend: none\n" + TENANTS, admin=f"127.0.0.1:{self.admin_port}"
         )
         path.write_text(path.read_text().replace("listen:\n", "listen:\n  api: 127.0.0.1:0\n"))
         self.config = path
@@ -145,6 +154,25 @@ def test_refusals_are_one_clear_line(env: Server, capsys: pytest.CaptureFixture[
     assert "refused the admin token" in capsys.readouterr().err
     assert main(["keys", "revoke", "--runtime", "from-file"]) == 1
     assert "file keys are read-only" in capsys.readouterr().err
+
+
+def test_a_runtime_keys_group_is_checked_against_the_config_and_charged(
+    env: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["keys", "create", "rt-grp", "--tenant", "acme", "--group", "sales"]) == 2
+    assert "group: tenant 'acme' has no group 'sales' (groups: research)" in capsys.readouterr().err
+    assert main(["keys", "create", "rt-grp", "--tenant", "acme", "--group", "research"]) == 0
+    secret = _secret(capsys.readouterr().out)
+    # the group's 2 a minute bind the runtime key (the key has no limits of its own)
+    assert [env.check(secret) for _ in range(3)] == [200, 200, 429]
+    assert main(["keys", "update", "rt-grp", "--tenant", "initech"]) == 2  # keeps its group research
+    assert "the key's tenant 'initech' is not defined under `tenants:`" in capsys.readouterr().err
+    assert main(["keys", "list", "--runtime", "--json"]) == 0
+    listed = {k["id"]: k for k in json.loads(capsys.readouterr().out)["keys"]}
+    assert (listed["rt-grp"]["tenant"], listed["rt-grp"]["group"]) == ("acme", "research")
+    assert main(["keys", "update", "rt-grp", "--group", ""]) == 0  # out of the group: no group limit
+    capsys.readouterr()
+    assert env.check(secret) == 200
 
 
 def test_runtime_keys_survive_a_restart(

@@ -379,9 +379,7 @@ def parse_key_file(
             f.fail("limits", "a usd limit needs a prices table in the config")
         f.done()
         own = share(key_limits(plan, own_limits, shadow_mode=policy.shadow_mode))
-        limits, counter_ids = level_limits(
-            policy.tenants, tenant, group, own, tuple(f"{key_id}\x00{spec.name}" for spec in own)
-        )
+        limits, counter_ids = level_limits(policy.tenants, tenant, group, key_id, own)
         limits = share(limits)
         records.append(
             (

@@ -38,6 +38,7 @@ __all__ = [
     "Group",
     "Tenant",
     "group_counter_id",
+    "group_problem",
     "level_limits",
     "owner_of",
     "parse_tenants",
@@ -107,38 +108,47 @@ def parse_tenants(f: Fields, *, priced: bool, shadow_mode: bool, timezone: str =
     return out
 
 
-def resolve_group(f: Fields, tenants: Mapping[str, Tenant], tenant: str) -> str:
-    """A key file entry's `group:` ("" when absent), checked against its tenant's groups."""
-    group = f.str("group", "")
+def group_problem(tenants: Mapping[str, Tenant], tenant: str, group: str) -> str | None:
+    """Why a key of `tenant` cannot name `group` (None: it can, or it names none). The one check of a
+    key's group, for the key file's `group:` and for runtime keys (core/runtime_keys.py)."""
     if not group:
-        return ""
+        return None
     known = tenants.get(tenant)
     if known is None:
-        f.fail(
-            "group",
+        return (
             f"the key's tenant {tenant!r} is not defined under `tenants:` in the config, so it has no "
-            f"group {group!r}",
+            f"group {group!r}"
         )
     if group not in known.groups:
         names = ", ".join(sorted(known.groups)) or "none defined"
-        f.fail("group", f"tenant {tenant!r} has no group {group!r} (groups: {names})")
-    return str(group)
+        return f"tenant {tenant!r} has no group {group!r} (groups: {names})"
+    return None
+
+
+def resolve_group(f: Fields, tenants: Mapping[str, Tenant], tenant: str) -> str:
+    """A key file entry's `group:` ("" when absent), checked against its tenant's groups."""
+    group = str(f.str("group", ""))
+    if problem := group_problem(tenants, tenant, group):
+        f.fail("group", problem)
+    return group
 
 
 def level_limits(
     tenants: Mapping[str, Tenant],
     tenant: str,
     group: str,
+    key_id: str,
     key_limits: tuple[LimitSpec, ...],
-    key_ids: tuple[str, ...],
 ) -> tuple[tuple[LimitSpec, ...], tuple[str, ...]]:
-    """A key's windows at every level, with their counter ids: its own, then its group's, then its
-    tenant's. A key of a tenant without limits gets its own windows unchanged (the same tuples)."""
+    """A key's windows at every level, with their counter ids: its own (`<key id>\\x00<name>`), then its
+    group's, then its tenant's. The one place a key's windows are made, for file keys (core/config.py)
+    and runtime keys (core/runtime_keys.py) alike, so both kinds of key of a tenant share its counters.
+    `group` must have passed `group_problem`."""
+    ids = [f"{key_id}\x00{spec.name}" for spec in key_limits]
     known = tenants.get(tenant)
     if known is None:
-        return key_limits, key_ids
+        return key_limits, tuple(ids)
     specs = list(key_limits)
-    ids = list(key_ids)
     if group:
         for spec in known.groups[group].limits:
             specs.append(spec)
@@ -147,7 +157,7 @@ def level_limits(
         specs.append(spec)
         ids.append(tenant_counter_id(tenant, spec.name))
     if len(specs) == len(key_limits):
-        return key_limits, key_ids
+        return key_limits, tuple(ids)
     return tuple(specs), tuple(ids)
 
 

@@ -41,6 +41,7 @@ from nexus_authz.core.config import (
     key_limits,
 )
 from nexus_authz.core.errors import ConfigError
+from nexus_authz.core.hierarchy import group_problem, level_limits
 from nexus_authz.core.keys import KeySnapshot
 from nexus_authz.core.limits import Kind, LimitSpec
 from nexus_authz.core.limits_yaml import parse_limits
@@ -194,7 +195,8 @@ def _canonical_limits(text: str) -> str:
 
 
 def check_against(key: RuntimeKey, policy: PolicySet, credentials: Mapping[str, Credential]) -> None:
-    """What only the config in force can say: the plan and the credential exist, usd limits are priced."""
+    """What only the config in force can say: the plan and the credential exist, usd limits are priced,
+    the group is one of the tenant's (`tenants:` in nexus.yaml)."""
     if key.plan is not None and key.plan not in policy.plans:
         known = ", ".join(sorted(policy.plans)) or "none defined"
         raise RuntimeKeyError(f"plan: no plan named {key.plan!r} (plans: {known})")
@@ -203,6 +205,8 @@ def check_against(key: RuntimeKey, policy: PolicySet, credentials: Mapping[str, 
         raise RuntimeKeyError(f"credential: no credential named {cred!r} under credentials in the config")
     if _uses_usd(_parsed_limits(key.limits)) and not policy.prices:
         raise RuntimeKeyError("limits: a usd limit needs a prices table in the config")
+    if problem := group_problem(policy.tenants, key.tenant, key.group):  # the key file's check
+        raise RuntimeKeyError(f"group: {problem}")
 
 
 # -- operations -------------------------------------------------------------------------------------------
@@ -341,8 +345,9 @@ def key_records(
     share: Callable[[Any], Any] = lambda v: v,
 ) -> Pairs:
     """The snapshot entries of one runtime key: its current hash, and its previous hash during (and after:
-    it then answers expired_api_key) a rotation's grace period. ConfigError if the config in force
-    cannot take it (a plan or credential it names is gone)."""
+    it then answers expired_api_key) a rotation's grace period. Its windows are those of every level
+    (its own, its group's, its tenant's), as a file key's. ConfigError if the config in force cannot
+    take it (a plan, credential or group it names is gone)."""
     try:
         check_against(key, policy, credentials)
         own = _parsed_limits(key.limits)
@@ -351,7 +356,10 @@ def key_records(
     plan = policy.plans.get(key.plan) if key.plan is not None else None
     cred_name = key.credential if key.credential is not None else policy.default_credential
     credential = credentials.get(cred_name) if cred_name is not None else None
-    limits = share(key_limits(plan, own, shadow_mode=policy.shadow_mode))
+    own_limits = share(key_limits(plan, own, shadow_mode=policy.shadow_mode))
+    # its own windows, its group's and its tenant's: the key file's function (the same shared counters)
+    limits, counter_ids = level_limits(policy.tenants, key.tenant, key.group, key.key_id, own_limits)
+    limits = share(limits)
     models = share(key.models or (plan.models if plan else ()))
     paths = share(key.paths)
     record = KeyRecord(
@@ -367,7 +375,7 @@ def key_records(
         upstream_headers=tuple(share(h) for h in _upstream_headers(key.key_id, key.tenant, credential)),
         remove_headers=share(_remove_headers(credential)),
         limits=limits,
-        counter_ids=tuple(f"{key.key_id}\x00{spec.name}" for spec in limits),
+        counter_ids=counter_ids,
         needs_facts=any(s.kind in (Kind.TOKENS, Kind.USD) or s.model is not None for s in limits),
         model_scoped=any(spec.model is not None for spec in limits),
         model_rule=keys_mod.compile_globs(models),

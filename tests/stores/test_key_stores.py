@@ -190,3 +190,32 @@ def test_a_missed_message_is_caught_up_by_version_and_an_outage_keeps_the_keys(
             await b.close()
 
     asyncio.run(scenario())
+
+
+def test_a_runtime_keys_group_reaches_the_other_replica_with_its_windows(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The group is stored and read back: B charges a key created (and moved) on A its group's window."""
+    tenants = (
+        "tenants:\n  acme:\n    groups:\n      research:\n        limits: [{requests: 1, per: minute}]\n"
+    )
+    config = write_config(tmp_path, FileKey("filekey"), extra="ledger:\n  backend: none\n" + tenants)
+    prefix = unique_prefix("rtg")
+
+    async def scenario() -> None:
+        a, b = Replica(config, redis_server.url, prefix), Replica(config, redis_server.url, prefix)
+        await a.start()
+        await b.start()
+        try:
+            _, secret = await a.runtime.create(KeySpec(key_id="k1", tenant="acme", group="research"))
+            await until(lambda: "k1" in b.engine.snapshot.by_id)
+            assert b.engine.snapshot.by_id["k1"].group == "research"
+            assert b.status(secret) is Reason.OK and b.status(secret) is Reason.RATE_LIMITED
+            await a.runtime.update("k1", KeyChanges(group=""))
+            await until(lambda: b.engine.snapshot.by_id["k1"].group == "")
+            assert b.status(secret) is Reason.OK
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
