@@ -145,6 +145,14 @@ ISSUE15_CONFIG = (
     + 'prices:\n  "gpt-4o*": {input: 2.5, cached_input: 1.25, output: 10}\n'
 )
 NO_ACCOUNTING = "accounting:\n  enabled: false\n"
+# Issue 16's budget hierarchy on top: the benchmark's tenant with a USD budget and a requests limit of its
+# own, and a group with a tokens limit, every key in the group (so each request charges 5 + 2 + 1 windows).
+HIERARCHY_CONFIG = ISSUE15_CONFIG + (
+    "tenants:\n  bench:\n    limits:\n"
+    "      - {usd: 1000000000, per: month}\n      - {requests: 1000000000, per: minute}\n"
+    "    groups:\n      research:\n        limits:\n          - {tokens: 1000000000000, per: day}\n"
+)
+HIERARCHY_KEY_FIELDS: Mapping[str, object] = {**LIMITS_KEY_FIELDS, "group": "research"}
 
 __all__ = [
     "ENVOY_GRPC",
@@ -343,6 +351,10 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "http-uds-issue15-10k": Scenario(
         "http-uds-issue15-10k", ENVOY_HTTP, "http", NexusSpec(ISSUE15_CONFIG, LIMITS_KEY_FIELDS, keys=10_000)
+    ),
+    # issue 16: the same with tenant and group windows (HIERARCHY_CONFIG): what the hierarchy costs
+    "http-uds-issue15-hierarchy": Scenario(
+        "http-uds-issue15-hierarchy", ENVOY_HTTP, "http", NexusSpec(HIERARCHY_CONFIG, HIERARCHY_KEY_FIELDS)
     ),
     "http-uds-issue15-nolua": Scenario(
         "http-uds-issue15-nolua",
