@@ -290,3 +290,170 @@ def test_reserve_then_settle_is_the_same(compiled: Any, specs: list[LimitSpec], 
     start = 1_700_002_800.0
     fast = (compiled.acquire, compiled.adjust)
     assert run(MemoryCounterStore(), fast, start, calls) == run(MemoryCounterStore(), PURE, start, calls)
+
+
+# -- the one-slot form of the sliding window (core/windows.py) -----------------------------------------------
+
+one_slot_sliding = st.builds(  # N > 2: new windows start in the one-slot form; widths from 0.1 s to a day
+    lambda limit, per, slots, shadow: make_limit(
+        "requests", limit, per, algorithm="sliding", slots=slots, shadow=shadow
+    ),
+    st.sampled_from([3, 10, 100, 10**6]),
+    st.sampled_from(["second", "minute", "day"]),
+    st.none() | st.sampled_from([2, 3, 4, 7]),
+    st.booleans(),
+)
+mixed_step_st = st.one_of(  # within the slot, the next slots, and past the window (the one-slot reset)
+    st.sampled_from([0.0, 0.05, 0.1, 0.3, 1.0, 1.5, 10.0, 30.0, 61.0, 3600.0, 86400.0, 2 * 86400.0]),
+    st.floats(-1, 0, allow_nan=False),
+)
+
+
+@st.composite
+def mixed_calls_st(draw: st.DrawFn) -> list[tuple[bool, tuple[Any, ...]]]:
+    """A plan of windows (mostly sliding; ids shared now and then, so a window meets another shape) and
+    calls on it (the whole plan or part of it), each with the path that makes it (True: compiled)."""
+    plan = draw(
+        st.lists(
+            st.tuples(st.sampled_from(["a", "b", "c", "d"]), st.one_of(one_slot_sliding, sliding, second)),
+            min_size=1,
+            max_size=4,
+        )
+    )
+    calls = []
+    for _ in range(draw(st.integers(0, 30))):
+        part = tuple(w for w in plan if draw(st.integers(0, 4)))  # each window in 4 calls of 5
+        ids, specs = tuple(w[0] for w in part), tuple(w[1] for w in part)
+        op = draw(st.sampled_from(["acquire"] * 4 + ["adjust"] * 2 + ["peek", "sweep"]))
+        step = draw(mixed_step_st)
+        if op == "adjust":
+            amounts = tuple(draw(st.sampled_from([-(10**6), -5, -1, 1, 2, 7])) for _ in part)
+            back = draw(st.none() | st.sampled_from([0.0, 0.1, 1.0, 3600.0]))
+            call: tuple[Any, ...] = (op, ids, specs, amounts, step, back)
+        elif op == "sweep":
+            call = (op, ids, specs, (), step, draw(st.none() | st.integers(0, 3)))
+        else:
+            call = (op, ids, specs, tuple(draw(st.sampled_from([0, 1, 1, 2, 5])) for _ in part), step, None)
+        calls.append((draw(st.booleans()), call))
+    return calls
+
+
+def _local_view() -> MemoryCounterStore:
+    from nexus_authz.stores.redis.writebehind import LocalView  # full-form sliding windows (_compact False)
+
+    return LocalView()
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    start=st.sampled_from([1_700_002_800.0, 1_700_000_000.05, 0.0, -3600.5]),
+    sweep=st.integers(0, 2),
+    local_view=st.booleans(),
+    calls=mixed_calls_st(),
+)
+def test_states_from_either_path_are_read_by_the_other(
+    compiled: Any, start: float, sweep: int, local_view: bool, calls: list[Any]
+) -> None:
+    """One store driven by both paths in turn (pure adjust then compiled acquire and vice versa), on
+    one-slot and full windows, across slot rollovers, widening and the "first slot has left the window"
+    reset: every trace and state is the all-pure run's."""
+    mixed_store = _local_view() if local_view else MemoryCounterStore(sweep_per_call=sweep)
+    pure_store = _local_view() if local_view else MemoryCounterStore(sweep_per_call=sweep)
+    fast = (compiled.acquire, compiled.adjust)
+    mixed: list[Any] = []
+    now = start
+    for use_compiled, call in calls:  # run() adds each call's step to the time it is given
+        mixed += run(mixed_store, fast if use_compiled else PURE, now, [call])
+        now += call[4]
+    assert mixed == run(pure_store, PURE, start, [c for _, c in calls])
+
+
+def _issue15_plan() -> tuple[LimitSpec, ...]:
+    """bench_envoy.ISSUE15_CONFIG's windows (what profile_decision / bench_breakdown decide on)."""
+    return (
+        make_limit("requests", 600, "minute", name="rpm"),
+        make_limit("tokens", 100000, "minute", name="tpm"),
+        make_limit("tokens", 10**9, "day", name="tpd"),
+        make_limit("usd", 10**9, "month", name="usd"),
+        make_limit("concurrent", 100000, name="conc"),
+    )
+
+
+def test_the_compiled_path_handles_one_slot_windows_itself(fallbacks: list[Any]) -> None:
+    """The issue-15 plan's sliding windows start, widen and settle in the compiled code, with no pure
+    fallback, and end as the pure path's objects."""
+    plan = _issue15_plan()
+    ids = tuple(f"key\x00{s.name}" for s in plan)
+    fast, pure = MemoryCounterStore(), MemoryCounterStore()
+    trace: list[Any] = []
+    now = 19675 * 86400.0 + 60.0  # a minute into a day (UTC): the hour's slot turns before the day's
+    for step, costs, deltas in [
+        (0.0, (1, 500, 500, 3, 1), (0, -200, -200, -1, -1)),  # a first slot: one-slot form, then refunds
+        (1.0, (1, 500, 500, 3, 1), (0, 100, 100, 2, -1)),  # the same slot, an extra charge
+        (3600.0, (1, 500, 500, 3, 1), (0, -10, -10, -1, -1)),  # tpd's second slot: widened in place
+        (86400.0 * 40, (1, 7, 7, 1, 1), (0, -7, -7, -1, -1)),  # everything has left the windows
+    ]:
+        now += step
+        for store in (fast, pure):
+            path = (MemoryCounterStore.acquire, MemoryCounterStore.adjust) if store is fast else PURE
+            trace.append(result_bits(path[0](store, ids, plan, costs, now)))
+            trace.append(state_bits(store))
+            if step == 0.0:
+                assert [len(store._states[i]) for i in ids[2:4]] == [5, 5]  # one-slot: tpd, usd
+            if step == 3600.0:
+                assert [len(store._states[i]) for i in ids[2:4]] == [27, 5]  # tpd widened, usd not
+            path[1](store, ids, plan, deltas, now + 0.5, now if store is fast else now)
+            trace.append(state_bits(store))
+        assert trace[-3:] == trace[-6:-3]  # the compiled store's step == the pure store's
+    assert fallbacks == []
+
+
+def test_the_local_view_keeps_full_windows_in_the_compiled_path(fallbacks: list[Any]) -> None:
+    """The write-behind's LocalView (_compact False) exports full arrays: the compiled path makes those."""
+    spec = make_limit("tokens", 1000, "day")
+    view = _local_view()
+    view.acquire(("a",), (spec,), (3,), 1000.0)
+    view.adjust(("b",), (spec,), (2,), 1000.0)
+    assert [len(view._states[c]) for c in "ab"] == [spec.slots + 3] * 2
+    assert fallbacks == []
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        array("f", [86400.0, 0.0, 1.0, 1.0, -24.0]),  # the one-slot shape, but not doubles
+        array("d", [86400.0, 1e300, 1.0, 1.0, -24.0]),  # a last slot outside the exact range
+    ],
+)
+def test_a_one_slot_shape_the_compiled_path_cannot_read_takes_the_pure_path(
+    fallbacks: list[Any], state: array[float]
+) -> None:
+    spec = make_limit("tokens", 1000, "day")
+    assert spec.slots == 24
+    for op in ("acquire", "adjust"):
+        store = MemoryCounterStore()
+        store._states["a"] = array(state.typecode, state)
+        if op == "acquire":
+            store.acquire(("a",), (spec,), (1,), 1000.0)
+        else:
+            store.adjust(("a",), (spec,), (-1,), 1000.0)
+    assert len(fallbacks) == 2
+
+
+@pytest.mark.parametrize("slots", [2, 3, 24, 30])
+def test_five_doubles_of_another_shape_are_read_as_the_pure_path_reads(compiled: Any, slots: int) -> None:
+    """A 5-double array is a full 2-slot window, the one-slot form for the N it names (24), and fresh for any
+    other N (a spec whose slots changed): never misread as another spec's."""
+    spec = make_limit("tokens", 10, "day", slots=slots)
+    for stored in ([86400.0 * 2, 1.0, 9.0, 9.0, -24.0], [86400.0 * 2, 1.0, 9.0, 4.0, 5.0]):
+        traces = []
+        for path in ((compiled.acquire, compiled.adjust), PURE):
+            store = MemoryCounterStore()
+            store._states["a"] = array("d", stored)
+            calls = [
+                ("acquire", ("a",), (spec,), (1,), 0.0, None),
+                ("adjust", ("a",), (spec,), (-3,), 0.5, None),
+                ("acquire", ("a",), (spec,), (2,), 86400.0 / slots, None),
+            ]
+            traces.append(run(store, path, 3600.0, calls))
+        assert traces[0] == traces[1]

@@ -2,9 +2,11 @@
 """The memory counter store's hot path in C: `acquire` and `adjust` of stores/memory.py's MemoryCounterStore.
 
 The same state, in the same OrderedDict, as the pure-Python store (GCRA: complex(debt, since); sliding:
-array('d') [fresh_at, last_slot, total, counts...]; gauge: int; move_to_end on each write), so everything
-else that reads or writes that state (peek, adjust, the sweep, the Redis write-behind's LocalView) keeps
-working on the same objects. The same decisions and the same WindowStatus / AcquireResult objects, with
+array('d') [fresh_at, last_slot, total, counts...], or the one-slot form [fresh_at, last_slot, total,
+total, -N] that a new window of N > 2 slots starts in (when the store's `_compact` is set) and that is
+widened in place when a second slot is charged, exactly as core/windows.py does; gauge: int;
+move_to_end on each write), so everything else that reads or writes that state (peek, adjust, the sweep,
+the Redis write-behind's LocalView) keeps working on the same objects. The same decisions and the same WindowStatus / AcquireResult objects, with
 bit-for-bit the same floats: every formula below is core/windows.py's, in the same operation order, on IEEE
 doubles (x86-64 SSE2; setup.py builds with -ffp-contract=off so no multiply-add is fused). Python's float
 floor division (`now // width`) is reproduced exactly (`_floor_div`).
@@ -13,7 +15,7 @@ Anything this code does not know takes the pure-Python acquire for the whole cal
 written: a spec whose algorithm is not GCRA / SLIDING / GAUGE (e.g. one added later), a spec that is not
 exactly a LimitSpec, more than MAX_WINDOWS windows, a cost that is not a plain int in 0..2**62, a time or a
 stored number outside the range where C integers and doubles behave as Python's ints and floats do here,
-a stored array that is not of doubles. The pure path (core/windows.py) is the reference: the differential
+a stored array of either form that is not of doubles. The pure path (core/windows.py) is the reference: the differential
 tests (tests/test_native_windows.py) run both on random specs, costs, times and interleavings.
 """
 
@@ -64,6 +66,12 @@ cdef enum:
     _LAST = 1
     _TOTAL = 2
     _BASE = 3
+    _ONE_SLOT = 5  # the one-slot form's length: [fresh_at, last_slot, total, total, -N] (core/windows.py)
+
+cdef enum:
+    F_NONE = 0
+    F_FULL = 1
+    F_ONE = 2
 
 cdef long long MAX_COST = 1LL << 62  # costs and counts: sums and differences stay inside an int64
 cdef double TIME_RANGE = 1e15  # |now|: below 2**53, so an int time converts exactly
@@ -164,6 +172,7 @@ cdef struct Outcome:
     long long remaining
     double reset_after
     double retry_after
+    int form  # sliding: the state's form as read (F_NONE: none, or not this spec's: a fresh window)
 
 
 cdef inline double _floor_div(double vx, double wx):
@@ -235,7 +244,15 @@ cdef inline void _gcra_take(double debt, double since, double now, Spec* spec, l
     o.retry_after = new_debt - spec.tolerance if cost <= spec.burst else INFINITY
 
 
-cdef inline double _used(double* st, long long top, long long last, long long n):
+cdef inline double _count(double* st, bint one, long long s, long long n, long long last):
+    """Slot s's count in the full form, or in the one-slot form as windows._full would widen it (the only
+    count, st[_BASE], at slot `last`; every other slot zero)."""
+    if one:
+        return st[_BASE] if _mod(s, n) == _mod(last, n) else 0.0
+    return st[_BASE + _mod(s, n)]
+
+
+cdef inline double _used(double* st, bint one, long long top, long long last, long long n):
     cdef long long gap = top - last, s
     cdef double used
     if gap == 0:
@@ -244,22 +261,23 @@ cdef inline double _used(double* st, long long top, long long last, long long n)
         return 0.0
     used = st[_TOTAL]
     for s in range(last - n + 1, top - n + 1):
-        used -= st[_BASE + _mod(s, n)]
+        used -= _count(st, one, s, n, last)
     return used
 
 
-cdef inline double _reset_after(double* st, long long top, long long last, long long n, double width,
-                                double now):
+cdef inline double _reset_after(double* st, bint one, long long top, long long last, long long n,
+                                double width, double now):
     cdef long long s = last
     while s > top - n:
-        if st[_BASE + _mod(s, n)] > 0:
+        if _count(st, one, s, n, last) > 0:
             return <double>(s + n) * width - now
         s -= 1
     return 0.0
 
 
-cdef inline int _sliding_take(double* st, double now, Spec* spec, long long cost, Outcome* o):
-    """windows.sliding_take on a state's doubles (NULL: none). FALLBACK when the slot is out of range."""
+cdef inline int _sliding_take(double* st, bint one, double now, Spec* spec, long long cost, Outcome* o):
+    """windows.sliding_take on a state's doubles (NULL: none; `one`: the one-slot form). FALLBACK when the
+    slot is out of range."""
     cdef long long n = spec.slots, limit = spec.limit, cur, last, top, s
     cdef double width = spec.width, used, excess, freed
     if _slot_of(now, width, &cur):
@@ -282,23 +300,24 @@ cdef inline int _sliding_take(double* st, double now, Spec* spec, long long cost
         used = st[_TOTAL]
     else:
         top = cur if cur > last else last
-        used = _used(st, top, last, n)
+        used = _used(st, one, top, last, n)
     if used + <double>cost <= <double>limit:
         o.fits = True
         o.remaining = <long long>(<double>limit - used - <double>cost)
-        o.reset_after = (<double>(top + n) * width - now) if cost else _reset_after(st, top, last, n, width, now)
+        o.reset_after = ((<double>(top + n) * width - now) if cost
+                         else _reset_after(st, one, top, last, n, width, now))
         o.retry_after = 0.0
         return 0
     o.fits = False
     o.remaining = <long long>(<double>limit - used) if used < <double>limit else 0
-    o.reset_after = _reset_after(st, top, last, n, width, now)
+    o.reset_after = _reset_after(st, one, top, last, n, width, now)
     if cost > limit:
         o.retry_after = INFINITY
         return 0
     excess = used + <double>cost - <double>limit
     freed = 0.0
     for s in range(top - n + 1, last + 1):
-        freed += st[_BASE + _mod(s, n)]
+        freed += _count(st, one, s, n, last)
         if freed >= excess:
             o.retry_after = <double>(s + n) * width - now
             return 0
@@ -326,16 +345,37 @@ cdef inline long long _roll(double* st, long long cur, long long n):
     return cur
 
 
-cdef object _sliding_charge(object state, double now, Spec* spec, long long amount):
-    """windows.sliding_charge: in place on `state` (an array of the spec's shape) or on a new array."""
+cdef double* _widen(array arr, long long n) except NULL:
+    """windows._widen: the one-slot form -> the full form, in place (the same array object, grown by
+    frombytes as the pure path grows it, so it holds the same length and allocation). Returns the moved
+    doubles."""
+    cdef double* st = arr.data.as_doubles
+    cdef double count = st[_BASE]
+    cdef long long last = <long long>st[_LAST]
+    st[_BASE] = 0.0
+    st[_BASE + 1] = 0.0
+    arr.frombytes(bytes(8 * (n - 2)))
+    st = arr.data.as_doubles
+    st[_BASE + _mod(last, n)] = count
+    return st
+
+
+cdef object _sliding_charge(object state, double now, Spec* spec, long long amount, object store):
+    """windows.sliding_charge(state, now, spec, amount, store._compact), step for step: in place on `state`
+    (an array memory._sliding_state accepted for this spec: full or one-slot) or on a new array."""
     cdef long long n = spec.slots, cur = 0, top
     cdef double width = spec.width
     cdef double* st
     cdef array arr
     _slot_of(now, width, &cur)  # in range: the take before it checked the same (now, width)
     if state is None:
-        arr = clone(DOUBLES, n + _BASE, True)
-        st = arr.data.as_doubles
+        if n > 2 and store._compact:  # a new window starts in the one-slot form
+            arr = clone(DOUBLES, _ONE_SLOT, True)
+            st = arr.data.as_doubles
+            st[_BASE + 1] = <double>-n
+        else:
+            arr = clone(DOUBLES, n + _BASE, True)
+            st = arr.data.as_doubles
         st[_LAST] = <double>cur
         top = cur
     else:
@@ -347,8 +387,18 @@ cdef object _sliding_charge(object state, double now, Spec* spec, long long amou
         elif <double>cur == st[_LAST]:
             top = cur
         else:
+            if Py_SIZE(arr) != n + _BASE:  # the one-slot form: a second slot is charged
+                if cur - <long long>st[_LAST] >= n:  # unless the first has left the window
+                    st[_BASE] = 0.0
+                    st[_TOTAL] = 0.0
+                    st[_LAST] = <double>cur
+                else:
+                    st = _widen(arr, n)
             top = _roll(st, cur, n)
-    st[_BASE + _mod(top, n)] += <double>amount
+    if Py_SIZE(arr) != n + _BASE:
+        st[_BASE] += <double>amount
+    else:
+        st[_BASE + _mod(top, n)] += <double>amount
     st[_TOTAL] += <double>amount
     st[_FRESH] = <double>(top + n) * width
     return arr
@@ -393,8 +443,8 @@ cdef int _read_spec(object spec, Spec* out):
     out.width = _float(_get(spec, O_SLOT_WIDTH))
     if out.algorithm == A_GCRA and not out.interval > 0:
         return FALLBACK  # Python would divide by zero
-    if out.algorithm == A_SLIDING and not (out.width > 0 and out.slots > 0):
-        return FALLBACK
+    if out.algorithm == A_SLIDING and not (out.width > 0 and out.slots >= 2):
+        return FALLBACK  # one slot: a LimitSpec refuses it (and the one-slot form assumes N > 2)
     return 0
 
 
@@ -414,23 +464,34 @@ cdef inline int _cost(object cost, long long* out):
     return 0
 
 
-cdef inline double* _sliding_doubles(object state, Spec* spec, int* fallback):
-    """memory._sliding_state: the stored doubles if the state is an array of this spec's shape, else NULL
-    (fresh). Sets *fallback for an array this code cannot read as Python would (not of doubles, or a
-    last-slot number out of range)."""
+cdef inline double* _sliding_doubles(object state, Spec* spec, int* fallback, int* form):
+    """memory._sliding_state: the stored doubles if the state is an array of this spec's shape (*form
+    F_FULL) or the one-slot form for its N (*form F_ONE), else NULL (fresh, *form F_NONE). Sets *fallback
+    for an array of either length this code cannot read as Python would (not of doubles, or a last-slot
+    number out of range)."""
     cdef array arr
     cdef double last
+    cdef Py_ssize_t size
+    form[0] = F_NONE
     if type(state) is not ARRAY:
         return NULL
     arr = <array>state
-    if Py_SIZE(arr) != spec.slots + _BASE:
+    size = Py_SIZE(arr)
+    if size != spec.slots + _BASE and size != _ONE_SLOT:
         return NULL
     if arr.ob_descr.typecode != b"d":
         fallback[0] = FALLBACK
         return NULL
+    if size != spec.slots + _BASE:  # 5 doubles for N > 2: the one-slot form if it says -N
+        if arr.data.as_doubles[_BASE + 1] != <double>-spec.slots:
+            return NULL
+        form[0] = F_ONE
+    else:
+        form[0] = F_FULL
     last = arr.data.as_doubles[_LAST]
     if not (-SLOT_RANGE < last < SLOT_RANGE):
         fallback[0] = FALLBACK
+        form[0] = F_NONE
         return NULL
     return arr.data.as_doubles
 
@@ -447,10 +508,10 @@ cdef int _take(object state, Spec* spec, long long cost, double now, Outcome* o)
             _gcra_take(0.0, now, now, spec, cost, o)
         return 0
     if spec.algorithm == A_SLIDING:
-        st = _sliding_doubles(state, spec, &fallback)
+        st = _sliding_doubles(state, spec, &fallback, &o.form)
         if fallback:
             return FALLBACK
-        return _sliding_take(st, now, spec, cost, o)
+        return _sliding_take(st, o.form == F_ONE, now, spec, cost, o)
     in_flight = 0
     if PyLong_CheckExact(state):
         in_flight = PyLong_AsLongLongAndOverflow(state, &overflow)
@@ -578,9 +639,9 @@ def acquire(self, counter_ids, specs, costs, now):
                         else:
                             states.pop(cid, None)
                     elif sp.algorithm == A_SLIDING:
-                        if cost_c[i]:
+                        if cost_c[i]:  # the state the take read (memory.acquire: its new_state)
                             states[cid] = _sliding_charge(
-                                _sliding_state_object(<object>kept[i], sp), t, sp, cost_c[i]
+                                <object>kept[i] if out[i].form != F_NONE else None, t, sp, cost_c[i], self
                             )
                             touch(cid)
                     elif out[i].in_flight:
@@ -623,22 +684,52 @@ cdef inline unsigned long long _all_bits(Py_ssize_t n):
     return ((<unsigned long long>1) << n) - 1
 
 
-cdef inline object _sliding_state_object(object state, Spec* spec):
-    """memory._sliding_state: the array itself, or None."""
-    if type(state) is ARRAY and Py_SIZE(state) == spec.slots + _BASE:
+cdef inline object _sliding_state_object(object state, Spec* spec, int* form):
+    """memory._sliding_state: the array itself (*form F_FULL or F_ONE), or None (F_NONE)."""
+    cdef Py_ssize_t size
+    form[0] = F_NONE
+    if type(state) is not ARRAY or (<array>state).ob_descr.typecode != b"d":
+        return None  # (adjust checked every state before writing: not one this spec reads)
+    size = Py_SIZE(state)
+    if size == spec.slots + _BASE:
+        form[0] = F_FULL
+        return state
+    if size == _ONE_SLOT and (<array>state).data.as_doubles[_BASE + 1] == <double>-spec.slots:
+        form[0] = F_ONE
         return state
     return None
 
 
 # -- adjust (settle differences) ---------------------------------------------------------------------------
 
-cdef void _sliding_refund(double* st, double now, Spec* spec, long long amount, bint exact, double charged_at):
-    """windows.sliding_refund in place (`exact`: a charged_at was given)."""
-    cdef long long n = spec.slots, top, s = 0, cur = 0, i
-    cdef double width = spec.width, left, take
+cdef void _sliding_refund(double* st, bint one, double now, Spec* spec, long long amount, bint exact,
+                          double charged_at):
+    """windows.sliding_refund in place (`one`: on the one-slot form, which it keeps; `exact`: a charged_at
+    was given)."""
+    cdef long long n = spec.slots, top, s = 0, cur = 0, i, last
+    cdef double width = spec.width, left, take, count
     if st[_TOTAL] <= 0:
         return
     _slot_of(now, width, &cur)  # in range: checked before anything was written
+    if one:  # windows._refund_one_slot: the only count is slot last_slot's
+        last = <long long>st[_LAST]
+        if cur - last >= n:  # the count has left the window: rolled to empty, as the full form would be
+            st[_BASE] = 0.0
+            st[_TOTAL] = 0.0
+            st[_LAST] = <double>cur
+            return
+        if exact:
+            _slot_of(charged_at, width, &s)
+            if s != last:
+                return  # that slot holds nothing (or has left the window)
+        # Python compares the int amount with the float count exactly; the rounded double compares the
+        # same way except when it equals the count, and then both take the count (amount rounds to it)
+        left = <double>amount
+        count = st[_BASE]
+        take = left if left < count else count
+        st[_BASE] = count - take
+        st[_TOTAL] -= take
+        return
     top = _roll(st, cur, n)
     left = <double>amount
     if exact:
@@ -673,7 +764,7 @@ def adjust(self, counter_ids, specs, deltas, now, charged_at=None):
     cdef Py_ssize_t n, i
     cdef double t, at = 0.0, debt, elapsed
     cdef long long slot, in_flight
-    cdef int fallback = 0, overflow = 0
+    cdef int fallback = 0, overflow = 0, form = F_NONE
     cdef bint exact = charged_at is not None
     cdef Spec* sp
     cdef double* st
@@ -701,7 +792,7 @@ def adjust(self, counter_ids, specs, deltas, now, charged_at=None):
         found = PyDict_GetItemWithError(states, counter_ids[i])
         state = <object>found if found != NULL else None
         if sp.algorithm == A_SLIDING:
-            _sliding_doubles(state, sp, &fallback)
+            _sliding_doubles(state, sp, &fallback, &form)
             if fallback or _slot_of(t, sp.width, &slot) or (exact and _slot_of(at, sp.width, &slot)):
                 return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
         elif sp.algorithm == A_GAUGE and PyLong_CheckExact(state):
@@ -731,13 +822,13 @@ def adjust(self, counter_ids, specs, deltas, now, charged_at=None):
             else:
                 states.pop(cid, None)
         elif sp.algorithm == A_SLIDING:
-            window = _sliding_state_object(state, sp)
+            window = _sliding_state_object(state, sp, &form)
             if delta_c[i] > 0:
-                states[cid] = _sliding_charge(window, t, sp, delta_c[i])
+                states[cid] = _sliding_charge(window, t, sp, delta_c[i], self)
                 states.move_to_end(cid)
             elif window is not None:
                 st = (<array>window).data.as_doubles
-                _sliding_refund(st, t, sp, -delta_c[i], exact, at)
+                _sliding_refund(st, form == F_ONE, t, sp, -delta_c[i], exact, at)
                 if t >= st[_FRESH] or st[_TOTAL] <= 0.0:
                     del states[cid]
         else:
