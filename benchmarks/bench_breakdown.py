@@ -46,6 +46,7 @@ from envoy.service.accesslog.v3 import als_pb2  # noqa: E402
 from nexus_authz import native  # noqa: E402
 from nexus_authz.adapters import envoy_als, http_authz  # noqa: E402
 from nexus_authz.core import body as body_mod  # noqa: E402
+from nexus_authz.core import tokens  # noqa: E402
 from nexus_authz.core.accounting import conclude_usage  # noqa: E402
 from nexus_authz.core.model import new_request  # noqa: E402
 from nexus_authz.engine import Engine  # noqa: E402
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     n, nb = args.n, args.batches
+    # the tokenizer loads with its first count (in a worker thread, on a server); here, before the timing
+    tokens.warm_up()
     fx = Fixtures()
     tmp = Path(tempfile.mkdtemp(prefix="nexus-breakdown-"))
     engine = build_engine(tmp, fx)
