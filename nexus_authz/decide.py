@@ -274,6 +274,20 @@ class Decider:
         if self._slot_freed is not None:  # a request waits for a concurrency slot: this may free one
             self.slot_freed()
 
+    def adjust(
+        self,
+        counter_ids: Sequence[str],
+        specs: Sequence[LimitSpec],
+        deltas: Sequence[int],
+        now: float,
+        charged_at: float,
+    ) -> None:
+        """`apply` of one settlement given as its parts (ReservationBook.settle_parts: no Settlement
+        object on the accounting path)."""
+        self.store.adjust_soon(counter_ids, specs, deltas, now, charged_at)
+        if self._slot_freed is not None:
+            self.slot_freed()
+
 
 def _with_clamp(decision: Decision, plan: Clamp) -> Decision:
     """The admitted decision carrying the body splices for the proxy (a refusal is returned as is)."""

@@ -45,7 +45,7 @@ from nexus_authz.settings import (
     resolve_pepper,
 )
 from nexus_authz.stores.base import LocalCounters
-from nexus_authz.stores.ledger import Ledger, UsageRecord
+from nexus_authz.stores.ledger import Ledger
 from nexus_authz.stores.memory import MemoryCounterStore
 from nexus_authz.stores.redis import RedisStore
 
@@ -370,55 +370,37 @@ class Engine:
         (`accounted["unadmitted"]`) and dropped, and so is a repeated report of a request already
         accounted (`accounted["duplicate"]`: settlement is idempotent per request id).
         """
-        context = self.book.context(request_id) if request_id else None
-        live = isinstance(context, InFlight)
+        book = self.book
+        context = book.context(request_id) if request_id else None
+        live = context.__class__ is InFlight
         if not live:
-            context = self.book.retired(request_id) if request_id else None
+            context = book.retired(request_id) if request_id else None
             if not isinstance(context, InFlight):
-                self.accounted["duplicate" if self.book.was_settled(request_id) else "unadmitted"] += 1
+                self.accounted["duplicate" if book.was_settled(request_id) else "unadmitted"] += 1
                 return
             self.accounted["unmatched"] += 1
         assert isinstance(context, InFlight)
         self.accounted[usage.source] += 1
-        c = accounting.charge(
+        fields = accounting.charge_fields(
             context,
             usage,
-            keep_estimate=keep_estimate,
-            response_model=response_model,
-            prices=self.policy.prices,
-            error_charge_tokens=self.settings.accounting.error_charge_tokens,
-            unread=unread,
+            keep_estimate,
+            response_model,
+            self.policy.prices,
+            self.settings.accounting.error_charge_tokens,
+            unread,
         )
+        key_id, tenant, model, prompt, cached, completion, reasoning, cost, at_least, source, rule = fields
+        now = self._clock()
         if live:
-            self.settle(
-                request_id,
-                tokens=c.tokens,
-                usd_micros=c.cost_micro_usd,
-                at_least_reserved=c.at_least_reserved,
-            )
-        counts = self.usage_tokens
-        for kind, n in (
-            ("prompt", c.prompt_tokens),
-            ("cached_prompt", c.cached_prompt_tokens),
-            ("completion", c.completion_tokens),
-        ):
-            if n:
-                counts[(c.model, kind)] = counts.get((c.model, kind), 0) + n
+            parts = book.settle_parts(request_id, prompt + completion, cost, at_least)
+            if parts is not None and parts[1]:
+                self.decider.adjust(parts[0], parts[1], parts[2], now, parts[3])
+        if prompt or cached or completion:
+            accounting.count_tokens_used(self.usage_tokens, model, prompt, cached, completion)
         if self.ledger is not None:
-            self.ledger.record(
-                UsageRecord(
-                    key_id=c.key_id,
-                    tenant=c.tenant,
-                    model=c.model,
-                    ts=self.clock(),
-                    prompt_tokens=c.prompt_tokens,
-                    cached_prompt_tokens=c.cached_prompt_tokens,
-                    completion_tokens=c.completion_tokens,
-                    reasoning_tokens=c.reasoning_tokens,
-                    cost_micro_usd=c.cost_micro_usd,
-                    source=c.source,
-                    price_rule=c.price_rule,
-                )
+            self.ledger.record_usage(
+                key_id, tenant, model, now, prompt, cached, completion, reasoning, cost, source, rule
             )
 
     def maintain(self) -> None:

@@ -27,7 +27,17 @@ from nexus_authz.core.prompt_later import prompt_tokens
 from nexus_authz.core.tokens import EXECUTOR_THRESHOLD_CHARS, count_tokens, encoding_loaded
 from nexus_authz.core.usage import StreamUsage, Usage
 
-__all__ = ["Charge", "ResponseEnd", "charge", "conclude_usage", "ledger_source", "needs_exact_count"]
+__all__ = [
+    "Charge",
+    "ChargeFields",
+    "ResponseEnd",
+    "charge",
+    "charge_fields",
+    "count_tokens_used",
+    "conclude_usage",
+    "ledger_source",
+    "needs_exact_count",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +121,10 @@ class Charge:
         return self.prompt_tokens + self.completion_tokens
 
 
+ChargeFields = tuple[str, str, str, int, int, int, int, int, bool, str, str]
+"""`Charge`'s fields in order, as a plain tuple (`charge_fields`: the accounting hot path)."""
+
+
 def charge(
     context: InFlight,
     usage: Usage,
@@ -124,26 +138,47 @@ def charge(
     """The charge of `usage` for the request admitted as `context`. An error response (source "none")
     is charged `error_charge_tokens` (accounting.error_charge_tokens: 0 by default, the provider bills
     nothing). `unread`: nothing of the response could be read (the usage is the Check's estimate)."""
+    return Charge(
+        *charge_fields(context, usage, keep_estimate, response_model, prices, error_charge_tokens, unread)
+    )
+
+
+def charge_fields(
+    context: InFlight,
+    usage: Usage,
+    keep_estimate: bool,
+    response_model: str | None,
+    prices: PriceTable | None,
+    error_charge_tokens: int,
+    unread: bool,
+) -> ChargeFields:
+    """`charge`, as the tuple of `Charge`'s fields (no object built: the engine's per-response path)."""
     model = context.model or response_model
-    if usage.source == "none":
+    source = usage.source
+    if source == "none":
         prompt, cached, completion = error_charge_tokens, 0, 0
+        ledger = "none"
     else:
         prompt, cached, completion = usage.prompt_tokens, usage.cached_prompt_tokens, usage.completion_tokens
-        if usage.source == "estimated" and not prompt and context.body is not None:
-            prompt = prompt_tokens(context)  # the Check did not estimate it (no token limit needed it)
+        if source == "provider":
+            ledger = "reported"
+        else:
+            ledger = "estimated" if unread else "counted"
+            if source == "estimated" and not prompt and context.body is not None:
+                prompt = prompt_tokens(context)  # the Check did not estimate it (no token limit needed it)
     cost, rule = prices.charge(model, prompt, cached, completion) if prices else (0, "")
-    return Charge(
-        key_id=context.key_id,
-        tenant=context.tenant or "",
-        model=model or "unknown",
-        prompt_tokens=prompt,
-        cached_prompt_tokens=cached,
-        completion_tokens=completion,
-        reasoning_tokens=usage.reasoning_tokens,
-        cost_micro_usd=cost,
-        at_least_reserved=keep_estimate,
-        source=ledger_source(usage, unread=unread),
-        price_rule=rule,
+    return (
+        context.key_id,
+        context.tenant or "",
+        model or "unknown",
+        prompt,
+        cached,
+        completion,
+        usage.reasoning_tokens,
+        cost,
+        keep_estimate,
+        ledger,
+        rule,
     )
 
 
@@ -156,3 +191,25 @@ def ledger_source(usage: Usage, *, unread: bool) -> str:
     if usage.source == "none":
         return "none"
     return "estimated" if unread else "counted"
+
+
+_TOKEN_KEYS: dict[str, tuple[tuple[str, str], tuple[str, str], tuple[str, str]]] = {}
+_TOKEN_KEYS_MAX = 4096
+
+
+def count_tokens_used(
+    counts: dict[tuple[str, str], int], model: str, prompt: int, cached: int, completion: int
+) -> None:
+    """Add a response's tokens to the (model, kind) counters for metrics (kinds prompt, cached_prompt,
+    completion; a zero adds nothing). The keys of a model are built once (a bounded cache)."""
+    keys = _TOKEN_KEYS.get(model)
+    if keys is None:
+        if len(_TOKEN_KEYS) >= _TOKEN_KEYS_MAX:
+            _TOKEN_KEYS.clear()
+        keys = _TOKEN_KEYS[model] = ((model, "prompt"), (model, "cached_prompt"), (model, "completion"))
+    if prompt:
+        counts[keys[0]] = counts.get(keys[0], 0) + prompt
+    if cached:
+        counts[keys[1]] = counts.get(keys[1], 0) + cached
+    if completion:
+        counts[keys[2]] = counts.get(keys[2], 0) + completion

@@ -237,24 +237,39 @@ class ReservationBook:
         is a lower bound (a response cut off before its usage record): charge the larger of it and the
         estimate, never refund. Unknown or expired id: None.
         """
+        parts = self.settle_parts(request_id, tokens, usd_micros, at_least_reserved)
+        if parts is None:
+            return None
+        counter_ids, specs, deltas, charged_at, context = parts
+        return Settlement(request_id, counter_ids, specs, deltas, charged_at, context=context)
+
+    def settle_parts(
+        self, request_id: str, tokens: int | None, usd_micros: int | None, at_least_reserved: bool
+    ) -> tuple[tuple[str, ...], tuple[LimitSpec, ...], tuple[int, ...], float, object] | None:
+        """`settle` without the Settlement object (the accounting hot path): (counter_ids, specs,
+        deltas, charged_at, context), or None. Apply it with `store.adjust(counter_ids, specs, deltas,
+        now, charged_at)`."""
         entry = self._entries.pop(request_id, None)
         if entry is None:
             return None
         self.settled += 1
         self._mark_settled(request_id)
         counter_ids, specs, costs, uncharged, charged_at, _, context = entry
+        if not specs:  # tracked only (no window to settle)
+            return counter_ids, specs, costs, charged_at, context
         deltas: list[int] = []
+        append = deltas.append
         for i, spec in enumerate(specs):
             kind = spec.kind
-            if (uncharged >> i) & 1 or kind is _REQUESTS:
-                deltas.append(0)
+            if kind is _REQUESTS or (uncharged >> i) & 1:
+                append(0)
             elif kind is _CONCURRENCY:
-                deltas.append(-costs[i])
+                append(-costs[i])
             else:
                 actual = tokens if kind is _TOKENS else usd_micros
                 delta = 0 if actual is None else actual - costs[i]
-                deltas.append(max(0, delta) if at_least_reserved else delta)
-        return Settlement(request_id, counter_ids, specs, tuple(deltas), charged_at, context=context)
+                append(delta if delta >= 0 or not at_least_reserved else 0)
+        return counter_ids, specs, tuple(deltas), charged_at, context
 
     def release(self, request_id: str) -> Settlement | None:
         """Free a request's concurrency slots now (its response has ended), keeping the rest of the

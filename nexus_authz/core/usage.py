@@ -198,11 +198,11 @@ class StreamUsage:
         return self._total
 
     def count_exactly(self, counter: Callable[[str], int], threshold: int) -> bool:
-        """Count a completion without a usage record with `counter` (e.g. tiktoken) at finish().
-
-        Returns True when that count may read `threshold` bytes or more, so the caller should run
-        finish() in a worker thread (an exact count of a long text takes milliseconds). A response with
-        a usage record needs no counting: False, nothing changes."""
+        """Count a completion without a usage record with `counter` (e.g. tiktoken) at finish(): True
+        when that count may read `threshold` bytes or more (run finish() in a worker thread: an exact count
+        of a long text takes milliseconds). A usage record (in the events held so far too): False."""
+        if self._mode != _JSON and self._buf and self._result is None:
+            self._drain(final=False)
         if self.has_usage_record:
             return False
         self._count_tokens = counter

@@ -199,6 +199,8 @@ _records = st.lists(
         key_id=st.sampled_from(["a", "b", "ü"]),
         tenant=st.sampled_from(["", "t1", "t2"]),
         model=st.sampled_from(["gpt-4o", "claude", "o3"]),
+        source=st.sampled_from(["", "reported", "counted"]),
+        price_rule=st.sampled_from(["", "gpt-*", "unpriced:charged"]),
         ts=st.floats(min_value=T0 - 3 * 86400, max_value=T0 + 3 * 86400),
         requests=st.integers(0, 3),
         prompt_tokens=st.integers(0, 10**6),
@@ -275,6 +277,54 @@ def test_sqlite_and_memory_aggregate_the_same_records_into_the_same_rows(
         finally:
             sqlite_ledger._pending = {}  # compared, not worth writing
             asyncio.run(sqlite_ledger.close())
+
+
+@settings(max_examples=40, deadline=None)
+@given(records=_records, bound=st.integers(1, 50))
+def test_record_usage_is_record_of_one_request_without_the_record(
+    records: list[UsageRecord], bound: int
+) -> None:
+    """The engine's per-response path (`record_usage`: the fields, no UsageRecord) adds into the same rows
+    as `record` of the same one-request record, on both backends, under the same bound (drops too)."""
+    records = [r for r in records if r.requests == 1]
+    with tempfile.TemporaryDirectory() as tmp:
+        for make in (
+            lambda: MemoryLedger(max_rows=bound),
+            lambda: SQLiteLedger(
+                Path(tmp) / f"u{time.monotonic_ns()}.db", flush_interval=60.0, max_pending=bound
+            ),
+        ):
+            by_record, by_fields = make(), make()
+            try:
+                for r in records:
+                    by_record.record(r)
+                    by_fields.record_usage(
+                        r.key_id,
+                        r.tenant,
+                        r.model,
+                        r.ts,
+                        r.prompt_tokens,
+                        r.cached_prompt_tokens,
+                        r.completion_tokens,
+                        r.reasoning_tokens,
+                        r.cost_micro_usd,
+                        r.source,
+                        r.price_rule,
+                    )
+                for ledger in (by_record, by_fields):
+                    if isinstance(ledger, SQLiteLedger):
+                        assert ledger.flush_now()
+                assert by_fields.query(
+                    group_by=("key_id", "tenant", "model", "minute", "source", "price_rule")
+                ) == (
+                    by_record.query(group_by=("key_id", "tenant", "model", "minute", "source", "price_rule"))
+                )
+                assert by_fields.stats().recorded_records == by_record.stats().recorded_records
+                assert by_fields.stats().dropped_records == by_record.stats().dropped_records
+            finally:
+                for ledger in (by_record, by_fields):
+                    if isinstance(ledger, SQLiteLedger):
+                        asyncio.run(ledger.close())
 
 
 # -- batching ------------------------------------------------------------------------------------------

@@ -688,3 +688,21 @@ def test_huge_nested_fake_usage_event_is_not_a_record() -> None:
     for i in range(0, len(body), 65_536):
         parser.feed(body[i : i + 65_536])
     assert parser.finish().source == "estimated"
+
+
+def test_a_short_stream_with_its_usage_record_needs_no_exact_count() -> None:
+    """A few SSE events with the usage record, shorter than the parser's window (the Lua tap's "sse"
+    snippet): count_exactly must see the record before finish(), or every such entry would be counted
+    in a worker thread (and tiktoken loaded) for nothing."""
+    events = (FIXTURES / "openai_chat_stream_usage.sse").read_bytes()
+    usage_event = [e for e in events.split(b"\n\n") if b'"usage":{' in e][-1] + b"\n\n"
+    parser = StreamUsage(content_type="text/event-stream")
+    parser.feed(usage_event)
+    counted: list[str] = []
+    assert parser.count_exactly(lambda text: counted.append(text) or 0, 0) is False
+    assert parser.finish() == Usage(prompt_tokens=24, completion_tokens=17)
+    assert counted == []
+    # without a usage record the count is still asked for
+    cut = StreamUsage(content_type="text/event-stream")
+    cut.feed(b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n')
+    assert cut.count_exactly(lambda text: 0, 0) is True

@@ -47,6 +47,39 @@ def add(table: Table, rec: UsageRecord, new_row: bool) -> bool:
     return True
 
 
+def add_usage(
+    table: Table,
+    key: Key,
+    prompt: int,
+    cached: int,
+    completion: int,
+    reasoning: int,
+    cost: int,
+    new_row: bool,
+) -> bool:
+    """`add` of one request's usage (requests = 1) under its row's key, without a UsageRecord: one dict
+    lookup and the row updated in place (the per-response path)."""
+    row = table.get(key)
+    if row is None:
+        if not new_row:
+            return False
+        table[key] = [1, prompt, cached, completion, reasoning, cost, 1]
+        return True
+    row[0] += 1
+    if prompt:
+        row[1] += prompt
+    if cached:
+        row[2] += cached
+    if completion:
+        row[3] += completion
+    if reasoning:
+        row[4] += reasoning
+    if cost:
+        row[5] += cost
+    row[6] += 1
+    return True
+
+
 def merge(dst: Table, src: Table) -> None:
     """Add src's rows into dst (src is consumed; both are owned by the calling thread)."""
     for key, row in src.items():

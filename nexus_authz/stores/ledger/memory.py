@@ -36,6 +36,39 @@ class MemoryLedger:
             return
         self._recorded += 1
 
+    def record_usage(
+        self,
+        key_id: str,
+        tenant: str,
+        model: str,
+        ts: float,
+        prompt_tokens: int,
+        cached_prompt_tokens: int,
+        completion_tokens: int,
+        reasoning_tokens: int,
+        cost_micro_usd: int,
+        source: str,
+        price_rule: str,
+    ) -> None:
+        """`record` of one request's usage given as its fields (no UsageRecord built)."""
+        table = self._table
+        if self._closed or not aggregate.add_usage(
+            table,
+            (key_id, tenant, model, int(ts - ts % 60), source, price_rule),
+            prompt_tokens,
+            cached_prompt_tokens,
+            completion_tokens,
+            reasoning_tokens,
+            cost_micro_usd,
+            len(table) < self._max_rows,
+        ):
+            self._dropped += 1
+            if not self._warned:
+                self._warned = True
+                log.warning("memory usage ledger full or closed; dropping usage records (counted)")
+            return
+        self._recorded += 1
+
     async def start(self) -> None:
         return None
 

@@ -148,6 +148,47 @@ class SQLiteLedger:
         if n + 1 >= self._batch_size and self._wake is not None and self._consecutive_failures == 0:
             self._wake.set()
 
+    def record_usage(
+        self,
+        key_id: str,
+        tenant: str,
+        model: str,
+        ts: float,
+        prompt_tokens: int,
+        cached_prompt_tokens: int,
+        completion_tokens: int,
+        reasoning_tokens: int,
+        cost_micro_usd: int,
+        source: str,
+        price_rule: str,
+    ) -> None:
+        """`record` of one request's usage given as its fields (no UsageRecord built): one dict update
+        of its pending row."""
+        if self._closed:
+            self._drop(1)
+            return
+        pending = self._pending
+        n = len(pending)
+        if not aggregate.add_usage(
+            pending,
+            (key_id, tenant, model, int(ts - ts % 60), source, price_rule),
+            prompt_tokens,
+            cached_prompt_tokens,
+            completion_tokens,
+            reasoning_tokens,
+            cost_micro_usd,
+            n + self._inflight_rows + self._carry_rows < self._max_pending,
+        ):
+            self._drop(1)
+            return
+        self._recorded += 1
+        if len(pending) == n:  # added into a row it had
+            return
+        if n == 0:
+            self._pending_first = self._clock()
+        if n + 1 >= self._batch_size and self._wake is not None and self._consecutive_failures == 0:
+            self._wake.set()
+
     def _drop(self, records: int) -> None:
         self._dropped += records
         self._episode_dropped += records

@@ -82,6 +82,24 @@ class Ledger(Protocol):
         full buffer (the record is counted as dropped instead)."""
         ...
 
+    def record_usage(
+        self,
+        key_id: str,
+        tenant: str,
+        model: str,
+        ts: float,
+        prompt_tokens: int,
+        cached_prompt_tokens: int,
+        completion_tokens: int,
+        reasoning_tokens: int,
+        cost_micro_usd: int,
+        source: str,
+        price_rule: str,
+    ) -> None:
+        """`record(UsageRecord(key_id, tenant, model, ts, 1, prompt_tokens, ...))` without building the
+        record (the engine's per-response path); the same rules."""
+        ...
+
     async def start(self) -> None:
         """Start the periodic flush on the running loop."""
         ...
