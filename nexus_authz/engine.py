@@ -49,6 +49,7 @@ from nexus_authz.stores.ledger import Ledger
 from nexus_authz.stores.memory import MemoryCounterStore
 from nexus_authz.stores.redis import RedisStore
 
+_accounting_log = logging.getLogger("nexus_authz.accounting")
 log = logging.getLogger("nexus_authz.keys")
 config_log = logging.getLogger("nexus_authz.config")
 
@@ -328,8 +329,15 @@ class Engine:
         counted = asyncio.get_running_loop().run_in_executor(None, parser.finish)
 
         def account(done: asyncio.Future[Usage]) -> None:
-            if not done.cancelled() and done.exception() is None:
+            if done.cancelled():
+                return
+            if (error := done.exception()) is not None:  # the count failed: the reservation stays charged
+                _accounting_log.error("accounting failed", exc_info=error, extra={"request_id": request_id})
+                return
+            try:  # a callback: nobody awaits what it raises, so it is logged here, as the transports do
                 self._account_parsed(request_id, parser, done.result(), end, prompt_hint)
+            except Exception:
+                _accounting_log.exception("accounting failed", extra={"request_id": request_id})
 
         counted.add_done_callback(account)
         return asyncio.shield(counted)  # type: ignore[arg-type]  # awaited for its end, not its value

@@ -254,14 +254,15 @@ def test_no_secret_anywhere(tmp_path: Path, debug_log: io.StringIO) -> None:
                 ledger = engine.ledger
                 assert ledger is not None
 
-                def broken_record(record: object) -> None:
+                def broken_record(*args: object, **kwargs: object) -> None:
                     raise RuntimeError(f"boom {KEY.secret} {CREDENTIAL}")
 
-                ledger.record = broken_record  # type: ignore[method-assign]
+                # (the engine records through record_usage; record is the same entry point for a record)
+                ledger.record = ledger.record_usage = broken_record  # type: ignore[method-assign]
                 try:
                     await als(iter([_access_log("req-3")]))
                 finally:
-                    del ledger.record
+                    del ledger.record, ledger.record_usage
                 process = channel.stream_stream(
                     "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
                     request_serializer=ep.ProcessingRequest.SerializeToString,
