@@ -48,7 +48,7 @@ log = logging.getLogger("nexus_authz.keys")
 
 OPS = ("create", "rotate", "update", "revoke", "restore")
 PENDING = 4096  # new ids kept apart from the sorted ones before a merge (see RuntimeKeys._pending)
-PAGE = 5000  # keys read and put in force per step of a catch-up (a first load of 1,000,000 is 200 steps)
+PAGE = 2000  # keys read and put in force per step of a catch-up (a first load of 1,000,000 is 500 steps)
 
 # What a replica keeps per runtime key besides its snapshot entries: `keys[id]` is
 # (version, profile, key_hash) or, during/after a rotation, (version, profile, key_hash, previous_hash,
