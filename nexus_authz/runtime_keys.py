@@ -48,6 +48,7 @@ log = logging.getLogger("nexus_authz.keys")
 
 OPS = ("create", "rotate", "update", "revoke", "restore")
 PENDING = 4096  # new ids kept apart from the sorted ones before a merge (see RuntimeKeys._pending)
+MEMO = 10_000  # profiles whose checked parts are kept (keys with their own limits each make one)
 PAGE = 2000  # keys read and put in force per step of a catch-up (a first load of 1,000,000 is 500 steps)
 
 # What a replica keeps per runtime key besides its snapshot entries: `keys[id]` is
@@ -232,7 +233,7 @@ class RuntimeKeys:
     ) -> rk.Pairs:
         if memo is None:
             m_policy, m_credentials, memo = self._memo
-            if m_policy is not policy or m_credentials is not credentials:
+            if m_policy is not policy or m_credentials is not credentials or len(memo) > MEMO:
                 memo = {}
                 self._memo = (policy, credentials, memo)
         return rk.key_records(key, policy=policy, credentials=credentials, share=self._share, memo=memo)
@@ -242,8 +243,9 @@ class RuntimeKeys:
     ) -> KeySnapshot:
         """A new key-file (or config) snapshot with the runtime keys in force; ConfigError if an id is in
         both or the config cannot take a runtime key (a plan or credential it names is gone)."""
-        previous_file, self._file = self._file, file_snapshot
+        previous_file = self._file
         if not self.keys:
+            self._file = file_snapshot
             return file_snapshot
         current = self.engine.snapshot
         same_policy = policy is self.engine.settings.policy and credentials is self.engine.credentials
@@ -263,6 +265,7 @@ class RuntimeKeys:
         self.conflicts.clear()
         # fresh maps, only this snapshot's: the next runtime change changes them in place
         self._owned = (merged.by_digest, merged.by_id)
+        self._file = file_snapshot
         return merged
 
     def _merge_all(

@@ -378,6 +378,13 @@ def test_a_key_file_reload_swaps_the_file_keys_without_re_merging_the_runtime_ke
     _, secret2 = run(runtime.create(KeySpec(key_id="rt2")))
     assert engine.snapshot.by_digest is snap.by_digest and engine.check(chat(secret2)).allowed
     assert engine.check(chat(other.secret)).allowed
+    # and the next good key file (after the refused one) swaps against the file in force
+    third = FileKey("thirdkey")
+    (tmp_path / "keys.yaml").write_text(key_file(third))
+    assert engine.reload_keys(force=True)
+    assert set(engine.snapshot.by_id) == {"thirdkey", "rt1", "rt2"} and len(engine.snapshot) == 3
+    assert engine.check(chat(other.secret)).reason == Reason.UNKNOWN_KEY
+    assert all(engine.check(chat(s)).allowed for s in (third.secret, secret, secret2))
     run(runtime.store.close())
 
 
