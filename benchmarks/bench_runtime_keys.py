@@ -1,12 +1,14 @@
 """Runtime keys at scale (issue 17): creation rate, propagation to a second replica, memory per key.
 
 Starts its own redis-server on a free loopback port (or `--url`), then:
-  1. bulk creation: `--keys` runtime keys written to the Redis key store (pipelined, one Lua call per key
-     as the API does), keys/s; and the same into the SQLite store (embedded mode), keys/s;
+  1. bulk creation: `--keys` runtime keys written to the Redis key store (put_many: one Lua call per
+     1,000 keys), keys/s; and the same into the SQLite store (embedded mode), keys/s;
   2. replica B (an Engine with its RuntimeKeys, subscribed to the store) starts and loads every key:
-     the load time, and the memory it takes per key (RSS and Python heap, after `gc.collect`, before vs
-     after the load, divided by the number of keys: the KeyRecords in the snapshot, both map entries,
-     and the stored record kept for the admin API);
+     the load time (wall and this process's CPU), the longest event-loop stall meanwhile, the peak RSS,
+     and the memory it takes per key (RSS and Python heap, after `gc.collect`, before vs after the
+     load, divided by the number of keys: the KeyRecords in the snapshot, both map entries, and the
+     replica's entry per key); then a key-file reload on B beside the N keys, and two pages of the
+     admin list (records read from the store);
   3. API-path creation: `--api-keys` keys created one at a time through replica A's RuntimeKeys.create
      (a secret, its HMAC, the store write, the local snapshot update), keys/s;
   4. propagation: `--changes` changes made on replica A (create, rotate, update, revoke, restore in
@@ -14,7 +16,7 @@ Starts its own redis-server on a free loopback port (or `--url`), then:
      0.2 ms on the same event loop, so B's apply work is inside the figure); p50 / p99 / max.
 Both replicas run in this one process on one event loop (A only writes: it does not load the N keys);
 B's snapshot of N keys is what a second sidecar holds. The default sizes run in well under a minute;
-`--keys 1000000` gives the full figure (several GB of RAM and minutes). Run:
+`--keys 1000000` gives the full figure (~2.5 GB of RAM with redis-server, 3-4 minutes). Run:
     .venv/bin/python benchmarks/bench_runtime_keys.py [--keys 20000] [--changes 200] [--json]
 """
 
@@ -29,6 +31,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -148,9 +151,35 @@ async def run(args: argparse.Namespace, url: str, workdir: Path) -> dict[str, An
     rss_before = rss_bytes()
     if args.heap:
         tracemalloc.start()
-    started = time.perf_counter()
+    peak = [rss_before]
+    sampling = threading.Event()
+
+    def sample() -> None:  # the peak RSS while B loads (the temporary lists, decoded records...)
+        while not sampling.wait(0.02):
+            peak[0] = max(peak[0], rss_bytes())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stall = [0.0]
+
+    async def tick() -> None:  # the longest the event loop did not run other work during the load
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            stall[0] = max(stall[0], now - last)
+            last = now
+
+    ticker = asyncio.get_running_loop().create_task(tick())
+    started, cpu = time.perf_counter(), time.process_time()
     await b.runtime.start(first_load_timeout=3600)
     out["load_seconds"] = time.perf_counter() - started
+    out["load_cpu_seconds"] = time.process_time() - cpu  # this process only (not redis-server)
+    ticker.cancel()
+    sampling.set()
+    sampler.join()
+    out["load_max_loop_stall_ms"] = stall[0] * 1000
+    out["load_peak_rss_bytes_over_before"] = peak[0] - rss_before
     gc.collect()
     if args.heap:
         heap, _ = tracemalloc.get_traced_memory()
@@ -159,6 +188,19 @@ async def run(args: argparse.Namespace, url: str, workdir: Path) -> dict[str, An
     out["rss_bytes_per_key"] = (rss_bytes() - rss_before) / args.keys
     assert len(b.engine.snapshot) == args.keys, len(b.engine.snapshot)
     assert b.engine.check(request("nx-bulk-secret-0000007")).allowed
+    # a key-file reload on B: the N runtime keys are merged into the new file snapshot
+    file_snapshot = b.engine._read_keys()
+    started = time.perf_counter()
+    b.engine.snapshot = b.engine._in_force(file_snapshot)
+    out["reload_merge_seconds"] = time.perf_counter() - started
+    assert len(b.engine.snapshot) == args.keys and b.engine.check(request("nx-bulk-secret-0000007")).allowed
+    # the admin API's list: the first page (sorts the ids once) and a next one
+    started = time.perf_counter()
+    first, _ = await b.runtime.page(size=1000)
+    out["list_first_page_ms"] = (time.perf_counter() - started) * 1000
+    started = time.perf_counter()
+    await b.runtime.page(after=first[-1].key_id, size=1000)
+    out["list_next_page_ms"] = (time.perf_counter() - started) * 1000
     await asyncio.wait_for(b.store.connected.wait(), 10)
 
     # 3. replica A: creations through the API path, one at a time
@@ -249,9 +291,18 @@ def main() -> None:
     print(f"  bulk creation, Redis store:   {out['redis_bulk_create_per_s']:>10,.0f} keys/s")
     print(f"  bulk creation, SQLite store:  {out['sqlite_bulk_create_per_s']:>10,.0f} keys/s")
     print(f"  API-path creation (one by one, Redis): {out['api_create_per_s']:,.0f} keys/s")
-    print(f"  replica B loads every key:    {out['load_seconds']:.2f} s")
+    cpu = out["load_cpu_seconds"]
+    print(f"  replica B loads every key:    {out['load_seconds']:.2f} s ({cpu:.2f} s CPU)")
     print(f"  memory per key on replica B:  {out['rss_bytes_per_key']:,.0f} B (RSS)", end="")
     print(f", {out['heap_bytes_per_key']:,.0f} B (Python heap)" if "heap_bytes_per_key" in out else "")
+    peak = out["load_peak_rss_bytes_over_before"] / 1e6
+    print(f"  peak RSS during the load:     {peak:,.0f} MB over before")
+    print(f"  longest event-loop stall during the load: {out['load_max_loop_stall_ms']:.0f} ms")
+    print(f"  key-file reload merging every runtime key: {out['reload_merge_seconds'] * 1000:,.0f} ms")
+    print(
+        f"  admin list, 1,000 keys from the store: first page {out['list_first_page_ms']:.0f} ms, "
+        f"next {out['list_next_page_ms']:.0f} ms"
+    )
     print(
         f"  propagation A -> B:           p50 {p['p50']:.1f} ms, p99 {p['p99']:.1f} ms, max {p['max']:.1f} ms"
     )

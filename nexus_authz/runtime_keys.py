@@ -23,9 +23,11 @@ import asyncio
 import bisect
 import contextlib
 import dataclasses
+import gc
+import heapq
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from nexus_authz.core import keys as keys_mod
@@ -45,6 +47,17 @@ __all__ = ["OPS", "RuntimeKeys"]
 log = logging.getLogger("nexus_authz.keys")
 
 OPS = ("create", "rotate", "update", "revoke", "restore")
+PENDING = 4096  # new ids kept apart from the sorted ones before a merge (see RuntimeKeys._pending)
+MEMO = 10_000  # profiles whose checked parts are kept (keys with their own limits each make one)
+PAGE = 2000  # keys read and put in force per step of a catch-up (a first load of 1,000,000 is 500 steps)
+
+# What a replica keeps per runtime key besides its snapshot entries: `keys[id]` is
+# (version, profile, key_hash) or, during/after a rotation, (version, profile, key_hash, previous_hash,
+# grace_until). The hashes are the very bytes objects the snapshot's map is keyed by, and `profile`
+# (tenant, group, plan, models, paths, limits, credential, metadata, expires_at, disabled) is one tuple
+# shared by every key that has the same, so an entry costs a tuple and an int (~140 B with its dict
+# slot), not the stored record: the admin API reads records from the store (`page`).
+Entry = tuple[Any, ...]
 
 
 class RuntimeKeys:
@@ -58,20 +71,25 @@ class RuntimeKeys:
     ) -> None:
         self.engine = engine
         self.store = store
-        self.keys: dict[str, RuntimeKey] = {}
+        self.keys: dict[str, Entry] = {}  # key id -> Entry (above)
         self.synced = 0  # the store version up to which changes have been read
         self.loaded = False
         self.conflicts: set[str] = set()  # runtime ids a key file also has (not in force here)
         self.changes: dict[str, int] = dict.fromkeys(OPS, 0)
-        self.applied_at: dict[str, float] = {}  # key id -> when its last change was put in force here
         self._clock = clock
         self._poll_interval = poll_interval
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._owned: tuple[object, object] = (None, None)  # the snapshot maps changed in place
-        self._sorted: list[str] | None = None  # the ids in order, for paging (None: to sort again)
+        self._sorted: list[str] | None = None  # the ids in order, for paging (None: not sorted yet)
+        # ids created since `_sorted` was made, in order: an insort into a 1,000,000-id list moves 8 MB per
+        # create; this small list is merged into it once per PENDING ids (amortized O(1) a create)
+        self._pending: list[str] = []
         self._shared: dict[object, object] = {}
+        self._memo: tuple[object, object, dict[Any, Any]] = (None, None, {})  # per policy, credentials
+        self._file: KeySnapshot | None = None  # the key-file snapshot last merged with the runtime keys
+        self._unplaced: set[str] = set()  # runtime keys the config in force could not take (logged)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def start(self, *, first_load_timeout: float = 5.0) -> None:
@@ -80,6 +98,8 @@ class RuntimeKeys:
         await self.store.start()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.sync(), first_load_timeout)
+        if not self.loaded:  # the loop carries on from the last page read, at once
+            self._wake.set()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="runtime-keys")
 
     async def close(self) -> None:
@@ -114,19 +134,29 @@ class RuntimeKeys:
                 await asyncio.sleep(min(1.0, self._poll_interval))
                 self._wake.set()
 
-    async def sync(self) -> int:
-        """Read every change after the last version read and put it in force; returns how many."""
-        top, changed = await self.store.changed_since(self.synced)
-        fresh = [k for k in changed if k.version > self._known_version(k.key_id)]
-        if fresh:
-            self._apply(fresh)
-        self.synced = max(self.synced, top)
+    async def sync(self, page: int = PAGE) -> int:
+        """Read every change after the last version read and put it in force, `page` keys at a time (a
+        first load of a million keys neither holds them all at once nor stops the event loop for the
+        whole load: each page is one step, and `synced` marks the progress, so a cancelled load resumes
+        where it stopped); returns how many were put in force."""
+        count = 0
+        while True:
+            top, changed = await self.store.changed_since(self.synced, page)
+            fresh = [k for k in changed if k.version > self._known_version(k.key_id)]
+            if fresh:
+                self._apply(fresh)
+                if len(fresh) >= 1000:  # a load: keep the cyclic GC from rescanning the keys (as a reload)
+                    gc.freeze()
+            self.synced = max(self.synced, top)
+            count += len(fresh)
+            if len(changed) < page:  # the last page (the stores fill a page but for the last one)
+                break
         self.loaded = True
-        return len(fresh)
+        return count
 
     def _known_version(self, key_id: str) -> int:
-        key = self.keys.get(key_id)
-        return key.version if key is not None else 0
+        entry = self.keys.get(key_id)
+        return entry[0] if entry is not None else 0
 
     # -- readiness ---------------------------------------------------------------------------------------
     def state(self) -> tuple[str, str]:
@@ -149,46 +179,117 @@ class RuntimeKeys:
             self._shared.clear()
         return self._shared.setdefault(value, value)
 
-    def _compact(self, key: RuntimeKey) -> RuntimeKey:
-        """The key as kept in memory, its repeated values (tenant, plan, lists, limits) shared."""
-        share = self._share
-        return dataclasses.replace(
-            key,
-            tenant=share(key.tenant),
-            group=share(key.group),
-            plan=share(key.plan),
-            models=share(key.models),
-            paths=share(key.paths),
-            limits=share(key.limits),
-            metadata=share(key.metadata),
-            credential=share(key.credential),
+    def _entry(self, key: RuntimeKey) -> Entry:
+        """What is kept of the key in memory (Entry, above)."""
+        raw = (
+            key.tenant,
+            key.group,
+            key.plan,
+            key.models,
+            key.paths,
+            key.limits,
+            key.credential,
+            key.metadata,
+            key.expires_at,
+            key.disabled,
+        )
+        profile = self._shared.get(raw)
+        if profile is None:  # a new profile: its parts shared with the other profiles' too
+            profile = self._share(tuple(self._share(v) for v in raw))
+            self._shared[raw] = profile
+        if key.previous_hash is None:
+            return (key.version, profile, key.key_hash)
+        return (key.version, profile, key.key_hash, key.previous_hash, key.grace_until)
+
+    @staticmethod
+    def _key(key_id: str, entry: Entry) -> RuntimeKey:
+        """The key back from its entry: everything its snapshot entries need (not its times)."""
+        tenant, group, plan, models, paths, limits, credential, metadata, expires_at, disabled = entry[1]
+        rotated = len(entry) > 3
+        return RuntimeKey(
+            key_id=key_id,
+            key_hash=entry[2],
+            tenant=tenant,
+            group=group,
+            plan=plan,
+            models=models,
+            paths=paths,
+            limits=limits,
+            expires_at=expires_at,
+            disabled=disabled,
+            metadata=metadata,
+            credential=credential,
+            previous_hash=entry[3] if rotated else None,
+            grace_until=entry[4] if rotated else None,
+            version=entry[0],
         )
 
-    def _pairs(self, key: RuntimeKey, policy: PolicySet, credentials: Mapping[str, Credential]) -> rk.Pairs:
-        return rk.key_records(key, policy=policy, credentials=credentials, share=self._share)
+    def _pairs(
+        self,
+        key: RuntimeKey,
+        policy: PolicySet,
+        credentials: Mapping[str, Credential],
+        memo: dict[Any, Any] | None = None,
+    ) -> rk.Pairs:
+        if memo is None:
+            m_policy, m_credentials, memo = self._memo
+            if m_policy is not policy or m_credentials is not credentials or len(memo) > MEMO:
+                memo = {}
+                self._memo = (policy, credentials, memo)
+        return rk.key_records(key, policy=policy, credentials=credentials, share=self._share, memo=memo)
 
     def merge(
         self, file_snapshot: KeySnapshot, policy: PolicySet, credentials: Mapping[str, Credential]
     ) -> KeySnapshot:
         """A new key-file (or config) snapshot with the runtime keys in force; ConfigError if an id is in
         both or the config cannot take a runtime key (a plan or credential it names is gone)."""
+        previous_file = self._file
         if not self.keys:
+            self._file = file_snapshot
             return file_snapshot
         current = self.engine.snapshot
         same_policy = policy is self.engine.settings.policy and credentials is self.engine.credentials
+        if (  # a key-file reload: swap the file's entries in the maps in force, the runtime ones stay
+            same_policy
+            and not self._unplaced
+            and previous_file is not None
+            and current.by_digest is self._owned[0]
+            and current.by_id is self._owned[1]
+            and rk.file_version(current.version) == previous_file.version
+        ):
+            merged = rk.swap_file(
+                current, previous_file, file_snapshot, self.keys, runtime_version=self.synced
+            )
+        else:
+            merged = self._merge_all(file_snapshot, current, policy, credentials, same_policy=same_policy)
+        self.conflicts.clear()
+        # fresh maps, only this snapshot's: the next runtime change changes them in place
+        self._owned = (merged.by_digest, merged.by_id)
+        self._file = file_snapshot
+        return merged
+
+    def _merge_all(
+        self,
+        file_snapshot: KeySnapshot,
+        current: KeySnapshot,
+        policy: PolicySet,
+        credentials: Mapping[str, Credential],
+        *,
+        same_policy: bool,
+    ) -> KeySnapshot:
+        """Every runtime key into `file_snapshot` (a new config: each one resolved again)."""
+        memo: dict[Any, Any] = {}
         runtime: dict[str, rk.Pairs] = {}
-        for key_id, key in self.keys.items():
-            record = current.by_digest.get(key.key_hash) if same_policy else None
+        for key_id, entry in self.keys.items():
+            record = current.by_digest.get(entry[2]) if same_policy else None
             if record is not None and record.key_id == key_id:  # unchanged: reuse the records in force
                 pairs: rk.Pairs = tuple(
-                    (d, current.by_digest[d]) for d in rk.digests(key) if d in current.by_digest
+                    (d, current.by_digest[d]) for d in entry[2:4] if d in current.by_digest
                 )
             else:
-                pairs = self._pairs(key, policy, credentials)
+                pairs = self._pairs(self._key(key_id, entry), policy, credentials, memo)
             runtime[key_id] = pairs
-        merged = rk.merge(file_snapshot, runtime, runtime_version=self.synced)
-        self.conflicts.clear()
-        return merged
+        return rk.merge(file_snapshot, runtime, runtime_version=self.synced)
 
     def _apply(self, changed: list[RuntimeKey]) -> None:
         engine = self.engine
@@ -210,10 +311,13 @@ class RuntimeKeys:
             except ConfigError as exc:
                 log.error("runtime key not put in force", extra={"key_id": key.key_id, "error": str(exc)})
                 pairs = None
-            batch.append((key.key_id, rk.digests(old) if old is not None else (), pairs))
-            if key.key_id not in self.keys:
-                self._sorted = None
-            self.keys[key.key_id] = self._compact(key)
+                self._unplaced.add(key.key_id)
+            else:
+                self._unplaced.discard(key.key_id)
+            batch.append((key.key_id, old[2:4] if old is not None else (), pairs))
+            if old is None and self._sorted is not None:  # a new id: into the order
+                bisect.insort(self._pending, key.key_id)
+            self.keys[key.key_id] = self._entry(key)
         if not batch:
             return
         version = max(self.synced, max(k.version for k in changed))
@@ -221,15 +325,14 @@ class RuntimeKeys:
         # with the key file's snapshot or another holder): O(changed keys), not O(keys). Safe because the
         # hot path reads them on this same event loop thread, never across an await.
         owned = snapshot.by_digest is self._owned[0] and snapshot.by_id is self._owned[1]
+        if self._file is None and rk.file_version(snapshot.version) == snapshot.version:
+            self._file = snapshot  # the key file's snapshot, before any runtime key joined it
         new = rk.apply_changes(snapshot, batch, runtime_version=version, in_place=owned)
         self._owned = (new.by_digest, new.by_id)
         revoked = engine.revoked
         if revoked and any(key_id in revoked for key_id, _, _ in batch):
             new = with_revoked(new, revoked)
         engine.snapshot = new
-        now = self._clock()
-        for key_id, _, _ in batch:
-            self.applied_at[key_id] = now
 
     # -- the admin operations ------------------------------------------------------------------------------
     def _check(self, key: RuntimeKey) -> None:
@@ -309,18 +412,30 @@ class RuntimeKeys:
         now = self._clock()
         return self._done("restore", await self._modify("restore", key_id, lambda k: rk.restore(k, now=now)))
 
-    def page(self, tenant: str = "", after: str = "", size: int = 1000) -> tuple[list[RuntimeKey], bool]:
-        """Up to `size` keys (of `tenant`) by id after `after`, and whether more follow. The ids are
-        sorted once per change of the keys, not per page."""
+    async def page(
+        self, tenant: str = "", after: str = "", size: int = 1000
+    ) -> tuple[list[RuntimeKey], bool]:
+        """Up to `size` keys (of `tenant`) by id after `after`, and whether more follow, read from the
+        store (the records are not kept in memory). The ids are sorted once, then kept in order as keys
+        are created."""
         if self._sorted is None:
-            self._sorted = sorted(self.keys)
-        ids = self._sorted
-        out: list[RuntimeKey] = []
-        for i in range(bisect.bisect_right(ids, after) if after else 0, len(ids)):
-            key = self.keys[ids[i]]
-            if tenant and key.tenant != tenant:
+            self._sorted, self._pending = sorted(self.keys), []
+        elif len(self._pending) >= PENDING:
+            self._sorted, self._pending = list(heapq.merge(self._sorted, self._pending)), []
+        keys = self.keys
+        chosen: list[str] = []
+        more = False
+        for key_id in heapq.merge(_after(self._sorted, after), _after(self._pending, after)):
+            if tenant and keys[key_id][1][0] != tenant:
                 continue
-            if len(out) == size:
-                return out, True
-            out.append(key)
-        return out, False
+            if len(chosen) == size:
+                more = True
+                break
+            chosen.append(key_id)
+        return [k for k in await self.store.get_many(chosen) if k is not None], more
+
+
+def _after(ids: list[str], after: str) -> Iterator[str]:
+    """The ids of the sorted list `ids` after `after` (all with ""), without copying the list."""
+    for i in range(bisect.bisect_right(ids, after) if after else 0, len(ids)):
+        yield ids[i]

@@ -181,7 +181,7 @@ class KeyAdminApi(pb_grpc.KeyAdminServiceServicer):
         if not 0 < size <= MAX_PAGE_SIZE:
             raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"page_size: 1 to {MAX_PAGE_SIZE}")
         runtime = self.runtime
-        page, more = runtime.page(request.tenant, request.page_token, size)
+        page, more = await self._do(runtime.page(request.tenant, request.page_token, size))
         now = self._now()
         return pb.ListRuntimeKeysResponse(
             keys=[key_message(k, now) for k in page],

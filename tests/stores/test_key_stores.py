@@ -102,6 +102,54 @@ def test_the_store_checks_versions(redis_server: RedisServer) -> None:
     asyncio.run(scenario())
 
 
+def test_the_store_pages_changes_and_writes_in_bulk(redis_server: RedisServer) -> None:
+    """At 1,000,000 keys: a replica reads changes a page at a time (one script call and one reply per
+    page), bulk creation is one script call and one notification per 1,000 keys, and the admin list
+    reads records by id."""
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_server.url)
+        prefix = unique_prefix("kp")
+        store = RedisKeyStore(client, key_prefix=prefix)
+        pubsub = client.pubsub()
+        await pubsub.subscribe(store.channel)
+        many = [
+            rk.create(KeySpec(key_id=f"m{i:04d}"), key_hash=i.to_bytes(32, "big"), now=3.0)
+            for i in range(2500)
+        ]
+        assert await store.put_many(many) == 2500
+        messages, deadline = 0, time.monotonic() + 0.5
+        while time.monotonic() < deadline:  # (a subscribe confirmation reads as None: poll until then)
+            m = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
+            messages += 1 if m is not None and m["type"] == "message" else 0
+        assert messages == 3  # one per batch of 1,000, not one per key
+        pages, version = [], 0
+        while True:
+            version, page = await store.changed_since(version, 1000)
+            pages.append([k.key_id for k in page])
+            if len(page) < 1000:
+                break
+        assert [len(p) for p in pages] == [1000, 1000, 500] and version == 2500
+        assert sum(pages, []) == [k.key_id for k in many]  # in order, no overlap, nothing skipped
+        # an unreadable record inside a page is skipped, and the page is still filled
+        await client.hset(f"{prefix}{{rtkeys}}:k:bad", mapping={"v": 2501, "d": "not json"})
+        await client.zadd(f"{prefix}{{rtkeys}}:changes", {"bad": 2501})
+        await client.incr(f"{prefix}{{rtkeys}}:version")  # its version taken
+        await store.put(rk.create(KeySpec(key_id="z"), key_hash=b"\xff" * 32, now=4.0), expected=None)
+        top, page = await store.changed_since(2499, 2)
+        assert [k.key_id for k in page] == ["m2499", "z"] and top == 2502
+        got = await store.get_many(["m0007", "nope", "m2000"])
+        assert [k.key_id if k else None for k in got] == ["m0007", None, "m2000"]
+        assert got[0] is not None and got[0].version == 8 and got[0].key_hash == (7).to_bytes(32, "big")
+        with pytest.raises(StoreConflict, match="'m0001' exists already"):
+            await store.put_many([rk.create(KeySpec(key_id="new"), key_hash=b"\xee" * 32, now=5.0), many[1]])
+        assert await store.get("new") is None  # nothing of a refused batch is written
+        await pubsub.aclose()
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_every_change_reaches_the_other_replica_within_a_second(
     redis_server: RedisServer, config: Path
 ) -> None:

@@ -169,14 +169,18 @@ def test_a_change_updates_the_snapshot_without_rebuilding_it(
     assert third is not after and third.by_digest is after.by_digest and third.by_id is after.by_id
     assert third.version != after.version and len(third) == 3
     assert engine.check(chat(secret)).allowed
-    # a key-file reload merges into new maps, which are copied again at the next change
+    # a key-file reload puts the file's entries into new maps, this replica's own from the start: the
+    # next change is applied where they are; the key file's own snapshot is never changed
     (tmp_path / "keys.yaml").write_text(key_file(FILE_KEY, FileKey("other")))
     assert engine.reload_keys(force=True)
     reloaded = engine.snapshot
-    assert len(reloaded) == 4 and engine.check(chat(secret)).allowed
+    file_snapshot = runtime._file
+    assert file_snapshot is not None and file_snapshot.by_id.keys() == {"filekey", "other"}
+    assert len(reloaded) == 4 and reloaded.by_id is not file_snapshot.by_id
+    assert engine.check(chat(secret)).allowed
     loop.run_until_complete(runtime.revoke("rt2"))
-    assert engine.snapshot.by_digest is not reloaded.by_digest
-    assert reloaded.by_id["rt2"].disabled is False  # the reload's snapshot was not changed
+    assert engine.snapshot.by_digest is reloaded.by_digest
+    assert file_snapshot.by_id.keys() == {"filekey", "other"} and len(file_snapshot.by_digest) == 2
     assert engine.check(chat(secret)).reason == Reason.DISABLED_KEY
     loop.run_until_complete(runtime.store.close())
 
@@ -249,12 +253,159 @@ def test_listing_pages_by_id(tmp_path: Path, loop: asyncio.AbstractEventLoop) ->
     _, runtime = start(tmp_path, loop, Clock())
     for i in (3, 1, 2, 5, 4):
         loop.run_until_complete(runtime.create(KeySpec(key_id=f"k{i}", tenant="odd" if i % 2 else "even")))
-    first, more = runtime.page(size=2)
+    first, more = loop.run_until_complete(runtime.page(size=2))
     assert [k.key_id for k in first] == ["k1", "k2"] and more
-    rest, more = runtime.page(after="k2", size=10)
+    rest, more = loop.run_until_complete(runtime.page(after="k2", size=10))
     assert [k.key_id for k in rest] == ["k3", "k4", "k5"] and not more
-    odd, more = runtime.page(tenant="odd", after="k1", size=1)
+    odd, more = loop.run_until_complete(runtime.page(tenant="odd", after="k1", size=1))
     assert [k.key_id for k in odd] == ["k3"] and more
     loop.run_until_complete(runtime.create(KeySpec(key_id="k0")))
-    assert runtime.page(size=1)[0][0].key_id == "k0"  # a new key is in the order at once
+    first, _ = loop.run_until_complete(runtime.page(size=1))
+    assert first[0].key_id == "k0"  # a new key is in the order at once
     loop.run_until_complete(runtime.store.close())
+
+
+# -- at scale: what a replica keeps per key, paged loads (issue 17, 1,000,000 keys) --------------------------
+def test_a_replica_keeps_an_entry_per_key_and_lists_from_the_store(
+    tmp_path: Path, loop: asyncio.AbstractEventLoop
+) -> None:
+    clock = Clock()
+    engine, runtime = start(tmp_path, loop, clock)
+    run = loop.run_until_complete
+    run(runtime.create(KeySpec(key_id="a", tenant="acme", models=("gpt-4o*",))))
+    clock.now += 5
+    run(runtime.create(KeySpec(key_id="b", tenant="acme", models=("gpt-4o*",))))
+    a, b = runtime.keys["a"], runtime.keys["b"]
+    # not the stored record: its version, the profile both keys share, and the very hash object the
+    # snapshot's map is keyed by
+    assert type(a) is tuple and len(a) == 3 and a[1] is b[1]
+    assert next(d for d, r in engine.snapshot.by_digest.items() if r.key_id == "a") is a[2]
+    # the list reads the records from the store: their times and versions are the stored ones
+    listed, more = run(runtime.page())
+    assert [(k.key_id, k.created_at, k.version) for k in listed] == [("a", 1e6, 1), ("b", 1e6 + 5, 2)]
+    assert not more and listed[0].models == ("gpt-4o*",)
+    run(runtime.store.close())
+
+
+def test_a_config_reload_rebuilds_runtime_keys_from_their_entries(
+    tmp_path: Path, loop: asyncio.AbstractEventLoop
+) -> None:
+    """A new config re-resolves every runtime key from what the replica keeps of it (no stored record in
+    memory): plan, metadata, expiry and a rotation's previous secret all survive."""
+    clock = Clock()
+    plans = "plans:\n  gold:\n    limits:\n      - {requests: 100, per: minute}\n"
+    write_config(tmp_path, FILE_KEY, extra="ledger:\n  backend: memory\n" + plans)
+    engine, runtime = start(tmp_path, loop, clock)
+    run = loop.run_until_complete
+    spec = KeySpec(key_id="rt1", plan="gold", metadata=(("team", "x"),), expires_at=clock.now + 3600)
+    _, old = run(runtime.create(spec))
+    _, new = run(runtime.rotate("rt1", grace=30))
+    text = (tmp_path / "nexus.yaml").read_text()
+    (tmp_path / "nexus.yaml").write_text(text.replace("requests: 100", "requests: 1"))
+    assert engine.reload_config(force=True)
+    record = engine.snapshot.by_id["rt1"]
+    assert [s.limit for s in record.limits] == [1] and record.plan == "gold"
+    assert dict(record.metadata) == {"team": "x"} and record.expires_at == clock.now + 3600
+    assert engine.check(chat(old)).allowed  # the previous secret, still in its grace period
+    assert engine.check(chat(new)).reason == Reason.RATE_LIMITED  # one key: one window of 1 a minute
+    clock.now += 31
+    assert engine.check(chat(old)).reason == Reason.EXPIRED_KEY
+    run(runtime.store.close())
+
+
+def test_a_load_reads_pages_and_resumes_where_it_stopped(
+    tmp_path: Path, loop: asyncio.AbstractEventLoop
+) -> None:
+    import sqlite3
+
+    run = loop.run_until_complete
+    _, runtime = start(tmp_path, loop, Clock())
+    secrets = [run(runtime.create(KeySpec(key_id=f"k{i}")))[1] for i in range(5)]
+    run(runtime.store.close())
+
+    engine = Engine.from_settings(load_settings(str(tmp_path / "nexus.yaml")))
+    store = SQLiteKeyStore(str(tmp_path / "runtime-keys.sqlite3"))
+    calls: list[tuple[int, int | None]] = []
+    real = store.changed_since
+
+    async def changed_since(version: int, limit: int | None = None) -> tuple[int, list[rk.RuntimeKey]]:
+        calls.append((version, limit))
+        if len(calls) == 2:
+            raise sqlite3.OperationalError("disk I/O error")
+        return await real(version, limit)
+
+    store.changed_since = changed_since  # type: ignore[method-assign]
+    second = RuntimeKeys(engine, store)
+    engine.runtime = second
+    run(store.start())
+    with pytest.raises(sqlite3.OperationalError):
+        run(second.sync(page=2))
+    # the first page is in force and marked; the load is not done (readiness says loading)
+    assert set(second.keys) == {"k0", "k1"} and second.synced == 2 and not second.loaded
+    assert second.state()[0] == "loading"
+    assert run(second.sync(page=2)) == 3 and second.loaded
+    assert calls[2:] == [(2, 2), (4, 2)]  # resumed at the version read, page by page
+    assert all(engine.check(chat(s)).allowed for s in secrets)
+    run(store.close())
+
+
+def test_a_key_file_reload_swaps_the_file_keys_without_re_merging_the_runtime_keys(
+    tmp_path: Path, loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beside 1,000,000 runtime keys a key-file reload must not walk them all on the event loop: the
+    file's entries are swapped in the maps in force (O(file keys)); the runtime records stay as they are."""
+    engine, runtime = start(tmp_path, loop, Clock())
+    run = loop.run_until_complete
+    _, secret = run(runtime.create(KeySpec(key_id="rt1")))
+    record = engine.snapshot.by_id["rt1"]
+
+    def no_full_merge(*args: object, **kwargs: object) -> None:
+        raise AssertionError("every runtime key merged again")
+
+    monkeypatch.setattr(rk, "merge", no_full_merge)
+    other = FileKey("otherkey")
+    (tmp_path / "keys.yaml").write_text(key_file(other))  # filekey dropped, otherkey added
+    assert engine.reload_keys(force=True)
+    snap = engine.snapshot
+    assert engine.check(chat(other.secret)).allowed and engine.check(chat(secret)).allowed
+    assert engine.check(chat(FILE_KEY.secret)).reason == Reason.UNKNOWN_KEY
+    assert snap.by_id["rt1"] is record and set(snap.by_id) == {"otherkey", "rt1"} and len(snap) == 2
+    # a key file that takes a runtime key's id is refused, the keys in force stay
+    (tmp_path / "keys.yaml").write_text(key_file(other, FileKey("rt1")))
+    assert not engine.reload_keys(force=True)
+    assert engine.snapshot is snap and "rt1" in str(engine.sources()[0][2].last_error)
+    # the next runtime change goes into the reloaded snapshot's maps where they are
+    _, secret2 = run(runtime.create(KeySpec(key_id="rt2")))
+    assert engine.snapshot.by_digest is snap.by_digest and engine.check(chat(secret2)).allowed
+    assert engine.check(chat(other.secret)).allowed
+    # and the next good key file (after the refused one) swaps against the file in force
+    third = FileKey("thirdkey")
+    (tmp_path / "keys.yaml").write_text(key_file(third))
+    assert engine.reload_keys(force=True)
+    assert set(engine.snapshot.by_id) == {"thirdkey", "rt1", "rt2"} and len(engine.snapshot) == 3
+    assert engine.check(chat(other.secret)).reason == Reason.UNKNOWN_KEY
+    assert all(engine.check(chat(s)).allowed for s in (third.secret, secret, secret2))
+    run(runtime.store.close())
+
+
+def test_ids_created_after_a_listing_join_its_order_without_a_resort(
+    tmp_path: Path, loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nexus_authz.runtime_keys as runtime_mod
+
+    monkeypatch.setattr(runtime_mod, "PENDING", 2)
+    _, runtime = start(tmp_path, loop, Clock())
+    run = loop.run_until_complete
+    for i in (10, 30):
+        run(runtime.create(KeySpec(key_id=f"k{i}")))
+    assert [k.key_id for k in run(runtime.page())[0]] == ["k10", "k30"]
+    ids = ["k10", "k30"]
+    for i in (20, 40, 5, 25):  # kept apart, merged in once two are pending
+        run(runtime.create(KeySpec(key_id=f"k{i}")))
+        ids.append(f"k{i}")
+        listed, more = run(runtime.page(size=100))
+        assert [k.key_id for k in listed] == sorted(ids) and not more
+        assert len(runtime._pending) < 2  # merged into the sorted ids once 2 were pending
+    page, more = run(runtime.page(after="k20", size=2))
+    assert [k.key_id for k in page] == ["k25", "k30"] and more
+    run(runtime.store.close())

@@ -32,12 +32,19 @@ class KeyStore(Protocol):
 
     async def close(self) -> None: ...
 
-    async def changed_since(self, version: int) -> tuple[int, list[RuntimeKey]]:
-        """Every key changed after `version` (0: every key), and the highest version among them
-        (`version` when none changed): the mark to ask from next time."""
+    async def changed_since(self, version: int, limit: int | None = None) -> tuple[int, list[RuntimeKey]]:
+        """Every key changed after `version` (0: every key), oldest change first, or the first `limit`
+        readable ones (a page: fewer only when no more follow; an unreadable record is logged and
+        skipped), and the highest version among them (`version` when none changed): the mark to ask
+        from next time."""
         ...
 
     async def get(self, key_id: str) -> RuntimeKey | None: ...
+
+    async def get_many(self, key_ids: list[str]) -> list[RuntimeKey | None]:
+        """The stored keys of `key_ids`, in that order (None where there is none): the admin API's list
+        reads the records here, replicas do not keep them in memory."""
+        ...
 
     async def put(self, key: RuntimeKey, *, expected: int | None) -> int:
         """Write `key` if the stored one is still at version `expected` (None: it must not exist yet);

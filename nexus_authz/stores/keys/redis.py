@@ -46,7 +46,52 @@ redis.call('ZADD', KEYS[3], v, ARGV[3])
 redis.call('PUBLISH', ARGV[4], v .. ' ' .. ARGV[3])
 return {1, v}
 """
+# New keys in bulk (put_many): KEYS = version, changes, then one hash per key; ARGV = channel, then an id
+# and its JSON per key. Nothing is written if any exists; one PUBLISH for the batch.
+_PUT_MANY = """
+for i = 3, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then return {0, ARGV[2 * i - 4]} end
+end
+local v = 0
+for i = 3, #KEYS do
+  v = redis.call('INCR', KEYS[1])
+  redis.call('HSET', KEYS[i], 'v', v, 'd', ARGV[2 * i - 3])
+  redis.call('ZADD', KEYS[2], v, ARGV[2 * i - 4])
+end
+if v > 0 then redis.call('PUBLISH', ARGV[1], v .. ' *') end
+return {1, v}
+"""
+# One page of changes (changed_since): the ids changed after ARGV[1], oldest first, at most ARGV[2], each
+# as `<score>\t<v>\t<json>` (empty v and json: the hash is gone), joined by newlines, in ONE bulk string
+# (the JSON never holds a raw tab or newline: json.dumps escapes them). redis-py parses a reply element
+# by element in Python: one string per 5,000 keys instead of a pipelined HMGET each is what lets a replica
+# load 1,000,000 keys in seconds. The hashes read are the `{rtkeys}` ones (ARGV[3] is their prefix), in
+# the slot of KEYS[1] on a Redis Cluster.
+_PAGE = r"""
+local m = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'WITHSCORES', 'LIMIT', 0, ARGV[2])
+local out = {}
+for i = 1, #m, 2 do
+  local h = redis.call('HMGET', ARGV[3] .. m[i], 'v', 'd')
+  out[#out + 1] = m[i + 1] .. '\t' .. (h[1] or '') .. '\t' .. (h[2] or '')
+end
+return table.concat(out, '\n')
+"""
+# Records by id (get_many, the admin list's page): ARGV[1] is the hashes' prefix, then the ids; one
+# `<v>\t<json>` line per id (empty: none), in one string, for the same reason.
+_GET_MANY = r"""
+local out = {}
+for i = 2, #ARGV do
+  local h = redis.call('HMGET', ARGV[1] .. ARGV[i], 'v', 'd')
+  out[#out + 1] = (h[1] or '') .. '\t' .. (h[2] or '')
+end
+return table.concat(out, '\n')
+"""
 _BATCH = 1000
+_PAGE_ALL = 5000  # keys per script call when changed_since is asked for everything
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class RedisKeyStore:
@@ -70,6 +115,9 @@ class RedisKeyStore:
         self.on_change = on_change
         self._reconnect_delay = reconnect_delay
         self._put = client.register_script(_PUT)
+        self._put_many = client.register_script(_PUT_MANY)
+        self._page = client.register_script(_PAGE)
+        self._get_many = client.register_script(_GET_MANY)
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         self.received = 0
@@ -90,28 +138,43 @@ class RedisKeyStore:
                 await self._task
             self._task = None
 
-    async def changed_since(self, version: int) -> tuple[int, list[RuntimeKey]]:
-        members = await self._client.zrangebyscore(self._changes_key, f"({version}", "+inf", withscores=True)
+    async def changed_since(self, version: int, limit: int | None = None) -> tuple[int, list[RuntimeKey]]:
+        """The keys changed after `version`, oldest change first: all of them, or the first `limit` (one
+        page: the caller asks again from the version returned; each id has one score, its last change's
+        version, and versions are unique, so pages neither overlap nor skip)."""
         top = version
         out: list[RuntimeKey] = []
-        for start in range(0, len(members), _BATCH):
-            chunk = members[start : start + _BATCH]
-            pipe = self._client.pipeline(transaction=False)
-            for member, _ in chunk:
-                key_id = member.decode() if isinstance(member, bytes) else str(member)
-                pipe.hmget(self._key(key_id), "v", "d")
-            for (_, score), (v, d) in zip(chunk, await pipe.execute(), strict=True):
-                top = max(top, int(score))
-                if v is not None and d is not None:
+        while True:
+            size = min(limit - len(out), _PAGE_ALL) if limit is not None else _PAGE_ALL
+            if size <= 0:
+                return top, out
+            text = await self._page(keys=[self._changes_key], args=[top, size, f"{self._prefix}k:"])
+            lines = _text(text).split("\n") if text else []
+            for line in lines:
+                score, v, d = line.split("\t", 2)
+                top = max(top, int(float(score)))
+                if v and d:
                     try:
                         out.append(decode(d, int(v)))
                     except ValueError as exc:  # one bad record must not stop every other key
                         log.error("runtime key record unreadable; skipped", extra={"error": str(exc)})
-        return top, out
+            if len(lines) < size:
+                return top, out
 
     async def get(self, key_id: str) -> RuntimeKey | None:
         v, d = await self._client.hmget(self._key(key_id), "v", "d")
         return None if v is None or d is None else decode(d, int(v))
+
+    async def get_many(self, key_ids: list[str]) -> list[RuntimeKey | None]:
+        """The stored keys of `key_ids` (None where there is none): one script call per 1,000 ids."""
+        out: list[RuntimeKey | None] = []
+        for start in range(0, len(key_ids), _BATCH):
+            chunk = key_ids[start : start + _BATCH]
+            text = _text(await self._get_many(keys=[self._changes_key], args=[f"{self._prefix}k:", *chunk]))
+            for line in text.split("\n"):
+                v, d = line.split("\t", 1)
+                out.append(decode(d, int(v)) if v and d else None)
+        return out
 
     async def put(self, key: RuntimeKey, *, expected: int | None) -> int:
         ok, version = await self._put(
@@ -127,20 +190,20 @@ class RedisKeyStore:
         return int(version)
 
     async def put_many(self, keys: list[RuntimeKey]) -> int:
-        """New keys, pipelined (benchmarks, imports); StoreConflict if any existed."""
+        """New keys (benchmarks, imports), one script call per 1,000 keys (a round trip and a PUBLISH per
+        batch, not per key); StoreConflict if any existed (the batches before it are written)."""
         last = 0
         for start in range(0, len(keys), _BATCH):
-            pipe = self._client.pipeline(transaction=False)
-            for key in keys[start : start + _BATCH]:
-                await self._put(  # queued on the pipeline (sent by execute)
-                    keys=[self._key(key.key_id), self._version_key, self._changes_key],
-                    args=["", encode(key), key.key_id, self.channel],
-                    client=pipe,
-                )
-            for ok, version in await pipe.execute():
-                if not ok:
-                    raise StoreConflict("a key of the batch exists already")
-                last = max(last, int(version))
+            batch = keys[start : start + _BATCH]
+            args: list[str] = [self.channel]
+            for key in batch:
+                args += (key.key_id, encode(key))
+            ok, found = await self._put_many(
+                keys=[self._version_key, self._changes_key, *(self._key(k.key_id) for k in batch)], args=args
+            )
+            if not ok:
+                raise StoreConflict(f"key {_text(found)!r} exists already")
+            last = max(last, int(found))
         return last
 
     def _notify(self) -> None:

@@ -70,23 +70,30 @@ class SQLiteKeyStore:
         await self._run(shut)
         self._executor.shutdown(wait=True)
 
-    def _changed_since(self, version: int) -> tuple[int, list[RuntimeKey]]:
+    def _changed_since(self, version: int, limit: int | None) -> tuple[int, list[RuntimeKey]]:
         db = self._open(False)
         if db is None:
             return version, []
-        rows = db.execute(
-            "SELECT version, data FROM runtime_keys WHERE version > ? ORDER BY version", (version,)
-        ).fetchall()
-        keys = []
-        for v, data in rows:
-            try:
-                keys.append(decode(data, v))
-            except ValueError as exc:  # one bad record must not stop every other key
-                log.error("runtime key record unreadable; skipped", extra={"error": str(exc)})
-        return (int(rows[-1][0]) if rows else version), keys
+        top = version
+        keys: list[RuntimeKey] = []
+        while True:  # a page is `limit` readable keys, or the last one (a skipped record is not a page end)
+            want = -1 if limit is None else limit - len(keys)
+            rows = db.execute(
+                "SELECT version, data FROM runtime_keys WHERE version > ? ORDER BY version LIMIT ?",
+                (top, want),
+            ).fetchall()
+            for v, data in rows:
+                try:
+                    keys.append(decode(data, v))
+                except ValueError as exc:  # one bad record must not stop every other key
+                    log.error("runtime key record unreadable; skipped", extra={"error": str(exc)})
+            top = int(rows[-1][0]) if rows else top
+            if want < 0 or len(rows) < want or len(keys) == limit:
+                return top, keys
 
-    async def changed_since(self, version: int) -> tuple[int, list[RuntimeKey]]:
-        return await self._run(self._changed_since, version)
+    async def changed_since(self, version: int, limit: int | None = None) -> tuple[int, list[RuntimeKey]]:
+        """The keys changed after `version`, oldest change first: all, or the first `limit` (a page)."""
+        return await self._run(self._changed_since, version, limit)
 
     def _get(self, key_id: str) -> RuntimeKey | None:
         db = self._open(False)
@@ -97,6 +104,23 @@ class SQLiteKeyStore:
 
     async def get(self, key_id: str) -> RuntimeKey | None:
         return await self._run(self._get, key_id)
+
+    def _get_many(self, key_ids: list[str]) -> list[RuntimeKey | None]:
+        db = self._open(False)
+        found: dict[str, RuntimeKey] = {}
+        for start in range(0, len(key_ids) if db is not None else 0, 500):
+            chunk = key_ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            assert db is not None
+            for key_id, v, data in db.execute(
+                f"SELECT id, version, data FROM runtime_keys WHERE id IN ({marks})", chunk
+            ):
+                found[key_id] = decode(data, v)
+        return [found.get(key_id) for key_id in key_ids]
+
+    async def get_many(self, key_ids: list[str]) -> list[RuntimeKey | None]:
+        """The stored keys of `key_ids` (None where there is none)."""
+        return await self._run(self._get_many, key_ids)
 
     def _put(self, key: RuntimeKey, expected: int | None) -> int:
         db = self._open(True)
