@@ -77,6 +77,7 @@ GRPC = "grpc-issue15"
 NOACCT = "http-uds-issue15-noacct"
 NOLUA = "http-uds-issue15-nolua"
 MANY_KEYS = "http-uds-issue15-10k"
+HIERARCHY = "http-uds-issue15-hierarchy"
 # in the order of each round: the gRPC path, the one most likely to fall behind, last
 SCENARIOS: dict[str, str] = {
     BASELINE: "Envoy alone",
@@ -85,6 +86,7 @@ SCENARIOS: dict[str, str] = {
     NOACCT: "HTTP/UDS, limits, no accounting",
     NOLUA: "HTTP/UDS, default without the Lua usage tap",
     MANY_KEYS: "HTTP/UDS, default, 10,000 keys",
+    HIERARCHY: "HTTP/UDS, default + tenant and group windows",
     GRPC: "gRPC, every default feature",
 }
 MAX_RPS_FOR = (BASELINE, EMPTY, DEFAULT, GRPC)
@@ -182,6 +184,13 @@ def _envoy_rows(envoy: Mapping[str, Mapping[str, Any]], row: Any) -> None:
                 f"{_ms(e.get('added_p50_us'))} / {_ms(e.get('added_p99_us'))}, "
                 f"{_num(e.get('nexus_cpu_us_per_req'), ' µs')}",
             )
+    if HIERARCHY in envoy and not _nan(cpu):
+        h = envoy[HIERARCHY]
+        row(
+            "the budget hierarchy's cost (tenant + group windows minus default): nexus-authz CPU; added p50",
+            f"{_num(_diff(h.get('nexus_cpu_us_per_req'), cpu), ' µs', '+,.0f')}; "
+            f"{_ms(_diff(h.get('added_p50_us'), p50))}",
+        )
     if NOACCT in envoy and not _nan(cpu):
         acct = cpu - envoy[NOACCT].get("nexus_cpu_us_per_req", math.nan)
         row("token accounting's share of nexus-authz CPU (default minus no accounting)", _num(acct, " µs"))
