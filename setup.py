@@ -15,6 +15,7 @@ SOURCES = {
     "nexus_authz.native._body": "nexus_authz/native/_body.pyx",
     "nexus_authz.native._windows": "nexus_authz/native/_windows.pyx",
     "nexus_authz.native._usage": "nexus_authz/native/_usage.pyx",
+    "nexus_authz.native._headers": "nexus_authz/native/_headers.pyx",
 }
 
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 from nexus_authz.core import body as body_facts
+from nexus_authz.core import ratelimit_headers as _headers
 from nexus_authz.core.body import RequestFacts, is_multipart, multipart_model
 from nexus_authz.core.config import PolicySet
 from nexus_authz.core.denials import DENIALS as _DENIALS
@@ -36,8 +37,8 @@ from nexus_authz.core.ports import Adjust, CounterStore
 from nexus_authz.core.price_policy import unpriced_message
 from nexus_authz.core.pricing import PriceTable
 from nexus_authz.core.prompt_later import deferred
-from nexus_authz.core.ratelimit_headers import rate_limit_headers
 from nexus_authz.core.reservations import ReservationBook, settle_with
+from nexus_authz.core.shapes import Shape, costs_of, shape_of
 
 
 class Admission(NamedTuple):
@@ -58,6 +59,7 @@ class Admission(NamedTuple):
     anthropic: bool = False  # an Anthropic API path: denials get Anthropic's error body
     uncapped: bool = False  # a generating request whose body sets no completion cap (core/clamp.py)
     body: bytes | None = None  # tracked, no estimate at Check: kept to estimate it later (prompt_later)
+    shape: Shape | None = None  # what the windows' tuple implies, made once per tuple (core/shapes.py)
 
 
 class Policy:
@@ -188,17 +190,20 @@ class Policy:
                 return _allow(key, model)
             return Admission(key, model, (), (), (), request.request_id, prompt, body=kept)
         counter_ids, specs = self._windows(key, model)
+        shape = shape_of(specs)
+        generating, anthropic = _path_facts(request.path)
         return Admission(
-            key=key,
-            model=model,
-            counter_ids=counter_ids,
-            specs=specs,
-            costs=self._costs(specs, model, facts, generates(request)),
-            request_id=request.request_id,
-            prompt_tokens=prompt,
-            anthropic=is_anthropic_path(request.path),
-            uncapped=facts is not None and facts.max_tokens is None and facts.is_object,
-            body=kept,
+            key,
+            model,
+            counter_ids,
+            specs,
+            self._costs(specs, model, facts, generating and request.method == "POST", shape),
+            request.request_id,
+            prompt,
+            anthropic,
+            facts is not None and facts.max_tokens is None and facts.is_object,
+            kept,
+            shape,
         )
 
     def _read_body(
@@ -272,23 +277,26 @@ class Policy:
         model: str | None,
         facts: RequestFacts | None,
         completes: bool = True,
+        shape: Shape | None = None,
     ) -> tuple[int, ...]:
         """What each window is charged now: 1 request, the token estimate, its price, 1 slot.
 
-        `completes` False (see `generates`): the prompt estimate only, no completion reserved."""
+        `completes` False (see `generates`): the prompt estimate only, no completion reserved.
+        `shape`: `shape_of(specs)`, when the caller has it."""
+        if shape is None:
+            shape = shape_of(specs)
         tokens = usd = 0
-        for spec in specs:
-            if spec.kind is Kind.TOKENS or spec.kind is Kind.USD:
-                prompt = facts.prompt_tokens if facts is not None else 0
-                n = facts.n if facts is not None and facts.n > 0 else 1
-                max_tokens = facts.max_tokens if facts is not None and facts.max_tokens else None
-                completion = (max_tokens or self._default_max_tokens) * n if completes else 0
-                tokens = prompt + completion
-                usd = self.prices.cost(model, prompt, 0, completion) if self.prices else 0
-                break
-        return tuple(
-            tokens if spec.kind is Kind.TOKENS else usd if spec.kind is Kind.USD else 1 for spec in specs
-        )
+        if shape.metered:
+            if facts is not None:
+                prompt = facts.prompt_tokens
+                n = facts.n if facts.n > 0 else 1
+                max_tokens = facts.max_tokens or None
+            else:
+                prompt, n, max_tokens = 0, 1, None
+            completion = (max_tokens or self._default_max_tokens) * n if completes else 0
+            tokens = prompt + completion
+            usd = self.prices.cost(model, prompt, 0, completion) if self.prices else 0
+        return costs_of(shape, tokens, usd)
 
     # -- step 2: the counters' answer -> the decision ---------------------------------------------------
     def conclude(
@@ -302,12 +310,14 @@ class Policy:
         """The decision for the counters' answer; an admitted request's reservation goes in `book`, and
         the reservations it displaced (expired meanwhile, evicted) are given back through `adjust` (the
         store's non-blocking adjust). Without `book`, nothing is reserved (a dry run)."""
-        headers = tuple(rate_limit_headers(result.statuses, denied=not result.allowed))
+        shape = admission.shape or shape_of(admission.specs)
+        headers = _headers.build_headers(shape.headers, result.statuses, not result.allowed)
         if not result.allowed:
             limited = _limited(result, headers, admission.key)
             return anthropic_shaped(limited) if admission.anthropic else limited
-        self._reserve(admission, result.uncharged, now, adjust, book)
-        if book is not None and admission.request_id and book.holds_slot(admission.specs, result.uncharged):
+        uncharged = result.uncharged
+        self._reserve(admission, uncharged, now, adjust, book, shape.settle_mask & ~uncharged != 0)
+        if book is not None and admission.request_id and shape.slot_mask & ~uncharged:
             return new_allow(admission.key, admission.model, headers, admission.request_id)
         return _allow(admission.key, admission.model, headers)
 
@@ -318,8 +328,10 @@ class Policy:
         now: float,
         adjust: Adjust | None,
         book: ReservationBook | None,
+        settles: bool | None = None,
     ) -> None:
-        """Remember what the request reserved (and, when tracking, who it was) until it is settled."""
+        """Remember what the request reserved (and, when tracking, who it was) until it is settled
+        (`settles`: whether a window must be settled, when the caller knows)."""
         if book is None or not admission.request_id:
             return
         key = admission.key
@@ -336,6 +348,7 @@ class Policy:
             now,
             uncharged,
             context=context,
+            settles=settles,
         )
         if displaced and adjust is not None:  # reservations that expired meanwhile or were displaced
             settle_with(adjust, displaced, now)
@@ -399,6 +412,23 @@ def generates(request: Request) -> bool:
         return False
     path = request.path.partition("?")[0].rstrip("/")
     return not path.endswith(_NON_GENERATING)
+
+
+_PATHS: dict[str, tuple[bool, bool]] = {}
+_PATHS_CACHED, _PATH_CACHED_LENGTH = 4096, 256  # client-chosen: a bounded cache of short paths
+
+
+def _path_facts(path: str) -> tuple[bool, bool]:
+    """(a POST to it can generate (`generates`), an Anthropic API path (`is_anthropic_path`)), cached."""
+    facts = _PATHS.get(path)
+    if facts is None:
+        bare = path.partition("?")[0].rstrip("/")
+        facts = (not bare.endswith(_NON_GENERATING), is_anthropic_path(path))
+        if len(path) <= _PATH_CACHED_LENGTH:
+            if len(_PATHS) >= _PATHS_CACHED:
+                _PATHS.clear()
+            _PATHS[path] = facts
+    return facts
 
 
 def unavailable(retry_after: float) -> Decision:

@@ -25,12 +25,20 @@ Header names are lowercase (HTTP/2, Envoy). No enforced windows: no headers.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from nexus_authz.core.limits import Kind, LimitSpec, WindowStatus
 
-__all__ = ["openai_duration", "rate_limit_headers", "sf_string"]
+__all__ = [
+    "HeaderPlan",
+    "build_headers",
+    "header_plan",
+    "openai_duration",
+    "plan_headers",
+    "rate_limit_headers",
+    "sf_string",
+]
 
 _UNITS: Final[dict[Kind, str | None]] = {
     Kind.REQUESTS: None,
@@ -116,6 +124,77 @@ def _parts(spec: LimitSpec) -> tuple[str, str, bool]:
         _PARTS.clear()
     _PARTS[spec] = parts
     return parts
+
+
+HeaderPlan = tuple[tuple[str, str] | None, tuple[tuple[int, str, bool, int], ...]]
+"""A tuple of windows' fixed fragments (`header_plan`): the ratelimit-policy header (None: no enforced
+window) and, per enforced window, (its index, its RateLimit item prefix, has a window, 1 requests /
+2 tokens / 0 other)."""
+
+
+def header_plan(specs: Sequence[LimitSpec]) -> HeaderPlan:
+    """Everything of `rate_limit_headers` that depends on the windows alone, for `plan_headers`."""
+    policies = []
+    items = []
+    for i, spec in enumerate(specs):
+        if spec.shadow:
+            continue
+        policy, prefix, windowed = _PARTS.get(spec) or _parts(spec)
+        policies.append(policy)
+        kind = 1 if spec.kind is _REQUESTS else 2 if spec.kind is _TOKENS else 0
+        items.append((i, prefix, windowed, kind))
+    return (("ratelimit-policy", ", ".join(policies)) if policies else None), tuple(items)
+
+
+def plan_headers(
+    plan: HeaderPlan, statuses: Sequence[WindowStatus], denied: bool
+) -> tuple[tuple[str, str], ...]:
+    """`tuple(rate_limit_headers(statuses, denied=denied))` for statuses in the order of the windows `plan`
+    was made of (a counter store's answer): the same headers, with the fixed parts made once."""
+    policy, items = plan
+    if policy is None:
+        return ()
+    current: list[str] = []
+    requests: WindowStatus | None = None
+    tokens: WindowStatus | None = None
+    refused = False
+    wait = 0.0
+    for i, prefix, windowed, kind in items:
+        s = statuses[i]
+        if windowed:
+            current.append(f"{prefix}{s.remaining};t={_ceil_seconds(s.reset_after, 0)}")
+        else:
+            current.append(f"{prefix}{s.remaining}")
+        if kind == 1:
+            if requests is None or _tighter(s, requests):
+                requests = s
+        elif kind == 2 and (tokens is None or _tighter(s, tokens)):
+            tokens = s
+        if not s.allowed:
+            refused = True
+            if s.retry_after > wait:
+                wait = s.retry_after
+    headers: list[tuple[str, str]] = []
+    if requests is not None:
+        headers.append(("x-ratelimit-limit-requests", str(requests.limit)))
+        headers.append(("x-ratelimit-remaining-requests", str(requests.remaining)))
+        headers.append(("x-ratelimit-reset-requests", openai_duration(requests.reset_after)))
+    if tokens is not None:
+        headers.append(("x-ratelimit-limit-tokens", str(tokens.limit)))
+        headers.append(("x-ratelimit-remaining-tokens", str(tokens.remaining)))
+        headers.append(("x-ratelimit-reset-tokens", openai_duration(tokens.reset_after)))
+    headers.append(policy)
+    headers.append(("ratelimit", ", ".join(current)))
+    if denied and refused and wait != _INF:
+        headers.append(("retry-after", str(_ceil_seconds(wait, 1))))
+    return tuple(headers)
+
+
+# What the policy builds its answers' headers with: `plan_headers`, or its compiled equivalent when the
+# extension loaded (nexus_authz/native/__init__.py installs nexus_authz.native._headers.plan_headers).
+build_headers: Callable[[HeaderPlan, Sequence[WindowStatus], bool], tuple[tuple[str, str], ...]] = (
+    plan_headers
+)
 
 
 def _tighter(a: WindowStatus, b: WindowStatus) -> bool:

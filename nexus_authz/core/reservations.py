@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from nexus_authz.core.limits import Kind, LimitSpec
 from nexus_authz.core.ports import Adjust
+from nexus_authz.core.shapes import shape_of
 
 __all__ = ["ReservationBook", "ReservationEntry", "Settlement", "settle_with"]
 
@@ -142,6 +143,7 @@ class ReservationBook:
         now: float,
         uncharged: int = 0,
         context: object = None,
+        settles: bool | None = None,
     ) -> tuple[Settlement, ...]:
         """Record what an admitted request was charged (`uncharged`: AcquireResult.uncharged).
 
@@ -149,14 +151,18 @@ class ReservationBook:
         call), one displaced by a full book, or an earlier one under the same id. Usually empty.
         A request that only hit request-count windows needs no settling and is not recorded, unless it
         carries a `context` (the caller wants it back at settle time, e.g. to account its usage).
+        `settles`: whether a charged window must be settled (tokens, USD, concurrency), when the caller
+        knows it (core/shapes.py); computed here otherwise.
         """
         out: list[Settlement] | None = None
         entries = self._entries
-        if entries:
+        if entries and next(iter(entries.values()))[5] <= now:  # the oldest is due: expire a few
             out = self._expire(now, self._expire_per_call)
-        if context is None and not any(
-            spec.kind in _NEEDS_SETTLE and not (uncharged >> i) & 1 for i, spec in enumerate(specs)
-        ):
+        if settles is None:
+            settles = any(
+                spec.kind in _NEEDS_SETTLE and not (uncharged >> i) & 1 for i, spec in enumerate(specs)
+            )
+        if context is None and not settles:
             return tuple(out) if out else _NONE
         return self._insert(
             request_id,
@@ -283,18 +289,25 @@ class ReservationBook:
         if entry is None:
             return None
         counter_ids, specs, costs, uncharged, charged_at, expires_at, context = entry
-        deltas: list[int] = []
-        released = uncharged
-        for i, spec in enumerate(specs):
-            if spec.kind is _CONCURRENCY and not (uncharged >> i) & 1:
-                deltas.append(-costs[i])
-                released |= 1 << i  # settle and expiry must not release it again
-            else:
-                deltas.append(0)
-        if released == uncharged:
+        shape = shape_of(specs)
+        held = shape.slot_mask & ~uncharged
+        if not held:
             return None
-        self._entries[request_id] = (counter_ids, specs, costs, released, charged_at, expires_at, context)
-        return Settlement(request_id, counter_ids, specs, tuple(deltas), charged_at, context=context)
+        deltas = [0] * len(specs)
+        for i in shape.slot_indices:
+            if (held >> i) & 1:
+                deltas[i] = -costs[i]
+        # settle and expiry must not release them again
+        self._entries[request_id] = (
+            counter_ids,
+            specs,
+            costs,
+            uncharged | held,
+            charged_at,
+            expires_at,
+            context,
+        )
+        return _new_settlement(request_id, counter_ids, specs, tuple(deltas), charged_at, False, context)
 
     def holds_slot(self, specs: Sequence[LimitSpec], uncharged: int) -> bool:
         """Whether a reservation with these windows holds a concurrency slot (worth an early release)."""
@@ -323,6 +336,35 @@ class ReservationBook:
         for entry in self._entries.values():
             return entry[5]
         return None
+
+
+_SETTLEMENT_SLOTS = tuple(
+    getattr(Settlement, name).__set__
+    for name in ("request_id", "counter_ids", "specs", "deltas", "charged_at", "expired", "context")
+)
+
+
+def _new_settlement(
+    request_id: str,
+    counter_ids: tuple[str, ...],
+    specs: tuple[LimitSpec, ...],
+    deltas: tuple[int, ...],
+    charged_at: float,
+    expired: bool,
+    context: object,
+) -> Settlement:
+    """`Settlement(...)` with every field given, without the frozen dataclass's per-field __setattr__
+    (as limits.new_status)."""
+    settlement: Settlement = object.__new__(Settlement)
+    s0, s1, s2, s3, s4, s5, s6 = _SETTLEMENT_SLOTS
+    s0(settlement, request_id)
+    s1(settlement, counter_ids)
+    s2(settlement, specs)
+    s3(settlement, deltas)
+    s4(settlement, charged_at)
+    s5(settlement, expired)
+    s6(settlement, context)
+    return settlement
 
 
 def _expiry(request_id: str, entry: _Entry) -> Settlement:

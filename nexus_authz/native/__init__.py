@@ -14,7 +14,9 @@ which the policy calls; the composition root, engine.py, imports this package so
 `_windows`, the memory counter store's acquire and adjust (stores/memory.py installs them on
 MemoryCounterStore);
 `_usage`, the access-log entry's scans (adapters/als_fast.py: the Lua tap's record and a JSON body's usage
-object).
+object);
+`_headers`, the rate-limit headers of an answer (core.ratelimit_headers.plan_headers' equivalent, installed
+as `core.ratelimit_headers.build_headers`, which the policy calls).
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import os
 from types import ModuleType
 
 from nexus_authz.core import body as _core_body
+from nexus_authz.core import ratelimit_headers as _core_headers
 
 log = logging.getLogger("nexus_authz.native")
 
 PURE_ENV = "NEXUS_AUTHZ_PURE"
-MODULES = ("_http1", "_body", "_windows", "_usage")
+MODULES = ("_http1", "_body", "_windows", "_usage", "_headers")
 
 
 def _load() -> tuple[dict[str, ModuleType], str]:
@@ -49,17 +52,21 @@ http1: ModuleType | None = _modules.get("_http1")
 body: ModuleType | None = _modules.get("_body")
 windows: ModuleType | None = _modules.get("_windows")
 usage: ModuleType | None = _modules.get("_usage")  # the access-log entry's scans (adapters/als_fast.py)
+headers: ModuleType | None = _modules.get("_headers")  # the answers' rate-limit headers
 WHY_PURE_WINDOWS = WHY_PURE_USAGE = WHY_PURE  # the modules load together or not at all
 PATH = "compiled" if _modules else "python"
 if body is not None:
     _core_body.read_facts = body.request_facts
+if headers is not None:
+    _core_headers.build_headers = headers.plan_headers
 
 
 def announce() -> None:
     """The start-up log line saying which path runs."""
     if _modules:
         log.info(
-            "compiled fast path: HTTP/1.1 framing, body facts, counter windows and access-log scans in C",
+            "compiled fast path: HTTP/1.1 framing, body facts, counter windows, access-log scans and "
+            "rate-limit headers in C",
             extra={"native_path": PATH},
         )
     else:

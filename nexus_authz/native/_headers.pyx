@@ -1,0 +1,250 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""The rate-limit headers of an answer in C: core/ratelimit_headers.py's `plan_headers`, installed as
+`core.ratelimit_headers.build_headers` (nexus_authz/native/__init__.py).
+
+The fixed parts (the ratelimit-policy header, each window's RateLimit item prefix) come made from the plan;
+what changes per request (remaining, the reset seconds, the OpenAI durations, retry-after) is formatted
+here from the statuses' slots, with the same integer and float operations as the pure function
+(`math.ceil(x - 1e-9)` is C's ceil on the same double, exact for the integers in range). Anything this
+code does not know takes the pure function for the whole call: statuses that are not a tuple of
+WindowStatus, a `remaining` or `limit` that is not an int within ±2**62, times that are not finite floats,
+a RateLimit header longer than its buffer. The differential test is tests/test_native_headers.py.
+"""
+
+from cpython.float cimport PyFloat_AS_DOUBLE
+from cpython.long cimport PyLong_AsLongLongAndOverflow
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM, PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from cpython.unicode cimport PyUnicode_FromStringAndSize
+from libc.math cimport ceil, isfinite, INFINITY
+from libc.stdio cimport snprintf
+from libc.string cimport memcpy
+
+from nexus_authz.core.limits import WindowStatus
+from nexus_authz.core.ratelimit_headers import plan_headers as _py_plan_headers
+
+
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDef:
+        const char* name
+        int type
+        Py_ssize_t offset
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef* d_member
+    const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
+    bint PyLong_CheckExact(object o)
+    bint PyFloat_CheckExact(object o)
+    bint PyTuple_CheckExact(object o)
+    bint PyUnicode_CheckExact(object o)
+
+
+cdef enum:
+    BUF = 16384
+    FALLBACK = 1
+
+cdef long long RANGE = 1LL << 62
+cdef type STATUS = WindowStatus
+cdef object TRUE = True
+cdef object FALSE = False
+
+
+cdef Py_ssize_t _offset(type cls, str name) except -1:
+    descr = cls.__dict__[name]
+    if type(descr).__name__ != "member_descriptor":
+        raise TypeError(f"{cls.__name__}.{name} is not a slot")
+    return (<PyMemberDescrObject*>descr).d_member.offset
+
+
+cdef Py_ssize_t O_LIMIT = _offset(WindowStatus, "limit")
+cdef Py_ssize_t O_REMAINING = _offset(WindowStatus, "remaining")
+cdef Py_ssize_t O_RESET = _offset(WindowStatus, "reset_after")
+cdef Py_ssize_t O_RETRY = _offset(WindowStatus, "retry_after")
+cdef Py_ssize_t O_ALLOWED = _offset(WindowStatus, "allowed")
+
+
+cdef inline PyObject* _get(object obj, Py_ssize_t offset):
+    return (<PyObject**>((<char*><PyObject*>obj) + offset))[0]
+
+
+cdef struct Window:
+    PyObject* status
+    long long remaining
+    double reset_after
+
+
+cdef inline bint _tighter(Window* a, Window* b):
+    return a.remaining < b.remaining or (a.remaining == b.remaining and a.reset_after > b.reset_after)
+
+
+cdef inline long long _ceil_seconds(double seconds, long long minimum):
+    cdef long long value = <long long>ceil(seconds - 1e-9)
+    return value if value > minimum else minimum
+
+
+cdef inline bint _seconds_in_range(double seconds):
+    """ceil(seconds * 1000) fits a long long (and seconds is finite)."""
+    return isfinite(seconds) and -1e15 < seconds < 1e15
+
+
+cdef Py_ssize_t _seconds_text(long long secs, long long millis, char* out):
+    """f"{secs}.{millis:03d}".rstrip("0") + "s" if millis else f"{secs}s"."""
+    cdef Py_ssize_t n
+    if millis:
+        n = snprintf(out, 48, "%lld.%03lld", secs, millis)
+        while out[n - 1] == b"0":
+            n -= 1
+    else:
+        n = snprintf(out, 48, "%lld", secs)
+    out[n] = b"s"
+    return n + 1
+
+
+cdef object _duration(double seconds):
+    """ratelimit_headers.openai_duration."""
+    cdef char buf[128]
+    cdef char text[64]
+    cdef long long ms, hours, minutes, rest, secs, millis
+    cdef Py_ssize_t n, t
+    if seconds <= 0:
+        return "0s"
+    ms = <long long>ceil(seconds * 1000.0 - 1e-6)
+    if ms < 1000:
+        if ms <= 0:
+            return "0s"
+        n = snprintf(buf, 128, "%lldms", ms)
+        return PyUnicode_FromStringAndSize(buf, n)
+    if ms < 60000:
+        n = _seconds_text(ms // 1000, ms % 1000, buf)
+        return PyUnicode_FromStringAndSize(buf, n)
+    hours = ms // 3600000
+    rest = ms % 3600000
+    minutes = rest // 60000
+    rest = rest % 60000
+    t = _seconds_text(rest // 1000, rest % 1000, text)
+    text[t] = 0
+    if hours:
+        n = snprintf(buf, 128, "%lldh%lldm%s", hours, minutes, text)
+    else:
+        n = snprintf(buf, 128, "%lldm%s", minutes, text)
+    return PyUnicode_FromStringAndSize(buf, n)
+
+
+cdef inline int _read(object status, Window* w):
+    cdef int overflow = 0
+    cdef PyObject* remaining
+    cdef PyObject* reset
+    if type(status) is not STATUS:
+        return FALLBACK
+    remaining = _get(status, O_REMAINING)
+    reset = _get(status, O_RESET)
+    if remaining == NULL or reset == NULL or _get(status, O_LIMIT) == NULL:
+        return FALLBACK
+    if _get(status, O_RETRY) == NULL or _get(status, O_ALLOWED) == NULL:
+        return FALLBACK
+    if not PyLong_CheckExact(<object>remaining) or not PyFloat_CheckExact(<object>reset):
+        return FALLBACK
+    w.remaining = PyLong_AsLongLongAndOverflow(<object>remaining, &overflow)
+    if overflow or not (-RANGE < w.remaining < RANGE):
+        return FALLBACK
+    w.reset_after = PyFloat_AS_DOUBLE(<object>reset)
+    if not _seconds_in_range(w.reset_after):
+        return FALLBACK
+    if not PyFloat_CheckExact(<object>_get(status, O_RETRY)):
+        return FALLBACK
+    if _get(status, O_ALLOWED) != <PyObject*>TRUE and _get(status, O_ALLOWED) != <PyObject*>FALSE:
+        return FALLBACK
+    w.status = <PyObject*>status
+    return 0
+
+
+cdef inline void _put(tuple out, Py_ssize_t n, object name, object value):
+    """out[n] = (name, value), in a tuple being built."""
+    cdef tuple pair = PyTuple_New(2)
+    Py_INCREF(name)
+    PyTuple_SET_ITEM(pair, 0, name)
+    Py_INCREF(value)
+    PyTuple_SET_ITEM(pair, 1, value)
+    Py_INCREF(pair)
+    PyTuple_SET_ITEM(out, n, pair)
+
+
+def plan_headers(tuple plan, statuses, bint denied):
+    """ratelimit_headers.plan_headers, in C."""
+    cdef char buf[BUF]
+    cdef Py_ssize_t used = 0, size, n, count, k, index, nitems
+    cdef const char* text
+    cdef Window w
+    cdef Window requests
+    cdef Window tokens
+    cdef bint has_requests = False, has_tokens = False, refused = False, retry_after
+    cdef long kind
+    cdef double wait = 0.0, retry
+    cdef tuple items, item, out
+    cdef object prefix
+    requests.status = tokens.status = NULL
+    requests.remaining = tokens.remaining = 0
+    requests.reset_after = tokens.reset_after = 0.0
+    policy = plan[0]
+    if policy is None:
+        return ()
+    if not PyTuple_CheckExact(statuses):
+        return _py_plan_headers(plan, statuses, denied)
+    items = <tuple>plan[1]
+    nitems = PyTuple_GET_SIZE(items)
+    for k in range(nitems):
+        item = <tuple><object>PyTuple_GET_ITEM(items, k)
+        index = <Py_ssize_t><object>PyTuple_GET_ITEM(item, 0)
+        if not 0 <= index < PyTuple_GET_SIZE(statuses):
+            return _py_plan_headers(plan, statuses, denied)
+        if _read(<object>PyTuple_GET_ITEM(statuses, index), &w):
+            return _py_plan_headers(plan, statuses, denied)
+        prefix = <object>PyTuple_GET_ITEM(item, 1)
+        text = PyUnicode_AsUTF8AndSize(prefix, &size)
+        if used + size + 64 > BUF:
+            return _py_plan_headers(plan, statuses, denied)
+        if k:
+            buf[used] = b","
+            buf[used + 1] = b" "
+            used += 2
+        memcpy(buf + used, text, size)
+        used += size
+        if <object>PyTuple_GET_ITEM(item, 2):  # windowed
+            used += snprintf(buf + used, 64, "%lld;t=%lld", w.remaining, _ceil_seconds(w.reset_after, 0))
+        else:
+            used += snprintf(buf + used, 64, "%lld", w.remaining)
+        kind = <long><object>PyTuple_GET_ITEM(item, 3)
+        if kind == 1:
+            if not has_requests or _tighter(&w, &requests):
+                requests = w
+                has_requests = True
+        elif kind == 2 and (not has_tokens or _tighter(&w, &tokens)):
+            tokens = w
+            has_tokens = True
+        if _get(<object>w.status, O_ALLOWED) == <PyObject*>FALSE:
+            refused = True
+            retry = PyFloat_AS_DOUBLE(<object>_get(<object>w.status, O_RETRY))
+            if retry > wait:
+                wait = retry
+    retry_after = denied and refused and wait != INFINITY
+    if retry_after and not _seconds_in_range(wait):
+        return _py_plan_headers(plan, statuses, denied)  # NaN
+    count = 2 + 3 * has_requests + 3 * has_tokens + retry_after
+    out = PyTuple_New(count)
+    n = 0
+    if has_requests:
+        _put(out, 0, "x-ratelimit-limit-requests", str(<object>_get(<object>requests.status, O_LIMIT)))
+        _put(out, 1, "x-ratelimit-remaining-requests", str(<object>_get(<object>requests.status, O_REMAINING)))
+        _put(out, 2, "x-ratelimit-reset-requests", _duration(requests.reset_after))
+        n = 3
+    if has_tokens:
+        _put(out, n, "x-ratelimit-limit-tokens", str(<object>_get(<object>tokens.status, O_LIMIT)))
+        _put(out, n + 1, "x-ratelimit-remaining-tokens", str(<object>_get(<object>tokens.status, O_REMAINING)))
+        _put(out, n + 2, "x-ratelimit-reset-tokens", _duration(tokens.reset_after))
+        n += 3
+    Py_INCREF(policy)
+    PyTuple_SET_ITEM(out, n, policy)
+    _put(out, n + 1, "ratelimit", PyUnicode_FromStringAndSize(buf, used))
+    if retry_after:
+        _put(out, n + 2, "retry-after", str(_ceil_seconds(wait, 1)))
+    return out
