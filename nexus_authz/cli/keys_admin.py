@@ -185,23 +185,13 @@ def cmd_list_runtime(args: argparse.Namespace) -> int:
     from nexus_authz._gen.nexus.authz.v1 import keys_pb2 as pb
 
     def body(target: Target) -> int:
-        keys: list[Any] = []
-        token = ""
-        while True:
-            page = call(
-                target,
-                "ListRuntimeKeys",
-                pb.ListRuntimeKeysRequest(tenant=args.tenant or "", page_size=10_000, page_token=token),
-            )
-            keys.extend(page.keys)
-            token = page.next_page_token
-            if not token:
-                break
-        if args.json:
-            print(json.dumps({"keys": [json.loads(_to_json(k)) for k in keys]}, indent=2))
-            return 0
-        if not keys:
-            print("no runtime keys" + (f" for tenant {args.tenant!r}" if args.tenant else ""))
+        keys = remote.all_keys(
+            target,
+            "ListRuntimeKeys",
+            lambda t: pb.ListRuntimeKeysRequest(tenant=args.tenant or "", page_size=10_000, page_token=t),
+            call,
+        )
+        if remote.printed_alone(args, keys, "no runtime keys"):
             return 0
         rows = [
             [

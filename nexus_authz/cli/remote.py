@@ -334,27 +334,42 @@ def _limit_text(limit: Any) -> str:
 
 
 # -- keys --------------------------------------------------------------------------------------------------
+def all_keys(
+    target: Target, method: str, request: Callable[[str], Any], unary: Callable[..., Any] | None = None
+) -> list[Any]:
+    """Every key of a paged list call (`request(page_token)` builds each page's request; `unary`: the
+    call function of another service than PolicyService)."""
+    keys: list[Any] = []
+    token = ""
+    while True:
+        page = (unary or call)(target, method, request(token))
+        keys.extend(page.keys)
+        token = page.next_page_token
+        if not token:
+            return keys
+
+
+def printed_alone(args: argparse.Namespace, keys: list[Any], none: str) -> bool:
+    """`--json`, or no keys: printed here (True); else the caller prints its table."""
+    if args.json:
+        print(json.dumps({"keys": [json.loads(_to_json(k)) for k in keys]}, indent=2))
+        return True
+    if not keys:
+        print(none + (f" for tenant {args.tenant!r}" if args.tenant else ""))
+        return True
+    return False
+
+
 def cmd_keys_list(args: argparse.Namespace) -> int:
     from nexus_authz._gen.nexus.authz.v1 import policy_pb2 as pb
 
     def body(target: Target) -> int:
-        keys: list[Any] = []
-        token = ""
-        while True:
-            page = call(
-                target,
-                "ListKeys",
-                pb.ListKeysRequest(tenant=args.tenant or "", page_size=1000, page_token=token),
-            )
-            keys.extend(page.keys)
-            token = page.next_page_token
-            if not token:
-                break
-        if args.json:
-            print(json.dumps({"keys": [json.loads(_to_json(k)) for k in keys]}, indent=2))
-            return 0
-        if not keys:
-            print("no keys" + (f" for tenant {args.tenant!r}" if args.tenant else ""))
+        keys = all_keys(
+            target,
+            "ListKeys",
+            lambda t: pb.ListKeysRequest(tenant=args.tenant or "", page_size=1000, page_token=t),
+        )
+        if printed_alone(args, keys, "no keys"):
             return 0
         rows = [
             [
