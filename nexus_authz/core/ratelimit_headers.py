@@ -89,14 +89,7 @@ def rate_limit_headers(statuses: Sequence[WindowStatus], *, denied: bool) -> lis
     if not policies:
         return []
     headers: list[tuple[str, str]] = []
-    if requests is not None:
-        headers.append(("x-ratelimit-limit-requests", str(requests.limit)))
-        headers.append(("x-ratelimit-remaining-requests", str(requests.remaining)))
-        headers.append(("x-ratelimit-reset-requests", openai_duration(requests.reset_after)))
-    if tokens is not None:
-        headers.append(("x-ratelimit-limit-tokens", str(tokens.limit)))
-        headers.append(("x-ratelimit-remaining-tokens", str(tokens.remaining)))
-        headers.append(("x-ratelimit-reset-tokens", openai_duration(tokens.reset_after)))
+    _openai_headers(headers, requests, tokens)
     headers.append(("ratelimit-policy", ", ".join(policies)))
     headers.append(("ratelimit", ", ".join(current)))
     if denied and refused and wait != _INF:
@@ -175,14 +168,7 @@ def plan_headers(
             if s.retry_after > wait:
                 wait = s.retry_after
     headers: list[tuple[str, str]] = []
-    if requests is not None:
-        headers.append(("x-ratelimit-limit-requests", str(requests.limit)))
-        headers.append(("x-ratelimit-remaining-requests", str(requests.remaining)))
-        headers.append(("x-ratelimit-reset-requests", openai_duration(requests.reset_after)))
-    if tokens is not None:
-        headers.append(("x-ratelimit-limit-tokens", str(tokens.limit)))
-        headers.append(("x-ratelimit-remaining-tokens", str(tokens.remaining)))
-        headers.append(("x-ratelimit-reset-tokens", openai_duration(tokens.reset_after)))
+    _openai_headers(headers, requests, tokens)
     headers.append(policy)
     headers.append(("ratelimit", ", ".join(current)))
     if denied and refused and wait != _INF:
@@ -236,3 +222,17 @@ def sf_string(value: str) -> str:
             out.append("?")
     out.append('"')
     return "".join(out)
+
+
+def _openai_headers(
+    headers: list[tuple[str, str]], requests: WindowStatus | None, tokens: WindowStatus | None
+) -> None:
+    """OpenAI's x-ratelimit-* of the binding requests and tokens windows, appended to `headers`."""
+    if requests is not None:
+        headers.append(("x-ratelimit-limit-requests", str(requests.limit)))
+        headers.append(("x-ratelimit-remaining-requests", str(requests.remaining)))
+        headers.append(("x-ratelimit-reset-requests", openai_duration(requests.reset_after)))
+    if tokens is not None:
+        headers.append(("x-ratelimit-limit-tokens", str(tokens.limit)))
+        headers.append(("x-ratelimit-remaining-tokens", str(tokens.remaining)))
+        headers.append(("x-ratelimit-reset-tokens", openai_duration(tokens.reset_after)))
