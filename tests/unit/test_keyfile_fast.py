@@ -7,7 +7,7 @@ import dataclasses
 import hashlib
 import random
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 from unittest import mock
 
@@ -217,3 +217,18 @@ def test_an_error_deep_in_a_fast_file_names_its_line() -> None:
     assert err[0] == "error" and "no plan named 'gold'" in err[1] and err[3] == "keys[300].plan"
     with _general():
         assert _outcome(bad_plan) == err
+
+
+def test_keys_of_a_tenant_share_its_counter_id_strings() -> None:
+    """A group's or tenant's window has one counter id: every key of it holds that one string, whichever
+    path built the key (~80 B a key and level window otherwise, benchmarks/bench_memory.py)."""
+    text = _uniform(3) + "  - id: other\n    hash: " + _hash(99) + "\n    tenant: acme\n    group: research\n"
+    for general in (True, False):
+        with _general() if general else nullcontext():
+            snap = _load(text)
+        a, b, c = (snap.by_id[k] for k in ("key-0", "key-2", "other"))
+        assert a.counter_ids[-2:] == c.counter_ids[-2:]
+        assert all(
+            x is y is z
+            for x, y, z in zip(a.counter_ids[-2:], b.counter_ids[-2:], c.counter_ids[-2:], strict=True)
+        )
