@@ -20,7 +20,8 @@ from nexus_authz.core import keys as keys_mod
 from nexus_authz.core.calendar import DEFAULT_TIMEZONE, zone_problem
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.hierarchy import Tenant, level_limits, parse_tenants, resolve_group
-from nexus_authz.core.keyfile_plain import load_plain
+from nexus_authz.core.keyfile_fast import build_flat
+from nexus_authz.core.keyfile_plain import PlainEntries, load_plain
 from nexus_authz.core.keys import KEY_HEADERS, KeySnapshot
 from nexus_authz.core.limits import (
     Kind,
@@ -31,7 +32,8 @@ from nexus_authz.core.model import Credential, KeyRecord
 from nexus_authz.core.price_policy import UnpricedPolicy, parse_unpriced
 from nexus_authz.core.yamlsrc import Fields, load_yaml
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+_KEY_ID = r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}"
+_ID = re.compile(rf"^{_KEY_ID}$")
 _HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 _HEADER_VALUE = re.compile(r"^[\x20-\x7e\t]*$")
 _RESERVED_HEADERS = frozenset({"host", ":authority", ":path", ":method", "content-length", "x-nexus-key-id"})
@@ -323,7 +325,8 @@ def parse_key_file(
             needs_facts_cache[limits] = known
         return known
 
-    for _, item, path in root.items("keys"):
+    def build(item: object, path: str) -> tuple[bytes, KeyRecord]:
+        """One entry of the list (`path`: `keys[<i>]`), validated and made a record (and kept)."""
         f = Fields(item, source, path)
         key_id = f.str("id")
         if not _ID.match(key_id):
@@ -381,31 +384,38 @@ def parse_key_file(
         own = share(key_limits(plan, own_limits, shadow_mode=policy.shadow_mode))
         limits, counter_ids = level_limits(policy.tenants, tenant, group, key_id, own)
         limits = share(limits)
-        records.append(
-            (
-                key_digest,
-                KeyRecord(
-                    key_id=key_id,
-                    tenant=tenant,
-                    plan=plan_name,
-                    expires_at=expires_at,
-                    disabled=disabled,
-                    models=models,
-                    paths=paths,
-                    credential=credential,
-                    metadata=metadata or _NO_METADATA,
-                    upstream_headers=tuple(share(h) for h in _upstream_headers(key_id, tenant, credential)),
-                    remove_headers=share(_remove_headers(credential)),
-                    limits=limits,
-                    counter_ids=counter_ids,
-                    needs_facts=needs_facts(limits),
-                    model_scoped=any(spec.model is not None for spec in limits),
-                    model_rule=keys_mod.compile_globs(models),
-                    path_rule=keys_mod.compile_globs(paths),
-                    group=group,
-                ),
-            )
+        record = KeyRecord(
+            key_id=key_id,
+            tenant=tenant,
+            plan=plan_name,
+            expires_at=expires_at,
+            disabled=disabled,
+            models=models,
+            paths=paths,
+            credential=credential,
+            metadata=metadata or _NO_METADATA,
+            upstream_headers=tuple(share(h) for h in _upstream_headers(key_id, tenant, credential)),
+            remove_headers=share(_remove_headers(credential)),
+            limits=limits,
+            counter_ids=counter_ids,
+            needs_facts=needs_facts(limits),
+            model_scoped=any(spec.model is not None for spec in limits),
+            model_rule=keys_mod.compile_globs(models),
+            path_rule=keys_mod.compile_globs(paths),
+            group=group,
         )
+        records.append((key_digest, record))
+        return key_digest, record
+
+    entries = doc.get("keys") if isinstance(doc, dict) else None
+    if isinstance(entries, PlainEntries):  # the common flat shape: records made from one per shape
+        first = build_flat(entries, build, ids=ids, digests=digests, records=records, key_id_pattern=_KEY_ID)
+        root.raw("keys")
+        for i, item in enumerate(entries, first):
+            build(item, f"keys[{i}]")
+    else:
+        for _, item, path in root.items("keys"):
+            build(item, path)
     root.done()
     version = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return keys_mod.build_snapshot(

@@ -23,6 +23,7 @@ counter ids, and a reload that keeps a window's id and shape keeps its state.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -66,10 +67,14 @@ class Tenant:
     groups: Mapping[str, Group] = field(default_factory=dict)
 
 
+# Cached: every key of a tenant (or group) holds the same counter id string object, not an equal copy
+# each (~80 B a key and a level's window at 100,000 keys; the id is the same either way).
+@functools.lru_cache(maxsize=4096)
 def tenant_counter_id(tenant: str, name: str) -> str:
     return f"\x02t\x01{tenant}\x00{name}"
 
 
+@functools.lru_cache(maxsize=4096)
 def group_counter_id(tenant: str, group: str, name: str) -> str:
     return f"\x02g\x01{tenant}\x01{group}\x00{name}"
 

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import gc
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.yamlsrc import LineDict, LineList, load_yaml
 
-__all__ = ["load_plain"]
+__all__ = ["PlainEntries", "entry_patterns", "load_plain", "whole_entry"]
 
 # Scalars YAML reads as exactly this string. Plain: starts with a letter, no space, no flow indicator or
 # comment sign, no trailing ':' (a key); the words YAML 1.1 reads as booleans or null are excluded.
@@ -73,10 +73,50 @@ def _lines(text: str, pos: int, line_no: int) -> Iterator[tuple[int, str]]:
             yield line_no, line
 
 
+def entry_patterns(indent: int) -> tuple[Callable[..., re.Match[str] | None], Callable[[str], list[Any]]]:
+    """(match one whole entry at a position, its other fields' (name, raw) pairs) for entries whose
+    `- ` stands at column `indent`: each field on its own line, nothing between them."""
+    prefix = " " * indent + "- "
+    inner = " " * (indent + 2)
+    whole = re.compile(
+        rf"{prefix}([a-z_]+): ({_SCALAR}|{_FLOW})\n((?:{inner}[a-z_]+: (?:{_SCALAR}|{_FLOW})\n)*)"
+    ).match
+    fields = re.compile(rf"{inner}([a-z_]+): ({_SCALAR}|{_FLOW})\n").findall
+    return whole, fields
+
+
+def whole_entry(match: re.Match[str], fields: Callable[[str], list[Any]], line_no: int) -> LineDict | None:
+    """The entry `entry_patterns`' whole match stands for (its first line is `line_no`), as YAML reads
+    it; None when some value is not exactly a string or a list of strings, or a field repeats."""
+    entry = LineDict()
+    entry.line = line_no
+    for name, raw in ((match.group(1), match.group(2)), *fields(match.group(3))):
+        if name in entry:
+            return None
+        if raw[0] == "[":
+            flow = LineList()
+            flow.line = line_no
+            for item_match in _FLOW_ITEMS.finditer(raw, 1):
+                scalar = _scalar(item_match.group(0))
+                if scalar is None:
+                    return None
+                flow.append(scalar)
+                flow.lines.append(line_no)
+            entry[name] = flow
+        else:
+            scalar = _scalar(raw)
+            if scalar is None:
+                return None
+            entry[name] = scalar
+        entry.lines[name] = line_no
+        line_no += 1
+    return entry
+
+
 class _Entries(LineList):
     """The `keys:` list, read lazily: entries are built as they are iterated, one at a time."""
 
-    __slots__ = ("_indent", "_pos", "_root", "_source", "_start_line", "_text")
+    __slots__ = ("_done", "_indent", "_pos", "_root", "_source", "_start_line", "_text")
 
     def __init__(self, text: str, source: str, pos: int, line_no: int, indent: int, root: LineDict):
         super().__init__()
@@ -86,7 +126,25 @@ class _Entries(LineList):
         self._start_line = line_no  # its number
         self._indent = indent
         self._root: LineDict | None = root
+        self._done = 0  # entries taken before `_pos` (by `resume`)
         self.line = line_no
+
+    @property
+    def start(self) -> tuple[str, int, int, int]:
+        """(the text, the offset and line number of the first entry not taken yet, the entries' indent)."""
+        return self._text, self._pos, self._start_line, self._indent
+
+    def resume(self, pos: int, line_no: int, done: int) -> None:
+        """Iterate from offset `pos` (line `line_no`) on: the `done` entries before it were taken
+        otherwise (core/keyfile_fast.py); a fallback to YAML then starts at entry `done`."""
+        self._pos = pos
+        self._start_line = line_no
+        self._done = done
+
+    def release(self) -> None:
+        """Drop the text and the way back to the root (a cycle): the list will not be iterated."""
+        self._root = None
+        self._text = ""
 
     def __iter__(self) -> Iterator[Any]:
         # The cyclic GC paused while the entries are read and turned into records, as `load_yaml` does
@@ -106,15 +164,11 @@ class _Entries(LineList):
         generated file has); from the first other entry on, line by line (`_by_line`)."""
         text = self._text
         prefix = " " * self._indent + "- "
-        inner = " " * (self._indent + 2)
-        whole = re.compile(
-            rf"{prefix}([a-z_]+): ({_SCALAR}|{_FLOW})\n((?:{inner}[a-z_]+: (?:{_SCALAR}|{_FLOW})\n)*)"
-        ).match
-        fields = re.compile(rf"{inner}([a-z_]+): ({_SCALAR}|{_FLOW})\n").findall
+        whole, fields = entry_patterns(self._indent)
         pos = self._pos
         line_no = self._start_line
         end_of_text = len(text)
-        done = 0
+        done = self._done
         while pos < end_of_text:
             match = whole(text, pos)
             if match is None:
@@ -122,39 +176,13 @@ class _Entries(LineList):
             end = match.end()
             if end < end_of_text and not text.startswith(prefix, end):
                 break  # a blank or comment line, a deeper line...: maybe more of this entry
-            entry = LineDict()
-            entry.line = line_no
-            for name, raw in ((match.group(1), match.group(2)), *fields(match.group(3))):
-                if name in entry:
-                    break
-                if raw[0] == "[":
-                    flow = LineList()
-                    flow.line = line_no
-                    for item_match in _FLOW_ITEMS.finditer(raw, 1):
-                        scalar = _scalar(item_match.group(0))
-                        if scalar is None:
-                            break
-                        flow.append(scalar)
-                        flow.lines.append(line_no)
-                    else:
-                        entry[name] = flow
-                        entry.lines[name] = line_no
-                        line_no += 1
-                        continue
-                    break
-                scalar = _scalar(raw)
-                if scalar is None:
-                    break
-                entry[name] = scalar
-                entry.lines[name] = line_no
-                line_no += 1
-            else:
-                yield entry
-                done += 1
-                pos = end
-                continue
-            line_no = entry.line
-            break
+            entry = whole_entry(match, fields, line_no)
+            if entry is None:
+                break
+            yield entry
+            done += 1
+            pos = end
+            line_no += len(entry)
         yield from self._by_line(pos, line_no, done)
 
     def _by_line(self, pos: int, first_line: int, done: int) -> Iterator[Any]:
@@ -269,3 +297,6 @@ def load_plain(text: str, source: str) -> LineDict | None:
     root["keys"] = _Entries(text, source, pos, line_no, len(start.group(1)), root)
     root.lines["keys"] = first[0]
     return root
+
+
+PlainEntries = _Entries  # the type of a plain document's `keys` (core/keyfile_fast.py takes it)
