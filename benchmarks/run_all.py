@@ -294,11 +294,14 @@ def suite_rows(
             f"in use {_num(heap.get('per_active_client'), ' B')})"
         )
         if keys == max(MEMORY_KEYS):
+            # the figure counts the key's own entry too (its objects in use, per key)
+            entry = heap.get("snapshot_per_key")
+            total = None if _nan(judged) or _nan(entry) else judged + entry
             row(
-                f"memory per active client, {keys:,} keys",
-                measured,
+                f"memory per active client including its key's entry, {keys:,} keys",
+                f"{_num(total, ' B')} (key entry {_num(entry, ' B')} + client {measured})",
                 TARGETS["bytes_per_active_client"],
-                judged,
+                total,
             )
         else:
             row(f"memory per active client, {keys:,} keys", measured)

@@ -143,7 +143,11 @@ def test_rows_judge_each_target_of_the_issue() -> None:
     assert _result(rows, f"{many}: added p50") == ("+0.220 ms", "PASS")
     assert _result(rows, f"{many}: added p99") == ("+0.900 ms", "PASS")
     # memory: judged at 100,000 keys only, on the larger of RSS and bytes in use; RSS at 10,000
-    assert _result(rows, "memory per active client, 100,000") == ("480 B (RSS 0 B, in use 480 B)", "PASS")
+    # ... plus the key's own entry (900 B of objects here): the issue's figure
+    assert _result(rows, "memory per active client including its key's entry, 100,000") == (
+        "1,380 B (key entry 900 B + client 480 B (RSS 0 B, in use 480 B))",
+        "MISS",
+    )
     assert _result(rows, "memory per active client, 10,000")[1] == ""
     assert _result(rows, "RSS with 10,000 active clients") == ("90.0 MB", "PASS")
     assert _result(rows, "net blocks retained")[1] == "PASS"
@@ -182,7 +186,10 @@ def test_errors_in_the_10k_run_and_allocation_growth_are_misses() -> None:
     )
     many = run_all.SCENARIOS["http-uds-issue15-10k"]
     assert _result(rows, f"{many} at") == ("3 of 30,000", "MISS")
-    assert _result(rows, "memory per active client, 100,000") == ("900 B (RSS 900 B, in use 700 B)", "MISS")
+    assert _result(rows, "memory per active client including its key's entry, 100,000") == (
+        "1,800 B (key entry 900 B + client 900 B (RSS 900 B, in use 700 B))",
+        "MISS",
+    )
     assert _result(rows, "net blocks retained") == ("-40; +3.0", "MISS")  # shrinking counts too: |net|
     assert _result(rows, "Python allocations")[1] == "MISS"
     assert _result(rows, "checks/s driven directly")[1] == "MISS"
