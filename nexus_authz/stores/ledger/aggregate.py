@@ -18,33 +18,26 @@ N_SUMS = 6
 RECORDS = 6
 
 
+def key_of(rec: UsageRecord) -> Key:
+    """The row a record is added into."""
+    ts = rec.ts
+    return (rec.key_id, rec.tenant, rec.model, int(ts - ts % 60), rec.source, rec.price_rule)
+
+
 def add(table: Table, rec: UsageRecord, new_row: bool) -> bool:
     """Add `rec` into its row of `table`. A record that needs a row the table lacks is added only if
     `new_row` (the caller's bound); False means it was not added (the caller counts it as dropped)."""
-    ts = rec.ts
-    key = (rec.key_id, rec.tenant, rec.model, int(ts - ts % 60), rec.source, rec.price_rule)
-    row = table.get(key)
-    if row is None:
-        if not new_row:
-            return False
-        table[key] = [
-            rec.requests,
-            rec.prompt_tokens,
-            rec.cached_prompt_tokens,
-            rec.completion_tokens,
-            rec.reasoning_tokens,
-            rec.cost_micro_usd,
-            1,
-        ]
-        return True
-    row[0] += rec.requests
-    row[1] += rec.prompt_tokens
-    row[2] += rec.cached_prompt_tokens
-    row[3] += rec.completion_tokens
-    row[4] += rec.reasoning_tokens
-    row[5] += rec.cost_micro_usd
-    row[6] += 1
-    return True
+    return add_usage(
+        table,
+        key_of(rec),
+        rec.prompt_tokens,
+        rec.cached_prompt_tokens,
+        rec.completion_tokens,
+        rec.reasoning_tokens,
+        rec.cost_micro_usd,
+        new_row,
+        rec.requests,
+    )
 
 
 def add_usage(
@@ -56,16 +49,17 @@ def add_usage(
     reasoning: int,
     cost: int,
     new_row: bool,
+    requests: int = 1,
 ) -> bool:
-    """`add` of one request's usage (requests = 1) under its row's key, without a UsageRecord: one dict
-    lookup and the row updated in place (the per-response path)."""
+    """`add` of usage given as its fields under its row's key (one request's by default), without a
+    UsageRecord: one dict lookup and the row updated in place (the per-response path)."""
     row = table.get(key)
     if row is None:
         if not new_row:
             return False
-        table[key] = [1, prompt, cached, completion, reasoning, cost, 1]
+        table[key] = [requests, prompt, cached, completion, reasoning, cost, 1]
         return True
-    row[0] += 1
+    row[0] += requests
     if prompt:
         row[1] += prompt
     if cached:

@@ -28,13 +28,7 @@ class MemoryLedger:
         self._warned = False
 
     def record(self, rec: UsageRecord) -> None:
-        if self._closed or not aggregate.add(self._table, rec, len(self._table) < self._max_rows):
-            self._dropped += 1
-            if not self._warned:
-                self._warned = True
-                log.warning("memory usage ledger full or closed; dropping usage records (counted)")
-            return
-        self._recorded += 1
+        self._added(not self._closed and aggregate.add(self._table, rec, len(self._table) < self._max_rows))
 
     def record_usage(
         self,
@@ -52,22 +46,28 @@ class MemoryLedger:
     ) -> None:
         """`record` of one request's usage given as its fields (no UsageRecord built)."""
         table = self._table
-        if self._closed or not aggregate.add_usage(
-            table,
-            (key_id, tenant, model, int(ts - ts % 60), source, price_rule),
-            prompt_tokens,
-            cached_prompt_tokens,
-            completion_tokens,
-            reasoning_tokens,
-            cost_micro_usd,
-            len(table) < self._max_rows,
-        ):
-            self._dropped += 1
-            if not self._warned:
-                self._warned = True
-                log.warning("memory usage ledger full or closed; dropping usage records (counted)")
+        self._added(
+            not self._closed
+            and aggregate.add_usage(
+                table,
+                (key_id, tenant, model, int(ts - ts % 60), source, price_rule),
+                prompt_tokens,
+                cached_prompt_tokens,
+                completion_tokens,
+                reasoning_tokens,
+                cost_micro_usd,
+                len(table) < self._max_rows,
+            )
+        )
+
+    def _added(self, added: bool) -> None:
+        if added:
+            self._recorded += 1
             return
-        self._recorded += 1
+        self._dropped += 1
+        if not self._warned:
+            self._warned = True
+            log.warning("memory usage ledger full or closed; dropping usage records (counted)")
 
     async def start(self) -> None:
         return None

@@ -132,21 +132,15 @@ class SQLiteLedger:
 
     # -- hot path (owner thread) ----------------------------------------------------------------------
     def record(self, rec: UsageRecord) -> None:
-        if self._closed:
-            self._drop(1)
-            return
-        pending = self._pending
-        n = len(pending)
-        if not aggregate.add(pending, rec, n + self._inflight_rows + self._carry_rows < self._max_pending):
-            self._drop(1)
-            return
-        self._recorded += 1
-        if len(pending) == n:  # added into a row it had
-            return
-        if n == 0:
-            self._pending_first = self._clock()
-        if n + 1 >= self._batch_size and self._wake is not None and self._consecutive_failures == 0:
-            self._wake.set()
+        self._add(
+            aggregate.key_of(rec),
+            rec.prompt_tokens,
+            rec.cached_prompt_tokens,
+            rec.completion_tokens,
+            rec.reasoning_tokens,
+            rec.cost_micro_usd,
+            rec.requests,
+        )
 
     def record_usage(
         self,
@@ -164,20 +158,34 @@ class SQLiteLedger:
     ) -> None:
         """`record` of one request's usage given as its fields (no UsageRecord built): one dict update
         of its pending row."""
-        if self._closed:
-            self._drop(1)
-            return
-        pending = self._pending
-        n = len(pending)
-        if not aggregate.add_usage(
-            pending,
+        self._add(
             (key_id, tenant, model, int(ts - ts % 60), source, price_rule),
             prompt_tokens,
             cached_prompt_tokens,
             completion_tokens,
             reasoning_tokens,
             cost_micro_usd,
-            n + self._inflight_rows + self._carry_rows < self._max_pending,
+            1,
+        )
+
+    def _add(
+        self,
+        key: aggregate.Key,
+        prompt: int,
+        cached: int,
+        completion: int,
+        reasoning: int,
+        cost: int,
+        requests: int,
+    ) -> None:
+        if self._closed:
+            self._drop(1)
+            return
+        pending = self._pending
+        n = len(pending)
+        new_row = n + self._inflight_rows + self._carry_rows < self._max_pending
+        if not aggregate.add_usage(
+            pending, key, prompt, cached, completion, reasoning, cost, new_row, requests
         ):
             self._drop(1)
             return
