@@ -11,14 +11,10 @@ protocols write the same bytes for any byte stream, however it is split (tests/a
 
 from __future__ import annotations
 
-from time import perf_counter
 from typing import Any
 
 from nexus_authz import native
 from nexus_authz.adapters.http_authz import _KEEP, MAX_HEADERS, MAX_URL, AuthzProtocol, HttpApp
-from nexus_authz.latency import LOOP_BUSY
-
-_BUSY = LOOP_BUSY.http
 
 
 class CompiledAuthzProtocol(AuthzProtocol):
@@ -33,12 +29,7 @@ class CompiledAuthzProtocol(AuthzProtocol):
         )
         self._parser = self._fast  # what on_message_complete/_route read the method and keep-alive from
 
-    def data_received(self, data: bytes) -> None:
-        started = perf_counter()
-        self._received(data)
-        _BUSY.observe(perf_counter() - started)
-
-    def _received(self, data: bytes) -> None:
+    def _feed(self, data: bytes) -> None:  # AuthzProtocol.data_received times each read around it
         if self._closing:
             return
         fast: Any = self._fast  # the compiled parser (stubs: native/_http1.pyi)
