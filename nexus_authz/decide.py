@@ -95,9 +95,24 @@ class Decider:
         result = store.acquire_nowait(admission.counter_ids, admission.specs, admission.costs, now)
         if result is None:
             return self._check_later(policy, admission, now, started, request)
+        return self._finish(policy, admission, request, result, now, started, wait)
+
+    def _finish(
+        self,
+        policy: Policy,
+        admission: Admission,
+        request: Request,
+        result: AcquireResult,
+        now: float,
+        started: float,
+        wait: bool,
+    ) -> Decision | Awaitable[Decision]:
+        """The counters' answer -> the decision: a refusal a smaller completion may turn into an
+        admission (core.clamp), the default cap written for an uncapped request on a clamping key, a
+        refusal for a concurrency slot waiting for a release (`wait`)."""
         if not result.allowed and clamps(admission.specs):  # a smaller completion may fit (core.clamp)
             return self._clamp(policy, admission, request, result, now, started)
-        decision = policy.conclude(admission, result, now, store.adjust_soon, self.book)
+        decision = policy.conclude(admission, result, now, self.store.adjust_soon, self.book)
         if admission.uncapped and decision.allowed and clamps(admission.specs):
             decision = _capped(decision, request, policy)
         if decision.reason is Reason.CONCURRENCY_LIMITED and wait and self.book is not None:
@@ -107,24 +122,12 @@ class Decider:
     async def _check_later(
         self, policy: Policy, admission: Admission, now: float, started: float, request: Request
     ) -> Decision:
-        store = self.store
         try:
-            result = await store.acquire(admission.counter_ids, admission.specs, admission.costs, now)
-            if not result.allowed and clamps(admission.specs):
-                plan = self._plan(policy, admission, request, result)
-                if plan is not None:
-                    lowered = admission._replace(costs=plan.costs)
-                    second = await store.acquire(lowered.counter_ids, lowered.specs, plan.costs, now)
-                    decision = policy.conclude(lowered, second, now, store.adjust_soon, self.book)
-                    return self._counted(_with_clamp(decision, plan), started)
+            result = await self.store.acquire(admission.counter_ids, admission.specs, admission.costs, now)
         except StoreUnavailable as exc:  # fail_closed and the store is away: 503, retry soon
             return self._counted(unavailable(exc.retry_after), started)
-        decision = policy.conclude(admission, result, now, store.adjust_soon, self.book)
-        if admission.uncapped and decision.allowed and clamps(admission.specs):
-            decision = _capped(decision, request, policy)
-        if decision.reason is Reason.CONCURRENCY_LIMITED and self.book is not None:
-            return await self._wait_for_slot(policy, admission, decision, started)
-        return self._counted(decision, started)
+        decision = self._finish(policy, admission, request, result, now, started, True)
+        return decision if isinstance(decision, Decision) else await decision
 
     async def _wait_for_slot(
         self, policy: Policy, admission: Admission, refused: Decision, started: float
