@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -39,7 +40,7 @@ from nexus_authz.settings import (
 )
 from nexus_authz.stores.ledger import Ledger, MemoryLedger, SQLiteLedger
 from nexus_authz.stores.memory import MemoryCounterStore
-from nexus_authz.stores.redis import RedisStore, make_client, open_redis_store
+from nexus_authz.stores.redis import RedisSettings, RedisStore, make_client, open_redis_store
 from nexus_authz.stores.redis.revocations import RevocationChannel
 
 __all__ = [
@@ -165,13 +166,18 @@ def revocation_channel(settings: Settings, engine: Engine) -> RevocationChannel:
     """Revocations published through Redis reach this replica within a second (issue 5); not started."""
     rs = settings.counters.redis
     assert rs is not None
+    return RevocationChannel(_side_client(settings, rs), key_prefix=rs.key_prefix, on_revoked=engine.revoke)
+
+
+def _side_client(settings: Settings, rs: RedisSettings) -> Any:
+    """A Redis client of its own (the revocation channel's, the runtime key store's), on the counters'
+    connection settings; a bad setting is a StartupError."""
     try:
-        client = make_client(
+        return make_client(
             rs, password=redis_password(rs, base_dir=settings.base_dir), base_dir=settings.base_dir
         )
     except ConfigError as exc:
         raise StartupError(str(exc)) from None
-    return RevocationChannel(client, key_prefix=rs.key_prefix, on_revoked=engine.revoke)
 
 
 def runtime_keys(settings: Settings, engine: Engine) -> RuntimeKeys | None:
@@ -185,13 +191,7 @@ def runtime_keys(settings: Settings, engine: Engine) -> RuntimeKeys | None:
         from nexus_authz.stores.keys.redis import RedisKeyStore
 
         assert rs is not None
-        try:
-            client = make_client(
-                rs, password=redis_password(rs, base_dir=settings.base_dir), base_dir=settings.base_dir
-            )
-        except ConfigError as exc:
-            raise StartupError(str(exc)) from None
-        store = RedisKeyStore(client, key_prefix=rs.key_prefix)
+        store = RedisKeyStore(_side_client(settings, rs), key_prefix=rs.key_prefix)
         runtime = RuntimeKeys(engine, store, poll_interval=5.0, clock=engine.clock)
         store.on_change = runtime.notify
         return runtime
