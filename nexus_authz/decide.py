@@ -24,7 +24,6 @@ import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
-from nexus_authz.core import ratelimit_headers
 from nexus_authz.core.clamp import Clamp, clamps, default_cap, lowered
 from nexus_authz.core.fastpath import FastAdmit, Plan
 from nexus_authz.core.keys import KeySnapshot
@@ -37,8 +36,8 @@ from nexus_authz.latency import LatencyHistogram
 
 __all__ = ["SLOT_WAIT", "Allowed", "Decider"]
 
-# What `Decider.check_plain` returns for an admission: (plan, rate-limit headers, release id or "").
-Allowed = tuple[Plan, tuple[tuple[str, str], ...], str]
+# What `Decider.check_plain` returns for an admission: (plan, the windows' statuses, release id or "").
+Allowed = tuple[Plan, tuple[WindowStatus, ...], str]
 
 # How long a request refused only for a concurrency slot waits for one to be released before its 429.
 # The proxy releases a slot as the last bytes of a response pass (envoy/nexus-usage.lua, a call it does
@@ -116,11 +115,11 @@ class Decider:
     ) -> Allowed | Decision | Awaitable[Decision] | None:
         """`check` of a POST whose body the proxy forwarded whole, for the common request in one call.
 
-        An admission is (plan, rate-limit headers, release: the request id when its slot is to be released
-        early, else ""); a refusal by the counters, or a store that must be awaited, goes on as `check`
-        goes (a Decision or an awaitable). None: not the common request (core/fastpath.py): nothing was
-        charged or counted, decide it with `check`. The same state and answers as `check` (tests/adapters/
-        test_http_fastpath.py)."""
+        An admission is (plan, the windows' statuses, release: the request id when its slot is to be
+        released early, else ""); a refusal by the counters, or a store that must be awaited, goes on as
+        `check` goes (a Decision or an awaitable). None: not the common request (core/fastpath.py):
+        nothing was charged or counted, decide it with `check`. The same state and answers as `check`
+        (tests/adapters/test_http_fastpath.py)."""
         started = time.perf_counter()
         fast = self._fast
         if fast is None or fast.policy is not policy or fast.snapshot is not snapshot:
@@ -134,7 +133,7 @@ class Decider:
         specs = plan.specs
         release = ""
         if not specs:  # Decider.check, nothing to charge
-            rate_limit: tuple[tuple[str, str], ...] = ()
+            statuses: tuple[WindowStatus, ...] = ()
             if book is not None and request_id and policy.track:
                 key = plan.key
                 context = InFlight(key.key_id, key.tenant, plan.model, prompt, kept)
@@ -151,8 +150,9 @@ class Decider:
                 return self._finish(policy, admission, request, result, now, started, True)
             shape = plan.shape
             assert shape is not None
-            # Policy.conclude of an admission (no clamp: a clamping key's requests take the reference path)
-            rate_limit = ratelimit_headers.build_headers(shape.headers, result.statuses, False)
+            # Policy.conclude of an admission (no clamp: a clamping key's requests take the reference path);
+            # the rate-limit headers are the transport's to write (ratelimit_headers.build_header_block)
+            statuses = result.statuses
             if book is not None and request_id:
                 uncharged = result.uncharged
                 key = plan.key
@@ -176,7 +176,7 @@ class Decider:
         seconds = time.perf_counter() - started
         latency.counts[bisect_left(latency.bounds, seconds)] += 1
         latency.sum += seconds
-        return plan, rate_limit, release
+        return plan, statuses, release
 
     def _finish(
         self,

@@ -12,13 +12,15 @@ write the same bytes (tests/adapters/test_http_fastpath.py).
 
 from __future__ import annotations
 
-from nexus_authz.adapters.answers import header_block
+from typing import Any
+
 from nexus_authz.adapters.http_authz import (
     _INTERNAL_ERROR,
     EXT_AUTHZ_PREFIX,
     AuthzProtocol,
     log,
 )
+from nexus_authz.core import ratelimit_headers
 from nexus_authz.core.model import Decision, Reason
 
 _PREFIX = EXT_AUTHZ_PREFIX.encode() + b"/"
@@ -58,11 +60,15 @@ def on_message_complete(self: AuthzProtocol) -> None:
                 if out is None:  # not the common request: the reference path below
                     pass
                 elif out.__class__ is tuple:
-                    plan, rate_limit, release = out
+                    plan, statuses, release = out
                     wire = plan.wire
                     if wire is None:
                         wire = plan.wire = app.allow_parts(plan.key)[0]
-                    data = wire + header_block(rate_limit) if rate_limit else wire
+                    if statuses:  # HttpApp.response's header block of the rate-limit headers
+                        shape: Any = plan.shape  # set: the plan has windows
+                        data = wire + ratelimit_headers.build_header_block(shape.headers, statuses)
+                    else:
+                        data = wire
                     if release:  # HttpApp.response: for the Lua tap, in Envoy's dynamic metadata
                         data += b"x-nexus-release: %s\r\n" % release.encode("latin-1")
                     data += _TAIL
