@@ -45,6 +45,7 @@ Allowed = tuple[Plan, tuple[WindowStatus, ...], str]
 # the previous response can get here before that release: the wait makes back-to-back requests on
 # `concurrent: 1` exact. Only refusals wait; admissions never do.
 SLOT_WAIT = 0.02
+_new_tuple = tuple.__new__  # InFlight(...) without the NamedTuple's Python-level __new__
 
 
 class Decider:
@@ -164,7 +165,9 @@ class Decider:
                     costs,
                     now,
                     uncharged,
-                    context=InFlight(key.key_id, key.tenant, plan.model, prompt, kept) if track else None,
+                    context=_new_tuple(InFlight, (key.key_id, key.tenant, plan.model, prompt, kept))
+                    if track
+                    else None,
                     settles=shape.settle_mask & ~uncharged != 0,
                 )
                 if displaced:

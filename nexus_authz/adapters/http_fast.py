@@ -64,14 +64,18 @@ def on_message_complete(self: AuthzProtocol) -> None:
                     wire = plan.wire
                     if wire is None:
                         wire = plan.wire = app.allow_parts(plan.key)[0]
-                    if statuses:  # HttpApp.response's header block of the rate-limit headers
+                    # HttpApp.response: the key's block, the rate-limit headers, the release (for the Lua
+                    # tap, in Envoy's dynamic metadata), the tail
+                    if statuses:
                         shape: Any = plan.shape  # set: the plan has windows
-                        data = wire + ratelimit_headers.build_header_block(shape.headers, statuses)
+                        block = ratelimit_headers.build_header_block(shape.headers, statuses)
                     else:
-                        data = wire
-                    if release:  # HttpApp.response: for the Lua tap, in Envoy's dynamic metadata
-                        data += b"x-nexus-release: %s\r\n" % release.encode("latin-1")
-                    data += _TAIL
+                        block = b""
+                    if release:
+                        rid = release.encode("latin-1")
+                        data = b"%s%sx-nexus-release: %s\r\n%s" % (wire, block, rid, _TAIL)
+                    else:
+                        data = wire + block + _TAIL
                 elif out.__class__ is Decision:
                     data = app.response(out, nginx=False, close=False)
                 else:  # the counter store is awaited: the answer leaves from the outbox

@@ -24,7 +24,7 @@ from nexus_authz.core import body as body_facts
 from nexus_authz.core.body import RequestFacts
 from nexus_authz.core.clamp import clamps
 from nexus_authz.core.config import Price
-from nexus_authz.core.keys import _KEY_CHARS, MAX_KEY_LENGTH, KeySnapshot
+from nexus_authz.core.keys import MAX_KEY_LENGTH, KeySnapshot
 from nexus_authz.core.limits import LimitSpec
 from nexus_authz.core.model import KeyRecord
 from nexus_authz.core.multipart import is_multipart
@@ -109,10 +109,13 @@ class FastAdmit:
         policy = self.policy
         # -- the key: `Authorization: Bearer <key>` as Envoy forwards it (keys.extract_key's reading) --
         value = headers.get("authorization")
-        if value is None or value[:7] != "Bearer ":
+        if value is None or not value.startswith("Bearer "):
             return None  # other headers or spellings: the reference reads them
         secret = value[7:].strip()
-        if not secret or len(secret) > MAX_KEY_LENGTH or _KEY_CHARS.match(secret) is None:
+        # keys._plausible: 1-512 of \x21-\x7e (the secret is stripped: no newline for `$` to pass)
+        if not secret or len(secret) > MAX_KEY_LENGTH or " " in secret:
+            return None
+        if not (secret.isascii() and secret.isprintable()):
             return None
         # the brute-force throttle (Policy._admit): an address or a key it counts takes the reference path
         counted = failures is not None and policy._auth_spec is not None
