@@ -35,7 +35,7 @@ from nexus_authz.core.shapes import Shape, shape_of
 
 __all__ = ["MAX_PLANS", "FastAdmit", "Plan"]
 
-MAX_PLANS: Final = 65_536  # (key, model, path) plans kept; cleared whole when full
+MAX_PLANS: Final = 8192  # (key, model, path) plans kept (~250 B each); cleared whole when full
 _UNMETERED: Final = (1, 0, 0).__getitem__  # shapes.costs_of with no tokens and no USD
 
 
