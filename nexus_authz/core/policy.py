@@ -38,7 +38,7 @@ from nexus_authz.core.price_policy import unpriced_message
 from nexus_authz.core.pricing import PriceTable
 from nexus_authz.core.prompt_later import deferred
 from nexus_authz.core.reservations import ReservationBook, settle_with
-from nexus_authz.core.shapes import Shape, costs_of, shape_of
+from nexus_authz.core.shapes import Shape, costs_of, near_limit, shape_of
 
 
 class Admission(NamedTuple):
@@ -317,7 +317,12 @@ class Policy:
             return anthropic_shaped(limited) if admission.anthropic else limited
         uncharged = result.uncharged
         self._reserve(admission, uncharged, now, adjust, book, shape.settle_mask & ~uncharged != 0)
-        if book is not None and admission.request_id and shape.slot_mask & ~uncharged:
+        if (  # a slot near its window's limit: the proxy frees it as the response ends (shapes.near_limit)
+            shape.slot_mask
+            and book is not None
+            and admission.request_id
+            and near_limit(shape, result.statuses, uncharged)
+        ):
             return new_allow(admission.key, admission.model, headers, admission.request_id)
         return _allow(admission.key, admission.model, headers)
 
