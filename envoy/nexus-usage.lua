@@ -136,14 +136,15 @@ local function summary(head, tail, skipped, sse, encoded, over)
 end
 
 -- Early release of a concurrency slot. nexus-authz marks an admitted request that holds a `concurrent:`
--- slot with its request id in ext_authz's dynamic metadata (`x-nexus-release`: a response header of
--- the HTTP service picked by dynamic_metadata_from_headers, or CheckResponse.dynamic_metadata over
--- gRPC). The access log settles it too, but in batches up to buffer_flush_interval after the client has
--- the whole response, so a client sending one request at a time would find its own slot still held.
--- A call here, sent as the last body chunk passes and not waited for (asynchronous: the response is
--- not delayed), frees the slot about when the client sees the end of the response; a next request
--- that still arrives first waits for it in nexus-authz (decide.SLOT_WAIT). Requests without a slot pay
--- nothing.
+-- slot of a window at least half full after its admission (`concurrent: 1` always) with its request id
+-- in ext_authz's dynamic metadata (`x-nexus-release`: a response header of the HTTP service picked by
+-- dynamic_metadata_from_headers, or CheckResponse.dynamic_metadata over gRPC). The access log settles
+-- every request too, in batches up to buffer_flush_interval (0.02 s) after the client has the whole
+-- response: that frees the other slots, and a request refused for a slot waits past one flush in
+-- nexus-authz (decide.SLOT_WAIT) rather than meet a slot whose response has ended. For a key near its
+-- limit, a call here, sent as the last body chunk passes and not waited for (asynchronous: the response
+-- is not delayed), frees the slot about when the client sees the end of the response, so a client
+-- sending one request at a time is not even delayed. Unmarked requests pay nothing.
 local AUTHZ_NS = "envoy.filters.http.ext_authz"
 local RELEASE_TIMEOUT_MS = 200
 

@@ -32,6 +32,7 @@ from nexus_authz.core.model import Decision, InFlight, Reason, Request, new_allo
 from nexus_authz.core.policy import Admission, Policy, marks_release, unavailable
 from nexus_authz.core.ports import AsyncCounterStore, CounterStore, StoreUnavailable
 from nexus_authz.core.reservations import ReservationBook, Settlement, settle_with
+from nexus_authz.core.shapes import shape_of
 from nexus_authz.latency import LatencyHistogram
 
 __all__ = ["SLOT_WAIT", "Allowed", "Decider"]
@@ -40,11 +41,13 @@ __all__ = ["SLOT_WAIT", "Allowed", "Decider"]
 Allowed = tuple[Plan, tuple[WindowStatus, ...], str]
 
 # How long a request refused only for a concurrency slot waits for one to be released before its 429.
-# The proxy releases a slot as the last bytes of a response pass (envoy/nexus-usage.lua, a call it does
-# not wait for, so the response is not delayed); a client that sends its next request the moment it has
-# the previous response can get here before that release: the wait makes back-to-back requests on
-# `concurrent: 1` exact. Only refusals wait; admissions never do.
-SLOT_WAIT = 0.02
+# A slot is freed either by the proxy as the last bytes of a response pass (envoy/nexus-usage.lua, a
+# call it does not wait for, made only for a slot near its window's limit: core/shapes.py `near_limit`)
+# or by the access log that settles the request, up to Envoy's buffer_flush_interval (0.02 s in the
+# shipped configs) after the response ended. A client that sends its next request the moment it has the
+# previous response can get here before either: the wait, comfortably past one flush, makes back-to-back
+# requests exact (`concurrent: 1`, or a key at its limit). Only refusals wait; admissions never do.
+SLOT_WAIT = 0.05
 _new_tuple = tuple.__new__  # InFlight(...) without the NamedTuple's Python-level __new__
 
 
@@ -55,7 +58,17 @@ class Decider:
     `failures`: the local store counting invalid keys per address (brute-force protection).
     """
 
-    __slots__ = ("_fast", "_slot_freed", "book", "clock", "decisions", "failures", "latency", "store")
+    __slots__ = (
+        "_fast",
+        "_slot_freed",
+        "book",
+        "clock",
+        "decisions",
+        "failures",
+        "latency",
+        "slot_releases",
+        "store",
+    )
 
     def __init__(
         self,
@@ -75,6 +88,9 @@ class Decider:
         self.latency = latency if latency is not None else LatencyHistogram()
         self._slot_freed: asyncio.Future[None] | None = None  # set only while a refused request waits
         self._fast: FastAdmit | None = None  # the common request's admission (check_plain)
+        # Concurrency slots freed, by who freed them: "proxy" (the early release call), "access_log"
+        # (the settlement of the response's usage: Envoy's access log, or ext_proc).
+        self.slot_releases: dict[str, int] = {"proxy": 0, "access_log": 0}
 
     # -- ext_authz: the whole decision ---------------------------------------------------------------
     def check(
@@ -372,6 +388,11 @@ class Decider:
         """`apply` of one settlement given as its parts (ReservationBook.settle_parts: no Settlement
         object on the accounting path)."""
         self.store.adjust_soon(counter_ids, specs, deltas, now, charged_at)
+        # none unless the key has a concurrency window (tuple() of the key's specs tuple is that tuple)
+        for i in shape_of(tuple(specs)).slot_indices:
+            if deltas[i]:  # a slot the proxy did not release early
+                self.slot_releases["access_log"] += 1
+                break
         if self._slot_freed is not None:
             self.slot_freed()
 

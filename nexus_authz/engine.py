@@ -287,6 +287,7 @@ class Engine:
         settlement = self.book.release(request_id)
         if settlement is None:
             return False
+        self.decider.slot_releases["proxy"] += 1
         self._apply((settlement,), self.clock())
         return True
 

@@ -230,6 +230,17 @@ class EngineCollector(Collector):
             unpriced.add_metric([policy, outcome], n)
         yield unpriced
 
+        releases = CounterMetricFamily(
+            "nexus_authz_slot_releases",
+            "Concurrency slots freed, by who freed them: proxy (its early release call as the response "
+            "ends, made only for a slot near its window's limit), access_log (the settlement of the "
+            "response's usage: Envoy's access log, or ext_proc).",
+            labels=["via"],
+        )
+        for via, n in engine.decider.slot_releases.items():
+            releases.add_metric([via], n)
+        yield releases
+
         stats = engine.book.stats()
         yield GaugeMetricFamily(
             "nexus_authz_reservations_in_flight",

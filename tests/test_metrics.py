@@ -168,3 +168,19 @@ def test_loop_busy_counts_http_reads_and_garbage_collections(tmp_path: Path) -> 
     # the scrape's own read is counted once it is done
     assert sum(LOOP_BUSY.http.counts) >= before_http + 1
     assert ("nexus_authz_loop_busy_seconds_bucket", (("le", "0.0002"), ("source", "access_log"))) in m
+
+
+def test_slot_releases_count_who_freed_each_slot(tmp_path: Path) -> None:
+    """Issue 15: the proxy's release call only for a slot near its limit; the access log frees the rest."""
+    conc = KeySpec("conc", extra={"limits": [{"concurrent": 4}]})
+    engine = Engine.from_settings(load_settings(str(write_config(tmp_path, conc))))
+    first = engine.check(request(conc.secret, "gpt-4o", "c-0"))  # 3 of 4 left: not marked
+    second = engine.check(request(conc.secret, "gpt-4o", "c-1"))  # 2 of 4 left: marked
+    assert first.allowed and first.release == "" and second.release == "c-1"
+    assert engine.release("c-1")  # the proxy's call
+    engine.account("c-0", Usage(prompt_tokens=1, completion_tokens=1, source="provider"))
+    engine.account("c-1", Usage(prompt_tokens=1, completion_tokens=1, source="provider"))  # freed already
+
+    m = samples(scrape(engine))
+    assert m[("nexus_authz_slot_releases_total", (("via", "proxy"),))] == 1
+    assert m[("nexus_authz_slot_releases_total", (("via", "access_log"),))] == 1

@@ -116,8 +116,9 @@ class Decision:
     response_headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
     message: str = ""
-    # An admitted request holding a concurrency slot: its request id, for the proxy to release the slot
-    # when the response ends (envoy/nexus-usage.lua); "" otherwise.
+    # An admitted request holding a concurrency slot of a window at least half full (core/shapes.py
+    # `near_limit`): its request id, for the proxy to release the slot when the response ends
+    # (envoy/nexus-usage.lua); "" otherwise (the access log frees the slot).
     release: str = ""
     # An admitted request whose completion cap the proxy must lower (core/clamp.py): the body splices
     # for the Lua filter (x-nexus-clamp in ext_authz's dynamic metadata); "" otherwise.

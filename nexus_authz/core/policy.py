@@ -38,7 +38,7 @@ from nexus_authz.core.price_policy import unpriced_message
 from nexus_authz.core.pricing import PriceTable
 from nexus_authz.core.prompt_later import deferred
 from nexus_authz.core.reservations import ReservationBook, settle_with
-from nexus_authz.core.shapes import Shape, costs_of, shape_of
+from nexus_authz.core.shapes import Shape, costs_of, near_limit, shape_of
 
 
 class Admission(NamedTuple):
@@ -356,8 +356,10 @@ class Policy:
 
 def marks_release(shape: Shape, result: AcquireResult) -> bool:
     """Whether an admitted request (with a request id, reserved in a book) is marked for its slot's early
-    release by the proxy (`Decision.release`): the one place of that rule (core/fastpath.py uses it too)."""
-    return shape.slot_mask & ~result.uncharged != 0
+    release by the proxy (`Decision.release`): it holds a slot near its window's limit, which the proxy
+    frees as the response ends (shapes.near_limit). The one place of that rule (Decider.check_plain
+    uses it too)."""
+    return shape.slot_mask != 0 and near_limit(shape, result.statuses, result.uncharged)
 
 
 # A cut body's unseen bytes are reserved at this many tokens a byte: twice the usual density of text

@@ -284,7 +284,8 @@ class ReservationBook:
         The response's usage reaches nexus-authz in Envoy's batched access log, up to
         buffer_flush_interval after the client has the whole response; a client that sends its next
         request at once would find its slot still held. The Envoy configs' Lua tap calls this before
-        the last bytes of the response go to the client (see envoy/nexus-usage.lua)."""
+        the last bytes of the response go to the client, for a request marked so (a slot near its
+        window's limit: core/shapes.py `near_limit`; see envoy/nexus-usage.lua)."""
         entry = self._entries.get(request_id)
         if entry is None:
             return None

@@ -10,6 +10,9 @@ shared by every request of that key; everything below depends on that tuple alon
   concurrency slot, for the reservation book (core/reservations.py);
 * `headers`: the rate-limit headers' per-window fragments (core/ratelimit_headers.py `header_plan`).
 
+`near_limit(shape, statuses, uncharged)`: whether an admitted request's slot is worth an early release
+(the mark `Policy.conclude` sets, see there).
+
 `shape_of(specs)` is cached by the tuple's identity; the cache keeps the tuple itself, so an id is never
 reused while its entry lives, and it is cleared when it reaches `MAX_SHAPES` (a config reload makes new
 tuples).
@@ -19,10 +22,10 @@ from __future__ import annotations
 
 from typing import Final, NamedTuple
 
-from nexus_authz.core.limits import Kind, LimitSpec
+from nexus_authz.core.limits import Kind, LimitSpec, WindowStatus
 from nexus_authz.core.ratelimit_headers import HeaderPlan, header_plan
 
-__all__ = ["MAX_SHAPES", "Shape", "costs_of", "shape_of"]
+__all__ = ["MAX_SHAPES", "Shape", "costs_of", "near_limit", "shape_of"]
 
 MAX_SHAPES: Final = 65_536
 
@@ -63,3 +66,18 @@ def shape_of(specs: tuple[LimitSpec, ...]) -> Shape:
 def costs_of(shape: Shape, tokens: int, usd: int) -> tuple[int, ...]:
     """Each window's charge: 1 request or slot, the token estimate, its price."""
     return tuple(map((1, tokens, usd).__getitem__, shape.cost_index))
+
+
+def near_limit(shape: Shape, statuses: tuple[WindowStatus, ...], uncharged: int) -> bool:
+    """Whether the request holds a slot of a concurrency window (any level: key, group, tenant) that is
+    at least half full after this admission: `remaining <= limit // 2` (a `concurrent: 1` or `2` window
+    always is). Only then is a slot worth the proxy's early release call (Policy.conclude); below half
+    the limit, the access log frees it within one flush and half the limit would have to be taken in
+    that time for it to matter (and even then the refused request waits for the flush: decide.SLOT_WAIT).
+    No allocation; the caller checks `shape.slot_mask` first."""
+    for i in shape.slot_indices:
+        if not (uncharged >> i) & 1:
+            status = statuses[i]
+            if status.remaining <= status.limit >> 1:
+                return True
+    return False

@@ -193,6 +193,7 @@ def state(engine: Engine) -> dict[str, Any]:
         "retired": list(book._retired.items()),
         "known keys": list(engine.policy._known._seen.items()),
         "unpriced": dict(engine.unpriced),
+        "slot releases": dict(engine.decider.slot_releases),
     }
 
 

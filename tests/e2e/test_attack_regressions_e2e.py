@@ -533,7 +533,7 @@ def test_metrics_name_no_key_tenant_secret_or_credential(stack: Stack) -> None:
         http("POST", stack.gateway + post, {"x-api-key": "nx-unknown-q7z-0123456789"}, CHAT_BYTES).status
         == 401
     )
-    time.sleep(0.5)  # the access-log batches (buffer_flush_interval 0.2 s) reach accounting
+    time.sleep(0.5)  # the access-log batches (buffer_flush_interval 0.02 s) reach accounting
     text = http("GET", stack.admin + "/metrics").body.decode()
     # the scrape reflects the traffic (so the absence checks below are about a real page)
     allowed = sum(

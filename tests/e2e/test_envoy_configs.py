@@ -96,6 +96,35 @@ def test_shipped_config_validates(path: Path, tmp_path: Path) -> None:
     assert "OK" in result.stdout
 
 
+def _flush_intervals(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for name, value in node.items():
+            if name == "buffer_flush_interval":
+                yield value
+            else:
+                yield from _flush_intervals(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _flush_intervals(value)
+
+
+DEPLOYED = sorted((ENVOY_DIR.parent / "deploy").glob("*/envoy.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS + DEPLOYED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_access_log_flushes_well_within_the_slot_wait(path: Path) -> None:
+    """Issue 15: a slot not released early by the Lua tap is freed when the access log settles its
+    request, up to buffer_flush_interval after the response ended; a request refused for a slot waits
+    SLOT_WAIT for it, so one flush (plus the trip) must fit in that wait comfortably."""
+    from nexus_authz.decide import SLOT_WAIT
+
+    intervals = list(_flush_intervals(load(path)))
+    if "nexus_als" in clusters_of(load(path)):
+        assert intervals, "the gRPC access log must set buffer_flush_interval (Envoy's default is 1 s)"
+    for interval in intervals:
+        assert interval.endswith("s") and float(interval[:-1]) <= SLOT_WAIT / 2, interval
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 @pytest.mark.parametrize("upstream", ["127.0.0.1:18000", "https://api.openai.com"])
 def test_rendered_config_validates(path: Path, upstream: str, tmp_path: Path) -> None:

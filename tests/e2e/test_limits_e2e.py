@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import openai
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.adapters.test_envoy_authz import check_request
-from tests.e2e.stack import Stack
+from tests.e2e.stack import Stack, http
 from tests.helpers import KeySpec
 
 LIMITS = """
@@ -127,12 +130,13 @@ def test_requests_that_generate_nothing_reserve_no_completion_tokens(stack: Stac
 # -- issue 18 item 3: a one-at-a-time client never gets a concurrency 429 -----------------------------
 
 ONE_AT_A_TIME = KeySpec("one-at-a-time", extra={"limits": [{"concurrent": 1}]})
+FIFTY = KeySpec("fifty", extra={"limits": [{"concurrent": 50}]})
 
 
 @pytest.fixture(params=["http", "grpc"], scope="module")
 def solo_stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     workdir = Path(tempfile.mkdtemp(prefix="nx-solo-"))
-    s = Stack(workdir=workdir, mode=request.param, keys=(ONE_AT_A_TIME,))
+    s = Stack(workdir=workdir, mode=request.param, keys=(ONE_AT_A_TIME, FIFTY))
     try:
         s.start()
         yield s
@@ -154,3 +158,59 @@ def test_concurrent_one_admits_back_to_back_requests(solo_stack: Stack, stream: 
         resp = solo_stack.post("/v1/chat/completions", body, key=ONE_AT_A_TIME.secret)
         statuses.append(resp.status)
     assert statuses == [200] * 20, statuses
+
+
+def _metrics(stack: Stack) -> tuple[dict[str, float], float]:
+    """nexus_authz_slot_releases_total by `via`, and nexus_authz_reservations_in_flight."""
+    text = http("GET", stack.admin + "/metrics").body.decode()
+    releases: dict[str, float] = {}
+    in_flight = -1.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "nexus_authz_slot_releases_total":
+                releases[sample.labels["via"]] = sample.value
+            elif sample.name == "nexus_authz_reservations_in_flight":
+                in_flight = sample.value
+    return releases, in_flight
+
+
+def _settled(stack: Stack) -> dict[str, float]:
+    """The slot releases once every admitted request is settled (the access log has arrived)."""
+    deadline = time.monotonic() + 10
+    while True:
+        releases, in_flight = _metrics(stack)
+        if in_flight == 0:
+            return releases
+        assert time.monotonic() < deadline, (releases, in_flight)
+        time.sleep(0.05)
+
+
+def test_a_key_far_from_its_concurrency_limit_costs_no_release_call(solo_stack: Stack) -> None:
+    """Issue 15: `concurrent: 50` and 3 clients sending back-to-back requests. No request is refused,
+    and the access log (flushed every 0.02 s) frees the slots: the first 24 admissions cannot be marked
+    for the Lua tap's release call (fewer than 25 of the 50 slots can be taken after them), so the
+    release endpoint is not called for them; later ones are marked only if the access log lags behind
+    by 25 requests (a loaded machine)."""
+    clients = 3
+    before = _settled(solo_stack)
+
+    def run(per_client: int) -> list[int]:
+        def client(_: int) -> list[int]:
+            return [
+                solo_stack.post("/v1/chat/completions", CHAT, key=FIFTY.secret).status
+                for _ in range(per_client)
+            ]
+
+        with ThreadPoolExecutor(clients) as pool:
+            return [status for statuses in pool.map(client, range(clients)) for status in statuses]
+
+    early = run(8)
+    assert early == [200] * 24, early
+    after_early = _settled(solo_stack)
+    assert after_early["proxy"] == before["proxy"], (before, after_early)
+    assert after_early["access_log"] - before["access_log"] == 24, (before, after_early)
+    rest = run(52)
+    assert rest == [200] * 156, rest
+    after = _settled(solo_stack)
+    freed = after["proxy"] + after["access_log"] - after_early["proxy"] - after_early["access_log"]
+    assert freed == 156, (after_early, after)
