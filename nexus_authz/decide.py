@@ -21,19 +21,24 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from bisect import bisect_left
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
 from nexus_authz.core.clamp import Clamp, clamps, default_cap, lowered
+from nexus_authz.core.fastpath import FastAdmit, Plan
 from nexus_authz.core.keys import KeySnapshot
 from nexus_authz.core.limits import AcquireResult, LimitSpec, WindowStatus, new_result
-from nexus_authz.core.model import Decision, InFlight, Reason, Request, new_allow
-from nexus_authz.core.policy import Admission, Policy, unavailable
+from nexus_authz.core.model import Decision, InFlight, Reason, Request, new_allow, new_request
+from nexus_authz.core.policy import Admission, Policy, marks_release, unavailable
 from nexus_authz.core.ports import AsyncCounterStore, CounterStore, StoreUnavailable
 from nexus_authz.core.reservations import ReservationBook, Settlement, settle_with
 from nexus_authz.core.shapes import shape_of
 from nexus_authz.latency import LatencyHistogram
 
-__all__ = ["SLOT_WAIT", "Decider"]
+__all__ = ["SLOT_WAIT", "Allowed", "Decider"]
+
+# What `Decider.check_plain` returns for an admission: (plan, the windows' statuses, release id or "").
+Allowed = tuple[Plan, tuple[WindowStatus, ...], str]
 
 # How long a request refused only for a concurrency slot waits for one to be released before its 429.
 # A slot is freed either by the proxy as the last bytes of a response pass (envoy/nexus-usage.lua, a
@@ -43,6 +48,7 @@ __all__ = ["SLOT_WAIT", "Decider"]
 # previous response can get here before either: the wait, comfortably past one flush, makes back-to-back
 # requests exact (`concurrent: 1`, or a key at its limit). Only refusals wait; admissions never do.
 SLOT_WAIT = 0.05
+_new_tuple = tuple.__new__  # InFlight(...) without the NamedTuple's Python-level __new__
 
 
 class Decider:
@@ -52,7 +58,17 @@ class Decider:
     `failures`: the local store counting invalid keys per address (brute-force protection).
     """
 
-    __slots__ = ("_slot_freed", "book", "clock", "decisions", "failures", "latency", "slot_releases", "store")
+    __slots__ = (
+        "_fast",
+        "_slot_freed",
+        "book",
+        "clock",
+        "decisions",
+        "failures",
+        "latency",
+        "slot_releases",
+        "store",
+    )
 
     def __init__(
         self,
@@ -71,6 +87,7 @@ class Decider:
         self.decisions: dict[Reason, int] = decisions if decisions is not None else dict.fromkeys(Reason, 0)
         self.latency = latency if latency is not None else LatencyHistogram()
         self._slot_freed: asyncio.Future[None] | None = None  # set only while a refused request waits
+        self._fast: FastAdmit | None = None  # the common request's admission (check_plain)
         # Concurrency slots freed, by who freed them: "proxy" (the early release call), "access_log"
         # (the settlement of the response's usage: Envoy's access log, or ext_proc).
         self.slot_releases: dict[str, int] = {"proxy": 0, "access_log": 0}
@@ -102,6 +119,83 @@ class Decider:
         if result is None:
             return self._check_later(policy, admission, now, started, request)
         return self._finish(policy, admission, request, result, now, started, wait)
+
+    def check_plain(
+        self,
+        policy: Policy,
+        snapshot: KeySnapshot,
+        headers: Mapping[str, str],
+        path: str,
+        body: bytes,
+        request_id: str,
+        client_address: str,
+    ) -> Allowed | Decision | Awaitable[Decision] | None:
+        """`check` of a POST whose body the proxy forwarded whole, for the common request in one call.
+
+        An admission is (plan, the windows' statuses, release: the request id when its slot is to be
+        released early, else ""); a refusal by the counters, or a store that must be awaited, goes on as
+        `check` goes (a Decision or an awaitable). None: not the common request (core/fastpath.py):
+        nothing was charged or counted, decide it with `check`. The same state and answers as `check`
+        (tests/adapters/test_http_fastpath.py)."""
+        started = time.perf_counter()
+        fast = self._fast
+        if fast is None or fast.policy is not policy or fast.snapshot is not snapshot:
+            fast = self._fast = FastAdmit(policy, snapshot)
+        now = self.clock()
+        admitted = fast.admit(headers, path, body, client_address, now, self.failures)
+        if admitted is None:
+            return None
+        plan, costs, prompt, kept, facts = admitted
+        book = self.book
+        specs = plan.specs
+        release = ""
+        if not specs:  # Decider.check, nothing to charge
+            statuses: tuple[WindowStatus, ...] = ()
+            if book is not None and request_id and policy.track:
+                key = plan.key
+                context = InFlight(key.key_id, key.tenant, plan.model, prompt, kept)
+                settle_with(self.store.adjust_soon, book.track(request_id, context, now), now)
+        else:
+            store = self.store
+            counter_ids = plan.counter_ids
+            result = store.acquire_nowait(counter_ids, specs, costs, now)
+            if result is None or not result.allowed:  # the reference path from here
+                request = new_request("POST", path, headers, body, False, request_id, client_address)
+                admission = fast.admission(plan, costs, request_id, prompt, kept, facts, path)
+                if result is None:
+                    return self._check_later(policy, admission, now, started, request)
+                return self._finish(policy, admission, request, result, now, started, True)
+            shape = plan.shape
+            assert shape is not None
+            # Policy.conclude of an admission (no clamp: a clamping key's requests take the reference path);
+            # the rate-limit headers are the transport's to write (ratelimit_headers.build_header_block)
+            statuses = result.statuses
+            if book is not None and request_id:
+                uncharged = result.uncharged
+                key = plan.key
+                track = policy.track
+                displaced = book.reserve(
+                    request_id,
+                    counter_ids,
+                    specs,
+                    costs,
+                    now,
+                    uncharged,
+                    context=_new_tuple(InFlight, (key.key_id, key.tenant, plan.model, prompt, kept))
+                    if track
+                    else None,
+                    settles=shape.settle_mask & ~uncharged != 0,
+                )
+                if displaced:
+                    settle_with(store.adjust_soon, displaced, now)
+                if marks_release(shape, result):
+                    release = request_id
+        self.decisions[Reason.OK] += 1  # _counted
+        latency = self.latency
+        seconds = time.perf_counter() - started
+        latency.counts[bisect_left(latency.bounds, seconds)] += 1
+        latency.sum += seconds
+        return plan, statuses, release
 
     def _finish(
         self,

@@ -17,9 +17,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nexus_authz import native
+from nexus_authz.adapters.answers import header_block
 from nexus_authz.core import ratelimit_headers
 from nexus_authz.core.limits import MAX_LIMIT, LimitSpec, WindowStatus, make_limit
-from nexus_authz.core.ratelimit_headers import header_plan, plan_headers, rate_limit_headers
+from nexus_authz.core.ratelimit_headers import (
+    header_plan,
+    plan_header_block,
+    plan_headers,
+    rate_limit_headers,
+)
 from nexus_authz.core.shapes import shape_of
 from nexus_authz.stores.memory import MemoryCounterStore
 
@@ -157,3 +163,61 @@ def test_a_counter_stores_answers_get_the_reference_headers(windows: list[LimitS
         for denied in (False, True):
             expected = tuple(rate_limit_headers(result.statuses, denied=denied))
             assert ratelimit_headers.build_headers(shape.headers, result.statuses, denied) == expected
+
+
+# -- an admission's headers as HTTP/1.1 lines (the HTTP listener's fast path) --------------------------
+
+
+@pytest.fixture(scope="module")
+def compiled_block() -> Any:
+    if native.headers is None:
+        if os.environ.get(native.PURE_ENV, "") not in ("", "0"):
+            pytest.skip("NEXUS_AUTHZ_PURE is set: the compiled headers are not loaded")
+        pytest.fail(f"the compiled headers did not build or load ({native.WHY_PURE}): pip install -e .")
+    assert ratelimit_headers.build_header_block is native.headers.plan_header_block
+    return native.headers.plan_header_block
+
+
+def _assert_same_block(windows: Sequence[LimitSpec], statuses: Sequence[WindowStatus], built: Any) -> None:
+    expected = header_block(tuple(rate_limit_headers(statuses, denied=False)))
+    assert built(header_plan(windows), statuses) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(answers())
+def test_the_header_lines_are_the_reference_headers(answer: Any) -> None:
+    windows, statuses, _ = answer
+    _assert_same_block(windows, statuses, plan_header_block)
+
+
+@settings(max_examples=700, deadline=None)
+@given(answers())
+def test_the_compiled_header_lines_are_the_reference_headers(compiled_block: Any, answer: Any) -> None:
+    windows, statuses, _ = answer
+    _assert_same_block(windows, statuses, compiled_block)
+
+
+def test_header_lines_the_compiled_code_does_not_read_go_to_the_pure_function(compiled_block: Any) -> None:
+    rpm = make_limit("requests", 10, "minute")
+    tpd = make_limit("tokens", 10**6, "day")
+    windows = (rpm, tpd)
+    fine = WindowStatus(tpd, 10**6, 5, 1.0, 0.0, True)
+    odd = [
+        (WindowStatus(rpm, 10, 3, 2, 0.0, True), fine),  # an int time
+        (WindowStatus(rpm, 10, 2**70, 1.0, 0.0, True), fine),
+        (WindowStatus(rpm, 2**70, 3, 1.0, 0.0, True), fine),  # a limit beyond 2**62
+        (WindowStatus(rpm, 10.0, 3, 1.0, 0.0, True), fine),  # a limit that is not an int
+        (WindowStatus(rpm, True, 3, 1.0, 0.0, True), fine),
+        (WindowStatus(rpm, 10, 3, 1e300, 0.0, True), fine),
+        (WindowStatus(rpm, 10, True, 1.0, 0.0, True), fine),
+    ]
+    for statuses in odd:
+        _assert_same_block(windows, statuses, compiled_block)
+        _assert_same_block(windows, list(statuses), compiled_block)  # not a tuple
+    with pytest.raises(OverflowError):  # the reference raises, and so does the compiled path
+        compiled_block(header_plan(windows), (WindowStatus(rpm, 10, 3, math.inf, 0.0, True),) * 2)
+    long_names = tuple(make_limit("tokens", 10**12, "minute", name=f"{i:03d}" + "x" * 125) for i in range(64))
+    statuses = tuple(
+        WindowStatus(s, s.limit, 10**12 - i, 0.5 + i, 0.0, True) for i, s in enumerate(long_names)
+    )
+    _assert_same_block(long_names, statuses, compiled_block)

@@ -14,11 +14,17 @@ from __future__ import annotations
 from typing import Any
 
 from nexus_authz import native
+from nexus_authz.adapters import http_fast
 from nexus_authz.adapters.http_authz import _KEEP, MAX_HEADERS, MAX_URL, AuthzProtocol, HttpApp
 
 
 class CompiledAuthzProtocol(AuthzProtocol):
     __slots__ = ("_fast", "_slow")
+
+    # The common ext_authz check decided in one call per layer (adapters/http_fast.py); False: every
+    # request through AuthzProtocol's reference path (the differential tests compare both).
+    fast_path = True
+    on_message_complete = http_fast.on_message_complete
 
     def __init__(self, app: HttpApp) -> None:
         super().__init__(app)

@@ -317,12 +317,7 @@ class Policy:
             return anthropic_shaped(limited) if admission.anthropic else limited
         uncharged = result.uncharged
         self._reserve(admission, uncharged, now, adjust, book, shape.settle_mask & ~uncharged != 0)
-        if (  # a slot near its window's limit: the proxy frees it as the response ends (shapes.near_limit)
-            shape.slot_mask
-            and book is not None
-            and admission.request_id
-            and near_limit(shape, result.statuses, uncharged)
-        ):
+        if book is not None and admission.request_id and marks_release(shape, result):
             return new_allow(admission.key, admission.model, headers, admission.request_id)
         return _allow(admission.key, admission.model, headers)
 
@@ -357,6 +352,14 @@ class Policy:
         )
         if displaced and adjust is not None:  # reservations that expired meanwhile or were displaced
             settle_with(adjust, displaced, now)
+
+
+def marks_release(shape: Shape, result: AcquireResult) -> bool:
+    """Whether an admitted request (with a request id, reserved in a book) is marked for its slot's early
+    release by the proxy (`Decision.release`): it holds a slot near its window's limit, which the proxy
+    frees as the response ends (shapes.near_limit). The one place of that rule (Decider.check_plain
+    uses it too)."""
+    return shape.slot_mask != 0 and near_limit(shape, result.statuses, result.uncharged)
 
 
 # A cut body's unseen bytes are reserved at this many tokens a byte: twice the usual density of text

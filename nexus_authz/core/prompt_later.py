@@ -20,7 +20,7 @@ from nexus_authz.core.body import request_facts
 from nexus_authz.core.model import InFlight, Request
 from nexus_authz.core.multipart import is_multipart
 
-__all__ = ["KEEP_BODY_BYTES", "deferred", "prompt_tokens"]
+__all__ = ["KEEP_BODY_BYTES", "deferred", "deferred_body", "prompt_tokens"]
 
 KEEP_BODY_BYTES: Final = 8 << 10  # 100,000 requests in flight (the book's bound) hold at most ~800 MB
 
@@ -34,7 +34,12 @@ def deferred(request: Request, needs_facts: bool, estimated: int) -> tuple[int, 
     body = request.body
     if needs_facts or not body or request.body_truncated:
         return estimated, None
-    if is_multipart(request.headers.get("content-type", "")):
+    return deferred_body(body, request.headers.get("content-type", ""), estimated)
+
+
+def deferred_body(body: bytes, content_type: str, estimated: int) -> tuple[int, bytes | None]:
+    """`deferred` for a whole non-empty body whose prompt the Check did not estimate."""
+    if is_multipart(content_type):
         return estimated, None
     if len(body) <= KEEP_BODY_BYTES:
         return 0, body

@@ -32,9 +32,11 @@ from nexus_authz.core.limits import Kind, LimitSpec, WindowStatus
 
 __all__ = [
     "HeaderPlan",
+    "build_header_block",
     "build_headers",
     "header_plan",
     "openai_duration",
+    "plan_header_block",
     "plan_headers",
     "rate_limit_headers",
     "sf_string",
@@ -181,6 +183,20 @@ def plan_headers(
 build_headers: Callable[[HeaderPlan, Sequence[WindowStatus], bool], tuple[tuple[str, str], ...]] = (
     plan_headers
 )
+
+
+def plan_header_block(plan: HeaderPlan, statuses: Sequence[WindowStatus]) -> bytes:
+    """An admission's headers (`plan_headers(plan, statuses, False)`) as HTTP/1.1 header lines, each
+    `name: value\r\n` in latin-1 (what adapters/answers.header_block makes of them)."""
+    return b"".join(
+        b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1"))
+        for name, value in build_headers(plan, statuses, False)
+    )
+
+
+# `plan_header_block`, or its compiled equivalent (installed like `build_headers`): the HTTP listener's
+# fast path (adapters/http_fast.py) writes an admission's headers with it.
+build_header_block: Callable[[HeaderPlan, Sequence[WindowStatus]], bytes] = plan_header_block
 
 
 def _tighter(a: WindowStatus, b: WindowStatus) -> bool:

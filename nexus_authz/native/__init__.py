@@ -16,7 +16,8 @@ MemoryCounterStore);
 `_usage`, the access-log entry's scans (adapters/als_fast.py: the Lua tap's record and a JSON body's usage
 object);
 `_headers`, the rate-limit headers of an answer (core.ratelimit_headers.plan_headers' equivalent, installed
-as `core.ratelimit_headers.build_headers`, which the policy calls).
+as `core.ratelimit_headers.build_headers`, which the policy calls; and plan_header_block's, the same headers
+as HTTP/1.1 lines, installed as `build_header_block`, which the HTTP listener's fast path calls).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ if body is not None:
     _core_body.read_facts = body.request_facts
 if headers is not None:
     _core_headers.build_headers = headers.plan_headers
+    _core_headers.build_header_block = headers.plan_header_block
 
 
 def announce() -> None:

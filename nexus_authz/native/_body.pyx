@@ -23,6 +23,7 @@ from nexus_authz.core.tokens import prompt_estimate as _prompt_estimate
 # Bound at import: the reference, even if a test or the composition root later rebinds the module's names.
 _python_request_facts = _core_body.request_facts
 _object_facts = _core_body._object_facts
+cdef dict _FACTS_CACHE = _core_body._FACTS_CACHE  # emptied in place when full, never rebound
 _blob_spans = _core_body._blob_spans
 
 cdef Py_ssize_t PARSE_BELOW = _core_body.PARSE_BELOW
@@ -463,4 +464,8 @@ def request_facts(body, *, bint estimate_prompt=True, bint precise=True, bint tr
         model = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(body) + f.model_start, f.model_end - f.model_start, NULL)
     cap = f.cap if f.cap >= 0 else None
     count = f.n if 1 <= f.n <= 128 else 1
+    # core.body._object_facts, its cache probed here (no Python call when the shape was seen before)
+    facts = _FACTS_CACHE.get((model, cap, f.stream, f.include_usage, count, prompt))
+    if facts is not None:
+        return facts
     return _object_facts(model, cap, f.stream, f.include_usage, count, prompt)

@@ -16,12 +16,14 @@ from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM, PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_FromStringAndSize
 from libc.math cimport ceil, isfinite, INFINITY
 from libc.stdio cimport snprintf
 from libc.string cimport memcpy
 
 from nexus_authz.core.limits import WindowStatus
+from nexus_authz.core.ratelimit_headers import plan_header_block as _py_plan_header_block
 from nexus_authz.core.ratelimit_headers import plan_headers as _py_plan_headers
 
 
@@ -100,23 +102,22 @@ cdef Py_ssize_t _seconds_text(long long secs, long long millis, char* out):
     return n + 1
 
 
-cdef object _duration(double seconds):
-    """ratelimit_headers.openai_duration."""
-    cdef char buf[128]
+cdef Py_ssize_t _duration_text(double seconds, char* buf):
+    """ratelimit_headers.openai_duration into `buf` (128 bytes): its length."""
     cdef char text[64]
     cdef long long ms, hours, minutes, rest, secs, millis
-    cdef Py_ssize_t n, t
+    cdef Py_ssize_t t
     if seconds <= 0:
-        return "0s"
+        memcpy(buf, b"0s", 2)
+        return 2
     ms = <long long>ceil(seconds * 1000.0 - 1e-6)
     if ms < 1000:
         if ms <= 0:
-            return "0s"
-        n = snprintf(buf, 128, "%lldms", ms)
-        return PyUnicode_FromStringAndSize(buf, n)
+            memcpy(buf, b"0s", 2)
+            return 2
+        return snprintf(buf, 128, "%lldms", ms)
     if ms < 60000:
-        n = _seconds_text(ms // 1000, ms % 1000, buf)
-        return PyUnicode_FromStringAndSize(buf, n)
+        return _seconds_text(ms // 1000, ms % 1000, buf)
     hours = ms // 3600000
     rest = ms % 3600000
     minutes = rest // 60000
@@ -124,10 +125,14 @@ cdef object _duration(double seconds):
     t = _seconds_text(rest // 1000, rest % 1000, text)
     text[t] = 0
     if hours:
-        n = snprintf(buf, 128, "%lldh%lldm%s", hours, minutes, text)
-    else:
-        n = snprintf(buf, 128, "%lldm%s", minutes, text)
-    return PyUnicode_FromStringAndSize(buf, n)
+        return snprintf(buf, 128, "%lldh%lldm%s", hours, minutes, text)
+    return snprintf(buf, 128, "%lldm%s", minutes, text)
+
+
+cdef object _duration(double seconds):
+    """ratelimit_headers.openai_duration."""
+    cdef char buf[128]
+    return PyUnicode_FromStringAndSize(buf, _duration_text(seconds, buf))
 
 
 cdef inline int _read(object status, Window* w):
@@ -248,3 +253,110 @@ def plan_headers(tuple plan, statuses, bint denied):
     if retry_after:
         _put(out, n + 2, "retry-after", str(_ceil_seconds(wait, 1)))
     return out
+
+
+cdef inline Py_ssize_t _ascii(object text, const char** data) except -2:
+    """The UTF-8 of a str that is ASCII (the same bytes as its latin-1), else -1."""
+    cdef Py_ssize_t size
+    if not PyUnicode_CheckExact(text):
+        return -1
+    data[0] = PyUnicode_AsUTF8AndSize(text, &size)
+    return size if size == len(<str>text) else -1
+
+
+cdef Py_ssize_t _openai_lines(char* out, Window* w, const char* kind) except -2:
+    """The three x-ratelimit-*-<kind> lines of the binding window; -1: its limit is not a plain int."""
+    cdef int overflow = 0
+    cdef PyObject* limit_obj = _get(<object>w.status, O_LIMIT)
+    cdef long long limit
+    cdef Py_ssize_t n
+    if not PyLong_CheckExact(<object>limit_obj):
+        return -1
+    limit = PyLong_AsLongLongAndOverflow(<object>limit_obj, &overflow)
+    if overflow or not (-RANGE < limit < RANGE):
+        return -1
+    n = snprintf(
+        out, 256, "x-ratelimit-limit-%s: %lld\r\nx-ratelimit-remaining-%s: %lld\r\nx-ratelimit-reset-%s: ",
+        kind, limit, kind, w.remaining, kind,
+    )
+    n += _duration_text(w.reset_after, out + n)
+    out[n] = b"\r"
+    out[n + 1] = b"\n"
+    return n + 2
+
+
+def plan_header_block(tuple plan, statuses):
+    """ratelimit_headers.plan_header_block (an admission's headers as HTTP/1.1 lines), in C."""
+    cdef char rl[BUF]
+    cdef char out[BUF]
+    cdef Py_ssize_t used = 0, size, k, index, nitems, n, m
+    cdef const char* text
+    cdef Window w
+    cdef Window requests
+    cdef Window tokens
+    cdef bint has_requests = False, has_tokens = False
+    cdef long kind
+    cdef tuple items, item
+    requests.status = tokens.status = NULL
+    requests.remaining = tokens.remaining = 0
+    requests.reset_after = tokens.reset_after = 0.0
+    policy = plan[0]
+    if policy is None:
+        return b""
+    if not PyTuple_CheckExact(statuses):
+        return _py_plan_header_block(plan, statuses)
+    items = <tuple>plan[1]
+    nitems = PyTuple_GET_SIZE(items)
+    for k in range(nitems):
+        item = <tuple><object>PyTuple_GET_ITEM(items, k)
+        index = <Py_ssize_t><object>PyTuple_GET_ITEM(item, 0)
+        if not 0 <= index < PyTuple_GET_SIZE(statuses):
+            return _py_plan_header_block(plan, statuses)
+        if _read(<object>PyTuple_GET_ITEM(statuses, index), &w):
+            return _py_plan_header_block(plan, statuses)
+        size = _ascii(<object>PyTuple_GET_ITEM(item, 1), &text)
+        if size < 0 or used + size + 64 > BUF:
+            return _py_plan_header_block(plan, statuses)
+        if k:
+            rl[used] = b","
+            rl[used + 1] = b" "
+            used += 2
+        memcpy(rl + used, text, size)
+        used += size
+        if <object>PyTuple_GET_ITEM(item, 2):  # windowed
+            used += snprintf(rl + used, 64, "%lld;t=%lld", w.remaining, _ceil_seconds(w.reset_after, 0))
+        else:
+            used += snprintf(rl + used, 64, "%lld", w.remaining)
+        kind = <long><object>PyTuple_GET_ITEM(item, 3)
+        if kind == 1:
+            if not has_requests or _tighter(&w, &requests):
+                requests = w
+                has_requests = True
+        elif kind == 2 and (not has_tokens or _tighter(&w, &tokens)):
+            tokens = w
+            has_tokens = True
+    n = 0
+    if has_requests:
+        m = _openai_lines(out, &requests, "requests")
+        if m < 0:
+            return _py_plan_header_block(plan, statuses)
+        n += m
+    if has_tokens:
+        m = _openai_lines(out + n, &tokens, "tokens")
+        if m < 0:
+            return _py_plan_header_block(plan, statuses)
+        n += m
+    size = _ascii(<object>PyTuple_GET_ITEM(policy, 1), &text)
+    if size < 0 or n + size + used + 64 > BUF:
+        return _py_plan_header_block(plan, statuses)
+    memcpy(out + n, b"ratelimit-policy: ", 18)
+    n += 18
+    memcpy(out + n, text, size)
+    n += size
+    memcpy(out + n, b"\r\nratelimit: ", 13)
+    n += 13
+    memcpy(out + n, rl, used)
+    n += used
+    out[n] = b"\r"
+    out[n + 1] = b"\n"
+    return PyBytes_FromStringAndSize(out, n + 2)

@@ -1,0 +1,384 @@
+"""The common ext_authz check's fast path (core/fastpath.py, Decider.check_plain, adapters/http_fast.py)
+against the reference path it stands in for: the same request sequences, through the compiled protocol with
+the fast path on and forced off, must write the same bytes and leave the same state (decision counters,
+latency observations, counter windows, reservations and their contexts, the brute-force throttle's
+counts and known keys, unpriced counts). The sequences mix admissions with every kind of refusal, near-limit
+windows, concurrency slots released or not, model and path lists, clamping keys, keys without limits,
+revocations (a new key snapshot) and requests the fast path does not take.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nexus_authz import native
+from nexus_authz.adapters import http_authz, http_fast
+from nexus_authz.engine import Engine
+from nexus_authz.settings import load_settings
+from tests.fuzz._support import FakeTransport, fuzz_settings, no_bugs_logged
+from tests.helpers import KeySpec, write_config
+
+if native.http1 is not None:
+    from nexus_authz.adapters.http_native import CompiledAuthzProtocol
+
+NOW = 1_750_000_000.0
+Framing = type[http_authz.AuthzProtocol]
+
+PLANS = """
+plans:
+  std:
+    limits:
+      - {requests: 1000000, per: minute}
+      - {tokens: 100000000, per: minute}
+      - {tokens: 1000000000, per: day}
+      - {usd: 1000000000, per: month}
+      - {concurrent: 100000}
+prices:
+  "gpt-4o*": {input: 2.5, cached_input: 1.25, output: 10}
+"""
+ACCOUNTING_OFF = "accounting:\n  enabled: false\n"
+REFUSE_UNPRICED = "unpriced:\n  policy: refuse\n"
+
+KEYS = [
+    KeySpec("plain", extra={"plan": "std"}),
+    KeySpec(
+        "tight",
+        extra={
+            "limits": [
+                {"requests": 5, "per": "minute"},
+                {"tokens": 900, "per": "minute"},
+                {"concurrent": 2},
+                {"usd": 3000, "per": "day"},
+            ]
+        },
+    ),
+    KeySpec("models", extra={"plan": "std", "models": ["gpt-4o*"]}),
+    KeySpec("paths", extra={"plan": "std", "paths": ["/v1/chat/*"]}),
+    KeySpec("clamp", extra={"limits": [{"tokens": 3000, "per": "minute", "clamp": True}]}),
+    KeySpec("free", extra={}),
+    KeySpec("permodel", extra={"limits": [{"requests": 3, "per": "minute", "model": "gpt-4*"}]}),
+    KeySpec("shadow", extra={"limits": [{"requests": 2, "per": "minute", "shadow": True}]}),
+    KeySpec("offkey", extra={"plan": "std", "disabled": True}),
+    KeySpec("oldkey", extra={"plan": "std", "expires_at": "2020-01-01T00:00:00Z"}),
+]
+SECRETS = [k.secret for k in KEYS] + ["nx-test-nobody-0123456789abcdefghij"]
+PATHS = ["/v1/chat/completions", "/v1/embeddings", "/v1/messages", "/v1/responses?x=1", "/v1/chat/../x"]
+MODELS = ["gpt-4o-mini", "gpt-4o", "gpt-3.5-turbo", "claude-3-haiku", None]
+
+
+def _body(model: str | None, max_tokens: int | None, n: int, size: int) -> bytes:
+    doc: dict[str, Any] = {}
+    if model is not None:
+        doc["model"] = model
+    doc["messages"] = [{"role": "user", "content": "word " * size}]
+    if max_tokens is not None:
+        doc["max_tokens"] = max_tokens
+    if n != 1:
+        doc["n"] = n
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+@st.composite
+def requests(draw: st.DrawFn, rid: int) -> bytes:
+    """One HTTP ext_authz check as Envoy sends it, mostly the common case, often something else."""
+    secret = draw(st.sampled_from(SECRETS))
+    path = draw(st.sampled_from(PATHS))
+    body = _body(
+        draw(st.sampled_from(MODELS)),
+        draw(st.sampled_from([None, 16, 200, 5000])),
+        draw(st.sampled_from([1, 1, 2])),
+        draw(st.sampled_from([1, 40, 400])),
+    )
+    method, prefix = "POST", "/ext_authz"
+    headers = {
+        "authorization": f"Bearer {secret}",
+        "content-type": "application/json",
+        "x-forwarded-for": draw(st.sampled_from(["192.0.2.2", "198.51.100.7, 192.0.2.9"])),
+        "x-envoy-auth-partial-body": "false",
+        "x-request-id": f"rid-{draw(st.integers(0, 6)) if draw(st.booleans()) else rid}",
+    }
+    odd = draw(
+        st.sampled_from(
+            ["none"] * 12
+            + [
+                "x-api-key",
+                "lower-bearer",
+                "no-key",
+                "no-request-id",
+                "no-address",
+                "gzip",
+                "multipart",
+                "truncated",
+                "duplicate-key",
+                "empty-body",
+                "not-json",
+                "get",
+                "head",
+                "nginx",
+                "no-prefix",
+                "close",
+            ]
+        )
+    )
+    if odd == "x-api-key":
+        del headers["authorization"]
+        headers["x-api-key"] = secret
+    elif odd == "lower-bearer":
+        headers["authorization"] = f"bearer  {secret} "
+    elif odd == "no-key":
+        del headers["authorization"]
+    elif odd == "no-request-id":
+        del headers["x-request-id"]
+    elif odd == "no-address":
+        del headers["x-forwarded-for"]
+    elif odd == "gzip":
+        headers["content-encoding"] = "gzip"
+    elif odd == "multipart":
+        headers["content-type"] = "multipart/form-data; boundary=b"
+        body = b'--b\r\ncontent-disposition: form-data; name="model"\r\n\r\ngpt-4o\r\n--b--\r\n'
+    elif odd == "truncated":
+        headers["x-envoy-auth-partial-body"] = "true"
+        headers["x-nexus-content-length"] = str(len(body) + 1000)
+    elif odd == "duplicate-key":
+        body = b'{"model":"gpt-4o","model":"gpt-3.5-turbo","messages":[]}'
+    elif odd == "empty-body":
+        body = b""
+    elif odd == "not-json":
+        body = b"hello"
+    elif odd == "get":
+        method, body = "GET", b""
+    elif odd == "head":
+        method = "HEAD"
+    elif odd == "nginx":
+        prefix, path = "", "/v1/nginx/auth"
+        headers["x-original-uri"] = "/v1/chat/completions"
+        headers["x-original-method"] = "POST"
+    elif odd == "no-prefix":
+        prefix = ""
+    elif odd == "close":
+        headers["connection"] = "close"
+    head = f"{method} {prefix}{path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {len(body)}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return head.encode("latin-1") + b"\r\n" + body
+
+
+# a step: a request, a clock advance, or something that changes state between requests
+steps = st.one_of(
+    st.tuples(st.just("request"), st.integers(0, 10**6)),
+    st.tuples(st.just("tick"), st.sampled_from([0.001, 0.5, 7.0, 61.0])),
+    st.tuples(st.just("release"), st.integers(0, 6)),
+    st.tuples(st.just("settle"), st.integers(0, 6)),
+    st.tuples(st.just("revoke"), st.sampled_from([k.id for k in KEYS[:4]])),
+)
+
+
+def state(engine: Engine) -> dict[str, Any]:
+    """Everything a decision may change, in comparable form."""
+    book = engine.book
+    return {
+        "decisions": dict(engine.decisions),
+        "latency observations": sum(engine.check_latency.counts),
+        "counters": list(engine.counters._states.items()),
+        "failures": list(engine.failures._states.items()),
+        "book": list(book._entries.items()),
+        "book stats": book.stats(),
+        "retired": list(book._retired.items()),
+        "known keys": list(engine.policy._known._seen.items()),
+        "unpriced": dict(engine.unpriced),
+        "slot releases": dict(engine.decider.slot_releases),
+    }
+
+
+@pytest.fixture(params=["compiled", "python"])
+def framing(request: pytest.FixtureRequest) -> type[http_authz.AuthzProtocol]:
+    """The protocol the fast path is tried in: the compiled one (production), and the httptools one with
+    the fast path's on_message_complete (the fast path's pure pieces: body facts, rate-limit headers)."""
+    if request.param == "python":
+
+        class Pure(http_authz.AuthzProtocol):
+            __slots__ = ()
+            fast_path = True
+            on_message_complete = http_fast.on_message_complete
+
+        return Pure
+    if native.http1 is None:
+        if os.environ.get(native.PURE_ENV, "") not in ("", "0"):
+            pytest.skip("NEXUS_AUTHZ_PURE is set: the compiled protocol is not loaded")
+        pytest.fail(f"the compiled framing did not build or load ({native.WHY_PURE})")
+    return CompiledAuthzProtocol  # type: ignore[no-any-return]
+
+
+def run(
+    framing: type[http_authz.AuthzProtocol],
+    config: Path,
+    script: list[tuple[str, Any]],
+    data: list[bytes],
+    *,
+    fast: bool,
+) -> tuple[Any, ...]:
+    """A fresh engine and one connection through the protocol under test, fast path `fast`, fed `script`."""
+    clock = [NOW]
+    engine = Engine.from_settings(load_settings(str(config)), clock=lambda: clock[0])
+    engine.load_first_keys()
+    app = http_authz.HttpApp(engine, max_header_bytes=64 * 1024, max_body=1 << 20)
+
+    class Protocol(framing):  # type: ignore[misc, valid-type]
+        __slots__ = ()
+        fast_path = fast
+
+    answers: list[bytes] = []
+
+    async def drive() -> None:
+        protocol = Protocol(app)
+        transport = FakeTransport()
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        for step, arg in script:
+            if step == "request":
+                if transport.closed:
+                    protocol = Protocol(app)
+                    transport = FakeTransport()
+                    protocol.connection_made(transport)  # type: ignore[arg-type]
+                before = len(transport.data)
+                protocol.data_received(data[arg])
+                while protocol._outbox:  # an answer waits (a concurrency slot): let it come
+                    await asyncio.sleep(0.005)
+                answers.append(bytes(transport.data[before:]))
+            elif step == "tick":
+                clock[0] += arg
+            elif step == "release":
+                engine.release(f"rid-{arg}")
+            elif step == "settle":
+                engine.settle(f"rid-{arg}", tokens=50, usd_micros=40)
+            elif step == "revoke":
+                engine.revoke(frozenset({arg}))
+
+    asyncio.run(drive())
+    return answers, state(engine)
+
+
+@pytest.fixture(scope="module", params=["accounting", "no-accounting", "refuse-unpriced"])
+def config(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    extra = (
+        PLANS
+        + {"accounting": "", "no-accounting": ACCOUNTING_OFF, "refuse-unpriced": REFUSE_UNPRICED}[
+            request.param
+        ]
+    )
+    return write_config(tmp_path_factory.mktemp("fastpath"), *KEYS, extra=extra)
+
+
+def same(
+    framing: type[http_authz.AuthzProtocol],
+    config: Path,
+    script: list[tuple[str, Any]],
+    data: list[bytes],
+) -> None:
+    with no_bugs_logged():
+        reference = run(framing, config, script, data, fast=False)
+        fast = run(framing, config, script, data, fast=True)
+    assert fast[0] == reference[0], "different bytes written"
+    assert fast[1] == reference[1], "different state"
+
+
+@given(st.data())
+@fuzz_settings(40, deadline=None)
+def test_request_sequences_give_identical_bytes_and_state(
+    config: Path, framing: type[http_authz.AuthzProtocol], data: st.DataObject
+) -> None:
+    script = data.draw(st.lists(steps, min_size=1, max_size=30))
+    bodies = [data.draw(requests(i)) for i in range(sum(1 for s, _ in script if s == "request"))]
+    numbered: list[tuple[str, Any]] = []
+    i = 0
+    for step, arg in script:
+        if step == "request":
+            numbered.append((step, i))
+            i += 1
+        else:
+            numbered.append((step, arg))
+    same(framing, config, numbered, bodies)
+
+
+def _check(secret: str, rid: str, body: bytes, path: str = "/v1/chat/completions") -> bytes:
+    head = (
+        f"POST /ext_authz{path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {len(body)}\r\n"
+        f"content-type: application/json\r\nx-forwarded-for: 192.0.2.2\r\n"
+        f"authorization: Bearer {secret}\r\nx-request-id: {rid}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def test_a_tight_key_to_its_limits_and_back(config: Path, framing: Framing) -> None:
+    """Admissions up to each window's limit, the refusals past it (429s with their headers, a concurrency
+    slot waited for in vain), releases and settlements freeing room, the same ids reused."""
+    tight = KEYS[1].secret
+    data = [_check(tight, f"rid-{i % 7}", _body("gpt-4o-mini", 100, 1, 20)) for i in range(8)]
+    data += [_check(tight, "rid-9", _body("gpt-4o", 5000, 2, 1))]
+    script: list[tuple[str, Any]] = [("request", 0), ("request", 1), ("request", 2), ("release", 0)]
+    script += [("request", 3), ("request", 8), ("settle", 1), ("tick", 7.0), ("request", 4)]
+    script += [("release", 3), ("request", 5), ("tick", 61.0), ("request", 6), ("request", 7)]
+    same(framing, config, script, data)
+
+
+def test_the_common_request_takes_the_fast_path(
+    config: Path, framing: type[http_authz.AuthzProtocol]
+) -> None:
+    """Not a vacuous comparison: an allowed check of a limited key is answered without the reference path
+    (no Request is built), and the state it leaves is the reference's."""
+    from nexus_authz.core import model
+
+    data = [_check(KEYS[0].secret, f"rid-{i}", _body("gpt-4o-mini", 16, 1, 3)) for i in range(3)]
+    built = []
+    original = model.new_request
+
+    def counting(*args: Any) -> Any:
+        built.append(args)
+        return original(*args)
+
+    script: list[tuple[str, Any]] = [("request", 0), ("request", 1), ("tick", 0.5), ("request", 2)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(http_authz, "new_request", counting)
+        fast = run(framing, config, script, data, fast=True)
+        assert built == []
+        reference = run(framing, config, script, data, fast=False)
+        assert len(built) == 3
+    assert fast == reference
+    assert all(answer.startswith(b"HTTP/1.1 200 OK\r\n") for answer in fast[0])
+
+
+def test_throttled_addresses_and_keys_refused_for_their_bodies(
+    config: Path, framing: type[http_authz.AuthzProtocol]
+) -> None:
+    """The brute-force throttle: an address that sent too many unknown keys keeps serving the key that
+    authenticated from it before (and no other); a key refused for its body too often is refused (429)
+    before its body is read, then serves again once the window has room."""
+    plain, models = KEYS[0].secret, KEYS[2].secret
+    unknown = SECRETS[-1]
+    good = _body("gpt-4o-mini", 16, 1, 3)
+    data = [_check(plain, "rid-1", good), _check(unknown, "rid-2", good), _check(models, "rid-3", good)]
+    data += [_check(models, "rid-4", _body("claude-3-haiku", 16, 1, 3)), _check(plain, "rid-5", good)]
+    data += [_check(models, "rid-6", good)]
+    script: list[tuple[str, Any]] = (
+        [("request", 0)] + [("request", 1)] * 32 + [("request", 0), ("request", 2)]
+    )
+    script += [("tick", 61.0)] + [("request", 3)] * 32 + [("request", 5), ("request", 4), ("tick", 61.0)]
+    script += [("request", 5), ("request", 4)]
+    same(framing, config, script, data)
+
+
+def test_a_revoked_key_and_other_keys_after_the_snapshot_changes(
+    config: Path, framing: type[http_authz.AuthzProtocol]
+) -> None:
+    """A revocation swaps the key snapshot: what the fast path kept for the old one must not answer."""
+    data = [_check(KEYS[0].secret, f"rid-{i}", _body("gpt-4o-mini", 16, 1, 3)) for i in range(2)]
+    data += [_check(KEYS[3].secret, "rid-3", _body("gpt-4o", 16, 1, 3))]
+    script: list[tuple[str, Any]] = [("request", 0), ("request", 2), ("revoke", "plain"), ("request", 1)]
+    script += [("request", 2), ("revoke", "paths"), ("request", 2)]
+    same(framing, config, script, data)
