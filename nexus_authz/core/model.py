@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from nexus_authz.core.limits import LimitSpec
 
@@ -95,6 +95,40 @@ class KeyRecord:
     model_rule: re.Pattern[str] | None = field(default=None, repr=False)
     path_rule: re.Pattern[str] | None = field(default=None, repr=False)
     group: str = ""  # the key's group (team/project) within its tenant; "" when it has none
+    # How `upstream_headers` and `counter_ids` derive from the key id, shared by the keys of one shape of
+    # the key file (core/keyfile_fast.py): set, those two are left unset until first read, so a key never
+    # used holds neither (~400 B a key); None: both were given.
+    recipe: KeyRecipe | None = field(default=None, repr=False)
+
+    if not TYPE_CHECKING:  # (mypy would otherwise accept any attribute name on a record)
+
+        def __getattr__(self, name: str) -> object:
+            """Called only for an unset slot: the per-key parts a recipe derives, built on first read and
+            kept (the next read is a plain slot read)."""
+            if name == "counter_ids" or name == "upstream_headers":
+                recipe = KeyRecord.recipe.__get__(self)
+                if recipe is not None:
+                    value = recipe.build(name, KeyRecord.key_id.__get__(self))
+                    getattr(KeyRecord, name).__set__(self, value)
+                    return value
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class KeyRecipe:
+    """The per-key parts of the records of one key-file shape, as functions of the key id: upstream
+    headers `((header, key_id), *rest_headers)` and counter ids `(key_id + s for s in own_suffixes) +
+    rest_ids` (core/hierarchy.py's `<key id>\\x00<name>` for its own windows, then the shared ones)."""
+
+    header: str
+    rest_headers: tuple[tuple[str, str], ...] = field(repr=False)
+    own_suffixes: tuple[str, ...]
+    rest_ids: tuple[str, ...]
+
+    def build(self, name: str, key_id: str) -> tuple[object, ...]:
+        if name == "upstream_headers":
+            return ((self.header, key_id), *self.rest_headers)
+        return tuple([key_id + s for s in self.own_suffixes]) + self.rest_ids
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -230,20 +264,17 @@ if tuple(KeyRecord.__dataclass_fields__) != (  # record_like sets them in this o
     "model_rule",
     "path_rule",
     "group",
+    "recipe",
 ):  # pragma: no cover - a new field must be added to record_like
     raise AssertionError("KeyRecord's fields changed: update model.record_like")
 
 
-def record_like(
-    template: KeyRecord,
-    key_id: str,
-    upstream_headers: tuple[tuple[str, str], ...],
-    counter_ids: tuple[str, ...],
-) -> KeyRecord:
-    """`dataclasses.replace(template, key_id=..., upstream_headers=..., counter_ids=...)`, built faster
-    (see above; a 1,000,000-key file makes one per key, core/keyfile_fast.py)."""
+def record_like(template: KeyRecord, key_id: str, recipe: KeyRecipe) -> KeyRecord:
+    """`dataclasses.replace(template, key_id=...)` with the key id's upstream headers and counter ids
+    left to `recipe` (built on first read, see KeyRecord), made faster (see above; a 1,000,000-key file
+    makes one per key, core/keyfile_fast.py)."""
     r: KeyRecord = _new(KeyRecord)
-    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s16, s17 = _KEY_RECORD_SLOTS
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, _, s10, s11, _, s13, s14, s15, s16, s17, s18 = _KEY_RECORD_SLOTS
     s0(r, key_id)
     s1(r, template.tenant)
     s2(r, template.plan)
@@ -253,13 +284,12 @@ def record_like(
     s6(r, template.paths)
     s7(r, template.credential)
     s8(r, template.metadata)
-    s9(r, upstream_headers)
     s10(r, template.remove_headers)
     s11(r, template.limits)
-    s12(r, counter_ids)
     s13(r, template.needs_facts)
     s14(r, template.model_scoped)
     s15(r, template.model_rule)
     s16(r, template.path_rule)
     s17(r, template.group)
+    s18(r, recipe)
     return r
