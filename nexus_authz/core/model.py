@@ -131,6 +131,19 @@ class KeyRecipe:
         return tuple([key_id + s for s in self.own_suffixes]) + self.rest_ids
 
 
+_DEFERRED = tuple(getattr(KeyRecord, name) for name in ("upstream_headers", "counter_ids"))  # the slots
+
+
+def deferred(record: KeyRecord) -> KeyRecord:
+    """`record`, just made with a recipe, with its upstream headers and counter ids unset again: made from
+    the recipe when first read (see KeyRecord). For records built by the dataclass constructor."""
+    if record.recipe is None:
+        raise ValueError("a record without a recipe cannot make its upstream headers and counter ids")
+    for slot in _DEFERRED:
+        slot.__delete__(record)
+    return record
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Decision:
     """The answer for one request.
