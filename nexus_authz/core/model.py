@@ -103,13 +103,16 @@ class KeyRecord:
     if not TYPE_CHECKING:  # (mypy would otherwise accept any attribute name on a record)
 
         def __getattr__(self, name: str) -> object:
-            """Called only for an unset slot: the per-key parts a recipe derives, built on first read and
-            kept (the next read is a plain slot read)."""
+            """Called only for an unset slot: the per-key parts a recipe derives. The counter ids, read by
+            every check, are built on first read and kept (later reads are plain slot reads); the upstream
+            headers, read only when an adapter builds the key's allow answer (which it caches), are
+            built on each read and not kept (~120 B an active key)."""
             if name == "counter_ids" or name == "upstream_headers":
                 recipe = KeyRecord.recipe.__get__(self)
                 if recipe is not None:
                     value = recipe.build(name, KeyRecord.key_id.__get__(self))
-                    getattr(KeyRecord, name).__set__(self, value)
+                    if name == "counter_ids":
+                        KeyRecord.counter_ids.__set__(self, value)
                     return value
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
@@ -169,6 +172,17 @@ class Decision:
     # An admitted request whose completion cap the proxy must lower (core/clamp.py): the body splices
     # for the Lua filter (x-nexus-clamp in ext_authz's dynamic metadata); "" otherwise.
     clamp: str = ""
+
+    if not TYPE_CHECKING:
+
+        def __getattr__(self, name: str) -> object:
+            """Called only for an unset slot: `new_allow` leaves `upstream_headers` to its key's, read when
+            asked for (a key made from a recipe builds them on each read: see KeyRecord)."""
+            if name == "upstream_headers":
+                key = Decision.key.__get__(self)
+                if key is not None:
+                    return key.upstream_headers
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 class InFlight(NamedTuple):
@@ -241,13 +255,12 @@ def new_allow(
 ) -> Decision:
     """The Decision admitting a request for `key`, built faster (see above)."""
     decision: Decision = _new(Decision)
-    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11 = _DECISION_SLOTS
+    s0, s1, s2, s3, s4, _, s6, s7, s8, s9, s10, s11 = _DECISION_SLOTS  # upstream_headers: see Decision
     s0(decision, True)
     s1(decision, 200)
     s2(decision, Reason.OK)
     s3(decision, key)
     s4(decision, model)
-    s5(decision, key.upstream_headers)
     s6(decision, key.remove_headers)
     s7(decision, response_headers)
     s8(decision, b"")

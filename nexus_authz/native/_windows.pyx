@@ -1,11 +1,11 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
 """The memory counter store's hot path in C: `acquire` and `adjust` of stores/memory.py's MemoryCounterStore.
 
-The same state, in the same OrderedDict, as the pure-Python store (GCRA: complex(debt, since); sliding:
+The same state, in the same dict, as the pure-Python store (GCRA: complex(debt, since); sliding:
 array('d') [fresh_at, last_slot, total, counts...], or the one-slot form [fresh_at, last_slot, total,
 total, -N] that a new window of N > 2 slots starts in (when the store's `_compact` is set) and that is
-widened in place when a second slot is charged, exactly as core/windows.py does; gauge: int;
-move_to_end on each write), so everything else that reads or writes that state (peek, adjust, the sweep,
+widened in place when a second slot is charged, exactly as core/windows.py does; gauge: int; the same
+walk for the incremental sweep), so everything else that reads or writes that state (peek, adjust, the sweep,
 the Redis write-behind's LocalView) keeps working on the same objects. The same decisions and the same WindowStatus / AcquireResult objects, with
 bit-for-bit the same floats: every formula below is core/windows.py's, in the same operation order, on IEEE
 doubles (x86-64 SSE2; setup.py builds with -ffp-contract=off so no multiply-add is fused). Python's float
@@ -29,7 +29,6 @@ from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from libc.math cimport copysign, floor, fmod, INFINITY
 
 from array import array as _array_type
-from collections import OrderedDict as _OrderedDict
 
 from nexus_authz.core.limits import AcquireResult, Algorithm, LimitSpec, WindowStatus
 from nexus_authz.core.windows import CONCURRENCY_RETRY_AFTER
@@ -85,7 +84,6 @@ cdef type SPEC = LimitSpec
 cdef type STATUS = WindowStatus
 cdef type RESULT = AcquireResult
 cdef type ARRAY = _array_type
-cdef type ODICT = _OrderedDict
 cdef array DOUBLES = _array_type("d")
 
 
@@ -572,18 +570,33 @@ cdef bint _is_fresh(object state, double now) except -1:
     return _py_is_fresh(state, now)  # a state type this code does not know
 
 
-cdef long long _sweep(object states, double now, long long budget) except -1:
+cdef long long _sweep(object store, dict states, double now, long long budget) except -1:
+    """MemoryCounterStore._sweep: the next `budget` ids of the walk (a new walk when one ends)."""
     cdef long long evicted = 0, size = len(states)
+    cdef list walk = store._walk
+    cdef Py_ssize_t i = store._cursor
+    cdef PyObject* found
     if budget > size:
         budget = size
     while budget > 0:
-        cid = next(iter(states))
-        if _is_fresh(states[cid], now):
+        if i >= len(walk):
+            walk = list(states)
+            store._walk = walk
+            i = 0
+            if not walk:
+                break
+        cid = walk[i]
+        i += 1
+        found = PyDict_GetItemWithError(states, cid)
+        if found == NULL:  # gone since the walk began
+            budget -= 1
+            continue
+        state = <object>found
+        if _is_fresh(state, now):
             del states[cid]
             evicted += 1
-        else:
-            states.move_to_end(cid)
         budget -= 1
+    store._cursor = i
     return evicted
 
 
@@ -609,7 +622,7 @@ def acquire(self, counter_ids, specs, costs, now):
     if n > MAX_WINDOWS or not (-TIME_RANGE < t < TIME_RANGE):
         return _py_acquire(self, counter_ids, specs, costs, now)
     states = self._states
-    if type(states) is not ODICT:
+    if type(states) is not dict:
         return _py_acquire(self, counter_ids, specs, costs, now)
     try:
         for i in range(n):  # decide every window first; nothing is written yet
@@ -627,7 +640,6 @@ def acquire(self, counter_ids, specs, costs, now):
                 allowed = False
         statuses = PyTuple_New(n)
         if allowed:  # commit every enforced window, and each shadow one that fits
-            touch = states.move_to_end
             for i in range(n):
                 sp = &spec_c[i]
                 if out[i].fits:
@@ -635,7 +647,6 @@ def acquire(self, counter_ids, specs, costs, now):
                     if sp.algorithm == A_GCRA:
                         if out[i].debt:
                             states[cid] = PyComplex_FromDoubles(out[i].debt, t)
-                            touch(cid)
                         else:
                             states.pop(cid, None)
                     elif sp.algorithm == A_SLIDING:
@@ -643,10 +654,8 @@ def acquire(self, counter_ids, specs, costs, now):
                             states[cid] = _sliding_charge(
                                 <object>kept[i] if out[i].form != F_NONE else None, t, sp, cost_c[i], self
                             )
-                            touch(cid)
                     elif out[i].in_flight:
                         states[cid] = PyLong_FromLongLong(out[i].in_flight)
-                        touch(cid)
                     else:
                         states.pop(cid, None)
                 else:
@@ -672,7 +681,7 @@ def acquire(self, counter_ids, specs, costs, now):
     sweep_per_call = self._sweep_per_call
     if sweep_per_call:
         sweep_budget = sweep_per_call
-        evicted = _sweep(states, t, sweep_budget)
+        evicted = _sweep(self, states, t, sweep_budget)
         self._evicted += evicted
     return result
 
@@ -775,7 +784,7 @@ def adjust(self, counter_ids, specs, deltas, now, charged_at=None):
         at = charged_at
     n = len(specs)
     states = self._states
-    if n > MAX_WINDOWS or type(states) is not ODICT:
+    if n > MAX_WINDOWS or type(states) is not dict:
         return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
     for i in range(n):  # everything this code cannot do exactly goes to the pure path before any write
         sp = &spec_c[i]
@@ -818,14 +827,12 @@ def adjust(self, counter_ids, specs, deltas, now, charged_at=None):
             debt += <double>delta_c[i] * sp.interval
             if debt > 0:
                 states[cid] = PyComplex_FromDoubles(debt, t)
-                states.move_to_end(cid)
             else:
                 states.pop(cid, None)
         elif sp.algorithm == A_SLIDING:
             window = _sliding_state_object(state, sp, &form)
             if delta_c[i] > 0:
                 states[cid] = _sliding_charge(window, t, sp, delta_c[i], self)
-                states.move_to_end(cid)
             elif window is not None:
                 st = (<array>window).data.as_doubles
                 _sliding_refund(st, form == F_ONE, t, sp, -delta_c[i], exact, at)
@@ -836,6 +843,5 @@ def adjust(self, counter_ids, specs, deltas, now, charged_at=None):
             in_flight += delta_c[i]
             if in_flight > 0:
                 states[cid] = PyLong_FromLongLong(in_flight)
-                states.move_to_end(cid)
             else:
                 states.pop(cid, None)

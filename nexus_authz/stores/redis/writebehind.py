@@ -63,10 +63,6 @@ class LocalView(MemoryCounterStore):
             states.pop(cid, None)
         else:
             states[cid] = state
-            states.move_to_end(cid)
-
-    def clear(self) -> None:
-        self._states.clear()
 
 
 class Pending:
