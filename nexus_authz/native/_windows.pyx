@@ -571,33 +571,62 @@ cdef bint _is_fresh(object state, double now) except -1:
 
 
 cdef long long _sweep(object store, dict states, double now, long long budget) except -1:
-    """MemoryCounterStore._sweep: the next `budget` ids of the walk (a new walk when one ends)."""
+    """MemoryCounterStore._sweep: the next `budget` ids of the walk (the next walk when one ends)."""
     cdef long long evicted = 0, size = len(states)
     cdef list walk = store._walk
+    cdef list keep = store._next
     cdef Py_ssize_t i = store._cursor
     cdef PyObject* found
     if budget > size:
         budget = size
     while budget > 0:
-        if i >= len(walk):
-            walk = list(states)
+        if i >= len(walk):  # this walk ended: the next one starts
+            walk = keep
             store._walk = walk
+            keep = []
+            store._next = keep
             i = 0
             if not walk:
                 break
         cid = walk[i]
+        walk[i] = None
         i += 1
+        budget -= 1
         found = PyDict_GetItemWithError(states, cid)
-        if found == NULL:  # gone since the walk began
-            budget -= 1
+        if found == NULL:  # only a store changed behind its back
             continue
         state = <object>found
-        if _is_fresh(state, now):
+        if state is None:  # left fresh by a write: dropped (not counted as evicted)
+            del states[cid]
+            store._held -= 1
+        elif _is_fresh(state, now):
             del states[cid]
             evicted += 1
-        budget -= 1
+        else:
+            keep.append(cid)
     store._cursor = i
     return evicted
+
+
+cdef inline int _set_state(object store, dict states, object cid, object state) except -1:
+    """MemoryCounterStore._put: store a window's state; a new id joins the next walk."""
+    cdef PyObject* old = PyDict_GetItemWithError(states, cid)
+    cdef bint was_held = old != NULL and <object>old is None
+    states[cid] = state
+    if old == NULL:
+        store._next.append(cid)
+    elif was_held:
+        store._held -= 1
+    return 0
+
+
+cdef inline int _drop_state(object store, dict states, object cid) except -1:
+    """MemoryCounterStore._drop: a write left the window fresh: held as None until the walk drops it."""
+    cdef PyObject* old = PyDict_GetItemWithError(states, cid)
+    if old != NULL and <object>old is not None:
+        states[cid] = None
+        store._held += 1
+    return 0
 
 
 # -- acquire ---------------------------------------------------------------------------------------------
@@ -646,18 +675,18 @@ def acquire(self, counter_ids, specs, costs, now):
                     cid = counter_ids[i]
                     if sp.algorithm == A_GCRA:
                         if out[i].debt:
-                            states[cid] = PyComplex_FromDoubles(out[i].debt, t)
+                            _set_state(self, states, cid, PyComplex_FromDoubles(out[i].debt, t))
                         else:
-                            states.pop(cid, None)
+                            _drop_state(self, states, cid)
                     elif sp.algorithm == A_SLIDING:
                         if cost_c[i]:  # the state the take read (memory.acquire: its new_state)
-                            states[cid] = _sliding_charge(
+                            _set_state(self, states, cid, _sliding_charge(
                                 <object>kept[i] if out[i].form != F_NONE else None, t, sp, cost_c[i], self
-                            )
+                            ))
                     elif out[i].in_flight:
-                        states[cid] = PyLong_FromLongLong(out[i].in_flight)
+                        _set_state(self, states, cid, PyLong_FromLongLong(out[i].in_flight))
                     else:
-                        states.pop(cid, None)
+                        _drop_state(self, states, cid)
                 else:
                     uncharged |= (<unsigned long long>1) << i
                 status = _status(sp, out[i].remaining, out[i].reset_after, out[i].retry_after, out[i].fits)
@@ -826,22 +855,22 @@ def adjust(self, counter_ids, specs, deltas, now, charged_at=None):
                 debt = 0.0
             debt += <double>delta_c[i] * sp.interval
             if debt > 0:
-                states[cid] = PyComplex_FromDoubles(debt, t)
+                _set_state(self, states, cid, PyComplex_FromDoubles(debt, t))
             else:
-                states.pop(cid, None)
+                _drop_state(self, states, cid)
         elif sp.algorithm == A_SLIDING:
             window = _sliding_state_object(state, sp, &form)
             if delta_c[i] > 0:
-                states[cid] = _sliding_charge(window, t, sp, delta_c[i], self)
+                _set_state(self, states, cid, _sliding_charge(window, t, sp, delta_c[i], self))
             elif window is not None:
                 st = (<array>window).data.as_doubles
                 _sliding_refund(st, form == F_ONE, t, sp, -delta_c[i], exact, at)
                 if t >= st[_FRESH] or st[_TOTAL] <= 0.0:
-                    del states[cid]
+                    _drop_state(self, states, cid)
         else:
             in_flight = PyLong_AsLongLong(state) if PyLong_CheckExact(state) else 0
             in_flight += delta_c[i]
             if in_flight > 0:
-                states[cid] = PyLong_FromLongLong(in_flight)
+                _set_state(self, states, cid, PyLong_FromLongLong(in_flight))
             else:
-                states.pop(cid, None)
+                _drop_state(self, states, cid)
