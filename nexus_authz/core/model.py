@@ -96,8 +96,8 @@ class KeyRecord:
     path_rule: re.Pattern[str] | None = field(default=None, repr=False)
     group: str = ""  # the key's group (team/project) within its tenant; "" when it has none
     # How `upstream_headers` and `counter_ids` derive from the key id, shared by the keys of one shape of
-    # the key file (core/keyfile_fast.py): set, those two are left unset until first read, so a key never
-    # used holds neither (~400 B a key); None: both were given.
+    # the key file (core/keyfile_fast.py) or one runtime-key profile (core/runtime_keys.py): set, those
+    # two are left unset until read, so a key never used holds neither (~415 B a key); None: both given.
     recipe: KeyRecipe | None = field(default=None, repr=False)
 
     if not TYPE_CHECKING:  # (mypy would otherwise accept any attribute name on a record)
@@ -119,9 +119,10 @@ class KeyRecord:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class KeyRecipe:
-    """The per-key parts of the records of one key-file shape, as functions of the key id: upstream
-    headers `((header, key_id), *rest_headers)` and counter ids `(key_id + s for s in own_suffixes) +
-    rest_ids` (core/hierarchy.py's `<key id>\\x00<name>` for its own windows, then the shared ones)."""
+    """The per-key parts of the records of one key-file shape (or runtime-key profile), as functions of
+    the key id: upstream headers `((header, key_id), *rest_headers)` and counter ids `(key_id + s for s
+    in own_suffixes) + rest_ids` (core/hierarchy.py's `<key id>\\x00<name>` for its own windows, then
+    the shared ones)."""
 
     header: str
     rest_headers: tuple[tuple[str, str], ...] = field(repr=False)
