@@ -448,7 +448,7 @@ def _pieces(fp: Any, in_use: Callable[[], int]) -> tuple[int, int]:
     reservation book's entries and retired contexts, the bounded answer caches)."""
     engine = fp.engine
     before = in_use()
-    engine.counters._states.clear()
+    engine.counters.clear()  # the window states and the sweep's walk over their ids
     after_limiter = in_use()
     engine.policy._known._seen.clear()
     book = engine.book

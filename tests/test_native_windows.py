@@ -59,6 +59,10 @@ def state_bits(store: MemoryCounterStore) -> list[Any]:
             out.append((cid, state.typecode, tuple(_f(x) for x in state)))
         else:
             out.append((cid, type(state).__name__, state))
+    held = sum(state is None for state in store._states.values())  # fresh, until the sweep's walk
+    assert store._held == held and len(store) == len(store._states) - held
+    walking = [cid for cid in store._walk[store._cursor :] + store._next if cid is not None]
+    assert sorted(walking) == sorted(store._states)  # every id in the walk once
     return out + [("evicted", store._evicted)]
 
 
@@ -243,7 +247,7 @@ def test_numbers_out_of_range_take_the_pure_path(fallbacks: list[Any], costs: An
 def test_a_stored_array_of_another_type_takes_the_pure_path(fallbacks: list[Any]) -> None:
     spec = make_limit("tokens", 1000, "day")
     store = MemoryCounterStore()
-    store._states["a"] = array("f", bytes(4 * (spec.slots + 3)))
+    store._put("a", array("f", bytes(4 * (spec.slots + 3))))
     store.acquire(("a",), (spec,), (1,), 1000.0)
     store.adjust(("a",), (spec,), (-1,), 1000.0)
     assert len(fallbacks) == 2
@@ -432,7 +436,7 @@ def test_a_one_slot_shape_the_compiled_path_cannot_read_takes_the_pure_path(
     assert spec.slots == 24
     for op in ("acquire", "adjust"):
         store = MemoryCounterStore()
-        store._states["a"] = array(state.typecode, state)
+        store._put("a", array(state.typecode, state))
         if op == "acquire":
             store.acquire(("a",), (spec,), (1,), 1000.0)
         else:
@@ -449,7 +453,7 @@ def test_five_doubles_of_another_shape_are_read_as_the_pure_path_reads(compiled:
         traces = []
         for path in ((compiled.acquire, compiled.adjust), PURE):
             store = MemoryCounterStore()
-            store._states["a"] = array("d", stored)
+            store._put("a", array("d", stored))
             calls = [
                 ("acquire", ("a",), (spec,), (1,), 0.0, None),
                 ("adjust", ("a",), (spec,), (-3,), 0.5, None),

@@ -31,7 +31,7 @@ from typing import Any
 
 from nexus_authz.core import keys as keys_mod
 from nexus_authz.core.keyfile_plain import _NOT_STR, _PLAIN, PlainEntries, entry_patterns, whole_entry
-from nexus_authz.core.model import KeyRecord, record_like
+from nexus_authz.core.model import KeyRecipe, KeyRecord, record_like
 
 __all__ = ["MAX_SHAPES", "build_flat"]
 
@@ -62,9 +62,7 @@ class _Shape:
         "id_group",
         "lines",
         "match",
-        "own_suffixes",
-        "rest_headers",
-        "rest_ids",
+        "recipe",
         "template",
     )
 
@@ -92,19 +90,18 @@ class _Shape:
             if not cid.startswith(own):
                 break
             n_own += 1
-        self.own_suffixes = tuple(cid[len(key_id) :] for cid in template.counter_ids[:n_own])
-        self.rest_ids = template.counter_ids[n_own:]
-        self.rest_headers = template.upstream_headers[1:]
+        self.recipe = KeyRecipe(
+            _KEY_ID_HEADER,
+            template.upstream_headers[1:],
+            tuple(cid[len(key_id) :] for cid in template.counter_ids[:n_own]),
+            template.counter_ids[n_own:],
+        )
         self.template = template
 
     def record(self, key_id: str) -> KeyRecord:
-        """The template's record for another key id."""
-        return record_like(
-            self.template,
-            key_id,
-            ((_KEY_ID_HEADER, key_id), *self.rest_headers),
-            tuple([key_id + s for s in self.own_suffixes]) + self.rest_ids,
-        )
+        """The template's record for another key id (its upstream headers and counter ids are made from
+        the shape's recipe when first read)."""
+        return record_like(self.template, key_id, self.recipe)
 
 
 _Key = tuple[tuple[str, str], ...]  # a shape: (name, raw value) of each field; (name, quote) for id, hash

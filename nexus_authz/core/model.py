@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from nexus_authz.core.limits import LimitSpec
 
@@ -95,6 +95,57 @@ class KeyRecord:
     model_rule: re.Pattern[str] | None = field(default=None, repr=False)
     path_rule: re.Pattern[str] | None = field(default=None, repr=False)
     group: str = ""  # the key's group (team/project) within its tenant; "" when it has none
+    # How `upstream_headers` and `counter_ids` derive from the key id, shared by the keys of one shape of
+    # the key file (core/keyfile_fast.py) or one runtime-key profile (core/runtime_keys.py): set, those
+    # two are left unset until read, so a key never used holds neither (~415 B a key); None: both given.
+    recipe: KeyRecipe | None = field(default=None, repr=False)
+
+    if not TYPE_CHECKING:  # (mypy would otherwise accept any attribute name on a record)
+
+        def __getattr__(self, name: str) -> object:
+            """Called only for an unset slot: the per-key parts a recipe derives. The counter ids, read by
+            every check, are built on first read and kept (later reads are plain slot reads); the upstream
+            headers, read only when an adapter builds the key's allow answer (which it caches), are
+            built on each read and not kept (~120 B an active key)."""
+            if name == "counter_ids" or name == "upstream_headers":
+                recipe = KeyRecord.recipe.__get__(self)
+                if recipe is not None:
+                    value = recipe.build(name, KeyRecord.key_id.__get__(self))
+                    if name == "counter_ids":
+                        KeyRecord.counter_ids.__set__(self, value)
+                    return value
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class KeyRecipe:
+    """The per-key parts of the records of one key-file shape (or runtime-key profile), as functions of
+    the key id: upstream headers `((header, key_id), *rest_headers)` and counter ids `(key_id + s for s
+    in own_suffixes) + rest_ids` (core/hierarchy.py's `<key id>\\x00<name>` for its own windows, then
+    the shared ones)."""
+
+    header: str
+    rest_headers: tuple[tuple[str, str], ...] = field(repr=False)
+    own_suffixes: tuple[str, ...]
+    rest_ids: tuple[str, ...]
+
+    def build(self, name: str, key_id: str) -> tuple[object, ...]:
+        if name == "upstream_headers":
+            return ((self.header, key_id), *self.rest_headers)
+        return tuple([key_id + s for s in self.own_suffixes]) + self.rest_ids
+
+
+_DEFERRED = tuple(getattr(KeyRecord, name) for name in ("upstream_headers", "counter_ids"))  # the slots
+
+
+def deferred(record: KeyRecord) -> KeyRecord:
+    """`record`, just made with a recipe, with its upstream headers and counter ids unset again: made from
+    the recipe when first read (see KeyRecord). For records built by the dataclass constructor."""
+    if record.recipe is None:
+        raise ValueError("a record without a recipe cannot make its upstream headers and counter ids")
+    for slot in _DEFERRED:
+        slot.__delete__(record)
+    return record
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -123,6 +174,17 @@ class Decision:
     # An admitted request whose completion cap the proxy must lower (core/clamp.py): the body splices
     # for the Lua filter (x-nexus-clamp in ext_authz's dynamic metadata); "" otherwise.
     clamp: str = ""
+
+    if not TYPE_CHECKING:
+
+        def __getattr__(self, name: str) -> object:
+            """Called only for an unset slot: `new_allow` leaves `upstream_headers` to its key's, read when
+            asked for (a key made from a recipe builds them on each read: see KeyRecord)."""
+            if name == "upstream_headers":
+                key = Decision.key.__get__(self)
+                if key is not None:
+                    return key.upstream_headers
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 class InFlight(NamedTuple):
@@ -195,13 +257,12 @@ def new_allow(
 ) -> Decision:
     """The Decision admitting a request for `key`, built faster (see above)."""
     decision: Decision = _new(Decision)
-    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11 = _DECISION_SLOTS
+    s0, s1, s2, s3, s4, _, s6, s7, s8, s9, s10, s11 = _DECISION_SLOTS  # upstream_headers: see Decision
     s0(decision, True)
     s1(decision, 200)
     s2(decision, Reason.OK)
     s3(decision, key)
     s4(decision, model)
-    s5(decision, key.upstream_headers)
     s6(decision, key.remove_headers)
     s7(decision, response_headers)
     s8(decision, b"")
@@ -231,20 +292,17 @@ if tuple(KeyRecord.__dataclass_fields__) != (  # record_like sets them in this o
     "model_rule",
     "path_rule",
     "group",
+    "recipe",
 ):  # pragma: no cover - a new field must be added to record_like
     raise AssertionError("KeyRecord's fields changed: update model.record_like")
 
 
-def record_like(
-    template: KeyRecord,
-    key_id: str,
-    upstream_headers: tuple[tuple[str, str], ...],
-    counter_ids: tuple[str, ...],
-) -> KeyRecord:
-    """`dataclasses.replace(template, key_id=..., upstream_headers=..., counter_ids=...)`, built faster
-    (see above; a 1,000,000-key file makes one per key, core/keyfile_fast.py)."""
+def record_like(template: KeyRecord, key_id: str, recipe: KeyRecipe) -> KeyRecord:
+    """`dataclasses.replace(template, key_id=...)` with the key id's upstream headers and counter ids
+    left to `recipe` (built on first read, see KeyRecord), made faster (see above; a 1,000,000-key file
+    makes one per key, core/keyfile_fast.py)."""
     r: KeyRecord = _new(KeyRecord)
-    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s16, s17 = _KEY_RECORD_SLOTS
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, _, s10, s11, _, s13, s14, s15, s16, s17, s18 = _KEY_RECORD_SLOTS
     s0(r, key_id)
     s1(r, template.tenant)
     s2(r, template.plan)
@@ -254,13 +312,12 @@ def record_like(
     s6(r, template.paths)
     s7(r, template.credential)
     s8(r, template.metadata)
-    s9(r, upstream_headers)
     s10(r, template.remove_headers)
     s11(r, template.limits)
-    s12(r, counter_ids)
     s13(r, template.needs_facts)
     s14(r, template.model_scoped)
     s15(r, template.model_rule)
     s16(r, template.path_rule)
     s17(r, template.group)
+    s18(r, recipe)
     return r

@@ -45,7 +45,7 @@ from nexus_authz.core.hierarchy import group_problem, level_limits
 from nexus_authz.core.keys import KeySnapshot
 from nexus_authz.core.limits import Kind, LimitSpec
 from nexus_authz.core.limits_yaml import parse_limits
-from nexus_authz.core.model import Credential, KeyRecord
+from nexus_authz.core.model import Credential, KeyRecipe, KeyRecord, deferred
 
 __all__ = [
     "KeyChanges",
@@ -357,17 +357,25 @@ def _profile_parts(
     own_limits = share(key_limits(plan, own, shadow_mode=policy.shadow_mode))
     models = share(key.models or (plan.models if plan else ()))
     paths = share(key.paths)
-    # every level's windows (the counter ids, the key's own, are made per key)
-    limits = share(level_limits(policy.tenants, key.tenant, key.group, key.key_id, own_limits)[0])
+    # every level's windows; the counter ids (the key's own are `<key id>\x00<name>`) and the upstream
+    # headers (the first names the key) are made per key from the recipe, when first read
+    limits, ids = level_limits(policy.tenants, key.tenant, key.group, key.key_id, own_limits)
+    headers = _upstream_headers(key.key_id, key.tenant, credential)
+    recipe = KeyRecipe(
+        headers[0][0],
+        tuple(share(h) for h in headers[1:]),
+        tuple("\x00" + spec.name for spec in own_limits),
+        ids[len(own_limits) :],
+    )
     return (
-        own_limits,
+        recipe,
         credential,
         models,
         paths,
         share(_remove_headers(credential)),
         keys_mod.compile_globs(models),
         keys_mod.compile_globs(paths),
-        limits,
+        share(limits),
         any(s.kind in (Kind.TOKENS, Kind.USD) or s.model is not None for s in limits),
         any(spec.model is not None for spec in limits),
     )
@@ -393,39 +401,39 @@ def key_records(
         parts = _profile_parts(key, policy, credentials, share)
         if memo is not None:
             memo[profile] = parts
-    own_limits, credential, models, paths, remove_headers, model_rule, path_rule, limits, facts, scoped = (
-        parts
-    )
-    # its own windows, its group's and its tenant's: the key file's function (the same shared counters)
-    counter_ids = level_limits(policy.tenants, key.tenant, key.group, key.key_id, own_limits)[1]
-    record = KeyRecord(
-        key_id=key.key_id,
-        tenant=share(key.tenant),
-        plan=share(key.plan),
-        expires_at=key.expires_at,
-        disabled=key.disabled,
-        models=models,
-        paths=paths,
-        credential=credential,
-        metadata=dict(key.metadata) if key.metadata else _NO_METADATA,
-        # (the key id's header is the key's own: sharing it would only grow `share`)
-        upstream_headers=tuple(
-            h if h[1] is key.key_id else share(h)
-            for h in _upstream_headers(key.key_id, key.tenant, credential)
-        ),
-        remove_headers=remove_headers,
-        limits=limits,
-        counter_ids=counter_ids,
-        needs_facts=facts,
-        model_scoped=scoped,
-        model_rule=model_rule,
-        path_rule=path_rule,
-        group=share(key.group),
-    )
-    pairs: list[tuple[bytes, KeyRecord]] = [(key.key_hash, record)]
+    recipe, credential, models, paths, remove_headers, model_rule, path_rule, limits, facts, scoped = parts
+    tenant, plan, group = share(key.tenant), share(key.plan), share(key.group)
+    metadata = dict(key.metadata) if key.metadata else _NO_METADATA
+
+    def record(expires_at: float | None) -> KeyRecord:
+        return deferred(
+            KeyRecord(
+                key_id=key.key_id,
+                tenant=tenant,
+                plan=plan,
+                expires_at=expires_at,
+                disabled=key.disabled,
+                models=models,
+                paths=paths,
+                credential=credential,
+                metadata=metadata,
+                upstream_headers=(),  # (both made from the recipe when first read)
+                remove_headers=remove_headers,
+                limits=limits,
+                counter_ids=(),
+                needs_facts=facts,
+                model_scoped=scoped,
+                model_rule=model_rule,
+                path_rule=path_rule,
+                group=group,
+                recipe=recipe,
+            )
+        )
+
+    pairs: list[tuple[bytes, KeyRecord]] = [(key.key_hash, record(key.expires_at))]
     if key.previous_hash is not None and key.grace_until is not None:
         until = key.grace_until if key.expires_at is None else min(key.grace_until, key.expires_at)
-        pairs.append((key.previous_hash, dataclasses.replace(record, expires_at=until)))
+        pairs.append((key.previous_hash, record(until)))
     return tuple(pairs)
 
 

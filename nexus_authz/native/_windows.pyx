@@ -1,11 +1,11 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
 """The memory counter store's hot path in C: `acquire` and `adjust` of stores/memory.py's MemoryCounterStore.
 
-The same state, in the same OrderedDict, as the pure-Python store (GCRA: complex(debt, since); sliding:
+The same state, in the same dict, as the pure-Python store (GCRA: complex(debt, since); sliding:
 array('d') [fresh_at, last_slot, total, counts...], or the one-slot form [fresh_at, last_slot, total,
 total, -N] that a new window of N > 2 slots starts in (when the store's `_compact` is set) and that is
-widened in place when a second slot is charged, exactly as core/windows.py does; gauge: int;
-move_to_end on each write), so everything else that reads or writes that state (peek, adjust, the sweep,
+widened in place when a second slot is charged, exactly as core/windows.py does; gauge: int; the same
+walk for the incremental sweep), so everything else that reads or writes that state (peek, adjust, the sweep,
 the Redis write-behind's LocalView) keeps working on the same objects. The same decisions and the same WindowStatus / AcquireResult objects, with
 bit-for-bit the same floats: every formula below is core/windows.py's, in the same operation order, on IEEE
 doubles (x86-64 SSE2; setup.py builds with -ffp-contract=off so no multiply-add is fused). Python's float
@@ -29,7 +29,6 @@ from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from libc.math cimport copysign, floor, fmod, INFINITY
 
 from array import array as _array_type
-from collections import OrderedDict as _OrderedDict
 
 from nexus_authz.core.limits import AcquireResult, Algorithm, LimitSpec, WindowStatus
 from nexus_authz.core.windows import CONCURRENCY_RETRY_AFTER
@@ -85,7 +84,6 @@ cdef type SPEC = LimitSpec
 cdef type STATUS = WindowStatus
 cdef type RESULT = AcquireResult
 cdef type ARRAY = _array_type
-cdef type ODICT = _OrderedDict
 cdef array DOUBLES = _array_type("d")
 
 
@@ -572,19 +570,63 @@ cdef bint _is_fresh(object state, double now) except -1:
     return _py_is_fresh(state, now)  # a state type this code does not know
 
 
-cdef long long _sweep(object states, double now, long long budget) except -1:
+cdef long long _sweep(object store, dict states, double now, long long budget) except -1:
+    """MemoryCounterStore._sweep: the next `budget` ids of the walk (the next walk when one ends)."""
     cdef long long evicted = 0, size = len(states)
+    cdef list walk = store._walk
+    cdef list keep = store._next
+    cdef Py_ssize_t i = store._cursor
+    cdef PyObject* found
     if budget > size:
         budget = size
     while budget > 0:
-        cid = next(iter(states))
-        if _is_fresh(states[cid], now):
+        if i >= len(walk):  # this walk ended: the next one starts
+            walk = keep
+            store._walk = walk
+            keep = []
+            store._next = keep
+            i = 0
+            if not walk:
+                break
+        cid = walk[i]
+        walk[i] = None
+        i += 1
+        budget -= 1
+        found = PyDict_GetItemWithError(states, cid)
+        if found == NULL:  # only a store changed behind its back
+            continue
+        state = <object>found
+        if state is None:  # left fresh by a write: dropped (not counted as evicted)
+            del states[cid]
+            store._held -= 1
+        elif _is_fresh(state, now):
             del states[cid]
             evicted += 1
         else:
-            states.move_to_end(cid)
-        budget -= 1
+            keep.append(cid)
+    store._cursor = i
     return evicted
+
+
+cdef inline int _set_state(object store, dict states, object cid, object state) except -1:
+    """MemoryCounterStore._put: store a window's state; a new id joins the next walk."""
+    cdef PyObject* old = PyDict_GetItemWithError(states, cid)
+    cdef bint was_held = old != NULL and <object>old is None
+    states[cid] = state
+    if old == NULL:
+        store._next.append(cid)
+    elif was_held:
+        store._held -= 1
+    return 0
+
+
+cdef inline int _drop_state(object store, dict states, object cid) except -1:
+    """MemoryCounterStore._drop: a write left the window fresh: held as None until the walk drops it."""
+    cdef PyObject* old = PyDict_GetItemWithError(states, cid)
+    if old != NULL and <object>old is not None:
+        states[cid] = None
+        store._held += 1
+    return 0
 
 
 # -- acquire ---------------------------------------------------------------------------------------------
@@ -609,7 +651,7 @@ def acquire(self, counter_ids, specs, costs, now):
     if n > MAX_WINDOWS or not (-TIME_RANGE < t < TIME_RANGE):
         return _py_acquire(self, counter_ids, specs, costs, now)
     states = self._states
-    if type(states) is not ODICT:
+    if type(states) is not dict:
         return _py_acquire(self, counter_ids, specs, costs, now)
     try:
         for i in range(n):  # decide every window first; nothing is written yet
@@ -627,28 +669,24 @@ def acquire(self, counter_ids, specs, costs, now):
                 allowed = False
         statuses = PyTuple_New(n)
         if allowed:  # commit every enforced window, and each shadow one that fits
-            touch = states.move_to_end
             for i in range(n):
                 sp = &spec_c[i]
                 if out[i].fits:
                     cid = counter_ids[i]
                     if sp.algorithm == A_GCRA:
                         if out[i].debt:
-                            states[cid] = PyComplex_FromDoubles(out[i].debt, t)
-                            touch(cid)
+                            _set_state(self, states, cid, PyComplex_FromDoubles(out[i].debt, t))
                         else:
-                            states.pop(cid, None)
+                            _drop_state(self, states, cid)
                     elif sp.algorithm == A_SLIDING:
                         if cost_c[i]:  # the state the take read (memory.acquire: its new_state)
-                            states[cid] = _sliding_charge(
+                            _set_state(self, states, cid, _sliding_charge(
                                 <object>kept[i] if out[i].form != F_NONE else None, t, sp, cost_c[i], self
-                            )
-                            touch(cid)
+                            ))
                     elif out[i].in_flight:
-                        states[cid] = PyLong_FromLongLong(out[i].in_flight)
-                        touch(cid)
+                        _set_state(self, states, cid, PyLong_FromLongLong(out[i].in_flight))
                     else:
-                        states.pop(cid, None)
+                        _drop_state(self, states, cid)
                 else:
                     uncharged |= (<unsigned long long>1) << i
                 status = _status(sp, out[i].remaining, out[i].reset_after, out[i].retry_after, out[i].fits)
@@ -672,7 +710,7 @@ def acquire(self, counter_ids, specs, costs, now):
     sweep_per_call = self._sweep_per_call
     if sweep_per_call:
         sweep_budget = sweep_per_call
-        evicted = _sweep(states, t, sweep_budget)
+        evicted = _sweep(self, states, t, sweep_budget)
         self._evicted += evicted
     return result
 
@@ -775,7 +813,7 @@ def adjust(self, counter_ids, specs, deltas, now, charged_at=None):
         at = charged_at
     n = len(specs)
     states = self._states
-    if n > MAX_WINDOWS or type(states) is not ODICT:
+    if n > MAX_WINDOWS or type(states) is not dict:
         return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
     for i in range(n):  # everything this code cannot do exactly goes to the pure path before any write
         sp = &spec_c[i]
@@ -817,25 +855,22 @@ def adjust(self, counter_ids, specs, deltas, now, charged_at=None):
                 debt = 0.0
             debt += <double>delta_c[i] * sp.interval
             if debt > 0:
-                states[cid] = PyComplex_FromDoubles(debt, t)
-                states.move_to_end(cid)
+                _set_state(self, states, cid, PyComplex_FromDoubles(debt, t))
             else:
-                states.pop(cid, None)
+                _drop_state(self, states, cid)
         elif sp.algorithm == A_SLIDING:
             window = _sliding_state_object(state, sp, &form)
             if delta_c[i] > 0:
-                states[cid] = _sliding_charge(window, t, sp, delta_c[i], self)
-                states.move_to_end(cid)
+                _set_state(self, states, cid, _sliding_charge(window, t, sp, delta_c[i], self))
             elif window is not None:
                 st = (<array>window).data.as_doubles
                 _sliding_refund(st, form == F_ONE, t, sp, -delta_c[i], exact, at)
                 if t >= st[_FRESH] or st[_TOTAL] <= 0.0:
-                    del states[cid]
+                    _drop_state(self, states, cid)
         else:
             in_flight = PyLong_AsLongLong(state) if PyLong_CheckExact(state) else 0
             in_flight += delta_c[i]
             if in_flight > 0:
-                states[cid] = PyLong_FromLongLong(in_flight)
-                states.move_to_end(cid)
+                _set_state(self, states, cid, PyLong_FromLongLong(in_flight))
             else:
-                states.pop(cid, None)
+                _drop_state(self, states, cid)

@@ -8,6 +8,7 @@ property test against `ReferenceStore`, the plainest possible reading of the sem
 from __future__ import annotations
 
 import math
+import tracemalloc
 from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -499,6 +500,44 @@ def test_memory_idle_windows_are_evicted_a_few_per_call() -> None:
     assert len(store) == 501  # the 500 day windows and the hot key; nothing else
     store.sweep(NOW + 2 * 86400)
     assert len(store) == 0 and store.stats() == {"counters": 0, "evicted": 1001}
+
+
+def test_memory_a_window_a_write_leaves_fresh_is_dropped_by_the_walk_and_walked_once() -> None:
+    """A window drained by a write is held as None (read as fresh, not `in` the store nor counted by
+    len) until the sweep's walk drops it; a window drained and charged again and again is still one id
+    in the walk (its lists do not grow), and every id is looked at within two walks."""
+    store = MemoryCounterStore(sweep_per_call=0)
+    gauge = make_limit("concurrent", 2)
+    ids = ids_for("k", (gauge,))
+    for i in range(1000):  # take a slot, give it back: fresh each time
+        assert store.acquire(ids, (gauge,), (1,), NOW + i).allowed
+        assert ids[0] in store
+        store.adjust(ids, (gauge,), (-1,), NOW + i)
+        assert ids[0] not in store and store.peek(ids, (gauge,), NOW + i)[0].remaining == 2
+    assert len(store) == 0 and len(store._states) == 1  # held as None: not counted
+    assert len(store._walk) + len(store._next) == 1  # one id, once
+    specs = (make_limit("requests", 10, "minute"),)
+    for k in range(50):
+        store.acquire(ids_for(f"x{k}", specs), specs, (1,), NOW)
+    assert store.sweep(NOW + 3600, 2 * 51) == 50  # two walks' worth: every id looked at
+    assert len(store) == 0 and store.stats()["evicted"] == 50  # (the gauge's None: dropped, not evicted)
+
+
+def test_memory_a_window_costs_its_state_and_a_dict_slot() -> None:
+    """~70 B a GCRA window besides its id (complex 32 B, dict slot, the walk's reference); an
+    OrderedDict's LRU order cost ~45 B more (benchmarks/bench_memory.py: the limiter's bytes)."""
+    spec = make_limit("requests", 10, "hour")
+    ids = [ids_for(f"key-{i}", (spec,)) for i in range(20_000)]
+    store = MemoryCounterStore(sweep_per_call=1)
+    tracemalloc.start()
+    try:
+        for i, cid in enumerate(ids):
+            store.acquire(cid, (spec,), (1,), NOW + i * 1e-3)
+        used = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(store) == 20_000
+    assert used / 20_000 < 90, used / 20_000
 
 
 def test_memory_a_window_that_changed_shape_starts_fresh() -> None:

@@ -11,6 +11,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 from unittest import mock
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,7 +19,7 @@ from nexus_authz.core import config as config_mod
 from nexus_authz.core.config import PolicySet, parse_key_file, parse_policy
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.keys import KeySnapshot
-from nexus_authz.core.model import Credential
+from nexus_authz.core.model import Credential, KeyRecord
 from nexus_authz.core.yamlsrc import Fields, load_yaml
 
 POLICY_YAML = """
@@ -73,13 +74,14 @@ def _general() -> Iterator[None]:
 
 
 def _outcome(text: str) -> Any:
-    """The snapshot (every record's every field, in the snapshot's orders) or the error."""
+    """The snapshot (every record's every field, in the snapshot's orders) or the error. A record's
+    `recipe` is how it makes its upstream headers and counter ids, not what they are: left out."""
     try:
         snap = _load(text)
     except ConfigError as exc:
         return ("error", str(exc), exc.source, exc.field)
     records = [
-        (key_digest, tuple(getattr(r, f.name) for f in dataclasses.fields(r)))
+        (key_digest, tuple(getattr(r, f.name) for f in dataclasses.fields(r) if f.name != "recipe"))
         for key_digest, r in snap.by_digest.items()
     ]
     return records, list(snap.by_id), snap.version
@@ -232,3 +234,23 @@ def test_keys_of_a_tenant_share_its_counter_id_strings() -> None:
             x is y is z
             for x, y, z in zip(a.counter_ids[-2:], b.counter_ids[-2:], c.counter_ids[-2:], strict=True)
         )
+
+
+def test_a_key_never_used_holds_no_counter_ids_or_headers_of_its_own() -> None:
+    """A fast-path key's upstream headers and counter ids (~400 B a key at 100,000 keys,
+    benchmarks/bench_memory.py) are made when read, from its shape's shared recipe: the same values as
+    the general path's; the counter ids (read by every check) are then kept."""
+    snap = _load(_uniform(50))
+    key = snap.by_id["key-42"]
+    for name in ("counter_ids", "upstream_headers"):  # the slots themselves: not filled yet
+        with pytest.raises(AttributeError):
+            getattr(KeyRecord, name).__get__(key)
+    assert key.recipe is snap.by_id["key-7"].recipe
+    with _general():
+        general = _load(_uniform(50)).by_id["key-42"]
+    assert key.counter_ids == general.counter_ids and key.upstream_headers == general.upstream_headers
+    assert KeyRecord.counter_ids.__get__(key) is key.counter_ids  # kept: later reads are plain slot reads
+    with pytest.raises(AttributeError):  # not kept: read only to build an allow answer (cached)
+        KeyRecord.upstream_headers.__get__(key)
+    revoked = dataclasses.replace(key, disabled=True)  # keys.with_revoked: the same parts
+    assert revoked.counter_ids == general.counter_ids and revoked.disabled

@@ -15,7 +15,7 @@ from nexus_authz.core import runtime_keys as rk
 from nexus_authz.core.config import parse_policy
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.hierarchy import group_counter_id, tenant_counter_id
-from nexus_authz.core.model import Decision, Reason, Request
+from nexus_authz.core.model import Decision, KeyRecord, Reason, Request
 from nexus_authz.core.runtime_keys import KeyChanges, KeySpec, RuntimeKeyError
 from nexus_authz.core.yamlsrc import Fields, load_yaml
 from nexus_authz.engine import Engine
@@ -106,6 +106,27 @@ def test_a_runtime_key_gets_its_groups_and_tenants_windows_with_the_shared_count
     # the very windows and ids a file key of that tenant and group has
     file_record = world.engine.snapshot.by_id["file-research"]
     assert record.limits[1:] == file_record.limits and record.counter_ids[1:] == file_record.counter_ids
+
+
+def test_runtime_keys_of_one_profile_make_their_headers_and_counter_ids_when_first_read(world: World) -> None:
+    """Per key, only what differs (~400 B a key never used otherwise): the two keys share a recipe, and
+    each one's upstream headers and counter ids are made from it (and kept) when first read."""
+    hourly = '[{"requests": 9, "per": "hour"}]'
+    for key_id in ("rt1", "rt2"):
+        world.create(key_id=key_id, tenant="acme", group="research", limits=hourly)
+    one, two = (world.engine.snapshot.by_id[k] for k in ("rt1", "rt2"))
+    assert one.recipe is two.recipe is not None
+    for name in ("counter_ids", "upstream_headers"):
+        with pytest.raises(AttributeError):  # the slot itself: not filled yet
+            getattr(KeyRecord, name).__get__(two)
+    assert two.counter_ids == (
+        "rt2\x00requests/hour",
+        group_counter_id("acme", "research", "requests/minute"),
+        tenant_counter_id("acme", "requests/minute"),
+    )
+    assert two.upstream_headers[:2] == (("x-nexus-key-id", "rt2"), ("x-nexus-tenant", "acme"))
+    assert KeyRecord.counter_ids.__get__(two) is two.counter_ids  # kept
+    assert world.check(world.create(key_id="rt3", tenant="acme")).allowed
 
 
 def test_a_runtime_key_and_a_file_key_of_one_tenant_share_its_budget(world: World) -> None:

@@ -58,15 +58,10 @@ class LocalView(MemoryCounterStore):
         return self._states.get(cid)
 
     def install(self, cid: str, state: Any) -> None:
-        states = self._states
-        if state is None:
-            states.pop(cid, None)
+        if state is not None:
+            self._put(cid, state)
         else:
-            states[cid] = state
-            states.move_to_end(cid)
-
-    def clear(self) -> None:
-        self._states.clear()
+            self._drop(cid)
 
 
 class Pending:
