@@ -198,41 +198,64 @@ class AccessLogService:
     ) -> als_pb2.StreamAccessLogsResponse:
         loop = asyncio.get_running_loop()
         stop: asyncio.Future[None] = loop.create_future()
-        self._streams[stop] = loop.time()
+        streams = self._streams
+        streams[stop] = loop.time()
+        # drain() ends the stream between two batches (Envoy never ends it): while this waits for the next
+        # message, `stop` cancels the wait; during a batch it is only seen once the batch is done. One
+        # callback for the stream's life rather than a task and an asyncio.wait per message.
+        task = asyncio.current_task()
+        reading = [False]
+
+        def stopped(_: object) -> None:
+            if reading[0] and task is not None:
+                task.cancel()
+
+        stop.add_done_callback(stopped)
+        read = context.read
         try:
-            while True:
-                # context.read() rather than `async for`, so that drain() can end the stream between
-                # two batches: Envoy never ends it.
-                read = asyncio.ensure_future(context.read())
-                await asyncio.wait((read, stop), return_when=asyncio.FIRST_COMPLETED)
-                if not read.done():
-                    read.cancel()
+            while not stop.done():
+                reading[0] = True
+                try:
+                    message = await read()
+                except asyncio.CancelledError:
+                    if not stop.done() or task is None:
+                        raise  # cancelled from outside (the server stops): not ours to swallow
+                    task.uncancel()
                     break
-                message = read.result()
+                finally:
+                    reading[0] = False
                 if message is grpc.aio.EOF:
                     break
-                self._streams[stop] = math.inf  # busy: drain() must not end it mid-batch
+                streams[stop] = math.inf  # busy: drain() must not end it mid-batch
                 self.messages += 1
-                started = perf_counter()  # each slice of the batch between two yields is one observation
-                for entry in message.http_logs.log_entry:
-                    try:
-                        pending = self.account_now(entry)
-                        if pending is not None:  # a long text to count exactly: off the event loop
-                            _BUSY.observe(perf_counter() - started)
-                            await pending
-                            started = perf_counter()
-                    except Exception:  # one bad entry must not lose the rest of the batch
-                        log.exception("accounting failed", extra={"request_id": entry.request.request_id})
-                    if perf_counter() - started >= _SLICE:
-                        # a batch holds up to ~50 entries (~25 µs each): let queued Checks run meanwhile
-                        _BUSY.observe(perf_counter() - started)
-                        await asyncio.sleep(0)
-                        started = perf_counter()
-                _BUSY.observe(perf_counter() - started)
-                self._streams[stop] = self._last_batch = loop.time()
+                await self._account_batch(message.http_logs.log_entry)
+                streams[stop] = self._last_batch = loop.time()
         finally:
-            self._streams.pop(stop, None)
+            streams.pop(stop, None)
         return _EMPTY_RESPONSE
+
+    async def _account_batch(self, entries: Any) -> None:
+        """The entries of one message, in slices of about _SLICE seconds of the event loop: each slice
+        between two yields is one observation of LOOP_BUSY.access_log."""
+        account_now = self.account_now
+        clock = perf_counter
+        observe = _BUSY.observe
+        started = clock()
+        for entry in entries:
+            try:
+                pending = account_now(entry)
+                if pending is not None:  # a long text to count exactly: off the event loop
+                    observe(clock() - started)
+                    await pending
+                    started = clock()
+            except Exception:  # one bad entry must not lose the rest of the batch
+                log.exception("accounting failed", extra={"request_id": entry.request.request_id})
+            if clock() - started >= _SLICE:
+                # a batch holds up to ~50 entries (~25 µs each): let queued Checks run meanwhile
+                observe(clock() - started)
+                await asyncio.sleep(0)
+                started = clock()
+        observe(clock() - started)
 
     async def account(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
         """One access-log entry: the usage of its response, settled and recorded."""
