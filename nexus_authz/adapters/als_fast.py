@@ -2,7 +2,8 @@
 they built: the Lua tap's record read from the serialized metadata in one pass instead of a walk of
 protobuf Struct objects, and a whole JSON body's usage object found by a validating scan instead of a
 json.loads of the document. An accelerator of the pure path's rules, never a second source of truth:
-the record is interpreted by the core's readers (core/usage_records.document_usage), and every input the
+a record's counts are read in C only when they are plain integers and the Usage is built by the core's
+formulas (core/usage_records.usage_from_counts; else document_usage decodes it), and every input the
 scans are not sure of (a cut-off stream's pieces, a malformed or unusual document, an error document, no
 usage record, SSE, a compressed body ...) goes the pure way (adapters/envoy_als.py snippet_of and
 core/usage.py StreamUsage), which gives the same result for every input
@@ -18,7 +19,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 
 from nexus_authz import native
 from nexus_authz.core.usage import MAX_BODY_BYTES
-from nexus_authz.core.usage_records import Usage, document_usage
+from nexus_authz.core.usage_records import Usage, document_model, document_usage, usage_from_counts
 
 __all__ = ["SCAN", "body_usage", "snippet_fields"]
 
@@ -51,4 +52,9 @@ def body_usage(
     ):
         return None
     span = scan.usage_span(data)
-    return None if span is None else document_usage(data, span[0], span[1])
+    if span is None:
+        return None
+    counts = scan.usage_counts(data, span[0], span[1])  # the common record's plain counts, in C
+    if counts is None:
+        return document_usage(data, span[0], span[1])
+    return usage_from_counts(counts), document_model(data)

@@ -13,12 +13,16 @@ the pure path's rules, never a second source of truth.
   `StreamUsage._finish_json`): not an object, malformed, NaN/Infinity, nested deeper than MAX_DEPTH,
   a top-level key with escapes, an `"error"` object or `"type": "error"`, no `"usage"` object. The
   caller then decodes only the usage object and interprets it with the core's record readers.
+- `usage_counts(body, start, end)`: that usage object's counts, when it is a common record (its counts
+  plain integers, no escaped key): the members core/usage_records.record_usage reads, in its order of
+  precedence, for its formulas (`usage_from_counts`); None (the core's reader decodes the object) for
+  anything else.
 
 Both are bounded (linear in their input, no allocation but the result) and never raise on any input.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcmp, memcpy, strlen
 
 cdef enum:
     MAX_DEPTH = 200  # deeper documents go to the pure path (json.loads' own recursion limit is ~1000)
@@ -504,3 +508,141 @@ def usage_span(bytes body not None):
     if usage_start < 0 or error_object or type_error:
         return None
     return (usage_start, usage_end)
+
+
+# -- a usage object's counts ---------------------------------------------------------------------------
+
+cdef enum:
+    # the members a usage record is read from (core/usage_records.py `_openai_usage`, `record_usage`)
+    F_PROMPT, F_COMPLETION, F_INPUT, F_OUTPUT, F_TOTAL, F_CACHE_READ, F_CACHE_CREATION,
+    F_PROMPT_DETAILS, F_COMPLETION_DETAILS, F_INPUT_DETAILS, F_OUTPUT_DETAILS, N_FIELDS
+cdef enum:
+    D_CACHED, D_CACHE_WRITE, D_REASONING, N_DETAILS
+cdef enum:
+    MAX_DIGITS = 12  # 10**12 - 1 < 2**40 (usage_records._MAX_TOKENS): a count read as is
+
+cdef const char* FIELD_NAMES[11]
+FIELD_NAMES[:] = [
+    b"prompt_tokens", b"completion_tokens", b"input_tokens", b"output_tokens", b"total_tokens",
+    b"cache_read_input_tokens", b"cache_creation_input_tokens", b"prompt_tokens_details",
+    b"completion_tokens_details", b"input_tokens_details", b"output_tokens_details",
+]
+cdef const char* DETAIL_NAMES[3]
+DETAIL_NAMES[:] = [b"cached_tokens", b"cache_write_tokens", b"reasoning_tokens"]
+
+
+cdef int _name(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, const char** names, int count):
+    """The index of s[start:end] among `names`, or -1."""
+    cdef int k
+    cdef Py_ssize_t length = end - start
+    for k in range(count):
+        if <Py_ssize_t>strlen(names[k]) == length and memcmp(s + start, names[k], length) == 0:
+            return k
+    return -1
+
+
+cdef inline long long _plain_count(const unsigned char* s, Py_ssize_t start, Py_ssize_t end):
+    """A member's value s[start:end] that is a plain non-negative integer of at most MAX_DIGITS digits:
+    its value (usage_records._count reads it as is); else -1 (the pure reader decides)."""
+    cdef long long v = 0
+    cdef Py_ssize_t i
+    if end <= start or end - start > MAX_DIGITS:
+        return -1
+    for i in range(start, end):
+        if not 48 <= s[i] <= 57:
+            return -1
+        v = v * 10 + (s[i] - 48)
+    return v
+
+
+cdef int _details(const unsigned char* s, Py_ssize_t i, Py_ssize_t end, long long* out):
+    """The counts of a details object at s[i] == '{' (validated JSON): out[D_*] (0 when absent, the last
+    member of a name wins); 0, or -1 when the pure reader must decide (an escaped key, a count that is
+    not a plain integer)."""
+    cdef Py_ssize_t key_start, key_end, v
+    cdef bint escaped = False
+    cdef int k
+    out[D_CACHED] = out[D_CACHE_WRITE] = out[D_REASONING] = 0
+    i = _ws(s, i + 1, end)
+    if i < end and s[i] == 125:
+        return 0
+    while True:
+        key_start = i + 1
+        i = _string(s, i, end, &escaped)
+        if i < 0 or escaped:
+            return -1
+        key_end = i - 1
+        v = _ws(s, _ws(s, i, end) + 1, end)  # past the ':'
+        i = _value(s, v, end, 2)
+        if i < 0:
+            return -1
+        k = _name(s, key_start, key_end, DETAIL_NAMES, N_DETAILS)
+        if k >= 0:
+            out[k] = _plain_count(s, v, i)
+            if out[k] < 0:
+                return -1
+        i = _ws(s, i, end)
+        if i >= end or s[i] != 44:
+            return 0  # '}'
+        i = _ws(s, i + 1, end)
+
+
+def usage_counts(bytes body not None, Py_ssize_t start, Py_ssize_t end):
+    """The counts of the usage object body[start:end] (as `usage_span` found it: a valid JSON object),
+    for core/usage_records.usage_from_counts: ("openai", prompt, completion, cached, cache_write,
+    reasoning) for a chat/completions/embeddings or Responses record, ("anthropic", input, cache_read,
+    cache_creation, output) for Anthropic's, in usage_records.record_usage's order of precedence; None
+    when the pure reader must read it (no record, an escaped key, a count that is not a plain integer)."""
+    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(body)
+    cdef Py_ssize_t i, key_start, key_end, v
+    cdef bint escaped = False
+    cdef bint seen[11]
+    cdef long long value[11]
+    cdef long long details[4][3]
+    cdef int k, d
+    if start < 0 or end > PyBytes_GET_SIZE(body) or start >= end or s[start] != 123:
+        return None
+    for k in range(N_FIELDS):
+        seen[k] = False
+        value[k] = 0
+    for d in range(4):
+        details[d][0] = details[d][1] = details[d][2] = 0
+    i = _ws(s, start + 1, end)
+    if i < end and s[i] != 125:
+        while True:
+            key_start = i + 1
+            i = _string(s, i, end, &escaped)
+            if i < 0 or escaped:
+                return None
+            key_end = i - 1
+            v = _ws(s, _ws(s, i, end) + 1, end)  # past the ':'
+            i = _value(s, v, end, 1)
+            if i < 0:
+                return None
+            k = _name(s, key_start, key_end, FIELD_NAMES, N_FIELDS)
+            if k >= 0:
+                seen[k] = True
+                if k >= F_PROMPT_DETAILS:  # a details object (anything else reads as no details)
+                    d = k - F_PROMPT_DETAILS
+                    if s[v] == 123:
+                        if _details(s, v, i, details[d]) < 0:
+                            return None
+                    else:
+                        details[d][0] = details[d][1] = details[d][2] = 0
+                elif k != F_TOTAL:  # total_tokens: only its presence counts
+                    value[k] = _plain_count(s, v, i)
+                    if value[k] < 0:
+                        return None
+            i = _ws(s, i, end)
+            if i >= end or s[i] != 44:
+                break
+            i = _ws(s, i + 1, end)
+    if seen[F_PROMPT] or seen[F_COMPLETION]:  # chat / completions / embeddings
+        return ("openai", value[F_PROMPT], value[F_COMPLETION], details[0][D_CACHED],
+                details[0][D_CACHE_WRITE], details[1][D_REASONING])
+    if seen[F_INPUT_DETAILS] or seen[F_OUTPUT_DETAILS] or seen[F_TOTAL]:  # Responses
+        return ("openai", value[F_INPUT], value[F_OUTPUT], details[2][D_CACHED],
+                details[2][D_CACHE_WRITE], details[3][D_REASONING])
+    if seen[F_INPUT] or seen[F_CACHE_READ] or seen[F_CACHE_CREATION] or seen[F_OUTPUT]:  # Anthropic
+        return ("anthropic", value[F_INPUT], value[F_CACHE_READ], value[F_CACHE_CREATION], value[F_OUTPUT])
+    return None

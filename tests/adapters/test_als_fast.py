@@ -224,6 +224,107 @@ def test_provider_documents_take_the_fast_path(name: str, content_type: str | No
         assert als_fast.body_usage(pretty, content_type, None) == pure(pretty, content_type, None)
 
 
+RECORD_KEYS = [
+    "prompt_tokens",
+    "completion_tokens",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+    "prompt_tokens_details",
+    "completion_tokens_details",
+    "input_tokens_details",
+    "output_tokens_details",
+    "server_tool_use",
+    "x",
+]
+count_texts = st.sampled_from(
+    [b"0", b"7", b"15", b"999999999999", b"1000000000000", b"1099511627776", b"1099511627777"]
+    + [b"-1", b"-0", b"3.0", b"2.5", b"1e3", b"null", b"true", b'"12"', b"[]", b"{}", b"1E400"]
+) | st.integers(0, 10**14).map(lambda n: str(n).encode())
+
+
+@st.composite
+def record_texts(draw: st.DrawFn) -> bytes:
+    """A usage object's JSON text as a provider (or a hostile upstream) may write it: repeated members
+    (the last wins), keys spelled with escapes, details objects or other values, any spacing."""
+    sep = draw(st.sampled_from([b",", b", ", b",\n  "]))
+    colon = draw(st.sampled_from([b":", b": ", b" : "]))
+
+    def key(name: str) -> bytes:
+        raw = json.dumps(name).encode()
+        return raw.replace(b"t", b"\\u0074", 1) if draw(st.integers(0, 15)) == 0 else raw
+
+    def member(names: list[str], value: st.SearchStrategy[bytes]) -> bytes:
+        return key(draw(st.sampled_from(names))) + colon + draw(value)
+
+    detail = st.lists(
+        st.builds(
+            lambda k, v: k + v,
+            st.sampled_from(DETAILS + ["x"]).map(lambda n: json.dumps(n).encode() + b":"),
+            count_texts,
+        ),
+        max_size=4,
+    ).map(lambda parts: b"{" + b",".join(parts) + b"}")
+    parts = []
+    for _ in range(draw(st.integers(0, 7))):
+        name = draw(st.sampled_from(RECORD_KEYS))
+        value = detail | count_texts if name.endswith(("_details", "_use")) else count_texts | detail
+        parts.append(member([name], value))
+    return b"{" + sep.join(parts) + b"}"
+
+
+@fuzz_settings(1500, deadline=None)
+@given(text=record_texts())
+def test_the_compiled_counts_read_a_record_as_record_usage_does(text: bytes) -> None:
+    """usage_counts (C) against the core's reader of the decoded object, over records with repeated
+    members, escaped keys and counts of every JSON type: the same Usage whenever it answers."""
+    from nexus_authz.core.usage_records import record_usage, usage_from_counts
+
+    record = json.loads(text)
+    assert native.usage is not None
+    counts = native.usage.usage_counts(text, 0, len(text))
+    event("fast" if counts is not None else "pure")
+    if counts is not None:
+        assert usage_from_counts(counts) == record_usage(record)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"prompt_tokens": 10, "completion_tokens": 15, "total_tokens": 25},
+        {
+            "prompt_tokens": 1000,
+            "completion_tokens": 300,
+            "prompt_tokens_details": {"cached_tokens": 400, "cache_write_tokens": 700, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 200},
+        },
+        {
+            "input_tokens": 12,
+            "output_tokens": 30,
+            "total_tokens": 42,
+            "input_tokens_details": {"cached_tokens": 5},
+            "output_tokens_details": {"reasoning_tokens": 9},
+        },
+        {
+            "input_tokens": 3,
+            "cache_read_input_tokens": 100,
+            "cache_creation_input_tokens": 20,
+            "output_tokens": 8,
+        },
+        {"prompt_tokens": 4, "prompt_tokens_details": None, "completion_tokens_details": "x"},
+    ],
+)
+def test_common_records_are_read_in_c(record: dict[str, object]) -> None:
+    from nexus_authz.core.usage_records import record_usage, usage_from_counts
+
+    text = json.dumps(record).encode()
+    assert native.usage is not None
+    counts = native.usage.usage_counts(text, 0, len(text))
+    assert counts is not None and usage_from_counts(counts) == record_usage(record)
+
+
 # -- the Lua tap's record -----------------------------------------------------------------------------------
 
 
