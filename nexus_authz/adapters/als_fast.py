@@ -21,9 +21,21 @@ from nexus_authz import native
 from nexus_authz.core.usage import MAX_BODY_BYTES
 from nexus_authz.core.usage_records import Usage, document_model, document_usage, usage_from_counts
 
-__all__ = ["SCAN", "body_usage", "snippet_fields"]
+__all__ = ["SCAN", "body_usage", "log_entries", "snippet_fields"]
 
 SCAN: Any = native.usage  # the compiled module (native/_usage.pyx), or None: the pure path only
+
+
+def log_entries(message: bytes) -> list[tuple[Any, ...] | None] | None:
+    """The HTTP entries of a serialized StreamAccessLogsMessage as the compiled scan reads them (see
+    native/_usage.pyx `log_entries`: per entry None when nexus-authz did not admit it, else (request_id,
+    content_type, content_encoding, kind, data, skipped, start, end), kind None when protobuf must read
+    message[start:end]); None when protobuf must read the message (or the scans did not build)."""
+    scan = SCAN
+    if scan is None:
+        return None
+    result: list[tuple[Any, ...] | None] | None = scan.log_entries(message)
+    return result
 
 
 def snippet_fields(entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[str, bytes, int] | None:

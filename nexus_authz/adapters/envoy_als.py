@@ -104,6 +104,13 @@ def _piece_index(name: str) -> int:
     return int(name[1:]) if name[1:].isdigit() else -1
 
 
+def _request_id(item: Any) -> str | None:
+    """The request id of a batch's item (a protobuf entry, or a scanned tuple), for a log line."""
+    if isinstance(item, tuple):
+        return item[0]  # type: ignore[no-any-return]
+    return item.request.request_id if item is not None else None  # type: ignore[no-any-return]
+
+
 def snippet_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> Snippet:
     """Decode the `nexus.usage` metadata of an access-log entry; never raises on what Envoy sends."""
     filter_metadata = entry.common_properties.metadata.filter_metadata
@@ -228,28 +235,39 @@ class AccessLogService:
                     break
                 streams[stop] = math.inf  # busy: drain() must not end it mid-batch
                 self.messages += 1
-                await self._account_batch(message.http_logs.log_entry)
+                if message.__class__ is bytes:  # as the handler receives it (no protobuf deserializer)
+                    scanned = als_fast.log_entries(message)  # the compiled scan of the whole message
+                    if scanned is not None:
+                        await self._account_batch(scanned, self._account_scanned, message)
+                        streams[stop] = self._last_batch = loop.time()
+                        continue
+                    # protobuf reads what the scan does not (a malformed message raises here, where
+                    # grpc's deserializer raised it before)
+                    message = als_pb2.StreamAccessLogsMessage.FromString(message)
+                await self._account_batch(message.http_logs.log_entry, self._account_entry, b"")
                 streams[stop] = self._last_batch = loop.time()
         finally:
             streams.pop(stop, None)
         return _EMPTY_RESPONSE
 
-    async def _account_batch(self, entries: Any) -> None:
-        """The entries of one message, in slices of about _SLICE seconds of the event loop: each slice
-        between two yields is one observation of LOOP_BUSY.access_log."""
-        account_now = self.account_now
+    async def _account_batch(
+        self, items: Any, account_one: Callable[[Any, bytes], Awaitable[None] | None], raw: bytes
+    ) -> None:
+        """The entries of one message (protobuf entries, or the compiled scan's tuples of `raw`), in
+        slices of about _SLICE seconds of the event loop: each slice between two yields is one
+        observation of LOOP_BUSY.access_log."""
         clock = perf_counter
         observe = _BUSY.observe
         started = clock()
-        for entry in entries:
+        for item in items:
             try:
-                pending = account_now(entry)
+                pending = account_one(item, raw)
                 if pending is not None:  # a long text to count exactly: off the event loop
                     observe(clock() - started)
                     await pending
                     started = clock()
             except Exception:  # one bad entry must not lose the rest of the batch
-                log.exception("accounting failed", extra={"request_id": entry.request.request_id})
+                log.exception("accounting failed", extra={"request_id": _request_id(item)})
             if clock() - started >= _SLICE:
                 # a batch holds up to ~50 entries (~25 µs each): let queued Checks run meanwhile
                 observe(clock() - started)
@@ -263,6 +281,19 @@ class AccessLogService:
         if pending is not None:
             await pending
 
+    def _account_entry(self, entry: accesslog_pb2.HTTPAccessLogEntry, raw: bytes) -> Awaitable[None] | None:
+        return self.account_now(entry)
+
+    def _account_scanned(self, item: tuple[Any, ...] | None, raw: bytes) -> Awaitable[None] | None:
+        """`account_now` of an entry of `raw` as the compiled scan read it (als_fast.log_entries)."""
+        if item is None:  # not admitted by nexus-authz
+            self.ignored += 1
+            return None
+        request_id, content_type, content_encoding, kind, data, skipped, start, end = item
+        if kind is None:  # unusual: protobuf and snippet_of read it
+            return self.account_now(accesslog_pb2.HTTPAccessLogEntry.FromString(raw[start:end]))
+        return self._account_snippet(request_id, content_type, content_encoding, kind, data, skipped)
+
     def account_now(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> Awaitable[None] | None:
         """`account`, synchronously when it can be (nearly always: no coroutine per entry); returns an
         awaitable only when the response has no usage record and its text is long enough to be counted
@@ -272,23 +303,37 @@ class AccessLogService:
             self.ignored += 1
             return None
         response_headers = entry.response.response_headers
-        request_id = request.request_id
-        content_type = response_headers.get("content-type")
-        content_encoding = response_headers.get("content-encoding")
         fields = als_fast.snippet_fields(entry)  # the compiled scans (als_fast) when they built
         if fields is None:
             snippet = snippet_of(entry)
-        else:
-            if fields[0] == "body" and not fields[2]:  # a whole body: its usage record, if it has one
-                found = als_fast.body_usage(fields[1], content_type, content_encoding)
-                if found is not None:
-                    self.entries += 1
-                    # what account_response concludes for a whole body with a usage record
-                    self.engine.account(
-                        request_id, found[0], response_model=found[1], keep_estimate=False, unread=False
-                    )
-                    return None
-            snippet = Snippet(*fields)
+            fields = (snippet.kind, snippet.data, snippet.skipped)
+        return self._account_snippet(
+            request.request_id,
+            response_headers.get("content-type"),
+            response_headers.get("content-encoding"),
+            *fields,
+        )
+
+    def _account_snippet(
+        self,
+        request_id: str,
+        content_type: str | None,
+        content_encoding: str | None,
+        kind: str,
+        data: bytes,
+        skipped: int,
+    ) -> Awaitable[None] | None:
+        """An admitted entry's accounting from the Lua tap's record (kind, data, skipped: a Snippet)."""
+        if kind == "body" and not skipped:  # a whole body: its usage record, if it has one
+            found = als_fast.body_usage(data, content_type, content_encoding)
+            if found is not None:
+                self.entries += 1
+                # what account_response concludes for a whole body with a usage record
+                self.engine.account(
+                    request_id, found[0], response_model=found[1], keep_estimate=False, unread=False
+                )
+                return None
+        snippet = Snippet(kind, data, skipped)
         hint = self.engine.prompt_hint(request_id)
         parser = parser_for(
             snippet, content_type=content_type, content_encoding=content_encoding, prompt_tokens_hint=hint
@@ -333,7 +378,8 @@ class AccessLogService:
             {
                 "StreamAccessLogs": grpc.stream_unary_rpc_method_handler(
                     self.stream_access_logs,
-                    request_deserializer=als_pb2.StreamAccessLogsMessage.FromString,
+                    # the serialized message: the compiled scan reads it (protobuf when it cannot)
+                    request_deserializer=None,
                     response_serializer=als_pb2.StreamAccessLogsResponse.SerializeToString,
                 )
             },

@@ -22,6 +22,7 @@ Both are bounded (linear in their input, no allocation but the result) and never
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memcmp, memcpy, strlen
 
 cdef enum:
@@ -228,8 +229,11 @@ def usage_snippet(bytes metadata):
     """(kind, data, skipped) of the Lua tap's record in a serialized Metadata, as snippet_of reads it:
     ("none", b"", 0) without the `nexus.usage` namespace or with an unknown kind; None when snippet_of
     must read it (no "u" record, an unexpected value shape, non-canonical base64)."""
-    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(metadata)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(metadata), i = 0
+    return _snippet(<const unsigned char*>PyBytes_AS_STRING(metadata), 0, PyBytes_GET_SIZE(metadata))
+
+
+cdef object _snippet(const unsigned char* s, Py_ssize_t i, Py_ssize_t n):
+    """usage_snippet of the serialized Metadata s[i:n]."""
     cdef unsigned long long tag, size
     cdef Span key, value, ns, field, payload, record, kind_span, data_span
     cdef double number = 0.0
@@ -302,6 +306,192 @@ def usage_snippet(bytes metadata):
     if name is None:
         return ("none", b"", 0)
     return (name, data, skipped)
+
+
+# -- a whole StreamAccessLogsMessage ---------------------------------------------------------------------
+
+cdef enum:
+    # field numbers (envoy.service.accesslog.v3 / envoy.data.accesslog.v3)
+    MSG_HTTP_LOGS = 2, MSG_TCP_LOGS = 3, LOGS_ENTRY = 1
+    ENTRY_COMMON = 1, ENTRY_REQUEST = 3, ENTRY_RESPONSE = 4
+    COMMON_METADATA = 17, REQUEST_ID = 9, REQUEST_HEADERS = 13, RESPONSE_HEADERS = 4
+
+
+cdef int _once(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int number, Span* out):
+    """The one occurrence of the message field `number` in the message s[i:n] (out: empty when absent).
+    0, 1 more than once (protobuf merges the occurrences: the caller lets protobuf read it), -1 malformed."""
+    cdef unsigned long long tag, size
+    cdef int seen = 0
+    out.start = out.end = 0
+    while i < n:
+        i = _varint(s, i, n, &tag)
+        if i < 0:
+            return -1
+        if tag == ((<unsigned long long>number << 3) | 2):
+            i = _varint(s, i, n, &size)
+            if i < 0 or size > <unsigned long long>(n - i):
+                return -1
+            seen += 1
+            out.start = i
+            out.end = i + <Py_ssize_t>size
+            i = out.end
+        else:
+            i = _skip(s, i, n, tag & 7)
+            if i < 0:
+                return -1
+    return 1 if seen > 1 else 0
+
+
+cdef object _text(const unsigned char* s, Span span):
+    """A string field's text (protobuf checks its UTF-8: an invalid one raises, and the caller lets
+    protobuf read the message)."""
+    return PyUnicode_DecodeUTF8(<const char*>(s + span.start), span.end - span.start, NULL)
+
+
+cdef int _header(const unsigned char* s, Span headers_of, int number, const char* name, Py_ssize_t length,
+                 Span* out):
+    """The value of header `name` in the map<string, string> field `number` of the message at
+    `headers_of` (the last entry wins, as protobuf maps do). 1 found, 0 absent, -1 malformed."""
+    cdef Py_ssize_t i = headers_of.start, n = headers_of.end
+    cdef unsigned long long tag, size
+    cdef Span key, value
+    cdef int found = 0
+    while i < n:
+        i = _varint(s, i, n, &tag)
+        if i < 0:
+            return -1
+        if tag == ((<unsigned long long>number << 3) | 2):
+            i = _varint(s, i, n, &size)
+            if i < 0 or size > <unsigned long long>(n - i):
+                return -1
+            if _map_entry(s, i, i + <Py_ssize_t>size, &key, &value) < 0:
+                return -1
+            i += <Py_ssize_t>size
+            if _is(s, key, name, length):
+                found = 1
+                if value.end < 0:  # no value: ""
+                    value.start = value.end = i
+                out[0] = value
+        else:
+            i = _skip(s, i, n, tag & 7)
+            if i < 0:
+                return -1
+    return found
+
+
+cdef int _string_field(const unsigned char* s, Span message, int number, Span* out):
+    """The string field `number` of the message (the last occurrence wins; empty when absent). 0, -1
+    malformed."""
+    cdef Py_ssize_t i = message.start, n = message.end
+    cdef unsigned long long tag, size
+    out.start = out.end = 0
+    while i < n:
+        i = _varint(s, i, n, &tag)
+        if i < 0:
+            return -1
+        if tag == ((<unsigned long long>number << 3) | 2):
+            i = _varint(s, i, n, &size)
+            if i < 0 or size > <unsigned long long>(n - i):
+                return -1
+            out.start = i
+            out.end = i + <Py_ssize_t>size
+            i = out.end
+        else:
+            i = _skip(s, i, n, tag & 7)
+            if i < 0:
+                return -1
+    return 0
+
+
+cdef object _entry(const unsigned char* s, Py_ssize_t start, Py_ssize_t end):
+    """One HTTPAccessLogEntry s[start:end]: None when nexus-authz did not admit it (no x-nexus-key-id),
+    else (request_id, content_type, content_encoding, kind, data, skipped, start, end), or
+    (None, None, None, None, b"", 0, start, end) when the entry is unusual (its snippet for snippet_of to
+    read, a field protobuf would merge): the caller parses s[start:end] with protobuf. Raises ValueError
+    when malformed."""
+    cdef Span common, request, response, metadata, rid, value
+    cdef int found, a, b, c
+    a = _once(s, start, end, ENTRY_COMMON, &common)
+    b = _once(s, start, end, ENTRY_REQUEST, &request)
+    c = _once(s, start, end, ENTRY_RESPONSE, &response)
+    if a < 0 or b < 0 or c < 0:
+        raise ValueError("malformed entry")
+    if a or b or c:  # repeated: protobuf merges them
+        return (None, None, None, None, b"", 0, start, end)
+    found = _header(s, request, REQUEST_HEADERS, b"x-nexus-key-id", 14, &value)
+    if found < 0:
+        raise ValueError("malformed entry")
+    if not found or value.end == value.start:
+        return None
+    if _string_field(s, request, REQUEST_ID, &rid) < 0:
+        raise ValueError("malformed entry")
+    request_id = _text(s, rid)
+    found = _header(s, response, RESPONSE_HEADERS, b"content-type", 12, &value)
+    if found < 0:
+        raise ValueError("malformed entry")
+    content_type = _text(s, value) if found else None
+    found = _header(s, response, RESPONSE_HEADERS, b"content-encoding", 16, &value)
+    if found < 0:
+        raise ValueError("malformed entry")
+    content_encoding = _text(s, value) if found else None
+    found = _once(s, common.start, common.end, COMMON_METADATA, &metadata)
+    if found < 0:
+        raise ValueError("malformed entry")
+    snippet = _snippet(s, metadata.start, metadata.end) if found == 0 else None
+    if snippet is None:  # snippet_of reads it (or protobuf merges a repeated metadata)
+        return (None, None, None, None, b"", 0, start, end)
+    return (request_id, content_type, content_encoding, snippet[0], snippet[1], snippet[2], start, end)
+
+
+def log_entries(bytes message not None):
+    """The HTTP entries of a serialized StreamAccessLogsMessage, each as `_entry` reads it (None: not
+    admitted), in order; None when protobuf must read the message (malformed, a field it would merge
+    or choose between, a string that is not UTF-8: it raises or reads it its way)."""
+    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(message)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(message), i, end
+    cdef Span http, tcp
+    cdef unsigned long long tag, size
+    if _once(s, 0, n, MSG_HTTP_LOGS, &http) != 0 or _once(s, 0, n, MSG_TCP_LOGS, &tcp) != 0:
+        return None
+    if tcp.end > tcp.start or (tcp.end == 0 and _has_field(s, n, MSG_TCP_LOGS)):
+        return None  # TCP entries (or both kinds: the oneof keeps the last)
+    out = []
+    i = http.start
+    try:
+        while i < http.end:
+            i = _varint(s, i, http.end, &tag)
+            if i < 0:
+                return None
+            if tag == ((LOGS_ENTRY << 3) | 2):
+                i = _varint(s, i, http.end, &size)
+                if i < 0 or size > <unsigned long long>(http.end - i):
+                    return None
+                end = i + <Py_ssize_t>size
+                out.append(_entry(s, i, end))
+                i = end
+            else:
+                i = _skip(s, i, http.end, tag & 7)
+                if i < 0:
+                    return None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return out
+
+
+cdef bint _has_field(const unsigned char* s, Py_ssize_t n, int number):
+    """Whether the message s[:n] (well-formed) has field `number` at all (an empty TCP log list too)."""
+    cdef Py_ssize_t i = 0
+    cdef unsigned long long tag
+    while i < n:
+        i = _varint(s, i, n, &tag)
+        if i < 0:
+            return False
+        if tag >> 3 == <unsigned long long>number:
+            return True
+        i = _skip(s, i, n, tag & 7)
+        if i < 0:
+            return False
+    return False
 
 
 # -- JSON ----------------------------------------------------------------------------------------------
