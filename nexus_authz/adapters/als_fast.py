@@ -21,7 +21,7 @@ from nexus_authz import native
 from nexus_authz.core.usage import MAX_BODY_BYTES
 from nexus_authz.core.usage_records import Usage, document_model, document_usage, usage_from_counts
 
-__all__ = ["SCAN", "body_usage", "log_entries", "snippet_fields"]
+__all__ = ["SCAN", "body_usage", "log_entries", "snippet_fields", "sse_usage"]
 
 SCAN: Any = native.usage  # the compiled module (native/_usage.pyx), or None: the pure path only
 
@@ -69,4 +69,20 @@ def body_usage(
     counts = scan.usage_counts(data, span[0], span[1])  # the common record's plain counts, in C
     if counts is None:
         return document_usage(data, span[0], span[1])
+    return usage_from_counts(counts), document_model(data)
+
+
+def sse_usage(data: bytes) -> tuple[Usage, str | None] | None:
+    """(usage, model) of a Lua tap "sse" snippet whose usage is OpenAI's usage chunk (one unnamed event
+    holding the one record, see native/_usage.pyx `sse_usage_span`), as StreamUsage reads the snippet;
+    None when StreamUsage must read it."""
+    scan = SCAN
+    if scan is None:
+        return None
+    span = scan.sse_usage_span(data)
+    if span is None:
+        return None
+    counts = scan.usage_counts(data, span[0], span[1])
+    if counts is None or counts[0] != "openai":
+        return None  # an Anthropic-shaped record in an unnamed event: StreamUsage's own rules
     return usage_from_counts(counts), document_model(data)

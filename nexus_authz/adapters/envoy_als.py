@@ -324,15 +324,17 @@ class AccessLogService:
         skipped: int,
     ) -> Awaitable[None] | None:
         """An admitted entry's accounting from the Lua tap's record (kind, data, skipped: a Snippet)."""
-        if kind == "body" and not skipped:  # a whole body: its usage record, if it has one
-            found = als_fast.body_usage(data, content_type, content_encoding)
-            if found is not None:
-                self.entries += 1
-                # what account_response concludes for a whole body with a usage record
-                self.engine.account(
-                    request_id, found[0], response_model=found[1], keep_estimate=False, unread=False
-                )
-                return None
+        if kind == "body":  # a whole body: its usage record, if it has one
+            found = als_fast.body_usage(data, content_type, content_encoding) if not skipped else None
+        else:  # a stream's usage events (whole ones: whatever was skipped, the record stands)
+            found = als_fast.sse_usage(data) if kind == "sse" else None
+        if found is not None:
+            self.entries += 1
+            # what account_response concludes for a whole response with a provider's usage record
+            self.engine.account(
+                request_id, found[0], response_model=found[1], keep_estimate=False, unread=False
+            )
+            return None
         snippet = Snippet(kind, data, skipped)
         hint = self.engine.prompt_hint(request_id)
         parser = parser_for(

@@ -836,3 +836,99 @@ def usage_counts(bytes body not None, Py_ssize_t start, Py_ssize_t end):
     if seen[F_INPUT] or seen[F_CACHE_READ] or seen[F_CACHE_CREATION] or seen[F_OUTPUT]:  # Anthropic
         return ("anthropic", value[F_INPUT], value[F_CACHE_READ], value[F_CACHE_CREATION], value[F_OUTPUT])
     return None
+
+
+# -- an event stream's usage record --------------------------------------------------------------------
+
+cdef enum:
+    MAX_SSE_SNIPPET = 64 << 10  # longer snippets go to the pure path (one parser window, no trimming)
+    HEAD_BYTES = 512  # core/usage_records._HEAD_BYTES: where an event's name is looked for
+    USAGE_SPAN = 16 << 10  # core/usage_records._USAGE_SPAN: the most of a record _record_at decodes
+
+
+cdef Py_ssize_t _find(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, const char* word, Py_ssize_t length):
+    """bytes.find: the first index >= i where `word` starts and ends by n, or -1."""
+    while i + length <= n:
+        if s[i] == <unsigned char>word[0] and memcmp(s + i, word, length) == 0:
+            return i
+        i += 1
+    return -1
+
+
+cdef Py_ssize_t _usage_key(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Py_ssize_t* brace):
+    """The next match of core/usage_records._USAGE_OBJECT (`"usage"` ws `:` ws `{`) from i: its start
+    (brace: its `{`), or -1."""
+    cdef Py_ssize_t j
+    while True:
+        i = _find(s, i, n, b'"usage"', 7)
+        if i < 0:
+            return -1
+        j = i + 7
+        while j < n and (s[j] == 32 or s[j] == 9 or s[j] == 13 or s[j] == 10):
+            j += 1
+        if j < n and s[j] == 58:  # ':'
+            j += 1
+            while j < n and (s[j] == 32 or s[j] == 9 or s[j] == 13 or s[j] == 10):
+                j += 1
+            if j < n and s[j] == 123:
+                brace[0] = j
+                return i
+        i += 1
+
+
+def sse_usage_span(bytes data not None):
+    """(start, end) of the usage record of a Lua tap "sse" snippet (whole events of an event stream), when
+    core/usage.StreamUsage reads that snippet's usage from that object alone, as the record of an event
+    without a name at depth 1 (OpenAI's chat/completions usage chunk): one `"usage": {` in the whole
+    snippet, on a single-line event whose first bytes name no event and carry no "type", the record one
+    valid JSON object (as json's raw_decode reads it) followed by what closes exactly one object. None
+    whenever the pure parser must decide (CR line ends, an event name or type nearby, several records,
+    a multi-line event, anything unusual)."""
+    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data), key, brace = -1, other, start, stop, head, i, end
+    cdef bint escaped = False
+    if n == 0 or n > MAX_SSE_SNIPPET or _find(s, 0, n, b"\r", 1) >= 0:
+        return None
+    key = _usage_key(s, 0, n, &brace)
+    if key < 0 or _usage_key(s, brace, n, &other) >= 0:
+        return None  # no record, or several candidates: the pure parser picks
+    # the event: after the last blank line before the brace (bytes.rfind), up to the next one after the key
+    start = 0
+    i = brace - 2
+    while i >= 0:
+        if s[i] == 10 and s[i + 1] == 10:
+            start = i + 2
+            break
+        i -= 1
+    stop = _find(s, key, n, b"\n\n", 2)
+    if stop < 0:
+        stop = n
+    if stop < brace or _find(s, start, stop, b"\n", 1) >= 0:
+        return None  # a blank line inside the match, or an event of several lines
+    head = start + HEAD_BYTES if start + HEAD_BYTES < n else n
+    if _find(s, start, head, b"event:", 6) >= 0 or _find(s, start, head, b'"type"', 6) >= 0:
+        return None  # an event name or type the pure parser reads
+    if stop - brace > USAGE_SPAN:
+        return None
+    end = _value(s, brace, stop, 1)
+    if end < 0:
+        return None
+    # what follows the record up to the event's end closes exactly one object ('{"_":0' + rest is JSON)
+    i = _ws(s, end, stop)
+    while i < stop and s[i] == 44:  # ',' "key" : value
+        i = _ws(s, i + 1, stop)
+        if i >= stop or s[i] != 34:
+            return None
+        i = _string(s, i, stop, &escaped)
+        if i < 0:
+            return None
+        i = _ws(s, i, stop)
+        if i >= stop or s[i] != 58:
+            return None
+        i = _value(s, _ws(s, i + 1, stop), stop, 1)
+        if i < 0:
+            return None
+        i = _ws(s, i, stop)
+    if i >= stop or s[i] != 125 or _ws(s, i + 1, stop) != stop:
+        return None
+    return (brace, end)

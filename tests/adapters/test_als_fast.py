@@ -325,6 +325,91 @@ def test_common_records_are_read_in_c(record: dict[str, object]) -> None:
     assert counts is not None and usage_from_counts(counts) == record_usage(record)
 
 
+SSE_USAGE_CHUNK = (
+    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
+    b'"choices":[],"usage":{"prompt_tokens":24,"completion_tokens":17,"total_tokens":41}}'
+)
+
+
+@st.composite
+def sse_snippets(draw: st.DrawFn) -> bytes:
+    """What the Lua tap keeps of a stream ("sse"): its usage events, sometimes with content chunks, named
+    events, comments, [DONE], CRLF line ends, multi-line data, several records, broken JSON around them."""
+    plain = st.builds(
+        lambda p, c, d: b'{"prompt_tokens":%d,"completion_tokens":%d%s}' % (p, c, d),
+        st.integers(0, 10**6),
+        st.integers(0, 10**6),
+        st.sampled_from([b"", b',"total_tokens":3', b',"prompt_tokens_details":{"cached_tokens":9}']),
+    )
+    clean = draw(st.booleans())  # half: the usage event among events without a record, unmutated
+    record = draw(record_texts()) if draw(st.integers(0, 2)) == 0 else draw(plain)
+    sep = draw(st.sampled_from([b":", b": ", b" : "]))
+    usage = b'data: {"id":"c","model":' + draw(st.sampled_from([b'"gpt-4o-mini"', b'"a\\"b"', b"1"]))
+    usage += b',"choices":[],"usage"' + sep + record
+    closers = [b"}", b' ,"x":[1,{"y":null}]}', b"} ", b"}}", b"", b',"z":NaN}', b"} x", b',"a" "b"}']
+    usage += draw(st.sampled_from(closers[:3] if clean else closers))
+    others = [
+        b'data: {"id":"c","choices":[{"delta":{"content":"hi"}}],"usage":null}',
+        b"data: [DONE]",
+        b": keep-alive",
+        b'data: {"type":"response.in_progress"}',  # a type or a name near the record: the pure path
+        b"event: ping\ndata: {}",
+        b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":5}}',
+        b'data: {"type":"response.completed","response":{"usage":{"input_tokens":1}}}',
+        b'data: {"error":{"message":"x"}}',
+        b'data: {"usage":\n{"prompt_tokens":1}}',
+        b'data: {"usage":{"prompt_tokens":3}}\ndata: {"x":1}',
+        usage,
+    ]
+    events = draw(st.lists(st.sampled_from(others[:3] if clean else others), max_size=3))
+    events.insert(draw(st.integers(0, len(events))), usage)
+    body = draw(st.sampled_from([b"\n\n", b"\n\n\n", b"\n\n"])).join(events) + draw(
+        st.sampled_from([b"\n\n", b"", b"\n"])
+    )
+    mutation = draw(st.integers(0, 12)) if not clean else -1
+    if mutation == 0:
+        body = body.replace(b"\n", b"\r\n")
+    elif mutation == 1:
+        body = b"x" * draw(st.integers(400, 600)) + b"\n\n" + body
+    elif mutation == 2 and body:
+        i = draw(st.integers(0, len(body) - 1))
+        body = body[:i] + draw(st.binary(min_size=1, max_size=2)) + body[i + 1 :]
+    elif mutation == 3:
+        body = body[: draw(st.integers(0, len(body)))]
+    return body
+
+
+def pure_sse(data: bytes) -> tuple[Any, str | None]:
+    from nexus_authz.adapters.envoy_als import Snippet, usage_of
+
+    usage, model, keep = usage_of(Snippet("sse", data), content_type=None, content_encoding=None)
+    assert not keep or usage.source != "provider"
+    return usage, model
+
+
+@fuzz_settings(1500, deadline=None)
+@given(data=sse_snippets())
+def test_a_stream_snippet_gives_the_core_parsers_usage_and_model(data: bytes) -> None:
+    fast = als_fast.sse_usage(data)
+    event("fast" if fast is not None else "pure")
+    if fast is not None:
+        assert fast == pure_sse(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        SSE_USAGE_CHUNK + b"\n\n",
+        SSE_USAGE_CHUNK + b"\n\ndata: [DONE]\n\n",
+        b'data: {"id":"c","choices":[{"delta":{"content":"hi"}}]}\n\n' + SSE_USAGE_CHUNK,
+        USAGE_FIXTURES["openai_chat_stream_usage.sse"],
+    ],
+)
+def test_openai_usage_chunks_take_the_fast_path(data: bytes) -> None:
+    fast = als_fast.sse_usage(data)
+    assert fast is not None and fast == pure_sse(data) and fast[0].source == "provider"
+
+
 # -- the Lua tap's record -----------------------------------------------------------------------------------
 
 
