@@ -254,3 +254,76 @@ def test_a_malformed_message_fails_the_stream_as_protobuf_did(tmp_path: Path) ->
     with pytest.raises(Exception, match="(?i)pars|decod"):
         asyncio.run(service.stream_access_logs(None, _Context([raw[:-3]])))  # type: ignore[arg-type]
     assert engine.accounted["unadmitted"] == 0
+
+
+class _Then:
+    """A servicer context that hands out `messages`, then waits for a message that never comes."""
+
+    def __init__(self, messages: list[Any]) -> None:
+        self._messages = list(messages)
+        self.reads = 0
+
+    async def read(self) -> Any:
+        self.reads += 1
+        if self._messages:
+            return self._messages.pop(0)
+        await asyncio.Event().wait()
+
+
+def _chats(*request_ids: str) -> bytes:
+    return message(
+        *(entry_with(body_meta(CHAT), content_type="application/json", request_id=r) for r in request_ids)
+    ).SerializeToString()
+
+
+class _StopsMidBatch(AccessLogService):
+    """Ends its streams (as drain() does at its deadline) while accounting the first entry of a batch."""
+
+    __slots__ = ()
+
+    def account_now(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> Any:
+        for stop in list(self._streams):
+            if not stop.done():
+                stop.set_result(None)
+        return super().account_now(entry)
+
+
+def test_a_stream_ended_mid_batch_finishes_the_batch_and_reads_no_more(tmp_path: Path) -> None:
+    engine, _ = _engine(tmp_path / "e")
+    # an unusual first entry (a cut-off stream's pieces: account_now reads it) ends the stream mid-batch
+    first = entry_with(_pieces(NO_USAGE[:900]), content_type="text/event-stream", request_id="a")
+    batch = message(first, *(entry_with(body_meta(CHAT), request_id=r) for r in "bcd")).SerializeToString()
+    service = _StopsMidBatch(engine)
+    context = _Then([batch, _chats("e")])
+    asyncio.run(asyncio.wait_for(service.stream_access_logs(None, context), 5))  # type: ignore[arg-type]
+    assert (service.messages, service.entries, context.reads) == (1, 4, 1)
+    assert not service.open_streams
+
+
+def test_drain_ends_a_stream_waiting_for_its_next_message(tmp_path: Path) -> None:
+    engine, _ = _engine(tmp_path / "e")
+    service = AccessLogService(engine)
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(service.stream_access_logs(None, _Then([_chats("a", "b")])))  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        await service.drain(1.0)
+        assert await asyncio.wait_for(task, 5) is not None  # ended normally, with its response
+
+    asyncio.run(scenario())
+    assert (service.messages, service.entries, service.open_streams) == (1, 2, 0)
+
+
+def test_a_stream_cancelled_from_outside_stays_cancelled(tmp_path: Path) -> None:
+    engine, _ = _engine(tmp_path / "e")
+    service = AccessLogService(engine)
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(service.stream_access_logs(None, _Then([_chats("a")])))  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        task.cancel()  # the server stopping: not the drain's stop
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert task.cancelled() and not service.open_streams
+
+    asyncio.run(scenario())
