@@ -725,9 +725,12 @@ cdef int _name(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, const c
     """The index of s[start:end] among `names`, or -1."""
     cdef int k
     cdef Py_ssize_t length = end - start
+    if length < 12 or length > 27:  # shorter or longer than every name
+        return -1
     for k in range(count):
-        if <Py_ssize_t>strlen(names[k]) == length and memcmp(s + start, names[k], length) == 0:
-            return k
+        if names[k][0] == s[start] and <Py_ssize_t>strlen(names[k]) == length:
+            if memcmp(s + start, names[k], length) == 0:
+                return k
     return -1
 
 
