@@ -78,9 +78,11 @@ cdef struct Span:
 
 
 cdef int _map_entry(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Span* key, Span* value):
-    """A map entry message s[i:n] (key = field 1, string; value = field 2, message): their spans
-    (value end < 0: absent). 0, or -1 when malformed."""
+    """A map entry message s[i:n] (key = field 1, string; value = field 2): their spans (value end < 0:
+    absent; the last occurrence). 0; 1 when the value occurs more than once (a message value protobuf
+    would merge: the caller lets protobuf read it); -1 when malformed."""
     cdef unsigned long long tag, length
+    cdef int values = 0
     key.start = key.end = 0
     value.start = value.end = -1
     while i < n:
@@ -97,12 +99,13 @@ cdef int _map_entry(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Span* ke
             else:
                 value.start = i
                 value.end = i + <Py_ssize_t>length
+                values += 1
             i += <Py_ssize_t>length
         else:
             i = _skip(s, i, n, tag & 7)
             if i < 0:
                 return -1
-    return 0
+    return 1 if values > 1 else 0
 
 
 cdef inline bint _is(const unsigned char* s, Span span, const char* word, Py_ssize_t length):
@@ -124,8 +127,8 @@ cdef int _struct_field(const unsigned char* s, Span struct, const char* name, Py
             i = _varint(s, i, struct.end, &size)
             if i < 0 or size > <unsigned long long>(struct.end - i):
                 return -1
-            if _map_entry(s, i, i + <Py_ssize_t>size, &key, &value) < 0:
-                return -1
+            if _map_entry(s, i, i + <Py_ssize_t>size, &key, &value) != 0:
+                return -1  # malformed, or a Value protobuf would merge
             i += <Py_ssize_t>size
             if _is(s, key, name, length):
                 found = 1
@@ -249,8 +252,8 @@ cdef object _snippet(const unsigned char* s, Py_ssize_t i, Py_ssize_t n):
             i = _varint(s, i, n, &size)
             if i < 0 or size > <unsigned long long>(n - i):
                 return None
-            if _map_entry(s, i, i + <Py_ssize_t>size, &key, &value) < 0:
-                return None
+            if _map_entry(s, i, i + <Py_ssize_t>size, &key, &value) != 0:
+                return None  # malformed, or a Struct protobuf would merge
             i += <Py_ssize_t>size
             if _is(s, key, b"nexus.usage", 11):
                 found = 1

@@ -21,10 +21,11 @@ import grpc
 import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
+from google.protobuf import struct_pb2
 
 from nexus_authz import native
 from nexus_authz.adapters import als_fast
-from nexus_authz.adapters.envoy_als import AccessLogService
+from nexus_authz.adapters.envoy_als import METADATA_NAMESPACE, AccessLogService
 from nexus_authz.core.model import Request
 from nexus_authz.engine import Engine
 from nexus_authz.settings import load_settings
@@ -87,14 +88,18 @@ def _pieces(data: bytes, order: tuple[int, ...] = (1, 2, 3)) -> dict[str, Any]:
     return {f"p{i}": base64.b64encode(data[(i - 1) * size : i * size]).decode() for i in order}
 
 
-def _len_field(number: int, payload: bytes) -> bytes:
-    tag, n, out = (number << 3) | 2, len(payload), bytearray()
-    out.append(tag)
+def _varint(n: int) -> bytes:
+    out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
     out.append(n)
-    return bytes(out) + payload
+    return bytes(out)
+
+
+def _len_field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field, by hand (to write what protobuf's own serializer never does)."""
+    return _varint((number << 3) | 2) + _varint(len(payload)) + payload
 
 
 def _responses() -> list[tuple[dict[str, Any] | None, str | None, str | None]]:
@@ -162,6 +167,15 @@ def _batches() -> tuple[list[bytes], list[tuple[KeySpec, str]], set[str]]:
     tail.common_properties.CopyFrom(entry_with(body_meta(CHAT)).common_properties)
     entries.append(split.SerializeToString() + tail.SerializeToString())
     admit.append((METERED, "metered-split"))
+    # and one whose Lua record comes in two parts of its map entry (protobuf merges the two Structs)
+    half = entry_with(None, content_type="application/json", key_id="x", request_id="metered-merged")
+    record = entry_with(body_meta(CHAT)).common_properties.metadata.filter_metadata[METADATA_NAMESPACE]
+    other = struct_pb2.Struct()
+    other.update({"x": 4000})
+    map_entry = _len_field(1, METADATA_NAMESPACE.encode())
+    map_entry += _len_field(2, record.SerializeToString()) + _len_field(2, other.SerializeToString())
+    entries.append(half.SerializeToString() + _len_field(1, _len_field(17, _len_field(1, map_entry))))
+    admit.append((METERED, "metered-merged"))
     entries.append(entries[3])  # a duplicate in the same batch
     identifier = als_pb2.StreamAccessLogsMessage()
     identifier.identifier.log_name = "nexus_usage"
