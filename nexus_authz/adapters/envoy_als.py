@@ -231,9 +231,10 @@ class AccessLogService:
                 try:
                     message = await read()
                 except asyncio.CancelledError:
-                    if not stop.done() or task is None:
-                        raise  # cancelled from outside (the server stops): not ours to swallow
-                    task.uncancel()
+                    # ours (the stop callback) unless the stream was cancelled from outside too (the
+                    # server stops): that one is not ours to swallow
+                    if not stop.done() or task is None or task.uncancel() > 0:
+                        raise
                     break
                 finally:
                     reading[0] = False
