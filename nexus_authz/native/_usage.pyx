@@ -452,12 +452,10 @@ def log_entries(bytes message not None):
     or choose between, a string that is not UTF-8: it raises or reads it its way)."""
     cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(message)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(message), i, end
-    cdef Span http, tcp
+    cdef Span http
     cdef unsigned long long tag, size
-    if _once(s, 0, n, MSG_HTTP_LOGS, &http) != 0 or _once(s, 0, n, MSG_TCP_LOGS, &tcp) != 0:
-        return None
-    if tcp.end > tcp.start or (tcp.end == 0 and _has_field(s, n, MSG_TCP_LOGS)):
-        return None  # TCP entries (or both kinds: the oneof keeps the last)
+    if _once(s, 0, n, MSG_HTTP_LOGS, &http) != 0 or _has_field(s, n, MSG_TCP_LOGS):
+        return None  # malformed, repeated, or TCP entries (or both kinds: the oneof keeps the last)
     out = []
     i = http.start
     try:
@@ -482,7 +480,8 @@ def log_entries(bytes message not None):
 
 
 cdef bint _has_field(const unsigned char* s, Py_ssize_t n, int number):
-    """Whether the message s[:n] (well-formed) has field `number` at all (an empty TCP log list too)."""
+    """Whether the message s[:n] (well-formed) has field `number` at all, of any wire type (an empty TCP
+    log list too)."""
     cdef Py_ssize_t i = 0
     cdef unsigned long long tag
     while i < n:

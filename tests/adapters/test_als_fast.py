@@ -521,3 +521,96 @@ def test_the_pure_switch_turns_the_scans_off(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(als_fast, "SCAN", None)
     assert als_fast.body_usage(body, "application/json", None) is None
     assert als_fast.snippet_fields(entry_with({"u": {"k": "body", "b": _b64(body)}}, other=False)) is None
+
+
+# -- a whole serialized message ------------------------------------------------------------------------------
+
+
+@st.composite
+def messages(draw: st.DrawFn) -> bytes:
+    """Serialized StreamAccessLogsMessages of generated entries, sometimes damaged: bytes changed, cut short,
+    an entry's fields repeated (protobuf merges them), an identifier, TCP entries."""
+    from envoy.service.accesslog.v3 import als_pb2
+
+    message = als_pb2.StreamAccessLogsMessage()
+    if draw(st.booleans()):
+        message.identifier.log_name = "nexus_usage"
+    for _ in range(draw(st.integers(0, 4))):
+        entry = entry_with(draw(metadata()), draw(st.booleans()))
+        entry.request.request_id = draw(st.sampled_from(["r", "", "é-1", "a" * 40]))
+        if draw(st.integers(0, 4)):
+            entry.request.request_headers["x-nexus-key-id"] = draw(st.sampled_from(["k", "", "é"]))
+        for name in draw(st.lists(st.sampled_from(["content-type", "content-encoding", "x"]), max_size=3)):
+            entry.response.response_headers[name] = draw(st.sampled_from(["application/json", "", "gzip"]))
+        message.http_logs.log_entry.append(entry)
+    if draw(st.integers(0, 15)) == 0:
+        message.tcp_logs.log_entry.add()
+    raw = message.SerializeToString()
+    mutation = draw(st.integers(0, 8))
+    if mutation == 0 and raw:
+        i = draw(st.integers(0, len(raw) - 1))
+        raw = raw[:i] + bytes([draw(st.integers(0, 255))]) + raw[i + 1 :]
+    elif mutation == 1:
+        raw = raw[: draw(st.integers(0, len(raw)))]
+    elif mutation == 2 and message.http_logs.log_entry:  # a repeated field inside the first entry
+        entry = message.http_logs.log_entry[0]
+        extra = accesslog_pb2.HTTPAccessLogEntry()
+        extra.request.request_headers["x-nexus-key-id"] = "k2"
+        extra.request.request_id = "r2"
+        doubled = entry.SerializeToString() + extra.SerializeToString()
+        message.http_logs.log_entry[0].ParseFromString(doubled)  # what protobuf makes of it
+        raw = b"\x12" + _varint(len(_field(1, doubled))) + _field(1, doubled)
+    return raw
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint((number << 3) | 2) + _varint(len(payload)) + payload
+
+
+@fuzz_settings(800, deadline=None)
+@given(raw=messages())
+def test_the_message_scan_reads_entries_as_protobuf_does(raw: bytes) -> None:
+    """Whenever the compiled scan answers for a message protobuf reads, it reads every entry as the
+    per-entry path does: not admitted, or protobuf's request id, content type and encoding and
+    snippet_of's record, or an unusual entry whose bytes protobuf reads as the same entry."""
+    from envoy.service.accesslog.v3 import als_pb2
+    from google.protobuf.message import DecodeError
+
+    assert native.usage is not None
+    scanned = native.usage.log_entries(raw)  # never raises, whatever the bytes
+    try:
+        parsed = als_pb2.StreamAccessLogsMessage.FromString(raw)
+    except DecodeError:
+        event("protobuf refuses")
+        return  # the stream fails on it (protobuf raises) whether or not the scan answered
+    event("scan" if scanned is not None else "protobuf")
+    if scanned is None:
+        return
+    entries = parsed.http_logs.log_entry
+    assert len(scanned) == len(entries) and parsed.WhichOneof("log_entries") in (None, "http_logs")
+    for item, entry in zip(scanned, entries, strict=True):
+        if item is None:
+            assert not entry.request.request_headers.get("x-nexus-key-id")
+            continue
+        request_id, content_type, content_encoding, kind, data, skipped, start, end = item
+        assert accesslog_pb2.HTTPAccessLogEntry.FromString(raw[start:end]) == entry
+        if kind is None:
+            continue
+        headers = entry.response.response_headers
+        assert entry.request.request_headers.get("x-nexus-key-id")
+        assert request_id == entry.request.request_id
+        assert (content_type, content_encoding) == (
+            headers.get("content-type"),
+            headers.get("content-encoding"),
+        )
+        snippet = snippet_of(entry)
+        assert (kind, data, skipped) == (snippet.kind, snippet.data, snippet.skipped)
