@@ -762,12 +762,17 @@ cdef int _details(const unsigned char* s, Py_ssize_t i, Py_ssize_t end, long lon
     if i < end and s[i] == 125:
         return 0
     while True:
+        if i >= end or s[i] != 34:
+            return -1
         key_start = i + 1
         i = _string(s, i, end, &escaped)
         if i < 0 or escaped:
             return -1
         key_end = i - 1
-        v = _ws(s, _ws(s, i, end) + 1, end)  # past the ':'
+        i = _ws(s, i, end)
+        if i >= end or s[i] != 58:  # ':'
+            return -1
+        v = _ws(s, i + 1, end)
         i = _value(s, v, end, 2)
         if i < 0:
             return -1
@@ -778,7 +783,7 @@ cdef int _details(const unsigned char* s, Py_ssize_t i, Py_ssize_t end, long lon
                 return -1
         i = _ws(s, i, end)
         if i >= end or s[i] != 44:
-            return 0  # '}'
+            return 0 if i < end and s[i] == 125 else -1  # '}'
         i = _ws(s, i + 1, end)
 
 
@@ -805,12 +810,17 @@ def usage_counts(bytes body not None, Py_ssize_t start, Py_ssize_t end):
     i = _ws(s, start + 1, end)
     if i < end and s[i] != 125:
         while True:
+            if i >= end or s[i] != 34:
+                return None
             key_start = i + 1
             i = _string(s, i, end, &escaped)
             if i < 0 or escaped:
                 return None
             key_end = i - 1
-            v = _ws(s, _ws(s, i, end) + 1, end)  # past the ':'
+            i = _ws(s, i, end)
+            if i >= end or s[i] != 58:  # ':'
+                return None
+            v = _ws(s, i + 1, end)
             i = _value(s, v, end, 1)
             if i < 0:
                 return None
@@ -832,6 +842,8 @@ def usage_counts(bytes body not None, Py_ssize_t start, Py_ssize_t end):
             if i >= end or s[i] != 44:
                 break
             i = _ws(s, i + 1, end)
+        if i >= end or s[i] != 125:
+            return None  # not one object (the callers pass a validated one)
     if seen[F_PROMPT] or seen[F_COMPLETION]:  # chat / completions / embeddings
         return ("openai", value[F_PROMPT], value[F_COMPLETION], details[0][D_CACHED],
                 details[0][D_CACHE_WRITE], details[1][D_REASONING])
