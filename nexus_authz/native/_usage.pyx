@@ -449,7 +449,9 @@ cdef object _entry(const unsigned char* s, Py_ssize_t start, Py_ssize_t end):
 def log_entries(bytes message not None):
     """The HTTP entries of a serialized StreamAccessLogsMessage, each as `_entry` reads it (None: not
     admitted), in order; None when protobuf must read the message (malformed, a field it would merge
-    or choose between, a string that is not UTF-8: it raises or reads it its way)."""
+    or choose between, a string it returns that is not UTF-8: protobuf raises or reads it its way).
+    Strings it does not return are not checked for UTF-8 (protobuf would refuse the whole message over
+    one; Envoy never sends such a message)."""
     cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(message)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(message), i, end
     cdef Span http
