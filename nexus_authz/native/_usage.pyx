@@ -13,6 +13,13 @@ the pure path's rules, never a second source of truth.
   `StreamUsage._finish_json`): not an object, malformed, NaN/Infinity, nested deeper than MAX_DEPTH,
   a top-level key with escapes, an `"error"` object or `"type": "error"`, no `"usage"` object. The
   caller then decodes only the usage object and interprets it with the core's record readers.
+- `log_entries(message)`: a serialized StreamAccessLogsMessage's HTTP entries in one pass (the gRPC
+  handler takes the message serialized): per entry its request id, the x-nexus-key-id filter, the
+  response's content type and encoding and `usage_snippet`'s record; an entry or message protobuf would
+  read differently (a repeated field it merges, a cut-off stream's pieces, TCP entries, malformed bytes)
+  is left to protobuf and the per-entry path.
+- `sse_usage_span(data)`: the usage record of a Lua "sse" snippet holding OpenAI's usage chunk, when
+  core/usage.StreamUsage would read the snippet's usage from that record alone.
 - `usage_counts(body, start, end)`: that usage object's counts, when it is a common record (its counts
   plain integers, no escaped key): the members core/usage_records.record_usage reads, in its order of
   precedence, for its formulas (`usage_from_counts`); None (the core's reader decodes the object) for
