@@ -20,12 +20,12 @@ the pure path's rules, never a second source of truth.
   is left to protobuf and the per-entry path.
 - `sse_usage_span(data)`: the usage record of a Lua "sse" snippet holding OpenAI's usage chunk, when
   core/usage.StreamUsage would read the snippet's usage from that record alone.
-- `usage_counts(body, start, end)`: that usage object's counts, when it is a common record (its counts
-  plain integers, no escaped key): the members core/usage_records.record_usage reads, in its order of
-  precedence, for its formulas (`usage_from_counts`); None (the core's reader decodes the object) for
-  anything else.
+- `usage_counts(body, start, end)`: the counts of a usage object either span above found, when it is a
+  common record (its counts plain integers, no escaped key): the members core/usage_records.record_usage
+  reads, in its order of precedence, for its formulas (`usage_from_counts`); None (the core's reader
+  decodes the object) for anything else.
 
-Both are bounded (linear in their input, no allocation but the result) and never raise on any input.
+All are bounded (linear in their input, no allocation but the results) and never raise on any input.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
