@@ -2,7 +2,8 @@
 they built: the Lua tap's record read from the serialized metadata in one pass instead of a walk of
 protobuf Struct objects, and a whole JSON body's usage object found by a validating scan instead of a
 json.loads of the document. An accelerator of the pure path's rules, never a second source of truth:
-the record is interpreted by the core's readers (core/usage_records.document_usage), and every input the
+a record's counts are read in C only when they are plain integers and the Usage is built by the core's
+formulas (core/usage_records.usage_from_counts; else document_usage decodes it), and every input the
 scans are not sure of (a cut-off stream's pieces, a malformed or unusual document, an error document, no
 usage record, SSE, a compressed body ...) goes the pure way (adapters/envoy_als.py snippet_of and
 core/usage.py StreamUsage), which gives the same result for every input
@@ -18,11 +19,23 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 
 from nexus_authz import native
 from nexus_authz.core.usage import MAX_BODY_BYTES
-from nexus_authz.core.usage_records import Usage, document_usage
+from nexus_authz.core.usage_records import Usage, document_model, document_usage, usage_from_counts
 
-__all__ = ["SCAN", "body_usage", "snippet_fields"]
+__all__ = ["SCAN", "body_usage", "log_entries", "snippet_fields", "sse_usage"]
 
 SCAN: Any = native.usage  # the compiled module (native/_usage.pyx), or None: the pure path only
+
+
+def log_entries(message: bytes) -> list[tuple[Any, ...] | None] | None:
+    """The HTTP entries of a serialized StreamAccessLogsMessage as the compiled scan reads them (see
+    native/_usage.pyx `log_entries`: per entry None when nexus-authz did not admit it, else (request_id,
+    content_type, content_encoding, kind, data, skipped, start, end), kind None when protobuf must read
+    message[start:end]); None when protobuf must read the message (or the scans did not build)."""
+    scan = SCAN
+    if scan is None:
+        return None
+    result: list[tuple[Any, ...] | None] | None = scan.log_entries(message)
+    return result
 
 
 def snippet_fields(entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[str, bytes, int] | None:
@@ -51,4 +64,25 @@ def body_usage(
     ):
         return None
     span = scan.usage_span(data)
-    return None if span is None else document_usage(data, span[0], span[1])
+    if span is None:
+        return None
+    counts = scan.usage_counts(data, span[0], span[1])  # the common record's plain counts, in C
+    if counts is None:
+        return document_usage(data, span[0], span[1])
+    return usage_from_counts(counts), document_model(data)
+
+
+def sse_usage(data: bytes) -> tuple[Usage, str | None] | None:
+    """(usage, model) of a Lua tap "sse" snippet whose usage is OpenAI's usage chunk (one unnamed event
+    holding the one record, see native/_usage.pyx `sse_usage_span`), as StreamUsage reads the snippet;
+    None when StreamUsage must read it."""
+    scan = SCAN
+    if scan is None:
+        return None
+    span = scan.sse_usage_span(data)
+    if span is None:
+        return None
+    counts = scan.usage_counts(data, span[0], span[1])
+    if counts is None or counts[0] != "openai":
+        return None  # an Anthropic-shaped record in an unnamed event: StreamUsage's own rules
+    return usage_from_counts(counts), document_model(data)

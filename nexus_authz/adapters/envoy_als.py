@@ -26,6 +26,12 @@ never trusted). What the Lua filter sends (see its header):
   u.x           bytes dropped unseen over the cap: the completion counted from what was kept is
                 extrapolated over them
   p1, p2, ...   no `u`: the stream was cut off; the chunks seen so far, in order
+
+The gRPC handler takes the message serialized: the compiled scan (als_fast.log_entries) reads each
+entry's request id, identity filter, content type and encoding and the Lua record in one pass, and the
+common records (a JSON body's usage object, an OpenAI stream's usage chunk) in C; protobuf, snippet_of and
+StreamUsage read everything else, and all of it without the scans (tests/adapters/test_als_batch.py: the
+same counters, ledger rows and metrics either way).
 """
 
 from __future__ import annotations
@@ -72,7 +78,7 @@ MAX_MESSAGE_BYTES: Final = 4 << 20
 _EVENT_STREAM: Final = "text/event-stream"
 _EMPTY_RESPONSE: Final = als_pb2.StreamAccessLogsResponse()
 # Seconds of accounting between two yields to the event loop: a slice ends with the first entry that
-# brings it past this (an entry takes ~25 µs), so a batch never holds the loop much over 100 µs.
+# brings it past this (an entry takes ~10-25 µs), so a batch never holds the loop much over 100 µs.
 _SLICE: Final = 0.0001
 _BUSY = LOOP_BUSY.access_log  # how long each slice of a batch holds the event loop
 
@@ -102,6 +108,13 @@ def _byte_count(value: Any) -> int:
 
 def _piece_index(name: str) -> int:
     return int(name[1:]) if name[1:].isdigit() else -1
+
+
+def _request_id(item: Any) -> str | None:
+    """The request id of a batch's item (a protobuf entry, or a scanned tuple), for a log line."""
+    if isinstance(item, tuple):
+        return item[0]  # type: ignore[no-any-return]
+    return item.request.request_id if item is not None else None  # type: ignore[no-any-return]
 
 
 def snippet_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> Snippet:
@@ -198,47 +211,95 @@ class AccessLogService:
     ) -> als_pb2.StreamAccessLogsResponse:
         loop = asyncio.get_running_loop()
         stop: asyncio.Future[None] = loop.create_future()
-        self._streams[stop] = loop.time()
+        streams = self._streams
+        streams[stop] = loop.time()
+        # drain() ends the stream between two batches (Envoy never ends it): while this waits for the next
+        # message, `stop` cancels the wait; during a batch it is only seen once the batch is done. One
+        # callback for the stream's life rather than a task and an asyncio.wait per message.
+        task = asyncio.current_task()
+        reading = [False]
+
+        def stopped(_: object) -> None:
+            if reading[0] and task is not None:
+                task.cancel()
+
+        stop.add_done_callback(stopped)
+        read = context.read
         try:
-            while True:
-                # context.read() rather than `async for`, so that drain() can end the stream between
-                # two batches: Envoy never ends it.
-                read = asyncio.ensure_future(context.read())
-                await asyncio.wait((read, stop), return_when=asyncio.FIRST_COMPLETED)
-                if not read.done():
-                    read.cancel()
+            while not stop.done():
+                reading[0] = True
+                try:
+                    message = await read()
+                except asyncio.CancelledError:
+                    # ours (the stop callback) unless the stream was cancelled from outside too (the
+                    # server stops): that one is not ours to swallow
+                    if not stop.done() or task is None or task.uncancel() > 0:
+                        raise
                     break
-                message = read.result()
+                finally:
+                    reading[0] = False
                 if message is grpc.aio.EOF:
                     break
-                self._streams[stop] = math.inf  # busy: drain() must not end it mid-batch
+                streams[stop] = math.inf  # busy: drain() must not end it mid-batch
                 self.messages += 1
-                started = perf_counter()  # each slice of the batch between two yields is one observation
-                for entry in message.http_logs.log_entry:
-                    try:
-                        pending = self.account_now(entry)
-                        if pending is not None:  # a long text to count exactly: off the event loop
-                            _BUSY.observe(perf_counter() - started)
-                            await pending
-                            started = perf_counter()
-                    except Exception:  # one bad entry must not lose the rest of the batch
-                        log.exception("accounting failed", extra={"request_id": entry.request.request_id})
-                    if perf_counter() - started >= _SLICE:
-                        # a batch holds up to ~50 entries (~25 µs each): let queued Checks run meanwhile
-                        _BUSY.observe(perf_counter() - started)
-                        await asyncio.sleep(0)
-                        started = perf_counter()
-                _BUSY.observe(perf_counter() - started)
-                self._streams[stop] = self._last_batch = loop.time()
+                if message.__class__ is bytes:  # as the handler receives it (no protobuf deserializer)
+                    scanned = als_fast.log_entries(message)  # the compiled scan of the whole message
+                    if scanned is not None:
+                        await self._account_batch(scanned, self._account_scanned, message)
+                        streams[stop] = self._last_batch = loop.time()
+                        continue
+                    # protobuf reads what the scan does not (a malformed message raises here, where
+                    # grpc's deserializer raised it before)
+                    message = als_pb2.StreamAccessLogsMessage.FromString(message)
+                await self._account_batch(message.http_logs.log_entry, self._account_entry, b"")
+                streams[stop] = self._last_batch = loop.time()
         finally:
-            self._streams.pop(stop, None)
+            streams.pop(stop, None)
         return _EMPTY_RESPONSE
+
+    async def _account_batch(
+        self, items: Any, account_one: Callable[[Any, bytes], Awaitable[None] | None], raw: bytes
+    ) -> None:
+        """The entries of one message (protobuf entries, or the compiled scan's tuples of `raw`), in
+        slices of about _SLICE seconds of the event loop: each slice between two yields is one
+        observation of LOOP_BUSY.access_log."""
+        clock = perf_counter
+        observe = _BUSY.observe
+        started = clock()
+        for item in items:
+            try:
+                pending = account_one(item, raw)
+                if pending is not None:  # a long text to count exactly: off the event loop
+                    observe(clock() - started)
+                    await pending
+                    started = clock()
+            except Exception:  # one bad entry must not lose the rest of the batch
+                log.exception("accounting failed", extra={"request_id": _request_id(item)})
+            if clock() - started >= _SLICE:
+                # a batch holds up to ~50 entries (~10-25 µs each): let queued Checks run meanwhile
+                observe(clock() - started)
+                await asyncio.sleep(0)
+                started = clock()
+        observe(clock() - started)
 
     async def account(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
         """One access-log entry: the usage of its response, settled and recorded."""
         pending = self.account_now(entry)
         if pending is not None:
             await pending
+
+    def _account_entry(self, entry: accesslog_pb2.HTTPAccessLogEntry, raw: bytes) -> Awaitable[None] | None:
+        return self.account_now(entry)
+
+    def _account_scanned(self, item: tuple[Any, ...] | None, raw: bytes) -> Awaitable[None] | None:
+        """`account_now` of an entry of `raw` as the compiled scan read it (als_fast.log_entries)."""
+        if item is None:  # not admitted by nexus-authz
+            self.ignored += 1
+            return None
+        request_id, content_type, content_encoding, kind, data, skipped, start, end = item
+        if kind is None:  # unusual: protobuf and snippet_of read it
+            return self.account_now(accesslog_pb2.HTTPAccessLogEntry.FromString(raw[start:end]))
+        return self._account_snippet(request_id, content_type, content_encoding, kind, data, skipped)
 
     def account_now(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> Awaitable[None] | None:
         """`account`, synchronously when it can be (nearly always: no coroutine per entry); returns an
@@ -249,23 +310,39 @@ class AccessLogService:
             self.ignored += 1
             return None
         response_headers = entry.response.response_headers
-        request_id = request.request_id
-        content_type = response_headers.get("content-type")
-        content_encoding = response_headers.get("content-encoding")
         fields = als_fast.snippet_fields(entry)  # the compiled scans (als_fast) when they built
         if fields is None:
             snippet = snippet_of(entry)
-        else:
-            if fields[0] == "body" and not fields[2]:  # a whole body: its usage record, if it has one
-                found = als_fast.body_usage(fields[1], content_type, content_encoding)
-                if found is not None:
-                    self.entries += 1
-                    # what account_response concludes for a whole body with a usage record
-                    self.engine.account(
-                        request_id, found[0], response_model=found[1], keep_estimate=False, unread=False
-                    )
-                    return None
-            snippet = Snippet(*fields)
+            fields = (snippet.kind, snippet.data, snippet.skipped)
+        return self._account_snippet(
+            request.request_id,
+            response_headers.get("content-type"),
+            response_headers.get("content-encoding"),
+            *fields,
+        )
+
+    def _account_snippet(
+        self,
+        request_id: str,
+        content_type: str | None,
+        content_encoding: str | None,
+        kind: str,
+        data: bytes,
+        skipped: int,
+    ) -> Awaitable[None] | None:
+        """An admitted entry's accounting from the Lua tap's record (kind, data, skipped: a Snippet)."""
+        if kind == "body":  # a whole body: its usage record, if it has one
+            found = als_fast.body_usage(data, content_type, content_encoding) if not skipped else None
+        else:  # a stream's usage events (whole ones: whatever was skipped, the record stands)
+            found = als_fast.sse_usage(data) if kind == "sse" else None
+        if found is not None:
+            self.entries += 1
+            # what account_response concludes for a whole response with a provider's usage record
+            self.engine.account(
+                request_id, found[0], response_model=found[1], keep_estimate=False, unread=False
+            )
+            return None
+        snippet = Snippet(kind, data, skipped)
         hint = self.engine.prompt_hint(request_id)
         parser = parser_for(
             snippet, content_type=content_type, content_encoding=content_encoding, prompt_tokens_hint=hint
@@ -310,7 +387,8 @@ class AccessLogService:
             {
                 "StreamAccessLogs": grpc.stream_unary_rpc_method_handler(
                     self.stream_access_logs,
-                    request_deserializer=als_pb2.StreamAccessLogsMessage.FromString,
+                    # the serialized message: the compiled scan reads it (protobuf when it cannot)
+                    request_deserializer=None,
                     response_serializer=als_pb2.StreamAccessLogsResponse.SerializeToString,
                 )
             },

@@ -104,7 +104,7 @@ class PriceTable:
     def charge(self, model: str | None, prompt: int, cached: int, completion: int) -> tuple[int, str]:
         """(micro-USD, the rule that priced it) for one request's usage, once per request: an unpriced
         model is counted by its outcome."""
-        priced = self.lookup(model)
+        priced = self._cache.get(model) or self.lookup(model)  # the cache first: once per response
         if not priced.matched:
             self._count(priced.outcome)
         return _cost(priced.price, prompt, cached, completion), priced.rule

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Final, Literal
 
-__all__ = ["Usage", "UsageSource", "document_usage", "record_usage"]
+__all__ = ["Usage", "UsageSource", "document_model", "document_usage", "record_usage", "usage_from_counts"]
 
 
 UsageSource = Literal["provider", "estimated", "none"]
@@ -63,32 +63,75 @@ def _count(value: object) -> int:
     return 0
 
 
+_NO_DETAILS: Final[dict[str, object]] = {}
+
+
 def _sub(record: dict[str, object], key: str) -> dict[str, object]:
     value = record.get(key)
-    return value if isinstance(value, dict) else {}
+    return value if isinstance(value, dict) else _NO_DETAILS
+
+
+# A frozen dataclass's generated __init__ sets each field through object.__setattr__; the record readers
+# build one Usage per response, so they set the slots through their descriptors (as core.model's
+# hot-path constructors do): the identical frozen object in a fraction of the time.
+_USAGE_SLOTS = tuple(
+    getattr(Usage, name).__set__
+    for name in (
+        "prompt_tokens",
+        "cached_prompt_tokens",
+        "cache_write_tokens",
+        "completion_tokens",
+        "reasoning_tokens",
+        "source",
+    )
+)
+
+
+def new_usage(
+    prompt: int, cached: int, cache_write: int, completion: int, reasoning: int, source: UsageSource
+) -> Usage:
+    """`Usage(...)` with every field given, without the frozen dataclass's per-field __setattr__."""
+    usage: Usage = object.__new__(Usage)
+    s0, s1, s2, s3, s4, s5 = _USAGE_SLOTS
+    s0(usage, prompt)
+    s1(usage, cached)
+    s2(usage, cache_write)
+    s3(usage, completion)
+    s4(usage, reasoning)
+    s5(usage, source)
+    return usage
 
 
 def _openai_usage(record: dict[str, object]) -> Usage | None:
     """A chat/completions/embeddings or Responses usage record, or None when it is neither."""
+    get = record.get
     if "prompt_tokens" in record or "completion_tokens" in record:
-        prompt = _count(record.get("prompt_tokens"))
-        completion = _count(record.get("completion_tokens"))
+        prompt = _count(get("prompt_tokens"))
+        completion = _count(get("completion_tokens"))
         prompt_details = _sub(record, "prompt_tokens_details")
         completion_details = _sub(record, "completion_tokens_details")
     elif "input_tokens_details" in record or "output_tokens_details" in record or "total_tokens" in record:
-        prompt = _count(record.get("input_tokens"))
-        completion = _count(record.get("output_tokens"))
+        prompt = _count(get("input_tokens"))
+        completion = _count(get("output_tokens"))
         prompt_details = _sub(record, "input_tokens_details")
         completion_details = _sub(record, "output_tokens_details")
     else:
         return None
-    cached = min(_count(prompt_details.get("cached_tokens")), prompt)
-    return Usage(
-        prompt_tokens=prompt,
-        cached_prompt_tokens=cached,
-        cache_write_tokens=min(_count(prompt_details.get("cache_write_tokens")), prompt - cached),
-        completion_tokens=completion,
-        reasoning_tokens=min(_count(completion_details.get("reasoning_tokens")), completion),
+    return _openai_counts(
+        prompt,
+        completion,
+        _count(prompt_details.get("cached_tokens")),
+        _count(prompt_details.get("cache_write_tokens")),
+        _count(completion_details.get("reasoning_tokens")),
+    )
+
+
+def _openai_counts(prompt: int, completion: int, cached: int, cache_write: int, reasoning: int) -> Usage:
+    """An OpenAI (chat/completions/embeddings or Responses) record's Usage from its counts (`_count`ed):
+    the cached and cache-write parts within the prompt, the reasoning part within the completion."""
+    cached = min(cached, prompt)
+    return new_usage(
+        prompt, cached, min(cache_write, prompt - cached), completion, min(reasoning, completion), "provider"
     )
 
 
@@ -116,15 +159,30 @@ def record_usage(record: dict[str, object]) -> Usage | None:
 
 
 def _anthropic_usage(fields: dict[str, int], source: UsageSource = "provider") -> Usage:
-    read = fields.get("cache_read_input_tokens", 0)
-    write = fields.get("cache_creation_input_tokens", 0)
-    return Usage(
-        prompt_tokens=fields.get("input_tokens", 0) + read + write,
-        cached_prompt_tokens=read,
-        cache_write_tokens=write,
-        completion_tokens=fields.get("output_tokens", 0),
-        source=source,
+    return _anthropic_counts(
+        fields.get("input_tokens", 0),
+        fields.get("cache_read_input_tokens", 0),
+        fields.get("cache_creation_input_tokens", 0),
+        fields.get("output_tokens", 0),
+        source,
     )
+
+
+def _anthropic_counts(
+    input_tokens: int, read: int, write: int, output: int, source: UsageSource = "provider"
+) -> Usage:
+    """Anthropic's record: `input_tokens` excludes the cache traffic, which the prompt includes."""
+    return new_usage(input_tokens + read + write, read, write, output, 0, source)
+
+
+def usage_from_counts(counts: tuple[object, ...]) -> Usage:
+    """The Usage of a record an accelerator read as counts (native/_usage.pyx `usage_counts`: the plain
+    integers `_count` reads as is, at the members `record_usage` reads, in its order of precedence):
+    ("openai", prompt, completion, cached, cache_write, reasoning) or ("anthropic", input, cache_read,
+    cache_creation, output)."""
+    if counts[0] == "openai":
+        return _openai_counts(*counts[1:])  # type: ignore[arg-type]
+    return _anthropic_counts(*counts[1:])  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,5 +329,10 @@ def document_usage(body: bytes, start: int, end: int) -> tuple[Usage, str | None
     usage = record_usage(record) if isinstance(record, dict) else None
     if usage is None:
         return None
-    match = _MODEL_FIELD.search(body, 0, _MODEL_SCAN_BYTES)  # StreamUsage._find_model, one chunk
-    return usage, match.group(1).decode("utf-8", "replace") if match is not None else None
+    return usage, document_model(body)
+
+
+def document_model(body: bytes) -> str | None:
+    """The model a whole document names, as StreamUsage._find_model finds it (in one chunk)."""
+    match = _MODEL_FIELD.search(body, 0, _MODEL_SCAN_BYTES)
+    return match.group(1).decode("utf-8", "replace") if match is not None else None

@@ -13,8 +13,8 @@ Compiled so far: `_http1`, the HTTP/1.1 framing of the ext_authz / auth_request 
 which the policy calls; the composition root, engine.py, imports this package so every engine uses it);
 `_windows`, the memory counter store's acquire and adjust (stores/memory.py installs them on
 MemoryCounterStore);
-`_usage`, the access-log entry's scans (adapters/als_fast.py: the Lua tap's record and a JSON body's usage
-object);
+`_usage`, the access-log scans (adapters/als_fast.py: a serialized message's entries, the Lua tap's
+record, a JSON body's usage object, an OpenAI stream's usage chunk, a common record's counts);
 `_headers`, the rate-limit headers of an answer (core.ratelimit_headers.plan_headers' equivalent, installed
 as `core.ratelimit_headers.build_headers`, which the policy calls; and plan_header_block's, the same headers
 as HTTP/1.1 lines, installed as `build_header_block`, which the HTTP listener's fast path calls).

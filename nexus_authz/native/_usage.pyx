@@ -13,12 +13,24 @@ the pure path's rules, never a second source of truth.
   `StreamUsage._finish_json`): not an object, malformed, NaN/Infinity, nested deeper than MAX_DEPTH,
   a top-level key with escapes, an `"error"` object or `"type": "error"`, no `"usage"` object. The
   caller then decodes only the usage object and interprets it with the core's record readers.
+- `log_entries(message)`: a serialized StreamAccessLogsMessage's HTTP entries in one pass (the gRPC
+  handler takes the message serialized): per entry its request id, the x-nexus-key-id filter, the
+  response's content type and encoding and `usage_snippet`'s record; an entry or message protobuf would
+  read differently (a repeated field it merges, a cut-off stream's pieces, TCP entries, malformed bytes)
+  is left to protobuf and the per-entry path.
+- `sse_usage_span(data)`: the usage record of a Lua "sse" snippet holding OpenAI's usage chunk, when
+  core/usage.StreamUsage would read the snippet's usage from that record alone.
+- `usage_counts(body, start, end)`: the counts of a usage object either span above found, when it is a
+  common record (its counts plain integers, no escaped key): the members core/usage_records.record_usage
+  reads, in its order of precedence, for its formulas (`usage_from_counts`); None (the core's reader
+  decodes the object) for anything else.
 
-Both are bounded (linear in their input, no allocation but the result) and never raise on any input.
+All are bounded (linear in their input, no allocation but the results) and never raise on any input.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.string cimport memcmp, memcpy
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.string cimport memcmp, memcpy, strlen
 
 cdef enum:
     MAX_DEPTH = 200  # deeper documents go to the pure path (json.loads' own recursion limit is ~1000)
@@ -73,9 +85,11 @@ cdef struct Span:
 
 
 cdef int _map_entry(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Span* key, Span* value):
-    """A map entry message s[i:n] (key = field 1, string; value = field 2, message): their spans
-    (value end < 0: absent). 0, or -1 when malformed."""
+    """A map entry message s[i:n] (key = field 1, string; value = field 2): their spans (value end < 0:
+    absent; the last occurrence). 0; 1 when the value occurs more than once (a message value protobuf
+    would merge: the caller lets protobuf read it); -1 when malformed."""
     cdef unsigned long long tag, length
+    cdef int values = 0
     key.start = key.end = 0
     value.start = value.end = -1
     while i < n:
@@ -92,12 +106,13 @@ cdef int _map_entry(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Span* ke
             else:
                 value.start = i
                 value.end = i + <Py_ssize_t>length
+                values += 1
             i += <Py_ssize_t>length
         else:
             i = _skip(s, i, n, tag & 7)
             if i < 0:
                 return -1
-    return 0
+    return 1 if values > 1 else 0
 
 
 cdef inline bint _is(const unsigned char* s, Span span, const char* word, Py_ssize_t length):
@@ -119,8 +134,8 @@ cdef int _struct_field(const unsigned char* s, Span struct, const char* name, Py
             i = _varint(s, i, struct.end, &size)
             if i < 0 or size > <unsigned long long>(struct.end - i):
                 return -1
-            if _map_entry(s, i, i + <Py_ssize_t>size, &key, &value) < 0:
-                return -1
+            if _map_entry(s, i, i + <Py_ssize_t>size, &key, &value) != 0:
+                return -1  # malformed, or a Value protobuf would merge
             i += <Py_ssize_t>size
             if _is(s, key, name, length):
                 found = 1
@@ -224,8 +239,11 @@ def usage_snippet(bytes metadata):
     """(kind, data, skipped) of the Lua tap's record in a serialized Metadata, as snippet_of reads it:
     ("none", b"", 0) without the `nexus.usage` namespace or with an unknown kind; None when snippet_of
     must read it (no "u" record, an unexpected value shape, non-canonical base64)."""
-    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(metadata)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(metadata), i = 0
+    return _snippet(<const unsigned char*>PyBytes_AS_STRING(metadata), 0, PyBytes_GET_SIZE(metadata))
+
+
+cdef object _snippet(const unsigned char* s, Py_ssize_t i, Py_ssize_t n):
+    """usage_snippet of the serialized Metadata s[i:n]."""
     cdef unsigned long long tag, size
     cdef Span key, value, ns, field, payload, record, kind_span, data_span
     cdef double number = 0.0
@@ -241,8 +259,8 @@ def usage_snippet(bytes metadata):
             i = _varint(s, i, n, &size)
             if i < 0 or size > <unsigned long long>(n - i):
                 return None
-            if _map_entry(s, i, i + <Py_ssize_t>size, &key, &value) < 0:
-                return None
+            if _map_entry(s, i, i + <Py_ssize_t>size, &key, &value) != 0:
+                return None  # malformed, or a Struct protobuf would merge
             i += <Py_ssize_t>size
             if _is(s, key, b"nexus.usage", 11):
                 found = 1
@@ -298,6 +316,193 @@ def usage_snippet(bytes metadata):
     if name is None:
         return ("none", b"", 0)
     return (name, data, skipped)
+
+
+# -- a whole StreamAccessLogsMessage ---------------------------------------------------------------------
+
+cdef enum:
+    # field numbers (envoy.service.accesslog.v3 / envoy.data.accesslog.v3)
+    MSG_HTTP_LOGS = 2, MSG_TCP_LOGS = 3, LOGS_ENTRY = 1
+    ENTRY_COMMON = 1, ENTRY_REQUEST = 3, ENTRY_RESPONSE = 4
+    COMMON_METADATA = 17, REQUEST_ID = 9, REQUEST_HEADERS = 13, RESPONSE_HEADERS = 4
+
+
+cdef int _once(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int number, Span* out):
+    """The one occurrence of the message field `number` in the message s[i:n] (out: empty when absent).
+    0, 1 more than once (protobuf merges the occurrences: the caller lets protobuf read it), -1 malformed."""
+    cdef unsigned long long tag, size
+    cdef int seen = 0
+    out.start = out.end = 0
+    while i < n:
+        i = _varint(s, i, n, &tag)
+        if i < 0:
+            return -1
+        if tag == ((<unsigned long long>number << 3) | 2):
+            i = _varint(s, i, n, &size)
+            if i < 0 or size > <unsigned long long>(n - i):
+                return -1
+            seen += 1
+            out.start = i
+            out.end = i + <Py_ssize_t>size
+            i = out.end
+        else:
+            i = _skip(s, i, n, tag & 7)
+            if i < 0:
+                return -1
+    return 1 if seen > 1 else 0
+
+
+cdef object _text(const unsigned char* s, Span span):
+    """A string field's text (protobuf checks its UTF-8: an invalid one raises, and the caller lets
+    protobuf read the message)."""
+    return PyUnicode_DecodeUTF8(<const char*>(s + span.start), span.end - span.start, NULL)
+
+
+cdef int _header(const unsigned char* s, Span headers_of, int number, const char* name, Py_ssize_t length,
+                 Span* out):
+    """The value of header `name` in the map<string, string> field `number` of the message at
+    `headers_of` (the last entry wins, as protobuf maps do). 1 found, 0 absent, -1 malformed."""
+    cdef Py_ssize_t i = headers_of.start, n = headers_of.end
+    cdef unsigned long long tag, size
+    cdef Span key, value
+    cdef int found = 0
+    while i < n:
+        i = _varint(s, i, n, &tag)
+        if i < 0:
+            return -1
+        if tag == ((<unsigned long long>number << 3) | 2):
+            i = _varint(s, i, n, &size)
+            if i < 0 or size > <unsigned long long>(n - i):
+                return -1
+            if _map_entry(s, i, i + <Py_ssize_t>size, &key, &value) < 0:
+                return -1
+            i += <Py_ssize_t>size
+            if _is(s, key, name, length):
+                found = 1
+                if value.end < 0:  # no value: ""
+                    value.start = value.end = i
+                out[0] = value
+        else:
+            i = _skip(s, i, n, tag & 7)
+            if i < 0:
+                return -1
+    return found
+
+
+cdef int _string_field(const unsigned char* s, Span message, int number, Span* out):
+    """The string field `number` of the message (the last occurrence wins; empty when absent). 0, -1
+    malformed."""
+    cdef Py_ssize_t i = message.start, n = message.end
+    cdef unsigned long long tag, size
+    out.start = out.end = 0
+    while i < n:
+        i = _varint(s, i, n, &tag)
+        if i < 0:
+            return -1
+        if tag == ((<unsigned long long>number << 3) | 2):
+            i = _varint(s, i, n, &size)
+            if i < 0 or size > <unsigned long long>(n - i):
+                return -1
+            out.start = i
+            out.end = i + <Py_ssize_t>size
+            i = out.end
+        else:
+            i = _skip(s, i, n, tag & 7)
+            if i < 0:
+                return -1
+    return 0
+
+
+cdef object _entry(const unsigned char* s, Py_ssize_t start, Py_ssize_t end):
+    """One HTTPAccessLogEntry s[start:end]: None when nexus-authz did not admit it (no x-nexus-key-id),
+    else (request_id, content_type, content_encoding, kind, data, skipped, start, end), or
+    (None, None, None, None, b"", 0, start, end) when the entry is unusual (its snippet for snippet_of to
+    read, a field protobuf would merge): the caller parses s[start:end] with protobuf. Raises ValueError
+    when malformed."""
+    cdef Span common, request, response, metadata, rid, value
+    cdef int found, a, b, c
+    a = _once(s, start, end, ENTRY_COMMON, &common)
+    b = _once(s, start, end, ENTRY_REQUEST, &request)
+    c = _once(s, start, end, ENTRY_RESPONSE, &response)
+    if a < 0 or b < 0 or c < 0:
+        raise ValueError("malformed entry")
+    if a or b or c:  # repeated: protobuf merges them
+        return (None, None, None, None, b"", 0, start, end)
+    found = _header(s, request, REQUEST_HEADERS, b"x-nexus-key-id", 14, &value)
+    if found < 0:
+        raise ValueError("malformed entry")
+    if not found or value.end == value.start:
+        return None
+    if _string_field(s, request, REQUEST_ID, &rid) < 0:
+        raise ValueError("malformed entry")
+    request_id = _text(s, rid)
+    found = _header(s, response, RESPONSE_HEADERS, b"content-type", 12, &value)
+    if found < 0:
+        raise ValueError("malformed entry")
+    content_type = _text(s, value) if found else None
+    found = _header(s, response, RESPONSE_HEADERS, b"content-encoding", 16, &value)
+    if found < 0:
+        raise ValueError("malformed entry")
+    content_encoding = _text(s, value) if found else None
+    found = _once(s, common.start, common.end, COMMON_METADATA, &metadata)
+    if found < 0:
+        raise ValueError("malformed entry")
+    snippet = _snippet(s, metadata.start, metadata.end) if found == 0 else None
+    if snippet is None:  # snippet_of reads it (or protobuf merges a repeated metadata)
+        return (None, None, None, None, b"", 0, start, end)
+    return (request_id, content_type, content_encoding, snippet[0], snippet[1], snippet[2], start, end)
+
+
+def log_entries(bytes message not None):
+    """The HTTP entries of a serialized StreamAccessLogsMessage, each as `_entry` reads it (None: not
+    admitted), in order; None when protobuf must read the message (malformed, a field it would merge
+    or choose between, a string it returns that is not UTF-8: protobuf raises or reads it its way).
+    Strings it does not return are not checked for UTF-8 (protobuf would refuse the whole message over
+    one; Envoy never sends such a message)."""
+    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(message)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(message), i, end
+    cdef Span http
+    cdef unsigned long long tag, size
+    if _once(s, 0, n, MSG_HTTP_LOGS, &http) != 0 or _has_field(s, n, MSG_TCP_LOGS):
+        return None  # malformed, repeated, or TCP entries (or both kinds: the oneof keeps the last)
+    out = []
+    i = http.start
+    try:
+        while i < http.end:
+            i = _varint(s, i, http.end, &tag)
+            if i < 0:
+                return None
+            if tag == ((LOGS_ENTRY << 3) | 2):
+                i = _varint(s, i, http.end, &size)
+                if i < 0 or size > <unsigned long long>(http.end - i):
+                    return None
+                end = i + <Py_ssize_t>size
+                out.append(_entry(s, i, end))
+                i = end
+            else:
+                i = _skip(s, i, http.end, tag & 7)
+                if i < 0:
+                    return None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return out
+
+
+cdef bint _has_field(const unsigned char* s, Py_ssize_t n, int number):
+    """Whether the message s[:n] (well-formed) has field `number` at all, of any wire type (an empty TCP
+    log list too)."""
+    cdef Py_ssize_t i = 0
+    cdef unsigned long long tag
+    while i < n:
+        i = _varint(s, i, n, &tag)
+        if i < 0:
+            return False
+        if tag >> 3 == <unsigned long long>number:
+            return True
+        i = _skip(s, i, n, tag & 7)
+        if i < 0:
+            return False
+    return False
 
 
 # -- JSON ----------------------------------------------------------------------------------------------
@@ -504,3 +709,252 @@ def usage_span(bytes body not None):
     if usage_start < 0 or error_object or type_error:
         return None
     return (usage_start, usage_end)
+
+
+# -- a usage object's counts ---------------------------------------------------------------------------
+
+cdef enum:
+    # the members a usage record is read from (core/usage_records.py `_openai_usage`, `record_usage`)
+    F_PROMPT, F_COMPLETION, F_INPUT, F_OUTPUT, F_TOTAL, F_CACHE_READ, F_CACHE_CREATION,
+    F_PROMPT_DETAILS, F_COMPLETION_DETAILS, F_INPUT_DETAILS, F_OUTPUT_DETAILS, N_FIELDS
+cdef enum:
+    D_CACHED, D_CACHE_WRITE, D_REASONING, N_DETAILS
+cdef enum:
+    MAX_DIGITS = 12  # 10**12 - 1 < 2**40 (usage_records._MAX_TOKENS): a count read as is
+
+cdef const char* FIELD_NAMES[11]
+FIELD_NAMES[:] = [
+    b"prompt_tokens", b"completion_tokens", b"input_tokens", b"output_tokens", b"total_tokens",
+    b"cache_read_input_tokens", b"cache_creation_input_tokens", b"prompt_tokens_details",
+    b"completion_tokens_details", b"input_tokens_details", b"output_tokens_details",
+]
+cdef const char* DETAIL_NAMES[3]
+DETAIL_NAMES[:] = [b"cached_tokens", b"cache_write_tokens", b"reasoning_tokens"]
+
+
+cdef int _name(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, const char** names, int count):
+    """The index of s[start:end] among `names`, or -1."""
+    cdef int k
+    cdef Py_ssize_t length = end - start
+    if length < 12 or length > 27:  # shorter or longer than every name
+        return -1
+    for k in range(count):
+        if names[k][0] == s[start] and <Py_ssize_t>strlen(names[k]) == length:
+            if memcmp(s + start, names[k], length) == 0:
+                return k
+    return -1
+
+
+cdef inline long long _plain_count(const unsigned char* s, Py_ssize_t start, Py_ssize_t end):
+    """A member's value s[start:end] that is a plain non-negative integer of at most MAX_DIGITS digits:
+    its value (usage_records._count reads it as is); else -1 (the pure reader decides)."""
+    cdef long long v = 0
+    cdef Py_ssize_t i
+    if end <= start or end - start > MAX_DIGITS:
+        return -1
+    for i in range(start, end):
+        if not 48 <= s[i] <= 57:
+            return -1
+        v = v * 10 + (s[i] - 48)
+    return v
+
+
+cdef int _details(const unsigned char* s, Py_ssize_t i, Py_ssize_t end, long long* out):
+    """The counts of a details object at s[i] == '{' (validated JSON): out[D_*] (0 when absent, the last
+    member of a name wins); 0, or -1 when the pure reader must decide (an escaped key, a count that is
+    not a plain integer)."""
+    cdef Py_ssize_t key_start, key_end, v
+    cdef bint escaped = False
+    cdef int k
+    out[D_CACHED] = out[D_CACHE_WRITE] = out[D_REASONING] = 0
+    i = _ws(s, i + 1, end)
+    if i < end and s[i] == 125:
+        return 0
+    while True:
+        if i >= end or s[i] != 34:
+            return -1
+        key_start = i + 1
+        i = _string(s, i, end, &escaped)
+        if i < 0 or escaped:
+            return -1
+        key_end = i - 1
+        i = _ws(s, i, end)
+        if i >= end or s[i] != 58:  # ':'
+            return -1
+        v = _ws(s, i + 1, end)
+        i = _value(s, v, end, 2)
+        if i < 0:
+            return -1
+        k = _name(s, key_start, key_end, DETAIL_NAMES, N_DETAILS)
+        if k >= 0:
+            out[k] = _plain_count(s, v, i)
+            if out[k] < 0:
+                return -1
+        i = _ws(s, i, end)
+        if i >= end or s[i] != 44:
+            return 0 if i < end and s[i] == 125 else -1  # '}'
+        i = _ws(s, i + 1, end)
+
+
+def usage_counts(bytes body not None, Py_ssize_t start, Py_ssize_t end):
+    """The counts of the usage object body[start:end] (as `usage_span` found it: a valid JSON object),
+    for core/usage_records.usage_from_counts: ("openai", prompt, completion, cached, cache_write,
+    reasoning) for a chat/completions/embeddings or Responses record, ("anthropic", input, cache_read,
+    cache_creation, output) for Anthropic's, in usage_records.record_usage's order of precedence; None
+    when the pure reader must read it (no record, an escaped key, a count that is not a plain integer)."""
+    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(body)
+    cdef Py_ssize_t i, key_start, key_end, v
+    cdef bint escaped = False
+    cdef bint seen[11]
+    cdef long long value[11]
+    cdef long long details[4][3]
+    cdef int k, d
+    if start < 0 or end > PyBytes_GET_SIZE(body) or start >= end or s[start] != 123:
+        return None
+    for k in range(N_FIELDS):
+        seen[k] = False
+        value[k] = 0
+    for d in range(4):
+        details[d][0] = details[d][1] = details[d][2] = 0
+    i = _ws(s, start + 1, end)
+    if i < end and s[i] != 125:
+        while True:
+            if i >= end or s[i] != 34:
+                return None
+            key_start = i + 1
+            i = _string(s, i, end, &escaped)
+            if i < 0 or escaped:
+                return None
+            key_end = i - 1
+            i = _ws(s, i, end)
+            if i >= end or s[i] != 58:  # ':'
+                return None
+            v = _ws(s, i + 1, end)
+            i = _value(s, v, end, 1)
+            if i < 0:
+                return None
+            k = _name(s, key_start, key_end, FIELD_NAMES, N_FIELDS)
+            if k >= 0:
+                seen[k] = True
+                if k >= F_PROMPT_DETAILS:  # a details object (anything else reads as no details)
+                    d = k - F_PROMPT_DETAILS
+                    if s[v] == 123:
+                        if _details(s, v, i, details[d]) < 0:
+                            return None
+                    else:
+                        details[d][0] = details[d][1] = details[d][2] = 0
+                elif k != F_TOTAL:  # total_tokens: only its presence counts
+                    value[k] = _plain_count(s, v, i)
+                    if value[k] < 0:
+                        return None
+            i = _ws(s, i, end)
+            if i >= end or s[i] != 44:
+                break
+            i = _ws(s, i + 1, end)
+        if i >= end or s[i] != 125:
+            return None  # not one object (the callers pass a validated one)
+    if seen[F_PROMPT] or seen[F_COMPLETION]:  # chat / completions / embeddings
+        return ("openai", value[F_PROMPT], value[F_COMPLETION], details[0][D_CACHED],
+                details[0][D_CACHE_WRITE], details[1][D_REASONING])
+    if seen[F_INPUT_DETAILS] or seen[F_OUTPUT_DETAILS] or seen[F_TOTAL]:  # Responses
+        return ("openai", value[F_INPUT], value[F_OUTPUT], details[2][D_CACHED],
+                details[2][D_CACHE_WRITE], details[3][D_REASONING])
+    if seen[F_INPUT] or seen[F_CACHE_READ] or seen[F_CACHE_CREATION] or seen[F_OUTPUT]:  # Anthropic
+        return ("anthropic", value[F_INPUT], value[F_CACHE_READ], value[F_CACHE_CREATION], value[F_OUTPUT])
+    return None
+
+
+# -- an event stream's usage record --------------------------------------------------------------------
+
+cdef enum:
+    MAX_SSE_SNIPPET = 64 << 10  # longer snippets go to the pure path (one parser window, no trimming)
+    HEAD_BYTES = 512  # core/usage_records._HEAD_BYTES: where an event's name is looked for
+    USAGE_SPAN = 16 << 10  # core/usage_records._USAGE_SPAN: the most of a record _record_at decodes
+
+
+cdef Py_ssize_t _find(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, const char* word, Py_ssize_t length):
+    """bytes.find: the first index >= i where `word` starts and ends by n, or -1."""
+    while i + length <= n:
+        if s[i] == <unsigned char>word[0] and memcmp(s + i, word, length) == 0:
+            return i
+        i += 1
+    return -1
+
+
+cdef Py_ssize_t _usage_key(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Py_ssize_t* brace):
+    """The next match of core/usage_records._USAGE_OBJECT (`"usage"` ws `:` ws `{`) from i: its start
+    (brace: its `{`), or -1."""
+    cdef Py_ssize_t j
+    while True:
+        i = _find(s, i, n, b'"usage"', 7)
+        if i < 0:
+            return -1
+        j = i + 7
+        while j < n and (s[j] == 32 or s[j] == 9 or s[j] == 13 or s[j] == 10):
+            j += 1
+        if j < n and s[j] == 58:  # ':'
+            j += 1
+            while j < n and (s[j] == 32 or s[j] == 9 or s[j] == 13 or s[j] == 10):
+                j += 1
+            if j < n and s[j] == 123:
+                brace[0] = j
+                return i
+        i += 1
+
+
+def sse_usage_span(bytes data not None):
+    """(start, end) of the usage record of a Lua tap "sse" snippet (whole events of an event stream), when
+    core/usage.StreamUsage reads that snippet's usage from that object alone, as the record of an event
+    without a name at depth 1 (OpenAI's chat/completions usage chunk): one `"usage": {` in the whole
+    snippet, on a single-line event whose first bytes name no event and carry no "type", the record one
+    valid JSON object (as json's raw_decode reads it) followed by what closes exactly one object. None
+    whenever the pure parser must decide (CR line ends, an event name or type nearby, several records,
+    a multi-line event, anything unusual)."""
+    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data), key, brace = -1, other, start, stop, head, i, end
+    cdef bint escaped = False
+    if n == 0 or n > MAX_SSE_SNIPPET or _find(s, 0, n, b"\r", 1) >= 0:
+        return None
+    key = _usage_key(s, 0, n, &brace)
+    if key < 0 or _usage_key(s, brace, n, &other) >= 0:
+        return None  # no record, or several candidates: the pure parser picks
+    # the event: after the last blank line before the brace (bytes.rfind), up to the next one after the key
+    start = 0
+    i = brace - 2
+    while i >= 0:
+        if s[i] == 10 and s[i + 1] == 10:
+            start = i + 2
+            break
+        i -= 1
+    stop = _find(s, key, n, b"\n\n", 2)
+    if stop < 0:
+        stop = n
+    if stop < brace or _find(s, start, stop, b"\n", 1) >= 0:
+        return None  # a blank line inside the match, or an event of several lines
+    head = start + HEAD_BYTES if start + HEAD_BYTES < n else n
+    if _find(s, start, head, b"event:", 6) >= 0 or _find(s, start, head, b'"type"', 6) >= 0:
+        return None  # an event name or type the pure parser reads
+    if stop - brace > USAGE_SPAN:
+        return None
+    end = _value(s, brace, stop, 1)
+    if end < 0:
+        return None
+    # what follows the record up to the event's end closes exactly one object ('{"_":0' + rest is JSON)
+    i = _ws(s, end, stop)
+    while i < stop and s[i] == 44:  # ',' "key" : value
+        i = _ws(s, i + 1, stop)
+        if i >= stop or s[i] != 34:
+            return None
+        i = _string(s, i, stop, &escaped)
+        if i < 0:
+            return None
+        i = _ws(s, i, stop)
+        if i >= stop or s[i] != 58:
+            return None
+        i = _value(s, _ws(s, i + 1, stop), stop, 1)
+        if i < 0:
+            return None
+        i = _ws(s, i, stop)
+    if i >= stop or s[i] != 125 or _ws(s, i + 1, stop) != stop:
+        return None
+    return (brace, end)

@@ -224,6 +224,192 @@ def test_provider_documents_take_the_fast_path(name: str, content_type: str | No
         assert als_fast.body_usage(pretty, content_type, None) == pure(pretty, content_type, None)
 
 
+RECORD_KEYS = [
+    "prompt_tokens",
+    "completion_tokens",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+    "prompt_tokens_details",
+    "completion_tokens_details",
+    "input_tokens_details",
+    "output_tokens_details",
+    "server_tool_use",
+    "x",
+]
+count_texts = st.sampled_from(
+    [b"0", b"7", b"15", b"999999999999", b"1000000000000", b"1099511627776", b"1099511627777"]
+    + [b"-1", b"-0", b"3.0", b"2.5", b"1e3", b"null", b"true", b'"12"', b"[]", b"{}", b"1E400"]
+) | st.integers(0, 10**14).map(lambda n: str(n).encode())
+
+
+@st.composite
+def record_texts(draw: st.DrawFn) -> bytes:
+    """A usage object's JSON text as a provider (or a hostile upstream) may write it: repeated members
+    (the last wins), keys spelled with escapes, details objects or other values, any spacing."""
+    sep = draw(st.sampled_from([b",", b", ", b",\n  "]))
+    colon = draw(st.sampled_from([b":", b": ", b" : "]))
+
+    def key(name: str) -> bytes:
+        raw = json.dumps(name).encode()
+        return raw.replace(b"t", b"\\u0074", 1) if draw(st.integers(0, 15)) == 0 else raw
+
+    def member(names: list[str], value: st.SearchStrategy[bytes]) -> bytes:
+        return key(draw(st.sampled_from(names))) + colon + draw(value)
+
+    detail = st.lists(
+        st.builds(
+            lambda k, v: k + v,
+            st.sampled_from(DETAILS + ["x"]).map(lambda n: json.dumps(n).encode() + b":"),
+            count_texts,
+        ),
+        max_size=4,
+    ).map(lambda parts: b"{" + b",".join(parts) + b"}")
+    parts = []
+    for _ in range(draw(st.integers(0, 7))):
+        name = draw(st.sampled_from(RECORD_KEYS))
+        value = detail | count_texts if name.endswith(("_details", "_use")) else count_texts | detail
+        parts.append(member([name], value))
+    return b"{" + sep.join(parts) + b"}"
+
+
+@fuzz_settings(1500, deadline=None)
+@given(text=record_texts())
+def test_the_compiled_counts_read_a_record_as_record_usage_does(text: bytes) -> None:
+    """usage_counts (C) against the core's reader of the decoded object, over records with repeated
+    members, escaped keys and counts of every JSON type: the same Usage whenever it answers."""
+    from nexus_authz.core.usage_records import record_usage, usage_from_counts
+
+    record = json.loads(text)
+    assert native.usage is not None
+    counts = native.usage.usage_counts(text, 0, len(text))
+    event("fast" if counts is not None else "pure")
+    if counts is not None:
+        assert usage_from_counts(counts) == record_usage(record)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"prompt_tokens": 10, "completion_tokens": 15, "total_tokens": 25},
+        {
+            "prompt_tokens": 1000,
+            "completion_tokens": 300,
+            "prompt_tokens_details": {"cached_tokens": 400, "cache_write_tokens": 700, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 200},
+        },
+        {
+            "input_tokens": 12,
+            "output_tokens": 30,
+            "total_tokens": 42,
+            "input_tokens_details": {"cached_tokens": 5},
+            "output_tokens_details": {"reasoning_tokens": 9},
+        },
+        {
+            "input_tokens": 3,
+            "cache_read_input_tokens": 100,
+            "cache_creation_input_tokens": 20,
+            "output_tokens": 8,
+        },
+        {"prompt_tokens": 4, "prompt_tokens_details": None, "completion_tokens_details": "x"},
+    ],
+)
+def test_common_records_are_read_in_c(record: dict[str, object]) -> None:
+    from nexus_authz.core.usage_records import record_usage, usage_from_counts
+
+    text = json.dumps(record).encode()
+    assert native.usage is not None
+    counts = native.usage.usage_counts(text, 0, len(text))
+    assert counts is not None and usage_from_counts(counts) == record_usage(record)
+
+
+SSE_USAGE_CHUNK = (
+    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
+    b'"choices":[],"usage":{"prompt_tokens":24,"completion_tokens":17,"total_tokens":41}}'
+)
+
+
+@st.composite
+def sse_snippets(draw: st.DrawFn) -> bytes:
+    """What the Lua tap keeps of a stream ("sse"): its usage events, sometimes with content chunks, named
+    events, comments, [DONE], CRLF line ends, multi-line data, several records, broken JSON around them."""
+    plain = st.builds(
+        lambda p, c, d: b'{"prompt_tokens":%d,"completion_tokens":%d%s}' % (p, c, d),
+        st.integers(0, 10**6),
+        st.integers(0, 10**6),
+        st.sampled_from([b"", b',"total_tokens":3', b',"prompt_tokens_details":{"cached_tokens":9}']),
+    )
+    clean = draw(st.booleans())  # half: the usage event among events without a record, unmutated
+    record = draw(record_texts()) if draw(st.integers(0, 2)) == 0 else draw(plain)
+    sep = draw(st.sampled_from([b":", b": ", b" : "]))
+    usage = b'data: {"id":"c","model":' + draw(st.sampled_from([b'"gpt-4o-mini"', b'"a\\"b"', b"1"]))
+    usage += b',"choices":[],"usage"' + sep + record
+    closers = [b"}", b' ,"x":[1,{"y":null}]}', b"} ", b"}}", b"", b',"z":NaN}', b"} x", b',"a" "b"}']
+    usage += draw(st.sampled_from(closers[:3] if clean else closers))
+    others = [
+        b'data: {"id":"c","choices":[{"delta":{"content":"hi"}}],"usage":null}',
+        b"data: [DONE]",
+        b": keep-alive",
+        b'data: {"type":"response.in_progress"}',  # a type or a name near the record: the pure path
+        b"event: ping\ndata: {}",
+        b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":5}}',
+        b'data: {"type":"response.completed","response":{"usage":{"input_tokens":1}}}',
+        b'data: {"error":{"message":"x"}}',
+        b'data: {"usage":\n{"prompt_tokens":1}}',
+        b'data: {"usage":{"prompt_tokens":3}}\ndata: {"x":1}',
+        usage,
+    ]
+    events = draw(st.lists(st.sampled_from(others[:3] if clean else others), max_size=3))
+    events.insert(draw(st.integers(0, len(events))), usage)
+    body = draw(st.sampled_from([b"\n\n", b"\n\n\n", b"\n\n"])).join(events) + draw(
+        st.sampled_from([b"\n\n", b"", b"\n"])
+    )
+    mutation = draw(st.integers(0, 12)) if not clean else -1
+    if mutation == 0:
+        body = body.replace(b"\n", b"\r\n")
+    elif mutation == 1:
+        body = b"x" * draw(st.integers(400, 600)) + b"\n\n" + body
+    elif mutation == 2 and body:
+        i = draw(st.integers(0, len(body) - 1))
+        body = body[:i] + draw(st.binary(min_size=1, max_size=2)) + body[i + 1 :]
+    elif mutation == 3:
+        body = body[: draw(st.integers(0, len(body)))]
+    return body
+
+
+def pure_sse(data: bytes) -> tuple[Any, str | None]:
+    from nexus_authz.adapters.envoy_als import Snippet, usage_of
+
+    usage, model, keep = usage_of(Snippet("sse", data), content_type=None, content_encoding=None)
+    assert not keep or usage.source != "provider"
+    return usage, model
+
+
+@fuzz_settings(1500, deadline=None)
+@given(data=sse_snippets())
+def test_a_stream_snippet_gives_the_core_parsers_usage_and_model(data: bytes) -> None:
+    fast = als_fast.sse_usage(data)
+    event("fast" if fast is not None else "pure")
+    if fast is not None:
+        assert fast == pure_sse(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        SSE_USAGE_CHUNK + b"\n\n",
+        SSE_USAGE_CHUNK + b"\n\ndata: [DONE]\n\n",
+        b'data: {"id":"c","choices":[{"delta":{"content":"hi"}}]}\n\n' + SSE_USAGE_CHUNK,
+        USAGE_FIXTURES["openai_chat_stream_usage.sse"],
+    ],
+)
+def test_openai_usage_chunks_take_the_fast_path(data: bytes) -> None:
+    fast = als_fast.sse_usage(data)
+    assert fast is not None and fast == pure_sse(data) and fast[0].source == "provider"
+
+
 # -- the Lua tap's record -----------------------------------------------------------------------------------
 
 
@@ -335,3 +521,96 @@ def test_the_pure_switch_turns_the_scans_off(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(als_fast, "SCAN", None)
     assert als_fast.body_usage(body, "application/json", None) is None
     assert als_fast.snippet_fields(entry_with({"u": {"k": "body", "b": _b64(body)}}, other=False)) is None
+
+
+# -- a whole serialized message ------------------------------------------------------------------------------
+
+
+@st.composite
+def messages(draw: st.DrawFn) -> bytes:
+    """Serialized StreamAccessLogsMessages of generated entries, sometimes damaged: bytes changed, cut short,
+    an entry's fields repeated (protobuf merges them), an identifier, TCP entries."""
+    from envoy.service.accesslog.v3 import als_pb2
+
+    message = als_pb2.StreamAccessLogsMessage()
+    if draw(st.booleans()):
+        message.identifier.log_name = "nexus_usage"
+    for _ in range(draw(st.integers(0, 4))):
+        entry = entry_with(draw(metadata()), draw(st.booleans()))
+        entry.request.request_id = draw(st.sampled_from(["r", "", "é-1", "a" * 40]))
+        if draw(st.integers(0, 4)):
+            entry.request.request_headers["x-nexus-key-id"] = draw(st.sampled_from(["k", "", "é"]))
+        for name in draw(st.lists(st.sampled_from(["content-type", "content-encoding", "x"]), max_size=3)):
+            entry.response.response_headers[name] = draw(st.sampled_from(["application/json", "", "gzip"]))
+        message.http_logs.log_entry.append(entry)
+    if draw(st.integers(0, 15)) == 0:
+        message.tcp_logs.log_entry.add()
+    raw = message.SerializeToString()
+    mutation = draw(st.integers(0, 8))
+    if mutation == 0 and raw:
+        i = draw(st.integers(0, len(raw) - 1))
+        raw = raw[:i] + bytes([draw(st.integers(0, 255))]) + raw[i + 1 :]
+    elif mutation == 1:
+        raw = raw[: draw(st.integers(0, len(raw)))]
+    elif mutation == 2 and message.http_logs.log_entry:  # a repeated field inside the first entry
+        entry = message.http_logs.log_entry[0]
+        extra = accesslog_pb2.HTTPAccessLogEntry()
+        extra.request.request_headers["x-nexus-key-id"] = "k2"
+        extra.request.request_id = "r2"
+        doubled = entry.SerializeToString() + extra.SerializeToString()
+        message.http_logs.log_entry[0].ParseFromString(doubled)  # what protobuf makes of it
+        raw = b"\x12" + _varint(len(_field(1, doubled))) + _field(1, doubled)
+    return raw
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint((number << 3) | 2) + _varint(len(payload)) + payload
+
+
+@fuzz_settings(800, deadline=None)
+@given(raw=messages())
+def test_the_message_scan_reads_entries_as_protobuf_does(raw: bytes) -> None:
+    """Whenever the compiled scan answers for a message protobuf reads, it reads every entry as the
+    per-entry path does: not admitted, or protobuf's request id, content type and encoding and
+    snippet_of's record, or an unusual entry whose bytes protobuf reads as the same entry."""
+    from envoy.service.accesslog.v3 import als_pb2
+    from google.protobuf.message import DecodeError
+
+    assert native.usage is not None
+    scanned = native.usage.log_entries(raw)  # never raises, whatever the bytes
+    try:
+        parsed = als_pb2.StreamAccessLogsMessage.FromString(raw)
+    except DecodeError:
+        event("protobuf refuses")
+        return  # the stream fails on it (protobuf raises) whether or not the scan answered
+    event("scan" if scanned is not None else "protobuf")
+    if scanned is None:
+        return
+    entries = parsed.http_logs.log_entry
+    assert len(scanned) == len(entries) and parsed.WhichOneof("log_entries") in (None, "http_logs")
+    for item, entry in zip(scanned, entries, strict=True):
+        if item is None:
+            assert not entry.request.request_headers.get("x-nexus-key-id")
+            continue
+        request_id, content_type, content_encoding, kind, data, skipped, start, end = item
+        assert accesslog_pb2.HTTPAccessLogEntry.FromString(raw[start:end]) == entry
+        if kind is None:
+            continue
+        headers = entry.response.response_headers
+        assert entry.request.request_headers.get("x-nexus-key-id")
+        assert request_id == entry.request.request_id
+        assert (content_type, content_encoding) == (
+            headers.get("content-type"),
+            headers.get("content-encoding"),
+        )
+        snippet = snippet_of(entry)
+        assert (kind, data, skipped) == (snippet.kind, snippet.data, snippet.skipped)

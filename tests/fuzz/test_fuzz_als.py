@@ -90,7 +90,7 @@ def entries(draw: st.DrawFn) -> accesslog_pb2.HTTPAccessLogEntry:
 class FakeContext:
     """grpc.aio's servicer context as stream_access_logs uses it: read() until EOF."""
 
-    def __init__(self, messages: list[als_pb2.StreamAccessLogsMessage]) -> None:
+    def __init__(self, messages: list[bytes]) -> None:
         self._messages = list(messages)
 
     async def read(self) -> object:
@@ -119,6 +119,8 @@ def test_any_access_log_batch_is_accounted(
         assert snippet.skipped >= 0 and isinstance(keep, bool)
         event(f"{snippet.kind} {usage.source}")
     with no_bugs_logged():
-        asyncio.run(asyncio.wait_for(service.stream_access_logs(None, FakeContext([message])), 30))  # type: ignore[arg-type]
+        # serialized, as the gRPC handler receives it (the compiled scan reads it)
+        raw = message.SerializeToString()
+        asyncio.run(asyncio.wait_for(service.stream_access_logs(None, FakeContext([raw])), 30))  # type: ignore[arg-type]
     admitted = sum(1 for e in batch if e.request.request_headers.get("x-nexus-key-id"))
     assert service.entries == admitted and service.ignored == len(batch) - admitted

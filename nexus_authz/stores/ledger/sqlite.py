@@ -132,13 +132,18 @@ class SQLiteLedger:
 
     # -- hot path (owner thread) ----------------------------------------------------------------------
     def record(self, rec: UsageRecord) -> None:
-        self._add(
-            aggregate.key_of(rec),
+        self.record_usage(
+            rec.key_id,
+            rec.tenant,
+            rec.model,
+            rec.ts,
             rec.prompt_tokens,
             rec.cached_prompt_tokens,
             rec.completion_tokens,
             rec.reasoning_tokens,
             rec.cost_micro_usd,
+            rec.source,
+            rec.price_rule,
             rec.requests,
         )
 
@@ -155,29 +160,10 @@ class SQLiteLedger:
         cost_micro_usd: int,
         source: str,
         price_rule: str,
+        requests: int = 1,
     ) -> None:
         """`record` of one request's usage given as its fields (no UsageRecord built): one dict update
-        of its pending row."""
-        self._add(
-            (key_id, tenant, model, int(ts - ts % 60), source, price_rule),
-            prompt_tokens,
-            cached_prompt_tokens,
-            completion_tokens,
-            reasoning_tokens,
-            cost_micro_usd,
-            1,
-        )
-
-    def _add(
-        self,
-        key: aggregate.Key,
-        prompt: int,
-        cached: int,
-        completion: int,
-        reasoning: int,
-        cost: int,
-        requests: int,
-    ) -> None:
+        of its pending row (aggregate.key_of's row)."""
         if self._closed:
             self._drop(1)
             return
@@ -185,7 +171,15 @@ class SQLiteLedger:
         n = len(pending)
         new_row = n + self._inflight_rows + self._carry_rows < self._max_pending
         if not aggregate.add_usage(
-            pending, key, prompt, cached, completion, reasoning, cost, new_row, requests
+            pending,
+            (key_id, tenant, model, int(ts - ts % 60), source, price_rule),
+            prompt_tokens,
+            cached_prompt_tokens,
+            completion_tokens,
+            reasoning_tokens,
+            cost_micro_usd,
+            new_row,
+            requests,
         ):
             self._drop(1)
             return
