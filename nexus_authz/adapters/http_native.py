@@ -15,16 +15,33 @@ from typing import Any
 
 from nexus_authz import native
 from nexus_authz.adapters import http_fast
-from nexus_authz.adapters.http_authz import _KEEP, MAX_HEADERS, MAX_URL, AuthzProtocol, HttpApp
+from nexus_authz.adapters.http_authz import (
+    _INTERNAL_ERROR,
+    _KEEP,
+    EXT_AUTHZ_PREFIX,
+    MAX_HEADERS,
+    MAX_URL,
+    AuthzProtocol,
+    HttpApp,
+    log,
+)
+from nexus_authz.stores.memory import MemoryCounterStore
 
 
 class CompiledAuthzProtocol(AuthzProtocol):
     __slots__ = ("_fast", "_slow")
 
-    # The common ext_authz check decided in one call per layer (adapters/http_fast.py); False: every
-    # request through AuthzProtocol's reference path (the differential tests compare both).
+    # The common ext_authz check decided in one compiled call (native/_fast.pyx; adapters/http_fast.py is
+    # its pure twin); False: every request through AuthzProtocol's reference path (the differential tests
+    # compare them).
     fast_path = True
-    on_message_complete = http_fast.on_message_complete
+    on_message_complete = (
+        native.fast.install(
+            AuthzProtocol.on_message_complete, _INTERNAL_ERROR, log, MemoryCounterStore, EXT_AUTHZ_PREFIX
+        )
+        if native.fast is not None
+        else http_fast.on_message_complete
+    )
 
     def __init__(self, app: HttpApp) -> None:
         super().__init__(app)
