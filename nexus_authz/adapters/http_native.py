@@ -16,6 +16,7 @@ from typing import Any
 from nexus_authz import native
 from nexus_authz.adapters import http_fast
 from nexus_authz.adapters.http_authz import (
+    _BUSY,
     _INTERNAL_ERROR,
     _KEEP,
     EXT_AUTHZ_PREFIX,
@@ -53,6 +54,7 @@ class CompiledAuthzProtocol(AuthzProtocol):
         self._parser = self._fast  # what on_message_complete/_route read the method and keep-alive from
 
     def _feed(self, data: bytes) -> None:  # AuthzProtocol.data_received times each read around it
+        # (native/_fast.pyx's data_received, installed below, is this and that in one compiled call)
         if self._closing:
             return
         fast: Any = self._fast  # the compiled parser (stubs: native/_http1.pyi)
@@ -69,6 +71,12 @@ class CompiledAuthzProtocol(AuthzProtocol):
             AuthzProtocol._feed(self, data)
         if not self._in_message and not self._closing:
             self._parser = fast  # between requests: back to the compiled parser
+
+
+if native.fast is not None:
+    CompiledAuthzProtocol.data_received = native.fast.install_framing(  # type: ignore[method-assign]
+        AuthzProtocol._feed, _BUSY
+    )
 
 
 def protocol_class() -> type[AuthzProtocol]:

@@ -18,6 +18,11 @@ class, more than 62 windows) or to the reference path (None: not the common requ
 `FastAdmit.admit` says so); a refusal by the counters or a store that must be awaited goes on through
 `Decider._finish` / `_check_later` as in `check_plain`. tests/adapters/test_http_fastpath.py compares the
 bytes and the state this writes with the reference path's.
+
+`data_received` (installed by `install_framing`) is the compiled protocol's read handler: AuthzProtocol's
+timing of each read and CompiledAuthzProtocol._feed (the compiled parser, the httptools replay) in one
+call, so a read holding one common check runs no Python frame from the transport's callback to its write
+(tests/adapters/test_http_native.py compares it with the httptools protocol).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -72,6 +77,18 @@ cdef object _reference = None
 cdef object _internal_error = None
 cdef object _log = None
 cdef object _failure_store = None
+cdef object _reference_feed = None
+cdef object _busy = None
+
+
+def install_framing(reference_feed, busy):
+    """Register AuthzProtocol._feed (the httptools parser, for what the compiled parser does not take) and
+    the event loop's HTTP busy histogram (latency.LOOP_BUSY.http); returns the compiled `data_received`,
+    to be set on the compiled protocol (adapters/http_native.py: its `_feed` is the pure twin)."""
+    global _reference_feed, _busy
+    _reference_feed = reference_feed
+    _busy = busy
+    return data_received
 
 
 def install(reference, internal_error, log, failure_store, str prefix):
@@ -139,7 +156,7 @@ cdef inline double _mono() noexcept:
     """time.perf_counter()'s clock on Linux (CLOCK_MONOTONIC), without the call."""
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+    return <double>(ts.tv_sec * 1000000000LL + ts.tv_nsec) / 1e9  # _PyTime_AsSecondsDouble
 
 
 cdef inline bint _multipart(str content_type) except -1:
@@ -196,6 +213,46 @@ cdef object _usd(object estimate, object completion, object price):
                 if isfinite(total):
                     return PyLong_FromDouble(total)
     return math.ceil((estimate - 0) * pin + 0 * pcached + completion * pout)
+
+
+cdef int _observe(object histogram, double seconds) except -1:
+    """LatencyHistogram.observe, inline: counts[bisect_left(bounds, seconds)] += 1; sum += seconds."""
+    bounds = histogram.bounds
+    cdef Py_ssize_t lo = 0, hi = len(bounds), mid
+    while lo < hi:  # bisect_left
+        mid = (lo + hi) >> 1
+        bound = bounds[mid]
+        if (PyFloat_AS_DOUBLE(bound) < seconds) if PyFloat_CheckExact(bound) else (bound < seconds):
+            lo = mid + 1
+        else:
+            hi = mid
+    histogram.counts[lo] += 1
+    histogram.sum += seconds
+    return 0
+
+
+def data_received(self, data):
+    """AuthzProtocol.data_received with CompiledAuthzProtocol._feed inline: each read timed into the loop's
+    busy histogram; the compiled parser first, the httptools parser for a request it does not take (replayed
+    read by read), the compiled parser again between requests."""
+    cdef double started = _mono()
+    if not self._closing:
+        fast = self._fast
+        if self._parser is fast:
+            if fast.feed(data):  # not in the subset: the httptools path takes this request
+                self._parser = self._slow
+                for chunk in fast.take_replay():
+                    _reference_feed(self, chunk)
+                    if self._closing:
+                        break
+                else:
+                    if not self._in_message and not self._closing:
+                        self._parser = fast
+        else:
+            _reference_feed(self, data)
+            if not self._in_message and not self._closing:
+                self._parser = fast
+    _observe(_busy, _mono() - started)
 
 
 cdef object _check(object decider, object policy, object snapshot, object headers, str path, bytes body,
@@ -417,19 +474,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
     # -- Decider._counted -----------------------------------------------------------------------------------
     decisions = decider.decisions
     decisions[_OK] += 1
-    latency = decider.latency
-    seconds = _mono() - started
-    bounds = latency.bounds
-    cdef Py_ssize_t lo = 0, hi = len(bounds), mid
-    while lo < hi:  # bisect_left
-        mid = (lo + hi) >> 1
-        bound = bounds[mid]
-        if (PyFloat_AS_DOUBLE(bound) < seconds) if PyFloat_CheckExact(bound) else (bound < seconds):
-            lo = mid + 1
-        else:
-            hi = mid
-    latency.counts[lo] += 1
-    latency.sum += seconds
+    _observe(decider.latency, _mono() - started)
     # -- the answer (http_fast.on_message_complete) ---------------------------------------------------------
     wire = plan.wire
     if wire is None:
