@@ -71,8 +71,8 @@ def announce() -> None:
     """The start-up log line saying which path runs."""
     if _modules:
         log.info(
-            "compiled fast path: HTTP/1.1 framing, body facts, counter windows, access-log scans and "
-            "rate-limit headers in C",
+            "compiled fast path: HTTP/1.1 framing, body facts, counter windows, access-log scans, "
+            "rate-limit headers and the common check's flat path in C",
             extra={"native_path": PATH},
         )
     else:
