@@ -15,16 +15,34 @@ from typing import Any
 
 from nexus_authz import native
 from nexus_authz.adapters import http_fast
-from nexus_authz.adapters.http_authz import _KEEP, MAX_HEADERS, MAX_URL, AuthzProtocol, HttpApp
+from nexus_authz.adapters.http_authz import (
+    _BUSY,
+    _INTERNAL_ERROR,
+    _KEEP,
+    EXT_AUTHZ_PREFIX,
+    MAX_HEADERS,
+    MAX_URL,
+    AuthzProtocol,
+    HttpApp,
+    log,
+)
+from nexus_authz.stores.memory import MemoryCounterStore
 
 
 class CompiledAuthzProtocol(AuthzProtocol):
     __slots__ = ("_fast", "_slow")
 
-    # The common ext_authz check decided in one call per layer (adapters/http_fast.py); False: every
-    # request through AuthzProtocol's reference path (the differential tests compare both).
+    # The common ext_authz check decided in one compiled call (native/_fast.pyx; adapters/http_fast.py is
+    # its pure twin); False: every request through AuthzProtocol's reference path (the differential tests
+    # compare them).
     fast_path = True
-    on_message_complete = http_fast.on_message_complete
+    on_message_complete = (
+        native.fast.install(
+            AuthzProtocol.on_message_complete, _INTERNAL_ERROR, log, MemoryCounterStore, EXT_AUTHZ_PREFIX
+        )
+        if native.fast is not None
+        else http_fast.on_message_complete
+    )
 
     def __init__(self, app: HttpApp) -> None:
         super().__init__(app)
@@ -36,6 +54,7 @@ class CompiledAuthzProtocol(AuthzProtocol):
         self._parser = self._fast  # what on_message_complete/_route read the method and keep-alive from
 
     def _feed(self, data: bytes) -> None:  # AuthzProtocol.data_received times each read around it
+        # (native/_fast.pyx's data_received, installed below, is this and that in one compiled call)
         if self._closing:
             return
         fast: Any = self._fast  # the compiled parser (stubs: native/_http1.pyi)
@@ -52,6 +71,12 @@ class CompiledAuthzProtocol(AuthzProtocol):
             AuthzProtocol._feed(self, data)
         if not self._in_message and not self._closing:
             self._parser = fast  # between requests: back to the compiled parser
+
+
+if native.fast is not None:
+    CompiledAuthzProtocol.data_received = native.fast.install_framing(  # type: ignore[method-assign]
+        AuthzProtocol._feed, _BUSY
+    )
 
 
 def protocol_class() -> type[AuthzProtocol]:

@@ -17,7 +17,10 @@ MemoryCounterStore);
 record, a JSON body's usage object, an OpenAI stream's usage chunk, a common record's counts);
 `_headers`, the rate-limit headers of an answer (core.ratelimit_headers.plan_headers' equivalent, installed
 as `core.ratelimit_headers.build_headers`, which the policy calls; and plan_header_block's, the same headers
-as HTTP/1.1 lines, installed as `build_header_block`, which the HTTP listener's fast path calls).
+as HTTP/1.1 lines, installed as `build_header_block`, which the HTTP listener's fast path calls);
+`_fast`, the common ext_authz check's flat path in one compiled call (core/fastpath.py's admission,
+Decider.check_plain's charge and reservation, adapters/http_fast.py's answer), installed as the compiled
+protocol's `on_message_complete` (adapters/http_native.py).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from nexus_authz.core import ratelimit_headers as _core_headers
 log = logging.getLogger("nexus_authz.native")
 
 PURE_ENV = "NEXUS_AUTHZ_PURE"
-MODULES = ("_http1", "_body", "_windows", "_usage", "_headers")
+MODULES = ("_http1", "_body", "_windows", "_usage", "_headers", "_fast")
 
 
 def _load() -> tuple[dict[str, ModuleType], str]:
@@ -54,6 +57,7 @@ body: ModuleType | None = _modules.get("_body")
 windows: ModuleType | None = _modules.get("_windows")
 usage: ModuleType | None = _modules.get("_usage")  # the access-log entry's scans (adapters/als_fast.py)
 headers: ModuleType | None = _modules.get("_headers")  # the answers' rate-limit headers
+fast: ModuleType | None = _modules.get("_fast")  # the common ext_authz check's flat path
 WHY_PURE_WINDOWS = WHY_PURE_USAGE = WHY_PURE  # the modules load together or not at all
 PATH = "compiled" if _modules else "python"
 if body is not None:
@@ -67,8 +71,8 @@ def announce() -> None:
     """The start-up log line saying which path runs."""
     if _modules:
         log.info(
-            "compiled fast path: HTTP/1.1 framing, body facts, counter windows, access-log scans and "
-            "rate-limit headers in C",
+            "compiled fast path: HTTP/1.1 framing, body facts, counter windows, access-log scans, "
+            "rate-limit headers and the common check's flat path in C",
             extra={"native_path": PATH},
         )
     else:

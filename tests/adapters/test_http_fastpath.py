@@ -1,10 +1,11 @@
-"""The common ext_authz check's fast path (core/fastpath.py, Decider.check_plain, adapters/http_fast.py)
-against the reference path it stands in for: the same request sequences, through the compiled protocol with
-the fast path on and forced off, must write the same bytes and leave the same state (decision counters,
-latency observations, counter windows, reservations and their contexts, the brute-force throttle's
-counts and known keys, unpriced counts). The sequences mix admissions with every kind of refusal, near-limit
-windows, concurrency slots released or not, model and path lists, clamping keys, keys without limits,
-revocations (a new key snapshot) and requests the fast path does not take.
+"""The common ext_authz check's fast path (core/fastpath.py, Decider.check_plain, adapters/http_fast.py, and
+its compiled lane native/_fast.pyx) against the reference path it stands in for: the same request sequences,
+through each protocol with the fast path on and forced off, must write the same bytes and leave the same
+state (decision counters, latency observations, counter windows, reservations and their contexts, the
+brute-force throttle's counts and known keys, unpriced counts). The sequences mix admissions with every
+kind of refusal, near-limit windows, concurrency slots released or not, model and path lists, clamping
+keys, keys without limits, revocations (a new key snapshot), a small book (evictions, expiries) and
+requests the fast path does not take.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ prices:
 """
 ACCOUNTING_OFF = "accounting:\n  enabled: false\n"
 REFUSE_UNPRICED = "unpriced:\n  policy: refuse\n"
+# a book of 3 reservations that expire after 5 s: evictions, expiries and retired contexts on the way
+SMALL_BOOK = "reservations:\n  ttl: 5s\n  max_pending: 3\n"
 
 KEYS = [
     KeySpec("plain", extra={"plan": "std"}),
@@ -197,10 +200,19 @@ def state(engine: Engine) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(params=["compiled", "python"])
+def _compiled_or_skip() -> None:
+    if native.http1 is None or native.fast is None:
+        if os.environ.get(native.PURE_ENV, "") not in ("", "0"):
+            pytest.skip("NEXUS_AUTHZ_PURE is set: the compiled protocol is not loaded")
+        pytest.fail(f"the compiled framing did not build or load ({native.WHY_PURE})")
+
+
+@pytest.fixture(params=["compiled", "compiled-framing", "python"])
 def framing(request: pytest.FixtureRequest) -> type[http_authz.AuthzProtocol]:
-    """The protocol the fast path is tried in: the compiled one (production), and the httptools one with
-    the fast path's on_message_complete (the fast path's pure pieces: body facts, rate-limit headers)."""
+    """The protocol the fast path is tried in: the compiled one with the compiled lane (production:
+    native/_fast.pyx), the compiled framing with the pure flat path (adapters/http_fast.py, what runs when
+    the lane is not there), and the httptools one with the pure flat path (the fast path's pure pieces:
+    body facts, rate-limit headers)."""
     if request.param == "python":
 
         class Pure(http_authz.AuthzProtocol):
@@ -209,10 +221,15 @@ def framing(request: pytest.FixtureRequest) -> type[http_authz.AuthzProtocol]:
             on_message_complete = http_fast.on_message_complete
 
         return Pure
-    if native.http1 is None:
-        if os.environ.get(native.PURE_ENV, "") not in ("", "0"):
-            pytest.skip("NEXUS_AUTHZ_PURE is set: the compiled protocol is not loaded")
-        pytest.fail(f"the compiled framing did not build or load ({native.WHY_PURE})")
+    _compiled_or_skip()
+    if request.param == "compiled-framing":
+
+        class PureFlat(CompiledAuthzProtocol):  # type: ignore[misc]
+            __slots__ = ()
+            on_message_complete = http_fast.on_message_complete
+
+        return PureFlat
+    assert CompiledAuthzProtocol.on_message_complete is native.fast.on_message_complete  # type: ignore[union-attr]
     return CompiledAuthzProtocol  # type: ignore[no-any-return]
 
 
@@ -264,13 +281,16 @@ def run(
     return answers, state(engine)
 
 
-@pytest.fixture(scope="module", params=["accounting", "no-accounting", "refuse-unpriced"])
+@pytest.fixture(scope="module", params=["accounting", "no-accounting", "refuse-unpriced", "small-book"])
 def config(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     extra = (
         PLANS
-        + {"accounting": "", "no-accounting": ACCOUNTING_OFF, "refuse-unpriced": REFUSE_UNPRICED}[
-            request.param
-        ]
+        + {
+            "accounting": "",
+            "no-accounting": ACCOUNTING_OFF,
+            "refuse-unpriced": REFUSE_UNPRICED,
+            "small-book": SMALL_BOOK,
+        }[request.param]
     )
     return write_config(tmp_path_factory.mktemp("fastpath"), *KEYS, extra=extra)
 
@@ -351,6 +371,46 @@ def test_the_common_request_takes_the_fast_path(
         assert len(built) == 3
     assert fast == reference
     assert all(answer.startswith(b"HTTP/1.1 200 OK\r\n") for answer in fast[0])
+
+
+def test_the_compiled_lane_decides_without_the_pure_flat_path(config: Path) -> None:
+    """Not a vacuous comparison either: the compiled protocol's common check goes through native/_fast.pyx,
+    which neither builds a Request nor calls Decider.check_plain or FastAdmit.admit (a key with a
+    concurrency window near its limit, released early, and a refusal, which takes the reference tail),
+    and leaves the reference's state."""
+    _compiled_or_skip()
+    from nexus_authz.core.fastpath import FastAdmit
+    from nexus_authz.decide import Decider
+
+    tight = KEYS[1].secret
+    data = [_check(KEYS[0].secret, f"rid-{i}", _body("gpt-4o-mini", 16, 1, 3)) for i in range(2)]
+    data += [_check(tight, f"rid-{i}", _body("gpt-4o-mini", 100, 1, 20)) for i in range(2, 5)]
+    calls: list[str] = []
+    plain, admit = Decider.check_plain, FastAdmit.admit
+
+    def counted_plain(*args: Any) -> Any:
+        calls.append("check_plain")
+        return plain(*args)
+
+    def counted_admit(*args: Any) -> Any:
+        calls.append("admit")
+        return admit(*args)
+
+    script: list[tuple[str, Any]] = [("request", i) for i in range(5)] + [("tick", 0.5), ("request", 0)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Decider, "check_plain", counted_plain)
+        patch.setattr(FastAdmit, "admit", counted_admit)
+        fast = run(CompiledAuthzProtocol, config, script, data, fast=True)
+    assert calls == []
+    reference = run(CompiledAuthzProtocol, config, script, data, fast=False)
+    assert fast == reference
+    answers = fast[0]
+    assert [a.split(b"\r\n", 1)[0] for a in answers] == [b"HTTP/1.1 200 OK"] * 4 + [
+        b"HTTP/1.1 429 Too Many Requests"
+    ] + [b"HTTP/1.1 200 OK"]
+    # `concurrent: 2` is at least half full after each admission: both are marked for the early release
+    assert b"x-nexus-release: rid-2\r\n" in answers[2] and b"x-nexus-release: rid-3\r\n" in answers[3]
+    assert b"x-nexus-release" not in answers[0]  # `concurrent: 100000`: the access log frees it
 
 
 def test_throttled_addresses_and_keys_refused_for_their_bodies(

@@ -379,3 +379,25 @@ def test_envoy_check_request_is_taken_by_the_compiled_parser(engine: Engine) -> 
         engine, http_authz.AuthzProtocol, [data], max_header_bytes=65536, max_body=1 << 20
     )
     assert pure.startswith(b"HTTP/1.1 ") and sum(decisions.values()) == 1
+
+
+def test_after_a_replayed_request_the_compiled_parser_takes_the_next(engine: Engine) -> None:
+    """A request outside the compiled parser's subset (chunked) goes to httptools; once it is answered, the
+    connection's next request (Envoy's check, in the same read or the next) is the compiled parser's again."""
+    check = envoy_check()
+    chunked = (
+        b"POST /ext_authz/v1/chat/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n"
+        b"x-api-key: " + SECRETS[0].encode() + b"\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+    )
+    for reads in ([chunked, check], [chunked + check]):
+        app = http_authz.HttpApp(engine, max_header_bytes=65536, max_body=1 << 20)
+        protocol = CompiledAuthzProtocol(app)
+        transport = FakeTransport()
+        protocol.connection_made(transport)
+        parsers = []
+        for data in reads:
+            protocol.data_received(data)
+            parsers.append(protocol._parser is protocol._fast)
+        assert parsers == [True] * len(reads)
+        assert bytes(transport.data).count(b"HTTP/1.1 ") == 2 and not transport.closed
+        same_output(engine, reads)  # and the httptools protocol's bytes

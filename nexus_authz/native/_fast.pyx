@@ -1,0 +1,569 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+"""The common ext_authz check's flat path in C: admit, charge, reserve, count and answer in one call.
+
+`on_message_complete` (installed on adapters/http_native.py's CompiledAuthzProtocol by `install`) is
+adapters/http_fast.py's `on_message_complete` with `Decider.check_plain` and `FastAdmit.admit`
+(core/fastpath.py) written into it: the key's HMAC look-up, the body's facts (the compiled reading), the
+per-(key, model, path) `Plan` (the same cache, `FastAdmit._plans`), the costs, the prompt estimate, the
+known-keys note, the counters' charge (the store's `acquire_nowait`: the compiled memory store's acquire),
+the reservation's insert into the ReservationBook's OrderedDict, the early-release mark (shapes.near_limit),
+the decision and latency counts, and the allow answer (the plan's cached header block, the compiled
+rate-limit header lines, the release line and the tail joined in one buffer), with no Python frame on
+the way for the common admitted request. Those pure functions stay the reference, line for line in the
+same order; every step here says which one it mirrors.
+
+What this code does not take returns, before any state is changed, to the pure flat path
+(`Decider.check_plain`: headers that are not a dict, a book, known-keys record or failure store of another
+class, more than 62 windows) or to the reference path (None: not the common request, exactly where
+`FastAdmit.admit` says so); a refusal by the counters or a store that must be awaited goes on through
+`Decider._finish` / `_check_later` as in `check_plain`. tests/adapters/test_http_fastpath.py compares the
+bytes and the state this writes with the reference path's.
+
+`data_received` (installed by `install_framing`) is the compiled protocol's read handler: AuthzProtocol's
+timing of each read and CompiledAuthzProtocol._feed (the compiled parser, the httptools replay) in one
+call, so a read holding one common check runs no Python frame from the transport's callback to its write
+(tests/adapters/test_http_native.py compares it with the httptools protocol).
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_FromDouble
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_FromDouble
+from cpython.ref cimport Py_INCREF
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
+from libc.math cimport ceil, isfinite
+from libc.string cimport memcmp, memcpy
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+import math
+from collections import OrderedDict
+
+from nexus_authz.core import body as _core_body
+from nexus_authz.core import ratelimit_headers as _core_headers
+from nexus_authz.core.fastpath import MAX_PLANS, FastAdmit
+from nexus_authz.core.keys import MAX_KEY_LENGTH
+from nexus_authz.core.known import REFRESH_AFTER, KnownKeys
+from nexus_authz.core.model import Decision, InFlight, Reason, new_request
+from nexus_authz.core.prompt_later import KEEP_BODY_BYTES, deferred_body
+from nexus_authz.core.reservations import ReservationBook, settle_with
+
+cdef extern from "Python.h":
+    ctypedef struct PyTypeObject:
+        object (*tp_alloc)(PyTypeObject* t, Py_ssize_t n)
+    object PyUnicode_Substring(object s, Py_ssize_t start, Py_ssize_t end)
+    bint PyUnicode_IS_ASCII(object o)
+    void* PyUnicode_DATA(object o)
+    Py_ssize_t PyUnicode_GET_LENGTH(object o)
+    object PyUnicode_DecodeLatin1(const char* s, Py_ssize_t size, const char* errors)
+    bint PyFloat_CheckExact(object o)
+    bint PyLong_CheckExact(object o)
+    bint PyTuple_CheckExact(object o)
+
+cdef bytes _PREFIX = b"/ext_authz/"  # set by install: EXT_AUTHZ_PREFIX + "/"
+cdef Py_ssize_t _SKIP = 10  # len(EXT_AUTHZ_PREFIX): the path keeps its leading "/"
+cdef bytes _TAIL = b"content-length: 0\r\n\r\n"
+cdef bytes _RELEASE = b"x-nexus-release: "
+cdef object _OK = Reason.OK
+cdef object _UNAVAILABLE = Reason.UNAVAILABLE
+cdef object _InFlight = InFlight  # a NamedTuple: a tuple subtype of 5 items, no __dict__
+cdef Py_ssize_t _MAX_KEY = MAX_KEY_LENGTH
+cdef Py_ssize_t _KEEP = KEEP_BODY_BYTES
+cdef double _REFRESH = REFRESH_AFTER
+cdef Py_ssize_t _MAX_PLANS = MAX_PLANS
+cdef int _MAX_WINDOWS = 62  # the masks (uncharged, settle, slot) fit a C long long
+
+# set by install (adapters/http_native.py): the reference protocol's on_message_complete, the 500 answer,
+# the HTTP log, the failure store's class (stores/memory.py)
+cdef object _reference = None
+cdef object _internal_error = None
+cdef object _log = None
+cdef object _failure_store = None
+cdef object _reference_feed = None
+cdef object _busy = None
+
+
+def install_framing(reference_feed, busy):
+    """Register AuthzProtocol._feed (the httptools parser, for what the compiled parser does not take) and
+    the event loop's HTTP busy histogram (latency.LOOP_BUSY.http); returns the compiled `data_received`,
+    to be set on the compiled protocol (adapters/http_native.py: its `_feed` is the pure twin)."""
+    global _reference_feed, _busy
+    _reference_feed = reference_feed
+    _busy = busy
+    return data_received
+
+
+def install(reference, internal_error, log, failure_store, str prefix):
+    """Register what the compiled handler needs from the adapters (imported here they would be a cycle:
+    the native package loads first) and return the handler, to be set as the compiled protocol's
+    `on_message_complete`. `reference`: AuthzProtocol.on_message_complete; `failure_store`: the class
+    whose `_states` the brute-force throttle's counts are read from directly (any other: through its
+    own `__len__` / `__contains__`, as FastAdmit does); `prefix`: EXT_AUTHZ_PREFIX."""
+    global _reference, _internal_error, _log, _failure_store, _PREFIX, _SKIP
+    _PREFIX = prefix.encode("latin-1") + b"/"
+    _SKIP = len(prefix)
+    _reference = reference
+    _internal_error = internal_error
+    _log = log
+    _failure_store = failure_store
+    return on_message_complete
+
+
+cdef inline bint _space(unsigned char c) noexcept:
+    """Python's whitespace among ASCII characters (str.strip's)."""
+    return c == 32 or 9 <= c <= 13 or 28 <= c <= 31
+
+
+cdef object _client_address(object xff):
+    """http_authz._client_address: xff.rpartition(",")[2].strip(), one substring for an ASCII value."""
+    cdef const unsigned char* chars
+    cdef Py_ssize_t start, end, i
+    if not xff:
+        return ""
+    if type(xff) is not str or not PyUnicode_IS_ASCII(xff):
+        return xff.rpartition(",")[2].strip()
+    chars = <const unsigned char*>PyUnicode_DATA(xff)
+    end = PyUnicode_GET_LENGTH(xff)
+    start = 0
+    i = end
+    while i > 0:
+        i -= 1
+        if chars[i] == 44:  # ","
+            start = i + 1
+            break
+    while start < end and _space(chars[start]):
+        start += 1
+    while end > start and _space(chars[end - 1]):
+        end -= 1
+    return PyUnicode_Substring(xff, start, end)
+
+
+cdef object _in_flight(object key_id, object tenant, object model, object prompt, object kept):
+    """InFlight(...) as tuple.__new__(InFlight, ...) makes it, with no argument tuple."""
+    cdef object t = (<PyTypeObject*>_InFlight).tp_alloc(<PyTypeObject*>_InFlight, 5)
+    Py_INCREF(key_id)
+    PyTuple_SET_ITEM(t, 0, key_id)
+    Py_INCREF(tenant)
+    PyTuple_SET_ITEM(t, 1, tenant)
+    Py_INCREF(model)
+    PyTuple_SET_ITEM(t, 2, model)
+    Py_INCREF(prompt)
+    PyTuple_SET_ITEM(t, 3, prompt)
+    Py_INCREF(kept)
+    PyTuple_SET_ITEM(t, 4, kept)
+    return t
+
+
+cdef inline double _mono() noexcept:
+    """time.perf_counter()'s clock on Linux (CLOCK_MONOTONIC), without the call."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>(ts.tv_sec * 1000000000LL + ts.tv_nsec) / 1e9  # _PyTime_AsSecondsDouble
+
+
+cdef inline bint _multipart(str content_type) except -1:
+    """core.multipart.is_multipart, inline."""
+    if len(content_type) < 19:
+        return False
+    return content_type.partition(";")[0].strip().lower() == "multipart/form-data"
+
+
+cdef bytes _join(bytes wire, bytes block, object rid):
+    """wire + block [+ b"x-nexus-release: " + rid + b"\\r\\n"] + the tail, in one buffer."""
+    cdef Py_ssize_t nw = PyBytes_GET_SIZE(wire), nb = PyBytes_GET_SIZE(block), nr = 0, nt = PyBytes_GET_SIZE(_TAIL)
+    cdef Py_ssize_t nl = PyBytes_GET_SIZE(_RELEASE)
+    cdef bytes r = None
+    if rid is not None:
+        r = <bytes>rid
+        nr = nl + PyBytes_GET_SIZE(r) + 2
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, nw + nb + nr + nt)
+    cdef char* p = PyBytes_AS_STRING(out)
+    memcpy(p, PyBytes_AS_STRING(wire), nw)
+    p += nw
+    memcpy(p, PyBytes_AS_STRING(block), nb)
+    p += nb
+    if r is not None:
+        memcpy(p, PyBytes_AS_STRING(_RELEASE), nl)
+        p += nl
+        memcpy(p, PyBytes_AS_STRING(r), PyBytes_GET_SIZE(r))
+        p += PyBytes_GET_SIZE(r)
+        p[0] = 13
+        p[1] = 10
+        p += 2
+    memcpy(p, PyBytes_AS_STRING(_TAIL), nt)
+    return out
+
+
+cdef object _usd(object estimate, object completion, object price):
+    """pricing._cost with nothing cached, as FastAdmit.admit writes it: C doubles when every operand is
+    one Python would convert exactly (ints below 2**53, floats), else the same expression on objects."""
+    cdef object pin = price.input, pcached = price.cached_input, pout = price.output
+    cdef long long e, c
+    cdef int overflow = 0
+    cdef double total
+    if PyFloat_CheckExact(pin) and PyFloat_CheckExact(pcached) and PyFloat_CheckExact(pout):
+        if PyLong_CheckExact(estimate) and PyLong_CheckExact(completion):
+            e = PyLong_AsLongLongAndOverflow(estimate, &overflow)
+            if not overflow:
+                c = PyLong_AsLongLongAndOverflow(completion, &overflow)
+            if not overflow and -(1LL << 53) < e < (1LL << 53) and -(1LL << 53) < c < (1LL << 53):
+                total = ceil(
+                    <double>e * PyFloat_AS_DOUBLE(pin)
+                    + 0.0 * PyFloat_AS_DOUBLE(pcached)
+                    + <double>c * PyFloat_AS_DOUBLE(pout)
+                )
+                if isfinite(total):
+                    return PyLong_FromDouble(total)
+    return math.ceil((estimate - 0) * pin + 0 * pcached + completion * pout)
+
+
+cdef int _observe(object histogram, double seconds) except -1:
+    """LatencyHistogram.observe, inline: counts[bisect_left(bounds, seconds)] += 1; sum += seconds."""
+    bounds = histogram.bounds
+    cdef Py_ssize_t lo = 0, hi = len(bounds), mid
+    while lo < hi:  # bisect_left
+        mid = (lo + hi) >> 1
+        bound = bounds[mid]
+        if (PyFloat_AS_DOUBLE(bound) < seconds) if PyFloat_CheckExact(bound) else (bound < seconds):
+            lo = mid + 1
+        else:
+            hi = mid
+    histogram.counts[lo] += 1
+    histogram.sum += seconds
+    return 0
+
+
+def data_received(self, data):
+    """AuthzProtocol.data_received with CompiledAuthzProtocol._feed inline: each read timed into the loop's
+    busy histogram; the compiled parser first, the httptools parser for a request it does not take (replayed
+    read by read), the compiled parser again between requests."""
+    cdef double started = _mono()
+    if not self._closing:
+        fast = self._fast
+        if self._parser is fast:
+            if fast.feed(data):  # not in the subset: the httptools path takes this request
+                self._parser = self._slow
+                for chunk in fast.take_replay():
+                    _reference_feed(self, chunk)
+                    if self._closing:
+                        break
+                else:
+                    if not self._in_message and not self._closing:
+                        self._parser = fast
+        else:
+            _reference_feed(self, data)
+            if not self._in_message and not self._closing:
+                self._parser = fast
+    _observe(_busy, _mono() - started)
+
+
+cdef object _check(object decider, object policy, object snapshot, object headers, str path, bytes body,
+                   str request_id, str client_address, object app):
+    """Decider.check_plain with FastAdmit.admit inline, then the answer: the allow answer's bytes, None
+    (the reference path decides), a Decision or an awaitable (a refusal by the counters, a store that
+    must be awaited: check_plain's reference tail)."""
+    cdef double started = _mono()
+    cdef Py_ssize_t i, n, length
+    cdef const unsigned char* chars
+    cdef Py_ssize_t start, end
+    cdef double seconds, last_d, now_d
+    cdef long long uncharged, slot_mask
+    cdef object idx
+    cdef int overflow = 0
+    if type(headers) is not dict:
+        return _plain(decider, policy, snapshot, headers, path, body, request_id, client_address, app)
+    cdef dict h = <dict>headers
+    fast = decider._fast
+    if fast is None or fast.policy is not policy or fast.snapshot is not snapshot:
+        fast = FastAdmit(policy, snapshot)
+        decider._fast = fast
+    now = decider.clock()
+    failures = decider.failures
+    # -- FastAdmit.admit: the key --------------------------------------------------------------------
+    value = h.get("authorization")
+    if type(value) is not str or not (<str>value).startswith("Bearer "):
+        return None
+    if PyUnicode_IS_ASCII(value):  # value[7:].strip(), in place (ASCII whitespace: \t-\r, \x1c-\x1f, " ")
+        chars = <const unsigned char*>PyUnicode_DATA(value)
+        start = 7
+        end = PyUnicode_GET_LENGTH(value)
+        while start < end and _space(chars[start]):
+            start += 1
+        while end > start and _space(chars[end - 1]):
+            end -= 1
+        chars += start
+        length = end - start
+    else:  # a stripped non-ASCII space may leave an ASCII secret
+        secret = (<str>value)[7:].strip()
+        if not PyUnicode_IS_ASCII(secret):
+            return None
+        chars = <const unsigned char*>PyUnicode_DATA(secret)
+        length = PyUnicode_GET_LENGTH(secret)
+    if length == 0 or length > _MAX_KEY:
+        return None
+    for i in range(length):  # isprintable and no " ": \x21-\x7e
+        if chars[i] < 0x21 or chars[i] > 0x7e:
+            return None
+    counted = failures is not None and policy._auth_spec is not None
+    states = None
+    if counted:
+        if type(failures) is _failure_store:
+            states = failures._states
+            if type(states) is not OrderedDict:
+                return _plain(decider, policy, snapshot, headers, path, body, request_id, client_address, app)
+        if (len(<dict>states) != 0) if states is not None else bool(failures):
+            if client_address and (
+                (("\x01auth\x00" + client_address) in <dict>states) if states is not None
+                else (("\x01auth\x00" + client_address) in failures)
+            ):
+                return None
+        else:
+            counted = False
+    hasher = snapshot.hasher  # KeySnapshot.lookup (keys.KeyHasher)
+    inner = hasher._inner.copy()
+    inner.update(PyBytes_FromStringAndSize(<const char*>chars, length))  # ASCII: its UTF-8 bytes
+    outer = hasher._outer.copy()
+    outer.update(inner.digest())
+    key = snapshot.by_digest.get(outer.digest())
+    if key is None or key.disabled:
+        return None
+    expires_at = key.expires_at
+    if expires_at is not None and now >= expires_at:
+        return None
+    # -- the body's facts --------------------------------------------------------------------------------
+    facts = None
+    model = None
+    content_type = h.get("content-type", "")
+    needs_facts = key.needs_facts
+    if body and (key.models or needs_facts):
+        if "content-encoding" in h or _multipart(content_type):
+            return None
+        if counted and (
+            (("\x01denied\x00" + key.key_id) in <dict>states) if states is not None
+            else (("\x01denied\x00" + key.key_id) in failures)
+        ):
+            return None
+        facts = _core_body.read_facts(body, estimate_prompt=needs_facts, precise=False, truncated=False)
+        if facts.problem is not None:
+            return None
+        model = facts.model
+        if model is None and key.models:
+            return None
+    # -- the plan ----------------------------------------------------------------------------------------
+    cdef dict plans = fast._plans
+    plan_key = (key, model, path)
+    plan = plans.get(plan_key)
+    if plan is None:
+        plan = fast._plan(key, model, path)
+        if len(plans) >= _MAX_PLANS:
+            plans.clear()
+        plans[plan_key] = plan
+    if not plan.usable:
+        return None
+    specs = plan.specs
+    book = decider.book
+    if len(<tuple>specs) > _MAX_WINDOWS or (book is not None and type(book) is not ReservationBook):
+        return _plain(decider, policy, snapshot, headers, path, body, request_id, client_address, app)
+    if client_address and failures is not None and policy._auth_spec is not None:
+        known = policy._known  # KnownKeys.note, its common case inline
+        if type(known) is not KnownKeys:
+            return _plain(decider, policy, snapshot, headers, path, body, request_id, client_address, app)
+        last = (<dict>known._seen).get((client_address, key.key_id))
+        if last is None:
+            known.note(client_address, key.key_id, now)
+        elif PyFloat_CheckExact(last) and PyFloat_CheckExact(now):
+            last_d = PyFloat_AS_DOUBLE(last)
+            now_d = PyFloat_AS_DOUBLE(now)
+            if not (last_d <= now_d < last_d + _REFRESH):
+                known.note(client_address, key.key_id, now)
+        elif not (last <= now < last + _REFRESH):
+            known.note(client_address, key.key_id, now)
+    # -- the prompt estimate and the charges -------------------------------------------------------------
+    prompt = facts.prompt_tokens if facts is not None else 0
+    kept = None
+    track = policy.track
+    if track and not needs_facts and body:  # prompt_later.deferred_body
+        if not _multipart(content_type) and PyBytes_GET_SIZE(body) <= _KEEP:
+            prompt = 0
+            kept = body
+        else:
+            prompt, kept = deferred_body(body, content_type, prompt)
+    cdef tuple cost_index = plan.cost_index
+    n = PyTuple_GET_SIZE(cost_index)
+    cdef tuple costs = PyTuple_New(n)
+    cdef Py_ssize_t source
+    tokens = 0
+    usd = 0
+    if plan.metered:
+        if facts is not None:
+            estimate = facts.prompt_tokens
+            choices = facts.n if facts.n > 0 else 1
+            max_tokens = facts.max_tokens or None
+        else:
+            estimate, choices, max_tokens = 0, 1, None
+        completion = (max_tokens or policy._default_max_tokens) * choices if plan.completes else 0
+        price = plan.price
+        usd = _usd(estimate, completion, price) if price is not None else 0
+        tokens = estimate + completion
+    for i in range(n):  # shapes.costs_of: (1, tokens, usd)[cost_index[i]]
+        source = <Py_ssize_t>(<object>PyTuple_GET_ITEM(cost_index, i))
+        item = 1 if source == 0 else tokens if source == 1 else usd
+        Py_INCREF(item)
+        PyTuple_SET_ITEM(costs, i, item)
+    # -- Decider.check_plain: charge, reserve ------------------------------------------------------------
+    release = None
+    if not specs:  # nothing to charge
+        statuses = ()
+        if book is not None and request_id and track:
+            context = _in_flight(key.key_id, key.tenant, plan.model, prompt, kept)
+            settle_with(decider.store.adjust_soon, book.track(request_id, context, now), now)
+    else:
+        store = decider.store
+        counter_ids = plan.counter_ids
+        result = store.acquire_nowait(counter_ids, specs, costs, now)
+        if result is None or not result.allowed:  # the reference path from here
+            request = new_request("POST", path, headers, body, False, request_id, client_address)
+            admission = fast.admission(plan, costs, request_id, prompt, kept, facts, path)
+            if result is None:
+                return decider._check_later(policy, admission, now, started, request)
+            return decider._finish(policy, admission, request, result, now, started, True)
+        shape = plan.shape
+        statuses = result.statuses
+        if book is not None and request_id:
+            uncharged = result.uncharged
+            # ReservationBook.reserve, then _insert
+            entries = book._entries
+            out = None
+            if entries:
+                for first in entries:  # the oldest
+                    if entries[first][5] <= now:
+                        out = book._expire(now, book._expire_per_call)
+                    break
+            context = _in_flight(key.key_id, key.tenant, plan.model, prompt, kept) if track else None
+            if context is not None or (<long long>shape.settle_mask & ~uncharged) != 0:
+                entry = (
+                    counter_ids if PyTuple_CheckExact(counter_ids) else tuple(counter_ids),
+                    specs if PyTuple_CheckExact(specs) else tuple(specs),
+                    costs,
+                    uncharged,
+                    now,
+                    now + book._ttl,
+                    context,
+                )
+                if request_id in entries:
+                    old = entries.pop(request_id)
+                    book.replaced += 1
+                    if not out:
+                        out = []
+                    out.append(book._retire(request_id, old))
+                elif len(entries) >= book._max:
+                    oldest_id, oldest = entries.popitem(last=False)
+                    book.evicted += 1
+                    if not out:
+                        out = []
+                    out.append(book._retire(oldest_id, oldest))
+                entries[request_id] = entry
+            if out:
+                settle_with(store.adjust_soon, tuple(out), now)
+            slot_mask = shape.slot_mask
+            if slot_mask != 0:  # policy.marks_release: shapes.near_limit
+                for idx in shape.slot_indices:
+                    if not (uncharged >> <int>idx) & 1:
+                        status = statuses[idx]
+                        if status.remaining <= status.limit >> 1:
+                            release = request_id
+                            break
+    # -- Decider._counted -----------------------------------------------------------------------------------
+    decisions = decider.decisions
+    decisions[_OK] += 1
+    _observe(decider.latency, _mono() - started)
+    # -- the answer (http_fast.on_message_complete) ---------------------------------------------------------
+    wire = plan.wire
+    if wire is None:
+        wire = app.allow_parts(plan.key)[0]
+        plan.wire = wire
+    if statuses:
+        block = _core_headers.build_header_block(plan.shape.headers, statuses)
+    else:
+        block = b""
+    return _join(wire, block, (<str>release).encode("latin-1") if release else None)
+
+
+cdef object _plain(object decider, object policy, object snapshot, object headers, str path, bytes body,
+                   str request_id, str client_address, object app):
+    """The pure flat path (Decider.check_plain) and http_fast's answer of its admission."""
+    out = decider.check_plain(policy, snapshot, headers, path, body, request_id, client_address)
+    if out.__class__ is not tuple:
+        return out
+    plan, statuses, release = out
+    wire = plan.wire
+    if wire is None:
+        wire = app.allow_parts(plan.key)[0]
+        plan.wire = wire
+    block = _core_headers.build_header_block(plan.shape.headers, statuses) if statuses else b""
+    return _join(wire, block, (<str>release).encode("latin-1") if release else None)
+
+
+def on_message_complete(self):
+    """adapters/http_fast.on_message_complete, compiled, with the decision inline (see the module)."""
+    app = self._app
+    parser = self._parser
+    url = self._url
+    if (
+        self.fast_path
+        and not self._closing
+        and type(url) is bytes
+        and PyBytes_GET_SIZE(url) > _SKIP
+        and memcmp(PyBytes_AS_STRING(url), PyBytes_AS_STRING(_PREFIX), _SKIP + 1) == 0
+        and parser.get_method() == b"POST"
+        and parser.should_keep_alive()
+        and not app.draining
+        and not app.admin
+        and not self._outbox
+        and self._transport is not None
+    ):
+        headers = self._headers
+        if headers.get("x-envoy-auth-partial-body") != "true":
+            engine = app.engine
+            try:
+                xff = headers.get("x-forwarded-for")
+                chunks = self._body
+                if not chunks:
+                    body = b""
+                elif type(chunks) is list and len(<list>chunks) == 1 and type((<list>chunks)[0]) is bytes:
+                    body = (<list>chunks)[0]
+                else:
+                    body = b"".join(chunks)
+                out = _check(
+                    engine.decider,
+                    engine.policy,
+                    engine.snapshot,
+                    headers,
+                    PyUnicode_DecodeLatin1(PyBytes_AS_STRING(url) + _SKIP, PyBytes_GET_SIZE(url) - _SKIP, NULL),
+                    body,
+                    headers.get("x-request-id", ""),
+                    _client_address(xff),
+                    app,
+                )
+                if out is None or type(out) is bytes:
+                    data = out
+                elif out.__class__ is Decision:
+                    data = app.response(out, nginx=False, close=False)
+                else:  # the counter store is awaited: the answer leaves from the outbox
+                    self._in_message = False
+                    self._queue(self._answer_later(out, nginx=False, close=False), True)
+                    return
+            except Exception:  # a bug: answer 500 for this request, keep serving the others
+                _log.exception("internal error in the HTTP check")
+                engine.count(_UNAVAILABLE)
+                self._in_message = False
+                self._closing = True
+                self._transport.write(_internal_error)
+                self._hang_up(self._transport)
+                return
+            if data is not None:  # else not the common request: nothing was charged or counted
+                self._in_message = False
+                self._transport.write(data)
+                loop = app.loop
+                if loop is not None:
+                    self.last_active = loop.time()
+                return
+    _reference(self)
