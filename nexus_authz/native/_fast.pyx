@@ -95,7 +95,7 @@ def install(reference, internal_error, log, failure_store, str prefix):
     """Register what the compiled handler needs from the adapters (imported here they would be a cycle:
     the native package loads first) and return the handler, to be set as the compiled protocol's
     `on_message_complete`. `reference`: AuthzProtocol.on_message_complete; `failure_store`: the class
-    whose `_states` the brute-force throttle's counts are read from directly (any other: through its
+    whose `_states` (a dict; fresh windows held as None) the brute-force throttle's counts are read from directly (any other: through its
     own `__len__` / `__contains__`, as FastAdmit does); `prefix`: EXT_AUTHZ_PREFIX."""
     global _reference, _internal_error, _log, _failure_store, _PREFIX, _SKIP
     _PREFIX = prefix.encode("latin-1") + b"/"
@@ -306,12 +306,17 @@ cdef object _check(object decider, object policy, object snapshot, object header
     states = None
     if counted:
         if type(failures) is _failure_store:
+            # MemoryCounterStore: a dict of id -> state, where a window a write left fresh is held as
+            # None until its sweep drops it (`_held` of them): its len() and `in` count only the others
             states = failures._states
-            if type(states) is not OrderedDict:
+            if type(states) is not dict:
                 return _plain(decider, policy, snapshot, headers, path, body, request_id, client_address, app)
-        if (len(<dict>states) != 0) if states is not None else bool(failures):
+            nonempty = len(<dict>states) != <Py_ssize_t>failures._held
+        else:
+            nonempty = bool(failures)
+        if nonempty:
             if client_address and (
-                (("\x01auth\x00" + client_address) in <dict>states) if states is not None
+                ((<dict>states).get("\x01auth\x00" + client_address) is not None) if states is not None
                 else (("\x01auth\x00" + client_address) in failures)
             ):
                 return None
@@ -337,7 +342,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
         if "content-encoding" in h or _multipart(content_type):
             return None
         if counted and (
-            (("\x01denied\x00" + key.key_id) in <dict>states) if states is not None
+            ((<dict>states).get("\x01denied\x00" + key.key_id) is not None) if states is not None
             else (("\x01denied\x00" + key.key_id) in failures)
         ):
             return None
