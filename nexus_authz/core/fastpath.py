@@ -16,6 +16,7 @@ dropped when the policy or the key snapshot changes.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 from math import ceil
 from typing import Final
@@ -35,7 +36,10 @@ from nexus_authz.core.shapes import Shape, shape_of
 
 __all__ = ["MAX_PLANS", "FastAdmit", "Plan"]
 
-MAX_PLANS: Final = 8192  # (key, model, path) plans kept (~250 B each); cleared whole when full
+# (key, model, path) plans kept (~250 B each, and the HTTP listener's answer bytes): 10,000 active keys of
+# one model fit. Beyond it a random eighth goes (`FastAdmit._plan_for`): clearing all, or the oldest, would
+# make a round-robin over a few more keys than this miss on every request; a random eviction keeps most.
+MAX_PLANS: Final = 16384
 _UNMETERED: Final = (1, 0, 0).__getitem__  # shapes.costs_of with no tokens and no USD
 
 
@@ -150,13 +154,9 @@ class FastAdmit:
             model = facts.model
             if model is None and key.models:
                 return None
-        plans = self._plans
-        plan = plans.get((key, model, path))
+        plan = self._plans.get((key, model, path))
         if plan is None:
-            plan = self._plan(key, model, path)
-            if len(plans) >= MAX_PLANS:
-                plans.clear()
-            plans[(key, model, path)] = plan
+            plan = self._plan_for(key, model, path)
         if not plan.usable:
             return None
         if client_address and failures is not None and policy._auth_spec is not None:
@@ -184,6 +184,16 @@ class FastAdmit:
         else:
             costs = tuple(map(_UNMETERED, plan.cost_index))
         return plan, costs, prompt, kept, facts
+
+    def _plan_for(self, key: KeyRecord, model: str | None, path: str) -> Plan:
+        """A new plan, kept (a random eighth of the plans goes first when MAX_PLANS are kept)."""
+        plan = self._plan(key, model, path)
+        plans = self._plans
+        if len(plans) >= MAX_PLANS:
+            for old in random.sample(list(plans), MAX_PLANS // 8):
+                del plans[old]
+        plans[(key, model, path)] = plan
+        return plan
 
     def _plan(self, key: KeyRecord, model: str | None, path: str) -> Plan:
         policy = self.policy

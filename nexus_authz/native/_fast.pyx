@@ -39,7 +39,7 @@ from collections import OrderedDict
 
 from nexus_authz.core import body as _core_body
 from nexus_authz.core import ratelimit_headers as _core_headers
-from nexus_authz.core.fastpath import MAX_PLANS, FastAdmit
+from nexus_authz.core.fastpath import FastAdmit
 from nexus_authz.core.keys import MAX_KEY_LENGTH
 from nexus_authz.core.known import REFRESH_AFTER, KnownKeys
 from nexus_authz.core.model import Decision, InFlight, Reason, new_request
@@ -68,7 +68,6 @@ cdef object _InFlight = InFlight  # a NamedTuple: a tuple subtype of 5 items, no
 cdef Py_ssize_t _MAX_KEY = MAX_KEY_LENGTH
 cdef Py_ssize_t _KEEP = KEEP_BODY_BYTES
 cdef double _REFRESH = REFRESH_AFTER
-cdef Py_ssize_t _MAX_PLANS = MAX_PLANS
 cdef int _MAX_WINDOWS = 62  # the masks (uncharged, settle, slot) fit a C long long
 
 # set by install (adapters/http_native.py): the reference protocol's on_message_complete, the 500 answer,
@@ -357,10 +356,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
     plan_key = (key, model, path)
     plan = plans.get(plan_key)
     if plan is None:
-        plan = fast._plan(key, model, path)
-        if len(plans) >= _MAX_PLANS:
-            plans.clear()
-        plans[plan_key] = plan
+        plan = fast._plan_for(key, model, path)  # kept (and the cache bounded) in Python: a miss is rare
     if not plan.usable:
         return None
     specs = plan.specs
