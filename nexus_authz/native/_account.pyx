@@ -10,7 +10,7 @@ into it, in the same order, so a common entry runs no Python frame from the ALS 
 store's (compiled) adjust. Those functions stay the reference; each step says which one it mirrors.
 
 It returns False, before any state is changed, for what it does not take: the Python `Engine.account`
-then runs (no reservation in the book: expired, retired, duplicate or unadmitted; a usage that is not the
+then runs (an engine of another class; no reservation in the book: expired, retired, duplicate or unadmitted; a usage that is not the
 provider's; a context that is not an InFlight; a store other than the local memory store (Redis); more
 than 62 windows; a price that is not a finite number). A ledger of another class, or a pending row the SQLite ledger lacks, is recorded
 through the ledger's own `record_usage` (the same call the Python path makes).
@@ -18,7 +18,9 @@ tests/adapters/test_als_batch.py compares the counters, ledger rows, metrics and
 pure path's.
 """
 
-from libc.math cimport ceil, isfinite
+from cpython.ref cimport Py_INCREF
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from libc.math cimport ceil, fmod, isfinite
 
 from nexus_authz.core import accounting as _accounting
 from nexus_authz.core.limits import Kind
@@ -30,15 +32,17 @@ from nexus_authz.core.reservations import ReservationBook
 cdef object LocalCounters = None
 cdef object MemoryCounterStore = None
 cdef object SQLiteLedger = None
+cdef object Engine = None
 
 
 cdef void _bind():
-    global LocalCounters, MemoryCounterStore, SQLiteLedger
+    global LocalCounters, MemoryCounterStore, SQLiteLedger, Engine
+    from nexus_authz.engine import Engine as engine
     from nexus_authz.stores.base import LocalCounters as local
     from nexus_authz.stores.ledger.sqlite import SQLiteLedger as sqlite
     from nexus_authz.stores.memory import MemoryCounterStore as memory
 
-    LocalCounters, MemoryCounterStore, SQLiteLedger = local, memory, sqlite
+    LocalCounters, MemoryCounterStore, SQLiteLedger, Engine = local, memory, sqlite, engine
 
 cdef object _REQUESTS = Kind.REQUESTS
 cdef object _TOKENS = Kind.TOKENS
@@ -53,6 +57,29 @@ cdef str _ACCESS_LOG = "access_log"
 taken = [0]
 
 
+cdef object _ZERO = 0
+cdef object _last_key = None  # the last ledger row key built: the next entry of the same row reuses it
+cdef double _last_minute = -1.0
+
+
+cdef object _ledger_key(object key_id, object tenant, object model, object now, object rule):
+    """aggregate.key_of's (key_id, tenant, model, minute, "reported", rule), the last one reused when equal."""
+    global _last_key, _last_minute
+    cdef double ts, minute
+    cdef tuple last
+    if now.__class__ is not float or not now >= 0.0:
+        return (key_id, tenant, model, int(now - now % 60), _REPORTED, rule)
+    ts = now
+    minute = ts - fmod(ts, 60.0)  # a float's % 60 for ts >= 0
+    if _last_key is not None and minute == _last_minute:
+        last = _last_key
+        if last[0] == key_id and last[1] == tenant and last[2] == model and last[5] == rule:
+            return last
+    _last_key = (key_id, tenant, model, int(minute), _REPORTED, rule)
+    _last_minute = minute
+    return _last_key
+
+
 cdef inline void _add(dict counts, object key, object n):
     counts[key] = counts.get(key, 0) + n
 
@@ -60,16 +87,21 @@ cdef inline void _add(dict counts, object key, object n):
 def account_provider(object engine, str request_id, object usage, object response_model):
     """Engine.account of a provider usage record (keep_estimate=False, unread=False); False: not taken
     (nothing changed: the caller runs Engine.account)."""
-    cdef object book = engine.book
+    cdef object book
     cdef object context, entry, prices, priced, price, decider, local, ledger
-    cdef object counter_ids, specs, costs, charged_at, spec, kind, delta, cost, rule, key, row
+    cdef object counter_ids, specs, costs, charged_at, spec, kind, delta, cost, rule, key, row, deltas
     cdef object entries
     cdef dict pending
     cdef double fcost
     cdef long long uncharged
     cdef Py_ssize_t i, n
     cdef bint slot_released = False
-    if not request_id or book.__class__ is not ReservationBook or usage.source != _PROVIDER:
+    if Engine is None:
+        _bind()
+    if engine.__class__ is not Engine or not request_id or usage.source != _PROVIDER:
+        return False
+    book = engine.book
+    if book.__class__ is not ReservationBook:
         return False
     entries = book._entries
     entry = entries.get(request_id)
@@ -82,8 +114,6 @@ def account_provider(object engine, str request_id, object usage, object respons
         return False
     decider = engine.decider
     local = decider.store
-    if LocalCounters is None:
-        _bind()
     if local.__class__ is not LocalCounters or local.store.__class__ is not MemoryCounterStore:
         return False
     # charge_fields: the provider's record as reported, priced by the table's cached, matched rule
@@ -128,25 +158,23 @@ def account_provider(object engine, str request_id, object usage, object respons
     n = len(specs)
     if n:
         uncharged = uncharged_o
-        deltas = [0] * n
+        deltas = PyTuple_New(n)  # settle_parts' deltas, built as the tuple Decider.adjust passes on
         tokens = prompt + completion
         for i in range(n):
             spec = specs[i]
             kind = spec.kind
-            if kind is _REQUESTS or (uncharged >> i) & 1:
-                continue
-            if kind is _CONCURRENCY:
-                delta = -costs[i]
-            else:
-                delta = (tokens if kind is _TOKENS else cost) - costs[i]
-            if delta:
-                deltas[i] = delta
+            delta = _ZERO
+            if kind is not _REQUESTS and not (uncharged >> i) & 1:
+                if kind is _CONCURRENCY:
+                    delta = -costs[i]
+                    if delta:  # a slot the proxy did not release early (Decider.adjust's count)
+                        slot_released = True
+                else:
+                    delta = (tokens if kind is _TOKENS else cost) - costs[i]
+            Py_INCREF(delta)
+            PyTuple_SET_ITEM(deltas, i, delta)
         # Decider.adjust
-        local.adjust_soon(counter_ids, specs, tuple(deltas), now, charged_at)
-        for i in range(n):
-            if specs[i].kind is _CONCURRENCY and deltas[i]:  # a slot the proxy did not release early
-                slot_released = True
-                break
+        local.adjust_soon(counter_ids, specs, deltas, now, charged_at)
         if slot_released:
             decider.slot_releases[_ACCESS_LOG] += 1
         if decider._slot_freed is not None:
@@ -170,7 +198,7 @@ def account_provider(object engine, str request_id, object usage, object respons
     if ledger is not None:
         row = None
         if ledger.__class__ is SQLiteLedger and not ledger._closed:
-            key = (key_id, tenant, model, int(now - now % 60), _REPORTED, rule)
+            key = _ledger_key(key_id, tenant, model, now, rule)
             pending = ledger._pending
             row = pending.get(key)
         if row is None:
