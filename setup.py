@@ -17,6 +17,7 @@ SOURCES = {
     "nexus_authz.native._usage": "nexus_authz/native/_usage.pyx",
     "nexus_authz.native._headers": "nexus_authz/native/_headers.pyx",
     "nexus_authz.native._fast": "nexus_authz/native/_fast.pyx",
+    "nexus_authz.native._account": "nexus_authz/native/_account.pyx",
 }
 
 

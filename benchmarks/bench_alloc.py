@@ -4,9 +4,10 @@ The fast path here is what the server runs per Envoy Check, minus the socket: ``
 with the bytes Envoy's HTTP ext_authz sends (httptools parse, key lookup, limit windows charged, the
 reservation, the answer's bytes), and, for token accounting, ``Engine.account`` with the response's usage
 (what the access-log and ext_proc adapters call once per response: settle the reservation, count tokens,
-aggregate into the ledger). The config is the benchmark's (bench_envoy.LIMITS_CONFIG: requests and tokens
-per minute, tokens per day; accounting on; the default SQLite ledger, whose writer is not started here,
-so records only aggregate in memory as they do between two flushes).
+aggregate into the ledger; the access-log adapter's compiled step for a provider record,
+adapters/als_fast.ACCOUNT, when it is loaded). The config is the benchmark's (bench_envoy.LIMITS_CONFIG:
+requests and tokens per minute, tokens per day; accounting on; the default SQLite ledger, whose writer is
+not started here, so records only aggregate in memory as they do between two flushes).
 
 Steady state: one key, 10,000 requests with distinct x-request-ids, replayed batch after batch (every
 reservation is settled before its id comes back); two warm-up batches fill the caches first.
@@ -52,6 +53,7 @@ sys.path.insert(0, str(REPO))
 import bench_envoy as be  # noqa: E402
 import harness  # noqa: E402
 
+from nexus_authz.adapters import als_fast  # noqa: E402
 from nexus_authz.adapters.http_authz import AuthzProtocol, HttpApp  # noqa: E402
 from nexus_authz.core.model import Request  # noqa: E402
 from nexus_authz.core.usage import Usage  # noqa: E402
@@ -338,9 +340,16 @@ def _measure(fp: FastPath, batches: int, log: Callable[[str], None]) -> AllocRes
         for raw in raws:
             receive(raw)
 
+    compiled = als_fast.ACCOUNT  # what the access-log adapter calls first for a provider record
+
     def settle() -> None:
-        for rid in ids:
-            account(rid, usage)
+        if compiled is None:
+            for rid in ids:
+                account(rid, usage)
+        else:
+            for rid in ids:
+                if not compiled(engine, rid, usage, None):
+                    account(rid, usage)
 
     def cycle() -> None:
         decide()

@@ -338,9 +338,11 @@ class AccessLogService:
         if found is not None:
             self.entries += 1
             # what account_response concludes for a whole response with a provider's usage record
-            self.engine.account(
-                request_id, found[0], response_model=found[1], keep_estimate=False, unread=False
-            )
+            account = als_fast.ACCOUNT  # compiled (native/_account.pyx) for the common entry
+            if account is None or not account(self.engine, request_id, found[0], found[1]):
+                self.engine.account(
+                    request_id, found[0], response_model=found[1], keep_estimate=False, unread=False
+                )
             return None
         snippet = Snippet(kind, data, skipped)
         hint = self.engine.prompt_hint(request_id)

@@ -20,7 +20,9 @@ as `core.ratelimit_headers.build_headers`, which the policy calls; and plan_head
 as HTTP/1.1 lines, installed as `build_header_block`, which the HTTP listener's fast path calls);
 `_fast`, the common ext_authz check's flat path in one compiled call (core/fastpath.py's admission,
 Decider.check_plain's charge and reservation, adapters/http_fast.py's answer), installed as the compiled
-protocol's `on_message_complete` (adapters/http_native.py).
+protocol's `on_message_complete` (adapters/http_native.py);
+`_account`, the common access-log entry's accounting (Engine.account of a provider usage record:
+settle, price, count, record) in one compiled call (adapters/envoy_als.py `_account_snippet`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from nexus_authz.core import ratelimit_headers as _core_headers
 log = logging.getLogger("nexus_authz.native")
 
 PURE_ENV = "NEXUS_AUTHZ_PURE"
-MODULES = ("_http1", "_body", "_windows", "_usage", "_headers", "_fast")
+MODULES = ("_http1", "_body", "_windows", "_usage", "_headers", "_fast", "_account")
 
 
 def _load() -> tuple[dict[str, ModuleType], str]:
@@ -58,6 +60,7 @@ windows: ModuleType | None = _modules.get("_windows")
 usage: ModuleType | None = _modules.get("_usage")  # the access-log entry's scans (adapters/als_fast.py)
 headers: ModuleType | None = _modules.get("_headers")  # the answers' rate-limit headers
 fast: ModuleType | None = _modules.get("_fast")  # the common ext_authz check's flat path
+account: ModuleType | None = _modules.get("_account")  # the common access-log entry's accounting
 WHY_PURE_WINDOWS = WHY_PURE_USAGE = WHY_PURE  # the modules load together or not at all
 PATH = "compiled" if _modules else "python"
 if body is not None:
@@ -72,7 +75,7 @@ def announce() -> None:
     if _modules:
         log.info(
             "compiled fast path: HTTP/1.1 framing, body facts, counter windows, access-log scans, "
-            "rate-limit headers and the common check's flat path in C",
+            "rate-limit headers, the common check's flat path and the common entry's accounting in C",
             extra={"native_path": PATH},
         )
     else:

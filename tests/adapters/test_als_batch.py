@@ -33,7 +33,7 @@ from tests.adapters.test_als import FIXTURES, body_meta, entry_with, message
 from tests.helpers import KeySpec, write_config
 
 CONFIG = """
-ledger: {backend: memory}
+ledger: {backend: LEDGER}
 reservations: {ttl: 60s}
 prices:
   "gpt-4o-mini*": {input: 0.15, output: 0.6}
@@ -59,10 +59,11 @@ class _Clock:
         return self.now
 
 
-def _engine(tmp_path: Path) -> tuple[Engine, _Clock]:
+def _engine(tmp_path: Path, ledger: str = "memory") -> tuple[Engine, _Clock]:
     tmp_path.mkdir()
     clock = _Clock()
-    path = write_config(tmp_path, METERED, OPEN, extra=CONFIG)
+    backend = "memory" if ledger == "memory" else f"sqlite, path: {tmp_path / 'usage.sqlite3'}"
+    path = write_config(tmp_path, METERED, OPEN, extra=CONFIG.replace("LEDGER", backend))
     return Engine.from_settings(load_settings(str(path)), clock=clock), clock
 
 
@@ -210,8 +211,8 @@ class _Context:
         return next(self._messages, grpc.aio.EOF)
 
 
-def _run(tmp_path: Path, *, compiled: bool) -> tuple[dict[str, Any], int]:
-    engine, clock = _engine(tmp_path)
+def _run(tmp_path: Path, *, compiled: bool, ledger: str = "memory") -> tuple[dict[str, Any], int]:
+    engine, clock = _engine(tmp_path, ledger)
     messages, admit, expire = _batches()
     for key, rid in admit:  # late ones first: their reservations expire before their entries arrive
         if rid in expire:
@@ -230,12 +231,16 @@ def _run(tmp_path: Path, *, compiled: bool) -> tuple[dict[str, Any], int]:
     asyncio.run(service.stream_access_logs(None, _Context(feed)))  # type: ignore[arg-type]
     clock.now += 1
     assert engine.ledger is not None
+    if ledger == "sqlite":
+        assert engine.ledger.flush_now()  # type: ignore[attr-defined]
     rows = engine.ledger.query(group_by=("key_id", "tenant", "model", "source", "price_rule", "minute"))
     state = {
         "accounted": dict(engine.accounted),
         "usage_tokens": dict(engine.usage_tokens),
         "unpriced": dict(engine.unpriced),
         "book": engine.book.stats(),
+        "slot_releases": dict(engine.decider.slot_releases),
+        "ledger_stats": (engine.ledger.stats().recorded_records, engine.ledger.stats().dropped_records),
         "service": (service.messages, service.entries, service.ignored),
         "ledger": sorted(rows, key=repr),
         "windows": _check(engine, METERED, "after"),  # what the limits hold now, as the Check says it
@@ -243,15 +248,39 @@ def _run(tmp_path: Path, *, compiled: bool) -> tuple[dict[str, Any], int]:
     return state, service.by_protobuf
 
 
+@pytest.mark.parametrize("ledger", ["memory", "sqlite"])
 def test_the_compiled_message_scan_accounts_as_the_reference_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ledger: str
 ) -> None:
-    if native.usage is None:
+    if native.usage is None or native.account is None:
         pytest.skip("the compiled scans are not loaded (NEXUS_AUTHZ_PURE, or not built)")
-    fast, unusual = _run(tmp_path / "compiled", compiled=True)
+    accounted: list[str] = []  # the request ids the Python Engine.account settled
+    python_account = Engine.account
+
+    def counting(self: Engine, request_id: str, *args: Any, **kwargs: Any) -> None:
+        accounted.append(request_id)
+        python_account(self, request_id, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "account", counting)
+    taken = native.account.taken[0]
+    fast, unusual = _run(tmp_path / "compiled", compiled=True, ledger=ledger)
+    taken = native.account.taken[0] - taken  # entries the compiled accounting step took
+    by_python = list(accounted)
+    accounted.clear()
     monkeypatch.setattr(als_fast, "SCAN", None)
-    reference, all_entries = _run(tmp_path / "reference", compiled=False)
+    monkeypatch.setattr(als_fast, "ACCOUNT", None)
+    reference, all_entries = _run(tmp_path / "reference", compiled=False, ledger=ledger)
     assert fast == reference
+    # not vacuous: the common entries (a live reservation, a provider record the scan read) were settled
+    # by the compiled step, Engine.account ran only for the others (duplicates, unknown and expired ids,
+    # the usage concluded by the core)
+    assert taken >= 10, taken
+    assert len(by_python) + taken == len(accounted)
+    assert "never" in by_python and "expired" in by_python
+    # a JSON body's and an OpenAI stream's provider record (fixtures 1, 4 and 8) on both keys; metered-4
+    # once more as the resent batch's duplicate
+    assert not {"metered-1", "open-1", "metered-8", "open-8"} & set(by_python[: by_python.index("never")])
+    assert by_python.count("metered-4") == 1
     # the scan read most entries itself; protobuf only the unusual ones (pieces, odd records, a merge)
     assert 0 < unusual < all_entries / 3, (unusual, all_entries)
     assert reference["accounted"]["duplicate"] >= 3 and reference["accounted"]["unadmitted"] == 1

@@ -1,0 +1,223 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+"""The common access-log entry's accounting in C: settle, price, count and record in one call.
+
+`account_provider(engine, request_id, usage, response_model)` is `Engine.account(request_id, usage,
+response_model=..., keep_estimate=False, unread=False)` (nexus_authz/engine.py) for the common entry (a
+response whose provider usage record the compiled scans read, adapters/envoy_als.py `_account_snippet`),
+with `accounting.charge_fields`, `ReservationBook.settle_parts`, `Decider.adjust`,
+`accounting.count_tokens_used` and `SQLiteLedger.record_usage`'s update of an existing pending row written
+into it, in the same order, so a common entry runs no Python frame from the ALS handler to the memory
+store's (compiled) adjust. Those functions stay the reference; each step says which one it mirrors.
+
+It returns False, before any state is changed, for what it does not take: the Python `Engine.account`
+then runs (an engine of another class; no reservation in the book: expired, retired, duplicate or unadmitted; a usage that is not the
+provider's; a context that is not an InFlight; a store other than the local memory store (Redis); more
+than 62 windows; a price that is not a finite number). A ledger of another class, or a pending row the SQLite ledger lacks, is recorded
+through the ledger's own `record_usage` (the same call the Python path makes).
+tests/adapters/test_als_batch.py compares the counters, ledger rows, metrics and book it leaves with the
+pure path's.
+"""
+
+from cpython.ref cimport Py_INCREF
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from libc.math cimport ceil, fmod, isfinite
+
+from nexus_authz.core import accounting as _accounting
+from nexus_authz.core.limits import Kind
+from nexus_authz.core.model import InFlight
+from nexus_authz.core.reservations import ReservationBook
+
+# the stores' classes, bound at the first call (stores/memory.py imports nexus_authz.native, which loads
+# this module)
+cdef object LocalCounters = None
+cdef object MemoryCounterStore = None
+cdef object SQLiteLedger = None
+cdef object Engine = None
+
+
+cdef void _bind():
+    global LocalCounters, MemoryCounterStore, SQLiteLedger, Engine
+    from nexus_authz.engine import Engine as engine
+    from nexus_authz.stores.base import LocalCounters as local
+    from nexus_authz.stores.ledger.sqlite import SQLiteLedger as sqlite
+    from nexus_authz.stores.memory import MemoryCounterStore as memory
+
+    LocalCounters, MemoryCounterStore, SQLiteLedger, Engine = local, memory, sqlite, engine
+
+cdef object _REQUESTS = Kind.REQUESTS
+cdef object _TOKENS = Kind.TOKENS
+cdef object _CONCURRENCY = Kind.CONCURRENCY
+cdef dict _TOKEN_KEYS = _accounting._TOKEN_KEYS
+cdef Py_ssize_t _TOKEN_KEYS_MAX = _accounting._TOKEN_KEYS_MAX
+cdef str _PROVIDER = "provider"
+cdef str _REPORTED = "reported"
+cdef str _ACCESS_LOG = "access_log"
+
+# entries taken here (tests: the compiled step ran, not the Python Engine.account)
+taken = [0]
+
+
+cdef object _ZERO = 0
+cdef object _last_key = None  # the last ledger row key built: the next entry of the same row reuses it
+cdef double _last_minute = -1.0
+
+
+cdef object _ledger_key(object key_id, object tenant, object model, object now, object rule):
+    """aggregate.key_of's (key_id, tenant, model, minute, "reported", rule), the last one reused when equal."""
+    global _last_key, _last_minute
+    cdef double ts, minute
+    cdef tuple last
+    if now.__class__ is not float or not now >= 0.0:
+        return (key_id, tenant, model, int(now - now % 60), _REPORTED, rule)
+    ts = now
+    minute = ts - fmod(ts, 60.0)  # a float's % 60 for ts >= 0
+    if _last_key is not None and minute == _last_minute:
+        last = _last_key
+        if last[0] == key_id and last[1] == tenant and last[2] == model and last[5] == rule:
+            return last
+    _last_key = (key_id, tenant, model, int(minute), _REPORTED, rule)
+    _last_minute = minute
+    return _last_key
+
+
+cdef inline void _add(dict counts, object key, object n):
+    counts[key] = counts.get(key, 0) + n
+
+
+def account_provider(object engine, str request_id, object usage, object response_model):
+    """Engine.account of a provider usage record (keep_estimate=False, unread=False); False: not taken
+    (nothing changed: the caller runs Engine.account)."""
+    cdef object book
+    cdef object context, entry, prices, priced, price, decider, local, ledger
+    cdef object counter_ids, specs, costs, charged_at, spec, kind, delta, cost, rule, key, row, deltas
+    cdef object entries
+    cdef dict pending
+    cdef double fcost
+    cdef long long uncharged
+    cdef Py_ssize_t i, n
+    cdef bint slot_released = False
+    if Engine is None:
+        _bind()
+    if engine.__class__ is not Engine or not request_id or usage.source != _PROVIDER:
+        return False
+    book = engine.book
+    if book.__class__ is not ReservationBook:
+        return False
+    entries = book._entries
+    entry = entries.get(request_id)
+    if entry is None:  # expired, retired, duplicate, unadmitted: Engine.account's own branches
+        return False
+    context = entry[6]
+    if context.__class__ is not InFlight:
+        return False
+    if len(entry[1]) > 62:  # the windows' bit mask in a C integer (as native/_fast.pyx)
+        return False
+    decider = engine.decider
+    local = decider.store
+    if local.__class__ is not LocalCounters or local.store.__class__ is not MemoryCounterStore:
+        return False
+    # charge_fields: the provider's record as reported, priced by the table's cached, matched rule
+    model = context.model or response_model
+    prompt = usage.prompt_tokens
+    cached = usage.cached_prompt_tokens
+    completion = usage.completion_tokens
+    prices = engine.policy.prices
+    if prices:
+        # PriceTable.charge: the cache first, else its look-up (which only fills the cache)
+        priced = prices._cache.get(model) or prices.lookup(model)
+        price = priced.price
+        # pricing._cost, in the same double arithmetic
+        cached_c = min(max(cached, 0), prompt)
+        fcost = ((prompt - cached_c) * <double>price.input + cached_c * <double>price.cached_input
+                 + completion * <double>price.output)
+        if not isfinite(fcost):
+            return False
+        cost = int(ceil(fcost))
+        rule = priced.rule
+    else:
+        cost, rule = 0, ""
+    key_id = context.key_id
+    tenant = context.tenant or ""
+    model = model or "unknown"
+    reasoning = usage.reasoning_tokens
+    # -- from here on, state changes (Engine.account's order) --
+    engine.accounted[_PROVIDER] += 1
+    if prices and not priced.matched:  # PriceTable.charge counts an unpriced model by its outcome
+        prices._count(priced.outcome)
+    now = engine._clock()
+    # ReservationBook.settle_parts
+    del entries[request_id]
+    book.settled += 1
+    if book._settled_max:
+        settled = book._settled
+        settled[request_id] = None
+        settled.move_to_end(request_id)
+        if len(settled) > book._settled_max:
+            settled.popitem(last=False)
+    counter_ids, specs, costs, uncharged_o, charged_at, _, _ = entry
+    n = len(specs)
+    if n:
+        uncharged = uncharged_o
+        deltas = PyTuple_New(n)  # settle_parts' deltas, built as the tuple Decider.adjust passes on
+        tokens = prompt + completion
+        for i in range(n):
+            spec = specs[i]
+            kind = spec.kind
+            delta = _ZERO
+            if kind is not _REQUESTS and not (uncharged >> i) & 1:
+                if kind is _CONCURRENCY:
+                    delta = -costs[i]
+                    if delta:  # a slot the proxy did not release early (Decider.adjust's count)
+                        slot_released = True
+                else:
+                    delta = (tokens if kind is _TOKENS else cost) - costs[i]
+            Py_INCREF(delta)
+            PyTuple_SET_ITEM(deltas, i, delta)
+        # Decider.adjust
+        local.adjust_soon(counter_ids, specs, deltas, now, charged_at)
+        if slot_released:
+            decider.slot_releases[_ACCESS_LOG] += 1
+        if decider._slot_freed is not None:
+            decider.slot_freed()
+    # accounting.count_tokens_used
+    if prompt or cached or completion:
+        counts = engine.usage_tokens
+        keys = _TOKEN_KEYS.get(model)
+        if keys is None:
+            if len(_TOKEN_KEYS) >= _TOKEN_KEYS_MAX:
+                _TOKEN_KEYS.clear()
+            keys = _TOKEN_KEYS[model] = ((model, "prompt"), (model, "cached_prompt"), (model, "completion"))
+        if prompt:
+            _add(counts, keys[0], prompt)
+        if cached:
+            _add(counts, keys[1], cached)
+        if completion:
+            _add(counts, keys[2], completion)
+    # SQLiteLedger.record_usage: the update of a pending row it has (aggregate.add_usage); else its own call
+    ledger = engine.ledger
+    if ledger is not None:
+        row = None
+        if ledger.__class__ is SQLiteLedger and not ledger._closed:
+            key = _ledger_key(key_id, tenant, model, now, rule)
+            pending = ledger._pending
+            row = pending.get(key)
+        if row is None:
+            ledger.record_usage(
+                key_id, tenant, model, now, prompt, cached, completion, reasoning, cost, _REPORTED, rule
+            )
+        else:
+            row[0] += 1
+            if prompt:
+                row[1] += prompt
+            if cached:
+                row[2] += cached
+            if completion:
+                row[3] += completion
+            if reasoning:
+                row[4] += reasoning
+            if cost:
+                row[5] += cost
+            row[6] += 1
+            ledger._recorded += 1
+    taken[0] += 1
+    return True
