@@ -31,7 +31,8 @@ from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_FromDouble
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 from libc.math cimport ceil, isfinite
-from libc.string cimport memcmp, memcpy
+from libc.stdint cimport uint32_t
+from libc.string cimport memcmp, memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 import math
@@ -78,6 +79,141 @@ cdef object _log = None
 cdef object _failure_store = None
 cdef object _reference_feed = None
 cdef object _busy = None
+
+
+# -- HMAC-SHA256 (keys.KeyHasher) in C: FIPS 180-4's SHA-256 on the two pad states, with no hashlib object,
+# OpenSSL context or intermediate bytes per request; the states are derived once per hasher (`_pads`)
+cdef uint32_t _K[64]
+for _i, _k in enumerate((
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+)):
+    _K[_i] = _k
+cdef uint32_t _IV[8]
+for _i, _k in enumerate((
+    0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19
+)):
+    _IV[_i] = _k
+cdef object _pads_of = None  # the hasher whose pad states are below (held: its id is not reused)
+cdef uint32_t _inner_state[8]
+cdef uint32_t _outer_state[8]
+
+
+cdef inline uint32_t _rotr(uint32_t x, int n) noexcept nogil:
+    return (x >> n) | (x << (32 - n))
+
+
+cdef void _compress(uint32_t* state, const unsigned char* block) noexcept nogil:
+    """One SHA-256 block into `state`."""
+    cdef uint32_t w[64]
+    cdef uint32_t a, b, c, d, e, f, g, h, t1, t2
+    cdef int i
+    for i in range(16):
+        w[i] = (
+            (<uint32_t>block[4 * i] << 24) | (<uint32_t>block[4 * i + 1] << 16)
+            | (<uint32_t>block[4 * i + 2] << 8) | <uint32_t>block[4 * i + 3]
+        )
+    for i in range(16, 64):
+        w[i] = (
+            w[i - 16] + (_rotr(w[i - 15], 7) ^ _rotr(w[i - 15], 18) ^ (w[i - 15] >> 3))
+            + w[i - 7] + (_rotr(w[i - 2], 17) ^ _rotr(w[i - 2], 19) ^ (w[i - 2] >> 10))
+        )
+    a, b, c, d, e, f, g, h = state[0], state[1], state[2], state[3], state[4], state[5], state[6], state[7]
+    for i in range(64):
+        t1 = h + (_rotr(e, 6) ^ _rotr(e, 11) ^ _rotr(e, 25)) + ((e & f) ^ (~e & g)) + _K[i] + w[i]
+        t2 = (_rotr(a, 2) ^ _rotr(a, 13) ^ _rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c))
+        h = g
+        g = f
+        f = e
+        e = d + t1
+        d = c
+        c = b
+        b = a
+        a = t1 + t2
+    state[0] += a
+    state[1] += b
+    state[2] += c
+    state[3] += d
+    state[4] += e
+    state[5] += f
+    state[6] += g
+    state[7] += h
+
+
+cdef void _finish(uint32_t* state, const unsigned char* data, Py_ssize_t n, unsigned long long prefix,
+                  unsigned char* out) noexcept nogil:
+    """Hash the n bytes at `data` after `prefix` bytes already in `state` (whole blocks); the 32-byte digest
+    to `out`."""
+    cdef unsigned char block[64]
+    cdef Py_ssize_t rest
+    cdef unsigned long long bits = (prefix + <unsigned long long>n) * 8
+    cdef int i
+    while n >= 64:
+        _compress(state, data)
+        data += 64
+        n -= 64
+    rest = n
+    memcpy(block, data, rest)
+    block[rest] = 0x80
+    if rest + 1 > 56:
+        memset(block + rest + 1, 0, 63 - rest)
+        _compress(state, block)
+        memset(block, 0, 56)
+    else:
+        memset(block + rest + 1, 0, 55 - rest)
+    for i in range(8):
+        block[56 + i] = <unsigned char>(bits >> (56 - 8 * i))
+    _compress(state, block)
+    for i in range(8):
+        out[4 * i] = <unsigned char>(state[i] >> 24)
+        out[4 * i + 1] = <unsigned char>(state[i] >> 16)
+        out[4 * i + 2] = <unsigned char>(state[i] >> 8)
+        out[4 * i + 3] = <unsigned char>state[i]
+
+
+cdef int _pads(object hasher) except -1:
+    """The inner and outer pad states of keys.KeyHasher `hasher` (its padded 64-byte key, `_pad`)."""
+    global _pads_of
+    cdef bytes key = hasher._pad
+    cdef unsigned char block[64]
+    cdef int i
+    if PyBytes_GET_SIZE(key) != 64:
+        raise ValueError("KeyHasher._pad is not 64 bytes")
+    for i in range(64):
+        block[i] = (<const unsigned char*>PyBytes_AS_STRING(key))[i] ^ 0x36
+    memcpy(_inner_state, _IV, sizeof(_IV))
+    _compress(_inner_state, block)
+    for i in range(64):
+        block[i] = (<const unsigned char*>PyBytes_AS_STRING(key))[i] ^ 0x5C
+    memcpy(_outer_state, _IV, sizeof(_IV))
+    _compress(_outer_state, block)
+    _pads_of = hasher
+    return 0
+
+
+cdef bytes _hmac(object hasher, const unsigned char* secret, Py_ssize_t n):
+    """keys.KeyHasher.__call__ of the ASCII secret at `secret` (its UTF-8 bytes are its bytes)."""
+    cdef uint32_t state[8]
+    cdef unsigned char inner[32]
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 32)
+    if hasher is not _pads_of:
+        _pads(hasher)
+    memcpy(state, _inner_state, sizeof(state))
+    _finish(state, secret, n, 64, inner)
+    memcpy(state, _outer_state, sizeof(state))
+    _finish(state, inner, 32, 64, <unsigned char*>PyBytes_AS_STRING(out))
+    return out
+
+
+def hmac_sha256(hasher, bytes secret not None):
+    """The compiled lane's keys.KeyHasher.__call__ on `secret`'s bytes (tests compare it with hashlib's)."""
+    return _hmac(hasher, <const unsigned char*>PyBytes_AS_STRING(secret), PyBytes_GET_SIZE(secret))
 
 
 def install_framing(reference_feed, busy):
@@ -321,12 +457,8 @@ cdef object _check(object decider, object policy, object snapshot, object header
                 return None
         else:
             counted = False
-    hasher = snapshot.hasher  # KeySnapshot.lookup (keys.KeyHasher)
-    inner = hasher._inner.copy()
-    inner.update(PyBytes_FromStringAndSize(<const char*>chars, length))  # ASCII: its UTF-8 bytes
-    outer = hasher._outer.copy()
-    outer.update(inner.digest())
-    key = snapshot.by_digest.get(outer.digest())
+    # KeySnapshot.lookup: keys.KeyHasher's HMAC in C (ASCII: the secret's UTF-8 bytes are its chars)
+    key = snapshot.by_digest.get(_hmac(snapshot.hasher, chars, length))
     if key is None or key.disabled:
         return None
     expires_at = key.expires_at
