@@ -463,3 +463,12 @@ def test_the_compiled_hmac_is_the_key_hashers(peppers: list[bytes], secrets: lis
     for secret in secrets:
         for hasher in hashers:
             assert native.fast.hmac_sha256(hasher, secret.encode()) == hasher(secret)
+
+
+def test_the_compiled_lane_reads_every_field_in_place() -> None:
+    """native/_fast.pyx reads the objects of a decision (protocol, app, engine, decider, policy, snapshot,
+    key, plan, counters' result, book, histograms) straight from their slots: a field renamed, moved to a
+    property or a class attribute would silently take getattr again; this names it."""
+    _compiled_or_skip()
+    assert native.fast is not None
+    assert native.fast.unresolved() == []
