@@ -170,8 +170,10 @@ cdef Slot S_KEY_DISABLED, S_KEY_EXPIRES, S_KEY_NEEDS_FACTS, S_KEY_MODELS, S_KEY_
 cdef Slot S_PLAN_USABLE, S_PLAN_SPECS, S_PLAN_COST_INDEX, S_PLAN_METERED, S_PLAN_COMPLETES, S_PLAN_PRICE
 cdef Slot S_PLAN_COUNTER_IDS, S_PLAN_SHAPE, S_PLAN_WIRE, S_PLAN_MODEL
 cdef Slot S_STORE_ACQUIRE, S_RESULT_ALLOWED, S_RESULT_STATUSES, S_RESULT_UNCHARGED
-cdef Slot S_BOOK_ENTRIES, S_BOOK_TTL, S_BOOK_MAX, S_KNOWN_SEEN, S_HIST_BOUNDS, S_HIST_COUNTS
+cdef Slot S_BOOK_ENTRIES, S_BOOK_TTL, S_BOOK_MAX, S_KNOWN_SEEN, S_HIST_BOUNDS, S_HIST_COUNTS, S_HIST_SUM
 cdef Slot S_STATUS_REMAINING, S_STATUS_LIMIT
+cdef Slot S_FACTS_PROBLEM, S_FACTS_MODEL, S_FACTS_PROMPT, S_FACTS_N, S_FACTS_MAX_TOKENS
+cdef Slot S_PRICE_INPUT, S_PRICE_CACHED, S_PRICE_OUTPUT
 cdef PyTypeObject* _SHAPE = NULL
 cdef Py_ssize_t I_SETTLE_MASK = 0, I_SLOT_MASK = 0, I_SLOT_INDICES = 0, I_HEADERS = 0
 
@@ -190,10 +192,14 @@ cdef int _slots(type protocol) except -1:
     global S_PLAN_USABLE, S_PLAN_SPECS, S_PLAN_COST_INDEX, S_PLAN_METERED, S_PLAN_COMPLETES, S_PLAN_PRICE
     global S_PLAN_COUNTER_IDS, S_PLAN_SHAPE, S_PLAN_WIRE, S_PLAN_MODEL
     global S_STORE_ACQUIRE, S_RESULT_ALLOWED, S_RESULT_STATUSES, S_RESULT_UNCHARGED
-    global S_BOOK_ENTRIES, S_BOOK_TTL, S_BOOK_MAX, S_KNOWN_SEEN, S_HIST_BOUNDS, S_HIST_COUNTS
+    global S_BOOK_ENTRIES, S_BOOK_TTL, S_BOOK_MAX, S_KNOWN_SEEN, S_HIST_BOUNDS, S_HIST_COUNTS, S_HIST_SUM
     global S_STATUS_REMAINING, S_STATUS_LIMIT
+    global S_FACTS_PROBLEM, S_FACTS_MODEL, S_FACTS_PROMPT, S_FACTS_N, S_FACTS_MAX_TOKENS
+    global S_PRICE_INPUT, S_PRICE_CACHED, S_PRICE_OUTPUT
     global _SHAPE, I_SETTLE_MASK, I_SLOT_MASK, I_SLOT_INDICES, I_HEADERS
     from nexus_authz.adapters.http_authz import HttpApp
+    from nexus_authz.core.body import RequestFacts
+    from nexus_authz.core.config import Price
     from nexus_authz.core.keys import KeySnapshot
     from nexus_authz.core.limits import AcquireResult, WindowStatus
     from nexus_authz.core.model import KeyRecord
@@ -205,7 +211,7 @@ cdef int _slots(type protocol) except -1:
     from nexus_authz.stores.base import LocalCounters
 
     _pinned.extend((protocol, HttpApp, KeySnapshot, AcquireResult, WindowStatus, KeyRecord, Policy, Shape))
-    _pinned.extend((Decider, Engine, LatencyHistogram, LocalCounters))
+    _pinned.extend((Decider, Engine, LatencyHistogram, LocalCounters, RequestFacts, Price))
     S_PROTO_APP = _resolve(protocol, "_app")
     S_PROTO_PARSER = _resolve(protocol, "_parser")
     S_PROTO_URL = _resolve(protocol, "_url")
@@ -267,8 +273,17 @@ cdef int _slots(type protocol) except -1:
     S_KNOWN_SEEN = _resolve(KnownKeys, "_seen")
     S_HIST_BOUNDS = _resolve(LatencyHistogram, "bounds")
     S_HIST_COUNTS = _resolve(LatencyHistogram, "counts")
+    S_HIST_SUM = _resolve(LatencyHistogram, "sum")
     S_STATUS_REMAINING = _resolve(WindowStatus, "remaining")
     S_STATUS_LIMIT = _resolve(WindowStatus, "limit")
+    S_FACTS_PROBLEM = _resolve(RequestFacts, "problem")
+    S_FACTS_MODEL = _resolve(RequestFacts, "model")
+    S_FACTS_PROMPT = _resolve(RequestFacts, "prompt_tokens")
+    S_FACTS_N = _resolve(RequestFacts, "n")
+    S_FACTS_MAX_TOKENS = _resolve(RequestFacts, "max_tokens")
+    S_PRICE_INPUT = _resolve(Price, "input")
+    S_PRICE_CACHED = _resolve(Price, "cached_input")
+    S_PRICE_OUTPUT = _resolve(Price, "output")
     fields = Shape._fields
     I_SETTLE_MASK = fields.index("settle_mask")
     I_SLOT_MASK = fields.index("slot_mask")
@@ -530,7 +545,9 @@ cdef bytes _join(bytes wire, bytes block, object rid):
 cdef object _usd(object estimate, object completion, object price):
     """pricing._cost with nothing cached, as FastAdmit.admit writes it: C doubles when every operand is
     one Python would convert exactly (ints below 2**53, floats), else the same expression on objects."""
-    cdef object pin = price.input, pcached = price.cached_input, pout = price.output
+    cdef object pin = _at(price, &S_PRICE_INPUT, "input")
+    cdef object pcached = _at(price, &S_PRICE_CACHED, "cached_input")
+    cdef object pout = _at(price, &S_PRICE_OUTPUT, "output")
     cdef long long e, c
     cdef int overflow = 0
     cdef double total
@@ -562,7 +579,7 @@ cdef int _observe(object histogram, double seconds) except -1:
         else:
             hi = mid
     _at(histogram, &S_HIST_COUNTS, "counts")[lo] += 1
-    histogram.sum += seconds
+    _set(histogram, &S_HIST_SUM, "sum", _at(histogram, &S_HIST_SUM, "sum") + seconds)
     return 0
 
 
@@ -683,9 +700,9 @@ cdef object _check(object decider, object policy, object snapshot, object header
         ):
             return None
         facts = _core_body.read_facts(body, estimate_prompt=needs_facts, precise=False, truncated=False)
-        if facts.problem is not None:
+        if _at(facts, &S_FACTS_PROBLEM, "problem") is not None:
             return None
-        model = facts.model
+        model = _at(facts, &S_FACTS_MODEL, "model")
         if model is None and _at(key, &S_KEY_MODELS, "models"):
             return None
     # -- the plan ----------------------------------------------------------------------------------------
@@ -715,7 +732,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
         elif not (last <= now < last + _REFRESH):
             known.note(client_address, key_id, now)
     # -- the prompt estimate and the charges -------------------------------------------------------------
-    prompt = facts.prompt_tokens if facts is not None else 0
+    prompt = _at(facts, &S_FACTS_PROMPT, "prompt_tokens") if facts is not None else 0
     kept = None
     track = _at(policy, &S_POL_TRACK, "track")
     if track and not needs_facts and body:  # prompt_later.deferred_body
@@ -732,9 +749,11 @@ cdef object _check(object decider, object policy, object snapshot, object header
     usd = 0
     if _at(plan, &S_PLAN_METERED, "metered"):
         if facts is not None:
-            estimate = facts.prompt_tokens
-            choices = facts.n if facts.n > 0 else 1
-            max_tokens = facts.max_tokens or None
+            estimate = _at(facts, &S_FACTS_PROMPT, "prompt_tokens")
+            choices = _at(facts, &S_FACTS_N, "n")
+            if not choices > 0:
+                choices = 1
+            max_tokens = _at(facts, &S_FACTS_MAX_TOKENS, "max_tokens") or None
         else:
             estimate, choices, max_tokens = 0, 1, None
         completion = (
@@ -850,6 +869,13 @@ cdef object _plain(object decider, object policy, object snapshot, object header
     return _join(wire, block, (<str>release).encode("latin-1") if release else None)
 
 
+cdef inline object _hget(object headers, str name, object default):
+    """headers.get(name, default), the dict's own lookup when it is a dict (no method look-up)."""
+    if type(headers) is dict:
+        return (<dict>headers).get(name, default)
+    return headers.get(name, default)
+
+
 def on_message_complete(self):
     """adapters/http_fast.on_message_complete, compiled, with the decision inline (see the module)."""
     app = _at(self, &S_PROTO_APP, "_app")
@@ -869,10 +895,10 @@ def on_message_complete(self):
         and _at(self, &S_PROTO_TRANSPORT, "_transport") is not None
     ):
         headers = _at(self, &S_PROTO_HEADERS, "_headers")
-        if headers.get("x-envoy-auth-partial-body") != "true":
+        if _hget(headers, "x-envoy-auth-partial-body", None) != "true":
             engine = _at(app, &S_APP_ENGINE, "engine")
             try:
-                xff = headers.get("x-forwarded-for")
+                xff = _hget(headers, "x-forwarded-for", None)
                 chunks = _at(self, &S_PROTO_BODY, "_body")
                 if not chunks:
                     body = b""
@@ -887,7 +913,7 @@ def on_message_complete(self):
                     headers,
                     PyUnicode_DecodeLatin1(PyBytes_AS_STRING(url) + _SKIP, PyBytes_GET_SIZE(url) - _SKIP, NULL),
                     body,
-                    headers.get("x-request-id", ""),
+                    _hget(headers, "x-request-id", ""),
                     _client_address(xff),
                     app,
                 )
