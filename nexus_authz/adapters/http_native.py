@@ -75,7 +75,7 @@ class CompiledAuthzProtocol(AuthzProtocol):
 
 if native.fast is not None:
     CompiledAuthzProtocol.data_received = native.fast.install_framing(  # type: ignore[method-assign]
-        AuthzProtocol._feed, _BUSY
+        AuthzProtocol._feed, _BUSY, CompiledAuthzProtocol
     )
 
 

@@ -28,10 +28,12 @@ call, so a read holding one common check runs no Python frame from the transport
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_FromDouble
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_FromDouble
-from cpython.ref cimport Py_INCREF
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF, Py_XDECREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 from libc.math cimport ceil, isfinite
-from libc.string cimport memcmp, memcpy
+from libc.stdint cimport uint32_t
+from libc.string cimport memcmp, memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 import math
@@ -39,7 +41,7 @@ from collections import OrderedDict
 
 from nexus_authz.core import body as _core_body
 from nexus_authz.core import ratelimit_headers as _core_headers
-from nexus_authz.core.fastpath import FastAdmit
+from nexus_authz.core.fastpath import FastAdmit, Plan
 from nexus_authz.core.keys import MAX_KEY_LENGTH
 from nexus_authz.core.known import REFRESH_AFTER, KnownKeys
 from nexus_authz.core.model import Decision, InFlight, Reason, new_request
@@ -49,6 +51,13 @@ from nexus_authz.core.reservations import ReservationBook, settle_with
 cdef extern from "Python.h":
     ctypedef struct PyTypeObject:
         object (*tp_alloc)(PyTypeObject* t, Py_ssize_t n)
+    ctypedef struct PyMemberDef:
+        int type
+        Py_ssize_t offset
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef* d_member
+    PyTypeObject* Py_TYPE(object o)
+    int T_OBJECT_EX
     object PyUnicode_Substring(object s, Py_ssize_t start, Py_ssize_t end)
     bint PyUnicode_IS_ASCII(object o)
     void* PyUnicode_DATA(object o)
@@ -80,13 +89,355 @@ cdef object _reference_feed = None
 cdef object _busy = None
 
 
-def install_framing(reference_feed, busy):
+# -- attributes read straight from their slots ---------------------------------------------------------------
+# Every object the lane reads per request is of a __slots__ class. `getattr` finds a slot through the type's
+# method cache and its member descriptor (three or four cache lines, cold at real request rates) before it
+# reaches the instance; `_at` reads the instance's slot at the descriptor's offset, found once by `_slots`
+# (called from `install`), when the object is exactly of that class, and is `getattr` otherwise (another
+# class, a subclass, an empty slot: the same value or the same AttributeError).
+cdef struct Slot:
+    PyTypeObject* cls  # NULL: not resolved (getattr)
+    Py_ssize_t offset
+
+
+cdef inline object _at(object obj, Slot* s, str name):
+    cdef PyObject* value
+    if Py_TYPE(obj) == s.cls:
+        value = (<PyObject**>((<char*><PyObject*>obj) + s.offset))[0]
+        if value != NULL:
+            return <object>value
+    return getattr(obj, name)
+
+
+cdef inline int _set(object obj, Slot* s, str name, object value) except -1:
+    """setattr(obj, name, value), in place as `_at` reads."""
+    cdef PyObject** where
+    cdef PyObject* old
+    if Py_TYPE(obj) == s.cls:
+        where = <PyObject**>((<char*><PyObject*>obj) + s.offset)
+        old = where[0]
+        Py_INCREF(value)
+        where[0] = <PyObject*>value
+        Py_XDECREF(old)
+        return 0
+    setattr(obj, name, value)
+    return 0
+
+
+cdef inline object _item(object obj, PyTypeObject* cls, Py_ssize_t index, str name):
+    """A NamedTuple's field (its item) when `obj` is exactly that class, else getattr."""
+    if Py_TYPE(obj) == cls:
+        return <object>PyTuple_GET_ITEM(obj, index)
+    return getattr(obj, name)
+
+
+cdef Slot _resolve(type cls, str name):
+    """Slot of `cls`'s field `name`: a member descriptor of an object slot (T_OBJECT_EX), found on the MRO as
+    getattr finds it (a class attribute or a property: unresolved)."""
+    cdef Slot s
+    s.cls = NULL
+    s.offset = 0
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            descr = klass.__dict__[name]
+            if type(descr).__name__ == "member_descriptor" and (
+                (<PyMemberDescrObject*>descr).d_member.type == T_OBJECT_EX
+            ):
+                s.cls = <PyTypeObject*>cls
+                s.offset = (<PyMemberDescrObject*>descr).d_member.offset
+            break
+    if s.cls == NULL:
+        _unresolved.append(f"{cls.__name__}.{name}")
+    return s
+
+
+def unresolved():
+    """The fields `_at` reads through getattr after `install_framing` (none: tests/adapters/test_http_fastpath)."""
+    return list(_unresolved)
+
+
+cdef list _unresolved = []
+cdef list _pinned = []  # the classes resolved (kept alive: their addresses are compared)
+cdef Slot S_PROTO_APP, S_PROTO_PARSER, S_PROTO_URL, S_PROTO_CLOSING, S_PROTO_OUTBOX, S_PROTO_TRANSPORT
+cdef Slot S_PROTO_HEADERS, S_PROTO_BODY, S_PROTO_FAST, S_PROTO_SLOW, S_PROTO_IN_MESSAGE, S_PROTO_LAST_ACTIVE
+cdef Slot S_APP_DRAINING, S_APP_ADMIN, S_APP_ENGINE, S_APP_LOOP
+cdef Slot S_ENGINE_DECIDER, S_ENGINE_POLICY, S_ENGINE_SNAPSHOT
+cdef Slot S_DEC_FAST, S_DEC_CLOCK, S_DEC_FAILURES, S_DEC_BOOK, S_DEC_STORE, S_DEC_DECISIONS, S_DEC_LATENCY
+cdef Slot S_FAST_POLICY, S_FAST_SNAPSHOT, S_FAST_PLANS
+cdef Slot S_POL_AUTH, S_POL_KNOWN, S_POL_TRACK, S_POL_MAX_TOKENS
+cdef Slot S_SNAP_HASHER, S_SNAP_DIGEST
+cdef Slot S_KEY_DISABLED, S_KEY_EXPIRES, S_KEY_NEEDS_FACTS, S_KEY_MODELS, S_KEY_ID, S_KEY_TENANT
+cdef Slot S_PLAN_USABLE, S_PLAN_SPECS, S_PLAN_COST_INDEX, S_PLAN_METERED, S_PLAN_COMPLETES, S_PLAN_PRICE
+cdef Slot S_PLAN_COUNTER_IDS, S_PLAN_SHAPE, S_PLAN_WIRE, S_PLAN_MODEL
+cdef Slot S_STORE_ACQUIRE, S_RESULT_ALLOWED, S_RESULT_STATUSES, S_RESULT_UNCHARGED
+cdef Slot S_BOOK_ENTRIES, S_BOOK_TTL, S_BOOK_MAX, S_KNOWN_SEEN, S_HIST_BOUNDS, S_HIST_COUNTS, S_HIST_SUM
+cdef Slot S_STATUS_REMAINING, S_STATUS_LIMIT
+cdef Slot S_FACTS_PROBLEM, S_FACTS_MODEL, S_FACTS_PROMPT, S_FACTS_N, S_FACTS_MAX_TOKENS
+cdef Slot S_PRICE_INPUT, S_PRICE_CACHED, S_PRICE_OUTPUT
+cdef PyTypeObject* _SHAPE = NULL
+cdef Py_ssize_t I_SETTLE_MASK = 0, I_SLOT_MASK = 0, I_SLOT_INDICES = 0, I_HEADERS = 0
+
+
+cdef int _slots(type protocol) except -1:
+    """Resolve the slots `_at` reads (the protocol's class is the compiled protocol's)."""
+    global S_PROTO_APP, S_PROTO_PARSER, S_PROTO_URL, S_PROTO_CLOSING, S_PROTO_OUTBOX, S_PROTO_TRANSPORT
+    global S_PROTO_HEADERS, S_PROTO_BODY, S_PROTO_FAST, S_PROTO_SLOW, S_PROTO_IN_MESSAGE, S_PROTO_LAST_ACTIVE
+    global S_APP_DRAINING, S_APP_ADMIN, S_APP_ENGINE, S_APP_LOOP
+    global S_ENGINE_DECIDER, S_ENGINE_POLICY, S_ENGINE_SNAPSHOT
+    global S_DEC_FAST, S_DEC_CLOCK, S_DEC_FAILURES, S_DEC_BOOK, S_DEC_STORE, S_DEC_DECISIONS, S_DEC_LATENCY
+    global S_FAST_POLICY, S_FAST_SNAPSHOT, S_FAST_PLANS
+    global S_POL_AUTH, S_POL_KNOWN, S_POL_TRACK, S_POL_MAX_TOKENS
+    global S_SNAP_HASHER, S_SNAP_DIGEST
+    global S_KEY_DISABLED, S_KEY_EXPIRES, S_KEY_NEEDS_FACTS, S_KEY_MODELS, S_KEY_ID, S_KEY_TENANT
+    global S_PLAN_USABLE, S_PLAN_SPECS, S_PLAN_COST_INDEX, S_PLAN_METERED, S_PLAN_COMPLETES, S_PLAN_PRICE
+    global S_PLAN_COUNTER_IDS, S_PLAN_SHAPE, S_PLAN_WIRE, S_PLAN_MODEL
+    global S_STORE_ACQUIRE, S_RESULT_ALLOWED, S_RESULT_STATUSES, S_RESULT_UNCHARGED
+    global S_BOOK_ENTRIES, S_BOOK_TTL, S_BOOK_MAX, S_KNOWN_SEEN, S_HIST_BOUNDS, S_HIST_COUNTS, S_HIST_SUM
+    global S_STATUS_REMAINING, S_STATUS_LIMIT
+    global S_FACTS_PROBLEM, S_FACTS_MODEL, S_FACTS_PROMPT, S_FACTS_N, S_FACTS_MAX_TOKENS
+    global S_PRICE_INPUT, S_PRICE_CACHED, S_PRICE_OUTPUT
+    global _SHAPE, I_SETTLE_MASK, I_SLOT_MASK, I_SLOT_INDICES, I_HEADERS
+    from nexus_authz.adapters.http_authz import HttpApp
+    from nexus_authz.core.body import RequestFacts
+    from nexus_authz.core.config import Price
+    from nexus_authz.core.keys import KeySnapshot
+    from nexus_authz.core.limits import AcquireResult, WindowStatus
+    from nexus_authz.core.model import KeyRecord
+    from nexus_authz.core.policy import Policy
+    from nexus_authz.core.shapes import Shape
+    from nexus_authz.decide import Decider
+    from nexus_authz.engine import Engine
+    from nexus_authz.latency import LatencyHistogram
+    from nexus_authz.stores.base import LocalCounters
+
+    _pinned.extend((protocol, HttpApp, KeySnapshot, AcquireResult, WindowStatus, KeyRecord, Policy, Shape))
+    _pinned.extend((Decider, Engine, LatencyHistogram, LocalCounters, RequestFacts, Price))
+    S_PROTO_APP = _resolve(protocol, "_app")
+    S_PROTO_PARSER = _resolve(protocol, "_parser")
+    S_PROTO_URL = _resolve(protocol, "_url")
+    S_PROTO_CLOSING = _resolve(protocol, "_closing")
+    S_PROTO_OUTBOX = _resolve(protocol, "_outbox")
+    S_PROTO_TRANSPORT = _resolve(protocol, "_transport")
+    S_PROTO_HEADERS = _resolve(protocol, "_headers")
+    S_PROTO_BODY = _resolve(protocol, "_body")
+    S_PROTO_FAST = _resolve(protocol, "_fast")
+    S_PROTO_SLOW = _resolve(protocol, "_slow")
+    S_PROTO_IN_MESSAGE = _resolve(protocol, "_in_message")
+    S_PROTO_LAST_ACTIVE = _resolve(protocol, "last_active")
+    S_APP_DRAINING = _resolve(HttpApp, "draining")
+    S_APP_ADMIN = _resolve(HttpApp, "admin")
+    S_APP_ENGINE = _resolve(HttpApp, "engine")
+    S_APP_LOOP = _resolve(HttpApp, "loop")
+    S_ENGINE_DECIDER = _resolve(Engine, "decider")
+    S_ENGINE_POLICY = _resolve(Engine, "policy")
+    S_ENGINE_SNAPSHOT = _resolve(Engine, "snapshot")
+    S_DEC_FAST = _resolve(Decider, "_fast")
+    S_DEC_CLOCK = _resolve(Decider, "clock")
+    S_DEC_FAILURES = _resolve(Decider, "failures")
+    S_DEC_BOOK = _resolve(Decider, "book")
+    S_DEC_STORE = _resolve(Decider, "store")
+    S_DEC_DECISIONS = _resolve(Decider, "decisions")
+    S_DEC_LATENCY = _resolve(Decider, "latency")
+    S_FAST_POLICY = _resolve(FastAdmit, "policy")
+    S_FAST_SNAPSHOT = _resolve(FastAdmit, "snapshot")
+    S_FAST_PLANS = _resolve(FastAdmit, "_plans")
+    S_POL_AUTH = _resolve(Policy, "_auth_spec")
+    S_POL_KNOWN = _resolve(Policy, "_known")
+    S_POL_TRACK = _resolve(Policy, "track")
+    S_POL_MAX_TOKENS = _resolve(Policy, "_default_max_tokens")
+    S_SNAP_HASHER = _resolve(KeySnapshot, "hasher")
+    S_SNAP_DIGEST = _resolve(KeySnapshot, "by_digest")
+    S_KEY_DISABLED = _resolve(KeyRecord, "disabled")
+    S_KEY_EXPIRES = _resolve(KeyRecord, "expires_at")
+    S_KEY_NEEDS_FACTS = _resolve(KeyRecord, "needs_facts")
+    S_KEY_MODELS = _resolve(KeyRecord, "models")
+    S_KEY_ID = _resolve(KeyRecord, "key_id")
+    S_KEY_TENANT = _resolve(KeyRecord, "tenant")
+    S_PLAN_USABLE = _resolve(Plan, "usable")
+    S_PLAN_SPECS = _resolve(Plan, "specs")
+    S_PLAN_COST_INDEX = _resolve(Plan, "cost_index")
+    S_PLAN_METERED = _resolve(Plan, "metered")
+    S_PLAN_COMPLETES = _resolve(Plan, "completes")
+    S_PLAN_PRICE = _resolve(Plan, "price")
+    S_PLAN_COUNTER_IDS = _resolve(Plan, "counter_ids")
+    S_PLAN_SHAPE = _resolve(Plan, "shape")
+    S_PLAN_WIRE = _resolve(Plan, "wire")
+    S_PLAN_MODEL = _resolve(Plan, "model")
+    S_STORE_ACQUIRE = _resolve(LocalCounters, "acquire_nowait")
+    S_RESULT_ALLOWED = _resolve(AcquireResult, "allowed")
+    S_RESULT_STATUSES = _resolve(AcquireResult, "statuses")
+    S_RESULT_UNCHARGED = _resolve(AcquireResult, "uncharged")
+    S_BOOK_ENTRIES = _resolve(ReservationBook, "_entries")
+    S_BOOK_TTL = _resolve(ReservationBook, "_ttl")
+    S_BOOK_MAX = _resolve(ReservationBook, "_max")
+    S_KNOWN_SEEN = _resolve(KnownKeys, "_seen")
+    S_HIST_BOUNDS = _resolve(LatencyHistogram, "bounds")
+    S_HIST_COUNTS = _resolve(LatencyHistogram, "counts")
+    S_HIST_SUM = _resolve(LatencyHistogram, "sum")
+    S_STATUS_REMAINING = _resolve(WindowStatus, "remaining")
+    S_STATUS_LIMIT = _resolve(WindowStatus, "limit")
+    S_FACTS_PROBLEM = _resolve(RequestFacts, "problem")
+    S_FACTS_MODEL = _resolve(RequestFacts, "model")
+    S_FACTS_PROMPT = _resolve(RequestFacts, "prompt_tokens")
+    S_FACTS_N = _resolve(RequestFacts, "n")
+    S_FACTS_MAX_TOKENS = _resolve(RequestFacts, "max_tokens")
+    S_PRICE_INPUT = _resolve(Price, "input")
+    S_PRICE_CACHED = _resolve(Price, "cached_input")
+    S_PRICE_OUTPUT = _resolve(Price, "output")
+    fields = Shape._fields
+    I_SETTLE_MASK = fields.index("settle_mask")
+    I_SLOT_MASK = fields.index("slot_mask")
+    I_SLOT_INDICES = fields.index("slot_indices")
+    I_HEADERS = fields.index("headers")
+    _SHAPE = <PyTypeObject*>Shape
+    return 0
+
+
+# -- HMAC-SHA256 (keys.KeyHasher) in C: FIPS 180-4's SHA-256 on the two pad states, with no hashlib object,
+# OpenSSL context or intermediate bytes per request; the states are derived once per hasher (`_pads`)
+cdef uint32_t _K[64]
+for _i, _k in enumerate((
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+)):
+    _K[_i] = _k
+cdef uint32_t _IV[8]
+for _i, _k in enumerate((
+    0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19
+)):
+    _IV[_i] = _k
+cdef object _pads_of = None  # the hasher whose pad states are below (held: its id is not reused)
+cdef uint32_t _inner_state[8]
+cdef uint32_t _outer_state[8]
+
+
+cdef inline uint32_t _rotr(uint32_t x, int n) noexcept nogil:
+    return (x >> n) | (x << (32 - n))
+
+
+cdef void _compress(uint32_t* state, const unsigned char* block) noexcept nogil:
+    """One SHA-256 block into `state`."""
+    cdef uint32_t w[64]
+    cdef uint32_t a, b, c, d, e, f, g, h, t1, t2
+    cdef int i
+    for i in range(16):
+        w[i] = (
+            (<uint32_t>block[4 * i] << 24) | (<uint32_t>block[4 * i + 1] << 16)
+            | (<uint32_t>block[4 * i + 2] << 8) | <uint32_t>block[4 * i + 3]
+        )
+    for i in range(16, 64):
+        w[i] = (
+            w[i - 16] + (_rotr(w[i - 15], 7) ^ _rotr(w[i - 15], 18) ^ (w[i - 15] >> 3))
+            + w[i - 7] + (_rotr(w[i - 2], 17) ^ _rotr(w[i - 2], 19) ^ (w[i - 2] >> 10))
+        )
+    a, b, c, d, e, f, g, h = state[0], state[1], state[2], state[3], state[4], state[5], state[6], state[7]
+    for i in range(64):
+        t1 = h + (_rotr(e, 6) ^ _rotr(e, 11) ^ _rotr(e, 25)) + ((e & f) ^ (~e & g)) + _K[i] + w[i]
+        t2 = (_rotr(a, 2) ^ _rotr(a, 13) ^ _rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c))
+        h = g
+        g = f
+        f = e
+        e = d + t1
+        d = c
+        c = b
+        b = a
+        a = t1 + t2
+    state[0] += a
+    state[1] += b
+    state[2] += c
+    state[3] += d
+    state[4] += e
+    state[5] += f
+    state[6] += g
+    state[7] += h
+
+
+cdef void _finish(uint32_t* state, const unsigned char* data, Py_ssize_t n, unsigned long long prefix,
+                  unsigned char* out) noexcept nogil:
+    """Hash the n bytes at `data` after `prefix` bytes already in `state` (whole blocks); the 32-byte digest
+    to `out`."""
+    cdef unsigned char block[64]
+    cdef Py_ssize_t rest
+    cdef unsigned long long bits = (prefix + <unsigned long long>n) * 8
+    cdef int i
+    while n >= 64:
+        _compress(state, data)
+        data += 64
+        n -= 64
+    rest = n
+    memcpy(block, data, rest)
+    block[rest] = 0x80
+    if rest + 1 > 56:
+        memset(block + rest + 1, 0, 63 - rest)
+        _compress(state, block)
+        memset(block, 0, 56)
+    else:
+        memset(block + rest + 1, 0, 55 - rest)
+    for i in range(8):
+        block[56 + i] = <unsigned char>(bits >> (56 - 8 * i))
+    _compress(state, block)
+    for i in range(8):
+        out[4 * i] = <unsigned char>(state[i] >> 24)
+        out[4 * i + 1] = <unsigned char>(state[i] >> 16)
+        out[4 * i + 2] = <unsigned char>(state[i] >> 8)
+        out[4 * i + 3] = <unsigned char>state[i]
+
+
+cdef int _pads(object hasher) except -1:
+    """The inner and outer pad states of keys.KeyHasher `hasher` (its padded 64-byte key, `_pad`)."""
+    global _pads_of
+    cdef bytes key = hasher._pad
+    cdef unsigned char block[64]
+    cdef int i
+    if PyBytes_GET_SIZE(key) != 64:
+        raise ValueError("KeyHasher._pad is not 64 bytes")
+    for i in range(64):
+        block[i] = (<const unsigned char*>PyBytes_AS_STRING(key))[i] ^ 0x36
+    memcpy(_inner_state, _IV, sizeof(_IV))
+    _compress(_inner_state, block)
+    for i in range(64):
+        block[i] = (<const unsigned char*>PyBytes_AS_STRING(key))[i] ^ 0x5C
+    memcpy(_outer_state, _IV, sizeof(_IV))
+    _compress(_outer_state, block)
+    _pads_of = hasher
+    return 0
+
+
+cdef bytes _hmac(object hasher, const unsigned char* secret, Py_ssize_t n):
+    """keys.KeyHasher.__call__ of the ASCII secret at `secret` (its UTF-8 bytes are its bytes)."""
+    cdef uint32_t state[8]
+    cdef unsigned char inner[32]
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 32)
+    if hasher is not _pads_of:
+        _pads(hasher)
+    memcpy(state, _inner_state, sizeof(state))
+    _finish(state, secret, n, 64, inner)
+    memcpy(state, _outer_state, sizeof(state))
+    _finish(state, inner, 32, 64, <unsigned char*>PyBytes_AS_STRING(out))
+    return out
+
+
+def hmac_sha256(hasher, bytes secret not None):
+    """The compiled lane's keys.KeyHasher.__call__ on `secret`'s bytes (tests compare it with hashlib's)."""
+    return _hmac(hasher, <const unsigned char*>PyBytes_AS_STRING(secret), PyBytes_GET_SIZE(secret))
+
+
+def install_framing(reference_feed, busy, protocol=None):
     """Register AuthzProtocol._feed (the httptools parser, for what the compiled parser does not take) and
     the event loop's HTTP busy histogram (latency.LOOP_BUSY.http); returns the compiled `data_received`,
-    to be set on the compiled protocol (adapters/http_native.py: its `_feed` is the pure twin)."""
+    to be set on the compiled protocol (adapters/http_native.py: its `_feed` is the pure twin). `protocol`:
+    the compiled protocol's class, whose slots (and the decision's objects') are then read in place."""
     global _reference_feed, _busy
     _reference_feed = reference_feed
     _busy = busy
+    if protocol is not None:
+        _slots(protocol)
     return data_received
 
 
@@ -194,7 +545,9 @@ cdef bytes _join(bytes wire, bytes block, object rid):
 cdef object _usd(object estimate, object completion, object price):
     """pricing._cost with nothing cached, as FastAdmit.admit writes it: C doubles when every operand is
     one Python would convert exactly (ints below 2**53, floats), else the same expression on objects."""
-    cdef object pin = price.input, pcached = price.cached_input, pout = price.output
+    cdef object pin = _at(price, &S_PRICE_INPUT, "input")
+    cdef object pcached = _at(price, &S_PRICE_CACHED, "cached_input")
+    cdef object pout = _at(price, &S_PRICE_OUTPUT, "output")
     cdef long long e, c
     cdef int overflow = 0
     cdef double total
@@ -216,7 +569,7 @@ cdef object _usd(object estimate, object completion, object price):
 
 cdef int _observe(object histogram, double seconds) except -1:
     """LatencyHistogram.observe, inline: counts[bisect_left(bounds, seconds)] += 1; sum += seconds."""
-    bounds = histogram.bounds
+    bounds = _at(histogram, &S_HIST_BOUNDS, "bounds")
     cdef Py_ssize_t lo = 0, hi = len(bounds), mid
     while lo < hi:  # bisect_left
         mid = (lo + hi) >> 1
@@ -225,8 +578,8 @@ cdef int _observe(object histogram, double seconds) except -1:
             lo = mid + 1
         else:
             hi = mid
-    histogram.counts[lo] += 1
-    histogram.sum += seconds
+    _at(histogram, &S_HIST_COUNTS, "counts")[lo] += 1
+    _set(histogram, &S_HIST_SUM, "sum", _at(histogram, &S_HIST_SUM, "sum") + seconds)
     return 0
 
 
@@ -235,9 +588,9 @@ def data_received(self, data):
     busy histogram; the compiled parser first, the httptools parser for a request it does not take (replayed
     read by read), the compiled parser again between requests."""
     cdef double started = _mono()
-    if not self._closing:
-        fast = self._fast
-        if self._parser is fast:
+    if not _at(self, &S_PROTO_CLOSING, "_closing"):
+        fast = _at(self, &S_PROTO_FAST, "_fast")
+        if _at(self, &S_PROTO_PARSER, "_parser") is fast:
             if fast.feed(data):  # not in the subset: the httptools path takes this request
                 self._parser = self._slow
                 for chunk in fast.take_replay():
@@ -270,12 +623,16 @@ cdef object _check(object decider, object policy, object snapshot, object header
     if type(headers) is not dict:
         return _plain(decider, policy, snapshot, headers, path, body, request_id, client_address, app)
     cdef dict h = <dict>headers
-    fast = decider._fast
-    if fast is None or fast.policy is not policy or fast.snapshot is not snapshot:
+    fast = _at(decider, &S_DEC_FAST, "_fast")
+    if (
+        fast is None
+        or _at(fast, &S_FAST_POLICY, "policy") is not policy
+        or _at(fast, &S_FAST_SNAPSHOT, "snapshot") is not snapshot
+    ):
         fast = FastAdmit(policy, snapshot)
         decider._fast = fast
-    now = decider.clock()
-    failures = decider.failures
+    now = _at(decider, &S_DEC_CLOCK, "clock")()
+    failures = _at(decider, &S_DEC_FAILURES, "failures")
     # -- FastAdmit.admit: the key --------------------------------------------------------------------
     value = h.get("authorization")
     if type(value) is not str or not (<str>value).startswith("Bearer "):
@@ -301,7 +658,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
     for i in range(length):  # isprintable and no " ": \x21-\x7e
         if chars[i] < 0x21 or chars[i] > 0x7e:
             return None
-    counted = failures is not None and policy._auth_spec is not None
+    counted = failures is not None and _at(policy, &S_POL_AUTH, "_auth_spec") is not None
     states = None
     if counted:
         if type(failures) is _failure_store:
@@ -321,87 +678,89 @@ cdef object _check(object decider, object policy, object snapshot, object header
                 return None
         else:
             counted = False
-    hasher = snapshot.hasher  # KeySnapshot.lookup (keys.KeyHasher)
-    inner = hasher._inner.copy()
-    inner.update(PyBytes_FromStringAndSize(<const char*>chars, length))  # ASCII: its UTF-8 bytes
-    outer = hasher._outer.copy()
-    outer.update(inner.digest())
-    key = snapshot.by_digest.get(outer.digest())
-    if key is None or key.disabled:
+    # KeySnapshot.lookup: keys.KeyHasher's HMAC in C (ASCII: the secret's UTF-8 bytes are its chars)
+    key = _at(snapshot, &S_SNAP_DIGEST, "by_digest").get(_hmac(_at(snapshot, &S_SNAP_HASHER, "hasher"), chars, length))
+    if key is None or _at(key, &S_KEY_DISABLED, "disabled"):
         return None
-    expires_at = key.expires_at
+    expires_at = _at(key, &S_KEY_EXPIRES, "expires_at")
     if expires_at is not None and now >= expires_at:
         return None
     # -- the body's facts --------------------------------------------------------------------------------
     facts = None
     model = None
     content_type = h.get("content-type", "")
-    needs_facts = key.needs_facts
-    if body and (key.models or needs_facts):
+    needs_facts = _at(key, &S_KEY_NEEDS_FACTS, "needs_facts")
+    key_id = _at(key, &S_KEY_ID, "key_id")
+    if body and (_at(key, &S_KEY_MODELS, "models") or needs_facts):
         if "content-encoding" in h or _multipart(content_type):
             return None
         if counted and (
-            ((<dict>states).get("\x01denied\x00" + key.key_id) is not None) if states is not None
-            else (("\x01denied\x00" + key.key_id) in failures)
+            ((<dict>states).get("\x01denied\x00" + key_id) is not None) if states is not None
+            else (("\x01denied\x00" + key_id) in failures)
         ):
             return None
         facts = _core_body.read_facts(body, estimate_prompt=needs_facts, precise=False, truncated=False)
-        if facts.problem is not None:
+        if _at(facts, &S_FACTS_PROBLEM, "problem") is not None:
             return None
-        model = facts.model
-        if model is None and key.models:
+        model = _at(facts, &S_FACTS_MODEL, "model")
+        if model is None and _at(key, &S_KEY_MODELS, "models"):
             return None
     # -- the plan ----------------------------------------------------------------------------------------
-    cdef dict plans = fast._plans
+    cdef dict plans = _at(fast, &S_FAST_PLANS, "_plans")
     plan_key = (key, model, path)
     plan = plans.get(plan_key)
     if plan is None:
         plan = fast._plan_for(key, model, path)  # kept (and the cache bounded) in Python: a miss is rare
-    if not plan.usable:
+    if not _at(plan, &S_PLAN_USABLE, "usable"):
         return None
-    specs = plan.specs
-    book = decider.book
+    specs = _at(plan, &S_PLAN_SPECS, "specs")
+    book = _at(decider, &S_DEC_BOOK, "book")
     if len(<tuple>specs) > _MAX_WINDOWS or (book is not None and type(book) is not ReservationBook):
         return _plain(decider, policy, snapshot, headers, path, body, request_id, client_address, app)
-    if client_address and failures is not None and policy._auth_spec is not None:
-        known = policy._known  # KnownKeys.note, its common case inline
+    if client_address and failures is not None and _at(policy, &S_POL_AUTH, "_auth_spec") is not None:
+        known = _at(policy, &S_POL_KNOWN, "_known")  # KnownKeys.note, its common case inline
         if type(known) is not KnownKeys:
             return _plain(decider, policy, snapshot, headers, path, body, request_id, client_address, app)
-        last = (<dict>known._seen).get((client_address, key.key_id))
+        last = (<dict>_at(known, &S_KNOWN_SEEN, "_seen")).get((client_address, key_id))
         if last is None:
-            known.note(client_address, key.key_id, now)
+            known.note(client_address, key_id, now)
         elif PyFloat_CheckExact(last) and PyFloat_CheckExact(now):
             last_d = PyFloat_AS_DOUBLE(last)
             now_d = PyFloat_AS_DOUBLE(now)
             if not (last_d <= now_d < last_d + _REFRESH):
-                known.note(client_address, key.key_id, now)
+                known.note(client_address, key_id, now)
         elif not (last <= now < last + _REFRESH):
-            known.note(client_address, key.key_id, now)
+            known.note(client_address, key_id, now)
     # -- the prompt estimate and the charges -------------------------------------------------------------
-    prompt = facts.prompt_tokens if facts is not None else 0
+    prompt = _at(facts, &S_FACTS_PROMPT, "prompt_tokens") if facts is not None else 0
     kept = None
-    track = policy.track
+    track = _at(policy, &S_POL_TRACK, "track")
     if track and not needs_facts and body:  # prompt_later.deferred_body
         if not _multipart(content_type) and PyBytes_GET_SIZE(body) <= _KEEP:
             prompt = 0
             kept = body
         else:
             prompt, kept = deferred_body(body, content_type, prompt)
-    cdef tuple cost_index = plan.cost_index
+    cdef tuple cost_index = _at(plan, &S_PLAN_COST_INDEX, "cost_index")
     n = PyTuple_GET_SIZE(cost_index)
     cdef tuple costs = PyTuple_New(n)
     cdef Py_ssize_t source
     tokens = 0
     usd = 0
-    if plan.metered:
+    if _at(plan, &S_PLAN_METERED, "metered"):
         if facts is not None:
-            estimate = facts.prompt_tokens
-            choices = facts.n if facts.n > 0 else 1
-            max_tokens = facts.max_tokens or None
+            estimate = _at(facts, &S_FACTS_PROMPT, "prompt_tokens")
+            choices = _at(facts, &S_FACTS_N, "n")
+            if not choices > 0:
+                choices = 1
+            max_tokens = _at(facts, &S_FACTS_MAX_TOKENS, "max_tokens") or None
         else:
             estimate, choices, max_tokens = 0, 1, None
-        completion = (max_tokens or policy._default_max_tokens) * choices if plan.completes else 0
-        price = plan.price
+        completion = (
+            (max_tokens or _at(policy, &S_POL_MAX_TOKENS, "_default_max_tokens")) * choices
+            if _at(plan, &S_PLAN_COMPLETES, "completes") else 0
+        )
+        price = _at(plan, &S_PLAN_PRICE, "price")
         usd = _usd(estimate, completion, price) if price is not None else 0
         tokens = estimate + completion
     for i in range(n):  # shapes.costs_of: (1, tokens, usd)[cost_index[i]]
@@ -414,39 +773,44 @@ cdef object _check(object decider, object policy, object snapshot, object header
     if not specs:  # nothing to charge
         statuses = ()
         if book is not None and request_id and track:
-            context = _in_flight(key.key_id, key.tenant, plan.model, prompt, kept)
-            settle_with(decider.store.adjust_soon, book.track(request_id, context, now), now)
+            context = _in_flight(key_id, _at(key, &S_KEY_TENANT, "tenant"), _at(plan, &S_PLAN_MODEL, "model"), prompt, kept)
+            settle_with(_at(decider, &S_DEC_STORE, "store").adjust_soon, book.track(request_id, context, now), now)
     else:
-        store = decider.store
-        counter_ids = plan.counter_ids
-        result = store.acquire_nowait(counter_ids, specs, costs, now)
-        if result is None or not result.allowed:  # the reference path from here
+        store = _at(decider, &S_DEC_STORE, "store")
+        counter_ids = _at(plan, &S_PLAN_COUNTER_IDS, "counter_ids")
+        result = _at(store, &S_STORE_ACQUIRE, "acquire_nowait")(counter_ids, specs, costs, now)
+        if result is None or not _at(result, &S_RESULT_ALLOWED, "allowed"):  # the reference path from here
             request = new_request("POST", path, headers, body, False, request_id, client_address)
             admission = fast.admission(plan, costs, request_id, prompt, kept, facts, path)
             if result is None:
                 return decider._check_later(policy, admission, now, started, request)
             return decider._finish(policy, admission, request, result, now, started, True)
-        shape = plan.shape
-        statuses = result.statuses
+        shape = _at(plan, &S_PLAN_SHAPE, "shape")
+        statuses = _at(result, &S_RESULT_STATUSES, "statuses")
         if book is not None and request_id:
-            uncharged = result.uncharged
+            uncharged = _at(result, &S_RESULT_UNCHARGED, "uncharged")
             # ReservationBook.reserve, then _insert
-            entries = book._entries
+            entries = _at(book, &S_BOOK_ENTRIES, "_entries")
             out = None
             if entries:
                 for first in entries:  # the oldest
                     if entries[first][5] <= now:
                         out = book._expire(now, book._expire_per_call)
                     break
-            context = _in_flight(key.key_id, key.tenant, plan.model, prompt, kept) if track else None
-            if context is not None or (<long long>shape.settle_mask & ~uncharged) != 0:
+            context = (
+                _in_flight(key_id, _at(key, &S_KEY_TENANT, "tenant"), _at(plan, &S_PLAN_MODEL, "model"), prompt, kept)
+                if track else None
+            )
+            if context is not None or (
+                <long long>_item(shape, _SHAPE, I_SETTLE_MASK, "settle_mask") & ~uncharged
+            ) != 0:
                 entry = (
                     counter_ids if PyTuple_CheckExact(counter_ids) else tuple(counter_ids),
                     specs if PyTuple_CheckExact(specs) else tuple(specs),
                     costs,
                     uncharged,
                     now,
-                    now + book._ttl,
+                    now + _at(book, &S_BOOK_TTL, "_ttl"),
                     context,
                 )
                 if request_id in entries:
@@ -455,7 +819,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
                     if not out:
                         out = []
                     out.append(book._retire(request_id, old))
-                elif len(entries) >= book._max:
+                elif len(entries) >= _at(book, &S_BOOK_MAX, "_max"):
                     oldest_id, oldest = entries.popitem(last=False)
                     book.evicted += 1
                     if not out:
@@ -464,25 +828,27 @@ cdef object _check(object decider, object policy, object snapshot, object header
                 entries[request_id] = entry
             if out:
                 settle_with(store.adjust_soon, tuple(out), now)
-            slot_mask = shape.slot_mask
+            slot_mask = _item(shape, _SHAPE, I_SLOT_MASK, "slot_mask")
             if slot_mask != 0:  # policy.marks_release: shapes.near_limit
-                for idx in shape.slot_indices:
+                for idx in _item(shape, _SHAPE, I_SLOT_INDICES, "slot_indices"):
                     if not (uncharged >> <int>idx) & 1:
                         status = statuses[idx]
-                        if status.remaining <= status.limit >> 1:
+                        if _at(status, &S_STATUS_REMAINING, "remaining") <= _at(status, &S_STATUS_LIMIT, "limit") >> 1:
                             release = request_id
                             break
     # -- Decider._counted -----------------------------------------------------------------------------------
-    decisions = decider.decisions
+    decisions = _at(decider, &S_DEC_DECISIONS, "decisions")
     decisions[_OK] += 1
-    _observe(decider.latency, _mono() - started)
+    _observe(_at(decider, &S_DEC_LATENCY, "latency"), _mono() - started)
     # -- the answer (http_fast.on_message_complete) ---------------------------------------------------------
-    wire = plan.wire
+    wire = _at(plan, &S_PLAN_WIRE, "wire")
     if wire is None:
         wire = app.allow_parts(plan.key)[0]
         plan.wire = wire
     if statuses:
-        block = _core_headers.build_header_block(plan.shape.headers, statuses)
+        block = _core_headers.build_header_block(
+            _item(_at(plan, &S_PLAN_SHAPE, "shape"), _SHAPE, I_HEADERS, "headers"), statuses
+        )
     else:
         block = b""
     return _join(wire, block, (<str>release).encode("latin-1") if release else None)
@@ -503,30 +869,37 @@ cdef object _plain(object decider, object policy, object snapshot, object header
     return _join(wire, block, (<str>release).encode("latin-1") if release else None)
 
 
+cdef inline object _hget(object headers, str name, object default):
+    """headers.get(name, default), the dict's own lookup when it is a dict (no method look-up)."""
+    if type(headers) is dict:
+        return (<dict>headers).get(name, default)
+    return headers.get(name, default)
+
+
 def on_message_complete(self):
     """adapters/http_fast.on_message_complete, compiled, with the decision inline (see the module)."""
-    app = self._app
-    parser = self._parser
-    url = self._url
+    app = _at(self, &S_PROTO_APP, "_app")
+    parser = _at(self, &S_PROTO_PARSER, "_parser")
+    url = _at(self, &S_PROTO_URL, "_url")
     if (
         self.fast_path
-        and not self._closing
+        and not _at(self, &S_PROTO_CLOSING, "_closing")
         and type(url) is bytes
         and PyBytes_GET_SIZE(url) > _SKIP
         and memcmp(PyBytes_AS_STRING(url), PyBytes_AS_STRING(_PREFIX), _SKIP + 1) == 0
         and parser.get_method() == b"POST"
         and parser.should_keep_alive()
-        and not app.draining
-        and not app.admin
-        and not self._outbox
-        and self._transport is not None
+        and not _at(app, &S_APP_DRAINING, "draining")
+        and not _at(app, &S_APP_ADMIN, "admin")
+        and not _at(self, &S_PROTO_OUTBOX, "_outbox")
+        and _at(self, &S_PROTO_TRANSPORT, "_transport") is not None
     ):
-        headers = self._headers
-        if headers.get("x-envoy-auth-partial-body") != "true":
-            engine = app.engine
+        headers = _at(self, &S_PROTO_HEADERS, "_headers")
+        if _hget(headers, "x-envoy-auth-partial-body", None) != "true":
+            engine = _at(app, &S_APP_ENGINE, "engine")
             try:
-                xff = headers.get("x-forwarded-for")
-                chunks = self._body
+                xff = _hget(headers, "x-forwarded-for", None)
+                chunks = _at(self, &S_PROTO_BODY, "_body")
                 if not chunks:
                     body = b""
                 elif type(chunks) is list and len(<list>chunks) == 1 and type((<list>chunks)[0]) is bytes:
@@ -534,13 +907,13 @@ def on_message_complete(self):
                 else:
                     body = b"".join(chunks)
                 out = _check(
-                    engine.decider,
-                    engine.policy,
-                    engine.snapshot,
+                    _at(engine, &S_ENGINE_DECIDER, "decider"),
+                    _at(engine, &S_ENGINE_POLICY, "policy"),
+                    _at(engine, &S_ENGINE_SNAPSHOT, "snapshot"),
                     headers,
                     PyUnicode_DecodeLatin1(PyBytes_AS_STRING(url) + _SKIP, PyBytes_GET_SIZE(url) - _SKIP, NULL),
                     body,
-                    headers.get("x-request-id", ""),
+                    _hget(headers, "x-request-id", ""),
                     _client_address(xff),
                     app,
                 )
@@ -561,10 +934,10 @@ def on_message_complete(self):
                 self._hang_up(self._transport)
                 return
             if data is not None:  # else not the common request: nothing was charged or counted
-                self._in_message = False
-                self._transport.write(data)
-                loop = app.loop
+                _set(self, &S_PROTO_IN_MESSAGE, "_in_message", False)
+                _at(self, &S_PROTO_TRANSPORT, "_transport").write(data)
+                loop = _at(app, &S_APP_LOOP, "loop")
                 if loop is not None:
-                    self.last_active = loop.time()
+                    _set(self, &S_PROTO_LAST_ACTIVE, "last_active", loop.time())
                 return
     _reference(self)

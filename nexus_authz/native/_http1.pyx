@@ -17,8 +17,58 @@ differential tests check this on streams split at random points).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF, Py_XDECREF
 from cpython.unicode cimport PyUnicode_DecodeLatin1
 from libc.string cimport memcmp
+
+
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDef:
+        int type
+        Py_ssize_t offset
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef* d_member
+    int T_OBJECT_EX
+
+
+cdef Py_ssize_t _slot_offset(type cls, str name):
+    """Where instances of `cls` hold their object slot `name` (its member descriptor, found on the MRO as
+    setattr finds it), or -1 (not such a slot: setattr/getattr)."""
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            descr = klass.__dict__[name]
+            if type(descr).__name__ == "member_descriptor" and (
+                (<PyMemberDescrObject*>descr).d_member.type == T_OBJECT_EX
+            ):
+                return (<PyMemberDescrObject*>descr).d_member.offset
+            return -1
+    return -1
+
+
+cdef inline int _put(object obj, Py_ssize_t offset, str name, object value) except -1:
+    """setattr(obj, name, value), straight into the slot when `offset` is known."""
+    cdef PyObject** where
+    cdef PyObject* old
+    if offset < 0:
+        setattr(obj, name, value)
+        return 0
+    where = <PyObject**>((<char*><PyObject*>obj) + offset)
+    old = where[0]
+    Py_INCREF(value)
+    where[0] = <PyObject*>value
+    Py_XDECREF(old)
+    return 0
+
+
+cdef inline object _get(object obj, Py_ssize_t offset, str name):
+    """getattr(obj, name), straight from the slot when `offset` is known and the slot is set."""
+    cdef PyObject* value
+    if offset >= 0:
+        value = (<PyObject**>((<char*><PyObject*>obj) + offset))[0]
+        if value != NULL:
+            return <object>value
+    return getattr(obj, name)
 
 
 cdef enum:
@@ -74,6 +124,8 @@ cdef class RequestParser:
     cdef object method
     cdef bint keep_alive
     cdef Py_ssize_t need  # bytes of the pending request once its head is known, else -1
+    # the protocol's slots this writes and reads per request (at their offsets: no type look-up each time)
+    cdef Py_ssize_t o_url, o_headers, o_body, o_closing
 
     def __cinit__(
         self,
@@ -85,6 +137,11 @@ cdef class RequestParser:
         dict keep,
     ):
         self.proto = proto
+        cls = type(proto)
+        self.o_url = _slot_offset(cls, "_url")
+        self.o_headers = _slot_offset(cls, "_headers")
+        self.o_body = _slot_offset(cls, "_body")
+        self.o_closing = _slot_offset(cls, "_closing")
         self.max_header_bytes = max_header_bytes
         self.max_body = max_body
         self.max_url = max_url
@@ -196,7 +253,7 @@ cdef class RequestParser:
         """Hand the parsed request to the protocol; True when it closed the connection."""
         proto = self.proto
         proto.on_message_complete()
-        return proto._closing
+        return _get(proto, self.o_closing, "_closing")
 
     cdef int _message(self, bytes data, Py_ssize_t start, Py_ssize_t* end) except -1:
         """Parse the request starting at `start`. COMPLETE: set the protocol's fields and `end` to the
@@ -325,12 +382,12 @@ cdef class RequestParser:
             end[0] = start + i + content_length
             return NEED_MORE
         proto = self.proto
-        proto._url = PyBytes_FromStringAndSize(<const char*>(p + url0), url_len)
-        proto._headers = headers
+        _put(proto, self.o_url, "_url", PyBytes_FromStringAndSize(<const char*>(p + url0), url_len))
+        _put(proto, self.o_headers, "_headers", headers)
         if content_length > 0:
-            proto._body = [PyBytes_FromStringAndSize(<const char*>(p + i), content_length)]
+            _put(proto, self.o_body, "_body", [PyBytes_FromStringAndSize(<const char*>(p + i), content_length)])
         else:
-            proto._body = []
+            _put(proto, self.o_body, "_body", [])
         self.method = method
         self.keep_alive = not close
         end[0] = start + i + content_length

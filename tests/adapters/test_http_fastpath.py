@@ -442,3 +442,33 @@ def test_a_revoked_key_and_other_keys_after_the_snapshot_changes(
     script: list[tuple[str, Any]] = [("request", 0), ("request", 2), ("revoke", "plain"), ("request", 1)]
     script += [("request", 2), ("revoke", "paths"), ("request", 2)]
     same(framing, config, script, data)
+
+
+@given(
+    peppers=st.lists(st.binary(max_size=130), min_size=1, max_size=3),
+    secrets=st.lists(
+        st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=512), min_size=1, max_size=4
+    ),
+)
+def test_the_compiled_hmac_is_the_key_hashers(peppers: list[bytes], secrets: list[str]) -> None:
+    """The compiled lane's HMAC-SHA256 (its own SHA-256 from the hasher's pad, no hashlib) gives
+    keys.KeyHasher's digest for any pepper (short, a whole block, longer: hashed first) and any secret the
+    lane takes (printable ASCII up to MAX_KEY_LENGTH: one to nine blocks, each padding case), hashers in
+    turn (its pad states are per hasher)."""
+    _compiled_or_skip()
+    from nexus_authz.core.keys import KeyHasher
+
+    assert native.fast is not None
+    hashers = [KeyHasher(p) for p in peppers]
+    for secret in secrets:
+        for hasher in hashers:
+            assert native.fast.hmac_sha256(hasher, secret.encode()) == hasher(secret)
+
+
+def test_the_compiled_lane_reads_every_field_in_place() -> None:
+    """native/_fast.pyx reads the objects of a decision (protocol, app, engine, decider, policy, snapshot,
+    key, plan, counters' result, book, histograms) straight from their slots: a field renamed, moved to a
+    property or a class attribute would silently take getattr again; this names it."""
+    _compiled_or_skip()
+    assert native.fast is not None
+    assert native.fast.unresolved() == []
