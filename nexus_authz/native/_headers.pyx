@@ -79,6 +79,35 @@ cdef inline bint _tighter(Window* a, Window* b):
     return a.remaining < b.remaining or (a.remaining == b.remaining and a.reset_after > b.reset_after)
 
 
+cdef inline Py_ssize_t _ratelimit_item(
+    char* buf, Py_ssize_t used, bint first, const char* text, Py_ssize_t size, bint windowed, Window* w
+):
+    """One window's item of the IETF `ratelimit` header (`, ` between items): the new length of `buf`
+    (the caller checked that size + 64 bytes fit)."""
+    if not first:
+        buf[used] = b","
+        buf[used + 1] = b" "
+        used += 2
+    memcpy(buf + used, text, size)
+    used += size
+    if windowed:
+        return used + snprintf(buf + used, 64, "%lld;t=%lld", w.remaining, _ceil_seconds(w.reset_after, 0))
+    return used + snprintf(buf + used, 64, "%lld", w.remaining)
+
+
+cdef inline void _keep_tightest(
+    long kind, Window* w, Window* requests, bint* has_requests, Window* tokens, bint* has_tokens
+):
+    """The tightest requests window and the tightest tokens window so far (the OpenAI-style headers')."""
+    if kind == 1:
+        if not has_requests[0] or _tighter(w, requests):
+            requests[0] = w[0]
+            has_requests[0] = True
+    elif kind == 2 and (not has_tokens[0] or _tighter(w, tokens)):
+        tokens[0] = w[0]
+        has_tokens[0] = True
+
+
 cdef inline long long _ceil_seconds(double seconds, long long minimum):
     cdef long long value = <long long>ceil(seconds - 1e-9)
     return value if value > minimum else minimum
@@ -183,7 +212,6 @@ def plan_headers(tuple plan, statuses, bint denied):
     cdef Window requests
     cdef Window tokens
     cdef bint has_requests = False, has_tokens = False, refused = False, retry_after
-    cdef long kind
     cdef double wait = 0.0, retry
     cdef tuple items, item, out
     cdef object prefix
@@ -208,24 +236,10 @@ def plan_headers(tuple plan, statuses, bint denied):
         text = PyUnicode_AsUTF8AndSize(prefix, &size)
         if used + size + 64 > BUF:
             return _py_plan_headers(plan, statuses, denied)
-        if k:
-            buf[used] = b","
-            buf[used + 1] = b" "
-            used += 2
-        memcpy(buf + used, text, size)
-        used += size
-        if <object>PyTuple_GET_ITEM(item, 2):  # windowed
-            used += snprintf(buf + used, 64, "%lld;t=%lld", w.remaining, _ceil_seconds(w.reset_after, 0))
-        else:
-            used += snprintf(buf + used, 64, "%lld", w.remaining)
-        kind = <long><object>PyTuple_GET_ITEM(item, 3)
-        if kind == 1:
-            if not has_requests or _tighter(&w, &requests):
-                requests = w
-                has_requests = True
-        elif kind == 2 and (not has_tokens or _tighter(&w, &tokens)):
-            tokens = w
-            has_tokens = True
+        used = _ratelimit_item(buf, used, k == 0, text, size, <bint><object>PyTuple_GET_ITEM(item, 2), &w)
+        _keep_tightest(
+            <long><object>PyTuple_GET_ITEM(item, 3), &w, &requests, &has_requests, &tokens, &has_tokens
+        )
         if _get(<object>w.status, O_ALLOWED) == <PyObject*>FALSE:
             refused = True
             retry = PyFloat_AS_DOUBLE(<object>_get(<object>w.status, O_RETRY))
@@ -295,7 +309,6 @@ def plan_header_block(tuple plan, statuses):
     cdef Window requests
     cdef Window tokens
     cdef bint has_requests = False, has_tokens = False
-    cdef long kind
     cdef tuple items, item
     requests.status = tokens.status = NULL
     requests.remaining = tokens.remaining = 0
@@ -317,24 +330,10 @@ def plan_header_block(tuple plan, statuses):
         size = _ascii(<object>PyTuple_GET_ITEM(item, 1), &text)
         if size < 0 or used + size + 64 > BUF:
             return _py_plan_header_block(plan, statuses)
-        if k:
-            rl[used] = b","
-            rl[used + 1] = b" "
-            used += 2
-        memcpy(rl + used, text, size)
-        used += size
-        if <object>PyTuple_GET_ITEM(item, 2):  # windowed
-            used += snprintf(rl + used, 64, "%lld;t=%lld", w.remaining, _ceil_seconds(w.reset_after, 0))
-        else:
-            used += snprintf(rl + used, 64, "%lld", w.remaining)
-        kind = <long><object>PyTuple_GET_ITEM(item, 3)
-        if kind == 1:
-            if not has_requests or _tighter(&w, &requests):
-                requests = w
-                has_requests = True
-        elif kind == 2 and (not has_tokens or _tighter(&w, &tokens)):
-            tokens = w
-            has_tokens = True
+        used = _ratelimit_item(rl, used, k == 0, text, size, <bint><object>PyTuple_GET_ITEM(item, 2), &w)
+        _keep_tightest(
+            <long><object>PyTuple_GET_ITEM(item, 3), &w, &requests, &has_requests, &tokens, &has_tokens
+        )
     n = 0
     if has_requests:
         m = _openai_lines(out, &requests, "requests")
