@@ -390,27 +390,9 @@ cdef int _header(const unsigned char* s, Span headers_of, int number, const char
 
 
 cdef int _string_field(const unsigned char* s, Span message, int number, Span* out):
-    """The string field `number` of the message (the last occurrence wins; empty when absent). 0, -1
-    malformed."""
-    cdef Py_ssize_t i = message.start, n = message.end
-    cdef unsigned long long tag, size
-    out.start = out.end = 0
-    while i < n:
-        i = _varint(s, i, n, &tag)
-        if i < 0:
-            return -1
-        if tag == ((<unsigned long long>number << 3) | 2):
-            i = _varint(s, i, n, &size)
-            if i < 0 or size > <unsigned long long>(n - i):
-                return -1
-            out.start = i
-            out.end = i + <Py_ssize_t>size
-            i = out.end
-        else:
-            i = _skip(s, i, n, tag & 7)
-            if i < 0:
-                return -1
-    return 0
+    """The string field `number` of the message (the last occurrence wins, as protobuf reads it; empty when
+    absent). 0, -1 malformed."""
+    return -1 if _once(s, message.start, message.end, number, out) < 0 else 0
 
 
 cdef object _entry(const unsigned char* s, Py_ssize_t start, Py_ssize_t end):
