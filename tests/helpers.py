@@ -98,3 +98,18 @@ def dry_run_local(policy: Policy, snapshot: KeySnapshot, request: Request, now: 
     """The driver's dry run (charges, reserves and counts nothing) against an empty memory store."""
     driver = Decider(LocalCounters(MemoryCounterStore()), clock=lambda: now)
     return asyncio.run(driver.dry_run(policy, snapshot, request))
+
+
+def protobuf_varint(n: int) -> bytes:
+    """A protobuf varint, by hand (tests that write what protobuf's own serializer never does)."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def protobuf_len_field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (tag, length, payload), by hand."""
+    return protobuf_varint((number << 3) | 2) + protobuf_varint(len(payload)) + payload

@@ -31,6 +31,7 @@ from nexus_authz.engine import Engine
 from nexus_authz.settings import load_settings
 from tests.adapters.test_als import FIXTURES, body_meta, entry_with, message
 from tests.helpers import KeySpec, write_config
+from tests.helpers import protobuf_len_field as _len_field
 
 CONFIG = """
 ledger: {backend: LEDGER}
@@ -87,20 +88,6 @@ def _check(engine: Engine, key: KeySpec, request_id: str, model: str = "gpt-4o-m
 def _pieces(data: bytes, order: tuple[int, ...] = (1, 2, 3)) -> dict[str, Any]:
     size = len(data) // 3 + 1
     return {f"p{i}": base64.b64encode(data[(i - 1) * size : i * size]).decode() for i in order}
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _len_field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field, by hand (to write what protobuf's own serializer never does)."""
-    return _varint((number << 3) | 2) + _varint(len(payload)) + payload
 
 
 def _responses() -> list[tuple[dict[str, Any] | None, str | None, str | None]]:

@@ -23,6 +23,8 @@ from nexus_authz.adapters.envoy_als import METADATA_NAMESPACE, snippet_of
 from nexus_authz.core.usage import StreamUsage
 from tests.fuzz._strategies import USAGE_FIXTURES
 from tests.fuzz._support import fuzz_settings
+from tests.helpers import protobuf_len_field as _field
+from tests.helpers import protobuf_varint as _varint
 
 
 @pytest.fixture(autouse=True)
@@ -561,19 +563,6 @@ def messages(draw: st.DrawFn) -> bytes:
         message.http_logs.log_entry[0].ParseFromString(doubled)  # what protobuf makes of it
         raw = b"\x12" + _varint(len(_field(1, doubled))) + _field(1, doubled)
     return raw
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint((number << 3) | 2) + _varint(len(payload)) + payload
 
 
 @fuzz_settings(800, deadline=None)
