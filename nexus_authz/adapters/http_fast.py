@@ -18,14 +18,34 @@ from nexus_authz.adapters.http_authz import (
     _INTERNAL_ERROR,
     EXT_AUTHZ_PREFIX,
     AuthzProtocol,
+    HttpApp,
     log,
 )
 from nexus_authz.core import ratelimit_headers
+from nexus_authz.core.fastpath import Plan
+from nexus_authz.core.limits import WindowStatus
 from nexus_authz.core.model import Decision, Reason
 
 _PREFIX = EXT_AUTHZ_PREFIX.encode() + b"/"
 _SKIP = len(EXT_AUTHZ_PREFIX)
 _TAIL = b"content-length: 0\r\n\r\n"
+
+
+def allow_answer(app: HttpApp, plan: Plan, statuses: tuple[WindowStatus, ...], release: str) -> bytes:
+    """`HttpApp.response` of an admission by `Decider.check_plain`: the key's block (cached on the plan),
+    the rate-limit headers, the release (for the Lua tap, in Envoy's dynamic metadata), the tail. Also the
+    compiled lane's answer when it hands a request to check_plain (native/_fast.pyx)."""
+    wire = plan.wire
+    if wire is None:
+        wire = plan.wire = app.allow_parts(plan.key)[0]
+    if statuses:
+        shape: Any = plan.shape  # set: the plan has windows
+        block = ratelimit_headers.build_header_block(shape.headers, statuses)
+    else:
+        block = b""
+    if release:
+        return b"%s%sx-nexus-release: %s\r\n%s" % (wire, block, release.encode("latin-1"), _TAIL)
+    return wire + block + _TAIL
 
 
 def on_message_complete(self: AuthzProtocol) -> None:
@@ -60,22 +80,7 @@ def on_message_complete(self: AuthzProtocol) -> None:
                 if out is None:  # not the common request: the reference path below
                     pass
                 elif out.__class__ is tuple:
-                    plan, statuses, release = out
-                    wire = plan.wire
-                    if wire is None:
-                        wire = plan.wire = app.allow_parts(plan.key)[0]
-                    # HttpApp.response: the key's block, the rate-limit headers, the release (for the Lua
-                    # tap, in Envoy's dynamic metadata), the tail
-                    if statuses:
-                        shape: Any = plan.shape  # set: the plan has windows
-                        block = ratelimit_headers.build_header_block(shape.headers, statuses)
-                    else:
-                        block = b""
-                    if release:
-                        rid = release.encode("latin-1")
-                        data = b"%s%sx-nexus-release: %s\r\n%s" % (wire, block, rid, _TAIL)
-                    else:
-                        data = wire + block + _TAIL
+                    data = allow_answer(app, *out)
                 elif out.__class__ is Decision:
                     data = app.response(out, nginx=False, close=False)
                 else:  # the counter store is awaited: the answer leaves from the outbox

@@ -38,7 +38,12 @@ class CompiledAuthzProtocol(AuthzProtocol):
     fast_path = True
     on_message_complete = (
         native.fast.install(
-            AuthzProtocol.on_message_complete, _INTERNAL_ERROR, log, MemoryCounterStore, EXT_AUTHZ_PREFIX
+            AuthzProtocol.on_message_complete,
+            _INTERNAL_ERROR,
+            log,
+            MemoryCounterStore,
+            EXT_AUTHZ_PREFIX,
+            http_fast.allow_answer,
         )
         if native.fast is not None
         else http_fast.on_message_complete

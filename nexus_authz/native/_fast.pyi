@@ -4,7 +4,12 @@ from logging import Logger
 from typing import Any
 
 def install(
-    reference: Callable[[Any], None], internal_error: bytes, log: Logger, failure_store: type, prefix: str
+    reference: Callable[[Any], None],
+    internal_error: bytes,
+    log: Logger,
+    failure_store: type,
+    prefix: str,
+    allow_answer: Callable[..., bytes],
 ) -> Callable[[Any], None]: ...
 def on_message_complete(self: Any) -> None: ...
 def install_framing(

@@ -80,8 +80,9 @@ cdef double _REFRESH = REFRESH_AFTER
 cdef int _MAX_WINDOWS = 62  # the masks (uncharged, settle, slot) fit a C long long
 
 # set by install (adapters/http_native.py): the reference protocol's on_message_complete, the 500 answer,
-# the HTTP log, the failure store's class (stores/memory.py)
+# the HTTP log, the failure store's class (stores/memory.py), http_fast.allow_answer
 cdef object _reference = None
+cdef object _allow_answer = None
 cdef object _internal_error = None
 cdef object _log = None
 cdef object _failure_store = None
@@ -441,13 +442,15 @@ def install_framing(reference_feed, busy, protocol=None):
     return data_received
 
 
-def install(reference, internal_error, log, failure_store, str prefix):
+def install(reference, internal_error, log, failure_store, str prefix, allow_answer):
     """Register what the compiled handler needs from the adapters (imported here they would be a cycle:
     the native package loads first) and return the handler, to be set as the compiled protocol's
     `on_message_complete`. `reference`: AuthzProtocol.on_message_complete; `failure_store`: the class
     whose `_states` (a dict; fresh windows held as None) the brute-force throttle's counts are read from directly (any other: through its
-    own `__len__` / `__contains__`, as FastAdmit does); `prefix`: EXT_AUTHZ_PREFIX."""
-    global _reference, _internal_error, _log, _failure_store, _PREFIX, _SKIP
+    own `__len__` / `__contains__`, as FastAdmit does); `prefix`: EXT_AUTHZ_PREFIX; `allow_answer`:
+    http_fast.allow_answer (the answer of check_plain's admissions, when the lane hands a request to it)."""
+    global _reference, _internal_error, _log, _failure_store, _PREFIX, _SKIP, _allow_answer
+    _allow_answer = allow_answer
     _PREFIX = prefix.encode("latin-1") + b"/"
     _SKIP = len(prefix)
     _reference = reference
@@ -860,13 +863,7 @@ cdef object _plain(object decider, object policy, object snapshot, object header
     out = decider.check_plain(policy, snapshot, headers, path, body, request_id, client_address)
     if out.__class__ is not tuple:
         return out
-    plan, statuses, release = out
-    wire = plan.wire
-    if wire is None:
-        wire = app.allow_parts(plan.key)[0]
-        plan.wire = wire
-    block = _core_headers.build_header_block(plan.shape.headers, statuses) if statuses else b""
-    return _join(wire, block, (<str>release).encode("latin-1") if release else None)
+    return _allow_answer(app, *out)
 
 
 cdef inline object _hget(object headers, str name, object default):
