@@ -51,13 +51,7 @@ from nexus_authz.core.reservations import ReservationBook, settle_with
 cdef extern from "Python.h":
     ctypedef struct PyTypeObject:
         object (*tp_alloc)(PyTypeObject* t, Py_ssize_t n)
-    ctypedef struct PyMemberDef:
-        int type
-        Py_ssize_t offset
-    ctypedef struct PyMemberDescrObject:
-        PyMemberDef* d_member
     PyTypeObject* Py_TYPE(object o)
-    int T_OBJECT_EX
     object PyUnicode_Substring(object s, Py_ssize_t start, Py_ssize_t end)
     bint PyUnicode_IS_ASCII(object o)
     void* PyUnicode_DATA(object o)
@@ -66,6 +60,10 @@ cdef extern from "Python.h":
     bint PyFloat_CheckExact(object o)
     bint PyLong_CheckExact(object o)
     bint PyTuple_CheckExact(object o)
+
+
+include "_slots.pxi"
+
 
 cdef bytes _PREFIX = b"/ext_authz/"  # set by install: EXT_AUTHZ_PREFIX + "/"
 cdef Py_ssize_t _SKIP = 10  # len(EXT_AUTHZ_PREFIX): the path keeps its leading "/"
@@ -136,17 +134,9 @@ cdef Slot _resolve(type cls, str name):
     """Slot of `cls`'s field `name`: a member descriptor of an object slot (T_OBJECT_EX), found on the MRO as
     getattr finds it (a class attribute or a property: unresolved)."""
     cdef Slot s
-    s.cls = NULL
-    s.offset = 0
-    for klass in cls.__mro__:
-        if name in klass.__dict__:
-            descr = klass.__dict__[name]
-            if type(descr).__name__ == "member_descriptor" and (
-                (<PyMemberDescrObject*>descr).d_member.type == T_OBJECT_EX
-            ):
-                s.cls = <PyTypeObject*>cls
-                s.offset = (<PyMemberDescrObject*>descr).d_member.offset
-            break
+    cdef Py_ssize_t offset = _slot_offset(cls, name)
+    s.cls = <PyTypeObject*>cls if offset >= 0 else NULL
+    s.offset = offset if offset >= 0 else 0
     if s.cls == NULL:
         _unresolved.append(f"{cls.__name__}.{name}")
     return s

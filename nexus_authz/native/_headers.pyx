@@ -28,12 +28,6 @@ from nexus_authz.core.ratelimit_headers import plan_headers as _py_plan_headers
 
 
 cdef extern from "Python.h":
-    ctypedef struct PyMemberDef:
-        const char* name
-        int type
-        Py_ssize_t offset
-    ctypedef struct PyMemberDescrObject:
-        PyMemberDef* d_member
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
     bint PyLong_CheckExact(object o)
     bint PyFloat_CheckExact(object o)
@@ -51,11 +45,7 @@ cdef object TRUE = True
 cdef object FALSE = False
 
 
-cdef Py_ssize_t _offset(type cls, str name) except -1:
-    descr = cls.__dict__[name]
-    if type(descr).__name__ != "member_descriptor":
-        raise TypeError(f"{cls.__name__}.{name} is not a slot")
-    return (<PyMemberDescrObject*>descr).d_member.offset
+include "_slots.pxi"
 
 
 cdef Py_ssize_t O_LIMIT = _offset(WindowStatus, "limit")

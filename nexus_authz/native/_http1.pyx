@@ -23,27 +23,7 @@ from cpython.unicode cimport PyUnicode_DecodeLatin1
 from libc.string cimport memcmp
 
 
-cdef extern from "Python.h":
-    ctypedef struct PyMemberDef:
-        int type
-        Py_ssize_t offset
-    ctypedef struct PyMemberDescrObject:
-        PyMemberDef* d_member
-    int T_OBJECT_EX
-
-
-cdef Py_ssize_t _slot_offset(type cls, str name):
-    """Where instances of `cls` hold their object slot `name` (its member descriptor, found on the MRO as
-    setattr finds it), or -1 (not such a slot: setattr/getattr)."""
-    for klass in cls.__mro__:
-        if name in klass.__dict__:
-            descr = klass.__dict__[name]
-            if type(descr).__name__ == "member_descriptor" and (
-                (<PyMemberDescrObject*>descr).d_member.type == T_OBJECT_EX
-            ):
-                return (<PyMemberDescrObject*>descr).d_member.offset
-            return -1
-    return -1
+include "_slots.pxi"
 
 
 cdef inline int _put(object obj, Py_ssize_t offset, str name, object value) except -1:

@@ -35,12 +35,6 @@ from nexus_authz.core.windows import CONCURRENCY_RETRY_AFTER
 
 
 cdef extern from "Python.h":
-    ctypedef struct PyMemberDef:
-        const char* name
-        int type
-        Py_ssize_t offset
-    ctypedef struct PyMemberDescrObject:
-        PyMemberDef* d_member
     ctypedef struct PyTypeObject:
         void* tp_alloc
     PyObject* PyDict_GetItemWithError(object d, object key) except? NULL
@@ -87,12 +81,7 @@ cdef type ARRAY = _array_type
 cdef array DOUBLES = _array_type("d")
 
 
-cdef Py_ssize_t _offset(type cls, str name) except -1:
-    """Where a __slots__ field lives in instances of `cls` (its member descriptor's offset)."""
-    descr = cls.__dict__[name]
-    if type(descr).__name__ != "member_descriptor":
-        raise TypeError(f"{cls.__name__}.{name} is not a slot")
-    return (<PyMemberDescrObject*>descr).d_member.offset
+include "_slots.pxi"
 
 
 # LimitSpec fields, read straight from the frozen dataclass's slots
