@@ -159,6 +159,18 @@ class EngineCollector(Collector):
             buckets, total, _ = histogram.cumulative()
             busy.add_metric([source], buckets, total)
         yield busy
+        cpu_sources = LOOP_BUSY.cpu_sources()
+        if cpu_sources:  # metrics.loop_cpu_time
+            cpu = HistogramMetricFamily(
+                "nexus_authz_loop_busy_cpu_seconds",
+                "The CPU time of this thread during each callback of nexus_authz_loop_busy_seconds, in "
+                "seconds, by source: the callback's own work, without the time it waited for a core.",
+                labels=["source"],
+            )
+            for source, histogram in cpu_sources:
+                buckets, total, _ = histogram.cumulative()
+                cpu.add_metric([source], buckets, total)
+            yield cpu
 
     # -- tokens and accounting -------------------------------------------------------------------------
     @staticmethod

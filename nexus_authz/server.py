@@ -352,6 +352,7 @@ async def serve(settings: Settings, engine: Engine, validated: Validated | None 
         "nexus-authz serving",
         extra={**server.addresses, "keys": status.keys, "keys_version": status.version, "pid": os.getpid()},
     )
+    LOOP_BUSY.measure_cpu(settings.loop_cpu_time)  # nexus_authz_loop_busy_cpu_seconds, when set
     gc.callbacks.append(LOOP_BUSY.gc_callback)  # every collection's pause: nexus_authz_loop_busy_seconds
     try:
         await stop.wait()

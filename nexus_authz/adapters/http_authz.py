@@ -28,7 +28,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from time import perf_counter
+from time import perf_counter, thread_time
 
 import httptools
 
@@ -248,7 +248,11 @@ class AuthzProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         started = perf_counter()
+        cpu = LOOP_BUSY.http_cpu  # each read's own CPU time too, when measured (metrics.loop_cpu_time)
+        cpu_started = thread_time() if cpu is not None else 0.0
         self._feed(data)
+        if cpu is not None:
+            cpu.observe(thread_time() - cpu_started)
         _BUSY.observe(perf_counter() - started)
 
     def _feed(self, data: bytes) -> None:
