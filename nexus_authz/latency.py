@@ -9,11 +9,21 @@ between two adds sees a count and a sum one observation apart, which Prometheus 
 
 from __future__ import annotations
 
+import asyncio
 from bisect import bisect_left
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from time import perf_counter, thread_time
 
-__all__ = ["BUSY_BUCKETS", "CHECK_BUCKETS", "LOOP_BUSY", "LatencyHistogram", "LoopBusy"]
+__all__ = [
+    "BUSY_BUCKETS",
+    "CHECK_BUCKETS",
+    "LOOP_BUSY",
+    "SLICE",
+    "SOURCES",
+    "LatencyHistogram",
+    "LoopBusy",
+    "sliced",
+]
 
 # Seconds. A local decision takes a few µs; the upper buckets catch a stalled loop or a remote store.
 CHECK_BUCKETS: tuple[float, ...] = (
@@ -82,19 +92,25 @@ BUSY_BUCKETS: tuple[float, ...] = (
 )
 
 
+# What holds the event loop, as `nexus_authz_loop_busy_seconds` labels them.
+SOURCES: tuple[str, ...] = ("http", "access_log", "gc", "maintenance")
+SLICE = 0.0001  # seconds of work between two yields of the loop, for work done in slices (`sliced`)
+
+
 class LoopBusy:
     """How long the event loop was held, per source, one observation per callback: each read of the
     HTTP listeners (ext_authz: framing, decision and answer; the admin one), each slice of an
     access-log batch between two yields, each pass of the cyclic garbage collector (`gc_callback`,
-    installed by the server).
+    installed by the server), each slice of the server's periodic upkeep (`sliced`: expiring reservations,
+    sweeping drained counters).
     Exported as `nexus_authz_loop_busy_seconds{source}`; benchmarks/run_all.py judges its maximum.
 
     That is wall time: a callback during which the thread was descheduled (a busy machine) counts the
     time it waited. With `measure_cpu(True)` (the setting `metrics.loop_cpu_time`) each callback's own CPU
-    time (the thread's CPU clock, CLOCK_THREAD_CPUTIME_ID) is observed too, into `http_cpu`,
-    `access_log_cpu` and `gc_cpu` (`nexus_authz_loop_busy_cpu_seconds{source}`): a callback long in wall
-    time and short in CPU time waited for a core; one long in CPU time is our own work. Off by default:
-    that clock is a system call (no vDSO), ~0.5 µs per read of it, two per callback."""
+    time (the thread's CPU clock, CLOCK_THREAD_CPUTIME_ID) is observed too, into `<source>_cpu`
+    (`nexus_authz_loop_busy_cpu_seconds{source}`): a callback long in wall time and short in CPU time
+    waited for a core; one long in CPU time is our own work. Off by default: that clock is a system call
+    (no vDSO), ~0.5 µs per read of it, two per callback."""
 
     __slots__ = (
         "_cpu",
@@ -106,33 +122,38 @@ class LoopBusy:
         "gc_cpu",
         "http",
         "http_cpu",
+        "maintenance",
+        "maintenance_cpu",
     )
 
     def __init__(self) -> None:
         self.http = LatencyHistogram(BUSY_BUCKETS)
         self.access_log = LatencyHistogram(BUSY_BUCKETS)
         self.gc = LatencyHistogram(BUSY_BUCKETS)
+        self.maintenance = LatencyHistogram(BUSY_BUCKETS)
         # the CPU histograms live as long as this (turning the measurement off and on keeps their counts);
         # the attributes are None while it is off (the observers' one test)
-        self._cpu = tuple(LatencyHistogram(BUSY_BUCKETS) for _ in range(3))
+        self._cpu = tuple(LatencyHistogram(BUSY_BUCKETS) for _ in SOURCES)
         self.http_cpu: LatencyHistogram | None = None
         self.access_log_cpu: LatencyHistogram | None = None
         self.gc_cpu: LatencyHistogram | None = None
+        self.maintenance_cpu: LatencyHistogram | None = None
         self._gc_started = 0.0
         self._gc_cpu_started = 0.0
 
     def sources(self) -> tuple[tuple[str, LatencyHistogram], ...]:
-        return (("http", self.http), ("access_log", self.access_log), ("gc", self.gc))
+        return tuple((source, getattr(self, source)) for source in SOURCES)
 
     def cpu_sources(self) -> tuple[tuple[str, LatencyHistogram], ...]:
         """The own-CPU-time histograms by source; empty while the measurement is off."""
         if self.http_cpu is None:
             return ()
-        return tuple(zip(("http", "access_log", "gc"), self._cpu, strict=True))
+        return tuple(zip(SOURCES, self._cpu, strict=True))
 
     def measure_cpu(self, on: bool) -> None:
         """Observe each callback's own CPU time too (on) or not (off, the default)."""
-        self.http_cpu, self.access_log_cpu, self.gc_cpu = self._cpu if on else (None, None, None)
+        for source, histogram in zip(SOURCES, self._cpu, strict=True):
+            setattr(self, f"{source}_cpu", histogram if on else None)
         self._gc_cpu_started = 0.0
         from nexus_authz import native  # the compiled read handler holds its own reference
 
@@ -161,6 +182,24 @@ class LoopBusy:
                 self._gc_cpu_started = 0.0
             self.gc.observe(perf_counter() - self._gc_started)
             self._gc_started = 0.0
+
+
+async def sliced(steps: Iterable[object], source: str, seconds: float = SLICE) -> None:
+    """Run `steps` (each item taken is a step of work, of well under `seconds`) on the event loop in slices
+    of about `seconds` (a slice ends after the step that reaches it), letting the loop run what is queued
+    between two; each slice is one observation of LOOP_BUSY's `source` (wall, and own CPU when measured)."""
+    observe = getattr(LOOP_BUSY, source).observe
+    cpu_clock, observe_cpu = LOOP_BUSY.cpu_timer(source)
+    clock = perf_counter
+    started, cpu_started = clock(), cpu_clock()
+    for _ in steps:
+        if clock() - started >= seconds:
+            observe_cpu(cpu_clock() - cpu_started)
+            observe(clock() - started)
+            await asyncio.sleep(0)
+            started, cpu_started = clock(), cpu_clock()
+    observe_cpu(cpu_clock() - cpu_started)
+    observe(clock() - started)
 
 
 def _zero() -> float:
