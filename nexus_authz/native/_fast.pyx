@@ -612,12 +612,22 @@ cdef int _observe(object histogram, double seconds) except -1:
 def data_received(self, data):
     """AuthzProtocol.data_received with CompiledAuthzProtocol._feed inline: each read timed into the loop's
     busy histogram; the compiled parser first, the httptools parser for a request it does not take (replayed
-    read by read), the compiled parser again between requests."""
+    read by read), the compiled parser again between requests. The answers the compiled lane writes to the
+    requests of one read (a check and its release, pipelined) are held and leave in one write at its end,
+    or before anything else writes (`_emit`, `_flush`): one send per read, in request order."""
+    global _holder
     cdef double started = _mono()
     if not _at(self, &S_PROTO_CLOSING, "_closing"):
         fast = _at(self, &S_PROTO_FAST, "_fast")
         if _at(self, &S_PROTO_PARSER, "_parser") is fast:
-            if fast.feed(data):  # not in the subset: the httptools path takes this request
+            outer = _holder  # (None: data_received is not re-entered)
+            _holder = self  # the lane's answers to this read leave in one write (`_emit`)
+            try:
+                taken = fast.feed(data)
+            finally:
+                _flush()
+                _holder = outer
+            if taken:  # not in the subset: the httptools path takes this request
                 self._parser = self._slow
                 for chunk in fast.take_replay():
                     _reference_feed(self, chunk)
@@ -943,6 +953,7 @@ def on_message_complete(self):
                     data = app.response(out, nginx=False, close=False)
                 else:  # the counter store is awaited: the answer leaves from the outbox
                     self._in_message = False
+                    _flush()
                     self._queue(self._answer_later(out, nginx=False, close=False), True)
                     return
             except Exception:  # a bug: answer 500 for this request, keep serving the others
@@ -950,18 +961,20 @@ def on_message_complete(self):
                 engine.count(_UNAVAILABLE)
                 self._in_message = False
                 self._closing = True
+                _flush()
                 self._transport.write(_internal_error)
                 self._hang_up(self._transport)
                 return
             if data is not None:  # else not the common request: nothing was charged or counted
                 _set(self, &S_PROTO_IN_MESSAGE, "_in_message", False)
-                _at(self, &S_PROTO_TRANSPORT, "_transport").write(data)
+                _emit(self, data)
                 loop = _at(app, &S_APP_LOOP, "loop")
                 if loop is not None:
                     _set(self, &S_PROTO_LAST_ACTIVE, "last_active", loop.time())
                 return
     elif _RELEASED_ANSWER is not None and type(url) is bytes and url == _RELEASE_URL and _release(self, app, parser):
         return
+    _flush()
     _reference(self)
 
 
@@ -1001,11 +1014,12 @@ cdef bint _release(object self, object app, object parser) except -1:
         engine.count(_UNAVAILABLE)
         self._in_message = False
         self._closing = True
+        _flush()
         self._transport.write(_internal_error)
         self._hang_up(self._transport)
         return 1
     _set(self, &S_PROTO_IN_MESSAGE, "_in_message", False)
-    _at(self, &S_PROTO_TRANSPORT, "_transport").write(_RELEASED_ANSWER)
+    _emit(self, _RELEASED_ANSWER)
     loop = _at(app, &S_APP_LOOP, "loop")
     if loop is not None:
         _set(self, &S_PROTO_LAST_ACTIVE, "last_active", loop.time())
@@ -1073,3 +1087,40 @@ cdef bint _release_slot(object engine, str request_id) except -1:
     if _at(decider, &S_DEC_FREED, "_slot_freed") is not None:  # a request waits for a slot
         decider.slot_freed()
     return 1
+
+
+# -- the lane's answers to one read in one write -------------------------------------------------------------
+# wrk and Envoy's Lua tap pipeline a check and its release: two transport writes, two send(2) calls, which
+# on a loopback socket cost more than the decision (the receiver's wake-up is in the sender's system
+# call). While data_received feeds the compiled parser, the answers on_message_complete's lane writes
+# (`_emit`) are held and written once at the end of the read; anything else that writes (the reference
+# path, a queued answer, a 500) writes them first (`_flush`), so the bytes and their order are the same.
+cdef object _holder = None  # the protocol whose lane answers are held (in its data_received), or None
+cdef object _held = None  # None, the one answer held, or a list of them
+
+
+cdef int _emit(object self, bytes data) except -1:
+    """The lane's answer `data`, written or held (see above)."""
+    global _held
+    if self is not _holder:
+        _at(self, &S_PROTO_TRANSPORT, "_transport").write(data)
+    elif _held is None:
+        _held = data
+    elif type(_held) is list:
+        (<list>_held).append(data)
+    else:
+        _held = [_held, data]
+    return 0
+
+
+cdef int _flush() except -1:
+    """Write the answers held (one write), before anything else writes."""
+    global _held
+    held = _held
+    if held is None:
+        return 0
+    _held = None
+    transport = _at(_holder, &S_PROTO_TRANSPORT, "_transport")
+    if transport is not None:  # (each was written with a transport there; nothing removes it meanwhile)
+        transport.write(held if type(held) is bytes else b"".join(<list>held))
+    return 0

@@ -51,6 +51,18 @@ def config(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     return write_config(tmp_path_factory.mktemp("release"), *KEYS, extra=extra)
 
 
+class Counted(FakeTransport):
+    """FakeTransport, its writes counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+
 class Subclassed(MemoryCounterStore):
     """A memory store of another class: the compiled release does not take it (as a Redis store)."""
 
@@ -64,11 +76,13 @@ def run(
     *,
     admin: bool = False,
     other_store: bool = False,
+    writes: list[int] | None = None,
 ) -> tuple[list[bytes], dict[str, Any]]:
     """A fresh engine, connections through `lane` ("compiled": the compiled protocol with its lane;
-    "reference": the same protocol, lane off; "pure": the httptools protocol), fed `script`: ("feed",
-    connection, bytes) records what the connection wrote meanwhile; ("wait",) lets queued answers come and
-    records each connection's; ("tick", seconds); ("yield",)."""
+        "reference": the same protocol, lane off; "pure": the httptools protocol), fed `script`: ("feed",
+        connection, bytes) records what the connection wrote meanwhile; ("wait",) lets queued answers come and
+        records each connection's; ("tick", seconds); ("yield",). `writes`: each feed's count of transport
+    writes, appended."""
     clock = [NOW]
     engine = Engine.from_settings(load_settings(str(config)), clock=lambda: clock[0])
     engine.load_first_keys()
@@ -90,15 +104,18 @@ def run(
     answers: list[bytes] = []
 
     async def drive() -> None:
-        conns: dict[int, tuple[Protocol, FakeTransport, list[int]]] = {}
+        conns: dict[int, tuple[Protocol, Counted, list[int]]] = {}
         for step in script:
             if step[0] == "feed":
                 _, c, data = step
                 if c not in conns:
-                    conns[c] = (Protocol(app), FakeTransport(), [0])
+                    conns[c] = (Protocol(app), Counted(), [0])
                     conns[c][0].connection_made(conns[c][1])  # type: ignore[arg-type]
                 protocol, transport, seen = conns[c]
+                before = transport.writes
                 protocol.data_received(data)
+                if writes is not None:
+                    writes.append(transport.writes - before)
                 answers.append(bytes(transport.data[seen[0] :]))
                 seen[0] = len(transport.data)
             elif step[0] == "wait":
@@ -238,3 +255,30 @@ def test_the_compiled_lane_releases_without_the_reference(config: Path) -> None:
         assert calls.count("engine") == 4 and calls.count("route") == 6
     assert compiled == reference
     assert compiled[1]["slot releases"]["proxy"] == 2
+
+
+def test_one_write_per_read_in_request_order(config: Path) -> None:
+    """The compiled lane's answers to one read leave in one write at its end (a check and its release: one
+    send, not two), and before anything the reference path writes in that read: the same bytes in the
+    same order as the reference path's one write per answer."""
+    _compiled_or_skip()
+    mixed = check(TIGHT, "rid-1") + release("rid-1") + release("rid-1", method="HEAD") + check(PLAIN, "rid-2")
+    mixed += release("rid-2") + check(PLAIN, "rid-3") + release("rid-3", flag="0") + check(PLAIN, "rid-4")
+    script: list[tuple[Any, ...]] = [
+        ("feed", 0, check(PLAIN, "rid-0") + release("rid-0")),
+        ("feed", 0, mixed),
+    ]
+    script += [
+        ("feed", 0, check(PLAIN, "rid-5")[:50]),
+        ("feed", 0, check(PLAIN, "rid-5")[50:] + release("rid-5")),
+    ]
+    lane: list[int] = []
+    reference: list[int] = []
+    compiled = run("compiled", config, script, writes=lane)
+    assert compiled == run("reference", config, script, writes=reference)
+    assert reference == [2, 8, 0, 2]
+    # held: the pair; check + release, then the HEAD release (reference), then the rest with the 401
+    # (reference) in between; the cut check's read writes nothing, then the pair
+    assert lane == [1, 5, 0, 1]
+    answers = compiled[0]
+    assert answers[1].count(b"HTTP/1.1 200 OK\r\n") == 4 and answers[1].count(RELEASED) == 3
