@@ -29,9 +29,11 @@ never trusted). What the Lua filter sends (see its header):
 
 The gRPC handler takes the message serialized: the compiled scan (als_fast.log_entries) reads each
 entry's request id, identity filter, content type and encoding and the Lua record in one pass, and the
-common records (a JSON body's usage object, an OpenAI stream's usage chunk) in C; protobuf, snippet_of and
-StreamUsage read everything else, and all of it without the scans (tests/adapters/test_als_batch.py: the
-same counters, ledger rows and metrics either way).
+common records (a JSON body's usage object, an OpenAI stream's usage chunk) in C, and one C loop over
+the message's entries (als_fast.RUN) settles and records those with a live reservation, handing every
+other entry to `_account_scanned`; protobuf, snippet_of and StreamUsage read everything else, and all of
+it without the scans (tests/adapters/test_als_batch.py: the same counters, ledger rows and metrics either
+way).
 """
 
 from __future__ import annotations

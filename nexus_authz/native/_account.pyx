@@ -1,7 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
 """The common access-log entry's accounting in C: settle, price, count and record in one call.
 
-`account_provider(engine, request_id, usage, response_model)` is `Engine.account(request_id, usage,
+`account_provider(engine, request_id, usage, response_model)` (and `account_counts`, the same with the
+Usage's counts as arguments, for native/_usage.pyx `account_run`) is `Engine.account(request_id, usage,
 response_model=..., keep_estimate=False, unread=False)` (nexus_authz/engine.py) for the common entry (a
 response whose provider usage record the compiled scans read, adapters/envoy_als.py `_account_snippet`),
 with `accounting.charge_fields`, `ReservationBook.settle_parts`, `Decider.adjust`,

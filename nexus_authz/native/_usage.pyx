@@ -24,8 +24,12 @@ the pure path's rules, never a second source of truth.
   common record (its counts plain integers, no escaped key): the members core/usage_records.record_usage
   reads, in its order of precedence, for its formulas (`usage_from_counts`); None (the core's reader
   decodes the object) for anything else.
+- `account_run(items, ...)`: adapters/envoy_als.py `_account_batch`'s loop over `log_entries`' entries,
+  the common entry (the record `usage_span` / `sse_usage_span` and `usage_counts` read, as
+  adapters/als_fast.py takes it) accounted through native/_account.pyx `account_counts` with no Python
+  frame; every other entry handed back to the service's per-entry code before anything changed.
 
-All are bounded (linear in their input, no allocation but the results) and never raise on any input.
+The scans are bounded (linear in their input, no allocation but the results) and never raise on any input.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
