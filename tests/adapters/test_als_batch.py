@@ -33,6 +33,7 @@ from nexus_authz.core.usage import MAX_BODY_BYTES
 from nexus_authz.core.usage_records import document_model
 from nexus_authz.engine import Engine
 from nexus_authz.settings import load_settings
+from nexus_authz.stores.memory import MemoryCounterStore
 from tests.adapters.test_als import FIXTURES, body_meta, entry_with, message
 from tests.fuzz._support import fuzz_settings
 from tests.helpers import KeySpec, write_config
@@ -53,6 +54,10 @@ METERED = KeySpec(
     },
 )
 OPEN = KeySpec("open")  # no limits: the Check estimates no prompt, accounting does (core.prompt_later)
+# more windows than the compiled accounting's bit mask holds (native/_account.pyx: Engine.account takes it)
+WIDE = KeySpec(
+    "wide", extra={"limits": [{"tokens": 10_000_000 + i, "per": "day", "name": f"t{i}"} for i in range(63)]}
+)
 CHAT = (FIXTURES / "openai_chat.json").read_bytes()
 NO_USAGE = (FIXTURES / "openai_chat_stream_no_usage.sse").read_bytes()
 
@@ -69,7 +74,7 @@ def _engine(tmp_path: Path, ledger: str = "memory") -> tuple[Engine, _Clock]:
     tmp_path.mkdir()
     clock = _Clock()
     backend = "memory" if ledger == "memory" else f"sqlite, path: {tmp_path / 'usage.sqlite3'}"
-    path = write_config(tmp_path, METERED, OPEN, extra=CONFIG.replace("LEDGER", backend))
+    path = write_config(tmp_path, METERED, OPEN, WIDE, extra=CONFIG.replace("LEDGER", backend))
     return Engine.from_settings(load_settings(str(path)), clock=clock), clock
 
 
@@ -674,3 +679,65 @@ def test_the_compiled_model_is_document_model(pad: int, parts: list[bytes]) -> N
     assert native.usage.document_model(body) == document_model(body)
     body = b"p" * pad + b'"model": "' + b"".join(parts) + b'"'
     assert native.usage.document_model(body) == document_model(body)
+
+
+class _OtherStore(MemoryCounterStore):
+    """A counter store of another class (as Redis is): the compiled accounting leaves it to Python."""
+
+    __slots__ = ()
+
+
+@pytest.mark.parametrize("variant", ["other-store", "many-windows"])
+def test_what_the_compiled_settlement_does_not_take_goes_the_python_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variant: str
+) -> None:
+    """An entry the compiled loop reads but whose settlement native/_account.pyx does not take (a store
+    of another class, more than 62 windows) is handed to _account_scanned, then Engine.account, with
+    nothing changed before: the same state as the pure path."""
+    if native.usage is None or native.account is None:
+        pytest.skip("the compiled scans are not loaded (NEXUS_AUTHZ_PURE, or not built)")
+    key = WIDE if variant == "many-windows" else METERED
+    sse = body_meta(_sse({"choices": [], "model": "gpt-4o", "usage": CACHED}), "sse")
+    batch = message(
+        entry_with(body_meta(CHAT), content_type="application/json", request_id="a"),
+        entry_with(sse, content_type="text/event-stream", request_id="b"),
+    ).SerializeToString()
+    handed: list[str] = []
+    per_entry = AccessLogService._account_scanned
+
+    def scanned(self: AccessLogService, item: Any, raw: bytes) -> Any:
+        handed.append(item[0])
+        return per_entry(self, item, raw)
+
+    def run(directory: Path) -> dict[str, Any]:
+        engine, _ = _engine(directory)
+        if variant == "other-store":
+            engine.counters.__class__ = _OtherStore
+        for rid in "ab":
+            _check(engine, key, rid)
+        service = AccessLogService(engine)
+        if als_fast.SCAN is not None:
+            asyncio.run(service.stream_access_logs(None, _Context([batch])))  # type: ignore[arg-type]
+        else:
+            parsed = als_pb2.StreamAccessLogsMessage.FromString(batch)
+            asyncio.run(service.stream_access_logs(None, _Context([parsed])))  # type: ignore[arg-type]
+        assert engine.ledger is not None
+        return {
+            "accounted": dict(engine.accounted),
+            "usage_tokens": dict(engine.usage_tokens),
+            "book": engine.book.stats(),
+            "ledger": sorted(
+                engine.ledger.query(group_by=("key_id", "model", "source", "price_rule")), key=repr
+            ),
+            "windows": _check(engine, key, "after"),
+        }
+
+    monkeypatch.setattr(AccessLogService, "_account_scanned", scanned)
+    taken, looped = native.account.taken[0], native.usage.taken[0]
+    compiled = run(tmp_path / "compiled")
+    assert (native.account.taken[0], native.usage.taken[0]) == (taken, looped)  # neither took them
+    assert handed == ["a", "b"]
+    monkeypatch.setattr(als_fast, "SCAN", None)
+    monkeypatch.setattr(als_fast, "ACCOUNT", None)
+    assert compiled == run(tmp_path / "reference")
+    assert compiled["accounted"]["provider"] == 2
