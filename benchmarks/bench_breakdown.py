@@ -47,7 +47,7 @@ import grpc  # noqa: E402
 from envoy.service.accesslog.v3 import als_pb2  # noqa: E402
 
 from nexus_authz import native  # noqa: E402
-from nexus_authz.adapters import envoy_als, http_authz  # noqa: E402
+from nexus_authz.adapters import als_fast, envoy_als, http_authz  # noqa: E402
 from nexus_authz.core import body as body_mod  # noqa: E402
 from nexus_authz.core import tokens  # noqa: E402
 from nexus_authz.core.accounting import conclude_usage  # noqa: E402
@@ -478,6 +478,15 @@ def main(argv: list[str] | None = None) -> int:
     results["ALS message of 20 SSE entries (stream_access_logs, serialized), per entry"] = batches(
         nb, als_messages(serialized(sse_entries), n)
     )
+    if als_fast.RUN is not None:  # the same messages with the compiled loop off: Python per entry
+        run, als_fast.RUN = als_fast.RUN, None
+        results["  the same JSON message, each entry through _account_scanned (als_fast.RUN off)"] = batches(
+            nb, als_messages(serialized(entries), n)
+        )
+        results["  the same SSE message, each entry through _account_scanned (als_fast.RUN off)"] = batches(
+            nb, als_messages(serialized(sse_entries), n)
+        )
+        als_fast.RUN = run
     empty = als_pb2.StreamAccessLogsMessage()
     empty.http_logs.SetInParent()
     results["ALS per-message fixed cost: an empty message (stream_access_logs), per message"] = batches(

@@ -21,12 +21,16 @@ from nexus_authz import native
 from nexus_authz.core.usage import MAX_BODY_BYTES
 from nexus_authz.core.usage_records import Usage, document_model, document_usage, usage_from_counts
 
-__all__ = ["ACCOUNT", "SCAN", "body_usage", "log_entries", "snippet_fields", "sse_usage"]
+__all__ = ["ACCOUNT", "RUN", "SCAN", "body_usage", "log_entries", "snippet_fields", "sse_usage"]
 
 SCAN: Any = native.usage  # the compiled module (native/_usage.pyx), or None: the pure path only
 # The common entry's accounting (native/_account.pyx `account_provider`: Engine.account of a provider
 # usage record in one compiled call; False when Engine.account must run), or None: Engine.account only
 ACCOUNT: Any = native.account.account_provider if native.account is not None else None
+# A scanned message's loop (native/_usage.pyx `account_run`: the common entry read, settled and recorded
+# with no Python frame, every other entry handed to envoy_als `_account_scanned`), or None: that per-entry
+# code for every entry
+RUN: Any = SCAN.account_run if SCAN is not None and ACCOUNT is not None else None
 
 
 def log_entries(message: bytes) -> list[tuple[Any, ...] | None] | None:

@@ -29,9 +29,11 @@ never trusted). What the Lua filter sends (see its header):
 
 The gRPC handler takes the message serialized: the compiled scan (als_fast.log_entries) reads each
 entry's request id, identity filter, content type and encoding and the Lua record in one pass, and the
-common records (a JSON body's usage object, an OpenAI stream's usage chunk) in C; protobuf, snippet_of and
-StreamUsage read everything else, and all of it without the scans (tests/adapters/test_als_batch.py: the
-same counters, ledger rows and metrics either way).
+common records (a JSON body's usage object, an OpenAI stream's usage chunk) in C, and one C loop over
+the message's entries (als_fast.RUN) settles and records those with a live reservation, handing every
+other entry to `_account_scanned`; protobuf, snippet_of and StreamUsage read everything else, and all of
+it without the scans (tests/adapters/test_als_batch.py: the same counters, ledger rows and metrics either
+way).
 """
 
 from __future__ import annotations
@@ -245,7 +247,11 @@ class AccessLogService:
                 if message.__class__ is bytes:  # as the handler receives it (no protobuf deserializer)
                     scanned = als_fast.log_entries(message)  # the compiled scan of the whole message
                     if scanned is not None:
-                        await self._account_batch(scanned, self._account_scanned, message)
+                        run = als_fast.RUN if als_fast.ACCOUNT is not None else None
+                        if run is not None:  # the compiled loop: the common entries accounted in C
+                            await self._account_run(scanned, message, run)
+                        else:
+                            await self._account_batch(scanned, self._account_scanned, message)
                         streams[stop] = self._last_batch = loop.time()
                         continue
                     # protobuf reads what the scan does not (a malformed message raises here, where
@@ -285,6 +291,43 @@ class AccessLogService:
                 started, cpu_started = clock(), cpu_clock()
         observe_cpu(cpu_clock() - cpu_started)
         observe(clock() - started)
+
+    async def _account_run(self, items: list[tuple[Any, ...] | None], raw: bytes, run: Any) -> None:
+        """`_account_batch` of the compiled scan's entries of `raw` through the compiled loop
+        (als_fast.RUN, native/_usage.pyx `account_run`): it accounts the common entries itself and hands
+        every other one to `_account_scanned`, and comes back here with an awaitable to await or at the end
+        of a slice, so the slices and their LOOP_BUSY observations are `_account_batch`'s."""
+        clock = perf_counter
+        observe = _BUSY.observe
+        cpu_clock, observe_cpu = LOOP_BUSY.cpu_timer("access_log")  # own CPU per slice, when measured
+        failed = self._failed
+        started, cpu_started = clock(), cpu_clock()
+        i, n = 0, len(items)
+        while i < n:
+            i, pending, sliced = run(
+                items, i, raw, self, self._account_scanned, failed, clock, started, _SLICE
+            )
+            if pending is not None:  # a long text to count exactly: off the event loop
+                try:
+                    observe_cpu(cpu_clock() - cpu_started)
+                    observe(clock() - started)
+                    await pending
+                    started, cpu_started = clock(), cpu_clock()
+                except Exception:
+                    failed(items[i - 1])
+                sliced = clock() - started >= _SLICE
+            if sliced:
+                observe_cpu(cpu_clock() - cpu_started)
+                observe(clock() - started)
+                await asyncio.sleep(0)
+                started, cpu_started = clock(), cpu_clock()
+        observe_cpu(cpu_clock() - cpu_started)
+        observe(clock() - started)
+
+    @staticmethod
+    def _failed(item: Any) -> None:
+        """Log the exception an entry's accounting raised (called while it is being handled)."""
+        log.exception("accounting failed", extra={"request_id": _request_id(item)})
 
     async def account(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
         """One access-log entry: the usage of its response, settled and recorded."""

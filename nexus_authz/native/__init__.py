@@ -22,7 +22,8 @@ as HTTP/1.1 lines, installed as `build_header_block`, which the HTTP listener's 
 Decider.check_plain's charge and reservation, adapters/http_fast.py's answer), installed as the compiled
 protocol's `on_message_complete` (adapters/http_native.py);
 `_account`, the common access-log entry's accounting (Engine.account of a provider usage record:
-settle, price, count, record) in one compiled call (adapters/envoy_als.py `_account_snippet`).
+settle, price, count, record) in one compiled call (adapters/envoy_als.py `_account_snippet`, and
+`_usage`'s `account_run`: a scanned message's loop, the common entry from the scan to the ledger in C).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
 """The common access-log entry's accounting in C: settle, price, count and record in one call.
 
-`account_provider(engine, request_id, usage, response_model)` is `Engine.account(request_id, usage,
+`account_provider(engine, request_id, usage, response_model)` (and `account_counts`, the same with the
+Usage's counts as arguments, for native/_usage.pyx `account_run`) is `Engine.account(request_id, usage,
 response_model=..., keep_estimate=False, unread=False)` (nexus_authz/engine.py) for the common entry (a
 response whose provider usage record the compiled scans read, adapters/envoy_als.py `_account_snippet`),
 with `accounting.charge_fields`, `ReservationBook.settle_parts`, `Decider.adjust`,
@@ -87,6 +88,21 @@ cdef inline void _add(dict counts, object key, object n):
 def account_provider(object engine, str request_id, object usage, object response_model):
     """Engine.account of a provider usage record (keep_estimate=False, unread=False); False: not taken
     (nothing changed: the caller runs Engine.account)."""
+    if usage.source != _PROVIDER:
+        return False
+    return _account(engine, request_id, usage.prompt_tokens, usage.cached_prompt_tokens,
+                    usage.completion_tokens, usage.reasoning_tokens, response_model)
+
+
+def account_counts(object engine, str request_id, object prompt, object cached, object completion,
+                   object reasoning, object response_model):
+    """`account_provider` of the provider Usage with these prompt, cached prompt, completion and reasoning
+    tokens (native/_usage.pyx `account_run`: the common entry read in C, no Usage object built)."""
+    return _account(engine, request_id, prompt, cached, completion, reasoning, response_model)
+
+
+cdef bint _account(object engine, str request_id, object prompt, object cached, object completion,
+                   object reasoning, object response_model) except -1:
     cdef object book
     cdef object context, entry, prices, priced, price, decider, local, ledger
     cdef object counter_ids, specs, costs, charged_at, spec, kind, delta, cost, rule, key, row, deltas
@@ -98,7 +114,7 @@ def account_provider(object engine, str request_id, object usage, object respons
     cdef bint slot_released = False
     if Engine is None:
         _bind()
-    if engine.__class__ is not Engine or not request_id or usage.source != _PROVIDER:
+    if engine.__class__ is not Engine or not request_id:
         return False
     book = engine.book
     if book.__class__ is not ReservationBook:
@@ -118,9 +134,6 @@ def account_provider(object engine, str request_id, object usage, object respons
         return False
     # charge_fields: the provider's record as reported, priced by the table's cached, matched rule
     model = context.model or response_model
-    prompt = usage.prompt_tokens
-    cached = usage.cached_prompt_tokens
-    completion = usage.completion_tokens
     prices = engine.policy.prices
     if prices:
         # PriceTable.charge: the cache first, else its look-up (which only fills the cache)
@@ -139,7 +152,6 @@ def account_provider(object engine, str request_id, object usage, object respons
     key_id = context.key_id
     tenant = context.tenant or ""
     model = model or "unknown"
-    reasoning = usage.reasoning_tokens
     # -- from here on, state changes (Engine.account's order) --
     engine.accounted[_PROVIDER] += 1
     if prices and not priced.matched:  # PriceTable.charge counts an unpriced model by its outcome

@@ -23,11 +23,17 @@ bytes and the state this writes with the reference path's.
 timing of each read and CompiledAuthzProtocol._feed (the compiled parser, the httptools replay) in one
 call, so a read holding one common check runs no Python frame from the transport's callback to its write
 (tests/adapters/test_http_native.py compares it with the httptools protocol).
+
+The Lua tap's `POST /_nexus/release` (`x-nexus-release: 1`, the request id as the body), which Envoy sends
+for a request holding a concurrency slot, is answered by `_release` next to the check: AuthzProtocol's
+`_route` / `_release` and Engine.release (ReservationBook.release, the proxy's release count,
+Decider.apply on the local memory store) inline; what it does not take (the admin listener, another
+store, ...) goes to the reference path before any state is changed (tests/adapters/test_http_release.py).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_FromDouble
-from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_FromDouble
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_FromDouble, PyLong_FromLongLong, PyLong_FromVoidPtr
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_XDECREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
@@ -86,6 +92,16 @@ cdef object _log = None
 cdef object _failure_store = None
 cdef object _reference_feed = None
 cdef object _busy = None
+# set by _slots (install_framing): the Lua tap's release (http_authz.RELEASE_PATH, its 204 answer
+# http_authz._RELEASED), the classes `_release` takes, shapes.shape_of and its cache
+cdef bytes _RELEASE_URL = None
+cdef bytes _RELEASED_ANSWER = None
+cdef object _Engine = None
+cdef object _Decider = None
+cdef object _LocalCounters = None
+cdef object _MemoryStore = None
+cdef object _shape_of = None
+cdef dict _SHAPES = None
 
 
 # -- attributes read straight from their slots ---------------------------------------------------------------
@@ -165,8 +181,9 @@ cdef Slot S_BOOK_ENTRIES, S_BOOK_TTL, S_BOOK_MAX, S_KNOWN_SEEN, S_HIST_BOUNDS, S
 cdef Slot S_STATUS_REMAINING, S_STATUS_LIMIT
 cdef Slot S_FACTS_PROBLEM, S_FACTS_MODEL, S_FACTS_PROMPT, S_FACTS_N, S_FACTS_MAX_TOKENS
 cdef Slot S_PRICE_INPUT, S_PRICE_CACHED, S_PRICE_OUTPUT
+cdef Slot S_ENGINE_BOOK, S_ENGINE_CLOCK, S_DEC_RELEASES, S_DEC_FREED, S_STORE_ADJUST, S_STORE_STORE
 cdef PyTypeObject* _SHAPE = NULL
-cdef Py_ssize_t I_SETTLE_MASK = 0, I_SLOT_MASK = 0, I_SLOT_INDICES = 0, I_HEADERS = 0
+cdef Py_ssize_t I_SETTLE_MASK = 0, I_SLOT_MASK = 0, I_SLOT_INDICES = 0, I_HEADERS = 0, I_SPECS = 0
 
 
 cdef int _slots(type protocol) except -1:
@@ -187,8 +204,11 @@ cdef int _slots(type protocol) except -1:
     global S_STATUS_REMAINING, S_STATUS_LIMIT
     global S_FACTS_PROBLEM, S_FACTS_MODEL, S_FACTS_PROMPT, S_FACTS_N, S_FACTS_MAX_TOKENS
     global S_PRICE_INPUT, S_PRICE_CACHED, S_PRICE_OUTPUT
-    global _SHAPE, I_SETTLE_MASK, I_SLOT_MASK, I_SLOT_INDICES, I_HEADERS
-    from nexus_authz.adapters.http_authz import HttpApp
+    global S_ENGINE_BOOK, S_ENGINE_CLOCK, S_DEC_RELEASES, S_DEC_FREED, S_STORE_ADJUST, S_STORE_STORE
+    global _SHAPE, I_SETTLE_MASK, I_SLOT_MASK, I_SLOT_INDICES, I_HEADERS, I_SPECS
+    global _RELEASE_URL, _RELEASED_ANSWER, _Engine, _Decider, _LocalCounters, _MemoryStore, _shape_of, _SHAPES
+    from nexus_authz.adapters.http_authz import _RELEASED, RELEASE_PATH, HttpApp
+    from nexus_authz.core import shapes
     from nexus_authz.core.body import RequestFacts
     from nexus_authz.core.config import Price
     from nexus_authz.core.keys import KeySnapshot
@@ -200,9 +220,10 @@ cdef int _slots(type protocol) except -1:
     from nexus_authz.engine import Engine
     from nexus_authz.latency import LatencyHistogram
     from nexus_authz.stores.base import LocalCounters
+    from nexus_authz.stores.memory import MemoryCounterStore
 
     _pinned.extend((protocol, HttpApp, KeySnapshot, AcquireResult, WindowStatus, KeyRecord, Policy, Shape))
-    _pinned.extend((Decider, Engine, LatencyHistogram, LocalCounters, RequestFacts, Price))
+    _pinned.extend((Decider, Engine, LatencyHistogram, LocalCounters, RequestFacts, Price, MemoryCounterStore))
     S_PROTO_APP = _resolve(protocol, "_app")
     S_PROTO_PARSER = _resolve(protocol, "_parser")
     S_PROTO_URL = _resolve(protocol, "_url")
@@ -280,7 +301,19 @@ cdef int _slots(type protocol) except -1:
     I_SLOT_MASK = fields.index("slot_mask")
     I_SLOT_INDICES = fields.index("slot_indices")
     I_HEADERS = fields.index("headers")
+    I_SPECS = fields.index("specs")
     _SHAPE = <PyTypeObject*>Shape
+    S_ENGINE_BOOK = _resolve(Engine, "book")
+    S_ENGINE_CLOCK = _resolve(Engine, "_clock")
+    S_DEC_RELEASES = _resolve(Decider, "slot_releases")
+    S_DEC_FREED = _resolve(Decider, "_slot_freed")
+    S_STORE_ADJUST = _resolve(LocalCounters, "adjust_soon")
+    S_STORE_STORE = _resolve(LocalCounters, "store")
+    _Engine, _Decider, _LocalCounters, _MemoryStore = Engine, Decider, LocalCounters, MemoryCounterStore
+    _shape_of = shapes.shape_of
+    _SHAPES = shapes._SHAPES
+    _RELEASE_URL = RELEASE_PATH.encode("latin-1")
+    _RELEASED_ANSWER = _RELEASED
     return 0
 
 
@@ -597,14 +630,24 @@ def data_received(self, data):
     """AuthzProtocol.data_received with CompiledAuthzProtocol._feed inline: each read timed into the loop's
     busy histogram (its own CPU time too, into `_busy_cpu`, when measured); the compiled parser first, the
     httptools parser for a request it does not take (replayed read by read), the compiled parser again
-    between requests."""
+    between requests. The answers the compiled lane writes to the requests of one read (a check and its
+    release, pipelined) are held and leave in one write at its end, or before anything else writes
+    (`_emit`, `_flush`): one send per read, in request order."""
+    global _holder
     cdef double started = _mono()
     cdef object cpu = _busy_cpu
     cdef double cpu_started = _thread_cpu() if cpu is not None else 0.0
     if not _at(self, &S_PROTO_CLOSING, "_closing"):
         fast = _at(self, &S_PROTO_FAST, "_fast")
         if _at(self, &S_PROTO_PARSER, "_parser") is fast:
-            if fast.feed(data):  # not in the subset: the httptools path takes this request
+            outer = _holder  # (None: data_received is not re-entered)
+            _holder = self  # the lane's answers to this read leave in one write (`_emit`)
+            try:
+                taken = fast.feed(data)
+            finally:
+                _flush()
+                _holder = outer
+            if taken:  # not in the subset: the httptools path takes this request
                 self._parser = self._slow
                 for chunk in fast.take_replay():
                     _reference_feed(self, chunk)
@@ -932,6 +975,7 @@ def on_message_complete(self):
                     data = app.response(out, nginx=False, close=False)
                 else:  # the counter store is awaited: the answer leaves from the outbox
                     self._in_message = False
+                    _flush()
                     self._queue(self._answer_later(out, nginx=False, close=False), True)
                     return
             except Exception:  # a bug: answer 500 for this request, keep serving the others
@@ -939,14 +983,166 @@ def on_message_complete(self):
                 engine.count(_UNAVAILABLE)
                 self._in_message = False
                 self._closing = True
+                _flush()
                 self._transport.write(_internal_error)
                 self._hang_up(self._transport)
                 return
             if data is not None:  # else not the common request: nothing was charged or counted
                 _set(self, &S_PROTO_IN_MESSAGE, "_in_message", False)
-                _at(self, &S_PROTO_TRANSPORT, "_transport").write(data)
+                _emit(self, data)
                 loop = _at(app, &S_APP_LOOP, "loop")
                 if loop is not None:
                     _set(self, &S_PROTO_LAST_ACTIVE, "last_active", loop.time())
                 return
+    elif _RELEASED_ANSWER is not None and type(url) is bytes and url == _RELEASE_URL and _release(self, app, parser):
+        return
+    _flush()
     _reference(self)
+
+
+# -- the Lua tap's release of a concurrency slot (POST /_nexus/release) ----------------------------------------
+cdef bint _release(object self, object app, object parser) except -1:
+    """AuthzProtocol.on_message_complete of the Lua tap's release (`_route`, `_release`, Engine.release): 1
+    answered (204, the slot freed when the request held one), 0 not taken: nothing was changed and the
+    reference path answers (a closing, draining or not kept-alive connection, answers still queued, the
+    admin listener, not a POST, no `x-nexus-release: 1`, or what `_release_slot` does not take)."""
+    if not (
+        self.fast_path
+        and not _at(self, &S_PROTO_CLOSING, "_closing")
+        and not _at(self, &S_PROTO_OUTBOX, "_outbox")
+        and _at(self, &S_PROTO_TRANSPORT, "_transport") is not None
+        and parser.get_method() == b"POST"
+        and parser.should_keep_alive()
+        and not _at(app, &S_APP_DRAINING, "draining")
+        and not _at(app, &S_APP_ADMIN, "admin")
+    ):
+        return 0
+    headers = _at(self, &S_PROTO_HEADERS, "_headers")
+    if type(headers) is not dict or (<dict>headers).get("x-nexus-release") != "1":
+        return 0
+    engine = _at(app, &S_APP_ENGINE, "engine")
+    try:
+        chunks = _at(self, &S_PROTO_BODY, "_body")
+        if not chunks:
+            body = b""
+        elif type(chunks) is list and len(<list>chunks) == 1 and type((<list>chunks)[0]) is bytes:
+            body = (<list>chunks)[0]
+        else:
+            body = b"".join(chunks)
+        if not _release_slot(engine, PyUnicode_DecodeLatin1(PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), NULL)):
+            return 0
+    except Exception:  # a bug: answer 500 for this request, keep serving the others (as the check)
+        _log.exception("internal error in the HTTP check")
+        engine.count(_UNAVAILABLE)
+        self._in_message = False
+        self._closing = True
+        _flush()
+        self._transport.write(_internal_error)
+        self._hang_up(self._transport)
+        return 1
+    _set(self, &S_PROTO_IN_MESSAGE, "_in_message", False)
+    _emit(self, _RELEASED_ANSWER)
+    loop = _at(app, &S_APP_LOOP, "loop")
+    if loop is not None:
+        _set(self, &S_PROTO_LAST_ACTIVE, "last_active", loop.time())
+    return 1
+
+
+cdef bint _release_slot(object engine, str request_id) except -1:
+    """Engine.release(request_id) with ReservationBook.release and Decider.apply (settle_with, one
+    settlement, no Settlement object) inline, in the same order, on the local memory store; 0, before any
+    state is changed, for what it does not take: an engine, decider, book or store of another class (a
+    Redis store), an entry that is not the book's 7-tuple, more than 62 windows."""
+    cdef long long uncharged, held
+    cdef int overflow = 0
+    cdef Py_ssize_t i, n
+    if type(engine) is not _Engine:
+        return 0
+    book = _at(engine, &S_ENGINE_BOOK, "book")
+    decider = _at(engine, &S_ENGINE_DECIDER, "decider")
+    if type(book) is not ReservationBook or type(decider) is not _Decider:
+        return 0
+    store = _at(decider, &S_DEC_STORE, "store")
+    if type(store) is not _LocalCounters or type(_at(store, &S_STORE_STORE, "store")) is not _MemoryStore:
+        return 0
+    entries = _at(book, &S_BOOK_ENTRIES, "_entries")
+    if type(entries) is not OrderedDict:
+        return 0
+    # -- ReservationBook.release ------------------------------------------------------------------------
+    entry = (<dict>entries).get(request_id)
+    if entry is None:  # unknown, settled or expired: nothing to free
+        return 1
+    if type(entry) is not tuple or PyTuple_GET_SIZE(entry) != 7:
+        return 0
+    counter_ids, specs, costs, uncharged_o, charged_at, expires_at, context = <tuple>entry
+    if (
+        type(specs) is not tuple
+        or PyTuple_GET_SIZE(specs) > _MAX_WINDOWS
+        or type(costs) is not tuple
+        or PyTuple_GET_SIZE(costs) != PyTuple_GET_SIZE(specs)
+        or not PyLong_CheckExact(uncharged_o)
+    ):
+        return 0
+    uncharged = PyLong_AsLongLongAndOverflow(uncharged_o, &overflow)
+    if overflow:
+        return 0
+    shape = (<dict>_SHAPES).get(PyLong_FromVoidPtr(<void*>specs))  # shapes.shape_of: its cache first
+    if shape is None or Py_TYPE(shape) != _SHAPE or <object>PyTuple_GET_ITEM(shape, I_SPECS) is not specs:
+        shape = _shape_of(specs)
+    held = <long long>_item(shape, _SHAPE, I_SLOT_MASK, "slot_mask") & ~uncharged
+    if not held:  # no slot, or released already
+        return 1
+    n = PyTuple_GET_SIZE(specs)
+    deltas = PyTuple_New(n)
+    for i in range(n):
+        item = -(<object>PyTuple_GET_ITEM(costs, i)) if (held >> i) & 1 else 0
+        Py_INCREF(item)
+        PyTuple_SET_ITEM(deltas, i, item)
+    # -- from here on, state changes (Engine.release's order) -------------------------------------------
+    entries[request_id] = (  # settle and expiry must not release them again
+        counter_ids, specs, costs, PyLong_FromLongLong(uncharged | held), charged_at, expires_at, context
+    )
+    _at(decider, &S_DEC_RELEASES, "slot_releases")["proxy"] += 1
+    now = _at(engine, &S_ENGINE_CLOCK, "_clock")()
+    # -- Decider.apply --------------------------------------------------------------------------------------
+    _at(store, &S_STORE_ADJUST, "adjust_soon")(counter_ids, specs, deltas, now, charged_at)
+    if _at(decider, &S_DEC_FREED, "_slot_freed") is not None:  # a request waits for a slot
+        decider.slot_freed()
+    return 1
+
+
+# -- the lane's answers to one read in one write -------------------------------------------------------------
+# wrk and Envoy's Lua tap pipeline a check and its release: two transport writes, two send(2) calls, which
+# on a loopback socket cost more than the decision (the receiver's wake-up is in the sender's system
+# call). While data_received feeds the compiled parser, the answers on_message_complete's lane writes
+# (`_emit`) are held and written once at the end of the read; anything else that writes (the reference
+# path, a queued answer, a 500) writes them first (`_flush`), so the bytes and their order are the same.
+cdef object _holder = None  # the protocol whose lane answers are held (in its data_received), or None
+cdef object _held = None  # None, the one answer held, or a list of them
+
+
+cdef int _emit(object self, bytes data) except -1:
+    """The lane's answer `data`, written or held (see above)."""
+    global _held
+    if self is not _holder:
+        _at(self, &S_PROTO_TRANSPORT, "_transport").write(data)
+    elif _held is None:
+        _held = data
+    elif type(_held) is list:
+        (<list>_held).append(data)
+    else:
+        _held = [_held, data]
+    return 0
+
+
+cdef int _flush() except -1:
+    """Write the answers held (one write), before anything else writes."""
+    global _held
+    held = _held
+    if held is None:
+        return 0
+    _held = None
+    transport = _at(_holder, &S_PROTO_TRANSPORT, "_transport")
+    if transport is not None:  # (each was written with a transport there; nothing removes it meanwhile)
+        transport.write(held if type(held) is bytes else b"".join(<list>held))
+    return 0

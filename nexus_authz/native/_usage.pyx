@@ -24,8 +24,12 @@ the pure path's rules, never a second source of truth.
   common record (its counts plain integers, no escaped key): the members core/usage_records.record_usage
   reads, in its order of precedence, for its formulas (`usage_from_counts`); None (the core's reader
   decodes the object) for anything else.
+- `account_run(items, ...)`: adapters/envoy_als.py `_account_batch`'s loop over `log_entries`' entries,
+  the common entry (the record `usage_span` / `sse_usage_span` and `usage_counts` read, as
+  adapters/als_fast.py takes it) accounted through native/_account.pyx `account_counts` with no Python
+  frame; every other entry handed back to the service's per-entry code before anything changed.
 
-All are bounded (linear in their input, no allocation but the results) and never raise on any input.
+The scans are bounded (linear in their input, no allocation but the results) and never raise on any input.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -639,31 +643,38 @@ def usage_span(bytes body not None):
     """(start, end) of the top-level `"usage"` object of the JSON document `body` (the last one, as
     json.loads keeps it), when `body` is one valid JSON object with leading whitespace at most, no
     top-level key holding an escape, no top-level `"error"` object and no `"type": "error"`; else None."""
-    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(body)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(body), i, key_start, key_end, v
+    cdef Span span
+    if not _usage_span(<const unsigned char*>PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), &span):
+        return None
+    return (span.start, span.end)
+
+
+cdef bint _usage_span(const unsigned char* s, Py_ssize_t n, Span* out):
+    """usage_span of s[:n] (out: the span); False for None."""
+    cdef Py_ssize_t i, key_start, key_end, v
     cdef Py_ssize_t usage_start = -1, usage_end = -1
     cdef bint escaped = False, error_object = False, type_error = False
     i = _ws(s, 0, n)
     if i >= n or s[i] != 123:
-        return None
+        return False
     i = _ws(s, i + 1, n)
     if i < n and s[i] == 125:
-        return None  # {}: nothing to find
+        return False  # {}: nothing to find
     while True:
         if i >= n or s[i] != 34:
-            return None
+            return False
         key_start = i + 1
         i = _string(s, i, n, &escaped)
         if i < 0 or escaped:
-            return None
+            return False
         key_end = i - 1
         i = _ws(s, i, n)
         if i >= n or s[i] != 58:
-            return None
+            return False
         v = _ws(s, i + 1, n)
         i = _value(s, v, n, 1)
         if i < 0:
-            return None
+            return False
         if key_end - key_start == 5 and memcmp(s + key_start, b"usage", 5) == 0:
             if s[v] == 123:
                 usage_start, usage_end = v, i
@@ -678,19 +689,21 @@ def usage_span(bytes body not None):
             )
         i = _ws(s, i, n)
         if i >= n:
-            return None
+            return False
         if s[i] == 44:
             i = _ws(s, i + 1, n)
         elif s[i] == 125:
             i += 1
             break
         else:
-            return None
+            return False
     if _ws(s, i, n) != n:
-        return None  # extra data after the document
+        return False  # extra data after the document
     if usage_start < 0 or error_object or type_error:
-        return None
-    return (usage_start, usage_end)
+        return False
+    out.start = usage_start
+    out.end = usage_end
+    return True
 
 
 # -- a usage object's counts ---------------------------------------------------------------------------
@@ -784,15 +797,29 @@ def usage_counts(bytes body not None, Py_ssize_t start, Py_ssize_t end):
     reasoning) for a chat/completions/embeddings or Responses record, ("anthropic", input, cache_read,
     cache_creation, output) for Anthropic's, in usage_records.record_usage's order of precedence; None
     when the pure reader must read it (no record, an escaped key, a count that is not a plain integer)."""
-    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(body)
+    cdef long long c[5]
+    cdef int k
+    if start < 0 or end > PyBytes_GET_SIZE(body) or start >= end:
+        return None
+    k = _counts(<const unsigned char*>PyBytes_AS_STRING(body), start, end, c)
+    if k == 1:
+        return ("openai", c[0], c[1], c[2], c[3], c[4])
+    if k == 2:
+        return ("anthropic", c[0], c[1], c[2], c[3])
+    return None
+
+
+cdef int _counts(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, long long* out):
+    """usage_counts of s[start:end] (0 < start < end within s): 1 "openai" (out: prompt, completion,
+    cached, cache_write, reasoning), 2 "anthropic" (out: input, cache_read, cache_creation, output), 0 None."""
     cdef Py_ssize_t i, key_start, key_end, v
     cdef bint escaped = False
     cdef bint seen[11]
     cdef long long value[11]
     cdef long long details[4][3]
     cdef int k, d
-    if start < 0 or end > PyBytes_GET_SIZE(body) or start >= end or s[start] != 123:
-        return None
+    if s[start] != 123:
+        return 0
     for k in range(N_FIELDS):
         seen[k] = False
         value[k] = 0
@@ -802,19 +829,19 @@ def usage_counts(bytes body not None, Py_ssize_t start, Py_ssize_t end):
     if i < end and s[i] != 125:
         while True:
             if i >= end or s[i] != 34:
-                return None
+                return 0
             key_start = i + 1
             i = _string(s, i, end, &escaped)
             if i < 0 or escaped:
-                return None
+                return 0
             key_end = i - 1
             i = _ws(s, i, end)
             if i >= end or s[i] != 58:  # ':'
-                return None
+                return 0
             v = _ws(s, i + 1, end)
             i = _value(s, v, end, 1)
             if i < 0:
-                return None
+                return 0
             k = _name(s, key_start, key_end, FIELD_NAMES, N_FIELDS)
             if k >= 0:
                 seen[k] = True
@@ -822,28 +849,32 @@ def usage_counts(bytes body not None, Py_ssize_t start, Py_ssize_t end):
                     d = k - F_PROMPT_DETAILS
                     if s[v] == 123:
                         if _details(s, v, i, details[d]) < 0:
-                            return None
+                            return 0
                     else:
                         details[d][0] = details[d][1] = details[d][2] = 0
                 elif k != F_TOTAL:  # total_tokens: only its presence counts
                     value[k] = _plain_count(s, v, i)
                     if value[k] < 0:
-                        return None
+                        return 0
             i = _ws(s, i, end)
             if i >= end or s[i] != 44:
                 break
             i = _ws(s, i + 1, end)
         if i >= end or s[i] != 125:
-            return None  # not one object (the callers pass a validated one)
+            return 0  # not one object (the callers pass a validated one)
     if seen[F_PROMPT] or seen[F_COMPLETION]:  # chat / completions / embeddings
-        return ("openai", value[F_PROMPT], value[F_COMPLETION], details[0][D_CACHED],
-                details[0][D_CACHE_WRITE], details[1][D_REASONING])
+        out[0], out[1], out[2] = value[F_PROMPT], value[F_COMPLETION], details[0][D_CACHED]
+        out[3], out[4] = details[0][D_CACHE_WRITE], details[1][D_REASONING]
+        return 1
     if seen[F_INPUT_DETAILS] or seen[F_OUTPUT_DETAILS] or seen[F_TOTAL]:  # Responses
-        return ("openai", value[F_INPUT], value[F_OUTPUT], details[2][D_CACHED],
-                details[2][D_CACHE_WRITE], details[3][D_REASONING])
+        out[0], out[1], out[2] = value[F_INPUT], value[F_OUTPUT], details[2][D_CACHED]
+        out[3], out[4] = details[2][D_CACHE_WRITE], details[3][D_REASONING]
+        return 1
     if seen[F_INPUT] or seen[F_CACHE_READ] or seen[F_CACHE_CREATION] or seen[F_OUTPUT]:  # Anthropic
-        return ("anthropic", value[F_INPUT], value[F_CACHE_READ], value[F_CACHE_CREATION], value[F_OUTPUT])
-    return None
+        out[0], out[1], out[2], out[3] = (
+            value[F_INPUT], value[F_CACHE_READ], value[F_CACHE_CREATION], value[F_OUTPUT])
+        return 2
+    return 0
 
 
 # -- an event stream's usage record --------------------------------------------------------------------
@@ -892,14 +923,21 @@ def sse_usage_span(bytes data not None):
     valid JSON object (as json's raw_decode reads it) followed by what closes exactly one object. None
     whenever the pure parser must decide (CR line ends, an event name or type nearby, several records,
     a multi-line event, anything unusual)."""
-    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(data)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(data), key, brace = -1, other, start, stop, head, i, end
+    cdef Span span
+    if not _sse_span(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &span):
+        return None
+    return (span.start, span.end)
+
+
+cdef bint _sse_span(const unsigned char* s, Py_ssize_t n, Span* out):
+    """sse_usage_span of s[:n] (out: the span); False for None."""
+    cdef Py_ssize_t key, brace = -1, other, start, stop, head, i, end
     cdef bint escaped = False
     if n == 0 or n > MAX_SSE_SNIPPET or _find(s, 0, n, b"\r", 1) >= 0:
-        return None
+        return False
     key = _usage_key(s, 0, n, &brace)
     if key < 0 or _usage_key(s, brace, n, &other) >= 0:
-        return None  # no record, or several candidates: the pure parser picks
+        return False  # no record, or several candidates: the pure parser picks
     # the event: after the last blank line before the brace (bytes.rfind), up to the next one after the key
     start = 0
     i = brace - 2
@@ -912,31 +950,182 @@ def sse_usage_span(bytes data not None):
     if stop < 0:
         stop = n
     if stop < brace or _find(s, start, stop, b"\n", 1) >= 0:
-        return None  # a blank line inside the match, or an event of several lines
+        return False  # a blank line inside the match, or an event of several lines
     head = start + HEAD_BYTES if start + HEAD_BYTES < n else n
     if _find(s, start, head, b"event:", 6) >= 0 or _find(s, start, head, b'"type"', 6) >= 0:
-        return None  # an event name or type the pure parser reads
+        return False  # an event name or type the pure parser reads
     if stop - brace > USAGE_SPAN:
-        return None
+        return False
     end = _value(s, brace, stop, 1)
     if end < 0:
-        return None
+        return False
     # what follows the record up to the event's end closes exactly one object ('{"_":0' + rest is JSON)
     i = _ws(s, end, stop)
     while i < stop and s[i] == 44:  # ',' "key" : value
         i = _ws(s, i + 1, stop)
         if i >= stop or s[i] != 34:
-            return None
+            return False
         i = _string(s, i, stop, &escaped)
         if i < 0:
-            return None
+            return False
         i = _ws(s, i, stop)
         if i >= stop or s[i] != 58:
-            return None
+            return False
         i = _value(s, _ws(s, i + 1, stop), stop, 1)
         if i < 0:
-            return None
+            return False
         i = _ws(s, i, stop)
     if i >= stop or s[i] != 125 or _ws(s, i + 1, stop) != stop:
-        return None
-    return (brace, end)
+        return False
+    out.start = brace
+    out.end = end
+    return True
+
+
+# -- the common entry, accounted -----------------------------------------------------------------------
+
+cdef enum:
+    MODEL_SCAN_BYTES = 8 << 10  # core/usage_records._MODEL_SCAN_BYTES
+    MODEL_MAX = 200  # core/usage_records._MODEL_FIELD: 1 to 200 bytes between the quotes
+
+
+cdef inline Py_ssize_t _ws4(const unsigned char* s, Py_ssize_t i, Py_ssize_t n):
+    while i < n and (s[i] == 32 or s[i] == 9 or s[i] == 13 or s[i] == 10):
+        i += 1
+    return i
+
+
+cdef object _model(const unsigned char* s, Py_ssize_t n):
+    """core/usage_records.document_model: the first match of _MODEL_FIELD
+    (`"model"[ \\t\\r\\n]*:[ \\t\\r\\n]*"([^"\\\\]{1,200})"`) within the first MODEL_SCAN_BYTES, its value decoded
+    as UTF-8 with replacement; None without one."""
+    cdef Py_ssize_t lim = n if n < MODEL_SCAN_BYTES else MODEL_SCAN_BYTES, p = 0, j, k
+    while True:
+        p = _find(s, p, lim, b'"model"', 7)
+        if p < 0:
+            return None
+        j = _ws4(s, p + 7, lim)
+        if j < lim and s[j] == 58:  # ':'
+            j = _ws4(s, j + 1, lim)
+            if j < lim and s[j] == 34:  # '"'
+                j += 1
+                k = j
+                while k < lim and s[k] != 34 and s[k] != 92 and k - j <= MODEL_MAX:
+                    k += 1
+                if k < lim and s[k] == 34 and 1 <= k - j <= MODEL_MAX:
+                    return PyUnicode_DecodeUTF8(<const char*>(s + j), k - j, "replace")
+        p += 1
+
+
+def document_model(bytes body not None):
+    """_model of a whole body (tests: the same answer as core/usage_records.document_model)."""
+    return _model(<const unsigned char*>PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
+
+
+cdef object _settle = None  # native/_account.pyx account_counts, bound at the first call
+cdef Py_ssize_t _max_body = 0  # core/usage.MAX_BODY_BYTES
+cdef str _BODY = "body"
+cdef str _SSE = "sse"
+cdef str _EVENT_STREAM = "event-stream"
+cdef tuple _IDENTITY = ("", "identity")
+# entries account_run took (tests: the common entries never reached the per-entry Python code)
+taken = [0]
+
+
+cdef void _bind():
+    global _settle, _max_body
+    from nexus_authz.core.usage import MAX_BODY_BYTES
+    from nexus_authz.native._account import account_counts
+
+    _max_body = MAX_BODY_BYTES
+    _settle = account_counts
+
+
+cdef int _common(tuple item, object service) except -1:
+    """adapters/envoy_als.py `_account_snippet` of a scanned entry (log_entries' tuple) when it is the
+    common entry: a whole JSON body's or an OpenAI stream chunk's provider record, read here as
+    adapters/als_fast.py `body_usage` / `sse_usage` read it (the Usage of usage_records.usage_from_counts,
+    the model of document_model), settled by native/_account.pyx `account_counts`. 1 taken; 0 not (nothing
+    changed: the caller runs `_account_scanned`)."""
+    cdef object kind = item[3], data = item[4], content_type, content_encoding, taken_now
+    cdef const unsigned char* s
+    cdef Py_ssize_t n
+    cdef Span span
+    cdef long long c[5]
+    cdef long long prompt, cached, completion, reasoning
+    cdef int shape
+    if kind is None or data.__class__ is not bytes:
+        return 0
+    s = <const unsigned char*>PyBytes_AS_STRING(data)
+    n = PyBytes_GET_SIZE(data)
+    if kind == _BODY:  # als_fast.body_usage
+        content_type = item[1]
+        content_encoding = item[2]
+        if (
+            item[5]
+            or n > _max_body
+            or (content_encoding and content_encoding.strip().lower() not in _IDENTITY)
+            or (content_type and _EVENT_STREAM in content_type.lower())
+        ):
+            return 0
+        if not _usage_span(s, n, &span):
+            return 0
+        shape = _counts(s, span.start, span.end, c)
+        if shape == 0:
+            return 0  # document_usage decodes the record
+    elif kind == _SSE:  # als_fast.sse_usage
+        if not _sse_span(s, n, &span):
+            return 0
+        shape = _counts(s, span.start, span.end, c)
+        if shape != 1:
+            return 0
+    else:
+        return 0
+    if shape == 1:  # usage_records._openai_counts
+        prompt, completion = c[0], c[1]
+        cached = c[2] if c[2] < prompt else prompt
+        reasoning = c[4] if c[4] < completion else completion
+    else:  # usage_records._anthropic_counts
+        prompt = c[0] + c[1] + c[2]
+        cached, completion, reasoning = c[1], c[3], 0
+    engine = service.engine
+    try:
+        taken_now = _settle(engine, item[0], prompt, cached, completion, reasoning, _model(s, n))
+    except BaseException:
+        service.entries += 1  # _account_snippet counts the entry before its accounting raises
+        raise
+    if not taken_now:
+        return 0
+    service.entries += 1
+    taken[0] += 1
+    return 1
+
+
+def account_run(list items, Py_ssize_t i, bytes raw, object service, object fallback, object failed,
+                object clock, double started, double slice):
+    """adapters/envoy_als.py `_account_batch`'s loop over log_entries' `items` from index i, in C: each
+    entry `_common` takes is accounted here, any other one goes to `fallback(item, raw)` (the service's
+    `_account_scanned`), an entry that raises to `failed(item)` (which logs it). Returns (next index,
+    awaitable, sliced) after the entry whose fallback returned an awaitable (the caller awaits it), after
+    the first entry that brings `clock() - started` to `slice` or more (sliced: the caller yields), or at
+    the end."""
+    cdef Py_ssize_t n = len(items)
+    cdef object item, pending
+    if _settle is None:
+        _bind()
+    while i < n:
+        item = items[i]
+        i += 1
+        pending = None
+        try:
+            if item is None:  # not admitted by nexus-authz
+                service.ignored += 1
+            elif not _common(<tuple?>item, service):
+                pending = fallback(item, raw)
+                if pending is not None:
+                    return (i, pending, False)
+        except Exception:
+            failed(item)
+        if clock() - started >= slice:
+            return (i, None, True)
+    return (i, None, False)

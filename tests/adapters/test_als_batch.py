@@ -22,14 +22,20 @@ import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 from google.protobuf import struct_pb2
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nexus_authz import native
-from nexus_authz.adapters import als_fast
+from nexus_authz.adapters import als_fast, envoy_als
 from nexus_authz.adapters.envoy_als import METADATA_NAMESPACE, AccessLogService
 from nexus_authz.core.model import Request
+from nexus_authz.core.usage import MAX_BODY_BYTES
+from nexus_authz.core.usage_records import document_model
 from nexus_authz.engine import Engine
 from nexus_authz.settings import load_settings
+from nexus_authz.stores.memory import MemoryCounterStore
 from tests.adapters.test_als import FIXTURES, body_meta, entry_with, message
+from tests.fuzz._support import fuzz_settings
 from tests.helpers import KeySpec, write_config
 from tests.helpers import protobuf_len_field as _len_field
 
@@ -48,6 +54,10 @@ METERED = KeySpec(
     },
 )
 OPEN = KeySpec("open")  # no limits: the Check estimates no prompt, accounting does (core.prompt_later)
+# more windows than the compiled accounting's bit mask holds (native/_account.pyx: Engine.account takes it)
+WIDE = KeySpec(
+    "wide", extra={"limits": [{"tokens": 10_000_000 + i, "per": "day", "name": f"t{i}"} for i in range(63)]}
+)
 CHAT = (FIXTURES / "openai_chat.json").read_bytes()
 NO_USAGE = (FIXTURES / "openai_chat_stream_no_usage.sse").read_bytes()
 
@@ -64,14 +74,17 @@ def _engine(tmp_path: Path, ledger: str = "memory") -> tuple[Engine, _Clock]:
     tmp_path.mkdir()
     clock = _Clock()
     backend = "memory" if ledger == "memory" else f"sqlite, path: {tmp_path / 'usage.sqlite3'}"
-    path = write_config(tmp_path, METERED, OPEN, extra=CONFIG.replace("LEDGER", backend))
+    path = write_config(tmp_path, METERED, OPEN, WIDE, extra=CONFIG.replace("LEDGER", backend))
     return Engine.from_settings(load_settings(str(path)), clock=clock), clock
 
 
-def _check(engine: Engine, key: KeySpec, request_id: str, model: str = "gpt-4o-mini") -> dict[str, str]:
-    body = json.dumps(
-        {"model": model, "messages": [{"role": "user", "content": "hello " * 40}], "max_tokens": 300}
-    ).encode()
+def _check(
+    engine: Engine, key: KeySpec, request_id: str, model: str | None = "gpt-4o-mini"
+) -> dict[str, str]:
+    request: dict[str, Any] = {"messages": [{"role": "user", "content": "hello " * 40}], "max_tokens": 300}
+    if model is not None:  # none: the model the response names is the one accounted (document_model)
+        request["model"] = model
+    body = json.dumps(request).encode()
     decision = engine.check(
         Request(
             method="POST",
@@ -88,6 +101,125 @@ def _check(engine: Engine, key: KeySpec, request_id: str, model: str = "gpt-4o-m
 def _pieces(data: bytes, order: tuple[int, ...] = (1, 2, 3)) -> dict[str, Any]:
     size = len(data) // 3 + 1
     return {f"p{i}": base64.b64encode(data[(i - 1) * size : i * size]).decode() for i in order}
+
+
+def _sse(*events: dict[str, Any]) -> bytes:
+    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+
+def _chat(usage: dict[str, Any], model: str | None = "gpt-4o-2024-08-06", pad: int = 0) -> bytes:
+    document: dict[str, Any] = {"id": "c", "object": "chat.completion", "pad": "p" * pad}
+    if model is not None:
+        document["model"] = model
+    return json.dumps(document | {"choices": [], "usage": usage}, ensure_ascii=False).encode()
+
+
+CACHED = {
+    "prompt_tokens": 1200,
+    "completion_tokens": 30,
+    "prompt_tokens_details": {"cached_tokens": 1000},
+    "completion_tokens_details": {"reasoning_tokens": 50},  # more than the completion: clamped
+}
+# The entries the compiled loop (native/_usage.pyx account_run) accounts itself, and the ones it hands to
+# the per-entry Python code (each for one of its reasons), by name: their index in _responses() is
+# len(fixtures) + their place in EXTRA. The model the Check names: gpt-4o for "*-gpt-4o" (a cached-input
+# price), none for "*-no-model" (the response's model is accounted), else gpt-4o-mini.
+EXTRA: list[tuple[str, dict[str, Any] | None, str | None, str | None]] = [
+    ("taken-identity", body_meta(CHAT), "application/json", " Identity "),
+    ("taken-ctype-case", body_meta(CHAT), "Application/JSON; charset=utf-8", None),
+    ("taken-cached-json-gpt-4o", body_meta(_chat(CACHED)), "application/json", None),
+    (
+        "taken-cached-sse-gpt-4o",
+        body_meta(_sse({"choices": [], "model": "gpt-4o", "usage": CACHED}), "sse"),
+        None,
+        None,
+    ),
+    (
+        "taken-cached-over-prompt",
+        body_meta(_chat({"prompt_tokens": 5, "prompt_tokens_details": {"cached_tokens": 9}})),
+        None,
+        None,
+    ),
+    (
+        "taken-model-utf8-no-model",
+        body_meta(_chat({"prompt_tokens": 7, "completion_tokens": 3}, "gpt-4o-ü")),
+        None,
+        None,
+    ),
+    (
+        "taken-model-late-no-model",
+        body_meta(_chat({"prompt_tokens": 7, "completion_tokens": 3}, pad=9000)),
+        None,
+        None,
+    ),
+    (
+        "taken-model-absent-no-model",
+        body_meta(_chat({"prompt_tokens": 7, "completion_tokens": 3}, None)),
+        None,
+        None,
+    ),
+    (
+        "taken-responses-sse",
+        body_meta(
+            _sse(
+                {"model": "gpt-4o-mini", "usage": {"input_tokens": 9, "output_tokens": 4, "total_tokens": 13}}
+            ),
+            "sse",
+        ),
+        None,
+        None,
+    ),
+    (
+        "taken-anthropic-no-model",
+        body_meta(
+            _chat(
+                {
+                    "input_tokens": 3,
+                    "cache_read_input_tokens": 40,
+                    "cache_creation_input_tokens": 5,
+                    "output_tokens": 6,
+                },
+                "claude-x",
+            )
+        ),
+        None,
+        None,
+    ),
+    ("taken-zero-usage", body_meta(_chat({"prompt_tokens": 0, "completion_tokens": 0})), None, None),
+    ("back-skipped", {"u": {"k": "body", "b": base64.b64encode(CHAT).decode(), "x": 10}}, None, None),
+    ("back-event-stream-body", body_meta(CHAT), "text/event-stream", None),
+    ("back-encoded", body_meta(CHAT), "application/json", "br"),
+    ("back-no-usage-object", body_meta(_chat({"prompt_tokens": 1})[:-1] + b', "usage": null}'), None, None),
+    ("back-float-count", body_meta(_chat({"prompt_tokens": 19.0, "completion_tokens": 2})), None, None),
+    (
+        "back-anthropic-sse",
+        body_meta(_sse({"usage": {"input_tokens": 5, "output_tokens": 7}}), "sse"),
+        None,
+        None,
+    ),
+    ("back-named-sse", body_meta(b"event: x\n" + _sse({"usage": {"prompt_tokens": 5}}), "sse"), None, None),
+    ("back-tail", body_meta(CHAT, "tail"), None, None),
+    (
+        "back-invalid-utf8-model",
+        body_meta(_chat({"prompt_tokens": 7}, "gpt").replace(b"gpt", b"g\xffp")),
+        None,
+        None,
+    ),
+]
+TAKEN = ["metered-1", "open-1", "metered-4", "open-4", "metered-5", "open-5", "metered-8", "open-8"]
+TAKEN += ["metered-9", "open-9", "metered-11", "open-11", "metered-split"]
+
+
+def _index(name: str) -> int:
+    return len(list(FIXTURES.iterdir())) + 15 + [e[0] for e in EXTRA].index(name)
+
+
+def _model_for(request_id: str) -> str | None:
+    name = request_id.split("-", 1)[1]
+    if name.isdigit() and int(name) >= _index(EXTRA[0][0]):
+        extra = EXTRA[int(name) - _index(EXTRA[0][0])][0]
+        return "gpt-4o" if extra.endswith("gpt-4o") else None if extra.endswith("no-model") else "gpt-4o-mini"
+    return "gpt-4o" if request_id.endswith("3") else "gpt-4o-mini"
 
 
 def _responses() -> list[tuple[dict[str, Any] | None, str | None, str | None]]:
@@ -118,7 +250,8 @@ def _responses() -> list[tuple[dict[str, Any] | None, str | None, str | None]]:
         (body_meta(b"<html>bad gateway</html>"), "text/html", None),
         (body_meta(b""), "application/json", None),
     ]
-    return out
+    assert len(out) == _index(EXTRA[0][0])
+    return out + [(meta, ctype, encoding) for _, meta, ctype, encoding in EXTRA]
 
 
 def _batches() -> tuple[list[bytes], list[tuple[KeySpec, str]], set[str]]:
@@ -208,7 +341,7 @@ def _run(tmp_path: Path, *, compiled: bool, ledger: str = "memory") -> tuple[dic
     engine.maintain()
     for key, rid in admit:
         if rid not in expire:
-            _check(engine, key, rid, model="gpt-4o" if rid.endswith("3") else "gpt-4o-mini")
+            _check(engine, key, rid, model=_model_for(rid))
     clock.now += 30
     service = _Counting(engine)
     if compiled:  # the handler's input: the serialized messages, read by the compiled scan
@@ -249,15 +382,43 @@ def test_the_compiled_message_scan_accounts_as_the_reference_path(
         python_account(self, request_id, *args, **kwargs)
 
     monkeypatch.setattr(Engine, "account", counting)
-    taken = native.account.taken[0]
+    handed: list[str] = []  # the request ids of the entries the compiled loop handed to Python
+    per_entry = AccessLogService._account_scanned
+
+    def scanned(self: AccessLogService, item: Any, raw: bytes) -> Any:
+        handed.append(item[0] if item is not None else "unadmitted")  # None: protobuf reads it
+        return per_entry(self, item, raw)
+
+    monkeypatch.setattr(AccessLogService, "_account_scanned", scanned)
+    taken, looped = native.account.taken[0], native.usage.taken[0]
     fast, unusual = _run(tmp_path / "compiled", compiled=True, ledger=ledger)
     taken = native.account.taken[0] - taken  # entries the compiled accounting step took
+    looped = native.usage.taken[0] - looped  # of which the compiled loop over the message
     by_python = list(accounted)
     accounted.clear()
     monkeypatch.setattr(als_fast, "SCAN", None)
     monkeypatch.setattr(als_fast, "ACCOUNT", None)
     reference, all_entries = _run(tmp_path / "reference", compiled=False, ledger=ledger)
     assert fast == reference
+    # the common entries went from the scan to the settled reservation without the per-entry Python code
+    # (none of the loop's entries reached _account_scanned), every other one for each of its reasons did
+    common = TAKEN + [
+        f"{key}-{_index(name)}"
+        for name, *_ in EXTRA
+        if name.startswith("taken")
+        for key in ("metered", "open")
+    ]
+    # (only a duplicate of one, in the same batch or Envoy's resent batch, went that way: no reservation)
+    assert {rid: handed.count(rid) for rid in common} == {rid: accounted.count(rid) - 1 for rid in common}
+    assert looped == len(common) and taken > looped, (looped, taken, len(common))
+    back = [
+        f"{key}-{_index(name)}"
+        for name, *_ in EXTRA
+        if name.startswith("back")
+        for key in ("metered", "open")
+    ]
+    assert set(back) <= set(handed) and "unadmitted" not in handed  # those are counted in C
+    assert handed.count(None) == unusual  # the entries protobuf reads
     # not vacuous: the common entries (a live reservation, a provider record the scan read) were settled
     # by the compiled step, Engine.account ran only for the others (duplicates, unknown and expired ids,
     # the usage concluded by the core)
@@ -357,3 +518,226 @@ def test_a_stream_cancelled_from_outside_stays_cancelled(tmp_path: Path) -> None
         assert task.cancelled() and not service.open_streams
 
     asyncio.run(scenario())
+
+
+# -- the compiled loop over a message (native/_usage.pyx account_run) ------------------------------------
+
+
+def _pure(monkeypatch: pytest.MonkeyPatch, compiled: bool) -> None:
+    if not compiled:
+        monkeypatch.setattr(als_fast, "SCAN", None)
+        monkeypatch.setattr(als_fast, "ACCOUNT", None)
+    elif native.usage is None or native.account is None:
+        pytest.skip("the compiled scans are not loaded (NEXUS_AUTHZ_PURE, or not built)")
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_batch_yields_to_the_loop_after_each_slice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compiled: bool
+) -> None:
+    """With a slice shorter than any entry, every entry is a slice of its own (one LOOP_BUSY observation
+    each) and other tasks run between two entries, the compiled loop as the per-entry one."""
+    _pure(monkeypatch, compiled)
+    engine, _ = _engine(tmp_path / "e")
+    for rid in "abcde":
+        _check(engine, METERED, rid)
+    observed: list[float] = []
+    monkeypatch.setattr(envoy_als, "_BUSY", type("Busy", (), {"observe": staticmethod(observed.append)}))
+    monkeypatch.setattr(envoy_als, "_SLICE", 0.0)
+    seen: list[int] = []  # the book's size each time another task ran
+    looped = native.usage.taken[0] if native.usage is not None else 0
+
+    async def scenario() -> None:
+        async def other() -> None:
+            while True:
+                seen.append(len(engine.book))
+                await asyncio.sleep(0)
+
+        task = asyncio.ensure_future(other())
+        await asyncio.sleep(0)
+        await AccessLogService(engine).stream_access_logs(None, _Context([_chats(*"abcde")]))  # type: ignore[arg-type]
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert len(observed) == 6  # five slices of one entry, and the (empty) rest
+    assert [n for i, n in enumerate(seen) if i == 0 or n != seen[i - 1]] == [5, 4, 3, 2, 1, 0]
+    if compiled:
+        assert native.usage is not None and native.usage.taken[0] - looped == 5
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_an_entry_that_raises_is_logged_and_the_batch_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, compiled: bool
+) -> None:
+    """An exception from an entry the compiled loop accounts (the ledger's record) and from one it hands
+    to Python (the core's conclusion) is logged with that entry's request id, as the per-entry loop does."""
+    _pure(monkeypatch, compiled)
+    engine, _ = _engine(tmp_path / "e")
+    for rid in "abcd":
+        _check(engine, OPEN, rid)
+    assert engine.ledger is not None
+    record_usage = engine.ledger.record_usage
+
+    def failing(key_id: str, *args: Any) -> None:
+        if engine.book.settled == 2:  # b's
+            raise RuntimeError("disk full")
+        record_usage(key_id, *args)
+
+    monkeypatch.setattr(engine.ledger, "record_usage", failing)
+    account_response = Engine.account_response
+
+    def failing_response(self: Engine, request_id: str, *args: Any) -> Any:
+        if request_id == "c":
+            raise RuntimeError("no parser")
+        return account_response(self, request_id, *args)
+
+    monkeypatch.setattr(Engine, "account_response", failing_response)
+    batch = message(
+        *(entry_with(body_meta(CHAT), content_type="application/json", request_id=r) for r in "ab"),
+        entry_with(body_meta(NO_USAGE[:400], "sse"), content_type="text/event-stream", request_id="c"),
+        entry_with(body_meta(CHAT), content_type="application/json", request_id="d"),
+    ).SerializeToString()
+    service = AccessLogService(engine)
+    with caplog.at_level("ERROR", logger="nexus_authz.als"):
+        asyncio.run(service.stream_access_logs(None, _Context([batch])))  # type: ignore[arg-type]
+    failures = [(r.getMessage(), getattr(r, "request_id", None), r.exc_info) for r in caplog.records]
+    assert [(m, rid, str(exc[1])) for m, rid, exc in failures if exc] == [
+        ("accounting failed", "b", "disk full"),
+        ("accounting failed", "c", "no parser"),
+    ]
+    assert service.entries == 4 and engine.book.settled == 3 and len(engine.book) == 1  # c's stays
+    caplog.clear()
+
+
+def test_the_compiled_loop_hands_back_what_it_does_not_take_before_changing_anything(tmp_path: Path) -> None:
+    """account_run's own reasons that no message of the differential test reaches: a body over the core's
+    size limit, an item that is not a scanned entry, an unknown kind; each goes to the fallback (or the
+    failure log) with the reservation untouched."""
+    if native.usage is None or native.account is None:
+        pytest.skip("the compiled scans are not loaded (NEXUS_AUTHZ_PURE, or not built)")
+    engine, _ = _engine(tmp_path / "e")
+    _check(engine, METERED, "big")
+    service = AccessLogService(engine)
+    handed: list[Any] = []
+    failed: list[Any] = []
+    big = CHAT + b" " * (MAX_BODY_BYTES + 1 - len(CHAT))  # valid JSON: only the size sends it back
+    items: list[Any] = [
+        ("big", "application/json", None, "body", big, 0, 0, 0),
+        ("big", "application/json", None, "strange", CHAT, 0, 0, 0),
+        ["big", "application/json", None, "body", CHAT, 0, 0, 0],
+    ]
+    end, pending, sliced = native.usage.account_run(
+        items, 0, b"", service, lambda item, raw: handed.append(item), failed.append, lambda: 0.0, 0.0, 1.0
+    )
+    assert (end, pending, sliced) == (3, None, False)
+    assert handed == items[:2] and failed == items[2:]
+    assert "big" in engine.book._entries and service.entries == 0 and not engine.accounted["provider"]
+    # and the one taken: the same body within the limit
+    assert native.usage.account_run(
+        [("big", None, None, "body", CHAT, 0, 0, 0)],
+        0,
+        b"",
+        service,
+        handed.append,
+        failed.append,
+        lambda: 0.0,
+        0.0,
+        1.0,
+    ) == (1, None, False)
+    assert "big" not in engine.book._entries and service.entries == 1 and engine.accounted["provider"] == 1
+
+
+_MODEL_PARTS = st.sampled_from(
+    [
+        b'"model"',
+        b'"model" ',
+        b"\t:\r\n ",
+        b":",
+        b'"',
+        b"\\",
+        b"gpt-4o",
+        b"\xc3\xbc",
+        b"\xff",
+        b" ",
+        b"x" * 199,
+        b"{",
+    ]
+)
+
+
+@fuzz_settings(500)
+@given(
+    st.sampled_from([0, 3, (8 << 10) - 40, (8 << 10) - 12, (8 << 10) - 8, 8 << 10]),
+    st.lists(_MODEL_PARTS | st.binary(max_size=8), max_size=12),
+)
+def test_the_compiled_model_is_document_model(pad: int, parts: list[bytes]) -> None:
+    """The model the compiled loop accounts is core/usage_records.document_model's, for any bytes (the
+    8 KiB scan limit, whitespace, escapes, 200 bytes, invalid UTF-8, several candidates)."""
+    if native.usage is None:
+        pytest.skip("the compiled scans are not loaded (NEXUS_AUTHZ_PURE, or not built)")
+    body = b"p" * pad + b"".join(parts)
+    assert native.usage.document_model(body) == document_model(body)
+    body = b"p" * pad + b'"model": "' + b"".join(parts) + b'"'
+    assert native.usage.document_model(body) == document_model(body)
+
+
+class _OtherStore(MemoryCounterStore):
+    """A counter store of another class (as Redis is): the compiled accounting leaves it to Python."""
+
+    __slots__ = ()
+
+
+@pytest.mark.parametrize("variant", ["other-store", "many-windows"])
+def test_what_the_compiled_settlement_does_not_take_goes_the_python_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variant: str
+) -> None:
+    """An entry the compiled loop reads but whose settlement native/_account.pyx does not take (a store
+    of another class, more than 62 windows) is handed to _account_scanned, then Engine.account, with
+    nothing changed before: the same state as the pure path."""
+    if native.usage is None or native.account is None:
+        pytest.skip("the compiled scans are not loaded (NEXUS_AUTHZ_PURE, or not built)")
+    key = WIDE if variant == "many-windows" else METERED
+    sse = body_meta(_sse({"choices": [], "model": "gpt-4o", "usage": CACHED}), "sse")
+    batch = message(
+        entry_with(body_meta(CHAT), content_type="application/json", request_id="a"),
+        entry_with(sse, content_type="text/event-stream", request_id="b"),
+    ).SerializeToString()
+    handed: list[str] = []
+    per_entry = AccessLogService._account_scanned
+
+    def scanned(self: AccessLogService, item: Any, raw: bytes) -> Any:
+        handed.append(item[0])
+        return per_entry(self, item, raw)
+
+    def run(directory: Path) -> dict[str, Any]:
+        engine, _ = _engine(directory)
+        if variant == "other-store":
+            engine.counters.__class__ = _OtherStore
+        for rid in "ab":
+            _check(engine, key, rid)
+        service = AccessLogService(engine)
+        if als_fast.SCAN is not None:
+            asyncio.run(service.stream_access_logs(None, _Context([batch])))  # type: ignore[arg-type]
+        else:
+            parsed = als_pb2.StreamAccessLogsMessage.FromString(batch)
+            asyncio.run(service.stream_access_logs(None, _Context([parsed])))  # type: ignore[arg-type]
+        assert engine.ledger is not None
+        return {
+            "accounted": dict(engine.accounted),
+            "usage_tokens": dict(engine.usage_tokens),
+            "book": engine.book.stats(),
+            "ledger": sorted(
+                engine.ledger.query(group_by=("key_id", "model", "source", "price_rule")), key=repr
+            ),
+            "windows": _check(engine, key, "after"),
+        }
+
+    monkeypatch.setattr(AccessLogService, "_account_scanned", scanned)
+    taken, looped = native.account.taken[0], native.usage.taken[0]
+    compiled = run(tmp_path / "compiled")
+    assert (native.account.taken[0], native.usage.taken[0]) == (taken, looped)  # neither took them
+    assert handed == ["a", "b"]
+    monkeypatch.setattr(als_fast, "SCAN", None)
+    monkeypatch.setattr(als_fast, "ACCOUNT", None)
+    assert compiled == run(tmp_path / "reference")
+    assert compiled["accounted"]["provider"] == 2
