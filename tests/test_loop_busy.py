@@ -137,6 +137,24 @@ def test_access_log_slices_burning_cpu_count_in_cpu_time_sleeping_ones_do_not(me
     assert run(sleep) == (3, 1, 0, 4)
 
 
+def test_slices_of_the_access_log_c_loop_count_own_cpu_time(measured: None) -> None:
+    """_account_run: the compiled loop (als_fast.RUN) accounts entries and hands back at the end of each
+    slice; here a stand-in for it that works (or sleeps) LONG per entry and ends a slice each time."""
+    service = object.__new__(AccessLogService)
+
+    def run(work: Any) -> tuple[int, ...]:
+        def loop(items: list[Any], i: int, *_: Any) -> tuple[int, None, bool]:
+            work()
+            return i + 1, None, True
+
+        before = snapshot("access_log")
+        asyncio.run(service._account_run([1, 2, 3], b"", loop))
+        return delta(before, snapshot("access_log"))
+
+    assert run(burn) == (3, 1, 3, 1)
+    assert run(sleep) == (3, 1, 0, 4)
+
+
 class _SlowFinalizer:
     def __init__(self) -> None:
         self.cycle = self
