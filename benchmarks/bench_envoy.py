@@ -447,6 +447,12 @@ def nexus_config(socket_path: str, *, grpc: str = "null", admin: str = "null", e
     )
 
 
+# Each event-loop callback's own CPU time next to its wall time (nexus_authz_loop_busy_cpu_seconds): tells
+# the callbacks over 200 µs that were our work from those where the thread waited for a core. Costs two
+# CLOCK_THREAD_CPUTIME_ID system calls per callback (~1 µs, in "nexus-authz CPU per request").
+LOOP_CPU_CONFIG = "metrics:\n  loop_cpu_time: true\n"
+
+
 def start_nexus(spec: NexusSpec, workdir: Path, n_keys: int) -> NexusProc:
     workdir.mkdir(parents=True)
     token = secrets.token_hex(8)
@@ -467,7 +473,8 @@ def start_nexus(spec: NexusSpec, workdir: Path, n_keys: int) -> NexusProc:
     (workdir / "keys.yaml").write_text(key_file(key_secrets, spec.key_fields))
     grpc_port, admin_port = procs.free_port(), procs.free_port()
     grpc = f"127.0.0.1:{grpc_port}" if spec.grpc else "null"
-    config = nexus_config(socket_path, grpc=grpc, admin=f"127.0.0.1:{admin_port}", extra=spec.config_extra)
+    extra = spec.config_extra + LOOP_CPU_CONFIG
+    config = nexus_config(socket_path, grpc=grpc, admin=f"127.0.0.1:{admin_port}", extra=extra)
     (workdir / "nexus.yaml").write_text(config)
     with open(workdir / "nexus.log", "ab") as log:
         process = subprocess.Popen(
@@ -764,33 +771,45 @@ def wait_quiet(
 LOOP_BUSY_LIMIT_S = 0.0002  # the performance issue: no callback holds the loop longer than 200 µs
 
 
-def loop_busy(nexus: NexusProc | None) -> dict[str, dict[float, float]] | None:
-    """nexus-authz's nexus_authz_loop_busy_seconds histogram, per source, from its /metrics: cumulative
-    count per bucket bound (None: no admin port, e.g. the empty handler)."""
+LOOP_WALL, LOOP_CPU = "nexus_authz_loop_busy_seconds", "nexus_authz_loop_busy_cpu_seconds"
+
+
+def loop_busy(nexus: NexusProc | None) -> dict[str, dict[str, dict[float, float]]] | None:
+    """nexus-authz's loop histograms from its /metrics (None: no admin port, e.g. the empty handler):
+    `loop_busy_families` of the scrape."""
     if nexus is None or not nexus.admin_port:
         return None
-    from prometheus_client.parser import text_string_to_metric_families
-
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{nexus.admin_port}/metrics", timeout=5) as resp:
             text = resp.read().decode()
     except OSError:
         return None
-    out: dict[str, dict[float, float]] = {}
+    return loop_busy_families(text)
+
+
+def loop_busy_families(text: str) -> dict[str, dict[str, dict[float, float]]]:
+    """The wall-time histogram (LOOP_WALL) and, when the server measures it (metrics.loop_cpu_time), the
+    own-CPU-time one (LOOP_CPU) of a /metrics text: per family, per source, cumulative count per bucket
+    bound."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict[str, dict[float, float]]] = {}
     for family in text_string_to_metric_families(text):
-        if family.name != "nexus_authz_loop_busy_seconds":
+        if family.name not in (LOOP_WALL, LOOP_CPU):
             continue
         for sample in family.samples:
             if sample.name.endswith("_bucket"):
-                out.setdefault(sample.labels["source"], {})[float(sample.labels["le"])] = sample.value
+                per_source = out.setdefault(family.name, {}).setdefault(sample.labels["source"], {})
+                per_source[float(sample.labels["le"])] = sample.value
     return out
 
 
 def loop_busy_figures(
-    before: dict[str, dict[float, float]], after: dict[str, dict[float, float]]
+    before: dict[str, dict[float, float]], after: dict[str, dict[float, float]], prefix: str = "loop"
 ) -> dict[str, Any]:
     """Over one measured window: callbacks observed, how many held the loop over 200 µs, and the bucket
-    bound of the longest (µs; inf when over the top bucket), all sources together and per source."""
+    bound of the longest (µs; inf when over the top bucket), all sources together and per source; keys
+    `{prefix}_callbacks`, `{prefix}_over_200us`, `{prefix}_longest_le_us`, `{prefix}_by_source`."""
     total = over = 0.0
     longest = 0.0
     per_source: dict[str, dict[str, float]] = {}
@@ -811,10 +830,41 @@ def loop_busy_figures(
         over += n - within
         longest = max(longest, top)
     return {
-        "loop_callbacks": total,
-        "loop_over_200us": over,
-        "loop_longest_le_us": longest * 1e6,
-        "loop_by_source": per_source,
+        f"{prefix}_callbacks": total,
+        f"{prefix}_over_200us": over,
+        f"{prefix}_longest_le_us": longest * 1e6,
+        f"{prefix}_by_source": per_source,
+    }
+
+
+def loop_round_figures(
+    before: dict[str, dict[str, dict[float, float]]], after: dict[str, dict[str, dict[float, float]]]
+) -> dict[str, Any]:
+    """One round's figures: wall time (`loop_*`) and, when measured, own CPU time (`loop_cpu_*`)."""
+    out = loop_busy_figures(before.get(LOOP_WALL, {}), after.get(LOOP_WALL, {}))
+    if after.get(LOOP_CPU):
+        out.update(loop_busy_figures(before.get(LOOP_CPU, {}), after[LOOP_CPU], prefix="loop_cpu"))
+    return out
+
+
+def pool_loop_rounds(rounds: Sequence[Mapping[str, Any]], prefix: str = "loop") -> dict[str, Any]:
+    """The rounds' figures together, not a median (one stall is a stall): callbacks and those over
+    200 µs summed, the longest the longest, in all and per source ({} when no round has them)."""
+    rounds = [r for r in rounds if f"{prefix}_callbacks" in r]
+    if not rounds:
+        return {}
+    per_source: dict[str, dict[str, float]] = {}
+    for r in rounds:
+        for source, f in r.get(f"{prefix}_by_source", {}).items():
+            p = per_source.setdefault(source, {"callbacks": 0.0, "over_200us": 0.0, "longest_le_us": 0.0})
+            p["callbacks"] += f["callbacks"]
+            p["over_200us"] += f["over_200us"]
+            p["longest_le_us"] = max(p["longest_le_us"], f["longest_le_us"])
+    return {
+        f"{prefix}_callbacks": sum(r[f"{prefix}_callbacks"] for r in rounds),
+        f"{prefix}_over_200us": sum(r[f"{prefix}_over_200us"] for r in rounds),
+        f"{prefix}_longest_le_us": max(r[f"{prefix}_longest_le_us"] for r in rounds),
+        f"{prefix}_by_source": per_source,
     }
 
 
@@ -931,7 +981,7 @@ def run_scenarios(
                 raw[env.scenario.name].append(res)
                 m = _round_metrics(res, env.nexus is not None)
                 if env.nexus is not None and loop0 is not None and loop1 is not None:
-                    m.update(loop_busy_figures(loop0, loop1))
+                    m.update(loop_round_figures(loop0, loop1))
                 m["settle_wait_s"] = waited
                 m["machine_busy_cores"] = busy_cores(busy0, busy1)
                 return m
@@ -1075,11 +1125,9 @@ def summary_rows(
         for k in ("errors", "non_2xx"):
             row[k] = sum(r.get(k, 0) for r in inter.runs[name])
         # the loop's longest callback: over every round, not a median (one stall is a stall)
-        rounds_busy = [r for r in inter.runs[name] if "loop_callbacks" in r]
-        if rounds_busy:
-            row["loop_callbacks"] = sum(r["loop_callbacks"] for r in rounds_busy)
-            row["loop_over_200us"] = sum(r["loop_over_200us"] for r in rounds_busy)
-            row["loop_longest_le_us"] = max(r["loop_longest_le_us"] for r in rounds_busy)
+        # (wall time, and own CPU time when measured)
+        row.update(pool_loop_rounds(inter.runs[name]))
+        row.update(pool_loop_rounds(inter.runs[name], "loop_cpu"))
         row.update(max_rps.get(name, {}))
         rows.append(row)
     return rows

@@ -208,15 +208,7 @@ def _envoy_rows(envoy: Mapping[str, Mapping[str, Any]], row: Any) -> None:
         row(f"{many}: added p50", _ms(k50), TARGETS["added_p50_ms"], _per_1000(k50))
         row(f"{many}: added p99", _ms(k99), P99_TARGET, result=_p99_result(k99, empty.get("added_p99_us")))
         row(f"{many}: nexus-authz CPU per request", _num(k.get("nexus_cpu_us_per_req"), " µs"))
-    if not _nan(d.get("loop_callbacks")):
-        over, longest = d.get("loop_over_200us", math.nan), d.get("loop_longest_le_us", math.nan)
-        row(
-            f"{name}: longest callback on nexus-authz's event loop (all rounds)",
-            f"≤ {_num(longest, ' µs')} bucket; {_num(over)} of {_num(d['loop_callbacks'])} callbacks "
-            "over 200 µs",
-            TARGETS["loop_over_200us"],
-            over,
-        )
+    _loop_rows(name, d, row)
     _envoy_pieces(envoy, row)
     for key in MAX_RPS_FOR:
         if key in envoy and not _nan(envoy[key].get("max_rps")):
@@ -233,6 +225,38 @@ def _envoy_rows(envoy: Mapping[str, Mapping[str, Any]], row: Any) -> None:
             TARGETS["throughput_shortfall"],
             THROUGHPUT_SHARE - share,
         )
+
+
+def _loop_rows(name: str, d: Mapping[str, Any], row: Any) -> None:
+    """Target 6 (no callback holds the event loop over 200 µs), judged twice, in all and per source: on
+    wall time (what the loop saw, including the time a descheduled thread waited for a core on these
+    shared cores) and on the callbacks' own CPU time (our work; measured with metrics.loop_cpu_time)."""
+    if _nan(d.get("loop_callbacks")):
+        return
+    target = TARGETS["loop_over_200us"]
+    for prefix, kind, total_figure in (
+        ("loop", "wall time", f"{name}: longest callback on nexus-authz's event loop (all rounds), wall"),
+        ("loop_cpu", "own CPU time", f"{name}: own CPU of the longest callback on nexus-authz's loop"),
+    ):
+        if _nan(d.get(f"{prefix}_callbacks")):
+            row(total_figure, "not measured (the server ran without metrics.loop_cpu_time)", target, None)
+            continue
+        over, longest = d.get(f"{prefix}_over_200us", math.nan), d.get(f"{prefix}_longest_le_us", math.nan)
+        row(
+            total_figure,
+            f"≤ {_num(longest, ' µs')} bucket; {_num(over)} of {_num(d[f'{prefix}_callbacks'])} callbacks "
+            "over 200 µs",
+            target,
+            over,
+        )
+        for source, f in sorted((d.get(f"{prefix}_by_source") or {}).items()):
+            row(
+                f"event-loop callbacks ({kind}) of source {source}",
+                f"≤ {_num(f.get('longest_le_us'), ' µs')} bucket; {_num(f.get('over_200us'))} of "
+                f"{_num(f.get('callbacks'))} over 200 µs",
+                target,
+                f.get("over_200us"),
+            )
 
 
 def _envoy_pieces(envoy: Mapping[str, Mapping[str, Any]], row: Any) -> None:

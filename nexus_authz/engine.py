@@ -412,14 +412,17 @@ class Engine:
                 key_id, tenant, model, now, prompt, cached, completion, reasoning, cost, source, rule
             )
 
-    def maintain(self) -> None:
-        """Periodic upkeep off the hot path: expire reservations, drop drained counters."""
+    def maintain(self, sweep: int = 10_000, expire: int | None = None) -> bool:
+        """Periodic upkeep off the hot path: expire reservations (every one due, or up to `expire`), drop
+        drained counters (the next `sweep` ids of each store). True: more may be due (server.py does it in
+        steps, a slice of the event loop at a time)."""
         now = self.clock()
-        expired = self.book.expire(now)
+        expired = self.book.expire(now, expire)
         if expired:
             self._apply(expired, now)
-        self.counters.sweep(now, 10_000)
-        self.failures.sweep(now, 10_000)
+        self.counters.sweep(now, sweep)
+        self.failures.sweep(now, sweep)
+        return expire is not None and len(expired) >= expire
 
     def count(self, reason: Reason) -> None:
         self.decisions[reason] += 1

@@ -9,11 +9,21 @@ between two adds sees a count and a sum one observation apart, which Prometheus 
 
 from __future__ import annotations
 
+import asyncio
 from bisect import bisect_left
-from collections.abc import Sequence
-from time import perf_counter
+from collections.abc import Callable, Iterable, Sequence
+from time import perf_counter, thread_time
 
-__all__ = ["BUSY_BUCKETS", "CHECK_BUCKETS", "LOOP_BUSY", "LatencyHistogram", "LoopBusy"]
+__all__ = [
+    "BUSY_BUCKETS",
+    "CHECK_BUCKETS",
+    "LOOP_BUSY",
+    "SLICE",
+    "SOURCES",
+    "LatencyHistogram",
+    "LoopBusy",
+    "sliced",
+]
 
 # Seconds. A local decision takes a few µs; the upper buckets catch a stalled loop or a remote store.
 CHECK_BUCKETS: tuple[float, ...] = (
@@ -82,31 +92,122 @@ BUSY_BUCKETS: tuple[float, ...] = (
 )
 
 
+# What holds the event loop, as `nexus_authz_loop_busy_seconds` labels them.
+SOURCES: tuple[str, ...] = ("http", "access_log", "gc", "maintenance")
+SLICE = 0.0001  # seconds of work between two yields of the loop, for work done in slices (`sliced`)
+
+
 class LoopBusy:
     """How long the event loop was held, per source, one observation per callback: each read of the
     HTTP listeners (ext_authz: framing, decision and answer; the admin one), each slice of an
     access-log batch between two yields, each pass of the cyclic garbage collector (`gc_callback`,
-    installed by the server).
-    Exported as `nexus_authz_loop_busy_seconds{source}`; benchmarks/run_all.py judges its maximum."""
+    installed by the server), each slice of the server's periodic upkeep (`sliced`: expiring reservations,
+    sweeping drained counters).
+    Exported as `nexus_authz_loop_busy_seconds{source}`; benchmarks/run_all.py judges its maximum.
 
-    __slots__ = ("_gc_started", "access_log", "gc", "http")
+    That is wall time: a callback during which the thread was descheduled (a busy machine) counts the
+    time it waited. With `measure_cpu(True)` (the setting `metrics.loop_cpu_time`) each callback's own CPU
+    time (the thread's CPU clock, CLOCK_THREAD_CPUTIME_ID) is observed too, into `<source>_cpu`
+    (`nexus_authz_loop_busy_cpu_seconds{source}`): a callback long in wall time and short in CPU time
+    waited for a core; one long in CPU time is our own work. Off by default: that clock is a system call
+    (no vDSO), ~0.5 µs per read of it, two per callback."""
+
+    __slots__ = (
+        "_cpu",
+        "_gc_cpu_started",
+        "_gc_started",
+        "access_log",
+        "access_log_cpu",
+        "gc",
+        "gc_cpu",
+        "http",
+        "http_cpu",
+        "maintenance",
+        "maintenance_cpu",
+    )
 
     def __init__(self) -> None:
         self.http = LatencyHistogram(BUSY_BUCKETS)
         self.access_log = LatencyHistogram(BUSY_BUCKETS)
         self.gc = LatencyHistogram(BUSY_BUCKETS)
+        self.maintenance = LatencyHistogram(BUSY_BUCKETS)
+        # the CPU histograms live as long as this (turning the measurement off and on keeps their counts);
+        # the attributes are None while it is off (the observers' one test)
+        self._cpu = tuple(LatencyHistogram(BUSY_BUCKETS) for _ in SOURCES)
+        self.http_cpu: LatencyHistogram | None = None
+        self.access_log_cpu: LatencyHistogram | None = None
+        self.gc_cpu: LatencyHistogram | None = None
+        self.maintenance_cpu: LatencyHistogram | None = None
         self._gc_started = 0.0
+        self._gc_cpu_started = 0.0
 
     def sources(self) -> tuple[tuple[str, LatencyHistogram], ...]:
-        return (("http", self.http), ("access_log", self.access_log), ("gc", self.gc))
+        return tuple((source, getattr(self, source)) for source in SOURCES)
+
+    def cpu_sources(self) -> tuple[tuple[str, LatencyHistogram], ...]:
+        """The own-CPU-time histograms by source; empty while the measurement is off."""
+        if self.http_cpu is None:
+            return ()
+        return tuple(zip(SOURCES, self._cpu, strict=True))
+
+    def measure_cpu(self, on: bool) -> None:
+        """Observe each callback's own CPU time too (on) or not (off, the default)."""
+        for source, histogram in zip(SOURCES, self._cpu, strict=True):
+            setattr(self, f"{source}_cpu", histogram if on else None)
+        self._gc_cpu_started = 0.0
+        from nexus_authz import native  # the compiled read handler holds its own reference
+
+        if native.fast is not None:
+            native.fast.busy_cpu(self.http_cpu)
+
+    def cpu_timer(self, source: str) -> tuple[Callable[[], float], Callable[[float], None]]:
+        """(clock, observe) for timing one source's own CPU by hand: the thread's CPU clock and the
+        source's CPU histogram's observe while measured, else a clock that reads 0.0 and an observe that
+        drops its value (so a caller times unconditionally, with no system call)."""
+        histogram = getattr(self, f"{source}_cpu")
+        if histogram is None:
+            return _zero, _drop
+        return thread_time, histogram.observe
 
     def gc_callback(self, phase: str, info: dict[str, int]) -> None:
         """For `gc.callbacks`: times each collection (start to stop)."""
+        cpu = self.gc_cpu
         if phase == "start":
             self._gc_started = perf_counter()
+            if cpu is not None:
+                self._gc_cpu_started = thread_time()
         elif self._gc_started:
+            if cpu is not None and self._gc_cpu_started:
+                cpu.observe(thread_time() - self._gc_cpu_started)
+                self._gc_cpu_started = 0.0
             self.gc.observe(perf_counter() - self._gc_started)
             self._gc_started = 0.0
+
+
+async def sliced(steps: Iterable[object], source: str, seconds: float = SLICE) -> None:
+    """Run `steps` (each item taken is a step of work, of well under `seconds`) on the event loop in slices
+    of about `seconds` (a slice ends after the step that reaches it), letting the loop run what is queued
+    between two; each slice is one observation of LOOP_BUSY's `source` (wall, and own CPU when measured)."""
+    observe = getattr(LOOP_BUSY, source).observe
+    cpu_clock, observe_cpu = LOOP_BUSY.cpu_timer(source)
+    clock = perf_counter
+    started, cpu_started = clock(), cpu_clock()
+    for _ in steps:
+        if clock() - started >= seconds:
+            observe_cpu(cpu_clock() - cpu_started)
+            observe(clock() - started)
+            await asyncio.sleep(0)
+            started, cpu_started = clock(), cpu_clock()
+    observe_cpu(cpu_clock() - cpu_started)
+    observe(clock() - started)
+
+
+def _zero() -> float:
+    return 0.0
+
+
+def _drop(seconds: float) -> None:
+    return None
 
 
 LOOP_BUSY = LoopBusy()  # the process's one event loop (the server runs one)

@@ -13,7 +13,10 @@ model) and API methods from the proto.
 
 from __future__ import annotations
 
+import copy
+import itertools
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +28,7 @@ from nexus_authz import native
 from nexus_authz.core.limits import Kind
 from nexus_authz.core.model import InFlight, Reason
 from nexus_authz.core.reservations import ReservationBook, ReservationEntry
-from nexus_authz.latency import LOOP_BUSY
+from nexus_authz.latency import LOOP_BUSY, sliced
 
 if TYPE_CHECKING:
     from nexus_authz.engine import Engine
@@ -53,17 +56,35 @@ def reservation_entries(book: ReservationBook) -> Iterable[ReservationEntry]:
 
 def _reserved_tokens_by_model(book: ReservationBook) -> tuple[dict[str, int], bool]:
     """Token estimates held by in-flight reservations, per model; and whether the walk was cut short."""
+    result: list[tuple[dict[str, int], bool]] = []
+    for _ in _reserved_steps(book, result, MAX_RESERVATIONS_SCANNED):
+        pass
+    return result[0]
+
+
+RESERVATIONS_PER_STEP = 100  # ~0.75 µs each
+
+
+def _reserved_steps(
+    book: ReservationBook, result: list[tuple[dict[str, int], bool]], per_step: int = RESERVATIONS_PER_STEP
+) -> Iterator[None]:
+    """`_reserved_tokens_by_model` in steps (appended to `result`), over a copy of the book's first
+    entries (taken at once: the loop mutates the book between two steps)."""
+    entries = list(itertools.islice(reservation_entries(book), MAX_RESERVATIONS_SCANNED + 1))
     out: dict[str, int] = {}
-    entries = reservation_entries(book)
-    for scanned, (_ids, specs, costs, uncharged, _at, _expires, context) in enumerate(entries):
-        if scanned >= MAX_RESERVATIONS_SCANNED:
-            return out, True
+    for start in range(0, min(len(entries), MAX_RESERVATIONS_SCANNED), per_step):
+        yield None
+        _tally(entries[start : min(start + per_step, MAX_RESERVATIONS_SCANNED)], out)
+    result.append((out, len(entries) > MAX_RESERVATIONS_SCANNED))
+
+
+def _tally(entries: Iterable[ReservationEntry], out: dict[str, int]) -> None:
+    for _ids, specs, costs, uncharged, _at, _expires, context in entries:
         for i, spec in enumerate(specs):
             if spec.kind is Kind.TOKENS and not (uncharged >> i) & 1:
                 model = context.model if isinstance(context, InFlight) and context.model else "unknown"
                 out[model] = out.get(model, 0) + costs[i]
                 break  # every token window of a request holds the same estimate: count it once
-    return out, False
 
 
 def _bounded_models(counts: Mapping[tuple[str, ...], int]) -> dict[tuple[str, ...], int]:
@@ -97,11 +118,14 @@ class EngineCollector(Collector):
         self.engine = engine
         self.ready = ready
         self.api_calls = api_calls
+        # set by render_sliced, which walks the reservations in steps before it collects
+        self.reserved: tuple[dict[str, int], bool] | None = None
 
     def collect(self) -> Iterator[Metric]:
         engine = self.engine
         yield from self._decisions(engine)
-        yield from self._accounting(engine)
+        reserved, self.reserved = self.reserved, None
+        yield from self._accounting(engine, reserved or _reserved_tokens_by_model(engine.book))
         yield from self._stores(engine)
         yield from self._keys(engine)
         if self.api_calls is not None:
@@ -159,10 +183,22 @@ class EngineCollector(Collector):
             buckets, total, _ = histogram.cumulative()
             busy.add_metric([source], buckets, total)
         yield busy
+        cpu_sources = LOOP_BUSY.cpu_sources()
+        if cpu_sources:  # metrics.loop_cpu_time
+            cpu = HistogramMetricFamily(
+                "nexus_authz_loop_busy_cpu_seconds",
+                "The CPU time of this thread during each callback of nexus_authz_loop_busy_seconds, in "
+                "seconds, by source: the callback's own work, without the time it waited for a core.",
+                labels=["source"],
+            )
+            for source, histogram in cpu_sources:
+                buckets, total, _ = histogram.cumulative()
+                cpu.add_metric([source], buckets, total)
+            yield cpu
 
     # -- tokens and accounting -------------------------------------------------------------------------
     @staticmethod
-    def _accounting(engine: Engine) -> Iterator[Metric]:
+    def _accounting(engine: Engine, reserved_by_model: tuple[dict[str, int], bool]) -> Iterator[Metric]:
         used = CounterMetricFamily(
             "nexus_authz_tokens_used",
             "Tokens used according to responses (the provider's usage, or the estimate for a cut-off "
@@ -173,7 +209,7 @@ class EngineCollector(Collector):
             used.add_metric([model, kind], n)
         yield used
 
-        reserved, truncated = _reserved_tokens_by_model(engine.book)
+        reserved, truncated = reserved_by_model
         family = GaugeMetricFamily(
             "nexus_authz_tokens_reserved",
             "Token estimates held now by in-flight reservations (charged at Check, not yet settled), "
@@ -439,12 +475,73 @@ def make_registry(
     api_calls: Mapping[tuple[str, str], int] | None = None,
 ) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(EngineCollector(engine, ready=ready, api_calls=api_calls))
+    collector = EngineCollector(engine, ready=ready, api_calls=api_calls)
+    registry.register(collector)
+    _ENGINE_COLLECTORS[registry] = collector
     return registry
 
 
 def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
+
+
+async def render_sliced(registry: CollectorRegistry) -> bytes:
+    """`render`, a metric family at a time, in slices of the event loop (latency.sliced; source `http`, the
+    admin listener's): in one call a scrape held the loop ~1.5-4 ms. The same text; its families are
+    read at moments a few slices apart, which Prometheus tolerates as it does a scrape between two adds."""
+    out: list[bytes] = []
+    collector = _ENGINE_COLLECTORS.get(registry)
+    steps: Iterable[None] = _render_steps(registry, out)
+    if collector is not None:  # the reservations in flight first, in steps (~0.75 µs each, up to 10,000)
+        result: list[tuple[dict[str, int], bool]] = []
+        steps = itertools.chain(
+            _reserved_steps(collector.engine.book, result), _store(result, collector), steps
+        )
+    await sliced(steps, "http", RENDER_SLICE)
+    return b"".join(out)
+
+
+def _store(result: list[tuple[dict[str, int], bool]], collector: EngineCollector) -> Iterator[None]:
+    collector.reserved = result[0]  # what its next collect() reports as nexus_authz_tokens_reserved
+    yield None
+
+
+# make_registry's collector per registry (render_sliced walks its engine's reservations in steps)
+_ENGINE_COLLECTORS: weakref.WeakKeyDictionary[CollectorRegistry, EngineCollector]
+_ENGINE_COLLECTORS = weakref.WeakKeyDictionary()
+
+
+RENDER_SLICE = 0.00005  # s: a step (collecting a family, writing some of its samples) takes up to ~100 µs
+RENDER_SAMPLES = 12  # samples written per step (generate_latest: ~5-8 µs each)
+_OM_SUFFIXES = ("_created", "_gsum", "_gcount")  # samples generate_latest writes as families of their own
+
+
+def _render_steps(registry: CollectorRegistry, out: list[bytes]) -> Iterator[None]:
+    for family in registry.collect():
+        yield None  # collected
+        samples = family.samples
+        if len(samples) <= RENDER_SAMPLES or any(s.name.endswith(_OM_SUFFIXES) for s in samples):
+            out.append(generate_latest(_One(family)))
+            yield None
+            continue
+        for i in range(0, len(samples), RENDER_SAMPLES):  # a histogram of 4 sources has 72 samples
+            part = copy.copy(family)
+            part.samples = samples[i : i + RENDER_SAMPLES]
+            text = generate_latest(_One(part))
+            out.append(text.split(b"\n", 2)[2] if i else text)  # the HELP and TYPE lines once
+            yield None
+
+
+class _One:
+    """A registry of one metric family, for generate_latest."""
+
+    __slots__ = ("family",)
+
+    def __init__(self, family: Metric) -> None:
+        self.family = family
+
+    def collect(self) -> Iterable[Metric]:
+        return (self.family,)
 
 
 def _redis_metrics(health: Any) -> Iterator[Metric]:

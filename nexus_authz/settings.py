@@ -118,6 +118,7 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"
     shutdown_grace: float = 10.0
+    loop_cpu_time: bool = False  # metrics.loop_cpu_time: each loop callback's own CPU time too (latency.py)
     ledger: LedgerSettings = field(default_factory=LedgerSettings)
     counters: CounterSettings = field(default_factory=CounterSettings)
     accounting: AccountingSettings = field(default_factory=AccountingSettings)
@@ -220,6 +221,10 @@ def parse_settings(text: str, path: str, environ: Mapping[str, str]) -> Settings
     shutdown_grace = server.duration("shutdown_grace", s.shutdown_grace)
     server.done()
 
+    metrics_f = root.mapping("metrics")
+    loop_cpu_time = metrics_f.bool("loop_cpu_time", s.loop_cpu_time)
+    metrics_f.done()
+
     cf = root.mapping("counters")
     backend = cf.choice("backend", ("memory", "redis"), "memory")
     redis_settings = parse_redis_settings(cf.mapping("redis")) if backend == "redis" else None
@@ -290,6 +295,7 @@ def parse_settings(text: str, path: str, environ: Mapping[str, str]) -> Settings
         log_level=log_level,
         log_format=log_format,
         shutdown_grace=shutdown_grace,
+        loop_cpu_time=loop_cpu_time,
         ledger=ledger,
         counters=counters,
         accounting=accounting,
@@ -480,6 +486,7 @@ RESTART_FIELDS: Mapping[str, str] = {
     "log_level": "logging.level",
     "log_format": "logging.format",
     "shutdown_grace": "server.shutdown_grace",
+    "loop_cpu_time": "metrics.loop_cpu_time",
     "ledger": "ledger",
     "counters": "counters",
     "accounting": "accounting",

@@ -271,21 +271,25 @@ class AccessLogService:
         observation of LOOP_BUSY.access_log."""
         clock = perf_counter
         observe = _BUSY.observe
-        started = clock()
+        cpu_clock, observe_cpu = LOOP_BUSY.cpu_timer("access_log")  # own CPU per slice, when measured
+        started, cpu_started = clock(), cpu_clock()
         for item in items:
             try:
                 pending = account_one(item, raw)
                 if pending is not None:  # a long text to count exactly: off the event loop
+                    observe_cpu(cpu_clock() - cpu_started)
                     observe(clock() - started)
                     await pending
-                    started = clock()
+                    started, cpu_started = clock(), cpu_clock()
             except Exception:  # one bad entry must not lose the rest of the batch
                 log.exception("accounting failed", extra={"request_id": _request_id(item)})
             if clock() - started >= _SLICE:
                 # a batch holds up to ~50 entries (~10-25 µs each): let queued Checks run meanwhile
+                observe_cpu(cpu_clock() - cpu_started)
                 observe(clock() - started)
                 await asyncio.sleep(0)
-                started = clock()
+                started, cpu_started = clock(), cpu_clock()
+        observe_cpu(cpu_clock() - cpu_started)
         observe(clock() - started)
 
     async def _account_run(self, items: list[tuple[Any, ...] | None], raw: bytes, run: Any) -> None:
@@ -295,8 +299,9 @@ class AccessLogService:
         of a slice, so the slices and their LOOP_BUSY observations are `_account_batch`'s."""
         clock = perf_counter
         observe = _BUSY.observe
+        cpu_clock, observe_cpu = LOOP_BUSY.cpu_timer("access_log")  # own CPU per slice, when measured
         failed = self._failed
-        started = clock()
+        started, cpu_started = clock(), cpu_clock()
         i, n = 0, len(items)
         while i < n:
             i, pending, sliced = run(
@@ -304,16 +309,19 @@ class AccessLogService:
             )
             if pending is not None:  # a long text to count exactly: off the event loop
                 try:
+                    observe_cpu(cpu_clock() - cpu_started)
                     observe(clock() - started)
                     await pending
-                    started = clock()
+                    started, cpu_started = clock(), cpu_clock()
                 except Exception:
                     failed(items[i - 1])
                 sliced = clock() - started >= _SLICE
             if sliced:
+                observe_cpu(cpu_clock() - cpu_started)
                 observe(clock() - started)
                 await asyncio.sleep(0)
-                started = clock()
+                started, cpu_started = clock(), cpu_clock()
+        observe_cpu(cpu_clock() - cpu_started)
         observe(clock() - started)
 
     @staticmethod

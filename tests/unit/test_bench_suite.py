@@ -404,3 +404,90 @@ def test_loop_busy_figures_are_deltas_of_the_cumulative_histogram() -> None:
     assert f["loop_over_200us"] == 1.0  # one read between 200 and 500 µs
     assert f["loop_longest_le_us"] == 500.0
     assert f["loop_by_source"]["gc"] == {"callbacks": 4.0, "over_200us": 0.0, "longest_le_us": 200.0}
+
+
+def _exposition(wall: dict[str, list[float]], cpu: dict[str, list[float]] | None) -> str:
+    """A /metrics text with the loop histograms as nexus-authz writes them (its collector, real values)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import HistogramMetricFamily
+
+    from nexus_authz.latency import BUSY_BUCKETS, LatencyHistogram
+
+    class Collector:
+        def collect(self) -> Any:
+            for name, observed in ((be.LOOP_WALL, wall), (be.LOOP_CPU, cpu)):
+                if observed is None:
+                    continue
+                family = HistogramMetricFamily(
+                    name.removesuffix("_seconds") + "_seconds", "", labels=["source"]
+                )
+                for source, values in observed.items():
+                    h = LatencyHistogram(BUSY_BUCKETS)
+                    for v in values:
+                        h.observe(v)
+                    buckets, total, _ = h.cumulative()
+                    family.add_metric([source], buckets, total)
+                yield family
+
+    registry = CollectorRegistry()
+    registry.register(Collector())  # type: ignore[arg-type]
+    return generate_latest(registry).decode()
+
+
+def test_a_round_judges_wall_time_and_own_cpu_time_per_source() -> None:
+    before = be.loop_busy_families(_exposition({"http": [0.00001]}, {"http": [0.00001]}))
+    # two reads over 200 µs of wall time, one of them over 200 µs of its own CPU too
+    after = be.loop_busy_families(
+        _exposition(
+            {"http": [0.00001, 0.00002, 0.0003, 0.004], "gc": [0.0001]},
+            {"http": [0.00001, 0.00001, 0.00002, 0.0003], "gc": [0.00009]},
+        )
+    )
+    f = be.loop_round_figures(before, after)
+    assert (f["loop_callbacks"], f["loop_over_200us"], f["loop_longest_le_us"]) == (4.0, 2.0, 5000.0)
+    assert (f["loop_cpu_callbacks"], f["loop_cpu_over_200us"], f["loop_cpu_longest_le_us"]) == (
+        4.0,
+        1.0,
+        500.0,
+    )
+    assert f["loop_cpu_by_source"]["http"] == {"callbacks": 3.0, "over_200us": 1.0, "longest_le_us": 500.0}
+    # a server without metrics.loop_cpu_time: wall time only
+    plain = be.loop_busy_families(_exposition({"http": [0.0003]}, None))
+    assert "loop_cpu_callbacks" not in be.loop_round_figures({}, plain)
+
+
+def test_rounds_pool_per_source_and_the_table_judges_both_clocks() -> None:
+    def rnd(wall_over: float, cpu_over: float) -> dict[str, Any]:
+        return be.loop_round_figures(
+            {},
+            be.loop_busy_families(
+                _exposition(
+                    {"http": [0.00001] * 9 + [0.0003] * int(wall_over), "access_log": [0.00005]},
+                    {"http": [0.00001] * 9 + [0.0003] * int(cpu_over), "access_log": [0.00004]},
+                )
+            ),
+        )
+
+    pooled = be.pool_loop_rounds([rnd(2, 0), rnd(1, 0), {"achieved_rps": 1.0}])
+    pooled.update(be.pool_loop_rounds([rnd(2, 0), rnd(1, 0)], "loop_cpu"))
+    assert (
+        pooled["loop_over_200us"] == 3.0 and pooled["loop_callbacks"] == 23.0
+    )  # 11 + 12: the round without figures is skipped
+    assert pooled["loop_by_source"]["http"] == {"callbacks": 21.0, "over_200us": 3.0, "longest_le_us": 500.0}
+    assert pooled["loop_cpu_by_source"]["http"]["over_200us"] == 0.0
+    rows = run_all.suite_rows(_envoy(http_uds_issue15=pooled), None, None)
+    default = run_all.SCENARIOS["http-uds-issue15"]
+    assert _result(rows, f"{default}: longest callback") == (
+        "≤ 500 µs bucket; 3 of 23 callbacks over 200 µs",
+        "MISS",
+    )
+    assert _result(rows, "event-loop callbacks (wall time) of source http") == (
+        "≤ 500 µs bucket; 3 of 21 over 200 µs",
+        "MISS",
+    )
+    assert _result(rows, "event-loop callbacks (wall time) of source access_log")[1] == "PASS"
+    assert _result(rows, f"{default}: own CPU") == ("≤ 50 µs bucket; 0 of 20 callbacks over 200 µs", "PASS")
+    assert _result(rows, "event-loop callbacks (own CPU time) of source http")[1] == "PASS"
+    # not measured: said so, judged n/a (neither a pass nor a miss)
+    rows = run_all.suite_rows(_envoy(), None, None)
+    assert _result(rows, f"{default}: own CPU")[1] == "n/a"
