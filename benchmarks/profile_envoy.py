@@ -53,7 +53,7 @@ PIECES: tuple[tuple[str, str], ...] = (
     ("http: rate-limit headers", r"ratelimit_headers\.py"),
     ("http: limit windows + reservations", r"core/limits\.py|stores/memory\.py|core/reservations\.py"),
     ("http: decision (policy, engine)", r"core/policy\.py|Engine\.check|engine\.py"),
-    ("http: answer building", r"HttpApp\.(response|allow_parts|_denial)|_header_block|nginx_denial"),
+    ("http: answer building", r"HttpApp\.(response|allow_block|_denial)|_header_block|nginx_denial"),
     ("http: routing / on_message_complete", r"http_authz\.py"),
     ("als: protobuf", r"_message\.abi3|upb_|google/protobuf"),
     ("als: usage extraction (JSON)", r"core/usage\.py"),

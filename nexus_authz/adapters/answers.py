@@ -7,10 +7,10 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
-from nexus_authz.core.model import Decision, Reason
+from nexus_authz.core.model import Decision, KeyRecord, Reason
 from nexus_authz.core.policy import denial
 
-__all__ = ["ALLOW_CACHE", "DENY_CACHE", "AnswerCache", "nginx_denial"]
+__all__ = ["ALLOW_CACHE", "DENY_CACHE", "AnswerCache", "allow_block", "nginx_denial"]
 
 T = TypeVar("T")
 
@@ -74,6 +74,16 @@ def status_line(status: int) -> bytes:
 
 def header_block(headers: tuple[tuple[str, str], ...] | list[tuple[str, str]]) -> bytes:
     return b"".join(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")) for k, v in headers)
+
+
+def allow_block(key: KeyRecord, *, nginx: bool) -> bytes:
+    """The head of `key`'s allow answer: Envoy's (200, the headers to add and to remove) or nginx's
+    auth_request (204, the headers to add: nginx reads them with auth_request_set)."""
+    upstream = header_block(key.upstream_headers)
+    if nginx:
+        return status_line(204) + upstream
+    remove = b"x-envoy-auth-headers-to-remove: %s\r\n" % ", ".join(key.remove_headers).encode()
+    return status_line(200) + upstream + remove
 
 
 def simple_response(

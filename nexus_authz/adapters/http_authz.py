@@ -32,7 +32,7 @@ from time import perf_counter
 
 import httptools
 
-from nexus_authz.adapters.answers import ALLOW_CACHE, DENY_CACHE, AnswerCache, nginx_denial
+from nexus_authz.adapters.answers import ALLOW_CACHE, DENY_CACHE, AnswerCache, allow_block, nginx_denial
 from nexus_authz.adapters.answers import error_json as _error_json
 from nexus_authz.adapters.answers import head_answer as _head_answer
 from nexus_authz.adapters.answers import header_block as _header_block
@@ -109,6 +109,7 @@ class HttpApp:
     __slots__ = (
         "_allow_cache",
         "_deny_cache",
+        "_nginx_cache",
         "admin",
         "connections",
         "draining",
@@ -138,7 +139,8 @@ class HttpApp:
         self.metrics_text = metrics_text
         self.connections: set[AuthzProtocol] = set()
         self.draining = False  # shutting down: every answer closes its connection
-        self._allow_cache: AnswerCache[tuple[bytes, bytes]] = AnswerCache(ALLOW_CACHE)
+        self._allow_cache: AnswerCache[bytes] = AnswerCache(ALLOW_CACHE)  # Envoy's allow header blocks
+        self._nginx_cache: AnswerCache[bytes] = AnswerCache(ALLOW_CACHE)  # nginx's, only once it asks
         self._deny_cache: AnswerCache[bytes] = AnswerCache(DENY_CACHE)
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -146,26 +148,22 @@ class HttpApp:
         return (PROTOCOL or _select_protocol())(self)
 
     # -- response assembly ------------------------------------------------------------------------
-    def allow_parts(self, key: KeyRecord) -> tuple[bytes, bytes]:
-        """(ext_authz 200 header block, nginx 204 header block) for `key`, cached per snapshot."""
-        parts = self._allow_cache.get(key, self.engine.snapshot)
-        if parts is None:
-            upstream = _header_block(key.upstream_headers)
-            remove = b"x-envoy-auth-headers-to-remove: %s\r\n" % ", ".join(key.remove_headers).encode()
-            parts = (
-                _status_line(200) + upstream + remove,
-                _status_line(204) + upstream,
-            )
-            self._allow_cache.put(key, parts)  # bounded (answers.AnswerCache)
-        return parts
+    def allow_block(self, key: KeyRecord, *, nginx: bool = False) -> bytes:
+        """`key`'s allow header block: Envoy's, or nginx's (built once nginx asks); cached per snapshot."""
+        cache = self._nginx_cache if nginx else self._allow_cache
+        block = cache.get(key, self.engine.snapshot)
+        if block is None:
+            block = allow_block(key, nginx=nginx)
+            cache.put(key, block)  # bounded (answers.AnswerCache)
+        return block
 
     def response(self, decision: Decision, *, nginx: bool, close: bool) -> bytes:
         extra = _header_block(decision.response_headers) if decision.response_headers else b""
         tail = b"connection: close\r\ncontent-length: 0\r\n\r\n" if close else b"content-length: 0\r\n\r\n"
         if decision.allowed and decision.key is not None:
-            ext_authz, nginx_block = self.allow_parts(decision.key)
             if nginx:
-                return nginx_block + extra + tail
+                return self.allow_block(decision.key, nginx=True) + extra + tail
+            ext_authz = self.allow_block(decision.key)
             if decision.release:  # Envoy puts it in dynamic metadata for the Lua tap (not forwarded)
                 extra += b"x-nexus-release: %s\r\n" % decision.release.encode("latin-1")
             if decision.clamp:  # the same: the Lua filter lowers the body's completion cap

@@ -37,7 +37,7 @@ def allow_answer(app: HttpApp, plan: Plan, statuses: tuple[WindowStatus, ...], r
     compiled lane's answer when it hands a request to check_plain (native/_fast.pyx)."""
     wire = plan.wire
     if wire is None:
-        wire = plan.wire = app.allow_parts(plan.key)[0]
+        wire = plan.wire = app.allow_block(plan.key)
     if statuses:
         shape: Any = plan.shape  # set: the plan has windows
         block = ratelimit_headers.build_header_block(shape.headers, statuses)

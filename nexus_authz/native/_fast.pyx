@@ -901,7 +901,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
     # -- the answer (http_fast.on_message_complete) ---------------------------------------------------------
     wire = _at(plan, &S_PLAN_WIRE, "wire")
     if wire is None:
-        wire = app.allow_parts(plan.key)[0]
+        wire = app.allow_block(plan.key)
         plan.wire = wire
     if statuses:
         block = _core_headers.build_header_block(

@@ -11,6 +11,7 @@ import httptools
 import pytest
 
 from nexus_authz.adapters import envoy_authz, http_authz
+from nexus_authz.core.model import new_allow
 from nexus_authz.engine import Engine
 from nexus_authz.settings import load_settings
 from tests.adapters.conftest import ALICE, BOB
@@ -436,3 +437,33 @@ def test_check_listeners_off_loopback_are_flagged(address: str, private: bool) -
     from nexus_authz.server import private_address
 
     assert private_address(address) is private
+
+
+def _cached_blocks(app: http_authz.HttpApp) -> list[bytes]:
+    """Every allow header block the app keeps (its bounded answer caches)."""
+    blocks: list[bytes] = []
+    for name in app.__slots__:
+        if name.endswith("_cache") and name != "_deny_cache":
+            for value in getattr(app, name)._entries.values():
+                blocks.extend(value if isinstance(value, tuple) else (value,))
+    return blocks
+
+
+def test_the_nginx_allow_block_is_built_only_when_nginx_asks(engine: Engine) -> None:
+    # performance issue 15: each active key kept nginx's 204 header block (~160 B) next to Envoy's 200
+    # one, built eagerly, also where nginx never asks
+    app = http_authz.HttpApp(engine, max_header_bytes=8192, max_body=0)
+    alice = engine.snapshot.by_id["alice"]
+    envoy = app.response(new_allow(alice, None, ()), nginx=False, close=False)
+    assert envoy.startswith(b"HTTP/1.1 200 OK\r\n") and b"x-envoy-auth-headers-to-remove: " in envoy
+    assert not any(b"204 No Content" in block for block in _cached_blocks(app))
+    nginx = app.response(new_allow(alice, None, (("x-ratelimit-limit", "5"),)), nginx=True, close=True)
+    upstream = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in alice.upstream_headers)
+    assert nginx == (
+        b"HTTP/1.1 204 No Content\r\n"
+        + upstream
+        + b"x-ratelimit-limit: 5\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+    )
+    assert sum(b"204 No Content" in block for block in _cached_blocks(app)) == 1  # kept once asked for
+    # and the Envoy answer is unchanged by it
+    assert app.response(new_allow(alice, None, ()), nginx=False, close=False) == envoy
