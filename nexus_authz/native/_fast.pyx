@@ -36,6 +36,10 @@ from libc.stdint cimport uint32_t
 from libc.string cimport memcmp, memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
+from nexus_authz.native._figures cimport Figure
+from nexus_authz.native._headers cimport BLOCK_BYTES, figure_block
+from nexus_authz.native._windows cimport acquire_figures, figure_statuses
+
 import math
 from collections import OrderedDict
 
@@ -47,6 +51,8 @@ from nexus_authz.core.known import REFRESH_AFTER, KnownKeys
 from nexus_authz.core.model import Decision, InFlight, Reason, new_request
 from nexus_authz.core.prompt_later import KEEP_BODY_BYTES, deferred_body
 from nexus_authz.core.reservations import ReservationBook, settle_with
+from nexus_authz.native._headers import plan_header_block as _native_block
+from nexus_authz.native._windows import acquire as _native_acquire
 
 cdef extern from "Python.h":
     ctypedef struct PyTypeObject:
@@ -60,6 +66,11 @@ cdef extern from "Python.h":
     bint PyFloat_CheckExact(object o)
     bint PyLong_CheckExact(object o)
     bint PyTuple_CheckExact(object o)
+    bint PyMethod_Check(object o)
+    PyObject* PyMethod_GET_FUNCTION(object o)
+    PyObject* PyMethod_GET_SELF(object o)
+    int PyUnicode_KIND(object o)
+    int PyUnicode_1BYTE_KIND
 
 
 include "_slots.pxi"
@@ -509,30 +520,51 @@ cdef inline bint _multipart(str content_type) except -1:
     return content_type.partition(";")[0].strip().lower() == "multipart/form-data"
 
 
-cdef bytes _join(bytes wire, bytes block, object rid):
-    """wire + block [+ b"x-nexus-release: " + rid + b"\\r\\n"] + the tail, in one buffer."""
-    cdef Py_ssize_t nw = PyBytes_GET_SIZE(wire), nb = PyBytes_GET_SIZE(block), nr = 0, nt = PyBytes_GET_SIZE(_TAIL)
+cdef bytes _join(bytes wire, const char* block, Py_ssize_t nb, object release):
+    """wire + the nb bytes at block [+ b"x-nexus-release: " + release (a str, latin-1) + b"\\r\\n"] + the
+    tail, in one buffer (release: None or "" for none)."""
+    cdef Py_ssize_t nw = PyBytes_GET_SIZE(wire), nr = 0, nt = PyBytes_GET_SIZE(_TAIL), size = 0
     cdef Py_ssize_t nl = PyBytes_GET_SIZE(_RELEASE)
+    cdef const char* chars = NULL
     cdef bytes r = None
-    if rid is not None:
-        r = <bytes>rid
-        nr = nl + PyBytes_GET_SIZE(r) + 2
+    if release:
+        if PyUnicode_KIND(release) == PyUnicode_1BYTE_KIND:  # its latin-1 bytes are its chars
+            chars = <const char*>PyUnicode_DATA(release)
+            size = PyUnicode_GET_LENGTH(release)
+        else:
+            r = (<str>release).encode("latin-1")  # UnicodeEncodeError, as before
+            chars = PyBytes_AS_STRING(r)
+            size = PyBytes_GET_SIZE(r)
+        nr = nl + size + 2
     cdef bytes out = PyBytes_FromStringAndSize(NULL, nw + nb + nr + nt)
     cdef char* p = PyBytes_AS_STRING(out)
     memcpy(p, PyBytes_AS_STRING(wire), nw)
     p += nw
-    memcpy(p, PyBytes_AS_STRING(block), nb)
+    if nb:
+        memcpy(p, block, nb)
     p += nb
-    if r is not None:
+    if nr:
         memcpy(p, PyBytes_AS_STRING(_RELEASE), nl)
         p += nl
-        memcpy(p, PyBytes_AS_STRING(r), PyBytes_GET_SIZE(r))
-        p += PyBytes_GET_SIZE(r)
+        memcpy(p, chars, size)
+        p += size
         p[0] = 13
         p[1] = 10
         p += 2
     memcpy(p, PyBytes_AS_STRING(_TAIL), nt)
     return out
+
+
+cdef inline bint _at_least(Py_ssize_t size, object limit) except -1:
+    """size >= limit (ReservationBook._max: an int), without making an int of size."""
+    cdef int overflow = 0
+    cdef long long bound
+    if PyLong_CheckExact(limit):
+        bound = PyLong_AsLongLongAndOverflow(limit, &overflow)
+        if overflow:
+            return overflow < 0
+        return size >= bound
+    return size >= limit
 
 
 cdef object _usd(object estimate, object completion, object price):
@@ -611,6 +643,10 @@ cdef object _check(object decider, object policy, object snapshot, object header
     cdef Py_ssize_t start, end
     cdef double seconds, last_d, now_d
     cdef long long uncharged, slot_mask
+    cdef Figure figures[62]  # _MAX_WINDOWS: the admission's figures, when the store wrote them here
+    cdef Py_ssize_t figures_n = -1, block_n
+    cdef unsigned long long figures_uncharged = 0
+    cdef char block[BLOCK_BYTES]
     cdef object idx
     cdef int overflow = 0
     if type(headers) is not dict:
@@ -771,17 +807,32 @@ cdef object _check(object decider, object policy, object snapshot, object header
     else:
         store = _at(decider, &S_DEC_STORE, "store")
         counter_ids = _at(plan, &S_PLAN_COUNTER_IDS, "counter_ids")
-        result = _at(store, &S_STORE_ACQUIRE, "acquire_nowait")(counter_ids, specs, costs, now)
-        if result is None or not _at(result, &S_RESULT_ALLOWED, "allowed"):  # the reference path from here
-            request = new_request("POST", path, headers, body, False, request_id, client_address)
-            admission = fast.admission(plan, costs, request_id, prompt, kept, facts, path)
-            if result is None:
-                return decider._check_later(policy, admission, now, started, request)
-            return decider._finish(policy, admission, request, result, now, started, True)
+        acquire = _at(store, &S_STORE_ACQUIRE, "acquire_nowait")
+        # the compiled memory store's own acquire: an admission's figures in C, no status objects (a
+        # refusal, or what it hands to the pure acquire, is left untouched: the object API then decides)
+        if (
+            PyMethod_Check(acquire) and PyMethod_GET_FUNCTION(acquire) == <PyObject*>_native_acquire
+            and acquire_figures(
+                <object>PyMethod_GET_SELF(acquire), counter_ids, specs, costs, now, figures, &figures_uncharged
+            ) is not None
+        ):
+            figures_n = len(<tuple>specs)
+            statuses = None
+        else:
+            result = acquire(counter_ids, specs, costs, now)
+            if result is None or not _at(result, &S_RESULT_ALLOWED, "allowed"):  # the reference path from here
+                request = new_request("POST", path, headers, body, False, request_id, client_address)
+                admission = fast.admission(plan, costs, request_id, prompt, kept, facts, path)
+                if result is None:
+                    return decider._check_later(policy, admission, now, started, request)
+                return decider._finish(policy, admission, request, result, now, started, True)
+            statuses = _at(result, &S_RESULT_STATUSES, "statuses")
         shape = _at(plan, &S_PLAN_SHAPE, "shape")
-        statuses = _at(result, &S_RESULT_STATUSES, "statuses")
         if book is not None and request_id:
-            uncharged = _at(result, &S_RESULT_UNCHARGED, "uncharged")
+            if figures_n >= 0:
+                uncharged = <long long>figures_uncharged
+            else:
+                uncharged = _at(result, &S_RESULT_UNCHARGED, "uncharged")
             # ReservationBook.reserve, then _insert
             entries = _at(book, &S_BOOK_ENTRIES, "_entries")
             out = None
@@ -812,7 +863,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
                     if not out:
                         out = []
                     out.append(book._retire(request_id, old))
-                elif len(entries) >= _at(book, &S_BOOK_MAX, "_max"):
+                elif _at_least(len(entries), _at(book, &S_BOOK_MAX, "_max")):
                     oldest_id, oldest = entries.popitem(last=False)
                     book.evicted += 1
                     if not out:
@@ -825,6 +876,11 @@ cdef object _check(object decider, object policy, object snapshot, object header
             if slot_mask != 0:  # policy.marks_release: shapes.near_limit
                 for idx in _item(shape, _SHAPE, I_SLOT_INDICES, "slot_indices"):
                     if not (uncharged >> <int>idx) & 1:
+                        if figures_n >= 0:
+                            if figures[<int>idx].remaining <= figures[<int>idx].limit >> 1:
+                                release = request_id
+                                break
+                            continue
                         status = statuses[idx]
                         if _at(status, &S_STATUS_REMAINING, "remaining") <= _at(status, &S_STATUS_LIMIT, "limit") >> 1:
                             release = request_id
@@ -838,13 +894,20 @@ cdef object _check(object decider, object policy, object snapshot, object header
     if wire is None:
         wire = app.allow_parts(plan.key)[0]
         plan.wire = wire
+    if figures_n > 0:  # the plan's headers of the figures, written here (plan_header_block's bytes)
+        header_plan = _item(_at(plan, &S_PLAN_SHAPE, "shape"), _SHAPE, I_HEADERS, "headers")
+        block_n = -1
+        if type(header_plan) is tuple and _core_headers.build_header_block is _native_block:
+            block_n = figure_block(<tuple>header_plan, figures, figures_n, block)
+        if block_n >= 0:
+            return _join(wire, block, block_n, release)
+        statuses = figure_statuses(specs, figures, figures_n)  # the objects, for the function in place
     if statuses:
-        block = _core_headers.build_header_block(
+        block_bytes = _core_headers.build_header_block(
             _item(_at(plan, &S_PLAN_SHAPE, "shape"), _SHAPE, I_HEADERS, "headers"), statuses
         )
-    else:
-        block = b""
-    return _join(wire, block, (<str>release).encode("latin-1") if release else None)
+        return _join(wire, PyBytes_AS_STRING(block_bytes), PyBytes_GET_SIZE(block_bytes), release)
+    return _join(wire, NULL, 0, release)
 
 
 cdef object _plain(object decider, object policy, object snapshot, object headers, str path, bytes body,
