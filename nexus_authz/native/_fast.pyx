@@ -73,6 +73,25 @@ cdef extern from "Python.h":
     int PyUnicode_1BYTE_KIND
 
 
+cdef extern from *:
+    """
+    /* Objects/odictobject.c's node and the head of its object (CPython 3.5+): the first key of an
+       OrderedDict without an iterator object. `_odict_layout` checks it at import; unused if it fails. */
+    typedef struct _nx_odict_node {
+        PyObject *key;
+        Py_hash_t hash;
+        struct _nx_odict_node *next;
+        struct _nx_odict_node *prev;
+    } _nx_odict_node;
+    typedef struct { PyDictObject od_dict; _nx_odict_node *od_first; } _nx_odict;
+    static PyObject *_nx_odict_first(PyObject *od) {
+        _nx_odict_node *node = ((_nx_odict *)od)->od_first;
+        return node ? node->key : NULL;
+    }
+    """
+    PyObject* _nx_odict_first(object od)
+
+
 include "_slots.pxi"
 
 
@@ -97,6 +116,35 @@ cdef object _log = None
 cdef object _failure_store = None
 cdef object _reference_feed = None
 cdef object _busy = None
+
+# the last request's target and its path (one str per distinct target, not per request: the compiled
+# parser hands over the same bytes object for a repeated target), and the last Authorization value's digest
+# under the last hasher (the parser hands over the same str when a connection's key repeats)
+cdef object _last_url = None
+cdef object _last_path = None
+cdef object _last_auth = None
+cdef object _last_hasher = None
+cdef object _last_digest = None
+
+
+def _odict_layout():
+    """Whether `_nx_odict_first` reads this interpreter's OrderedDict as next(iter(od)) does."""
+    od = OrderedDict()
+    if _nx_odict_first(od) != NULL:
+        return False
+    probe = [("a", 1), ("b", 2), ("c", 3), ("d", 4)]
+    for k, v in probe:
+        od[k] = v
+    steps = [lambda: None, lambda: od.pop("a"), lambda: od.move_to_end("b"), lambda: od.popitem(last=False),
+             lambda: od.__setitem__("e", 5), lambda: od.move_to_end("e", last=False), lambda: od.pop("e")]
+    for step in steps:
+        step()
+        if not od or _nx_odict_first(od) == NULL or <object>_nx_odict_first(od) is not next(iter(od)):
+            return False
+    return True
+
+
+cdef bint _ODICT_FIRST = _odict_layout()
 
 
 # -- attributes read straight from their slots ---------------------------------------------------------------
@@ -425,6 +473,28 @@ cdef bytes _hmac(object hasher, const unsigned char* secret, Py_ssize_t n):
     return out
 
 
+cdef bytes _digest(object hasher, object value, const unsigned char* secret, Py_ssize_t n):
+    """`_hmac` of the secret (at `secret`, from the Authorization str `value`), the last digest again when
+    `value` is the same str object under the same hasher (the compiled parser's repeated value)."""
+    global _last_auth, _last_hasher, _last_digest
+    if value is _last_auth and hasher is _last_hasher:
+        return _last_digest
+    digest = _hmac(hasher, secret, n)
+    _last_auth = value
+    _last_hasher = hasher
+    _last_digest = digest
+    return digest
+
+
+cdef object _path(bytes url):
+    """The check's path: the target after the prefix, latin-1 (the last one again for the same bytes)."""
+    global _last_url, _last_path
+    if url is not _last_url:
+        _last_path = PyUnicode_DecodeLatin1(PyBytes_AS_STRING(url) + _SKIP, PyBytes_GET_SIZE(url) - _SKIP, NULL)
+        _last_url = url
+    return _last_path
+
+
 def hmac_sha256(hasher, bytes secret not None):
     """The compiled lane's keys.KeyHasher.__call__ on `secret`'s bytes (tests compare it with hashlib's)."""
     return _hmac(hasher, <const unsigned char*>PyBytes_AS_STRING(secret), PyBytes_GET_SIZE(secret))
@@ -450,8 +520,9 @@ def install(reference, internal_error, log, failure_store, str prefix, allow_ans
     whose `_states` (a dict; fresh windows held as None) the brute-force throttle's counts are read from directly (any other: through its
     own `__len__` / `__contains__`, as FastAdmit does); `prefix`: EXT_AUTHZ_PREFIX; `allow_answer`:
     http_fast.allow_answer (the answer of check_plain's admissions, when the lane hands a request to it)."""
-    global _reference, _internal_error, _log, _failure_store, _PREFIX, _SKIP, _allow_answer
+    global _reference, _internal_error, _log, _failure_store, _PREFIX, _SKIP, _allow_answer, _last_url
     _allow_answer = allow_answer
+    _last_url = None  # its path was cut at the old prefix
     _PREFIX = prefix.encode("latin-1") + b"/"
     _SKIP = len(prefix)
     _reference = reference
@@ -708,7 +779,9 @@ cdef object _check(object decider, object policy, object snapshot, object header
         else:
             counted = False
     # KeySnapshot.lookup: keys.KeyHasher's HMAC in C (ASCII: the secret's UTF-8 bytes are its chars)
-    key = _at(snapshot, &S_SNAP_DIGEST, "by_digest").get(_hmac(_at(snapshot, &S_SNAP_HASHER, "hasher"), chars, length))
+    key = _at(snapshot, &S_SNAP_DIGEST, "by_digest").get(
+        _digest(_at(snapshot, &S_SNAP_HASHER, "hasher"), value, chars, length)
+    )
     if key is None or _at(key, &S_KEY_DISABLED, "disabled"):
         return None
     expires_at = _at(key, &S_KEY_EXPIRES, "expires_at")
@@ -837,10 +910,14 @@ cdef object _check(object decider, object policy, object snapshot, object header
             entries = _at(book, &S_BOOK_ENTRIES, "_entries")
             out = None
             if entries:
-                for first in entries:  # the oldest
-                    if entries[first][5] <= now:
+                if _ODICT_FIRST and type(entries) is OrderedDict:  # the oldest, without an iterator
+                    if entries[<object>_nx_odict_first(entries)][5] <= now:
                         out = book._expire(now, book._expire_per_call)
-                    break
+                else:
+                    for first in entries:  # the oldest
+                        if entries[first][5] <= now:
+                            out = book._expire(now, book._expire_per_call)
+                        break
             context = (
                 _in_flight(key_id, _at(key, &S_KEY_TENANT, "tenant"), _at(plan, &S_PLAN_MODEL, "model"), prompt, kept)
                 if track else None
@@ -961,7 +1038,7 @@ def on_message_complete(self):
                     _at(engine, &S_ENGINE_POLICY, "policy"),
                     _at(engine, &S_ENGINE_SNAPSHOT, "snapshot"),
                     headers,
-                    PyUnicode_DecodeLatin1(PyBytes_AS_STRING(url) + _SKIP, PyBytes_GET_SIZE(url) - _SKIP, NULL),
+                    _path(<bytes>url),
                     body,
                     _hget(headers, "x-request-id", ""),
                     _client_address(xff),

@@ -1,0 +1,66 @@
+"""What the compiled lane allocates per allowed check (performance issue 15, target 7): counted with
+benchmarks/bench_alloc.py's allocator hook on its in-process fast path (the benchmark's config: three
+windows, accounting on, a reservation per request), a batch of distinct request ids after the caches are
+warm. Most blocks left are state the decision keeps (the reservation's entry, InFlight, the ordered dict's
+node, the window states, the counters): docs/design.md's performance section has the breakdown."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from nexus_authz import native
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import bench_alloc  # type: ignore[import-not-found]  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    native.fast is None and os.environ.get(native.PURE_ENV, "") not in ("", "0"),
+    reason="NEXUS_AUTHZ_PURE is set: the compiled lane is not loaded",
+)
+
+BATCH = 2000
+MAX_BLOCKS = 17.0  # 32.9 before the lane stopped making statuses, header strings, digests ... per request
+
+
+def test_the_oldest_reservation_is_read_without_an_iterator() -> None:
+    assert native.fast is not None
+    assert native.fast._odict_layout()
+
+
+def test_an_allowed_check_allocates_few_blocks(tmp_path: Path) -> None:
+    if native.fast is None:
+        pytest.fail(f"the compiled lane did not build or load ({native.WHY_PURE}): pip install -e .")
+    counter = bench_alloc.AllocCounter.load(tmp_path / "hook")
+    if counter is None:
+        pytest.skip("no C compiler for the allocation hook")
+    fp = bench_alloc.build_fastpath(tmp_path / "engine")
+    ids = [f"5f2d6f1e-1c7b-4a53-9d2e-{i:012d}" for i in range(BATCH)]
+    raws = [bench_alloc.ext_authz_request(fp.secrets[0], rid) for rid in ids]
+    receive, account, sink = fp.proto.data_received, fp.engine.account, fp.sink
+
+    def decide() -> None:
+        for raw in raws:
+            receive(raw)
+
+    def settle() -> None:
+        for rid in ids:
+            account(rid, bench_alloc.USAGE)
+
+    for _ in range(2):
+        decide()
+        assert sink.last.startswith(b"HTTP/1.1 200 OK\r\n")
+        settle()
+    gc.collect()
+    counts = []
+    for _ in range(3):  # every reservation settled before its id comes back, as in bench_alloc
+        counts.append(counter.count(decide).allocs)
+        assert sink.last.startswith(b"HTTP/1.1 200 OK\r\n")
+        settle()
+    per_decision = min(counts) / BATCH
+    assert per_decision <= MAX_BLOCKS, f"{per_decision:.2f} blocks per allowed check"
