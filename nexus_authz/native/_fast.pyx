@@ -100,6 +100,7 @@ cdef Py_ssize_t _SKIP = 10  # len(EXT_AUTHZ_PREFIX): the path keeps its leading 
 cdef bytes _TAIL = b"content-length: 0\r\n\r\n"
 cdef bytes _RELEASE = b"x-nexus-release: "
 cdef object _OK = Reason.OK
+cdef object _ONE = 1
 cdef object _UNAVAILABLE = Reason.UNAVAILABLE
 cdef object _InFlight = InFlight  # a NamedTuple: a tuple subtype of 5 items, no __dict__
 cdef Py_ssize_t _MAX_KEY = MAX_KEY_LENGTH
@@ -471,6 +472,35 @@ cdef bytes _hmac(object hasher, const unsigned char* secret, Py_ssize_t n):
     memcpy(state, _outer_state, sizeof(state))
     _finish(state, inner, 32, 64, <unsigned char*>PyBytes_AS_STRING(out))
     return out
+
+
+cdef tuple _last_costs = ()
+
+
+cdef tuple _costs(tuple cost_index, Py_ssize_t n, object tokens, object usd):
+    """shapes.costs_of: (1, tokens, usd)[cost_index[i]] for each window; the last request's tuple again
+    when its items are the same ints (a tuple is only read: the charge and the reservation keep it)."""
+    global _last_costs
+    cdef tuple last = _last_costs
+    cdef bint same = PyTuple_GET_SIZE(last) == n
+    cdef Py_ssize_t i, source
+    cdef object item, prev
+    for i in range(n):
+        source = <Py_ssize_t>(<object>PyTuple_GET_ITEM(cost_index, i))
+        item = _ONE if source == 0 else tokens if source == 1 else usd
+        if same:
+            prev = <object>PyTuple_GET_ITEM(last, i)
+            same = prev is item or (PyLong_CheckExact(prev) and PyLong_CheckExact(item) and prev == item)
+    if same:
+        return last
+    cdef tuple costs = PyTuple_New(n)
+    for i in range(n):
+        source = <Py_ssize_t>(<object>PyTuple_GET_ITEM(cost_index, i))
+        item = _ONE if source == 0 else tokens if source == 1 else usd
+        Py_INCREF(item)
+        PyTuple_SET_ITEM(costs, i, item)
+    _last_costs = costs
+    return costs
 
 
 cdef bytes _digest(object hasher, object value, const unsigned char* secret, Py_ssize_t n):
@@ -845,8 +875,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
             prompt, kept = deferred_body(body, content_type, prompt)
     cdef tuple cost_index = _at(plan, &S_PLAN_COST_INDEX, "cost_index")
     n = PyTuple_GET_SIZE(cost_index)
-    cdef tuple costs = PyTuple_New(n)
-    cdef Py_ssize_t source
+    cdef tuple costs
     tokens = 0
     usd = 0
     if _at(plan, &S_PLAN_METERED, "metered"):
@@ -865,11 +894,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
         price = _at(plan, &S_PLAN_PRICE, "price")
         usd = _usd(estimate, completion, price) if price is not None else 0
         tokens = estimate + completion
-    for i in range(n):  # shapes.costs_of: (1, tokens, usd)[cost_index[i]]
-        source = <Py_ssize_t>(<object>PyTuple_GET_ITEM(cost_index, i))
-        item = 1 if source == 0 else tokens if source == 1 else usd
-        Py_INCREF(item)
-        PyTuple_SET_ITEM(costs, i, item)
+    costs = _costs(cost_index, n, tokens, usd)
     # -- Decider.check_plain: charge, reserve ------------------------------------------------------------
     release = None
     if not specs:  # nothing to charge
@@ -1029,6 +1054,8 @@ def on_message_complete(self):
                 chunks = _at(self, &S_PROTO_BODY, "_body")
                 if not chunks:
                     body = b""
+                elif type(chunks) is tuple and len(<tuple>chunks) == 1 and type((<tuple>chunks)[0]) is bytes:
+                    body = (<tuple>chunks)[0]  # the compiled parser's
                 elif type(chunks) is list and len(<list>chunks) == 1 and type((<list>chunks)[0]) is bytes:
                     body = (<list>chunks)[0]
                 else:

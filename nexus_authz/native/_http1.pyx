@@ -391,10 +391,10 @@ cdef class RequestParser:
             self.last_url = url
         _put(proto, self.o_url, "_url", url)
         _put(proto, self.o_headers, "_headers", headers)
-        if content_length > 0:
-            _put(proto, self.o_body, "_body", [PyBytes_FromStringAndSize(<const char*>(p + i), content_length)])
+        if content_length > 0:  # a tuple: the protocol only joins it (a new list of chunks per httptools request)
+            _put(proto, self.o_body, "_body", (PyBytes_FromStringAndSize(<const char*>(p + i), content_length),))
         else:
-            _put(proto, self.o_body, "_body", [])
+            _put(proto, self.o_body, "_body", ())
         self.method = method
         self.keep_alive = not close
         end[0] = start + i + content_length

@@ -64,3 +64,27 @@ def test_an_allowed_check_allocates_few_blocks(tmp_path: Path) -> None:
         settle()
     per_decision = min(counts) / BATCH
     assert per_decision <= MAX_BLOCKS, f"{per_decision:.2f} blocks per allowed check"
+
+
+def test_a_reservation_keeps_its_own_costs(tmp_path: Path) -> None:
+    """The lane hands the last request's costs tuple on only while the costs are the same numbers: a request
+    with another max_tokens is charged and reserved with its own (the reference path's costs)."""
+    import json
+
+    if native.fast is None:
+        pytest.fail(f"the compiled lane did not build or load ({native.WHY_PURE}): pip install -e .")
+    fp = bench_alloc.build_fastpath(tmp_path)
+    base = json.loads(bench_alloc.be.BODY)
+    entries = fp.engine.decider.book._entries
+    costs = {}
+    for rid, max_tokens in (("a", 16), ("b", 400), ("c", 16), ("d", 400)):
+        body = json.dumps(base | {"max_tokens": max_tokens}, separators=(",", ":")).encode()
+        raw = bench_alloc.ext_authz_request(fp.secrets[0], rid).replace(bench_alloc.be.BODY, body)
+        raw = raw.replace(
+            f"content-length: {len(bench_alloc.be.BODY)}".encode(), f"content-length: {len(body)}".encode()
+        )
+        fp.proto.data_received(raw)
+        assert fp.sink.last.startswith(b"HTTP/1.1 200 OK\r\n")
+        costs[rid] = entries[rid][2]
+    assert costs["a"] == costs["c"] and costs["b"] == costs["d"] and costs["a"] != costs["b"]
+    assert costs["b"][1] - costs["a"][1] == 400 - 16  # the tokens window's cost: prompt + max_tokens
