@@ -10,6 +10,7 @@ import gc
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,3 +89,30 @@ def test_a_reservation_keeps_its_own_costs(tmp_path: Path) -> None:
         costs[rid] = entries[rid][2]
     assert costs["a"] == costs["c"] and costs["b"] == costs["d"] and costs["a"] != costs["b"]
     assert costs["b"][1] - costs["a"][1] == 400 - 16  # the tokens window's cost: prompt + max_tokens
+
+
+def test_a_header_function_other_than_the_compiled_one_gets_the_statuses(tmp_path: Path) -> None:
+    """With another build_header_block in place, the lane makes the statuses of its figures (what acquire
+    would have returned) and answers with that function's lines."""
+    from nexus_authz.core import ratelimit_headers
+    from nexus_authz.core.limits import WindowStatus
+
+    if native.fast is None:
+        pytest.fail(f"the compiled lane did not build or load ({native.WHY_PURE}): pip install -e .")
+    fp = bench_alloc.build_fastpath(tmp_path)
+    seen: list[bytes] = []
+
+    def pure(plan: Any, statuses: Any) -> bytes:
+        assert type(statuses) is tuple and all(type(s) is WindowStatus for s in statuses)
+        entry = fp.engine.decider.book._entries["rid-1"]  # reserved before the answer is made
+        assert tuple(s.spec for s in statuses) == entry[1]
+        assert all(s.allowed and s.limit == s.spec.limit and type(s.remaining) is int for s in statuses)
+        block = ratelimit_headers.plan_header_block(plan, statuses)
+        seen.append(block)
+        return block
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ratelimit_headers, "build_header_block", pure)
+        fp.proto.data_received(bench_alloc.ext_authz_request(fp.secrets[0], "rid-1"))
+    assert len(seen) == 1 and seen[0] and seen[0] in fp.sink.last
+    assert fp.sink.last.startswith(b"HTTP/1.1 200 OK\r\n")
