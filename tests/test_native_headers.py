@@ -221,3 +221,38 @@ def test_header_lines_the_compiled_code_does_not_read_go_to_the_pure_function(co
         WindowStatus(s, s.limit, 10**12 - i, 0.5 + i, 0.0, True) for i, s in enumerate(long_names)
     )
     _assert_same_block(long_names, statuses, compiled_block)
+
+
+@settings(max_examples=500, deadline=None)
+@given(answers())
+def test_the_header_lines_of_figures_are_the_reference_headers(compiled_block: Any, answer: Any) -> None:
+    """native/_headers figure_block (the compiled HTTP lane's block, from an admission's figures in C):
+    the reference lines, or nothing where the compiled function would take the pure one."""
+    windows, statuses, _ = answer
+    if any(not -(2**63) <= s.remaining < 2**63 or not -(2**63) <= s.limit < 2**63 for s in statuses):
+        return  # no C figure holds them: acquire_figures hands such windows to the pure acquire
+    got = native.headers.figure_block_of(header_plan(windows), statuses)
+    expected = header_block(tuple(rate_limit_headers(statuses, denied=False)))
+    if got is None:
+        assert any(
+            not -(2**62) < s.remaining < 2**62 or not -(2**62) < s.limit < 2**62 for s in statuses
+        ) or any(not (math.isfinite(s.reset_after) and abs(s.reset_after) < 1e15) for s in statuses)
+    else:
+        assert got == expected
+
+
+def test_figures_the_block_cannot_write_are_left_to_the_caller(compiled_block: Any) -> None:
+    rpm = make_limit("requests", 10, "minute")
+    tpd = make_limit("tokens", 10**6, "day")
+    fine = WindowStatus(tpd, 10**6, 5, 1.0, 0.0, True)
+    plan = header_plan((rpm, tpd))
+    for odd in (
+        WindowStatus(rpm, 10, 2**62, 1.0, 0.0, True),  # beyond the compiled range
+        WindowStatus(rpm, 2**62, 3, 1.0, 0.0, True),
+        WindowStatus(rpm, 10, 3, math.inf, 0.0, True),
+    ):
+        assert native.headers.figure_block_of(plan, (odd, fine)) is None
+    good = (WindowStatus(rpm, 10, 3, 1.5, 0.0, True), fine)
+    assert native.headers.figure_block_of(plan, good) == header_block(
+        tuple(rate_limit_headers(good, denied=False))
+    )

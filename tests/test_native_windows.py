@@ -461,3 +461,55 @@ def test_five_doubles_of_another_shape_are_read_as_the_pure_path_reads(compiled:
             ]
             traces.append(run(store, path, 3600.0, calls))
         assert traces[0] == traces[1]
+
+
+# -- the figures of an admission (the compiled HTTP lane's acquire: no status objects) -----------------------
+
+
+def _figures_then_acquire(compiled: Any, seen: list[bool]) -> Any:
+    """An acquire that tries `acquire_figures` first (as native/_fast does), then the object API; the result
+    rebuilt from the figures for the comparison."""
+    from nexus_authz.core.limits import new_result
+
+    def acquire(store: MemoryCounterStore, ids: Any, specs: Any, costs: Any, now: float) -> Any:
+        figures = compiled.figures_of(store, ids, specs, costs, now)
+        seen.append(figures is not None)
+        if figures is None:
+            return compiled.acquire(store, ids, specs, costs, now)
+        uncharged, statuses = figures
+        return new_result(True, statuses, uncharged)
+
+    return acquire
+
+
+@settings(max_examples=300, deadline=None)
+@given(start=start_st, sweep=st.integers(0, 3), calls=st.lists(call_st(), max_size=30))
+def test_the_figures_of_an_admission_are_the_statuses(
+    compiled: Any, start: float, sweep: int, calls: list[Any]
+) -> None:
+    """acquire_figures admits, charges and sweeps as acquire does, and its figures are the statuses'; a
+    refusal (or what goes to the pure path) is left untouched for acquire to decide."""
+    seen: list[bool] = []
+    pure = run(MemoryCounterStore(sweep_per_call=sweep), PURE, start, calls)
+    via = run(
+        MemoryCounterStore(sweep_per_call=sweep),
+        (_figures_then_acquire(compiled, seen), compiled.adjust),
+        start,
+        calls,
+    )
+    assert via == pure
+
+
+def test_the_figures_take_admissions_and_leave_refusals(compiled: Any) -> None:
+    seen: list[bool] = []
+    rpm = make_limit("requests", 2, "minute")
+    tpd = make_limit("tokens", 100, "day", algorithm="sliding", slots=24)
+    ids, specs = ("r", "t"), (rpm, tpd)
+    calls = [("acquire", ids, specs, (1, 40), 0.5, None)] * 3
+    pure = run(MemoryCounterStore(), PURE, 1_700_000_000.0, calls)
+    via = run(
+        MemoryCounterStore(), (_figures_then_acquire(compiled, seen), compiled.adjust), 1_700_000_000.0, calls
+    )
+    assert via == pure
+    assert seen == [True, True, False]  # the third is refused: acquire decides it
+    assert [bits[1] for bits in via[::2]] == [True, True, False]

@@ -42,6 +42,10 @@ from libc.stdint cimport uint32_t
 from libc.string cimport memcmp, memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_THREAD_CPUTIME_ID, clock_gettime, timespec
 
+from nexus_authz.native._figures cimport Figure
+from nexus_authz.native._headers cimport BLOCK_BYTES, figure_block
+from nexus_authz.native._windows cimport acquire_figures, figure_statuses
+
 import math
 from collections import OrderedDict
 
@@ -53,6 +57,8 @@ from nexus_authz.core.known import REFRESH_AFTER, KnownKeys
 from nexus_authz.core.model import Decision, InFlight, Reason, new_request
 from nexus_authz.core.prompt_later import KEEP_BODY_BYTES, deferred_body
 from nexus_authz.core.reservations import ReservationBook, settle_with
+from nexus_authz.native._headers import plan_header_block as _native_block
+from nexus_authz.native._windows import acquire as _native_acquire
 
 cdef extern from "Python.h":
     ctypedef struct PyTypeObject:
@@ -66,6 +72,30 @@ cdef extern from "Python.h":
     bint PyFloat_CheckExact(object o)
     bint PyLong_CheckExact(object o)
     bint PyTuple_CheckExact(object o)
+    bint PyMethod_Check(object o)
+    PyObject* PyMethod_GET_FUNCTION(object o)
+    PyObject* PyMethod_GET_SELF(object o)
+    int PyUnicode_KIND(object o)
+    int PyUnicode_1BYTE_KIND
+
+
+cdef extern from *:
+    """
+    /* Objects/odictobject.c's node and the head of its object (CPython 3.5+): the first key of an
+       OrderedDict without an iterator object. `_odict_layout` checks it at import; unused if it fails. */
+    typedef struct _nx_odict_node {
+        PyObject *key;
+        Py_hash_t hash;
+        struct _nx_odict_node *next;
+        struct _nx_odict_node *prev;
+    } _nx_odict_node;
+    typedef struct { PyDictObject od_dict; _nx_odict_node *od_first; } _nx_odict;
+    static PyObject *_nx_odict_first(PyObject *od) {
+        _nx_odict_node *node = ((_nx_odict *)od)->od_first;
+        return node ? node->key : NULL;
+    }
+    """
+    PyObject* _nx_odict_first(object od)
 
 
 include "_slots.pxi"
@@ -76,6 +106,7 @@ cdef Py_ssize_t _SKIP = 10  # len(EXT_AUTHZ_PREFIX): the path keeps its leading 
 cdef bytes _TAIL = b"content-length: 0\r\n\r\n"
 cdef bytes _RELEASE = b"x-nexus-release: "
 cdef object _OK = Reason.OK
+cdef object _ONE = 1
 cdef object _UNAVAILABLE = Reason.UNAVAILABLE
 cdef object _InFlight = InFlight  # a NamedTuple: a tuple subtype of 5 items, no __dict__
 cdef Py_ssize_t _MAX_KEY = MAX_KEY_LENGTH
@@ -102,6 +133,35 @@ cdef object _LocalCounters = None
 cdef object _MemoryStore = None
 cdef object _shape_of = None
 cdef dict _SHAPES = None
+
+# the last request's target and its path (one str per distinct target, not per request: the compiled
+# parser hands over the same bytes object for a repeated target), and the last Authorization value's digest
+# under the last hasher (the parser hands over the same str when a connection's key repeats)
+cdef object _last_url = None
+cdef object _last_path = None
+cdef object _last_auth = None
+cdef object _last_hasher = None
+cdef object _last_digest = None
+
+
+def _odict_layout():
+    """Whether `_nx_odict_first` reads this interpreter's OrderedDict as next(iter(od)) does."""
+    od = OrderedDict()
+    if _nx_odict_first(od) != NULL:
+        return False
+    probe = [("a", 1), ("b", 2), ("c", 3), ("d", 4)]
+    for k, v in probe:
+        od[k] = v
+    steps = [lambda: None, lambda: od.pop("a"), lambda: od.move_to_end("b"), lambda: od.popitem(last=False),
+             lambda: od.__setitem__("e", 5), lambda: od.move_to_end("e", last=False), lambda: od.pop("e")]
+    for step in steps:
+        step()
+        if not od or _nx_odict_first(od) == NULL or <object>_nx_odict_first(od) is not next(iter(od)):
+            return False
+    return True
+
+
+cdef bint _ODICT_FIRST = _odict_layout()
 
 
 # -- attributes read straight from their slots ---------------------------------------------------------------
@@ -447,6 +507,57 @@ cdef bytes _hmac(object hasher, const unsigned char* secret, Py_ssize_t n):
     return out
 
 
+cdef tuple _last_costs = ()
+
+
+cdef tuple _costs(tuple cost_index, Py_ssize_t n, object tokens, object usd):
+    """shapes.costs_of: (1, tokens, usd)[cost_index[i]] for each window; the last request's tuple again
+    when its items are the same ints (a tuple is only read: the charge and the reservation keep it)."""
+    global _last_costs
+    cdef tuple last = _last_costs
+    cdef bint same = PyTuple_GET_SIZE(last) == n
+    cdef Py_ssize_t i, source
+    cdef object item, prev
+    for i in range(n):
+        source = <Py_ssize_t>(<object>PyTuple_GET_ITEM(cost_index, i))
+        item = _ONE if source == 0 else tokens if source == 1 else usd
+        if same:
+            prev = <object>PyTuple_GET_ITEM(last, i)
+            same = prev is item or (PyLong_CheckExact(prev) and PyLong_CheckExact(item) and prev == item)
+    if same:
+        return last
+    cdef tuple costs = PyTuple_New(n)
+    for i in range(n):
+        source = <Py_ssize_t>(<object>PyTuple_GET_ITEM(cost_index, i))
+        item = _ONE if source == 0 else tokens if source == 1 else usd
+        Py_INCREF(item)
+        PyTuple_SET_ITEM(costs, i, item)
+    _last_costs = costs
+    return costs
+
+
+cdef bytes _digest(object hasher, object value, const unsigned char* secret, Py_ssize_t n):
+    """`_hmac` of the secret (at `secret`, from the Authorization str `value`), the last digest again when
+    `value` is the same str object under the same hasher (the compiled parser's repeated value)."""
+    global _last_auth, _last_hasher, _last_digest
+    if value is _last_auth and hasher is _last_hasher:
+        return _last_digest
+    digest = _hmac(hasher, secret, n)
+    _last_auth = value
+    _last_hasher = hasher
+    _last_digest = digest
+    return digest
+
+
+cdef object _path(bytes url):
+    """The check's path: the target after the prefix, latin-1 (the last one again for the same bytes)."""
+    global _last_url, _last_path
+    if url is not _last_url:
+        _last_path = PyUnicode_DecodeLatin1(PyBytes_AS_STRING(url) + _SKIP, PyBytes_GET_SIZE(url) - _SKIP, NULL)
+        _last_url = url
+    return _last_path
+
+
 def hmac_sha256(hasher, bytes secret not None):
     """The compiled lane's keys.KeyHasher.__call__ on `secret`'s bytes (tests compare it with hashlib's)."""
     return _hmac(hasher, <const unsigned char*>PyBytes_AS_STRING(secret), PyBytes_GET_SIZE(secret))
@@ -472,8 +583,9 @@ def install(reference, internal_error, log, failure_store, str prefix, allow_ans
     whose `_states` (a dict; fresh windows held as None) the brute-force throttle's counts are read from directly (any other: through its
     own `__len__` / `__contains__`, as FastAdmit does); `prefix`: EXT_AUTHZ_PREFIX; `allow_answer`:
     http_fast.allow_answer (the answer of check_plain's admissions, when the lane hands a request to it)."""
-    global _reference, _internal_error, _log, _failure_store, _PREFIX, _SKIP, _allow_answer
+    global _reference, _internal_error, _log, _failure_store, _PREFIX, _SKIP, _allow_answer, _last_url
     _allow_answer = allow_answer
+    _last_url = None  # its path was cut at the old prefix
     _PREFIX = prefix.encode("latin-1") + b"/"
     _SKIP = len(prefix)
     _reference = reference
@@ -559,30 +671,51 @@ cdef inline bint _multipart(str content_type) except -1:
     return content_type.partition(";")[0].strip().lower() == "multipart/form-data"
 
 
-cdef bytes _join(bytes wire, bytes block, object rid):
-    """wire + block [+ b"x-nexus-release: " + rid + b"\\r\\n"] + the tail, in one buffer."""
-    cdef Py_ssize_t nw = PyBytes_GET_SIZE(wire), nb = PyBytes_GET_SIZE(block), nr = 0, nt = PyBytes_GET_SIZE(_TAIL)
+cdef bytes _join(bytes wire, const char* block, Py_ssize_t nb, object release):
+    """wire + the nb bytes at block [+ b"x-nexus-release: " + release (a str, latin-1) + b"\\r\\n"] + the
+    tail, in one buffer (release: None or "" for none)."""
+    cdef Py_ssize_t nw = PyBytes_GET_SIZE(wire), nr = 0, nt = PyBytes_GET_SIZE(_TAIL), size = 0
     cdef Py_ssize_t nl = PyBytes_GET_SIZE(_RELEASE)
+    cdef const char* chars = NULL
     cdef bytes r = None
-    if rid is not None:
-        r = <bytes>rid
-        nr = nl + PyBytes_GET_SIZE(r) + 2
+    if release:
+        if PyUnicode_KIND(release) == PyUnicode_1BYTE_KIND:  # its latin-1 bytes are its chars
+            chars = <const char*>PyUnicode_DATA(release)
+            size = PyUnicode_GET_LENGTH(release)
+        else:
+            r = (<str>release).encode("latin-1")  # UnicodeEncodeError, as before
+            chars = PyBytes_AS_STRING(r)
+            size = PyBytes_GET_SIZE(r)
+        nr = nl + size + 2
     cdef bytes out = PyBytes_FromStringAndSize(NULL, nw + nb + nr + nt)
     cdef char* p = PyBytes_AS_STRING(out)
     memcpy(p, PyBytes_AS_STRING(wire), nw)
     p += nw
-    memcpy(p, PyBytes_AS_STRING(block), nb)
+    if nb:
+        memcpy(p, block, nb)
     p += nb
-    if r is not None:
+    if nr:
         memcpy(p, PyBytes_AS_STRING(_RELEASE), nl)
         p += nl
-        memcpy(p, PyBytes_AS_STRING(r), PyBytes_GET_SIZE(r))
-        p += PyBytes_GET_SIZE(r)
+        memcpy(p, chars, size)
+        p += size
         p[0] = 13
         p[1] = 10
         p += 2
     memcpy(p, PyBytes_AS_STRING(_TAIL), nt)
     return out
+
+
+cdef inline bint _at_least(Py_ssize_t size, object limit) except -1:
+    """size >= limit (ReservationBook._max: an int), without making an int of size."""
+    cdef int overflow = 0
+    cdef long long bound
+    if PyLong_CheckExact(limit):
+        bound = PyLong_AsLongLongAndOverflow(limit, &overflow)
+        if overflow:
+            return overflow < 0
+        return size >= bound
+    return size >= limit
 
 
 cdef object _usd(object estimate, object completion, object price):
@@ -676,6 +809,10 @@ cdef object _check(object decider, object policy, object snapshot, object header
     cdef Py_ssize_t start, end
     cdef double seconds, last_d, now_d
     cdef long long uncharged, slot_mask
+    cdef Figure figures[62]  # _MAX_WINDOWS: the admission's figures, when the store wrote them here
+    cdef Py_ssize_t figures_n = -1, block_n
+    cdef unsigned long long figures_uncharged = 0
+    cdef char block[BLOCK_BYTES]
     cdef object idx
     cdef int overflow = 0
     if type(headers) is not dict:
@@ -737,7 +874,9 @@ cdef object _check(object decider, object policy, object snapshot, object header
         else:
             counted = False
     # KeySnapshot.lookup: keys.KeyHasher's HMAC in C (ASCII: the secret's UTF-8 bytes are its chars)
-    key = _at(snapshot, &S_SNAP_DIGEST, "by_digest").get(_hmac(_at(snapshot, &S_SNAP_HASHER, "hasher"), chars, length))
+    key = _at(snapshot, &S_SNAP_DIGEST, "by_digest").get(
+        _digest(_at(snapshot, &S_SNAP_HASHER, "hasher"), value, chars, length)
+    )
     if key is None or _at(key, &S_KEY_DISABLED, "disabled"):
         return None
     expires_at = _at(key, &S_KEY_EXPIRES, "expires_at")
@@ -801,8 +940,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
             prompt, kept = deferred_body(body, content_type, prompt)
     cdef tuple cost_index = _at(plan, &S_PLAN_COST_INDEX, "cost_index")
     n = PyTuple_GET_SIZE(cost_index)
-    cdef tuple costs = PyTuple_New(n)
-    cdef Py_ssize_t source
+    cdef tuple costs
     tokens = 0
     usd = 0
     if _at(plan, &S_PLAN_METERED, "metered"):
@@ -821,11 +959,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
         price = _at(plan, &S_PLAN_PRICE, "price")
         usd = _usd(estimate, completion, price) if price is not None else 0
         tokens = estimate + completion
-    for i in range(n):  # shapes.costs_of: (1, tokens, usd)[cost_index[i]]
-        source = <Py_ssize_t>(<object>PyTuple_GET_ITEM(cost_index, i))
-        item = 1 if source == 0 else tokens if source == 1 else usd
-        Py_INCREF(item)
-        PyTuple_SET_ITEM(costs, i, item)
+    costs = _costs(cost_index, n, tokens, usd)
     # -- Decider.check_plain: charge, reserve ------------------------------------------------------------
     release = None
     if not specs:  # nothing to charge
@@ -836,25 +970,44 @@ cdef object _check(object decider, object policy, object snapshot, object header
     else:
         store = _at(decider, &S_DEC_STORE, "store")
         counter_ids = _at(plan, &S_PLAN_COUNTER_IDS, "counter_ids")
-        result = _at(store, &S_STORE_ACQUIRE, "acquire_nowait")(counter_ids, specs, costs, now)
-        if result is None or not _at(result, &S_RESULT_ALLOWED, "allowed"):  # the reference path from here
-            request = new_request("POST", path, headers, body, False, request_id, client_address)
-            admission = fast.admission(plan, costs, request_id, prompt, kept, facts, path)
-            if result is None:
-                return decider._check_later(policy, admission, now, started, request)
-            return decider._finish(policy, admission, request, result, now, started, True)
+        acquire = _at(store, &S_STORE_ACQUIRE, "acquire_nowait")
+        # the compiled memory store's own acquire: an admission's figures in C, no status objects (a
+        # refusal, or what it hands to the pure acquire, is left untouched: the object API then decides)
+        if (
+            PyMethod_Check(acquire) and PyMethod_GET_FUNCTION(acquire) == <PyObject*>_native_acquire
+            and acquire_figures(
+                <object>PyMethod_GET_SELF(acquire), counter_ids, specs, costs, now, figures, &figures_uncharged
+            ) is not None
+        ):
+            figures_n = len(<tuple>specs)
+            statuses = None
+        else:
+            result = acquire(counter_ids, specs, costs, now)
+            if result is None or not _at(result, &S_RESULT_ALLOWED, "allowed"):  # the reference path from here
+                request = new_request("POST", path, headers, body, False, request_id, client_address)
+                admission = fast.admission(plan, costs, request_id, prompt, kept, facts, path)
+                if result is None:
+                    return decider._check_later(policy, admission, now, started, request)
+                return decider._finish(policy, admission, request, result, now, started, True)
+            statuses = _at(result, &S_RESULT_STATUSES, "statuses")
         shape = _at(plan, &S_PLAN_SHAPE, "shape")
-        statuses = _at(result, &S_RESULT_STATUSES, "statuses")
         if book is not None and request_id:
-            uncharged = _at(result, &S_RESULT_UNCHARGED, "uncharged")
+            if figures_n >= 0:
+                uncharged = <long long>figures_uncharged
+            else:
+                uncharged = _at(result, &S_RESULT_UNCHARGED, "uncharged")
             # ReservationBook.reserve, then _insert
             entries = _at(book, &S_BOOK_ENTRIES, "_entries")
             out = None
             if entries:
-                for first in entries:  # the oldest
-                    if entries[first][5] <= now:
+                if _ODICT_FIRST and type(entries) is OrderedDict:  # the oldest, without an iterator
+                    if entries[<object>_nx_odict_first(entries)][5] <= now:
                         out = book._expire(now, book._expire_per_call)
-                    break
+                else:
+                    for first in entries:  # the oldest
+                        if entries[first][5] <= now:
+                            out = book._expire(now, book._expire_per_call)
+                        break
             context = (
                 _in_flight(key_id, _at(key, &S_KEY_TENANT, "tenant"), _at(plan, &S_PLAN_MODEL, "model"), prompt, kept)
                 if track else None
@@ -877,7 +1030,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
                     if not out:
                         out = []
                     out.append(book._retire(request_id, old))
-                elif len(entries) >= _at(book, &S_BOOK_MAX, "_max"):
+                elif _at_least(len(entries), _at(book, &S_BOOK_MAX, "_max")):
                     oldest_id, oldest = entries.popitem(last=False)
                     book.evicted += 1
                     if not out:
@@ -890,6 +1043,11 @@ cdef object _check(object decider, object policy, object snapshot, object header
             if slot_mask != 0:  # policy.marks_release: shapes.near_limit
                 for idx in _item(shape, _SHAPE, I_SLOT_INDICES, "slot_indices"):
                     if not (uncharged >> <int>idx) & 1:
+                        if figures_n >= 0:
+                            if figures[<int>idx].remaining <= figures[<int>idx].limit >> 1:
+                                release = request_id
+                                break
+                            continue
                         status = statuses[idx]
                         if _at(status, &S_STATUS_REMAINING, "remaining") <= _at(status, &S_STATUS_LIMIT, "limit") >> 1:
                             release = request_id
@@ -903,13 +1061,20 @@ cdef object _check(object decider, object policy, object snapshot, object header
     if wire is None:
         wire = app.allow_block(plan.key)
         plan.wire = wire
+    if figures_n > 0:  # the plan's headers of the figures, written here (plan_header_block's bytes)
+        header_plan = _item(_at(plan, &S_PLAN_SHAPE, "shape"), _SHAPE, I_HEADERS, "headers")
+        block_n = -1
+        if type(header_plan) is tuple and _core_headers.build_header_block is _native_block:
+            block_n = figure_block(<tuple>header_plan, figures, figures_n, block)
+        if block_n >= 0:
+            return _join(wire, block, block_n, release)
+        statuses = figure_statuses(specs, figures, figures_n)  # the objects, for the function in place
     if statuses:
-        block = _core_headers.build_header_block(
+        block_bytes = _core_headers.build_header_block(
             _item(_at(plan, &S_PLAN_SHAPE, "shape"), _SHAPE, I_HEADERS, "headers"), statuses
         )
-    else:
-        block = b""
-    return _join(wire, block, (<str>release).encode("latin-1") if release else None)
+        return _join(wire, PyBytes_AS_STRING(block_bytes), PyBytes_GET_SIZE(block_bytes), release)
+    return _join(wire, NULL, 0, release)
 
 
 cdef object _plain(object decider, object policy, object snapshot, object headers, str path, bytes body,
@@ -954,6 +1119,8 @@ def on_message_complete(self):
                 chunks = _at(self, &S_PROTO_BODY, "_body")
                 if not chunks:
                     body = b""
+                elif type(chunks) is tuple and len(<tuple>chunks) == 1 and type((<tuple>chunks)[0]) is bytes:
+                    body = (<tuple>chunks)[0]  # the compiled parser's
                 elif type(chunks) is list and len(<list>chunks) == 1 and type((<list>chunks)[0]) is bytes:
                     body = (<list>chunks)[0]
                 else:
@@ -963,7 +1130,7 @@ def on_message_complete(self):
                     _at(engine, &S_ENGINE_POLICY, "policy"),
                     _at(engine, &S_ENGINE_SNAPSHOT, "snapshot"),
                     headers,
-                    PyUnicode_DecodeLatin1(PyBytes_AS_STRING(url) + _SKIP, PyBytes_GET_SIZE(url) - _SKIP, NULL),
+                    _path(<bytes>url),
                     body,
                     _hget(headers, "x-request-id", ""),
                     _client_address(xff),

@@ -60,9 +60,10 @@ cdef inline PyObject* _get(object obj, Py_ssize_t offset):
 
 
 cdef struct Window:
-    PyObject* status
+    PyObject* status  # NULL: a Figure's (its limit below)
     long long remaining
     double reset_after
+    long long limit
 
 
 cdef inline bint _tighter(Window* a, Window* b):
@@ -271,12 +272,14 @@ cdef inline Py_ssize_t _ascii(object text, const char** data) except -2:
 cdef Py_ssize_t _openai_lines(char* out, Window* w, const char* kind) except -2:
     """The three x-ratelimit-*-<kind> lines of the binding window; -1: its limit is not a plain int."""
     cdef int overflow = 0
-    cdef PyObject* limit_obj = _get(<object>w.status, O_LIMIT)
-    cdef long long limit
+    cdef PyObject* limit_obj
+    cdef long long limit = w.limit
     cdef Py_ssize_t n
-    if not PyLong_CheckExact(<object>limit_obj):
-        return -1
-    limit = PyLong_AsLongLongAndOverflow(<object>limit_obj, &overflow)
+    if w.status != NULL:
+        limit_obj = _get(<object>w.status, O_LIMIT)
+        if not PyLong_CheckExact(<object>limit_obj):
+            return -1
+        limit = PyLong_AsLongLongAndOverflow(<object>limit_obj, &overflow)
     if overflow or not (-RANGE < limit < RANGE):
         return -1
     n = snprintf(
@@ -291,8 +294,61 @@ cdef Py_ssize_t _openai_lines(char* out, Window* w, const char* kind) except -2:
 
 def plan_header_block(tuple plan, statuses):
     """ratelimit_headers.plan_header_block (an admission's headers as HTTP/1.1 lines), in C."""
-    cdef char rl[BUF]
     cdef char out[BUF]
+    cdef Py_ssize_t n
+    if plan[0] is None:
+        return b""
+    if not PyTuple_CheckExact(statuses):
+        return _py_plan_header_block(plan, statuses)
+    n = _block(plan, <tuple>statuses, NULL, PyTuple_GET_SIZE(statuses), out)
+    if n < 0:
+        return _py_plan_header_block(plan, statuses)
+    return PyBytes_FromStringAndSize(out, n)
+
+
+cdef Py_ssize_t figure_block(tuple plan, Figure* figures, Py_ssize_t count, char* out) except -2:
+    """plan_header_block of the statuses `figures[:count]` stand for (_windows.acquire_figures), written to
+    `out` (BLOCK_BYTES): its length; -1 where plan_header_block would take the pure function (the caller
+    makes the statuses and calls it)."""
+    if plan[0] is None:
+        return 0
+    return _block(plan, None, figures, count, out)
+
+
+def figure_block_of(tuple plan, tuple statuses):
+    """`figure_block` as the tests call it, on the figures of `statuses` (WindowStatus with int limits and
+    remainings within ±2**63, float times): its bytes, or None where it leaves the answer to the caller."""
+    cdef Figure figures[64]
+    cdef char out[BUF]
+    cdef Py_ssize_t i, n = len(statuses)
+    if n > 64:
+        raise ValueError("at most 64 windows")
+    for i in range(n):
+        s = statuses[i]
+        figures[i].remaining = s.remaining
+        figures[i].limit = s.limit
+        figures[i].reset_after = s.reset_after
+        figures[i].retry_after = s.retry_after
+        figures[i].allowed = s.allowed
+    n = figure_block(plan, figures, n, out)
+    return None if n < 0 else PyBytes_FromStringAndSize(out, n)
+
+
+cdef inline int _figure(Figure* f, Window* w):
+    """`_read` of the status a Figure stands for (the same checks)."""
+    if not (-RANGE < f.remaining < RANGE) or not _seconds_in_range(f.reset_after):
+        return FALLBACK
+    w.status = NULL
+    w.remaining = f.remaining
+    w.reset_after = f.reset_after
+    w.limit = f.limit
+    return 0
+
+
+cdef Py_ssize_t _block(tuple plan, tuple statuses, Figure* figures, Py_ssize_t count, char* out) except -2:
+    """The block's bytes in `out` (BUF) from `statuses` or, when it is None, `figures` (`count` of either):
+    their length, or -1 (the pure function's case). `plan[0]` is not None."""
+    cdef char rl[BUF]
     cdef Py_ssize_t used = 0, size, k, index, nitems, n, m
     cdef const char* text
     cdef Window w
@@ -301,25 +357,24 @@ def plan_header_block(tuple plan, statuses):
     cdef bint has_requests = False, has_tokens = False
     cdef tuple items, item
     requests.status = tokens.status = NULL
-    requests.remaining = tokens.remaining = 0
+    requests.remaining = tokens.remaining = requests.limit = tokens.limit = 0
     requests.reset_after = tokens.reset_after = 0.0
     policy = plan[0]
-    if policy is None:
-        return b""
-    if not PyTuple_CheckExact(statuses):
-        return _py_plan_header_block(plan, statuses)
     items = <tuple>plan[1]
     nitems = PyTuple_GET_SIZE(items)
     for k in range(nitems):
         item = <tuple><object>PyTuple_GET_ITEM(items, k)
         index = <Py_ssize_t><object>PyTuple_GET_ITEM(item, 0)
-        if not 0 <= index < PyTuple_GET_SIZE(statuses):
-            return _py_plan_header_block(plan, statuses)
-        if _read(<object>PyTuple_GET_ITEM(statuses, index), &w):
-            return _py_plan_header_block(plan, statuses)
+        if not 0 <= index < count:
+            return -1
+        if statuses is None:
+            if _figure(&figures[index], &w):
+                return -1
+        elif _read(<object>PyTuple_GET_ITEM(statuses, index), &w):
+            return -1
         size = _ascii(<object>PyTuple_GET_ITEM(item, 1), &text)
         if size < 0 or used + size + 64 > BUF:
-            return _py_plan_header_block(plan, statuses)
+            return -1
         used = _ratelimit_item(rl, used, k == 0, text, size, <bint><object>PyTuple_GET_ITEM(item, 2), &w)
         _keep_tightest(
             <long><object>PyTuple_GET_ITEM(item, 3), &w, &requests, &has_requests, &tokens, &has_tokens
@@ -328,16 +383,16 @@ def plan_header_block(tuple plan, statuses):
     if has_requests:
         m = _openai_lines(out, &requests, "requests")
         if m < 0:
-            return _py_plan_header_block(plan, statuses)
+            return -1
         n += m
     if has_tokens:
         m = _openai_lines(out + n, &tokens, "tokens")
         if m < 0:
-            return _py_plan_header_block(plan, statuses)
+            return -1
         n += m
     size = _ascii(<object>PyTuple_GET_ITEM(policy, 1), &text)
     if size < 0 or n + size + used + 64 > BUF:
-        return _py_plan_header_block(plan, statuses)
+        return -1
     memcpy(out + n, b"ratelimit-policy: ", 18)
     n += 18
     memcpy(out + n, text, size)
@@ -348,4 +403,4 @@ def plan_header_block(tuple plan, statuses):
     n += used
     out[n] = b"\r"
     out[n + 1] = b"\n"
-    return PyBytes_FromStringAndSize(out, n + 2)
+    return n + 2

@@ -19,6 +19,7 @@ differential tests check this on streams split at random points).
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_XDECREF
+from cpython.list cimport PyList_GET_ITEM
 from cpython.unicode cimport PyUnicode_DecodeLatin1
 from libc.string cimport memcmp
 
@@ -72,6 +73,20 @@ cdef bytes M_GET = b"GET", M_POST = b"POST", M_PUT = b"PUT", M_DELETE = b"DELETE
 cdef bytes M_PATCH = b"PATCH", M_HEAD = b"HEAD", M_OPTIONS = b"OPTIONS"
 
 
+cdef extern from "Python.h":
+    void* PyUnicode_DATA(object o)
+    Py_ssize_t PyUnicode_GET_LENGTH(object o)
+
+
+cdef inline bint _same(const unsigned char* a, const unsigned char* b, Py_ssize_t n) noexcept nogil:
+    """a[:n] == b[:n] in time that depends on n only (a value may be another client's key)."""
+    cdef unsigned char acc = 0
+    cdef Py_ssize_t i
+    for i in range(n):
+        acc |= a[i] ^ b[i]
+    return acc == 0
+
+
 cdef inline unsigned char lower(unsigned char c) nogil:
     return c + 32 if 65 <= c <= 90 else c
 
@@ -94,6 +109,10 @@ cdef class RequestParser:
     cdef object proto
     cdef Py_ssize_t max_header_bytes, max_body, max_url, max_headers
     cdef list keep_keys  # header key (str) of each kept name
+    # the value (str) each kept header had last, and the last target (bytes): a request that repeats one
+    # (every header but the request id, from one client) gets that object again, not a new one
+    cdef list keep_last
+    cdef bytes last_url
     cdef bytes keep_blob  # the kept names, lower-case, end to end
     cdef Py_ssize_t keep_off[MAX_KEEP + 1]  # where each name starts in keep_blob (and where the last ends)
     cdef int keep_n
@@ -141,6 +160,8 @@ cdef class RequestParser:
             self.keep_n += 1
             self.keep_max = max(self.keep_max, len(lname))
         self.keep_blob = b"".join(blob)
+        self.keep_last = [None] * self.keep_n
+        self.last_url = None
         self.pending = None
         self.splits = None
         self.replay = None
@@ -362,12 +383,18 @@ cdef class RequestParser:
             end[0] = start + i + content_length
             return NEED_MORE
         proto = self.proto
-        _put(proto, self.o_url, "_url", PyBytes_FromStringAndSize(<const char*>(p + url0), url_len))
+        url = self.last_url
+        if url is None or PyBytes_GET_SIZE(url) != url_len or not _same(
+            <const unsigned char*>PyBytes_AS_STRING(url), p + url0, url_len
+        ):
+            url = PyBytes_FromStringAndSize(<const char*>(p + url0), url_len)
+            self.last_url = url
+        _put(proto, self.o_url, "_url", url)
         _put(proto, self.o_headers, "_headers", headers)
-        if content_length > 0:
-            _put(proto, self.o_body, "_body", [PyBytes_FromStringAndSize(<const char*>(p + i), content_length)])
+        if content_length > 0:  # a tuple: the protocol only joins it (a new list of chunks per httptools request)
+            _put(proto, self.o_body, "_body", (PyBytes_FromStringAndSize(<const char*>(p + i), content_length),))
         else:
-            _put(proto, self.o_body, "_body", [])
+            _put(proto, self.o_body, "_body", ())
         self.method = method
         self.keep_alive = not close
         end[0] = start + i + content_length
@@ -389,7 +416,13 @@ cdef class RequestParser:
                 <const char*>name, name_len, blob + self.keep_off[k], name_len
             ):
                 key = self.keep_keys[k]
-                text = PyUnicode_DecodeLatin1(<const char*>value, value_len, NULL)
+                text = <object>PyList_GET_ITEM(self.keep_last, k)
+                # the str decoded from these bytes last time (latin-1: one byte per char), else a new one
+                if text is None or PyUnicode_GET_LENGTH(text) != value_len or not _same(
+                    <const unsigned char*>PyUnicode_DATA(text), value, value_len
+                ):
+                    text = PyUnicode_DecodeLatin1(<const char*>value, value_len, NULL)
+                    self.keep_last[k] = text
                 previous = headers.get(key)
                 headers[key] = text if previous is None else previous + ", " + text
                 return 0

@@ -2,7 +2,7 @@
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from nexus_authz.core.limits import AcquireResult, LimitSpec
+from nexus_authz.core.limits import AcquireResult, LimitSpec, WindowStatus
 
 def install(
     py_acquire: Callable[..., AcquireResult],
@@ -21,3 +21,6 @@ def adjust(
     now: float,
     charged_at: float | None = None,
 ) -> None: ...
+def figures_of(
+    self: Any, counter_ids: Sequence[str], specs: Sequence[LimitSpec], costs: Sequence[int], now: float
+) -> tuple[int, tuple[WindowStatus, ...]] | None: ...

@@ -622,6 +622,47 @@ cdef inline int _drop_state(object store, dict states, object cid) except -1:
 
 def acquire(self, counter_ids, specs, costs, now):
     """MemoryCounterStore.acquire (see stores/memory.py): decide every window, then charge them all or none."""
+    return _acquire(self, counter_ids, specs, costs, now, NULL, NULL)
+
+
+cdef object acquire_figures(object self, object counter_ids, object specs, object costs, object now,
+                            Figure* figures, unsigned long long* uncharged):
+    """`acquire` for a caller that only reads the figures of an admission (the compiled HTTP lane): when
+    every window is decided here and the request is admitted, the same charges, sweep and figures as
+    `acquire`'s statuses (remaining, limit, reset_after, retry_after, allowed) written to `figures[i]` and
+    the uncharged mask to `uncharged`, with no WindowStatus / AcquireResult made: True. None, with nothing
+    written or swept, for anything else (a refusal, a spec or state this code hands to the pure acquire):
+    the caller then calls `acquire` (a refusal is decided twice, the same way: nothing was charged)."""
+    return _acquire(self, counter_ids, specs, costs, now, figures, uncharged)
+
+
+cdef tuple figure_statuses(object specs, Figure* figures, Py_ssize_t n):
+    """The statuses tuple `acquire` would have made of the figures `acquire_figures` wrote."""
+    cdef Spec spec
+    cdef Py_ssize_t i
+    statuses = PyTuple_New(n)
+    for i in range(n):
+        if _read_spec(specs[i], &spec):
+            raise TypeError("a spec acquire_figures decided is no longer readable")
+        status = _status(&spec, figures[i].remaining, figures[i].reset_after, figures[i].retry_after,
+                         figures[i].allowed)
+        Py_INCREF(status)
+        PyTuple_SET_ITEM(statuses, i, status)
+    return statuses
+
+
+def figures_of(self, counter_ids, specs, costs, now):
+    """`acquire_figures` as the tests call it: None, or (uncharged, the statuses `figure_statuses` makes)."""
+    cdef Figure figures[MAX_WINDOWS]
+    cdef unsigned long long uncharged = 0
+    if acquire_figures(self, counter_ids, specs, costs, now, figures, &uncharged) is None:
+        return None
+    return uncharged, figure_statuses(specs, figures, len(specs))
+
+
+cdef object _acquire(object self, object counter_ids, object specs, object costs, object now, Figure* fig,
+                     unsigned long long* uncharged_out):
+    """`acquire` (fig NULL) or `acquire_figures`."""
     cdef Spec spec_c[MAX_WINDOWS]
     cdef Outcome out[MAX_WINDOWS]
     cdef long long cost_c[MAX_WINDOWS]
@@ -634,29 +675,31 @@ def acquire(self, counter_ids, specs, costs, now):
     cdef PyObject* found
     cdef long long sweep_budget
     if not (PyFloat_CheckExact(now) or PyLong_CheckExact(now)):
-        return _py_acquire(self, counter_ids, specs, costs, now)
+        return None if fig != NULL else _py_acquire(self, counter_ids, specs, costs, now)
     t = now
     n = len(specs)
     if n > MAX_WINDOWS or not (-TIME_RANGE < t < TIME_RANGE):
-        return _py_acquire(self, counter_ids, specs, costs, now)
+        return None if fig != NULL else _py_acquire(self, counter_ids, specs, costs, now)
     states = self._states
     if type(states) is not dict:
-        return _py_acquire(self, counter_ids, specs, costs, now)
+        return None if fig != NULL else _py_acquire(self, counter_ids, specs, costs, now)
     try:
         for i in range(n):  # decide every window first; nothing is written yet
             sp = &spec_c[i]
             if _read_spec(specs[i], sp) or _cost(costs[i], &cost_c[i]):
-                return _py_acquire(self, counter_ids, specs, costs, now)
+                return None if fig != NULL else _py_acquire(self, counter_ids, specs, costs, now)
             found = PyDict_GetItemWithError(states, counter_ids[i])  # dict.get: OrderedDict inherits it
             state = <object>found if found != NULL else None
             Py_XINCREF(<PyObject*>state)
             kept[i] = <PyObject*>state
             taken = i + 1
             if _take(state, sp, cost_c[i], t, &out[i]):
-                return _py_acquire(self, counter_ids, specs, costs, now)
+                return None if fig != NULL else _py_acquire(self, counter_ids, specs, costs, now)
             if not out[i].fits and not sp.shadow:
                 allowed = False
-        statuses = PyTuple_New(n)
+        if fig != NULL and not allowed:
+            return None  # the object API decides the refusal again (nothing was written)
+        statuses = PyTuple_New(n) if fig == NULL else None
         if allowed:  # commit every enforced window, and each shadow one that fits
             for i in range(n):
                 sp = &spec_c[i]
@@ -678,10 +721,21 @@ def acquire(self, counter_ids, specs, costs, now):
                         _drop_state(self, states, cid)
                 else:
                     uncharged |= (<unsigned long long>1) << i
+                if fig != NULL:
+                    fig[i].remaining = out[i].remaining
+                    fig[i].limit = sp.limit
+                    fig[i].reset_after = out[i].reset_after
+                    fig[i].retry_after = out[i].retry_after
+                    fig[i].allowed = out[i].fits
+                    continue
                 status = _status(sp, out[i].remaining, out[i].reset_after, out[i].retry_after, out[i].fits)
                 Py_INCREF(status)
                 PyTuple_SET_ITEM(statuses, i, status)
-            result = _result(True, statuses, uncharged)
+            if fig != NULL:
+                uncharged_out[0] = uncharged
+                result = True
+            else:
+                result = _result(True, statuses, uncharged)
         else:  # nothing is charged: windows that would have fitted report their figures as they are
             for i in range(n):
                 sp = &spec_c[i]

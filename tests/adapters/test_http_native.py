@@ -401,3 +401,43 @@ def test_after_a_replayed_request_the_compiled_parser_takes_the_next(engine: Eng
         assert parsers == [True] * len(reads)
         assert bytes(transport.data).count(b"HTTP/1.1 ") == 2 and not transport.closed
         same_output(engine, reads)  # and the httptools protocol's bytes
+
+
+# -- what a connection's repeated requests share ---------------------------------------------------------
+
+
+def _check_request(secret: str, path: str, request_id: str) -> bytes:
+    body = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
+    return (
+        f"POST /ext_authz{path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {secret}\r\n"
+        f"content-type: application/json\r\nx-forwarded-for: 192.0.2.7\r\nx-request-id: {request_id}\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def test_repeated_values_are_handed_over_again_and_changed_ones_anew(engine: Engine) -> None:
+    """The compiled parser hands a header value or target that repeats the connection's last one over as
+    the same object (no new str or bytes per request), and one that differs, even in its last byte only,
+    as what it is now: the decisions are the httptools protocol's (another key: refused; another path)."""
+    assert native.http1 is not None
+    secret = SECRETS[0]
+    other = secret[:-1] + ("x" if secret[-1] != "x" else "y")  # the same length, the last byte changed
+    reads = [
+        _check_request(secret, "/v1/chat/completions", "r1"),
+        _check_request(secret, "/v1/chat/completions", "r2"),
+        _check_request(other, "/v1/chat/completions", "r3"),
+        _check_request(secret, "/v1/chat/completions", "r4"),
+        _check_request(secret, "/v1/completions", "r5"),
+    ]
+    _, _, decisions, seen, fallbacks = run(
+        engine, CompiledAuthzProtocol, [b"".join(reads)], max_header_bytes=65536, max_body=1 << 20
+    )
+    assert fallbacks == 0 and len(seen) == 5
+    urls = [s[0] for s in seen]
+    auth = [s[1]["authorization"] for s in seen]  # type: ignore[index]
+    assert urls[1] is urls[0] and urls[4] == b"/ext_authz/v1/completions"
+    assert auth[1] is auth[0] and auth[2] == f"Bearer {other}" and auth[3] == f"Bearer {secret}"
+    assert [s[1]["x-request-id"] for s in seen] == ["r1", "r2", "r3", "r4", "r5"]  # type: ignore[index]
+    assert same_output(engine, reads) == 0
+    assert same_output(engine, [b"".join(reads)]) == 0
+    assert sum(decisions.values()) == 5

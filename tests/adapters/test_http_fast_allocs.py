@@ -1,0 +1,118 @@
+"""What the compiled lane allocates per allowed check (performance issue 15, target 7): counted with
+benchmarks/bench_alloc.py's allocator hook on its in-process fast path (the benchmark's config: three
+windows, accounting on, a reservation per request), a batch of distinct request ids after the caches are
+warm. Most blocks left are state the decision keeps (the reservation's entry, InFlight, the ordered dict's
+node, the window states, the counters): docs/design.md's performance section has the breakdown."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nexus_authz import native
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import bench_alloc  # type: ignore[import-not-found]  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    native.fast is None and os.environ.get(native.PURE_ENV, "") not in ("", "0"),
+    reason="NEXUS_AUTHZ_PURE is set: the compiled lane is not loaded",
+)
+
+BATCH = 2000
+MAX_BLOCKS = 16.0  # 32.9 before the lane stopped making statuses, header strings, digests ... per request
+
+
+def test_the_oldest_reservation_is_read_without_an_iterator() -> None:
+    assert native.fast is not None
+    assert native.fast._odict_layout()
+
+
+def test_an_allowed_check_allocates_few_blocks(tmp_path: Path) -> None:
+    if native.fast is None:
+        pytest.fail(f"the compiled lane did not build or load ({native.WHY_PURE}): pip install -e .")
+    counter = bench_alloc.AllocCounter.load(tmp_path / "hook")
+    if counter is None:
+        pytest.skip("no C compiler for the allocation hook")
+    fp = bench_alloc.build_fastpath(tmp_path / "engine")
+    ids = [f"5f2d6f1e-1c7b-4a53-9d2e-{i:012d}" for i in range(BATCH)]
+    raws = [bench_alloc.ext_authz_request(fp.secrets[0], rid) for rid in ids]
+    receive, account, sink = fp.proto.data_received, fp.engine.account, fp.sink
+
+    def decide() -> None:
+        for raw in raws:
+            receive(raw)
+
+    def settle() -> None:
+        for rid in ids:
+            account(rid, bench_alloc.USAGE)
+
+    for _ in range(2):
+        decide()
+        assert sink.last.startswith(b"HTTP/1.1 200 OK\r\n")
+        settle()
+    gc.collect()
+    counts = []
+    for _ in range(3):  # every reservation settled before its id comes back, as in bench_alloc
+        counts.append(counter.count(decide).allocs)
+        assert sink.last.startswith(b"HTTP/1.1 200 OK\r\n")
+        settle()
+    per_decision = min(counts) / BATCH
+    assert per_decision <= MAX_BLOCKS, f"{per_decision:.2f} blocks per allowed check"
+
+
+def test_a_reservation_keeps_its_own_costs(tmp_path: Path) -> None:
+    """The lane hands the last request's costs tuple on only while the costs are the same numbers: a request
+    with another max_tokens is charged and reserved with its own (the reference path's costs)."""
+    import json
+
+    if native.fast is None:
+        pytest.fail(f"the compiled lane did not build or load ({native.WHY_PURE}): pip install -e .")
+    fp = bench_alloc.build_fastpath(tmp_path)
+    base = json.loads(bench_alloc.be.BODY)
+    entries = fp.engine.decider.book._entries
+    costs = {}
+    for rid, max_tokens in (("a", 16), ("b", 400), ("c", 16), ("d", 400)):
+        body = json.dumps(base | {"max_tokens": max_tokens}, separators=(",", ":")).encode()
+        raw = bench_alloc.ext_authz_request(fp.secrets[0], rid).replace(bench_alloc.be.BODY, body)
+        raw = raw.replace(
+            f"content-length: {len(bench_alloc.be.BODY)}".encode(), f"content-length: {len(body)}".encode()
+        )
+        fp.proto.data_received(raw)
+        assert fp.sink.last.startswith(b"HTTP/1.1 200 OK\r\n")
+        costs[rid] = entries[rid][2]
+    assert costs["a"] == costs["c"] and costs["b"] == costs["d"] and costs["a"] != costs["b"]
+    assert costs["b"][1] - costs["a"][1] == 400 - 16  # the tokens window's cost: prompt + max_tokens
+
+
+def test_a_header_function_other_than_the_compiled_one_gets_the_statuses(tmp_path: Path) -> None:
+    """With another build_header_block in place, the lane makes the statuses of its figures (what acquire
+    would have returned) and answers with that function's lines."""
+    from nexus_authz.core import ratelimit_headers
+    from nexus_authz.core.limits import WindowStatus
+
+    if native.fast is None:
+        pytest.fail(f"the compiled lane did not build or load ({native.WHY_PURE}): pip install -e .")
+    fp = bench_alloc.build_fastpath(tmp_path)
+    seen: list[bytes] = []
+
+    def pure(plan: Any, statuses: Any) -> bytes:
+        assert type(statuses) is tuple and all(type(s) is WindowStatus for s in statuses)
+        entry = fp.engine.decider.book._entries["rid-1"]  # reserved before the answer is made
+        assert tuple(s.spec for s in statuses) == entry[1]
+        assert all(s.allowed and s.limit == s.spec.limit and type(s.remaining) is int for s in statuses)
+        block = ratelimit_headers.plan_header_block(plan, statuses)
+        seen.append(block)
+        return block
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ratelimit_headers, "build_header_block", pure)
+        fp.proto.data_received(bench_alloc.ext_authz_request(fp.secrets[0], "rid-1"))
+    assert len(seen) == 1 and seen[0] and seen[0] in fp.sink.last
+    assert fp.sink.last.startswith(b"HTTP/1.1 200 OK\r\n")
