@@ -43,10 +43,17 @@ def gcra_take(
             debt = debt - elapsed if debt > elapsed else 0.0
     new_debt = debt + cost * interval
     admit = spec.max_debt
+    # The figures never exceed the bucket: admit carries a rounding allowance of 1e-9 of the burst, a
+    # few thousand units at a limit of 10**12, which must not show as capacity above the limit.
     if new_debt <= admit:
-        return True, new_debt, int((admit - new_debt) / interval), new_debt, 0.0
+        remaining = int((admit - new_debt) / interval)
+        if remaining > spec.burst - cost:
+            remaining = spec.burst - cost if spec.burst > cost else 0
+        return True, new_debt, remaining, new_debt, 0.0
     free = admit - debt
     remaining = int(free / interval) if free > 0 else 0
+    if remaining > spec.burst:
+        remaining = spec.burst
     # retry_after later the debt has drained by exactly that much: the same request then fits
     retry_after = new_debt - spec.tolerance if cost <= spec.burst else _INF
     return False, debt, remaining, debt, retry_after

@@ -220,6 +220,8 @@ cdef inline void _gcra_take(double debt, double since, double now, Spec* spec, l
         o.fits = True
         o.debt = new_debt
         o.remaining = <long long>((admit - new_debt) / interval)
+        if o.remaining > spec.burst - cost:  # never above the bucket (windows.gcra_take)
+            o.remaining = spec.burst - cost if spec.burst > cost else 0
         o.reset_after = new_debt
         o.retry_after = 0.0
         return
@@ -227,6 +229,8 @@ cdef inline void _gcra_take(double debt, double since, double now, Spec* spec, l
     o.fits = False
     o.debt = debt
     o.remaining = <long long>(free / interval) if free > 0 else 0
+    if o.remaining > spec.burst:
+        o.remaining = spec.burst
     o.reset_after = debt
     o.retry_after = new_debt - spec.tolerance if cost <= spec.burst else INFINITY
 

@@ -89,6 +89,19 @@ def test_requests_per_minute(store: CounterStore) -> None:
     assert store.acquire(ids, specs, (1,), NOW + 20).allowed
 
 
+def test_remaining_never_exceeds_the_bucket_at_a_huge_limit(store: CounterStore) -> None:
+    # A GCRA bucket admits within a rounding allowance of 1e-9 of its burst: 1,000 tokens at 10**12,
+    # which once showed as `remaining` above the limit (the benchmark's "never refuse" plan).
+    specs = (make_limit("tokens", 10**12, "minute"),)
+    ids = ids_for("huge", specs)
+    first = store.acquire(ids, specs, (10,), NOW)
+    assert first.allowed and first.statuses[0].remaining == 10**12 - 10
+    later = store.acquire(ids, specs, (7,), NOW + 0.5)
+    assert later.allowed and 10**12 - 17 <= later.statuses[0].remaining <= 10**12 - 7
+    refused = store.acquire(ids, specs, (10**12 + 10**6,), NOW + 1)  # past the allowance
+    assert not refused.allowed and refused.statuses[0].remaining <= 10**12
+
+
 def test_a_usd_budget_per_day_is_a_sliding_window(store: CounterStore) -> None:
     specs = (make_limit("usd", 1_000_000, "day"),)  # $1.00
     ids = ids_for("alice", specs)

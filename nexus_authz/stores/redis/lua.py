@@ -122,11 +122,16 @@ local function gcra_take(debt, since, t, sp, cost)
   local new_debt = debt + cost * interval
   local admit = sp.max_debt
   if new_debt <= admit then
-    return true, new_debt, floor((admit - new_debt) / interval), new_debt, 0.0
+    local rem = floor((admit - new_debt) / interval)
+    if rem > sp.burst - cost then
+      if sp.burst > cost then rem = sp.burst - cost else rem = 0 end
+    end
+    return true, new_debt, rem, new_debt, 0.0
   end
   local free = admit - debt
   local remaining = 0
   if free > 0 then remaining = floor(free / interval) end
+  if remaining > sp.burst then remaining = sp.burst end
   local retry = INF
   if cost <= sp.burst then retry = new_debt - sp.tol end
   return false, debt, remaining, debt, retry
