@@ -10,6 +10,7 @@ between two adds sees a count and a sum one observation apart, which Prometheus 
 from __future__ import annotations
 
 import asyncio
+from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from time import perf_counter, thread_time
@@ -54,7 +55,8 @@ class LatencyHistogram:
         if list(bounds) != sorted(set(bounds)) or not bounds:
             raise ValueError("bucket bounds must be distinct and increasing")
         self.bounds = tuple(bounds)
-        self.counts = [0] * (len(self.bounds) + 1)
+        # C longs, not a list of ints: an increment from the compiled lane writes in place, no int object
+        self.counts = array("q", bytes(8 * (len(self.bounds) + 1)))
         self.sum = 0.0
 
     def observe(self, seconds: float) -> None:

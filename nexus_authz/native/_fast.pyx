@@ -31,6 +31,7 @@ Decider.apply on the local memory store) inline; what it does not take (the admi
 store, ...) goes to the reference path before any state is changed (tests/adapters/test_http_release.py).
 """
 
+from cpython cimport array as carray
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_FromDouble
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_FromDouble, PyLong_FromLongLong, PyLong_FromVoidPtr
@@ -47,6 +48,7 @@ from nexus_authz.native._headers cimport BLOCK_BYTES, figure_block
 from nexus_authz.native._windows cimport acquire_figures, figure_statuses
 
 import math
+from array import array as _array_type
 from collections import OrderedDict
 
 from nexus_authz.core import body as _core_body
@@ -64,6 +66,7 @@ cdef extern from "Python.h":
     ctypedef struct PyTypeObject:
         object (*tp_alloc)(PyTypeObject* t, Py_ssize_t n)
     PyTypeObject* Py_TYPE(object o)
+    Py_ssize_t Py_SIZE(object o)
     object PyUnicode_Substring(object s, Py_ssize_t start, Py_ssize_t end)
     bint PyUnicode_IS_ASCII(object o)
     void* PyUnicode_DATA(object o)
@@ -754,7 +757,15 @@ cdef int _observe(object histogram, double seconds) except -1:
             lo = mid + 1
         else:
             hi = mid
-    _at(histogram, &S_HIST_COUNTS, "counts")[lo] += 1
+    counts = _at(histogram, &S_HIST_COUNTS, "counts")
+    if (
+        type(counts) is _array_type
+        and (<carray.array>counts).ob_descr.typecode == 113  # "q": the count written in place
+        and lo < Py_SIZE(counts)
+    ):
+        (<carray.array>counts).data.as_longlongs[lo] += 1
+    else:
+        counts[lo] += 1
     _set(histogram, &S_HIST_SUM, "sum", _at(histogram, &S_HIST_SUM, "sum") + seconds)
     return 0
 

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 BATCH = 2000
-MAX_BLOCKS = 16.0  # 32.9 before the lane stopped making statuses, header strings, digests ... per request
+MAX_BLOCKS = 14.0  # 32.9 before the lane stopped making statuses, header strings, digests ... per request;
+# 12.1 since the latency histograms count in an array("q") written in place
 
 
 def test_the_oldest_reservation_is_read_without_an_iterator() -> None:
