@@ -219,6 +219,33 @@ def test_the_compiled_acquire_and_adjust_run_by_default(compiled: Any) -> None:
     assert native.WHY_PURE_WINDOWS == ""
 
 
+def test_a_gcra_state_only_the_store_holds_is_rewritten_in_place_and_a_held_one_never(compiled: Any) -> None:
+    """The compiled acquire and adjust write a GCRA window's new (debt, since) into its complex when the
+    store's dict is its only other holder (no allocation per charge); a state anyone else holds keeps
+    its value and the store gets a new object, exactly as the pure store would."""
+    store = MemoryCounterStore()
+    specs = (make_limit("tokens", 1000, "minute"), make_limit("requests", 50, "minute"))
+    ids = ("k\x00t", "k\x00r")
+    now = 1_700_000_000.0
+    store.acquire(ids, specs, (10, 1), now)
+    first = [id(store._states[c]) for c in ids]
+    store.acquire(ids, specs, (10, 1), now + 0.1)
+    assert [id(store._states[c]) for c in ids] == first
+    store.adjust(ids, specs, (-5, 0), now + 0.2, now + 0.1)
+    assert id(store._states[ids[0]]) == first[0]
+    reference = MemoryCounterStore()
+    for t, costs in ((now, (10, 1)), (now + 0.1, (10, 1))):
+        acquire_python(reference, ids, specs, costs, t)
+    adjust_python(reference, ids, specs, (-5, 0), now + 0.2, now + 0.1)
+    assert [store._states[c] for c in ids] == [reference._states[c] for c in ids]
+    held = store._states[ids[0]]
+    value = (held.real, held.imag)
+    store.acquire(ids, specs, (1, 1), now + 0.3)
+    store.adjust(ids, specs, (-1, 0), now + 0.4, now + 0.3)
+    assert (held.real, held.imag) == value  # what a caller holds never changes under it
+    assert store._states[ids[0]] is not held and store._states[ids[0]] != held
+
+
 def test_an_unknown_algorithm_takes_the_pure_path(fallbacks: list[Any]) -> None:
     known = make_limit("requests", 5, "minute")
     odd = make_limit("tokens", 1000, "day")

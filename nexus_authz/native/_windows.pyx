@@ -45,6 +45,24 @@ cdef extern from "Python.h":
     double PyComplex_RealAsDouble(object o)
     double PyComplex_ImagAsDouble(object o)
     Py_ssize_t Py_SIZE(object o)
+    ctypedef struct _CValue "Py_complex":
+        double real
+        double imag
+    ctypedef struct _Complex "PyComplexObject":
+        _CValue cval
+    bint _is_complex "PyComplex_CheckExact"(PyObject* o)
+    Py_ssize_t _refs "Py_REFCNT"(PyObject* o)
+
+
+cdef inline bint _overwrite(PyObject* state, Py_ssize_t refs, double debt, double since) noexcept:
+    """A GCRA state rewritten in place, when the store's dict and the caller's reference (`refs` in all)
+    are its only holders: nobody can see the change but the dict, which then holds complex(debt, since)
+    as a new object would, with no allocation. False: the caller makes a new one."""
+    if state == NULL or not _is_complex(state) or _refs(state) != refs:
+        return False
+    (<_Complex*>state).cval.real = debt
+    (<_Complex*>state).cval.imag = since
+    return True
 
 
 cdef enum:
@@ -701,6 +719,7 @@ cdef object _acquire(object self, object counter_ids, object specs, object costs
                 return None if fig != NULL else _py_acquire(self, counter_ids, specs, costs, now)
             if not out[i].fits and not sp.shadow:
                 allowed = False
+        state = None  # (its reference would count as another holder of the last state: _overwrite)
         if fig != NULL and not allowed:
             return None  # the object API decides the refusal again (nothing was written)
         statuses = PyTuple_New(n) if fig == NULL else None
@@ -711,7 +730,14 @@ cdef object _acquire(object self, object counter_ids, object specs, object costs
                     cid = counter_ids[i]
                     if sp.algorithm == A_GCRA:
                         if out[i].debt:
-                            _set_state(self, states, cid, PyComplex_FromDoubles(out[i].debt, t))
+                            # the dict's and kept's references, and still the dict's value (a counter id
+                            # given twice: the first write replaced it, kept[i] is then an orphan)
+                            if not (
+                                kept[i] != NULL
+                                and PyDict_GetItemWithError(states, cid) == kept[i]
+                                and _overwrite(kept[i], 2, out[i].debt, t)
+                            ):
+                                _set_state(self, states, cid, PyComplex_FromDoubles(out[i].debt, t))
                         else:
                             _drop_state(self, states, cid)
                     elif sp.algorithm == A_SLIDING:
@@ -902,7 +928,8 @@ def adjust(self, counter_ids, specs, deltas, now, charged_at=None):
                 debt = 0.0
             debt += <double>delta_c[i] * sp.interval
             if debt > 0:
-                _set_state(self, states, cid, PyComplex_FromDoubles(debt, t))
+                if not _overwrite(found, 2, debt, t):  # the dict's and `state`'s
+                    _set_state(self, states, cid, PyComplex_FromDoubles(debt, t))
             else:
                 _drop_state(self, states, cid)
         elif sp.algorithm == A_SLIDING:
