@@ -32,8 +32,9 @@ SETTLE_EVERY: Final = 1.0  # seconds between two looks (Engine.maintain)
 
 def settle(threshold: int = SETTLE_AT) -> bool:
     """Collect and freeze what the collector's generations hold if that is `threshold` objects or more (a
-    list of them: ~10 µs per 1,000). True if it did."""
-    if len(gc.get_objects()) < threshold:
+    list of them: ~10 µs per 1,000). True if it did. Not while the collector is disabled: a key file
+    parse off the loop turns it off while it builds millions of objects, frozen when installed."""
+    if not gc.isenabled() or len(gc.get_objects()) < threshold:
         return False
     gc.collect()  # only the unfrozen objects: no garbage cycle among them is frozen
     gc.freeze()
