@@ -4,7 +4,7 @@ A key load freezes the snapshot (`gc.freeze()` in engine.py and runtime_keys.py)
 request leaves afterwards stays in the collector's generations: its fast-path `Plan` and the plan cache's
 (key, model, path) tuple (both read by the compiled lane by slot offset: they stay what they are), its
 limit windows' state arrays, ... about three tracked objects per active client. Every full collection
-walks all of them again, inside whichever callback triggered it: ~4-5 ms of CPU with 10,000 active clients
+walks all of them again, inside whichever callback triggered it: 3-8 ms with 10,000 active clients
 (benchmarks/bench_gc.py), proportionally more with more.
 
 `settle`, run from the engine's upkeep (`Engine.maintain`, at most once per SETTLE_EVERY seconds), moves
