@@ -35,6 +35,7 @@ from nexus_authz.core.tokens import count_tokens
 from nexus_authz.core.usage import StreamUsage, Usage
 from nexus_authz.decide import Decider
 from nexus_authz.filesource import FileSource, SourceStatus, Stamp, file_stamp
+from nexus_authz.gcupkeep import SETTLE_EVERY, settle
 from nexus_authz.latency import LatencyHistogram
 from nexus_authz.settings import (
     Settings,
@@ -123,6 +124,7 @@ class Engine:
         "policy",
         "settings",
         "snapshot",
+        "_settle_at",
     )
 
     def __init__(
@@ -152,6 +154,7 @@ class Engine:
         self.runtime: Any = None
         reservations = settings.policy.reservations
         self.book = ReservationBook(ttl=reservations.ttl, max_entries=reservations.max_pending)
+        self._settle_at = 0.0  # when `maintain` next looks at the collector's generations (gcupkeep)
         self.ledger = ledger
         # Accounting counters for metrics: responses by source, tokens by (model, kind).
         self.accounted: dict[str, int] = {
@@ -417,6 +420,9 @@ class Engine:
         drained counters (the next `sweep` ids of each store). True: more may be due (server.py does it in
         steps, a slice of the event loop at a time)."""
         now = self.clock()
+        if now >= self._settle_at:  # per-client state off the collector's full passes (gcupkeep)
+            self._settle_at = now + SETTLE_EVERY
+            settle()
         expired = self.book.expire(now, expire)
         if expired:
             self._apply(expired, now)

@@ -17,6 +17,15 @@ MAX_KNOWN = 65536  # (address, key) pairs remembered, least recently used droppe
 REFRESH_AFTER = 60.0  # seconds: a pair noted more recently than this is not refreshed (see `note`)
 
 
+class _Pairs(dict[tuple[str, str], float]):
+    """The pairs' dict, always tracked by the cyclic GC (a dict subclass is never untracked): a plain dict of
+    untracked (address, key id) tuples and floats is untracked by each full collection and tracked again,
+    in the youngest generation, by the next new pair, so the next young collections walked all of it
+    (~70 µs per 1,000 pairs). Tracked for good, it ages and is frozen with the rest (gcupkeep)."""
+
+    __slots__ = ()
+
+
 class KnownKeys:
     """(client address, key id) -> last time the key authenticated from that address. Bounded (LRU)."""
 
@@ -25,7 +34,7 @@ class KnownKeys:
     def __init__(self, ttl: float = KNOWN_KEY_TTL, max_entries: int = MAX_KNOWN) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
-        self._seen: dict[tuple[str, str], float] = {}
+        self._seen: dict[tuple[str, str], float] = _Pairs()
 
     def note(self, address: str, key_id: str, now: float) -> None:
         """The key authenticated from the address at `now` (called on every successful auth).
