@@ -1127,15 +1127,7 @@ def on_message_complete(self):
             engine = _at(app, &S_APP_ENGINE, "engine")
             try:
                 xff = _hget(headers, "x-forwarded-for", None)
-                chunks = _at(self, &S_PROTO_BODY, "_body")
-                if not chunks:
-                    body = b""
-                elif type(chunks) is tuple and len(<tuple>chunks) == 1 and type((<tuple>chunks)[0]) is bytes:
-                    body = (<tuple>chunks)[0]  # the compiled parser's
-                elif type(chunks) is list and len(<list>chunks) == 1 and type((<list>chunks)[0]) is bytes:
-                    body = (<list>chunks)[0]
-                else:
-                    body = b"".join(chunks)
+                body = _body_of(_at(self, &S_PROTO_BODY, "_body"))
                 out = _check(
                     _at(engine, &S_ENGINE_DECIDER, "decider"),
                     _at(engine, &S_ENGINE_POLICY, "policy"),
@@ -1157,25 +1149,49 @@ def on_message_complete(self):
                     self._queue(self._answer_later(out, nginx=False, close=False), True)
                     return
             except Exception:  # a bug: answer 500 for this request, keep serving the others
-                _log.exception("internal error in the HTTP check")
-                engine.count(_UNAVAILABLE)
-                self._in_message = False
-                self._closing = True
-                _flush()
-                self._transport.write(_internal_error)
-                self._hang_up(self._transport)
+                _internal(self, engine)
                 return
             if data is not None:  # else not the common request: nothing was charged or counted
-                _set(self, &S_PROTO_IN_MESSAGE, "_in_message", False)
-                _emit(self, data)
-                loop = _at(app, &S_APP_LOOP, "loop")
-                if loop is not None:
-                    _set(self, &S_PROTO_LAST_ACTIVE, "last_active", loop.time())
+                _answered(self, app, data)
                 return
     elif _RELEASED_ANSWER is not None and type(url) is bytes and url == _RELEASE_URL and _release(self, app, parser):
         return
     _flush()
     _reference(self)
+
+
+cdef inline object _body_of(object chunks):
+    """The request body from the protocol's `_body`: the compiled parser's 1-tuple, httptools' list."""
+    if not chunks:
+        return b""
+    if type(chunks) is tuple and PyTuple_GET_SIZE(chunks) == 1 and type((<tuple>chunks)[0]) is bytes:
+        return (<tuple>chunks)[0]
+    if type(chunks) is list and len(<list>chunks) == 1 and type((<list>chunks)[0]) is bytes:
+        return (<list>chunks)[0]
+    return b"".join(chunks)
+
+
+cdef int _internal(object self, object engine) except -1:
+    """A bug while answering on the lane (logged with its traceback): 500 for this request, the
+    connection closed after it, the others served on."""
+    _log.exception("internal error in the HTTP check")
+    engine.count(_UNAVAILABLE)
+    self._in_message = False
+    self._closing = True
+    _flush()
+    self._transport.write(_internal_error)
+    self._hang_up(self._transport)
+    return 0
+
+
+cdef int _answered(object self, object app, bytes data) except -1:
+    """The lane's answer `data` to the request just parsed: written (or held for the read's one write)."""
+    _set(self, &S_PROTO_IN_MESSAGE, "_in_message", False)
+    _emit(self, data)
+    loop = _at(app, &S_APP_LOOP, "loop")
+    if loop is not None:
+        _set(self, &S_PROTO_LAST_ACTIVE, "last_active", loop.time())
+    return 0
 
 
 # -- the Lua tap's release of a concurrency slot (POST /_nexus/release) ----------------------------------------
@@ -1200,29 +1216,13 @@ cdef bint _release(object self, object app, object parser) except -1:
         return 0
     engine = _at(app, &S_APP_ENGINE, "engine")
     try:
-        chunks = _at(self, &S_PROTO_BODY, "_body")
-        if not chunks:
-            body = b""
-        elif type(chunks) is list and len(<list>chunks) == 1 and type((<list>chunks)[0]) is bytes:
-            body = (<list>chunks)[0]
-        else:
-            body = b"".join(chunks)
+        body = _body_of(_at(self, &S_PROTO_BODY, "_body"))
         if not _release_slot(engine, PyUnicode_DecodeLatin1(PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), NULL)):
             return 0
     except Exception:  # a bug: answer 500 for this request, keep serving the others (as the check)
-        _log.exception("internal error in the HTTP check")
-        engine.count(_UNAVAILABLE)
-        self._in_message = False
-        self._closing = True
-        _flush()
-        self._transport.write(_internal_error)
-        self._hang_up(self._transport)
+        _internal(self, engine)
         return 1
-    _set(self, &S_PROTO_IN_MESSAGE, "_in_message", False)
-    _emit(self, _RELEASED_ANSWER)
-    loop = _at(app, &S_APP_LOOP, "loop")
-    if loop is not None:
-        _set(self, &S_PROTO_LAST_ACTIVE, "last_active", loop.time())
+    _answered(self, app, _RELEASED_ANSWER)
     return 1
 
 
