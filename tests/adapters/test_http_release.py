@@ -282,3 +282,49 @@ def test_one_write_per_read_in_request_order(config: Path) -> None:
     assert lane == [1, 5, 0, 1]
     answers = compiled[0]
     assert answers[1].count(b"HTTP/1.1 200 OK\r\n") == 4 and answers[1].count(RELEASED) == 3
+
+
+@pytest.mark.parametrize("broken", ["check", "release"])
+def test_a_bug_on_the_lane_answers_500_after_what_the_read_answered_before(
+    config: Path, broken: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception inside the compiled lane (here the counter store's acquire or adjust raising) is
+    logged, counted as unavailable and answered 500, the connection closed after it; the answers the
+    same read produced before it (held for the read's one write) leave first, in request order."""
+    _compiled_or_skip()
+    engine = Engine.from_settings(load_settings(str(config)), clock=lambda: NOW)
+    engine.load_first_keys()
+    app = http_authz.HttpApp(engine, max_header_bytes=64 * 1024, max_body=1 << 20)
+    protocol = CompiledAuthzProtocol(app)
+    transport = FakeTransport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    protocol.data_received(check(TIGHT, "rid-0"))  # a reservation for the release below
+    first = bytes(transport.data)
+    assert first.startswith(b"HTTP/1.1 200")
+    del transport.data[:]
+    store = engine.decider.store
+
+    def raising(*args: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    if broken == "check":  # the first check of the read is answered, the second one's acquire raises
+        data = check(TIGHT, "rid-1") + check(TIGHT, "rid-2")
+        acquire, calls = store.acquire_nowait, [0]
+
+        def once_then_raise(*args: Any) -> Any:
+            calls[0] += 1
+            return acquire(*args) if calls[0] == 1 else raising(*args)
+
+        store.acquire_nowait = once_then_raise
+    else:
+        data = check(TIGHT, "rid-1") + release("rid-0")
+        store.adjust_soon = raising
+    unavailable = engine.decider.decisions[http_authz.Reason.UNAVAILABLE]
+    with caplog.at_level("ERROR"):
+        protocol.data_received(data)
+    out = bytes(transport.data)
+    assert out.startswith(b"HTTP/1.1 200"), out[:80]
+    assert out.index(b"HTTP/1.1 500") > out.index(b"HTTP/1.1 200")
+    assert out.count(b"HTTP/1.1 ") == 2 and transport.closed
+    assert "internal error in the HTTP check" in caplog.text
+    assert engine.decider.decisions[http_authz.Reason.UNAVAILABLE] == unavailable + 1
