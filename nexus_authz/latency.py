@@ -186,22 +186,41 @@ class LoopBusy:
             self._gc_started = 0.0
 
 
+class Slice:
+    """One slice of work holding the event loop, timed from `start()` to `end()`: its wall time and, while
+    measured, its own CPU time, each one observation of LOOP_BUSY's `source` (`observe`: the wall time's
+    observer instead of the source's own)."""
+
+    __slots__ = ("_cpu", "_observe", "_observe_cpu", "cpu_started", "started")
+
+    def __init__(self, source: str, observe: Callable[[float], None] | None = None) -> None:
+        self._observe = observe if observe is not None else getattr(LOOP_BUSY, source).observe
+        self._cpu, self._observe_cpu = LOOP_BUSY.cpu_timer(source)
+        self.start()
+
+    def start(self) -> None:
+        self.started = perf_counter()
+        self.cpu_started = self._cpu()
+
+    def elapsed(self) -> float:
+        return perf_counter() - self.started
+
+    def end(self) -> None:
+        self._observe_cpu(self._cpu() - self.cpu_started)
+        self._observe(perf_counter() - self.started)
+
+
 async def sliced(steps: Iterable[object], source: str, seconds: float = SLICE) -> None:
     """Run `steps` (each item taken is a step of work, of well under `seconds`) on the event loop in slices
     of about `seconds` (a slice ends after the step that reaches it), letting the loop run what is queued
     between two; each slice is one observation of LOOP_BUSY's `source` (wall, and own CPU when measured)."""
-    observe = getattr(LOOP_BUSY, source).observe
-    cpu_clock, observe_cpu = LOOP_BUSY.cpu_timer(source)
-    clock = perf_counter
-    started, cpu_started = clock(), cpu_clock()
+    timer = Slice(source)
     for _ in steps:
-        if clock() - started >= seconds:
-            observe_cpu(cpu_clock() - cpu_started)
-            observe(clock() - started)
+        if timer.elapsed() >= seconds:
+            timer.end()
             await asyncio.sleep(0)
-            started, cpu_started = clock(), cpu_clock()
-    observe_cpu(cpu_clock() - cpu_started)
-    observe(clock() - started)
+            timer.start()
+    timer.end()
 
 
 def _zero() -> float:

@@ -55,7 +55,7 @@ from nexus_authz.adapters import als_fast
 from nexus_authz.core.accounting import ResponseEnd, conclude_usage
 from nexus_authz.core.usage import StreamUsage, Usage
 from nexus_authz.engine import Engine
-from nexus_authz.latency import LOOP_BUSY
+from nexus_authz.latency import LOOP_BUSY, Slice
 
 log = logging.getLogger("nexus_authz.als")
 
@@ -269,60 +269,48 @@ class AccessLogService:
         """The entries of one message (protobuf entries, or the compiled scan's tuples of `raw`), in
         slices of about _SLICE seconds of the event loop: each slice between two yields is one
         observation of LOOP_BUSY.access_log."""
-        clock = perf_counter
-        observe = _BUSY.observe
-        cpu_clock, observe_cpu = LOOP_BUSY.cpu_timer("access_log")  # own CPU per slice, when measured
-        started, cpu_started = clock(), cpu_clock()
+        timer = Slice("access_log", _BUSY.observe)  # wall and (when measured) own CPU per slice
         for item in items:
             try:
                 pending = account_one(item, raw)
                 if pending is not None:  # a long text to count exactly: off the event loop
-                    observe_cpu(cpu_clock() - cpu_started)
-                    observe(clock() - started)
+                    timer.end()
                     await pending
-                    started, cpu_started = clock(), cpu_clock()
+                    timer.start()
             except Exception:  # one bad entry must not lose the rest of the batch
                 log.exception("accounting failed", extra={"request_id": _request_id(item)})
-            if clock() - started >= _SLICE:
+            if timer.elapsed() >= _SLICE:
                 # a batch holds up to ~50 entries (~10-25 µs each): let queued Checks run meanwhile
-                observe_cpu(cpu_clock() - cpu_started)
-                observe(clock() - started)
+                timer.end()
                 await asyncio.sleep(0)
-                started, cpu_started = clock(), cpu_clock()
-        observe_cpu(cpu_clock() - cpu_started)
-        observe(clock() - started)
+                timer.start()
+        timer.end()
 
     async def _account_run(self, items: list[tuple[Any, ...] | None], raw: bytes, run: Any) -> None:
         """`_account_batch` of the compiled scan's entries of `raw` through the compiled loop
         (als_fast.RUN, native/_usage.pyx `account_run`): it accounts the common entries itself and hands
         every other one to `_account_scanned`, and comes back here with an awaitable to await or at the end
         of a slice, so the slices and their LOOP_BUSY observations are `_account_batch`'s."""
-        clock = perf_counter
-        observe = _BUSY.observe
-        cpu_clock, observe_cpu = LOOP_BUSY.cpu_timer("access_log")  # own CPU per slice, when measured
+        timer = Slice("access_log", _BUSY.observe)  # wall and (when measured) own CPU per slice
         failed = self._failed
-        started, cpu_started = clock(), cpu_clock()
         i, n = 0, len(items)
         while i < n:
             i, pending, sliced = run(
-                items, i, raw, self, self._account_scanned, failed, clock, started, _SLICE
+                items, i, raw, self, self._account_scanned, failed, perf_counter, timer.started, _SLICE
             )
             if pending is not None:  # a long text to count exactly: off the event loop
                 try:
-                    observe_cpu(cpu_clock() - cpu_started)
-                    observe(clock() - started)
+                    timer.end()
                     await pending
-                    started, cpu_started = clock(), cpu_clock()
+                    timer.start()
                 except Exception:
                     failed(items[i - 1])
-                sliced = clock() - started >= _SLICE
+                sliced = timer.elapsed() >= _SLICE
             if sliced:
-                observe_cpu(cpu_clock() - cpu_started)
-                observe(clock() - started)
+                timer.end()
                 await asyncio.sleep(0)
-                started, cpu_started = clock(), cpu_clock()
-        observe_cpu(cpu_clock() - cpu_started)
-        observe(clock() - started)
+                timer.start()
+        timer.end()
 
     @staticmethod
     def _failed(item: Any) -> None:
