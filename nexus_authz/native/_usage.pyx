@@ -123,34 +123,43 @@ cdef inline bint _is(const unsigned char* s, Span span, const char* word, Py_ssi
     return span.end - span.start == length and memcmp(s + span.start, word, length) == 0
 
 
-cdef int _struct_field(const unsigned char* s, Span struct, const char* name, Py_ssize_t length, Span* out):
-    """The Value of `name` in the Struct message at `struct` (the last entry wins, as protobuf maps
-    do). 1 found, 0 absent, -1 malformed."""
-    cdef Py_ssize_t i = struct.start
+cdef int _map_value(const unsigned char* s, Span message, int number, const char* name, Py_ssize_t length,
+                    bint message_values, Span* out):
+    """The value of key `name` in the map<string, ...> field `number` of the message at `message` (the
+    last entry wins, as protobuf maps do; an entry without a value: an empty one). 1 found, 0 absent, -1
+    malformed, or (`message_values`: the map's values are messages) a value protobuf would merge."""
+    cdef Py_ssize_t i = message.start, n = message.end
     cdef unsigned long long tag, size
     cdef Span key, value
-    cdef int found = 0
-    while i < struct.end:
-        i = _varint(s, i, struct.end, &tag)
+    cdef int found = 0, entry
+    while i < n:
+        i = _varint(s, i, n, &tag)
         if i < 0:
             return -1
-        if tag == ((1 << 3) | 2):  # fields: map<string, Value>
-            i = _varint(s, i, struct.end, &size)
-            if i < 0 or size > <unsigned long long>(struct.end - i):
+        if tag == ((<unsigned long long>number << 3) | 2):
+            i = _varint(s, i, n, &size)
+            if i < 0 or size > <unsigned long long>(n - i):
                 return -1
-            if _map_entry(s, i, i + <Py_ssize_t>size, &key, &value) != 0:
-                return -1  # malformed, or a Value protobuf would merge
+            entry = _map_entry(s, i, i + <Py_ssize_t>size, &key, &value)
+            if entry < 0 or (entry and message_values):
+                return -1
             i += <Py_ssize_t>size
             if _is(s, key, name, length):
                 found = 1
-                if value.end < 0:  # an entry without a value: an empty Value
+                if value.end < 0:  # no value: an empty one
                     value.start = value.end = i
                 out[0] = value
         else:
-            i = _skip(s, i, struct.end, tag & 7)
+            i = _skip(s, i, n, tag & 7)
             if i < 0:
                 return -1
     return found
+
+
+cdef inline int _struct_field(const unsigned char* s, Span struct, const char* name, Py_ssize_t length,
+                              Span* out):
+    """The Value of `name` in the Struct message at `struct` (Struct.fields: map<string, Value>, field 1)."""
+    return _map_value(s, struct, 1, name, length, True, out)
 
 
 cdef int _value_kind(const unsigned char* s, Span value, Span* payload, double* number):
@@ -248,33 +257,16 @@ def usage_snippet(bytes metadata):
 
 cdef object _snippet(const unsigned char* s, Py_ssize_t i, Py_ssize_t n):
     """usage_snippet of the serialized Metadata s[i:n]."""
-    cdef unsigned long long tag, size
-    cdef Span key, value, ns, field, payload, record, kind_span, data_span
+    cdef Span metadata, ns, field, payload, record, kind_span, data_span
     cdef double number = 0.0
     cdef int found = 0, kind
     cdef object data
     cdef long long skipped = 0
-    ns.start = ns.end = 0
-    while i < n:  # Metadata.filter_metadata: map<string, Struct> (field 1)
-        i = _varint(s, i, n, &tag)
-        if i < 0:
-            return None
-        if tag == ((1 << 3) | 2):
-            i = _varint(s, i, n, &size)
-            if i < 0 or size > <unsigned long long>(n - i):
-                return None
-            if _map_entry(s, i, i + <Py_ssize_t>size, &key, &value) != 0:
-                return None  # malformed, or a Struct protobuf would merge
-            i += <Py_ssize_t>size
-            if _is(s, key, b"nexus.usage", 11):
-                found = 1
-                ns = value
-                if value.end < 0:  # no value: an empty Struct
-                    ns.start = ns.end = 0
-        else:
-            i = _skip(s, i, n, tag & 7)
-            if i < 0:
-                return None
+    metadata.start = i
+    metadata.end = n
+    found = _map_value(s, metadata, 1, b"nexus.usage", 11, True, &ns)  # filter_metadata: map<string, Struct>
+    if found < 0:
+        return None  # malformed, or a Struct protobuf would merge
     if not found:
         return ("none", b"", 0)
     found = _struct_field(s, ns, b"u", 1, &field)
@@ -362,35 +354,11 @@ cdef object _text(const unsigned char* s, Span span):
     return PyUnicode_DecodeUTF8(<const char*>(s + span.start), span.end - span.start, NULL)
 
 
-cdef int _header(const unsigned char* s, Span headers_of, int number, const char* name, Py_ssize_t length,
-                 Span* out):
+cdef inline int _header(const unsigned char* s, Span headers_of, int number, const char* name, Py_ssize_t length,
+                        Span* out):
     """The value of header `name` in the map<string, string> field `number` of the message at
-    `headers_of` (the last entry wins, as protobuf maps do). 1 found, 0 absent, -1 malformed."""
-    cdef Py_ssize_t i = headers_of.start, n = headers_of.end
-    cdef unsigned long long tag, size
-    cdef Span key, value
-    cdef int found = 0
-    while i < n:
-        i = _varint(s, i, n, &tag)
-        if i < 0:
-            return -1
-        if tag == ((<unsigned long long>number << 3) | 2):
-            i = _varint(s, i, n, &size)
-            if i < 0 or size > <unsigned long long>(n - i):
-                return -1
-            if _map_entry(s, i, i + <Py_ssize_t>size, &key, &value) < 0:
-                return -1
-            i += <Py_ssize_t>size
-            if _is(s, key, name, length):
-                found = 1
-                if value.end < 0:  # no value: ""
-                    value.start = value.end = i
-                out[0] = value
-        else:
-            i = _skip(s, i, n, tag & 7)
-            if i < 0:
-                return -1
-    return found
+    `headers_of`. 1 found, 0 absent, -1 malformed."""
+    return _map_value(s, headers_of, number, name, length, False, out)
 
 
 cdef int _string_field(const unsigned char* s, Span message, int number, Span* out):
