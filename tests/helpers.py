@@ -8,16 +8,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nexus_authz.core import keys as keys_mod
+from nexus_authz.core.config import PolicySet, parse_key_file, parse_policy
 from nexus_authz.core.keys import KeySnapshot
-from nexus_authz.core.model import Decision, Request
+from nexus_authz.core.model import Credential, Decision, Request
 from nexus_authz.core.policy import Policy
 from nexus_authz.core.ports import CounterStore
 from nexus_authz.core.reservations import ReservationBook
+from nexus_authz.core.yamlsrc import Fields, load_yaml
 from nexus_authz.decide import Decider
 from nexus_authz.stores.base import LocalCounters
 from nexus_authz.stores.memory import MemoryCounterStore
 
 PEPPER = "test-pepper-0123456789abcdef"
+CRED = {"openai": Credential(name="openai", header="authorization", value="Bearer sk-up")}
 
 
 @dataclass
@@ -40,6 +43,21 @@ def key_entry(spec: KeySpec, pepper: str = PEPPER) -> str:
 
 def key_file(*specs: KeySpec, pepper: str = PEPPER) -> str:
     return "keys:\n" + "\n".join(key_entry(s, pepper) for s in specs) + "\n"
+
+
+def parse_world(policy_yaml: str, *specs: KeySpec) -> tuple[PolicySet, KeySnapshot]:
+    """A nexus.yaml's policy and a key file of `specs` parsed as the server would (the test pepper, one
+    upstream credential `openai`): what the in-process decision tests decide on."""
+    policy_set = parse_policy(Fields(load_yaml(policy_yaml, "nexus.yaml"), "nexus.yaml", ""))
+    snapshot = parse_key_file(
+        key_file(*specs),
+        "keys.yaml",
+        policy=policy_set,
+        credentials=CRED,
+        pepper=PEPPER.encode(),
+        loaded_at=0.0,
+    )
+    return policy_set, snapshot
 
 
 def _yaml(value: object) -> str:

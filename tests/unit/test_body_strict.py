@@ -9,13 +9,11 @@ import json
 import pytest
 
 from nexus_authz.core import body as body_mod
-from nexus_authz.core.config import parse_key_file, parse_policy
-from nexus_authz.core.model import Credential, Decision, Reason, Request
+from nexus_authz.core.model import Decision, Reason, Request
 from nexus_authz.core.policy import UNSEEN_TOKENS_PER_BYTE, Policy
 from nexus_authz.core.reservations import ReservationBook
-from nexus_authz.core.yamlsrc import Fields, load_yaml
 from nexus_authz.stores.memory import MemoryCounterStore
-from tests.helpers import PEPPER, KeySpec, decide_local, key_file
+from tests.helpers import KeySpec, decide_local, parse_world
 
 pytestmark = pytest.mark.usefixtures("body_reading")  # both body readings: tests/native_params.py
 
@@ -39,7 +37,6 @@ auth_failures:
   limit: 5
   per: minute
 """
-CRED = {"openai": Credential(name="openai", header="authorization", value="Bearer sk-up")}
 RESTRICTED = KeySpec("restricted", extra={"models": ["gpt-4o*"]})
 PRICED = KeySpec("priced", extra={"plan": "usd"})
 TOKENS = KeySpec("tokens", extra={"plan": "tokens"})
@@ -50,15 +47,7 @@ PAD = "All work and no play makes Jack a dull boy. " * 500  # ~22 KB: the scan p
 
 class World:
     def __init__(self) -> None:
-        policy_set = parse_policy(Fields(load_yaml(POLICY_YAML, "nexus.yaml"), "nexus.yaml", ""))
-        self.snapshot = parse_key_file(
-            key_file(RESTRICTED, PRICED, TOKENS, RATE_ONLY),
-            "keys.yaml",
-            policy=policy_set,
-            credentials=CRED,
-            pepper=PEPPER.encode(),
-            loaded_at=0.0,
-        )
+        policy_set, self.snapshot = parse_world(POLICY_YAML, RESTRICTED, PRICED, TOKENS, RATE_ONLY)
         self.policy = Policy(policy_set)
         self.counters = MemoryCounterStore()
         self.failures = MemoryCounterStore()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 from nexus_authz.core.config import PolicySet, parse_key_file, parse_policy
-from nexus_authz.core.model import Credential, Decision, Reason, Request
+from nexus_authz.core.model import Decision, Reason, Request
 from nexus_authz.core.policy import Policy
 from nexus_authz.core.reservations import ReservationBook
 from nexus_authz.core.yamlsrc import Fields, load_yaml
 from nexus_authz.stores.base import apply_settlements
 from nexus_authz.stores.memory import MemoryCounterStore
-from tests.helpers import PEPPER, KeySpec, decide_local, dry_run_local, key_file
+from tests.helpers import CRED, PEPPER, KeySpec, decide_local, dry_run_local, key_file, parse_world
 
 POLICY_YAML = """
 plans:
@@ -38,7 +38,6 @@ reservations:
   default_max_tokens: 100
 """
 
-CRED = {"openai": Credential(name="openai", header="authorization", value="Bearer sk-up")}
 SMALL = KeySpec("small", extra={"plan": "small"})
 BUDGET = KeySpec("budget", extra={"plan": "budget"})
 GPT4 = KeySpec("gpt4", extra={"plan": "gpt4"})
@@ -49,15 +48,7 @@ T0 = 1_800_000_000.0
 
 class World:
     def __init__(self, policy_yaml: str = POLICY_YAML) -> None:
-        self.policy_set = parse_policy(Fields(load_yaml(policy_yaml, "nexus.yaml"), "nexus.yaml", ""))
-        self.snapshot = parse_key_file(
-            key_file(SMALL, BUDGET, GPT4, CONC, SHADOW),
-            "keys.yaml",
-            policy=self.policy_set,
-            credentials=CRED,
-            pepper=PEPPER.encode(),
-            loaded_at=0.0,
-        )
+        self.policy_set, self.snapshot = parse_world(policy_yaml, SMALL, BUDGET, GPT4, CONC, SHADOW)
         self.policy = Policy(self.policy_set)
         self.counters = MemoryCounterStore()
         self.book = ReservationBook(ttl=60.0, max_entries=1000)

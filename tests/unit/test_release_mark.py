@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 
-from nexus_authz.core.config import parse_key_file, parse_policy
 from nexus_authz.core.limits import Kind, make_limit, new_status
-from nexus_authz.core.model import Credential, Decision, Request
+from nexus_authz.core.model import Decision, Request
 from nexus_authz.core.policy import Policy
 from nexus_authz.core.reservations import ReservationBook
 from nexus_authz.core.shapes import near_limit, shape_of
-from nexus_authz.core.yamlsrc import Fields, load_yaml
 from nexus_authz.stores.memory import MemoryCounterStore
-from tests.helpers import PEPPER, KeySpec, decide_local, key_file
+from tests.helpers import KeySpec, decide_local, parse_world
 
 POLICY_YAML = """
 tenants:
@@ -28,7 +26,6 @@ tenants:
     limits:
       - {concurrent: 1000}
 """
-CRED = {"openai": Credential(name="openai", header="authorization", value="Bearer sk-up")}
 HUNDRED = KeySpec("hundred", extra={"limits": [{"concurrent": 100}]})
 ONE = KeySpec("one", extra={"limits": [{"concurrent": 1}]})
 RATE = KeySpec("rate", extra={"limits": [{"requests": 1000, "per": "minute"}]})
@@ -40,15 +37,7 @@ T0 = 1_800_000_000.0
 
 class World:
     def __init__(self) -> None:
-        policy_set = parse_policy(Fields(load_yaml(POLICY_YAML, "nexus.yaml"), "nexus.yaml", ""))
-        self.snapshot = parse_key_file(
-            key_file(HUNDRED, ONE, RATE, TENANT, ROOMY),
-            "keys.yaml",
-            policy=policy_set,
-            credentials=CRED,
-            pepper=PEPPER.encode(),
-            loaded_at=0.0,
-        )
+        policy_set, self.snapshot = parse_world(POLICY_YAML, HUNDRED, ONE, RATE, TENANT, ROOMY)
         self.policy = Policy(policy_set)
         self.counters = MemoryCounterStore()
         self.book = ReservationBook(ttl=60.0, max_entries=10_000)
