@@ -801,6 +801,8 @@ def loop_busy_families(text: str) -> dict[str, dict[str, dict[float, float]]]:
             if sample.name.endswith("_bucket"):
                 per_source = out.setdefault(family.name, {}).setdefault(sample.labels["source"], {})
                 per_source[float(sample.labels["le"])] = sample.value
+            elif sample.name.endswith("_sum"):  # seconds in all, kept as family "<name>_sum", bound 0
+                out.setdefault(sample.name, {})[sample.labels["source"]] = {0.0: sample.value}
     return out
 
 
@@ -844,6 +846,11 @@ def loop_round_figures(
     out = loop_busy_figures(before.get(LOOP_WALL, {}), after.get(LOOP_WALL, {}))
     if after.get(LOOP_CPU):
         out.update(loop_busy_figures(before.get(LOOP_CPU, {}), after[LOOP_CPU], prefix="loop_cpu"))
+        # the callbacks' own CPU in all, per source (seconds over the window): where the work goes
+        sums0, sums1 = before.get(LOOP_CPU + "_sum", {}), after.get(LOOP_CPU + "_sum", {})
+        out["loop_cpu_s_by_source"] = {
+            source: v.get(0.0, 0.0) - sums0.get(source, {}).get(0.0, 0.0) for source, v in sums1.items()
+        }
     return out
 
 
@@ -866,6 +873,21 @@ def pool_loop_rounds(rounds: Sequence[Mapping[str, Any]], prefix: str = "loop") 
         f"{prefix}_longest_le_us": max(r[f"{prefix}_longest_le_us"] for r in rounds),
         f"{prefix}_by_source": per_source,
     }
+
+
+def loop_cpu_per_request(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The loop callbacks' own CPU per answered request, per source, over every round (µs; {} when not
+    measured): `loop_cpu_us_per_req_by_source`. What is not in a callback (the kernel's wake-up, uvloop
+    between callbacks, grpc's own threads) is the rest of "nexus CPU µs/req"."""
+    rounds = [r for r in rounds if "loop_cpu_s_by_source" in r]
+    answered = sum(r.get("ok", 0) for r in rounds)
+    if not rounds or not answered:
+        return {}
+    per: dict[str, float] = {}
+    for r in rounds:
+        for source, s in r["loop_cpu_s_by_source"].items():
+            per[source] = per.get(source, 0.0) + s
+    return {"loop_cpu_us_per_req_by_source": {k: 1e6 * v / answered for k, v in sorted(per.items())}}
 
 
 def _round_metrics(res: harness.LoadResult, has_nexus: bool) -> dict[str, Any]:
@@ -1128,6 +1150,7 @@ def summary_rows(
         # (wall time, and own CPU time when measured)
         row.update(pool_loop_rounds(inter.runs[name]))
         row.update(pool_loop_rounds(inter.runs[name], "loop_cpu"))
+        row.update(loop_cpu_per_request(inter.runs[name]))
         row.update(max_rps.get(name, {}))
         rows.append(row)
     return rows
@@ -1176,6 +1199,11 @@ def print_summary(rows: Sequence[Mapping[str, Any]], with_max: bool) -> None:
         "max_rps_nexus_cores": lambda v: f"{v:.2f}" if isinstance(v, float) else "-",
     }
     harness.print_table(rows, columns, formats=formats)
+    for r in rows:
+        by_source = r.get("loop_cpu_us_per_req_by_source")
+        if by_source:
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in by_source.items())
+            print(f"- `{r['scenario']}`: loop callbacks' own CPU, µs per request: {parts}")
 
 
 def print_rounds(inter: harness.InterleaveResult) -> None:

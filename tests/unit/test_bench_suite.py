@@ -451,6 +451,11 @@ def test_a_round_judges_wall_time_and_own_cpu_time_per_source() -> None:
         500.0,
     )
     assert f["loop_cpu_by_source"]["http"] == {"callbacks": 3.0, "over_200us": 1.0, "longest_le_us": 500.0}
+    # the own CPU in all, per source, over the window (the histograms' sums): where the work goes
+    assert f["loop_cpu_s_by_source"] == pytest.approx({"http": 0.00033, "gc": 0.00009})
+    per = be.loop_cpu_per_request([{**f, "ok": 3}, {**f, "ok": 0}, {"ok": 5}])  # the last: not measured
+    assert per["loop_cpu_us_per_req_by_source"] == pytest.approx({"gc": 60.0, "http": 220.0})
+    assert be.loop_cpu_per_request([{"ok": 5}]) == {}
     # a server without metrics.loop_cpu_time: wall time only
     plain = be.loop_busy_families(_exposition({"http": [0.0003]}, None))
     assert "loop_cpu_callbacks" not in be.loop_round_figures({}, plain)
