@@ -194,6 +194,14 @@ def _envoy_rows(envoy: Mapping[str, Mapping[str, Any]], row: Any) -> None:
     if NOACCT in envoy and not _nan(cpu):
         acct = cpu - envoy[NOACCT].get("nexus_cpu_us_per_req", math.nan)
         row("token accounting's share of nexus-authz CPU (default minus no accounting)", _num(acct, " µs"))
+    for key in (DEFAULT, NOACCT):
+        by_source = envoy.get(key, {}).get("loop_cpu_us_per_req_by_source")
+        if by_source:  # where nexus-authz's CPU goes: the rest is the wake-up, epoll, grpc's threads
+            row(
+                f"{SCENARIOS[key]}: nexus-authz CPU per request in loop callbacks, by source",
+                ", ".join(f"{k} {_num(v, ' µs', ',.1f')}" for k, v in by_source.items())
+                + f" (of {_num(envoy[key].get('nexus_cpu_us_per_req'), ' µs')})",
+            )
     if MANY_KEYS in envoy:
         k = envoy[MANY_KEYS]
         errors = k.get("errors", math.nan) + k.get("non_2xx", math.nan)

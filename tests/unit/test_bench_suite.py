@@ -496,3 +496,15 @@ def test_rounds_pool_per_source_and_the_table_judges_both_clocks() -> None:
     # not measured: said so, judged n/a (neither a pass nor a miss)
     rows = run_all.suite_rows(_envoy(), None, None)
     assert _result(rows, f"{default}: own CPU")[1] == "n/a"
+
+
+def test_the_table_says_where_nexus_authz_cpu_goes_by_source() -> None:
+    by_source = {"access_log": 17.04, "http": 65.1, "maintenance": 0.1}
+    rows = run_all.suite_rows(
+        _envoy(http_uds_issue15={"loop_cpu_us_per_req_by_source": by_source}), None, None
+    )
+    default = run_all.SCENARIOS["http-uds-issue15"]
+    figure = f"{default}: nexus-authz CPU per request in loop callbacks, by source"
+    assert _result(rows, figure) == ("access_log 17.0 µs, http 65.1 µs, maintenance 0.1 µs (of 45 µs)", "")
+    # not measured (no metrics.loop_cpu_time): no such row
+    assert not [r for r in run_all.suite_rows(_envoy(), None, None) if "by source" in r["figure"]]
