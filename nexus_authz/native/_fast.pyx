@@ -59,6 +59,7 @@ from nexus_authz.core.known import REFRESH_AFTER, KnownKeys
 from nexus_authz.core.model import Decision, InFlight, Reason, new_request
 from nexus_authz.core.prompt_later import KEEP_BODY_BYTES, deferred_body
 from nexus_authz.core.reservations import ReservationBook, settle_with
+from nexus_authz.latency import ReasonCounts as _ReasonCounts
 from nexus_authz.native._headers import plan_header_block as _native_block
 from nexus_authz.native._windows import acquire as _native_acquire
 
@@ -109,6 +110,7 @@ cdef Py_ssize_t _SKIP = 10  # len(EXT_AUTHZ_PREFIX): the path keeps its leading 
 cdef bytes _TAIL = b"content-length: 0\r\n\r\n"
 cdef bytes _RELEASE = b"x-nexus-release: "
 cdef object _OK = Reason.OK
+cdef Py_ssize_t _OK_INDEX = list(Reason).index(Reason.OK)  # its place in a ReasonCounts' array
 cdef object _ONE = 1
 cdef object _UNAVAILABLE = Reason.UNAVAILABLE
 cdef object _InFlight = InFlight  # a NamedTuple: a tuple subtype of 5 items, no __dict__
@@ -770,6 +772,21 @@ cdef int _observe(object histogram, double seconds) except -1:
     return 0
 
 
+cdef int _count_ok(object decisions) except -1:
+    """decisions[Reason.OK] += 1: in place in a ReasonCounts' array('q') (no int object per admission)."""
+    if type(decisions) is _ReasonCounts:
+        counts = decisions.counts
+        if (
+            type(counts) is _array_type
+            and (<carray.array>counts).ob_descr.typecode == 113  # "q"
+            and _OK_INDEX < Py_SIZE(counts)
+        ):
+            (<carray.array>counts).data.as_longlongs[_OK_INDEX] += 1
+            return 0
+    decisions[_OK] += 1
+    return 0
+
+
 def data_received(self, data):
     """AuthzProtocol.data_received with CompiledAuthzProtocol._feed inline: each read timed into the loop's
     busy histogram (its own CPU time too, into `_busy_cpu`, when measured); the compiled parser first, the
@@ -1064,8 +1081,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
                             release = request_id
                             break
     # -- Decider._counted -----------------------------------------------------------------------------------
-    decisions = _at(decider, &S_DEC_DECISIONS, "decisions")
-    decisions[_OK] += 1
+    _count_ok(_at(decider, &S_DEC_DECISIONS, "decisions"))
     _observe(_at(decider, &S_DEC_LATENCY, "latency"), _mono() - started)
     # -- the answer (http_fast.on_message_complete) ---------------------------------------------------------
     wire = _at(plan, &S_PLAN_WIRE, "wire")

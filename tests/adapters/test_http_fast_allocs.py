@@ -118,3 +118,24 @@ def test_a_header_function_other_than_the_compiled_one_gets_the_statuses(tmp_pat
         fp.proto.data_received(bench_alloc.ext_authz_request(fp.secrets[0], "rid-1"))
     assert len(seen) == 1 and seen[0] and seen[0] in fp.sink.last
     assert fp.sink.last.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_the_lane_counts_an_admission_in_place(tmp_path: Path) -> None:
+    """The OK count is incremented in the decisions' array (no int object): the same figure the
+    reference path's `decisions[Reason.OK] += 1` reads, and what /metrics reports."""
+    from nexus_authz.core.model import Reason
+    from nexus_authz.latency import ReasonCounts
+
+    if native.fast is None:
+        pytest.fail(f"the compiled lane did not build or load ({native.WHY_PURE}): pip install -e .")
+    fp = bench_alloc.build_fastpath(tmp_path)
+    decisions = fp.engine.decisions
+    assert type(decisions) is ReasonCounts and fp.engine.decider.decisions is decisions
+    held = decisions.counts
+    for i in range(3):
+        fp.proto.data_received(bench_alloc.ext_authz_request(fp.secrets[0], f"rid-{i}"))
+        assert fp.sink.last.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert decisions.counts is held and decisions[Reason.OK] == 3
+    fp.proto.data_received(bench_alloc.ext_authz_request("nx-nobody-0123456789abcdef", "rid-x"))
+    assert not fp.sink.last.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert dict(decisions) == dict.fromkeys(Reason, 0) | {Reason.OK: 3, Reason.UNKNOWN_KEY: 1}
