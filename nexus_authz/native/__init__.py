@@ -18,6 +18,7 @@ record, a JSON body's usage object, an OpenAI stream's usage chunk, a common rec
 `_headers`, the rate-limit headers of an answer (core.ratelimit_headers.plan_headers' equivalent, installed
 as `core.ratelimit_headers.build_headers`, which the policy calls; and plan_header_block's, the same headers
 as HTTP/1.1 lines, installed as `build_header_block`, which the HTTP listener's fast path calls);
+`_reservation`, the compiled lane's reservation entry (core/reservations.py's 7-tuple as one object);
 `_fast`, the common ext_authz check's flat path in one compiled call (core/fastpath.py's admission,
 Decider.check_plain's charge and reservation, adapters/http_fast.py's answer), installed as the compiled
 protocol's `on_message_complete` (adapters/http_native.py);
@@ -39,7 +40,7 @@ from nexus_authz.core import ratelimit_headers as _core_headers
 log = logging.getLogger("nexus_authz.native")
 
 PURE_ENV = "NEXUS_AUTHZ_PURE"
-MODULES = ("_http1", "_body", "_windows", "_usage", "_headers", "_fast", "_account")
+MODULES = ("_http1", "_body", "_windows", "_usage", "_headers", "_reservation", "_fast", "_account")
 
 
 def _load() -> tuple[dict[str, ModuleType], str]:
@@ -60,6 +61,7 @@ body: ModuleType | None = _modules.get("_body")
 windows: ModuleType | None = _modules.get("_windows")
 usage: ModuleType | None = _modules.get("_usage")  # the access-log entry's scans (adapters/als_fast.py)
 headers: ModuleType | None = _modules.get("_headers")  # the answers' rate-limit headers
+reservation: ModuleType | None = _modules.get("_reservation")  # the compiled lane's reservation entry
 fast: ModuleType | None = _modules.get("_fast")  # the common ext_authz check's flat path
 account: ModuleType | None = _modules.get("_account")  # the common access-log entry's accounting
 WHY_PURE_WINDOWS = WHY_PURE_USAGE = WHY_PURE  # the modules load together or not at all

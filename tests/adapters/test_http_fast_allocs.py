@@ -89,6 +89,7 @@ def test_a_reservation_keeps_its_own_costs(tmp_path: Path) -> None:
         fp.proto.data_received(raw)
         assert fp.sink.last.startswith(b"HTTP/1.1 200 OK\r\n")
         costs[rid] = entries[rid][2]
+        assert type(entries[rid]) is native.reservation.Reservation  # one object, read as the 7-tuple
     assert costs["a"] == costs["c"] and costs["b"] == costs["d"] and costs["a"] != costs["b"]
     assert costs["b"][1] - costs["a"][1] == 400 - 16  # the tokens window's cost: prompt + max_tokens
 

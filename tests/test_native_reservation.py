@@ -1,0 +1,139 @@
+"""The compiled lane's reservation entry (nexus_authz/native/_reservation.pyx) against the book's 7-tuple
+(core/reservations.py ReservationEntry): it reads as the tuple (items, unpacking, ==, hash, pickle), and a
+book holding it settles, releases, expires, evicts, retires and reports exactly as one holding the tuple,
+on random sequences of those operations (hypothesis)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nexus_authz import native
+from nexus_authz.core.limits import make_limit
+from nexus_authz.core.model import InFlight
+from nexus_authz.core.reservations import ReservationBook
+from nexus_authz.metrics import _tally
+
+
+@pytest.fixture(scope="module")
+def compiled() -> Any:
+    if native.reservation is None:
+        if os.environ.get(native.PURE_ENV, "") not in ("", "0"):
+            pytest.skip("NEXUS_AUTHZ_PURE is set: the compiled reservation entry is not loaded")
+        pytest.fail(
+            f"the compiled reservation entry did not build or load ({native.WHY_PURE}): pip install -e ."
+        )
+    return native.reservation.Reservation
+
+
+REQ = make_limit("requests", 60, "minute")
+TOK = make_limit("tokens", 1000, "minute")
+USD = make_limit("usd", 1_000_000, "day")
+CONC = make_limit("concurrent", 2)
+ALL = (REQ, TOK, USD, CONC)
+
+times = st.floats(min_value=-1e12, max_value=1e12, allow_nan=False)
+contexts = st.none() | st.builds(
+    InFlight,
+    st.text(max_size=8),
+    st.text(max_size=4),
+    st.none() | st.text(max_size=8),
+    st.integers(0, 10**6),
+    st.none() | st.binary(max_size=16),
+)
+
+
+@st.composite
+def entries(draw: st.DrawFn) -> tuple[Any, ...]:
+    specs = tuple(draw(st.lists(st.sampled_from(ALL), max_size=4)))
+    ids = tuple(f"k\x00{i}" for i in range(len(specs)))
+    costs = tuple(draw(st.integers(0, 10**9)) for _ in specs)
+    at = draw(times)
+    return (ids, specs, costs, draw(st.integers(0, 15)), at, at + draw(times), draw(contexts))
+
+
+@settings(max_examples=300, deadline=None)
+@given(entry=entries())
+def test_a_reservation_reads_as_its_tuple(compiled: Any, entry: tuple[Any, ...]) -> None:
+    r = compiled(*entry)
+    assert len(r) == 7 and tuple(r) == entry and list(r) == list(entry)
+    assert [r[i] for i in range(-7, 7)] == [entry[i] for i in range(-7, 7)]
+    assert r[1:5] == entry[1:5] and r[::-1] == entry[::-1]
+    assert r[4].hex() == entry[4].hex() and r[5].hex() == entry[5].hex()  # the same floats, bit for bit
+    assert type(r[6]) is type(entry[6]) and r.context == entry[6]
+    assert r == entry and entry == r and (r != entry) is False and r == compiled(*entry)
+    assert hash(r) == hash(entry) and repr(r) == f"Reservation{entry!r}"
+    assert pickle.loads(pickle.dumps(r)) == entry
+    other = entry[:3] + (entry[3] + 1,) + entry[4:]
+    assert r != other and other != r and r != compiled(*other)
+    with pytest.raises(IndexError):
+        r[7]
+    a, b, c, d, e, f, g = r
+    assert (a, b, c, d, e, f, g) == entry
+
+
+def test_a_context_other_than_an_inflight_is_refused(compiled: Any) -> None:
+    with pytest.raises(TypeError, match="InFlight or None"):
+        compiled((), (), (), 0, 1.0, 2.0, "ctx")
+
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["reserve"] * 4 + ["track", "settle", "release", "expire", "context", "retired"]),
+        st.integers(0, 5),  # the request id
+        st.lists(st.sampled_from(ALL), min_size=1, max_size=3),
+        st.integers(0, 3),  # uncharged
+        st.floats(0, 30),  # time step
+        contexts,
+    ),
+    max_size=40,
+)
+
+
+def _run(calls: list[Any], wrap: Any) -> list[Any]:
+    book = ReservationBook(ttl=20.0, max_entries=4, expire_per_call=2, retired_max=3, settled_max=3)
+    now = 1_700_000_000.0
+    trace: list[Any] = []
+
+    def lane(rid: str) -> None:  # what the compiled lane records: the same entry as one object
+        if wrap is not None and rid in book._entries:
+            book._entries[rid] = wrap(*book._entries[rid])
+
+    for op, n, specs, uncharged, step, context in calls:
+        now += step
+        rid = f"r{n}"
+        if op == "reserve":
+            costs = tuple(range(1, len(specs) + 1))
+            trace.append(
+                book.reserve(rid, [f"c{i}" for i in range(len(specs))], specs, costs, now, uncharged, context)
+            )
+            lane(rid)
+        elif op == "track":
+            trace.append(book.track(rid, context, now))
+            lane(rid)
+        elif op == "settle":
+            trace.append(book.settle(rid, now, tokens=n * 7, usd_micros=n, at_least_reserved=n % 2 == 0))
+        elif op == "release":
+            trace.append(book.release(rid))
+        elif op == "expire":
+            trace.append(book.expire(now, n))
+        elif op == "context":
+            trace.append((book.context(rid), book.was_settled(rid), rid in book, len(book)))
+        else:
+            trace.append(book.retired(rid))
+        tally: dict[str, int] = {}
+        _tally(book.entries(), tally)
+        trace.append((book.stats(), book.next_expiry(), list(book._entries.items()), tally))
+        trace.append(list(book._retired.items()))
+    return trace
+
+
+@settings(max_examples=300, deadline=None)
+@given(calls=ops)
+def test_a_book_of_reservations_is_a_book_of_tuples(compiled: Any, calls: list[Any]) -> None:
+    assert _run(calls, compiled) == _run(calls, None)
