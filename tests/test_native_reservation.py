@@ -1,12 +1,14 @@
-"""The compiled lane's reservation entry (nexus_authz/native/_reservation.pyx) against the book's 7-tuple
-(core/reservations.py ReservationEntry): it reads as the tuple (items, unpacking, ==, hash, pickle), and a
-book holding it settles, releases, expires, evicts, retires and reports exactly as one holding the tuple,
-on random sequences of those operations (hypothesis)."""
+"""The compiled lane's reservation entry and the book's table (nexus_authz/native/_reservation.pyx) against
+the book's 7-tuple and OrderedDict (core/reservations.py): the entry reads as the tuple (items, unpacking,
+==, hash, pickle); the table does what the OrderedDict does on random sequences of its operations; and a
+book with both settles, releases, expires, evicts, retires and reports exactly as the pure book, on random
+sequences of those operations (hypothesis)."""
 
 from __future__ import annotations
 
 import os
 import pickle
+from collections import OrderedDict
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nexus_authz import native
+from nexus_authz.core import reservations
 from nexus_authz.core.limits import make_limit
 from nexus_authz.core.model import InFlight
 from nexus_authz.core.reservations import ReservationBook
@@ -95,8 +98,11 @@ ops = st.lists(
 )
 
 
-def _run(calls: list[Any], wrap: Any) -> list[Any]:
-    book = ReservationBook(ttl=20.0, max_entries=4, expire_per_call=2, retired_max=3, settled_max=3)
+def _run(calls: list[Any], wrap: Any, table: Any) -> list[Any]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reservations, "new_entries", table)
+        book = ReservationBook(ttl=20.0, max_entries=4, expire_per_call=2, retired_max=3, settled_max=3)
+    assert type(book._entries) is table
     now = 1_700_000_000.0
     trace: list[Any] = []
 
@@ -136,4 +142,82 @@ def _run(calls: list[Any], wrap: Any) -> list[Any]:
 @settings(max_examples=300, deadline=None)
 @given(calls=ops)
 def test_a_book_of_reservations_is_a_book_of_tuples(compiled: Any, calls: list[Any]) -> None:
-    assert _run(calls, compiled) == _run(calls, None)
+    entries = native.reservation.Entries
+    reference = _run(calls, None, OrderedDict)
+    assert _run(calls, compiled, entries) == reference  # the lane's entries in the compiled table
+    assert _run(calls, None, entries) == reference  # the pure path's tuples in it
+    assert _run(calls, compiled, OrderedDict) == reference
+
+
+def test_the_compiled_table_is_installed_when_the_modules_load(compiled: Any) -> None:
+    assert reservations.new_entries is native.reservation.Entries
+    assert type(ReservationBook(ttl=1.0, max_entries=1)._entries) is native.reservation.Entries
+
+
+table_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["set"] * 4 + ["set-same", "del", "pop", "pop-default", "popitem", "get", "in"]),
+        st.integers(0, 6),
+        st.booleans(),
+        st.integers(0, 3),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(calls=table_ops)
+def test_the_table_does_what_the_ordered_dict_does(compiled: Any, calls: list[Any]) -> None:
+    """Entries against OrderedDict: the same results, errors and order (keys, values, items, iteration) after
+    every operation, with Reservation values (their own node) and others (a link), shared values too."""
+
+    def run(table: Any) -> list[Any]:
+        shared = [compiled((), (), (), i, float(i), float(i), None) for i in range(4)]
+        trace: list[Any] = []
+        for op, n, last, v in calls:
+            key = f"r{n}"
+            value: Any = shared[v] if last else (key, v)
+            try:
+                if op == "set":
+                    table[key] = value
+                    trace.append(None)
+                elif op == "set-same":
+                    if key in table:
+                        table[key] = table[key]
+                    trace.append(None)
+                elif op == "del":
+                    del table[key]
+                    trace.append(None)
+                elif op == "pop":
+                    trace.append(table.pop(key))
+                elif op == "pop-default":
+                    trace.append(table.pop(key, "none"))
+                elif op == "popitem":
+                    trace.append(table.popitem(last=last))
+                elif op == "get":
+                    trace.append((table.get(key), table.get(key, "none")))
+                else:
+                    trace.append((key in table, len(table), bool(table)))
+            except KeyError as exc:
+                trace.append(("KeyError", type(exc)))
+            values = table.values()
+            trace.append((list(table), list(table.keys()), list(values), list(table.items()), len(values)))
+            trace.append([v is shared[v[3]] for v in table.values() if type(v) is compiled])
+        return trace
+
+    assert run(native.reservation.Entries()) == run(OrderedDict())
+
+
+def test_the_table_refuses_a_change_during_iteration(compiled: Any) -> None:
+    table = native.reservation.Entries()
+    for key in "abc":
+        table[key] = compiled((), (), (), 0, 1.0, 2.0, None)
+    for change in (lambda: table.pop("b"), lambda: table.__setitem__("d", 1)):
+        view = iter(table.values())
+        next(view)
+        change()
+        with pytest.raises(RuntimeError):
+            next(view)
+    assert list(table) == ["a", "c", "d"]
+    table.clear()
+    assert list(table.items()) == [] and len(table) == 0 and table.get("a") is None

@@ -24,7 +24,7 @@ from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from libc.math cimport ceil, fmod, isfinite
 
-from nexus_authz.native._reservation cimport Reservation
+from nexus_authz.native._reservation cimport Entries, Reservation
 
 from nexus_authz.core import accounting as _accounting
 from nexus_authz.core.limits import Kind
@@ -123,7 +123,7 @@ cdef bint _account(object engine, str request_id, object prompt, object cached, 
     if book.__class__ is not ReservationBook:
         return False
     entries = book._entries
-    entry = entries.get(request_id)
+    entry = (<Entries>entries)._get(request_id) if type(entries) is Entries else entries.get(request_id)
     if entry is None:  # expired, retired, duplicate, unadmitted: Engine.account's own branches
         return False
     if type(entry) is Reservation:  # the compiled lane's entry: its fields in place, no InFlight made

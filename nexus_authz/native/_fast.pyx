@@ -45,7 +45,7 @@ from posix.time cimport CLOCK_MONOTONIC, CLOCK_THREAD_CPUTIME_ID, clock_gettime,
 
 from nexus_authz.native._figures cimport Figure
 from nexus_authz.native._headers cimport BLOCK_BYTES, figure_block
-from nexus_authz.native._reservation cimport Reservation, new_reservation
+from nexus_authz.native._reservation cimport Entries, Reservation, new_reservation
 from nexus_authz.native._windows cimport acquire_figures, figure_statuses
 
 import math
@@ -1036,7 +1036,10 @@ cdef object _check(object decider, object policy, object snapshot, object header
             entries = _at(book, &S_BOOK_ENTRIES, "_entries")
             out = None
             if entries:
-                if _ODICT_FIRST and type(entries) is OrderedDict:  # the oldest, without an iterator
+                if type(entries) is Entries:  # the compiled table: its first node
+                    if _due((<Entries>entries)._first(), now):
+                        out = book._expire(now, book._expire_per_call)
+                elif _ODICT_FIRST and type(entries) is OrderedDict:  # the oldest, without an iterator
                     if _due(entries[<object>_nx_odict_first(entries)], now):
                         out = book._expire(now, book._expire_per_call)
                 else:
@@ -1286,10 +1289,13 @@ cdef bint _release_slot(object engine, str request_id) except -1:
     if type(store) is not _LocalCounters or type(_at(store, &S_STORE_STORE, "store")) is not _MemoryStore:
         return 0
     entries = _at(book, &S_BOOK_ENTRIES, "_entries")
-    if type(entries) is not OrderedDict:
+    if type(entries) is Entries:
+        entry = (<Entries>entries)._get(request_id)
+    elif type(entries) is OrderedDict:
+        entry = (<dict>entries).get(request_id)
+    else:
         return 0
     # -- ReservationBook.release ------------------------------------------------------------------------
-    entry = (<dict>entries).get(request_id)
     if entry is None:  # unknown, settled or expired: nothing to free
         return 1
     if type(entry) is Reservation:

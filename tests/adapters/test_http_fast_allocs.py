@@ -1,9 +1,9 @@
 """What the compiled lane allocates per allowed check (performance issue 15, target 7): counted with
 benchmarks/bench_alloc.py's allocator hook on its in-process fast path (the benchmark's config: three
 windows, accounting on, a reservation per request), a batch of distinct request ids after the caches are
-warm. The 5 blocks left: the Reservation and its OrderedDict node, the request id str and the body bytes
-(state the decision keeps until its usage settles it) and the answer's bytes: docs/design.md's
-performance section has the breakdown."""
+warm. The 4 blocks left: the Reservation, the request id str and the body bytes (state the decision keeps
+until its usage settles it) and the answer's bytes: docs/design.md's performance section has the
+breakdown."""
 
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 BATCH = 2000
-MAX_BLOCKS = 5.01  # 32.9 before the lane stopped making statuses, header strings, digests ... per request;
+MAX_BLOCKS = 4.01  # 32.9 before the lane stopped making statuses, header strings, digests ... per request;
 # 12.1 since the latency histograms count in an array("q") written in place; 10.1 since GCRA states are
 # rewritten in place; 9.1 with the OK count in place (latency.ReasonCounts); 8.1 with the model str reused;
-# 5.3 with the reservation as one object (native/_reservation.pyx); 5.003 with the sweep's walk list reused
-# (the .003: the book's tables growing now and then)
+# 5.3 with the reservation as one object (native/_reservation.pyx); 5.003 with the sweep's walk list reused;
+# 4.0025 with the book's table linked through its entries, no OrderedDict node (the .0025: the tables'
+# dicts growing now and then)
 
 
 def test_the_oldest_reservation_is_read_without_an_iterator() -> None:
