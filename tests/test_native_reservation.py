@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 from collections import OrderedDict
 from typing import Any
 
@@ -78,6 +79,9 @@ def test_a_reservation_reads_as_its_tuple(compiled: Any, entry: tuple[Any, ...])
         r[7]
     a, b, c, d, e, f, g = r
     assert (a, b, c, d, e, f, g) == entry
+    del a, b, c, d, e, f, g
+    for made in (r.context, r[6], tuple(r)[6]):  # each made once, owned by its reader alone
+        assert made is None or sys.getrefcount(made) == 3  # `made`, the loop's tuple, the call's argument
 
 
 def test_a_context_other_than_an_inflight_is_refused(compiled: Any) -> None:

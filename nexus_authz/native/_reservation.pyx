@@ -25,7 +25,7 @@ from nexus_authz.core.model import InFlight
 cdef extern from "Python.h":
     PyObject* PyDict_GetItemWithError(object d, object key) except? NULL
     ctypedef struct PyTypeObject:
-        PyObject* (*tp_alloc)(PyTypeObject*, Py_ssize_t) except NULL
+        object (*tp_alloc)(PyTypeObject*, Py_ssize_t)  # a new reference, owned
 
 cdef object _InFlight = InFlight  # a NamedTuple: a tuple subtype of 5 items
 
@@ -60,7 +60,7 @@ cdef class Reservation(_Node):
         """The InFlight of the fields (as tuple.__new__(InFlight, ...) makes it), or None."""
         if not self.tracked:
             return None
-        cdef object t = <object>(<PyTypeObject*>_InFlight).tp_alloc(<PyTypeObject*>_InFlight, 5)
+        cdef object t = (<PyTypeObject*>_InFlight).tp_alloc(<PyTypeObject*>_InFlight, 5)
         for i, item in enumerate((self.key_id, self.tenant, self.model, self.prompt_tokens, self.body)):
             Py_INCREF(item)
             PyTuple_SET_ITEM(t, i, item)
