@@ -225,3 +225,25 @@ def test_the_table_refuses_a_change_during_iteration(compiled: Any) -> None:
     assert list(table) == ["a", "c", "d"]
     table.clear()
     assert list(table.items()) == [] and len(table) == 0 and table.get("a") is None
+
+
+def test_the_table_holds_nothing_once_gone(compiled: Any) -> None:
+    """Whichever way an entry leaves (taken, the table cleared or dropped), the table keeps no reference to
+    it or its request id, and a Reservation out of one table is its own node in the next."""
+    values = [compiled((), (), (), i, 1.0, 2.0, None) for i in range(3)]
+    keys = [f"request-{i}" for i in range(3)]
+    before = [sys.getrefcount(x) for x in values + keys]
+    for leave in ("take", "clear", "drop"):
+        table = native.reservation.Entries()
+        for key, value in zip(keys, values, strict=True):
+            table[key] = value
+            table[key] = (key,)  # a link in its place, then the Reservation again
+            table[key] = value
+        if leave == "take":
+            table.popitem(last=False)
+            table.pop(keys[1])
+            del table[keys[2]]
+        elif leave == "clear":
+            table.clear()
+        del table, key, value
+        assert [sys.getrefcount(x) for x in values + keys] == before, leave

@@ -155,6 +155,20 @@ cdef class Entries:
         self._tail = NULL
         self._state = 0
 
+    def __dealloc__(self):
+        """Its nodes leave it (a Reservation that outlives the table names no request id, links nothing);
+        not after the collector cleared the table (its dict gone: the nodes may be too)."""
+        cdef _Node node
+        cdef PyObject* at = self._head
+        if self._nodes is None:
+            return
+        while at != NULL:
+            node = <_Node>at
+            at = node.next
+            node.key = None
+            node.prev = NULL
+            node.next = NULL
+
     cdef object _first(self):
         """The oldest entry, or None."""
         if self._head == NULL:
