@@ -16,6 +16,7 @@ SOURCES = {
     "nexus_authz.native._windows": "nexus_authz/native/_windows.pyx",
     "nexus_authz.native._usage": "nexus_authz/native/_usage.pyx",
     "nexus_authz.native._headers": "nexus_authz/native/_headers.pyx",
+    "nexus_authz.native._reservation": "nexus_authz/native/_reservation.pyx",
     "nexus_authz.native._fast": "nexus_authz/native/_fast.pyx",
     "nexus_authz.native._account": "nexus_authz/native/_account.pyx",
 }

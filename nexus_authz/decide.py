@@ -22,7 +22,7 @@ import asyncio
 import dataclasses
 import time
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 
 from nexus_authz.core.clamp import Clamp, clamps, default_cap, lowered
 from nexus_authz.core.fastpath import FastAdmit, Plan
@@ -33,7 +33,7 @@ from nexus_authz.core.policy import Admission, Policy, marks_release, unavailabl
 from nexus_authz.core.ports import AsyncCounterStore, CounterStore, StoreUnavailable
 from nexus_authz.core.reservations import ReservationBook, Settlement, settle_with
 from nexus_authz.core.shapes import shape_of
-from nexus_authz.latency import LatencyHistogram
+from nexus_authz.latency import LatencyHistogram, ReasonCounts
 
 __all__ = ["SLOT_WAIT", "Allowed", "Decider"]
 
@@ -77,14 +77,14 @@ class Decider:
         book: ReservationBook | None = None,
         failures: CounterStore | None = None,
         clock: Callable[[], float] = time.time,
-        decisions: dict[Reason, int] | None = None,
+        decisions: MutableMapping[Reason, int] | None = None,
         latency: LatencyHistogram | None = None,
     ) -> None:
         self.store = store
         self.book = book
         self.failures = failures
         self.clock = clock
-        self.decisions: dict[Reason, int] = decisions if decisions is not None else dict.fromkeys(Reason, 0)
+        self.decisions: MutableMapping[Reason, int] = decisions if decisions is not None else ReasonCounts()
         self.latency = latency if latency is not None else LatencyHistogram()
         self._slot_freed: asyncio.Future[None] | None = None  # set only while a refused request waits
         self._fast: FastAdmit | None = None  # the common request's admission (check_plain)

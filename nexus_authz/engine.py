@@ -36,7 +36,7 @@ from nexus_authz.core.usage import StreamUsage, Usage
 from nexus_authz.decide import Decider
 from nexus_authz.filesource import FileSource, SourceStatus, Stamp, file_stamp
 from nexus_authz.gcupkeep import SETTLE_EVERY, settle
-from nexus_authz.latency import LatencyHistogram
+from nexus_authz.latency import LatencyHistogram, ReasonCounts
 from nexus_authz.settings import (
     Settings,
     load_settings,
@@ -167,7 +167,7 @@ class Engine:
         }
         self.usage_tokens: dict[tuple[str, str], int] = {}
         self.snapshot: KeySnapshot = EMPTY_SNAPSHOT
-        self.decisions: dict[Reason, int] = dict.fromkeys(Reason, 0)
+        self.decisions = ReasonCounts()  # by reason, counted in place by the compiled lane
         self.check_latency = LatencyHistogram()  # seconds per check(), read by the metrics collector
         # The one decision driver, against the store behind the async port (the memory store wrapped).
         self.decider = Decider(

@@ -184,3 +184,21 @@ def test_slot_releases_count_who_freed_each_slot(tmp_path: Path) -> None:
     m = samples(scrape(engine))
     assert m[("nexus_authz_slot_releases_total", (("via", "proxy"),))] == 1
     assert m[("nexus_authz_slot_releases_total", (("via", "access_log"),))] == 1
+
+
+def test_reason_counts_read_as_the_dict_of_reasons_they_replace() -> None:
+    """Decisions by reason count in an array (the compiled lane's in-place increment); every reader still
+    sees dict.fromkeys(Reason, 0) with the counts added."""
+    from nexus_authz.core.model import Reason
+    from nexus_authz.latency import ReasonCounts
+
+    counts, plain = ReasonCounts(), dict.fromkeys(Reason, 0)
+    for reason in (Reason.OK, Reason.OK, Reason.UNAVAILABLE, Reason.OK, Reason.BAD_REQUEST):
+        counts[reason] += 1
+        plain[reason] += 1
+    assert dict(counts) == plain and list(counts.items()) == list(plain.items()) and counts == plain
+    assert list(counts.counts) == list(plain.values()) and len(counts) == len(Reason)
+    with pytest.raises(KeyError):
+        counts["ok-but-a-str"]  # type: ignore[index]
+    with pytest.raises(TypeError):
+        del counts[Reason.OK]

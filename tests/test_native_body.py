@@ -321,3 +321,23 @@ def test_the_compiled_reader_answers_the_usual_body_itself(monkeypatch: pytest.M
 
 def test_engines_use_the_compiled_reading() -> None:
     assert core_body.read_facts is compiled
+
+
+def test_a_repeated_model_is_the_same_str_and_any_other_its_own() -> None:
+    """The compiled reading hands the last (ASCII) model str over again when the body's bytes name the same
+    model (no str decoded per request); any other model, shorter, longer or non-ASCII, is decoded."""
+
+    def model_of(model: str) -> object:
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+        facts = compiled(body, estimate_prompt=False, precise=False)
+        assert facts.model == model == core_body.request_facts(body, estimate_prompt=False).model
+        return facts.model
+
+    first = model_of("gpt-4o-mini")
+    assert model_of("gpt-4o-mini") is first
+    for other in ("gpt-4o-minj", "gpt-4o-min", "gpt-4o-mini2", "", "gpt-4o-mini"):
+        model_of(other)
+    assert model_of("gpt-4o-mini") is model_of("gpt-4o-mini")
+    accented = model_of("modèle")
+    assert model_of("modèle") == accented  # non-ASCII: decoded each time, and never taken for the last
+    assert model_of("gpt-4o-mini") == "gpt-4o-mini"

@@ -63,7 +63,9 @@ def state_bits(store: MemoryCounterStore) -> list[Any]:
     assert store._held == held and len(store) == len(store._states) - held
     walking = [cid for cid in store._walk[store._cursor :] + store._next if cid is not None]
     assert sorted(walking) == sorted(store._states)  # every id in the walk once
-    return out + [("evicted", store._evicted)]
+    # the walk itself, in order (the compiled sweep empties the walked list in place as the next one)
+    walk = ("walk", tuple(store._walk[store._cursor :]), tuple(store._next))
+    return out + [("evicted", store._evicted), walk]
 
 
 # -- strategies ----------------------------------------------------------------------------------------------

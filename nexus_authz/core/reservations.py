@@ -35,14 +35,14 @@ reservation and the retired context are taken once. The record only names what a
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence, ValuesView
+from collections.abc import Callable, Iterable, Sequence, ValuesView
 from dataclasses import dataclass
 
 from nexus_authz.core.limits import Kind, LimitSpec
 from nexus_authz.core.ports import Adjust
 from nexus_authz.core.shapes import shape_of
 
-__all__ = ["ReservationBook", "ReservationEntry", "Settlement", "settle_with"]
+__all__ = ["ReservationBook", "ReservationEntry", "Settlement", "new_entries", "settle_with"]
 
 _REQUESTS, _TOKENS, _USD, _CONCURRENCY = Kind.REQUESTS, Kind.TOKENS, Kind.USD, Kind.CONCURRENCY
 _NEEDS_SETTLE = frozenset({_TOKENS, _USD, _CONCURRENCY})
@@ -70,6 +70,11 @@ ReservationEntry = tuple[tuple[str, ...], tuple[LimitSpec, ...], tuple[int, ...]
 Bit i of the mask is set when window i was not charged (a shadow window that would have refused). A plain
 tuple: the smallest, and the cheapest to build on the Check path."""
 _Entry = ReservationEntry
+
+
+new_entries: Callable[[], OrderedDict[str, ReservationEntry]] = OrderedDict
+"""The book's table (request id -> entry, oldest first). An OrderedDict; the compiled modules install
+native/_reservation.pyx's Entries, the same operations without a node object per entry."""
 
 
 class ReservationBook:
@@ -102,7 +107,7 @@ class ReservationBook:
         self._ttl = ttl
         self._max = max_entries
         self._expire_per_call = expire_per_call
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: OrderedDict[str, _Entry] = new_entries()
         self._retired: OrderedDict[str, object] = OrderedDict()  # request id -> context, oldest first
         self._retired_max = max(0, retired_max)
         self._settled: OrderedDict[str, None] = OrderedDict()  # request ids accounted, oldest first

@@ -18,6 +18,8 @@ record, a JSON body's usage object, an OpenAI stream's usage chunk, a common rec
 `_headers`, the rate-limit headers of an answer (core.ratelimit_headers.plan_headers' equivalent, installed
 as `core.ratelimit_headers.build_headers`, which the policy calls; and plan_header_block's, the same headers
 as HTTP/1.1 lines, installed as `build_header_block`, which the HTTP listener's fast path calls);
+`_reservation`, the compiled lane's reservation entry (core/reservations.py's 7-tuple as one object) and the
+book's table (installed as `core.reservations.new_entries`: an OrderedDict's operations, no node per entry);
 `_fast`, the common ext_authz check's flat path in one compiled call (core/fastpath.py's admission,
 Decider.check_plain's charge and reservation, adapters/http_fast.py's answer), installed as the compiled
 protocol's `on_message_complete` (adapters/http_native.py);
@@ -35,11 +37,12 @@ from types import ModuleType
 
 from nexus_authz.core import body as _core_body
 from nexus_authz.core import ratelimit_headers as _core_headers
+from nexus_authz.core import reservations as _core_reservations
 
 log = logging.getLogger("nexus_authz.native")
 
 PURE_ENV = "NEXUS_AUTHZ_PURE"
-MODULES = ("_http1", "_body", "_windows", "_usage", "_headers", "_fast", "_account")
+MODULES = ("_http1", "_body", "_windows", "_usage", "_headers", "_reservation", "_fast", "_account")
 
 
 def _load() -> tuple[dict[str, ModuleType], str]:
@@ -60,12 +63,15 @@ body: ModuleType | None = _modules.get("_body")
 windows: ModuleType | None = _modules.get("_windows")
 usage: ModuleType | None = _modules.get("_usage")  # the access-log entry's scans (adapters/als_fast.py)
 headers: ModuleType | None = _modules.get("_headers")  # the answers' rate-limit headers
+reservation: ModuleType | None = _modules.get("_reservation")  # the compiled lane's reservation entry
 fast: ModuleType | None = _modules.get("_fast")  # the common ext_authz check's flat path
 account: ModuleType | None = _modules.get("_account")  # the common access-log entry's accounting
 WHY_PURE_WINDOWS = WHY_PURE_USAGE = WHY_PURE  # the modules load together or not at all
 PATH = "compiled" if _modules else "python"
 if body is not None:
     _core_body.read_facts = body.request_facts
+if reservation is not None:
+    _core_reservations.new_entries = reservation.Entries
 if headers is not None:
     _core_headers.build_headers = headers.plan_headers
     _core_headers.build_header_block = headers.plan_header_block

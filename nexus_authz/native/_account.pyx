@@ -19,9 +19,12 @@ tests/adapters/test_als_batch.py compares the counters, ledger rows, metrics and
 pure path's.
 """
 
+from cpython.float cimport PyFloat_FromDouble
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from libc.math cimport ceil, fmod, isfinite
+
+from nexus_authz.native._reservation cimport Entries, Reservation
 
 from nexus_authz.core import accounting as _accounting
 from nexus_authz.core.limits import Kind
@@ -120,20 +123,30 @@ cdef bint _account(object engine, str request_id, object prompt, object cached, 
     if book.__class__ is not ReservationBook:
         return False
     entries = book._entries
-    entry = entries.get(request_id)
+    entry = (<Entries>entries)._get(request_id) if type(entries) is Entries else entries.get(request_id)
     if entry is None:  # expired, retired, duplicate, unadmitted: Engine.account's own branches
         return False
-    context = entry[6]
-    if context.__class__ is not InFlight:
-        return False
-    if len(entry[1]) > 62:  # the windows' bit mask in a C integer (as native/_fast.pyx)
+    if type(entry) is Reservation:  # the compiled lane's entry: its fields in place, no InFlight made
+        if not (<Reservation>entry).tracked:
+            return False
+        c_key_id = (<Reservation>entry).key_id
+        c_tenant = (<Reservation>entry).tenant
+        c_model = (<Reservation>entry).model
+        specs = (<Reservation>entry).specs
+    else:
+        context = entry[6]
+        if context.__class__ is not InFlight:
+            return False
+        c_key_id, c_tenant, c_model = context.key_id, context.tenant, context.model
+        specs = entry[1]
+    if len(specs) > 62:  # the windows' bit mask in a C integer (as native/_fast.pyx)
         return False
     decider = engine.decider
     local = decider.store
     if local.__class__ is not LocalCounters or local.store.__class__ is not MemoryCounterStore:
         return False
     # charge_fields: the provider's record as reported, priced by the table's cached, matched rule
-    model = context.model or response_model
+    model = c_model or response_model
     prices = engine.policy.prices
     if prices:
         # PriceTable.charge: the cache first, else its look-up (which only fills the cache)
@@ -149,8 +162,8 @@ cdef bint _account(object engine, str request_id, object prompt, object cached, 
         rule = priced.rule
     else:
         cost, rule = 0, ""
-    key_id = context.key_id
-    tenant = context.tenant or ""
+    key_id = c_key_id
+    tenant = c_tenant or ""
     model = model or "unknown"
     # -- from here on, state changes (Engine.account's order) --
     engine.accounted[_PROVIDER] += 1
@@ -166,7 +179,13 @@ cdef bint _account(object engine, str request_id, object prompt, object cached, 
         settled.move_to_end(request_id)
         if len(settled) > book._settled_max:
             settled.popitem(last=False)
-    counter_ids, specs, costs, uncharged_o, charged_at, _, _ = entry
+    if type(entry) is Reservation:
+        counter_ids = (<Reservation>entry).counter_ids
+        costs = (<Reservation>entry).costs
+        uncharged_o = (<Reservation>entry).uncharged
+        charged_at = PyFloat_FromDouble((<Reservation>entry).charged_at)
+    else:
+        counter_ids, specs, costs, uncharged_o, charged_at, _, _ = entry
     n = len(specs)
     if n:
         uncharged = uncharged_o

@@ -17,6 +17,12 @@ from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.math cimport ceil
 from libc.string cimport memcmp
 
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object o)
+    void* PyUnicode_DATA(object o)
+    Py_ssize_t PyUnicode_GET_LENGTH(object o)
+
 from nexus_authz.core import body as _core_body
 from nexus_authz.core.tokens import prompt_estimate as _prompt_estimate
 
@@ -423,6 +429,26 @@ cdef int read_top(Reader* r, Facts* f) noexcept nogil:
     return 0 if r.i == r.n else FAIL  # anything after the object: json's "Extra data"
 
 
+cdef str _last_model = None  # the model str of the last body that named one (ASCII)
+
+
+cdef str _model(const char* chars, Py_ssize_t n):
+    """The model's str: the last one again when its bytes are the same (ASCII: its UTF-8 is its data), so a
+    run of requests naming the same model decodes no str per request."""
+    global _last_model
+    cdef str last = _last_model
+    if (
+        last is not None
+        and PyUnicode_GET_LENGTH(last) == n
+        and memcmp(PyUnicode_DATA(last), chars, n) == 0
+    ):
+        return last
+    model = PyUnicode_DecodeUTF8(chars, n, NULL)
+    if PyUnicode_IS_ASCII(model):
+        _last_model = model
+    return model
+
+
 def request_facts(body, *, bint estimate_prompt=True, bint precise=True, bint truncated=False):
     """nexus_authz.core.body.request_facts, the same RequestFacts for every input (see the module)."""
     cdef Reader r
@@ -461,7 +487,7 @@ def request_facts(body, *, bint estimate_prompt=True, bint precise=True, bint tr
             prompt = _prompt_estimate(body, blobs if blobs is not None else [])
     model = None
     if f.model_start >= 0:
-        model = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(body) + f.model_start, f.model_end - f.model_start, NULL)
+        model = _model(PyBytes_AS_STRING(body) + f.model_start, f.model_end - f.model_start)
     cap = f.cap if f.cap >= 0 else None
     count = f.n if 1 <= f.n <= 128 else 1
     # core.body._object_facts, its cache probed here (no Python call when the shape was seen before)

@@ -33,7 +33,7 @@ store, ...) goes to the reference path before any state is changed (tests/adapte
 
 from cpython cimport array as carray
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_FromDouble
+from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_AsDouble, PyFloat_FromDouble
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_FromDouble, PyLong_FromLongLong, PyLong_FromVoidPtr
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_XDECREF
@@ -45,6 +45,7 @@ from posix.time cimport CLOCK_MONOTONIC, CLOCK_THREAD_CPUTIME_ID, clock_gettime,
 
 from nexus_authz.native._figures cimport Figure
 from nexus_authz.native._headers cimport BLOCK_BYTES, figure_block
+from nexus_authz.native._reservation cimport Entries, Reservation, new_reservation
 from nexus_authz.native._windows cimport acquire_figures, figure_statuses
 
 import math
@@ -59,6 +60,7 @@ from nexus_authz.core.known import REFRESH_AFTER, KnownKeys
 from nexus_authz.core.model import Decision, InFlight, Reason, new_request
 from nexus_authz.core.prompt_later import KEEP_BODY_BYTES, deferred_body
 from nexus_authz.core.reservations import ReservationBook, settle_with
+from nexus_authz.latency import ReasonCounts as _ReasonCounts
 from nexus_authz.native._headers import plan_header_block as _native_block
 from nexus_authz.native._windows import acquire as _native_acquire
 
@@ -109,6 +111,7 @@ cdef Py_ssize_t _SKIP = 10  # len(EXT_AUTHZ_PREFIX): the path keeps its leading 
 cdef bytes _TAIL = b"content-length: 0\r\n\r\n"
 cdef bytes _RELEASE = b"x-nexus-release: "
 cdef object _OK = Reason.OK
+cdef Py_ssize_t _OK_INDEX = list(Reason).index(Reason.OK)  # its place in a ReasonCounts' array
 cdef object _ONE = 1
 cdef object _UNAVAILABLE = Reason.UNAVAILABLE
 cdef object _InFlight = InFlight  # a NamedTuple: a tuple subtype of 5 items, no __dict__
@@ -770,6 +773,28 @@ cdef int _observe(object histogram, double seconds) except -1:
     return 0
 
 
+cdef inline bint _due(object entry, object now) except -1:
+    """entry[5] <= now: whether a reservation (the book's tuple or a Reservation) has expired."""
+    if type(entry) is Reservation and PyFloat_CheckExact(now):
+        return (<Reservation>entry).expires_at <= PyFloat_AS_DOUBLE(now)
+    return entry[5] <= now
+
+
+cdef int _count_ok(object decisions) except -1:
+    """decisions[Reason.OK] += 1: in place in a ReasonCounts' array('q') (no int object per admission)."""
+    if type(decisions) is _ReasonCounts:
+        counts = decisions.counts
+        if (
+            type(counts) is _array_type
+            and (<carray.array>counts).ob_descr.typecode == 113  # "q"
+            and _OK_INDEX < Py_SIZE(counts)
+        ):
+            (<carray.array>counts).data.as_longlongs[_OK_INDEX] += 1
+            return 0
+    decisions[_OK] += 1
+    return 0
+
+
 def data_received(self, data):
     """AuthzProtocol.data_received with CompiledAuthzProtocol._feed inline: each read timed into the loop's
     busy histogram (its own CPU time too, into `_busy_cpu`, when measured); the compiled parser first, the
@@ -1011,30 +1036,51 @@ cdef object _check(object decider, object policy, object snapshot, object header
             entries = _at(book, &S_BOOK_ENTRIES, "_entries")
             out = None
             if entries:
-                if _ODICT_FIRST and type(entries) is OrderedDict:  # the oldest, without an iterator
-                    if entries[<object>_nx_odict_first(entries)][5] <= now:
+                if type(entries) is Entries:  # the compiled table: its first node
+                    if _due((<Entries>entries)._first(), now):
+                        out = book._expire(now, book._expire_per_call)
+                elif _ODICT_FIRST and type(entries) is OrderedDict:  # the oldest, without an iterator
+                    if _due(entries[<object>_nx_odict_first(entries)], now):
                         out = book._expire(now, book._expire_per_call)
                 else:
                     for first in entries:  # the oldest
-                        if entries[first][5] <= now:
+                        if _due(entries[first], now):
                             out = book._expire(now, book._expire_per_call)
                         break
-            context = (
-                _in_flight(key_id, _at(key, &S_KEY_TENANT, "tenant"), _at(plan, &S_PLAN_MODEL, "model"), prompt, kept)
-                if track else None
-            )
-            if context is not None or (
+            if track or (
                 <long long>_item(shape, _SHAPE, I_SETTLE_MASK, "settle_mask") & ~uncharged
             ) != 0:
-                entry = (
-                    counter_ids if PyTuple_CheckExact(counter_ids) else tuple(counter_ids),
-                    specs if PyTuple_CheckExact(specs) else tuple(specs),
-                    costs,
-                    uncharged,
-                    now,
-                    now + _at(book, &S_BOOK_TTL, "_ttl"),
-                    context,
-                )
+                ttl = _at(book, &S_BOOK_TTL, "_ttl")
+                if PyFloat_CheckExact(now) and (PyFloat_CheckExact(ttl) or PyLong_CheckExact(ttl)):
+                    # the entry as one object (the times as doubles, the InFlight as its fields): float +
+                    # int converts the int as PyFloat_AsDouble does, so expires_at is `now + ttl`'s float
+                    now_d = PyFloat_AS_DOUBLE(now)
+                    entry = new_reservation(
+                        counter_ids if PyTuple_CheckExact(counter_ids) else tuple(counter_ids),
+                        specs if PyTuple_CheckExact(specs) else tuple(specs),
+                        costs,
+                        uncharged,
+                        now_d,
+                        now_d + PyFloat_AsDouble(ttl),
+                        bool(track),
+                        key_id,
+                        _at(key, &S_KEY_TENANT, "tenant"),
+                        _at(plan, &S_PLAN_MODEL, "model"),
+                        prompt,
+                        kept,
+                    )
+                else:
+                    entry = (
+                        counter_ids if PyTuple_CheckExact(counter_ids) else tuple(counter_ids),
+                        specs if PyTuple_CheckExact(specs) else tuple(specs),
+                        costs,
+                        uncharged,
+                        now,
+                        now + ttl,
+                        _in_flight(
+                            key_id, _at(key, &S_KEY_TENANT, "tenant"), _at(plan, &S_PLAN_MODEL, "model"), prompt, kept
+                        ) if track else None,
+                    )
                 if request_id in entries:
                     old = entries.pop(request_id)
                     book.replaced += 1
@@ -1064,8 +1110,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
                             release = request_id
                             break
     # -- Decider._counted -----------------------------------------------------------------------------------
-    decisions = _at(decider, &S_DEC_DECISIONS, "decisions")
-    decisions[_OK] += 1
+    _count_ok(_at(decider, &S_DEC_DECISIONS, "decisions"))
     _observe(_at(decider, &S_DEC_LATENCY, "latency"), _mono() - started)
     # -- the answer (http_fast.on_message_complete) ---------------------------------------------------------
     wire = _at(plan, &S_PLAN_WIRE, "wire")
@@ -1244,15 +1289,25 @@ cdef bint _release_slot(object engine, str request_id) except -1:
     if type(store) is not _LocalCounters or type(_at(store, &S_STORE_STORE, "store")) is not _MemoryStore:
         return 0
     entries = _at(book, &S_BOOK_ENTRIES, "_entries")
-    if type(entries) is not OrderedDict:
+    if type(entries) is Entries:
+        entry = (<Entries>entries)._get(request_id)
+    elif type(entries) is OrderedDict:
+        entry = (<dict>entries).get(request_id)
+    else:
         return 0
     # -- ReservationBook.release ------------------------------------------------------------------------
-    entry = (<dict>entries).get(request_id)
     if entry is None:  # unknown, settled or expired: nothing to free
         return 1
-    if type(entry) is not tuple or PyTuple_GET_SIZE(entry) != 7:
+    if type(entry) is Reservation:
+        counter_ids = (<Reservation>entry).counter_ids
+        specs = (<Reservation>entry).specs
+        costs = (<Reservation>entry).costs
+        uncharged_o = (<Reservation>entry).uncharged
+        charged_at = PyFloat_FromDouble((<Reservation>entry).charged_at)
+    elif type(entry) is tuple and PyTuple_GET_SIZE(entry) == 7:
+        counter_ids, specs, costs, uncharged_o, charged_at, expires_at, context = <tuple>entry
+    else:
         return 0
-    counter_ids, specs, costs, uncharged_o, charged_at, expires_at, context = <tuple>entry
     if (
         type(specs) is not tuple
         or PyTuple_GET_SIZE(specs) > _MAX_WINDOWS
@@ -1277,9 +1332,16 @@ cdef bint _release_slot(object engine, str request_id) except -1:
         Py_INCREF(item)
         PyTuple_SET_ITEM(deltas, i, item)
     # -- from here on, state changes (Engine.release's order) -------------------------------------------
-    entries[request_id] = (  # settle and expiry must not release them again
-        counter_ids, specs, costs, PyLong_FromLongLong(uncharged | held), charged_at, expires_at, context
-    )
+    if type(entry) is Reservation:  # settle and expiry must not release them again
+        r = <Reservation>entry
+        entries[request_id] = new_reservation(
+            counter_ids, specs, costs, PyLong_FromLongLong(uncharged | held), r.charged_at, r.expires_at,
+            r.tracked, r.key_id, r.tenant, r.model, r.prompt_tokens, r.body
+        )
+    else:
+        entries[request_id] = (
+            counter_ids, specs, costs, PyLong_FromLongLong(uncharged | held), charged_at, expires_at, context
+        )
     _at(decider, &S_DEC_RELEASES, "slot_releases")["proxy"] += 1
     now = _at(engine, &S_ENGINE_CLOCK, "_clock")()
     # -- Decider.apply --------------------------------------------------------------------------------------

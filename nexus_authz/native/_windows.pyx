@@ -581,6 +581,37 @@ cdef bint _is_fresh(object state, double now) except -1:
     return _py_is_fresh(state, now)  # a state type this code does not know
 
 
+cdef extern from "Python.h":
+    ctypedef struct PyListObject:
+        PyObject** ob_item
+        Py_ssize_t allocated
+    void _set_size "Py_SET_SIZE"(object o, Py_ssize_t n)
+
+
+cdef int _empty(list items) except -1:
+    """del items[:], keeping the list's array (list_clear frees it: the next append would allocate one)."""
+    cdef PyObject** item = (<PyListObject*>items).ob_item
+    cdef Py_ssize_t n = Py_SIZE(items), i
+    _set_size(items, 0)
+    for i in range(n):
+        Py_XDECREF(item[i])
+        item[i] = NULL
+    return 0
+
+
+cdef inline int _append(list items, object value) except -1:
+    """items.append(value), in the list's array while it has room (list.append would shrink an array more
+    than half empty: a realloc)."""
+    cdef Py_ssize_t n = Py_SIZE(items)
+    if n < (<PyListObject*>items).allocated:
+        Py_INCREF(value)
+        (<PyListObject*>items).ob_item[n] = <PyObject*>value
+        _set_size(items, n + 1)
+        return 0
+    items.append(value)
+    return 0
+
+
 cdef long long _sweep(object store, dict states, double now, long long budget) except -1:
     """MemoryCounterStore._sweep: the next `budget` ids of the walk (the next walk when one ends)."""
     cdef long long evicted = 0, size = len(states)
@@ -592,9 +623,14 @@ cdef long long _sweep(object store, dict states, double now, long long budget) e
         budget = size
     while budget > 0:
         if i >= len(walk):  # this walk ended: the next one starts
+            done = walk
             walk = keep
             store._walk = walk
-            keep = []
+            if done is walk:  # (never: the two lists are distinct)
+                keep = []
+            else:  # the walked list (all None now), emptied, is the next: its array kept, none allocated
+                keep = <list>done
+                _empty(keep)
             store._next = keep
             i = 0
             if not walk:
@@ -614,7 +650,7 @@ cdef long long _sweep(object store, dict states, double now, long long budget) e
             del states[cid]
             evicted += 1
         else:
-            keep.append(cid)
+            _append(keep, cid)
     store._cursor = i
     return evicted
 
@@ -625,7 +661,7 @@ cdef inline int _set_state(object store, dict states, object cid, object state) 
     cdef bint was_held = old != NULL and <object>old is None
     states[cid] = state
     if old == NULL:
-        store._next.append(cid)
+        _append(<list>store._next, cid)
     elif was_held:
         store._held -= 1
     return 0

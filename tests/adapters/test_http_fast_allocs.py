@@ -1,8 +1,9 @@
 """What the compiled lane allocates per allowed check (performance issue 15, target 7): counted with
 benchmarks/bench_alloc.py's allocator hook on its in-process fast path (the benchmark's config: three
 windows, accounting on, a reservation per request), a batch of distinct request ids after the caches are
-warm. Most blocks left are state the decision keeps (the reservation's entry, InFlight, the ordered dict's
-node, the window states, the counters): docs/design.md's performance section has the breakdown."""
+warm. The 4 blocks left: the Reservation, the request id str and the body bytes (state the decision keeps
+until its usage settles it) and the answer's bytes: docs/design.md's performance section has the
+breakdown."""
 
 from __future__ import annotations
 
@@ -26,9 +27,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 BATCH = 2000
-MAX_BLOCKS = 12.0  # 32.9 before the lane stopped making statuses, header strings, digests ... per request;
+MAX_BLOCKS = 4.05  # 32.9 before the lane stopped making statuses, header strings, digests ... per request;
 # 12.1 since the latency histograms count in an array("q") written in place; 10.1 since GCRA states are
-# rewritten in place
+# rewritten in place; 9.1 with the OK count in place (latency.ReasonCounts); 8.1 with the model str reused;
+# 5.3 with the reservation as one object (native/_reservation.pyx); 5.003 with the sweep's walk list reused;
+# 4.0025 with the book's table linked through its entries, no OrderedDict node (the .0025: the tables'
+# dicts growing now and then; 4.0105 after the rest of tests/adapters in the same process)
 
 
 def test_the_oldest_reservation_is_read_without_an_iterator() -> None:
@@ -89,6 +93,7 @@ def test_a_reservation_keeps_its_own_costs(tmp_path: Path) -> None:
         fp.proto.data_received(raw)
         assert fp.sink.last.startswith(b"HTTP/1.1 200 OK\r\n")
         costs[rid] = entries[rid][2]
+        assert type(entries[rid]) is native.reservation.Reservation  # one object, read as the 7-tuple
     assert costs["a"] == costs["c"] and costs["b"] == costs["d"] and costs["a"] != costs["b"]
     assert costs["b"][1] - costs["a"][1] == 400 - 16  # the tokens window's cost: prompt + max_tokens
 
@@ -118,3 +123,24 @@ def test_a_header_function_other_than_the_compiled_one_gets_the_statuses(tmp_pat
         fp.proto.data_received(bench_alloc.ext_authz_request(fp.secrets[0], "rid-1"))
     assert len(seen) == 1 and seen[0] and seen[0] in fp.sink.last
     assert fp.sink.last.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_the_lane_counts_an_admission_in_place(tmp_path: Path) -> None:
+    """The OK count is incremented in the decisions' array (no int object): the same figure the
+    reference path's `decisions[Reason.OK] += 1` reads, and what /metrics reports."""
+    from nexus_authz.core.model import Reason
+    from nexus_authz.latency import ReasonCounts
+
+    if native.fast is None:
+        pytest.fail(f"the compiled lane did not build or load ({native.WHY_PURE}): pip install -e .")
+    fp = bench_alloc.build_fastpath(tmp_path)
+    decisions = fp.engine.decisions
+    assert type(decisions) is ReasonCounts and fp.engine.decider.decisions is decisions
+    held = decisions.counts
+    for i in range(3):
+        fp.proto.data_received(bench_alloc.ext_authz_request(fp.secrets[0], f"rid-{i}"))
+        assert fp.sink.last.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert decisions.counts is held and decisions[Reason.OK] == 3
+    fp.proto.data_received(bench_alloc.ext_authz_request("nx-nobody-0123456789abcdef", "rid-x"))
+    assert not fp.sink.last.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert dict(decisions) == dict.fromkeys(Reason, 0) | {Reason.OK: 3, Reason.UNKNOWN_KEY: 1}
