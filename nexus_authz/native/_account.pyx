@@ -20,12 +20,15 @@ pure path's.
 """
 
 from cpython.float cimport PyFloat_FromDouble
+from cpython.method cimport PyMethod_Check, PyMethod_GET_FUNCTION, PyMethod_GET_SELF
+from cpython.object cimport PyObject
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact, PyLong_FromLongLong
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from libc.math cimport ceil, fmod, isfinite
 
 from nexus_authz.native._reservation cimport Entries, Reservation
+from nexus_authz.native._windows cimport adjust_c
 
 from nexus_authz.core import accounting as _accounting
 from nexus_authz.core.limits import Kind
@@ -38,10 +41,14 @@ cdef object LocalCounters = None
 cdef object MemoryCounterStore = None
 cdef object SQLiteLedger = None
 cdef object Engine = None
+cdef object _ADJUST = None  # native/_windows.pyx adjust, MemoryCounterStore.adjust: adjust_c is the same
 
 
 cdef void _bind():
-    global LocalCounters, MemoryCounterStore, SQLiteLedger, Engine
+    global LocalCounters, MemoryCounterStore, SQLiteLedger, Engine, _ADJUST
+    from nexus_authz.native._windows import adjust
+
+    _ADJUST = adjust
     from nexus_authz.engine import Engine as engine
     from nexus_authz.stores.base import LocalCounters as local
     from nexus_authz.stores.ledger.sqlite import SQLiteLedger as sqlite
@@ -137,6 +144,15 @@ cdef inline object _minus(long long a, object b):
     return PyLong_FromLongLong(a) - b
 
 
+cdef inline bint _small(object value, long long* out):
+    """A Python int strictly between -2**62 and 2**62 as a C integer; False for anything else."""
+    cdef int overflow = 0
+    if not PyLong_CheckExact(value):
+        return False
+    out[0] = PyLong_AsLongLongAndOverflow(value, &overflow)
+    return not overflow and -MAX_SUM < out[0] < MAX_SUM
+
+
 cdef inline void _add(dict counts, object key, long long n):
     counts[key] = _plus(counts.get(key, 0), n)
 
@@ -189,7 +205,9 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
     cdef object entries
     cdef dict pending
     cdef double fcost, fceil
-    cdef long long uncharged, cost, tokens, cached_c
+    cdef long long uncharged, cost, tokens, cached_c, r = 0
+    cdef long long delta_c[62]
+    cdef bint c_deltas
     cdef Py_ssize_t i, n
     cdef bint slot_released = False
     if Engine is None:
@@ -275,23 +293,46 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
     n = len(specs)
     if n:
         uncharged = uncharged_o
-        deltas = PyTuple_New(n)  # settle_parts' deltas, built as the tuple Decider.adjust passes on
         tokens = prompt + completion
+        # settle_parts' deltas as C integers when every reserved cost is a Python int below 2**62
+        c_deltas = True
         for i in range(n):
-            spec = specs[i]
-            kind = spec.kind
-            delta = _ZERO
+            delta_c[i] = 0
+            kind = (<object>specs[i]).kind
             if kind is not _REQUESTS and not (uncharged >> i) & 1:
+                reserved = costs[i]
+                if not _small(reserved, &r):
+                    c_deltas = False
+                    break
                 if kind is _CONCURRENCY:
-                    delta = -costs[i]
-                    if delta:  # a slot the proxy did not release early (Decider.adjust's count)
+                    delta_c[i] = -r
+                    if r:  # a slot the proxy did not release early (Decider.adjust's count)
                         slot_released = True
                 else:
-                    delta = _minus(tokens if kind is _TOKENS else cost, costs[i])
-            Py_INCREF(delta)
-            PyTuple_SET_ITEM(deltas, i, delta)
-        # Decider.adjust
-        local.adjust_soon(counter_ids, specs, deltas, now, charged_at)
+                    delta_c[i] = (tokens if kind is _TOKENS else cost) - r
+        # Decider.adjust: the memory store's compiled adjust with the C deltas, else with their tuple
+        adjust = local.adjust_soon
+        store = local.store
+        if (c_deltas and PyMethod_Check(adjust) and PyMethod_GET_FUNCTION(adjust) == <PyObject*>_ADJUST
+                and PyMethod_GET_SELF(adjust) == <PyObject*>store):
+            adjust_c(store, counter_ids, specs, delta_c, now, charged_at)
+        else:
+            slot_released = False
+            deltas = PyTuple_New(n)  # settle_parts' deltas, built as the tuple Decider.adjust passes on
+            for i in range(n):
+                spec = specs[i]
+                kind = spec.kind
+                delta = _ZERO
+                if kind is not _REQUESTS and not (uncharged >> i) & 1:
+                    if kind is _CONCURRENCY:
+                        delta = -costs[i]
+                        if delta:  # a slot the proxy did not release early (Decider.adjust's count)
+                            slot_released = True
+                    else:
+                        delta = _minus(tokens if kind is _TOKENS else cost, costs[i])
+                Py_INCREF(delta)
+                PyTuple_SET_ITEM(deltas, i, delta)
+            adjust(counter_ids, specs, deltas, now, charged_at)
         if slot_released:
             decider.slot_releases[_ACCESS_LOG] += 1
         if decider._slot_freed is not None:

@@ -775,12 +775,15 @@ VAST = KeySpec(  # limits that hold the largest counts below
         (7, 9, 3, 5),  # cached and reasoning over their totals (clamped the same way)
     ],
 )
+@pytest.mark.parametrize("spied", [False, True])
 def test_the_compiled_settlement_of_any_counts_is_engine_account(
-    tmp_path: Path, counts: tuple[int, int, int, int]
+    tmp_path: Path, counts: tuple[int, int, int, int], spied: bool
 ) -> None:
     """native/_account.pyx adds a settlement's counts and cost in C (below 2**53, the sums below 2**62)
     and hands anything larger to Engine.account before changing anything: the same counters, windows,
-    ledger rows and metrics as the pure path for counts on either side of its bounds."""
+    ledger rows and metrics as the pure path for counts on either side of its bounds. Its deltas go to
+    the memory store's compiled adjust as C integers, or (spied: adjust_soon is not that adjust) as the
+    tuple Decider.adjust passes on, the same as the pure path's."""
     if native.account is None:
         pytest.skip("the compiled accounting is not loaded (NEXUS_AUTHZ_PURE, or not built)")
     from nexus_authz.core.usage import Usage
@@ -798,6 +801,16 @@ def test_the_compiled_settlement_of_any_counts_is_engine_account(
         clock = _Clock()
         path = write_config(directory, VAST, OPEN, extra=CONFIG.replace("LEDGER", "memory"))
         engine = Engine.from_settings(load_settings(str(path)), clock=clock)
+        adjusted: list[tuple[Any, ...]] = []
+        if spied:
+            local = engine.decider.store
+            adjust = local.adjust_soon
+
+            def spy(*args: Any) -> None:
+                adjusted.append(args[2:])  # deltas, now, charged_at
+                adjust(*args)
+
+            local.adjust_soon = spy  # type: ignore[attr-defined]
         taken = 0
         rids = [f"{key.id}-{n}" for n in range(3) for key in (VAST, OPEN)]
         for rid in rids:
@@ -827,11 +840,13 @@ def test_the_compiled_settlement_of_any_counts_is_engine_account(
                 engine.ledger.query(group_by=("key_id", "model", "source", "price_rule", "minute")), key=repr
             ),
             "windows": (after.allowed, after.status, dict(after.response_headers)),
+            "adjusted": adjusted,
         }, taken
 
     compiled, taken = run(tmp_path / "compiled", True)
     reference, _ = run(tmp_path / "reference", False)
     assert compiled == reference
+    assert len(compiled["adjusted"]) == (3 if spied else 0)  # vast's settlements (open has no window)
 
     def fits(price_in: float, price_cached: float, price_out: float) -> bool:  # the cost, micro-USD
         kept = min(max(cached, 0), prompt)
