@@ -89,6 +89,94 @@ cdef _Tally _taken = _Tally()
 taken = _taken
 
 
+cdef class LedgerRow:
+    """A ledger row (stores/ledger/aggregate.py: [requests, prompt, cached prompt, completion, reasoning,
+    cost, records]) as seven C integers: the settlement below adds into it with no int object per sum.
+    It reads and writes as the list it replaces (index, slice, iteration, len, equality with a list);
+    a value that is not an int strictly between -2**62 and 2**62 turns it into that list (`_big`), kept
+    from then on, so any value a list row held it holds the same."""
+
+    cdef long long v[7]
+    cdef list _big
+
+    def __cinit__(self, *values):
+        cdef Py_ssize_t i
+        if len(values) != 7:
+            raise TypeError(f"a ledger row holds 7 values, got {len(values)}")
+        for i in range(7):
+            if self._big is None and not _small(values[i], &self.v[i]):
+                self._big = list(values)
+
+    cdef inline bint add(self, Py_ssize_t i, long long n):
+        """row[i] += n in C (|n| < 2**53); False when the Python way must do it."""
+        if self._big is not None or not -MAX_SUM < self.v[i] < MAX_SUM:
+            return False
+        self.v[i] += n
+        return True
+
+    cdef list _list(self):
+        if self._big is not None:
+            return list(self._big)
+        return [self.v[0], self.v[1], self.v[2], self.v[3], self.v[4], self.v[5], self.v[6]]
+
+    def __len__(self):
+        return 7
+
+    def __getitem__(self, index):
+        cdef Py_ssize_t i
+        if PyLong_CheckExact(index) and self._big is None:
+            i = index
+            if i < 0:
+                i += 7
+            if not 0 <= i < 7:
+                raise IndexError("list index out of range")
+            return self.v[i]
+        return self._list()[index]
+
+    def __setitem__(self, index, value):
+        cdef Py_ssize_t i
+        cdef long long c
+        if self._big is None and PyLong_CheckExact(index):
+            i = index
+            if i < 0:
+                i += 7
+            if not 0 <= i < 7:
+                raise IndexError("list assignment index out of range")
+            if _small(value, &c):
+                self.v[i] = c
+                return
+        if self._big is None:
+            self._big = self._list()
+        big = self._big
+        if not PyLong_CheckExact(index):  # a slice: a list row could change its length, this one cannot
+            probe = list(big)
+            probe[index] = value
+            if len(probe) != 7:
+                raise ValueError("a ledger row keeps its 7 values")
+        big[index] = value
+
+    def __iter__(self):
+        return iter(self._list())
+
+    def __eq__(self, other):
+        if isinstance(other, (LedgerRow, list)):
+            return self._list() == list(other)
+        return NotImplemented
+
+    def __ne__(self, other):
+        if isinstance(other, (LedgerRow, list)):
+            return self._list() != list(other)
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self):
+        return repr(self._list())
+
+    def __reduce__(self):
+        return (LedgerRow, tuple(self._list()))
+
+
 cdef object _ZERO = 0
 cdef object _last_key = None  # the last ledger row key built: the next entry of the same row reuses it
 cdef double _last_minute = -1.0
@@ -151,6 +239,13 @@ cdef inline bint _small(object value, long long* out):
         return False
     out[0] = PyLong_AsLongLongAndOverflow(value, &overflow)
     return not overflow and -MAX_SUM < out[0] < MAX_SUM
+
+
+cdef inline void _row_add(object row, Py_ssize_t i, long long n):
+    """aggregate.add_usage's `row[i] += n` (a LedgerRow in C, a list's the same sum)."""
+    if type(row) is LedgerRow and (<LedgerRow>row).add(i, n):
+        return
+    row[i] = _plus(row[i], n)
 
 
 cdef inline void _add(dict counts, object key, long long n):
@@ -364,18 +459,18 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
                 key_id, tenant, model, now, prompt, cached, completion, reasoning, cost, _REPORTED, rule
             )
         else:
-            row[0] = _plus(row[0], 1)
+            _row_add(row, 0, 1)
             if prompt:
-                row[1] = _plus(row[1], prompt)
+                _row_add(row, 1, prompt)
             if cached:
-                row[2] = _plus(row[2], cached)
+                _row_add(row, 2, cached)
             if completion:
-                row[3] = _plus(row[3], completion)
+                _row_add(row, 3, completion)
             if reasoning:
-                row[4] = _plus(row[4], reasoning)
+                _row_add(row, 4, reasoning)
             if cost:
-                row[5] = _plus(row[5], cost)
-            row[6] = _plus(row[6], 1)
+                _row_add(row, 5, cost)
+            _row_add(row, 6, 1)
             ledger._recorded += 1
     _taken.n += 1
     return 1
