@@ -1100,11 +1100,12 @@ cdef int _identity(object text) except -1:
     return 1
 
 
-cdef int _common(tuple item, object service) except -1:
+cdef int _common(tuple item, object service, Py_ssize_t* counted) except -1:
     """adapters/envoy_als.py `_account_snippet` of a scanned entry (log_entries' tuple) when it is the
     common entry: a whole JSON body's or an OpenAI stream chunk's provider record, read here as
     adapters/als_fast.py `body_usage` / `sse_usage` read it (the Usage of usage_records.usage_from_counts,
-    the model of document_model), settled by native/_account.pyx `account_counts`. 1 taken; 0 not (nothing
+    the model of document_model), settled by native/_account.pyx `account_counts`. 1 taken (counted in
+    `counted`, which the caller adds to service.entries before any other code runs); 0 not (nothing
     changed: the caller runs `_account_scanned`)."""
     cdef object kind = item[3], data = item[4], content_type, content_encoding, taken_now
     cdef const unsigned char* s
@@ -1158,7 +1159,7 @@ cdef int _common(tuple item, object service) except -1:
         raise
     if not taken_now:
         return 0
-    service.entries += 1
+    counted[0] += 1
     _taken.n += 1
     return 1
 
@@ -1172,22 +1173,38 @@ def account_run(list items, Py_ssize_t i, bytes raw, object service, object fall
     the first entry that brings `clock() - started` to `slice` or more (sliced: the caller yields), or at
     the end."""
     cdef Py_ssize_t n = len(items)
+    cdef Py_ssize_t counted = 0  # entries taken and not yet added to service.entries
     cdef object item, pending
     if _max_body < 0:
         _bind()
-    while i < n:
-        item = items[i]
-        i += 1
-        pending = None
-        try:
-            if item is None:  # not admitted by nexus-authz
-                service.ignored += 1
-            elif not _common(<tuple?>item, service):
-                pending = fallback(item, raw)
-                if pending is not None:
-                    return (i, pending, False)
-        except Exception:
-            failed(item)
-        if clock() - started >= slice:
-            return (i, None, True)
-    return (i, None, False)
+    try:
+        while i < n:
+            item = items[i]
+            i += 1
+            pending = None
+            try:
+                if item is None:  # not admitted by nexus-authz
+                    service.ignored += 1
+                elif not _common(<tuple?>item, service, &counted):
+                    _count(service, &counted)  # the per-entry code sees the count as it would
+                    pending = fallback(item, raw)
+                    if pending is not None:
+                        return (i, pending, False)
+            except Exception:
+                _count(service, &counted)
+                failed(item)
+            if clock() - started >= slice:
+                return (i, None, True)
+        return (i, None, False)
+    finally:
+        _count(service, &counted)
+
+
+cdef int _count(object service, Py_ssize_t* counted) except -1:
+    """service.entries += the entries account_run took since the last time (one int per message, not one
+    per entry)."""
+    if counted[0]:
+        n = counted[0]
+        counted[0] = 0
+        service.entries += n
+    return 0

@@ -855,3 +855,37 @@ def test_the_compiled_settlement_of_any_counts_is_engine_account(
 
     # vast's requests name gpt-4o, open's none (the response's gpt-4o-mini is priced)
     assert taken == 3 * fits(2.5, 1.25, 10) + 3 * fits(0.15, 0.15, 0.6), taken
+
+
+def test_the_compiled_loop_counts_its_entries_before_other_code_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """account_run adds the entries it took to service.entries once per message, but before it hands an
+    entry to the per-entry code or returns: that code and the caller see the count the pure path's
+    per-entry counting would show."""
+    if native.usage is None or native.account is None:
+        pytest.skip("the compiled scans are not loaded (NEXUS_AUTHZ_PURE, or not built)")
+    engine, _ = _engine(tmp_path / "engine")
+    for rid in "abcde":
+        _check(engine, METERED, rid)
+    batch = message(
+        entry_with(body_meta(CHAT), content_type="application/json", request_id="a"),
+        entry_with(body_meta(CHAT), content_type="application/json", request_id="b"),
+        entry_with(body_meta(CHAT), content_type="application/json", encoding="br", request_id="c"),
+        entry_with(body_meta(CHAT), content_type="application/json", request_id="d"),
+        entry_with(body_meta(CHAT), content_type="application/json", request_id="e"),
+    ).SerializeToString()
+    seen: list[tuple[str, int]] = []
+    per_entry = AccessLogService._account_scanned
+
+    def scanned(self: AccessLogService, item: Any, raw: bytes) -> Any:
+        seen.append((item[0], self.entries))
+        return per_entry(self, item, raw)
+
+    monkeypatch.setattr(AccessLogService, "_account_scanned", scanned)
+    service = AccessLogService(engine)
+    looped = native.usage.taken[0]
+    asyncio.run(service.stream_access_logs(None, _Context([batch])))  # type: ignore[arg-type]
+    assert native.usage.taken[0] - looped == 4  # a, b, d, e in C; c (br) handed over
+    assert seen == [("c", 2)]
+    assert service.entries == 5
