@@ -20,11 +20,15 @@ pure path's.
 """
 
 from cpython.float cimport PyFloat_FromDouble
+from cpython.method cimport PyMethod_Check, PyMethod_GET_FUNCTION, PyMethod_GET_SELF
+from cpython.object cimport PyObject
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact, PyLong_FromLongLong
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from libc.math cimport ceil, fmod, isfinite
 
 from nexus_authz.native._reservation cimport Entries, Reservation
+from nexus_authz.native._windows cimport adjust_c
 
 from nexus_authz.core import accounting as _accounting
 from nexus_authz.core.limits import Kind
@@ -37,10 +41,14 @@ cdef object LocalCounters = None
 cdef object MemoryCounterStore = None
 cdef object SQLiteLedger = None
 cdef object Engine = None
+cdef object _ADJUST = None  # native/_windows.pyx adjust, MemoryCounterStore.adjust: adjust_c is the same
 
 
 cdef void _bind():
-    global LocalCounters, MemoryCounterStore, SQLiteLedger, Engine
+    global LocalCounters, MemoryCounterStore, SQLiteLedger, Engine, _ADJUST
+    from nexus_authz.native._windows import adjust
+
+    _ADJUST = adjust
     from nexus_authz.engine import Engine as engine
     from nexus_authz.stores.base import LocalCounters as local
     from nexus_authz.stores.ledger.sqlite import SQLiteLedger as sqlite
@@ -57,8 +65,116 @@ cdef str _PROVIDER = "provider"
 cdef str _REPORTED = "reported"
 cdef str _ACCESS_LOG = "access_log"
 
+cdef class _Tally:
+    """A count read as `taken[0]` (tests), kept as a C integer: no int object per increment."""
+
+    cdef long long n
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, Py_ssize_t i):
+        if i != 0:
+            raise IndexError(i)
+        return self.n
+
+    def __setitem__(self, Py_ssize_t i, long long value):
+        if i != 0:
+            raise IndexError(i)
+        self.n = value
+
+
 # entries taken here (tests: the compiled step ran, not the Python Engine.account)
-taken = [0]
+cdef _Tally _taken = _Tally()
+taken = _taken
+
+
+cdef class LedgerRow:
+    """A ledger row (stores/ledger/aggregate.py: [requests, prompt, cached prompt, completion, reasoning,
+    cost, records]) as seven C integers: the settlement below adds into it with no int object per sum.
+    It reads and writes as the list it replaces (index, slice, iteration, len, equality with a list);
+    a value that is not an int strictly between -2**62 and 2**62 turns it into that list (`_big`), kept
+    from then on, so any value a list row held it holds the same."""
+
+    cdef long long v[7]
+    cdef list _big
+
+    def __cinit__(self, *values):
+        cdef Py_ssize_t i
+        if len(values) != 7:
+            raise TypeError(f"a ledger row holds 7 values, got {len(values)}")
+        for i in range(7):
+            if self._big is None and not _small(values[i], &self.v[i]):
+                self._big = list(values)
+
+    cdef inline bint add(self, Py_ssize_t i, long long n):
+        """row[i] += n in C (|n| < 2**53); False when the Python way must do it."""
+        if self._big is not None or not -MAX_SUM < self.v[i] < MAX_SUM:
+            return False
+        self.v[i] += n
+        return True
+
+    cdef list _list(self):
+        if self._big is not None:
+            return list(self._big)
+        return [self.v[0], self.v[1], self.v[2], self.v[3], self.v[4], self.v[5], self.v[6]]
+
+    def __len__(self):
+        return 7
+
+    def __getitem__(self, index):
+        cdef Py_ssize_t i
+        if PyLong_CheckExact(index) and self._big is None:
+            i = index
+            if i < 0:
+                i += 7
+            if not 0 <= i < 7:
+                raise IndexError("list index out of range")
+            return self.v[i]
+        return self._list()[index]
+
+    def __setitem__(self, index, value):
+        cdef Py_ssize_t i
+        cdef long long c
+        if self._big is None and PyLong_CheckExact(index):
+            i = index
+            if i < 0:
+                i += 7
+            if not 0 <= i < 7:
+                raise IndexError("list assignment index out of range")
+            if _small(value, &c):
+                self.v[i] = c
+                return
+        if self._big is None:
+            self._big = self._list()
+        big = self._big
+        if not PyLong_CheckExact(index):  # a slice: a list row could change its length, this one cannot
+            probe = list(big)
+            probe[index] = value
+            if len(probe) != 7:
+                raise ValueError("a ledger row keeps its 7 values")
+        big[index] = value
+
+    def __iter__(self):
+        return iter(self._list())
+
+    def __eq__(self, other):
+        if isinstance(other, (LedgerRow, list)):
+            return self._list() == list(other)
+        return NotImplemented
+
+    def __ne__(self, other):
+        if isinstance(other, (LedgerRow, list)):
+            return self._list() != list(other)
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self):
+        return repr(self._list())
+
+    def __reduce__(self):
+        return (LedgerRow, tuple(self._list()))
 
 
 cdef object _ZERO = 0
@@ -84,51 +200,128 @@ cdef object _ledger_key(object key_id, object tenant, object model, object now, 
     return _last_key
 
 
-cdef inline void _add(dict counts, object key, object n):
-    counts[key] = counts.get(key, 0) + n
+cdef extern from *:
+    """
+    #define NX_MAX_COUNT 9007199254740992LL
+    #define NX_MAX_SUM 4611686018427387904LL
+    """
+    # 2**53: counts and costs kept in C below it (their sums stay exact in 64 bits, and as doubles)
+    const long long MAX_COUNT "NX_MAX_COUNT"
+    const long long MAX_SUM "NX_MAX_SUM"  # 2**62: a Python int added to in C below it
+
+
+cdef inline object _plus(object old, long long n):
+    """`old + n` (a Python int `old`, |n| < 2**53), the sum made once in C when old fits."""
+    cdef int overflow = 0
+    cdef long long v
+    if PyLong_CheckExact(old):
+        v = PyLong_AsLongLongAndOverflow(old, &overflow)
+        if not overflow and -MAX_SUM < v < MAX_SUM:
+            return PyLong_FromLongLong(v + n)
+    return old + PyLong_FromLongLong(n)
+
+
+cdef inline object _minus(long long a, object b):
+    """`a - b` (|a| < 2**54, a Python int `b`), made once in C when b fits."""
+    cdef int overflow = 0
+    cdef long long v
+    if PyLong_CheckExact(b):
+        v = PyLong_AsLongLongAndOverflow(b, &overflow)
+        if not overflow and -MAX_SUM < v < MAX_SUM:
+            return PyLong_FromLongLong(a - v)
+    return PyLong_FromLongLong(a) - b
+
+
+cdef inline bint _small(object value, long long* out):
+    """A Python int strictly between -2**62 and 2**62 as a C integer; False for anything else."""
+    cdef int overflow = 0
+    if not PyLong_CheckExact(value):
+        return False
+    out[0] = PyLong_AsLongLongAndOverflow(value, &overflow)
+    return not overflow and -MAX_SUM < out[0] < MAX_SUM
+
+
+cdef inline void _row_add(object row, Py_ssize_t i, long long n):
+    """aggregate.add_usage's `row[i] += n` (a LedgerRow in C, a list's the same sum)."""
+    if type(row) is LedgerRow and (<LedgerRow>row).add(i, n):
+        return
+    row[i] = _plus(row[i], n)
+
+
+cdef inline void _add(dict counts, object key, long long n):
+    counts[key] = _plus(counts.get(key, 0), n)
+
+
+cdef inline bint _count_of(object value, long long* out):
+    """A Python int in [0, 2**53) as a C integer; False for anything else (the caller does not take it)."""
+    cdef int overflow = 0
+    if not PyLong_CheckExact(value):
+        return False
+    out[0] = PyLong_AsLongLongAndOverflow(value, &overflow)
+    return not overflow and 0 <= out[0] < MAX_COUNT
 
 
 def account_provider(object engine, str request_id, object usage, object response_model):
     """Engine.account of a provider usage record (keep_estimate=False, unread=False); False: not taken
     (nothing changed: the caller runs Engine.account)."""
+    cdef long long c[4]
+    c[0] = c[1] = c[2] = c[3] = 0
     if usage.source != _PROVIDER:
         return False
-    return _account(engine, request_id, usage.prompt_tokens, usage.cached_prompt_tokens,
-                    usage.completion_tokens, usage.reasoning_tokens, response_model)
+    if not (_count_of(usage.prompt_tokens, &c[0]) and _count_of(usage.cached_prompt_tokens, &c[1])
+            and _count_of(usage.completion_tokens, &c[2]) and _count_of(usage.reasoning_tokens, &c[3])):
+        return False
+    return bool(account_c(engine, request_id, c[0], c[1], c[2], c[3], response_model, NULL, NULL, 0))
 
 
 def account_counts(object engine, str request_id, object prompt, object cached, object completion,
                    object reasoning, object response_model):
     """`account_provider` of the provider Usage with these prompt, cached prompt, completion and reasoning
-    tokens (native/_usage.pyx `account_run`: the common entry read in C, no Usage object built)."""
-    return _account(engine, request_id, prompt, cached, completion, reasoning, response_model)
+    tokens (no Usage object built; native/_usage.pyx `account_run` calls `account_c`, the same with C
+    integers)."""
+    cdef long long c[4]
+    c[0] = c[1] = c[2] = c[3] = 0
+    if not (_count_of(prompt, &c[0]) and _count_of(cached, &c[1]) and _count_of(completion, &c[2])
+            and _count_of(reasoning, &c[3])):
+        return False
+    return bool(account_c(engine, request_id, c[0], c[1], c[2], c[3], response_model, NULL, NULL, 0))
 
 
-cdef bint _account(object engine, str request_id, object prompt, object cached, object completion,
-                   object reasoning, object response_model) except -1:
+cdef int account_c(object engine, str request_id, long long prompt, long long cached, long long completion,
+                   long long reasoning, object response_model, model_of_t model_of,
+                   const unsigned char* body, Py_ssize_t body_n) except -1:
+    """`account_counts` with C counts (each in [0, 2**53)); the response's model is `response_model`, or
+    when `model_of` is given, `model_of(body, body_n)` (core/usage_records.document_model of the body),
+    read only when the reservation names no model (the only case Engine.account uses it). 1 taken, 0 not
+    (nothing changed)."""
     cdef object book
     cdef object context, entry, prices, priced, price, decider, local, ledger
-    cdef object counter_ids, specs, costs, charged_at, spec, kind, delta, cost, rule, key, row, deltas
+    cdef object counter_ids, specs, costs, spec, kind, delta, rule, key, row, deltas
     cdef object entries
     cdef dict pending
-    cdef double fcost
-    cdef long long uncharged
+    cdef double fcost, fceil
+    cdef long long uncharged, cost, tokens, cached_c, r = 0
+    cdef long long delta_c[62]
+    cdef bint c_deltas
     cdef Py_ssize_t i, n
     cdef bint slot_released = False
     if Engine is None:
         _bind()
     if engine.__class__ is not Engine or not request_id:
-        return False
+        return 0
+    if not (0 <= prompt < MAX_COUNT and 0 <= cached < MAX_COUNT and 0 <= completion < MAX_COUNT
+            and 0 <= reasoning < MAX_COUNT):
+        return 0
     book = engine.book
     if book.__class__ is not ReservationBook:
-        return False
+        return 0
     entries = book._entries
     entry = (<Entries>entries)._get(request_id) if type(entries) is Entries else entries.get(request_id)
     if entry is None:  # expired, retired, duplicate, unadmitted: Engine.account's own branches
-        return False
+        return 0
     if type(entry) is Reservation:  # the compiled lane's entry: its fields in place, no InFlight made
         if not (<Reservation>entry).tracked:
-            return False
+            return 0
         c_key_id = (<Reservation>entry).key_id
         c_tenant = (<Reservation>entry).tenant
         c_model = (<Reservation>entry).model
@@ -136,29 +329,35 @@ cdef bint _account(object engine, str request_id, object prompt, object cached, 
     else:
         context = entry[6]
         if context.__class__ is not InFlight:
-            return False
+            return 0
         c_key_id, c_tenant, c_model = context.key_id, context.tenant, context.model
         specs = entry[1]
     if len(specs) > 62:  # the windows' bit mask in a C integer (as native/_fast.pyx)
-        return False
+        return 0
     decider = engine.decider
     local = decider.store
     if local.__class__ is not LocalCounters or local.store.__class__ is not MemoryCounterStore:
-        return False
+        return 0
     # charge_fields: the provider's record as reported, priced by the table's cached, matched rule
-    model = c_model or response_model
+    if c_model:
+        model = c_model
+    else:
+        model = model_of(body, body_n) if model_of is not NULL else response_model
     prices = engine.policy.prices
     if prices:
         # PriceTable.charge: the cache first, else its look-up (which only fills the cache)
         priced = prices._cache.get(model) or prices.lookup(model)
         price = priced.price
-        # pricing._cost, in the same double arithmetic
+        # pricing._cost, in the same double arithmetic (the counts are below 2**53: exact as doubles)
         cached_c = min(max(cached, 0), prompt)
-        fcost = ((prompt - cached_c) * <double>price.input + cached_c * <double>price.cached_input
-                 + completion * <double>price.output)
+        fcost = ((<double>(prompt - cached_c)) * <double>price.input + (<double>cached_c) * <double>price.cached_input
+                 + (<double>completion) * <double>price.output)
         if not isfinite(fcost):
-            return False
-        cost = int(ceil(fcost))
+            return 0
+        fceil = ceil(fcost)
+        if not -<double>MAX_COUNT < fceil < <double>MAX_COUNT:
+            return 0  # Engine.account's int of it
+        cost = <long long>fceil
         rule = priced.rule
     else:
         cost, rule = 0, ""
@@ -189,23 +388,46 @@ cdef bint _account(object engine, str request_id, object prompt, object cached, 
     n = len(specs)
     if n:
         uncharged = uncharged_o
-        deltas = PyTuple_New(n)  # settle_parts' deltas, built as the tuple Decider.adjust passes on
         tokens = prompt + completion
+        # settle_parts' deltas as C integers when every reserved cost is a Python int below 2**62
+        c_deltas = True
         for i in range(n):
-            spec = specs[i]
-            kind = spec.kind
-            delta = _ZERO
+            delta_c[i] = 0
+            kind = (<object>specs[i]).kind
             if kind is not _REQUESTS and not (uncharged >> i) & 1:
+                reserved = costs[i]
+                if not _small(reserved, &r):
+                    c_deltas = False
+                    break
                 if kind is _CONCURRENCY:
-                    delta = -costs[i]
-                    if delta:  # a slot the proxy did not release early (Decider.adjust's count)
+                    delta_c[i] = -r
+                    if r:  # a slot the proxy did not release early (Decider.adjust's count)
                         slot_released = True
                 else:
-                    delta = (tokens if kind is _TOKENS else cost) - costs[i]
-            Py_INCREF(delta)
-            PyTuple_SET_ITEM(deltas, i, delta)
-        # Decider.adjust
-        local.adjust_soon(counter_ids, specs, deltas, now, charged_at)
+                    delta_c[i] = (tokens if kind is _TOKENS else cost) - r
+        # Decider.adjust: the memory store's compiled adjust with the C deltas, else with their tuple
+        adjust = local.adjust_soon
+        store = local.store
+        if (c_deltas and PyMethod_Check(adjust) and PyMethod_GET_FUNCTION(adjust) == <PyObject*>_ADJUST
+                and PyMethod_GET_SELF(adjust) == <PyObject*>store):
+            adjust_c(store, counter_ids, specs, delta_c, now, charged_at)
+        else:
+            slot_released = False
+            deltas = PyTuple_New(n)  # settle_parts' deltas, built as the tuple Decider.adjust passes on
+            for i in range(n):
+                spec = specs[i]
+                kind = spec.kind
+                delta = _ZERO
+                if kind is not _REQUESTS and not (uncharged >> i) & 1:
+                    if kind is _CONCURRENCY:
+                        delta = -costs[i]
+                        if delta:  # a slot the proxy did not release early (Decider.adjust's count)
+                            slot_released = True
+                    else:
+                        delta = _minus(tokens if kind is _TOKENS else cost, costs[i])
+                Py_INCREF(delta)
+                PyTuple_SET_ITEM(deltas, i, delta)
+            adjust(counter_ids, specs, deltas, now, charged_at)
         if slot_released:
             decider.slot_releases[_ACCESS_LOG] += 1
         if decider._slot_freed is not None:
@@ -237,18 +459,18 @@ cdef bint _account(object engine, str request_id, object prompt, object cached, 
                 key_id, tenant, model, now, prompt, cached, completion, reasoning, cost, _REPORTED, rule
             )
         else:
-            row[0] += 1
+            _row_add(row, 0, 1)
             if prompt:
-                row[1] += prompt
+                _row_add(row, 1, prompt)
             if cached:
-                row[2] += cached
+                _row_add(row, 2, cached)
             if completion:
-                row[3] += completion
+                _row_add(row, 3, completion)
             if reasoning:
-                row[4] += reasoning
+                _row_add(row, 4, reasoning)
             if cost:
-                row[5] += cost
-            row[6] += 1
+                _row_add(row, 5, cost)
+            _row_add(row, 6, 1)
             ledger._recorded += 1
-    taken[0] += 1
-    return True
+    _taken.n += 1
+    return 1

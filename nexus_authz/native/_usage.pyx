@@ -36,6 +36,15 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memcmp, memcpy, strlen
 
+from nexus_authz.native._account cimport account_c
+
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object o)
+    const unsigned char* PyUnicode_1BYTE_DATA(object o)
+    Py_ssize_t PyUnicode_GET_LENGTH(object o)
+    bint Py_UNICODE_ISSPACE(Py_UCS4 ch)
+
 cdef enum:
     MAX_DEPTH = 200  # deeper documents go to the pure path (json.loads' own recursion limit is ~1000)
 
@@ -354,6 +363,24 @@ cdef object _text(const unsigned char* s, Span span):
     return PyUnicode_DecodeUTF8(<const char*>(s + span.start), span.end - span.start, NULL)
 
 
+cdef object _last_type = None  # the last content type read: the next entry's, when the same, is this str
+
+
+cdef object _content_type(const unsigned char* s, Span span):
+    """_text of a content type, the previous entry's str again when its bytes are the same (an ASCII str's
+    bytes are its UTF-8): most entries of a message name the same type."""
+    global _last_type
+    cdef Py_ssize_t n = span.end - span.start
+    last = _last_type
+    if (last is not None and PyUnicode_GET_LENGTH(last) == n
+            and memcmp(PyUnicode_1BYTE_DATA(last), s + span.start, n) == 0):
+        return last
+    text = _text(s, span)
+    if PyUnicode_IS_ASCII(text):
+        _last_type = text
+    return text
+
+
 cdef inline int _header(const unsigned char* s, Span headers_of, int number, const char* name, Py_ssize_t length,
                         Span* out):
     """The value of header `name` in the map<string, string> field `number` of the message at
@@ -393,7 +420,7 @@ cdef object _entry(const unsigned char* s, Py_ssize_t start, Py_ssize_t end):
     found = _header(s, response, RESPONSE_HEADERS, b"content-type", 12, &value)
     if found < 0:
         raise ValueError("malformed entry")
-    content_type = _text(s, value) if found else None
+    content_type = _content_type(s, value) if found else None
     found = _header(s, response, RESPONSE_HEADERS, b"content-encoding", 16, &value)
     if found < 0:
         raise ValueError("malformed entry")
@@ -990,30 +1017,95 @@ def document_model(bytes body not None):
     return _model(<const unsigned char*>PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
 
 
-cdef object _settle = None  # native/_account.pyx account_counts, bound at the first call
-cdef Py_ssize_t _max_body = 0  # core/usage.MAX_BODY_BYTES
+cdef Py_ssize_t _max_body = -1  # core/usage.MAX_BODY_BYTES, read at the first call
 cdef str _BODY = "body"
 cdef str _SSE = "sse"
-cdef str _EVENT_STREAM = "event-stream"
-cdef tuple _IDENTITY = ("", "identity")
+
+
+cdef class _Tally:
+    """A count read as `taken[0]` (tests), kept as a C integer: no int object per increment."""
+
+    cdef long long n
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, Py_ssize_t i):
+        if i != 0:
+            raise IndexError(i)
+        return self.n
+
+    def __setitem__(self, Py_ssize_t i, long long value):
+        if i != 0:
+            raise IndexError(i)
+        self.n = value
+
+
 # entries account_run took (tests: the common entries never reached the per-entry Python code)
-taken = [0]
+cdef _Tally _taken = _Tally()
+taken = _taken
 
 
 cdef void _bind():
-    global _settle, _max_body
+    global _max_body
     from nexus_authz.core.usage import MAX_BODY_BYTES
-    from nexus_authz.native._account import account_counts
 
     _max_body = MAX_BODY_BYTES
-    _settle = account_counts
 
 
-cdef int _common(tuple item, object service) except -1:
+cdef int _event_stream(object text) except -1:
+    """`"event-stream" in text.lower()` for a str, with no lowered copy when it is ASCII."""
+    cdef const unsigned char* p
+    cdef Py_ssize_t n, i, k
+    cdef unsigned char c
+    if not PyUnicode_IS_ASCII(text):
+        return "event-stream" in text.lower()
+    p = PyUnicode_1BYTE_DATA(text)
+    n = PyUnicode_GET_LENGTH(text)
+    for i in range(n - 11):
+        for k in range(12):
+            c = p[i + k]
+            if 65 <= c <= 90:
+                c += 32
+            if c != (<const unsigned char*>b"event-stream")[k]:
+                break
+        else:
+            return 1
+    return 0
+
+
+cdef int _identity(object text) except -1:
+    """`text.strip().lower() in ("", "identity")` for a str, with no copies when it is ASCII."""
+    cdef const unsigned char* p
+    cdef Py_ssize_t i = 0, n, k
+    cdef unsigned char c
+    if not PyUnicode_IS_ASCII(text):
+        return text.strip().lower() in ("", "identity")
+    p = PyUnicode_1BYTE_DATA(text)
+    n = PyUnicode_GET_LENGTH(text)
+    while i < n and Py_UNICODE_ISSPACE(p[i]):
+        i += 1
+    while n > i and Py_UNICODE_ISSPACE(p[n - 1]):
+        n -= 1
+    if n == i:
+        return 1
+    if n - i != 8:
+        return 0
+    for k in range(8):
+        c = p[i + k]
+        if 65 <= c <= 90:
+            c += 32
+        if c != (<const unsigned char*>b"identity")[k]:
+            return 0
+    return 1
+
+
+cdef int _common(tuple item, object service, Py_ssize_t* counted) except -1:
     """adapters/envoy_als.py `_account_snippet` of a scanned entry (log_entries' tuple) when it is the
     common entry: a whole JSON body's or an OpenAI stream chunk's provider record, read here as
     adapters/als_fast.py `body_usage` / `sse_usage` read it (the Usage of usage_records.usage_from_counts,
-    the model of document_model), settled by native/_account.pyx `account_counts`. 1 taken; 0 not (nothing
+    the model of document_model), settled by native/_account.pyx `account_counts`. 1 taken (counted in
+    `counted`, which the caller adds to service.entries before any other code runs); 0 not (nothing
     changed: the caller runs `_account_scanned`)."""
     cdef object kind = item[3], data = item[4], content_type, content_encoding, taken_now
     cdef const unsigned char* s
@@ -1032,8 +1124,8 @@ cdef int _common(tuple item, object service) except -1:
         if (
             item[5]
             or n > _max_body
-            or (content_encoding and content_encoding.strip().lower() not in _IDENTITY)
-            or (content_type and _EVENT_STREAM in content_type.lower())
+            or (content_encoding and not _identity(content_encoding))
+            or (content_type and _event_stream(content_type))
         ):
             return 0
         if not _usage_span(s, n, &span):
@@ -1057,15 +1149,18 @@ cdef int _common(tuple item, object service) except -1:
         prompt = c[0] + c[1] + c[2]
         cached, completion, reasoning = c[1], c[3], 0
     engine = service.engine
-    try:
-        taken_now = _settle(engine, item[0], prompt, cached, completion, reasoning, _model(s, n))
+    request_id = item[0]
+    if request_id.__class__ is not str:
+        return 0
+    try:  # the model of the body (document_model) read only when the reservation names none
+        taken_now = account_c(engine, <str>request_id, prompt, cached, completion, reasoning, None, _model, s, n)
     except BaseException:
         service.entries += 1  # _account_snippet counts the entry before its accounting raises
         raise
     if not taken_now:
         return 0
-    service.entries += 1
-    taken[0] += 1
+    counted[0] += 1
+    _taken.n += 1
     return 1
 
 
@@ -1078,22 +1173,38 @@ def account_run(list items, Py_ssize_t i, bytes raw, object service, object fall
     the first entry that brings `clock() - started` to `slice` or more (sliced: the caller yields), or at
     the end."""
     cdef Py_ssize_t n = len(items)
+    cdef Py_ssize_t counted = 0  # entries taken and not yet added to service.entries
     cdef object item, pending
-    if _settle is None:
+    if _max_body < 0:
         _bind()
-    while i < n:
-        item = items[i]
-        i += 1
-        pending = None
-        try:
-            if item is None:  # not admitted by nexus-authz
-                service.ignored += 1
-            elif not _common(<tuple?>item, service):
-                pending = fallback(item, raw)
-                if pending is not None:
-                    return (i, pending, False)
-        except Exception:
-            failed(item)
-        if clock() - started >= slice:
-            return (i, None, True)
-    return (i, None, False)
+    try:
+        while i < n:
+            item = items[i]
+            i += 1
+            pending = None
+            try:
+                if item is None:  # not admitted by nexus-authz
+                    service.ignored += 1
+                elif not _common(<tuple?>item, service, &counted):
+                    _count(service, &counted)  # the per-entry code sees the count as it would
+                    pending = fallback(item, raw)
+                    if pending is not None:
+                        return (i, pending, False)
+            except Exception:
+                _count(service, &counted)
+                failed(item)
+            if clock() - started >= slice:
+                return (i, None, True)
+        return (i, None, False)
+    finally:
+        _count(service, &counted)
+
+
+cdef int _count(object service, Py_ssize_t* counted) except -1:
+    """service.entries += the entries account_run took since the last time (one int per message, not one
+    per entry)."""
+    if counted[0]:
+        n = counted[0]
+        counted[0] = 0
+        service.entries += n
+    return 0

@@ -906,6 +906,32 @@ cdef inline bint _in_range(object t):
 
 def adjust(self, counter_ids, specs, deltas, now, charged_at=None):
     """MemoryCounterStore.adjust (see stores/memory.py): apply settle differences now, window by window."""
+    return _adjust(self, counter_ids, specs, deltas, NULL, now, charged_at)
+
+
+cdef object adjust_c(object self, object counter_ids, object specs, const long long* deltas, object now,
+                     object charged_at):
+    """`adjust` with its deltas as len(specs) C integers (native/_account.pyx: a settlement's), no tuple
+    of ints made unless the pure path takes them."""
+    return _adjust(self, counter_ids, specs, None, deltas, now, charged_at)
+
+
+cdef object _py_adjust_of(object self, object counter_ids, object specs, object deltas, const long long* given,
+                          object now, object charged_at):
+    """The pure adjust, with `given`'s deltas as the tuple of ints it takes when there is no `deltas`."""
+    cdef Py_ssize_t i, n
+    if deltas is None:
+        n = len(specs)
+        deltas = PyTuple_New(n)
+        for i in range(n):
+            delta = PyLong_FromLongLong(given[i])
+            Py_INCREF(delta)
+            PyTuple_SET_ITEM(deltas, i, delta)
+    return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
+
+
+cdef object _adjust(object self, object counter_ids, object specs, object deltas, const long long* given,
+                    object now, object charged_at):
     cdef Spec spec_c[MAX_WINDOWS]
     cdef long long delta_c[MAX_WINDOWS]
     cdef Py_ssize_t n, i
@@ -916,24 +942,27 @@ def adjust(self, counter_ids, specs, deltas, now, charged_at=None):
     cdef Spec* sp
     cdef double* st
     if not _in_range(now) or (exact and not _in_range(charged_at)):
-        return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
+        return _py_adjust_of(self, counter_ids, specs, deltas, given, now, charged_at)
     t = now
     if exact:
         at = charged_at
     n = len(specs)
     states = self._states
     if n > MAX_WINDOWS or type(states) is not dict:
-        return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
+        return _py_adjust_of(self, counter_ids, specs, deltas, given, now, charged_at)
     for i in range(n):  # everything this code cannot do exactly goes to the pure path before any write
         sp = &spec_c[i]
         if _read_spec(specs[i], sp):
-            return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
-        delta = deltas[i]
-        if not PyLong_CheckExact(delta):
-            return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
-        delta_c[i] = PyLong_AsLongLongAndOverflow(delta, &overflow)
+            return _py_adjust_of(self, counter_ids, specs, deltas, given, now, charged_at)
+        if given != NULL:
+            delta_c[i] = given[i]
+        else:
+            delta = deltas[i]
+            if not PyLong_CheckExact(delta):
+                return _py_adjust_of(self, counter_ids, specs, deltas, given, now, charged_at)
+            delta_c[i] = PyLong_AsLongLongAndOverflow(delta, &overflow)
         if overflow or not (-MAX_COST <= delta_c[i] <= MAX_COST):
-            return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
+            return _py_adjust_of(self, counter_ids, specs, deltas, given, now, charged_at)
         if not delta_c[i]:
             continue
         found = PyDict_GetItemWithError(states, counter_ids[i])
@@ -941,11 +970,11 @@ def adjust(self, counter_ids, specs, deltas, now, charged_at=None):
         if sp.algorithm == A_SLIDING:
             _sliding_doubles(state, sp, &fallback, &form)
             if fallback or _slot_of(t, sp.width, &slot) or (exact and _slot_of(at, sp.width, &slot)):
-                return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
+                return _py_adjust_of(self, counter_ids, specs, deltas, given, now, charged_at)
         elif sp.algorithm == A_GAUGE and PyLong_CheckExact(state):
             in_flight = PyLong_AsLongLongAndOverflow(state, &overflow)
             if overflow or not (-MAX_COST <= in_flight <= MAX_COST):
-                return _py_adjust(self, counter_ids, specs, deltas, now, charged_at)
+                return _py_adjust_of(self, counter_ids, specs, deltas, given, now, charged_at)
     for i in range(n):
         if not delta_c[i]:
             continue

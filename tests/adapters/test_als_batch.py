@@ -14,6 +14,7 @@ import asyncio
 import base64
 import gzip
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,17 @@ EXTRA: list[tuple[str, dict[str, Any] | None, str | None, str | None]] = [
         None,
     ),
     ("taken-zero-usage", body_meta(_chat({"prompt_tokens": 0, "completion_tokens": 0})), None, None),
+    # counts past the small ints (the compiled step adds them in C: tests below for its bounds)
+    ("taken-large-counts", body_meta(_chat({"prompt_tokens": 123456, "completion_tokens": 789})), None, None),
+    # the content type and encoding read without a lowered copy when ASCII: str.strip's whitespace
+    # (\x1c-\x1f, \v), str.lower's non-ASCII case, the same bytes as the previous entry's type
+    ("taken-identity-odd-space", body_meta(CHAT), "application/json", "\x1f\x0bidentity\x1c "),
+    ("back-identity-unicode-case", body_meta(CHAT), "application/json", "\u0130dentity"),
+    ("back-identity-padded", body_meta(CHAT), "application/json", "identity\x00"),
+    ("taken-ctype-unicode", body_meta(CHAT), "application/jsön", "\u00a0identity"),
+    ("back-ctype-event-stream-case", body_meta(CHAT), "x; q=Event-STREAM", None),
+    ("back-ctype-event-stream-unicode", body_meta(CHAT), "tëxt/EVENT-STREAM", None),
+    ("taken-ctype-near-event-stream", body_meta(CHAT), "event-strea", None),
     ("back-skipped", {"u": {"k": "body", "b": base64.b64encode(CHAT).decode(), "x": 10}}, None, None),
     ("back-event-stream-body", body_meta(CHAT), "text/event-stream", None),
     ("back-encoded", body_meta(CHAT), "application/json", "br"),
@@ -743,3 +755,137 @@ def test_what_the_compiled_settlement_does_not_take_goes_the_python_way(
     monkeypatch.setattr(als_fast, "ACCOUNT", None)
     assert compiled == run(tmp_path / "reference")
     assert compiled["accounted"]["provider"] == 2
+
+
+VAST = KeySpec(  # limits that hold the largest counts below
+    "vast",
+    extra={"limits": [{"tokens": 10**15, "per": "day"}, {"usd": 10**6, "per": "day"}, {"concurrent": 9}]},
+)
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        (123456, 1000, 7890, 99),  # past the small ints
+        (2**53 - 1, 2**52, 2**53 - 1, 2**53 - 1),  # the largest counts the compiled step keeps in C
+        (2**53, 0, 1, 0),  # past them: Engine.account
+        (5, 0, 2**53, 0),
+        (10**15, 9 * 10**14, 10**13, 10**12),  # a cost past 2**53 micro-USD at gpt-4o's price: Engine.account
+        (0, 0, 0, 0),
+        (7, 9, 3, 5),  # cached and reasoning over their totals (clamped the same way)
+    ],
+)
+@pytest.mark.parametrize("spied", [False, True])
+def test_the_compiled_settlement_of_any_counts_is_engine_account(
+    tmp_path: Path, counts: tuple[int, int, int, int], spied: bool
+) -> None:
+    """native/_account.pyx adds a settlement's counts and cost in C (below 2**53, the sums below 2**62)
+    and hands anything larger to Engine.account before changing anything: the same counters, windows,
+    ledger rows and metrics as the pure path for counts on either side of its bounds. Its deltas go to
+    the memory store's compiled adjust as C integers, or (spied: adjust_soon is not that adjust) as the
+    tuple Decider.adjust passes on, the same as the pure path's."""
+    if native.account is None:
+        pytest.skip("the compiled accounting is not loaded (NEXUS_AUTHZ_PURE, or not built)")
+    from nexus_authz.core.usage import Usage
+
+    prompt, cached, completion, reasoning = counts
+    usage = Usage(
+        prompt_tokens=prompt,
+        cached_prompt_tokens=cached,
+        completion_tokens=completion,
+        reasoning_tokens=reasoning,
+    )
+
+    def run(directory: Path, compiled: bool) -> tuple[dict[str, Any], int]:
+        directory.mkdir()
+        clock = _Clock()
+        path = write_config(directory, VAST, OPEN, extra=CONFIG.replace("LEDGER", "memory"))
+        engine = Engine.from_settings(load_settings(str(path)), clock=clock)
+        adjusted: list[tuple[Any, ...]] = []
+        if spied:
+            local = engine.decider.store
+            adjust = local.adjust_soon
+
+            def spy(*args: Any) -> None:
+                adjusted.append(args[2:])  # deltas, now, charged_at
+                adjust(*args)
+
+            local.adjust_soon = spy  # type: ignore[attr-defined]
+        taken = 0
+        rids = [f"{key.id}-{n}" for n in range(3) for key in (VAST, OPEN)]
+        for rid in rids:
+            vast = rid.startswith("vast")
+            _check(engine, VAST if vast else OPEN, rid, model="gpt-4o" if vast else None)
+        for rid in rids:  # the later ones add into the ledger rows the first ones made
+            if compiled and native.account.account_provider(engine, rid, usage, "gpt-4o-mini"):
+                taken += 1
+            else:
+                engine.account(rid, usage, response_model="gpt-4o-mini")
+        clock.now += 1
+        assert engine.ledger is not None
+        after = engine.check(
+            Request(
+                method="POST",
+                path="/v1/chat/completions",
+                headers={"authorization": f"Bearer {VAST.secret}", "content-type": "application/json"},
+                body=b'{"model": "gpt-4o", "max_tokens": 1}',
+                request_id="after",
+            )
+        )
+        return {
+            "accounted": dict(engine.accounted),
+            "usage_tokens": dict(engine.usage_tokens),
+            "book": engine.book.stats(),
+            "ledger": sorted(
+                engine.ledger.query(group_by=("key_id", "model", "source", "price_rule", "minute")), key=repr
+            ),
+            "windows": (after.allowed, after.status, dict(after.response_headers)),
+            "adjusted": adjusted,
+        }, taken
+
+    compiled, taken = run(tmp_path / "compiled", True)
+    reference, _ = run(tmp_path / "reference", False)
+    assert compiled == reference
+    assert len(compiled["adjusted"]) == (3 if spied else 0)  # vast's settlements (open has no window)
+
+    def fits(price_in: float, price_cached: float, price_out: float) -> bool:  # the cost, micro-USD
+        kept = min(max(cached, 0), prompt)
+        cost = (prompt - kept) * price_in + kept * price_cached + completion * price_out
+        return max(counts) < 2**53 and math.ceil(cost) < 2**53
+
+    # vast's requests name gpt-4o, open's none (the response's gpt-4o-mini is priced)
+    assert taken == 3 * fits(2.5, 1.25, 10) + 3 * fits(0.15, 0.15, 0.6), taken
+
+
+def test_the_compiled_loop_counts_its_entries_before_other_code_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """account_run adds the entries it took to service.entries once per message, but before it hands an
+    entry to the per-entry code or returns: that code and the caller see the count the pure path's
+    per-entry counting would show."""
+    if native.usage is None or native.account is None:
+        pytest.skip("the compiled scans are not loaded (NEXUS_AUTHZ_PURE, or not built)")
+    engine, _ = _engine(tmp_path / "engine")
+    for rid in "abcde":
+        _check(engine, METERED, rid)
+    batch = message(
+        entry_with(body_meta(CHAT), content_type="application/json", request_id="a"),
+        entry_with(body_meta(CHAT), content_type="application/json", request_id="b"),
+        entry_with(body_meta(CHAT), content_type="application/json", encoding="br", request_id="c"),
+        entry_with(body_meta(CHAT), content_type="application/json", request_id="d"),
+        entry_with(body_meta(CHAT), content_type="application/json", request_id="e"),
+    ).SerializeToString()
+    seen: list[tuple[str, int]] = []
+    per_entry = AccessLogService._account_scanned
+
+    def scanned(self: AccessLogService, item: Any, raw: bytes) -> Any:
+        seen.append((item[0], self.entries))
+        return per_entry(self, item, raw)
+
+    monkeypatch.setattr(AccessLogService, "_account_scanned", scanned)
+    service = AccessLogService(engine)
+    looped = native.usage.taken[0]
+    asyncio.run(service.stream_access_logs(None, _Context([batch])))  # type: ignore[arg-type]
+    assert native.usage.taken[0] - looped == 4  # a, b, d, e in C; c (br) handed over
+    assert seen == [("c", 2)]
+    assert service.entries == 5

@@ -144,3 +144,49 @@ def test_the_lane_counts_an_admission_in_place(tmp_path: Path) -> None:
     fp.proto.data_received(bench_alloc.ext_authz_request("nx-nobody-0123456789abcdef", "rid-x"))
     assert not fp.sink.last.startswith(b"HTTP/1.1 200 OK\r\n")
     assert dict(decisions) == dict.fromkeys(Reason, 0) | {Reason.OK: 3, Reason.UNKNOWN_KEY: 1}
+
+
+MAX_SETTLEMENT_BLOCKS = 6.05  # 13 before the settlement's counts and cost were kept in C (12), its deltas
+# went to the compiled adjust as C integers (10) and the ledger row became a LedgerRow of C sums (6). Left:
+# engine.accounted's, book.settled's and the ledger's record counts, the two usage_tokens sums (ints
+# past 256, each a new object), and the concurrency gauge's in-flight count (past 256 with a batch of
+# 2,000 in flight)
+
+
+def test_a_settlement_allocates_few_blocks(tmp_path: Path) -> None:
+    """The access log's common entry settled through native/_account.pyx (bench_alloc's settle: the
+    compiled step als_fast.ACCOUNT, the reservations the compiled lane made)."""
+    from nexus_authz.adapters import als_fast
+
+    if native.fast is None or als_fast.ACCOUNT is None:
+        pytest.fail(f"the compiled lane did not build or load ({native.WHY_PURE}): pip install -e .")
+    counter = bench_alloc.AllocCounter.load(tmp_path / "hook")
+    if counter is None:
+        pytest.skip("no C compiler for the allocation hook")
+    fp = bench_alloc.build_fastpath(tmp_path / "engine")
+    ids = [f"5f2d6f1e-1c7b-4a53-9d2e-{i:012d}" for i in range(BATCH)]
+    raws = [bench_alloc.ext_authz_request(fp.secrets[0], rid) for rid in ids]
+    receive, engine, compiled = fp.proto.data_received, fp.engine, als_fast.ACCOUNT
+    assert native.account is not None
+    taken = native.account.taken  # a C count: a Python int counted here would allocate past 256
+
+    def decide() -> None:
+        for raw in raws:
+            receive(raw)
+
+    def settle() -> None:
+        for rid in ids:
+            compiled(engine, rid, bench_alloc.USAGE, None)
+
+    for _ in range(2):
+        decide()
+        settle()
+    gc.collect()
+    counts = []
+    for _ in range(3):
+        decide()
+        before = taken[0]
+        counts.append(counter.count(settle).allocs)
+        assert taken[0] - before == BATCH  # every one settled by the compiled step
+    per_settlement = min(counts) / BATCH
+    assert per_settlement <= MAX_SETTLEMENT_BLOCKS, f"{per_settlement:.2f} blocks per settlement"

@@ -2,10 +2,15 @@
 pending batch in such a table, the memory ledger keeps its whole state in one).
 
 A row is a list, not a dataclass, so the hot path updates it in place with no allocation:
-[requests, prompt, cached prompt, completion, reasoning, cost, records]."""
+[requests, prompt, cached prompt, completion, reasoning, cost, records]. With the compiled extension
+loaded it is a native/_account.pyx LedgerRow: the same reads and writes, its sums kept as C integers, so
+the compiled settlement adds into it with no int object per sum (`make_row`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from nexus_authz import native
 from nexus_authz.stores.ledger.types import UsageRecord
 
 Key = tuple[str, str, str, int, str, str]
@@ -16,6 +21,14 @@ Table = dict[Key, Row]
 N_SUMS = 6
 """Row[:N_SUMS] are the sums the store keeps; Row[RECORDS] counts the records added into the row."""
 RECORDS = 6
+
+
+def _list_row(*values: int) -> Row:
+    return list(values)
+
+
+make_row: Callable[..., Row] = native.account.LedgerRow if native.account is not None else _list_row
+"""A new row of its 7 values (the pure path's list, or the compiled LedgerRow)."""
 
 
 def key_of(rec: UsageRecord) -> Key:
@@ -57,7 +70,7 @@ def add_usage(
     if row is None:
         if not new_row:
             return False
-        table[key] = [requests, prompt, cached, completion, reasoning, cost, 1]
+        table[key] = make_row(requests, prompt, cached, completion, reasoning, cost, 1)
         return True
     row[0] += requests
     if prompt:
