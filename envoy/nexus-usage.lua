@@ -1,7 +1,8 @@
 -- nexus-authz usage tap: an Envoy HTTP Lua filter (response path) for token accounting.
 --
 -- Placed after ext_authz, it reads the upstream's response body as it streams by (bodyChunks: Envoy
--- does not buffer, the client's timing is unchanged) and leaves in the dynamic metadata namespace
+-- does not buffer, the client's timing is unchanged; only a plain body of known length up to SMALL
+-- bytes, a JSON completion, is read whole with body()) and leaves in the dynamic metadata namespace
 -- `nexus.usage` the few bytes nexus-authz needs to account the response. Envoy's gRPC access log
 -- (envoy.access_loggers.http_grpc) then ships that metadata to nexus-authz in batches, where the core
 -- usage parser (nexus_authz/core/usage.py) turns it into tokens: all usage semantics live there, this
@@ -34,6 +35,7 @@ local NS = "nexus.usage"
 local MAX_KEEP = 1048576 -- body bytes kept for nexus-authz
 local TAIL = 65536 -- over the cap, the last bytes kept: usage records sit at the end
 local HEAD = MAX_KEEP - TAIL
+local SMALL = 65536 -- a plain body of known length up to this size is read whole (body(), below)
 
 local find, sub, gsub, lower, match = string.find, string.sub, string.gsub, string.lower, string.match
 local concat = table.concat
@@ -182,13 +184,25 @@ function envoy_on_response(handle)
   local encoded = encoding ~= "" and encoding ~= "identity"
   local sse = find(ctype, "event-stream", 1, true) ~= nil
   local checkpoint = sse or encoded
+  local length = tonumber(headers:get("content-length") or "")
+  if length and length <= SMALL and not checkpoint then
+    -- The common case, a JSON completion: a small plain body of known length, kept whole. body()
+    -- resumes this script once, with the whole body, instead of once per chunk and without the chunk
+    -- bookkeeping below (measured: a sixth of what the tap costs Envoy per request); Envoy holds at
+    -- most SMALL bytes, which the client of a JSON body reads whole anyway. The slot is released
+    -- before the body goes on, as on the last chunk below.
+    local body = handle:body()
+    release_slot(handle)
+    local data = body and body:getBytes(0, body:length()) or ""
+    handle:streamInfo():dynamicMetadata():set(NS, "u", { k = "body", b = handle:base64Escape(data) })
+    return
+  end
   local head, nhead, hbytes = {}, 0, 0
   local tail, t0, t1, tbytes = {}, 1, 0, 0
   local skipped, over = 0, false
   -- With a content-length the client has the whole response with the last body byte (the end of
   -- stream may follow as an empty chunk): release on that chunk, which Envoy holds until the call
   -- returns. Otherwise (chunked, HTTP/2, no body) release at the end of stream, below.
-  local length = tonumber(headers:get("content-length") or "")
   local seen, released = 0, false
   for chunk in handle:bodyChunks() do
     local size = chunk:length()
