@@ -1,7 +1,7 @@
 """What clamping's body rewrite costs per request (issue 16 item 3), in Envoy CPU time.
 
 Starts the real stack (mock upstream, nexus-authz, Envoy with envoy/envoy.yaml) twice: once with the
-shipped Lua filter, once with its request side (`envoy_on_request`) removed. Over one keep-alive
+shipped clamp filter, once with its `envoy_on_request` (envoy/nexus-clamp.lua) removed. Over one keep-alive
 connection it sends N chat requests of a key with a clamping limit and a roomy budget:
 
   capped    the body sets max_tokens: nothing to rewrite (the filter's one metadata look-up)
@@ -57,9 +57,10 @@ def run(stack: Stack, n: int, body: bytes) -> tuple[float, float]:
 
 
 def without_request_side(workdir: Path) -> Path:
-    """envoy.yaml next to a nexus-usage.lua without envoy_on_request (the baseline)."""
-    lua = (ENVOY_HTTP.parent / "nexus-usage.lua").read_text()
-    (workdir / "nexus-usage.lua").write_text(
+    """envoy.yaml next to a nexus-clamp.lua without envoy_on_request (the baseline: nothing rewrites)."""
+    shutil.copy(ENVOY_HTTP.parent / "nexus-usage.lua", workdir / "nexus-usage.lua")
+    lua = (ENVOY_HTTP.parent / "nexus-clamp.lua").read_text()
+    (workdir / "nexus-clamp.lua").write_text(
         lua.replace("function envoy_on_request(", "local function _unused(")
     )
     shutil.copy(ENVOY_HTTP, workdir / "envoy.yaml")

@@ -102,8 +102,11 @@ EXTPROC_CLUSTER = "nexus_extproc"  # token accounting's gRPC cluster, in templat
 LUA_FILTER = "envoy.filters.http.lua"  # the usage tap of the default accounting path
 ALS_LOGGER = "envoy.access_loggers.http_grpc"  # ... and its access log (an HCM access_log entry)
 ALS_CLUSTER = "nexus_als"
-# everything token accounting adds to a template, on either path
-ACCOUNTING = (EXT_PROC_FILTER, LUA_FILTER, ALS_LOGGER)
+# the Lua clamp filter (envoy.yaml's nexus-clamp, skipped by its matcher unless nexus clamped the request)
+CLAMP_FILTER = "nexus-clamp"
+# everything token accounting adds to a template, on either path (and the clamp filter: it was part of the
+# Lua tap until the tap's request side moved to its own filter, and stays out of the same scenarios)
+ACCOUNTING = (EXT_PROC_FILTER, LUA_FILTER, ALS_LOGGER, CLAMP_FILTER)
 STREAM_BODY = json.dumps(
     {
         "model": "gpt-4o-mini",
@@ -361,7 +364,7 @@ SCENARIOS: dict[str, Scenario] = {
         ENVOY_HTTP,
         "http",
         NexusSpec(ISSUE15_CONFIG, LIMITS_KEY_FIELDS),
-        remove_filters=(LUA_FILTER,),
+        remove_filters=(LUA_FILTER, CLAMP_FILTER),
     ),
 }
 DEFAULT_SCENARIOS = ("envoy", "http-uds", "grpc")

@@ -10,7 +10,7 @@ cap below the refusing limits' `min_tokens` is refused as before.
 
 The cap must bind on the upstream, so the proxy rewrites the body: the admitted decision carries
 `clamp`, a list of byte splices of the body exactly as nexus-authz read it, which the Lua filter of the
-shipped Envoy configs applies (`envoy/nexus-usage.lua`, request path) before the router:
+shipped Envoy configs applies (`envoy/nexus-clamp.lua`, request path) before the router:
 
     "<body length>;<offset>:<count>:<text>[;<offset>:<count>:<text>...]"
 

@@ -52,6 +52,8 @@ SYSTEM_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
 #: The shipped config of each ext_authz mode.
 TEMPLATES = {"http": "envoy.yaml", "grpc": "envoy-grpc.yaml"}
 _HCM_FILTER = "envoy.filters.network.http_connection_manager"
+_LUA_TYPE = "/envoy.extensions.filters.http.lua.v3.Lua"
+_WITH_MATCHER = "/envoy.extensions.common.matching.v3.ExtensionWithMatcher"
 
 #: An address: ``"/path/to.sock"`` or ``"unix:/path"`` (a Unix socket), ``"host:port"``,
 #: ``"http://host[:port]"``/``"https://host[:port]"``, ``("host", port)`` or a bare port (127.0.0.1).
@@ -282,8 +284,28 @@ def _set_cluster_address(
         cluster.pop("transport_socket", None)
 
 
+def _lua_configs(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every Lua filter's typed_config in listener ``ingress``: the filter named LUA_FILTER, and a Lua
+    filter wrapped in an ExtensionWithMatcher (envoy.yaml's ``nexus-clamp``, run only when it applies)."""
+    for chain in _listener(doc, LISTENER).get("filter_chains") or []:
+        for net_filter in chain.get("filters") or []:
+            if net_filter.get("name") != _HCM_FILTER:
+                continue
+            for http_filter in net_filter.get("typed_config", {}).get("http_filters") or []:
+                cfg = http_filter.get("typed_config")
+                if not isinstance(cfg, dict):
+                    continue
+                if cfg.get("@type", "").endswith(_WITH_MATCHER):
+                    inner = cfg.get("extension_config")
+                    cfg = inner.get("typed_config") if isinstance(inner, dict) else None
+                    if not isinstance(cfg, dict):
+                        continue
+                if cfg.get("@type", "").endswith(_LUA_TYPE) or http_filter.get("name") == LUA_FILTER:
+                    yield cfg
+
+
 def _inline_lua_sources(doc: dict[str, Any], base: Path) -> None:
-    for cfg in _http_filters(doc, LUA_FILTER):
+    for cfg in _lua_configs(doc):
         sources = [cfg.get("default_source_code")]
         named = cfg.get("source_codes")
         if isinstance(named, dict):

@@ -86,13 +86,23 @@ return function(headers, chunks, delivered, b64)
                getBytes = function(_, start, n) return string.sub(c, start + 1, start + n) end }
     end
   end
+  local whole = false
+  function handle:body() -- Envoy buffers the body and resumes the script once, at its end
+    whole = true
+    for _ = 1, #chunks + 1 do coroutine.yield() end
+    if #chunks == 0 then return nil end
+    local c = table.concat(chunks)
+    return { length = function() return #c end,
+             getBytes = function(_, start, n) return string.sub(c, start + 1, start + n) end }
+  end
   local co = coroutine.create(envoy_on_response)
   assert(coroutine.resume(co, handle))
   for _ = 1, delivered do -- a reset: Envoy never resumes the coroutine again
+    if coroutine.status(co) == "dead" then break end
     local ok, err = coroutine.resume(co)
     assert(ok, err)
   end
-  return meta, coroutine.status(co)
+  return meta, coroutine.status(co), whole
 end
 """
 
@@ -116,17 +126,35 @@ def run_lua(
 ) -> tuple[dict[str, Any], bool]:
     """Metadata the filter leaves for a body split at `cuts`; `cut` >= 0: the stream is reset after that
     many chunks. Returns (metadata as Python values, whether the script ran to its end)."""
+    meta, finished, _ = run_lua_framed(lua, body, cuts, content_type=content_type, encoding=encoding, cut=cut)
+    return meta, finished
+
+
+def run_lua_framed(
+    lua: Any,
+    body: bytes,
+    cuts: Sequence[int],
+    *,
+    content_type: str,
+    encoding: str | None = None,
+    cut: int = -1,
+    content_length: bool = False,
+) -> tuple[dict[str, Any], bool, bool]:
+    """run_lua, with the response's content-length when `content_length`; also returns whether the
+    script read the body whole (body()) rather than chunk by chunk (bodyChunks())."""
     points = sorted({c for c in cuts if 0 < c < len(body)} | {0, len(body)})
     chunks = [body[a:b] for a, b in zip(points, points[1:], strict=False)]
     headers = {b"content-type": content_type.encode()}
     if encoding:
         headers[b"content-encoding"] = encoding.encode()
+    if content_length:
+        headers[b"content-length"] = str(len(body)).encode()
     delivered = len(chunks) + 1 if cut < 0 else cut
     runtime, harness = lua
-    meta, status = harness(
+    meta, status, whole = harness(
         runtime.table_from(headers), runtime.table_from(chunks), delivered, base64.b64encode
     )
-    return _python(meta), status == b"dead"
+    return _python(meta), status == b"dead", bool(whole)
 
 
 def _python(value: Any) -> Any:
@@ -286,6 +314,52 @@ def test_lua_long_compressed_body_is_over(lua: Any) -> None:
 def test_lua_empty_body(lua: Any) -> None:
     meta, finished = run_lua(lua, b"", [], content_type="application/json")
     assert finished and meta["u"]["k"] == "body"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lua_small_body_of_known_length_is_read_whole_to_the_same_snippet(lua: Any, name: str) -> None:
+    """A plain body with a content-length up to 64 KiB (a JSON completion) is read whole: one resume of
+    the script instead of one per chunk. It must leave what reading it chunk by chunk leaves; streams keep
+    the chunk path (their checkpoints)."""
+    body = (FIXTURES / name).read_bytes()
+    cuts = range(0, len(body), 97)
+    chunked, _ = run_lua(lua, body, cuts, content_type=ctype(name))
+    meta, finished, whole_read = run_lua_framed(
+        lua, body, cuts, content_type=ctype(name), content_length=True
+    )
+    assert finished and meta == chunked
+    assert whole_read == (not name.endswith(".sse"))
+    usage, keep = accounted(meta, ctype(name))
+    assert usage == whole(body, ctype(name)) and not keep
+
+
+def test_lua_only_small_plain_bodies_are_read_whole(lua: Any) -> None:
+    small = json.dumps({"usage": {"prompt_tokens": 3, "completion_tokens": 4}}).encode()
+    big = json.dumps({"pad": "x" * 70_000, "usage": {"prompt_tokens": 3, "completion_tokens": 4}}).encode()
+    packed = gzip.compress(small)
+    for body, encoding, expected in (
+        (small, None, True),
+        (b"", None, True),
+        (big, None, False),
+        (packed, "gzip", False),
+    ):
+        meta, finished, whole_read = run_lua_framed(
+            lua,
+            body,
+            range(0, len(body), 1000),
+            content_type="application/json",
+            encoding=encoding,
+            content_length=True,
+        )
+        chunked, _ = run_lua(
+            lua, body, range(0, len(body), 1000), content_type="application/json", encoding=encoding
+        )
+        assert (finished, whole_read, meta) == (True, expected, chunked)
+    # reset before the end: nothing left (as for a plain body read chunk by chunk), the script never ends
+    meta, finished, whole_read = run_lua_framed(
+        lua, small, [10, 20], content_type="application/json", cut=2, content_length=True
+    )
+    assert (meta, finished, whole_read) == ({}, False, True)
 
 
 # --- snippet decoding ---------------------------------------------------------------------------------------

@@ -161,6 +161,10 @@ def test_render_without_changes_keeps_the_document() -> None:
     lua["typed_config"]["default_source_code"] = {
         "inline_string": (ENVOY_DIR / "nexus-usage.lua").read_text()
     }
+    (clamp,) = [f for f in hcm["http_filters"] if f["name"] == "nexus-clamp"]
+    clamp["typed_config"]["extension_config"]["typed_config"]["default_source_code"] = {
+        "inline_string": (ENVOY_DIR / "nexus-clamp.lua").read_text()
+    }
     assert yaml.safe_load(render(HTTP_CONFIG)) == inlined
     assert yaml.safe_load(render(HTTP_CONFIG.read_text())) == inlined  # text as well as a path
     assert yaml.safe_load(render(str(HTTP_CONFIG))) == inlined
@@ -321,6 +325,18 @@ def test_render_inlines_the_lua_usage_tap_and_points_the_access_log_at_nexus(tmp
         (lua,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.lua"]
         source = lua["typed_config"]["default_source_code"]
         assert source == {"inline_string": (ENVOY_DIR / "nexus-usage.lua").read_text()}
+        # the usage tap has no request side; clamping's rewrite is a filter of its own, before the router,
+        # run only for a request whose ext_authz metadata holds x-nexus-clamp (tests/e2e/test_clamp_e2e.py)
+        assert "envoy_on_request" not in source["inline_string"]
+        assert names.index("nexus-clamp") == names.index("envoy.filters.http.router") - 1
+        (clamp,) = [f["typed_config"] for f in hcm["http_filters"] if f["name"] == "nexus-clamp"]
+        inner = clamp["extension_config"]["typed_config"]
+        assert inner["default_source_code"] == {"inline_string": (ENVOY_DIR / "nexus-clamp.lua").read_text()}
+        assert "envoy_on_response" not in inner["default_source_code"]["inline_string"]
+        (matcher,) = clamp["xds_matcher"]["matcher_list"]["matchers"]
+        skip_unless = matcher["predicate"]["not_matcher"]["single_predicate"]["input"]["typed_config"]
+        assert skip_unless["filter"] == "envoy.filters.http.ext_authz"
+        assert skip_unless["path"] == [{"key": "x-nexus-clamp"}]
         (log,) = hcm["access_log"]
         assert (
             log["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == "nexus_als"
@@ -335,6 +351,10 @@ def test_render_inlines_the_lua_usage_tap_and_points_the_access_log_at_nexus(tmp
 def test_render_names_a_missing_lua_source(tmp_path: Path) -> None:
     (tmp_path / "envoy.yaml").write_text(HTTP_CONFIG.read_text())
     with pytest.raises(EnvoyConfigError, match="nexus-usage.lua"):
+        render(tmp_path / "envoy.yaml")
+    # the clamp filter's source too (a Lua filter inside an ExtensionWithMatcher)
+    (tmp_path / "nexus-usage.lua").write_text((ENVOY_DIR / "nexus-usage.lua").read_text())
+    with pytest.raises(EnvoyConfigError, match="nexus-clamp.lua"):
         render(tmp_path / "envoy.yaml")
 
 
