@@ -573,7 +573,7 @@ def test_a_batch_yields_to_the_loop_after_each_slice(
         task.cancel()
 
     asyncio.run(scenario())
-    assert len(observed) == 6  # five slices of one entry, and the (empty) rest
+    assert len(observed) == 7  # the scan, five slices of one entry, and the (empty) rest
     assert [n for i, n in enumerate(seen) if i == 0 or n != seen[i - 1]] == [5, 4, 3, 2, 1, 0]
     if compiled:
         assert native.usage is not None and native.usage.taken[0] - looped == 5
