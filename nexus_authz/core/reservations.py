@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from nexus_authz.core.limits import Kind, LimitSpec
 from nexus_authz.core.ports import Adjust
+from nexus_authz.core.settled import SettledIds
 from nexus_authz.core.shapes import shape_of
 
 __all__ = ["ReservationBook", "ReservationEntry", "Settlement", "new_entries", "settle_with"]
@@ -110,7 +111,7 @@ class ReservationBook:
         self._entries: OrderedDict[str, _Entry] = new_entries()
         self._retired: OrderedDict[str, object] = OrderedDict()  # request id -> context, oldest first
         self._retired_max = max(0, retired_max)
-        self._settled: OrderedDict[str, None] = OrderedDict()  # request ids accounted, oldest first
+        self._settled = SettledIds(max(0, settled_max))  # request ids accounted lately (core/settled.py)
         self._settled_max = max(0, settled_max)
         self.settled = 0
         self.expired = 0
@@ -212,17 +213,13 @@ class ReservationBook:
         return context
 
     def was_settled(self, request_id: str) -> bool:
-        """Whether this request id's usage was accounted already (among the last `settled_max`): a
-        repeated report of it is a duplicate, to drop."""
+        """Whether this request id's usage was accounted already (among the last `settled_max` at least:
+        core/settled.py): a repeated report of it is a duplicate, to drop."""
         return request_id in self._settled
 
     def _mark_settled(self, request_id: str) -> None:
         if self._settled_max:
-            settled = self._settled
-            settled[request_id] = None
-            settled.move_to_end(request_id)
-            if len(settled) > self._settled_max:
-                settled.popitem(last=False)
+            self._settled.add(request_id)
 
     def _retire(self, request_id: str, entry: _Entry) -> Settlement:
         context = entry[6]

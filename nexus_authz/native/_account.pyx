@@ -372,12 +372,13 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
     # ReservationBook.settle_parts
     del entries[request_id]
     book.settled += 1
-    if book._settled_max:
+    if book._settled_max:  # ReservationBook._mark_settled: SettledIds.add, its common case inline
         settled = book._settled
-        settled[request_id] = None
-        settled.move_to_end(request_id)
-        if len(settled) > book._settled_max:
-            settled.popitem(last=False)
+        newest = settled.newest
+        if type(newest) is dict and len(<dict>newest) < <Py_ssize_t>settled.chunk:
+            (<dict>newest)[request_id] = None
+        else:
+            settled.add(request_id)
     if type(entry) is Reservation:
         counter_ids = (<Reservation>entry).counter_ids
         costs = (<Reservation>entry).costs

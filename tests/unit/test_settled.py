@@ -1,0 +1,59 @@
+"""core/settled.py: the record of request ids accounted lately (the reservation book's duplicate check)
+remembers at least the last `size` ids, holds fewer than `size + 2 * chunk`, and no single record frees
+more than one chunk (the OrderedDict it replaces rebuilt its whole table now and then: milliseconds of
+the event loop)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nexus_authz.core.reservations import ReservationBook
+from nexus_authz.core.settled import SettledIds
+
+
+@given(
+    size=st.integers(min_value=1, max_value=40),
+    chunk=st.integers(min_value=1, max_value=16),
+    ids=st.lists(st.integers(min_value=0, max_value=60), max_size=300),
+)
+def test_the_last_size_ids_are_remembered_and_the_record_stays_bounded(
+    size: int, chunk: int, ids: list[int]
+) -> None:
+    record = SettledIds(size, chunk)
+    step = min(chunk, size)
+    recorded: list[str] = []
+    for i in ids:
+        before = len(record)
+        record.add(f"r{i}")
+        recorded.append(f"r{i}")
+        assert before - len(record) <= step  # at most one chunk goes at a time
+        assert len(record) < size + 2 * step  # size + step when step divides size
+        assert all(r in record for r in recorded[-size:])
+    assert "never" not in record
+
+
+def test_old_ids_are_forgotten_a_chunk_at_a_time() -> None:
+    record = SettledIds(8, 4)
+    for i in range(16):
+        record.add(f"r{i}")
+    # chunks r0-3, r4-7, r8-11 full, r12-15 newest: r0-3 went when r12 opened a chunk
+    assert [f"r{i}" in record for i in range(16)] == [False] * 4 + [True] * 12
+    assert len(record) == 12
+    record.add("r16")  # a new chunk: r4-7 go (r8-15 hold the 8)
+    assert "r4" not in record and "r8" in record and len(record) == 9
+
+
+def test_a_book_with_no_record_remembers_nothing() -> None:
+    book = ReservationBook(ttl=60, max_entries=10, settled_max=0)
+    book.track("a", object(), 0.0)
+    assert book.settle("a", 1.0) is not None
+    assert not book.was_settled("a") and book.stats()["settled_ids"] == 0
+
+
+def test_bad_sizes_are_refused() -> None:
+    with pytest.raises(ValueError):
+        SettledIds(-1)
+    with pytest.raises(ValueError):
+        SettledIds(4, 0)
