@@ -68,8 +68,6 @@ cdef str _ACCESS_LOG = "access_log"
 cdef class _Tally:
     """A count read as `taken[0]` (tests), kept as a C integer: no int object per increment."""
 
-    cdef long long n
-
     def __len__(self):
         return 1
 

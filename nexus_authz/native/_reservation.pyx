@@ -44,12 +44,7 @@ cdef class Reservation(_Node):
 
     def __init__(self, counter_ids, specs, costs, uncharged, double charged_at, double expires_at,
                  context=None):
-        self.counter_ids = counter_ids
-        self.specs = specs
-        self.costs = costs
-        self.uncharged = uncharged
-        self.charged_at = charged_at
-        self.expires_at = expires_at
+        _fill(self, counter_ids, specs, costs, uncharged, charged_at, expires_at)
         if context is not None:
             if type(context) is not _InFlight:
                 raise TypeError(f"a Reservation's context is an InFlight or None, not {type(context).__name__}")
@@ -115,17 +110,23 @@ cdef class Reservation(_Node):
         return (Reservation, self._tuple())
 
 
-cdef Reservation new_reservation(object counter_ids, object specs, object costs, object uncharged,
-                                 double charged_at, double expires_at, bint tracked, object key_id,
-                                 object tenant, object model, object prompt_tokens, object body):
-    """Reservation(...) without the argument tuple (the compiled lane's)."""
-    cdef Reservation r = Reservation.__new__(Reservation)
+cdef inline void _fill(Reservation r, object counter_ids, object specs, object costs, object uncharged,
+                       double charged_at, double expires_at):
+    """The fields both constructors set (the context's are set apart)."""
     r.counter_ids = counter_ids
     r.specs = specs
     r.costs = costs
     r.uncharged = uncharged
     r.charged_at = charged_at
     r.expires_at = expires_at
+
+
+cdef Reservation new_reservation(object counter_ids, object specs, object costs, object uncharged,
+                                 double charged_at, double expires_at, bint tracked, object key_id,
+                                 object tenant, object model, object prompt_tokens, object body):
+    """Reservation(...) without the argument tuple (the compiled lane's)."""
+    cdef Reservation r = Reservation.__new__(Reservation)
+    _fill(r, counter_ids, specs, costs, uncharged, charged_at, expires_at)
     if tracked:
         r.tracked = True
         r.key_id = key_id

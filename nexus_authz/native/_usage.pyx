@@ -36,7 +36,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memcmp, memcpy, strlen
 
-from nexus_authz.native._account cimport account_c
+from nexus_authz.native._account cimport _Tally, account_c
 
 
 cdef extern from "Python.h":
@@ -1020,25 +1020,6 @@ def document_model(bytes body not None):
 cdef Py_ssize_t _max_body = -1  # core/usage.MAX_BODY_BYTES, read at the first call
 cdef str _BODY = "body"
 cdef str _SSE = "sse"
-
-
-cdef class _Tally:
-    """A count read as `taken[0]` (tests), kept as a C integer: no int object per increment."""
-
-    cdef long long n
-
-    def __len__(self):
-        return 1
-
-    def __getitem__(self, Py_ssize_t i):
-        if i != 0:
-            raise IndexError(i)
-        return self.n
-
-    def __setitem__(self, Py_ssize_t i, long long value):
-        if i != 0:
-            raise IndexError(i)
-        self.n = value
 
 
 # entries account_run took (tests: the common entries never reached the per-entry Python code)
