@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from nexus_authz.core.limits import Kind, LimitSpec
 from nexus_authz.core.ports import Adjust
-from nexus_authz.core.settled import SettledIds
+from nexus_authz.core.settled import ChunkedFifo, SettledIds
 from nexus_authz.core.shapes import shape_of
 
 __all__ = ["ReservationBook", "ReservationEntry", "Settlement", "new_entries", "settle_with"]
@@ -109,7 +109,7 @@ class ReservationBook:
         self._max = max_entries
         self._expire_per_call = expire_per_call
         self._entries: OrderedDict[str, _Entry] = new_entries()
-        self._retired: OrderedDict[str, object] = OrderedDict()  # request id -> context, oldest first
+        self._retired = ChunkedFifo(max(0, retired_max))  # request id -> context (core/settled.py)
         self._retired_max = max(0, retired_max)
         self._settled = SettledIds(max(0, settled_max))  # request ids accounted lately (core/settled.py)
         self._settled_max = max(0, settled_max)
@@ -224,10 +224,7 @@ class ReservationBook:
     def _retire(self, request_id: str, entry: _Entry) -> Settlement:
         context = entry[6]
         if context is not None and self._retired_max:
-            retired = self._retired
-            retired[request_id] = context
-            if len(retired) > self._retired_max:
-                retired.popitem(last=False)
+            self._retired.put(request_id, context)
         return _expiry(request_id, entry)
 
     def settle(

@@ -1,4 +1,5 @@
-"""The request ids accounted lately, for the reservation book's duplicate check (`was_settled`).
+"""Bounded FIFO records of the reservation book: the request ids accounted lately (its duplicate check,
+`was_settled`) and the contexts of reservations retired unsettled (`retired`).
 
 A FIFO record of a bounded number of ids, in chunks: an id goes into the newest chunk (a dict of at most
 `chunk` ids); when it is full a new one starts, and the oldest chunk goes whole once the older chunks alone
@@ -14,15 +15,17 @@ only of a report that finds no reservation.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from typing import Final
 
-__all__ = ["CHUNK", "SettledIds"]
+__all__ = ["CHUNK", "ChunkedFifo", "SettledIds"]
 
-CHUNK: Final = 4096  # ids per chunk: dropping one frees this many strs (~100-200 µs)
+CHUNK: Final = 4096  # entries per chunk: dropping one frees this many (~100-200 µs)
 
 
-class SettledIds:
-    """The last `size` request ids recorded (at least; fewer than `size + 2 * chunk`), oldest chunk first."""
+class ChunkedFifo:
+    """A FIFO record of the last `size` keys put (at least; fewer than `size + 2 * chunk`) and their values,
+    oldest chunk first. A key put again leaves its older place (as an OrderedDict keeps one entry a key)."""
 
     __slots__ = ("_chunks", "_len", "chunk", "newest", "size")
 
@@ -31,24 +34,36 @@ class SettledIds:
             raise ValueError("size must be >= 0 and chunk > 0")
         self.size = size
         self.chunk = min(chunk, size) if size else chunk
-        self.newest: dict[str, None] = {}  # the chunk ids go into (the compiled settlement writes here)
-        self._chunks: deque[dict[str, None]] = deque([self.newest])
-        self._len = 0
+        self.newest: dict[str, object] = {}  # the chunk keys go into (the compiled settlement writes here)
+        self._chunks: deque[dict[str, object]] = deque([self.newest])
+        self._len = 0  # entries in the older chunks
 
     def __len__(self) -> int:
         return self._len + len(self.newest)
 
-    def __contains__(self, request_id: object) -> bool:
-        return any(request_id in chunk for chunk in reversed(self._chunks))
+    def __contains__(self, key: object) -> bool:
+        return any(key in chunk for chunk in reversed(self._chunks))
 
-    def add(self, request_id: str) -> None:
-        """Record `request_id` (already there: recorded again in the newest chunk, as the OrderedDict
-        moved it to the end)."""
-        newest = self.newest
-        if len(newest) >= self.chunk:
+    def items(self) -> Iterator[tuple[str, object]]:
+        """(key, value), oldest first."""
+        for chunk in self._chunks:
+            yield from chunk.items()
+
+    def put(self, key: str, value: object) -> None:
+        if key in self:
+            self.pop(key)
+        if len(self.newest) >= self.chunk:
             self.roll()
-            newest = self.newest
-        newest[request_id] = None
+        self.newest[key] = value
+
+    def pop(self, key: str, default: object = None) -> object:
+        """The value of `key`, forgotten; `default` when it is not here."""
+        for chunk in reversed(self._chunks):
+            if key in chunk:
+                if chunk is not self.newest:
+                    self._len -= 1
+                return chunk.pop(key)
+        return default
 
     def roll(self) -> None:
         """Start a new chunk (the newest is full); drop the oldest once the older ones alone hold `size`."""
@@ -58,3 +73,18 @@ class SettledIds:
         chunks.append(self.newest)
         if self._len - len(chunks[0]) >= self.size:
             self._len -= len(chunks.popleft())
+
+
+class SettledIds(ChunkedFifo):
+    """The request ids accounted lately (at least the last `size`; fewer than `size + 2 * chunk`)."""
+
+    __slots__ = ()
+
+    def add(self, request_id: str) -> None:
+        """Record `request_id` (already there: recorded again in the newest chunk, as the OrderedDict moved
+        it to the end; an older copy may stay until its chunk goes, which membership does not mind)."""
+        newest = self.newest
+        if len(newest) >= self.chunk:
+            self.roll()
+            newest = self.newest
+        newest[request_id] = None

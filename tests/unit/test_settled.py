@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nexus_authz.core.reservations import ReservationBook
-from nexus_authz.core.settled import SettledIds
+from nexus_authz.core.settled import ChunkedFifo, SettledIds
 
 
 @given(
@@ -57,3 +57,35 @@ def test_bad_sizes_are_refused() -> None:
         SettledIds(-1)
     with pytest.raises(ValueError):
         SettledIds(4, 0)
+
+
+@given(
+    size=st.integers(min_value=1, max_value=20),
+    chunk=st.integers(min_value=1, max_value=8),
+    ops=st.lists(st.tuples(st.booleans(), st.integers(min_value=0, max_value=30)), max_size=200),
+)
+def test_a_chunked_record_keeps_one_value_a_key_and_the_last_size_puts(
+    size: int, chunk: int, ops: list[tuple[bool, int]]
+) -> None:
+    """ChunkedFifo (the book's retired contexts) against a dict of the keys put and not popped: a popped key
+    is gone, a key put again has its last value, and every key among the last `size` puts is there."""
+    record = ChunkedFifo(size, chunk)
+    live: dict[str, int] = {}
+    puts: list[str] = []
+    for n, (put, i) in enumerate(ops):
+        key = f"r{i}"
+        if put:
+            record.put(key, n)
+            live[key] = n
+            puts.append(key)
+        else:
+            recent_put = key in puts[-size:]
+            got, expected = record.pop(key, "none"), live.pop(key, "none")
+            # the value put last, or nothing: a key older than the last `size` puts may have gone
+            assert got == expected or (got == "none" and not recent_put)
+            assert key not in record
+        assert len(record) == len(dict(record.items()))  # one entry a key
+        for k, v in record.items():
+            assert live.get(k) == v  # nothing stale, nothing popped
+        recent = [k for k in puts[-size:] if k in live]
+        assert all(k in record for k in recent)
