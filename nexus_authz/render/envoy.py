@@ -182,16 +182,21 @@ def _cluster(doc: dict[str, Any], name: str) -> dict[str, Any]:
     return _named(doc.get("static_resources", {}).get("clusters"), name, "cluster")
 
 
-def _http_filters(doc: dict[str, Any], filter_name: str) -> Iterator[dict[str, Any]]:
-    """Yield the typed_config of each HTTP filter called filter_name in listener ``ingress``."""
+def _ingress_http_filters(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Yield each HTTP filter entry (name, typed_config) of listener ``ingress``'s connection managers."""
     for chain in _listener(doc, LISTENER).get("filter_chains") or []:
         for net_filter in chain.get("filters") or []:
             if net_filter.get("name") != _HCM_FILTER:
                 continue
-            for http_filter in net_filter.get("typed_config", {}).get("http_filters") or []:
-                typed_config = http_filter.get("typed_config")
-                if http_filter.get("name") == filter_name and isinstance(typed_config, dict):
-                    yield typed_config
+            yield from net_filter.get("typed_config", {}).get("http_filters") or []
+
+
+def _http_filters(doc: dict[str, Any], filter_name: str) -> Iterator[dict[str, Any]]:
+    """Yield the typed_config of each HTTP filter called filter_name in listener ``ingress``."""
+    for http_filter in _ingress_http_filters(doc):
+        typed_config = http_filter.get("typed_config")
+        if http_filter.get("name") == filter_name and isinstance(typed_config, dict):
+            yield typed_config
 
 
 def _socket_address(address: object, what: str) -> dict[str, Any]:
@@ -287,21 +292,17 @@ def _set_cluster_address(
 def _lua_configs(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Every Lua filter's typed_config in listener ``ingress``: the filter named LUA_FILTER, and a Lua
     filter wrapped in an ExtensionWithMatcher (envoy.yaml's ``nexus-clamp``, run only when it applies)."""
-    for chain in _listener(doc, LISTENER).get("filter_chains") or []:
-        for net_filter in chain.get("filters") or []:
-            if net_filter.get("name") != _HCM_FILTER:
+    for http_filter in _ingress_http_filters(doc):
+        cfg = http_filter.get("typed_config")
+        if not isinstance(cfg, dict):
+            continue
+        if cfg.get("@type", "").endswith(_WITH_MATCHER):
+            inner = cfg.get("extension_config")
+            cfg = inner.get("typed_config") if isinstance(inner, dict) else None
+            if not isinstance(cfg, dict):
                 continue
-            for http_filter in net_filter.get("typed_config", {}).get("http_filters") or []:
-                cfg = http_filter.get("typed_config")
-                if not isinstance(cfg, dict):
-                    continue
-                if cfg.get("@type", "").endswith(_WITH_MATCHER):
-                    inner = cfg.get("extension_config")
-                    cfg = inner.get("typed_config") if isinstance(inner, dict) else None
-                    if not isinstance(cfg, dict):
-                        continue
-                if cfg.get("@type", "").endswith(_LUA_TYPE) or http_filter.get("name") == LUA_FILTER:
-                    yield cfg
+        if cfg.get("@type", "").endswith(_LUA_TYPE) or http_filter.get("name") == LUA_FILTER:
+            yield cfg
 
 
 def _inline_lua_sources(doc: dict[str, Any], base: Path) -> None:
