@@ -52,6 +52,10 @@ class ChunkedFifo:
     def put(self, key: str, value: object) -> None:
         if key in self:
             self.pop(key)
+        self._append(key, value)
+
+    def _append(self, key: str, value: object) -> None:
+        """`key` into the newest chunk (a new one when it is full), wherever else it may be."""
         if len(self.newest) >= self.chunk:
             self.roll()
         self.newest[key] = value
@@ -83,8 +87,4 @@ class SettledIds(ChunkedFifo):
     def add(self, request_id: str) -> None:
         """Record `request_id` (already there: recorded again in the newest chunk, as the OrderedDict moved
         it to the end; an older copy may stay until its chunk goes, which membership does not mind)."""
-        newest = self.newest
-        if len(newest) >= self.chunk:
-            self.roll()
-            newest = self.newest
-        newest[request_id] = None
+        self._append(request_id, None)

@@ -40,15 +40,21 @@ def test_the_oldest_reservation_is_read_without_an_iterator() -> None:
     assert native.fast._odict_layout()
 
 
-def test_an_allowed_check_allocates_few_blocks(tmp_path: Path) -> None:
-    if native.fast is None:
-        pytest.fail(f"the compiled lane did not build or load ({native.WHY_PURE}): pip install -e .")
+def _world(tmp_path: Path) -> tuple[Any, Any, list[str], list[bytes]]:
+    """bench_alloc's allocation counter (skips without a C compiler), its in-process fast path, BATCH
+    distinct request ids and their ext_authz requests."""
     counter = bench_alloc.AllocCounter.load(tmp_path / "hook")
     if counter is None:
         pytest.skip("no C compiler for the allocation hook")
     fp = bench_alloc.build_fastpath(tmp_path / "engine")
     ids = [f"5f2d6f1e-1c7b-4a53-9d2e-{i:012d}" for i in range(BATCH)]
-    raws = [bench_alloc.ext_authz_request(fp.secrets[0], rid) for rid in ids]
+    return counter, fp, ids, [bench_alloc.ext_authz_request(fp.secrets[0], rid) for rid in ids]
+
+
+def test_an_allowed_check_allocates_few_blocks(tmp_path: Path) -> None:
+    if native.fast is None:
+        pytest.fail(f"the compiled lane did not build or load ({native.WHY_PURE}): pip install -e .")
+    counter, fp, ids, raws = _world(tmp_path)
     receive, account, sink = fp.proto.data_received, fp.engine.account, fp.sink
 
     def decide() -> None:
@@ -160,12 +166,7 @@ def test_a_settlement_allocates_few_blocks(tmp_path: Path) -> None:
 
     if native.fast is None or als_fast.ACCOUNT is None:
         pytest.fail(f"the compiled lane did not build or load ({native.WHY_PURE}): pip install -e .")
-    counter = bench_alloc.AllocCounter.load(tmp_path / "hook")
-    if counter is None:
-        pytest.skip("no C compiler for the allocation hook")
-    fp = bench_alloc.build_fastpath(tmp_path / "engine")
-    ids = [f"5f2d6f1e-1c7b-4a53-9d2e-{i:012d}" for i in range(BATCH)]
-    raws = [bench_alloc.ext_authz_request(fp.secrets[0], rid) for rid in ids]
+    counter, fp, ids, raws = _world(tmp_path)
     receive, engine, compiled = fp.proto.data_received, fp.engine, als_fast.ACCOUNT
     assert native.account is not None
     taken = native.account.taken  # a C count: a Python int counted here would allocate past 256
