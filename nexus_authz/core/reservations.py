@@ -20,13 +20,13 @@ insertion order is expiry order, so expiry pops from the front of an ordered dic
 A request id that is reserved again (ids come from the edge and could repeat) expires the earlier one.
 
 Retired contexts: a reservation that expires (or is evicted or replaced) with a context keeps that context
-in a small FIFO record (`retired_max` entries), so usage that arrives late (a stream longer than the ttl)
-is still accounted under the identity nexus admitted it with (`retired`), never one the response's log
-entry claims (issue 13).
+in a small FIFO record (at least the last `retired_max`: core/settled.py), so usage that arrives late (a
+stream longer than the ttl) is still accounted under the identity nexus admitted it with (`retired`),
+never one the response's log entry claims (issue 13).
 
 Settled ids: settlement is idempotent per request id (issue 16). A request id whose usage was accounted
-(`settle`, or `retired` handing out a late context) goes into a bounded FIFO record (`settled_max`
-entries); a second report for it (Envoy's access log service resending a batch, a repeated ext_proc
+(`settle`, or `retired` handing out a late context) goes into a bounded FIFO record (at least the last
+`settled_max`); a second report for it (Envoy's access log service resending a batch, a repeated ext_proc
 stream) finds neither a reservation nor a retired context, and `was_settled` tells the caller it is a
 duplicate rather than a request nexus never admitted. Either way nothing is charged twice: the
 reservation and the retired context are taken once. The record only names what a repeat is.
