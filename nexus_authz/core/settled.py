@@ -49,6 +49,12 @@ class ChunkedFifo:
         for chunk in self._chunks:
             yield from chunk.items()
 
+    def clear(self) -> None:
+        """Forget everything."""
+        self.newest = {}
+        self._chunks = deque([self.newest])
+        self._len = 0
+
     def put(self, key: str, value: object) -> None:
         if key in self:
             self.pop(key)

@@ -508,3 +508,11 @@ def test_the_table_says_where_nexus_authz_cpu_goes_by_source() -> None:
     assert _result(rows, figure) == ("access_log 17.0 µs, http 65.1 µs, maintenance 0.1 µs (of 45 µs)", "")
     # not measured (no metrics.loop_cpu_time): no such row
     assert not [r for r in run_all.suite_rows(_envoy(), None, None) if "by source" in r["figure"]]
+
+
+def test_the_memory_benchmark_measures_a_small_key_file_in_a_fresh_interpreter() -> None:
+    """bench_memory's heap figures (run_all's memory rows) on 200 keys: it releases the engine's per-client
+    state piece by piece (window states, the book's entries and retired contexts, ...), so a change to
+    those structures that it cannot release fails here, not in the middle of a benchmark run."""
+    h = bench_memory.heap_in_subprocess(200, timeout=120)
+    assert h.keys == 200 and h.per_active_client > 0 and h.limiter > 0 and h.bookkeeping >= 0

@@ -45,6 +45,16 @@ def test_old_ids_are_forgotten_a_chunk_at_a_time() -> None:
     assert "r4" not in record and "r8" in record and len(record) == 9
 
 
+def test_a_cleared_record_holds_nothing_and_records_again() -> None:
+    record = ChunkedFifo(4, 2)
+    for i in range(7):
+        record.put(f"r{i}", i)
+    record.clear()
+    assert len(record) == 0 and list(record.items()) == [] and "r6" not in record
+    record.put("a", 1)
+    assert list(record.items()) == [("a", 1)] and len(record) == 1
+
+
 def test_a_book_with_no_record_remembers_nothing() -> None:
     book = ReservationBook(ttl=60, max_entries=10, settled_max=0)
     book.track("a", object(), 0.0)
