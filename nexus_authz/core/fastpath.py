@@ -47,7 +47,8 @@ class Plan:
     """What an admitted request of one key, for one model, on one path needs, computed once.
 
     `wire`: a transport's ready-made bytes for this plan's allowed answer (the HTTP listener keeps the
-    key's allow header block here); None until the transport sets it."""
+    key's allow header block here, or for a key made from a recipe the recipe's block split around the
+    key id: adapters/http_fast.plan_wire); None until the transport sets it."""
 
     __slots__ = (
         "completes",
@@ -86,7 +87,7 @@ class Plan:
         self.slot_mask = shape.slot_mask if shape is not None else 0
         self.completes = completes
         self.price = price
-        self.wire: bytes | None = None
+        self.wire: bytes | tuple[bytes, bytes] | None = None
 
 
 class FastAdmit:

@@ -121,9 +121,10 @@ cdef double _REFRESH = REFRESH_AFTER
 cdef int _MAX_WINDOWS = 62  # the masks (uncharged, settle, slot) fit a C long long
 
 # set by install (adapters/http_native.py): the reference protocol's on_message_complete, the 500 answer,
-# the HTTP log, the failure store's class (stores/memory.py), http_fast.allow_answer
+# the HTTP log, the failure store's class (stores/memory.py), http_fast.allow_answer and .plan_wire
 cdef object _reference = None
 cdef object _allow_answer = None
+cdef object _plan_wire = None
 cdef object _internal_error = None
 cdef object _log = None
 cdef object _failure_store = None
@@ -582,15 +583,18 @@ def install_framing(reference_feed, busy, protocol=None):
     return data_received
 
 
-def install(reference, internal_error, log, failure_store, str prefix, allow_answer):
+def install(reference, internal_error, log, failure_store, str prefix, allow_answer, plan_wire):
     """Register what the compiled handler needs from the adapters (imported here they would be a cycle:
     the native package loads first) and return the handler, to be set as the compiled protocol's
     `on_message_complete`. `reference`: AuthzProtocol.on_message_complete; `failure_store`: the class
     whose `_states` (a dict; fresh windows held as None) the brute-force throttle's counts are read from directly (any other: through its
     own `__len__` / `__contains__`, as FastAdmit does); `prefix`: EXT_AUTHZ_PREFIX; `allow_answer`:
-    http_fast.allow_answer (the answer of check_plain's admissions, when the lane hands a request to it)."""
+    http_fast.allow_answer (the answer of check_plain's admissions, when the lane hands a request to it);
+    `plan_wire`: http_fast.plan_wire (what a plan keeps of its key's allow head)."""
     global _reference, _internal_error, _log, _failure_store, _PREFIX, _SKIP, _allow_answer, _last_url
+    global _plan_wire
     _allow_answer = allow_answer
+    _plan_wire = plan_wire
     _last_url = None  # its path was cut at the old prefix
     _PREFIX = prefix.encode("latin-1") + b"/"
     _SKIP = len(prefix)
@@ -677,13 +681,32 @@ cdef inline bint _multipart(str content_type) except -1:
     return content_type.partition(";")[0].strip().lower() == "multipart/form-data"
 
 
-cdef bytes _join(bytes wire, const char* block, Py_ssize_t nb, object release):
+cdef bytes _join(object wire, object key_id, const char* block, Py_ssize_t nb, object release):
     """wire + the nb bytes at block [+ b"x-nexus-release: " + release (a str, latin-1) + b"\\r\\n"] + the
-    tail, in one buffer (release: None or "" for none)."""
-    cdef Py_ssize_t nw = PyBytes_GET_SIZE(wire), nr = 0, nt = PyBytes_GET_SIZE(_TAIL), size = 0
+    tail, in one buffer (release: None or "" for none). `wire`: the key's head (bytes), or a recipe's
+    head split around the key id (http_fast.plan_wire), `key_id`'s latin-1 bytes written between."""
+    cdef Py_ssize_t nw, nr = 0, nt = PyBytes_GET_SIZE(_TAIL), size = 0
     cdef Py_ssize_t nl = PyBytes_GET_SIZE(_RELEASE)
     cdef const char* chars = NULL
     cdef bytes r = None
+    cdef bytes head, rest = None, k = None
+    cdef const char* kid = NULL
+    cdef Py_ssize_t nk = 0, nh, ns = 0
+    if type(wire) is tuple:  # (head, rest): the key id between
+        head = (<tuple>wire)[0]
+        rest = (<tuple>wire)[1]
+        if type(key_id) is str and PyUnicode_KIND(key_id) == PyUnicode_1BYTE_KIND:  # its latin-1 bytes
+            kid = <const char*>PyUnicode_DATA(key_id)
+            nk = PyUnicode_GET_LENGTH(key_id)
+        else:
+            k = (<str>key_id).encode("latin-1")  # UnicodeEncodeError, as allow_block
+            kid = PyBytes_AS_STRING(k)
+            nk = PyBytes_GET_SIZE(k)
+        ns = PyBytes_GET_SIZE(rest)
+    else:
+        head = wire
+    nh = PyBytes_GET_SIZE(head)
+    nw = nh + nk + ns
     if release:
         if PyUnicode_KIND(release) == PyUnicode_1BYTE_KIND:  # its latin-1 bytes are its chars
             chars = <const char*>PyUnicode_DATA(release)
@@ -695,8 +718,13 @@ cdef bytes _join(bytes wire, const char* block, Py_ssize_t nb, object release):
         nr = nl + size + 2
     cdef bytes out = PyBytes_FromStringAndSize(NULL, nw + nb + nr + nt)
     cdef char* p = PyBytes_AS_STRING(out)
-    memcpy(p, PyBytes_AS_STRING(wire), nw)
-    p += nw
+    memcpy(p, PyBytes_AS_STRING(head), nh)
+    p += nh
+    if kid != NULL:
+        memcpy(p, kid, nk)
+        p += nk
+        memcpy(p, PyBytes_AS_STRING(rest), ns)
+        p += ns
     if nb:
         memcpy(p, block, nb)
     p += nb
@@ -1115,7 +1143,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
     # -- the answer (http_fast.on_message_complete) ---------------------------------------------------------
     wire = _at(plan, &S_PLAN_WIRE, "wire")
     if wire is None:
-        wire = app.allow_block(plan.key)
+        wire = _plan_wire(app, key)
         plan.wire = wire
     if figures_n > 0:  # the plan's headers of the figures, written here (plan_header_block's bytes)
         header_plan = _item(_at(plan, &S_PLAN_SHAPE, "shape"), _SHAPE, I_HEADERS, "headers")
@@ -1123,14 +1151,14 @@ cdef object _check(object decider, object policy, object snapshot, object header
         if type(header_plan) is tuple and _core_headers.build_header_block is _native_block:
             block_n = figure_block(<tuple>header_plan, figures, figures_n, block)
         if block_n >= 0:
-            return _join(wire, block, block_n, release)
+            return _join(wire, key_id, block, block_n, release)
         statuses = figure_statuses(specs, figures, figures_n)  # the objects, for the function in place
     if statuses:
         block_bytes = _core_headers.build_header_block(
             _item(_at(plan, &S_PLAN_SHAPE, "shape"), _SHAPE, I_HEADERS, "headers"), statuses
         )
-        return _join(wire, PyBytes_AS_STRING(block_bytes), PyBytes_GET_SIZE(block_bytes), release)
-    return _join(wire, NULL, 0, release)
+        return _join(wire, key_id, PyBytes_AS_STRING(block_bytes), PyBytes_GET_SIZE(block_bytes), release)
+    return _join(wire, key_id, NULL, 0, release)
 
 
 cdef object _plain(object decider, object policy, object snapshot, object headers, str path, bytes body,
