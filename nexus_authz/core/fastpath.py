@@ -36,9 +36,9 @@ from nexus_authz.core.shapes import Shape, shape_of
 
 __all__ = ["MAX_PLANS", "FastAdmit", "Plan"]
 
-# (key, model, path) plans kept (~250 B each, and the HTTP listener's answer bytes): 10,000 active keys of
-# one model fit. Beyond it a random eighth goes (`FastAdmit._plan_for`): clearing all, or the oldest, would
-# make a round-robin over a few more keys than this miss on every request; a random eviction keeps most.
+# (key, model, path) plans kept (~180 B each): 10,000 active keys of one model fit. Beyond it a random
+# eighth goes (`FastAdmit._plan_for`): clearing all, or the oldest, would make a round-robin over a few
+# more keys than this miss on every request; a random eviction keeps most.
 MAX_PLANS: Final = 16384
 _UNMETERED: Final = (1, 0, 0).__getitem__  # shapes.costs_of with no tokens and no USD
 
@@ -46,6 +46,7 @@ _UNMETERED: Final = (1, 0, 0).__getitem__  # shapes.costs_of with no tokens and 
 class Plan:
     """What an admitted request of one key, for one model, on one path needs, computed once.
 
+    `path`: the request path it was made for (with `key` and `model`, what it is cached by).
     `wire`: a transport's ready-made bytes for this plan's allowed answer (the HTTP listener keeps the
     key's allow header block here, or for a key made from a recipe the recipe's block split around the
     key id: adapters/http_fast.plan_wire); None until the transport sets it."""
@@ -57,9 +58,9 @@ class Plan:
         "key",
         "metered",
         "model",
+        "path",
         "price",
         "shape",
-        "slot_mask",
         "specs",
         "usable",
         "wire",
@@ -69,6 +70,7 @@ class Plan:
         self,
         key: KeyRecord,
         model: str | None,
+        path: str,
         counter_ids: tuple[str, ...],
         specs: tuple[LimitSpec, ...],
         shape: Shape | None,
@@ -79,12 +81,12 @@ class Plan:
         self.usable = usable  # False: requests of this plan take the reference path
         self.key = key
         self.model = model
+        self.path = path
         self.counter_ids = counter_ids
         self.specs = specs
         self.shape = shape
         self.metered = shape is not None and shape.metered
         self.cost_index = shape.cost_index if shape is not None else ()
-        self.slot_mask = shape.slot_mask if shape is not None else 0
         self.completes = completes
         self.price = price
         self.wire: bytes | tuple[bytes, bytes] | None = None
@@ -98,7 +100,9 @@ class FastAdmit:
     def __init__(self, policy: Policy, snapshot: KeySnapshot) -> None:
         self.policy = policy
         self.snapshot = snapshot
-        self._plans: dict[tuple[KeyRecord, str | None, str], Plan] = {}
+        # a key's first plan under the key itself (the common case, one model and path per key: no tuple
+        # per key), its others under (key, model, path)
+        self._plans: dict[KeyRecord | tuple[KeyRecord, str | None, str], Plan] = {}
 
     def admit(
         self,
@@ -155,9 +159,9 @@ class FastAdmit:
             model = facts.model
             if model is None and key.models:
                 return None
-        plan = self._plans.get((key, model, path))
-        if plan is None:
-            plan = self._plan_for(key, model, path)
+        plan = self._plans.get(key)
+        if plan is None or plan.model != model or plan.path != path:
+            plan = self.plan_of(key, model, path)
         if not plan.usable:
             return None
         if client_address and failures is not None and policy._auth_spec is not None:
@@ -186,36 +190,55 @@ class FastAdmit:
             costs = tuple(map(_UNMETERED, plan.cost_index))
         return plan, costs, prompt, kept, facts
 
+    def plan_of(self, key: KeyRecord, model: str | None, path: str) -> Plan:
+        """The kept plan of (key, model, path), or a new one (kept). Also the compiled lane's when the key's
+        first plan is not this one (native/_fast.pyx)."""
+        plans = self._plans
+        first = plans.get(key)
+        if first is not None and first.model == model and first.path == path:
+            return first
+        plan = plans.get((key, model, path))
+        if plan is None:
+            return self._plan_for(key, model, path)
+        if first is None:  # the key's own place is free (evicted): the plan moves there
+            del plans[(key, model, path)]
+            plans[key] = plan
+        return plan
+
     def _plan_for(self, key: KeyRecord, model: str | None, path: str) -> Plan:
-        """A new plan, kept (a random eighth of the plans goes first when MAX_PLANS are kept)."""
+        """A new plan, kept: under the key when it has none there, else under (key, model, path) (a random
+        eighth of the plans goes first when MAX_PLANS are kept)."""
         plan = self._plan(key, model, path)
         plans = self._plans
         if len(plans) >= MAX_PLANS:
             for old in random.sample(list(plans), MAX_PLANS // 8):
                 del plans[old]
-        plans[(key, model, path)] = plan
+        if key in plans:
+            plans[(key, model, path)] = plan
+        else:
+            plans[key] = plan
         return plan
 
     def _plan(self, key: KeyRecord, model: str | None, path: str) -> Plan:
         policy = self.policy
         snapshot = self.snapshot
         if key.paths and not snapshot.path_allowed(key, path.partition("?")[0]):
-            return Plan(key, model, (), (), None, False, None, usable=False)
+            return Plan(key, model, path, (), (), None, False, None, usable=False)
         prices = policy.prices
         if model is not None:
             if key.models and not snapshot.model_allowed(key, model):
-                return Plan(key, model, (), (), None, False, None, usable=False)
+                return Plan(key, model, path, (), (), None, False, None, usable=False)
             if prices.refuse and not prices.lookup(model).matched:  # Policy: prices.refuses(model)
-                return Plan(key, model, (), (), None, False, None, usable=False)
+                return Plan(key, model, path, (), (), None, False, None, usable=False)
         if not key.limits:
-            return Plan(key, model, (), (), None, False, None)
+            return Plan(key, model, path, (), (), None, False, None)
         counter_ids, specs = policy._windows(key, model)
         if clamps(specs):  # a refusal may become a lowered cap, an admission a written one
-            return Plan(key, model, (), (), None, False, None, usable=False)
+            return Plan(key, model, path, (), (), None, False, None, usable=False)
         shape = shape_of(specs)
         generating, _ = _path_facts(path)
         price = prices.lookup(model).price if prices else None
-        return Plan(key, model, counter_ids, specs, shape, generating, price)
+        return Plan(key, model, path, counter_ids, specs, shape, generating, price)
 
     def admission(
         self,

@@ -242,7 +242,7 @@ cdef Slot S_POL_AUTH, S_POL_KNOWN, S_POL_TRACK, S_POL_MAX_TOKENS
 cdef Slot S_SNAP_HASHER, S_SNAP_DIGEST
 cdef Slot S_KEY_DISABLED, S_KEY_EXPIRES, S_KEY_NEEDS_FACTS, S_KEY_MODELS, S_KEY_ID, S_KEY_TENANT
 cdef Slot S_PLAN_USABLE, S_PLAN_SPECS, S_PLAN_COST_INDEX, S_PLAN_METERED, S_PLAN_COMPLETES, S_PLAN_PRICE
-cdef Slot S_PLAN_COUNTER_IDS, S_PLAN_SHAPE, S_PLAN_WIRE, S_PLAN_MODEL
+cdef Slot S_PLAN_COUNTER_IDS, S_PLAN_SHAPE, S_PLAN_WIRE, S_PLAN_MODEL, S_PLAN_PATH
 cdef Slot S_STORE_ACQUIRE, S_RESULT_ALLOWED, S_RESULT_STATUSES, S_RESULT_UNCHARGED
 cdef Slot S_BOOK_ENTRIES, S_BOOK_TTL, S_BOOK_MAX, S_KNOWN_SEEN, S_HIST_BOUNDS, S_HIST_COUNTS, S_HIST_SUM
 cdef Slot S_STATUS_REMAINING, S_STATUS_LIMIT
@@ -265,7 +265,7 @@ cdef int _slots(type protocol) except -1:
     global S_SNAP_HASHER, S_SNAP_DIGEST
     global S_KEY_DISABLED, S_KEY_EXPIRES, S_KEY_NEEDS_FACTS, S_KEY_MODELS, S_KEY_ID, S_KEY_TENANT
     global S_PLAN_USABLE, S_PLAN_SPECS, S_PLAN_COST_INDEX, S_PLAN_METERED, S_PLAN_COMPLETES, S_PLAN_PRICE
-    global S_PLAN_COUNTER_IDS, S_PLAN_SHAPE, S_PLAN_WIRE, S_PLAN_MODEL
+    global S_PLAN_COUNTER_IDS, S_PLAN_SHAPE, S_PLAN_WIRE, S_PLAN_MODEL, S_PLAN_PATH
     global S_STORE_ACQUIRE, S_RESULT_ALLOWED, S_RESULT_STATUSES, S_RESULT_UNCHARGED
     global S_BOOK_ENTRIES, S_BOOK_TTL, S_BOOK_MAX, S_KNOWN_SEEN, S_HIST_BOUNDS, S_HIST_COUNTS, S_HIST_SUM
     global S_STATUS_REMAINING, S_STATUS_LIMIT
@@ -342,6 +342,7 @@ cdef int _slots(type protocol) except -1:
     S_PLAN_SHAPE = _resolve(Plan, "shape")
     S_PLAN_WIRE = _resolve(Plan, "wire")
     S_PLAN_MODEL = _resolve(Plan, "model")
+    S_PLAN_PATH = _resolve(Plan, "path")
     S_STORE_ACQUIRE = _resolve(LocalCounters, "acquire_nowait")
     S_RESULT_ALLOWED = _resolve(AcquireResult, "allowed")
     S_RESULT_STATUSES = _resolve(AcquireResult, "statuses")
@@ -681,6 +682,11 @@ cdef inline bint _multipart(str content_type) except -1:
     return content_type.partition(";")[0].strip().lower() == "multipart/form-data"
 
 
+cdef inline bint _same(object kept, object asked) except -1:
+    """kept == asked (a plan's model or path against the request's), the same object first."""
+    return kept is asked or kept == asked
+
+
 cdef bytes _join(object wire, object key_id, const char* block, Py_ssize_t nb, object release):
     """wire + the nb bytes at block [+ b"x-nexus-release: " + release (a str, latin-1) + b"\\r\\n"] + the
     tail, in one buffer (release: None or "" for none). `wire`: the key's head (bytes), or a recipe's
@@ -968,10 +974,11 @@ cdef object _check(object decider, object policy, object snapshot, object header
             return None
     # -- the plan ----------------------------------------------------------------------------------------
     cdef dict plans = _at(fast, &S_FAST_PLANS, "_plans")
-    plan_key = (key, model, path)
-    plan = plans.get(plan_key)
-    if plan is None:
-        plan = fast._plan_for(key, model, path)  # kept (and the cache bounded) in Python: a miss is rare
+    plan = plans.get(key)  # the key's first plan, under the key itself (FastAdmit._plans)
+    if plan is None or not (
+        _same(_at(plan, &S_PLAN_MODEL, "model"), model) and _same(_at(plan, &S_PLAN_PATH, "path"), path)
+    ):
+        plan = fast.plan_of(key, model, path)  # kept (and the cache bounded) in Python: a miss is rare
     if not _at(plan, &S_PLAN_USABLE, "usable"):
         return None
     specs = _at(plan, &S_PLAN_SPECS, "specs")

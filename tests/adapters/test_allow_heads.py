@@ -76,3 +76,25 @@ def test_a_head_is_the_block_of_every_key_it_stands_for(tmp_path: Path) -> None:
     # and a key id of latin-1 letters is spliced as its latin-1 bytes, as allow_block encodes it
     odd = deferred(dataclasses.replace(keys[2], key_id="bench-\xe9"))  # its headers from the recipe
     assert _spliced(http_fast.plan_wire(app, odd), odd.key_id) == allow_block(odd, nginx=False)
+
+
+@pytest.mark.parametrize("lane", ["compiled", "pure"])
+def test_a_keys_first_plan_is_found_under_the_key_its_others_under_tuples(tmp_path: Path, lane: str) -> None:
+    # the same issue: a plan per (key, model, path) was kept under that tuple (64 B per active key)
+    fp = bench_alloc.build_fastpath(tmp_path, 2)
+    proto = fp.proto
+    if lane == "pure":
+        proto = _Pure(fp.app)
+        proto.connection_made(fp.sink)
+    elif native.fast is None:
+        pytest.skip("the compiled lane is not loaded")
+    key = fp.engine.snapshot.by_id["bench-1"]
+    chat = bench_alloc.ext_authz_request(fp.secrets[1], None)
+    other = chat.replace(b"/ext_authz/v1/chat/completions", b"/ext_authz/v1/completions")
+    for _ in range(3):
+        for raw in (chat, other):
+            proto.data_received(raw)
+            assert fp.sink.last.startswith(b"HTTP/1.1 200 OK\r\nx-nexus-key-id: bench-1\r\n")
+    plans = fp.engine.decider._fast._plans
+    assert list(plans) == [key, (key, "gpt-4o-mini", "/v1/completions")]  # two plans, made once each
+    assert plans[key].path == "/v1/chat/completions" and plans[key].key is key
