@@ -98,19 +98,17 @@ AllowHead = tuple[bytes, bytes]  # a recipe's Envoy allow head: the bytes before
 
 
 def allow_head(key: KeyRecord) -> AllowHead | None:
-    """Envoy's allow head (`allow_block`) of a key made from a recipe, split around its key id: the same
-    two parts for every key of the recipe (with the same headers to remove), so the answer writer splices
-    the key id's latin-1 bytes in (adapters/http_fast.py, native/_fast.pyx) and no key keeps bytes of its
-    own (~170 B an active key). None for a key without a recipe, or whose block is not of that form."""
+    """Envoy's allow head (`allow_block`) of a key made from a recipe, split around its key id: made from the
+    recipe and the headers to remove (the key's upstream headers are the recipe's with its id first:
+    core/model.py), so the same two parts for every key of the recipe with those headers to remove; the
+    answer writer splices the key id's latin-1 bytes in (adapters/http_fast.py, native/_fast.pyx) and no
+    key keeps bytes of its own (~170 B an active key). None for a key without a recipe."""
     recipe = key.recipe
     if recipe is None:
         return None
-    key_id = key.key_id.encode("latin-1")
-    block = allow_block(key, nginx=False)
-    head = status_line(200) + recipe.header.encode("latin-1") + b": "
-    if not block.startswith(head + key_id + b"\r\n"):
-        return None
-    return head, block[len(head) + len(key_id) :]
+    rest = b"\r\n" + header_block(recipe.rest_headers)
+    remove = b"x-envoy-auth-headers-to-remove: %s\r\n" % ", ".join(key.remove_headers).encode()
+    return status_line(200) + recipe.header.encode("latin-1") + b": ", rest + remove
 
 
 def simple_response(

@@ -37,30 +37,33 @@ _HEADS: AnswerCache[tuple[AllowHead, tuple[str, ...]]] = AnswerCache(ALLOW_CACHE
 
 def plan_wire(app: HttpApp, key: KeyRecord) -> bytes | AllowHead:
     """What a plan of `key` keeps of its allow answer (`Plan.wire`): for a key made from a recipe, the
-    recipe's head split around the key id (answers.allow_head), one for all its keys; else the key's
+    recipe's head split around the key id (answers.allow_head), one for all its keys with the same headers
+    to remove (a plan shared by keys of the recipe serves only those: core/fastpath.py); else the key's
     block (`HttpApp.allow_block`). Also the compiled lane's (native/_fast.pyx)."""
     recipe: KeyRecipe | None = key.recipe
-    if recipe is not None:
-        kept = _HEADS.get(recipe, app.engine.snapshot)
-        if kept is not None and kept[1] == key.remove_headers:
-            return kept[0]
-        head = allow_head(key)
-        if head is not None:
-            _HEADS.put(recipe, (head, key.remove_headers))
-            return head
-    return app.allow_block(key)
+    if recipe is None:
+        return app.allow_block(key)
+    kept = _HEADS.get(recipe, app.engine.snapshot)
+    if kept is not None and kept[1] == key.remove_headers:
+        return kept[0]
+    head = allow_head(key)
+    assert head is not None  # (a recipe)
+    _HEADS.put(recipe, (head, key.remove_headers))
+    return head
 
 
-def allow_answer(app: HttpApp, plan: Plan, statuses: tuple[WindowStatus, ...], release: str) -> bytes:
+def allow_answer(
+    app: HttpApp, plan: Plan, key: KeyRecord, statuses: tuple[WindowStatus, ...], release: str
+) -> bytes:
     """`HttpApp.response` of an admission by `Decider.check_plain`: the key's block (the plan's wire, with
     the key id spliced into a recipe's head), the rate-limit headers, the release (for the Lua tap, in
     Envoy's dynamic metadata), the tail. Also the compiled lane's answer when it hands a request to
     check_plain (native/_fast.pyx)."""
     wire = plan.wire
     if wire is None:
-        wire = plan.wire = plan_wire(app, plan.key)
+        wire = plan.wire = plan_wire(app, key)
     if isinstance(wire, tuple):  # a recipe's head: the key id spliced in
-        wire = b"%s%s%s" % (wire[0], plan.key.key_id.encode("latin-1"), wire[1])
+        wire = b"%s%s%s" % (wire[0], key.key_id.encode("latin-1"), wire[1])
     if statuses:
         shape: Any = plan.shape  # set: the plan has windows
         block = ratelimit_headers.build_header_block(shape.headers, statuses)

@@ -241,6 +241,8 @@ cdef Slot S_FAST_POLICY, S_FAST_SNAPSHOT, S_FAST_PLANS
 cdef Slot S_POL_AUTH, S_POL_KNOWN, S_POL_TRACK, S_POL_MAX_TOKENS
 cdef Slot S_SNAP_HASHER, S_SNAP_DIGEST
 cdef Slot S_KEY_DISABLED, S_KEY_EXPIRES, S_KEY_NEEDS_FACTS, S_KEY_MODELS, S_KEY_ID, S_KEY_TENANT
+cdef Slot S_KEY_RECIPE, S_KEY_SCOPED, S_KEY_LIMITS, S_KEY_PATHS, S_KEY_PATH_RULE, S_KEY_MODEL_RULE
+cdef Slot S_KEY_REMOVE, S_KEY_COUNTER_IDS, S_PLAN_SOURCE
 cdef Slot S_PLAN_USABLE, S_PLAN_SPECS, S_PLAN_COST_INDEX, S_PLAN_METERED, S_PLAN_COMPLETES, S_PLAN_PRICE
 cdef Slot S_PLAN_COUNTER_IDS, S_PLAN_SHAPE, S_PLAN_WIRE, S_PLAN_MODEL, S_PLAN_PATH
 cdef Slot S_STORE_ACQUIRE, S_RESULT_ALLOWED, S_RESULT_STATUSES, S_RESULT_UNCHARGED
@@ -264,6 +266,8 @@ cdef int _slots(type protocol) except -1:
     global S_POL_AUTH, S_POL_KNOWN, S_POL_TRACK, S_POL_MAX_TOKENS
     global S_SNAP_HASHER, S_SNAP_DIGEST
     global S_KEY_DISABLED, S_KEY_EXPIRES, S_KEY_NEEDS_FACTS, S_KEY_MODELS, S_KEY_ID, S_KEY_TENANT
+    global S_KEY_RECIPE, S_KEY_SCOPED, S_KEY_LIMITS, S_KEY_PATHS, S_KEY_PATH_RULE, S_KEY_MODEL_RULE
+    global S_KEY_REMOVE, S_KEY_COUNTER_IDS, S_PLAN_SOURCE
     global S_PLAN_USABLE, S_PLAN_SPECS, S_PLAN_COST_INDEX, S_PLAN_METERED, S_PLAN_COMPLETES, S_PLAN_PRICE
     global S_PLAN_COUNTER_IDS, S_PLAN_SHAPE, S_PLAN_WIRE, S_PLAN_MODEL, S_PLAN_PATH
     global S_STORE_ACQUIRE, S_RESULT_ALLOWED, S_RESULT_STATUSES, S_RESULT_UNCHARGED
@@ -332,6 +336,15 @@ cdef int _slots(type protocol) except -1:
     S_KEY_MODELS = _resolve(KeyRecord, "models")
     S_KEY_ID = _resolve(KeyRecord, "key_id")
     S_KEY_TENANT = _resolve(KeyRecord, "tenant")
+    S_KEY_RECIPE = _resolve(KeyRecord, "recipe")
+    S_KEY_SCOPED = _resolve(KeyRecord, "model_scoped")
+    S_KEY_LIMITS = _resolve(KeyRecord, "limits")
+    S_KEY_PATHS = _resolve(KeyRecord, "paths")
+    S_KEY_PATH_RULE = _resolve(KeyRecord, "path_rule")
+    S_KEY_MODEL_RULE = _resolve(KeyRecord, "model_rule")
+    S_KEY_REMOVE = _resolve(KeyRecord, "remove_headers")
+    S_KEY_COUNTER_IDS = _resolve(KeyRecord, "counter_ids")  # (unset until read: then the recipe makes them)
+    S_PLAN_SOURCE = _resolve(Plan, "source")
     S_PLAN_USABLE = _resolve(Plan, "usable")
     S_PLAN_SPECS = _resolve(Plan, "specs")
     S_PLAN_COST_INDEX = _resolve(Plan, "cost_index")
@@ -682,6 +695,18 @@ cdef inline bint _multipart(str content_type) except -1:
     return content_type.partition(";")[0].strip().lower() == "multipart/form-data"
 
 
+cdef bint _fits(object source, object key) except -1:
+    """fastpath._fits: a plan made for `source` serves `key` of the same recipe."""
+    return (
+        _at(source, &S_KEY_LIMITS, "limits") is _at(key, &S_KEY_LIMITS, "limits")
+        and _at(source, &S_KEY_PATHS, "paths") is _at(key, &S_KEY_PATHS, "paths")
+        and _at(source, &S_KEY_MODELS, "models") is _at(key, &S_KEY_MODELS, "models")
+        and _at(source, &S_KEY_PATH_RULE, "path_rule") is _at(key, &S_KEY_PATH_RULE, "path_rule")
+        and _at(source, &S_KEY_MODEL_RULE, "model_rule") is _at(key, &S_KEY_MODEL_RULE, "model_rule")
+        and _at(source, &S_KEY_REMOVE, "remove_headers") is _at(key, &S_KEY_REMOVE, "remove_headers")
+    )
+
+
 cdef inline bint _same(object kept, object asked) except -1:
     """kept == asked (a plan's model or path against the request's), the same object first."""
     return kept is asked or kept == asked
@@ -974,9 +999,14 @@ cdef object _check(object decider, object policy, object snapshot, object header
             return None
     # -- the plan ----------------------------------------------------------------------------------------
     cdef dict plans = _at(fast, &S_FAST_PLANS, "_plans")
-    plan = plans.get(key)  # the key's first plan, under the key itself (FastAdmit._plans)
+    owner = _at(key, &S_KEY_RECIPE, "recipe")  # fastpath._owner: the recipe's plans, shared, or the key's
+    if owner is None or _at(key, &S_KEY_SCOPED, "model_scoped"):
+        owner = key
+    plan = plans.get(owner)  # the owner's first plan, under the owner itself (FastAdmit._plans)
     if plan is None or not (
-        _same(_at(plan, &S_PLAN_MODEL, "model"), model) and _same(_at(plan, &S_PLAN_PATH, "path"), path)
+        _same(_at(plan, &S_PLAN_MODEL, "model"), model)
+        and _same(_at(plan, &S_PLAN_PATH, "path"), path)
+        and (owner is key or _fits(_at(plan, &S_PLAN_SOURCE, "source"), key))
     ):
         plan = fast.plan_of(key, model, path)  # kept (and the cache bounded) in Python: a miss is rare
     if not _at(plan, &S_PLAN_USABLE, "usable"):
@@ -1041,6 +1071,8 @@ cdef object _check(object decider, object policy, object snapshot, object header
     else:
         store = _at(decider, &S_DEC_STORE, "store")
         counter_ids = _at(plan, &S_PLAN_COUNTER_IDS, "counter_ids")
+        if counter_ids is None:  # a shared plan: the key's own
+            counter_ids = _at(key, &S_KEY_COUNTER_IDS, "counter_ids")
         acquire = _at(store, &S_STORE_ACQUIRE, "acquire_nowait")
         # the compiled memory store's own acquire: an admission's figures in C, no status objects (a
         # refusal, or what it hands to the pure acquire, is left untouched: the object API then decides)
@@ -1056,7 +1088,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
             result = acquire(counter_ids, specs, costs, now)
             if result is None or not _at(result, &S_RESULT_ALLOWED, "allowed"):  # the reference path from here
                 request = new_request("POST", path, headers, body, False, request_id, client_address)
-                admission = fast.admission(plan, costs, request_id, prompt, kept, facts, path)
+                admission = fast.admission(plan, key, costs, request_id, prompt, kept, facts, path)
                 if result is None:
                     return decider._check_later(policy, admission, now, started, request)
                 return decider._finish(policy, admission, request, result, now, started, True)

@@ -15,16 +15,32 @@ def _admit_with_counted_plans(monkeypatch: pytest.MonkeyPatch, bound: int) -> tu
     monkeypatch.setattr(fastpath, "MAX_PLANS", bound)
     built: list[Any] = []
 
-    def plan(self: FastAdmit, key: Any, model: Any, path: str) -> object:
+    def plan(self: FastAdmit, key: Any, model: Any, path: str, shared: bool = False) -> object:
         built.append((key, model, path))
-        return SimpleNamespace(key=key, model=model, path=path)
+        return SimpleNamespace(source=key, model=model, path=path)
 
     monkeypatch.setattr(FastAdmit, "_plan", plan)
     return FastAdmit.__new__(FastAdmit), built
 
 
+class _Key:
+    """A key record as the plan cache reads it: no recipe (its plans are its own)."""
+
+    __slots__ = ("model_scoped", "name", "recipe")
+
+    def __init__(self, name: str) -> None:
+        self.name, self.recipe, self.model_scoped = name, None, False
+
+
+_KEYS: dict[str, _Key] = {}
+
+
+def _k(name: str) -> Any:
+    return _KEYS.setdefault(name, _Key(name))
+
+
 def _lookup(fast: FastAdmit, key: str, model: str | None = None, path: str = "/v1") -> Any:
-    return fast.plan_of(key, model, path)  # type: ignore[arg-type]
+    return fast.plan_of(_k(key), model, path)
 
 
 def test_a_round_robin_a_little_over_the_bound_mostly_hits(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,18 +76,19 @@ def test_a_keys_first_plan_is_kept_under_the_key_itself(monkeypatch: pytest.Monk
     fast, built = _admit_with_counted_plans(monkeypatch, 64)
     fast._plans = {}
     first = _lookup(fast, "a", "m1")
-    assert fast._plans == {"a": first}
+    a = _k("a")
+    assert fast._plans == {a: first}
     other = _lookup(fast, "a", "m2")
     path = _lookup(fast, "a", "m1", "/v2")
-    assert fast._plans == {"a": first, ("a", "m2", "/v1"): other, ("a", "m1", "/v2"): path}
+    assert fast._plans == {a: first, (a, "m2", "/v1"): other, (a, "m1", "/v2"): path}
     for _ in range(3):  # each served from where it is kept
         assert _lookup(fast, "a", "m1") is first
         assert _lookup(fast, "a", "m2") is other
         assert _lookup(fast, "a", "m1", "/v2") is path
     assert len(built) == 3
     # the key's own place evicted: the next plan of the key found under its tuple moves there
-    del fast._plans["a"]
+    del fast._plans[a]
     assert _lookup(fast, "a", "m2") is other
-    assert fast._plans == {"a": other, ("a", "m1", "/v2"): path}
+    assert fast._plans == {a: other, (a, "m1", "/v2"): path}
     assert _lookup(fast, "a", "m1") is not first and len(built) == 4  # evicted: made again
-    assert fast._plans["a"] is other and fast._plans[("a", "m1", "/v1")].model == "m1"
+    assert fast._plans[a] is other and fast._plans[(a, "m1", "/v1")].model == "m1"
