@@ -471,6 +471,31 @@ def test_the_keys_of_one_recipe_share_plans_and_keep_their_own_windows(
     same(framing, config, script, data)
 
 
+def test_shared_plans_charge_each_keys_group_and_tenant_windows(
+    tmp_path: Path, framing: type[http_authz.AuthzProtocol], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys of one recipe in one group: their shared plan charges each key's own windows and the group's
+    and tenant's (the recipe's shared counter ids) up to the group's limit and after its minute."""
+    from nexus_authz.core import fastpath
+
+    tenants = "tenants:\n  acme:\n    limits:\n      - {requests: 7, per: minute}\n"
+    tenants += "    groups:\n      research:\n        limits:\n          - {requests: 5, per: minute}\n"
+    keys = [KeySpec(f"r{i}", extra={"tenant": "acme", "group": "research", "plan": "std"}) for i in range(4)]
+    config = write_config(tmp_path, *keys, extra=PLANS + tenants)
+    owners: list[str] = []
+    plan_for = fastpath.FastAdmit._plan_for
+
+    def spy(self: Any, owner: Any, key: Any, model: Any, path: str) -> Any:
+        owners.append(type(owner).__name__)
+        return plan_for(self, owner, key, model, path)
+
+    monkeypatch.setattr(fastpath.FastAdmit, "_plan_for", spy)
+    data = [_check(keys[i % 4].secret, f"rid-{i}", _body("gpt-4o-mini", 16, 1, 3)) for i in range(8)]
+    script: list[tuple[str, Any]] = [("request", i) for i in range(8)] + [("tick", 61.0), ("request", 5)]
+    same(framing, config, script, data)
+    assert owners == ["KeyRecord", "KeyRecipe"]  # r0 (the shape's template) its own plan, r1-r3 one shared
+
+
 @given(
     peppers=st.lists(st.binary(max_size=130), min_size=1, max_size=3),
     secrets=st.lists(
