@@ -4,7 +4,7 @@
 compressed or multipart bodies, clamping keys ...) and builds a `Request` and an `Admission` on the way.
 Most requests are none of those: a valid key, the same model and path as the key's previous request. For
 those, `FastAdmit.admit` does the same work with what a `Plan` caches per (key, model, path) (the windows,
-their shape, what the costs need, the price), in one function with no intermediate objects, and returns
+their shape, what the costs need, the price; one plan for the keys of one recipe), in one function with no intermediate objects, and returns
 exactly the costs and the prompt estimate `Policy.admit` would have computed. For anything else it returns
 None before it has changed any state, and the caller decides through the reference path instead (nothing
 is charged or counted twice). The decision driver (`nexus_authz.decide.Decider.check_plain`) charges the

@@ -7,7 +7,8 @@ adapters/http_fast.py's `on_message_complete` with `Decider.check_plain` and `Fa
 per-(key, model, path) `Plan` (the same cache, `FastAdmit._plans`), the costs, the prompt estimate, the
 known-keys note, the counters' charge (the store's `acquire_nowait`: the compiled memory store's acquire),
 the reservation's insert into the ReservationBook's OrderedDict, the early-release mark (shapes.near_limit),
-the decision and latency counts, and the allow answer (the plan's cached header block, the compiled
+the decision and latency counts, and the allow answer (the plan's cached header block, or its recipe's
+with the key id spliced in, the compiled
 rate-limit header lines, the release line and the tail joined in one buffer), with no Python frame on
 the way for the common admitted request. Those pure functions stay the reference, line for line in the
 same order; every step here says which one it mirrors.
