@@ -4,11 +4,12 @@
 compressed or multipart bodies, clamping keys ...) and builds a `Request` and an `Admission` on the way.
 Most requests are none of those: a valid key, the same model and path as the key's previous request. For
 those, `FastAdmit.admit` does the same work with what a `Plan` caches per (key, model, path) (the windows,
-their shape, what the costs need, the price; one plan for the keys of one recipe), in one function with no intermediate objects, and returns
-exactly the costs and the prompt estimate `Policy.admit` would have computed. For anything else it returns
-None before it has changed any state, and the caller decides through the reference path instead (nothing
-is charged or counted twice). The decision driver (`nexus_authz.decide.Decider.check_plain`) charges the
-windows and reserves; a refusal from the counters goes on through the reference path too (`admission`).
+their shape, what the costs need, the price; one plan for the keys of one recipe), in one function with no
+intermediate objects, and returns exactly the costs and the prompt estimate `Policy.admit` would have
+computed. For anything else it returns None before it has changed any state, and the caller decides
+through the reference path instead (nothing is charged or counted twice). The decision driver
+(`nexus_authz.decide.Decider.check_plain`) charges the windows and reserves; a refusal from the counters
+goes on through the reference path too (`admission`).
 
 Pure like the rest of the core; the plans are bounded (model names and paths are client-chosen) and are
 dropped when the policy or the key snapshot changes.
