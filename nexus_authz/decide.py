@@ -28,7 +28,7 @@ from nexus_authz.core.clamp import Clamp, clamps, default_cap, lowered
 from nexus_authz.core.fastpath import FastAdmit, Plan
 from nexus_authz.core.keys import KeySnapshot
 from nexus_authz.core.limits import AcquireResult, LimitSpec, WindowStatus, new_result
-from nexus_authz.core.model import Decision, InFlight, Reason, Request, new_allow, new_request
+from nexus_authz.core.model import Decision, InFlight, KeyRecord, Reason, Request, new_allow, new_request
 from nexus_authz.core.policy import Admission, Policy, marks_release, unavailable
 from nexus_authz.core.ports import AsyncCounterStore, CounterStore, StoreUnavailable
 from nexus_authz.core.reservations import ReservationBook, Settlement, settle_with
@@ -37,8 +37,8 @@ from nexus_authz.latency import LatencyHistogram, ReasonCounts
 
 __all__ = ["SLOT_WAIT", "Allowed", "Decider"]
 
-# What `Decider.check_plain` returns for an admission: (plan, the windows' statuses, release id or "").
-Allowed = tuple[Plan, tuple[WindowStatus, ...], str]
+# What `Decider.check_plain` returns for an admission: (plan, key, the windows' statuses, release id or "").
+Allowed = tuple[Plan, KeyRecord, tuple[WindowStatus, ...], str]
 
 # How long a request refused only for a concurrency slot waits for one to be released before its 429.
 # A slot is freed either by the proxy as the last bytes of a response pass (envoy/nexus-usage.lua, a
@@ -145,23 +145,22 @@ class Decider:
         admitted = fast.admit(headers, path, body, client_address, now, self.failures)
         if admitted is None:
             return None
-        plan, costs, prompt, kept, facts = admitted
+        plan, key, costs, prompt, kept, facts = admitted
         book = self.book
         specs = plan.specs
         release = ""
         if not specs:  # Decider.check, nothing to charge
             statuses: tuple[WindowStatus, ...] = ()
             if book is not None and request_id and policy.track:
-                key = plan.key
                 context = InFlight(key.key_id, key.tenant, plan.model, prompt, kept)
                 settle_with(self.store.adjust_soon, book.track(request_id, context, now), now)
         else:
             store = self.store
-            counter_ids = plan.counter_ids
+            counter_ids = key.counter_ids if plan.counter_ids is None else plan.counter_ids
             result = store.acquire_nowait(counter_ids, specs, costs, now)
             if result is None or not result.allowed:  # the reference path from here
                 request = new_request("POST", path, headers, body, False, request_id, client_address)
-                admission = fast.admission(plan, costs, request_id, prompt, kept, facts, path)
+                admission = fast.admission(plan, key, costs, request_id, prompt, kept, facts, path)
                 if result is None:
                     return self._check_later(policy, admission, now, started, request)
                 return self._finish(policy, admission, request, result, now, started, True)
@@ -172,7 +171,6 @@ class Decider:
             statuses = result.statuses
             if book is not None and request_id:
                 uncharged = result.uncharged
-                key = plan.key
                 track = policy.track
                 displaced = book.reserve(
                     request_id,
@@ -195,7 +193,7 @@ class Decider:
         seconds = time.perf_counter() - started
         latency.counts[bisect_left(latency.bounds, seconds)] += 1
         latency.sum += seconds
-        return plan, statuses, release
+        return plan, key, statuses, release
 
     def _finish(
         self,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from nexus_authz.adapters.answers import ALLOW_CACHE, AllowHead, AnswerCache, allow_head
 from nexus_authz.adapters.http_authz import (
     _INTERNAL_ERROR,
     EXT_AUTHZ_PREFIX,
@@ -24,20 +25,45 @@ from nexus_authz.adapters.http_authz import (
 from nexus_authz.core import ratelimit_headers
 from nexus_authz.core.fastpath import Plan
 from nexus_authz.core.limits import WindowStatus
-from nexus_authz.core.model import Decision, Reason
+from nexus_authz.core.model import Decision, KeyRecipe, KeyRecord, Reason
 
 _PREFIX = EXT_AUTHZ_PREFIX.encode() + b"/"
 _SKIP = len(EXT_AUTHZ_PREFIX)
 _TAIL = b"content-length: 0\r\n\r\n"
+# The allow heads of the recipes (answers.allow_head) with the headers to remove they were made with, for
+# the key snapshot they were made in
+_HEADS: AnswerCache[tuple[AllowHead, tuple[str, ...]]] = AnswerCache(ALLOW_CACHE)
 
 
-def allow_answer(app: HttpApp, plan: Plan, statuses: tuple[WindowStatus, ...], release: str) -> bytes:
-    """`HttpApp.response` of an admission by `Decider.check_plain`: the key's block (cached on the plan),
-    the rate-limit headers, the release (for the Lua tap, in Envoy's dynamic metadata), the tail. Also the
-    compiled lane's answer when it hands a request to check_plain (native/_fast.pyx)."""
+def plan_wire(app: HttpApp, key: KeyRecord) -> bytes | AllowHead:
+    """What a plan of `key` keeps of its allow answer (`Plan.wire`): for a key made from a recipe, the
+    recipe's head split around the key id (answers.allow_head), one for all its keys with the same headers
+    to remove (a plan shared by keys of the recipe serves only those: core/fastpath.py); else the key's
+    block (`HttpApp.allow_block`). Also the compiled lane's (native/_fast.pyx)."""
+    recipe: KeyRecipe | None = key.recipe
+    if recipe is None:
+        return app.allow_block(key)
+    kept = _HEADS.get(recipe, app.engine.snapshot)
+    if kept is not None and kept[1] == key.remove_headers:
+        return kept[0]
+    head = allow_head(key)
+    assert head is not None  # (a recipe)
+    _HEADS.put(recipe, (head, key.remove_headers))
+    return head
+
+
+def allow_answer(
+    app: HttpApp, plan: Plan, key: KeyRecord, statuses: tuple[WindowStatus, ...], release: str
+) -> bytes:
+    """`HttpApp.response` of an admission by `Decider.check_plain`: the key's block (the plan's wire, with
+    the key id spliced into a recipe's head), the rate-limit headers, the release (for the Lua tap, in
+    Envoy's dynamic metadata), the tail. Also the compiled lane's answer when it hands a request to
+    check_plain (native/_fast.pyx)."""
     wire = plan.wire
     if wire is None:
-        wire = plan.wire = app.allow_block(plan.key)
+        wire = plan.wire = plan_wire(app, key)
+    if isinstance(wire, tuple):  # a recipe's head: the key id spliced in
+        wire = b"%s%s%s" % (wire[0], key.key_id.encode("latin-1"), wire[1])
     if statuses:
         shape: Any = plan.shape  # set: the plan has windows
         block = ratelimit_headers.build_header_block(shape.headers, statuses)

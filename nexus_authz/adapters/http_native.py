@@ -44,6 +44,7 @@ class CompiledAuthzProtocol(AuthzProtocol):
             MemoryCounterStore,
             EXT_AUTHZ_PREFIX,
             http_fast.allow_answer,
+            http_fast.plan_wire,
         )
         if native.fast is not None
         else http_fast.on_message_complete

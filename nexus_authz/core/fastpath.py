@@ -4,11 +4,12 @@
 compressed or multipart bodies, clamping keys ...) and builds a `Request` and an `Admission` on the way.
 Most requests are none of those: a valid key, the same model and path as the key's previous request. For
 those, `FastAdmit.admit` does the same work with what a `Plan` caches per (key, model, path) (the windows,
-their shape, what the costs need, the price), in one function with no intermediate objects, and returns
-exactly the costs and the prompt estimate `Policy.admit` would have computed. For anything else it returns
-None before it has changed any state, and the caller decides through the reference path instead (nothing
-is charged or counted twice). The decision driver (`nexus_authz.decide.Decider.check_plain`) charges the
-windows and reserves; a refusal from the counters goes on through the reference path too (`admission`).
+their shape, what the costs need, the price; one plan for the keys of one recipe), in one function with no
+intermediate objects, and returns exactly the costs and the prompt estimate `Policy.admit` would have
+computed. For anything else it returns None before it has changed any state, and the caller decides
+through the reference path instead (nothing is charged or counted twice). The decision driver
+(`nexus_authz.decide.Decider.check_plain`) charges the windows and reserves; a refusal from the counters
+goes on through the reference path too (`admission`).
 
 Pure like the rest of the core; the plans are bounded (model names and paths are client-chosen) and are
 dropped when the policy or the key snapshot changes.
@@ -27,7 +28,7 @@ from nexus_authz.core.clamp import clamps
 from nexus_authz.core.config import Price
 from nexus_authz.core.keys import MAX_KEY_LENGTH, KeySnapshot
 from nexus_authz.core.limits import LimitSpec
-from nexus_authz.core.model import KeyRecord
+from nexus_authz.core.model import KeyRecipe, KeyRecord
 from nexus_authz.core.multipart import is_multipart
 from nexus_authz.core.policy import Admission, Policy, _path_facts
 from nexus_authz.core.ports import CounterStore
@@ -36,29 +37,36 @@ from nexus_authz.core.shapes import Shape, shape_of
 
 __all__ = ["MAX_PLANS", "FastAdmit", "Plan"]
 
-# (key, model, path) plans kept (~250 B each, and the HTTP listener's answer bytes): 10,000 active keys of
-# one model fit. Beyond it a random eighth goes (`FastAdmit._plan_for`): clearing all, or the oldest, would
-# make a round-robin over a few more keys than this miss on every request; a random eviction keeps most.
+# (key or recipe, model, path) plans kept (~180 B each): 10,000 active keys of one model and no recipe fit
+# (the keys of one recipe share their plans). Beyond it a random eighth goes (`FastAdmit._plan_for`):
+# clearing all, or the oldest, would make a round-robin over a few more keys than this miss on every
+# request; a random eviction keeps most.
 MAX_PLANS: Final = 16384
 _UNMETERED: Final = (1, 0, 0).__getitem__  # shapes.costs_of with no tokens and no USD
 
 
 class Plan:
-    """What an admitted request of one key, for one model, on one path needs, computed once.
+    """What an admitted request of one key, for one model, on one path needs, computed once. The keys made
+    from one recipe (core/model.py's KeyRecipe) with the same limits, model and path lists share one plan:
+    nothing in it is the key's own then (the request's key is passed on beside it).
 
+    `source`: the key it was made for (of a shared plan, the first; `_fits` says which others it serves).
+    `path`: the request path it was made for (with the key or recipe and `model`, what it is cached by).
+    `counter_ids`: the windows' counter ids, or None for the key's own (`key.counter_ids`: a shared plan).
     `wire`: a transport's ready-made bytes for this plan's allowed answer (the HTTP listener keeps the
-    key's allow header block here); None until the transport sets it."""
+    key's allow header block here, or for a key made from a recipe the recipe's block split around the
+    key id: adapters/http_fast.plan_wire); None until the transport sets it."""
 
     __slots__ = (
         "completes",
         "cost_index",
         "counter_ids",
-        "key",
         "metered",
         "model",
+        "path",
         "price",
         "shape",
-        "slot_mask",
+        "source",
         "specs",
         "usable",
         "wire",
@@ -66,9 +74,10 @@ class Plan:
 
     def __init__(
         self,
-        key: KeyRecord,
+        source: KeyRecord,
         model: str | None,
-        counter_ids: tuple[str, ...],
+        path: str,
+        counter_ids: tuple[str, ...] | None,
         specs: tuple[LimitSpec, ...],
         shape: Shape | None,
         completes: bool,
@@ -76,17 +85,17 @@ class Plan:
         usable: bool = True,
     ) -> None:
         self.usable = usable  # False: requests of this plan take the reference path
-        self.key = key
+        self.source = source
         self.model = model
+        self.path = path
         self.counter_ids = counter_ids
         self.specs = specs
         self.shape = shape
         self.metered = shape is not None and shape.metered
         self.cost_index = shape.cost_index if shape is not None else ()
-        self.slot_mask = shape.slot_mask if shape is not None else 0
         self.completes = completes
         self.price = price
-        self.wire: bytes | None = None
+        self.wire: bytes | tuple[bytes, bytes] | None = None
 
 
 class FastAdmit:
@@ -97,7 +106,10 @@ class FastAdmit:
     def __init__(self, policy: Policy, snapshot: KeySnapshot) -> None:
         self.policy = policy
         self.snapshot = snapshot
-        self._plans: dict[tuple[KeyRecord, str | None, str], Plan] = {}
+        # by owner (`_owner`: the key's recipe, whose keys share their plans, or the key): the owner's
+        # first plan under the owner itself (the common case, one model and path: no tuple per owner), its
+        # others under (owner, model, path)
+        self._plans: dict[_Owner | tuple[_Owner, str | None, str], Plan] = {}
 
     def admit(
         self,
@@ -107,9 +119,9 @@ class FastAdmit:
         client_address: str,
         now: float,
         failures: CounterStore | None,
-    ) -> tuple[Plan, tuple[int, ...], int, bytes | None, RequestFacts | None] | None:
-        """For a POST of `body` (not cut by the proxy) to `path`: (plan, costs, prompt estimate, body kept
-        for a later estimate, facts), or None when the reference path must decide (nothing changed)."""
+    ) -> tuple[Plan, KeyRecord, tuple[int, ...], int, bytes | None, RequestFacts | None] | None:
+        """For a POST of `body` (not cut by the proxy) to `path`: (plan, key, costs, prompt estimate, body
+        kept for a later estimate, facts), or None when the reference path must decide (nothing changed)."""
         policy = self.policy
         # -- the key: `Authorization: Bearer <key>` as Envoy forwards it (keys.extract_key's reading) --
         value = headers.get("authorization")
@@ -154,9 +166,15 @@ class FastAdmit:
             model = facts.model
             if model is None and key.models:
                 return None
-        plan = self._plans.get((key, model, path))
-        if plan is None:
-            plan = self._plan_for(key, model, path)
+        owner = _owner(key)
+        plan = self._plans.get(owner)
+        if (
+            plan is None
+            or plan.model != model
+            or plan.path != path
+            or (owner is not key and not _fits(plan.source, key))
+        ):
+            plan = self.plan_of(key, model, path)
         if not plan.usable:
             return None
         if client_address and failures is not None and policy._auth_spec is not None:
@@ -183,42 +201,74 @@ class FastAdmit:
             costs = tuple(map((1, estimate + completion, usd).__getitem__, plan.cost_index))
         else:
             costs = tuple(map(_UNMETERED, plan.cost_index))
-        return plan, costs, prompt, kept, facts
+        return plan, key, costs, prompt, kept, facts
 
-    def _plan_for(self, key: KeyRecord, model: str | None, path: str) -> Plan:
-        """A new plan, kept (a random eighth of the plans goes first when MAX_PLANS are kept)."""
-        plan = self._plan(key, model, path)
+    def plan_of(self, key: KeyRecord, model: str | None, path: str) -> Plan:
+        """The kept plan of (key, model, path), or a new one (kept). Also the compiled lane's when its owner's
+        first plan is not this one (native/_fast.pyx)."""
+        owner = _owner(key)
+        if owner is not key:
+            plan = self._kept(owner, model, path)
+            if plan is None:
+                return self._plan_for(owner, key, model, path)
+            if _fits(plan.source, key):
+                return plan
+            owner = key  # a record of the recipe with other limits or lists than its plan's: its own plan
+        plan = self._kept(owner, model, path)
+        return plan if plan is not None else self._plan_for(owner, key, model, path)
+
+    def _kept(self, owner: _Owner, model: str | None, path: str) -> Plan | None:
+        plans = self._plans
+        first = plans.get(owner)
+        if first is not None and first.model == model and first.path == path:
+            return first
+        plan = plans.get((owner, model, path))
+        if plan is not None and first is None:  # the owner's own place is free (evicted): it moves there
+            del plans[(owner, model, path)]
+            plans[owner] = plan
+        return plan
+
+    def _plan_for(self, owner: _Owner, key: KeyRecord, model: str | None, path: str) -> Plan:
+        """A new plan, kept: under its owner when it has none there, else under (owner, model, path) (a
+        random eighth of the plans goes first when MAX_PLANS are kept)."""
+        plan = self._plan(key, model, path, shared=owner is not key)
         plans = self._plans
         if len(plans) >= MAX_PLANS:
             for old in random.sample(list(plans), MAX_PLANS // 8):
                 del plans[old]
-        plans[(key, model, path)] = plan
+        if owner in plans:
+            plans[(owner, model, path)] = plan
+        else:
+            plans[owner] = plan
         return plan
 
-    def _plan(self, key: KeyRecord, model: str | None, path: str) -> Plan:
+    def _plan(self, key: KeyRecord, model: str | None, path: str, shared: bool = False) -> Plan:
         policy = self.policy
         snapshot = self.snapshot
         if key.paths and not snapshot.path_allowed(key, path.partition("?")[0]):
-            return Plan(key, model, (), (), None, False, None, usable=False)
+            return Plan(key, model, path, (), (), None, False, None, usable=False)
         prices = policy.prices
         if model is not None:
             if key.models and not snapshot.model_allowed(key, model):
-                return Plan(key, model, (), (), None, False, None, usable=False)
+                return Plan(key, model, path, (), (), None, False, None, usable=False)
             if prices.refuse and not prices.lookup(model).matched:  # Policy: prices.refuses(model)
-                return Plan(key, model, (), (), None, False, None, usable=False)
+                return Plan(key, model, path, (), (), None, False, None, usable=False)
         if not key.limits:
-            return Plan(key, model, (), (), None, False, None)
-        counter_ids, specs = policy._windows(key, model)
+            return Plan(key, model, path, (), (), None, False, None)
+        own_ids, specs = policy._windows(key, model)
+        # shared: a key with a recipe and no model-scoped window, whose counter ids are all its own
+        counter_ids = None if shared else own_ids
         if clamps(specs):  # a refusal may become a lowered cap, an admission a written one
-            return Plan(key, model, (), (), None, False, None, usable=False)
+            return Plan(key, model, path, (), (), None, False, None, usable=False)
         shape = shape_of(specs)
         generating, _ = _path_facts(path)
         price = prices.lookup(model).price if prices else None
-        return Plan(key, model, counter_ids, specs, shape, generating, price)
+        return Plan(key, model, path, counter_ids, specs, shape, generating, price)
 
     def admission(
         self,
         plan: Plan,
+        key: KeyRecord,
         costs: tuple[int, ...],
         request_id: str,
         prompt: int,
@@ -230,9 +280,9 @@ class FastAdmit:
         store that must be awaited)."""
         _, anthropic = _path_facts(path)
         return Admission(
-            plan.key,
+            key,
             plan.model,
-            plan.counter_ids,
+            key.counter_ids if plan.counter_ids is None else plan.counter_ids,
             plan.specs,
             costs,
             request_id,
@@ -242,3 +292,27 @@ class FastAdmit:
             kept,
             plan.shape,
         )
+
+
+_Owner = KeyRecord | KeyRecipe
+
+
+def _owner(key: KeyRecord) -> _Owner:
+    """Whose plans serve `key`: its recipe's, shared by the recipe's keys (their counter ids are all theirs,
+    made from the recipe: no model-scoped window picks some), or its own."""
+    recipe = key.recipe
+    return recipe if recipe is not None and not key.model_scoped else key
+
+
+def _fits(source: KeyRecord, key: KeyRecord) -> bool:
+    """A plan made for `source` serves `key` of the same recipe: what makes a plan (the limits, the model and
+    path lists) and its allow answer (the headers to remove) are the same objects (core/keyfile_fast.py's
+    records of one shape, core/runtime_keys.py's of one profile)."""
+    return (
+        source.limits is key.limits
+        and source.paths is key.paths
+        and source.models is key.models
+        and source.path_rule is key.path_rule
+        and source.model_rule is key.model_rule
+        and source.remove_headers is key.remove_headers
+    )

@@ -7,7 +7,8 @@ adapters/http_fast.py's `on_message_complete` with `Decider.check_plain` and `Fa
 per-(key, model, path) `Plan` (the same cache, `FastAdmit._plans`), the costs, the prompt estimate, the
 known-keys note, the counters' charge (the store's `acquire_nowait`: the compiled memory store's acquire),
 the reservation's insert into the ReservationBook's OrderedDict, the early-release mark (shapes.near_limit),
-the decision and latency counts, and the allow answer (the plan's cached header block, the compiled
+the decision and latency counts, and the allow answer (the plan's cached header block, or its recipe's
+with the key id spliced in, the compiled
 rate-limit header lines, the release line and the tail joined in one buffer), with no Python frame on
 the way for the common admitted request. Those pure functions stay the reference, line for line in the
 same order; every step here says which one it mirrors.
@@ -121,9 +122,10 @@ cdef double _REFRESH = REFRESH_AFTER
 cdef int _MAX_WINDOWS = 62  # the masks (uncharged, settle, slot) fit a C long long
 
 # set by install (adapters/http_native.py): the reference protocol's on_message_complete, the 500 answer,
-# the HTTP log, the failure store's class (stores/memory.py), http_fast.allow_answer
+# the HTTP log, the failure store's class (stores/memory.py), http_fast.allow_answer and .plan_wire
 cdef object _reference = None
 cdef object _allow_answer = None
+cdef object _plan_wire = None
 cdef object _internal_error = None
 cdef object _log = None
 cdef object _failure_store = None
@@ -240,8 +242,10 @@ cdef Slot S_FAST_POLICY, S_FAST_SNAPSHOT, S_FAST_PLANS
 cdef Slot S_POL_AUTH, S_POL_KNOWN, S_POL_TRACK, S_POL_MAX_TOKENS
 cdef Slot S_SNAP_HASHER, S_SNAP_DIGEST
 cdef Slot S_KEY_DISABLED, S_KEY_EXPIRES, S_KEY_NEEDS_FACTS, S_KEY_MODELS, S_KEY_ID, S_KEY_TENANT
+cdef Slot S_KEY_RECIPE, S_KEY_SCOPED, S_KEY_LIMITS, S_KEY_PATHS, S_KEY_PATH_RULE, S_KEY_MODEL_RULE
+cdef Slot S_KEY_REMOVE, S_KEY_COUNTER_IDS, S_PLAN_SOURCE
 cdef Slot S_PLAN_USABLE, S_PLAN_SPECS, S_PLAN_COST_INDEX, S_PLAN_METERED, S_PLAN_COMPLETES, S_PLAN_PRICE
-cdef Slot S_PLAN_COUNTER_IDS, S_PLAN_SHAPE, S_PLAN_WIRE, S_PLAN_MODEL
+cdef Slot S_PLAN_COUNTER_IDS, S_PLAN_SHAPE, S_PLAN_WIRE, S_PLAN_MODEL, S_PLAN_PATH
 cdef Slot S_STORE_ACQUIRE, S_RESULT_ALLOWED, S_RESULT_STATUSES, S_RESULT_UNCHARGED
 cdef Slot S_BOOK_ENTRIES, S_BOOK_TTL, S_BOOK_MAX, S_KNOWN_SEEN, S_HIST_BOUNDS, S_HIST_COUNTS, S_HIST_SUM
 cdef Slot S_STATUS_REMAINING, S_STATUS_LIMIT
@@ -263,8 +267,10 @@ cdef int _slots(type protocol) except -1:
     global S_POL_AUTH, S_POL_KNOWN, S_POL_TRACK, S_POL_MAX_TOKENS
     global S_SNAP_HASHER, S_SNAP_DIGEST
     global S_KEY_DISABLED, S_KEY_EXPIRES, S_KEY_NEEDS_FACTS, S_KEY_MODELS, S_KEY_ID, S_KEY_TENANT
+    global S_KEY_RECIPE, S_KEY_SCOPED, S_KEY_LIMITS, S_KEY_PATHS, S_KEY_PATH_RULE, S_KEY_MODEL_RULE
+    global S_KEY_REMOVE, S_KEY_COUNTER_IDS, S_PLAN_SOURCE
     global S_PLAN_USABLE, S_PLAN_SPECS, S_PLAN_COST_INDEX, S_PLAN_METERED, S_PLAN_COMPLETES, S_PLAN_PRICE
-    global S_PLAN_COUNTER_IDS, S_PLAN_SHAPE, S_PLAN_WIRE, S_PLAN_MODEL
+    global S_PLAN_COUNTER_IDS, S_PLAN_SHAPE, S_PLAN_WIRE, S_PLAN_MODEL, S_PLAN_PATH
     global S_STORE_ACQUIRE, S_RESULT_ALLOWED, S_RESULT_STATUSES, S_RESULT_UNCHARGED
     global S_BOOK_ENTRIES, S_BOOK_TTL, S_BOOK_MAX, S_KNOWN_SEEN, S_HIST_BOUNDS, S_HIST_COUNTS, S_HIST_SUM
     global S_STATUS_REMAINING, S_STATUS_LIMIT
@@ -331,6 +337,15 @@ cdef int _slots(type protocol) except -1:
     S_KEY_MODELS = _resolve(KeyRecord, "models")
     S_KEY_ID = _resolve(KeyRecord, "key_id")
     S_KEY_TENANT = _resolve(KeyRecord, "tenant")
+    S_KEY_RECIPE = _resolve(KeyRecord, "recipe")
+    S_KEY_SCOPED = _resolve(KeyRecord, "model_scoped")
+    S_KEY_LIMITS = _resolve(KeyRecord, "limits")
+    S_KEY_PATHS = _resolve(KeyRecord, "paths")
+    S_KEY_PATH_RULE = _resolve(KeyRecord, "path_rule")
+    S_KEY_MODEL_RULE = _resolve(KeyRecord, "model_rule")
+    S_KEY_REMOVE = _resolve(KeyRecord, "remove_headers")
+    S_KEY_COUNTER_IDS = _resolve(KeyRecord, "counter_ids")  # (unset until read: then the recipe makes them)
+    S_PLAN_SOURCE = _resolve(Plan, "source")
     S_PLAN_USABLE = _resolve(Plan, "usable")
     S_PLAN_SPECS = _resolve(Plan, "specs")
     S_PLAN_COST_INDEX = _resolve(Plan, "cost_index")
@@ -341,6 +356,7 @@ cdef int _slots(type protocol) except -1:
     S_PLAN_SHAPE = _resolve(Plan, "shape")
     S_PLAN_WIRE = _resolve(Plan, "wire")
     S_PLAN_MODEL = _resolve(Plan, "model")
+    S_PLAN_PATH = _resolve(Plan, "path")
     S_STORE_ACQUIRE = _resolve(LocalCounters, "acquire_nowait")
     S_RESULT_ALLOWED = _resolve(AcquireResult, "allowed")
     S_RESULT_STATUSES = _resolve(AcquireResult, "statuses")
@@ -582,15 +598,18 @@ def install_framing(reference_feed, busy, protocol=None):
     return data_received
 
 
-def install(reference, internal_error, log, failure_store, str prefix, allow_answer):
+def install(reference, internal_error, log, failure_store, str prefix, allow_answer, plan_wire):
     """Register what the compiled handler needs from the adapters (imported here they would be a cycle:
     the native package loads first) and return the handler, to be set as the compiled protocol's
     `on_message_complete`. `reference`: AuthzProtocol.on_message_complete; `failure_store`: the class
     whose `_states` (a dict; fresh windows held as None) the brute-force throttle's counts are read from directly (any other: through its
     own `__len__` / `__contains__`, as FastAdmit does); `prefix`: EXT_AUTHZ_PREFIX; `allow_answer`:
-    http_fast.allow_answer (the answer of check_plain's admissions, when the lane hands a request to it)."""
+    http_fast.allow_answer (the answer of check_plain's admissions, when the lane hands a request to it);
+    `plan_wire`: http_fast.plan_wire (what a plan keeps of its key's allow head)."""
     global _reference, _internal_error, _log, _failure_store, _PREFIX, _SKIP, _allow_answer, _last_url
+    global _plan_wire
     _allow_answer = allow_answer
+    _plan_wire = plan_wire
     _last_url = None  # its path was cut at the old prefix
     _PREFIX = prefix.encode("latin-1") + b"/"
     _SKIP = len(prefix)
@@ -677,13 +696,49 @@ cdef inline bint _multipart(str content_type) except -1:
     return content_type.partition(";")[0].strip().lower() == "multipart/form-data"
 
 
-cdef bytes _join(bytes wire, const char* block, Py_ssize_t nb, object release):
+cdef bint _fits(object source, object key) except -1:
+    """fastpath._fits: a plan made for `source` serves `key` of the same recipe."""
+    return (
+        _at(source, &S_KEY_LIMITS, "limits") is _at(key, &S_KEY_LIMITS, "limits")
+        and _at(source, &S_KEY_PATHS, "paths") is _at(key, &S_KEY_PATHS, "paths")
+        and _at(source, &S_KEY_MODELS, "models") is _at(key, &S_KEY_MODELS, "models")
+        and _at(source, &S_KEY_PATH_RULE, "path_rule") is _at(key, &S_KEY_PATH_RULE, "path_rule")
+        and _at(source, &S_KEY_MODEL_RULE, "model_rule") is _at(key, &S_KEY_MODEL_RULE, "model_rule")
+        and _at(source, &S_KEY_REMOVE, "remove_headers") is _at(key, &S_KEY_REMOVE, "remove_headers")
+    )
+
+
+cdef inline bint _same(object kept, object asked) except -1:
+    """kept == asked (a plan's model or path against the request's), the same object first."""
+    return kept is asked or kept == asked
+
+
+cdef bytes _join(object wire, object key_id, const char* block, Py_ssize_t nb, object release):
     """wire + the nb bytes at block [+ b"x-nexus-release: " + release (a str, latin-1) + b"\\r\\n"] + the
-    tail, in one buffer (release: None or "" for none)."""
-    cdef Py_ssize_t nw = PyBytes_GET_SIZE(wire), nr = 0, nt = PyBytes_GET_SIZE(_TAIL), size = 0
+    tail, in one buffer (release: None or "" for none). `wire`: the key's head (bytes), or a recipe's
+    head split around the key id (http_fast.plan_wire), `key_id`'s latin-1 bytes written between."""
+    cdef Py_ssize_t nw, nr = 0, nt = PyBytes_GET_SIZE(_TAIL), size = 0
     cdef Py_ssize_t nl = PyBytes_GET_SIZE(_RELEASE)
     cdef const char* chars = NULL
     cdef bytes r = None
+    cdef bytes head, rest = None, k = None
+    cdef const char* kid = NULL
+    cdef Py_ssize_t nk = 0, nh, ns = 0
+    if type(wire) is tuple:  # (head, rest): the key id between
+        head = (<tuple>wire)[0]
+        rest = (<tuple>wire)[1]
+        if type(key_id) is str and PyUnicode_KIND(key_id) == PyUnicode_1BYTE_KIND:  # its latin-1 bytes
+            kid = <const char*>PyUnicode_DATA(key_id)
+            nk = PyUnicode_GET_LENGTH(key_id)
+        else:
+            k = (<str>key_id).encode("latin-1")  # UnicodeEncodeError, as allow_block
+            kid = PyBytes_AS_STRING(k)
+            nk = PyBytes_GET_SIZE(k)
+        ns = PyBytes_GET_SIZE(rest)
+    else:
+        head = wire
+    nh = PyBytes_GET_SIZE(head)
+    nw = nh + nk + ns
     if release:
         if PyUnicode_KIND(release) == PyUnicode_1BYTE_KIND:  # its latin-1 bytes are its chars
             chars = <const char*>PyUnicode_DATA(release)
@@ -695,8 +750,13 @@ cdef bytes _join(bytes wire, const char* block, Py_ssize_t nb, object release):
         nr = nl + size + 2
     cdef bytes out = PyBytes_FromStringAndSize(NULL, nw + nb + nr + nt)
     cdef char* p = PyBytes_AS_STRING(out)
-    memcpy(p, PyBytes_AS_STRING(wire), nw)
-    p += nw
+    memcpy(p, PyBytes_AS_STRING(head), nh)
+    p += nh
+    if kid != NULL:
+        memcpy(p, kid, nk)
+        p += nk
+        memcpy(p, PyBytes_AS_STRING(rest), ns)
+        p += ns
     if nb:
         memcpy(p, block, nb)
     p += nb
@@ -940,10 +1000,16 @@ cdef object _check(object decider, object policy, object snapshot, object header
             return None
     # -- the plan ----------------------------------------------------------------------------------------
     cdef dict plans = _at(fast, &S_FAST_PLANS, "_plans")
-    plan_key = (key, model, path)
-    plan = plans.get(plan_key)
-    if plan is None:
-        plan = fast._plan_for(key, model, path)  # kept (and the cache bounded) in Python: a miss is rare
+    owner = _at(key, &S_KEY_RECIPE, "recipe")  # fastpath._owner: the recipe's plans, shared, or the key's
+    if owner is None or _at(key, &S_KEY_SCOPED, "model_scoped"):
+        owner = key
+    plan = plans.get(owner)  # the owner's first plan, under the owner itself (FastAdmit._plans)
+    if plan is None or not (
+        _same(_at(plan, &S_PLAN_MODEL, "model"), model)
+        and _same(_at(plan, &S_PLAN_PATH, "path"), path)
+        and (owner is key or _fits(_at(plan, &S_PLAN_SOURCE, "source"), key))
+    ):
+        plan = fast.plan_of(key, model, path)  # kept (and the cache bounded) in Python: a miss is rare
     if not _at(plan, &S_PLAN_USABLE, "usable"):
         return None
     specs = _at(plan, &S_PLAN_SPECS, "specs")
@@ -1006,6 +1072,8 @@ cdef object _check(object decider, object policy, object snapshot, object header
     else:
         store = _at(decider, &S_DEC_STORE, "store")
         counter_ids = _at(plan, &S_PLAN_COUNTER_IDS, "counter_ids")
+        if counter_ids is None:  # a shared plan: the key's own
+            counter_ids = _at(key, &S_KEY_COUNTER_IDS, "counter_ids")
         acquire = _at(store, &S_STORE_ACQUIRE, "acquire_nowait")
         # the compiled memory store's own acquire: an admission's figures in C, no status objects (a
         # refusal, or what it hands to the pure acquire, is left untouched: the object API then decides)
@@ -1021,7 +1089,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
             result = acquire(counter_ids, specs, costs, now)
             if result is None or not _at(result, &S_RESULT_ALLOWED, "allowed"):  # the reference path from here
                 request = new_request("POST", path, headers, body, False, request_id, client_address)
-                admission = fast.admission(plan, costs, request_id, prompt, kept, facts, path)
+                admission = fast.admission(plan, key, costs, request_id, prompt, kept, facts, path)
                 if result is None:
                     return decider._check_later(policy, admission, now, started, request)
                 return decider._finish(policy, admission, request, result, now, started, True)
@@ -1115,7 +1183,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
     # -- the answer (http_fast.on_message_complete) ---------------------------------------------------------
     wire = _at(plan, &S_PLAN_WIRE, "wire")
     if wire is None:
-        wire = app.allow_block(plan.key)
+        wire = _plan_wire(app, key)
         plan.wire = wire
     if figures_n > 0:  # the plan's headers of the figures, written here (plan_header_block's bytes)
         header_plan = _item(_at(plan, &S_PLAN_SHAPE, "shape"), _SHAPE, I_HEADERS, "headers")
@@ -1123,14 +1191,14 @@ cdef object _check(object decider, object policy, object snapshot, object header
         if type(header_plan) is tuple and _core_headers.build_header_block is _native_block:
             block_n = figure_block(<tuple>header_plan, figures, figures_n, block)
         if block_n >= 0:
-            return _join(wire, block, block_n, release)
+            return _join(wire, key_id, block, block_n, release)
         statuses = figure_statuses(specs, figures, figures_n)  # the objects, for the function in place
     if statuses:
         block_bytes = _core_headers.build_header_block(
             _item(_at(plan, &S_PLAN_SHAPE, "shape"), _SHAPE, I_HEADERS, "headers"), statuses
         )
-        return _join(wire, PyBytes_AS_STRING(block_bytes), PyBytes_GET_SIZE(block_bytes), release)
-    return _join(wire, NULL, 0, release)
+        return _join(wire, key_id, PyBytes_AS_STRING(block_bytes), PyBytes_GET_SIZE(block_bytes), release)
+    return _join(wire, key_id, NULL, 0, release)
 
 
 cdef object _plain(object decider, object policy, object snapshot, object headers, str path, bytes body,

@@ -72,7 +72,13 @@ KEYS = [
     KeySpec("offkey", extra={"plan": "std", "disabled": True}),
     KeySpec("oldkey", extra={"plan": "std", "expires_at": "2020-01-01T00:00:00Z"}),
 ]
-SECRETS = [k.secret for k in KEYS] + ["nx-test-nobody-0123456789abcdefghij"]
+# three keys of one shape, first in the file: the last two are made from its recipe (core/keyfile_fast.py)
+# and share their plans (core/fastpath.py)
+TEAM = [
+    KeySpec(f"team{i}", extra={"plan": "std", "models": ["gpt-4o*"], "paths": ["/v1/chat/*"]})
+    for i in range(3)
+]
+SECRETS = [k.secret for k in KEYS + TEAM] + ["nx-test-nobody-0123456789abcdefghij"]
 PATHS = ["/v1/chat/completions", "/v1/embeddings", "/v1/messages", "/v1/responses?x=1", "/v1/chat/../x"]
 MODELS = ["gpt-4o-mini", "gpt-4o", "gpt-3.5-turbo", "claude-3-haiku", None]
 
@@ -292,7 +298,7 @@ def config(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             "small-book": SMALL_BOOK,
         }[request.param]
     )
-    return write_config(tmp_path_factory.mktemp("fastpath"), *KEYS, extra=extra)
+    return write_config(tmp_path_factory.mktemp("fastpath"), *TEAM, *KEYS, extra=extra)
 
 
 def same(
@@ -442,6 +448,52 @@ def test_a_revoked_key_and_other_keys_after_the_snapshot_changes(
     script: list[tuple[str, Any]] = [("request", 0), ("request", 2), ("revoke", "plain"), ("request", 1)]
     script += [("request", 2), ("revoke", "paths"), ("request", 2)]
     same(framing, config, script, data)
+
+
+def test_the_keys_of_one_recipe_share_plans_and_keep_their_own_windows(
+    config: Path, framing: type[http_authz.AuthzProtocol]
+) -> None:
+    """Keys made from one recipe share their plans (one per model and path) and their allow head: each is
+    still charged, reserved and answered as its own key, by the reference path too, also after one of
+    them is revoked (a new snapshot)."""
+    snapshot = Engine.from_settings(load_settings(str(config)))
+    snapshot.load_first_keys()
+    teams = [snapshot.snapshot.by_id[f"team{i}"] for i in range(3)]
+    assert teams[0].recipe is None and teams[1].recipe is teams[2].recipe is not None
+    team = [k.secret for k in TEAM]
+    data = []
+    for i in range(12):  # the three keys in turn, two models, two paths (one the keys may not use)
+        path = "/v1/chat/completions" if i % 4 != 3 else "/v1/embeddings"
+        body = _body("gpt-4o-mini" if i % 2 else "gpt-4o", 16, 1, 3 + i)
+        data.append(_check(team[i % 3], f"rid-{i}", body, path))
+    script: list[tuple[str, Any]] = [("request", i) for i in range(12)]
+    script += [("settle", 1), ("revoke", "team1"), ("request", 1), ("request", 2), ("request", 4)]
+    same(framing, config, script, data)
+
+
+def test_shared_plans_charge_each_keys_group_and_tenant_windows(
+    tmp_path: Path, framing: type[http_authz.AuthzProtocol], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys of one recipe in one group: their shared plan charges each key's own windows and the group's
+    and tenant's (the recipe's shared counter ids) up to the group's limit and after its minute."""
+    from nexus_authz.core import fastpath
+
+    tenants = "tenants:\n  acme:\n    limits:\n      - {requests: 7, per: minute}\n"
+    tenants += "    groups:\n      research:\n        limits:\n          - {requests: 5, per: minute}\n"
+    keys = [KeySpec(f"r{i}", extra={"tenant": "acme", "group": "research", "plan": "std"}) for i in range(4)]
+    config = write_config(tmp_path, *keys, extra=PLANS + tenants)
+    owners: list[str] = []
+    plan_for = fastpath.FastAdmit._plan_for
+
+    def spy(self: Any, owner: Any, key: Any, model: Any, path: str) -> Any:
+        owners.append(type(owner).__name__)
+        return plan_for(self, owner, key, model, path)
+
+    monkeypatch.setattr(fastpath.FastAdmit, "_plan_for", spy)
+    data = [_check(keys[i % 4].secret, f"rid-{i}", _body("gpt-4o-mini", 16, 1, 3)) for i in range(8)]
+    script: list[tuple[str, Any]] = [("request", i) for i in range(8)] + [("tick", 61.0), ("request", 5)]
+    same(framing, config, script, data)
+    assert owners == ["KeyRecord", "KeyRecipe"]  # r0 (the shape's template) its own plan, r1-r3 one shared
 
 
 @given(
