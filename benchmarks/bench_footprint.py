@@ -23,6 +23,7 @@ valgrind (`apt-get install valgrind`); ~1-2 minutes. `--keep FILE` keeps the cal
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import re
 import shutil
@@ -168,11 +169,23 @@ def module_of(ob: str) -> str:
     return base.split(".", 1)[0] or ob
 
 
-def report(path: str, n: int, top: int) -> str:
-    events, costs = parse(path)
-    missing = [e for e in ("Ir", *COLD) if e not in events]
-    if missing:
-        raise ValueError(f"{path}: no {', '.join(missing)} events (run with --cache-sim=yes)")
+def report(paths: list[str], n: int, top: int) -> str:
+    """The figures per check of one run: its output file and the parts dumped before it (a dump, e.g.
+    `callgrind_control -d` from any process on the machine, starts a new part: the parts add up)."""
+    events: list[str] = []
+    costs: dict[tuple[str, str], list[int]] = {}
+    for path in paths:
+        part_events, part = parse(path)
+        missing = [e for e in ("Ir", *COLD) if e not in part_events]
+        if missing:
+            raise ValueError(f"{path}: no {', '.join(missing)} events (run with --cache-sim=yes)")
+        if events and part_events != events:
+            raise ValueError(f"{path}: not the events of {paths[0]}")
+        events = part_events
+        for where, row in part.items():
+            into = costs.setdefault(where, [0] * len(events))
+            for i, v in enumerate(row):
+                into[i] += v
     at = {e: i for i, e in enumerate(events)}
 
     def get(row: list[int], e: str) -> int:
@@ -223,8 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=100, help="checks measured (after 50 of warm-up)")
     ap.add_argument("--evict", type=int, default=8 << 20, help="bytes copied between checks (0: hot)")
     ap.add_argument("--top", type=int, default=12, help="modules and functions listed")
-    ap.add_argument("--keep", metavar="FILE", help="keep callgrind's output file here")
-    ap.add_argument("--file", metavar="FILE", help="report a kept callgrind output (with its --n)")
+    ap.add_argument(
+        "--keep", metavar="FILE", help="keep callgrind's output here (FILE, FILE.1 ... if dumped in parts)"
+    )
+    ap.add_argument(
+        "--file",
+        metavar="FILE",
+        nargs="+",
+        help="report a kept callgrind output, all its parts (with its --n)",
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.n < 1:
@@ -247,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     with tempfile.TemporaryDirectory(prefix="nexus-footprint-") as tmp:
-        out = args.keep or os.path.join(tmp, "callgrind.out")
+        out = os.path.join(tmp, "callgrind.out")
         cmd = [
             valgrind,
             "--tool=callgrind",
@@ -270,8 +290,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench_footprint: the measured run failed (exit {done.returncode})", file=sys.stderr)
             return 1
         print("\n".join(said))
+        parts = sorted(glob.glob(out + ".*")) + [out]
+        if args.keep:
+            for i, part in enumerate(parts[:-1], 1):
+                shutil.copyfile(part, f"{args.keep}.{i}")
+            shutil.copyfile(out, args.keep)
         try:
-            print(report(out, args.n, args.top))
+            print(report(parts, args.n, args.top))
         except ValueError as e:
             print(f"bench_footprint: {e}", file=sys.stderr)
             return 1

@@ -68,7 +68,7 @@ def test_self_costs_per_function(out: str) -> None:
 
 
 def test_report_per_check(out: str) -> None:
-    text = bf.report(out, n=2, top=5)
+    text = bf.report([out], n=2, top=5)
     first = text.splitlines()[0]
     # 480 instructions / 2; cold lines: code (7 + 3) / 2, data read (2 + 3) / 2, written 1 / 2
     assert "240 instructions" in first
@@ -91,3 +91,11 @@ def test_without_valgrind(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captur
     err = capsys.readouterr().err
     assert "valgrind is not installed" in err
     assert "Traceback" not in err
+
+
+def test_parts_add_up(out: str) -> None:
+    # a dump in the middle of a run (callgrind_control -d) leaves two parts: their costs add up
+    two = bf.report([out, out], n=4, top=5).splitlines()
+    one = bf.report([out], n=2, top=5).splitlines()
+    assert two[0].replace("(4 checks", "(2 checks") == one[0]
+    assert two[1:] == one[1:]
