@@ -62,6 +62,7 @@ from nexus_authz.core.prompt_later import KEEP_BODY_BYTES, deferred_body
 from nexus_authz.core.reservations import ReservationBook, settle_with
 from nexus_authz.latency import ReasonCounts as _ReasonCounts
 from nexus_authz.native._headers import plan_header_block as _native_block
+from nexus_authz.native._http1 import RequestParser as _Parser
 from nexus_authz.native._windows import acquire as _native_acquire
 
 cdef extern from "Python.h":
@@ -111,6 +112,14 @@ cdef Py_ssize_t _SKIP = 10  # len(EXT_AUTHZ_PREFIX): the path keeps its leading 
 cdef bytes _TAIL = b"content-length: 0\r\n\r\n"
 cdef bytes _RELEASE = b"x-nexus-release: "
 cdef object _OK = Reason.OK
+# the compiled parser's methods, called as functions on a parser of exactly that class (no look-up by name)
+cdef object _parser_feed = _Parser.feed
+cdef object _parser_method = _Parser.get_method
+cdef object _parser_keep_alive = _Parser.should_keep_alive
+# the modules' namespaces: their attributes read as the module's getattr finds them (ModuleType defines none
+# of these names), without its look-up on the type first
+cdef dict _body_names = _core_body.__dict__
+cdef dict _headers_names = _core_headers.__dict__
 cdef Py_ssize_t _OK_INDEX = list(Reason).index(Reason.OK)  # its place in a ReasonCounts' array
 cdef object _ONE = 1
 cdef object _UNAVAILABLE = Reason.UNAVAILABLE
@@ -248,6 +257,7 @@ cdef Slot S_STATUS_REMAINING, S_STATUS_LIMIT
 cdef Slot S_FACTS_PROBLEM, S_FACTS_MODEL, S_FACTS_PROMPT, S_FACTS_N, S_FACTS_MAX_TOKENS
 cdef Slot S_PRICE_INPUT, S_PRICE_CACHED, S_PRICE_OUTPUT
 cdef Slot S_ENGINE_BOOK, S_ENGINE_CLOCK, S_DEC_RELEASES, S_DEC_FREED, S_STORE_ADJUST, S_STORE_STORE
+cdef Slot S_COUNTS_COUNTS
 cdef PyTypeObject* _SHAPE = NULL
 cdef Py_ssize_t I_SETTLE_MASK = 0, I_SLOT_MASK = 0, I_SLOT_INDICES = 0, I_HEADERS = 0, I_SPECS = 0
 
@@ -271,6 +281,7 @@ cdef int _slots(type protocol) except -1:
     global S_FACTS_PROBLEM, S_FACTS_MODEL, S_FACTS_PROMPT, S_FACTS_N, S_FACTS_MAX_TOKENS
     global S_PRICE_INPUT, S_PRICE_CACHED, S_PRICE_OUTPUT
     global S_ENGINE_BOOK, S_ENGINE_CLOCK, S_DEC_RELEASES, S_DEC_FREED, S_STORE_ADJUST, S_STORE_STORE
+    global S_COUNTS_COUNTS
     global _SHAPE, I_SETTLE_MASK, I_SLOT_MASK, I_SLOT_INDICES, I_HEADERS, I_SPECS
     global _RELEASE_URL, _RELEASED_ANSWER, _Engine, _Decider, _LocalCounters, _MemoryStore, _shape_of, _SHAPES
     from nexus_authz.adapters.http_authz import _RELEASED, RELEASE_PATH, HttpApp
@@ -290,6 +301,7 @@ cdef int _slots(type protocol) except -1:
 
     _pinned.extend((protocol, HttpApp, KeySnapshot, AcquireResult, WindowStatus, KeyRecord, Policy, Shape))
     _pinned.extend((Decider, Engine, LatencyHistogram, LocalCounters, RequestFacts, Price, MemoryCounterStore))
+    _pinned.append(_ReasonCounts)
     S_PROTO_APP = _resolve(protocol, "_app")
     S_PROTO_PARSER = _resolve(protocol, "_parser")
     S_PROTO_URL = _resolve(protocol, "_url")
@@ -375,6 +387,7 @@ cdef int _slots(type protocol) except -1:
     S_DEC_FREED = _resolve(Decider, "_slot_freed")
     S_STORE_ADJUST = _resolve(LocalCounters, "adjust_soon")
     S_STORE_STORE = _resolve(LocalCounters, "store")
+    S_COUNTS_COUNTS = _resolve(<type>_ReasonCounts, "counts")  # (an ABCMeta instance)
     _Engine, _Decider, _LocalCounters, _MemoryStore = Engine, Decider, LocalCounters, MemoryCounterStore
     _shape_of = shapes.shape_of
     _SHAPES = shapes._SHAPES
@@ -783,7 +796,7 @@ cdef inline bint _due(object entry, object now) except -1:
 cdef int _count_ok(object decisions) except -1:
     """decisions[Reason.OK] += 1: in place in a ReasonCounts' array('q') (no int object per admission)."""
     if type(decisions) is _ReasonCounts:
-        counts = decisions.counts
+        counts = _at(decisions, &S_COUNTS_COUNTS, "counts")
         if (
             type(counts) is _array_type
             and (<carray.array>counts).ob_descr.typecode == 113  # "q"
@@ -812,7 +825,7 @@ def data_received(self, data):
             outer = _holder  # (None: data_received is not re-entered)
             _holder = self  # the lane's answers to this read leave in one write (`_emit`)
             try:
-                taken = fast.feed(data)
+                taken = _parser_feed(fast, data) if type(fast) is _Parser else fast.feed(data)
             finally:
                 _flush()
                 _holder = outer
@@ -910,9 +923,9 @@ cdef object _check(object decider, object policy, object snapshot, object header
         else:
             counted = False
     # KeySnapshot.lookup: keys.KeyHasher's HMAC in C (ASCII: the secret's UTF-8 bytes are its chars)
-    key = _at(snapshot, &S_SNAP_DIGEST, "by_digest").get(
-        _digest(_at(snapshot, &S_SNAP_HASHER, "hasher"), value, chars, length)
-    )
+    by_digest = _at(snapshot, &S_SNAP_DIGEST, "by_digest")
+    digest = _digest(_at(snapshot, &S_SNAP_HASHER, "hasher"), value, chars, length)
+    key = (<dict>by_digest).get(digest) if type(by_digest) is dict else by_digest.get(digest)
     if key is None or _at(key, &S_KEY_DISABLED, "disabled"):
         return None
     expires_at = _at(key, &S_KEY_EXPIRES, "expires_at")
@@ -932,7 +945,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
             else (("\x01denied\x00" + key_id) in failures)
         ):
             return None
-        facts = _core_body.read_facts(body, estimate_prompt=needs_facts, precise=False, truncated=False)
+        facts = _body_names["read_facts"](body, estimate_prompt=needs_facts, precise=False, truncated=False)
         if _at(facts, &S_FACTS_PROBLEM, "problem") is not None:
             return None
         model = _at(facts, &S_FACTS_MODEL, "model")
@@ -1120,13 +1133,13 @@ cdef object _check(object decider, object policy, object snapshot, object header
     if figures_n > 0:  # the plan's headers of the figures, written here (plan_header_block's bytes)
         header_plan = _item(_at(plan, &S_PLAN_SHAPE, "shape"), _SHAPE, I_HEADERS, "headers")
         block_n = -1
-        if type(header_plan) is tuple and _core_headers.build_header_block is _native_block:
+        if type(header_plan) is tuple and _headers_names["build_header_block"] is _native_block:
             block_n = figure_block(<tuple>header_plan, figures, figures_n, block)
         if block_n >= 0:
             return _join(wire, block, block_n, release)
         statuses = figure_statuses(specs, figures, figures_n)  # the objects, for the function in place
     if statuses:
-        block_bytes = _core_headers.build_header_block(
+        block_bytes = _headers_names["build_header_block"](
             _item(_at(plan, &S_PLAN_SHAPE, "shape"), _SHAPE, I_HEADERS, "headers"), statuses
         )
         return _join(wire, PyBytes_AS_STRING(block_bytes), PyBytes_GET_SIZE(block_bytes), release)
@@ -1160,8 +1173,8 @@ def on_message_complete(self):
         and type(url) is bytes
         and PyBytes_GET_SIZE(url) > _SKIP
         and memcmp(PyBytes_AS_STRING(url), PyBytes_AS_STRING(_PREFIX), _SKIP + 1) == 0
-        and parser.get_method() == b"POST"
-        and parser.should_keep_alive()
+        and (_parser_method(parser) if type(parser) is _Parser else parser.get_method()) == b"POST"
+        and (_parser_keep_alive(parser) if type(parser) is _Parser else parser.should_keep_alive())
         and not _at(app, &S_APP_DRAINING, "draining")
         and not _at(app, &S_APP_ADMIN, "admin")
         and not _at(self, &S_PROTO_OUTBOX, "_outbox")
