@@ -257,7 +257,7 @@ cdef Slot S_STATUS_REMAINING, S_STATUS_LIMIT
 cdef Slot S_FACTS_PROBLEM, S_FACTS_MODEL, S_FACTS_PROMPT, S_FACTS_N, S_FACTS_MAX_TOKENS
 cdef Slot S_PRICE_INPUT, S_PRICE_CACHED, S_PRICE_OUTPUT
 cdef Slot S_ENGINE_BOOK, S_ENGINE_CLOCK, S_DEC_RELEASES, S_DEC_FREED, S_STORE_ADJUST, S_STORE_STORE
-cdef Slot S_COUNTS_COUNTS
+cdef Slot S_COUNTS_COUNTS, S_MEM_STATES, S_MEM_HELD
 cdef PyTypeObject* _SHAPE = NULL
 cdef Py_ssize_t I_SETTLE_MASK = 0, I_SLOT_MASK = 0, I_SLOT_INDICES = 0, I_HEADERS = 0, I_SPECS = 0
 
@@ -281,7 +281,7 @@ cdef int _slots(type protocol) except -1:
     global S_FACTS_PROBLEM, S_FACTS_MODEL, S_FACTS_PROMPT, S_FACTS_N, S_FACTS_MAX_TOKENS
     global S_PRICE_INPUT, S_PRICE_CACHED, S_PRICE_OUTPUT
     global S_ENGINE_BOOK, S_ENGINE_CLOCK, S_DEC_RELEASES, S_DEC_FREED, S_STORE_ADJUST, S_STORE_STORE
-    global S_COUNTS_COUNTS
+    global S_COUNTS_COUNTS, S_MEM_STATES, S_MEM_HELD
     global _SHAPE, I_SETTLE_MASK, I_SLOT_MASK, I_SLOT_INDICES, I_HEADERS, I_SPECS
     global _RELEASE_URL, _RELEASED_ANSWER, _Engine, _Decider, _LocalCounters, _MemoryStore, _shape_of, _SHAPES
     from nexus_authz.adapters.http_authz import _RELEASED, RELEASE_PATH, HttpApp
@@ -388,6 +388,8 @@ cdef int _slots(type protocol) except -1:
     S_STORE_ADJUST = _resolve(LocalCounters, "adjust_soon")
     S_STORE_STORE = _resolve(LocalCounters, "store")
     S_COUNTS_COUNTS = _resolve(<type>_ReasonCounts, "counts")  # (an ABCMeta instance)
+    S_MEM_STATES = _resolve(MemoryCounterStore, "_states")
+    S_MEM_HELD = _resolve(MemoryCounterStore, "_held")
     _Engine, _Decider, _LocalCounters, _MemoryStore = Engine, Decider, LocalCounters, MemoryCounterStore
     _shape_of = shapes.shape_of
     _SHAPES = shapes._SHAPES
@@ -766,9 +768,10 @@ cdef int _observe(object histogram, double seconds) except -1:
     """LatencyHistogram.observe, inline: counts[bisect_left(bounds, seconds)] += 1; sum += seconds."""
     bounds = _at(histogram, &S_HIST_BOUNDS, "bounds")
     cdef Py_ssize_t lo = 0, hi = len(bounds), mid
+    cdef bint items = type(bounds) is tuple
     while lo < hi:  # bisect_left
         mid = (lo + hi) >> 1
-        bound = bounds[mid]
+        bound = <object>PyTuple_GET_ITEM(bounds, mid) if items else bounds[mid]
         if (PyFloat_AS_DOUBLE(bound) < seconds) if PyFloat_CheckExact(bound) else (bound < seconds):
             lo = mid + 1
         else:
@@ -879,7 +882,12 @@ cdef object _check(object decider, object policy, object snapshot, object header
     failures = _at(decider, &S_DEC_FAILURES, "failures")
     # -- FastAdmit.admit: the key --------------------------------------------------------------------
     value = h.get("authorization")
-    if type(value) is not str or not (<str>value).startswith("Bearer "):
+    if type(value) is not str:
+        return None
+    if PyUnicode_IS_ASCII(value):  # value.startswith("Bearer ")
+        if PyUnicode_GET_LENGTH(value) < 7 or memcmp(PyUnicode_DATA(value), b"Bearer ", 7) != 0:
+            return None
+    elif not (<str>value).startswith("Bearer "):
         return None
     if PyUnicode_IS_ASCII(value):  # value[7:].strip(), in place (ASCII whitespace: \t-\r, \x1c-\x1f, " ")
         chars = <const unsigned char*>PyUnicode_DATA(value)
@@ -908,10 +916,10 @@ cdef object _check(object decider, object policy, object snapshot, object header
         if type(failures) is _failure_store:
             # MemoryCounterStore: a dict of id -> state, where a window a write left fresh is held as
             # None until its sweep drops it (`_held` of them): its len() and `in` count only the others
-            states = failures._states
+            states = _at(failures, &S_MEM_STATES, "_states")
             if type(states) is not dict:
                 return _plain(decider, policy, snapshot, headers, path, body, request_id, client_address, app)
-            nonempty = len(<dict>states) != <Py_ssize_t>failures._held
+            nonempty = len(<dict>states) != <Py_ssize_t>_at(failures, &S_MEM_HELD, "_held")
         else:
             nonempty = bool(failures)
         if nonempty:
@@ -1111,7 +1119,8 @@ cdef object _check(object decider, object policy, object snapshot, object header
                 settle_with(store.adjust_soon, tuple(out), now)
             slot_mask = _item(shape, _SHAPE, I_SLOT_MASK, "slot_mask")
             if slot_mask != 0:  # policy.marks_release: shapes.near_limit
-                for idx in _item(shape, _SHAPE, I_SLOT_INDICES, "slot_indices"):
+                indices = _item(shape, _SHAPE, I_SLOT_INDICES, "slot_indices")
+                for idx in (<tuple>indices if type(indices) is tuple else tuple(indices)):
                     if not (uncharged >> <int>idx) & 1:
                         if figures_n >= 0:
                             if figures[<int>idx].remaining <= figures[<int>idx].limit >> 1:
