@@ -43,6 +43,7 @@ from libc.stdint cimport uint32_t
 from libc.string cimport memcmp, memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_THREAD_CPUTIME_ID, clock_gettime, timespec
 
+from nexus_authz.native._body cimport facts_of
 from nexus_authz.native._figures cimport Figure
 from nexus_authz.native._headers cimport BLOCK_BYTES, figure_block
 from nexus_authz.native._reservation cimport Entries, Reservation, new_reservation
@@ -61,6 +62,7 @@ from nexus_authz.core.model import Decision, InFlight, Reason, new_request
 from nexus_authz.core.prompt_later import KEEP_BODY_BYTES, deferred_body
 from nexus_authz.core.reservations import ReservationBook, settle_with
 from nexus_authz.latency import ReasonCounts as _ReasonCounts
+from nexus_authz.native._body import request_facts as _native_facts
 from nexus_authz.native._headers import plan_header_block as _native_block
 from nexus_authz.native._http1 import RequestParser as _Parser
 from nexus_authz.native._windows import acquire as _native_acquire
@@ -953,7 +955,11 @@ cdef object _check(object decider, object policy, object snapshot, object header
             else (("\x01denied\x00" + key_id) in failures)
         ):
             return None
-        facts = _body_names["read_facts"](body, estimate_prompt=needs_facts, precise=False, truncated=False)
+        read_facts = _body_names["read_facts"]
+        if read_facts is _native_facts:  # its C entry, the same call
+            facts = facts_of(body, needs_facts, False, False)
+        else:
+            facts = read_facts(body, estimate_prompt=needs_facts, precise=False, truncated=False)
         if _at(facts, &S_FACTS_PROBLEM, "problem") is not None:
             return None
         model = _at(facts, &S_FACTS_MODEL, "model")
