@@ -187,18 +187,30 @@ cdef bint _ODICT_FIRST = _odict_layout()
 # reaches the instance; `_at` reads the instance's slot at the descriptor's offset, found once by `_slots`
 # (called from `install`), when the object is exactly of that class, and is `getattr` otherwise (another
 # class, a subclass, an empty slot: the same value or the same AttributeError).
-cdef struct Slot:
-    PyTypeObject* cls  # NULL: not resolved (getattr)
-    Py_ssize_t offset
-
-
-cdef inline object _at(object obj, Slot* s, str name):
-    cdef PyObject* value
-    if Py_TYPE(obj) == s.cls:
-        value = (<PyObject**>((<char*><PyObject*>obj) + s.offset))[0]
-        if value != NULL:
-            return <object>value
-    return getattr(obj, name)
+# `_at` is C, inlined at each of its ~100 call sites (gcc would not inline it: a call per read, with its
+# `name` loaded from the module's string table, a cache line of names, even when the slot is read) and its
+# getattr out of line (cold: laid out apart from the hot path): the lane reads the Slot and the object only.
+cdef extern from *:
+    """
+    typedef struct { PyTypeObject *cls; Py_ssize_t offset; } _nx_slot;  /* cls NULL: not resolved (getattr) */
+    static __attribute__((noinline, cold)) PyObject *_nx_getattr(PyObject *obj, PyObject *name) {
+        return PyObject_GetAttr(obj, name);
+    }
+    static inline __attribute__((always_inline)) PyObject *_nx_at(PyObject *obj, _nx_slot *s, PyObject *name) {
+        if (Py_TYPE(obj) == s->cls) {
+            PyObject *value = *(PyObject **)((char *)obj + s->offset);
+            if (value != NULL) {
+                Py_INCREF(value);
+                return value;
+            }
+        }
+        return _nx_getattr(obj, name);
+    }
+    """
+    ctypedef struct Slot "_nx_slot":
+        PyTypeObject* cls
+        Py_ssize_t offset
+    object _at "_nx_at"(object obj, Slot* s, str name)
 
 
 cdef inline int _set(object obj, Slot* s, str name, object value) except -1:
