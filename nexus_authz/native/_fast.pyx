@@ -192,7 +192,8 @@ cdef bint _ODICT_FIRST = _odict_layout()
 # getattr out of line (cold: laid out apart from the hot path): the lane reads the Slot and the object only.
 cdef extern from *:
     """
-    typedef struct { PyTypeObject *cls; Py_ssize_t offset; } _nx_slot;  /* cls NULL: not resolved (getattr) */
+    typedef struct { PyTypeObject *cls; Py_ssize_t offset; } _nx_slot;
+    #define _nx_float_set(o, value) (((PyFloatObject *)(o))->ob_fval = (value))  /* cls NULL: not resolved (getattr) */
     static __attribute__((noinline, cold)) PyObject *_nx_getattr(PyObject *obj, PyObject *name) {
         return PyObject_GetAttr(obj, name);
     }
@@ -207,6 +208,8 @@ cdef extern from *:
         return _nx_getattr(obj, name);
     }
     """
+    Py_ssize_t _refcount "Py_REFCNT"(object o)
+    void _float_set "_nx_float_set"(object o, double value)
     ctypedef struct Slot "_nx_slot":
         PyTypeObject* cls
         Py_ssize_t offset
@@ -799,7 +802,11 @@ cdef int _observe(object histogram, double seconds) except -1:
         (<carray.array>counts).data.as_longlongs[lo] += 1
     else:
         counts[lo] += 1
-    _set(histogram, &S_HIST_SUM, "sum", _at(histogram, &S_HIST_SUM, "sum") + seconds)
+    total = _at(histogram, &S_HIST_SUM, "sum")
+    if PyFloat_CheckExact(total) and _refcount(total) == 2:  # the slot's and `total`'s: nobody else sees it
+        _float_set(total, PyFloat_AS_DOUBLE(total) + seconds)  # the same sum, no float made and freed
+    else:
+        _set(histogram, &S_HIST_SUM, "sum", total + seconds)
     return 0
 
 
