@@ -11,6 +11,8 @@ check's slot released after it) runs N times under valgrind's callgrind with its
 32 KiB 8-way, LL 4 MiB 16-way, 64-byte lines), collecting only inside the compiled `data_received`
 (`--toggle-collect`), with --evict bytes of other memory copied between two checks (outside the
 collection) so each check starts with cold caches. 50 checks run first (warm-up, then gc.freeze()).
+PYTHONHASHSEED is 0 unless set (string hashes, hence dict probes, the same in every run); what is left
+varies by ~1% from run to run (addresses: which lines objects share).
 
 Printed, per check: instructions (Ir); cold lines = last-level misses: code (ILmr), data read (DLmr),
 data written (DLmw), and their total in lines and KB; then the modules (shared objects) and functions
@@ -283,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--evict={args.evict}",
         ]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        env.setdefault("PYTHONHASHSEED", "0")  # the same dict probes run after run: figures that compare
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         said = [x for x in done.stderr.splitlines() if not x.startswith(("==", "--"))]
         if done.returncode != 0 or not os.path.exists(out):
