@@ -193,7 +193,47 @@ cdef bint _ODICT_FIRST = _odict_layout()
 cdef extern from *:
     """
     typedef struct { PyTypeObject *cls; Py_ssize_t offset; } _nx_slot;
-    #define _nx_float_set(o, value) (((PyFloatObject *)(o))->ob_fval = (value))  /* cls NULL: not resolved (getattr) */
+    #define _nx_float_set(o, value) (((PyFloatObject *)(o))->ob_fval = (value))
+
+    /* getattr(o, name) for an attribute o's class defines as a plain value (no descriptor) on instances without a __dict__ and with the generic getattr: remembered with the
+       class's version tag, which CPython changes (or zeroes) whenever the class or a base is modified, as
+       its own method cache does; anything else: getattr, every time. */
+    typedef struct { PyTypeObject *type; unsigned int tag; PyObject *value; } _nx_cattr;
+    static __attribute__((noinline, cold)) PyObject *_nx_class_attr_slow(PyObject *o, _nx_cattr *c, PyObject *name) {
+        PyTypeObject *t = Py_TYPE(o);
+        PyObject *v = PyObject_GetAttr(o, name);
+        if (v == NULL)
+            return NULL;
+        if (t->tp_getattro == PyObject_GenericGetAttr && t->tp_dictoffset == 0) {
+            PyObject *found = _PyType_Lookup(t, name);  /* borrowed; gives the class a version tag */
+            if (found == v && Py_TYPE(found)->tp_descr_get == NULL && t->tp_version_tag != 0
+    #ifdef Py_TPFLAGS_VALID_VERSION_TAG
+                && (t->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG)
+    #endif
+            ) {
+                Py_INCREF(t);
+                Py_INCREF(v);
+                Py_XDECREF((PyObject *)c->type);
+                Py_XDECREF(c->value);
+                c->type = t;
+                c->tag = t->tp_version_tag;
+                c->value = v;
+            }
+        }
+        return v;
+    }
+    static inline __attribute__((always_inline)) PyObject *_nx_class_attr(PyObject *o, _nx_cattr *c, PyObject *name) {
+        PyTypeObject *t = Py_TYPE(o);
+        if (t == c->type && c->tag != 0 && t->tp_version_tag == c->tag
+    #ifdef Py_TPFLAGS_VALID_VERSION_TAG
+            && (t->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG)
+    #endif
+        ) {
+            Py_INCREF(c->value);
+            return c->value;
+        }
+        return _nx_class_attr_slow(o, c, name);
+    }  /* cls NULL: not resolved (getattr) */
     static __attribute__((noinline, cold)) PyObject *_nx_getattr(PyObject *obj, PyObject *name) {
         return PyObject_GetAttr(obj, name);
     }
@@ -210,10 +250,18 @@ cdef extern from *:
     """
     Py_ssize_t _refcount "Py_REFCNT"(object o)
     void _float_set "_nx_float_set"(object o, double value)
+    ctypedef struct ClassAttr "_nx_cattr":
+        PyTypeObject* type
+        unsigned int tag
+        PyObject* value
+    object _class_attr "_nx_class_attr"(object obj, ClassAttr* c, str name)
     ctypedef struct Slot "_nx_slot":
         PyTypeObject* cls
         Py_ssize_t offset
     object _at "_nx_at"(object obj, Slot* s, str name)
+
+
+cdef ClassAttr _FAST_PATH  # the protocol's class attribute fast_path
 
 
 cdef inline int _set(object obj, Slot* s, str name, object value) except -1:
@@ -1202,7 +1250,7 @@ def on_message_complete(self):
     parser = _at(self, &S_PROTO_PARSER, "_parser")
     url = _at(self, &S_PROTO_URL, "_url")
     if (
-        self.fast_path
+        _class_attr(self, &_FAST_PATH, "fast_path")
         and not _at(self, &S_PROTO_CLOSING, "_closing")
         and type(url) is bytes
         and PyBytes_GET_SIZE(url) > _SKIP
