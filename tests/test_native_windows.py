@@ -180,6 +180,28 @@ def test_a_busy_key_decides_the_same(
     assert run(MemoryCounterStore(), fast, start, calls) == run(MemoryCounterStore(), PURE, start, calls)
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    plans=st.lists(st.lists(spec_st, min_size=1, max_size=5).map(tuple), min_size=1, max_size=3),
+    uses=st.lists(
+        st.tuples(st.integers(0, 2), st.sampled_from([0.0, 0.01, 0.5, 3.0, 61.0])), min_size=1, max_size=40
+    ),
+)
+def test_plans_that_come_back_decide_the_same(
+    compiled: Any, plans: list[tuple[LimitSpec, ...]], uses: list[tuple[int, float]]
+) -> None:
+    """The same specs tuples (objects) again and again, interleaved, as plans' tuples come back: the compiled
+    acquire keeps the Specs of the last tuple it read, and must read another tuple's own."""
+    calls = []
+    for pick, step in uses:
+        specs = plans[pick % len(plans)]
+        ids = tuple(f"p{pick % len(plans)}\x00{i}" for i in range(len(specs)))
+        calls.append(("acquire", ids, specs, tuple(1 + i for i in range(len(specs))), step, None))
+    start = 1_700_002_800.0
+    fast = (compiled.acquire, compiled.adjust)
+    assert run(MemoryCounterStore(), fast, start, calls) == run(MemoryCounterStore(), PURE, start, calls)
+
+
 @settings(max_examples=3000, deadline=None)
 @given(
     now=st.floats(-1e12, 1e12, allow_nan=False) | st.integers(-(10**9), 10**9).map(float),

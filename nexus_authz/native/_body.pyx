@@ -451,6 +451,11 @@ cdef str _model(const char* chars, Py_ssize_t n):
 
 def request_facts(body, *, bint estimate_prompt=True, bint precise=True, bint truncated=False):
     """nexus_authz.core.body.request_facts, the same RequestFacts for every input (see the module)."""
+    return facts_of(body, estimate_prompt, precise, truncated)
+
+
+cdef object facts_of(object body, bint estimate_prompt, bint precise, bint truncated):
+    """`request_facts` for a C caller (native/_fast.pyx): no keyword arguments to pass and parse."""
     cdef Reader r
     cdef Facts f
     cdef Py_ssize_t n

@@ -44,6 +44,7 @@ from libc.stdint cimport uint32_t
 from libc.string cimport memcmp, memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_THREAD_CPUTIME_ID, clock_gettime, timespec
 
+from nexus_authz.native._body cimport facts_of
 from nexus_authz.native._figures cimport Figure
 from nexus_authz.native._headers cimport BLOCK_BYTES, figure_block
 from nexus_authz.native._reservation cimport Entries, Reservation, new_reservation
@@ -62,7 +63,9 @@ from nexus_authz.core.model import Decision, InFlight, Reason, new_request
 from nexus_authz.core.prompt_later import KEEP_BODY_BYTES, deferred_body
 from nexus_authz.core.reservations import ReservationBook, settle_with
 from nexus_authz.latency import ReasonCounts as _ReasonCounts
+from nexus_authz.native._body import request_facts as _native_facts
 from nexus_authz.native._headers import plan_header_block as _native_block
+from nexus_authz.native._http1 import RequestParser as _Parser
 from nexus_authz.native._windows import acquire as _native_acquire
 
 cdef extern from "Python.h":
@@ -112,6 +115,14 @@ cdef Py_ssize_t _SKIP = 10  # len(EXT_AUTHZ_PREFIX): the path keeps its leading 
 cdef bytes _TAIL = b"content-length: 0\r\n\r\n"
 cdef bytes _RELEASE = b"x-nexus-release: "
 cdef object _OK = Reason.OK
+# the compiled parser's methods, called as functions on a parser of exactly that class (no look-up by name)
+cdef object _parser_feed = _Parser.feed
+cdef object _parser_method = _Parser.get_method
+cdef object _parser_keep_alive = _Parser.should_keep_alive
+# the modules' namespaces: their attributes read as the module's getattr finds them (ModuleType defines none
+# of these names), without its look-up on the type first
+cdef dict _body_names = _core_body.__dict__
+cdef dict _headers_names = _core_headers.__dict__
 cdef Py_ssize_t _OK_INDEX = list(Reason).index(Reason.OK)  # its place in a ReasonCounts' array
 cdef object _ONE = 1
 cdef object _UNAVAILABLE = Reason.UNAVAILABLE
@@ -178,18 +189,81 @@ cdef bint _ODICT_FIRST = _odict_layout()
 # reaches the instance; `_at` reads the instance's slot at the descriptor's offset, found once by `_slots`
 # (called from `install`), when the object is exactly of that class, and is `getattr` otherwise (another
 # class, a subclass, an empty slot: the same value or the same AttributeError).
-cdef struct Slot:
-    PyTypeObject* cls  # NULL: not resolved (getattr)
-    Py_ssize_t offset
+# `_at` is C, inlined at each of its ~100 call sites (gcc would not inline it: a call per read, with its
+# `name` loaded from the module's string table, a cache line of names, even when the slot is read) and its
+# getattr out of line (cold: laid out apart from the hot path): the lane reads the Slot and the object only.
+cdef extern from *:
+    """
+    typedef struct { PyTypeObject *cls; Py_ssize_t offset; } _nx_slot;
+    #define _nx_float_set(o, value) (((PyFloatObject *)(o))->ob_fval = (value))
+
+    /* getattr(o, name) for an attribute o's class defines as a plain value (no descriptor) on instances without a __dict__ and with the generic getattr: remembered with the
+       class's version tag, which CPython changes (or zeroes) whenever the class or a base is modified, as
+       its own method cache does; anything else: getattr, every time. */
+    typedef struct { PyTypeObject *type; unsigned int tag; PyObject *value; } _nx_cattr;
+    static __attribute__((noinline, cold)) PyObject *_nx_class_attr_slow(PyObject *o, _nx_cattr *c, PyObject *name) {
+        PyTypeObject *t = Py_TYPE(o);
+        PyObject *v = PyObject_GetAttr(o, name);
+        if (v == NULL)
+            return NULL;
+        if (t->tp_getattro == PyObject_GenericGetAttr && t->tp_dictoffset == 0) {
+            PyObject *found = _PyType_Lookup(t, name);  /* borrowed; gives the class a version tag */
+            if (found == v && Py_TYPE(found)->tp_descr_get == NULL && t->tp_version_tag != 0
+    #ifdef Py_TPFLAGS_VALID_VERSION_TAG
+                && (t->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG)
+    #endif
+            ) {
+                Py_INCREF(t);
+                Py_INCREF(v);
+                Py_XDECREF((PyObject *)c->type);
+                Py_XDECREF(c->value);
+                c->type = t;
+                c->tag = t->tp_version_tag;
+                c->value = v;
+            }
+        }
+        return v;
+    }
+    static inline __attribute__((always_inline)) PyObject *_nx_class_attr(PyObject *o, _nx_cattr *c, PyObject *name) {
+        PyTypeObject *t = Py_TYPE(o);
+        if (t == c->type && c->tag != 0 && t->tp_version_tag == c->tag
+    #ifdef Py_TPFLAGS_VALID_VERSION_TAG
+            && (t->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG)
+    #endif
+        ) {
+            Py_INCREF(c->value);
+            return c->value;
+        }
+        return _nx_class_attr_slow(o, c, name);
+    }  /* cls NULL: not resolved (getattr) */
+    static __attribute__((noinline, cold)) PyObject *_nx_getattr(PyObject *obj, PyObject *name) {
+        return PyObject_GetAttr(obj, name);
+    }
+    static inline __attribute__((always_inline)) PyObject *_nx_at(PyObject *obj, _nx_slot *s, PyObject *name) {
+        if (Py_TYPE(obj) == s->cls) {
+            PyObject *value = *(PyObject **)((char *)obj + s->offset);
+            if (value != NULL) {
+                Py_INCREF(value);
+                return value;
+            }
+        }
+        return _nx_getattr(obj, name);
+    }
+    """
+    Py_ssize_t _refcount "Py_REFCNT"(object o)
+    void _float_set "_nx_float_set"(object o, double value)
+    ctypedef struct ClassAttr "_nx_cattr":
+        PyTypeObject* type
+        unsigned int tag
+        PyObject* value
+    object _class_attr "_nx_class_attr"(object obj, ClassAttr* c, str name)
+    ctypedef struct Slot "_nx_slot":
+        PyTypeObject* cls
+        Py_ssize_t offset
+    object _at "_nx_at"(object obj, Slot* s, str name)
 
 
-cdef inline object _at(object obj, Slot* s, str name):
-    cdef PyObject* value
-    if Py_TYPE(obj) == s.cls:
-        value = (<PyObject**>((<char*><PyObject*>obj) + s.offset))[0]
-        if value != NULL:
-            return <object>value
-    return getattr(obj, name)
+cdef ClassAttr _FAST_PATH  # the protocol's class attribute fast_path
 
 
 cdef inline int _set(object obj, Slot* s, str name, object value) except -1:
@@ -252,6 +326,7 @@ cdef Slot S_STATUS_REMAINING, S_STATUS_LIMIT
 cdef Slot S_FACTS_PROBLEM, S_FACTS_MODEL, S_FACTS_PROMPT, S_FACTS_N, S_FACTS_MAX_TOKENS
 cdef Slot S_PRICE_INPUT, S_PRICE_CACHED, S_PRICE_OUTPUT
 cdef Slot S_ENGINE_BOOK, S_ENGINE_CLOCK, S_DEC_RELEASES, S_DEC_FREED, S_STORE_ADJUST, S_STORE_STORE
+cdef Slot S_COUNTS_COUNTS, S_MEM_STATES, S_MEM_HELD
 cdef PyTypeObject* _SHAPE = NULL
 cdef Py_ssize_t I_SETTLE_MASK = 0, I_SLOT_MASK = 0, I_SLOT_INDICES = 0, I_HEADERS = 0, I_SPECS = 0
 
@@ -277,6 +352,7 @@ cdef int _slots(type protocol) except -1:
     global S_FACTS_PROBLEM, S_FACTS_MODEL, S_FACTS_PROMPT, S_FACTS_N, S_FACTS_MAX_TOKENS
     global S_PRICE_INPUT, S_PRICE_CACHED, S_PRICE_OUTPUT
     global S_ENGINE_BOOK, S_ENGINE_CLOCK, S_DEC_RELEASES, S_DEC_FREED, S_STORE_ADJUST, S_STORE_STORE
+    global S_COUNTS_COUNTS, S_MEM_STATES, S_MEM_HELD
     global _SHAPE, I_SETTLE_MASK, I_SLOT_MASK, I_SLOT_INDICES, I_HEADERS, I_SPECS
     global _RELEASE_URL, _RELEASED_ANSWER, _Engine, _Decider, _LocalCounters, _MemoryStore, _shape_of, _SHAPES
     from nexus_authz.adapters.http_authz import _RELEASED, RELEASE_PATH, HttpApp
@@ -296,6 +372,7 @@ cdef int _slots(type protocol) except -1:
 
     _pinned.extend((protocol, HttpApp, KeySnapshot, AcquireResult, WindowStatus, KeyRecord, Policy, Shape))
     _pinned.extend((Decider, Engine, LatencyHistogram, LocalCounters, RequestFacts, Price, MemoryCounterStore))
+    _pinned.append(_ReasonCounts)
     S_PROTO_APP = _resolve(protocol, "_app")
     S_PROTO_PARSER = _resolve(protocol, "_parser")
     S_PROTO_URL = _resolve(protocol, "_url")
@@ -391,6 +468,9 @@ cdef int _slots(type protocol) except -1:
     S_DEC_FREED = _resolve(Decider, "_slot_freed")
     S_STORE_ADJUST = _resolve(LocalCounters, "adjust_soon")
     S_STORE_STORE = _resolve(LocalCounters, "store")
+    S_COUNTS_COUNTS = _resolve(<type>_ReasonCounts, "counts")  # (an ABCMeta instance)
+    S_MEM_STATES = _resolve(MemoryCounterStore, "_states")
+    S_MEM_HELD = _resolve(MemoryCounterStore, "_held")
     _Engine, _Decider, _LocalCounters, _MemoryStore = Engine, Decider, LocalCounters, MemoryCounterStore
     _shape_of = shapes.shape_of
     _SHAPES = shapes._SHAPES
@@ -813,9 +893,10 @@ cdef int _observe(object histogram, double seconds) except -1:
     """LatencyHistogram.observe, inline: counts[bisect_left(bounds, seconds)] += 1; sum += seconds."""
     bounds = _at(histogram, &S_HIST_BOUNDS, "bounds")
     cdef Py_ssize_t lo = 0, hi = len(bounds), mid
+    cdef bint items = type(bounds) is tuple
     while lo < hi:  # bisect_left
         mid = (lo + hi) >> 1
-        bound = bounds[mid]
+        bound = <object>PyTuple_GET_ITEM(bounds, mid) if items else bounds[mid]
         if (PyFloat_AS_DOUBLE(bound) < seconds) if PyFloat_CheckExact(bound) else (bound < seconds):
             lo = mid + 1
         else:
@@ -829,7 +910,11 @@ cdef int _observe(object histogram, double seconds) except -1:
         (<carray.array>counts).data.as_longlongs[lo] += 1
     else:
         counts[lo] += 1
-    _set(histogram, &S_HIST_SUM, "sum", _at(histogram, &S_HIST_SUM, "sum") + seconds)
+    total = _at(histogram, &S_HIST_SUM, "sum")
+    if PyFloat_CheckExact(total) and _refcount(total) == 2:  # the slot's and `total`'s: nobody else sees it
+        _float_set(total, PyFloat_AS_DOUBLE(total) + seconds)  # the same sum, no float made and freed
+    else:
+        _set(histogram, &S_HIST_SUM, "sum", total + seconds)
     return 0
 
 
@@ -843,7 +928,7 @@ cdef inline bint _due(object entry, object now) except -1:
 cdef int _count_ok(object decisions) except -1:
     """decisions[Reason.OK] += 1: in place in a ReasonCounts' array('q') (no int object per admission)."""
     if type(decisions) is _ReasonCounts:
-        counts = decisions.counts
+        counts = _at(decisions, &S_COUNTS_COUNTS, "counts")
         if (
             type(counts) is _array_type
             and (<carray.array>counts).ob_descr.typecode == 113  # "q"
@@ -872,7 +957,7 @@ def data_received(self, data):
             outer = _holder  # (None: data_received is not re-entered)
             _holder = self  # the lane's answers to this read leave in one write (`_emit`)
             try:
-                taken = fast.feed(data)
+                taken = _parser_feed(fast, data) if type(fast) is _Parser else fast.feed(data)
             finally:
                 _flush()
                 _holder = outer
@@ -926,7 +1011,12 @@ cdef object _check(object decider, object policy, object snapshot, object header
     failures = _at(decider, &S_DEC_FAILURES, "failures")
     # -- FastAdmit.admit: the key --------------------------------------------------------------------
     value = h.get("authorization")
-    if type(value) is not str or not (<str>value).startswith("Bearer "):
+    if type(value) is not str:
+        return None
+    if PyUnicode_IS_ASCII(value):  # value.startswith("Bearer ")
+        if PyUnicode_GET_LENGTH(value) < 7 or memcmp(PyUnicode_DATA(value), b"Bearer ", 7) != 0:
+            return None
+    elif not (<str>value).startswith("Bearer "):
         return None
     if PyUnicode_IS_ASCII(value):  # value[7:].strip(), in place (ASCII whitespace: \t-\r, \x1c-\x1f, " ")
         chars = <const unsigned char*>PyUnicode_DATA(value)
@@ -955,10 +1045,10 @@ cdef object _check(object decider, object policy, object snapshot, object header
         if type(failures) is _failure_store:
             # MemoryCounterStore: a dict of id -> state, where a window a write left fresh is held as
             # None until its sweep drops it (`_held` of them): its len() and `in` count only the others
-            states = failures._states
+            states = _at(failures, &S_MEM_STATES, "_states")
             if type(states) is not dict:
                 return _plain(decider, policy, snapshot, headers, path, body, request_id, client_address, app)
-            nonempty = len(<dict>states) != <Py_ssize_t>failures._held
+            nonempty = len(<dict>states) != <Py_ssize_t>_at(failures, &S_MEM_HELD, "_held")
         else:
             nonempty = bool(failures)
         if nonempty:
@@ -970,9 +1060,9 @@ cdef object _check(object decider, object policy, object snapshot, object header
         else:
             counted = False
     # KeySnapshot.lookup: keys.KeyHasher's HMAC in C (ASCII: the secret's UTF-8 bytes are its chars)
-    key = _at(snapshot, &S_SNAP_DIGEST, "by_digest").get(
-        _digest(_at(snapshot, &S_SNAP_HASHER, "hasher"), value, chars, length)
-    )
+    by_digest = _at(snapshot, &S_SNAP_DIGEST, "by_digest")
+    digest = _digest(_at(snapshot, &S_SNAP_HASHER, "hasher"), value, chars, length)
+    key = (<dict>by_digest).get(digest) if type(by_digest) is dict else by_digest.get(digest)
     if key is None or _at(key, &S_KEY_DISABLED, "disabled"):
         return None
     expires_at = _at(key, &S_KEY_EXPIRES, "expires_at")
@@ -992,7 +1082,11 @@ cdef object _check(object decider, object policy, object snapshot, object header
             else (("\x01denied\x00" + key_id) in failures)
         ):
             return None
-        facts = _core_body.read_facts(body, estimate_prompt=needs_facts, precise=False, truncated=False)
+        read_facts = _body_names["read_facts"]
+        if read_facts is _native_facts:  # its C entry, the same call
+            facts = facts_of(body, needs_facts, False, False)
+        else:
+            facts = read_facts(body, estimate_prompt=needs_facts, precise=False, truncated=False)
         if _at(facts, &S_FACTS_PROBLEM, "problem") is not None:
             return None
         model = _at(facts, &S_FACTS_MODEL, "model")
@@ -1166,7 +1260,8 @@ cdef object _check(object decider, object policy, object snapshot, object header
                 settle_with(store.adjust_soon, tuple(out), now)
             slot_mask = _item(shape, _SHAPE, I_SLOT_MASK, "slot_mask")
             if slot_mask != 0:  # policy.marks_release: shapes.near_limit
-                for idx in _item(shape, _SHAPE, I_SLOT_INDICES, "slot_indices"):
+                indices = _item(shape, _SHAPE, I_SLOT_INDICES, "slot_indices")
+                for idx in (<tuple>indices if type(indices) is tuple else tuple(indices)):
                     if not (uncharged >> <int>idx) & 1:
                         if figures_n >= 0:
                             if figures[<int>idx].remaining <= figures[<int>idx].limit >> 1:
@@ -1188,13 +1283,13 @@ cdef object _check(object decider, object policy, object snapshot, object header
     if figures_n > 0:  # the plan's headers of the figures, written here (plan_header_block's bytes)
         header_plan = _item(_at(plan, &S_PLAN_SHAPE, "shape"), _SHAPE, I_HEADERS, "headers")
         block_n = -1
-        if type(header_plan) is tuple and _core_headers.build_header_block is _native_block:
+        if type(header_plan) is tuple and _headers_names["build_header_block"] is _native_block:
             block_n = figure_block(<tuple>header_plan, figures, figures_n, block)
         if block_n >= 0:
             return _join(wire, key_id, block, block_n, release)
         statuses = figure_statuses(specs, figures, figures_n)  # the objects, for the function in place
     if statuses:
-        block_bytes = _core_headers.build_header_block(
+        block_bytes = _headers_names["build_header_block"](
             _item(_at(plan, &S_PLAN_SHAPE, "shape"), _SHAPE, I_HEADERS, "headers"), statuses
         )
         return _join(wire, key_id, PyBytes_AS_STRING(block_bytes), PyBytes_GET_SIZE(block_bytes), release)
@@ -1223,13 +1318,13 @@ def on_message_complete(self):
     parser = _at(self, &S_PROTO_PARSER, "_parser")
     url = _at(self, &S_PROTO_URL, "_url")
     if (
-        self.fast_path
+        _class_attr(self, &_FAST_PATH, "fast_path")
         and not _at(self, &S_PROTO_CLOSING, "_closing")
         and type(url) is bytes
         and PyBytes_GET_SIZE(url) > _SKIP
         and memcmp(PyBytes_AS_STRING(url), PyBytes_AS_STRING(_PREFIX), _SKIP + 1) == 0
-        and parser.get_method() == b"POST"
-        and parser.should_keep_alive()
+        and (_parser_method(parser) if type(parser) is _Parser else parser.get_method()) == b"POST"
+        and (_parser_keep_alive(parser) if type(parser) is _Parser else parser.should_keep_alive())
         and not _at(app, &S_APP_DRAINING, "draining")
         and not _at(app, &S_APP_ADMIN, "admin")
         and not _at(self, &S_PROTO_OUTBOX, "_outbox")

@@ -37,9 +37,11 @@ from nexus_authz.core.windows import CONCURRENCY_RETRY_AFTER
 cdef extern from "Python.h":
     ctypedef struct PyTypeObject:
         void* tp_alloc
+    PyTypeObject* Py_TYPE(object o)
     PyObject* PyDict_GetItemWithError(object d, object key) except? NULL
     object PyType_GenericAlloc(PyTypeObject* t, Py_ssize_t nitems)
     bint PyComplex_CheckExact(object o)
+    bint PyTuple_CheckExact(object o)
     bint PyLong_CheckExact(object o)
     bint PyFloat_CheckExact(object o)
     double PyComplex_RealAsDouble(object o)
@@ -137,6 +139,55 @@ cdef inline void _put(object obj, Py_ssize_t offset, object value):
     """Set an unset slot of a new object (what the member descriptor's __set__ does on it)."""
     Py_INCREF(value)
     (<PyObject**>((<char*><PyObject*>obj) + offset))[0] = <PyObject*>value
+
+
+# The store's own fields (MemoryCounterStore's __slots__), read and written in place as its member descriptors
+# do, when the store is exactly of the class the first `acquire` / `adjust` saw (resolved then: `_store_slots`);
+# getattr / setattr otherwise (another class, an unset slot: the same value or the same AttributeError).
+cdef PyTypeObject* _STORE = NULL
+cdef object _store_class = None  # (held: its address is compared)
+cdef Py_ssize_t SO_STATES = -1, SO_SWEEP = -1, SO_EVICTED = -1, SO_WALK = -1, SO_NEXT = -1, SO_CURSOR = -1
+cdef Py_ssize_t SO_HELD = -1
+
+
+cdef int _store_slots(object store) except -1:
+    global _STORE, _store_class, SO_STATES, SO_SWEEP, SO_EVICTED, SO_WALK, SO_NEXT, SO_CURSOR, SO_HELD
+    cls = type(store)
+    SO_STATES = _slot_offset(cls, "_states")
+    SO_SWEEP = _slot_offset(cls, "_sweep_per_call")
+    SO_EVICTED = _slot_offset(cls, "_evicted")
+    SO_WALK = _slot_offset(cls, "_walk")
+    SO_NEXT = _slot_offset(cls, "_next")
+    SO_CURSOR = _slot_offset(cls, "_cursor")
+    SO_HELD = _slot_offset(cls, "_held")
+    _store_class = cls
+    _STORE = <PyTypeObject*>cls
+    return 0
+
+
+cdef inline object _sget(object store, Py_ssize_t offset, str name):
+    """getattr(store, name), from its slot when it is one of the store's class."""
+    cdef PyObject* value
+    if offset >= 0 and Py_TYPE(store) == _STORE:
+        value = _get(store, offset)
+        if value != NULL:
+            return <object>value
+    return getattr(store, name)
+
+
+cdef inline int _sset(object store, Py_ssize_t offset, str name, object value) except -1:
+    """setattr(store, name, value), in its slot when it is one of the store's class."""
+    cdef PyObject** where
+    cdef PyObject* old
+    if offset >= 0 and Py_TYPE(store) == _STORE:
+        where = <PyObject**>((<char*><PyObject*>store) + offset)
+        old = where[0]
+        Py_INCREF(value)
+        where[0] = <PyObject*>value
+        Py_XDECREF(old)
+        return 0
+    setattr(store, name, value)
+    return 0
 
 
 # the pure-Python methods this module stands in for (set by stores/memory.py through `install`)
@@ -457,6 +508,17 @@ cdef int _read_spec(object spec, Spec* out):
     return 0
 
 
+# The Specs of the specs tuple `acquire` read last, kept: a plan's tuple comes back with every check of its
+# key, and its LimitSpecs (frozen, their fields ints, floats and an Algorithm) read the same each time, so
+# a check of the same tuple (`is`: it is held here, so its id is not reused) reads no LimitSpec. In use by
+# one call at a time (`_specs_busy`): a call made meanwhile (from a finalizer, say) reads its own.
+cdef enum:
+    CACHED_WINDOWS = 16
+cdef object _specs_tuple = None
+cdef Spec _specs_cache[CACHED_WINDOWS]
+cdef bint _specs_busy = False
+
+
 cdef inline double _float(PyObject* value):
     if PyFloat_CheckExact(<object>value):
         return PyFloat_AS_DOUBLE(<object>value)
@@ -615,9 +677,9 @@ cdef inline int _append(list items, object value) except -1:
 cdef long long _sweep(object store, dict states, double now, long long budget) except -1:
     """MemoryCounterStore._sweep: the next `budget` ids of the walk (the next walk when one ends)."""
     cdef long long evicted = 0, size = len(states)
-    cdef list walk = store._walk
-    cdef list keep = store._next
-    cdef Py_ssize_t i = store._cursor
+    cdef list walk = _sget(store, SO_WALK, "_walk")
+    cdef list keep = _sget(store, SO_NEXT, "_next")
+    cdef Py_ssize_t i = _sget(store, SO_CURSOR, "_cursor")
     cdef PyObject* found
     if budget > size:
         budget = size
@@ -625,13 +687,13 @@ cdef long long _sweep(object store, dict states, double now, long long budget) e
         if i >= len(walk):  # this walk ended: the next one starts
             done = walk
             walk = keep
-            store._walk = walk
+            _sset(store, SO_WALK, "_walk", walk)
             if done is walk:  # (never: the two lists are distinct)
                 keep = []
             else:  # the walked list (all None now), emptied, is the next: its array kept, none allocated
                 keep = <list>done
                 _empty(keep)
-            store._next = keep
+            _sset(store, SO_NEXT, "_next", keep)
             i = 0
             if not walk:
                 break
@@ -645,13 +707,13 @@ cdef long long _sweep(object store, dict states, double now, long long budget) e
         state = <object>found
         if state is None:  # left fresh by a write: dropped (not counted as evicted)
             del states[cid]
-            store._held -= 1
+            _sset(store, SO_HELD, "_held", _sget(store, SO_HELD, "_held") - 1)
         elif _is_fresh(state, now):
             del states[cid]
             evicted += 1
         else:
             _append(keep, cid)
-    store._cursor = i
+    _sset(store, SO_CURSOR, "_cursor", i)
     return evicted
 
 
@@ -661,9 +723,9 @@ cdef inline int _set_state(object store, dict states, object cid, object state) 
     cdef bint was_held = old != NULL and <object>old is None
     states[cid] = state
     if old == NULL:
-        _append(<list>store._next, cid)
+        _append(<list>_sget(store, SO_NEXT, "_next"), cid)
     elif was_held:
-        store._held -= 1
+        _sset(store, SO_HELD, "_held", _sget(store, SO_HELD, "_held") - 1)
     return 0
 
 
@@ -672,7 +734,7 @@ cdef inline int _drop_state(object store, dict states, object cid) except -1:
     cdef PyObject* old = PyDict_GetItemWithError(states, cid)
     if old != NULL and <object>old is not None:
         states[cid] = None
-        store._held += 1
+        _sset(store, SO_HELD, "_held", _sget(store, SO_HELD, "_held") + 1)
     return 0
 
 
@@ -730,21 +792,34 @@ cdef object _acquire(object self, object counter_ids, object specs, object costs
     cdef bint allowed = True
     cdef unsigned long long uncharged = 0
     cdef Spec* sp
+    cdef Spec* specs_c = spec_c
+    cdef bint cached = False, hit = False
     cdef PyObject* found
     cdef long long sweep_budget
+    global _specs_tuple, _specs_busy
     if not (PyFloat_CheckExact(now) or PyLong_CheckExact(now)):
         return None if fig != NULL else _py_acquire(self, counter_ids, specs, costs, now)
     t = now
     n = len(specs)
     if n > MAX_WINDOWS or not (-TIME_RANGE < t < TIME_RANGE):
         return None if fig != NULL else _py_acquire(self, counter_ids, specs, costs, now)
-    states = self._states
+    if _STORE == NULL:
+        _store_slots(self)
+    states = _sget(self, SO_STATES, "_states")
     if type(states) is not dict:
         return None if fig != NULL else _py_acquire(self, counter_ids, specs, costs, now)
+    if not _specs_busy and n <= CACHED_WINDOWS and PyTuple_CheckExact(specs):
+        cached = True
+        _specs_busy = True
+        specs_c = _specs_cache
+        if specs is _specs_tuple:
+            hit = True
+        else:
+            _specs_tuple = None  # the cache is rewritten below
     try:
         for i in range(n):  # decide every window first; nothing is written yet
-            sp = &spec_c[i]
-            if _read_spec(specs[i], sp) or _cost(costs[i], &cost_c[i]):
+            sp = &specs_c[i]
+            if (not hit and _read_spec(specs[i], sp)) or _cost(costs[i], &cost_c[i]):
                 return None if fig != NULL else _py_acquire(self, counter_ids, specs, costs, now)
             found = PyDict_GetItemWithError(states, counter_ids[i])  # dict.get: OrderedDict inherits it
             state = <object>found if found != NULL else None
@@ -756,12 +831,14 @@ cdef object _acquire(object self, object counter_ids, object specs, object costs
             if not out[i].fits and not sp.shadow:
                 allowed = False
         state = None  # (its reference would count as another holder of the last state: _overwrite)
+        if cached and not hit:
+            _specs_tuple = specs  # every spec read
         if fig != NULL and not allowed:
             return None  # the object API decides the refusal again (nothing was written)
         statuses = PyTuple_New(n) if fig == NULL else None
         if allowed:  # commit every enforced window, and each shadow one that fits
             for i in range(n):
-                sp = &spec_c[i]
+                sp = &specs_c[i]
                 if out[i].fits:
                     cid = counter_ids[i]
                     if sp.algorithm == A_GCRA:
@@ -804,7 +881,7 @@ cdef object _acquire(object self, object counter_ids, object specs, object costs
                 result = _result(True, statuses, uncharged)
         else:  # nothing is charged: windows that would have fitted report their figures as they are
             for i in range(n):
-                sp = &spec_c[i]
+                sp = &specs_c[i]
                 if out[i].fits:
                     _take(<object>kept[i], sp, 0, t, &out[i])
                     status = _status(sp, out[i].remaining, out[i].reset_after, out[i].retry_after, True)
@@ -816,11 +893,14 @@ cdef object _acquire(object self, object counter_ids, object specs, object costs
     finally:
         for i in range(taken):
             Py_XDECREF(kept[i])
-    sweep_per_call = self._sweep_per_call
+        if cached:
+            _specs_busy = False
+    sweep_per_call = _sget(self, SO_SWEEP, "_sweep_per_call")
     if sweep_per_call:
         sweep_budget = sweep_per_call
         evicted = _sweep(self, states, t, sweep_budget)
-        self._evicted += evicted
+        if evicted:
+            _sset(self, SO_EVICTED, "_evicted", _sget(self, SO_EVICTED, "_evicted") + evicted)
     return result
 
 
@@ -947,7 +1027,9 @@ cdef object _adjust(object self, object counter_ids, object specs, object deltas
     if exact:
         at = charged_at
     n = len(specs)
-    states = self._states
+    if _STORE == NULL:
+        _store_slots(self)
+    states = _sget(self, SO_STATES, "_states")
     if n > MAX_WINDOWS or type(states) is not dict:
         return _py_adjust_of(self, counter_ids, specs, deltas, given, now, charged_at)
     for i in range(n):  # everything this code cannot do exactly goes to the pure path before any write

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -441,3 +442,45 @@ def test_repeated_values_are_handed_over_again_and_changed_ones_anew(engine: Eng
     assert same_output(engine, reads) == 0
     assert same_output(engine, [b"".join(reads)]) == 0
     assert sum(decisions.values()) == 5
+
+
+def test_fast_path_changed_on_the_class_is_read_again(tmp_path: Path) -> None:
+    """The lane remembers the protocol class's `fast_path` with the class's version tag: setting it on the
+    class (or on a base) afterwards takes effect at the next request, as a getattr would."""
+    assert native.http1 is not None
+    # its own engine: no failure counted by another test makes the lane hand the request over
+    engine = Engine.from_settings(load_settings(str(write_fuzz_config(tmp_path))), clock=lambda: NOW)
+    reference = http_authz.AuthzProtocol.on_message_complete.__code__
+
+    class Protocol(CompiledAuthzProtocol):  # type: ignore[misc, valid-type]
+        __slots__ = ()
+        fast_path = True
+
+    app = http_authz.HttpApp(engine, max_header_bytes=65536, max_body=1 << 20)
+    protocol = Protocol(app)
+    transport = FakeTransport()
+    protocol.connection_made(transport)
+    paths = []
+    for i, change in enumerate([None, None, False, None, True, "base"]):
+        if change == "base":  # a base's change invalidates the class's tag too
+            del Protocol.fast_path  # inherited from now on
+            CompiledAuthzProtocol.fast_path = False  # type: ignore[misc]
+        elif change is not None:
+            Protocol.fast_path = change  # type: ignore[misc]
+        codes: list[object] = []
+
+        def note(frame: object, event: str, _arg: object, codes: list[object] = codes) -> None:
+            if event == "call":
+                codes.append(frame.f_code)  # type: ignore[attr-defined]
+
+        sys.setprofile(note)
+        try:
+            protocol.data_received(_check_request(SECRETS[0], "/v1/chat/completions", f"fp{i}"))
+        finally:
+            sys.setprofile(None)
+            if change == "base":
+                CompiledAuthzProtocol.fast_path = True  # type: ignore[misc]
+        engine.release(f"fp{i}")
+        paths.append("reference" if reference in codes else "lane")
+    assert paths == ["lane", "lane", "reference", "reference", "lane", "reference"]
+    assert bytes(transport.data).count(b"HTTP/1.1 200") == 6
