@@ -109,12 +109,23 @@ cdef int _bind() except -1:
     return 0
 
 
-cdef inline object _at(object obj, Py_ssize_t offset):
-    """The field in the slot at `offset` of `obj` (getattr: AttributeError when it is unset)."""
-    cdef PyObject* value = (<PyObject**>((<char*><PyObject*>obj) + offset))[0]
-    if value == NULL:
-        raise AttributeError(f"{type(obj).__name__} field not set")
-    return <object>value
+# `_at`: the field in the slot at `offset` of `obj` (getattr's AttributeError when it is unset), in C and
+# inlined at each call site with the error out of line (gcc kept a Cython inline a called function).
+cdef extern from *:
+    """
+    static __attribute__((noinline, cold)) PyObject *_nx_account_unset(PyObject *obj) {
+        PyErr_Format(PyExc_AttributeError, "'%.100s' object field not set", Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    static inline __attribute__((always_inline)) PyObject *_nx_account_at(PyObject *obj, Py_ssize_t offset) {
+        PyObject *value = *(PyObject **)((char *)obj + offset);
+        if (value == NULL)
+            return _nx_account_unset(obj);
+        Py_INCREF(value);
+        return value;
+    }
+    """
+    object _at "_nx_account_at"(object obj, Py_ssize_t offset)
 
 
 cdef inline void _put_at(object obj, Py_ssize_t offset, object value):
