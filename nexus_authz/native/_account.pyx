@@ -19,11 +19,12 @@ tests/adapters/test_als_batch.py compares the counters, ledger rows, metrics and
 pure path's.
 """
 
+from cpython.dict cimport PyDict_GetItemWithError, PyDict_SetItem
 from cpython.float cimport PyFloat_FromDouble
 from cpython.method cimport PyMethod_Check, PyMethod_GET_FUNCTION, PyMethod_GET_SELF
 from cpython.object cimport PyObject
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact, PyLong_FromLongLong
-from cpython.ref cimport Py_INCREF
+from cpython.ref cimport Py_INCREF, Py_XDECREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from libc.math cimport ceil, fmod, isfinite
 
@@ -31,9 +32,13 @@ from nexus_authz.native._reservation cimport Entries, Reservation
 from nexus_authz.native._windows cimport adjust_c
 
 from nexus_authz.core import accounting as _accounting
-from nexus_authz.core.limits import Kind
+from nexus_authz.core.config import Price
+from nexus_authz.core.limits import Kind, LimitSpec
 from nexus_authz.core.model import InFlight
+from nexus_authz.core.policy import Policy
+from nexus_authz.core.pricing import PriceTable, Priced
 from nexus_authz.core.reservations import ReservationBook
+from nexus_authz.core.settled import SettledIds
 
 # the stores' classes, bound at the first call (stores/memory.py imports nexus_authz.native, which loads
 # this module)
@@ -41,20 +46,103 @@ cdef object LocalCounters = None
 cdef object MemoryCounterStore = None
 cdef object SQLiteLedger = None
 cdef object Engine = None
+cdef object Decider = None
 cdef object _ADJUST = None  # native/_windows.pyx adjust, MemoryCounterStore.adjust: adjust_c is the same
 
+include "_slots.pxi"
 
-cdef void _bind():
-    global LocalCounters, MemoryCounterStore, SQLiteLedger, Engine, _ADJUST
+# Where the objects a settlement reads keep their fields (__slots__), read in place (`_at`) rather than
+# by name: a look-up by name touches the type's attribute cache, the descriptor and its member
+# definition besides the object, distinct memory per field that a message's first entry finds cold.
+# Read only from instances of exactly these classes (checked before).
+cdef Py_ssize_t ENGINE_BOOK, ENGINE_DECIDER, ENGINE_POLICY, ENGINE_ACCOUNTED, ENGINE_CLOCK
+cdef Py_ssize_t ENGINE_USAGE_TOKENS, ENGINE_LEDGER
+cdef Py_ssize_t DECIDER_STORE, DECIDER_SLOT_RELEASES, DECIDER_SLOT_FREED
+cdef Py_ssize_t LOCAL_STORE, LOCAL_ADJUST_SOON
+cdef Py_ssize_t BOOK_ENTRIES = _offset(ReservationBook, "_entries")
+cdef Py_ssize_t BOOK_SETTLED = _offset(ReservationBook, "settled")
+cdef Py_ssize_t BOOK_SETTLED_MAX = _offset(ReservationBook, "_settled_max")
+cdef Py_ssize_t BOOK_SETTLED_IDS = _offset(ReservationBook, "_settled")
+cdef Py_ssize_t IDS_NEWEST = _offset(SettledIds, "newest")
+cdef Py_ssize_t IDS_CHUNK = _offset(SettledIds, "chunk")
+cdef Py_ssize_t POLICY_PRICES = _offset(Policy, "prices")
+cdef Py_ssize_t PRICES_ENTRIES = _offset(PriceTable, "_entries")
+cdef Py_ssize_t PRICES_CACHE = _offset(PriceTable, "_cache")
+cdef Py_ssize_t PRICED_PRICE = _offset(Priced, "price")
+cdef Py_ssize_t PRICED_MATCHED = _offset(Priced, "matched")
+cdef Py_ssize_t PRICED_RULE = _offset(Priced, "rule")
+cdef Py_ssize_t PRICED_OUTCOME = _offset(Priced, "outcome")
+cdef Py_ssize_t PRICE_INPUT = _offset(Price, "input")
+cdef Py_ssize_t PRICE_CACHED_INPUT = _offset(Price, "cached_input")
+cdef Py_ssize_t PRICE_OUTPUT = _offset(Price, "output")
+cdef Py_ssize_t SPEC_KIND = _offset(LimitSpec, "kind")
+
+
+cdef int _bind() except -1:
+    global LocalCounters, MemoryCounterStore, SQLiteLedger, Engine, Decider, _ADJUST
+    global ENGINE_BOOK, ENGINE_DECIDER, ENGINE_POLICY, ENGINE_ACCOUNTED, ENGINE_CLOCK, ENGINE_USAGE_TOKENS
+    global ENGINE_LEDGER, DECIDER_STORE, DECIDER_SLOT_RELEASES, DECIDER_SLOT_FREED, LOCAL_STORE
+    global LOCAL_ADJUST_SOON
     from nexus_authz.native._windows import adjust
 
-    _ADJUST = adjust
+    from nexus_authz.decide import Decider as decider
     from nexus_authz.engine import Engine as engine
     from nexus_authz.stores.base import LocalCounters as local
     from nexus_authz.stores.ledger.sqlite import SQLiteLedger as sqlite
     from nexus_authz.stores.memory import MemoryCounterStore as memory
 
-    LocalCounters, MemoryCounterStore, SQLiteLedger, Engine = local, memory, sqlite, engine
+    ENGINE_BOOK = _offset(engine, "book")
+    ENGINE_DECIDER = _offset(engine, "decider")
+    ENGINE_POLICY = _offset(engine, "policy")
+    ENGINE_ACCOUNTED = _offset(engine, "accounted")
+    ENGINE_CLOCK = _offset(engine, "_clock")
+    ENGINE_USAGE_TOKENS = _offset(engine, "usage_tokens")
+    ENGINE_LEDGER = _offset(engine, "ledger")
+    DECIDER_STORE = _offset(decider, "store")
+    DECIDER_SLOT_RELEASES = _offset(decider, "slot_releases")
+    DECIDER_SLOT_FREED = _offset(decider, "_slot_freed")
+    LOCAL_STORE = _offset(local, "store")
+    LOCAL_ADJUST_SOON = _offset(local, "adjust_soon")
+    _ADJUST = adjust
+    LocalCounters, MemoryCounterStore, SQLiteLedger, Decider = local, memory, sqlite, decider
+    Engine = engine  # last: bound once every offset is
+    return 0
+
+
+# `_at`: the field in the slot at `offset` of `obj` (getattr's AttributeError when it is unset), in C and
+# inlined at each call site with the error out of line (gcc kept a Cython inline a called function).
+cdef extern from *:
+    """
+    static __attribute__((noinline, cold)) PyObject *_nx_account_unset(PyObject *obj) {
+        PyErr_Format(PyExc_AttributeError, "'%.100s' object field not set", Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    static inline __attribute__((always_inline)) PyObject *_nx_account_at(PyObject *obj, Py_ssize_t offset) {
+        PyObject *value = *(PyObject **)((char *)obj + offset);
+        if (value == NULL)
+            return _nx_account_unset(obj);
+        Py_INCREF(value);
+        return value;
+    }
+    """
+    object _at "_nx_account_at"(object obj, Py_ssize_t offset)
+
+
+cdef inline void _put_at(object obj, Py_ssize_t offset, object value):
+    """setattr of the slot at `offset` of `obj` (what its member descriptor's __set__ does)."""
+    cdef PyObject** at = <PyObject**>((<char*><PyObject*>obj) + offset)
+    cdef PyObject* old = at[0]
+    Py_INCREF(value)
+    at[0] = <PyObject*>value
+    Py_XDECREF(old)
+
+
+cdef inline object _kind(object spec):
+    """spec.kind (a LimitSpec's slot in place)."""
+    if type(spec) is LimitSpec:
+        return _at(spec, SPEC_KIND)
+    return spec.kind
+
 
 cdef object _REQUESTS = Kind.REQUESTS
 cdef object _TOKENS = Kind.TOKENS
@@ -185,7 +273,7 @@ cdef object _ledger_key(object key_id, object tenant, object model, object now, 
     global _last_key, _last_minute
     cdef double ts, minute
     cdef tuple last
-    if now.__class__ is not float or not now >= 0.0:
+    if type(now) is not float or not now >= 0.0:
         return (key_id, tenant, model, int(now - now % 60), _REPORTED, rule)
     ts = now
     minute = ts - fmod(ts, 60.0)  # a float's % 60 for ts >= 0
@@ -247,7 +335,20 @@ cdef inline void _row_add(object row, Py_ssize_t i, long long n):
 
 
 cdef inline void _add(dict counts, object key, long long n):
-    counts[key] = _plus(counts.get(key, 0), n)
+    cdef PyObject* found = PyDict_GetItemWithError(counts, key)
+    PyDict_SetItem(counts, key, _plus(<object>found if found != NULL else _ZERO, n))
+
+
+cdef inline int _incr(object counts, object key) except -1:
+    """`counts[key] += 1` (in place for a dict that has the key: KeyError as the sum raises otherwise)."""
+    cdef PyObject* found
+    if type(counts) is dict:
+        found = PyDict_GetItemWithError(counts, key)
+        if found != NULL:
+            PyDict_SetItem(counts, key, _plus(<object>found, 1))
+            return 0
+    counts[key] += 1
+    return 0
 
 
 cdef inline bint _count_of(object value, long long* out):
@@ -305,15 +406,15 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
     cdef bint slot_released = False
     if Engine is None:
         _bind()
-    if engine.__class__ is not Engine or not request_id:
+    if type(engine) is not Engine or not request_id:
         return 0
     if not (0 <= prompt < MAX_COUNT and 0 <= cached < MAX_COUNT and 0 <= completion < MAX_COUNT
             and 0 <= reasoning < MAX_COUNT):
         return 0
-    book = engine.book
-    if book.__class__ is not ReservationBook:
+    book = _at(engine, ENGINE_BOOK)
+    if type(book) is not ReservationBook:
         return 0
-    entries = book._entries
+    entries = _at(book, BOOK_ENTRIES)
     entry = (<Entries>entries)._get(request_id) if type(entries) is Entries else entries.get(request_id)
     if entry is None:  # expired, retired, duplicate, unadmitted: Engine.account's own branches
         return 0
@@ -326,55 +427,79 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
         specs = (<Reservation>entry).specs
     else:
         context = entry[6]
-        if context.__class__ is not InFlight:
+        if type(context) is not InFlight:
             return 0
         c_key_id, c_tenant, c_model = context.key_id, context.tenant, context.model
         specs = entry[1]
     if len(specs) > 62:  # the windows' bit mask in a C integer (as native/_fast.pyx)
         return 0
-    decider = engine.decider
-    local = decider.store
-    if local.__class__ is not LocalCounters or local.store.__class__ is not MemoryCounterStore:
+    decider = _at(engine, ENGINE_DECIDER)
+    if type(decider) is not Decider:
+        return 0
+    local = _at(decider, DECIDER_STORE)
+    if type(local) is not LocalCounters:
+        return 0
+    store = _at(local, LOCAL_STORE)
+    if type(store) is not MemoryCounterStore:
+        return 0
+    policy = _at(engine, ENGINE_POLICY)
+    if type(policy) is not Policy:
+        return 0
+    prices = _at(policy, POLICY_PRICES)
+    if type(prices) is not PriceTable:
         return 0
     # charge_fields: the provider's record as reported, priced by the table's cached, matched rule
     if c_model:
         model = c_model
     else:
         model = model_of(body, body_n) if model_of is not NULL else response_model
-    prices = engine.policy.prices
-    if prices:
+    priced_any = len(<tuple>_at(prices, PRICES_ENTRIES)) > 0  # PriceTable.__bool__
+    if priced_any:
         # PriceTable.charge: the cache first, else its look-up (which only fills the cache)
-        priced = prices._cache.get(model) or prices.lookup(model)
-        price = priced.price
+        cache = _at(prices, PRICES_CACHE)
+        found = PyDict_GetItemWithError(cache, model) if type(cache) is dict else NULL
+        priced = <object>found if found != NULL else prices.lookup(model)
+        if type(priced) is not Priced:
+            return 0
+        price = _at(priced, PRICED_PRICE)
+        if type(price) is not Price:
+            return 0
         # pricing._cost, in the same double arithmetic (the counts are below 2**53: exact as doubles)
         cached_c = min(max(cached, 0), prompt)
-        fcost = ((<double>(prompt - cached_c)) * <double>price.input + (<double>cached_c) * <double>price.cached_input
-                 + (<double>completion) * <double>price.output)
+        fcost = ((<double>(prompt - cached_c)) * <double>_at(price, PRICE_INPUT)
+                 + (<double>cached_c) * <double>_at(price, PRICE_CACHED_INPUT)
+                 + (<double>completion) * <double>_at(price, PRICE_OUTPUT))
         if not isfinite(fcost):
             return 0
         fceil = ceil(fcost)
         if not -<double>MAX_COUNT < fceil < <double>MAX_COUNT:
             return 0  # Engine.account's int of it
         cost = <long long>fceil
-        rule = priced.rule
+        rule = _at(priced, PRICED_RULE)
     else:
         cost, rule = 0, ""
     key_id = c_key_id
     tenant = c_tenant or ""
     model = model or "unknown"
     # -- from here on, state changes (Engine.account's order) --
-    engine.accounted[_PROVIDER] += 1
-    if prices and not priced.matched:  # PriceTable.charge counts an unpriced model by its outcome
-        prices._count(priced.outcome)
-    now = engine._clock()
+    _incr(_at(engine, ENGINE_ACCOUNTED), _PROVIDER)
+    if priced_any and not _at(priced, PRICED_MATCHED):  # PriceTable.charge counts an unpriced model
+        prices._count(_at(priced, PRICED_OUTCOME))
+    now = _at(engine, ENGINE_CLOCK)()
     # ReservationBook.settle_parts
-    del entries[request_id]
-    book.settled += 1
-    if book._settled_max:  # ReservationBook._mark_settled: SettledIds.add, its common case inline
-        settled = book._settled
-        newest = settled.newest
-        if type(newest) is dict and len(<dict>newest) < <Py_ssize_t>settled.chunk:
-            (<dict>newest)[request_id] = None
+    if type(entries) is Entries:
+        (<Entries>entries)._take(request_id)  # del entries[request_id], without the mapping protocol
+    else:
+        del entries[request_id]
+    _put_at(book, BOOK_SETTLED, _plus(_at(book, BOOK_SETTLED), 1))
+    if _at(book, BOOK_SETTLED_MAX):  # ReservationBook._mark_settled: SettledIds.add, its common case inline
+        settled = _at(book, BOOK_SETTLED_IDS)
+        if type(settled) is SettledIds:
+            newest = _at(settled, IDS_NEWEST)
+            if type(newest) is dict and len(<dict>newest) < <Py_ssize_t>_at(settled, IDS_CHUNK):
+                (<dict>newest)[request_id] = None
+            else:
+                settled.add(request_id)
         else:
             settled.add(request_id)
     if type(entry) is Reservation:
@@ -392,7 +517,7 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
         c_deltas = True
         for i in range(n):
             delta_c[i] = 0
-            kind = (<object>specs[i]).kind
+            kind = _kind(<object>specs[i])
             if kind is not _REQUESTS and not (uncharged >> i) & 1:
                 reserved = costs[i]
                 if not _small(reserved, &r):
@@ -405,8 +530,7 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
                 else:
                     delta_c[i] = (tokens if kind is _TOKENS else cost) - r
         # Decider.adjust: the memory store's compiled adjust with the C deltas, else with their tuple
-        adjust = local.adjust_soon
-        store = local.store
+        adjust = _at(local, LOCAL_ADJUST_SOON)
         if (c_deltas and PyMethod_Check(adjust) and PyMethod_GET_FUNCTION(adjust) == <PyObject*>_ADJUST
                 and PyMethod_GET_SELF(adjust) == <PyObject*>store):
             adjust_c(store, counter_ids, specs, delta_c, now, charged_at)
@@ -415,7 +539,7 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
             deltas = PyTuple_New(n)  # settle_parts' deltas, built as the tuple Decider.adjust passes on
             for i in range(n):
                 spec = specs[i]
-                kind = spec.kind
+                kind = _kind(spec)
                 delta = _ZERO
                 if kind is not _REQUESTS and not (uncharged >> i) & 1:
                     if kind is _CONCURRENCY:
@@ -428,17 +552,19 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
                 PyTuple_SET_ITEM(deltas, i, delta)
             adjust(counter_ids, specs, deltas, now, charged_at)
         if slot_released:
-            decider.slot_releases[_ACCESS_LOG] += 1
-        if decider._slot_freed is not None:
+            _incr(_at(decider, DECIDER_SLOT_RELEASES), _ACCESS_LOG)
+        if _at(decider, DECIDER_SLOT_FREED) is not None:
             decider.slot_freed()
     # accounting.count_tokens_used
     if prompt or cached or completion:
-        counts = engine.usage_tokens
-        keys = _TOKEN_KEYS.get(model)
-        if keys is None:
+        counts = _at(engine, ENGINE_USAGE_TOKENS)
+        found = PyDict_GetItemWithError(_TOKEN_KEYS, model)
+        if found == NULL:
             if len(_TOKEN_KEYS) >= _TOKEN_KEYS_MAX:
                 _TOKEN_KEYS.clear()
             keys = _TOKEN_KEYS[model] = ((model, "prompt"), (model, "cached_prompt"), (model, "completion"))
+        else:
+            keys = <tuple>found
         if prompt:
             _add(counts, keys[0], prompt)
         if cached:
@@ -446,10 +572,10 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
         if completion:
             _add(counts, keys[2], completion)
     # SQLiteLedger.record_usage: the update of a pending row it has (aggregate.add_usage); else its own call
-    ledger = engine.ledger
+    ledger = _at(engine, ENGINE_LEDGER)
     if ledger is not None:
         row = None
-        if ledger.__class__ is SQLiteLedger and not ledger._closed:
+        if type(ledger) is SQLiteLedger and not ledger._closed:
             key = _ledger_key(key_id, tenant, model, now, rule)
             pending = ledger._pending
             row = pending.get(key)

@@ -1081,13 +1081,13 @@ cdef int _identity(object text) except -1:
     return 1
 
 
-cdef int _common(tuple item, object service, Py_ssize_t* counted) except -1:
+cdef int _common(tuple item, object service, object engine, Py_ssize_t* counted) except -1:
     """adapters/envoy_als.py `_account_snippet` of a scanned entry (log_entries' tuple) when it is the
     common entry: a whole JSON body's or an OpenAI stream chunk's provider record, read here as
     adapters/als_fast.py `body_usage` / `sse_usage` read it (the Usage of usage_records.usage_from_counts,
     the model of document_model), settled by native/_account.pyx `account_counts`. 1 taken (counted in
     `counted`, which the caller adds to service.entries before any other code runs); 0 not (nothing
-    changed: the caller runs `_account_scanned`)."""
+    changed: the caller runs `_account_scanned`). `engine`: service.engine, which the caller reads."""
     cdef object kind = item[3], data = item[4], content_type, content_encoding, taken_now
     cdef const unsigned char* s
     cdef Py_ssize_t n
@@ -1095,7 +1095,7 @@ cdef int _common(tuple item, object service, Py_ssize_t* counted) except -1:
     cdef long long c[5]
     cdef long long prompt, cached, completion, reasoning
     cdef int shape
-    if kind is None or data.__class__ is not bytes:
+    if kind is None or type(data) is not bytes:
         return 0
     s = <const unsigned char*>PyBytes_AS_STRING(data)
     n = PyBytes_GET_SIZE(data)
@@ -1129,9 +1129,8 @@ cdef int _common(tuple item, object service, Py_ssize_t* counted) except -1:
     else:  # usage_records._anthropic_counts
         prompt = c[0] + c[1] + c[2]
         cached, completion, reasoning = c[1], c[3], 0
-    engine = service.engine
     request_id = item[0]
-    if request_id.__class__ is not str:
+    if type(request_id) is not str:
         return 0
     try:  # the model of the body (document_model) read only when the reservation names none
         taken_now = account_c(engine, <str>request_id, prompt, cached, completion, reasoning, None, _model, s, n)
@@ -1155,7 +1154,7 @@ def account_run(list items, Py_ssize_t i, bytes raw, object service, object fall
     the end."""
     cdef Py_ssize_t n = len(items)
     cdef Py_ssize_t counted = 0  # entries taken and not yet added to service.entries
-    cdef object item, pending
+    cdef object item, pending, engine = None
     if _max_body < 0:
         _bind()
     try:
@@ -1164,15 +1163,19 @@ def account_run(list items, Py_ssize_t i, bytes raw, object service, object fall
             i += 1
             pending = None
             try:
+                if engine is None:  # read once, and again after any Python code ran
+                    engine = service.engine
                 if item is None:  # not admitted by nexus-authz
                     service.ignored += 1
-                elif not _common(<tuple?>item, service, &counted):
+                elif not _common(<tuple?>item, service, engine, &counted):
                     _count(service, &counted)  # the per-entry code sees the count as it would
+                    engine = None
                     pending = fallback(item, raw)
                     if pending is not None:
                         return (i, pending, False)
             except Exception:
                 _count(service, &counted)
+                engine = None
                 failed(item)
             if clock() - started >= slice:
                 return (i, None, True)

@@ -1,0 +1,419 @@
+"""How many distinct cache lines the accounting of one access-log entry touches when the caches are cold
+(valgrind).
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_footprint_als.py [--messages 20] [--per 20]
+        [--evict 8388608] [--top 14] [--keep FILE]
+    .venv/bin/python benchmarks/bench_footprint_als.py --file callgrind.out --messages 20 --per 20
+
+Under load (1,000 requests/s behind Envoy) the access-log stream delivers a message of ~20 entries every
+20 ms (Envoy's buffer_flush_interval) and the process sleeps between events, so each message starts with
+cold caches; its entries then share what the first ones brought in. The cost per entry tracks the distinct
+memory the message's handling touches, code and data, not its instructions. This counts that memory
+deterministically: the real handler (adapters/envoy_als.py `stream_access_logs`, fed serialized messages
+as its gRPC handler receives them: a bytes object just written) accounts messages of --per entries built
+from a real Envoy's recorded entries (benchmarks/fixtures/envoy_als_message_batch.bin, each entry's bytes
+as Envoy wrote them, with the request id of a check made just before: every entry settles a real
+reservation of bench_breakdown's engine, bench_envoy.ISSUE15_CONFIG, accounting on, the SQLite ledger's
+writer not started). It runs under valgrind's callgrind with its cache simulator (I1/D1 32 KiB 8-way, LL
+4 MiB 16-way, 64-byte lines), collecting only inside the compiled scan of a message and the compiled loop
+over its entries (native/_usage.pyx `log_entries` and `account_run`, with everything they call: the
+settlement, the windows, the ledger row, the settled ids, any entry handed back to Python; not the
+handler's Python lines around them, a few per message), with --evict bytes of other memory copied
+between two messages (outside the collection: the message's checks run first, then the copy, then the
+message is handed over), so each message starts with cold caches. 5 messages run first (warm-up, then
+gc.freeze(), whose C function zeroes callgrind's counts: only the measured messages are reported).
+valgrind runs the process ~50x slower, so the handler's 100 us slices would end after every entry: the
+slice is set to 1 s here (an entry per slice is not what happens under load).
+
+Printed, per entry: instructions (Ir); cold lines = last-level misses: code (ILmr), data read (DLmr),
+data written (DLmw), and their total in lines and KB; then the modules (shared objects) and functions
+with the most cold lines (self cost: a function's own lines, not its callees'). Only the compiled lane is
+measured (`python setup.py build_ext --inplace` first). Needs valgrind; ~1-2 minutes. `--keep FILE`
+keeps the callgrind output, which `callgrind_annotate --sort=ILmr FILE` (or `--file FILE` here) reads
+again. Do not use callgrind_control while it runs: it dumps every callgrind run on the machine (the parts
+of an output are summed here for that reason).
+
+The reading of callgrind's output (`parse`, `module_of`, the tables of `report`) duplicates
+benchmarks/bench_footprint.py's (the HTTP check's footprint), to be shared once both are on main.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+CACHES = ["--I1=32768,8,64", "--D1=32768,8,64", "--LL=4194304,16,64"]
+# the compiled scan of a message and the compiled loop over its entries: their C wrappers' names, found in
+# the built module (callgrind honours one wildcard pattern only, so the exact names are given)
+ENTRIES = re.compile(rb"__pyx_pw_11nexus_authz_6native_6_usage_\d+(?:log_entries|account_run)\x00")
+WARMUP = 5  # messages
+COLD = ("ILmr", "DLmr", "DLmw")
+
+
+# -- the measured process (under valgrind) --------------------------------------------------------------
+
+
+def _entries_of(message: bytes) -> list[tuple[bytes, str]]:
+    """(the bytes of each HTTPAccessLogEntry of a StreamAccessLogsMessage as Envoy wrote them, its request
+    id), as the compiled scan finds them."""
+    from nexus_authz import native
+
+    return [(message[item[6] : item[7]], item[0]) for item in native.usage.log_entries(message)]
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _message(entries: list[bytes]) -> bytes:
+    """A StreamAccessLogsMessage of these serialized entries (http_logs = 2, log_entry = 1)."""
+    logs = b"".join(b"\x0a" + _varint(len(e)) + e for e in entries)
+    return b"\x12" + _varint(len(logs)) + logs
+
+
+def child(messages: int, per: int, evict: int) -> int:
+    """The messages, each after the checks that reserve its entries, through the real handler."""
+    import asyncio
+    import gc
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    sys.path.insert(0, str(REPO))
+    import bench_breakdown as bb
+    import grpc
+
+    from nexus_authz import native
+    from nexus_authz.adapters import als_fast, envoy_als, http_authz
+    from nexus_authz.core import tokens
+
+    if native.usage is None or als_fast.RUN is None or native.http1 is None:
+        print(
+            f"bench_footprint_als: the compiled extensions are not in use (native path: {native.PATH}); "
+            "build them with `python setup.py build_ext --inplace`",
+            file=sys.stderr,
+        )
+        return 2
+    envoy_als._SLICE = 1.0  # type: ignore[misc]  # valgrind's pace would end a slice after every entry
+    tokens.warm_up()
+    fx = bb.Fixtures()
+    engine = bb.build_engine(Path(tempfile.mkdtemp(prefix="nexus-footprint-als-")), fx)
+    settings = engine.settings
+    app = http_authz.HttpApp(
+        engine, max_header_bytes=settings.max_header_bytes, max_body=settings.max_body_bytes
+    )
+    proto = app.protocol()
+    proto.connection_made(bb.Sink())  # type: ignore[arg-type]
+    service = envoy_als.AccessLogService(engine)
+
+    recorded = _entries_of(fx.als_batch)
+    plan: list[tuple[list[bytes], bytes]] = []  # per message: its checks, its bytes
+    for m in range(messages + WARMUP):
+        checks, entries = [], []
+        for j in range(per):
+            k = m * per + j
+            data, rid = fx.with_request_id(k)
+            entry, old_id = recorded[k % len(recorded)]
+            old = old_id.encode()
+            if not entry.count(old) or len(rid) != len(old):  # (the stream id repeats it: both replaced)
+                print(
+                    "bench_footprint_als: a recorded entry's request id is not where expected",
+                    file=sys.stderr,
+                )
+                return 2
+            checks.append(data)
+            entries.append(entry.replace(old, rid.encode()))
+        plan.append((checks, _message(entries)))
+
+    feed = proto.data_received
+    src, dst = bytearray(evict // 2), bytearray(evict // 2)
+    position = [0]
+
+    class Reader:
+        """grpc.aio's servicer context as stream_access_logs uses it: each read() makes the next message's
+        checks (its reservations), then evicts the caches, then hands over the message."""
+
+        async def read(self) -> Any:
+            m = position[0]
+            if m >= len(plan):
+                return grpc.aio.EOF
+            position[0] = m + 1
+            if m == WARMUP:
+                gc.collect()
+                gc.freeze()
+            checks, message = plan[m]
+            for data in checks:
+                feed(data)
+            if evict:
+                dst[:] = src  # every line of both buffers: the simulated caches lose what came before
+            # the message as grpc hands it over: a bytes object it has just written (its lines are warm)
+            return bytes(memoryview(message))
+
+    usage_taken = native.usage.taken[0]
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(service.stream_access_logs(None, Reader()))  # type: ignore[arg-type]
+    finally:
+        loop.close()
+    total = (messages + WARMUP) * per
+    taken = native.usage.taken[0] - usage_taken
+    print(
+        f"native path: {native.PATH}; {service.entries} of {total} entries accounted "
+        f"({taken} by the compiled loop), {len(engine.book)} reservations left",
+        file=sys.stderr,
+    )
+    return 0 if service.entries == taken == total and len(engine.book) == 0 else 3
+
+
+# -- reading callgrind's output (as benchmarks/bench_footprint.py reads it) ------------------------------
+
+_NAMED = re.compile(r"^(ob|fl|fi|fe|fn|cob|cfi|cfl|cfn)=(?:\((\d+)\))?\s*(.*)$")
+
+
+def parse(path: str) -> tuple[list[str], dict[tuple[str, str], list[int]]]:
+    """Self cost per (object, function) of a callgrind output file: (event names, {(ob, fn): counts}).
+
+    The format (valgrind's docs, "Callgrind Format Specification"): `events:` names the columns; `ob=` /
+    `fn=` set the object and function that the cost lines after them belong to (`(id) name` the first
+    time, `(id)` after: name compression); a cost line is a position (a number, `+n`, `-n` or `*`) and
+    the events' counts (missing trailing ones are 0; `positions:` says how many position columns lead);
+    the cost line after a `calls=` line is the call's inclusive cost, which is the callee's, not this
+    function's: it is skipped."""
+    events: list[str] = []
+    names: dict[tuple[str, str], str] = {}
+    costs: dict[tuple[str, str], list[int]] = defaultdict(list)
+    ob = fn = "???"
+    positions = 1
+    after_call = False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line or line[0] == "#":
+                continue
+            c = line[0]
+            if c.isdigit() or c in "+-*":
+                if after_call:
+                    after_call = False
+                    continue
+                fields = line.split()
+                row = costs[(ob, fn)]
+                if len(row) < len(events):
+                    row.extend([0] * (len(events) - len(row)))
+                for i, v in enumerate(fields[positions : positions + len(events)]):
+                    row[i] += int(v)
+                continue
+            if line.startswith("calls="):
+                after_call = True
+                continue
+            if line.startswith("positions:"):
+                positions = len(line.split(":", 1)[1].split())
+                continue
+            if line.startswith("events:"):
+                events = line.split(":", 1)[1].split()
+                continue
+            m = _NAMED.match(line.rstrip("\n"))
+            if m is None:
+                continue
+            kind, ident, name = m.groups()
+            space = kind[-2:] if kind[-2:] in ("ob", "fn") else "fl"
+            if ident is not None:
+                if name:
+                    names[(space, ident)] = name
+                else:
+                    name = names.get((space, ident), f"({ident})")
+            if kind == "ob":
+                ob = name
+            elif kind == "fn":
+                fn = name
+    if not events:
+        raise ValueError(f"{path}: not a callgrind output file (no events: line)")
+    return events, dict(costs)
+
+
+def module_of(ob: str) -> str:
+    """A shared object's short name: `_usage` for .../_usage.cpython-311-x86_64-linux-gnu.so."""
+    base = os.path.basename(ob)
+    if base.startswith("libpython"):
+        return "libpython"
+    if base.startswith("libc.so") or base.startswith("libc-"):
+        return "libc"
+    return base.split(".", 1)[0] or ob
+
+
+def report(paths: list[str], entries: int, per: int, top: int) -> str:
+    """The figures per entry of one run: its output file and the parts dumped before it (a dump, e.g.
+    `callgrind_control -d` from any process on the machine, starts a new part: the parts add up)."""
+    events: list[str] = []
+    costs: dict[tuple[str, str], list[int]] = {}
+    for path in paths:
+        part_events, part = parse(path)
+        missing = [e for e in ("Ir", *COLD) if e not in part_events]
+        if missing:
+            raise ValueError(f"{path}: no {', '.join(missing)} events (run with --cache-sim=yes)")
+        if events and part_events != events:
+            raise ValueError(f"{path}: not the events of {paths[0]}")
+        events = part_events
+        for where, row in part.items():
+            into = costs.setdefault(where, [0] * len(events))
+            for i, v in enumerate(row):
+                into[i] += v
+    at = {e: i for i, e in enumerate(events)}
+
+    def get(row: list[int], e: str) -> int:
+        return row[at[e]] if at[e] < len(row) else 0
+
+    def cold(row: list[int]) -> int:
+        return sum(get(row, e) for e in COLD)
+
+    total = [0] * len(events)
+    modules: dict[str, list[int]] = defaultdict(lambda: [0] * len(events))
+    for (ob, _fn), row in costs.items():
+        for i, v in enumerate(row):
+            total[i] += v
+            modules[module_of(ob)][i] += v
+    n = entries
+    lines = cold(total) / n
+    out = [
+        f"per entry ({n} entries, {per} a message, caches evicted between messages): "
+        f"{get(total, 'Ir') / n:,.0f} instructions; cold lines {lines:,.1f} ({lines * 64 / 1024:,.1f} KB): "
+        f"code {get(total, 'ILmr') / n:,.1f}, data read {get(total, 'DLmr') / n:,.1f}, "
+        f"data written {get(total, 'DLmw') / n:,.1f}",
+        "",
+        "| module | cold lines | code | data read | data written | instructions |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in sorted(modules.items(), key=lambda kv: -cold(kv[1]))[:top]:
+        out.append(
+            f"| {name} | {cold(row) / n:,.2f} | {get(row, 'ILmr') / n:,.2f} | {get(row, 'DLmr') / n:,.2f} "
+            f"| {get(row, 'DLmw') / n:,.2f} | {get(row, 'Ir') / n:,.0f} |"
+        )
+    out += [
+        "",
+        "| function (module) | cold lines | code | data read | data written | instructions |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for (ob, fn), row in sorted(costs.items(), key=lambda kv: -cold(kv[1]))[:top]:
+        out.append(
+            f"| {fn} ({module_of(ob)}) | {cold(row) / n:,.2f} | {get(row, 'ILmr') / n:,.2f} "
+            f"| {get(row, 'DLmr') / n:,.2f} | {get(row, 'DLmw') / n:,.2f} | {get(row, 'Ir') / n:,.0f} |"
+        )
+    return "\n".join(out)
+
+
+# -- the driver -----------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
+    ap.add_argument("--messages", type=int, default=20, help="messages measured (after 5 of warm-up)")
+    ap.add_argument("--per", type=int, default=20, help="entries per message")
+    ap.add_argument("--evict", type=int, default=8 << 20, help="bytes copied between messages (0: hot)")
+    ap.add_argument("--top", type=int, default=14, help="modules and functions listed")
+    ap.add_argument(
+        "--keep", metavar="FILE", help="keep callgrind's output here (FILE, FILE.1 ... if dumped in parts)"
+    )
+    ap.add_argument(
+        "--file",
+        metavar="FILE",
+        nargs="+",
+        help="report a kept callgrind output, all its parts (with its --messages and --per)",
+    )
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.messages < 1 or args.per < 1:
+        ap.error("--messages and --per must be at least 1")
+    if args.child:
+        return child(args.messages, args.per, args.evict)
+    entries = args.messages * args.per
+    if args.file:
+        try:
+            print(report(args.file, entries, args.per, args.top))
+        except (OSError, ValueError) as e:
+            print(f"bench_footprint_als: {e}", file=sys.stderr)
+            return 2
+        return 0
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        print(
+            "bench_footprint_als: valgrind is not installed (it needs valgrind's callgrind tool: "
+            "`apt-get install valgrind`); nothing measured",
+            file=sys.stderr,
+        )
+        return 2
+    sys.path.insert(0, str(REPO))
+    from nexus_authz import native
+
+    if native.usage is None:
+        print(
+            f"bench_footprint_als: the compiled extensions are not in use (native path: {native.PATH})",
+            file=sys.stderr,
+        )
+        return 2
+    names = sorted(
+        {m.rstrip(b"\x00").decode() for m in ENTRIES.findall(Path(native.usage.__file__).read_bytes())}
+    )
+    if len(names) != 2:
+        print(
+            f"bench_footprint_als: {native.usage.__file__} does not name log_entries and account_run "
+            f"as expected ({names})",
+            file=sys.stderr,
+        )
+        return 2
+    with tempfile.TemporaryDirectory(prefix="nexus-footprint-als-") as tmp:
+        out = os.path.join(tmp, "callgrind.out")
+        cmd = [
+            valgrind,
+            "--tool=callgrind",
+            "--cache-sim=yes",
+            *CACHES,
+            "--collect-atstart=no",
+            *(f"--toggle-collect={name}" for name in names),
+            "--zero-before=gc_freeze",  # the warm-up's costs dropped (gc.freeze() runs once, after it)
+            f"--callgrind-out-file={out}",
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            f"--messages={args.messages}",
+            f"--per={args.per}",
+            f"--evict={args.evict}",
+        ]
+        # a fixed hash seed: the same dict layouts (and so the same lines) run after run
+        env = dict(
+            os.environ,
+            PYTHONHASHSEED="0",
+            PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        )
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        said = [x for x in done.stderr.splitlines() if not x.startswith(("==", "--"))]
+        if done.returncode != 0 or not os.path.exists(out):
+            print("\n".join(said[-20:]), file=sys.stderr)
+            print(f"bench_footprint_als: the measured run failed (exit {done.returncode})", file=sys.stderr)
+            return 1
+        print("\n".join(said))
+        parts = sorted(glob.glob(out + ".*")) + [out]
+        if args.keep:
+            for i, part in enumerate(parts[:-1], 1):
+                shutil.copyfile(part, f"{args.keep}.{i}")
+            shutil.copyfile(out, args.keep)
+        try:
+            print(report(parts, entries, args.per, args.top))
+        except ValueError as e:
+            print(f"bench_footprint_als: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
