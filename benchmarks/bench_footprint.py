@@ -10,7 +10,8 @@ bench_breakdown.py (a real Envoy's recorded bytes, bench_envoy's ISSUE15_CONFIG,
 check's slot released after it) runs N times under valgrind's callgrind with its cache simulator (I1/D1
 32 KiB 8-way, LL 4 MiB 16-way, 64-byte lines), collecting only inside the compiled `data_received`
 (`--toggle-collect`), with --evict bytes of other memory copied between two checks (outside the
-collection) so each check starts with cold caches. 50 checks run first (warm-up, then gc.freeze()).
+collection) so each check starts with cold caches. 50 checks run first (warm-up, then gc.freeze(), whose
+C function zeroes callgrind's counts: only the N measured checks are reported).
 PYTHONHASHSEED is 0 unless set (string hashes, hence dict probes, the same in every run); what is left
 varies by ~1% from run to run (addresses: which lines objects share).
 
@@ -277,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             *CACHES,
             "--collect-atstart=no",
             f"--toggle-collect={ENTRY}",
+            "--zero-before=gc_freeze",  # the warm-up's checks dropped (gc.freeze() runs once, after them)
             f"--callgrind-out-file={out}",
             sys.executable,
             os.path.abspath(__file__),

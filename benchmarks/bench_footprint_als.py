@@ -33,8 +33,8 @@ keeps the callgrind output, which `callgrind_annotate --sort=ILmr FILE` (or `--f
 again. Do not use callgrind_control while it runs: it dumps every callgrind run on the machine (the parts
 of an output are summed here for that reason).
 
-The reading of callgrind's output (`parse`, `module_of`, the tables of `report`) duplicates
-benchmarks/bench_footprint.py's (the HTTP check's footprint), to be shared once both are on main.
+The reading of callgrind's output (`parse`, `module_of`) and the cache configuration are
+benchmarks/bench_footprint.py's (the HTTP check's footprint).
 """
 
 from __future__ import annotations
@@ -52,12 +52,15 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-CACHES = ["--I1=32768,8,64", "--D1=32768,8,64", "--LL=4194304,16,64"]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+# the cache configuration, the cold events and the reading of callgrind's output are the HTTP check's
+from bench_footprint import CACHES, COLD, module_of, parse  # noqa: E402
+
 # the compiled scan of a message and the compiled loop over its entries: their C wrappers' names, found in
 # the built module (callgrind honours one wildcard pattern only, so the exact names are given)
 ENTRIES = re.compile(rb"__pyx_pw_11nexus_authz_6native_6_usage_\d+(?:log_entries|account_run)\x00")
 WARMUP = 5  # messages
-COLD = ("ILmr", "DLmr", "DLmw")
 
 
 # -- the measured process (under valgrind) --------------------------------------------------------------
@@ -176,80 +179,6 @@ def child(messages: int, per: int, evict: int) -> int:
         file=sys.stderr,
     )
     return 0 if service.entries == taken == total and len(engine.book) == 0 else 3
-
-
-# -- reading callgrind's output (as benchmarks/bench_footprint.py reads it) ------------------------------
-
-_NAMED = re.compile(r"^(ob|fl|fi|fe|fn|cob|cfi|cfl|cfn)=(?:\((\d+)\))?\s*(.*)$")
-
-
-def parse(path: str) -> tuple[list[str], dict[tuple[str, str], list[int]]]:
-    """Self cost per (object, function) of a callgrind output file: (event names, {(ob, fn): counts}).
-
-    The format (valgrind's docs, "Callgrind Format Specification"): `events:` names the columns; `ob=` /
-    `fn=` set the object and function that the cost lines after them belong to (`(id) name` the first
-    time, `(id)` after: name compression); a cost line is a position (a number, `+n`, `-n` or `*`) and
-    the events' counts (missing trailing ones are 0; `positions:` says how many position columns lead);
-    the cost line after a `calls=` line is the call's inclusive cost, which is the callee's, not this
-    function's: it is skipped."""
-    events: list[str] = []
-    names: dict[tuple[str, str], str] = {}
-    costs: dict[tuple[str, str], list[int]] = defaultdict(list)
-    ob = fn = "???"
-    positions = 1
-    after_call = False
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line or line[0] == "#":
-                continue
-            c = line[0]
-            if c.isdigit() or c in "+-*":
-                if after_call:
-                    after_call = False
-                    continue
-                fields = line.split()
-                row = costs[(ob, fn)]
-                if len(row) < len(events):
-                    row.extend([0] * (len(events) - len(row)))
-                for i, v in enumerate(fields[positions : positions + len(events)]):
-                    row[i] += int(v)
-                continue
-            if line.startswith("calls="):
-                after_call = True
-                continue
-            if line.startswith("positions:"):
-                positions = len(line.split(":", 1)[1].split())
-                continue
-            if line.startswith("events:"):
-                events = line.split(":", 1)[1].split()
-                continue
-            m = _NAMED.match(line.rstrip("\n"))
-            if m is None:
-                continue
-            kind, ident, name = m.groups()
-            space = kind[-2:] if kind[-2:] in ("ob", "fn") else "fl"
-            if ident is not None:
-                if name:
-                    names[(space, ident)] = name
-                else:
-                    name = names.get((space, ident), f"({ident})")
-            if kind == "ob":
-                ob = name
-            elif kind == "fn":
-                fn = name
-    if not events:
-        raise ValueError(f"{path}: not a callgrind output file (no events: line)")
-    return events, dict(costs)
-
-
-def module_of(ob: str) -> str:
-    """A shared object's short name: `_usage` for .../_usage.cpython-311-x86_64-linux-gnu.so."""
-    base = os.path.basename(ob)
-    if base.startswith("libpython"):
-        return "libpython"
-    if base.startswith("libc.so") or base.startswith("libc-"):
-        return "libc"
-    return base.split(".", 1)[0] or ob
 
 
 def report(paths: list[str], entries: int, per: int, top: int) -> str:
