@@ -516,3 +516,17 @@ def test_the_memory_benchmark_measures_a_small_key_file_in_a_fresh_interpreter()
     those structures that it cannot release fails here, not in the middle of a benchmark run."""
     h = bench_memory.heap_in_subprocess(200, timeout=120)
     assert h.keys == 200 and h.per_active_client > 0 and h.limiter > 0 and h.bookkeeping >= 0
+
+
+def test_bench_stalls_settles_every_request_it_checks() -> None:
+    """bench_stalls on a few thousand requests: each check is settled `lag` checks later, so exactly `lag`
+    reservations are left in the book (none when settlements fail or double), and nothing is slow when the
+    threshold is out of reach; `period` finds a repeating distance."""
+    import bench_stalls  # type: ignore[import-not-found]
+
+    r = bench_stalls.run(3000, 20, 1e9)
+    assert r["book"] == 20
+    assert r["slow"] == {"check": [], "settle": []}
+    assert r["longest"]["check"] > 0 and r["longest"]["settle"] > 0  # type: ignore[index]
+    assert bench_stalls.period([5, 4101, 8197, 9000]) == (4096, 2)
+    assert bench_stalls.period([7]) == (0, 0)

@@ -1,0 +1,102 @@
+"""Structural stalls of the event loop's work, in process: the longest checks and settlements of a long run.
+
+    .venv/bin/python benchmarks/bench_stalls.py [--n 300000] [--lag 20] [--over 150]
+
+Target 6 of the performance issue: no event-loop callback over 200 µs. Through Envoy (run_all.py) a
+callback's own CPU also moves with the machine (other processes, the host), so a stall that nexus-authz
+makes itself every few thousand requests hides in that noise. This finds those: the compiled HTTP check
+and the access log's compiled settlement (the same calls a loop callback makes: `data_received` of one
+request, `als_fast.ACCOUNT` of one entry) run back to back N times in one process, each settling the
+request made --lag checks before it (the reservations in flight at 1,000 requests/s with a 20 ms access-log
+flush), each timed in thread CPU. Printed: how many took longer than --over µs, the longest of each, and
+the commonest distance between two slow calls of a kind (a table rebuilt or freed every K calls shows up
+as K repeating; machine noise does not repeat). The book, the windows and the settled-ids record grow to
+their working size as under load (bench_alloc's fast path: one key, bench_envoy's LIMITS_CONFIG).
+
+Found with it: the settled-ids record freed a chunk of 4,096 ids at once, 110-235 µs every 4,096
+settlements; in chunks of 512 the longest settlement left is machine noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gc
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO))
+
+import bench_alloc as ba  # noqa: E402
+
+from nexus_authz import native  # noqa: E402
+from nexus_authz.adapters import als_fast  # noqa: E402
+
+
+def period(indices: list[int]) -> tuple[int, int]:
+    """The commonest distance between two successive indices and how often it occurs ((0, 0): none)."""
+    gaps = collections.Counter(b - a for a, b in zip(indices, indices[1:], strict=False))
+    return gaps.most_common(1)[0] if gaps else (0, 0)
+
+
+def run(n: int, lag: int, over_us: float) -> dict[str, object]:
+    fp = ba.build_fastpath(Path(tempfile.mkdtemp(prefix="nexus-stalls-")), 1)
+    secret = fp.secrets[0]
+    ids = [f"5f2d6f1e-1c7b-4a53-9d2e-{i:012d}" for i in range(n)]
+    raws = [ba.ext_authz_request(secret, rid) for rid in ids]
+    receive, engine, usage = fp.proto.data_received, fp.engine, ba.USAGE
+    compiled = als_fast.ACCOUNT
+    clock = time.thread_time_ns
+    limit = int(over_us * 1000)
+    slow: dict[str, list[tuple[int, int]]] = {"check": [], "settle": []}
+    longest = {"check": 0, "settle": 0}
+    gc.collect()
+    gc.freeze()  # as the server's upkeep does (gcupkeep.settle)
+    for i, raw in enumerate(raws):
+        t0 = clock()
+        receive(raw)
+        t1 = clock()
+        if i >= lag:
+            rid = ids[i - lag]
+            if compiled is None or not compiled(engine, rid, usage, None):
+                engine.account(rid, usage)
+        t2 = clock()
+        for kind, took in (("check", t1 - t0), ("settle", t2 - t1)):
+            if took > longest[kind]:
+                longest[kind] = took
+            if took > limit:
+                slow[kind].append((i, took))
+    if not fp.sink.last.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"the benchmark request is not allowed: {fp.sink.last[:200]!r}")
+    return {"slow": slow, "longest": longest, "book": len(engine.book)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
+    ap.add_argument("--n", type=int, default=300_000, help="checks (and settlements)")
+    ap.add_argument("--lag", type=int, default=20, help="requests in flight: each settles this many later")
+    ap.add_argument("--over", type=float, default=150.0, help="µs of thread CPU that make a call slow")
+    args = ap.parse_args(argv)
+    if args.n <= args.lag or args.lag < 0 or args.over <= 0:
+        ap.error("need --n > --lag >= 0 and --over > 0")
+    r = run(args.n, args.lag, args.over)
+    print(f"native path: {native.PATH}; {args.n:,} checks, each settled {args.lag} checks later", end="")
+    print(f" (reservations in the book at the end: {r['book']})")
+    slow: dict[str, list[tuple[int, int]]] = r["slow"]  # type: ignore[assignment]
+    longest: dict[str, int] = r["longest"]  # type: ignore[assignment]
+    for kind in ("check", "settle"):
+        calls = slow[kind]
+        every, times = period([i for i, _ in calls])
+        repeat = f"; commonest distance between two: {every:,} calls ({times} times)" if times > 1 else ""
+        print(
+            f"{kind}: {len(calls)} over {args.over:g} µs, the longest {longest[kind] / 1000:,.0f} µs{repeat}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
