@@ -172,9 +172,12 @@ def module_of(ob: str) -> str:
     return base.split(".", 1)[0] or ob
 
 
-def report(paths: list[str], n: int, top: int) -> str:
+def report(paths: list[str], n: int, top: int, head: str = "", digits: int = 1) -> str:
     """The figures per check of one run: its output file and the parts dumped before it (a dump, e.g.
-    `callgrind_control -d` from any process on the machine, starts a new part: the parts add up)."""
+    `callgrind_control -d` from any process on the machine, starts a new part: the parts add up). `head`
+    and `digits`: another unit's first words and decimals (bench_footprint_als.py: per entry)."""
+    head = head or f"per check ({n} checks, caches evicted between checks)"
+    d, t = f",.{max(digits - 1, 0)}f", f",.{digits}f"  # the headline's, the tables' decimals
     events: list[str] = []
     costs: dict[tuple[str, str], list[int]] = {}
     for path in paths:
@@ -205,18 +208,18 @@ def report(paths: list[str], n: int, top: int) -> str:
             modules[module_of(ob)][i] += v
     lines = cold(total) / n
     out = [
-        f"per check ({n} checks, caches evicted between checks): "
-        f"{get(total, 'Ir') / n:,.0f} instructions; cold lines {lines:,.0f} ({lines * 64 / 1024:,.0f} KB): "
-        f"code {get(total, 'ILmr') / n:,.0f}, data read {get(total, 'DLmr') / n:,.0f}, "
-        f"data written {get(total, 'DLmw') / n:,.0f}",
+        f"{head}: {get(total, 'Ir') / n:,.0f} instructions; "
+        f"cold lines {lines:{d}} ({lines * 64 / 1024:{d}} KB): "
+        f"code {get(total, 'ILmr') / n:{d}}, data read {get(total, 'DLmr') / n:{d}}, "
+        f"data written {get(total, 'DLmw') / n:{d}}",
         "",
         "| module | cold lines | code | data read | data written | instructions |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, row in sorted(modules.items(), key=lambda kv: -cold(kv[1]))[:top]:
         out.append(
-            f"| {name} | {cold(row) / n:,.1f} | {get(row, 'ILmr') / n:,.1f} | {get(row, 'DLmr') / n:,.1f} "
-            f"| {get(row, 'DLmw') / n:,.1f} | {get(row, 'Ir') / n:,.0f} |"
+            f"| {name} | {cold(row) / n:{t}} | {get(row, 'ILmr') / n:{t}} | {get(row, 'DLmr') / n:{t}} "
+            f"| {get(row, 'DLmw') / n:{t}} | {get(row, 'Ir') / n:,.0f} |"
         )
     out += [
         "",
@@ -225,8 +228,8 @@ def report(paths: list[str], n: int, top: int) -> str:
     ]
     for (ob, fn), row in sorted(costs.items(), key=lambda kv: -cold(kv[1]))[:top]:
         out.append(
-            f"| {fn} ({module_of(ob)}) | {cold(row) / n:,.1f} | {get(row, 'ILmr') / n:,.1f} "
-            f"| {get(row, 'DLmr') / n:,.1f} | {get(row, 'DLmw') / n:,.1f} | {get(row, 'Ir') / n:,.0f} |"
+            f"| {fn} ({module_of(ob)}) | {cold(row) / n:{t}} | {get(row, 'ILmr') / n:{t}} "
+            f"| {get(row, 'DLmr') / n:{t}} | {get(row, 'DLmw') / n:{t}} | {get(row, 'Ir') / n:,.0f} |"
         )
     return "\n".join(out)
 

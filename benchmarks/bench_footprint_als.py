@@ -47,7 +47,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 # the cache configuration, the cold events and the reading of callgrind's output are the HTTP check's
-from bench_footprint import CACHES, COLD, module_of, parse  # noqa: E402
+import bench_footprint  # noqa: E402
+from bench_footprint import CACHES  # noqa: E402
 
 # the compiled scan of a message and the compiled loop over its entries: their C wrappers' names, found in
 # the built module (callgrind honours one wildcard pattern only, so the exact names are given)
@@ -184,61 +184,8 @@ def child(messages: int, per: int, evict: int) -> int:
 def report(paths: list[str], entries: int, per: int, top: int) -> str:
     """The figures per entry of one run: its output file and the parts dumped before it (a dump, e.g.
     `callgrind_control -d` from any process on the machine, starts a new part: the parts add up)."""
-    events: list[str] = []
-    costs: dict[tuple[str, str], list[int]] = {}
-    for path in paths:
-        part_events, part = parse(path)
-        missing = [e for e in ("Ir", *COLD) if e not in part_events]
-        if missing:
-            raise ValueError(f"{path}: no {', '.join(missing)} events (run with --cache-sim=yes)")
-        if events and part_events != events:
-            raise ValueError(f"{path}: not the events of {paths[0]}")
-        events = part_events
-        for where, row in part.items():
-            into = costs.setdefault(where, [0] * len(events))
-            for i, v in enumerate(row):
-                into[i] += v
-    at = {e: i for i, e in enumerate(events)}
-
-    def get(row: list[int], e: str) -> int:
-        return row[at[e]] if at[e] < len(row) else 0
-
-    def cold(row: list[int]) -> int:
-        return sum(get(row, e) for e in COLD)
-
-    total = [0] * len(events)
-    modules: dict[str, list[int]] = defaultdict(lambda: [0] * len(events))
-    for (ob, _fn), row in costs.items():
-        for i, v in enumerate(row):
-            total[i] += v
-            modules[module_of(ob)][i] += v
-    n = entries
-    lines = cold(total) / n
-    out = [
-        f"per entry ({n} entries, {per} a message, caches evicted between messages): "
-        f"{get(total, 'Ir') / n:,.0f} instructions; cold lines {lines:,.1f} ({lines * 64 / 1024:,.1f} KB): "
-        f"code {get(total, 'ILmr') / n:,.1f}, data read {get(total, 'DLmr') / n:,.1f}, "
-        f"data written {get(total, 'DLmw') / n:,.1f}",
-        "",
-        "| module | cold lines | code | data read | data written | instructions |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, row in sorted(modules.items(), key=lambda kv: -cold(kv[1]))[:top]:
-        out.append(
-            f"| {name} | {cold(row) / n:,.2f} | {get(row, 'ILmr') / n:,.2f} | {get(row, 'DLmr') / n:,.2f} "
-            f"| {get(row, 'DLmw') / n:,.2f} | {get(row, 'Ir') / n:,.0f} |"
-        )
-    out += [
-        "",
-        "| function (module) | cold lines | code | data read | data written | instructions |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for (ob, fn), row in sorted(costs.items(), key=lambda kv: -cold(kv[1]))[:top]:
-        out.append(
-            f"| {fn} ({module_of(ob)}) | {cold(row) / n:,.2f} | {get(row, 'ILmr') / n:,.2f} "
-            f"| {get(row, 'DLmr') / n:,.2f} | {get(row, 'DLmw') / n:,.2f} | {get(row, 'Ir') / n:,.0f} |"
-        )
-    return "\n".join(out)
+    head = f"per entry ({entries} entries, {per} a message, caches evicted between messages)"
+    return bench_footprint.report(paths, entries, top, head=head, digits=2)
 
 
 # -- the driver -----------------------------------------------------------------------------------------
