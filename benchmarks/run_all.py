@@ -53,6 +53,7 @@ import bench_alloc  # noqa: E402
 import bench_direct  # noqa: E402
 import bench_envoy as be  # noqa: E402
 import bench_memory  # noqa: E402
+import bench_stalls  # noqa: E402
 import harness  # noqa: E402
 
 __all__ = [
@@ -286,6 +287,24 @@ def _envoy_pieces(envoy: Mapping[str, Mapping[str, Any]], row: Any) -> None:
     row(f"Envoy CPU per request by piece (total with everything: {_num(cpu[DEFAULT], ' µs')})", text)
 
 
+STALL_REQUESTS = 300_000  # bench_stalls: ~3 s
+STALL_OVER_US = 150.0
+
+
+def stall_figures(r: Mapping[str, Any]) -> dict[str, Any]:
+    """bench_stalls.run's result as the suite's figures: the longest call of each kind (µs), and the
+    commonest distance between two calls over STALL_OVER_US with how often it occurs (a table rebuilt or
+    freed every K calls repeats K; the machine's noise does not)."""
+    out: dict[str, Any] = {"requests": STALL_REQUESTS, "over_us": STALL_OVER_US}
+    for kind in ("check", "settle"):
+        calls = r["slow"][kind]
+        every, times = bench_stalls.period([i for i, _ in calls])
+        out[f"{kind}_longest_us"] = r["longest"][kind] / 1000
+        out[f"{kind}_over"] = len(calls)
+        out[f"{kind}_every"], out[f"{kind}_repeats"] = every, times
+    return out
+
+
 def suite_rows(
     envoy: Mapping[str, Mapping[str, Any]] | None,
     memory: Sequence[Mapping[str, Any]] | None,
@@ -374,6 +393,21 @@ def suite_rows(
             TARGETS["net_blocks_per_10k"],
             None if judged is None or _nan(judged) else abs(judged),
         )
+        stalls = alloc.get("stalls")
+        if stalls:
+            repeats = [
+                f"{kind} every {stalls[f'{kind}_every']:,} calls"
+                for kind in ("check", "settle")
+                if stalls.get(f"{kind}_repeats", 0) >= 3
+            ]
+            check_us, settle_us = stalls.get("check_longest_us"), stalls.get("settle_longest_us")
+            longest = f"{_num(check_us, ' µs')} / {_num(settle_us, ' µs')}"
+            row(
+                f"structural stalls in process ({_num(stalls.get('requests'))} checks + settlements, thread "
+                "CPU; bench_stalls.py): longest check / settlement; calls over "
+                f"{_num(stalls.get('over_us'), ' µs')} that repeat at one distance",
+                f"{longest}; " + (", ".join(repeats) if repeats else "none"),
+            )
     if direct is not None:
         checks = direct.get("checks_per_s")
         row(
@@ -565,6 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     envoy_args: argparse.Namespace | None = None
     memory: list[bench_memory.MemoryResult] | None = None
     alloc: bench_alloc.AllocResult | None = None
+    stalls: dict[str, Any] | None = None
     direct: dict[str, Any] | None = None
     try:
         if "envoy" in parts:
@@ -579,6 +614,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "alloc" in parts:
             _log("[suite] in-process fast path: µs and allocations per decision")
             alloc = bench_alloc.measure(plan.alloc_batches, log=_log)
+            _log(f"[suite] in-process stalls: {STALL_REQUESTS:,} checks + settlements, each timed")
+            stalls = stall_figures(bench_stalls.run(STALL_REQUESTS, 20, STALL_OVER_US))
     finally:
         signal.alarm(0)
     elapsed = time.monotonic() - started
@@ -587,7 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = suite_rows(
         envoy,
         [m.as_dict() for m in memory] if memory is not None else None,
-        alloc.as_dict() if alloc is not None else None,
+        alloc.as_dict() | {"stalls": stalls} if alloc is not None else None,
         direct,
     )
     loadavg_end = os.getloadavg()
@@ -656,6 +693,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "memory": [m.as_dict() for m in memory] if memory is not None else None,
         "alloc": alloc.as_dict() if alloc is not None else None,
+        "stalls": stalls,
         "direct": direct,
     }
     json_path.write_text(json.dumps(_clean(doc), indent=1, default=str))

@@ -530,3 +530,27 @@ def test_bench_stalls_settles_every_request_it_checks() -> None:
     assert r["longest"]["check"] > 0 and r["longest"]["settle"] > 0  # type: ignore[index]
     assert bench_stalls.period([5, 4101, 8197, 9000]) == (4096, 2)
     assert bench_stalls.period([7]) == (0, 0)
+
+
+def test_the_suite_reports_in_process_stalls_and_a_repeating_one() -> None:
+    """bench_stalls' figures in the table: the longest check / settlement, and a distance that repeats (a
+    table freed every K settlements) named, where scattered slow calls (machine noise) are not."""
+    noisy = {
+        "slow": {"check": [(3, 160_000), (907, 170_000)], "settle": []},
+        "longest": {"check": 170_000, "settle": 90_000},
+    }
+    periodic = {
+        "slow": {"check": [], "settle": [(i * 4096, 200_000) for i in range(1, 6)]},
+        "longest": {"check": 80_000, "settle": 200_000},
+    }
+    rows = {
+        name: [
+            r
+            for r in run_all.suite_rows(None, None, _alloc() | {"stalls": run_all.stall_figures(d)})
+            if "stalls" in r["figure"]
+        ]
+        for name, d in (("noisy", noisy), ("periodic", periodic))
+    }
+    assert rows["noisy"][0]["measured"] == "170 µs / 90 µs; none"
+    assert rows["periodic"][0]["measured"] == "80 µs / 200 µs; settle every 4,096 calls"
+    assert rows["noisy"][0]["result"] == ""  # informational: target 6 is judged through Envoy
