@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -258,21 +259,59 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child(args.n, args.evict)
     if args.file:
-        try:
-            print(report(args.file, args.n, args.top))
-        except (OSError, ValueError) as e:
-            print(f"bench_footprint: {e}", file=sys.stderr)
-            return 2
-        return 0
+        return report_file("bench_footprint", lambda: report(args.file, args.n, args.top))
+    valgrind = find_valgrind("bench_footprint")
+    if valgrind is None:
+        return 2
+    return measure(
+        "bench_footprint",
+        valgrind,
+        [f"--toggle-collect={ENTRY}"],
+        [f"--n={args.n}", f"--evict={args.evict}"],
+        args.keep,
+        lambda parts: report(parts, args.n, args.top),
+    )
+
+
+# -- running a measurement under callgrind (also bench_footprint_als.py's) -------------------------------
+
+
+def report_file(prog: str, text: Callable[[], str]) -> int:
+    """--file: print the report of a kept callgrind output; 2 (said why) when it cannot be read."""
+    try:
+        print(text())
+    except (OSError, ValueError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def find_valgrind(prog: str) -> str | None:
+    """valgrind's path, or None (said why: nothing can be measured)."""
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         print(
-            "bench_footprint: valgrind is not installed (it needs valgrind's callgrind tool: "
+            f"{prog}: valgrind is not installed (it needs valgrind's callgrind tool: "
             "`apt-get install valgrind`); nothing measured",
             file=sys.stderr,
         )
-        return 2
-    with tempfile.TemporaryDirectory(prefix="nexus-footprint-") as tmp:
+    return valgrind
+
+
+def measure(
+    prog: str,
+    valgrind: str,
+    toggles: Sequence[str],
+    child_args: Sequence[str],
+    keep: str | None,
+    report_of: Callable[[list[str]], str],
+) -> int:
+    """Run `prog`'s own script with --child and `child_args` under callgrind's cache simulation, collecting
+    only inside the `toggles` and from gc.freeze() on (the child calls it once, after its warm-up), with
+    PYTHONHASHSEED 0 unless set; print what the child said, then `report_of` the output's parts (a dump,
+    e.g. `callgrind_control -d` from any process on the machine, starts a new part: the parts add up),
+    kept at `keep` if given. 0, or 1 when the run or its reading failed."""
+    with tempfile.TemporaryDirectory(prefix=f"nexus-{prog.removeprefix('bench_').replace('_', '-')}-") as tmp:
         out = os.path.join(tmp, "callgrind.out")
         cmd = [
             valgrind,
@@ -280,14 +319,13 @@ def main(argv: list[str] | None = None) -> int:
             "--cache-sim=yes",
             *CACHES,
             "--collect-atstart=no",
-            f"--toggle-collect={ENTRY}",
-            "--zero-before=gc_freeze",  # the warm-up's checks dropped (gc.freeze() runs once, after them)
+            *toggles,
+            "--zero-before=gc_freeze",  # the warm-up's costs dropped (gc.freeze() runs once, after it)
             f"--callgrind-out-file={out}",
             sys.executable,
-            os.path.abspath(__file__),
+            str(REPO / "benchmarks" / f"{prog}.py"),
             "--child",
-            f"--n={args.n}",
-            f"--evict={args.evict}",
+            *child_args,
         ]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
         env.setdefault("PYTHONHASHSEED", "0")  # the same dict probes run after run: figures that compare
@@ -295,18 +333,18 @@ def main(argv: list[str] | None = None) -> int:
         said = [x for x in done.stderr.splitlines() if not x.startswith(("==", "--"))]
         if done.returncode != 0 or not os.path.exists(out):
             print("\n".join(said[-20:]), file=sys.stderr)
-            print(f"bench_footprint: the measured run failed (exit {done.returncode})", file=sys.stderr)
+            print(f"{prog}: the measured run failed (exit {done.returncode})", file=sys.stderr)
             return 1
         print("\n".join(said))
         parts = sorted(glob.glob(out + ".*")) + [out]
-        if args.keep:
+        if keep:
             for i, part in enumerate(parts[:-1], 1):
-                shutil.copyfile(part, f"{args.keep}.{i}")
-            shutil.copyfile(out, args.keep)
+                shutil.copyfile(part, f"{keep}.{i}")
+            shutil.copyfile(out, keep)
         try:
-            print(report(parts, args.n, args.top))
+            print(report_of(parts))
         except ValueError as e:
-            print(f"bench_footprint: {e}", file=sys.stderr)
+            print(f"{prog}: {e}", file=sys.stderr)
             return 1
     return 0
 

@@ -40,11 +40,7 @@ benchmarks/bench_footprint.py's (the HTTP check's footprint).
 from __future__ import annotations
 
 import argparse
-import glob
-import os
 import re
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -55,7 +51,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 # the cache configuration, the cold events and the reading of callgrind's output are the HTTP check's
 import bench_footprint  # noqa: E402
-from bench_footprint import CACHES  # noqa: E402
 
 # the compiled scan of a message and the compiled loop over its entries: their C wrappers' names, found in
 # the built module (callgrind honours one wildcard pattern only, so the exact names are given)
@@ -214,19 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         return child(args.messages, args.per, args.evict)
     entries = args.messages * args.per
     if args.file:
-        try:
-            print(report(args.file, entries, args.per, args.top))
-        except (OSError, ValueError) as e:
-            print(f"bench_footprint_als: {e}", file=sys.stderr)
-            return 2
-        return 0
-    valgrind = shutil.which("valgrind")
-    if valgrind is None:
-        print(
-            "bench_footprint_als: valgrind is not installed (it needs valgrind's callgrind tool: "
-            "`apt-get install valgrind`); nothing measured",
-            file=sys.stderr,
+        return bench_footprint.report_file(
+            "bench_footprint_als", lambda: report(args.file, entries, args.per, args.top)
         )
+    valgrind = bench_footprint.find_valgrind("bench_footprint_als")
+    if valgrind is None:
         return 2
     sys.path.insert(0, str(REPO))
     from nexus_authz import native
@@ -247,48 +234,14 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    with tempfile.TemporaryDirectory(prefix="nexus-footprint-als-") as tmp:
-        out = os.path.join(tmp, "callgrind.out")
-        cmd = [
-            valgrind,
-            "--tool=callgrind",
-            "--cache-sim=yes",
-            *CACHES,
-            "--collect-atstart=no",
-            *(f"--toggle-collect={name}" for name in names),
-            "--zero-before=gc_freeze",  # the warm-up's costs dropped (gc.freeze() runs once, after it)
-            f"--callgrind-out-file={out}",
-            sys.executable,
-            os.path.abspath(__file__),
-            "--child",
-            f"--messages={args.messages}",
-            f"--per={args.per}",
-            f"--evict={args.evict}",
-        ]
-        # a fixed hash seed: the same dict layouts (and so the same lines) run after run
-        env = dict(
-            os.environ,
-            PYTHONHASHSEED="0",
-            PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        )
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        said = [x for x in done.stderr.splitlines() if not x.startswith(("==", "--"))]
-        if done.returncode != 0 or not os.path.exists(out):
-            print("\n".join(said[-20:]), file=sys.stderr)
-            print(f"bench_footprint_als: the measured run failed (exit {done.returncode})", file=sys.stderr)
-            return 1
-        print("\n".join(said))
-        parts = sorted(glob.glob(out + ".*")) + [out]
-        if args.keep:
-            for i, part in enumerate(parts[:-1], 1):
-                shutil.copyfile(part, f"{args.keep}.{i}")
-            shutil.copyfile(out, args.keep)
-        try:
-            print(report(parts, entries, args.per, args.top))
-        except ValueError as e:
-            print(f"bench_footprint_als: {e}", file=sys.stderr)
-            return 1
-    return 0
+    return bench_footprint.measure(
+        "bench_footprint_als",
+        valgrind,
+        [f"--toggle-collect={name}" for name in names],
+        [f"--messages={args.messages}", f"--per={args.per}", f"--evict={args.evict}"],
+        args.keep,
+        lambda parts: report(parts, entries, args.per, args.top),
+    )
 
 
 if __name__ == "__main__":
