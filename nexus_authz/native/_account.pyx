@@ -130,11 +130,7 @@ cdef extern from *:
 
 cdef inline void _put_at(object obj, Py_ssize_t offset, object value):
     """setattr of the slot at `offset` of `obj` (what its member descriptor's __set__ does)."""
-    cdef PyObject** at = <PyObject**>((<char*><PyObject*>obj) + offset)
-    cdef PyObject* old = at[0]
-    Py_INCREF(value)
-    at[0] = <PyObject*>value
-    Py_XDECREF(old)
+    _slot_store(obj, offset, value)
 
 
 cdef inline object _kind(object spec):

@@ -268,14 +268,8 @@ cdef ClassAttr _FAST_PATH  # the protocol's class attribute fast_path
 
 cdef inline int _set(object obj, Slot* s, str name, object value) except -1:
     """setattr(obj, name, value), in place as `_at` reads."""
-    cdef PyObject** where
-    cdef PyObject* old
     if Py_TYPE(obj) == s.cls:
-        where = <PyObject**>((<char*><PyObject*>obj) + s.offset)
-        old = where[0]
-        Py_INCREF(value)
-        where[0] = <PyObject*>value
-        Py_XDECREF(old)
+        _slot_store(obj, s.offset, value)
         return 0
     setattr(obj, name, value)
     return 0
@@ -793,6 +787,20 @@ cdef inline bint _same(object kept, object asked) except -1:
     return kept is asked or kept == asked
 
 
+cdef inline bytes _latin1(object text, const char** chars, Py_ssize_t* size):
+    """`text`'s latin-1 bytes at *chars, *size of them: a str of 1-byte characters' own, else its
+    .encode("latin-1") (UnicodeEncodeError beyond latin-1), returned: held while *chars is read."""
+    cdef bytes encoded
+    if type(text) is str and PyUnicode_KIND(text) == PyUnicode_1BYTE_KIND:
+        chars[0] = <const char*>PyUnicode_DATA(text)
+        size[0] = PyUnicode_GET_LENGTH(text)
+        return None
+    encoded = (<str>text).encode("latin-1")
+    chars[0] = PyBytes_AS_STRING(encoded)
+    size[0] = PyBytes_GET_SIZE(encoded)
+    return encoded
+
+
 cdef bytes _join(object wire, object key_id, const char* block, Py_ssize_t nb, object release):
     """wire + the nb bytes at block [+ b"x-nexus-release: " + release (a str, latin-1) + b"\\r\\n"] + the
     tail, in one buffer (release: None or "" for none). `wire`: the key's head (bytes), or a recipe's
@@ -807,26 +815,14 @@ cdef bytes _join(object wire, object key_id, const char* block, Py_ssize_t nb, o
     if type(wire) is tuple:  # (head, rest): the key id between
         head = (<tuple>wire)[0]
         rest = (<tuple>wire)[1]
-        if type(key_id) is str and PyUnicode_KIND(key_id) == PyUnicode_1BYTE_KIND:  # its latin-1 bytes
-            kid = <const char*>PyUnicode_DATA(key_id)
-            nk = PyUnicode_GET_LENGTH(key_id)
-        else:
-            k = (<str>key_id).encode("latin-1")  # UnicodeEncodeError, as allow_block
-            kid = PyBytes_AS_STRING(k)
-            nk = PyBytes_GET_SIZE(k)
+        k = _latin1(key_id, &kid, &nk)  # UnicodeEncodeError, as allow_block
         ns = PyBytes_GET_SIZE(rest)
     else:
         head = wire
     nh = PyBytes_GET_SIZE(head)
     nw = nh + nk + ns
     if release:
-        if PyUnicode_KIND(release) == PyUnicode_1BYTE_KIND:  # its latin-1 bytes are its chars
-            chars = <const char*>PyUnicode_DATA(release)
-            size = PyUnicode_GET_LENGTH(release)
-        else:
-            r = (<str>release).encode("latin-1")  # UnicodeEncodeError, as before
-            chars = PyBytes_AS_STRING(r)
-            size = PyBytes_GET_SIZE(r)
+        r = _latin1(release, &chars, &size)  # UnicodeEncodeError, as before
         nr = nl + size + 2
     cdef bytes out = PyBytes_FromStringAndSize(NULL, nw + nb + nr + nt)
     cdef char* p = PyBytes_AS_STRING(out)

@@ -54,10 +54,6 @@ cdef Py_ssize_t O_RETRY = _offset(WindowStatus, "retry_after")
 cdef Py_ssize_t O_ALLOWED = _offset(WindowStatus, "allowed")
 
 
-cdef inline PyObject* _get(object obj, Py_ssize_t offset):
-    return (<PyObject**>((<char*><PyObject*>obj) + offset))[0]
-
-
 cdef struct Window:
     PyObject* status  # NULL: a Figure's (its limit below)
     long long remaining
@@ -206,11 +202,11 @@ cdef inline int _read(object status, Window* w):
     cdef PyObject* reset
     if type(status) is not STATUS:
         return FALLBACK
-    remaining = _get(status, O_REMAINING)
-    reset = _get(status, O_RESET)
-    if remaining == NULL or reset == NULL or _get(status, O_LIMIT) == NULL:
+    remaining = _slot_value(status, O_REMAINING)
+    reset = _slot_value(status, O_RESET)
+    if remaining == NULL or reset == NULL or _slot_value(status, O_LIMIT) == NULL:
         return FALLBACK
-    if _get(status, O_RETRY) == NULL or _get(status, O_ALLOWED) == NULL:
+    if _slot_value(status, O_RETRY) == NULL or _slot_value(status, O_ALLOWED) == NULL:
         return FALLBACK
     if not PyLong_CheckExact(<object>remaining) or not PyFloat_CheckExact(<object>reset):
         return FALLBACK
@@ -220,9 +216,9 @@ cdef inline int _read(object status, Window* w):
     w.reset_after = PyFloat_AS_DOUBLE(<object>reset)
     if not _seconds_in_range(w.reset_after):
         return FALLBACK
-    if not PyFloat_CheckExact(<object>_get(status, O_RETRY)):
+    if not PyFloat_CheckExact(<object>_slot_value(status, O_RETRY)):
         return FALLBACK
-    if _get(status, O_ALLOWED) != <PyObject*>TRUE and _get(status, O_ALLOWED) != <PyObject*>FALSE:
+    if _slot_value(status, O_ALLOWED) != <PyObject*>TRUE and _slot_value(status, O_ALLOWED) != <PyObject*>FALSE:
         return FALLBACK
     w.status = <PyObject*>status
     return 0
@@ -276,9 +272,9 @@ def plan_headers(tuple plan, statuses, bint denied):
         _keep_tightest(
             <long><object>PyTuple_GET_ITEM(item, 3), &w, &requests, &has_requests, &tokens, &has_tokens
         )
-        if _get(<object>w.status, O_ALLOWED) == <PyObject*>FALSE:
+        if _slot_value(<object>w.status, O_ALLOWED) == <PyObject*>FALSE:
             refused = True
-            retry = PyFloat_AS_DOUBLE(<object>_get(<object>w.status, O_RETRY))
+            retry = PyFloat_AS_DOUBLE(<object>_slot_value(<object>w.status, O_RETRY))
             if retry > wait:
                 wait = retry
     retry_after = denied and refused and wait != INFINITY
@@ -288,13 +284,13 @@ def plan_headers(tuple plan, statuses, bint denied):
     out = PyTuple_New(count)
     n = 0
     if has_requests:
-        _put(out, 0, "x-ratelimit-limit-requests", str(<object>_get(<object>requests.status, O_LIMIT)))
-        _put(out, 1, "x-ratelimit-remaining-requests", str(<object>_get(<object>requests.status, O_REMAINING)))
+        _put(out, 0, "x-ratelimit-limit-requests", str(<object>_slot_value(<object>requests.status, O_LIMIT)))
+        _put(out, 1, "x-ratelimit-remaining-requests", str(<object>_slot_value(<object>requests.status, O_REMAINING)))
         _put(out, 2, "x-ratelimit-reset-requests", _duration(requests.reset_after))
         n = 3
     if has_tokens:
-        _put(out, n, "x-ratelimit-limit-tokens", str(<object>_get(<object>tokens.status, O_LIMIT)))
-        _put(out, n + 1, "x-ratelimit-remaining-tokens", str(<object>_get(<object>tokens.status, O_REMAINING)))
+        _put(out, n, "x-ratelimit-limit-tokens", str(<object>_slot_value(<object>tokens.status, O_LIMIT)))
+        _put(out, n + 1, "x-ratelimit-remaining-tokens", str(<object>_slot_value(<object>tokens.status, O_REMAINING)))
         _put(out, n + 2, "x-ratelimit-reset-tokens", _duration(tokens.reset_after))
         n += 3
     Py_INCREF(policy)
@@ -321,7 +317,7 @@ cdef Py_ssize_t _openai_lines(char* out, Window* w, const char* kind) except -2:
     cdef long long limit = w.limit
     cdef Py_ssize_t n
     if w.status != NULL:
-        limit_obj = _get(<object>w.status, O_LIMIT)
+        limit_obj = _slot_value(<object>w.status, O_LIMIT)
         if not PyLong_CheckExact(<object>limit_obj):
             return -1
         limit = PyLong_AsLongLongAndOverflow(<object>limit_obj, &overflow)

@@ -29,16 +29,10 @@ include "_slots.pxi"
 
 cdef inline int _put(object obj, Py_ssize_t offset, str name, object value) except -1:
     """setattr(obj, name, value), straight into the slot when `offset` is known."""
-    cdef PyObject** where
-    cdef PyObject* old
     if offset < 0:
         setattr(obj, name, value)
         return 0
-    where = <PyObject**>((<char*><PyObject*>obj) + offset)
-    old = where[0]
-    Py_INCREF(value)
-    where[0] = <PyObject*>value
-    Py_XDECREF(old)
+    _slot_store(obj, offset, value)
     return 0
 
 

@@ -2,6 +2,9 @@
 # objects in place (`include "_slots.pxi"`; Cython pastes it into each module, so each keeps its own copy
 # of the function in C, and one source).
 
+from cpython.ref cimport Py_INCREF as _slots_incref, Py_XDECREF as _slots_xdecref
+
+
 cdef extern from "Python.h":
     ctypedef struct PyMemberDef:
         const char* name
@@ -32,3 +35,18 @@ cdef Py_ssize_t _offset(type cls, str name) except -1:
     if offset < 0:
         raise TypeError(f"{cls.__name__}.{name} is not a slot")
     return offset
+
+
+cdef inline PyObject* _slot_value(object obj, Py_ssize_t offset) noexcept:
+    """The object in the slot at `offset` of `obj`, borrowed (NULL: the slot is unset)."""
+    return (<PyObject**>((<char*><PyObject*>obj) + offset))[0]
+
+
+cdef inline void _slot_store(object obj, Py_ssize_t offset, object value) noexcept:
+    """`value` into the slot at `offset` of `obj`, the old value (if any) released: what the slot's member
+    descriptor's __set__ does."""
+    cdef PyObject** at = <PyObject**>((<char*><PyObject*>obj) + offset)
+    cdef PyObject* old = at[0]
+    _slots_incref(value)
+    at[0] = <PyObject*>value
+    _slots_xdecref(old)

@@ -130,11 +130,6 @@ if (<PyTypeObject*>AcquireResult).tp_alloc != (<PyTypeObject*>object).tp_alloc:
     raise ImportError("AcquireResult has its own allocator")
 
 
-cdef inline PyObject* _get(object obj, Py_ssize_t offset):
-    """A slot's value, borrowed (NULL if unset)."""
-    return (<PyObject**>((<char*><PyObject*>obj) + offset))[0]
-
-
 cdef inline void _put(object obj, Py_ssize_t offset, object value):
     """Set an unset slot of a new object (what the member descriptor's __set__ does on it)."""
     Py_INCREF(value)
@@ -169,7 +164,7 @@ cdef inline object _sget(object store, Py_ssize_t offset, str name):
     """getattr(store, name), from its slot when it is one of the store's class."""
     cdef PyObject* value
     if offset >= 0 and Py_TYPE(store) == _STORE:
-        value = _get(store, offset)
+        value = _slot_value(store, offset)
         if value != NULL:
             return <object>value
     return getattr(store, name)
@@ -177,14 +172,8 @@ cdef inline object _sget(object store, Py_ssize_t offset, str name):
 
 cdef inline int _sset(object store, Py_ssize_t offset, str name, object value) except -1:
     """setattr(store, name, value), in its slot when it is one of the store's class."""
-    cdef PyObject** where
-    cdef PyObject* old
     if offset >= 0 and Py_TYPE(store) == _STORE:
-        where = <PyObject**>((<char*><PyObject*>store) + offset)
-        old = where[0]
-        Py_INCREF(value)
-        where[0] = <PyObject*>value
-        Py_XDECREF(old)
+        _slot_store(store, offset, value)
         return 0
     setattr(store, name, value)
     return 0
@@ -472,12 +461,12 @@ cdef int _read_spec(object spec, Spec* out):
     cdef int overflow = 0
     if type(spec) is not SPEC:
         return FALLBACK
-    if (_get(spec, O_ALGORITHM) == NULL or _get(spec, O_SHADOW) == NULL or _get(spec, O_LIMIT) == NULL
-            or _get(spec, O_BURST) == NULL or _get(spec, O_SLOTS) == NULL or _get(spec, O_INTERVAL) == NULL
-            or _get(spec, O_TOLERANCE) == NULL or _get(spec, O_MAX_DEBT) == NULL
-            or _get(spec, O_SLOT_WIDTH) == NULL):
+    if (_slot_value(spec, O_ALGORITHM) == NULL or _slot_value(spec, O_SHADOW) == NULL or _slot_value(spec, O_LIMIT) == NULL
+            or _slot_value(spec, O_BURST) == NULL or _slot_value(spec, O_SLOTS) == NULL or _slot_value(spec, O_INTERVAL) == NULL
+            or _slot_value(spec, O_TOLERANCE) == NULL or _slot_value(spec, O_MAX_DEBT) == NULL
+            or _slot_value(spec, O_SLOT_WIDTH) == NULL):
         return FALLBACK  # a field not set (never, for a constructed LimitSpec)
-    algorithm = _get(spec, O_ALGORITHM)
+    algorithm = _slot_value(spec, O_ALGORITHM)
     if algorithm == <PyObject*>GCRA:
         out.algorithm = A_GCRA
     elif algorithm == <PyObject*>SLIDING:
@@ -487,20 +476,20 @@ cdef int _read_spec(object spec, Spec* out):
     else:
         return FALLBACK  # an algorithm this code does not know: the pure path decides
     out.obj = <PyObject*>spec
-    out.shadow = PyObject_IsTrue(<object>_get(spec, O_SHADOW))
-    out.limit = PyLong_AsLongLongAndOverflow(<object>_get(spec, O_LIMIT), &overflow)
+    out.shadow = PyObject_IsTrue(<object>_slot_value(spec, O_SHADOW))
+    out.limit = PyLong_AsLongLongAndOverflow(<object>_slot_value(spec, O_LIMIT), &overflow)
     if overflow or not (0 < out.limit <= MAX_COST):
         return FALLBACK
-    out.burst = PyLong_AsLongLongAndOverflow(<object>_get(spec, O_BURST), &overflow)
+    out.burst = PyLong_AsLongLongAndOverflow(<object>_slot_value(spec, O_BURST), &overflow)
     if overflow or not (0 <= out.burst <= MAX_COST):
         return FALLBACK
-    out.slots = PyLong_AsLongLongAndOverflow(<object>_get(spec, O_SLOTS), &overflow)
+    out.slots = PyLong_AsLongLongAndOverflow(<object>_slot_value(spec, O_SLOTS), &overflow)
     if overflow or not (0 <= out.slots <= 1 << 20):
         return FALLBACK
-    out.interval = _float(_get(spec, O_INTERVAL))
-    out.tolerance = _float(_get(spec, O_TOLERANCE))
-    out.max_debt = _float(_get(spec, O_MAX_DEBT))
-    out.width = _float(_get(spec, O_SLOT_WIDTH))
+    out.interval = _float(_slot_value(spec, O_INTERVAL))
+    out.tolerance = _float(_slot_value(spec, O_TOLERANCE))
+    out.max_debt = _float(_slot_value(spec, O_MAX_DEBT))
+    out.width = _float(_slot_value(spec, O_SLOT_WIDTH))
     if out.algorithm == A_GCRA and not out.interval > 0:
         return FALLBACK  # Python would divide by zero
     if out.algorithm == A_SLIDING and not (out.width > 0 and out.slots >= 2):
@@ -611,7 +600,7 @@ cdef object _status(Spec* spec, long long remaining, double reset_after, double 
     """limits.new_status."""
     status = PyType_GenericAlloc(<PyTypeObject*>STATUS, 0)
     _put(status, O_S_SPEC, <object>spec.obj)
-    _put(status, O_S_LIMIT, <object>_get(<object>spec.obj, O_LIMIT))
+    _put(status, O_S_LIMIT, <object>_slot_value(<object>spec.obj, O_LIMIT))
     _put(status, O_S_REMAINING, PyLong_FromLongLong(remaining))
     _put(status, O_S_RESET, PyFloat_FromDouble(reset_after))
     _put(status, O_S_RETRY, PyFloat_FromDouble(retry_after))
