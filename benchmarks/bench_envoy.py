@@ -201,7 +201,8 @@ class NexusSpec:
     # answers every request 200 (the performance issue's floor for HTTP ext_authz from Python)
     server: str = "nexus"
     # environment variables of the process (e.g. NEXUS_AUTHZ_PURE=1; BARE_NATIVE=1 makes the bare
-    # server parse with the compiled framing of nexus_authz/native/ instead of httptools)
+    # server parse with the compiled framing of nexus_authz/native/ instead of httptools; BARE_ANSWER=FILE
+    # makes it answer that file's bytes, a whole HTTP/1.1 response, instead of an empty 200)
     env: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
@@ -545,6 +546,11 @@ def serve_bare(socket_path: str) -> None:
             self.transport.write(_BARE_OK)
 
     protocol = BareNative if os.environ.get("BARE_NATIVE") == "1" else Bare
+    answer = os.environ.get("BARE_ANSWER")  # a file of the exact answer bytes to send instead
+    if answer:
+        global _BARE_OK
+        with open(answer, "rb") as f:
+            _BARE_OK = f.read()
 
     async def run() -> None:
         loop = asyncio.get_running_loop()

@@ -14,9 +14,17 @@ what else runs on the machine; it is not time (cache misses and wake-ups are not
   http-uds-issue15-nolua   + the gRPC access log
   http-uds-issue15         + the Lua usage tap (everything on)
 
+With --answers it measures instead what nexus-authz's allow answer costs Envoy, header by header: the
+empty handler (bare-uds-native) answers nexus-authz's real answer for the issue-15 request (made in
+process with the issue-15 plan), cut to the empty 200, then growing by one group of headers at a time:
+the identity headers set on the upstream request (x-nexus-*, the credential), x-envoy-auth-headers-to-remove,
+OpenAI's x-ratelimit-* headers, IETF's ratelimit and ratelimit-policy. Envoy parses every header of an
+ext_authz answer whether or not a pattern forwards it, so each line costs what its header costs.
+
 Run (about a minute per scenario; needs valgrind):
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_envoy_instr.py [--scenarios a,b,...] [--requests 1000]
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_envoy_instr.py --answers [--requests 300]
 """
 
 from __future__ import annotations
@@ -133,14 +141,95 @@ def measure(name: str, requests: int, workdir: Path) -> float:
         mock.stop()
 
 
+# nexus-authz's allow answer, in the groups --answers adds one at a time (a header goes to the first group
+# whose prefix it starts with; headers of no group stay in the last step only)
+ANSWER_GROUPS = (
+    ("identity headers (x-nexus-*, credential)", ("x-nexus-", "authorization", "x-api-key", "api-key")),
+    ("x-envoy-auth-headers-to-remove", ("x-envoy-auth-headers-to-remove",)),
+    ("OpenAI rate-limit headers (x-ratelimit-*)", ("x-ratelimit-",)),
+    ("IETF rate-limit headers (ratelimit, ratelimit-policy)", ("ratelimit",)),
+)
+
+
+def nexus_answer(workdir: Path) -> bytes:
+    """nexus-authz's answer to the issue-15 request on the issue-15 plan, made in process (compiled path
+    when built): what the http-uds-issue15 scenarios' Envoy receives."""
+    import bench_alloc
+
+    fp = bench_alloc.build_fastpath(workdir, config_extra=be.ISSUE15_CONFIG, key_fields=be.LIMITS_KEY_FIELDS)
+    fp.proto.data_received(bench_alloc.ext_authz_request(fp.secrets[0], "instr-1"))
+    answer = bytes(fp.sink.last)
+    if not answer.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"nexus-authz refused the benchmark request: {answer[:200]!r}")
+    return answer
+
+
+def answer_steps(answer: bytes) -> list[tuple[str, bytes, int]]:
+    """(label, answer bytes, headers added) for the empty answer, then each group of ANSWER_GROUPS added
+    to the previous step (the answer's own order kept; content-length: 0 always last)."""
+    head, _, _ = answer.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    lines = [line for line in lines if not line.lower().startswith(b"content-length:")]
+
+    def group(line: bytes) -> int:
+        name = line.split(b":", 1)[0].lower().decode("latin-1")
+        for i, (_, prefixes) in enumerate(ANSWER_GROUPS):
+            if name.startswith(prefixes):
+                return i
+        return len(ANSWER_GROUPS)
+
+    def build(kept: list[bytes]) -> bytes:
+        return b"\r\n".join([status, *kept, b"content-length: 0", b"", b""])
+
+    steps = [("empty 200", build([]), 0)]
+    for i, (label, _) in enumerate(ANSWER_GROUPS):
+        kept = [line for line in lines if group(line) <= i]
+        steps.append((label, build(kept), len(kept) - sum(n for _, _, n in steps)))
+    rest = [line for line in lines if group(line) == len(ANSWER_GROUPS)]
+    if rest:
+        steps.append(("other headers", build(lines), len(rest)))
+    return steps
+
+
+def measure_answers(requests: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="nx-instr-") as tmp:
+        steps = answer_steps(nexus_answer(Path(tmp) / "answer"))
+        print(f"# Envoy instructions per request by header of nexus-authz's answer ({requests} requests)\n")
+        print("| answer | headers added | instructions/request | difference | per header added |")
+        print("|---|---:|---:|---:|---:|")
+        previous = None
+        for i, (label, data, added) in enumerate(steps):
+            path = Path(tmp) / f"answer-{i}.http"
+            path.write_bytes(data)
+            name = f"answer-{i}"
+            be.SCENARIOS[name] = be.Scenario(
+                name,
+                be.ENVOY_HTTP,
+                "http",
+                be.NexusSpec(server="bare", env=(("BARE_NATIVE", "1"), ("BARE_ANSWER", str(path)))),
+                remove_filters=be.ACCOUNTING,
+            )
+            value = measure(name, requests, Path(tmp) / name)
+            diff = "" if previous is None else f"{value - previous:+,.0f}"
+            per = f"{(value - previous) / added:+,.0f}" if previous is not None and added else ""
+            print(f"| {label} | {added} | {value:,.0f} | {diff} | {per} |", flush=True)
+            previous = value
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scenarios", default=DEFAULT, help=f"comma list of bench_envoy scenarios ({DEFAULT})")
     ap.add_argument("--requests", type=int, default=1000, help="measured requests per scenario")
+    ap.add_argument(
+        "--answers", action="store_true", help="what each group of nexus-authz's answer headers costs Envoy"
+    )
     args = ap.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind (callgrind) is not installed", file=sys.stderr)
         return 2
+    if args.answers:
+        measure_answers(args.requests)
+        return 0
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     unknown = [n for n in names if n not in be.SCENARIOS]
     if unknown:
