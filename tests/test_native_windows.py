@@ -65,7 +65,7 @@ def state_bits(store: MemoryCounterStore) -> list[Any]:
     assert sorted(walking) == sorted(store._states)  # every id in the walk once
     # the walk itself, in order (the compiled sweep empties the walked list in place as the next one)
     walk = ("walk", tuple(store._walk[store._cursor :]), tuple(store._next))
-    return out + [("evicted", store._evicted), walk]
+    return out + [("evicted", store._evicted, "owed", store._owed), walk]
 
 
 # -- strategies ----------------------------------------------------------------------------------------------
@@ -230,11 +230,11 @@ def fallbacks(compiled: Any) -> Iterator[list[Any]]:
         seen.append(("adjust", specs))
         return adjust_python(store, ids, specs, deltas, now, charged_at)
 
-    compiled.install(acquire_spy, adjust_spy, memory._is_fresh)
+    compiled.install(acquire_spy, adjust_spy, memory._is_fresh, memory.SWEEP_BATCH)
     try:
         yield seen
     finally:
-        compiled.install(acquire_python, adjust_python, memory._is_fresh)
+        compiled.install(acquire_python, adjust_python, memory._is_fresh, memory.SWEEP_BATCH)
 
 
 def test_the_compiled_acquire_and_adjust_run_by_default(compiled: Any) -> None:

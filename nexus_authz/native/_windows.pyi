@@ -8,6 +8,7 @@ def install(
     py_acquire: Callable[..., AcquireResult],
     py_adjust: Callable[..., None],
     py_is_fresh: Callable[[object, float], bool],
+    sweep_batch: int,
 ) -> tuple[Any, Any]: ...
 def acquire(
     self: Any, counter_ids: Sequence[str], specs: Sequence[LimitSpec], costs: Sequence[int], now: float

@@ -142,11 +142,11 @@ cdef inline void _put(object obj, Py_ssize_t offset, object value):
 cdef PyTypeObject* _STORE = NULL
 cdef object _store_class = None  # (held: its address is compared)
 cdef Py_ssize_t SO_STATES = -1, SO_SWEEP = -1, SO_EVICTED = -1, SO_WALK = -1, SO_NEXT = -1, SO_CURSOR = -1
-cdef Py_ssize_t SO_HELD = -1
+cdef Py_ssize_t SO_HELD = -1, SO_OWED = -1
 
 
 cdef int _store_slots(object store) except -1:
-    global _STORE, _store_class, SO_STATES, SO_SWEEP, SO_EVICTED, SO_WALK, SO_NEXT, SO_CURSOR, SO_HELD
+    global _STORE, _store_class, SO_STATES, SO_SWEEP, SO_EVICTED, SO_WALK, SO_NEXT, SO_CURSOR, SO_HELD, SO_OWED
     cls = type(store)
     SO_STATES = _slot_offset(cls, "_states")
     SO_SWEEP = _slot_offset(cls, "_sweep_per_call")
@@ -155,6 +155,7 @@ cdef int _store_slots(object store) except -1:
     SO_NEXT = _slot_offset(cls, "_next")
     SO_CURSOR = _slot_offset(cls, "_cursor")
     SO_HELD = _slot_offset(cls, "_held")
+    SO_OWED = _slot_offset(cls, "_owed")
     _store_class = cls
     _STORE = <PyTypeObject*>cls
     return 0
@@ -183,15 +184,18 @@ cdef inline int _sset(object store, Py_ssize_t offset, str name, object value) e
 cdef object _py_acquire = None
 cdef object _py_adjust = None
 cdef object _py_is_fresh = None
+cdef long long _sweep_batch = 1  # memory.SWEEP_BATCH (set by install)
 
 
-def install(py_acquire, py_adjust, py_is_fresh):
-    """Register the pure-Python acquire and adjust (the fallbacks) and `_is_fresh` (for state types this
-    module does not know); returns the compiled (acquire, adjust), to be set on MemoryCounterStore."""
-    global _py_acquire, _py_adjust, _py_is_fresh
+def install(py_acquire, py_adjust, py_is_fresh, long long sweep_batch):
+    """Register the pure-Python acquire and adjust (the fallbacks), `_is_fresh` (for state types this
+    module does not know) and the store's SWEEP_BATCH; returns the compiled (acquire, adjust), to be set on
+    MemoryCounterStore."""
+    global _py_acquire, _py_adjust, _py_is_fresh, _sweep_batch
     _py_acquire = py_acquire
     _py_adjust = py_adjust
     _py_is_fresh = py_is_fresh
+    _sweep_batch = sweep_batch
     return acquire, adjust
 
 
@@ -784,7 +788,6 @@ cdef object _acquire(object self, object counter_ids, object specs, object costs
     cdef Spec* specs_c = spec_c
     cdef bint cached = False, hit = False
     cdef PyObject* found
-    cdef long long sweep_budget
     global _specs_tuple, _specs_busy
     if not (PyFloat_CheckExact(now) or PyLong_CheckExact(now)):
         return None if fig != NULL else _py_acquire(self, counter_ids, specs, costs, now)
@@ -884,13 +887,51 @@ cdef object _acquire(object self, object counter_ids, object specs, object costs
             Py_XDECREF(kept[i])
         if cached:
             _specs_busy = False
-    sweep_per_call = _sget(self, SO_SWEEP, "_sweep_per_call")
-    if sweep_per_call:
-        sweep_budget = sweep_per_call
-        evicted = _sweep(self, states, t, sweep_budget)
-        if evicted:
-            _sset(self, SO_EVICTED, "_evicted", _sget(self, SO_EVICTED, "_evicted") + evicted)
+    _owe(self, states, t)
     return result
+
+
+cdef inline int _owe(object store, dict states, double now) except -1:
+    """memory.acquire's per-call sweep: the call owes `_sweep_per_call` ids to the walk, looked at when a
+    batch (SWEEP_BATCH) is owed. Here, the common call (a batch not due, both fields small ints in the
+    store's slots) in a few instructions; anything else in `_owe_batch`, out of line."""
+    cdef PyObject* per
+    cdef PyObject* owed
+    cdef long long n, m
+    cdef int overflow = 0
+    if Py_TYPE(store) == _STORE and SO_SWEEP >= 0 and SO_OWED >= 0:
+        per = _slot_value(store, SO_SWEEP)
+        owed = _slot_value(store, SO_OWED)
+        if per != NULL and owed != NULL and PyLong_CheckExact(<object>per) and PyLong_CheckExact(<object>owed):
+            n = PyLong_AsLongLongAndOverflow(<object>per, &overflow)
+            if not overflow and n == 0:
+                return 0  # no per-call sweep
+            m = PyLong_AsLongLongAndOverflow(<object>owed, &overflow)
+            if not overflow and 0 < n < _sweep_batch and 0 <= m < _sweep_batch and n + m < _sweep_batch:
+                _slot_store(store, SO_OWED, PyLong_FromLongLong(n + m))  # (a small int: cached)
+                return 0
+    return _owe_batch(store, states, now)
+
+
+cdef int _owe_any(object store, dict states, double now) except -1:
+    """`_owe` on the fields as objects, as memory.acquire does it (a batch due, another class, ...)."""
+    sweep_per_call = _sget(store, SO_SWEEP, "_sweep_per_call")
+    if not sweep_per_call:
+        return 0
+    owed = _sget(store, SO_OWED, "_owed") + sweep_per_call
+    if owed < _sweep_batch:
+        _sset(store, SO_OWED, "_owed", owed)
+        return 0
+    _sset(store, SO_OWED, "_owed", 0)
+    evicted = _sweep(store, states, now, owed)
+    if evicted:
+        _sset(store, SO_EVICTED, "_evicted", _sget(store, SO_EVICTED, "_evicted") + evicted)
+    return 0
+
+
+# called through a pointer, so that the C compiler keeps it (and the sweep) out of _acquire's lines
+ctypedef int (*_owe_fn)(object, dict, double) except -1
+cdef _owe_fn _owe_batch = _owe_any
 
 
 cdef inline unsigned long long _all_bits(Py_ssize_t n):
