@@ -285,6 +285,25 @@ def test_an_unknown_algorithm_takes_the_pure_path(fallbacks: list[Any]) -> None:
     assert fallbacks[1] == ("adjust", (known, odd))
 
 
+def test_ids_and_costs_in_lists_or_too_few_are_read_as_the_pure_path_reads_them(fallbacks: list[Any]) -> None:
+    """The compiled acquire reads a tuple's ids and costs in place; a list's (or any sequence's) are the
+    same items: the same answers and state, not the pure path; too few ids or costs for the specs go to the
+    pure path, which raises as it does (IndexError)."""
+    specs = (make_limit("requests", 5, "minute"), make_limit("tokens", 100, "day"))
+    now = 1_700_000_000.0
+    as_tuples, as_lists = MemoryCounterStore(), MemoryCounterStore()
+    for i in range(3):
+        a = as_tuples.acquire(("a", "b"), specs, (1, 40), now + i)
+        b = as_lists.acquire(["a", "b"], specs, [1, 40], now + i)
+        assert result_bits(a) == result_bits(b)
+        assert state_bits(as_tuples) == state_bits(as_lists)
+    assert fallbacks == []
+    for ids, costs in ((("a",), (1, 1)), (("a", "b"), (1,)), (["a"], [1, 1])):
+        with pytest.raises(IndexError):
+            MemoryCounterStore().acquire(ids, specs, costs, now)
+    assert len(fallbacks) == 3
+
+
 @pytest.mark.parametrize(
     "costs, now",
     [((-1,), 1000.0), ((2**62 + 1,), 1000.0), ((1.0,), 1000.0), ((True,), 1000.0), ((1,), 1e16)],

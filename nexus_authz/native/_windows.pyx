@@ -25,7 +25,7 @@ from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_FromDouble
 from cpython.long cimport PyLong_AsLongLong, PyLong_AsLongLongAndOverflow, PyLong_FromLongLong, PyLong_FromUnsignedLongLong
 from cpython.object cimport PyObject, PyObject_IsTrue
 from cpython.ref cimport Py_INCREF, Py_XDECREF, Py_XINCREF
-from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 from libc.math cimport copysign, floor, fmod, INFINITY
 
 from array import array as _array_type
@@ -798,7 +798,9 @@ cdef object _acquire(object self, object counter_ids, object specs, object costs
     if _STORE == NULL:
         _store_slots(self)
     states = _sget(self, SO_STATES, "_states")
-    if type(states) is not dict:
+    ids_t = _first_items(counter_ids, n)
+    costs_t = _first_items(costs, n)
+    if type(states) is not dict or ids_t is None or costs_t is None:
         return None if fig != NULL else _py_acquire(self, counter_ids, specs, costs, now)
     if not _specs_busy and n <= CACHED_WINDOWS and PyTuple_CheckExact(specs):
         cached = True
@@ -811,9 +813,9 @@ cdef object _acquire(object self, object counter_ids, object specs, object costs
     try:
         for i in range(n):  # decide every window first; nothing is written yet
             sp = &specs_c[i]
-            if (not hit and _read_spec(specs[i], sp)) or _cost(costs[i], &cost_c[i]):
+            if (not hit and _read_spec(specs[i], sp)) or _cost(<object>PyTuple_GET_ITEM(costs_t, i), &cost_c[i]):
                 return None if fig != NULL else _py_acquire(self, counter_ids, specs, costs, now)
-            found = PyDict_GetItemWithError(states, counter_ids[i])  # dict.get: OrderedDict inherits it
+            found = PyDict_GetItemWithError(states, <object>PyTuple_GET_ITEM(ids_t, i))
             state = <object>found if found != NULL else None
             Py_XINCREF(<PyObject*>state)
             kept[i] = <PyObject*>state
@@ -832,7 +834,7 @@ cdef object _acquire(object self, object counter_ids, object specs, object costs
             for i in range(n):
                 sp = &specs_c[i]
                 if out[i].fits:
-                    cid = counter_ids[i]
+                    cid = <object>PyTuple_GET_ITEM(ids_t, i)
                     if sp.algorithm == A_GCRA:
                         if out[i].debt:
                             # the dict's and kept's references, and still the dict's value (a counter id
@@ -846,10 +848,15 @@ cdef object _acquire(object self, object counter_ids, object specs, object costs
                         else:
                             _drop_state(self, states, cid)
                     elif sp.algorithm == A_SLIDING:
-                        if cost_c[i]:  # the state the take read (memory.acquire: its new_state)
-                            _set_state(self, states, cid, _sliding_charge(
-                                <object>kept[i] if out[i].form != F_NONE else None, t, sp, cost_c[i], self
-                            ))
+                        if not cost_c[i]:
+                            pass
+                        elif out[i].form == F_NONE:  # a new window (memory.acquire: its new_state None)
+                            _set_state(self, states, cid, _sliding_charge(None, t, sp, cost_c[i], self))
+                        else:  # charged in place: stored again only if the dict no longer holds it (an id
+                            # given twice, whose first window replaced it), as memory._put would
+                            _sliding_charge(<object>kept[i], t, sp, cost_c[i], self)
+                            if PyDict_GetItemWithError(states, cid) != kept[i]:
+                                _set_state(self, states, cid, <object>kept[i])
                     elif out[i].in_flight:
                         _set_state(self, states, cid, PyLong_FromLongLong(out[i].in_flight))
                     else:
@@ -932,6 +939,31 @@ cdef int _owe_any(object store, dict states, double now) except -1:
 # called through a pointer, so that the C compiler keeps it (and the sweep) out of _acquire's lines
 ctypedef int (*_owe_fn)(object, dict, double) except -1
 cdef _owe_fn _owe_batch = _owe_any
+
+
+cdef inline object _first_items(object seq, Py_ssize_t n):
+    """`seq` as a tuple of at least n items (itself when it is one: the compiled lane's), so that its first n
+    are read in place; None (the pure path's: it indexes them, and raises as it does) when it is shorter."""
+    if PyTuple_CheckExact(seq) and PyTuple_GET_SIZE(seq) >= n:
+        return seq
+    return _items_of(seq, n)
+
+
+cdef object _items_of(object seq, Py_ssize_t n):
+    """The tuple of seq[0] .. seq[n-1] (the items the pure path reads, in its order), or None if it is
+    shorter."""
+    cdef Py_ssize_t i
+    try:
+        if len(seq) < n:
+            return None
+    except TypeError:  # no len(): the pure path indexes it
+        return None
+    items = PyTuple_New(n)
+    for i in range(n):
+        item = seq[i]
+        Py_INCREF(item)
+        PyTuple_SET_ITEM(items, i, item)
+    return items
 
 
 cdef inline unsigned long long _all_bits(Py_ssize_t n):
