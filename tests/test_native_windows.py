@@ -214,6 +214,19 @@ def test_slot_numbers_are_pythons(compiled: Any, now: float, width: float) -> No
         assert compiled.slot_of(t, width) == windows.slot_of(t, width)
 
 
+@settings(max_examples=3000, deadline=None)
+@given(
+    x=st.floats(allow_nan=False, allow_infinity=False) | st.floats(-1e16, 1e16),
+    y=st.floats(min_value=5e-324, allow_nan=False)
+    | st.sampled_from([0.1, 60.0, 3600.0, 86400.0 / 7, 60 / 61]),
+)
+def test_the_fmod_of_the_floor_division_is_maths(compiled: Any, x: float, y: float) -> None:
+    """The slot numbers' fmod (x87 FPREM on x86, not libm's call) gives math.fmod's bits: signs, zeros, a
+    quotient far beyond 2**64, subnormal and infinite divisors."""
+    for a in (x, -x):
+        assert compiled.fmod_of(a, y).hex() == math.fmod(a, y).hex()
+
+
 # -- what the compiled path does not know goes to the pure one -----------------------------------------------
 
 

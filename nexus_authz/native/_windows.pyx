@@ -54,6 +54,26 @@ cdef extern from "Python.h":
     Py_ssize_t _refs "Py_REFCNT"(PyObject* o)
 
 
+cdef extern from *:
+    """
+    /* fmod(x, y) without the call into libm (its generic __ieee754_fmod: ~190 instructions and ~9 cold
+       code lines per call here): the x87 FPREM loop, glibc's own i386 fmod. Both are exact (the remainder
+       of two doubles is a double, FPREM truncates the quotient as fmod does), so the same bits, signed
+       zeros included; tests/test_native_windows.py checks it against math.fmod. Elsewhere: libm's. */
+    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    static inline double _nx_fmod(double x, double y) {
+        long double r;
+        __asm__ ("1:\\tfprem\\n\\tfnstsw %%ax\\n\\ttestb $4, %%ah\\n\\tjnz 1b"
+                 : "=t" (r) : "0" ((long double)x), "u" ((long double)y) : "ax", "cc");
+        return (double)r;
+    }
+    #else
+    #define _nx_fmod fmod
+    #endif
+    """
+    double _nx_fmod(double x, double y) noexcept nogil
+
+
 cdef inline bint _overwrite(PyObject* state, Py_ssize_t refs, double debt, double since) noexcept:
     """A GCRA state rewritten in place, when the store's dict and the caller's reference (`refs` in all)
     are its only holders: nobody can see the change but the dict, which then holds complex(debt, since)
@@ -234,7 +254,7 @@ cdef struct Outcome:  # (the two ints first: 48 bytes, not 56, so the five of a 
 
 cdef inline double _floor_div(double vx, double wx):
     """Python's float floor division (floatobject.c, _float_div_mod), for wx > 0."""
-    cdef double mod = fmod(vx, wx)
+    cdef double mod = _nx_fmod(vx, wx)
     cdef double div = (vx - mod) / wx
     cdef double floordiv
     if mod:
@@ -262,6 +282,11 @@ cdef inline int _slot_of(double now, double width, long long* out):
     else:
         out[0] = <long long>slot
     return 0
+
+
+def fmod_of(double x, double y):
+    """The fmod `_floor_div` uses (for the tests: math.fmod's bits)."""
+    return _nx_fmod(x, y)
 
 
 def slot_of(double now, double width):
