@@ -246,7 +246,7 @@ cdef struct Outcome:  # (the two ints first: 48 bytes, not 56, so the five of a 
     bint fits
     int form  # sliding: the state's form as read (F_NONE: none, or not this spec's: a fresh window)
     double debt  # GCRA: the new debt (or the current one when refused)
-    long long in_flight  # gauge: the new count (or the current one when refused)
+    long long in_flight  # gauge: the new count (or the current one when refused); sliding: the slot now is in
     long long remaining
     double reset_after
     double retry_after
@@ -368,6 +368,7 @@ cdef inline int _sliding_take(double* st, bint one, double now, Spec* spec, long
     cdef double width = spec.width, used, excess, freed
     if _slot_of(now, width, &cur):
         return FALLBACK
+    o.in_flight = cur  # (for the charge: the same (now, width))
     if st == NULL or st[_TOTAL] <= 0:
         if cost <= limit:
             o.fits = True
@@ -446,14 +447,14 @@ cdef double* _widen(array arr, long long n) except NULL:
     return st
 
 
-cdef object _sliding_charge(object state, double now, Spec* spec, long long amount, object store):
+cdef object _sliding_charge(object state, double now, long long cur, Spec* spec, long long amount, object store):
     """windows.sliding_charge(state, now, spec, amount, store._compact), step for step: in place on `state`
-    (an array memory._sliding_state accepted for this spec: full or one-slot) or on a new array."""
-    cdef long long n = spec.slots, cur = 0, top
+    (an array memory._sliding_state accepted for this spec: full or one-slot) or on a new array. `cur`: the
+    slot `now` is in (`_slot_of`: the take before it computed it, in range)."""
+    cdef long long n = spec.slots, top
     cdef double width = spec.width
     cdef double* st
     cdef array arr
-    _slot_of(now, width, &cur)  # in range: the take before it checked the same (now, width)
     if state is None:
         if n > 2 and store._compact:  # a new window starts in the one-slot form
             arr = clone(DOUBLES, _ONE_SLOT, True)
@@ -884,10 +885,11 @@ cdef object _acquire(object self, object counter_ids, object specs, object costs
                         if not cost_c[i]:
                             pass
                         elif out[i].form == F_NONE:  # a new window (memory.acquire: its new_state None)
-                            _set_state(self, states, cid, _sliding_charge(None, t, sp, cost_c[i], self))
+                            _set_state(self, states, cid,
+                                       _sliding_charge(None, t, out[i].in_flight, sp, cost_c[i], self))
                         else:  # charged in place: stored again only if the dict no longer holds it (an id
                             # given twice, whose first window replaced it), as memory._put would
-                            _sliding_charge(<object>kept[i], t, sp, cost_c[i], self)
+                            _sliding_charge(<object>kept[i], t, out[i].in_flight, sp, cost_c[i], self)
                             if PyDict_GetItemWithError(states, cid) != kept[i]:
                                 _set_state(self, states, cid, <object>kept[i])
                     elif out[i].in_flight:
@@ -1111,7 +1113,7 @@ cdef object _adjust(object self, object counter_ids, object specs, object deltas
     cdef long long delta_c[MAX_WINDOWS]
     cdef Py_ssize_t n, i
     cdef double t, at = 0.0, debt, elapsed
-    cdef long long slot, in_flight
+    cdef long long slot = 0, in_flight
     cdef int fallback = 0, overflow = 0, form = F_NONE
     cdef bint exact = charged_at is not None
     cdef Spec* sp
@@ -1177,7 +1179,8 @@ cdef object _adjust(object self, object counter_ids, object specs, object deltas
         elif sp.algorithm == A_SLIDING:
             window = _sliding_state_object(state, sp, &form)
             if delta_c[i] > 0:
-                _set_state(self, states, cid, _sliding_charge(window, t, sp, delta_c[i], self))
+                _slot_of(t, sp.width, &slot)  # in range: checked before anything was written
+                _set_state(self, states, cid, _sliding_charge(window, t, slot, sp, delta_c[i], self))
             elif window is not None:
                 st = (<array>window).data.as_doubles
                 _sliding_refund(st, form == F_ONE, t, sp, -delta_c[i], exact, at)
