@@ -65,7 +65,7 @@ def state_bits(store: MemoryCounterStore) -> list[Any]:
     assert sorted(walking) == sorted(store._states)  # every id in the walk once
     # the walk itself, in order (the compiled sweep empties the walked list in place as the next one)
     walk = ("walk", tuple(store._walk[store._cursor :]), tuple(store._next))
-    return out + [("evicted", store._evicted), walk]
+    return out + [("evicted", store._evicted, "owed", store._owed), walk]
 
 
 # -- strategies ----------------------------------------------------------------------------------------------
@@ -214,6 +214,19 @@ def test_slot_numbers_are_pythons(compiled: Any, now: float, width: float) -> No
         assert compiled.slot_of(t, width) == windows.slot_of(t, width)
 
 
+@settings(max_examples=3000, deadline=None)
+@given(
+    x=st.floats(allow_nan=False, allow_infinity=False) | st.floats(-1e16, 1e16),
+    y=st.floats(min_value=5e-324, allow_nan=False)
+    | st.sampled_from([0.1, 60.0, 3600.0, 86400.0 / 7, 60 / 61]),
+)
+def test_the_fmod_of_the_floor_division_is_maths(compiled: Any, x: float, y: float) -> None:
+    """The slot numbers' fmod (x87 FPREM on x86, not libm's call) gives math.fmod's bits: signs, zeros, a
+    quotient far beyond 2**64, subnormal and infinite divisors."""
+    for a in (x, -x):
+        assert compiled.fmod_of(a, y).hex() == math.fmod(a, y).hex()
+
+
 # -- what the compiled path does not know goes to the pure one -----------------------------------------------
 
 
@@ -230,11 +243,11 @@ def fallbacks(compiled: Any) -> Iterator[list[Any]]:
         seen.append(("adjust", specs))
         return adjust_python(store, ids, specs, deltas, now, charged_at)
 
-    compiled.install(acquire_spy, adjust_spy, memory._is_fresh)
+    compiled.install(acquire_spy, adjust_spy, memory._is_fresh, memory.SWEEP_BATCH)
     try:
         yield seen
     finally:
-        compiled.install(acquire_python, adjust_python, memory._is_fresh)
+        compiled.install(acquire_python, adjust_python, memory._is_fresh, memory.SWEEP_BATCH)
 
 
 def test_the_compiled_acquire_and_adjust_run_by_default(compiled: Any) -> None:
@@ -283,6 +296,25 @@ def test_an_unknown_algorithm_takes_the_pure_path(fallbacks: list[Any]) -> None:
     assert len(fallbacks) == 1
     store.adjust(("a", "b"), (known, odd), (-1, 0), 1001.0)
     assert fallbacks[1] == ("adjust", (known, odd))
+
+
+def test_ids_and_costs_in_lists_or_too_few_are_read_as_the_pure_path_reads_them(fallbacks: list[Any]) -> None:
+    """The compiled acquire reads a tuple's ids and costs in place; a list's (or any sequence's) are the
+    same items: the same answers and state, not the pure path; too few ids or costs for the specs go to the
+    pure path, which raises as it does (IndexError)."""
+    specs = (make_limit("requests", 5, "minute"), make_limit("tokens", 100, "day"))
+    now = 1_700_000_000.0
+    as_tuples, as_lists = MemoryCounterStore(), MemoryCounterStore()
+    for i in range(3):
+        a = as_tuples.acquire(("a", "b"), specs, (1, 40), now + i)
+        b = as_lists.acquire(["a", "b"], specs, [1, 40], now + i)
+        assert result_bits(a) == result_bits(b)
+        assert state_bits(as_tuples) == state_bits(as_lists)
+    assert fallbacks == []
+    for ids, costs in ((("a",), (1, 1)), (("a", "b"), (1,)), (["a"], [1, 1])):
+        with pytest.raises(IndexError):
+            MemoryCounterStore().acquire(ids, specs, costs, now)
+    assert len(fallbacks) == 3
 
 
 @pytest.mark.parametrize(

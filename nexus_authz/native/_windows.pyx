@@ -25,7 +25,7 @@ from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_FromDouble
 from cpython.long cimport PyLong_AsLongLong, PyLong_AsLongLongAndOverflow, PyLong_FromLongLong, PyLong_FromUnsignedLongLong
 from cpython.object cimport PyObject, PyObject_IsTrue
 from cpython.ref cimport Py_INCREF, Py_XDECREF, Py_XINCREF
-from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 from libc.math cimport copysign, floor, fmod, INFINITY
 
 from array import array as _array_type
@@ -44,8 +44,6 @@ cdef extern from "Python.h":
     bint PyTuple_CheckExact(object o)
     bint PyLong_CheckExact(object o)
     bint PyFloat_CheckExact(object o)
-    double PyComplex_RealAsDouble(object o)
-    double PyComplex_ImagAsDouble(object o)
     Py_ssize_t Py_SIZE(object o)
     ctypedef struct _CValue "Py_complex":
         double real
@@ -54,6 +52,26 @@ cdef extern from "Python.h":
         _CValue cval
     bint _is_complex "PyComplex_CheckExact"(PyObject* o)
     Py_ssize_t _refs "Py_REFCNT"(PyObject* o)
+
+
+cdef extern from *:
+    """
+    /* fmod(x, y) without the call into libm (its generic __ieee754_fmod: ~190 instructions and ~9 cold
+       code lines per call here): the x87 FPREM loop, glibc's own i386 fmod. Both are exact (the remainder
+       of two doubles is a double, FPREM truncates the quotient as fmod does), so the same bits, signed
+       zeros included; tests/test_native_windows.py checks it against math.fmod. Elsewhere: libm's. */
+    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    static inline double _nx_fmod(double x, double y) {
+        long double r;
+        __asm__ ("1:\\tfprem\\n\\tfnstsw %%ax\\n\\ttestb $4, %%ah\\n\\tjnz 1b"
+                 : "=t" (r) : "0" ((long double)x), "u" ((long double)y) : "ax", "cc");
+        return (double)r;
+    }
+    #else
+    #define _nx_fmod fmod
+    #endif
+    """
+    double _nx_fmod(double x, double y) noexcept nogil
 
 
 cdef inline bint _overwrite(PyObject* state, Py_ssize_t refs, double debt, double since) noexcept:
@@ -65,6 +83,16 @@ cdef inline bint _overwrite(PyObject* state, Py_ssize_t refs, double debt, doubl
     (<_Complex*>state).cval.real = debt
     (<_Complex*>state).cval.imag = since
     return True
+
+
+cdef inline double _real(object state) noexcept:
+    """state.real of an exact complex (PyComplex_RealAsDouble's value, read in place: no call)."""
+    return (<_Complex*><PyObject*>state).cval.real
+
+
+cdef inline double _imag(object state) noexcept:
+    """state.imag of an exact complex."""
+    return (<_Complex*><PyObject*>state).cval.imag
 
 
 cdef enum:
@@ -142,11 +170,11 @@ cdef inline void _put(object obj, Py_ssize_t offset, object value):
 cdef PyTypeObject* _STORE = NULL
 cdef object _store_class = None  # (held: its address is compared)
 cdef Py_ssize_t SO_STATES = -1, SO_SWEEP = -1, SO_EVICTED = -1, SO_WALK = -1, SO_NEXT = -1, SO_CURSOR = -1
-cdef Py_ssize_t SO_HELD = -1
+cdef Py_ssize_t SO_HELD = -1, SO_OWED = -1
 
 
 cdef int _store_slots(object store) except -1:
-    global _STORE, _store_class, SO_STATES, SO_SWEEP, SO_EVICTED, SO_WALK, SO_NEXT, SO_CURSOR, SO_HELD
+    global _STORE, _store_class, SO_STATES, SO_SWEEP, SO_EVICTED, SO_WALK, SO_NEXT, SO_CURSOR, SO_HELD, SO_OWED
     cls = type(store)
     SO_STATES = _slot_offset(cls, "_states")
     SO_SWEEP = _slot_offset(cls, "_sweep_per_call")
@@ -155,6 +183,7 @@ cdef int _store_slots(object store) except -1:
     SO_NEXT = _slot_offset(cls, "_next")
     SO_CURSOR = _slot_offset(cls, "_cursor")
     SO_HELD = _slot_offset(cls, "_held")
+    SO_OWED = _slot_offset(cls, "_owed")
     _store_class = cls
     _STORE = <PyTypeObject*>cls
     return 0
@@ -183,15 +212,18 @@ cdef inline int _sset(object store, Py_ssize_t offset, str name, object value) e
 cdef object _py_acquire = None
 cdef object _py_adjust = None
 cdef object _py_is_fresh = None
+cdef long long _sweep_batch = 1  # memory.SWEEP_BATCH (set by install)
 
 
-def install(py_acquire, py_adjust, py_is_fresh):
-    """Register the pure-Python acquire and adjust (the fallbacks) and `_is_fresh` (for state types this
-    module does not know); returns the compiled (acquire, adjust), to be set on MemoryCounterStore."""
-    global _py_acquire, _py_adjust, _py_is_fresh
+def install(py_acquire, py_adjust, py_is_fresh, long long sweep_batch):
+    """Register the pure-Python acquire and adjust (the fallbacks), `_is_fresh` (for state types this
+    module does not know) and the store's SWEEP_BATCH; returns the compiled (acquire, adjust), to be set on
+    MemoryCounterStore."""
+    global _py_acquire, _py_adjust, _py_is_fresh, _sweep_batch
     _py_acquire = py_acquire
     _py_adjust = py_adjust
     _py_is_fresh = py_is_fresh
+    _sweep_batch = sweep_batch
     return acquire, adjust
 
 
@@ -210,19 +242,19 @@ cdef struct Spec:
     PyObject* obj  # the LimitSpec (borrowed from the caller's sequence, which holds it)
 
 
-cdef struct Outcome:
+cdef struct Outcome:  # (the two ints first: 48 bytes, not 56, so the five of a check span fewer lines)
     bint fits
+    int form  # sliding: the state's form as read (F_NONE: none, or not this spec's: a fresh window)
     double debt  # GCRA: the new debt (or the current one when refused)
-    long long in_flight  # gauge: the new count (or the current one when refused)
+    long long in_flight  # gauge: the new count (or the current one when refused); sliding: the slot now is in
     long long remaining
     double reset_after
     double retry_after
-    int form  # sliding: the state's form as read (F_NONE: none, or not this spec's: a fresh window)
 
 
 cdef inline double _floor_div(double vx, double wx):
     """Python's float floor division (floatobject.c, _float_div_mod), for wx > 0."""
-    cdef double mod = fmod(vx, wx)
+    cdef double mod = _nx_fmod(vx, wx)
     cdef double div = (vx - mod) / wx
     cdef double floordiv
     if mod:
@@ -250,6 +282,11 @@ cdef inline int _slot_of(double now, double width, long long* out):
     else:
         out[0] = <long long>slot
     return 0
+
+
+def fmod_of(double x, double y):
+    """The fmod `_floor_div` uses (for the tests: math.fmod's bits)."""
+    return _nx_fmod(x, y)
 
 
 def slot_of(double now, double width):
@@ -331,6 +368,7 @@ cdef inline int _sliding_take(double* st, bint one, double now, Spec* spec, long
     cdef double width = spec.width, used, excess, freed
     if _slot_of(now, width, &cur):
         return FALLBACK
+    o.in_flight = cur  # (for the charge: the same (now, width))
     if st == NULL or st[_TOTAL] <= 0:
         if cost <= limit:
             o.fits = True
@@ -409,14 +447,14 @@ cdef double* _widen(array arr, long long n) except NULL:
     return st
 
 
-cdef object _sliding_charge(object state, double now, Spec* spec, long long amount, object store):
+cdef object _sliding_charge(object state, double now, long long cur, Spec* spec, long long amount, object store):
     """windows.sliding_charge(state, now, spec, amount, store._compact), step for step: in place on `state`
-    (an array memory._sliding_state accepted for this spec: full or one-slot) or on a new array."""
-    cdef long long n = spec.slots, cur = 0, top
+    (an array memory._sliding_state accepted for this spec: full or one-slot) or on a new array. `cur`: the
+    slot `now` is in (`_slot_of`: the take before it computed it, in range)."""
+    cdef long long n = spec.slots, top
     cdef double width = spec.width
     cdef double* st
     cdef array arr
-    _slot_of(now, width, &cur)  # in range: the take before it checked the same (now, width)
     if state is None:
         if n > 2 and store._compact:  # a new window starts in the one-slot form
             arr = clone(DOUBLES, _ONE_SLOT, True)
@@ -563,7 +601,7 @@ cdef int _take(object state, Spec* spec, long long cost, double now, Outcome* o)
     cdef long long in_flight, new
     if spec.algorithm == A_GCRA:
         if PyComplex_CheckExact(state):
-            _gcra_take(PyComplex_RealAsDouble(state), PyComplex_ImagAsDouble(state), now, spec, cost, o)
+            _gcra_take(_real(state), _imag(state), now, spec, cost, o)
         else:
             _gcra_take(0.0, now, now, spec, cost, o)
         return 0
@@ -622,7 +660,7 @@ cdef object _result(bint allowed, tuple statuses, unsigned long long uncharged):
 cdef bint _is_fresh(object state, double now) except -1:
     cdef array arr
     if PyComplex_CheckExact(state):
-        return PyComplex_RealAsDouble(state) <= now - PyComplex_ImagAsDouble(state)
+        return _real(state) <= now - _imag(state)
     if type(state) is ARRAY:
         arr = <array>state
         if arr.ob_descr.typecode == b"d" and Py_SIZE(arr) >= _BASE:
@@ -784,18 +822,19 @@ cdef object _acquire(object self, object counter_ids, object specs, object costs
     cdef Spec* specs_c = spec_c
     cdef bint cached = False, hit = False
     cdef PyObject* found
-    cdef long long sweep_budget
     global _specs_tuple, _specs_busy
     if not (PyFloat_CheckExact(now) or PyLong_CheckExact(now)):
         return None if fig != NULL else _py_acquire(self, counter_ids, specs, costs, now)
     t = now
-    n = len(specs)
+    n = PyTuple_GET_SIZE(specs) if PyTuple_CheckExact(specs) else len(specs)
     if n > MAX_WINDOWS or not (-TIME_RANGE < t < TIME_RANGE):
         return None if fig != NULL else _py_acquire(self, counter_ids, specs, costs, now)
     if _STORE == NULL:
         _store_slots(self)
     states = _sget(self, SO_STATES, "_states")
-    if type(states) is not dict:
+    ids_t = _first_items(counter_ids, n)
+    costs_t = _first_items(costs, n)
+    if type(states) is not dict or ids_t is None or costs_t is None:
         return None if fig != NULL else _py_acquire(self, counter_ids, specs, costs, now)
     if not _specs_busy and n <= CACHED_WINDOWS and PyTuple_CheckExact(specs):
         cached = True
@@ -808,9 +847,9 @@ cdef object _acquire(object self, object counter_ids, object specs, object costs
     try:
         for i in range(n):  # decide every window first; nothing is written yet
             sp = &specs_c[i]
-            if (not hit and _read_spec(specs[i], sp)) or _cost(costs[i], &cost_c[i]):
+            if (not hit and _read_spec(specs[i], sp)) or _cost(<object>PyTuple_GET_ITEM(costs_t, i), &cost_c[i]):
                 return None if fig != NULL else _py_acquire(self, counter_ids, specs, costs, now)
-            found = PyDict_GetItemWithError(states, counter_ids[i])  # dict.get: OrderedDict inherits it
+            found = PyDict_GetItemWithError(states, <object>PyTuple_GET_ITEM(ids_t, i))
             state = <object>found if found != NULL else None
             Py_XINCREF(<PyObject*>state)
             kept[i] = <PyObject*>state
@@ -829,7 +868,7 @@ cdef object _acquire(object self, object counter_ids, object specs, object costs
             for i in range(n):
                 sp = &specs_c[i]
                 if out[i].fits:
-                    cid = counter_ids[i]
+                    cid = <object>PyTuple_GET_ITEM(ids_t, i)
                     if sp.algorithm == A_GCRA:
                         if out[i].debt:
                             # the dict's and kept's references, and still the dict's value (a counter id
@@ -843,10 +882,16 @@ cdef object _acquire(object self, object counter_ids, object specs, object costs
                         else:
                             _drop_state(self, states, cid)
                     elif sp.algorithm == A_SLIDING:
-                        if cost_c[i]:  # the state the take read (memory.acquire: its new_state)
-                            _set_state(self, states, cid, _sliding_charge(
-                                <object>kept[i] if out[i].form != F_NONE else None, t, sp, cost_c[i], self
-                            ))
+                        if not cost_c[i]:
+                            pass
+                        elif out[i].form == F_NONE:  # a new window (memory.acquire: its new_state None)
+                            _set_state(self, states, cid,
+                                       _sliding_charge(None, t, out[i].in_flight, sp, cost_c[i], self))
+                        else:  # charged in place: stored again only if the dict no longer holds it (an id
+                            # given twice, whose first window replaced it), as memory._put would
+                            _sliding_charge(<object>kept[i], t, out[i].in_flight, sp, cost_c[i], self)
+                            if PyDict_GetItemWithError(states, cid) != kept[i]:
+                                _set_state(self, states, cid, <object>kept[i])
                     elif out[i].in_flight:
                         _set_state(self, states, cid, PyLong_FromLongLong(out[i].in_flight))
                     else:
@@ -884,13 +929,76 @@ cdef object _acquire(object self, object counter_ids, object specs, object costs
             Py_XDECREF(kept[i])
         if cached:
             _specs_busy = False
-    sweep_per_call = _sget(self, SO_SWEEP, "_sweep_per_call")
-    if sweep_per_call:
-        sweep_budget = sweep_per_call
-        evicted = _sweep(self, states, t, sweep_budget)
-        if evicted:
-            _sset(self, SO_EVICTED, "_evicted", _sget(self, SO_EVICTED, "_evicted") + evicted)
+    _owe(self, states, t)
     return result
+
+
+cdef inline int _owe(object store, dict states, double now) except -1:
+    """memory.acquire's per-call sweep: the call owes `_sweep_per_call` ids to the walk, looked at when a
+    batch (SWEEP_BATCH) is owed. Here, the common call (a batch not due, both fields small ints in the
+    store's slots) in a few instructions; anything else in `_owe_batch`, out of line."""
+    cdef PyObject* per
+    cdef PyObject* owed
+    cdef long long n, m
+    cdef int overflow = 0
+    if Py_TYPE(store) == _STORE and SO_SWEEP >= 0 and SO_OWED >= 0:
+        per = _slot_value(store, SO_SWEEP)
+        owed = _slot_value(store, SO_OWED)
+        if per != NULL and owed != NULL and PyLong_CheckExact(<object>per) and PyLong_CheckExact(<object>owed):
+            n = PyLong_AsLongLongAndOverflow(<object>per, &overflow)
+            if not overflow and n == 0:
+                return 0  # no per-call sweep
+            m = PyLong_AsLongLongAndOverflow(<object>owed, &overflow)
+            if not overflow and 0 < n < _sweep_batch and 0 <= m < _sweep_batch and n + m < _sweep_batch:
+                _slot_store(store, SO_OWED, PyLong_FromLongLong(n + m))  # (a small int: cached)
+                return 0
+    return _owe_batch(store, states, now)
+
+
+cdef int _owe_any(object store, dict states, double now) except -1:
+    """`_owe` on the fields as objects, as memory.acquire does it (a batch due, another class, ...)."""
+    sweep_per_call = _sget(store, SO_SWEEP, "_sweep_per_call")
+    if not sweep_per_call:
+        return 0
+    owed = _sget(store, SO_OWED, "_owed") + sweep_per_call
+    if owed < _sweep_batch:
+        _sset(store, SO_OWED, "_owed", owed)
+        return 0
+    _sset(store, SO_OWED, "_owed", 0)
+    evicted = _sweep(store, states, now, owed)
+    if evicted:
+        _sset(store, SO_EVICTED, "_evicted", _sget(store, SO_EVICTED, "_evicted") + evicted)
+    return 0
+
+
+# called through a pointer, so that the C compiler keeps it (and the sweep) out of _acquire's lines
+ctypedef int (*_owe_fn)(object, dict, double) except -1
+cdef _owe_fn _owe_batch = _owe_any
+
+
+cdef inline object _first_items(object seq, Py_ssize_t n):
+    """`seq` as a tuple of at least n items (itself when it is one: the compiled lane's), so that its first n
+    are read in place; None (the pure path's: it indexes them, and raises as it does) when it is shorter."""
+    if PyTuple_CheckExact(seq) and PyTuple_GET_SIZE(seq) >= n:
+        return seq
+    return _items_of(seq, n)
+
+
+cdef object _items_of(object seq, Py_ssize_t n):
+    """The tuple of seq[0] .. seq[n-1] (the items the pure path reads, in its order), or None if it is
+    shorter."""
+    cdef Py_ssize_t i
+    try:
+        if len(seq) < n:
+            return None
+    except TypeError:  # no len(): the pure path indexes it
+        return None
+    items = PyTuple_New(n)
+    for i in range(n):
+        item = seq[i]
+        Py_INCREF(item)
+        PyTuple_SET_ITEM(items, i, item)
+    return items
 
 
 cdef inline unsigned long long _all_bits(Py_ssize_t n):
@@ -1005,7 +1113,7 @@ cdef object _adjust(object self, object counter_ids, object specs, object deltas
     cdef long long delta_c[MAX_WINDOWS]
     cdef Py_ssize_t n, i
     cdef double t, at = 0.0, debt, elapsed
-    cdef long long slot, in_flight
+    cdef long long slot = 0, in_flight
     cdef int fallback = 0, overflow = 0, form = F_NONE
     cdef bint exact = charged_at is not None
     cdef Spec* sp
@@ -1055,9 +1163,9 @@ cdef object _adjust(object self, object counter_ids, object specs, object deltas
         state = <object>found if found != NULL else None
         if sp.algorithm == A_GCRA:
             if PyComplex_CheckExact(state):
-                debt = PyComplex_RealAsDouble(state)
+                debt = _real(state)
                 if debt > 0:
-                    elapsed = t - PyComplex_ImagAsDouble(state)
+                    elapsed = t - _imag(state)
                     if elapsed > 0:
                         debt = debt - elapsed if debt > elapsed else 0.0
             else:
@@ -1071,7 +1179,8 @@ cdef object _adjust(object self, object counter_ids, object specs, object deltas
         elif sp.algorithm == A_SLIDING:
             window = _sliding_state_object(state, sp, &form)
             if delta_c[i] > 0:
-                _set_state(self, states, cid, _sliding_charge(window, t, sp, delta_c[i], self))
+                _slot_of(t, sp.width, &slot)  # in range: checked before anything was written
+                _set_state(self, states, cid, _sliding_charge(window, t, slot, sp, delta_c[i], self))
             elif window is not None:
                 st = (<array>window).data.as_doubles
                 _sliding_refund(st, form == F_ONE, t, sp, -delta_c[i], exact, at)

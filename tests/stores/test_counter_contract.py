@@ -34,7 +34,7 @@ from nexus_authz.core.limits import (
 )
 from nexus_authz.core.reservations import ReservationBook
 from nexus_authz.stores.base import CounterStore, apply_settlements
-from nexus_authz.stores.memory import MemoryCounterStore
+from nexus_authz.stores.memory import SWEEP_BATCH, MemoryCounterStore
 
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest], CounterStore]] = {
     "memory": lambda request: MemoryCounterStore(),
@@ -513,6 +513,42 @@ def test_memory_idle_windows_are_evicted_a_few_per_call() -> None:
     assert len(store) == 501  # the 500 day windows and the hot key; nothing else
     store.sweep(NOW + 2 * 86400)
     assert len(store) == 0 and store.stats() == {"counters": 0, "evicted": 1001}
+
+
+def test_memory_the_per_call_sweep_looks_at_its_ids_a_batch_at_a_time() -> None:
+    """Each acquire owes the walk `sweep_per_call` ids; they are looked at a batch at a time, when SWEEP_BATCH
+    ids are owed (the sweep's code and the walk's lists touched once per batch, not on every check): no id
+    before, then the whole batch's."""
+    assert 1 < SWEEP_BATCH <= 64
+    store = MemoryCounterStore(sweep_per_call=1)
+    drained = make_limit("requests", 10, "second")  # one request: 0.1 s of debt
+    for k in range(3 * SWEEP_BATCH):
+        store.acquire(ids_for(f"k{k}", (drained,)), (drained,), (1,), NOW)
+    store.sweep(NOW, 0)
+    hot = make_limit("requests", 10**6, "second")
+    hot_ids = ids_for("hot", (hot,))
+    evicted = store.stats()["evicted"]
+    owed = (3 * SWEEP_BATCH) % SWEEP_BATCH  # what the first calls owed already (none: a multiple)
+    for i in range(SWEEP_BATCH - 1 - owed):
+        store.acquire(hot_ids, (hot,), (1,), NOW + 10 + i * 1e-3)
+        assert store.stats()["evicted"] == evicted  # owed, not looked at yet
+    store.acquire(hot_ids, (hot,), (1,), NOW + 11)
+    assert store.stats()["evicted"] == evicted + SWEEP_BATCH  # the batch: every id it looked at drained
+    assert len(store) == 3 * SWEEP_BATCH + 1 - store.stats()["evicted"]
+
+
+def test_memory_the_batched_sweep_keeps_a_store_of_drained_windows_bounded() -> None:
+    """A new key a call, each drained a few calls later: the per-call sweep (a batch at a time) drops them
+    as fast as they come, so the store holds a bounded number of ids (without it: one per call)."""
+    spec = make_limit("requests", 10, "second")
+    store = MemoryCounterStore(sweep_per_call=2)
+    most = 0
+    for k in range(4000):
+        store.acquire(ids_for(f"k{k}", (spec,)), (spec,), (1,), NOW + k * 0.05)
+        most = max(most, len(store._states))
+        assert len(store._walk) - store._cursor + len(store._next) == len(store._states)
+    assert most <= 4 * SWEEP_BATCH + 8, most
+    assert store.stats()["evicted"] >= 4000 - most
 
 
 def test_memory_a_window_a_write_leaves_fresh_is_dropped_by_the_walk_and_walked_once() -> None:
