@@ -33,7 +33,7 @@ The scans are bounded (linear in their input, no allocation but the results) and
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.long cimport PyLong_AsLongLong, PyLong_FromLongLong
+from cpython.long cimport PyLong_AsLong, PyLong_FromLong
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memcmp, memcpy, strlen
 
@@ -445,7 +445,7 @@ cdef object _entry(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, bin
     (None, None, None, None, b"", 0, start, end) when the entry is unusual (its snippet for snippet_of to
     read, a field protobuf would merge): the caller parses s[start:end] with protobuf. Raises ValueError
     when malformed. `later`: a known kind's base64 data is not decoded here: `data` is the int
-    `_later(span)` of where it is in s, for account_run to decode (see `_data`)."""
+    `_later(span, start)` of where it is in s, for account_run to decode (`_common`, `_whole`)."""
     cdef Span common, request, response, metadata, rid, value, data_span
     cdef int found, a, b, c, code = 0
     cdef long long skipped = 0
@@ -480,9 +480,9 @@ cdef object _entry(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, bin
         return (None, None, None, None, b"", 0, start, end)
     if not found:
         return (request_id, content_type, content_encoding, "none", b"", 0, start, end)
-    # (the span packed in one int: its ends below 2**31)
-    if later and code != K_UNKNOWN and data_span.end > data_span.start and data_span.end <= 0x7FFFFFFF:
-        data = _later(data_span)
+    if (later and code != K_UNKNOWN and data_span.end > data_span.start
+            and data_span.start - start < LATER_AT and data_span.end - data_span.start < LATER_SIZE):
+        data = _later(data_span, start)
     else:
         data = _b64decode(s, data_span)
         if data is None:  # non-canonical: snippet_of's lenient decoder
@@ -492,15 +492,23 @@ cdef object _entry(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, bin
     return (request_id, content_type, content_encoding, _kind_name(code), data, skipped, start, end)
 
 
-cdef inline object _later(Span span):
-    """The span of a record's base64 in the message, as one int (no bytes object per entry)."""
-    return PyLong_FromLongLong((<long long>span.start << 32) | span.end)
+cdef enum:
+    # a record's base64 decoded later: where it starts in its entry and its size, packed in one int of one
+    # 30-bit digit (read back without _PyLong_AsByteArray); any other record is decoded by the scan
+    LATER_BITS = 16, LATER_AT = 1 << 14, LATER_SIZE = 1 << LATER_BITS
 
 
-cdef inline Span _span_of(long long packed):
+cdef inline object _later(Span span, Py_ssize_t entry_start):
+    """The span of a record's base64 in its entry at `entry_start`, as one int (no bytes object)."""
+    return PyLong_FromLong(((span.start - entry_start) << LATER_BITS) | (span.end - span.start))
+
+
+cdef inline Span _span_of(tuple item):
+    """The span in the message of a record's base64 that log_entries(later=True) left in `item`."""
     cdef Span span
-    span.start = <Py_ssize_t>(packed >> 32)
-    span.end = <Py_ssize_t>(packed & 0xFFFFFFFF)
+    cdef long packed = PyLong_AsLong(item[4])
+    span.start = <Py_ssize_t>item[6] + (packed >> LATER_BITS)
+    span.end = span.start + (packed & (LATER_SIZE - 1))
     return span
 
 
@@ -1163,7 +1171,7 @@ cdef object _whole(tuple item, bytes raw):
     per-entry code's), or the unusual entry's tuple when that base64 is not canonical."""
     if type(item[4]) is not int:
         return item
-    data = _b64decode(<const unsigned char*>PyBytes_AS_STRING(raw), _span_of(PyLong_AsLongLong(item[4])))
+    data = _b64decode(<const unsigned char*>PyBytes_AS_STRING(raw), _span_of(item))
     if data is None:
         return (None, None, None, None, b"", 0, item[6], item[7])
     return (item[0], item[1], item[2], item[3], data, item[5], item[6], item[7])
@@ -1188,7 +1196,7 @@ cdef int _common(tuple item, object service, object engine, Py_ssize_t* counted,
     if kind is None:
         return 0
     if type(data) is int:  # log_entries(later=True): where its base64 is in raw
-        span = _span_of(PyLong_AsLongLong(data))
+        span = _span_of(item)
         if not 0 <= span.start < span.end <= PyBytes_GET_SIZE(raw):
             return 0
         p = <const unsigned char*>PyBytes_AS_STRING(raw) + span.start

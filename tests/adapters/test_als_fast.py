@@ -569,7 +569,7 @@ def messages(draw: st.DrawFn) -> bytes:
 
 def _assert_later(scanned: Any, later: Any, raw: bytes) -> int:
     """log_entries(raw, later=True) is log_entries(raw) but for the data of a record of a known kind with
-    base64: the span of that base64 in raw (one int), whose decoding is that data, or whose base64 is not
+    base64: where that base64 is in its entry (one int), whose decoding is that data, or whose base64 is not
     canonical when log_entries(raw) made it an unusual entry (protobuf's). The number of those records."""
     assert (later is None) == (scanned is None)
     records = 0
@@ -578,7 +578,8 @@ def _assert_later(scanned: Any, later: Any, raw: bytes) -> int:
             assert lazy == item
             continue
         records += 1
-        text = raw[lazy[4] >> 32 : lazy[4] & 0xFFFFFFFF]
+        at = lazy[6] + (lazy[4] >> 16)  # its start in the entry, its size (native/_usage.pyx _later)
+        text = raw[at : at + (lazy[4] & 0xFFFF)]
         assert lazy[3] in ("body", "sse", "tail", "over") and text
         if item[3] is None:
             assert item == (None, None, None, None, b"", 0, lazy[6], lazy[7])
@@ -617,6 +618,16 @@ def test_the_compiled_loop_s_scan_leaves_each_record_s_base64_to_decode_later() 
         for data in (b"", b"x", b"xy", b"xyz", bytes(range(256)) * 3)
     ] + [True, False, False]
     assert scanned[-3][3] is None and scanned[-2][3] is None and scanned[-1][3] is None  # protobuf's
+    # base64 of 64 KiB or more: decoded by the scan
+    message = als_pb2.StreamAccessLogsMessage()
+    for size in (49_149, 49_150):  # 65,532 and 65,536 bytes of base64
+        entry = entry_with({"u": {"k": "body", "b": _b64(b"x" * size)}}, other=False)
+        entry.request.request_headers["x-nexus-key-id"] = "k"
+        message.http_logs.log_entry.append(entry)
+    raw = message.SerializeToString()
+    later = native.usage.log_entries(raw, True)
+    assert type(later[0][4]) is int and later[1][4] == b"x" * 49_150
+    _assert_later(native.usage.log_entries(raw), later, raw)
 
 
 @fuzz_settings(800, deadline=None)
