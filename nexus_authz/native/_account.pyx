@@ -48,6 +48,17 @@ cdef object SQLiteLedger = None
 cdef object Engine = None
 cdef object Decider = None
 cdef object _ADJUST = None  # native/_windows.pyx adjust, MemoryCounterStore.adjust: adjust_c is the same
+# SQLiteLedger's _closed, _pending and _recorded are plain instance attributes (its class defines none of
+# those names): read and written in the instance's __dict__, as getattr and setattr do, without their
+# look-up on the type (the type's attribute cache, distinct memory a message's first entry finds cold)
+cdef bint _LEDGER_DICT = False
+cdef str _CLOSED = "_closed"
+cdef str _PENDING = "_pending"
+cdef str _RECORDED = "_recorded"
+
+
+cdef extern from "Python.h":
+    object PyObject_GenericGetDict(object o, void* context)
 
 include "_slots.pxi"
 
@@ -82,7 +93,7 @@ cdef int _bind() except -1:
     global LocalCounters, MemoryCounterStore, SQLiteLedger, Engine, Decider, _ADJUST
     global ENGINE_BOOK, ENGINE_DECIDER, ENGINE_POLICY, ENGINE_ACCOUNTED, ENGINE_CLOCK, ENGINE_USAGE_TOKENS
     global ENGINE_LEDGER, DECIDER_STORE, DECIDER_SLOT_RELEASES, DECIDER_SLOT_FREED, LOCAL_STORE
-    global LOCAL_ADJUST_SOON
+    global LOCAL_ADJUST_SOON, _LEDGER_DICT
     from nexus_authz.native._windows import adjust
 
     from nexus_authz.decide import Decider as decider
@@ -104,6 +115,7 @@ cdef int _bind() except -1:
     LOCAL_STORE = _offset(local, "store")
     LOCAL_ADJUST_SOON = _offset(local, "adjust_soon")
     _ADJUST = adjust
+    _LEDGER_DICT = not any(hasattr(sqlite, name) for name in (_CLOSED, _PENDING, _RECORDED))
     LocalCounters, MemoryCounterStore, SQLiteLedger, Decider = local, memory, sqlite, decider
     Engine = engine  # last: bound once every offset is
     return 0
@@ -328,6 +340,12 @@ cdef inline void _row_add(object row, Py_ssize_t i, long long n):
     if type(row) is LedgerRow and (<LedgerRow>row).add(i, n):
         return
     row[i] = _plus(row[i], n)
+
+
+cdef inline object _attribute(object obj, object attrs, str name):
+    """getattr(obj, name) of an instance attribute, from `attrs` (its __dict__, or None)."""
+    cdef PyObject* found = PyDict_GetItemWithError(attrs, name) if attrs is not None else NULL
+    return <object>found if found != NULL else getattr(obj, name)
 
 
 cdef inline void _add(dict counts, object key, long long n):
@@ -570,11 +588,13 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
     # SQLiteLedger.record_usage: the update of a pending row it has (aggregate.add_usage); else its own call
     ledger = _at(engine, ENGINE_LEDGER)
     if ledger is not None:
-        row = None
-        if type(ledger) is SQLiteLedger and not ledger._closed:
-            key = _ledger_key(key_id, tenant, model, now, rule)
-            pending = ledger._pending
-            row = pending.get(key)
+        row = attrs = None
+        if type(ledger) is SQLiteLedger:
+            attrs = PyObject_GenericGetDict(ledger, NULL) if _LEDGER_DICT else None
+            if not _attribute(ledger, attrs, _CLOSED):
+                key = _ledger_key(key_id, tenant, model, now, rule)
+                pending = _attribute(ledger, attrs, _PENDING)
+                row = pending.get(key)
         if row is None:
             ledger.record_usage(
                 key_id, tenant, model, now, prompt, cached, completion, reasoning, cost, _REPORTED, rule
@@ -592,6 +612,10 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
             if cost:
                 _row_add(row, 5, cost)
             _row_add(row, 6, 1)
-            ledger._recorded += 1
+            found = PyDict_GetItemWithError(attrs, _RECORDED) if attrs is not None else NULL
+            if found != NULL:
+                PyDict_SetItem(attrs, _RECORDED, _plus(<object>found, 1))
+            else:
+                ledger._recorded += 1
     _taken.n += 1
     return 1

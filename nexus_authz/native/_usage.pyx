@@ -37,6 +37,8 @@ from cpython.long cimport PyLong_AsLong, PyLong_FromLong
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memcmp, memcpy, strlen
 
+from cpython.object cimport PyObject
+
 from nexus_authz.native._account cimport _Tally, account_c
 
 
@@ -1106,11 +1108,42 @@ cdef _Tally _taken = _Tally()
 taken = _taken
 
 
-cdef void _bind():
-    global _max_body
+include "_slots.pxi"
+
+# the service's fields account_run reads and counts in (adapters/envoy_als.py AccessLogService, __slots__),
+# in place rather than by name (as native/_account.pyx reads the engine's): bound at the first call
+cdef object _Service = None
+cdef Py_ssize_t SERVICE_ENGINE = -1, SERVICE_ENTRIES = -1, SERVICE_IGNORED = -1
+
+
+cdef int _bind() except -1:
+    global _max_body, _Service, SERVICE_ENGINE, SERVICE_ENTRIES, SERVICE_IGNORED
+    from nexus_authz.adapters.envoy_als import AccessLogService
     from nexus_authz.core.usage import MAX_BODY_BYTES
 
+    SERVICE_ENGINE = _slot_offset(AccessLogService, "engine")
+    SERVICE_ENTRIES = _slot_offset(AccessLogService, "entries")
+    SERVICE_IGNORED = _slot_offset(AccessLogService, "ignored")
+    if SERVICE_ENGINE >= 0 and SERVICE_ENTRIES >= 0 and SERVICE_IGNORED >= 0:
+        _Service = AccessLogService
     _max_body = MAX_BODY_BYTES
+    return 0
+
+
+cdef inline object _field(object service, Py_ssize_t offset, str name):
+    """getattr(service, name), from its slot when the service is an AccessLogService."""
+    cdef PyObject* value = _slot_value(service, offset) if type(service) is _Service else NULL
+    return <object>value if value != NULL else getattr(service, name)
+
+
+cdef inline int _add_to(object service, Py_ssize_t offset, str name, Py_ssize_t n) except -1:
+    """`service.<name> += n`, in its slot when the service is an AccessLogService."""
+    cdef PyObject* value = _slot_value(service, offset) if type(service) is _Service else NULL
+    if value != NULL:
+        _slot_store(service, offset, <object>value + n)
+    else:
+        setattr(service, name, getattr(service, name) + n)
+    return 0
 
 
 cdef int _event_stream(object text) except -1:
@@ -1280,9 +1313,9 @@ def account_run(list items, Py_ssize_t i, bytes raw, object service, object fall
             pending = None
             try:
                 if engine is None:  # read once, and again after any Python code ran
-                    engine = service.engine
+                    engine = _field(service, SERVICE_ENGINE, "engine")
                 if item is None:  # not admitted by nexus-authz
-                    service.ignored += 1
+                    _add_to(service, SERVICE_IGNORED, "ignored", 1)
                 elif not _common(<tuple?>item, service, engine, &counted, raw):
                     _count(service, &counted)  # the per-entry code sees the count as it would
                     engine = None
@@ -1303,8 +1336,8 @@ def account_run(list items, Py_ssize_t i, bytes raw, object service, object fall
 cdef int _count(object service, Py_ssize_t* counted) except -1:
     """service.entries += the entries account_run took since the last time (one int per message, not one
     per entry)."""
-    if counted[0]:
-        n = counted[0]
+    cdef Py_ssize_t n = counted[0]
+    if n:
         counted[0] = 0
-        service.entries += n
+        _add_to(service, SERVICE_ENTRIES, "entries", n)
     return 0
