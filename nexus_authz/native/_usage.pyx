@@ -17,7 +17,8 @@ the pure path's rules, never a second source of truth.
   handler takes the message serialized): per entry its request id, the x-nexus-key-id filter, the
   response's content type and encoding and `usage_snippet`'s record; an entry or message protobuf would
   read differently (a repeated field it merges, a cut-off stream's pieces, TCP entries, malformed bytes)
-  is left to protobuf and the per-entry path.
+  is left to protobuf and the per-entry path. With `later` (the handler's call when account_run runs) a
+  record's base64 is left where it is, and account_run decodes it into one reused buffer.
 - `sse_usage_span(data)`: the usage record of a Lua "sse" snippet holding OpenAI's usage chunk, when
   core/usage.StreamUsage would read the snippet's usage from that record alone.
 - `usage_counts(body, start, end)`: the counts of a usage object either span above found, when it is a
