@@ -34,7 +34,9 @@ The scans are bounded (linear in their input, no allocation but the results) and
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.long cimport PyLong_AsLong, PyLong_FromLong
+from cpython.ref cimport Py_INCREF
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memcmp, memcpy, strlen
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
@@ -524,12 +526,16 @@ def log_entries(bytes message not None, bint later=False):
     one; Envoy never sends such a message). `later`: for account_run only, which decodes each entry's
     base64 into one reused buffer when it reads the entry (see `_entry`)."""
     cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(message)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(message), i, end
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(message), i, end, count, k
     cdef Span http
     cdef unsigned long long tag, size
     if _once(s, 0, n, MSG_HTTP_LOGS, &http) != 0 or _has_field(s, n, MSG_TCP_LOGS):
         return None  # malformed, repeated, or TCP entries (or both kinds: the oneof keeps the last)
-    out = []
+    count = _count_entries(s, http)
+    if count < 0:
+        return None
+    out = PyList_New(count)  # made at its size (the entries counted first): no growth per entry
+    k = 0
     i = http.start
     try:
         while i < http.end:
@@ -541,7 +547,10 @@ def log_entries(bytes message not None, bint later=False):
                 if i < 0 or size > <unsigned long long>(http.end - i):
                     return None
                 end = i + <Py_ssize_t>size
-                out.append(_entry(s, i, end, later))
+                item = _entry(s, i, end, later)
+                Py_INCREF(item)
+                PyList_SET_ITEM(out, k, item)
+                k += 1
                 i = end
             else:
                 i = _skip(s, i, http.end, tag & 7)
@@ -550,6 +559,27 @@ def log_entries(bytes message not None, bint later=False):
     except (ValueError, UnicodeDecodeError):
         return None
     return out
+
+
+cdef Py_ssize_t _count_entries(const unsigned char* s, Span http):
+    """How many HTTPAccessLogEntry fields the HTTPAccessLogEntries message at `http` holds; -1 malformed."""
+    cdef Py_ssize_t i = http.start, count = 0
+    cdef unsigned long long tag, size
+    while i < http.end:
+        i = _varint(s, i, http.end, &tag)
+        if i < 0:
+            return -1
+        if tag == ((LOGS_ENTRY << 3) | 2):
+            i = _varint(s, i, http.end, &size)
+            if i < 0 or size > <unsigned long long>(http.end - i):
+                return -1
+            i += <Py_ssize_t>size
+            count += 1
+        else:
+            i = _skip(s, i, http.end, tag & 7)
+            if i < 0:
+                return -1
+    return count
 
 
 cdef bint _has_field(const unsigned char* s, Py_ssize_t n, int number):
