@@ -33,15 +33,16 @@ ACCOUNT: Any = native.account.account_provider if native.account is not None els
 RUN: Any = SCAN.account_run if SCAN is not None and ACCOUNT is not None else None
 
 
-def log_entries(message: bytes) -> list[tuple[Any, ...] | None] | None:
+def log_entries(message: bytes, later: bool = False) -> list[tuple[Any, ...] | None] | None:
     """The HTTP entries of a serialized StreamAccessLogsMessage as the compiled scan reads them (see
     native/_usage.pyx `log_entries`: per entry None when nexus-authz did not admit it, else (request_id,
     content_type, content_encoding, kind, data, skipped, start, end), kind None when protobuf must read
-    message[start:end]); None when protobuf must read the message (or the scans did not build)."""
+    message[start:end]); None when protobuf must read the message (or the scans did not build).
+    `later` (for RUN only): a record's data is where its base64 is in the message, RUN decodes it."""
     scan = SCAN
     if scan is None:
         return None
-    result: list[tuple[Any, ...] | None] | None = scan.log_entries(message)
+    result: list[tuple[Any, ...] | None] | None = scan.log_entries(message, later)
     return result
 
 

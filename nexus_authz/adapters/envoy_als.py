@@ -248,13 +248,14 @@ class AccessLogService:
                     # the scan is the first slice's work (~1-2.5 µs an entry, ~115 µs for a 50-entry
                     # message with cold caches): timed with it, and a slice of its own when it fills one
                     timer = Slice("access_log", _BUSY.observe)
-                    scanned = als_fast.log_entries(message)  # the compiled scan of the whole message
+                    run = als_fast.RUN if als_fast.ACCOUNT is not None else None
+                    # the compiled scan of the whole message (the compiled loop decodes each record)
+                    scanned = als_fast.log_entries(message, run is not None)
                     if timer.elapsed() >= _SLICE:  # a long message's scan is a slice of its own
                         timer.end()
                         await asyncio.sleep(0)
                         timer.start()
                     if scanned is not None:
-                        run = als_fast.RUN if als_fast.ACCOUNT is not None else None
                         if run is not None:  # the compiled loop: the common entries accounted in C
                             await self._account_run(scanned, message, run, timer)
                         else:

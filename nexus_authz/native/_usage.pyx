@@ -17,7 +17,8 @@ the pure path's rules, never a second source of truth.
   handler takes the message serialized): per entry its request id, the x-nexus-key-id filter, the
   response's content type and encoding and `usage_snippet`'s record; an entry or message protobuf would
   read differently (a repeated field it merges, a cut-off stream's pieces, TCP entries, malformed bytes)
-  is left to protobuf and the per-entry path.
+  is left to protobuf and the per-entry path. With `later` (the handler's call when account_run runs) a
+  record's base64 is left where it is, and account_run decodes it into one reused buffer.
 - `sse_usage_span(data)`: the usage record of a Lua "sse" snippet holding OpenAI's usage chunk, when
   core/usage.StreamUsage would read the snippet's usage from that record alone.
 - `usage_counts(body, start, end)`: the counts of a usage object either span above found, when it is a
@@ -33,8 +34,14 @@ The scans are bounded (linear in their input, no allocation but the results) and
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.long cimport PyLong_AsLong, PyLong_FromLong
+from cpython.ref cimport Py_INCREF
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memcmp, memcpy, strlen
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+from cpython.object cimport PyObject
 
 from nexus_authz.native._account cimport _Tally, account_c
 
@@ -204,28 +211,32 @@ cdef int _value_kind(const unsigned char* s, Span value, Span* payload, double* 
     return -1 if seen > 1 else kind
 
 
-cdef object _b64decode(const unsigned char* s, Span span):
-    """Canonical base64 (the alphabet, padded to a multiple of 4 with at most two '='): its bytes, as
-    binascii.a2b_base64 decodes them; None otherwise (the caller falls back to the lenient decoder)."""
-    cdef Py_ssize_t n = span.end - span.start, pad = 0, i = 0, o = 0
-    cdef const unsigned char* p = s + span.start
-    cdef int a, b, c, d
-    cdef unsigned char* w
-    if n == 0:
-        return b""
+cdef Py_ssize_t _b64size(const unsigned char* p, Py_ssize_t n):
+    """The size base64 p[:n] decodes to when canonical (padded to a multiple of 4 with at most two '='),
+    or -1 when n is not a multiple of 4."""
     if n % 4:
-        return None
+        return -1
+    if n == 0:
+        return 0
+    if p[n - 1] == 61:  # '='
+        return n // 4 * 3 - (2 if p[n - 2] == 61 else 1)
+    return n // 4 * 3
+
+
+cdef bint _b64into(const unsigned char* p, Py_ssize_t n, unsigned char* w):
+    """Decode canonical base64 p[:n] (n a positive multiple of 4) into w (its _b64size bytes), as
+    binascii.a2b_base64 decodes it; False when it is not canonical (w then holds any bytes)."""
+    cdef Py_ssize_t pad = 0, i = 0, o = 0
+    cdef int a, b, c, d
     if p[n - 1] == 61:  # '='
         pad = 2 if p[n - 2] == 61 else 1
-    out = PyBytes_FromStringAndSize(NULL, n // 4 * 3 - pad)
-    w = <unsigned char*>PyBytes_AS_STRING(out)
     while i < n - 4:
         a = B64[p[i]]
         b = B64[p[i + 1]]
         c = B64[p[i + 2]]
         d = B64[p[i + 3]]
         if (a | b | c | d) < 0:
-            return None
+            return False
         w[o] = <unsigned char>((a << 2) | (b >> 4))
         w[o + 1] = <unsigned char>(((b & 15) << 4) | (c >> 2))
         w[o + 2] = <unsigned char>(((c & 3) << 6) | d)
@@ -236,91 +247,131 @@ cdef object _b64decode(const unsigned char* s, Span span):
     c = B64[p[i + 2]] if pad < 2 else 0
     d = B64[p[i + 3]] if pad < 1 else 0
     if (a | b | c | d) < 0:
-        return None
+        return False
     w[o] = <unsigned char>((a << 2) | (b >> 4))
     if pad < 2:
         w[o + 1] = <unsigned char>(((b & 15) << 4) | (c >> 2))
     if pad < 1:
         w[o + 2] = <unsigned char>(((c & 3) << 6) | d)
+    return True
+
+
+cdef object _b64decode(const unsigned char* s, Span span):
+    """Canonical base64 (the alphabet, padded to a multiple of 4 with at most two '='): its bytes, as
+    binascii.a2b_base64 decodes them; None otherwise (the caller falls back to the lenient decoder)."""
+    cdef Py_ssize_t n = span.end - span.start
+    cdef Py_ssize_t size = _b64size(s + span.start, n)
+    if size <= 0:
+        return b"" if size == 0 else None
+    out = PyBytes_FromStringAndSize(NULL, size)
+    if not _b64into(s + span.start, n, <unsigned char*>PyBytes_AS_STRING(out)):
+        return None
     return out
 
 
-cdef object _kind_name(const unsigned char* s, Span span):
+cdef enum:
+    # the record's kind (k), as _kind_code reads it
+    K_UNKNOWN = 0, K_BODY = 1, K_SSE = 2, K_TAIL = 3, K_OVER = 4
+
+
+cdef int _kind_code(const unsigned char* s, Span span):
     if _is(s, span, b"body", 4):
-        return "body"
+        return K_BODY
     if _is(s, span, b"sse", 3):
-        return "sse"
+        return K_SSE
     if _is(s, span, b"tail", 4):
-        return "tail"
+        return K_TAIL
     if _is(s, span, b"over", 4):
-        return "over"
-    return None
+        return K_OVER
+    return K_UNKNOWN
+
+
+cdef object _kind_name(int code):
+    if code == K_BODY:
+        return "body"
+    if code == K_SSE:
+        return "sse"
+    if code == K_TAIL:
+        return "tail"
+    return "over"
 
 
 def usage_snippet(bytes metadata):
     """(kind, data, skipped) of the Lua tap's record in a serialized Metadata, as snippet_of reads it:
     ("none", b"", 0) without the `nexus.usage` namespace or with an unknown kind; None when snippet_of
     must read it (no "u" record, an unexpected value shape, non-canonical base64)."""
-    return _snippet(<const unsigned char*>PyBytes_AS_STRING(metadata), 0, PyBytes_GET_SIZE(metadata))
-
-
-cdef object _snippet(const unsigned char* s, Py_ssize_t i, Py_ssize_t n):
-    """usage_snippet of the serialized Metadata s[i:n]."""
-    cdef Span metadata, ns, field, payload, record, kind_span, data_span
-    cdef double number = 0.0
-    cdef int found = 0, kind
-    cdef object data
+    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(metadata)
+    cdef Span data_span
+    cdef int code
     cdef long long skipped = 0
-    metadata.start = i
-    metadata.end = n
-    found = _map_value(s, metadata, 1, b"nexus.usage", 11, True, &ns)  # filter_metadata: map<string, Struct>
+    found = _record(s, 0, PyBytes_GET_SIZE(metadata), &code, &data_span, &skipped)
     if found < 0:
-        return None  # malformed, or a Struct protobuf would merge
+        return None
     if not found:
         return ("none", b"", 0)
+    data = _b64decode(s, data_span)
+    if data is None:
+        return None
+    if code == K_UNKNOWN:
+        return ("none", b"", 0)
+    return (_kind_name(code), data, skipped)
+
+
+cdef int _record(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int* code, Span* data_span,
+                 long long* skipped):
+    """The Lua tap's record in the serialized Metadata s[i:n], as usage_snippet reads it, without a Python
+    object: 1 found (`code` its kind, `data_span` its base64, empty without one, `skipped` its x), 0 no
+    `nexus.usage` namespace, -1 when snippet_of must read it (no "u" record, an unexpected value shape)."""
+    cdef Span metadata, ns, field, payload, record, kind_span
+    cdef double number = 0.0
+    cdef int found = 0, kind
+    metadata.start = i
+    metadata.end = n
+    data_span.start = data_span.end = 0
+    skipped[0] = 0
+    found = _map_value(s, metadata, 1, b"nexus.usage", 11, True, &ns)  # filter_metadata: map<string, Struct>
+    if found < 0:
+        return -1  # malformed, or a Struct protobuf would merge
+    if not found:
+        return 0
     found = _struct_field(s, ns, b"u", 1, &field)
     if found <= 0:
-        return None  # malformed, or a cut-off stream's pieces: snippet_of reads them
+        return -1  # malformed, or a cut-off stream's pieces: snippet_of reads them
     kind = _value_kind(s, field, &record, &number)
     if kind != 5:
-        return None
+        return -1
     # the record's fields: k (string), b (base64 string), x (number)
     found = _struct_field(s, record, b"k", 1, &field)
     if found < 0:
-        return None
+        return -1
     kind_span.start = kind_span.end = 0
     if found:
         kind = _value_kind(s, field, &kind_span, &number)
         if kind < 0:
-            return None
+            return -1
         if kind != 3:
             kind_span.start = kind_span.end = 0
-    name = _kind_name(s, kind_span)
+    code[0] = _kind_code(s, kind_span)
     found = _struct_field(s, record, b"b", 1, &field)
     if found < 0:
-        return None
-    data = b""
+        return -1
     if found:
-        kind = _value_kind(s, field, &data_span, &number)
+        kind = _value_kind(s, field, &payload, &number)
         if kind < 0:
-            return None
+            return -1
         if kind == 3:
-            data = _b64decode(s, data_span)
-            if data is None:
-                return None
+            data_span[0] = payload
     found = _struct_field(s, record, b"x", 1, &field)
     if found < 0:
-        return None
+        return -1
     if found:
         number = 0.0
         kind = _value_kind(s, field, &payload, &number)
         if kind < 0:
-            return None
+            return -1
         if kind == 2 and 0 < number < 9007199254740992.0:  # 2**53, as envoy_als._byte_count
-            skipped = <long long>number
-    if name is None:
-        return ("none", b"", 0)
-    return (name, data, skipped)
+            skipped[0] = <long long>number
+    return 1
 
 
 # -- a whole StreamAccessLogsMessage ---------------------------------------------------------------------
@@ -394,14 +445,16 @@ cdef int _string_field(const unsigned char* s, Span message, int number, Span* o
     return -1 if _once(s, message.start, message.end, number, out) < 0 else 0
 
 
-cdef object _entry(const unsigned char* s, Py_ssize_t start, Py_ssize_t end):
+cdef object _entry(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, bint later):
     """One HTTPAccessLogEntry s[start:end]: None when nexus-authz did not admit it (no x-nexus-key-id),
     else (request_id, content_type, content_encoding, kind, data, skipped, start, end), or
     (None, None, None, None, b"", 0, start, end) when the entry is unusual (its snippet for snippet_of to
     read, a field protobuf would merge): the caller parses s[start:end] with protobuf. Raises ValueError
-    when malformed."""
-    cdef Span common, request, response, metadata, rid, value
-    cdef int found, a, b, c
+    when malformed. `later`: a known kind's base64 data is not decoded here: `data` is the int
+    `_later(span, start)` of where it is in s, for account_run to decode (`_common`, `_whole`)."""
+    cdef Span common, request, response, metadata, rid, value, data_span
+    cdef int found, a, b, c, code = 0
+    cdef long long skipped = 0
     a = _once(s, start, end, ENTRY_COMMON, &common)
     b = _once(s, start, end, ENTRY_REQUEST, &request)
     c = _once(s, start, end, ENTRY_RESPONSE, &response)
@@ -428,25 +481,61 @@ cdef object _entry(const unsigned char* s, Py_ssize_t start, Py_ssize_t end):
     found = _once(s, common.start, common.end, COMMON_METADATA, &metadata)
     if found < 0:
         raise ValueError("malformed entry")
-    snippet = _snippet(s, metadata.start, metadata.end) if found == 0 else None
-    if snippet is None:  # snippet_of reads it (or protobuf merges a repeated metadata)
+    found = _record(s, metadata.start, metadata.end, &code, &data_span, &skipped) if found == 0 else -1
+    if found < 0:  # snippet_of reads it (or protobuf merges a repeated metadata)
         return (None, None, None, None, b"", 0, start, end)
-    return (request_id, content_type, content_encoding, snippet[0], snippet[1], snippet[2], start, end)
+    if not found:
+        return (request_id, content_type, content_encoding, "none", b"", 0, start, end)
+    if (later and code != K_UNKNOWN and data_span.end > data_span.start
+            and data_span.start - start < LATER_AT and data_span.end - data_span.start < LATER_SIZE):
+        data = _later(data_span, start)
+    else:
+        data = _b64decode(s, data_span)
+        if data is None:  # non-canonical: snippet_of's lenient decoder
+            return (None, None, None, None, b"", 0, start, end)
+        if code == K_UNKNOWN:
+            return (request_id, content_type, content_encoding, "none", b"", 0, start, end)
+    return (request_id, content_type, content_encoding, _kind_name(code), data, skipped, start, end)
 
 
-def log_entries(bytes message not None):
+cdef enum:
+    # a record's base64 decoded later: where it starts in its entry and its size, packed in one int of one
+    # 30-bit digit (read back without _PyLong_AsByteArray); any other record is decoded by the scan
+    LATER_BITS = 16, LATER_AT = 1 << 14, LATER_SIZE = 1 << LATER_BITS
+
+
+cdef inline object _later(Span span, Py_ssize_t entry_start):
+    """The span of a record's base64 in its entry at `entry_start`, as one int (no bytes object)."""
+    return PyLong_FromLong(((span.start - entry_start) << LATER_BITS) | (span.end - span.start))
+
+
+cdef inline Span _span_of(tuple item):
+    """The span in the message of a record's base64 that log_entries(later=True) left in `item`."""
+    cdef Span span
+    cdef long packed = PyLong_AsLong(item[4])
+    span.start = <Py_ssize_t>item[6] + (packed >> LATER_BITS)
+    span.end = span.start + (packed & (LATER_SIZE - 1))
+    return span
+
+
+def log_entries(bytes message not None, bint later=False):
     """The HTTP entries of a serialized StreamAccessLogsMessage, each as `_entry` reads it (None: not
     admitted), in order; None when protobuf must read the message (malformed, a field it would merge
     or choose between, a string it returns that is not UTF-8: protobuf raises or reads it its way).
     Strings it does not return are not checked for UTF-8 (protobuf would refuse the whole message over
-    one; Envoy never sends such a message)."""
+    one; Envoy never sends such a message). `later`: for account_run only, which decodes each entry's
+    base64 into one reused buffer when it reads the entry (see `_entry`)."""
     cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(message)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(message), i, end
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(message), i, end, count, k
     cdef Span http
     cdef unsigned long long tag, size
     if _once(s, 0, n, MSG_HTTP_LOGS, &http) != 0 or _has_field(s, n, MSG_TCP_LOGS):
         return None  # malformed, repeated, or TCP entries (or both kinds: the oneof keeps the last)
-    out = []
+    count = _count_entries(s, http)
+    if count < 0:
+        return None
+    out = PyList_New(count)  # made at its size (the entries counted first): no growth per entry
+    k = 0
     i = http.start
     try:
         while i < http.end:
@@ -458,7 +547,10 @@ def log_entries(bytes message not None):
                 if i < 0 or size > <unsigned long long>(http.end - i):
                     return None
                 end = i + <Py_ssize_t>size
-                out.append(_entry(s, i, end))
+                item = _entry(s, i, end, later)
+                Py_INCREF(item)
+                PyList_SET_ITEM(out, k, item)
+                k += 1
                 i = end
             else:
                 i = _skip(s, i, http.end, tag & 7)
@@ -467,6 +559,27 @@ def log_entries(bytes message not None):
     except (ValueError, UnicodeDecodeError):
         return None
     return out
+
+
+cdef Py_ssize_t _count_entries(const unsigned char* s, Span http):
+    """How many HTTPAccessLogEntry fields the HTTPAccessLogEntries message at `http` holds; -1 malformed."""
+    cdef Py_ssize_t i = http.start, count = 0
+    cdef unsigned long long tag, size
+    while i < http.end:
+        i = _varint(s, i, http.end, &tag)
+        if i < 0:
+            return -1
+        if tag == ((LOGS_ENTRY << 3) | 2):
+            i = _varint(s, i, http.end, &size)
+            if i < 0 or size > <unsigned long long>(http.end - i):
+                return -1
+            i += <Py_ssize_t>size
+            count += 1
+        else:
+            i = _skip(s, i, http.end, tag & 7)
+            if i < 0:
+                return -1
+    return count
 
 
 cdef bint _has_field(const unsigned char* s, Py_ssize_t n, int number):
@@ -1027,11 +1140,58 @@ cdef _Tally _taken = _Tally()
 taken = _taken
 
 
-cdef void _bind():
-    global _max_body
+include "_slots.pxi"
+
+# the service's fields account_run reads and counts in (adapters/envoy_als.py AccessLogService, __slots__),
+# in place rather than by name (as native/_account.pyx reads the engine's): bound at the first call
+cdef object _Service = None
+cdef Py_ssize_t SERVICE_ENGINE = -1, SERVICE_ENTRIES = -1, SERVICE_IGNORED = -1
+# time.perf_counter when it is clock_gettime(CLOCK_MONOTONIC) (Linux): account_run reads that clock itself,
+# with no call into the time module and no float object per entry
+cdef object _perf_counter = None
+
+
+cdef int _bind() except -1:
+    global _max_body, _Service, SERVICE_ENGINE, SERVICE_ENTRIES, SERVICE_IGNORED, _perf_counter
+    import time
+
+    from nexus_authz.adapters.envoy_als import AccessLogService
     from nexus_authz.core.usage import MAX_BODY_BYTES
 
+    if time.get_clock_info("perf_counter").implementation == "clock_gettime(CLOCK_MONOTONIC)":
+        _perf_counter = time.perf_counter
+
+    SERVICE_ENGINE = _slot_offset(AccessLogService, "engine")
+    SERVICE_ENTRIES = _slot_offset(AccessLogService, "entries")
+    SERVICE_IGNORED = _slot_offset(AccessLogService, "ignored")
+    if SERVICE_ENGINE >= 0 and SERVICE_ENTRIES >= 0 and SERVICE_IGNORED >= 0:
+        _Service = AccessLogService
     _max_body = MAX_BODY_BYTES
+    return 0
+
+
+cdef inline double _now(object clock) except? -1.0:
+    """clock(), in C when it is time.perf_counter on CLOCK_MONOTONIC (the same double: nanoseconds / 1e9)."""
+    cdef timespec ts
+    if clock is _perf_counter and clock_gettime(CLOCK_MONOTONIC, &ts) == 0:
+        return <double>(<long long>ts.tv_sec * 1000000000LL + ts.tv_nsec) / 1e9
+    return clock()
+
+
+cdef inline object _field(object service, Py_ssize_t offset, str name):
+    """getattr(service, name), from its slot when the service is an AccessLogService."""
+    cdef PyObject* value = _slot_value(service, offset) if type(service) is _Service else NULL
+    return <object>value if value != NULL else getattr(service, name)
+
+
+cdef inline int _add_to(object service, Py_ssize_t offset, str name, Py_ssize_t n) except -1:
+    """`service.<name> += n`, in its slot when the service is an AccessLogService."""
+    cdef PyObject* value = _slot_value(service, offset) if type(service) is _Service else NULL
+    if value != NULL:
+        _slot_store(service, offset, <object>value + n)
+    else:
+        setattr(service, name, getattr(service, name) + n)
+    return 0
 
 
 cdef int _event_stream(object text) except -1:
@@ -1081,24 +1241,61 @@ cdef int _identity(object text) except -1:
     return 1
 
 
-cdef int _common(tuple item, object service, object engine, Py_ssize_t* counted) except -1:
+cdef enum:
+    BUFFER = 64 << 10  # the reused buffer's bytes: a record's data decoded for the compiled loop
+
+cdef unsigned char _buffer[BUFFER]  # one buffer for every entry: its lines stay in cache within a message
+
+
+cdef object _whole(tuple item, bytes raw):
+    """A log_entries(later=True) item as log_entries() makes it: its data decoded into a bytes object (the
+    per-entry code's), or the unusual entry's tuple when that base64 is not canonical."""
+    if type(item[4]) is not int:
+        return item
+    data = _b64decode(<const unsigned char*>PyBytes_AS_STRING(raw), _span_of(item))
+    if data is None:
+        return (None, None, None, None, b"", 0, item[6], item[7])
+    return (item[0], item[1], item[2], item[3], data, item[5], item[6], item[7])
+
+
+cdef int _common(tuple item, object service, object engine, Py_ssize_t* counted, bytes raw) except -1:
     """adapters/envoy_als.py `_account_snippet` of a scanned entry (log_entries' tuple) when it is the
     common entry: a whole JSON body's or an OpenAI stream chunk's provider record, read here as
     adapters/als_fast.py `body_usage` / `sse_usage` read it (the Usage of usage_records.usage_from_counts,
     the model of document_model), settled by native/_account.pyx `account_counts`. 1 taken (counted in
     `counted`, which the caller adds to service.entries before any other code runs); 0 not (nothing
-    changed: the caller runs `_account_scanned`). `engine`: service.engine, which the caller reads."""
+    changed: the caller runs `_account_scanned`). `engine`: service.engine, which the caller reads. An
+    item of log_entries(raw, later=True) has its data decoded here, into the reused buffer."""
     cdef object kind = item[3], data = item[4], content_type, content_encoding, taken_now
     cdef const unsigned char* s
     cdef Py_ssize_t n
     cdef Span span
+    cdef const unsigned char* p
     cdef long long c[5]
     cdef long long prompt, cached, completion, reasoning
     cdef int shape
-    if kind is None or type(data) is not bytes:
+    if kind is None:
         return 0
-    s = <const unsigned char*>PyBytes_AS_STRING(data)
-    n = PyBytes_GET_SIZE(data)
+    if type(data) is int:  # log_entries(later=True): where its base64 is in raw
+        span = _span_of(item)
+        if not 0 <= span.start < span.end <= PyBytes_GET_SIZE(raw):
+            return 0
+        p = <const unsigned char*>PyBytes_AS_STRING(raw) + span.start
+        n = _b64size(p, span.end - span.start)
+        if n < 0:
+            return 0  # not canonical: the caller's _whole makes it the unusual entry
+        if n > BUFFER:
+            data = PyBytes_FromStringAndSize(NULL, n)
+            s = <const unsigned char*>PyBytes_AS_STRING(data)
+        else:
+            s = _buffer
+        if not _b64into(p, span.end - span.start, <unsigned char*>s):
+            return 0
+    elif type(data) is bytes:
+        s = <const unsigned char*>PyBytes_AS_STRING(data)
+        n = PyBytes_GET_SIZE(data)
+    else:
+        return 0
     if kind == _BODY:  # als_fast.body_usage
         content_type = item[1]
         content_encoding = item[2]
@@ -1164,20 +1361,20 @@ def account_run(list items, Py_ssize_t i, bytes raw, object service, object fall
             pending = None
             try:
                 if engine is None:  # read once, and again after any Python code ran
-                    engine = service.engine
+                    engine = _field(service, SERVICE_ENGINE, "engine")
                 if item is None:  # not admitted by nexus-authz
-                    service.ignored += 1
-                elif not _common(<tuple?>item, service, engine, &counted):
+                    _add_to(service, SERVICE_IGNORED, "ignored", 1)
+                elif not _common(<tuple?>item, service, engine, &counted, raw):
                     _count(service, &counted)  # the per-entry code sees the count as it would
                     engine = None
-                    pending = fallback(item, raw)
+                    pending = fallback(_whole(<tuple>item, raw), raw)
                     if pending is not None:
                         return (i, pending, False)
             except Exception:
                 _count(service, &counted)
                 engine = None
                 failed(item)
-            if clock() - started >= slice:
+            if _now(clock) - started >= slice:
                 return (i, None, True)
         return (i, None, False)
     finally:
@@ -1187,8 +1384,8 @@ def account_run(list items, Py_ssize_t i, bytes raw, object service, object fall
 cdef int _count(object service, Py_ssize_t* counted) except -1:
     """service.entries += the entries account_run took since the last time (one int per message, not one
     per entry)."""
-    if counted[0]:
-        n = counted[0]
+    cdef Py_ssize_t n = counted[0]
+    if n:
         counted[0] = 0
-        service.entries += n
+        _add_to(service, SERVICE_ENTRIES, "entries", n)
     return 0

@@ -15,6 +15,7 @@ import base64
 import gzip
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -889,3 +890,22 @@ def test_the_compiled_loop_counts_its_entries_before_other_code_runs(
     assert native.usage.taken[0] - looped == 4  # a, b, d, e in C; c (br) handed over
     assert seen == [("c", 2)]
     assert service.entries == 5
+
+
+def test_the_compiled_settlement_reads_the_engine_s_real_clock_as_time_time(tmp_path: Path) -> None:
+    """With the engine's default clock (time.time), the compiled settlement reads CLOCK_REALTIME itself
+    (native/_account.pyx `_wall`): the ledger row's minute is the minute time.time() gives around it."""
+    if native.usage is None or native.account is None:
+        pytest.skip("the compiled scans are not loaded (NEXUS_AUTHZ_PURE, or not built)")
+    path = write_config(tmp_path, METERED, OPEN, WIDE, extra=CONFIG.replace("LEDGER", "memory"))
+    engine = Engine.from_settings(load_settings(str(path)))  # clock: time.time
+    _check(engine, METERED, "a")
+    batch = message(entry_with(body_meta(CHAT), content_type="application/json", request_id="a"))
+    looped = native.usage.taken[0]
+    before = time.time()
+    asyncio.run(AccessLogService(engine).stream_access_logs(None, _Context([batch.SerializeToString()])))  # type: ignore[arg-type]
+    after = time.time()
+    assert native.usage.taken[0] - looped == 1 and len(engine.book) == 0
+    assert engine.ledger is not None
+    (row,) = engine.ledger.query(group_by=("minute",))
+    assert row.period in {int(before - before % 60), int(after - after % 60)}, (row, before, after)

@@ -7,6 +7,8 @@ tests cannot pass with scans that never answer."""
 from __future__ import annotations
 
 import base64
+import binascii
+import contextlib
 import json
 import os
 from typing import Any
@@ -565,6 +567,69 @@ def messages(draw: st.DrawFn) -> bytes:
     return raw
 
 
+def _assert_later(scanned: Any, later: Any, raw: bytes) -> int:
+    """log_entries(raw, later=True) is log_entries(raw) but for the data of a record of a known kind with
+    base64: where that base64 is in its entry (one int), whose decoding is that data, or whose base64 is not
+    canonical when log_entries(raw) made it an unusual entry (protobuf's). The number of those records."""
+    assert (later is None) == (scanned is None)
+    records = 0
+    for item, lazy in zip(scanned or [], later or [], strict=True):
+        if lazy is None or type(lazy[4]) is not int:
+            assert lazy == item
+            continue
+        records += 1
+        at = lazy[6] + (lazy[4] >> 16)  # its start in the entry, its size (native/_usage.pyx _later)
+        text = raw[at : at + (lazy[4] & 0xFFFF)]
+        assert lazy[3] in ("body", "sse", "tail", "over") and text
+        if item[3] is None:
+            assert item == (None, None, None, None, b"", 0, lazy[6], lazy[7])
+            with contextlib.suppress(binascii.Error):  # not canonical base64
+                assert base64.b64encode(base64.b64decode(text, validate=True)) != text
+        else:
+            assert item == (*lazy[:4], base64.b64decode(text, validate=True), *lazy[5:])
+    return records
+
+
+def test_the_compiled_loop_s_scan_leaves_each_record_s_base64_to_decode_later() -> None:
+    """log_entries(raw, later=True), the compiled loop's scan: a known kind's base64 stays in the message
+    (decoded by the loop into one reused buffer, not a bytes object per entry), every other entry is as
+    log_entries(raw) reads it."""
+    from envoy.service.accesslog.v3 import als_pb2
+
+    if native.usage is None:
+        pytest.skip("the compiled scans are not loaded (NEXUS_AUTHZ_PURE, or not built)")
+    records: list[dict[str, object]] = [
+        {"u": {"k": kind, "b": _b64(data), "x": 3.0}}
+        for kind in ("body", "sse", "tail", "over", "strange")
+        for data in (b"", b"x", b"xy", b"xyz", bytes(range(256)) * 3)
+    ]
+    records += [{"u": {"k": "body", "b": "eyJ1c2FnZSI6e319\n"}}, {"u": {"k": "strange", "b": "e==="}}]
+    message = als_pb2.StreamAccessLogsMessage()
+    for record in [*records, {"p1": _b64(b"xy")}]:
+        entry = entry_with(record, other=True)
+        entry.request.request_headers["x-nexus-key-id"] = "k"
+        message.http_logs.log_entry.append(entry)
+    raw = message.SerializeToString()
+    scanned, later = native.usage.log_entries(raw), native.usage.log_entries(raw, True)
+    _assert_later(scanned, later, raw)
+    assert [type(item[4]) is int for item in later] == [
+        kind != "strange" and data != b""
+        for kind in ("body", "sse", "tail", "over", "strange")
+        for data in (b"", b"x", b"xy", b"xyz", bytes(range(256)) * 3)
+    ] + [True, False, False]
+    assert scanned[-3][3] is None and scanned[-2][3] is None and scanned[-1][3] is None  # protobuf's
+    # base64 of 64 KiB or more: decoded by the scan
+    message = als_pb2.StreamAccessLogsMessage()
+    for size in (49_149, 49_150):  # 65,532 and 65,536 bytes of base64
+        entry = entry_with({"u": {"k": "body", "b": _b64(b"x" * size)}}, other=False)
+        entry.request.request_headers["x-nexus-key-id"] = "k"
+        message.http_logs.log_entry.append(entry)
+    raw = message.SerializeToString()
+    later = native.usage.log_entries(raw, True)
+    assert type(later[0][4]) is int and later[1][4] == b"x" * 49_150
+    _assert_later(native.usage.log_entries(raw), later, raw)
+
+
 @fuzz_settings(800, deadline=None)
 @given(raw=messages())
 def test_the_message_scan_reads_entries_as_protobuf_does(raw: bytes) -> None:
@@ -576,6 +641,9 @@ def test_the_message_scan_reads_entries_as_protobuf_does(raw: bytes) -> None:
 
     assert native.usage is not None
     scanned = native.usage.log_entries(raw)  # never raises, whatever the bytes
+    # as the compiled loop takes them: each record's data where its base64 is in raw (decoded then)
+    if _assert_later(scanned, native.usage.log_entries(raw, True), raw):
+        event("a record decoded later")
     try:
         parsed = als_pb2.StreamAccessLogsMessage.FromString(raw)
     except DecodeError:
