@@ -42,7 +42,7 @@ from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTu
 from libc.math cimport ceil, isfinite
 from libc.stdint cimport uint32_t
 from libc.string cimport memcmp, memcpy, memset
-from posix.time cimport CLOCK_MONOTONIC, CLOCK_THREAD_CPUTIME_ID, clock_gettime, timespec
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, CLOCK_THREAD_CPUTIME_ID, clock_gettime, timespec
 
 from nexus_authz.native._body cimport facts_of
 from nexus_authz.native._figures cimport Figure
@@ -51,6 +51,7 @@ from nexus_authz.native._reservation cimport Entries, Reservation, new_reservati
 from nexus_authz.native._windows cimport acquire_figures, figure_statuses
 
 import math
+import time as _time
 from array import array as _array_type
 from collections import OrderedDict
 
@@ -746,6 +747,35 @@ cdef inline double _mono() noexcept:
     return <double>(ts.tv_sec * 1000000000LL + ts.tv_nsec) / 1e9  # _PyTime_AsSecondsDouble
 
 
+cdef inline double _seconds(long long ns) noexcept:
+    """_PyTime_AsSecondsDouble (CPython's pytime.c): a whole second's count divided as an integer."""
+    if ns % 1000000000LL == 0:
+        return <double>(ns // 1000000000LL)
+    return <double>ns / 1e9
+
+
+cdef object _time_time = _time.time  # Decider's default clock: read here as it reads it, without the call
+
+
+cdef object _now(object clock):
+    """clock(): time.time()'s value (clock_gettime(CLOCK_REALTIME), the float it makes) without the call,
+    when `clock` is time.time itself; any other clock (a test's, a fake) is called."""
+    cdef timespec ts
+    if clock is _time_time and clock_gettime(CLOCK_REALTIME, &ts) == 0:
+        return PyFloat_FromDouble(_seconds(ts.tv_sec * 1000000000LL + ts.tv_nsec))
+    return clock()
+
+
+def wall_seconds(long long ns):
+    """The float time.time() makes of `ns` nanoseconds (tests compare it with CPython's conversion)."""
+    return _seconds(ns)
+
+
+def wall_now(clock):
+    """`_now(clock)`: the compiled check's read of its decider's clock."""
+    return _now(clock)
+
+
 cdef inline double _thread_cpu() noexcept:
     """time.thread_time()'s clock (CLOCK_THREAD_CPUTIME_ID: this thread's CPU time), without the call; a
     system call, not vDSO (~0.5 µs here), so only read while `busy_cpu` set a histogram."""
@@ -1003,7 +1033,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
     ):
         fast = FastAdmit(policy, snapshot)
         decider._fast = fast
-    now = _at(decider, &S_DEC_CLOCK, "clock")()
+    now = _now(_at(decider, &S_DEC_CLOCK, "clock"))
     failures = _at(decider, &S_DEC_FAILURES, "failures")
     # -- FastAdmit.admit: the key --------------------------------------------------------------------
     value = h.get("authorization")
