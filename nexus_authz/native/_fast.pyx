@@ -67,6 +67,7 @@ from nexus_authz.latency import ReasonCounts as _ReasonCounts
 from nexus_authz.native._body import request_facts as _native_facts
 from nexus_authz.native._headers import plan_header_block as _native_block
 from nexus_authz.native._http1 import RequestParser as _Parser
+from nexus_authz.native._http1 import direct_handler as _direct_handler
 from nexus_authz.native._windows import acquire as _native_acquire
 
 cdef extern from "Python.h":
@@ -87,6 +88,7 @@ cdef extern from "Python.h":
     PyObject* PyMethod_GET_SELF(object o)
     int PyUnicode_KIND(object o)
     int PyUnicode_1BYTE_KIND
+    object PyCapsule_New(void* pointer, const char* name, void* destructor)
 
 
 cdef extern from *:
@@ -1340,6 +1342,11 @@ cdef inline object _hget(object headers, str name, object default):
 
 def on_message_complete(self):
     """adapters/http_fast.on_message_complete, compiled, with the decision inline (see the module)."""
+    _complete(self)
+
+
+cdef int _complete(object self) except -1:
+    """on_message_complete's body: the compiled parser calls it directly (_http1.direct_handler)."""
     app = _at(self, &S_PROTO_APP, "_app")
     parser = _at(self, &S_PROTO_PARSER, "_parser")
     url = _at(self, &S_PROTO_URL, "_url")
@@ -1381,17 +1388,21 @@ def on_message_complete(self):
                     self._in_message = False
                     _flush()
                     self._queue(self._answer_later(out, nginx=False, close=False), True)
-                    return
+                    return 0
             except Exception:  # a bug: answer 500 for this request, keep serving the others
                 _internal(self, engine)
-                return
+                return 0
             if data is not None:  # else not the common request: nothing was charged or counted
                 _answered(self, app, data)
-                return
+                return 0
     elif _RELEASED_ANSWER is not None and type(url) is bytes and url == _RELEASE_URL and _release(self, app, parser):
-        return
+        return 0
     _flush()
     _reference(self)
+    return 0
+
+
+_direct_handler(on_message_complete, PyCapsule_New(<void*>_complete, b"nexus_authz.native._http1.handler", NULL))
 
 
 cdef inline object _body_of(object chunks):

@@ -70,6 +70,81 @@ cdef bytes M_PATCH = b"PATCH", M_HEAD = b"HEAD", M_OPTIONS = b"OPTIONS"
 cdef extern from "Python.h":
     void* PyUnicode_DATA(object o)
     Py_ssize_t PyUnicode_GET_LENGTH(object o)
+    void* PyCapsule_GetPointer(object capsule, const char* name) except? NULL
+
+
+# -- the hand-over's direct call ------------------------------------------------------------------------------
+# `proto.on_message_complete()` looks the method up by name on the protocol's class per request (the type's
+# method cache, the descriptor, the instance) and calls the compiled handler through its Python entry.
+# When that attribute is the compiled handler `direct_handler` registered (native/_fast.pyx), on a class
+# whose instances have no __dict__ and the generic getattr, the hand-over calls its C body instead, the
+# class checked by its version tag, which CPython changes whenever the class or a base is modified (a
+# class that rebinds on_message_complete is looked up again, as is any other class).
+cdef extern from *:
+    """
+    typedef int (*_nx_handler)(PyObject *);
+    static inline int _nx_type_tagged(PyObject *o, PyObject *t, unsigned int tag) {
+        PyTypeObject *ot = Py_TYPE(o);
+        return (PyObject *)ot == t && tag != 0 && ot->tp_version_tag == tag
+    #ifdef Py_TPFLAGS_VALID_VERSION_TAG
+            && (ot->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG)
+    #endif
+            ;
+    }
+    /* the version tag of o's class when its attribute `name` is `func`, found as _PyObject_GetMethod
+       finds a method (a method descriptor on the class, no instance __dict__): else 0 */
+    static unsigned int _nx_method_tag(PyObject *o, PyObject *name, PyObject *func) {
+        PyTypeObject *t = Py_TYPE(o);
+        PyObject *found;
+        if (func == NULL || t->tp_getattro != PyObject_GenericGetAttr || t->tp_dictoffset != 0)
+            return 0;
+        found = _PyType_Lookup(t, name);  /* borrowed; gives the class a version tag */
+        if (found != func || !(Py_TYPE(found)->tp_flags & Py_TPFLAGS_METHOD_DESCRIPTOR))
+            return 0;
+    #ifdef Py_TPFLAGS_VALID_VERSION_TAG
+        if (!(t->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG))
+            return 0;
+    #endif
+        return t->tp_version_tag;
+    }
+    """
+    ctypedef int (*Handler "_nx_handler")(object) except -1
+    bint _type_tagged "_nx_type_tagged"(object o, PyObject* t, unsigned int tag)
+    unsigned int _method_tag "_nx_method_tag"(object o, str name, PyObject* func) except? 0
+
+
+cdef Handler _handler = NULL  # the registered handler's C body
+cdef object _handler_func = None  # ... and its function object (the class attribute it must be)
+cdef object _handler_type = None  # the last protocol class found to hold it, and its version tag
+cdef unsigned int _handler_tag = 0
+
+
+def direct_handler(func, capsule):
+    """Register the compiled on_message_complete `func` and its C body (a capsule named
+    "nexus_authz.native._http1.handler": int(PyObject* proto), -1 with an exception set)."""
+    global _handler, _handler_func, _handler_type, _handler_tag
+    _handler = <Handler>PyCapsule_GetPointer(capsule, "nexus_authz.native._http1.handler")
+    _handler_func = func
+    _handler_type = None
+    _handler_tag = 0
+
+
+def handed_over_directly(proto):
+    """Whether the next hand-over to `proto` calls the handler's C body (tests)."""
+    return _handler != NULL and _type_tagged(proto, <PyObject*>_handler_type, _handler_tag)
+
+
+cdef int _hand_over_slow(object proto) except -1:
+    """proto.on_message_complete(); the class remembered when that attribute is the registered handler."""
+    global _handler_type, _handler_tag
+    cdef unsigned int tag
+    proto.on_message_complete()
+    if _handler != NULL:
+        tag = _method_tag(proto, "on_message_complete", <PyObject*>_handler_func)
+        if tag != 0:
+            _handler_type = type(proto)
+            _handler_tag = tag
+    return 0
 
 
 cdef inline bint _same(const unsigned char* a, const unsigned char* b, Py_ssize_t n) noexcept nogil:
@@ -247,7 +322,10 @@ cdef class RequestParser:
     cdef bint _hand_over(self) except -1:
         """Hand the parsed request to the protocol; True when it closed the connection."""
         proto = self.proto
-        proto.on_message_complete()
+        if _handler != NULL and _type_tagged(proto, <PyObject*>_handler_type, _handler_tag):
+            _handler(proto)
+        else:
+            _hand_over_slow(proto)
         return _get(proto, self.o_closing, "_closing")
 
     cdef int _message(self, bytes data, Py_ssize_t start, Py_ssize_t* end) except -1:
