@@ -126,6 +126,48 @@ cdef object _parser_keep_alive = _Parser.should_keep_alive
 # of these names), without its look-up on the type first
 cdef dict _body_names = _core_body.__dict__
 cdef dict _headers_names = _core_headers.__dict__
+
+
+# -- a module's attribute, looked up again only when its namespace changed --------------------------------
+# A dict's ma_version_tag (PEP 509; CPython 3.6-3.11 keep it, nonzero, new at every change of the dict): the
+# value read last is read again while the tag is the one it was read under (one cache line, the dict's
+# head, instead of a look-up's three or four: its keys, index and entry).
+cdef extern from *:
+    """
+    static inline unsigned long long _nx_dict_tag(PyObject *d) {
+    #if PY_VERSION_HEX < 0x030C0000
+        return (unsigned long long)((PyDictObject *)d)->ma_version_tag;
+    #else
+        return 0;  /* 3.12+: deprecated and not kept up: always looked up */
+    #endif
+    }
+    """
+    unsigned long long _dict_tag "_nx_dict_tag"(dict d)
+
+
+cdef struct Named:
+    unsigned long long tag  # the namespace's tag the value was read under (0: never)
+    PyObject* value  # a strong reference
+
+
+cdef Named _READ_FACTS, _BUILD_BLOCK
+
+
+cdef inline object _named(dict names, Named* cached, str name):
+    """names[name] (KeyError as a look-up), the last value again while `names` has not changed."""
+    cdef unsigned long long tag = _dict_tag(names)
+    if tag != 0 and tag == cached.tag:
+        return <object>cached.value
+    return _named_again(names, cached, name, tag)
+
+
+cdef object _named_again(dict names, Named* cached, str name, unsigned long long tag):
+    value = names[name]
+    Py_INCREF(value)
+    Py_XDECREF(cached.value)
+    cached.value = <PyObject*>value
+    cached.tag = tag
+    return value
 cdef Py_ssize_t _OK_INDEX = list(Reason).index(Reason.OK)  # its place in a ReasonCounts' array
 cdef object _ONE = 1
 cdef object _UNAVAILABLE = Reason.UNAVAILABLE
@@ -1110,7 +1152,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
             else (("\x01denied\x00" + key_id) in failures)
         ):
             return None
-        read_facts = _body_names["read_facts"]
+        read_facts = _named(_body_names, &_READ_FACTS, "read_facts")
         if read_facts is _native_facts:  # its C entry, the same call
             facts = facts_of(body, needs_facts, False, False)
         else:
@@ -1311,13 +1353,13 @@ cdef object _check(object decider, object policy, object snapshot, object header
     if figures_n > 0:  # the plan's headers of the figures, written here (plan_header_block's bytes)
         header_plan = _item(_at(plan, &S_PLAN_SHAPE, "shape"), _SHAPE, I_HEADERS, "headers")
         block_n = -1
-        if type(header_plan) is tuple and _headers_names["build_header_block"] is _native_block:
+        if type(header_plan) is tuple and _named(_headers_names, &_BUILD_BLOCK, "build_header_block") is _native_block:
             block_n = figure_block(<tuple>header_plan, figures, figures_n, block)
         if block_n >= 0:
             return _join(wire, key_id, block, block_n, release)
         statuses = figure_statuses(specs, figures, figures_n)  # the objects, for the function in place
     if statuses:
-        block_bytes = _headers_names["build_header_block"](
+        block_bytes = _named(_headers_names, &_BUILD_BLOCK, "build_header_block")(
             _item(_at(plan, &S_PLAN_SHAPE, "shape"), _SHAPE, I_HEADERS, "headers"), statuses
         )
         return _join(wire, key_id, PyBytes_AS_STRING(block_bytes), PyBytes_GET_SIZE(block_bytes), release)
