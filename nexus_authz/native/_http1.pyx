@@ -70,6 +70,9 @@ cdef bytes M_PATCH = b"PATCH", M_HEAD = b"HEAD", M_OPTIONS = b"OPTIONS"
 cdef extern from "Python.h":
     void* PyUnicode_DATA(object o)
     Py_ssize_t PyUnicode_GET_LENGTH(object o)
+    Py_ssize_t Py_REFCNT(object o)
+    Py_ssize_t PyDict_GET_SIZE(object o)
+    bint PyDict_Next(object d, Py_ssize_t* pos, PyObject** key, PyObject** value)
     void* PyCapsule_GetPointer(object capsule, const char* name) except? NULL
 
 
@@ -182,6 +185,12 @@ cdef class RequestParser:
     # (every header but the request id, from one client) gets that object again, not a new one
     cdef list keep_last
     cdef bytes last_url
+    # the request being parsed: each kept header's value (None: absent; a repeated header's values joined
+    # with ", "), `kept_n` of them set, their indexes in the order they first came
+    cdef list kept
+    cdef int keep_slot[MAX_KEEP]  # each kept name's place in `kept`: the first name of its header key
+    cdef int kept_order[MAX_KEEP]
+    cdef int kept_n
     cdef bytes keep_blob  # the kept names, lower-case, end to end
     cdef Py_ssize_t keep_off[MAX_KEEP + 1]  # where each name starts in keep_blob (and where the last ends)
     cdef int keep_n
@@ -230,6 +239,10 @@ cdef class RequestParser:
             self.keep_max = max(self.keep_max, len(lname))
         self.keep_blob = b"".join(blob)
         self.keep_last = [None] * self.keep_n
+        self.kept = [None] * self.keep_n
+        for k in range(self.keep_n):  # names of one key (as a dict holds them): one value, joined
+            self.keep_slot[k] = self.keep_keys.index(self.keep_keys[k])
+        self.kept_n = 0
         self.last_url = None
         self.pending = None
         self.splits = None
@@ -382,7 +395,9 @@ cdef class RequestParser:
             return FALLBACK
         i += 10
         # -- header lines ---------------------------------------------------------------------------------
-        headers = {}
+        for k in range(self.kept_n):  # the last parse's values
+            _list_clear(self.kept, self.kept_order[k])
+        self.kept_n = 0
         while True:
             if i >= n:
                 return self._partial(n)
@@ -445,7 +460,7 @@ cdef class RequestParser:
             ):
                 return FALLBACK
             elif name_len <= self.keep_max:
-                self._keep(headers, q, name_len, p + value0, value_len)
+                self._keep(q, name_len, p + value0, value_len)
         # -- body -----------------------------------------------------------------------------------------
         if content_length > self.max_body:
             return FALLBACK  # httptools answers 413 once that many bytes arrive
@@ -462,7 +477,7 @@ cdef class RequestParser:
             url = PyBytes_FromStringAndSize(<const char*>(p + url0), url_len)
             self.last_url = url
         _put(proto, self.o_url, "_url", url)
-        _put(proto, self.o_headers, "_headers", headers)
+        self._headers(proto)
         if content_length > 0:  # a tuple: the protocol only joins it (a new list of chunks per httptools request)
             _put(proto, self.o_body, "_body", (PyBytes_FromStringAndSize(<const char*>(p + i), content_length),))
         else:
@@ -477,9 +492,42 @@ cdef class RequestParser:
         # httptools path's guard on unfinished heads could fire (it never counts more than is buffered).
         return FALLBACK if buffered > self.max_header_bytes else NEED_MORE
 
+    cdef int _headers(self, object proto) except -1:
+        """The protocol's `_headers`: the kept headers, as a dict in the order they first came. The dict
+        the protocol holds from the last request, when nothing else does and its keys are these in this
+        order, gets the new values in place (the same keys, order and values as a new dict), else a new
+        one: no dict made, grown and freed per request on a connection whose requests carry the same
+        headers."""
+        cdef Py_ssize_t pos = 0, j
+        cdef PyObject* key
+        cdef PyObject* value
+        cdef list kept = self.kept
+        old = _get(proto, self.o_headers, "_headers")
+        if (
+            type(old) is dict
+            and Py_REFCNT(old) == 2  # the protocol's slot and `old`
+            and PyDict_GET_SIZE(old) == self.kept_n
+        ):
+            for j in range(self.kept_n):
+                if not PyDict_Next(old, &pos, &key, &value) or key != PyList_GET_ITEM(
+                    self.keep_keys, self.kept_order[j]
+                ):
+                    break
+            else:
+                pos = 0
+                for j in range(self.kept_n):
+                    PyDict_Next(old, &pos, &key, &value)
+                    if value != PyList_GET_ITEM(kept, self.kept_order[j]):  # (else: the same str again)
+                        (<dict>old)[<object>key] = <object>PyList_GET_ITEM(kept, self.kept_order[j])
+                return 0
+        headers = {}
+        for j in range(self.kept_n):
+            headers[self.keep_keys[self.kept_order[j]]] = <object>PyList_GET_ITEM(kept, self.kept_order[j])
+        _put(proto, self.o_headers, "_headers", headers)
+        return 0
+
     cdef int _keep(
-        self, dict headers, const unsigned char* name, Py_ssize_t name_len,
-        const unsigned char* value, Py_ssize_t value_len
+        self, const unsigned char* name, Py_ssize_t name_len, const unsigned char* value, Py_ssize_t value_len
     ) except -1:
         cdef const char* blob = PyBytes_AS_STRING(self.keep_blob)
         cdef int k
@@ -487,7 +535,6 @@ cdef class RequestParser:
             if self.keep_off[k + 1] - self.keep_off[k] == name_len and name_is(
                 <const char*>name, name_len, blob + self.keep_off[k], name_len
             ):
-                key = self.keep_keys[k]
                 text = <object>PyList_GET_ITEM(self.keep_last, k)
                 # the str decoded from these bytes last time (latin-1: one byte per char), else a new one
                 if text is None or PyUnicode_GET_LENGTH(text) != value_len or not _same(
@@ -495,10 +542,21 @@ cdef class RequestParser:
                 ):
                     text = PyUnicode_DecodeLatin1(<const char*>value, value_len, NULL)
                     self.keep_last[k] = text
-                previous = headers.get(key)
-                headers[key] = text if previous is None else previous + ", " + text
+                k = self.keep_slot[k]
+                previous = <object>PyList_GET_ITEM(self.kept, k)
+                if previous is None:
+                    self.kept_order[self.kept_n] = k
+                    self.kept_n += 1
+                    self.kept[k] = text
+                else:
+                    self.kept[k] = previous + ", " + text
                 return 0
         return 0
+
+
+cdef inline int _list_clear(list items, int k) except -1:
+    items[k] = None
+    return 0
 
 
 cdef bint _framing_prefix(const unsigned char* name, Py_ssize_t n):
