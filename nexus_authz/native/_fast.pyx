@@ -690,6 +690,19 @@ cdef bytes _digest(object hasher, object value, const unsigned char* secret, Py_
     return digest
 
 
+cdef tuple _last_pair = (None, None)
+
+
+cdef tuple _pair(object address, object key_id):
+    """(address, key_id), KnownKeys' key: the last check's tuple again for the same two objects (the
+    parser's repeated address str, the key's id), which a dict finds by identity, not compared item by item."""
+    global _last_pair
+    if <object>PyTuple_GET_ITEM(_last_pair, 0) is address and <object>PyTuple_GET_ITEM(_last_pair, 1) is key_id:
+        return _last_pair
+    _last_pair = (address, key_id)
+    return _last_pair
+
+
 cdef object _path(bytes url):
     """The check's path: the target after the prefix, latin-1 (the last one again for the same bytes)."""
     global _last_url, _last_path
@@ -1184,7 +1197,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
         known = _at(policy, &S_POL_KNOWN, "_known")  # KnownKeys.note, its common case inline
         if type(known) is not KnownKeys:
             return _plain(decider, policy, snapshot, headers, path, body, request_id, client_address, app)
-        last = (<dict>_at(known, &S_KNOWN_SEEN, "_seen")).get((client_address, key_id))
+        last = (<dict>_at(known, &S_KNOWN_SEEN, "_seen")).get(_pair(client_address, key_id))
         if last is None:
             known.note(client_address, key_id, now)
         elif PyFloat_CheckExact(last) and PyFloat_CheckExact(now):

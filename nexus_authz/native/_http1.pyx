@@ -19,7 +19,7 @@ differential tests check this on streams split at random points).
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_XDECREF
-from cpython.list cimport PyList_GET_ITEM
+from cpython.list cimport PyList_GET_ITEM, PyList_SET_ITEM
 from cpython.unicode cimport PyUnicode_DecodeLatin1
 from libc.string cimport memcmp
 
@@ -505,20 +505,18 @@ cdef class RequestParser:
         old = _get(proto, self.o_headers, "_headers")
         if (
             type(old) is dict
-            and Py_REFCNT(old) == 2  # the protocol's slot and `old`
+            and Py_REFCNT(old) == 2  # the protocol's slot and `old`: nobody sees it change
             and PyDict_GET_SIZE(old) == self.kept_n
         ):
+            # one pass: a key out of place leaves it half refilled, then replaced by a new one (and freed)
             for j in range(self.kept_n):
                 if not PyDict_Next(old, &pos, &key, &value) or key != PyList_GET_ITEM(
                     self.keep_keys, self.kept_order[j]
                 ):
                     break
+                if value != PyList_GET_ITEM(kept, self.kept_order[j]):  # (else: the same str again)
+                    (<dict>old)[<object>key] = <object>PyList_GET_ITEM(kept, self.kept_order[j])
             else:
-                pos = 0
-                for j in range(self.kept_n):
-                    PyDict_Next(old, &pos, &key, &value)
-                    if value != PyList_GET_ITEM(kept, self.kept_order[j]):  # (else: the same str again)
-                        (<dict>old)[<object>key] = <object>PyList_GET_ITEM(kept, self.kept_order[j])
                 return 0
         headers = {}
         for j in range(self.kept_n):
@@ -541,21 +539,30 @@ cdef class RequestParser:
                     <const unsigned char*>PyUnicode_DATA(text), value, value_len
                 ):
                     text = PyUnicode_DecodeLatin1(<const char*>value, value_len, NULL)
-                    self.keep_last[k] = text
+                    _list_put(self.keep_last, k, text)
                 k = self.keep_slot[k]
                 previous = <object>PyList_GET_ITEM(self.kept, k)
                 if previous is None:
                     self.kept_order[self.kept_n] = k
                     self.kept_n += 1
-                    self.kept[k] = text
+                    _list_put(self.kept, k, text)
                 else:
-                    self.kept[k] = previous + ", " + text
+                    _list_put(self.kept, k, previous + ", " + text)
                 return 0
         return 0
 
 
-cdef inline int _list_clear(list items, int k) except -1:
-    items[k] = None
+cdef inline int _list_put(list items, Py_ssize_t k, object value) except -1:
+    """items[k] = value, for k in range (no bounds or type check, no index conversion)."""
+    cdef PyObject* old = PyList_GET_ITEM(items, k)
+    Py_INCREF(value)
+    PyList_SET_ITEM(items, k, value)
+    Py_XDECREF(old)
+    return 0
+
+
+cdef inline int _list_clear(list items, Py_ssize_t k) except -1:
+    _list_put(items, k, None)
     return 0
 
 
