@@ -189,6 +189,14 @@ cdef object _reference_feed = None
 cdef object _busy = None
 # set by _slots (install_framing): the Lua tap's release (http_authz.RELEASE_PATH, its 204 answer
 # http_authz._RELEASED), the classes `_release` takes, shapes.shape_of and its cache
+# the header names the lane reads: the very str objects the headers dicts' keys are (http_authz._KEEP's,
+# which both parsers key by, set by `_slots`), so a look-up finds its entry by identity, not by comparing text
+cdef str H_AUTHORIZATION = "authorization"
+cdef str H_CONTENT_TYPE = "content-type"
+cdef str H_CONTENT_ENCODING = "content-encoding"
+cdef str H_PARTIAL_BODY = "x-envoy-auth-partial-body"
+cdef str H_FORWARDED_FOR = "x-forwarded-for"
+cdef str H_REQUEST_ID = "x-request-id"
 cdef bytes _RELEASE_URL = None
 cdef bytes _RELEASED_ANSWER = None
 cdef object _Engine = None
@@ -339,6 +347,11 @@ cdef Slot _resolve(type cls, str name):
     return s
 
 
+def header_names():
+    """The header names the lane looks up (after `install_framing`: http_authz._KEEP's own objects)."""
+    return (H_AUTHORIZATION, H_CONTENT_TYPE, H_CONTENT_ENCODING, H_PARTIAL_BODY, H_FORWARDED_FOR, H_REQUEST_ID)
+
+
 def unresolved():
     """The fields `_at` reads through getattr after `install_framing` (none: tests/adapters/test_http_fastpath)."""
     return list(_unresolved)
@@ -394,7 +407,15 @@ cdef int _slots(type protocol) except -1:
     global S_COUNTS_COUNTS, S_MEM_STATES, S_MEM_HELD
     global _SHAPE, I_SETTLE_MASK, I_SLOT_MASK, I_SLOT_INDICES, I_HEADERS, I_SPECS
     global _RELEASE_URL, _RELEASED_ANSWER, _Engine, _Decider, _LocalCounters, _MemoryStore, _shape_of, _SHAPES
-    from nexus_authz.adapters.http_authz import _RELEASED, RELEASE_PATH, HttpApp
+    global H_AUTHORIZATION, H_CONTENT_TYPE, H_CONTENT_ENCODING, H_PARTIAL_BODY, H_FORWARDED_FOR, H_REQUEST_ID
+    from nexus_authz.adapters.http_authz import _KEEP, _RELEASED, RELEASE_PATH, HttpApp
+    kept = {key: key for key in _KEEP.values()}  # each name's own object (an equal str where not kept)
+    H_AUTHORIZATION = kept.get(H_AUTHORIZATION, H_AUTHORIZATION)
+    H_CONTENT_TYPE = kept.get(H_CONTENT_TYPE, H_CONTENT_TYPE)
+    H_CONTENT_ENCODING = kept.get(H_CONTENT_ENCODING, H_CONTENT_ENCODING)
+    H_PARTIAL_BODY = kept.get(H_PARTIAL_BODY, H_PARTIAL_BODY)
+    H_FORWARDED_FOR = kept.get(H_FORWARDED_FOR, H_FORWARDED_FOR)
+    H_REQUEST_ID = kept.get(H_REQUEST_ID, H_REQUEST_ID)
     from nexus_authz.core import shapes
     from nexus_authz.core.body import RequestFacts
     from nexus_authz.core.config import Price
@@ -1152,7 +1173,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
     now = _now(_at(decider, &S_DEC_CLOCK, "clock"))
     failures = _at(decider, &S_DEC_FAILURES, "failures")
     # -- FastAdmit.admit: the key --------------------------------------------------------------------
-    value = h.get("authorization")
+    value = h.get(H_AUTHORIZATION)
     if type(value) is not str:
         return None
     if PyUnicode_IS_ASCII(value):  # value.startswith("Bearer ")
@@ -1213,11 +1234,11 @@ cdef object _check(object decider, object policy, object snapshot, object header
     # -- the body's facts --------------------------------------------------------------------------------
     facts = None
     model = None
-    content_type = h.get("content-type", "")
+    content_type = h.get(H_CONTENT_TYPE, "")
     needs_facts = _at(key, &S_KEY_NEEDS_FACTS, "needs_facts")
     key_id = _at(key, &S_KEY_ID, "key_id")
     if body and (_at(key, &S_KEY_MODELS, "models") or needs_facts):
-        if "content-encoding" in h or _multipart(content_type):
+        if H_CONTENT_ENCODING in h or _multipart(content_type):
             return None
         if counted and (
             ((<dict>states).get("\x01denied\x00" + key_id) is not None) if states is not None
@@ -1487,11 +1508,11 @@ cdef int _complete(object self) except -1:
         and _at(self, &S_PROTO_TRANSPORT, "_transport") is not None
     ):
         headers = _at(self, &S_PROTO_HEADERS, "_headers")
-        partial = _hget(headers, "x-envoy-auth-partial-body", None)
+        partial = _hget(headers, H_PARTIAL_BODY, None)
         if partial is None or ((not _ascii_is(partial, b"true", 4)) if type(partial) is str else partial != "true"):
             engine = _at(app, &S_APP_ENGINE, "engine")
             try:
-                xff = _hget(headers, "x-forwarded-for", None)
+                xff = _hget(headers, H_FORWARDED_FOR, None)
                 body = _body_of(_at(self, &S_PROTO_BODY, "_body"))
                 out = _check(
                     _at(engine, &S_ENGINE_DECIDER, "decider"),
@@ -1500,7 +1521,7 @@ cdef int _complete(object self) except -1:
                     headers,
                     _path(<bytes>url),
                     body,
-                    _hget(headers, "x-request-id", ""),
+                    _hget(headers, H_REQUEST_ID, ""),
                     _client_address(xff),
                     app,
                 )

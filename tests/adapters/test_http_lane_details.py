@@ -64,3 +64,16 @@ def test_only_a_partial_body_flag_of_true_leaves_the_lane(config: Path) -> None:
     data = [_partial(KEYS[0].secret, f"rid-{i}", v) for i, v in enumerate(values)]
     script: list[tuple[str, Any]] = [("request", i) for i in range(len(values))]
     same(CompiledAuthzProtocol, config, script, data)
+
+
+def test_the_lane_looks_headers_up_by_the_dicts_own_key_objects() -> None:
+    """The names the lane reads are http_authz._KEEP's str objects, which both parsers key the headers
+    dict by: a look-up then finds its entry by identity."""
+    _compiled_or_skip()
+    from nexus_authz.adapters import http_authz
+
+    names = native.fast.header_names()  # type: ignore[union-attr]
+    kept = list(http_authz._KEEP.values())
+    assert len(names) == 6
+    for name in names:
+        assert any(name is key for key in kept), name
