@@ -47,6 +47,7 @@ from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, CLOCK_THREAD_CPUTIME_ID
 from nexus_authz.native._body cimport facts_of
 from nexus_authz.native._figures cimport Figure
 from nexus_authz.native._headers cimport BLOCK_BYTES, figure_block
+from nexus_authz.native._http1 cimport RequestParser
 from nexus_authz.native._reservation cimport Entries, Reservation, new_reservation
 from nexus_authz.native._windows cimport acquire_figures, figure_statuses
 
@@ -118,10 +119,7 @@ cdef Py_ssize_t _SKIP = 10  # len(EXT_AUTHZ_PREFIX): the path keeps its leading 
 cdef bytes _TAIL = b"content-length: 0\r\n\r\n"
 cdef bytes _RELEASE = b"x-nexus-release: "
 cdef object _OK = Reason.OK
-# the compiled parser's methods, called as functions on a parser of exactly that class (no look-up by name)
-cdef object _parser_feed = _Parser.feed
-cdef object _parser_method = _Parser.get_method
-cdef object _parser_keep_alive = _Parser.should_keep_alive
+# the compiled parser (exactly that class): its fields read and its read handler called in C (_http1.pxd)
 # the modules' namespaces: their attributes read as the module's getattr finds them (ModuleType defines none
 # of these names), without its look-up on the type first
 cdef dict _body_names = _core_body.__dict__
@@ -1120,7 +1118,10 @@ def data_received(self, data):
             outer = _holder  # (None: data_received is not re-entered)
             _holder = self  # the lane's answers to this read leave in one write (`_emit`)
             try:
-                taken = _parser_feed(fast, data) if type(fast) is _Parser else fast.feed(data)
+                if type(fast) is _Parser and type(data) is bytes:  # feed's body
+                    taken = (<RequestParser>fast).read(<bytes>data)
+                else:
+                    taken = fast.feed(data)
             finally:
                 _flush()
                 _holder = outer
@@ -1468,6 +1469,13 @@ cdef object _plain(object decider, object policy, object snapshot, object header
     return _allow_answer(app, *out)
 
 
+cdef inline bint _is_post(object method) except -1:
+    """method == b"POST" (the parser's method: bytes or None), in place for bytes."""
+    if type(method) is bytes:
+        return PyBytes_GET_SIZE(method) == 4 and memcmp(PyBytes_AS_STRING(method), b"POST", 4) == 0
+    return method == b"POST"
+
+
 cdef inline bint _ascii_is(object text, const char* ascii, Py_ssize_t n) noexcept:
     """text == the n-byte ASCII literal at `ascii`, for a str `text` (in place: no comparison call)."""
     return (
@@ -1500,8 +1508,8 @@ cdef int _complete(object self) except -1:
         and type(url) is bytes
         and PyBytes_GET_SIZE(url) > _SKIP
         and memcmp(PyBytes_AS_STRING(url), PyBytes_AS_STRING(_PREFIX), _SKIP + 1) == 0
-        and (_parser_method(parser) if type(parser) is _Parser else parser.get_method()) == b"POST"
-        and (_parser_keep_alive(parser) if type(parser) is _Parser else parser.should_keep_alive())
+        and (_is_post((<RequestParser>parser).method) if type(parser) is _Parser else parser.get_method() == b"POST")
+        and ((<RequestParser>parser).keep_alive if type(parser) is _Parser else parser.should_keep_alive())
         and not _at(app, &S_APP_DRAINING, "draining")
         and not _at(app, &S_APP_ADMIN, "admin")
         and not _at(self, &S_PROTO_OUTBOX, "_outbox")

@@ -46,12 +46,6 @@ cdef inline object _get(object obj, Py_ssize_t offset, str name):
     return getattr(obj, name)
 
 
-cdef enum:
-    MAX_KEEP = 32
-    COMPLETE = 0
-    NEED_MORE = 1
-    FALLBACK = 2
-
 # bytes of a header name (RFC 9110 token)
 cdef bint TOKEN[256]
 # bytes of a header value llhttp accepts: HTAB, SP..~, obs-text
@@ -178,31 +172,7 @@ cdef class RequestParser:
     """One connection's framing. The httptools parser's `get_method` / `should_keep_alive` answer for the
     request being handed over, so the protocol's shared code reads them the same way."""
 
-    cdef object proto
-    cdef Py_ssize_t max_header_bytes, max_body, max_url, max_headers
-    cdef list keep_keys  # header key (str) of each kept name
-    # the value (str) each kept header had last, and the last target (bytes): a request that repeats one
-    # (every header but the request id, from one client) gets that object again, not a new one
-    cdef list keep_last
-    cdef bytes last_url
-    # the request being parsed: each kept header's value (None: absent; a repeated header's values joined
-    # with ", "), `kept_n` of them set, their indexes in the order they first came
-    cdef list kept
-    cdef int keep_slot[MAX_KEEP]  # each kept name's place in `kept`: the first name of its header key
-    cdef int kept_order[MAX_KEEP]
-    cdef int kept_n
-    cdef bytes keep_blob  # the kept names, lower-case, end to end
-    cdef Py_ssize_t keep_off[MAX_KEEP + 1]  # where each name starts in keep_blob (and where the last ends)
-    cdef int keep_n
-    cdef Py_ssize_t keep_max  # longest kept name
-    cdef bytearray pending  # an incomplete request, from its first byte
-    cdef list splits  # how many of `pending`'s bytes each read brought (for a replay)
-    cdef list replay
-    cdef object method
-    cdef bint keep_alive
-    cdef Py_ssize_t need  # bytes of the pending request once its head is known, else -1
-    # the protocol's slots this writes and reads per request (at their offsets: no type look-up each time)
-    cdef Py_ssize_t o_url, o_headers, o_body, o_closing
+    # (its fields and C methods: _http1.pxd, which native/_fast.pyx reads them through)
 
     def __cinit__(
         self,
@@ -272,6 +242,10 @@ cdef class RequestParser:
     def feed(self, bytes data not None):
         """Parse one read. False: done (requests handed over, a partial one kept). True: fall back, the
         current request is in `take_replay()` and this parser holds nothing."""
+        return self.read(data)
+
+    cdef object read(self, bytes data):
+        """`feed`, called from C (native/_fast.pyx's data_received)."""
         cdef Py_ssize_t total, need
         cdef bytes buf
         if self.pending is None:
