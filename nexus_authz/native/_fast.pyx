@@ -151,6 +151,51 @@ cdef struct Named:
 cdef Named _READ_FACTS, _BUILD_BLOCK
 
 
+# -- the last look-up in a dict again, while the dict has not changed -------------------------------------------
+# The key snapshot's digests, the plans and the known keys are read per check and rarely written: the same
+# key object (the digest, the owner, the address pair: the same objects when the request repeats) in the
+# same unchanged dict (its ma_version_tag) has the same value, without the look-up's lines.
+cdef struct Memo:
+    PyObject* d  # strong references (NULL: nothing remembered)
+    PyObject* key
+    PyObject* value  # NULL: the key was missing
+    unsigned long long tag
+
+
+cdef Memo _KEY_MEMO, _PLAN_MEMO, _SEEN_MEMO
+
+
+cdef inline object _memo_get(dict d, object key, Memo* m):
+    """d.get(key), the value remembered for that same dict and key object while the dict is unchanged."""
+    cdef unsigned long long tag = _dict_tag(d)
+    if tag != 0 and m.tag == tag and m.d == <PyObject*>d and m.key == <PyObject*>key:
+        return <object>m.value if m.value != NULL else None
+    return _memo_again(d, key, m, tag)
+
+
+cdef object _memo_again(dict d, object key, Memo* m, unsigned long long tag):
+    value = d.get(key)
+    Py_INCREF(d)
+    Py_INCREF(key)
+    Py_XDECREF(m.d)
+    Py_XDECREF(m.key)
+    Py_XDECREF(m.value)
+    m.d = <PyObject*>d
+    m.key = <PyObject*>key
+    if value is None:
+        m.value = NULL
+    else:
+        Py_INCREF(value)
+        m.value = <PyObject*>value
+    m.tag = tag
+    return value
+
+
+def memo_get(d, key, int which):
+    """`_memo_get` (tests): which 0, 1, 2 = the key snapshot's, the plans', the known keys' memo."""
+    return _memo_get(d, key, &_KEY_MEMO if which == 0 else &_PLAN_MEMO if which == 1 else &_SEEN_MEMO)
+
+
 cdef inline object _named(dict names, Named* cached, str name):
     """names[name] (KeyError as a look-up), the last value again while `names` has not changed."""
     cdef unsigned long long tag = _dict_tag(names)
@@ -1226,7 +1271,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
     # KeySnapshot.lookup: keys.KeyHasher's HMAC in C (ASCII: the secret's UTF-8 bytes are its chars)
     by_digest = _at(snapshot, &S_SNAP_DIGEST, "by_digest")
     digest = _digest(_at(snapshot, &S_SNAP_HASHER, "hasher"), value, chars, length)
-    key = (<dict>by_digest).get(digest) if type(by_digest) is dict else by_digest.get(digest)
+    key = _memo_get(<dict>by_digest, digest, &_KEY_MEMO) if type(by_digest) is dict else by_digest.get(digest)
     if key is None or _at(key, &S_KEY_DISABLED, "disabled"):
         return None
     expires_at = _at(key, &S_KEY_EXPIRES, "expires_at")
@@ -1261,7 +1306,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
     owner = _at(key, &S_KEY_RECIPE, "recipe")  # fastpath._owner: the recipe's plans, shared, or the key's
     if owner is None or _at(key, &S_KEY_SCOPED, "model_scoped"):
         owner = key
-    plan = plans.get(owner)  # the owner's first plan, under the owner itself (FastAdmit._plans)
+    plan = _memo_get(plans, owner, &_PLAN_MEMO)  # the owner's first plan, under the owner itself (FastAdmit._plans)
     if plan is None or not (
         _same(_at(plan, &S_PLAN_MODEL, "model"), model)
         and _same(_at(plan, &S_PLAN_PATH, "path"), path)
@@ -1278,7 +1323,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
         known = _at(policy, &S_POL_KNOWN, "_known")  # KnownKeys.note, its common case inline
         if type(known) is not KnownKeys:
             return _plain(decider, policy, snapshot, headers, path, body, request_id, client_address, app)
-        last = (<dict>_at(known, &S_KNOWN_SEEN, "_seen")).get(_pair(client_address, key_id))
+        last = _memo_get(<dict>_at(known, &S_KNOWN_SEEN, "_seen"), _pair(client_address, key_id), &_SEEN_MEMO)
         if last is None:
             known.note(client_address, key_id, now)
         elif PyFloat_CheckExact(last) and PyFloat_CheckExact(now):

@@ -77,3 +77,36 @@ def test_the_lane_looks_headers_up_by_the_dicts_own_key_objects() -> None:
     assert len(names) == 6
     for name in names:
         assert any(name is key for key in kept), name
+
+
+def test_a_remembered_look_up_is_the_dicts_answer_after_every_change() -> None:
+    """The lane's look-ups in the key snapshot's digests, the plans and the known keys answer from the last
+    one while the dict and the key object are the same and the dict has not changed: every write, delete,
+    clear or other dict or key is seen."""
+    _compiled_or_skip()
+    memo_get = native.fast.memo_get  # type: ignore[union-attr]
+    for which in (0, 1, 2):
+        key, twin = ("192.0.2.7", "k1"), ("192.0.2.7", "k1"[:1] + "1")
+        d: dict[Any, Any] = {key: 1.5}
+        assert memo_get(d, key, which) == 1.5 and memo_get(d, key, which) == 1.5
+        d[key] = 2.5
+        assert memo_get(d, key, which) == 2.5
+        d[key] = None
+        assert memo_get(d, key, which) is None
+        del d[key]
+        assert memo_get(d, key, which) is None
+        d[twin] = 3.5  # an equal key, another object
+        assert memo_get(d, key, which) == 3.5 and memo_get(d, twin, which) == 3.5
+        other = dict(d)
+        other[key] = 4.5
+        assert memo_get(other, key, which) == 4.5 and memo_get(d, key, which) == 3.5
+        d.clear()
+        assert memo_get(d, key, which) is None
+        d.update({key: 5.5})
+        assert memo_get(d, key, which) == 5.5
+        d.setdefault(("x", "y"), 0)
+        d.pop(key)
+        assert memo_get(d, key, which) is None
+        d[key] = 6.5
+        d[("x", "y")] = 1
+        assert memo_get(d, key, which) == 6.5
