@@ -341,3 +341,37 @@ def test_a_repeated_model_is_the_same_str_and_any_other_its_own() -> None:
     accented = model_of("modèle")
     assert model_of("modèle") == accented  # non-ASCII: decoded each time, and never taken for the last
     assert model_of("gpt-4o-mini") == "gpt-4o-mini"
+
+
+def test_the_facts_cache_gives_the_references_object_for_each_shape_in_any_order() -> None:
+    """The compiled reading probes core.body's facts cache with the last key again when the fields repeat:
+    each shape's RequestFacts is the one the reference's cache holds, through repeats, other shapes in
+    between, and the cache emptied (as when full) under a remembered key."""
+
+    def body(model: str | None, cap: int | None, n: int, stream: bool) -> bytes:
+        doc: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}], "n": n}
+        if model is not None:
+            doc["model"] = model
+        if cap is not None:
+            doc["max_tokens"] = cap
+        if stream:
+            doc["stream"] = True
+        return json.dumps(doc).encode()
+
+    shapes = [
+        ("gpt-4o", 16, 1, False),
+        ("gpt-4o", 17, 1, False),
+        (None, 16, 1, False),
+        ("gpt-4o", None, 1, False),
+    ]
+    shapes += [("gpt-4o", 16, 2, False), ("gpt-4o", 16, 1, True), ("gpt-4o-mini", 16, 1, False)]
+    rng = random.Random(15)
+    order = [rng.choice(shapes) for _ in range(300)]
+    order[100:104] = [shapes[0]] * 4
+    for i, shape in enumerate(order):
+        if i in (50, 101, 102):
+            core_body._FACTS_CACHE.clear()
+        data = body(*shape)
+        got = compiled(data, estimate_prompt=False, precise=False)
+        want = reference(data, estimate_prompt=False, precise=False)
+        assert got == want and got is want, (i, shape)

@@ -14,6 +14,7 @@ than the reference (tests/test_native_body.py checks both give the same RequestF
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
+from cpython.object cimport PyObject
 from libc.math cimport ceil
 from libc.string cimport memcmp
 
@@ -22,6 +23,8 @@ cdef extern from "Python.h":
     bint PyUnicode_IS_ASCII(object o)
     void* PyUnicode_DATA(object o)
     Py_ssize_t PyUnicode_GET_LENGTH(object o)
+    ctypedef Py_ssize_t Py_hash_t
+    PyObject* _PyDict_GetItem_KnownHash(object d, object key, Py_hash_t hash)
 
 from nexus_authz.core import body as _core_body
 from nexus_authz.core.tokens import prompt_estimate as _prompt_estimate
@@ -495,8 +498,49 @@ cdef object facts_of(object body, bint estimate_prompt, bint precise, bint trunc
         model = _model(PyBytes_AS_STRING(body) + f.model_start, f.model_end - f.model_start)
     cap = f.cap if f.cap >= 0 else None
     count = f.n if 1 <= f.n <= 128 else 1
-    # core.body._object_facts, its cache probed here (no Python call when the shape was seen before)
-    facts = _FACTS_CACHE.get((model, cap, f.stream, f.include_usage, count, prompt))
+    # core.body._object_facts, its cache probed here (no Python call when the shape was seen before): with
+    # the last probe's key tuple and hash when the fields are the same (found by identity; no tuple made,
+    # hashed and compared item by item), else a new key
+    cdef PyObject* found
+    if (
+        _last_key is not None
+        and model is _last_key_model
+        and f.cap == _last_cap
+        and f.stream == _last_stream
+        and f.include_usage == _last_include_usage
+        and count == _last_count
+        and prompt == _last_prompt
+    ):
+        found = _PyDict_GetItem_KnownHash(_FACTS_CACHE, _last_key, _last_hash)
+        if found != NULL:
+            return <object>found
+        return _object_facts(model, cap, f.stream, f.include_usage, count, prompt)
+    key = (model, cap, f.stream, f.include_usage, count, prompt)
+    facts = _FACTS_CACHE.get(key)
+    _remember_key(key, model, f.cap, f.stream, f.include_usage, count, prompt)
     if facts is not None:
         return facts
     return _object_facts(model, cap, f.stream, f.include_usage, count, prompt)
+
+
+# the facts cache's last key (a tuple of a model str, or None, and ints) and its fields as facts_of has them
+cdef tuple _last_key = None
+cdef object _last_key_model = None
+cdef Py_hash_t _last_hash = 0
+cdef long long _last_cap = 0, _last_count = 0, _last_prompt = 0
+cdef bint _last_stream = False, _last_include_usage = False
+
+
+cdef int _remember_key(tuple key, object model, long long cap, bint stream, bint include_usage, long long count,
+                       long long prompt) except -1:
+    global _last_key, _last_key_model, _last_hash, _last_cap, _last_count, _last_prompt, _last_stream
+    global _last_include_usage
+    _last_hash = hash(key)
+    _last_key = key
+    _last_key_model = model
+    _last_cap = cap
+    _last_stream = stream
+    _last_include_usage = include_usage
+    _last_count = count
+    _last_prompt = prompt
+    return 0

@@ -42,15 +42,17 @@ from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTu
 from libc.math cimport ceil, isfinite
 from libc.stdint cimport uint32_t
 from libc.string cimport memcmp, memcpy, memset
-from posix.time cimport CLOCK_MONOTONIC, CLOCK_THREAD_CPUTIME_ID, clock_gettime, timespec
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, CLOCK_THREAD_CPUTIME_ID, clock_gettime, timespec
 
 from nexus_authz.native._body cimport facts_of
 from nexus_authz.native._figures cimport Figure
 from nexus_authz.native._headers cimport BLOCK_BYTES, figure_block
+from nexus_authz.native._http1 cimport RequestParser
 from nexus_authz.native._reservation cimport Entries, Reservation, new_reservation
 from nexus_authz.native._windows cimport acquire_figures, figure_statuses
 
 import math
+import time as _time
 from array import array as _array_type
 from collections import OrderedDict
 
@@ -66,6 +68,7 @@ from nexus_authz.latency import ReasonCounts as _ReasonCounts
 from nexus_authz.native._body import request_facts as _native_facts
 from nexus_authz.native._headers import plan_header_block as _native_block
 from nexus_authz.native._http1 import RequestParser as _Parser
+from nexus_authz.native._http1 import direct_handler as _direct_handler
 from nexus_authz.native._windows import acquire as _native_acquire
 
 cdef extern from "Python.h":
@@ -86,6 +89,7 @@ cdef extern from "Python.h":
     PyObject* PyMethod_GET_SELF(object o)
     int PyUnicode_KIND(object o)
     int PyUnicode_1BYTE_KIND
+    object PyCapsule_New(void* pointer, const char* name, void* destructor)
 
 
 cdef extern from *:
@@ -115,14 +119,98 @@ cdef Py_ssize_t _SKIP = 10  # len(EXT_AUTHZ_PREFIX): the path keeps its leading 
 cdef bytes _TAIL = b"content-length: 0\r\n\r\n"
 cdef bytes _RELEASE = b"x-nexus-release: "
 cdef object _OK = Reason.OK
-# the compiled parser's methods, called as functions on a parser of exactly that class (no look-up by name)
-cdef object _parser_feed = _Parser.feed
-cdef object _parser_method = _Parser.get_method
-cdef object _parser_keep_alive = _Parser.should_keep_alive
+# the compiled parser (exactly that class): its fields read and its read handler called in C (_http1.pxd)
 # the modules' namespaces: their attributes read as the module's getattr finds them (ModuleType defines none
 # of these names), without its look-up on the type first
 cdef dict _body_names = _core_body.__dict__
 cdef dict _headers_names = _core_headers.__dict__
+
+
+# -- a module's attribute, looked up again only when its namespace changed --------------------------------
+# A dict's ma_version_tag (PEP 509; CPython 3.6-3.11 keep it, nonzero, new at every change of the dict): the
+# value read last is read again while the tag is the one it was read under (one cache line, the dict's
+# head, instead of a look-up's three or four: its keys, index and entry).
+cdef extern from *:
+    """
+    static inline unsigned long long _nx_dict_tag(PyObject *d) {
+    #if PY_VERSION_HEX < 0x030C0000
+        return (unsigned long long)((PyDictObject *)d)->ma_version_tag;
+    #else
+        return 0;  /* 3.12+: deprecated and not kept up: always looked up */
+    #endif
+    }
+    """
+    unsigned long long _dict_tag "_nx_dict_tag"(dict d)
+
+
+cdef struct Named:
+    unsigned long long tag  # the namespace's tag the value was read under (0: never)
+    PyObject* value  # a strong reference
+
+
+cdef Named _READ_FACTS, _BUILD_BLOCK
+
+
+# -- the last look-up in a dict again, while the dict has not changed -------------------------------------------
+# The key snapshot's digests, the plans and the known keys are read per check and rarely written: the same
+# key object (the digest, the owner, the address pair: the same objects when the request repeats) in the
+# same unchanged dict (its ma_version_tag) has the same value, without the look-up's lines.
+cdef struct Memo:
+    PyObject* d  # strong references (NULL: nothing remembered)
+    PyObject* key
+    PyObject* value  # NULL: the key was missing
+    unsigned long long tag
+
+
+cdef Memo _KEY_MEMO, _PLAN_MEMO, _SEEN_MEMO
+
+
+cdef inline object _memo_get(dict d, object key, Memo* m):
+    """d.get(key), the value remembered for that same dict and key object while the dict is unchanged."""
+    cdef unsigned long long tag = _dict_tag(d)
+    if tag != 0 and m.tag == tag and m.d == <PyObject*>d and m.key == <PyObject*>key:
+        return <object>m.value if m.value != NULL else None
+    return _memo_again(d, key, m, tag)
+
+
+cdef object _memo_again(dict d, object key, Memo* m, unsigned long long tag):
+    value = d.get(key)
+    Py_INCREF(d)
+    Py_INCREF(key)
+    Py_XDECREF(m.d)
+    Py_XDECREF(m.key)
+    Py_XDECREF(m.value)
+    m.d = <PyObject*>d
+    m.key = <PyObject*>key
+    if value is None:
+        m.value = NULL
+    else:
+        Py_INCREF(value)
+        m.value = <PyObject*>value
+    m.tag = tag
+    return value
+
+
+def memo_get(d, key, int which):
+    """`_memo_get` (tests): which 0, 1, 2 = the key snapshot's, the plans', the known keys' memo."""
+    return _memo_get(d, key, &_KEY_MEMO if which == 0 else &_PLAN_MEMO if which == 1 else &_SEEN_MEMO)
+
+
+cdef inline object _named(dict names, Named* cached, str name):
+    """names[name] (KeyError as a look-up), the last value again while `names` has not changed."""
+    cdef unsigned long long tag = _dict_tag(names)
+    if tag != 0 and tag == cached.tag:
+        return <object>cached.value
+    return _named_again(names, cached, name, tag)
+
+
+cdef object _named_again(dict names, Named* cached, str name, unsigned long long tag):
+    value = names[name]
+    Py_INCREF(value)
+    Py_XDECREF(cached.value)
+    cached.value = <PyObject*>value
+    cached.tag = tag
+    return value
 cdef Py_ssize_t _OK_INDEX = list(Reason).index(Reason.OK)  # its place in a ReasonCounts' array
 cdef object _ONE = 1
 cdef object _UNAVAILABLE = Reason.UNAVAILABLE
@@ -144,6 +232,14 @@ cdef object _reference_feed = None
 cdef object _busy = None
 # set by _slots (install_framing): the Lua tap's release (http_authz.RELEASE_PATH, its 204 answer
 # http_authz._RELEASED), the classes `_release` takes, shapes.shape_of and its cache
+# the header names the lane reads: the very str objects the headers dicts' keys are (http_authz._KEEP's,
+# which both parsers key by, set by `_slots`), so a look-up finds its entry by identity, not by comparing text
+cdef str H_AUTHORIZATION = "authorization"
+cdef str H_CONTENT_TYPE = "content-type"
+cdef str H_CONTENT_ENCODING = "content-encoding"
+cdef str H_PARTIAL_BODY = "x-envoy-auth-partial-body"
+cdef str H_FORWARDED_FOR = "x-forwarded-for"
+cdef str H_REQUEST_ID = "x-request-id"
 cdef bytes _RELEASE_URL = None
 cdef bytes _RELEASED_ANSWER = None
 cdef object _Engine = None
@@ -294,6 +390,11 @@ cdef Slot _resolve(type cls, str name):
     return s
 
 
+def header_names():
+    """The header names the lane looks up (after `install_framing`: http_authz._KEEP's own objects)."""
+    return (H_AUTHORIZATION, H_CONTENT_TYPE, H_CONTENT_ENCODING, H_PARTIAL_BODY, H_FORWARDED_FOR, H_REQUEST_ID)
+
+
 def unresolved():
     """The fields `_at` reads through getattr after `install_framing` (none: tests/adapters/test_http_fastpath)."""
     return list(_unresolved)
@@ -349,7 +450,15 @@ cdef int _slots(type protocol) except -1:
     global S_COUNTS_COUNTS, S_MEM_STATES, S_MEM_HELD
     global _SHAPE, I_SETTLE_MASK, I_SLOT_MASK, I_SLOT_INDICES, I_HEADERS, I_SPECS
     global _RELEASE_URL, _RELEASED_ANSWER, _Engine, _Decider, _LocalCounters, _MemoryStore, _shape_of, _SHAPES
-    from nexus_authz.adapters.http_authz import _RELEASED, RELEASE_PATH, HttpApp
+    global H_AUTHORIZATION, H_CONTENT_TYPE, H_CONTENT_ENCODING, H_PARTIAL_BODY, H_FORWARDED_FOR, H_REQUEST_ID
+    from nexus_authz.adapters.http_authz import _KEEP, _RELEASED, RELEASE_PATH, HttpApp
+    kept = {key: key for key in _KEEP.values()}  # each name's own object (an equal str where not kept)
+    H_AUTHORIZATION = kept.get(H_AUTHORIZATION, H_AUTHORIZATION)
+    H_CONTENT_TYPE = kept.get(H_CONTENT_TYPE, H_CONTENT_TYPE)
+    H_CONTENT_ENCODING = kept.get(H_CONTENT_ENCODING, H_CONTENT_ENCODING)
+    H_PARTIAL_BODY = kept.get(H_PARTIAL_BODY, H_PARTIAL_BODY)
+    H_FORWARDED_FOR = kept.get(H_FORWARDED_FOR, H_FORWARDED_FOR)
+    H_REQUEST_ID = kept.get(H_REQUEST_ID, H_REQUEST_ID)
     from nexus_authz.core import shapes
     from nexus_authz.core.body import RequestFacts
     from nexus_authz.core.config import Price
@@ -645,6 +754,19 @@ cdef bytes _digest(object hasher, object value, const unsigned char* secret, Py_
     return digest
 
 
+cdef tuple _last_pair = (None, None)
+
+
+cdef tuple _pair(object address, object key_id):
+    """(address, key_id), KnownKeys' key: the last check's tuple again for the same two objects (the
+    parser's repeated address str, the key's id), which a dict finds by identity, not compared item by item."""
+    global _last_pair
+    if <object>PyTuple_GET_ITEM(_last_pair, 0) is address and <object>PyTuple_GET_ITEM(_last_pair, 1) is key_id:
+        return _last_pair
+    _last_pair = (address, key_id)
+    return _last_pair
+
+
 cdef object _path(bytes url):
     """The check's path: the target after the prefix, latin-1 (the last one again for the same bytes)."""
     global _last_url, _last_path
@@ -744,6 +866,35 @@ cdef inline double _mono() noexcept:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return <double>(ts.tv_sec * 1000000000LL + ts.tv_nsec) / 1e9  # _PyTime_AsSecondsDouble
+
+
+cdef inline double _seconds(long long ns) noexcept:
+    """_PyTime_AsSecondsDouble (CPython's pytime.c): a whole second's count divided as an integer."""
+    if ns % 1000000000LL == 0:
+        return <double>(ns // 1000000000LL)
+    return <double>ns / 1e9
+
+
+cdef object _time_time = _time.time  # Decider's default clock: read here as it reads it, without the call
+
+
+cdef object _now(object clock):
+    """clock(): time.time()'s value (clock_gettime(CLOCK_REALTIME), the float it makes) without the call,
+    when `clock` is time.time itself; any other clock (a test's, a fake) is called."""
+    cdef timespec ts
+    if clock is _time_time and clock_gettime(CLOCK_REALTIME, &ts) == 0:
+        return PyFloat_FromDouble(_seconds(ts.tv_sec * 1000000000LL + ts.tv_nsec))
+    return clock()
+
+
+def wall_seconds(long long ns):
+    """The float time.time() makes of `ns` nanoseconds (tests compare it with CPython's conversion)."""
+    return _seconds(ns)
+
+
+def wall_now(clock):
+    """`_now(clock)`: the compiled check's read of its decider's clock."""
+    return _now(clock)
 
 
 cdef inline double _thread_cpu() noexcept:
@@ -885,10 +1036,63 @@ cdef object _usd(object estimate, object completion, object price):
     return math.ceil((estimate - 0) * pin + 0 * pcached + completion * pout)
 
 
-cdef int _observe(object histogram, double seconds) except -1:
-    """LatencyHistogram.observe, inline: counts[bisect_left(bounds, seconds)] += 1; sum += seconds."""
-    bounds = _at(histogram, &S_HIST_BOUNDS, "bounds")
-    cdef Py_ssize_t lo = 0, hi = len(bounds), mid
+# the bounds of the histograms observed per check (two tuples: the check's latency, the loop's busy time) as
+# C doubles next to each other: a bisect reads one or two cache lines, not one float object per probe
+cdef enum:
+    BOUNDS_MAX = 32
+cdef struct Bounds:
+    PyObject* tuple  # a strong reference (a tuple of exact floats), or NULL
+    Py_ssize_t n
+    double at[BOUNDS_MAX]
+cdef Bounds _BOUNDS[2]
+cdef int _bounds_next = 0
+
+
+cdef Bounds* _bounds(object bounds):
+    """The C copy of `bounds` (an immutable tuple of exact floats, at most BOUNDS_MAX), else NULL."""
+    global _bounds_next
+    cdef Bounds* b
+    cdef Py_ssize_t i, n
+    if _BOUNDS[0].tuple == <PyObject*>bounds:
+        return &_BOUNDS[0]
+    if _BOUNDS[1].tuple == <PyObject*>bounds:
+        return &_BOUNDS[1]
+    if type(bounds) is not tuple or PyTuple_GET_SIZE(bounds) > BOUNDS_MAX:
+        return NULL
+    n = PyTuple_GET_SIZE(bounds)
+    for i in range(n):
+        if not PyFloat_CheckExact(<object>PyTuple_GET_ITEM(bounds, i)):
+            return NULL
+    b = &_BOUNDS[_bounds_next]
+    _bounds_next ^= 1
+    Py_INCREF(bounds)
+    Py_XDECREF(b.tuple)
+    b.tuple = <PyObject*>bounds
+    b.n = n
+    for i in range(n):
+        b.at[i] = PyFloat_AS_DOUBLE(<object>PyTuple_GET_ITEM(bounds, i))
+    return b
+
+
+def bisect_bounds(bounds, double seconds):
+    """`_observe`'s bisect_left(bounds, seconds) (tests compare it with bisect's)."""
+    return _bisect(bounds, seconds)
+
+
+cdef Py_ssize_t _bisect(object bounds, double seconds) except -1:
+    """bisect_left(bounds, seconds): on the C copy of `bounds` when there is one."""
+    cdef Bounds* b = _bounds(bounds)
+    cdef Py_ssize_t lo = 0, hi, mid
+    if b != NULL:
+        hi = b.n
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if b.at[mid] < seconds:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+    hi = len(bounds)
     cdef bint items = type(bounds) is tuple
     while lo < hi:  # bisect_left
         mid = (lo + hi) >> 1
@@ -897,6 +1101,12 @@ cdef int _observe(object histogram, double seconds) except -1:
             lo = mid + 1
         else:
             hi = mid
+    return lo
+
+
+cdef int _observe(object histogram, double seconds) except -1:
+    """LatencyHistogram.observe, inline: counts[bisect_left(bounds, seconds)] += 1; sum += seconds."""
+    cdef Py_ssize_t lo = _bisect(_at(histogram, &S_HIST_BOUNDS, "bounds"), seconds)
     counts = _at(histogram, &S_HIST_COUNTS, "counts")
     if (
         type(counts) is _array_type
@@ -953,7 +1163,10 @@ def data_received(self, data):
             outer = _holder  # (None: data_received is not re-entered)
             _holder = self  # the lane's answers to this read leave in one write (`_emit`)
             try:
-                taken = _parser_feed(fast, data) if type(fast) is _Parser else fast.feed(data)
+                if type(fast) is _Parser and type(data) is bytes:  # feed's body
+                    taken = (<RequestParser>fast).read(<bytes>data)
+                else:
+                    taken = fast.feed(data)
             finally:
                 _flush()
                 _holder = outer
@@ -1003,10 +1216,10 @@ cdef object _check(object decider, object policy, object snapshot, object header
     ):
         fast = FastAdmit(policy, snapshot)
         decider._fast = fast
-    now = _at(decider, &S_DEC_CLOCK, "clock")()
+    now = _now(_at(decider, &S_DEC_CLOCK, "clock"))
     failures = _at(decider, &S_DEC_FAILURES, "failures")
     # -- FastAdmit.admit: the key --------------------------------------------------------------------
-    value = h.get("authorization")
+    value = h.get(H_AUTHORIZATION)
     if type(value) is not str:
         return None
     if PyUnicode_IS_ASCII(value):  # value.startswith("Bearer ")
@@ -1058,7 +1271,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
     # KeySnapshot.lookup: keys.KeyHasher's HMAC in C (ASCII: the secret's UTF-8 bytes are its chars)
     by_digest = _at(snapshot, &S_SNAP_DIGEST, "by_digest")
     digest = _digest(_at(snapshot, &S_SNAP_HASHER, "hasher"), value, chars, length)
-    key = (<dict>by_digest).get(digest) if type(by_digest) is dict else by_digest.get(digest)
+    key = _memo_get(<dict>by_digest, digest, &_KEY_MEMO) if type(by_digest) is dict else by_digest.get(digest)
     if key is None or _at(key, &S_KEY_DISABLED, "disabled"):
         return None
     expires_at = _at(key, &S_KEY_EXPIRES, "expires_at")
@@ -1067,18 +1280,18 @@ cdef object _check(object decider, object policy, object snapshot, object header
     # -- the body's facts --------------------------------------------------------------------------------
     facts = None
     model = None
-    content_type = h.get("content-type", "")
+    content_type = h.get(H_CONTENT_TYPE, "")
     needs_facts = _at(key, &S_KEY_NEEDS_FACTS, "needs_facts")
     key_id = _at(key, &S_KEY_ID, "key_id")
     if body and (_at(key, &S_KEY_MODELS, "models") or needs_facts):
-        if "content-encoding" in h or _multipart(content_type):
+        if H_CONTENT_ENCODING in h or _multipart(content_type):
             return None
         if counted and (
             ((<dict>states).get("\x01denied\x00" + key_id) is not None) if states is not None
             else (("\x01denied\x00" + key_id) in failures)
         ):
             return None
-        read_facts = _body_names["read_facts"]
+        read_facts = _named(_body_names, &_READ_FACTS, "read_facts")
         if read_facts is _native_facts:  # its C entry, the same call
             facts = facts_of(body, needs_facts, False, False)
         else:
@@ -1093,7 +1306,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
     owner = _at(key, &S_KEY_RECIPE, "recipe")  # fastpath._owner: the recipe's plans, shared, or the key's
     if owner is None or _at(key, &S_KEY_SCOPED, "model_scoped"):
         owner = key
-    plan = plans.get(owner)  # the owner's first plan, under the owner itself (FastAdmit._plans)
+    plan = _memo_get(plans, owner, &_PLAN_MEMO)  # the owner's first plan, under the owner itself (FastAdmit._plans)
     if plan is None or not (
         _same(_at(plan, &S_PLAN_MODEL, "model"), model)
         and _same(_at(plan, &S_PLAN_PATH, "path"), path)
@@ -1110,7 +1323,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
         known = _at(policy, &S_POL_KNOWN, "_known")  # KnownKeys.note, its common case inline
         if type(known) is not KnownKeys:
             return _plain(decider, policy, snapshot, headers, path, body, request_id, client_address, app)
-        last = (<dict>_at(known, &S_KNOWN_SEEN, "_seen")).get((client_address, key_id))
+        last = _memo_get(<dict>_at(known, &S_KNOWN_SEEN, "_seen"), _pair(client_address, key_id), &_SEEN_MEMO)
         if last is None:
             known.note(client_address, key_id, now)
         elif PyFloat_CheckExact(last) and PyFloat_CheckExact(now):
@@ -1279,13 +1492,13 @@ cdef object _check(object decider, object policy, object snapshot, object header
     if figures_n > 0:  # the plan's headers of the figures, written here (plan_header_block's bytes)
         header_plan = _item(_at(plan, &S_PLAN_SHAPE, "shape"), _SHAPE, I_HEADERS, "headers")
         block_n = -1
-        if type(header_plan) is tuple and _headers_names["build_header_block"] is _native_block:
+        if type(header_plan) is tuple and _named(_headers_names, &_BUILD_BLOCK, "build_header_block") is _native_block:
             block_n = figure_block(<tuple>header_plan, figures, figures_n, block)
         if block_n >= 0:
             return _join(wire, key_id, block, block_n, release)
         statuses = figure_statuses(specs, figures, figures_n)  # the objects, for the function in place
     if statuses:
-        block_bytes = _headers_names["build_header_block"](
+        block_bytes = _named(_headers_names, &_BUILD_BLOCK, "build_header_block")(
             _item(_at(plan, &S_PLAN_SHAPE, "shape"), _SHAPE, I_HEADERS, "headers"), statuses
         )
         return _join(wire, key_id, PyBytes_AS_STRING(block_bytes), PyBytes_GET_SIZE(block_bytes), release)
@@ -1301,6 +1514,22 @@ cdef object _plain(object decider, object policy, object snapshot, object header
     return _allow_answer(app, *out)
 
 
+cdef inline bint _is_post(object method) except -1:
+    """method == b"POST" (the parser's method: bytes or None), in place for bytes."""
+    if type(method) is bytes:
+        return PyBytes_GET_SIZE(method) == 4 and memcmp(PyBytes_AS_STRING(method), b"POST", 4) == 0
+    return method == b"POST"
+
+
+cdef inline bint _ascii_is(object text, const char* ascii, Py_ssize_t n) noexcept:
+    """text == the n-byte ASCII literal at `ascii`, for a str `text` (in place: no comparison call)."""
+    return (
+        PyUnicode_GET_LENGTH(text) == n
+        and PyUnicode_KIND(text) == PyUnicode_1BYTE_KIND
+        and memcmp(PyUnicode_DATA(text), ascii, n) == 0
+    )
+
+
 cdef inline object _hget(object headers, str name, object default):
     """headers.get(name, default), the dict's own lookup when it is a dict (no method look-up)."""
     if type(headers) is dict:
@@ -1310,6 +1539,11 @@ cdef inline object _hget(object headers, str name, object default):
 
 def on_message_complete(self):
     """adapters/http_fast.on_message_complete, compiled, with the decision inline (see the module)."""
+    _complete(self)
+
+
+cdef int _complete(object self) except -1:
+    """on_message_complete's body: the compiled parser calls it directly (_http1.direct_handler)."""
     app = _at(self, &S_PROTO_APP, "_app")
     parser = _at(self, &S_PROTO_PARSER, "_parser")
     url = _at(self, &S_PROTO_URL, "_url")
@@ -1319,18 +1553,19 @@ def on_message_complete(self):
         and type(url) is bytes
         and PyBytes_GET_SIZE(url) > _SKIP
         and memcmp(PyBytes_AS_STRING(url), PyBytes_AS_STRING(_PREFIX), _SKIP + 1) == 0
-        and (_parser_method(parser) if type(parser) is _Parser else parser.get_method()) == b"POST"
-        and (_parser_keep_alive(parser) if type(parser) is _Parser else parser.should_keep_alive())
+        and (_is_post((<RequestParser>parser).method) if type(parser) is _Parser else parser.get_method() == b"POST")
+        and ((<RequestParser>parser).keep_alive if type(parser) is _Parser else parser.should_keep_alive())
         and not _at(app, &S_APP_DRAINING, "draining")
         and not _at(app, &S_APP_ADMIN, "admin")
         and not _at(self, &S_PROTO_OUTBOX, "_outbox")
         and _at(self, &S_PROTO_TRANSPORT, "_transport") is not None
     ):
         headers = _at(self, &S_PROTO_HEADERS, "_headers")
-        if _hget(headers, "x-envoy-auth-partial-body", None) != "true":
+        partial = _hget(headers, H_PARTIAL_BODY, None)
+        if partial is None or ((not _ascii_is(partial, b"true", 4)) if type(partial) is str else partial != "true"):
             engine = _at(app, &S_APP_ENGINE, "engine")
             try:
-                xff = _hget(headers, "x-forwarded-for", None)
+                xff = _hget(headers, H_FORWARDED_FOR, None)
                 body = _body_of(_at(self, &S_PROTO_BODY, "_body"))
                 out = _check(
                     _at(engine, &S_ENGINE_DECIDER, "decider"),
@@ -1339,7 +1574,7 @@ def on_message_complete(self):
                     headers,
                     _path(<bytes>url),
                     body,
-                    _hget(headers, "x-request-id", ""),
+                    _hget(headers, H_REQUEST_ID, ""),
                     _client_address(xff),
                     app,
                 )
@@ -1351,17 +1586,21 @@ def on_message_complete(self):
                     self._in_message = False
                     _flush()
                     self._queue(self._answer_later(out, nginx=False, close=False), True)
-                    return
+                    return 0
             except Exception:  # a bug: answer 500 for this request, keep serving the others
                 _internal(self, engine)
-                return
+                return 0
             if data is not None:  # else not the common request: nothing was charged or counted
                 _answered(self, app, data)
-                return
+                return 0
     elif _RELEASED_ANSWER is not None and type(url) is bytes and url == _RELEASE_URL and _release(self, app, parser):
-        return
+        return 0
     _flush()
     _reference(self)
+    return 0
+
+
+_direct_handler(on_message_complete, PyCapsule_New(<void*>_complete, b"nexus_authz.native._http1.handler", NULL))
 
 
 cdef inline object _body_of(object chunks):

@@ -19,7 +19,7 @@ differential tests check this on streams split at random points).
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_XDECREF
-from cpython.list cimport PyList_GET_ITEM
+from cpython.list cimport PyList_GET_ITEM, PyList_SET_ITEM
 from cpython.unicode cimport PyUnicode_DecodeLatin1
 from libc.string cimport memcmp
 
@@ -46,12 +46,6 @@ cdef inline object _get(object obj, Py_ssize_t offset, str name):
     return getattr(obj, name)
 
 
-cdef enum:
-    MAX_KEEP = 32
-    COMPLETE = 0
-    NEED_MORE = 1
-    FALLBACK = 2
-
 # bytes of a header name (RFC 9110 token)
 cdef bint TOKEN[256]
 # bytes of a header value llhttp accepts: HTAB, SP..~, obs-text
@@ -70,6 +64,84 @@ cdef bytes M_PATCH = b"PATCH", M_HEAD = b"HEAD", M_OPTIONS = b"OPTIONS"
 cdef extern from "Python.h":
     void* PyUnicode_DATA(object o)
     Py_ssize_t PyUnicode_GET_LENGTH(object o)
+    Py_ssize_t Py_REFCNT(object o)
+    Py_ssize_t PyDict_GET_SIZE(object o)
+    bint PyDict_Next(object d, Py_ssize_t* pos, PyObject** key, PyObject** value)
+    void* PyCapsule_GetPointer(object capsule, const char* name) except? NULL
+
+
+# -- the hand-over's direct call ------------------------------------------------------------------------------
+# `proto.on_message_complete()` looks the method up by name on the protocol's class per request (the type's
+# method cache, the descriptor, the instance) and calls the compiled handler through its Python entry.
+# When that attribute is the compiled handler `direct_handler` registered (native/_fast.pyx), on a class
+# whose instances have no __dict__ and the generic getattr, the hand-over calls its C body instead, the
+# class checked by its version tag, which CPython changes whenever the class or a base is modified (a
+# class that rebinds on_message_complete is looked up again, as is any other class).
+cdef extern from *:
+    """
+    typedef int (*_nx_handler)(PyObject *);
+    static inline int _nx_type_tagged(PyObject *o, PyObject *t, unsigned int tag) {
+        PyTypeObject *ot = Py_TYPE(o);
+        return (PyObject *)ot == t && tag != 0 && ot->tp_version_tag == tag
+    #ifdef Py_TPFLAGS_VALID_VERSION_TAG
+            && (ot->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG)
+    #endif
+            ;
+    }
+    /* the version tag of o's class when its attribute `name` is `func`, found as _PyObject_GetMethod
+       finds a method (a method descriptor on the class, no instance __dict__): else 0 */
+    static unsigned int _nx_method_tag(PyObject *o, PyObject *name, PyObject *func) {
+        PyTypeObject *t = Py_TYPE(o);
+        PyObject *found;
+        if (func == NULL || t->tp_getattro != PyObject_GenericGetAttr || t->tp_dictoffset != 0)
+            return 0;
+        found = _PyType_Lookup(t, name);  /* borrowed; gives the class a version tag */
+        if (found != func || !(Py_TYPE(found)->tp_flags & Py_TPFLAGS_METHOD_DESCRIPTOR))
+            return 0;
+    #ifdef Py_TPFLAGS_VALID_VERSION_TAG
+        if (!(t->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG))
+            return 0;
+    #endif
+        return t->tp_version_tag;
+    }
+    """
+    ctypedef int (*Handler "_nx_handler")(object) except -1
+    bint _type_tagged "_nx_type_tagged"(object o, PyObject* t, unsigned int tag)
+    unsigned int _method_tag "_nx_method_tag"(object o, str name, PyObject* func) except? 0
+
+
+cdef Handler _handler = NULL  # the registered handler's C body
+cdef object _handler_func = None  # ... and its function object (the class attribute it must be)
+cdef object _handler_type = None  # the last protocol class found to hold it, and its version tag
+cdef unsigned int _handler_tag = 0
+
+
+def direct_handler(func, capsule):
+    """Register the compiled on_message_complete `func` and its C body (a capsule named
+    "nexus_authz.native._http1.handler": int(PyObject* proto), -1 with an exception set)."""
+    global _handler, _handler_func, _handler_type, _handler_tag
+    _handler = <Handler>PyCapsule_GetPointer(capsule, "nexus_authz.native._http1.handler")
+    _handler_func = func
+    _handler_type = None
+    _handler_tag = 0
+
+
+def handed_over_directly(proto):
+    """Whether the next hand-over to `proto` calls the handler's C body (tests)."""
+    return _handler != NULL and _type_tagged(proto, <PyObject*>_handler_type, _handler_tag)
+
+
+cdef int _hand_over_slow(object proto) except -1:
+    """proto.on_message_complete(); the class remembered when that attribute is the registered handler."""
+    global _handler_type, _handler_tag
+    cdef unsigned int tag
+    proto.on_message_complete()
+    if _handler != NULL:
+        tag = _method_tag(proto, "on_message_complete", <PyObject*>_handler_func)
+        if tag != 0:
+            _handler_type = type(proto)
+            _handler_tag = tag
+    return 0
 
 
 cdef inline bint _same(const unsigned char* a, const unsigned char* b, Py_ssize_t n) noexcept nogil:
@@ -100,25 +172,7 @@ cdef class RequestParser:
     """One connection's framing. The httptools parser's `get_method` / `should_keep_alive` answer for the
     request being handed over, so the protocol's shared code reads them the same way."""
 
-    cdef object proto
-    cdef Py_ssize_t max_header_bytes, max_body, max_url, max_headers
-    cdef list keep_keys  # header key (str) of each kept name
-    # the value (str) each kept header had last, and the last target (bytes): a request that repeats one
-    # (every header but the request id, from one client) gets that object again, not a new one
-    cdef list keep_last
-    cdef bytes last_url
-    cdef bytes keep_blob  # the kept names, lower-case, end to end
-    cdef Py_ssize_t keep_off[MAX_KEEP + 1]  # where each name starts in keep_blob (and where the last ends)
-    cdef int keep_n
-    cdef Py_ssize_t keep_max  # longest kept name
-    cdef bytearray pending  # an incomplete request, from its first byte
-    cdef list splits  # how many of `pending`'s bytes each read brought (for a replay)
-    cdef list replay
-    cdef object method
-    cdef bint keep_alive
-    cdef Py_ssize_t need  # bytes of the pending request once its head is known, else -1
-    # the protocol's slots this writes and reads per request (at their offsets: no type look-up each time)
-    cdef Py_ssize_t o_url, o_headers, o_body, o_closing
+    # (its fields and C methods: _http1.pxd, which native/_fast.pyx reads them through)
 
     def __cinit__(
         self,
@@ -155,6 +209,10 @@ cdef class RequestParser:
             self.keep_max = max(self.keep_max, len(lname))
         self.keep_blob = b"".join(blob)
         self.keep_last = [None] * self.keep_n
+        self.kept = [None] * self.keep_n
+        for k in range(self.keep_n):  # names of one key (as a dict holds them): one value, joined
+            self.keep_slot[k] = self.keep_keys.index(self.keep_keys[k])
+        self.kept_n = 0
         self.last_url = None
         self.pending = None
         self.splits = None
@@ -184,6 +242,10 @@ cdef class RequestParser:
     def feed(self, bytes data not None):
         """Parse one read. False: done (requests handed over, a partial one kept). True: fall back, the
         current request is in `take_replay()` and this parser holds nothing."""
+        return self.read(data)
+
+    cdef object read(self, bytes data):
+        """`feed`, called from C (native/_fast.pyx's data_received)."""
         cdef Py_ssize_t total, need
         cdef bytes buf
         if self.pending is None:
@@ -247,7 +309,10 @@ cdef class RequestParser:
     cdef bint _hand_over(self) except -1:
         """Hand the parsed request to the protocol; True when it closed the connection."""
         proto = self.proto
-        proto.on_message_complete()
+        if _handler != NULL and _type_tagged(proto, <PyObject*>_handler_type, _handler_tag):
+            _handler(proto)
+        else:
+            _hand_over_slow(proto)
         return _get(proto, self.o_closing, "_closing")
 
     cdef int _message(self, bytes data, Py_ssize_t start, Py_ssize_t* end) except -1:
@@ -304,7 +369,9 @@ cdef class RequestParser:
             return FALLBACK
         i += 10
         # -- header lines ---------------------------------------------------------------------------------
-        headers = {}
+        for k in range(self.kept_n):  # the last parse's values
+            _list_clear(self.kept, self.kept_order[k])
+        self.kept_n = 0
         while True:
             if i >= n:
                 return self._partial(n)
@@ -367,7 +434,7 @@ cdef class RequestParser:
             ):
                 return FALLBACK
             elif name_len <= self.keep_max:
-                self._keep(headers, q, name_len, p + value0, value_len)
+                self._keep(q, name_len, p + value0, value_len)
         # -- body -----------------------------------------------------------------------------------------
         if content_length > self.max_body:
             return FALLBACK  # httptools answers 413 once that many bytes arrive
@@ -384,7 +451,7 @@ cdef class RequestParser:
             url = PyBytes_FromStringAndSize(<const char*>(p + url0), url_len)
             self.last_url = url
         _put(proto, self.o_url, "_url", url)
-        _put(proto, self.o_headers, "_headers", headers)
+        self._headers(proto)
         if content_length > 0:  # a tuple: the protocol only joins it (a new list of chunks per httptools request)
             _put(proto, self.o_body, "_body", (PyBytes_FromStringAndSize(<const char*>(p + i), content_length),))
         else:
@@ -399,9 +466,40 @@ cdef class RequestParser:
         # httptools path's guard on unfinished heads could fire (it never counts more than is buffered).
         return FALLBACK if buffered > self.max_header_bytes else NEED_MORE
 
+    cdef int _headers(self, object proto) except -1:
+        """The protocol's `_headers`: the kept headers, as a dict in the order they first came. The dict
+        the protocol holds from the last request, when nothing else does and its keys are these in this
+        order, gets the new values in place (the same keys, order and values as a new dict), else a new
+        one: no dict made, grown and freed per request on a connection whose requests carry the same
+        headers."""
+        cdef Py_ssize_t pos = 0, j
+        cdef PyObject* key
+        cdef PyObject* value
+        cdef list kept = self.kept
+        old = _get(proto, self.o_headers, "_headers")
+        if (
+            type(old) is dict
+            and Py_REFCNT(old) == 2  # the protocol's slot and `old`: nobody sees it change
+            and PyDict_GET_SIZE(old) == self.kept_n
+        ):
+            # one pass: a key out of place leaves it half refilled, then replaced by a new one (and freed)
+            for j in range(self.kept_n):
+                if not PyDict_Next(old, &pos, &key, &value) or key != PyList_GET_ITEM(
+                    self.keep_keys, self.kept_order[j]
+                ):
+                    break
+                if value != PyList_GET_ITEM(kept, self.kept_order[j]):  # (else: the same str again)
+                    (<dict>old)[<object>key] = <object>PyList_GET_ITEM(kept, self.kept_order[j])
+            else:
+                return 0
+        headers = {}
+        for j in range(self.kept_n):
+            headers[self.keep_keys[self.kept_order[j]]] = <object>PyList_GET_ITEM(kept, self.kept_order[j])
+        _put(proto, self.o_headers, "_headers", headers)
+        return 0
+
     cdef int _keep(
-        self, dict headers, const unsigned char* name, Py_ssize_t name_len,
-        const unsigned char* value, Py_ssize_t value_len
+        self, const unsigned char* name, Py_ssize_t name_len, const unsigned char* value, Py_ssize_t value_len
     ) except -1:
         cdef const char* blob = PyBytes_AS_STRING(self.keep_blob)
         cdef int k
@@ -409,18 +507,37 @@ cdef class RequestParser:
             if self.keep_off[k + 1] - self.keep_off[k] == name_len and name_is(
                 <const char*>name, name_len, blob + self.keep_off[k], name_len
             ):
-                key = self.keep_keys[k]
                 text = <object>PyList_GET_ITEM(self.keep_last, k)
                 # the str decoded from these bytes last time (latin-1: one byte per char), else a new one
                 if text is None or PyUnicode_GET_LENGTH(text) != value_len or not _same(
                     <const unsigned char*>PyUnicode_DATA(text), value, value_len
                 ):
                     text = PyUnicode_DecodeLatin1(<const char*>value, value_len, NULL)
-                    self.keep_last[k] = text
-                previous = headers.get(key)
-                headers[key] = text if previous is None else previous + ", " + text
+                    _list_put(self.keep_last, k, text)
+                k = self.keep_slot[k]
+                previous = <object>PyList_GET_ITEM(self.kept, k)
+                if previous is None:
+                    self.kept_order[self.kept_n] = k
+                    self.kept_n += 1
+                    _list_put(self.kept, k, text)
+                else:
+                    _list_put(self.kept, k, previous + ", " + text)
                 return 0
         return 0
+
+
+cdef inline int _list_put(list items, Py_ssize_t k, object value) except -1:
+    """items[k] = value, for k in range (no bounds or type check, no index conversion)."""
+    cdef PyObject* old = PyList_GET_ITEM(items, k)
+    Py_INCREF(value)
+    PyList_SET_ITEM(items, k, value)
+    Py_XDECREF(old)
+    return 0
+
+
+cdef inline int _list_clear(list items, Py_ssize_t k) except -1:
+    _list_put(items, k, None)
+    return 0
 
 
 cdef bint _framing_prefix(const unsigned char* name, Py_ssize_t n):

@@ -131,6 +131,37 @@ def test_a_header_function_other_than_the_compiled_one_gets_the_statuses(tmp_pat
     assert fp.sink.last.startswith(b"HTTP/1.1 200 OK\r\n")
 
 
+def test_the_lane_sees_the_module_functions_replaced_between_checks(tmp_path: Path) -> None:
+    """The lane remembers core.body.read_facts and ratelimit_headers.build_header_block while their
+    modules do not change: one replaced after a check is the one the next check calls, and the compiled
+    one again once it is put back."""
+    from nexus_authz.core import body, ratelimit_headers
+
+    if native.fast is None:
+        pytest.fail(f"the compiled lane did not build or load ({native.WHY_PURE}): pip install -e .")
+    fp = bench_alloc.build_fastpath(tmp_path)
+    calls: list[str] = []
+    read_facts, build = body.read_facts, ratelimit_headers.build_header_block
+
+    def reader(*args: Any, **kw: Any) -> Any:
+        calls.append("read_facts")
+        return read_facts(*args, **kw)
+
+    def block(plan: Any, statuses: Any) -> bytes:
+        calls.append("build_header_block")
+        return ratelimit_headers.plan_header_block(plan, statuses)
+
+    for i, patched in enumerate([False, True, False, True, False]):
+        with pytest.MonkeyPatch.context() as patch:
+            if patched:
+                patch.setattr(body, "read_facts", reader)
+                patch.setattr(ratelimit_headers, "build_header_block", block)
+            fp.proto.data_received(bench_alloc.ext_authz_request(fp.secrets[0], f"rid-{i}"))
+        assert fp.sink.last.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert calls == ["read_facts", "build_header_block"] * ((i + 1) // 2), i
+    assert body.read_facts is read_facts and ratelimit_headers.build_header_block is build
+
+
 def test_the_lane_counts_an_admission_in_place(tmp_path: Path) -> None:
     """The OK count is incremented in the decisions' array (no int object): the same figure the
     reference path's `decisions[Reason.OK] += 1` reads, and what /metrics reports."""

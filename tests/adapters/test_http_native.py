@@ -444,6 +444,72 @@ def test_repeated_values_are_handed_over_again_and_changed_ones_anew(engine: Eng
     assert sum(decisions.values()) == 5
 
 
+def _headed(request_id: str, lines: list[str]) -> bytes:
+    body = b'{"model":"gpt-4o-mini","messages":[]}'
+    head = "".join(f"{line}\r\n" for line in lines)
+    return (
+        f"POST /ext_authz/v1/chat/completions HTTP/1.1\r\nhost: x\r\n{head}x-request-id: {request_id}\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def test_the_kept_headers_dict_in_place_or_anew_as_httptools_builds_it(engine: Engine) -> None:
+    """The compiled parser refills the dict the protocol holds from the last request when its keys come
+    again in the same order and nothing else holds it; the protocol sees the keys, their order and the
+    values httptools' protocol gives (repeated headers joined), request after request."""
+    assert native.http1 is not None
+    auth, kind, xff = (
+        f"authorization: Bearer {SECRETS[0]}",
+        "content-type: application/json",
+        "x-forwarded-for: 192.0.2.7",
+    )
+    requests = [
+        ("r1", [auth, kind, xff], False),
+        ("r2", [auth, kind, xff], False),  # the same keys in the same order: in place
+        ("r3", [kind, auth, xff], False),  # another order: a new dict
+        ("r4", [kind, auth], False),  # one fewer
+        ("r5", [kind, auth, xff, "X-Forwarded-For: 10.0.0.1", "Content-Encoding: br"], False),  # joined
+        ("r6", [kind, auth, xff, "x-forwarded-for: 10.0.0.2", "content-encoding: br"], True),  # held
+        ("r7", [kind, auth, xff, "x-forwarded-for: 10.0.0.3", "content-encoding: br"], False),
+        ("r8", [kind, auth, xff, "x-forwarded-for: 10.0.0.3", "content-encoding: br"], False),
+    ]
+    reads = [_headed(rid, lines) for rid, lines, _ in requests]
+    keep = {rid: hold for rid, _, hold in requests}
+
+    def seen_by(cls: type) -> list[tuple[int, list[tuple[str, str]]]]:
+        held: list[object] = []
+
+        class Recording(cls):  # type: ignore[misc, valid-type]
+            __slots__ = ("seen",)
+
+            def on_message_complete(self) -> None:
+                headers = self._headers
+                self.seen.append((id(headers), list(headers.items())))
+                if keep[headers["x-request-id"]]:
+                    held.append(headers)  # someone else holds it now: it must not change
+                del headers
+                super().on_message_complete()
+
+        reset(engine)
+        app = http_authz.HttpApp(engine, max_header_bytes=65536, max_body=1 << 20)
+        protocol = Recording(app)
+        protocol.seen = []
+        protocol.connection_made(FakeTransport())
+        with no_bugs_logged():
+            for read in reads:
+                protocol.data_received(read)
+        assert [list(h.items()) for h in held] == [protocol.seen[5][1]]  # r6's, as it was handed over
+        return protocol.seen  # type: ignore[no-any-return]
+
+    compiled = seen_by(CompiledAuthzProtocol)
+    reference = seen_by(http_authz.AuthzProtocol)
+    assert [items for _, items in compiled] == [items for _, items in reference]
+    assert compiled[4][1][2] == ("x-forwarded-for", "192.0.2.7, 10.0.0.1")
+    ids = [i for i, _ in compiled]
+    assert ids[1] == ids[0] and ids[7] == ids[6]  # refilled in place
+    assert ids[2] != ids[1] and ids[3] != ids[2] and ids[4] != ids[3] and ids[6] != ids[5]
+
+
 def test_fast_path_changed_on_the_class_is_read_again(tmp_path: Path) -> None:
     """The lane remembers the protocol class's `fast_path` with the class's version tag: setting it on the
     class (or on a base) afterwards takes effect at the next request, as a getattr would."""
