@@ -156,8 +156,12 @@ cdef Named _READ_FACTS, _BUILD_BLOCK
 # key object (the digest, the owner, the address pair: the same objects when the request repeats) in the
 # same unchanged dict (its ma_version_tag) has the same value, without the look-up's lines.
 cdef struct Memo:
-    PyObject* d  # strong references (NULL: nothing remembered)
-    PyObject* key
+    # The dict is not held: it is only compared by address, and a tag is never given twice (3.11 takes each
+    # new dict's and each change's tag from one global counter), so a dict freed and another made at its
+    # address cannot match. Holding it would keep a replaced key snapshot (every record of it) alive until
+    # the next check, which an idle sidecar may not see for hours after a reload.
+    PyObject* d  # borrowed, never dereferenced (NULL: nothing remembered)
+    PyObject* key  # strong references: a key object's address must not be reused while remembered
     PyObject* value  # NULL: the key was missing
     unsigned long long tag
 
@@ -175,9 +179,7 @@ cdef inline object _memo_get(dict d, object key, Memo* m):
 
 cdef object _memo_again(dict d, object key, Memo* m, unsigned long long tag):
     value = d.get(key)
-    Py_INCREF(d)
     Py_INCREF(key)
-    Py_XDECREF(m.d)
     Py_XDECREF(m.key)
     Py_XDECREF(m.value)
     m.d = <PyObject*>d

@@ -7,6 +7,7 @@ from __future__ import annotations
 import bisect
 import math
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +111,22 @@ def test_a_remembered_look_up_is_the_dicts_answer_after_every_change() -> None:
         d[key] = 6.5
         d[("x", "y")] = 1
         assert memo_get(d, key, which) == 6.5
+
+
+def test_a_remembered_look_up_does_not_keep_its_dict_alive() -> None:
+    """The memo compares its dict by address and version tag only: a key snapshot replaced by a reload is
+    freed at once, not held until the next check (an idle sidecar may see none for hours), and a dict made
+    afterwards, wherever it lands, is looked up."""
+    _compiled_or_skip()
+    memo_get = native.fast.memo_get  # type: ignore[union-attr]
+    for which in (0, 1, 2):
+        key = ("192.0.2.7", "k1")
+        old: dict[Any, Any] = {key: 1.5}
+        held = sys.getrefcount(old)
+        assert memo_get(old, key, which) == 1.5 and memo_get(old, key, which) == 1.5
+        assert sys.getrefcount(old) == held, "the memo holds the dict it looked up in"
+        del old
+        for value in (2.5, 3.5):  # new dicts (one may reuse the freed one's memory): never the old answer
+            new: dict[Any, Any] = {key: value}
+            assert memo_get(new, key, which) == value
+            del new
