@@ -27,7 +27,6 @@ from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact, PyLon
 from cpython.ref cimport Py_INCREF, Py_XDECREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from libc.math cimport ceil, fmod, isfinite
-from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 # Compiled for size: a settlement runs once per entry of a message that starts with cold caches, its
 # code mostly straight-line and run once per entry, so its cost follows the distinct code lines it runs
@@ -63,7 +62,7 @@ cdef object _ADJUST = None  # native/_windows.pyx adjust, MemoryCounterStore.adj
 # look-up on the type (the type's attribute cache, distinct memory a message's first entry finds cold)
 cdef bint _LEDGER_DICT = False
 # time.time when it is clock_gettime(CLOCK_REALTIME) (Linux): the engine's clock read in C when it is that
-# (`_wall`), with no call through Cython's and the time module's call paths
+# (_clocks.pxi `_clock_call`), with no call through Cython's and the time module's call paths
 cdef object _TIME = None
 cdef str _CLOSED = "_closed"
 cdef str _PENDING = "_pending"
@@ -74,6 +73,7 @@ cdef extern from "Python.h":
     object PyObject_GenericGetDict(object o, void* context)
 
 include "_slots.pxi"
+include "_clocks.pxi"
 
 # Where the objects a settlement reads keep their fields (__slots__), read in place (`_at`) rather than
 # by name: a look-up by name touches the type's attribute cache, the descriptor and its member
@@ -107,8 +107,6 @@ cdef int _bind() except -1:
     global ENGINE_BOOK, ENGINE_DECIDER, ENGINE_POLICY, ENGINE_ACCOUNTED, ENGINE_CLOCK, ENGINE_USAGE_TOKENS
     global ENGINE_LEDGER, DECIDER_STORE, DECIDER_SLOT_RELEASES, DECIDER_SLOT_FREED, LOCAL_STORE
     global LOCAL_ADJUST_SOON, _LEDGER_DICT, _TIME
-    import time
-
     from nexus_authz.native._windows import adjust
 
     from nexus_authz.decide import Decider as decider
@@ -131,8 +129,7 @@ cdef int _bind() except -1:
     LOCAL_ADJUST_SOON = _offset(local, "adjust_soon")
     _ADJUST = adjust
     _LEDGER_DICT = not any(hasattr(sqlite, name) for name in (_CLOSED, _PENDING, _RECORDED))
-    if time.get_clock_info("time").implementation == "clock_gettime(CLOCK_REALTIME)":
-        _TIME = time.time
+    _TIME = _clock_of("time", "CLOCK_REALTIME")
     LocalCounters, MemoryCounterStore, SQLiteLedger, Decider = local, memory, sqlite, decider
     Engine = engine  # last: bound once every offset is
     return 0
@@ -359,19 +356,6 @@ cdef inline void _row_add(object row, Py_ssize_t i, long long n):
     row[i] = _plus(row[i], n)
 
 
-cdef object _wall():
-    """time.time() read in C: CPython's nanoseconds of CLOCK_REALTIME as the same float (_PyTime_AsSecondsDouble:
-    whole seconds converted exactly, else nanoseconds / 1e9)."""
-    cdef timespec ts
-    cdef long long t
-    if clock_gettime(CLOCK_REALTIME, &ts) != 0 or ts.tv_sec < 0:
-        return _TIME()
-    t = <long long>ts.tv_sec * 1000000000LL + ts.tv_nsec
-    if t % 1000000000LL == 0:
-        return PyFloat_FromDouble(<double>(t // 1000000000LL))
-    return PyFloat_FromDouble(<double>t / 1e9)
-
-
 cdef inline object _attribute(object obj, object attrs, str name):
     """getattr(obj, name) of an instance attribute, from `attrs` (its __dict__, or None)."""
     cdef PyObject* found = PyDict_GetItemWithError(attrs, name) if attrs is not None else NULL
@@ -530,7 +514,7 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
     if priced_any and not _at(priced, PRICED_MATCHED):  # PriceTable.charge counts an unpriced model
         prices._count(_at(priced, PRICED_OUTCOME))
     clock = _at(engine, ENGINE_CLOCK)
-    now = _wall() if clock is _TIME else clock()
+    now = _clock_call(clock, _TIME, _CLOCK_REALTIME)
     # ReservationBook.settle_parts
     if type(entries) is Entries:
         (<Entries>entries)._take(request_id)  # del entries[request_id], without the mapping protocol

@@ -42,7 +42,7 @@ from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTu
 from libc.math cimport ceil, isfinite
 from libc.stdint cimport uint32_t
 from libc.string cimport memcmp, memcpy, memset
-from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, CLOCK_THREAD_CPUTIME_ID, clock_gettime, timespec
+from posix.time cimport CLOCK_THREAD_CPUTIME_ID, clock_gettime, timespec
 
 from nexus_authz.native._body cimport facts_of
 from nexus_authz.native._figures cimport Figure
@@ -112,6 +112,7 @@ cdef extern from *:
 
 
 include "_slots.pxi"
+include "_clocks.pxi"
 
 
 cdef bytes _PREFIX = b"/ext_authz/"  # set by install: EXT_AUTHZ_PREFIX + "/"
@@ -865,28 +866,19 @@ cdef object _in_flight(object key_id, object tenant, object model, object prompt
 
 cdef inline double _mono() noexcept:
     """time.perf_counter()'s clock on Linux (CLOCK_MONOTONIC), without the call."""
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <double>(ts.tv_sec * 1000000000LL + ts.tv_nsec) / 1e9  # _PyTime_AsSecondsDouble
+    cdef double now = 0.0
+    _clock_now(_CLOCK_MONOTONIC, &now)
+    return now
 
 
-cdef inline double _seconds(long long ns) noexcept:
-    """_PyTime_AsSecondsDouble (CPython's pytime.c): a whole second's count divided as an integer."""
-    if ns % 1000000000LL == 0:
-        return <double>(ns // 1000000000LL)
-    return <double>ns / 1e9
-
-
-cdef object _time_time = _time.time  # Decider's default clock: read here as it reads it, without the call
+# Decider's default clock, time.time: read here as it reads it, without the call (_clocks.pxi)
+cdef object _time_time = _clock_of("time", "CLOCK_REALTIME")
 
 
 cdef object _now(object clock):
-    """clock(): time.time()'s value (clock_gettime(CLOCK_REALTIME), the float it makes) without the call,
-    when `clock` is time.time itself; any other clock (a test's, a fake) is called."""
-    cdef timespec ts
-    if clock is _time_time and clock_gettime(CLOCK_REALTIME, &ts) == 0:
-        return PyFloat_FromDouble(_seconds(ts.tv_sec * 1000000000LL + ts.tv_nsec))
-    return clock()
+    """clock(): time.time()'s value without the call when `clock` is time.time itself (on CLOCK_REALTIME);
+    any other clock (a test's, a fake) is called."""
+    return _clock_call(clock, _time_time, _CLOCK_REALTIME)
 
 
 def wall_seconds(long long ns):

@@ -39,7 +39,6 @@ from cpython.long cimport PyLong_AsLong, PyLong_FromLong
 from cpython.ref cimport Py_INCREF
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memcmp, memcpy, strlen
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from cpython.object cimport PyObject
 
@@ -1141,6 +1140,7 @@ taken = _taken
 
 
 include "_slots.pxi"
+include "_clocks.pxi"
 
 # the service's fields account_run reads and counts in (adapters/envoy_als.py AccessLogService, __slots__),
 # in place rather than by name (as native/_account.pyx reads the engine's): bound at the first call
@@ -1153,13 +1153,10 @@ cdef object _perf_counter = None
 
 cdef int _bind() except -1:
     global _max_body, _Service, SERVICE_ENGINE, SERVICE_ENTRIES, SERVICE_IGNORED, _perf_counter
-    import time
-
     from nexus_authz.adapters.envoy_als import AccessLogService
     from nexus_authz.core.usage import MAX_BODY_BYTES
 
-    if time.get_clock_info("perf_counter").implementation == "clock_gettime(CLOCK_MONOTONIC)":
-        _perf_counter = time.perf_counter
+    _perf_counter = _clock_of("perf_counter", "CLOCK_MONOTONIC")
 
     SERVICE_ENGINE = _slot_offset(AccessLogService, "engine")
     SERVICE_ENTRIES = _slot_offset(AccessLogService, "entries")
@@ -1171,10 +1168,10 @@ cdef int _bind() except -1:
 
 
 cdef inline double _now(object clock) except? -1.0:
-    """clock(), in C when it is time.perf_counter on CLOCK_MONOTONIC (the same double: nanoseconds / 1e9)."""
-    cdef timespec ts
-    if clock is _perf_counter and clock_gettime(CLOCK_MONOTONIC, &ts) == 0:
-        return <double>(<long long>ts.tv_sec * 1000000000LL + ts.tv_nsec) / 1e9
+    """clock(), in C when it is time.perf_counter on CLOCK_MONOTONIC (the same double, _clocks.pxi)."""
+    cdef double now
+    if clock is _perf_counter and _perf_counter is not None and _clock_now(_CLOCK_MONOTONIC, &now):
+        return now
     return clock()
 
 
