@@ -20,7 +20,9 @@ data written (DLmw), and their total in lines and KB; then the modules (shared o
 with the most cold lines (self cost: a function's own lines, not its callees'). Only the compiled lane
 is measured (the build's extensions must be in place: `python setup.py build_ext --inplace`). Needs
 valgrind (`apt-get install valgrind`); ~1-2 minutes. `--keep FILE` keeps the callgrind output, which
-`callgrind_annotate --sort=ILmr FILE` (or `--file FILE` here) reads again.
+`callgrind_annotate --sort=ILmr FILE` (or `--file FILE` here) reads again. `--rate-limit-headers
+openai` (a comma-separated list, "" for none) adds the policy's `rate_limit_headers` to the config: what
+each choice of header families costs.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ COLD = ("ILmr", "DLmr", "DLmw")
 # -- the measured process (under valgrind) --------------------------------------------------------------
 
 
-def child(n: int, evict: int) -> int:
+def child(n: int, evict: int, families: str | None = None) -> int:
     """The checks, fed to the compiled protocol as bench_cold.py feeds them."""
     import gc
     import tempfile
@@ -72,7 +74,20 @@ def child(n: int, evict: int) -> int:
 
     tokens.warm_up()
     fx = bb.Fixtures()
-    engine = bb.build_engine(Path(tempfile.mkdtemp(prefix="nexus-footprint-")), fx)
+    workdir = Path(tempfile.mkdtemp(prefix="nexus-footprint-"))
+    if families is None:
+        engine = bb.build_engine(workdir, fx)
+    else:  # bench_breakdown.build_engine's config, with the header families chosen
+        from bench_envoy import ISSUE15_CONFIG, LIMITS_KEY_FIELDS, key_file, nexus_config
+
+        from nexus_authz.engine import Engine
+        from nexus_authz.settings import load_settings
+
+        (workdir / "keys.yaml").write_text(key_file([fx.secret], LIMITS_KEY_FIELDS))
+        chosen = ", ".join(name for name in families.split(",") if name)
+        extra = f"{ISSUE15_CONFIG}rate_limit_headers: [{chosen}]\n"
+        (workdir / "nexus.yaml").write_text(nexus_config(str(workdir / "authz.sock"), extra=extra))
+        engine = Engine.from_settings(load_settings(str(workdir / "nexus.yaml")))
     settings = engine.settings
     app = http_authz.HttpApp(
         engine, max_header_bytes=settings.max_header_bytes, max_body=settings.max_body_bytes
@@ -252,12 +267,17 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         help="report a kept callgrind output, all its parts (with its --n)",
     )
+    ap.add_argument(
+        "--rate-limit-headers",
+        metavar="FAMILIES",
+        help='the policy\'s rate_limit_headers, comma-separated (openai, ietf; "" for none); default: unset',
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.n < 1:
         ap.error("--n must be at least 1")
     if args.child:
-        return child(args.n, args.evict)
+        return child(args.n, args.evict, args.rate_limit_headers)
     if args.file:
         return report_file("bench_footprint", lambda: report(args.file, args.n, args.top))
     valgrind = find_valgrind("bench_footprint")
@@ -267,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         "bench_footprint",
         valgrind,
         [f"--toggle-collect={ENTRY}"],
-        [f"--n={args.n}", f"--evict={args.evict}"],
+        [f"--n={args.n}", f"--evict={args.evict}"]
+        + ([] if args.rate_limit_headers is None else [f"--rate-limit-headers={args.rate_limit_headers}"]),
         args.keep,
         lambda parts: report(parts, args.n, args.top),
     )

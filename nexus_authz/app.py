@@ -153,6 +153,7 @@ def validate(settings: Settings, engine: Engine) -> Validated:
             engine.decider,
             clock=engine.clock,
             identity=envoy_rls.engine_identity(engine),
+            families=envoy_rls.engine_header_families(engine),
         )
     if settings.api:
         out.admin_token = resolve_admin_token(settings)

@@ -507,6 +507,7 @@ RELOADABLE_FIELDS: Mapping[str, str] = {
     "timezone": "policy.timezone",
     "auth_failures": "policy.auth_failures",
     "tenants": "policy.tenants",
+    "rate_limit_headers": "policy.rate_limit_headers",
 }
 
 

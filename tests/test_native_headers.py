@@ -2,7 +2,8 @@
 and its compiled equivalent nexus_authz/native/_headers.pyx) against the reference `rate_limit_headers`:
 the same headers, string for string, for every kind of window (GCRA, sliding, calendar, concurrency;
 shadow; a key's, a group's, a tenant's), allowed and refused, zero and huge numbers, and the pure path for
-whatever the compiled one does not read (ints as reset times, numbers beyond 2**62, NaN, a list)."""
+whatever the compiled one does not read (ints as reset times, numbers beyond 2**62, NaN, a list); and for
+every choice of header families (the policy's `rate_limit_headers`: both, OpenAI's, IETF's, none)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from nexus_authz.adapters.answers import header_block
 from nexus_authz.core import ratelimit_headers
 from nexus_authz.core.limits import MAX_LIMIT, LimitSpec, WindowStatus, make_limit
 from nexus_authz.core.ratelimit_headers import (
+    BOTH,
+    IETF,
+    OPENAI,
     header_plan,
     plan_header_block,
     plan_headers,
@@ -77,6 +81,7 @@ _SECONDS = st.one_of(
 )
 _RETRY = st.one_of(_SECONDS, st.just(math.inf))
 _REMAINING = st.one_of(st.integers(0, 100), st.integers(0, 2 * MAX_LIMIT), st.integers(-10, 0))
+_FAMILIES = st.sampled_from([BOTH, OPENAI, IETF, 0])
 
 
 @st.composite
@@ -97,26 +102,30 @@ def answers(draw: st.DrawFn) -> tuple[tuple[LimitSpec, ...], tuple[WindowStatus,
 
 
 def _assert_same(
-    windows: Sequence[LimitSpec], statuses: Sequence[WindowStatus], denied: bool, built: Any
+    windows: Sequence[LimitSpec],
+    statuses: Sequence[WindowStatus],
+    denied: bool,
+    built: Any,
+    families: int = BOTH,
 ) -> None:
-    expected = tuple(rate_limit_headers(statuses, denied=denied))
-    got = built(header_plan(windows), statuses, denied)
+    expected = tuple(rate_limit_headers(statuses, denied=denied, families=families))
+    got = built(header_plan(windows, families), statuses, denied)
     assert got == expected
     assert all(type(name) is str and type(value) is str for name, value in got)
 
 
 @settings(max_examples=400, deadline=None)
-@given(answers())
-def test_the_plan_gives_the_reference_headers(answer: Any) -> None:
+@given(answers(), _FAMILIES)
+def test_the_plan_gives_the_reference_headers(answer: Any, families: int) -> None:
     windows, statuses, denied = answer
-    _assert_same(windows, statuses, denied, plan_headers)
+    _assert_same(windows, statuses, denied, plan_headers, families)
 
 
 @settings(max_examples=700, deadline=None)
-@given(answers())
-def test_the_compiled_headers_are_the_reference_headers(compiled: Any, answer: Any) -> None:
+@given(answers(), _FAMILIES)
+def test_the_compiled_headers_are_the_reference_headers(compiled: Any, answer: Any, families: int) -> None:
     windows, statuses, denied = answer
-    _assert_same(windows, statuses, denied, compiled)
+    _assert_same(windows, statuses, denied, compiled, families)
 
 
 def test_what_the_compiled_code_does_not_read_goes_to_the_pure_function(compiled: Any) -> None:
@@ -134,8 +143,9 @@ def test_what_the_compiled_code_does_not_read_goes_to_the_pure_function(compiled
     ]
     for statuses in odd:
         for denied in (False, True):
-            _assert_same(windows, statuses, denied, compiled)
-            _assert_same(windows, list(statuses), denied, compiled)  # not a tuple
+            for families in (BOTH, OPENAI, IETF, 0):
+                _assert_same(windows, statuses, denied, compiled, families)
+                _assert_same(windows, list(statuses), denied, compiled, families)  # not a tuple
     with pytest.raises(OverflowError):  # the reference raises, and so does the compiled path
         compiled(header_plan(windows), (WindowStatus(rpm, 10, 3, math.inf, 0.0, True),) * 2, False)
 
@@ -143,26 +153,42 @@ def test_what_the_compiled_code_does_not_read_goes_to_the_pure_function(compiled
 def test_long_names_on_many_windows_fit_or_fall_back(compiled: Any) -> None:
     windows = tuple(make_limit("tokens", 10**12, "minute", name=f"{i:03d}" + "x" * 125) for i in range(64))
     statuses = tuple(WindowStatus(s, s.limit, 10**12 - i, 0.5 + i, 0.0, True) for i, s in enumerate(windows))
-    _assert_same(windows, statuses, False, compiled)
+    for families in (BOTH, OPENAI, IETF, 0):
+        _assert_same(windows, statuses, False, compiled, families)
 
 
 @settings(max_examples=150, deadline=None)
 @given(
     st.lists(specs(), min_size=1, max_size=5),
     st.lists(st.tuples(st.floats(0, 4e6), st.integers(0, 10**13)), min_size=1, max_size=6),
+    _FAMILIES,
 )
-def test_a_counter_stores_answers_get_the_reference_headers(windows: list[LimitSpec], steps: Any) -> None:
+def test_a_counter_stores_answers_get_the_reference_headers(
+    windows: list[LimitSpec], steps: Any, families: int
+) -> None:
     """Statuses as the memory store makes them (the compiled store's on the compiled path)."""
     windows_t = tuple(windows)
     ids = tuple(f"c{i}" for i in range(len(windows_t)))
     store = MemoryCounterStore()
-    shape = shape_of(windows_t)
+    shape = shape_of(windows_t, families)
+    assert shape_of(windows_t, families) is shape and shape_of(windows_t) is shape  # None: any families
     for offset, cost in steps:
         costs = tuple(1 if s.kind in ("requests", "concurrent") else cost for s in windows_t)
         result = store.acquire(ids, windows_t, costs, 1_700_000_000.0 + offset)
         for denied in (False, True):
-            expected = tuple(rate_limit_headers(result.statuses, denied=denied))
+            expected = tuple(rate_limit_headers(result.statuses, denied=denied, families=families))
             assert ratelimit_headers.build_headers(shape.headers, result.statuses, denied) == expected
+
+
+def test_a_shape_of_other_families_is_made_again() -> None:
+    windows = (make_limit("requests", 10, "minute"), make_limit("tokens", 10**6, "day"))
+    statuses = tuple(WindowStatus(s, s.limit, 3, 1.5, 0.0, True) for s in windows)
+    for families in (OPENAI, 0, IETF, BOTH, OPENAI):
+        shape = shape_of(windows, families)
+        assert shape.headers == header_plan(windows, families)
+        assert ratelimit_headers.build_headers(shape.headers, statuses, False) == tuple(
+            rate_limit_headers(statuses, denied=False, families=families)
+        )
 
 
 # -- an admission's headers as HTTP/1.1 lines (the HTTP listener's fast path) --------------------------
@@ -178,23 +204,27 @@ def compiled_block() -> Any:
     return native.headers.plan_header_block
 
 
-def _assert_same_block(windows: Sequence[LimitSpec], statuses: Sequence[WindowStatus], built: Any) -> None:
-    expected = header_block(tuple(rate_limit_headers(statuses, denied=False)))
-    assert built(header_plan(windows), statuses) == expected
+def _assert_same_block(
+    windows: Sequence[LimitSpec], statuses: Sequence[WindowStatus], built: Any, families: int = BOTH
+) -> None:
+    expected = header_block(tuple(rate_limit_headers(statuses, denied=False, families=families)))
+    assert built(header_plan(windows, families), statuses) == expected
 
 
 @settings(max_examples=300, deadline=None)
-@given(answers())
-def test_the_header_lines_are_the_reference_headers(answer: Any) -> None:
+@given(answers(), _FAMILIES)
+def test_the_header_lines_are_the_reference_headers(answer: Any, families: int) -> None:
     windows, statuses, _ = answer
-    _assert_same_block(windows, statuses, plan_header_block)
+    _assert_same_block(windows, statuses, plan_header_block, families)
 
 
 @settings(max_examples=700, deadline=None)
-@given(answers())
-def test_the_compiled_header_lines_are_the_reference_headers(compiled_block: Any, answer: Any) -> None:
+@given(answers(), _FAMILIES)
+def test_the_compiled_header_lines_are_the_reference_headers(
+    compiled_block: Any, answer: Any, families: int
+) -> None:
     windows, statuses, _ = answer
-    _assert_same_block(windows, statuses, compiled_block)
+    _assert_same_block(windows, statuses, compiled_block, families)
 
 
 def test_header_lines_the_compiled_code_does_not_read_go_to_the_pure_function(compiled_block: Any) -> None:
@@ -212,8 +242,9 @@ def test_header_lines_the_compiled_code_does_not_read_go_to_the_pure_function(co
         (WindowStatus(rpm, 10, True, 1.0, 0.0, True), fine),
     ]
     for statuses in odd:
-        _assert_same_block(windows, statuses, compiled_block)
-        _assert_same_block(windows, list(statuses), compiled_block)  # not a tuple
+        for families in (BOTH, OPENAI, IETF, 0):
+            _assert_same_block(windows, statuses, compiled_block, families)
+            _assert_same_block(windows, list(statuses), compiled_block, families)  # not a tuple
     with pytest.raises(OverflowError):  # the reference raises, and so does the compiled path
         compiled_block(header_plan(windows), (WindowStatus(rpm, 10, 3, math.inf, 0.0, True),) * 2)
     long_names = tuple(make_limit("tokens", 10**12, "minute", name=f"{i:03d}" + "x" * 125) for i in range(64))
@@ -224,15 +255,17 @@ def test_header_lines_the_compiled_code_does_not_read_go_to_the_pure_function(co
 
 
 @settings(max_examples=500, deadline=None)
-@given(answers())
-def test_the_header_lines_of_figures_are_the_reference_headers(compiled_block: Any, answer: Any) -> None:
+@given(answers(), _FAMILIES)
+def test_the_header_lines_of_figures_are_the_reference_headers(
+    compiled_block: Any, answer: Any, families: int
+) -> None:
     """native/_headers figure_block (the compiled HTTP lane's block, from an admission's figures in C):
     the reference lines, or nothing where the compiled function would take the pure one."""
     windows, statuses, _ = answer
     if any(not -(2**63) <= s.remaining < 2**63 or not -(2**63) <= s.limit < 2**63 for s in statuses):
         return  # no C figure holds them: acquire_figures hands such windows to the pure acquire
-    got = native.headers.figure_block_of(header_plan(windows), statuses)
-    expected = header_block(tuple(rate_limit_headers(statuses, denied=False)))
+    got = native.headers.figure_block_of(header_plan(windows, families), statuses)
+    expected = header_block(tuple(rate_limit_headers(statuses, denied=False, families=families)))
     if got is None:
         assert any(
             not -(2**62) < s.remaining < 2**62 or not -(2**62) < s.limit < 2**62 for s in statuses

@@ -44,6 +44,7 @@ from nexus_authz.core import rls
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.limits import AcquireResult, WindowStatus
 from nexus_authz.core.ports import StoreUnavailable
+from nexus_authz.core.ratelimit_headers import IETF
 from nexus_authz.filesource import FileSource, Stamp
 
 if TYPE_CHECKING:
@@ -365,6 +366,7 @@ class RateLimitService:
         "driver",
         "counts",
         "error_body",
+        "families",
         "identity",
         "response_headers",
         "rule_stats",
@@ -382,8 +384,12 @@ class RateLimitService:
         response_headers: bool = True,
         error_body: bool = True,
         shadow_mode: bool = False,
+        families: Callable[[], int] | None = None,
     ) -> None:
+        """`families`: the header families of the policy in force (`rate_limit_headers`, read at each
+        answer: a config reload is seen at once); None: IETF's."""
         self.source = source
+        self.families = families
         self.driver = driver
         self.clock = clock
         self.identity = identity
@@ -410,6 +416,7 @@ class RateLimitService:
         *,
         clock: Callable[[], float] = time.time,
         identity: rls.Identity | None = None,
+        families: Callable[[], int] | None = None,
     ) -> RateLimitService:
         """Build the service and load the config once; raises ConfigError (startup must fail loudly)."""
         if settings.config_dir is None:
@@ -426,6 +433,7 @@ class RateLimitService:
             response_headers=settings.response_headers,
             error_body=settings.error_body,
             shadow_mode=settings.shadow_mode,
+            families=families,
         )
 
     # -- the decision ------------------------------------------------------------------------------------
@@ -438,7 +446,12 @@ class RateLimitService:
     def conclude(self, plan: rls.RlsPlan, statuses: Sequence[WindowStatus], allowed: bool) -> bytes:
         """The serialized response for the store's statuses (see rls.answer)."""
         answer = rls.answer(
-            plan, statuses, allowed, shadow_mode=self.shadow_mode, headers=self.response_headers
+            plan,
+            statuses,
+            allowed,
+            shadow_mode=self.shadow_mode,
+            headers=self.response_headers,
+            families=IETF if self.families is None else self.families(),
         )
         self._count(plan, answer)
         return encode_response(answer, error_body=self.error_body)
@@ -529,6 +542,11 @@ class RateLimitService:
                 )
             },
         )
+
+
+def engine_header_families(engine: Any) -> Callable[[], int]:
+    """The rate-limit header families of the engine's policy in force (`rate_limit_headers`)."""
+    return lambda: int(engine.policy.header_families)
 
 
 def engine_identity(engine: Any) -> rls.Identity:

@@ -30,6 +30,7 @@ from nexus_authz.core.limits import (
 from nexus_authz.core.limits_yaml import parse_limits
 from nexus_authz.core.model import Credential, KeyRecord
 from nexus_authz.core.price_policy import UnpricedPolicy, parse_unpriced
+from nexus_authz.core.ratelimit_headers import FAMILIES, parse_families
 from nexus_authz.core.yamlsrc import Fields, load_yaml
 
 _KEY_ID = r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}"
@@ -113,6 +114,7 @@ class PolicySet:
     source: str = ""
     timezone: str = DEFAULT_TIMEZONE  # of calendar limits that name none (core/calendar.py)
     tenants: Mapping[str, Tenant] = field(default_factory=dict)  # the budget hierarchy (core/hierarchy)
+    rate_limit_headers: tuple[str, ...] = tuple(FAMILIES)  # header families of answers (ratelimit_headers)
 
 
 def parse_secret_ref(f: Fields, *, what: str) -> SecretRef:
@@ -232,6 +234,7 @@ def parse_policy(root: Fields) -> PolicySet:
         source=root.source,
         timezone=timezone,
         tenants=tenants,
+        rate_limit_headers=parse_families(root),
     )
 
 

@@ -260,7 +260,7 @@ class FastAdmit:
         counter_ids = None if shared else own_ids
         if clamps(specs):  # a refusal may become a lowered cap, an admission a written one
             return Plan(key, model, path, (), (), None, False, None, usable=False)
-        shape = shape_of(specs)
+        shape = shape_of(specs, policy.header_families)
         generating, _ = _path_facts(path)
         price = prices.lookup(model).price if prices else None
         return Plan(key, model, path, counter_ids, specs, shape, generating, price)

@@ -76,6 +76,7 @@ class Policy:
         "_denial_spec",
         "_known",
         "_selection",
+        "header_families",
         "prices",
         "track",
     )
@@ -108,6 +109,8 @@ class Policy:
         )
         self._known = KnownKeys()  # keys a throttled address still serves (issue 13.11)
         self._default_max_tokens = policy.reservations.default_max_tokens
+        # the rate-limit header families answers carry (`rate_limit_headers`): in every shape's header plan
+        self.header_families = _headers.families_of(policy.rate_limit_headers)
         # (key, model) -> the key's windows that apply to that model: per-model globs are matched once.
         self._selection: dict[
             tuple[KeyRecord, str | None], tuple[tuple[str, ...], tuple[LimitSpec, ...]]
@@ -190,7 +193,7 @@ class Policy:
                 return _allow(key, model)
             return Admission(key, model, (), (), (), request.request_id, prompt, body=kept)
         counter_ids, specs = self._windows(key, model)
-        shape = shape_of(specs)
+        shape = shape_of(specs, self.header_families)
         generating, anthropic = _path_facts(request.path)
         return Admission(
             key,
@@ -284,7 +287,7 @@ class Policy:
         `completes` False (see `generates`): the prompt estimate only, no completion reserved.
         `shape`: `shape_of(specs)`, when the caller has it."""
         if shape is None:
-            shape = shape_of(specs)
+            shape = shape_of(specs, self.header_families)
         tokens = usd = 0
         if shape.metered:
             if facts is not None:
@@ -310,7 +313,7 @@ class Policy:
         """The decision for the counters' answer; an admitted request's reservation goes in `book`, and
         the reservations it displaced (expired meanwhile, evicted) are given back through `adjust` (the
         store's non-blocking adjust). Without `book`, nothing is reserved (a dry run)."""
-        shape = admission.shape or shape_of(admission.specs)
+        shape = admission.shape or shape_of(admission.specs, self.header_families)
         headers = _headers.build_headers(shape.headers, result.statuses, not result.allowed)
         if not result.allowed:
             limited = _limited(result, headers, admission.key)

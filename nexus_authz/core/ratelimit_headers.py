@@ -20,27 +20,78 @@ core/hierarchy.py): the OpenAI headers show the tightest of them, `retry-after` 
 and the IETF items of a group's or tenant's window are named `group:<name>` / `tenant:<name>`.
 
 Header names are lowercase (HTTP/2, Envoy). No enforced windows: no headers.
+
+The policy's `rate_limit_headers` chooses the families an answer carries (`FAMILIES`: a bit each, `BOTH`
+the default): a family left out is never built, and `retry-after` on a denial is always sent. The choice
+is made once per windows' tuple, in the plan (`header_plan(specs, families)`): OpenAI's left out, no
+window is tracked as the tightest; IETF's left out, no item is formatted.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from nexus_authz.core.limits import Kind, LimitSpec, WindowStatus
 
+if TYPE_CHECKING:
+    from nexus_authz.core.yamlsrc import Fields
+
 __all__ = [
+    "BOTH",
+    "FAMILIES",
+    "IETF",
+    "OPENAI",
     "HeaderPlan",
     "build_header_block",
     "build_headers",
+    "families_of",
     "header_plan",
     "openai_duration",
+    "parse_families",
     "plan_header_block",
     "plan_headers",
     "rate_limit_headers",
     "sf_string",
 ]
+
+OPENAI: Final = 1  # x-ratelimit-{limit,remaining,reset}-{requests,tokens}
+IETF: Final = 2  # ratelimit-policy, ratelimit
+BOTH: Final = OPENAI | IETF
+FAMILIES: Final[dict[str, int]] = {"openai": OPENAI, "ietf": IETF}
+"""The header families by their name in `rate_limit_headers`, in the order a choice lists them."""
+
+
+def parse_families(f: Fields, name: str = "rate_limit_headers") -> tuple[str, ...]:
+    """The policy's `rate_limit_headers`: a list of distinct family names (`[]`: none); absent, both."""
+    from nexus_authz.core.yamlsrc import describe  # the config's reading only, not the answers'
+
+    value = f.raw(name, None)
+    if value is None:
+        return tuple(FAMILIES)
+    allowed = f"a list of {', '.join(FAMILIES)} ([] for none; retry-after on a denial is always sent)"
+    if not isinstance(value, list):
+        f.fail(name, f"expected {allowed}, got {describe(value)}")
+    seen: list[str] = []
+    for item in value:
+        if not isinstance(item, str):
+            f.fail(name, f"expected {allowed}, got {describe(item)} in the list")
+        if item not in FAMILIES:
+            f.fail(name, f"unknown header family {item!r}: expected {allowed}")
+        if item in seen:
+            f.fail(name, f"{item!r} is listed twice: expected {allowed}")
+        seen.append(item)
+    return tuple(seen)
+
+
+def families_of(names: tuple[str, ...]) -> int:
+    """The bits of a `parse_families` choice."""
+    bits = 0
+    for name in names:
+        bits |= FAMILIES[name]
+    return bits
+
 
 _UNITS: Final[dict[Kind, str | None]] = {
     Kind.REQUESTS: None,
@@ -58,8 +109,11 @@ _OPENAI: Final[dict[Kind, tuple[str, str, str]]] = {
 }
 
 
-def rate_limit_headers(statuses: Sequence[WindowStatus], *, denied: bool) -> list[tuple[str, str]]:
-    """Headers for one answer (allocation-light: per-spec fragments are built once and cached)."""
+def rate_limit_headers(
+    statuses: Sequence[WindowStatus], *, denied: bool, families: int = BOTH
+) -> list[tuple[str, str]]:
+    """Headers for one answer (allocation-light: per-spec fragments are built once and cached), of the
+    `families` chosen (`retry-after` whatever they are)."""
     policies: list[str] = []
     current: list[str] = []
     requests: WindowStatus | None = None
@@ -91,9 +145,11 @@ def rate_limit_headers(statuses: Sequence[WindowStatus], *, denied: bool) -> lis
     if not policies:
         return []
     headers: list[tuple[str, str]] = []
-    _openai_headers(headers, requests, tokens)
-    headers.append(("ratelimit-policy", ", ".join(policies)))
-    headers.append(("ratelimit", ", ".join(current)))
+    if families & OPENAI:
+        _openai_headers(headers, requests, tokens)
+    if families & IETF:
+        headers.append(("ratelimit-policy", ", ".join(policies)))
+        headers.append(("ratelimit", ", ".join(current)))
     if denied and refused and wait != _INF:
         headers.append(("retry-after", str(_ceil_seconds(wait, 1))))
     return headers
@@ -121,24 +177,26 @@ def _parts(spec: LimitSpec) -> tuple[str, str, bool]:
     return parts
 
 
-HeaderPlan = tuple[tuple[str, str] | None, tuple[tuple[int, str, bool, int], ...]]
+HeaderPlan = tuple[tuple[str, str] | None, tuple[tuple[int, str, bool, int], ...], int]
 """A tuple of windows' fixed fragments (`header_plan`): the ratelimit-policy header (None: no enforced
-window) and, per enforced window, (its index, its RateLimit item prefix, has a window, 1 requests /
-2 tokens / 0 other)."""
+window), per enforced window (its index, its RateLimit item prefix, has a window, 1 requests / 2 tokens /
+0 other or OpenAI's headers left out), and the families chosen (bits of `FAMILIES`)."""
 
 
-def header_plan(specs: Sequence[LimitSpec]) -> HeaderPlan:
-    """Everything of `rate_limit_headers` that depends on the windows alone, for `plan_headers`."""
+def header_plan(specs: Sequence[LimitSpec], families: int = BOTH) -> HeaderPlan:
+    """Everything of `rate_limit_headers` that depends on the windows and the families alone, for
+    `plan_headers`."""
     policies = []
     items = []
+    openai = families & OPENAI
     for i, spec in enumerate(specs):
         if spec.shadow:
             continue
         policy, prefix, windowed = _PARTS.get(spec) or _parts(spec)
         policies.append(policy)
-        kind = 1 if spec.kind is _REQUESTS else 2 if spec.kind is _TOKENS else 0
+        kind = 0 if not openai else 1 if spec.kind is _REQUESTS else 2 if spec.kind is _TOKENS else 0
         items.append((i, prefix, windowed, kind))
-    return (("ratelimit-policy", ", ".join(policies)) if policies else None), tuple(items)
+    return (("ratelimit-policy", ", ".join(policies)) if policies else None), tuple(items), families
 
 
 def plan_headers(
@@ -146,20 +204,22 @@ def plan_headers(
 ) -> tuple[tuple[str, str], ...]:
     """`tuple(rate_limit_headers(statuses, denied=denied))` for statuses in the order of the windows `plan`
     was made of (a counter store's answer): the same headers, with the fixed parts made once."""
-    policy, items = plan
-    if policy is None:
+    policy, items, families = plan
+    if policy is None or not (families or denied):
         return ()
     current: list[str] = []
     requests: WindowStatus | None = None
     tokens: WindowStatus | None = None
     refused = False
     wait = 0.0
+    ietf = families & IETF
     for i, prefix, windowed, kind in items:
         s = statuses[i]
-        if windowed:
-            current.append(f"{prefix}{s.remaining};t={_ceil_seconds(s.reset_after, 0)}")
-        else:
-            current.append(f"{prefix}{s.remaining}")
+        if ietf:
+            if windowed:
+                current.append(f"{prefix}{s.remaining};t={_ceil_seconds(s.reset_after, 0)}")
+            else:
+                current.append(f"{prefix}{s.remaining}")
         if kind == 1:
             if requests is None or _tighter(s, requests):
                 requests = s
@@ -170,9 +230,10 @@ def plan_headers(
             if s.retry_after > wait:
                 wait = s.retry_after
     headers: list[tuple[str, str]] = []
-    _openai_headers(headers, requests, tokens)
-    headers.append(policy)
-    headers.append(("ratelimit", ", ".join(current)))
+    _openai_headers(headers, requests, tokens)  # none when OpenAI's are left out: no kind 1 or 2
+    if ietf:
+        headers.append(policy)
+        headers.append(("ratelimit", ", ".join(current)))
     if denied and refused and wait != _INF:
         headers.append(("retry-after", str(_ceil_seconds(wait, 1))))
     return tuple(headers)

@@ -8,14 +8,16 @@ shared by every request of that key; everything below depends on that tuple alon
 * `metered`: whether any window is charged tokens or USD (the estimate is computed only then);
 * `settle_mask` / `slot_mask`: bit i set when window i must be settled (tokens, USD, concurrency) / holds a
   concurrency slot, for the reservation book (core/reservations.py);
-* `headers`: the rate-limit headers' per-window fragments (core/ratelimit_headers.py `header_plan`).
+* `headers`: the rate-limit headers' per-window fragments (core/ratelimit_headers.py `header_plan`), of
+  the header families the policy chose (`rate_limit_headers`, bits of ratelimit_headers.FAMILIES).
 
 `near_limit(shape, statuses, uncharged)`: whether an admitted request's slot is worth an early release
 (the mark `Policy.conclude` sets, see there).
 
-`shape_of(specs)` is cached by the tuple's identity; the cache keeps the tuple itself, so an id is never
-reused while its entry lives, and it is cleared when it reaches `MAX_SHAPES` (a config reload makes new
-tuples).
+`shape_of(specs, families)` is cached by the tuple's identity; the cache keeps the tuple itself, so an id is
+never reused while its entry lives, and it is cleared when it reaches `MAX_SHAPES` (a config reload makes
+new tuples). A cached shape of other header families is made again (`families` None: any shape will do,
+for a caller that does not build headers; a new one then has both families).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 from typing import Final, NamedTuple
 
 from nexus_authz.core.limits import Kind, LimitSpec, WindowStatus
-from nexus_authz.core.ratelimit_headers import HeaderPlan, header_plan
+from nexus_authz.core.ratelimit_headers import BOTH, HeaderPlan, header_plan
 
 __all__ = ["MAX_SHAPES", "Shape", "costs_of", "near_limit", "shape_of"]
 
@@ -44,9 +46,9 @@ _SHAPES: dict[int, Shape] = {}
 _SOURCE: Final = {Kind.TOKENS: 1, Kind.USD: 2}
 
 
-def shape_of(specs: tuple[LimitSpec, ...]) -> Shape:
+def shape_of(specs: tuple[LimitSpec, ...], families: int | None = None) -> Shape:
     shape = _SHAPES.get(id(specs))
-    if shape is not None and shape.specs is specs:
+    if shape is not None and shape.specs is specs and (families is None or shape.headers[2] == families):
         return shape
     cost_index = tuple(_SOURCE.get(spec.kind, 0) for spec in specs)
     settle = slots = 0
@@ -56,7 +58,8 @@ def shape_of(specs: tuple[LimitSpec, ...]) -> Shape:
         if spec.kind is Kind.CONCURRENCY:
             slots |= 1 << i
     indices = tuple(i for i in range(len(specs)) if (slots >> i) & 1)
-    shape = Shape(specs, cost_index, any(cost_index), settle, slots, indices, header_plan(specs))
+    plan = header_plan(specs, BOTH if families is None else families)
+    shape = Shape(specs, cost_index, any(cost_index), settle, slots, indices, plan)
     if len(_SHAPES) >= MAX_SHAPES:
         _SHAPES.clear()
     _SHAPES[id(specs)] = shape

@@ -9,6 +9,10 @@ here from the statuses' slots, with the same integer and float operations as the
 code does not know takes the pure function for the whole call: statuses that are not a tuple of
 WindowStatus, a `remaining` or `limit` that is not an int within ±2**62, times that are not finite floats,
 a RateLimit header longer than its buffer. The differential test is tests/test_native_headers.py.
+
+The plan's third item is the header families the policy chose (core/ratelimit_headers.py FAMILIES): with
+OpenAI's left out the plan marks no window as requests or tokens (none is tracked as the tightest), with
+IETF's left out no RateLimit item is formatted, and with neither an admission's headers are none at all.
 """
 
 from cpython.float cimport PyFloat_AS_DOUBLE
@@ -22,6 +26,7 @@ from libc.math cimport ceil, isfinite, INFINITY
 from libc.string cimport memcpy
 
 from nexus_authz.core.limits import WindowStatus
+from nexus_authz.core.ratelimit_headers import BOTH as _BOTH
 from nexus_authz.core.ratelimit_headers import plan_header_block as _py_plan_header_block
 from nexus_authz.core.ratelimit_headers import plan_headers as _py_plan_headers
 
@@ -37,10 +42,12 @@ cdef extern from "Python.h":
 cdef enum:
     BUF = 16384
     FALLBACK = 1
+    IETF = 2  # ratelimit_headers.IETF
 
 cdef long long RANGE = 1LL << 62
 cdef type STATUS = WindowStatus
 cdef object TRUE = True
+cdef object BOTH = _BOTH  # the default families: a plan's third item is this very int (a cached small int)
 cdef object FALSE = False
 
 
@@ -243,16 +250,19 @@ def plan_headers(tuple plan, statuses, bint denied):
     cdef Window w
     cdef Window requests
     cdef Window tokens
-    cdef bint has_requests = False, has_tokens = False, refused = False, retry_after
+    cdef bint has_requests = False, has_tokens = False, refused = False, retry_after, ietf
     cdef double wait = 0.0, retry
     cdef tuple items, item, out
     cdef object prefix
+    cdef long families
     requests.status = tokens.status = NULL
     requests.remaining = tokens.remaining = 0
     requests.reset_after = tokens.reset_after = 0.0
     policy = plan[0]
-    if policy is None:
+    families = <long>plan[2]
+    if policy is None or not (families or denied):
         return ()
+    ietf = (families & IETF) != 0
     if not PyTuple_CheckExact(statuses):
         return _py_plan_headers(plan, statuses, denied)
     items = <tuple>plan[1]
@@ -264,11 +274,12 @@ def plan_headers(tuple plan, statuses, bint denied):
             return _py_plan_headers(plan, statuses, denied)
         if _read(<object>PyTuple_GET_ITEM(statuses, index), &w):
             return _py_plan_headers(plan, statuses, denied)
-        prefix = <object>PyTuple_GET_ITEM(item, 1)
-        text = PyUnicode_AsUTF8AndSize(prefix, &size)
-        if used + size + 64 > BUF:
-            return _py_plan_headers(plan, statuses, denied)
-        used = _ratelimit_item(buf, used, k == 0, text, size, <bint><object>PyTuple_GET_ITEM(item, 2), &w)
+        if ietf:
+            prefix = <object>PyTuple_GET_ITEM(item, 1)
+            text = PyUnicode_AsUTF8AndSize(prefix, &size)
+            if used + size + 64 > BUF:
+                return _py_plan_headers(plan, statuses, denied)
+            used = _ratelimit_item(buf, used, k == 0, text, size, <bint><object>PyTuple_GET_ITEM(item, 2), &w)
         _keep_tightest(
             <long><object>PyTuple_GET_ITEM(item, 3), &w, &requests, &has_requests, &tokens, &has_tokens
         )
@@ -280,7 +291,7 @@ def plan_headers(tuple plan, statuses, bint denied):
     retry_after = denied and refused and wait != INFINITY
     if retry_after and not _seconds_in_range(wait):
         return _py_plan_headers(plan, statuses, denied)  # NaN
-    count = 2 + 3 * has_requests + 3 * has_tokens + retry_after
+    count = 2 * ietf + 3 * has_requests + 3 * has_tokens + retry_after
     out = PyTuple_New(count)
     n = 0
     if has_requests:
@@ -293,11 +304,13 @@ def plan_headers(tuple plan, statuses, bint denied):
         _put(out, n + 1, "x-ratelimit-remaining-tokens", str(<object>_slot_value(<object>tokens.status, O_REMAINING)))
         _put(out, n + 2, "x-ratelimit-reset-tokens", _duration(tokens.reset_after))
         n += 3
-    Py_INCREF(policy)
-    PyTuple_SET_ITEM(out, n, policy)
-    _put(out, n + 1, "ratelimit", PyUnicode_FromStringAndSize(buf, used))
+    if ietf:
+        Py_INCREF(policy)
+        PyTuple_SET_ITEM(out, n, policy)
+        _put(out, n + 1, "ratelimit", PyUnicode_FromStringAndSize(buf, used))
+        n += 2
     if retry_after:
-        _put(out, n + 2, "retry-after", str(_ceil_seconds(wait, 1)))
+        _put(out, n, "retry-after", str(_ceil_seconds(wait, 1)))
     return out
 
 
@@ -350,11 +363,12 @@ def plan_header_block(tuple plan, statuses):
     """ratelimit_headers.plan_header_block (an admission's headers as HTTP/1.1 lines), in C."""
     cdef char out[BUF]
     cdef Py_ssize_t n
-    if plan[0] is None:
+    cdef long families = <long>plan[2]
+    if plan[0] is None or not families:
         return b""
     if not PyTuple_CheckExact(statuses):
         return _py_plan_header_block(plan, statuses)
-    n = _block(plan, <tuple>statuses, NULL, PyTuple_GET_SIZE(statuses), out)
+    n = _block(plan, <tuple>statuses, NULL, PyTuple_GET_SIZE(statuses), out, (families & IETF) != 0)
     if n < 0:
         return _py_plan_header_block(plan, statuses)
     return PyBytes_FromStringAndSize(out, n)
@@ -364,9 +378,15 @@ cdef Py_ssize_t figure_block(tuple plan, Figure* figures, Py_ssize_t count, char
     """plan_header_block of the statuses `figures[:count]` stand for (_windows.acquire_figures), written to
     `out` (BLOCK_BYTES): its length; -1 where plan_header_block would take the pure function (the caller
     makes the statuses and calls it)."""
+    cdef long families
     if plan[0] is None:
         return 0
-    return _block(plan, None, figures, count, out)
+    if plan[2] is BOTH:  # the default: no conversion
+        return _block(plan, None, figures, count, out, True)
+    families = <long>plan[2]
+    if not families:
+        return 0
+    return _block(plan, None, figures, count, out, (families & IETF) != 0)
 
 
 def figure_block_of(tuple plan, tuple statuses):
@@ -399,9 +419,12 @@ cdef inline int _figure(Figure* f, Window* w):
     return 0
 
 
-cdef Py_ssize_t _block(tuple plan, tuple statuses, Figure* figures, Py_ssize_t count, char* out) except -2:
+cdef Py_ssize_t _block(
+    tuple plan, tuple statuses, Figure* figures, Py_ssize_t count, char* out, bint ietf
+) except -2:
     """The block's bytes in `out` (BUF) from `statuses` or, when it is None, `figures` (`count` of either):
-    their length, or -1 (the pure function's case). `plan[0]` is not None."""
+    their length, or -1 (the pure function's case). `plan[0]` is not None, and a family is chosen (`ietf`:
+    IETF's)."""
     cdef char rl[BUF]
     cdef Py_ssize_t used = 0, size, k, index, nitems, n, m
     cdef const char* text
@@ -426,10 +449,11 @@ cdef Py_ssize_t _block(tuple plan, tuple statuses, Figure* figures, Py_ssize_t c
                 return -1
         elif _read(<object>PyTuple_GET_ITEM(statuses, index), &w):
             return -1
-        size = _ascii(<object>PyTuple_GET_ITEM(item, 1), &text)
-        if size < 0 or used + size + 64 > BUF:
-            return -1
-        used = _ratelimit_item(rl, used, k == 0, text, size, <bint><object>PyTuple_GET_ITEM(item, 2), &w)
+        if ietf:
+            size = _ascii(<object>PyTuple_GET_ITEM(item, 1), &text)
+            if size < 0 or used + size + 64 > BUF:
+                return -1
+            used = _ratelimit_item(rl, used, k == 0, text, size, <bint><object>PyTuple_GET_ITEM(item, 2), &w)
         _keep_tightest(
             <long><object>PyTuple_GET_ITEM(item, 3), &w, &requests, &has_requests, &tokens, &has_tokens
         )
@@ -444,6 +468,8 @@ cdef Py_ssize_t _block(tuple plan, tuple statuses, Figure* figures, Py_ssize_t c
         if m < 0:
             return -1
         n += m
+    if not ietf:
+        return n
     size = _ascii(<object>PyTuple_GET_ITEM(policy, 1), &text)
     if size < 0 or n + size + used + 64 > BUF:
         return -1

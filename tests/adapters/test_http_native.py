@@ -550,3 +550,37 @@ def test_fast_path_changed_on_the_class_is_read_again(tmp_path: Path) -> None:
         paths.append("reference" if reference in codes else "lane")
     assert paths == ["lane", "lane", "reference", "reference", "lane", "reference"]
     assert bytes(transport.data).count(b"HTTP/1.1 200") == 6
+
+
+@pytest.fixture(scope="module", params=["[openai]", "[ietf]", "[]"])
+def chosen_engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    """The policy's `rate_limit_headers` set to one subset of the header families."""
+    path = write_fuzz_config(tmp_path_factory.mktemp("families"), f"rate_limit_headers: {request.param}\n")
+    return Engine.from_settings(load_settings(str(path)), clock=lambda: NOW)
+
+
+@fuzz_settings(100)
+@given(data=near_subset_stream(), seed=st.integers(0, 2**32), pieces=st.integers(0, 12))
+def test_each_choice_of_header_families_gives_identical_bytes(
+    chosen_engine: Engine, data: bytes, seed: int, pieces: int
+) -> None:
+    same_output(chosen_engine, cuts(data, random.Random(seed), pieces))
+
+
+def test_the_compiled_lane_writes_only_the_chosen_header_families(chosen_engine: Engine) -> None:
+    families = chosen_engine.settings.policy.rate_limit_headers
+    body = b'{"model":"gpt-4o","max_tokens":8,"messages":[]}'
+    check = (
+        b"POST /ext_authz/v1/chat/completions HTTP/1.1\r\nauthorization: Bearer %s\r\n"
+        b"content-length: %d\r\n\r\n%s" % (SECRETS[1].encode(), len(body), body)
+    )
+    written, _, _, _, fallbacks = run(  # twice: the second one on the key's plan made by the first
+        chosen_engine, CompiledAuthzProtocol, [check, check], max_header_bytes=65536, max_body=1 << 20
+    )
+    answers = written.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 2 and fallbacks == 0, written
+    for answer in answers:
+        assert answer.startswith(b"200 "), answer
+        assert (b"\r\nx-ratelimit-remaining-requests: " in answer) == ("openai" in families), answer
+        assert (b"\r\nratelimit-policy: " in answer) == ("ietf" in families), answer
+        assert (b"\r\nratelimit: " in answer) == ("ietf" in families), answer

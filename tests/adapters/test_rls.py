@@ -29,6 +29,7 @@ from nexus_authz.adapters.envoy_rls import (
     RateLimitService,
     RlsConfigSource,
     encode_response,
+    engine_header_families,
     engine_identity,
     response_message,
 )
@@ -36,6 +37,7 @@ from nexus_authz.core import rls
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.limits import AcquireResult, LimitSpec, WindowStatus
 from nexus_authz.core.ports import StoreUnavailable
+from nexus_authz.core.ratelimit_headers import IETF, OPENAI
 from nexus_authz.core.rls import RlsSettings
 from nexus_authz.decide import Decider
 from nexus_authz.engine import Engine
@@ -245,6 +247,27 @@ def test_global_shadow_mode_and_switches(cfg_dir: Path) -> None:
     assert answers[2].statuses[0].code == Response.OVER_LIMIT  # what enforcement would have said
     assert all(not a.response_headers_to_add and not a.raw_body for a in answers)
     assert svc.counts["shadow_overridden"] == 1
+
+
+def test_the_policys_header_families_leave_the_ietf_headers_out_and_keep_retry_after(cfg_dir: Path) -> None:
+    families = [OPENAI]  # the policy in force says `rate_limit_headers: [openai]`
+    svc = service(cfg_dir, clock=Clock(), families=lambda: families[0])
+    first, second, third = call(svc, *(request(key("alice")) for _ in range(3)))
+    assert first.overall_code == Response.OK and not headers(first) and not headers(second)
+    assert third.overall_code == Response.OVER_LIMIT
+    assert headers(third) == {"retry-after": "30", "content-type": "application/json"}
+    families[0] = OPENAI | IETF  # a reload: read at each answer
+    (again,) = call(svc, request(key("bob")))
+    assert set(headers(again)) == {"ratelimit", "ratelimit-policy"}
+
+
+def test_engine_header_families_follow_a_config_reload(engine: Engine) -> None:
+    families = engine_header_families(engine)
+    assert families() == OPENAI | IETF
+    config = Path(engine.settings.config_path)
+    config.write_text(config.read_text() + "rate_limit_headers: [openai]\n")
+    assert engine.reload_config(force=True)
+    assert families() == OPENAI
 
 
 def test_the_hand_encoding_is_the_protobuf_message(tmp_path: Path) -> None:

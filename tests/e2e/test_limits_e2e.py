@@ -56,6 +56,7 @@ def test_the_sixth_request_gets_429_with_headers(stack: Stack) -> None:
         assert resp.headers["x-ratelimit-limit-requests"] == "5"
         assert resp.headers["x-ratelimit-remaining-requests"] == str(4 - i)
         assert "x-ratelimit-remaining-tokens" in resp.headers and "ratelimit-policy" in resp.headers
+        assert "ratelimit" in resp.headers  # the default: both families
     resp = stack.post("/v1/chat/completions", CHAT, key=FIVE.secret)
     assert resp.status == 429
     assert resp.headers["content-type"] == "application/json"
@@ -214,3 +215,52 @@ def test_a_key_far_from_its_concurrency_limit_costs_no_release_call(solo_stack: 
     after = _settled(solo_stack)
     freed = after["proxy"] + after["access_log"] - after_early["proxy"] - after_early["access_log"]
     assert freed == 156, (after_early, after)
+
+
+# -- the policy's rate_limit_headers: only the chosen header families reach the client ------------------
+
+OPENAI_HEADERS = (
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+)
+IETF_HEADERS = ("ratelimit", "ratelimit-policy")
+
+
+@pytest.fixture(
+    params=[("http", "[openai]"), ("grpc", "[openai]"), ("http", "[]"), ("grpc", "[]")],
+    ids=lambda p: f"{p[0]}-{p[1]}",
+    scope="module",
+)
+def chosen_stack(request: pytest.FixtureRequest) -> Iterator[tuple[Stack, str]]:
+    mode, choice = request.param
+    workdir = Path(tempfile.mkdtemp(prefix="nx-hdr-"))
+    s = Stack(
+        workdir=workdir, mode=mode, keys=(FIVE,), extra_config=LIMITS + f"rate_limit_headers: {choice}\n"
+    )
+    try:
+        s.start()
+        yield s, choice
+    finally:
+        s.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_only_the_chosen_header_families_reach_the_client(chosen_stack: tuple[Stack, str]) -> None:
+    stack, choice = chosen_stack
+    openai_sent = choice == "[openai]"
+    for i in range(5):
+        resp = stack.post("/v1/chat/completions", CHAT, key=FIVE.secret)
+        assert resp.status == 200, resp.body
+        assert all((name in resp.headers) == openai_sent for name in OPENAI_HEADERS), resp.headers
+        assert not any(name in resp.headers for name in IETF_HEADERS), resp.headers
+        if openai_sent:
+            assert resp.headers["x-ratelimit-remaining-requests"] == str(4 - i)
+    resp = stack.post("/v1/chat/completions", CHAT, key=FIVE.secret)
+    assert resp.status == 429
+    assert 1 <= int(resp.headers["retry-after"]) <= 12  # always sent on a denial
+    assert all((name in resp.headers) == openai_sent for name in OPENAI_HEADERS), resp.headers
+    assert not any(name in resp.headers for name in IETF_HEADERS), resp.headers

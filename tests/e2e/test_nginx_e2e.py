@@ -112,8 +112,12 @@ class NginxStack:
 
 @pytest.fixture(scope="module")
 def ngx() -> Iterator[NginxStack]:
+    yield from _nginx_stack(LIMITS)
+
+
+def _nginx_stack(extra_config: str) -> Iterator[NginxStack]:
     workdir = Path(tempfile.mkdtemp(prefix="nx-ngx-"))
-    stack = Stack(workdir=workdir, keys=(ALICE, THREE, SDK, CHAT_ONLY, REVOKED), extra_config=LIMITS)
+    stack = Stack(workdir=workdir, keys=(ALICE, THREE, SDK, CHAT_ONLY, REVOKED), extra_config=extra_config)
     nginx: Nginx | None = None
     try:
         stack.mock = mock_upstream.start_in_thread(always_usage=False)
@@ -194,6 +198,26 @@ def test_over_limit_is_429_with_retry_after_and_json(ngx: NginxStack) -> None:
     assert "limit 3" in error["message"]
     assert 1 <= int(resp.headers["retry-after"]) <= 20
     assert resp.headers["x-ratelimit-remaining-requests"] == "0" and "ratelimit" in resp.headers
+
+
+@pytest.fixture(scope="module")
+def ngx_openai() -> Iterator[NginxStack]:
+    """The policy's rate_limit_headers: [openai]."""
+    yield from _nginx_stack(LIMITS + "rate_limit_headers: [openai]\n")
+
+
+def test_only_the_chosen_header_family_reaches_the_client(ngx_openai: NginxStack) -> None:
+    for i in range(3):
+        resp = ngx_openai.call("POST", "/v1/chat/completions", key=THREE.secret, body=CHAT)
+        assert resp.status == 200, resp.body
+        assert resp.headers["x-ratelimit-remaining-requests"] == str(2 - i)
+        assert "x-ratelimit-reset-tokens" in resp.headers
+        assert "ratelimit" not in resp.headers and "ratelimit-policy" not in resp.headers
+    resp = ngx_openai.call("POST", "/v1/chat/completions", key=THREE.secret, body=CHAT)
+    assert resp.status == 429
+    assert 1 <= int(resp.headers["retry-after"]) <= 20  # always sent on a denial
+    assert resp.headers["x-ratelimit-remaining-requests"] == "0"
+    assert "ratelimit" not in resp.headers and "ratelimit-policy" not in resp.headers
 
 
 def test_openai_sdk_through_nginx(ngx: NginxStack) -> None:

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from nexus_authz.core import rls
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.core.limits import Algorithm, WindowStatus
+from nexus_authz.core.ratelimit_headers import BOTH, OPENAI
 from nexus_authz.core.rls import Outcome, RequestDescriptor, RlsAnswer, RlsConfig, parse_rls_config
 from nexus_authz.core.yamlsrc import Fields, load_yaml
 from nexus_authz.stores.memory import MemoryCounterStore
@@ -539,3 +540,25 @@ def test_upstream_fields_nexus_does_not_implement_are_refused_by_name(field: str
     text = f"domain: x\ndescriptors:\n  - key: k\n    {field}\n    {rule}\n"
     with pytest.raises(ConfigError, match=message):
         config(text)
+
+
+def test_the_policys_header_families_leave_the_ietf_headers_out_but_not_retry_after() -> None:
+    """The policy's `rate_limit_headers` without `ietf`: the service's answers carry no RateLimit /
+    RateLimit-Policy (with `ratelimit.response_headers: true`), and a 429 still its retry-after."""
+    limiter = Limiter(fixture_config())
+    b = d("service=auth", "user=user-b")
+    plan = limiter.cfg.plan("features", [b])
+    for families in (OPENAI, 0):
+        statuses = limiter.store.peek(plan.counter_ids, plan.specs, limiter.now)
+        assert rls.answer(plan, statuses, True, families=families).headers == ()
+    assert {n for n, _ in rls.answer(plan, statuses, True, families=BOTH).headers} == {
+        "ratelimit",
+        "ratelimit-policy",
+    }
+    limiter("features", b)
+    limiter("features", b)
+    over = limiter.store.acquire(plan.counter_ids, plan.specs, (1,), limiter.now)
+    assert not over.allowed
+    answer = rls.answer(plan, over.statuses, False, families=OPENAI)
+    assert answer.over_limit and answer.headers == (("retry-after", "1"),)
+    assert "retry after 1 seconds" in json.loads(answer.body)["error"]["message"]

@@ -13,7 +13,7 @@ from typing import Final
 from nexus_authz.core.denials import error_body
 from nexus_authz.core.limits import Algorithm, Kind, LimitSpec, WindowStatus
 from nexus_authz.core.model import Reason
-from nexus_authz.core.ratelimit_headers import rate_limit_headers
+from nexus_authz.core.ratelimit_headers import IETF, rate_limit_headers
 
 __all__ = [
     "IDENTITY_KEY",
@@ -460,12 +460,14 @@ def answer(
     *,
     shadow_mode: bool = False,
     headers: bool = True,
+    families: int = IETF,
 ) -> RlsAnswer:
     """Build the response from the store's statuses (one per plan window, in order).
 
     `allowed` is the store's verdict (AcquireResult.allowed). For a blocked plan pass the statuses of
     `peek` without costs: each window then reports what fits now, and is over when its cost does not.
     `headers`: IETF `RateLimit`/`RateLimit-Policy` of the enforced windows, and `retry-after` on a 429.
+    `families`: the policy's `rate_limit_headers`; without IETF's, `headers` gives `retry-after` alone.
     """
     out: list[DescriptorStatus] = []
     over = False
@@ -507,7 +509,8 @@ def answer(
     denied = over and not shadow_mode
     hs: list[tuple[str, str]] = []
     if headers and statuses:
-        hs = [h for h in rate_limit_headers(statuses, denied=denied) if h[0] in _HEADER_NAMES]
+        hs = rate_limit_headers(statuses, denied=denied, families=families & IETF)
+        hs = [h for h in hs if h[0] in _HEADER_NAMES]
     body = b""
     if denied:
         retry = next((v for k, v in hs if k == "retry-after"), None)
