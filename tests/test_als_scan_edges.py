@@ -1,0 +1,273 @@
+"""The compiled access-log scans' word-at-a-time fast paths (native/_usage.pyx) at their edges, against the
+reference they accelerate: the JSON string validator (`_string`, which skips plain text 8 bytes at a time)
+against json.loads of the strict UTF-8 decode, and the record's base64 decoder (`_b64into`) against
+binascii. Every special byte at every position of a word, runs of 7/8/9 plain bytes, the end of the input
+at every position after a string, invalid base64 in every position of a quad, every padding form."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nexus_authz import native
+from tests.adapters.test_als_fast import entry_with
+from tests.fuzz._support import fuzz_settings
+
+
+@pytest.fixture(autouse=True)
+def _compiled() -> None:
+    if native.usage is None:
+        if os.environ.get(native.PURE_ENV, "") not in ("", "0"):
+            pytest.skip("NEXUS_AUTHZ_PURE is set: the compiled scans are not loaded")
+        pytest.fail(f"the compiled scans did not build or load ({native.WHY_PURE_USAGE}): pip install -e .")
+
+
+def json_valid(body: bytes) -> bool:
+    """What the scans must accept: json.loads (strict) of the strict UTF-8 decode."""
+    try:
+        json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return True
+
+
+# plain string text (no ']' or '}': a string's text can never close what holds it) and every other kind
+PLAIN = b"ab~ /x0Z!#[:,\x7f"
+SPECIALS = [
+    b'"',
+    b"\\",
+    b"\\n",
+    b'\\"',
+    b"\\\\",
+    b"\\/",
+    b"\\u00e9",
+    b"\\uD83D",
+    b"\\u12G4",
+    b"\\u12",
+    b"\\x",
+    b"\x00",
+    b"\x09",
+    b"\x0a",
+    b"\x1f",
+    b"\x20",
+    b"\x7f",
+    b"\x80",
+    b"\xa2",
+    b"\xbf",
+    b"\xc1\xbf",
+    b"\xc2",
+    b"\xc2\xa2",
+    b"\xc2\xa9",
+    b"\xc2\xc2",
+    b"\xdf\xbf",
+    b"\xe0\x9f\xbf",
+    b"\xe0\xa0\x80",
+    b"\xe2\x82",
+    b"\xe2\x82\xac",
+    b"\xed\x9f\xbf",
+    b"\xed\xa0\x80",
+    b"\xef\xbf\xbf",
+    b"\xf0\x8f\xbf\xbf",
+    b"\xf0\x90\x80\x80",
+    b"\xf0\x9f\x98\x80",
+    b"\xf4\x8f\xbf\xbf",
+    b"\xf4\x90\x80\x80",
+    b"\xf5\x80\x80\x80",
+    b"\xff",
+]
+
+
+def plain(n: int, shift: int = 0) -> bytes:
+    return bytes(PLAIN[(shift + k) % len(PLAIN)] for k in range(n))
+
+
+def _value_doc(text: bytes, before: int, after: int) -> bytes:
+    """A document whose usage record is `{}` at 9..11, then the string `text` in an array (its text
+    cannot close the array: no ']'), `before` spaces before it, `after` spaces at the very end."""
+    return b'{"usage":{},"s":[' + b" " * before + b'"' + text + b'"]}' + b" " * after
+
+
+def _check_value(text: bytes, before: int, after: int) -> None:
+    doc = _value_doc(text, before, after)
+    expected = (9, 11) if json_valid(doc) else None
+    assert native.usage is not None
+    assert native.usage.usage_span(doc) == expected, doc
+
+
+def test_a_string_validates_as_json_loads_with_a_special_byte_at_every_position() -> None:
+    """Runs of plain text of 0..17 bytes (7, 8, 9 and 16 among them) with one special byte or sequence at
+    each position, the string starting at each offset of a word and the input ending at each distance
+    after it: the scan's answer is json.loads'."""
+    valid = invalid = 0
+    for run in range(18):
+        for at in range(run + 1):
+            for special in SPECIALS:
+                text = plain(at, run) + special + plain(run - at, at)
+                for before in (0, 1, 3, 7):
+                    for after in (0, 1, 5, 8, 9):
+                        _check_value(text, before, after)
+                valid += json_valid(_value_doc(text, 0, 0))
+                invalid += not json_valid(_value_doc(text, 0, 0))
+        for before in range(8):  # plain runs alone
+            for after in range(10):
+                _check_value(plain(run), before, after)
+    assert valid > 1000 and invalid > 1000  # both answers are exercised
+
+
+def test_every_byte_at_every_position_of_a_word_validates_as_json_loads() -> None:
+    """Each of the 256 byte values alone at each position of a 9-byte run, the run at each offset."""
+    for byte in range(256):
+        for at in range(9):
+            text = plain(at) + bytes([byte]) + plain(8 - at, at)
+            for before in range(8):
+                _check_value(text, before, 0)
+
+
+def test_a_key_validates_as_json_loads_with_a_special_byte_at_every_position() -> None:
+    """The same bytes in a top-level key (read by the same validator; a key with an escape: None)."""
+    assert native.usage is not None
+    for run in range(18):
+        for at in range(run + 1):
+            for special in SPECIALS:
+                text = plain(at, run) + special + plain(run - at, at)
+                for after in (0, 7, 8):
+                    doc = b'{"usage":{},"' + text + b'":1}' + b"\n" * after
+                    expected = (9, 11) if json_valid(doc) and b"\\" not in text else None
+                    assert native.usage.usage_span(doc) == expected, doc
+
+
+def test_a_string_cut_anywhere_is_refused_and_never_read_past_its_end() -> None:
+    """A record's span ending inside a key (usage_counts reads only body[start:end]): never an answer,
+    whatever the bytes after the end (a closing quote one byte on, a whole word on)."""
+    assert native.usage is not None
+    for name in (b"prompt_tokens", b"completion_tokens", b"x", b"abcdefg", b"abcdefgh", b"abcdefghi"):
+        record = b'{"' + name + b'":1,"prompt_tokens":5,"completion_tokens":3}'
+        assert native.usage.usage_counts(record, 0, len(record)) == ("openai", 5, 3, 0, 0, 0)
+        for end in range(2, 2 + len(name) + 1):  # the end inside the first key, or at its closing quote
+            assert native.usage.usage_counts(record, 0, end) is None
+            assert native.usage.usage_span(record[:end]) is None
+
+
+strings = st.lists(
+    st.sampled_from([*SPECIALS, *[bytes([b]) for b in PLAIN], plain(8), plain(7, 3)]), max_size=12
+)
+
+
+@fuzz_settings(1500, deadline=None)
+@given(parts=strings, before=st.integers(0, 8), after=st.integers(0, 9))
+def test_any_mix_of_special_and_plain_bytes_validates_as_json_loads(
+    parts: list[bytes], before: int, after: int
+) -> None:
+    _check_value(b"".join(parts), before, after)
+
+
+# -- base64 -------------------------------------------------------------------------------------------------
+
+CANONICAL = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?\Z")
+NOT_BASE64 = ["=", "!", "-", "_", " ", "\n", ".", "\x00", "\x7f", "\u00e9"]  # \u00e9: two bytes in UTF-8
+
+
+def scanned(text: str) -> bytes | None:
+    """What the compiled scan decodes of a Lua "body" record whose base64 is `text`: its data, or None
+    (not canonical base64: snippet_of's lenient decoder reads it)."""
+    entry = entry_with({"u": {"k": "body", "b": text}}, other=False)
+    assert native.usage is not None
+    fields = native.usage.usage_snippet(entry.common_properties.metadata.SerializeToString())
+    if fields is None:
+        return None
+    assert fields[0] == "body" and fields[2] == 0
+    data: bytes = fields[1]
+    return data
+
+
+def reference(text: str) -> bytes | None:
+    """The canonical form's data (binascii's), or None."""
+    raw = text.encode()
+    return binascii.a2b_base64(raw) if CANONICAL.match(raw) else None
+
+
+def test_base64_decodes_as_binascii_with_a_bad_character_at_every_position() -> None:
+    """Records of 1..10 quads (the decoder's words and its tail), each character replaced in turn by one
+    outside the alphabet: refused wherever it is; untouched, decoded as binascii decodes it."""
+    refused = 0
+    for size in range(31):
+        text = base64.b64encode(bytes((7 * k + size) % 256 for k in range(size))).decode()
+        assert scanned(text) == reference(text) == base64.b64decode(text)
+        for at in range(len(text)):
+            for bad in NOT_BASE64:
+                width = len(bad.encode())
+                if at + width > len(text):
+                    continue
+                mutated = text[:at] + bad + text[at + width :]
+                assert scanned(mutated) == reference(mutated), mutated
+                refused += reference(mutated) is None
+    assert refused > 3000
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "=",
+        "==",
+        "===",
+        "====",
+        "A",
+        "AA",
+        "AAA",
+        "AA=",
+        "AA==",
+        "AAA=",
+        "AAAA",
+        "A===",
+        "AA=A",
+        "A=AA",
+        "=AAA",
+        "AB=C",
+        "AA==AA==",
+        "AAA=AAAA",
+        "AAAAAA==",
+        "AAAAAAA=",
+        "AAAAAAAA",
+        "AAAAA===",
+        "AAAAAAAAA",
+        "Zm9vYg==",
+        "Zm9vYh==",
+        "Zm9vYmE=",
+        "Zm9vYmF=",
+        "Zm9vYmFy",
+        "////",
+        "++++",
+        "////////+++/",
+        "/w==",
+        "//8=",
+        "AAAAAAAAAAA=",
+        "AAAAAAAAAA==",
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+    ],
+)
+def test_base64_padding_forms_decode_as_binascii(text: str) -> None:
+    """Every padding form, with nonzero unused bits too (binascii ignores them, and so does the scan)."""
+    assert scanned(text) == reference(text)
+
+
+base64_alphabet = st.sampled_from([*"ABZaz09+/=", *NOT_BASE64])
+
+
+@fuzz_settings(1500, deadline=None)
+@given(
+    data=st.binary(max_size=40), edits=st.lists(st.tuples(st.integers(0, 60), base64_alphabet), max_size=3)
+)
+def test_mutated_base64_decodes_as_binascii(data: bytes, edits: list[tuple[int, str]]) -> None:
+    text = base64.b64encode(data).decode()
+    for at, char in edits:
+        if at < len(text):
+            text = text[:at] + char + text[at + 1 :]
+    assert scanned(text) == reference(text)
