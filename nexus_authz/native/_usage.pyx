@@ -67,7 +67,7 @@ for _i in range(64):
 
 # -- protobuf wire format ------------------------------------------------------------------------------
 
-cdef inline Py_ssize_t _varint(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, unsigned long long* out):
+cdef inline Py_ssize_t _varint(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, unsigned long long* out) noexcept:
     """Read a varint at s[i]; the index after it, or -1."""
     cdef unsigned long long v = 0
     cdef int shift = 0
@@ -81,7 +81,7 @@ cdef inline Py_ssize_t _varint(const unsigned char* s, Py_ssize_t i, Py_ssize_t 
     return -1
 
 
-cdef inline Py_ssize_t _skip(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, unsigned long long wire):
+cdef inline Py_ssize_t _skip(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, unsigned long long wire) noexcept:
     """Skip a field's value of wire type `wire` at s[i]; the index after it, or -1."""
     cdef unsigned long long v
     if wire == 0:
@@ -103,7 +103,7 @@ cdef struct Span:
     Py_ssize_t end
 
 
-cdef int _map_entry(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Span* key, Span* value):
+cdef int _map_entry(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Span* key, Span* value) noexcept:
     """A map entry message s[i:n] (key = field 1, string; value = field 2): their spans (value end < 0:
     absent; the last occurrence). 0; 1 when the value occurs more than once (a message value protobuf
     would merge: the caller lets protobuf read it); -1 when malformed."""
@@ -134,12 +134,12 @@ cdef int _map_entry(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Span* ke
     return 1 if values > 1 else 0
 
 
-cdef inline bint _is(const unsigned char* s, Span span, const char* word, Py_ssize_t length):
+cdef inline bint _is(const unsigned char* s, Span span, const char* word, Py_ssize_t length) noexcept:
     return span.end - span.start == length and memcmp(s + span.start, word, length) == 0
 
 
 cdef int _map_value(const unsigned char* s, Span message, int number, const char* name, Py_ssize_t length,
-                    bint message_values, Span* out):
+                    bint message_values, Span* out) noexcept:
     """The value of key `name` in the map<string, ...> field `number` of the message at `message` (the
     last entry wins, as protobuf maps do; an entry without a value: an empty one). 1 found, 0 absent, -1
     malformed, or (`message_values`: the map's values are messages) a value protobuf would merge."""
@@ -172,12 +172,12 @@ cdef int _map_value(const unsigned char* s, Span message, int number, const char
 
 
 cdef inline int _struct_field(const unsigned char* s, Span struct, const char* name, Py_ssize_t length,
-                              Span* out):
+                              Span* out) noexcept:
     """The Value of `name` in the Struct message at `struct` (Struct.fields: map<string, Value>, field 1)."""
     return _map_value(s, struct, 1, name, length, True, out)
 
 
-cdef int _value_kind(const unsigned char* s, Span value, Span* payload, double* number):
+cdef int _value_kind(const unsigned char* s, Span value, Span* payload, double* number) noexcept:
     """The one field set in the Value message at `value`: 2 number_value, 3 string_value, 5 struct_value,
     0 none or another kind; -1 malformed or more than one (the caller falls back)."""
     cdef Py_ssize_t i = value.start
@@ -210,7 +210,7 @@ cdef int _value_kind(const unsigned char* s, Span value, Span* payload, double* 
     return -1 if seen > 1 else kind
 
 
-cdef Py_ssize_t _b64size(const unsigned char* p, Py_ssize_t n):
+cdef Py_ssize_t _b64size(const unsigned char* p, Py_ssize_t n) noexcept:
     """The size base64 p[:n] decodes to when canonical (padded to a multiple of 4 with at most two '='),
     or -1 when n is not a multiple of 4."""
     if n % 4:
@@ -268,7 +268,7 @@ cdef extern from *:
                                   const unsigned char* table) nogil
 
 
-cdef bint _b64into(const unsigned char* p, Py_ssize_t n, unsigned char* w):
+cdef bint _b64into(const unsigned char* p, Py_ssize_t n, unsigned char* w) noexcept:
     """Decode canonical base64 p[:n] (n a positive multiple of 4) into w (its _b64size bytes), as
     binascii.a2b_base64 decodes it; False when it is not canonical (w then holds any bytes). Every quad
     but the last in one pass (_b64quads), the last one (its padding) here."""
@@ -310,7 +310,7 @@ cdef enum:
     K_UNKNOWN = 0, K_BODY = 1, K_SSE = 2, K_TAIL = 3, K_OVER = 4
 
 
-cdef int _kind_code(const unsigned char* s, Span span):
+cdef int _kind_code(const unsigned char* s, Span span) noexcept:
     if _is(s, span, b"body", 4):
         return K_BODY
     if _is(s, span, b"sse", 3):
@@ -354,7 +354,7 @@ def usage_snippet(bytes metadata):
 
 
 cdef int _record(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int* code, Span* data_span,
-                 long long* skipped):
+                 long long* skipped) noexcept:
     """The Lua tap's record in the serialized Metadata s[i:n], as usage_snippet reads it, without a Python
     object: 1 found (`code` its kind, `data_span` its base64, empty without one, `skipped` its x), 0 no
     `nexus.usage` namespace, -1 when snippet_of must read it (no "u" record, an unexpected value shape)."""
@@ -419,7 +419,7 @@ cdef enum:
     COMMON_METADATA = 17, REQUEST_ID = 9, REQUEST_HEADERS = 13, RESPONSE_HEADERS = 4
 
 
-cdef int _once(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int number, Span* out):
+cdef int _once(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int number, Span* out) noexcept:
     """The one occurrence of the message field `number` in the message s[i:n] (out: empty when absent).
     0, 1 more than once (protobuf merges the occurrences: the caller lets protobuf read it), -1 malformed."""
     cdef unsigned long long tag, size
@@ -469,13 +469,13 @@ cdef object _content_type(const unsigned char* s, Span span):
 
 
 cdef inline int _header(const unsigned char* s, Span headers_of, int number, const char* name, Py_ssize_t length,
-                        Span* out):
+                        Span* out) noexcept:
     """The value of header `name` in the map<string, string> field `number` of the message at
     `headers_of`. 1 found, 0 absent, -1 malformed."""
     return _map_value(s, headers_of, number, name, length, False, out)
 
 
-cdef int _string_field(const unsigned char* s, Span message, int number, Span* out):
+cdef int _string_field(const unsigned char* s, Span message, int number, Span* out) noexcept:
     """The string field `number` of the message (the last occurrence wins, as protobuf reads it; empty when
     absent). 0, -1 malformed."""
     return -1 if _once(s, message.start, message.end, number, out) < 0 else 0
@@ -597,7 +597,7 @@ def log_entries(bytes message not None, bint later=False):
     return out
 
 
-cdef Py_ssize_t _count_entries(const unsigned char* s, Span http):
+cdef Py_ssize_t _count_entries(const unsigned char* s, Span http) noexcept:
     """How many HTTPAccessLogEntry fields the HTTPAccessLogEntries message at `http` holds; -1 malformed."""
     cdef Py_ssize_t i = http.start, count = 0
     cdef unsigned long long tag, size
@@ -618,7 +618,7 @@ cdef Py_ssize_t _count_entries(const unsigned char* s, Span http):
     return count
 
 
-cdef bint _has_field(const unsigned char* s, Py_ssize_t n, int number):
+cdef bint _has_field(const unsigned char* s, Py_ssize_t n, int number) noexcept:
     """Whether the message s[:n] (well-formed) has field `number` at all, of any wire type (an empty TCP
     log list too)."""
     cdef Py_ssize_t i = 0
@@ -637,13 +637,13 @@ cdef bint _has_field(const unsigned char* s, Py_ssize_t n, int number):
 
 # -- JSON ----------------------------------------------------------------------------------------------
 
-cdef inline Py_ssize_t _ws(const unsigned char* s, Py_ssize_t i, Py_ssize_t n):
+cdef inline Py_ssize_t _ws(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept:
     while i < n and (s[i] == 32 or s[i] == 10 or s[i] == 13 or s[i] == 9):
         i += 1
     return i
 
 
-cdef inline bint _cont(const unsigned char* s, Py_ssize_t i, Py_ssize_t n):
+cdef inline bint _cont(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept:
     return i < n and (s[i] & 0xC0) == 0x80
 
 
@@ -671,7 +671,7 @@ cdef extern from *:
     unsigned int _plain8 "_nx_plain8"(const unsigned char* p) nogil
 
 
-cdef Py_ssize_t _string(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, bint* escaped):
+cdef Py_ssize_t _string(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, bint* escaped) noexcept:
     """A JSON string at s[i] == '"': the index after its closing quote, or -1 (invalid for json.loads
     with strict=True after a strict UTF-8 decode: control characters, bad escapes, bad UTF-8). Runs of
     plain text are skipped 8 bytes at a time (_plain8); every other byte is checked one at a time."""
@@ -728,13 +728,13 @@ cdef Py_ssize_t _string(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, bint
                 return -1
 
 
-cdef inline Py_ssize_t _digits(const unsigned char* s, Py_ssize_t i, Py_ssize_t n):
+cdef inline Py_ssize_t _digits(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept:
     while i < n and 48 <= s[i] <= 57:
         i += 1
     return i
 
 
-cdef Py_ssize_t _number(const unsigned char* s, Py_ssize_t i, Py_ssize_t n):
+cdef Py_ssize_t _number(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept:
     cdef Py_ssize_t j
     if s[i] == 45:  # '-'
         i += 1
@@ -762,7 +762,7 @@ cdef Py_ssize_t _number(const unsigned char* s, Py_ssize_t i, Py_ssize_t n):
     return i
 
 
-cdef Py_ssize_t _value(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int depth):
+cdef Py_ssize_t _value(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int depth) noexcept:
     """One JSON value at s[i] (no leading whitespace): the index after it, or -1."""
     cdef unsigned char c
     cdef bint escaped = False
@@ -809,7 +809,7 @@ cdef Py_ssize_t _value(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int d
     return _number(s, i, n)
 
 
-cdef inline bint memchr_backslash(const unsigned char* s, Py_ssize_t start, Py_ssize_t end):
+cdef inline bint memchr_backslash(const unsigned char* s, Py_ssize_t start, Py_ssize_t end) noexcept:
     while start < end:
         if s[start] == 92:
             return True
@@ -827,7 +827,7 @@ def usage_span(bytes body not None):
     return (span.start, span.end)
 
 
-cdef bint _usage_span(const unsigned char* s, Py_ssize_t n, Span* out):
+cdef bint _usage_span(const unsigned char* s, Py_ssize_t n, Span* out) noexcept:
     """usage_span of s[:n] (out: the span); False for None."""
     cdef Py_ssize_t i, key_start, key_end, v
     cdef Py_ssize_t usage_start = -1, usage_end = -1
@@ -905,7 +905,7 @@ cdef const char* DETAIL_NAMES[3]
 DETAIL_NAMES[:] = [b"cached_tokens", b"cache_write_tokens", b"reasoning_tokens"]
 
 
-cdef int _name(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, const char** names, int count):
+cdef int _name(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, const char** names, int count) noexcept:
     """The index of s[start:end] among `names`, or -1."""
     cdef int k
     cdef Py_ssize_t length = end - start
@@ -918,7 +918,7 @@ cdef int _name(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, const c
     return -1
 
 
-cdef inline long long _plain_count(const unsigned char* s, Py_ssize_t start, Py_ssize_t end):
+cdef inline long long _plain_count(const unsigned char* s, Py_ssize_t start, Py_ssize_t end) noexcept:
     """A member's value s[start:end] that is a plain non-negative integer of at most MAX_DIGITS digits:
     its value (usage_records._count reads it as is); else -1 (the pure reader decides)."""
     cdef long long v = 0
@@ -932,7 +932,7 @@ cdef inline long long _plain_count(const unsigned char* s, Py_ssize_t start, Py_
     return v
 
 
-cdef int _details(const unsigned char* s, Py_ssize_t i, Py_ssize_t end, long long* out):
+cdef int _details(const unsigned char* s, Py_ssize_t i, Py_ssize_t end, long long* out) noexcept:
     """The counts of a details object at s[i] == '{' (validated JSON): out[D_*] (0 when absent, the last
     member of a name wins); 0, or -1 when the pure reader must decide (an escaped key, a count that is
     not a plain integer)."""
@@ -987,7 +987,7 @@ def usage_counts(bytes body not None, Py_ssize_t start, Py_ssize_t end):
     return None
 
 
-cdef int _counts(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, long long* out):
+cdef int _counts(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, long long* out) noexcept:
     """usage_counts of s[start:end] (0 < start < end within s): 1 "openai" (out: prompt, completion,
     cached, cache_write, reasoning), 2 "anthropic" (out: input, cache_read, cache_creation, output), 0 None."""
     cdef Py_ssize_t i, key_start, key_end, v
@@ -1063,7 +1063,7 @@ cdef enum:
     USAGE_SPAN = 16 << 10  # core/usage_records._USAGE_SPAN: the most of a record _record_at decodes
 
 
-cdef Py_ssize_t _find(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, const char* word, Py_ssize_t length):
+cdef Py_ssize_t _find(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, const char* word, Py_ssize_t length) noexcept:
     """bytes.find: the first index >= i where `word` starts and ends by n, or -1."""
     while i + length <= n:
         if s[i] == <unsigned char>word[0] and memcmp(s + i, word, length) == 0:
@@ -1072,7 +1072,7 @@ cdef Py_ssize_t _find(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, const 
     return -1
 
 
-cdef Py_ssize_t _usage_key(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Py_ssize_t* brace):
+cdef Py_ssize_t _usage_key(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Py_ssize_t* brace) noexcept:
     """The next match of core/usage_records._USAGE_OBJECT (`"usage"` ws `:` ws `{`) from i: its start
     (brace: its `{`), or -1."""
     cdef Py_ssize_t j
@@ -1107,7 +1107,7 @@ def sse_usage_span(bytes data not None):
     return (span.start, span.end)
 
 
-cdef bint _sse_span(const unsigned char* s, Py_ssize_t n, Span* out):
+cdef bint _sse_span(const unsigned char* s, Py_ssize_t n, Span* out) noexcept:
     """sse_usage_span of s[:n] (out: the span); False for None."""
     cdef Py_ssize_t key, brace = -1, other, start, stop, head, i, end
     cdef bint escaped = False
@@ -1167,7 +1167,7 @@ cdef enum:
     MODEL_MAX = 200  # core/usage_records._MODEL_FIELD: 1 to 200 bytes between the quotes
 
 
-cdef inline Py_ssize_t _ws4(const unsigned char* s, Py_ssize_t i, Py_ssize_t n):
+cdef inline Py_ssize_t _ws4(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept:
     while i < n and (s[i] == 32 or s[i] == 9 or s[i] == 13 or s[i] == 10):
         i += 1
     return i
