@@ -271,3 +271,41 @@ def test_mutated_base64_decodes_as_binascii(data: bytes, edits: list[tuple[int, 
         if at < len(text):
             text = text[:at] + char + text[at + 1 :]
     assert scanned(text) == reference(text)
+
+
+# -- protobuf varints ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 126, 127, 128, 129, 255, 256, 16_383, 16_384, 16_385])
+def test_varints_of_one_two_and_three_bytes_read_as_protobuf_reads_them(size: int) -> None:
+    """Lengths on both sides of each varint size (the scan reads a one-byte varint on its own path), in
+    every field the scan reads: the request id, a header's value, the metadata's record."""
+    from envoy.service.accesslog.v3 import als_pb2
+
+    message = als_pb2.StreamAccessLogsMessage()
+    data = bytes((k * 7) % 256 for k in range(size * 3 // 4))
+    for k in range(3):
+        entry = entry_with(
+            {"u": {"k": "body", "b": base64.b64encode(data).decode(), "x": float(size)}}, k == 1
+        )
+        entry.request.request_id = "r" * size if k != 2 else "r"
+        entry.request.request_headers["x-nexus-key-id"] = "k" * (size or 1)
+        entry.request.request_headers["x-pad"] = "p" * size
+        entry.response.response_headers["content-type"] = "t" * size
+        message.http_logs.log_entry.append(entry)
+    raw = message.SerializeToString()
+    assert native.usage is not None
+    items = native.usage.log_entries(raw)
+    assert items is not None and len(items) == 3
+    for item, entry in zip(items, message.http_logs.log_entry, strict=True):
+        parsed = type(entry)()
+        parsed.ParseFromString(raw[item[6] : item[7]])
+        assert parsed == entry
+        assert item[:6] == (
+            entry.request.request_id,
+            entry.response.response_headers["content-type"],
+            None,
+            "body",
+            data,
+            size,
+        )

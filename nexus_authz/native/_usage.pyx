@@ -71,6 +71,9 @@ cdef inline Py_ssize_t _varint(const unsigned char* s, Py_ssize_t i, Py_ssize_t 
     """Read a varint at s[i]; the index after it, or -1."""
     cdef unsigned long long v = 0
     cdef int shift = 0
+    if i < n and s[i] < 0x80:  # one byte: most tags and lengths
+        out[0] = s[i]
+        return i + 1
     while i < n and shift < 64:
         v |= (<unsigned long long>(s[i] & 0x7F)) << shift
         if not s[i] & 0x80:
