@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nexus_authz import native
+from nexus_authz.adapters import als_fast
 from tests.adapters.test_als_fast import entry_with
 from tests.fuzz._support import fuzz_settings
 
@@ -309,3 +310,51 @@ def test_varints_of_one_two_and_three_bytes_read_as_protobuf_reads_them(size: in
             data,
             size,
         )
+
+
+# -- numbers and strings read without a call (_member) ----------------------------------------------------
+
+NUMBERS = [b"0", b"7", b"10", b"01", b"00", b"0.", b"0.5", b"0e", b"0e1", b"0E+1", b"1e5", b"1E-5", b"12."]
+NUMBERS += [
+    b"12.50",
+    b"-0",
+    b"-1",
+    b"-",
+    b"1.e1",
+    b"123456789012",
+    b"1234567890123",
+    b"0x1",
+    b"1a",
+    b"9" * 20,
+]
+NUMBERS += [b"5 ", b"0\n", b"3e", b"3e+", b'"7"', b'"\\u0037"', b"[7]", b"{}", b"true", b"nul"]
+
+
+@pytest.mark.parametrize("number", NUMBERS)
+def test_a_number_in_every_place_reads_as_json_loads_and_the_core_read_it(number: bytes) -> None:
+    """A number token (or a string, a literal) as a count, a details count, another member, an array's
+    item, a top-level member: the document is refused exactly when json.loads refuses it, and a record the
+    scan reads gives the core parser's usage and model."""
+    from tests.adapters.test_als_fast import pure
+
+    assert native.usage is not None
+    record = b'{"prompt_tokens":%s,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":%s,"x":%s}}'
+    bodies = [
+        b'{"usage":' + record % (number, b"1", b"1") + b"}",
+        b'{"usage":' + record % (b"9", number, b"1") + b"}",
+        b'{"usage":' + record % (b"9", b"1", number) + b"}",
+        b'{"usage":{"prompt_tokens":4,"total_tokens":' + number + b'},"n":' + number + b"}",
+        b'{"n":[' + number + b"," + number + b'],"usage":{"input_tokens":' + number + b"}}",
+    ]
+    for body in bodies:
+        span = native.usage.usage_span(body)
+        assert (span is not None) == json_valid(body), body
+        fast = als_fast.body_usage(body, "application/json", None)
+        assert fast is None or fast == pure(body, "application/json", None), body
+        if number in (b"0", b"7", b"10", b"5 "):
+            assert fast is not None, body  # the common record: read by the scan
+        if span is not None:
+            record_text = body[span[0] : span[1]]
+            assert native.usage.usage_counts(body, *span) == native.usage.usage_counts(
+                record_text, 0, len(record_text)
+            )

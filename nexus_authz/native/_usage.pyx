@@ -791,7 +791,7 @@ cdef Py_ssize_t _value(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int d
                 if i >= n or s[i] != 58:  # ':'
                     return -1
                 i = _ws(s, i + 1, n)
-            i = _value(s, i, n, depth + 1)
+            i = _member(s, i, n, depth + 1)
             if i < 0:
                 return -1
             i = _ws(s, i, n)
@@ -810,6 +810,21 @@ cdef Py_ssize_t _value(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int d
     if c == 110:
         return i + 4 if i + 4 <= n and memcmp(s + i, b"null", 4) == 0 else -1
     return _number(s, i, n)
+
+
+cdef inline Py_ssize_t _member(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int depth) noexcept:
+    """_value(s, i, n, depth), with no call for its commonest values: a string, and a number that is an
+    integer (its digits, when no fraction or exponent follows them, are all _number reads)."""
+    cdef Py_ssize_t j
+    cdef bint escaped = False
+    if i < n:
+        if 48 <= s[i] <= 57:
+            j = i + 1 if s[i] == 48 else _digits(s, i + 1, n)
+            if j >= n or (s[j] != 46 and (s[j] | 0x20) != 101):  # not '.', 'e' or 'E'
+                return j
+        elif s[i] == 34:
+            return _string(s, i, n, &escaped)
+    return _value(s, i, n, depth)
 
 
 cdef inline bint memchr_backslash(const unsigned char* s, Py_ssize_t start, Py_ssize_t end) noexcept:
@@ -853,7 +868,7 @@ cdef bint _usage_span(const unsigned char* s, Py_ssize_t n, Span* out) noexcept:
         if i >= n or s[i] != 58:
             return False
         v = _ws(s, i + 1, n)
-        i = _value(s, v, n, 1)
+        i = _member(s, v, n, 1)
         if i < 0:
             return False
         if key_end - key_start == 5 and memcmp(s + key_start, b"usage", 5) == 0:
@@ -935,17 +950,17 @@ cdef inline long long _plain_count(const unsigned char* s, Py_ssize_t start, Py_
     return v
 
 
-cdef int _details(const unsigned char* s, Py_ssize_t i, Py_ssize_t end, long long* out) noexcept:
-    """The counts of a details object at s[i] == '{' (validated JSON): out[D_*] (0 when absent, the last
-    member of a name wins); 0, or -1 when the pure reader must decide (an escaped key, a count that is
-    not a plain integer)."""
+cdef Py_ssize_t _details(const unsigned char* s, Py_ssize_t i, Py_ssize_t end, long long* out) noexcept:
+    """The counts of a details object at s[i] == '{', read as _value parses it: out[D_*] (0 when absent, the
+    last member of a name wins); the index after it, or -1 when it is not one valid object within `end` or
+    the pure reader must decide (an escaped key, a count that is not a plain integer)."""
     cdef Py_ssize_t key_start, key_end, v
     cdef bint escaped = False
     cdef int k
     out[D_CACHED] = out[D_CACHE_WRITE] = out[D_REASONING] = 0
     i = _ws(s, i + 1, end)
     if i < end and s[i] == 125:
-        return 0
+        return i + 1
     while True:
         if i >= end or s[i] != 34:
             return -1
@@ -958,7 +973,7 @@ cdef int _details(const unsigned char* s, Py_ssize_t i, Py_ssize_t end, long lon
         if i >= end or s[i] != 58:  # ':'
             return -1
         v = _ws(s, i + 1, end)
-        i = _value(s, v, end, 2)
+        i = _member(s, v, end, 2)
         if i < 0:
             return -1
         k = _name(s, key_start, key_end, DETAIL_NAMES, N_DETAILS)
@@ -968,7 +983,7 @@ cdef int _details(const unsigned char* s, Py_ssize_t i, Py_ssize_t end, long lon
                 return -1
         i = _ws(s, i, end)
         if i >= end or s[i] != 44:
-            return 0 if i < end and s[i] == 125 else -1  # '}'
+            return i + 1 if i < end and s[i] == 125 else -1  # '}'
         i = _ws(s, i + 1, end)
 
 
@@ -1020,18 +1035,18 @@ cdef int _counts(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, long 
             if i >= end or s[i] != 58:  # ':'
                 return 0
             v = _ws(s, i + 1, end)
-            i = _value(s, v, end, 1)
+            k = _name(s, key_start, key_end, FIELD_NAMES, N_FIELDS)
+            if k >= F_PROMPT_DETAILS and v < end and s[v] == 123:  # a details object, parsed as it is read
+                i = _details(s, v, end, details[k - F_PROMPT_DETAILS])
+            else:
+                i = _member(s, v, end, 1)
             if i < 0:
                 return 0
-            k = _name(s, key_start, key_end, FIELD_NAMES, N_FIELDS)
             if k >= 0:
                 seen[k] = True
-                if k >= F_PROMPT_DETAILS:  # a details object (anything else reads as no details)
-                    d = k - F_PROMPT_DETAILS
-                    if s[v] == 123:
-                        if _details(s, v, i, details[d]) < 0:
-                            return 0
-                    else:
+                if k >= F_PROMPT_DETAILS:
+                    if s[v] != 123:  # anything but an object reads as no details
+                        d = k - F_PROMPT_DETAILS
                         details[d][0] = details[d][1] = details[d][2] = 0
                 elif k != F_TOTAL:  # total_tokens: only its presence counts
                     value[k] = _plain_count(s, v, i)
