@@ -20,6 +20,7 @@ from nexus_authz import native
 from nexus_authz.adapters import als_fast
 from tests.adapters.test_als_fast import entry_with
 from tests.fuzz._support import fuzz_settings
+from tests.helpers import protobuf_len_field as _field
 
 
 @pytest.fixture(autouse=True)
@@ -358,3 +359,93 @@ def test_a_number_in_every_place_reads_as_json_loads_and_the_core_read_it(number
             assert native.usage.usage_counts(body, *span) == native.usage.usage_counts(
                 record_text, 0, len(record_text)
             )
+
+
+# -- map entries (_map_entry's usual shape, _map_values' walk for several names) ---------------------------
+
+
+def _map_entries(name: bytes, value: bytes) -> list[bytes]:
+    """A map<string, string> entry for name: value as protobuf writes it, and as it may also be written."""
+    key, val = _field(1, name), _field(2, value)
+    return [
+        key + val,
+        val + key,
+        key + val + _field(2, b"second"),
+        _field(1, b"other") + key + val,
+        key,
+        val,
+        key + val + b"\x18\x05",
+        key + val + _field(3, b"zz"),
+        key + _field(2, value + b"x" * 130),
+        _field(1, name + b"x" * 130) + val,
+        b"\x0a\x80" + b"\x01" * 3,  # a key's length past the entry: malformed
+    ]
+
+
+@pytest.mark.parametrize("layout", range(11))
+@pytest.mark.parametrize("header", [b"x-nexus-key-id", b"content-type", b"content-encoding"])
+def test_map_entries_of_every_layout_read_as_protobuf_reads_them(layout: int, header: bytes) -> None:
+    """Header map entries in the usual layout and in layouts protobuf reads but never writes (value first,
+    repeated key or value, unknown fields, two-byte lengths, a cut entry), for the key id and both response
+    headers read in one walk: the scan admits and reads the entry as protobuf parses it, or leaves the
+    message to protobuf (an entry with another field, which protobuf keeps out of the map)."""
+    from envoy.data.accesslog.v3 import accesslog_pb2
+    from google.protobuf.message import DecodeError
+
+    entry_map = _map_entries(header, b"application/json")[layout]
+    request = _field(9, b"rid") + _field(13, _field(1, b"x-nexus-key-id") + _field(2, b"k"))
+    response = _field(4, _field(1, b"content-encoding") + _field(2, b"identity"))
+    if header == b"x-nexus-key-id":
+        request = _field(9, b"rid") + _field(13, entry_map)
+    else:
+        response = _field(4, entry_map) + _field(4, _field(1, b"x-other") + _field(2, b"v"))
+    entry = _field(3, request) + _field(4, response)
+    raw = _field(2, _field(1, entry))
+    assert native.usage is not None
+    items = native.usage.log_entries(raw)
+    try:
+        parsed = accesslog_pb2.HTTPAccessLogEntry.FromString(entry)
+    except DecodeError:
+        assert items is None
+        return
+    if layout in (6, 7):  # an entry holding another field: protobuf keeps it out of the map, and decides
+        assert items is None
+        return
+    assert items is not None and len(items) == 1
+    item = items[0]
+    headers = parsed.response.response_headers
+    if not parsed.request.request_headers.get("x-nexus-key-id"):
+        assert item is None
+    else:
+        assert item is not None and item[0] == parsed.request.request_id
+        assert item[1] == headers.get("content-type", None)
+        assert item[2] == headers.get("content-encoding", None)
+
+
+@pytest.mark.parametrize("place", ["namespace", "u", "k", "b"])
+def test_a_record_s_map_entry_holding_another_field_reads_as_snippet_of_reads_it(place: str) -> None:
+    """The Lua record's Struct entries with an unknown field (protobuf keeps such an entry out of the map):
+    the scan leaves the record to snippet_of, or reads what it reads."""
+    from envoy.data.accesslog.v3 import accesslog_pb2
+    from google.protobuf import struct_pb2
+
+    from nexus_authz.adapters.envoy_als import snippet_of
+
+    def entry(key: bytes, value: bytes, odd: bool) -> bytes:
+        return _field(1, _field(1, key) + _field(2, value) + (b"\x18\x05" if odd else b""))
+
+    def text(value: str) -> bytes:
+        return struct_pb2.Value(string_value=value).SerializeToString()
+
+    def build(odd: str | None) -> bytes:
+        data = text(base64.b64encode(b"{}").decode())
+        record = entry(b"k", text("body"), odd == "k") + entry(b"b", data, odd == "b")
+        return entry(b"nexus.usage", entry(b"u", _field(5, record), odd == "u"), odd == "namespace")
+
+    metadata = build(place)
+    parsed = accesslog_pb2.HTTPAccessLogEntry.FromString(_field(1, _field(17, metadata)))
+    reference = snippet_of(parsed)
+    assert native.usage is not None
+    fields = native.usage.usage_snippet(metadata)
+    assert fields is None or fields == (reference.kind, reference.data, reference.skipped)
+    assert native.usage.usage_snippet(build(None)) == ("body", b"{}", 0)

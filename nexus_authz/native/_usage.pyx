@@ -109,7 +109,7 @@ cdef struct Span:
 cdef int _map_entry(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Span* key, Span* value) noexcept:
     """A map entry message s[i:n] (key = field 1, string; value = field 2): their spans (value end < 0:
     absent; the last occurrence). 0; 1 when the value occurs more than once (a message value protobuf
-    would merge: the caller lets protobuf read it); -1 when malformed."""
+    would merge: the caller lets protobuf read it); -1 when malformed or holding any other field."""
     cdef unsigned long long tag, length
     cdef int values = 0
     key.start = key.end = 0
@@ -130,10 +130,8 @@ cdef int _map_entry(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Span* ke
                 value.end = i + <Py_ssize_t>length
                 values += 1
             i += <Py_ssize_t>length
-        else:
-            i = _skip(s, i, n, tag & 7)
-            if i < 0:
-                return -1
+        else:  # another field, or a key or value of another wire type: protobuf (upb) keeps the whole
+            return -1  # entry as an unknown field of the map's message, not in the map: it decides
     return 1 if values > 1 else 0
 
 
