@@ -87,17 +87,17 @@ cdef inline Py_ssize_t _varint(const unsigned char* s, Py_ssize_t i, Py_ssize_t 
 cdef inline Py_ssize_t _skip(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, unsigned long long wire) noexcept:
     """Skip a field's value of wire type `wire` at s[i]; the index after it, or -1."""
     cdef unsigned long long v
+    if wire == 2:  # the commonest: strings and messages
+        i = _varint(s, i, n, &v)
+        if i < 0 or v > <unsigned long long>(n - i):
+            return -1
+        return i + <Py_ssize_t>v
     if wire == 0:
         return _varint(s, i, n, &v)
     if wire == 1:
         return i + 8 if i + 8 <= n else -1
     if wire == 5:
         return i + 4 if i + 4 <= n else -1
-    if wire == 2:
-        i = _varint(s, i, n, &v)
-        if i < 0 or v > <unsigned long long>(n - i):
-            return -1
-        return i + <Py_ssize_t>v
     return -1  # groups: never in these messages
 
 
@@ -112,6 +112,16 @@ cdef int _map_entry(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Span* ke
     would merge: the caller lets protobuf read it); -1 when malformed or holding any other field."""
     cdef unsigned long long tag, length
     cdef int values = 0
+    cdef Py_ssize_t k
+    # the usual entry, as protobuf writes it: the key then the value, each with a one-byte length
+    if n - i >= 4 and s[i] == 0x0A and s[i + 1] < 0x80:
+        k = i + 2 + s[i + 1]
+        if k + 2 <= n and s[k] == 0x12 and s[k + 1] < 0x80 and k + 2 + s[k + 1] == n:
+            key.start = i + 2
+            key.end = k
+            value.start = k + 2
+            value.end = n
+            return 0
     key.start = key.end = 0
     value.start = value.end = -1
     while i < n:
@@ -139,15 +149,22 @@ cdef inline bint _is(const unsigned char* s, Span span, const char* word, Py_ssi
     return span.end - span.start == length and memcmp(s + span.start, word, length) == 0
 
 
-cdef int _map_value(const unsigned char* s, Span message, int number, const char* name, Py_ssize_t length,
-                    bint message_values, Span* out) noexcept:
+cdef inline int _map_value(const unsigned char* s, Span message, int number, const char* name,
+                           Py_ssize_t length, bint message_values, Span* out) noexcept:
     """The value of key `name` in the map<string, ...> field `number` of the message at `message` (the
     last entry wins, as protobuf maps do; an entry without a value: an empty one). 1 found, 0 absent, -1
     malformed, or (`message_values`: the map's values are messages) a value protobuf would merge."""
+    return _map_values(s, message, number, &name, &length, 1, message_values, out)
+
+
+cdef int _map_values(const unsigned char* s, Span message, int number, const char** names,
+                     const Py_ssize_t* lengths, int count, bint message_values, Span* out) noexcept:
+    """_map_value of `count` names in one walk of the map: -1 as _map_value (whatever the names), else
+    bit k set when names[k] is found (its value in out[k])."""
     cdef Py_ssize_t i = message.start, n = message.end
     cdef unsigned long long tag, size
     cdef Span key, value
-    cdef int found = 0, entry
+    cdef int found = 0, entry, k
     while i < n:
         i = _varint(s, i, n, &tag)
         if i < 0:
@@ -160,11 +177,13 @@ cdef int _map_value(const unsigned char* s, Span message, int number, const char
             if entry < 0 or (entry and message_values):
                 return -1
             i += <Py_ssize_t>size
-            if _is(s, key, name, length):
-                found = 1
-                if value.end < 0:  # no value: an empty one
-                    value.start = value.end = i
-                out[0] = value
+            for k in range(count):
+                if _is(s, key, names[k], lengths[k]):
+                    found |= 1 << k
+                    if value.end < 0:  # no value: an empty one
+                        value.start = value.end = i
+                    out[k] = value
+                    break
         else:
             i = _skip(s, i, n, tag & 7)
             if i < 0:
@@ -354,12 +373,19 @@ def usage_snippet(bytes metadata):
     return (_kind_name(code), data, skipped)
 
 
+cdef const char* RECORD_NAMES[3]
+RECORD_NAMES[:] = [b"k", b"b", b"x"]
+cdef Py_ssize_t RECORD_LENGTHS[3]
+RECORD_LENGTHS[:] = [1, 1, 1]
+
+
 cdef int _record(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int* code, Span* data_span,
                  long long* skipped) noexcept:
     """The Lua tap's record in the serialized Metadata s[i:n], as usage_snippet reads it, without a Python
     object: 1 found (`code` its kind, `data_span` its base64, empty without one, `skipped` its x), 0 no
     `nexus.usage` namespace, -1 when snippet_of must read it (no "u" record, an unexpected value shape)."""
     cdef Span metadata, ns, field, payload, record, kind_span
+    cdef Span fields[3]
     cdef double number = 0.0
     cdef int found = 0, kind
     metadata.start = i
@@ -377,33 +403,27 @@ cdef int _record(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int* code, 
     kind = _value_kind(s, field, &record, &number)
     if kind != 5:
         return -1
-    # the record's fields: k (string), b (base64 string), x (number)
-    found = _struct_field(s, record, b"k", 1, &field)
+    # the record's fields: k (string), b (base64 string), x (number), in one walk
+    found = _map_values(s, record, 1, RECORD_NAMES, RECORD_LENGTHS, 3, True, fields)
     if found < 0:
         return -1
     kind_span.start = kind_span.end = 0
-    if found:
-        kind = _value_kind(s, field, &kind_span, &number)
+    if found & 1:
+        kind = _value_kind(s, fields[0], &kind_span, &number)
         if kind < 0:
             return -1
         if kind != 3:
             kind_span.start = kind_span.end = 0
     code[0] = _kind_code(s, kind_span)
-    found = _struct_field(s, record, b"b", 1, &field)
-    if found < 0:
-        return -1
-    if found:
-        kind = _value_kind(s, field, &payload, &number)
+    if found & 2:
+        kind = _value_kind(s, fields[1], &payload, &number)
         if kind < 0:
             return -1
         if kind == 3:
             data_span[0] = payload
-    found = _struct_field(s, record, b"x", 1, &field)
-    if found < 0:
-        return -1
-    if found:
+    if found & 4:
         number = 0.0
-        kind = _value_kind(s, field, &payload, &number)
+        kind = _value_kind(s, fields[2], &payload, &number)
         if kind < 0:
             return -1
         if kind == 2 and 0 < number < 9007199254740992.0:  # 2**53, as envoy_als._byte_count
@@ -482,6 +502,12 @@ cdef int _string_field(const unsigned char* s, Span message, int number, Span* o
     return -1 if _once(s, message.start, message.end, number, out) < 0 else 0
 
 
+cdef const char* RESPONSE_NAMES[2]
+RESPONSE_NAMES[:] = [b"content-type", b"content-encoding"]
+cdef Py_ssize_t RESPONSE_LENGTHS[2]
+RESPONSE_LENGTHS[:] = [12, 16]
+
+
 cdef object _entry(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, bint later):
     """One HTTPAccessLogEntry s[start:end]: None when nexus-authz did not admit it (no x-nexus-key-id),
     else (request_id, content_type, content_encoding, kind, data, skipped, start, end), or
@@ -490,6 +516,7 @@ cdef object _entry(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, bin
     when malformed. `later`: a known kind's base64 data is not decoded here: `data` is the int
     `_later(span, start)` of where it is in s, for account_run to decode (`_common`, `_whole`)."""
     cdef Span common, request, response, metadata, rid, value, data_span
+    cdef Span values[2]
     cdef int found, a, b, c, code = 0
     cdef long long skipped = 0
     a = _once(s, start, end, ENTRY_COMMON, &common)
@@ -507,14 +534,11 @@ cdef object _entry(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, bin
     if _string_field(s, request, REQUEST_ID, &rid) < 0:
         raise ValueError("malformed entry")
     request_id = _text(s, rid)
-    found = _header(s, response, RESPONSE_HEADERS, b"content-type", 12, &value)
+    found = _map_values(s, response, RESPONSE_HEADERS, RESPONSE_NAMES, RESPONSE_LENGTHS, 2, False, values)
     if found < 0:
         raise ValueError("malformed entry")
-    content_type = _content_type(s, value) if found else None
-    found = _header(s, response, RESPONSE_HEADERS, b"content-encoding", 16, &value)
-    if found < 0:
-        raise ValueError("malformed entry")
-    content_encoding = _text(s, value) if found else None
+    content_type = _content_type(s, values[0]) if found & 1 else None
+    content_encoding = _text(s, values[1]) if found & 2 else None
     found = _once(s, common.start, common.end, COMMON_METADATA, &metadata)
     if found < 0:
         raise ValueError("malformed entry")
