@@ -943,16 +943,23 @@ FIELD_NAMES[:] = [
 ]
 cdef const char* DETAIL_NAMES[3]
 DETAIL_NAMES[:] = [b"cached_tokens", b"cache_write_tokens", b"reasoning_tokens"]
+cdef unsigned char FIELD_LENGTHS[11]  # their lengths, measured once (no strlen per key)
+cdef unsigned char DETAIL_LENGTHS[3]
+for _i in range(11):
+    FIELD_LENGTHS[_i] = <unsigned char>strlen(FIELD_NAMES[_i])
+for _i in range(3):
+    DETAIL_LENGTHS[_i] = <unsigned char>strlen(DETAIL_NAMES[_i])
 
 
-cdef int _name(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, const char** names, int count) noexcept:
+cdef int _name(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, const char** names,
+               const unsigned char* lengths, int count) noexcept:
     """The index of s[start:end] among `names`, or -1."""
     cdef int k
     cdef Py_ssize_t length = end - start
     if length < 12 or length > 27:  # shorter or longer than every name
         return -1
     for k in range(count):
-        if names[k][0] == s[start] and <Py_ssize_t>strlen(names[k]) == length:
+        if names[k][0] == s[start] and lengths[k] == length:
             if memcmp(s + start, names[k], length) == 0:
                 return k
     return -1
@@ -998,7 +1005,7 @@ cdef Py_ssize_t _details(const unsigned char* s, Py_ssize_t i, Py_ssize_t end, l
         i = _member(s, v, end, 2)
         if i < 0:
             return -1
-        k = _name(s, key_start, key_end, DETAIL_NAMES, N_DETAILS)
+        k = _name(s, key_start, key_end, DETAIL_NAMES, DETAIL_LENGTHS, N_DETAILS)
         if k >= 0:
             out[k] = _plain_count(s, v, i)
             if out[k] < 0:
@@ -1057,7 +1064,7 @@ cdef int _counts(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, long 
             if i >= end or s[i] != 58:  # ':'
                 return 0
             v = _ws(s, i + 1, end)
-            k = _name(s, key_start, key_end, FIELD_NAMES, N_FIELDS)
+            k = _name(s, key_start, key_end, FIELD_NAMES, FIELD_LENGTHS, N_FIELDS)
             if k >= F_PROMPT_DETAILS and v < end and s[v] == 123:  # a details object, parsed as it is read
                 i = _details(s, v, end, details[k - F_PROMPT_DETAILS])
             else:
