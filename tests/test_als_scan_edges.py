@@ -21,6 +21,7 @@ from nexus_authz.adapters import als_fast
 from tests.adapters.test_als_fast import entry_with
 from tests.fuzz._support import fuzz_settings
 from tests.helpers import protobuf_len_field as _field
+from tests.helpers import protobuf_varint as _varint
 
 
 @pytest.fixture(autouse=True)
@@ -449,3 +450,48 @@ def test_a_record_s_map_entry_holding_another_field_reads_as_snippet_of_reads_it
     fields = native.usage.usage_snippet(metadata)
     assert fields is None or fields == (reference.kind, reference.data, reference.skipped)
     assert native.usage.usage_snippet(build(None)) == ("body", b"{}", 0)
+
+
+@pytest.mark.parametrize("number", [1000, 2047, 2048, 262_143, 262_144, 2**29 - 1])
+def test_fields_with_tags_of_every_size_are_skipped_as_protobuf_skips_them(number: int) -> None:
+    """Unknown fields of two- to five-byte tags (a varint and a string) before and after each message field
+    the scan looks for: the entry reads as without them."""
+    from envoy.service.accesslog.v3 import als_pb2
+
+    def odd(k: int) -> bytes:
+        return _varint((number << 3) | 0) + _varint(k) + _field(number, b"z" * k)
+
+    entry = entry_with({"u": {"k": "body", "b": base64.b64encode(b'{"a":1}').decode()}}, other=True)
+    entry.request.request_id = "rid"
+    entry.request.request_headers["x-nexus-key-id"] = "k"
+    entry.response.response_headers["content-type"] = "application/json"
+    plain_entry = entry.SerializeToString()
+    common, request, response = (
+        entry.common_properties.SerializeToString(),
+        entry.request.SerializeToString(),
+        entry.response.SerializeToString(),
+    )
+    oddly = (
+        odd(1)
+        + _field(1, odd(2) + common + odd(3))
+        + odd(4)
+        + _field(3, request + odd(5))
+        + _field(4, odd(6) + response)
+        + odd(7)
+    )
+    message = als_pb2.StreamAccessLogsMessage()
+    message.http_logs.log_entry.append(entry)
+    reference = native.usage.log_entries(message.SerializeToString()) if native.usage else None
+    raw = _field(2, _field(1, oddly))
+    assert native.usage is not None and reference is not None
+    items = native.usage.log_entries(raw)
+    assert type(entry).FromString(oddly).request.request_id == "rid"  # protobuf reads it, unknown fields kept
+    assert items is not None and items[0][:6] == reference[0][:6] == (
+        "rid",
+        "application/json",
+        None,
+        "body",
+        b'{"a":1}',
+        0,
+    )
+    assert len(plain_entry) < len(oddly)

@@ -84,6 +84,19 @@ cdef inline Py_ssize_t _varint(const unsigned char* s, Py_ssize_t i, Py_ssize_t 
     return -1
 
 
+cdef inline Py_ssize_t _varint2(const unsigned char* s, Py_ssize_t i, Py_ssize_t n,
+                                unsigned long long* out) noexcept:
+    """_varint, with a two-byte varint read at once too (the tags of fields 16 to 2047: _once's walk of an
+    entry's common properties)."""
+    if i < n and s[i] < 0x80:
+        out[0] = s[i]
+        return i + 1
+    if i + 1 < n and s[i + 1] < 0x80:
+        out[0] = (s[i] & 0x7F) | (<unsigned long long>s[i + 1] << 7)
+        return i + 2
+    return _varint(s, i, n, out)
+
+
 cdef inline Py_ssize_t _skip(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, unsigned long long wire) noexcept:
     """Skip a field's value of wire type `wire` at s[i]; the index after it, or -1."""
     cdef unsigned long long v
@@ -447,7 +460,7 @@ cdef int _once(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int number, S
     cdef int seen = 0
     out.start = out.end = 0
     while i < n:
-        i = _varint(s, i, n, &tag)
+        i = _varint2(s, i, n, &tag)
         if i < 0:
             return -1
         if tag == ((<unsigned long long>number << 3) | 2):
