@@ -67,10 +67,13 @@ for _i in range(64):
 
 # -- protobuf wire format ------------------------------------------------------------------------------
 
-cdef inline Py_ssize_t _varint(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, unsigned long long* out):
+cdef inline Py_ssize_t _varint(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, unsigned long long* out) noexcept:
     """Read a varint at s[i]; the index after it, or -1."""
     cdef unsigned long long v = 0
     cdef int shift = 0
+    if i < n and s[i] < 0x80:  # one byte: most tags and lengths
+        out[0] = s[i]
+        return i + 1
     while i < n and shift < 64:
         v |= (<unsigned long long>(s[i] & 0x7F)) << shift
         if not s[i] & 0x80:
@@ -81,20 +84,33 @@ cdef inline Py_ssize_t _varint(const unsigned char* s, Py_ssize_t i, Py_ssize_t 
     return -1
 
 
-cdef inline Py_ssize_t _skip(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, unsigned long long wire):
+cdef inline Py_ssize_t _varint2(const unsigned char* s, Py_ssize_t i, Py_ssize_t n,
+                                unsigned long long* out) noexcept:
+    """_varint, with a two-byte varint read at once too (the tags of fields 16 to 2047: _once's walk of an
+    entry's common properties)."""
+    if i < n and s[i] < 0x80:
+        out[0] = s[i]
+        return i + 1
+    if i + 1 < n and s[i + 1] < 0x80:
+        out[0] = (s[i] & 0x7F) | (<unsigned long long>s[i + 1] << 7)
+        return i + 2
+    return _varint(s, i, n, out)
+
+
+cdef inline Py_ssize_t _skip(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, unsigned long long wire) noexcept:
     """Skip a field's value of wire type `wire` at s[i]; the index after it, or -1."""
     cdef unsigned long long v
+    if wire == 2:  # the commonest: strings and messages
+        i = _varint(s, i, n, &v)
+        if i < 0 or v > <unsigned long long>(n - i):
+            return -1
+        return i + <Py_ssize_t>v
     if wire == 0:
         return _varint(s, i, n, &v)
     if wire == 1:
         return i + 8 if i + 8 <= n else -1
     if wire == 5:
         return i + 4 if i + 4 <= n else -1
-    if wire == 2:
-        i = _varint(s, i, n, &v)
-        if i < 0 or v > <unsigned long long>(n - i):
-            return -1
-        return i + <Py_ssize_t>v
     return -1  # groups: never in these messages
 
 
@@ -103,12 +119,22 @@ cdef struct Span:
     Py_ssize_t end
 
 
-cdef int _map_entry(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Span* key, Span* value):
+cdef int _map_entry(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Span* key, Span* value) noexcept:
     """A map entry message s[i:n] (key = field 1, string; value = field 2): their spans (value end < 0:
     absent; the last occurrence). 0; 1 when the value occurs more than once (a message value protobuf
-    would merge: the caller lets protobuf read it); -1 when malformed."""
+    would merge: the caller lets protobuf read it); -1 when malformed or holding any other field."""
     cdef unsigned long long tag, length
     cdef int values = 0
+    cdef Py_ssize_t k
+    # the usual entry, as protobuf writes it: the key then the value, each with a one-byte length
+    if n - i >= 4 and s[i] == 0x0A and s[i + 1] < 0x80:
+        k = i + 2 + s[i + 1]
+        if k + 2 <= n and s[k] == 0x12 and s[k + 1] < 0x80 and k + 2 + s[k + 1] == n:
+            key.start = i + 2
+            key.end = k
+            value.start = k + 2
+            value.end = n
+            return 0
     key.start = key.end = 0
     value.start = value.end = -1
     while i < n:
@@ -127,26 +153,31 @@ cdef int _map_entry(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Span* ke
                 value.end = i + <Py_ssize_t>length
                 values += 1
             i += <Py_ssize_t>length
-        else:
-            i = _skip(s, i, n, tag & 7)
-            if i < 0:
-                return -1
+        else:  # another field, or a key or value of another wire type: protobuf (upb) keeps the whole
+            return -1  # entry as an unknown field of the map's message, not in the map: it decides
     return 1 if values > 1 else 0
 
 
-cdef inline bint _is(const unsigned char* s, Span span, const char* word, Py_ssize_t length):
+cdef inline bint _is(const unsigned char* s, Span span, const char* word, Py_ssize_t length) noexcept:
     return span.end - span.start == length and memcmp(s + span.start, word, length) == 0
 
 
-cdef int _map_value(const unsigned char* s, Span message, int number, const char* name, Py_ssize_t length,
-                    bint message_values, Span* out):
+cdef inline int _map_value(const unsigned char* s, Span message, int number, const char* name,
+                           Py_ssize_t length, bint message_values, Span* out) noexcept:
     """The value of key `name` in the map<string, ...> field `number` of the message at `message` (the
     last entry wins, as protobuf maps do; an entry without a value: an empty one). 1 found, 0 absent, -1
     malformed, or (`message_values`: the map's values are messages) a value protobuf would merge."""
+    return _map_values(s, message, number, &name, &length, 1, message_values, out)
+
+
+cdef int _map_values(const unsigned char* s, Span message, int number, const char** names,
+                     const Py_ssize_t* lengths, int count, bint message_values, Span* out) noexcept:
+    """_map_value of `count` names in one walk of the map: -1 as _map_value (whatever the names), else
+    bit k set when names[k] is found (its value in out[k])."""
     cdef Py_ssize_t i = message.start, n = message.end
     cdef unsigned long long tag, size
     cdef Span key, value
-    cdef int found = 0, entry
+    cdef int found = 0, entry, k
     while i < n:
         i = _varint(s, i, n, &tag)
         if i < 0:
@@ -159,11 +190,13 @@ cdef int _map_value(const unsigned char* s, Span message, int number, const char
             if entry < 0 or (entry and message_values):
                 return -1
             i += <Py_ssize_t>size
-            if _is(s, key, name, length):
-                found = 1
-                if value.end < 0:  # no value: an empty one
-                    value.start = value.end = i
-                out[0] = value
+            for k in range(count):
+                if _is(s, key, names[k], lengths[k]):
+                    found |= 1 << k
+                    if value.end < 0:  # no value: an empty one
+                        value.start = value.end = i
+                    out[k] = value
+                    break
         else:
             i = _skip(s, i, n, tag & 7)
             if i < 0:
@@ -172,12 +205,12 @@ cdef int _map_value(const unsigned char* s, Span message, int number, const char
 
 
 cdef inline int _struct_field(const unsigned char* s, Span struct, const char* name, Py_ssize_t length,
-                              Span* out):
+                              Span* out) noexcept:
     """The Value of `name` in the Struct message at `struct` (Struct.fields: map<string, Value>, field 1)."""
     return _map_value(s, struct, 1, name, length, True, out)
 
 
-cdef int _value_kind(const unsigned char* s, Span value, Span* payload, double* number):
+cdef int _value_kind(const unsigned char* s, Span value, Span* payload, double* number) noexcept:
     """The one field set in the Value message at `value`: 2 number_value, 3 string_value, 5 struct_value,
     0 none or another kind; -1 malformed or more than one (the caller falls back)."""
     cdef Py_ssize_t i = value.start
@@ -210,7 +243,7 @@ cdef int _value_kind(const unsigned char* s, Span value, Span* payload, double* 
     return -1 if seen > 1 else kind
 
 
-cdef Py_ssize_t _b64size(const unsigned char* p, Py_ssize_t n):
+cdef Py_ssize_t _b64size(const unsigned char* p, Py_ssize_t n) noexcept:
     """The size base64 p[:n] decodes to when canonical (padded to a multiple of 4 with at most two '='),
     or -1 when n is not a multiple of 4."""
     if n % 4:
@@ -222,25 +255,62 @@ cdef Py_ssize_t _b64size(const unsigned char* p, Py_ssize_t n):
     return n // 4 * 3
 
 
-cdef bint _b64into(const unsigned char* p, Py_ssize_t n, unsigned char* w):
+cdef extern from *:
+    """
+    #include <stdint.h>
+    /* Decode `quads` whole quads of base64 at p into w, 3 bytes each, with `table` (a character's 6 bits, or
+       0xFF outside the alphabet); false when a character is outside it. Two quads make one 8-byte store
+       while three or more are left, then a quad makes one 4-byte store: the bytes a store writes past its
+       quads' are written over by the next ones, and the caller has at least one more byte after the last. */
+    static inline int _nx_b64quads(const unsigned char *p, Py_ssize_t quads, unsigned char *w,
+                                   const unsigned char *table) {
+        uint64_t bad = 0, a, b, c, d, e, f, g, h, v;
+        uint32_t v4;
+        for (; quads >= 3; quads -= 2, p += 8, w += 6) {
+            a = table[p[0]];
+            b = table[p[1]];
+            c = table[p[2]];
+            d = table[p[3]];
+            e = table[p[4]];
+            f = table[p[5]];
+            g = table[p[6]];
+            h = table[p[7]];
+            bad |= a | b | c | d | e | f | g | h;
+            v = (a << 58) | (b << 52) | (c << 46) | (d << 40) | (e << 34) | (f << 28) | (g << 22) | (h << 16);
+    #if !(defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__)
+            v = __builtin_bswap64(v);
+    #endif
+            memcpy(w, &v, 8);
+        }
+        for (; quads > 0; quads--, p += 4, w += 3) {
+            a = table[p[0]];
+            b = table[p[1]];
+            c = table[p[2]];
+            d = table[p[3]];
+            bad |= a | b | c | d;
+            v4 = (uint32_t)((a << 26) | (b << 20) | (c << 14) | (d << 8));
+    #if !(defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__)
+            v4 = __builtin_bswap32(v4);
+    #endif
+            memcpy(w, &v4, 4);
+        }
+        return !(bad & 0x80);
+    }
+    """
+    bint _b64quads "_nx_b64quads"(const unsigned char* p, Py_ssize_t quads, unsigned char* w,
+                                  const unsigned char* table) nogil
+
+
+cdef bint _b64into(const unsigned char* p, Py_ssize_t n, unsigned char* w) noexcept:
     """Decode canonical base64 p[:n] (n a positive multiple of 4) into w (its _b64size bytes), as
-    binascii.a2b_base64 decodes it; False when it is not canonical (w then holds any bytes)."""
-    cdef Py_ssize_t pad = 0, i = 0, o = 0
+    binascii.a2b_base64 decodes it; False when it is not canonical (w then holds any bytes). Every quad
+    but the last in one pass (_b64quads), the last one (its padding) here."""
+    cdef Py_ssize_t pad = 0, i = n - 4, o = (n // 4 - 1) * 3
     cdef int a, b, c, d
     if p[n - 1] == 61:  # '='
         pad = 2 if p[n - 2] == 61 else 1
-    while i < n - 4:
-        a = B64[p[i]]
-        b = B64[p[i + 1]]
-        c = B64[p[i + 2]]
-        d = B64[p[i + 3]]
-        if (a | b | c | d) < 0:
-            return False
-        w[o] = <unsigned char>((a << 2) | (b >> 4))
-        w[o + 1] = <unsigned char>(((b & 15) << 4) | (c >> 2))
-        w[o + 2] = <unsigned char>(((c & 3) << 6) | d)
-        o += 3
-        i += 4
+    if not _b64quads(p, n // 4 - 1, w, <const unsigned char*>B64):
+        return False
     a = B64[p[i]]
     b = B64[p[i + 1]]
     c = B64[p[i + 2]] if pad < 2 else 0
@@ -273,7 +343,7 @@ cdef enum:
     K_UNKNOWN = 0, K_BODY = 1, K_SSE = 2, K_TAIL = 3, K_OVER = 4
 
 
-cdef int _kind_code(const unsigned char* s, Span span):
+cdef int _kind_code(const unsigned char* s, Span span) noexcept:
     if _is(s, span, b"body", 4):
         return K_BODY
     if _is(s, span, b"sse", 3):
@@ -316,12 +386,19 @@ def usage_snippet(bytes metadata):
     return (_kind_name(code), data, skipped)
 
 
+cdef const char* RECORD_NAMES[3]
+RECORD_NAMES[:] = [b"k", b"b", b"x"]
+cdef Py_ssize_t RECORD_LENGTHS[3]
+RECORD_LENGTHS[:] = [1, 1, 1]
+
+
 cdef int _record(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int* code, Span* data_span,
-                 long long* skipped):
+                 long long* skipped) noexcept:
     """The Lua tap's record in the serialized Metadata s[i:n], as usage_snippet reads it, without a Python
     object: 1 found (`code` its kind, `data_span` its base64, empty without one, `skipped` its x), 0 no
     `nexus.usage` namespace, -1 when snippet_of must read it (no "u" record, an unexpected value shape)."""
     cdef Span metadata, ns, field, payload, record, kind_span
+    cdef Span fields[3]
     cdef double number = 0.0
     cdef int found = 0, kind
     metadata.start = i
@@ -339,33 +416,27 @@ cdef int _record(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int* code, 
     kind = _value_kind(s, field, &record, &number)
     if kind != 5:
         return -1
-    # the record's fields: k (string), b (base64 string), x (number)
-    found = _struct_field(s, record, b"k", 1, &field)
+    # the record's fields: k (string), b (base64 string), x (number), in one walk
+    found = _map_values(s, record, 1, RECORD_NAMES, RECORD_LENGTHS, 3, True, fields)
     if found < 0:
         return -1
     kind_span.start = kind_span.end = 0
-    if found:
-        kind = _value_kind(s, field, &kind_span, &number)
+    if found & 1:
+        kind = _value_kind(s, fields[0], &kind_span, &number)
         if kind < 0:
             return -1
         if kind != 3:
             kind_span.start = kind_span.end = 0
     code[0] = _kind_code(s, kind_span)
-    found = _struct_field(s, record, b"b", 1, &field)
-    if found < 0:
-        return -1
-    if found:
-        kind = _value_kind(s, field, &payload, &number)
+    if found & 2:
+        kind = _value_kind(s, fields[1], &payload, &number)
         if kind < 0:
             return -1
         if kind == 3:
             data_span[0] = payload
-    found = _struct_field(s, record, b"x", 1, &field)
-    if found < 0:
-        return -1
-    if found:
+    if found & 4:
         number = 0.0
-        kind = _value_kind(s, field, &payload, &number)
+        kind = _value_kind(s, fields[2], &payload, &number)
         if kind < 0:
             return -1
         if kind == 2 and 0 < number < 9007199254740992.0:  # 2**53, as envoy_als._byte_count
@@ -382,14 +453,14 @@ cdef enum:
     COMMON_METADATA = 17, REQUEST_ID = 9, REQUEST_HEADERS = 13, RESPONSE_HEADERS = 4
 
 
-cdef int _once(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int number, Span* out):
+cdef int _once(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int number, Span* out) noexcept:
     """The one occurrence of the message field `number` in the message s[i:n] (out: empty when absent).
     0, 1 more than once (protobuf merges the occurrences: the caller lets protobuf read it), -1 malformed."""
     cdef unsigned long long tag, size
     cdef int seen = 0
     out.start = out.end = 0
     while i < n:
-        i = _varint(s, i, n, &tag)
+        i = _varint2(s, i, n, &tag)
         if i < 0:
             return -1
         if tag == ((<unsigned long long>number << 3) | 2):
@@ -432,16 +503,22 @@ cdef object _content_type(const unsigned char* s, Span span):
 
 
 cdef inline int _header(const unsigned char* s, Span headers_of, int number, const char* name, Py_ssize_t length,
-                        Span* out):
+                        Span* out) noexcept:
     """The value of header `name` in the map<string, string> field `number` of the message at
     `headers_of`. 1 found, 0 absent, -1 malformed."""
     return _map_value(s, headers_of, number, name, length, False, out)
 
 
-cdef int _string_field(const unsigned char* s, Span message, int number, Span* out):
+cdef int _string_field(const unsigned char* s, Span message, int number, Span* out) noexcept:
     """The string field `number` of the message (the last occurrence wins, as protobuf reads it; empty when
     absent). 0, -1 malformed."""
     return -1 if _once(s, message.start, message.end, number, out) < 0 else 0
+
+
+cdef const char* RESPONSE_NAMES[2]
+RESPONSE_NAMES[:] = [b"content-type", b"content-encoding"]
+cdef Py_ssize_t RESPONSE_LENGTHS[2]
+RESPONSE_LENGTHS[:] = [12, 16]
 
 
 cdef object _entry(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, bint later):
@@ -452,6 +529,7 @@ cdef object _entry(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, bin
     when malformed. `later`: a known kind's base64 data is not decoded here: `data` is the int
     `_later(span, start)` of where it is in s, for account_run to decode (`_common`, `_whole`)."""
     cdef Span common, request, response, metadata, rid, value, data_span
+    cdef Span values[2]
     cdef int found, a, b, c, code = 0
     cdef long long skipped = 0
     a = _once(s, start, end, ENTRY_COMMON, &common)
@@ -469,14 +547,11 @@ cdef object _entry(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, bin
     if _string_field(s, request, REQUEST_ID, &rid) < 0:
         raise ValueError("malformed entry")
     request_id = _text(s, rid)
-    found = _header(s, response, RESPONSE_HEADERS, b"content-type", 12, &value)
+    found = _map_values(s, response, RESPONSE_HEADERS, RESPONSE_NAMES, RESPONSE_LENGTHS, 2, False, values)
     if found < 0:
         raise ValueError("malformed entry")
-    content_type = _content_type(s, value) if found else None
-    found = _header(s, response, RESPONSE_HEADERS, b"content-encoding", 16, &value)
-    if found < 0:
-        raise ValueError("malformed entry")
-    content_encoding = _text(s, value) if found else None
+    content_type = _content_type(s, values[0]) if found & 1 else None
+    content_encoding = _text(s, values[1]) if found & 2 else None
     found = _once(s, common.start, common.end, COMMON_METADATA, &metadata)
     if found < 0:
         raise ValueError("malformed entry")
@@ -560,7 +635,7 @@ def log_entries(bytes message not None, bint later=False):
     return out
 
 
-cdef Py_ssize_t _count_entries(const unsigned char* s, Span http):
+cdef Py_ssize_t _count_entries(const unsigned char* s, Span http) noexcept:
     """How many HTTPAccessLogEntry fields the HTTPAccessLogEntries message at `http` holds; -1 malformed."""
     cdef Py_ssize_t i = http.start, count = 0
     cdef unsigned long long tag, size
@@ -581,7 +656,7 @@ cdef Py_ssize_t _count_entries(const unsigned char* s, Span http):
     return count
 
 
-cdef bint _has_field(const unsigned char* s, Py_ssize_t n, int number):
+cdef bint _has_field(const unsigned char* s, Py_ssize_t n, int number) noexcept:
     """Whether the message s[:n] (well-formed) has field `number` at all, of any wire type (an empty TCP
     log list too)."""
     cdef Py_ssize_t i = 0
@@ -600,70 +675,104 @@ cdef bint _has_field(const unsigned char* s, Py_ssize_t n, int number):
 
 # -- JSON ----------------------------------------------------------------------------------------------
 
-cdef inline Py_ssize_t _ws(const unsigned char* s, Py_ssize_t i, Py_ssize_t n):
+cdef inline Py_ssize_t _ws(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept:
     while i < n and (s[i] == 32 or s[i] == 10 or s[i] == 13 or s[i] == 9):
         i += 1
     return i
 
 
-cdef inline bint _cont(const unsigned char* s, Py_ssize_t i, Py_ssize_t n):
+cdef inline bint _cont(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept:
     return i < n and (s[i] & 0xC0) == 0x80
 
 
-cdef Py_ssize_t _string(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, bint* escaped):
+cdef extern from *:
+    """
+    #include <stdint.h>
+    /* How many of the 8 bytes at p are plain string text (0x20..0x7F but '"' and '\\'): the offset of the
+       first other byte, or 8. One unaligned load; a byte b's high bit is set in (b ^ '"') - 1 when b is '"'
+       (0 - 1) or >= 0x80 (but 0xA2, whose (b ^ '\\') - 1 is 0xFD), in (b ^ '\\') - 1 when b is '\\', in
+       b - 0x20 when b < 0x20 (or >= 0xA0), never for plain text; a lane borrows only when its byte is
+       flagged, so no byte before the first flagged one is flagged: the lowest flag is that byte, in memory
+       order (little-endian lanes). */
+    static inline unsigned int _nx_plain8(const unsigned char *p) {
+        const uint64_t ones = 0x0101010101010101ULL;
+        uint64_t x, m;
+        memcpy(&x, p, 8);
+    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        x = __builtin_bswap64(x);
+    #endif
+        m = (((x ^ (ones * 0x22)) - ones) | ((x ^ (ones * 0x5C)) - ones) | (x - ones * 0x20))
+            & (ones * 0x80);
+        return m ? (unsigned int)__builtin_ctzll(m) >> 3 : 8;
+    }
+    """
+    unsigned int _plain8 "_nx_plain8"(const unsigned char* p) nogil
+
+
+cdef Py_ssize_t _string(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, bint* escaped) noexcept:
     """A JSON string at s[i] == '"': the index after its closing quote, or -1 (invalid for json.loads
-    with strict=True after a strict UTF-8 decode: control characters, bad escapes, bad UTF-8)."""
+    with strict=True after a strict UTF-8 decode: control characters, bad escapes, bad UTF-8). Runs of
+    plain text are skipped 8 bytes at a time (_plain8); every other byte is checked one at a time."""
     cdef unsigned char c
+    cdef unsigned int k
     i += 1
-    while i < n:
-        c = s[i]
-        if c == 34:  # '"'
-            return i + 1
-        if c == 92:  # '\\'
-            escaped[0] = True
-            if i + 1 >= n:
+    while True:
+        while i + 8 <= n:  # plain text, a word at a time
+            k = _plain8(s + i)
+            i += k
+            if k < 8:
+                break
+        while True:  # one byte at a time, back to words after the next plain byte
+            if i >= n:
                 return -1
-            c = s[i + 1]
-            if c == 117:  # 'u'
-                if i + 6 > n or not (HEX[s[i + 2]] and HEX[s[i + 3]] and HEX[s[i + 4]] and HEX[s[i + 5]]):
+            c = s[i]
+            if c == 34:  # '"'
+                return i + 1
+            if c == 92:  # '\\'
+                escaped[0] = True
+                if i + 1 >= n:
                     return -1
-                i += 6
-            elif c in b'"\\/bfnrt':
+                c = s[i + 1]
+                if c == 117:  # 'u'
+                    if i + 6 > n or not (HEX[s[i + 2]] and HEX[s[i + 3]] and HEX[s[i + 4]] and HEX[s[i + 5]]):
+                        return -1
+                    i += 6
+                elif c in b'"\\/bfnrt':
+                    i += 2
+                else:
+                    return -1
+            elif c < 0x20:
+                return -1
+            elif c < 0x80:
+                i += 1
+                break
+            elif 0xC2 <= c <= 0xDF:
+                if not _cont(s, i + 1, n):
+                    return -1
                 i += 2
+            elif 0xE0 <= c <= 0xEF:
+                if not (_cont(s, i + 1, n) and _cont(s, i + 2, n)):
+                    return -1
+                if (c == 0xE0 and s[i + 1] < 0xA0) or (c == 0xED and s[i + 1] > 0x9F):
+                    return -1  # overlong, or a surrogate
+                i += 3
+            elif 0xF0 <= c <= 0xF4:
+                if not (_cont(s, i + 1, n) and _cont(s, i + 2, n) and _cont(s, i + 3, n)):
+                    return -1
+                if (c == 0xF0 and s[i + 1] < 0x90) or (c == 0xF4 and s[i + 1] > 0x8F):
+                    return -1
+                i += 4
             else:
                 return -1
-        elif c < 0x20:
-            return -1
-        elif c < 0x80:
-            i += 1
-        elif 0xC2 <= c <= 0xDF:
-            if not _cont(s, i + 1, n):
-                return -1
-            i += 2
-        elif 0xE0 <= c <= 0xEF:
-            if not (_cont(s, i + 1, n) and _cont(s, i + 2, n)):
-                return -1
-            if (c == 0xE0 and s[i + 1] < 0xA0) or (c == 0xED and s[i + 1] > 0x9F):
-                return -1  # overlong, or a surrogate
-            i += 3
-        elif 0xF0 <= c <= 0xF4:
-            if not (_cont(s, i + 1, n) and _cont(s, i + 2, n) and _cont(s, i + 3, n)):
-                return -1
-            if (c == 0xF0 and s[i + 1] < 0x90) or (c == 0xF4 and s[i + 1] > 0x8F):
-                return -1
-            i += 4
-        else:
-            return -1
-    return -1
 
 
-cdef inline Py_ssize_t _digits(const unsigned char* s, Py_ssize_t i, Py_ssize_t n):
+cdef inline Py_ssize_t _digits(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept:
     while i < n and 48 <= s[i] <= 57:
         i += 1
     return i
 
 
-cdef Py_ssize_t _number(const unsigned char* s, Py_ssize_t i, Py_ssize_t n):
+cdef Py_ssize_t _number(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept:
     cdef Py_ssize_t j
     if s[i] == 45:  # '-'
         i += 1
@@ -691,7 +800,7 @@ cdef Py_ssize_t _number(const unsigned char* s, Py_ssize_t i, Py_ssize_t n):
     return i
 
 
-cdef Py_ssize_t _value(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int depth):
+cdef Py_ssize_t _value(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int depth) noexcept:
     """One JSON value at s[i] (no leading whitespace): the index after it, or -1."""
     cdef unsigned char c
     cdef bint escaped = False
@@ -717,7 +826,7 @@ cdef Py_ssize_t _value(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int d
                 if i >= n or s[i] != 58:  # ':'
                     return -1
                 i = _ws(s, i + 1, n)
-            i = _value(s, i, n, depth + 1)
+            i = _member(s, i, n, depth + 1)
             if i < 0:
                 return -1
             i = _ws(s, i, n)
@@ -738,7 +847,22 @@ cdef Py_ssize_t _value(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int d
     return _number(s, i, n)
 
 
-cdef inline bint memchr_backslash(const unsigned char* s, Py_ssize_t start, Py_ssize_t end):
+cdef inline Py_ssize_t _member(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, int depth) noexcept:
+    """_value(s, i, n, depth), with no call for its commonest values: a string, and a number that is an
+    integer (its digits, when no fraction or exponent follows them, are all _number reads)."""
+    cdef Py_ssize_t j
+    cdef bint escaped = False
+    if i < n:
+        if 48 <= s[i] <= 57:
+            j = i + 1 if s[i] == 48 else _digits(s, i + 1, n)
+            if j >= n or (s[j] != 46 and (s[j] | 0x20) != 101):  # not '.', 'e' or 'E'
+                return j
+        elif s[i] == 34:
+            return _string(s, i, n, &escaped)
+    return _value(s, i, n, depth)
+
+
+cdef inline bint memchr_backslash(const unsigned char* s, Py_ssize_t start, Py_ssize_t end) noexcept:
     while start < end:
         if s[start] == 92:
             return True
@@ -756,7 +880,7 @@ def usage_span(bytes body not None):
     return (span.start, span.end)
 
 
-cdef bint _usage_span(const unsigned char* s, Py_ssize_t n, Span* out):
+cdef bint _usage_span(const unsigned char* s, Py_ssize_t n, Span* out) noexcept:
     """usage_span of s[:n] (out: the span); False for None."""
     cdef Py_ssize_t i, key_start, key_end, v
     cdef Py_ssize_t usage_start = -1, usage_end = -1
@@ -779,7 +903,7 @@ cdef bint _usage_span(const unsigned char* s, Py_ssize_t n, Span* out):
         if i >= n or s[i] != 58:
             return False
         v = _ws(s, i + 1, n)
-        i = _value(s, v, n, 1)
+        i = _member(s, v, n, 1)
         if i < 0:
             return False
         if key_end - key_start == 5 and memcmp(s + key_start, b"usage", 5) == 0:
@@ -832,22 +956,29 @@ FIELD_NAMES[:] = [
 ]
 cdef const char* DETAIL_NAMES[3]
 DETAIL_NAMES[:] = [b"cached_tokens", b"cache_write_tokens", b"reasoning_tokens"]
+cdef unsigned char FIELD_LENGTHS[11]  # their lengths, measured once (no strlen per key)
+cdef unsigned char DETAIL_LENGTHS[3]
+for _i in range(11):
+    FIELD_LENGTHS[_i] = <unsigned char>strlen(FIELD_NAMES[_i])
+for _i in range(3):
+    DETAIL_LENGTHS[_i] = <unsigned char>strlen(DETAIL_NAMES[_i])
 
 
-cdef int _name(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, const char** names, int count):
+cdef int _name(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, const char** names,
+               const unsigned char* lengths, int count) noexcept:
     """The index of s[start:end] among `names`, or -1."""
     cdef int k
     cdef Py_ssize_t length = end - start
     if length < 12 or length > 27:  # shorter or longer than every name
         return -1
     for k in range(count):
-        if names[k][0] == s[start] and <Py_ssize_t>strlen(names[k]) == length:
+        if names[k][0] == s[start] and lengths[k] == length:
             if memcmp(s + start, names[k], length) == 0:
                 return k
     return -1
 
 
-cdef inline long long _plain_count(const unsigned char* s, Py_ssize_t start, Py_ssize_t end):
+cdef inline long long _plain_count(const unsigned char* s, Py_ssize_t start, Py_ssize_t end) noexcept:
     """A member's value s[start:end] that is a plain non-negative integer of at most MAX_DIGITS digits:
     its value (usage_records._count reads it as is); else -1 (the pure reader decides)."""
     cdef long long v = 0
@@ -861,17 +992,17 @@ cdef inline long long _plain_count(const unsigned char* s, Py_ssize_t start, Py_
     return v
 
 
-cdef int _details(const unsigned char* s, Py_ssize_t i, Py_ssize_t end, long long* out):
-    """The counts of a details object at s[i] == '{' (validated JSON): out[D_*] (0 when absent, the last
-    member of a name wins); 0, or -1 when the pure reader must decide (an escaped key, a count that is
-    not a plain integer)."""
+cdef Py_ssize_t _details(const unsigned char* s, Py_ssize_t i, Py_ssize_t end, long long* out) noexcept:
+    """The counts of a details object at s[i] == '{', read as _value parses it: out[D_*] (0 when absent, the
+    last member of a name wins); the index after it, or -1 when it is not one valid object within `end` or
+    the pure reader must decide (an escaped key, a count that is not a plain integer)."""
     cdef Py_ssize_t key_start, key_end, v
     cdef bint escaped = False
     cdef int k
     out[D_CACHED] = out[D_CACHE_WRITE] = out[D_REASONING] = 0
     i = _ws(s, i + 1, end)
     if i < end and s[i] == 125:
-        return 0
+        return i + 1
     while True:
         if i >= end or s[i] != 34:
             return -1
@@ -884,17 +1015,17 @@ cdef int _details(const unsigned char* s, Py_ssize_t i, Py_ssize_t end, long lon
         if i >= end or s[i] != 58:  # ':'
             return -1
         v = _ws(s, i + 1, end)
-        i = _value(s, v, end, 2)
+        i = _member(s, v, end, 2)
         if i < 0:
             return -1
-        k = _name(s, key_start, key_end, DETAIL_NAMES, N_DETAILS)
+        k = _name(s, key_start, key_end, DETAIL_NAMES, DETAIL_LENGTHS, N_DETAILS)
         if k >= 0:
             out[k] = _plain_count(s, v, i)
             if out[k] < 0:
                 return -1
         i = _ws(s, i, end)
         if i >= end or s[i] != 44:
-            return 0 if i < end and s[i] == 125 else -1  # '}'
+            return i + 1 if i < end and s[i] == 125 else -1  # '}'
         i = _ws(s, i + 1, end)
 
 
@@ -916,7 +1047,7 @@ def usage_counts(bytes body not None, Py_ssize_t start, Py_ssize_t end):
     return None
 
 
-cdef int _counts(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, long long* out):
+cdef int _counts(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, long long* out) noexcept:
     """usage_counts of s[start:end] (0 < start < end within s): 1 "openai" (out: prompt, completion,
     cached, cache_write, reasoning), 2 "anthropic" (out: input, cache_read, cache_creation, output), 0 None."""
     cdef Py_ssize_t i, key_start, key_end, v
@@ -946,18 +1077,18 @@ cdef int _counts(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, long 
             if i >= end or s[i] != 58:  # ':'
                 return 0
             v = _ws(s, i + 1, end)
-            i = _value(s, v, end, 1)
+            k = _name(s, key_start, key_end, FIELD_NAMES, FIELD_LENGTHS, N_FIELDS)
+            if k >= F_PROMPT_DETAILS and v < end and s[v] == 123:  # a details object, parsed as it is read
+                i = _details(s, v, end, details[k - F_PROMPT_DETAILS])
+            else:
+                i = _member(s, v, end, 1)
             if i < 0:
                 return 0
-            k = _name(s, key_start, key_end, FIELD_NAMES, N_FIELDS)
             if k >= 0:
                 seen[k] = True
-                if k >= F_PROMPT_DETAILS:  # a details object (anything else reads as no details)
-                    d = k - F_PROMPT_DETAILS
-                    if s[v] == 123:
-                        if _details(s, v, i, details[d]) < 0:
-                            return 0
-                    else:
+                if k >= F_PROMPT_DETAILS:
+                    if s[v] != 123:  # anything but an object reads as no details
+                        d = k - F_PROMPT_DETAILS
                         details[d][0] = details[d][1] = details[d][2] = 0
                 elif k != F_TOTAL:  # total_tokens: only its presence counts
                     value[k] = _plain_count(s, v, i)
@@ -992,7 +1123,7 @@ cdef enum:
     USAGE_SPAN = 16 << 10  # core/usage_records._USAGE_SPAN: the most of a record _record_at decodes
 
 
-cdef Py_ssize_t _find(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, const char* word, Py_ssize_t length):
+cdef Py_ssize_t _find(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, const char* word, Py_ssize_t length) noexcept:
     """bytes.find: the first index >= i where `word` starts and ends by n, or -1."""
     while i + length <= n:
         if s[i] == <unsigned char>word[0] and memcmp(s + i, word, length) == 0:
@@ -1001,7 +1132,7 @@ cdef Py_ssize_t _find(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, const 
     return -1
 
 
-cdef Py_ssize_t _usage_key(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Py_ssize_t* brace):
+cdef Py_ssize_t _usage_key(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Py_ssize_t* brace) noexcept:
     """The next match of core/usage_records._USAGE_OBJECT (`"usage"` ws `:` ws `{`) from i: its start
     (brace: its `{`), or -1."""
     cdef Py_ssize_t j
@@ -1036,7 +1167,7 @@ def sse_usage_span(bytes data not None):
     return (span.start, span.end)
 
 
-cdef bint _sse_span(const unsigned char* s, Py_ssize_t n, Span* out):
+cdef bint _sse_span(const unsigned char* s, Py_ssize_t n, Span* out) noexcept:
     """sse_usage_span of s[:n] (out: the span); False for None."""
     cdef Py_ssize_t key, brace = -1, other, start, stop, head, i, end
     cdef bint escaped = False
@@ -1096,7 +1227,7 @@ cdef enum:
     MODEL_MAX = 200  # core/usage_records._MODEL_FIELD: 1 to 200 bytes between the quotes
 
 
-cdef inline Py_ssize_t _ws4(const unsigned char* s, Py_ssize_t i, Py_ssize_t n):
+cdef inline Py_ssize_t _ws4(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept:
     while i < n and (s[i] == 32 or s[i] == 9 or s[i] == 13 or s[i] == 10):
         i += 1
     return i
