@@ -58,7 +58,8 @@ def test_native_says_how_it_was_built(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="nexus_authz.native"):
         native.announce()
     (record,) = [r for r in caplog.records if r.name == "nexus_authz.native"]
-    assert record.getMessage().startswith(f"{native.LABEL} fast path")
+    head = f"{native.LABEL} fast path" if native.PATH == "compiled" else "pure-Python fast path"
+    assert record.getMessage().startswith(head)
 
 
 def test_an_instrumented_build_is_reported(
@@ -134,7 +135,7 @@ def test_a_failed_training_leaves_a_plain_build(tmp_path: Path) -> None:
         "WARNING: nexus-authz: profile-guided build skipped (the training took over 0.01 s); a plain build"
     ]
     built = sorted((tmp_path / "nexus_authz" / "native").glob("*.so"))
-    assert len(built) == 9
+    assert len(built) == len(list(NATIVE.glob("*.pyx")))  # every module: none removed
     for path in built:
         assert b"__gcov_" not in path.read_bytes(), path.name
     assert list(tmp_path.glob("build/**/*.gcda")) == []

@@ -11,8 +11,9 @@ the benchmarks and a real gateway run them, in process, from the bytes Envoy sen
 
 - HTTP ext_authz checks through the compiled protocol (adapters/http_native.py), on issue 15's plan
   (requests, tokens per minute and per day, USD per month, concurrency; prices; accounting on): allowed
-  OpenAI and Anthropic requests, with and without max_tokens, streamed or not, and a few denials (an
-  unknown key, a model the key may not use, a rate-limited key);
+  OpenAI and Anthropic requests, with and without max_tokens, streamed or not, each followed by the Lua
+  tap's release of its concurrency slot, and a few denials (an unknown key, a model the key may not
+  use, a rate-limited key);
 - access-log accounting through the real handler (adapters/envoy_als.py `stream_access_logs`, serialized
   StreamAccessLogsMessages of 20 entries shaped as Envoy 1.40 writes them with the shipped envoy.yaml's
   Lua tap): JSON bodies and SSE usage events of both providers, each settling its check's reservation.
@@ -235,6 +236,18 @@ def check_bytes(secret: str, rid: str, path: str, body: bytes) -> bytes:
     return head.encode() + body
 
 
+RELEASED = b"HTTP/1.1 204 No Content\r\n\r\n"
+
+
+def release_bytes(rid: str) -> bytes:
+    """The Lua tap's `POST /_nexus/release` (envoy/nexus-usage.lua, an Envoy httpCall on the same socket)."""
+    return (
+        "POST /_nexus/release HTTP/1.1\r\nhost: nexus-authz\r\nx-nexus-release: 1\r\n"
+        f"content-length: {len(rid)}\r\nx-envoy-internal: true\r\n"
+        f"x-envoy-expected-rq-timeout-ms: 200\r\n\r\n{rid}"
+    ).encode()
+
+
 def log_entry(rid: str, path: str, kind: str, data: bytes, content_type: str, i: int) -> bytes:
     """A serialized HTTPAccessLogEntry as Envoy 1.40 writes it for an admitted request (the Lua tap's
     record in the `nexus.usage` metadata)."""
@@ -390,6 +403,10 @@ def train(workdir: Path, rounds: int) -> str:
             proto.data_received(check_bytes(secret, rid, path, body))
             if sink.last.startswith(b"HTTP/1.1 200 "):
                 admitted += 1
+                # the Lua tap's early release of the concurrency slot, when the response's head arrives
+                proto.data_received(release_bytes(rid))
+                if sink.last != RELEASED:
+                    raise RuntimeError(f"the slot's release was answered {sink.last[:40]!r}")
                 kind, data, content_type = RESPONSES.get((path, body)) or _unexpected(path, body)
                 pending.append(log_entry(rid, path, kind, data, content_type, n))
                 if len(pending) == PER_MESSAGE:
