@@ -20,11 +20,15 @@ RUN python -m venv /opt/nexus-authz
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY nexus_authz ./nexus_authz
-# pip compiles the bytecode here, so a read-only root filesystem costs nothing at start-up. The build
-# fetches Cython (pyproject's build-system) and compiles the fast path; the check fails the image if it
-# did not build (the pure-Python fallback is for machines without a compiler, not for the image).
-RUN /opt/nexus-authz/bin/pip install . \
- && cd / && /opt/nexus-authz/bin/python -c "from nexus_authz import native; assert native.PATH == 'compiled', native.WHY_PURE"
+# pip compiles the bytecode here, so a read-only root filesystem costs nothing at start-up. The runtime
+# dependencies go in first: the build (in pip's isolated environment, which fetches Cython, pyproject's
+# build-system, and never ships it) trains its profile-guided build of the fast path with the venv's
+# Python, which needs them (setup.py). The check fails the image if the fast path did not build, or not
+# profile-guided (the pure-Python fallback is for machines without a compiler, not for the image).
+RUN /opt/nexus-authz/bin/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+ && /opt/nexus-authz/bin/pip install -r /tmp/requirements.txt \
+ && /opt/nexus-authz/bin/pip install . \
+ && cd / && /opt/nexus-authz/bin/python -c "from nexus_authz import native; assert native.PATH == 'compiled', native.WHY_PURE; assert native.BUILD == 'PGO', native.BUILD"
 
 FROM python:3.11-slim
 LABEL org.opencontainers.image.title="nexus-authz" \

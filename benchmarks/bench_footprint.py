@@ -110,7 +110,7 @@ def child(n: int, evict: int, families: str | None = None) -> int:
         if evict:
             dst[:] = src  # every line of both buffers: the simulated caches lose the check's lines
     allowed = decisions[Reason.OK] - admitted
-    print(f"native path: {native.PATH}; {allowed} of {n + WARMUP} checks admitted", file=sys.stderr)
+    print(f"native path: {native.LABEL}; {allowed} of {n + WARMUP} checks admitted", file=sys.stderr)
     return 0 if allowed == n + WARMUP else 3
 
 

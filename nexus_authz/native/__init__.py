@@ -5,7 +5,9 @@ in place). When the compiler or Cython was missing, or the build failed, the ins
 the pure-Python path runs: the same answers, more CPU. `NEXUS_AUTHZ_PURE=1` forces the pure path (tests
 and comparisons). `PATH` says which one runs ("compiled" or "python"); start-up logs it once
 (`announce`) and /metrics exports it as `nexus_authz_native_path{path="..."} 1`. The modules load together
-or not at all (one missing means a broken build: the whole pure path runs, and PATH says so).
+or not at all (one missing means a broken build: the whole pure path runs, and PATH says so). `BUILD` says
+how they were built ("PGO": profile-guided, setup.py's default with GCC; "plain"; "" when the build left no
+record, `_build`), and `LABEL` both ("compiled (PGO)", "compiled", "python"), for the start-up line.
 
 Compiled so far: `_http1`, the HTTP/1.1 framing of the ext_authz / auth_request listener
 (adapters/http_native.py puts it in front of the httptools protocol of adapters/http_authz.py);
@@ -68,6 +70,19 @@ fast: ModuleType | None = _modules.get("_fast")  # the common ext_authz check's 
 account: ModuleType | None = _modules.get("_account")  # the common access-log entry's accounting
 WHY_PURE_WINDOWS = WHY_PURE_USAGE = WHY_PURE  # the modules load together or not at all
 PATH = "compiled" if _modules else "python"
+
+
+def _build_kind() -> str:
+    if not _modules:
+        return ""
+    try:
+        return str(importlib.import_module("nexus_authz.native._build").KIND)
+    except ImportError:  # a build from before the record: nothing to say
+        return ""
+
+
+BUILD = _build_kind()
+LABEL = f"{PATH} ({BUILD})" if BUILD and BUILD != "plain" else PATH
 if body is not None:
     _core_body.read_facts = body.request_facts
 if reservation is not None:
@@ -81,9 +96,15 @@ def announce() -> None:
     """The start-up log line saying which path runs."""
     if _modules:
         log.info(
-            "compiled fast path: HTTP/1.1 framing, body facts, counter windows, access-log scans, "
+            f"{LABEL} fast path: HTTP/1.1 framing, body facts, counter windows, access-log scans, "
             "rate-limit headers, the common check's flat path and the common entry's accounting in C",
             extra={"native_path": PATH},
         )
+        if BUILD == "instrumented":
+            log.warning(
+                "the compiled modules are the profile-guided build's instrumented ones (slower; they write "
+                ".gcda files at exit): rebuild them (`python setup.py build_ext --inplace`)",
+                extra={"native_path": PATH},
+            )
     else:
         log.info("pure-Python fast path: " + WHY_PURE, extra={"native_path": PATH})

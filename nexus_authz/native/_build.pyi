@@ -1,0 +1,2 @@
+PGO: int
+KIND: str
