@@ -8,8 +8,11 @@ period over, as for every window); a period's usage never carries into the next.
 
 State: three doubles, `[end, start, used]` (the same places as the sliding window's `[fresh_at,
 last_slot, total]`, so "fresh" means the same: `now >= end or used <= 0`). A state counts when its start
-is at or after the current period's start (a clock that stepped back keeps counting the newer period);
-anything older is the same as a window never used.
+is at or after the current period's start (a clock that stepped back keeps counting the newer period) and
+its end is still ahead; anything else is the same as a window never used. (A state of this calendar that
+starts in the current period always ends after now; one that does not was written under the same name
+by a limit of another unit or zone before a reload, and is fresh, as the Redis store, which deletes a
+state once it ends, reads it.)
 
 Reserve then settle, as for the other windows: an extra charge is taken now, in the current period; a
 refund is given back only within the period it was charged in (`charged_at` at or after the state's
@@ -152,7 +155,7 @@ def calendar_take(
         start, end = cal.period(now)
     limit = spec.limit
     used = 0.0
-    if state is not None and state[_START] >= start and state[_USED] > 0:
+    if state is not None and state[_START] >= start and state[_USED] > 0 and now < state[_END]:
         used = state[_USED]
         end = state[_END]
     if used + cost <= limit:
@@ -169,7 +172,7 @@ def calendar_charge(state: array[float] | None, now: float, spec: LimitSpec, amo
     start, end = cal.period(now)
     if state is None:
         return array("d", (end, start, float(amount)))
-    if state[_START] >= start and state[_USED] > 0:
+    if state[_START] >= start and state[_USED] > 0 and now < state[_END]:
         state[_USED] += amount
     else:  # an older period (or nothing counted): this period starts from zero
         state[_END] = end
@@ -186,7 +189,7 @@ def calendar_refund(
     assert cal is not None
     start = cal.period(now)[0]
     used = state[_USED]
-    if used <= 0 or state[_START] < start:  # the period is over: nothing left to give back
+    if used <= 0 or state[_START] < start or now >= state[_END]:  # the period is over: nothing to give back
         return
     if charged_at is not None and charged_at < state[_START]:  # charged in an earlier period
         return

@@ -318,6 +318,27 @@ def test_a_calendar_refund_only_within_the_period_it_was_charged_in(store: Count
     assert figures(store.peek(ids, specs, BERLIN_FEB_1 + 40)) == [(1000, 0.0, 0.0, True)]
 
 
+def test_a_calendar_state_that_ended_reads_as_fresh_after_a_reload_changes_its_unit(
+    store: CounterStore,
+) -> None:
+    """A reload that keeps a calendar limit's name but changes its unit (or zone) leaves the old period's
+    state under the same counter id. Once that period has ended it counts for nothing: the new limit's
+    first request sees a fresh window ending at its own period's end (before the fix the memory store and
+    the Redis script both counted it, with a reset in the past: a negative reset_after)."""
+    day = (make_limit("tokens", 1000, "day", calendar=True, timezone="Europe/Berlin", name="budget"),)
+    month = (make_limit("tokens", 1000, "month", calendar=True, timezone="Europe/Berlin", name="budget"),)
+    ids = ids_for("alice", day)
+    assert ids == ids_for("alice", month)
+    feb_10 = BERLIN_FEB_1 + 9 * 86400 + 36000  # 2024-02-10 10:00 in Berlin
+    assert store.acquire(ids, day, (300,), feb_10).allowed
+    feb_11 = feb_10 + 86400  # the day's period ended 10 hours ago
+    assert figures(store.peek(ids, month, feb_11)) == [(1000, 0.0, 0.0, True)]
+    result = store.acquire(ids, month, (200,), feb_11)
+    assert figures(result.statuses) == [(800, BERLIN_MAR_1 - feb_11, 0.0, True)]
+    store.adjust(ids, month, (-50,), feb_11 + 60, charged_at=feb_11)
+    assert store.peek(ids, month, feb_11 + 60)[0].remaining == 850
+
+
 @pytest.mark.parametrize(
     ("local_midnight", "hours"),
     [

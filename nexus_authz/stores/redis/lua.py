@@ -398,8 +398,8 @@ local function adjust_one(sp, st, delta, t, at)
     -- the spec's period is that of the request (M) or of the batch's newest change (F): a change from an
     -- older period has nothing left to change
     if t < sp.ps then return st end
-    if delta > 0 then return calendar_charge(st, sp, delta) end
-    if st ~= nil then calendar_refund(st, sp, -delta, at) end
+    if delta > 0 then return calendar_charge(st, t, sp, delta) end
+    if st ~= nil then calendar_refund(st, t, sp, -delta, at) end
     return st
   end
   local x = (st or 0) + delta
@@ -460,7 +460,7 @@ local function request(rop, k0, a0, nw, at)
             end
           elseif sp.a == 'k' then
             if costs[i] ~= 0 then
-              save(KEYS[k0 + i], sp, calendar_charge(sts[i], sp, costs[i]), vers[i], now)
+              save(KEYS[k0 + i], sp, calendar_charge(sts[i], now, sp, costs[i]), vers[i], now)
             end
           else
             save(KEYS[k0 + i], sp, o[2], vers[i], now)
