@@ -69,21 +69,6 @@ def _entries_of(message: bytes) -> list[tuple[bytes, str]]:
     return [(message[item[6] : item[7]], item[0]) for item in native.usage.log_entries(message)]
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _message(entries: list[bytes]) -> bytes:
-    """A StreamAccessLogsMessage of these serialized entries (http_logs = 2, log_entry = 1)."""
-    logs = b"".join(b"\x0a" + _varint(len(e)) + e for e in entries)
-    return b"\x12" + _varint(len(logs)) + logs
-
-
 def child(messages: int, per: int, evict: int) -> int:
     """The messages, each after the checks that reserve its entries, through the real handler."""
     import asyncio
@@ -117,6 +102,8 @@ def child(messages: int, per: int, evict: int) -> int:
     proto.connection_made(bb.Sink())  # type: ignore[arg-type]
     service = envoy_als.AccessLogService(engine)
 
+    from nexus_authz.tools.pgo_train import log_message  # a StreamAccessLogsMessage of these entries
+
     recorded = _entries_of(fx.als_batch)
     plan: list[tuple[list[bytes], bytes]] = []  # per message: its checks, its bytes
     for m in range(messages + WARMUP):
@@ -134,7 +121,7 @@ def child(messages: int, per: int, evict: int) -> int:
                 return 2
             checks.append(data)
             entries.append(entry.replace(old, rid.encode()))
-        plan.append((checks, _message(entries)))
+        plan.append((checks, log_message(entries)))
 
     feed = proto.data_received
     src, dst = bytearray(evict // 2), bytearray(evict // 2)
