@@ -1,5 +1,6 @@
 """benchmarks/bench_footprint_als.py's own tools on known inputs (no valgrind run): the messages it builds
-are what protobuf reads, and its reading of a callgrind output adds the parts and divides per entry."""
+(with the package's nexus_authz.tools.pgo_train.log_message, which the build's training uses too) are what
+protobuf reads, and its reading of a callgrind output adds the parts and divides per entry."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import sys
 from pathlib import Path
 
 from envoy.service.accesslog.v3 import als_pb2
+
+from nexus_authz.tools import pgo_train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
@@ -17,9 +20,9 @@ def test_a_built_message_holds_the_entries_as_given() -> None:
     fixture = bf.REPO / "benchmarks" / "fixtures" / "envoy_als_message_batch.bin"
     recorded = als_pb2.StreamAccessLogsMessage.FromString(fixture.read_bytes())
     entries = [e.SerializeToString() for e in recorded.http_logs.log_entry] * 2  # over 16 KiB: 3-byte sizes
-    parsed = als_pb2.StreamAccessLogsMessage.FromString(bf._message(entries))
+    parsed = als_pb2.StreamAccessLogsMessage.FromString(pgo_train.log_message(entries))
     assert list(parsed.http_logs.log_entry) == list(recorded.http_logs.log_entry) * 2
-    assert [bf._varint(n) for n in (0, 127, 128, 300)] == [b"\x00", b"\x7f", b"\x80\x01", b"\xac\x02"]
+    assert [pgo_train._varint(n) for n in (0, 127, 128, 300)] == [b"\x00", b"\x7f", b"\x80\x01", b"\xac\x02"]
 
 
 _PART = """# callgrind format
