@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 import re
 
 import pytest
@@ -18,18 +17,12 @@ from hypothesis import strategies as st
 
 from nexus_authz import native
 from nexus_authz.adapters import als_fast
-from tests.adapters.test_als_fast import entry_with
+
+# _compiled: test_als_fast's autouse fixture (skip under NEXUS_AUTHZ_PURE, fail if the scans did not build)
+from tests.adapters.test_als_fast import _compiled, entry_with  # noqa: F401
 from tests.fuzz._support import fuzz_settings
 from tests.helpers import protobuf_len_field as _field
 from tests.helpers import protobuf_varint as _varint
-
-
-@pytest.fixture(autouse=True)
-def _compiled() -> None:
-    if native.usage is None:
-        if os.environ.get(native.PURE_ENV, "") not in ("", "0"):
-            pytest.skip("NEXUS_AUTHZ_PURE is set: the compiled scans are not loaded")
-        pytest.fail(f"the compiled scans did not build or load ({native.WHY_PURE_USAGE}): pip install -e .")
 
 
 def json_valid(body: bytes) -> bool:

@@ -1,6 +1,6 @@
 """The training run of the profile-guided build (setup.py): the compiled paths, fed what production feeds.
 
-    python -m nexus_authz.tools.pgo_train [--expect NATIVE_DIR] [--rounds 3]
+    python -m nexus_authz.tools.pgo_train [--expect NATIVE_DIR] [--rounds 5]
     python -m nexus_authz.tools.pgo_train --check   # only: can it run here (its imports)?
 
 setup.py builds the native modules instrumented (GCC's -fprofile-generate), runs this in a subprocess, and
