@@ -243,6 +243,8 @@ class Scenario:
     remove_filters: tuple[str, ...] = ()
     envoy_edit: Callable[[dict[str, Any], StackInfo], None] | None = None  # edits the parsed config
     request: Callable[[str], bytes] | None = None  # key secret -> request bytes; default chat_request
+    # the access log to nexus-authz's gRPC port (grpc.aio) rather than to the check socket (als_h2)
+    als_on_grpc: bool = False
 
     def __post_init__(self) -> None:
         if self.ext_authz not in ("none", "http", "grpc"):
@@ -338,6 +340,14 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "http-uds-issue15": Scenario(
         "http-uds-issue15", ENVOY_HTTP, "http", NexusSpec(ISSUE15_CONFIG, LIMITS_KEY_FIELDS)
+    ),
+    # the same with the access log on the gRPC port (grpc.aio, as before the check socket took it)
+    "http-uds-issue15-alsgrpc": Scenario(
+        "http-uds-issue15-alsgrpc",
+        ENVOY_HTTP,
+        "http",
+        NexusSpec(ISSUE15_CONFIG, LIMITS_KEY_FIELDS),
+        als_on_grpc=True,
     ),
     "http-uds-issue15-noacct": Scenario(
         "http-uds-issue15-noacct",
@@ -603,7 +613,9 @@ def render_envoy(scenario: Scenario, info: StackInfo, listen_port: int, admin_po
         else:  # nothing would answer: a failing ext_proc stream per request is not the product's cost
             drop.add(EXT_PROC_FILTER)
     if _has_cluster(envoy_config.load(scenario.template), ALS_CLUSTER):
-        if info.nexus_grpc_port:
+        if scenario.ext_authz == "http" and not scenario.als_on_grpc:  # as envoy.yaml: the check socket
+            addresses.setdefault("clusters", {})[ALS_CLUSTER] = info.nexus_socket
+        elif info.nexus_grpc_port:
             addresses.setdefault("clusters", {})[ALS_CLUSTER] = f"127.0.0.1:{info.nexus_grpc_port}"
         else:
             drop.update((LUA_FILTER, ALS_LOGGER))

@@ -5,8 +5,8 @@ addresses, which `nexus_authz.render.envoy.render()` changes by listener and clu
 
   deploy/compose/envoy.yaml     listen 0.0.0.0:10000; upstream `mock-upstream:8000` (the compose service,
                                 resolved by DNS); nexus-authz over the Unix sockets of the shared volume
-                                /run/nexus-authz (authz.sock: ext_authz; grpc.sock: token accounting,
-                                whichever gRPC cluster the source has for it)
+                                /run/nexus-authz (authz.sock: ext_authz and the access-log stream of token
+                                accounting; grpc.sock: ext_proc's, when the source has that cluster)
   deploy/kubernetes/envoy.yaml  listen 0.0.0.0:10000; upstream 127.0.0.1:8000 (the application container
                                 of the same pod); the same sockets on the pod's emptyDir
 
@@ -37,12 +37,15 @@ TARGETS: dict[str, dict[str, object]] = {
 
 
 def _socket_options() -> dict[str, object]:
-    """The fast path on authz.sock; whichever accounting cluster the source has on grpc.sock."""
+    """The fast path and the access log (HTTP/2, als_h2) on authz.sock; ext_proc on grpc.sock."""
     options: dict[str, object] = {"authz_socket": AUTHZ_SOCKET}
     clusters = {c.get("name") for c in envoy_config.load(SOURCE)["static_resources"]["clusters"]}
-    for option, cluster in (("extproc", "nexus_extproc"), ("als", "nexus_als")):
+    for option, cluster, address in (
+        ("extproc", "nexus_extproc", GRPC_SOCKET),
+        ("als", "nexus_als", AUTHZ_SOCKET),
+    ):
         if cluster in clusters:
-            options[option] = GRPC_SOCKET
+            options[option] = address
     return options
 
 

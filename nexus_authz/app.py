@@ -234,7 +234,12 @@ class GrpcServer:
 
 
 def grpc_server(
-    settings: Settings, engine: Engine, address: str, *, ratelimit: envoy_rls.RateLimitService | None = None
+    settings: Settings,
+    engine: Engine,
+    address: str,
+    *,
+    ratelimit: envoy_rls.RateLimitService | None = None,
+    als: envoy_als.AccessLogService | None = None,
 ) -> GrpcServer:
     """Envoy's Authorization, ExternalProcessor, AccessLogService (and RateLimitService when
     configured) on one grpc.aio server bound to `address`. StartupError if it cannot listen."""
@@ -250,7 +255,8 @@ def grpc_server(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
     )
-    als = envoy_als.AccessLogService(engine)
+    if als is None:  # the server's, shared with the HTTP listeners' access-log receiver (als_h2)
+        als = envoy_als.AccessLogService(engine)
     handlers: list[grpc.GenericRpcHandler] = [
         envoy_authz.AuthorizationService(engine).handler(),
         envoy_extproc.ExternalProcessorService(engine).handler(),

@@ -34,7 +34,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from nexus_authz import app, native
-from nexus_authz.adapters import envoy_als, envoy_rls, http_authz
+from nexus_authz.adapters import als_h2, envoy_als, envoy_rls, http_authz
 from nexus_authz.app import GRPC_SERVICES, StartupError, Validated, validate
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.engine import Engine
@@ -94,6 +94,7 @@ class Server:
     serving: bool | None = None
     ratelimit: envoy_rls.RateLimitService | None = None
     als: envoy_als.AccessLogService | None = None
+    h2: als_h2.H2Receiver | None = None
     validated: Validated | None = None  # from validate(); start() runs it when not given
     socket_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file we bound
 
@@ -156,6 +157,11 @@ class Server:
         registry = make_registry(engine, ready=self.readiness, api_calls=self.api_calls)
         native.announce()  # one log line: the compiled fast path or the pure-Python one
         fast = http_authz.HttpApp(engine, max_header_bytes=s.max_header_bytes, max_body=s.max_body_bytes)
+        # token accounting's access log: on the gRPC port, and on the check listeners over HTTP/2 (the
+        # shipped envoy.yaml sends it there: no gRPC threads per batch), one service for both
+        self.als = envoy_als.AccessLogService(engine)
+        self.h2 = als_h2.H2Receiver(self.als, engine)
+        fast.h2 = self.h2.factory(fast.protocol)
         self.apps.append(fast)
         try:
             # TCP ports first: a second `serve` on the same ports fails before it goes near the socket path
@@ -204,7 +210,7 @@ class Server:
         self.tasks.append(asyncio.create_task(self._maintenance_loop(), name="maintenance"))
 
     async def _start_grpc(self, address: str) -> None:
-        built = app.grpc_server(self.settings, self.engine, address, ratelimit=self.ratelimit)
+        built = app.grpc_server(self.settings, self.engine, address, ratelimit=self.ratelimit, als=self.als)
         self.als, self.health, self.grpc_port = built.als, built.health, built.port
         await built.server.start()
         self.grpc_server = built.server
@@ -286,6 +292,8 @@ class Server:
             task.cancel()
         if self.als is not None:  # token accounting's last access-log batches, while gRPC still accepts
             await self.als.drain(grace)
+        if self.h2 is not None:  # the access log's HTTP/2 connections: GOAWAY, once their streams ended
+            self.h2.close()
         stops = []
         if self.grpc_server is not None:
             stops.append(self.grpc_server.stop(grace))

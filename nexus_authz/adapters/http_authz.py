@@ -114,6 +114,7 @@ class HttpApp:
         "connections",
         "draining",
         "engine",
+        "h2",
         "loop",
         "max_body",
         "max_header_bytes",
@@ -143,6 +144,8 @@ class HttpApp:
         self._nginx_cache: AnswerCache[bytes] = AnswerCache(ALLOW_CACHE)  # nginx's, only once it asks
         self._deny_cache: AnswerCache[bytes] = AnswerCache(DENY_CACHE)
         self.loop: asyncio.AbstractEventLoop | None = None
+        # when this listener takes the access log too: its connections' factory (als_h2.H2Receiver.sniffer)
+        self.h2: Callable[[], asyncio.Protocol] | None = None
 
     def protocol(self) -> AuthzProtocol:
         return (PROTOCOL or _select_protocol())(self)
@@ -550,7 +553,7 @@ async def serve_unix(app: HttpApp, path: str, mode: int) -> asyncio.AbstractServ
     app.loop = loop
     sock = bind_unix(path)
     try:
-        server = await loop.create_unix_server(app.protocol, sock=sock, backlog=1024)
+        server = await loop.create_unix_server(app.h2 or app.protocol, sock=sock, backlog=1024)
     except BaseException:
         sock.close()
         raise
@@ -561,7 +564,7 @@ async def serve_unix(app: HttpApp, path: str, mode: int) -> asyncio.AbstractServ
 async def serve_tcp(app: HttpApp, host: str, port: int) -> asyncio.AbstractServer:
     loop = asyncio.get_running_loop()
     app.loop = loop
-    return await loop.create_server(app.protocol, host, port, backlog=1024, reuse_address=True)
+    return await loop.create_server(app.h2 or app.protocol, host, port, backlog=1024, reuse_address=True)
 
 
 async def drain(apps: list[HttpApp], *, idle: float, grace: float) -> None:

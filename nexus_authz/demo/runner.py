@@ -237,7 +237,7 @@ def run_demo(*, port: int = 10000, smoke: bool = False, envoy_config: str | None
             admin_port=envoy_admin,
             upstream=f"127.0.0.1:{upstream_port}",
             authz_socket=str(workdir / "authz.sock"),
-            als=f"127.0.0.1:{grpc_port}",
+            als=str(workdir / "authz.sock"),  # the access log over HTTP/2 on the same socket (als_h2)
         )
         envoy_proc = procs.start_envoy(
             rendered, admin_port=envoy_admin, workdir=workdir, log_path=workdir / "envoy.log", envoy=envoy_bin

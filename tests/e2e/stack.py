@@ -53,6 +53,8 @@ class Stack:
     # token accounting: "als" (Lua usage tap + gRPC access log, the default configs) or "extproc"
     # (envoy-extproc.yaml; HTTP mode only)
     accounting: str = "als"
+    # HTTP mode: the access log to the check socket (envoy.yaml, als_h2) or, False, to the gRPC port
+    als_on_socket: bool = True
     keys: tuple[KeySpec, ...] = ()
     extra_config: str = ""
     envoy_template: Path | None = None
@@ -126,8 +128,9 @@ class Stack:
         clusters = {c.get("name") for c in envoy_config.load(template)["static_resources"]["clusters"]}
         if envoy_config.EXTPROC_CLUSTER in clusters:
             addresses["extproc"] = f"127.0.0.1:{self.grpc_port}"
-        if envoy_config.ALS_CLUSTER in clusters:
-            addresses["als"] = f"127.0.0.1:{self.grpc_port}"
+        if envoy_config.ALS_CLUSTER in clusters:  # HTTP mode: the check socket, as envoy.yaml (als_h2)
+            http_als = self.mode == "http" and self.als_on_socket
+            addresses["als"] = str(self.socket) if http_als else f"127.0.0.1:{self.grpc_port}"
         if self.mode == "http":
             addresses["authz_socket"] = str(self.socket)
         else:

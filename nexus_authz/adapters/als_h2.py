@@ -1,0 +1,533 @@
+"""Envoy's gRPC access-log stream on the check listener: just enough HTTP/2 for it, on the event loop.
+
+Envoy sends token accounting's access log as one long-lived gRPC stream
+(`envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs`, envoy_als). Served by grpc.aio, each
+batch also costs gRPC's own threads and their hand-off to the event loop: ~200 µs of CPU per message
+(~10 µs per request at 1,000 requests/s with Envoy's 20 ms flush). Here the same stream arrives on the
+HTTP listener that answers checks (the Unix socket, or `listen.http_tcp`): a connection that opens with
+HTTP/2's preface (`PRI * HTTP/2.0`, which no HTTP/1.1 request starts with) is handed to `H2Connection`,
+which speaks the part of HTTP/2 (RFC 9113, cleartext with prior knowledge) an HTTP/2 client such as
+Envoy's gRPC client needs: SETTINGS, PING, WINDOW_UPDATE (large windows, topped up as data arrives; the
+socket is paused while too much waits to be accounted), HEADERS/CONTINUATION decoded with `hpack`,
+RST_STREAM and GOAWAY. Two methods are served:
+
+- `StreamAccessLogs`: each gRPC message goes, serialized, to `AccessLogService.stream_access_logs`, the
+  same loop (compiled scan, slices, drain) as on the gRPC port;
+- `/nexus.authz.v1.Slots/Release`: the Lua usage tap's early slot release in gRPC mode (a raw request id).
+
+Anything else is answered with gRPC status UNIMPLEMENTED. A protocol error ends the connection with
+GOAWAY. The frames are parsed in Python: a message carries a batch of entries (~20 at 1,000 requests/s),
+so framing costs a few µs per batch, not per request.
+
+The pure path and the gRPC port stay: Envoy configs that send the access log to the gRPC port
+(envoy-grpc.yaml, older configs) are served there as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import Final
+
+import grpc
+import hpack
+
+from nexus_authz.adapters import h2_frames as h2
+from nexus_authz.adapters.envoy_als import SERVICE, AccessLogService
+from nexus_authz.adapters.h2_frames import GrpcStream
+from nexus_authz.engine import Engine
+
+log = logging.getLogger("nexus_authz.als")
+
+__all__ = ["PREFACE", "ALS_PATH", "RELEASE_PATH", "H2Connection", "H2Receiver"]
+
+PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+ALS_PATH: Final = f"/{SERVICE}/StreamAccessLogs"
+RELEASE_PATH: Final = "/nexus.authz.v1.Slots/Release"
+#: Bytes received and not yet accounted above which the socket stops being read (until below LOW).
+HIGH: Final = 16 << 20
+LOW: Final = 4 << 20
+
+
+class H2Receiver:
+    """What every HTTP/2 connection of the check listeners shares: the access-log service, the engine
+    (for slot releases) and the open connections (ended on shutdown, after the access log's drain)."""
+
+    __slots__ = ("als", "closing", "connections", "engine")
+
+    def __init__(self, als: AccessLogService, engine: Engine) -> None:
+        self.als = als
+        self.engine = engine
+        self.connections: set[H2Connection] = set()
+        self.closing = False
+
+    def factory(self, make_http: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
+        """The protocol factory of a check listener whose HTTP/1.1 protocol `make_http` makes: each
+        connection starts as a `Sniffer` (see there)."""
+        return lambda: Sniffer(make_http, self)
+
+    def close(self) -> None:
+        """Say GOAWAY on every connection and close it (call after `AccessLogService.drain`)."""
+        self.closing = True
+        for conn in list(self.connections):
+            conn.goaway(h2.NO_ERROR, close=True)
+
+
+class H2Connection(asyncio.Protocol):
+    """One HTTP/2 connection from Envoy's gRPC client (see the module)."""
+
+    __slots__ = (
+        "_buffer",
+        "_continuation",
+        "_decoder",
+        "_encoder",
+        "_goaway_sent",
+        "_last_stream",
+        "_paused",
+        "_peer_window",
+        "_pending",
+        "_queued",
+        "_receiver",
+        "_recv_unacked",
+        "_send_window",
+        "_started",
+        "_streams",
+        "_transport",
+    )
+
+    def __init__(self, receiver: H2Receiver) -> None:
+        self._receiver = receiver
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._started = False  # the preface has been read
+        self._decoder = hpack.Decoder()
+        self._decoder.max_header_list_size = h2.MAX_HEADER_LIST
+        self._encoder = hpack.Encoder()
+        self._streams: dict[int, GrpcStream] = {}
+        self._last_stream = 0
+        # a header block being received: (stream id, flags of its HEADERS, fragments)
+        self._continuation: tuple[int, int, list[bytes]] | None = None
+        self._recv_unacked = 0  # connection-level bytes received since the last WINDOW_UPDATE
+        self._send_window = 65535  # what the peer lets us send (connection level)
+        self._peer_window = 65535  # the peer's SETTINGS_INITIAL_WINDOW_SIZE for our sends per stream
+        self._pending: deque[tuple[GrpcStream, bytes, bytes]] = deque()  # DATA + trailers waiting for window
+        self._queued = 0  # message bytes received and not yet read by their stream
+        self._paused = False
+        self._goaway_sent = False
+
+    # -- asyncio.Protocol -----------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        self._receiver.connections.add(self)
+        transport.write(
+            h2.settings_frame() + h2.frame(h2.WINDOW_UPDATE, 0, 0, struct.pack(">I", h2.WINDOW - 65535))
+        )  # type: ignore[attr-defined]
+        if self._receiver.closing:
+            self.goaway(h2.NO_ERROR, close=True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._receiver.connections.discard(self)
+        self._transport = None
+        for stream in list(self._streams.values()):
+            self._end_stream(stream)
+
+    def eof_received(self) -> bool:
+        return False  # the peer is done: close
+
+    def data_received(self, data: bytes) -> None:
+        if self._transport is None:
+            return
+        buffer = self._buffer
+        buffer += data
+        try:
+            pos = 0
+            if not self._started:
+                if len(buffer) < len(PREFACE):
+                    return
+                if not buffer.startswith(PREFACE):
+                    raise h2.H2Error(h2.PROTOCOL_ERROR, "not the HTTP/2 preface")
+                self._started = True
+                pos = len(PREFACE)
+            end = len(buffer)
+            while end - pos >= 9 and self._transport is not None:
+                length = buffer[pos] << 16 | buffer[pos + 1] << 8 | buffer[pos + 2]
+                if length > h2.MAX_FRAME:
+                    raise h2.H2Error(h2.FRAME_SIZE_ERROR, "frame over SETTINGS_MAX_FRAME_SIZE")
+                if end - pos < 9 + length:
+                    break
+                kind, flags = buffer[pos + 3], buffer[pos + 4]
+                stream_id = int.from_bytes(buffer[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+                payload = bytes(buffer[pos + 9 : pos + 9 + length])
+                pos += 9 + length
+                self._frame(kind, flags, stream_id, payload)
+            del buffer[:pos]
+            if self._recv_unacked >= h2.WINDOW // 2 and self._transport is not None:
+                self._transport.write(h2.frame(h2.WINDOW_UPDATE, 0, 0, struct.pack(">I", self._recv_unacked)))
+                self._recv_unacked = 0
+        except h2.H2Error as exc:
+            log.warning("access-log connection closed: HTTP/2 protocol error", extra={"reason": str(exc)})
+            self.goaway(exc.code, close=True)
+
+    def pause_writing(self) -> None:  # responses are small; nothing to hold back
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # -- frames -----------------------------------------------------------------------------------------
+    def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if self._continuation is not None and kind != h2.CONTINUATION:
+            raise h2.H2Error(h2.PROTOCOL_ERROR, "a header block interrupted")
+        if kind == h2.DATA:
+            self._data(flags, stream_id, payload)
+        elif kind == h2.HEADERS:
+            self._headers(flags, stream_id, payload)
+        elif kind == h2.CONTINUATION:
+            cont = self._continuation
+            if cont is None or cont[0] != stream_id:
+                raise h2.H2Error(h2.PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
+            cont[2].append(payload)
+            if sum(map(len, cont[2])) > h2.MAX_HEADER_LIST * 4:
+                raise h2.H2Error(h2.ENHANCE_YOUR_CALM, "header block too large")
+            if flags & h2.END_HEADERS:
+                self._continuation = None
+                self._header_block(stream_id, cont[1], b"".join(cont[2]))
+        elif kind == h2.SETTINGS:
+            self._settings(flags, stream_id, payload)
+        elif kind == h2.PING:
+            if stream_id != 0 or len(payload) != 8:
+                raise h2.H2Error(h2.PROTOCOL_ERROR if stream_id else h2.FRAME_SIZE_ERROR, "bad PING")
+            if not flags & h2.ACK:
+                self._write(h2.frame(h2.PING, h2.ACK, 0, payload))
+        elif kind == h2.WINDOW_UPDATE:
+            self._window_update(stream_id, payload)
+        elif kind == h2.RST_STREAM:
+            if stream_id == 0 or len(payload) != 4:
+                raise h2.H2Error(h2.PROTOCOL_ERROR, "bad RST_STREAM")
+            self._check_known(stream_id)
+            stream = self._streams.get(stream_id)
+            if stream is not None:
+                self._end_stream(stream)
+        elif kind == h2.GOAWAY:
+            if stream_id != 0:
+                raise h2.H2Error(h2.PROTOCOL_ERROR, "GOAWAY on a stream")
+            if not self._streams:  # the peer is leaving: close once its streams are done
+                self.goaway(h2.NO_ERROR, close=True)
+        elif kind == h2.PRIORITY:
+            if stream_id == 0 or len(payload) != 5:
+                raise h2.H2Error(h2.PROTOCOL_ERROR, "bad PRIORITY")
+        elif kind == h2.PUSH_PROMISE:
+            raise h2.H2Error(h2.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
+        # other (extension) frame types are ignored (§5.5)
+
+    def _check_known(self, stream_id: int) -> None:
+        if stream_id > self._last_stream:  # a stream in the idle state (§5.1)
+            raise h2.H2Error(h2.PROTOCOL_ERROR, "a frame on an idle stream")
+
+    def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id == 0:
+            raise h2.H2Error(h2.PROTOCOL_ERROR, "DATA on stream 0")
+        self._check_known(stream_id)
+        # flow control counts the whole payload, padding included (§6.9.1)
+        self._recv_unacked += len(payload)
+        data: bytes | memoryview = payload
+        if flags & h2.PADDED:
+            data = h2.unpad(payload)
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.ended:
+            return  # a stream already closed or reset: its remaining data is dropped
+        if stream.kind != "refused":
+            why = stream.feed(data)
+            if why is not None:
+                self._refuse(stream, why)
+                return
+        if flags & h2.END_STREAM:
+            self._half_closed(stream)
+            return
+        # the stream's window, topped up as its data arrives (the socket is paused on HIGH instead)
+        stream.unacked += len(payload)
+        if stream.unacked >= h2.WINDOW // 2:
+            self._write(h2.frame(h2.WINDOW_UPDATE, 0, stream.id, struct.pack(">I", stream.unacked)))
+            stream.unacked = 0
+
+    def _headers(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id == 0 or stream_id % 2 == 0:
+            raise h2.H2Error(h2.PROTOCOL_ERROR, "HEADERS on a stream a client cannot open")
+        block = payload
+        if flags & h2.PADDED:
+            block = bytes(h2.unpad(block))
+        if flags & h2.PRIORITY_FLAG:
+            if len(block) < 5:
+                raise h2.H2Error(h2.PROTOCOL_ERROR, "HEADERS too short for its priority")
+            block = block[5:]
+        if flags & h2.END_HEADERS:
+            self._header_block(stream_id, flags, block)
+        else:
+            self._continuation = (stream_id, flags, [block])
+
+    def _header_block(self, stream_id: int, flags: int, block: bytes) -> None:
+        try:  # every block is decoded, whatever its stream, to keep the HPACK table in step
+            headers = self._decoder.decode(block, raw=True)
+        except hpack.HPACKError as exc:
+            raise h2.H2Error(h2.COMPRESSION_ERROR, f"HPACK: {exc}") from None
+        stream = self._streams.get(stream_id)
+        if stream is not None:  # trailers from the client: they end its half
+            if not flags & h2.END_STREAM:
+                raise h2.H2Error(h2.PROTOCOL_ERROR, "a second header block without END_STREAM")
+            self._half_closed(stream)
+            return
+        if stream_id <= self._last_stream:
+            return  # a stream already closed (answered or reset): nothing more to do for it
+        self._last_stream = stream_id
+        if self._goaway_sent:
+            return  # over GOAWAY's last stream id: the client retries it elsewhere
+        fields = dict(headers)
+        path = fields.get(b":path", b"").decode("latin-1")
+        kind = "als" if path == ALS_PATH else "release" if path == RELEASE_PATH else "refused"
+        stream = GrpcStream(self, stream_id, kind, self._peer_window)
+        if len(self._streams) >= h2.MAX_STREAMS:
+            self._write(h2.frame(h2.RST_STREAM, 0, stream_id, struct.pack(">I", h2.REFUSED_STREAM)))
+            return
+        if fields.get(b":method") != b"POST" or not fields.get(b"content-type", b"").startswith(
+            b"application/grpc"
+        ):
+            kind = "refused"
+            stream.kind = kind
+            self._streams[stream_id] = stream
+            self._trailers_only(stream, grpc.StatusCode.UNIMPLEMENTED, "not a gRPC call")
+        elif kind == "refused":
+            self._streams[stream_id] = stream
+            self._trailers_only(stream, grpc.StatusCode.UNIMPLEMENTED, f"unknown method {path}")
+        else:
+            self._streams[stream_id] = stream
+            if kind == "als":
+                stream.task = asyncio.get_running_loop().create_task(self._serve_als(stream))
+        if flags & h2.END_STREAM and stream_id in self._streams:
+            self._half_closed(stream)
+
+    def _settings(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id != 0:
+            raise h2.H2Error(h2.PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & h2.ACK:
+            if payload:
+                raise h2.H2Error(h2.FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            return
+        if len(payload) % 6:
+            raise h2.H2Error(h2.FRAME_SIZE_ERROR, "SETTINGS of a wrong length")
+        for offset in range(0, len(payload), 6):
+            ident, value = struct.unpack_from(">HI", payload, offset)
+            if ident == 0x1:  # HEADER_TABLE_SIZE: the encoder of our responses follows it
+                self._encoder.header_table_size = min(value, 4096)
+            elif ident == 0x2 and value > 1:
+                raise h2.H2Error(h2.PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH over 1")
+            elif ident == 0x4:
+                if value > h2.MAX_WINDOW:
+                    raise h2.H2Error(h2.FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE too large")
+                delta = value - self._peer_window
+                self._peer_window = value
+                for stream in self._streams.values():
+                    stream.send_window += delta
+            elif ident == 0x5 and not 1 << 14 <= value < 1 << 24:
+                raise h2.H2Error(h2.PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE out of range")
+        self._write(h2.frame(h2.SETTINGS, h2.ACK, 0))
+        self._flush_pending()
+
+    def _window_update(self, stream_id: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise h2.H2Error(h2.FRAME_SIZE_ERROR, "WINDOW_UPDATE of a wrong length")
+        increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        if stream_id == 0:
+            if increment == 0:
+                raise h2.H2Error(h2.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            self._send_window += increment
+            if self._send_window > h2.MAX_WINDOW:
+                raise h2.H2Error(h2.FLOW_CONTROL_ERROR, "connection window over 2^31-1")
+        else:
+            self._check_known(stream_id)
+            stream = self._streams.get(stream_id)
+            if stream is not None:
+                stream.send_window += increment
+        self._flush_pending()
+
+    # -- streams ----------------------------------------------------------------------------------------
+    def _half_closed(self, stream: GrpcStream) -> None:
+        """The client has sent all of the stream."""
+        stream.ended = True
+        stream.wake()
+        if stream.kind == "release":
+            message = stream.messages.popleft() if stream.messages else None
+            if message is not None:
+                stream.queued -= len(message)
+                self.consumed(len(message))
+            if message is None or stream.buffer or stream.messages:
+                self._trailers_only(stream, grpc.StatusCode.INTERNAL, "Release takes one message")
+                return
+            try:
+                self._receiver.engine.release(message.decode("latin-1"))
+            except Exception:
+                log.exception("slot release failed")
+                self._trailers_only(stream, grpc.StatusCode.INTERNAL, "release failed")
+                return
+            self._respond(stream, h2.EMPTY_MESSAGE)
+        elif stream.kind == "refused":
+            self._streams.pop(stream.id, None)
+
+    def _end_stream(self, stream: GrpcStream) -> None:
+        """The stream is reset or the connection lost: what it received so far is still accounted."""
+        stream.ended = stream.reset = True
+        stream.wake()
+        if stream.task is None:
+            self._streams.pop(stream.id, None)
+
+    async def _serve_als(self, stream: GrpcStream) -> None:
+        try:
+            await self._receiver.als.stream_access_logs(None, stream)  # type: ignore[arg-type]
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("access-log stream failed")
+            self._trailers_only(stream, grpc.StatusCode.INTERNAL, "access-log stream failed")
+            return
+        finally:
+            stream.task = None
+        # drained (shutdown) or the client half-closed: the empty response and status OK
+        self._respond(stream, h2.EMPTY_MESSAGE)
+
+    def _respond(self, stream: GrpcStream, message: bytes) -> None:
+        """HEADERS, the message (when the window allows) and the OK trailers; then the stream is done."""
+        if self._transport is None or stream.reset:
+            self._streams.pop(stream.id, None)
+            return
+        self._write(
+            h2.frame(
+                h2.HEADERS,
+                h2.END_HEADERS,
+                stream.id,
+                self._encoder.encode([(b":status", b"200"), (b"content-type", b"application/grpc")]),
+            )
+        )
+        trailers = h2.frame(
+            h2.HEADERS,
+            h2.END_HEADERS | h2.END_STREAM,
+            stream.id,
+            self._encoder.encode([(b"grpc-status", b"0")]),
+        )
+        self._pending.append((stream, message, trailers))
+        self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        pending = self._pending
+        while pending:
+            stream, message, trailers = pending[0]
+            n = len(message)
+            if n > self._send_window or n > stream.send_window:
+                return  # wait for the peer's WINDOW_UPDATE
+            pending.popleft()
+            self._send_window -= n
+            stream.send_window -= n
+            self._write(h2.frame(h2.DATA, 0, stream.id, message) + trailers)
+            self._closed(stream)
+
+    def _trailers_only(self, stream: GrpcStream, code: grpc.StatusCode, message: str) -> None:
+        if self._transport is None or stream.reset:
+            self._streams.pop(stream.id, None)
+            return
+        block = self._encoder.encode(
+            [
+                (b":status", b"200"),
+                (b"content-type", b"application/grpc"),
+                (b"grpc-status", str(code.value[0]).encode()),
+                (b"grpc-message", message.encode("ascii", "replace")),
+            ]
+        )
+        self._write(h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream.id, block))
+        self._closed(stream)
+
+    def _closed(self, stream: GrpcStream) -> None:
+        """Our half is closed: the stream is done (the client's half too, or it is told to stop)."""
+        if not stream.ended:
+            self._write(h2.frame(h2.RST_STREAM, 0, stream.id, struct.pack(">I", h2.NO_ERROR)))
+            stream.ended = True
+        stream.kind = "refused"
+        self._streams.pop(stream.id, None)
+        self.consumed(stream.queued)
+        stream.messages.clear()
+        stream.queued = 0
+        if self._goaway_sent and not self._streams:
+            self._close()
+
+    def _refuse(self, stream: GrpcStream, why: str) -> None:
+        if why == "compressed":
+            self._trailers_only(stream, grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not accepted")
+        else:
+            self._trailers_only(stream, grpc.StatusCode.RESOURCE_EXHAUSTED, "message over the size limit")
+
+    # -- flow and shutdown ------------------------------------------------------------------------------
+    def queued(self, n: int) -> None:
+        self._queued += n
+        if self._queued > HIGH and not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def consumed(self, n: int) -> None:
+        self._queued -= n
+        if self._paused and self._queued < LOW and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+
+    def goaway(self, code: int, *, close: bool) -> None:
+        if self._transport is None:
+            return
+        if not self._goaway_sent:
+            self._goaway_sent = True
+            self._write(h2.frame(h2.GOAWAY, 0, 0, struct.pack(">II", self._last_stream, code)))
+        if close or not self._streams:
+            self._close()
+
+    def _close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _write(self, data: bytes) -> None:
+        if self._transport is not None:
+            self._transport.write(data)
+
+
+class Sniffer(asyncio.Protocol):
+    """A check listener's connection until its first bytes say which protocol it speaks: HTTP/2's
+    preface goes to `H2Connection` (the access log), anything else to the HTTP/1.1 protocol
+    (`make_http`). One object per connection, before its first request; nothing per request."""
+
+    __slots__ = ("_buffer", "_make_http", "_receiver", "_transport")
+
+    def __init__(self, make_http: Callable[[], asyncio.Protocol], receiver: H2Receiver) -> None:
+        self._make_http = make_http
+        self._receiver = receiver
+        self._transport: asyncio.Transport | None = None
+        self._buffer = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+
+    def data_received(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        data = self._buffer + data if self._buffer else data
+        if len(data) < len(PREFACE) and PREFACE.startswith(data):
+            self._buffer = data  # not yet enough to tell
+            return
+        self._buffer = b""
+        protocol = H2Connection(self._receiver) if data.startswith(PREFACE) else self._make_http()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        protocol.data_received(data)
+
+    def eof_received(self) -> bool:
+        return False

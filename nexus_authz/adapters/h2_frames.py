@@ -1,0 +1,145 @@
+"""The frames of HTTP/2 (RFC 9113) that the access log's receiver (als_h2) reads and writes, and one
+gRPC request stream's message framing: constants, frame bytes, padding, the connection error."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections import deque
+from typing import Any, Final, Protocol
+
+__all__ = ["EMPTY_MESSAGE", "GrpcStream", "H2Error", "frame", "settings_frame", "unpad"]
+
+import grpc
+
+from nexus_authz.adapters.envoy_als import MAX_MESSAGE_BYTES
+
+# frame types and flags (RFC 9113 §6)
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE = range(9)
+CONTINUATION: Final = 9
+END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
+# error codes (§7)
+NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED, FRAME_SIZE_ERROR = 0x0, 0x1, 0x3, 0x5, 0x6
+REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x7, 0x8, 0x9, 0xB
+
+#: The largest frame accepted (SETTINGS_MAX_FRAME_SIZE): a batch in a few frames rather than 16 KiB ones.
+MAX_FRAME: Final = 1 << 20
+#: Flow-control windows granted (per stream and for the connection), topped up at half.
+WINDOW: Final = 1 << 24
+MAX_STREAMS: Final = 100
+#: The largest header list accepted (decoded), as a grpc server's default.
+MAX_HEADER_LIST: Final = 16 << 10
+MAX_WINDOW: Final = (1 << 31) - 1
+
+EMPTY_MESSAGE: Final = b"\x00\x00\x00\x00\x00"  # a gRPC message of 0 bytes (the empty response)
+
+
+def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">I", len(payload))[1:] + struct.pack(">BBI", kind, flags, stream) + payload
+
+
+def settings_frame() -> bytes:
+    return frame(
+        SETTINGS,
+        0,
+        0,
+        struct.pack(">HI", 0x3, MAX_STREAMS)
+        + struct.pack(">HI", 0x4, WINDOW)
+        + struct.pack(">HI", 0x5, MAX_FRAME),
+    )
+
+
+class H2Error(Exception):
+    """A connection error (§5.4.1): GOAWAY with `code`, then the connection closes."""
+
+    def __init__(self, code: int, why: str) -> None:
+        super().__init__(why)
+        self.code = code
+
+
+class _Connection(Protocol):
+    def queued(self, n: int) -> None: ...
+    def consumed(self, n: int) -> None: ...
+
+
+class GrpcStream:
+    """One request stream: its gRPC message framing and where its messages go."""
+
+    __slots__ = (
+        "buffer",
+        "conn",
+        "ended",
+        "id",
+        "kind",
+        "messages",
+        "queued",
+        "reset",
+        "send_window",
+        "task",
+        "unacked",
+        "waiter",
+    )
+
+    def __init__(self, conn: _Connection, stream_id: int, kind: str, send_window: int) -> None:
+        self.conn = conn
+        self.id = stream_id
+        self.kind = kind  # "als", "release", or "refused" (answered already: its data is dropped)
+        self.buffer = bytearray()  # gRPC framing: the bytes of the message being received
+        self.messages: deque[bytes] = deque()
+        self.queued = 0  # bytes of `messages`
+        self.ended = False  # the client half-closed (END_STREAM) or reset the stream
+        self.reset = False  # reset by the client, or the connection is gone: nothing more is sent on it
+        self.unacked = 0  # DATA bytes received since the stream's last WINDOW_UPDATE
+        self.waiter: asyncio.Future[None] | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.send_window = send_window
+
+    # the context `AccessLogService.stream_access_logs` reads from, as grpc.aio's
+    async def read(self) -> Any:
+        while not self.messages:
+            if self.ended:
+                return grpc.aio.EOF
+            loop = asyncio.get_running_loop()
+            self.waiter = loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        message = self.messages.popleft()
+        self.queued -= len(message)
+        self.conn.consumed(len(message))
+        return message
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def feed(self, data: bytes | memoryview) -> str | None:
+        """Add DATA bytes; complete messages are queued. Returns why the stream must end, if it must."""
+        buffer = self.buffer
+        buffer += data
+        while len(buffer) >= 5:
+            if buffer[0] != 0:
+                return "compressed"
+            length = int.from_bytes(buffer[1:5], "big")
+            if length > MAX_MESSAGE_BYTES:
+                return "too_large"
+            if len(buffer) < 5 + length:
+                break
+            message = bytes(buffer[5 : 5 + length])
+            del buffer[: 5 + length]
+            self.messages.append(message)
+            self.queued += length
+            self.conn.queued(length)
+        self.wake()
+        return None
+
+
+def unpad(payload: bytes) -> memoryview:
+    if not payload:
+        raise H2Error(PROTOCOL_ERROR, "padded frame without its pad length")
+    pad = payload[0]
+    if pad >= len(payload):
+        raise H2Error(PROTOCOL_ERROR, "padding longer than the frame")
+    return memoryview(payload)[1 : len(payload) - pad]
