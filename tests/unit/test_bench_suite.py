@@ -169,6 +169,16 @@ def test_rows_judge_each_target_of_the_issue() -> None:
             assert r["target"] == "" and r["result"] == ""
 
 
+def test_the_cpu_target_is_judged_as_deployed_when_that_scenario_ran() -> None:
+    envoy = _envoy()
+    envoy[run_all.AS_DEPLOYED] = {"nexus_cpu_us_per_req": 52.0}
+    rows = run_all.suite_rows(envoy, None, None)
+    deployed, default = run_all.SCENARIOS[run_all.AS_DEPLOYED], run_all.SCENARIOS["http-uds-issue15"]
+    assert _result(rows, f"{deployed}: nexus-authz CPU") == ("52 µs", "MISS")
+    # the default's own figure (probe on) is shown, not judged
+    assert _result(rows, f"{default}: nexus-authz CPU per request, with the probe") == ("45 µs", "")
+
+
 def test_p99_misses_when_over_1_ms_and_beyond_the_empty_handlers_slack() -> None:
     rows = run_all.suite_rows(_envoy(http_uds_issue15={"added_p99_us": 1700.0}), None, None)
     default = run_all.SCENARIOS["http-uds-issue15"]
