@@ -117,7 +117,7 @@ def test_tenants_block_passes_check_config_and_a_keys_group_is_checked(workdir: 
 
 def test_defaults_agree_everywhere() -> None:
     """One socket path and one gRPC address: nexus-authz's defaults, the README's config, the shipped
-    Envoy configs and the nginx config."""
+    Envoy configs (nexus_authz always on the socket) and the nginx config."""
     readme = yaml.safe_load(block("nexus.yaml"))["listen"]
     defaults = Settings(config_path="-", base_dir="/")
     assert readme["http_socket"] == DEFAULT_SOCKET == defaults.http_socket
@@ -127,9 +127,10 @@ def test_defaults_agree_everywhere() -> None:
         for name, cluster in clusters.items():
             (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
             address = endpoint["endpoint"]["address"]
-            if name == "nexus_authz":
-                assert address == {"pipe": {"path": DEFAULT_SOCKET}}, path
-            elif name.startswith("nexus_"):  # gRPC: ext_authz, accounting, rate limit service
+            if "pipe" in address:  # the check socket: ext_authz, and the access log over HTTP/2 (als_h2)
+                assert name in ("nexus_authz", "nexus_als"), (path, name)
+                assert address == {"pipe": {"path": DEFAULT_SOCKET}}, (path, name)
+            elif name.startswith("nexus_"):  # gRPC: ext_authz, ext_proc, rate limit service, access log
                 sock = address["socket_address"]
                 assert f"{sock['address']}:{sock['port_value']}" == defaults.grpc, (path, name)
     nginx = (REPO / "deploy" / "nginx" / "nginx.conf").read_text()
