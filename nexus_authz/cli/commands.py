@@ -371,7 +371,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     authz = args.authz or settings.http_socket or (str(settings.http_tcp) if settings.http_tcp else None)
     grpc_address = args.grpc or settings.grpc
-    if grpc_address is None:
+    if grpc_address is None and args.mode == "grpc":
         return _fail("nexus-authz's gRPC listener is off (listen.grpc: null): Envoy needs it; give --grpc")
     if args.mode == "http" and authz is None:
         return _fail("no HTTP fast path (listen.http_socket and listen.http_tcp are off); give --authz")
@@ -383,7 +383,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
         listen_host, listen_port = host.strip("[]") or "0.0.0.0", int(port)
     try:
         template = args.template or _envoy_template(args.mode)
-        options: dict[str, object] = {"als": grpc_address}
+        options: dict[str, object] = {"als": authz if args.mode == "http" else grpc_address}  # als_h2
         if args.mode == "http":
             options["authz_socket"] = authz
         else:

@@ -150,6 +150,9 @@ def test_envoy_config_snippet_renders_what_envoy_accepts(workdir: Path) -> None:
     clusters = {c["name"]: c for c in yaml.safe_load(text)["static_resources"]["clusters"]}
     (endpoint,) = clusters["nexus_authz"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert endpoint["endpoint"]["address"] == {"pipe": {"path": DEFAULT_SOCKET}}  # the nexus.yaml's
+    # the access log goes to the same socket, over HTTP/2 (adapters/als_h2.py)
+    (endpoint,) = clusters["nexus_als"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert endpoint["endpoint"]["address"] == {"pipe": {"path": DEFAULT_SOCKET}}
     upstream = clusters["llm_upstream"]
     (endpoint,) = upstream["load_assignment"]["endpoints"][0]["lb_endpoints"]
     address = endpoint["endpoint"]["address"]["socket_address"]
