@@ -50,6 +50,8 @@ RELEASE_PATH: Final = "/nexus.authz.v1.Slots/Release"
 #: Bytes received and not yet accounted above which the socket stops being read (until below LOW).
 HIGH: Final = 16 << 20
 LOW: Final = 4 << 20
+#: On shutdown, how long a connection's open streams may take to end before it is closed anyway.
+CLOSE_GRACE: Final = 5.0
 
 
 class H2Receiver:
@@ -70,10 +72,16 @@ class H2Receiver:
         return lambda: Sniffer(make_http, self)
 
     def close(self) -> None:
-        """Say GOAWAY on every connection and close it (call after `AccessLogService.drain`)."""
+        """Shut down (call after `AccessLogService.drain`, which stopped the access-log streams): each
+        connection ends its open streams (new ones are refused), then says GOAWAY and closes; after
+        CLOSE_GRACE seconds it closes anyway."""
         self.closing = True
         for conn in list(self.connections):
-            conn.goaway(h2.NO_ERROR, close=True)
+            if conn._streams:
+                loop = asyncio.get_running_loop()
+                loop.call_later(CLOSE_GRACE, lambda conn=conn: conn.goaway(h2.NO_ERROR, close=True))
+            else:
+                conn.goaway(h2.NO_ERROR, close=True)
 
 
 class H2Connection(asyncio.Protocol):
@@ -284,6 +292,9 @@ class H2Connection(asyncio.Protocol):
         self._last_stream = stream_id
         if self._goaway_sent:
             return  # over GOAWAY's last stream id: the client retries it elsewhere
+        if self._receiver.closing:  # shutting down: the client retries it elsewhere
+            self._write(h2.frame(h2.RST_STREAM, 0, stream_id, struct.pack(">I", h2.REFUSED_STREAM)))
+            return
         fields = dict(headers)
         path = fields.get(b":path", b"").decode("latin-1")
         kind = "als" if path == ALS_PATH else "release" if path == RELEASE_PATH else "refused"
@@ -380,7 +391,18 @@ class H2Connection(asyncio.Protocol):
         stream.ended = stream.reset = True
         stream.wake()
         if stream.task is None:
-            self._streams.pop(stream.id, None)
+            self._forget(stream)
+
+    def _forget(self, stream: GrpcStream) -> None:
+        """The stream is done: its unread messages (none left for its task) no longer hold the socket
+        back; on shutdown, the connection closes after its last stream."""
+        self._streams.pop(stream.id, None)
+        if stream.task is None:
+            self.consumed(stream.queued)
+            stream.messages.clear()
+            stream.queued = 0
+        if (self._goaway_sent or self._receiver.closing) and not self._streams:
+            self.goaway(h2.NO_ERROR, close=True)
 
     async def _serve_als(self, stream: GrpcStream) -> None:
         try:
@@ -389,6 +411,7 @@ class H2Connection(asyncio.Protocol):
             raise
         except Exception:
             log.exception("access-log stream failed")
+            stream.task = None
             self._trailers_only(stream, grpc.StatusCode.INTERNAL, "access-log stream failed")
             return
         finally:
@@ -399,7 +422,7 @@ class H2Connection(asyncio.Protocol):
     def _respond(self, stream: GrpcStream, message: bytes) -> None:
         """HEADERS, the message (when the window allows) and the OK trailers; then the stream is done."""
         if self._transport is None or stream.reset:
-            self._streams.pop(stream.id, None)
+            self._forget(stream)
             return
         self._write(
             h2.frame(
@@ -433,7 +456,7 @@ class H2Connection(asyncio.Protocol):
 
     def _trailers_only(self, stream: GrpcStream, code: grpc.StatusCode, message: str) -> None:
         if self._transport is None or stream.reset:
-            self._streams.pop(stream.id, None)
+            self._forget(stream)
             return
         block = self._encoder.encode(
             [
@@ -447,17 +470,14 @@ class H2Connection(asyncio.Protocol):
         self._closed(stream)
 
     def _closed(self, stream: GrpcStream) -> None:
-        """Our half is closed: the stream is done (the client's half too, or it is told to stop)."""
+        """Our half is closed: the stream is done (the client's half too, or it is told to stop). Its
+        task, if it still runs (a refused message), accounts the whole messages before and ends."""
         if not stream.ended:
             self._write(h2.frame(h2.RST_STREAM, 0, stream.id, struct.pack(">I", h2.NO_ERROR)))
-            stream.ended = True
+        stream.ended = stream.reset = True  # nothing more is sent on it
+        stream.wake()
         stream.kind = "refused"
-        self._streams.pop(stream.id, None)
-        self.consumed(stream.queued)
-        stream.messages.clear()
-        stream.queued = 0
-        if self._goaway_sent and not self._streams:
-            self._close()
+        self._forget(stream)
 
     def _refuse(self, stream: GrpcStream, why: str) -> None:
         if why == "compressed":
@@ -524,7 +544,9 @@ class Sniffer(asyncio.Protocol):
             self._buffer = data  # not yet enough to tell
             return
         self._buffer = b""
-        protocol = H2Connection(self._receiver) if data.startswith(PREFACE) else self._make_http()
+        # HTTP/2's request line is no HTTP/1.1 request: a wrong rest of the preface is answered with GOAWAY
+        h2c = data.startswith(PREFACE[:16])
+        protocol = H2Connection(self._receiver) if h2c else self._make_http()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         protocol.data_received(data)
