@@ -510,6 +510,7 @@ class H2Connection(asyncio.Protocol):
     def _close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+            self._transport = None  # nothing more is read or written (connection_lost ends the streams)
 
     def _write(self, data: bytes) -> None:
         if self._transport is not None:

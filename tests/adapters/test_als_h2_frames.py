@@ -13,6 +13,7 @@ from typing import Any
 
 import hpack
 import pytest
+import uvloop
 
 from nexus_authz.adapters import als_h2
 from nexus_authz.adapters import h2_frames as h2
@@ -136,18 +137,35 @@ def goaway_code(frames: list[Frame]) -> int:
     return int.from_bytes(goaways[0][4:8], "big")
 
 
+@pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    """Each test on asyncio's loop and on uvloop's (server.py's)."""
+    LOOP[0] = request.param
+    return LOOP[0]
+
+
+LOOP = ["asyncio"]
+
+
 def run(
     engine: Any,
     path: Path,
     scenario: Callable[[AccessLogService, H2Receiver], Awaitable[Any]],
     **service_options: Any,
 ) -> Any:
+    """`scenario` on a check socket; fails on anything the loop's exception handler got (a task's
+    exception never retrieved, a callback's error)."""
+    errors: list[dict[str, Any]] = []
+
     async def main() -> Any:
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
         service = AccessLogService(engine, **service_options)
         async with check_socket(service, engine, path) as receiver:
             return await asyncio.wait_for(scenario(service, receiver), 60)
 
-    return asyncio.run(main())
+    result = uvloop.run(main()) if LOOP[0] == "uvloop" else asyncio.run(main())
+    assert not errors, errors
+    return result
 
 
 def receiver_tasks() -> list[asyncio.Task[Any]]:
@@ -465,6 +483,24 @@ def test_windows_are_topped_up_so_a_flow_controlled_client_never_stalls(
         assert len(body) - h2.WINDOW // 2 <= sum(got) <= len(body)
 
 
+class Spy:
+    """A transport whose pause_reading and resume_reading calls are recorded."""
+
+    def __init__(self, transport: Any, calls: list[str]) -> None:
+        self.transport, self.calls = transport, calls
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+    def pause_reading(self) -> None:
+        self.calls.append("pause")
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.calls.append("resume")
+        self.transport.resume_reading()
+
+
 def test_a_slow_reader_pauses_the_socket_and_resumes_it_without_loss(
     engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -477,19 +513,7 @@ def test_a_slow_reader_pauses_the_socket_and_resumes_it_without_loss(
     async def scenario(service: AccessLogService, receiver: H2Receiver) -> int:
         client = await Client.open(tmp_path / "s.sock")
         (conn,) = receiver.connections
-        transport = conn._transport
-        assert transport is not None
-        pause, resume = transport.pause_reading, transport.resume_reading
-
-        def pausing() -> None:
-            calls.append("pause")
-            pause()
-
-        def resuming() -> None:
-            calls.append("resume")
-            resume()
-
-        transport.pause_reading, transport.resume_reading = pausing, resuming  # type: ignore[method-assign]
+        conn._transport = Spy(conn._transport, calls)  # type: ignore[assignment]
         await client.send(frame(h2.HEADERS, h2.END_HEADERS, 1, client.block()))
         for i in range(0, len(body), 100_000):
             await client.send(frame(h2.DATA, 0, 1, body[i : i + 100_000]))
@@ -563,6 +587,46 @@ def test_a_message_over_the_size_limit_is_refused_without_buffering_it(
     blocks, messages = run(engine, tmp_path / "s.sock", scenario)
     assert blocks[0][b"grpc-status"] == b"8" and len(blocks) == 3  # then stream 3's response
     assert messages == 1
+
+
+def test_a_connection_error_ends_the_streams_answered_later_without_writing_after_goaway(
+    engine: Engine, tmp_path: Path
+) -> None:
+    async def scenario(service: AccessLogService, receiver: H2Receiver) -> list[Frame]:
+        client = await Client.open(tmp_path / "s.sock")
+        await client.send(
+            frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, 1, client.block()),  # answered by its task
+            frame(h2.DATA, 0, 0, b""),  # DATA on stream 0: a connection error, in the same read
+        )
+        frames = await client.to_end()
+        await client.close()
+        await settled(service, receiver)
+        return frames
+
+    frames = run(engine, tmp_path / "s.sock", scenario)
+    assert goaway_code(frames) == h2.PROTOCOL_ERROR
+
+
+def test_nothing_is_written_after_the_goaway_even_with_answers_still_buffered(
+    engine: Engine, tmp_path: Path
+) -> None:
+    async def scenario(service: AccessLogService, receiver: H2Receiver) -> list[Frame]:
+        client = await Client.open(tmp_path / "s.sock")
+        # PINGs not read: their ACKs fill the socket and the transport's buffer; then a stream its task
+        # answers later, and in the same read a connection error (GOAWAY, close)
+        await client.send(
+            frame(h2.PING, 0, 0, b"12345678") * 30_000
+            + frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, 1, client.block())
+            + frame(h2.DATA, 0, 0, b"")
+        )
+        frames = await client.to_end()
+        await client.close()
+        await settled(service, receiver)
+        return frames
+
+    frames = run(engine, tmp_path / "s.sock", scenario)
+    assert goaway_code(frames) == h2.PROTOCOL_ERROR
+    assert frames[-2] == (h2.PING, h2.ACK, 0, b"12345678")
 
 
 def test_unknown_frame_types_are_ignored(engine: Engine, tmp_path: Path) -> None:
