@@ -104,6 +104,7 @@ class H2Connection(asyncio.Protocol):
         "_started",
         "_streams",
         "_transport",
+        "_write_paused",
     )
 
     def __init__(self, receiver: H2Receiver) -> None:
@@ -123,7 +124,8 @@ class H2Connection(asyncio.Protocol):
         self._peer_window = 65535  # the peer's SETTINGS_INITIAL_WINDOW_SIZE for our sends per stream
         self._pending: deque[tuple[GrpcStream, bytes, bytes]] = deque()  # DATA + trailers waiting for window
         self._queued = 0  # message bytes received and not yet read by their stream
-        self._paused = False
+        self._paused = False  # reading paused: too much waits to be accounted
+        self._write_paused = False  # reading paused: the peer does not read
         self._goaway_sent = False
 
     # -- asyncio.Protocol -----------------------------------------------------------------------------
@@ -179,11 +181,15 @@ class H2Connection(asyncio.Protocol):
             log.warning("access-log connection closed: HTTP/2 protocol error", extra={"reason": str(exc)})
             self.goaway(exc.code, close=True)
 
-    def pause_writing(self) -> None:  # responses are small; nothing to hold back
-        pass
+    def pause_writing(self) -> None:  # the peer does not read its answers (PING ACKs...): nor do we
+        self._write_paused = True
+        if self._transport is not None:
+            self._transport.pause_reading()
 
     def resume_writing(self) -> None:
-        pass
+        self._write_paused = False
+        if self._transport is not None and not self._paused:
+            self._transport.resume_reading()
 
     # -- frames -----------------------------------------------------------------------------------------
     def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
@@ -198,7 +204,8 @@ class H2Connection(asyncio.Protocol):
             if cont is None or cont[0] != stream_id:
                 raise h2.H2Error(h2.PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
             cont[2].append(payload)
-            if sum(map(len, cont[2])) > h2.MAX_HEADER_LIST * 4:
+            # a few fragments at most (a flood of empty ones would cost quadratic time here)
+            if len(cont[2]) > 32 or sum(map(len, cont[2])) > h2.MAX_HEADER_LIST * 4:
                 raise h2.H2Error(h2.ENHANCE_YOUR_CALM, "header block too large")
             if flags & h2.END_HEADERS:
                 self._continuation = None
@@ -251,6 +258,9 @@ class H2Connection(asyncio.Protocol):
             why = stream.feed(data)
             if why is not None:
                 self._refuse(stream, why)
+                return
+            if stream.kind == "release" and len(stream.messages) > 1:  # held until END_STREAM: not more
+                self._trailers_only(stream, grpc.StatusCode.INTERNAL, "Release takes one message")
                 return
         if flags & h2.END_STREAM:
             self._half_closed(stream)
@@ -496,7 +506,8 @@ class H2Connection(asyncio.Protocol):
         self._queued -= n
         if self._paused and self._queued < LOW and self._transport is not None:
             self._paused = False
-            self._transport.resume_reading()
+            if not self._write_paused:
+                self._transport.resume_reading()
 
     def goaway(self, code: int, *, close: bool) -> None:
         if self._transport is None:

@@ -27,6 +27,9 @@ Frame = tuple[int, int, int, bytes]  # kind, flags, stream id, payload
 TIMEOUT = 10.0
 
 
+CLIENTS: list[Client] = []  # closed when the scenario ends, even on a failure
+
+
 def grpc_message(payload: bytes, compressed: bool = False) -> bytes:
     return bytes([compressed]) + len(payload).to_bytes(4, "big") + payload
 
@@ -43,9 +46,9 @@ class Client:
         self.encoder = hpack.Encoder()
         self.decoder = hpack.Decoder()
         self.seen: list[Frame] = []  # every frame read
-        self.blocks: list[
-            tuple[int, int, dict[bytes, bytes]]
-        ] = []  # every header block: stream, flags, fields
+        # every header block: stream, flags, fields
+        self.blocks: list[tuple[int, int, dict[bytes, bytes]]] = []
+        CLIENTS.append(self)
 
     @classmethod
     async def open(cls, path: Path, *, handshake: bool = True) -> Client:
@@ -160,8 +163,15 @@ def run(
     async def main() -> Any:
         asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
         service = AccessLogService(engine, **service_options)
-        async with check_socket(service, engine, path) as receiver:
-            return await asyncio.wait_for(scenario(service, receiver), 60)
+        try:
+            async with check_socket(service, engine, path) as receiver:
+                return await asyncio.wait_for(scenario(service, receiver), 60)
+        finally:
+            if CLIENTS:  # a failed scenario's: closed, so that the loop closes
+                for client in CLIENTS:
+                    client.writer.close()
+                CLIENTS.clear()
+                await asyncio.sleep(0.05)
 
     result = uvloop.run(main()) if LOOP[0] == "uvloop" else asyncio.run(main())
     assert not errors, errors
@@ -627,6 +637,68 @@ def test_nothing_is_written_after_the_goaway_even_with_answers_still_buffered(
     frames = run(engine, tmp_path / "s.sock", scenario)
     assert goaway_code(frames) == h2.PROTOCOL_ERROR
     assert frames[-2] == (h2.PING, h2.ACK, 0, b"12345678")
+
+
+def test_a_flood_of_empty_continuation_frames_is_cut_short(engine: Engine, tmp_path: Path) -> None:
+    async def scenario(service: AccessLogService, receiver: H2Receiver) -> tuple[list[Frame], float]:
+        client = await Client.open(tmp_path / "s.sock")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        block = client.block()
+        await client.send(
+            frame(h2.HEADERS, 0, 1, block[:2]) + frame(h2.CONTINUATION, 0, 1) * 20_000,
+            frame(h2.CONTINUATION, h2.END_HEADERS, 1, block[2:]),
+        )
+        frames = await client.to_end()
+        elapsed = loop.time() - started
+        await client.close()
+        await settled(service, receiver)
+        return frames, elapsed
+
+    frames, elapsed = run(engine, tmp_path / "s.sock", scenario)
+    assert goaway_code(frames) == h2.ENHANCE_YOUR_CALM
+    assert elapsed < 2.0  # not quadratic in the number of fragments
+
+
+def test_a_second_release_message_is_refused_at_once(engine: Engine, tmp_path: Path) -> None:
+    releasing = Releasing(engine)
+
+    async def scenario(service: AccessLogService, receiver: H2Receiver) -> dict[bytes, bytes]:
+        client = await Client.open(tmp_path / "s.sock")
+        await client.send(
+            frame(h2.HEADERS, h2.END_HEADERS, 1, client.block(RELEASE_PATH)),
+            frame(h2.DATA, 0, 1, grpc_message(b"a") + grpc_message(b"b")),  # and more may follow
+        )
+        blocks, _ = await client.response(1)
+        await client.close()
+        return blocks[-1]
+
+    assert run(releasing, tmp_path / "s.sock", scenario)[b"grpc-status"] == b"13"  # INTERNAL
+    assert releasing.released == []
+
+
+def test_a_peer_that_does_not_read_its_answers_is_not_read_either(engine: Engine, tmp_path: Path) -> None:
+    pings = 300_000  # 5 MB of PING, as many ACKs
+
+    async def scenario(service: AccessLogService, receiver: H2Receiver) -> tuple[int, int]:
+        client = await Client.open(tmp_path / "s.sock")
+        (conn,) = receiver.connections
+        await client.frames(lambda f: f[:2] == (h2.SETTINGS, h2.ACK))  # what comes before the PINGs
+        sending = asyncio.create_task(client.send(frame(h2.PING, 0, 0, b"12345678") * pings))
+        buffered = 0  # the most the server holds for the peer
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if conn._transport is not None:
+                buffered = max(buffered, conn._transport.get_write_buffer_size())
+        acks = await asyncio.wait_for(client.reader.readexactly(17 * pings), TIMEOUT)
+        await sending
+        await client.close()
+        await settled(service, receiver)
+        return buffered, acks.count(frame(h2.PING, h2.ACK, 0, b"12345678"))
+
+    buffered, acks = run(engine, tmp_path / "s.sock", scenario)
+    assert buffered < 1 << 20, buffered
+    assert acks == pings
 
 
 def test_unknown_frame_types_are_ignored(engine: Engine, tmp_path: Path) -> None:
