@@ -122,7 +122,7 @@ class H2Connection(asyncio.Protocol):
         self._recv_unacked = 0  # connection-level bytes received since the last WINDOW_UPDATE
         self._send_window = 65535  # what the peer lets us send (connection level)
         self._peer_window = 65535  # the peer's SETTINGS_INITIAL_WINDOW_SIZE for our sends per stream
-        self._pending: deque[tuple[GrpcStream, bytes, bytes]] = deque()  # DATA + trailers waiting for window
+        self._pending: deque[tuple[GrpcStream, bytes]] = deque()  # response messages waiting for window
         self._queued = 0  # message bytes received and not yet read by their stream
         self._paused = False  # reading paused: too much waits to be accounted
         self._write_paused = False  # reading paused: the peer does not read
@@ -442,27 +442,31 @@ class H2Connection(asyncio.Protocol):
                 self._encoder.encode([(b":status", b"200"), (b"content-type", b"application/grpc")]),
             )
         )
-        trailers = h2.frame(
-            h2.HEADERS,
-            h2.END_HEADERS | h2.END_STREAM,
-            stream.id,
-            self._encoder.encode([(b"grpc-status", b"0")]),
-        )
-        self._pending.append((stream, message, trailers))
+        self._pending.append((stream, message))
         self._flush_pending()
 
     def _flush_pending(self) -> None:
-        pending = self._pending
-        while pending:
-            stream, message, trailers = pending[0]
+        """Send each response message its windows allow, then its trailers (encoded only then: HPACK
+        blocks must reach the peer in the order they are encoded); a reset stream's is dropped, and one
+        waiting for its stream's WINDOW_UPDATE holds back no other."""
+        waiting: deque[tuple[GrpcStream, bytes]] = deque()
+        while self._pending:
+            stream, message = self._pending.popleft()
             n = len(message)
+            if stream.reset:
+                continue
             if n > self._send_window or n > stream.send_window:
-                return  # wait for the peer's WINDOW_UPDATE
-            pending.popleft()
+                waiting.append((stream, message))  # until the peer's WINDOW_UPDATE
+                continue
             self._send_window -= n
             stream.send_window -= n
-            self._write(h2.frame(h2.DATA, 0, stream.id, message) + trailers)
+            trailers = self._encoder.encode([(b"grpc-status", b"0")])
+            self._write(
+                h2.frame(h2.DATA, 0, stream.id, message)
+                + h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream.id, trailers)
+            )
             self._closed(stream)
+        self._pending = waiting
 
     def _trailers_only(self, stream: GrpcStream, code: grpc.StatusCode, message: str) -> None:
         if self._transport is None or stream.reset:

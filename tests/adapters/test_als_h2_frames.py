@@ -808,6 +808,47 @@ def test_reset_slot_releases_do_not_hold_back_the_access_log(
     assert releasing.released == []
 
 
+def test_a_response_waits_for_its_window_and_a_reset_one_holds_back_no_other(
+    engine: Engine, tmp_path: Path
+) -> None:
+    releasing = Releasing(engine)
+
+    async def scenario(service: AccessLogService, receiver: H2Receiver) -> list[Frame]:
+        client = await Client.open(tmp_path / "s.sock")
+        await client.send(frame(h2.SETTINGS, 0, 0, struct.pack(">HI", 0x4, 0)))  # no stream window
+        for sid in (1, 3):
+            await client.send(
+                frame(h2.HEADERS, h2.END_HEADERS, sid, client.block(RELEASE_PATH)),
+                frame(h2.DATA, h2.END_STREAM, sid, grpc_message(b"req-%d" % sid)),
+            )
+        await client.send(frame(h2.PING, 0, 0, b"12345678"))
+        await client.frames(lambda f: f[0] == h2.PING)
+        # both answered up to their message, which waits for a window; stream 1 is then reset
+        assert [(k, sid) for k, _, sid, _ in client.seen if k in (h2.HEADERS, h2.DATA)] == [
+            (h2.HEADERS, 1),
+            (h2.HEADERS, 3),
+        ]
+        await client.send(
+            frame(h2.RST_STREAM, 0, 1, h2.CANCEL.to_bytes(4, "big")),
+            frame(h2.WINDOW_UPDATE, 0, 3, struct.pack(">I", 5)),
+        )
+        blocks, data = await client.response(3)
+        assert data == h2.EMPTY_MESSAGE and blocks[-1][b"grpc-status"] == b"0"
+        await client.send(frame(h2.PING, 0, 0, b"87654321"))
+        await client.frames(lambda f: f[0] == h2.PING)
+        await client.close()
+        return client.seen
+
+    seen = run(releasing, tmp_path / "s.sock", scenario)
+    assert releasing.released == ["req-1", "req-3"]
+    assert [(k, sid) for k, _, sid, _ in seen if k in (h2.HEADERS, h2.DATA, h2.RST_STREAM)] == [
+        (h2.HEADERS, 1),
+        (h2.HEADERS, 3),
+        (h2.DATA, 3),
+        (h2.HEADERS, 3),
+    ]
+
+
 # -- 6. the client leaving mid-stream ---------------------------------------------------------------------
 
 
