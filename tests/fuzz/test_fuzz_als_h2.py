@@ -5,9 +5,10 @@ payloads, real header blocks for the access log, the slot release and unknown me
 (whole, cut, compressed, over the size limit) and raw junk — cuts it at random points and feeds the pieces
 to one connection read by read, with a small HIGH/LOW so the socket's pause and resume are exercised.
 Nothing may raise out of `data_received`; what the receiver writes is well-formed frames, nothing after
-it closed the connection, and when it closed it the last frame is its one GOAWAY; a paused socket is
-resumed once the access log has read what was queued; once the connection is lost every stream's task
-ends, nothing stays counted as queued and `H2Receiver.connections` is empty.
+it closed the connection, and when it closed it the last frame is its one GOAWAY; its header blocks
+decode in the order written; nothing follows a stream's RST_STREAM, only RST_STREAM its END_STREAM; a
+paused socket is resumed once the access log has read what was queued; once the connection is lost
+every stream's task ends, nothing stays counted as queued and `H2Receiver.connections` is empty.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import struct
 
 import hpack
 import pytest
-from hypothesis import event, given
+from hypothesis import event, example, given
 from hypothesis import strategies as st
 
 from nexus_authz.adapters import als_h2
@@ -38,10 +39,18 @@ def grpc_message(payload: bytes, flag: int = 0, length: int | None = None) -> by
     return bytes([flag]) + (len(payload) if length is None else length).to_bytes(4, "big") + payload
 
 
+def _request(sid: int, path: str, body: bytes) -> bytes:
+    fields = [(":method", "POST"), (":path", path), ("content-type", "application/grpc")]
+    block = hpack.Encoder().encode([hpack.NeverIndexedHeaderTuple(k, v) for k, v in fields])
+    return h2.frame(h2.HEADERS, h2.END_HEADERS, sid, block) + h2.frame(
+        h2.DATA, h2.END_STREAM, sid, grpc_message(body)
+    )
+
+
 @st.composite
 def pieces(draw: st.DrawFn) -> bytes:
     """One piece of the stream: a frame (mostly well-formed) or junk."""
-    choice = draw(st.integers(0, 9))
+    choice = draw(st.integers(0, 11))
     sid = draw(st.sampled_from(STREAMS))
     flags = draw(
         st.sampled_from([0, h2.END_STREAM, h2.END_HEADERS, h2.END_HEADERS | h2.END_STREAM])
@@ -77,6 +86,14 @@ def pieces(draw: st.DrawFn) -> bytes:
             pad = draw(st.integers(0, 5))
             data = bytes([pad]) + data + b"\x00" * draw(st.integers(max(0, pad - 1), pad))
         return h2.frame(h2.DATA, flags, sid, data)
+    if choice >= 10:  # a whole request: an access-log batch or a slot release, half-closed
+        path, body = draw(st.sampled_from([(ALS_PATH, IDENTIFIER), (RELEASE_PATH, b"req-1")]))
+        return _request(draw(st.sampled_from([1, 3, 5, 7, 9, 11])), path, body)
+    if choice == 7:  # flow control: small windows (responses wait), then window given
+        if draw(st.booleans()):
+            window = draw(st.sampled_from([0, 1, 5, 65535]))
+            return h2.frame(h2.SETTINGS, 0, 0, struct.pack(">HI", 0x4, window))
+        return h2.frame(h2.WINDOW_UPDATE, 0, sid, struct.pack(">I", draw(st.sampled_from([1, 5, 100]))))
     kind = draw(st.sampled_from(list(range(10)) + [0x0A, 0xFF]))
     payload = draw(
         st.sampled_from(
@@ -133,6 +150,14 @@ async def _run(engine: Engine, chunks: list[bytes]) -> tuple[FakeTransport, H2Co
 
 @fuzz_settings(200)
 @given(chunks=streams())
+# two answers waiting for a stream window: their header blocks reach the peer in the order encoded
+@example(
+    chunks=[
+        h2.frame(h2.SETTINGS, 0, 0, struct.pack(">HI", 0x4, 0))
+        + _request(1, RELEASE_PATH, b"req-1")
+        + _request(3, ALS_PATH, IDENTIFIER)
+    ]
+)
 def test_any_frame_stream_after_the_preface(
     engine: Engine, chunks: list[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -155,3 +180,17 @@ def test_any_frame_stream_after_the_preface(
         f[0] in (h2.SETTINGS, h2.WINDOW_UPDATE, h2.PING, h2.HEADERS, h2.DATA, h2.RST_STREAM, h2.GOAWAY)
         for f in frames
     )
+    decoder = hpack.Decoder()  # the peer's: every header block decodes, in the order written
+    ended: set[int] = set()  # END_STREAM sent (then at most RST_STREAM NO_ERROR, RFC 9113 §8.1)
+    reset: set[int] = set()
+    for kind, flags, sid, payload in frames:
+        if kind == h2.HEADERS:
+            decoder.decode(payload, raw=True)
+        if kind in (h2.HEADERS, h2.DATA, h2.RST_STREAM):
+            assert sid not in reset, f"a frame on stream {sid} after its RST_STREAM"
+            if kind == h2.RST_STREAM:
+                reset.add(sid)
+            else:
+                assert sid not in ended, f"a frame on stream {sid} after its END_STREAM"
+                if flags & h2.END_STREAM:
+                    ended.add(sid)
