@@ -315,11 +315,12 @@ class H2Connection(asyncio.Protocol):
         if fields.get(b":method") != b"POST" or not fields.get(b"content-type", b"").startswith(
             b"application/grpc"
         ):
-            kind = "refused"
-            stream.kind = kind
+            kind = stream.kind = "refused"
+            stream.ended = bool(flags & h2.END_STREAM)  # a whole request: no RST_STREAM after the answer
             self._streams[stream_id] = stream
             self._trailers_only(stream, grpc.StatusCode.UNIMPLEMENTED, "not a gRPC call")
         elif kind == "refused":
+            stream.ended = bool(flags & h2.END_STREAM)
             self._streams[stream_id] = stream
             self._trailers_only(stream, grpc.StatusCode.UNIMPLEMENTED, f"unknown method {path}")
         else:

@@ -701,6 +701,32 @@ def test_a_peer_that_does_not_read_its_answers_is_not_read_either(engine: Engine
     assert acks == pings
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [(":method", "POST"), (":path", "/x.Y/Z"), ("content-type", "application/grpc")],
+        [(":method", "GET"), (":path", ALS_PATH)],
+    ],
+    ids=["unknown-method", "not-grpc"],
+)
+def test_a_whole_request_refused_gets_its_status_and_no_reset(
+    engine: Engine, tmp_path: Path, fields: list[tuple[str, str]]
+) -> None:
+    async def scenario(service: AccessLogService, receiver: H2Receiver) -> list[Frame]:
+        client = await Client.open(tmp_path / "s.sock")
+        block = client.encoder.encode(fields)
+        await client.send(
+            frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, 1, block), frame(h2.PING, 0, 0, b"12345678")
+        )
+        await client.frames(lambda f: f[0] == h2.PING)
+        await client.close()
+        return client.seen
+
+    seen = run(engine, tmp_path / "s.sock", scenario)
+    on_stream = [(kind, flags) for kind, flags, sid, _ in seen if sid == 1]
+    assert on_stream == [(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM)]  # trailers-only, UNIMPLEMENTED
+
+
 def test_unknown_frame_types_are_ignored(engine: Engine, tmp_path: Path) -> None:
     async def scenario(service: AccessLogService, receiver: H2Receiver) -> list[Frame]:
         client = await Client.open(tmp_path / "s.sock")
