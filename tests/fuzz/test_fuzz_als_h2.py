@@ -15,19 +15,27 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from typing import Any
 
 import hpack
 import pytest
 from hypothesis import event, example, given
 from hypothesis import strategies as st
 
-from nexus_authz.adapters import als_h2
+from nexus_authz.adapters import als_h2, http_authz
 from nexus_authz.adapters import h2_frames as h2
 from nexus_authz.adapters.als_h2 import ALS_PATH, PREFACE, RELEASE_PATH, H2Connection, H2Receiver
 from nexus_authz.adapters.envoy_als import MAX_MESSAGE_BYTES, AccessLogService
 from nexus_authz.engine import Engine
 from tests.fuzz import _strategies as S
-from tests.fuzz._support import FakeTransport, fuzz_settings
+from tests.fuzz._support import (
+    HTTP_ALLOWED,
+    MAX_BODY,
+    MAX_HEADER_BYTES,
+    FakeTransport,
+    fuzz_settings,
+    parse_answers,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 
@@ -194,3 +202,50 @@ def test_any_frame_stream_after_the_preface(
                 assert sid not in ended, f"a frame on stream {sid} after its END_STREAM"
                 if flags & h2.END_STREAM:
                     ended.add(sid)
+
+
+class SwitchingTransport(FakeTransport):
+    """A FakeTransport whose protocol the Sniffer replaces (as asyncio's transports allow)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.protocol: Any = None
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+HTTP1 = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"
+
+
+@fuzz_settings(100)
+@given(http2=st.booleans(), points=st.lists(st.integers(0, 10**6), max_size=8))
+def test_either_protocol_is_told_apart_however_its_first_bytes_are_split(
+    engine: Engine, http2: bool, points: list[int]
+) -> None:
+    data = PREFACE + h2.frame(h2.PING, 0, 0, b"12345678") if http2 else HTTP1
+    chunks = S.split_at(data, points)
+
+    async def main() -> SwitchingTransport:
+        app = http_authz.HttpApp(engine, max_header_bytes=MAX_HEADER_BYTES, max_body=MAX_BODY)
+        receiver = H2Receiver(AccessLogService(engine), engine)
+        transport = SwitchingTransport()
+        transport.protocol = receiver.factory(app.protocol)()
+        transport.protocol.connection_made(transport)
+        for chunk in chunks:
+            transport.protocol.data_received(chunk)
+        transport.protocol.connection_lost(None)
+        return transport
+
+    transport = asyncio.run(main())
+    out = bytes(transport.data)
+    if http2:
+        assert isinstance(transport.protocol, H2Connection)
+        assert (h2.PING, h2.ACK, 0, b"12345678") in written_frames(out)
+    else:
+        assert not isinstance(transport.protocol, H2Connection)
+        answers = parse_answers(out)
+        assert len(answers) == 1 and answers[0].status in HTTP_ALLOWED, answers
