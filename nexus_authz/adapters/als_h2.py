@@ -26,6 +26,7 @@ The pure path and the gRPC port stay: Envoy configs that send the access log to 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import struct
 from collections import deque
@@ -79,7 +80,7 @@ class H2Receiver:
         for conn in list(self.connections):
             if conn._streams:
                 loop = asyncio.get_running_loop()
-                loop.call_later(CLOSE_GRACE, lambda conn=conn: conn.goaway(h2.NO_ERROR, close=True))
+                loop.call_later(CLOSE_GRACE, functools.partial(conn.goaway, h2.NO_ERROR, close=True))
             else:
                 conn.goaway(h2.NO_ERROR, close=True)
 
