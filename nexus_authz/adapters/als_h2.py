@@ -37,7 +37,7 @@ import grpc
 import hpack
 
 from nexus_authz.adapters import h2_frames as h2
-from nexus_authz.adapters.envoy_als import SERVICE, AccessLogService
+from nexus_authz.adapters.envoy_als import MAX_MESSAGE_BYTES, SERVICE, AccessLogService
 from nexus_authz.adapters.h2_frames import GrpcStream
 from nexus_authz.engine import Engine
 
@@ -51,6 +51,9 @@ RELEASE_PATH: Final = "/nexus.authz.v1.Slots/Release"
 #: Bytes received and not yet accounted above which the socket stops being read (until below LOW).
 HIGH: Final = 16 << 20
 LOW: Final = 4 << 20
+#: The bytes of messages begun and not yet whole, all streams of a connection together, at most (Envoy
+#: sends one access-log stream per connection; without a bound, 100 streams could hold 400 MiB).
+MAX_PARTIAL: Final = 4 * MAX_MESSAGE_BYTES
 #: On shutdown, how long a connection's open streams may take to end before it is closed anyway.
 CLOSE_GRACE: Final = 5.0
 
@@ -95,6 +98,7 @@ class H2Connection(asyncio.Protocol):
         "_encoder",
         "_goaway_sent",
         "_last_stream",
+        "_partial",
         "_paused",
         "_peer_window",
         "_pending",
@@ -125,6 +129,7 @@ class H2Connection(asyncio.Protocol):
         self._peer_window = 65535  # the peer's SETTINGS_INITIAL_WINDOW_SIZE for our sends per stream
         self._pending: deque[tuple[GrpcStream, bytes]] = deque()  # response messages waiting for window
         self._queued = 0  # message bytes received and not yet read by their stream
+        self._partial = 0  # bytes of the streams' messages not yet whole (their `buffer`)
         self._paused = False  # reading paused: too much waits to be accounted
         self._write_paused = False  # reading paused: the peer does not read
         self._goaway_sent = False
@@ -256,7 +261,11 @@ class H2Connection(asyncio.Protocol):
         if stream is None or stream.ended:
             return  # a stream already closed or reset: its remaining data is dropped
         if stream.kind != "refused":
+            partial = len(stream.buffer)
             why = stream.feed(data)
+            self._partial += len(stream.buffer) - partial
+            if why is None and self._partial > MAX_PARTIAL:
+                why = "too_large"
             if why is not None:
                 self._refuse(stream, why)
                 return
@@ -409,6 +418,8 @@ class H2Connection(asyncio.Protocol):
         """The stream is done: its unread messages (none left for its task) no longer hold the socket
         back; on shutdown, the connection closes after its last stream."""
         self._streams.pop(stream.id, None)
+        self._partial -= len(stream.buffer)
+        stream.buffer.clear()
         if stream.task is None:
             self.consumed(stream.queued)
             stream.messages.clear()

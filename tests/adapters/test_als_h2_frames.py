@@ -727,6 +727,34 @@ def test_a_whole_request_refused_gets_its_status_and_no_reset(
     assert on_stream == [(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM)]  # trailers-only, UNIMPLEMENTED
 
 
+def test_partial_messages_are_bounded_per_connection(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(als_h2, "MAX_PARTIAL", 2 << 20)
+    body = grpc_message(named(1_000_000))
+    cut = 900_000
+
+    async def scenario(service: AccessLogService, receiver: H2Receiver) -> tuple[list[int], list[bytes]]:
+        client = await Client.open(tmp_path / "s.sock")
+        (conn,) = receiver.connections
+        for sid in (1, 3, 5):  # three messages begun, none ended: the third is over the bound
+            await client.send(
+                frame(h2.HEADERS, h2.END_HEADERS, sid, client.block()), frame(h2.DATA, 0, sid, body[:cut])
+            )
+        refused = await client.frames(lambda f: f[0] == h2.RST_STREAM)
+        for sid in (1, 3):
+            await client.send(frame(h2.DATA, h2.END_STREAM, sid, body[cut:]))
+        statuses = [(await client.response(sid))[0][-1][b"grpc-status"] for sid in (1, 3)]
+        assert conn._partial == 0
+        await client.close()
+        await settled(service, receiver)
+        return [f[2] for f in refused if f[0] == h2.HEADERS], [*statuses, client.blocks[0][2][b"grpc-status"]]
+
+    refused, statuses = run(engine, tmp_path / "s.sock", scenario)
+    assert refused == [5]
+    assert statuses == [b"0", b"0", b"8"]  # the first two accounted, the third RESOURCE_EXHAUSTED
+
+
 def test_unknown_frame_types_are_ignored(engine: Engine, tmp_path: Path) -> None:
     async def scenario(service: AccessLogService, receiver: H2Receiver) -> list[Frame]:
         client = await Client.open(tmp_path / "s.sock")

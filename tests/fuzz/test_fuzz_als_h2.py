@@ -3,7 +3,7 @@
 Each example builds a stream of frames — well-formed ones of every type with random flags, stream ids and
 payloads, real header blocks for the access log, the slot release and unknown methods, gRPC messages
 (whole, cut, compressed, over the size limit) and raw junk — cuts it at random points and feeds the pieces
-to one connection read by read, with a small HIGH/LOW so the socket's pause and resume are exercised.
+to one connection read by read, with a small HIGH/LOW (the socket's pause and resume) and MAX_PARTIAL.
 Nothing may raise out of `data_received`; what the receiver writes is well-formed frames, nothing after
 it closed the connection, and when it closed it the last frame is its one GOAWAY; its header blocks
 decode in the order written; nothing follows a stream's RST_STREAM, only RST_STREAM its END_STREAM; a
@@ -171,6 +171,7 @@ def test_any_frame_stream_after_the_preface(
 ) -> None:
     monkeypatch.setattr(als_h2, "HIGH", 64)
     monkeypatch.setattr(als_h2, "LOW", 32)
+    monkeypatch.setattr(als_h2, "MAX_PARTIAL", 80)
     transport, conn, receiver = asyncio.run(_run(engine, chunks))
     assert transport.written_after_close == 0, "written after the close"
     frames = written_frames(bytes(transport.data))
@@ -183,6 +184,7 @@ def test_any_frame_stream_after_the_preface(
         assert not goaways
         event("open")
     assert conn._queued == 0, "messages counted as queued after every stream ended"
+    assert conn._partial == 0, "partial messages counted after every stream ended"
     assert not receiver.connections
     assert all(
         f[0] in (h2.SETTINGS, h2.WINDOW_UPDATE, h2.PING, h2.HEADERS, h2.DATA, h2.RST_STREAM, h2.GOAWAY)
