@@ -26,6 +26,7 @@ The pure path and the gRPC port stay: Envoy configs that send the access log to 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import struct
 from collections import deque
@@ -36,7 +37,7 @@ import grpc
 import hpack
 
 from nexus_authz.adapters import h2_frames as h2
-from nexus_authz.adapters.envoy_als import SERVICE, AccessLogService
+from nexus_authz.adapters.envoy_als import MAX_MESSAGE_BYTES, SERVICE, AccessLogService
 from nexus_authz.adapters.h2_frames import GrpcStream
 from nexus_authz.engine import Engine
 
@@ -50,6 +51,11 @@ RELEASE_PATH: Final = "/nexus.authz.v1.Slots/Release"
 #: Bytes received and not yet accounted above which the socket stops being read (until below LOW).
 HIGH: Final = 16 << 20
 LOW: Final = 4 << 20
+#: The bytes of messages begun and not yet whole, all streams of a connection together, at most (Envoy
+#: sends one access-log stream per connection; without a bound, 100 streams could hold 400 MiB).
+MAX_PARTIAL: Final = 4 * MAX_MESSAGE_BYTES
+#: On shutdown, how long a connection's open streams may take to end before it is closed anyway.
+CLOSE_GRACE: Final = 5.0
 
 
 class H2Receiver:
@@ -70,10 +76,16 @@ class H2Receiver:
         return lambda: Sniffer(make_http, self)
 
     def close(self) -> None:
-        """Say GOAWAY on every connection and close it (call after `AccessLogService.drain`)."""
+        """Shut down (call after `AccessLogService.drain`, which stopped the access-log streams): each
+        connection ends its open streams (new ones are refused), then says GOAWAY and closes; after
+        CLOSE_GRACE seconds it closes anyway."""
         self.closing = True
         for conn in list(self.connections):
-            conn.goaway(h2.NO_ERROR, close=True)
+            if conn._streams:
+                loop = asyncio.get_running_loop()
+                loop.call_later(CLOSE_GRACE, functools.partial(conn.goaway, h2.NO_ERROR, close=True))
+            else:
+                conn.goaway(h2.NO_ERROR, close=True)
 
 
 class H2Connection(asyncio.Protocol):
@@ -86,6 +98,7 @@ class H2Connection(asyncio.Protocol):
         "_encoder",
         "_goaway_sent",
         "_last_stream",
+        "_partial",
         "_paused",
         "_peer_window",
         "_pending",
@@ -96,6 +109,7 @@ class H2Connection(asyncio.Protocol):
         "_started",
         "_streams",
         "_transport",
+        "_write_paused",
     )
 
     def __init__(self, receiver: H2Receiver) -> None:
@@ -113,9 +127,11 @@ class H2Connection(asyncio.Protocol):
         self._recv_unacked = 0  # connection-level bytes received since the last WINDOW_UPDATE
         self._send_window = 65535  # what the peer lets us send (connection level)
         self._peer_window = 65535  # the peer's SETTINGS_INITIAL_WINDOW_SIZE for our sends per stream
-        self._pending: deque[tuple[GrpcStream, bytes, bytes]] = deque()  # DATA + trailers waiting for window
+        self._pending: deque[tuple[GrpcStream, bytes]] = deque()  # response messages waiting for window
         self._queued = 0  # message bytes received and not yet read by their stream
-        self._paused = False
+        self._partial = 0  # bytes of the streams' messages not yet whole (their `buffer`)
+        self._paused = False  # reading paused: too much waits to be accounted
+        self._write_paused = False  # reading paused: the peer does not read
         self._goaway_sent = False
 
     # -- asyncio.Protocol -----------------------------------------------------------------------------
@@ -171,11 +187,15 @@ class H2Connection(asyncio.Protocol):
             log.warning("access-log connection closed: HTTP/2 protocol error", extra={"reason": str(exc)})
             self.goaway(exc.code, close=True)
 
-    def pause_writing(self) -> None:  # responses are small; nothing to hold back
-        pass
+    def pause_writing(self) -> None:  # the peer does not read its answers (PING ACKs...): nor do we
+        self._write_paused = True
+        if self._transport is not None:
+            self._transport.pause_reading()
 
     def resume_writing(self) -> None:
-        pass
+        self._write_paused = False
+        if self._transport is not None and not self._paused:
+            self._transport.resume_reading()
 
     # -- frames -----------------------------------------------------------------------------------------
     def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
@@ -190,7 +210,8 @@ class H2Connection(asyncio.Protocol):
             if cont is None or cont[0] != stream_id:
                 raise h2.H2Error(h2.PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
             cont[2].append(payload)
-            if sum(map(len, cont[2])) > h2.MAX_HEADER_LIST * 4:
+            # a few fragments at most (a flood of empty ones would cost quadratic time here)
+            if len(cont[2]) > 32 or sum(map(len, cont[2])) > h2.MAX_HEADER_LIST * 4:
                 raise h2.H2Error(h2.ENHANCE_YOUR_CALM, "header block too large")
             if flags & h2.END_HEADERS:
                 self._continuation = None
@@ -240,9 +261,16 @@ class H2Connection(asyncio.Protocol):
         if stream is None or stream.ended:
             return  # a stream already closed or reset: its remaining data is dropped
         if stream.kind != "refused":
+            partial = len(stream.buffer)
             why = stream.feed(data)
+            self._partial += len(stream.buffer) - partial
+            if why is None and self._partial > MAX_PARTIAL:
+                why = "too_large"
             if why is not None:
                 self._refuse(stream, why)
+                return
+            if stream.kind == "release" and len(stream.messages) > 1:  # held until END_STREAM: not more
+                self._trailers_only(stream, grpc.StatusCode.INTERNAL, "Release takes one message")
                 return
         if flags & h2.END_STREAM:
             self._half_closed(stream)
@@ -284,6 +312,9 @@ class H2Connection(asyncio.Protocol):
         self._last_stream = stream_id
         if self._goaway_sent:
             return  # over GOAWAY's last stream id: the client retries it elsewhere
+        if self._receiver.closing:  # shutting down: the client retries it elsewhere
+            self._write(h2.frame(h2.RST_STREAM, 0, stream_id, struct.pack(">I", h2.REFUSED_STREAM)))
+            return
         fields = dict(headers)
         path = fields.get(b":path", b"").decode("latin-1")
         kind = "als" if path == ALS_PATH else "release" if path == RELEASE_PATH else "refused"
@@ -294,11 +325,12 @@ class H2Connection(asyncio.Protocol):
         if fields.get(b":method") != b"POST" or not fields.get(b"content-type", b"").startswith(
             b"application/grpc"
         ):
-            kind = "refused"
-            stream.kind = kind
+            kind = stream.kind = "refused"
+            stream.ended = bool(flags & h2.END_STREAM)  # a whole request: no RST_STREAM after the answer
             self._streams[stream_id] = stream
             self._trailers_only(stream, grpc.StatusCode.UNIMPLEMENTED, "not a gRPC call")
         elif kind == "refused":
+            stream.ended = bool(flags & h2.END_STREAM)
             self._streams[stream_id] = stream
             self._trailers_only(stream, grpc.StatusCode.UNIMPLEMENTED, f"unknown method {path}")
         else:
@@ -380,7 +412,20 @@ class H2Connection(asyncio.Protocol):
         stream.ended = stream.reset = True
         stream.wake()
         if stream.task is None:
-            self._streams.pop(stream.id, None)
+            self._forget(stream)
+
+    def _forget(self, stream: GrpcStream) -> None:
+        """The stream is done: its unread messages (none left for its task) no longer hold the socket
+        back; on shutdown, the connection closes after its last stream."""
+        self._streams.pop(stream.id, None)
+        self._partial -= len(stream.buffer)
+        stream.buffer.clear()
+        if stream.task is None:
+            self.consumed(stream.queued)
+            stream.messages.clear()
+            stream.queued = 0
+        if (self._goaway_sent or self._receiver.closing) and not self._streams:
+            self.goaway(h2.NO_ERROR, close=True)
 
     async def _serve_als(self, stream: GrpcStream) -> None:
         try:
@@ -389,6 +434,7 @@ class H2Connection(asyncio.Protocol):
             raise
         except Exception:
             log.exception("access-log stream failed")
+            stream.task = None
             self._trailers_only(stream, grpc.StatusCode.INTERNAL, "access-log stream failed")
             return
         finally:
@@ -399,7 +445,7 @@ class H2Connection(asyncio.Protocol):
     def _respond(self, stream: GrpcStream, message: bytes) -> None:
         """HEADERS, the message (when the window allows) and the OK trailers; then the stream is done."""
         if self._transport is None or stream.reset:
-            self._streams.pop(stream.id, None)
+            self._forget(stream)
             return
         self._write(
             h2.frame(
@@ -409,31 +455,35 @@ class H2Connection(asyncio.Protocol):
                 self._encoder.encode([(b":status", b"200"), (b"content-type", b"application/grpc")]),
             )
         )
-        trailers = h2.frame(
-            h2.HEADERS,
-            h2.END_HEADERS | h2.END_STREAM,
-            stream.id,
-            self._encoder.encode([(b"grpc-status", b"0")]),
-        )
-        self._pending.append((stream, message, trailers))
+        self._pending.append((stream, message))
         self._flush_pending()
 
     def _flush_pending(self) -> None:
-        pending = self._pending
-        while pending:
-            stream, message, trailers = pending[0]
+        """Send each response message its windows allow, then its trailers (encoded only then: HPACK
+        blocks must reach the peer in the order they are encoded); a reset stream's is dropped, and one
+        waiting for its stream's WINDOW_UPDATE holds back no other."""
+        waiting: deque[tuple[GrpcStream, bytes]] = deque()
+        while self._pending:
+            stream, message = self._pending.popleft()
             n = len(message)
+            if stream.reset:
+                continue
             if n > self._send_window or n > stream.send_window:
-                return  # wait for the peer's WINDOW_UPDATE
-            pending.popleft()
+                waiting.append((stream, message))  # until the peer's WINDOW_UPDATE
+                continue
             self._send_window -= n
             stream.send_window -= n
-            self._write(h2.frame(h2.DATA, 0, stream.id, message) + trailers)
+            trailers = self._encoder.encode([(b"grpc-status", b"0")])
+            self._write(
+                h2.frame(h2.DATA, 0, stream.id, message)
+                + h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream.id, trailers)
+            )
             self._closed(stream)
+        self._pending = waiting
 
     def _trailers_only(self, stream: GrpcStream, code: grpc.StatusCode, message: str) -> None:
         if self._transport is None or stream.reset:
-            self._streams.pop(stream.id, None)
+            self._forget(stream)
             return
         block = self._encoder.encode(
             [
@@ -447,17 +497,14 @@ class H2Connection(asyncio.Protocol):
         self._closed(stream)
 
     def _closed(self, stream: GrpcStream) -> None:
-        """Our half is closed: the stream is done (the client's half too, or it is told to stop)."""
+        """Our half is closed: the stream is done (the client's half too, or it is told to stop). Its
+        task, if it still runs (a refused message), accounts the whole messages before and ends."""
         if not stream.ended:
             self._write(h2.frame(h2.RST_STREAM, 0, stream.id, struct.pack(">I", h2.NO_ERROR)))
-            stream.ended = True
+        stream.ended = stream.reset = True  # nothing more is sent on it
+        stream.wake()
         stream.kind = "refused"
-        self._streams.pop(stream.id, None)
-        self.consumed(stream.queued)
-        stream.messages.clear()
-        stream.queued = 0
-        if self._goaway_sent and not self._streams:
-            self._close()
+        self._forget(stream)
 
     def _refuse(self, stream: GrpcStream, why: str) -> None:
         if why == "compressed":
@@ -476,7 +523,8 @@ class H2Connection(asyncio.Protocol):
         self._queued -= n
         if self._paused and self._queued < LOW and self._transport is not None:
             self._paused = False
-            self._transport.resume_reading()
+            if not self._write_paused:
+                self._transport.resume_reading()
 
     def goaway(self, code: int, *, close: bool) -> None:
         if self._transport is None:
@@ -490,6 +538,7 @@ class H2Connection(asyncio.Protocol):
     def _close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+            self._transport = None  # nothing more is read or written (connection_lost ends the streams)
 
     def _write(self, data: bytes) -> None:
         if self._transport is not None:
@@ -524,7 +573,9 @@ class Sniffer(asyncio.Protocol):
             self._buffer = data  # not yet enough to tell
             return
         self._buffer = b""
-        protocol = H2Connection(self._receiver) if data.startswith(PREFACE) else self._make_http()
+        # HTTP/2's request line is no HTTP/1.1 request: a wrong rest of the preface is answered with GOAWAY
+        h2c = data.startswith(PREFACE[:16])
+        protocol = H2Connection(self._receiver) if h2c else self._make_http()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         protocol.data_received(data)
