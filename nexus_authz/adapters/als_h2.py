@@ -62,12 +62,13 @@ class H2Receiver:
     """What every HTTP/2 connection of the check listeners shares: the access-log service, the engine
     (for slot releases) and the open connections (ended on shutdown, after the access log's drain)."""
 
-    __slots__ = ("als", "closing", "connections", "engine")
+    __slots__ = ("als", "closing", "connections", "engine", "undecided")
 
     def __init__(self, als: AccessLogService, engine: Engine) -> None:
         self.als = als
         self.engine = engine
         self.connections: set[H2Connection] = set()
+        self.undecided: set[Sniffer] = set()  # connections that have not yet said which protocol
         self.closing = False
 
     def factory(self, make_http: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
@@ -80,6 +81,8 @@ class H2Receiver:
         connection ends its open streams (new ones are refused), then says GOAWAY and closes; after
         CLOSE_GRACE seconds it closes anyway."""
         self.closing = True
+        for sniffer in list(self.undecided):  # nothing asked yet: nothing to answer
+            sniffer.close()
         for conn in list(self.connections):
             if conn._streams:
                 loop = asyncio.get_running_loop()
@@ -560,9 +563,15 @@ class Sniffer(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        self._receiver.undecided.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self._receiver.undecided.discard(self)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
 
     def data_received(self, data: bytes) -> None:
         transport = self._transport
@@ -573,6 +582,7 @@ class Sniffer(asyncio.Protocol):
             self._buffer = data  # not yet enough to tell
             return
         self._buffer = b""
+        self._receiver.undecided.discard(self)
         # HTTP/2's request line is no HTTP/1.1 request: a wrong rest of the preface is answered with GOAWAY
         h2c = data.startswith(PREFACE[:16])
         protocol = H2Connection(self._receiver) if h2c else self._make_http()

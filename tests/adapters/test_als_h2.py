@@ -158,3 +158,34 @@ def test_slot_release_and_unknown_methods_answer_as_grpc_does(engine: Engine, tm
     assert released == ["req-0", "req-1", "req-2"]
     assert unknown == grpc.StatusCode.UNIMPLEMENTED
     assert streamed == grpc.StatusCode.INTERNAL
+
+
+def test_shutdown_closes_a_connection_that_never_said_which_protocol(engine: Engine, tmp_path: Path) -> None:
+    """A connection with nothing (or only the start of "PRI") sent is closed by H2Receiver.close, so the
+    listener's wait for its connections does not last the whole grace period."""
+    path = tmp_path / "u.sock"
+
+    async def scenario() -> tuple[int, bytes, bytes]:
+        service = AccessLogService(engine)
+        loop = asyncio.get_running_loop()
+        async with check_socket(service, engine, path) as receiver:
+            silent = socket.socket(socket.AF_UNIX)
+            partial = socket.socket(socket.AF_UNIX)
+            for sock in (silent, partial):
+                sock.setblocking(False)
+                await loop.sock_connect(sock, str(path))
+            await loop.sock_sendall(partial, b"PR")
+            for _ in range(100):
+                if len(receiver.undecided) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            undecided = len(receiver.undecided)
+            receiver.close()
+            ends = [await asyncio.wait_for(loop.sock_recv(sock, 10), 2) for sock in (silent, partial)]
+            silent.close()
+            partial.close()
+        return undecided, *ends
+
+    undecided, silent_end, partial_end = asyncio.run(scenario())
+    assert undecided == 2
+    assert silent_end == partial_end == b""  # closed by the receiver, nothing answered
