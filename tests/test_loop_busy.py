@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import time
 from bisect import bisect_left
 from collections.abc import Iterator
@@ -286,11 +287,22 @@ def test_the_upkeep_of_10000_counter_ids_runs_in_slices_under_200us(tmp_path: Pa
     cpu = LOOP_BUSY.maintenance_cpu
     assert cpu is not None
     before = (sum(cpu.counts), over(cpu), sum(LOOP_BUSY.maintenance.counts))
-    asyncio.run(sliced(server._maintenance_steps(engine), "maintenance"))
+    asyncio.run(sliced(server._maintenance_steps(engine, ids=10_000), "maintenance"))
     slices, over_limit = sum(cpu.counts) - before[0], over(cpu) - before[1]
     assert slices >= 20 and sum(LOOP_BUSY.maintenance.counts) - before[2] == slices
     # CPU time, not wall time, but a shared machine still adds interrupts and cold caches: most, not all
     assert over_limit <= max(2, slices // 5), f"{over_limit} of {slices} slices over 200 µs of CPU"
+
+
+def test_a_walk_over_the_counters_takes_sweep_every_seconds_within_its_bounds(tmp_path: Path) -> None:
+    engine = _busy_engine(tmp_path, 3000, 3000)
+    n = len(engine.counters)
+    assert n >= 10_000
+    steps = list(server._maintenance_steps(engine))  # nothing due: one step per MAINTAIN_STEP ids
+    assert len(steps) == math.ceil(math.ceil(n / server.SWEEP_EVERY) / server.MAINTAIN_STEP)
+    (tmp_path / "small").mkdir()
+    small = _busy_engine(tmp_path / "small", 1, 1)
+    assert len(list(server._maintenance_steps(small))) == 1  # at least one step, however few
 
 
 def test_the_upkeep_in_steps_expires_every_reservation_due(tmp_path: Path) -> None:
