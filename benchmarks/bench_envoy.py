@@ -377,6 +377,12 @@ SCENARIOS: dict[str, Scenario] = {
     "http-uds-issue15-10k": Scenario(
         "http-uds-issue15-10k", ENVOY_HTTP, "http", NexusSpec(ISSUE15_CONFIG, LIMITS_KEY_FIELDS, keys=10_000)
     ),
+    "http-uds-issue15-10k-noprobe": Scenario(
+        "http-uds-issue15-10k-noprobe",
+        ENVOY_HTTP,
+        "http",
+        NexusSpec(ISSUE15_CONFIG, LIMITS_KEY_FIELDS, keys=10_000, loop_cpu=False),
+    ),
     # issue 16: the same with tenant and group windows (HIERARCHY_CONFIG): what the hierarchy costs
     "http-uds-issue15-hierarchy": Scenario(
         "http-uds-issue15-hierarchy", ENVOY_HTTP, "http", NexusSpec(HIERARCHY_CONFIG, HIERARCHY_KEY_FIELDS)

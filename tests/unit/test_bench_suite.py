@@ -82,7 +82,7 @@ def _envoy(**overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "envoy_cpu_us_per_req": 430.0,
         },
         "http-uds-issue15-nolua": {"envoy_cpu_us_per_req": 480.0},
-        "http-uds-issue15-10k": {
+        "http-uds-issue15-10k-noprobe": {
             "added_p50_us": 220.0,
             "added_p99_us": 900.0,
             "nexus_cpu_us_per_req": 50.0,
@@ -138,7 +138,7 @@ def test_rows_judge_each_target_of_the_issue() -> None:
         "≤ 200 µs bucket; 0 of 30,000 callbacks over 200 µs",
         "PASS",
     )
-    many = run_all.SCENARIOS["http-uds-issue15-10k"]
+    many = run_all.SCENARIOS[run_all.MANY_KEYS]
     assert _result(rows, f"{many} at") == ("0 of 30,000", "PASS")
     assert _result(rows, f"{many}: added p50") == ("+0.220 ms", "PASS")
     assert _result(rows, f"{many}: added p99") == ("+0.900 ms", "PASS")
@@ -169,14 +169,17 @@ def test_rows_judge_each_target_of_the_issue() -> None:
             assert r["target"] == "" and r["result"] == ""
 
 
-def test_the_cpu_target_is_judged_as_deployed_when_that_scenario_ran() -> None:
+def test_cpu_and_latency_are_judged_as_deployed_when_that_scenario_ran() -> None:
     envoy = _envoy()
-    envoy[run_all.AS_DEPLOYED] = {"nexus_cpu_us_per_req": 52.0}
+    envoy[run_all.AS_DEPLOYED] = {"nexus_cpu_us_per_req": 52.0, "added_p50_us": 180.0, "added_p99_us": 600.0}
     rows = run_all.suite_rows(envoy, None, None)
     deployed, default = run_all.SCENARIOS[run_all.AS_DEPLOYED], run_all.SCENARIOS["http-uds-issue15"]
     assert _result(rows, f"{deployed}: nexus-authz CPU") == ("52 µs", "MISS")
-    # the default's own figure (probe on) is shown, not judged
-    assert _result(rows, f"{default}: nexus-authz CPU per request, with the probe") == ("45 µs", "")
+    assert _result(rows, f"{deployed}: added p50") == ("+0.180 ms", "PASS")
+    assert _result(rows, f"{deployed}: added p99") == ("+0.600 ms", "PASS")
+    # the default's own figures (probe on) are shown, not judged
+    assert _result(rows, f"{default}, with the probe") == ("+0.200 ms / +1.500 ms, 45 µs", "")
+    assert not [r for r in rows if r["figure"].startswith(f"{default}: added")]
 
 
 def test_p99_misses_when_over_1_ms_and_beyond_the_empty_handlers_slack() -> None:
@@ -189,12 +192,15 @@ def test_p99_misses_when_over_1_ms_and_beyond_the_empty_handlers_slack() -> None
 
 def test_errors_in_the_10k_run_and_allocation_growth_are_misses() -> None:
     rows = run_all.suite_rows(
-        _envoy(http_uds_issue15_10k={"errors": 2, "non_2xx": 1}, http_uds_issue15={"loop_over_200us": 3.0}),
+        _envoy(
+            http_uds_issue15_10k_noprobe={"errors": 2, "non_2xx": 1},
+            http_uds_issue15={"loop_over_200us": 3.0},
+        ),
         [_memory(100_000, 900.0, 700.0)],
         _alloc(exact=-40.0) | {"allocs_per_decision": 213.0},
         {"checks_per_s": 11_000.0, "connections": 32},
     )
-    many = run_all.SCENARIOS["http-uds-issue15-10k"]
+    many = run_all.SCENARIOS[run_all.MANY_KEYS]
     assert _result(rows, f"{many} at") == ("3 of 30,000", "MISS")
     assert _result(rows, "memory per active client including its key's entry, 100,000") == (
         "1,800 B (key entry 900 B + client 900 B (RSS 900 B, in use 700 B))",
