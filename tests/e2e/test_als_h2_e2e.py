@@ -11,14 +11,13 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from nexus_authz.stores.ledger import UsageRow, query_db
 from tests.e2e.stack import Stack
+from tests.e2e.test_conformance_e2e import ledger_row
 from tests.helpers import KeySpec
 
 CONFIG = """
@@ -64,20 +63,6 @@ def stack() -> Iterator[Stack]:
     finally:
         s.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def ledger_row(stack: Stack, key_id: str, timeout: float = 15.0) -> UsageRow:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            rows = query_db(stack.workdir / "usage.sqlite3", key_id=key_id)
-        except FileNotFoundError:
-            rows = []
-        if rows:
-            assert len(rows) == 1 and rows[0].requests == 1, rows
-            return rows[0]
-        time.sleep(0.05)
-    raise AssertionError(f"nothing accounted for {key_id}")
 
 
 def test_a_batch_over_the_default_windows_arrives_whole_and_the_stream_goes_on(stack: Stack) -> None:
