@@ -141,9 +141,9 @@ class H2Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         self._receiver.connections.add(self)
-        transport.write(
-            h2.settings_frame() + h2.frame(h2.WINDOW_UPDATE, 0, 0, struct.pack(">I", h2.WINDOW - 65535))
-        )  # type: ignore[attr-defined]
+        # our settings, and the connection's window raised from 65,535 to WINDOW
+        grant = h2.frame(h2.WINDOW_UPDATE, 0, 0, struct.pack(">I", h2.WINDOW - 65535))
+        self._write(h2.settings_frame() + grant)
         if self._receiver.closing:
             self.goaway(h2.NO_ERROR, close=True)
 
