@@ -17,18 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.stack import Stack
-from tests.e2e.test_conformance_e2e import ledger_row
+from tests.e2e.test_conformance_e2e import CONFIG, ledger_row  # a ledger, a metered plan
 from tests.helpers import KeySpec
 
-CONFIG = """
-ledger:
-  path: usage.sqlite3
-  flush_interval: 50ms
-plans:
-  metered:
-    limits:
-      - {tokens: 100000000, per: day}
-"""
 BIG, SMALL = KeySpec("big", extra={"plan": "metered"}), KeySpec("small", extra={"plan": "metered"})
 REQUEST = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a long answer"}]}
 USAGE = {"prompt_tokens": 11, "completion_tokens": 123_456, "total_tokens": 123_467}
