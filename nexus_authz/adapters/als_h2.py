@@ -142,8 +142,7 @@ class H2Connection(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
         self._receiver.connections.add(self)
         # our settings, and the connection's window raised from 65,535 to WINDOW
-        grant = h2.frame(h2.WINDOW_UPDATE, 0, 0, struct.pack(">I", h2.WINDOW - 65535))
-        self._write(h2.settings_frame() + grant)
+        self._write(h2.settings_frame() + h2.window_update(0, h2.WINDOW - 65535))
         if self._receiver.closing:
             self.goaway(h2.NO_ERROR, close=True)
 
@@ -184,7 +183,7 @@ class H2Connection(asyncio.Protocol):
                 self._frame(kind, flags, stream_id, payload)
             del buffer[:pos]
             if self._recv_unacked >= h2.WINDOW // 2 and self._transport is not None:
-                self._transport.write(h2.frame(h2.WINDOW_UPDATE, 0, 0, struct.pack(">I", self._recv_unacked)))
+                self._write(h2.window_update(0, self._recv_unacked))
                 self._recv_unacked = 0
         except h2.H2Error as exc:
             log.warning("access-log connection closed: HTTP/2 protocol error", extra={"reason": str(exc)})
@@ -281,7 +280,7 @@ class H2Connection(asyncio.Protocol):
         # the stream's window, topped up as its data arrives (the socket is paused on HIGH instead)
         stream.unacked += len(payload)
         if stream.unacked >= h2.WINDOW // 2:
-            self._write(h2.frame(h2.WINDOW_UPDATE, 0, stream.id, struct.pack(">I", stream.unacked)))
+            self._write(h2.window_update(stream.id, stream.unacked))
             stream.unacked = 0
 
     def _headers(self, flags: int, stream_id: int, payload: bytes) -> None:
@@ -315,16 +314,14 @@ class H2Connection(asyncio.Protocol):
         self._last_stream = stream_id
         if self._goaway_sent:
             return  # over GOAWAY's last stream id: the client retries it elsewhere
-        if self._receiver.closing:  # shutting down: the client retries it elsewhere
-            self._write(h2.frame(h2.RST_STREAM, 0, stream_id, struct.pack(">I", h2.REFUSED_STREAM)))
+        if self._receiver.closing or len(self._streams) >= h2.MAX_STREAMS:
+            # shutting down, or too many open: the client retries it elsewhere or later
+            self._write(h2.rst_stream(stream_id, h2.REFUSED_STREAM))
             return
         fields = dict(headers)
         path = fields.get(b":path", b"").decode("latin-1")
         kind = "als" if path == ALS_PATH else "release" if path == RELEASE_PATH else "refused"
         stream = GrpcStream(self, stream_id, kind, self._peer_window)
-        if len(self._streams) >= h2.MAX_STREAMS:
-            self._write(h2.frame(h2.RST_STREAM, 0, stream_id, struct.pack(">I", h2.REFUSED_STREAM)))
-            return
         if fields.get(b":method") != b"POST" or not fields.get(b"content-type", b"").startswith(
             b"application/grpc"
         ):
@@ -503,7 +500,7 @@ class H2Connection(asyncio.Protocol):
         """Our half is closed: the stream is done (the client's half too, or it is told to stop). Its
         task, if it still runs (a refused message), accounts the whole messages before and ends."""
         if not stream.ended:
-            self._write(h2.frame(h2.RST_STREAM, 0, stream.id, struct.pack(">I", h2.NO_ERROR)))
+            self._write(h2.rst_stream(stream.id, h2.NO_ERROR))
         stream.ended = stream.reset = True  # nothing more is sent on it
         stream.wake()
         stream.kind = "refused"

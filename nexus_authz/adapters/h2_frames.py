@@ -8,11 +8,20 @@ import struct
 from collections import deque
 from typing import Any, Final, Protocol
 
-__all__ = ["EMPTY_MESSAGE", "GrpcStream", "H2Error", "frame", "settings_frame", "unpad"]
-
 import grpc
 
 from nexus_authz.adapters.envoy_als import MAX_MESSAGE_BYTES
+
+__all__ = [
+    "EMPTY_MESSAGE",
+    "GrpcStream",
+    "H2Error",
+    "frame",
+    "rst_stream",
+    "settings_frame",
+    "unpad",
+    "window_update",
+]
 
 # frame types and flags (RFC 9113 §6)
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE = range(9)
@@ -39,14 +48,16 @@ def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
 
 
 def settings_frame() -> bytes:
-    return frame(
-        SETTINGS,
-        0,
-        0,
-        struct.pack(">HI", 0x3, MAX_STREAMS)
-        + struct.pack(">HI", 0x4, WINDOW)
-        + struct.pack(">HI", 0x5, MAX_FRAME),
-    )
+    """Our SETTINGS: MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE."""
+    return frame(SETTINGS, 0, 0, struct.pack(">HIHIHI", 0x3, MAX_STREAMS, 0x4, WINDOW, 0x5, MAX_FRAME))
+
+
+def window_update(stream: int, increment: int) -> bytes:
+    return frame(WINDOW_UPDATE, 0, stream, struct.pack(">I", increment))
+
+
+def rst_stream(stream: int, code: int) -> bytes:
+    return frame(RST_STREAM, 0, stream, struct.pack(">I", code))
 
 
 class H2Error(Exception):
