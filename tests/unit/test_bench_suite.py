@@ -22,6 +22,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import bench_alloc  # type: ignore[import-not-found]  # noqa: E402
+import bench_clocks  # type: ignore[import-not-found]  # noqa: E402
 import bench_envoy as be  # type: ignore[import-not-found]  # noqa: E402
 import bench_memory  # type: ignore[import-not-found]  # noqa: E402
 import run_all  # type: ignore[import-not-found]  # noqa: E402
@@ -570,3 +571,13 @@ def test_the_suite_reports_in_process_stalls_and_a_repeating_one() -> None:
     assert rows["noisy"][0]["measured"] == "170 µs / 90 µs; none"
     assert rows["periodic"][0]["measured"] == "80 µs / 200 µs; settle every 4,096 calls"
     assert rows["noisy"][0]["result"] == ""  # informational: target 6 is judged through Envoy
+
+
+def test_bench_clocks_prints_a_cost_for_each_clock(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench_clocks.main(["--calls", "1000"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split(":")[0] for line in lines]
+    assert names == ["time.perf_counter", "time.monotonic", "time.thread_time"]
+    assert all(float(line.split(": ")[1].split(" ns")[0].replace(",", "")) > 0 for line in lines)
+    with pytest.raises(SystemExit):
+        bench_clocks.main(["--calls", "0"])
