@@ -131,6 +131,7 @@ def ext_authz_request(secret: str, request_id: str | None) -> bytes:
         "authorization": f"Bearer {secret}",
         "content-type": "application/json",
         "x-envoy-auth-partial-body": "false",
+        "x-nexus-content-length": str(len(be.BODY)),  # the shipped configs' headers_to_add
         "x-envoy-internal": "true",
         "x-forwarded-for": "192.0.2.2",
         "x-envoy-expected-rq-timeout-ms": "500",

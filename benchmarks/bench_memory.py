@@ -98,6 +98,7 @@ def authz_request(secret: str) -> bytes:
             "authorization": f"Bearer {secret}",
             "content-type": "application/json",
             "x-envoy-auth-partial-body": "false",
+            "x-nexus-content-length": str(len(be.BODY)),  # the shipped configs' headers_to_add
             "x-forwarded-for": "192.0.2.2",
         },
         body=be.BODY,

@@ -47,7 +47,8 @@ def _request(secret: str, request_id: str = "") -> bytes:
         "POST /ext_authz/v1/chat/completions HTTP/1.1\r\nhost: authz\r\n"
         + (f"x-request-id: {request_id}\r\n" if request_id else "")
         + f"authorization: Bearer {secret}\r\ncontent-type: application/json\r\n"
-        f"x-forwarded-for: 192.0.2.2\r\ncontent-length: {len(BODY)}\r\n\r\n"
+        f"x-forwarded-for: 192.0.2.2\r\ncontent-length: {len(BODY)}\r\n"
+        f"x-nexus-content-length: {len(BODY)}\r\n\r\n"
     )
     return head.encode() + BODY
 

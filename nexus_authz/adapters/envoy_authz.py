@@ -22,6 +22,7 @@ from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from nexus_authz.adapters.answers import ALLOW_CACHE, DENY_CACHE, AnswerCache
+from nexus_authz.core.forwarded import cut_by_proxy
 from nexus_authz.core.model import Decision, KeyRecord, Reason, Request
 from nexus_authz.engine import Engine
 
@@ -58,7 +59,6 @@ def request_from_check(check: external_auth_pb2.CheckRequest) -> Request:
             key = hv.key.lower()
             headers[key] = value if key not in headers else headers[key] + ", " + value
     body = http.raw_body or (http.body.encode("utf-8", "surrogateescape") if http.body else b"")
-    truncated = headers.get("x-envoy-auth-partial-body") == "true"
     # The client's Content-Length, which a cut body no longer shows: the header itself (the shipped
     # config allows it through). Not `http.size`: that is what Envoy had buffered when it asked, which
     # varies from one request to the next; without the header a cut body's length is unknown.
@@ -72,6 +72,7 @@ def request_from_check(check: external_auth_pb2.CheckRequest) -> Request:
     declared = headers.get("content-length")
     if declared is not None:
         headers["x-nexus-content-length"] = declared
+    truncated = cut_by_proxy(headers, body)
     address = check.attributes.source.address.socket_address.address
     return Request(
         method=http.method or "GET",

@@ -38,6 +38,7 @@ from nexus_authz.adapters.answers import head_answer as _head_answer
 from nexus_authz.adapters.answers import header_block as _header_block
 from nexus_authz.adapters.answers import simple_response as _simple_response
 from nexus_authz.adapters.answers import status_line as _status_line
+from nexus_authz.core.forwarded import cut_by_proxy
 from nexus_authz.core.keys import KEY_HEADERS
 from nexus_authz.core.model import Decision, KeyRecord, Reason, Request, new_request
 from nexus_authz.engine import Engine
@@ -53,9 +54,8 @@ _BUSY = LOOP_BUSY.http  # how long each read holds the event loop (framing, deci
 _RELEASED = b"HTTP/1.1 204 No Content\r\n\r\n"
 NGINX_PATH = "/v1/nginx/auth"
 MAX_HEADERS = 128
-# The request headers a decision can read (keys, body type, ids, addresses, partial-body flag, the
-# client's Content-Length as Envoy declares it, nginx's original request line). Others are counted
-# against the limits and otherwise ignored.
+# The request headers a decision can read (keys, body type, ids, addresses, what Envoy says of the body,
+# nginx's original request line). Others are counted against the limits and otherwise ignored.
 _KEEP: dict[bytes, str] = {
     name.encode(): name
     for name in (
@@ -433,7 +433,7 @@ class AuthzProtocol(asyncio.Protocol):
             path = url
         raw_method = self._parser.get_method()
         method = _METHODS.get(raw_method) or raw_method.decode("latin-1")
-        truncated = headers.get("x-envoy-auth-partial-body") == "true"
+        truncated = cut_by_proxy(headers, body)
         request = new_request(
             method, path, headers, body, truncated, headers.get("x-request-id", ""), _client_address(headers)
         )

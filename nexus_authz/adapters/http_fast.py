@@ -24,6 +24,7 @@ from nexus_authz.adapters.http_authz import (
 )
 from nexus_authz.core import ratelimit_headers
 from nexus_authz.core.fastpath import Plan
+from nexus_authz.core.forwarded import declared_length
 from nexus_authz.core.limits import WindowStatus
 from nexus_authz.core.model import Decision, KeyRecipe, KeyRecord, Reason
 
@@ -90,7 +91,12 @@ def on_message_complete(self: AuthzProtocol) -> None:
         and self._transport is not None
     ):
         headers = self._headers
-        if headers.get("x-envoy-auth-partial-body") != "true":
+        body = b"".join(self._body) if self._body else b""
+        # a body the proxy forwarded whole: the declared length, or none (http_authz decides the others,
+        # core.forwarded.cut_by_proxy)
+        if headers.get("x-envoy-auth-partial-body") != "true" and (
+            not body or declared_length(headers.get("x-nexus-content-length")) == len(body)
+        ):
             engine = app.engine
             xff = headers.get("x-forwarded-for")
             try:
@@ -99,7 +105,7 @@ def on_message_complete(self: AuthzProtocol) -> None:
                     engine.snapshot,
                     headers,
                     self._url[_SKIP:].decode("latin-1"),
-                    b"".join(self._body) if self._body else b"",
+                    body,
                     headers.get("x-request-id", ""),
                     xff.rpartition(",")[2].strip() if xff else "",  # http_authz._client_address
                 )

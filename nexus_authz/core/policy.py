@@ -28,6 +28,7 @@ from nexus_authz.core.denials import (
     error_status,
     is_anthropic_path,
 )
+from nexus_authz.core.forwarded import DECLARED, declared_length
 from nexus_authz.core.hierarchy import owner_of
 from nexus_authz.core.keys import KeySnapshot, extract_key
 from nexus_authz.core.known import KnownKeys
@@ -377,8 +378,7 @@ def _priced(key: KeyRecord) -> bool:
 
 def _declared_size(headers: Mapping[str, str]) -> int:
     """The client's Content-Length as the proxy declares it (`x-nexus-content-length`; -1: unknown)."""
-    raw = headers.get("x-nexus-content-length", "").strip()
-    return int(raw) if raw.isdigit() and len(raw) <= 15 else -1
+    return declared_length(headers.get(DECLARED))
 
 
 def _too_large(forwarded: int) -> Decision:

@@ -241,6 +241,7 @@ cdef str H_AUTHORIZATION = "authorization"
 cdef str H_CONTENT_TYPE = "content-type"
 cdef str H_CONTENT_ENCODING = "content-encoding"
 cdef str H_PARTIAL_BODY = "x-envoy-auth-partial-body"
+cdef str H_DECLARED = "x-nexus-content-length"
 cdef str H_FORWARDED_FOR = "x-forwarded-for"
 cdef str H_REQUEST_ID = "x-request-id"
 cdef bytes _RELEASE_URL = None
@@ -395,7 +396,10 @@ cdef Slot _resolve(type cls, str name):
 
 def header_names():
     """The header names the lane looks up (after `install_framing`: http_authz._KEEP's own objects)."""
-    return (H_AUTHORIZATION, H_CONTENT_TYPE, H_CONTENT_ENCODING, H_PARTIAL_BODY, H_FORWARDED_FOR, H_REQUEST_ID)
+    return (
+        H_AUTHORIZATION, H_CONTENT_TYPE, H_CONTENT_ENCODING, H_PARTIAL_BODY, H_DECLARED, H_FORWARDED_FOR,
+        H_REQUEST_ID,
+    )
 
 
 def unresolved():
@@ -453,13 +457,15 @@ cdef int _slots(type protocol) except -1:
     global S_COUNTS_COUNTS, S_MEM_STATES, S_MEM_HELD
     global _SHAPE, I_SETTLE_MASK, I_SLOT_MASK, I_SLOT_INDICES, I_HEADERS, I_SPECS
     global _RELEASE_URL, _RELEASED_ANSWER, _Engine, _Decider, _LocalCounters, _MemoryStore, _shape_of, _SHAPES
-    global H_AUTHORIZATION, H_CONTENT_TYPE, H_CONTENT_ENCODING, H_PARTIAL_BODY, H_FORWARDED_FOR, H_REQUEST_ID
+    global H_AUTHORIZATION, H_CONTENT_TYPE, H_CONTENT_ENCODING, H_PARTIAL_BODY, H_DECLARED, H_FORWARDED_FOR
+    global H_REQUEST_ID
     from nexus_authz.adapters.http_authz import _KEEP, _RELEASED, RELEASE_PATH, HttpApp
     kept = {key: key for key in _KEEP.values()}  # each name's own object (an equal str where not kept)
     H_AUTHORIZATION = kept.get(H_AUTHORIZATION, H_AUTHORIZATION)
     H_CONTENT_TYPE = kept.get(H_CONTENT_TYPE, H_CONTENT_TYPE)
     H_CONTENT_ENCODING = kept.get(H_CONTENT_ENCODING, H_CONTENT_ENCODING)
     H_PARTIAL_BODY = kept.get(H_PARTIAL_BODY, H_PARTIAL_BODY)
+    H_DECLARED = kept.get(H_DECLARED, H_DECLARED)
     H_FORWARDED_FOR = kept.get(H_FORWARDED_FOR, H_FORWARDED_FOR)
     H_REQUEST_ID = kept.get(H_REQUEST_ID, H_REQUEST_ID)
     from nexus_authz.core import shapes
@@ -1524,6 +1530,31 @@ cdef inline bint _ascii_is(object text, const char* ascii, Py_ssize_t n) noexcep
     )
 
 
+cdef bint _declared_is(object value, Py_ssize_t n):
+    """core.body.declared_length(value) == n, for a str header value (anything else: False)."""
+    cdef Py_ssize_t i = 0, end, digits = 0
+    cdef long long v = 0
+    cdef const unsigned char* p
+    cdef unsigned char c
+    if type(value) is not str or PyUnicode_KIND(value) != PyUnicode_1BYTE_KIND:
+        return False
+    p = <const unsigned char*>PyUnicode_DATA(value)
+    end = PyUnicode_GET_LENGTH(value)
+    while i < end and (p[i] == 32 or p[i] == 9):
+        i += 1
+    while end > i and (p[end - 1] == 32 or p[end - 1] == 9):
+        end -= 1
+    if end == i or end - i > 15:
+        return False
+    while i < end:
+        c = p[i]
+        if c < 48 or c > 57:
+            return False
+        v = v * 10 + (c - 48)
+        i += 1
+    return v == n
+
+
 cdef inline object _hget(object headers, str name, object default):
     """headers.get(name, default), the dict's own lookup when it is a dict (no method look-up)."""
     if type(headers) is dict:
@@ -1556,11 +1587,15 @@ cdef int _complete(object self) except -1:
     ):
         headers = _at(self, &S_PROTO_HEADERS, "_headers")
         partial = _hget(headers, H_PARTIAL_BODY, None)
-        if partial is None or ((not _ascii_is(partial, b"true", 4)) if type(partial) is str else partial != "true"):
+        body = _body_of(_at(self, &S_PROTO_BODY, "_body"))
+        # a body the proxy forwarded whole: the declared length, or none (http_fast.on_message_complete;
+        # the reference path decides the others, core.forwarded.cut_by_proxy)
+        if (
+            partial is None or ((not _ascii_is(partial, b"true", 4)) if type(partial) is str else partial != "true")
+        ) and (PyBytes_GET_SIZE(body) == 0 or _declared_is(_hget(headers, H_DECLARED, None), PyBytes_GET_SIZE(body))):
             engine = _at(app, &S_APP_ENGINE, "engine")
             try:
                 xff = _hget(headers, H_FORWARDED_FOR, None)
-                body = _body_of(_at(self, &S_PROTO_BODY, "_body"))
                 out = _check(
                     _at(engine, &S_ENGINE_DECIDER, "decider"),
                     _at(engine, &S_ENGINE_POLICY, "policy"),

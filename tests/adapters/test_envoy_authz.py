@@ -166,6 +166,19 @@ def test_a_cut_body_is_measured_by_the_clients_content_length_not_envoys_size() 
     assert "x-nexus-content-length" not in request_from_check(req).headers  # unknown: a cut body gets 413
 
 
+def test_a_body_shorter_than_its_content_length_is_cut_whatever_envoys_flag_says() -> None:
+    # Envoy's flag is "false" when its buffer held exactly max_request_bytes (core.forwarded.cut_by_proxy)
+    cut = b'{"model":"gpt-4o","messages":[{"role":"user","content":"' + b"a" * 262000
+    flagged = {"content-length": "2000000", "x-envoy-auth-partial-body": "false"}
+    assert request_from_check(check_request(flagged, cut)).body_truncated
+    whole = cut + b'"}]}'
+    flagged["content-length"] = str(len(whole))
+    assert not request_from_check(check_request(flagged, whole)).body_truncated
+    del flagged["content-length"]  # none declared (HTTP/2): whole only when it is one whole object
+    assert not request_from_check(check_request(flagged, whole)).body_truncated
+    assert request_from_check(check_request(flagged, cut)).body_truncated
+
+
 @pytest.mark.parametrize("transport", ["grpc", "http"])
 def test_the_allow_answer_cache_is_bounded_on_both_transports(engine: Engine, transport: str) -> None:
     # issue 14: the HTTP adapter kept at most 4,096 allow answers, the gRPC adapter one per key record

@@ -126,6 +126,8 @@ def requests(draw: st.DrawFn, rid: int) -> bytes:
                 "gzip",
                 "multipart",
                 "truncated",
+                "cut-unflagged",
+                "no-declared-length",
                 "duplicate-key",
                 "empty-body",
                 "not-json",
@@ -156,6 +158,12 @@ def requests(draw: st.DrawFn, rid: int) -> bytes:
     elif odd == "truncated":
         headers["x-envoy-auth-partial-body"] = "true"
         headers["x-nexus-content-length"] = str(len(body) + 1000)
+    elif odd == "cut-unflagged":  # Envoy's "false" for a buffer of exactly max_request_bytes
+        headers["x-nexus-content-length"] = str(len(body) + draw(st.sampled_from([1, 1000])))
+        body = body[: len(body) - draw(st.sampled_from([0, 1, 5]))]
+    elif odd == "no-declared-length":  # chunked or HTTP/2 without content-length
+        headers["x-nexus-content-length"] = "-"
+        body = body[: len(body) - draw(st.sampled_from([0, 0, 1]))]
     elif odd == "duplicate-key":
         body = b'{"model":"gpt-4o","model":"gpt-3.5-turbo","messages":[]}'
     elif odd == "empty-body":
@@ -174,6 +182,7 @@ def requests(draw: st.DrawFn, rid: int) -> bytes:
         prefix = ""
     elif odd == "close":
         headers["connection"] = "close"
+    headers.setdefault("x-nexus-content-length", str(len(body)))  # the shipped configs' headers_to_add
     head = f"{method} {prefix}{path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {len(body)}\r\n"
     head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     return head.encode("latin-1") + b"\r\n" + body
@@ -336,7 +345,8 @@ def _check(secret: str, rid: str, body: bytes, path: str = "/v1/chat/completions
     head = (
         f"POST /ext_authz{path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {len(body)}\r\n"
         f"content-type: application/json\r\nx-forwarded-for: 192.0.2.2\r\n"
-        f"authorization: Bearer {secret}\r\nx-request-id: {rid}\r\n\r\n"
+        f"authorization: Bearer {secret}\r\nx-request-id: {rid}\r\n"
+        f"x-nexus-content-length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
 

@@ -40,12 +40,14 @@ def test_the_bisect_is_bisect_left_on_every_kind_of_bounds() -> None:
             assert bisect_bounds(bounds, seconds) == bisect.bisect_left(bounds, seconds), (bounds, seconds)
 
 
-def _partial(secret: str, rid: str, value: str) -> bytes:
+def _partial(secret: str, rid: str, value: str, declared: str | None = None, cut: int = 0) -> bytes:
     body = _body("gpt-4o-mini", 16, 1, 3)
+    declared = str(len(body) + 500) if declared is None else declared
+    body = body[: len(body) - cut]
     return (
         f"POST /ext_authz/v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {len(body)}\r\n"
         f"content-type: application/json\r\nauthorization: Bearer {secret}\r\nx-request-id: {rid}\r\n"
-        f"x-envoy-auth-partial-body: {value}\r\nx-nexus-content-length: {len(body) + 500}\r\n\r\n"
+        f"x-envoy-auth-partial-body: {value}\r\nx-nexus-content-length: {declared}\r\n\r\n"
     ).encode() + body
 
 
@@ -67,6 +69,30 @@ def test_only_a_partial_body_flag_of_true_leaves_the_lane(config: Path) -> None:
     same(CompiledAuthzProtocol, config, script, data)
 
 
+def test_a_body_shorter_than_declared_leaves_the_lane_whatever_the_flag(config: Path) -> None:
+    """Envoy says x-envoy-auth-partial-body: false for a body cut at exactly max_request_bytes: the lane
+    takes only a body as long as its declared length (core.forwarded.cut_by_proxy); the others, the flag's
+    "false" included, get the reference path's answer, byte for byte."""
+    _compiled_or_skip()
+    full = len(_body("gpt-4o-mini", 16, 1, 3))
+    cases = [
+        ("false", str(full), 0),  # whole: the lane
+        ("false", str(full), 1),  # cut by one byte: not one whole object and shorter than declared
+        ("false", str(full + 1), 0),
+        ("false", f" {full} ", 0),
+        ("false", f"{full}x", 0),  # not a length: unknown, the body read whole or cut by its end
+        ("false", "-", 0),
+        ("false", "-", 2),
+        ("false", "0" + str(full), 0),
+        ("false", "9" * 16, 0),
+        ("false", "\u00b2", 0),
+        ("true", str(full), 0),
+    ]
+    data = [_partial(KEYS[0].secret, f"rid-{i}", v, d, c) for i, (v, d, c) in enumerate(cases)]
+    script: list[tuple[str, Any]] = [("request", i) for i in range(len(cases))]
+    same(CompiledAuthzProtocol, config, script, data)
+
+
 def test_the_lane_looks_headers_up_by_the_dicts_own_key_objects() -> None:
     """The names the lane reads are http_authz._KEEP's str objects, which both parsers key the headers
     dict by: a look-up then finds its entry by identity."""
@@ -75,7 +101,7 @@ def test_the_lane_looks_headers_up_by_the_dicts_own_key_objects() -> None:
 
     names = native.fast.header_names()  # type: ignore[union-attr]
     kept = list(http_authz._KEEP.values())
-    assert len(names) == 6
+    assert len(names) == 7
     for name in names:
         assert any(name is key for key in kept), name
 

@@ -412,7 +412,7 @@ def _check_request(secret: str, path: str, request_id: str) -> bytes:
     return (
         f"POST /ext_authz{path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {secret}\r\n"
         f"content-type: application/json\r\nx-forwarded-for: 192.0.2.7\r\nx-request-id: {request_id}\r\n"
-        f"content-length: {len(body)}\r\n\r\n"
+        f"content-length: {len(body)}\r\nx-nexus-content-length: {len(body)}\r\n\r\n"
     ).encode() + body
 
 
@@ -449,7 +449,7 @@ def _headed(request_id: str, lines: list[str]) -> bytes:
     head = "".join(f"{line}\r\n" for line in lines)
     return (
         f"POST /ext_authz/v1/chat/completions HTTP/1.1\r\nhost: x\r\n{head}x-request-id: {request_id}\r\n"
-        f"content-length: {len(body)}\r\n\r\n"
+        f"content-length: {len(body)}\r\nx-nexus-content-length: {len(body)}\r\n\r\n"
     ).encode() + body
 
 
@@ -572,7 +572,8 @@ def test_the_compiled_lane_writes_only_the_chosen_header_families(chosen_engine:
     body = b'{"model":"gpt-4o","max_tokens":8,"messages":[]}'
     check = (
         b"POST /ext_authz/v1/chat/completions HTTP/1.1\r\nauthorization: Bearer %s\r\n"
-        b"content-length: %d\r\n\r\n%s" % (SECRETS[1].encode(), len(body), body)
+        b"content-length: %d\r\nx-nexus-content-length: %d\r\n\r\n%s"
+        % (SECRETS[1].encode(), len(body), len(body), body)
     )
     written, _, _, _, fallbacks = run(  # twice: the second one on the key's plan made by the first
         chosen_engine, CompiledAuthzProtocol, [check, check], max_header_bytes=65536, max_body=1 << 20

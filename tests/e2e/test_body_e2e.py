@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import re
+import select
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -153,3 +156,82 @@ def test_large_bodies_cannot_overspend_a_budget(stack: Stack) -> None:
     resp = send(stack, TOKENS, body)
     assert resp.status == 429 and "can never fit" in resp.json()["error"]["message"]
     assert upstream_models(stack) == ["gpt-4o"] * statuses.count(200)
+
+
+def paced_send(stack: Stack, key: KeySpec, body: bytes, *, chunked: bool) -> HttpResult:
+    """POST `body` so that Envoy's ext_authz buffer holds exactly max_request_bytes when it asks nexus: the
+    first CUT bytes in four pauses, then the rest. Envoy's check starts when the buffer is already full,
+    before the next piece is added, and its x-envoy-auth-partial-body then says "false" for a cut body.
+    `chunked`: HTTP/1.1 chunked (no Content-Length, as HTTP/2 clients may send), else a Content-Length."""
+    host, port = stack.gateway.removeprefix("http://").split(":")
+    framing = "transfer-encoding: chunked" if chunked else f"content-length: {len(body)}"
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {key.secret}\r\n"
+        f"content-type: application/json\r\n{framing}\r\nconnection: close\r\n\r\n"
+    ).encode()
+
+    def frame(piece: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece
+
+    quarter = CUT // 4
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(head)
+        for i in range(4):
+            time.sleep(0.15)
+            sock.sendall(frame(body[i * quarter : (i + 1) * quarter]))
+        time.sleep(0.15)
+        # the next piece starts the check; a refusal is read before more is sent (Envoy resets a
+        # connection it refused on while the client still writes)
+        sock.sendall(frame(body[CUT : CUT + 1024]))
+        readable, _, _ = select.select([sock], [], [], 3)
+        if not readable:  # admitted: the upstream waits for the rest
+            sock.sendall(frame(body[CUT + 1024 :]) + (b"0\r\n\r\n" if chunked else b""))
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except ConnectionResetError:  # Envoy resets a refused connection with body bytes still unread
+            pass
+    assert data, "no answer"
+    head_part, _, payload = data.partition(b"\r\n\r\n")
+    status = int(head_part.split(b" ", 2)[1])
+    headers = {}
+    for line in head_part.split(b"\r\n")[1:]:
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get("transfer-encoding") == "chunked":
+        decoded, rest_bytes = b"", payload
+        while rest_bytes:
+            size_line, _, rest_bytes = rest_bytes.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                break
+            decoded, rest_bytes = decoded + rest_bytes[:size], rest_bytes[size + 2 :]
+        payload = decoded
+    return HttpResult(status, headers, payload)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_cut_at_exactly_the_buffer_limit_is_read_as_cut(stack: Stack, chunked: bool) -> None:
+    """Envoy says x-envoy-auth-partial-body: false for a body cut at exactly max_request_bytes (CI saw a
+    2 MB body admitted on a 400k-tokens-a-day key that way). nexus reads it as cut: shorter than its
+    declared length, or, with none, not one whole JSON object. Neither the budget nor the model scope can
+    be walked around by pacing the body."""
+    assert stack.mock is not None
+    stack.mock.clear()
+    resp = paced_send(stack, TOKENS, big_chat(2_000_000), chunked=chunked)
+    if chunked:  # no declared length: a cut body on a token-limited key must fit in what is read
+        assert resp.status == 413 and resp.json()["error"]["code"] == "request_too_large", resp
+    else:
+        assert resp.status == 429 and "can never fit" in resp.json()["error"]["message"], resp
+    # the model after the cut is the one the upstream reads: a restricted key's body is refused
+    trick = CHAT_HEAD + b"a" * 300_000 + b'"}],"model":"o3-mini"}'
+    resp = paced_send(stack, RESTRICTED, trick, chunked=chunked)
+    assert resp.status == 413 and resp.json()["error"]["code"] == "request_too_large", resp
+    assert upstream_models(stack) == []
+    # a whole body sent the same way still passes
+    whole = CHAT_HEAD + b"a" * (CUT - len(CHAT_HEAD) - 4) + b'"}]}'
+    assert len(whole) == CUT
+    resp = paced_send(stack, RESTRICTED, whole, chunked=chunked)
+    assert resp.status == 200, resp
+    assert upstream_models(stack) == ["gpt-4o"]

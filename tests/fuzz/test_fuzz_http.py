@@ -75,6 +75,9 @@ def other_headers(draw: st.DrawFn) -> list[tuple[bytes, bytes]]:
         out.append((b"x-request-id", draw(st.sampled_from([b"r-1", b"r-2", b"", b"\xff" * 3, b"r" * 5000]))))
     if draw(st.integers(0, 3)) == 0:
         out.append((b"x-envoy-auth-partial-body", draw(st.sampled_from([b"true", b"false", b"TRUE"]))))
+    if draw(st.integers(0, 3)) == 0:  # the client's length as Envoy declares it: often not the body's
+        declared = draw(st.sampled_from([b"0", b"12", b"-", b"", b" 7", b"9" * 20]))
+        out.append((b"x-nexus-content-length", declared))
     if draw(st.integers(0, 3)) == 0:
         out.append((b"x-original-uri", draw(S.paths)))
         out.append((b"x-original-method", draw(st.sampled_from([b"POST", b"GET", b"", b"\xff"]))))

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from nexus_authz.core import body as body_mod
+from nexus_authz.core.forwarded import cut_by_proxy
 from nexus_authz.core.model import Decision, Reason, Request
 from nexus_authz.core.policy import UNSEEN_TOKENS_PER_BYTE, Policy
 from nexus_authz.core.reservations import ReservationBook
@@ -298,3 +299,56 @@ def test_repeated_refusals_from_one_key_are_throttled() -> None:
     assert throttled.status == 429 and dict(throttled.response_headers)["retry-after"]
     # Other keys (and the address) are not affected.
     assert world.check(PRICED, b'{"model":"gpt-4o","messages":[]}').allowed
+
+
+WHOLE = b'{"model":"gpt-4o","messages":[{"role":"user","content":"' + b"a" * 300 + b'"}]}'
+
+
+@pytest.mark.parametrize(
+    ("partial", "declared", "body", "cut"),
+    [
+        ("true", str(len(WHOLE)), WHOLE, True),  # Envoy's flag
+        ("false", str(len(WHOLE)), WHOLE, False),
+        (None, str(len(WHOLE)), WHOLE, False),
+        # Envoy says "false" for a buffer of exactly max_request_bytes: the declared length tells
+        ("false", str(len(WHOLE) + 1), WHOLE, True),
+        ("false", "2000000", WHOLE[:100], True),
+        ("false", f" {len(WHOLE)}\t", WHOLE, False),
+        # no declared length (chunked, HTTP/2): a JSON object must end, whole, where the body ends
+        ("false", None, WHOLE, False),
+        ("false", "-", WHOLE, False),  # Envoy's %REQ()% of an absent header
+        ("false", "", b"  \r\n" + WHOLE + b"\n ", False),
+        ("false", None, WHOLE[:-1], True),
+        ("false", None, WHOLE[:-2], True),  # ends in a nested object's `}`: still not whole
+        ("false", None, WHOLE[:60], True),
+        ("false", None, WHOLE + b"{}", True),  # more after the object
+        ("false", "-", b'{"model":"gpt-4o","x":[1,2', True),
+        ("false", "12a", WHOLE[:-1], True),  # not a plain decimal: unknown
+        ("false", "\u00b2", WHOLE[:-1], True),  # a digit to str.isdigit, not to int()
+        ("false", "9" * 16, WHOLE, False),  # too long to be a length: unknown, and the object is whole
+        # not a JSON object: the strict reading decides (multipart's terminator, NOT_UTF8)
+        ("false", None, b"plain text, cut or not", False),
+        ("false", None, b'{"model":"\xff', False),
+        ("false", None, b"", False),
+        ("false", "500", b"", False),  # no body forwarded (no with_request_body, nginx): never a cut
+    ],
+)
+def test_a_body_is_cut_when_shorter_than_declared_or_not_whole(
+    partial: str | None, declared: str | None, body: bytes, cut: bool
+) -> None:
+    headers = {"x-envoy-auth-partial-body": partial, "x-nexus-content-length": declared}
+    assert cut_by_proxy({k: v for k, v in headers.items() if v is not None}, body) is cut
+
+
+def test_a_body_cut_without_the_flag_is_decided_as_cut() -> None:
+    """What CI saw through the real Envoy: a 2 MB body cut at exactly 262,144 bytes came with
+    x-envoy-auth-partial-body: false; read as whole it was ~65k tokens, admitted on a 400k-a-day key."""
+    forwarded = big_chat(2_000_000)[:262144]
+    assert World().check(TOKENS, forwarded, x_nexus_content_length="2000000").allowed  # read as whole
+    declared = {"x-envoy-auth-partial-body": "false", "x-nexus-content-length": "2000000"}
+    truncated = cut_by_proxy(declared, forwarded)
+    d = World().check(TOKENS, forwarded, truncated=truncated, x_nexus_content_length="2000000")
+    assert d.status == 429 and "can never fit" in json.loads(d.body)["error"]["message"]
+    # and with no declared length (chunked): not one whole object, so cut, and refused (413)
+    d = World().check(TOKENS, forwarded, truncated=cut_by_proxy({"x-nexus-content-length": "-"}, forwarded))
+    assert d.status == 413
