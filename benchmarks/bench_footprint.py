@@ -49,8 +49,9 @@ COLD = ("ILmr", "DLmr", "DLmw")
 # -- the measured process (under valgrind) --------------------------------------------------------------
 
 
-def child(n: int, evict: int, families: str | None = None) -> int:
-    """The checks, fed to the compiled protocol as bench_cold.py feeds them."""
+def child(n: int, evict: int, families: str | None = None, keys: int = 1) -> int:
+    """The checks, fed to the compiled protocol as bench_cold.py feeds them (`keys` > 1: that many keys
+    round-robin, each seen once before the measured checks, as bench_envoy's 10,000-key scenario)."""
     import gc
     import tempfile
 
@@ -75,7 +76,18 @@ def child(n: int, evict: int, families: str | None = None) -> int:
     tokens.warm_up()
     fx = bb.Fixtures()
     workdir = Path(tempfile.mkdtemp(prefix="nexus-footprint-"))
-    if families is None:
+    secrets = [fx.secret] + [f"nx-fixture-{i:032x}" for i in range(1, keys)]
+    assert all(len(x) == len(fx.secret) for x in secrets)
+    if keys > 1:  # bench_breakdown.build_engine's config with `keys` keys
+        from bench_envoy import ISSUE15_CONFIG, LIMITS_KEY_FIELDS, key_file, nexus_config
+
+        from nexus_authz.engine import Engine
+        from nexus_authz.settings import load_settings
+
+        (workdir / "keys.yaml").write_text(key_file(secrets, LIMITS_KEY_FIELDS))
+        (workdir / "nexus.yaml").write_text(nexus_config(str(workdir / "authz.sock"), extra=ISSUE15_CONFIG))
+        engine = Engine.from_settings(load_settings(str(workdir / "nexus.yaml")))
+    elif families is None:
         engine = bb.build_engine(workdir, fx)
     else:  # bench_breakdown.build_engine's config, with the header families chosen
         from bench_envoy import ISSUE15_CONFIG, LIMITS_KEY_FIELDS, key_file, nexus_config
@@ -97,21 +109,33 @@ def child(n: int, evict: int, families: str | None = None) -> int:
     decisions = engine.decider.decisions
     admitted = decisions[Reason.OK]
     feed = proto.data_received
-    checks = [fx.with_request_id(i) for i in range(n + WARMUP)]
+    warmup = max(WARMUP, keys)
+    checks = [fx.with_request_id(i) for i in range(n + warmup)]
+    if keys > 1:
+        old = fx.secret.encode()
+        checks = [(d.replace(old, secrets[i % keys].encode(), 1), rid) for i, (d, rid) in enumerate(checks)]
     src, dst = bytearray(evict // 2), bytearray(evict // 2)
-    for data, rid in checks[:WARMUP]:
+    if keys > 1:  # each check's usage settles (its reservation leaves the book), as the access log does
+        import bench_alloc
+
+        def done(rid: str) -> None:
+            engine.account(rid, bench_alloc.USAGE)
+
+    else:  # the figures before --keys: the slot released, the reservation left to expire
+        done = engine.release
+    for data, rid in checks[:warmup]:
         feed(data)
-        engine.release(rid)
+        done(rid)
     gc.collect()
     gc.freeze()
-    for data, rid in checks[WARMUP:]:
+    for data, rid in checks[warmup:]:
         feed(data)  # the only code collected
-        engine.release(rid)
+        done(rid)
         if evict:
             dst[:] = src  # every line of both buffers: the simulated caches lose the check's lines
     allowed = decisions[Reason.OK] - admitted
-    print(f"native path: {native.LABEL}; {allowed} of {n + WARMUP} checks admitted", file=sys.stderr)
-    return 0 if allowed == n + WARMUP else 3
+    print(f"native path: {native.LABEL}; {allowed} of {n + warmup} checks admitted", file=sys.stderr)
+    return 0 if allowed == n + warmup else 3
 
 
 # -- reading callgrind's output ---------------------------------------------------------------------------
@@ -272,12 +296,15 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FAMILIES",
         help='the policy\'s rate_limit_headers, comma-separated (openai, ietf; "" for none); default: unset',
     )
+    ap.add_argument(
+        "--keys", type=int, default=1, help="keys round-robin (each seen once before the measured checks)"
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.n < 1:
         ap.error("--n must be at least 1")
     if args.child:
-        return child(args.n, args.evict, args.rate_limit_headers)
+        return child(args.n, args.evict, args.rate_limit_headers, args.keys)
     if args.file:
         return report_file("bench_footprint", lambda: report(args.file, args.n, args.top))
     valgrind = find_valgrind("bench_footprint")
@@ -287,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench_footprint",
         valgrind,
         [f"--toggle-collect={ENTRY}"],
-        [f"--n={args.n}", f"--evict={args.evict}"]
+        [f"--n={args.n}", f"--evict={args.evict}", f"--keys={args.keys}"]
         + ([] if args.rate_limit_headers is None else [f"--rate-limit-headers={args.rate_limit_headers}"]),
         args.keep,
         lambda parts: report(parts, args.n, args.top),

@@ -43,11 +43,15 @@ def period(indices: list[int]) -> tuple[int, int]:
     return gaps.most_common(1)[0] if gaps else (0, 0)
 
 
-def run(n: int, lag: int, over_us: float) -> dict[str, object]:
-    fp = ba.build_fastpath(Path(tempfile.mkdtemp(prefix="nexus-stalls-")), 1)
-    secret = fp.secrets[0]
+def run(n: int, lag: int, over_us: float, keys: int = 1, plan: str = "limits") -> dict[str, object]:
+    workdir = Path(tempfile.mkdtemp(prefix="nexus-stalls-"))
+    if plan == "issue15":  # bench_envoy's http-uds-issue15 configuration (five windows a key)
+        be = ba.be
+        fp = ba.build_fastpath(workdir, keys, config_extra=be.ISSUE15_CONFIG, key_fields=be.LIMITS_KEY_FIELDS)
+    else:
+        fp = ba.build_fastpath(workdir, keys)
     ids = [f"5f2d6f1e-1c7b-4a53-9d2e-{i:012d}" for i in range(n)]
-    raws = [ba.ext_authz_request(secret, rid) for rid in ids]
+    raws = [ba.ext_authz_request(fp.secrets[i % keys], rid) for i, rid in enumerate(ids)]
     receive, engine, usage = fp.proto.data_received, fp.engine, ba.USAGE
     compiled = als_fast.ACCOUNT
     clock = time.thread_time_ns
@@ -80,11 +84,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=300_000, help="checks (and settlements)")
     ap.add_argument("--lag", type=int, default=20, help="requests in flight: each settles this many later")
     ap.add_argument("--over", type=float, default=150.0, help="µs of thread CPU that make a call slow")
+    ap.add_argument("--keys", type=int, default=1, help="keys, round-robin (bench_envoy's 10,000-key run)")
+    ap.add_argument(
+        "--plan",
+        choices=("limits", "issue15"),
+        default="limits",
+        help="the keys' plan: bench_envoy's http-uds-limits one, or its issue-15 one (five windows)",
+    )
     args = ap.parse_args(argv)
-    if args.n <= args.lag or args.lag < 0 or args.over <= 0:
-        ap.error("need --n > --lag >= 0 and --over > 0")
-    r = run(args.n, args.lag, args.over)
-    print(f"native path: {native.PATH}; {args.n:,} checks, each settled {args.lag} checks later", end="")
+    if args.n <= args.lag or args.lag < 0 or args.over <= 0 or args.keys < 1:
+        ap.error("need --n > --lag >= 0, --over > 0 and --keys >= 1")
+    r = run(args.n, args.lag, args.over, args.keys, args.plan)
+    print(f"native path: {native.PATH}; {args.n:,} checks of {args.keys:,} key(s)", end="")
+    print(f" ({args.plan} plan),", end="")
+    print(f" each settled {args.lag} checks later", end="")
     print(f" (reservations in the book at the end: {r['book']})")
     slow: dict[str, list[tuple[int, int]]] = r["slow"]  # type: ignore[assignment]
     longest: dict[str, int] = r["longest"]  # type: ignore[assignment]
