@@ -87,7 +87,8 @@ def main() -> None:
         raw = (
             b"POST /ext_authz/v1/chat/completions HTTP/1.1\r\nhost: nexus\r\n"
             b"authorization: Bearer " + specs[7].secret.encode() + b"\r\ncontent-type: application/json\r\n"
-            b"x-request-id: 5f2d6f1e-1c7b-4a53-9d2e-0d6f3f0f1a2b\r\ncontent-length: %d\r\n\r\n" % len(body)
+            b"x-request-id: 5f2d6f1e-1c7b-4a53-9d2e-0d6f3f0f1a2b\r\ncontent-length: %d\r\n"
+            b"x-nexus-content-length: %d\r\n\r\n" % (len(body), len(body))  # as the shipped configs add it
         ) + body
         proto.data_received(raw)
         assert sink.last.startswith(b"HTTP/1.1 200"), sink.last

@@ -52,7 +52,8 @@ def run(conn: socket.socket, n: int, release: bool, pid: int) -> float:
         rid = b"r-%d-%d" % (release, i)
         conn.sendall(
             b"POST /ext_authz/v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer %s\r\n"
-            b"x-request-id: %s\r\ncontent-length: %d\r\n\r\n%s" % (KEY.secret.encode(), rid, len(body), body)
+            b"x-request-id: %s\r\ncontent-length: %d\r\nx-nexus-content-length: %d\r\n\r\n%s"
+            % (KEY.secret.encode(), rid, len(body), len(body), body)
         )
         read_response(conn, buf)
         if release:

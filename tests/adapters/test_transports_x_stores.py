@@ -121,7 +121,8 @@ async def http_check(port: int, key: KeySpec, model: str, request_id: str) -> tu
     writer.write(
         b"POST /ext_authz/v1/chat/completions HTTP/1.1\r\nhost: nexus\r\n"
         b"authorization: Bearer %s\r\ncontent-type: application/json\r\nx-request-id: %s\r\n"
-        b"content-length: %d\r\n\r\n%s" % (key.secret.encode(), request_id.encode(), len(payload), payload)
+        b"content-length: %d\r\nx-nexus-content-length: %d\r\n\r\n%s"
+        % (key.secret.encode(), request_id.encode(), len(payload), len(payload), payload)
     )
     head = await reader.readuntil(b"\r\n\r\n")
     writer.close()

@@ -75,8 +75,8 @@ def start_nexus(
 def check_bytes(key: KeySpec) -> bytes:
     return (
         b"POST /ext_authz/v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-api-key: %s\r\n"
-        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-        % (key.secret.encode(), len(BODY), BODY)
+        b"content-type: application/json\r\ncontent-length: %d\r\nx-nexus-content-length: %d\r\n\r\n%s"
+        % (key.secret.encode(), len(BODY), len(BODY), BODY)
     )
 
 

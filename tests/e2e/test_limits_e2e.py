@@ -87,8 +87,8 @@ async def _concurrent_http(stack: Stack, n: int) -> list[int]:
     body = b'{"model":"gpt-4o-mini"}'
     request = (
         b"POST /ext_authz/v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-api-key: %s\r\n"
-        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-        % (BURST.secret.encode(), len(body), body)
+        b"content-type: application/json\r\ncontent-length: %d\r\nx-nexus-content-length: %d\r\n\r\n%s"
+        % (BURST.secret.encode(), len(body), len(body), body)
     )
 
     async def one() -> int:

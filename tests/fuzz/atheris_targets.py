@@ -258,7 +258,8 @@ def seeds(target: str) -> list[bytes]:
     if target in ("http", "http-native"):
         return [
             b"\x03POST /ext_authz/v1/chat/completions HTTP/1.1\r\nauthorization: Bearer %s\r\n"
-            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (s.encode(), len(chat), chat)
+            b"content-type: application/json\r\ncontent-length: %d\r\nx-nexus-content-length: %d\r\n\r\n%s"
+            % (s.encode(), len(chat), len(chat), chat)
             for s in SECRETS
         ] + [
             b"\x00GET /v1/nginx/auth HTTP/1.1\r\nx-api-key: %s\r\nx-original-uri: /v1/models\r\n\r\n"
