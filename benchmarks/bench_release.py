@@ -10,6 +10,7 @@ shared) per request, and the difference per release. Run:
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import subprocess
@@ -66,7 +67,11 @@ def run(conn: socket.socket, n: int, release: bool, pid: int) -> float:
 
 
 def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
+    ap.add_argument("n", nargs="?", type=int, default=5000, help="requests per run (default 5000)")
+    n = ap.parse_args().n
+    if n < 1:
+        ap.error("N must be at least 1")
     work = Path(tempfile.mkdtemp(prefix="nx-rel-"))
     admin = procs.free_port()
     config = write_config(work, KEY, socket=str(work / "a.sock"), admin=f"127.0.0.1:{admin}")
