@@ -23,14 +23,20 @@ def cost_ns(clock: object, calls: int) -> float:
     return min(timeit.repeat(clock, number=calls, repeat=5)) / calls * 1e9  # type: ignore[arg-type]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
+def calls_arg(argv: list[str] | None, doc: str | None) -> int:
+    """The command line of a timing script (this one, bench_hmac.py): `--calls` per timed loop."""
+    ap = argparse.ArgumentParser(description=(doc or "").split("\n", 1)[0])
     ap.add_argument("--calls", type=int, default=200_000, help="calls per timed loop")
     args = ap.parse_args(argv)
     if args.calls <= 0:
         ap.error("--calls must be positive")
+    return int(args.calls)
+
+
+def main(argv: list[str] | None = None) -> int:
+    calls = calls_arg(argv, __doc__)
     for clock in CLOCKS:
-        print(f"time.{clock.__name__}: {cost_ns(clock, args.calls):,.1f} ns per call")
+        print(f"time.{clock.__name__}: {cost_ns(clock, calls):,.1f} ns per call")
     return 0
 
 

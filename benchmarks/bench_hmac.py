@@ -12,13 +12,14 @@ line only where the CPU has them (`grep -w sha_ni /proc/cpuinfo`).
 
 from __future__ import annotations
 
-import argparse
 import sys
-import timeit
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
+
+from bench_clocks import calls_arg, cost_ns  # noqa: E402
 
 from nexus_authz import native  # noqa: E402
 from nexus_authz.core.keys import KeyHasher  # noqa: E402
@@ -26,19 +27,11 @@ from nexus_authz.core.keys import KeyHasher  # noqa: E402
 SECRET = "nx-fixture-0123456789abcdef0123456789abcdef"  # benchmarks/fixtures' key: 43 bytes, one block
 
 
-def cost_ns(call: object, calls: int) -> float:
-    return min(timeit.repeat(call, number=calls, repeat=5)) / calls * 1e9  # type: ignore[arg-type]
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
-    ap.add_argument("--calls", type=int, default=200_000, help="calls per timed loop")
-    args = ap.parse_args(argv)
-    if args.calls <= 0:
-        ap.error("--calls must be positive")
+    calls = calls_arg(argv, __doc__)
     hasher = KeyHasher(b"bench-pepper-" * 3)
     print(f"native path: {native.LABEL}; a {len(SECRET)}-byte secret")
-    took = cost_ns(lambda: hasher(SECRET), args.calls)
+    took = cost_ns(lambda: hasher(SECRET), calls)
     print(f"keys.KeyHasher (hashlib, the reference path): {took:,.0f} ns")
     fast = native.fast
     if fast is None:
@@ -52,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"compiled HMAC, {label}: the CPU has no SHA extensions")
                 continue
             assert fast.hmac_sha256(hasher, secret) == hasher(SECRET)
-            took = cost_ns(lambda: fast.hmac_sha256(hasher, secret), args.calls)
+            took = cost_ns(lambda: fast.hmac_sha256(hasher, secret), calls)
             print(f"compiled HMAC, {label}: {took:,.0f} ns")
     finally:
         fast.sha_ni(used)
