@@ -59,7 +59,8 @@ def state_bits(store: MemoryCounterStore) -> list[Any]:
             out.append((cid, state.typecode, tuple(_f(x) for x in state)))
         else:
             out.append((cid, type(state).__name__, state))
-    held = sum(state is None for state in store._states.values())  # fresh, until the sweep's walk
+    # fresh (None), or marked idle at the walk's last look (False): held until the walk drops them
+    held = sum(state is None or state is False for state in store._states.values())
     assert store._held == held and len(store) == len(store._states) - held
     walking = [cid for cid in store._walk[store._cursor :] + store._next if cid is not None]
     assert sorted(walking) == sorted(store._states)  # every id in the walk once

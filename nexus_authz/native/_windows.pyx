@@ -732,13 +732,17 @@ cdef long long _sweep(object store, dict states, double now, long long budget) e
         if found == NULL:  # only a store changed behind its back
             continue
         state = <object>found
-        if state is None:  # left fresh by a write: dropped (not counted as evicted)
+        if state is False:  # memory._IDLE: fresh at the last look, no write since: dropped
             del states[cid]
             _sset(store, SO_HELD, "_held", _sget(store, SO_HELD, "_held") - 1)
-        elif _is_fresh(state, now):
-            del states[cid]
             evicted += 1
+        elif state is None:  # left fresh by a write since the last look
+            states[cid] = False
+            _append(keep, cid)
         else:
+            if _is_fresh(state, now):
+                states[cid] = False
+                _sset(store, SO_HELD, "_held", _sget(store, SO_HELD, "_held") + 1)
             _append(keep, cid)
     _sset(store, SO_CURSOR, "_cursor", i)
     return evicted
@@ -747,7 +751,7 @@ cdef long long _sweep(object store, dict states, double now, long long budget) e
 cdef inline int _set_state(object store, dict states, object cid, object state) except -1:
     """MemoryCounterStore._put: store a window's state; a new id joins the next walk."""
     cdef PyObject* old = PyDict_GetItemWithError(states, cid)
-    cdef bint was_held = old != NULL and <object>old is None
+    cdef bint was_held = old != NULL and (<object>old is None or <object>old is False)
     states[cid] = state
     if old == NULL:
         _append(<list>_sget(store, SO_NEXT, "_next"), cid)
@@ -759,8 +763,10 @@ cdef inline int _set_state(object store, dict states, object cid, object state) 
 cdef inline int _drop_state(object store, dict states, object cid) except -1:
     """MemoryCounterStore._drop: a write left the window fresh: held as None until the walk drops it."""
     cdef PyObject* old = PyDict_GetItemWithError(states, cid)
-    if old != NULL and <object>old is not None:
-        states[cid] = None
+    if old == NULL or <object>old is None:
+        return 0
+    states[cid] = None
+    if <object>old is not False:  # (memory._IDLE: held already)
         _sset(store, SO_HELD, "_held", _sget(store, SO_HELD, "_held") + 1)
     return 0
 

@@ -9,16 +9,23 @@ for bytes per client.
 Eviction is exact and never scans: a window whose state is equivalent to a fresh one (GCRA debt drained,
 a sliding window with nothing left in it, nothing in flight) behaves exactly like an absent one, so it
 can be dropped with no effect on any decision. Every call owes a look at the next `sweep_per_call`
-counter ids of a walk over them all, which drops those that are fresh; the looks are taken a batch at a
-time, when SWEEP_BATCH ids are owed (the sweep's code and the walk's lists are then touched once per
-batch, not on every check: ~35 of the ~2,000 cache lines a cold check touches), so an idle window goes
-within about two walks (2 * len/sweep_per_call calls, plus a batch); `sweep(now, n)` does the same for a
-periodic timer, `sweep(now)` looks at every window at once. The walk is two lists of the ids, each id in
-exactly one of them once: the one being walked and the next one, to which each id the walk keeps and each
-new id is added; when a walk ends, the next one starts (no copy, no scan). So only the sweep deletes an
-id (it is then in neither list): a write that leaves a window fresh stores None in its place (read as
-fresh, as an absent state is; dropped by the walk). A plain dict and the walk cost ~45 B less a window
-than the OrderedDict of an LRU order (its links and index) did, and a write no longer moves its window.
+counter ids of a walk over them all; the looks are taken a batch at a time, when SWEEP_BATCH ids are owed
+(the sweep's code and the walk's lists are then touched once per batch, not on every check: ~35 of the
+~2,000 cache lines a cold check touches); `sweep(now, n)` does the same for a periodic timer, `sweep(now)`
+drops every fresh window at once. The walk is two lists of the ids, each id in exactly one of them once:
+the one being walked and the next one, to which each id the walk keeps and each new id is added; when a
+walk ends, the next one starts (no copy, no scan). So only the sweep deletes an id (it is then in neither
+list): a write that leaves a window fresh stores None in its place (read as fresh, as an absent state is).
+
+A window is dropped when it was fresh at two looks in a row with no write between them: a look that finds
+it fresh (or None) stores False (_IDLE: read as fresh too) and keeps its id; the next look drops an _IDLE
+window; a write in between replaces the mark. So an idle window goes within about two to three walks,
+and the windows of a key active more often than a walk never leave: dropping them at the first fresh look
+(a per-minute window of a generous limit is fresh within microseconds, a concurrency window after each
+release) had the key's next request insert its id again, and the deleted slots that piled up in the dict
+made it rebuild whole every minute or so at 10,000 active keys (`bench_stalls.py --keys 10000`: 2.9-3.4 ms
+a rebuild). A plain dict and the walk cost ~45 B less a window than the OrderedDict of an LRU order (its
+links and index) did, and a write no longer moves its window.
 
 Time must not go backwards across calls for eviction to stay exact (a window dropped as drained cannot
 come back if the clock steps back); the decisions themselves tolerate it (nothing drains backwards).
@@ -60,6 +67,7 @@ _CALENDAR = Algorithm.CALENDAR
 _State = complex | int | array | None  # type: ignore[type-arg]
 _Outcome = tuple[bool, Any, int, float, float]  # (allowed, new state, remaining, reset, retry)
 _GONE: Any = object()
+_IDLE: Any = False  # a window the walk found fresh at its last look (see the module): read as fresh
 
 
 def _sliding_state(state: object, spec: LimitSpec) -> array[float] | None:
@@ -119,12 +127,13 @@ class MemoryCounterStore:
         self._owed = 0  # ids the calls since the last batch owe the walk (< SWEEP_BATCH)
 
     def __len__(self) -> int:
-        """Counters with state (not the fresh ones held as None until the walk drops them)."""
+        """Counters with state (not the fresh ones held as None or _IDLE until the walk drops them)."""
         return len(self._states) - self._held
 
     def __contains__(self, counter_id: object) -> bool:
         """A counter with state (not fresh): cheaper than a peek when most ids have none."""
-        return self._states.get(counter_id) is not None  # type: ignore[call-overload]
+        state = self._states.get(counter_id)  # type: ignore[call-overload]
+        return state is not None and state is not _IDLE
 
     def _put(self, cid: str, state: _State) -> None:
         """Store a window's state; a new id joins the next walk."""
@@ -133,13 +142,17 @@ class MemoryCounterStore:
         states[cid] = state
         if old is _GONE:
             self._next.append(cid)
-        elif old is None:
+        elif old is None or old is _IDLE:
             self._held -= 1
 
     def _drop(self, cid: str) -> None:
-        """A write left the window fresh: held as None until the walk drops it (an absent one stays so)."""
+        """A write left the window fresh: held as None until the walk drops it (an absent one stays so;
+        an _IDLE one is written to, so it is held as None again: one more look before it goes)."""
         states = self._states
-        if states.get(cid) is not None:
+        old = states.get(cid)
+        if old is _IDLE:
+            states[cid] = None
+        elif old is not None:
             states[cid] = None
             self._held += 1
 
@@ -301,7 +314,8 @@ class MemoryCounterStore:
     # -- eviction ------------------------------------------------------------------------------------------
 
     def _sweep(self, now: float, budget: int) -> int:
-        """Look at the next `budget` ids of the walk (at most len(states)); drop the fresh windows."""
+        """Look at the next `budget` ids of the walk (at most len(states)): drop the windows fresh at the
+        last look too (_IDLE), mark the fresh ones _IDLE."""
         states = self._states
         if budget > len(states):
             budget = len(states)
@@ -322,29 +336,31 @@ class MemoryCounterStore:
             i += 1
             budget -= 1
             state = states.get(cid, _GONE)
-            if state is None:  # left fresh by a write: dropped (not counted as evicted)
+            if state is _IDLE:  # fresh at the last look, no write since: dropped
                 del states[cid]
                 self._held -= 1
+                evicted += 1
+            elif state is None:  # left fresh by a write since the last look
+                states[cid] = _IDLE
+                keep(cid)
             elif state is not _GONE:  # (_GONE: only a store changed behind its back)
                 if _is_fresh(state, now):
-                    del states[cid]
-                    evicted += 1
-                else:
-                    keep(cid)
+                    states[cid] = _IDLE
+                    self._held += 1
+                keep(cid)
         self._cursor = i
         self._evicted += evicted
         return evicted
 
     def sweep(self, now: float, max_items: int | None = None) -> int:
-        """Drop the fresh windows among the next `max_items` of the walk, or (default) among them all."""
+        """Look at the next `max_items` ids of the walk as the per-call sweep does, or (default) drop every
+        fresh window at once. Returns the windows dropped."""
         if max_items is not None:
             return self._sweep(now, max_items)
         states = self._states
         evicted = 0
         for cid, state in list(states.items()):
-            if state is None:
-                del states[cid]
-            elif _is_fresh(state, now):
+            if state is None or state is _IDLE or _is_fresh(state, now):
                 del states[cid]
                 evicted += 1
         self._walk = list(states)  # every id, once
