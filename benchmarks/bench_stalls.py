@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 import bench_alloc as ba  # noqa: E402
 
-from nexus_authz import native  # noqa: E402
+from nexus_authz import native, server  # noqa: E402
 from nexus_authz.adapters import als_fast  # noqa: E402
 
 
@@ -43,7 +43,28 @@ def period(indices: list[int]) -> tuple[int, int]:
     return gaps.most_common(1)[0] if gaps else (0, 0)
 
 
-def run(n: int, lag: int, over_us: float, keys: int = 1, plan: str = "limits") -> dict[str, object]:
+def _note(
+    kind: str,
+    i: int,
+    took: int,
+    keys: int,
+    limit: int,
+    slow: dict[str, list[tuple[int, int]]],
+    longest: dict[str, int],
+    seen: dict[str, int],
+) -> None:
+    """Record call `i` of `kind` that took `took` ns of thread CPU."""
+    if took > longest[kind]:
+        longest[kind] = took
+    if i >= keys and took > seen[kind]:
+        seen[kind] = took
+    if took > limit:
+        slow[kind].append((i, took))
+
+
+def run(
+    n: int, lag: int, over_us: float, keys: int = 1, plan: str = "limits", rate: float = 0.0
+) -> dict[str, object]:
     workdir = Path(tempfile.mkdtemp(prefix="nexus-stalls-"))
     if plan == "issue15":  # bench_envoy's http-uds-issue15 configuration (five windows a key)
         be = ba.be
@@ -56,12 +77,30 @@ def run(n: int, lag: int, over_us: float, keys: int = 1, plan: str = "limits") -
     compiled = als_fast.ACCOUNT
     clock = time.thread_time_ns
     limit = int(over_us * 1000)
-    slow: dict[str, list[tuple[int, int]]] = {"check": [], "settle": []}
-    longest = {"check": 0, "settle": 0}
-    seen = {"check": 0, "settle": 0}  # the longest once every key was seen (its windows' ids in the store)
+    slow: dict[str, list[tuple[int, int]]] = {"check": [], "settle": [], "upkeep": []}
+    longest = {"check": 0, "settle": 0, "upkeep": 0}
+    seen = {"check": 0, "settle": 0, "upkeep": 0}  # the longest once every key was seen
+    tick = [0]
+    every = 0
+    if rate > 0:  # the engine's clock at `rate` checks a second: minutes pass, windows drain, pairs refresh
+        start = time.time()
+        engine.clock = lambda: start + tick[0] / rate
+        every = max(1, round(rate))
     gc.collect()
     gc.freeze()  # as the server's upkeep does (gcupkeep.settle)
     for i, raw in enumerate(raws):
+        tick[0] = i
+        if every and i % every == 0:  # a simulated second: the server's upkeep, each slice timed
+            if engine.ledger is not None:
+                engine.ledger.flush_now()  # (its writer thread's work: untimed)
+            steps = server._maintenance_steps(engine)
+            while True:
+                t0 = clock()
+                more = next(steps, steps)
+                took = clock() - t0
+                if more is steps:
+                    break
+                _note("upkeep", i, took, keys, limit, slow, longest, seen)
         t0 = clock()
         receive(raw)
         t1 = clock()
@@ -70,13 +109,8 @@ def run(n: int, lag: int, over_us: float, keys: int = 1, plan: str = "limits") -
             if compiled is None or not compiled(engine, rid, usage, None):
                 engine.account(rid, usage)
         t2 = clock()
-        for kind, took in (("check", t1 - t0), ("settle", t2 - t1)):
-            if took > longest[kind]:
-                longest[kind] = took
-            if i >= keys and took > seen[kind]:
-                seen[kind] = took
-            if took > limit:
-                slow[kind].append((i, took))
+        _note("check", i, t1 - t0, keys, limit, slow, longest, seen)
+        _note("settle", i, t2 - t1, keys, limit, slow, longest, seen)
     if not fp.sink.last.startswith(b"HTTP/1.1 200"):
         raise RuntimeError(f"the benchmark request is not allowed: {fp.sink.last[:200]!r}")
     return {"slow": slow, "longest": longest, "seen": seen, "book": len(engine.book)}
@@ -94,18 +128,35 @@ def main(argv: list[str] | None = None) -> int:
         default="limits",
         help="the keys' plan: bench_envoy's http-uds-limits one, or its issue-15 one (five windows)",
     )
+    ap.add_argument(
+        "--list",
+        type=float,
+        default=0.0,
+        metavar="US",
+        help="also list every call over US µs with its index (a structural stall comes back at the same "
+        "index in every run; the machine's do not)",
+    )
+    ap.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="the engine's clock advances 1/RATE s a check, and the server's upkeep of a second (its "
+        "slices timed as `upkeep`; the ledger flushed, untimed) runs every RATE checks: 300,000 checks at "
+        "1000 are five minutes of a 1,000 req/s server. 0 (default): the real clock, no upkeep",
+    )
     args = ap.parse_args(argv)
-    if args.n <= args.lag or args.lag < 0 or args.over <= 0 or args.keys < 1:
-        ap.error("need --n > --lag >= 0, --over > 0 and --keys >= 1")
-    r = run(args.n, args.lag, args.over, args.keys, args.plan)
+    if args.n <= args.lag or args.lag < 0 or args.over <= 0 or args.keys < 1 or args.rate < 0:
+        ap.error("need --n > --lag >= 0, --over > 0, --keys >= 1 and --rate >= 0")
+    r = run(args.n, args.lag, args.over, args.keys, args.plan, args.rate)
     print(f"native path: {native.PATH}; {args.n:,} checks of {args.keys:,} key(s)", end="")
-    print(f" ({args.plan} plan),", end="")
+    clocked = f", the clock at {args.rate:g} checks/s with the upkeep" if args.rate > 0 else ""
+    print(f" ({args.plan} plan{clocked}),", end="")
     print(f" each settled {args.lag} checks later", end="")
     print(f" (reservations in the book at the end: {r['book']})")
     slow: dict[str, list[tuple[int, int]]] = r["slow"]  # type: ignore[assignment]
     longest: dict[str, int] = r["longest"]  # type: ignore[assignment]
     seen: dict[str, int] = r["seen"]  # type: ignore[assignment]
-    for kind in ("check", "settle"):
+    for kind in ("check", "settle", "upkeep") if args.rate > 0 else ("check", "settle"):
         calls = slow[kind]
         every, times = period([i for i, _ in calls])
         repeat = f"; commonest distance between two: {every:,} calls ({times} times)" if times > 1 else ""
@@ -114,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{kind}: {len(calls)} over {args.over:g} µs, the longest {longest[kind] / 1000:,.0f} µs"
             f"{later}{repeat}"
         )
+    if args.list > 0:
+        for kind in slow:
+            listed = [f"{i:,} ({took / 1000:,.0f} µs)" for i, took in slow[kind] if took > args.list * 1000]
+            print(f"{kind} calls over {args.list:g} µs: {', '.join(listed) or 'none'}")
     return 0
 
 
