@@ -543,8 +543,13 @@ def test_bench_stalls_settles_every_request_it_checks() -> None:
 
     r = bench_stalls.run(3000, 20, 1e9)
     assert r["book"] == 20
-    assert r["slow"] == {"check": [], "settle": []}
+    assert r["slow"] == {"check": [], "settle": [], "upkeep": []}
     assert r["longest"]["check"] > 0 and r["longest"]["settle"] > 0  # type: ignore[index]
+    assert r["longest"]["upkeep"] == 0  # type: ignore[index]  # (the real clock: no upkeep)
+    # --rate: the engine's clock at 1,000 checks a second, the server's upkeep each simulated second; ten
+    # keys round-robin on the issue's plan
+    r = bench_stalls.run(3000, 20, 1e9, keys=10, plan="issue15", rate=1000)
+    assert r["book"] == 20 and r["longest"]["upkeep"] > 0  # type: ignore[index]
     assert bench_stalls.period([5, 4101, 8197, 9000]) == (4096, 2)
     assert bench_stalls.period([7]) == (0, 0)
 
