@@ -24,7 +24,7 @@ from nexus_authz.adapters.http_authz import (
 )
 from nexus_authz.core import ratelimit_headers
 from nexus_authz.core.fastpath import Plan
-from nexus_authz.core.forwarded import declared_length
+from nexus_authz.core.forwarded import whole_by_its_length
 from nexus_authz.core.limits import WindowStatus
 from nexus_authz.core.model import Decision, KeyRecipe, KeyRecord, Reason
 
@@ -92,11 +92,7 @@ def on_message_complete(self: AuthzProtocol) -> None:
     ):
         headers = self._headers
         body = b"".join(self._body) if self._body else b""
-        # a body the proxy forwarded whole: the declared length, or none (http_authz decides the others,
-        # core.forwarded.cut_by_proxy)
-        if headers.get("x-envoy-auth-partial-body") != "true" and (
-            not body or declared_length(headers.get("x-nexus-content-length")) == len(body)
-        ):
+        if whole_by_its_length(headers, body):  # (http_authz decides the others: core.forwarded)
             engine = app.engine
             xff = headers.get("x-forwarded-for")
             try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from typing import NamedTuple
 
 from nexus_authz.core import body as body_facts
@@ -248,7 +247,7 @@ class Policy:
         if truncated:
             # Nothing after the cut is proved: not the model (a duplicate may follow; the usage is then
             # priced at the model the upstream reports), not max_tokens or n, not the prompt's size.
-            declared = _declared_size(headers)
+            declared = declared_length(headers.get(DECLARED))  # the client's Content-Length (-1: unknown)
             if declared <= len(body):
                 return _too_large(len(body))
             if facts is not None:
@@ -374,11 +373,6 @@ UNSEEN_TOKENS_PER_BYTE = 0.5
 
 def _priced(key: KeyRecord) -> bool:
     return any(spec.kind is Kind.USD for spec in key.limits)
-
-
-def _declared_size(headers: Mapping[str, str]) -> int:
-    """The client's Content-Length as the proxy declares it (`x-nexus-content-length`; -1: unknown)."""
-    return declared_length(headers.get(DECLARED))
 
 
 def _too_large(forwarded: int) -> Decision:

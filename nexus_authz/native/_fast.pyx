@@ -1557,8 +1557,8 @@ cdef inline bint _ascii_is(object text, const char* ascii, Py_ssize_t n) noexcep
 
 
 cdef bint _declared_is(object value, Py_ssize_t n):
-    """core.body.declared_length(value) == n, for a str header value (anything else: False)."""
-    cdef Py_ssize_t i = 0, end, digits = 0
+    """core.forwarded.declared_length(value) == n, for a str header value (anything else: False)."""
+    cdef Py_ssize_t i = 0, end
     cdef long long v = 0
     cdef const unsigned char* p
     cdef unsigned char c
@@ -1614,8 +1614,7 @@ cdef int _complete(object self) except -1:
         headers = _at(self, &S_PROTO_HEADERS, "_headers")
         partial = _hget(headers, H_PARTIAL_BODY, None)
         body = _body_of(_at(self, &S_PROTO_BODY, "_body"))
-        # a body the proxy forwarded whole: the declared length, or none (http_fast.on_message_complete;
-        # the reference path decides the others, core.forwarded.cut_by_proxy)
+        # core.forwarded.whole_by_its_length (the reference path decides the others: cut_by_proxy)
         if (
             partial is None or ((not _ascii_is(partial, b"true", 4)) if type(partial) is str else partial != "true")
         ) and (PyBytes_GET_SIZE(body) == 0 or _declared_is(_hget(headers, H_DECLARED, None), PyBytes_GET_SIZE(body))):
