@@ -360,7 +360,7 @@ class MemoryCounterStore:
         states = self._states
         evicted = 0
         for cid, state in list(states.items()):
-            if state is None or state is _IDLE or _is_fresh(state, now):
+            if _is_fresh(state, now):  # (None and _IDLE are too)
                 del states[cid]
                 evicted += 1
         self._walk = list(states)  # every id, once
