@@ -78,26 +78,19 @@ def child(n: int, evict: int, families: str | None = None, keys: int = 1) -> int
     workdir = Path(tempfile.mkdtemp(prefix="nexus-footprint-"))
     secrets = [fx.secret] + [f"nx-fixture-{i:032x}" for i in range(1, keys)]
     assert all(len(x) == len(fx.secret) for x in secrets)
-    if keys > 1:  # bench_breakdown.build_engine's config with `keys` keys
+    if keys == 1 and families is None:
+        engine = bb.build_engine(workdir, fx)
+    else:  # bench_breakdown.build_engine's config, with `keys` keys and the header families chosen
         from bench_envoy import ISSUE15_CONFIG, LIMITS_KEY_FIELDS, key_file, nexus_config
 
         from nexus_authz.engine import Engine
         from nexus_authz.settings import load_settings
 
         (workdir / "keys.yaml").write_text(key_file(secrets, LIMITS_KEY_FIELDS))
-        (workdir / "nexus.yaml").write_text(nexus_config(str(workdir / "authz.sock"), extra=ISSUE15_CONFIG))
-        engine = Engine.from_settings(load_settings(str(workdir / "nexus.yaml")))
-    elif families is None:
-        engine = bb.build_engine(workdir, fx)
-    else:  # bench_breakdown.build_engine's config, with the header families chosen
-        from bench_envoy import ISSUE15_CONFIG, LIMITS_KEY_FIELDS, key_file, nexus_config
-
-        from nexus_authz.engine import Engine
-        from nexus_authz.settings import load_settings
-
-        (workdir / "keys.yaml").write_text(key_file([fx.secret], LIMITS_KEY_FIELDS))
-        chosen = ", ".join(name for name in families.split(",") if name)
-        extra = f"{ISSUE15_CONFIG}rate_limit_headers: [{chosen}]\n"
+        extra = ISSUE15_CONFIG
+        if families is not None:
+            chosen = ", ".join(name for name in families.split(",") if name)
+            extra += f"rate_limit_headers: [{chosen}]\n"
         (workdir / "nexus.yaml").write_text(nexus_config(str(workdir / "authz.sock"), extra=extra))
         engine = Engine.from_settings(load_settings(str(workdir / "nexus.yaml")))
     settings = engine.settings
