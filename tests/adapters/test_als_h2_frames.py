@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ class Client:
         self.seen: list[Frame] = []  # every frame read
         # every header block: stream, flags, fields
         self.blocks: list[tuple[int, int, dict[bytes, bytes]]] = []
+        # response(): the frames (with their header fields) of other streams read meanwhile
+        self._held: dict[int, deque[tuple[Frame, dict[bytes, bytes] | None]]] = {}
         CLIENTS.append(self)
 
     @classmethod
@@ -116,16 +119,27 @@ class Client:
         """The header blocks and DATA of `stream`'s response, up to its END_STREAM (others skipped)."""
         blocks, data = [], b""
         while True:
-            kind, flags, sid, payload = await self.frame()
-            if kind == h2.HEADERS and sid == stream:
-                blocks.append(self.blocks[-1][2])
-            if sid != stream:
-                continue
+            (kind, flags, _, payload), fields = await self._stream_frame(stream)
+            if fields is not None:
+                blocks.append(fields)
             if kind == h2.DATA:
                 data += payload
             if kind in (h2.HEADERS, h2.DATA) and flags & h2.END_STREAM:
                 return blocks, data
             assert kind != h2.RST_STREAM or blocks, f"stream {stream} reset: {payload!r}"
+
+    async def _stream_frame(self, stream: int) -> tuple[Frame, dict[bytes, bytes] | None]:
+        """The next frame of `stream` with its header fields: one read earlier while waiting for another
+        stream's (streams end in any order: each access-log stream is its own task), else the next read."""
+        held = self._held.get(stream)
+        if held:
+            return held.popleft()
+        while True:
+            got = await self.frame()
+            item = got, self.blocks[-1][2] if got[0] == h2.HEADERS else None
+            if got[2] == stream:
+                return item
+            self._held.setdefault(got[2], deque()).append(item)
 
     async def close(self) -> None:
         self.writer.close()
@@ -742,7 +756,7 @@ def test_partial_messages_are_bounded_per_connection(
                 frame(h2.HEADERS, h2.END_HEADERS, sid, client.block()), frame(h2.DATA, 0, sid, body[:cut])
             )
         refused = await client.frames(lambda f: f[0] == h2.RST_STREAM)
-        for sid in (1, 3):
+        for sid in (3, 1):  # ended in the other order: their answers may come in either
             await client.send(frame(h2.DATA, h2.END_STREAM, sid, body[cut:]))
         statuses = [(await client.response(sid))[0][-1][b"grpc-status"] for sid in (1, 3)]
         assert conn._partial == 0
