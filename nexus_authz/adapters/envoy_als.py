@@ -196,7 +196,7 @@ def usage_of(
 class AccessLogService:
     """Accounts every admitted request's response from Envoy's access-log stream."""
 
-    __slots__ = ("_last_batch", "_quiet", "_streams", "engine", "entries", "ignored", "messages")
+    __slots__ = ("_closed", "_last_batch", "_quiet", "_streams", "engine", "entries", "ignored", "messages")
 
     def __init__(self, engine: Engine, *, quiet: float = 0.5) -> None:
         self.engine = engine
@@ -204,6 +204,7 @@ class AccessLogService:
         # open streams: a future that ends the stream -> loop time of its last message (inf: busy)
         self._streams: dict[asyncio.Future[None], float] = {}
         self._last_batch = 0.0  # loop time the last batch was accounted
+        self._closed = 0.0  # loop time the last stream ended (Envoy gone, or reconnecting)
         self.messages = 0
         self.entries = 0  # accounted
         self.ignored = 0  # not admitted by nexus-authz (no x-nexus-key-id), or not HTTP
@@ -271,6 +272,7 @@ class AccessLogService:
                 streams[stop] = self._last_batch = loop.time()
         finally:
             streams.pop(stop, None)
+            self._closed = loop.time()
         return _EMPTY_RESPONSE
 
     async def _account_batch(
@@ -418,8 +420,10 @@ class AccessLogService:
         otherwise either refuse the last batches or wait the whole grace period. Done when every admitted
         request has been accounted (the reservation book holds none: their responses, however long,
         have finished and arrived; not waited for when no access-log stream was ever seen, e.g. behind
-        nginx) and nothing arrived for `quiet` seconds since the later of the last batch and the start of
-        the drain (longer than Envoy's buffer_flush_interval, so a batch buffered at SIGTERM arrives).
+        nginx, nor once no stream has been open for `quiet` seconds: Envoy has gone, with it whatever it
+        had not sent, and those reservations stay charged) and nothing arrived for `quiet` seconds since
+        the later of the last batch and the start of the drain (longer than Envoy's
+        buffer_flush_interval, so a batch buffered at SIGTERM arrives).
         """
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -427,7 +431,10 @@ class AccessLogService:
         while True:
             now = loop.time()
             busy = any(last == math.inf for last in self._streams.values())
-            pending = self.messages > 0 and len(self.engine.book) > 0
+            # Envoy still connected, or gone less than `quiet` ago (a broken stream is reopened at its
+            # next flush): what it still owes may arrive
+            expected = bool(self._streams) or now - max(started, self._closed) < self._quiet
+            pending = expected and self.messages > 0 and len(self.engine.book) > 0
             quiet = now - max(started, self._last_batch) >= self._quiet
             if now >= deadline or (quiet and not busy and not pending):
                 break

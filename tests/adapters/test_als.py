@@ -647,3 +647,46 @@ def test_drain_ends_an_idle_stream_early(engine: Engine) -> None:
     elapsed, messages = asyncio.run(scenario())
     assert messages == 2
     assert elapsed < 2.0
+
+
+def test_drain_waits_for_owed_usage_only_while_envoy_is_connected(ledgered: tuple[Engine, _Clock]) -> None:
+    """An admitted request not yet accounted holds the drain while an access-log stream is open (its
+    entry may still come); once every stream has ended (Envoy gone) for `quiet` seconds, nothing more
+    can, and the drain ends then rather than after its whole timeout (the reservation stays charged)."""
+    engine, _ = ledgered
+    _metered_check(engine, "owed")
+    assert len(engine.book) == 1
+
+    async def scenario(close_first: bool) -> float:
+        service = AccessLogService(engine, quiet=0.2)
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((service.handler(),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        queue: asyncio.Queue[als_pb2.StreamAccessLogsMessage | None] = asyncio.Queue()
+
+        async def requests() -> Any:
+            while (item := await queue.get()) is not None:
+                yield item
+
+        call = als_pb2_grpc.AccessLogServiceStub(channel).StreamAccessLogs(requests())
+        await queue.put(message(identifier=True))
+        while service.messages < 1:
+            await asyncio.sleep(0.01)
+        if close_first:  # Envoy ends its stream (exits) before the drain
+            await queue.put(None)
+            await call
+            while service.open_streams:
+                await asyncio.sleep(0.01)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await service.drain(1.5)
+        elapsed = loop.time() - started
+        await server.stop(1.0)
+        await channel.close()
+        return elapsed
+
+    assert asyncio.run(scenario(close_first=True)) < 1.0  # `quiet` (0.2 s) after the drain began
+    assert asyncio.run(scenario(close_first=False)) >= 1.4  # connected: waited for the entry, to the end
+    assert len(engine.book) == 1
