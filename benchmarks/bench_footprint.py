@@ -339,6 +339,24 @@ def find_valgrind(prog: str) -> str | None:
     return valgrind
 
 
+def measured_parts(out: str) -> list[str]:
+    """The parts of callgrind output `out` from the last gc.freeze() on: the parts dumped before it (the
+    warm-up, `Trigger: --dump-before=gc_freeze`) dropped; the later ones (a dump from elsewhere, e.g.
+    `callgrind_control -d`) and `out` itself kept, in order."""
+    numbered = glob.glob(out + ".*")
+    parts = sorted(
+        (p for p in numbered if p.rsplit(".", 1)[1].isdigit()), key=lambda p: int(p.rsplit(".", 1)[1])
+    )
+    parts.append(out)
+    start = 0
+    for i, part in enumerate(parts):
+        with open(part, encoding="utf-8", errors="replace") as f:
+            head = "".join(next(f, "") for _ in range(40))
+        if "Trigger: --dump-before=gc_freeze" in head:
+            start = i + 1
+    return parts[start:]
+
+
 def measure(
     prog: str,
     valgrind: str,
@@ -348,7 +366,7 @@ def measure(
     report_of: Callable[[list[str]], str],
 ) -> int:
     """Run `prog`'s own script with --child and `child_args` under callgrind's cache simulation, collecting
-    only inside the `toggles` and from gc.freeze() on (the child calls it once, after its warm-up), with
+    only inside the `toggles` and from the last gc.freeze() on (the child's, after its warm-up), with
     PYTHONHASHSEED 0 unless set; print what the child said, then `report_of` the output's parts (a dump,
     e.g. `callgrind_control -d` from any process on the machine, starts a new part: the parts add up),
     kept at `keep` if given. 0, or 1 when the run or its reading failed."""
@@ -361,7 +379,11 @@ def measure(
             *CACHES,
             "--collect-atstart=no",
             *toggles,
-            "--zero-before=gc_freeze",  # the warm-up's costs dropped (gc.freeze() runs once, after it)
+            # everything before the last gc.freeze() (the child's, after its warm-up) goes to parts of its
+            # own, dropped below: --zero-before left part of the warm-up's Ir, Dr and L1 misses in the
+            # output's cost lines (its `totals:` over its `summary:`, ~3.1M instructions after a
+            # 10,000-key warm-up); a dump does not
+            "--dump-before=gc_freeze",
             f"--callgrind-out-file={out}",
             sys.executable,
             str(REPO / "benchmarks" / f"{prog}.py"),
@@ -377,7 +399,7 @@ def measure(
             print(f"{prog}: the measured run failed (exit {done.returncode})", file=sys.stderr)
             return 1
         print("\n".join(said))
-        parts = sorted(glob.glob(out + ".*")) + [out]
+        parts = measured_parts(out)
         if keep:
             for i, part in enumerate(parts[:-1], 1):
                 shutil.copyfile(part, f"{keep}.{i}")

@@ -99,3 +99,27 @@ def test_parts_add_up(out: str) -> None:
     one = bf.report([out], n=2, top=5).splitlines()
     assert two[0].replace("(4 checks", "(2 checks") == one[0]
     assert two[1:] == one[1:]
+
+
+def test_the_warm_up_parts_are_dropped(tmp_path: Path) -> None:
+    """The parts dumped before gc.freeze() (the warm-up: callgrind's --dump-before=gc_freeze, the last
+    one the child's own) are not measured; a part dumped later from elsewhere and the final file are,
+    in their order (.10 after .9)."""
+    out = tmp_path / "callgrind.out"
+    triggers = {
+        1: "--dump-before=gc_freeze",
+        2: "Client Request",
+        3: "--dump-before=gc_freeze",
+        9: "Client Request",
+        10: "Client Request",
+    }
+    for i, trigger in triggers.items():
+        (tmp_path / f"callgrind.out.{i}").write_text(f"# callgrind format\ndesc: Trigger: {trigger}\n")
+    out.write_text("# callgrind format\ndesc: Trigger: Program termination\n")
+    assert bf.measured_parts(str(out)) == [
+        str(tmp_path / "callgrind.out.9"),
+        str(tmp_path / "callgrind.out.10"),
+        str(out),
+    ]
+    (tmp_path / "callgrind.out.11").write_text("# callgrind format\ndesc: Trigger: --dump-before=gc_freeze\n")
+    assert bf.measured_parts(str(out)) == [str(out)]
