@@ -616,14 +616,19 @@ def test_a_bad_entry_does_not_lose_the_batch(engine: Engine) -> None:
     assert [args[0] for args, _ in recorder.calls] == ["a", "b"]
 
 
+async def _served(engine: Engine, quiet: float) -> tuple[AccessLogService, grpc.aio.Server, grpc.aio.Channel]:
+    """The access-log service on a gRPC server of its own, and a channel to it."""
+    service = AccessLogService(engine, quiet=quiet)
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((service.handler(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return service, server, grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+
+
 def test_drain_ends_an_idle_stream_early(engine: Engine) -> None:
     async def scenario() -> tuple[float, int]:
-        service = AccessLogService(engine, quiet=0.2)
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers((service.handler(),))
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        service, server, channel = await _served(engine, quiet=0.2)
         queue: asyncio.Queue[als_pb2.StreamAccessLogsMessage] = asyncio.Queue()
 
         async def requests() -> Any:
@@ -658,12 +663,7 @@ def test_drain_waits_for_owed_usage_only_while_envoy_is_connected(ledgered: tupl
     assert len(engine.book) == 1
 
     async def scenario(close_first: bool) -> float:
-        service = AccessLogService(engine, quiet=0.2)
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers((service.handler(),))
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        service, server, channel = await _served(engine, quiet=0.2)
         queue: asyncio.Queue[als_pb2.StreamAccessLogsMessage | None] = asyncio.Queue()
 
         async def requests() -> Any:
