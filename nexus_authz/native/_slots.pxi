@@ -29,8 +29,10 @@ cdef Py_ssize_t _slot_offset(type cls, str name):
     return -1
 
 
-cdef Py_ssize_t _offset(type cls, str name) except -1:
-    """`_slot_offset` of a field the module cannot work without: TypeError (at import) if it is no slot."""
+cdef inline Py_ssize_t _offset(type cls, str name) except -1:
+    """`_slot_offset` of a field the module cannot work without: TypeError (at import) if it is no slot.
+    (inline: a module that includes this file without calling it compiles without an unused-function
+    warning.)"""
     cdef Py_ssize_t offset = _slot_offset(cls, name)
     if offset < 0:
         raise TypeError(f"{cls.__name__}.{name} is not a slot")
