@@ -92,11 +92,21 @@ class Fixtures:
         return self.check.replace(self.request_id.encode(), rid.encode(), 1), rid
 
 
-def build_engine(workdir: Path, fx: Fixtures) -> Engine:
-    (workdir / "keys.yaml").write_text(be.key_file([fx.secret], be.LIMITS_KEY_FIELDS))
+def build_engine(workdir: Path, fx: Fixtures, secrets: list[str] | None = None, extra: str = "") -> Engine:
+    """The engine of bench_envoy's ISSUE15_CONFIG (+ `extra` config lines) with one key per secret
+    (default: the fixtures' own key alone)."""
+    (workdir / "keys.yaml").write_text(be.key_file(secrets or [fx.secret], be.LIMITS_KEY_FIELDS))
     path = workdir / "nexus.yaml"
-    path.write_text(be.nexus_config(str(workdir / "authz.sock"), extra=be.ISSUE15_CONFIG))
+    path.write_text(be.nexus_config(str(workdir / "authz.sock"), extra=be.ISSUE15_CONFIG + extra))
     return Engine.from_settings(load_settings(str(path)))
+
+
+def key_secrets(fx: Fixtures, keys: int) -> list[str]:
+    """`keys` secrets, the fixtures' own first, the others of its length (a recorded check's bytes keep
+    their size when one replaces it)."""
+    secrets = [fx.secret] + [f"nx-fixture-{i:032x}" for i in range(1, keys)]
+    assert all(len(x) == len(fx.secret) for x in secrets)
+    return secrets
 
 
 class Quiet(http_authz.AuthzProtocol):

@@ -1,6 +1,6 @@
 """What one HTTP ext_authz check costs when the caches are cold, as at real request rates.
 
-    .venv/bin/python benchmarks/bench_cold.py [--n 2000] [--sizes 0,65536,1048576,4194304]
+    .venv/bin/python benchmarks/bench_cold.py [--n 2000] [--sizes 0,65536,1048576,4194304] [--keys 1]
 
 In a hot in-process loop a check costs ~10-20 µs; through the real Envoy at 1,000 requests/s nexus-authz
 spends several times that, because between two requests Envoy, the load generator and the kernel run on
@@ -12,7 +12,9 @@ memory copied between two requests (outside the timing; 0 = hot), and with the t
 ms between two requests (the machine's other work, or its idle states, take the caches meanwhile). Each
 check's concurrency slot is released before the pause, so the state stays steady. Printed: the median µs
 per check for each protocol the build has (the compiled lane, and the reference path: httptools framing +
-the pure-Python decision) and each pause.
+the pure-Python decision) and each pause. `--keys N`: N keys round-robin, each seen once before the timed
+checks and each check's usage settled (as bench_envoy's 10,000-key scenario; bench_footprint.py --keys
+counts the same checks' cold lines), to set what a key's own state costs against one key's.
 """
 
 from __future__ import annotations
@@ -46,11 +48,23 @@ def main(argv: list[str] | None = None) -> int:
         default=1.0,
         help="also a column where the thread sleeps this many ms between checks",
     )
+    ap.add_argument("--keys", type=int, default=1, help="keys round-robin (each seen once before)")
     args = ap.parse_args(argv)
+    if args.n < 1 or args.keys < 1:
+        ap.error("--n and --keys must be at least 1")
     sizes = [int(s) for s in args.sizes.split(",")]
     tokens.warm_up()
     fx = bb.Fixtures()
-    engine = bb.build_engine(Path(tempfile.mkdtemp(prefix="nexus-cold-")), fx)
+    secrets = bb.key_secrets(fx, args.keys)
+    engine = bb.build_engine(Path(tempfile.mkdtemp(prefix="nexus-cold-")), fx, secrets)
+    if args.keys > 1:  # each check's usage settles (its reservation leaves the book), as the access log does
+        import bench_alloc
+
+        def done(rid: str) -> None:
+            engine.account(rid, bench_alloc.USAGE)
+
+    else:  # one key, as before --keys: the slot released, the reservation left to expire
+        done = engine.release
     settings = engine.settings
     app = http_authz.HttpApp(
         engine, max_header_bytes=settings.max_header_bytes, max_body=settings.max_body_bytes
@@ -61,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
 
         protocols.append(("compiled (the common check's lane)", CompiledAuthzProtocol))
     protocols.append(("reference (httptools + pure decision)", http_authz.AuthzProtocol))
-    checks = [fx.with_request_id(i) for i in range(args.n)]
     timer = time.thread_time_ns
-    print(f"native path: {native.PATH}; {args.n} checks per cell; median thread CPU µs per check\n")
+    keys = f", {args.keys:,} keys round-robin" if args.keys > 1 else ""
+    print(f"native path: {native.PATH}; {args.n} checks per cell{keys}; median thread CPU µs per check\n")
+    first = 0  # request ids: each check its own, across cells
     cells: list[tuple[int, float]] = [(size, 0.0) for size in sizes]
     if args.sleep:
         cells.append((0, args.sleep / 1000))
@@ -80,13 +95,19 @@ def main(argv: list[str] | None = None) -> int:
             proto = cls(app)
             proto.connection_made(bb.Sink())  # type: ignore[arg-type]
             feed = proto.data_received
+            warm = args.keys if args.keys > 1 else 0  # each key seen once, untimed
+            checks = _checks(fx, secrets, first, warm + args.n)
+            first += warm + args.n
             took = []
+            for data, rid in checks[:warm]:
+                feed(data)
+                done(rid)
             gc.collect()
-            for data, rid in checks:
+            for data, rid in checks[warm:]:
                 t0 = timer()
                 feed(data)
                 took.append(timer() - t0)
-                engine.release(rid)
+                done(rid)
                 if size:
                     dst[:] = src  # every cache line of both buffers, in C
                 if pause:
@@ -94,6 +115,15 @@ def main(argv: list[str] | None = None) -> int:
             row.append(statistics.median(took) / 1000)
         print(f"| {name} | " + " | ".join(f"{x:.1f}" for x in row) + " |")
     return 0
+
+
+def _checks(fx: bb.Fixtures, secrets: list[str], first: int, n: int) -> list[tuple[bytes, str]]:
+    """`n` recorded checks with request ids from `first` on, the secrets round-robin."""
+    checks = [fx.with_request_id(i) for i in range(first, first + n)]
+    if len(secrets) == 1:
+        return checks
+    old = fx.secret.encode()
+    return [(d.replace(old, secrets[i % len(secrets)].encode(), 1), rid) for i, (d, rid) in enumerate(checks)]
 
 
 if __name__ == "__main__":

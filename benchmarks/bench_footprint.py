@@ -76,23 +76,10 @@ def child(n: int, evict: int, families: str | None = None, keys: int = 1) -> int
     tokens.warm_up()
     fx = bb.Fixtures()
     workdir = Path(tempfile.mkdtemp(prefix="nexus-footprint-"))
-    secrets = [fx.secret] + [f"nx-fixture-{i:032x}" for i in range(1, keys)]
-    assert all(len(x) == len(fx.secret) for x in secrets)
-    if keys == 1 and families is None:
-        engine = bb.build_engine(workdir, fx)
-    else:  # bench_breakdown.build_engine's config, with `keys` keys and the header families chosen
-        from bench_envoy import ISSUE15_CONFIG, LIMITS_KEY_FIELDS, key_file, nexus_config
-
-        from nexus_authz.engine import Engine
-        from nexus_authz.settings import load_settings
-
-        (workdir / "keys.yaml").write_text(key_file(secrets, LIMITS_KEY_FIELDS))
-        extra = ISSUE15_CONFIG
-        if families is not None:
-            chosen = ", ".join(name for name in families.split(",") if name)
-            extra += f"rate_limit_headers: [{chosen}]\n"
-        (workdir / "nexus.yaml").write_text(nexus_config(str(workdir / "authz.sock"), extra=extra))
-        engine = Engine.from_settings(load_settings(str(workdir / "nexus.yaml")))
+    secrets = bb.key_secrets(fx, keys)
+    chosen = ", ".join(name for name in (families or "").split(",") if name)
+    extra = "" if families is None else f"rate_limit_headers: [{chosen}]\n"
+    engine = bb.build_engine(workdir, fx, secrets, extra)
     settings = engine.settings
     app = http_authz.HttpApp(
         engine, max_header_bytes=settings.max_header_bytes, max_body=settings.max_body_bytes
