@@ -109,6 +109,26 @@ def key_secrets(fx: Fixtures, keys: int) -> list[str]:
     return secrets
 
 
+def keyed_checks(fx: Fixtures, secrets: list[str], first: int, n: int) -> list[tuple[bytes, str]]:
+    """`n` recorded checks with request ids from `first` on, the secrets round-robin."""
+    checks = [fx.with_request_id(i) for i in range(first, first + n)]
+    if len(secrets) == 1:
+        return checks
+    old = fx.secret.encode()
+    return [(d.replace(old, secrets[i % len(secrets)].encode(), 1), rid) for i, (d, rid) in enumerate(checks)]
+
+
+def after_check(engine: Engine, keys: int) -> Callable[[str], object]:
+    """What follows each check of bench_cold / bench_footprint: with more than one key its usage settles
+    (the reservation leaves the book, as the access log does); with one, as before --keys, its slot is
+    released and the reservation left to expire."""
+    if keys == 1:
+        return engine.release
+    import bench_alloc
+
+    return lambda rid: engine.account(rid, bench_alloc.USAGE)
+
+
 class Quiet(http_authz.AuthzProtocol):
     """The httptools protocol with routing cut off: what parsing alone costs (its callbacks included)."""
 

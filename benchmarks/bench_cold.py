@@ -57,14 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     fx = bb.Fixtures()
     secrets = bb.key_secrets(fx, args.keys)
     engine = bb.build_engine(Path(tempfile.mkdtemp(prefix="nexus-cold-")), fx, secrets)
-    if args.keys > 1:  # each check's usage settles (its reservation leaves the book), as the access log does
-        import bench_alloc
-
-        def done(rid: str) -> None:
-            engine.account(rid, bench_alloc.USAGE)
-
-    else:  # one key, as before --keys: the slot released, the reservation left to expire
-        done = engine.release
+    done = bb.after_check(engine, args.keys)
     settings = engine.settings
     app = http_authz.HttpApp(
         engine, max_header_bytes=settings.max_header_bytes, max_body=settings.max_body_bytes
@@ -96,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             proto.connection_made(bb.Sink())  # type: ignore[arg-type]
             feed = proto.data_received
             warm = args.keys if args.keys > 1 else 0  # each key seen once, untimed
-            checks = _checks(fx, secrets, first, warm + args.n)
+            checks = bb.keyed_checks(fx, secrets, first, warm + args.n)
             first += warm + args.n
             took = []
             for data, rid in checks[:warm]:
@@ -115,15 +108,6 @@ def main(argv: list[str] | None = None) -> int:
             row.append(statistics.median(took) / 1000)
         print(f"| {name} | " + " | ".join(f"{x:.1f}" for x in row) + " |")
     return 0
-
-
-def _checks(fx: bb.Fixtures, secrets: list[str], first: int, n: int) -> list[tuple[bytes, str]]:
-    """`n` recorded checks with request ids from `first` on, the secrets round-robin."""
-    checks = [fx.with_request_id(i) for i in range(first, first + n)]
-    if len(secrets) == 1:
-        return checks
-    old = fx.secret.encode()
-    return [(d.replace(old, secrets[i % len(secrets)].encode(), 1), rid) for i, (d, rid) in enumerate(checks)]
 
 
 if __name__ == "__main__":

@@ -90,19 +90,9 @@ def child(n: int, evict: int, families: str | None = None, keys: int = 1) -> int
     admitted = decisions[Reason.OK]
     feed = proto.data_received
     warmup = max(WARMUP, keys)
-    checks = [fx.with_request_id(i) for i in range(n + warmup)]
-    if keys > 1:
-        old = fx.secret.encode()
-        checks = [(d.replace(old, secrets[i % keys].encode(), 1), rid) for i, (d, rid) in enumerate(checks)]
+    checks = bb.keyed_checks(fx, secrets, 0, n + warmup)
     src, dst = bytearray(evict // 2), bytearray(evict // 2)
-    if keys > 1:  # each check's usage settles (its reservation leaves the book), as the access log does
-        import bench_alloc
-
-        def done(rid: str) -> None:
-            engine.account(rid, bench_alloc.USAGE)
-
-    else:  # the figures before --keys: the slot released, the reservation left to expire
-        done = engine.release
+    done = bb.after_check(engine, keys)
     for data, rid in checks[:warmup]:
         feed(data)
         done(rid)
