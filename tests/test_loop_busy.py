@@ -10,7 +10,7 @@ import gc
 import math
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +43,15 @@ def sleep(seconds: float = LONG) -> None:
     time.sleep(seconds)
 
 
-def sleeping_counts(run: Any) -> tuple[int, ...]:
-    """run(sleep)'s counts: a callback that sleeps spends next to no CPU, but this VM's thread CPU clock
-    now and then charges a slice with host time (seen: 1 run in ~20 counted one sleeping slice over 200 µs
-    of CPU). Up to three tries; a histogram that counted wall time instead would fail them all."""
+def sleeping_counts(measure: Callable[[], tuple[int, ...]]) -> tuple[int, ...]:
+    """The counts of `measure`, whose callbacks sleep: they spend next to no CPU, but this VM's thread CPU
+    clock now and then charges a slice with host time (seen: 1 run in ~20 counted one sleeping slice over
+    200 µs of CPU). Up to three tries; a histogram that counted wall time instead would fail them all."""
     for _ in range(3):
-        counts = run(sleep)
+        counts = measure()
         if counts[2] == 0:
             break
-    return counts  # type: ignore[no-any-return]
+    return counts
 
 
 def over(h: LatencyHistogram) -> int:
@@ -146,7 +146,7 @@ def test_access_log_slices_burning_cpu_count_in_cpu_time_sleeping_ones_do_not(me
 
     # each entry is longer than a slice (_SLICE, 100 µs): one slice each, and the empty one after the last
     assert run(burn) == (3, 1, 3, 1)
-    assert sleeping_counts(run) == (3, 1, 0, 4)
+    assert sleeping_counts(lambda: run(sleep)) == (3, 1, 0, 4)
 
 
 def test_slices_of_the_access_log_c_loop_count_own_cpu_time(measured: None) -> None:
@@ -164,7 +164,7 @@ def test_slices_of_the_access_log_c_loop_count_own_cpu_time(measured: None) -> N
         return delta(before, snapshot("access_log"))
 
     assert run(burn) == (3, 1, 3, 1)
-    assert sleeping_counts(run) == (3, 1, 0, 4)
+    assert sleeping_counts(lambda: run(sleep)) == (3, 1, 0, 4)
 
 
 def test_the_scan_of_an_access_log_message_is_timed_in_its_first_slice(
@@ -217,14 +217,14 @@ def test_a_collection_traversing_many_objects_counts_in_cpu_time_one_waiting_doe
         after = snapshot("gc")
         assert delta(before, after) == (1, 0, 1, 0)
         del young
-        for _ in range(3):  # as sleeping_counts: now and then the VM charges the thread with host time
+
+        def waiting() -> tuple[int, ...]:
+            start = snapshot("gc")
             _SlowFinalizer()
             gc.collect(0)  # a few objects, and a finalizer that sleeps: wall, not CPU
-            counts = delta(after, snapshot("gc"))
-            if counts[2] == 0:
-                break
-            after = snapshot("gc")
-        assert counts == (1, 0, 0, 1)
+            return delta(start, snapshot("gc"))
+
+        assert sleeping_counts(waiting) == (1, 0, 0, 1)
     finally:
         gc.callbacks.remove(LOOP_BUSY.gc_callback)
         if enabled:
