@@ -7,11 +7,12 @@ token accounting on) with K keys. The key snapshot is frozen by the load (`gc.fr
 request from every key (what each client's first request leaves: plans, known (address, key) pairs,
 counter ids, window states ...), counted as the objects the collector tracks (`gc.get_objects()`, the
 frozen ones excluded). Then N requests round-robin over the K keys with every collection timed (a
-`gc.callbacks` hook, as the server's LOOP_BUSY.gc_callback), with the server's maintenance tick's
-collector upkeep (`Engine.maintain`, see docs/operations.md) run every `--tick` requests.
+`gc.callbacks` hook, as the server's LOOP_BUSY.gc_callback), with the server's collector task's look
+(`Engine.collector_upkeep`, see docs/operations.md) every `--look` requests (250: its SETTLE_EVERY of
+0.25 s at 1,000 requests/s) and its maintenance tick (`Engine.maintain`) every `--tick` requests.
 
     .venv/bin/python benchmarks/bench_gc.py [--keys 10000 100000] [--requests 200000] [--tick 5000]
-    [--no-tick: the collector as before the upkeep, for comparison]
+    [--look 250] [--no-tick: the collector as before the upkeep, for comparison]
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def time_collections(repeat: int = 5) -> dict[int, float]:
     return out
 
 
-def run(keys: int, requests: int, tick: int | None, window: int = 64) -> None:
+def run(keys: int, requests: int, tick: int | None, window: int = 64, look: int | None = None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="nexus-bench-gc-"))
     try:
         # a fresh process's stream: every client's first request among it (the per-client state is made
@@ -86,6 +87,9 @@ def run(keys: int, requests: int, tick: int | None, window: int = 64) -> None:
                 receive(raws[i % keys].replace(PLACEHOLDER_B, rid.encode()))
                 if i >= window:
                     engine.account(f"{i - window:036d}", usage)
+                if tick is not None and look and i % look == look - 1:
+                    engine._settle_at = 0.0  # SETTLE_EVERY has passed: the collector task looks
+                    engine.collector_upkeep()
                 if tick is not None and i % tick == tick - 1:
                     engine._settle_at = 0.0  # a second has passed: the next maintain looks
                     engine.maintain()
@@ -98,7 +102,7 @@ def run(keys: int, requests: int, tick: int | None, window: int = 64) -> None:
         worst = {g: max(by_gen[g], default=0.0) * 1e6 for g in (0, 1, 2)}
         over = sum(1 for _, p in pauses if p > 200e-6)
         later = [p for (_, p), i in zip(pauses, at, strict=True) if i >= keys]
-        mode = f"a tick every {tick:,} requests" if tick else "no tick"
+        mode = f"a tick every {tick:,} requests, a look every {look or 0:,}" if tick else "no tick"
         print(
             f"{keys:>7,} keys, {requests:,} requests round-robin, {mode} ({requests / elapsed:,.0f}/s): "
             f"collections gen0/1/2 {len(by_gen[0])} / {len(by_gen[1])} / {len(by_gen[2])}, longest "
@@ -149,13 +153,14 @@ def main() -> None:
     parser.add_argument("--keys", type=int, nargs="+", default=[10_000])
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--tick", type=int, default=5_000, help="requests between two maintenance ticks")
+    parser.add_argument("--look", type=int, default=250, help="requests between two collector looks")
     parser.add_argument("--no-tick", action="store_true")
     parser.add_argument("--thresholds", type=int, nargs=3, help="gc.set_threshold for the run")
     args = parser.parse_args()
     if args.thresholds:
         gc.set_threshold(*args.thresholds)
     for keys in args.keys:
-        run(keys, args.requests, None if args.no_tick else args.tick)
+        run(keys, args.requests, None if args.no_tick else args.tick, look=args.look)
         gc.unfreeze()
         gc.collect()
 

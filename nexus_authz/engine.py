@@ -420,15 +420,21 @@ class Engine:
         drained counters (the next `sweep` ids of each store). True: more may be due (server.py does it in
         steps, a slice of the event loop at a time)."""
         now = self.clock()
-        if now >= self._settle_at:  # per-client state off the collector's full passes (gcupkeep)
-            self._settle_at = now + SETTLE_EVERY
-            settle()
+        self.collector_upkeep(now)
         expired = self.book.expire(now, expire)
         if expired:
             self._apply(expired, now)
         self.counters.sweep(now, sweep)
         self.failures.sweep(now, sweep)
         return expire is not None and len(expired) >= expire
+
+    def collector_upkeep(self, now: float | None = None) -> bool:
+        """gcupkeep.settle, at most once per SETTLE_EVERY s (the collector task, `maintain`). True: froze."""
+        now = self.clock() if now is None else now
+        if now < self._settle_at:
+            return False
+        self._settle_at = now + SETTLE_EVERY
+        return settle()
 
     def count(self, reason: Reason) -> None:
         self.decisions[reason] += 1

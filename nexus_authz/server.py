@@ -39,7 +39,8 @@ from nexus_authz.adapters import als_h2, envoy_als, envoy_rls, http_authz
 from nexus_authz.app import GRPC_SERVICES, StartupError, Validated, validate
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.engine import Engine
-from nexus_authz.latency import LOOP_BUSY, sliced
+from nexus_authz.gcupkeep import SETTLE_EVERY
+from nexus_authz.latency import LOOP_BUSY, Slice, sliced
 from nexus_authz.metrics import RlsCollector, make_registry, render_sliced
 from nexus_authz.runtime_keys import RuntimeKeys
 from nexus_authz.settings import Settings
@@ -209,6 +210,7 @@ class Server:
         self.tasks.append(asyncio.create_task(self._reload_loop(), name="key-reload"))
         self.tasks.append(asyncio.create_task(self._idle_loop(), name="idle-sweep"))
         self.tasks.append(asyncio.create_task(self._maintenance_loop(), name="maintenance"))
+        self.tasks.append(asyncio.create_task(self._collector_loop(), name="collector"))
 
     async def _start_grpc(self, address: str) -> None:
         built = app.grpc_server(self.settings, self.engine, address, ratelimit=self.ratelimit, als=self.als)
@@ -267,6 +269,18 @@ class Server:
                 await sliced(_maintenance_steps(self.engine), "maintenance")
             except Exception:
                 log.exception("maintenance failed")
+
+    async def _collector_loop(self) -> None:
+        """gcupkeep's look, every SETTLE_EVERY seconds: each freeze then walks a quarter second's new
+        clients, not a second's (a loop slice of the "maintenance" source)."""
+        while True:
+            await asyncio.sleep(SETTLE_EVERY)
+            timer = Slice("maintenance")
+            try:
+                self.engine.collector_upkeep()
+            except Exception:
+                log.exception("collector upkeep failed")
+            timer.end()
 
     async def _idle_loop(self) -> None:
         loop = asyncio.get_running_loop()

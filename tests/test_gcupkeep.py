@@ -7,16 +7,20 @@ timings: where the objects are (gc.get_objects by generation, gc.get_freeze_coun
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import time
 import tracemalloc
 import weakref
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from nexus_authz import engine as engine_module
 from nexus_authz import gcupkeep, native
+from nexus_authz import server as server_module
 from nexus_authz.adapters.http_authz import HttpApp
 from nexus_authz.core import fastpath
 from nexus_authz.core.known import KnownKeys
@@ -216,3 +220,50 @@ def test_memory_flat_over_reloads_and_plan_evictions(tmp_path: Path, monkeypatch
     _, unfrozen_traced = _rounds(tmp_path / "off")
     growth, reference = traced[-1] - traced[2], unfrozen_traced[-1] - unfrozen_traced[2]
     assert growth < reference + 32 * 1024, (traced, unfrozen_traced)
+
+
+def test_the_collector_looks_at_most_once_per_settle_every(tmp_path: Path) -> None:
+    stack = Stack(tmp_path, _specs(1))
+    stack.tick()  # what the load and the first look left
+    engine = stack.engine
+    first = [[i] for i in range(gcupkeep.SETTLE_AT)]
+    gc.collect(1)
+    assert not engine.collector_upkeep()  # the tick looked at this instant: not before SETTLE_EVERY
+    assert _in_generations(first) == len(first)
+    stack.now += gcupkeep.SETTLE_EVERY
+    assert engine.collector_upkeep()
+    assert _in_generations(first) == 0
+    second = [[i] for i in range(gcupkeep.SETTLE_AT)]
+    gc.collect(1)
+    stack.now += gcupkeep.SETTLE_EVERY / 2
+    assert not engine.collector_upkeep()
+    assert _in_generations(second) == len(second)
+    stack.now += gcupkeep.SETTLE_EVERY / 2
+    assert engine.collector_upkeep()
+    assert _in_generations(second) == 0
+
+
+def test_the_server_looks_more_often_than_its_maintenance_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's collector task calls the engine's look every SETTLE_EVERY (here 10 ms), on its own:
+    the maintenance loop's first pass is a second after the start."""
+    monkeypatch.setattr(server_module, "SETTLE_EVERY", 0.01)
+    engine = Engine.from_settings(load_settings(str(write_config(tmp_path, *_specs(1), extra=EXTRA))))
+    settings = replace(engine.settings, http_socket=None, http_tcp=None, grpc=None, api=None, admin=None)
+    looks: list[float] = []
+    monkeypatch.setattr(Engine, "collector_upkeep", lambda self: looks.append(time.monotonic()) or False)
+    maintained: list[float] = []
+    monkeypatch.setattr(Engine, "maintain", lambda *a, **k: maintained.append(time.monotonic()) or False)
+
+    async def main() -> None:
+        server = server_module.Server(settings, engine)
+        await server.start()
+        try:
+            await asyncio.sleep(0.3)
+        finally:
+            await server.drain()
+
+    asyncio.run(main())
+    assert len(looks) >= 3
+    assert not maintained
