@@ -56,6 +56,12 @@ from nexus_authz.engine import Engine  # noqa: E402
 from nexus_authz.settings import load_settings  # noqa: E402
 
 FIXTURES = REPO / "benchmarks" / "fixtures"
+# an OpenAI rate-limit refusal, as its API sends it with a 429
+PROVIDER_ERROR = (
+    b'{"error":{"message":"Rate limit reached for gpt-4o-mini in organization org-bench on requests per '
+    b'min (RPM): Limit 500, Used 500, Requested 1. Please try again in 120ms.","type":"requests",'
+    b'"param":null,"code":"rate_limit_exceeded"}}'
+)
 
 
 class Sink:
@@ -507,6 +513,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     results["ALS message of 20 SSE entries (stream_access_logs, serialized), per entry"] = batches(
         nb, als_messages(serialized(sse_entries), n)
+    )
+    # the entries the compiled loop hands back to Python: a provider's error (a 429 with its JSON error
+    # body, no usage record: what every response costs during a provider incident, or for a tenant whose
+    # requests the provider refuses), and a response without the Lua tap's record (a client gone before
+    # the response ended; a proxy without the tap)
+    error_entries, bare_entries = [], []
+    for entry in entries:
+        error = type(template)()
+        error.CopyFrom(entry)
+        error.response.response_code.value = 429
+        record = error.common_properties.metadata.filter_metadata[envoy_als.METADATA_NAMESPACE]
+        record.fields["u"].struct_value.fields["b"].string_value = base64.b64encode(PROVIDER_ERROR).decode()
+        error_entries.append(error)
+        bare = type(template)()
+        bare.CopyFrom(entry)
+        del bare.common_properties.metadata.filter_metadata[envoy_als.METADATA_NAMESPACE]
+        bare_entries.append(bare)
+    results["ALS message of 20 provider-error entries (429, no usage record), per entry"] = batches(
+        nb, als_messages(serialized(error_entries), n)
+    )
+    results["ALS message of 20 entries without the Lua tap's record, per entry"] = batches(
+        nb, als_messages(serialized(bare_entries), n)
     )
     if als_fast.RUN is not None:  # the same messages with the compiled loop off: Python per entry
         run, als_fast.RUN = als_fast.RUN, None
