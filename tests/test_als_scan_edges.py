@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from nexus_authz import native
 from nexus_authz.adapters import als_fast
+from nexus_authz.core.usage import StreamUsage
 
 # _compiled: test_als_fast's autouse fixture (skip under NEXUS_AUTHZ_PURE, fail if the scans did not build)
 from tests.adapters.test_als_fast import _compiled, entry_with  # noqa: F401
@@ -162,6 +163,68 @@ def test_any_mix_of_special_and_plain_bytes_validates_as_json_loads(
     parts: list[bytes], before: int, after: int
 ) -> None:
     _check_value(b"".join(parts), before, after)
+
+
+# -- what a whole body is: a usage record, an error, neither -----------------------------------------------
+
+MEMBERS = [
+    b'"error": {"message": "Rate limit reached", "code": 429}',
+    b'"error": {}',
+    b'"error": "overloaded"',
+    b'"error": null',
+    b'"error": [{"m": 1}]',
+    b'"type": "error"',
+    b'"type": "message"',
+    b'"type": "\\u0065rror"',
+    b'"type": ["error"]',
+    b'"\\u0065rror": {"m": 1}',
+    b'"usage": {"prompt_tokens": 5, "completion_tokens": 3}',
+    b'"usage": null',
+    b'"model": "gpt-4o-mini"',
+    b'"status": "failed"',
+    b'"id": "x"',
+]
+
+
+def pure_kind(body: bytes) -> str | None:
+    """What core/usage.StreamUsage reads of a whole JSON body: "error" (Usage(source="none") of an error
+    document: its "error" an object or its "type" "error"), "failed" (the same for another reason, a
+    Responses "status": "failed"), "usage" (a provider record), else None."""
+    parser = StreamUsage(content_type="application/json")
+    parser.feed(body)
+    usage = parser.finish()
+    if usage.source == "provider":
+        return "usage"
+    if usage.source == "none" and parser.saw_error:
+        document = json.loads(body)
+        error = isinstance(document.get("error"), dict) or document.get("type") == "error"
+        return "error" if error else "failed"
+    return None
+
+
+@fuzz_settings(1500, deadline=None)
+@given(
+    members=st.lists(st.sampled_from(MEMBERS), min_size=1, max_size=5),
+    before=st.sampled_from([b"", b" ", b"\n\t"]),
+    after=st.sampled_from([b"", b"  ", b"\n", b" x", b"}"]),
+)
+def test_an_error_document_is_found_as_the_pure_parser_finds_it(
+    members: list[bytes], before: bytes, after: bytes
+) -> None:
+    """native/_usage.pyx `_document` (the compiled loop settles an error document as Usage(source="none"))
+    against StreamUsage on the same body: repeated keys (json.loads keeps the last), an error next to a
+    usage record, an "error" that is not an object, a "type" or a key with escapes (the pure path decides),
+    extra data after the document. Every "error" it finds is the pure parser's; without escapes, it finds
+    each one the pure parser finds, and every usage record usage_span finds."""
+    body = before + b"{" + b", ".join(members) + b"}" + after
+    assert native.usage is not None
+    found = native.usage.document_kind(body)
+    pure = pure_kind(body)
+    if found is not None:
+        assert found == pure, body
+    if b"\\" not in body and pure in ("error", "usage"):
+        assert found == pure, body
+    assert (found == "usage") == (native.usage.usage_span(body) is not None), body
 
 
 # -- base64 -------------------------------------------------------------------------------------------------

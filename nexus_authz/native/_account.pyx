@@ -9,6 +9,8 @@ with `accounting.charge_fields`, `ReservationBook.settle_parts`, `Decider.adjust
 `accounting.count_tokens_used` and `SQLiteLedger.record_usage`'s update of an existing pending row written
 into it, in the same order, so a common entry runs no Python frame from the ALS handler to the memory
 store's (compiled) adjust. Those functions stay the reference; each step says which one it mirrors.
+`account_c(..., none=True, at_least=...)` is the same for `Usage(source="none")` (an error document, a
+JSON response without the Lua tap's record: native/_usage.pyx `_common`), with its keep_estimate.
 
 It returns False, before any state is changed, for what it does not take: the Python `Engine.account`
 then runs (an engine of another class; no reservation in the book: expired, retired, duplicate or unadmitted; a usage that is not the
@@ -173,6 +175,7 @@ cdef dict _TOKEN_KEYS = _accounting._TOKEN_KEYS
 cdef Py_ssize_t _TOKEN_KEYS_MAX = _accounting._TOKEN_KEYS_MAX
 cdef str _PROVIDER = "provider"
 cdef str _REPORTED = "reported"
+cdef str _NONE = "none"  # an error response's usage source and ledger source (accounting.charge_fields)
 cdef str _ACCESS_LOG = "access_log"
 
 cdef class _Tally:
@@ -290,20 +293,21 @@ cdef object _last_key = None  # the last ledger row key built: the next entry of
 cdef double _last_minute = -1.0
 
 
-cdef object _ledger_key(object key_id, object tenant, object model, object now, object rule):
-    """aggregate.key_of's (key_id, tenant, model, minute, "reported", rule), the last one reused when equal."""
+cdef object _ledger_key(object key_id, object tenant, object model, object now, str source, object rule):
+    """aggregate.key_of's (key_id, tenant, model, minute, source, rule), the last one reused when equal."""
     global _last_key, _last_minute
     cdef double ts, minute
     cdef tuple last
     if type(now) is not float or not now >= 0.0:
-        return (key_id, tenant, model, int(now - now % 60), _REPORTED, rule)
+        return (key_id, tenant, model, int(now - now % 60), source, rule)
     ts = now
     minute = ts - fmod(ts, 60.0)  # a float's % 60 for ts >= 0
     if _last_key is not None and minute == _last_minute:
         last = _last_key
-        if last[0] == key_id and last[1] == tenant and last[2] == model and last[5] == rule:
+        if (last[0] == key_id and last[1] == tenant and last[2] == model and last[4] is source
+                and last[5] == rule):
             return last
-    _last_key = (key_id, tenant, model, int(minute), _REPORTED, rule)
+    _last_key = (key_id, tenant, model, int(minute), source, rule)
     _last_minute = minute
     return _last_key
 
@@ -416,12 +420,19 @@ def account_counts(object engine, str request_id, object prompt, object cached, 
 
 cdef int account_c(object engine, str request_id, long long prompt, long long cached, long long completion,
                    long long reasoning, object response_model, model_of_t model_of,
-                   const unsigned char* body, Py_ssize_t body_n) except -1:
+                   const unsigned char* body, Py_ssize_t body_n, bint none=False,
+                   bint at_least=False) except -1:
     """`account_counts` with C counts (each in [0, 2**53)); the response's model is `response_model`, or
     when `model_of` is given, `model_of(body, body_n)` (core/usage_records.document_model of the body),
     read only when the reservation names no model (the only case Engine.account uses it). 1 taken, 0 not
-    (nothing changed)."""
+    (nothing changed).
+
+    `none`: instead, Engine.account of `Usage(source="none")` (a response without usage: an error, or
+    nothing read of it), which charge_fields charges accounting.error_charge_tokens of prompt (the counts
+    given are ignored), under the source "none"; `at_least`: its keep_estimate (settle_parts keeps the
+    larger of each reserved cost and the charge)."""
     cdef object book
+    cdef str source
     cdef object context, entry, prices, priced, price, decider, local, ledger
     cdef object counter_ids, specs, costs, spec, kind, delta, rule, key, row, deltas
     cdef object entries
@@ -436,6 +447,10 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
         _bind()
     if type(engine) is not Engine or not request_id:
         return 0
+    if none:  # charge_fields of source "none": error_charge_tokens of prompt, nothing else
+        if not _count_of(engine.settings.accounting.error_charge_tokens, &prompt):
+            return 0
+        cached = completion = reasoning = 0
     if not (0 <= prompt < MAX_COUNT and 0 <= cached < MAX_COUNT and 0 <= completion < MAX_COUNT
             and 0 <= reasoning < MAX_COUNT):
         return 0
@@ -510,7 +525,8 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
     tenant = c_tenant or ""
     model = model or "unknown"
     # -- from here on, state changes (Engine.account's order) --
-    _incr(_at(engine, ENGINE_ACCOUNTED), _PROVIDER)
+    source = _NONE if none else _REPORTED  # the ledger's (accounting.ledger_source)
+    _incr(_at(engine, ENGINE_ACCOUNTED), _NONE if none else _PROVIDER)
     if priced_any and not _at(priced, PRICED_MATCHED):  # PriceTable.charge counts an unpriced model
         prices._count(_at(priced, PRICED_OUTCOME))
     clock = _at(engine, ENGINE_CLOCK)
@@ -558,6 +574,8 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
                         slot_released = True
                 else:
                     delta_c[i] = (tokens if kind is _TOKENS else cost) - r
+                    if at_least and delta_c[i] < 0:  # the reserved estimate stays charged
+                        delta_c[i] = 0
         # Decider.adjust: the memory store's compiled adjust with the C deltas, else with their tuple
         adjust = _at(local, LOCAL_ADJUST_SOON)
         if (c_deltas and PyMethod_Check(adjust) and PyMethod_GET_FUNCTION(adjust) == <PyObject*>_ADJUST
@@ -577,6 +595,8 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
                             slot_released = True
                     else:
                         delta = _minus(tokens if kind is _TOKENS else cost, costs[i])
+                        if at_least and delta < 0:
+                            delta = _ZERO
                 Py_INCREF(delta)
                 PyTuple_SET_ITEM(deltas, i, delta)
             adjust(counter_ids, specs, deltas, now, charged_at)
@@ -607,12 +627,12 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
         if type(ledger) is SQLiteLedger:
             attrs = PyObject_GenericGetDict(ledger, NULL) if _LEDGER_DICT else None
             if not _attribute(ledger, attrs, _CLOSED):
-                key = _ledger_key(key_id, tenant, model, now, rule)
+                key = _ledger_key(key_id, tenant, model, now, source, rule)
                 pending = _attribute(ledger, attrs, _PENDING)
                 row = pending.get(key)
         if row is None:
             ledger.record_usage(
-                key_id, tenant, model, now, prompt, cached, completion, reasoning, cost, _REPORTED, rule
+                key_id, tenant, model, now, prompt, cached, completion, reasoning, cost, source, rule
             )
         else:
             _row_add(row, 0, 1)

@@ -28,7 +28,10 @@ the pure path's rules, never a second source of truth.
 - `account_run(items, ...)`: adapters/envoy_als.py `_account_batch`'s loop over `log_entries`' entries,
   the common entry (the record `usage_span` / `sse_usage_span` and `usage_counts` read, as
   adapters/als_fast.py takes it) accounted through native/_account.pyx `account_counts` with no Python
-  frame; every other entry handed back to the service's per-entry code before anything changed.
+  frame; so is a response without usage that core/usage.StreamUsage reads as `Usage(source="none")`:
+  a whole JSON error document (`document_kind`: its "error" an object or its "type" "error", a
+  provider's 4xx/5xx) and a JSON response the Lua tap left no record for (the client went away first);
+  every other entry handed back to the service's per-entry code before anything changed.
 
 The scans are bounded (linear in their input, no allocation but the results) and never raise on any input.
 """
@@ -42,7 +45,7 @@ from libc.string cimport memcmp, memcpy, strlen
 
 from cpython.object cimport PyObject
 
-from nexus_authz.native._account cimport _Tally, account_c
+from nexus_authz.native._account cimport _Tally, account_c, model_of_t
 
 
 cdef extern from "Python.h":
@@ -882,30 +885,47 @@ def usage_span(bytes body not None):
 
 cdef bint _usage_span(const unsigned char* s, Py_ssize_t n, Span* out) noexcept:
     """usage_span of s[:n] (out: the span); False for None."""
+    return _document(s, n, out) == DOC_USAGE
+
+
+cdef enum:
+    # what _document finds in a whole body
+    DOC_OTHER = 0  # the pure path decides (not one plain JSON object, no record, anything unusual)
+    DOC_USAGE = 1  # usage_span's record
+    DOC_ERROR = 2  # an error document: core/usage.py `_usage_from_document` reads no usage from it
+
+
+cdef int _document(const unsigned char* s, Py_ssize_t n, Span* out) noexcept:
+    """What the JSON document s[:n] is, when it is one valid JSON object with leading and trailing
+    whitespace at most and no top-level key holding an escape (json.loads keeping the last of repeated
+    keys): DOC_ERROR when core/usage.py `_usage_from_document` sees an error in it (its "error" member
+    an object, or its "type" the string "error"), else DOC_USAGE with `out` the span of its "usage"
+    object (usage_span); DOC_OTHER for anything else, or when the pure path must decide (a "type" string
+    with escapes, which might decode to "error")."""
     cdef Py_ssize_t i, key_start, key_end, v
     cdef Py_ssize_t usage_start = -1, usage_end = -1
-    cdef bint escaped = False, error_object = False, type_error = False
+    cdef bint escaped = False, error_object = False, type_error = False, type_escaped = False
     i = _ws(s, 0, n)
     if i >= n or s[i] != 123:
-        return False
+        return DOC_OTHER
     i = _ws(s, i + 1, n)
     if i < n and s[i] == 125:
-        return False  # {}: nothing to find
+        return DOC_OTHER  # {}: nothing to find
     while True:
         if i >= n or s[i] != 34:
-            return False
+            return DOC_OTHER
         key_start = i + 1
         i = _string(s, i, n, &escaped)
         if i < 0 or escaped:
-            return False
+            return DOC_OTHER
         key_end = i - 1
         i = _ws(s, i, n)
         if i >= n or s[i] != 58:
-            return False
+            return DOC_OTHER
         v = _ws(s, i + 1, n)
         i = _member(s, v, n, 1)
         if i < 0:
-            return False
+            return DOC_OTHER
         if key_end - key_start == 5 and memcmp(s + key_start, b"usage", 5) == 0:
             if s[v] == 123:
                 usage_start, usage_end = v, i
@@ -914,27 +934,35 @@ cdef bint _usage_span(const unsigned char* s, Py_ssize_t n, Span* out) noexcept:
         elif key_end - key_start == 5 and memcmp(s + key_start, b"error", 5) == 0:
             error_object = s[v] == 123  # obj["error"] is a dict: an error document
         elif key_end - key_start == 4 and memcmp(s + key_start, b"type", 4) == 0:
-            # "error" (or a string with escapes, which might decode to it): the pure path decides
-            type_error = s[v] == 34 and (
-                (i - v == 7 and memcmp(s + v, b'"error"', 7) == 0) or memchr_backslash(s, v, i)
-            )
+            # "error", or a string with escapes (which might decode to it: the pure path decides)
+            type_escaped = s[v] == 34 and memchr_backslash(s, v, i)
+            type_error = s[v] == 34 and i - v == 7 and memcmp(s + v, b'"error"', 7) == 0
         i = _ws(s, i, n)
         if i >= n:
-            return False
+            return DOC_OTHER
         if s[i] == 44:
             i = _ws(s, i + 1, n)
         elif s[i] == 125:
             i += 1
             break
         else:
-            return False
+            return DOC_OTHER
     if _ws(s, i, n) != n:
-        return False  # extra data after the document
-    if usage_start < 0 or error_object or type_error:
-        return False
+        return DOC_OTHER  # extra data after the document
+    if error_object or type_error:  # _usage_from_document's first test: before any usage record
+        return DOC_ERROR
+    if usage_start < 0 or type_escaped:
+        return DOC_OTHER
     out.start = usage_start
     out.end = usage_end
-    return True
+    return DOC_USAGE
+
+
+def document_kind(bytes body not None):
+    """_document of a whole body (tests): "usage", "error" or None."""
+    cdef Span span
+    cdef int kind = _document(<const unsigned char*>PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), &span)
+    return "usage" if kind == DOC_USAGE else "error" if kind == DOC_ERROR else None
 
 
 # -- a usage object's counts ---------------------------------------------------------------------------
@@ -1263,6 +1291,7 @@ def document_model(bytes body not None):
 cdef Py_ssize_t _max_body = -1  # core/usage.MAX_BODY_BYTES, read at the first call
 cdef str _BODY = "body"
 cdef str _SSE = "sse"
+cdef str _NONE = "none"
 
 
 # entries account_run took (tests: the common entries never reached the per-entry Python code)
@@ -1322,25 +1351,31 @@ cdef inline int _add_to(object service, Py_ssize_t offset, str name, Py_ssize_t 
     return 0
 
 
-cdef int _event_stream(object text) except -1:
-    """`"event-stream" in text.lower()` for a str, with no lowered copy when it is ASCII."""
+cdef int _has_word(object text, str word, const char* w, Py_ssize_t m) except -1:
+    """`word in text.lower()` for a str (`w`: the m ASCII lower-case bytes of `word`), with no lowered
+    copy when it is ASCII."""
     cdef const unsigned char* p
     cdef Py_ssize_t n, i, k
     cdef unsigned char c
     if not PyUnicode_IS_ASCII(text):
-        return "event-stream" in text.lower()
+        return word in text.lower()
     p = PyUnicode_1BYTE_DATA(text)
     n = PyUnicode_GET_LENGTH(text)
-    for i in range(n - 11):
-        for k in range(12):
+    for i in range(n - m + 1):
+        for k in range(m):
             c = p[i + k]
             if 65 <= c <= 90:
                 c += 32
-            if c != (<const unsigned char*>b"event-stream")[k]:
+            if c != (<const unsigned char*>w)[k]:
                 break
         else:
             return 1
     return 0
+
+
+cdef inline int _event_stream(object text) except -1:
+    """`"event-stream" in text.lower()` for a str."""
+    return _has_word(text, "event-stream", b"event-stream", 12)
 
 
 cdef int _identity(object text) except -1:
@@ -1404,6 +1439,19 @@ cdef int _common(tuple item, object service, object engine, Py_ssize_t* counted,
     cdef int shape
     if kind is None:
         return 0
+    if kind == _NONE:  # no record from the Lua tap (the client went away first; a kind it does not know)
+        content_type = item[1]
+        content_encoding = item[2]
+        # StreamUsage of nothing, as JSON: Usage(source="none"); the response did not end: keep_estimate
+        if (
+            item[5]
+            or not content_type
+            or not _has_word(content_type, "json", b"json", 4)
+            or _event_stream(content_type)
+            or (content_encoding and not _identity(content_encoding))
+        ):
+            return 0
+        return _settle(item, service, engine, counted, 0, 0, 0, 0, True, True, NULL, 0)
     if type(data) is int:  # log_entries(later=True): where its base64 is in raw
         span = _span_of(item)
         if not 0 <= span.start < span.end <= PyBytes_GET_SIZE(raw):
@@ -1434,7 +1482,10 @@ cdef int _common(tuple item, object service, object engine, Py_ssize_t* counted,
             or (content_type and _event_stream(content_type))
         ):
             return 0
-        if not _usage_span(s, n, &span):
+        shape = _document(s, n, &span)
+        if shape == DOC_ERROR:  # StreamUsage's Usage(source="none") of a whole response: no estimate kept
+            return _settle(item, service, engine, counted, 0, 0, 0, 0, True, False, s, n)
+        if shape != DOC_USAGE:
             return 0
         shape = _counts(s, span.start, span.end, c)
         if shape == 0:
@@ -1454,11 +1505,25 @@ cdef int _common(tuple item, object service, object engine, Py_ssize_t* counted,
     else:  # usage_records._anthropic_counts
         prompt = c[0] + c[1] + c[2]
         cached, completion, reasoning = c[1], c[3], 0
+    # the model of the body (document_model) read only when the reservation names none
+    return _settle(item, service, engine, counted, prompt, cached, completion, reasoning, False, False, s, n)
+
+
+cdef int _settle(tuple item, object service, object engine, Py_ssize_t* counted, long long prompt,
+                 long long cached, long long completion, long long reasoning, bint none, bint at_least,
+                 const unsigned char* s, Py_ssize_t n) except -1:
+    """`_common`'s settlement of its entry (native/_account.pyx `account_c`): a provider's counts, or with
+    `none` the Usage(source="none") of a response without usage (`at_least`: keep_estimate). The model
+    the body names (document_model of s[:n]), when it has one (s not NULL). 1 taken, 0 not."""
+    cdef model_of_t model_of = NULL
+    if s != NULL:
+        model_of = _model
     request_id = item[0]
     if type(request_id) is not str:
         return 0
-    try:  # the model of the body (document_model) read only when the reservation names none
-        taken_now = account_c(engine, <str>request_id, prompt, cached, completion, reasoning, None, _model, s, n)
+    try:
+        taken_now = account_c(engine, <str>request_id, prompt, cached, completion, reasoning, None,
+                              model_of, s, n, none, at_least)
     except BaseException:
         service.entries += 1  # _account_snippet counts the entry before its accounting raises
         raise

@@ -117,6 +117,16 @@ def _chat(usage: dict[str, Any], model: str | None = "gpt-4o-2024-08-06", pad: i
     return json.dumps(document | {"choices": [], "usage": usage}, ensure_ascii=False).encode()
 
 
+def _error(model: str | None = None, usage: dict[str, Any] | None = None) -> bytes:
+    """An OpenAI error document (a 429's), with a model and a usage record when given."""
+    document: dict[str, Any] = {"error": {"message": "Rate limit reached", "type": "requests", "code": "rl"}}
+    if model is not None:
+        document["model"] = model
+    if usage is not None:
+        document["usage"] = usage
+    return json.dumps(document, ensure_ascii=False).encode()
+
+
 CACHED = {
     "prompt_tokens": 1200,
     "completion_tokens": 30,
@@ -219,9 +229,38 @@ EXTRA: list[tuple[str, dict[str, Any] | None, str | None, str | None]] = [
         None,
         None,
     ),
+    # responses without usage the compiled loop settles as Usage(source="none"): an error document (its
+    # "error" an object, or its "type" "error": before any usage record; the last of repeated keys), and
+    # a JSON response without the Lua tap's record (keep_estimate)
+    ("taken-error-with-usage", body_meta(_error(usage={"prompt_tokens": 5})), "application/json", None),
+    ("taken-error-type", body_meta(b'{"type": "error", "message": "overloaded"}'), None, None),
+    ("taken-error-model-no-model", body_meta(_error(model="gpt-4o-\u00fc")), "application/json", None),
+    ("taken-error-last-wins", body_meta(b'{"error": 1, "type": "x", "error": {"m": 1}}'), None, None),
+    (
+        "taken-error-overridden",
+        body_meta(
+            b'{"error": {"m": 1}, "error": null, "usage": {"prompt_tokens": 3, "completion_tokens": 2}}'
+        ),
+        None,
+        None,
+    ),
+    ("back-error-type-escaped", body_meta(b'{"type": "\\u0065rror", "message": "x"}'), None, None),
+    ("back-error-key-escaped", body_meta(b'{"\\u0065rror": {"m": 1}}'), None, None),
+    ("back-error-not-an-object", body_meta(b'{"error": "overloaded"}'), None, None),
+    ("back-error-trailing", body_meta(_error() + b" x"), "application/json", None),
+    ("back-error-encoded", body_meta(_error()), "application/json", "gzip"),
+    ("taken-none-ctype-case", None, "Application/JSON; charset=utf-8", None),
+    ("taken-none-identity", None, "application/json", " identity"),
+    ("back-none-event-stream", None, "application/json+event-stream", None),
+    ("back-none-encoded", None, "application/json", "gzip"),
+    ("back-none-other-type", None, "text/plain", None),
 ]
 TAKEN = ["metered-1", "open-1", "metered-4", "open-4", "metered-5", "open-5", "metered-8", "open-8"]
 TAKEN += ["metered-9", "open-9", "metered-11", "open-11", "metered-split"]
+# the error fixtures (0: Anthropic's, 10: OpenAI's), and the JSON responses without a record of the tap
+# (an unknown kind, none at all) among _responses()' own
+TAKEN += [f"{key}-{i}" for i in (0, 10) for key in ("metered", "open")]
+TAKEN += [f"{key}-{len(list(FIXTURES.iterdir())) + i}" for i in (10, 11) for key in ("metered", "open")]
 
 
 def _index(name: str) -> int:
