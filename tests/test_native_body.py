@@ -375,3 +375,30 @@ def test_the_facts_cache_gives_the_references_object_for_each_shape_in_any_order
         got = compiled(data, estimate_prompt=False, precise=False)
         want = reference(data, estimate_prompt=False, precise=False)
         assert got == want and got is want, (i, shape)
+
+
+def test_a_string_reads_as_the_reference_with_a_special_byte_at_every_position_of_a_word() -> None:
+    """The string scan skips plain text 8 bytes at a time (native/_plain8.h): every byte value alone at
+    each position of runs of plain bytes (7, 8, 9 and 16 among them), in a prompt's text (at two offsets
+    of a word), the model's value and a key: the same facts as the reference, and the same refusals
+    (handed to it)."""
+    plain = b"ab~ /x0Z!#[:,\x7f"
+    valid = invalid = 0
+    for run in (*range(10), 15, 16, 17):
+        for at in range(run + 1):
+            for byte in range(256):
+                text = bytes(plain[(run + k) % len(plain)] for k in range(at)) + bytes([byte])
+                text += bytes(plain[(at + k) % len(plain)] for k in range(run - at))
+                for body in (
+                    b'{"messages":[{"role":"user","content":"' + text + b'"}],"model":"gpt-4o-mini"}',
+                    b'{"messages":[{"role":"user","content":"xyz' + text + b'"}],"max_tokens":5}',
+                    b'{"model":"gpt-' + text + b'","max_tokens":5}',
+                    b'{"' + text + b'":1,"model":"m"}',
+                ):
+                    assert_same(body)
+                    try:
+                        json.loads(body.decode("utf-8"))
+                        valid += 1
+                    except ValueError:
+                        invalid += 1
+    assert valid > 10_000 and invalid > 10_000  # both answers are exercised

@@ -19,6 +19,12 @@ from libc.math cimport ceil
 from libc.string cimport memcmp
 
 
+cdef extern from "_plain8.h":
+    unsigned int _plain8 "_nx_plain8"(const unsigned char* p) nogil  # plain string bytes at p, of 8
+
+cdef extern from "string.h":
+    void* memmem(const void* haystack, size_t n, const void* needle, size_t m) nogil  # GNU (pyconfig.h)
+
 cdef extern from "Python.h":
     bint PyUnicode_IS_ASCII(object o)
     void* PyUnicode_DATA(object o)
@@ -132,13 +138,21 @@ cdef inline Py_ssize_t utf8_len(const unsigned char* p, Py_ssize_t i, Py_ssize_t
 
 cdef int scan_string(Reader* r) noexcept nogil:
     """The string whose opening quote is at r.i (json's strict rules: no control character, the escapes
-    json knows, \\u and four hex digits). 0, or FAIL."""
+    json knows, \\u and four hex digits). 0, or FAIL. Runs of plain text are skipped 8 bytes at a time
+    (_plain8.h: a prompt's text is almost all plain), every other byte is checked one at a time."""
     cdef const unsigned char* p = r.p
     cdef Py_ssize_t i = r.i + 1, n = r.n, k
     cdef unsigned char c
     r.esc = False
     r.s_start = i
     while i < n:
+        while i + 8 <= n:  # plain text, a word at a time
+            k = _plain8(p + i)
+            i += k
+            if k < 8:
+                break
+        if i >= n:
+            break
         c = p[i]
         if PLAIN[c]:
             i += 1
@@ -457,6 +471,12 @@ def request_facts(body, *, bint estimate_prompt=True, bint precise=True, bint tr
     return facts_of(body, estimate_prompt, precise, truncated)
 
 
+cdef inline bint _blob_marker(const unsigned char* p, Py_ssize_t n) noexcept:
+    """core/body.py `_blob_spans`' `b"base64," in body or b'"data"' in body` (glibc's memmem: ~3x
+    faster than bytes' `in` on a prompt)."""
+    return memmem(p, n, b"base64,", 7) != NULL or memmem(p, n, b'"data"', 6) != NULL
+
+
 cdef object facts_of(object body, bint estimate_prompt, bint precise, bint truncated):
     """`request_facts` for a C caller (native/_fast.pyx): no keyword arguments to pass and parse."""
     cdef Reader r
@@ -488,7 +508,8 @@ cdef object facts_of(object body, bint estimate_prompt, bint precise, bint trunc
     if not estimate_prompt:
         prompt = 0
     else:
-        blobs = _blob_spans(body) if n > BLOB_MIN else None
+        # _blob_spans' own test (a blob marker in the body) first, in C: two searches of the whole body
+        blobs = _blob_spans(body) if n > BLOB_MIN and _blob_marker(r.p, n) else None
         if not precise and not blobs and not r.non_ascii:
             prompt = <long long>ceil(n * QUICK_TOKENS_PER_BYTE)
         else:
