@@ -56,6 +56,8 @@ from nexus_authz.engine import Engine  # noqa: E402
 from nexus_authz.settings import load_settings  # noqa: E402
 
 FIXTURES = REPO / "benchmarks" / "fixtures"
+# English prose, for prompts of any length (Fixtures.with_prompt)
+PROSE = b"The quick brown fox jumps over the lazy dog while the model reads a long context. "
 # an OpenAI rate-limit refusal, as its API sends it with a 429
 PROVIDER_ERROR = (
     b'{"error":{"message":"Rate limit reached for gpt-4o-mini in organization org-bench on requests per '
@@ -91,6 +93,20 @@ class Fixtures:
         line = next(x for x in head.split(b"\r\n") if x.lower().startswith(b"x-request-id:"))
         self.request_id = line.split(b":", 1)[1].strip().decode()
         self.meta = meta
+
+    def with_prompt(self, size: int) -> None:
+        """The recorded check with its message's text grown to `size` bytes of English (the headers'
+        content-length and x-nexus-content-length follow): what a longer prompt costs a check."""
+        head, body = self.check.split(b"\r\n\r\n", 1)
+        text = (PROSE * (size // len(PROSE) + 1))[:size]
+        new = body.replace(b'"Say hello."', b'"' + text + b'"', 1)
+        assert new != body, "the recorded body has changed: update with_prompt"
+        lines = head.split(b"\r\n")
+        for j, line in enumerate(lines):
+            name = line.split(b":", 1)[0].lower()
+            if name in (b"content-length", b"x-nexus-content-length"):
+                lines[j] = name + b": %d" % len(new)
+        self.check = b"\r\n".join(lines) + b"\r\n\r\n" + new
 
     def with_request_id(self, i: int) -> tuple[bytes, str]:
         rid = f"{i:08x}-0000-4000-8000-000000000000"

@@ -1,6 +1,7 @@
 """What one HTTP ext_authz check costs when the caches are cold, as at real request rates.
 
     .venv/bin/python benchmarks/bench_cold.py [--n 2000] [--sizes 0,65536,1048576,4194304] [--keys 1]
+        [--prompt-bytes N]
 
 In a hot in-process loop a check costs ~10-20 µs; through the real Envoy at 1,000 requests/s nexus-authz
 spends several times that, because between two requests Envoy, the load generator and the kernel run on
@@ -15,6 +16,8 @@ per check for each protocol the build has (the compiled lane, and the reference 
 the pure-Python decision) and each pause. `--keys N`: N keys round-robin, each seen once before the timed
 checks and each check's usage settled (as bench_envoy's 10,000-key scenario; bench_footprint.py --keys
 counts the same checks' cold lines), to set what a key's own state costs against one key's.
+`--prompt-bytes N`: the recorded message's text grown to N bytes of English (what a longer prompt costs:
+the compiled reading handles bodies up to core/body.py PARSE_BELOW, 16 KiB; larger ones the pure one).
 """
 
 from __future__ import annotations
@@ -49,12 +52,20 @@ def main(argv: list[str] | None = None) -> int:
         help="also a column where the thread sleeps this many ms between checks",
     )
     ap.add_argument("--keys", type=int, default=1, help="keys round-robin (each seen once before)")
+    ap.add_argument(
+        "--prompt-bytes",
+        type=int,
+        default=0,
+        help="the message's text grown to this many bytes (0: as recorded)",
+    )
     args = ap.parse_args(argv)
     if args.n < 1 or args.keys < 1:
         ap.error("--n and --keys must be at least 1")
     sizes = [int(s) for s in args.sizes.split(",")]
     tokens.warm_up()
     fx = bb.Fixtures()
+    if args.prompt_bytes:
+        fx.with_prompt(args.prompt_bytes)
     secrets = bb.key_secrets(fx, args.keys)
     engine = bb.build_engine(Path(tempfile.mkdtemp(prefix="nexus-cold-")), fx, secrets)
     done = bb.after_check(engine, args.keys)
