@@ -82,10 +82,15 @@ ECHO = (
     '{"error":{"message":"Incorrect API key provided: %s","code":"invalid_api_key"},'
     '"model":"gpt-4o","usage":{"prompt_tokens":2,"completion_tokens":3}}'
 )
+# a completion without a usage record, echoing the key: accounted by the Python per-entry path (its
+# completion counted), which records through the ledger's record_usage (an error document like ECHO is
+# settled by the compiled loop, which updates a pending ledger row in place)
+ECHO_COUNTED = '{"model":"gpt-4o","choices":[{"message":{"role":"assistant","content":"Your key: %s"}}]}'
 
 
-def _access_log(request_id: str) -> als_pb2.StreamAccessLogsMessage:
-    """An access-log entry whose logged request headers include the client's key headers."""
+def _access_log(request_id: str, echo: str = ECHO) -> als_pb2.StreamAccessLogsMessage:
+    """An access-log entry whose logged request headers include the client's key headers, its response
+    (`echo`) the key too."""
     message = als_pb2.StreamAccessLogsMessage()
     entry = message.http_logs.log_entry.add()
     entry.request.request_id = request_id
@@ -93,7 +98,7 @@ def _access_log(request_id: str) -> als_pb2.StreamAccessLogsMessage:
     headers.update({"x-nexus-key-id": "scanned", "x-nexus-tenant": "acme"})
     headers.update({"authorization": f"Bearer {KEY.secret}", "x-api-key": KEY.secret})
     entry.response.response_headers["content-type"] = "application/json"
-    body = (ECHO % KEY.secret).encode()
+    body = (echo % KEY.secret).encode()
     entry.common_properties.metadata.filter_metadata[METADATA_NAMESPACE].update(
         {"u": {"k": "body", "b": base64.b64encode(body).decode()}}
     )
@@ -260,7 +265,7 @@ def test_no_secret_anywhere(tmp_path: Path, debug_log: io.StringIO) -> None:
                 # (the engine records through record_usage; record is the same entry point for a record)
                 ledger.record = ledger.record_usage = broken_record  # type: ignore[method-assign]
                 try:
-                    await als(iter([_access_log("req-3")]))
+                    await als(iter([_access_log("req-3", ECHO_COUNTED)]))
                 finally:
                     del ledger.record, ledger.record_usage
                 process = channel.stream_stream(
