@@ -73,11 +73,12 @@ class _Clock:
         return self.now
 
 
-def _engine(tmp_path: Path, ledger: str = "memory") -> tuple[Engine, _Clock]:
+def _engine(tmp_path: Path, ledger: str = "memory", error_tokens: int = 0) -> tuple[Engine, _Clock]:
     tmp_path.mkdir()
     clock = _Clock()
     backend = "memory" if ledger == "memory" else f"sqlite, path: {tmp_path / 'usage.sqlite3'}"
-    path = write_config(tmp_path, METERED, OPEN, WIDE, extra=CONFIG.replace("LEDGER", backend))
+    extra = CONFIG.replace("LEDGER", backend) + f"accounting: {{error_charge_tokens: {error_tokens}}}\n"
+    path = write_config(tmp_path, METERED, OPEN, WIDE, extra=extra)
     return Engine.from_settings(load_settings(str(path)), clock=clock), clock
 
 
@@ -384,8 +385,10 @@ class _Context:
         return next(self._messages, grpc.aio.EOF)
 
 
-def _run(tmp_path: Path, *, compiled: bool, ledger: str = "memory") -> tuple[dict[str, Any], int]:
-    engine, clock = _engine(tmp_path, ledger)
+def _run(
+    tmp_path: Path, *, compiled: bool, ledger: str = "memory", error_tokens: int = 0
+) -> tuple[dict[str, Any], int]:
+    engine, clock = _engine(tmp_path, ledger, error_tokens)
     messages, admit, expire = _batches()
     for key, rid in admit:  # late ones first: their reservations expire before their entries arrive
         if rid in expire:
@@ -421,10 +424,16 @@ def _run(tmp_path: Path, *, compiled: bool, ledger: str = "memory") -> tuple[dic
     return state, service.by_protobuf
 
 
-@pytest.mark.parametrize("ledger", ["memory", "sqlite"])
+@pytest.mark.parametrize(
+    ("ledger", "error_tokens"),
+    [("memory", 0), ("sqlite", 0), ("memory", 7)],
+    ids=["memory", "sqlite", "charged"],
+)
 def test_the_compiled_message_scan_accounts_as_the_reference_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ledger: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ledger: str, error_tokens: int
 ) -> None:
+    """`error_tokens`: accounting.error_charge_tokens, what a response without usage charges (priced, in
+    the token metrics and the limits: the compiled settlement of Usage(source="none") charges it too)."""
     if native.usage is None or native.account is None:
         pytest.skip("the compiled scans are not loaded (NEXUS_AUTHZ_PURE, or not built)")
     accounted: list[str] = []  # the request ids the Python Engine.account settled
@@ -444,14 +453,16 @@ def test_the_compiled_message_scan_accounts_as_the_reference_path(
 
     monkeypatch.setattr(AccessLogService, "_account_scanned", scanned)
     taken, looped = native.account.taken[0], native.usage.taken[0]
-    fast, unusual = _run(tmp_path / "compiled", compiled=True, ledger=ledger)
+    fast, unusual = _run(tmp_path / "compiled", compiled=True, ledger=ledger, error_tokens=error_tokens)
     taken = native.account.taken[0] - taken  # entries the compiled accounting step took
     looped = native.usage.taken[0] - looped  # of which the compiled loop over the message
     by_python = list(accounted)
     accounted.clear()
     monkeypatch.setattr(als_fast, "SCAN", None)
     monkeypatch.setattr(als_fast, "ACCOUNT", None)
-    reference, all_entries = _run(tmp_path / "reference", compiled=False, ledger=ledger)
+    reference, all_entries = _run(
+        tmp_path / "reference", compiled=False, ledger=ledger, error_tokens=error_tokens
+    )
     assert fast == reference
     # the common entries went from the scan to the settled reservation without the per-entry Python code
     # (none of the loop's entries reached _account_scanned), every other one for each of its reasons did
@@ -488,6 +499,9 @@ def test_the_compiled_message_scan_accounts_as_the_reference_path(
     assert reference["service"][2] == 1  # the entry without x-nexus-key-id
     assert reference["accounted"]["unmatched"] == 1
     assert {row.source for row in reference["ledger"]} >= {"reported", "counted", "estimated", "none"}
+    # responses without usage (errors, no record of the tap) charge error_charge_tokens of prompt each
+    unused = [row for row in reference["ledger"] if row.source == "none"]
+    assert unused and all(row.prompt_tokens == error_tokens * row.requests for row in unused)
 
 
 def test_a_malformed_message_fails_the_stream_as_protobuf_did(tmp_path: Path) -> None:
