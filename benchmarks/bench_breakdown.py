@@ -534,7 +534,15 @@ def main(argv: list[str] | None = None) -> int:
     # body, no usage record: what every response costs during a provider incident, or for a tenant whose
     # requests the provider refuses), and a response without the Lua tap's record (a client gone before
     # the response ended; a proxy without the tap)
-    error_entries, bare_entries = [], []
+    error_entries, bare_entries, uncounted_entries = [], [], []
+    no_usage = (REPO / "tests" / "fixtures" / "usage" / "openai_chat_stream_no_usage.sse").read_bytes()
+    for entry in sse_entries:  # a stream without a usage chunk (no stream_options.include_usage)
+        uncounted = type(template)()
+        uncounted.CopyFrom(entry)
+        record = uncounted.common_properties.metadata.filter_metadata[envoy_als.METADATA_NAMESPACE]
+        record.fields["u"].struct_value.fields["k"].string_value = "body"
+        record.fields["u"].struct_value.fields["b"].string_value = base64.b64encode(no_usage).decode()
+        uncounted_entries.append(uncounted)
     for entry in entries:
         error = type(template)()
         error.CopyFrom(entry)
@@ -551,6 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     results["ALS message of 20 entries without the Lua tap's record, per entry"] = batches(
         nb, als_messages(serialized(bare_entries), n)
+    )
+    results["ALS message of 20 streams without a usage chunk (completion counted), per entry"] = batches(
+        nb, als_messages(serialized(uncounted_entries), n)
     )
     if als_fast.RUN is not None:  # the same messages with the compiled loop off: Python per entry
         run, als_fast.RUN = als_fast.RUN, None
