@@ -5,8 +5,9 @@ Prints, per corpus category (English prose, code, CJK, JSON; files under benchma
   * the estimate's error against the exact count: mean and worst |relative error| over segments of
     ~300-700 bytes, and the error on the whole file;
 then the request-side costs (request_facts µs and its prompt estimate against count_chat_prompt), the
-response-side costs (StreamUsage µs per response and per chunk), and exact-count latency by size (for
-the executor threshold).
+response-side costs (StreamUsage µs per response and per chunk), exact-count latency by size (for
+the executor threshold), and how much of the interpreter a count in a worker thread leaves the event
+loop's thread (the GIL the count holds).
 
 Run: .venv/bin/python benchmarks/bench_tokenizer.py   (about 25 s; --quick: about 10 s)
 CPU only, no network. Timings are medians of 5 rounds; the machine is shared, so compare runs made
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -279,6 +281,39 @@ def latency_section() -> None:
     table(["text", "exact µs", "estimate µs"], rows)
 
 
+def _spins(until: Callable[[], bool]) -> int:
+    """Iterations of a pure-Python loop (an event loop's stand-in) until `until()`."""
+    n = 0
+    while not until():
+        n += 1
+    return n
+
+
+def gil_section() -> None:
+    """How much of the interpreter a count in a worker thread leaves the event loop's thread: the loop's
+    iterations while the thread counts, against its iterations alone for as long (100%: the count holds
+    no GIL; Engine.account_response counts a text over EXECUTOR_THRESHOLD_CHARS in a thread so that the
+    loop goes on)."""
+    print("## The event loop's share of the interpreter while a worker thread counts exactly")
+    text = (CORPUS / "english.txt").read_text(encoding="utf-8")
+    rows: list[list[object]] = []
+    for size in (65536, 1 << 20):
+        sample = (text * (size // len(text) + 1))[:size]
+        shares = []
+        for _ in range(3):
+            worker = threading.Thread(target=count_tokens, args=(sample,))
+            t0 = time.perf_counter()
+            worker.start()
+            during = _spins(lambda: not worker.is_alive())  # noqa: B023
+            took = time.perf_counter() - t0
+            worker.join()
+            t1 = time.perf_counter()
+            alone = _spins(lambda: time.perf_counter() - t1 >= took)  # noqa: B023
+            shares.append(during / max(1, alone))
+        rows.append([f"{size} chars", f"{took * 1e3:.1f}", f"{statistics.median(shares):.0%}"])
+    table(["text", "count ms (in the thread)", "loop's share meanwhile"], rows)
+
+
 def main() -> None:
     start = time.perf_counter()
     t0 = time.perf_counter()
@@ -288,6 +323,7 @@ def main() -> None:
     request_section()
     stream_section()
     latency_section()
+    gil_section()
     print(f"total {time.perf_counter() - start:.1f} s")
 
 
