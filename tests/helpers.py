@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,3 +132,23 @@ def protobuf_varint(n: int) -> bytes:
 def protobuf_len_field(number: int, payload: bytes) -> bytes:
     """A length-delimited protobuf field (tag, length, payload), by hand."""
     return protobuf_varint((number << 3) | 2) + protobuf_varint(len(payload)) + payload
+
+
+# -- JSON string text at the edges of the compiled scans' word-at-a-time paths (native/_plain8.h) --------
+
+# plain string text (no ']' or '}': a string's text can never close what holds it)
+PLAIN_TEXT = b"ab~ /x0Z!#[:,\x7f"
+
+
+def plain(n: int, shift: int = 0) -> bytes:
+    """`n` bytes of plain string text, starting `shift` bytes into PLAIN_TEXT."""
+    return bytes(PLAIN_TEXT[(shift + k) % len(PLAIN_TEXT)] for k in range(n))
+
+
+def json_valid(body: bytes) -> bool:
+    """What the compiled readers must accept: json.loads (strict) of the strict UTF-8 decode."""
+    try:
+        json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return True

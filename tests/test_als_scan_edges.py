@@ -22,21 +22,11 @@ from nexus_authz.core.usage import StreamUsage
 # _compiled: test_als_fast's autouse fixture (skip under NEXUS_AUTHZ_PURE, fail if the scans did not build)
 from tests.adapters.test_als_fast import _compiled, entry_with  # noqa: F401
 from tests.fuzz._support import fuzz_settings
+from tests.helpers import PLAIN_TEXT, json_valid, plain
 from tests.helpers import protobuf_len_field as _field
 from tests.helpers import protobuf_varint as _varint
 
-
-def json_valid(body: bytes) -> bool:
-    """What the scans must accept: json.loads (strict) of the strict UTF-8 decode."""
-    try:
-        json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return False
-    return True
-
-
-# plain string text (no ']' or '}': a string's text can never close what holds it) and every other kind
-PLAIN = b"ab~ /x0Z!#[:,\x7f"
+# every kind of string byte other than plain text (tests.helpers.PLAIN_TEXT)
 SPECIALS = [
     b'"',
     b"\\",
@@ -79,10 +69,6 @@ SPECIALS = [
     b"\xf5\x80\x80\x80",
     b"\xff",
 ]
-
-
-def plain(n: int, shift: int = 0) -> bytes:
-    return bytes(PLAIN[(shift + k) % len(PLAIN)] for k in range(n))
 
 
 def _value_doc(text: bytes, before: int, after: int) -> bytes:
@@ -153,7 +139,7 @@ def test_a_string_cut_anywhere_is_refused_and_never_read_past_its_end() -> None:
 
 
 strings = st.lists(
-    st.sampled_from([*SPECIALS, *[bytes([b]) for b in PLAIN], plain(8), plain(7, 3)]), max_size=12
+    st.sampled_from([*SPECIALS, *[bytes([b]) for b in PLAIN_TEXT], plain(8), plain(7, 3)]), max_size=12
 )
 
 
