@@ -151,6 +151,27 @@ def after_check(engine: Engine, keys: int) -> Callable[[str], object]:
     return lambda rid: engine.account(rid, bench_alloc.USAGE)
 
 
+def tapped(
+    entry: Any, kind: str | None, data: bytes = b"", *, content_type: str = "", status: int = 0
+) -> Any:
+    """A copy of an HTTPAccessLogEntry with the Lua tap's record of `kind` holding `data` (`kind` None:
+    no record at all), and the response's content type and status when given."""
+    out = type(entry)()
+    out.CopyFrom(entry)
+    namespaces = out.common_properties.metadata.filter_metadata
+    if kind is None:
+        del namespaces[envoy_als.METADATA_NAMESPACE]
+    else:
+        record = namespaces[envoy_als.METADATA_NAMESPACE].fields["u"].struct_value.fields
+        record["k"].string_value = kind
+        record["b"].string_value = base64.b64encode(data).decode()
+    if content_type:
+        out.response.response_headers["content-type"] = content_type
+    if status:
+        out.response.response_code.value = status
+    return out
+
+
 class Quiet(http_authz.AuthzProtocol):
     """The httptools protocol with routing cut off: what parsing alone costs (its callbacks included)."""
 
@@ -422,17 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # the same entry with an SSE snippet (a stream's usage chunk, as the Lua tap keeps it)
-    sse_entries = []
     chunk = (REPO / "tests" / "fixtures" / "usage" / "openai_chat_stream_usage.sse").read_bytes()
     event = [e for e in chunk.split(b"\n\n") if b'"usage":{' in e][-1] + b"\n\n"
-    for entry in entries:
-        sse = type(template)()
-        sse.CopyFrom(entry)
-        record = sse.common_properties.metadata.filter_metadata[envoy_als.METADATA_NAMESPACE]
-        record.fields["u"].struct_value.fields["k"].string_value = "sse"
-        record.fields["u"].struct_value.fields["b"].string_value = base64.b64encode(event).decode()
-        sse.response.response_headers["content-type"] = "text/event-stream"
-        sse_entries.append(sse)
+    sse_entries = [tapped(entry, "sse", event, content_type="text/event-stream") for entry in entries]
 
     def als_sse_entry() -> float:
         check = engine.check_fast
@@ -534,26 +547,11 @@ def main(argv: list[str] | None = None) -> int:
     # body, no usage record: what every response costs during a provider incident, or for a tenant whose
     # requests the provider refuses), and a response without the Lua tap's record (a client gone before
     # the response ended; a proxy without the tap)
-    error_entries, bare_entries, uncounted_entries = [], [], []
+    error_entries = [tapped(entry, "body", PROVIDER_ERROR, status=429) for entry in entries]
+    bare_entries = [tapped(entry, None) for entry in entries]
+    # a stream without a usage chunk (no stream_options.include_usage): the tap keeps it whole, as "body"
     no_usage = (REPO / "tests" / "fixtures" / "usage" / "openai_chat_stream_no_usage.sse").read_bytes()
-    for entry in sse_entries:  # a stream without a usage chunk (no stream_options.include_usage)
-        uncounted = type(template)()
-        uncounted.CopyFrom(entry)
-        record = uncounted.common_properties.metadata.filter_metadata[envoy_als.METADATA_NAMESPACE]
-        record.fields["u"].struct_value.fields["k"].string_value = "body"
-        record.fields["u"].struct_value.fields["b"].string_value = base64.b64encode(no_usage).decode()
-        uncounted_entries.append(uncounted)
-    for entry in entries:
-        error = type(template)()
-        error.CopyFrom(entry)
-        error.response.response_code.value = 429
-        record = error.common_properties.metadata.filter_metadata[envoy_als.METADATA_NAMESPACE]
-        record.fields["u"].struct_value.fields["b"].string_value = base64.b64encode(PROVIDER_ERROR).decode()
-        error_entries.append(error)
-        bare = type(template)()
-        bare.CopyFrom(entry)
-        del bare.common_properties.metadata.filter_metadata[envoy_als.METADATA_NAMESPACE]
-        bare_entries.append(bare)
+    uncounted_entries = [tapped(entry, "body", no_usage) for entry in sse_entries]
     results["ALS message of 20 provider-error entries (429, no usage record), per entry"] = batches(
         nb, als_messages(serialized(error_entries), n)
     )
