@@ -10,7 +10,10 @@ with `accounting.charge_fields`, `ReservationBook.settle_parts`, `Decider.adjust
 into it, in the same order, so a common entry runs no Python frame from the ALS handler to the memory
 store's (compiled) adjust. Those functions stay the reference; each step says which one it mirrors.
 `account_c(..., none=True, at_least=...)` is the same for `Usage(source="none")` (an error document, a
-JSON response without the Lua tap's record: native/_usage.pyx `_common`), with its keep_estimate.
+JSON response without the Lua tap's record: native/_usage.pyx `_common`), with its keep_estimate;
+`account_c(..., counted=True)` for a whole stream's counted completion (`_usage.pyx` `_counted`: the
+`Usage(source="estimated")` of a stream without a usage record; `counted_ready` first says whether it will
+take the entry, before the count is run).
 
 It returns False, before any state is changed, for what it does not take: the Python `Engine.account`
 then runs (an engine of another class; no reservation in the book: expired, retired, duplicate or unadmitted; a usage that is not the
@@ -176,6 +179,8 @@ cdef Py_ssize_t _TOKEN_KEYS_MAX = _accounting._TOKEN_KEYS_MAX
 cdef str _PROVIDER = "provider"
 cdef str _REPORTED = "reported"
 cdef str _NONE = "none"  # an error response's usage source and ledger source (accounting.charge_fields)
+cdef str _ESTIMATED = "estimated"  # a counted stream's usage source
+cdef str _COUNTED = "counted"  # and its ledger source
 cdef str _ACCESS_LOG = "access_log"
 
 cdef class _Tally:
@@ -418,10 +423,48 @@ def account_counts(object engine, str request_id, object prompt, object cached, 
     return bool(account_c(engine, request_id, c[0], c[1], c[2], c[3], response_model, NULL, NULL, 0))
 
 
+cdef int counted_ready(object engine, str request_id) except -1:
+    """Whether account_c(counted=True) can take this request's entry, as far as it can tell before the
+    count (native/_usage.pyx `_counted` runs the count only then): its engine, reservation, hint, stores
+    and price table are of the kinds it takes (the price it looks up may still refuse it)."""
+    cdef object book, entries, entry, hint, kept, decider, local, policy
+    cdef long long prompt
+    if Engine is None:
+        _bind()
+    if type(engine) is not Engine or not request_id:
+        return 0
+    book = _at(engine, ENGINE_BOOK)
+    if type(book) is not ReservationBook:
+        return 0
+    entries = _at(book, BOOK_ENTRIES)
+    entry = (<Entries>entries)._get(request_id) if type(entries) is Entries else entries.get(request_id)
+    if entry is None:
+        return 0
+    if type(entry) is Reservation:
+        if not (<Reservation>entry).tracked:
+            return 0
+        hint, kept, specs = (<Reservation>entry).prompt_tokens, (<Reservation>entry).body, (<Reservation>entry).specs
+    else:
+        context = entry[6]
+        if type(context) is not InFlight:
+            return 0
+        hint, kept, specs = context.prompt_tokens, context.body, entry[1]
+    if len(specs) > 62 or not _count_of(hint, &prompt) or (prompt == 0 and kept is not None):
+        return 0
+    decider = _at(engine, ENGINE_DECIDER)
+    if type(decider) is not Decider:
+        return 0
+    local = _at(decider, DECIDER_STORE)
+    if type(local) is not LocalCounters or type(_at(local, LOCAL_STORE)) is not MemoryCounterStore:
+        return 0
+    policy = _at(engine, ENGINE_POLICY)
+    return type(policy) is Policy and type(_at(policy, POLICY_PRICES)) is PriceTable
+
+
 cdef int account_c(object engine, str request_id, long long prompt, long long cached, long long completion,
                    long long reasoning, object response_model, model_of_t model_of,
                    const unsigned char* body, Py_ssize_t body_n, bint none=False,
-                   bint at_least=False) except -1:
+                   bint at_least=False, bint counted=False) except -1:
     """`account_counts` with C counts (each in [0, 2**53)); the response's model is `response_model`, or
     when `model_of` is given, `model_of(body, body_n)` (core/usage_records.document_model of the body),
     read only when the reservation names no model (the only case Engine.account uses it). 1 taken, 0 not
@@ -430,7 +473,13 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
     `none`: instead, Engine.account of `Usage(source="none")` (a response without usage: an error, or
     nothing read of it), which charge_fields charges accounting.error_charge_tokens of prompt (the counts
     given are ignored), under the source "none"; `at_least`: its keep_estimate (settle_parts keeps the
-    larger of each reserved cost and the charge)."""
+    larger of each reserved cost and the charge).
+
+    `counted`: instead, Engine.account of a whole stream without a usage record whose completion was counted
+    (`completion`; StreamUsage's `Usage(prompt_tokens=hint, completion_tokens=..., source="estimated")`,
+    read, keep_estimate False): the prompt is the reservation's estimate (the hint; `prompt` is ignored),
+    the ledger's source "counted"; not taken when that estimate is 0 and the reservation kept the body
+    (charge_fields then estimates the prompt from it: core/prompt_later.py)."""
     cdef object book
     cdef str source
     cdef object context, entry, prices, priced, price, decider, local, ledger
@@ -474,6 +523,14 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
             return 0
         c_key_id, c_tenant, c_model = context.key_id, context.tenant, context.model
         specs = entry[1]
+    if counted:  # charge_fields of source "estimated": the hint (the reservation's prompt estimate) of prompt
+        if type(entry) is Reservation:
+            hint, kept = (<Reservation>entry).prompt_tokens, (<Reservation>entry).body
+        else:
+            hint, kept = context.prompt_tokens, context.body
+        if not _count_of(hint, &prompt) or (prompt == 0 and kept is not None):
+            return 0  # (StreamUsage's max(0, int(hint)) of an unusual hint; prompt_later's estimate)
+        cached = reasoning = 0
     if len(specs) > 62:  # the windows' bit mask in a C integer (as native/_fast.pyx)
         return 0
     decider = _at(engine, ENGINE_DECIDER)
@@ -525,8 +582,8 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
     tenant = c_tenant or ""
     model = model or "unknown"
     # -- from here on, state changes (Engine.account's order) --
-    source = _NONE if none else _REPORTED  # the ledger's (accounting.ledger_source)
-    _incr(_at(engine, ENGINE_ACCOUNTED), _NONE if none else _PROVIDER)
+    source = _NONE if none else _COUNTED if counted else _REPORTED  # the ledger's (accounting.ledger_source)
+    _incr(_at(engine, ENGINE_ACCOUNTED), _NONE if none else _ESTIMATED if counted else _PROVIDER)
     if priced_any and not _at(priced, PRICED_MATCHED):  # PriceTable.charge counts an unpriced model
         prices._count(_at(priced, PRICED_OUTCOME))
     clock = _at(engine, ENGINE_CLOCK)

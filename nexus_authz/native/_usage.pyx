@@ -31,9 +31,13 @@ the pure path's rules, never a second source of truth.
   frame; so is a response without usage that core/usage.StreamUsage reads as `Usage(source="none")`:
   a whole JSON error document (`document_kind`: its "error" an object or its "type" "error", a
   provider's 4xx/5xx) and a JSON response the Lua tap left no record for (the client went away first);
-  every other entry handed back to the service's per-entry code before anything changed.
+  and a whole event stream without a usage record (`_counted`: an OpenAI stream whose client did not ask
+  for include_usage), its content deltas read as StreamUsage reads them (`stream_text`) and counted
+  inline as Engine.account_response counts them; every other entry handed back to the service's
+  per-entry code before anything changed.
 
-The scans are bounded (linear in their input, no allocation but the results) and never raise on any input.
+The scans are bounded (linear in their input, no allocation but the results: `stream_text` one buffer of
+its input's size, freed before it returns) and never raise on any input.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -45,7 +49,7 @@ from libc.string cimport memcmp, memcpy, strlen
 
 from cpython.object cimport PyObject
 
-from nexus_authz.native._account cimport _Tally, account_c, model_of_t
+from nexus_authz.native._account cimport _Tally, account_c, counted_ready, model_of_t
 
 
 cdef extern from "Python.h":
@@ -1268,7 +1272,309 @@ def document_model(bytes body not None):
     return _model(<const unsigned char*>PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
 
 
+# -- a whole stream without a usage record: its completion counted -------------------------------------------
+# core/usage.StreamUsage of a Lua tap "body" record of an event stream that holds no usage record (an OpenAI
+# chat stream whose client did not ask for stream_options.include_usage, the common case), for the stream
+# it takes (`_stream_text`): its content deltas (usage_records._CONTENT of the format its first bytes name,
+# _KIND_MARKERS) decoded as `_counted_completion` decodes them, for the count Engine.account_response runs.
+
+cdef extern from "string.h":
+    void* _memmem "memmem"(const void* haystack, size_t n, const void* needle, size_t m) nogil  # GNU
+    void* _memchr "memchr"(const void* s, int c, size_t n) nogil
+
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+
+cdef enum:
+    F_UNKNOWN = 0  # usage_records._UNKNOWN, _OPENAI, _ANTHROPIC, _RESPONSES
+    F_OPENAI = 1
+    F_ANTHROPIC = 2
+    F_RESPONSES = 3
+    KIND_HEAD = 4096  # StreamUsage._process: a window's first bytes name the format
+    N_MARKERS = 6
+    N_ERROR_MARKERS = 8
+
+# usage_records._KIND_MARKERS, in its order (the first present wins), and each format's content keys
+# (usage_records._CONTENT: the keys of its _content_pattern); tests/test_native_stream.py compares both
+cdef const char* MARKERS[N_MARKERS]
+MARKERS[:] = [b'"response.', b'"message_start"', b'"content_block_', b'"chat.completion', b'"text_completion"',
+              b'"choices"']
+cdef int MARKER_KINDS[N_MARKERS]
+MARKER_KINDS[:] = [F_RESPONSES, F_ANTHROPIC, F_ANTHROPIC, F_OPENAI, F_OPENAI, F_OPENAI]
+cdef const char* KEYS_OPENAI[6]
+KEYS_OPENAI[:] = [b"content", b"arguments", b"refusal", b"reasoning_content", b"reasoning", b"text"]
+cdef const char* KEYS_ANTHROPIC[3]
+KEYS_ANTHROPIC[:] = [b"text", b"partial_json", b"thinking"]
+cdef const char* KEYS_RESPONSES[1]
+KEYS_RESPONSES[:] = [b"delta"]
+cdef const char* KEYS_UNKNOWN[7]
+KEYS_UNKNOWN[:] = [b"content", b"arguments", b"refusal", b"text", b"partial_json", b"thinking", b"delta"]
+
+
+cdef inline const char** _keys_of(int kind, int* count) noexcept:
+    if kind == F_OPENAI:
+        count[0] = 6
+        return KEYS_OPENAI
+    if kind == F_ANTHROPIC:
+        count[0] = 3
+        return KEYS_ANTHROPIC
+    if kind == F_RESPONSES:
+        count[0] = 1
+        return KEYS_RESPONSES
+    count[0] = 7
+    return KEYS_UNKNOWN
+
+
+# usage_records._ERROR_MARKERS (StreamUsage._scan_unsettled's error events)
+cdef const char* ERROR_MARKERS[N_ERROR_MARKERS]
+ERROR_MARKERS[:] = [b'"type":"error"', b'"type": "error"', b'"response.failed"', b"event: error\n", b"event:error\n",
+                    b'data: {"error":', b'data: {"error" :', b'data:{"error":']
+
+
+cdef bint _saw_error(const unsigned char* s, Py_ssize_t n) noexcept:
+    """StreamUsage.saw_error after reading s[:n] (a marker never spans the blank line between two windows)."""
+    cdef int i
+    if _memmem(s, n, b"error", 5) == NULL:
+        return False
+    for i in range(N_ERROR_MARKERS):
+        if _memmem(s, n, ERROR_MARKERS[i], strlen(ERROR_MARKERS[i])) != NULL:
+            return True
+    return False
+
+
+def stream_tables():
+    """(the kind markers with their kinds, {kind: content keys}, the error markers) as this module reads
+    them (tests)."""
+    cdef int i, k, count
+    cdef const char** keys
+    markers = tuple((<bytes>MARKERS[i], MARKER_KINDS[i]) for i in range(N_MARKERS))
+    errors = tuple(<bytes>ERROR_MARKERS[i] for i in range(N_ERROR_MARKERS))
+    content = {}
+    for k in (F_UNKNOWN, F_OPENAI, F_ANTHROPIC, F_RESPONSES):
+        keys = _keys_of(k, &count)
+        content[k] = tuple((<bytes>keys[i]).decode() for i in range(count))
+    return markers, content, errors
+
+
+cdef int _kind_of(const unsigned char* s, Py_ssize_t n, int kind) noexcept:
+    """StreamUsage._process's format: `kind` when known, else the first marker in s[:KIND_HEAD]."""
+    cdef Py_ssize_t head = n if n < KIND_HEAD else KIND_HEAD
+    cdef int i
+    if kind != F_UNKNOWN:
+        return kind
+    for i in range(N_MARKERS):
+        if _memmem(s, head, MARKERS[i], strlen(MARKERS[i])) != NULL:
+            return MARKER_KINDS[i]
+    return F_UNKNOWN
+
+
+cdef Py_ssize_t _content_at(const unsigned char* s, Py_ssize_t p, Py_ssize_t b, int kind, Py_ssize_t* start) noexcept:
+    """A match of usage_records._CONTENT[kind] (`"key"` ws `:` ws `"` string body `"`) at s[p] == '"',
+    within s[:b]: the index of its closing quote (start: its first content byte), or -1. The keys differ
+    before their closing quote, so at most one can match."""
+    cdef int count, i
+    cdef const char** keys = _keys_of(kind, &count)
+    cdef Py_ssize_t length, j
+    for i in range(count):
+        length = strlen(keys[i])
+        if p + 2 + length <= b and s[p + 1 + length] == 34 and memcmp(s + p + 1, keys[i], length) == 0:
+            j = _ws4(s, p + 2 + length, b)
+            if j >= b or s[j] != 58:  # ':'
+                return -1
+            j = _ws4(s, j + 1, b)
+            if j >= b or s[j] != 34:  # '"'
+                return -1
+            j += 1
+            start[0] = j
+            while True:  # [^"\\]*(?:\\.[^"\\]*)*" (DOTALL): the first quote not escaped ends it
+                while j < b and s[j] != 34 and s[j] != 92:
+                    j += 1
+                if j >= b:
+                    return -1
+                if s[j] == 34:
+                    return j
+                if j + 1 >= b:
+                    return -1
+                j += 2
+    return -1
+
+
+cdef inline int _hex4(const unsigned char* s, Py_ssize_t i) noexcept:
+    """The value of the 4 hex digits at s[i] (checked by the caller)."""
+    cdef int v = 0, k
+    cdef unsigned char c
+    for k in range(4):
+        c = s[i + k]
+        v = v * 16 + (c - 48 if c <= 57 else (c - 55 if c <= 70 else c - 87))
+    return v
+
+
+cdef Py_ssize_t _unescape(const unsigned char* s, Py_ssize_t i, Py_ssize_t e, unsigned char* w) noexcept:
+    """The content literal s[i:e] (a string body: every backslash pairs with the byte after it) decoded as
+    json's lenient decoder decodes it, as UTF-8 into w: the bytes written, or -1 when the decoder could
+    read it differently from a valid UTF-8 text (an escape json refuses, a surrogate escape not in a pair,
+    invalid UTF-8, which `decode("utf-8", "replace")` would replace): the caller hands the entry back."""
+    cdef Py_ssize_t o = 0, length
+    cdef unsigned char c
+    cdef int cp, low
+    while i < e:
+        c = s[i]
+        if c < 0x80:
+            if c != 92:
+                w[o] = c
+                o += 1
+                i += 1
+                continue
+            c = s[i + 1]
+            if c == 117:  # \uXXXX
+                if i + 6 > e or not (HEX[s[i + 2]] and HEX[s[i + 3]] and HEX[s[i + 4]] and HEX[s[i + 5]]):
+                    return -1
+                cp = _hex4(s, i + 2)
+                i += 6
+                if 0xD800 <= cp <= 0xDBFF:  # a pair's high half: json joins it with the low half after it
+                    if not (i + 6 <= e and s[i] == 92 and s[i + 1] == 117 and HEX[s[i + 2]] and HEX[s[i + 3]]
+                            and HEX[s[i + 4]] and HEX[s[i + 5]]):
+                        return -1
+                    low = _hex4(s, i + 2)
+                    if not 0xDC00 <= low <= 0xDFFF:
+                        return -1
+                    i += 6
+                    cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00)
+                elif 0xDC00 <= cp <= 0xDFFF:
+                    return -1
+                if cp < 0x80:
+                    w[o] = cp
+                    o += 1
+                elif cp < 0x800:
+                    w[o] = 0xC0 | (cp >> 6)
+                    w[o + 1] = 0x80 | (cp & 0x3F)
+                    o += 2
+                elif cp < 0x10000:
+                    w[o] = 0xE0 | (cp >> 12)
+                    w[o + 1] = 0x80 | ((cp >> 6) & 0x3F)
+                    w[o + 2] = 0x80 | (cp & 0x3F)
+                    o += 3
+                else:
+                    w[o] = 0xF0 | (cp >> 18)
+                    w[o + 1] = 0x80 | ((cp >> 12) & 0x3F)
+                    w[o + 2] = 0x80 | ((cp >> 6) & 0x3F)
+                    w[o + 3] = 0x80 | (cp & 0x3F)
+                    o += 4
+                continue
+            if c == 34 or c == 92 or c == 47:  # \" \\ \/
+                w[o] = c
+            elif c == 98:  # \b
+                w[o] = 8
+            elif c == 102:  # \f
+                w[o] = 12
+            elif c == 110:  # \n
+                w[o] = 10
+            elif c == 114:  # \r
+                w[o] = 13
+            elif c == 116:  # \t
+                w[o] = 9
+            else:
+                return -1
+            o += 1
+            i += 2
+            continue
+        # a multi-byte UTF-8 character, copied once checked (the rules of _string)
+        if 0xC2 <= c <= 0xDF:
+            if not _cont(s, i + 1, e):
+                return -1
+            length = 2
+        elif 0xE0 <= c <= 0xEF:
+            if not (_cont(s, i + 1, e) and _cont(s, i + 2, e)):
+                return -1
+            if (c == 0xE0 and s[i + 1] < 0xA0) or (c == 0xED and s[i + 1] > 0x9F):
+                return -1
+            length = 3
+        elif 0xF0 <= c <= 0xF4:
+            if not (_cont(s, i + 1, e) and _cont(s, i + 2, e) and _cont(s, i + 3, e)):
+                return -1
+            if (c == 0xF0 and s[i + 1] < 0x90) or (c == 0xF4 and s[i + 1] > 0x8F):
+                return -1
+            length = 4
+        else:
+            return -1
+        memcpy(w + o, s + i, length)
+        o += length
+        i += length
+    return o
+
+
+cdef Py_ssize_t _contents(const unsigned char* s, Py_ssize_t a, Py_ssize_t b, int kind, unsigned char* w,
+                          Py_ssize_t o, Py_ssize_t* matches) noexcept:
+    """StreamUsage._extract_content of the window s[a:b] (findall of _CONTENT[kind]), each literal decoded
+    (_unescape) and appended to w at o: the new end of w, or -1 (hand the entry back)."""
+    cdef Py_ssize_t p = a, start, end, written
+    cdef const unsigned char* q
+    while p < b:
+        q = <const unsigned char*>_memchr(s + p, 34, b - p)
+        if q == NULL:
+            break
+        p = q - s
+        end = _content_at(s, p, b, kind, &start)
+        if end < 0:
+            p += 1
+            continue
+        written = _unescape(s, start, end, w + o)
+        if written < 0:
+            return -1
+        o += written
+        matches[0] += 1
+        p = end + 1
+    return o
+
+
+cdef object _stream_text(const unsigned char* s, Py_ssize_t n, bint split, Py_ssize_t* matches):
+    """The completion text StreamUsage._counted_completion counts for a whole event stream s[:n] fed in one
+    chunk, for a stream `_counted` takes (no usage record, no CR, no error: one window, or with `split`
+    the two that count_exactly's drain and finish's make: up to the last blank line, then the rest), with
+    the number of literals found (0: the parser counts nothing); None: hand the entry back."""
+    cdef unsigned char* w
+    cdef Py_ssize_t o = 0, cut = -1, i
+    cdef int kind
+    w = <unsigned char*>PyMem_Malloc(n + 1)  # decoding never grows a literal
+    if w == NULL:
+        raise MemoryError()
+    try:
+        if split:  # bytes.rfind(b"\n\n") + 2
+            i = n - 2
+            while i >= 0:
+                if s[i] == 10 and s[i + 1] == 10:
+                    cut = i + 2
+                    break
+                i -= 1
+        if cut >= 2:
+            kind = _kind_of(s, cut, F_UNKNOWN)
+            o = _contents(s, 0, cut, kind, w, 0, matches)
+            if o < 0:
+                return None
+            kind = _kind_of(s + cut, n - cut, kind)
+            o = _contents(s, cut, n, kind, w, o, matches)
+        else:
+            o = _contents(s, 0, n, _kind_of(s, n, F_UNKNOWN), w, 0, matches)
+        if o < 0:
+            return None
+        return PyUnicode_DecodeUTF8(<const char*>w, o, NULL)
+    finally:
+        PyMem_Free(w)
+
+
+def stream_text(bytes data not None, bint split=False):
+    """_stream_text of a whole stream: (text, literals found), or None (tests: the same text as
+    StreamUsage's)."""
+    cdef Py_ssize_t matches = 0
+    text = _stream_text(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), split, &matches)
+    return None if text is None else (text, matches)
+
+
 cdef Py_ssize_t _max_body = -1  # core/usage.MAX_BODY_BYTES, read at the first call
+# what Engine.account_response's count of a stream without a usage record reads, bound at the first call:
+# the modules whose names it calls (a test's monkeypatch of them holds here too), the parser's window
+# (usage.DEFAULT_WINDOW) and the count's executor threshold (accounting.needs_exact_count's)
+cdef object _engine_module = None, _accounting_module = None, _usage_module = None
+cdef Py_ssize_t _window = 0, _exact_below = 0
 cdef str _BODY = "body"
 cdef str _SSE = "sse"
 cdef str _NONE = "none"
@@ -1293,8 +1599,16 @@ cdef object _perf_counter = None
 
 cdef int _bind() except -1:
     global _max_body, _Service, SERVICE_ENGINE, SERVICE_ENTRIES, SERVICE_IGNORED, _perf_counter
+    global _engine_module, _accounting_module, _usage_module, _window, _exact_below
+    from nexus_authz import engine as engine_module
     from nexus_authz.adapters.envoy_als import AccessLogService
+    from nexus_authz.core import accounting as accounting_module
+    from nexus_authz.core import usage as usage_module
     from nexus_authz.core.usage import MAX_BODY_BYTES
+
+    _engine_module, _accounting_module, _usage_module = engine_module, accounting_module, usage_module
+    _window = usage_module.DEFAULT_WINDOW
+    _exact_below = accounting_module.needs_exact_count.__kwdefaults__["threshold"]
 
     _perf_counter = _clock_of("perf_counter", "CLOCK_MONOTONIC")
 
@@ -1455,13 +1769,10 @@ cdef int _common(tuple item, object service, object engine, Py_ssize_t* counted,
     if kind == _BODY:  # als_fast.body_usage
         content_type = item[1]
         content_encoding = item[2]
-        if (
-            item[5]
-            or n > _max_body
-            or (content_encoding and not _identity(content_encoding))
-            or (content_type and _event_stream(content_type))
-        ):
+        if item[5] or n > _max_body or (content_encoding and not _identity(content_encoding)):
             return 0
+        if content_type and _event_stream(content_type):  # a whole stream: counted when it has no record
+            return _counted(item, service, engine, counted, s, n)
         shape = _document(s, n, &span)
         if shape == DOC_ERROR:  # StreamUsage's Usage(source="none") of a whole response: no estimate kept
             return _settle(item, service, engine, counted, 0, 0, 0, 0, True, False, s, n)
@@ -1489,12 +1800,55 @@ cdef int _common(tuple item, object service, object engine, Py_ssize_t* counted,
     return _settle(item, service, engine, counted, prompt, cached, completion, reasoning, False, False, s, n)
 
 
+cdef int _counted(tuple item, object service, object engine, Py_ssize_t* counted, const unsigned char* s,
+                  Py_ssize_t n) except -1:
+    """`_account_snippet` of a whole event stream s[:n] (a "body" record, nothing skipped, identity
+    encoding) without a usage record, as Engine.account_response concludes it: StreamUsage's
+    `Usage(prompt_tokens=hint, completion_tokens=<the content deltas counted>, source="estimated")` when
+    the count runs inline (accounting.needs_exact_count False: tiktoken's count of a stream shorter than
+    its executor threshold, or the estimate without exact_cutoff_count), settled by account_c(counted).
+    Taken only when StreamUsage's reading is `_stream_text`'s: it starts with a `data:` line and holds no
+    CR, no `"usage"` key (no record to find) and no `error` (no error event); the parser's model is
+    document_model's. 0 (nothing changed) for anything else, and before the count when account_c would
+    not take the entry (counted_ready)."""
+    cdef bint exact
+    cdef Py_ssize_t matches = 0
+    cdef long long completion = 0
+    if n < 5 or n >= _window or memcmp(s, b"data:", 5) != 0:
+        return 0
+    if _memchr(s, 13, n) != NULL or _memmem(s, n, b'"usage"', 7) != NULL:
+        return 0
+    request_id = item[0]
+    if type(request_id) is not str or not counted_ready(engine, <str>request_id):
+        return 0
+    exact = engine.settings.accounting.exact_cutoff_count
+    if exact:  # accounting.needs_exact_count: the count runs in a worker thread from this size on
+        counter = _engine_module.count_tokens
+        if n >= _exact_below or (counter is _accounting_module.count_tokens
+                                 and not _accounting_module.encoding_loaded()):
+            return 0
+    else:
+        counter = _usage_module.estimate_tokens
+    text = _stream_text(s, n, exact, &matches)
+    if text is None:
+        return 0
+    if matches:  # StreamUsage._counted_completion: max(0, int(counter(text))); a failing count goes back
+        try:
+            completion = max(0, int(counter(text)))
+        except Exception:
+            return 0
+    if completion == 0 and _saw_error(s, n):  # StreamUsage._finish: Usage(source="none")
+        return 0
+    return _settle(item, service, engine, counted, 0, 0, completion, 0, False, False, s, n, True)
+
+
 cdef int _settle(tuple item, object service, object engine, Py_ssize_t* counted, long long prompt,
                  long long cached, long long completion, long long reasoning, bint none, bint at_least,
-                 const unsigned char* s, Py_ssize_t n) except -1:
+                 const unsigned char* s, Py_ssize_t n, bint counted_stream=False) except -1:
     """`_common`'s settlement of its entry (native/_account.pyx `account_c`): a provider's counts, or with
-    `none` the Usage(source="none") of a response without usage (`at_least`: keep_estimate). The model
-    the body names (document_model of s[:n]), when it has one (s not NULL). 1 taken, 0 not."""
+    `none` the Usage(source="none") of a response without usage (`at_least`: keep_estimate), or with
+    `counted_stream` a stream's counted completion (`_counted`). The model the body names (document_model
+    of s[:n]), when it has one (s not NULL). 1 taken, 0 not."""
     cdef model_of_t model_of = NULL
     if s != NULL:
         model_of = _model
@@ -1503,7 +1857,7 @@ cdef int _settle(tuple item, object service, object engine, Py_ssize_t* counted,
         return 0
     try:
         taken_now = account_c(engine, <str>request_id, prompt, cached, completion, reasoning, None,
-                              model_of, s, n, none, at_least)
+                              model_of, s, n, none, at_least, counted_stream)
     except BaseException:
         service.entries += 1  # _account_snippet counts the entry before its accounting raises
         raise

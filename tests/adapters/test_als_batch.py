@@ -128,6 +128,22 @@ def _error(model: str | None = None, usage: dict[str, Any] | None = None) -> byt
     return json.dumps(document, ensure_ascii=False).encode()
 
 
+def _stream(*contents: str, key: str = "content", ascii_only: bool = True) -> bytes:
+    """An OpenAI chat stream without a usage chunk (no stream_options.include_usage): one delta a content."""
+    chunk = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o-2024-08-06"}
+    return (
+        b"".join(
+            b"data: "
+            + json.dumps(
+                chunk | {"choices": [{"index": 0, "delta": {key: c}}]}, ensure_ascii=ascii_only
+            ).encode()
+            + b"\n\n"
+            for c in contents
+        )
+        + b"data: [DONE]\n\n"
+    )
+
+
 CACHED = {
     "prompt_tokens": 1200,
     "completion_tokens": 30,
@@ -250,6 +266,68 @@ EXTRA: list[tuple[str, dict[str, Any] | None, str | None, str | None]] = [
     ("back-error-not-an-object", body_meta(b'{"error": "overloaded"}'), None, None),
     ("back-error-trailing", body_meta(_error() + b" x"), "application/json", None),
     ("back-error-encoded", body_meta(_error()), "application/json", "gzip"),
+    # whole streams without a usage chunk, their completion counted (native/_usage.pyx `_counted`): taken
+    # for the metered key ("counted-"), whose Check estimated the prompt, handed back for the open one
+    # (its prompt is estimated at accounting time from the body its reservation kept: core.prompt_later)
+    ("counted-stream", body_meta(NO_USAGE), "text/event-stream", None),
+    (
+        "counted-stream-escapes-no-model",
+        body_meta(_stream('line\n\t"q" \\ / \x00\x1f', "café 東京 😀", "")),
+        "Text/Event-Stream; charset=utf-8",
+        " identity",
+    ),
+    ("counted-stream-utf8", body_meta(_stream("café 東京 😀", ascii_only=False)), "text/event-stream", None),
+    ("counted-stream-arguments", body_meta(_stream('{"a": 1}', key="arguments")), "text/event-stream", None),
+    (
+        "counted-stream-no-content",
+        body_meta(_sse({"object": "chat.completion.chunk", "choices": [{"delta": {"role": "assistant"}}]})),
+        "text/event-stream",
+        None,
+    ),
+    (
+        "counted-stream-error-after-content",
+        body_meta(_stream("partial") + b'data: {"error": {"message": "server error"}}\n\n'),
+        "text/event-stream",
+        None,
+    ),
+    (  # the format is named by each window's first bytes (the first one's has no marker): two readings
+        "counted-stream-two-windows",
+        body_meta(
+            b'data: {"x": {"partial_json": "alpha beta gamma delta", "content": "b"}}\n\n'
+            b'data: {"object": "chat.completion.chunk", "choices": [{"delta": {"content": "c"}}]}\n'
+        ),
+        "text/event-stream",
+        None,
+    ),
+    ("back-stream-error-only", body_meta(b'data: {"error": {"m": "x"}}\n\n'), "text/event-stream", None),
+    (
+        "back-stream-usage-chunk",
+        body_meta(_sse({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}})),
+        "text/event-stream",
+        None,
+    ),
+    ("back-stream-crlf", body_meta(_stream("a", "b").replace(b"\n", b"\r\n")), "text/event-stream", None),
+    (
+        "back-stream-lone-surrogate",
+        body_meta(b'data: {"choices": [{"delta": {"content": "x\\ud800y"}}]}\n\n'),
+        "text/event-stream",
+        None,
+    ),
+    (
+        "back-stream-bad-escape",
+        body_meta(b'data: {"choices": [{"delta": {"content": "x\\qy"}}]}\n\n'),
+        "text/event-stream",
+        None,
+    ),
+    (
+        "back-stream-invalid-utf8",
+        body_meta(_stream("ab", "cd", ascii_only=False).replace(b"ab", b"a\xe6").replace(b"cd", b"\x97d")),
+        "text/event-stream",
+        None,
+    ),
+    ("back-stream-long", body_meta(_stream(*["word " * 20] * 80)), "text/event-stream", None),
+    ("back-stream-comment-first", body_meta(b": keep-alive\n\n" + _stream("a")), "text/event-stream", None),
+    ("back-stream-encoded", body_meta(_stream("a")), "text/event-stream", "gzip"),
     ("taken-none-ctype-case", None, "Application/JSON; charset=utf-8", None),
     ("taken-none-identity", None, "application/json", " identity"),
     ("back-none-event-stream", None, "application/json+event-stream", None),
@@ -452,6 +530,7 @@ def test_the_compiled_message_scan_accounts_as_the_reference_path(
         return per_entry(self, item, raw)
 
     monkeypatch.setattr(AccessLogService, "_account_scanned", scanned)
+    tokens.warm_up()  # a stream's completion is counted inline once the encoding is loaded (else in a thread)
     taken, looped = native.account.taken[0], native.usage.taken[0]
     fast, unusual = _run(tmp_path / "compiled", compiled=True, ledger=ledger, error_tokens=error_tokens)
     taken = native.account.taken[0] - taken  # entries the compiled accounting step took
@@ -472,6 +551,7 @@ def test_the_compiled_message_scan_accounts_as_the_reference_path(
         if name.startswith("taken")
         for key in ("metered", "open")
     ]
+    common += [f"metered-{_index(name)}" for name, *_ in EXTRA if name.startswith("counted")]
     # (only a duplicate of one, in the same batch or Envoy's resent batch, went that way: no reservation)
     assert {rid: handed.count(rid) for rid in common} == {rid: accounted.count(rid) - 1 for rid in common}
     assert looped == len(common) and taken > looped, (looped, taken, len(common))
@@ -481,6 +561,7 @@ def test_the_compiled_message_scan_accounts_as_the_reference_path(
         if name.startswith("back")
         for key in ("metered", "open")
     ]
+    back += [f"open-{_index(name)}" for name, *_ in EXTRA if name.startswith("counted")]
     assert set(back) <= set(handed) and "unadmitted" not in handed  # those are counted in C
     assert handed.count(None) == unusual  # the entries protobuf reads
     # not vacuous: the common entries (a live reservation, a provider record the scan read) were settled
