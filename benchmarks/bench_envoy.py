@@ -117,6 +117,17 @@ STREAM_BODY = json.dumps(
     },
     separators=(",", ":"),
 ).encode()
+# the same stream as an OpenAI SDK asks for it by default (no stream_options.include_usage): no usage
+# chunk, so nexus-authz counts the completion from the content deltas the Lua tap kept
+PLAIN_STREAM_BODY = json.dumps(
+    {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "max_tokens": 16,
+        "stream": True,
+    },
+    separators=(",", ":"),
+).encode()
 PEPPER = "bench-pepper-" + "0123456789abcdef" * 2
 DEFAULT_KEY_FIELDS: Mapping[str, object] = {"tenant": "bench", "models": ["gpt-4o*"]}
 BENCH_PLAN = "bench"
@@ -279,6 +290,17 @@ def stream_request(secret: str) -> bytes:
     )
 
 
+def plain_stream_request(secret: str) -> bytes:
+    """The streamed variant without include_usage: no usage chunk (the completion is counted)."""
+    return harness.build_request(
+        "POST",
+        PATH,
+        host="127.0.0.1",
+        headers={"authorization": f"Bearer {secret}", "content-type": "application/json"},
+        body=PLAIN_STREAM_BODY,
+    )
+
+
 SCENARIOS: dict[str, Scenario] = {
     # Envoy alone: every filter that talks to nexus-authz removed (ext_authz; ext_proc when the template
     # has token accounting), so the difference to it is everything nexus-authz costs a request.
@@ -310,6 +332,17 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "envoy-stream": Scenario(
         "envoy-stream", ENVOY_HTTP, "none", remove_filters=ACCOUNTING, request=stream_request
+    ),
+    # streams without include_usage (the OpenAI SDKs' default), on the issue's plan
+    "http-uds-issue15-stream-plain": Scenario(
+        "http-uds-issue15-stream-plain",
+        ENVOY_HTTP,
+        "http",
+        NexusSpec(ISSUE15_CONFIG, LIMITS_KEY_FIELDS),
+        request=plain_stream_request,
+    ),
+    "envoy-stream-plain": Scenario(
+        "envoy-stream-plain", ENVOY_HTTP, "none", remove_filters=ACCOUNTING, request=plain_stream_request
     ),
     # the default config with limits on (LIMITS_CONFIG; run_all.py's scenarios): both transports share one
     # nexus-authz, as in production; without accounting; and 10,000 keys round-robin
