@@ -1310,6 +1310,38 @@ cdef const char* KEYS_UNKNOWN[7]
 KEYS_UNKNOWN[:] = [b"content", b"arguments", b"refusal", b"text", b"partial_json", b"thinking", b"delta"]
 
 
+# each key's length, and per format the bytes a key of it starts with (the byte after a quote: most quotes
+# of a stream, a key's or a value's closing one or another key's opening one, are passed over on that byte)
+cdef Py_ssize_t LENGTHS_OPENAI[6]
+cdef Py_ssize_t LENGTHS_ANTHROPIC[3]
+cdef Py_ssize_t LENGTHS_RESPONSES[1]
+cdef Py_ssize_t LENGTHS_UNKNOWN[7]
+cdef bint FIRST[4][256]
+
+
+cdef void _lengths(const char** keys, Py_ssize_t* lengths, int count, int kind) noexcept:
+    cdef int i
+    for i in range(count):
+        lengths[i] = strlen(keys[i])
+        FIRST[kind][<unsigned char>keys[i][0]] = True
+
+
+_lengths(KEYS_OPENAI, LENGTHS_OPENAI, 6, F_OPENAI)
+_lengths(KEYS_ANTHROPIC, LENGTHS_ANTHROPIC, 3, F_ANTHROPIC)
+_lengths(KEYS_RESPONSES, LENGTHS_RESPONSES, 1, F_RESPONSES)
+_lengths(KEYS_UNKNOWN, LENGTHS_UNKNOWN, 7, F_UNKNOWN)
+
+
+cdef inline const Py_ssize_t* _lengths_of(int kind) noexcept:
+    if kind == F_OPENAI:
+        return LENGTHS_OPENAI
+    if kind == F_ANTHROPIC:
+        return LENGTHS_ANTHROPIC
+    if kind == F_RESPONSES:
+        return LENGTHS_RESPONSES
+    return LENGTHS_UNKNOWN
+
+
 cdef inline const char** _keys_of(int kind, int* count) noexcept:
     if kind == F_OPENAI:
         count[0] = 6
@@ -1372,10 +1404,15 @@ cdef Py_ssize_t _content_at(const unsigned char* s, Py_ssize_t p, Py_ssize_t b, 
     within s[:b]: the index of its closing quote (start: its first content byte), or -1. The keys differ
     before their closing quote, so at most one can match."""
     cdef int count, i
-    cdef const char** keys = _keys_of(kind, &count)
+    cdef const char** keys
+    cdef const Py_ssize_t* lengths
     cdef Py_ssize_t length, j
+    if p + 1 >= b or not FIRST[kind][s[p + 1]]:
+        return -1
+    keys = _keys_of(kind, &count)
+    lengths = _lengths_of(kind)
     for i in range(count):
-        length = strlen(keys[i])
+        length = lengths[i]
         if p + 2 + length <= b and s[p + 1 + length] == 34 and memcmp(s + p + 1, keys[i], length) == 0:
             j = _ws4(s, p + 2 + length, b)
             if j >= b or s[j] != 58:  # ':'
