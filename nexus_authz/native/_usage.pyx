@@ -1856,14 +1856,18 @@ cdef int _counted(tuple item, object service, object engine, Py_ssize_t* counted
     if _memchr(s, 13, n) != NULL or _memmem(s, n, b'"usage"', 7) != NULL:
         return 0
     request_id = item[0]
-    if type(request_id) is not str or not counted_ready(engine, <str>request_id):
+    if type(request_id) is not str:
+        return 0
+    if not counted_ready(engine, <str>request_id):
+        if engine.settings.accounting.exact_cutoff_count and n >= _exact_below:
+            return _count_later(item, service, engine, counted, s, n, _engine_module.count_tokens)
         return 0
     exact = engine.settings.accounting.exact_cutoff_count
     if exact:  # accounting.needs_exact_count: the count runs in a worker thread from this size on
         counter = _engine_module.count_tokens
         if n >= _exact_below or (counter is _accounting_module.count_tokens
                                  and not _accounting_module.encoding_loaded()):
-            return 0
+            return _count_later(item, service, engine, counted, s, n, counter)
     else:
         counter = _usage_module.estimate_tokens
     text = _stream_text(s, n, exact, &matches)
@@ -1877,6 +1881,30 @@ cdef int _counted(tuple item, object service, object engine, Py_ssize_t* counted
     if completion == 0 and _saw_error(s, n):  # StreamUsage._finish: Usage(source="none")
         return 0
     return _settle(item, service, engine, counted, 0, 0, completion, 0, False, False, s, n, True)
+
+
+cdef object _pending = None  # _count_later's awaitable, for account_run to return
+
+
+cdef int _count_later(tuple item, object service, object engine, Py_ssize_t* counted, const unsigned char* s,
+                      Py_ssize_t n, object counter) except -1:
+    """`_counted` of a stream whose count Engine.account_response runs in a worker thread: its text read here
+    (no error event in it: those go back), counted and accounted by the service's `count_later` (Python's
+    Engine.account, after the count), whose awaitable account_run returns. 1 taken, 0 not."""
+    global _pending
+    cdef Py_ssize_t matches = 0
+    if _saw_error(s, n):
+        return 0
+    text = _stream_text(s, n, True, &matches)
+    if text is None:
+        return 0
+    request_id = item[0]
+    model = _model(s, n)  # StreamUsage.model (its first 8 KiB), read before the buffer is reused
+    hint = engine.prompt_hint(request_id)
+    _pending = service.count_later(request_id, text if matches else None, counter, hint, model)
+    counted[0] += 1
+    _taken.n += 1
+    return 1
 
 
 cdef int _settle(tuple item, object service, object engine, Py_ssize_t* counted, long long prompt,
@@ -1913,6 +1941,7 @@ def account_run(list items, Py_ssize_t i, bytes raw, object service, object fall
     awaitable, sliced) after the entry whose fallback returned an awaitable (the caller awaits it), after
     the first entry that brings `clock() - started` to `slice` or more (sliced: the caller yields), or at
     the end."""
+    global _pending
     cdef Py_ssize_t n = len(items)
     cdef Py_ssize_t counted = 0  # entries taken and not yet added to service.entries
     cdef object item, pending, engine = None
@@ -1934,6 +1963,10 @@ def account_run(list items, Py_ssize_t i, bytes raw, object service, object fall
                     pending = fallback(_whole(<tuple>item, raw), raw)
                     if pending is not None:
                         return (i, pending, False)
+                elif _pending is not None:  # a count in a worker thread (_count_later): awaited by the caller
+                    pending, _pending = _pending, None
+                    engine = None
+                    return (i, pending, False)
             except Exception:
                 _count(service, &counted)
                 engine = None

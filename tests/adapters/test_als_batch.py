@@ -325,7 +325,15 @@ EXTRA: list[tuple[str, dict[str, Any] | None, str | None, str | None]] = [
         "text/event-stream",
         None,
     ),
-    ("back-stream-long", body_meta(_stream(*["word " * 20] * 80)), "text/event-stream", None),
+    # 8 KiB or more: read in C, counted in a worker thread, then Engine.account (both keys: _count_later)
+    ("taken-stream-long", body_meta(_stream(*["word " * 20] * 80)), "text/event-stream", None),
+    ("taken-stream-long-empty", body_meta(_stream(*[""] * 120)), "text/event-stream", None),
+    (
+        "back-stream-long-error",
+        body_meta(_stream(*["w " * 60] * 80) + b"event: error\ndata: {}\n\n"),
+        "text/event-stream",
+        None,
+    ),
     ("back-stream-comment-first", body_meta(b": keep-alive\n\n" + _stream("a")), "text/event-stream", None),
     ("back-stream-encoded", body_meta(_stream("a")), "text/event-stream", "gzip"),
     ("taken-none-ctype-case", None, "Application/JSON; charset=utf-8", None),
