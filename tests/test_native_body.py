@@ -400,3 +400,90 @@ def test_a_string_reads_as_the_reference_with_a_special_byte_at_every_position_o
                     else:
                         invalid += 1
     assert valid > 10_000 and invalid > 10_000  # both answers are exercised
+
+
+# -- bodies over PARSE_BELOW: the reference reads them by its key scan (core/body.py `_scan`), not a parse;
+# the compiled reader answers only where the two readings agree (count_key), and must then agree
+
+_FILL = b'"fill":"' + b"lorem ipsum " * (PARSE_BELOW // 12 + 1) + b'"'
+
+
+def _list(item: bytes, count: int) -> bytes:
+    return b"[" + b",".join([item] * count) + b"]"
+
+
+# members that make a body large, each with what may change the scan's reading: nested fact and blob keys
+# (up to and past the scan's limits: 64 fact keys, 512 keys of its names), escaped keys, strings as long
+# as a blob under a blob key, escaped letters (the reference then parses), non-ASCII text
+LARGE = [
+    _FILL,
+    b'"fill":"' + "caf\u00e9 \u6771\u4eac \U0001f600 ".encode() * (PARSE_BELOW // 16 + 1) + b'"',
+    b'"input":' + _list(b'{"role":"user","content":"' + b"hello world " * 30 + b'"}', 50),
+    # with CHAT's 5 top-level fact keys: 64 fact keys, then 65 (ambiguous)
+    b'"tools":' + _list(b'{"model":1}', 59) + b"," + _FILL,
+    b'"tools":' + _list(b'{"model":1}', 60) + b"," + _FILL,
+    # with CHAT's: 512 keys of the scan's names, then 513 (ambiguous)
+    b'"imgs":' + _list(b'{"url":1,"data":2}', 253) + b',"x":{"url":1},' + _FILL,
+    b'"imgs":' + _list(b'{"url":1,"data":2}', 254) + b"," + _FILL,
+    b'"img":{"url":"' + b"QUJD" * 64 + b'"},' + _FILL,  # 256 bytes of bare base64: a blob
+    b'"img":{"url":"' + b"QUJD" * 63 + b'xyz"},' + _FILL,  # 255 bytes: not one
+    b'"img":{"image_url":"data:image/png;base64,' + b"QUJD" * 200 + b'"},' + _FILL,
+    b'"img":{"file_data":"' + b"x" * 300 + b'"},' + _FILL,  # as long as a blob (not base64)
+    b'"esc":{"a\\u0041":1},' + _FILL,  # an escaped key below the top
+    b'"esc":{"x\\"model":1},' + _FILL,  # the scan's regex matches at its escaped quote
+    b'"fill":"\\u0041 an escaped letter' + b" padding" * (PARSE_BELOW // 8) + b'"',  # the reference parses
+    b'"fill":"quote \\" and backslash \\\\' + b" padding" * (PARSE_BELOW // 8) + b'"',
+    b'"deep":' + b"[" * 70 + b"]" * 70 + b"," + _FILL,  # deeper than the compiled reader goes
+]
+
+
+def _with(member: bytes, body: bytes) -> bytes | None:
+    """`body` with `member` first in its top-level object (None: `body` is not an object)."""
+    stripped = body.lstrip(b" \t\r\n")
+    if not stripped.startswith(b"{"):
+        return None
+    rest = stripped[1:].lstrip(b" \t\r\n")
+    return b"{" + member + (b"" if rest.startswith(b"}") else b",") + rest
+
+
+@settings(max_examples=300, deadline=None)
+@given(request_bodies(), st.sampled_from(LARGE))
+def test_large_bodies_read_as_the_reference(body: bytes, member: bytes) -> None:
+    large = _with(member, body)
+    if large is not None:
+        assert len(large) > PARSE_BELOW
+        assert_same(large)
+
+
+@pytest.mark.parametrize("member", LARGE, ids=range(len(LARGE)))
+def test_a_large_request_reads_as_the_reference(member: bytes) -> None:
+    body = _with(member, CHAT)
+    assert body is not None
+    assert_same(body)
+    assert_same(body.replace(b'"stream":true', b'"stream":true,"stream":false'))  # a duplicate
+    assert_same(body.replace(b'"n":2', b'"n":2.0'))  # a float the reference reads
+
+
+def test_the_compiled_reader_answers_a_large_usual_body_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 60 KB chat history (and the other large bodies both readings agree on) is read in C."""
+    calls: list[bytes] = []
+
+    def spy(body: bytes, **kw: Any) -> RequestFacts:
+        calls.append(body)
+        return reference(body, **kw)
+
+    assert native.body is not None
+    monkeypatch.setattr(native.body, "_python_request_facts", spy)
+    turns = [{"role": "user" if i % 2 else "assistant", "content": "hello world " * 50} for i in range(100)]
+    history = json.dumps({"model": "gpt-4o", "max_tokens": 256, "stream": True, "messages": turns}).encode()
+    assert history is not None and len(history) > 60_000
+    facts = compiled(history, precise=False)
+    assert (facts.model, facts.max_tokens, facts.stream, facts.n) == ("gpt-4o", 256, True, 1)
+    assert facts.prompt_tokens == reference(history, precise=False).prompt_tokens
+    for i in (0, 1, 2, 3, 5, 8, 13, 14):  # LARGE's members the compiled reader reads itself
+        compiled(_with(LARGE[i], CHAT) or b"", precise=False)
+    assert calls == []
+    handed = (4, 6, 7, 9, 10, 11, 12, 15)  # and the ones it leaves to the reference
+    for i in handed:
+        compiled(_with(LARGE[i], CHAT) or b"", precise=False)
+    assert len(calls) == len(handed)

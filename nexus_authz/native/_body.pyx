@@ -3,13 +3,17 @@
 nexus_authz.core.body.request_facts, which stays the reference and answers whatever this one does not.
 
 One pass over the body validates it as JSON and reads the top-level fact keys on the way, with no Python
-object built for what it skips. It answers only for the usual body: complete (not cut), at most PARSE_BELOW
-bytes, UTF-8, one JSON object whose grammar is the strict subset of what Python's json accepts (no NaN or
-Infinity, depth at most MAX_DEPTH, numbers of at most MAX_NUMBER characters), whose top-level keys are all
-distinct and spelled without escapes, and whose fact values need no decoding of escapes or floats. Any
-other body (invalid, duplicate keys, an escaped key, not UTF-8, NUL, cut, larger, a float max_tokens ...)
-is handed to the pure reading, which answers it, refusals included: this reader can never be more lenient
-than the reference (tests/test_native_body.py checks both give the same RequestFacts on generated bodies).
+object built for what it skips. It answers only for the usual body: complete (not cut), at most
+MAX_PARSE_BYTES, UTF-8, one JSON object whose grammar is the strict subset of what Python's json accepts (no
+NaN or Infinity, depth at most MAX_DEPTH, numbers of at most MAX_NUMBER characters), whose top-level keys are
+all distinct and spelled without escapes, and whose fact values need no decoding of escapes or floats. A
+body over PARSE_BELOW, which the reference reads by its key scan rather than a parse, is answered only
+where that scan reads what the parse does (`count_key`): no key at any depth spelled with an escape, no more
+fact or blob keys than the scan's limits, no blob key's string value as long as a blob. Any other body
+(invalid, duplicate keys, an escaped key, not UTF-8, NUL, cut, larger, a float max_tokens ...) is handed to
+the pure reading, which answers it, refusals included: this reader can never be more lenient than the
+reference (tests/test_native_body.py checks both give the same RequestFacts on generated bodies, large ones
+too).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -42,6 +46,9 @@ cdef dict _FACTS_CACHE = _core_body._FACTS_CACHE  # emptied in place when full, 
 _blob_spans = _core_body._blob_spans
 
 cdef Py_ssize_t PARSE_BELOW = _core_body.PARSE_BELOW
+cdef Py_ssize_t MAX_PARSE_BYTES = _core_body.MAX_PARSE_BYTES
+cdef int MAX_MATCHES = _core_body._MAX_MATCHES
+cdef int MAX_CANDIDATES = _core_body._MAX_CANDIDATES
 cdef Py_ssize_t BLOB_MIN = _core_body._BLOB_MIN
 cdef double QUICK_TOKENS_PER_BYTE = _core_body.QUICK_TOKENS_PER_BYTE
 
@@ -99,6 +106,11 @@ cdef struct Reader:
     bint int_big
     # stream_options.include_usage (the last one: dict() keeps the last of a nested duplicate)
     bint include_usage
+    # a body over PARSE_BELOW, which the reference reads by its key scan (core/body.py `_scan`): the keys
+    # (any depth) its regex matches, and of them the fact keys (see count_key)
+    bint large
+    int matches
+    int candidates
 
 
 cdef inline bint is_ws(unsigned char c) noexcept nogil:
@@ -295,7 +307,7 @@ cdef int parse_object(Reader* r, int depth, bint options) noexcept nogil:
     """An object below the top level; `options`: it is stream_options (its include_usage is read)."""
     cdef Py_ssize_t key_start, key_len
     cdef bint key_esc
-    cdef int kind
+    cdef int kind, counted
     if depth > MAX_DEPTH:
         return FAIL
     r.i += 1
@@ -309,13 +321,16 @@ cdef int parse_object(Reader* r, int depth, bint options) noexcept nogil:
         key_start = r.s_start
         key_len = r.s_end - r.s_start
         key_esc = r.esc
+        counted = count_key(r, key_start, key_len) if r.large else K_OTHER
+        if counted == FAIL:
+            return FAIL
         skip_ws(r)
         if r.i >= r.n or r.p[r.i] != 0x3A:
             return FAIL
         r.i += 1
         skip_ws(r)
         kind = parse_value(r, depth)
-        if kind == FAIL:
+        if kind == FAIL or (counted == BLOB_KEY and kind == V_STR and r.s_end - r.s_start >= BLOB_MIN):
             return FAIL
         if options:
             if key_esc:  # an escaped spelling of include_usage: the reference decodes it
@@ -335,6 +350,37 @@ cdef int parse_object(Reader* r, int depth, bint options) noexcept nogil:
 
 cdef inline bint key_is(const unsigned char* p, Py_ssize_t n, const char* name, Py_ssize_t k) noexcept nogil:
     return n == k and memcmp(p, name, k) == 0
+
+
+cdef enum:
+    BLOB_KEY = 100  # count_key: a key whose string value the reference may read as a base64 blob
+
+
+cdef int count_key(Reader* r, Py_ssize_t ks, Py_ssize_t kl) noexcept nogil:
+    """A key (at any depth) of a large body, as the reference's scan (core/body.py `_scan`) sees it: its
+    regex matches a quote, one of the fact or blob key names, a quote, whitespace and a colon; in valid
+    JSON that is a key of that name, or one ending in an escaped quote and the name, so any key with an
+    escape is left to the reference (FAIL). Counted as the scan counts: more than MAX_MATCHES keys of those
+    names, or more than MAX_CANDIDATES fact keys, and the reference refuses the body as ambiguous (FAIL).
+    The fact key's kind, BLOB_KEY for a blob key (its string value, when BLOB_MIN bytes or more, may be a
+    blob the scan finds: FAIL, the caller checks), K_OTHER."""
+    cdef const unsigned char* p = r.p + ks
+    cdef int which
+    if r.esc:
+        return FAIL
+    which = fact_key(p, kl)
+    if which != K_OTHER:
+        r.candidates += 1
+    elif key_is(p, kl, "data", 4) or key_is(p, kl, "url", 3) or key_is(p, kl, "image_url", 9) or key_is(
+        p, kl, "file_data", 9
+    ):
+        which = BLOB_KEY
+    else:
+        return K_OTHER
+    r.matches += 1
+    if r.matches > MAX_MATCHES or r.candidates > MAX_CANDIDATES:
+        return FAIL
+    return which
 
 
 cdef int fact_key(const unsigned char* p, Py_ssize_t n) noexcept nogil:
@@ -406,14 +452,16 @@ cdef int read_top(Reader* r, Facts* f) noexcept nogil:
                 return FAIL
             r.i += 1
             skip_ws(r)
-            which = fact_key(r.p + ks, kl)
+            which = count_key(r, ks, kl) if r.large else fact_key(r.p + ks, kl)
+            if which == FAIL:
+                return FAIL
             if which == K_STREAM_OPTIONS and r.i < r.n and r.p[r.i] == 0x7B:
                 r.include_usage = False
                 kind = parse_object(r, 2, True)
                 f.include_usage = r.include_usage
             else:
                 kind = parse_value(r, 1)
-            if kind == FAIL:
+            if kind == FAIL or (which == BLOB_KEY and kind == V_STR and r.s_end - r.s_start >= BLOB_MIN):
                 return FAIL
             if which == K_MODEL:
                 if kind == V_STR:
@@ -489,7 +537,7 @@ cdef object facts_of(object body, bint estimate_prompt, bint precise, bint trunc
             body, estimate_prompt=estimate_prompt, precise=precise, truncated=truncated
         )
     n = PyBytes_GET_SIZE(body)
-    if n == 0 or n > PARSE_BELOW:
+    if n == 0 or n > MAX_PARSE_BYTES:
         return _python_request_facts(body, estimate_prompt=estimate_prompt, precise=precise)
     r.p = <const unsigned char*>PyBytes_AS_STRING(body)
     r.n = n
@@ -497,6 +545,9 @@ cdef object facts_of(object body, bint estimate_prompt, bint precise, bint trunc
     r.non_ascii = False
     r.esc = False
     r.include_usage = False
+    r.large = n > PARSE_BELOW
+    r.matches = 0
+    r.candidates = 0
     f.model_start = -1
     f.model_end = -1
     f.cap = -1
@@ -508,8 +559,9 @@ cdef object facts_of(object body, bint estimate_prompt, bint precise, bint trunc
     if not estimate_prompt:
         prompt = 0
     else:
-        # _blob_spans' own test (a blob marker in the body) first, in C: two searches of the whole body
-        blobs = _blob_spans(body) if n > BLOB_MIN and _blob_marker(r.p, n) else None
+        # _blob_spans' own test (a blob marker in the body) first, in C: two searches of the whole body; a
+        # large body read here has none (count_key: no blob key's string value as long as a blob)
+        blobs = _blob_spans(body) if not r.large and n > BLOB_MIN and _blob_marker(r.p, n) else None
         if not precise and not blobs and not r.non_ascii:
             prompt = <long long>ceil(n * QUICK_TOKENS_PER_BYTE)
         else:
