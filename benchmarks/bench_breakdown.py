@@ -94,11 +94,14 @@ class Fixtures:
         self.request_id = line.split(b":", 1)[1].strip().decode()
         self.meta = meta
 
-    def with_prompt(self, size: int) -> None:
+    def with_prompt(self, size: int, typographic: bool = False) -> None:
         """The recorded check with its message's text grown to `size` bytes of English (the headers'
-        content-length and x-nexus-content-length follow): what a longer prompt costs a check."""
+        content-length and x-nexus-content-length follow): what a longer prompt costs a check.
+        `typographic`: its prose with a curly apostrophe (UTF-8, as models write it), so the body is not
+        ASCII."""
         head, body = self.check.split(b"\r\n\r\n", 1)
-        text = (PROSE * (size // len(PROSE) + 1))[:size]
+        prose = PROSE.replace(b"the model", "the model\u2019s".encode()) if typographic else PROSE
+        text = (prose * (size // len(prose) + 1))[:size]
         new = body.replace(b'"Say hello."', b'"' + text + b'"', 1)
         assert new != body, "the recorded body has changed: update with_prompt"
         lines = head.split(b"\r\n")

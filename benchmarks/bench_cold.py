@@ -1,7 +1,7 @@
 """What one HTTP ext_authz check costs when the caches are cold, as at real request rates.
 
     .venv/bin/python benchmarks/bench_cold.py [--n 2000] [--sizes 0,65536,1048576,4194304] [--keys 1]
-        [--prompt-bytes N]
+        [--prompt-bytes N] [--typographic]
 
 In a hot in-process loop a check costs ~10-20 µs; through the real Envoy at 1,000 requests/s nexus-authz
 spends several times that, because between two requests Envoy, the load generator and the kernel run on
@@ -17,7 +17,9 @@ the pure-Python decision) and each pause. `--keys N`: N keys round-robin, each s
 checks and each check's usage settled (as bench_envoy's 10,000-key scenario; bench_footprint.py --keys
 counts the same checks' cold lines), to set what a key's own state costs against one key's.
 `--prompt-bytes N`: the recorded message's text grown to N bytes of English (what a longer prompt costs:
-the compiled reading handles bodies up to core/body.py PARSE_BELOW, 16 KiB; larger ones the pure one).
+up to core/body.py PARSE_BELOW, 16 KiB, the compiled reading parses as the reference does; larger ones
+where the reference's key scan reads the same). `--typographic`: that prose with a curly apostrophe (as
+models write it): a body that is not ASCII, whose prompt is estimated from its text instead of its size.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="the message's text grown to this many bytes (0: as recorded)",
     )
+    ap.add_argument("--typographic", action="store_true", help="that text with curly apostrophes (not ASCII)")
     args = ap.parse_args(argv)
     if args.n < 1 or args.keys < 1:
         ap.error("--n and --keys must be at least 1")
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens.warm_up()
     fx = bb.Fixtures()
     if args.prompt_bytes:
-        fx.with_prompt(args.prompt_bytes)
+        fx.with_prompt(args.prompt_bytes, args.typographic)
     secrets = bb.key_secrets(fx, args.keys)
     engine = bb.build_engine(Path(tempfile.mkdtemp(prefix="nexus-cold-")), fx, secrets)
     done = bb.after_check(engine, args.keys)

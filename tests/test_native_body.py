@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from nexus_authz import native
 from nexus_authz.core import body as core_body
+from nexus_authz.core import tokens
 from nexus_authz.core.body import PARSE_BELOW, RequestFacts
 from tests.helpers import json_valid, plain
 
@@ -487,3 +488,41 @@ def test_the_compiled_reader_answers_a_large_usual_body_itself(monkeypatch: pyte
     for i in handed:
         compiled(_with(LARGE[i], CHAT) or b"", precise=False)
     assert len(calls) == len(handed)
+
+
+# -- the prompt estimate of a body without blobs (the compiled reading's, in C) ------------------------------
+
+ESTIMATE_PIECES = [
+    *(
+        b"hello",
+        b" ",
+        b"world",
+        b"123",
+        b"!!",
+        b"...",
+        b"\n",
+        b"\r\n",
+        b"\t",
+        b"\x00",
+        b"{",
+        b"}",
+        b":",
+        b",",
+    ),
+    *(b"\\n", b"\\t", b'\\"', b"\\\\", b"\\", b"u0041", b"\\u0041", b"\\u6771", b"\\ud83d\\ude00", b"\\u12g"),
+    *(b'"role"', b'"role"role"', b"\x80", b"\xff", b"\xc0", b"\xed\xa0\x80"),
+    *(
+        s.encode()
+        for s in ("caf\u00e9", "\u6771\u4eac", "\U0001f600", "\u2019", "\u041f\u0440\u0438", "\u0e01")
+    ),
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(ESTIMATE_PIECES), max_size=200), st.integers(0, 3), st.binary(max_size=64))
+def test_the_prompt_estimate_is_the_references(pieces: list[bytes], repeat: int, noise: bytes) -> None:
+    """tokens.prompt_estimate(body, []) to the token, below and above SAMPLE_ABOVE (its samples joined: an
+    escape across two of them), escapes cut and corrected, every byte class."""
+    assert native.body is not None
+    body = (b"".join(pieces) + noise) * (1 + repeat * 40)
+    assert native.body.prompt_estimate(body) == tokens.prompt_estimate(body, [])

@@ -20,7 +20,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from cpython.object cimport PyObject
 from libc.math cimport ceil
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memcpy, memset
 
 
 cdef extern from "_plain8.h":
@@ -37,6 +37,7 @@ cdef extern from "Python.h":
     PyObject* _PyDict_GetItem_KnownHash(object d, object key, Py_hash_t hash)
 
 from nexus_authz.core import body as _core_body
+from nexus_authz.core import tokens as _tokens
 from nexus_authz.core.tokens import prompt_estimate as _prompt_estimate
 
 # Bound at import: the reference, even if a test or the composition root later rebinds the module's names.
@@ -494,6 +495,155 @@ cdef int read_top(Reader* r, Facts* f) noexcept nogil:
     return 0 if r.i == r.n else FAIL  # anything after the object: json's "Extra data"
 
 
+# -- the prompt estimate of a body without blobs: core/tokens.prompt_estimate(body, []) in C ---------------
+# One pass over the bytes it reads (the body, or the join of its evenly spaced samples above SAMPLE_ABOVE),
+# its \u escapes cut out as its regex cuts them, counting what estimate_tokens counts with its own byte-class
+# table (copied); then the same double arithmetic in the same order (the build compiles with
+# -ffp-contract=off: no fused multiply-add) and Python's rounding of a float (half to even: nearbyint).
+
+cdef extern from "math.h":
+    double nearbyint(double x) nogil
+
+cdef unsigned char CLASS[256]
+_classes = _tokens._CLASSES
+for _c in range(256):
+    CLASS[_c] = _classes[_c]
+cdef double W_LETTER = _tokens._LETTER, W_WORD = _tokens._WORD, W_DIGIT = _tokens._DIGIT
+cdef double W_PUNCT = _tokens._PUNCT, W_PUNCT_RUN = _tokens._PUNCT_RUN, W_NEWLINE = _tokens._NEWLINE
+cdef unsigned char NON_ASCII_CLASS[9]
+cdef double NON_ASCII_WEIGHT[9]
+if len(_tokens._NON_ASCII) != 9:  # pragma: no cover - a new script class: add it here
+    raise ImportError("core.tokens._NON_ASCII changed: update native/_body.pyx")
+for _c, (_cls, _weight) in enumerate(_tokens._NON_ASCII):
+    NON_ASCII_CLASS[_c] = _cls[0]
+    NON_ASCII_WEIGHT[_c] = _weight
+if [_e for _e, _ in _tokens._SHORT_ESCAPES] != [b"\\n", b"\\t", b'\\"']:  # pragma: no cover
+    raise ImportError("core.tokens._SHORT_ESCAPES changed: update native/_body.pyx")
+cdef double ESCAPED_CHAR = _tokens._ESCAPED_CHAR_TOKENS
+cdef double EXCESS_N = _tokens._SHORT_ESCAPES[0][1]
+cdef double EXCESS_T = _tokens._SHORT_ESCAPES[1][1]
+cdef double EXCESS_Q = _tokens._SHORT_ESCAPES[2][1]
+cdef Py_ssize_t SAMPLE_ABOVE = _tokens.SAMPLE_ABOVE
+cdef Py_ssize_t SAMPLES = _tokens._SAMPLES
+cdef Py_ssize_t SAMPLE_BYTES = _tokens._SAMPLE_BYTES
+if SAMPLES * SAMPLE_BYTES > 4096:  # pragma: no cover - the sample buffer below
+    raise ImportError("core.tokens' samples grew: update native/_body.pyx")
+cdef long long REQUEST_SYNTAX = _tokens._REQUEST_SYNTAX
+cdef long long PER_MESSAGE_SYNTAX = _tokens._PER_MESSAGE_SYNTAX
+
+
+cdef struct Tally:
+    long long counts[256]  # remaining bytes of each class (indexed by the class's letter)
+    long long words  # runs of letters and of punctuation (estimate_tokens' _runs)
+    long long puncts
+    long long escapes  # \u escapes cut out
+    long long esc_n  # \n, \t, \" in what remains
+    long long esc_t
+    long long esc_q
+    long long size  # bytes that remain
+    bint backslash  # the text read holds a backslash (before the cut)
+    bint non_ascii  # what remains holds a byte >= 0x80
+    unsigned char last  # the last remaining byte, and its class
+    unsigned char last_class
+
+
+cdef inline bint _hex(unsigned char c) noexcept nogil:
+    return (48 <= c <= 57) or (65 <= c <= 70) or (97 <= c <= 102)
+
+
+cdef void _tally(Tally* t, const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """What estimate_tokens and _unescaped_estimate count in p[:n], its \\u escapes (`\\\\u[0-9a-fA-F]{4}`,
+    leftmost, not overlapping) cut out first."""
+    cdef Py_ssize_t i = 0
+    cdef unsigned char b, c
+    while i < n:
+        b = p[i]
+        if b == 92:
+            t.backslash = True
+            if i + 5 < n and p[i + 1] == 117 and _hex(p[i + 2]) and _hex(p[i + 3]) and _hex(p[i + 4]) and _hex(p[i + 5]):
+                t.escapes += 1
+                i += 6
+                continue
+        c = CLASS[b]
+        if c == 97 and (t.size == 0 or t.last_class != 97):  # 'a': a run of letters starts
+            t.words += 1
+        elif c == 112 and (t.size == 0 or t.last_class != 112):  # 'p': a run of punctuation starts
+            t.puncts += 1
+        if t.size and t.last == 92:
+            if b == 110:
+                t.esc_n += 1
+            elif b == 116:
+                t.esc_t += 1
+            elif b == 34:
+                t.esc_q += 1
+        if b >= 0x80:
+            t.non_ascii = True
+        t.counts[c] += 1
+        t.size += 1
+        t.last = b
+        t.last_class = c
+        i += 1
+
+
+cdef double _unescaped(Tally* t) noexcept nogil:
+    """core/tokens._unescaped_estimate of the tallied text: estimate_tokens of what remains (an int), then
+    with a backslash in the text its corrections, as a float."""
+    cdef double total, estimate
+    cdef long long tokens = 0
+    cdef int k
+    if t.size:
+        total = (W_LETTER * <double>t.counts[97] + W_WORD * <double>t.words + W_DIGIT * <double>t.counts[100]
+                 + W_PUNCT * <double>t.counts[112] + W_PUNCT_RUN * <double>t.puncts
+                 + W_NEWLINE * <double>t.counts[110])
+        if t.non_ascii:
+            for k in range(9):
+                total += NON_ASCII_WEIGHT[k] * <double>t.counts[NON_ASCII_CLASS[k]]
+        tokens = <long long>nearbyint(total)
+        if tokens < 1:
+            tokens = 1
+    if not t.backslash:
+        return <double>tokens
+    estimate = <double>tokens + <double>t.escapes * ESCAPED_CHAR
+    estimate -= EXCESS_N * <double>t.esc_n
+    estimate -= EXCESS_T * <double>t.esc_t
+    estimate -= EXCESS_Q * <double>t.esc_q
+    return estimate if estimate > 0.0 else 0.0
+
+
+cdef long long _prompt_tokens(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """core/tokens.prompt_estimate(p[:n], []): a body without blobs."""
+    cdef Tally t
+    cdef unsigned char sample[4096]
+    cdef Py_ssize_t step, i, roles = 0
+    cdef long long estimate, syntax, half
+    cdef const void* at
+    memset(&t, 0, sizeof(Tally))
+    if n <= SAMPLE_ABOVE:
+        _tally(&t, p, n)
+        estimate = <long long>nearbyint(_unescaped(&t))
+    else:
+        step = n // SAMPLES
+        for i in range(SAMPLES):  # joined first: an escape may span two samples
+            memcpy(sample + i * SAMPLE_BYTES, p + i * step, SAMPLE_BYTES)
+        _tally(&t, sample, SAMPLES * SAMPLE_BYTES)
+        estimate = <long long>nearbyint(_unescaped(&t) * <double>n / <double>(SAMPLES * SAMPLE_BYTES))
+    i = 0
+    while True:  # bytes.count(b'"role"'): not overlapping
+        at = memmem(p + i, n - i, b'"role"', 6)
+        if at == NULL:
+            break
+        roles += 1
+        i = <const unsigned char*>at - p + 6
+    syntax = REQUEST_SYNTAX + PER_MESSAGE_SYNTAX * roles
+    half = (estimate + 1) // 2
+    return estimate - syntax if estimate - syntax > half else half
+
+
+def prompt_estimate(bytes body not None):
+    """core/tokens.prompt_estimate(body, []) (tests: the same int for every body)."""
+    return _prompt_tokens(<const unsigned char*>PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
+
+
 cdef str _last_model = None  # the model str of the last body that named one (ASCII)
 
 
@@ -564,8 +714,10 @@ cdef object facts_of(object body, bint estimate_prompt, bint precise, bint trunc
         blobs = _blob_spans(body) if not r.large and n > BLOB_MIN and _blob_marker(r.p, n) else None
         if not precise and not blobs and not r.non_ascii:
             prompt = <long long>ceil(n * QUICK_TOKENS_PER_BYTE)
+        elif not blobs:
+            prompt = _prompt_tokens(r.p, n)  # tokens.prompt_estimate(body, []), in C
         else:
-            prompt = _prompt_estimate(body, blobs if blobs is not None else [])
+            prompt = _prompt_estimate(body, blobs)
     model = None
     if f.model_start >= 0:
         model = _model(PyBytes_AS_STRING(body) + f.model_start, f.model_end - f.model_start)
