@@ -111,6 +111,22 @@ class Fixtures:
                 lines[j] = name + b": %d" % len(new)
         self.check = b"\r\n".join(lines) + b"\r\n\r\n" + new
 
+    def with_image(self, size: int) -> None:
+        """The recorded check with an image of `size` bytes of base64 (a data: URI) beside its message's
+        text, as OpenAI's vision requests carry it: its prompt is the text's estimate plus the image's."""
+        head, body = self.check.split(b"\r\n\r\n", 1)
+        image = b"data:image/png;base64," + (b"iVBORw0KGgo" * (size // 11 + 1))[:size]
+        part = b'[{"type":"text","text":"Say hello."},{"type":"image_url","image_url":{"url":"'
+        part += image + b'"}}]'
+        new = body.replace(b'"Say hello."', part, 1)
+        assert new != body, "the recorded body has changed: update with_image"
+        lines = head.split(b"\r\n")
+        for j, line in enumerate(lines):
+            name = line.split(b":", 1)[0].lower()
+            if name in (b"content-length", b"x-nexus-content-length"):
+                lines[j] = name + b": %d" % len(new)
+        self.check = b"\r\n".join(lines) + b"\r\n\r\n" + new
+
     def with_request_id(self, i: int) -> tuple[bytes, str]:
         rid = f"{i:08x}-0000-4000-8000-000000000000"
         assert len(rid) == len(self.request_id)

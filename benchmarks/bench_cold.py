@@ -1,7 +1,7 @@
 """What one HTTP ext_authz check costs when the caches are cold, as at real request rates.
 
     .venv/bin/python benchmarks/bench_cold.py [--n 2000] [--sizes 0,65536,1048576,4194304] [--keys 1]
-        [--prompt-bytes N] [--typographic]
+        [--prompt-bytes N] [--typographic] [--image-bytes N]
 
 In a hot in-process loop a check costs ~10-20 µs; through the real Envoy at 1,000 requests/s nexus-authz
 spends several times that, because between two requests Envoy, the load generator and the kernel run on
@@ -20,6 +20,7 @@ counts the same checks' cold lines), to set what a key's own state costs against
 up to core/body.py PARSE_BELOW, 16 KiB, the compiled reading parses as the reference does; larger ones
 where the reference's key scan reads the same). `--typographic`: that prose with a curly apostrophe (as
 models write it): a body that is not ASCII, whose prompt is estimated from its text instead of its size.
+`--image-bytes N`: an image of N bytes of base64 (a data: URI) in the message, as vision requests send it.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the message's text grown to this many bytes (0: as recorded)",
     )
     ap.add_argument("--typographic", action="store_true", help="that text with curly apostrophes (not ASCII)")
+    ap.add_argument("--image-bytes", type=int, default=0, help="an image of this many base64 bytes beside it")
     args = ap.parse_args(argv)
     if args.n < 1 or args.keys < 1:
         ap.error("--n and --keys must be at least 1")
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     fx = bb.Fixtures()
     if args.prompt_bytes:
         fx.with_prompt(args.prompt_bytes, args.typographic)
+    if args.image_bytes:
+        fx.with_image(args.image_bytes)
     secrets = bb.key_secrets(fx, args.keys)
     engine = bb.build_engine(Path(tempfile.mkdtemp(prefix="nexus-cold-")), fx, secrets)
     done = bb.after_check(engine, args.keys)

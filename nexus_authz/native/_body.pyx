@@ -9,7 +9,9 @@ NaN or Infinity, depth at most MAX_DEPTH, numbers of at most MAX_NUMBER characte
 all distinct and spelled without escapes, and whose fact values need no decoding of escapes or floats. A
 body over PARSE_BELOW, which the reference reads by its key scan rather than a parse, is answered only
 where that scan reads what the parse does (`count_key`): no key at any depth spelled with an escape, no more
-fact or blob keys than the scan's limits, no blob key's string value as long as a blob. Any other body
+fact or blob keys than the scan's limits. The body's base64 blobs are found as that scan finds them (in
+a body up to PARSE_BELOW only when it holds a blob marker, as `_blob_spans`), and its prompt estimated as
+core/tokens.prompt_estimate estimates it (`_prompt_tokens`, to the token). Any other body
 (invalid, duplicate keys, an escaped key, not UTF-8, NUL, cut, larger, a float max_tokens ...) is handed to
 the pure reading, which answers it, refusals included: this reader can never be more lenient than the
 reference (tests/test_native_body.py checks both give the same RequestFacts on generated bodies, large ones
@@ -17,10 +19,11 @@ too).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from cpython.object cimport PyObject
 from libc.math cimport ceil
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memchr, memcmp, memcpy, memset
 
 
 cdef extern from "_plain8.h":
@@ -44,7 +47,6 @@ from nexus_authz.core.tokens import prompt_estimate as _prompt_estimate
 _python_request_facts = _core_body.request_facts
 _object_facts = _core_body._object_facts
 cdef dict _FACTS_CACHE = _core_body._FACTS_CACHE  # emptied in place when full, never rebound
-_blob_spans = _core_body._blob_spans
 
 cdef Py_ssize_t PARSE_BELOW = _core_body.PARSE_BELOW
 cdef Py_ssize_t MAX_PARSE_BYTES = _core_body.MAX_PARSE_BYTES
@@ -54,6 +56,7 @@ cdef Py_ssize_t BLOB_MIN = _core_body._BLOB_MIN
 cdef double QUICK_TOKENS_PER_BYTE = _core_body.QUICK_TOKENS_PER_BYTE
 
 cdef enum:
+    MAX_BLOBS = 512  # core/body._MAX_MATCHES: the scan finds no more
     MAX_DEPTH = 64  # far below the interpreter's recursion limit, which json's own bound depends on
     MAX_TOP_KEYS = 64
     MAX_NUMBER = 64  # characters: far below the int-conversion limit (4,300 digits) json enforces
@@ -107,11 +110,16 @@ cdef struct Reader:
     bint int_big
     # stream_options.include_usage (the last one: dict() keeps the last of a nested duplicate)
     bint include_usage
-    # a body over PARSE_BELOW, which the reference reads by its key scan (core/body.py `_scan`): the keys
-    # (any depth) its regex matches, and of them the fact keys (see count_key)
+    # a body over PARSE_BELOW, which the reference reads by its key scan (core/body.py `_scan`), or one
+    # whose blobs it looks for with that scan (`count`: a small body with a blob marker): the keys (any
+    # depth) its regex matches, of them the fact keys (see count_key), and the blobs it finds
     bint large
+    bint count
     int matches
     int candidates
+    int nblobs
+    Py_ssize_t blob_start[MAX_BLOBS]
+    Py_ssize_t blob_end[MAX_BLOBS]
 
 
 cdef inline bint is_ws(unsigned char c) noexcept nogil:
@@ -322,7 +330,7 @@ cdef int parse_object(Reader* r, int depth, bint options) noexcept nogil:
         key_start = r.s_start
         key_len = r.s_end - r.s_start
         key_esc = r.esc
-        counted = count_key(r, key_start, key_len) if r.large else K_OTHER
+        counted = count_key(r, key_start, key_len) if r.count else K_OTHER
         if counted == FAIL:
             return FAIL
         skip_ws(r)
@@ -331,8 +339,10 @@ cdef int parse_object(Reader* r, int depth, bint options) noexcept nogil:
         r.i += 1
         skip_ws(r)
         kind = parse_value(r, depth)
-        if kind == FAIL or (counted == BLOB_KEY and kind == V_STR and r.s_end - r.s_start >= BLOB_MIN):
+        if kind == FAIL:
             return FAIL
+        if counted == BLOB_KEY and kind == V_STR and r.s_end - r.s_start >= BLOB_MIN:
+            blob_at(r, r.s_start - 1)
         if options:
             if key_esc:  # an escaped spelling of include_usage: the reference decodes it
                 return FAIL
@@ -357,14 +367,43 @@ cdef enum:
     BLOB_KEY = 100  # count_key: a key whose string value the reference may read as a base64 blob
 
 
+cdef void blob_at(Reader* r, Py_ssize_t q) noexcept nogil:
+    """core/body.py `_blob_at` of a blob key's string value (its opening quote at q): recorded when it is a
+    base64 blob (a data: URI's payload or bare base64: BLOB_MIN bytes or more up to the next quote, the
+    first KB in the base64 alphabet or a backslash), from its quote to that next quote."""
+    cdef const unsigned char* p = r.p
+    cdef Py_ssize_t n = r.n, start = q + 1, end, stop, k
+    cdef const unsigned char* at
+    if start + 5 <= n and memcmp(p + start, b"data:", 5) == 0:
+        stop = start + 256 if start + 256 < n else n  # bytes.find(b";base64,", start, start + 256)
+        at = <const unsigned char*>memmem(p + start, stop - start, b";base64,", 8) if stop > start else NULL
+        if at == NULL:
+            return
+        start = at - p + 8
+    at = <const unsigned char*>memchr(p + start, 0x22, n - start) if start < n else NULL
+    if at == NULL:
+        return
+    end = at - p
+    if end - start < BLOB_MIN:
+        return
+    stop = end if end < start + 1024 else start + 1024
+    for k in range(start, stop):
+        if not B64_RUN[p[k]]:
+            return
+    if r.nblobs < MAX_BLOBS:
+        r.blob_start[r.nblobs] = q
+        r.blob_end[r.nblobs] = end
+        r.nblobs += 1
+
+
 cdef int count_key(Reader* r, Py_ssize_t ks, Py_ssize_t kl) noexcept nogil:
-    """A key (at any depth) of a large body, as the reference's scan (core/body.py `_scan`) sees it: its
-    regex matches a quote, one of the fact or blob key names, a quote, whitespace and a colon; in valid
-    JSON that is a key of that name, or one ending in an escaped quote and the name, so any key with an
-    escape is left to the reference (FAIL). Counted as the scan counts: more than MAX_MATCHES keys of those
-    names, or more than MAX_CANDIDATES fact keys, and the reference refuses the body as ambiguous (FAIL).
-    The fact key's kind, BLOB_KEY for a blob key (its string value, when BLOB_MIN bytes or more, may be a
-    blob the scan finds: FAIL, the caller checks), K_OTHER."""
+    """A key (at any depth) of a body the reference reads with its key scan (core/body.py `_scan`), as the
+    scan sees it: its regex matches a quote, one of the fact or blob key names, a quote, whitespace and a
+    colon; in valid JSON that is a key of that name, or one ending in an escaped quote and the name, so
+    any key with an escape is left to the reference (FAIL). Counted as the scan counts: more than
+    MAX_MATCHES keys of those names, or more than MAX_CANDIDATES fact keys, and the reference refuses the
+    body as ambiguous (FAIL). The fact key's kind, BLOB_KEY for a blob key (its string value may be a blob:
+    blob_at, the caller calls it), K_OTHER."""
     cdef const unsigned char* p = r.p + ks
     cdef int which
     if r.esc:
@@ -453,7 +492,7 @@ cdef int read_top(Reader* r, Facts* f) noexcept nogil:
                 return FAIL
             r.i += 1
             skip_ws(r)
-            which = count_key(r, ks, kl) if r.large else fact_key(r.p + ks, kl)
+            which = count_key(r, ks, kl) if r.count else fact_key(r.p + ks, kl)
             if which == FAIL:
                 return FAIL
             if which == K_STREAM_OPTIONS and r.i < r.n and r.p[r.i] == 0x7B:
@@ -462,8 +501,10 @@ cdef int read_top(Reader* r, Facts* f) noexcept nogil:
                 f.include_usage = r.include_usage
             else:
                 kind = parse_value(r, 1)
-            if kind == FAIL or (which == BLOB_KEY and kind == V_STR and r.s_end - r.s_start >= BLOB_MIN):
+            if kind == FAIL:
                 return FAIL
+            if which == BLOB_KEY and kind == V_STR and r.s_end - r.s_start >= BLOB_MIN:
+                blob_at(r, r.s_start - 1)
             if which == K_MODEL:
                 if kind == V_STR:
                     if r.esc:
@@ -528,6 +569,10 @@ cdef Py_ssize_t SAMPLES = _tokens._SAMPLES
 cdef Py_ssize_t SAMPLE_BYTES = _tokens._SAMPLE_BYTES
 if SAMPLES * SAMPLE_BYTES > 4096:  # pragma: no cover - the sample buffer below
     raise ImportError("core.tokens' samples grew: update native/_body.pyx")
+cdef long long IMAGE_TOKENS = _tokens.IMAGE_TOKENS
+cdef bint B64_RUN[256]  # core/body._B64_RUN's characters
+for _c in range(256):
+    B64_RUN[_c] = _core_body._B64_RUN.fullmatch(bytes([_c])) is not None
 cdef long long REQUEST_SYNTAX = _tokens._REQUEST_SYNTAX
 cdef long long PER_MESSAGE_SYNTAX = _tokens._PER_MESSAGE_SYNTAX
 
@@ -639,6 +684,30 @@ cdef long long _prompt_tokens(const unsigned char* p, Py_ssize_t n) noexcept nog
     return estimate - syntax if estimate - syntax > half else half
 
 
+cdef long long _prompt_with_blobs(Reader* r) except -1:
+    """core/tokens.prompt_estimate(body, blobs): IMAGE_TOKENS a blob, the estimate of the text around them."""
+    cdef unsigned char* text = <unsigned char*>PyMem_Malloc(r.n + 1)
+    cdef Py_ssize_t pos = 0, o = 0, start, end
+    cdef long long extra = 0
+    cdef int k
+    if text == NULL:
+        raise MemoryError()
+    try:
+        for k in range(r.nblobs):
+            start, end = r.blob_start[k], r.blob_end[k]
+            if start < pos:
+                continue
+            memcpy(text + o, r.p + pos, start - pos)
+            o += start - pos
+            pos = end
+            extra += IMAGE_TOKENS
+        memcpy(text + o, r.p + pos, r.n - pos)
+        o += r.n - pos
+        return extra + _prompt_tokens(text, o)
+    finally:
+        PyMem_Free(text)
+
+
 def prompt_estimate(bytes body not None):
     """core/tokens.prompt_estimate(body, []) (tests: the same int for every body)."""
     return _prompt_tokens(<const unsigned char*>PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
@@ -696,8 +765,11 @@ cdef object facts_of(object body, bint estimate_prompt, bint precise, bint trunc
     r.esc = False
     r.include_usage = False
     r.large = n > PARSE_BELOW
+    # the reference looks for blobs in a small body only with a marker (_blob_spans), in a large one always
+    r.count = r.large or (estimate_prompt and n > BLOB_MIN and _blob_marker(r.p, n))
     r.matches = 0
     r.candidates = 0
+    r.nblobs = 0
     f.model_start = -1
     f.model_end = -1
     f.cap = -1
@@ -708,16 +780,12 @@ cdef object facts_of(object body, bint estimate_prompt, bint precise, bint trunc
         return _python_request_facts(body, estimate_prompt=estimate_prompt, precise=precise)
     if not estimate_prompt:
         prompt = 0
+    elif r.nblobs:  # tokens.prompt_estimate(body, blobs), in C
+        prompt = _prompt_with_blobs(&r)
+    elif not precise and not r.non_ascii:
+        prompt = <long long>ceil(n * QUICK_TOKENS_PER_BYTE)
     else:
-        # _blob_spans' own test (a blob marker in the body) first, in C: two searches of the whole body; a
-        # large body read here has none (count_key: no blob key's string value as long as a blob)
-        blobs = _blob_spans(body) if not r.large and n > BLOB_MIN and _blob_marker(r.p, n) else None
-        if not precise and not blobs and not r.non_ascii:
-            prompt = <long long>ceil(n * QUICK_TOKENS_PER_BYTE)
-        elif not blobs:
-            prompt = _prompt_tokens(r.p, n)  # tokens.prompt_estimate(body, []), in C
-        else:
-            prompt = _prompt_estimate(body, blobs)
+        prompt = _prompt_tokens(r.p, n)  # tokens.prompt_estimate(body, []), in C
     model = None
     if f.model_start >= 0:
         model = _model(PyBytes_AS_STRING(body) + f.model_start, f.model_end - f.model_start)
