@@ -580,6 +580,13 @@ def main(argv: list[str] | None = None) -> int:
     results["ALS message of 20 streams without a usage chunk (completion counted), per entry"] = batches(
         nb, als_messages(serialized(uncounted_entries), n)
     )
+    # an Anthropic stream: the Lua tap keeps its message_start and message_delta events
+    events = (REPO / "tests" / "fixtures" / "usage" / "anthropic_stream.sse").read_bytes().split(b"\n\n")
+    anthropic = b"".join(event + b"\n\n" for event in events if b'"usage"' in event)
+    anthropic_entries = [tapped(entry, "sse", anthropic) for entry in sse_entries]
+    results["ALS message of 20 Anthropic streams (message_start, message_delta), per entry"] = batches(
+        nb, als_messages(serialized(anthropic_entries), n)
+    )
     # a long stream without a usage chunk (400 one-token deltas, 57 KB): from 8 KiB its count runs in a
     # worker thread, so the process's CPU is the figure (the loop thread's share beside it)
     chunk = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o-2024-08-06"}

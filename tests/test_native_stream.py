@@ -8,6 +8,7 @@ UTF-8, an escape json refuses)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -20,6 +21,8 @@ from tests.adapters.test_als_fast import _compiled  # noqa: F401
 from tests.fuzz._support import fuzz_settings
 
 pytestmark = pytest.mark.usefixtures("_compiled")
+
+FIXTURE_DIR = Path(__file__).parent / "fixtures" / "usage"
 
 _NO_COUNT = object()
 
@@ -198,3 +201,89 @@ def test_any_text_the_provider_sends_reads_as_the_reference(
     got = compiled_text(data, split)
     if got is not None or not any(0xD800 <= ord(c) <= 0xDFFF for t in texts for c in t):
         assert got == pure_text(data, split), data
+
+
+# -- an Anthropic stream's usage events (native/_usage.pyx `anthropic_sse_counts`, the "sse" snippet) -------
+
+_FIELDS = ["input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens", "output_tokens"]
+_VALUES = ["0", "7", "123456", "1099511627776", "1099511627777", "7.0", "-1", "true", '"5"', "null", "1e3"]
+_VALUES = _VALUES[:4] * 6 + _VALUES  # mostly plain counts: the compiled reading answers most events
+_USAGE_MEMBERS = st.lists(
+    st.tuples(
+        st.sampled_from([*_FIELDS, "prompt_tokens", "total_tokens", "service_tier", "x"]),
+        st.sampled_from(_VALUES),
+    ),
+    max_size=5,
+)
+
+
+@st.composite
+def anthropic_events(draw: st.DrawFn, clean: bool) -> bytes:
+    """Usage events as the Lua tap keeps them. `clean`: as Anthropic sends them (message_start, then
+    message_delta events, the usage object at its place with counts only), named by an event: line or
+    their data's "type"; else also other names, no name, the usage object elsewhere, any members, data
+    over two lines, CR line ends."""
+    out = b""
+    count = draw(st.integers(1, 4))
+    for i in range(count):
+        if clean:
+            name = "message_start" if i == 0 and count > 1 else "message_delta"
+            keys = draw(st.lists(st.sampled_from(_FIELDS), min_size=1, max_size=4))
+            members = [(k, draw(st.sampled_from(["0", "7", "123456", "999999999999"]))) for k in keys]
+            place = "right"
+        else:
+            name = draw(
+                st.sampled_from(
+                    ["message_start"] * 3 + ["message_delta"] * 5 + ["ping", "response.completed"]
+                )
+            )
+            members = draw(_USAGE_MEMBERS)
+            place = draw(st.sampled_from(["right"] * 8 + ["top", "deep"]))
+        usage = "{" + ",".join(f'"{k}":{v}' for k, v in members) + "}"
+        nested = (name == "message_start") == (place == "right") or place == "deep"
+        body = f'"message":{{"id":"m","usage":{usage},"x":1}}' if nested else f'"usage":{usage}'
+        if place == "deep":
+            body = f'"message":{{"inner":{{{body}}}}}'
+        line = draw(st.sampled_from([f"event: {name}\n", f"event:{name}\n", ""]))
+        typed_first = draw(st.booleans()) or (clean and not line)  # a clean event is named somewhere
+        data = f'{{"type":"{name}",{body}}}' if typed_first else f'{{{body},"type":"{name}"}}'
+        if not clean and draw(st.integers(0, 9)) == 0:
+            data = data.replace(',"', ',\ndata: "', 1)
+        out += (line + "data: " + data + "\n\n").encode()
+    if not clean and draw(st.integers(0, 9)) == 0:
+        out = out.replace(b"\n", b"\r\n")
+    return out
+
+
+def pure_usage(data: bytes, split: bool) -> object:
+    parser = StreamUsage(content_type="text/event-stream")
+    parser.feed(data)
+    if split:
+        parser.count_exactly(lambda text: 0, 1 << 30)
+    return parser.finish()
+
+
+@fuzz_settings(1500, deadline=None)
+@given(data=st.one_of(anthropic_events(True), anthropic_events(False)), split=st.booleans())
+def test_anthropic_usage_events_read_as_the_reference(data: bytes, split: bool) -> None:
+    """Whenever the compiled reading answers, StreamUsage reads the same provider Usage (with and without
+    count_exactly's drain first)."""
+    assert native.usage is not None
+    counts = native.usage.anthropic_sse_counts(data)
+    if counts is not None:
+        assert pure_usage(data, split) == usage_records._anthropic_counts(*counts), data
+
+
+def test_anthropic_usage_events_are_read_in_c() -> None:
+    """Not vacuous: the fixture's usage events, and events named only by their data's type."""
+    assert native.usage is not None
+    events = (FIXTURE_DIR / "anthropic_stream.sse").read_bytes().split(b"\n\n")
+    snippet = b"".join(e + b"\n\n" for e in events if b'"usage"' in e)
+    assert native.usage.anthropic_sse_counts(snippet) == (472, 2048, 0, 89)
+    typed = b"".join(
+        b"\n".join(line for line in e.split(b"\n") if not line.startswith(b"event:")) + b"\n\n"
+        for e in events
+        if b'"usage"' in e
+    )
+    assert native.usage.anthropic_sse_counts(typed) == (472, 2048, 0, 89)
+    assert pure_usage(typed, False) == usage_records._anthropic_counts(472, 2048, 0, 89)

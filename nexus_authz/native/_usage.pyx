@@ -20,7 +20,9 @@ the pure path's rules, never a second source of truth.
   is left to protobuf and the per-entry path. With `later` (the handler's call when account_run runs) a
   record's base64 is left where it is, and account_run decodes it into one reused buffer.
 - `sse_usage_span(data)`: the usage record of a Lua "sse" snippet holding OpenAI's usage chunk, when
-  core/usage.StreamUsage would read the snippet's usage from that record alone.
+  core/usage.StreamUsage would read the snippet's usage from that record alone; `anthropic_sse_counts`:
+  an Anthropic stream's counts from its message_start and message_delta usage events, merged as
+  StreamUsage merges them, when it reads them from those events' last usage objects alone.
 - `usage_counts(body, start, end)`: the counts of a usage object either span above found, when it is a
   common record (its counts plain integers, no escaped key): the members core/usage_records.record_usage
   reads, in its order of precedence, for its formulas (`usage_from_counts`); None (the core's reader
@@ -1059,9 +1061,11 @@ def usage_counts(bytes body not None, Py_ssize_t start, Py_ssize_t end):
     return None
 
 
-cdef int _counts(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, long long* out) noexcept:
+cdef int _counts(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, long long* out,
+                 bint* present=NULL) noexcept:
     """usage_counts of s[start:end] (0 < start < end within s): 1 "openai" (out: prompt, completion,
-    cached, cache_write, reasoning), 2 "anthropic" (out: input, cache_read, cache_creation, output), 0 None."""
+    cached, cache_write, reasoning), 2 "anthropic" (out: input, cache_read, cache_creation, output; with
+    `present`, which of those four members the object has), 0 None."""
     cdef Py_ssize_t i, key_start, key_end, v
     cdef bint escaped = False
     cdef bint seen[11]
@@ -1123,6 +1127,9 @@ cdef int _counts(const unsigned char* s, Py_ssize_t start, Py_ssize_t end, long 
     if seen[F_INPUT] or seen[F_CACHE_READ] or seen[F_CACHE_CREATION] or seen[F_OUTPUT]:  # Anthropic
         out[0], out[1], out[2], out[3] = (
             value[F_INPUT], value[F_CACHE_READ], value[F_CACHE_CREATION], value[F_OUTPUT])
+        if present != NULL:
+            present[0], present[1] = seen[F_INPUT], seen[F_CACHE_READ]
+            present[2], present[3] = seen[F_CACHE_CREATION], seen[F_OUTPUT]
         return 2
     return 0
 
@@ -1230,6 +1237,199 @@ cdef bint _sse_span(const unsigned char* s, Py_ssize_t n, Span* out) noexcept:
     out.start = brace
     out.end = end
     return True
+
+
+# -- an Anthropic stream's usage events ----------------------------------------------------------------
+
+cdef enum:
+    NAME_MAX = 64  # core/usage_records._EVENT_NAME / _DATA_TYPE: a name of 1 to 64 bytes
+    EV_NONE = 0  # an event without a name (OpenAI's chunks), or one whose name carries no usage record
+    EV_START = 1  # message_start: its record is data.message.usage (depth 2)
+    EV_DELTA = 2  # message_delta: data.usage (depth 1), cumulative
+    EV_OTHER = 3  # any other name (Responses' final events, ...): the pure parser reads the snippet
+
+
+cdef inline bint _space(unsigned char c) noexcept:
+    """bytes regex \\s: space, \\t, \\n, \\r, \\f, \\v."""
+    return c == 32 or 9 <= c <= 13
+
+
+cdef int _named(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Py_ssize_t* name_start,
+                Py_ssize_t* name_end) noexcept:
+    """The name s[name_start:name_end] of a match of _EVENT_NAME (`(?:^|\\n)event:[ \\t]*([^\\s]{1,64})`)
+    at i (a line start): 1, or 0."""
+    cdef Py_ssize_t j, k
+    if i + 6 > n or memcmp(s + i, b"event:", 6) != 0:
+        return 0
+    j = i + 6
+    while j < n and (s[j] == 32 or s[j] == 9):
+        j += 1
+    k = j
+    while k < n and k - j < NAME_MAX and not _space(s[k]):
+        k += 1
+    if k == j:
+        return 0
+    name_start[0], name_end[0] = j, k
+    return 1
+
+
+cdef int _typed(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Py_ssize_t* name_start,
+                Py_ssize_t* name_end) noexcept:
+    """The same for _DATA_TYPE (`(?:^|\\n)data:[ \\t]*\\{ws"type"ws:ws"([^"\\\\]{1,64})"`)."""
+    cdef Py_ssize_t j, k
+    if i + 5 > n or memcmp(s + i, b"data:", 5) != 0:
+        return 0
+    j = i + 5
+    while j < n and (s[j] == 32 or s[j] == 9):
+        j += 1
+    if j >= n or s[j] != 123:
+        return 0
+    j = _ws4(s, j + 1, n)
+    if j + 6 > n or memcmp(s + j, b'"type"', 6) != 0:
+        return 0
+    j = _ws4(s, j + 6, n)
+    if j >= n or s[j] != 58:
+        return 0
+    j = _ws4(s, j + 1, n)
+    if j >= n or s[j] != 34:
+        return 0
+    j += 1
+    k = j
+    while k < n and k - j <= NAME_MAX and s[k] != 34 and s[k] != 92:
+        k += 1
+    if k >= n or s[k] != 34 or k == j or k - j > NAME_MAX:
+        return 0
+    name_start[0], name_end[0] = j, k
+    return 1
+
+
+cdef int _event_kind(const unsigned char* s, Py_ssize_t start, Py_ssize_t n) noexcept:
+    """StreamUsage._take_usage's event name, from the event's first HEAD_BYTES (from `start`): the first
+    _EVENT_NAME match when "event:" is there, else the first _DATA_TYPE match when '"type"' is."""
+    cdef Py_ssize_t head = start + HEAD_BYTES if start + HEAD_BYTES < n else n, i, a = 0, b = 0
+    cdef bint found = False
+    if _find(s, start, head, b"event:", 6) >= 0:
+        i = start
+        while i < head:  # the regex's positions: the head's start, and after each \n
+            if _named(s, i, head, &a, &b):
+                found = True
+                break
+            i = _find(s, i, head, b"\n", 1)
+            if i < 0:
+                break
+            i += 1
+    if not found and _find(s, start, head, b'"type"', 6) >= 0:
+        i = start
+        while i < head:
+            if _typed(s, i, head, &a, &b):
+                found = True
+                break
+            i = _find(s, i, head, b"\n", 1)
+            if i < 0:
+                break
+            i += 1
+    if not found:
+        return EV_NONE
+    if b - a == 13 and memcmp(s + a, b"message_start", 13) == 0:
+        return EV_START
+    if b - a == 13 and memcmp(s + a, b"message_delta", 13) == 0:
+        return EV_DELTA
+    return EV_OTHER
+
+
+cdef bint _closes(const unsigned char* s, Py_ssize_t i, Py_ssize_t stop, int depth) noexcept:
+    """What follows a usage object (from i) up to its event's end closes exactly `depth` objects, as
+    usage_records._record_at checks it (`{"_":0` + it, or `{"_":{"_":0` + it, is one JSON document)."""
+    cdef bint escaped = False
+    cdef int closed = 0
+    i = _ws(s, i, stop)
+    while closed < depth:
+        while i < stop and s[i] == 44:  # ',' "key" : value
+            i = _ws(s, i + 1, stop)
+            if i >= stop or s[i] != 34:
+                return False
+            i = _string(s, i, stop, &escaped)
+            if i < 0:
+                return False
+            i = _ws(s, i, stop)
+            if i >= stop or s[i] != 58:
+                return False
+            i = _value(s, _ws(s, i + 1, stop), stop, 1)
+            if i < 0:
+                return False
+            i = _ws(s, i, stop)
+        if i >= stop or s[i] != 125:
+            return False
+        closed += 1
+        i = _ws(s, i + 1, stop)
+    return i == stop
+
+
+cdef bint _anthropic_sse(const unsigned char* s, Py_ssize_t n, long long* out) noexcept:
+    """The Usage core/usage.StreamUsage reads from a Lua tap "sse" snippet of an Anthropic stream (its
+    message_start and message_delta events), when it reads it from those events' last usage objects
+    alone: every event holding a `"usage": {` is one of those two, on a single data line, its last usage
+    object a valid JSON object at its place (data.message.usage, data.usage) holding only Anthropic's
+    counts as plain integers (`_counts` 2); their fields merged as it merges them (a later event's present
+    fields win), and a message_delta among them (else the completion is counted: the pure parser). out:
+    input, cache_read, cache_creation, output. False whenever the pure parser must read it."""
+    cdef Py_ssize_t i = 0, key, brace, last_brace, event_end, start, end, stop
+    cdef long long c[5]
+    cdef bint present[4]
+    cdef bint final = False
+    cdef int kind, k, depth
+    if n == 0 or n > MAX_SSE_SNIPPET or _find(s, 0, n, b"\r", 1) >= 0:
+        return False
+    for k in range(4):
+        out[k] = 0
+    key = _usage_key(s, 0, n, &brace)
+    if key < 0:
+        return False
+    while key >= 0:
+        # one event: its matches up to its end (the blank line after its first match), the last one read
+        event_end = _find(s, key, n, b"\n\n", 2)
+        if event_end < 0:
+            event_end = n
+        last_brace = brace
+        while True:
+            key = _usage_key(s, brace + 1, n, &brace)
+            if key < 0 or key >= event_end:
+                break
+            last_brace = brace
+        # the event: after the last blank line before its first match's brace (bytes.rfind)
+        start = 0
+        i = last_brace - 2
+        # (rfind before the event's first brace: no blank line lies between its first and last match)
+        while i >= 0:
+            if s[i] == 10 and s[i + 1] == 10:
+                start = i + 2
+                break
+            i -= 1
+        kind = _event_kind(s, start, n)
+        if kind == EV_NONE or kind == EV_OTHER:
+            return False
+        if _find(s, last_brace, event_end, b"\n", 1) >= 0 or event_end - last_brace > USAGE_SPAN:
+            return False  # a record over several data lines, or longer than _record_at decodes
+        depth = 2 if kind == EV_START else 1
+        end = _value(s, last_brace, event_end, 1)
+        if end < 0 or not _closes(s, end, event_end, depth):
+            return False
+        if _counts(s, last_brace, end, c, present) != 2:
+            return False
+        for k in range(4):
+            if present[k]:
+                out[k] = c[k]
+        if kind == EV_DELTA:
+            final = True
+    return final
+
+
+def anthropic_sse_counts(bytes data not None):
+    """_anthropic_sse of a snippet: (input, cache_read, cache_creation, output), or None (tests)."""
+    cdef long long c[4]
+    if not _anthropic_sse(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), c):
+        return None
+    return (c[0], c[1], c[2], c[3])
 
 
 # -- the common entry, accounted -----------------------------------------------------------------------
@@ -1818,11 +2018,14 @@ cdef int _common(tuple item, object service, object engine, Py_ssize_t* counted,
         shape = _counts(s, span.start, span.end, c)
         if shape == 0:
             return 0  # document_usage decodes the record
-    elif kind == _SSE:  # als_fast.sse_usage
-        if not _sse_span(s, n, &span):
-            return 0
-        shape = _counts(s, span.start, span.end, c)
-        if shape != 1:
+    elif kind == _SSE:  # als_fast.sse_usage: OpenAI's usage chunk; Anthropic's usage events
+        if _sse_span(s, n, &span):
+            shape = _counts(s, span.start, span.end, c)
+            if shape != 1:
+                return 0
+        elif _anthropic_sse(s, n, c):
+            shape = 2
+        else:
             return 0
     else:
         return 0

@@ -144,6 +144,33 @@ def _stream(*contents: str, key: str = "content", ascii_only: bool = True) -> by
     )
 
 
+def _anthropic(
+    event_lines: bool = True, deltas: int = 1, delta_input: bool = False, extra: str = ""
+) -> bytes:
+    """An Anthropic stream's usage events as the Lua tap keeps them (`extra`: added to the last record)."""
+    start = {
+        "type": "message_start",
+        "message": {
+            "id": "m",
+            "model": "claude-x",
+            "usage": {"input_tokens": 40, "cache_read_input_tokens": 300},
+        },
+    }
+    events = [("message_start", json.dumps(start, separators=(",", ":")))]
+    for i in range(deltas):
+        usage: dict[str, int] = {"output_tokens": 10 * (i + 1)}
+        if delta_input:
+            usage |= {"input_tokens": 41, "cache_creation_input_tokens": 5}
+        delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": usage}
+        events.append(("message_delta", json.dumps(delta, separators=(",", ":"))))
+    name, data = events[-1]
+    events[-1] = (name, data[: data.rindex("}", 0, len(data) - 1)] + extra + "}}")
+    return b"".join(
+        (f"event: {name}\n" if event_lines else "").encode() + b"data: " + data.encode() + b"\n\n"
+        for name, data in events
+    )
+
+
 CACHED = {
     "prompt_tokens": 1200,
     "completion_tokens": 30,
@@ -246,6 +273,33 @@ EXTRA: list[tuple[str, dict[str, Any] | None, str | None, str | None]] = [
         None,
         None,
     ),
+    # Anthropic streams' usage events as the Lua tap keeps them (message_start's data.message.usage, then
+    # message_delta's cumulative data.usage: the later event's fields win), named by an event: line or by
+    # their data's "type"; and what the pure parser reads otherwise
+    ("taken-anthropic-sse-typed", body_meta(_anthropic(event_lines=False), "sse"), None, None),
+    ("taken-anthropic-sse-delta-fields", body_meta(_anthropic(delta_input=True), "sse"), None, None),
+    ("taken-anthropic-sse-two-deltas", body_meta(_anthropic(deltas=2), "sse"), None, None),
+    ("back-anthropic-sse-start-only", body_meta(_anthropic(deltas=0), "sse"), None, None),
+    (
+        "back-anthropic-sse-openai-field",
+        body_meta(_anthropic(extra=', "prompt_tokens": 3'), "sse"),
+        None,
+        None,
+    ),
+    ("back-anthropic-sse-float", body_meta(_anthropic(extra=', "output_tokens": 7.0'), "sse"), None, None),
+    (  # the event's data on two lines, its usage object whole on the second: read from that line
+        "taken-anthropic-sse-two-lines",
+        body_meta(_anthropic().replace(b',"usage"', b',\ndata: "usage"', 1), "sse"),
+        None,
+        None,
+    ),
+    (  # the usage object itself over two data lines: the pure parser joins them
+        "back-anthropic-sse-multiline",
+        body_meta(_anthropic().replace(b',"cache_read', b',\ndata: "cache_read', 1), "sse"),
+        None,
+        None,
+    ),
+    ("back-anthropic-sse-crlf", body_meta(_anthropic().replace(b"\n", b"\r\n"), "sse"), None, None),
     # responses without usage the compiled loop settles as Usage(source="none"): an error document (its
     # "error" an object, or its "type" "error": before any usage record; the last of repeated keys), and
     # a JSON response without the Lua tap's record (keep_estimate)
@@ -344,6 +398,7 @@ EXTRA: list[tuple[str, dict[str, Any] | None, str | None, str | None]] = [
 ]
 TAKEN = ["metered-1", "open-1", "metered-4", "open-4", "metered-5", "open-5", "metered-8", "open-8"]
 TAKEN += ["metered-9", "open-9", "metered-11", "open-11", "metered-split"]
+TAKEN += ["metered-2", "open-2"]  # Anthropic's stream: its message_start and message_delta usage events
 # the error fixtures (0: Anthropic's, 10: OpenAI's), and the JSON responses without a record of the tap
 # (an unknown kind, none at all) among _responses()' own
 TAKEN += [f"{key}-{i}" for i in (0, 10) for key in ("metered", "open")]
