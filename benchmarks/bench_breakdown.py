@@ -587,6 +587,15 @@ def main(argv: list[str] | None = None) -> int:
     results["ALS message of 20 Anthropic streams (message_start, message_delta), per entry"] = batches(
         nb, als_messages(serialized(anthropic_entries), n)
     )
+    # a Responses stream: the tap keeps its response.completed event (data.response.usage)
+    events = (
+        (REPO / "tests" / "fixtures" / "usage" / "openai_responses_stream.sse").read_bytes().split(b"\n\n")
+    )
+    completed = b"".join(event + b"\n\n" for event in events if b'"usage":{' in event)
+    responses_entries = [tapped(entry, "sse", completed) for entry in sse_entries]
+    results["ALS message of 20 Responses streams (response.completed), per entry"] = batches(
+        nb, als_messages(serialized(responses_entries), n)
+    )
     # a long stream without a usage chunk (400 one-token deltas, 57 KB): from 8 KiB its count runs in a
     # worker thread, so the process's CPU is the figure (the loop thread's share beside it)
     chunk = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o-2024-08-06"}

@@ -203,9 +203,16 @@ def test_any_text_the_provider_sends_reads_as_the_reference(
         assert got == pure_text(data, split), data
 
 
-# -- an Anthropic stream's usage events (native/_usage.pyx `anthropic_sse_counts`, the "sse" snippet) -------
+# -- named usage events (native/_usage.pyx `named_sse_counts`, the "sse" snippet): Anthropic's, Responses' ---
 
 _FIELDS = ["input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens", "output_tokens"]
+_OPENAI_FIELDS = [
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "input_tokens_details",
+    "output_tokens_details",
+]
 _VALUES = ["0", "7", "123456", "1099511627776", "1099511627777", "7.0", "-1", "true", '"5"', "null", "1e3"]
 _VALUES = _VALUES[:4] * 6 + _VALUES  # mostly plain counts: the compiled reading answers most events
 _USAGE_MEMBERS = st.lists(
@@ -218,15 +225,21 @@ _USAGE_MEMBERS = st.lists(
 
 
 @st.composite
-def anthropic_events(draw: st.DrawFn, clean: bool) -> bytes:
+def anthropic_events(draw: st.DrawFn, clean: bool, responses: bool = False) -> bytes:
     """Usage events as the Lua tap keeps them. `clean`: as Anthropic sends them (message_start, then
-    message_delta events, the usage object at its place with counts only), named by an event: line or
-    their data's "type"; else also other names, no name, the usage object elsewhere, any members, data
-    over two lines, CR line ends."""
+    message_delta events, the usage object at its place with counts only), or with `responses` as a
+    Responses stream does (response.created, .completed, .incomplete, its data.response.usage), named by
+    an event: line or their data's "type"; else also other names, no name, the usage object elsewhere,
+    any members, data over two lines, CR line ends."""
     out = b""
     count = draw(st.integers(1, 4))
     for i in range(count):
-        if clean:
+        if clean and responses:
+            name = draw(st.sampled_from(["response.created", "response.completed", "response.incomplete"]))
+            keys = draw(st.lists(st.sampled_from(_OPENAI_FIELDS), min_size=1, max_size=4))
+            members = [(k, draw(st.sampled_from(["0", "7", "123456", '{"cached_tokens":3}']))) for k in keys]
+            place = "right"
+        elif clean:
             name = "message_start" if i == 0 and count > 1 else "message_delta"
             keys = draw(st.lists(st.sampled_from(_FIELDS), min_size=1, max_size=4))
             members = [(k, draw(st.sampled_from(["0", "7", "123456", "999999999999"]))) for k in keys]
@@ -240,8 +253,9 @@ def anthropic_events(draw: st.DrawFn, clean: bool) -> bytes:
             members = draw(_USAGE_MEMBERS)
             place = draw(st.sampled_from(["right"] * 8 + ["top", "deep"]))
         usage = "{" + ",".join(f'"{k}":{v}' for k, v in members) + "}"
-        nested = (name == "message_start") == (place == "right") or place == "deep"
-        body = f'"message":{{"id":"m","usage":{usage},"x":1}}' if nested else f'"usage":{usage}'
+        nested = (name != "message_delta") == (place == "right") or place == "deep"
+        outer = "response" if name.startswith("response.") else "message"
+        body = f'"{outer}":{{"id":"m","usage":{usage},"x":1}}' if nested else f'"usage":{usage}'
         if place == "deep":
             body = f'"message":{{"inner":{{{body}}}}}'
         line = draw(st.sampled_from([f"event: {name}\n", f"event:{name}\n", ""]))
@@ -264,14 +278,18 @@ def pure_usage(data: bytes, split: bool) -> object:
 
 
 @fuzz_settings(1500, deadline=None)
-@given(data=st.one_of(anthropic_events(True), anthropic_events(False)), split=st.booleans())
-def test_anthropic_usage_events_read_as_the_reference(data: bytes, split: bool) -> None:
-    """Whenever the compiled reading answers, StreamUsage reads the same provider Usage (with and without
-    count_exactly's drain first)."""
+@given(
+    data=st.one_of(anthropic_events(True), anthropic_events(True, True), anthropic_events(False)),
+    split=st.booleans(),
+)
+def test_named_usage_events_read_as_the_reference(data: bytes, split: bool) -> None:
+    """Anthropic's usage events and Responses' final ones (with a client's "usage" echoed in
+    response.created): whenever the compiled reading answers, StreamUsage reads the same provider Usage
+    (with and without count_exactly's drain first)."""
     assert native.usage is not None
-    counts = native.usage.anthropic_sse_counts(data)
+    counts = native.usage.named_sse_counts(data)
     if counts is not None:
-        assert pure_usage(data, split) == usage_records._anthropic_counts(*counts), data
+        assert pure_usage(data, split) == usage_records.usage_from_counts(counts), data
 
 
 def test_anthropic_usage_events_are_read_in_c() -> None:
@@ -279,11 +297,11 @@ def test_anthropic_usage_events_are_read_in_c() -> None:
     assert native.usage is not None
     events = (FIXTURE_DIR / "anthropic_stream.sse").read_bytes().split(b"\n\n")
     snippet = b"".join(e + b"\n\n" for e in events if b'"usage"' in e)
-    assert native.usage.anthropic_sse_counts(snippet) == (472, 2048, 0, 89)
+    assert native.usage.named_sse_counts(snippet) == ("anthropic", 472, 2048, 0, 89)
     typed = b"".join(
         b"\n".join(line for line in e.split(b"\n") if not line.startswith(b"event:")) + b"\n\n"
         for e in events
         if b'"usage"' in e
     )
-    assert native.usage.anthropic_sse_counts(typed) == (472, 2048, 0, 89)
+    assert native.usage.named_sse_counts(typed) == ("anthropic", 472, 2048, 0, 89)
     assert pure_usage(typed, False) == usage_records._anthropic_counts(472, 2048, 0, 89)

@@ -20,9 +20,10 @@ the pure path's rules, never a second source of truth.
   is left to protobuf and the per-entry path. With `later` (the handler's call when account_run runs) a
   record's base64 is left where it is, and account_run decodes it into one reused buffer.
 - `sse_usage_span(data)`: the usage record of a Lua "sse" snippet holding OpenAI's usage chunk, when
-  core/usage.StreamUsage would read the snippet's usage from that record alone; `anthropic_sse_counts`:
-  an Anthropic stream's counts from its message_start and message_delta usage events, merged as
-  StreamUsage merges them, when it reads them from those events' last usage objects alone.
+  core/usage.StreamUsage would read the snippet's usage from that record alone; `named_sse_counts`:
+  the counts of a snippet of named events (an Anthropic stream's message_start and
+  message_delta, merged as StreamUsage merges them; a Responses stream's final event), when it reads them
+  from those events' last usage objects alone.
 - `usage_counts(body, start, end)`: the counts of a usage object either span above found, when it is a
   common record (its counts plain integers, no escaped key): the members core/usage_records.record_usage
   reads, in its order of precedence, for its formulas (`usage_from_counts`); None (the core's reader
@@ -1239,14 +1240,15 @@ cdef bint _sse_span(const unsigned char* s, Py_ssize_t n, Span* out) noexcept:
     return True
 
 
-# -- an Anthropic stream's usage events ----------------------------------------------------------------
+# -- named usage events: an Anthropic stream's, a Responses stream's final one ----------------------------------------------------------------
 
 cdef enum:
     NAME_MAX = 64  # core/usage_records._EVENT_NAME / _DATA_TYPE: a name of 1 to 64 bytes
     EV_NONE = 0  # an event without a name (OpenAI's chunks), or one whose name carries no usage record
     EV_START = 1  # message_start: its record is data.message.usage (depth 2)
     EV_DELTA = 2  # message_delta: data.usage (depth 1), cumulative
-    EV_OTHER = 3  # any other name (Responses' final events, ...): the pure parser reads the snippet
+    EV_FINAL = 3  # response.completed / incomplete / failed: data.response.usage (depth 2), OpenAI's counts
+    EV_OTHER = 4  # any other name: no usage record (StreamUsage passes the event over)
 
 
 cdef inline bint _space(unsigned char c) noexcept:
@@ -1334,6 +1336,10 @@ cdef int _event_kind(const unsigned char* s, Py_ssize_t start, Py_ssize_t n) noe
         return EV_START
     if b - a == 13 and memcmp(s + a, b"message_delta", 13) == 0:
         return EV_DELTA
+    if ((b - a == 18 and memcmp(s + a, b"response.completed", 18) == 0)
+            or (b - a == 19 and memcmp(s + a, b"response.incomplete", 19) == 0)
+            or (b - a == 15 and memcmp(s + a, b"response.failed", 15) == 0)):
+        return EV_FINAL
     return EV_OTHER
 
 
@@ -1365,26 +1371,29 @@ cdef bint _closes(const unsigned char* s, Py_ssize_t i, Py_ssize_t stop, int dep
     return i == stop
 
 
-cdef bint _anthropic_sse(const unsigned char* s, Py_ssize_t n, long long* out) noexcept:
-    """The Usage core/usage.StreamUsage reads from a Lua tap "sse" snippet of an Anthropic stream (its
-    message_start and message_delta events), when it reads it from those events' last usage objects
-    alone: every event holding a `"usage": {` is one of those two, on a single data line, its last usage
-    object a valid JSON object at its place (data.message.usage, data.usage) holding only Anthropic's
-    counts as plain integers (`_counts` 2); their fields merged as it merges them (a later event's present
-    fields win), and a message_delta among them (else the completion is counted: the pure parser). out:
-    input, cache_read, cache_creation, output. False whenever the pure parser must read it."""
-    cdef Py_ssize_t i = 0, key, brace, last_brace, event_end, start, end, stop
+cdef int _named_sse(const unsigned char* s, Py_ssize_t n, long long* out) noexcept:
+    """The Usage core/usage.StreamUsage reads from a Lua tap "sse" snippet of named events (an Anthropic
+    stream's message_start and message_delta, a Responses stream's final event), when it reads it from
+    those events' last usage objects alone: every event holding a `"usage": {` has a name (events of other
+    names are passed over, as it passes them), its last usage object on one data line, a valid JSON object
+    at its place (data.message.usage, data.usage, data.response.usage) holding only the provider's counts
+    as plain integers (`_counts`: Anthropic's members for Anthropic's events, an OpenAI record for
+    Responses'). 2, Anthropic's (out: input, cache_read, cache_creation, output): the events' present
+    members merged (a later one's win), a message_delta among them (else the completion is counted: the
+    pure parser); 1, a Responses record (out: prompt, completion, cached, cache_write, reasoning; the last
+    one's); 0 whenever the pure parser must read it (both kinds too)."""
+    cdef Py_ssize_t i = 0, key, brace, last_brace, event_end, start, end
     cdef long long c[5]
     cdef bint present[4]
-    cdef bint final = False
+    cdef bint final = False, anthropic = False, openai = False
     cdef int kind, k, depth
     if n == 0 or n > MAX_SSE_SNIPPET or _find(s, 0, n, b"\r", 1) >= 0:
-        return False
-    for k in range(4):
+        return 0
+    for k in range(5):
         out[k] = 0
     key = _usage_key(s, 0, n, &brace)
     if key < 0:
-        return False
+        return 0
     while key >= 0:
         # one event: its matches up to its end (the blank line after its first match), the last one read
         event_end = _find(s, key, n, b"\n\n", 2)
@@ -1396,40 +1405,57 @@ cdef bint _anthropic_sse(const unsigned char* s, Py_ssize_t n, long long* out) n
             if key < 0 or key >= event_end:
                 break
             last_brace = brace
-        # the event: after the last blank line before its first match's brace (bytes.rfind)
+        # the event: after the last blank line before its matches (bytes.rfind: none lies between them)
         start = 0
         i = last_brace - 2
-        # (rfind before the event's first brace: no blank line lies between its first and last match)
         while i >= 0:
             if s[i] == 10 and s[i + 1] == 10:
                 start = i + 2
                 break
             i -= 1
         kind = _event_kind(s, start, n)
-        if kind == EV_NONE or kind == EV_OTHER:
-            return False
+        if kind == EV_OTHER:
+            continue  # no usage record in it
+        if kind == EV_NONE:
+            return 0
         if _find(s, last_brace, event_end, b"\n", 1) >= 0 or event_end - last_brace > USAGE_SPAN:
-            return False  # a record over several data lines, or longer than _record_at decodes
-        depth = 2 if kind == EV_START else 1
+            return 0  # a record over several data lines, or longer than _record_at decodes
+        depth = 1 if kind == EV_DELTA else 2
         end = _value(s, last_brace, event_end, 1)
         if end < 0 or not _closes(s, end, event_end, depth):
-            return False
+            return 0
+        if kind == EV_FINAL:
+            if _counts(s, last_brace, end, c) != 1:
+                return 0
+            for k in range(5):
+                out[k] = c[k]
+            openai = True
+            continue
         if _counts(s, last_brace, end, c, present) != 2:
-            return False
+            return 0
+        anthropic = True
         for k in range(4):
             if present[k]:
                 out[k] = c[k]
         if kind == EV_DELTA:
             final = True
-    return final
+    if openai and not anthropic:
+        return 1
+    if anthropic and final and not openai:
+        return 2
+    return 0
 
 
-def anthropic_sse_counts(bytes data not None):
-    """_anthropic_sse of a snippet: (input, cache_read, cache_creation, output), or None (tests)."""
-    cdef long long c[4]
-    if not _anthropic_sse(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), c):
-        return None
-    return (c[0], c[1], c[2], c[3])
+def named_sse_counts(bytes data not None):
+    """_named_sse of a snippet, as usage_counts answers: ("anthropic", input, cache_read, cache_creation,
+    output), ("openai", prompt, completion, cached, cache_write, reasoning), or None (tests)."""
+    cdef long long c[5]
+    cdef int shape = _named_sse(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), c)
+    if shape == 2:
+        return ("anthropic", c[0], c[1], c[2], c[3])
+    if shape == 1:
+        return ("openai", c[0], c[1], c[2], c[3], c[4])
+    return None
 
 
 # -- the common entry, accounted -----------------------------------------------------------------------
@@ -2023,10 +2049,10 @@ cdef int _common(tuple item, object service, object engine, Py_ssize_t* counted,
             shape = _counts(s, span.start, span.end, c)
             if shape != 1:
                 return 0
-        elif _anthropic_sse(s, n, c):
-            shape = 2
-        else:
-            return 0
+        else:  # named events: Anthropic's usage events, a Responses stream's final one
+            shape = _named_sse(s, n, c)
+            if shape == 0:
+                return 0
     else:
         return 0
     if shape == 1:  # usage_records._openai_counts

@@ -399,6 +399,8 @@ EXTRA: list[tuple[str, dict[str, Any] | None, str | None, str | None]] = [
 TAKEN = ["metered-1", "open-1", "metered-4", "open-4", "metered-5", "open-5", "metered-8", "open-8"]
 TAKEN += ["metered-9", "open-9", "metered-11", "open-11", "metered-split"]
 TAKEN += ["metered-2", "open-2"]  # Anthropic's stream: its message_start and message_delta usage events
+# Responses' streams: response.completed's record (and a client's "usage" echoed in response.created)
+TAKEN += ["metered-12", "open-12", "metered-13", "open-13"]
 # the error fixtures (0: Anthropic's, 10: OpenAI's), and the JSON responses without a record of the tap
 # (an unknown kind, none at all) among _responses()' own
 TAKEN += [f"{key}-{i}" for i in (0, 10) for key in ("metered", "open")]
