@@ -99,27 +99,23 @@ class Fixtures:
         content-length and x-nexus-content-length follow): what a longer prompt costs a check.
         `typographic`: its prose with a curly apostrophe (UTF-8, as models write it), so the body is not
         ASCII."""
-        head, body = self.check.split(b"\r\n\r\n", 1)
         prose = PROSE.replace(b"the model", "the model\u2019s".encode()) if typographic else PROSE
         text = (prose * (size // len(prose) + 1))[:size]
-        new = body.replace(b'"Say hello."', b'"' + text + b'"', 1)
-        assert new != body, "the recorded body has changed: update with_prompt"
-        lines = head.split(b"\r\n")
-        for j, line in enumerate(lines):
-            name = line.split(b":", 1)[0].lower()
-            if name in (b"content-length", b"x-nexus-content-length"):
-                lines[j] = name + b": %d" % len(new)
-        self.check = b"\r\n".join(lines) + b"\r\n\r\n" + new
+        self._with_message(b'"' + text + b'"')
 
     def with_image(self, size: int) -> None:
         """The recorded check with an image of `size` bytes of base64 (a data: URI) beside its message's
         text, as OpenAI's vision requests carry it: its prompt is the text's estimate plus the image's."""
-        head, body = self.check.split(b"\r\n\r\n", 1)
         image = b"data:image/png;base64," + (b"iVBORw0KGgo" * (size // 11 + 1))[:size]
         part = b'[{"type":"text","text":"Say hello."},{"type":"image_url","image_url":{"url":"'
-        part += image + b'"}}]'
-        new = body.replace(b'"Say hello."', part, 1)
-        assert new != body, "the recorded body has changed: update with_image"
+        self._with_message(part + image + b'"}}]')
+
+    def _with_message(self, content: bytes) -> None:
+        """The recorded check with its message's content (the JSON value) replaced by `content`, the
+        headers' content-length and x-nexus-content-length following."""
+        head, body = self.check.split(b"\r\n\r\n", 1)
+        new = body.replace(b'"Say hello."', content, 1)
+        assert new != body, "the recorded body has changed: update Fixtures._with_message"
         lines = head.split(b"\r\n")
         for j, line in enumerate(lines):
             name = line.split(b":", 1)[0].lower()

@@ -268,37 +268,30 @@ class Scenario:
             raise ValueError(f"scenario {self.name}: ext_authz {self.ext_authz} needs a NexusSpec")
 
 
-def chat_request(secret: str) -> bytes:
-    """The benchmark's request: a small OpenAI chat completion with the key as a Bearer token."""
+def _request(secret: str, body: bytes) -> bytes:
+    """A POST of `body` to the chat completions path with the key as a Bearer token."""
     return harness.build_request(
         "POST",
         PATH,
         host="127.0.0.1",
         headers={"authorization": f"Bearer {secret}", "content-type": "application/json"},
-        body=BODY,
+        body=body,
     )
+
+
+def chat_request(secret: str) -> bytes:
+    """The benchmark's request: a small OpenAI chat completion with the key as a Bearer token."""
+    return _request(secret, BODY)
 
 
 def stream_request(secret: str) -> bytes:
     """The streamed variant: SSE with the usage chunk (the mock answers ~20 events in one write)."""
-    return harness.build_request(
-        "POST",
-        PATH,
-        host="127.0.0.1",
-        headers={"authorization": f"Bearer {secret}", "content-type": "application/json"},
-        body=STREAM_BODY,
-    )
+    return _request(secret, STREAM_BODY)
 
 
 def plain_stream_request(secret: str) -> bytes:
     """The streamed variant without include_usage: no usage chunk (the completion is counted)."""
-    return harness.build_request(
-        "POST",
-        PATH,
-        host="127.0.0.1",
-        headers={"authorization": f"Bearer {secret}", "content-type": "application/json"},
-        body=PLAIN_STREAM_BODY,
-    )
+    return _request(secret, PLAIN_STREAM_BODY)
 
 
 SCENARIOS: dict[str, Scenario] = {

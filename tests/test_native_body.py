@@ -296,8 +296,8 @@ def test_large_and_blob_bodies() -> None:
         assert_same(body[:-1])
 
 
-def test_the_compiled_reader_answers_the_usual_body_itself(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Without this the differential tests could pass with a reader that always hands over.
+def handed_over(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The bodies the compiled reader hands to the reference from now on (in the test), recorded."""
     calls: list[bytes] = []
 
     def spy(body: bytes, **kw: Any) -> RequestFacts:
@@ -306,6 +306,12 @@ def test_the_compiled_reader_answers_the_usual_body_itself(monkeypatch: pytest.M
 
     assert native.body is not None
     monkeypatch.setattr(native.body, "_python_request_facts", spy)
+    return calls
+
+
+def test_the_compiled_reader_answers_the_usual_body_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without this the differential tests could pass with a reader that always hands over.
+    calls = handed_over(monkeypatch)
     facts = compiled(CHAT, precise=False)
     assert (facts.model, facts.max_tokens, facts.stream, facts.include_usage, facts.n) == (
         "gpt-4o",
@@ -502,14 +508,7 @@ def test_a_large_request_reads_as_the_reference(member: bytes) -> None:
 
 def test_the_compiled_reader_answers_a_large_usual_body_itself(monkeypatch: pytest.MonkeyPatch) -> None:
     """A 60 KB chat history (and the other large bodies both readings agree on) is read in C."""
-    calls: list[bytes] = []
-
-    def spy(body: bytes, **kw: Any) -> RequestFacts:
-        calls.append(body)
-        return reference(body, **kw)
-
-    assert native.body is not None
-    monkeypatch.setattr(native.body, "_python_request_facts", spy)
+    calls = handed_over(monkeypatch)
     turns = [{"role": "user" if i % 2 else "assistant", "content": "hello world " * 50} for i in range(100)]
     history = json.dumps({"model": "gpt-4o", "max_tokens": 256, "stream": True, "messages": turns}).encode()
     assert history is not None and len(history) > 60_000

@@ -423,26 +423,35 @@ def account_counts(object engine, str request_id, object prompt, object cached, 
     return bool(account_c(engine, request_id, c[0], c[1], c[2], c[3], response_model, NULL, NULL, 0))
 
 
+cdef object _entry_of(object engine, str request_id):
+    """The reservation book's entry of `request_id` when the engine and its book are of the classes
+    account_c takes and the entry is one it reads (a tracked Reservation, or a 7-tuple); else None
+    (expired, retired, duplicate, unadmitted: Engine.account's own branches)."""
+    cdef object book, entries, entry
+    if Engine is None:
+        _bind()
+    if type(engine) is not Engine or not request_id:
+        return None
+    book = _at(engine, ENGINE_BOOK)
+    if type(book) is not ReservationBook:
+        return None
+    entries = _at(book, BOOK_ENTRIES)
+    entry = (<Entries>entries)._get(request_id) if type(entries) is Entries else entries.get(request_id)
+    if type(entry) is Reservation and not (<Reservation>entry).tracked:
+        return None
+    return entry
+
+
 cdef int counted_ready(object engine, str request_id) except -1:
     """Whether account_c(counted=True) can take this request's entry, as far as it can tell before the
     count (native/_usage.pyx `_counted` runs the count only then): its engine, reservation, hint, stores
     and price table are of the kinds it takes (the price it looks up may still refuse it)."""
-    cdef object book, entries, entry, hint, kept, decider, local, policy
+    cdef object entry, hint, kept, decider, local, policy
     cdef long long prompt
-    if Engine is None:
-        _bind()
-    if type(engine) is not Engine or not request_id:
-        return 0
-    book = _at(engine, ENGINE_BOOK)
-    if type(book) is not ReservationBook:
-        return 0
-    entries = _at(book, BOOK_ENTRIES)
-    entry = (<Entries>entries)._get(request_id) if type(entries) is Entries else entries.get(request_id)
+    entry = _entry_of(engine, request_id)
     if entry is None:
         return 0
     if type(entry) is Reservation:
-        if not (<Reservation>entry).tracked:
-            return 0
         hint, kept, specs = (<Reservation>entry).prompt_tokens, (<Reservation>entry).body, (<Reservation>entry).specs
     else:
         context = entry[6]
@@ -492,9 +501,8 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
     cdef bint c_deltas
     cdef Py_ssize_t i, n
     cdef bint slot_released = False
-    if Engine is None:
-        _bind()
-    if type(engine) is not Engine or not request_id:
+    entry = _entry_of(engine, request_id)
+    if entry is None:
         return 0
     if none:  # charge_fields of source "none": error_charge_tokens of prompt, nothing else
         if not _count_of(engine.settings.accounting.error_charge_tokens, &prompt):
@@ -503,16 +511,9 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
     if not (0 <= prompt < MAX_COUNT and 0 <= cached < MAX_COUNT and 0 <= completion < MAX_COUNT
             and 0 <= reasoning < MAX_COUNT):
         return 0
-    book = _at(engine, ENGINE_BOOK)
-    if type(book) is not ReservationBook:
-        return 0
+    book = _at(engine, ENGINE_BOOK)  # (_entry_of checked both)
     entries = _at(book, BOOK_ENTRIES)
-    entry = (<Entries>entries)._get(request_id) if type(entries) is Entries else entries.get(request_id)
-    if entry is None:  # expired, retired, duplicate, unadmitted: Engine.account's own branches
-        return 0
     if type(entry) is Reservation:  # the compiled lane's entry: its fields in place, no InFlight made
-        if not (<Reservation>entry).tracked:
-            return 0
         c_key_id = (<Reservation>entry).key_id
         c_tenant = (<Reservation>entry).tenant
         c_model = (<Reservation>entry).model

@@ -1173,6 +1173,17 @@ cdef Py_ssize_t _usage_key(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, P
         i += 1
 
 
+cdef inline Py_ssize_t _event_start(const unsigned char* s, Py_ssize_t brace) noexcept:
+    """Where the event holding s[brace] starts: after the last blank line before it (`bytes.rfind(b"\\n\\n",
+    0, brace) + 2`), or 0."""
+    cdef Py_ssize_t i = brace - 2
+    while i >= 0:
+        if s[i] == 10 and s[i + 1] == 10:
+            return i + 2
+        i -= 1
+    return 0
+
+
 def sse_usage_span(bytes data not None):
     """(start, end) of the usage record of a Lua tap "sse" snippet (whole events of an event stream), when
     core/usage.StreamUsage reads that snippet's usage from that object alone, as the record of an event
@@ -1197,13 +1208,7 @@ cdef bint _sse_span(const unsigned char* s, Py_ssize_t n, Span* out) noexcept:
     if key < 0 or _usage_key(s, brace, n, &other) >= 0:
         return False  # no record, or several candidates: the pure parser picks
     # the event: after the last blank line before the brace (bytes.rfind), up to the next one after the key
-    start = 0
-    i = brace - 2
-    while i >= 0:
-        if s[i] == 10 and s[i + 1] == 10:
-            start = i + 2
-            break
-        i -= 1
+    start = _event_start(s, brace)
     stop = _find(s, key, n, b"\n\n", 2)
     if stop < 0:
         stop = n
@@ -1215,25 +1220,7 @@ cdef bint _sse_span(const unsigned char* s, Py_ssize_t n, Span* out) noexcept:
     if stop - brace > USAGE_SPAN:
         return False
     end = _value(s, brace, stop, 1)
-    if end < 0:
-        return False
-    # what follows the record up to the event's end closes exactly one object ('{"_":0' + rest is JSON)
-    i = _ws(s, end, stop)
-    while i < stop and s[i] == 44:  # ',' "key" : value
-        i = _ws(s, i + 1, stop)
-        if i >= stop or s[i] != 34:
-            return False
-        i = _string(s, i, stop, &escaped)
-        if i < 0:
-            return False
-        i = _ws(s, i, stop)
-        if i >= stop or s[i] != 58:
-            return False
-        i = _value(s, _ws(s, i + 1, stop), stop, 1)
-        if i < 0:
-            return False
-        i = _ws(s, i, stop)
-    if i >= stop or s[i] != 125 or _ws(s, i + 1, stop) != stop:
+    if end < 0 or not _closes(s, end, stop, 1):  # what follows closes exactly one object
         return False
     out.start = brace
     out.end = end
@@ -1256,16 +1243,25 @@ cdef inline bint _space(unsigned char c) noexcept:
     return c == 32 or 9 <= c <= 13
 
 
+cdef inline Py_ssize_t _sse_field(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, const char* word,
+                                  Py_ssize_t length) noexcept:
+    """After the SSE field `word` (its colon included) at s[i] and the spaces and tabs that follow: the
+    index, or -1."""
+    if i + length > n or memcmp(s + i, word, length) != 0:
+        return -1
+    i += length
+    while i < n and (s[i] == 32 or s[i] == 9):
+        i += 1
+    return i
+
+
 cdef int _named(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Py_ssize_t* name_start,
                 Py_ssize_t* name_end) noexcept:
     """The name s[name_start:name_end] of a match of _EVENT_NAME (`(?:^|\\n)event:[ \\t]*([^\\s]{1,64})`)
     at i (a line start): 1, or 0."""
-    cdef Py_ssize_t j, k
-    if i + 6 > n or memcmp(s + i, b"event:", 6) != 0:
+    cdef Py_ssize_t j = _sse_field(s, i, n, b"event:", 6), k
+    if j < 0:
         return 0
-    j = i + 6
-    while j < n and (s[j] == 32 or s[j] == 9):
-        j += 1
     k = j
     while k < n and k - j < NAME_MAX and not _space(s[k]):
         k += 1
@@ -1278,13 +1274,8 @@ cdef int _named(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Py_ssize_t* 
 cdef int _typed(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Py_ssize_t* name_start,
                 Py_ssize_t* name_end) noexcept:
     """The same for _DATA_TYPE (`(?:^|\\n)data:[ \\t]*\\{ws"type"ws:ws"([^"\\\\]{1,64})"`)."""
-    cdef Py_ssize_t j, k
-    if i + 5 > n or memcmp(s + i, b"data:", 5) != 0:
-        return 0
-    j = i + 5
-    while j < n and (s[j] == 32 or s[j] == 9):
-        j += 1
-    if j >= n or s[j] != 123:
+    cdef Py_ssize_t j = _sse_field(s, i, n, b"data:", 5), k
+    if j < 0 or j >= n or s[j] != 123:
         return 0
     j = _ws4(s, j + 1, n)
     if j + 6 > n or memcmp(s + j, b'"type"', 6) != 0:
@@ -1305,32 +1296,28 @@ cdef int _typed(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Py_ssize_t* 
     return 1
 
 
+cdef bint _first_line(const unsigned char* s, Py_ssize_t i, Py_ssize_t head, bint typed, Py_ssize_t* a,
+                      Py_ssize_t* b) noexcept:
+    """The first match of _DATA_TYPE (`typed`) or _EVENT_NAME in s[i:head], tried where the regex can start
+    (i, and after each \n): its name in a, b."""
+    while i < head:
+        if _typed(s, i, head, a, b) if typed else _named(s, i, head, a, b):
+            return True
+        i = _find(s, i, head, b"\n", 1)
+        if i < 0:
+            return False
+        i += 1
+    return False
+
+
 cdef int _event_kind(const unsigned char* s, Py_ssize_t start, Py_ssize_t n) noexcept:
     """StreamUsage._take_usage's event name, from the event's first HEAD_BYTES (from `start`): the first
     _EVENT_NAME match when "event:" is there, else the first _DATA_TYPE match when '"type"' is."""
-    cdef Py_ssize_t head = start + HEAD_BYTES if start + HEAD_BYTES < n else n, i, a = 0, b = 0
-    cdef bint found = False
-    if _find(s, start, head, b"event:", 6) >= 0:
-        i = start
-        while i < head:  # the regex's positions: the head's start, and after each \n
-            if _named(s, i, head, &a, &b):
-                found = True
-                break
-            i = _find(s, i, head, b"\n", 1)
-            if i < 0:
-                break
-            i += 1
-    if not found and _find(s, start, head, b'"type"', 6) >= 0:
-        i = start
-        while i < head:
-            if _typed(s, i, head, &a, &b):
-                found = True
-                break
-            i = _find(s, i, head, b"\n", 1)
-            if i < 0:
-                break
-            i += 1
-    if not found:
+    cdef Py_ssize_t head = start + HEAD_BYTES if start + HEAD_BYTES < n else n, a = 0, b = 0
+    if not (
+        (_find(s, start, head, b"event:", 6) >= 0 and _first_line(s, start, head, False, &a, &b))
+        or (_find(s, start, head, b'"type"', 6) >= 0 and _first_line(s, start, head, True, &a, &b))
+    ):
         return EV_NONE
     if b - a == 13 and memcmp(s + a, b"message_start", 13) == 0:
         return EV_START
@@ -1406,14 +1393,7 @@ cdef int _named_sse(const unsigned char* s, Py_ssize_t n, long long* out) noexce
                 break
             last_brace = brace
         # the event: after the last blank line before its matches (bytes.rfind: none lies between them)
-        start = 0
-        i = last_brace - 2
-        while i >= 0:
-            if s[i] == 10 and s[i + 1] == 10:
-                start = i + 2
-                break
-            i -= 1
-        kind = _event_kind(s, start, n)
+        kind = _event_kind(s, _event_start(s, last_brace), n)
         if kind == EV_OTHER:
             continue  # no usage record in it
         if kind == EV_NONE:
