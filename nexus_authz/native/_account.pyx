@@ -442,23 +442,31 @@ cdef object _entry_of(object engine, str request_id):
     return entry
 
 
+cdef bint _counted_prompt(object entry, long long* prompt):
+    """charge_fields' prompt of a counted stream's Usage(source="estimated"): the reservation's estimate
+    (StreamUsage's hint), as a C count; False when it is not one, when the entry holds no InFlight, or
+    when it is 0 and the reservation kept the body (core/prompt_later.py estimates it then)."""
+    if type(entry) is Reservation:
+        hint, kept = (<Reservation>entry).prompt_tokens, (<Reservation>entry).body
+    else:
+        context = entry[6]
+        if type(context) is not InFlight:
+            return False
+        hint, kept = context.prompt_tokens, context.body
+    return _count_of(hint, prompt) and not (prompt[0] == 0 and kept is not None)
+
+
 cdef int counted_ready(object engine, str request_id) except -1:
     """Whether account_c(counted=True) can take this request's entry, as far as it can tell before the
     count (native/_usage.pyx `_counted` runs the count only then): its engine, reservation, hint, stores
     and price table are of the kinds it takes (the price it looks up may still refuse it)."""
-    cdef object entry, hint, kept, decider, local, policy
+    cdef object entry, decider, local, policy
     cdef long long prompt
     entry = _entry_of(engine, request_id)
-    if entry is None:
+    if entry is None or not _counted_prompt(entry, &prompt):
         return 0
-    if type(entry) is Reservation:
-        hint, kept, specs = (<Reservation>entry).prompt_tokens, (<Reservation>entry).body, (<Reservation>entry).specs
-    else:
-        context = entry[6]
-        if type(context) is not InFlight:
-            return 0
-        hint, kept, specs = context.prompt_tokens, context.body, entry[1]
-    if len(specs) > 62 or not _count_of(hint, &prompt) or (prompt == 0 and kept is not None):
+    specs = (<Reservation>entry).specs if type(entry) is Reservation else entry[1]
+    if len(specs) > 62:
         return 0
     decider = _at(engine, ENGINE_DECIDER)
     if type(decider) is not Decider:
@@ -525,12 +533,8 @@ cdef int account_c(object engine, str request_id, long long prompt, long long ca
         c_key_id, c_tenant, c_model = context.key_id, context.tenant, context.model
         specs = entry[1]
     if counted:  # charge_fields of source "estimated": the hint (the reservation's prompt estimate) of prompt
-        if type(entry) is Reservation:
-            hint, kept = (<Reservation>entry).prompt_tokens, (<Reservation>entry).body
-        else:
-            hint, kept = context.prompt_tokens, context.body
-        if not _count_of(hint, &prompt) or (prompt == 0 and kept is not None):
-            return 0  # (StreamUsage's max(0, int(hint)) of an unusual hint; prompt_later's estimate)
+        if not _counted_prompt(entry, &prompt):
+            return 0
         cached = reasoning = 0
     if len(specs) > 62:  # the windows' bit mask in a C integer (as native/_fast.pyx)
         return 0

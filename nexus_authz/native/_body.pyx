@@ -588,12 +588,7 @@ cdef struct Tally:
     long long size  # bytes that remain
     bint backslash  # the text read holds a backslash (before the cut)
     bint non_ascii  # what remains holds a byte >= 0x80
-    unsigned char last  # the last remaining byte, and its class
-    unsigned char last_class
-
-
-cdef inline bint _hex(unsigned char c) noexcept nogil:
-    return (48 <= c <= 57) or (65 <= c <= 70) or (97 <= c <= 102)
+    unsigned char last  # the last remaining byte
 
 
 cdef void _tally(Tally* t, const unsigned char* p, Py_ssize_t n) noexcept nogil:
@@ -605,14 +600,14 @@ cdef void _tally(Tally* t, const unsigned char* p, Py_ssize_t n) noexcept nogil:
         b = p[i]
         if b == 92:
             t.backslash = True
-            if i + 5 < n and p[i + 1] == 117 and _hex(p[i + 2]) and _hex(p[i + 3]) and _hex(p[i + 4]) and _hex(p[i + 5]):
+            if i + 5 < n and p[i + 1] == 117 and HEX[p[i + 2]] and HEX[p[i + 3]] and HEX[p[i + 4]] and HEX[p[i + 5]]:
                 t.escapes += 1
                 i += 6
                 continue
         c = CLASS[b]
-        if c == 97 and (t.size == 0 or t.last_class != 97):  # 'a': a run of letters starts
+        if c == 97 and (t.size == 0 or CLASS[t.last] != 97):  # 'a': a run of letters starts
             t.words += 1
-        elif c == 112 and (t.size == 0 or t.last_class != 112):  # 'p': a run of punctuation starts
+        elif c == 112 and (t.size == 0 or CLASS[t.last] != 112):  # 'p': a run of punctuation starts
             t.puncts += 1
         if t.size and t.last == 92:
             if b == 110:
@@ -626,7 +621,6 @@ cdef void _tally(Tally* t, const unsigned char* p, Py_ssize_t n) noexcept nogil:
         t.counts[c] += 1
         t.size += 1
         t.last = b
-        t.last_class = c
         i += 1
 
 

@@ -699,6 +699,27 @@ cdef extern from "_plain8.h":
     unsigned int _plain8 "_nx_plain8"(const unsigned char* p) nogil  # plain string bytes at p, of 8
 
 
+cdef inline unsigned int _utf8_len(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept:
+    """The length of the UTF-8 sequence at s[i] (a byte >= 0x80) as Python's strict decoder accepts it (no
+    overlong form, no surrogate, at most U+10FFFF), within s[:n]; 0 when it is invalid."""
+    cdef unsigned char c = s[i]
+    if 0xC2 <= c <= 0xDF:
+        return 2 if _cont(s, i + 1, n) else 0
+    if 0xE0 <= c <= 0xEF:
+        if not (_cont(s, i + 1, n) and _cont(s, i + 2, n)):
+            return 0
+        if (c == 0xE0 and s[i + 1] < 0xA0) or (c == 0xED and s[i + 1] > 0x9F):
+            return 0  # overlong, or a surrogate
+        return 3
+    if 0xF0 <= c <= 0xF4:
+        if not (_cont(s, i + 1, n) and _cont(s, i + 2, n) and _cont(s, i + 3, n)):
+            return 0
+        if (c == 0xF0 and s[i + 1] < 0x90) or (c == 0xF4 and s[i + 1] > 0x8F):
+            return 0
+        return 4
+    return 0
+
+
 cdef Py_ssize_t _string(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, bint* escaped) noexcept:
     """A JSON string at s[i] == '"': the index after its closing quote, or -1 (invalid for json.loads
     with strict=True after a strict UTF-8 decode: control characters, bad escapes, bad UTF-8). Runs of
@@ -736,24 +757,11 @@ cdef Py_ssize_t _string(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, bint
             elif c < 0x80:
                 i += 1
                 break
-            elif 0xC2 <= c <= 0xDF:
-                if not _cont(s, i + 1, n):
-                    return -1
-                i += 2
-            elif 0xE0 <= c <= 0xEF:
-                if not (_cont(s, i + 1, n) and _cont(s, i + 2, n)):
-                    return -1
-                if (c == 0xE0 and s[i + 1] < 0xA0) or (c == 0xED and s[i + 1] > 0x9F):
-                    return -1  # overlong, or a surrogate
-                i += 3
-            elif 0xF0 <= c <= 0xF4:
-                if not (_cont(s, i + 1, n) and _cont(s, i + 2, n) and _cont(s, i + 3, n)):
-                    return -1
-                if (c == 0xF0 and s[i + 1] < 0x90) or (c == 0xF4 and s[i + 1] > 0x8F):
-                    return -1
-                i += 4
             else:
-                return -1
+                k = _utf8_len(s, i, n)
+                if k == 0:
+                    return -1
+                i += k
 
 
 cdef inline Py_ssize_t _digits(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept:
@@ -1200,8 +1208,7 @@ def sse_usage_span(bytes data not None):
 
 cdef bint _sse_span(const unsigned char* s, Py_ssize_t n, Span* out) noexcept:
     """sse_usage_span of s[:n] (out: the span); False for None."""
-    cdef Py_ssize_t key, brace = -1, other, start, stop, head, i, end
-    cdef bint escaped = False
+    cdef Py_ssize_t key, brace = -1, other, start, stop, head, end
     if n == 0 or n > MAX_SSE_SNIPPET or _find(s, 0, n, b"\r", 1) >= 0:
         return False
     key = _usage_key(s, 0, n, &brace)
@@ -1227,7 +1234,7 @@ cdef bint _sse_span(const unsigned char* s, Py_ssize_t n, Span* out) noexcept:
     return True
 
 
-# -- named usage events: an Anthropic stream's, a Responses stream's final one ----------------------------------------------------------------
+# -- named usage events: an Anthropic stream's, a Responses stream's final one -------------------------
 
 cdef enum:
     NAME_MAX = 64  # core/usage_records._EVENT_NAME / _DATA_TYPE: a name of 1 to 64 bytes
@@ -1277,13 +1284,13 @@ cdef int _typed(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Py_ssize_t* 
     cdef Py_ssize_t j = _sse_field(s, i, n, b"data:", 5), k
     if j < 0 or j >= n or s[j] != 123:
         return 0
-    j = _ws4(s, j + 1, n)
+    j = _ws(s, j + 1, n)
     if j + 6 > n or memcmp(s + j, b'"type"', 6) != 0:
         return 0
-    j = _ws4(s, j + 6, n)
+    j = _ws(s, j + 6, n)
     if j >= n or s[j] != 58:
         return 0
-    j = _ws4(s, j + 1, n)
+    j = _ws(s, j + 1, n)
     if j >= n or s[j] != 34:
         return 0
     j += 1
@@ -1445,12 +1452,6 @@ cdef enum:
     MODEL_MAX = 200  # core/usage_records._MODEL_FIELD: 1 to 200 bytes between the quotes
 
 
-cdef inline Py_ssize_t _ws4(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept:
-    while i < n and (s[i] == 32 or s[i] == 9 or s[i] == 13 or s[i] == 10):
-        i += 1
-    return i
-
-
 cdef object _model(const unsigned char* s, Py_ssize_t n):
     """core/usage_records.document_model: the first match of _MODEL_FIELD
     (`"model"[ \\t\\r\\n]*:[ \\t\\r\\n]*"([^"\\\\]{1,200})"`) within the first MODEL_SCAN_BYTES, its value decoded
@@ -1460,9 +1461,9 @@ cdef object _model(const unsigned char* s, Py_ssize_t n):
         p = _find(s, p, lim, b'"model"', 7)
         if p < 0:
             return None
-        j = _ws4(s, p + 7, lim)
+        j = _ws(s, p + 7, lim)
         if j < lim and s[j] == 58:  # ':'
-            j = _ws4(s, j + 1, lim)
+            j = _ws(s, j + 1, lim)
             if j < lim and s[j] == 34:  # '"'
                 j += 1
                 k = j
@@ -1620,10 +1621,10 @@ cdef Py_ssize_t _content_at(const unsigned char* s, Py_ssize_t p, Py_ssize_t b, 
     for i in range(count):
         length = lengths[i]
         if p + 2 + length <= b and s[p + 1 + length] == 34 and memcmp(s + p + 1, keys[i], length) == 0:
-            j = _ws4(s, p + 2 + length, b)
+            j = _ws(s, p + 2 + length, b)
             if j >= b or s[j] != 58:  # ':'
                 return -1
-            j = _ws4(s, j + 1, b)
+            j = _ws(s, j + 1, b)
             if j >= b or s[j] != 34:  # '"'
                 return -1
             j += 1
@@ -1720,24 +1721,8 @@ cdef Py_ssize_t _unescape(const unsigned char* s, Py_ssize_t i, Py_ssize_t e, un
             o += 1
             i += 2
             continue
-        # a multi-byte UTF-8 character, copied once checked (the rules of _string)
-        if 0xC2 <= c <= 0xDF:
-            if not _cont(s, i + 1, e):
-                return -1
-            length = 2
-        elif 0xE0 <= c <= 0xEF:
-            if not (_cont(s, i + 1, e) and _cont(s, i + 2, e)):
-                return -1
-            if (c == 0xE0 and s[i + 1] < 0xA0) or (c == 0xED and s[i + 1] > 0x9F):
-                return -1
-            length = 3
-        elif 0xF0 <= c <= 0xF4:
-            if not (_cont(s, i + 1, e) and _cont(s, i + 2, e) and _cont(s, i + 3, e)):
-                return -1
-            if (c == 0xF0 and s[i + 1] < 0x90) or (c == 0xF4 and s[i + 1] > 0x8F):
-                return -1
-            length = 4
-        else:
+        length = _utf8_len(s, i, e)  # a multi-byte UTF-8 character, copied once checked
+        if length == 0:
             return -1
         memcpy(w + o, s + i, length)
         o += length
@@ -1775,19 +1760,14 @@ cdef object _stream_text(const unsigned char* s, Py_ssize_t n, bint split, Py_ss
     the two that count_exactly's drain and finish's make: up to the last blank line, then the rest), with
     the number of literals found (0: the parser counts nothing); None: hand the entry back."""
     cdef unsigned char* w
-    cdef Py_ssize_t o = 0, cut = -1, i
+    cdef Py_ssize_t o = 0, cut = 0
     cdef int kind
     w = <unsigned char*>PyMem_Malloc(n + 1)  # decoding never grows a literal
     if w == NULL:
         raise MemoryError()
     try:
-        if split:  # bytes.rfind(b"\n\n") + 2
-            i = n - 2
-            while i >= 0:
-                if s[i] == 10 and s[i + 1] == 10:
-                    cut = i + 2
-                    break
-                i -= 1
+        if split:  # bytes.rfind(b"\n\n") + 2, 0 without a blank line
+            cut = _event_start(s, n)
         if cut >= 2:
             kind = _kind_of(s, cut, F_UNKNOWN)
             o = _contents(s, 0, cut, kind, w, 0, matches)
@@ -2054,9 +2034,11 @@ cdef int _counted(tuple item, object service, object engine, Py_ssize_t* counted
     the count runs inline (accounting.needs_exact_count False: tiktoken's count of a stream shorter than
     its executor threshold, or the estimate without exact_cutoff_count), settled by account_c(counted).
     Taken only when StreamUsage's reading is `_stream_text`'s: it starts with a `data:` line and holds no
-    CR, no `"usage"` key (no record to find) and no `error` (no error event); the parser's model is
-    document_model's. 0 (nothing changed) for anything else, and before the count when account_c would
-    not take the entry (counted_ready)."""
+    CR and no `"usage"` key (no record to find), and an error event with no content goes back
+    (StreamUsage's Usage(source="none")); the parser's model is document_model's. A count that
+    needs_exact_count runs in a worker thread goes to `_count_later`, for any reservation. 0 (nothing
+    changed) for anything else, and before the count when account_c would not take the entry
+    (counted_ready)."""
     cdef bint exact
     cdef Py_ssize_t matches = 0
     cdef long long completion = 0
@@ -2067,10 +2049,6 @@ cdef int _counted(tuple item, object service, object engine, Py_ssize_t* counted
     request_id = item[0]
     if type(request_id) is not str:
         return 0
-    if not counted_ready(engine, <str>request_id):
-        if engine.settings.accounting.exact_cutoff_count and n >= _exact_below:
-            return _count_later(item, service, engine, counted, s, n, _engine_module.count_tokens)
-        return 0
     exact = engine.settings.accounting.exact_cutoff_count
     if exact:  # accounting.needs_exact_count: the count runs in a worker thread from this size on
         counter = _engine_module.count_tokens
@@ -2079,6 +2057,8 @@ cdef int _counted(tuple item, object service, object engine, Py_ssize_t* counted
             return _count_later(item, service, engine, counted, s, n, counter)
     else:
         counter = _usage_module.estimate_tokens
+    if not counted_ready(engine, <str>request_id):
+        return 0
     text = _stream_text(s, n, exact, &matches)
     if text is None:
         return 0
