@@ -11,13 +11,13 @@ path never touches a Prometheus label.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from nexus_authz.decide import Decider
 from nexus_authz.filesource import FileSource, SourceStatus, Stamp, file_stamp
 from nexus_authz.gcupkeep import SETTLE_EVERY, settle
 from nexus_authz.latency import LatencyHistogram, ReasonCounts
+from nexus_authz.offloop import count_then_account
 from nexus_authz.settings import (
     Settings,
     load_settings,
@@ -50,7 +51,6 @@ from nexus_authz.stores.ledger import Ledger
 from nexus_authz.stores.memory import MemoryCounterStore
 from nexus_authz.stores.redis import RedisStore
 
-_accounting_log = logging.getLogger("nexus_authz.accounting")
 log = logging.getLogger("nexus_authz.keys")
 config_log = logging.getLogger("nexus_authz.config")
 
@@ -314,37 +314,20 @@ class Engine:
 
         Synchronous when it can be (nearly always: no coroutine per response); returns an awaitable
         only when a response without a usage record must have its completion counted exactly
-        (accounting.exact_cutoff_count) and its text is long enough to count in a worker thread: the
-        one place that count runs off the event loop."""
+        (accounting.exact_cutoff_count) and its text is long enough to count in a worker thread
+        (offloop.count_then_account)."""
         if parser is not None and accounting.needs_exact_count(
             parser, exact=self.settings.accounting.exact_cutoff_count, counter=count_tokens
         ):
-            return self._account_counted(request_id, parser, end, prompt_hint)
+            return count_then_account(
+                request_id,
+                parser.finish,
+                partial(self._account_parsed, request_id, parser, end=end, prompt_hint=prompt_hint),
+            )
         self._account_parsed(
             request_id, parser, parser.finish() if parser is not None else None, end, prompt_hint
         )
         return None
-
-    def _account_counted(
-        self, request_id: str, parser: StreamUsage, end: accounting.ResponseEnd, prompt_hint: int
-    ) -> Awaitable[None]:
-        """The count in a worker thread, then the accounting on the loop, to the end even when the
-        caller stops waiting (an ext_proc stream torn down by a client that hung up): it awaits a shield."""
-        counted = asyncio.get_running_loop().run_in_executor(None, parser.finish)
-
-        def account(done: asyncio.Future[Usage]) -> None:
-            if done.cancelled():
-                return
-            if (error := done.exception()) is not None:  # the count failed: the reservation stays charged
-                _accounting_log.error("accounting failed", exc_info=error, extra={"request_id": request_id})
-                return
-            try:  # a callback: nobody awaits what it raises, so it is logged here, as the transports do
-                self._account_parsed(request_id, parser, done.result(), end, prompt_hint)
-            except Exception:
-                _accounting_log.exception("accounting failed", extra={"request_id": request_id})
-
-        counted.add_done_callback(account)
-        return asyncio.shield(counted)  # type: ignore[arg-type]  # awaited for its end, not its value
 
     def _account_parsed(
         self,

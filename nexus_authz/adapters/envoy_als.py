@@ -57,6 +57,7 @@ from nexus_authz.core.tokens import estimate_tokens
 from nexus_authz.core.usage import StreamUsage, Usage
 from nexus_authz.engine import Engine
 from nexus_authz.latency import LOOP_BUSY, Slice
+from nexus_authz.offloop import count_then_account
 
 log = logging.getLogger("nexus_authz.als")
 
@@ -419,9 +420,9 @@ class AccessLogService:
     ) -> Awaitable[None]:
         """A whole stream's completion text the compiled scan read (native/_usage.pyx `_counted`: a stream
         without a usage record whose count Engine.account_response runs in a worker thread), counted there
-        and accounted as `_account_counted` accounts it: StreamUsage's `Usage(prompt_tokens=hint,
-        completion_tokens=<the count>, source="estimated")`, the estimate when the counter fails, nothing
-        counted without content (`text` None); read, complete (keep_estimate False)."""
+        and accounted as account_response accounts it (offloop.count_then_account): StreamUsage's
+        `Usage(prompt_tokens=hint, completion_tokens=<the count>, source="estimated")`, the estimate when
+        the counter fails, nothing counted without content (`text` None); read, complete."""
 
         def count() -> int:
             if text is None:
@@ -431,25 +432,11 @@ class AccessLogService:
             except Exception:  # StreamUsage._counted_completion: a failing counter's text is estimated
                 return estimate_tokens(text)
 
-        counted = asyncio.get_running_loop().run_in_executor(None, count)
-        engine = self.engine
+        def account(completion: int) -> None:
+            usage = Usage(prompt_tokens=max(0, prompt_hint), completion_tokens=completion, source="estimated")
+            self.engine.account(request_id, usage, response_model=model, keep_estimate=False, unread=False)
 
-        def account(done: asyncio.Future[int]) -> None:
-            if done.cancelled():
-                return
-            if (error := done.exception()) is not None:  # the count failed: the reservation stays charged
-                log.error("accounting failed", exc_info=error, extra={"request_id": request_id})
-                return
-            usage = Usage(
-                prompt_tokens=max(0, prompt_hint), completion_tokens=done.result(), source="estimated"
-            )
-            try:
-                engine.account(request_id, usage, response_model=model, keep_estimate=False, unread=False)
-            except Exception:
-                log.exception("accounting failed", extra={"request_id": request_id})
-
-        counted.add_done_callback(account)
-        return asyncio.shield(counted)
+        return count_then_account(request_id, count, account)
 
     @property
     def open_streams(self) -> int:

@@ -440,7 +440,6 @@ class Recorder:
 
     # the engine's own conclusion of a response (core.accounting), ending in the recorded account()
     account_response = Engine.account_response
-    _account_counted = Engine._account_counted
     _account_parsed = Engine._account_parsed
 
     def account(self, *args: Any, **kwargs: Any) -> None:
