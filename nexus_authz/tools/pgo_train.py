@@ -13,10 +13,13 @@ the benchmarks and a real gateway run them, in process, from the bytes Envoy sen
   (requests, tokens per minute and per day, USD per month, concurrency; prices; accounting on): allowed
   OpenAI and Anthropic requests, with and without max_tokens, streamed or not, each followed by the Lua
   tap's release of its concurrency slot, and a few denials (an unknown key, a model the key may not
-  use, a rate-limited key);
+  use, a rate-limited key); also the shapes the compiled paths took later: a stream without
+  `include_usage` (what the OpenAI SDKs send), a Responses stream, a chat history over 16 KiB that is not
+  ASCII, an image sent as base64;
 - access-log accounting through the real handler (adapters/envoy_als.py `stream_access_logs`, serialized
   StreamAccessLogsMessages of 20 entries shaped as Envoy 1.40 writes them with the shipped envoy.yaml's
-  Lua tap): JSON bodies and SSE usage events of both providers, each settling its check's reservation.
+  Lua tap): JSON bodies and SSE usage events of both providers and of the Responses API, and a stream
+  without a usage record (its completion counted), each settling its check's reservation.
 
 Deterministic inputs, no network, no file outside a temporary directory; a few seconds. Exit status 0 when
 every check and entry went as expected through the compiled paths; else 1 with the reason on stderr (the
@@ -104,6 +107,43 @@ ANTHROPIC_STREAM = (
     _json({"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": _MESSAGES, "stream": True}),
 )
 NOT_ALLOWED = ("/v1/chat/completions", _json({"model": "o1-pro", "messages": _MESSAGES, "max_tokens": 16}))
+# what every OpenAI SDK streams unless asked for usage: no include_usage (the completion is counted)
+OPENAI_PLAIN_STREAM = (
+    "/v1/chat/completions",
+    _json({"model": "gpt-4o-mini", "messages": _MESSAGES, "max_tokens": 16, "stream": True}),
+)
+RESPONSES_STREAM = (
+    "/v1/responses",
+    _json({"model": "gpt-4o-mini", "input": "Say hello.", "max_output_tokens": 16, "stream": True}),
+)
+# a chat that resends its history (over 16 KiB, curly apostrophes: not ASCII), and one with an image
+_HISTORY = [
+    {"role": "user" if i % 2 == 0 else "assistant", "content": f"Turn {i}: the model\u2019s answer, " * 40}
+    for i in range(24)
+]
+LONG_CHAT = (
+    "/v1/chat/completions",
+    json.dumps({"model": "gpt-4o-mini", "messages": _HISTORY, "max_tokens": 16}, ensure_ascii=False).encode(),
+)
+_IMAGE = "data:image/png;base64," + base64.b64encode(bytes(range(256)) * 24).decode()
+VISION = (
+    "/v1/chat/completions",
+    _json(
+        {
+            "model": "gpt-4o-mini",
+            "max_tokens": 16,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is in this image?"},
+                        {"type": "image_url", "image_url": {"url": _IMAGE}},
+                    ],
+                }
+            ],
+        }
+    ),
+)
 
 # the responses, as the Lua tap keeps them: (kind, bytes, content type)
 _OPENAI_USAGE = {
@@ -191,22 +231,67 @@ ANTHROPIC_SSE = (
     + _json({"type": "message_stop"})
     + b"\n\n"
 )
+OPENAI_PLAIN_SSE = (
+    b"".join(
+        b"data: " + _json({**_CHUNK, "choices": [{"index": 0, "delta": d, "finish_reason": end}]}) + b"\n\n"
+        for d, end in (
+            ({"role": "assistant", "content": ""}, None),
+            ({"content": "Hello"}, None),
+            ({"content": " from the \u2019training\u2019!"}, None),
+            ({}, "stop"),
+        )
+    )
+    + b"data: [DONE]\n\n"
+)
+_RESPONSE = {"id": "resp_pgo", "object": "response", "model": "gpt-4o-mini", "status": "completed"}
+RESPONSES_SSE = (
+    b"event: response.created\ndata: "
+    + _json({"type": "response.created", "response": {**_RESPONSE, "status": "in_progress", "usage": None}})
+    + b"\n\nevent: response.output_text.delta\ndata: "
+    + _json({"type": "response.output_text.delta", "item_id": "msg_pgo", "delta": "Hello!"})
+    + b"\n\nevent: response.completed\ndata: "
+    + _json(
+        {
+            "type": "response.completed",
+            "response": {
+                **_RESPONSE,
+                "usage": {
+                    "input_tokens": 10,
+                    "input_tokens_details": {"cached_tokens": 0},
+                    "output_tokens": 3,
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                    "total_tokens": 13,
+                },
+            },
+        }
+    )
+    + b"\n\n"
+)
 RESPONSES = {
     OPENAI: ("body", OPENAI_BODY, "application/json"),
     OPENAI_NO_MAX: ("body", OPENAI_BODY, "application/json"),
     OPENAI_STREAM: ("sse", OPENAI_SSE, "text/event-stream"),
     ANTHROPIC: ("body", ANTHROPIC_BODY, "application/json"),
     ANTHROPIC_STREAM: ("sse", ANTHROPIC_SSE, "text/event-stream"),
+    OPENAI_PLAIN_STREAM: ("body", OPENAI_PLAIN_SSE, "text/event-stream"),
+    RESPONSES_STREAM: ("sse", RESPONSES_SSE, "text/event-stream"),
+    LONG_CHAT: ("body", OPENAI_BODY, "application/json"),
+    VISION: ("body", OPENAI_BODY, "application/json"),
 }
-# the cycle of 40 checks: mostly admitted OpenAI requests (as the benchmarks and most traffic), then the
-# other shapes; 4 of 40 are refused (an unknown key, a model not allowed, a rate-limited key twice: after
-# its first two requests). The invalid-key throttle (auth_failures) counts, but never refuses here.
+# the cycle of 50 checks (CHECKS_PER_ROUND is a whole number of them): mostly admitted OpenAI requests
+# (as the benchmarks and most traffic), then the other shapes; 4 of 50 are refused (an unknown key, a model
+# not allowed, a rate-limited key twice: after its first two requests). The invalid-key throttle
+# (auth_failures) counts, but never refuses here.
 CYCLE: list[tuple[str, tuple[str, bytes]]] = (
     [(SECRET, OPENAI)] * 20
     + [(SECRET, OPENAI_STREAM)] * 6
+    + [(SECRET, OPENAI_PLAIN_STREAM)] * 4
     + [(SECRET, OPENAI_NO_MAX)] * 2
     + [(SECRET, ANTHROPIC)] * 4
     + [(SECRET, ANTHROPIC_STREAM)] * 4
+    + [(SECRET, RESPONSES_STREAM)] * 2
+    + [(SECRET, LONG_CHAT)] * 2
+    + [(SECRET, VISION)] * 2
     + [(UNKNOWN, OPENAI), (SECRET, NOT_ALLOWED), (TIGHT, OPENAI), (TIGHT, ANTHROPIC)]
 )
 
