@@ -155,6 +155,15 @@ def keyed_checks(fx: Fixtures, secrets: list[str], first: int, n: int) -> list[t
     return [(d.replace(old, secrets[i % len(secrets)].encode(), 1), rid) for i, (d, rid) in enumerate(checks)]
 
 
+def models_in_turn(checks: list[tuple[bytes, str]], n: int) -> list[tuple[bytes, str]]:
+    """The checks naming `n` models in turn (bench_cold / bench_footprint --models): the recorded
+    "gpt-4o-mini", then "gpt-4o-minA", "gpt-4o-minB" ... (the same length, so the content lengths stand;
+    ISSUE15_CONFIG's "gpt-4o*" prices and allows them all), as a key whose application uses several
+    models sends: each (model, path) has its own plan."""
+    names = [b'"gpt-4o-mini"'] + [b'"gpt-4o-min%c"' % (65 + i) for i in range(n - 1)]
+    return [(d.replace(names[0], names[i % n], 1), rid) for i, (d, rid) in enumerate(checks)]
+
+
 def after_check(engine: Engine, keys: int) -> Callable[[str], object]:
     """What follows each check of bench_cold / bench_footprint: with more than one key its usage settles
     (the reservation leaves the book, as the access log does); with one, as before --keys, its slot is

@@ -21,6 +21,9 @@ up to core/body.py PARSE_BELOW, 16 KiB, the compiled reading parses as the refer
 where the reference's key scan reads the same). `--typographic`: that prose with a curly apostrophe (as
 models write it): a body that is not ASCII, whose prompt is estimated from its text instead of its size.
 `--image-bytes N`: an image of N bytes of base64 (a data: URI) in the message, as vision requests send it.
+`--models N`: the checks name N models in turn (the recorded gpt-4o-mini and N-1 others of its length,
+all priced and allowed by the same rule), as a key sends when its application uses several models: each
+(model, path) has its own plan.
 """
 
 from __future__ import annotations
@@ -63,9 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--typographic", action="store_true", help="that text with curly apostrophes (not ASCII)")
     ap.add_argument("--image-bytes", type=int, default=0, help="an image of this many base64 bytes beside it")
+    ap.add_argument("--models", type=int, default=1, help="models named in turn (each its own plan; 1-26)")
     args = ap.parse_args(argv)
     if args.n < 1 or args.keys < 1:
         ap.error("--n and --keys must be at least 1")
+    if not 1 <= args.models <= 26:
+        ap.error("--models must be 1 to 26")
     sizes = [int(s) for s in args.sizes.split(",")]
     tokens.warm_up()
     fx = bb.Fixtures()
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             proto.connection_made(bb.Sink())  # type: ignore[arg-type]
             feed = proto.data_received
             warm = args.keys if args.keys > 1 else 0  # each key seen once, untimed
-            checks = bb.keyed_checks(fx, secrets, first, warm + args.n)
+            checks = bb.models_in_turn(bb.keyed_checks(fx, secrets, first, warm + args.n), args.models)
             first += warm + args.n
             took = []
             for data, rid in checks[:warm]:

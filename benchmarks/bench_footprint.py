@@ -49,9 +49,10 @@ COLD = ("ILmr", "DLmr", "DLmw")
 # -- the measured process (under valgrind) --------------------------------------------------------------
 
 
-def child(n: int, evict: int, families: str | None = None, keys: int = 1) -> int:
+def child(n: int, evict: int, families: str | None = None, keys: int = 1, models: int = 1) -> int:
     """The checks, fed to the compiled protocol as bench_cold.py feeds them (`keys` > 1: that many keys
-    round-robin, each seen once before the measured checks, as bench_envoy's 10,000-key scenario)."""
+    round-robin, each seen once before the measured checks, as bench_envoy's 10,000-key scenario;
+    `models` > 1: that many models named in turn, bench_breakdown.models_in_turn)."""
     import gc
     import tempfile
 
@@ -90,7 +91,7 @@ def child(n: int, evict: int, families: str | None = None, keys: int = 1) -> int
     admitted = decisions[Reason.OK]
     feed = proto.data_received
     warmup = max(WARMUP, keys)
-    checks = bb.keyed_checks(fx, secrets, 0, n + warmup)
+    checks = bb.models_in_turn(bb.keyed_checks(fx, secrets, 0, n + warmup), models)
     src, dst = bytearray(evict // 2), bytearray(evict // 2)
     done = bb.after_check(engine, keys)
     for data, rid in checks[:warmup]:
@@ -269,12 +270,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--keys", type=int, default=1, help="keys round-robin (each seen once before the measured checks)"
     )
+    ap.add_argument("--models", type=int, default=1, help="models named in turn (each its own plan; 1-26)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.n < 1:
         ap.error("--n must be at least 1")
+    if not 1 <= args.models <= 26:
+        ap.error("--models must be 1 to 26")
     if args.child:
-        return child(args.n, args.evict, args.rate_limit_headers, args.keys)
+        return child(args.n, args.evict, args.rate_limit_headers, args.keys, args.models)
     if args.file:
         return report_file("bench_footprint", lambda: report(args.file, args.n, args.top))
     valgrind = find_valgrind("bench_footprint")
@@ -284,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench_footprint",
         valgrind,
         [f"--toggle-collect={ENTRY}"],
-        [f"--n={args.n}", f"--evict={args.evict}", f"--keys={args.keys}"]
+        [f"--n={args.n}", f"--evict={args.evict}", f"--keys={args.keys}", f"--models={args.models}"]
         + ([] if args.rate_limit_headers is None else [f"--rate-limit-headers={args.rate_limit_headers}"]),
         args.keep,
         lambda parts: report(parts, args.n, args.top),

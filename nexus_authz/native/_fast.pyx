@@ -1333,6 +1333,12 @@ cdef object _check(object decider, object policy, object snapshot, object header
     if owner is None or _at(key, &S_KEY_SCOPED, "model_scoped"):
         owner = key
     plan = _memo_get(plans, owner, &_PLAN_MEMO)  # the owner's first plan, under the owner itself (FastAdmit._plans)
+    if plan is not None and not (
+        _same(_at(plan, &S_PLAN_MODEL, "model"), model) and _same(_at(plan, &S_PLAN_PATH, "path"), path)
+    ):
+        # another model or path of the owner (a key whose application uses several): FastAdmit._kept's
+        # second place, (owner, model, path), read here; absent, plan_of makes it
+        plan = plans.get((owner, model, path))
     if plan is None or not (
         _same(_at(plan, &S_PLAN_MODEL, "model"), model)
         and _same(_at(plan, &S_PLAN_PATH, "path"), path)

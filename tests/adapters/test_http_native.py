@@ -11,6 +11,7 @@ import random
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import event, given
@@ -18,9 +19,11 @@ from hypothesis import strategies as st
 
 from nexus_authz import native
 from nexus_authz.adapters import http_authz
+from nexus_authz.core.fastpath import FastAdmit
 from nexus_authz.engine import Engine
 from nexus_authz.settings import load_settings
 from tests.fuzz._support import (
+    CONFIG,
     SECRETS,
     FakeTransport,
     fuzz_settings,
@@ -29,6 +32,7 @@ from tests.fuzz._support import (
     write_fuzz_config,
 )
 from tests.fuzz.test_fuzz_http import cuts, streams
+from tests.helpers import KeySpec, write_config
 
 pytestmark = pytest.mark.skipif(
     native.http1 is None and os.environ.get(native.PURE_ENV, "") not in ("", "0"),
@@ -585,3 +589,66 @@ def test_the_compiled_lane_writes_only_the_chosen_header_families(chosen_engine:
         assert (b"\r\nx-ratelimit-remaining-requests: " in answer) == ("openai" in families), answer
         assert (b"\r\nratelimit-policy: " in answer) == ("ietf" in families), answer
         assert (b"\r\nratelimit: " in answer) == ("ietf" in families), answer
+
+
+# -- a key whose application uses several models and paths ------------------------------------------------
+# Three keys of one shape of the key file share its plans (the shape's recipe owns them; the first key, the
+# shape's template, owns its own); a plan is per (model, path). The compiled lane keeps an owner's first
+# plan under the owner and reads its others from FastAdmit's second place, (owner, model, path), itself: the
+# same answers as the reference path, and no call to plan_of once a plan is made.
+_SHAPE_KEYS = tuple(
+    KeySpec(f"team-{i}", extra={"tenant": "acme", "models": ["gpt-4o*"], "plan": "team"}) for i in range(3)
+)
+_SHAPE_CONFIG = CONFIG + (
+    "plans:\n  team:\n    limits:\n"
+    "      - {requests: 1000, per: minute}\n      - {tokens: 100000, per: minute}\n"
+)
+
+
+@pytest.fixture(scope="module")
+def shape_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    path = write_config(tmp_path_factory.mktemp("shape"), *_SHAPE_KEYS, extra=_SHAPE_CONFIG)
+    engine = Engine.from_settings(load_settings(str(path)), clock=lambda: NOW)
+    recipes = [engine.snapshot.by_id[k.id].recipe for k in _SHAPE_KEYS]
+    assert recipes[0] is None and recipes[1] is not None and recipes[2] is recipes[1]
+    return engine
+
+
+def _model_checks(rounds: int) -> list[bytes]:
+    """`rounds` rounds of six (model, path) pairs, each round from the next key in turn."""
+    checks = []
+    for i in range(rounds):
+        for model in (b"gpt-4o-mini", b"gpt-4o", b"gpt-4o-mini-2024-07-18"):
+            for path in (b"/v1/chat/completions", b"/v1/responses"):
+                body = b'{"model":"%s","max_tokens":%d,"messages":[]}' % (model, 8 + i)
+                checks.append(
+                    b"POST /ext_authz%s HTTP/1.1\r\nauthorization: Bearer %s\r\ncontent-length: %d\r\n"
+                    b"x-nexus-content-length: %d\r\n\r\n%s"
+                    % (path, _SHAPE_KEYS[i % 3].secret.encode(), len(body), len(body), body)
+                )
+    return checks
+
+
+def test_a_keys_other_models_and_paths_give_identical_bytes(shape_engine: Engine) -> None:
+    checks = _model_checks(6)
+    assert same_output(shape_engine, [b"".join(checks)]) == 0
+    assert same_output(shape_engine, checks) == 0
+    written = run(shape_engine, CompiledAuthzProtocol, checks, max_header_bytes=65536, max_body=1 << 20)[0]
+    assert written.count(b"HTTP/1.1 200 OK\r\n") == len(checks), written[:300]
+
+
+def test_the_compiled_lane_reads_a_keys_other_plans_itself(
+    shape_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[tuple[object, str]] = []
+    plan_of = FastAdmit.plan_of
+
+    def counted(self: FastAdmit, key: Any, model: Any, path: str) -> Any:
+        made.append((model, path))
+        return plan_of(self, key, model, path)
+
+    monkeypatch.setattr(FastAdmit, "plan_of", counted)
+    run(shape_engine, CompiledAuthzProtocol, _model_checks(6), max_header_bytes=65536, max_body=1 << 20)
+    # six plans for the template key (its own) and six for the recipe (its other two keys share them):
+    # each made by the first check that names its pair, then read where it is kept
+    assert len(made) == 12 and len(set(made)) == 6, made
