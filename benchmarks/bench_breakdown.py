@@ -110,6 +110,13 @@ class Fixtures:
         part = b'[{"type":"text","text":"Say hello."},{"type":"image_url","image_url":{"url":"'
         self._with_message(part + image + b'"}}]')
 
+    def with_key_header(self, name: str) -> None:
+        """The recorded check with its key in header `name` (x-api-key: Anthropic's SDKs; api-key: Azure's)
+        instead of `authorization: Bearer`."""
+        old = b"authorization: Bearer " + self.secret.encode()
+        assert old in self.check, "the recorded check has changed: update Fixtures.with_key_header"
+        self.check = self.check.replace(old, name.encode() + b": " + self.secret.encode(), 1)
+
     def _with_message(self, content: bytes) -> None:
         """The recorded check with its message's content (the JSON value) replaced by `content`, the
         headers' content-length and x-nexus-content-length following."""

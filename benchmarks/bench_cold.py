@@ -21,6 +21,8 @@ up to core/body.py PARSE_BELOW, 16 KiB, the compiled reading parses as the refer
 where the reference's key scan reads the same). `--typographic`: that prose with a curly apostrophe (as
 models write it): a body that is not ASCII, whose prompt is estimated from its text instead of its size.
 `--image-bytes N`: an image of N bytes of base64 (a data: URI) in the message, as vision requests send it.
+`--key-header NAME`: the key sent in that header (x-api-key, as Anthropic's SDKs send it; api-key, as Azure's)
+instead of `authorization: Bearer`.
 `--models N`: the checks name N models in turn (the recorded gpt-4o-mini and N-1 others of its length,
 all priced and allowed by the same rule), as a key sends when its application uses several models: each
 (model, path) has its own plan.
@@ -66,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--typographic", action="store_true", help="that text with curly apostrophes (not ASCII)")
     ap.add_argument("--image-bytes", type=int, default=0, help="an image of this many base64 bytes beside it")
+    ap.add_argument(
+        "--key-header", default="", help="the key in this header (x-api-key, api-key) instead of a Bearer"
+    )
     ap.add_argument("--models", type=int, default=1, help="models named in turn (each its own plan; 1-26)")
     args = ap.parse_args(argv)
     if args.n < 1 or args.keys < 1:
@@ -79,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         fx.with_prompt(args.prompt_bytes, args.typographic)
     if args.image_bytes:
         fx.with_image(args.image_bytes)
+    if args.key_header:
+        fx.with_key_header(args.key_header)
     secrets = bb.key_secrets(fx, args.keys)
     engine = bb.build_engine(Path(tempfile.mkdtemp(prefix="nexus-cold-")), fx, secrets)
     done = bb.after_check(engine, args.keys)

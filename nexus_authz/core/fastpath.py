@@ -123,11 +123,20 @@ class FastAdmit:
         """For a POST of `body` (not cut by the proxy) to `path`: (plan, key, costs, prompt estimate, body
         kept for a later estimate, facts), or None when the reference path must decide (nothing changed)."""
         policy = self.policy
-        # -- the key: `Authorization: Bearer <key>` as Envoy forwards it (keys.extract_key's reading) --
+        # -- the key: `Authorization: Bearer <key>` as Envoy forwards it, else `x-api-key` (Anthropic's) or
+        # `api-key` (Azure's) (keys.extract_key's reading) --
         value = headers.get("authorization")
-        if value is None or not value.startswith("Bearer "):
-            return None  # other headers or spellings: the reference reads them
-        secret = value[7:].strip()
+        if value is None:
+            value = headers.get("x-api-key")
+            if value is None:
+                value = headers.get("api-key")
+                if value is None:
+                    return None  # no key: the reference answers
+            secret = value.strip()
+        elif value.startswith("Bearer "):
+            secret = value[7:].strip()
+        else:
+            return None  # other schemes or spellings: the reference reads them
         # keys._plausible: 1-512 of \x21-\x7e (the secret is stripped: no newline for `$` to pass)
         if not secret or len(secret) > MAX_KEY_LENGTH or " " in secret:
             return None

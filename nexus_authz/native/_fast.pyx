@@ -238,6 +238,8 @@ cdef object _busy = None
 # the header names the lane reads: the very str objects the headers dicts' keys are (http_authz._KEEP's,
 # which both parsers key by, set by `_slots`), so a look-up finds its entry by identity, not by comparing text
 cdef str H_AUTHORIZATION = "authorization"
+cdef str H_X_API_KEY = "x-api-key"
+cdef str H_API_KEY = "api-key"
 cdef str H_CONTENT_TYPE = "content-type"
 cdef str H_CONTENT_ENCODING = "content-encoding"
 cdef str H_PARTIAL_BODY = "x-envoy-auth-partial-body"
@@ -397,8 +399,8 @@ cdef Slot _resolve(type cls, str name):
 def header_names():
     """The header names the lane looks up (after `install_framing`: http_authz._KEEP's own objects)."""
     return (
-        H_AUTHORIZATION, H_CONTENT_TYPE, H_CONTENT_ENCODING, H_PARTIAL_BODY, H_DECLARED, H_FORWARDED_FOR,
-        H_REQUEST_ID,
+        H_AUTHORIZATION, H_X_API_KEY, H_API_KEY, H_CONTENT_TYPE, H_CONTENT_ENCODING, H_PARTIAL_BODY, H_DECLARED,
+        H_FORWARDED_FOR, H_REQUEST_ID,
     )
 
 
@@ -457,11 +459,13 @@ cdef int _slots(type protocol) except -1:
     global S_COUNTS_COUNTS, S_MEM_STATES, S_MEM_HELD
     global _SHAPE, I_SETTLE_MASK, I_SLOT_MASK, I_SLOT_INDICES, I_HEADERS, I_SPECS
     global _RELEASE_URL, _RELEASED_ANSWER, _Engine, _Decider, _LocalCounters, _MemoryStore, _shape_of, _SHAPES
-    global H_AUTHORIZATION, H_CONTENT_TYPE, H_CONTENT_ENCODING, H_PARTIAL_BODY, H_DECLARED, H_FORWARDED_FOR
-    global H_REQUEST_ID
+    global H_AUTHORIZATION, H_X_API_KEY, H_API_KEY, H_CONTENT_TYPE, H_CONTENT_ENCODING, H_PARTIAL_BODY
+    global H_DECLARED, H_FORWARDED_FOR, H_REQUEST_ID
     from nexus_authz.adapters.http_authz import _KEEP, _RELEASED, RELEASE_PATH, HttpApp
     kept = {key: key for key in _KEEP.values()}  # each name's own object (an equal str where not kept)
     H_AUTHORIZATION = kept.get(H_AUTHORIZATION, H_AUTHORIZATION)
+    H_X_API_KEY = kept.get(H_X_API_KEY, H_X_API_KEY)
+    H_API_KEY = kept.get(H_API_KEY, H_API_KEY)
     H_CONTENT_TYPE = kept.get(H_CONTENT_TYPE, H_CONTENT_TYPE)
     H_CONTENT_ENCODING = kept.get(H_CONTENT_ENCODING, H_CONTENT_ENCODING)
     H_PARTIAL_BODY = kept.get(H_PARTIAL_BODY, H_PARTIAL_BODY)
@@ -1246,16 +1250,24 @@ cdef object _check(object decider, object policy, object snapshot, object header
     failures = _at(decider, &S_DEC_FAILURES, "failures")
     # -- FastAdmit.admit: the key --------------------------------------------------------------------
     value = h.get(H_AUTHORIZATION)
-    if type(value) is not str:
-        return None
-    if PyUnicode_IS_ASCII(value):  # value.startswith("Bearer ")
-        if PyUnicode_GET_LENGTH(value) < 7 or memcmp(PyUnicode_DATA(value), b"Bearer ", 7) != 0:
+    if value is None:  # keys.extract_key: x-api-key (Anthropic's), else api-key (Azure's), stripped
+        value = h.get(H_X_API_KEY)
+        if value is None:
+            value = h.get(H_API_KEY)
+        if type(value) is not str:
             return None
-    elif not (<str>value).startswith("Bearer "):
+        start = 0
+    elif type(value) is not str:
         return None
-    if PyUnicode_IS_ASCII(value):  # value[7:].strip(), in place (ASCII whitespace: \t-\r, \x1c-\x1f, " ")
-        chars = <const unsigned char*>PyUnicode_DATA(value)
+    else:
+        if PyUnicode_IS_ASCII(value):  # value.startswith("Bearer ")
+            if PyUnicode_GET_LENGTH(value) < 7 or memcmp(PyUnicode_DATA(value), b"Bearer ", 7) != 0:
+                return None
+        elif not (<str>value).startswith("Bearer "):
+            return None
         start = 7
+    if PyUnicode_IS_ASCII(value):  # value[start:].strip(), in place (ASCII whitespace: \t-\r, \x1c-\x1f, " ")
+        chars = <const unsigned char*>PyUnicode_DATA(value)
         end = PyUnicode_GET_LENGTH(value)
         while start < end and _space(chars[start]):
             start += 1
@@ -1264,7 +1276,7 @@ cdef object _check(object decider, object policy, object snapshot, object header
         chars += start
         length = end - start
     else:  # a stripped non-ASCII space may leave an ASCII secret
-        secret = (<str>value)[7:].strip()
+        secret = (<str>value)[start:].strip()
         if not PyUnicode_IS_ASCII(secret):
             return None
         chars = <const unsigned char*>PyUnicode_DATA(secret)

@@ -389,6 +389,61 @@ def test_the_common_request_takes_the_fast_path(
     assert all(answer.startswith(b"HTTP/1.1 200 OK\r\n") for answer in fast[0])
 
 
+def _keyed(key_header: str, rid: str, body: bytes, path: str = "/v1/messages") -> bytes:
+    """A check whose key comes in `key_header` (a whole header line), as an Anthropic or Azure client sends
+    it."""
+    head = (
+        f"POST /ext_authz{path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {len(body)}\r\n"
+        f"content-type: application/json\r\nx-forwarded-for: 192.0.2.2\r\n{key_header}\r\n"
+        f"anthropic-version: 2023-06-01\r\nx-request-id: {rid}\r\nx-nexus-content-length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def test_a_key_in_x_api_key_or_api_key_takes_the_fast_path(
+    config: Path, framing: type[http_authz.AuthzProtocol]
+) -> None:
+    """keys.extract_key's other headers: with no Authorization, x-api-key (Anthropic's SDKs) and then
+    api-key (Azure's), stripped, are read by the fast path too (no Request built), with the reference's
+    answers and state; an Authorization of another scheme, or a Bearer with junk, leaves it to the
+    reference, which reads the next header or refuses, as before."""
+    from nexus_authz.core import model
+
+    secret = KEYS[0].secret
+    body = b'{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}'
+    fast_ones = [
+        f"x-api-key: {secret}",
+        f"x-api-key:  {secret} \t",
+        f"api-key: {secret}",
+        f"x-api-key: {secret}\r\napi-key: nope",  # x-api-key first
+        f"api-key: {secret}\r\nx-api-key: {secret}",
+    ]
+    others = [
+        f"authorization: Basic dXNlcg==\r\nx-api-key: {secret}",  # another scheme: x-api-key is read
+        f"authorization: Bearer nope\r\nx-api-key: {secret}",  # a Bearer wins, unknown: 401
+        "x-api-key: not a key",
+        "api-key: ",
+        f"x-api-key: {secret}\u00e9",
+    ]
+    data = [_keyed(h, f"rid-{i}", body) for i, h in enumerate(fast_ones + others)]
+    data[1] = _keyed(fast_ones[1], "rid-1", body, "/v1/chat/completions")
+    built = []
+    original = model.new_request
+
+    def counting(*args: Any) -> Any:
+        built.append(args)
+        return original(*args)
+
+    script: list[tuple[str, Any]] = [("request", i) for i in range(len(fast_ones))]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(http_authz, "new_request", counting)
+        fast = run(framing, config, script, data, fast=True)
+        assert built == []
+    assert [a.split(b"\r\n", 1)[0] for a in fast[0]] == [b"HTTP/1.1 200 OK"] * len(fast_ones)
+    script += [("request", i) for i in range(len(fast_ones), len(data))] + [("request", 0)]
+    same(framing, config, script, data)
+
+
 def test_the_compiled_lane_decides_without_the_pure_flat_path(config: Path) -> None:
     """Not a vacuous comparison either: the compiled protocol's common check goes through native/_fast.pyx,
     which neither builds a Request nor calls Decider.check_plain or FastAdmit.admit (a key with a
