@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import base64
 import gc
+import gzip
 import json
 import os
 import statistics
@@ -200,6 +201,16 @@ def tapped(
         out.response.response_headers["content-type"] = content_type
     if status:
         out.response.response_code.value = status
+    return out
+
+
+def gzipped(entry: Any) -> Any:
+    """A copy of an HTTPAccessLogEntry with its Lua tap's body gzip-compressed and the response's
+    Content-Encoding gzip: what a provider sends a client that accepts gzip (the OpenAI SDKs do)."""
+    record = entry.common_properties.metadata.filter_metadata[envoy_als.METADATA_NAMESPACE].fields["u"]
+    data = base64.b64decode(record.struct_value.fields["b"].string_value)
+    out = tapped(entry, record.struct_value.fields["k"].string_value, gzip.compress(data, mtime=0))
+    out.response.response_headers["content-encoding"] = "gzip"
     return out
 
 
@@ -573,6 +584,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     results["ALS message of 20 SSE entries (stream_access_logs, serialized), per entry"] = batches(
         nb, als_messages(serialized(sse_entries), n)
+    )
+    results["ALS message of 20 JSON entries, gzip-compressed bodies, per entry"] = batches(
+        nb, als_messages(serialized([gzipped(entry) for entry in entries]), n)
     )
     # the entries the compiled loop hands back to Python: a provider's error (a 429 with its JSON error
     # body, no usage record: what every response costs during a provider incident, or for a tenant whose

@@ -54,6 +54,8 @@ from cpython.object cimport PyObject
 
 from nexus_authz.native._account cimport _Tally, account_c, counted_ready, model_of_t
 
+import zlib as _zlib
+
 
 cdef extern from "Python.h":
     bint PyUnicode_IS_ASCII(object o)
@@ -1793,6 +1795,7 @@ def stream_text(bytes data not None, bint split=False):
 
 
 cdef Py_ssize_t _max_body = -1  # core/usage.MAX_BODY_BYTES, read at the first call
+cdef Py_ssize_t _decode_step = 0  # core/usage._DECODE_STEP: StreamUsage's decompression step
 # what Engine.account_response's count of a stream without a usage record reads, bound at the first call:
 # the modules whose names it calls (a test's monkeypatch of them holds here too), the parser's window
 # (usage.DEFAULT_WINDOW) and the count's executor threshold (accounting.needs_exact_count's)
@@ -1821,7 +1824,7 @@ cdef object _perf_counter = None
 
 
 cdef int _bind() except -1:
-    global _max_body, _Service, SERVICE_ENGINE, SERVICE_ENTRIES, SERVICE_IGNORED, _perf_counter
+    global _max_body, _decode_step, _Service, SERVICE_ENGINE, SERVICE_ENTRIES, SERVICE_IGNORED, _perf_counter
     global _engine_module, _accounting_module, _usage_module, _window, _exact_below
     from nexus_authz import engine as engine_module
     from nexus_authz.adapters.envoy_als import AccessLogService
@@ -1841,6 +1844,7 @@ cdef int _bind() except -1:
     if SERVICE_ENGINE >= 0 and SERVICE_ENTRIES >= 0 and SERVICE_IGNORED >= 0:
         _Service = AccessLogService
     _max_body = MAX_BODY_BYTES
+    _decode_step = usage_module._DECODE_STEP
     return 0
 
 
@@ -1946,7 +1950,7 @@ cdef int _common(tuple item, object service, object engine, Py_ssize_t* counted,
     `counted`, which the caller adds to service.entries before any other code runs); 0 not (nothing
     changed: the caller runs `_account_scanned`). `engine`: service.engine, which the caller reads. An
     item of log_entries(raw, later=True) has its data decoded here, into the reused buffer."""
-    cdef object kind = item[3], data = item[4], content_type, content_encoding, taken_now
+    cdef object kind = item[3], data = item[4], content_type, content_encoding, taken_now, inflated = None
     cdef const unsigned char* s
     cdef Py_ssize_t n
     cdef Span span
@@ -1992,8 +1996,18 @@ cdef int _common(tuple item, object service, object engine, Py_ssize_t* counted,
     if kind == _BODY:  # als_fast.body_usage
         content_type = item[1]
         content_encoding = item[2]
-        if item[5] or n > _max_body or (content_encoding and not _identity(content_encoding)):
+        if item[5] or n > _max_body:
             return 0
+        if content_encoding and not _identity(content_encoding):
+            # a compressed body (what providers send clients that accept gzip: the SDKs' default) read as
+            # its decompressed bytes: StreamUsage's own reading when it decodes it in one step
+            inflated = _inflated(content_encoding, s, n)
+            if inflated is None:
+                return 0
+            s = <const unsigned char*>PyBytes_AS_STRING(inflated)
+            n = PyBytes_GET_SIZE(inflated)
+            if n > _max_body:
+                return 0
         if content_type and _event_stream(content_type):  # a whole stream: counted when it has no record
             return _counted(item, service, engine, counted, s, n)
         shape = _document(s, n, &span)
@@ -2024,6 +2038,30 @@ cdef int _common(tuple item, object service, object engine, Py_ssize_t* counted,
         cached, completion, reasoning = c[1], c[3], 0
     # the model of the body (document_model) read only when the reservation names none
     return _settle(item, service, engine, counted, prompt, cached, completion, reasoning, False, False, s, n)
+
+
+cdef object _inflated(object encoding, const unsigned char* s, Py_ssize_t n):
+    """The body s[:n] of content encoding `encoding` decompressed, as core/usage.py StreamUsage decodes a
+    body fed whole (gzip and x-gzip: a gzip member; deflate: zlib-wrapped or raw by its first two bytes),
+    when that decoding is one step of it: the whole stream ends within the data, with nothing after it,
+    in fewer than _DECODE_STEP bytes. None otherwise (another encoding, an error, a cut or longer stream,
+    trailing bytes): StreamUsage reads it."""
+    cdef int wbits
+    name = encoding.strip().lower() if type(encoding) is str else None
+    if name == "gzip" or name == "x-gzip":
+        wbits = _zlib.MAX_WBITS | 16
+    elif name == "deflate" and n >= 2:
+        wbits = _zlib.MAX_WBITS if (s[0] & 0x0F) == 8 and ((s[0] << 8) | s[1]) % 31 == 0 else -_zlib.MAX_WBITS
+    else:
+        return None
+    decoder = _zlib.decompressobj(wbits)
+    try:
+        out = decoder.decompress(PyBytes_FromStringAndSize(<const char*>s, n), _decode_step)
+    except _zlib.error:
+        return None
+    if not decoder.eof or decoder.unused_data or decoder.unconsumed_tail:  # (a longer one: a tail left)
+        return None
+    return out
 
 
 cdef int _counted(tuple item, object service, object engine, Py_ssize_t* counted, const unsigned char* s,

@@ -16,6 +16,7 @@ import gzip
 import json
 import math
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,12 @@ def _chat(usage: dict[str, Any], model: str | None = "gpt-4o-2024-08-06", pad: i
     if model is not None:
         document["model"] = model
     return json.dumps(document | {"choices": [], "usage": usage}, ensure_ascii=False).encode()
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    """`data` as raw deflate (no zlib header): what some servers send as Content-Encoding: deflate."""
+    c = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return c.compress(data) + c.flush()
 
 
 def _error(model: str | None = None, usage: dict[str, Any] | None = None) -> bytes:
@@ -257,6 +264,32 @@ EXTRA: list[tuple[str, dict[str, Any] | None, str | None, str | None]] = [
     ("back-skipped", {"u": {"k": "body", "b": base64.b64encode(CHAT).decode(), "x": 10}}, None, None),
     ("back-event-stream-body", body_meta(CHAT), "text/event-stream", None),
     ("back-encoded", body_meta(CHAT), "application/json", "br"),
+    # compressed bodies (what providers send the SDKs, which accept gzip): read decompressed when
+    # StreamUsage decodes them in one step, handed back otherwise
+    ("taken-gzip-error", body_meta(gzip.compress(_error("gpt-4o"))), "application/json", "gzip"),
+    ("taken-x-gzip-odd-case", body_meta(gzip.compress(CHAT)), "application/json", " X-Gzip\t"),
+    ("taken-deflate-zlib", body_meta(zlib.compress(CHAT)), "application/json", "deflate"),
+    ("taken-deflate-raw", body_meta(_raw_deflate(CHAT)), "application/json", "Deflate"),
+    ("back-gzip-empty", body_meta(gzip.compress(b"")), "application/json", "gzip"),  # as an empty body
+    ("counted-gzip-stream", body_meta(gzip.compress(NO_USAGE)), "text/event-stream", "gzip"),
+    ("back-gzip-cut", body_meta(gzip.compress(CHAT)[:-9]), "application/json", "gzip"),
+    (
+        "back-gzip-two-members",
+        body_meta(gzip.compress(CHAT) + gzip.compress(b"{}")),
+        "application/json",
+        "gzip",
+    ),
+    ("back-gzip-trailing", body_meta(gzip.compress(CHAT) + b"\n"), "application/json", "gzip"),
+    ("back-gzip-corrupt", body_meta(b"\x1f\x8b\x08\x00" + CHAT), "application/json", "gzip"),
+    ("back-gzip-as-deflate", body_meta(gzip.compress(CHAT)), "application/json", "deflate"),
+    (
+        "back-gzip-past-a-step",
+        body_meta(gzip.compress(_chat({"prompt_tokens": 3}, pad=300_000))),
+        None,
+        "gzip",
+    ),
+    ("back-gzip-unicode-name", body_meta(gzip.compress(CHAT)), "application/json", "gz\u0131p"),
+    ("back-deflate-one-byte", body_meta(b"x"), "application/json", "deflate"),
     ("back-no-usage-object", body_meta(_chat({"prompt_tokens": 1})[:-1] + b', "usage": null}'), None, None),
     ("back-float-count", body_meta(_chat({"prompt_tokens": 19.0, "completion_tokens": 2})), None, None),
     (
@@ -405,6 +438,7 @@ TAKEN += ["metered-12", "open-12", "metered-13", "open-13"]
 # (an unknown kind, none at all) among _responses()' own
 TAKEN += [f"{key}-{i}" for i in (0, 10) for key in ("metered", "open")]
 TAKEN += [f"{key}-{len(list(FIXTURES.iterdir())) + i}" for i in (10, 11) for key in ("metered", "open")]
+TAKEN += [f"{key}-{len(list(FIXTURES.iterdir())) + 1}" for key in ("metered", "open")]  # a gzip body
 
 
 def _index(name: str) -> int:
