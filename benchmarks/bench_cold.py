@@ -23,6 +23,8 @@ models write it): a body that is not ASCII, whose prompt is estimated from its t
 `--image-bytes N`: an image of N bytes of base64 (a data: URI) in the message, as vision requests send it.
 `--key-header NAME`: the key sent in that header (x-api-key, as Anthropic's SDKs send it; api-key, as Azure's)
 instead of `authorization: Bearer`.
+`--since S` (with `--keys`): each key's checks S seconds apart on the engine's clock (e.g. 61: past the
+throttle's REFRESH_AFTER, as when each of many keys is seen less than once a minute).
 `--models N`: the checks name N models in turn (the recorded gpt-4o-mini and N-1 others of its length,
 all priced and allowed by the same rule), as a key sends when its application uses several models: each
 (model, path) has its own plan.
@@ -71,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--key-header", default="", help="the key in this header (x-api-key, api-key) instead of a Bearer"
     )
+    ap.add_argument(
+        "--since",
+        type=float,
+        default=0.0,
+        help="with --keys: each key's checks this many seconds apart (the engine's clock moved on by it "
+        "after each turn of the keys), as when each key is seen less often than that",
+    )
     ap.add_argument("--models", type=int, default=1, help="models named in turn (each its own plan; 1-26)")
     args = ap.parse_args(argv)
     if args.n < 1 or args.keys < 1:
@@ -89,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     secrets = bb.key_secrets(fx, args.keys)
     engine = bb.build_engine(Path(tempfile.mkdtemp(prefix="nexus-cold-")), fx, secrets)
     done = bb.after_check(engine, args.keys)
+    ahead = [0.0]  # --since: how far the engine's clock is moved on
+    if args.since:
+        engine.decider.clock = lambda: time.time() + ahead[0]
     settings = engine.settings
     app = http_authz.HttpApp(
         engine, max_header_bytes=settings.max_header_bytes, max_body=settings.max_body_bytes
@@ -127,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                 feed(data)
                 done(rid)
             gc.collect()
-            for data, rid in checks[warm:]:
+            for i, (data, rid) in enumerate(checks[warm:]):
+                if args.since and i % args.keys == 0:
+                    ahead[0] += args.since  # a turn of the keys: each one's last check that long ago
                 t0 = timer()
                 feed(data)
                 took.append(timer() - t0)

@@ -1367,14 +1367,19 @@ cdef object _check(object decider, object policy, object snapshot, object header
         known = _at(policy, &S_POL_KNOWN, "_known")  # KnownKeys.note, its common case inline
         if type(known) is not KnownKeys:
             return _plain(decider, policy, snapshot, headers, path, body, request_id, client_address, app)
-        last = _memo_get(<dict>_at(known, &S_KNOWN_SEEN, "_seen"), _pair(client_address, key_id), &_SEEN_MEMO)
+        seen = _at(known, &S_KNOWN_SEEN, "_seen")
+        pair = _pair(client_address, key_id)
+        last = _memo_get(<dict>seen, pair, &_SEEN_MEMO)
         if last is None:
             known.note(client_address, key_id, now)
         elif PyFloat_CheckExact(last) and PyFloat_CheckExact(now):
             last_d = PyFloat_AS_DOUBLE(last)
             now_d = PyFloat_AS_DOUBLE(now)
             if not (last_d <= now_d < last_d + _REFRESH):
-                known.note(client_address, key_id, now)
+                # KnownKeys.note of a pair it holds: moved to the end (the LRU order), noted now (every
+                # visit of a key seen less often than REFRESH_AFTER, e.g. 10,000 keys in turn)
+                del (<dict>seen)[pair]
+                (<dict>seen)[pair] = now
         elif not (last <= now < last + _REFRESH):
             known.note(client_address, key_id, now)
     # -- the prompt estimate and the charges -------------------------------------------------------------
