@@ -268,13 +268,14 @@ class Scenario:
             raise ValueError(f"scenario {self.name}: ext_authz {self.ext_authz} needs a NexusSpec")
 
 
-def _request(secret: str, body: bytes) -> bytes:
-    """A POST of `body` to the chat completions path with the key as a Bearer token."""
+def _request(secret: str, body: bytes, key_header: str = "") -> bytes:
+    """A POST of `body` to the chat completions path with the key as a Bearer token (or in `key_header`)."""
+    key = {key_header: secret} if key_header else {"authorization": f"Bearer {secret}"}
     return harness.build_request(
         "POST",
         PATH,
         host="127.0.0.1",
-        headers={"authorization": f"Bearer {secret}", "content-type": "application/json"},
+        headers={**key, "content-type": "application/json"},
         body=body,
     )
 
@@ -282,6 +283,11 @@ def _request(secret: str, body: bytes) -> bytes:
 def chat_request(secret: str) -> bytes:
     """The benchmark's request: a small OpenAI chat completion with the key as a Bearer token."""
     return _request(secret, BODY)
+
+
+def x_api_key_request(secret: str) -> bytes:
+    """The benchmark's request with the key in x-api-key, as Anthropic's SDKs send it."""
+    return _request(secret, BODY, "x-api-key")
 
 
 def stream_request(secret: str) -> bytes:
@@ -385,6 +391,14 @@ SCENARIOS: dict[str, Scenario] = {
         ENVOY_HTTP,
         "http",
         NexusSpec(ISSUE15_CONFIG, LIMITS_KEY_FIELDS, loop_cpu=False),
+    ),
+    # the same with the key in x-api-key (Anthropic's SDKs; the compiled lane reads it since 95b7385)
+    "http-uds-issue15-xapikey": Scenario(
+        "http-uds-issue15-xapikey",
+        ENVOY_HTTP,
+        "http",
+        NexusSpec(ISSUE15_CONFIG, LIMITS_KEY_FIELDS, loop_cpu=False),
+        request=x_api_key_request,
     ),
     "http-uds-issue15-noacct": Scenario(
         "http-uds-issue15-noacct",
