@@ -1349,13 +1349,10 @@ cdef object _check(object decider, object policy, object snapshot, object header
         _same(_at(plan, &S_PLAN_MODEL, "model"), model) and _same(_at(plan, &S_PLAN_PATH, "path"), path)
     ):
         # another model or path of the owner (a key whose application uses several): FastAdmit._kept's
-        # second place, (owner, model, path), read here; absent, plan_of makes it
+        # second place, (owner, model, path), read here (a plan kept there is that model's and path's);
+        # absent, plan_of makes it
         plan = plans.get((owner, model, path))
-    if plan is None or not (
-        _same(_at(plan, &S_PLAN_MODEL, "model"), model)
-        and _same(_at(plan, &S_PLAN_PATH, "path"), path)
-        and (owner is key or _fits(_at(plan, &S_PLAN_SOURCE, "source"), key))
-    ):
+    if plan is None or not (owner is key or _fits(_at(plan, &S_PLAN_SOURCE, "source"), key)):
         plan = fast.plan_of(key, model, path)  # kept (and the cache bounded) in Python: a miss is rare
     if not _at(plan, &S_PLAN_USABLE, "usable"):
         return None

@@ -2000,14 +2000,13 @@ cdef int _common(tuple item, object service, object engine, Py_ssize_t* counted,
             return 0
         if content_encoding and not _identity(content_encoding):
             # a compressed body (what providers send clients that accept gzip: the SDKs' default) read as
-            # its decompressed bytes: StreamUsage's own reading when it decodes it in one step
+            # its decompressed bytes: StreamUsage's own reading when it decodes it in one step (under
+            # _DECODE_STEP bytes, 256 KiB: within MAX_BODY_BYTES, as the identity body above)
             inflated = _inflated(content_encoding, s, n)
             if inflated is None:
                 return 0
             s = <const unsigned char*>PyBytes_AS_STRING(inflated)
             n = PyBytes_GET_SIZE(inflated)
-            if n > _max_body:
-                return 0
         if content_type and _event_stream(content_type):  # a whole stream: counted when it has no record
             return _counted(item, service, engine, counted, s, n)
         shape = _document(s, n, &span)
@@ -2047,7 +2046,7 @@ cdef object _inflated(object encoding, const unsigned char* s, Py_ssize_t n):
     in fewer than _DECODE_STEP bytes. None otherwise (another encoding, an error, a cut or longer stream,
     trailing bytes): StreamUsage reads it."""
     cdef int wbits
-    name = encoding.strip().lower() if type(encoding) is str else None
+    name = encoding.strip().lower()  # (a str: the scan's, as _identity reads it)
     if name == "gzip" or name == "x-gzip":
         wbits = _zlib.MAX_WBITS | 16
     elif name == "deflate" and n >= 2:

@@ -119,6 +119,14 @@ def _chat(usage: dict[str, Any], model: str | None = "gpt-4o-2024-08-06", pad: i
     return json.dumps(document | {"choices": [], "usage": usage}, ensure_ascii=False).encode()
 
 
+def test_a_body_decompressed_in_one_step_is_within_the_bodies_the_compiled_loop_reads() -> None:
+    """native/_usage.pyx takes a compressed body only when it decompresses in one of StreamUsage's steps,
+    and then reads it as an identity body, which it takes up to MAX_BODY_BYTES: one step must fit."""
+    from nexus_authz.core import usage
+
+    assert usage._DECODE_STEP <= usage.MAX_BODY_BYTES
+
+
 def _raw_deflate(data: bytes) -> bytes:
     """`data` as raw deflate (no zlib header): what some servers send as Content-Encoding: deflate."""
     c = zlib.compressobj(wbits=-zlib.MAX_WBITS)
