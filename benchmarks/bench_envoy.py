@@ -9,7 +9,8 @@ CPU read from /proc over the measured window only. Built-in scenarios:
             here): ext_authz, and token accounting (the Lua usage tap and the gRPC access log, or ext_proc)
   http-uds  Envoy + nexus-authz, HTTP ext_authz over the Unix socket (envoy/envoy.yaml as it is: the
             default, token accounting by the Lua usage tap + gRPC access log)
-  grpc      Envoy + nexus-authz, gRPC ext_authz (envoy/envoy-grpc.yaml as it is)
+  grpc      Envoy + nexus-authz, gRPC ext_authz (envoy/envoy-grpc.yaml as it is: Check and the access log
+            on the check socket's HTTP/2; ``grpc-issue15-port``: on the gRPC port, grpc.aio)
 
 A template's accounting clusters (``nexus_als``, ``nexus_extproc``) are pointed at the scenario's
 nexus-authz. More scenarios on request (``--scenarios``), to see where the fast path's CPU goes:
@@ -260,6 +261,9 @@ class Scenario:
     request: Callable[[str], bytes] | None = None  # key secret -> request bytes; default chat_request
     # the access log to nexus-authz's gRPC port (grpc.aio) rather than to the check socket (als_h2)
     als_on_grpc: bool = False
+    # gRPC ext_authz (and the access log) to the gRPC port (grpc.aio) rather than to the check socket's
+    # HTTP/2 (als_h2), where envoy-grpc.yaml sends them
+    grpc_on_port: bool = False
 
     def __post_init__(self) -> None:
         if self.ext_authz not in ("none", "http", "grpc"):
@@ -413,6 +417,14 @@ SCENARIOS: dict[str, Scenario] = {
     # access log only: 100,000 of them outlast a run)
     "grpc-issue15": Scenario(
         "grpc-issue15", ENVOY_GRPC, "grpc", NexusSpec(ISSUE15_CONFIG, LIMITS_KEY_FIELDS)
+    ),
+    # the same with gRPC ext_authz on the gRPC port (grpc.aio), as envoy-grpc.yaml did before session 16
+    "grpc-issue15-port": Scenario(
+        "grpc-issue15-port",
+        ENVOY_GRPC,
+        "grpc",
+        NexusSpec(ISSUE15_CONFIG, LIMITS_KEY_FIELDS),
+        grpc_on_port=True,
     ),
     "http-uds-issue15-10k": Scenario(
         "http-uds-issue15-10k", ENVOY_HTTP, "http", NexusSpec(ISSUE15_CONFIG, LIMITS_KEY_FIELDS, keys=10_000)
@@ -660,7 +672,9 @@ def render_envoy(scenario: Scenario, info: StackInfo, listen_port: int, admin_po
     if scenario.ext_authz == "http":
         addresses["authz_socket"] = info.nexus_socket
     elif scenario.ext_authz == "grpc":
-        addresses["authz_grpc"] = f"127.0.0.1:{info.nexus_grpc_port}"
+        addresses["authz_grpc"] = (
+            f"127.0.0.1:{info.nexus_grpc_port}" if scenario.grpc_on_port else info.nexus_socket
+        )
     drop = set(scenario.remove_filters)
     if scenario.ext_authz == "none":
         drop.add(envoy_config.EXT_AUTHZ_FILTER)
@@ -670,7 +684,9 @@ def render_envoy(scenario: Scenario, info: StackInfo, listen_port: int, admin_po
         else:  # nothing would answer: a failing ext_proc stream per request is not the product's cost
             drop.add(EXT_PROC_FILTER)
     if _has_cluster(envoy_config.load(scenario.template), ALS_CLUSTER):
-        if scenario.ext_authz == "http" and not scenario.als_on_grpc:  # as envoy.yaml: the check socket
+        if (scenario.ext_authz == "http" and not scenario.als_on_grpc) or (
+            scenario.ext_authz == "grpc" and not scenario.grpc_on_port
+        ):  # as the shipped configs: the check socket
             addresses.setdefault("clusters", {})[ALS_CLUSTER] = info.nexus_socket
         elif info.nexus_grpc_port:
             addresses.setdefault("clusters", {})[ALS_CLUSTER] = f"127.0.0.1:{info.nexus_grpc_port}"

@@ -35,7 +35,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from nexus_authz import app, native
-from nexus_authz.adapters import als_h2, envoy_als, envoy_rls, http_authz
+from nexus_authz.adapters import envoy_als, envoy_authz, envoy_rls, h2_listener, http_authz
 from nexus_authz.app import GRPC_SERVICES, StartupError, Validated, validate
 from nexus_authz.core.errors import ConfigError
 from nexus_authz.engine import Engine
@@ -96,7 +96,7 @@ class Server:
     serving: bool | None = None
     ratelimit: envoy_rls.RateLimitService | None = None
     als: envoy_als.AccessLogService | None = None
-    h2: als_h2.H2Receiver | None = None
+    h2: h2_listener.H2Receiver | None = None
     validated: Validated | None = None  # from validate(); start() runs it when not given
     socket_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file we bound
 
@@ -162,7 +162,14 @@ class Server:
         # token accounting's access log: on the gRPC port, and on the check listeners over HTTP/2 (the
         # shipped envoy.yaml sends it there: no gRPC threads per batch), one service for both
         self.als = envoy_als.AccessLogService(engine)
-        self.h2 = als_h2.H2Receiver(self.als, engine)
+        self.h2 = h2_listener.H2Receiver(
+            self.als,
+            engine,
+            envoy_authz.AuthorizationService(engine),  # gRPC ext_authz on the check listener too
+            max_check_bytes=max(
+                s.max_body_bytes + 64 * 1024, envoy_als.MAX_MESSAGE_BYTES
+            ),  # as the gRPC port
+        )
         fast.h2 = self.h2.factory(fast.protocol)
         self.apps.append(fast)
         try:

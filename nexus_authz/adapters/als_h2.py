@@ -1,4 +1,5 @@
-"""Envoy's gRPC access-log stream on the check listener: just enough HTTP/2 for it, on the event loop.
+"""Envoy's gRPC calls on the check listener (the access log, gRPC ext_authz): just enough HTTP/2 for
+them, on the event loop.
 
 Envoy sends token accounting's access log as one long-lived gRPC stream
 (`envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs`, envoy_als). Served by grpc.aio, each
@@ -9,92 +10,69 @@ HTTP/2's preface (`PRI * HTTP/2.0`, which no HTTP/1.1 request starts with) is ha
 which speaks the part of HTTP/2 (RFC 9113, cleartext with prior knowledge) an HTTP/2 client such as
 Envoy's gRPC client needs: SETTINGS, PING, WINDOW_UPDATE (large windows, topped up as data arrives; the
 socket is paused while too much waits to be accounted), HEADERS/CONTINUATION decoded with `hpack`,
-RST_STREAM and GOAWAY. Two methods are served:
+RST_STREAM and GOAWAY. Three methods are served:
 
 - `StreamAccessLogs`: each gRPC message goes, serialized, to `AccessLogService.stream_access_logs`, the
   same loop (compiled scan, slices, drain) as on the gRPC port;
-- `/nexus.authz.v1.Slots/Release`: the Lua usage tap's early slot release in gRPC mode (a raw request id).
+- `/nexus.authz.v1.Slots/Release`: the Lua usage tap's early slot release in gRPC mode (a raw request id);
+- `/envoy.service.auth.v3.Authorization/Check` (envoy-grpc.yaml): gRPC ext_authz, answered by
+  `AuthorizationService.answer` when the request's DATA ends it (or when the counter store has answered),
+  HEADERS, the message and the trailers in one write. On the gRPC port grpc.aio's threads cost ~2x the
+  CPU per Check (benchmarks/README.md).
 
 Anything else is answered with gRPC status UNIMPLEMENTED. A protocol error ends the connection with
-GOAWAY. The frames are parsed in Python: a message carries a batch of entries (~20 at 1,000 requests/s),
-so framing costs a few µs per batch, not per request.
+GOAWAY. The frames are parsed in Python: an access-log message carries a batch of entries (~20 at 1,000
+requests/s), a Check is two frames; a header block that leaves the HPACK table as it was (Envoy's, after
+a connection's first call) is decoded once per connection (`h2_frames.table_neutral`).
 
-The pure path and the gRPC port stay: Envoy configs that send the access log to the gRPC port
-(envoy-grpc.yaml, older configs) are served there as before.
+The gRPC port stays: Envoy configs that send the access log or Check there (older configs, a standard
+gRPC server) are served there as before.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import struct
 from collections import deque
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Final
 
 import grpc
 import hpack
+from google.protobuf.message import DecodeError
 
 from nexus_authz.adapters import h2_frames as h2
-from nexus_authz.adapters.envoy_als import MAX_MESSAGE_BYTES, SERVICE, AccessLogService
+from nexus_authz.adapters.envoy_als import MAX_MESSAGE_BYTES, SERVICE
+from nexus_authz.adapters.envoy_authz import SERVICE as AUTHZ_SERVICE
 from nexus_authz.adapters.h2_frames import GrpcStream
-from nexus_authz.engine import Engine
+from nexus_authz.core.model import Reason
+
+if TYPE_CHECKING:
+    from nexus_authz.adapters.h2_listener import H2Receiver
 
 log = logging.getLogger("nexus_authz.als")
 
-__all__ = ["PREFACE", "ALS_PATH", "RELEASE_PATH", "H2Connection", "H2Receiver"]
+__all__ = ["PREFACE", "ALS_PATH", "CHECK_PATH", "RELEASE_PATH", "H2Connection"]
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 ALS_PATH: Final = f"/{SERVICE}/StreamAccessLogs"
 RELEASE_PATH: Final = "/nexus.authz.v1.Slots/Release"
+CHECK_PATH: Final = f"/{AUTHZ_SERVICE}/Check"
+_KINDS: Final = {ALS_PATH.encode(): "als", RELEASE_PATH.encode(): "release", CHECK_PATH.encode(): "check"}
 #: Bytes received and not yet accounted above which the socket stops being read (until below LOW).
 HIGH: Final = 16 << 20
 LOW: Final = 4 << 20
 #: The bytes of messages begun and not yet whole, all streams of a connection together, at most (Envoy
 #: sends one access-log stream per connection; without a bound, 100 streams could hold 400 MiB).
 MAX_PARTIAL: Final = 4 * MAX_MESSAGE_BYTES
-#: On shutdown, how long a connection's open streams may take to end before it is closed anyway.
-CLOSE_GRACE: Final = 5.0
-
-
-class H2Receiver:
-    """What every HTTP/2 connection of the check listeners shares: the access-log service, the engine
-    (for slot releases) and the open connections (ended on shutdown, after the access log's drain)."""
-
-    __slots__ = ("als", "closing", "connections", "engine", "undecided")
-
-    def __init__(self, als: AccessLogService, engine: Engine) -> None:
-        self.als = als
-        self.engine = engine
-        self.connections: set[H2Connection] = set()
-        self.undecided: set[Sniffer] = set()  # connections that have not yet said which protocol
-        self.closing = False
-
-    def factory(self, make_http: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
-        """The protocol factory of a check listener whose HTTP/1.1 protocol `make_http` makes: each
-        connection starts as a `Sniffer` (see there)."""
-        return lambda: Sniffer(make_http, self)
-
-    def close(self) -> None:
-        """Shut down (call after `AccessLogService.drain`, which stopped the access-log streams): each
-        connection ends its open streams (new ones are refused), then says GOAWAY and closes; after
-        CLOSE_GRACE seconds it closes anyway."""
-        self.closing = True
-        for sniffer in list(self.undecided):  # nothing asked yet: nothing to answer
-            sniffer.close()
-        for conn in list(self.connections):
-            if conn._streams:
-                loop = asyncio.get_running_loop()
-                loop.call_later(CLOSE_GRACE, functools.partial(conn.goaway, h2.NO_ERROR, close=True))
-            else:
-                conn.goaway(h2.NO_ERROR, close=True)
 
 
 class H2Connection(asyncio.Protocol):
     """One HTTP/2 connection from Envoy's gRPC client (see the module)."""
 
     __slots__ = (
+        "_blocks",
         "_buffer",
         "_continuation",
         "_decoder",
@@ -123,6 +101,7 @@ class H2Connection(asyncio.Protocol):
         self._decoder = hpack.Decoder()
         self._decoder.max_header_list_size = h2.MAX_HEADER_LIST
         self._encoder = hpack.Encoder()
+        self._blocks: dict[bytes, list[tuple[bytes, bytes]]] = {}  # table-neutral blocks, decoded
         self._streams: dict[int, GrpcStream] = {}
         self._last_stream = 0
         # a header block being received: (stream id, flags of its HEADERS, fragments)
@@ -271,8 +250,8 @@ class H2Connection(asyncio.Protocol):
             if why is not None:
                 self._refuse(stream, why)
                 return
-            if stream.kind == "release" and len(stream.messages) > 1:  # held until END_STREAM: not more
-                self._trailers_only(stream, grpc.StatusCode.INTERNAL, "Release takes one message")
+            if stream.kind != "als" and len(stream.messages) > 1:  # held until END_STREAM: not more
+                self._trailers_only(stream, grpc.StatusCode.INTERNAL, "a unary call takes one message")
                 return
         if flags & h2.END_STREAM:
             self._half_closed(stream)
@@ -299,10 +278,17 @@ class H2Connection(asyncio.Protocol):
             self._continuation = (stream_id, flags, [block])
 
     def _header_block(self, stream_id: int, flags: int, block: bytes) -> None:
-        try:  # every block is decoded, whatever its stream, to keep the HPACK table in step
-            headers = self._decoder.decode(block, raw=True)
-        except hpack.HPACKError as exc:
-            raise h2.H2Error(h2.COMPRESSION_ERROR, f"HPACK: {exc}") from None
+        blocks = self._blocks
+        headers = blocks.get(block)
+        if headers is None:
+            try:  # every block is decoded, whatever its stream, to keep the HPACK table in step
+                headers = self._decoder.decode(block, raw=True)
+            except hpack.HPACKError as exc:
+                raise h2.H2Error(h2.COMPRESSION_ERROR, f"HPACK: {exc}") from None
+            if not h2.table_neutral(block):
+                blocks.clear()  # the table may have changed: the blocks kept may mean other fields now
+            elif len(blocks) < h2.BLOCK_CACHE:
+                blocks[block] = headers
         stream = self._streams.get(stream_id)
         if stream is not None:  # trailers from the client: they end its half
             if not flags & h2.END_STREAM:
@@ -319,9 +305,10 @@ class H2Connection(asyncio.Protocol):
             self._write(h2.rst_stream(stream_id, h2.REFUSED_STREAM))
             return
         fields = dict(headers)
-        path = fields.get(b":path", b"").decode("latin-1")
-        kind = "als" if path == ALS_PATH else "release" if path == RELEASE_PATH else "refused"
-        stream = GrpcStream(self, stream_id, kind, self._peer_window)
+        raw_path = fields.get(b":path", b"")
+        kind = _KINDS.get(raw_path, "refused")
+        limit = self._receiver.check_limit if kind == "check" else MAX_MESSAGE_BYTES
+        stream = GrpcStream(self, stream_id, kind, self._peer_window, limit)
         if fields.get(b":method") != b"POST" or not fields.get(b"content-type", b"").startswith(
             b"application/grpc"
         ):
@@ -332,6 +319,7 @@ class H2Connection(asyncio.Protocol):
         elif kind == "refused":
             stream.ended = bool(flags & h2.END_STREAM)
             self._streams[stream_id] = stream
+            path = raw_path.decode("latin-1")
             self._trailers_only(stream, grpc.StatusCode.UNIMPLEMENTED, f"unknown method {path}")
         else:
             self._streams[stream_id] = stream
@@ -389,13 +377,16 @@ class H2Connection(asyncio.Protocol):
         """The client has sent all of the stream."""
         stream.ended = True
         stream.wake()
-        if stream.kind == "release":
+        if stream.kind == "release" or stream.kind == "check":
             message = stream.messages.popleft() if stream.messages else None
             if message is not None:
                 stream.queued -= len(message)
                 self.consumed(len(message))
             if message is None or stream.buffer or stream.messages:
-                self._trailers_only(stream, grpc.StatusCode.INTERNAL, "Release takes one message")
+                self._trailers_only(stream, grpc.StatusCode.INTERNAL, "a unary call takes one message")
+                return
+            if stream.kind == "check":
+                self._check(stream, message)
                 return
             try:
                 self._receiver.engine.release(message.decode("latin-1"))
@@ -427,6 +418,39 @@ class H2Connection(asyncio.Protocol):
         if (self._goaway_sent or self._receiver.closing) and not self._streams:
             self.goaway(h2.NO_ERROR, close=True)
 
+    def _check(self, stream: GrpcStream, message: bytes) -> None:
+        """Envoy's gRPC ext_authz Check (envoy_authz), answered at once, or when the counter store has."""
+        try:
+            answer = self._receiver.checks.answer(message)
+        except DecodeError:
+            self._trailers_only(stream, grpc.StatusCode.INTERNAL, "the message is no CheckRequest")
+            return
+        except Exception:
+            self._check_failed(stream)
+            return
+        if answer.__class__ is bytes:
+            self._respond(stream, h2.grpc_message(answer))  # type: ignore[arg-type]
+        else:
+            stream.task = asyncio.get_running_loop().create_task(self._check_later(stream, answer))  # type: ignore[arg-type]
+
+    async def _check_later(self, stream: GrpcStream, answer: Awaitable[bytes]) -> None:
+        try:
+            message = await answer
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            stream.task = None
+            self._check_failed(stream)
+            return
+        stream.task = None
+        self._respond(stream, h2.grpc_message(message))
+
+    def _check_failed(self, stream: GrpcStream) -> None:
+        """As on the gRPC port: logged, counted, INTERNAL (Envoy's failure_mode_allow then decides)."""
+        log.exception("internal error in gRPC Check")
+        self._receiver.engine.count(Reason.UNAVAILABLE)
+        self._trailers_only(stream, grpc.StatusCode.INTERNAL, "internal error")
+
     async def _serve_als(self, stream: GrpcStream) -> None:
         try:
             await self._receiver.als.stream_access_logs(None, stream)  # type: ignore[arg-type]
@@ -447,16 +471,30 @@ class H2Connection(asyncio.Protocol):
         if self._transport is None or stream.reset:
             self._forget(stream)
             return
-        self._write(
-            h2.frame(
-                h2.HEADERS,
-                h2.END_HEADERS,
-                stream.id,
-                self._encoder.encode([(b":status", b"200"), (b"content-type", b"application/grpc")]),
-            )
-        )
+        n = len(message)
+        if self._encoder.table_size_changes:  # announced at the start of the next block: encoded
+            block = self._encoder.encode([(b":status", b"200"), (b"content-type", b"application/grpc")])
+        else:
+            block = h2.RESPONSE_BLOCK
+        headers = h2.frame(h2.HEADERS, h2.END_HEADERS, stream.id, block)
+        if not self._pending and n <= self._send_window and n <= stream.send_window:  # all in one write
+            self._send_window -= n
+            stream.send_window -= n
+            self._write(headers + self._message_and_trailers(stream, message))
+            self._closed(stream)
+            return
+        self._write(headers)
         self._pending.append((stream, message))
         self._flush_pending()
+
+    def _message_and_trailers(self, stream: GrpcStream, message: bytes) -> bytes:
+        if self._encoder.table_size_changes:
+            trailers = self._encoder.encode([(b"grpc-status", b"0")])
+        else:
+            trailers = h2.OK_TRAILERS_BLOCK
+        return h2.frame(h2.DATA, 0, stream.id, message) + h2.frame(
+            h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream.id, trailers
+        )
 
     def _flush_pending(self) -> None:
         """Send each response message its windows allow, then its trailers (encoded only then: HPACK
@@ -473,11 +511,7 @@ class H2Connection(asyncio.Protocol):
                 continue
             self._send_window -= n
             stream.send_window -= n
-            trailers = self._encoder.encode([(b"grpc-status", b"0")])
-            self._write(
-                h2.frame(h2.DATA, 0, stream.id, message)
-                + h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream.id, trailers)
-            )
+            self._write(self._message_and_trailers(stream, message))
             self._closed(stream)
         self._pending = waiting
 
@@ -543,49 +577,3 @@ class H2Connection(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         if self._transport is not None:
             self._transport.write(data)
-
-
-class Sniffer(asyncio.Protocol):
-    """A check listener's connection until its first bytes say which protocol it speaks: HTTP/2's
-    preface goes to `H2Connection` (the access log), anything else to the HTTP/1.1 protocol
-    (`make_http`). One object per connection, before its first request; nothing per request."""
-
-    __slots__ = ("_buffer", "_make_http", "_receiver", "_transport")
-
-    def __init__(self, make_http: Callable[[], asyncio.Protocol], receiver: H2Receiver) -> None:
-        self._make_http = make_http
-        self._receiver = receiver
-        self._transport: asyncio.Transport | None = None
-        self._buffer = b""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
-        self._receiver.undecided.add(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        self._receiver.undecided.discard(self)
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-
-    def data_received(self, data: bytes) -> None:
-        transport = self._transport
-        if transport is None:
-            return
-        data = self._buffer + data if self._buffer else data
-        if len(data) < len(PREFACE) and PREFACE.startswith(data):
-            self._buffer = data  # not yet enough to tell
-            return
-        self._buffer = b""
-        self._receiver.undecided.discard(self)
-        # HTTP/2's request line is no HTTP/1.1 request: a wrong rest of the preface is answered with GOAWAY
-        h2c = data.startswith(PREFACE[:16])
-        protocol = H2Connection(self._receiver) if h2c else self._make_http()
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        protocol.data_received(data)
-
-    def eof_received(self) -> bool:
-        return False

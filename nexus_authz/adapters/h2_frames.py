@@ -13,10 +13,15 @@ import grpc
 from nexus_authz.adapters.envoy_als import MAX_MESSAGE_BYTES
 
 __all__ = [
+    "BLOCK_CACHE",
     "EMPTY_MESSAGE",
     "GrpcStream",
     "H2Error",
+    "OK_TRAILERS_BLOCK",
+    "RESPONSE_BLOCK",
     "frame",
+    "grpc_message",
+    "table_neutral",
     "rst_stream",
     "settings_frame",
     "unpad",
@@ -41,6 +46,66 @@ MAX_HEADER_LIST: Final = 16 << 10
 MAX_WINDOW: Final = (1 << 31) - 1
 
 EMPTY_MESSAGE: Final = b"\x00\x00\x00\x00\x00"  # a gRPC message of 0 bytes (the empty response)
+
+# A response's header blocks, HPACK-encoded once: each field a representation that leaves the dynamic
+# tables as they were (the static table's `:status: 200`; literals without indexing), so the same bytes
+# are right whatever the connection's encoder sent before, unless a table size change must be announced
+# first (the connection then encodes them with its encoder).
+RESPONSE_BLOCK: Final = b"\x88" + b"\x0f\x10\x10application/grpc"  # :status 200, content-type (index 31)
+OK_TRAILERS_BLOCK: Final = b"\x00\x0bgrpc-status\x010"  # grpc-status: 0, a new name
+
+
+#: Header blocks remembered per connection with what they decode to (see `table_neutral`), at most.
+BLOCK_CACHE: Final = 64
+
+
+def _skip_integer(block: bytes, i: int, mask: int) -> tuple[int, int]:
+    """The HPACK integer (RFC 7541 §5.1) at `i` with a prefix of `mask`'s bits: (its value, where the
+    next field starts)."""
+    value = block[i] & mask
+    i += 1
+    if value == mask:
+        shift = 0
+        while True:
+            b = block[i]
+            i += 1
+            value += (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+    return value, i
+
+
+def table_neutral(block: bytes) -> bool:
+    """True when decoding an HPACK block leaves the dynamic table as it was: it holds only indexed fields
+    (§6.1) and literals without indexing or never indexed (§6.2.2, §6.2.3), no literal with incremental
+    indexing and no table size update. The same bytes then decode to the same fields until a block that
+    is not table-neutral has been decoded. Envoy's gRPC client sends such blocks for every call after its
+    first on a connection (its fields indexed then, `:path` a literal without indexing): the receiver
+    decodes them once. Call it on a block that decoded (a malformed one is not neutral)."""
+    i, n = 0, len(block)
+    try:
+        while i < n:
+            b = block[i]
+            if b & 0x80:  # indexed
+                i = _skip_integer(block, i, 0x7F)[1]
+            elif b & 0xE0 == 0:  # 0000xxxx or 0001xxxx: a literal that is not indexed
+                index, i = _skip_integer(block, i, 0x0F)
+                if index == 0:  # a literal name first
+                    length, i = _skip_integer(block, i, 0x7F)
+                    i += length
+                length, i = _skip_integer(block, i, 0x7F)
+                i += length
+            else:  # indexed incrementally (01xxxxxx), or a size update (001xxxxx)
+                return False
+    except IndexError:
+        return False
+    return i == n
+
+
+def grpc_message(payload: bytes) -> bytes:
+    """One uncompressed gRPC message (its 5-byte prefix and the payload)."""
+    return b"\x00" + len(payload).to_bytes(4, "big") + payload
 
 
 def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
@@ -82,6 +147,7 @@ class GrpcStream:
         "ended",
         "id",
         "kind",
+        "limit",
         "messages",
         "queued",
         "reset",
@@ -91,10 +157,14 @@ class GrpcStream:
         "waiter",
     )
 
-    def __init__(self, conn: _Connection, stream_id: int, kind: str, send_window: int) -> None:
+    def __init__(
+        self, conn: _Connection, stream_id: int, kind: str, send_window: int, limit: int = MAX_MESSAGE_BYTES
+    ) -> None:
         self.conn = conn
         self.id = stream_id
-        self.kind = kind  # "als", "release", or "refused" (answered already: its data is dropped)
+        # "als", "release", "check", or "refused" (answered already: its data is dropped)
+        self.kind = kind
+        self.limit = limit  # the largest message taken
         self.buffer = bytearray()  # gRPC framing: the bytes of the message being received
         self.messages: deque[bytes] = deque()
         self.queued = 0  # bytes of `messages`
@@ -134,7 +204,7 @@ class GrpcStream:
             if buffer[0] != 0:
                 return "compressed"
             length = int.from_bytes(buffer[1:5], "big")
-            if length > MAX_MESSAGE_BYTES:
+            if length > self.limit:
                 return "too_large"
             if len(buffer) < 5 + length:
                 break

@@ -144,7 +144,7 @@ class HttpApp:
         self._nginx_cache: AnswerCache[bytes] = AnswerCache(ALLOW_CACHE)  # nginx's, only once it asks
         self._deny_cache: AnswerCache[bytes] = AnswerCache(DENY_CACHE)
         self.loop: asyncio.AbstractEventLoop | None = None
-        # when this listener takes the access log too: its connections' factory (als_h2.H2Receiver.sniffer)
+        # when this listener takes HTTP/2 too: its connections' factory (h2_listener.H2Receiver.factory)
         self.h2: Callable[[], asyncio.Protocol] | None = None
 
     def protocol(self) -> AuthzProtocol:

@@ -370,9 +370,9 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(str(exc))
     authz = args.authz or settings.http_socket or (str(settings.http_tcp) if settings.http_tcp else None)
-    grpc_address = args.grpc or settings.grpc
+    grpc_address = args.grpc or authz or settings.grpc
     if grpc_address is None and args.mode == "grpc":
-        return _fail("nexus-authz's gRPC listener is off (listen.grpc: null): Envoy needs it; give --grpc")
+        return _fail("no check listener and no gRPC listener (listen.grpc) is on; give --authz or --grpc")
     if args.mode == "http" and authz is None:
         return _fail("no HTTP fast path (listen.http_socket and listen.http_tcp are off); give --authz")
     listen_host, listen_port = None, None
@@ -383,7 +383,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
         listen_host, listen_port = host.strip("[]") or "0.0.0.0", int(port)
     try:
         template = args.template or _envoy_template(args.mode)
-        options: dict[str, object] = {"als": authz if args.mode == "http" else grpc_address}  # als_h2
+        options: dict[str, object] = {"als": authz if args.mode == "http" else grpc_address}
         if args.mode == "http":
             options["authz_socket"] = authz
         else:
@@ -551,8 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
         "envoy-config",
         help="print a ready Envoy config for your upstream and nexus-authz",
         description="Print the shipped Envoy config (envoy/envoy.yaml, or envoy/envoy-grpc.yaml with "
-        "--mode grpc) with nexus-authz's addresses taken from the config file (listen.http_socket, "
-        "listen.grpc) unless given, the upstream and the listener filled in, and the Lua usage tap "
+        "--mode grpc) with nexus-authz's check listener taken from the config file (listen.http_socket or "
+        "http_tcp) unless given, the upstream and the listener filled in, and the Lua usage tap "
         "inlined, so Envoy runs it from any directory: `nexus-authz envoy-config -c nexus.yaml --upstream "
         "https://api.openai.com > envoy.yaml && envoy -c envoy.yaml`.",
     )
@@ -567,8 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--listen", help="Envoy's listener, host:port (default 127.0.0.1:10000)")
     p.add_argument("--admin-port", type=int, help="Envoy's admin port on 127.0.0.1 (default 9901)")
-    p.add_argument("--authz", help="nexus-authz's HTTP fast path: socket path or host:port (default: config)")
-    p.add_argument("--grpc", help="nexus-authz's gRPC address: host:port or unix:/path (default: config's)")
+    p.add_argument("--authz", help="nexus-authz's check listener: socket path or host:port (default: config)")
+    p.add_argument("--grpc", help="--mode grpc: to nexus-authz's gRPC port (grpc.aio) instead, host:port")
     p.add_argument("--ca-file", help="CA bundle for an https upstream (default: the system's)")
     p.add_argument("--from", dest="template", help="the Envoy config to start from (default: shipped one)")
     p.set_defaults(func=cmd_envoy_config)

@@ -17,8 +17,8 @@ import pytest
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from nexus_authz.adapters import http_authz
-from nexus_authz.adapters.als_h2 import H2Receiver
 from nexus_authz.adapters.envoy_als import AccessLogService
+from nexus_authz.adapters.h2_listener import H2Receiver
 from nexus_authz.engine import Engine
 from tests.adapters.conftest import ALICE
 from tests.adapters.test_als import FIXTURES, Recorder, _stream, body_meta, entry_with, message

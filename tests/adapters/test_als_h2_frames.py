@@ -16,10 +16,11 @@ import hpack
 import pytest
 import uvloop
 
-from nexus_authz.adapters import als_h2
+from nexus_authz.adapters import als_h2, h2_listener
 from nexus_authz.adapters import h2_frames as h2
-from nexus_authz.adapters.als_h2 import ALS_PATH, PREFACE, RELEASE_PATH, H2Receiver
+from nexus_authz.adapters.als_h2 import ALS_PATH, PREFACE, RELEASE_PATH
 from nexus_authz.adapters.envoy_als import MAX_MESSAGE_BYTES, AccessLogService
+from nexus_authz.adapters.h2_listener import H2Receiver
 from nexus_authz.engine import Engine
 from tests.adapters.test_als import Recorder, body_meta, entry_with, message
 from tests.adapters.test_als_h2 import CHAT, SSE, check_socket
@@ -990,7 +991,7 @@ def test_close_after_the_drain_ends_the_stream_with_ok_then_goaway(engine: Engin
 def test_close_refuses_new_streams_and_closes_a_stream_that_never_ends_after_the_grace(
     engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(als_h2, "CLOSE_GRACE", 0.2)
+    monkeypatch.setattr(h2_listener, "CLOSE_GRACE", 0.2)
     releasing = Releasing(engine)
 
     async def scenario(service: AccessLogService, receiver: H2Receiver) -> list[Frame]:

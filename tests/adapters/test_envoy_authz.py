@@ -12,9 +12,16 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nexus_authz.adapters.answers import ALLOW_CACHE
-from nexus_authz.adapters.envoy_authz import AuthorizationService, request_from_check
+from nexus_authz.adapters.envoy_authz import (
+    AuthorizationService,
+    _extra_headers_message,
+    extra_headers,
+    request_from_check,
+)
 from nexus_authz.adapters.http_authz import HttpApp
 from nexus_authz.core.model import Reason, new_allow
 from nexus_authz.engine import Engine
@@ -202,3 +209,17 @@ def test_the_allow_answer_cache_is_bounded_on_both_transports(engine: Engine, tr
             )
         cache = app._allow_cache
     assert 0 < len(cache) <= ALLOW_CACHE
+
+
+_HEADER_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=300)
+
+
+@given(
+    st.lists(st.tuples(_HEADER_TEXT, _HEADER_TEXT), max_size=12),
+    st.booleans(),
+)
+def test_extra_headers_are_written_as_protobuf_serializes_them(
+    pairs: list[tuple[str, str]], allowed: bool
+) -> None:
+    # written field by field (adapters/envoy_authz._option): every length on both sides of one varint byte
+    assert extra_headers(pairs, allowed) == _extra_headers_message(pairs, allowed)

@@ -49,7 +49,9 @@ def http(
 @dataclass
 class Stack:
     workdir: Path
-    mode: str = "http"  # "http" (ext_authz http_service over the Unix socket) or "grpc"
+    # "http" (ext_authz http_service over the Unix socket), "grpc" (gRPC ext_authz on the same socket's
+    # HTTP/2, as envoy-grpc.yaml ships) or "grpc-port" (gRPC ext_authz on the gRPC port, grpc.aio)
+    mode: str = "http"
     # token accounting: "als" (Lua usage tap + gRPC access log, the default configs) or "extproc"
     # (envoy-extproc.yaml; HTTP mode only)
     accounting: str = "als"
@@ -128,11 +130,13 @@ class Stack:
         clusters = {c.get("name") for c in envoy_config.load(template)["static_resources"]["clusters"]}
         if envoy_config.EXTPROC_CLUSTER in clusters:
             addresses["extproc"] = f"127.0.0.1:{self.grpc_port}"
-        if envoy_config.ALS_CLUSTER in clusters:  # HTTP mode: the check socket, as envoy.yaml (als_h2)
-            http_als = self.mode == "http" and self.als_on_socket
-            addresses["als"] = str(self.socket) if http_als else f"127.0.0.1:{self.grpc_port}"
+        if envoy_config.ALS_CLUSTER in clusters:  # the check socket, as the shipped configs (als_h2)
+            on_socket = self.mode == "grpc" or (self.mode == "http" and self.als_on_socket)
+            addresses["als"] = str(self.socket) if on_socket else f"127.0.0.1:{self.grpc_port}"
         if self.mode == "http":
             addresses["authz_socket"] = str(self.socket)
+        elif self.mode == "grpc":
+            addresses["authz_grpc"] = str(self.socket)
         else:
             addresses["authz_grpc"] = f"127.0.0.1:{self.grpc_port}"
         rendered = envoy_config.render(

@@ -15,7 +15,7 @@ ANTHROPIC_STYLE = KeySpec("carol", extra={"tenant": "acme"})
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}
 
 
-@pytest.fixture(params=["http", "grpc"], scope="module")
+@pytest.fixture(params=["http", "grpc", "grpc-port"], scope="module")
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     import tempfile
 

@@ -127,8 +127,8 @@ def test_defaults_agree_everywhere() -> None:
         for name, cluster in clusters.items():
             (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
             address = endpoint["endpoint"]["address"]
-            if "pipe" in address:  # the check socket: ext_authz, and the access log over HTTP/2 (als_h2)
-                assert name in ("nexus_authz", "nexus_als"), (path, name)
+            if "pipe" in address:  # the check socket: ext_authz (HTTP, or gRPC over HTTP/2), the access log
+                assert name in ("nexus_authz", "nexus_authz_grpc", "nexus_als"), (path, name)
                 assert address == {"pipe": {"path": DEFAULT_SOCKET}}, (path, name)
             elif name.startswith("nexus_"):  # gRPC: ext_authz, ext_proc, rate limit service, access log
                 sock = address["socket_address"]
@@ -175,10 +175,11 @@ def test_envoy_config_snippet_renders_what_envoy_accepts(workdir: Path) -> None:
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-@pytest.mark.parametrize("mode", ["http", "grpc"])
+@pytest.mark.parametrize("mode", ["http", "grpc", "grpc-port"])
 def test_envoy_config_carries_traffic(mode: str, workdir: Path) -> None:
     """`envoy-config -c nexus.yaml` for a running nexus-authz on private addresses: a request through the
-    rendered Envoy (started outside envoy/) reaches the upstream with the credential; a bad key gets 401."""
+    rendered Envoy (started outside envoy/) reaches the upstream with the credential; a bad key gets 401.
+    gRPC mode goes to the check socket (HTTP/2), or with --grpc to the gRPC port."""
     key = KeySpec("alice")
     stack = Stack(workdir=workdir, keys=(key,))
     envoy: subprocess.Popen[bytes] | None = None
@@ -186,12 +187,14 @@ def test_envoy_config_carries_traffic(mode: str, workdir: Path) -> None:
         stack.mock = mock_upstream.start_in_thread(always_usage=False)
         stack.start_nexus()
         port, admin = procs.free_port(), procs.free_port()
+        port_args = ["--grpc", f"127.0.0.1:{stack.grpc_port}"] if mode == "grpc-port" else []
         out = cli(
             "envoy-config",
             "-c",
             str(stack.config_path),
             "--mode",
-            mode,
+            mode.removesuffix("-port"),
+            *port_args,
             "--upstream",
             f"http://127.0.0.1:{stack.mock.port}",
             "--listen",
@@ -201,6 +204,14 @@ def test_envoy_config_carries_traffic(mode: str, workdir: Path) -> None:
             cwd=workdir,
         )
         assert out.returncode == 0, out.stderr
+        clusters = {c["name"]: c for c in yaml.safe_load(out.stdout)["static_resources"]["clusters"]}
+        authz_cluster = clusters["nexus_authz" if mode == "http" else "nexus_authz_grpc"]
+        (endpoint,) = authz_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        address = endpoint["endpoint"]["address"]
+        if mode == "grpc-port":
+            assert address["socket_address"]["port_value"] == stack.grpc_port
+        else:  # the check socket, for HTTP and gRPC alike
+            assert address["pipe"]["path"] == str(stack.socket)
         log = workdir / "envoy.log"
         envoy = procs.start_envoy(out.stdout, admin_port=admin, workdir=workdir / "run", log_path=log)
         procs.wait_envoy_ready(admin, timeout=30, process=envoy, log_path=log)

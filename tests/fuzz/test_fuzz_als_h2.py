@@ -19,13 +19,15 @@ from typing import Any
 
 import hpack
 import pytest
+from envoy.service.auth.v3 import external_auth_pb2
 from hypothesis import event, example, given
 from hypothesis import strategies as st
 
 from nexus_authz.adapters import als_h2, http_authz
 from nexus_authz.adapters import h2_frames as h2
-from nexus_authz.adapters.als_h2 import ALS_PATH, PREFACE, RELEASE_PATH, H2Connection, H2Receiver
+from nexus_authz.adapters.als_h2 import ALS_PATH, CHECK_PATH, PREFACE, RELEASE_PATH, H2Connection
 from nexus_authz.adapters.envoy_als import MAX_MESSAGE_BYTES, AccessLogService
+from nexus_authz.adapters.h2_listener import H2Receiver
 from nexus_authz.engine import Engine
 from tests.fuzz import _strategies as S
 from tests.fuzz._support import (
@@ -41,6 +43,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 
 STREAMS = [0, 1, 2, 3, 5, 7, 0x7FFFFFFF]
 IDENTIFIER = b"\x0a\x0d\x12\x0bnexus_usage"  # StreamAccessLogsMessage{identifier{log_name}}
+# a CheckRequest: POST with a key nobody has and a JSON body (a 401, and a failure for the throttle)
+_check = external_auth_pb2.CheckRequest()
+_check.attributes.request.http.method = "POST"
+_check.attributes.request.http.path = "/v1/chat/completions"
+_check.attributes.request.http.headers["authorization"] = "Bearer nx-nobody-0123456789abcdef"
+_check.attributes.request.http.raw_body = b'{"model":"gpt-4o"}'
+CHECK = _check.SerializeToString()
 
 
 def grpc_message(payload: bytes, flag: int = 0, length: int | None = None) -> bytes:
@@ -67,7 +76,7 @@ def pieces(draw: st.DrawFn) -> bytes:
     if choice == 0:
         return draw(st.binary(max_size=40))
     if choice <= 3:  # a request's header block (encoded without indexing: the table stays in step)
-        path = draw(st.sampled_from([ALS_PATH, RELEASE_PATH, "/x.Y/Z", ""]))
+        path = draw(st.sampled_from([ALS_PATH, RELEASE_PATH, CHECK_PATH, "/x.Y/Z", ""]))
         fields = [(":method", draw(st.sampled_from(["POST", "GET"]))), (":path", path)]
         if draw(st.integers(0, 4)):
             fields.append(("content-type", "application/grpc"))
@@ -95,7 +104,11 @@ def pieces(draw: st.DrawFn) -> bytes:
             data = bytes([pad]) + data + b"\x00" * draw(st.integers(max(0, pad - 1), pad))
         return h2.frame(h2.DATA, flags, sid, data)
     if choice >= 10:  # a whole request: an access-log batch or a slot release, half-closed
-        path, body = draw(st.sampled_from([(ALS_PATH, IDENTIFIER), (RELEASE_PATH, b"req-1")]))
+        path, body = draw(
+            st.sampled_from(
+                [(ALS_PATH, IDENTIFIER), (RELEASE_PATH, b"req-1"), (CHECK_PATH, CHECK), (CHECK_PATH, b"\xff")]
+            )
+        )
         return _request(draw(st.sampled_from([1, 3, 5, 7, 9, 11])), path, body)
     if choice == 7:  # flow control: small windows (responses wait), then window given
         if draw(st.booleans()):
@@ -164,6 +177,7 @@ async def _run(engine: Engine, chunks: list[bytes]) -> tuple[FakeTransport, H2Co
         h2.frame(h2.SETTINGS, 0, 0, struct.pack(">HI", 0x4, 0))
         + _request(1, RELEASE_PATH, b"req-1")
         + _request(3, ALS_PATH, IDENTIFIER)
+        + _request(5, CHECK_PATH, CHECK)
     ]
 )
 def test_any_frame_stream_after_the_preface(
