@@ -35,18 +35,16 @@ import asyncio
 import logging
 import struct
 from collections import deque
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 import hpack
-from google.protobuf.message import DecodeError
 
 from nexus_authz.adapters import h2_frames as h2
 from nexus_authz.adapters.envoy_als import MAX_MESSAGE_BYTES, SERVICE
 from nexus_authz.adapters.envoy_authz import SERVICE as AUTHZ_SERVICE
+from nexus_authz.adapters.h2_checks import CheckCalls
 from nexus_authz.adapters.h2_frames import GrpcStream
-from nexus_authz.core.model import Reason
 
 if TYPE_CHECKING:
     from nexus_authz.adapters.h2_listener import H2Receiver
@@ -68,12 +66,13 @@ LOW: Final = 4 << 20
 MAX_PARTIAL: Final = 4 * MAX_MESSAGE_BYTES
 
 
-class H2Connection(asyncio.Protocol):
+class H2Connection(CheckCalls, asyncio.Protocol):
     """One HTTP/2 connection from Envoy's gRPC client (see the module)."""
 
     __slots__ = (
         "_blocks",
         "_buffer",
+        "_check_blocks",
         "_continuation",
         "_decoder",
         "_encoder",
@@ -101,7 +100,8 @@ class H2Connection(asyncio.Protocol):
         self._decoder = hpack.Decoder()
         self._decoder.max_header_list_size = h2.MAX_HEADER_LIST
         self._encoder = hpack.Encoder()
-        self._blocks: dict[bytes, list[tuple[bytes, bytes]]] = {}  # table-neutral blocks, decoded
+        self._blocks: dict[bytes, Any] = {}  # table-neutral blocks, decoded (hpack's header list)
+        self._check_blocks: set[bytes] = set()  # those of them that open a Check (see _lane)
         self._streams: dict[int, GrpcStream] = {}
         self._last_stream = 0
         # a header block being received: (stream id, flags of its HEADERS, fragments)
@@ -159,6 +159,11 @@ class H2Connection(asyncio.Protocol):
                 stream_id = int.from_bytes(buffer[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
                 payload = bytes(buffer[pos + 9 : pos + 9 + length])
                 pos += 9 + length
+                if flags == h2.END_HEADERS and kind == h2.HEADERS and payload in self._check_blocks:
+                    taken = self._lane(buffer, pos, end, stream_id)
+                    if taken:
+                        pos = taken
+                        continue
                 self._frame(kind, flags, stream_id, payload)
             del buffer[:pos]
             if self._recv_unacked >= h2.WINDOW // 2 and self._transport is not None:
@@ -287,6 +292,7 @@ class H2Connection(asyncio.Protocol):
                 raise h2.H2Error(h2.COMPRESSION_ERROR, f"HPACK: {exc}") from None
             if not h2.table_neutral(block):
                 blocks.clear()  # the table may have changed: the blocks kept may mean other fields now
+                self._check_blocks.clear()
             elif len(blocks) < h2.BLOCK_CACHE:
                 blocks[block] = headers
         stream = self._streams.get(stream_id)
@@ -325,6 +331,8 @@ class H2Connection(asyncio.Protocol):
             self._streams[stream_id] = stream
             if kind == "als":
                 stream.task = asyncio.get_running_loop().create_task(self._serve_als(stream))
+            elif block in blocks:  # a valid Check's table-neutral block: the next ones take the lane
+                self._check_blocks.add(block)
         if flags & h2.END_STREAM and stream_id in self._streams:
             self._half_closed(stream)
 
@@ -417,39 +425,6 @@ class H2Connection(asyncio.Protocol):
             stream.queued = 0
         if (self._goaway_sent or self._receiver.closing) and not self._streams:
             self.goaway(h2.NO_ERROR, close=True)
-
-    def _check(self, stream: GrpcStream, message: bytes) -> None:
-        """Envoy's gRPC ext_authz Check (envoy_authz), answered at once, or when the counter store has."""
-        try:
-            answer = self._receiver.checks.answer(message)
-        except DecodeError:
-            self._trailers_only(stream, grpc.StatusCode.INTERNAL, "the message is no CheckRequest")
-            return
-        except Exception:
-            self._check_failed(stream)
-            return
-        if answer.__class__ is bytes:
-            self._respond(stream, h2.grpc_message(answer))  # type: ignore[arg-type]
-        else:
-            stream.task = asyncio.get_running_loop().create_task(self._check_later(stream, answer))  # type: ignore[arg-type]
-
-    async def _check_later(self, stream: GrpcStream, answer: Awaitable[bytes]) -> None:
-        try:
-            message = await answer
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            stream.task = None
-            self._check_failed(stream)
-            return
-        stream.task = None
-        self._respond(stream, h2.grpc_message(message))
-
-    def _check_failed(self, stream: GrpcStream) -> None:
-        """As on the gRPC port: logged, counted, INTERNAL (Envoy's failure_mode_allow then decides)."""
-        log.exception("internal error in gRPC Check")
-        self._receiver.engine.count(Reason.UNAVAILABLE)
-        self._trailers_only(stream, grpc.StatusCode.INTERNAL, "internal error")
 
     async def _serve_als(self, stream: GrpcStream) -> None:
         try:

@@ -17,7 +17,7 @@ from envoy.service.auth.v3 import external_auth_pb2
 from google.rpc import code_pb2
 
 from nexus_authz.adapters import h2_frames as h2
-from nexus_authz.adapters.als_h2 import CHECK_PATH, RELEASE_PATH
+from nexus_authz.adapters.als_h2 import CHECK_PATH, RELEASE_PATH, H2Connection
 from nexus_authz.adapters.envoy_als import AccessLogService
 from nexus_authz.adapters.envoy_authz import AuthorizationService
 from nexus_authz.core.model import Reason
@@ -311,3 +311,103 @@ def test_a_header_block_seen_before_is_read_again_once_the_table_has_changed(
         assert external_auth_pb2.CheckResponse.FromString(data[5:]).status.code == code_pb2.OK
     for blocks, data in answers[2:]:
         assert _status(blocks) == (b"0", b"") and data == h2.EMPTY_MESSAGE  # answered as a release
+
+
+def _count_general(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Stream ids of the Checks the general path answered (H2Connection._check), the lane not."""
+    general: list[int] = []
+    real = H2Connection._check
+
+    def spy(self: H2Connection, stream: Any, message: bytes) -> None:
+        general.append(stream.id)
+        real(self, stream, message)
+
+    monkeypatch.setattr(H2Connection, "_check", spy)
+    return general
+
+
+def test_envoys_checks_take_the_lane_and_get_the_general_paths_answers(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a connection's first two Checks (the block indexed, then kept), each HEADERS + DATA pair is
+    answered as it is read (h2_checks._lane); the bytes are the general path's, and what cannot take the
+    lane (a message over two frames, a window too small, a decision that waits) takes the general path."""
+    general = _count_general(monkeypatch)
+    message = grpc_message(check_request({"x-api-key": ALICE.secret}, BODY).SerializeToString())
+
+    async def run() -> tuple[list[bytes], list[list[dict[bytes, bytes]]]]:
+        path = tmp_path / "s.sock"
+        async with check_socket(AccessLogService(engine), engine, path):
+            client = await Client.open(path)
+            datas, blocks = [], []
+
+            async def check(sid: int, *frames: bytes) -> None:
+                await client.send(frame(h2.HEADERS, h2.END_HEADERS, sid, client.block(CHECK_PATH)), *frames)
+                got_blocks, data = await client.response(sid)
+                datas.append(data)
+                blocks.append(got_blocks)
+
+            for sid in (1, 3, 5, 7):  # general, general, lane, lane
+                await check(sid, frame(h2.DATA, h2.END_STREAM, sid, message))
+            await check(9, frame(h2.DATA, 0, 9, message[:10]), frame(h2.DATA, h2.END_STREAM, 9, message[10:]))
+            # a stream window smaller than the answer: the lane leaves it to the general path's wait
+            await client.send(frame(h2.SETTINGS, 0, 0, (0x4).to_bytes(2, "big") + (8).to_bytes(4, "big")))
+            await client.send(
+                frame(h2.HEADERS, h2.END_HEADERS, 11, client.block(CHECK_PATH)),
+                frame(h2.DATA, h2.END_STREAM, 11, message),
+            )
+            await asyncio.sleep(0.05)
+            await client.send(h2.window_update(11, 1 << 20))
+            got_blocks, data = await client.response(11)
+            datas.append(data)
+            blocks.append(got_blocks)
+            client.writer.close()
+            return datas, blocks
+
+    datas, blocks = asyncio.run(run())
+    assert general == [1, 3, 9]  # 11 took the lane's way in and the general path's answer (its window)
+    assert len(set(datas)) == 1 and datas[0][5:]  # one answer, byte for byte, whichever way
+    assert external_auth_pb2.CheckResponse.FromString(datas[0][5:]).status.code == code_pb2.OK
+    assert all(b[0][b":status"] == b"200" and _status(b) == (b"0", b"") for b in blocks)
+
+
+def test_a_check_the_lane_takes_that_waits_is_answered_when_decided(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    general = _count_general(monkeypatch)
+    message = grpc_message(check_request({"x-api-key": ALICE.secret}, BODY).SerializeToString())
+    gate: list[asyncio.Future[None]] = []
+    real = Engine.check_fast
+
+    def later(self: Engine, request: Any) -> Any:
+        async def wait() -> Any:
+            gate.append(asyncio.get_running_loop().create_future())
+            await gate[-1]
+            return real(self, request)
+
+        return wait()
+
+    async def run() -> list[Any]:
+        path = tmp_path / "s.sock"
+        async with check_socket(AccessLogService(engine), engine, path):
+            client = await Client.open(path)
+            out = []
+            for sid in (1, 3, 5):
+                if sid == 5:  # the lane's Check now waits for the counter store
+                    monkeypatch.setattr(Engine, "check_fast", later)
+                    monkeypatch.setattr(Decider, "check_plain", lambda *args: None)
+                await client.send(
+                    frame(h2.HEADERS, h2.END_HEADERS, sid, client.block(CHECK_PATH)),
+                    frame(h2.DATA, h2.END_STREAM, sid, message),
+                )
+                if sid == 5:
+                    while not gate:
+                        await asyncio.sleep(0.01)
+                    gate[0].set_result(None)
+                out.append(await client.response(sid))
+            client.writer.close()
+            return out
+
+    answers = asyncio.run(run())
+    assert general == [1, 3]
+    assert answers[2][1] == answers[0][1] and _status(answers[2][0]) == (b"0", b"")
