@@ -28,6 +28,11 @@ throttle's REFRESH_AFTER, as when each of many keys is seen less than once a min
 `--models N`: the checks name N models in turn (the recorded gpt-4o-mini and N-1 others of its length,
 all priced and allowed by the same rule), as a key sends when its application uses several models: each
 (model, path) has its own plan.
+`--refused KIND`: every timed check refused, as an abusive or misconfigured client's are, one after the
+other from one address (the steady state of a flood): `unknown-key` (a key of the recorded one's length
+that is in no key file: 401, then, past the brute-force throttle's 30 a minute, 429 for the address),
+`model` (a model the key may not use: 403, then, past the same allowance of refused bodies, 429 for the
+key), `rate-limited` (the key's tenant over a limit of 1 request an hour: 429 from the counters).
 """
 
 from __future__ import annotations
@@ -81,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         "after each turn of the keys), as when each key is seen less often than that",
     )
     ap.add_argument("--models", type=int, default=1, help="models named in turn (each its own plan; 1-26)")
+    ap.add_argument(
+        "--refused",
+        choices=("unknown-key", "model", "rate-limited"),
+        help="every timed check refused, for this reason (see the module)",
+    )
     args = ap.parse_args(argv)
     if args.n < 1 or args.keys < 1:
         ap.error("--n and --keys must be at least 1")
@@ -96,7 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.key_header:
         fx.with_key_header(args.key_header)
     secrets = bb.key_secrets(fx, args.keys)
-    engine = bb.build_engine(Path(tempfile.mkdtemp(prefix="nexus-cold-")), fx, secrets)
+    extra = ""
+    if args.refused == "rate-limited":  # the keys' tenant (bench_envoy's plan: tenant "bench")
+        extra = "tenants:\n  bench:\n    limits:\n      - {requests: 1, per: hour}\n"
+    engine = bb.build_engine(Path(tempfile.mkdtemp(prefix="nexus-cold-")), fx, secrets, extra)
+    if args.refused == "unknown-key":
+        fx.check = fx.check.replace(fx.secret.encode(), fx.secret[:-4].encode() + b"zzzz", 1)
+    elif args.refused == "model":
+        assert b'"gpt-4o-mini"' in fx.check, "the recorded body has changed: update --refused model"
+        fx.check = fx.check.replace(b'"gpt-4o-mini"', b'"llama-3-70b"', 1)  # the same length
     done = bb.after_check(engine, args.keys)
     ahead = [0.0]  # --since: how far the engine's clock is moved on
     if args.since:
@@ -114,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     timer = time.thread_time_ns
     keys = f", {args.keys:,} keys round-robin" if args.keys > 1 else ""
     print(f"native path: {native.PATH}; {args.n} checks per cell{keys}; median thread CPU µs per check\n")
+    answered: set[str] = set()  # --refused: the answers' status lines
     first = 0  # request ids: each check its own, across cells
     cells: list[tuple[int, float]] = [(size, 0.0) for size in sizes]
     if args.sleep:
@@ -129,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         for size, pause in cells:
             src, dst = bytearray(size // 2), bytearray(size // 2)
             proto = cls(app)
-            proto.connection_made(bb.Sink())  # type: ignore[arg-type]
+            sink = Statuses()
+            proto.connection_made(sink)  # type: ignore[arg-type]
             feed = proto.data_received
             warm = args.keys if args.keys > 1 else 0  # each key seen once, untimed
             checks = bb.models_in_turn(bb.keyed_checks(fx, secrets, first, warm + args.n), args.models)
@@ -151,8 +171,24 @@ def main(argv: list[str] | None = None) -> int:
                 if pause:
                     time.sleep(pause)  # the CPU idles or runs others, as between two requests at 1,000/s
             row.append(statistics.median(took) / 1000)
+            if args.refused:
+                answered.update(sink.statuses)
         print(f"| {name} | " + " | ".join(f"{x:.1f}" for x in row) + " |")
+    if args.refused:
+        print(f"\nanswers (status, reason) of the checks: {', '.join(sorted(answered))}")
     return 0
+
+
+class Statuses(bb.Sink):
+    """The transport: keeps each answer's status and x-nexus-reason."""
+
+    def __init__(self) -> None:
+        self.statuses: set[str] = set()
+
+    def write(self, data: bytes) -> None:
+        head = data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+        reason = next((h[16:].strip() for h in head if h.lower().startswith(b"x-nexus-reason:")), b"")
+        self.statuses.add(f"{head[0][9:12].decode()} {reason.decode()}".strip())
 
 
 if __name__ == "__main__":
