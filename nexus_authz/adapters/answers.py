@@ -81,7 +81,8 @@ def status_line(status: int) -> bytes:
 
 
 def header_block(headers: tuple[tuple[str, str], ...] | list[tuple[str, str]]) -> bytes:
-    return b"".join(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")) for k, v in headers)
+    """`name: value\r\n` per header, in latin-1 (one encode of the whole block: the same bytes)."""
+    return "".join([f"{k}: {v}\r\n" for k, v in headers]).encode("latin-1")
 
 
 def allow_block(key: KeyRecord, *, nginx: bool) -> bytes:

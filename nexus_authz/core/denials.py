@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from json.encoder import encode_basestring_ascii as _json_string
 
 from nexus_authz.core.model import Decision, Reason
 
@@ -79,11 +80,13 @@ ERRORS: dict[Reason, tuple[int, str, str, str]] = {
 
 
 def error_body(reason: Reason, message: str | None = None) -> bytes:
+    """OpenAI's error document: `json.dumps` of {"error": {"message", "type", "param": null, "code"}}
+    with separators (",", ":"), byte for byte (tests/unit/test_policy.py compares them), written with
+    json's own string encoder (a rate-limit refusal's message names the remaining count: one per
+    refusal, so it is not cached)."""
     status, etype, code, default_message = ERRORS[reason]
-    return json.dumps(
-        {"error": {"message": message or default_message, "type": etype, "param": None, "code": code}},
-        separators=(",", ":"),
-    ).encode()
+    m, t, c = _json_string(message or default_message), _json_string(etype), _json_string(code)
+    return f'{{"error":{{"message":{m},"type":{t},"param":null,"code":{c}}}}}'.encode()
 
 
 def error_status(reason: Reason) -> int:

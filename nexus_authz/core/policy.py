@@ -385,18 +385,20 @@ def _too_large(forwarded: int) -> Decision:
     return _deny(Reason.BODY_TOO_LARGE, message)
 
 
+_REFUSALS_MESSAGE = "Too many requests of this API key were refused for their body; retry later."
+_REFUSALS_BODY = error_body(Reason.RATE_LIMITED, _REFUSALS_MESSAGE)
+
+
 def _too_many_refusals(retry_after: float) -> Decision:
     """429: this key's requests were refused for their body too often; refused now before reading it."""
     seconds = max(1, math.ceil(retry_after)) if retry_after != math.inf else 60
-    message = "Too many requests of this API key were refused for their body; retry later."
-    status = error_status(Reason.RATE_LIMITED)
     return Decision(
         allowed=False,
-        status=status,
+        status=error_status(Reason.RATE_LIMITED),
         reason=Reason.RATE_LIMITED,
         response_headers=(("retry-after", str(seconds)),),
-        body=error_body(Reason.RATE_LIMITED, message),
-        message=message,
+        body=_REFUSALS_BODY,
+        message=_REFUSALS_MESSAGE,
     )
 
 

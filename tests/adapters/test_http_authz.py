@@ -9,8 +9,11 @@ from pathlib import Path
 
 import httptools
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nexus_authz.adapters import envoy_authz, http_authz
+from nexus_authz.adapters.answers import header_block
 from nexus_authz.core.model import new_allow
 from nexus_authz.engine import Engine
 from nexus_authz.settings import load_settings
@@ -467,3 +470,13 @@ def test_the_nginx_allow_block_is_built_only_when_nginx_asks(engine: Engine) -> 
     assert sum(b"204 No Content" in block for block in _cached_blocks(app)) == 1  # kept once asked for
     # and the Envoy answer is unchanged by it
     assert app.response(new_allow(alice, None, ()), nginx=False, close=False) == envoy
+
+
+_LATIN1 = st.text(st.characters(max_codepoint=255))
+
+
+@given(st.lists(st.tuples(_LATIN1, _LATIN1)))
+def test_header_blocks_are_each_headers_latin1_line(headers: list[tuple[str, str]]) -> None:
+    # one encode of the whole block (adapters/answers.header_block): each header's line, as before
+    want = b"".join(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")) for k, v in headers)
+    assert header_block(headers) == want

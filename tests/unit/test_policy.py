@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from nexus_authz.core.body import multipart_model, request_facts
 from nexus_authz.core.config import PolicySet, parse_key_file, parse_timestamp
+from nexus_authz.core.denials import ERRORS, error_body
 from nexus_authz.core.model import Credential, Reason, Request
 from nexus_authz.core.policy import Policy
 from tests.helpers import PEPPER, KeySpec, decide_local, key_file
@@ -240,3 +241,15 @@ def test_fast_constructors_build_the_same_objects() -> None:
     )
     fields = [f for f in Decision.__slots__ if not f.startswith("__")]
     assert [getattr(fast, f) for f in fields] == [getattr(slow, f) for f in fields]
+
+
+@given(st.sampled_from(list(ERRORS)), st.none() | st.text())
+def test_error_bodies_are_json_dumps_byte_for_byte(reason: Reason, message: str | None) -> None:
+    # written with json's string encoder (core/denials.error_body): any message, quotes, controls, any
+    # code point, gives the bytes json.dumps gives
+    _, etype, code, default = ERRORS[reason]
+    want = json.dumps(
+        {"error": {"message": message or default, "type": etype, "param": None, "code": code}},
+        separators=(",", ":"),
+    ).encode()
+    assert error_body(reason, message) == want
