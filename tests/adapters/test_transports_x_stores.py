@@ -2,7 +2,8 @@
 (issue 14: one decision driver).
 
 Transports: HTTP ext_authz over a real TCP socket (the fast-path protocol), gRPC ext_authz over a real
-grpc.aio server, the policy API's dry-run Check in between (over gRPC), and the rate limit service with
+grpc.aio server and over the check socket's HTTP/2 (als_h2, as envoy-grpc.yaml sends it; a real gRPC
+client), the policy API's dry-run Check in between (over gRPC), and the rate limit service with
 an equivalent descriptor config. Stores: the memory store; Redis exact; Redis batched (one replica: its
 documented over-admission bound, (N - 1) * ..., is zero, so its decisions must be exact), against a real
 redis-server.
@@ -27,8 +28,10 @@ from nexus_authz import app as app_root
 from nexus_authz._gen.nexus.authz.v1 import policy_pb2 as pb
 from nexus_authz._gen.nexus.authz.v1 import policy_pb2_grpc as pb_grpc
 from nexus_authz.adapters import http_authz
+from nexus_authz.adapters.envoy_als import AccessLogService
 from nexus_authz.adapters.envoy_authz import AuthorizationService
 from nexus_authz.adapters.envoy_rls import RateLimitService, RlsConfigSource, engine_identity
+from nexus_authz.adapters.h2_listener import H2Receiver
 from nexus_authz.engine import Engine
 from nexus_authz.settings import load_settings
 from tests.helpers import KeySpec, write_config
@@ -174,12 +177,27 @@ async def run_sequence(engine: Engine, transport: str) -> list[tuple[int, str]]:
             async def check(key: KeySpec, model: str, request_id: str) -> tuple[int, str]:
                 return await http_check(port, key, model, request_id)
         else:
-            grpc_server = grpc.aio.server()
-            grpc_server.add_generic_rpc_handlers((AuthorizationService(engine).handler(),))
-            grpc_port = grpc_server.add_insecure_port("127.0.0.1:0")
-            await grpc_server.start()
-            closers.append(lambda: grpc_server.stop(None))
-            channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
+            if transport == "grpc":
+                grpc_server = grpc.aio.server()
+                grpc_server.add_generic_rpc_handlers((AuthorizationService(engine).handler(),))
+                grpc_port = grpc_server.add_insecure_port("127.0.0.1:0")
+                await grpc_server.start()
+                closers.append(lambda: grpc_server.stop(None))
+                target = f"127.0.0.1:{grpc_port}"
+            else:  # the check socket's HTTP/2, on a TCP check listener
+                app = http_authz.HttpApp(engine, max_header_bytes=16384, max_body=65536)
+                receiver = H2Receiver(AccessLogService(engine), engine)
+                app.h2 = receiver.factory(app.protocol)
+                server = await http_authz.serve_tcp(app, "127.0.0.1", 0)
+
+                async def stop_socket() -> None:
+                    receiver.close()
+                    server.close()
+                    await server.wait_closed()
+
+                closers.append(stop_socket)
+                target = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+            channel = grpc.aio.insecure_channel(target)
             closers.append(channel.close)
             stub = external_auth_pb2_grpc.AuthorizationStub(channel)
 
@@ -241,7 +259,7 @@ async def run_rls(engine: Engine, directory: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("store", STORES)
-@pytest.mark.parametrize("transport", ["http", "grpc"])
+@pytest.mark.parametrize("transport", ["http", "grpc", "grpc-socket"])
 def test_one_sequence_gets_the_same_decisions_through_every_transport_and_store(
     request: pytest.FixtureRequest, tmp_path: Path, transport: str, store: str
 ) -> None:
