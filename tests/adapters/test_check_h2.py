@@ -19,7 +19,6 @@ from google.rpc import code_pb2
 from nexus_authz.adapters import h2_frames as h2
 from nexus_authz.adapters.als_h2 import CHECK_PATH, RELEASE_PATH, H2Connection
 from nexus_authz.adapters.envoy_als import AccessLogService
-from nexus_authz.adapters.envoy_authz import AuthorizationService
 from nexus_authz.core.model import Reason
 from nexus_authz.decide import Decider
 from nexus_authz.engine import Engine
@@ -27,7 +26,7 @@ from nexus_authz.settings import load_settings
 from tests.adapters.conftest import ALICE
 from tests.adapters.test_als_h2 import check_socket
 from tests.adapters.test_als_h2_frames import Client, frame, grpc_message
-from tests.adapters.test_envoy_authz import check_request
+from tests.adapters.test_envoy_authz import check_request, grpc_port
 from tests.adapters.test_http_fastpath import KEYS, NOW, PLANS
 from tests.helpers import write_config
 
@@ -82,16 +81,9 @@ def test_check_on_the_check_socket_answers_as_the_grpc_port_byte_for_byte(tmp_pa
 
     async def over_grpc() -> tuple[list[bytes], Engine]:
         engine, _ = _engine(tmp_path / "grpc")
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers((AuthorizationService(engine).handler(),))
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                call = _raw_check(channel)
-                return [await call(r) for r in requests], engine
-        finally:
-            await server.stop(None)
+        async with grpc_port(engine) as channel:
+            call = _raw_check(channel)
+            return [await call(r) for r in requests], engine
 
     got, h2_engine = asyncio.run(over_h2())
     want, grpc_engine = asyncio.run(over_grpc())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import grpc
 import pytest
@@ -40,17 +42,24 @@ def check_request(headers: dict[str, str], body: bytes = b"", path: str = "/v1/c
     return req
 
 
-async def _serve_and_call(engine: Engine, requests: list[external_auth_pb2.CheckRequest]):  # type: ignore[no-untyped-def]
+@asynccontextmanager
+async def grpc_port(engine: Engine) -> AsyncIterator[grpc.aio.Channel]:
+    """A grpc.aio server with the Authorization service, as on the gRPC port, and a channel to it."""
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((AuthorizationService(engine).handler(),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-            return [await stub.Check(r) for r in requests]
+            yield channel
     finally:
         await server.stop(None)
+
+
+async def _serve_and_call(engine: Engine, requests: list[external_auth_pb2.CheckRequest]):  # type: ignore[no-untyped-def]
+    async with grpc_port(engine) as channel:
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        return [await stub.Check(r) for r in requests]
 
 
 def call(engine: Engine, *requests: external_auth_pb2.CheckRequest) -> list[external_auth_pb2.CheckResponse]:
