@@ -28,6 +28,8 @@ throttle's REFRESH_AFTER, as when each of many keys is seen less than once a min
 `--models N`: the checks name N models in turn (the recorded gpt-4o-mini and N-1 others of its length,
 all priced and allowed by the same rule), as a key sends when its application uses several models: each
 (model, path) has its own plan.
+`--nginx`: the check as nginx's `auth_request` subrequest asks it (deploy/nginx/nginx.conf: `GET
+/v1/nginx/auth`, no body, the original method and URI and the key in headers), not Envoy's.
 `--refused KIND`: every timed check refused, as an abusive or misconfigured client's are, one after the
 other from one address (the steady state of a flood): `unknown-key` (a key of the recorded one's length
 that is in no key file: 401, then, past the brute-force throttle's 30 a minute, 429 for the address),
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "after each turn of the keys), as when each key is seen less often than that",
     )
     ap.add_argument("--models", type=int, default=1, help="models named in turn (each its own plan; 1-26)")
+    ap.add_argument("--nginx", action="store_true", help="nginx's auth_request subrequest instead of Envoy's")
     ap.add_argument(
         "--refused",
         choices=("unknown-key", "model", "rate-limited"),
@@ -105,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         fx.with_image(args.image_bytes)
     if args.key_header:
         fx.with_key_header(args.key_header)
+    if args.nginx:  # the subrequest deploy/nginx/nginx.conf's /_nexus_auth sends, in its header order
+        fx.check = (
+            f"GET /v1/nginx/auth HTTP/1.1\r\nHost: nexus-authz\r\nAuthorization: Bearer {fx.secret}\r\n"
+            f"X-Original-Method: POST\r\nX-Original-URI: /v1/chat/completions\r\nX-Real-IP: 127.0.0.1\r\n"
+            f"X-Request-ID: {fx.request_id}\r\n\r\n"
+        ).encode()
     secrets = bb.key_secrets(fx, args.keys)
     extra = ""
     if args.refused == "rate-limited":  # the keys' tenant (bench_envoy's plan: tenant "bench")
@@ -171,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
                 if pause:
                     time.sleep(pause)  # the CPU idles or runs others, as between two requests at 1,000/s
             row.append(statistics.median(took) / 1000)
-            if args.refused:
+            if args.refused or args.nginx:
                 answered.update(sink.statuses)
         print(f"| {name} | " + " | ".join(f"{x:.1f}" for x in row) + " |")
-    if args.refused:
+    if args.refused or args.nginx:
         print(f"\nanswers (status, reason) of the checks: {', '.join(sorted(answered))}")
     return 0
 

@@ -7,19 +7,22 @@ the plan's cached header block; anything else (nginx, HEAD, the admin listener, 
 draining connection, answers still queued, a request the fast admission does not take) goes through
 `AuthzProtocol.on_message_complete` as before. A refusal by the counters or an awaited store comes back
 as a Decision or an awaitable and is answered by the same code as on the reference path, so both paths
-write the same bytes (tests/adapters/test_http_fastpath.py).
+write the same bytes (tests/adapters/test_http_fastpath.py). `nginx` does the same for nginx's
+`auth_request` subrequest of a POST (the compiled protocol's `_nginx`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
-from nexus_authz.adapters.answers import ALLOW_CACHE, AllowHead, AnswerCache, allow_head
+from nexus_authz.adapters.answers import ALLOW_CACHE, AllowHead, AnswerCache, allow_head, nginx_denial
 from nexus_authz.adapters.http_authz import (
     _INTERNAL_ERROR,
     EXT_AUTHZ_PREFIX,
     AuthzProtocol,
     HttpApp,
+    _client_address,
     log,
 )
 from nexus_authz.core import ratelimit_headers
@@ -131,3 +134,37 @@ def on_message_complete(self: AuthzProtocol) -> None:
                     self.last_active = loop.time()
                 return
     AuthzProtocol.on_message_complete(self)
+
+
+def nginx(self: AuthzProtocol, headers: dict[str, str], close: bool) -> bytes | Awaitable[bytes]:
+    """`AuthzProtocol._nginx` for the common subrequest: nginx asking about a POST (X-Original-Method),
+    admitted by the decision driver's `check_plain` with the original URI and no body (nginx sends none),
+    as Envoy's common check is, and answered with nginx's allow block and the rate-limit headers. Anything
+    else, and whatever check_plain hands back, is answered as `_nginx` answers it (the same bytes:
+    tests/adapters/test_http_fastpath.py)."""
+    if not self.fast_path or headers.get("x-original-method") != "POST":  # type: ignore[attr-defined]
+        return AuthzProtocol._nginx(self, headers, close)
+    headers.pop("x-nexus-rewrite", None)  # (as _nginx: nginx cannot rewrite a body)
+    app = self._app
+    engine = app.engine
+    out = engine.decider.check_plain(
+        engine.policy,
+        engine.snapshot,
+        headers,
+        headers.get("x-original-uri", "/"),
+        b"",
+        headers.get("x-request-id", ""),
+        headers.get("x-real-ip", "") or _client_address(headers),
+    )
+    if out is None:  # not the common request: nothing was charged or counted
+        return AuthzProtocol._nginx(self, headers, close)
+    if out.__class__ is tuple:
+        plan, key, statuses, _ = out  # type: ignore[misc]  (nginx has no early slot release)
+        block = ratelimit_headers.build_header_block(plan.shape.headers, statuses) if statuses else b""
+        tail = b"connection: close\r\ncontent-length: 0\r\n\r\n" if close else _TAIL
+        return app.allow_block(key, nginx=True) + block + tail
+    if out.__class__ is Decision:
+        if out.allowed:  # type: ignore[union-attr]
+            return app.response(out, nginx=True, close=close)  # type: ignore[arg-type]
+        return nginx_denial(out, close=close)  # type: ignore[arg-type]
+    return self._answer_later(out, nginx=True, close=close)  # type: ignore[arg-type]

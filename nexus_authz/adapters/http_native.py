@@ -50,6 +50,8 @@ class CompiledAuthzProtocol(AuthzProtocol):
         else http_fast.on_message_complete
     )
 
+    _nginx = http_fast.nginx  # nginx's subrequest of a POST: Decider.check_plain first
+
     def __init__(self, app: HttpApp) -> None:
         super().__init__(app)
         self._slow = self._parser  # httptools: the requests the compiled parser does not take

@@ -234,6 +234,7 @@ def framing(request: pytest.FixtureRequest) -> type[http_authz.AuthzProtocol]:
             __slots__ = ()
             fast_path = True
             on_message_complete = http_fast.on_message_complete
+            _nginx = http_fast.nginx
 
         return Pure
     _compiled_or_skip()
@@ -595,3 +596,41 @@ def test_the_compiled_lane_reads_every_field_in_place() -> None:
     _compiled_or_skip()
     assert native.fast is not None
     assert native.fast.unresolved() == []
+
+
+def _nginx_ask(secret: str, rid: str, uri: str, method: str = "POST", close: bool = False) -> bytes:
+    """nginx's auth_request subrequest as deploy/nginx/nginx.conf sends it (no body)."""
+    return (
+        f"GET /v1/nginx/auth HTTP/1.1\r\nHost: nexus-authz\r\nAuthorization: Bearer {secret}\r\n"
+        f"X-Original-Method: {method}\r\nX-Original-URI: {uri}\r\nX-Real-IP: 192.0.2.7\r\n"
+        f"X-Request-ID: {rid}\r\n" + ("Connection: close\r\n" if close else "") + "\r\n"
+    ).encode()
+
+
+def test_nginx_subrequests_get_the_reference_bytes_and_state(
+    config: Path, framing: Framing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nginx's subrequests of POSTs take Decider.check_plain (http_fast.nginx): every key of the file,
+    allowed, refused before and by the counters (a tight key to its limits), other methods, paths and
+    unknown keys, a closing connection: the reference's bytes and state, and the common ones admitted
+    there, not by the reference."""
+    data = [
+        _nginx_ask(secret, f"rid-{i % 7}", path, method, close=(i == 40))
+        for i, (secret, path, method) in enumerate(
+            (s, p, m) for s in SECRETS for p in PATHS[:4] for m in ("POST", "POST", "GET")
+        )
+    ]
+    data += [_nginx_ask(KEYS[1].secret, f"rid-{i}", "/v1/chat/completions") for i in range(9)]
+    script = [("request", i) for i in range(len(data))]
+    script[20:20] = [("release", 3), ("tick", 61.0), ("settle", 2)]
+    reference: list[int] = []
+    real = http_authz.AuthzProtocol._nginx
+
+    def counted(self: Any, headers: dict[str, str], close: bool) -> Any:
+        reference.append(1)
+        return real(self, headers, close)
+
+    monkeypatch.setattr(http_authz.AuthzProtocol, "_nginx", counted)
+    same(framing, config, script, data)
+    # fast=False took the reference for all; fast=True for the requests check_plain did not admit only
+    assert len(data) < len(reference) < 2 * len(data)
