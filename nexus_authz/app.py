@@ -52,6 +52,7 @@ __all__ = [
     "add_health",
     "build_engine",
     "grpc_server",
+    "max_grpc_message",
     "make_ledger",
     "open_counter_store",
     "revocation_channel",
@@ -233,6 +234,12 @@ class GrpcServer:
     als: envoy_als.AccessLogService
 
 
+def max_grpc_message(settings: Settings) -> int:
+    """The largest gRPC message taken, on the gRPC port and on the check socket's HTTP/2: an ext_authz
+    CheckRequest with the largest body read, or an access-log batch."""
+    return max(settings.max_body_bytes + 64 * 1024, envoy_als.MAX_MESSAGE_BYTES)
+
+
 def grpc_server(
     settings: Settings,
     engine: Engine,
@@ -247,10 +254,7 @@ def grpc_server(
         options=[
             ("grpc.so_reuseport", 0),
             # ext_authz bodies, and the access-log batches of token accounting (envoy_als)
-            (
-                "grpc.max_receive_message_length",
-                max(settings.max_body_bytes + 64 * 1024, envoy_als.MAX_MESSAGE_BYTES),
-            ),
+            ("grpc.max_receive_message_length", max_grpc_message(settings)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]

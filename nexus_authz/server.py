@@ -166,9 +166,7 @@ class Server:
             self.als,
             engine,
             envoy_authz.AuthorizationService(engine),  # gRPC ext_authz on the check listener too
-            max_check_bytes=max(
-                s.max_body_bytes + 64 * 1024, envoy_als.MAX_MESSAGE_BYTES
-            ),  # as the gRPC port
+            max_check_bytes=app.max_grpc_message(s),
         )
         fast.h2 = self.h2.factory(fast.protocol)
         self.apps.append(fast)

@@ -455,20 +455,20 @@ class H2Connection(CheckCalls, asyncio.Protocol):
         if not self._pending and n <= self._send_window and n <= stream.send_window:  # all in one write
             self._send_window -= n
             stream.send_window -= n
-            self._write(headers + self._message_and_trailers(stream, message))
+            self._write(headers + self._message_and_trailers(stream.id, message))
             self._closed(stream)
             return
         self._write(headers)
         self._pending.append((stream, message))
         self._flush_pending()
 
-    def _message_and_trailers(self, stream: GrpcStream, message: bytes) -> bytes:
+    def _message_and_trailers(self, stream_id: int, message: bytes) -> bytes:
         if self._encoder.table_size_changes:
             trailers = self._encoder.encode([(b"grpc-status", b"0")])
         else:
             trailers = h2.OK_TRAILERS_BLOCK
-        return h2.frame(h2.DATA, 0, stream.id, message) + h2.frame(
-            h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream.id, trailers
+        return h2.frame(h2.DATA, 0, stream_id, message) + h2.frame(
+            h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream_id, trailers
         )
 
     def _flush_pending(self) -> None:
@@ -486,7 +486,7 @@ class H2Connection(CheckCalls, asyncio.Protocol):
                 continue
             self._send_window -= n
             stream.send_window -= n
-            self._write(self._message_and_trailers(stream, message))
+            self._write(self._message_and_trailers(stream.id, message))
             self._closed(stream)
         self._pending = waiting
 

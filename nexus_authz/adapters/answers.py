@@ -12,7 +12,9 @@ from nexus_authz.core.policy import denial
 
 __all__ = [
     "ALLOW_CACHE",
+    "CLOSING_TAIL",
     "DENY_CACHE",
+    "TAIL",
     "AllowHead",
     "AnswerCache",
     "allow_block",
@@ -23,6 +25,8 @@ __all__ = [
 T = TypeVar("T")
 
 ALLOW_CACHE = 4096  # keys whose allow answers are kept ready
+TAIL = b"content-length: 0\r\n\r\n"  # the end of an answer without a body
+CLOSING_TAIL = b"connection: close\r\n" + TAIL  # the same, closing the connection after it
 DENY_CACHE = 256  # denials kept ready (the policy's fixed ones: one object per reason)
 
 
@@ -162,7 +166,7 @@ def nginx_denial(decision: Decision, *, close: bool) -> bytes:
             b"x-nexus-status: %d\r\n" % decision.status,
             b"x-nexus-error: %s\r\n" % error,
             header_block(decision.response_headers) if decision.response_headers else b"",
-            b"connection: close\r\ncontent-length: 0\r\n\r\n" if close else b"content-length: 0\r\n\r\n",
+            CLOSING_TAIL if close else TAIL,
         )
     )
     if cacheable:

@@ -204,6 +204,20 @@ def _extra_headers_message(pairs: Sequence[tuple[str, str]], allowed: bool) -> b
     return msg.SerializeToString()
 
 
+def _completed(
+    base: bytes, release: str, clamp: str, headers: Sequence[tuple[str, str]], allowed: bool
+) -> bytes:
+    """A cached answer (`base`) with a decision's per-request parts appended, each a serialized
+    CheckResponse that protobuf merges on parse."""
+    if release:  # merged into dynamic_metadata: the Lua tap releases the slot at the end
+        base += _release_metadata(release)
+    if clamp:  # the Lua filter lowers the body's completion cap (core/clamp.py)
+        base += _release_metadata(clamp, "x-nexus-clamp")
+    if headers:
+        return base + extra_headers(headers, allowed)
+    return base
+
+
 class AuthorizationService:
     """The Authorization service; `handler()` returns the grpc generic handler to register."""
 
@@ -219,38 +233,23 @@ class AuthorizationService:
         decision = self.engine.check(request_from_check(check))
         return decision, self.serialize(decision)
 
-    def _allowed(self, key: KeyRecord, release: str, headers: Sequence[tuple[str, str]]) -> bytes:
-        """`serialize` of an allow for `key` (no clamp) with these client headers."""
+    def _allow_base(self, key: KeyRecord) -> bytes:
+        """`key`'s serialized allow (cached per snapshot)."""
         base = self._allow_cache.get(key, self.engine.snapshot)
         if base is None:
             base = allow_response(key).SerializeToString()
             self._allow_cache.put(key, base)
-        if release:
-            base += _release_metadata(release)
-        if headers:
-            return base + extra_headers(headers, True)
         return base
 
     def serialize(self, decision: Decision) -> bytes:
-        if decision.allowed and decision.key is not None and not decision.clamp:
-            return self._allowed(decision.key, decision.release, decision.response_headers)
         if decision.allowed and decision.key is not None:
-            base = self._allow_cache.get(decision.key, self.engine.snapshot)
-            if base is None:
-                base = allow_response(decision.key).SerializeToString()
-                self._allow_cache.put(decision.key, base)
+            base = self._allow_base(decision.key)
         else:
             base = self._deny_cache.get(decision)
             if base is None:
                 base = deny_response(decision).SerializeToString()
                 self._deny_cache.put(decision, base)
-        if decision.release:  # merged into dynamic_metadata: the Lua tap releases the slot at the end
-            base += _release_metadata(decision.release)
-        if decision.clamp:  # the Lua filter lowers the body's completion cap (core/clamp.py)
-            base += _release_metadata(decision.clamp, "x-nexus-clamp")
-        if decision.response_headers:
-            return base + extra_headers(decision.response_headers, decision.allowed)
-        return base
+        return _completed(base, decision.release, decision.clamp, decision.response_headers, decision.allowed)
 
     def answer(self, message: bytes) -> bytes | Awaitable[bytes]:
         """The serialized CheckResponse for a serialized CheckRequest, or (when the decision waits for
@@ -276,7 +275,7 @@ class AuthorizationService:
             if out.__class__ is tuple:  # admitted: (plan, key, the windows' statuses, release)
                 plan, key, statuses, release = out  # type: ignore[misc]
                 headers = _headers.build_headers(plan.shape.headers, statuses, False) if statuses else ()
-                return self._allowed(key, release, headers)
+                return _completed(self._allow_base(key), release, "", headers, True)
             decision = engine.check_fast(request) if out is None else out
         else:
             decision = engine.check_fast(request)

@@ -51,6 +51,7 @@ class CheckCalls:
         _pending: object
         _encoder: hpack.Encoder
         _write: Callable[[bytes], None]
+        _message_and_trailers: Callable[[int, bytes], bytes]
         _respond: Callable[[GrpcStream, bytes], None]
         _trailers_only: Callable[[GrpcStream, grpc.StatusCode, str], None]
 
@@ -91,11 +92,8 @@ class CheckCalls:
             n = len(body)
             if n <= self._send_window and n <= self._peer_window:
                 self._send_window -= n  # type: ignore[misc]  # the connection's slots
-                self._write(
-                    h2.frame(h2.HEADERS, h2.END_HEADERS, stream_id, h2.RESPONSE_BLOCK)
-                    + h2.frame(h2.DATA, 0, stream_id, body)
-                    + h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream_id, h2.OK_TRAILERS_BLOCK)
-                )
+                headers = h2.frame(h2.HEADERS, h2.END_HEADERS, stream_id, h2.RESPONSE_BLOCK)
+                self._write(headers + self._message_and_trailers(stream_id, body))
                 return pos + 9 + length
         self._answered(self._check_stream(stream_id), answer)
         return pos + 9 + length

@@ -32,6 +32,7 @@ from time import perf_counter
 
 import httptools
 
+from nexus_authz.adapters import answers
 from nexus_authz.adapters.answers import ALLOW_CACHE, DENY_CACHE, AnswerCache, allow_block, nginx_denial
 from nexus_authz.adapters.answers import error_json as _error_json
 from nexus_authz.adapters.answers import head_answer as _head_answer
@@ -162,16 +163,15 @@ class HttpApp:
 
     def response(self, decision: Decision, *, nginx: bool, close: bool) -> bytes:
         extra = _header_block(decision.response_headers) if decision.response_headers else b""
-        tail = b"connection: close\r\ncontent-length: 0\r\n\r\n" if close else b"content-length: 0\r\n\r\n"
+        tail = answers.CLOSING_TAIL if close else answers.TAIL
         if decision.allowed and decision.key is not None:
             if nginx:
                 return self.allow_block(decision.key, nginx=True) + extra + tail
-            ext_authz = self.allow_block(decision.key)
             if decision.release:  # Envoy puts it in dynamic metadata for the Lua tap (not forwarded)
                 extra += b"x-nexus-release: %s\r\n" % decision.release.encode("latin-1")
             if decision.clamp:  # the same: the Lua filter lowers the body's completion cap
                 extra += b"x-nexus-clamp: %s\r\n" % decision.clamp.encode("latin-1")
-            return ext_authz + extra + tail
+            return self.allow_block(decision.key) + extra + tail
         if not extra and not close:
             cached = self._deny_cache.get(decision)
             if cached is None:

@@ -16,7 +16,15 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Any
 
-from nexus_authz.adapters.answers import ALLOW_CACHE, AllowHead, AnswerCache, allow_head, nginx_denial
+from nexus_authz.adapters.answers import (
+    ALLOW_CACHE,
+    CLOSING_TAIL,
+    TAIL,
+    AllowHead,
+    AnswerCache,
+    allow_head,
+    nginx_denial,
+)
 from nexus_authz.adapters.http_authz import (
     _INTERNAL_ERROR,
     EXT_AUTHZ_PREFIX,
@@ -33,7 +41,6 @@ from nexus_authz.core.model import Decision, KeyRecipe, KeyRecord, Reason
 
 _PREFIX = EXT_AUTHZ_PREFIX.encode() + b"/"
 _SKIP = len(EXT_AUTHZ_PREFIX)
-_TAIL = b"content-length: 0\r\n\r\n"
 # The allow heads of the recipes (answers.allow_head) with the headers to remove they were made with, for
 # the key snapshot they were made in
 _HEADS: AnswerCache[tuple[AllowHead, tuple[str, ...]]] = AnswerCache(ALLOW_CACHE)
@@ -74,8 +81,8 @@ def allow_answer(
     else:
         block = b""
     if release:
-        return b"%s%sx-nexus-release: %s\r\n%s" % (wire, block, release.encode("latin-1"), _TAIL)
-    return wire + block + _TAIL
+        return b"%s%sx-nexus-release: %s\r\n%s" % (wire, block, release.encode("latin-1"), TAIL)
+    return wire + block + TAIL
 
 
 def on_message_complete(self: AuthzProtocol) -> None:
@@ -161,8 +168,7 @@ def nginx(self: AuthzProtocol, headers: dict[str, str], close: bool) -> bytes | 
     if out.__class__ is tuple:
         plan, key, statuses, _ = out  # type: ignore[misc]  (nginx has no early slot release)
         block = ratelimit_headers.build_header_block(plan.shape.headers, statuses) if statuses else b""
-        tail = b"connection: close\r\ncontent-length: 0\r\n\r\n" if close else _TAIL
-        return app.allow_block(key, nginx=True) + block + tail
+        return app.allow_block(key, nginx=True) + block + (CLOSING_TAIL if close else TAIL)
     if out.__class__ is Decision:
         if out.allowed:  # type: ignore[union-attr]
             return app.response(out, nginx=True, close=close)  # type: ignore[arg-type]
